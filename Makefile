@@ -1,0 +1,78 @@
+# timesformer-harness: every target creates/reuses .venv by itself.
+#   make test                      the CPU test suite (what CI runs)
+#   make bench ATTN=all            throughput/memory/FLOPs per attention variant
+# torch: an importable torch (e.g. an NGC CUDA build) is reused via --system-site-packages;
+# otherwise TORCH_SPEC is installed. Override: make test TORCH_SPEC='torch==2.5.1'.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+VPY        := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP      := $(VENV)/.installed
+
+ATTN    ?= all
+PRESET  ?=
+MODE    ?= both
+FRAMES  ?=
+IMG     ?=
+STEPS   ?=
+CONFIG  ?= configs/exp/toy_divided_cpu.yaml
+BASELINE ?= benchmarks/baselines/cpu_bench.json
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast bench bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(VPY) ]; then \
+	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	    echo "[venv] reusing the torch importable from $(PYTHON) ($$($(PYTHON) -c 'import torch; print(torch.__version__)'))"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	@$(VPY) -c "import torch" >/dev/null 2>&1 || { echo "[venv] installing $(TORCH_SPEC)"; $(VPY) -m pip install -q "$(TORCH_SPEC)"; }
+	@echo "[venv] installing the harness and its dependencies"
+	@$(VPY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+data: $(STAMP)
+	$(VPY) -m pipelines.toy --out data/toy
+
+bench: $(STAMP)
+	$(VPY) -m harness.bench --attn $(ATTN) --mode $(MODE) $(if $(PRESET),--preset $(PRESET)) $(if $(FRAMES),--frames $(FRAMES)) $(if $(IMG),--img $(IMG))
+
+bench-pytest: $(STAMP)
+	$(VPY) -m pytest benchmarks --benchmark-autosave $(PYTEST_ARGS)
+
+profile: $(STAMP)
+	$(VPY) -m harness.profiling --attn $(if $(filter all,$(ATTN)),divided_space_time,$(ATTN)) $(if $(STEPS),--steps $(STEPS)) $(if $(PRESET),--preset $(PRESET))
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir runs/profile --host 127.0.0.1 --port 6006
+
+gate: $(STAMP)
+	$(VPY) -m harness.gate --baseline $(BASELINE)
+
+gate-baseline: $(STAMP)
+	$(VPY) -m harness.gate --write-baseline $(BASELINE)
+
+train: $(STAMP) data
+	$(VPY) -m harness.train --config $(CONFIG) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN))
+
+evaluate: $(STAMP)
+	$(VPY) -m harness.evaluate --config $(CONFIG) --checkpoint $(CHECKPOINT)
+
+gpu-check: $(STAMP)
+	$(VPY) -m harness.gpu_check
+
+clean:
+	rm -rf runs .pytest_cache .benchmarks

@@ -1,0 +1,304 @@
+"""Typed run configuration: dataclass schema <- YAML file(s) <- ``key=value`` overrides (omegaconf).
+
+``load_config("configs/exp/x.yaml", ["model.depth=2"])`` merges ``OmegaConf.structured(RootConfig)`` with the
+YAML (whose ``defaults:`` list may name other YAML files, merged first) and the dotlist, then instantiates the
+dataclasses so ``__post_init__`` checks run. An unknown key fails with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
+ATTN_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "naive")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ModelConfig:
+    """TimeSformer hyper-parameters (names as in ``harness.model.TimeSformer``)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 400
+    num_frames: int = 8
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    attention_type: str = "divided_space_time"
+    attn_backend: str = "auto"
+    grad_checkpointing: bool = False
+    # "original": time_embed/temporal_fc zero (checkpoint-compatible, the default);
+    # "scratch": time_embed ~ N(0, time_embed_std) so a from-scratch model sees frame order from step 0.
+    init: str = "original"
+    time_embed_std: float = 1.0
+    pretrained: str = ""  # path to .pyth / state_dict / ImageNet ViT / HF weights; "" = random init
+
+    def __post_init__(self) -> None:
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"model.attention_type={self.attention_type!r}; choose from {list(ATTENTION_TYPES)}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"model.attn_backend={self.attn_backend!r}; choose from {list(ATTN_BACKENDS)}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
+        if self.init not in ("original", "scratch"):
+            raise ValueError(f"model.init={self.init!r}; choose 'original' or 'scratch'")
+
+
+@dataclass
+class DataConfig:
+    """Dataset, sampling and augmentation (the original recipe's names, lower-case)."""
+
+    loader: str = "auto"  # auto | dali | pyav | synthetic
+    backend: str = "auto"  # DALI device: auto | cpu | gpu
+    format: str = "kinetics"  # kinetics | ssv2 | csv
+    root: str = "data/toy"  # folder holding train.csv / val.csv / test.csv (kinetics format)
+    train_manifest: str = ""  # overrides {root}/train.csv
+    val_manifest: str = ""  # overrides {root}/val.csv
+    test_manifest: str = ""  # overrides {root}/test.csv
+    path_prefix: str = ""
+    separator: str = " "
+    ssv2_labels: str = ""  # something-something-v2-labels.json
+    num_frames: int = 8
+    sampling_rate: int = 8
+    target_fps: int = 30
+    train_jitter_scales: list[int] = field(default_factory=lambda: [256, 320])
+    train_crop_size: int = 224
+    test_crop_size: int = 224
+    mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])
+    std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])
+    random_flip: bool = True
+    inv_uniform_sample: bool = False
+    num_ensemble_views: int = 1
+    num_spatial_crops: int = 3
+    batch_size: int = 8  # per process
+    num_workers: int = 2  # PyAV DataLoader workers / DALI threads
+    on_bad_video: str = "error"  # error | skip
+    pad_short: bool = True  # pad videos shorter than the clip span with their last frame
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loader not in ("auto", "dali", "pyav", "synthetic"):
+            raise ValueError(f"data.loader={self.loader!r}; choose from ['auto', 'dali', 'pyav', 'synthetic']")
+        if self.backend not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"data.backend={self.backend!r}; choose from ['auto', 'cpu', 'gpu']")
+        if self.format not in ("kinetics", "ssv2", "csv"):
+            raise ValueError(f"data.format={self.format!r}; choose from ['kinetics', 'ssv2', 'csv']")
+        if self.on_bad_video not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_video={self.on_bad_video!r}; choose 'error' or 'skip'")
+        if self.num_spatial_crops not in (1, 3):
+            raise ValueError(f"data.num_spatial_crops={self.num_spatial_crops}; the protocol uses 1 or 3 crops")
+
+
+@dataclass
+class SolverConfig:
+    """Optimizer and learning-rate schedule (per-iteration, as the original)."""
+
+    optimizer: str = "sgd"  # sgd | adamw | lamb (lamb needs apex)
+    base_lr: float = 0.005
+    lr_policy: str = "steps_with_relative_lrs"  # steps_with_relative_lrs | cosine | constant
+    steps: list[int] = field(default_factory=lambda: [0, 11, 14])
+    lrs: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01])
+    max_epoch: int = 15
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_epochs: float = 0.0
+    warmup_start_lr: float = 0.0
+    cosine_end_lr: float = 0.0
+    global_batch_size: int = 64  # gradient accumulation up to this many clips per optimizer step
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # > 0 enables mixup
+    cutmix_alpha: float = 0.0  # > 0 enables cutmix
+    use_apex: str = "auto"  # auto | never
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw", "lamb"):
+            raise ValueError(f"solver.optimizer={self.optimizer!r}; choose from ['sgd', 'adamw', 'lamb']")
+        if self.lr_policy not in ("steps_with_relative_lrs", "cosine", "constant"):
+            raise ValueError(
+                f"solver.lr_policy={self.lr_policy!r}; choose from ['steps_with_relative_lrs', 'cosine', 'constant']"
+            )
+        if len(self.steps) != len(self.lrs):
+            raise ValueError(f"solver.steps {self.steps} and solver.lrs {self.lrs} must have the same length")
+
+
+@dataclass
+class TrainConfig:
+    """Training loop switches."""
+
+    enable: bool = True
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True
+    compile: bool = False
+    eval_period: int = 5
+    checkpoint_period: int = 1
+    keep_last: int = 3
+    auto_resume: bool = True
+    finetune: bool = False  # load model.pretrained weights, start at epoch 0 with a fresh optimizer
+    log_period: int = 10
+    max_steps_per_epoch: int = 0  # 0 = the whole epoch (a cap for smoke runs)
+    seed: int = 0
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r}; choose from {list(PRECISIONS)}")
+
+
+@dataclass
+class TestConfig:
+    """Multi-view evaluation."""
+
+    ensemble: str = "sum"  # sum (the original: raw logits summed over views) | softmax_mean | max
+    batch_size: int = 8
+    checkpoint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ensemble not in ("sum", "softmax_mean", "max"):
+            raise ValueError(f"test.ensemble={self.ensemble!r}; choose from ['sum', 'softmax_mean', 'max']")
+
+
+@dataclass
+class BenchConfig:
+    """Benchmark knobs (see harness.bench)."""
+
+    batch_size: int = 2
+    warmup: int = 2
+    steps: int = 5
+    precision: str = "auto"
+    channels_last: bool = True
+
+
+@dataclass
+class DistConfig:
+    """torch.distributed settings (torchrun supplies rank/world size through the environment)."""
+
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    timeout_s: int = 1800
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes."""
+
+    dir: str = "runs/train/default"
+    tensorboard: bool = True
+
+
+@dataclass
+class RootConfig:
+    """The whole tree; each entry point reads only the parts it needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, DictConfig):
+        return [prefix.rstrip(".")]
+    keys = []
+    for k in node.keys():
+        keys += _all_keys(node[k], f"{prefix}{k}.")
+    return keys
+
+
+def _unknown_key_error(bad: str, schema: DictConfig, source: str) -> KeyError:
+    valid = _all_keys(schema)
+    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid sections: {sorted(schema.keys())}"
+    return KeyError(f"unknown config key {bad!r} in {source}{hint}")
+
+
+def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
+    """Fail on the first key of ``node`` that the schema does not have, naming the closest valid one."""
+    if not isinstance(node, (dict, DictConfig)):
+        return
+    for k in node.keys():
+        full = f"{prefix}{k}"
+        if k not in schema:
+            raise _unknown_key_error(full, OmegaConf.structured(RootConfig), source)
+        if isinstance(schema[k], DictConfig):
+            _check_keys(node[k], schema[k], source, prefix=f"{full}.")
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read a YAML file; its optional ``defaults: [other.yaml, ...]`` (relative to it) are merged first."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ValueError(f"config {path} includes itself through 'defaults'")
+    cfg = OmegaConf.load(path)
+    defaults = cfg.pop("defaults", []) if isinstance(cfg, DictConfig) else []
+    merged = OmegaConf.create({})
+    for name in defaults:
+        merged = OmegaConf.merge(merged, _load_yaml(path.parent / name, seen + (path.resolve(),)))
+    return OmegaConf.merge(merged, cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RootConfig:
+    """Build the typed config from an optional YAML file and ``key=value`` overrides.
+
+    Raises:
+        KeyError: an unknown key, naming the closest valid key.
+        ValueError: a value a ``__post_init__`` check rejects.
+    """
+    schema = OmegaConf.structured(RootConfig)
+    cfg = schema
+    if path is not None:
+        file_cfg = _load_yaml(Path(path))
+        _check_keys(file_cfg, schema, str(path))
+        cfg = OmegaConf.merge(cfg, file_cfg)
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value (e.g. model.depth=2)")
+        dot = OmegaConf.from_dotlist(list(overrides))
+        _check_keys(dot, schema, "command-line overrides")
+        try:
+            cfg = OmegaConf.merge(cfg, dot)
+        except (ConfigAttributeError, ConfigKeyError) as e:  # pragma: no cover - _check_keys catches these first
+            raise _unknown_key_error(str(e.full_key), schema, "command-line overrides") from e
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: RootConfig) -> str:
+    """The resolved config as YAML (saved next to every run's outputs)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RootConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))
+
+
+def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Constructor kwargs for ``harness.model.TimeSformer`` (the fields that are not loading options)."""
+    from dataclasses import asdict
+
+    kw = asdict(cfg)
+    kw.pop("pretrained")
+    return kw

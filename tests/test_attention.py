@@ -1,0 +1,65 @@
+"""Every attention backend against the explicit softmax(q k^T * scale) v reference."""
+
+import pytest
+import torch
+
+from kernels.attention import BACKENDS, Attention, attention, available_backends, naive_attention
+from kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
+
+
+@pytest.mark.parametrize("shape", [(6, 2, 8, 16), (2, 3, 17, 8), (1, 4, 65, 32)])  # temporal, spatial, joint-like
+def test_backends_match_naive(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    ref = torch.softmax(q @ k.transpose(-2, -1) / shape[-1] ** 0.5, dim=-1) @ v
+    assert torch.allclose(naive_attention(q, k, v), ref, atol=1e-6)
+    backends = available_backends("cpu")
+    assert {"auto", "flash", "math", "naive"} <= set(backends) <= set(BACKENDS)
+    for backend in backends:
+        assert (attention(q, k, v, backend) - ref).abs().max() <= 1e-5, backend
+
+
+def test_backend_gradients_match() -> None:
+    torch.manual_seed(0)
+    grads = {}
+    for backend in available_backends("cpu"):
+        q = torch.randn(2, 2, 9, 8, requires_grad=True)
+        torch.manual_seed(1)
+        k, v = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+        torch.manual_seed(0)
+        q = torch.randn(2, 2, 9, 8, requires_grad=True)
+        attention(q, k, v, backend).square().sum().backward()
+        grads[backend] = q.grad
+    for backend, g in grads.items():
+        assert torch.allclose(g, grads["naive"], atol=1e-5), backend
+
+
+def test_unavailable_backend_raises_sdpa_error() -> None:
+    if "efficient" in available_backends("cpu"):
+        pytest.skip("efficient attention runs on this device")
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        attention(q, q, q, "efficient")
+
+
+def test_attention_module_keeps_original_names_and_layout() -> None:
+    torch.manual_seed(0)
+    m = Attention(16, num_heads=4, backend="naive")
+    assert [k for k, _ in m.named_parameters()] == ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias"]
+    x = torch.randn(2, 5, 16)
+    q, k, v = m.qkv(x).split(16, dim=-1)  # [q | k | v], heads contiguous inside each
+    heads = lambda t: t.reshape(2, 5, 4, 4).transpose(1, 2)  # noqa: E731
+    ref = m.proj((torch.softmax(heads(q) @ heads(k).transpose(-2, -1) * 0.5, -1) @ heads(v)).transpose(1, 2).reshape(2, 5, 16))
+    assert torch.allclose(m(x), ref, atol=1e-6)
+    m.backend = "auto"
+    assert torch.allclose(m(x), ref, atol=1e-5)
+
+
+def test_layout_round_trips_and_token_order() -> None:
+    B, N, T, D = 2, 3, 4, 5
+    x = torch.arange(B * N * T).float().reshape(B, N * T, 1).expand(B, N * T, D)
+    t = to_temporal(x, T)  # token 1 + n*T + t -> sequence (b, n), position t
+    assert t.shape == (B * N, T, D) and t[1, 2, 0] == 1 * T + 2
+    s = to_spatial(x, T)
+    assert s.shape == (B * T, N, D) and s[1, 2, 0] == 2 * T + 1
+    assert torch.equal(from_temporal(t, B), x) and torch.equal(from_spatial(s, B), x)

@@ -23,7 +23,6 @@ def test_backend_gradients_match() -> None:
     torch.manual_seed(0)
     grads = {}
     for backend in available_backends("cpu"):
-        q = torch.randn(2, 2, 9, 8, requires_grad=True)
         torch.manual_seed(1)
         k, v = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
         torch.manual_seed(0)

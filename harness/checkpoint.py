@@ -1,0 +1,447 @@
+"""Load and save TimeSformer weights without ever running pickled code.
+
+Formats read by ``load_weights`` (detected from the file's keys):
+  * ``pyth``: the original ``.pyth`` checkpoint (``model_state`` with ``model.`` keys, optional ``module.``) and our
+    own checkpoints (the same layout plus extra entries);
+  * ``state_dict``: a plain state dict with the original key names (``state_dict``/``model``/``module`` wrappers too);
+  * ``safetensors``: a ``.safetensors`` file with the original key names or the Hugging Face ones;
+  * ``vit2d``: ImageNet ViT weights in the timm key set, converted as the original ``load_pretrained`` does
+    (temporal_attn/temporal_norm1 copied from attn/norm1; temporal_fc and time_embed stay zero);
+  * ``hf``: Hugging Face ``TimesformerModel``/``TimesformerForVideoClassification`` weights (key map below).
+
+Then time_embed is 1-D nearest-resized to the model's frames, pos_embed nearest-resized to its patch grid, and
+the head dropped (with a warning) when the class count differs. ``strict=True`` fails, naming every key, when
+anything else is missing, unexpected or of the wrong shape.
+
+Safety: ``torch.load(weights_only=True)`` first. Original files whose ``cfg`` entry is a config object (a yacs
+``CfgNode``) are then read by a restricted unpickler that admits tensors, containers and primitives, and reads
+known config classes as plain dicts; any other global (a ``__reduce__`` payload, say) is refused before it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import math
+import os
+import pickle
+import re
+import sys
+import tempfile
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from harness.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# Config classes that old checkpoints pickle as their `cfg` entry; read as plain dicts, never imported.
+_CONFIG_CLASSES = {("yacs.config", "CfgNode"), ("fvcore.common.config", "CfgNode"), ("slowfast.config.defaults", "CfgNode"),
+                   ("timesformer.config.defaults", "CfgNode")}
+_TORCH_REBUILDS = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                   "_rebuild_parameter_with_state", "_rebuild_device_tensor_from_numpy"}
+_SAFE_BUILTINS = {"set", "frozenset", "complex", "slice", "bytearray", "tuple", "list", "dict"}
+
+
+class _PlainConfig(dict):
+    """Stands in for a pickled config object: its items and attributes land in a dict; no code of it runs."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.update({k: v for k, v in state.items() if not str(k).startswith("__")})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits tensors (via torch's rebuild helpers), containers and primitives; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CONFIG_CLASSES:
+            return _PlainConfig
+        if module == "torch._utils" and name in _TORCH_REBUILDS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in {("torch", "Size"), ("collections", "OrderedDict"), ("_codecs", "encode"),
+                              ("torch", "device")}:
+            return super().find_class(module, name)
+        if module == "builtins" and name in _SAFE_BUILTINS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle global {module}.{name}: only tensors, containers and primitives are allowed"
+        )
+
+
+_restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=pickle.load, __name__="restricted_pickle")
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file into a dict of tensors/primitives, safely (see module docstring).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a readable checkpoint, or it carries code; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
+
+        return dict(load_safetensors(str(path)))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as first:
+        logger.warning("%s has non-tensor objects (%s); reading it with the restricted unpickler",
+                       path, str(first).splitlines()[0][:200])
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: not loaded, it carries code or objects we do not unpickle ({e})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Key conversion to the original VisionTransformer names.
+_HF_LAYER_MAP = {
+    "attention.attention.qkv": "attn.qkv",
+    "attention.output.dense": "attn.proj",
+    "temporal_attention.attention.qkv": "temporal_attn.qkv",
+    "temporal_attention.output.dense": "temporal_attn.proj",
+    "temporal_layernorm": "temporal_norm1",
+    "temporal_dense": "temporal_fc",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_TOP_MAP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.time_embeddings": "time_embed",
+    "embeddings.patch_embeddings.projection": "patch_embed.proj",
+    "layernorm": "norm",
+    "classifier": "head",
+}
+
+
+def _split_param(key: str) -> tuple[str, str]:
+    """'a.b.weight' -> ('a.b', 'weight'); parameters without a suffix (cls_token) -> (key, '')."""
+    head, _, last = key.rpartition(".")
+    return (head, last) if last in ("weight", "bias") else (key, "")
+
+
+def _join(base: str, suffix: str) -> str:
+    return f"{base}.{suffix}" if suffix else base
+
+
+def hf_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face Timesformer keys -> original keys."""
+    out = {}
+    for key, value in sd.items():
+        k = key.removeprefix("timesformer.")
+        base, suffix = _split_param(k)
+        m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", base)
+        if m and m.group(2) in _HF_LAYER_MAP:
+            out[_join(f"blocks.{m.group(1)}.{_HF_LAYER_MAP[m.group(2)]}", suffix)] = value
+        elif base in _HF_TOP_MAP:
+            out[_join(_HF_TOP_MAP[base], suffix)] = value
+        else:
+            out[key] = value  # reported as unexpected
+    return out
+
+
+def original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original keys -> Hugging Face ``TimesformerForVideoClassification`` keys (the inverse of hf_to_original)."""
+    layer_inv = {v: k for k, v in _HF_LAYER_MAP.items()}
+    top_inv = {v: k for k, v in _HF_TOP_MAP.items()}
+    out = {}
+    for key, value in sd.items():
+        base, suffix = _split_param(key)
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", base)
+        if m:
+            out[_join(f"timesformer.encoder.layer.{m.group(1)}.{layer_inv[m.group(2)]}", suffix)] = value
+        elif base == "head":
+            out[_join("classifier", suffix)] = value
+        else:
+            out[_join(f"timesformer.{top_inv[base]}", suffix)] = value
+    return out
+
+
+def unwrap_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+    """Find the weights in a loaded file and bring them to original key names. Returns (state_dict, format)."""
+    fmt = "state_dict"
+    if "model_state" in obj:
+        sd, fmt = obj["model_state"], "pyth"
+    elif isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+    elif isinstance(obj.get("model"), dict):
+        sd = obj["model"]
+    elif isinstance(obj.get("module"), dict):
+        sd = obj["module"]
+    else:
+        sd = obj
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "model.", "module."):  # DDP and the original wrapper's `self.model`
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if any(k.startswith(("timesformer.", "embeddings.", "encoder.layer.")) for k in sd):
+        return hf_to_original(sd), "hf"
+    if fmt != "pyth" and "time_embed" not in sd and not any(".temporal_" in k for k in sd) and "pos_embed" in sd:
+        fmt = "vit2d"  # an image ViT (or a space-only TimeSformer, whose key set is the same)
+    return sd, fmt
+
+
+def resize_pos_embed(pos: torch.Tensor, num_patches: int, grid: tuple[int, int] | None = None, mode: str = "2d"):
+    """Resize a (1, 1+N0, D) position embedding to 1+num_patches tokens by nearest interpolation.
+
+    ``2d`` resizes the square patch grid (the better choice, as forward does at run time); ``1d`` interpolates the
+    flattened sequence like the original ``load_pretrained``, which repeats raster tokens and scrambles the 2-D
+    layout (224->448: new token j takes old token j // 4).
+    """
+    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    if mode == "1d":
+        patch_pos = F.interpolate(patch_pos.transpose(1, 2), size=num_patches, mode="nearest").transpose(1, 2)
+    elif mode == "2d":
+        P = int(math.isqrt(patch_pos.size(1)))
+        assert P * P == patch_pos.size(1), f"pos_embed grid of {patch_pos.size(1)} tokens is not square"
+        if grid is None:
+            side = math.isqrt(num_patches)
+            grid = (side, side)
+        g = patch_pos.transpose(1, 2).reshape(1, -1, P, P)
+        patch_pos = F.interpolate(g, size=grid, mode="nearest").flatten(2).transpose(1, 2)
+    else:
+        raise ValueError(f"pos_resize={mode!r}; choose '2d' or '1d'")
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+def resize_time_embed(time_embed: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(1, T0, D) -> (1, num_frames, D) by 1-D nearest interpolation (as the original loaders do)."""
+    return F.interpolate(time_embed.transpose(1, 2), size=num_frames, mode="nearest").transpose(1, 2)
+
+
+@dataclass
+class LoadReport:
+    """What ``load_weights`` did, key by key."""
+
+    path: str
+    format: str
+    loaded: list[str] = field(default_factory=list)
+    resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    converted: dict[str, str] = field(default_factory=dict)  # target key <- source key (ImageNet copies)
+    skipped: dict[str, str] = field(default_factory=dict)  # source key -> reason
+    missing: list[str] = field(default_factory=list)  # model keys left at their init
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: format {self.format}, {len(self.loaded)} tensors loaded"]
+        lines += [f"  resized {k}: {list(a)} -> {list(b)}" for k, (a, b) in self.resized.items()]
+        if self.converted:
+            lines.append(f"  {len(self.converted)} temporal tensors copied from their spatial twins")
+        lines += [f"  skipped {k}: {why}" for k, why in self.skipped.items()]
+        if self.missing:
+            lines.append(f"  left at init: {', '.join(self.missing)}")
+        return "\n".join(lines)
+
+
+def load_weights(
+    model: torch.nn.Module,
+    path: str | Path,
+    strict: bool = True,
+    pos_resize: str | None = None,
+) -> LoadReport:
+    """Load weights from any supported format into ``model`` (see module docstring).
+
+    Args:
+        strict: fail (naming every key and shape) on anything but the documented conversions: time_embed and
+            pos_embed resizing, a head of another class count, and the keys an ImageNet conversion leaves at init.
+        pos_resize: ``2d`` or ``1d``; default: ``1d`` for ImageNet ViT weights (what the original did), else ``2d``.
+
+    Raises:
+        KeyError: strict and the keys or shapes do not match; the message lists them.
+    """
+    sd, fmt = unwrap_state_dict(load_file(path))
+    report = LoadReport(str(path), fmt)
+    target = model.state_dict()
+    allowed_missing: set[str] = set()
+
+    if fmt == "vit2d" and any(".temporal_attn." in k for k in target):
+        for key in list(sd):  # temporal branch starts as a copy of the spatial one; temporal_fc stays zero
+            m = re.fullmatch(r"blocks\.(\d+)\.(attn|norm1)\.(.+)", key)
+            new = m and f"blocks.{m[1]}.temporal_{m[2]}.{m[3]}"
+            if new and new not in sd:
+                sd[new] = sd[key].clone()
+                report.converted[new] = key
+        allowed_missing |= {k for k in target if ".temporal_fc." in k}
+    if fmt == "vit2d":
+        allowed_missing.add("time_embed")
+
+    errors = []
+    for key, value in sd.items():
+        if key not in target:
+            report.skipped[key] = "not in this model"
+            errors.append(f"unexpected key {key} {list(value.shape)}")
+            continue
+        want = target[key].shape
+        if value.shape != want:
+            if key == "time_embed":
+                value = resize_time_embed(value, want[1])
+            elif key == "pos_embed":
+                value = resize_pos_embed(value, want[1] - 1, mode=pos_resize or ("1d" if fmt == "vit2d" else "2d"))
+            elif key.startswith("head."):
+                report.skipped[key] = f"class count differs: file {list(value.shape)}, model {list(want)}"
+                logger.warning("dropping %s from %s: %s (fine-tuning to a new class count)", key, path, report.skipped[key])
+                allowed_missing.add(key)
+                continue
+            else:
+                report.skipped[key] = f"shape {list(value.shape)} != model {list(want)}"
+                errors.append(f"shape mismatch {key}: file {list(value.shape)}, model {list(want)}")
+                continue
+            report.resized[key] = (tuple(sd[key].shape), tuple(want))
+        target[key] = value.to(target[key].dtype)
+        report.loaded.append(key)
+    report.missing = [k for k in target if k not in report.loaded]
+    errors += [f"missing key {k} {list(target[k].shape)}" for k in report.missing if k not in allowed_missing]
+    if strict and errors:
+        raise KeyError(f"{path} ({fmt}) does not match the model:\n  " + "\n  ".join(errors)
+                       + "\nPass strict=False to load the matching keys only.")
+    model.load_state_dict(target, strict=True)
+    logger.info("%s", report)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving.
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def pyth_state(model: torch.nn.Module) -> collections.OrderedDict[str, torch.Tensor]:
+    """The model's weights keyed as in original ``.pyth`` files (``model.`` prefix, no DDP ``module.``)."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    return collections.OrderedDict((f"model.{k}", v.detach().cpu()) for k, v in model.state_dict().items())
+
+
+def save_pyth(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer_state: dict | None = None,
+    epoch: int = 0,
+    cfg_yaml: str = "",
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write an original-format ``.pyth`` (epoch, model_state, optimizer_state, cfg) plus our ``extra`` entries."""
+    obj: dict[str, Any] = {"epoch": epoch, "model_state": pyth_state(model), "optimizer_state": optimizer_state or {},
+                           "cfg": cfg_yaml}
+    obj.update(extra or {})
+    atomic_save(obj, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inspection.
+def infer_model_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
+    """The ModelConfig a state dict (original key names) was trained with; num_heads is not stored: D/64 assumed."""
+    D = sd["cls_token"].shape[-1]
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    if any(".temporal_attn." in k for k in sd):
+        attention_type = "divided_space_time"
+    elif "time_embed" in sd:
+        attention_type = "joint_space_time"
+    else:
+        attention_type = "space_only"
+    return ModelConfig(
+        img_size=math.isqrt(sd["pos_embed"].shape[1] - 1) * patch,
+        patch_size=patch,
+        in_chans=sd["patch_embed.proj.weight"].shape[1],
+        num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+        num_frames=sd["time_embed"].shape[1] if "time_embed" in sd else 8,
+        embed_dim=D,
+        depth=depth,
+        num_heads=max(D // 64, 1),
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        attention_type=attention_type,
+    )
+
+
+def inspect(path: str | Path, show_keys: bool = True) -> str:
+    """A human-readable description of a checkpoint file."""
+    obj = load_file(path)
+    sd, fmt = unwrap_state_dict(obj)
+    cfg = infer_model_config(sd)
+    n = sum(v.numel() for v in sd.values())
+    lines = [f"file:        {path}", f"format:      {fmt}",
+             f"top-level:   {sorted(k for k in obj if not isinstance(obj[k], torch.Tensor))[:12] or '(tensors only)'}"]
+    if "epoch" in obj:
+        lines.append(f"epoch:       {obj['epoch']}")
+    lines += [f"tensors:     {len(sd)}", f"parameters:  {n:,}",
+              f"model:       attention_type={cfg.attention_type} frames={cfg.num_frames} img_size={cfg.img_size} "
+              f"patch={cfg.patch_size} classes={cfg.num_classes} embed_dim={cfg.embed_dim} depth={cfg.depth}"
+              f"{'' if fmt != 'vit2d' else '  (image ViT: frames not stored)'}"]
+    if show_keys:
+        lines.append("keys:")
+        lines += [f"  {k:<48} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in sd.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.checkpoint", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_inspect = sub.add_parser("inspect", help="print format, keys, shapes, parameter count and the inferred model")
+    p_inspect.add_argument("file")
+    p_inspect.add_argument("--no-keys", action="store_true", help="omit the per-key listing")
+    p_convert = sub.add_parser("convert", help="write any supported format as an original-format .pyth or HF safetensors")
+    p_convert.add_argument("src")
+    p_convert.add_argument("dst", help="*.pyth (original layout) or *.safetensors (Hugging Face keys with --hf)")
+    p_convert.add_argument("--hf", action="store_true", help="write Hugging Face Timesformer key names")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if args.cmd == "inspect":
+            print(inspect(args.file, show_keys=not args.no_keys))
+        else:
+            sd, _ = unwrap_state_dict(load_file(args.src))
+            if args.dst.endswith(".safetensors"):
+                from safetensors.torch import save_file
+
+                out = original_to_hf(sd) if args.hf else sd
+                save_file({k: v.contiguous() for k, v in out.items()}, args.dst)
+            else:
+                atomic_save({"epoch": 0, "model_state": collections.OrderedDict((f"model.{k}", v) for k, v in sd.items()),
+                             "optimizer_state": {}, "cfg": ""}, args.dst)
+            print(f"wrote {args.dst} ({len(sd)} tensors)")
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

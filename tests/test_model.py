@@ -254,3 +254,12 @@ def test_unknown_preset_and_bad_args() -> None:
 
         q = torch.zeros(1, 1, 2, 4)
         attention(q, q, q, backend="fast")
+
+
+def test_torch_compile_matches_eager() -> None:
+    model = perturbed_model("divided_space_time", depth=1)
+    x = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model)(x)
+    assert torch.allclose(eager, compiled, atol=1e-4)

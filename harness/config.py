@@ -138,6 +138,12 @@ class SolverConfig:
             )
         if len(self.steps) != len(self.lrs):
             raise ValueError(f"solver.steps {self.steps} and solver.lrs {self.lrs} must have the same length")
+        if self.lr_policy == "steps_with_relative_lrs" and (not self.steps or self.steps[0] != 0):
+            raise ValueError(f"solver.steps={self.steps} must start at epoch 0 (e.g. [0, 11, 14])")
+        if self.use_apex not in ("auto", "never"):
+            raise ValueError(f"solver.use_apex={self.use_apex!r}; choose 'auto' or 'never'")
+        if self.global_batch_size < 0 or self.max_epoch < 1:
+            raise ValueError("solver.global_batch_size must be >= 0 (0 = no accumulation) and solver.max_epoch >= 1")
 
 
 @dataclass
@@ -157,8 +163,14 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = the whole epoch (a cap for smoke runs)
     seed: int = 0
     deterministic: bool = False
+    # Debug hooks (tests): make the loss NaN at this global optimizer step / send ourselves SIGTERM after it.
+    debug_nan_at_step: int = -1
+    debug_signal_at_step: int = -1
 
     def __post_init__(self) -> None:
+        if self.eval_period < 0 or self.checkpoint_period < 1 or self.keep_last < 1:
+            raise ValueError("train.eval_period must be >= 0 (0 = never), train.checkpoint_period and "
+                             "train.keep_last >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}; choose from {list(PRECISIONS)}")
 
@@ -170,10 +182,14 @@ class TestConfig:
     ensemble: str = "sum"  # sum (the original: raw logits summed over views) | softmax_mean | max
     batch_size: int = 8
     checkpoint: str = ""
+    split: str = "test"  # which manifest harness.evaluate reads: test | val
+    output: str = ""  # result JSON; "" = {output.dir}/eval_{split}.json
 
     def __post_init__(self) -> None:
         if self.ensemble not in ("sum", "softmax_mean", "max"):
             raise ValueError(f"test.ensemble={self.ensemble!r}; choose from ['sum', 'softmax_mean', 'max']")
+        if self.split not in ("test", "val"):
+            raise ValueError(f"test.split={self.split!r}; choose 'test' or 'val'")
 
 
 @dataclass
@@ -185,6 +201,19 @@ class BenchConfig:
     steps: int = 5
     precision: str = "auto"
     channels_last: bool = True
+    preset: str = ""  # model preset; "" = cpu_bench without a GPU, vit_base_patch16 with one
+    suites: list[str] = field(default_factory=lambda: ["model", "attention", "scaling", "pipeline", "e2e"])
+    frames: list[int] = field(default_factory=list)  # scaling sweep; [] = [T, 2T, 4T] of the preset
+    img_sizes: list[int] = field(default_factory=list)  # scaling sweep; [] = the preset's img_size
+    sweep_warmup: int = 1  # the scaling sweep's larger cases take fewer steps
+    sweep_steps: int = 3
+    mem_limit_gb: float = 8.0  # CPU only: address-space cap per case, so a too-big case records oom, not swap
+    case_timeout_s: int = 600
+    gemm_n: int = 1024  # CPU utilisation: fp32 GEMM of this size measured in the same run is the peak
+    data_config: str = "configs/exp/toy_divided_cpu.yaml"  # pipeline/e2e suites: the data section to load
+    pipeline_batches: int = 8  # timed batches per loader (after 2 warm-up batches)
+    input_bound_threshold: float = 0.1  # e2e verdict: input-bound when data wait > this share of a step
+    out_dir: str = "runs/bench"
 
 
 @dataclass
@@ -193,6 +222,11 @@ class DistConfig:
 
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
     timeout_s: int = 1800
+    find_unused_parameters: bool = False  # DDP option (not needed by TimeSformer)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"dist.backend={self.backend!r}; choose from ['auto', 'nccl', 'gloo']")
 
 
 @dataclass

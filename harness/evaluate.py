@@ -1,0 +1,214 @@
+"""Multi-view evaluation: ``python harness/evaluate.py --config FILE --checkpoint FILE [key=value ...]``.
+
+The test loader yields every video as ``data.num_ensemble_views`` temporal clips x ``data.num_spatial_crops`` crops,
+with ``Batch.index`` naming the video. Each rank scores its shard; the views of a video are combined as
+``test.ensemble`` says (``sum`` of raw logits: the original; ``softmax_mean``; ``max``), the per-video scores are
+gathered, and top-1, top-5 and per-class accuracy are written as JSON (``test.output``, default
+``{output.dir}/eval_{split}.json``). Checkpoints in the original ``.pyth`` format load as they are
+(``harness.checkpoint.load_weights``, strict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable
+
+if __package__ in (None, ""):  # run as a script: put the repo root (not harness/) first on the import path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from harness.config import RootConfig, load_config
+from harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed, setup_logging
+from harness.runtime import autocast, environment_info, resolve_precision
+
+logger = logging.getLogger(__name__)
+
+
+class ViewAccumulator:
+    """Per-video score from its views: ``sum`` of logits, ``softmax_mean`` of probabilities, or ``max``."""
+
+    def __init__(self, ensemble: str = "sum") -> None:
+        assert ensemble in ("sum", "softmax_mean", "max"), ensemble
+        self.ensemble = ensemble
+        self.scores: dict[int, torch.Tensor] = {}
+        self.labels: dict[int, int] = {}
+        self.views: dict[int, int] = {}
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:
+        """logits: (B, C); labels, index: (B,)."""
+        logits = logits.detach().float().cpu()
+        if self.ensemble == "softmax_mean":
+            logits = logits.softmax(dim=-1)
+        for row, y, i in zip(logits, labels.tolist(), index.tolist()):
+            if i in self.scores:
+                prev = self.scores[i]
+                self.scores[i] = torch.maximum(prev, row) if self.ensemble == "max" else prev + row
+                if self.labels[i] != y:
+                    raise ValueError(f"video {i} has views with labels {self.labels[i]} and {y}")
+            else:
+                self.scores[i], self.labels[i] = row.clone(), y
+            self.views[i] = self.views.get(i, 0) + 1
+
+    def merge(self, others: Iterable[ViewAccumulator]) -> ViewAccumulator:
+        """Combine the accumulators of several ranks (a video's views may sit on different ranks)."""
+        out = ViewAccumulator(self.ensemble)
+        for acc in [self, *others]:
+            for i, s in acc.scores.items():
+                if i in out.scores:
+                    out.scores[i] = torch.maximum(out.scores[i], s) if self.ensemble == "max" else out.scores[i] + s
+                else:
+                    out.scores[i], out.labels[i] = s.clone(), acc.labels[i]
+                out.views[i] = out.views.get(i, 0) + acc.views[i]
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"ensemble": self.ensemble, "scores": self.scores, "labels": self.labels, "views": self.views}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ViewAccumulator:
+        acc = cls(state["ensemble"])
+        acc.scores, acc.labels, acc.views = state["scores"], state["labels"], state["views"]
+        return acc
+
+
+def accuracy_report(acc: ViewAccumulator, num_classes: int, views_per_video: int | None = None,
+                    class_names: list[str] | None = None) -> dict[str, Any]:
+    """top-1 / top-5 / per-class accuracy (percent) over the videos in ``acc``."""
+    if not acc.scores:
+        raise ValueError("no predictions to score: the evaluation loader yielded no clips")
+    ids = sorted(acc.scores)
+    scores = torch.stack([acc.scores[i] for i in ids])  # (V, C)
+    labels = torch.tensor([acc.labels[i] for i in ids])
+    k = min(5, scores.size(1))
+    topk = scores.topk(k, dim=1).indices
+    top1 = topk[:, 0] == labels
+    top5 = (topk == labels[:, None]).any(dim=1)
+    per_class: dict[str, float | None] = {}
+    for c in range(num_classes):
+        mask = labels == c
+        name = class_names[c] if class_names and c < len(class_names) else str(c)
+        per_class[name] = round(100.0 * top1[mask].float().mean().item(), 2) if mask.any() else None
+    present = [v for v in per_class.values() if v is not None]
+    report = {
+        "num_videos": len(ids),
+        "top1": round(100.0 * top1.float().mean().item(), 2),
+        "top5": round(100.0 * top5.float().mean().item(), 2),
+        "mean_class_accuracy": round(sum(present) / len(present), 2) if present else None,
+        "per_class_top1": per_class,
+        "ensemble": acc.ensemble,
+        "views_seen": sum(acc.views.values()),
+    }
+    if views_per_video:
+        short = [i for i in ids if acc.views[i] != views_per_video]
+        report["views_per_video"] = views_per_video
+        report["videos_with_wrong_view_count"] = len(short)
+        if short:
+            logger.warning("%d videos have a view count other than %d (first: %s)", len(short), views_per_video,
+                           short[:5])
+    return report
+
+
+@torch.no_grad()
+def score_loader(model: torch.nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
+                 ensemble: str = "sum") -> ViewAccumulator:
+    """Run ``model`` over ``loader`` (this rank's shard) and merge the views of every video across ranks."""
+    was_training = model.training
+    model.eval()
+    acc = ViewAccumulator(ensemble)
+    try:
+        for batch in loader:
+            with autocast(device, dtype):
+                logits = model(batch.video.to(device, non_blocking=True))
+            acc.add(logits, batch.label, batch.index)
+    finally:
+        model.train(was_training)
+    states = all_gather_objects(acc.state())
+    if len(states) == 1:
+        return acc
+    return ViewAccumulator(ensemble).merge(ViewAccumulator.from_state(s) for s in states)
+
+
+def class_names_for(cfg: RootConfig) -> list[str] | None:
+    """``{data.root}/classes.txt`` (one name a line) when it exists."""
+    path = Path(cfg.data.root) / "classes.txt"
+    return path.read_text().split("\n")[:cfg.model.num_classes] if path.is_file() else None
+
+
+def find_checkpoint(cfg: RootConfig, explicit: str = "") -> str:
+    """``--checkpoint``, else ``test.checkpoint``, else the newest in ``{output.dir}/checkpoints``."""
+    from harness.train_state import list_checkpoints
+
+    path = explicit or cfg.test.checkpoint
+    if path:
+        return path
+    found = list_checkpoints(Path(cfg.output.dir) / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"no checkpoint given (--checkpoint or test.checkpoint=...) and none in "
+                                f"{cfg.output.dir}/checkpoints")
+    return str(found[-1])
+
+
+def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo) -> dict[str, Any]:
+    """Load ``checkpoint`` into the configured model and run the full multi-view test on ``test.split``."""
+    from harness.checkpoint import load_weights
+    from harness.model import create_model
+    from pipelines import build_loader
+
+    model = create_model(cfg.model)
+    report = load_weights(model, checkpoint, strict=True)
+    model.to(info.device)
+    if info.device.type == "cuda" and cfg.train.channels_last:
+        model.set_channels_last(True)
+    dtype = resolve_precision(cfg.train.precision, info.device)
+    data_cfg = replace(cfg.data, batch_size=cfg.test.batch_size)
+    loader = build_loader(data_cfg, cfg.test.split, device=info.device, rank=info.rank,
+                          world_size=info.world_size)
+    t0 = time.perf_counter()
+    acc = score_loader(model, loader, info.device, dtype, cfg.test.ensemble)
+    seconds = time.perf_counter() - t0
+    views = cfg.data.num_ensemble_views * cfg.data.num_spatial_crops
+    result = accuracy_report(acc, cfg.model.num_classes, views, class_names_for(cfg))
+    result.update({"checkpoint": str(checkpoint), "checkpoint_format": report.format, "split": cfg.test.split,
+                   "seconds": round(seconds, 2), "world_size": info.world_size,
+                   "rejected": [list(r) for r in getattr(loader, "rejected", [])],
+                   "environment": environment_info(info.device)})
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="harness/evaluate.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML config (configs/exp/*.yaml)")
+    parser.add_argument("--checkpoint", default="", help="weights: original .pyth, ours, state_dict, safetensors")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. test.ensemble=softmax_mean")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    info = init_distributed(cfg.dist)
+    setup_logging(info.rank)
+    try:
+        checkpoint = find_checkpoint(cfg, args.checkpoint)
+        result = evaluate(cfg, checkpoint, info)
+        if info.is_main:
+            out = Path(cfg.test.output or Path(cfg.output.dir) / f"eval_{cfg.test.split}.json")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"{checkpoint}: {result['num_videos']} videos x {result.get('views_per_video')} views "
+                  f"({result['ensemble']}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+                  f"mean class {result['mean_class_accuracy']}%  -> {out}")
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

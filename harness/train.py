@@ -1,0 +1,451 @@
+"""Train a TimeSformer: ``torchrun --nproc_per_node=N harness/train.py --config FILE [key=value ...]``.
+
+Also ``python -m harness.train`` (one process). The loop follows the original recipe: the learning rate is set every
+iteration from the fractional epoch, gradients accumulate until ``solver.global_batch_size`` clips have been seen
+(leftover micro-batches at an epoch's end are dropped, as the original does), evaluation runs every
+``train.eval_period`` epochs and at the end, and checkpoints are written every ``train.checkpoint_period`` epochs
+(see ``harness.train_state`` for the file layout). On top of it: DDP (NCCL on GPU, gloo on CPU), AMP (bf16, or
+fp16 with a GradScaler), channels-last on GPU, clipping, label smoothing, mixup/cutmix, auto-resume that continues
+the same run, SIGTERM/SIGINT handling (finish the step, save, exit 0) and a stop on a non-finite loss.
+
+Outputs in ``output.dir``: ``config.yaml`` (resolved), ``environment.json``, ``metrics.jsonl``, TensorBoard
+events in ``tb/``, ``checkpoints/``, ``eval_val.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (torchrun harness/train.py): put the repo root first on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from harness.checkpoint import load_weights
+from harness.config import RootConfig, load_config, to_yaml
+from harness.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed, \
+    setup_logging
+from harness.evaluate import accuracy_report, class_names_for, score_loader
+from harness.model import create_model
+from harness.optim import build_optimizer, lr_at, set_lr
+from harness.runtime import environment_info, precision_name, resolve_precision, seed_everything, autocast
+from harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf."""
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes (ranks of a DDP job must agree exactly)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def mix_batch(video: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
+              smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix (one chosen per batch, like timm's ``Mixup`` in batch mode) with smoothed soft targets.
+
+    video: (B, 3, T, H, W); the cutmix box is the same for all frames. Returns (video, targets (B, C)).
+    """
+    off, on = smoothing / num_classes, 1.0 - smoothing + smoothing / num_classes
+    targets = torch.full((labels.size(0), num_classes), off, device=labels.device).scatter_(1, labels[:, None], on)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    flipped = video.flip(0)
+    if use_cutmix:
+        H, W = video.shape[-2:]
+        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+        video = video.clone()
+        video[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        video = video * lam + flipped * (1.0 - lam)
+    return video, targets * lam + targets.flip(0) * (1.0 - lam)
+
+
+class MetricWriter:
+    """``metrics.jsonl`` plus TensorBoard scalars, rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **record}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and "/" in key:
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    """Builds model, optimizer, loaders and checkpoints from the config, then ``fit()`` runs the epochs."""
+
+    def __init__(self, cfg: RootConfig, info: DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self.device = info.device
+        self.run_dir = Path(cfg.output.dir)
+        self.cfg_yaml = to_yaml(cfg)
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.cfg_yaml)
+            (self.run_dir / "environment.json").write_text(json.dumps(environment_info(self.device), indent=2))
+        barrier()
+        seed_everything(cfg.train.seed + info.rank)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            logger.info("deterministic algorithms on (expect slower steps)")
+
+        self.model = create_model(cfg.model).to(self.device)
+        self.dtype = resolve_precision(cfg.train.precision, self.device)
+        self.optimizer, self.optimizer_impl = build_optimizer(list(self.model.parameters()), cfg.solver, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last)
+        self.start_epoch, self.start_batch, self.step = 0, 0, 0
+        self._restore()
+        if self.device.type == "cuda" and cfg.train.channels_last:
+            self.model.set_channels_last(True)
+        self.ddp: DDP | None = None
+        if info.enabled:
+            self.ddp = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                           find_unused_parameters=cfg.dist.find_unused_parameters)
+        self.forward_model: torch.nn.Module = self.ddp or self.model
+        if cfg.train.compile:
+            self.forward_model = torch.compile(self.forward_model)
+
+        per_step = cfg.data.batch_size * info.world_size
+        self.accum = max(1, cfg.solver.global_batch_size // per_step) if cfg.solver.global_batch_size else 1
+        if cfg.solver.global_batch_size and cfg.solver.global_batch_size % per_step:
+            logger.warning("solver.global_batch_size=%d is not a multiple of %d clips per iteration: effective "
+                           "batch %d", cfg.solver.global_batch_size, per_step, per_step * self.accum)
+        self.stop_signal: str | None = None
+        self.metrics = MetricWriter(self.run_dir, info.is_main, cfg.output.tensorboard)
+        self._val_loader = None
+        logger.info("model %s: %.2fM params, %s, precision %s, %d process(es) x %d clips, accumulation %d -> "
+                    "%d clips per optimizer step", cfg.model.attention_type,
+                    sum(p.numel() for p in self.model.parameters()) / 1e6, self.device, precision_name(self.dtype),
+                    info.world_size, cfg.data.batch_size, self.accum, per_step * self.accum)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        """Auto-resume from the run directory; else ``model.pretrained`` weights only (fine-tuning: epoch 0, fresh
+        optimizer, a head of another class count re-initialised); else the model's own init."""
+        found = self.ckpt.load_latest() if self.cfg.train.auto_resume else None
+        if found is not None:
+            path, obj = found
+            load_weights(self.model, path, strict=True)
+            if obj.get("optimizer_state"):
+                self.optimizer.load_state_dict(obj["optimizer_state"])
+            if obj.get("scaler"):
+                self.scaler.load_state_dict(obj["scaler"])
+            self.start_epoch, self.start_batch = resume_position(obj)
+            self.step = int(obj.get("step", 0))
+            rngs = obj.get("rng")
+            old_world = int(obj.get("world_size", 1))
+            if rngs and old_world == self.info.world_size:
+                set_rng_state(rngs[self.info.rank])
+            elif rngs:
+                logger.warning("%s was written by %d process(es), this run has %d: random states re-seeded, so the "
+                               "run continues but not bit-exactly", path, old_world, self.info.world_size)
+                if self.start_batch:
+                    old = int(obj.get("batch_size", self.cfg.data.batch_size)) * old_world
+                    self.start_batch = self.start_batch * old // (self.cfg.data.batch_size * self.info.world_size)
+            logger.info("resumed from %s: epoch %d, batch %d, step %d", path, self.start_epoch, self.start_batch,
+                        self.step)
+        elif self.cfg.model.pretrained:
+            report = load_weights(self.model, self.cfg.model.pretrained, strict=True)
+            logger.info("initialised from %s (%s)", self.cfg.model.pretrained, report.format)
+
+    def _build_loader(self, split: str, start_batch: int = 0) -> Any:
+        from pipelines import build_loader
+
+        data_cfg = self.cfg.data if split == "train" else replace(self.cfg.data, batch_size=self.cfg.test.batch_size)
+        kwargs = {"start_batch": start_batch} if split == "train" else {}
+        return build_loader(data_cfg, split, device=self.device, rank=self.info.rank,
+                            world_size=self.info.world_size, **kwargs)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_signal is not None:
+            logger.warning("second %s: exiting without a checkpoint", name)
+            raise SystemExit(128 + signum)
+        self.stop_signal = name
+        logger.warning("received %s: finishing the current optimizer step, then saving and exiting", name)
+
+    def _extra_state(self, epoch: int, batch: int) -> dict[str, Any]:
+        """Our checkpoint keys; every rank's RNG states are gathered (a collective: all ranks call it)."""
+        return {"scaler": self.scaler.state_dict(), "rng": all_gather_objects(rng_state()),
+                "scheduler": {"policy": self.cfg.solver.lr_policy,
+                              "lr": self.optimizer.param_groups[0]["lr"]},
+                "world_size": self.info.world_size, "batch_size": self.cfg.data.batch_size,
+                "seed": self.cfg.train.seed, "optimizer_impl": self.optimizer_impl}
+
+    def save(self, epoch: int, batch: int) -> Path | None:
+        extra = self._extra_state(epoch, batch)
+        path = None
+        if self.info.is_main:
+            path = self.ckpt.save(self.model, self.optimizer, epoch=epoch, batch=batch, step=self.step,
+                                  cfg_yaml=self.cfg_yaml, extra=extra)
+        barrier()
+        return path
+
+    # ----------------------------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Run the remaining epochs. Returns the process exit code (0 also after a signal-triggered stop)."""
+        cfg = self.cfg
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        if self.start_epoch >= cfg.solver.max_epoch:
+            logger.info("nothing to do: the run in %s already finished %d epochs", self.run_dir, self.start_epoch)
+            return 0
+        loader = self._build_loader("train", self.start_batch)
+        t_run = time.perf_counter()
+        try:
+            for epoch in range(self.start_epoch, cfg.solver.max_epoch):
+                start = self.start_batch if epoch == self.start_epoch else 0
+                if epoch != self.start_epoch and self.start_batch:  # the resumed epoch's loader skipped batches
+                    loader, self.start_batch = self._build_loader("train", 0), 0
+                stop, next_batch = self.train_epoch(loader, epoch, start)
+                if stop:
+                    path = self.save(epoch, next_batch) if next_batch else self.save(epoch + 1, 0)
+                    self._report_stop(path)
+                    return 0
+                last = epoch + 1 == cfg.solver.max_epoch
+                if cfg.train.eval_period and ((epoch + 1) % cfg.train.eval_period == 0 or last):
+                    self.validate(epoch)
+                if (epoch + 1) % cfg.train.checkpoint_period == 0 or last:
+                    self.save(epoch + 1, 0)
+                if self._agreed_stop():
+                    self._report_stop(self.save(epoch + 1, 0))
+                    return 0
+            digests = all_gather_objects(param_digest(self.model))
+            self.metrics.log({"event": "end", "param_digests": digests,
+                              "time/total_s": round(time.perf_counter() - t_run, 2)}, self.step)
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"ranks ended with different weights: {digests}")
+            logger.info("training done: %d epochs, %d steps, %.1f s", cfg.solver.max_epoch, self.step,
+                        time.perf_counter() - t_run)
+        finally:
+            self.metrics.close()
+        return 0
+
+    def _report_stop(self, path: Path | None) -> None:
+        logger.warning("stopped by %s after step %d; rerun the same command to resume", self.stop_signal, self.step)
+        if self.info.is_main:
+            print(f"stopped by {self.stop_signal or 'a signal on another rank'}: saved {path}; "
+                  f"rerun the same command to resume", flush=True)
+
+    def _agreed_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+    def train_epoch(self, loader: Any, epoch: int, start: int) -> tuple[bool, int]:
+        """One epoch from batch ``start``. Returns (stop requested, next batch: 0 when the epoch is complete)."""
+        cfg, info = self.cfg, self.info
+        loader.set_epoch(epoch)
+        n = len(loader)
+        if cfg.train.max_steps_per_epoch:
+            n = min(n, cfg.train.max_steps_per_epoch * self.accum)
+        if n < self.accum:
+            raise ValueError(f"an epoch has {n} batches per rank but one optimizer step needs {self.accum} "
+                             f"(solver.global_batch_size={cfg.solver.global_batch_size}); lower it")
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        criterion_smoothing = cfg.solver.label_smoothing
+        mixing = cfg.solver.mixup_alpha > 0 or cfg.solver.cutmix_alpha > 0
+        clips_per_iter = cfg.data.batch_size * info.world_size
+        bar = None
+        if info.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, initial=start, desc=f"epoch {epoch + 1}/{cfg.solver.max_epoch}", dynamic_ncols=True,
+                       leave=False, file=sys.stderr)
+        loss_sum = correct = seen = 0.0
+        window = {"loss": 0.0, "n": 0, "data_s": 0.0, "total_s": 0.0, "clips": 0}
+        stop = False
+        t_prev = time.perf_counter()
+        i = start
+        for i, batch in enumerate(loader, start=start):
+            if i >= n:
+                break
+            t_data = time.perf_counter()
+            lr = lr_at(cfg.solver, epoch + i / n)
+            set_lr(self.optimizer, lr)
+            sync = (i + 1) % self.accum == 0
+            video = batch.video.to(self.device, non_blocking=True)
+            labels = batch.label.to(self.device, non_blocking=True)
+            if mixing:
+                video, targets = mix_batch(video, labels, cfg.model.num_classes, cfg.solver.mixup_alpha,
+                                           cfg.solver.cutmix_alpha, criterion_smoothing)
+            no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
+            with no_sync:
+                with autocast(self.device, self.dtype):
+                    logits = self.forward_model(video)
+                    if mixing:
+                        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                    else:
+                        loss = F.cross_entropy(logits.float(), labels, label_smoothing=criterion_smoothing)
+                if cfg.train.debug_nan_at_step == self.step and i % self.accum == 0:
+                    loss = loss * float("nan")
+                # One small all-reduce per iteration: the mean loss (for logging and the NaN check on every rank)
+                # and the stop flag, so all ranks stop after the same optimizer step.
+                stats = all_reduce_sum(torch.stack([loss.detach().float(),
+                                                    torch.tensor(1.0 if self.stop_signal else 0.0,
+                                                                 device=self.device)]))
+                loss_val = stats[0].item() / info.world_size
+                stop = stop or stats[1].item() > 0
+                if not math.isfinite(loss_val):
+                    self._fail_non_finite(loss_val, epoch, i)
+                self.scaler.scale(loss / self.accum).backward()
+            if sync:
+                if cfg.solver.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.solver.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                if cfg.train.debug_signal_at_step == self.step and info.is_main:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            loss_sum += loss_val
+            correct += (logits.detach().argmax(-1) == labels).sum().item() if not mixing else 0
+            seen += labels.numel()
+            t_now = time.perf_counter()
+            window["loss"] += loss_val
+            window["n"] += 1
+            window["data_s"] += t_data - t_prev
+            window["total_s"] += t_now - t_prev
+            window["clips"] += clips_per_iter
+            t_prev = t_now
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.3g}",
+                                clips_s=f"{window['clips'] / max(window['total_s'], 1e-9):.1f}",
+                                data=f"{100 * window['data_s'] / max(window['total_s'], 1e-9):.0f}%")
+            if sync and self.step % cfg.train.log_period == 0:
+                self._log_window(window, lr, epoch)
+            if sync and stop:
+                if bar is not None:
+                    bar.close()
+                return True, (i + 1 if i + 1 < n else 0)
+        if bar is not None:
+            bar.close()
+        if window["n"]:
+            self._log_window(window, lr_at(cfg.solver, epoch + (n - 1) / n), epoch)
+        done = max(i + 1 - start, 1)
+        totals = all_reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=self.device))
+        record = {"event": "epoch", "epoch": epoch + 1, "train/loss": totals[0].item() / info.world_size / done,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        if not mixing:
+            record["train/top1"] = 100.0 * totals[1].item() / max(totals[2].item(), 1)
+        self.metrics.log(record, self.step)
+        logger.info("epoch %d/%d: loss %.4f%s, lr %.3g, step %d", epoch + 1, cfg.solver.max_epoch,
+                    record["train/loss"], f", train top-1 {record['train/top1']:.1f}%" if not mixing else "",
+                    record["lr"], self.step)
+        return stop, 0
+
+    def _log_window(self, window: dict[str, float], lr: float, epoch: int) -> None:
+        if not window["n"]:
+            return
+        total = max(window["total_s"], 1e-9)
+        record = {"event": "train", "epoch": epoch + 1, "train/loss": window["loss"] / window["n"], "opt/lr": lr,
+                  "time/clips_per_s": window["clips"] / total,
+                  "time/frames_per_s": window["clips"] * self.cfg.data.num_frames / total,
+                  "time/data_wait_pct": 100.0 * window["data_s"] / total}
+        if self.device.type == "cuda":
+            record["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.metrics.log(record, self.step)
+        for key in window:
+            window[key] = 0 if key in ("n", "clips") else 0.0
+
+    def _fail_non_finite(self, loss_val: float, epoch: int, batch: int) -> None:
+        path = None
+        if self.info.is_main:
+            path = self.ckpt.save_debug(self.model, step=self.step, cfg_yaml=self.cfg_yaml,
+                                        extra={"position": {"epoch": epoch, "batch": batch}})
+        self.metrics.log({"event": "non_finite_loss", "loss": str(loss_val), "epoch": epoch + 1, "batch": batch},
+                         self.step)
+        raise NonFiniteLossError(
+            f"loss is {loss_val} at step {self.step} (epoch {epoch + 1}, batch {batch}); weights before this step "
+            f"saved to {path or 'rank 0 debug checkpoint'}. Lower solver.base_lr, set solver.grad_clip, or use "
+            f"train.precision=fp32 / bf16 instead of fp16.")
+
+    def validate(self, epoch: int) -> dict[str, Any]:
+        """Multi-view accuracy on the val split (a loader built once, reused)."""
+        if self._val_loader is None:
+            self._val_loader = self._build_loader("val")
+        t0 = time.perf_counter()
+        acc = score_loader(self.model, self._val_loader, self.device, self.dtype, self.cfg.test.ensemble)
+        views = self.cfg.data.num_ensemble_views * self.cfg.data.num_spatial_crops
+        report = accuracy_report(acc, self.cfg.model.num_classes, None, class_names_for(self.cfg))
+        report.update({"epoch": epoch + 1, "step": self.step, "seconds": round(time.perf_counter() - t0, 2),
+                       "views_per_video": views})
+        self.metrics.log({"event": "val", "epoch": epoch + 1, "val/top1": report["top1"], "val/top5": report["top5"],
+                          "val/mean_class_accuracy": report["mean_class_accuracy"] or 0.0}, self.step)
+        if self.info.is_main:
+            (self.run_dir / "eval_val.json").write_text(json.dumps(report, indent=2) + "\n")
+        logger.info("epoch %d val: top-1 %.2f%%, top-5 %.2f%% over %d videos (%.1f s)", epoch + 1, report["top1"],
+                    report["top5"], report["num_videos"], report["seconds"])
+        return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="harness/train.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML config (configs/exp/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. solver.base_lr=0.01")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    info = init_distributed(cfg.dist)
+    setup_logging(info.rank)
+    try:
+        return Trainer(cfg, info).fit()
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Training checkpoints: original ``.pyth`` layout plus what an exact resume needs, kept last-K, found again.
+
+Files live in ``{output.dir}/checkpoints/``:
+  * ``checkpoint_epoch_{N:05d}.pyth``: written after epoch N (1-based) ends; ``epoch`` inside is N-1 (the
+    original's 0-based "epoch just finished"), so the original tools read it as they read their own.
+  * ``checkpoint_epoch_{N:05d}_iter_{I:06d}.pyth``: written when a run stops inside epoch N (SIGTERM/SIGINT) after
+    I batches of it; ``epoch`` inside is N-2 (the last finished one), our ``position`` says where to go on.
+  * ``debug_nan_step_{S:08d}.pyth``: the weights at a non-finite loss (never pruned, never resumed from).
+
+Our keys next to the original ``epoch``/``model_state``/``optimizer_state``/``cfg``: ``position`` ({epoch, batch}:
+the next batch to run), ``step`` (optimizer steps so far), ``scaler``, ``scheduler``, ``rng`` (every rank's torch,
+CUDA, Python and NumPy generator states), ``world_size``, ``seed``. Writes are atomic (``harness.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.checkpoint import load_file, save_pyth
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"checkpoint_epoch_(\d{5})(?:_iter_(\d{6}))?\.pyth")
+
+
+def checkpoint_name(epoch: int, batch: int = 0) -> str:
+    """``checkpoint_epoch_{epoch:05d}.pyth``, or with ``_iter_{batch:06d}`` for a save inside epoch ``epoch`` (1-based)."""
+    return f"checkpoint_epoch_{epoch:05d}.pyth" if batch == 0 else f"checkpoint_epoch_{epoch:05d}_iter_{batch:06d}.pyth"
+
+
+def _order(path: Path) -> tuple[int, float]:
+    m = _NAME.fullmatch(path.name)
+    assert m, path
+    return int(m[1]), float(m[2]) if m[2] else float("inf")  # mid-epoch saves sort before the epoch's end
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Regular checkpoints in ``folder``, oldest first (temporary and debug files excluded)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.fullmatch(p.name)), key=_order)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states, in types ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Save, prune and find the checkpoints of one run directory.
+
+    Args:
+        run_dir: the run's output directory (checkpoints go to ``run_dir/checkpoints``).
+        keep_last: how many regular checkpoints to keep (older ones are deleted after a successful save).
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def save(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        epoch: int,
+        batch: int,
+        step: int,
+        cfg_yaml: str,
+        extra: dict[str, Any],
+    ) -> Path:
+        """Write the checkpoint for "next: batch ``batch`` of epoch ``epoch``" (0-based) and prune old ones.
+
+        ``batch == 0`` is the end of epoch ``epoch - 1``: file ``checkpoint_epoch_{epoch:05d}.pyth``. Otherwise the
+        run stopped inside epoch ``epoch``: file ``checkpoint_epoch_{epoch+1:05d}_iter_{batch:06d}.pyth``.
+        """
+        if batch == 0:
+            path, finished = self.dir / checkpoint_name(epoch), epoch - 1
+        else:
+            path, finished = self.dir / checkpoint_name(epoch + 1, batch), epoch - 1
+        payload = {"position": {"epoch": epoch, "batch": batch}, "step": step, **extra}
+        save_pyth(path, model, optimizer.state_dict(), epoch=finished, cfg_yaml=cfg_yaml, extra=payload)
+        logger.info("saved %s (next: epoch %d batch %d, step %d)", path, epoch, batch, step)
+        self.prune()
+        return path
+
+    def save_debug(self, model: torch.nn.Module, *, step: int, cfg_yaml: str, extra: dict[str, Any]) -> Path:
+        path = self.dir / f"debug_nan_step_{step:08d}.pyth"
+        save_pyth(path, model, None, epoch=-1, cfg_yaml=cfg_yaml, extra={"step": step, **extra})
+        return path
+
+    def prune(self) -> None:
+        for old in list_checkpoints(self.dir)[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+            logger.info("removed old checkpoint %s (train.keep_last=%d)", old, self.keep_last)
+
+    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that loads; a corrupt one is skipped with a warning. None when there is none."""
+        for path in reversed(list_checkpoints(self.dir)):
+            try:
+                obj = load_file(path)
+                if "model_state" not in obj:
+                    raise ValueError("no model_state entry")
+                return path, obj
+            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+                logger.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one", path,
+                               type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+
+
+def resume_position(obj: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, batch) to continue from: our ``position``, else the original's ``epoch`` + 1."""
+    if "position" in obj:
+        return int(obj["position"]["epoch"]), int(obj["position"]["batch"])
+    return int(obj.get("epoch", -1)) + 1, 0

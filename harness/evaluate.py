@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -193,8 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    setup_logging(int(os.environ.get("RANK", "0")))
     info = init_distributed(cfg.dist)
-    setup_logging(info.rank)
     try:
         checkpoint = find_checkpoint(cfg, args.checkpoint)
         result = evaluate(cfg, checkpoint, info)

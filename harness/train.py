@@ -161,6 +161,14 @@ class Trainer:
         self.stop_signal: str | None = None
         self.metrics = MetricWriter(self.run_dir, info.is_main, cfg.output.tensorboard)
         self._val_loader = None
+        self.samples_file = None
+        if cfg.train.record_samples:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            self.samples_file = open(self.run_dir / "samples" / f"rank{info.rank}.jsonl", "a")
+        if cfg.model.num_frames != cfg.data.num_frames or cfg.model.img_size != cfg.data.train_crop_size:
+            logger.warning("model.num_frames/img_size (%d/%d) differ from data.num_frames/train_crop_size (%d/%d): "
+                           "the model resizes its embeddings at run time; is that intended?", cfg.model.num_frames,
+                           cfg.model.img_size, cfg.data.num_frames, cfg.data.train_crop_size)
         logger.info("model %s: %.2fM params, %s, precision %s, %d process(es) x %d clips, accumulation %d -> "
                     "%d clips per optimizer step", cfg.model.attention_type,
                     sum(p.numel() for p in self.model.parameters()) / 1e6, self.device, precision_name(self.dtype),
@@ -267,6 +275,8 @@ class Trainer:
                         time.perf_counter() - t_run)
         finally:
             self.metrics.close()
+            if self.samples_file is not None:
+                self.samples_file.close()
         return 0
 
     def _report_stop(self, path: Path | None) -> None:
@@ -309,6 +319,9 @@ class Trainer:
             if i >= n:
                 break
             t_data = time.perf_counter()
+            if self.samples_file is not None:
+                self.samples_file.write(json.dumps({"epoch": epoch, "batch": i, "index": batch.index.tolist()}) + "\n")
+                self.samples_file.flush()
             lr = lr_at(cfg.solver, epoch + i / n)
             set_lr(self.optimizer, lr)
             sync = (i + 1) % self.accum == 0
@@ -439,8 +452,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    setup_logging(int(os.environ.get("RANK", "0")))
     info = init_distributed(cfg.dist)
-    setup_logging(info.rank)
     try:
         return Trainer(cfg, info).fit()
     finally:

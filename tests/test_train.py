@@ -1,0 +1,234 @@
+"""harness.train / optim / train_state: schedules, optimizers, checkpoint files, and real training processes
+(single process and 2-process torchrun on gloo) on tiny clips: exact resume after SIGTERM, NaN stop, kill -9
+during a save, disjoint shards and identical weights across ranks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.checkpoint import load_file
+from harness.config import SolverConfig
+from harness.model import create_model
+from harness.optim import build_optimizer, lr_at
+from harness.train_state import CheckpointManager, list_checkpoints, resume_position
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+TINY = ["--config", "configs/model/tiny.yaml", "model.num_classes=4", "data.num_frames=4", "data.train_crop_size=32",
+        "data.test_crop_size=32", "data.batch_size=4", "data.num_ensemble_views=1", "data.num_spatial_crops=1",
+        "solver.optimizer=adamw", "solver.base_lr=1e-3", "solver.global_batch_size=8", "solver.max_epoch=2",
+        "train.eval_period=2", "train.log_period=1", "output.tensorboard=false", "test.batch_size=4"]
+
+
+def _uses_standin() -> bool:
+    import pipelines
+
+    return not hasattr(pipelines, "build_loader")
+
+
+def train_cmd(*args: str, nproc: int = 1) -> list[str]:
+    entry = ["tests/_standin.py", "train"] if _uses_standin() else ["harness/train.py"]
+    if nproc > 1:
+        return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry, *args]
+    return [PY, *entry, *args]
+
+
+def run(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(list_checkpoints(run_dir / "checkpoints")[-1])["model_state"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules and optimizers.
+def test_steps_with_relative_lrs_matches_the_original_recipe():
+    cfg = SolverConfig()  # lr 0.005, steps [0, 11, 14] x [1, 0.1, 0.01], 15 epochs
+    assert lr_at(cfg, 0.0) == pytest.approx(0.005)
+    assert lr_at(cfg, 10.99) == pytest.approx(0.005)
+    assert lr_at(cfg, 11.0) == pytest.approx(5e-4)
+    assert lr_at(cfg, 13.5) == pytest.approx(5e-4)
+    assert lr_at(cfg, 14.2) == pytest.approx(5e-5)
+
+
+def test_cosine_and_warmup_are_per_iteration():
+    cfg = SolverConfig(lr_policy="cosine", base_lr=1.0, cosine_end_lr=0.0, max_epoch=10, warmup_epochs=1.0,
+                       warmup_start_lr=0.1)
+    assert lr_at(cfg, 0.0) == pytest.approx(0.1)
+    assert lr_at(cfg, 0.5) == pytest.approx(0.1 + 0.5 * (lr_at(cfg, 1.0) - 0.1))  # linear into the cosine
+    assert lr_at(cfg, 5.0) == pytest.approx(0.5)
+    assert lr_at(cfg, 10.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(cfg, 2.25) < lr_at(cfg, 2.0)  # changes inside an epoch
+
+
+def test_optimizer_choice_is_reported_and_lamb_needs_apex(caplog):
+    model = create_model("tiny")
+    with caplog.at_level(logging.INFO, logger="harness.optim"):
+        opt, impl = build_optimizer(list(model.parameters()), SolverConfig(), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    assert impl == "torch.optim.SGD(foreach=True)" and impl in caplog.text
+    opt, impl = build_optimizer(list(model.parameters()), SolverConfig(optimizer="adamw"), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
+    with pytest.raises(ValueError, match="needs apex"):
+        build_optimizer(list(model.parameters()), SolverConfig(optimizer="lamb"), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint files.
+def _save(mgr: CheckpointManager, model, epoch: int, batch: int) -> Path:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return mgr.save(model, opt, epoch=epoch, batch=batch, step=epoch * 10 + batch, cfg_yaml="model: {}\n", extra={})
+
+
+def test_checkpoint_names_order_keep_last_and_original_layout(tmp_path):
+    model = create_model("tiny")
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    _save(mgr, model, 1, 0)
+    _save(mgr, model, 1, 3)  # stopped inside epoch 2 (1-based) after 3 batches
+    _save(mgr, model, 2, 0)
+    names = [p.name for p in list_checkpoints(mgr.dir)]
+    assert names == ["checkpoint_epoch_00002_iter_000003.pyth", "checkpoint_epoch_00002.pyth"]
+    obj = load_file(mgr.dir / names[-1])
+    assert obj["epoch"] == 1 and isinstance(obj["cfg"], str) and "optimizer_state" in obj  # original keys
+    assert all(k.startswith("model.") for k in obj["model_state"])
+    assert resume_position(obj) == (2, 0)
+    assert resume_position(load_file(mgr.dir / names[0])) == (1, 3)
+    assert resume_position({"epoch": 14, "model_state": {}}) == (15, 0)  # an original file
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    model = create_model("tiny")
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    _save(mgr, model, 1, 0)
+    latest = _save(mgr, model, 2, 0)
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    with caplog.at_level(logging.WARNING, logger="harness.train_state"):
+        path, obj = mgr.load_latest()
+    assert path.name == "checkpoint_epoch_00001.pyth" and resume_position(obj) == (1, 0)
+    assert "checkpoint_epoch_00002.pyth is unreadable" in caplog.text and "falling back" in caplog.text
+
+
+KILL_DURING_SAVE = r"""
+import os, sys, time
+import torch
+from harness.model import create_model
+from harness.train_state import CheckpointManager
+mgr = CheckpointManager(sys.argv[1], keep_last=3)
+model = create_model("tiny")
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+mgr.save(model, opt, epoch=1, batch=0, step=4, cfg_yaml="", extra={})
+real_fsync = os.fsync
+def slow_fsync(fd):  # the second save stalls after writing its temp file, before the rename
+    print("saving", flush=True)
+    time.sleep(60)
+os.fsync = slow_fsync
+mgr.save(model, opt, epoch=2, batch=0, step=8, cfg_yaml="", extra={"big": torch.zeros(1 << 20)})
+"""
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    proc = subprocess.Popen([PY, "-c", KILL_DURING_SAVE, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "saving"
+        tmp_files = list((tmp_path / "checkpoints").glob(".checkpoint_epoch_00002.pyth.*.tmp"))
+        assert tmp_files, "the second save should be in flight"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    mgr = CheckpointManager(tmp_path)
+    assert [p.name for p in list_checkpoints(mgr.dir)] == ["checkpoint_epoch_00001.pyth"]
+    path, obj = mgr.load_latest()
+    assert obj["step"] == 4 and resume_position(obj) == (1, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real training processes.
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run (the reference for resume)."""
+    out = tmp_path_factory.mktemp("train") / "ref"
+    res = run(train_cmd(*TINY, f"output.dir={out}", "output.tensorboard=true"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_run_writes_config_metrics_tensorboard_and_original_checkpoints(reference_run):
+    from harness.config import load_config
+
+    cfg = load_config(reference_run / "config.yaml")  # the resolved config loads back as it was
+    assert cfg.model.num_classes == 4 and cfg.solver.global_batch_size == 8
+    records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    events = [r["event"] for r in records]
+    assert events.count("epoch") == 2 and "val" in events and events[-1] == "end"
+    train = [r for r in records if r["event"] == "train"]
+    assert {"train/loss", "opt/lr", "time/clips_per_s", "time/data_wait_pct"} <= set(train[0])
+    assert max(r["step"] for r in records) == 8  # 32 clips / 8 per optimizer step x 2 epochs
+    assert list((reference_run / "tb").glob("events.out.tfevents.*"))
+    val = json.loads((reference_run / "eval_val.json").read_text())
+    assert val["num_videos"] == 32 and 0.0 <= val["top1"] <= 100.0
+    obj = load_file(reference_run / "checkpoints" / "checkpoint_epoch_00002.pyth")
+    assert obj["epoch"] == 1 and obj["step"] == 8 and resume_position(obj) == (2, 0)
+    assert {"scaler", "scheduler", "rng", "optimizer_state", "cfg"} <= set(obj)
+
+
+def test_sigterm_stops_saves_and_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
+    out = tmp_path / "resumed"
+    # SIGTERM (a real signal to the process) after step 2: step 3 finishes, is saved, exit 0 mid-epoch 2.
+    first = run(train_cmd(*TINY, f"output.dir={out}", "train.debug_signal_at_step=2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped by SIGTERM" in first.stdout
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_epoch_00001_iter_000006.pyth"]
+    second = run(train_cmd(*TINY, f"output.dir={out}"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr
+    a, b = final_weights(reference_run), final_weights(out)
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
+
+
+def test_nan_loss_stops_with_a_clear_error_and_a_debug_checkpoint(tmp_path):
+    res = run(train_cmd(*TINY, f"output.dir={tmp_path}", "train.debug_nan_at_step=3"))
+    assert res.returncode != 0
+    assert "NonFiniteLossError: loss is nan at step 3" in res.stderr
+    debug = tmp_path / "checkpoints" / "debug_nan_step_00000003.pyth"
+    assert debug.is_file() and load_file(debug)["step"] == 3
+    assert not list_checkpoints(tmp_path / "checkpoints")  # no regular checkpoint from a broken run
+
+
+def test_unknown_key_on_the_command_line_fails_naming_the_closest(tmp_path):
+    res = run([PY, "-m", "harness.train", "--config", "configs/model/tiny.yaml", "solver.base_lrr=0.1",
+               f"output.dir={tmp_path}"])
+    assert res.returncode != 0 and "did you mean 'solver.base_lr'" in res.stderr
+
+
+def test_torchrun_two_processes_disjoint_shards_identical_weights(tmp_path):
+    res = run(train_cmd(*TINY, f"output.dir={tmp_path}", "train.record_samples=true", "train.eval_period=0",
+                        nproc=2), timeout=240)
+    assert res.returncode == 0, res.stderr[-4000:]
+    seen = {}
+    for rank in (0, 1):
+        rows = [json.loads(line) for line in (tmp_path / "samples" / f"rank{rank}.jsonl").read_text().splitlines()]
+        for epoch in (0, 1):
+            seen[rank, epoch] = [i for r in rows if r["epoch"] == epoch for i in r["index"]]
+    for epoch in (0, 1):
+        assert seen[0, epoch] and seen[1, epoch]
+        assert not set(seen[0, epoch]) & set(seen[1, epoch]), "ranks read overlapping clips"
+    end = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert end["event"] == "end" and len(end["param_digests"]) == 2
+    assert end["param_digests"][0] == end["param_digests"][1]
+    assert "gloo" in res.stderr

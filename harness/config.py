@@ -166,6 +166,7 @@ class TrainConfig:
     # Debug hooks (tests): make the loss NaN at this global optimizer step / send ourselves SIGTERM after it.
     debug_nan_at_step: int = -1
     debug_signal_at_step: int = -1
+    record_samples: bool = False  # write every batch's video indices to samples/rank{R}.jsonl (shard checks)
 
     def __post_init__(self) -> None:
         if self.eval_period < 0 or self.checkpoint_period < 1 or self.keep_last < 1:

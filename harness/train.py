@@ -446,7 +446,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="harness/train.py", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (configs/exp/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. solver.base_lr=0.01")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,88 @@
+"""harness.config: YAML + defaults lists + overrides, unknown keys, value checks, and the recipes in configs/exp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.config import load_config, save_config
+
+REPO = Path(__file__).resolve().parent.parent
+EXP = REPO / "configs" / "exp"
+
+
+def test_unknown_override_names_the_closest_key():
+    with pytest.raises(KeyError, match=r"unknown config key 'solver.base_lrr' in command-line overrides; "
+                                       r"did you mean 'solver.base_lr'\?"):
+        load_config(None, ["solver.base_lrr=0.1"])
+
+
+def test_unknown_yaml_key_names_the_file_and_the_closest_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  eval_perod: 2\n")
+    with pytest.raises(KeyError, match=rf"'train.eval_perod' in {bad}; did you mean 'train.eval_period'"):
+        load_config(bad)
+
+
+def test_bad_values_name_the_key_and_the_choices(tmp_path):
+    with pytest.raises(ValueError, match=r"solver.optimizer='adam'; choose from \['sgd', 'adamw', 'lamb'\]"):
+        load_config(None, ["solver.optimizer=adam"])
+    with pytest.raises(ValueError, match=r"solver.steps=\[1, 11\] must start at epoch 0"):
+        load_config(None, ["solver.steps=[1,11]", "solver.lrs=[1,0.1]"])
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        load_config(None, ["solver.base_lr"])
+
+
+def test_defaults_list_merges_first_and_overrides_win(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  depth: 3\n  embed_dim: 96\n  num_heads: 4\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("defaults: [base.yaml]\nmodel:\n  depth: 5\n")
+    cfg = load_config(exp, ["model.embed_dim=128"])
+    assert (cfg.model.depth, cfg.model.embed_dim) == (5, 128)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(EXP / "k400_divst_8x32_224.yaml", ["solver.base_lr=0.01"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+# T, sampling rate, crop, attention, classes: research/timesformer.md section 3.
+RECIPES = {
+    "k400_divst_8x32_224": (8, 32, 224, "divided_space_time", 400),
+    "k400_jointst_8x32_224": (8, 32, 224, "joint_space_time", 400),
+    "k400_spaceonly_8x32_224": (8, 32, 224, "space_only", 400),
+    "k400_divst_16x16_448": (16, 16, 448, "divided_space_time", 400),
+    "k400_divst_96x4_224": (96, 4, 224, "divided_space_time", 400),
+    "ssv2_divst_8_224": (8, 8, 224, "divided_space_time", 174),
+    "ssv2_divst_16_448": (16, 8, 448, "divided_space_time", 174),
+    "ssv2_divst_64_224": (64, 8, 224, "divided_space_time", 174),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_original_recipes(name):
+    T, rate, crop, attention, classes = RECIPES[name]
+    cfg = load_config(EXP / f"{name}.yaml")
+    assert (cfg.model.num_frames, cfg.data.num_frames, cfg.data.sampling_rate) == (T, T, rate)
+    assert (cfg.model.img_size, cfg.data.train_crop_size, cfg.data.test_crop_size) == (crop, crop, crop)
+    assert cfg.data.train_jitter_scales == ([448, 512] if crop == 448 else [256, 320])
+    assert (cfg.model.attention_type, cfg.model.num_classes) == (attention, classes)
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.patch_size) == (768, 12, 16)
+    s = cfg.solver
+    assert (s.optimizer, s.nesterov, s.momentum, s.base_lr, s.weight_decay) == ("sgd", True, 0.9, 0.005, 1e-4)
+    assert (s.lr_policy, s.steps, s.lrs, s.max_epoch) == ("steps_with_relative_lrs", [0, 11, 14], [1.0, 0.1, 0.01], 15)
+    assert s.global_batch_size == 64
+    assert (cfg.train.eval_period, cfg.train.checkpoint_period) == (5, 5)
+    assert (cfg.data.num_ensemble_views, cfg.data.num_spatial_crops, cfg.test.ensemble) == (1, 3, "sum")
+    ssv2 = name.startswith("ssv2")
+    assert (cfg.data.random_flip, cfg.data.inv_uniform_sample) == (not ssv2, ssv2)
+    assert cfg.output.dir == f"runs/train/{name}"
+
+
+def test_every_exp_config_loads():
+    names = sorted(p.name for p in EXP.glob("*.yaml"))
+    assert names
+    for name in names:
+        load_config(EXP / name)

@@ -91,6 +91,9 @@ class DataConfig:
     on_bad_video: str = "error"  # error | skip
     pad_short: bool = True  # pad videos shorter than the clip span with their last frame
     seed: int = 0
+    validate_cache: str = ""  # SQLite probe cache of pipelines.validate; "" = ~/.cache/timesformer-harness/, "none" = off
+    synthetic_videos: int = 64  # data.loader=synthetic: clips per epoch (all ranks together)
+    synthetic_classes: int = 10  # data.loader=synthetic: labels drawn from 0..synthetic_classes-1
 
     def __post_init__(self) -> None:
         if self.loader not in ("auto", "dali", "pyav", "synthetic"):

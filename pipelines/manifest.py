@@ -1,0 +1,134 @@
+"""Video manifests: Kinetics-style ``path<sep>label`` lists, Something-Something-v2 JSON, and plain CSV.
+
+Paths: a manifest path is joined with ``data.path_prefix`` (as the original's ``PATH_PREFIX``); a path that is
+still relative after that is taken relative to the manifest file's folder (so ``data/toy/train.csv`` can say
+``train/x.webm``). A malformed line raises ``ValueError`` naming the file, the line number and what was expected.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+SSV2_SPLITS = {"train": "something-something-v2-train.json", "val": "something-something-v2-validation.json",
+               "test": "something-something-v2-validation.json"}  # the original tests on the validation set
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    path: str
+    label: int
+
+
+def _resolve(path: str, prefix: str, base: Path) -> str:
+    joined = os.path.join(prefix, path) if prefix else path
+    return joined if os.path.isabs(joined) else str(base / joined)
+
+
+def _label(text: str, where: str, expected: str) -> int:
+    try:
+        label = int(text)
+    except ValueError:
+        raise ValueError(f"{where}: expected {expected} with an integer label, got label {text!r}") from None
+    if label < 0:
+        raise ValueError(f"{where}: label {label} is negative; labels are class ids 0..num_classes-1")
+    return label
+
+
+def read_kinetics(path: str | Path, separator: str = " ", path_prefix: str = "") -> list[VideoEntry]:
+    """``path<separator>label`` per line (blank lines ignored); splitting must give exactly 2 fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist (data.root / data.*_manifest)")
+    expected = f"'path{separator}label' (separator {separator!r}, data.separator)"
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.rstrip("\r\n").split(separator) if separator != " " else line.split()
+        if len(fields) != 2 or not fields[0]:
+            raise ValueError(f"{path}:{n}: expected {expected}, got {len(fields)} field(s): {line!r}")
+        out.append(VideoEntry(_resolve(fields[0], path_prefix, path.parent), _label(fields[1], f"{path}:{n}", expected)))
+    return out
+
+
+def read_csv(path: str | Path, path_prefix: str = "") -> list[VideoEntry]:
+    """Plain comma-separated ``path,label`` (an optional header row ``path,label``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist (data.root / data.*_manifest)")
+    out = []
+    with open(path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), start=1):
+            if not row or not "".join(row).strip():
+                continue
+            if n == 1 and [c.strip().lower() for c in row] == ["path", "label"]:
+                continue
+            if len(row) != 2 or not row[0].strip():
+                raise ValueError(f"{path}:{n}: expected 2 comma-separated fields 'path,label', got {len(row)}: {row}")
+            out.append(VideoEntry(_resolve(row[0].strip(), path_prefix, path.parent),
+                                  _label(row[1].strip(), f"{path}:{n}", "'path,label'")))
+    return out
+
+
+def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | Path,
+              ext: str = ".webm") -> list[VideoEntry]:
+    """SSv2: ``labels_json`` maps template -> id; ``split_json`` lists ``{id, template}``; videos are
+    ``{video_dir}/{id}{ext}``. The label is the template with '[' and ']' removed, looked up in the labels."""
+    split_json, labels_json = Path(split_json), Path(labels_json)
+    for p in (split_json, labels_json):
+        if not p.is_file():
+            raise FileNotFoundError(f"SSv2 file {p} does not exist (data.root / data.ssv2_labels)")
+    try:
+        labels = {k: int(v) for k, v in json.loads(labels_json.read_text()).items()}
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{labels_json}: expected a JSON object {{template: id}} ({e})") from None
+    items = json.loads(split_json.read_text())
+    if not isinstance(items, list):
+        raise ValueError(f"{split_json}: expected a JSON list of {{'id': ..., 'template': ...}} objects")
+    out = []
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or "id" not in item or "template" not in item:
+            raise ValueError(f"{split_json}: entry {n} has no 'id'/'template': {item!r}")
+        template = item["template"].replace("[", "").replace("]", "")
+        if template not in labels:
+            raise ValueError(f"{split_json}: entry {n} (id {item['id']}) has template {template!r}, which is not in "
+                             f"{labels_json}")
+        out.append(VideoEntry(str(Path(video_dir) / f"{item['id']}{ext}"), labels[template]))
+    return out
+
+
+def manifest_path(cfg: DataConfig, split: str) -> Path:
+    """The file listing ``split``: ``data.{split}_manifest`` if set, else the format's default under ``data.root``."""
+    explicit = getattr(cfg, f"{split}_manifest")
+    if explicit:
+        return Path(explicit)
+    if cfg.format == "ssv2":
+        return Path(cfg.root) / SSV2_SPLITS[split]
+    return Path(cfg.root) / f"{split}.csv"
+
+
+def read_manifest(cfg: DataConfig, split: str) -> list[VideoEntry]:
+    """The videos of ``split`` (train | val | test) as configured by ``data.format``."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split={split!r}; choose from ['train', 'val', 'test']")
+    path = manifest_path(cfg, split)
+    if cfg.format == "kinetics":
+        entries = read_kinetics(path, cfg.separator, cfg.path_prefix)
+    elif cfg.format == "csv":
+        entries = read_csv(path, cfg.path_prefix)
+    else:
+        labels = cfg.ssv2_labels or str(Path(cfg.root) / "something-something-v2-labels.json")
+        entries = read_ssv2(path, labels, cfg.path_prefix or cfg.root)
+    if not entries:
+        raise ValueError(f"manifest {path} lists no videos")
+    logger.info("%s: %d videos (%s format)", path, len(entries), cfg.format)
+    return entries

@@ -1,0 +1,121 @@
+"""The PyAV baseline loader (PySlowFast-style): seek, decode the needed frames, crop, resize, flip, normalise in
+torch, in a torch DataLoader with workers. Same plans (``pipelines.base.ClipPlanner``) and contract as DALI; also
+the fallback when DALI cannot decode a codec on this machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from pipelines.base import Batch, ClipLoader, ClipPlanner
+from pipelines.sampling import ClipPlan
+
+logger = logging.getLogger(__name__)
+
+SEEK_MIN_FRAMES = 32  # decode from the start when the first needed frame is this close to it
+
+
+def decode_frames(path: str, indices: np.ndarray, fps: float = 0.0) -> np.ndarray:
+    """Frames ``indices`` (presentation order, repeats allowed) of ``path`` as (len(indices), H, W, 3) uint8 RGB.
+
+    Seeks to the keyframe before the first needed frame (when it is far from the start), then decodes up to the last.
+    Indices past the end of a shorter-than-declared video repeat its last frame.
+    """
+    wanted = sorted(set(int(i) for i in indices))
+    got: dict[int, np.ndarray] = {}
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = fps or float(stream.average_rate or stream.guessed_rate or 30)
+        tb = float(stream.time_base)
+        start_pts = stream.start_time or 0
+        seeked = wanted[0] >= SEEK_MIN_FRAMES
+        if seeked:
+            container.seek(int(start_pts + wanted[0] / rate / tb), stream=stream, backward=True, any_frame=False)
+        n = -1
+        wanted_set, last = set(wanted), None
+        for frame in container.decode(stream):
+            n = round((frame.pts - start_pts) * tb * rate) if seeked and frame.pts is not None else n + 1
+            last = frame
+            if n in wanted_set:
+                got[n] = frame.to_ndarray(format="rgb24")
+            if n >= wanted[-1]:
+                break
+        if last is None:
+            raise RuntimeError(f"{path}: no frame decoded at or after index {wanted[0]}")
+        if len(got) < len(wanted_set):  # the stream ended early: repeat the last frame (as padding does)
+            tail = last.to_ndarray(format="rgb24")
+    out = []
+    for i in indices:
+        frame = got.get(int(i))
+        if frame is None:
+            frame = tail
+        out.append(frame)
+    return np.stack(out)
+
+
+def crop_resize(frames: np.ndarray, window: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> crop ``window`` (y0, x0, h, w) -> bilinear resize -> (T, 3, size, size) uint8."""
+    y0, x0, h, w = window
+    x = torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w])).permute(0, 3, 1, 2)
+    if (h, w) != (size, size):
+        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bilinear",
+                          align_corners=False, antialias=False)
+    return x
+
+
+def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (..., 3, T, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1) * 255
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1) * 255
+    return (x.float() - m) / s
+
+
+class _PlanDataset(Dataset):
+    """Map-style dataset whose "indices" are the ClipPlans themselves (the sampler yields them)."""
+
+    def __init__(self, crop: int, mean: list[float], std: list[float]):
+        self.crop, self.mean, self.std = crop, mean, std
+
+    def __getitem__(self, plan: ClipPlan) -> tuple[torch.Tensor, int, int]:  # type: ignore[override]
+        frames = decode_frames(plan.path, plan.frames)
+        x = crop_resize(frames, plan.window, self.crop)  # (T, 3, S, S) uint8
+        if plan.flip:
+            x = x.flip(-1)
+        return normalize(x.permute(1, 0, 2, 3), self.mean, self.std), plan.label, plan.index
+
+
+def _collate(items: list[tuple[torch.Tensor, int, int]]) -> Batch:
+    return Batch(torch.stack([v for v, _, _ in items]), torch.tensor([lab for _, lab, _ in items], dtype=torch.int64),
+                 torch.tensor([i for _, _, i in items], dtype=torch.int64))
+
+
+class PyAVLoader(ClipLoader):
+    """Batches of ``ClipPlanner`` plans decoded by PyAV in ``data.num_workers`` DataLoader workers."""
+
+    def __init__(self, planner: ClipPlanner, device: torch.device, start_batch: int = 0,
+                 rejected: list[tuple[str, str]] | None = None):
+        super().__init__(planner, device, start_batch, rejected)
+        self.dataset = _PlanDataset(self.crop, self.cfg.mean, self.cfg.std)
+        logger.info("PyAV loader: %d clips/epoch on this rank, %d batches, %d workers", self.num_clips, len(self),
+                    self.cfg.num_workers)
+
+    def _batches(self, plans: list[ClipPlan]) -> Iterator[Batch]:
+        if not plans:
+            return
+        pin = self.device.type == "cuda"
+        loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=plans, num_workers=self.cfg.num_workers,
+                            collate_fn=_collate, pin_memory=pin,
+                            prefetch_factor=2 if self.cfg.num_workers else None)
+        for batch in loader:
+            if self.device.type != "cpu":
+                batch = Batch(batch.video.to(self.device, non_blocking=True), batch.label.to(self.device),
+                              batch.index.to(self.device))
+            yield batch

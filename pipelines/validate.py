@@ -1,0 +1,251 @@
+"""Pre-flight check of a video manifest with PyAV: every file exists, opens, has a codec the chosen decoder
+handles, is complete and long enough for the clip span.
+
+``python -m pipelines.validate MANIFEST [--backend cpu|gpu|pyav] [--frames T --sampling-rate R] [--pad]``
+prints each unusable file with its reason and a summary; exit status 0 when all are usable, 1 otherwise.
+
+Probing a file (stat, open, demux every packet to count frames, decode the first frame, compare the demuxed length
+with the container's declared duration to catch truncation) does not depend on the backend, so its result is
+cached in SQLite by (path, size, mtime) and a large manifest is probed once; files are probed in parallel
+processes. ``pipelines.build_loader`` runs the same check (``data.on_bad_video: error | skip``), because DALI's
+readers drop bad files silently and its decoder kills the pipeline on them (research/dali.md section 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sqlite3
+import sys
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# What DALI 2.4's decoders handle per device (research/dali.md section 1); PyAV decodes everything FFmpeg does.
+CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
+          "gpu": {"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"},
+          "pyav": None}
+_CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "libaom-av1": "av1", "h265": "hevc"}
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "timesformer-harness" / "validate.sqlite"
+PROBE_VERSION = 1
+
+
+@dataclass
+class VideoInfo:
+    """What a probe learnt about one file (``error`` set when it cannot be used by any decoder)."""
+
+    path: str
+    error: str = ""
+    codec: str = ""
+    frames: int = 0
+    fps: float = 0.0
+    height: int = 0
+    width: int = 0
+
+
+def probe_video(path: str) -> VideoInfo:
+    """Open ``path`` with PyAV and measure it; never raises for a bad file (the reason goes to ``error``)."""
+    import av
+
+    info = VideoInfo(path)
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        info.error = "missing: no such file"
+        return info
+    except OSError as e:
+        info.error = f"unreadable: {e}"
+        return info
+    if size == 0:
+        info.error = "empty file (0 bytes)"
+        return info
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                info.error = "no video stream"
+                return info
+            stream = container.streams.video[0]
+            name = stream.codec_context.name
+            info.codec = _CODEC_ALIASES.get(name, name)
+            info.height, info.width = stream.codec_context.height, stream.codec_context.width
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            info.fps = float(rate) if rate else 0.0
+            last_pts, first_pts = None, None
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                info.frames += 1
+                if packet.pts is not None:
+                    first_pts = packet.pts if first_pts is None else min(first_pts, packet.pts)
+                    last_pts = packet.pts if last_pts is None else max(last_pts, packet.pts)
+            declared = container.duration / 1e6 if container.duration else None  # microseconds -> s
+            if info.frames == 0:
+                info.error = "no video frames"
+                return info
+            if declared and info.fps and last_pts is not None and stream.time_base:
+                present = float((last_pts - first_pts) * stream.time_base) + 1.0 / info.fps
+                if present < 0.9 * declared - 2.0 / info.fps:
+                    info.error = (f"truncated: the container declares {declared:.2f} s but frames cover only "
+                                  f"{present:.2f} s")
+                    return info
+        with av.open(path) as container:  # decode the first frame
+            if next(container.decode(video=0), None) is None:
+                info.error = "no decodable frame"
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
+        info.error = f"cannot open/decode: {type(e).__name__}: {e}"
+    return info
+
+
+def usable(info: VideoInfo, backend: str, min_frames: int) -> str:
+    """Why ``info``'s video cannot be used by ``backend`` for clips of ``min_frames`` frames ("" = usable)."""
+    if info.error:
+        return info.error
+    allowed = CODECS[backend]
+    if allowed is not None and info.codec not in allowed:
+        return (f"codec {info.codec} is not decodable by DALI's {backend} backend (it decodes {sorted(allowed)}); "
+                f"re-encode (e.g. VP9) or use data.loader=pyav / a GPU")
+    if info.frames < min_frames:
+        return (f"too short: {info.frames} frames < {min_frames} needed by the clip span "
+                f"(set data.pad_short=true to pad with the last frame)")
+    return ""
+
+
+def required_frames(info: VideoInfo, num_frames: int, sampling_rate: int, target_fps: float, pad: bool,
+                    segment: bool = False) -> int:
+    """Frames a video needs: the clip span at its fps (Kinetics), T (segment sampling), or 1 when padding."""
+    if pad:
+        return 1
+    if segment:
+        return num_frames
+    fps = info.fps or target_fps
+    return max(1, math.ceil(sampling_rate * num_frames / target_fps * fps - 1e-6))
+
+
+class ProbeCache:
+    """SQLite map (path, size, mtime_ns) -> VideoInfo."""
+
+    def __init__(self, path: str | Path | None):
+        self.db = None
+        if path is None:
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), timeout=60)
+        self.db.execute("CREATE TABLE IF NOT EXISTS probe (path TEXT, size INTEGER, mtime INTEGER, version INTEGER, "
+                        "info TEXT, PRIMARY KEY (path, size, mtime, version))")
+
+    @staticmethod
+    def key(path: str) -> tuple[str, int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+    def get(self, path: str) -> VideoInfo | None:
+        key = self.key(path)
+        if self.db is None or key is None:
+            return None
+        row = self.db.execute("SELECT info FROM probe WHERE path=? AND size=? AND mtime=? AND version=?",
+                              (*key, PROBE_VERSION)).fetchone()
+        return VideoInfo(**{**json.loads(row[0]), "path": path}) if row else None
+
+    def put(self, infos: list[VideoInfo]) -> None:
+        if self.db is None:
+            return
+        rows = [(*k, PROBE_VERSION, json.dumps(asdict(i))) for i in infos if (k := self.key(i.path)) is not None]
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO probe VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0) -> list[VideoInfo]:
+    """Probe every path (cached, in parallel: processes for many files, threads for a few)."""
+    store = ProbeCache(cache)
+    infos: list[VideoInfo | None] = [store.get(p) for p in paths]
+    todo = [i for i, info in enumerate(infos) if info is None]
+    if todo:
+        workers = workers or os.cpu_count() or 1
+        pool_cls = ProcessPoolExecutor if len(todo) > 64 and workers > 1 else ThreadPoolExecutor
+        with pool_cls(max(1, min(workers, len(todo)))) as pool:
+            fresh = list(pool.map(probe_video, [paths[i] for i in todo], chunksize=16 if pool_cls is
+                                  ProcessPoolExecutor else 1))
+        for i, info in zip(todo, fresh):
+            infos[i] = info
+        store.put(fresh)
+        logger.info("probed %d videos (%d from cache)", len(todo), len(paths) - len(todo))
+    return infos  # type: ignore[return-value]
+
+
+def check_videos(paths: list[str], backend: str, num_frames: int, sampling_rate: int, target_fps: float = 30,
+                 pad: bool = False, segment: bool = False, cache: str | Path | None = DEFAULT_CACHE,
+                 workers: int = 0) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
+    """Probe ``paths`` and judge them for ``backend``. Returns (infos in order, [(path, reason)] of the unusable)."""
+    if backend not in CODECS:
+        raise ValueError(f"backend={backend!r}; choose from {sorted(CODECS)}")
+    infos = probe_all(paths, cache, workers)
+    rejected = []
+    for info in infos:
+        need = required_frames(info, num_frames, sampling_rate, target_fps, pad, segment)
+        reason = usable(info, backend, need)
+        if reason:
+            rejected.append((info.path, reason))
+    return infos, rejected
+
+
+def write_rejected(rejected: list[tuple[str, str]], path: str | Path) -> None:
+    """``path,reason`` CSV of the rejected videos."""
+    import csv
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        writer.writerows(rejected)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.config import DataConfig
+    from pipelines.manifest import read_csv, read_kinetics, read_ssv2
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.validate", description=__doc__.split("\n")[0])
+    parser.add_argument("manifest", help="Kinetics-style 'path label' list, plain CSV, or SSv2 split JSON")
+    parser.add_argument("--format", choices=["kinetics", "csv", "ssv2"], default="kinetics")
+    parser.add_argument("--backend", choices=sorted(CODECS), default="cpu",
+                        help="decoder the files must suit: DALI cpu (VP8/VP9/MJPEG), DALI gpu, or pyav (any)")
+    parser.add_argument("--frames", type=int, default=DataConfig.num_frames, help="T, frames per clip")
+    parser.add_argument("--sampling-rate", type=int, default=DataConfig.sampling_rate)
+    parser.add_argument("--target-fps", type=float, default=DataConfig.target_fps)
+    parser.add_argument("--pad", action="store_true", help="accept videos shorter than the span (data.pad_short)")
+    parser.add_argument("--separator", default=" ", help="Kinetics manifest separator (data.separator)")
+    parser.add_argument("--path-prefix", default="", help="joined before every manifest path (data.path_prefix)")
+    parser.add_argument("--ssv2-labels", default="", help="SSv2 labels JSON (with --format ssv2)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="SQLite probe cache ('' = none)")
+    parser.add_argument("--workers", type=int, default=0, help="parallel probes (0 = one per CPU core)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.format == "kinetics":
+            entries = read_kinetics(args.manifest, args.separator, args.path_prefix)
+        elif args.format == "csv":
+            entries = read_csv(args.manifest, args.path_prefix)
+        else:
+            labels = args.ssv2_labels or str(Path(args.manifest).parent / "something-something-v2-labels.json")
+            entries = read_ssv2(args.manifest, labels, args.path_prefix or Path(args.manifest).parent)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _, rejected = check_videos([e.path for e in entries], args.backend, args.frames, args.sampling_rate,
+                               args.target_fps, args.pad, args.format == "ssv2", args.cache or None, args.workers)
+    for path, reason in rejected:
+        print(f"{path}: {reason}")
+    print(f"{len(entries) - len(rejected)}/{len(entries)} videos usable by the {args.backend} backend "
+          f"({len(rejected)} rejected)")
+    return 1 if rejected else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Shared fixtures. Video fixtures are real encoded files, tiny, made once per test session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+
+def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps: int = 30) -> Path:
+    """Write (F, H, W, 3) uint8 RGB frames with PyAV (VP9 webm by default; ``libx264``/``mpeg4`` for mp4)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if codec == "libvpx-vp9":
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "12", "b": "0", "g": "8"}
+        elif codec == "libx264":
+            stream.options = {"preset": "ultrafast", "crf": "18", "g": "8"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def textured_frames(num: int, height: int, width: int, seed: int) -> np.ndarray:
+    """Smooth, moving, frame-distinct content (compresses well, so decoders agree closely)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 6.28, size=3)
+    out = np.empty((num, height, width, 3), dtype=np.uint8)
+    for t in range(num):
+        for c in range(3):
+            v = 128 + 90 * np.sin(xx / (6 + 3 * c) + phase[c] + 0.3 * t) * np.cos(yy / (7 + 2 * c) - 0.2 * t)
+            out[t, :, :, c] = np.clip(v, 0, 255)
+        out[t, :4, :4] = (t * 8) % 256  # a frame-number patch in the top-left corner
+    return out
+
+
+@dataclass
+class VideoSet:
+    """Paths of the session's test videos."""
+
+    root: Path
+    good: list[Path] = field(default_factory=list)  # VP9, 48x64 (landscape), 24 frames, labels i % 3
+    labels: list[int] = field(default_factory=list)
+    portrait: Path | None = None  # VP9, 64x40, 24 frames
+    short: Path | None = None  # VP9, 6 frames
+    truncated: Path | None = None  # first half of a 40-frame VP9 webm
+    empty: Path | None = None
+    garbage: Path | None = None
+    missing: Path | None = None
+    h264: Path | None = None  # libx264 mp4 (mpeg4 when libx264 is absent)
+
+    def manifest(self, name: str, paths: list[Path], labels: list[int] | None = None) -> Path:
+        labels = labels or [0] * len(paths)
+        out = self.root / name
+        out.write_text("".join(f"{p.name} {lab}\n" for p, lab in zip(paths, labels)))
+        return out
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> VideoSet:
+    root = tmp_path_factory.mktemp("videos")
+    vs = VideoSet(root)
+    for i in range(6):
+        vs.good.append(encode_video(root / f"good{i}.webm", textured_frames(24, 48, 64, seed=i)))
+        vs.labels.append(i % 3)
+    vs.portrait = encode_video(root / "portrait.webm", textured_frames(24, 64, 40, seed=10))
+    vs.short = encode_video(root / "short.webm", textured_frames(6, 48, 64, seed=11))
+    long = encode_video(root / "long.webm", textured_frames(40, 48, 64, seed=12))
+    data = long.read_bytes()
+    vs.truncated = root / "truncated.webm"
+    vs.truncated.write_bytes(data[: len(data) // 2])
+    vs.empty = root / "empty.webm"
+    vs.empty.write_bytes(b"")
+    vs.garbage = root / "garbage.webm"
+    vs.garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    vs.missing = root / "missing.webm"
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    vs.h264 = encode_video(root / "h264.mp4", textured_frames(24, 48, 64, seed=13), codec=codec)
+    return vs

@@ -1,0 +1,117 @@
+"""Pre-flight validation: every bad input gets its reason; cache; CLI exit codes; build_loader error/skip/auto."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import pipelines.validate as validate
+from harness.config import REPO_ROOT, DataConfig
+from pipelines import build_loader
+from pipelines.validate import check_videos, probe_video
+
+BAD = {  # fixture attribute -> (reason on the DALI cpu backend, with padding allowed)
+    "missing": "missing: no such file",
+    "empty": "empty file (0 bytes)",
+    "garbage": "cannot open/decode: InvalidDataError",
+    "truncated": "truncated: the container declares",
+    "h264": "is not decodable by DALI's cpu backend",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_each_bad_input_has_its_reason(videos, name: str) -> None:
+    path = str(getattr(videos, name))
+    _, rejected = check_videos([str(videos.good[0]), path], "cpu", 8, 2, pad=True, cache=None)
+    assert len(rejected) == 1 and rejected[0][0] == path
+    assert BAD[name] in rejected[0][1], rejected[0][1]
+
+
+def test_codec_sets_per_backend(videos) -> None:
+    info = probe_video(str(videos.h264))
+    assert info.codec == "h264" or info.codec == "mpeg4"
+    for backend in ("gpu", "pyav"):
+        assert check_videos([str(videos.h264)], backend, 8, 2, pad=True, cache=None)[1] == []
+
+
+def test_too_short_depends_on_span_and_padding(videos) -> None:
+    short = [str(videos.short)]  # 6 frames at 30 fps
+    _, rej = check_videos(short, "cpu", 4, 2, target_fps=30, pad=False, cache=None)
+    assert rej and "too short: 6 frames < 8 needed" in rej[0][1]
+    assert check_videos(short, "cpu", 4, 2, pad=True, cache=None)[1] == []  # padded with the last frame
+    assert check_videos(short, "cpu", 3, 2, pad=False, cache=None)[1] == []  # span 6 fits
+    assert "too short: 6 frames < 8" in check_videos(short, "cpu", 8, 1, pad=False, segment=True, cache=None)[1][0][1]
+
+
+def test_probe_cache_by_path_size_mtime(videos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "probe.sqlite"
+    paths = [str(p) for p in videos.good[:3]]
+    first, _ = check_videos(paths, "cpu", 8, 2, cache=cache)
+    calls = []
+    monkeypatch.setattr(validate, "probe_video", lambda p: calls.append(p) or validate.VideoInfo(p, "probed"))
+    again, rej = check_videos(paths, "cpu", 8, 2, cache=cache)
+    assert calls == [] and again == first and rej == []
+    copy = tmp_path / "copy.webm"  # a changed file (new size/mtime) is probed again
+    copy.write_bytes(videos.good[0].read_bytes())
+    check_videos([str(copy)], "cpu", 8, 2, cache=cache)
+    copy.write_bytes(videos.good[1].read_bytes() + b"\0")
+    _, rej = check_videos([str(copy)], "cpu", 8, 2, cache=cache)
+    assert calls == [str(copy), str(copy)] and rej == [(str(copy), "probed")]
+
+
+def test_cli_lists_unusable_files_and_exits_1(videos, tmp_path: Path) -> None:
+    good = videos.manifest("cli_good.csv", videos.good[:2])
+    bad = videos.manifest("cli_bad.csv", videos.good[:2] + [videos.h264, videos.empty])
+    cmd = [sys.executable, "-m", "pipelines.validate", "--cache", str(tmp_path / "c.sqlite"), "--frames", "4",
+           "--sampling-rate", "2"]
+    ok = subprocess.run(cmd + [str(good)], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert "2/2 videos usable by the cpu backend (0 rejected)" in ok.stdout
+    res = subprocess.run(cmd + [str(bad)], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert res.returncode == 1
+    assert f"{videos.h264}: codec" in res.stdout and f"{videos.empty}: empty file" in res.stdout
+    assert "2/4 videos usable by the cpu backend (2 rejected)" in res.stdout
+    gpu = subprocess.run(cmd + ["--backend", "gpu", str(bad)], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert gpu.returncode == 1 and "(1 rejected)" in gpu.stdout  # only the empty file
+
+
+def _cfg(videos, manifest: Path, **kw) -> DataConfig:
+    base = DataConfig(loader="dali", backend="cpu", root=str(videos.root), train_manifest=str(manifest),
+                      num_frames=4, sampling_rate=2, train_jitter_scales=[40, 48], train_crop_size=32,
+                      batch_size=2, num_workers=1, validate_cache="none")
+    return replace(base, **kw)
+
+
+def test_build_loader_on_bad_video_error_lists_the_files(videos) -> None:
+    manifest = videos.manifest("err.csv", videos.good[:4] + [videos.garbage, videos.missing])
+    with pytest.raises(ValueError, match=r"(?s)2 of 6 videos in the train manifest cannot be used .*garbage.webm: "
+                                         r"cannot open.*missing.webm: missing.*data.on_bad_video=skip"):
+        build_loader(_cfg(videos, manifest), "train", device="cpu")
+
+
+def test_build_loader_skip_writes_rejected_csv(videos, tmp_path: Path) -> None:
+    bad = [videos.garbage, videos.missing, videos.empty, videos.truncated, videos.h264]
+    manifest = videos.manifest("skip.csv", videos.good[:4] + bad)
+    loader = build_loader(_cfg(videos, manifest, on_bad_video="skip"), "train", device="cpu", run_dir=tmp_path)
+    assert sorted(p for p, _ in loader.rejected) == sorted(str(p) for p in bad)
+    lines = (tmp_path / "rejected.csv").read_text().splitlines()
+    assert lines[0] == "path,reason" and len(lines) == 1 + len(bad)
+    assert loader.num_clips == 4 and len(loader) == 2
+    seen = sorted(i for b in loader for i in b.index.tolist())
+    assert seen == [0, 1, 2, 3]  # the good videos keep their manifest indices
+
+
+def test_auto_falls_back_to_pyav_for_codecs_dali_cpu_cannot_decode(videos, caplog) -> None:
+    manifest = videos.manifest("auto.csv", videos.good[:3] + [videos.h264])
+    with caplog.at_level(logging.WARNING, logger="pipelines.base"):
+        loader = build_loader(_cfg(videos, manifest, loader="auto"), "train", device="cpu")
+    assert type(loader).__name__ == "PyAVLoader" and loader.rejected == []
+    assert "using the PyAV loader because 1 video(s) use codecs ['h264']" in caplog.text or \
+        "use codecs ['mpeg4']" in caplog.text
+    ok = videos.manifest("auto_ok.csv", videos.good[:3])
+    assert type(build_loader(_cfg(videos, ok, loader="auto"), "train", device="cpu")).__name__ == "DaliLoader"

@@ -1,0 +1,365 @@
+"""Performance regression gate: train-step throughput normalised by a calibration workload, plus counted quantities.
+
+    python -m harness.gate --write-baseline FILE [--preset NAME] [--attn all] [--mode train] [key=value ...]
+    python -m harness.gate --baseline FILE [--tolerance 0.30] [key=value ...]
+
+Each case (attention variant x mode) runs in a fresh subprocess that alternates a calibration workload (A: a fixed
+fp32 GEMM block) and the model step (B: a block of train steps) for ``pairs`` rounds, A B A B ...; the case's
+score is the median over pairs of time(B)/time(A). Anything that slows the whole machine (other users, frequency
+changes) slows A and B alike and cancels in the ratio. A case regresses when its normalised throughput drops by
+more than ``--tolerance`` (default from noise measured on the shared 2-core CPU machine; see README
+"Benchmarking"); a timing regression is measured once more before it counts. Parameters and FLOPs per clip must
+match exactly, and peak memory may grow by at most ``--mem-tolerance``.
+
+Exit status: 0 pass, 1 a case regressed (each one named), 2 the baseline cannot be compared (other preset or
+device kind, other schema version).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.config import REPO_ROOT, ModelConfig
+from harness.metrics import BenchRecord, read_results, write_results
+
+logger = logging.getLogger(__name__)
+
+# Default tolerance on the normalised throughput drop. Chosen from the same-tree noise measured on this shared
+# 2-vCPU machine (README "Benchmarking": repeated gate runs against one baseline moved by up to ~12%, with
+# other engineers' test suites running alongside), with a margin; a change must cost > 30% to fail.
+DEFAULT_TOLERANCE = 0.30
+DEFAULT_MEM_TOLERANCE = 0.10  # peak memory: CUDA allocator peaks are exact; CPU RSS moved by < 3% here
+DEFAULT_PAIRS = 7
+DEFAULT_BLOCK_S = 0.25  # each A or B sample lasts about this long (steps are batched into blocks)
+CALIB_N = 384  # calibration GEMM size
+DEFAULT_CPU_THREADS = 1  # see run_worker: robust to co-tenants; 0 = torch's default
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+def _time_block(fn, n: int, device: torch.device) -> float:
+    from harness.metrics import synchronize
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def run_worker(spec: dict[str, Any]) -> BenchRecord:
+    """One gate case in this fresh process: A B A B interleaved blocks, median of per-pair ratios."""
+    from harness.bench import _build_model, _train_step_fn
+    from harness.counting import count_flops, count_params
+    from harness.metrics import fill_throughput, hardware_name, peak_memory, reset_peak_memory, synchronize
+    from harness.runtime import (autocast, environment_info, precision_name, resolve_precision,
+                                 seed_everything)
+
+    device = torch.device(spec["device"])
+    if device.type == "cpu" and spec.get("threads"):
+        # One intra-op thread by default: with co-tenants on a small CPU, spinning OpenMP barriers whose
+        # threads get preempted turn contention into 10x outliers; a single thread degrades smoothly.
+        torch.set_num_threads(spec["threads"])
+    seed_everything(0)
+    dtype = resolve_precision(spec["precision"], device)
+    cfg = replace(ModelConfig(**spec["model"]), attention_type=spec["attention_type"])
+    T, S, B = cfg.num_frames, cfg.img_size, spec["batch"]
+    rec = BenchRecord(suite="gate", case=f"gate/{spec['attention_type']}/{spec['mode']}",
+                      attention_type=spec["attention_type"], preset=spec["preset"], frames=T, img_size=S, batch=B,
+                      precision=precision_name(dtype), mode=spec["mode"], device=device.type,
+                      device_name=hardware_name(device), env=environment_info(device))
+    a = torch.randn(CALIB_N, CALIB_N, device=device)
+    b = torch.randn(CALIB_N, CALIB_N, device=device)
+
+    def calib() -> None:
+        torch.mm(a, b)
+
+    rec.flops_per_clip = count_flops(cfg, batch=1, mode=spec["mode"])
+    base = reset_peak_memory(device)
+    model = _build_model(cfg, device, spec["channels_last"])
+    rec.params = count_params(model)
+    x = torch.randn(B, 3, T, S, S, device=device)
+    y = torch.randint(0, cfg.num_classes, (B,), device=device)
+    if spec["mode"] == "train":
+        step = _train_step_fn(model, x, y, device, dtype)
+    else:
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), autocast(device, dtype):
+                model(x)
+
+    # Warm-up, then size the blocks (or reuse the baseline's sizes so both sides run the same work).
+    for _ in range(spec["warmup"]):
+        step()
+        calib()
+    synchronize(device)
+    step_s = min(_time_block(step, 1, device) for _ in range(3))
+    calib_s = min(_time_block(calib, 1, device) for _ in range(3))
+    steps_per_block = spec.get("steps_per_block") or max(1, round(spec["block_s"] / step_s))
+    calib_reps = spec.get("calib_reps") or max(1, round(steps_per_block * step_s / calib_s))
+
+    ratios, step_times, calib_times = [], [], []
+    for _ in range(spec["pairs"]):
+        ta = _time_block(calib, calib_reps, device)
+        tb = _time_block(step, steps_per_block, device)
+        ratios.append(tb / ta)
+        calib_times.append(ta)
+        step_times.append(tb / steps_per_block)
+    rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
+    fill_throughput(rec, step_times, clips_per_step=B, frames=T)
+    ratio = statistics.median(ratios)
+    rec.extra.update({
+        "ratio": ratio, "ratio_p10_p90": [min(ratios), max(ratios)] if len(ratios) < 3 else
+        [sorted(ratios)[len(ratios) // 10], sorted(ratios)[-1 - len(ratios) // 10]],
+        "ratios": ratios, "steps_per_block": steps_per_block, "calib_reps": calib_reps, "calib_n": CALIB_N,
+        "calib_ms": 1e3 * statistics.median(calib_times) / calib_reps,
+    })
+    return rec
+
+
+def run_case(spec: dict[str, Any], timeout_s: int = 900) -> BenchRecord:
+    """Run a gate case in a fresh subprocess (its own peak RSS); failures become ``error`` records."""
+    cmd = [sys.executable, "-m", "harness.gate", "--worker", json.dumps(spec)]
+    name = f"gate/{spec['attention_type']}/{spec['mode']}"
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        return BenchRecord(suite="gate", case=name, status="error", message=f"timed out after {timeout_s}s")
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith("GATE_RECORD "):
+            return BenchRecord.from_dict(json.loads(line[len("GATE_RECORD "):]))
+    tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return BenchRecord(suite="gate", case=name, attention_type=spec["attention_type"], mode=spec["mode"],
+                       status="error", message=f"worker exited with code {out.returncode}: {tail[:300]}")
+
+
+# ------------------------------------------------------------------------------------------ comparison
+
+@dataclass
+class Verdict:
+    """The comparison of one case: ``regressed`` with the reasons, or not."""
+
+    case: str
+    base_ratio: float | None = None
+    cand_ratio: float | None = None
+    change: float | None = None  # normalised throughput change, candidate vs baseline (-0.25 = 25% slower)
+    regressed: bool = False
+    timing_regressed: bool = False
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def compare_case(base: BenchRecord, cand: BenchRecord | None, tolerance: float, mem_tolerance: float) -> Verdict:
+    """Compare one case. Throughput: one-sided (only slower fails); counted quantities exactly; memory growth."""
+    v = Verdict(case=base.case, base_ratio=base.extra.get("ratio"))
+    if cand is None:
+        v.regressed = True
+        v.reasons.append("missing from the candidate run")
+        return v
+    if cand.status != "ok":
+        v.regressed = True
+        v.reasons.append(f"candidate status {cand.status}: {cand.message}")
+        return v
+    v.cand_ratio = cand.extra.get("ratio")
+    if v.base_ratio and v.cand_ratio:
+        v.change = v.base_ratio / v.cand_ratio - 1.0  # ratio = time(model)/time(calib); throughput ~ 1/ratio
+        if v.change < -tolerance:
+            v.regressed = v.timing_regressed = True
+            v.reasons.append(f"normalised images/s {100 * v.change:+.1f}% (tolerance -{100 * tolerance:.0f}%)")
+        elif v.change > tolerance:
+            v.notes.append(f"faster by {100 * v.change:.0f}%: consider refreshing the baseline")
+    if base.params is not None and cand.params != base.params:
+        v.regressed = True
+        v.reasons.append(f"params {base.params} -> {cand.params}")
+    if base.flops_per_clip is not None and cand.flops_per_clip != base.flops_per_clip:
+        v.regressed = True
+        v.reasons.append(f"FLOPs/clip {base.flops_per_clip} -> {cand.flops_per_clip}")
+    if base.peak_mem_bytes and cand.peak_mem_bytes is not None:
+        growth = cand.peak_mem_bytes / base.peak_mem_bytes - 1.0
+        if growth > mem_tolerance:
+            v.regressed = True
+            v.reasons.append(f"peak memory {base.peak_mem_bytes / 2**20:.1f} -> {cand.peak_mem_bytes / 2**20:.1f} "
+                             f"MiB ({100 * growth:+.1f}%, tolerance +{100 * mem_tolerance:.0f}%)")
+    return v
+
+
+def compare(baseline: list[BenchRecord], candidate: list[BenchRecord], tolerance: float = DEFAULT_TOLERANCE,
+            mem_tolerance: float = DEFAULT_MEM_TOLERANCE) -> list[Verdict]:
+    by_case = {r.case: r for r in candidate}
+    return [compare_case(b, by_case.get(b.case), tolerance, mem_tolerance) for b in baseline]
+
+
+def check_compatible(meta: dict[str, Any], device: torch.device, preset: str | None) -> None:
+    """Refuse to compare across device kinds or presets (like with like); raise ValueError naming the fix."""
+    if meta.get("kind") != "gate-baseline":
+        raise ValueError("this file is not a gate baseline (meta.kind != 'gate-baseline'); write one with "
+                         "`python -m harness.gate --write-baseline FILE`")
+    if meta.get("device") != device.type:
+        raise ValueError(f"baseline was measured on {meta.get('device')!r}, this run is on {device.type!r}; "
+                         "write a baseline on this machine class (make gate-baseline BASELINE=...)")
+    if preset and meta.get("preset") != preset:
+        raise ValueError(f"baseline preset {meta.get('preset')!r} != --preset {preset!r}; drop --preset or write a "
+                         "new baseline")
+
+
+def format_table(verdicts: list[Verdict], baseline: list[BenchRecord], candidate: list[BenchRecord]) -> str:
+    base = {r.case: r for r in baseline}
+    cand = {r.case: r for r in candidate}
+    lines = ["| case | base images/s | cand images/s | base ratio | cand ratio | normalised change | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for v in verdicts:
+        b, c = base.get(v.case), cand.get(v.case)
+        fmt = lambda r: "-" if r is None or r.images_per_s is None else f"{r.images_per_s:.1f}"  # noqa: E731
+        change = "-" if v.change is None else f"{100 * v.change:+.1f}%"
+        verdict = "REGRESSED: " + "; ".join(v.reasons) if v.regressed else "ok" + (
+            f" ({'; '.join(v.notes)})" if v.notes else "")
+        lines.append(f"| {v.case} | {fmt(b)} | {fmt(c)} | {v.base_ratio or 0:.3f} | {v.cand_ratio or 0:.3f} "
+                     f"| {change} | {verdict} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m harness.gate", description=__doc__.split("\n\n")[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--baseline", help="gate the current tree against this baseline JSON")
+    g.add_argument("--write-baseline", help="measure the current tree and write a baseline JSON here")
+    g.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--preset", default=None, help="model preset (write: default by device; gate: the baseline's)")
+    p.add_argument("--attn", default="all", help="attention variants (write-baseline only)")
+    p.add_argument("--mode", default="train", help="train | infer | both (write-baseline only)")
+    p.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, help="A/B pairs per case")
+    p.add_argument("--threads", type=int, default=DEFAULT_CPU_THREADS,
+                   help="CPU intra-op threads per case (write-baseline; the gate reuses the baseline's)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help=f"allowed normalised throughput drop (default: the baseline's, else {DEFAULT_TOLERANCE})")
+    p.add_argument("--mem-tolerance", type=float, default=None, help="allowed peak-memory growth")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for the candidate, e.g. model.depth=6")
+    return p.parse_args(argv)
+
+
+def _specs(meta: dict[str, Any], model: dict[str, Any], cases: list[tuple[str, str]], pairs: int,
+           block: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
+    specs = []
+    for attn, mode in cases:
+        s = {"preset": meta["preset"], "model": model, "attention_type": attn, "mode": mode, "batch": meta["batch"],
+             "precision": meta["precision"], "channels_last": meta["channels_last"], "device": meta["device_str"],
+             "warmup": meta["warmup"], "pairs": pairs, "block_s": meta["block_s"],
+             "threads": meta.get("threads", 0)}
+        if block and f"gate/{attn}/{mode}" in block:
+            s.update(block[f"gate/{attn}/{mode}"])
+        specs.append(s)
+    return specs
+
+
+def _measure(specs: list[dict[str, Any]]) -> list[BenchRecord]:
+    from tqdm import tqdm
+
+    return [run_case(s) for s in tqdm(specs, desc="gate", unit="case", file=sys.stderr)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        rec = run_worker(json.loads(args.worker))
+        print("GATE_RECORD " + json.dumps(rec.to_dict()), flush=True)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from harness.bench import attention_types, modes_of, resolve
+    from harness.runtime import precision_name, resolve_precision
+
+    if args.write_baseline:
+        ns = argparse.Namespace(preset=args.preset, config=None, overrides=args.overrides, frames=None, img=None,
+                                suites=None, out=None)
+        cfg, preset, device = resolve(ns)
+        meta = {"kind": "gate-baseline", "preset": preset, "batch": cfg.bench.batch_size,
+                "precision": precision_name(resolve_precision(cfg.bench.precision, device)),
+                "channels_last": cfg.bench.channels_last, "device": device.type, "device_str": str(device),
+                "warmup": cfg.bench.warmup, "pairs": args.pairs, "block_s": DEFAULT_BLOCK_S,
+                "threads": args.threads if device.type == "cpu" else 0,
+                "tolerance": args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE,
+                "mem_tolerance": args.mem_tolerance if args.mem_tolerance is not None else DEFAULT_MEM_TOLERANCE,
+                "model": asdict(cfg.model), "overrides": list(args.overrides)}
+        cases = [(a, m) for a in attention_types(args.attn) for m in modes_of(args.mode)]
+        meta["cases"] = cases
+        records = _measure(_specs(meta, meta["model"], cases, args.pairs))
+        bad = [r for r in records if r.status != "ok"]
+        if bad:
+            for r in bad:
+                print(f"{r.case}: {r.status} {r.message}")
+            return 1
+        write_results(args.write_baseline, records, meta)
+        for r in records:
+            print(f"{r.case}: {r.images_per_s:.1f} images/s, ratio {r.extra['ratio']:.3f} "
+                  f"(pairs {min(r.extra['ratios']):.3f}-{max(r.extra['ratios']):.3f}), "
+                  f"peak {r.peak_mem_bytes / 2**20:.0f} MiB")
+        print(f"baseline written: {args.write_baseline}")
+        return 0
+
+    path = Path(args.baseline)
+    if not path.is_file():
+        print(f"baseline {path} does not exist; write one with `make gate-baseline BASELINE={path}`")
+        return 2
+    try:
+        baseline, meta = read_results(path)
+        from harness.runtime import resolve_device
+
+        device = resolve_device()
+        check_compatible(meta, device, args.preset)
+    except ValueError as e:
+        print(f"cannot gate against {path}: {e}")
+        return 2
+    tol = args.tolerance if args.tolerance is not None else meta.get("tolerance", DEFAULT_TOLERANCE)
+    mem_tol = args.mem_tolerance if args.mem_tolerance is not None else meta.get("mem_tolerance",
+                                                                                 DEFAULT_MEM_TOLERANCE)
+    model = dict(meta["model"])
+    for item in args.overrides:  # candidate tweaks, e.g. model.depth=6 (what the gate test uses)
+        if not item.startswith("model.") or "=" not in item:
+            print(f"override {item!r}: the gate takes only model.KEY=VALUE overrides")
+            return 2
+        from harness.config import load_config
+
+        key = item.split("=", 1)[0].split(".", 1)[1]
+        model[key] = getattr(load_config(None, [item]).model, key)
+    # Same block sizes as the baseline, so both sides time the same amount of work per sample.
+    block = {r.case: {"steps_per_block": r.extra["steps_per_block"], "calib_reps": r.extra["calib_reps"]}
+             for r in baseline}
+    cases = [tuple(c) for c in meta["cases"]]
+    candidate = _measure(_specs(meta, model, cases, meta["pairs"], block))
+    verdicts = compare(baseline, candidate, tol, mem_tol)
+    retry = [v.case for v in verdicts if v.timing_regressed and len(v.reasons) == 1]
+    if retry:  # confirm a timing-only regression with a second measurement before failing
+        logger.info("re-measuring %s to confirm", retry)
+        again = {r.case: r for r in _measure([s for s in _specs(meta, model, cases, meta["pairs"], block)
+                                              if f"gate/{s['attention_type']}/{s['mode']}" in retry])}
+        by_case = {r.case: r for r in candidate}
+        for case, r in again.items():
+            first = by_case[case]
+            if r.status == "ok" and r.extra["ratio"] < first.extra["ratio"]:
+                by_case[case] = r  # keep the better of the two measurements
+        candidate = [by_case[r.case] for r in candidate]
+        verdicts = compare(baseline, candidate, tol, mem_tol)
+    print(format_table(verdicts, baseline, candidate))
+    failed = [v for v in verdicts if v.regressed]
+    for v in failed:
+        print(f"REGRESSED {v.case}: {'; '.join(v.reasons)}")
+    print(f"gate: {len(verdicts) - len(failed)}/{len(verdicts)} cases pass (tolerance {100 * tol:.0f}% on "
+          f"normalised images/s, memory +{100 * mem_tol:.0f}%, params and FLOPs exact)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""PNG plots of bench results: throughput and peak memory against frames, one line per attention variant."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from harness.metrics import BenchRecord  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def _series(records: list[BenchRecord], mode: str, img_size: int) -> dict[str, list[BenchRecord]]:
+    """Model and scaling records of one mode and image size, grouped by variant and sorted by frames."""
+    by_attn: dict[str, list[BenchRecord]] = {}
+    for r in records:
+        if r.suite in ("model", "scaling") and r.mode == mode and r.img_size == img_size and r.frames:
+            by_attn.setdefault(r.attention_type or "?", []).append(r)
+    return {a: sorted(rs, key=lambda r: r.frames or 0) for a, rs in sorted(by_attn.items())}
+
+
+def plot_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[Path]:
+    """Write ``scaling_<mode>_<img>.png`` (images/s and peak MiB vs frames) for each mode and image size.
+
+    OOM cases are drawn as an ``x`` on the frames axis at zero throughput, so a missing point is visible.
+    """
+    out_dir = Path(out_dir)
+    written = []
+    keys = sorted({(r.mode, r.img_size) for r in records if r.suite in ("model", "scaling") and r.mode})
+    for mode, img in keys:
+        series = _series(records, mode, img)
+        if not series:
+            continue
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+        frames = sorted({r.frames for rs in series.values() for r in rs if r.frames})
+        for attn, rs in series.items():
+            ok = [r for r in rs if r.status == "ok"]
+            line = ax_t.plot([r.frames for r in ok], [r.images_per_s for r in ok], marker="o", label=attn)[0]
+            ax_m.plot([r.frames for r in ok], [(r.peak_mem_bytes or 0) / 2**20 for r in ok], marker="o",
+                      color=line.get_color(), label=attn)
+            oom = [r.frames for r in rs if r.status == "oom"]
+            if oom:
+                ax_t.plot(oom, [0] * len(oom), "x", color=line.get_color(), markersize=10, label=f"{attn} oom")
+        for ax, ylabel in ((ax_t, "images/s (clips/s x frames)"), (ax_m, "peak memory (MiB)")):
+            ax.set_xlabel("frames")
+            ax.set_ylabel(ylabel)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(frames, [str(f) for f in frames])
+            ax.minorticks_off()
+            ax.grid(True, alpha=0.3)
+        ax_t.legend(fontsize=8)
+        any_r = next(iter(series.values()))[0]
+        fig.suptitle(f"{any_r.preset} {mode}, {img}px, batch {any_r.batch}, {any_r.precision}, {any_r.device_name}")
+        fig.tight_layout()
+        path = out_dir / f"scaling_{mode}_{img}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

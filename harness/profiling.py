@@ -1,0 +1,212 @@
+"""torch.profiler over real train steps: TensorBoard trace, Perfetto trace and a text summary.
+
+    python -m harness.profiling --attn divided_space_time [--preset NAME] [--steps 3] [--wait 1] [--warmup 1]
+        [--out runs/profile] [key=value ...]
+
+Writes ``runs/profile/<timestamp>-<attn>/``:
+- ``<worker>.<id>.pt.trace.json`` from ``tensorboard_trace_handler`` (``make tensorboard``, torch-tb-profiler);
+- ``trace_perfetto.json``, the same Chrome-trace JSON under a fixed name (open at https://ui.perfetto.dev);
+- ``summary.md``: top ops by self time, the share of the step in the ``attn/temporal``, ``attn/spatial`` and
+  ``attn/joint`` ranges the model emits, memory, and FLOPs.
+
+The torch-tb-profiler UI loads Google Charts from the internet and stays blank offline (research/bench.md);
+its data endpoints work, and Perfetto or the summary are the offline views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
+
+logger = logging.getLogger(__name__)
+
+ATTN_RANGES = ("attn/temporal", "attn/spatial", "attn/joint")
+STEP_RANGE = "train_step"
+FORWARD_RANGE = "forward"
+
+
+@dataclass
+class ProfileSummary:
+    """What summary.md reports, also returned to callers (tests)."""
+
+    run_dir: str
+    attention_type: str
+    steps: int
+    step_ms: float  # mean over the active steps (profiler overhead included)
+    forward_ms: float
+    range_ms: dict[str, float] = field(default_factory=dict)  # forward time inside each attention range per step
+    range_share_of_step: dict[str, float] = field(default_factory=dict)
+    range_share_of_forward: dict[str, float] = field(default_factory=dict)
+    attn_backward_ms: float = 0.0  # self time of attention backward kernels per step
+    top_ops: list[tuple[str, float, int]] = field(default_factory=list)  # (name, self ms per step, calls)
+    peak_mem_bytes: int = 0
+    peak_mem_kind: str = ""
+    flops_per_step: int = 0
+    achieved_flops: float = 0.0
+
+
+def _device_time(evt: Any) -> float:
+    return float(getattr(evt, "device_time_total", 0.0) or 0.0)
+
+
+def _is_attention_backward(name: str) -> bool:
+    n = name.lower()
+    return "backward" in n and ("scaled_dot_product" in n or "attention" in n)
+
+
+def summarise(prof: profile, steps: int, attention_type: str, run_dir: Path, top: int = 15) -> ProfileSummary:
+    """Aggregate the profiler's events (``key_averages``) of the active steps."""
+    avg = {e.key: e for e in prof.key_averages()}
+    step = avg.get(STEP_RANGE)
+    fwd = avg.get(FORWARD_RANGE)
+    assert step is not None, f"no {STEP_RANGE!r} range in the profile; was the schedule's active phase reached?"
+    step_us = step.cpu_time_total / max(step.count, 1)
+    fwd_us = fwd.cpu_time_total / max(fwd.count, 1) if fwd else 0.0
+    s = ProfileSummary(run_dir=str(run_dir), attention_type=attention_type, steps=steps, step_ms=step_us / 1e3,
+                       forward_ms=fwd_us / 1e3)
+    for name in ATTN_RANGES:
+        evt = avg.get(name)
+        if evt is None:
+            continue
+        per_step_us = evt.cpu_time_total / steps
+        s.range_ms[name] = per_step_us / 1e3
+        s.range_share_of_step[name] = per_step_us / step_us
+        s.range_share_of_forward[name] = per_step_us / fwd_us if fwd_us else 0.0
+    ops = [e for e in prof.key_averages() if e.key not in ATTN_RANGES + (STEP_RANGE, FORWARD_RANGE, "backward",
+                                                                          "optimizer")
+           and not e.key.startswith("ProfilerStep")]
+    ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    s.top_ops = [(e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps) for e in ops[:top]]
+    s.attn_backward_ms = sum(e.self_cpu_time_total for e in ops if _is_attention_backward(e.key)) / steps / 1e3
+    return s
+
+
+def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
+    lines = [f"# Profile: {s.attention_type}", "",
+             f"preset `{extra['preset']}`, batch {extra['batch']}, {extra['frames']}x{extra['img_size']}, "
+             f"{extra['precision']}, device {extra['device']}, {s.steps} active steps (wait {extra['wait']}, "
+             f"warmup {extra['warmup']}). Times are CPU-side wall times with profiler overhead.", "",
+             f"- train step: {s.step_ms:.1f} ms (forward {s.forward_ms:.1f} ms)",
+             f"- peak memory: {s.peak_mem_bytes / 2**20:.0f} MiB ({s.peak_mem_kind})",
+             f"- FLOPs per step (fwd+bwd, counted): {s.flops_per_step / 1e9:.1f} GFLOP; achieved "
+             f"{s.achieved_flops / 1e9:.1f} GFLOP/s (profiler overhead included)", "",
+             "## Attention share (record_function ranges; forward only: backward runs outside the ranges)", "",
+             "| range | ms per step | share of step | share of forward |", "|---|---|---|---|"]
+    for name in ATTN_RANGES:
+        if name in s.range_ms:
+            lines.append(f"| {name} | {s.range_ms[name]:.1f} | {100 * s.range_share_of_step[name]:.1f}% "
+                         f"| {100 * s.range_share_of_forward[name]:.1f}% |")
+    lines += ["", f"Attention backward kernels (self time): {s.attn_backward_ms:.1f} ms per step "
+              f"({100 * s.attn_backward_ms / s.step_ms:.1f}% of the step).", "",
+              "## Top ops by self time", "", "| op | self ms per step | calls per step |", "|---|---|---|"]
+    lines += [f"| `{name}` | {ms:.2f} | {calls} |" for name, ms, calls in s.top_ops]
+    lines += ["", "## Files", "",
+              "- `*.pt.trace.json`: TensorBoard (`make tensorboard`, torch-tb-profiler; its UI needs internet)",
+              "- `trace_perfetto.json`: open at https://ui.perfetto.dev or chrome://tracing",
+              "- `key_averages.txt`: the profiler's full operator table", ""]
+    path.write_text("\n".join(lines))
+
+
+def run_profile(cfg: Any, preset: str, attention_type: str, steps: int = 3, wait: int = 1, warmup: int = 1,
+                out_root: str | Path = "runs/profile", with_stack: bool = False) -> ProfileSummary:
+    """Profile ``wait + warmup + steps`` real SGD train steps (synthetic input) and write the run directory."""
+    from harness.bench import _build_model
+    from harness.counting import count_flops
+    from harness.metrics import peak_memory, reset_peak_memory
+    from harness.runtime import autocast, device_name, precision_name, resolve_device, resolve_precision
+    from harness.runtime import seed_everything
+
+    device = resolve_device()
+    seed_everything(0)
+    dtype = resolve_precision(cfg.bench.precision, device)
+    mcfg = cfg.model
+    mcfg.attention_type = attention_type
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(out_root) / f"{stamp}-{attention_type}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    B, T, S = cfg.bench.batch_size, mcfg.num_frames, mcfg.img_size
+    base = reset_peak_memory(device)
+    model = _build_model(mcfg, device, cfg.bench.channels_last)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    x = torch.randn(B, 3, T, S, S, device=device)
+    y = torch.randint(0, mcfg.num_classes, (B,), device=device)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tb_handler = tensorboard_trace_handler(str(run_dir), worker_name=f"{attention_type}", use_gzip=False)
+
+    def on_ready(p: profile) -> None:
+        tb_handler(p)  # a trace can be saved only once: copy it under the fixed Perfetto name
+        newest = max(run_dir.glob("*.pt.trace.json"), key=lambda f: f.stat().st_mtime)
+        shutil.copyfile(newest, run_dir / "trace_perfetto.json")
+
+    with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=steps, repeat=1),
+                 on_trace_ready=on_ready, record_shapes=True, profile_memory=True, with_stack=with_stack,
+                 with_flops=True) as prof:
+        for _ in range(wait + warmup + steps):
+            with record_function(STEP_RANGE):
+                opt.zero_grad(set_to_none=True)
+                with record_function(FORWARD_RANGE), autocast(device, dtype):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                with record_function("backward"):
+                    loss.backward()
+                with record_function("optimizer"):
+                    opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            prof.step()
+    s = summarise(prof, steps, attention_type, run_dir)
+    s.peak_mem_bytes, s.peak_mem_kind = peak_memory(device, base)
+    if device.type == "cpu":
+        s.peak_mem_kind = "peak RSS growth of this process (includes profiler buffers)"
+    s.flops_per_step = count_flops(mcfg, batch=B, mode="train")
+    s.achieved_flops = s.flops_per_step / (s.step_ms / 1e3)
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    (run_dir / "key_averages.txt").write_text(prof.key_averages().table(sort_by=sort_key, row_limit=60))
+    write_summary(s, run_dir / "summary.md", {
+        "preset": preset, "batch": B, "frames": T, "img_size": S, "precision": precision_name(dtype),
+        "device": device_name(device), "wait": wait, "warmup": warmup})
+    from harness.config import to_yaml
+
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.profiling", description=__doc__.split("\n\n")[0])
+    p.add_argument("--attn", default="divided_space_time", help="divided_space_time | joint_space_time | space_only")
+    p.add_argument("--preset", default=None, help="model preset (default: cpu_bench without a GPU)")
+    p.add_argument("--steps", type=int, default=3, help="active (recorded) steps")
+    p.add_argument("--wait", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", default="runs/profile")
+    p.add_argument("--with-stack", action="store_true", help="record Python stacks (bigger traces)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. model.depth=2")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from harness.bench import attention_types, resolve
+
+    if args.attn == "all" or args.steps < 1:
+        p.error("--attn takes one variant (not 'all') and --steps must be >= 1")
+    attention_types(args.attn)  # validates the name
+    ns = argparse.Namespace(preset=args.preset, config=None, overrides=args.overrides, frames=None, img=None,
+                            suites=None, out=None)
+    cfg, preset, _ = resolve(ns)
+    s = run_profile(cfg, preset, args.attn, steps=args.steps, wait=args.wait, warmup=args.warmup,
+                    out_root=args.out, with_stack=args.with_stack)
+    print((Path(s.run_dir) / "summary.md").read_text())
+    print(f"profile: {s.run_dir}  (make tensorboard; or open trace_perfetto.json in https://ui.perfetto.dev)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -87,10 +87,12 @@ def _resized(h: int, w: int, short: int) -> tuple[int, int]:
 
 
 def _to_source(h: int, w: int, rh: int, rw: int, y: int, x: int, crop: int) -> tuple[int, int, int, int]:
-    """Map a ``crop x crop`` window at (y, x) of an (rh, rw) resize back to whole source pixels of (h, w)."""
-    sy, sx = h / rh, w / rw
-    ch, cw = max(1, min(h, round(crop * sy))), max(1, min(w, round(crop * sx)))
-    y0, x0 = min(round(y * sy), h - ch), min(round(x * sx), w - cw)
+    """Map a ``crop x crop`` window at (y, x) of an (rh, rw) resize back to whole source pixels of (h, w).
+
+    One scale (the short side's) for both axes, so the source window is square."""
+    s = h / rh if h <= w else w / rw
+    ch, cw = max(1, min(h, round(crop * s))), max(1, min(w, round(crop * s)))
+    y0, x0 = min(round(y * s), h - ch), min(round(x * s), w - cw)
     return max(0, y0), max(0, x0), ch, cw
 
 
@@ -118,4 +120,7 @@ def test_window(h: int, w: int, crop: int, spatial_idx: int) -> tuple[int, int, 
         y = {0: 0, 1: y, 2: rh - crop}[spatial_idx]
     else:
         x = {0: 0, 1: x, 2: rw - crop}[spatial_idx]
-    return _to_source(h, w, rh, rw, y, x, crop)
+    y0, x0, ch, cw = _to_source(h, w, rh, rw, y, x, crop)
+    if spatial_idx == 2:  # flush with the bottom/right border (the long side's floor may leave a pixel)
+        y0, x0 = (h - ch, x0) if rh > rw else (y0, w - cw)
+    return y0, x0, ch, cw

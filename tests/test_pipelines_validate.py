@@ -64,20 +64,22 @@ def test_probe_cache_by_path_size_mtime(videos, tmp_path: Path, monkeypatch: pyt
     assert calls == [str(copy), str(copy)] and rej == [(str(copy), "probed")]
 
 
-def test_cli_lists_unusable_files_and_exits_1(videos, tmp_path: Path) -> None:
+def test_cli_lists_unusable_files_and_exits_1(videos, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     good = videos.manifest("cli_good.csv", videos.good[:2])
     bad = videos.manifest("cli_bad.csv", videos.good[:2] + [videos.h264, videos.empty])
-    cmd = [sys.executable, "-m", "pipelines.validate", "--cache", str(tmp_path / "c.sqlite"), "--frames", "4",
-           "--sampling-rate", "2"]
-    ok = subprocess.run(cmd + [str(good)], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert ok.returncode == 0, ok.stderr
-    assert "2/2 videos usable by the cpu backend (0 rejected)" in ok.stdout
-    res = subprocess.run(cmd + [str(bad)], capture_output=True, text=True, cwd=REPO_ROOT)
+    args = ["--cache", str(tmp_path / "c.sqlite"), "--frames", "4", "--sampling-rate", "2"]
+    res = subprocess.run([sys.executable, "-m", "pipelines.validate", *args, str(bad)], capture_output=True,
+                         text=True, cwd=REPO_ROOT)  # a real process once; the other cases in-process
     assert res.returncode == 1
     assert f"{videos.h264}: codec" in res.stdout and f"{videos.empty}: empty file" in res.stdout
     assert "2/4 videos usable by the cpu backend (2 rejected)" in res.stdout
-    gpu = subprocess.run(cmd + ["--backend", "gpu", str(bad)], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert gpu.returncode == 1 and "(1 rejected)" in gpu.stdout  # only the empty file
+    assert validate.main(args + [str(good)]) == 0
+    assert "2/2 videos usable by the cpu backend (0 rejected)" in capsys.readouterr().out
+    assert validate.main(args + ["--backend", "gpu", str(bad)]) == 1
+    assert "(1 rejected)" in capsys.readouterr().out  # only the empty file
+    (tmp_path / "m.csv").write_text("a.webm 1 2\n")
+    assert validate.main(args + [str(tmp_path / "m.csv")]) == 1
+    assert "m.csv:1: expected 'path label'" in capsys.readouterr().err
 
 
 def _cfg(videos, manifest: Path, **kw) -> DataConfig:

@@ -1,0 +1,171 @@
+"""DALI (CPU) and PyAV loaders: same frames, same contract, sampling per epoch/rank, views across shards, geometry."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from harness.config import DataConfig
+from pipelines import build_loader
+from pipelines.dali import _PlanSource, _to_torch, build_video_pipeline
+from pipelines.pyav import crop_resize, decode_frames, normalize
+from pipelines.sampling import ClipPlan, kinetics_frames, segment_frames, train_window
+from pipelines.sampling import test_window as view_window
+from conftest import encode_video
+
+MEAN, STD = [0.45] * 3, [0.225] * 3
+
+
+def _dali_run(plans: list[ClipPlan], crop: int, decode_only: bool = False):
+    src = _PlanSource(len(plans))
+    pipe = build_video_pipeline(src, batch_size=len(plans), crop=crop, mean=MEAN, std=STD, num_threads=1,
+                                decode_only=decode_only)
+    pipe.build()
+    src.start(plans)
+    (out,) = pipe.run()
+    if decode_only:  # per-clip (T, H, W, 3) uint8 arrays (sizes may differ)
+        return [np.array(out[i]) for i in range(len(plans))]
+    return _to_torch(out, torch.device("cpu"))
+
+
+def _pyav_clip(plan: ClipPlan, crop: int) -> torch.Tensor:
+    x = crop_resize(decode_frames(plan.path, plan.frames), plan.window, crop)
+    return normalize((x.flip(-1) if plan.flip else x).permute(1, 0, 2, 3), MEAN, STD)
+
+
+def test_dali_cpu_frames_equal_pyav_frames(videos) -> None:
+    """Same indices (unsorted, repeated, last frame) -> the same frames up to YUV->RGB conversion differences."""
+    plans = [ClipPlan(0, str(videos.good[0]), 0, np.array([0, 3, 3, 9, 23, 23, 17, 1]), (0, 0, 48, 64)),
+             ClipPlan(1, str(videos.portrait), 0, np.array([5, 1, 2, 7, 8, 20, 20, 0]), (0, 0, 64, 40))]
+    dali = _dali_run(plans, 32, decode_only=True)
+    for i, plan in enumerate(plans):
+        ref = decode_frames(plan.path, plan.frames).astype(int)
+        d = dali[i].astype(int)
+        assert d.shape == ref.shape == (8, *plan.window[2:], 3)
+        diff = np.abs(d - ref).mean(axis=(1, 2, 3))
+        assert diff.max() < 6, f"clip {i}: mean |DALI - PyAV| per frame {diff}"
+        # and each DALI frame is closest to the PyAV frame of the same index (not a neighbour)
+        allref = decode_frames(plan.path, np.arange(24)).astype(int)
+        nearest = [int(np.abs(allref - f).mean(axis=(1, 2, 3)).argmin()) for f in d]
+        assert nearest == plan.frames.tolist()
+
+
+def test_dali_cpu_augmented_clips_match_pyav(videos) -> None:
+    plans = [ClipPlan(0, str(videos.good[1]), 1, np.array([0, 4, 8, 12]), (4, 6, 30, 40), flip=False),
+             ClipPlan(1, str(videos.good[2]), 2, np.array([2, 2, 9, 23]), (10, 3, 30, 30), flip=True),
+             ClipPlan(2, str(videos.portrait), 0, np.array([0, 5, 10, 15]), (8, 0, 40, 40), flip=False)]
+    dali = _dali_run(plans, 32)
+    assert dali.shape == (3, 3, 4, 32, 32) and dali.dtype == torch.float32
+    for i, plan in enumerate(plans):
+        diff = ((dali[i] - _pyav_clip(plan, 32)).abs() * STD[0] * 255).mean()
+        assert diff < 6, f"clip {i}: mean |DALI - PyAV| = {diff:.2f} (0-255 scale)"
+
+
+def test_flip_mirrors_and_normalisation_maps_a_constant_colour(tmp_path) -> None:
+    frames = np.zeros((8, 32, 48, 3), dtype=np.uint8)
+    frames[..., 0], frames[..., 1], frames[..., 2] = 200, 100, 40
+    frames[:, :, :12] = 255  # a white band at the left edge
+    path = str(encode_video(tmp_path / "const.webm", frames))
+    plain = ClipPlan(0, path, 0, np.arange(4), (0, 0, 32, 48), flip=False)
+    flipped = replace(plain, flip=True)
+    out = _dali_run([plain, flipped], 32)
+    assert torch.allclose(out[1], out[0].flip(-1), atol=1e-5)  # flip is an exact horizontal mirror
+    for x in (out[0], _pyav_clip(plain, 32)):
+        right = x[:, :, 8:24, 20:28].mean(dim=(1, 2, 3)) * 0.225 + 0.45  # back to [0, 1]
+        assert torch.allclose(right, torch.tensor([200, 100, 40]) / 255, atol=6 / 255), right * 255
+        assert (x[:, :, :, :4] * 0.225 + 0.45 > 0.95).all()  # the white band stays on the left
+
+
+@pytest.mark.parametrize("kind", ["dali", "pyav"])
+def test_train_epoch_sees_every_video_once_deterministically(videos, kind: str) -> None:
+    manifest = videos.manifest(f"train_{kind}.csv", videos.good, videos.labels)
+    cfg = DataConfig(loader=kind, backend="cpu", root=str(videos.root), train_manifest=str(manifest), num_frames=4,
+                     sampling_rate=2, train_jitter_scales=[40, 56], train_crop_size=32, batch_size=2,
+                     num_workers=2 if kind == "pyav" else 1, validate_cache="none")
+    loader = build_loader(cfg, "train", device="cpu")
+    assert len(loader) == 3 and loader.num_clips == 6 and loader.rejected == []
+    epoch0 = list(loader)
+    b = epoch0[0]
+    assert b.video.shape == (2, 3, 4, 32, 32) and b.video.dtype == torch.float32
+    assert b.label.dtype == torch.int64 and b.index.dtype == torch.int64
+    idx0 = torch.cat([b.index for b in epoch0]).tolist()
+    assert sorted(idx0) == list(range(6))
+    assert torch.cat([b.label for b in epoch0]).tolist() == [videos.labels[i] for i in idx0]
+    again = list(loader)  # the same epoch again: identical clips
+    assert all(torch.equal(a.video, c.video) and torch.equal(a.index, c.index) for a, c in zip(epoch0, again))
+    loader.set_epoch(1)
+    idx1 = torch.cat([b.index for b in loader]).tolist()
+    assert sorted(idx1) == list(range(6)) and idx1 != idx0
+    resumed = build_loader(cfg, "train", device="cpu", start_batch=1)  # resume epoch 0 at batch 1
+    tail = list(resumed)
+    assert len(tail) == 2 and all(torch.equal(a.video, c.video) for a, c in zip(tail, epoch0[1:]))
+
+
+@pytest.mark.parametrize("kind", ["dali", "pyav"])
+def test_test_views_seen_exactly_once_across_two_shards(videos, kind: str) -> None:
+    paths = videos.good[:5]
+    manifest = videos.manifest(f"test_{kind}.csv", paths, [0, 1, 2, 0, 1])
+    cfg = DataConfig(loader=kind, backend="cpu", root=str(videos.root), test_manifest=str(manifest), num_frames=4,
+                     sampling_rate=2, test_crop_size=32, num_ensemble_views=2, num_spatial_crops=3, batch_size=4,
+                     num_workers=0, validate_cache="none")
+    seen: Counter = Counter()
+    clips = {}
+    for rank in range(2):
+        loader = build_loader(cfg, "test", device="cpu", rank=rank, world_size=2)
+        assert loader.num_clips == 15 and len(loader) == 4  # 5 videos x 2 clips x 3 crops = 30 views over 2 ranks
+        for batch in loader:
+            for v, i, lab in zip(batch.video, batch.index.tolist(), batch.label.tolist()):
+                seen[i] += 1
+                assert lab == [0, 1, 2, 0, 1][i]
+                clips.setdefault(i, []).append(v)
+    assert seen == Counter({i: 6 for i in range(5)})
+    for views in clips.values():  # six distinct views (2 temporal x left/centre/right)
+        assert len({tuple(v.flatten()[:64].tolist()) for v in views}) == 6
+
+
+def test_sampling_formulas() -> None:
+    # Kinetics: 8 frames x rate 32 at 30 fps = 256 source frames; test clip 0 of 1 starts at frame 0
+    assert kinetics_frames(300, 30, 8, 32, 30, clip_idx=0).tolist() == [0, 36, 72, 109, 145, 182, 218, 255]
+    assert kinetics_frames(300, 30, 8, 32, 30, clip_idx=1, num_clips=2).tolist()[0] == 22  # delta 44 / 2
+    assert kinetics_frames(300, 15, 8, 32, 30, clip_idx=0).tolist()[-1] == 127  # fps-aware: 128 frames at 15 fps
+    assert kinetics_frames(20, 30, 4, 8, 30, clip_idx=0).tolist() == [0, 10, 19, 19]  # short video: clamped
+    rng = np.random.default_rng(0)
+    starts = {kinetics_frames(100, 30, 4, 4, 30, rng=rng)[0] for _ in range(50)}
+    assert min(starts) >= 0 and max(starts) <= 84 and len(starts) > 10
+    assert segment_frames(33, 4).tolist() == [4, 12, 20, 28]  # middles of segments of 8 frames
+    seg = segment_frames(33, 4, np.random.default_rng(0))
+    assert all(8 * i <= f <= 8 * (i + 1) for i, f in enumerate(seg))
+    # test crops: short side -> crop, then left / centre / right (top / centre / bottom for portrait)
+    left, centre, right = (view_window(240, 320, 224, s) for s in range(3))
+    assert left == (0, 0, 240, 240) and right[1] + right[3] == 320 and centre[1] == round(37 * 240 / 224)  # ceil((298 - 224) / 2) = 37
+    top, _, bottom = (view_window(320, 240, 224, s) for s in range(3))
+    assert top[0] == 0 and bottom[0] + bottom[2] == 320 and top[1] == bottom[1] == 0
+    for _ in range(20):  # train windows: inside the frame, the crop's share of the jittered short side
+        y, x, h, w = train_window(240, 320, [256, 320], 224, rng)
+        assert 0 <= y and y + h <= 240 and 0 <= x and x + w <= 320
+        assert 224 / 320 * 240 - 1 <= h <= 224 / 256 * 240 + 1 and abs(h - w) <= 1
+
+
+def test_synthetic_loader_contract() -> None:
+    cfg = DataConfig(loader="synthetic", num_frames=4, train_crop_size=16, batch_size=3, synthetic_videos=10,
+                     synthetic_classes=5)
+    loader = build_loader(cfg, "train", device="cpu", rank=1, world_size=2)
+    assert len(loader) == 1 and loader.num_clips == 3
+    batch = next(iter(loader))
+    assert batch.video.shape == (3, 3, 4, 16, 16) and batch.label.max() < 5 and batch.video.std() > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NVDEC decode through DALI 'mixed')")
+def test_dali_gpu_matches_cpu(videos) -> None:
+    manifest = videos.manifest("gpu.csv", videos.good[:4])
+    cfg = DataConfig(loader="dali", backend="gpu", root=str(videos.root), test_manifest=str(manifest), num_frames=4,
+                     sampling_rate=2, test_crop_size=32, num_spatial_crops=1, batch_size=4, validate_cache="none")
+    gpu = next(iter(build_loader(cfg, "test", device="cuda")))
+    cpu = next(iter(build_loader(replace(cfg, backend="cpu"), "test", device="cpu")))
+    assert gpu.video.is_cuda and torch.equal(gpu.index.cpu(), cpu.index)
+    assert ((gpu.video.cpu() - cpu.video).abs() * 0.225 * 255).mean() < 6

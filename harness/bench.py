@@ -115,9 +115,12 @@ def build_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str]
             cases.append({**base, "suite": "pipeline", "backend": loader, "data_config": data_cfg,
                           "batches": b.pipeline_batches})
     if "e2e" in b.suites:
-        for attn in attns[:1] if len(attns) > 1 else attns:
+        # The experiment the data config describes (its own model, e.g. the toy model): is `make train` input-bound?
+        exp_model = asdict(load_config(data_cfg).model) if Path(data_cfg).is_file() else base["model"]
+        for attn in attns[:1]:  # one variant by default (the first); --attn picks another
             cases.append({**base, "suite": "e2e", "attention_type": attn, "mode": "train", "data_config": data_cfg,
-                          "batches": b.pipeline_batches, "threshold": b.input_bound_threshold})
+                          "model": exp_model, "batches": b.pipeline_batches,
+                          "threshold": b.input_bound_threshold})
     return cases
 
 
@@ -272,7 +275,7 @@ def _build_loader(spec: dict[str, Any], device: torch.device, loader: str):
         from pipelines import build_loader
     except ImportError as e:
         raise RuntimeError(f"pipelines.build_loader is not importable ({e})") from e
-    data = replace(_load_data_config(spec), loader=loader, batch_size=spec["batch"])
+    data = replace(_load_data_config(spec), loader=loader)  # the experiment's own batch size and crop
     root = Path(data.root) if os.path.isabs(data.root) else REPO_ROOT / data.root
     if not root.exists():
         raise FileNotFoundError(f"no data at {root}: run `make data` (python -m pipelines.toy --out data/toy)")
@@ -315,6 +318,7 @@ def run_e2e_case(spec: dict[str, Any], rec: BenchRecord, device: torch.device, d
     """Train steps fed by the real pipeline; input-bound when waiting for data is > threshold of a step."""
     from harness.counting import count_flops, count_params
 
+    base = reset_peak_memory(device)
     loader, data = _build_loader(spec, device, "auto")
     cfg = _model_config(spec)
     T, S, B = data.num_frames, data.train_crop_size, data.batch_size
@@ -354,6 +358,7 @@ def run_e2e_case(spec: dict[str, Any], rec: BenchRecord, device: torch.device, d
         epoch += 1
         if epoch > 100:
             raise RuntimeError("the e2e loader yields no batches")
+    rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
     w, c = wait[2:], compute[2:]
     steps = [a + b for a, b in zip(w, c)]
     fill_throughput(rec, steps, clips_per_step=B, frames=T)

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 CLASSES = ("moves_left", "moves_right", "moves_up", "moves_down", "red_then_green", "green_then_red")
 COLOURS = np.array([[220, 40, 40], [40, 200, 40]], dtype=np.float32)  # A = red, B = green
 DIRECTIONS = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.float32)  # (dx, dy) for left/right/up/down
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,10 @@ def render_clip(spec: ToySpec, p: dict) -> np.ndarray:
 
 
 def write_webm(path: Path, frames: np.ndarray, fps: int, crf: int = 32, gop: int = 16) -> None:
-    """Encode (F, H, W, 3) uint8 RGB frames as VP9 in WebM (libvpx-vp9, realtime speed), atomically."""
+    """Encode (F, H, W, 3) uint8 RGB frames as VP9 in WebM (libvpx-vp9, realtime speed), atomically; same frames
+    give the same bytes."""
     tmp = path.with_suffix(".tmp.webm")
-    with av.open(str(tmp), "w") as container:
+    with av.open(str(tmp), "w", options={"fflags": "+bitexact"}) as container:  # no random UIDs: same bytes
         stream = container.add_stream("libvpx-vp9", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": str(crf), "b": "0", "g": str(gop)}

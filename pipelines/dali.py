@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 class _PlanSource:
     """``fn.external_source`` callback: one batch of plans per call as (bytes, frames, roi_start, roi_end, flip)."""
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int, decode_only: bool = False):
+        self.batch_size, self.decode_only = batch_size, decode_only
         self.batches: list[list[ClipPlan]] = []
         self.pos = 0
 
@@ -42,6 +42,8 @@ class _PlanSource:
         self.pos += 1
         enc = [np.fromfile(p.path, dtype=np.uint8) for p in plans]
         frames = [np.asarray(p.frames, dtype=np.int32) for p in plans]
+        if self.decode_only:
+            return enc, frames
         roi_start = [np.array([p.window[0], p.window[1]], dtype=np.float32) for p in plans]
         roi_end = [np.array([p.window[0] + p.window[2], p.window[1] + p.window[3]], dtype=np.float32) for p in plans]
         flip = [np.array(int(p.flip), dtype=np.int32) for p in plans]
@@ -62,10 +64,11 @@ def build_video_pipeline(source: _PlanSource, *, batch_size: int, crop: int, mea
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch,
                   exec_async=True, exec_pipelined=True)
     def video_pipe():
+        if decode_only:
+            enc, frames = fn.external_source(source=source, num_outputs=2, batch=True)
+            return fn.decoders.video(enc, device=decode_device, frames=frames)
         enc, frames, roi_start, roi_end, flip = fn.external_source(source=source, num_outputs=5, batch=True)
         video = fn.decoders.video(enc, device=decode_device, frames=frames)  # (T, H, W, 3) uint8
-        if decode_only:
-            return video
         video = fn.resize(video, size=[crop, crop], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
                           interp_type=types.INTERP_LINEAR, antialias=False)
         return fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="CFHW", mirror=flip,
@@ -106,7 +109,7 @@ class DaliLoader(ClipLoader):
 
     def _new_pipe(self) -> None:
         self.pipe = None  # drop the old pipeline first (a broken or half-consumed one is not reusable)
-        self.source = _PlanSource(self.cfg.batch_size)
+        self.source = _PlanSource(self.cfg.batch_size, self.decode_only)
         self.pipe = build_video_pipeline(self.source, batch_size=self.cfg.batch_size, crop=self.crop,
                                          mean=self.cfg.mean, std=self.cfg.std, backend=self.backend,
                                          num_threads=max(1, self.cfg.num_workers), device_id=self.device_id,

@@ -32,7 +32,7 @@ def decode_frames(path: str, indices: np.ndarray, fps: float = 0.0) -> np.ndarra
     got: dict[int, np.ndarray] = {}
     with av.open(path) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream.thread_count = 1  # parallelism comes from the DataLoader workers (one decode thread each)
         rate = fps or float(stream.average_rate or stream.guessed_rate or 30)
         tb = float(stream.time_base)
         start_pts = stream.start_time or 0
@@ -97,24 +97,39 @@ def _collate(items: list[tuple[torch.Tensor, int, int]]) -> Batch:
                  torch.tensor([i for _, _, i in items], dtype=torch.int64))
 
 
+class _Plans:
+    """The sampler: the current epoch's plans, swapped in place so persistent workers survive across epochs."""
+
+    def __init__(self) -> None:
+        self.plans: list[ClipPlan] = []
+
+    def __iter__(self) -> Iterator[ClipPlan]:
+        return iter(self.plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+
 class PyAVLoader(ClipLoader):
-    """Batches of ``ClipPlanner`` plans decoded by PyAV in ``data.num_workers`` DataLoader workers."""
+    """Batches of ``ClipPlanner`` plans decoded by PyAV in ``data.num_workers`` persistent DataLoader workers."""
 
     def __init__(self, planner: ClipPlanner, device: torch.device, start_batch: int = 0,
                  rejected: list[tuple[str, str]] | None = None):
         super().__init__(planner, device, start_batch, rejected)
-        self.dataset = _PlanDataset(self.crop, self.cfg.mean, self.cfg.std)
+        self.sampler = _Plans()
+        workers = self.cfg.num_workers
+        self.loader = DataLoader(_PlanDataset(self.crop, self.cfg.mean, self.cfg.std), batch_size=self.cfg.batch_size,
+                                 sampler=self.sampler, num_workers=workers, collate_fn=_collate,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                 prefetch_factor=2 if workers else None)
         logger.info("PyAV loader: %d clips/epoch on this rank, %d batches, %d workers", self.num_clips, len(self),
-                    self.cfg.num_workers)
+                    workers)
 
     def _batches(self, plans: list[ClipPlan]) -> Iterator[Batch]:
         if not plans:
             return
-        pin = self.device.type == "cuda"
-        loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=plans, num_workers=self.cfg.num_workers,
-                            collate_fn=_collate, pin_memory=pin,
-                            prefetch_factor=2 if self.cfg.num_workers else None)
-        for batch in loader:
+        self.sampler.plans = plans
+        for batch in self.loader:
             if self.device.type != "cpu":
                 batch = Batch(batch.video.to(self.device, non_blocking=True), batch.label.to(self.device),
                               batch.index.to(self.device))

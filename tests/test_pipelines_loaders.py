@@ -21,7 +21,7 @@ MEAN, STD = [0.45] * 3, [0.225] * 3
 
 
 def _dali_run(plans: list[ClipPlan], crop: int, decode_only: bool = False):
-    src = _PlanSource(len(plans))
+    src = _PlanSource(len(plans), decode_only)
     pipe = build_video_pipeline(src, batch_size=len(plans), crop=crop, mean=MEAN, std=STD, num_threads=1,
                                 decode_only=decode_only)
     pipe.build()

@@ -1,0 +1,126 @@
+"""Input-pipeline throughput: DALI (CPU) vs the PyAV loader, and DALI's decode-only rate, on the toy data and on
+320x240 VP9 clips. ``python -m benchmarks.bench_pipelines [--rounds 5] [--out runs/bench/pipelines.json]``
+
+Each case is a loader built once; a round times one full epoch of it (from ``iter()`` to the last batch, so start-up
+and prefetch are inside the timing), and rounds interleave the cases (A B C A B C ...) so that load from other
+processes on a shared machine hits them alike. Reported: median clips/s per case and the ratios DALI / PyAV and
+DALI full graph / DALI decode-only (targets in issue 3: >= 1.1 and >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from harness.config import REPO_ROOT, DataConfig, load_config
+from pipelines import build_loader
+from pipelines.base import ClipPlanner
+
+logger = logging.getLogger(__name__)
+
+
+def make_vp9_clips(folder: Path, num: int, frames: int = 96, height: int = 240, width: int = 320) -> Path:
+    """``num`` textured 320x240 VP9 clips (GOP 32, realtime encoder) and a ``path label`` manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    lines = []
+    for i in range(num):
+        path = folder / f"clip{i:03d}.webm"
+        lines.append(f"{path.name} {i % 4}")
+        if path.exists():
+            continue
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("libvpx-vp9", rate=30)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0", "g": "32"}
+            for t in range(frames):
+                img = np.stack([128 + 100 * np.sin(xx / (9 + 4 * c) + 0.2 * t + i) * np.cos(yy / (11 + c) - 0.1 * t)
+                                for c in range(3)], -1).clip(0, 255).astype(np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    manifest = folder / "train.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def _epoch_rate(loader, epoch: int) -> float:
+    loader.set_epoch(epoch)
+    t0 = time.perf_counter()
+    clips = sum(b.video.shape[0] for b in loader)
+    return clips / (time.perf_counter() - t0)
+
+
+def decode_only_loader(cfg: DataConfig):
+    """The DALI loader with the same plans, stopping after decode (uint8 frames, no resize/normalise)."""
+    from pipelines.dali import DaliLoader
+
+    full = build_loader(cfg, "train", device="cpu")
+    planner: ClipPlanner = full.planner
+    return DaliLoader(planner, torch.device("cpu"), backend="cpu", decode_only=True)
+
+
+def bench_dataset(name: str, cfg: DataConfig, rounds: int) -> dict:
+    cases = {"dali_cpu": build_loader(replace(cfg, loader="dali", backend="cpu"), "train", device="cpu"),
+             "pyav_2_workers": build_loader(replace(cfg, loader="pyav", num_workers=2), "train", device="cpu"),
+             "dali_cpu_decode_only": decode_only_loader(replace(cfg, loader="dali", backend="cpu"))}
+    rates: dict[str, list[float]] = {k: [] for k in cases}
+    for k, loader in cases.items():  # warm-up epoch (worker start, pipeline build, page cache)
+        _epoch_rate(loader, 0)
+    for r in range(rounds):
+        for k, loader in cases.items():
+            rates[k].append(_epoch_rate(loader, r + 1))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    out = {"dataset": name, "clips_per_epoch": cases["dali_cpu"].num_clips, "batch_size": cfg.batch_size,
+           "frames": cfg.num_frames, "crop": cfg.train_crop_size, "dali_threads": cfg.num_workers,
+           "clips_per_s_median": med, "clips_per_s_rounds": rates,
+           "dali_over_pyav": med["dali_cpu"] / med["pyav_2_workers"],
+           "full_over_decode_only": med["dali_cpu"] / med["dali_cpu_decode_only"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_pipelines", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--toy-clips", type=int, default=128, help="toy train clips per epoch")
+    parser.add_argument("--vp9-clips", type=int, default=48, help="320x240 clips per epoch")
+    parser.add_argument("--out", default="runs/bench/pipelines.json")
+    parser.add_argument("--data", default=str(REPO_ROOT / "data/toy"), help="toy dataset (make data)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        toy = load_config(REPO_ROOT / "configs/data/toy.yaml").data
+        lines = (Path(args.data) / "train.csv").read_text().splitlines()[:args.toy_clips]
+        (Path(tmp) / "toy.csv").write_text("\n".join(f"{Path(args.data).resolve()}/{line}" for line in lines) + "\n")
+        toy = replace(toy, train_manifest=str(Path(tmp) / "toy.csv"), validate_cache="none", num_workers=2)
+        results.append(bench_dataset("toy 64x64, 8x3 frames, crop 64", toy, args.rounds))
+        manifest = make_vp9_clips(Path(tmp) / "vp9", args.vp9_clips)
+        big = DataConfig(root=str(Path(tmp) / "vp9"), train_manifest=str(manifest), num_frames=8, sampling_rate=8,
+                         train_jitter_scales=[256, 320], train_crop_size=224, random_flip=True, batch_size=8,
+                         num_workers=2, validate_cache="none")
+        results.append(bench_dataset("VP9 320x240, 8x8 frames, jitter 256-320, crop 224", big, args.rounds))
+    print(f"{'dataset':<52} {'DALI cpu':>9} {'PyAV x2':>9} {'decode':>9} {'DALI/PyAV':>10} {'full/dec':>9}")
+    for r in results:
+        m = r["clips_per_s_median"]
+        print(f"{r['dataset']:<52} {m['dali_cpu']:9.1f} {m['pyav_2_workers']:9.1f} {m['dali_cpu_decode_only']:9.1f} "
+              f"{r['dali_over_pyav']:10.2f} {r['full_over_decode_only']:9.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

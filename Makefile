@@ -66,10 +66,10 @@ gate-baseline: $(STAMP)
 	$(VPY) -m harness.gate --write-baseline $(BASELINE)
 
 train: $(STAMP) data
-	$(VPY) -m harness.train --config $(CONFIG) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN))
+	$(VPY) -m harness.train --config $(CONFIG) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)
 
 evaluate: $(STAMP)
-	$(VPY) -m harness.evaluate --config $(CONFIG) --checkpoint $(CHECKPOINT)
+	$(VPY) -m harness.evaluate --config $(CONFIG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)
 
 gpu-check: $(STAMP)
 	$(VPY) -m harness.gpu_check

@@ -170,7 +170,7 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo) -> dict[str, Any]
     dtype = resolve_precision(cfg.train.precision, info.device)
     data_cfg = replace(cfg.data, batch_size=cfg.test.batch_size)
     loader = build_loader(data_cfg, cfg.test.split, device=info.device, rank=info.rank,
-                          world_size=info.world_size)
+                          world_size=info.world_size, run_dir=cfg.output.dir)
     t0 = time.perf_counter()
     acc = score_loader(model, loader, info.device, dtype, cfg.test.ensemble)
     seconds = time.perf_counter() - t0

@@ -210,7 +210,7 @@ class Trainer:
         data_cfg = self.cfg.data if split == "train" else replace(self.cfg.data, batch_size=self.cfg.test.batch_size)
         kwargs = {"start_batch": start_batch} if split == "train" else {}
         return build_loader(data_cfg, split, device=self.device, rank=self.info.rank,
-                            world_size=self.info.world_size, **kwargs)
+                            world_size=self.info.world_size, run_dir=self.run_dir, **kwargs)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -247,6 +247,10 @@ class Trainer:
             logger.info("nothing to do: the run in %s already finished %d epochs", self.run_dir, self.start_epoch)
             return 0
         loader = self._build_loader("train", self.start_batch)
+        self.metrics.log({"event": "start", "epoch": self.start_epoch, "batch": self.start_batch,
+                          "optimizer": self.optimizer_impl, "precision": precision_name(self.dtype),
+                          "world_size": self.info.world_size, "accumulation": self.accum,
+                          "clips_per_epoch": getattr(loader, "num_clips", None)}, self.step)
         t_run = time.perf_counter()
         try:
             for epoch in range(self.start_epoch, cfg.solver.max_epoch):
@@ -314,10 +318,11 @@ class Trainer:
         window = {"loss": 0.0, "n": 0, "data_s": 0.0, "total_s": 0.0, "clips": 0}
         stop = False
         t_prev = time.perf_counter()
-        i = start
+        done = 0
         for i, batch in enumerate(loader, start=start):
             if i >= n:
                 break
+            done += 1
             t_data = time.perf_counter()
             if self.samples_file is not None:
                 self.samples_file.write(json.dumps({"epoch": epoch, "batch": i, "index": batch.index.tolist()}) + "\n")
@@ -385,7 +390,7 @@ class Trainer:
             bar.close()
         if window["n"]:
             self._log_window(window, lr_at(cfg.solver, epoch + (n - 1) / n), epoch)
-        done = max(i + 1 - start, 1)
+        done = max(done, 1)
         totals = all_reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=self.device))
         record = {"event": "epoch", "epoch": epoch + 1, "train/loss": totals[0].item() / info.world_size / done,
                   "lr": self.optimizer.param_groups[0]["lr"]}

@@ -50,7 +50,7 @@ class StandInLoader:
             yield Batch(self.videos[idx], self.labels[idx], idx)
 
 
-def build_loader(cfg, split, *, device, rank=0, world_size=1, start_batch=0):
+def build_loader(cfg, split, *, device, rank=0, world_size=1, start_batch=0, run_dir=None):
     return StandInLoader(cfg, split, rank, world_size, start_batch)
 
 

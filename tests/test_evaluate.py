@@ -11,7 +11,7 @@ import torch
 
 from harness.evaluate import ViewAccumulator, accuracy_report
 from harness.model import create_model
-from tests.test_train import PY, TINY, _uses_standin, run
+from test_train import PY, TINY, _uses_standin, run
 
 
 def _views() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -99,7 +99,8 @@ def build_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str]
                                   ("space_only" if shape == "spatial" and "divided_space_time" not in attns
                                    else "divided_space_time")})
     if "scaling" in b.suites:
-        frames = list(b.frames) or [T, 2 * T, 4 * T]
+        # Default sweep: T, 2T (and 4T on a GPU); the CPU default must fit `make bench` in 5 minutes on 2 cores.
+        frames = list(b.frames) or ([T, 2 * T, 4 * T] if device.type == "cuda" else [T, 2 * T])
         sizes = list(b.img_sizes) or [S]
         mode = "train" if "train" in modes else "infer"
         for attn in attns:
@@ -415,8 +416,14 @@ def run_case(spec: dict[str, Any], timeout_s: int) -> BenchRecord:
                        preset=spec.get("preset"), frames=spec.get("frames"), img_size=spec.get("img_size"),
                        batch=spec.get("batch"), mode=spec.get("mode"), backend=spec.get("backend"),
                        device=torch.device(spec["device"]).type)
+    env = dict(os.environ)
+    if stub.device == "cpu":
+        # Idle OpenMP threads sleep instead of spinning: on a shared CPU a spinning barrier whose partner thread
+        # was preempted costs whole scheduler ticks per op (measured here: 3-10x slower divided-attention steps
+        # under load). Set OMP_WAIT_POLICY yourself to override.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env)
     except subprocess.TimeoutExpired:
         stub.status, stub.message = "error", f"timed out after {timeout_s}s (bench.case_timeout_s)"
         return stub
@@ -595,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
         "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of a fresh process",
         "wall_s": time.perf_counter() - t0, "env": environment_info(device), "config": to_yaml(cfg),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
     }
     write_results(out / "results.json", records, meta)
     write_summary(out / "summary.md", records, meta)

@@ -207,7 +207,7 @@ class BenchConfig:
     channels_last: bool = True
     preset: str = ""  # model preset; "" = cpu_bench without a GPU, vit_base_patch16 with one
     suites: list[str] = field(default_factory=lambda: ["model", "attention", "scaling", "pipeline", "e2e"])
-    frames: list[int] = field(default_factory=list)  # scaling sweep; [] = [T, 2T, 4T] of the preset
+    frames: list[int] = field(default_factory=list)  # scaling sweep; [] = [T, 2T] on CPU, [T, 2T, 4T] on GPU
     img_sizes: list[int] = field(default_factory=list)  # scaling sweep; [] = the preset's img_size
     sweep_warmup: int = 1  # the scaling sweep's larger cases take fewer steps
     sweep_steps: int = 3

@@ -1,0 +1,44 @@
+"""Attention-only forward+backward per block shape (temporal, spatial, joint) and backend, as pytest-benchmark cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.bench import attention_shape
+from harness.metrics import BenchRecord, hardware_name, synchronize
+from harness.model import load_preset
+from kernels.attention import BACKENDS, attention, available_backends
+
+BATCH = 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ["temporal", "spatial", "joint"])
+def test_attention_fwd_bwd(benchmark, device, preset, shape, backend):
+    if backend not in available_backends(device):
+        pytest.skip(f"backend {backend!r} cannot run on {device.type} here")
+    benchmark.group = f"attention-{shape}-{preset}"
+    cfg = load_preset(preset)
+    nseq, H, L, hd = attention_shape(cfg, shape, BATCH, cfg.num_frames, cfg.img_size)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(nseq, H, L, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def step() -> None:
+        q.grad = k.grad = v.grad = None
+        attention(q, k, v, backend=backend).backward(grad)
+        synchronize(device)
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
+    rec = BenchRecord(suite="attention", case=f"attention/{shape}/{backend}/train", preset=preset,
+                      frames=cfg.num_frames, img_size=cfg.img_size, batch=BATCH, mode="train", backend=backend,
+                      precision="bf16" if dtype == torch.bfloat16 else "fp32", device=device.type,
+                      device_name=hardware_name(device),
+                      flops_per_clip=3 * 4 * nseq * H * L * L * hd // BATCH,
+                      extra={"shape": shape, "sequences": nseq, "heads": H, "seq_len": L, "head_dim": hd})
+    if benchmark.stats is not None:
+        rec.clips_per_s = BATCH / benchmark.stats.stats.median
+        rec.achieved_flops = rec.flops_per_clip * rec.clips_per_s
+    benchmark.extra_info.update(rec.extra_info())
+    assert q.grad is not None and q.grad.shape == q.shape

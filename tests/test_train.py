@@ -1,6 +1,6 @@
 """harness.train / optim / train_state: schedules, optimizers, checkpoint files, and real training processes
-(single process and 2-process torchrun on gloo) on tiny clips: exact resume after SIGTERM, NaN stop, kill -9
-during a save, disjoint shards and identical weights across ranks."""
+(single process and 2-process torchrun on gloo) reading a tiny toy dataset (real VP9 files) through the DALI CPU
+pipeline: exact resume after SIGTERM, NaN stop, kill -9 during a save, disjoint shards and identical weights."""
 
 from __future__ import annotations
 
@@ -24,20 +24,31 @@ from harness.train_state import CheckpointManager, list_checkpoints, resume_posi
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TINY = ["--config", "configs/model/tiny.yaml", "model.num_classes=4", "data.num_frames=4", "data.train_crop_size=32",
-        "data.test_crop_size=32", "data.batch_size=4", "data.num_ensemble_views=1", "data.num_spatial_crops=1",
+# The tiny model on 32 px, 4-frame clips of a 32-video toy set: 8 batches of 4 per epoch, 2 per optimizer step.
+TINY = ["--config", "configs/model/tiny.yaml", "model.num_classes=6", "data.loader=dali", "data.backend=cpu",
+        "data.num_frames=4", "data.sampling_rate=3", "data.train_crop_size=32", "data.test_crop_size=32",
+        "data.train_jitter_scales=[32,40]", "data.random_flip=false", "data.batch_size=4", "data.num_workers=1",
+        "data.num_ensemble_views=1", "data.num_spatial_crops=1", "data.validate_cache=none",
         "solver.optimizer=adamw", "solver.base_lr=1e-3", "solver.global_batch_size=8", "solver.max_epoch=2",
         "train.eval_period=2", "train.log_period=1", "output.tensorboard=false", "test.batch_size=4"]
 
 
-def _uses_standin() -> bool:
-    import pipelines
+def make_toy(out: Path) -> Path:
+    """A tiny toy dataset (32 train / 8 val / 8 test VP9 clips of 32x32 px, 16 frames)."""
+    from pipelines.toy import ToySpec, generate
 
-    return not hasattr(pipelines, "build_loader")
+    generate(out, ToySpec(size=32, frames=16, radius=3.0, switch=(6, 10), train=32, val=8, test=8), workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> list[str]:
+    """TINY plus ``data.root`` of a freshly generated tiny toy dataset."""
+    return [*TINY, f"data.root={make_toy(tmp_path_factory.mktemp('toy'))}"]
 
 
 def train_cmd(*args: str, nproc: int = 1) -> list[str]:
-    entry = ["tests/_standin.py", "train"] if _uses_standin() else ["harness/train.py"]
+    entry = ["harness/train.py"]  # run as a script, as torchrun does
     if nproc > 1:
         return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry, *args]
     return [PY, *entry, *args]
@@ -158,10 +169,10 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Real training processes.
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
+def reference_run(tmp_path_factory, toy) -> Path:
     """An uninterrupted 2-epoch run (the reference for resume)."""
     out = tmp_path_factory.mktemp("train") / "ref"
-    res = run(train_cmd(*TINY, f"output.dir={out}", "output.tensorboard=true"))
+    res = run(train_cmd(*toy, f"output.dir={out}", "output.tensorboard=true"))
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -170,7 +181,7 @@ def test_run_writes_config_metrics_tensorboard_and_original_checkpoints(referenc
     from harness.config import load_config
 
     cfg = load_config(reference_run / "config.yaml")  # the resolved config loads back as it was
-    assert cfg.model.num_classes == 4 and cfg.solver.global_batch_size == 8
+    assert cfg.model.num_classes == 6 and cfg.solver.global_batch_size == 8 and cfg.data.loader == "dali"
     records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     events = [r["event"] for r in records]
     assert events.count("epoch") == 2 and "val" in events and events[-1] == "end"
@@ -179,20 +190,20 @@ def test_run_writes_config_metrics_tensorboard_and_original_checkpoints(referenc
     assert max(r["step"] for r in records) == 8  # 32 clips / 8 per optimizer step x 2 epochs
     assert list((reference_run / "tb").glob("events.out.tfevents.*"))
     val = json.loads((reference_run / "eval_val.json").read_text())
-    assert val["num_videos"] == 32 and 0.0 <= val["top1"] <= 100.0
+    assert val["num_videos"] == 8 and 0.0 <= val["top1"] <= 100.0
     obj = load_file(reference_run / "checkpoints" / "checkpoint_epoch_00002.pyth")
     assert obj["epoch"] == 1 and obj["step"] == 8 and resume_position(obj) == (2, 0)
     assert {"scaler", "scheduler", "rng", "optimizer_state", "cfg"} <= set(obj)
 
 
-def test_sigterm_stops_saves_and_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
+def test_sigterm_stops_saves_and_resume_reproduces_the_uninterrupted_run(reference_run, toy, tmp_path):
     out = tmp_path / "resumed"
     # SIGTERM (a real signal to the process) after step 2: step 3 finishes, is saved, exit 0 mid-epoch 2.
-    first = run(train_cmd(*TINY, f"output.dir={out}", "train.debug_signal_at_step=2"))
+    first = run(train_cmd(*toy, f"output.dir={out}", "train.debug_signal_at_step=2"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped by SIGTERM" in first.stdout
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_epoch_00001_iter_000006.pyth"]
-    second = run(train_cmd(*TINY, f"output.dir={out}"))
+    second = run(train_cmd(*toy, f"output.dir={out}"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr
     a, b = final_weights(reference_run), final_weights(out)
@@ -201,8 +212,8 @@ def test_sigterm_stops_saves_and_resume_reproduces_the_uninterrupted_run(referen
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
 
 
-def test_nan_loss_stops_with_a_clear_error_and_a_debug_checkpoint(tmp_path):
-    res = run(train_cmd(*TINY, f"output.dir={tmp_path}", "train.debug_nan_at_step=3"))
+def test_nan_loss_stops_with_a_clear_error_and_a_debug_checkpoint(toy, tmp_path):
+    res = run(train_cmd(*toy, f"output.dir={tmp_path}", "train.debug_nan_at_step=3"))
     assert res.returncode != 0
     assert "NonFiniteLossError: loss is nan at step 3" in res.stderr
     debug = tmp_path / "checkpoints" / "debug_nan_step_00000003.pyth"
@@ -216,8 +227,8 @@ def test_unknown_key_on_the_command_line_fails_naming_the_closest(tmp_path):
     assert res.returncode != 0 and "did you mean 'solver.base_lr'" in res.stderr
 
 
-def test_torchrun_two_processes_disjoint_shards_identical_weights(tmp_path):
-    res = run(train_cmd(*TINY, f"output.dir={tmp_path}", "train.record_samples=true", "train.eval_period=0",
+def test_torchrun_two_processes_disjoint_shards_identical_weights(toy, tmp_path):
+    res = run(train_cmd(*toy, f"output.dir={tmp_path}", "train.record_samples=true", "train.eval_period=0",
                         nproc=2), timeout=240)
     assert res.returncode == 0, res.stderr[-4000:]
     seen = {}

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import os
 import sqlite3
 import sys
@@ -169,10 +170,13 @@ def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worker
     todo = [i for i, info in enumerate(infos) if info is None]
     if todo:
         workers = workers or os.cpu_count() or 1
-        pool_cls = ProcessPoolExecutor if len(todo) > 64 and workers > 1 else ThreadPoolExecutor
-        with pool_cls(max(1, min(workers, len(todo)))) as pool:
-            fresh = list(pool.map(probe_video, [paths[i] for i in todo], chunksize=16 if pool_cls is
-                                  ProcessPoolExecutor else 1))
+        n = max(1, min(workers, len(todo)))
+        if len(todo) > 64 and workers > 1:  # forkserver: the caller may already run DALI/CUDA threads
+            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("forkserver"))
+        else:
+            pool = ThreadPoolExecutor(n)
+        with pool:
+            fresh = list(pool.map(probe_video, [paths[i] for i in todo], chunksize=16))
         for i, info in zip(todo, fresh):
             infos[i] = info
         store.put(fresh)

@@ -169,3 +169,28 @@ def test_dali_gpu_matches_cpu(videos) -> None:
     cpu = next(iter(build_loader(replace(cfg, backend="cpu"), "test", device="cpu")))
     assert gpu.video.is_cuda and torch.equal(gpu.index.cpu(), cpu.index)
     assert ((gpu.video.cpu() - cpu.video).abs() * 0.225 * 255).mean() < 6
+
+
+def test_ssv2_manifest_and_segment_sampling_through_dali(videos, tmp_path) -> None:
+    import json
+    import shutil
+
+    for i in range(4):  # SSv2 layout: {root}/{id}.webm + the split and labels JSON files
+        shutil.copy(videos.good[i], tmp_path / f"{100 + i}.webm")
+    (tmp_path / "labels.json").write_text(json.dumps({"Pushing something": "0", "Lifting something up": "1"}))
+    split = [{"id": str(100 + i), "template": ["Pushing [something]", "Lifting [something] up"][i % 2]}
+             for i in range(4)]
+    for name in ("train", "validation"):
+        (tmp_path / f"something-something-v2-{name}.json").write_text(json.dumps(split))
+    cfg = DataConfig(loader="dali", backend="cpu", format="ssv2", root=str(tmp_path), random_flip=False,
+                     ssv2_labels=str(tmp_path / "labels.json"), num_frames=4, test_crop_size=32, num_spatial_crops=1,
+                     batch_size=4, num_workers=1, validate_cache="none")
+    loader = build_loader(cfg, "val", device="cpu")
+    plans = loader.planner.plans(0)
+    assert [p.frames.tolist() for p in plans] == [segment_frames(24, 4).tolist()] * 4  # segment middles
+    batch = next(iter(loader))
+    assert batch.label.tolist() == [0, 1, 0, 1] and batch.video.shape == (4, 3, 4, 32, 32)
+    train = build_loader(replace(cfg, inv_uniform_sample=True, train_jitter_scales=[40, 56], train_crop_size=32),
+                         "train", device="cpu")
+    for p in train.planner.plans(0):  # random frame within each segment of (24 - 1) / 4 frames
+        assert all(round(5.75 * i) <= f <= round(5.75 * (i + 1)) for i, f in enumerate(p.frames))

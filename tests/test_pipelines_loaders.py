@@ -194,3 +194,13 @@ def test_ssv2_manifest_and_segment_sampling_through_dali(videos, tmp_path) -> No
                          "train", device="cpu")
     for p in train.planner.plans(0):  # random frame within each segment of (24 - 1) / 4 frames
         assert all(round(5.75 * i) <= f <= round(5.75 * (i + 1)) for i, f in enumerate(p.frames))
+
+
+def test_pyav_seek_path_returns_the_same_frames_as_decoding_from_the_start(tmp_path) -> None:
+    from conftest import textured_frames
+
+    path = str(encode_video(tmp_path / "long.webm", textured_frames(72, 32, 48, seed=3)))  # keyframes every 8
+    every = decode_frames(path, np.arange(72))
+    idx = np.array([40, 41, 47, 55, 55, 63, 71, 71])  # first index >= SEEK_MIN_FRAMES: seeks to frame 40's keyframe
+    assert np.array_equal(decode_frames(path, idx), every[idx])
+    assert np.array_equal(decode_frames(path, np.array([33, 70])), every[[33, 70]])

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,8 +29,10 @@ from typing import Any
 import torch
 
 from harness.config import ATTENTION_TYPES, REPO_ROOT, ModelConfig, RootConfig, load_config, to_yaml
-from harness.metrics import BenchRecord, fill_throughput, gpu_peak_flops, is_oom, measure_gemm_flops
-from harness.metrics import peak_memory, reset_peak_memory, time_steps, write_results
+from harness.metrics import BenchRecord, fill_throughput, gpu_peak_flops, hardware_name, is_oom
+from harness.metrics import measure_gemm_flops
+from harness.metrics import gemm_workload, peak_memory, reset_peak_memory, time_steps, time_steps_interleaved
+from harness.metrics import write_results
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ def build_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str]
         "preset": preset, "model": asdict(cfg.model), "batch": b.batch_size, "precision": b.precision,
         "channels_last": b.channels_last, "warmup": b.warmup, "steps": b.steps, "device": str(device),
         "mem_limit_gb": b.mem_limit_gb, "peak_flops": peak[0], "peak_flops_source": peak[1],
+        "gemm_n": b.gemm_n if device.type == "cpu" else 0,
     }
     T, S = cfg.model.num_frames, cfg.model.img_size
     cases: list[dict[str, Any]] = []
@@ -215,9 +219,22 @@ def run_model_case(spec: dict[str, Any], rec: BenchRecord, device: torch.device,
             with torch.inference_mode(), autocast(device, dtype):
                 model(x)
 
-    times = time_steps(step, device, spec["warmup"], spec["steps"])
+    times = _timed(step, rec, spec, device)
     rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
     fill_throughput(rec, times, clips_per_step=B, frames=T)
+
+
+def _timed(step, rec: BenchRecord, spec: dict[str, Any], device: torch.device) -> list[float]:
+    """Time the steps; on CPU interleave an fp32 GEMM after each step and use its median rate as the peak, so
+    utilisation compares the model with the GEMM under the same load (a once-per-run GEMM swung 76-222 GFLOP/s
+    on this shared machine)."""
+    if device.type == "cuda" or not spec.get("gemm_n"):
+        return time_steps(step, device, spec["warmup"], spec["steps"])
+    gemm, gemm_flops = gemm_workload(device, spec["gemm_n"])
+    times, gemm_times = time_steps_interleaved(step, gemm, device, spec["warmup"], spec["steps"])
+    rec.peak_flops = gemm_flops / statistics.median(gemm_times)
+    rec.peak_flops_source = f"fp32 GEMM n={spec['gemm_n']} interleaved with the steps"
+    return times
 
 
 def attention_shape(cfg: ModelConfig, shape: str, B: int, T: int, S: int) -> tuple[int, int, int, int]:
@@ -259,7 +276,7 @@ def run_attention_case(spec: dict[str, Any], rec: BenchRecord, device: torch.dev
             with torch.inference_mode():
                 attention(q, k, v, backend=backend)
 
-    times = time_steps(step, device, spec["warmup"], spec["steps"])
+    times = _timed(step, rec, spec, device)
     rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
     fill_throughput(rec, times, clips_per_step=B, frames=T)
 
@@ -360,6 +377,10 @@ def run_e2e_case(spec: dict[str, Any], rec: BenchRecord, device: torch.device, d
         if epoch > 100:
             raise RuntimeError("the e2e loader yields no batches")
     rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
+    if device.type == "cpu" and spec.get("gemm_n"):
+        gemm, gemm_flops = gemm_workload(device, spec["gemm_n"])
+        rec.peak_flops = gemm_flops / statistics.median(time_steps(gemm, device, warmup=1, steps=5))
+        rec.peak_flops_source = f"fp32 GEMM n={spec['gemm_n']} right after the steps"
     w, c = wait[2:], compute[2:]
     steps = [a + b for a, b in zip(w, c)]
     fill_throughput(rec, steps, clips_per_step=B, frames=T)
@@ -454,8 +475,8 @@ def summary_table(records: list[BenchRecord]) -> str:
     if model:
         lines += ["## Model (synthetic input)", "",
                   "| variant | mode | clips/s | images/s | step ms median [p10-p90] | peak MiB | params M "
-                  "| GFLOP/clip | GFLOP/s | util % | throughput vs divided | memory vs divided |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| GFLOP/clip | GFLOP/s | peak GFLOP/s | util % | throughput vs divided | memory vs divided |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         ref = {r.mode: r for r in model if r.attention_type == "divided_space_time" and r.status == "ok"}
         for r in model:
             d = ref.get(r.mode)
@@ -463,7 +484,8 @@ def summary_table(records: list[BenchRecord]) -> str:
                 r.attention_type, r.mode, _fmt(r.clips_per_s, ".2f"), _fmt(r.images_per_s, ".1f"), _step(r),
                 _fmt(r.peak_mem_bytes, ".0f", 2**-20), _fmt(r.params, ".2f", 1e-6),
                 _fmt(r.flops_per_clip, ".1f", 1e-9), _fmt(r.achieved_flops, ".1f", 1e-9),
-                _fmt(r.utilisation, ".1f", 100), _ratio(r.clips_per_s, d and d.clips_per_s),
+                _fmt(r.peak_flops, ".0f", 1e-9), _fmt(r.utilisation, ".1f", 100),
+                _ratio(r.clips_per_s, d and d.clips_per_s),
                 _ratio(r.peak_mem_bytes, d and d.peak_mem_bytes)]))
         lines.append("")
     others = [r for r in records if r.suite != "model"]
@@ -498,11 +520,13 @@ def write_summary(path: Path, records: list[BenchRecord], meta: dict[str, Any]) 
     head = [
         f"# Benchmark {meta.get('started', '')}", "",
         f"preset `{meta.get('preset')}`, batch {meta.get('batch')}, precision {meta.get('precision')}, "
-        f"device {env.get('device_name')} ({env.get('device')}, {env.get('cpu_threads')} threads), "
+        f"device {meta.get('hardware')} ({env.get('device')}, {env.get('cpu_threads')} threads), "
         f"torch {env.get('torch')}, DALI {env.get('dali')}, git {env.get('git_sha')}.",
-        f"Peak for utilisation: {_fmt(meta.get('peak_flops'), '.1f', 1e-9)} GFLOP/s "
-        f"({meta.get('peak_flops_source')}). Peak memory: {meta.get('memory_kind')}. "
-        f"Wall time {meta.get('wall_s', 0):.0f} s.", "",
+        "Peak for utilisation: " + ("an fp32 GEMM timed between the steps of each case (column peak GFLOP/s); "
+                                    if env.get("device") == "cpu" else "")
+        + f"run start: {_fmt(meta.get('peak_flops'), '.1f', 1e-9)} GFLOP/s ({meta.get('peak_flops_source')}). "
+        f"Peak memory: {meta.get('memory_kind')}. "
+        f"Wall time {meta.get('wall_s', 0):.0f} s.", "", "",
     ]
     path.write_text("\n".join(head) + summary_table(records) + "\n")
 
@@ -601,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started, "preset": preset, "attn": args.attn, "modes": modes, "batch": cfg.bench.batch_size,
         "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
         "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of a fresh process",
-        "wall_s": time.perf_counter() - t0, "env": environment_info(device), "config": to_yaml(cfg),
+        "hardware": hardware_name(device), "wall_s": time.perf_counter() - t0, "env": environment_info(device), "config": to_yaml(cfg),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
     }
     write_results(out / "results.json", records, meta)

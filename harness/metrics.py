@@ -156,6 +156,34 @@ def time_steps(fn: Callable[[], object], device: torch.device, warmup: int, step
     return times
 
 
+def time_steps_interleaved(fn: Callable[[], object], ref: Callable[[], object], device: torch.device, warmup: int,
+                           steps: int) -> tuple[list[float], list[float]]:
+    """Like ``time_steps``, with one ``ref`` call timed after every step (A B A B): the reference sees the same
+    machine state (co-tenants, clocks) as the steps it sits between."""
+    for _ in range(warmup):
+        fn()
+        ref()
+    synchronize(device)
+    times, ref_times = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        t1 = time.perf_counter()
+        ref()
+        synchronize(device)
+        times.append(t1 - t0)
+        ref_times.append(time.perf_counter() - t1)
+    return times, ref_times
+
+
+def gemm_workload(device: torch.device, n: int = 1024) -> tuple[Callable[[], object], int]:
+    """An n x n x n fp32 GEMM and its FLOPs: the CPU peak proxy for utilisation."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    return (lambda: torch.mm(a, b)), 2 * n**3
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile, ``q`` in [0, 100]."""
     assert values, "percentile of an empty list"

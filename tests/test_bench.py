@@ -168,3 +168,10 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     assert e2e.status == "ok", e2e.message
     assert e2e.extra["verdict"].split()[0] in ("input-bound", "compute-bound")
     assert 0.0 <= e2e.extra["data_wait_share"] <= 1.0
+
+
+def test_cpu_utilisation_uses_a_gemm_interleaved_with_the_steps():
+    rec = run_worker(_spec(suite="model", attention_type="space_only", mode="infer", gemm_n=128))
+    assert rec.status == "ok", rec.message
+    assert rec.peak_flops_source == "fp32 GEMM n=128 interleaved with the steps"
+    assert rec.peak_flops != 1e11 and rec.utilisation == pytest.approx(rec.achieved_flops / rec.peak_flops)

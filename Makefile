@@ -48,7 +48,7 @@ data: $(STAMP)
 	$(VPY) -m pipelines.toy --out data/toy
 
 bench: $(STAMP)
-	$(VPY) -m harness.bench --attn $(ATTN) --mode $(MODE) $(if $(PRESET),--preset $(PRESET)) $(if $(FRAMES),--frames $(FRAMES)) $(if $(IMG),--img $(IMG))
+	$(VPY) -m harness.bench --attn $(ATTN) --mode $(MODE) $(if $(PRESET),--preset $(PRESET)) $(if $(FRAMES),--frames $(FRAMES)) $(if $(IMG),--img $(IMG)) $(if $(SUITES),--suites $(SUITES))
 
 bench-pytest: $(STAMP)
 	$(VPY) -m pytest benchmarks --benchmark-autosave $(PYTEST_ARGS)
@@ -63,7 +63,7 @@ gate: $(STAMP)
 	$(VPY) -m harness.gate --baseline $(BASELINE)
 
 gate-baseline: $(STAMP)
-	$(VPY) -m harness.gate --write-baseline $(BASELINE)
+	$(VPY) -m harness.gate --write-baseline $(BASELINE) --attn $(ATTN) $(if $(PRESET),--preset $(PRESET))
 
 train: $(STAMP) data
 	$(VPY) -m harness.train --config $(CONFIG) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)

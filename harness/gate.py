@@ -7,8 +7,9 @@ Each case (attention variant x mode) runs in a fresh subprocess that alternates 
 fp32 GEMM block) and the model step (B: a block of train steps) for ``pairs`` rounds, A B A B ...; the case's
 score is the median over pairs of time(B)/time(A). Anything that slows the whole machine (other users, frequency
 changes) slows A and B alike and cancels in the ratio. A case regresses when its normalised throughput drops by
-more than ``--tolerance`` (default from noise measured on the shared 2-core CPU machine; see README
-"Benchmarking"); a timing regression is measured once more before it counts. Parameters and FLOPs per clip must
+more than ``--tolerance`` (default 15%, from noise measured on the shared 2-core CPU machine; see README
+"Benchmarking"); a timing regression is measured once more before it counts. On CPU each case runs with one
+intra-op thread (``--threads``), which keeps co-tenants from turning OpenMP barriers into outliers. Parameters and FLOPs per clip must
 match exactly, and peak memory may grow by at most ``--mem-tolerance``.
 
 Exit status: 0 pass, 1 a case regressed (each one named), 2 the baseline cannot be compared (other preset or
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +37,12 @@ from harness.metrics import BenchRecord, read_results, write_results
 
 logger = logging.getLogger(__name__)
 
-# Default tolerance on the normalised throughput drop. Chosen from the same-tree noise measured on this shared
-# 2-vCPU machine (README "Benchmarking": repeated gate runs against one baseline moved by up to ~12%, with
-# other engineers' test suites running alongside), with a margin; a change must cost > 30% to fail.
-DEFAULT_TOLERANCE = 0.30
-DEFAULT_MEM_TOLERANCE = 0.10  # peak memory: CUDA allocator peaks are exact; CPU RSS moved by < 3% here
+# Default tolerance on the normalised throughput drop, from same-tree noise measured on this shared 2-vCPU machine
+# (README "Benchmarking"): 9 gate runs at cpu_bench against one baseline moved the normalised images/s by at most
+# 5.2% (two of them with a 2-thread GEMM hog running alongside, which cut raw images/s 3x), and 9 tiny-preset
+# case results by at most 2.3%. 15% is about 3x the worst seen; a timing regression is also re-measured once.
+DEFAULT_TOLERANCE = 0.15
+DEFAULT_MEM_TOLERANCE = 0.05  # peak memory growth: CPU RSS moved by at most 2.4% in the same runs
 DEFAULT_PAIRS = 7
 DEFAULT_BLOCK_S = 0.25  # each A or B sample lasts about this long (steps are batched into blocks)
 CALIB_N = 384  # calibration GEMM size
@@ -247,6 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=None,
                    help=f"allowed normalised throughput drop (default: the baseline's, else {DEFAULT_TOLERANCE})")
     p.add_argument("--mem-tolerance", type=float, default=None, help="allowed peak-memory growth")
+    p.add_argument("--out", default="runs/gate", help="where the candidate's records and verdicts are written")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for the candidate, e.g. model.depth=6")
     return p.parse_args(argv)
 
@@ -352,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
                 by_case[case] = r  # keep the better of the two measurements
         candidate = [by_case[r.case] for r in candidate]
         verdicts = compare(baseline, candidate, tol, mem_tol)
+    out = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    write_results(out / "candidate.json", candidate, {**meta, "kind": "gate-candidate", "baseline": str(path),
+                                                      "model": model, "tolerance": tol, "mem_tolerance": mem_tol})
+    (out / "verdicts.json").write_text(json.dumps([asdict(v) for v in verdicts], indent=2) + "\n")
     print(format_table(verdicts, baseline, candidate))
     failed = [v for v in verdicts if v.regressed]
     for v in failed:

@@ -81,11 +81,16 @@ def test_gate_end_to_end_same_tree_passes_and_3x_depth_fails(tmp_path):
     assert meta["kind"] == "gate-baseline" and meta["preset"] == "tiny" and meta["model"]["depth"] == 2
     assert records[0].case == "gate/divided_space_time/train" and len(records[0].extra["ratios"]) == 5
 
-    same = _gate("--baseline", str(baseline))
+    same = _gate("--baseline", str(baseline), "--out", str(tmp_path / "gate"))
     assert same.returncode == 0, same.stdout + same.stderr[-2000:]
     assert "1/1 cases pass" in same.stdout
+    (run,) = (tmp_path / "gate").iterdir()
+    cand, cand_meta = read_results(run / "candidate.json")
+    assert cand_meta["kind"] == "gate-candidate" and cand[0].extra["steps_per_block"] == \
+        records[0].extra["steps_per_block"]  # same work per sample as the baseline
 
-    slower = _gate("--baseline", str(baseline), "model.depth=6")  # the candidate does 3x the blocks
+    # The candidate does 3x the blocks.
+    slower = _gate("--baseline", str(baseline), "--out", str(tmp_path / "slow"), "model.depth=6")
     assert slower.returncode == 1, slower.stdout + slower.stderr[-2000:]
     assert "REGRESSED gate/divided_space_time/train: normalised images/s" in slower.stdout
     assert "params" in slower.stdout and "FLOPs/clip" in slower.stdout

@@ -51,10 +51,10 @@ bench: $(STAMP)
 	$(VPY) -m harness.bench --attn $(ATTN) --mode $(MODE) $(if $(PRESET),--preset $(PRESET)) $(if $(FRAMES),--frames $(FRAMES)) $(if $(IMG),--img $(IMG)) $(if $(SUITES),--suites $(SUITES))
 
 bench-pytest: $(STAMP)
-	$(VPY) -m pytest benchmarks --benchmark-autosave $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest benchmarks --benchmark-autosave $(PYTEST_ARGS)
 
 profile: $(STAMP)
-	$(VPY) -m harness.profiling --attn $(if $(filter all,$(ATTN)),divided_space_time,$(ATTN)) $(if $(STEPS),--steps $(STEPS)) $(if $(PRESET),--preset $(PRESET))
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m harness.profiling --attn $(if $(filter all,$(ATTN)),divided_space_time,$(ATTN)) $(if $(STEPS),--steps $(STEPS)) $(if $(PRESET),--preset $(PRESET))
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs/profile --host 127.0.0.1 --port 6006

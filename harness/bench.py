@@ -625,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": started, "preset": preset, "attn": args.attn, "modes": modes, "batch": cfg.bench.batch_size,
         "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
         "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of a fresh process",
-        "hardware": hardware_name(device), "wall_s": time.perf_counter() - t0, "env": environment_info(device), "config": to_yaml(cfg),
+        "hardware": hardware_name(device), "wall_s": time.perf_counter() - t0, "env": environment_info(device),
+        "config": to_yaml(cfg),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
     }
     write_results(out / "results.json", records, meta)

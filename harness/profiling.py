@@ -99,7 +99,9 @@ def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
              f"- peak memory: {s.peak_mem_bytes / 2**20:.0f} MiB ({s.peak_mem_kind})",
              f"- FLOPs per step (fwd+bwd, counted): {s.flops_per_step / 1e9:.1f} GFLOP; achieved "
              f"{s.achieved_flops / 1e9:.1f} GFLOP/s (profiler overhead included)", "",
-             "## Attention share (record_function ranges: qkv projection + attention kernel, forward only; backward runs outside the ranges)", "",
+             "## Attention share", "",
+             "The attn/* record_function ranges cover the qkv projection and the attention kernel of the forward "
+             "pass; backward runs outside them, so attention backward is counted from its kernels' self time.", "",
              "| range | ms per step | share of step | share of forward |", "|---|---|---|---|"]
     for name in ATTN_RANGES:
         if name in s.range_ms:

@@ -121,7 +121,9 @@ def build_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str]
                           "batches": b.pipeline_batches})
     if "e2e" in b.suites:
         # The experiment the data config describes (its own model, e.g. the toy model): is `make train` input-bound?
-        exp_model = asdict(load_config(data_cfg).model) if Path(data_cfg).is_file() else base["model"]
+        exp_model = base["model"]
+        if Path(data_cfg).is_file() and load_config(data_cfg).model != ModelConfig():  # the file sets a model
+            exp_model = asdict(load_config(data_cfg).model)
         for attn in attns[:1]:  # one variant by default (the first); --attn picks another
             cases.append({**base, "suite": "e2e", "attention_type": attn, "mode": "train", "data_config": data_cfg,
                           "model": exp_model, "batches": b.pipeline_batches,

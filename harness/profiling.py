@@ -46,6 +46,7 @@ class ProfileSummary:
     range_ms: dict[str, float] = field(default_factory=dict)  # forward time inside each attention range per step
     range_share_of_step: dict[str, float] = field(default_factory=dict)
     range_share_of_forward: dict[str, float] = field(default_factory=dict)
+    range_device_ms: dict[str, float] = field(default_factory=dict)  # GPU time of each range per step (CUDA only)
     attn_backward_ms: float = 0.0  # self time of attention backward kernels per step
     top_ops: list[tuple[str, float, int]] = field(default_factory=list)  # (name, self ms per step, calls)
     peak_mem_bytes: int = 0
@@ -81,6 +82,8 @@ def summarise(prof: profile, steps: int, attention_type: str, run_dir: Path, top
         s.range_ms[name] = per_step_us / 1e3
         s.range_share_of_step[name] = per_step_us / step_us
         s.range_share_of_forward[name] = per_step_us / fwd_us if fwd_us else 0.0
+        if _device_time(evt) > 0:  # on CUDA the CPU time of a range is launch time; its kernels' time is this
+            s.range_device_ms[name] = _device_time(evt) / steps / 1e3
     ops = [e for e in prof.key_averages() if e.key not in ATTN_RANGES + (STEP_RANGE, FORWARD_RANGE, "backward",
                                                                           "optimizer")
            and not e.key.startswith("ProfilerStep")]
@@ -105,7 +108,8 @@ def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
              "| range | ms per step | share of step | share of forward |", "|---|---|---|---|"]
     for name in ATTN_RANGES:
         if name in s.range_ms:
-            lines.append(f"| {name} | {s.range_ms[name]:.1f} | {100 * s.range_share_of_step[name]:.1f}% "
+            gpu = f" (GPU {s.range_device_ms[name]:.1f})" if name in s.range_device_ms else ""
+            lines.append(f"| {name} | {s.range_ms[name]:.1f}{gpu} | {100 * s.range_share_of_step[name]:.1f}% "
                          f"| {100 * s.range_share_of_forward[name]:.1f}% |")
     total = sum(s.range_ms.values()) + s.attn_backward_ms
     lines += ["", f"Attention backward kernels (self time): {s.attn_backward_ms:.1f} ms per step "

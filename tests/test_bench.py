@@ -175,3 +175,18 @@ def test_cpu_utilisation_uses_a_gemm_interleaved_with_the_steps():
     assert rec.status == "ok", rec.message
     assert rec.peak_flops_source == "fp32 GEMM n=128 interleaved with the steps"
     assert rec.peak_flops != 1e11 and rec.utilisation == pytest.approx(rec.achieved_flops / rec.peak_flops)
+
+
+def test_plots_draw_every_variant_and_mark_oom(tmp_path):
+    from harness.plots import plot_scaling
+
+    def rec(attn, frames, status="ok"):
+        ok = status == "ok"
+        return BenchRecord(suite="scaling", case=f"scaling/{attn}/train/{frames}x32", attention_type=attn,
+                           preset="tiny", frames=frames, img_size=32, batch=2, mode="train", status=status,
+                           images_per_s=100.0 / frames if ok else None, peak_mem_bytes=frames * 2**20 if ok else None)
+
+    records = [rec("divided_space_time", 4), rec("divided_space_time", 8), rec("joint_space_time", 4),
+               rec("joint_space_time", 8, status="oom")]
+    (path,) = plot_scaling(records, tmp_path)
+    assert path.name == "scaling_train_32.png" and path.stat().st_size > 1000

@@ -95,13 +95,10 @@ def build_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str]
         shapes = [s for s in ("temporal", "spatial", "joint") if any(s in VARIANT_SHAPES[a] for a in attns)]
         attn_mode = "train" if "train" in modes else "infer"  # forward+backward when training is asked for
         for shape in shapes:
+            owner = next(a for a in attns if shape in VARIANT_SHAPES[a])  # the variant this shape belongs to
             for backend in backends:
-                for mode in (attn_mode,):
-                    cases.append({**base, "suite": "attention", "shape": shape, "backend": backend, "mode": mode,
-                                  "frames": T, "img_size": S,
-                                  "attention_type": "joint_space_time" if shape == "joint" else
-                                  ("space_only" if shape == "spatial" and "divided_space_time" not in attns
-                                   else "divided_space_time")})
+                cases.append({**base, "suite": "attention", "shape": shape, "backend": backend, "mode": attn_mode,
+                              "frames": T, "img_size": S, "attention_type": owner})
     if "scaling" in b.suites:
         # Default sweep: T, 2T (and 4T on a GPU); the CPU default must fit `make bench` in 5 minutes on 2 cores.
         frames = list(b.frames) or ([T, 2 * T, 4 * T] if device.type == "cuda" else [T, 2 * T])
@@ -424,8 +421,8 @@ def run_worker(spec: dict[str, Any]) -> BenchRecord:
     except (RuntimeError, MemoryError, FileNotFoundError, ImportError, NotImplementedError) as e:
         if is_oom(e):
             rec.status, rec.message = "oom", str(e).splitlines()[0][:300]
-        elif spec["suite"] in ("pipeline", "e2e") and isinstance(e, (FileNotFoundError, ImportError)) or (
-                "not importable" in str(e)):
+        elif spec["suite"] in ("pipeline", "e2e") and (
+                isinstance(e, (FileNotFoundError, ImportError)) or "not importable" in str(e)):
             rec.status, rec.message = "skipped", str(e)[:300]
         else:
             rec.status, rec.message = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

@@ -190,3 +190,19 @@ def test_plots_draw_every_variant_and_mark_oom(tmp_path):
                rec("joint_space_time", 8, status="oom")]
     (path,) = plot_scaling(records, tmp_path)
     assert path.name == "scaling_train_32.png" and path.stat().st_size > 1000
+
+
+def test_pytest_benchmark_suites_record_machine_and_extra_info(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**__import__("os").environ, "BENCH_PRESET": "tiny"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
+                           "-k", "space_only-infer or temporal-naive", f"--benchmark-json={out}"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    data = json.loads(out.read_text())
+    assert data["machine_info"]["torch_harness"]["torch"] == torch.__version__
+    by_name = {b["name"]: b for b in data["benchmarks"]}
+    model = by_name["test_model_step[space_only-infer]"]["extra_info"]
+    assert model["schema_version"] == SCHEMA_VERSION and model["preset"] == "tiny" and model["clips_per_s"] > 0
+    assert model["params"] == count_params(create_model("tiny", attention_type="space_only"))
+    assert by_name["test_attention_fwd_bwd[temporal-naive]"]["extra_info"]["extra"]["seq_len"] == 4

@@ -1,0 +1,272 @@
+"""Decode cost: how many frames a decoder must decode to deliver one clip, from a file's keyframe positions.
+
+A clip of T frames at sampling rate R spans ``R * T / target_fps * fps`` source frames (research/timesformer.md 4.1;
+256 frames for 8x32 at 30 fps). An inter-coded stream can only be decoded forward from a keyframe, so delivering
+frame ``f`` costs every frame from the keyframe before ``f`` (or from where the decoder already is) up to ``f``.
+The ratio decoded / delivered is what a long GOP costs and what re-keying buys (research/dali.md section 4).
+
+Two decoders are modelled, both in presentation order (exact for codecs without B-frames: VP8/VP9/MJPEG; within a
+few frames for H.264/HEVC with B-frames):
+
+* ``dali``: DALI's ``FramesDecoderBase::SeekFrame`` (``fn.decoders.video``, one decoder per sample starting at frame
+  0): a wanted frame more than 10 frames ahead (or behind) of the decoder's position makes it seek to the
+  wanted frame's keyframe, unless that is the keyframe it is already decoding from; otherwise it decodes forward.
+* ``pyav``: ``pipelines.pyav.decode_frames``: one seek to the first wanted frame's keyframe (none when that frame is
+  within ``SEEK_MIN_FRAMES`` of the start), then decode straight through to the last wanted frame.
+
+``estimate`` gives the expected count per delivered clip: train = expectation over the clip's uniform random start
+(exact: the frame indices are piecewise constant in the start, so the expectation is a finite weighted sum), test =
+mean over the ``num_clips`` uniform test clips. ``count_decoded_frames`` decodes a clip with PyAV following the same
+seeks and counts the frames that come out of the decoder: the measured figure to put beside the estimate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import os
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from pipelines import sampling
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("dali", "pyav")
+DALI_SEEK_LEAP = 10  # DALI's MINIMUM_SEEK_LEAP: a frame this close ahead is reached by decoding forward
+PYAV_SEEK_MIN_FRAMES = 32  # pipelines.pyav.SEEK_MIN_FRAMES (tests check they agree)
+MAX_STARTS = 4096  # above this many distinct train starts, integrate on a midpoint grid instead
+
+
+@dataclass(frozen=True)
+class GopInfo:
+    """A video's frame count, frame rate and keyframe positions (presentation-order frame indices)."""
+
+    path: str
+    num_frames: int
+    fps: float
+    keyframes: tuple[int, ...]
+
+    @property
+    def max_gop(self) -> int:
+        """Longest distance between consecutive keyframes (the end of the video closes the last GOP)."""
+        bounds = list(self.keyframes) + [self.num_frames]
+        return max(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def _demux(path: str) -> tuple[list[int | None], list[bool], float]:
+    """(pts, is_keyframe) of every non-empty video packet in presentation order, and the stream's fps."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
+    if any(pts is None for pts, _ in packets):  # no timestamps: decode order is all we have
+        return [None] * len(packets), [k for _, k in packets], float(rate) if rate else 0.0
+    packets.sort(key=lambda p: p[0])
+    return [p for p, _ in packets], [k for _, k in packets], float(rate) if rate else 0.0
+
+
+def read_gop(path: str | os.PathLike) -> GopInfo:
+    """Keyframe positions of ``path``'s first video stream, read by demuxing (no decoding). Raises on a bad file."""
+    _, keys, fps = _demux(str(path))
+    if not keys:
+        raise ValueError(f"{path}: no video frames")
+    keyframes = [i for i, k in enumerate(keys) if k]
+    if not keyframes or keyframes[0] != 0:  # decoding starts at the first packet whatever its flag says
+        keyframes = [0] + keyframes
+    return GopInfo(str(path), len(keys), fps, tuple(keyframes))
+
+
+def _last_keyframe(keyframes: Sequence[int], f: int) -> int:
+    return keyframes[bisect.bisect_right(keyframes, f) - 1]
+
+
+def decode_plan(frames: Sequence[int], keyframes: Sequence[int], num_frames: int,
+                strategy: str = "dali") -> list[tuple[int | None, int]]:
+    """How ``strategy`` reaches ``frames``: a list of (keyframe to seek to first or None, frame to decode up to)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}; choose from {list(STRATEGIES)}")
+    wanted = sorted({min(max(int(f), 0), num_frames - 1) for f in frames})
+    if not wanted:
+        return []
+    if strategy == "pyav":
+        seek = _last_keyframe(keyframes, wanted[0]) if wanted[0] >= PYAV_SEEK_MIN_FRAMES else None
+        return [(seek, wanted[-1])]
+    plan, pos = [], 0  # pos = the next frame the decoder will output
+    for f in wanted:
+        seek = None
+        if f < pos or f > pos + DALI_SEEK_LEAP:
+            k = _last_keyframe(keyframes, f)
+            if f < pos or pos >= num_frames or _last_keyframe(keyframes, pos) != k:
+                seek = k
+        plan.append((seek, f))
+        pos = f + 1
+    return plan
+
+
+def decoded_frames(frames: Sequence[int], keyframes: Sequence[int], num_frames: int, strategy: str = "dali") -> int:
+    """Frames ``strategy`` decodes to deliver ``frames`` (presentation indices) of a video with these keyframes."""
+    total, pos = 0, 0
+    for seek, f in decode_plan(frames, keyframes, num_frames, strategy):
+        if seek is not None:
+            pos = seek
+        total += f - pos + 1
+        pos = f + 1
+    return total
+
+
+def _train_starts(video_size: int, size: float, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Representative starts and their probabilities for a start uniform in ``[0, delta]``.
+
+    Frame ``k`` of the clip is ``floor(start + k * d)`` with ``d = (size - 1) / (T - 1)``, so the indices change only
+    where ``start + k * d`` crosses an integer: between those breakpoints any start (the midpoint) stands for all.
+    """
+    delta = max(video_size - size, 0.0)
+    if delta <= 0:
+        return np.zeros(1), np.ones(1)
+    d = (size - 1) / (num_frames - 1) if num_frames > 1 else 0.0
+    cuts = [0.0, delta]
+    for k in range(num_frames):
+        lo, hi = math.ceil(k * d), math.floor(delta + k * d)
+        if hi - lo + 1 > MAX_STARTS:
+            cuts = list(np.linspace(0.0, delta, MAX_STARTS + 1))
+            break
+        cuts.extend(j - k * d for j in range(lo, hi + 1))
+    edges = np.unique(np.clip(np.asarray(cuts), 0.0, delta))
+    widths = np.diff(edges)
+    keep = widths > 0
+    return (edges[:-1] + edges[1:])[keep] / 2, widths[keep] / delta
+
+
+@dataclass(frozen=True)
+class ClipCost:
+    """Expected frames decoded per delivered clip of ``clip_frames`` frames."""
+
+    train: float  # expectation over the random start of a train clip
+    test: float  # mean over the uniform test clips
+    clip_frames: int
+
+    @property
+    def train_per_frame(self) -> float:
+        return self.train / self.clip_frames
+
+    @property
+    def test_per_frame(self) -> float:
+        return self.test / self.clip_frames
+
+
+def estimate(gop: GopInfo, frames: int, sampling_rate: int, target_fps: float, num_clips: int = 1,
+             strategy: str = "dali") -> ClipCost:
+    """Expected frames decoded per delivered clip of ``gop``'s video (Kinetics sampling, ``pipelines.sampling``)."""
+    n, fps = gop.num_frames, gop.fps or target_fps
+    size = sampling.clip_size(frames, sampling_rate, target_fps, fps)
+    starts, probs = _train_starts(n, size, frames)
+    train = sum(p * decoded_frames(sampling.temporal_indices(s, s + size - 1, frames, n), gop.keyframes, n, strategy)
+                for s, p in zip(starts, probs))
+    tests = [decoded_frames(sampling.kinetics_frames(n, fps, frames, sampling_rate, target_fps, i, num_clips),
+                            gop.keyframes, n, strategy) for i in range(num_clips)]
+    return ClipCost(float(train), float(np.mean(tests)), frames)
+
+
+def _one(args: tuple[str, int, int, float, int, str]) -> tuple[str, ClipCost | None, str]:
+    path, frames, rate, fps, clips, strategy = args
+    try:
+        return path, estimate(read_gop(path), frames, rate, fps, clips, strategy), ""
+    except Exception as e:  # a bad file is reported, not fatal (pipelines.validate says why in detail)
+        return path, None, f"{type(e).__name__}: {e}"
+
+
+def estimate_manifest_decode_cost(paths: Sequence[str], frames: int, sampling_rate: int, target_fps: float,
+                                  num_clips: int = 1, strategy: str = "dali", workers: int = 0,
+                                  max_files: int | None = None) -> dict:
+    """Decode cost over a manifest's files: median and worst file, for train and test clips.
+
+    Args:
+        paths: video files.
+        frames, sampling_rate, target_fps: the clip spec (data.num_frames, data.sampling_rate, data.target_fps).
+        num_clips: test clips per video (data.num_ensemble_views).
+        strategy: ``dali`` or ``pyav`` (see the module docstring).
+        workers: parallel threads (demuxing releases the GIL); 0 = one per CPU core.
+        max_files: estimate on this many evenly spaced files only (None = all).
+
+    Returns:
+        ``{"strategy", "clip_frames", "files" (estimated), "unreadable": [(path, reason)],
+        "train"/"test": {"median", "worst", "worst_path", "median_per_frame", "worst_per_frame"}}``
+        (frames decoded per delivered clip; ``*_per_frame`` = per delivered frame). ``train``/``test`` are None when
+        no file could be read.
+    """
+    paths = [str(p) for p in paths]
+    if max_files is not None and len(paths) > max_files:
+        paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, max_files).round()]
+    workers = workers or os.cpu_count() or 1
+    jobs = [(p, frames, sampling_rate, target_fps, num_clips, strategy) for p in paths]
+    with ThreadPoolExecutor(max(1, min(workers, len(jobs) or 1))) as pool:
+        results = list(pool.map(_one, jobs))
+    costs = [(p, c) for p, c, _ in results if c is not None]
+    out: dict = {"strategy": strategy, "clip_frames": frames, "files": len(costs),
+                 "unreadable": [(p, why) for p, c, why in results if c is None]}
+    for split in ("train", "test"):
+        if not costs:
+            out[split] = None
+            continue
+        values = [getattr(c, split) for _, c in costs]
+        worst = int(np.argmax(values))
+        out[split] = {"median": float(statistics.median(values)), "worst": values[worst],
+                      "worst_path": costs[worst][0], "median_per_frame": float(statistics.median(values)) / frames,
+                      "worst_per_frame": values[worst] / frames}
+    return out
+
+
+def format_decode_cost(cost: dict) -> str:
+    """Two lines for a CLI: decoded frames per delivered clip (and per frame), median and worst file."""
+    if cost.get("train") is None:
+        return f"decode cost: no readable file ({len(cost['unreadable'])} unreadable)"
+    lines = []
+    for split in ("train", "test"):
+        c = cost[split]
+        lines.append(f"decode cost ({cost['strategy']}, {split}): {c['median']:.0f} frames decoded per "
+                     f"{cost['clip_frames']}-frame clip (median file, {c['median_per_frame']:.1f} per delivered "
+                     f"frame), worst {c['worst']:.0f} ({c['worst_per_frame']:.1f}) in {c['worst_path']}")
+    return "\n".join(lines)
+
+
+def count_decoded_frames(path: str | os.PathLike, frames: Sequence[int], strategy: str = "dali",
+                         gop: GopInfo | None = None) -> int:
+    """Decode the clip ``frames`` of ``path`` with PyAV, seeking as ``strategy`` does; count the decoded frames.
+
+    Frames are identified by their presentation timestamp, so a seek that lands anywhere but on the planned
+    keyframe shows up in the count. ``gop`` (from ``read_gop``) saves a demux pass when given.
+    """
+    import av
+
+    path = str(path)
+    gop = gop or read_gop(path)
+    pts_list, _, _ = _demux(path)
+    if any(p is None for p in pts_list):
+        raise ValueError(f"{path}: packets without timestamps; cannot identify decoded frames")
+    index_of = {p: i for i, p in enumerate(pts_list)}
+    count = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+        decoder = container.decode(stream)
+        for seek, f in decode_plan(frames, gop.keyframes, gop.num_frames, strategy):
+            if seek is not None:
+                container.seek(pts_list[seek], stream=stream, backward=True, any_frame=False)
+                decoder = container.decode(stream)
+            for frame in decoder:
+                count += 1
+                if index_of.get(frame.pts, -1) >= f:
+                    break
+            else:
+                raise RuntimeError(f"{path}: the stream ended before frame {f}")
+    return count

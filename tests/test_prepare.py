@@ -1,0 +1,180 @@
+"""Dataset preparation on real files: round trip through the validator and the DALI CPU loader, labels, broken
+sources, a killed run resumed, idempotence, frame-rate resampling, SSv2 manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.config import REPO_ROOT, DataConfig
+from pipelines.decode_cost import read_gop
+from pipelines.manifest import read_kinetics, read_ssv2
+from pipelines.prepare import JOURNAL, SPEC_FILE, PrepareSpec, main, output_size, parse_gop, prepare, transcode
+from pipelines.validate import check_videos
+from tests.conftest import encode_video, textured_frames
+
+
+@pytest.fixture(scope="module")
+def prepared(videos, tmp_path_factory: pytest.TempPathFactory):
+    """The session's good videos plus three broken ones, prepared once (VP9, short side 32, GOP 4, 2 workers)."""
+    vs = videos
+    entries = list(zip(vs.good, vs.labels)) + [(vs.garbage, 1), (vs.empty, 2), (vs.missing, 0)]
+    manifest = vs.root / "prep_src.csv"
+    manifest.write_text("".join(f"{p.name} {lab}\n" for p, lab in entries))
+    out = tmp_path_factory.mktemp("prepared")
+    code = main([str(manifest), "--out", str(out), "--short-side", "32", "--gop", "4", "--workers", "2",
+                 "--no-progress"])
+    return vs, manifest, out, code
+
+
+def test_round_trip(prepared):
+    vs, manifest, out, code = prepared
+    assert code == 1  # some sources failed
+    rows = read_kinetics(out / manifest.name)
+    assert [Path(r.path).name for r in rows] == [p.name for p in vs.good]  # same order, same names
+    assert [r.label for r in rows] == vs.labels  # labels preserved
+    assert all(Path(r.path).parent == out for r in rows)
+    infos, rejected = check_videos([r.path for r in rows], "cpu", num_frames=4, sampling_rate=2, cache=None)
+    assert rejected == []
+    for info in infos:
+        assert (info.codec, info.height, info.width, info.frames) == ("vp9", 32, 42, 24)
+        assert read_gop(info.path).keyframes == (0, 4, 8, 12, 16, 20)
+    spec = json.loads((out / SPEC_FILE).read_text())
+    assert spec["spec"]["codec"] == "vp9" and spec["spec"]["gop"] == 4 and spec["videos"] == 6
+
+
+def test_broken_sources_are_reported(prepared):
+    vs, _, out, _ = prepared
+    failed = {Path(f["path"]).name: f["reason"] for f in json.loads((out / SPEC_FILE).read_text())["failed"]}
+    assert set(failed) == {vs.garbage.name, vs.empty.name, vs.missing.name}
+    assert "Invalid data" in failed[vs.garbage.name]
+    assert "empty" in failed[vs.empty.name] and "missing" in failed[vs.missing.name]
+    assert not list(out.glob(".*"))  # no partial file left behind
+
+
+def test_loads_through_dali_cpu(prepared):
+    pytest.importorskip("nvidia.dali")
+    from pipelines import build_loader
+
+    vs, manifest, out, _ = prepared
+    cfg = DataConfig(loader="dali", backend="cpu", root=str(out), train_manifest=str(out / manifest.name),
+                     num_frames=4, sampling_rate=2, train_jitter_scales=[32, 36], train_crop_size=32, batch_size=2,
+                     num_workers=1, validate_cache="none", pad_short=False)
+    loader = build_loader(cfg, "train", device="cpu")
+    assert type(loader).__name__ == "DaliLoader" and loader.rejected == []
+    seen = {}
+    for batch in loader:
+        assert tuple(batch.video.shape) == (2, 3, 4, 32, 32) and bool(batch.video.isfinite().all())
+        seen.update(zip(batch.index.tolist(), batch.label.tolist()))
+    assert seen == dict(enumerate(vs.labels))
+
+
+def test_rerun_skips_and_spec_change_redoes(prepared, tmp_path):
+    vs, manifest, out, _ = prepared
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.webm")}
+    again = prepare(manifest, out, PrepareSpec("vp9", 32, 4), workers=1, progress=False)
+    assert (again.transcoded, again.skipped, len(again.failed)) == (0, 6, 3)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.webm")} == before
+    # a different spec in another folder: everything is transcoded (the journal keys on the spec)
+    other = prepare(manifest, tmp_path, PrepareSpec("mjpeg", 32, 1), workers=1, progress=False)
+    assert (other.transcoded, other.skipped) == (6, 0)
+    assert read_gop(tmp_path / f"{vs.good[0].stem}.avi").max_gop == 1
+    # a journal line for another spec does not count as done
+    lines = (tmp_path / JOURNAL).read_text().splitlines()
+    (tmp_path / JOURNAL).write_text("\n".join(line.replace(json.loads(line)["spec"], "0" * 16) for line in lines[:2])
+                                    + "\n" + "\n".join(lines[2:]) + "\n")
+    redo = prepare(manifest, tmp_path, PrepareSpec("mjpeg", 32, 1), workers=1, progress=False)
+    assert (redo.transcoded, redo.skipped) == (2, 4)
+
+
+def test_killed_run_resumes(tmp_path):
+    """SIGKILL mid-encode: no half-written output under a final name; the re-run skips what was finished."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        encode_video(src / f"v{i}.webm", textured_frames(40, 96, 128, seed=20 + i))
+    manifest = src / "list.csv"
+    manifest.write_text("".join(f"v{i}.webm {i % 4}\n" for i in range(8)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipelines.prepare", str(manifest), "--out", str(out), "--short-side", "96",
+           "--gop", "8", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = (out / JOURNAL).is_file() and (out / JOURNAL).read_text().count("\n") >= 2
+            if done and list(out.glob(".*.partial.webm")):
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "prepare finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finals = sorted(out.glob("v*.webm"))
+    assert 2 <= len(finals) < 8 and list(out.glob(".*.partial.webm"))
+    for f in finals:  # whatever carries a final name is complete
+        assert read_gop(f).num_frames == 40
+    journaled = [json.loads(line)["out"] for line in (out / JOURNAL).read_text().splitlines()]
+    before = {f.name: f.stat().st_mtime_ns for f in finals}
+    report = prepare(manifest, out, PrepareSpec("vp9", 96, 8), workers=2, progress=False)
+    assert report.skipped == len(journaled) >= 2 and report.transcoded == 8 - len(journaled) and not report.failed
+    assert all(out.joinpath(name).stat().st_mtime_ns == before[name] for name in journaled)  # not redone
+    assert not list(out.glob(".*.partial*"))
+    rows = read_kinetics(out / "list.csv")
+    assert [r.label for r in rows] == [i % 4 for i in range(8)]
+    assert all(read_gop(r.path).num_frames == 40 for r in rows)
+
+
+def test_fps_resampling_and_sizes(videos, tmp_path):
+    src = videos.good[0]  # 24 frames at 30 fps, 48x64
+    assert transcode(src, tmp_path / "half.webm", PrepareSpec("vp9", 0, fps=15)) == 12
+    assert transcode(src, tmp_path / "double.webm", PrepareSpec("vp9", 0, fps=60)) == 48
+    assert transcode(src, tmp_path / "same.webm", PrepareSpec("vp9", 0)) == 24
+    assert read_gop(tmp_path / "half.webm").fps == 15 and read_gop(tmp_path / "double.webm").num_frames == 48
+    portrait = transcode(videos.portrait, tmp_path / "p.webm", PrepareSpec("vp9", 20))
+    assert portrait == 24 and output_size(64, 40, 20) == (32, 20)
+    assert output_size(240, 320, 256) == (256, 342) and output_size(241, 321, 0) == (240, 320)
+
+
+def test_bad_arguments(videos, tmp_path):
+    with pytest.raises(ValueError, match="intra-only"):
+        PrepareSpec("mjpeg", gop=8)
+    with pytest.raises(ValueError, match="choose from"):
+        PrepareSpec("av2")
+    with pytest.raises(ValueError, match="even"):
+        PrepareSpec(short_side=255)
+    assert (parse_gop("intra"), parse_gop("32"), parse_gop(None)) == (1, 32, None)
+    with pytest.raises(ValueError, match="--gop 'long'"):
+        parse_gop("long")
+    manifest = videos.manifest("prep_inplace.csv", videos.good[:1])
+    with pytest.raises(ValueError, match="overwrite"):
+        prepare(manifest, videos.root, PrepareSpec("vp9"), progress=False)
+    assert main([str(manifest), "--out", str(tmp_path), "--codec", "mjpeg", "--gop", "8"]) == 2
+
+
+def test_ssv2_manifest(videos, tmp_path):
+    src = tmp_path / "ssv2"
+    src.mkdir()
+    for i, p in enumerate(videos.good[:2] + [videos.garbage]):
+        (src / f"{100 + i}.webm").write_bytes(p.read_bytes())
+    (src / "something-something-v2-labels.json").write_text(json.dumps({"Pushing something": "0",
+                                                                        "Pulling something": "1"}))
+    split = src / "something-something-v2-train.json"
+    split.write_text(json.dumps([{"id": "100", "template": "Pushing [something]"},
+                                 {"id": "101", "template": "Pulling [something]"},
+                                 {"id": "102", "template": "Pulling [something]"}]))
+    out = tmp_path / "out"
+    report = prepare(split, out, PrepareSpec("vp9", 32, 4), fmt="ssv2", workers=1, progress=False)
+    assert report.transcoded == 2 and [Path(p).name for p, _ in report.failed] == ["102.webm"]
+    entries = read_ssv2(out / split.name, out / "something-something-v2-labels.json", out)
+    assert [(Path(e.path).name, e.label) for e in entries] == [("100.webm", 0), ("101.webm", 1)]
+    assert all(read_gop(e.path).num_frames == 24 for e in entries)

@@ -5,12 +5,18 @@ A clip of T frames at sampling rate R spans ``R * T / target_fps * fps`` source 
 frame ``f`` costs every frame from the keyframe before ``f`` (or from where the decoder already is) up to ``f``.
 The ratio decoded / delivered is what a long GOP costs and what re-keying buys (research/dali.md section 4).
 
-Two decoders are modelled, both in presentation order (exact for codecs without B-frames: VP8/VP9/MJPEG; within a
+Three decoders are modelled, in presentation order (exact for codecs without B-frames: VP8/VP9/MJPEG; within a
 few frames for H.264/HEVC with B-frames):
 
-* ``dali``: DALI's ``FramesDecoderBase::SeekFrame`` (``fn.decoders.video``, one decoder per sample starting at frame
-  0): a wanted frame more than 10 frames ahead (or behind) of the decoder's position makes it seek to the
-  wanted frame's keyframe, unless that is the keyframe it is already decoding from; otherwise it decodes forward.
+* ``seek``: DALI's ``FramesDecoderBase::SeekFrame`` rule, one decoder per clip starting at frame 0: a wanted frame
+  more than 10 frames ahead (or behind) of the decoder's position makes it seek to the wanted frame's keyframe,
+  unless that is the keyframe it is already decoding from; otherwise it decodes forward. Measured on DALI 2.4 CPU,
+  ``fn.experimental.readers.video`` (the file reader) behaves like this: one frame deep in an MJPEG file costs the
+  same as the first frame.
+* ``from_start``: decode from frame 0 through the last wanted frame, whatever the keyframes. Measured on DALI 2.4
+  CPU, ``fn.decoders.video`` on in-memory bytes (what ``pipelines.dali`` uses) behaves like this, with or without
+  ``build_index``: its time per clip grows linearly with the last frame index for VP9 (long GOP and GOP 32) and
+  MJPEG alike (benchmarks/bench_prepare.py).
 * ``pyav``: ``pipelines.pyav.decode_frames``: one seek to the first wanted frame's keyframe (none when that frame is
   within ``SEEK_MIN_FRAMES`` of the start), then decode straight through to the last wanted frame.
 
@@ -37,7 +43,7 @@ from pipelines import sampling
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("dali", "pyav")
+STRATEGIES = ("seek", "from_start", "pyav")
 DALI_SEEK_LEAP = 10  # DALI's MINIMUM_SEEK_LEAP: a frame this close ahead is reached by decoding forward
 PYAV_SEEK_MIN_FRAMES = 32  # pipelines.pyav.SEEK_MIN_FRAMES (tests check they agree)
 MAX_STARTS = 4096  # above this many distinct train starts, integrate on a midpoint grid instead
@@ -91,13 +97,15 @@ def _last_keyframe(keyframes: Sequence[int], f: int) -> int:
 
 
 def decode_plan(frames: Sequence[int], keyframes: Sequence[int], num_frames: int,
-                strategy: str = "dali") -> list[tuple[int | None, int]]:
+                strategy: str = "seek") -> list[tuple[int | None, int]]:
     """How ``strategy`` reaches ``frames``: a list of (keyframe to seek to first or None, frame to decode up to)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; choose from {list(STRATEGIES)}")
     wanted = sorted({min(max(int(f), 0), num_frames - 1) for f in frames})
     if not wanted:
         return []
+    if strategy == "from_start":
+        return [(None, wanted[-1])]
     if strategy == "pyav":
         seek = _last_keyframe(keyframes, wanted[0]) if wanted[0] >= PYAV_SEEK_MIN_FRAMES else None
         return [(seek, wanted[-1])]
@@ -113,7 +121,7 @@ def decode_plan(frames: Sequence[int], keyframes: Sequence[int], num_frames: int
     return plan
 
 
-def decoded_frames(frames: Sequence[int], keyframes: Sequence[int], num_frames: int, strategy: str = "dali") -> int:
+def decoded_frames(frames: Sequence[int], keyframes: Sequence[int], num_frames: int, strategy: str = "seek") -> int:
     """Frames ``strategy`` decodes to deliver ``frames`` (presentation indices) of a video with these keyframes."""
     total, pos = 0, 0
     for seek, f in decode_plan(frames, keyframes, num_frames, strategy):
@@ -165,7 +173,7 @@ class ClipCost:
 
 
 def estimate(gop: GopInfo, frames: int, sampling_rate: int, target_fps: float, num_clips: int = 1,
-             strategy: str = "dali") -> ClipCost:
+             strategy: str = "seek") -> ClipCost:
     """Expected frames decoded per delivered clip of ``gop``'s video (Kinetics sampling, ``pipelines.sampling``)."""
     n, fps = gop.num_frames, gop.fps or target_fps
     size = sampling.clip_size(frames, sampling_rate, target_fps, fps)
@@ -177,69 +185,82 @@ def estimate(gop: GopInfo, frames: int, sampling_rate: int, target_fps: float, n
     return ClipCost(float(train), float(np.mean(tests)), frames)
 
 
-def _one(args: tuple[str, int, int, float, int, str]) -> tuple[str, ClipCost | None, str]:
-    path, frames, rate, fps, clips, strategy = args
+def _one(args: tuple[str, int, int, float, int, tuple[str, ...]]) -> tuple[str, dict[str, ClipCost] | None, str]:
+    path, frames, rate, fps, clips, strategies = args
     try:
-        return path, estimate(read_gop(path), frames, rate, fps, clips, strategy), ""
+        gop = read_gop(path)
+        return path, {s: estimate(gop, frames, rate, fps, clips, s) for s in strategies}, ""
     except Exception as e:  # a bad file is reported, not fatal (pipelines.validate says why in detail)
         return path, None, f"{type(e).__name__}: {e}"
 
 
 def estimate_manifest_decode_cost(paths: Sequence[str], frames: int, sampling_rate: int, target_fps: float,
-                                  num_clips: int = 1, strategy: str = "dali", workers: int = 0,
+                                  num_clips: int = 1, strategies: Sequence[str] = STRATEGIES, workers: int = 0,
                                   max_files: int | None = None) -> dict:
-    """Decode cost over a manifest's files: median and worst file, for train and test clips.
+    """Decode cost over a manifest's files: median and worst file, for train and test clips, per decoder model.
 
     Args:
         paths: video files.
         frames, sampling_rate, target_fps: the clip spec (data.num_frames, data.sampling_rate, data.target_fps).
         num_clips: test clips per video (data.num_ensemble_views).
-        strategy: ``dali`` or ``pyav`` (see the module docstring).
+        strategies: decoder models (``seek``, ``from_start``, ``pyav``; see the module docstring).
         workers: parallel threads (demuxing releases the GIL); 0 = one per CPU core.
         max_files: estimate on this many evenly spaced files only (None = all).
 
     Returns:
-        ``{"strategy", "clip_frames", "files" (estimated), "unreadable": [(path, reason)],
-        "train"/"test": {"median", "worst", "worst_path", "median_per_frame", "worst_per_frame"}}``
-        (frames decoded per delivered clip; ``*_per_frame`` = per delivered frame). ``train``/``test`` are None when
-        no file could be read.
+        ``{"clip_frames", "files" (estimated), "unreadable": [(path, reason)], "strategies": {name: {"train": {...},
+        "test": {...}}}}`` where each split holds ``median``, ``worst``, ``worst_path`` (frames decoded per delivered
+        clip) and ``median_per_frame``, ``worst_per_frame`` (per delivered frame); ``strategies`` is empty when no
+        file could be read.
     """
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"strategy={s!r}; choose from {list(STRATEGIES)}")
     paths = [str(p) for p in paths]
     if max_files is not None and len(paths) > max_files:
         paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, max_files).round()]
     workers = workers or os.cpu_count() or 1
-    jobs = [(p, frames, sampling_rate, target_fps, num_clips, strategy) for p in paths]
+    jobs = [(p, frames, sampling_rate, target_fps, num_clips, tuple(strategies)) for p in paths]
     with ThreadPoolExecutor(max(1, min(workers, len(jobs) or 1))) as pool:
         results = list(pool.map(_one, jobs))
     costs = [(p, c) for p, c, _ in results if c is not None]
-    out: dict = {"strategy": strategy, "clip_frames": frames, "files": len(costs),
+    out: dict = {"clip_frames": frames, "files": len(costs), "strategies": {},
                  "unreadable": [(p, why) for p, c, why in results if c is None]}
-    for split in ("train", "test"):
-        if not costs:
-            out[split] = None
-            continue
-        values = [getattr(c, split) for _, c in costs]
-        worst = int(np.argmax(values))
-        out[split] = {"median": float(statistics.median(values)), "worst": values[worst],
-                      "worst_path": costs[worst][0], "median_per_frame": float(statistics.median(values)) / frames,
-                      "worst_per_frame": values[worst] / frames}
+    if not costs:
+        return out
+    for strategy in strategies:
+        per_split = {}
+        for split in ("train", "test"):
+            values = [getattr(c[strategy], split) for _, c in costs]
+            worst = int(np.argmax(values))
+            median = float(statistics.median(values))
+            per_split[split] = {"median": median, "worst": values[worst], "worst_path": costs[worst][0],
+                                "median_per_frame": median / frames, "worst_per_frame": values[worst] / frames}
+        out["strategies"][strategy] = per_split
     return out
 
 
+STRATEGY_NOTES = {"seek": "decoder seeking to keyframes (DALI readers.video)",
+                  "from_start": "decoding from frame 0 (DALI 2.4 CPU decoders.video)",
+                  "pyav": "PyAV loader, one seek"}
+
+
 def format_decode_cost(cost: dict) -> str:
-    """Two lines for a CLI: decoded frames per delivered clip (and per frame), median and worst file."""
-    if cost.get("train") is None:
+    """One line per decoder model for a CLI: decoded frames per delivered train clip (and per delivered frame),
+    median and worst file, and the test-clip median."""
+    if not cost["strategies"]:
         return f"decode cost: no readable file ({len(cost['unreadable'])} unreadable)"
-    lines = []
-    for split in ("train", "test"):
-        c = cost[split]
-        lines.append(f"decode cost ({cost['strategy']}, {split}): {c['median']:.0f} frames decoded per "
-                     f"{cost['clip_frames']}-frame clip (median file, {c['median_per_frame']:.1f} per delivered "
-                     f"frame), worst {c['worst']:.0f} ({c['worst_per_frame']:.1f}) in {c['worst_path']}")
+    T = cost["clip_frames"]
+    lines = [f"decode cost, frames decoded per delivered {T}-frame clip over {cost['files']} file(s):"]
+    for strategy, c in cost["strategies"].items():
+        tr, te = c["train"], c["test"]
+        lines.append(f"  {STRATEGY_NOTES.get(strategy, strategy)}: train median {tr['median']:.0f} "
+                     f"({tr['median_per_frame']:.1f} per frame), worst {tr['worst']:.0f} ({tr['worst_path']}); "
+                     f"test median {te['median']:.0f}")
     return "\n".join(lines)
 
 
-def count_decoded_frames(path: str | os.PathLike, frames: Sequence[int], strategy: str = "dali",
+def count_decoded_frames(path: str | os.PathLike, frames: Sequence[int], strategy: str = "seek",
                          gop: GopInfo | None = None) -> int:
     """Decode the clip ``frames`` of ``path`` with PyAV, seeking as ``strategy`` does; count the decoded frames.
 

@@ -248,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: {reason}")
     print(f"{len(entries) - len(rejected)}/{len(entries)} videos usable by the {args.backend} backend "
           f"({len(rejected)} rejected)")
+    bad = {p for p, _ in rejected}
+    usable_paths = [e.path for e in entries if e.path not in bad]
+    if usable_paths and args.format != "ssv2":  # frames decoded per clip, median and worst file (Kinetics sampling)
+        from pipelines.decode_cost import estimate_manifest_decode_cost, format_decode_cost
+
+        print(format_decode_cost(estimate_manifest_decode_cost(usable_paths, args.frames, args.sampling_rate,
+                                                               args.target_fps, workers=args.workers, max_files=1000)))
     return 1 if rejected else 0
 
 

@@ -40,15 +40,16 @@ def test_gop_structure(gop_files):
 
 def test_plans_by_hand():
     keys = list(range(0, 64, 8))
-    # dali: 3 from 0 (4 frames); 20 is > 10 ahead, other GOP -> seek 16 (5); 21 next (1); 40 -> seek 40 (1)
-    assert decode_plan([3, 20, 21, 40], keys, 64, "dali") == [(None, 3), (16, 20), (None, 21), (40, 40)]
-    assert decoded_frames([3, 20, 21, 40], keys, 64, "dali") == 11
-    assert decoded_frames([21, 20, 3, 40, 40], keys, 64, "dali") == 11  # order and repeats do not matter
+    # seek: 3 from 0 (4 frames); 20 is > 10 ahead, other GOP -> seek 16 (5); 21 next (1); 40 -> seek 40 (1)
+    assert decode_plan([3, 20, 21, 40], keys, 64, "seek") == [(None, 3), (16, 20), (None, 21), (40, 40)]
+    assert decoded_frames([3, 20, 21, 40], keys, 64, "seek") == 11
+    assert decoded_frames([21, 20, 3, 40, 40], keys, 64, "seek") == 11  # order and repeats do not matter
+    assert decoded_frames([3, 20, 21, 40], keys, 64, "from_start") == 41  # whatever the keyframes
     assert decoded_frames([3, 20, 21, 40], keys, 64, "pyav") == 41  # first frame < 32: decode 0..40
     assert decoded_frames([40, 45, 60], keys, 64, "pyav") == 21  # one seek to 40, decode through 60
-    assert decoded_frames([9, 14], keys, 64, "dali") == 15  # within the leap (10) of the position: no seek
-    assert decoded_frames([12, 14], keys, 64, "dali") == 7  # 12 > 0 + 10: seek to 8
-    assert decoded_frames([5, 14, 15], [0], 64, "dali") == 16  # one keyframe: seeking never helps
+    assert decoded_frames([9, 14], keys, 64, "seek") == 15  # within the leap (10) of the position: no seek
+    assert decoded_frames([12, 14], keys, 64, "seek") == 7  # 12 > 0 + 10: seek to 8
+    assert decoded_frames([5, 14, 15], [0], 64, "seek") == 16  # one keyframe: seeking never helps
     with pytest.raises(ValueError, match="choose from"):
         decode_plan([1], keys, 64, "nvdec")
 
@@ -107,10 +108,17 @@ def test_manifest_summary(gop_files, tmp_path):
     paths = [str(gop_files[n]) for n in ("intra", "gop8", "long")] + [str(garbage)]
     out = estimate_manifest_decode_cost(paths, 4, 12, 30, num_clips=3, workers=2)
     assert out["files"] == 3 and [p for p, _ in out["unreadable"]] == [str(garbage)]
-    assert out["train"]["worst_path"] == str(gop_files["long"])
-    assert out["train"]["median"] == pytest.approx(estimate(read_gop(gop_files["gop8"]), 4, 12, 30).train)
-    assert out["test"]["median_per_frame"] == pytest.approx(out["test"]["median"] / 4)
+    seek = out["strategies"]["seek"]
+    assert seek["train"]["worst_path"] == str(gop_files["long"])
+    assert seek["train"]["median"] == pytest.approx(estimate(read_gop(gop_files["gop8"]), 4, 12, 30).train)
+    assert seek["test"]["median_per_frame"] == pytest.approx(seek["test"]["median"] / 4)
+    # decoding from the start does not care about keyframes: every file costs the same
+    start = out["strategies"]["from_start"]["train"]
+    assert start["median"] == start["worst"] == pytest.approx(estimate(read_gop(gop_files["intra"]), 4, 12, 30,
+                                                                       strategy="from_start").train)
     text = format_decode_cost(out)
-    assert "train" in text and "worst" in text and str(gop_files["long"]) in text
+    assert text.count("train median") == 3 and str(gop_files["long"]) in text
     assert estimate_manifest_decode_cost(paths, 4, 12, 30, max_files=2)["files"] == 1  # first and last only
     assert "no readable file" in format_decode_cost(estimate_manifest_decode_cost([str(garbage)], 4, 12, 30))
+    with pytest.raises(ValueError, match="choose from"):
+        estimate_manifest_decode_cost(paths, 4, 12, 30, strategies=["nvdec"])

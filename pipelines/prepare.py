@@ -161,6 +161,13 @@ def _resample(frames: Iterator, src_rate: Fraction, rate: Fraction, time_base: F
             k += 1
 
 
+def _declared_seconds(container, stream) -> float | None:
+    """The video's declared duration: the stream's when known, else the container's."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return container.duration / 1e6 if container.duration else None
+
+
 def partial_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.stem}{PARTIAL}{dst.suffix}")
 
@@ -235,8 +242,12 @@ def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
                     written += 1
                 for packet in ost.encode():
                     out.mux(packet)
+            declared = _declared_seconds(inp, ist)
         if written == 0:
             raise RuntimeError("no decodable frame in the source")
+        if declared and written / rate < 0.9 * declared - 2 / rate:  # the same rule as pipelines.validate
+            raise RuntimeError(f"truncated source: it declares {declared:.2f} s but its frames cover only "
+                               f"{float(written / rate):.2f} s")
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         problem = check_output(tmp, spec, written)

@@ -23,9 +23,9 @@ from tests.conftest import encode_video, textured_frames
 
 @pytest.fixture(scope="module")
 def prepared(videos, tmp_path_factory: pytest.TempPathFactory):
-    """The session's good videos plus three broken ones, prepared once (VP9, short side 32, GOP 4, 2 workers)."""
+    """The session's good videos plus four broken ones, prepared once (VP9, short side 32, GOP 4, 2 workers)."""
     vs = videos
-    entries = list(zip(vs.good, vs.labels)) + [(vs.garbage, 1), (vs.empty, 2), (vs.missing, 0)]
+    entries = list(zip(vs.good, vs.labels)) + [(vs.garbage, 1), (vs.empty, 2), (vs.missing, 0), (vs.truncated, 1)]
     manifest = vs.root / "prep_src.csv"
     manifest.write_text("".join(f"{p.name} {lab}\n" for p, lab in entries))
     out = tmp_path_factory.mktemp("prepared")
@@ -53,8 +53,8 @@ def test_round_trip(prepared):
 def test_broken_sources_are_reported(prepared):
     vs, _, out, _ = prepared
     failed = {Path(f["path"]).name: f["reason"] for f in json.loads((out / SPEC_FILE).read_text())["failed"]}
-    assert set(failed) == {vs.garbage.name, vs.empty.name, vs.missing.name}
-    assert "Invalid data" in failed[vs.garbage.name]
+    assert set(failed) == {vs.garbage.name, vs.empty.name, vs.missing.name, vs.truncated.name}
+    assert "Invalid data" in failed[vs.garbage.name] and "truncated" in failed[vs.truncated.name]
     assert "empty" in failed[vs.empty.name] and "missing" in failed[vs.missing.name]
     assert not list(out.glob(".*"))  # no partial file left behind
 
@@ -80,7 +80,7 @@ def test_rerun_skips_and_spec_change_redoes(prepared, tmp_path):
     vs, manifest, out, _ = prepared
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.webm")}
     again = prepare(manifest, out, PrepareSpec("vp9", 32, 4), workers=1, progress=False)
-    assert (again.transcoded, again.skipped, len(again.failed)) == (0, 6, 3)
+    assert (again.transcoded, again.skipped, len(again.failed)) == (0, 6, 4)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.webm")} == before
     # a different spec in another folder: everything is transcoded (the journal keys on the spec)
     other = prepare(manifest, tmp_path, PrepareSpec("mjpeg", 32, 1), workers=1, progress=False)

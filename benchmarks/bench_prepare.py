@@ -24,7 +24,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -106,10 +106,11 @@ class ReaderCase:
 
         self.batches = len(plans) // batch_size * self.PASSES  # the reader wraps around: several passes per epoch
         file_list = folder / "reader_clips.txt"
-        file_list.write_text("".join(f"{p.path} {p.label} {int(p.frames[0])} {int(p.frames[0]) + (T - 1) * stride + 1}\n"
-                                     for p in plans))
+        starts = [int(p.frames[0]) for p in plans]
+        file_list.write_text("".join(f"{p.path} {p.label} {s} {s + (T - 1) * stride + 1}\n"
+                                     for p, s in zip(plans, starts)))
 
-        # queue depth 1: at most one batch is decoded ahead, i.e. 1/RUNS_PER_EPOCH of a timed epoch comes free
+        # queue depth 1: at most one batch is decoded ahead, i.e. 1 / self.batches of a timed epoch comes free
         @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None, prefetch_queue_depth=1)
         def reader_pipe():
             video, _ = fn.experimental.readers.video(device="cpu", file_list=str(file_list), sequence_length=T,
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = make_sources(data / "source", args.videos)
     logger.warning("sources ready in %.0f s", time.perf_counter() - t0)
     base = DataConfig(loader="dali", backend="cpu", num_frames=T, sampling_rate=RATE, target_fps=FPS,
-                      train_jitter_scales=[256, 320], train_crop_size=224, batch_size=min(4, args.videos), num_workers=args.threads,
-                      validate_cache="none", pad_short=False)
+                      train_jitter_scales=[256, 320], train_crop_size=224, batch_size=min(4, args.videos),
+                      num_workers=args.threads, validate_cache="none", pad_short=False)
     rows, cases = [], {}
     for i, (name, spec) in enumerate(VARIANTS.items()):
         out = data / f"variant{i}"
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         counted = {s: statistics.mean(count_decoded_frames(pl.path, pl.frames, s, gops[pl.path]) for pl in plans)
                    for s in ("seek", "from_start")}
         sizes = [Path(p).stat().st_size for p in gops]
-        rows.append({"variant": name, "spec": spec.__dict__, "prepare_seconds": round(time.perf_counter() - t0, 1),
+        rows.append({"variant": name, "spec": asdict(spec), "prepare_seconds": round(time.perf_counter() - t0, 1),
                      "max_gop": max(g.max_gop for g in gops.values()),
                      "mb_per_video": statistics.mean(sizes) / 1e6,
                      "est_decoded_per_clip": est, "counted_decoded_per_clip_epoch0": counted})

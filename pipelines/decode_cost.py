@@ -291,3 +291,30 @@ def count_decoded_frames(path: str | os.PathLike, frames: Sequence[int], strateg
             else:
                 raise RuntimeError(f"{path}: the stream ended before frame {f}")
     return count
+
+
+def strategy_for(loader: str, backend: str = "cpu") -> str:
+    """The decoder model of a harness loader: ``pyav`` for the PyAV loader; for DALI (``fn.decoders.video``) on CPU
+    ``from_start`` (measured, DALI 2.4); on GPU ``seek`` (DALI's seek rule, assumed: not measured here)."""
+    if loader == "pyav":
+        return "pyav"
+    if loader == "dali":
+        return "from_start" if backend == "cpu" else "seek"
+    raise ValueError(f"loader={loader!r}; choose 'dali' or 'pyav' (synthetic data decodes nothing)")
+
+
+def measure_clips(clips: Sequence[tuple[str, Sequence[int]]], strategy: str, max_clips: int = 16) -> dict:
+    """Frames decoded per clip for real clips (e.g. ``[(p.path, p.frames) for p in loader.planner.plans(0)]``):
+    counted by decoding with PyAV (``count_decoded_frames``) and predicted by the model, over the first
+    ``max_clips`` clips. Returns ``{"strategy", "clips", "delivered_frames", "counted_per_clip", "model_per_clip",
+    "counted_per_delivered_frame"}``."""
+    clips = list(clips)[:max_clips]
+    if not clips:
+        raise ValueError("no clips to measure")
+    gops = {str(p): read_gop(p) for p in {str(p) for p, _ in clips}}
+    counted = [count_decoded_frames(p, f, strategy, gops[str(p)]) for p, f in clips]
+    model = [decoded_frames(f, gops[str(p)].keyframes, gops[str(p)].num_frames, strategy) for p, f in clips]
+    delivered = float(np.mean([len(f) for _, f in clips]))
+    return {"strategy": strategy, "clips": len(clips), "delivered_frames": delivered,
+            "counted_per_clip": float(np.mean(counted)), "model_per_clip": float(np.mean(model)),
+            "counted_per_delivered_frame": float(np.mean(counted)) / delivered}

@@ -10,7 +10,7 @@ import pytest
 from pipelines import sampling
 from pipelines.decode_cost import (PYAV_SEEK_MIN_FRAMES, STRATEGIES, count_decoded_frames, decode_plan,
                                    decoded_frames, estimate, estimate_manifest_decode_cost, format_decode_cost,
-                                   read_gop)
+                                   measure_clips, read_gop, strategy_for)
 from pipelines.prepare import PrepareSpec, transcode
 from tests.conftest import encode_video, textured_frames
 
@@ -122,3 +122,18 @@ def test_manifest_summary(gop_files, tmp_path):
     assert "no readable file" in format_decode_cost(estimate_manifest_decode_cost([str(garbage)], 4, 12, 30))
     with pytest.raises(ValueError, match="choose from"):
         estimate_manifest_decode_cost(paths, 4, 12, 30, strategies=["nvdec"])
+
+
+def test_measure_clips_for_the_bench(gop_files):
+    T, rate, tfps = SPECS[1]
+    clips = [(str(gop_files[n]), sampling.kinetics_frames(FRAMES, 30, T, rate, tfps, i, 2))
+             for n in ("long", "gop8") for i in range(2)]
+    out = measure_clips(clips, strategy_for("dali", "gpu"))
+    assert out["strategy"] == "seek" and out["clips"] == 4 and out["delivered_frames"] == T
+    assert out["counted_per_clip"] == out["model_per_clip"]
+    long_only = measure_clips(clips[:2], "seek")["counted_per_clip"]
+    assert long_only > out["counted_per_clip"]  # the GOP-8 file's clips cost less
+    assert measure_clips(clips, strategy_for("dali"))["strategy"] == "from_start"
+    assert strategy_for("pyav") == "pyav"
+    with pytest.raises(ValueError, match="synthetic"):
+        strategy_for("synthetic")

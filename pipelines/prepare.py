@@ -276,13 +276,13 @@ def _run_job(args: tuple[Job, str, PrepareSpec]) -> dict:
     try:
         if not os.path.isfile(job.src):
             raise RuntimeError("missing: no such file")
-        if os.path.getsize(job.src) == 0:
+        st = os.stat(job.src)  # before reading it: a source changed meanwhile is redone next time
+        if st.st_size == 0:
             raise RuntimeError("empty file (0 bytes)")
         frames = transcode(job.src, Path(out_dir) / job.rel_out, spec)
     except Exception as e:
         reason = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
         return {"src": job.src, "out": job.rel_out, "error": reason}
-    st = os.stat(job.src)
     return {"src": job.src, "out": job.rel_out, "error": "", "frames": frames,
             "bytes": os.path.getsize(Path(out_dir) / job.rel_out), "src_size": st.st_size,
             "src_mtime_ns": st.st_mtime_ns, "seconds": round(time.perf_counter() - t0, 3)}

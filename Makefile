@@ -39,10 +39,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(VPY) -m pytest tests $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(VPY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 data: $(STAMP)
 	$(VPY) -m pipelines.toy --out data/toy
@@ -66,7 +66,7 @@ gate-baseline: $(STAMP)
 	$(VPY) -m harness.gate --write-baseline $(BASELINE) --attn $(ATTN) $(if $(PRESET),--preset $(PRESET))
 
 train: $(STAMP) data
-	$(VPY) -m harness.train --config $(CONFIG) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m harness.train --config $(CONFIG) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)
 
 evaluate: $(STAMP)
 	$(VPY) -m harness.evaluate --config $(CONFIG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import av
 import numpy as np
@@ -29,33 +30,50 @@ from pipelines.base import ClipPlanner
 logger = logging.getLogger(__name__)
 
 
-def make_vp9_clips(folder: Path, num: int, frames: int = 96, height: int = 240, width: int = 320) -> Path:
-    """``num`` textured 320x240 VP9 clips (GOP 32, realtime encoder) and a ``path label`` manifest."""
+def write_clips(folder: Path, name: str, num: int, frames_of: Callable[[int], Iterable[np.ndarray]], codec: str,
+                options: dict[str, str], fps: int = 30) -> Path:
+    """Encode clip ``i`` = ``frames_of(i)`` ((H, W, 3) uint8 RGB frames) for i < ``num`` into ``folder`` (atomically;
+    existing files are kept) and write a ``path label`` manifest ``train.csv`` (labels ``i % 4``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     lines = []
     for i in range(num):
-        path = folder / f"clip{i:03d}.webm"
+        path = folder / name.format(i=i)
         lines.append(f"{path.name} {i % 4}")
         if path.exists():
             continue
-        with av.open(str(path), "w") as container:
-            stream = container.add_stream("libvpx-vp9", rate=30)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0", "g": "32"}
-            for t in range(frames):
-                img = np.stack([128 + 100 * np.sin(xx / (9 + 4 * c) + 0.2 * t + i) * np.cos(yy / (11 + c) - 0.1 * t)
-                                for c in range(3)], -1).clip(0, 255).astype(np.uint8)
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        with av.open(str(tmp), "w") as container:
+            stream = None
+            for img in frames_of(i):
+                if stream is None:
+                    stream = container.add_stream(codec, rate=fps)
+                    stream.height, stream.width = img.shape[:2]
+                    stream.pix_fmt, stream.options = "yuv420p", options
                 for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
+        tmp.rename(path)
     manifest = folder / "train.csv"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
 
 
-def _epoch_rate(loader, epoch: int) -> float:
+def make_vp9_clips(folder: Path, num: int, frames: int = 96, height: int = 240, width: int = 320) -> Path:
+    """``num`` textured 320x240 VP9 clips (GOP 32, realtime encoder) and a ``path label`` manifest."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+
+    def frames_of(i: int) -> Iterator[np.ndarray]:
+        for t in range(frames):
+            yield np.stack([128 + 100 * np.sin(xx / (9 + 4 * c) + 0.2 * t + i) * np.cos(yy / (11 + c) - 0.1 * t)
+                            for c in range(3)], -1).clip(0, 255).astype(np.uint8)
+
+    return write_clips(folder, "clip{i:03d}.webm", num, frames_of, "libvpx-vp9",
+                       {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0", "g": "32"})
+
+
+def epoch_rate(loader, epoch: int) -> float:
+    """Clips/s of one full epoch of ``loader`` (from ``iter()`` to the last batch)."""
     loader.set_epoch(epoch)
     t0 = time.perf_counter()
     clips = sum(b.video.shape[0] for b in loader)
@@ -77,10 +95,10 @@ def bench_dataset(name: str, cfg: DataConfig, rounds: int) -> dict:
              "dali_cpu_decode_only": decode_only_loader(replace(cfg, loader="dali", backend="cpu"))}
     rates: dict[str, list[float]] = {k: [] for k in cases}
     for k, loader in cases.items():  # warm-up epoch (worker start, pipeline build, page cache)
-        _epoch_rate(loader, 0)
+        epoch_rate(loader, 0)
     for r in range(rounds):
         for k, loader in cases.items():
-            rates[k].append(_epoch_rate(loader, r + 1))
+            rates[k].append(epoch_rate(loader, r + 1))
     med = {k: statistics.median(v) for k, v in rates.items()}
     out = {"dataset": name, "clips_per_epoch": cases["dali_cpu"].num_clips, "batch_size": cfg.batch_size,
            "frames": cfg.num_frames, "crop": cfg.train_crop_size, "dali_threads": cfg.num_workers,

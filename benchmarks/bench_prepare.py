@@ -28,9 +28,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
 
-import av
 import numpy as np
 
+from benchmarks.bench_pipelines import epoch_rate, write_clips
 from harness.config import REPO_ROOT, DataConfig
 from pipelines import sampling
 from pipelines.decode_cost import STRATEGIES, count_decoded_frames, estimate, read_gop
@@ -64,34 +64,8 @@ def source_frames(seed: int) -> Iterator[np.ndarray]:
 
 def make_sources(folder: Path, num: int) -> Path:
     """``num`` 10 s 320x240 30 fps H.264 clips (keyint 250) and a ``path label`` manifest; existing files are kept."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(num):
-        path = folder / f"src{i:03d}.mp4"
-        lines.append(f"{path.name} {i % 4}")
-        if path.exists():
-            continue
-        tmp = path.with_name(f".{path.stem}.tmp.mp4")
-        with av.open(str(tmp), "w") as container:
-            stream = container.add_stream("libx264", rate=FPS)
-            stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-            stream.options = {"preset": "veryfast", "crf": "23", "g": "250"}
-            for img in source_frames(i):
-                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        tmp.rename(path)
-    manifest = folder / "train.csv"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
-
-
-def _epoch_rate(loader, epoch: int) -> float:
-    loader.set_epoch(epoch)
-    t0 = time.perf_counter()
-    clips = sum(b.video.shape[0] for b in loader)
-    return clips / (time.perf_counter() - t0)
+    return write_clips(folder, "src{i:03d}.mp4", num, source_frames, "libx264",
+                       {"preset": "veryfast", "crf": "23", "g": "250"}, fps=FPS)
 
 
 class ReaderCase:
@@ -179,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, dict[str, list[float]]] = {n: {k: [] for k in c} for n, c in cases.items()}
 
     def rate(case, epoch: int) -> float:
-        return case.epoch_rate() if isinstance(case, ReaderCase) else _epoch_rate(case, epoch)
+        return case.epoch_rate() if isinstance(case, ReaderCase) else epoch_rate(case, epoch)
 
     for n, c in cases.items():  # warm-up epoch: pipeline build, page cache
         for k in c:

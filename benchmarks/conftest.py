@@ -14,7 +14,8 @@ import os
 import pytest
 import torch
 
-from harness.metrics import GPU_PEAK_FLOPS, hardware_name
+from harness.metrics import GPU_PEAK_FLOPS
+from harness.runtime import device_name
 from harness.runtime import environment_info, resolve_device
 
 
@@ -22,7 +23,7 @@ def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
     """Add torch/CUDA/DALI/apex/git and the device name, so a compare across machines is visible in the JSON."""
     device = resolve_device()
     machine_info["torch_harness"] = environment_info(device)
-    machine_info["device_name"] = hardware_name(device)
+    machine_info["device_name"] = device_name(device)
     machine_info["cuda_device_count"] = torch.cuda.device_count()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

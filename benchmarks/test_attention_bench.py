@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from harness.bench import attention_shape
-from harness.metrics import BenchRecord, hardware_name, synchronize
+from harness.metrics import BenchRecord, synchronize
+from harness.runtime import device_name
 from harness.model import load_preset
 from kernels.attention import BACKENDS, attention, available_backends
 
@@ -34,7 +35,7 @@ def test_attention_fwd_bwd(benchmark, device, preset, shape, backend):
     rec = BenchRecord(suite="attention", case=f"attention/{shape}/{backend}/train", preset=preset,
                       frames=cfg.num_frames, img_size=cfg.img_size, batch=BATCH, mode="train", backend=backend,
                       precision="bf16" if dtype == torch.bfloat16 else "fp32", device=device.type,
-                      device_name=hardware_name(device),
+                      device_name=device_name(device),
                       flops_per_clip=3 * 4 * nseq * H * L * L * hd // BATCH,
                       extra={"shape": shape, "sequences": nseq, "heads": H, "seq_len": L, "head_dim": hd})
     if benchmark.stats is not None:

@@ -10,7 +10,8 @@ import torch
 from harness.bench import _build_model, _train_step_fn
 from harness.config import ATTENTION_TYPES
 from harness.counting import count_flops, count_params
-from harness.metrics import BenchRecord, gpu_peak_flops, hardware_name, is_oom, synchronize
+from harness.metrics import BenchRecord, gpu_peak_flops, is_oom, synchronize
+from harness.runtime import device_name
 from harness.model import load_preset
 from harness.runtime import autocast, precision_name, resolve_precision, seed_everything
 
@@ -27,7 +28,7 @@ def test_model_step(benchmark, device, preset, attention_type, mode):
     T, S = cfg.num_frames, cfg.img_size
     rec = BenchRecord(suite="model", case=f"model/{attention_type}/{mode}/{T}x{S}", attention_type=attention_type,
                       preset=preset, frames=T, img_size=S, batch=BATCH, precision=precision_name(dtype), mode=mode,
-                      device=device.type, device_name=hardware_name(device))
+                      device=device.type, device_name=device_name(device))
     rec.flops_per_clip = count_flops(cfg, mode=mode)
     if device.type == "cuda":
         rec.peak_flops, rec.peak_flops_source = gpu_peak_flops(rec.device_name, rec.precision)

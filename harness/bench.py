@@ -24,15 +24,15 @@ import time
 from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from harness.config import ATTENTION_TYPES, REPO_ROOT, ModelConfig, RootConfig, load_config, to_yaml
-from harness.metrics import BenchRecord, fill_throughput, gpu_peak_flops, hardware_name, is_oom
-from harness.metrics import measure_gemm_flops
-from harness.metrics import gemm_workload, peak_memory, reset_peak_memory, time_steps, time_steps_interleaved
-from harness.metrics import write_results
+from harness.metrics import (BenchRecord, fill_throughput, gemm_workload, gpu_peak_flops, is_oom, measure_gemm_flops,
+                             peak_memory, reset_peak_memory, time_steps, time_steps_interleaved, write_results)
+from harness.runtime import (autocast, device_name, environment_info, precision_name, resolve_device,
+                             resolve_precision, seed_everything)
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +154,12 @@ def _limit_address_space(limit_gb: float) -> None:
 
 
 def _new_record(spec: dict[str, Any], device: torch.device, precision: str) -> BenchRecord:
-    from harness.metrics import hardware_name
 
     return BenchRecord(
         suite=spec["suite"], case=case_name(spec), attention_type=spec.get("attention_type"),
         preset=spec.get("preset"), frames=spec.get("frames"), img_size=spec.get("img_size"), batch=spec.get("batch"),
         precision=precision, mode=spec.get("mode"), backend=spec.get("backend"), device=device.type,
-        device_name=hardware_name(device), peak_flops=spec.get("peak_flops"),
+        device_name=device_name(device), peak_flops=spec.get("peak_flops"),
         peak_flops_source=spec.get("peak_flops_source"),
     )
 
@@ -181,7 +180,6 @@ def _build_model(cfg: ModelConfig, device: torch.device, channels_last: bool) ->
 
 def _train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                    dtype: torch.dtype | None):
-    from harness.runtime import autocast
 
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     model.train()
@@ -196,28 +194,35 @@ def _train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dev
     return step
 
 
+def model_step(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, *, mode: str, batch: int,
+               frames: int, img_size: int, channels_last: bool) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """The model of ``cfg`` on ``device`` and one step on random (batch, 3, frames, img_size, img_size) input: a
+    train step (forward, backward, SGD step) for ``mode == "train"``, else an inference forward."""
+    model = _build_model(cfg, device, channels_last)
+    x = torch.randn(batch, 3, frames, img_size, img_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    if mode == "train":
+        return model, _train_step_fn(model, x, y, device, dtype)
+    model.eval()
+
+    def step() -> None:
+        with torch.inference_mode(), autocast(device, dtype):
+            model(x)
+
+    return model, step
+
+
 def run_model_case(spec: dict[str, Any], rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
     """Model-only train step (forward, backward, SGD step) or inference on synthetic input."""
     from harness.counting import count_flops, count_params
-    from harness.runtime import autocast
 
     T, S, B = spec["frames"], spec["img_size"], spec["batch"]
     cfg = _model_config(spec)
     rec.flops_per_clip = count_flops(cfg, batch=1, frames=T, img_size=S, mode=spec["mode"])
     base = reset_peak_memory(device)
-    model = _build_model(cfg, device, spec["channels_last"])
+    model, step = model_step(cfg, device, dtype, mode=spec["mode"], batch=B, frames=T, img_size=S,
+                             channels_last=spec["channels_last"])
     rec.params = count_params(model)
-    x = torch.randn(B, 3, T, S, S, device=device)
-    y = torch.randint(0, cfg.num_classes, (B,), device=device)
-    if spec["mode"] == "train":
-        step = _train_step_fn(model, x, y, device, dtype)
-    else:
-        model.eval()
-
-        def step() -> None:
-            with torch.inference_mode(), autocast(device, dtype):
-                model(x)
-
     times = _timed(step, rec, spec, device)
     rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
     fill_throughput(rec, times, clips_per_step=B, frames=T)
@@ -344,7 +349,6 @@ def run_e2e_case(spec: dict[str, Any], rec: BenchRecord, device: torch.device, d
     model = _build_model(cfg, device, spec["channels_last"])
     rec.params = count_params(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    from harness.runtime import autocast
 
     wait, compute, clips = [], [], 0
     want = 2 + spec["batches"]
@@ -397,7 +401,6 @@ def run_e2e_case(spec: dict[str, Any], rec: BenchRecord, device: torch.device, d
 
 def run_worker(spec: dict[str, Any]) -> BenchRecord:
     """Run one case in this (fresh) process and return its record; errors become ``oom``/``error`` records."""
-    from harness.runtime import environment_info, precision_name, resolve_precision, seed_everything
 
     device = torch.device(spec["device"])
     seed_everything(0)
@@ -557,7 +560,6 @@ def _int_list(s: str, flag: str) -> list[int]:
 def resolve(args: argparse.Namespace) -> tuple[RootConfig, str, torch.device]:
     """The config with CLI flags applied, the preset name and the device."""
     from harness.model import load_preset
-    from harness.runtime import resolve_device
 
     device = resolve_device()
     preset = args.preset or load_config(args.config).bench.preset or default_preset(device)
@@ -581,7 +583,6 @@ def resolve(args: argparse.Namespace) -> tuple[RootConfig, str, torch.device]:
 
 def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[float | None, str | None]:
     """The utilisation denominator: GPU table by name, else an fp32 GEMM measured now on this CPU."""
-    from harness.runtime import device_name
 
     if device.type == "cuda":
         return gpu_peak_flops(device_name(device), precision)
@@ -598,7 +599,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from tqdm import tqdm
 
-    from harness.runtime import environment_info, precision_name, resolve_precision
 
     cfg, preset, device = resolve(args)
     attns = attention_types(args.attn)
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started, "preset": preset, "attn": args.attn, "modes": modes, "batch": cfg.bench.batch_size,
         "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
         "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of a fresh process",
-        "hardware": hardware_name(device), "wall_s": time.perf_counter() - t0, "env": environment_info(device),
+        "hardware": device_name(device), "wall_s": time.perf_counter() - t0, "env": environment_info(device),
         "config": to_yaml(cfg),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
     }

@@ -161,7 +161,6 @@ class TrainConfig:
     checkpoint_period: int = 1
     keep_last: int = 3
     auto_resume: bool = True
-    finetune: bool = False  # load model.pretrained weights, start at epoch 0 with a fresh optimizer
     log_period: int = 10
     max_steps_per_epoch: int = 0  # 0 = the whole epoch (a cap for smoke runs)
     seed: int = 0

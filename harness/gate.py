@@ -63,11 +63,10 @@ def _time_block(fn, n: int, device: torch.device) -> float:
 
 def run_worker(spec: dict[str, Any]) -> BenchRecord:
     """One gate case in this fresh process: A B A B interleaved blocks, median of per-pair ratios."""
-    from harness.bench import _build_model, _train_step_fn
+    from harness.bench import model_step
     from harness.counting import count_flops, count_params
-    from harness.metrics import fill_throughput, hardware_name, peak_memory, reset_peak_memory, synchronize
-    from harness.runtime import (autocast, environment_info, precision_name, resolve_precision,
-                                 seed_everything)
+    from harness.metrics import fill_throughput, peak_memory, reset_peak_memory, synchronize
+    from harness.runtime import device_name, environment_info, precision_name, resolve_precision, seed_everything
 
     device = torch.device(spec["device"])
     if device.type == "cpu" and spec.get("threads"):
@@ -81,7 +80,7 @@ def run_worker(spec: dict[str, Any]) -> BenchRecord:
     rec = BenchRecord(suite="gate", case=f"gate/{spec['attention_type']}/{spec['mode']}",
                       attention_type=spec["attention_type"], preset=spec["preset"], frames=T, img_size=S, batch=B,
                       precision=precision_name(dtype), mode=spec["mode"], device=device.type,
-                      device_name=hardware_name(device), env=environment_info(device))
+                      device_name=device_name(device), env=environment_info(device))
     a = torch.randn(CALIB_N, CALIB_N, device=device)
     b = torch.randn(CALIB_N, CALIB_N, device=device)
 
@@ -90,18 +89,9 @@ def run_worker(spec: dict[str, Any]) -> BenchRecord:
 
     rec.flops_per_clip = count_flops(cfg, batch=1, mode=spec["mode"])
     base = reset_peak_memory(device)
-    model = _build_model(cfg, device, spec["channels_last"])
+    model, step = model_step(cfg, device, dtype, mode=spec["mode"], batch=B, frames=T, img_size=S,
+                             channels_last=spec["channels_last"])
     rec.params = count_params(model)
-    x = torch.randn(B, 3, T, S, S, device=device)
-    y = torch.randint(0, cfg.num_classes, (B,), device=device)
-    if spec["mode"] == "train":
-        step = _train_step_fn(model, x, y, device, dtype)
-    else:
-        model.eval()
-
-        def step() -> None:
-            with torch.inference_mode(), autocast(device, dtype):
-                model(x)
 
     # Warm-up, then size the blocks (or reuse the baseline's sizes so both sides run the same work).
     for _ in range(spec["warmup"]):

@@ -118,21 +118,6 @@ def read_results(path: str | Path) -> tuple[list[BenchRecord], dict[str, Any]]:
     return [BenchRecord.from_dict(r) for r in data["records"]], data.get("meta", {})
 
 
-def hardware_name(device: torch.device) -> str:
-    """The GPU name, or the CPU model from /proc/cpuinfo (``platform.processor()`` is often empty on Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 # ---------------------------------------------------------------------------------------------- timing
 
 def synchronize(device: torch.device) -> None:

@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import subprocess
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -76,8 +77,15 @@ def _git_sha() -> str:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU name, or the CPU model from /proc/cpuinfo (``platform.processor()`` is often empty on Linux)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 

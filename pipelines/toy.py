@@ -1,26 +1,32 @@
-"""The embedded toy dataset: short VP9 clips of a moving dot whose class is only visible over time.
+"""The embedded toy dataset: short VP9 clips of a dot that changes colour; the class is the order of the colours.
 
 ``python -m pipelines.toy --out data/toy`` writes ``{train,val,test}/*.webm``, Kinetics-format manifests
 ``train.csv``/``val.csv``/``test.csv`` (``path label``, space-separated, paths relative to the CSV's folder),
 ``classes.txt`` and ``spec.json``. Re-running with the same spec does nothing.
 
-Every clip shows one dot (colour A = red or B = green) on a random grey background, moving at a constant speed
-on a torus (it wraps around the edges, so its position in any frame is uniform whatever the class):
+Every clip shows one dot, at a random place on a random grey background, that changes colour twice, at random
+frames: it shows each of red, green and blue for a while. The class is the order of the three colours (6 classes,
+``red_green_blue`` ... ``blue_green_red``).
 
-* classes 0-3 (``moves_left/right/up/down``): the dot keeps one colour (A or B, 50/50) and moves that way;
-* classes 4-5 (``red_then_green``/``green_then_red``): the dot moves in a random one of the 4 directions and
-  switches colour once, at a random frame in the middle of the clip.
-
-So one frame (a dot of colour A or B somewhere) is consistent with every class: position, colour and background
-have the same distribution in all classes; only the direction of motion or the order of colours tells the class.
-Defaults: 64x64 px, 32 frames at 30 fps. With ``num_frames: 8, sampling_rate: 3`` (configs/data/toy.yaml) a clip
-spans 24 source frames; any such window holds >= 2 sampled frames on each side of a colour switch (switch frame in
-[12, 20]). Do not train with horizontal flips: a flip turns ``moves_left`` into ``moves_right``.
+So one frame, taken alone, is consistent with every class (its colour, the dot's position and the background have
+the same distribution in all classes), and so is the *set* of a clip's frames: every clip holds the three colours.
+Only the frame order tells the class. A model that averages per-frame features (``space_only``) is at chance by
+construction; one that models time (``divided_space_time``, ``joint_space_time``) can learn it. We tried motion as
+the temporal cue first (direction classes; a dot crossing the frame while changing colour): a model this small did
+not learn the direction of motion within the 10-minute budget (as the probe in issue 6 also found), and a moving
+dot leaks the middle colour to a frame-averaging model (it is the one drawn in the middle of the path), so the dot
+stands still.
+The three colours' shares of the sampled frames are exchangeable (a uniformly random split of the 8 sampled frames,
+>= 2 per colour), so even the share of each colour does not tell its place in the order. Defaults:
+32x32 px, 24 frames at 30 fps: with ``num_frames: 8, sampling_rate: 3`` (configs/data/toy.yaml) the clip is the
+whole video (no temporal jitter that would cut the first or last colour short); the splits are made for that
+sampling (``clip_frames``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -34,10 +40,11 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-CLASSES = ("moves_left", "moves_right", "moves_up", "moves_down", "red_then_green", "green_then_red")
-COLOURS = np.array([[220, 40, 40], [40, 200, 40]], dtype=np.float32)  # A = red, B = green
-DIRECTIONS = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.float32)  # (dx, dy) for left/right/up/down
-SPEC_VERSION = 2
+COLOUR_NAMES = ("red", "green", "blue")
+COLOURS = np.array([[220, 40, 40], [40, 200, 40], [50, 80, 230]], dtype=np.float32)
+ORDERS = tuple(itertools.permutations(range(3)))  # class k shows COLOURS[ORDERS[k][0]], then [1], then [2]
+CLASSES = tuple("_".join(COLOUR_NAMES[c] for c in order) for order in ORDERS)
+SPEC_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -45,17 +52,17 @@ class ToySpec:
     """Everything that determines the dataset's bytes (saved as spec.json; a match makes a re-run a no-op)."""
 
     seed: int = 0
-    size: int = 64
-    frames: int = 32
+    size: int = 32
+    frames: int = 24
     fps: int = 30
-    radius: float = 6.0
-    speed: tuple[float, float] = (1.0, 1.6)  # px per frame
-    switch: tuple[int, int] = (12, 20)  # colour-switch frame range (inclusive) for classes 4-5
-    train: int = 1000
+    radius: float = 4.0
+    clip_frames: int = 8  # frames a loader samples per clip (linspace over the whole video, configs/data/toy.yaml)
+    min_per_colour: int = 2  # fewest of those sampled frames that show one colour
+    train: int = 2048
     val: int = 200
     test: int = 200
     crf: int = 32
-    gop: int = 16
+    gop: int = 1  # all keyframes: no inter-frame artefact (a trace of the previous colour) tells the order
     version: int = SPEC_VERSION
 
 
@@ -64,31 +71,38 @@ def clip_params(spec: ToySpec, split: str, i: int) -> dict:
     split_id = ("train", "val", "test").index(split)
     rng = np.random.default_rng((spec.seed, split_id, i))
     label = int(i % len(CLASSES)) if split != "train" else int(rng.integers(len(CLASSES)))
-    if label < 4:
-        direction, colours, switch = label, [int(rng.integers(2))] * 2, spec.frames
-    else:
-        direction = int(rng.integers(4))
-        colours = [0, 1] if label == 4 else [1, 0]
-        switch = int(rng.integers(spec.switch[0], spec.switch[1] + 1))
-    return {"label": label, "direction": direction, "colours": colours, "switch": switch,
-            "start": rng.uniform(0, spec.size, size=2).tolist(),
-            "speed": float(rng.uniform(*spec.speed)),
+    # How many of the clip_frames sampled frames show the first, middle and last colour: uniform over all splits
+    # with >= min_per_colour each (stars and bars), so exchangeable; no colour's share of the clip tells its place.
+    # Counted on the frames the loader samples (linspace over the video, truncated, as pipelines.sampling): counted
+    # in source frames, the truncated grid's uneven gaps would leak the order to a frame-averaging model.
+    grid = np.linspace(0, spec.frames - 1, spec.clip_frames).astype(int)
+    free = spec.clip_frames - 3 * spec.min_per_colour
+    bars = np.sort(rng.choice(free + 2, 2, replace=False))
+    first = spec.min_per_colour + int(bars[0])
+    middle = spec.min_per_colour + int(bars[1] - bars[0] - 1)
+    # each switch falls at a random source frame after the last sampled frame of one colour, up to the first of the next
+    switches = [int(rng.integers(grid[k - 1] + 1, grid[k] + 1)) for k in (first, first + middle)]
+    lo = spec.radius + 1
+    return {"label": label, "colours": list(ORDERS[label]), "switches": switches,
+            "centre": rng.uniform(lo, spec.size - lo, size=2).tolist(),
             "background": float(rng.uniform(30, 110))}
 
 
+def colour_at(p: dict, t: int) -> int:
+    """The index into COLOURS of the dot's colour in frame ``t``."""
+    return p["colours"][sum(t >= s for s in p["switches"])]
+
+
 def render_clip(spec: ToySpec, p: dict) -> np.ndarray:
-    """Frames (F, S, S, 3) uint8 of one clip: an anti-aliased dot on a torus."""
+    """Frames (F, S, S, 3) uint8 of one clip: an anti-aliased dot."""
     S, F = spec.size, spec.frames
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5
     out = np.empty((F, S, S, 3), dtype=np.uint8)
-    step = DIRECTIONS[p["direction"]] * p["speed"]
     for t in range(F):
-        cx, cy = (np.asarray(p["start"], dtype=np.float32) + step * t) % S
-        dx = np.abs(xx - cx)
-        dy = np.abs(yy - cy)
-        dx, dy = np.minimum(dx, S - dx), np.minimum(dy, S - dy)  # torus distance
+        cx, cy = p["centre"]
+        dx, dy = xx - cx, yy - cy
         alpha = np.clip(spec.radius + 0.5 - np.sqrt(dx * dx + dy * dy), 0.0, 1.0)[..., None]
-        colour = COLOURS[p["colours"][0] if t < p["switch"] else p["colours"][1]]
+        colour = COLOURS[colour_at(p, t)]
         out[t] = (alpha * colour + (1 - alpha) * p["background"]).round().astype(np.uint8)
     return out
 
@@ -155,16 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.toy", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/toy", help="output folder (default data/toy)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64, help="frame width = height in px")
-    parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--train", type=int, default=1000, help="number of train clips")
+    parser.add_argument("--size", type=int, default=32, help="frame width = height in px")
+    parser.add_argument("--frames", type=int, default=24)
+    parser.add_argument("--train", type=int, default=2048, help="number of train clips")
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--workers", type=int, default=0, help="encoder processes (0 = one per CPU core)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.frames < 24 or args.size < 16:
-        parser.error("--frames must be >= 24 (the colour switch lies in frames 12-20) and --size >= 16")
+        parser.error("--frames must be >= 24 (configs/data/toy.yaml samples 8 frames at rate 3) and --size >= 16")
     spec = ToySpec(seed=args.seed, size=args.size, frames=args.frames, train=args.train, val=args.val,
                    test=args.test)
     generate(args.out, spec, workers=args.workers or None)

@@ -36,7 +36,7 @@ def make_toy(out: Path) -> Path:
     """A tiny toy dataset (32 train / 8 val / 8 test VP9 clips of 32x32 px, 16 frames)."""
     from pipelines.toy import ToySpec, generate
 
-    generate(out, ToySpec(size=32, frames=16, radius=3.0, switch=(6, 10), train=32, val=8, test=8), workers=1)
+    generate(out, ToySpec(frames=16, train=32, val=8, test=8), workers=1)
     return out
 
 

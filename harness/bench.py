@@ -334,6 +334,16 @@ def run_pipeline_case(spec: dict[str, Any], rec: BenchRecord, device: torch.devi
     rec.clips_per_s = clips / sum(timed)  # the last batch of an epoch may be smaller
     rec.images_per_s = rec.clips_per_s * rec.frames
     rec.extra["rejected"] = len(getattr(loader, "rejected", []))
+    rec.extra["decoded_frames"] = decoded_frames_per_clip(loader, spec["backend"])
+
+
+def decoded_frames_per_clip(loader, name: str, max_clips: int = 16) -> dict:
+    """Frames decoded per delivered clip for the loader's first ``max_clips`` clips of epoch 0: counted by decoding
+    with PyAV along the loader's decoder model, beside the model's estimate (``pipelines.decode_cost``)."""
+    from pipelines.decode_cost import measure_clips, strategy_for
+
+    strategy = strategy_for(name, getattr(loader, "backend", "cpu"))
+    return measure_clips([(p.path, p.frames) for p in loader.planner.plans(0)], strategy, max_clips)
 
 
 def run_e2e_case(spec: dict[str, Any], rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:

@@ -147,10 +147,8 @@ def test_bench_cli_rejects_bad_arguments():
 
 
 def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
-    """DALI and PyAV clips/s on the toy data, and the e2e verdict; needs the pipelines package's loaders."""
-    pipelines = pytest.importorskip("pipelines")
-    if not hasattr(pipelines, "build_loader") or not (REPO_ROOT / "pipelines" / "toy.py").exists():
-        pytest.skip("pipelines.build_loader / pipelines.toy not there yet")
+    """DALI and PyAV clips/s on the toy data with frames decoded per clip (counted = decoder model), and the e2e
+    verdict."""
     data = tmp_path / "toy"
     subprocess.run([sys.executable, "-m", "pipelines.toy", "--out", str(data)], check=True, cwd=REPO_ROOT,
                    timeout=300, capture_output=True)
@@ -162,6 +160,11 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     for r in recs:
         assert r.status == "ok", (r.case, r.message)
         assert r.clips_per_s > 0 and r.frames == 4 and r.img_size == 32
+        decoded = r.extra["decoded_frames"]
+        assert decoded["delivered_frames"] == 4 and decoded["clips"] == 16
+        assert decoded["counted_per_clip"] == pytest.approx(decoded["model_per_clip"])
+        assert 4 <= decoded["counted_per_clip"] <= 24  # a 24-frame video
+    assert [r.extra["decoded_frames"]["strategy"] for r in recs] == ["pyav", "from_start"]
     e2e = run_worker(_spec(suite="e2e", attention_type="divided_space_time", mode="train",
                            data_config=str(cfg_path), batches=2, threshold=0.1))
     assert e2e.status == "ok", e2e.message

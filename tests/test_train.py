@@ -53,8 +53,8 @@ def train_cmd(*args: str, nproc: int = 1) -> list[str]:
     return [PY, *entry, *args]
 
 
-def run(cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def run(cmd: list[str], timeout: int = 180, threads: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -242,3 +242,25 @@ def test_torchrun_two_processes_disjoint_shards_identical_weights(toy, tmp_path)
     assert end["event"] == "end" and len(end["param_digests"]) == 2
     assert end["param_digests"][0] == end["param_digests"][1]
     assert "gloo" in res.stderr
+
+
+@pytest.mark.slow
+def test_toy_recipe_divided_learns_the_order_space_only_cannot(tmp_path: Path) -> None:
+    """The embedded default end to end (issue 6): the real toy dataset and configs/exp/toy_divided_cpu.yaml through
+    the DALI CPU loader. Divided attention reaches >= 90% val top-1 (measured: 100% from epoch 16 of 40); the same
+    recipe with space-only attention stays near chance (1/6) because only the frame order tells the class."""
+    from pipelines.toy import generate
+
+    generate(tmp_path / "toy")
+    common = ["--config", "configs/exp/toy_divided_cpu.yaml", f"data.root={tmp_path / 'toy'}",
+              "data.validate_cache=none", "output.tensorboard=false"]
+    results = {}
+    for attn, extra in (("divided_space_time", []), ("space_only", ["solver.max_epoch=16"])):
+        out = tmp_path / attn
+        res = run(train_cmd(*common, f"model.attention_type={attn}", f"output.dir={out}", *extra), timeout=1500,
+                  threads=min(2, os.cpu_count() or 1))
+        assert res.returncode == 0, res.stderr[-3000:]
+        results[attn] = json.loads((out / "eval_val.json").read_text())["top1"]
+    print(f"toy val top-1: {results}")
+    assert results["divided_space_time"] >= 90.0, results
+    assert results["space_only"] <= 30.0, results

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         lines = (Path(args.data) / "train.csv").read_text().splitlines()[:args.toy_clips]
         (Path(tmp) / "toy.csv").write_text("\n".join(f"{Path(args.data).resolve()}/{line}" for line in lines) + "\n")
         toy = replace(toy, train_manifest=str(Path(tmp) / "toy.csv"), validate_cache="none", num_workers=2)
-        results.append(bench_dataset("toy 64x64, 8x3 frames, crop 64", toy, args.rounds))
+        name = f"toy, {toy.num_frames}x{toy.sampling_rate} frames, crop {toy.train_crop_size}"
+        results.append(bench_dataset(name, toy, args.rounds))
         manifest = make_vp9_clips(Path(tmp) / "vp9", args.vp9_clips)
         big = DataConfig(root=str(Path(tmp) / "vp9"), train_manifest=str(manifest), num_frames=8, sampling_rate=8,
                          train_jitter_scales=[256, 320], train_crop_size=224, random_flip=True, batch_size=8,

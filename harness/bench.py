@@ -154,7 +154,6 @@ def _limit_address_space(limit_gb: float) -> None:
 
 
 def _new_record(spec: dict[str, Any], device: torch.device, precision: str) -> BenchRecord:
-
     return BenchRecord(
         suite=spec["suite"], case=case_name(spec), attention_type=spec.get("attention_type"),
         preset=spec.get("preset"), frames=spec.get("frames"), img_size=spec.get("img_size"), batch=spec.get("batch"),
@@ -180,7 +179,6 @@ def _build_model(cfg: ModelConfig, device: torch.device, channels_last: bool) ->
 
 def _train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                    dtype: torch.dtype | None):
-
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     model.train()
 
@@ -411,7 +409,6 @@ def run_e2e_case(spec: dict[str, Any], rec: BenchRecord, device: torch.device, d
 
 def run_worker(spec: dict[str, Any]) -> BenchRecord:
     """Run one case in this (fresh) process and return its record; errors become ``oom``/``error`` records."""
-
     device = torch.device(spec["device"])
     seed_everything(0)
     dtype = resolve_precision(spec["precision"], device)
@@ -593,7 +590,6 @@ def resolve(args: argparse.Namespace) -> tuple[RootConfig, str, torch.device]:
 
 def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[float | None, str | None]:
     """The utilisation denominator: GPU table by name, else an fp32 GEMM measured now on this CPU."""
-
     if device.type == "cuda":
         return gpu_peak_flops(device_name(device), precision)
     rate = measure_gemm_flops(device, n=gemm_n)
@@ -608,7 +604,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from tqdm import tqdm
-
 
     cfg, preset, device = resolve(args)
     attns = attention_types(args.attn)

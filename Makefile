@@ -47,7 +47,7 @@ test-fast: $(STAMP)
 data: $(STAMP)
 	$(VPY) -m pipelines.toy --out data/toy
 
-bench: $(STAMP)
+bench: $(STAMP) data
 	$(VPY) -m harness.bench --attn $(ATTN) --mode $(MODE) $(if $(PRESET),--preset $(PRESET)) $(if $(FRAMES),--frames $(FRAMES)) $(if $(IMG),--img $(IMG)) $(if $(SUITES),--suites $(SUITES))
 
 bench-pytest: $(STAMP)

@@ -16,6 +16,7 @@ the temporal cue first (direction classes; a dot crossing the frame while changi
 not learn the direction of motion within the 10-minute budget (as the probe in issue 6 also found), and a moving
 dot leaks the middle colour to a frame-averaging model (it is the one drawn in the middle of the path), so the dot
 stands still.
+
 The three colours' shares of the sampled frames are exchangeable (a uniformly random split of the 8 sampled frames,
 >= 2 per colour), so even the share of each colour does not tell its place in the order. Defaults:
 32x32 px, 24 frames at 30 fps: with ``num_frames: 8, sampling_rate: 3`` (configs/data/toy.yaml) the clip is the

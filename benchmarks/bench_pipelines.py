@@ -19,13 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import av
 import numpy as np
 import torch
 
 from harness.config import REPO_ROOT, DataConfig, load_config
 from pipelines import build_loader
 from pipelines.base import ClipPlanner
+from pipelines.encode import write_video
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +41,7 @@ def write_clips(folder: Path, name: str, num: int, frames_of: Callable[[int], It
         lines.append(f"{path.name} {i % 4}")
         if path.exists():
             continue
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        with av.open(str(tmp), "w") as container:
-            stream = None
-            for img in frames_of(i):
-                if stream is None:
-                    stream = container.add_stream(codec, rate=fps)
-                    stream.height, stream.width = img.shape[:2]
-                    stream.pix_fmt, stream.options = "yuv420p", options
-                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        tmp.rename(path)
+        write_video(path, frames_of(i), codec, fps, options)
     manifest = folder / "train.csv"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest

@@ -121,22 +121,16 @@ def check_nccl() -> str:
 
 def write_h264_clips(folder: Path, count: int = 4, frames: int = 48, size: int = 96) -> Path:
     """Moving-gradient h264 mp4 clips and a Kinetics-style manifest (``path label``) pointing at them."""
-    import av
     import numpy as np
 
+    from pipelines.encode import write_video
+
+    yy, xx = np.mgrid[0:size, 0:size]
     lines = []
     for i in range(count):
         path = folder / f"clip{i}.mp4"
-        with av.open(str(path), "w") as container:
-            stream = container.add_stream("libx264", rate=30)
-            stream.width = stream.height = size
-            stream.pix_fmt = "yuv420p"
-            yy, xx = np.mgrid[0:size, 0:size]
-            for t in range(frames):
-                img = np.stack([(xx + 4 * t) % 256, (yy + 2 * t) % 256, np.full_like(xx, 40 * i)], -1)
-                frame = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode())
+        write_video(path, (np.stack([(xx + 4 * t) % 256, (yy + 2 * t) % 256, np.full_like(xx, 40 * i)], -1)
+                           .astype(np.uint8) for t in range(frames)), "libx264", fps=30)
         lines.append(f"{path} {i % 2}")
     manifest = folder / "train.csv"
     manifest.write_text("\n".join(lines) + "\n")

@@ -36,8 +36,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import av
 import numpy as np
+
+from pipelines.encode import write_video
+from pipelines.sampling import temporal_indices
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def clip_params(spec: ToySpec, split: str, i: int) -> dict:
     # with >= min_per_colour each (stars and bars), so exchangeable; no colour's share of the clip tells its place.
     # Counted on the frames the loader samples (linspace over the video, truncated, as pipelines.sampling): counted
     # in source frames, the truncated grid's uneven gaps would leak the order to a frame-averaging model.
-    grid = np.linspace(0, spec.frames - 1, spec.clip_frames).astype(int)
+    grid = temporal_indices(0, spec.frames - 1, spec.clip_frames, spec.frames)
     free = spec.clip_frames - 3 * spec.min_per_colour
     bars = np.sort(rng.choice(free + 2, 2, replace=False))
     first = spec.min_per_colour + int(bars[0])
@@ -111,17 +113,8 @@ def render_clip(spec: ToySpec, p: dict) -> np.ndarray:
 def write_webm(path: Path, frames: np.ndarray, fps: int, crf: int = 32, gop: int = 16) -> None:
     """Encode (F, H, W, 3) uint8 RGB frames as VP9 in WebM (libvpx-vp9, realtime speed), atomically; same frames
     give the same bytes."""
-    tmp = path.with_suffix(".tmp.webm")
-    with av.open(str(tmp), "w", options={"fflags": "+bitexact"}) as container:  # no random UIDs: same bytes
-        stream = container.add_stream("libvpx-vp9", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": str(crf), "b": "0", "g": str(gop)}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    os.replace(tmp, path)
+    write_video(path, frames, "libvpx-vp9", fps, bitexact=True,
+                options={"deadline": "realtime", "cpu-used": "8", "crf": str(crf), "b": "0", "g": str(gop)})
 
 
 def _make_one(args: tuple[ToySpec, str, int, str]) -> tuple[str, int]:

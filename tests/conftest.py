@@ -9,22 +9,14 @@ import av
 import numpy as np
 import pytest
 
+from pipelines.encode import write_video
+
 
 def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps: int = 30) -> Path:
     """Write (F, H, W, 3) uint8 RGB frames with PyAV (VP9 webm by default; ``libx264``/``mpeg4`` for mp4)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        if codec == "libvpx-vp9":
-            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "12", "b": "0", "g": "8"}
-        elif codec == "libx264":
-            stream.options = {"preset": "ultrafast", "crf": "18", "g": "8"}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    options = {"libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "12", "b": "0", "g": "8"},
+               "libx264": {"preset": "ultrafast", "crf": "18", "g": "8"}}.get(codec, {})
+    return write_video(path, frames, codec, fps, options)
 
 
 def textured_frames(num: int, height: int, width: int, seed: int) -> np.ndarray:

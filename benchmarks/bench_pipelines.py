@@ -4,7 +4,7 @@
 Each case is a loader built once; a round times one full epoch of it (from ``iter()`` to the last batch, so start-up
 and prefetch are inside the timing), and rounds interleave the cases (A B C A B C ...) so that load from other
 processes on a shared machine hits them alike. Reported: median clips/s per case and the ratios DALI / PyAV and
-DALI full graph / DALI decode-only (targets in issue 3: >= 1.1 and >= 0.9).
+DALI full graph / DALI decode-only.
 """
 
 from __future__ import annotations

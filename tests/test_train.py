@@ -246,7 +246,7 @@ def test_torchrun_two_processes_disjoint_shards_identical_weights(toy, tmp_path)
 
 @pytest.mark.slow
 def test_toy_recipe_divided_learns_the_order_space_only_cannot(tmp_path: Path) -> None:
-    """The embedded default end to end (issue 6): the real toy dataset and configs/exp/toy_divided_cpu.yaml through
+    """The embedded default end to end: the real toy dataset and configs/exp/toy_divided_cpu.yaml through
     the DALI CPU loader. Divided attention reaches >= 90% val top-1 (measured: 100% from epoch 16 of 40); the same
     recipe with space-only attention stays near chance (1/6) because only the frame order tells the class."""
     from pipelines.toy import generate

@@ -45,7 +45,7 @@ from pipelines.logs import setup_logging
 logger = logging.getLogger(__name__)
 
 # Default tolerance on the normalised throughput drop, from same-tree noise measured on this shared 2-vCPU machine
-# (README "Benchmarking"): 8 gate runs at cpu_bench (24 case results) against one baseline moved the normalised
+# (docs/benchmarking.md): 8 gate runs at cpu_bench (24 case results) against one baseline moved the normalised
 # images/s by at most 6.1%, two of them with a 2-thread GEMM hog alongside that cut raw images/s 3x; 9 tiny-preset
 # case results moved by at most 2.3%. 15% is about 2.5x the worst seen; a timing regression is re-measured once.
 DEFAULT_TOLERANCE = 0.15

@@ -51,6 +51,9 @@ class Outcome:
     returncode: int | None = None  # None after a timeout
     wall_s: float = 0.0
 
+    def __post_init__(self) -> None:
+        assert self.status in OUTCOMES, f"outcome {self.status!r} not in {OUTCOMES}"
+
 
 # What allocators say when they give up (torch's CPU allocator, CUDA, glibc's strerror, OpenBLAS).
 OOM_PHRASES = ("out of memory", "can't allocate memory", "cannot allocate memory", "memory allocation")

@@ -18,6 +18,8 @@ import pytest
 
 from harness.bench import resolve
 from harness.config import REPO_ROOT
+from harness.counting import count_flops
+from harness.model import load_preset
 from harness.profiling import run_profile
 
 
@@ -51,9 +53,13 @@ def test_profile_summary_numbers_are_consistent(divided_run):
     assert s.steps == 2 and s.step_ms > s.forward_ms > 0
     for name in ("attn/temporal", "attn/spatial"):
         assert 0 < s.range_share_of_step[name] < s.range_share_of_forward[name] < 1
-    assert s.top_ops and all(ms >= 0 for _, ms, _ in s.top_ops)
+    names = [name for name, _, _ in s.top_ops]
+    assert len(names) == len(set(names)) and all(calls >= 1 for _, _, calls in s.top_ops)
+    assert {"aten::addmm", "aten::mm"} & set(names), names  # the Linear layers are among the top ops
     assert s.top_ops == sorted(s.top_ops, key=lambda t: -t[1])
-    assert s.flops_per_step > 0 and s.peak_mem_bytes > 0
+    assert s.flops_per_step == count_flops(load_preset("tiny"), batch=resolve(preset="tiny")[0].bench.batch_size,
+                                           mode="train")
+    assert s.achieved_flops == pytest.approx(s.flops_per_step / (s.step_ms / 1e3)) and s.peak_mem_bytes > 0
 
 
 def test_joint_profile_reports_the_joint_range(tmp_path):

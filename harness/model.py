@@ -215,9 +215,6 @@ class TimeSformer(nn.Module):
         self.patch_embed.proj.to(memory_format=fmt)
         return self
 
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "time_embed"}
-
     def _pos_embed(self, num_tokens: int, Wp: int) -> torch.Tensor:
         """pos_embed, 2-D nearest-resized when the input's patch grid differs from construction's."""
         if num_tokens == self.pos_embed.size(1):

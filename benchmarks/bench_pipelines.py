@@ -26,6 +26,7 @@ from harness.config import REPO_ROOT, DataConfig, load_config
 from pipelines import build_loader
 from pipelines.base import ClipPlanner
 from pipelines.encode import write_video
+from pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench/pipelines.json")
     parser.add_argument("--data", default=str(REPO_ROOT / "data/toy"), help="toy dataset (make data)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING)
     torch.set_num_threads(1)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -251,7 +251,7 @@ def test_deterministic_mode_repeats_a_run_bit_for_bit(tmp_path):
               "data.train_crop_size=32", "data.batch_size=4", "data.synthetic_videos=16", "solver.max_epoch=2",
               "solver.global_batch_size=8", "solver.mixup_alpha=0.8", "solver.cutmix_alpha=1.0",
               "solver.label_smoothing=0.1", "solver.grad_clip=1.0", "model.drop_path_rate=0.2",
-              "train.eval_period=0", "train.deterministic=true", "output.tensorboard=false"]
+              "train.eval_period=0", "train.log_period=1", "train.deterministic=true", "output.tensorboard=false"]
     runs, losses = [], []
     for name in ("a", "b"):
         res = run(train_cmd(*common, f"output.dir={tmp_path / name}"))

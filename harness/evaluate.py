@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: put the repo root (not harness
 
 import torch
 
+from harness.checkpoint import CheckpointError
 from harness.config import RootConfig, load_config
 from harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed, setup_logging
 from harness.runtime import autocast, environment_info, resolve_precision
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{checkpoint}: {result['num_videos']} videos x {result.get('views_per_video')} views "
                   f"({result['ensemble']}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
                   f"mean class {result['mean_class_accuracy']}%  -> {out}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
     return 0

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from harness.checkpoint import load_weights
+from harness.checkpoint import CheckpointError, load_weights
 from harness.config import RootConfig, load_config, to_yaml
 from harness.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed, \
     setup_logging
@@ -461,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     info = init_distributed(cfg.dist)
     try:
         return Trainer(cfg, info).fit()
+    except CheckpointError as e:  # model.pretrained (or a resumed file) was refused or unreadable
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
 

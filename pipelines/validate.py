@@ -8,7 +8,7 @@ Probing a file (stat, open, demux every packet to count frames, decode the first
 with the container's declared duration to catch truncation) does not depend on the backend, so its result is
 cached in SQLite by (path, size, mtime) and a large manifest is probed once; files are probed in parallel
 processes. ``pipelines.build_loader`` runs the same check (``data.on_bad_video: error | skip``), because DALI's
-readers drop bad files silently and its decoder kills the pipeline on them (research/dali.md section 3).
+readers drop bad files silently and its decoder kills the pipeline on them.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# What DALI 2.4's decoders handle per device (research/dali.md section 1); PyAV decodes everything FFmpeg does.
-CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
+# The codecs DALI 2.4's video decoder handles per device (CPU: libavcodec's VP8/VP9/MJPEG; GPU: NVDEC);
+# None = PyAV, which decodes everything FFmpeg does.
+DECODABLE_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
           "gpu": {"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"},
           "pyav": None}
 _CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "libaom-av1": "av1", "h265": "hevc"}
@@ -106,7 +107,7 @@ def usable(info: VideoInfo, backend: str, min_frames: int) -> str:
     """Why ``info``'s video cannot be used by ``backend`` for clips of ``min_frames`` frames ("" = usable)."""
     if info.error:
         return info.error
-    allowed = CODECS[backend]
+    allowed = DECODABLE_CODECS[backend]
     if allowed is not None and info.codec not in allowed:
         return (f"codec {info.codec} is not decodable by DALI's {backend} backend (it decodes {sorted(allowed)}); "
                 f"re-encode (e.g. VP9) or use data.loader=pyav / a GPU")
@@ -188,8 +189,8 @@ def check_videos(paths: list[str], backend: str, num_frames: int, sampling_rate:
                  pad: bool = False, segment: bool = False, cache: str | Path | None = DEFAULT_CACHE,
                  workers: int = 0) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
     """Probe ``paths`` and judge them for ``backend``. Returns (infos in order, [(path, reason)] of the unusable)."""
-    if backend not in CODECS:
-        raise ValueError(f"backend={backend!r}; choose from {sorted(CODECS)}")
+    if backend not in DECODABLE_CODECS:
+        raise ValueError(f"backend={backend!r}; choose from {sorted(DECODABLE_CODECS)}")
     infos = probe_all(paths, cache, workers)
     rejected = []
     for info in infos:
@@ -212,13 +213,14 @@ def write_rejected(rejected: list[tuple[str, str]], path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.config import DataConfig
-    from pipelines.manifest import read_csv, read_kinetics, read_ssv2
+    from pipelines.config import MANIFEST_FORMATS, DataConfig
+    from pipelines.logs import setup_logging
+    from pipelines.manifest import read_entries
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.validate", description=__doc__.split("\n")[0])
     parser.add_argument("manifest", help="Kinetics-style 'path label' list, plain CSV, or SSv2 split JSON")
-    parser.add_argument("--format", choices=["kinetics", "csv", "ssv2"], default="kinetics")
-    parser.add_argument("--backend", choices=sorted(CODECS), default="cpu",
+    parser.add_argument("--format", choices=MANIFEST_FORMATS, default="kinetics")
+    parser.add_argument("--backend", choices=sorted(DECODABLE_CODECS), default="cpu",
                         help="decoder the files must suit: DALI cpu (VP8/VP9/MJPEG), DALI gpu, or pyav (any)")
     parser.add_argument("--frames", type=int, default=DataConfig.num_frames, help="T, frames per clip")
     parser.add_argument("--sampling-rate", type=int, default=DataConfig.sampling_rate)
@@ -230,15 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="SQLite probe cache ('' = none)")
     parser.add_argument("--workers", type=int, default=0, help="parallel probes (0 = one per CPU core)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
-        if args.format == "kinetics":
-            entries = read_kinetics(args.manifest, args.separator, args.path_prefix)
-        elif args.format == "csv":
-            entries = read_csv(args.manifest, args.path_prefix)
-        else:
-            labels = args.ssv2_labels or str(Path(args.manifest).parent / "something-something-v2-labels.json")
-            entries = read_ssv2(args.manifest, labels, args.path_prefix or Path(args.manifest).parent)
+        entries = read_entries(args.manifest, args.format, separator=args.separator, path_prefix=args.path_prefix,
+                               ssv2_labels=args.ssv2_labels)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -251,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = {p for p, _ in rejected}
     usable_paths = [e.path for e in entries if e.path not in bad]
     if usable_paths and args.format != "ssv2":  # frames decoded per clip, median and worst file (Kinetics sampling)
-        from pipelines.decode_cost import estimate_manifest_decode_cost, format_decode_cost
+        from pipelines.tools.decode_cost import estimate_manifest_decode_cost, format_decode_cost
 
         print(format_decode_cost(estimate_manifest_decode_cost(usable_paths, args.frames, args.sampling_rate,
                                                                args.target_fps, workers=args.workers, max_files=1000)))

@@ -11,6 +11,7 @@ still relative after that is taken relative to the manifest file's folder (so ``
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -142,6 +143,17 @@ def read_entries(path: str | Path, fmt: str = "kinetics", *, separator: str = " 
     if not entries:
         raise ValueError(f"manifest {path} lists no videos")
     return entries
+
+
+def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
+    """The manifest argument and options of every CLI that reads one (what ``read_entries`` takes)."""
+    parser.add_argument("manifest", help="Kinetics-style 'path label' list, plain CSV, or SSv2 split JSON")
+    parser.add_argument("--format", choices=MANIFEST_FORMATS, default="kinetics")
+    parser.add_argument("--separator", default=" ", help="Kinetics manifest separator (data.separator)")
+    parser.add_argument("--path-prefix", default="", help="joined before every manifest path (data.path_prefix); "
+                        "SSv2: the folder of the {id}.webm videos (default: the split JSON's folder)")
+    parser.add_argument("--ssv2-labels", default="", help="SSv2 labels JSON (default: "
+                        f"{SSV2_LABELS} beside the split JSON)")
 
 
 def manifest_path(cfg: DataConfig, split: str) -> Path:

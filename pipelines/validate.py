@@ -213,22 +213,18 @@ def write_rejected(rejected: list[tuple[str, str]], path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.config import MANIFEST_FORMATS, DataConfig
+    from pipelines.config import DataConfig
     from pipelines.logs import setup_logging
-    from pipelines.manifest import read_entries
+    from pipelines.manifest import add_manifest_arguments, read_entries
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.validate", description=__doc__.split("\n")[0])
-    parser.add_argument("manifest", help="Kinetics-style 'path label' list, plain CSV, or SSv2 split JSON")
-    parser.add_argument("--format", choices=MANIFEST_FORMATS, default="kinetics")
+    add_manifest_arguments(parser)
     parser.add_argument("--backend", choices=sorted(DECODABLE_CODECS), default="cpu",
                         help="decoder the files must suit: DALI cpu (VP8/VP9/MJPEG), DALI gpu, or pyav (any)")
     parser.add_argument("--frames", type=int, default=DataConfig.num_frames, help="T, frames per clip")
     parser.add_argument("--sampling-rate", type=int, default=DataConfig.sampling_rate)
     parser.add_argument("--target-fps", type=float, default=DataConfig.target_fps)
     parser.add_argument("--pad", action="store_true", help="accept videos shorter than the span (data.pad_short)")
-    parser.add_argument("--separator", default=" ", help="Kinetics manifest separator (data.separator)")
-    parser.add_argument("--path-prefix", default="", help="joined before every manifest path (data.path_prefix)")
-    parser.add_argument("--ssv2-labels", default="", help="SSv2 labels JSON (with --format ssv2)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="SQLite probe cache ('' = none)")
     parser.add_argument("--workers", type=int, default=0, help="parallel probes (0 = one per CPU core)")
     args = parser.parse_args(argv)

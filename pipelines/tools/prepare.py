@@ -31,10 +31,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipelines.config import MANIFEST_FORMATS
 from pipelines.files import atomic_write_text, remove_stale_temporaries
 from pipelines.logs import setup_logging
-from pipelines.manifest import SSV2_LABELS, read_entries
+from pipelines.manifest import SSV2_LABELS, add_manifest_arguments, read_entries
 from pipelines.tools.transcode import OUTPUT_CODECS, PrepareSpec, encoder_options, transcode
 
 logger = logging.getLogger(__name__)
@@ -245,9 +244,8 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.tools.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("manifest", help="Kinetics-style 'path label' list, plain CSV, or SSv2 split JSON")
+    add_manifest_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder (videos, new manifest, prepare.json)")
-    parser.add_argument("--format", choices=MANIFEST_FORMATS, default="kinetics")
     parser.add_argument("--short-side", type=int, default=256, help="resize the short side to this (0 = keep)")
     parser.add_argument("--codec", choices=sorted(OUTPUT_CODECS), default="vp9",
                         help="vp9 (.webm) or mjpeg (.avi): DALI CPU+GPU; h264/hevc (.mp4): DALI GPU / PyAV only")
@@ -257,9 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=None,
                         help="crf for vp9/h264/hevc (default 32/23/28), qscale 2-31 for mjpeg (default 4)")
     parser.add_argument("--workers", type=int, default=0, help="encoder processes (0 = one per CPU core)")
-    parser.add_argument("--separator", default=" ", help="Kinetics manifest separator (data.separator)")
-    parser.add_argument("--path-prefix", default="", help="joined before every manifest path (data.path_prefix)")
-    parser.add_argument("--ssv2-labels", default="", help="SSv2 labels JSON (with --format ssv2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     setup_logging()

@@ -15,8 +15,7 @@ import torch
 from pipelines.base import ClipPlanner, Loader, Video
 from pipelines.config import DataConfig
 from pipelines.manifest import VideoEntry, read_manifest
-from pipelines.validate import (DEFAULT_CACHE, DECODABLE_CODECS, VideoInfo, check_videos, required_frames, usable,
-                                write_rejected)
+from pipelines.validate import DECODABLE_CODECS, DEFAULT_CACHE, check_videos, judge, write_rejected
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +36,6 @@ def dali_available() -> str:
     except ImportError as e:
         return f"nvidia.dali is not importable ({e})"
     return ""
-
-
-def _judge(infos: list[VideoInfo], cfg: DataConfig, backend: str) -> list[tuple[str, str]]:
-    out = []
-    for info in infos:
-        need = required_frames(info, cfg.num_frames, cfg.sampling_rate, cfg.target_fps, cfg.pad_short,
-                               cfg.format == "ssv2")
-        reason = usable(info, backend, need)
-        if reason:
-            out.append((info.path, reason))
-    return out
 
 
 def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "cpu", rank: int = 0,
@@ -72,11 +60,16 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     infos, _ = check_videos([e.path for e in entries], "pyav", cfg.num_frames, cfg.sampling_rate, cfg.target_fps,
                             cfg.pad_short, cfg.format == "ssv2", cache=cache, workers=max(1, cfg.num_workers))
     loader_kind, backend = cfg.loader, resolve_backend(cfg, device)
+
+    def rejected_by(decoder: str) -> list[tuple[str, str]]:
+        return judge(infos, decoder, cfg.num_frames, cfg.sampling_rate, cfg.target_fps, cfg.pad_short,
+                     cfg.format == "ssv2")
+
     if loader_kind == "auto":
         why = dali_available()
         if not why:
-            pyav_ok = {p for p, _ in _judge(infos, cfg, "pyav")}
-            dali_only = [(p, r) for p, r in _judge(infos, cfg, backend) if p not in pyav_ok]
+            pyav_ok = {p for p, _ in rejected_by("pyav")}
+            dali_only = [(p, r) for p, r in rejected_by(backend) if p not in pyav_ok]
             if dali_only:
                 codecs = sorted({i.codec for i in infos if i.path in {p for p, _ in dali_only}})
                 why = (f"{len(dali_only)} video(s) use codecs {codecs} that DALI's {backend} backend does not decode "
@@ -88,7 +81,7 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
             logger.info("data.loader=auto: using DALI (%s backend)", backend)
     if loader_kind == "dali" and (why := dali_available()):
         raise RuntimeError(f"data.loader=dali but {why}; use data.loader=pyav")
-    rejected = _judge(infos, cfg, backend if loader_kind == "dali" else "pyav")
+    rejected = rejected_by(backend if loader_kind == "dali" else "pyav")
     if rejected:
         what = f"{len(rejected)} of {len(entries)} videos in the {split} manifest cannot be used"
         listing = "\n".join(f"  {p}: {r}" for p, r in rejected[:10]) + ("\n  ..." if len(rejected) > 10 else "")

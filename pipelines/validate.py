@@ -192,24 +192,32 @@ def check_videos(paths: list[str], backend: str, num_frames: int, sampling_rate:
     if backend not in DECODABLE_CODECS:
         raise ValueError(f"backend={backend!r}; choose from {sorted(DECODABLE_CODECS)}")
     infos = probe_all(paths, cache, workers)
+    return infos, judge(infos, backend, num_frames, sampling_rate, target_fps, pad, segment)
+
+
+def judge(infos: list[VideoInfo], backend: str, num_frames: int, sampling_rate: int, target_fps: float = 30,
+          pad: bool = False, segment: bool = False) -> list[tuple[str, str]]:
+    """[(path, reason)] of the probed videos that ``backend`` cannot use for these clips."""
     rejected = []
     for info in infos:
-        need = required_frames(info, num_frames, sampling_rate, target_fps, pad, segment)
-        reason = usable(info, backend, need)
+        reason = usable(info, backend, required_frames(info, num_frames, sampling_rate, target_fps, pad, segment))
         if reason:
             rejected.append((info.path, reason))
-    return infos, rejected
+    return rejected
 
 
 def write_rejected(rejected: list[tuple[str, str]], path: str | Path) -> None:
-    """``path,reason`` CSV of the rejected videos."""
+    """``path,reason`` CSV of the rejected videos (written atomically)."""
     import csv
+    import io
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "reason"])
-        writer.writerows(rejected)
+    from pipelines.files import atomic_write_text
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "reason"])
+    writer.writerows(rejected)
+    atomic_write_text(path, text.getvalue(), fsync=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,7 +152,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     proc = subprocess.Popen([PY, "-c", KILL_DURING_SAVE, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "saving"
-        tmp_files = list((tmp_path / "checkpoints").glob(".checkpoint_epoch_00002.pyth.*.tmp"))
+        tmp_files = list((tmp_path / "checkpoints").glob(".checkpoint_epoch_00002.*.tmp.pyth"))
         assert tmp_files, "the second save should be in flight"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

@@ -298,7 +298,7 @@ def _build_loader(spec: dict[str, Any], device: torch.device, loader: str):
     data = replace(_load_data_config(spec), loader=loader)  # the experiment's own batch size and crop
     root = Path(data.root) if os.path.isabs(data.root) else REPO_ROOT / data.root
     if not root.exists():
-        raise FileNotFoundError(f"no data at {root}: run `make data` (python -m pipelines.toy --out data/toy)")
+        raise FileNotFoundError(f"no data at {root}: run `make data` (python -m pipelines.tools.toy --out data/toy)")
     return build_loader(data, "train", device=device), data
 
 
@@ -337,8 +337,8 @@ def run_pipeline_case(spec: dict[str, Any], rec: BenchRecord, device: torch.devi
 
 def decoded_frames_per_clip(loader, name: str, max_clips: int = 16) -> dict:
     """Frames decoded per delivered clip for the loader's first ``max_clips`` clips of epoch 0: counted by decoding
-    with PyAV along the loader's decoder model, beside the model's estimate (``pipelines.decode_cost``)."""
-    from pipelines.decode_cost import measure_clips, strategy_for
+    with PyAV along the loader's decoder model, beside the model's estimate (``pipelines.tools.decode_cost``)."""
+    from pipelines.tools.decode_cost import measure_clips, strategy_for
 
     strategy = strategy_for(name, getattr(loader, "backend", "cpu"))
     return measure_clips([(p.path, p.frames) for p in loader.planner.plans(0)], strategy, max_clips)

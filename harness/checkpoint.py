@@ -28,21 +28,21 @@ import collections
 import io
 import logging
 import math
-import os
 import pickle
 import pickletools
 import re
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from harness.config import ModelConfig
+from harness.embeddings import resize_pos_embed, resize_time_embed
+from pipelines.files import atomic_path
+from pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -315,34 +315,6 @@ def unwrap_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str
     return sd, fmt
 
 
-def resize_pos_embed(pos: torch.Tensor, num_patches: int, grid: tuple[int, int] | None = None, mode: str = "2d"):
-    """Resize a (1, 1+N0, D) position embedding to 1+num_patches tokens by nearest interpolation.
-
-    ``2d`` resizes the square patch grid (the better choice, as forward does at run time); ``1d`` interpolates the
-    flattened sequence like the original ``load_pretrained``, which repeats raster tokens and scrambles the 2-D
-    layout (224->448: new token j takes old token j // 4).
-    """
-    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
-    if mode == "1d":
-        patch_pos = F.interpolate(patch_pos.transpose(1, 2), size=num_patches, mode="nearest").transpose(1, 2)
-    elif mode == "2d":
-        P = int(math.isqrt(patch_pos.size(1)))
-        assert P * P == patch_pos.size(1), f"pos_embed grid of {patch_pos.size(1)} tokens is not square"
-        if grid is None:
-            side = math.isqrt(num_patches)
-            grid = (side, side)
-        g = patch_pos.transpose(1, 2).reshape(1, -1, P, P)
-        patch_pos = F.interpolate(g, size=grid, mode="nearest").flatten(2).transpose(1, 2)
-    else:
-        raise ValueError(f"pos_resize={mode!r}; choose '2d' or '1d'")
-    return torch.cat([cls_pos, patch_pos], dim=1)
-
-
-def resize_time_embed(time_embed: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(1, T0, D) -> (1, num_frames, D) by 1-D nearest interpolation (as the original loaders do)."""
-    return F.interpolate(time_embed.transpose(1, 2), size=num_frames, mode="nearest").transpose(1, 2)
-
-
 @dataclass
 class LoadReport:
     """What ``load_weights`` did, key by key."""
@@ -436,24 +408,10 @@ def load_weights(
 # --------------------------------------------------------------------------------------------------------------
 # Saving.
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """torch.save through ``pipelines.files.atomic_path`` (temporary file, fsync, rename): a crash never leaves half
+    a file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def pyth_state(model: torch.nn.Module) -> collections.OrderedDict[str, torch.Tensor]:
@@ -549,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     p_convert.add_argument("dst", help="*.pyth (original layout) or *.safetensors (Hugging Face keys with --hf)")
     p_convert.add_argument("--hf", action="store_true", help="write Hugging Face Timesformer key names")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    setup_logging(logging.WARNING)
     try:
         if args.cmd == "inspect":
             return _inspect_files(args.files, show_keys=not args.no_keys)

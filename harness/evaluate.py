@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import replace
@@ -27,8 +26,9 @@ import torch
 
 from harness.checkpoint import CheckpointError
 from harness.config import RootConfig, load_config
-from harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed, setup_logging
+from harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from harness.runtime import autocast, environment_info, resolve_precision
+from pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    setup_logging(int(os.environ.get("RANK", "0")))
+    setup_logging()  # rank from torchrun's RANK
     info = init_distributed(cfg.dist)
     try:
         checkpoint = find_checkpoint(cfg, args.checkpoint)

@@ -37,12 +37,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from harness.checkpoint import CheckpointError, load_weights
 from harness.config import RootConfig, load_config, to_yaml
-from harness.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed, \
-    setup_logging
+from harness.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from harness.evaluate import accuracy_report, class_names_for, score_loader
 from harness.model import create_model
 from harness.optim import build_optimizer, lr_at, set_lr
 from harness.runtime import environment_info, precision_name, resolve_precision, seed_everything, autocast
+from pipelines.logs import setup_logging
 from harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -457,7 +457,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    setup_logging(int(os.environ.get("RANK", "0")))
+    setup_logging()  # rank from torchrun's RANK
     info = init_distributed(cfg.dist)
     try:
         return Trainer(cfg, info).fit()

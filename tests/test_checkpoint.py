@@ -15,7 +15,6 @@ from harness.checkpoint import (
     load_file,
     load_weights,
     original_to_hf,
-    resize_pos_embed,
     save_pyth,
 )
 from harness.model import TimeSformer
@@ -136,14 +135,6 @@ def test_imagenet_vit_conversion(tmp_path: Path) -> None:
     model2d = TimeSformer(**{**TINY, "img_size": 64})
     load_weights(model2d, path, pos_resize="2d")
     assert model2d.pos_embed[0, 1:9, 0].tolist() == [1, 1, 2, 2, 3, 3, 4, 4]
-
-
-def test_resize_pos_embed_modes() -> None:
-    pos = torch.arange(5, dtype=torch.float32).reshape(1, 5, 1)  # CLS + 2x2 grid
-    assert resize_pos_embed(pos, 16, mode="1d")[0, :, 0].tolist() == [0] + [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
-    assert resize_pos_embed(pos, 16, mode="2d")[0, 1:5, 0].tolist() == [1, 1, 2, 2]
-    with pytest.raises(ValueError, match="pos_resize='3d'"):
-        resize_pos_embed(pos, 16, mode="3d")
 
 
 def test_inspect_and_convert_cli(tmp_path: Path) -> None:

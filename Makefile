@@ -47,7 +47,7 @@ test-fast: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 data: $(STAMP)
-	$(VPY) -m pipelines.toy --out data/toy
+	$(VPY) -m pipelines.tools.toy --out data/toy
 
 bench: $(STAMP) data
 	$(VPY) -m harness.bench --attn $(ATTN) --mode $(MODE) $(if $(PRESET),--preset $(PRESET)) $(if $(FRAMES),--frames $(FRAMES)) $(if $(IMG),--img $(IMG)) $(if $(SUITES),--suites $(SUITES))

@@ -22,11 +22,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from harness.config import REPO_ROOT, DataConfig, load_config
+from harness.config import REPO_ROOT, load_config
 from pipelines import build_loader
 from pipelines.base import ClipPlanner
-from pipelines.encode import write_video
+from pipelines.config import DataConfig
 from pipelines.logs import setup_logging
+from pipelines.tools.encode import write_video
 
 logger = logging.getLogger(__name__)
 

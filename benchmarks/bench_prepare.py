@@ -4,13 +4,13 @@
 [--out runs/bench/prepare.json]``
 
 Sources: ``--videos`` generated 10 s, 30 fps, 320x240 H.264 clips (x264's default keyint 250, like typical web
-video; a camera panning over a detailed texture, plus noise). ``pipelines.prepare`` turns them (size kept) into
+video; a camera panning over a detailed texture, plus noise). ``pipelines.tools.prepare`` turns them (size kept) into
 
 * VP9, long GOP (keyframe every 250 frames: the source's structure, one GOP spans nearly the whole clip),
 * VP9, GOP = sampling rate (32),
 * MJPEG, intra-only.
 
-For each: file size, the decode-cost estimate (``pipelines.decode_cost``, DALI's seek model; expectation over train
+For each: file size, the decode-cost estimate (``pipelines.tools.decode_cost``, DALI's seek model; expectation over train
 starts), the frames PyAV actually decodes for this epoch's clips following the same seeks, and DALI CPU train clips/s
 (full graph: decode + crop + resize 224 + normalise) and decode-only, each a median over interleaved epochs (A B C
 A B C ...) so that load from other processes hits the variants alike. Generated data is kept in ``--data`` and
@@ -31,11 +31,13 @@ from typing import Iterator
 import numpy as np
 
 from benchmarks.bench_pipelines import epoch_rate, write_clips
-from harness.config import REPO_ROOT, DataConfig
+from harness.config import REPO_ROOT
 from pipelines import sampling
-from pipelines.decode_cost import STRATEGIES, count_decoded_frames, estimate, read_gop
+from pipelines.config import DataConfig
 from pipelines.logs import setup_logging
-from pipelines.prepare import PrepareSpec, prepare
+from pipelines.tools.decode_cost import STRATEGIES, count_decoded_frames, estimate, read_gop
+from pipelines.tools.prepare import prepare
+from pipelines.tools.transcode import PrepareSpec
 
 logger = logging.getLogger(__name__)
 

@@ -13,79 +13,191 @@ Then time_embed is 1-D nearest-resized to the model's frames, pos_embed nearest-
 the head dropped (with a warning) when the class count differs. ``strict=True`` fails, naming every key, when
 anything else is missing, unexpected or of the wrong shape.
 
-Safety: ``torch.load(weights_only=True)`` first. Original files whose ``cfg`` entry is a config object (a yacs
-``CfgNode``) are then read by a restricted unpickler that admits tensors, containers and primitives, and reads
-known config classes as plain dicts; any other global (a ``__reduce__`` payload, say) is refused before it runs.
+Safety: every file but ``.safetensors`` is read by ``torch.load(weights_only=True)``, whose unpickler builds only
+tensors, containers and primitives and refuses any other global before it is called. Original files whose ``cfg``
+is a pickled yacs/fvcore ``CfgNode`` load through torch's own allowlist (``torch.serialization.safe_globals``,
+scoped to the call) with a stand-in that only stores data; the config comes back as a plain dict. A file in neither
+of torch.save's formats (zip, or legacy with its magic number first) is refused before any unpickling. Refusals
+raise ``CheckpointError`` naming the file and what it held or tried to import. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import io
 import logging
 import math
-import os
 import pickle
+import pickletools
 import re
 import sys
-import tempfile
-import types
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from harness.config import ModelConfig
+from harness.embeddings import resize_pos_embed, resize_time_embed
+from pipelines.files import atomic_path
+from pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
-# Config classes that old checkpoints pickle as their `cfg` entry; read as plain dicts, never imported.
-_CONFIG_CLASSES = {("yacs.config", "CfgNode"), ("fvcore.common.config", "CfgNode"), ("slowfast.config.defaults", "CfgNode"),
-                   ("timesformer.config.defaults", "CfgNode")}
-_TORCH_REBUILDS = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                   "_rebuild_parameter_with_state", "_rebuild_device_tensor_from_numpy"}
-_SAFE_BUILTINS = {"set", "frozenset", "complex", "slice", "bytearray", "tuple", "list", "dict"}
+# Config classes that original checkpoints pickle as their ``cfg`` entry. torch's weights-only unpickler admits
+# these names, and only these, as ``_ConfigNode``: the classes are never imported and no code of theirs runs.
+_CONFIG_CLASSES = ("yacs.config.CfgNode", "fvcore.common.config.CfgNode", "slowfast.config.defaults.CfgNode",
+                   "timesformer.config.defaults.CfgNode")
+_ADVICE = ("Only tensors, containers and primitives (and yacs/fvcore CfgNode configs) are loaded; if you trust "
+           "the file, re-save its weights with a trusted tool (a plain state dict, or .safetensors)")
+# Globals that torch.save itself writes, and the configs; left out when naming what a refused file asks for.
+_KNOWN_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", *_CONFIG_CLASSES)
 
 
-class _PlainConfig(dict):
-    """Stands in for a pickled config object: its items and attributes land in a dict; no code of it runs."""
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, dict):
-            self.update({k: v for k, v in state.items() if not str(k).startswith("__")})
+class CheckpointError(ValueError):
+    """A checkpoint file that was refused (it holds code or objects we do not load) or is not a checkpoint."""
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits tensors (via torch's rebuild helpers), containers and primitives; refuses every other global."""
+class _ConfigNode:
+    """Stand-in for a pickled ``CfgNode``: unpickling one makes a ``collections.Counter``, which ``_plain`` turns
+    into a plain dict.
 
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _CONFIG_CLASSES:
-            return _PlainConfig
-        if module == "torch._utils" and name in _TORCH_REBUILDS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) in {("torch", "Size"), ("collections", "OrderedDict"), ("_codecs", "encode"),
-                              ("torch", "device")}:
-            return super().find_class(module, name)
-        if module == "builtins" and name in _SAFE_BUILTINS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to unpickle global {module}.{name}: only tensors, containers and primitives are allowed"
-        )
+    A ``CfgNode`` (a dict subclass) pickles as NEWOBJ (make it), SETITEMS (its keys) and BUILD (its ``__dict__``:
+    ``__immutable__`` and similar flags). torch's unpickler lets SETITEMS fill only an exact dict, OrderedDict or
+    Counter, and BUILD on a Counter only stores the state in the instance's ``__dict__``. torch.save writes no
+    Counter for weights (unlike OrderedDict), so the loader turns every Counter into a plain dict.
+    """
+
+    def __new__(cls, *args: Any) -> collections.Counter:  # type: ignore[misc]
+        return collections.Counter()
 
 
-_restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=pickle.load, __name__="restricted_pickle")
+def _plain(obj: Any) -> Any:
+    """``obj`` with every config node (a Counter, see ``_ConfigNode``) replaced by a plain dict, recursively."""
+    if isinstance(obj, collections.Counter):
+        return {k: _plain(v) for k, v in dict.items(obj)}
+    if isinstance(obj, dict):  # a dict or OrderedDict: keep it (and its _metadata), replace changed values
+        changed = {k: new for k, v in dict.items(obj) if (new := _plain(v)) is not v}
+        for k, new in changed.items():
+            obj[k] = new
+        return obj
+    if type(obj) is list:
+        return [_plain(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_plain(v) for v in obj)
+    return obj
+
+
+def _pickle_globals(data: bytes, start: int = 0) -> tuple[list[str], bool, int]:
+    """Read the pickle at ``data[start:]`` opcode by opcode (``pickletools.genops``: nothing is built, imported or
+    run). Returns the ``module.name`` globals it names, whether it is exactly torch's legacy magic number, and
+    where it ends (0 when it does not end within ``data``)."""
+    names: list[str] = []
+    ops: list[tuple[str, Any]] = []
+    strings: list[str] = []  # STACK_GLOBAL (protocol 4+) names the two strings pushed before it
+    memo: dict[int, str] = {}  # memo index -> string, to follow BINGET back to a module or class name
+    end = memoized = 0
+    stream = io.BytesIO(data)
+    stream.seek(start)
+    try:
+        for op, arg, pos in pickletools.genops(stream):
+            ops.append((op.name, arg))
+            if op.name in ("GLOBAL", "INST"):
+                module, _, name = arg.partition(" ")
+                names.append(f"{'builtins' if module == '__builtin__' else module}.{name}")  # as Python 3 reads it
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str) and "UNICODE" in op.name:
+                strings.append(arg)
+            elif op.name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                index = memoized if op.name == "MEMOIZE" else arg
+                memoized += op.name == "MEMOIZE"
+                if len(ops) > 1 and "UNICODE" in ops[-2][0]:
+                    memo[index] = ops[-2][1]
+            elif op.name in ("BINGET", "LONG_BINGET") and arg in memo:
+                strings.append(memo[arg])
+            elif op.name == "STOP":
+                end = pos + 1
+    except Exception:  # noqa: BLE001 - not a pickle, or one longer than data: report what was seen
+        pass
+    values = [arg for name, arg in ops if name not in ("PROTO", "FRAME", "STOP")]
+    return names, bool(end) and values == [torch.serialization.MAGIC_NUMBER], end
+
+
+def _foreign_globals(path: Path) -> list[str]:
+    """The globals a torch file's pickles name, less those torch.save itself writes (opcodes parsed, nothing run)."""
+    names: list[str] = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for member in (n for n in archive.namelist() if n.endswith("data.pkl")):
+                names += _pickle_globals(archive.read(member))[0]
+    else:  # legacy: magic number, protocol version, system info, the object, its storage keys; then raw storages
+        with open(path, "rb") as f:
+            data = f.read(64 << 20)
+        start = 0
+        for _ in range(5):
+            found, _magic, start = _pickle_globals(data, start)
+            names += found
+            if not start:
+                break
+    return [n for n in dict.fromkeys(names) if not n.startswith(_KNOWN_GLOBALS)]
+
+
+def _check_torch_format(path: Path) -> None:
+    """Refuse, before any unpickling, a file in neither of torch.save's formats (a zip archive holding ``data.pkl``,
+    or the legacy format, whose first pickle is torch's magic number), and TorchScript archives."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise CheckpointError(f"{path} is not a torch checkpoint: a truncated or damaged zip archive") from None
+        if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in members):
+            raise CheckpointError(f"{path} is a TorchScript archive, a program rather than a checkpoint: refused, "
+                                  f"nothing in it was run. {_ADVICE}.")
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in members):
+            raise CheckpointError(f"{path} is not a torch checkpoint: a zip archive without data.pkl")
+        return
+    names, is_magic, _ = _pickle_globals(head)
+    if is_magic:
+        return
+    what = f"a pickle that imports {', '.join(dict.fromkeys(names))}" if names else f"it starts with {head[:16]!r}"
+    raise CheckpointError(f"{path} is not a torch checkpoint (neither torch.save's zip format nor its legacy format: "
+                          f"{what}); nothing in it was run")
+
+
+def _torch_reason(err: Exception) -> str:
+    """torch's reason for refusing (or failing on) a file, without its advice to load the file unsafely."""
+    text = str(err).split("WeightsUnpickler error:")[-1].split("\n\nCheck the documentation")[0]
+    text = text.replace(torch.serialization.UNSAFE_MESSAGE, "").replace("Weights only load failed.", "")
+    reason = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    reason = reason.split(" Please use `torch.serialization")[0].rstrip(". ")
+    if isinstance(err, pickle.UnpicklingError):
+        return reason or "refused by torch's weights-only unpickler"
+    return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+
+
+def _refusal(path: Path, err: pickle.UnpicklingError) -> CheckpointError:
+    """The error for a file torch's weights-only unpickler refused: torch's reason (it names the global it met)
+    plus the other globals the file names."""
+    reason = _torch_reason(err)
+    names = [n for n in _foreign_globals(path) if n not in reason]
+    if names:
+        reason += f"; it {'also ' if 'GLOBAL' in reason else ''}names {', '.join(names)}"
+    return CheckpointError(f"{path}: refused, nothing in it was run: {reason}. {_ADVICE}.")
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file into a dict of tensors/primitives, safely (see module docstring).
+    """Read a checkpoint file into a dict of tensors, containers and primitives, safely (see module docstring).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a readable checkpoint, or it carries code; the message names the file.
+        CheckpointError: the file is not a torch checkpoint, is truncated, or holds anything but tensors, containers,
+            primitives and config nodes (code, say); the message names the file and what it held.
     """
     path = Path(path)
     if not path.is_file():
@@ -93,20 +205,22 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as load_safetensors
 
-        return dict(load_safetensors(str(path)))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as first:
-        logger.warning("%s has non-tensor objects (%s); reading it with the restricted unpickler",
-                       path, str(first).splitlines()[0][:200])
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{path}: not loaded, it carries code or objects we do not unpickle ({e})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
+            return dict(load_safetensors(str(path)))
+        except Exception as e:  # noqa: BLE001 - safetensors holds no code; any failure is a bad file
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    _check_torch_format(path)
+    try:
+        with torch.serialization.safe_globals([(_ConfigNode, name) for name in _CONFIG_CLASSES]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _plain(obj)
+    except pickle.UnpicklingError as e:
+        raise _refusal(path, e) from None
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler ran no code of the file; any failure is a bad file
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): "
+                              f"{_torch_reason(e)}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
     return obj
 
 
@@ -201,34 +315,6 @@ def unwrap_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str
     return sd, fmt
 
 
-def resize_pos_embed(pos: torch.Tensor, num_patches: int, grid: tuple[int, int] | None = None, mode: str = "2d"):
-    """Resize a (1, 1+N0, D) position embedding to 1+num_patches tokens by nearest interpolation.
-
-    ``2d`` resizes the square patch grid (the better choice, as forward does at run time); ``1d`` interpolates the
-    flattened sequence like the original ``load_pretrained``, which repeats raster tokens and scrambles the 2-D
-    layout (224->448: new token j takes old token j // 4).
-    """
-    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
-    if mode == "1d":
-        patch_pos = F.interpolate(patch_pos.transpose(1, 2), size=num_patches, mode="nearest").transpose(1, 2)
-    elif mode == "2d":
-        P = int(math.isqrt(patch_pos.size(1)))
-        assert P * P == patch_pos.size(1), f"pos_embed grid of {patch_pos.size(1)} tokens is not square"
-        if grid is None:
-            side = math.isqrt(num_patches)
-            grid = (side, side)
-        g = patch_pos.transpose(1, 2).reshape(1, -1, P, P)
-        patch_pos = F.interpolate(g, size=grid, mode="nearest").flatten(2).transpose(1, 2)
-    else:
-        raise ValueError(f"pos_resize={mode!r}; choose '2d' or '1d'")
-    return torch.cat([cls_pos, patch_pos], dim=1)
-
-
-def resize_time_embed(time_embed: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(1, T0, D) -> (1, num_frames, D) by 1-D nearest interpolation (as the original loaders do)."""
-    return F.interpolate(time_embed.transpose(1, 2), size=num_frames, mode="nearest").transpose(1, 2)
-
-
 @dataclass
 class LoadReport:
     """What ``load_weights`` did, key by key."""
@@ -266,6 +352,7 @@ def load_weights(
         pos_resize: ``2d`` or ``1d``; default: ``1d`` for ImageNet ViT weights (what the original did), else ``2d``.
 
     Raises:
+        FileNotFoundError, CheckpointError: as ``load_file``.
         KeyError: strict and the keys or shapes do not match; the message lists them.
     """
     sd, fmt = unwrap_state_dict(load_file(path))
@@ -321,24 +408,10 @@ def load_weights(
 # --------------------------------------------------------------------------------------------------------------
 # Saving.
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """torch.save through ``pipelines.files.atomic_path`` (temporary file, fsync, rename): a crash never leaves half
+    a file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def pyth_state(model: torch.nn.Module) -> collections.OrderedDict[str, torch.Tensor]:
@@ -411,21 +484,33 @@ def inspect(path: str | Path, show_keys: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _inspect_files(paths: list[str], show_keys: bool) -> int:
+    """Print ``inspect`` for each file; a file that fails prints ``error: ...`` and the rest go on. Exit status."""
+    failed = 0
+    for i, path in enumerate(paths):
+        try:
+            print(("\n" if i else "") + inspect(path, show_keys=show_keys), flush=True)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            failed += 1
+    return 2 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_inspect = sub.add_parser("inspect", help="print format, keys, shapes, parameter count and the inferred model")
-    p_inspect.add_argument("file")
+    p_inspect.add_argument("files", nargs="+", metavar="file")
     p_inspect.add_argument("--no-keys", action="store_true", help="omit the per-key listing")
     p_convert = sub.add_parser("convert", help="write any supported format as an original-format .pyth or HF safetensors")
     p_convert.add_argument("src")
     p_convert.add_argument("dst", help="*.pyth (original layout) or *.safetensors (Hugging Face keys with --hf)")
     p_convert.add_argument("--hf", action="store_true", help="write Hugging Face Timesformer key names")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    setup_logging(logging.WARNING)
     try:
         if args.cmd == "inspect":
-            print(inspect(args.file, show_keys=not args.no_keys))
+            return _inspect_files(args.files, show_keys=not args.no_keys)
         else:
             sd, _ = unwrap_state_dict(load_file(args.src))
             if args.dst.endswith(".safetensors"):

@@ -1,4 +1,4 @@
-"""torch.distributed from torchrun's environment: init, teardown, small collectives, rank-aware logging.
+"""torch.distributed from torchrun's environment: init, teardown, small collectives.
 
 torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (multi-node runs get
 them from the rendezvous). Without them everything runs as a single process and the collectives are no-ops.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,18 +37,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
-    """One stderr handler for the whole process; ranks other than 0 log warnings and errors only."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    prefix = f"[rank{rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    root.addHandler(handler)
-    root.setLevel(level if rank == 0 else logging.WARNING)
 
 
 def init_distributed(cfg: DistConfig, device: str = "auto") -> DistInfo:

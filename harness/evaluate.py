@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import replace
@@ -25,9 +24,11 @@ if __package__ in (None, ""):  # run as a script: put the repo root (not harness
 
 import torch
 
+from harness.checkpoint import CheckpointError
 from harness.config import RootConfig, load_config
-from harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed, setup_logging
+from harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from harness.runtime import autocast, environment_info, resolve_precision
+from pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    setup_logging(int(os.environ.get("RANK", "0")))
+    setup_logging()  # rank from torchrun's RANK
     info = init_distributed(cfg.dist)
     try:
         checkpoint = find_checkpoint(cfg, args.checkpoint)
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{checkpoint}: {result['num_videos']} videos x {result.get('views_per_video')} views "
                   f"({result['ensemble']}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
                   f"mean class {result['mean_class_accuracy']}%  -> {out}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
     return 0

@@ -123,7 +123,7 @@ def write_h264_clips(folder: Path, count: int = 4, frames: int = 48, size: int =
     """Moving-gradient h264 mp4 clips and a Kinetics-style manifest (``path label``) pointing at them."""
     import numpy as np
 
-    from pipelines.encode import write_video
+    from pipelines.tools.encode import write_video
 
     yy, xx = np.mgrid[0:size, 0:size]
     lines = []
@@ -139,7 +139,7 @@ def write_h264_clips(folder: Path, count: int = 4, frames: int = 48, size: int =
 
 def check_nvdec_decode() -> str:
     """h264 clips (made here with PyAV) decoded by our DALI pipeline on the GPU (NVDEC)."""
-    from harness.config import DataConfig
+    from pipelines.config import DataConfig
     from pipelines import build_loader
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,17 +8,16 @@ default).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from harness.config import REPO_ROOT, ModelConfig, model_kwargs
+from harness.embeddings import resize_pos_embed, resize_time_embed
 from kernels.attention import Attention
 from kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
 
@@ -216,21 +215,18 @@ class TimeSformer(nn.Module):
         return self
 
     def _pos_embed(self, num_tokens: int, Wp: int) -> torch.Tensor:
-        """pos_embed, 2-D nearest-resized when the input's patch grid differs from construction's."""
+        """pos_embed, 2-D nearest-resized to the input's (Hp, Wp) patch grid when its token count differs from
+        construction's (as the original: a grid of the same count but another shape is not resized)."""
         if num_tokens == self.pos_embed.size(1):
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        P = int(math.sqrt(patch_pos.size(1)))
         Hp = (num_tokens - 1) // Wp
-        grid = patch_pos.transpose(1, 2).reshape(1, -1, P, P)
-        grid = F.interpolate(grid, size=(Hp, Wp), mode="nearest")
-        return torch.cat([cls_pos, grid.flatten(2).transpose(1, 2)], dim=1)
+        return resize_pos_embed(self.pos_embed, Hp * Wp, grid=(Hp, Wp))
 
     def _time_embed(self, T: int) -> torch.Tensor:
         """time_embed, 1-D nearest-resized when the clip has a different frame count."""
         if T == self.time_embed.size(1):
             return self.time_embed
-        return F.interpolate(self.time_embed.transpose(1, 2), size=T, mode="nearest").transpose(1, 2)
+        return resize_time_embed(self.time_embed, T)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, T, H, W) -> CLS features (B, embed_dim)."""

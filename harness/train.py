@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script (torchrun harness/train.py): pu
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from harness.checkpoint import load_weights
+from harness.checkpoint import CheckpointError, load_weights
 from harness.config import RootConfig, load_config, to_yaml
 from harness.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from harness.evaluate import accuracy_report, class_names_for, score_loader
@@ -382,10 +382,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    setup_logging()
+    setup_logging()  # rank from torchrun's RANK
     info = init_distributed(cfg.dist)
     try:
         return Trainer(cfg, info).fit()
+    except CheckpointError as e:  # model.pretrained (or a resumed file) was refused or unreadable
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
 

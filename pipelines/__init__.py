@@ -1,7 +1,8 @@
-"""Video input pipelines: manifests, pre-flight validation, DALI / PyAV / synthetic loaders, the toy dataset.
+"""Video input pipelines: the data config, manifests, pre-flight validation, DALI / PyAV / synthetic loaders.
 
 ``from pipelines import build_loader, Batch``; the names are loaded on first use, so that the CLIs
-(``python -m pipelines.toy``, ``python -m pipelines.validate``) start without importing torch or DALI.
+(``python -m pipelines.validate``, ``python -m pipelines.tools.toy``) start without importing torch or DALI.
+Offline tools (dataset preparation, the toy dataset, the decode-cost model) live in ``pipelines.tools``.
 """
 
 from typing import Any
@@ -10,8 +11,12 @@ __all__ = ["Batch", "build_loader"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from pipelines import base
+    if name == "Batch":
+        from pipelines.base import Batch
 
-        return getattr(base, name)
+        return Batch
+    if name == "build_loader":
+        from pipelines.factory import build_loader
+
+        return build_loader
     raise AttributeError(f"module 'pipelines' has no attribute {name!r}")

@@ -5,7 +5,7 @@ All sampling decisions come from ``pipelines.base.ClipPlanner`` (Python, seeded 
 the graph through ``fn.external_source``: the encoded file bytes, the frame indices (``fn.decoders.video(frames=)``),
 the crop window (``fn.slice``, then ``fn.resize`` of that window only: crop before resize) and the flip
 (``fn.crop_mirror_normalize(mirror=)``). Frames stay uint8 until that final normalise. Train and test differ only in
-their plans, so one graph serves both. DALI's video readers drop bad files silently (research/dali.md section 3);
+their plans, so one graph serves both. DALI's video readers drop bad files silently, so
 here every file was validated first, and each epoch checks that DALI produced exactly the planned clips.
 """
 

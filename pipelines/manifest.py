@@ -1,12 +1,17 @@
 """Video manifests: Kinetics-style ``path<sep>label`` lists, Something-Something-v2 JSON, and plain CSV.
 
+``read_entries(path, fmt, ...)`` is the one place a manifest is parsed: the loaders (through
+``read_manifest(cfg, split)``), ``python -m pipelines.validate`` and ``python -m pipelines.tools.prepare`` all call it.
+
 Paths: a manifest path is joined with ``data.path_prefix`` (as the original's ``PATH_PREFIX``); a path that is
 still relative after that is taken relative to the manifest file's folder (so ``data/toy/train.csv`` can say
-``train/x.webm``). A malformed line raises ``ValueError`` naming the file, the line number and what was expected.
+``train/x.webm``). SSv2 videos are ``{path_prefix or the split JSON's folder}/{id}.webm``. A malformed line raises
+``ValueError`` naming the file, the line number and what was expected.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -14,18 +19,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import DataConfig
+from pipelines.config import MANIFEST_FORMATS, DataConfig
 
 logger = logging.getLogger(__name__)
 
 SSV2_SPLITS = {"train": "something-something-v2-train.json", "val": "something-something-v2-validation.json",
                "test": "something-something-v2-validation.json"}  # the original tests on the validation set
+SSV2_LABELS = "something-something-v2-labels.json"  # template -> class id, beside the split files by default
 
 
 @dataclass(frozen=True)
 class VideoEntry:
+    """One manifest line: the resolved video path, its class id, and (SSv2) the video id."""
+
     path: str
     label: int
+    key: str = ""  # SSv2 video id ("" for the other formats)
 
 
 def _resolve(path: str, prefix: str, base: Path) -> str:
@@ -102,8 +111,49 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
         if template not in labels:
             raise ValueError(f"{split_json}: entry {n} (id {item['id']}) has template {template!r}, which is not in "
                              f"{labels_json}")
-        out.append(VideoEntry(str(Path(video_dir) / f"{item['id']}{ext}"), labels[template]))
+        out.append(VideoEntry(str(Path(video_dir) / f"{item['id']}{ext}"), labels[template], str(item["id"])))
     return out
+
+
+def read_entries(path: str | Path, fmt: str = "kinetics", *, separator: str = " ", path_prefix: str = "",
+                 ssv2_labels: str | Path = "") -> list[VideoEntry]:
+    """The videos listed by the manifest ``path`` in format ``fmt``: the one manifest parser.
+
+    Args:
+        fmt: ``kinetics`` (``path<separator>label`` lines), ``csv`` (``path,label``, optional header) or ``ssv2``
+            (the split JSON).
+        separator: the Kinetics field separator (``data.separator``).
+        path_prefix: joined before every Kinetics/CSV path; for SSv2 the folder of the ``{id}.webm`` videos
+            (default: the split JSON's folder).
+        ssv2_labels: the SSv2 labels JSON (default: ``something-something-v2-labels.json`` beside the split JSON).
+
+    Raises:
+        FileNotFoundError: the manifest (or the SSv2 labels file) does not exist.
+        ValueError: an unknown format, a malformed line or entry (file:line and what was expected), or no videos.
+    """
+    path = Path(path)
+    if fmt == "kinetics":
+        entries = read_kinetics(path, separator, path_prefix)
+    elif fmt == "csv":
+        entries = read_csv(path, path_prefix)
+    elif fmt == "ssv2":
+        entries = read_ssv2(path, ssv2_labels or path.parent / SSV2_LABELS, path_prefix or path.parent)
+    else:
+        raise ValueError(f"manifest format {fmt!r}; choose from {list(MANIFEST_FORMATS)}")
+    if not entries:
+        raise ValueError(f"manifest {path} lists no videos")
+    return entries
+
+
+def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
+    """The manifest argument and options of every CLI that reads one (what ``read_entries`` takes)."""
+    parser.add_argument("manifest", help="Kinetics-style 'path label' list, plain CSV, or SSv2 split JSON")
+    parser.add_argument("--format", choices=MANIFEST_FORMATS, default="kinetics")
+    parser.add_argument("--separator", default=" ", help="Kinetics manifest separator (data.separator)")
+    parser.add_argument("--path-prefix", default="", help="joined before every manifest path (data.path_prefix); "
+                        "SSv2: the folder of the {id}.webm videos (default: the split JSON's folder)")
+    parser.add_argument("--ssv2-labels", default="", help="SSv2 labels JSON (default: "
+                        f"{SSV2_LABELS} beside the split JSON)")
 
 
 def manifest_path(cfg: DataConfig, split: str) -> Path:
@@ -121,14 +171,9 @@ def read_manifest(cfg: DataConfig, split: str) -> list[VideoEntry]:
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r}; choose from ['train', 'val', 'test']")
     path = manifest_path(cfg, split)
-    if cfg.format == "kinetics":
-        entries = read_kinetics(path, cfg.separator, cfg.path_prefix)
-    elif cfg.format == "csv":
-        entries = read_csv(path, cfg.path_prefix)
-    else:
-        labels = cfg.ssv2_labels or str(Path(cfg.root) / "something-something-v2-labels.json")
-        entries = read_ssv2(path, labels, cfg.path_prefix or cfg.root)
-    if not entries:
-        raise ValueError(f"manifest {path} lists no videos")
+    # An SSv2 dataset's videos and labels file sit under data.root by default, wherever the split file is.
+    prefix = cfg.path_prefix or (cfg.root if cfg.format == "ssv2" else "")
+    entries = read_entries(path, cfg.format, separator=cfg.separator, path_prefix=prefix,
+                           ssv2_labels=cfg.ssv2_labels or Path(cfg.root) / SSV2_LABELS)
     logger.info("%s: %d videos (%s format)", path, len(entries), cfg.format)
     return entries

@@ -2,8 +2,8 @@
 
 All randomness lives here, drawn in Python from ``numpy.random.default_rng``, so that the DALI and PyAV loaders
 produce the same clip for the same video, epoch and rank, and a resumed run can replay an epoch from any batch.
-The recipe is the original's (research/timesformer.md section 4), re-expressed in source-pixel coordinates so the
-crop happens before the resize:
+The recipe is the original TimeSformer's (PySlowFast's Kinetics and SSv2 samplers), re-expressed in source-pixel
+coordinates so the crop happens before the resize:
 
 * temporal (Kinetics): a window of ``sampling_rate * num_frames / target_fps * fps`` source frames, start uniform
   in ``[0, delta]`` (train) or ``delta * clip_idx / num_clips`` (test), then ``linspace(start, end, T)`` clamped to

@@ -7,8 +7,8 @@ from typing import Iterator
 
 import torch
 
-from harness.config import DataConfig
 from pipelines.base import Batch
+from pipelines.config import DataConfig
 
 logger = logging.getLogger(__name__)
 

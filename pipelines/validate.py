@@ -8,7 +8,7 @@ Probing a file (stat, open, demux every packet to count frames, decode the first
 with the container's declared duration to catch truncation) does not depend on the backend, so its result is
 cached in SQLite by (path, size, mtime) and a large manifest is probed once; files are probed in parallel
 processes. ``pipelines.build_loader`` runs the same check (``data.on_bad_video: error | skip``), because DALI's
-readers drop bad files silently and its decoder kills the pipeline on them (research/dali.md section 3).
+readers drop bad files silently and its decoder kills the pipeline on them.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# What DALI 2.4's decoders handle per device (research/dali.md section 1); PyAV decodes everything FFmpeg does.
-CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
+# The codecs DALI 2.4's video decoder handles per device (CPU: libavcodec's VP8/VP9/MJPEG; GPU: NVDEC);
+# None = PyAV, which decodes everything FFmpeg does.
+DECODABLE_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
           "gpu": {"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"},
           "pyav": None}
 _CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "libaom-av1": "av1", "h265": "hevc"}
@@ -106,7 +107,7 @@ def usable(info: VideoInfo, backend: str, min_frames: int) -> str:
     """Why ``info``'s video cannot be used by ``backend`` for clips of ``min_frames`` frames ("" = usable)."""
     if info.error:
         return info.error
-    allowed = CODECS[backend]
+    allowed = DECODABLE_CODECS[backend]
     if allowed is not None and info.codec not in allowed:
         return (f"codec {info.codec} is not decodable by DALI's {backend} backend (it decodes {sorted(allowed)}); "
                 f"re-encode (e.g. VP9) or use data.loader=pyav / a GPU")
@@ -188,57 +189,57 @@ def check_videos(paths: list[str], backend: str, num_frames: int, sampling_rate:
                  pad: bool = False, segment: bool = False, cache: str | Path | None = DEFAULT_CACHE,
                  workers: int = 0) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
     """Probe ``paths`` and judge them for ``backend``. Returns (infos in order, [(path, reason)] of the unusable)."""
-    if backend not in CODECS:
-        raise ValueError(f"backend={backend!r}; choose from {sorted(CODECS)}")
+    if backend not in DECODABLE_CODECS:
+        raise ValueError(f"backend={backend!r}; choose from {sorted(DECODABLE_CODECS)}")
     infos = probe_all(paths, cache, workers)
+    return infos, judge(infos, backend, num_frames, sampling_rate, target_fps, pad, segment)
+
+
+def judge(infos: list[VideoInfo], backend: str, num_frames: int, sampling_rate: int, target_fps: float = 30,
+          pad: bool = False, segment: bool = False) -> list[tuple[str, str]]:
+    """[(path, reason)] of the probed videos that ``backend`` cannot use for these clips."""
     rejected = []
     for info in infos:
-        need = required_frames(info, num_frames, sampling_rate, target_fps, pad, segment)
-        reason = usable(info, backend, need)
+        reason = usable(info, backend, required_frames(info, num_frames, sampling_rate, target_fps, pad, segment))
         if reason:
             rejected.append((info.path, reason))
-    return infos, rejected
+    return rejected
 
 
 def write_rejected(rejected: list[tuple[str, str]], path: str | Path) -> None:
-    """``path,reason`` CSV of the rejected videos."""
+    """``path,reason`` CSV of the rejected videos (written atomically)."""
     import csv
+    import io
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "reason"])
-        writer.writerows(rejected)
+    from pipelines.files import atomic_write_text
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "reason"])
+    writer.writerows(rejected)
+    atomic_write_text(path, text.getvalue(), fsync=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.config import DataConfig
-    from pipelines.manifest import read_csv, read_kinetics, read_ssv2
+    from pipelines.config import DataConfig
+    from pipelines.logs import setup_logging
+    from pipelines.manifest import add_manifest_arguments, read_entries
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.validate", description=__doc__.split("\n")[0])
-    parser.add_argument("manifest", help="Kinetics-style 'path label' list, plain CSV, or SSv2 split JSON")
-    parser.add_argument("--format", choices=["kinetics", "csv", "ssv2"], default="kinetics")
-    parser.add_argument("--backend", choices=sorted(CODECS), default="cpu",
+    add_manifest_arguments(parser)
+    parser.add_argument("--backend", choices=sorted(DECODABLE_CODECS), default="cpu",
                         help="decoder the files must suit: DALI cpu (VP8/VP9/MJPEG), DALI gpu, or pyav (any)")
     parser.add_argument("--frames", type=int, default=DataConfig.num_frames, help="T, frames per clip")
     parser.add_argument("--sampling-rate", type=int, default=DataConfig.sampling_rate)
     parser.add_argument("--target-fps", type=float, default=DataConfig.target_fps)
     parser.add_argument("--pad", action="store_true", help="accept videos shorter than the span (data.pad_short)")
-    parser.add_argument("--separator", default=" ", help="Kinetics manifest separator (data.separator)")
-    parser.add_argument("--path-prefix", default="", help="joined before every manifest path (data.path_prefix)")
-    parser.add_argument("--ssv2-labels", default="", help="SSv2 labels JSON (with --format ssv2)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="SQLite probe cache ('' = none)")
     parser.add_argument("--workers", type=int, default=0, help="parallel probes (0 = one per CPU core)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
-        if args.format == "kinetics":
-            entries = read_kinetics(args.manifest, args.separator, args.path_prefix)
-        elif args.format == "csv":
-            entries = read_csv(args.manifest, args.path_prefix)
-        else:
-            labels = args.ssv2_labels or str(Path(args.manifest).parent / "something-something-v2-labels.json")
-            entries = read_ssv2(args.manifest, labels, args.path_prefix or Path(args.manifest).parent)
+        entries = read_entries(args.manifest, args.format, separator=args.separator, path_prefix=args.path_prefix,
+                               ssv2_labels=args.ssv2_labels)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = {p for p, _ in rejected}
     usable_paths = [e.path for e in entries if e.path not in bad]
     if usable_paths and args.format != "ssv2":  # frames decoded per clip, median and worst file (Kinetics sampling)
-        from pipelines.decode_cost import estimate_manifest_decode_cost, format_decode_cost
+        from pipelines.tools.decode_cost import estimate_manifest_decode_cost, format_decode_cost
 
         print(format_decode_cost(estimate_manifest_decode_cost(usable_paths, args.frames, args.sampling_rate,
                                                                args.target_fps, workers=args.workers, max_files=1000)))

@@ -240,7 +240,7 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     """DALI and PyAV clips/s on the toy data with frames decoded per clip (counted = decoder model), and the e2e
     verdict."""
     data = tmp_path / "toy"
-    subprocess.run([sys.executable, "-m", "pipelines.toy", "--out", str(data)], check=True, cwd=REPO_ROOT,
+    subprocess.run([sys.executable, "-m", "pipelines.tools.toy", "--out", str(data)], check=True, cwd=REPO_ROOT,
                    timeout=300, capture_output=True)
     cfg_path = tmp_path / "data.yaml"
     cfg_path.write_text(f"data:\n  root: {data}\n  num_frames: 4\n  train_crop_size: 32\n"

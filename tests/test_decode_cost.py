@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from pipelines import sampling
-from pipelines.decode_cost import (PYAV_SEEK_MIN_FRAMES, STRATEGIES, count_decoded_frames, decode_plan,
+from pipelines.tools.decode_cost import (PYAV_SEEK_MIN_FRAMES, STRATEGIES, count_decoded_frames, decode_plan,
                                    decoded_frames, estimate, estimate_manifest_decode_cost, format_decode_cost,
                                    measure_clips, read_gop, strategy_for)
-from pipelines.prepare import PrepareSpec, transcode
+from pipelines.tools.transcode import PrepareSpec, transcode
 from tests.conftest import encode_video, textured_frames
 
 FRAMES = 64

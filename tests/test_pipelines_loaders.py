@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.config import DataConfig
+from pipelines.config import DataConfig
 from pipelines import build_loader
 from pipelines.dali import _PlanSource, _to_torch, build_video_pipeline
 from pipelines.pyav import crop_resize, decode_frames, normalize

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import DataConfig
-from pipelines.manifest import read_csv, read_kinetics, read_manifest, read_ssv2
+from pipelines.config import DataConfig
+from pipelines.manifest import VideoEntry, read_csv, read_entries, read_kinetics, read_manifest, read_ssv2
 
 
 def test_kinetics_relative_paths_resolve_against_the_manifest_folder(tmp_path: Path) -> None:
@@ -71,3 +71,46 @@ def test_read_manifest_uses_root_and_explicit_paths(tmp_path: Path) -> None:
     assert read_manifest(DataConfig(root=str(tmp_path), val_manifest=str(tmp_path / "other.txt")), "val")[0].label == 2
     with pytest.raises(ValueError, match="split='dev'"):
         read_manifest(DataConfig(root=str(tmp_path)), "dev")
+
+
+def test_read_entries_is_the_one_dispatch(tmp_path: Path) -> None:
+    """One function for every format; the loaders' read_manifest, the validator and prepare all go through it."""
+    (tmp_path / "k.txt").write_text("a.webm;3\n")
+    (tmp_path / "c.csv").write_text("path,label\nb.webm,1\n")
+    (tmp_path / "something-something-v2-labels.json").write_text(json.dumps({"Pushing something": "4"}))
+    (tmp_path / "split.json").write_text(json.dumps([{"id": 7, "template": "Pushing [something]"}]))
+    assert read_entries(tmp_path / "k.txt", "kinetics", separator=";", path_prefix="/v") == [
+        VideoEntry("/v/a.webm", 3)]
+    assert read_entries(tmp_path / "c.csv", "csv") == [VideoEntry(str(tmp_path / "b.webm"), 1)]
+    # SSv2 defaults: videos and the labels file beside the split JSON; the video id is kept as the entry's key
+    assert read_entries(tmp_path / "split.json", "ssv2") == [VideoEntry(str(tmp_path / "7.webm"), 4, "7")]
+    assert read_entries(tmp_path / "split.json", "ssv2", path_prefix="/ssv2")[0].path == "/ssv2/7.webm"
+    with pytest.raises(ValueError, match=r"manifest format 'json'; choose from \['kinetics', 'csv', 'ssv2'\]"):
+        read_entries(tmp_path / "c.csv", "json")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="manifest .*empty.txt lists no videos"):
+        read_entries(tmp_path / "empty.txt", "kinetics")
+
+
+def test_callers_share_the_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_manifest, the validator CLI and prepare call read_entries (recorded here), not a parser of their own."""
+    import pipelines.manifest as manifest
+    import pipelines.tools.prepare as prepare
+    import pipelines.validate as validate
+    from pipelines.tools.transcode import PrepareSpec
+
+    calls = []
+
+    def spy(path, fmt="kinetics", **kw):
+        calls.append((Path(path).name, fmt))
+        raise ValueError("spied")
+
+    monkeypatch.setattr(manifest, "read_entries", spy)
+    monkeypatch.setattr(prepare, "read_entries", spy)
+    (tmp_path / "m.csv").write_text("a.webm 0\n")
+    with pytest.raises(ValueError, match="spied"):
+        read_manifest(DataConfig(root=str(tmp_path), train_manifest=str(tmp_path / "m.csv")), "train")
+    assert validate.main([str(tmp_path / "m.csv"), "--format", "csv", "--cache", ""]) == 1
+    with pytest.raises(ValueError, match="spied"):
+        prepare.prepare(tmp_path / "m.csv", tmp_path / "out", PrepareSpec(), fmt="ssv2", progress=False)
+    assert calls == [("m.csv", "kinetics"), ("m.csv", "csv"), ("m.csv", "ssv2")]

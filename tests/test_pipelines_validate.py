@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import pipelines.validate as validate
-from harness.config import REPO_ROOT, DataConfig
+from harness.config import REPO_ROOT
+from pipelines.config import DataConfig
 from pipelines import build_loader
 from pipelines.validate import check_videos, probe_video
 
@@ -110,7 +111,7 @@ def test_build_loader_skip_writes_rejected_csv(videos, tmp_path: Path) -> None:
 
 def test_auto_falls_back_to_pyav_for_codecs_dali_cpu_cannot_decode(videos, caplog) -> None:
     manifest = videos.manifest("auto.csv", videos.good[:3] + [videos.h264])
-    with caplog.at_level(logging.WARNING, logger="pipelines.base"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.factory"):
         loader = build_loader(_cfg(videos, manifest, loader="auto"), "train", device="cpu")
     assert type(loader).__name__ == "PyAVLoader" and loader.rejected == []
     assert "using the PyAV loader because 1 video(s) use codecs ['h264']" in caplog.text or \

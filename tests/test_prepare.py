@@ -13,12 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import REPO_ROOT, DataConfig
-from pipelines.decode_cost import read_gop
+from harness.config import REPO_ROOT
+from pipelines.config import DataConfig
+from pipelines.files import is_temporary
+from pipelines.tools.decode_cost import read_gop
 from pipelines.manifest import read_kinetics, read_ssv2
-from pipelines.prepare import JOURNAL, SPEC_FILE, PrepareSpec, main, output_size, parse_gop, prepare, transcode
+from pipelines.tools.prepare import JOURNAL, SPEC_FILE, main, parse_gop, prepare
+from pipelines.tools.transcode import PrepareSpec, output_size, transcode
 from pipelines.validate import check_videos
 from tests.conftest import encode_video, textured_frames
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """Outputs being written (or left by a killed writer): ``pipelines.files.atomic_path``'s temporaries."""
+    return [p for p in folder.glob(".*") if is_temporary(p)]
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +111,14 @@ def test_killed_run_resumes(tmp_path):
     manifest = src / "list.csv"
     manifest.write_text("".join(f"v{i}.webm {i % 4}\n" for i in range(8)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipelines.prepare", str(manifest), "--out", str(out), "--short-side", "96",
+    cmd = [sys.executable, "-m", "pipelines.tools.prepare", str(manifest), "--out", str(out), "--short-side", "96",
            "--gop", "8", "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             done = (out / JOURNAL).is_file() and (out / JOURNAL).read_text().count("\n") >= 2
-            if done and list(out.glob(".*.partial.webm")):
+            if done and temporaries(out):
                 break
             time.sleep(0.005)
         assert proc.poll() is None, "prepare finished before it could be killed"
@@ -120,7 +128,7 @@ def test_killed_run_resumes(tmp_path):
         if proc.poll() is None:
             proc.kill()
     finals = sorted(out.glob("v*.webm"))
-    assert 2 <= len(finals) < 8 and list(out.glob(".*.partial.webm"))
+    assert 2 <= len(finals) < 8 and temporaries(out)
     for f in finals:  # whatever carries a final name is complete
         assert read_gop(f).num_frames == 40
     journaled = [json.loads(line)["out"] for line in (out / JOURNAL).read_text().splitlines()]
@@ -128,7 +136,7 @@ def test_killed_run_resumes(tmp_path):
     report = prepare(manifest, out, PrepareSpec("vp9", 96, 8), workers=2, progress=False)
     assert report.skipped == len(journaled) >= 2 and report.transcoded == 8 - len(journaled) and not report.failed
     assert all(out.joinpath(name).stat().st_mtime_ns == before[name] for name in journaled)  # not redone
-    assert not list(out.glob(".*.partial*"))
+    assert not temporaries(out)
     rows = read_kinetics(out / "list.csv")
     assert [r.label for r in rows] == [i % 4 for i in range(8)]
     assert all(read_gop(r.path).num_frames == 40 for r in rows)

@@ -34,7 +34,7 @@ TINY = ["--config", "configs/model/tiny.yaml", "model.num_classes=6", "data.load
 
 def make_toy(out: Path) -> Path:
     """A tiny toy dataset (32 train / 8 val / 8 test VP9 clips of 32x32 px, 16 frames)."""
-    from pipelines.toy import ToySpec, generate
+    from pipelines.tools.toy import ToySpec, generate
 
     generate(out, ToySpec(frames=16, train=32, val=8, test=8), workers=1)
     return out
@@ -152,7 +152,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     proc = subprocess.Popen([PY, "-c", KILL_DURING_SAVE, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "saving"
-        tmp_files = list((tmp_path / "checkpoints").glob(".checkpoint_epoch_00002.pyth.*.tmp"))
+        tmp_files = list((tmp_path / "checkpoints").glob(".checkpoint_epoch_00002.*.tmp.pyth"))
         assert tmp_files, "the second save should be in flight"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -271,7 +271,7 @@ def test_toy_recipe_divided_learns_the_order_space_only_cannot(tmp_path: Path) -
     """The embedded default end to end: the real toy dataset and configs/exp/toy_divided_cpu.yaml through
     the DALI CPU loader. Divided attention reaches >= 90% val top-1 (measured: 100% from epoch 16 of 40); the same
     recipe with space-only attention stays near chance (1/6) because only the frame order tells the class."""
-    from pipelines.toy import generate
+    from pipelines.tools.toy import generate
 
     generate(tmp_path / "toy")
     common = ["--config", "configs/exp/toy_divided_cpu.yaml", f"data.root={tmp_path / 'toy'}",

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from harness.bench.case import BenchCase, SkipCase
-from harness.config import REPO_ROOT, DataConfig, RootConfig, load_config
+from harness.config import REPO_ROOT, RootConfig, load_config
 from harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
+from pipelines.config import DataConfig
 
 LOADERS = ("dali", "pyav")
 WARMUP_BATCHES = 2
@@ -39,7 +40,7 @@ def build_train_loader(case: BenchCase, device: torch.device, loader: str) -> tu
     data = replace(data, loader=loader)
     root = Path(data.root) if os.path.isabs(data.root) else REPO_ROOT / data.root
     if not root.exists():
-        raise SkipCase(f"no data at {root}: run `make data` (python -m pipelines.toy --out data/toy)")
+        raise SkipCase(f"no data at {root}: run `make data` (python -m pipelines.tools.toy --out data/toy)")
     try:
         from pipelines import build_loader
 
@@ -84,8 +85,8 @@ def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dt
 
 def decoded_frames_per_clip(loader: Any, name: str, max_clips: int = 16) -> dict:
     """Frames decoded per delivered clip for the loader's first ``max_clips`` clips of epoch 0: counted by decoding
-    with PyAV along the loader's decoder model, beside the model's estimate (``pipelines.decode_cost``)."""
-    from pipelines.decode_cost import measure_clips, strategy_for
+    with PyAV along the loader's decoder model, beside the model's estimate (``pipelines.tools.decode_cost``)."""
+    from pipelines.tools.decode_cost import measure_clips, strategy_for
 
     strategy = strategy_for(name, getattr(loader, "backend", "cpu"))
     return measure_clips([(p.path, p.frames) for p in loader.planner.plans(0)], strategy, max_clips)

@@ -1,9 +1,9 @@
 """Decode cost: how many frames a decoder must decode to deliver one clip, from a file's keyframe positions.
 
-A clip of T frames at sampling rate R spans ``R * T / target_fps * fps`` source frames (research/timesformer.md 4.1;
+A clip of T frames at sampling rate R spans ``R * T / target_fps * fps`` source frames (``pipelines.sampling``;
 256 frames for 8x32 at 30 fps). An inter-coded stream can only be decoded forward from a keyframe, so delivering
 frame ``f`` costs every frame from the keyframe before ``f`` (or from where the decoder already is) up to ``f``.
-The ratio decoded / delivered is what a long GOP costs and what re-keying buys (research/dali.md section 4).
+The ratio decoded / delivered is what a long GOP costs and what re-keying buys (``pipelines.tools.prepare``).
 
 Three decoders are modelled, in presentation order (exact for codecs without B-frames: VP8/VP9/MJPEG; within a
 few frames for H.264/HEVC with B-frames):

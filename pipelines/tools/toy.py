@@ -1,8 +1,8 @@
 """The embedded toy dataset: short VP9 clips of a dot that changes colour; the class is the order of the colours.
 
-``python -m pipelines.toy --out data/toy`` writes ``{train,val,test}/*.webm``, Kinetics-format manifests
-``train.csv``/``val.csv``/``test.csv`` (``path label``, space-separated, paths relative to the CSV's folder),
-``classes.txt`` and ``spec.json``. Re-running with the same spec does nothing.
+``python -m pipelines.tools.toy --out data/toy`` (``make data``) writes ``{train,val,test}/*.webm``, Kinetics-format
+manifests ``train.csv``/``val.csv``/``test.csv`` (``path label``, space-separated, paths relative to the CSV's
+folder), ``classes.txt`` and ``spec.json``. Re-running with the same spec does nothing.
 
 Every clip shows one dot, at a random place on a random grey background, that changes colour twice, at random
 frames: it shows each of red, green and blue for a while. The class is the order of the three colours (6 classes,
@@ -13,9 +13,8 @@ the same distribution in all classes), and so is the *set* of a clip's frames: e
 Only the frame order tells the class. A model that averages per-frame features (``space_only``) is at chance by
 construction; one that models time (``divided_space_time``, ``joint_space_time``) can learn it. We tried motion as
 the temporal cue first (direction classes; a dot crossing the frame while changing colour): a model this small did
-not learn the direction of motion within the 10-minute budget (as the probe in issue 6 also found), and a moving
-dot leaks the middle colour to a frame-averaging model (it is the one drawn in the middle of the path), so the dot
-stands still.
+not learn the direction of motion within the 10-minute budget, and a moving dot leaks the middle colour to a
+frame-averaging model (it is the one drawn in the middle of the path), so the dot stands still.
 
 The three colours' shares of the sampled frames are exchangeable (a uniformly random split of the 8 sampled frames,
 >= 2 per colour), so even the share of each colour does not tell its place in the order. Defaults:
@@ -38,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.encode import write_video
+from pipelines.logs import setup_logging
 from pipelines.sampling import temporal_indices
+from pipelines.tools.encode import write_video
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def generate(out: str | Path, spec: ToySpec = ToySpec(), workers: int | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.toy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.tools.toy", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/toy", help="output folder (default data/toy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=32, help="frame width = height in px")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--workers", type=int, default=0, help="encoder processes (0 = one per CPU core)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.frames < 24 or args.size < 16:
         parser.error("--frames must be >= 24 (configs/data/toy.yaml samples 8 frames at rate 3) and --size >= 16")
     spec = ToySpec(seed=args.seed, size=args.size, frames=args.frames, train=args.train, val=args.val,

@@ -1,0 +1,59 @@
+"""The data section of the run config (``data:`` in the YAML files): which videos, how they are sampled and loaded.
+
+It belongs to ``pipelines`` (every loader, the manifest reader and the pre-flight check take it);
+``harness.config.RootConfig`` composes it as its ``data`` field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MANIFEST_FORMATS = ("kinetics", "csv", "ssv2")  # path<sep>label lines | comma-separated path,label | SSv2 JSON
+
+
+@dataclass
+class DataConfig:
+    """Dataset, sampling and augmentation (the original recipe's names, lower-case)."""
+
+    loader: str = "auto"  # auto | dali | pyav | synthetic
+    backend: str = "auto"  # DALI device: auto | cpu | gpu
+    format: str = "kinetics"  # kinetics | csv | ssv2 (pipelines.manifest)
+    root: str = "data/toy"  # folder holding train.csv / val.csv / test.csv (kinetics format)
+    train_manifest: str = ""  # overrides {root}/train.csv
+    val_manifest: str = ""  # overrides {root}/val.csv
+    test_manifest: str = ""  # overrides {root}/test.csv
+    path_prefix: str = ""
+    separator: str = " "
+    ssv2_labels: str = ""  # something-something-v2-labels.json
+    num_frames: int = 8
+    sampling_rate: int = 8
+    target_fps: int = 30
+    train_jitter_scales: list[int] = field(default_factory=lambda: [256, 320])
+    train_crop_size: int = 224
+    test_crop_size: int = 224
+    mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])
+    std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])
+    random_flip: bool = True
+    inv_uniform_sample: bool = False
+    num_ensemble_views: int = 1
+    num_spatial_crops: int = 3
+    batch_size: int = 8  # per process
+    num_workers: int = 2  # PyAV DataLoader workers / DALI threads
+    on_bad_video: str = "error"  # error | skip
+    pad_short: bool = True  # pad videos shorter than the clip span with their last frame
+    seed: int = 0
+    validate_cache: str = ""  # SQLite probe cache of pipelines.validate; "" = ~/.cache/timesformer-harness/, "none" = off
+    synthetic_videos: int = 64  # data.loader=synthetic: clips per epoch (all ranks together)
+    synthetic_classes: int = 10  # data.loader=synthetic: labels drawn from 0..synthetic_classes-1
+
+    def __post_init__(self) -> None:
+        if self.loader not in ("auto", "dali", "pyav", "synthetic"):
+            raise ValueError(f"data.loader={self.loader!r}; choose from ['auto', 'dali', 'pyav', 'synthetic']")
+        if self.backend not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"data.backend={self.backend!r}; choose from ['auto', 'cpu', 'gpu']")
+        if self.format not in MANIFEST_FORMATS:
+            raise ValueError(f"data.format={self.format!r}; choose from {list(MANIFEST_FORMATS)}")
+        if self.on_bad_video not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_video={self.on_bad_video!r}; choose 'error' or 'skip'")
+        if self.num_spatial_crops not in (1, 3):
+            raise ValueError(f"data.num_spatial_crops={self.num_spatial_crops}; the protocol uses 1 or 3 crops")

@@ -1,0 +1,275 @@
+"""Dataset preparation: transcode, resize and re-key a manifest's videos so that decoding matches the sampling.
+
+``python -m pipelines.tools.prepare MANIFEST --out DIR [--short-side 256] [--codec vp9|mjpeg|h264|hevc]
+[--gop N|intra] [--fps F] [--workers N]`` transcodes every video of MANIFEST (``pipelines.tools.transcode``: PyAV
+decode, constant frame rate, short-side resize, keyframes forced every ``--gop`` frames, output checked) into
+``DIR/<same relative path>.<ext>``, and writes a new manifest ``DIR/<manifest name>`` with the same labels
+(Kinetics: ``path<sep>label`` relative to DIR; SSv2: the split JSON, without failed ids, and the labels JSON), and
+``DIR/prepare.json`` (the spec, counts, failures).
+
+Why: a clip of 8 frames at rate 32 spans ~256 source frames; with one keyframe per 10 s video the decoder decodes
+~all of them to deliver 8 (``pipelines.tools.decode_cost``). A GOP of the sampling rate, or intra-only MJPEG, cuts
+that, and DALI's CPU decoder reads only VP8/VP9/MJPEG anyway.
+
+This module is the resumable batch job around the engine. Safe to kill and re-run: an output gets its final name
+only once it is complete and checked; each finished output is appended to ``DIR/prepare.jsonl`` with the spec key
+and the source's size and mtime, and a re-run skips outputs whose record matches. Temporaries left by a killed run
+are removed at start. A source that fails is reported with its reason; the others go on, and it is left out of the
+new manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipelines.files import atomic_write_text, remove_stale_temporaries
+from pipelines.logs import setup_logging
+from pipelines.manifest import SSV2_LABELS, add_manifest_arguments, read_entries
+from pipelines.tools.transcode import OUTPUT_CODECS, PrepareSpec, encoder_options, transcode
+
+logger = logging.getLogger(__name__)
+
+JOURNAL = "prepare.jsonl"
+SPEC_FILE = "prepare.json"
+
+
+def parse_gop(text: str | None) -> int | None:
+    """``--gop`` value: an integer >= 1, ``intra`` (= 1), or None/``default`` (the encoder's default)."""
+    if text is None or text == "default":
+        return None
+    if text == "intra":
+        return 1
+    try:
+        gop = int(text)
+    except ValueError:
+        raise ValueError(f"--gop {text!r}: expected a positive integer, 'intra' or 'default'") from None
+    if gop < 1:
+        raise ValueError(f"--gop {gop}: must be >= 1")
+    return gop
+
+
+@dataclass(frozen=True)
+class Job:
+    src: str
+    rel_out: str  # output path relative to the output folder
+
+
+def _run_job(args: tuple[Job, str, PrepareSpec]) -> dict:
+    """Worker: transcode one job; never raises for a bad source (the reason goes to ``error``)."""
+    job, out_dir, spec = args
+    t0 = time.perf_counter()
+    try:
+        if not os.path.isfile(job.src):
+            raise RuntimeError("missing: no such file")
+        st = os.stat(job.src)  # before reading it: a source changed meanwhile is redone next time
+        if st.st_size == 0:
+            raise RuntimeError("empty file (0 bytes)")
+        frames = transcode(job.src, Path(out_dir) / job.rel_out, spec)
+    except Exception as e:
+        reason = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+        return {"src": job.src, "out": job.rel_out, "error": reason}
+    return {"src": job.src, "out": job.rel_out, "error": "", "frames": frames,
+            "bytes": os.path.getsize(Path(out_dir) / job.rel_out), "src_size": st.st_size,
+            "src_mtime_ns": st.st_mtime_ns, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _relative_output(src: str, base: Path, ext: str) -> str:
+    """``src`` relative to ``base`` (the manifest folder / path prefix) with the new extension; absolute paths
+    outside ``base`` keep their full path under the output folder."""
+    p = Path(os.path.abspath(src))
+    try:
+        rel = p.relative_to(os.path.abspath(base))
+    except ValueError:
+        rel = p.relative_to(p.anchor)
+    return str(rel.with_suffix(ext))
+
+
+def _load_journal(out: Path) -> dict[str, dict]:
+    records: dict[str, dict] = {}
+    path = out / JOURNAL
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                records[rec["out"]] = rec
+            except (ValueError, KeyError):
+                continue  # a line cut by a kill: that output is simply redone
+    return records
+
+
+def _is_done(rec: dict | None, job: Job, out: Path, spec_key: str) -> bool:
+    if rec is None or rec.get("spec") != spec_key or rec.get("src") != job.src:
+        return False
+    try:
+        st = os.stat(job.src)
+        size = os.path.getsize(out / job.rel_out)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns, size) == (rec.get("src_size"), rec.get("src_mtime_ns"), rec.get("bytes"))
+
+
+@dataclass
+class PrepareReport:
+    """What a run did."""
+
+    out: str
+    manifest: str
+    total: int = 0
+    transcoded: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    input_bytes: int = 0
+    output_bytes: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        ok = self.total - len(self.failed)
+        lines = [f"prepared {ok}/{self.total} videos into {self.out} in {self.seconds:.1f} s: {self.transcoded} "
+                 f"transcoded, {self.skipped} skipped (done before with the same spec), {len(self.failed)} failed"]
+        if self.transcoded:
+            lines.append(f"  transcoded {self.frames} frames ({self.frames / max(self.seconds, 1e-9):.0f} frames/s), "
+                         f"{self.input_bytes / 1e6:.1f} MB in -> {self.output_bytes / 1e6:.1f} MB out")
+        for path, reason in self.failed:
+            lines.append(f"  FAILED {path}: {reason}")
+        lines.append(f"  manifest: {self.manifest} ({ok} videos, labels as in the source manifest); "
+                     f"spec: {Path(self.out) / SPEC_FILE}")
+        return "\n".join(lines)
+
+
+def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: str = "kinetics",
+            separator: str = " ", path_prefix: str = "", ssv2_labels: str = "", workers: int = 0,
+            progress: bool = True) -> PrepareReport:
+    """Transcode every video of ``manifest`` into ``out`` (see the module docstring); returns the report."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    manifest, out = Path(manifest), Path(out)
+    entries = read_entries(manifest, fmt, separator=separator, path_prefix=path_prefix, ssv2_labels=ssv2_labels)
+    codec = spec.output_codec
+    if fmt == "ssv2" and codec.ext != ".webm":
+        logger.warning("SSv2 manifests name videos {id}.webm; the %s outputs are {id}%s, which the SSv2 reader "
+                       "(pipelines.manifest.read_ssv2) does not look for", spec.codec, codec.ext)
+    base = Path(path_prefix) if path_prefix else manifest.parent
+    rel_of = {e.path: (e.key + codec.ext if fmt == "ssv2" else _relative_output(e.path, base, codec.ext))
+              for e in entries}
+    sources_of: dict[str, set[str]] = {}
+    for src, rel in rel_of.items():
+        sources_of.setdefault(rel, set()).add(src)
+    clashes = {rel: srcs for rel, srcs in sources_of.items() if len(srcs) > 1}
+    if clashes:
+        rel, srcs = next(iter(clashes.items()))
+        raise ValueError(f"{len(clashes)} output name(s) would be shared by different sources, e.g. {rel} <- "
+                         f"{sorted(srcs)}; rename the sources so that they differ by more than their extension")
+    overwrite = [src for src, rel in rel_of.items() if os.path.abspath(out / rel) == os.path.abspath(src)]
+    if overwrite:
+        raise ValueError(f"--out {out} would overwrite {len(overwrite)} source(s) in place, e.g. {overwrite[0]}; "
+                         f"choose another output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # left by a killed run
+
+    spec_key = spec.key()
+    journal = _load_journal(out)
+    jobs = [Job(src, rel) for src, rel in rel_of.items()]
+    report = PrepareReport(str(out), str(out / manifest.name), total=len(jobs))
+    todo = [j for j in jobs if not _is_done(journal.get(j.rel_out), j, out, spec_key)]
+    report.skipped = len(jobs) - len(todo)
+    results: dict[str, dict] = {}
+    logger.info("%d videos: %d to transcode, %d already done (spec %s)", len(jobs), len(todo), report.skipped,
+                spec_key)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    bar = tqdm(total=len(todo), unit="video", disable=not progress or not todo, desc="prepare")
+    with open(out / JOURNAL, "a") as jf:
+        def done(res: dict) -> None:
+            results[res["src"]] = res
+            bar.update(1)
+            if res["error"]:
+                logger.warning("%s: %s", res["src"], res["error"])
+                return
+            report.transcoded += 1
+            report.frames += res["frames"]
+            report.input_bytes += res["src_size"]
+            report.output_bytes += res["bytes"]
+            jf.write(json.dumps({**{k: res[k] for k in ("out", "src", "src_size", "src_mtime_ns", "frames",
+                                                        "bytes", "seconds")}, "spec": spec_key}) + "\n")
+            jf.flush()
+            os.fsync(jf.fileno())
+
+        jobs_args = [(j, str(out), spec) for j in todo]
+        if workers == 1:
+            for a in jobs_args:
+                done(_run_job(a))
+        else:  # forkserver: safe whatever threads the caller runs
+            ctx = multiprocessing.get_context("forkserver")
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                for fut in as_completed([pool.submit(_run_job, a) for a in jobs_args]):
+                    done(fut.result())
+    bar.close()
+
+    failed = {src: r["error"] for src, r in results.items() if r["error"]}
+    report.failed = [(e.path, failed[e.path]) for e in entries if e.path in failed]
+    report.failed = list(dict.fromkeys(report.failed))
+    good = [e for e in entries if e.path not in failed]
+    if fmt == "ssv2":
+        keep = {e.key for e in good}
+        items = [it for it in json.loads(manifest.read_text()) if str(it["id"]) in keep]
+        atomic_write_text(out / manifest.name, json.dumps(items, indent=1) + "\n")
+        labels = Path(ssv2_labels or manifest.parent / SSV2_LABELS)
+        atomic_write_text(out / labels.name, labels.read_text())
+    else:
+        sep = "," if fmt == "csv" else separator
+        atomic_write_text(out / manifest.name, "".join(f"{rel_of[e.path]}{sep}{e.label}\n" for e in good))
+    report.seconds = time.perf_counter() - t0
+    import av
+
+    record = {"spec": asdict(spec), "spec_key": spec_key, "encoder": codec.encoder,
+              "encoder_options": encoder_options(spec), "source_manifest": str(manifest.resolve()),
+              "format": fmt, "manifest": manifest.name, "videos": len(good),
+              "failed": [{"path": p, "reason": r} for p, r in report.failed],
+              "last_run": {"transcoded": report.transcoded, "skipped": report.skipped,
+                           "seconds": round(report.seconds, 2)},
+              "pyav": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"]))}
+    atomic_write_text(out / SPEC_FILE, json.dumps(record, indent=1) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.tools.prepare", description=__doc__.split("\n")[0])
+    add_manifest_arguments(parser)
+    parser.add_argument("--out", required=True, help="output folder (videos, new manifest, prepare.json)")
+    parser.add_argument("--short-side", type=int, default=256, help="resize the short side to this (0 = keep)")
+    parser.add_argument("--codec", choices=sorted(OUTPUT_CODECS), default="vp9",
+                        help="vp9 (.webm) or mjpeg (.avi): DALI CPU+GPU; h264/hevc (.mp4): DALI GPU / PyAV only")
+    parser.add_argument("--gop", default=None, help="keyframe every N frames, 'intra' (= 1), or omit for the "
+                        "encoder's default; the sampling rate is a good N for 8xR clips")
+    parser.add_argument("--fps", type=float, default=None, help="constant output frame rate (default: the source's)")
+    parser.add_argument("--quality", type=int, default=None,
+                        help="crf for vp9/h264/hevc (default 32/23/28), qscale 2-31 for mjpeg (default 4)")
+    parser.add_argument("--workers", type=int, default=0, help="encoder processes (0 = one per CPU core)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        spec = PrepareSpec(codec=args.codec, short_side=args.short_side, gop=parse_gop(args.gop), fps=args.fps,
+                           quality=args.quality)
+        report = prepare(args.manifest, args.out, spec, fmt=args.format, separator=args.separator,
+                         path_prefix=args.path_prefix, ssv2_labels=args.ssv2_labels, workers=args.workers,
+                         progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The transcode engine of dataset preparation: one source video -> one checked output file.
+
+``transcode(src, dst, spec)`` decodes ``src`` with PyAV, resamples it to a constant frame rate, resizes it (short
+side, aspect kept, even sizes), encodes it with a keyframe forced every ``spec.gop`` frames, checks the result
+(opens, right codec, the frame count written, keyframe gaps <= GOP) and only then renames it to ``dst``
+(``pipelines.files.atomic_path``). ``PrepareSpec`` holds everything that determines the output's content; its
+``key()`` marks finished outputs in ``pipelines.tools.prepare``'s journal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+from pipelines.files import atomic_path
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OutputCodec:
+    """How ``transcode`` writes one output codec."""
+
+    encoder: str  # PyAV/FFmpeg encoder name
+    ext: str  # container (by extension)
+    pix_fmt: str
+    decoded_name: str  # codec name a decoder reports for the output
+    default_quality: int  # crf (vp9/h264/hevc) or qscale (mjpeg, 2 = best .. 31)
+
+
+# Encoder settings per output codec (``--codec``). DALI decodes vp9 and mjpeg on CPU and GPU, h264/hevc on GPU only.
+OUTPUT_CODECS = {
+    "vp9": OutputCodec("libvpx-vp9", ".webm", "yuv420p", "vp9", 32),
+    "mjpeg": OutputCodec("mjpeg", ".avi", "yuvj420p", "mjpeg", 4),
+    "h264": OutputCodec("libx264", ".mp4", "yuv420p", "h264", 23),
+    "hevc": OutputCodec("libx265", ".mp4", "yuv420p", "hevc", 28),
+}
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """Everything that determines an output's content (its key marks outputs as done in the journal)."""
+
+    codec: str = "vp9"
+    short_side: int = 256  # 0 = keep the source size
+    gop: int | None = None  # keyframe every `gop` frames; 1 = intra-only; None = the encoder's default
+    fps: float | None = None  # constant output frame rate; None = the source's average rate
+    quality: int | None = None  # crf / qscale; None = the codec's default
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if self.codec not in OUTPUT_CODECS:
+            raise ValueError(f"codec={self.codec!r}; choose from {sorted(OUTPUT_CODECS)}")
+        if self.short_side < 0 or self.short_side % 2:
+            raise ValueError(f"short_side={self.short_side} must be 0 (keep) or a positive even number (yuv420p)")
+        if self.gop is not None and self.gop < 1:
+            raise ValueError(f"gop={self.gop} must be >= 1 ('intra' = 1)")
+        if self.codec == "mjpeg" and self.gop not in (None, 1):
+            raise ValueError(f"mjpeg is intra-only (every frame a keyframe): drop --gop {self.gop} or use --gop intra")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"fps={self.fps} must be > 0")
+
+    @property
+    def output_codec(self) -> OutputCodec:
+        return OUTPUT_CODECS[self.codec]
+
+    @property
+    def effective_gop(self) -> int | None:
+        return 1 if self.codec == "mjpeg" else self.gop
+
+    def key(self) -> str:
+        d = asdict(self)
+        d["gop"] = self.effective_gop
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def output_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(H, W) with the short side = ``short_side`` (0 = keep), aspect kept, both even (rounded)."""
+    if short_side == 0:
+        return height - height % 2, width - width % 2
+    if height <= width:
+        return short_side, max(2, 2 * round(width * short_side / height / 2))
+    return max(2, 2 * round(height * short_side / width / 2)), short_side
+
+
+def encoder_options(spec: PrepareSpec) -> dict[str, str]:
+    """The FFmpeg encoder options ``spec`` gives (quality, keyframe interval, speed)."""
+    q = spec.quality if spec.quality is not None else spec.output_codec.default_quality
+    gop = spec.effective_gop
+    if spec.codec == "vp9":
+        opts = {"deadline": "good", "cpu-used": "5", "row-mt": "1", "crf": str(q), "b": "0"}
+        if gop:
+            opts.update({"g": str(gop), "auto-alt-ref": "1" if gop > 1 else "0"})
+        return opts
+    if spec.codec == "h264":
+        opts = {"preset": "fast", "crf": str(q)}
+        if gop:
+            opts.update({"g": str(gop), "keyint_min": str(gop)})
+        return opts
+    if spec.codec == "hevc":
+        params = "log-level=error" + (f":keyint={gop}:min-keyint={gop}" if gop else "")
+        return {"preset": "fast", "crf": str(q), "x265-params": params}
+    return {}
+
+
+def _resample(frames: Iterator, src_rate: Fraction, rate: Fraction, time_base: Fraction | None) -> Iterator:
+    """Constant-rate stream: output frame ``k`` (at ``k / rate`` s) is the source frame on screen at that time.
+
+    A source frame is taken to show from a quarter source frame before its timestamp (so millisecond-rounded
+    timestamps do not drop or repeat frames) until the next one; the last lasts one source frame. Identity on a
+    constant-rate source at its own rate; drops or repeats frames otherwise (and evens out VFR)."""
+    lead = 1 / (4 * src_rate)
+    prev, t0, k, n = None, None, 0, 0
+    for frame in frames:
+        if frame.pts is not None and time_base is not None:
+            t0 = frame.pts if t0 is None else t0
+            t = (frame.pts - t0) * time_base
+        else:
+            t = Fraction(n) / src_rate
+        n += 1
+        if prev is not None:
+            while Fraction(k) / rate < t - lead:
+                yield prev
+                k += 1
+        prev, prev_t = frame, t
+    if prev is not None:
+        while Fraction(k) / rate < prev_t + 1 / src_rate - lead:
+            yield prev
+            k += 1
+
+
+def _declared_seconds(container, stream) -> float | None:
+    """The video's declared duration: the stream's when known, else the container's."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return container.duration / 1e6 if container.duration else None
+
+
+def check_output(path: Path, spec: PrepareSpec, expected_frames: int) -> str:
+    """Why the encoded file ``path`` is not what ``spec`` asked for ("" = good)."""
+    import av
+
+    from pipelines.tools.decode_cost import read_gop
+
+    codec = spec.output_codec
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            name = stream.codec_context.name
+            if name != codec.decoded_name:
+                return f"output codec is {name}, expected {codec.decoded_name}"
+            if next(container.decode(stream), None) is None:
+                return "output has no decodable frame"
+        gop = read_gop(path)
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        return f"output does not open: {type(e).__name__}: {e}"
+    if gop.num_frames != expected_frames:
+        return f"output has {gop.num_frames} frames, {expected_frames} were encoded"
+    if spec.effective_gop and gop.max_gop > spec.effective_gop:
+        return f"output keyframes are up to {gop.max_gop} frames apart, --gop {spec.effective_gop} asked"
+    return ""
+
+
+def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
+    """Decode the open source ``inp``'s first video stream into ``dst``; returns (frames written, output rate)."""
+    import av
+    from av.video.frame import PictureType
+
+    codec = spec.output_codec
+    if not inp.streams.video:
+        raise RuntimeError("no video stream")
+    ist = inp.streams.video[0]
+    ist.thread_count = 1  # parallelism comes from the worker processes
+    src_rate = Fraction(ist.average_rate or ist.guessed_rate or ist.base_rate or 30)
+    rate = Fraction(spec.fps).limit_denominator(1001) if spec.fps else src_rate
+    height, width = output_size(ist.codec_context.height, ist.codec_context.width, spec.short_side)
+    if height < 2 or width < 2:
+        raise RuntimeError(f"source size {ist.codec_context.width}x{ist.codec_context.height} is unusable")
+    written = 0
+    with av.open(str(dst), "w", options={"fflags": "+bitexact"}) as out:
+        ost = out.add_stream(codec.encoder, rate=rate)
+        ost.width, ost.height, ost.pix_fmt = width, height, codec.pix_fmt
+        ost.thread_count = 1
+        ost.options = encoder_options(spec)
+        if spec.codec == "mjpeg":
+            q = spec.quality if spec.quality is not None else codec.default_quality
+            ost.codec_context.qmin = ost.codec_context.qmax = q
+        gop = spec.effective_gop
+        frames = _resample(inp.decode(ist), src_rate, rate, Fraction(ist.time_base) if ist.time_base else None)
+        for frame in frames:
+            f = frame.reformat(width=width, height=height, format=codec.pix_fmt, interpolation="BICUBIC")
+            f.pts, f.time_base = written, 1 / rate  # the encoder's time base is 1 / rate
+            # the source's picture types must not leak into the encoder (an I would force a keyframe)
+            f.pict_type = PictureType.I if gop and written % gop == 0 else PictureType.NONE
+            for packet in ost.encode(f):
+                out.mux(packet)
+            written += 1
+        for packet in ost.encode():
+            out.mux(packet)
+    return written, rate
+
+
+def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
+    """Transcode ``src`` into ``dst`` as ``spec`` says, via a checked temporary file; returns the frames written.
+
+    Raises ``RuntimeError`` (with the reason) when the source cannot be decoded or the output fails its check;
+    ``dst`` is then left as it was.
+    """
+    import av
+
+    try:
+        with atomic_path(dst) as tmp:
+            with av.open(str(src)) as inp:
+                written, rate = _encode(inp, tmp, spec)
+                declared = _declared_seconds(inp, inp.streams.video[0])
+            if written == 0:
+                raise RuntimeError("no decodable frame in the source")
+            if declared and written / rate < 0.9 * declared - 2 / rate:  # the same rule as pipelines.validate
+                raise RuntimeError(f"truncated source: it declares {declared:.2f} s but its frames cover only "
+                                   f"{float(written / rate):.2f} s")
+            problem = check_output(tmp, spec, written)
+            if problem:
+                raise RuntimeError(problem)
+    except av.error.FFmpegError as e:
+        raise RuntimeError(f"cannot decode/encode: {type(e).__name__}: {e}") from None
+    return written

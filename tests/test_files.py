@@ -1,0 +1,46 @@
+"""Atomic writes (pipelines.files): all or nothing, plain-file permissions, stale temporaries found and removed."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from pipelines.files import atomic_path, atomic_write_text, is_temporary, remove_stale_temporaries
+
+
+def test_failure_inside_the_block_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "out.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError, match="check failed"):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == target.parent and tmp.suffix == ".json" and is_temporary(tmp)
+            tmp.write_text("new, but bad")
+            raise RuntimeError("check failed")
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+
+
+def test_permissions_are_those_of_a_plain_write(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.txt") == mode(tmp_path / "b.txt") == 0o644
+
+
+def test_remove_stale_temporaries(tmp_path: Path) -> None:
+    """What a killed writer leaves (the block never ends) is removed; other hidden files are not."""
+    (tmp_path / "d").mkdir()
+    ctx = atomic_path(tmp_path / "d" / "clip.webm")
+    left = ctx.__enter__()  # entered and never exited: a process killed mid-write
+    left.write_bytes(b"half")
+    keep = [tmp_path / ".hidden.tmp", tmp_path / ".config", tmp_path / "clip.webm", tmp_path / ".x.abcdefgh.tmp"]
+    for p in keep:
+        p.write_text("")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert not left.exists() and all(p.exists() for p in keep)

@@ -1,6 +1,7 @@
 # timesformer-harness: every target creates/reuses .venv by itself.
 #   make test                      the CPU test suite (what CI runs)
 #   make bench ATTN=all            throughput/memory/FLOPs per attention variant
+#   make bench-compare A=RUN B=RUN two bench runs side by side (ratios, plot)
 # torch: an importable torch (e.g. an NGC CUDA build) is reused via --system-site-packages;
 # otherwise TORCH_SPEC is installed. Override: make test TORCH_SPEC='torch==2.5.1'.
 
@@ -18,9 +19,10 @@ IMG     ?=
 STEPS   ?=
 CONFIG  ?= configs/exp/toy_divided_cpu.yaml
 BASELINE ?= benchmarks/baselines/cpu_bench.json
+BENCH_PRESET ?= $(PRESET)
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast bench bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check clean
+.PHONY: venv test test-fast bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check clean
 
 venv: $(STAMP)
 
@@ -50,8 +52,12 @@ data: $(STAMP)
 bench: $(STAMP) data
 	$(VPY) -m harness.bench --attn $(ATTN) --mode $(MODE) $(if $(PRESET),--preset $(PRESET)) $(if $(FRAMES),--frames $(FRAMES)) $(if $(IMG),--img $(IMG)) $(if $(SUITES),--suites $(SUITES))
 
+bench-compare: $(STAMP)
+	@if [ -z "$(A)" ] || [ -z "$(B)" ]; then echo "usage: make bench-compare A=runs/bench/<run> B=runs/bench/<run>"; exit 2; fi
+	$(VPY) -m harness.bench compare $(A) $(B)
+
 bench-pytest: $(STAMP)
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest benchmarks --benchmark-autosave $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(if $(BENCH_PRESET),BENCH_PRESET=$(BENCH_PRESET)) $(VPY) -m pytest benchmarks --benchmark-autosave $(PYTEST_ARGS)
 
 profile: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m harness.profiling --attn $(if $(filter all,$(ATTN)),divided_space_time,$(ATTN)) $(if $(STEPS),--steps $(STEPS)) $(if $(PRESET),--preset $(PRESET))

@@ -4,7 +4,7 @@
 Each case is a loader built once; a round times one full epoch of it (from ``iter()`` to the last batch, so start-up
 and prefetch are inside the timing), and rounds interleave the cases (A B C A B C ...) so that load from other
 processes on a shared machine hits them alike. Reported: median clips/s per case and the ratios DALI / PyAV and
-DALI full graph / DALI decode-only (targets in issue 3: >= 1.1 and >= 0.9).
+DALI full graph / DALI decode-only.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from harness.config import REPO_ROOT, load_config
 from pipelines import build_loader
 from pipelines.base import ClipPlanner
 from pipelines.config import DataConfig
+from pipelines.logs import setup_logging
 from pipelines.tools.encode import write_video
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench/pipelines.json")
     parser.add_argument("--data", default=str(REPO_ROOT / "data/toy"), help="toy dataset (make data)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING)
     torch.set_num_threads(1)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,6 +34,7 @@ from benchmarks.bench_pipelines import epoch_rate, write_clips
 from harness.config import REPO_ROOT
 from pipelines import sampling
 from pipelines.config import DataConfig
+from pipelines.logs import setup_logging
 from pipelines.tools.decode_cost import STRATEGIES, count_decoded_frames, estimate, read_gop
 from pipelines.tools.prepare import prepare
 from pipelines.tools.transcode import PrepareSpec
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(REPO_ROOT / "runs/bench/prepare_data"))
     parser.add_argument("--out", default=str(REPO_ROOT / "runs/bench/prepare.json"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING)
     import torch
 
     from benchmarks.bench_pipelines import decode_only_loader

@@ -7,8 +7,8 @@ import torch
 
 from harness.bench import attention_shape
 from harness.metrics import BenchRecord, synchronize
-from harness.runtime import device_name
 from harness.model import load_preset
+from harness.runtime import device_name
 from kernels.attention import BACKENDS, attention, available_backends
 
 BATCH = 2

@@ -1,4 +1,5 @@
-"""Model-only train step and inference per attention variant (synthetic input), as pytest-benchmark cases."""
+"""Model-only train step and inference per attention variant (synthetic input), as pytest-benchmark cases: the
+step of ``harness.workload.synthetic_step``, the one ``make bench`` and ``make gate`` time."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from harness.bench import _build_model, _train_step_fn
 from harness.config import ATTENTION_TYPES
 from harness.counting import count_flops, count_params
-from harness.metrics import BenchRecord, gpu_peak_flops, is_oom, synchronize
-from harness.runtime import device_name
+from harness.metrics import BenchRecord, gpu_peak_flops, synchronize
 from harness.model import load_preset
-from harness.runtime import autocast, precision_name, resolve_precision, seed_everything
+from harness.runner import is_oom
+from harness.runtime import device_name, precision_name, resolve_precision, seed_everything
+from harness.workload import synthetic_step
 
 BATCH = 2
 
@@ -34,23 +35,13 @@ def test_model_step(benchmark, device, preset, attention_type, mode):
         rec.peak_flops, rec.peak_flops_source = gpu_peak_flops(rec.device_name, rec.precision)
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        model = _build_model(cfg, device, channels_last=device.type == "cuda")
+        model, one_step = synthetic_step(cfg, device, dtype, mode=mode, batch=BATCH,
+                                         channels_last=device.type == "cuda")
         rec.params = count_params(model)
-        x = torch.randn(BATCH, 3, T, S, S, device=device)
-        y = torch.randint(0, cfg.num_classes, (BATCH,), device=device)
-        if mode == "train":
-            train_step = _train_step_fn(model, x, y, device, dtype)
 
-            def step() -> None:
-                train_step()
-                synchronize(device)  # pytest-benchmark does not synchronise CUDA itself
-        else:
-            model.eval()
-
-            def step() -> None:
-                with torch.inference_mode(), autocast(device, dtype):
-                    model(x)
-                synchronize(device)
+        def step() -> None:
+            one_step()
+            synchronize(device)  # pytest-benchmark does not synchronise CUDA itself
 
         benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)
     except (RuntimeError, MemoryError) as e:

@@ -20,6 +20,7 @@ from pipelines.config import DataConfig
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
 ATTN_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "naive")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BENCH_SUITES = ("model", "attention", "scaling", "pipeline", "e2e")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -107,7 +108,6 @@ class SolverConfig:
 class TrainConfig:
     """Training loop switches."""
 
-    enable: bool = True
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True
     compile: bool = False
@@ -171,6 +171,20 @@ class BenchConfig:
     pipeline_batches: int = 8  # timed batches per loader (after 2 warm-up batches)
     input_bound_threshold: float = 0.1  # e2e verdict: input-bound when data wait > this share of a step
     out_dir: str = "runs/bench"
+
+    def __post_init__(self) -> None:
+        check_bench_suites(self.suites)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"bench.precision={self.precision!r}; choose from {list(PRECISIONS)}")
+        if self.batch_size < 1 or self.steps < 1 or self.sweep_steps < 1:
+            raise ValueError("bench.batch_size, bench.steps and bench.sweep_steps must be >= 1")
+
+
+def check_bench_suites(suites: list[str]) -> None:
+    """Raise ValueError naming the unknown suites and the valid ones."""
+    unknown = sorted(set(suites) - set(BENCH_SUITES))
+    if unknown:
+        raise ValueError(f"unknown bench suites {unknown}; choose from {list(BENCH_SUITES)}")
 
 
 @dataclass

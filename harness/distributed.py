@@ -98,11 +98,3 @@ def all_gather_objects(obj: Any) -> list[Any]:
     dist.all_gather_object(out, obj)
     return out
 
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

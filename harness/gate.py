@@ -3,12 +3,13 @@
     python -m harness.gate --write-baseline FILE [--preset NAME] [--attn all] [--mode train] [key=value ...]
     python -m harness.gate --baseline FILE [--tolerance 0.15] [key=value ...]
 
-Each case (attention variant x mode) runs in a fresh subprocess that alternates a calibration workload (A: a fixed
-fp32 GEMM block) and the model step (B: a block of train steps) for ``pairs`` rounds, A B A B ...; the case's
+Each case (attention variant x mode) runs in a fresh process (``harness.runner``) that alternates a calibration
+workload (A: a fixed fp32 GEMM block) and the model step (B: a block of ``harness.workload.synthetic_step`` train
+steps, the bench's and the Trainer's step) for ``pairs`` rounds, A B A B ...; the case's
 score is the median over pairs of time(B)/time(A). Anything that slows the whole machine (other users, frequency
 changes) slows A and B alike and cancels in the ratio. A case regresses when its normalised throughput drops by
-more than ``--tolerance`` (default 15%, from noise measured on the shared 2-core CPU machine; see README
-"Benchmarking"); a timing regression is measured once more before it counts. On CPU each case runs with one
+more than ``--tolerance`` (default 15%, from noise measured on the shared 2-core CPU machine; see
+docs/benchmarking.md); a timing regression is measured once more before it counts. On CPU each case runs with one
 intra-op thread (``--threads``), which keeps co-tenants from turning OpenMP barriers into outliers. Parameters
 and FLOPs per clip must match exactly, and peak memory may grow by at most ``--mem-tolerance``.
 
@@ -22,23 +23,29 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from harness.config import REPO_ROOT, ModelConfig
-from harness.metrics import BenchRecord, read_results, write_results
+from harness.config import ModelConfig
+from harness.counting import count_flops, count_params
+from harness.metrics import (BenchRecord, fill_throughput, peak_memory, read_results, reset_peak_memory, synchronize,
+                             write_results)
+from harness.runner import run_in_fresh_process
+from harness.runtime import device_name, environment_info, precision_name, resolve_precision, seed_everything
+from harness.workload import synthetic_step
+from pipelines.files import atomic_write_text
+from pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
 # Default tolerance on the normalised throughput drop, from same-tree noise measured on this shared 2-vCPU machine
-# (README "Benchmarking"): 8 gate runs at cpu_bench (24 case results) against one baseline moved the normalised
+# (docs/benchmarking.md): 8 gate runs at cpu_bench (24 case results) against one baseline moved the normalised
 # images/s by at most 6.1%, two of them with a 2-thread GEMM hog alongside that cut raw images/s 3x; 9 tiny-preset
 # case results moved by at most 2.3%. 15% is about 2.5x the worst seen; a timing regression is re-measured once.
 DEFAULT_TOLERANCE = 0.15
@@ -51,9 +58,37 @@ DEFAULT_CPU_THREADS = 1  # see run_worker: robust to co-tenants; 0 = torch's def
 
 # ------------------------------------------------------------------------------------------ worker
 
-def _time_block(fn, n: int, device: torch.device) -> float:
-    from harness.metrics import synchronize
+@dataclass
+class GateCase:
+    """One gate case (attention variant x mode), as the parent builds it and the worker process receives it."""
 
+    preset: str
+    model: ModelConfig  # its attention_type is the case's variant
+    mode: str  # train | infer
+    batch: int
+    precision: str  # resolved: fp32 | bf16 | fp16
+    channels_last: bool
+    device: str
+    warmup: int
+    pairs: int  # A/B pairs timed
+    block_s: float  # target duration of one A or B block (used when the block sizes are 0)
+    threads: int  # CPU intra-op threads; 0 = torch's default
+    steps_per_block: int = 0  # 0 = size from block_s; the gate reuses the baseline's
+    calib_reps: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"gate/{self.model.attention_type}/{self.mode}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GateCase:
+        return cls(**{**d, "model": ModelConfig(**d["model"])})
+
+
+def _time_block(fn: Callable[[], object], n: int, device: torch.device) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
@@ -61,57 +96,57 @@ def _time_block(fn, n: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def run_worker(spec: dict[str, Any]) -> BenchRecord:
-    """One gate case in this fresh process: A B A B interleaved blocks, median of per-pair ratios."""
-    from harness.bench import model_step
-    from harness.counting import count_flops, count_params
-    from harness.metrics import fill_throughput, peak_memory, reset_peak_memory, synchronize
-    from harness.runtime import device_name, environment_info, precision_name, resolve_precision, seed_everything
+def _record(case: GateCase, device: torch.device) -> BenchRecord:
+    cfg = case.model
+    return BenchRecord(suite="gate", case=case.name, attention_type=cfg.attention_type, preset=case.preset,
+                       frames=cfg.num_frames, img_size=cfg.img_size, batch=case.batch, precision=case.precision,
+                       mode=case.mode, device=device.type, device_name=device_name(device))
 
-    device = torch.device(spec["device"])
-    if device.type == "cpu" and spec.get("threads"):
+
+def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """One gate case in this fresh process: A B A B interleaved blocks, median of per-pair ratios. The step (B) is
+    ``harness.workload.synthetic_step``, the one the bench and the Trainer run."""
+    case = GateCase.from_dict(payload)
+    device = torch.device(case.device)
+    if device.type == "cpu" and case.threads:
         # One intra-op thread by default: with co-tenants on a small CPU, spinning OpenMP barriers whose
         # threads get preempted turn contention into 10x outliers; a single thread degrades smoothly.
-        torch.set_num_threads(spec["threads"])
+        torch.set_num_threads(case.threads)
     seed_everything(0)
-    dtype = resolve_precision(spec["precision"], device)
-    cfg = replace(ModelConfig(**spec["model"]), attention_type=spec["attention_type"])
-    T, S, B = cfg.num_frames, cfg.img_size, spec["batch"]
-    rec = BenchRecord(suite="gate", case=f"gate/{spec['attention_type']}/{spec['mode']}",
-                      attention_type=spec["attention_type"], preset=spec["preset"], frames=T, img_size=S, batch=B,
-                      precision=precision_name(dtype), mode=spec["mode"], device=device.type,
-                      device_name=device_name(device), env=environment_info(device))
+    dtype = resolve_precision(case.precision, device)
+    cfg, B = case.model, case.batch
+    rec = _record(case, device)
+    rec.env = environment_info(device)
     a = torch.randn(CALIB_N, CALIB_N, device=device)
     b = torch.randn(CALIB_N, CALIB_N, device=device)
 
     def calib() -> None:
         torch.mm(a, b)
 
-    rec.flops_per_clip = count_flops(cfg, batch=1, mode=spec["mode"])
+    rec.flops_per_clip = count_flops(cfg, batch=1, mode=case.mode)
     base = reset_peak_memory(device)
-    model, step = model_step(cfg, device, dtype, mode=spec["mode"], batch=B, frames=T, img_size=S,
-                             channels_last=spec["channels_last"])
+    model, step = synthetic_step(cfg, device, dtype, mode=case.mode, batch=B, channels_last=case.channels_last)
     rec.params = count_params(model)
 
     # Warm-up, then size the blocks (or reuse the baseline's sizes so both sides run the same work).
-    for _ in range(spec["warmup"]):
+    for _ in range(case.warmup):
         step()
         calib()
     synchronize(device)
     step_s = min(_time_block(step, 1, device) for _ in range(3))
     calib_s = min(_time_block(calib, 1, device) for _ in range(3))
-    steps_per_block = spec.get("steps_per_block") or max(1, round(spec["block_s"] / step_s))
-    calib_reps = spec.get("calib_reps") or max(1, round(steps_per_block * step_s / calib_s))
+    steps_per_block = case.steps_per_block or max(1, round(case.block_s / step_s))
+    calib_reps = case.calib_reps or max(1, round(steps_per_block * step_s / calib_s))
 
     ratios, step_times, calib_times = [], [], []
-    for _ in range(spec["pairs"]):
+    for _ in range(case.pairs):
         ta = _time_block(calib, calib_reps, device)
         tb = _time_block(step, steps_per_block, device)
         ratios.append(tb / ta)
         calib_times.append(ta)
         step_times.append(tb / steps_per_block)
     rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
-    fill_throughput(rec, step_times, clips_per_step=B, frames=T)
+    fill_throughput(rec, step_times, clips_per_step=B, frames=cfg.num_frames)
     ratio = statistics.median(ratios)
     rec.extra.update({
         "ratio": ratio, "ratio_p10_p90": [min(ratios), max(ratios)] if len(ratios) < 3 else
@@ -119,23 +154,20 @@ def run_worker(spec: dict[str, Any]) -> BenchRecord:
         "ratios": ratios, "steps_per_block": steps_per_block, "calib_reps": calib_reps, "calib_n": CALIB_N,
         "calib_ms": 1e3 * statistics.median(calib_times) / calib_reps,
     })
+    return rec.to_dict()
+
+
+def run_case(case: GateCase, timeout_s: float = 900) -> BenchRecord:
+    """Run a gate case in a fresh process (its own peak RSS); an ``oom``/``error`` outcome (harness.runner's
+    policy) becomes the record's status."""
+    out = run_in_fresh_process(run_worker, case.to_dict(), timeout_s=timeout_s)
+    if out.status == "ok":
+        return BenchRecord.from_dict(out.result)
+    rec = _record(case, torch.device(case.device))
+    rec.status, rec.message = out.status, out.message
+    if out.traceback:
+        rec.extra["traceback"] = out.traceback
     return rec
-
-
-def run_case(spec: dict[str, Any], timeout_s: int = 900) -> BenchRecord:
-    """Run a gate case in a fresh subprocess (its own peak RSS); failures become ``error`` records."""
-    cmd = [sys.executable, "-m", "harness.gate", "--worker", json.dumps(spec)]
-    name = f"gate/{spec['attention_type']}/{spec['mode']}"
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT)
-    except subprocess.TimeoutExpired:
-        return BenchRecord(suite="gate", case=name, status="error", message=f"timed out after {timeout_s}s")
-    for line in reversed(out.stdout.splitlines()):
-        if line.startswith("GATE_RECORD "):
-            return BenchRecord.from_dict(json.loads(line[len("GATE_RECORD "):]))
-    tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-    return BenchRecord(suite="gate", case=name, attention_type=spec["attention_type"], mode=spec["mode"],
-                       status="error", message=f"worker exited with code {out.returncode}: {tail[:300]}")
 
 
 # ------------------------------------------------------------------------------------------ comparison
@@ -230,7 +262,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--baseline", help="gate the current tree against this baseline JSON")
     g.add_argument("--write-baseline", help="measure the current tree and write a baseline JSON here")
-    g.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--preset", default=None, help="model preset (write: default by device; gate: the baseline's)")
     p.add_argument("--attn", default="all", help="attention variants (write-baseline only)")
     p.add_argument("--mode", default="train", help="train | infer | both (write-baseline only)")
@@ -245,40 +276,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _specs(meta: dict[str, Any], model: dict[str, Any], cases: list[tuple[str, str]], pairs: int,
-           block: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
-    specs = []
-    for attn, mode in cases:
-        s = {"preset": meta["preset"], "model": model, "attention_type": attn, "mode": mode, "batch": meta["batch"],
-             "precision": meta["precision"], "channels_last": meta["channels_last"], "device": meta["device_str"],
-             "warmup": meta["warmup"], "pairs": pairs, "block_s": meta["block_s"],
-             "threads": meta.get("threads", 0)}
-        if block and f"gate/{attn}/{mode}" in block:
-            s.update(block[f"gate/{attn}/{mode}"])
-        specs.append(s)
-    return specs
+def gate_cases(meta: dict[str, Any], model: ModelConfig, pairs: int,
+               block: dict[str, dict[str, int]] | None = None) -> list[GateCase]:
+    """The cases ``meta["cases"]`` names ([attention_type, mode] pairs) with the baseline's settings; ``block``
+    (case name -> steps_per_block, calib_reps) makes a candidate time the same work per sample as the baseline."""
+    cases = []
+    for attn, mode in meta["cases"]:
+        case = GateCase(preset=meta["preset"], model=replace(model, attention_type=attn), mode=mode,
+                        batch=meta["batch"], precision=meta["precision"], channels_last=meta["channels_last"],
+                        device=meta["device_str"], warmup=meta["warmup"], pairs=pairs, block_s=meta["block_s"],
+                        threads=meta.get("threads", 0))
+        cases.append(replace(case, **(block or {}).get(case.name, {})))
+    return cases
 
 
-def _measure(specs: list[dict[str, Any]]) -> list[BenchRecord]:
+def candidate_model(baseline_model: dict[str, Any], overrides: list[str]) -> ModelConfig:
+    """The baseline's model with ``model.KEY=VALUE`` overrides (a what-if, e.g. ``model.depth=6``), checked."""
+    from harness.config import load_config
+
+    changes = {}
+    for item in overrides:
+        if not item.startswith("model.") or "=" not in item:
+            raise ValueError(f"override {item!r}: the gate takes only model.KEY=VALUE overrides")
+        key = item.split("=", 1)[0].split(".", 1)[1]
+        changes[key] = getattr(load_config(None, [item]).model, key)  # parsed and typed by the schema
+    return replace(ModelConfig(**baseline_model), **changes)
+
+
+def _measure(cases: list[GateCase]) -> list[BenchRecord]:
     from tqdm import tqdm
 
-    return [run_case(s) for s in tqdm(specs, desc="gate", unit="case", file=sys.stderr)]
+    return [run_case(c) for c in tqdm(cases, desc="gate", unit="case", file=sys.stderr)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.worker is not None:
-        rec = run_worker(json.loads(args.worker))
-        print("GATE_RECORD " + json.dumps(rec.to_dict()), flush=True)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     from harness.bench import attention_types, modes_of, resolve
-    from harness.runtime import precision_name, resolve_precision
 
     if args.write_baseline:
-        ns = argparse.Namespace(preset=args.preset, config=None, overrides=args.overrides, frames=None, img=None,
-                                suites=None, out=None)
-        cfg, preset, device = resolve(ns)
+        cfg, preset, device = resolve(preset=args.preset, overrides=args.overrides)
         meta = {"kind": "gate-baseline", "preset": preset, "batch": cfg.bench.batch_size,
                 "precision": precision_name(resolve_precision(cfg.bench.precision, device)),
                 "channels_last": cfg.bench.channels_last, "device": device.type, "device_str": str(device),
@@ -287,9 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tolerance": args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE,
                 "mem_tolerance": args.mem_tolerance if args.mem_tolerance is not None else DEFAULT_MEM_TOLERANCE,
                 "model": asdict(cfg.model), "overrides": list(args.overrides)}
-        cases = [(a, m) for a in attention_types(args.attn) for m in modes_of(args.mode)]
-        meta["cases"] = cases
-        records = _measure(_specs(meta, meta["model"], cases, args.pairs))
+        meta["cases"] = [(a, m) for a in attention_types(args.attn) for m in modes_of(args.mode)]
+        records = _measure(gate_cases(meta, cfg.model, args.pairs))
         bad = [r for r in records if r.status != "ok"]
         if bad:
             for r in bad:
@@ -319,26 +355,21 @@ def main(argv: list[str] | None = None) -> int:
     tol = args.tolerance if args.tolerance is not None else meta.get("tolerance", DEFAULT_TOLERANCE)
     mem_tol = args.mem_tolerance if args.mem_tolerance is not None else meta.get("mem_tolerance",
                                                                                  DEFAULT_MEM_TOLERANCE)
-    model = dict(meta["model"])
-    for item in args.overrides:  # candidate tweaks, e.g. model.depth=6 (what the gate test uses)
-        if not item.startswith("model.") or "=" not in item:
-            print(f"override {item!r}: the gate takes only model.KEY=VALUE overrides")
-            return 2
-        from harness.config import load_config
-
-        key = item.split("=", 1)[0].split(".", 1)[1]
-        model[key] = getattr(load_config(None, [item]).model, key)
+    try:
+        model = candidate_model(meta["model"], args.overrides)
+    except (ValueError, KeyError) as e:
+        print(f"cannot apply the overrides: {e}")
+        return 2
     # Same block sizes as the baseline, so both sides time the same amount of work per sample.
     block = {r.case: {"steps_per_block": r.extra["steps_per_block"], "calib_reps": r.extra["calib_reps"]}
              for r in baseline}
-    cases = [tuple(c) for c in meta["cases"]]
-    candidate = _measure(_specs(meta, model, cases, meta["pairs"], block))
+    cases = gate_cases(meta, model, meta["pairs"], block)
+    candidate = _measure(cases)
     verdicts = compare(baseline, candidate, tol, mem_tol)
     retry = [v.case for v in verdicts if v.timing_regressed and len(v.reasons) == 1]
     if retry:  # confirm a timing-only regression with a second measurement before failing
         logger.info("re-measuring %s to confirm", retry)
-        again = {r.case: r for r in _measure([s for s in _specs(meta, model, cases, meta["pairs"], block)
-                                              if f"gate/{s['attention_type']}/{s['mode']}" in retry])}
+        again = {r.case: r for r in _measure([c for c in cases if c.name in retry])}
         by_case = {r.case: r for r in candidate}
         for case, r in again.items():
             first = by_case[case]
@@ -348,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         verdicts = compare(baseline, candidate, tol, mem_tol)
     out = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
     write_results(out / "candidate.json", candidate, {**meta, "kind": "gate-candidate", "baseline": str(path),
-                                                      "model": model, "tolerance": tol, "mem_tolerance": mem_tol})
-    (out / "verdicts.json").write_text(json.dumps([asdict(v) for v in verdicts], indent=2) + "\n")
+                                                      "model": asdict(model), "tolerance": tol,
+                                                      "mem_tolerance": mem_tol})
+    atomic_write_text(out / "verdicts.json", json.dumps([asdict(v) for v in verdicts], indent=2) + "\n")
     print(format_table(verdicts, baseline, candidate))
     failed = [v for v in verdicts if v.regressed]
     for v in failed:

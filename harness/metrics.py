@@ -1,7 +1,7 @@
 """Timing, memory, FLOP/s and utilisation helpers, and the versioned bench record shared by bench, gate and
 the pytest-benchmark suites.
 
-Method (shared/DESIGN.md "Performance method"): warm up first, then time each step with ``perf_counter`` and a
+Method: warm up first, then time each step with ``perf_counter`` and a
 device synchronise at the step boundary (timm benchmark.py), report the median and the p10/p90 spread.
 Peak memory is the CUDA allocator's peak on GPU and, on CPU, the peak RSS growth of a *fresh process* per case
 (``ru_maxrss`` cannot be reset, so the caller runs every case in its own subprocess).
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from pipelines.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ GPU_PEAK_FLOPS_FP32 = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12}
 
 @dataclass
 class BenchRecord:
-    """One measured case (shared/DESIGN.md "Bench record"). ``None`` means not measured / not applicable."""
+    """One measured case. ``None`` means not measured / not applicable."""
 
     suite: str  # model | attention | scaling | pipeline | e2e | gate
     case: str  # a unique, human-readable name within a run, e.g. "model/divided_space_time/train/8x224"
@@ -106,9 +108,8 @@ class BenchRecord:
 
 def write_results(path: str | Path, records: list[BenchRecord], meta: dict[str, Any] | None = None) -> None:
     """``{"schema_version", "meta", "records": [...]}`` as indented JSON."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     payload = {"schema_version": SCHEMA_VERSION, "meta": meta or {}, "records": [r.to_dict() for r in records]}
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def read_results(path: str | Path) -> tuple[list[BenchRecord], dict[str, Any]]:
@@ -207,14 +208,6 @@ def peak_memory(device: torch.device, baseline: int = 0) -> tuple[int, str]:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_allocator"
     return max(rss_high_water_bytes() - baseline, 0), "rss_fresh_process"
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for CUDA OOM and for CPU allocation failures (e.g. under the bench's address-space cap)."""
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
-        return True
-    msg = str(exc).lower()
-    return "out of memory" in msg or "can't allocate memory" in msg or "cannot allocate memory" in msg
 
 
 # ---------------------------------------------------------------------------------------------- FLOP/s

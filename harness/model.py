@@ -214,9 +214,6 @@ class TimeSformer(nn.Module):
         self.patch_embed.proj.to(memory_format=fmt)
         return self
 
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "time_embed"}
-
     def _pos_embed(self, num_tokens: int, Wp: int) -> torch.Tensor:
         """pos_embed, 2-D nearest-resized to the input's (Hp, Wp) patch grid when its token count differs from
         construction's (as the original: a grid of the same count but another shape is not resized)."""

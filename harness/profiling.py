@@ -9,8 +9,8 @@ Writes ``runs/profile/<timestamp>-<attn>/``:
 - ``summary.md``: top ops by self time, the share of the step in the ``attn/temporal``, ``attn/spatial`` and
   ``attn/joint`` ranges the model emits, memory, and FLOPs.
 
-The torch-tb-profiler UI loads Google Charts from the internet and stays blank offline (research/bench.md);
-its data endpoints work, and Perfetto or the summary are the offline views.
+The torch-tb-profiler UI loads Google Charts from the internet and stays blank offline; its data endpoints work,
+and Perfetto or the summary are the offline views.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
+
+from harness.config import RootConfig, to_yaml
+from pipelines.files import atomic_write_text
+from pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -122,33 +126,34 @@ def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
               "- `*.pt.trace.json`: TensorBoard (`make tensorboard`, torch-tb-profiler; its UI needs internet)",
               "- `trace_perfetto.json`: open at https://ui.perfetto.dev or chrome://tracing",
               "- `key_averages.txt`: the profiler's full operator table", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
-def run_profile(cfg: Any, preset: str, attention_type: str, steps: int = 3, wait: int = 1, warmup: int = 1,
+def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, warmup: int = 1,
                 out_root: str | Path = "runs/profile", with_stack: bool = False) -> ProfileSummary:
-    """Profile ``wait + warmup + steps`` real SGD train steps (synthetic input) and write the run directory."""
-    from harness.bench import _build_model
+    """Profile ``wait + warmup + steps`` train steps of ``cfg.model`` (``harness.workload.TrainStep``, synthetic
+    input, ``cfg.bench`` batch/precision/channels-last) and write the run directory.
+
+    The step's pieces run inside the ranges ``train_step`` > ``forward`` / ``backward`` / ``optimizer``.
+    """
     from harness.counting import count_flops
     from harness.metrics import peak_memory, reset_peak_memory
-    from harness.runtime import autocast, device_name, precision_name, resolve_device, resolve_precision
-    from harness.runtime import seed_everything
+    from harness.runtime import device_name, precision_name, resolve_device, resolve_precision, seed_everything
+    from harness.workload import TrainStep, build_model, synthetic_batch
 
     device = resolve_device()
     seed_everything(0)
     dtype = resolve_precision(cfg.bench.precision, device)
     mcfg = cfg.model
-    mcfg.attention_type = attention_type
+    attention_type = mcfg.attention_type
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out_root) / f"{stamp}-{attention_type}"
     run_dir.mkdir(parents=True, exist_ok=True)
     B, T, S = cfg.bench.batch_size, mcfg.num_frames, mcfg.img_size
     base = reset_peak_memory(device)
-    model = _build_model(mcfg, device, cfg.bench.channels_last)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    x = torch.randn(B, 3, T, S, S, device=device)
-    y = torch.randint(0, mcfg.num_classes, (B,), device=device)
+    model = build_model(mcfg, device, channels_last=cfg.bench.channels_last)
+    video, labels = synthetic_batch(mcfg, device, B)
+    train = TrainStep.build(model, device, dtype)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     tb_handler = tensorboard_trace_handler(str(run_dir), worker_name=f"{attention_type}", use_gzip=False)
@@ -163,13 +168,12 @@ def run_profile(cfg: Any, preset: str, attention_type: str, steps: int = 3, wait
                  with_flops=False) as prof:  # FLOPs come from harness.counting (the profiler's miss CPU SDPA)
         for _ in range(wait + warmup + steps):
             with record_function(STEP_RANGE):
-                opt.zero_grad(set_to_none=True)
-                with record_function(FORWARD_RANGE), autocast(device, dtype):
-                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                with record_function(FORWARD_RANGE):
+                    _, loss = train.forward(video, labels)
                 with record_function("backward"):
-                    loss.backward()
+                    train.backward(loss)
                 with record_function("optimizer"):
-                    opt.step()
+                    train.optimizer_step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             prof.step()
@@ -180,13 +184,11 @@ def run_profile(cfg: Any, preset: str, attention_type: str, steps: int = 3, wait
     s.flops_per_step = count_flops(mcfg, batch=B, mode="train")
     s.achieved_flops = s.flops_per_step / (s.step_ms / 1e3)
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    (run_dir / "key_averages.txt").write_text(prof.key_averages().table(sort_by=sort_key, row_limit=60))
+    atomic_write_text(run_dir / "key_averages.txt", prof.key_averages().table(sort_by=sort_key, row_limit=60))
     write_summary(s, run_dir / "summary.md", {
         "preset": preset, "batch": B, "frames": T, "img_size": S, "precision": precision_name(dtype),
         "device": device_name(device), "wait": wait, "warmup": warmup})
-    from harness.config import to_yaml
-
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     return s
 
 
@@ -201,17 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--with-stack", action="store_true", help="record Python stacks (bigger traces)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. model.depth=2")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from harness.bench import attention_types, resolve
+    setup_logging()
+    from harness.bench import resolve
 
     if args.attn == "all" or args.steps < 1:
         p.error("--attn takes one variant (not 'all') and --steps must be >= 1")
-    attention_types(args.attn)  # validates the name
-    ns = argparse.Namespace(preset=args.preset, config=None, overrides=args.overrides, frames=None, img=None,
-                            suites=None, out=None)
-    cfg, preset, _ = resolve(ns)
-    s = run_profile(cfg, preset, args.attn, steps=args.steps, wait=args.wait, warmup=args.warmup,
-                    out_root=args.out, with_stack=args.with_stack)
+    try:  # the variant goes in as an override, so the config's own checks see it
+        cfg, preset, _ = resolve(preset=args.preset, overrides=[*args.overrides, f"model.attention_type={args.attn}"])
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        p.error(str(e))
+    s = run_profile(cfg, preset, steps=args.steps, wait=args.wait, warmup=args.warmup, out_root=args.out,
+                    with_stack=args.with_stack)
     print((Path(s.run_dir) / "summary.md").read_text())
     print(f"profile: {s.run_dir}  (make tensorboard; or open trace_perfetto.json in https://ui.perfetto.dev)")
     return 0

@@ -10,7 +10,6 @@ import platform
 import random
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -63,6 +62,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_determinism() -> None:
+    """Deterministic kernels where torch has them (a debug mode: expect slower steps).
+
+    ``warn_only``: an op without a deterministic implementation warns instead of failing, since not every SDPA
+    backend's backward has one. cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set before its first call to be
+    deterministic; an existing value is kept.
+    """
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    logger.info("deterministic algorithms on (expect slower steps)")
+
+
 def apex_available() -> bool:
     return importlib.util.find_spec("apex") is not None
 
@@ -110,14 +123,3 @@ def environment_info(device: torch.device | None = None) -> dict[str, object]:
         "cpu_threads": torch.get_num_threads(),
         "git_sha": _git_sha(),
     }
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Temporarily put a model in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -32,18 +31,20 @@ if __package__ in (None, ""):  # run as a script (torchrun harness/train.py): pu
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from harness.checkpoint import CheckpointError, load_weights
 from harness.config import RootConfig, load_config, to_yaml
 from harness.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from harness.evaluate import accuracy_report, class_names_for, score_loader
-from harness.model import create_model
+from harness.metric_writer import MetricWriter
+from harness.mixup import mix_batch
 from harness.optim import build_optimizer, lr_at, set_lr
-from harness.runtime import environment_info, precision_name, resolve_precision, seed_everything, autocast
-from pipelines.logs import setup_logging
+from harness.runtime import environment_info, precision_name, resolve_precision, seed_everything, set_determinism
+from harness.train_hooks import DebugHooks
 from harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
+from harness.workload import TrainStep, build_model, compile_model, grad_scaler
+from pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -61,61 +62,6 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def mix_batch(video: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
-              smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or cutmix (one chosen per batch, like timm's ``Mixup`` in batch mode) with smoothed soft targets.
-
-    video: (B, 3, T, H, W); the cutmix box is the same for all frames. Returns (video, targets (B, C)).
-    """
-    off, on = smoothing / num_classes, 1.0 - smoothing + smoothing / num_classes
-    targets = torch.full((labels.size(0), num_classes), off, device=labels.device).scatter_(1, labels[:, None], on)
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < 0.5)
-    alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    flipped = video.flip(0)
-    if use_cutmix:
-        H, W = video.shape[-2:]
-        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
-        video = video.clone()
-        video[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
-    else:
-        video = video * lam + flipped * (1.0 - lam)
-    return video, targets * lam + targets.flip(0) * (1.0 - lam)
-
-
-class MetricWriter:
-    """``metrics.jsonl`` plus TensorBoard scalars, rank 0 only."""
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
-        self.enabled = enabled
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
-        self.tb = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-
-    def log(self, record: dict[str, Any], step: int) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **record}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and "/" in key:
-                    self.tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 class Trainer:
     """Builds model, optimizer, loaders and checkpoints from the config, then ``fit()`` runs the epochs."""
 
@@ -131,27 +77,24 @@ class Trainer:
         barrier()
         seed_everything(cfg.train.seed + info.rank)
         if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            logger.info("deterministic algorithms on (expect slower steps)")
+            set_determinism()
 
-        self.model = create_model(cfg.model).to(self.device)
+        # Channels-last only on CUDA, where the tensor-core convolution wants it (train.channels_last).
+        self.model = build_model(cfg.model, self.device,
+                                 channels_last=self.device.type == "cuda" and cfg.train.channels_last)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
         self.optimizer, self.optimizer_impl = build_optimizer(list(self.model.parameters()), cfg.solver, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
+        self.scaler = grad_scaler(self.device, self.dtype)
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last)
         self.start_epoch, self.start_batch, self.step = 0, 0, 0
         self._restore()
-        if self.device.type == "cuda" and cfg.train.channels_last:
-            self.model.set_channels_last(True)
         self.ddp: DDP | None = None
         if info.enabled:
             self.ddp = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
                            find_unused_parameters=cfg.dist.find_unused_parameters)
-        self.forward_model: torch.nn.Module = self.ddp or self.model
-        if cfg.train.compile:
-            self.forward_model = torch.compile(self.forward_model)
+        self.train_step = TrainStep(self.model, self.optimizer, self.scaler, self.device, self.dtype,
+                                    forward_model=compile_model(self.ddp or self.model, cfg.train.compile),
+                                    grad_clip=cfg.solver.grad_clip, label_smoothing=cfg.solver.label_smoothing)
 
         per_step = cfg.data.batch_size * info.world_size
         self.accum = max(1, cfg.solver.global_batch_size // per_step) if cfg.solver.global_batch_size else 1
@@ -161,10 +104,7 @@ class Trainer:
         self.stop_signal: str | None = None
         self.metrics = MetricWriter(self.run_dir, info.is_main, cfg.output.tensorboard)
         self._val_loader = None
-        self.samples_file = None
-        if cfg.train.record_samples:
-            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-            self.samples_file = open(self.run_dir / "samples" / f"rank{info.rank}.jsonl", "a")
+        self.hooks = DebugHooks(cfg.train, self.run_dir, info.rank)
         if cfg.model.num_frames != cfg.data.num_frames or cfg.model.img_size != cfg.data.train_crop_size:
             logger.warning("model.num_frames/img_size (%d/%d) differ from data.num_frames/train_crop_size (%d/%d): "
                            "the model resizes its embeddings at run time; is that intended?", cfg.model.num_frames,
@@ -279,8 +219,7 @@ class Trainer:
                         time.perf_counter() - t_run)
         finally:
             self.metrics.close()
-            if self.samples_file is not None:
-                self.samples_file.close()
+            self.hooks.close()
         return 0
 
     def _report_stop(self, path: Path | None) -> None:
@@ -305,7 +244,6 @@ class Trainer:
                              f"(solver.global_batch_size={cfg.solver.global_batch_size}); lower it")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        criterion_smoothing = cfg.solver.label_smoothing
         mixing = cfg.solver.mixup_alpha > 0 or cfg.solver.cutmix_alpha > 0
         clips_per_iter = cfg.data.batch_size * info.world_size
         bar = None
@@ -324,27 +262,20 @@ class Trainer:
                 break
             done += 1
             t_data = time.perf_counter()
-            if self.samples_file is not None:
-                self.samples_file.write(json.dumps({"epoch": epoch, "batch": i, "index": batch.index.tolist()}) + "\n")
-                self.samples_file.flush()
+            self.hooks.on_batch(epoch, i, batch)
             lr = lr_at(cfg.solver, epoch + i / n)
             set_lr(self.optimizer, lr)
             sync = (i + 1) % self.accum == 0
             video = batch.video.to(self.device, non_blocking=True)
             labels = batch.label.to(self.device, non_blocking=True)
+            targets = None
             if mixing:
                 video, targets = mix_batch(video, labels, cfg.model.num_classes, cfg.solver.mixup_alpha,
-                                           cfg.solver.cutmix_alpha, criterion_smoothing)
+                                           cfg.solver.cutmix_alpha, cfg.solver.label_smoothing)
             no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
             with no_sync:
-                with autocast(self.device, self.dtype):
-                    logits = self.forward_model(video)
-                    if mixing:
-                        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                    else:
-                        loss = F.cross_entropy(logits.float(), labels, label_smoothing=criterion_smoothing)
-                if cfg.train.debug_nan_at_step == self.step and i % self.accum == 0:
-                    loss = loss * float("nan")
+                logits, loss = self.train_step.forward(video, labels, targets)
+                loss = self.hooks.on_loss(loss, self.step, first_micro_batch=i % self.accum == 0)
                 # One small all-reduce per iteration: the mean loss (for logging and the NaN check on every rank)
                 # and the stop flag, so all ranks stop after the same optimizer step.
                 stats = all_reduce_sum(torch.stack([loss.detach().float(),
@@ -354,17 +285,11 @@ class Trainer:
                 stop = stop or stats[1].item() > 0
                 if not math.isfinite(loss_val):
                     self._fail_non_finite(loss_val, epoch, i)
-                self.scaler.scale(loss / self.accum).backward()
+                self.train_step.backward(loss, self.accum)
             if sync:
-                if cfg.solver.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.solver.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.train_step.optimizer_step()
                 self.step += 1
-                if cfg.train.debug_signal_at_step == self.step and info.is_main:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                self.hooks.on_optimizer_step(self.step)
             loss_sum += loss_val
             correct += (logits.detach().argmax(-1) == labels).sum().item() if not mixing else 0
             seen += labels.numel()

@@ -1,28 +1,35 @@
-"""harness.metrics and harness.bench: the record schema, the statistics, and real bench runs at the tiny preset."""
+"""harness.metrics and harness.bench: the record schema, the statistics, real bench runs at the tiny preset, and
+comparing two of them."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from harness.bench import attention_shape, build_cases, case_name, run_case, run_worker
+from harness.bench import BenchCase, attention_shape, build_cases, resolve, run_case, run_worker
 from harness.config import REPO_ROOT, RootConfig
 from harness.counting import count_flops, count_params
-from harness.metrics import (SCHEMA_VERSION, BenchRecord, gpu_peak_flops, is_oom, percentile, read_results,
-                             step_stats, write_results)
+from harness.metrics import SCHEMA_VERSION, BenchRecord, gpu_peak_flops, percentile, read_results, step_stats, \
+    write_results
 from harness.model import create_model, load_preset
 
 
-def _spec(**kw) -> dict:
-    base = {"preset": "tiny", "model": asdict(load_preset("tiny")), "batch": 2, "precision": "fp32",
-            "channels_last": False, "warmup": 1, "steps": 2, "device": "cpu", "mem_limit_gb": 0.0,
-            "peak_flops": 1e11, "peak_flops_source": "test", "frames": 4, "img_size": 32}
-    return {**base, **kw}
+def _case(suite: str, attention_type: str = "divided_space_time", **kw) -> BenchCase:
+    model = replace(load_preset("tiny"), attention_type=attention_type, **kw.pop("model_changes", {}))
+    base = {"preset": "tiny", "batch": 2, "precision": "fp32", "channels_last": False, "warmup": 1, "steps": 2,
+            "device": "cpu", "peak_flops": 1e11, "peak_flops_source": "test", "frames": 4, "img_size": 32}
+    return BenchCase(suite=suite, model=model, **{**base, **kw})
+
+
+def _run(case: BenchCase) -> BenchRecord:
+    """The worker's function, in this process (the JSON round trip included)."""
+    return BenchRecord.from_dict(run_worker(BenchCase.from_dict(case.to_dict()).to_dict()))
 
 
 def test_step_stats_percentiles():
@@ -47,15 +54,12 @@ def test_record_roundtrip_and_version_check(tmp_path):
     assert "env" not in rec.extra_info() and rec.extra_info()["clips_per_s"] == 2.0
 
 
-def test_gpu_peak_table_and_oom_detection():
+def test_gpu_peak_table():
     assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989e12
     assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16")[0] == 756e12
     assert gpu_peak_flops("NVIDIA H200", "bf16")[0] == 989e12
     assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32")[0] == 67e12
     assert gpu_peak_flops("Some Unknown GPU", "bf16") == (None, None)
-    assert is_oom(torch.OutOfMemoryError("CUDA out of memory"))
-    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"))
-    assert not is_oom(RuntimeError("shape mismatch"))
 
 
 def test_attention_shapes_follow_the_block_layout():
@@ -73,15 +77,30 @@ def test_build_cases_selects_suites_and_skips_the_duplicate_sweep_point():
     cfg.bench.suites = ["model", "scaling"]
     cfg.bench.frames = [4, 8]
     cases = build_cases(cfg, "tiny", ["space_only"], ["train", "infer"], torch.device("cpu"), (None, None))
-    names = [case_name(c) for c in cases]
+    names = [c.name for c in cases]
     assert names == ["model/space_only/train/4x32", "model/space_only/infer/4x32", "scaling/space_only/train/8x32"]
+    assert all(c.model.attention_type == "space_only" and c.model.depth == 2 for c in cases)
+    assert cases[2].steps == cfg.bench.sweep_steps and cases[0].steps == cfg.bench.steps
+    assert BenchCase.from_dict(json.loads(json.dumps(cases[2].to_dict()))) == cases[2]  # what the worker receives
     cfg.bench.suites = ["model", "nope"]
     with pytest.raises(ValueError, match=r"unknown bench suites \['nope'\]"):
         build_cases(cfg, "tiny", ["space_only"], ["train"], torch.device("cpu"), (None, None))
 
 
+def test_resolve_layers_preset_overrides_and_flags_and_checks_them():
+    cfg, preset, device = resolve(preset="tiny", overrides=["model.depth=3"], frames=[4, 8], suites=["model"],
+                                  out_dir="/tmp/x")
+    assert preset == "tiny" and cfg.bench.preset == "tiny" and device.type == "cpu"
+    assert cfg.model.embed_dim == load_preset("tiny").embed_dim and cfg.model.depth == 3  # user over preset
+    assert cfg.bench.frames == [4, 8] and cfg.bench.suites == ["model"] and cfg.bench.out_dir == "/tmp/x"
+    with pytest.raises(ValueError, match=r"unknown bench suites \['nope'\]"):
+        resolve(preset="tiny", suites=["nope"])
+    with pytest.raises(ValueError, match="model.attention_type='diagonal'"):
+        resolve(preset="tiny", overrides=["model.attention_type=diagonal"])
+
+
 def test_model_worker_counts_match_the_model():
-    rec = run_worker(_spec(suite="model", attention_type="divided_space_time", mode="train"))
+    rec = _run(_case("model", mode="train"))
     assert rec.status == "ok", rec.message
     model = create_model("tiny")
     assert rec.params == count_params(model)
@@ -94,37 +113,51 @@ def test_model_worker_counts_match_the_model():
 
 
 def test_attention_worker_backends_agree_on_flops():
-    recs = [run_worker(_spec(suite="attention", shape="joint", backend=b, mode="train",
-                             attention_type="joint_space_time")) for b in ("auto", "naive")]
+    recs = [_run(_case("attention", "joint_space_time", shape="joint", backend=b, mode="train"))
+            for b in ("auto", "naive")]
     assert all(r.status == "ok" for r in recs), [r.message for r in recs]
     nseq, H, L, hd = 2, 4, 1 + 16 * 4, 16
     assert recs[0].flops_per_clip == recs[1].flops_per_clip == 3 * 4 * nseq * H * L * L * hd // 2
     assert recs[0].extra["seq_len"] == L
 
 
-def test_unknown_pinned_backend_is_an_error_record_not_a_crash():
-    rec = run_worker(_spec(suite="attention", shape="spatial", backend="cudnn", mode="infer",
-                           attention_type="space_only"))
-    assert rec.status == "error" and "RuntimeError" in rec.message
+def test_unknown_pinned_backend_is_an_error_record_with_the_traceback():
+    rec = run_case(_case("attention", "space_only", shape="spatial", backend="cudnn", mode="infer"), timeout_s=120)
+    assert rec.status == "error" and rec.message.startswith("RuntimeError")
+    assert "kernels/attention.py" in rec.extra["traceback"] and rec.case == "attention/spatial/cudnn/infer"
 
 
 def test_oom_case_is_recorded_and_reported_as_oom():
     """A case over the per-case address-space cap fails to allocate: status oom, not a crashed sweep."""
-    model = asdict(replace(load_preset("tiny"), attn_backend="naive"))  # naive keeps the L x L matrix
-    rec = run_case(_spec(suite="scaling", attention_type="joint_space_time", mode="infer", frames=256,
-                         model=model, mem_limit_gb=0.3), timeout_s=120)
+    case = _case("scaling", "joint_space_time", mode="infer", frames=256, mem_limit_gb=0.3,
+                 model_changes={"attn_backend": "naive"})  # naive keeps the L x L matrix
+    rec = run_case(case, timeout_s=120)
     assert rec.status == "oom", (rec.status, rec.message)
-    assert "allocate" in rec.message
+    assert "allocate" in rec.message and rec.case == "scaling/joint_space_time/infer/256x32"
 
 
-def test_bench_cli_writes_results_summary_plots_and_config(tmp_path):
-    out = tmp_path / "bench"
+def _bench_cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "harness.bench", "--attn", "space_only", "--preset", "tiny", "--mode", "both",
            "--suites", "model,scaling", "--frames", "4,8", "--out", str(out), "bench.steps=2", "bench.warmup=1",
-           "bench.sweep_steps=2", "bench.gemm_n=256"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (run,) = out.iterdir()
+           "bench.sweep_steps=2", "bench.gemm_n=256", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Two real tiny-preset bench runs of the same tree (model and scaling suites), and the first one's process."""
+    root = tmp_path_factory.mktemp("bench")
+    first = _bench_cli(root / "a")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = _bench_cli(root / "b")
+    assert second.returncode == 0, second.stderr[-2000:]
+    (a,) = (root / "a").iterdir()
+    (b,) = (root / "b").iterdir()
+    return a, b, first
+
+
+def test_bench_cli_writes_results_summary_plots_and_config(two_runs):
+    run, _, proc = two_runs
     assert run.name.endswith("-space_only")
     records, meta = read_results(run / "results.json")
     assert [r.case for r in records] == ["model/space_only/train/4x32", "model/space_only/infer/4x32",
@@ -138,6 +171,63 @@ def test_bench_cli_writes_results_summary_plots_and_config(tmp_path):
     assert "model:" in (run / "config.yaml").read_text()
     assert (run / "scaling_train_32.png").stat().st_size > 1000
     assert "| space_only | infer |" in proc.stdout  # the table printed at the end
+
+
+def _compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.bench", "compare", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=120)
+
+
+def test_compare_two_real_runs_prints_ratios_and_writes_a_plot(two_runs, tmp_path):
+    a, b, _ = two_runs
+    proc = _compare(str(a), str(b / "results.json"), "--out", str(tmp_path / "cmp"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "3/3 cases like for like" in proc.stdout and "warning" not in proc.stdout
+    ra, _ = read_results(a / "results.json")
+    rb, _ = read_results(b / "results.json")
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    for row, x, y in zip(data["cases"], ra, rb):
+        assert row["case"] == x.case == y.case
+        assert row["images_ratio"] == pytest.approx(y.images_per_s / x.images_per_s)
+        assert row["util_ratio"] == pytest.approx(y.utilisation / x.utilisation)
+        # utilisation = images/s x FLOPs per image / GEMM peak: the two ratios differ by the peaks' ratio
+        assert row["peak_ratio"] == pytest.approx(y.peak_flops / x.peak_flops)
+        assert f"| {x.case} | {x.images_per_s:.1f} | {y.images_per_s:.1f} | {y.images_per_s / x.images_per_s:.2f}x" \
+            in proc.stdout
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    assert "| case |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_compare_refuses_other_presets_and_schemas_and_warns_on_batch(two_runs, tmp_path):
+    a, b, _ = two_runs
+    data = json.loads((b / "results.json").read_text())
+
+    def variant(name: str, change) -> Path:
+        d = json.loads(json.dumps(data))
+        change(d)
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(d))
+        return path
+
+    other_preset = variant("preset", lambda d: d["meta"].update(preset="cpu_bench"))
+    refused = _compare(str(a), str(other_preset), "--out", str(tmp_path / "o1"))
+    assert refused.returncode == 2 and "preset 'tiny' vs 'cpu_bench'" in refused.stdout
+    assert "refusing" in refused.stdout and not (tmp_path / "o1").exists()
+    forced = _compare(str(a), str(other_preset), "--force", "--out", str(tmp_path / "o2"))
+    assert forced.returncode == 0 and "NOT COMPARABLE" in (tmp_path / "o2" / "compare.md").read_text()
+
+    old_schema = variant("schema", lambda d: d.update(schema_version=0))
+    out = _compare(str(a), str(old_schema))
+    assert out.returncode == 2 and "schema_version=0" in out.stdout
+
+    def batch_4(d):
+        d["meta"]["batch"] = 4
+        d["records"][0]["batch"] = 4
+
+    warned = _compare(str(a), str(variant("batch", batch_4)), "--out", str(tmp_path / "o3"))
+    assert warned.returncode == 0 and "warning: the runs differ in batch 2 vs 4" in warned.stdout
+    assert "2/3 cases like for like" in warned.stdout and "batch 2 vs 4 |" in warned.stdout
 
 
 def test_bench_cli_rejects_bad_arguments():
@@ -155,8 +245,7 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     cfg_path = tmp_path / "data.yaml"
     cfg_path.write_text(f"data:\n  root: {data}\n  num_frames: 4\n  train_crop_size: 32\n"
                         f"  train_jitter_scales: [32, 40]\n")
-    recs = [run_worker(_spec(suite="pipeline", backend=b, data_config=str(cfg_path), batches=2))
-            for b in ("pyav", "dali")]
+    recs = [_run(_case("pipeline", backend=b, data_config=str(cfg_path), batches=2)) for b in ("pyav", "dali")]
     for r in recs:
         assert r.status == "ok", (r.case, r.message)
         assert r.clips_per_s > 0 and r.frames == 4 and r.img_size == 32
@@ -165,15 +254,17 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
         assert decoded["counted_per_clip"] == pytest.approx(decoded["model_per_clip"])
         assert 4 <= decoded["counted_per_clip"] <= 24  # a 24-frame video
     assert [r.extra["decoded_frames"]["strategy"] for r in recs] == ["pyav", "from_start"]
-    e2e = run_worker(_spec(suite="e2e", attention_type="divided_space_time", mode="train",
-                           data_config=str(cfg_path), batches=2, threshold=0.1))
+    # Threshold 0: any wait for data at all makes the verdict input-bound, and there is always some.
+    e2e = _run(_case("e2e", mode="train", data_config=str(cfg_path), batches=2, threshold=0.0))
     assert e2e.status == "ok", e2e.message
-    assert e2e.extra["verdict"].split()[0] in ("input-bound", "compute-bound")
-    assert 0.0 <= e2e.extra["data_wait_share"] <= 1.0
+    x = e2e.extra
+    assert 0.0 < x["data_wait_share"] < 1.0 and x["data_wait_share"] == pytest.approx(x["data_wait_s"] / x["step_s"])
+    assert x["input_bound"] and x["verdict"].startswith("input-bound (data wait")
+    assert e2e.frames == 4 and e2e.img_size == 32 and e2e.images_per_s == pytest.approx(4 * e2e.clips_per_s)
 
 
 def test_cpu_utilisation_uses_a_gemm_interleaved_with_the_steps():
-    rec = run_worker(_spec(suite="model", attention_type="space_only", mode="infer", gemm_n=128))
+    rec = _run(_case("model", "space_only", mode="infer", gemm_n=128))
     assert rec.status == "ok", rec.message
     assert rec.peak_flops_source == "fp32 GEMM n=128 interleaved with the steps"
     assert rec.peak_flops != 1e11 and rec.utilisation == pytest.approx(rec.achieved_flops / rec.peak_flops)

@@ -18,21 +18,19 @@ import pytest
 
 from harness.bench import resolve
 from harness.config import REPO_ROOT
+from harness.counting import count_flops
+from harness.model import load_preset
 from harness.profiling import run_profile
 
 
-def _cfg(*overrides: str):
-    import argparse
-
-    ns = argparse.Namespace(preset="tiny", config=None, overrides=list(overrides), frames=None, img=None,
-                            suites=None, out=None)
-    return resolve(ns)[0]
+def _cfg(attention_type: str):
+    return resolve(preset="tiny", overrides=[f"model.attention_type={attention_type}"])[0]
 
 
 @pytest.fixture(scope="module")
 def divided_run(tmp_path_factory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("profile")
-    s = run_profile(_cfg(), "tiny", "divided_space_time", steps=2, wait=1, warmup=1, out_root=root)
+    s = run_profile(_cfg("divided_space_time"), "tiny", steps=2, wait=1, warmup=1, out_root=root)
     return root, s
 
 
@@ -43,7 +41,7 @@ def test_profile_writes_traces_and_summary(divided_run):
     (tb_trace,) = run.glob("*.pt.trace.json")
     events = json.loads((run / "trace_perfetto.json").read_text())["traceEvents"]
     names = {e.get("name") for e in events}
-    assert {"train_step", "attn/temporal", "attn/spatial"} <= names  # our ranges are in the Perfetto trace
+    assert {"train_step", "forward", "backward", "optimizer", "attn/temporal", "attn/spatial"} <= names  # our ranges
     assert tb_trace.stat().st_size == (run / "trace_perfetto.json").stat().st_size
     text = (run / "summary.md").read_text()
     assert "| attn/temporal |" in text and "| attn/spatial |" in text and "attn/joint |" not in text
@@ -55,13 +53,17 @@ def test_profile_summary_numbers_are_consistent(divided_run):
     assert s.steps == 2 and s.step_ms > s.forward_ms > 0
     for name in ("attn/temporal", "attn/spatial"):
         assert 0 < s.range_share_of_step[name] < s.range_share_of_forward[name] < 1
-    assert s.top_ops and all(ms >= 0 for _, ms, _ in s.top_ops)
+    names = [name for name, _, _ in s.top_ops]
+    assert len(names) == len(set(names)) and all(calls >= 1 for _, _, calls in s.top_ops)
+    assert {"aten::addmm", "aten::mm"} & set(names), names  # the Linear layers are among the top ops
     assert s.top_ops == sorted(s.top_ops, key=lambda t: -t[1])
-    assert s.flops_per_step > 0 and s.peak_mem_bytes > 0
+    assert s.flops_per_step == count_flops(load_preset("tiny"), batch=resolve(preset="tiny")[0].bench.batch_size,
+                                           mode="train")
+    assert s.achieved_flops == pytest.approx(s.flops_per_step / (s.step_ms / 1e3)) and s.peak_mem_bytes > 0
 
 
 def test_joint_profile_reports_the_joint_range(tmp_path):
-    s = run_profile(_cfg(), "tiny", "joint_space_time", steps=1, wait=0, warmup=1, out_root=tmp_path)
+    s = run_profile(_cfg("joint_space_time"), "tiny", steps=1, wait=0, warmup=1, out_root=tmp_path)
     assert set(s.range_ms) == {"attn/joint"}
 
 
@@ -69,6 +71,9 @@ def test_profiling_cli_rejects_all():
     out = subprocess.run([sys.executable, "-m", "harness.profiling", "--attn", "all"], capture_output=True,
                          text=True, cwd=REPO_ROOT, timeout=120)
     assert out.returncode == 2 and "takes one variant" in out.stderr
+    bad = subprocess.run([sys.executable, "-m", "harness.profiling", "--attn", "diagonal", "--preset", "tiny"],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert bad.returncode == 2 and "model.attention_type='diagonal'; choose from" in bad.stderr  # config check
 
 
 def _get(url: str) -> tuple[int, object]:

@@ -1,0 +1,185 @@
+"""``python -m harness.bench``: run the suites, write the report; ``python -m harness.bench compare A B``.
+
+    python -m harness.bench --attn divided_space_time|joint_space_time|space_only|all [--preset NAME]
+        [--mode train|infer|both] [--frames 8,16,32] [--img 224,448] [--suites model,attention,...] [--out DIR]
+        [--config FILE] [key=value ...]
+    python -m harness.bench compare RUN_A RUN_B [--out DIR] [--force]
+
+Every case runs in a fresh process (``harness.runner``): on CPU that is what makes its peak RSS its own, and
+everywhere it keeps an out-of-memory case from poisoning the next one. A case that runs out of memory is recorded
+as ``oom`` and the sweep goes on. Outputs go to ``runs/bench/<timestamp>-<attn>/``: ``results.json``
+(``harness.metrics.BenchRecord``, versioned), ``summary.md``, ``config.yaml`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from harness.bench.report import summary_table, write_summary
+from harness.bench.sweep import build_cases, run_case
+from harness.config import ATTENTION_TYPES, BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
+from harness.metrics import BenchRecord, gpu_peak_flops, measure_gemm_flops, write_results
+from harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
+from pipelines.files import atomic_write_text
+from pipelines.logs import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def default_preset(device: torch.device) -> str:
+    return "vit_base_patch16" if device.type == "cuda" else "cpu_bench"
+
+
+def attention_types(attn: str) -> list[str]:
+    """``all`` or one variant name, as a list; ValueError naming the choices otherwise."""
+    if attn == "all":
+        return list(ATTENTION_TYPES)
+    if attn not in ATTENTION_TYPES:
+        raise ValueError(f"--attn {attn!r}; choose from {list(ATTENTION_TYPES) + ['all']}")
+    return [attn]
+
+
+def modes_of(mode: str) -> list[str]:
+    """``both`` or one of ``train``/``infer``, as a list; ValueError otherwise."""
+    if mode == "both":
+        return ["train", "infer"]
+    if mode not in ("train", "infer"):
+        raise ValueError(f"--mode {mode!r}; choose train, infer or both")
+    return [mode]
+
+
+def resolve(*, preset: str | None = None, config: str | None = None, overrides: Sequence[str] = (),
+            frames: list[int] | None = None, img_sizes: list[int] | None = None, suites: list[str] | None = None,
+            out_dir: str | None = None) -> tuple[RootConfig, str, torch.device]:
+    """The bench's config, its preset name and the device.
+
+    Precedence, lowest first: the schema defaults, ``config`` (YAML), the preset's model fields
+    (``configs/model/<preset>.yaml``; default ``bench.preset``, else by device), ``overrides`` (``key=value``),
+    then the keyword arguments. The result is checked like any loaded config (``load_config``), and
+    ``bench.preset`` names the preset used.
+    """
+    from harness.model import load_preset
+
+    device = resolve_device()
+    preset = preset or load_config(config).bench.preset or default_preset(device)
+    # The preset's model fields go in as overrides before the user's, so ``model.depth=6`` still wins.
+    preset_cfg, default = load_preset(preset), ModelConfig()
+    preset_over = [f"model.{k}={v}" for k, v in asdict(preset_cfg).items() if getattr(default, k) != v]
+    cfg = load_config(config, preset_over + list(overrides))
+    changes: dict[str, object] = {"preset": preset}
+    if frames:
+        changes["frames"] = list(frames)
+    if img_sizes:
+        changes["img_sizes"] = list(img_sizes)
+    if suites:
+        changes["suites"] = list(suites)
+    if out_dir:
+        changes["out_dir"] = out_dir
+    return replace(cfg, bench=replace(cfg.bench, **changes)), preset, device
+
+
+def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[float | None, str | None]:
+    """The utilisation denominator: GPU table by name, else an fp32 GEMM measured now on this CPU."""
+    if device.type == "cuda":
+        return gpu_peak_flops(device_name(device), precision)
+    rate = measure_gemm_flops(device, n=gemm_n)
+    return rate, f"measured fp32 GEMM n={gemm_n} ({rate / 1e9:.1f} GFLOP/s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0],
+                                epilog="Compare two runs: python -m harness.bench compare RUN_A RUN_B")
+    p.add_argument("--attn", default="all", help="divided_space_time | joint_space_time | space_only | all")
+    p.add_argument("--preset", default=None, help="model preset (configs/model/NAME.yaml); default by device")
+    p.add_argument("--mode", default="both", help="train | infer | both")
+    p.add_argument("--frames", default=None, help="scaling sweep frame counts, e.g. 8,16,32")
+    p.add_argument("--img", default=None, help="scaling sweep image sizes, e.g. 224,448")
+    p.add_argument("--suites", default=None, help=f"comma list from {','.join(BENCH_SUITES)}")
+    p.add_argument("--out", default=None, help="output root (default bench.out_dir = runs/bench)")
+    p.add_argument("--config", default=None, help="YAML config (bench/model/data sections)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. bench.steps=3 model.depth=2")
+    return p
+
+
+def _int_list(s: str | None, flag: str) -> list[int] | None:
+    if not s:
+        return None
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {s!r}: expected comma-separated integers, e.g. 8,16,32") from None
+
+
+def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: list[str],
+        modes: list[str]) -> tuple[Path, list[BenchRecord]]:
+    """Measure every case of the selected suites and write the run directory; returns it and the records."""
+    from tqdm import tqdm
+
+    precision = precision_name(resolve_precision(cfg.bench.precision, device))
+    started = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.bench.out_dir) / f"{started}-{attn}"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    peak = measure_peak(device, precision, cfg.bench.gemm_n)
+    cases = build_cases(cfg, preset, attns, modes, device, peak, precision)
+    logger.info("%d cases -> %s (peak %s)", len(cases), out, peak[1])
+    t0 = time.perf_counter()
+    records: list[BenchRecord] = []
+    bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr)
+    for case in bar:
+        bar.set_postfix_str(case.name)
+        rec = run_case(case, cfg.bench.case_timeout_s)
+        if rec.status != "ok":
+            logger.warning("%s: %s %s", rec.case, rec.status, rec.message)
+        records.append(rec)
+    meta = {
+        "started": started, "preset": preset, "attn": attn, "modes": modes, "batch": cfg.bench.batch_size,
+        "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
+        "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of a fresh process",
+        "hardware": device_name(device), "wall_s": time.perf_counter() - t0, "env": environment_info(device),
+        "config": to_yaml(cfg),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
+    }
+    write_results(out / "results.json", records, meta)
+    write_summary(out / "summary.md", records, meta)
+    try:
+        from harness.plots import plot_scaling
+
+        plot_scaling(records, out)
+    except Exception as e:  # noqa: BLE001 - a missing plot must not lose the measurements
+        logger.warning("plots failed: %s", e)
+    return out, records
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        from harness.bench.compare import main as compare_main
+
+        return compare_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        attns, modes = attention_types(args.attn), modes_of(args.mode)
+        cfg, preset, device = resolve(preset=args.preset, config=args.config, overrides=args.overrides,
+                                      frames=_int_list(args.frames, "--frames"), img_sizes=_int_list(args.img, "--img"),
+                                      suites=[s.strip() for s in args.suites.split(",") if s.strip()]
+                                      if args.suites else None, out_dir=args.out)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        parser.error(str(e))
+    t0 = time.perf_counter()
+    out, records = run(cfg, preset, device, args.attn, attns, modes)
+    print(summary_table(records))
+    print(f"results: {out}/results.json  summary: {out}/summary.md  ({time.perf_counter() - t0:.0f} s)")
+    return 0

@@ -1,0 +1,257 @@
+"""Two bench runs side by side: ``python -m harness.bench compare RUN_A RUN_B [--out DIR] [--force]``.
+
+For every case in either run: images/s of A and B and their ratio B/A, and the same for utilisation. On CPU a
+case's utilisation is its achieved FLOP/s over an fp32 GEMM timed between its own steps, so a machine that is
+slower for everyone (other jobs, clocks) slows the GEMM too and the utilisation ratio stays put: compare
+utilisation first and raw images/s second. Their quotient, the peak ratio, says how much the machine itself
+differed between the runs.
+
+Runs are comparable when they share the record schema, the preset and the device kind; otherwise the comparison
+is refused (exit 2) unless ``--force``. Other differences (batch, precision, device name, torch version, CPU
+threads) are printed as warnings, and a case whose own batch, precision, frames or image size differ is flagged.
+Writes ``compare.md``, ``compare.json`` and ``compare.png`` to ``--out`` (default
+``runs/bench/compare/<A>_vs_<B>/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.metrics import SCHEMA_VERSION, BenchRecord, read_results
+from pipelines.files import atomic_write_text
+
+# Case fields that must match for its numbers to be compared as like with like.
+CASE_KEYS = ("batch", "precision", "frames", "img_size")
+
+
+class NotComparable(ValueError):
+    """The two runs measure different things (schema, preset or device kind)."""
+
+
+@dataclass
+class Run:
+    """A bench run as read from its ``results.json``."""
+
+    name: str
+    path: Path
+    records: list[BenchRecord]
+    meta: dict[str, Any]
+
+    @property
+    def device_kind(self) -> str:
+        kinds = {r.device for r in self.records}
+        return next(iter(kinds)) if len(kinds) == 1 else ",".join(sorted(kinds))
+
+
+def load_run(path: str | Path) -> Run:
+    """A run directory (or its ``results.json``); NotComparable if its schema is not this harness's."""
+    path = Path(path)
+    results = path / "results.json" if path.is_dir() else path
+    if not results.is_file():
+        raise FileNotFoundError(f"{path}: no results.json (give a runs/bench/<stamp>-<attn> directory or the file)")
+    version = json.loads(results.read_text()).get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise NotComparable(f"{results} has schema_version={version!r}; this harness reads {SCHEMA_VERSION}: re-run "
+                            "the bench with this version to compare")
+    records, meta = read_results(results)
+    return Run(results.parent.name, results, records, meta)
+
+
+def check_comparable(a: Run, b: Run) -> tuple[list[str], list[str]]:
+    """(reasons to refuse, warnings). Refused: another preset or device kind. Warned: batch, precision, device
+    name, torch version, CPU threads."""
+    refuse, warn = [], []
+    if a.meta.get("preset") != b.meta.get("preset"):
+        refuse.append(f"preset {a.meta.get('preset')!r} vs {b.meta.get('preset')!r}: different models")
+    if a.device_kind != b.device_kind:
+        refuse.append(f"device kind {a.device_kind!r} vs {b.device_kind!r}")
+    for key in ("batch", "precision", "hardware"):
+        if a.meta.get(key) != b.meta.get(key):
+            warn.append(f"{key} {a.meta.get(key)!r} vs {b.meta.get(key)!r}")
+    env_a, env_b = a.meta.get("env", {}), b.meta.get("env", {})
+    for key in ("torch", "cuda", "dali", "cpu_threads"):
+        if env_a.get(key) != env_b.get(key):
+            warn.append(f"{key} {env_a.get(key)!r} vs {env_b.get(key)!r}")
+    return refuse, warn
+
+
+@dataclass
+class CaseComparison:
+    """One case in A and B. Ratios are B / A (above 1: B is faster or uses the machine better)."""
+
+    case: str
+    status_a: str | None
+    status_b: str | None
+    images_a: float | None = None
+    images_b: float | None = None
+    util_a: float | None = None
+    util_b: float | None = None
+    mem_a: int | None = None
+    mem_b: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_ratio(self) -> float | None:
+        return _ratio(self.images_b, self.images_a)
+
+    @property
+    def util_ratio(self) -> float | None:
+        return _ratio(self.util_b, self.util_a)
+
+    @property
+    def peak_ratio(self) -> float | None:
+        """How much faster B's machine ran the case's reference GEMM (images ratio / utilisation ratio)."""
+        i, u = self.images_ratio, self.util_ratio
+        return i / u if i and u else None
+
+    @property
+    def mem_ratio(self) -> float | None:
+        return _ratio(self.mem_b, self.mem_a)
+
+    @property
+    def comparable(self) -> bool:
+        return self.status_a == self.status_b == "ok" and not self.notes
+
+
+def _ratio(b: float | None, a: float | None) -> float | None:
+    return b / a if a and b else None
+
+
+def compare_records(a: list[BenchRecord], b: list[BenchRecord]) -> list[CaseComparison]:
+    """Every case of A (in A's order), then the cases only B has."""
+    by_b = {r.case: r for r in b}
+    names = [r.case for r in a] + [r.case for r in b if r.case not in {x.case for x in a}]
+    by_a = {r.case: r for r in a}
+    rows = []
+    for name in names:
+        ra, rb = by_a.get(name), by_b.get(name)
+        row = CaseComparison(name, ra.status if ra else None, rb.status if rb else None)
+        if ra is None or rb is None:
+            row.notes.append("only in A" if rb is None else "only in B")
+        else:
+            row.images_a, row.images_b = ra.images_per_s, rb.images_per_s
+            row.util_a, row.util_b = ra.utilisation, rb.utilisation
+            row.mem_a, row.mem_b = ra.peak_mem_bytes, rb.peak_mem_bytes
+            row.notes += [f"{k} {getattr(ra, k)} vs {getattr(rb, k)}" for k in CASE_KEYS
+                          if getattr(ra, k) != getattr(rb, k)]
+            if ra.status != "ok" or rb.status != "ok":
+                row.notes.append(f"status {ra.status} vs {rb.status}")
+        rows.append(row)
+    return rows
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _num(v: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def format_table(rows: list[CaseComparison]) -> str:
+    lines = ["| case | images/s A | images/s B | B/A | util % A | util % B | util B/A | peak B/A | memory B/A "
+             "| note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.case} | {_num(r.images_a)} | {_num(r.images_b)} | {_x(r.images_ratio)} "
+                     f"| {_num(r.util_a, '.1f', 100)} | {_num(r.util_b, '.1f', 100)} | {_x(r.util_ratio)} "
+                     f"| {_x(r.peak_ratio)} | {_x(r.mem_ratio)} | {'; '.join(r.notes)} |")
+    return "\n".join(lines)
+
+
+def summarise(rows: list[CaseComparison]) -> dict[str, float | int | None]:
+    """Medians over the comparable cases of the images/s, utilisation, peak and memory ratios."""
+    ok = [r for r in rows if r.comparable]
+
+    def med(values: list[float | None]) -> float | None:
+        vs = [v for v in values if v]
+        return statistics.median(vs) if vs else None
+
+    return {"cases": len(rows), "comparable": len(ok), "images_ratio": med([r.images_ratio for r in ok]),
+            "util_ratio": med([r.util_ratio for r in ok]), "peak_ratio": med([r.peak_ratio for r in ok]),
+            "mem_ratio": med([r.mem_ratio for r in ok])}
+
+
+def plot_comparison(rows: list[CaseComparison], path: Path, title: str) -> Path:
+    """Horizontal bars per case: images/s ratio and utilisation ratio (B/A, log scale, 1 = no change)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.images_ratio]
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.32 * max(len(shown), 1)))
+    y = list(range(len(shown)))
+    ax.barh([i + 0.2 for i in y], [r.images_ratio for r in shown], height=0.4, label="images/s B/A",
+            color="tab:blue")
+    ax.barh([i - 0.2 for i in y], [r.util_ratio or 0 for r in shown], height=0.4,
+            label="utilisation B/A (GEMM-normalised)", color="tab:orange")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(y, [r.case + (" *" if not r.comparable else "") for r in shown], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("B / A (log scale; * = not like for like, see compare.md)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.logs import setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m harness.bench compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_a", help="runs/bench/<stamp>-<attn> directory (or its results.json): the reference")
+    p.add_argument("run_b", help="the run compared with it")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench/compare/<A>_vs_<B>)")
+    p.add_argument("--force", action="store_true", help="compare even across presets or device kinds")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        a, b = load_run(args.run_a), load_run(args.run_b)
+    except (NotComparable, FileNotFoundError) as e:
+        print(f"not comparable: {e}")
+        return 2
+    refuse, warn = check_comparable(a, b)
+    for w in warn:
+        print(f"warning: the runs differ in {w}")
+    if refuse:
+        for r in refuse:
+            print(f"not comparable: {r}")
+        if not args.force:
+            print("refusing to compare (--force to compare anyway)")
+            return 2
+    rows = compare_records(a.records, b.records)
+    summary = summarise(rows)
+    out = Path(args.out) if args.out else Path("runs/bench/compare") / f"{a.name}_vs_{b.name}"
+    table = format_table(rows)
+    head = (f"A = {a.path} ({a.meta.get('preset')}, {a.meta.get('hardware')}, git "
+            f"{a.meta.get('env', {}).get('git_sha')})\nB = {b.path} ({b.meta.get('preset')}, {b.meta.get('hardware')}, "
+            f"git {b.meta.get('env', {}).get('git_sha')})\n")
+    verdict = (f"{summary['comparable']}/{summary['cases']} cases like for like; medians B/A: utilisation "
+               f"{_x(summary['util_ratio'])}, images/s {_x(summary['images_ratio'])}, machine (GEMM peak) "
+               f"{_x(summary['peak_ratio'])}, peak memory {_x(summary['mem_ratio'])}")
+    notes = "".join(f"- warning: {w}\n" for w in warn) + "".join(f"- NOT COMPARABLE: {r}\n" for r in refuse)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare.md", f"# {a.name} vs {b.name}\n\n{head}\n{notes}\n{verdict}\n\n{table}\n")
+    atomic_write_text(out / "compare.json", json.dumps(
+        {"a": str(a.path), "b": str(b.path), "refused": refuse, "warnings": warn, "summary": summary,
+         "cases": [{**asdict(r), "images_ratio": r.images_ratio, "util_ratio": r.util_ratio,
+                    "peak_ratio": r.peak_ratio, "mem_ratio": r.mem_ratio} for r in rows]}, indent=2) + "\n")
+    png = plot_comparison(rows, out / "compare.png", f"{b.name} / {a.name}")
+    print(head + "\n" + table + "\n\n" + verdict)
+    print(f"written: {out / 'compare.md'}, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The e2e suite: the experiment's train steps fed by its real loader (``bench.data_config``, the toy divided
+experiment by default). Is ``make train`` input-bound? Yes when waiting for data takes more than
+``bench.input_bound_threshold`` of a step."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from harness.bench.case import BenchCase
+from harness.bench.pipeline import WARMUP_BATCHES, build_train_loader, data_config_path
+from harness.config import ModelConfig, RootConfig, load_config
+from harness.counting import count_flops, count_params
+from harness.metrics import BenchRecord, fill_throughput, gemm_workload, peak_memory, reset_peak_memory, time_steps
+from harness.workload import TrainStep, build_model
+
+
+def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
+          device: torch.device) -> list[BenchCase]:
+    """One case, for the first selected variant, with the experiment's own model when its config sets one."""
+    path = data_config_path(cfg)
+    model = base.model
+    if Path(path).is_file() and load_config(path).model != ModelConfig():  # the file sets a model
+        model = load_config(path).model
+    return [replace(base, suite="e2e", model=replace(model, attention_type=attns[0]), mode="train",
+                    data_config=path, batches=cfg.bench.pipeline_batches, threshold=cfg.bench.input_bound_threshold)]
+
+
+def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
+    """``TrainStep.step`` on the loader's batches; each step's time is split into waiting for the batch and the
+    step itself (synchronised)."""
+    base = reset_peak_memory(device)
+    loader, data = build_train_loader(case, device, "auto")
+    T, S, B = data.num_frames, data.train_crop_size, data.batch_size
+    rec.frames, rec.img_size, rec.batch = T, S, B
+    rec.flops_per_clip = count_flops(case.model, batch=1, frames=T, img_size=S, mode="train")
+    model = build_model(case.model, device, channels_last=case.channels_last)
+    rec.params = count_params(model)
+    train = TrainStep.build(model, device, dtype)
+
+    wait, compute, clips = [], [], 0
+    want = WARMUP_BATCHES + case.batches
+    epoch = 0
+    while len(compute) < want:
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        while len(compute) < want:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            video, labels = batch.video.to(device, non_blocking=True), batch.label.to(device, non_blocking=True)
+            train.step(video, labels)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            wait.append(t1 - t0)
+            compute.append(time.perf_counter() - t1)
+            if len(compute) > WARMUP_BATCHES:
+                clips += video.size(0)
+        epoch += 1
+        if epoch > 100:
+            raise RuntimeError("the e2e loader yields no batches")
+    rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
+    if device.type == "cpu" and case.gemm_n:
+        gemm, gemm_flops = gemm_workload(device, case.gemm_n)
+        rec.peak_flops = gemm_flops / statistics.median(time_steps(gemm, device, warmup=1, steps=5))
+        rec.peak_flops_source = f"fp32 GEMM n={case.gemm_n} right after the steps"
+    w, c = wait[WARMUP_BATCHES:], compute[WARMUP_BATCHES:]
+    steps = [a + b for a, b in zip(w, c)]
+    fill_throughput(rec, steps, clips_per_step=B, frames=T)
+    rec.clips_per_s = clips / sum(steps)
+    rec.images_per_s = rec.clips_per_s * T
+    share = sum(w) / sum(steps)
+    bound = share > case.threshold
+    rec.extra.update({
+        "loader": type(loader).__name__, "data_wait_ms_median": 1e3 * statistics.median(w),
+        "compute_ms_median": 1e3 * statistics.median(c), "data_wait_s": sum(w), "step_s": sum(steps),
+        "data_wait_share": share, "input_bound": bound,
+        "verdict": ("input-bound" if bound else "compute-bound")
+        + f" (data wait {100 * share:.0f}% of a step; threshold {100 * case.threshold:.0f}%)",
+    })

@@ -1,0 +1,81 @@
+"""The bench's written report: ``summary.md`` (model-suite variants side by side with their ratios against divided
+attention, then every other case) and the same tables printed at the end of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.metrics import BenchRecord
+from pipelines.files import atomic_write_text
+
+
+def _fmt(v: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def summary_table(records: list[BenchRecord]) -> str:
+    """Markdown tables: model-suite variants side by side with ratios vs divided, then every other case."""
+    lines = []
+    model = [r for r in records if r.suite == "model"]
+    if model:
+        lines += ["## Model (synthetic input)", "",
+                  "| variant | mode | clips/s | images/s | step ms median [p10-p90] | peak MiB | params M "
+                  "| GFLOP/clip | GFLOP/s | peak GFLOP/s | util % | throughput vs divided | memory vs divided |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        ref = {r.mode: r for r in model if r.attention_type == "divided_space_time" and r.status == "ok"}
+        for r in model:
+            d = ref.get(r.mode)
+            lines.append(_row([
+                r.attention_type, r.mode, _fmt(r.clips_per_s, ".2f"), _fmt(r.images_per_s, ".1f"), _step(r),
+                _fmt(r.peak_mem_bytes, ".0f", 2**-20), _fmt(r.params, ".2f", 1e-6),
+                _fmt(r.flops_per_clip, ".1f", 1e-9), _fmt(r.achieved_flops, ".1f", 1e-9),
+                _fmt(r.peak_flops, ".0f", 1e-9), _fmt(r.utilisation, ".1f", 100),
+                _ratio(r.clips_per_s, d and d.clips_per_s),
+                _ratio(r.peak_mem_bytes, d and d.peak_mem_bytes)]))
+        lines.append("")
+    others = [r for r in records if r.suite != "model"]
+    if others:
+        lines += ["## Other suites", "",
+                  "| case | status | clips/s | images/s | step ms median [p10-p90] | peak MiB | GFLOP/s | util % "
+                  "| note |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in others:
+            note = r.message or r.extra.get("verdict", "")
+            if r.suite == "attention" and r.status == "ok":
+                note = f"{r.extra['sequences']} seqs x {r.extra['heads']} heads x L={r.extra['seq_len']}"
+            lines.append(_row([
+                r.case, r.status, _fmt(r.clips_per_s, ".2f"), _fmt(r.images_per_s, ".1f"), _step(r),
+                _fmt(r.peak_mem_bytes, ".0f", 2**-20), _fmt(r.achieved_flops, ".1f", 1e-9),
+                _fmt(r.utilisation, ".1f", 100), note.replace("|", "/")[:120]]))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _step(r: BenchRecord) -> str:
+    if not r.step_ms:
+        return r.status
+    return f"{r.step_ms['median']:.1f} [{r.step_ms['p10']:.1f}-{r.step_ms['p90']:.1f}]"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_summary(path: Path, records: list[BenchRecord], meta: dict[str, Any]) -> None:
+    env = meta.get("env", {})
+    head = [
+        f"# Benchmark {meta.get('started', '')}", "",
+        f"preset `{meta.get('preset')}`, batch {meta.get('batch')}, precision {meta.get('precision')}, "
+        f"device {meta.get('hardware')} ({env.get('device')}, {env.get('cpu_threads')} threads), "
+        f"torch {env.get('torch')}, DALI {env.get('dali')}, git {env.get('git_sha')}.",
+        "Peak for utilisation: " + ("an fp32 GEMM timed between the steps of each case (column peak GFLOP/s); "
+                                    if env.get("device") == "cpu" else "")
+        + f"run start: {_fmt(meta.get('peak_flops'), '.1f', 1e-9)} GFLOP/s ({meta.get('peak_flops_source')}). "
+        f"Peak memory: {meta.get('memory_kind')}. "
+        f"Wall time {meta.get('wall_s', 0):.0f} s.", "", "",
+    ]
+    atomic_write_text(path, "\n".join(head) + summary_table(records) + "\n")

@@ -1,0 +1,79 @@
+"""The list of suites, the cases they make for a config, and running one case in a fresh process.
+
+Each suite module (``harness.bench.model``, ``attention``, ``scaling``, ``pipeline``, ``e2e``) has
+``cases(cfg, base, attns, modes, device) -> list[BenchCase]`` and ``run(case, rec, device, dtype)``, which fills
+the record in the worker process. ``run_case`` sends a case to ``run_worker`` through ``harness.runner``, whose
+outcome policy (``ok`` / ``oom`` / ``error``) decides the record's status when the worker does not return one.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from harness.bench import attention, e2e, model, pipeline, scaling
+from harness.bench.case import BenchCase, SkipCase, new_record
+from harness.config import BENCH_SUITES, RootConfig, check_bench_suites
+from harness.metrics import BenchRecord
+from harness.runner import run_in_fresh_process
+from harness.runtime import environment_info, resolve_precision, seed_everything
+
+# In the order a run measures them (and BENCH_SUITES names them).
+SUITES: dict[str, ModuleType] = {"model": model, "attention": attention, "scaling": scaling, "pipeline": pipeline,
+                                 "e2e": e2e}
+assert tuple(SUITES) == BENCH_SUITES
+
+
+def base_case(cfg: RootConfig, preset: str, precision: str, device: torch.device,
+              peak: tuple[float | None, str | None]) -> BenchCase:
+    """The fields every case of a run shares (the suites fill in the rest)."""
+    b = cfg.bench
+    return BenchCase(
+        suite="", preset=preset, model=cfg.model, device=str(device), batch=b.batch_size, precision=precision,
+        channels_last=b.channels_last, warmup=b.warmup, steps=b.steps, peak_flops=peak[0],
+        peak_flops_source=peak[1], gemm_n=b.gemm_n if device.type == "cpu" else 0,
+        mem_limit_gb=b.mem_limit_gb if device.type == "cpu" else 0.0,
+    )
+
+
+def build_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str], device: torch.device,
+                peak: tuple[float | None, str | None], precision: str = "fp32") -> list[BenchCase]:
+    """The cases of the suites in ``cfg.bench.suites``, suite by suite in ``BENCH_SUITES`` order."""
+    check_bench_suites(cfg.bench.suites)
+    base = base_case(cfg, preset, precision, device, peak)
+    return [case for name, suite in SUITES.items() if name in cfg.bench.suites
+            for case in suite.cases(cfg, base, attns, modes, device)]
+
+
+def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one case in this process (the fresh worker) and return its record as a dict.
+
+    Exceptions propagate to ``harness.runner``, which classifies them; ``SkipCase`` becomes a ``skipped`` record.
+    """
+    case = BenchCase.from_dict(payload)
+    device = torch.device(case.device)
+    seed_everything(0)
+    dtype = resolve_precision(case.precision, device)
+    rec = new_record(case, device)
+    rec.env = environment_info(device)
+    try:
+        SUITES[case.suite].run(case, rec, device, dtype)
+    except SkipCase as e:
+        rec.status, rec.message = "skipped", str(e)[:300]
+    return rec.to_dict()
+
+
+def run_case(case: BenchCase, timeout_s: float) -> BenchRecord:
+    """Run ``case`` in a fresh process; an ``oom``/``error`` outcome becomes the record's status and message
+    (with the worker's traceback, if it raised, in ``extra["traceback"]``)."""
+    out = run_in_fresh_process(run_worker, case.to_dict(), timeout_s=timeout_s, mem_limit_gb=case.mem_limit_gb)
+    if out.status == "ok":
+        return BenchRecord.from_dict(out.result)
+    device = torch.device(case.device)
+    rec = new_record(case, device)
+    rec.status, rec.message = out.status, out.message
+    if out.traceback:
+        rec.extra["traceback"] = out.traceback
+    return rec

@@ -1,0 +1,46 @@
+"""A training run's metrics: one JSON object a line in ``metrics.jsonl``, plus TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricWriter:
+    """``metrics.jsonl`` plus TensorBoard scalars, written by rank 0 only.
+
+    Every record gets ``step`` and a wall-clock ``time``. Numeric values under a namespaced key (``train/loss``,
+    ``time/clips_per_s``) also go to TensorBoard (``run_dir/tb``); events, strings and lists stay in the JSONL.
+
+    Args:
+        run_dir: the run's output directory.
+        enabled: False on ranks other than 0 (every call is then a no-op).
+        tensorboard: also write TensorBoard event files.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **record}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and "/" in key:
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()

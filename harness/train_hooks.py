@@ -1,0 +1,60 @@
+"""The training loop's debug and test hooks, kept out of the loop's own code.
+
+``train.record_samples`` writes the video indices of every batch (shard checks), ``train.debug_nan_at_step`` makes
+the loss NaN at an optimizer step (the non-finite stop), ``train.debug_signal_at_step`` sends the process SIGTERM
+after an optimizer step (the stop-and-resume path). All are off by default; the loop calls each hook once per
+batch or step, and a disabled hook returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from harness.config import TrainConfig
+
+if TYPE_CHECKING:
+    from pipelines.base import Batch
+
+
+class DebugHooks:
+    """Args:
+        cfg: the ``train`` section (its ``record_samples`` / ``debug_*`` fields).
+        run_dir: where ``samples/rank{R}.jsonl`` goes.
+        rank: this process's rank; only rank 0 sends the debug signal (the stop flag then reaches the others).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int) -> None:
+        self.nan_at_step = cfg.debug_nan_at_step
+        self.signal_at_step = cfg.debug_signal_at_step if rank == 0 else -1
+        self.samples_file = None
+        if cfg.record_samples:
+            (Path(run_dir) / "samples").mkdir(parents=True, exist_ok=True)
+            self.samples_file = open(Path(run_dir) / "samples" / f"rank{rank}.jsonl", "a")
+
+    def on_batch(self, epoch: int, batch_idx: int, batch: Batch) -> None:
+        """Record the batch's video indices (``train.record_samples``)."""
+        if self.samples_file is not None:
+            self.samples_file.write(json.dumps({"epoch": epoch, "batch": batch_idx,
+                                                "index": batch.index.tolist()}) + "\n")
+            self.samples_file.flush()
+
+    def on_loss(self, loss: torch.Tensor, step: int, first_micro_batch: bool) -> torch.Tensor:
+        """The loss, made NaN on the first micro-batch of optimizer step ``train.debug_nan_at_step``."""
+        if step == self.nan_at_step and first_micro_batch:
+            return loss * float("nan")
+        return loss
+
+    def on_optimizer_step(self, step: int) -> None:
+        """Send this process SIGTERM once optimizer step ``train.debug_signal_at_step`` is done (rank 0)."""
+        if step == self.signal_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def close(self) -> None:
+        if self.samples_file is not None:
+            self.samples_file.close()

@@ -1,0 +1,165 @@
+"""One workload: build the model for a case, and one train or inference step.
+
+Every number the harness prints times these functions: the Trainer's loop (``TrainStep``'s pieces), the bench's
+model, scaling and e2e suites, the gate, the profiler, the pytest-benchmark suites and ``model_vs_naive``
+(``synthetic_step`` or ``TrainStep.step``). A change to the step (AMP, the optimizer, clipping, channels-last,
+compile) therefore reaches all of them at once.
+
+A train step is: forward under autocast, the loss in fp32 (cross-entropy with label smoothing, or soft-target
+cross-entropy after mixup/cutmix), backward through the fp16 ``GradScaler`` (a no-op for fp32 and bf16), optional
+gradient-norm clipping on unscaled gradients, the optimizer step, ``zero_grad(set_to_none=True)``.
+
+Measured steps (bench, gate, profiler, benchmarks) use ``BENCH_SOLVER``: SGD with momentum 0.9 and no weight decay,
+built by ``harness.optim.build_optimizer`` like the Trainer's (``foreach`` on CPU, ``fused`` or apex on CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from harness.config import ModelConfig, SolverConfig
+from harness.mixup import soft_target_cross_entropy
+from harness.model import TimeSformer, create_model
+from harness.optim import build_optimizer
+from harness.runtime import autocast
+
+logger = logging.getLogger(__name__)
+
+MODES = ("train", "infer")
+# The optimizer of every measured train step. Its hyper-parameters do not change the step's cost except through
+# the ops they add (Nesterov and weight decay add a pass over the parameters each), so the bench keeps the plain
+# momentum SGD its baselines were measured with.
+BENCH_SOLVER = SolverConfig(optimizer="sgd", base_lr=1e-4, momentum=0.9, nesterov=False, weight_decay=0.0)
+
+
+def build_model(cfg: ModelConfig, device: torch.device, *, channels_last: bool = False) -> TimeSformer:
+    """The TimeSformer of ``cfg`` on ``device``; ``channels_last`` runs its patch convolution channels-last."""
+    model = create_model(cfg).to(device)
+    if channels_last:
+        model.set_channels_last(True)
+    return model
+
+
+def compile_model(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``torch.compile(module)`` when ``enabled`` (compiled lazily, on the first call), else ``module``."""
+    return torch.compile(module) if enabled else module
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """The loss scaler: active for fp16 autocast only (bf16 and fp32 do not underflow this way)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+
+
+def synthetic_batch(cfg: ModelConfig, device: torch.device, batch: int, frames: int | None = None,
+                    img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random clips (batch, 3, frames, img_size, img_size) ~ N(0, 1) and uniform labels, on ``device``."""
+    T, S = frames or cfg.num_frames, img_size or cfg.img_size
+    video = torch.randn(batch, cfg.in_chans, T, S, S, device=device)
+    labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    return video, labels
+
+
+class TrainStep:
+    """One optimizer step, in the pieces a training loop interleaves with its own work.
+
+    ``step(video, labels)`` runs ``forward``, ``backward`` and ``optimizer_step``. The Trainer calls the pieces
+    itself: it accumulates gradients over micro-batches (``backward(loss, accum)``), all-reduces the loss between
+    forward and backward, and skips DDP's gradient sync on the non-final micro-batches.
+
+    Args:
+        model: the module whose parameters the optimizer holds (clipping walks these).
+        optimizer: e.g. from ``harness.optim.build_optimizer``.
+        scaler: the fp16 loss scaler (``grad_scaler``).
+        device: where the step runs (autocast's device type).
+        dtype: autocast dtype; None = plain fp32.
+        forward_model: what the forward calls, when it is not ``model`` itself: a DDP wrapper, a compiled module.
+        grad_clip: max total gradient norm (on unscaled gradients); 0 = off.
+        label_smoothing: for the hard-label cross-entropy.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 device: torch.device, dtype: torch.dtype | None, *, forward_model: torch.nn.Module | None = None,
+                 grad_clip: float = 0.0, label_smoothing: float = 0.0) -> None:
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.device, self.dtype = device, dtype
+        self.forward_model = forward_model if forward_model is not None else model
+        self.grad_clip, self.label_smoothing = grad_clip, label_smoothing
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None,
+              solver: SolverConfig = BENCH_SOLVER, *, compile: bool = False) -> TrainStep:
+        """A step with its own optimizer (``build_optimizer(solver)``) and scaler, clipping and smoothing from
+        ``solver``; the model is put in train mode."""
+        optimizer, _ = build_optimizer(list(model.parameters()), solver, device)
+        model.train()
+        return cls(model, optimizer, grad_scaler(device, dtype), device, dtype,
+                   forward_model=compile_model(model, compile), grad_clip=solver.grad_clip,
+                   label_smoothing=solver.label_smoothing)
+
+    def forward(self, video: torch.Tensor, labels: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, C), loss): hard-label cross-entropy, or soft-target cross-entropy when ``targets`` (B, C)
+        (mixup/cutmix) is given. The loss is computed in fp32 whatever the autocast dtype."""
+        with autocast(self.device, self.dtype):
+            logits = self.forward_model(video)
+            if targets is not None:
+                loss = soft_target_cross_entropy(logits.float(), targets)
+            else:
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return logits, loss
+
+    def backward(self, loss: torch.Tensor, accum: int = 1) -> None:
+        """Accumulate the gradients of ``loss / accum`` (scaled for fp16)."""
+        self.scaler.scale(loss / accum).backward()
+
+    def optimizer_step(self) -> None:
+        """Clip (if asked), step the optimizer through the scaler, and clear the gradients."""
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, video: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One whole step on one batch; returns the (detached) loss."""
+        _, loss = self.forward(video, labels)
+        self.backward(loss)
+        self.optimizer_step()
+        return loss.detach()
+
+
+def infer_step(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An inference forward (eval mode, ``inference_mode``, autocast); returns ``video -> logits``."""
+    model.eval()
+
+    def run(video: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast(device, dtype):
+            return model(video)
+
+    return run
+
+
+def synthetic_step(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, *, mode: str, batch: int,
+                   frames: int | None = None, img_size: int | None = None, channels_last: bool = False,
+                   compile: bool = False, solver: SolverConfig = BENCH_SOLVER
+                   ) -> tuple[TimeSformer, Callable[[], None]]:
+    """The model of ``cfg`` and one step on a fixed random batch: what the bench, gate and benchmarks time.
+
+    ``mode="train"``: ``TrainStep.step`` (forward, backward, optimizer step); ``"infer"``: ``infer_step``.
+    Returns (the model, a no-argument function running one step).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose from {list(MODES)}")
+    model = build_model(cfg, device, channels_last=channels_last)
+    video, labels = synthetic_batch(cfg, device, batch, frames, img_size)
+    if mode == "train":
+        train = TrainStep.build(model, device, dtype, solver, compile=compile)
+        return model, lambda: train.step(video, labels)
+    infer = infer_step(compile_model(model, compile), device, dtype)
+    return model, lambda: infer(video)

@@ -1,0 +1,83 @@
+"""harness.runtime: precision and device resolution, autocast, seeding, determinism, environment facts."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness.runtime import (autocast, device_name, environment_info, precision_name, resolve_device,
+                             resolve_precision, seed_everything, set_determinism)
+
+CPU = torch.device("cpu")
+
+
+def test_precision_resolution_per_device():
+    assert resolve_precision("auto", CPU) is None  # fp32 on CPU: bf16 is emulated on AVX2
+    assert resolve_precision("auto", torch.device("cuda")) is torch.bfloat16
+    assert resolve_precision("fp32", CPU) is None
+    assert resolve_precision("bf16", CPU) is torch.bfloat16
+    assert resolve_precision("fp16", torch.device("cuda")) is torch.float16
+    with pytest.raises(ValueError, match="precision=fp16 needs a CUDA device"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(ValueError, match=r"precision='fp8'; choose from \['auto', 'fp32', 'bf16', 'fp16'\]"):
+        resolve_precision("fp8", CPU)
+    assert [precision_name(d) for d in (None, torch.bfloat16, torch.float16)] == ["fp32", "bf16", "fp16"]
+
+
+def test_autocast_runs_matmuls_in_the_asked_dtype():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast(CPU, torch.bfloat16):
+        assert (a @ b).dtype is torch.bfloat16
+    with autocast(CPU, None):
+        assert (a @ b).dtype is torch.float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_device_resolution_without_a_gpu():
+    assert resolve_device() == CPU and resolve_device("cpu") == CPU
+    with pytest.raises(RuntimeError, match="this torch sees no CUDA device; use 'cpu' or 'auto'"):
+        resolve_device("cuda")
+
+
+def test_seed_everything_repeats_python_numpy_and_torch():
+    def draw() -> tuple[float, float, list[float]]:
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    seed_everything(7)
+    first = draw()
+    seed_everything(7)
+    assert draw() == first
+    seed_everything(8)
+    assert draw() != first
+
+
+def test_set_determinism_switches_torch_and_cublas(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        set_determinism()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def test_environment_info_names_versions_and_hardware():
+    info = environment_info(CPU)
+    assert info["torch"] == torch.__version__ and info["device"] == "cpu"
+    assert info["cpu_threads"] == torch.get_num_threads() and isinstance(info["apex"], bool)
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert info["device_name"] == device_name(CPU) and info["device_name"] in cpuinfo
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout.strip()
+    assert info["git_sha"] == (sha or "unknown")

@@ -1,0 +1,118 @@
+"""harness.workload: the one train/infer step (loss with label smoothing, clipping, the fp16 scaler path,
+torch.compile) on the tiny model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.config import SolverConfig
+from harness.model import load_preset
+from harness.workload import BENCH_SOLVER, TrainStep, build_model, synthetic_batch, synthetic_step
+
+CPU = torch.device("cpu")
+# Plain gradient descent: a parameter moves by exactly -lr x its (clipped) gradient.
+PLAIN_SGD = SolverConfig(optimizer="sgd", base_lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0)
+
+
+def _tiny(seed: int = 0, **changes):
+    torch.manual_seed(seed)
+    cfg = replace(load_preset("tiny"), **changes)
+    model = build_model(cfg, CPU)
+    video, labels = synthetic_batch(cfg, CPU, batch=3)
+    return cfg, model, video, labels
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_label_smoothing_loss_is_the_formula():
+    eps = 0.2
+    cfg, model, video, labels = _tiny(drop_path_rate=0.0)
+    step = TrainStep.build(model, CPU, None, replace(PLAIN_SGD, label_smoothing=eps))
+    logits, loss = step.forward(video, labels)
+    logp = F.log_softmax(logits.detach(), dim=-1)
+    nll = -logp[torch.arange(len(labels)), labels]
+    expected = ((1 - eps) * nll + eps * (-logp.mean(dim=-1))).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(nll.mean().item(), rel=1e-3)  # smoothing changed it
+
+
+def test_gradient_clipping_bounds_the_update_norm():
+    clip = 1e-3
+    _, model, video, labels = _tiny(drop_path_rate=0.0)
+    before = _flat(model)
+    grads = TrainStep.build(model, CPU, None, PLAIN_SGD)
+    _, loss = grads.forward(video, labels)
+    grads.backward(loss)
+    raw_norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()])).item()
+    assert raw_norm > 10 * clip, "the test needs a gradient well above the clip"
+    grads.optimizer.zero_grad(set_to_none=True)
+
+    clipped = TrainStep.build(model, CPU, None, replace(PLAIN_SGD, grad_clip=clip))
+    clipped.step(video, labels)
+    update = torch.linalg.vector_norm(_flat(model) - before).item()  # lr 1: the clipped gradient's norm
+    assert update == pytest.approx(clip, rel=1e-3)
+    assert all(p.grad is None for p in model.parameters())  # cleared for the next step
+
+
+def test_fp16_step_goes_through_the_grad_scaler():
+    if not torch.amp.autocast_mode.is_autocast_available("cpu"):
+        pytest.skip("no CPU autocast in this torch")
+    _, model, video, labels = _tiny(drop_path_rate=0.0)
+    before = _flat(model)
+    step = TrainStep.build(model, CPU, torch.float16, PLAIN_SGD)
+    assert step.scaler.is_enabled() and step.scaler.get_scale() == 2.0**16
+    seen = []
+    step.optimizer.register_step_pre_hook(lambda opt, args, kw: seen.append(
+        torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()))
+    logits, loss = step.forward(video, labels)
+    assert logits.dtype is torch.float16 and loss.dtype is torch.float32
+    step.backward(loss)
+    step.optimizer_step()
+    # the optimizer saw unscaled gradients: the update is -lr x grad, not 65536 x larger
+    (grad,) = seen
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(_flat(model), before - grad, atol=1e-6)
+    assert torch.linalg.vector_norm(grad).item() < 1e3
+
+
+def test_synthetic_step_modes_and_the_bench_optimizer():
+    cfg = load_preset("tiny")
+    model, step = synthetic_step(cfg, CPU, None, mode="train", batch=2)
+    before = _flat(model)
+    assert model.training
+    step()
+    assert not torch.equal(_flat(model), before)
+    model, infer = synthetic_step(cfg, CPU, None, mode="infer", batch=2, frames=2, img_size=16)
+    logits = infer()
+    assert not model.training and logits.shape == (2, cfg.num_classes) and logits.is_inference()
+    with pytest.raises(ValueError, match=r"mode='eval'; choose from \['train', 'infer'\]"):
+        synthetic_step(cfg, CPU, None, mode="eval", batch=2)
+    opt = TrainStep.build(build_model(cfg, CPU), CPU, None).optimizer
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == BENCH_SOLVER.momentum == 0.9
+    assert opt.defaults["foreach"] and not opt.defaults["nesterov"] and opt.defaults["weight_decay"] == 0.0
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    """``train.compile``: torch.compile (inductor, which needs a C++ compiler on CPU) gives the same step. Slow:
+    inductor's first compile of even this 1-block model takes about a minute on 2 cores (3 minutes under load)."""
+    # Forget earlier compilations of the model's code in this process (test_model compiles it at other shapes):
+    # they would make dynamo recompile with dynamic shapes, a different (and here failing) inductor path.
+    torch._dynamo.reset()
+    small = dict(depth=1, embed_dim=32, num_heads=2, num_frames=2, img_size=16, drop_path_rate=0.0)
+    results = []
+    for compile_ in (False, True):
+        _, model, video, labels = _tiny(seed=1, **small)
+        step = TrainStep.build(model, CPU, None, replace(PLAIN_SGD, base_lr=0.1), compile=compile_)
+        assert (step.forward_model is not model) == compile_
+        losses = [step.step(video, labels).item() for _ in range(2)]
+        results.append((losses, _flat(model)))
+    (eager_losses, eager_params), (compiled_losses, compiled_params) = results
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
+    assert torch.allclose(compiled_params, eager_params, atol=1e-5)

@@ -91,7 +91,8 @@ def build_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str]
     if "attention" in b.suites:
         from kernels.attention import available_backends
 
-        backends = available_backends(device)
+        backends = available_backends(device, resolve_precision(b.precision, device),  # the cases' dtype
+                                      cfg.model.embed_dim // cfg.model.num_heads)
         shapes = [s for s in ("temporal", "spatial", "joint") if any(s in VARIANT_SHAPES[a] for a in attns)]
         attn_mode = "train" if "train" in modes else "infer"  # forward+backward when training is asked for
         for shape in shapes:

@@ -19,7 +19,8 @@ STEPS   ?=
 CONFIG  ?= configs/exp/toy_divided_cpu.yaml
 BASELINE ?= benchmarks/baselines/cpu_bench.json
 PYTEST_ARGS ?=
-GPU_CHECK_ARGS ?=  # e.g. --rehearse-on-cpu (the same steps at CPU size), --only bench train
+# e.g. --rehearse-on-cpu (the same steps at CPU size) or --only bench train
+GPU_CHECK_ARGS ?=
 
 .PHONY: venv test test-fast bench bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check clean
 

@@ -16,7 +16,7 @@ Steps (``make`` command each stands for; GPU size in brackets):
   end-to-end suites on the prepared videos (their DALI case decodes with NVDEC on a GPU).
 * ``train`` and ``evaluate``: ``make train`` / ``make evaluate``, the embedded toy default [2 epochs].
 * ``profile``: ``make profile`` [the GPU preset, 3 steps]; reports which SDPA kernel ``auto`` ran.
-* ``gate_baseline`` then ``gate``: ``make gate-baseline`` and ``make gate`` against it [all variants].
+* ``gate_baseline`` then ``gate``: ``make gate-baseline`` and ``make gate`` against it [divided attention].
 * ``torchrun``: ``torchrun --nproc_per_node=N harness/train.py`` with the Kinetics divided 8x32 recipe on synthetic
   data for 2 steps [N = every visible GPU].
 
@@ -32,6 +32,8 @@ import argparse
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -102,7 +104,7 @@ GPU_SIZE = Size(
     subset=64, short_side=256, eval_videos=0, validate=("--backend", "gpu"),
     bench=("--attn", "all", "--mode", "train", "--frames", "8,16", "bench.case_timeout_s=300"), data_batch=8,
     train=("solver.max_epoch=2", "train.eval_period=1"), profile=("--steps", "3"),
-    gate_baseline=("--attn", "all"), gate=(), torchrun=())
+    gate_baseline=("--attn", "divided_space_time"), gate=(), torchrun=())  # one gate case: the 10-minute budget
 CPU_SIZE = Size(  # the rehearsal: every step at a size this 2-core CPU runs in seconds
     subset=16, short_side=48, eval_videos=32, validate=("--backend", "cpu"),
     bench=("--attn", "space_only", "--mode", "train", "--preset", "tiny", "--frames", "4,8",
@@ -380,18 +382,16 @@ def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult])
 
 def _run(argv: list[str], out, env: dict[str, str], timeout_s: int) -> int | None:
     """Run ``argv`` in the repo with stdout+stderr to ``out``; its exit code, or None after a timeout (killed)."""
-    import subprocess
-
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own group: a timeout kills torchrun's workers too
+                            start_new_session=True)  # its own process group: see below
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         return None
+    finally:
+        if proc.poll() is None:  # timed out or interrupted: end the whole group, torchrun's workers included
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _last_line(text: str) -> str:

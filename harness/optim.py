@@ -3,7 +3,8 @@
 Implementation choice, logged once: apex ``FusedSGD``/``FusedAdam``/``FusedLAMB`` when the model is on CUDA
 (``solver.use_apex=auto``) and apex's optimizer can be built (an apex installed without its CUDA extensions
 imports but raises at construction, and a package of the same name on the package index is not NVIDIA's apex:
-both fall back, saying why), else torch's ``fused=True`` on CUDA, else ``foreach=True``. LAMB exists only in apex. Weight decay applies to every parameter, as in the original recipe (its "bn" group is empty for ViT).
+both fall back, saying why), else torch's ``fused=True`` on CUDA, else ``foreach=True``. LAMB exists only in apex.
+Weight decay applies to every parameter, as in the original recipe (its "bn" group is empty for ViT).
 The learning rate is a function of the fractional epoch ``epoch + iter / iters_per_epoch`` and is set every
 iteration, like the original ``get_epoch_lr`` / ``set_lr``.
 """

@@ -216,7 +216,8 @@ def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worker
 
 def check_videos(paths: list[str], backend: str, num_frames: int, sampling_rate: int, target_fps: float = 30,
                  pad: bool = False, segment: bool = False, cache: str | Path | None = DEFAULT_CACHE,
-                 workers: int = 0, gpu_arch: str = DEFAULT_GENERATION) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
+                 workers: int = 0, gpu_arch: str = DEFAULT_GENERATION
+                 ) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
     """Probe ``paths`` and judge them for ``backend`` (gpu: NVDEC of a ``gpu_arch`` GPU). Returns (infos in order,
     [(path, reason)] of the unusable)."""
     if backend not in CODECS:

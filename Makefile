@@ -21,6 +21,8 @@ CONFIG  ?= configs/exp/toy_divided_cpu.yaml
 BASELINE ?= benchmarks/baselines/cpu_bench.json
 BENCH_PRESET ?= $(PRESET)
 PYTEST_ARGS ?=
+# e.g. --rehearse-on-cpu (the same steps at CPU size) or --only bench train
+GPU_CHECK_ARGS ?=
 
 .PHONY: venv test test-fast bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check clean
 
@@ -77,8 +79,8 @@ train: $(STAMP) data
 evaluate: $(STAMP)
 	$(VPY) -m harness.evaluate --config $(CONFIG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)
 
-gpu-check: $(STAMP)
-	$(VPY) -m harness.gpu_check
+gpu-check: $(STAMP) data
+	$(VPY) -m harness.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .benchmarks

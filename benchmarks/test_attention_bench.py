@@ -17,12 +17,12 @@ BATCH = 2
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", ["temporal", "spatial", "joint"])
 def test_attention_fwd_bwd(benchmark, device, preset, shape, backend):
-    if backend not in available_backends(device):
-        pytest.skip(f"backend {backend!r} cannot run on {device.type} here")
     benchmark.group = f"attention-{shape}-{preset}"
     cfg = load_preset(preset)
     nseq, H, L, hd = attention_shape(cfg, shape, BATCH, cfg.num_frames, cfg.img_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if backend not in available_backends(device, dtype, hd):  # probed in the dtype the case runs in
+        pytest.skip(f"backend {backend!r} cannot run on {device.type} in {dtype} here")
     q, k, v = (torch.randn(nseq, H, L, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
 

@@ -1,200 +1,491 @@
-"""``make gpu-check``: on a CUDA machine, exercise every GPU-only branch in a few minutes and say what passed.
+"""``make gpu-check``: the GPU acceptance run. The GPU tests and the user's own commands, at GPU size, each in its
+own process, with pass / fail / skip and the key figures read from the commands' own outputs.
 
-Checks: NVDEC decode through our DALI pipeline (h264 clips made here with PyAV), AMP fp16 training with
-GradScaler, the flash SDPA backend (and the other fused ones), CUDA memory statistics, and an NCCL all-reduce
-across every visible GPU under torch.distributed. Without a CUDA device every check reports ``skip`` and the
-command exits 2, so a CPU machine never reads as a pass.
+    python -m harness.gpu_check [--out runs/gpu_check] [--only STEP ...]
+    python -m harness.gpu_check --rehearse-on-cpu      # the same steps at CPU size; the CUDA-only one is skipped
+
+Steps (``make`` command each stands for; GPU size in brackets):
+
+* ``gpu_tests``: ``pytest -m gpu`` (``tests/test_gpu.py``: NVDEC per codec and the NVDEC limits on the real GPU,
+  DALI GPU vs CPU frames, the Trainer's fp16 + GradScaler and bf16 steps, every SDPA backend against ``naive``,
+  NCCL + DDP under torchrun, CUDA memory through ``harness.metrics``). CUDA-only.
+* ``prepare``: ``python -m pipelines.tools.prepare`` re-encodes part of the toy set larger [64 videos, short side 256]:
+  the fix the pre-flight check names for videos below NVDEC's minimum.
+* ``validate``: ``python -m pipelines.validate --backend gpu`` on those (NVDEC limits of this GPU's generation).
+* ``bench``: ``make bench``, every suite [the GPU preset, all variants, train, frames 8 and 16], the pipeline and
+  end-to-end suites on the prepared videos (their DALI case decodes with NVDEC on a GPU).
+* ``train`` and ``evaluate``: ``make train`` / ``make evaluate``, the embedded toy default [2 epochs].
+* ``profile``: ``make profile`` [the GPU preset, 3 steps]; reports which SDPA kernel ``auto`` ran.
+* ``gate_baseline`` then ``gate``: ``make gate-baseline`` and ``make gate`` against it [divided attention].
+* ``torchrun``: ``torchrun --nproc_per_node=N harness/train.py`` with the Kinetics divided 8x32 recipe on synthetic
+  data for 2 steps [N = every visible GPU].
+
+A step passes when its command exits 0 *and* its outputs show it did its work (results written, records ok, tests
+run); a step that cannot run is ``skip`` with the reason. Writes ``<out>/<timestamp>/report.json`` and one log per
+step beside it. Exit status: 0 when every step that could run passed, 1 when one failed, 2 when none could run
+(no CUDA: returned in seconds, nothing run).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import signal
+import subprocess
 import sys
-import tempfile
 import time
-import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-import torch.nn.functional as F
+from harness.config import REPO_ROOT
 
-from harness.model import create_model
-from kernels.attention import attention
+PREPARE_MODULE = "pipelines.tools.prepare"  # the dataset re-encoding tool
+TOY_CONFIG = "configs/exp/toy_divided_cpu.yaml"
+KINETICS_CONFIG = "configs/exp/k400_divst_8x32_224.yaml"
+TINY_MODEL = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.depth=2", "model.num_heads=4",
+              "model.num_frames=4", "data.num_frames=4", "data.train_crop_size=32", "data.test_crop_size=32"]
+
+
+class StepFailed(Exception):
+    """The step's command ran, but its outputs show that it did not do its job."""
 
 
 @dataclass
-class CheckResult:
+class Step:
+    """One check: a command, the ``make`` command it stands for, and how to read its key figures."""
+
+    name: str
+    make: str
+    argv: list[str]
+    collect: Callable[[str], dict[str, Any]]  # the step's log text -> key figures; raises StepFailed
+    timeout_s: int = 600
+    cuda_only: bool = False
+    needs: str = ""  # a step that must have passed first
+    setup: Callable[[], None] | None = None  # in-process preparation (e.g. a manifest) before the command
+
+
+@dataclass
+class StepResult:
     name: str
     status: str  # pass | fail | skip
-    detail: str
+    reason: str
     seconds: float
+    command: str
+    make: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    log: str = ""
 
 
-def check_amp_fp16_gradscaler() -> str:
-    """Five fp16 autocast train steps with GradScaler on a small model: finite loss, scale stays positive."""
-    device = torch.device("cuda")
-    model = create_model("tiny").to(device).set_channels_last(True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cuda")
-    x = torch.randn(4, 3, 4, 32, 32, device=device)
-    y = torch.randint(0, 10, (4,), device=device)
-    losses = []
-    for _ in range(5):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.float16):
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-        assert out.dtype == torch.float16, f"autocast produced {out.dtype}"
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        losses.append(loss.item())
-    assert all(map(lambda v: v == v and abs(v) < 1e4, losses)), f"losses {losses}"
-    assert losses[-1] < losses[0], f"loss did not decrease: {losses}"
-    return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, scale {scaler.get_scale():.0f}"
+@dataclass(frozen=True)
+class Size:
+    """What differs between the GPU run and its CPU rehearsal: the sizes and the repeat counts."""
+
+    subset: int  # toy videos re-encoded by the prepare step
+    short_side: int
+    eval_videos: int  # toy val/test videos that train and evaluate score (0 = the whole split)
+    validate: tuple[str, ...]
+    bench: tuple[str, ...]
+    data_batch: int  # batch of the bench's pipeline and end-to-end suites
+    train: tuple[str, ...]
+    profile: tuple[str, ...]
+    gate_baseline: tuple[str, ...]
+    gate: tuple[str, ...]
+    torchrun: tuple[str, ...]
 
 
-def check_sdpa_backends() -> str:
-    """Every fused SDPA backend against the naive reference in bf16 at TimeSformer shapes; flash must run."""
-    device = torch.device("cuda")
-    ran, failed = [], []
-    for L in (8, 197, 1569):  # temporal, spatial, joint sequence lengths
-        q, k, v = (torch.randn(4, 12, L, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
-        ref = attention(q.float(), k.float(), v.float(), "naive")
-        for backend in ("flash", "efficient", "cudnn"):
-            try:
-                err = (attention(q, k, v, backend).float() - ref).abs().max().item()
-            except RuntimeError as e:
-                failed.append(f"{backend}@L{L}: {str(e).splitlines()[0][:80]}")
-                continue
-            assert err < 3e-2, f"{backend} at L={L} differs from naive by {err}"
-            ran.append(f"{backend}@L{L}")
-    assert any(r.startswith("flash") for r in ran), f"flash never ran: {failed}"
-    return f"ran {', '.join(ran)}" + (f"; unavailable: {'; '.join(failed)}" if failed else "")
+GPU_SIZE = Size(
+    subset=64, short_side=256, eval_videos=0, validate=("--backend", "gpu"),
+    bench=("--attn", "all", "--mode", "train", "--frames", "8,16", "bench.case_timeout_s=300"), data_batch=8,
+    train=("solver.max_epoch=2", "train.eval_period=1"), profile=("--steps", "3"),
+    gate_baseline=("--attn", "divided_space_time"), gate=(), torchrun=())  # one gate case: the 10-minute budget
+CPU_SIZE = Size(  # the rehearsal: every step at a size this 2-core CPU runs in seconds
+    subset=16, short_side=48, eval_videos=32, validate=("--backend", "cpu"),
+    bench=("--attn", "space_only", "--mode", "train", "--preset", "tiny", "--frames", "4,8",
+           "bench.pipeline_batches=2"), data_batch=4,
+    train=("solver.max_epoch=1", "train.max_steps_per_epoch=4", "train.eval_period=1"),
+    profile=("--preset", "tiny", "--steps", "1", "--wait", "0"),
+    gate_baseline=("--preset", "tiny", "--attn", "divided_space_time", "--pairs", "2"),
+    # The rehearsal checks the plumbing, not the speed: on a shared CPU a timing verdict would be noise.
+    gate=("--tolerance", "0.95", "--mem-tolerance", "0.5"),
+    torchrun=(*TINY_MODEL, "data.batch_size=2", "solver.global_batch_size=0", "data.num_workers=1"))
 
 
-def check_memory_stats() -> str:
-    """Peak allocator statistics see a forward+backward of the CPU bench preset on the GPU."""
-    device = torch.device("cuda")
-    torch.cuda.reset_peak_memory_stats(device)
-    model = create_model("cpu_bench").to(device)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        model(torch.randn(2, 3, 8, 224, 224, device=device)).sum().backward()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    reserved = torch.cuda.memory_stats(device)["reserved_bytes.all.peak"]
-    assert peak > 10 * 2**20, f"peak {peak} bytes is implausibly small"
-    return f"peak allocated {peak / 2**20:.0f} MiB, peak reserved {reserved / 2**20:.0f} MiB"
+# ------------------------------------------------------------------------------------------ reading outputs
+
+def _newest(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise StepFailed(f"no {pattern} under {folder}")
+    return found[-1]
 
 
-def _nccl_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    t = torch.full((1024,), float(rank + 1), device="cuda")
-    dist.all_reduce(t)
-    if rank == 0:
-        Path(out).write_text(str(t[0].item()))
-    dist.destroy_process_group()
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise StepFailed(f"{path} was not written")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def check_nccl() -> str:
-    """An NCCL all-reduce over every visible GPU (one process each; a single GPU still inits NCCL)."""
-    import torch.multiprocessing as mp
-
-    world = torch.cuda.device_count()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "sum")
-        mp.spawn(_nccl_worker, args=(world, os.path.join(tmp, "init"), out), nprocs=world, join=True)
-        got = float(Path(out).read_text())
-    want = world * (world + 1) / 2
-    assert got == want, f"all_reduce gave {got}, expected {want}"
-    return f"all_reduce over {world} GPU(s) = {got:g}"
+def _round(v: Any, nd: int = 1) -> Any:
+    return round(v, nd) if isinstance(v, float) else v
 
 
-def write_h264_clips(folder: Path, count: int = 4, frames: int = 48, size: int = 96) -> Path:
-    """Moving-gradient h264 mp4 clips and a Kinetics-style manifest (``path label``) pointing at them."""
-    import numpy as np
+def collect_pytest(junit: Path) -> Callable[[str], dict[str, Any]]:
+    def collect(log: str) -> dict[str, Any]:
+        import xml.etree.ElementTree as ET
 
-    from pipelines.tools.encode import write_video
-
-    yy, xx = np.mgrid[0:size, 0:size]
-    lines = []
-    for i in range(count):
-        path = folder / f"clip{i}.mp4"
-        write_video(path, (np.stack([(xx + 4 * t) % 256, (yy + 2 * t) % 256, np.full_like(xx, 40 * i)], -1)
-                           .astype(np.uint8) for t in range(frames)), "libx264", fps=30)
-        lines.append(f"{path} {i % 2}")
-    manifest = folder / "train.csv"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
-
-
-def check_nvdec_decode() -> str:
-    """h264 clips (made here with PyAV) decoded by our DALI pipeline on the GPU (NVDEC)."""
-    from pipelines.config import DataConfig
-    from pipelines import build_loader
-
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = write_h264_clips(Path(tmp))
-        cfg = DataConfig(loader="dali", backend="gpu", root=tmp, train_manifest=str(manifest), num_frames=8,
-                         sampling_rate=2, train_jitter_scales=[64, 80], train_crop_size=56, batch_size=2)
-        loader = build_loader(cfg, "train", device=torch.device("cuda"))
-        batch = next(iter(loader))
-    assert batch.video.is_cuda and tuple(batch.video.shape) == (2, 3, 8, 56, 56), f"got {tuple(batch.video.shape)}"
-    assert torch.isfinite(batch.video).all() and batch.video.std() > 0.05, "decoded frames look empty"
-    return f"batch {tuple(batch.video.shape)} on {batch.video.device}"
+        if not junit.is_file():
+            raise StepFailed(f"pytest wrote no {junit.name}")
+        cases = list(ET.parse(junit).getroot().iter("testcase"))
+        skipped = {c.get("name"): c.find("skipped").get("message", "") for c in cases if c.find("skipped") is not None}
+        failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
+        passed = len(cases) - len(skipped) - len(failed)
+        figures = {"passed": passed, "failed": failed, "skipped": skipped}
+        if failed:
+            raise StepFailed(f"{len(failed)} GPU test(s) failed: {', '.join(failed)}")
+        if passed == 0:
+            raise StepFailed(f"no GPU test ran ({len(skipped)} skipped)")
+        return figures
+    return collect
 
 
-CHECKS: list[tuple[str, Callable[[], str]]] = [
-    ("nvdec_decode", check_nvdec_decode),
-    ("amp_fp16_gradscaler", check_amp_fp16_gradscaler),
-    ("flash_sdpa", check_sdpa_backends),
-    ("cuda_memory_stats", check_memory_stats),
-    ("nccl", check_nccl),
-]
+def collect_prepare(out: Path) -> Callable[[str], dict[str, Any]]:
+    def collect(log: str) -> dict[str, Any]:
+        spec = json.loads((out / "prepare.json").read_text()) if (out / "prepare.json").is_file() else None
+        if spec is None or not spec["videos"] or spec["failed"]:
+            raise StepFailed(f"prepare wrote {spec and spec['videos']} videos, failures: {spec and spec['failed']}")
+        return {"videos": spec["videos"], "short_side": spec["spec"]["short_side"], "codec": spec["spec"]["codec"]}
+    return collect
 
 
-def run_checks(names: list[str] | None = None) -> list[CheckResult]:
-    results = []
-    for name, fn in CHECKS:
-        if names and name not in names:
-            continue
-        start = time.perf_counter()
-        if not torch.cuda.is_available():
-            results.append(CheckResult(name, "skip", "no CUDA device visible to this torch", 0.0))
-            continue
-        try:
-            detail, status = fn(), "pass"
-        except Exception as e:  # a check's failure is reported, and the others still run
-            detail, status = f"{type(e).__name__}: {e}", "fail"
-            traceback.print_exc()
-        results.append(CheckResult(name, status, detail, time.perf_counter() - start))
-    return results
+def collect_validate(log: str) -> dict[str, Any]:
+    usable = re.search(r"(\d+)/(\d+) videos usable by the (\w+) backend", log)
+    if not usable:
+        raise StepFailed("no 'N/M videos usable' line in the output")
+    judged = re.search(r"judging NVDEC decode for (.+)", log)
+    return {"usable": f"{usable[1]}/{usable[2]}", "backend": usable[3], "judged_for": judged[1] if judged else None}
+
+
+def collect_bench(out: Path) -> Callable[[str], dict[str, Any]]:
+    def collect(log: str) -> dict[str, Any]:
+        from harness.metrics import read_results
+
+        records, meta = read_results(_newest(out, "*/results.json"))
+        by_suite: dict[str, list] = {}
+        for r in records:
+            by_suite.setdefault(r.suite, []).append(r)
+        missing = sorted({"model", "attention", "pipeline", "e2e"} - set(by_suite))
+        bad = [f"{r.case}: {r.status} {r.message}" for r in records if r.status not in ("ok", "oom")]
+        if missing or bad:
+            raise StepFailed(f"suites without records: {missing}; cases not ok: {'; '.join(bad)}")
+        figures: dict[str, Any] = {"device": meta.get("hardware"), "precision": meta.get("precision"), "model": {}}
+        for r in by_suite["model"]:
+            figures["model"][f"{r.attention_type}/{r.mode}"] = {
+                "images_per_s": _round(r.images_per_s), "mfu_pct": _round(100 * (r.utilisation or 0.0), 2),
+                "peak_mib": _round((r.peak_mem_bytes or 0) / 2**20, 0)}
+        figures["attention_backends_ok"] = sorted({r.backend for r in by_suite["attention"]})
+        figures["pipeline_clips_per_s"] = {r.backend: _round(r.clips_per_s) for r in by_suite["pipeline"]}
+        figures["e2e"] = [r.extra.get("verdict") for r in by_suite["e2e"]]
+        figures["oom"] = [r.case for r in records if r.status == "oom"]
+        return figures
+    return collect
+
+
+def _loader_of(log: str) -> str | None:
+    """Which loader a train/evaluate run used, from its log (DALI and its decode device, or PyAV)."""
+    if m := re.search(r"DALI loader \((\w+)\)", log):
+        return f"dali ({m[1]})"
+    return "pyav" if "PyAV loader" in log else None
+
+
+def collect_train(out: Path) -> Callable[[str], dict[str, Any]]:
+    def collect(log: str) -> dict[str, Any]:
+        records = _jsonl(out / "metrics.jsonl")
+        start = next((r for r in records if r.get("event") == "start"), {})
+        end = next((r for r in records if r.get("event") == "end"), None)
+        if end is None:
+            raise StepFailed("metrics.jsonl has no 'end' record: training did not finish")
+        windows = [r for r in records if r.get("event") == "train"]
+        last = windows[-1] if windows else {}
+        figures = {"loader": _loader_of(log), "optimizer": start.get("optimizer"), "precision": start.get("precision"),
+                   "world_size": start.get("world_size"), "steps": end.get("step"),
+                   "clips_per_s": _round(last.get("time/clips_per_s")),
+                   "data_wait_pct": _round(last.get("time/data_wait_pct")),
+                   "peak_gib": _round(last.get("memory/max_allocated_gib"), 2)}
+        if (out / "eval_val.json").is_file():
+            figures["val_top1"] = json.loads((out / "eval_val.json").read_text())["top1"]
+        return figures
+    return collect
+
+
+def collect_evaluate(out: Path) -> Callable[[str], dict[str, Any]]:
+    def collect(log: str) -> dict[str, Any]:
+        path = out / "eval_test.json"
+        if not path.is_file():
+            raise StepFailed(f"{path} was not written")
+        result = json.loads(path.read_text())
+        return {"top1": result["top1"], "videos": result["num_videos"], "loader": _loader_of(log)}
+    return collect
+
+
+SDPA_OP = re.compile(r"aten::_scaled_dot_product_(flash_attention_for_cpu|flash_attention|efficient_attention|"
+                     r"cudnn_attention|attention_math)")
+
+
+def collect_profile(out: Path) -> Callable[[str], dict[str, Any]]:
+    def collect(log: str) -> dict[str, Any]:
+        run = _newest(out, "*/summary.md").parent
+        if not list(run.glob("*.pt.trace.json")):
+            raise StepFailed(f"no TensorBoard trace in {run}")
+        kernels = sorted(set(SDPA_OP.findall((run / "trace_perfetto.json").read_text())))
+        share = re.search(r"Attention in total.*?([\d.]+)% of the step", (run / "summary.md").read_text())
+        return {"sdpa_kernels": kernels, "attention_share_pct": float(share[1]) if share else None,
+                "run_dir": str(run)}
+    return collect
+
+
+def collect_gate_baseline(path: Path) -> Callable[[str], dict[str, Any]]:
+    def collect(log: str) -> dict[str, Any]:
+        from harness.metrics import read_results
+
+        if not path.is_file():
+            raise StepFailed(f"{path} was not written")
+        records, _ = read_results(path)
+        return {r.case: {"images_per_s": _round(r.images_per_s), "ratio": _round(r.extra.get("ratio"), 3)}
+                for r in records}
+    return collect
+
+
+def collect_gate(out: Path) -> Callable[[str], dict[str, Any]]:
+    def collect(log: str) -> dict[str, Any]:
+        verdicts = json.loads(_newest(out, "*/verdicts.json").read_text())
+        return {v["case"]: ("REGRESSED: " + "; ".join(v["reasons"]) if v["regressed"] else
+                            f"ok ({100 * v['change']:+.1f}%)" if v["change"] is not None else "ok")
+                for v in verdicts}
+    return collect
+
+
+# ------------------------------------------------------------------------------------------ the steps
+
+def build_steps(run_dir: Path, size: Size, nprocs: int) -> list[Step]:
+    """Every step of the check with its arguments at ``size``; outputs go under ``run_dir``."""
+    py = sys.executable
+    toy = REPO_ROOT / "data" / "toy"
+    subset, prepared = run_dir / "toy_subset.csv", run_dir / "toy_prepared"
+    data_yaml = run_dir / "toy_prepared.yaml"
+    eval_subset = run_dir / "toy_eval_subset.csv"
+    scored = [f"data.val_manifest={eval_subset}", f"data.test_manifest={eval_subset}"] if size.eval_videos else []
+
+    def write_manifests() -> None:  # toy subsets for the prepare tool and for scoring, and a data config
+        lines = (toy / "val.csv").read_text().splitlines()[:size.subset]
+        subset.write_text("\n".join(lines) + "\n")
+        data_yaml.write_text(f"# the toy recipe on the prepared (re-encoded) toy videos\n"
+                             f"defaults: [{REPO_ROOT / TOY_CONFIG}]\n"
+                             f"data:\n  root: {prepared}\n  train_manifest: {prepared / subset.name}\n"
+                             f"  batch_size: {size.data_batch}\n")
+        if size.eval_videos:  # absolute paths: the manifest lives outside the toy folder
+            lines = (toy / "test.csv").read_text().splitlines()[:size.eval_videos]
+            eval_subset.write_text("".join(f"{toy / line.split()[0]} {line.split()[1]}\n" for line in lines))
+
+    junit = run_dir / "gpu_tests.xml"
+    train_dir = run_dir / "train"
+    baseline = run_dir / "gate_baseline.json"
+    torchrun_dir = run_dir / "torchrun"
+    synthetic = [f"data.synthetic_videos={(64 if size is GPU_SIZE else 8) * nprocs}"]
+    return [
+        Step("gpu_tests", "pytest -m gpu", [py, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rs", "-p",
+                                            "no:cacheprovider", f"--junitxml={junit}"],
+             collect_pytest(junit), timeout_s=420, cuda_only=True),
+        Step("prepare", f"python -m {PREPARE_MODULE}",
+             [py, "-m", PREPARE_MODULE, str(subset), "--out", str(prepared), "--path-prefix", str(toy),
+              "--short-side", str(size.short_side), "--codec", "vp9", "--no-progress"],
+             collect_prepare(prepared), timeout_s=300, setup=write_manifests),
+        Step("validate", "python -m pipelines.validate",
+             [py, "-m", "pipelines.validate", str(prepared / subset.name), *size.validate, "--frames", "8",
+              "--sampling-rate", "3", "--cache", ""], collect_validate, timeout_s=120, needs="prepare"),
+        Step("bench", "make bench", [py, "-m", "harness.bench", "--out", str(run_dir / "bench"), *size.bench,
+                                     f"bench.data_config={data_yaml}"],
+             collect_bench(run_dir / "bench"), timeout_s=600, needs="prepare"),
+        Step("train", "make train", [py, "-m", "harness.train", "--config", TOY_CONFIG, *size.train, *scored,
+                                     f"output.dir={train_dir}"], collect_train(train_dir), timeout_s=420,
+             setup=write_manifests),
+        Step("evaluate", "make evaluate", [py, "-m", "harness.evaluate", "--config", TOY_CONFIG, *scored,
+                                           f"output.dir={train_dir}"],
+             collect_evaluate(train_dir), timeout_s=240, needs="train"),
+        Step("profile", "make profile", [py, "-m", "harness.profiling", "--attn", "divided_space_time",
+                                         *size.profile, "--out", str(run_dir / "profile")],
+             collect_profile(run_dir / "profile"), timeout_s=300),
+        Step("gate_baseline", "make gate-baseline", [py, "-m", "harness.gate", "--write-baseline", str(baseline),
+                                                     *size.gate_baseline],
+             collect_gate_baseline(baseline), timeout_s=300),
+        Step("gate", "make gate", [py, "-m", "harness.gate", "--baseline", str(baseline), *size.gate,
+                                   "--out", str(run_dir / "gate")],
+             collect_gate(run_dir / "gate"), timeout_s=300, needs="gate_baseline"),
+        Step("torchrun", f"torchrun --nproc_per_node={nprocs} harness/train.py",
+             [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}", "harness/train.py",
+              "--config", KINETICS_CONFIG, "data.loader=synthetic", *synthetic, "solver.max_epoch=1",
+              "train.max_steps_per_epoch=2", *size.torchrun, f"output.dir={torchrun_dir}"],
+             collect_train(torchrun_dir), timeout_s=420),
+    ]
+
+
+def injected_failure() -> Step:
+    """A step that always fails (tests: a broken step must be reported as ``fail``)."""
+    return Step("injected_failure", "(test)", [sys.executable, "-c", "import sys; print('deliberately broken');"
+                                               " sys.exit(3)"], lambda log: {}, timeout_s=60)
+
+
+# ------------------------------------------------------------------------------------------ running
+
+def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult]) -> StepResult:
+    """Run one step in its own process (output to ``<run_dir>/<name>.log``) and judge it."""
+    command = " ".join(step.argv)
+    result = StepResult(step.name, "skip", "", 0.0, command, step.make)
+    if step.cuda_only and not cuda:
+        result.reason = "needs CUDA"
+        return result
+    if step.needs and (done.get(step.needs) is None or done[step.needs].status != "pass"):
+        prior = done.get(step.needs)
+        result.reason = f"needs {step.needs}, which " + ("did not run" if prior is None else
+                                                         f"did not pass ({prior.status}: {prior.reason})")
+        return result
+    log = run_dir / f"{step.name}.log"
+    result.log = str(log)
+    start = time.perf_counter()
+    env = dict(os.environ)
+    if not cuda:  # as the Makefile's CPU targets: idle OpenMP threads sleep instead of spinning
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        if step.setup is not None:
+            step.setup()
+        with open(log, "w") as f:
+            rc = _run(step.argv, f, env, step.timeout_s)
+        text = log.read_text(errors="replace")
+        if rc is None:
+            result.status, result.reason = "fail", f"timed out after {step.timeout_s} s"
+        elif rc != 0:
+            result.status, result.reason = "fail", f"exit status {rc}: {_last_line(text)}"
+        else:
+            result.figures = step.collect(text)
+            result.status = "pass"
+    except (StepFailed, OSError, ValueError, KeyError) as e:
+        result.status, result.reason = "fail", f"{type(e).__name__}: {e}" if not isinstance(e, StepFailed) else str(e)
+    result.seconds = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _run(argv: list[str], out, env: dict[str, str], timeout_s: int) -> int | None:
+    """Run ``argv`` in the repo with stdout+stderr to ``out``; its exit code, or None after a timeout (killed)."""
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: see below
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if proc.poll() is None:  # timed out or interrupted: end the whole group, torchrun's workers included
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("File ")]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _detail(r: StepResult) -> str:
+    if r.status != "pass":
+        return r.reason
+    return json.dumps(r.figures, default=str)[:400]
+
+
+def format_table(results: list[StepResult]) -> str:
+    lines = [f"  {'step':<16} {'status':<6} {'seconds':>8}  detail"]
+    for r in results:
+        lines.append(f"  {r.name:<16} {r.status.upper():<6} {r.seconds:8.1f}  {_detail(r)}")
+    return "\n".join(lines)
+
+
+def exit_status(results: list[StepResult]) -> int:
+    """0 when every step that could run passed, 1 when one failed, 2 when none could run."""
+    if any(r.status == "fail" for r in results):
+        return 1
+    return 0 if any(r.status == "pass" for r in results) else 2
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    try:
+        import nvidia.dali as dali
+
+        dali_version = dali.__version__
+    except ImportError:
+        dali_version = None
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "dali": dali_version,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+            "capability": list(torch.cuda.get_device_capability()) if cuda else None}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.gpu_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="*", choices=[n for n, _ in CHECKS], help="run only these checks")
+    from pipelines.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m harness.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rehearse-on-cpu", action="store_true",
+                        help="run the same steps at CPU size (the CUDA-only step is skipped): tests the runner")
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps")
+    parser.add_argument("--out", default="runs/gpu_check", help="report folder root")
+    parser.add_argument("--inject-failure", action="store_true", help=argparse.SUPPRESS)  # tests
     args = parser.parse_args(argv)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-    print(f"gpu-check on {device} (torch {torch.__version__}, CUDA {torch.version.cuda})")
-    results = run_checks(args.only)
-    for r in results:
-        print(f"  {r.status.upper():<5} {r.name:<22} {r.seconds:6.1f}s  {r.detail}")
-    passed = sum(r.status == "pass" for r in results)
-    print(f"{passed} passed, {sum(r.status == 'fail' for r in results)} failed, "
-          f"{sum(r.status == 'skip' for r in results)} skipped")
-    if any(r.status == "fail" for r in results):
-        return 1
-    return 0 if passed == len(results) else 2
+    setup_logging()
+    env = environment()
+    cuda = bool(env["gpus"])
+    mode = "cpu rehearsal" if args.rehearse_on_cpu else "gpu" if cuda else "no CUDA"
+    run_dir = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rehearse = args.rehearse_on_cpu
+    steps = build_steps(run_dir, CPU_SIZE if rehearse else GPU_SIZE, 2 if rehearse else max(1, len(env["gpus"])))
+    if args.inject_failure:
+        steps.append(injected_failure())
+    known = [s.name for s in steps]
+    if args.only:
+        unknown = sorted(set(args.only) - set(known))
+        if unknown:
+            parser.error(f"unknown step(s) {unknown}; choose from {known}")
+        steps = [s for s in steps if s.name in args.only]
+    device = ", ".join(env["gpus"]) or "no CUDA device"
+    print(f"gpu-check ({mode}) on {device}: torch {env['torch']}, CUDA {env['cuda']}, DALI {env['dali']} -> {run_dir}",
+          flush=True)
+    done: dict[str, StepResult] = {}
+    for step in steps:
+        if not cuda and not rehearse:  # GPU-size steps: nothing runs without CUDA
+            done[step.name] = StepResult(step.name, "skip", "needs CUDA (--rehearse-on-cpu runs the CPU-size "
+                                         "rehearsal)", 0.0, " ".join(step.argv), step.make)
+            continue
+        print(f"[{step.name}] {step.make}: {' '.join(step.argv)}", flush=True)
+        done[step.name] = run_step(step, run_dir, cuda, done)
+        print(f"[{step.name}] {done[step.name].status} ({done[step.name].seconds:.0f} s) "
+              f"{_detail(done[step.name])[:200]}", flush=True)
+    results = list(done.values())
+    status = exit_status(results)
+    report = {"mode": mode, "started": run_dir.name, "environment": env, "exit_status": status,
+              "steps": [asdict(r) for r in results]}
+    from pipelines.files import atomic_write_text
+
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    print(format_table(results))
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
+    print(f"report: {run_dir / 'report.json'}")
+    print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
+    return status
 
 
 if __name__ == "__main__":

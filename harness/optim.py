@@ -1,8 +1,10 @@
 """Optimizers (SGD-Nesterov, AdamW, LAMB) and the per-iteration learning-rate schedule.
 
-Implementation choice, logged once: apex ``FusedSGD``/``FusedAdam``/``FusedLAMB`` when apex imports and the model
-is on CUDA (``solver.use_apex=auto``), else torch's ``fused=True`` on CUDA, else ``foreach=True``. LAMB exists
-only in apex. Weight decay applies to every parameter, as in the original recipe (its "bn" group is empty for ViT).
+Implementation choice, logged once: apex ``FusedSGD``/``FusedAdam``/``FusedLAMB`` when the model is on CUDA
+(``solver.use_apex=auto``) and apex's optimizer can be built (an apex installed without its CUDA extensions
+imports but raises at construction, and a package of the same name on the package index is not NVIDIA's apex:
+both fall back, saying why), else torch's ``fused=True`` on CUDA, else ``foreach=True``. LAMB exists only in apex.
+Weight decay applies to every parameter, as in the original recipe (its "bn" group is empty for ViT).
 The learning rate is a function of the fractional epoch ``epoch + iter / iters_per_epoch`` and is set every
 iteration, like the original ``get_epoch_lr`` / ``set_lr``.
 """
@@ -22,12 +24,27 @@ logger = logging.getLogger(__name__)
 _APEX = {"sgd": "FusedSGD", "adamw": "FusedAdam", "lamb": "FusedLAMB"}
 
 
-def _apex_optimizer(name: str) -> type | None:
+def _apex_optimizer(params: list[torch.nn.Parameter], cfg: SolverConfig) -> tuple[torch.optim.Optimizer | None, str]:
+    """apex's fused optimizer for ``cfg.optimizer`` over ``params``, or (None, why it cannot be used here)."""
+    name = _APEX[cfg.optimizer]
     try:
-        module = importlib.import_module("apex.optimizers")
-    except ImportError:
-        return None
-    return getattr(module, _APEX[name], None)
+        cls = getattr(importlib.import_module("apex.optimizers"), name)
+    except (ImportError, AttributeError) as e:  # no apex, or a package named apex that is not NVIDIA's
+        return None, f"apex.optimizers.{name} is not importable ({type(e).__name__}: {e})"
+    lr, wd = cfg.base_lr, cfg.weight_decay
+    try:
+        if cfg.optimizer == "sgd":
+            opt = cls(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
+        elif cfg.optimizer == "adamw":  # FusedAdam with adam_w_mode=True is AdamW
+            opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=wd, adam_w_mode=True)
+        else:
+            opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=wd)
+    except Exception as e:  # noqa: BLE001 - whatever apex raises, torch's optimizer takes over
+        return None, (f"apex.optimizers.{name} cannot be built ({type(e).__name__}: {e}); an apex installed without "
+                      f"its CUDA extensions does this: reinstall it with them, or set solver.use_apex=never")
+    if not isinstance(opt, torch.optim.Optimizer):
+        return None, f"apex.optimizers.{name} built a {type(opt).__name__}, not a torch optimizer"
+    return opt, ""
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: SolverConfig, device: torch.device) -> tuple[
@@ -39,20 +56,19 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: SolverConfig, device:
     """
     params = [p for p in params if p.requires_grad]
     cuda = device.type == "cuda"
-    apex_cls = _apex_optimizer(cfg.optimizer) if cuda and cfg.use_apex == "auto" else None
+    apex_opt, apex_why = None, "the model is not on CUDA" if not cuda else "solver.use_apex=never"
+    if cuda and cfg.use_apex == "auto":
+        apex_opt, apex_why = _apex_optimizer(params, cfg)
     lr, wd = cfg.base_lr, cfg.weight_decay
-    if apex_cls is not None:
-        if cfg.optimizer == "sgd":
-            opt = apex_cls(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
-        elif cfg.optimizer == "adamw":  # FusedAdam with adam_w_mode=True is AdamW
-            opt = apex_cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=wd, adam_w_mode=True)
-        else:
-            opt = apex_cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=wd)
-        impl = f"apex.optimizers.{_APEX[cfg.optimizer]}"
+    if apex_opt is not None:
+        opt, impl = apex_opt, f"apex.optimizers.{_APEX[cfg.optimizer]}"
     else:
         if cfg.optimizer == "lamb":
-            raise ValueError("solver.optimizer=lamb needs apex (apex.optimizers.FusedLAMB) on a CUDA device; "
-                             "install apex or use solver.optimizer=adamw / sgd")
+            raise ValueError(f"solver.optimizer=lamb needs apex (apex.optimizers.FusedLAMB) on a CUDA device, and "
+                             f"here {apex_why}; install apex with its CUDA extensions or use solver.optimizer=adamw "
+                             f"/ sgd")
+        if cuda and cfg.use_apex == "auto":
+            logger.info("apex not used: %s", apex_why)
         mode = {"fused": True} if cuda else {"foreach": True}
         if cfg.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, dampening=0.0,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import functools
 import logging
 import os
 import platform
@@ -76,8 +76,20 @@ def set_determinism() -> None:
     logger.info("deterministic algorithms on (expect slower steps)")
 
 
+@functools.lru_cache(maxsize=1)
 def apex_available() -> bool:
-    return importlib.util.find_spec("apex") is not None
+    """True when NVIDIA apex's fused optimizers can run here: CUDA is visible and ``apex.optimizers.FusedAdam``
+    builds. An apex installed without its CUDA extensions imports but raises at construction, and a package of the
+    same name on the package index has no ``apex.optimizers``: both are False."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from apex.optimizers import FusedAdam
+
+        FusedAdam([torch.nn.Parameter(torch.zeros(1))])
+    except Exception:  # noqa: BLE001 - whatever a broken or foreign apex raises
+        return False
+    return True
 
 
 def _git_sha() -> str:

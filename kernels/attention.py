@@ -55,15 +55,57 @@ def attention(
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
-def available_backends(device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
-    """The backends that run a small (1, 2, 8, 64) attention on ``device`` in ``dtype`` here, in BACKENDS order."""
-    q = torch.randn(1, 2, 8, 64, device=device, dtype=dtype)
+def check_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None,
+                  capability: tuple[int, int] | None = None) -> None:
+    """Fail early, with the fix, when ``backend`` cannot compute attention in ``dtype`` on ``device``.
+
+    ``dtype`` is what q, k, v are in: the autocast dtype (bf16/fp16) or None/fp32 without autocast. ``capability``
+    is the CUDA device's (major, minor) when known. Touches no GPU. The rules are PyTorch's SDPA kernel filters
+    (``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``): on CUDA, flash and cuDNN take fp16/bf16 only and
+    need sm80 or newer, efficient takes fp32/fp16 and also bf16 from sm80 on; off CUDA, efficient and cuDNN do not
+    exist. ``auto``, ``math`` and ``naive`` run everywhere.
+
+    Raises:
+        ValueError: unknown backend, or one that cannot run here (instead of SDPA's "No available kernel").
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {list(BACKENDS)}")
+    device = torch.device(device)
+    dtype = dtype or torch.float32
+    if backend in ("auto", "math", "naive"):
+        return
+    if device.type != "cuda":
+        if backend in ("efficient", "cudnn"):
+            raise ValueError(f"attn_backend={backend} exists on CUDA only; on {device.type} use flash, math, naive "
+                             f"or auto")
+        return
+    where = f" (this GPU is sm{capability[0]}{capability[1]})" if capability else ""
+    if backend in ("flash", "cudnn"):
+        if capability is not None and capability < (8, 0):
+            raise ValueError(f"attn_backend={backend} needs an sm80 or newer GPU{where}; use efficient or auto")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attn_backend={backend} takes fp16/bf16 inputs on CUDA, and this run computes "
+                             f"attention in {str(dtype).removeprefix('torch.')}: set the precision to bf16 or fp16 "
+                             f"(train.precision / bench.precision), or use attn_backend=efficient or auto")
+    elif capability is not None and capability < (8, 0) and dtype is torch.bfloat16:  # efficient
+        raise ValueError(f"attn_backend=efficient takes fp16/fp32 below sm80{where}; use fp16 precision or auto")
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype | None, head_dim: int = 64) -> list[str]:
+    """The backends that run attention forward and backward on ``device`` with q, k, v in ``dtype`` (the case's
+    compute dtype: None/fp32, bf16 or fp16), in BACKENDS order: those ``check_backend`` allows, each probed on a
+    small (1, 2, 16, head_dim) input."""
+    device = torch.device(device)
+    dtype = dtype or torch.float32
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     ok = []
     for name in BACKENDS:
         try:
-            attention(q, q, q, backend=name)
+            check_backend(name, device, dtype, capability)
+            q = torch.randn(1, 2, 16, head_dim, device=device, dtype=dtype, requires_grad=True)
+            attention(q, q, q, backend=name).sum().backward()
             ok.append(name)
-        except RuntimeError:
+        except (ValueError, RuntimeError):
             pass
     return ok
 

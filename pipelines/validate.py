@@ -9,6 +9,9 @@ with the container's declared duration to catch truncation) does not depend on t
 cached in SQLite by (path, size, mtime) and a large manifest is probed once; files are probed in parallel
 processes. ``pipelines.build_loader`` runs the same check (``data.on_bad_video: error | skip``), because DALI's
 readers drop bad files silently and its decoder kills the pipeline on them.
+
+``--backend gpu`` applies NVDEC's limits (``pipelines.nvdec``: codec per GPU generation, minimum and maximum frame
+size, 8-bit 4:2:0) for the visible GPU's generation, else for ``--gpu-arch`` (default: Hopper).
 """
 
 from __future__ import annotations
@@ -25,16 +28,16 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
+
 logger = logging.getLogger(__name__)
 
-# The codecs DALI 2.4's video decoder handles per device (CPU: libavcodec's VP8/VP9/MJPEG; GPU: NVDEC);
-# None = PyAV, which decodes everything FFmpeg does.
-DECODABLE_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
-          "gpu": {"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"},
-          "pyav": None}
+# The codecs DALI 2.4's video decoder handles per device (CPU: libavcodec's VP8/VP9/MJPEG; GPU: NVDEC, whose further
+# limits are in pipelines.nvdec); None = PyAV, which decodes everything FFmpeg does.
+DECODABLE_CODECS = {"cpu": set(DALI_CPU_CODECS), "gpu": set(NVDEC_CODECS), "pyav": None}
 _CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "libaom-av1": "av1", "h265": "hevc"}
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "timesformer-harness" / "validate.sqlite"
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: pixel format, bit depth and chroma
 
 
 @dataclass
@@ -48,6 +51,23 @@ class VideoInfo:
     fps: float = 0.0
     height: int = 0
     width: int = 0
+    pix_fmt: str = ""  # of the first decoded frame, e.g. yuv420p
+    bit_depth: int = 0  # bits per sample
+    chroma: str = ""  # chroma subsampling: 420 | 422 | 444 | 400 (gray) | rgb
+
+
+def _chroma(fmt, width: int, height: int) -> str:
+    """Chroma subsampling of a PyAV ``VideoFormat`` as ``420``/``422``/``444``, ``400`` (gray) or ``rgb``."""
+    if fmt.is_rgb:
+        return "rgb"
+    if len(fmt.components) == 1:
+        return "400"
+    cw, ch = fmt.chroma_width(width), fmt.chroma_height(height)
+    if cw == width:
+        return "444" if ch == height else "440"
+    if ch == height:
+        return "422" if 2 * cw >= width else "411"
+    return "420"
 
 
 def probe_video(path: str) -> VideoInfo:
@@ -96,19 +116,28 @@ def probe_video(path: str) -> VideoInfo:
                                   f"{present:.2f} s")
                     return info
         with av.open(path) as container:  # decode the first frame
-            if next(container.decode(video=0), None) is None:
+            frame = next(container.decode(video=0), None)
+            if frame is None:
                 info.error = "no decodable frame"
+            else:
+                info.pix_fmt = frame.format.name
+                info.bit_depth = max(c.bits for c in frame.format.components)
+                info.chroma = _chroma(frame.format, frame.width, frame.height)
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
         info.error = f"cannot open/decode: {type(e).__name__}: {e}"
     return info
 
 
-def usable(info: VideoInfo, backend: str, min_frames: int) -> str:
-    """Why ``info``'s video cannot be used by ``backend`` for clips of ``min_frames`` frames ("" = usable)."""
+def usable(info: VideoInfo, backend: str, min_frames: int, gpu_arch: str = DEFAULT_GENERATION) -> str:
+    """Why ``info``'s video cannot be used by ``backend`` for clips of ``min_frames`` frames ("" = usable); on the
+    gpu backend, by NVDEC on a ``gpu_arch`` GPU (``pipelines.nvdec.generation_of``)."""
     if info.error:
         return info.error
     allowed = DECODABLE_CODECS[backend]
-    if allowed is not None and info.codec not in allowed:
+    if backend == "gpu":
+        if problem := nvdec_problem(info, gpu_arch):
+            return problem
+    elif allowed is not None and info.codec not in allowed:
         return (f"codec {info.codec} is not decodable by DALI's {backend} backend (it decodes {sorted(allowed)}); "
                 f"re-encode (e.g. VP9) or use data.loader=pyav / a GPU")
     if info.frames < min_frames:
@@ -187,20 +216,24 @@ def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worker
 
 def check_videos(paths: list[str], backend: str, num_frames: int, sampling_rate: int, target_fps: float = 30,
                  pad: bool = False, segment: bool = False, cache: str | Path | None = DEFAULT_CACHE,
-                 workers: int = 0) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
-    """Probe ``paths`` and judge them for ``backend``. Returns (infos in order, [(path, reason)] of the unusable)."""
+                 workers: int = 0, gpu_arch: str = DEFAULT_GENERATION
+                 ) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
+    """Probe ``paths`` and judge them for ``backend`` (gpu: NVDEC of a ``gpu_arch`` GPU). Returns (infos in order,
+    [(path, reason)] of the unusable)."""
     if backend not in DECODABLE_CODECS:
         raise ValueError(f"backend={backend!r}; choose from {sorted(DECODABLE_CODECS)}")
     infos = probe_all(paths, cache, workers)
-    return infos, judge(infos, backend, num_frames, sampling_rate, target_fps, pad, segment)
+    return infos, judge(infos, backend, num_frames, sampling_rate, target_fps, pad, segment, gpu_arch)
 
 
 def judge(infos: list[VideoInfo], backend: str, num_frames: int, sampling_rate: int, target_fps: float = 30,
-          pad: bool = False, segment: bool = False) -> list[tuple[str, str]]:
-    """[(path, reason)] of the probed videos that ``backend`` cannot use for these clips."""
+          pad: bool = False, segment: bool = False, gpu_arch: str = DEFAULT_GENERATION) -> list[tuple[str, str]]:
+    """[(path, reason)] of the probed videos that ``backend`` (gpu: NVDEC of a ``gpu_arch`` GPU) cannot use for
+    these clips."""
     rejected = []
     for info in infos:
-        reason = usable(info, backend, required_frames(info, num_frames, sampling_rate, target_fps, pad, segment))
+        reason = usable(info, backend, required_frames(info, num_frames, sampling_rate, target_fps, pad, segment),
+                        gpu_arch)
         if reason:
             rejected.append((info.path, reason))
     return rejected
@@ -229,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     add_manifest_arguments(parser)
     parser.add_argument("--backend", choices=sorted(DECODABLE_CODECS), default="cpu",
                         help="decoder the files must suit: DALI cpu (VP8/VP9/MJPEG), DALI gpu, or pyav (any)")
+    parser.add_argument("--gpu-arch", default=None,
+                        help="with --backend gpu: the GPU generation to judge NVDEC for (e.g. hopper, ampere_ga10x, "
+                             "ada, or a compute capability such as sm86); default: the visible GPU's, else hopper")
     parser.add_argument("--frames", type=int, default=DataConfig.num_frames, help="T, frames per clip")
     parser.add_argument("--sampling-rate", type=int, default=DataConfig.sampling_rate)
     parser.add_argument("--target-fps", type=float, default=DataConfig.target_fps)
@@ -243,8 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    gpu_arch = DEFAULT_GENERATION
+    if args.backend == "gpu":
+        from pipelines.nvdec import resolve_generation
+
+        try:
+            gpu_arch, source = resolve_generation(args.gpu_arch)
+        except ValueError as e:
+            print(f"error: --gpu-arch: {e}", file=sys.stderr)
+            return 1
+        print(f"judging NVDEC decode for {source}")
     _, rejected = check_videos([e.path for e in entries], args.backend, args.frames, args.sampling_rate,
-                               args.target_fps, args.pad, args.format == "ssv2", args.cache or None, args.workers)
+                               args.target_fps, args.pad, args.format == "ssv2", args.cache or None, args.workers,
+                               gpu_arch)
     for path, reason in rejected:
         print(f"{path}: {reason}")
     print(f"{len(entries) - len(rejected)}/{len(entries)} videos usable by the {args.backend} backend "

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.attention import BACKENDS, Attention, attention, available_backends, naive_attention
+from kernels.attention import BACKENDS, Attention, attention, available_backends, check_backend, naive_attention
 from kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
 
 
@@ -13,7 +13,7 @@ def test_backends_match_naive(shape: tuple[int, ...]) -> None:
     q, k, v = (torch.randn(shape) for _ in range(3))
     ref = torch.softmax(q @ k.transpose(-2, -1) / shape[-1] ** 0.5, dim=-1) @ v
     assert torch.allclose(naive_attention(q, k, v), ref, atol=1e-6)
-    backends = available_backends("cpu")
+    backends = available_backends("cpu", torch.float32, shape[-1])
     assert {"auto", "flash", "math", "naive"} <= set(backends) <= set(BACKENDS)
     for backend in backends:
         assert (attention(q, k, v, backend) - ref).abs().max() <= 1e-5, backend
@@ -22,7 +22,7 @@ def test_backends_match_naive(shape: tuple[int, ...]) -> None:
 def test_backend_gradients_match() -> None:
     torch.manual_seed(0)
     grads = {}
-    for backend in available_backends("cpu"):
+    for backend in available_backends("cpu", torch.float32, 8):
         torch.manual_seed(1)
         k, v = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
         torch.manual_seed(0)
@@ -33,8 +33,59 @@ def test_backend_gradients_match() -> None:
         assert torch.allclose(g, grads["naive"], atol=1e-5), backend
 
 
+def _runs(backend: str, dtype: torch.dtype) -> bool:
+    """Whether ``backend`` really computes attention forward and backward on this CPU in ``dtype``."""
+    q = torch.randn(2, 2, 9, 16, dtype=dtype, requires_grad=True)
+    try:
+        attention(q, q, q, backend).sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_available_backends_probe_in_the_case_dtype(dtype: torch.dtype) -> None:
+    assert available_backends("cpu", dtype, 16) == [b for b in BACKENDS if _runs(b, dtype)]
+    assert available_backends("cpu", None, 16) == available_backends("cpu", torch.float32, 16)
+
+
+def test_check_backend_agrees_with_sdpa_on_cpu() -> None:
+    for backend in BACKENDS:
+        for dtype in (torch.float32, torch.bfloat16):
+            try:
+                check_backend(backend, "cpu", dtype)
+                allowed = True
+            except ValueError:
+                allowed = False
+            assert allowed == _runs(backend, dtype), (backend, dtype)
+    with pytest.raises(ValueError, match="efficient exists on CUDA only"):
+        check_backend("efficient", torch.device("cpu"), None)
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        check_backend("fast", "cpu", None)
+
+
+def test_check_backend_cuda_rules_without_touching_a_gpu() -> None:
+    cuda = torch.device("cuda")  # a device object only: check_backend never allocates on it
+    for backend in ("flash", "cudnn"):
+        for dtype in (None, torch.float32):
+            with pytest.raises(ValueError, match=rf"attn_backend={backend} takes fp16/bf16 inputs on CUDA.*"
+                                                 r"computes attention in float32.*train.precision"):
+                check_backend(backend, cuda, dtype)
+        for dtype in (torch.bfloat16, torch.float16):
+            check_backend(backend, cuda, dtype, capability=(9, 0))
+        with pytest.raises(ValueError, match=rf"{backend} needs an sm80 or newer GPU \(this GPU is sm75\)"):
+            check_backend(backend, cuda, torch.float16, capability=(7, 5))
+    for dtype in (None, torch.float16, torch.bfloat16):
+        check_backend("efficient", cuda, dtype, capability=(8, 0))
+        for backend in ("auto", "math", "naive"):
+            check_backend(backend, cuda, dtype, capability=(7, 0))
+    check_backend("efficient", cuda, torch.float32, capability=(7, 5))
+    with pytest.raises(ValueError, match="efficient takes fp16/fp32 below sm80"):
+        check_backend("efficient", cuda, torch.bfloat16, capability=(7, 5))
+
+
 def test_unavailable_backend_raises_sdpa_error() -> None:
-    if "efficient" in available_backends("cpu"):
+    if "efficient" in available_backends("cpu", torch.float32):
         pytest.skip("efficient attention runs on this device")
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="No viable backend"):

@@ -1,31 +1,131 @@
-"""make gpu-check: on a machine without CUDA it must say so and never read as a pass."""
+"""make gpu-check: without CUDA it says so and exits 2; its CPU rehearsal runs every step but the CUDA-only one;
+a broken step is a failure; no step passes without having done its work."""
 
+from __future__ import annotations
+
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-import av
 import pytest
 import torch
 
-from harness.gpu_check import run_checks, write_h264_clips
+from harness.config import REPO_ROOT
+from harness.gpu_check import (StepFailed, StepResult, build_steps, collect_bench, collect_pytest, exit_status,
+                               CPU_SIZE)
+from harness.metrics import BenchRecord, write_results
 
-REPO = Path(__file__).resolve().parent.parent
+STEPS = ["gpu_tests", "prepare", "validate", "bench", "train", "evaluate", "profile", "gate_baseline", "gate",
+         "torchrun"]
+
+
+def _run(args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, dict]:
+    out = subprocess.run([sys.executable, "-m", "harness.gpu_check", *args], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=timeout)
+    report = next(Path(args[args.index("--out") + 1]).glob("*/report.json"))
+    return out, json.loads(report.read_text())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this test covers the no-GPU path")
-def test_without_cuda_every_check_skips_and_exit_code_is_2() -> None:
-    results = run_checks()
-    assert [r.name for r in results] == ["nvdec_decode", "amp_fp16_gradscaler", "flash_sdpa", "cuda_memory_stats", "nccl"]
-    assert {r.status for r in results} == {"skip"}
-    out = subprocess.run([sys.executable, "-m", "harness.gpu_check"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "0 passed, 0 failed, 5 skipped" in out.stdout
+def test_without_cuda_nothing_runs_and_exit_code_is_2(tmp_path: Path) -> None:
+    out, report = _run(["--out", str(tmp_path)], timeout=120)
+    assert out.returncode == 2 and out.stdout.rstrip().endswith("0 passed, 0 failed, 10 skipped"), out.stdout
+    assert [s["name"] for s in report["steps"]] == STEPS and report["exit_status"] == 2
+    assert all(s["status"] == "skip" and s["reason"].startswith("needs CUDA") for s in report["steps"])
+    assert report["mode"] == "no CUDA" and not list(tmp_path.glob("*/*.log"))  # nothing was run
 
 
-def test_h264_clips_for_the_nvdec_check_are_real_h264(tmp_path: Path) -> None:
-    manifest = write_h264_clips(tmp_path, count=2, frames=12, size=32)
-    lines = manifest.read_text().split("\n")
-    assert lines[0].endswith(" 0") and lines[1].endswith(" 1")
-    with av.open(lines[0].split(" ")[0]) as c:
-        assert c.streams.video[0].codec_context.name == "h264"
-        assert sum(1 for _ in c.decode(video=0)) == 12
+@pytest.mark.slow
+def test_cpu_rehearsal_runs_every_step_that_does_not_need_cuda(tmp_path: Path) -> None:
+    out, report = _run(["--rehearse-on-cpu", "--out", str(tmp_path)], timeout=900)
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps) == STEPS, out.stdout
+    failed = {n: s["reason"] for n, s in steps.items() if s["status"] == "fail"}
+    assert out.returncode == 0 and not failed, failed
+    if not torch.cuda.is_available():
+        assert steps["gpu_tests"]["status"] == "skip" and steps["gpu_tests"]["reason"] == "needs CUDA"
+    assert all(steps[n]["status"] == "pass" for n in STEPS[1:])
+    fig = {n: s["figures"] for n, s in steps.items()}
+    assert fig["prepare"]["videos"] == CPU_SIZE.subset and fig["validate"]["usable"] == f"{CPU_SIZE.subset}/" \
+        f"{CPU_SIZE.subset}"
+    assert fig["bench"]["model"]["space_only/train"]["images_per_s"] > 0
+    assert {"auto", "naive"} <= set(fig["bench"]["attention_backends_ok"])
+    assert set(fig["bench"]["pipeline_clips_per_s"]) == {"dali", "pyav"} and fig["bench"]["e2e"]
+    assert fig["train"]["steps"] == 4 and fig["train"]["loader"] == "dali (cpu)" and "val_top1" in fig["train"]
+    assert fig["evaluate"]["videos"] == CPU_SIZE.eval_videos
+    assert fig["profile"]["sdpa_kernels"] and fig["profile"]["attention_share_pct"] > 0
+    assert fig["gate"] == {"gate/divided_space_time/train": fig["gate"]["gate/divided_space_time/train"]}
+    assert fig["gate"]["gate/divided_space_time/train"].startswith("ok")
+    assert fig["torchrun"]["world_size"] == 2 and fig["torchrun"]["steps"] == 2
+    for name in STEPS[1:]:  # each step's own output is kept beside the report
+        assert Path(steps[name]["log"]).is_file()
+
+
+def test_a_broken_step_fails_and_what_it_needs_is_skipped(tmp_path: Path) -> None:
+    out, report = _run(["--rehearse-on-cpu", "--only", "validate", "gate", "injected_failure", "--inject-failure",
+                        "--out", str(tmp_path)], timeout=120)
+    steps = {s["name"]: s for s in report["steps"]}
+    assert out.returncode == 1 and report["exit_status"] == 1
+    assert steps["injected_failure"]["status"] == "fail"
+    assert steps["injected_failure"]["reason"] == "exit status 3: deliberately broken"
+    assert steps["validate"]["status"] == "skip" and steps["validate"]["reason"] == "needs prepare, which did not run"
+    assert steps["gate"]["reason"] == "needs gate_baseline, which did not run"
+
+
+def test_exit_status() -> None:
+    r = lambda status: StepResult("x", status, "", 0.0, "", "")  # noqa: E731
+    assert exit_status([r("pass"), r("skip")]) == 0
+    assert exit_status([r("pass"), r("fail"), r("skip")]) == 1
+    assert exit_status([r("skip"), r("skip")]) == 2
+
+
+def test_pytest_step_needs_a_test_that_ran(tmp_path: Path) -> None:
+    (tmp_path / "test_some.py").write_text("import pytest\n\n"
+                                           "def test_ok():\n    pass\n\n"
+                                           "@pytest.mark.skip(reason='no AV1 NVDEC here')\ndef test_av1():\n    pass\n")
+    junit = tmp_path / "junit.xml"
+
+    def pytest_run(*select: str) -> None:
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                        str(tmp_path / "test_some.py"), *select], cwd=tmp_path, capture_output=True, check=False)
+
+    pytest_run()
+    assert collect_pytest(junit)("") == {"passed": 1, "failed": [], "skipped": {"test_av1": "no AV1 NVDEC here"}}
+    pytest_run("-k", "av1")  # only skipped tests: not a pass
+    with pytest.raises(StepFailed, match=r"no GPU test ran \(1 skipped\)"):
+        collect_pytest(junit)("")
+    with pytest.raises(StepFailed, match="pytest wrote no"):
+        collect_pytest(tmp_path / "none.xml")("")
+
+
+def test_bench_step_fails_on_error_records_and_missing_suites(tmp_path: Path) -> None:
+    run = tmp_path / "bench" / "20260101-000000-all"
+    ok = [BenchRecord(suite=s, case=f"{s}/x", attention_type="divided_space_time", mode="train", backend="dali",
+                      images_per_s=10.0, clips_per_s=1.0, utilisation=0.4) for s in ("model", "attention", "pipeline",
+                                                                                      "e2e")]
+    write_results(run / "results.json", ok, {"hardware": "GPU"})
+    figures = collect_bench(tmp_path / "bench")("")
+    assert figures["model"]["divided_space_time/train"] == {"images_per_s": 10.0, "mfu_pct": 40.0, "peak_mib": 0.0}
+    broken = ok[:3] + [BenchRecord(suite="e2e", case="e2e/x", status="error", message="ValueError: no videos")]
+    write_results(run / "results.json", broken, {})
+    with pytest.raises(StepFailed, match="cases not ok: e2e/x: error ValueError: no videos"):
+        collect_bench(tmp_path / "bench")("")
+    write_results(run / "results.json", ok[:1], {})
+    with pytest.raises(StepFailed, match=r"suites without records: \['attention', 'e2e', 'pipeline'\]"):
+        collect_bench(tmp_path / "bench")("")
+    with pytest.raises(StepFailed, match="no \\*/results.json"):
+        collect_bench(tmp_path / "nothing")("")
+
+
+def test_gpu_size_commands_are_the_users_commands(tmp_path: Path) -> None:
+    from harness.gpu_check import GPU_SIZE
+
+    steps = {s.name: s for s in build_steps(tmp_path, GPU_SIZE, nprocs=8)}
+    assert list(steps) == STEPS and steps["gpu_tests"].cuda_only and not steps["bench"].cuda_only
+    assert steps["bench"].argv[2:6] == ["harness.bench", "--out", str(tmp_path / "bench"), "--attn"]
+    assert "--preset" not in steps["bench"].argv  # the GPU preset is bench's own default on CUDA
+    assert steps["torchrun"].argv[2:6] == ["torch.distributed.run", "--standalone", "--nproc_per_node=8",
+                                          "harness/train.py"]
+    assert "data.synthetic_videos=512" in steps["torchrun"].argv
+    assert steps["evaluate"].needs == "train" and steps["gate"].needs == "gate_baseline"

@@ -76,8 +76,9 @@ def test_cli_lists_unusable_files_and_exits_1(videos, tmp_path: Path, capsys: py
     assert "2/4 videos usable by the cpu backend (2 rejected)" in res.stdout
     assert validate.main(args + [str(good)]) == 0
     assert "2/2 videos usable by the cpu backend (0 rejected)" in capsys.readouterr().out
-    assert validate.main(args + ["--backend", "gpu", str(bad)]) == 1
-    assert "(1 rejected)" in capsys.readouterr().out  # only the empty file
+    assert validate.main(args + ["--backend", "gpu", "--gpu-arch", "hopper", str(bad)]) == 1
+    out = capsys.readouterr().out  # the empty file, and the 64x48 VP9 files: below NVDEC's 128x128 VP9 minimum
+    assert "(3 rejected)" in out and f"{videos.good[0]}: frame 64x48 is below NVDEC's VP9 minimum" in out
     (tmp_path / "m.csv").write_text("a.webm 1 2\n")
     assert validate.main(args + [str(tmp_path / "m.csv")]) == 1
     assert "m.csv:1: expected 'path label'" in capsys.readouterr().err

@@ -36,13 +36,17 @@ def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
           device: torch.device) -> list[BenchCase]:
     from kernels.attention import available_backends
 
+    from harness.runtime import resolve_precision
+
     T, S = cfg.model.num_frames, cfg.model.img_size
     shapes = [s for s in ("temporal", "spatial", "joint") if any(s in VARIANT_SHAPES[a] for a in attns)]
     mode = "train" if "train" in modes else "infer"
     out = []
     for shape in shapes:
         owner = next(a for a in attns if shape in VARIANT_SHAPES[a])  # the variant this shape belongs to
-        for backend in available_backends(device):
+        # probed in the dtype the cases run in (flash and cuDNN take only fp16/bf16 on CUDA)
+        for backend in available_backends(device, resolve_precision(cfg.bench.precision, device),
+                                          cfg.model.embed_dim // cfg.model.num_heads):
             out.append(replace(base.with_model(attention_type=owner), suite="attention", shape=shape,
                                backend=backend, mode=mode, frames=T, img_size=S))
     return out

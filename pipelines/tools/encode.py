@@ -14,11 +14,11 @@ from pipelines.files import atomic_path
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], codec: str, fps: int = 30,
-                options: dict[str, str] | None = None, bitexact: bool = False) -> Path:
+                options: dict[str, str] | None = None, bitexact: bool = False, pix_fmt: str = "yuv420p") -> Path:
     """Encode (H, W, 3) uint8 RGB ``frames`` with ``codec`` (e.g. ``libvpx-vp9``, ``libx264``, ``mjpeg``) at
     ``fps`` into ``path`` (container from its extension), atomically (``pipelines.files.atomic_path``, without
     fsync: these are regenerable files). ``bitexact`` leaves out random container UIDs, so the same frames give the
-    same bytes."""
+    same bytes. ``pix_fmt`` is the encoded pixel format (e.g. ``yuv420p10le``, ``yuv444p``, ``yuvj420p`` for MJPEG)."""
     path = Path(path)
     with atomic_path(path, fsync=False) as tmp:
         with av.open(str(tmp), "w", options={"fflags": "+bitexact"} if bitexact else {}) as container:
@@ -27,7 +27,7 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], codec: st
                 if stream is None:  # the first frame gives the size
                     stream = container.add_stream(codec, rate=fps)
                     stream.height, stream.width = img.shape[:2]
-                    stream.pix_fmt, stream.options = "yuv420p", dict(options or {})
+                    stream.pix_fmt, stream.options = pix_fmt, dict(options or {})
                 for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                     container.mux(packet)
             if stream is None:

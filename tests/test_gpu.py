@@ -1,0 +1,310 @@
+"""GPU tests of the real code paths (``pytest -m gpu``; ``make gpu-check`` runs them). Skipped without CUDA.
+
+NVDEC through our DALI pipeline for every codec of the GPU list, and the NVDEC limits of ``pipelines.nvdec``
+checked against this GPU's driver; DALI GPU vs CPU frames; the Trainer's fp16 + GradScaler and bf16 steps; every
+SDPA backend through the model against ``naive``; NCCL and DDP under torchrun's environment; CUDA memory through
+``harness.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import textured_frames
+from harness.config import REPO_ROOT, load_config
+from pipelines.config import DataConfig
+from pipelines.nvdec import DALI_CPU_CODECS, NVDEC_CODECS, generation_of, nvdec_problem
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CUDA = torch.device("cuda")
+# codec -> (PyAV encoder, container); each clip 160x160, above every NVDEC minimum (HEVC: 144x144)
+ENCODERS = {"h264": ("libx264", ".mp4"), "hevc": ("libx265", ".mp4"), "vp8": ("libvpx", ".webm"),
+            "vp9": ("libvpx-vp9", ".webm"), "av1": ("libsvtav1", ".mkv"), "mpeg4": ("mpeg4", ".mp4")}
+OPTIONS = {"libx264": {"preset": "ultrafast", "g": "8"}, "libx265": {"preset": "ultrafast"},
+           "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "g": "8"}, "libsvtav1": {"preset": "10"}}
+TINY = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.depth=2", "model.num_heads=4",
+        "model.num_frames=4", "model.num_classes=10", "model.drop_path_rate=0.0", "data.num_frames=4",
+        "data.train_crop_size=32", "data.test_crop_size=32"]
+# Decode one clip of argv[1] with DALI's GPU decoder, bypassing the pre-flight check: what NVDEC itself does. In its
+# own process: a refusal raised from inside NVDEC's parser callback may abort the process instead of raising.
+DECODE_ONE = """
+import sys, torch
+from pipelines.config import DataConfig
+from pipelines.base import ClipPlanner, Video
+from pipelines.dali import DaliLoader
+from pipelines.validate import probe_video
+info = probe_video(sys.argv[1])
+cfg = DataConfig(num_frames=4, sampling_rate=2, num_spatial_crops=1, batch_size=1)
+video = Video(0, sys.argv[1], 0, info.frames, info.fps, info.height, info.width)
+batch = next(iter(DaliLoader(ClipPlanner(cfg, "test", [video]), torch.device("cuda"), backend="gpu",
+                             decode_only=True)))
+print("DECODED", tuple(batch.video.shape))
+"""
+
+
+def _encode(path: Path, codec: str, width: int, height: int, frames: int = 16, seed: int = 0) -> str:
+    import av
+
+    from pipelines.tools.encode import write_video
+
+    encoder = ENCODERS[codec][0]
+    if encoder not in av.codecs_available:
+        pytest.skip(f"this PyAV build has no {encoder} encoder")
+    return str(write_video(path, textured_frames(frames, height, width, seed), encoder, 30, OPTIONS.get(encoder)))
+
+
+def _data_cfg(folder: Path, paths: list[str], **kw) -> DataConfig:
+    manifest = folder / "test.csv"
+    manifest.write_text("".join(f"{p} {i % 2}\n" for i, p in enumerate(paths)))
+    base = DataConfig(loader="dali", backend="gpu", root=str(folder), test_manifest=str(manifest), num_frames=4,
+                      sampling_rate=2, test_crop_size=64, num_spatial_crops=1, batch_size=len(paths), num_workers=2,
+                      validate_cache="none")
+    return replace(base, **kw)
+
+
+def _probe(path: str):
+    from pipelines.validate import probe_video
+
+    return probe_video(path)
+
+
+def _nvdec_refuses(path: str) -> str:
+    """DALI's GPU decoder fails on ``path`` (in a child process); its output, for the reason."""
+    out = subprocess.run([sys.executable, "-c", DECODE_ONE, path], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "DECODED" not in out.stdout, f"NVDEC decoded {path}: {out.stdout}"
+    return out.stdout + out.stderr
+
+
+def _dali_direct(cfg: DataConfig, paths: list[str], backend: str, decode_only: bool = False):
+    """A DALI loader over ``paths`` without the pre-flight check: what NVDEC itself does with the files."""
+    from pipelines.base import ClipPlanner, Video
+    from pipelines.dali import DaliLoader
+    from pipelines.validate import probe_video
+
+    infos = [probe_video(p) for p in paths]
+    videos = [Video(i, p, i % 2, info.frames, info.fps, info.height, info.width) for i, (p, info) in
+              enumerate(zip(paths, infos))]
+    return DaliLoader(ClipPlanner(cfg, "test", videos), CUDA, backend=backend, decode_only=decode_only)
+
+
+@pytest.fixture(scope="module")
+def generation() -> str:
+    return generation_of(CUDA)
+
+
+# ------------------------------------------------------------------------------------------ NVDEC
+
+@pytest.mark.parametrize("codec", sorted(NVDEC_CODECS))
+def test_nvdec_decodes_each_codec_through_our_pipeline(codec: str, generation: str, tmp_path: Path) -> None:
+    from pipelines import build_loader
+
+    ext = ENCODERS[codec][1]
+    paths = [_encode(tmp_path / f"clip{i}{ext}", codec, 160, 160, seed=i) for i in range(2)]
+    cfg = _data_cfg(tmp_path, paths)
+    if problem := nvdec_problem(_probe(paths[0]), generation):  # e.g. AV1 on Hopper: the table says no
+        with pytest.raises(ValueError, match="NVDEC on"):
+            build_loader(cfg, "test", device=CUDA)  # the pre-flight check refuses it...
+        _nvdec_refuses(paths[0])  # ...and so does this GPU: the table is right
+        pytest.skip(f"{codec} on this GPU: {problem} (checked: DALI's GPU decoder refuses it too)")
+    batch = next(iter(build_loader(cfg, "test", device=CUDA)))
+    assert batch.video.is_cuda and tuple(batch.video.shape) == (2, 3, 4, 64, 64)
+    assert torch.isfinite(batch.video).all() and batch.video.std() > 0.1
+    ref = next(iter(build_loader(replace(cfg, loader="pyav"), "test", device="cpu")))  # FFmpeg's decode
+    assert torch.equal(batch.index.cpu(), ref.index)
+    diff = ((batch.video.cpu() - ref.video).abs() * 0.225 * 255).mean()
+    assert diff < 8, f"{codec}: mean |NVDEC - PyAV| = {diff:.2f} on the 0-255 scale"
+
+
+@pytest.mark.parametrize("codec", sorted(NVDEC_CODECS))
+def test_nvdec_minimum_frame_size_matches_the_table(codec: str, generation: str, tmp_path: Path) -> None:
+    """A clip at the table's minimum decodes; one 16 px narrower is refused by the driver, as the table says."""
+    limits = NVDEC_CODECS[codec]
+    if generation not in limits.generations:
+        pytest.skip(f"{codec} is not decoded by NVDEC on {generation} (see the codec test)")
+    (w, h), ext = limits.min_size, ENCODERS[codec][1]
+    at_min = _encode(tmp_path / f"min{ext}", codec, w, h, frames=8)
+    below = _encode(tmp_path / f"below{ext}", codec, w - 16, h, frames=8)
+    cfg = _data_cfg(tmp_path, [at_min], batch_size=1)
+    assert nvdec_problem(_probe(at_min), generation) == ""
+    frames = next(iter(_dali_direct(cfg, [at_min], "gpu", decode_only=True))).video
+    assert tuple(frames.shape) == (1, 4, h, w, 3)
+    assert "below NVDEC's" in nvdec_problem(_probe(below), generation)
+    assert "too small" in _nvdec_refuses(below)  # DALI: "Video is too small in at least one dimension"
+
+
+def test_mjpeg_is_not_decoded_by_dalis_gpu_decoder(tmp_path: Path) -> None:
+    from pipelines.tools.encode import write_video
+
+    path = str(write_video(tmp_path / "clip.avi", textured_frames(8, 160, 160, 0), "mjpeg", 30,
+                           pix_fmt="yuvj420p"))
+    assert "mjpeg" in DALI_CPU_CODECS and nvdec_problem(_probe(path)).startswith("codec mjpeg")
+    assert re.search("not supported by the GPU variant|Failed to create video decoder", _nvdec_refuses(path))
+
+
+def test_dali_gpu_and_cpu_decode_the_same_vp9_frames(tmp_path: Path) -> None:
+    paths = [_encode(tmp_path / f"clip{i}.webm", "vp9", 192, 160, frames=24, seed=i) for i in range(3)]
+    cfg = _data_cfg(tmp_path, paths, num_frames=8, sampling_rate=3)
+    gpu = next(iter(_dali_direct(cfg, paths, "gpu", decode_only=True))).video
+    cpu = next(iter(_dali_direct(cfg, paths, "cpu", decode_only=True))).video
+    assert gpu.is_cuda and gpu.dtype == torch.uint8 and tuple(gpu.shape) == tuple(cpu.shape) == (3, 8, 160, 192, 3)
+    diff = (gpu.cpu().int() - cpu.cpu().int()).abs().float().mean(dim=(2, 3, 4))  # per clip and frame
+    assert diff.max() < 4, f"mean |NVDEC - libvpx| per frame: {diff}"
+
+
+# ------------------------------------------------------------------------------------------ training, attention
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_trainer_amp_steps(precision: str, tmp_path: Path) -> None:
+    from harness.distributed import init_distributed
+    from harness.runtime import autocast
+    from harness.train import Trainer
+
+    cfg = load_config(None, [*TINY, "data.loader=synthetic", "data.batch_size=4", "data.synthetic_videos=32",
+                             f"train.precision={precision}", "solver.max_epoch=1", "train.max_steps_per_epoch=4",
+                             "solver.global_batch_size=0", "train.eval_period=0", "train.log_period=1",
+                             f"output.dir={tmp_path}", "output.tensorboard=false"])
+    trainer = Trainer(cfg, init_distributed(cfg.dist))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    assert trainer.device.type == "cuda" and trainer.dtype is dtype
+    assert trainer.scaler.is_enabled() is (precision == "fp16")
+    before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.fit() == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["event"] == "start")
+    losses = [r["train/loss"] for r in records if r["event"] == "train"]
+    assert start["precision"] == precision and len(losses) == 4 and all(np.isfinite(losses))
+    assert "fused=True" in start["optimizer"] or start["optimizer"].startswith("apex.")
+    assert all(r.get("memory/max_allocated_gib", 0) > 0 for r in records if r["event"] == "train")
+    after = trainer.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before), "no weight changed"
+    if precision == "fp16":
+        assert trainer.scaler.get_scale() > 0
+    with torch.no_grad(), autocast(CUDA, dtype):  # the forward really runs in the autocast dtype
+        assert trainer.model(torch.randn(2, 3, 4, 32, 32, device=CUDA)).dtype is dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None], ids=["bf16", "fp16", "fp32"])
+def test_every_sdpa_backend_through_the_model_matches_naive(dtype: torch.dtype | None) -> None:
+    from harness.model import create_model
+    from harness.runtime import autocast
+    from kernels.attention import available_backends
+
+    cfg = load_config(None, [*TINY, "model.embed_dim=128", "model.num_heads=2"]).model  # head_dim 64
+    backends = available_backends(CUDA, dtype, head_dim=64)
+    assert "naive" in backends and "math" in backends
+    if dtype is not None and torch.cuda.get_device_capability() >= (8, 0):
+        assert "flash" in backends, f"flash SDPA did not run in {dtype} here: {backends}"
+    torch.manual_seed(0)
+    ref_model = create_model(replace(cfg, attn_backend="naive")).to(CUDA)
+    with torch.no_grad():  # move the zero-initialised temporal parts off zero so temporal attention counts
+        for p in ref_model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(2, 3, 4, 32, 32, device=CUDA)
+
+    def run(backend: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = create_model(replace(cfg, attn_backend=backend)).to(CUDA)
+        model.load_state_dict(ref_model.state_dict())
+        with autocast(CUDA, dtype):
+            logits = model(x)
+        logits.float().square().sum().backward()
+        return logits.float().detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    ref_logits, ref_grads = run("naive")
+    tol = 1e-3 if dtype is None else 5e-2
+    for backend in backends:
+        logits, grads = run(backend)
+        err = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+        assert err < tol, f"{backend}: logits differ from naive by {err:.2e} (relative)"
+        for name, g in grads.items():
+            gerr = ((g - ref_grads[name]).norm() / (ref_grads[name].norm() + 1e-12)).item()
+            assert gerr < 2 * tol, f"{backend}: grad of {name} differs from naive by {gerr:.2e}"
+
+
+def test_check_backend_refusals_match_sdpa_on_this_gpu() -> None:
+    from kernels.attention import attention, check_backend
+
+    cap = torch.cuda.get_device_capability()
+    q = torch.randn(1, 2, 16, 64, device=CUDA)
+    for backend in ("flash", "cudnn"):
+        with pytest.raises(ValueError, match="takes fp16/bf16"):
+            check_backend(backend, CUDA, torch.float32, cap)
+        with pytest.raises(RuntimeError):  # what the check saves the user from: SDPA's own failure
+            attention(q, q, q, backend)
+
+
+# ------------------------------------------------------------------------------------------ distributed, memory
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_over_nccl_under_torchrun(tmp_path: Path) -> None:
+    """harness/train.py under torchrun, one rank per GPU (2 when 2 are visible): init_distributed, DDP, NCCL."""
+    nprocs = min(2, torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}",
+           "harness/train.py", "--config", "configs/exp/k400_divst_8x32_224.yaml", *TINY, "data.loader=synthetic",
+           f"data.synthetic_videos={8 * nprocs}", "data.batch_size=2", "solver.global_batch_size=0",
+           "solver.max_epoch=1", "train.max_steps_per_epoch=2", "dist.backend=nccl", f"output.dir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["event"] == "start")
+    end = next(r for r in records if r["event"] == "end")
+    assert start["world_size"] == nprocs and len(end["param_digests"]) == nprocs
+    assert len(set(end["param_digests"])) == 1  # the ranks ended with identical weights
+    if nprocs == 2:
+        assert "distributed: nccl, world size 2" in out.stderr
+
+
+NCCL_ONE_RANK = """
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+torch.cuda.set_device(0)
+dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
+t = torch.full((4,), 3.0, device="cuda")
+dist.all_reduce(t)
+model = DDP(torch.nn.Linear(8, 2).cuda(), device_ids=[0])
+model(torch.randn(4, 8, device="cuda")).sum().backward()
+assert t.tolist() == [3.0] * 4 and model.module.weight.grad is not None
+dist.destroy_process_group()
+print("NCCL_OK")
+"""
+
+
+def test_nccl_process_group_and_ddp_step_with_torchrun_environment() -> None:
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    out = subprocess.run([sys.executable, "-c", NCCL_ONE_RANK], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "NCCL_OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_cuda_memory_through_metrics() -> None:
+    from harness.metrics import peak_memory, reset_peak_memory, time_steps
+
+    assert reset_peak_memory(CUDA) == 0
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device=CUDA)
+    peak, kind = peak_memory(CUDA)
+    assert kind == "cuda_allocator" and peak >= 64 * 2**20
+    del block
+    reset_peak_memory(CUDA)  # a new phase starts from what is allocated now
+    small, _ = peak_memory(CUDA)
+    assert small < peak and small == torch.cuda.memory_allocated(CUDA)
+    a = torch.randn(2048, 2048, device=CUDA)
+    times = time_steps(lambda: a @ a, CUDA, warmup=1, steps=3)  # synchronised: each time covers the kernel
+    assert len(times) == 3 and min(times) > 0

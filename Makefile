@@ -42,10 +42,10 @@ $(STAMP): pyproject.toml
 	@$(VPY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	@touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) data
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) data
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 data: $(STAMP)

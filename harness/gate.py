@@ -44,10 +44,11 @@ from pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
-# Default tolerance on the normalised throughput drop, from same-tree noise measured on this shared 2-vCPU machine
-# (docs/benchmarking.md): 8 gate runs at cpu_bench (24 case results) against one baseline moved the normalised
-# images/s by at most 6.1%, two of them with a 2-thread GEMM hog alongside that cut raw images/s 3x; 9 tiny-preset
-# case results moved by at most 2.3%. 15% is about 2.5x the worst seen; a timing regression is re-measured once.
+# Default tolerance on the normalised throughput drop, from same-tree noise measured on the shared 2-vCPU machine
+# (docs/results/2026-11-24-gate-noise.md): 8 gate runs at cpu_bench (24 case results) against one baseline moved
+# the normalised images/s by at most 6.1%, two of them with a 2-thread GEMM hog alongside that cut raw images/s 3x;
+# 9 tiny-preset case results moved by at most 2.3%. 15% is about 2.5x the worst seen; a timing regression is
+# re-measured once.
 DEFAULT_TOLERANCE = 0.15
 DEFAULT_MEM_TOLERANCE = 0.05  # peak memory growth: CPU RSS moved by at most 2.4% in the same runs
 DEFAULT_PAIRS = 7

@@ -113,7 +113,7 @@ def tiny_state(seed: int = 0) -> collections.OrderedDict[str, torch.Tensor]:
     return collections.OrderedDict((f"model.{k}", v) for k, v in model.state_dict().items())
 
 
-def _unicode(s: str) -> bytes:
+def binunicode(s: str) -> bytes:
     """The BINUNICODE opcode for ``s``."""
     data = s.encode()
     return b"X" + struct.pack("<I", len(data)) + data
@@ -142,7 +142,7 @@ def newobj_build_stream(canary: Path) -> bytes:
             + b"ccrafted_checkpoints\nCanary\n"  # GLOBAL
             + b")"  # EMPTY_TUPLE: the constructor arguments
             + b"\x81"  # NEWOBJ: Canary.__new__(Canary)
-            + b"}" + _unicode("path") + _unicode(str(canary)) + b"s"  # EMPTY_DICT, SETITEM: the state
+            + b"}" + binunicode("path") + binunicode(str(canary)) + b"s"  # EMPTY_DICT, SETITEM: the state
             + b"b"  # BUILD: Canary.__setstate__(state)
             + b".")  # STOP
 
@@ -272,8 +272,8 @@ def write_yacs_files(out: Path, canaries: Path) -> None:
     # yacs looks attributes up among a node's keys, so a node whose key "__setstate__" is os.system has BUILD call
     # os.system(state). By hand: NEWOBJ a CfgNode, SETITEMS {"__setstate__": posix.system}, BUILD "touch CANARY".
     gadget = (b"\x80\x02" + b"cyacs.config\nCfgNode\n" + b")\x81"
-              + b"(" + _unicode("__setstate__") + b"cposix\nsystem\n" + b"u"
-              + _unicode(f"touch {shlex.quote(str(canaries / 'cfgnode_setstate_gadget'))}") + b"b.")
+              + b"(" + binunicode("__setstate__") + b"cposix\nsystem\n" + b"u"
+              + binunicode(f"touch {shlex.quote(str(canaries / 'cfgnode_setstate_gadget'))}") + b"b.")
     write_zip_with_data_pkl(out / "cfgnode_setstate_gadget.pyth", gadget)
 
 

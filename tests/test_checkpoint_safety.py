@@ -180,11 +180,11 @@ def test_forcing_torch_to_load_unsafely_has_no_effect(files: Files, monkeypatch:
 def test_config_stand_in_only_stores_data(tmp_path: Path) -> None:
     """A CfgNode whose keys name an allow-listed callable (as yacs would look __setstate__ up) and whose BUILD state
     sets attributes loads as a plain dict of that data; nothing is called, no attribute lands anywhere."""
-    stream = (b"\x80\x02" + b"}" + cc._unicode("cfg")
+    stream = (b"\x80\x02" + b"}" + cc.binunicode("cfg")
               + b"cyacs.config\nCfgNode\n)\x81"  # NEWOBJ a CfgNode
-              + b"(" + cc._unicode("__setstate__") + b"ctorch._utils\n_rebuild_tensor\n"
-              + cc._unicode("LR") + b"G?\x84z\xe1G\xae\x14{" + b"u"  # SETITEMS {"__setstate__": fn, "LR": 0.01}
-              + b"}" + cc._unicode("__immutable__") + b"\x88" + b"s" + b"b"  # BUILD {"__immutable__": True}
+              + b"(" + cc.binunicode("__setstate__") + b"ctorch._utils\n_rebuild_tensor\n"
+              + cc.binunicode("LR") + b"G?\x84z\xe1G\xae\x14{" + b"u"  # SETITEMS {"__setstate__": fn, "LR": 0.01}
+              + b"}" + cc.binunicode("__immutable__") + b"\x88" + b"s" + b"b"  # BUILD {"__immutable__": True}
               + b"s.")  # SETITEM cfg
     path = cc.write_zip_with_data_pkl(tmp_path / "node.pyth", stream)
     obj = load_file(path)

@@ -48,7 +48,7 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
-# T, sampling rate, crop, attention, classes: research/timesformer.md section 3.
+# T, sampling rate, crop, attention, classes of the original TimeSformer configs (Kinetics-400, HR, L, SSv2).
 RECIPES = {
     "k400_divst_8x32_224": (8, 32, 224, "divided_space_time", 400),
     "k400_jointst_8x32_224": (8, 32, 224, "joint_space_time", 400),

@@ -1,6 +1,6 @@
 """Layers point one way: ``kernels/`` <- ``pipelines/`` <- ``harness/``. Checked on the source (every import
 statement, at module level or inside a function, and ``importlib.import_module("...")`` calls), and on a real
-training process (which modules it has loaded)."""
+training process (which modules it has loaded). And no module uses another module's ``_private`` names."""
 
 from __future__ import annotations
 
@@ -185,3 +185,110 @@ def test_entry_points_import_without_the_tools(module: str) -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# No module uses another module's private names.
+SCANNED = ("kernels", "pipelines", "harness", "benchmarks", "tests")
+# (file, private name) -> why it stays. Every entry must still be in use (a stale one fails the test).
+PRIVATE_ALLOWED = {
+    ("harness/checkpoint.py", "_orig_mod"):
+        "torch.compile's wrapper keeps the compiled module there and torch has no public accessor; "
+        "pyth_state unwraps it so a compiled model saves with the original keys",
+    ("tests/test_pipelines_loaders.py", "_PlanSource"): "test of the DALI graph's internals: feeds it plans directly",
+    ("tests/test_pipelines_loaders.py", "_to_torch"): "test of the DALI graph's internals: its output conversion",
+    ("tests/test_checkpoint_safety.py", "_utils"):
+        "a crafted checkpoint names torch._utils._rebuild_tensor, the function real torch files name; the test "
+        "checks that the loader stored that very function as data",
+    ("tests/test_runner.py", "_exit"): "os._exit is public (documented): a child that exits without clean-up",
+}
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and len(name) > 1 and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_name_uses(path: Path, root: Path) -> list[tuple[int, str, str]]:
+    """``(line, private name, how)`` for each use in ``path`` of a private name that belongs to another module:
+    ``from m import _x``, ``import m._x`` / ``from m._x import y``, ``m._x`` or ``m.a._x`` where ``m`` was bound by
+    an import, and ``getattr``/``hasattr``/``setattr``/``delattr`` with a literal private attribute name. A module's
+    own ``_names`` (defined and used in the same file, ``self._x``) are not uses of another module's names."""
+    tree = ast.parse(path.read_text(), filename=str(path.relative_to(root)))
+    imported: set[str] = set()  # local names bound by an import statement
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                imported.add(alias.asname or alias.name.split(".")[0])
+                out += [(node.lineno, part, f"import {alias.name}") for part in alias.name.split(".")
+                        if is_private(part)]
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            out += [(node.lineno, part, f"from {module} import ...") for part in (node.module or "").split(".")
+                    if is_private(part)]
+            for alias in node.names:
+                imported.add(alias.asname or alias.name)
+                if is_private(alias.name):
+                    out.append((node.lineno, alias.name, f"from {module} import {alias.name}"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            chain, value = [node.attr], node.value
+            while isinstance(value, ast.Attribute):
+                chain.append(value.attr)
+                value = value.value
+            if isinstance(value, ast.Name) and value.id in imported:
+                dotted = [value.id] + chain[::-1]
+                first = next((i for i, part in enumerate(dotted) if is_private(part)), None)
+                # report each chain once, at its outermost node: only when the private part is this node's attr
+                if first is not None and first == len(dotted) - 1:
+                    out.append((node.lineno, dotted[first], ".".join(dotted)))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+              and is_private(node.args[1].value)):
+            out.append((node.lineno, node.args[1].value, f"{node.func.id}(..., {node.args[1].value!r})"))
+    return sorted(set(out))
+
+
+def private_name_violations(root: Path, packages: tuple[str, ...] = SCANNED,
+                            allowed: dict[tuple[str, str], str] = PRIVATE_ALLOWED) -> tuple[list[str], list[str]]:
+    """(violations, stale allowlist entries)."""
+    bad, used = [], set()
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            rel = str(path.relative_to(root))
+            for line, name, how in private_name_uses(path, root):
+                if (rel, name) in allowed:
+                    used.add((rel, name))
+                else:
+                    bad.append(f"{rel}:{line}: {how} uses the private name {name}")
+    stale = [f"{f}: {n}" for f, n in allowed if (f, n) not in used and (root / f).is_file()]
+    return bad, stale
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    bad, stale = private_name_violations(REPO)
+    assert not bad, ("private names used outside their module (make the name public, or add an allowlist entry "
+                     "with the reason):\n" + "\n".join(bad))
+    assert not stale, "allowlist entries no longer used (remove them from PRIVATE_ALLOWED):\n" + "\n".join(stale)
+
+
+def test_the_private_name_check_catches_what_it_looks_for(tmp_path: Path) -> None:
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "a.py").write_text(
+        "import torch\nimport pipelines.b as b\nfrom pipelines.b import _helper, public\nfrom ._c import x\n"
+        "from torch.utils import _pytree\n_mine = 1\n\n\nclass K:\n    def f(self):\n"
+        "        return self._x, _mine, b._y, torch._dynamo.reset, torch.nn._z.w, public.__name__\n\n\n"
+        "def g(m):\n    return getattr(m, '_orig_mod', m), getattr(m, 'name'), m._not_imported\n")
+    bad, stale = private_name_violations(tmp_path, ("pipelines",), {("pipelines/a.py", "_pytree"): "why",
+                                                                     ("pipelines/gone.py", "_q"): "why",
+                                                                     ("pipelines/a.py", "_unused"): "why"})
+    assert [b.split(": ", 1)[1] for b in bad] == [
+        "from pipelines.b import _helper uses the private name _helper",
+        "from ._c import ... uses the private name _c",
+        "torch._dynamo uses the private name _dynamo",
+        "b._y uses the private name _y",
+        "torch.nn._z uses the private name _z",
+        "getattr(..., '_orig_mod') uses the private name _orig_mod",
+    ]
+    assert stale == ["pipelines/a.py: _unused"]

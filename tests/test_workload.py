@@ -104,7 +104,7 @@ def test_compiled_step_matches_eager():
     inductor's first compile of even this 1-block model takes about a minute on 2 cores (3 minutes under load)."""
     # Forget earlier compilations of the model's code in this process (test_model compiles it at other shapes):
     # they would make dynamo recompile with dynamic shapes, a different (and here failing) inductor path.
-    torch._dynamo.reset()
+    torch.compiler.reset()
     small = dict(depth=1, embed_dim=32, num_heads=2, num_frames=2, img_size=16, drop_path_rate=0.0)
     results = []
     for compile_ in (False, True):

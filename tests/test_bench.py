@@ -15,8 +15,7 @@ import torch
 from harness.bench import BenchCase, attention_shape, build_cases, resolve, run_case, run_worker
 from harness.config import REPO_ROOT, RootConfig
 from harness.counting import count_flops, count_params
-from harness.metrics import SCHEMA_VERSION, BenchRecord, gpu_peak_flops, percentile, read_results, step_stats, \
-    write_results
+from harness.metrics import SCHEMA_VERSION, BenchRecord, percentile, read_results, step_stats, write_results
 from harness.model import create_model, load_preset
 
 
@@ -52,14 +51,6 @@ def test_record_roundtrip_and_version_check(tmp_path):
     with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
         BenchRecord.from_dict({**rec.to_dict(), "bogus": 1})
     assert "env" not in rec.extra_info() and rec.extra_info()["clips_per_s"] == 2.0
-
-
-def test_gpu_peak_table():
-    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989e12
-    assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16")[0] == 756e12
-    assert gpu_peak_flops("NVIDIA H200", "bf16")[0] == 989e12
-    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32")[0] == 67e12
-    assert gpu_peak_flops("Some Unknown GPU", "bf16") == (None, None)
 
 
 def test_attention_shapes_follow_the_block_layout():

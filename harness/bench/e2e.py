@@ -38,7 +38,7 @@ def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dt
     T, S, B = data.num_frames, data.train_crop_size, data.batch_size
     rec.frames, rec.img_size, rec.batch = T, S, B
     rec.flops_per_clip = count_flops(case.model, batch=1, frames=T, img_size=S, mode="train")
-    model = build_model(case.model, device, channels_last=case.channels_last)
+    model = build_model(case.model, device, dtype=dtype, channels_last=case.channels_last)
     rec.params = count_params(model)
     train = TrainStep.build(model, device, dtype)
 

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from harness.metrics import GPU_PEAK_FLOPS
+from harness.metrics import gpu_peak
 from harness.runtime import device_name
 from harness.runtime import environment_info, resolve_device
 
@@ -30,7 +30,8 @@ def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
         machine_info["gpu"] = {"name": props.name, "total_memory": props.total_memory,
                                "capability": f"{props.major}.{props.minor}",
                                "multi_processor_count": props.multi_processor_count}
-        machine_info["gpu_peak_flops_table"] = {k: v for k, v in GPU_PEAK_FLOPS.items() if k in props.name}
+        row = gpu_peak(props.name)
+        machine_info["gpu_peak_flops_table"] = {"label": row.label, "bf16": row.bf16, "fp32": row.fp32} if row else None
 
 
 @pytest.fixture(scope="session")

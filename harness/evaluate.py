@@ -160,15 +160,13 @@ def find_checkpoint(cfg: RootConfig, explicit: str = "") -> str:
 def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo) -> dict[str, Any]:
     """Load ``checkpoint`` into the configured model and run the full multi-view test on ``test.split``."""
     from harness.checkpoint import load_weights
-    from harness.model import create_model
+    from harness.workload import build_model
     from pipelines import build_loader
 
-    model = create_model(cfg.model)
-    report = load_weights(model, checkpoint, strict=True)
-    model.to(info.device)
-    if info.device.type == "cuda" and cfg.train.channels_last:
-        model.set_channels_last(True)
     dtype = resolve_precision(cfg.train.precision, info.device)
+    model = build_model(cfg.model, info.device, dtype=dtype,
+                        channels_last=info.device.type == "cuda" and cfg.train.channels_last)
+    report = load_weights(model, checkpoint, strict=True)
     data_cfg = replace(cfg.data, batch_size=cfg.test.batch_size)
     loader = build_loader(data_cfg, cfg.test.split, device=info.device, rank=info.rank,
                           world_size=info.world_size, run_dir=cfg.output.dir)

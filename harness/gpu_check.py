@@ -7,14 +7,17 @@ own process, with pass / fail / skip and the key figures read from the commands'
 Steps (``make`` command each stands for; GPU size in brackets):
 
 * ``gpu_tests``: ``pytest -m gpu`` (``tests/test_gpu.py``: NVDEC per codec and the NVDEC limits on the real GPU,
-  DALI GPU vs CPU frames, the Trainer's fp16 + GradScaler and bf16 steps, every SDPA backend against ``naive``,
-  NCCL + DDP under torchrun, CUDA memory through ``harness.metrics``). CUDA-only.
+  VP9 below NVDEC's minimum decoded by DALI on the CPU for a CUDA model, DALI GPU vs CPU frames, the Trainer's
+  fp16 + GradScaler and bf16 steps with their memory windows, every SDPA backend against ``naive`` and the
+  attention-backend check against SDPA, the profiler in GPU time, NCCL + DDP under torchrun, CUDA memory through
+  ``harness.metrics``). CUDA-only.
 * ``prepare``: ``python -m pipelines.tools.prepare`` re-encodes part of the toy set larger [64 videos, short side 256]:
   the fix the pre-flight check names for videos below NVDEC's minimum.
 * ``validate``: ``python -m pipelines.validate --backend gpu`` on those (NVDEC limits of this GPU's generation).
 * ``bench``: ``make bench``, every suite [the GPU preset, all variants, train, frames 8 and 16], the pipeline and
   end-to-end suites on the prepared videos (their DALI case decodes with NVDEC on a GPU).
-* ``train`` and ``evaluate``: ``make train`` / ``make evaluate``, the embedded toy default [2 epochs].
+* ``train`` and ``evaluate``: ``make train`` / ``make evaluate``, the embedded toy default [2 epochs]; on a GPU its
+  32x32 VP9 is below NVDEC's minimum, so DALI decodes it on the CPU (the figures say so).
 * ``profile``: ``make profile`` [the GPU preset, 3 steps]; reports which SDPA kernel ``auto`` ran.
 * ``gate_baseline`` then ``gate``: ``make gate-baseline`` and ``make gate`` against it [divided attention].
 * ``torchrun``: ``torchrun --nproc_per_node=N harness/train.py`` with the Kinetics divided 8x32 recipe on synthetic
@@ -184,24 +187,40 @@ def collect_bench(out: Path) -> Callable[[str], dict[str, Any]]:
         bad = [f"{r.case}: {r.status} {r.message}" for r in records if r.status not in ("ok", "oom")]
         if missing or bad:
             raise StepFailed(f"suites without records: {missing}; cases not ok: {'; '.join(bad)}")
-        figures: dict[str, Any] = {"device": meta.get("hardware"), "precision": meta.get("precision"), "model": {}}
+        figures: dict[str, Any] = {"device": meta.get("hardware"), "precision": meta.get("precision"),
+                                   "peak_flops_source": meta.get("peak_flops_source"), "model": {}}
         for r in by_suite["model"]:
             figures["model"][f"{r.attention_type}/{r.mode}"] = {
-                "images_per_s": _round(r.images_per_s), "mfu_pct": _round(100 * (r.utilisation or 0.0), 2),
+                "images_per_s": _round(r.images_per_s),
+                "mfu_pct": None if r.utilisation is None else _round(100 * r.utilisation, 2),
                 "peak_mib": _round((r.peak_mem_bytes or 0) / 2**20, 0)}
         figures["attention_backends_ok"] = sorted({r.backend for r in by_suite["attention"]})
         figures["pipeline_clips_per_s"] = {r.backend: _round(r.clips_per_s) for r in by_suite["pipeline"]}
-        figures["e2e"] = [r.extra.get("verdict") for r in by_suite["e2e"]]
+        figures["e2e"] = [{"verdict": r.extra.get("verdict"), "decode": r.extra.get("decode"),
+                           "peak_mib": _round((r.peak_mem_bytes or 0) / 2**20, 0),
+                           "device_used_mib": _round(r.extra["device_used_max_bytes"] / 2**20, 0)
+                           if "device_used_max_bytes" in r.extra else None} for r in by_suite["e2e"]]
         figures["oom"] = [r.case for r in records if r.status == "oom"]
         return figures
     return collect
 
 
 def _loader_of(log: str) -> str | None:
-    """Which loader a train/evaluate run used, from its log (DALI and its decode device, or PyAV)."""
+    """Which loader a train/evaluate run used, from its log (DALI and its decode device, or PyAV), and whether
+    ``data.backend=auto`` moved the decode off NVDEC (the factory's warning)."""
     if m := re.search(r"DALI loader \((\w+)\)", log):
-        return f"dali ({m[1]})"
+        moved = ", NVDEC cannot decode these videos" if "DALI decodes on the CPU and the clips are copied" in log \
+            else ""
+        return f"dali ({m[1]}{moved})"
     return "pyav" if "PyAV loader" in log else None
+
+
+def _peak_gib(record: dict[str, Any], prefix: str = "") -> float | None:
+    """A metrics.jsonl record's peak memory in GiB: the CUDA allocator's, else the process's peak RSS."""
+    for kind in ("max_allocated", "max_rss"):
+        if (v := record.get(f"memory/{prefix}{kind}_gib")) is not None:
+            return _round(v, 2)
+    return None
 
 
 def collect_train(out: Path) -> Callable[[str], dict[str, Any]]:
@@ -213,11 +232,12 @@ def collect_train(out: Path) -> Callable[[str], dict[str, Any]]:
             raise StepFailed("metrics.jsonl has no 'end' record: training did not finish")
         windows = [r for r in records if r.get("event") == "train"]
         last = windows[-1] if windows else {}
+        vals = [r for r in records if r.get("event") == "val"]
         figures = {"loader": _loader_of(log), "optimizer": start.get("optimizer"), "precision": start.get("precision"),
                    "world_size": start.get("world_size"), "steps": end.get("step"),
                    "clips_per_s": _round(last.get("time/clips_per_s")),
                    "data_wait_pct": _round(last.get("time/data_wait_pct")),
-                   "peak_gib": _round(last.get("memory/max_allocated_gib"), 2)}
+                   "peak_gib": _peak_gib(last), "val_peak_gib": _peak_gib(vals[-1], "val_") if vals else None}
         if (out / "eval_val.json").is_file():
             figures["val_top1"] = json.loads((out / "eval_val.json").read_text())["top1"]
         return figures

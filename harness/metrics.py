@@ -3,16 +3,19 @@ the pytest-benchmark suites.
 
 Method: warm up first, then time each step with ``perf_counter`` and a
 device synchronise at the step boundary (timm benchmark.py), report the median and the p10/p90 spread.
-Peak memory is the CUDA allocator's peak on GPU and, on CPU, the peak RSS growth of a *fresh process* per case
-(``ru_maxrss`` cannot be reset, so the caller runs every case in its own subprocess).
-Utilisation is achieved FLOP/s over a peak: the dense bf16 tensor-core figure for known GPUs (torchtitan
-``get_peak_flops``), or on CPU an fp32 GEMM rate measured in the same run (there is no trustworthy CPU peak table).
+Peak memory is the CUDA allocator's peak on GPU (what torch allocates: not DALI's own buffers, not the CUDA context)
+and, on CPU, the peak RSS growth of a *fresh process* per case (the bench runs every case in its own subprocess);
+``PeakMemoryWindow`` gives the Trainer the peak of each log window instead of a running maximum.
+Utilisation is achieved FLOP/s over a peak: the dense tensor-core figure of the run's precision for the GPUs in
+``GPU_PEAKS`` (none for any other GPU), or on CPU an fp32 GEMM rate measured in the same run (there is no
+trustworthy CPU peak table).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import resource
 import statistics
 import time
@@ -29,21 +32,46 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "error", "skipped")
 
-# Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s; torchtitan tools/utils.py get_peak_flops.
-GPU_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM; matched after the PCIe/NVL names
-    "H20": 148e12,
-    "A100": 312e12,
-    "A6000": 154.85e12,
-    "L40S": 362e12,
-    "B200": 2.25e15,
-    "GB200": 2.5e15,
-}
-# fp32 (non-tensor) peaks, used when a GPU run is in plain fp32.
-GPU_PEAK_FLOPS_FP32 = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12}
+@dataclass(frozen=True)
+class GpuPeak:
+    """A GPU's dense peaks in FLOP/s: bf16/fp16 on the tensor cores (no 2:4 sparsity) and plain fp32."""
+
+    label: str  # as in records: "H100 SXM"
+    pattern: str  # regex on torch.cuda.get_device_name(), matched case-insensitively
+    bf16: float
+    fp32: float
+
+
+# Per GPU, from NVIDIA's datasheets; their tensor-core figures are quoted with sparsity, the dense peak is half.
+# fp32 is the non-tensor rate: torch runs fp32 matmuls in full fp32 unless TF32 is switched on, which this
+# harness does not do. A name matches at word boundaries (B200 is not GB200, H200 is not GH200), the first row
+# that matches wins (the NVL and PCIe rows come before their family's), and a MIG slice matches nothing.
+GPU_PEAKS: tuple[GpuPeak, ...] = (
+    # NVIDIA H100 Tensor Core GPU datasheet: SXM / NVL / PCIe columns. "NVIDIA H100 80GB HBM3" is the SXM part.
+    GpuPeak("H100 NVL", r"\bH100\b.*\bNVL\b", 835.5e12, 60e12),
+    GpuPeak("H100 PCIe", r"\bH100\b.*\bPCIe\b", 756.5e12, 51e12),
+    GpuPeak("H100 SXM", r"\bH100\b", 989.5e12, 67e12),
+    # NVIDIA H200 Tensor Core GPU datasheet: H200 SXM ("NVIDIA H200") and H200 NVL.
+    GpuPeak("H200 NVL", r"\bH200\b.*\bNVL\b", 835.5e12, 60e12),
+    GpuPeak("H200 SXM", r"\bH200\b", 989.5e12, 67e12),
+    # NVIDIA GH200 Grace Hopper Superchip datasheet (its H100 GPU).
+    GpuPeak("GH200", r"\bGH200\b", 989.5e12, 67e12),
+    # NVIDIA A100 Tensor Core GPU datasheet: the SXM and PCIe parts (40 and 80 GB) have the same peaks.
+    GpuPeak("A100", r"\bA100\b", 312e12, 19.5e12),
+    # NVIDIA L40S datasheet; NVIDIA L4 datasheet.
+    GpuPeak("L40S", r"\bL40S\b", 362.05e12, 91.6e12),
+    GpuPeak("L4", r"\bL4\b", 121e12, 30.3e12),
+    # NVIDIA RTX A6000 datasheet (309.7 TFLOPS tensor, with sparsity).
+    GpuPeak("RTX A6000", r"\bRTX A6000\b", 154.85e12, 38.7e12),
+    # NVIDIA Ada GPU architecture whitepaper, GeForce RTX 4090: bf16 with fp32 accumulate, as autocast runs it.
+    # The RTX 4090 D is a cut-down part.
+    GpuPeak("RTX 4090", r"\bRTX 4090\b(?! D\b)", 165.2e12, 82.6e12),
+    # NVIDIA HGX B200 datasheet (8 GPUs: 36 PFLOPS bf16 with sparsity, 600 TFLOPS fp32) per GPU.
+    GpuPeak("B200", r"\bB200\b", 2.25e15, 75e12),
+    # NVIDIA GB200 NVL72 datasheet (GB200 superchip: 2 GPUs, 10 PFLOPS bf16 with sparsity; NVL72: 5,760 TFLOPS
+    # fp32 over 72 GPUs) per GPU.
+    GpuPeak("GB200", r"\bGB200\b", 2.5e15, 80e12),
+)
 
 
 @dataclass
@@ -210,6 +238,64 @@ def peak_memory(device: torch.device, baseline: int = 0) -> tuple[int, str]:
     return max(rss_high_water_bytes() - baseline, 0), "rss_fresh_process"
 
 
+def _reset_rss_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux 4.0+: ``/proc/self/clear_refs``, "5");
+    False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_peak_bytes() -> int:
+    """This process's peak RSS since its last reset (VmHWM in ``/proc/self/status``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM line in /proc/self/status")
+
+
+class PeakMemoryWindow:
+    """Peak memory over consecutive windows of work (the Trainer's log windows, a validation pass): ``take()``
+    returns the peak since the window began and begins the next one.
+
+    On CUDA the window is the caching allocator's peak (``torch.cuda.max_memory_allocated``, reset with
+    ``reset_peak_memory_stats``): model, optimizer state, activations and batches, but not DALI's own GPU buffers
+    or the CUDA context. On Linux CPU it is the process's peak RSS (all of it, DALI's CPU buffers included; not
+    DataLoader worker processes). ``kind`` names it (``max_allocated`` / ``max_rss``), "" where neither can be
+    reset (then ``take()`` returns None).
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.kind = "max_allocated"
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.kind = "max_rss" if _reset_rss_peak() else ""
+
+    def reset(self) -> None:
+        """Begin a new window."""
+        if self.kind == "max_allocated":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "max_rss":
+            _reset_rss_peak()
+
+    def take(self) -> int | None:
+        """Peak bytes since the window began (None when not measurable here); a new window begins."""
+        if self.kind == "max_allocated":
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+        elif self.kind == "max_rss":
+            peak = _rss_peak_bytes()
+        else:
+            return None
+        self.reset()
+        return peak
+
+
 # ---------------------------------------------------------------------------------------------- FLOP/s
 
 def measure_gemm_flops(device: torch.device, n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32
@@ -221,14 +307,26 @@ def measure_gemm_flops(device: torch.device, n: int = 1024, repeats: int = 5, dt
     return 2.0 * n**3 / min(times)
 
 
-def gpu_peak_flops(name: str, precision: str) -> tuple[float | None, str | None]:
-    """The dense peak for a GPU name (``torch.cuda.get_device_name``) and precision, or (None, None) if unknown."""
-    table = GPU_PEAK_FLOPS_FP32 if precision == "fp32" else GPU_PEAK_FLOPS
-    for key, value in table.items():  # insertion order: specific names before their prefixes
-        if key in name:
-            kind = "fp32" if precision == "fp32" else "bf16/fp16 dense"
-            return value, f"table:{key} {kind}"
-    return None, None
+def gpu_peak(name: str) -> GpuPeak | None:
+    """The ``GPU_PEAKS`` row of a ``torch.cuda.get_device_name()`` string, or None: an unknown GPU, or a MIG slice
+    (a fraction of the GPU whose share of the peak the name does not give)."""
+    if re.search(r"\bMIG\b", name):
+        return None
+    return next((row for row in GPU_PEAKS if re.search(row.pattern, name, re.IGNORECASE)), None)
+
+
+def gpu_peak_flops(name: str, precision: str) -> tuple[float | None, str]:
+    """(dense peak FLOP/s, where it comes from) for a GPU name and the run's precision (fp32 | bf16 | fp16).
+
+    Unknown GPUs give ``(None, why)``: no utilisation is computed rather than one against a guessed peak.
+    """
+    row = gpu_peak(name)
+    if row is None:
+        return None, (f"no peak for {name!r} in harness.metrics.GPU_PEAKS (a MIG slice or an unlisted GPU): "
+                      f"utilisation not computed")
+    if precision == "fp32":
+        return row.fp32, f"table:{row.label} fp32 (non-tensor)"
+    return row.bf16, f"table:{row.label} bf16/fp16 dense"
 
 
 def achieved_flops(flops_per_clip: int | None, clips_per_s: float | None) -> float | None:

@@ -22,9 +22,10 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
 from harness.config import RootConfig, to_yaml
@@ -40,18 +41,25 @@ FORWARD_RANGE = "forward"
 
 @dataclass
 class ProfileSummary:
-    """What summary.md reports, also returned to callers (tests)."""
+    """What summary.md reports, also returned to callers (tests).
+
+    On CPU every time is CPU time. On CUDA the step's and forward's wall times stay CPU-side (the step ends with a
+    synchronise), while the attention ranges, their shares and the top ops use GPU time: a range's CPU time there
+    is only the time to launch its kernels.
+    """
 
     run_dir: str
     attention_type: str
     steps: int
     step_ms: float  # mean over the active steps (profiler overhead included)
     forward_ms: float
-    range_ms: dict[str, float] = field(default_factory=dict)  # forward time inside each attention range per step
+    time_basis: str = "CPU"  # what range_ms, the shares, attn_backward_ms and top_ops measure: CPU | GPU
+    step_device_ms: float = 0.0  # GPU span of the train_step range per step (CUDA only)
+    forward_device_ms: float = 0.0  # GPU span of the forward range per step (CUDA only)
+    range_ms: dict[str, float] = field(default_factory=dict)  # time inside each attention range per step
     range_share_of_step: dict[str, float] = field(default_factory=dict)
     range_share_of_forward: dict[str, float] = field(default_factory=dict)
-    range_device_ms: dict[str, float] = field(default_factory=dict)  # GPU time of each range per step (CUDA only)
-    attn_backward_ms: float = 0.0  # self time of attention backward kernels per step
+    attn_backward_ms: float = 0.0  # self time of attention backward ops per step
     top_ops: list[tuple[str, float, int]] = field(default_factory=list)  # (name, self ms per step, calls)
     peak_mem_bytes: int = 0
     peak_mem_kind: str = ""
@@ -59,8 +67,8 @@ class ProfileSummary:
     achieved_flops: float = 0.0
 
 
-def _device_time(evt: Any) -> float:
-    return float(getattr(evt, "device_time_total", 0.0) or 0.0)
+def _on_cpu(evt: Any) -> bool:
+    return evt.device_type == DeviceType.CPU
 
 
 def _is_attention_backward(name: str) -> bool:
@@ -68,59 +76,91 @@ def _is_attention_backward(name: str) -> bool:
     return "backward" in n and ("scaled_dot_product" in n or "attention" in n)
 
 
-def summarise(prof: profile, steps: int, attention_type: str, run_dir: Path, top: int = 15) -> ProfileSummary:
-    """Aggregate the profiler's events (``key_averages``) of the active steps."""
-    avg = {e.key: e for e in prof.key_averages()}
-    step = avg.get(STEP_RANGE)
-    fwd = avg.get(FORWARD_RANGE)
-    assert step is not None, f"no {STEP_RANGE!r} range in the profile; was the schedule's active phase reached?"
+def summarise(events: Iterable[Any], steps: int, attention_type: str, run_dir: Path, top: int = 15
+              ) -> ProfileSummary:
+    """Aggregate the profiler's averaged events (``prof.key_averages()``: ``FunctionEventAvg``) of the active steps.
+
+    With CUDA activity each ``record_function`` range appears twice under one name: as a CPU event (its CPU time,
+    and the device time of the kernels launched inside it) and as a GPU annotation (another ``device_type``, CPU
+    time 0, device time = the range's span on the GPU). Events are therefore keyed by (name, on CPU or not), and
+    a range's GPU time is its annotation's device time, else its CPU event's kernel time.
+    """
+    events = list(events)
+    cpu = {e.key: e for e in events if _on_cpu(e)}
+    gpu = {e.key: e for e in events if not _on_cpu(e)}
+    on_gpu = any(_device_us(e) > 0 for e in events)
+    step = cpu.get(STEP_RANGE)
+    assert step is not None and step.cpu_time_total > 0, \
+        f"no {STEP_RANGE!r} range in the profile; was the schedule's active phase reached?"
+    fwd = cpu.get(FORWARD_RANGE)
     step_us = step.cpu_time_total / max(step.count, 1)
     fwd_us = fwd.cpu_time_total / max(fwd.count, 1) if fwd else 0.0
     s = ProfileSummary(run_dir=str(run_dir), attention_type=attention_type, steps=steps, step_ms=step_us / 1e3,
-                       forward_ms=fwd_us / 1e3)
+                       forward_ms=fwd_us / 1e3, time_basis="GPU" if on_gpu else "CPU")
+
+    def range_device_us(name: str) -> float:  # per step: the GPU annotation's span, else the kernels' time
+        spans = [_device_us(e) for e in (gpu.get(name), cpu.get(name)) if e is not None]
+        return next((us for us in spans if us > 0), 0.0) / steps
+
+    if on_gpu:
+        s.step_device_ms = range_device_us(STEP_RANGE) / 1e3
+        s.forward_device_ms = range_device_us(FORWARD_RANGE) / 1e3
+    base_step, base_fwd = (s.step_device_ms, s.forward_device_ms) if on_gpu else (s.step_ms, s.forward_ms)
     for name in ATTN_RANGES:
-        evt = avg.get(name)
-        if evt is None:
+        if name not in cpu and name not in gpu:
             continue
-        per_step_us = evt.cpu_time_total / steps
-        s.range_ms[name] = per_step_us / 1e3
-        s.range_share_of_step[name] = per_step_us / step_us
-        s.range_share_of_forward[name] = per_step_us / fwd_us if fwd_us else 0.0
-        if _device_time(evt) > 0:  # on CUDA the CPU time of a range is launch time; its kernels' time is this
-            s.range_device_ms[name] = _device_time(evt) / steps / 1e3
-    ops = [e for e in prof.key_averages() if e.key not in ATTN_RANGES + (STEP_RANGE, FORWARD_RANGE, "backward",
-                                                                          "optimizer")
-           and not e.key.startswith("ProfilerStep")]
-    ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    s.top_ops = [(e.key, e.self_cpu_time_total / steps / 1e3, e.count // steps) for e in ops[:top]]
-    s.attn_backward_ms = sum(e.self_cpu_time_total for e in ops if _is_attention_backward(e.key)) / steps / 1e3
+        ms = (range_device_us(name) if on_gpu else cpu[name].cpu_time_total / steps) / 1e3
+        s.range_ms[name] = ms
+        s.range_share_of_step[name] = ms / base_step if base_step else 0.0
+        s.range_share_of_forward[name] = ms / base_fwd if base_fwd else 0.0
+    ours = set(ATTN_RANGES) | {STEP_RANGE, FORWARD_RANGE, "backward", "optimizer"}
+    # operators only (CPU events; on CUDA they carry their own kernels' time): not our ranges, not kernels
+    ops = [e for e in cpu.values() if e.key not in ours and not e.key.startswith("ProfilerStep")]
+
+    def self_us(e: Any) -> float:
+        return float(e.self_device_time_total if on_gpu else e.self_cpu_time_total)
+
+    ops.sort(key=self_us, reverse=True)
+    s.top_ops = [(e.key, self_us(e) / steps / 1e3, e.count // steps) for e in ops[:top]]
+    s.attn_backward_ms = sum(self_us(e) for e in ops if _is_attention_backward(e.key)) / steps / 1e3
     return s
 
 
+def _device_us(evt: Any) -> float:
+    return float(getattr(evt, "device_time_total", 0.0) or 0.0)
+
+
 def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
+    gpu = s.time_basis == "GPU"
+    step_ms = s.step_device_ms if gpu else s.step_ms  # what the shares are of
+    basis = ("The step and forward times are wall times (CPU side; the step ends with a synchronise); the attention "
+             "ranges, their shares and the op times are GPU time, from the kernels." if gpu else
+             "Times are CPU-side wall times.")
     lines = [f"# Profile: {s.attention_type}", "",
              f"preset `{extra['preset']}`, batch {extra['batch']}, {extra['frames']}x{extra['img_size']}, "
              f"{extra['precision']}, device {extra['device']}, {s.steps} active steps (wait {extra['wait']}, "
-             f"warmup {extra['warmup']}). Times are CPU-side wall times with profiler overhead.", "",
-             f"- train step: {s.step_ms:.1f} ms (forward {s.forward_ms:.1f} ms)",
+             f"warmup {extra['warmup']}). {basis} All include profiler overhead.", "",
+             f"- train step: {s.step_ms:.1f} ms (forward {s.forward_ms:.1f} ms)"
+             + (f"; on the GPU {s.step_device_ms:.1f} ms (forward {s.forward_device_ms:.1f} ms)" if gpu else ""),
              f"- peak memory: {s.peak_mem_bytes / 2**20:.0f} MiB ({s.peak_mem_kind})",
              f"- FLOPs per step (fwd+bwd, counted): {s.flops_per_step / 1e9:.1f} GFLOP; achieved "
              f"{s.achieved_flops / 1e9:.1f} GFLOP/s (profiler overhead included)", "",
              "## Attention share", "",
              "The attn/* record_function ranges cover the qkv projection and the attention kernel of the forward "
              "pass; backward runs outside them, so attention backward is counted from its kernels' self time.", "",
-             "| range | ms per step | share of step | share of forward |", "|---|---|---|---|"]
+             f"| range | {s.time_basis} ms per step | share of step | share of forward |", "|---|---|---|---|"]
     for name in ATTN_RANGES:
         if name in s.range_ms:
-            gpu = f" (GPU {s.range_device_ms[name]:.1f})" if name in s.range_device_ms else ""
-            lines.append(f"| {name} | {s.range_ms[name]:.1f}{gpu} | {100 * s.range_share_of_step[name]:.1f}% "
+            lines.append(f"| {name} | {s.range_ms[name]:.1f} | {100 * s.range_share_of_step[name]:.1f}% "
                          f"| {100 * s.range_share_of_forward[name]:.1f}% |")
     total = sum(s.range_ms.values()) + s.attn_backward_ms
-    lines += ["", f"Attention backward kernels (self time): {s.attn_backward_ms:.1f} ms per step "
-              f"({100 * s.attn_backward_ms / s.step_ms:.1f}% of the step).",
+    share = (lambda ms: f"{100 * ms / step_ms:.1f}%" if step_ms else "n/a")  # noqa: E731
+    lines += ["", f"Attention backward kernels (self {s.time_basis} time): {s.attn_backward_ms:.1f} ms per step "
+              f"({share(s.attn_backward_ms)} of the step).",
               f"Attention in total (forward ranges + backward kernels): {total:.1f} ms, "
-              f"{100 * total / s.step_ms:.1f}% of the step.", "",
-              "## Top ops by self time", "", "| op | self ms per step | calls per step |", "|---|---|---|"]
+              f"{share(total)} of the step.", "",
+              f"## Top ops by self {s.time_basis} time", "",
+              f"| op | self {s.time_basis} ms per step | calls per step |", "|---|---|---|"]
     lines += [f"| `{name}` | {ms:.2f} | {calls} |" for name, ms, calls in s.top_ops]
     lines += ["", "## Files", "",
               "- `*.pt.trace.json`: TensorBoard (`make tensorboard`, torch-tb-profiler; its UI needs internet)",
@@ -151,7 +191,7 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
     run_dir.mkdir(parents=True, exist_ok=True)
     B, T, S = cfg.bench.batch_size, mcfg.num_frames, mcfg.img_size
     base = reset_peak_memory(device)
-    model = build_model(mcfg, device, channels_last=cfg.bench.channels_last)
+    model = build_model(mcfg, device, dtype=dtype, channels_last=cfg.bench.channels_last)
     video, labels = synthetic_batch(mcfg, device, B)
     train = TrainStep.build(model, device, dtype)
 
@@ -177,7 +217,7 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             prof.step()
-    s = summarise(prof, steps, attention_type, run_dir)
+    s = summarise(prof.key_averages(), steps, attention_type, run_dir)
     s.peak_mem_bytes, s.peak_mem_kind = peak_memory(device, base)
     if device.type == "cpu":
         s.peak_mem_kind = "peak RSS growth of this process (includes profiler buffers)"

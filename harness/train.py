@@ -38,6 +38,7 @@ from harness.config import RootConfig, load_config, to_yaml
 from harness.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from harness.evaluate import accuracy_report, class_names_for, score_loader
 from harness.metric_writer import MetricWriter
+from harness.metrics import PeakMemoryWindow
 from harness.mixup import mix_batch
 from harness.optim import build_optimizer, lr_at, set_lr
 from harness.runtime import environment_info, precision_name, resolve_precision, seed_everything, set_determinism
@@ -79,10 +80,10 @@ class Trainer:
         if cfg.train.deterministic:
             set_determinism()
 
-        # Channels-last only on CUDA, where the tensor-core convolution wants it (train.channels_last).
-        self.model = build_model(cfg.model, self.device,
-                                 channels_last=self.device.type == "cuda" and cfg.train.channels_last)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
+        # Channels-last only on CUDA, where the tensor-core convolution wants it (train.channels_last).
+        self.model = build_model(cfg.model, self.device, dtype=self.dtype,
+                                 channels_last=self.device.type == "cuda" and cfg.train.channels_last)
         self.optimizer, self.optimizer_impl = build_optimizer(list(self.model.parameters()), cfg.solver, self.device)
         self.scaler = grad_scaler(self.device, self.dtype)
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last)
@@ -103,6 +104,7 @@ class Trainer:
                            "batch %d", cfg.solver.global_batch_size, per_step, per_step * self.accum)
         self.stop_signal: str | None = None
         self.metrics = MetricWriter(self.run_dir, info.is_main, cfg.output.tensorboard)
+        self.memory = PeakMemoryWindow(self.device)  # peak per log window and per validation (this process)
         self._val_loader = None
         self.hooks = DebugHooks(cfg.train, self.run_dir, info.rank)
         if cfg.model.num_frames != cfg.data.num_frames or cfg.model.img_size != cfg.data.train_crop_size:
@@ -244,6 +246,7 @@ class Trainer:
                              f"(solver.global_batch_size={cfg.solver.global_batch_size}); lower it")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self.memory.reset()  # the first window starts here, not at the checkpoint or validation before it
         mixing = cfg.solver.mixup_alpha > 0 or cfg.solver.cutmix_alpha > 0
         clips_per_iter = cfg.data.batch_size * info.world_size
         bar = None
@@ -335,11 +338,16 @@ class Trainer:
                   "time/clips_per_s": window["clips"] / total,
                   "time/frames_per_s": window["clips"] * self.cfg.data.num_frames / total,
                   "time/data_wait_pct": 100.0 * window["data_s"] / total}
-        if self.device.type == "cuda":
-            record["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        record.update(self._memory_peak())
         self.metrics.log(record, self.step)
         for key in window:
             window[key] = 0 if key in ("n", "clips") else 0.0
+
+    def _memory_peak(self, prefix: str = "") -> dict[str, float]:
+        """``memory/{prefix}max_allocated_gib`` (CUDA allocator) or ``memory/{prefix}max_rss_gib`` (CPU): the peak
+        since the last call (or ``self.memory.reset()``); {} where not measurable."""
+        peak = self.memory.take()
+        return {} if peak is None else {f"memory/{prefix}{self.memory.kind}_gib": peak / 2**30}
 
     def _fail_non_finite(self, loss_val: float, epoch: int, batch: int) -> None:
         path = None
@@ -358,13 +366,15 @@ class Trainer:
         if self._val_loader is None:
             self._val_loader = self._build_loader("val")
         t0 = time.perf_counter()
+        self.memory.reset()  # validation's own peak, logged apart from the training windows
         acc = score_loader(self.model, self._val_loader, self.device, self.dtype, self.cfg.test.ensemble)
+        memory = self._memory_peak("val_")
         views = self.cfg.data.num_ensemble_views * self.cfg.data.num_spatial_crops
         report = accuracy_report(acc, self.cfg.model.num_classes, None, class_names_for(self.cfg))
         report.update({"epoch": epoch + 1, "step": self.step, "seconds": round(time.perf_counter() - t0, 2),
                        "views_per_video": views})
         self.metrics.log({"event": "val", "epoch": epoch + 1, "val/top1": report["top1"], "val/top5": report["top5"],
-                          "val/mean_class_accuracy": report["mean_class_accuracy"] or 0.0}, self.step)
+                          "val/mean_class_accuracy": report["mean_class_accuracy"] or 0.0, **memory}, self.step)
         if self.info.is_main:
             (self.run_dir / "eval_val.json").write_text(json.dumps(report, indent=2) + "\n")
         logger.info("epoch %d val: top-1 %.2f%%, top-5 %.2f%% over %d videos (%.1f s)", epoch + 1, report["top1"],

@@ -26,6 +26,7 @@ from harness.mixup import soft_target_cross_entropy
 from harness.model import TimeSformer, create_model
 from harness.optim import build_optimizer
 from harness.runtime import autocast
+from kernels.attention import check_backend
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,27 @@ MODES = ("train", "infer")
 BENCH_SOLVER = SolverConfig(optimizer="sgd", base_lr=1e-4, momentum=0.9, nesterov=False, weight_decay=0.0)
 
 
-def build_model(cfg: ModelConfig, device: torch.device, *, channels_last: bool = False) -> TimeSformer:
-    """The TimeSformer of ``cfg`` on ``device``; ``channels_last`` runs its patch convolution channels-last."""
+def check_attention(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None,
+                    capability: tuple[int, int] | None = None) -> None:
+    """Fail before anything is built when ``cfg.attn_backend`` cannot run attention on ``device`` in ``dtype``
+    (the autocast dtype; None = fp32), e.g. ``flash`` or ``cudnn`` in fp32 on CUDA: a ValueError naming the key
+    and the fix instead of SDPA's "No available kernel" at the first forward. ``capability`` is the GPU's
+    (major, minor), read from ``device`` when not given."""
+    device = torch.device(device)
+    if capability is None and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+    try:
+        check_backend(cfg.attn_backend, device, dtype, capability)
+    except ValueError as e:  # its messages name the key without its section
+        raise ValueError(f"model.{e}" if str(e).startswith("attn_backend=") else str(e)) from None
+
+
+def build_model(cfg: ModelConfig, device: torch.device, *, dtype: torch.dtype | None = None,
+                channels_last: bool = False) -> TimeSformer:
+    """The TimeSformer of ``cfg`` on ``device``, after ``check_attention(cfg, device, dtype)``; ``dtype`` is the
+    autocast dtype the model will run in (None = fp32); ``channels_last`` runs its patch convolution
+    channels-last."""
+    check_attention(cfg, device, dtype)
     model = create_model(cfg).to(device)
     if channels_last:
         model.set_channels_last(True)
@@ -156,7 +176,7 @@ def synthetic_step(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | 
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose from {list(MODES)}")
-    model = build_model(cfg, device, channels_last=channels_last)
+    model = build_model(cfg, device, dtype=dtype, channels_last=channels_last)
     video, labels = synthetic_batch(cfg, device, batch, frames, img_size)
     if mode == "train":
         train = TrainStep.build(model, device, dtype, solver, compile=compile)

@@ -1,13 +1,17 @@
 """``build_loader``: the loader ``data.loader`` asks for, after the pre-flight check of every video.
 
-``auto`` picks DALI when ``nvidia.dali`` imports and its backend decodes every usable video, else PyAV (logging
-why); ``resolve_backend`` maps ``data.backend`` to a DALI device. Each loader module is imported only when it is
-chosen, so DALI is not loaded for a PyAV or synthetic loader.
+``plan_decode`` makes the choice from the probed videos (pure: it touches no GPU): ``data.loader=auto`` picks DALI
+when ``nvidia.dali`` imports and its backend decodes every usable video, else PyAV (logging why);
+``resolve_backend`` maps ``data.backend`` to a DALI device, and with ``data.backend=auto`` and the model on CUDA,
+videos NVDEC cannot decode on this GPU (``pipelines.nvdec``: the toy set's 32x32 VP9, for one) are decoded by
+DALI on the CPU and the clips copied to the GPU. Each loader module is imported only when it is chosen, so DALI is
+not loaded for a PyAV or synthetic loader.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,18 +19,25 @@ import torch
 from pipelines.base import ClipPlanner, Loader, Video
 from pipelines.config import DataConfig
 from pipelines.manifest import VideoEntry, read_manifest
-from pipelines.validate import DECODABLE_CODECS, DEFAULT_CACHE, check_videos, judge, write_rejected
+from pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, auto_decode_device, generation_of
+from pipelines.validate import DEFAULT_CACHE, VideoInfo, check_videos, judge, write_rejected
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
-    """DALI device for ``data.backend``: auto = gpu when the model's device is CUDA, else cpu."""
+def resolve_backend(cfg: DataConfig, device: torch.device | str) -> str:
+    """DALI device for ``data.backend``: auto = gpu when the model's device is CUDA, else cpu.
+
+    Raises:
+        ValueError: ``data.backend=gpu`` with the model on a CPU (NVDEC's frames would have nowhere to go).
+    """
+    device = torch.device(device)
+    if cfg.backend == "gpu" and device.type != "cuda":
+        raise ValueError(f"data.backend=gpu decodes on the GPU, but the model runs on {device.type} (no CUDA device "
+                         f"is used here); set data.backend=cpu or data.backend=auto")
     if cfg.backend != "auto":
-        if cfg.backend == "gpu" and not torch.cuda.is_available():
-            raise ValueError("data.backend=gpu needs CUDA, and torch.cuda.is_available() is False; use data.backend=cpu")
         return cfg.backend
-    return "gpu" if torch.device(device).type == "cuda" and torch.cuda.is_available() else "cpu"
+    return "gpu" if device.type == "cuda" else "cpu"
 
 
 def dali_available() -> str:
@@ -36,6 +47,68 @@ def dali_available() -> str:
     except ImportError as e:
         return f"nvidia.dali is not importable ({e})"
     return ""
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Which loader decodes the videos, and where."""
+
+    loader: str  # dali | pyav
+    backend: str  # the DALI device: cpu | gpu ("" for data.loader=pyav, which does not use it)
+    gpu_arch: str  # the GPU generation NVDEC's limits were judged for
+    why: str = ""  # why data.loader=auto or data.backend=auto moved off its first choice ("" = it did not)
+
+
+def plan_decode(cfg: DataConfig, device: torch.device | str, infos: list[VideoInfo],
+                gpu_arch: str = DEFAULT_GENERATION, dali_missing: str = "") -> DecodePlan:
+    """The loader and DALI device for ``cfg`` and the model's ``device``, judged on the probed ``infos``; touches
+    no GPU (``gpu_arch`` is the device's generation, ``pipelines.nvdec.generation_of``; ``dali_missing`` why
+    nvidia.dali does not import, "" when it does).
+
+    * ``data.loader=pyav``: PyAV. ``data.loader=dali`` without DALI: RuntimeError.
+    * ``data.backend=auto`` with the model on CUDA and ``data.loader`` auto or dali: NVDEC decodes when it takes
+      every video (``pipelines.nvdec.auto_decode_device``); else DALI's CPU decoder when it takes them all (the
+      clips are then copied to the GPU); else (``data.loader=auto``) PyAV. ``data.backend=gpu`` stays on NVDEC,
+      and the files it cannot decode are rejected by the pre-flight check.
+    * ``data.loader=auto``: PyAV when DALI is missing or its backend cannot decode a video PyAV can.
+    """
+    if cfg.loader == "pyav":
+        return DecodePlan("pyav", "", gpu_arch)
+    backend = resolve_backend(cfg, device)
+    if dali_missing:
+        if cfg.loader == "dali":
+            raise RuntimeError(f"data.loader=dali but {dali_missing}; use data.loader=pyav")
+        return DecodePlan("pyav", backend, gpu_arch, dali_missing)
+    moved = ""  # why the decode moved from NVDEC to DALI's CPU decoder
+    if backend == "gpu" and cfg.backend == "auto":
+        decode, why = auto_decode_device(infos, gpu_arch)
+        if decode == "cpu":
+            backend, moved = "cpu", why
+        elif decode == "" and cfg.loader == "auto":
+            return DecodePlan("pyav", backend, gpu_arch, f"{why}; DALI's CPU decoder, the other way, takes only "
+                                                          f"{'/'.join(sorted(DALI_CPU_CODECS))}")
+    if cfg.loader == "auto":
+        def rejected_by(decoder: str) -> list[tuple[str, str]]:
+            return judge(infos, decoder, cfg.num_frames, cfg.sampling_rate, cfg.target_fps, cfg.pad_short,
+                         cfg.format == "ssv2", gpu_arch)
+
+        pyav_rejects = {p for p, _ in rejected_by("pyav")}
+        dali_only = [(p, r) for p, r in rejected_by(backend) if p not in pyav_rejects]
+        if dali_only:
+            return DecodePlan("pyav", backend, gpu_arch, f"{len(dali_only)} of {len(infos)} video(s) cannot be "
+                              f"decoded by DALI's {backend} backend, e.g. {dali_only[0][0]}: {dali_only[0][1]}")
+    return DecodePlan("dali", backend, gpu_arch, moved)
+
+
+def log_decode_plan(cfg: DataConfig, plan: DecodePlan, device: torch.device) -> None:
+    """Say which loader decodes where, and why when ``auto`` moved off its first choice."""
+    if plan.loader == "pyav" and cfg.loader == "auto":
+        logger.warning("data.loader=auto: using the PyAV loader because %s", plan.why)
+    elif plan.loader == "dali" and plan.why:
+        logger.warning("data.backend=auto: DALI decodes on the CPU and the clips are copied to %s, because %s",
+                       device, plan.why)
+    elif cfg.loader == "auto":
+        logger.info("data.loader=auto: using DALI (%s backend)", plan.backend)
 
 
 def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "cpu", rank: int = 0,
@@ -59,29 +132,12 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     cache = None if cfg.validate_cache == "none" else (cfg.validate_cache or DEFAULT_CACHE)
     infos, _ = check_videos([e.path for e in entries], "pyav", cfg.num_frames, cfg.sampling_rate, cfg.target_fps,
                             cfg.pad_short, cfg.format == "ssv2", cache=cache, workers=max(1, cfg.num_workers))
-    loader_kind, backend = cfg.loader, resolve_backend(cfg, device)
-
-    def rejected_by(decoder: str) -> list[tuple[str, str]]:
-        return judge(infos, decoder, cfg.num_frames, cfg.sampling_rate, cfg.target_fps, cfg.pad_short,
-                     cfg.format == "ssv2")
-
-    if loader_kind == "auto":
-        why = dali_available()
-        if not why:
-            pyav_ok = {p for p, _ in rejected_by("pyav")}
-            dali_only = [(p, r) for p, r in rejected_by(backend) if p not in pyav_ok]
-            if dali_only:
-                codecs = sorted({i.codec for i in infos if i.path in {p for p, _ in dali_only}})
-                why = (f"{len(dali_only)} video(s) use codecs {codecs} that DALI's {backend} backend does not decode "
-                       f"(it decodes {sorted(DECODABLE_CODECS[backend])}), e.g. {dali_only[0][0]}")
-        loader_kind = "pyav" if why else "dali"
-        if why:
-            logger.warning("data.loader=auto: using the PyAV loader because %s", why)
-        else:
-            logger.info("data.loader=auto: using DALI (%s backend)", backend)
-    if loader_kind == "dali" and (why := dali_available()):
-        raise RuntimeError(f"data.loader=dali but {why}; use data.loader=pyav")
-    rejected = rejected_by(backend if loader_kind == "dali" else "pyav")
+    plan = plan_decode(cfg, device, infos, generation_of(device) if device.type == "cuda" else DEFAULT_GENERATION,
+                       dali_available() if cfg.loader != "pyav" else "")
+    loader_kind, backend = plan.loader, plan.backend
+    log_decode_plan(cfg, plan, device)
+    rejected = judge(infos, backend if loader_kind == "dali" else "pyav", cfg.num_frames, cfg.sampling_rate,
+                     cfg.target_fps, cfg.pad_short, cfg.format == "ssv2", plan.gpu_arch)
     if rejected:
         what = f"{len(rejected)} of {len(entries)} videos in the {split} manifest cannot be used"
         listing = "\n".join(f"  {p}: {r}" for p, r in rejected[:10]) + ("\n  ..." if len(rejected) > 10 else "")

@@ -15,8 +15,7 @@ import torch
 from harness.bench import BenchCase, attention_shape, build_cases, resolve, run_case, run_worker
 from harness.config import REPO_ROOT, RootConfig
 from harness.counting import count_flops, count_params
-from harness.metrics import SCHEMA_VERSION, BenchRecord, gpu_peak_flops, percentile, read_results, step_stats, \
-    write_results
+from harness.metrics import SCHEMA_VERSION, BenchRecord, percentile, read_results, step_stats, write_results
 from harness.model import create_model, load_preset
 
 
@@ -52,14 +51,6 @@ def test_record_roundtrip_and_version_check(tmp_path):
     with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
         BenchRecord.from_dict({**rec.to_dict(), "bogus": 1})
     assert "env" not in rec.extra_info() and rec.extra_info()["clips_per_s"] == 2.0
-
-
-def test_gpu_peak_table():
-    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989e12
-    assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16")[0] == 756e12
-    assert gpu_peak_flops("NVIDIA H200", "bf16")[0] == 989e12
-    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32")[0] == 67e12
-    assert gpu_peak_flops("Some Unknown GPU", "bf16") == (None, None)
 
 
 def test_attention_shapes_follow_the_block_layout():
@@ -261,6 +252,24 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     assert 0.0 < x["data_wait_share"] < 1.0 and x["data_wait_share"] == pytest.approx(x["data_wait_s"] / x["step_s"])
     assert x["input_bound"] and x["verdict"].startswith("input-bound (data wait")
     assert e2e.frames == 4 and e2e.img_size == 32 and e2e.images_per_s == pytest.approx(4 * e2e.clips_per_s)
+    assert x["loader"] == "DaliLoader" and x["decode"] == "cpu" and "device_used_max_bytes" not in x
+    assert x["peak_mem_covers"] == ("peak RSS growth of the worker process: model, optimizer state, activations, "
+                                    "batches; DALI's CPU pipeline included") and e2e.peak_mem_bytes > 0
+
+
+def test_e2e_records_say_what_their_peak_memory_covers():
+    from types import SimpleNamespace
+
+    from harness.bench.e2e import peak_memory_covers
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    DaliLoader = type("DaliLoader", (SimpleNamespace,), {})
+    PyAVLoader = type("PyAVLoader", (SimpleNamespace,), {})
+    assert peak_memory_covers(cuda, DaliLoader(backend="gpu")).endswith(
+        "DALI's own GPU buffers (NVDEC output, resize) are outside it: see device_used_max_bytes")
+    assert peak_memory_covers(cuda, DaliLoader(backend="cpu")).endswith("the DaliLoader decodes on the CPU")
+    assert peak_memory_covers(cuda, PyAVLoader()).startswith("torch's CUDA allocator: model, optimizer state")
+    assert peak_memory_covers(cpu, PyAVLoader()).endswith("not the PyAV DataLoader worker processes")
 
 
 def test_cpu_utilisation_uses_a_gemm_interleaved_with_the_steps():

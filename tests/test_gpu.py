@@ -1,9 +1,11 @@
 """GPU tests of the real code paths (``pytest -m gpu``; ``make gpu-check`` runs them). Skipped without CUDA.
 
 NVDEC through our DALI pipeline for every codec of the GPU list, and the NVDEC limits of ``pipelines.nvdec``
-checked against this GPU's driver; DALI GPU vs CPU frames; the Trainer's fp16 + GradScaler and bf16 steps; every
-SDPA backend through the model against ``naive``; NCCL and DDP under torchrun's environment; CUDA memory through
-``harness.metrics``.
+checked against this GPU's driver; VP9 below NVDEC's minimum decoded by DALI on the CPU for a CUDA model
+(``data.backend=auto``); DALI GPU vs CPU frames; the Trainer's fp16 + GradScaler and bf16 steps with per-window
+and validation peak memory; every SDPA backend through the model against ``naive``, and the attention-backend
+check against SDPA's own refusals; the profiler's summary in GPU time; NCCL and DDP under torchrun's environment;
+CUDA memory through ``harness.metrics``.
 """
 
 from __future__ import annotations
@@ -154,6 +156,24 @@ def test_mjpeg_is_not_decoded_by_dalis_gpu_decoder(tmp_path: Path) -> None:
     assert re.search("not supported by the GPU variant|Failed to create video decoder", _nvdec_refuses(path))
 
 
+def test_vp9_below_nvdecs_minimum_is_decoded_on_the_cpu_for_a_cuda_model(tmp_path: Path) -> None:
+    """The embedded default's case (32x32 VP9, below NVDEC's 128x128): data.backend=auto decodes it with DALI on
+    the CPU and delivers the clips on the GPU; data.backend=gpu refuses it."""
+    from pipelines import build_loader
+
+    paths = [_encode(tmp_path / f"toy{i}.webm", "vp9", 32, 32, frames=16, seed=i) for i in range(2)]
+    cfg = _data_cfg(tmp_path, paths, backend="auto", loader="auto", test_crop_size=32)
+    loader = build_loader(cfg, "test", device=CUDA)
+    assert type(loader).__name__ == "DaliLoader" and loader.backend == "cpu"
+    batch = next(iter(loader))
+    assert batch.video.is_cuda and tuple(batch.video.shape) == (2, 3, 4, 32, 32)
+    ref = next(iter(build_loader(replace(cfg, loader="pyav"), "test", device="cpu")))
+    diff = ((batch.video.cpu() - ref.video).abs() * 0.225 * 255).mean()
+    assert diff < 8, f"mean |DALI CPU - PyAV| = {diff:.2f} on the 0-255 scale"
+    with pytest.raises(ValueError, match="below NVDEC's VP9 minimum of 128x128"):
+        build_loader(replace(cfg, backend="gpu", loader="dali"), "test", device=CUDA)
+
+
 def test_dali_gpu_and_cpu_decode_the_same_vp9_frames(tmp_path: Path) -> None:
     paths = [_encode(tmp_path / f"clip{i}.webm", "vp9", 192, 160, frames=24, seed=i) for i in range(3)]
     cfg = _data_cfg(tmp_path, paths, num_frames=8, sampling_rate=3)
@@ -174,7 +194,8 @@ def test_trainer_amp_steps(precision: str, tmp_path: Path) -> None:
 
     cfg = load_config(None, [*TINY, "data.loader=synthetic", "data.batch_size=4", "data.synthetic_videos=32",
                              f"train.precision={precision}", "solver.max_epoch=1", "train.max_steps_per_epoch=4",
-                             "solver.global_batch_size=0", "train.eval_period=0", "train.log_period=1",
+                             "solver.global_batch_size=0", "train.eval_period=1", "train.log_period=1",
+                             "data.num_ensemble_views=1", "data.num_spatial_crops=1", "test.batch_size=4",
                              f"output.dir={tmp_path}", "output.tensorboard=false"])
     trainer = Trainer(cfg, init_distributed(cfg.dist))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -188,6 +209,7 @@ def test_trainer_amp_steps(precision: str, tmp_path: Path) -> None:
     assert start["precision"] == precision and len(losses) == 4 and all(np.isfinite(losses))
     assert "fused=True" in start["optimizer"] or start["optimizer"].startswith("apex.")
     assert all(r.get("memory/max_allocated_gib", 0) > 0 for r in records if r["event"] == "train")
+    assert next(r for r in records if r["event"] == "val")["memory/val_max_allocated_gib"] > 0
     after = trainer.model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before), "no weight changed"
@@ -235,15 +257,33 @@ def test_every_sdpa_backend_through_the_model_matches_naive(dtype: torch.dtype |
 
 
 def test_check_backend_refusals_match_sdpa_on_this_gpu() -> None:
+    from harness.model import load_preset
+    from harness.workload import build_model
     from kernels.attention import attention, check_backend
 
     cap = torch.cuda.get_device_capability()
     q = torch.randn(1, 2, 16, 64, device=CUDA)
     for backend in ("flash", "cudnn"):
-        with pytest.raises(ValueError, match="takes fp16/bf16"):
+        with pytest.raises(ValueError, match="takes fp16/bf16|needs an sm80"):
             check_backend(backend, CUDA, torch.float32, cap)
+        with pytest.raises(ValueError, match=f"model.attn_backend={backend} (takes fp16/bf16|needs an sm80)"):
+            build_model(replace(load_preset("tiny"), attn_backend=backend), CUDA)  # fp32: refused before building
         with pytest.raises(RuntimeError):  # what the check saves the user from: SDPA's own failure
             attention(q, q, q, backend)
+
+
+def test_profile_summary_is_in_gpu_time(tmp_path: Path) -> None:
+    from harness.bench import resolve
+    from harness.profiling import run_profile
+
+    cfg = resolve(preset="tiny", overrides=["model.attention_type=divided_space_time", "bench.batch_size=4"])[0]
+    s = run_profile(cfg, "tiny", steps=2, wait=1, warmup=1, out_root=tmp_path)
+    assert s.time_basis == "GPU" and 0 < s.step_device_ms and 0 < s.forward_device_ms <= s.step_device_ms
+    for name in ("attn/temporal", "attn/spatial"):
+        assert 0 < s.range_share_of_step[name] < s.range_share_of_forward[name] < 1, (name, s)
+    assert s.peak_mem_kind == "cuda_allocator" and s.top_ops and s.top_ops[0][1] > 0
+    text = (Path(s.run_dir) / "summary.md").read_text()
+    assert "| GPU ms per step |" in text and re.search(r"Attention in total.*?[\d.]+% of the step", text)
 
 
 # ------------------------------------------------------------------------------------------ distributed, memory

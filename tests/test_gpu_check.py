@@ -53,6 +53,8 @@ def test_cpu_rehearsal_runs_every_step_that_does_not_need_cuda(tmp_path: Path) -
     assert {"auto", "naive"} <= set(fig["bench"]["attention_backends_ok"])
     assert set(fig["bench"]["pipeline_clips_per_s"]) == {"dali", "pyav"} and fig["bench"]["e2e"]
     assert fig["train"]["steps"] == 4 and fig["train"]["loader"] == "dali (cpu)" and "val_top1" in fig["train"]
+    assert fig["train"]["peak_gib"] > 0 and fig["train"]["val_peak_gib"] > 0  # the process's peak RSS on CPU
+    assert fig["bench"]["e2e"][0]["decode"] == "cpu" and fig["bench"]["e2e"][0]["device_used_mib"] is None
     assert fig["evaluate"]["videos"] == CPU_SIZE.eval_videos
     assert fig["profile"]["sdpa_kernels"] and fig["profile"]["attention_share_pct"] > 0
     assert fig["gate"] == {"gate/divided_space_time/train": fig["gate"]["gate/divided_space_time/train"]}
@@ -116,6 +118,28 @@ def test_bench_step_fails_on_error_records_and_missing_suites(tmp_path: Path) ->
         collect_bench(tmp_path / "bench")("")
     with pytest.raises(StepFailed, match="no \\*/results.json"):
         collect_bench(tmp_path / "nothing")("")
+
+
+def test_train_figures_read_either_memory_kind_and_the_decode_move(tmp_path: Path) -> None:
+    from harness.gpu_check import collect_train
+
+    records = [{"event": "start", "optimizer": "torch.optim.AdamW(fused=True)", "precision": "fp32",
+                "world_size": 1},
+               {"event": "train", "time/clips_per_s": 900.0, "time/data_wait_pct": 3.0,
+                "memory/max_allocated_gib": 0.123},
+               {"event": "val", "val/top1": 50.0, "memory/val_max_allocated_gib": 0.2},
+               {"event": "end", "step": 8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    log = ("WARNING pipelines.factory: data.backend=auto: DALI decodes on the CPU and the clips are copied to cuda:0, "
+           "because NVDEC cannot decode 1632 of 1632 video(s)\n"
+           "INFO pipelines.dali: DALI loader (cpu): 1632 clips/epoch on this rank, 51 batches, 8 threads\n")
+    figures = collect_train(tmp_path)(log)
+    assert figures["loader"] == "dali (cpu, NVDEC cannot decode these videos)"
+    assert figures["peak_gib"] == 0.12 and figures["val_peak_gib"] == 0.2 and figures["steps"] == 8
+    records[1] = {"event": "train", "memory/max_rss_gib": 1.5}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert collect_train(tmp_path)("INFO DALI loader (gpu): 8 clips")["peak_gib"] == 1.5
+    assert collect_train(tmp_path)("INFO DALI loader (gpu): 8 clips")["loader"] == "dali (gpu)"
 
 
 def test_gpu_size_commands_are_the_users_commands(tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
-"""NVDEC capability table and the GPU pre-flight check, on real encoded files (no GPU needed: judged by the table)."""
+"""NVDEC capability table, the GPU pre-flight check and the loader factory's decode choice for a model on CUDA, on real
+encoded files (no GPU needed: judged by the table)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,9 @@ import torch
 from conftest import textured_frames
 from harness.config import REPO_ROOT
 from pipelines import nvdec
-from pipelines.tools.encode import write_video
+from pipelines.config import DataConfig
 from pipelines.nvdec import auto_decode_device, generation_of, nvdec_problem
+from pipelines.tools.encode import write_video
 from pipelines.validate import VideoInfo, check_videos, probe_video
 
 # name -> (encoder, width, height, pix_fmt, extension)
@@ -159,3 +162,82 @@ def test_check_videos_and_cli_name_every_file_nvdec_cannot_decode(files, tmp_pat
     res = subprocess.run(args[:3] + [str(good)] + args[4:], capture_output=True, text=True, cwd=REPO_ROOT,
                          env=hidden)
     assert res.returncode == 0 and "2/2 videos usable by the gpu backend (0 rejected)" in res.stdout, res.stdout
+
+
+# ------------------------------------------------------------------------------------------ the loader's choice
+
+CUDA = torch.device("cuda")
+
+
+def test_plan_decode_moves_what_nvdec_cannot_take_to_dalis_cpu_decoder(files) -> None:
+    """The factory's decision for a model on CUDA, from probed real files; no GPU is touched."""
+    from pipelines.factory import DecodePlan, plan_decode
+
+    _need(files, "vp9_32", "vp9_128", "h264_64x48", "av1_128")
+    info = {n: probe_video(files[n]) for n in ("vp9_32", "vp9_128", "h264_64x48", "av1_128")}
+    cfg = DataConfig(num_frames=4, sampling_rate=2, pad_short=True)
+    toy_like = [info["vp9_32"], info["vp9_128"]]
+    plan = plan_decode(cfg, CUDA, toy_like, "hopper")
+    assert (plan.loader, plan.backend, plan.gpu_arch) == ("dali", "cpu", "hopper")
+    assert plan.why.startswith(f"NVDEC cannot decode 1 of 2 video(s), e.g. {files['vp9_32']}: frame 32x32 is below "
+                               f"NVDEC's VP9 minimum of 128x128")
+    assert plan_decode(replace(cfg, loader="dali"), CUDA, toy_like, "hopper").backend == "cpu"
+    assert plan_decode(cfg, CUDA, [info["vp9_128"], info["h264_64x48"]], "hopper") == DecodePlan("dali", "gpu",
+                                                                                                 "hopper")
+    # neither NVDEC nor DALI's CPU decoder takes them all: PyAV, saying which file and why
+    mixed = [info["vp9_32"], info["h264_64x48"]]
+    plan = plan_decode(cfg, CUDA, mixed, "hopper")
+    assert plan.loader == "pyav" and f"{files['vp9_32']}: frame 32x32 is below" in plan.why
+    assert plan.why.endswith("DALI's CPU decoder, the other way, takes only mjpeg/vp8/vp9")
+    assert plan_decode(cfg, CUDA, [info["av1_128"]], "ada") == DecodePlan("dali", "gpu", "ada")
+    assert plan_decode(cfg, CUDA, [info["av1_128"]], "hopper").loader == "pyav"  # no AV1 NVDEC on Hopper
+    # data.loader=dali stays on NVDEC when the CPU decoder cannot help: the pre-flight check names the file
+    assert plan_decode(replace(cfg, loader="dali"), CUDA, mixed, "hopper") == DecodePlan("dali", "gpu", "hopper")
+    # data.backend=gpu is not moved: data.loader=dali rejects the file, data.loader=auto reads it with PyAV
+    gpu = replace(cfg, backend="gpu")
+    assert plan_decode(replace(gpu, loader="dali"), CUDA, toy_like, "hopper") == DecodePlan("dali", "gpu", "hopper")
+    plan = plan_decode(gpu, CUDA, toy_like, "hopper")
+    assert plan.loader == "pyav" and plan.why.startswith(
+        f"1 of 2 video(s) cannot be decoded by DALI's gpu backend, e.g. {files['vp9_32']}: frame 32x32 is below")
+    # on a CPU model nothing is judged against NVDEC
+    assert plan_decode(cfg, "cpu", toy_like) == DecodePlan("dali", "cpu", nvdec.DEFAULT_GENERATION)
+    assert plan_decode(cfg, CUDA, toy_like, dali_missing="nvidia.dali is not importable").loader == "pyav"
+    with pytest.raises(RuntimeError, match="data.loader=dali but nvidia.dali is not importable; use data.loader=pyav"):
+        plan_decode(replace(cfg, loader="dali"), CUDA, toy_like, dali_missing="nvidia.dali is not importable")
+
+
+def test_data_backend_gpu_needs_the_model_on_cuda(files) -> None:
+    from pipelines.factory import plan_decode, resolve_backend
+
+    cfg = DataConfig(backend="gpu")
+    with pytest.raises(ValueError, match=r"data.backend=gpu decodes on the GPU, but the model runs on cpu .*set "
+                                         r"data.backend=cpu or data.backend=auto"):
+        resolve_backend(cfg, "cpu")
+    assert resolve_backend(cfg, CUDA) == "gpu" and resolve_backend(DataConfig(), "cpu") == "cpu"
+    assert plan_decode(replace(cfg, loader="pyav"), "cpu", []).loader == "pyav"  # PyAV does not use the key
+
+
+def test_build_loader_for_a_cuda_model_decodes_small_vp9_on_the_cpu(videos, monkeypatch, caplog) -> None:
+    """The factory on a CUDA device object (the GPU's compute capability faked as sm90: no CUDA touched, the DALI
+    pipeline is built lazily): the embedded default's case, VP9 below NVDEC's minimum."""
+    import logging
+
+    from pipelines import build_loader
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    manifest = videos.manifest("cuda_model.csv", videos.good[:4])  # VP9 64x48
+    cfg = DataConfig(root=str(videos.root), train_manifest=str(manifest), num_frames=4, sampling_rate=2,
+                     train_jitter_scales=[48, 56], train_crop_size=32, batch_size=2, num_workers=1,
+                     validate_cache="none")
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        loader = build_loader(cfg, "train", device=CUDA)
+    assert type(loader).__name__ == "DaliLoader" and loader.backend == "cpu" and loader.device == CUDA
+    assert loader.rejected == [] and loader.num_clips == 4
+    assert (f"data.backend=auto: DALI decodes on the CPU and the clips are copied to cuda, because NVDEC cannot "
+            f"decode 4 of 4 video(s), e.g. {videos.root / videos.good[0].name}: frame 64x48 is below NVDEC's VP9 "
+            f"minimum of 128x128") in caplog.text
+    with pytest.raises(ValueError, match=r"(?s)4 of 4 videos in the train manifest cannot be used.*frame 64x48 is "
+                                         r"below NVDEC's VP9 minimum of 128x128"):
+        build_loader(replace(cfg, backend="gpu", loader="dali"), "train", device=CUDA)
+    with pytest.raises(ValueError, match="data.backend=gpu decodes on the GPU, but the model runs on cpu"):
+        build_loader(replace(cfg, backend="gpu"), "train", device="cpu")

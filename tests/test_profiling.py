@@ -1,5 +1,5 @@
-"""harness.profiling: real profiled train steps, the summary's attention ranges, and TensorBoard's profiler plugin
-reading our run on loopback."""
+"""harness.profiling: real profiled train steps, the summary's attention ranges (also over synthetic events shaped
+like a CUDA profile's), and TensorBoard's profiler plugin reading our run on loopback."""
 
 from __future__ import annotations
 
@@ -14,13 +14,17 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import pytest
+from torch.autograd import DeviceType
 
 from harness.bench import resolve
 from harness.config import REPO_ROOT
 from harness.counting import count_flops
+from harness.gpu_check import collect_profile
 from harness.model import load_preset
-from harness.profiling import run_profile
+from harness.profiling import run_profile, summarise, write_summary
 
 
 def _cfg(attention_type: str):
@@ -65,6 +69,99 @@ def test_profile_summary_numbers_are_consistent(divided_run):
 def test_joint_profile_reports_the_joint_range(tmp_path):
     s = run_profile(_cfg("joint_space_time"), "tiny", steps=1, wait=0, warmup=1, out_root=tmp_path)
     assert set(s.range_ms) == {"attn/joint"}
+
+
+@dataclass
+class Avg:
+    """The fields of ``torch.autograd.profiler_util.FunctionEventAvg`` that the summary reads (times in us)."""
+
+    key: str
+    count: int
+    cpu_time_total: float = 0.0
+    self_cpu_time_total: float = 0.0
+    device_time_total: float = 0.0
+    self_device_time_total: float = 0.0
+    device_type: DeviceType = DeviceType.CPU
+
+
+STEPS = 2
+# key_averages() of 2 active steps on CPU: our ranges (CPU time only), operators, the profiler's own step range
+CPU_EVENTS = [
+    Avg("ProfilerStep#2", 1, 10500, 100),
+    Avg("train_step", STEPS, 10000, 200),
+    Avg("forward", STEPS, 4000, 100),
+    Avg("attn/temporal", 4, 1000, 50),
+    Avg("attn/spatial", 4, 2000, 50),
+    Avg("aten::mm", 40, 3000, 3000),
+    Avg("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 8, 600, 500),
+    Avg("aten::add_", 60, 400, 400),
+]
+# With CUDA activity: every CPU event also carries its kernels' device time, each range appears a second time as a
+# GPU annotation (device type CUDA, CPU time 0, device time = its span on the GPU), and kernels are events too.
+GPU = DeviceType.CUDA
+CUDA_EVENTS = [
+    Avg("ProfilerStep#2", 1, 10500, 100, 7000, 0),
+    Avg("train_step", STEPS, 10000, 200, 7000, 0),
+    Avg("forward", STEPS, 4000, 100, 2800, 0),
+    Avg("attn/temporal", 4, 300, 50, 500, 0),
+    Avg("attn/spatial", 4, 400, 50, 1000, 0),
+    Avg("aten::mm", 40, 600, 100, 2500, 2500),
+    Avg("aten::_flash_attention_backward", 8, 100, 40, 700, 700),
+    Avg("aten::add_", 60, 300, 300, 200, 200),
+    Avg("ProfilerStep#2", 1, 0, 0, 8200, 8200, GPU),
+    Avg("train_step", STEPS, 0, 0, 8000, 8000, GPU),
+    Avg("forward", STEPS, 0, 0, 3000, 3000, GPU),
+    Avg("attn/temporal", 4, 0, 0, 600, 600, GPU),
+    Avg("attn/spatial", 4, 0, 0, 1200, 1200, GPU),
+    Avg("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", 8, 0, 0, 900, 900, GPU),
+]
+
+
+def test_summary_of_a_cpu_profile_uses_cpu_time():
+    s = summarise(CPU_EVENTS, STEPS, "divided_space_time", Path("run"))
+    assert s.time_basis == "CPU" and s.step_ms == 5.0 and s.forward_ms == 2.0 and s.step_device_ms == 0.0
+    assert s.range_ms == {"attn/temporal": 0.5, "attn/spatial": 1.0}
+    assert s.range_share_of_step == {"attn/temporal": 0.1, "attn/spatial": 0.2}
+    assert s.range_share_of_forward == {"attn/temporal": 0.25, "attn/spatial": 0.5}
+    assert s.top_ops == [("aten::mm", 1.5, 20), ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 0.25, 4),
+                         ("aten::add_", 0.2, 30)]
+    assert s.attn_backward_ms == 0.25
+
+
+def test_summary_of_a_cuda_profile_keys_ranges_by_device_and_uses_gpu_time(tmp_path):
+    """The GPU annotation of each range (CPU time 0, listed after the CPU event) neither replaces the CPU step
+    (no division by zero) nor is ignored: the ranges' times and shares are GPU time."""
+    s = summarise(CUDA_EVENTS, STEPS, "divided_space_time", tmp_path)
+    assert s.time_basis == "GPU" and s.step_ms == 5.0 and s.forward_ms == 2.0  # wall time (ends synchronised)
+    assert s.step_device_ms == 4.0 and s.forward_device_ms == 1.5  # the annotations' spans
+    assert s.range_ms == {"attn/temporal": 0.3, "attn/spatial": 0.6}
+    assert s.range_share_of_step == pytest.approx({"attn/temporal": 0.075, "attn/spatial": 0.15})
+    assert s.range_share_of_forward == pytest.approx({"attn/temporal": 0.2, "attn/spatial": 0.4})
+    # operators by their kernels' time; kernels themselves and the annotations are not operators
+    assert [name for name, _, _ in s.top_ops] == ["aten::mm", "aten::_flash_attention_backward", "aten::add_"]
+    assert s.top_ops[0] == ("aten::mm", 1.25, 20) and s.attn_backward_ms == 0.35
+    # without the annotations (an older profiler), a range's GPU time is its CPU event's kernel time
+    no_annotations = [e for e in CUDA_EVENTS if e.device_type == DeviceType.CPU]
+    s2 = summarise(no_annotations, STEPS, "divided_space_time", tmp_path)
+    assert s2.time_basis == "GPU" and s2.range_ms == {"attn/temporal": 0.25, "attn/spatial": 0.5}
+    assert s2.step_device_ms == 3.5 and s2.range_share_of_step["attn/spatial"] == pytest.approx(0.5 / 3.5)
+
+
+def test_cuda_summary_is_written_and_read_back_by_the_gpu_check(tmp_path):
+    run = tmp_path / "profile" / "20260101-000000-divided_space_time"
+    run.mkdir(parents=True)
+    s = summarise(CUDA_EVENTS, STEPS, "divided_space_time", run)
+    extra = {"preset": "vit_base_patch16", "batch": 8, "frames": 8, "img_size": 224, "precision": "bf16",
+             "device": "NVIDIA H100 80GB HBM3", "wait": 1, "warmup": 1}
+    write_summary(s, run / "summary.md", extra)
+    text = (run / "summary.md").read_text()
+    assert "| attn/temporal | 0.3 | 7.5% | 20.0% |" in text and "| GPU ms per step |" in text
+    assert "on the GPU 4.0 ms (forward 1.5 ms)" in text and "Top ops by self GPU time" in text
+    (run / "x.pt.trace.json").write_text("{}")
+    (run / "trace_perfetto.json").write_text('{"traceEvents": [{"name": "aten::_scaled_dot_product_flash_attention"}]}')
+    figures = collect_profile(tmp_path / "profile")("")
+    assert figures["sdpa_kernels"] == ["flash_attention"]
+    assert figures["attention_share_pct"] == pytest.approx(100 * (0.3 + 0.6 + 0.35) / 4.0, abs=0.1)
 
 
 def test_profiling_cli_rejects_all():

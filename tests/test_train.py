@@ -286,3 +286,38 @@ def test_toy_recipe_divided_learns_the_order_space_only_cannot(tmp_path: Path) -
     print(f"toy val top-1: {results}")
     assert results["divided_space_time"] >= 90.0, results
     assert results["space_only"] <= 30.0, results
+
+
+def test_memory_is_logged_per_window_and_validation_apart(tmp_path, monkeypatch):
+    """Each train record's peak is that window's (not a running maximum), and validation's peak is logged on its
+    own: a 320 MiB buffer touched during validation shows in the val record only (CPU: the process's peak RSS)."""
+    import numpy as np
+
+    import harness.train as train_module
+    from harness.config import load_config
+    from harness.distributed import init_distributed
+    from harness.metrics import PeakMemoryWindow
+
+    if not PeakMemoryWindow("cpu").kind:
+        pytest.skip("/proc/self/clear_refs cannot be written here")
+    real_score = train_module.score_loader
+
+    def score_with_a_big_buffer(*args, **kwargs):
+        big = np.ones(320 * 2**20 // 8)
+        try:
+            return real_score(*args, **kwargs)
+        finally:
+            del big
+
+    monkeypatch.setattr(train_module, "score_loader", score_with_a_big_buffer)
+    cfg = load_config("configs/model/tiny.yaml", [
+        "data.loader=synthetic", "data.num_frames=4", "data.train_crop_size=32", "data.test_crop_size=32",
+        "data.batch_size=4", "data.synthetic_videos=16", "data.num_ensemble_views=1", "data.num_spatial_crops=1",
+        "test.batch_size=4", "solver.max_epoch=2", "solver.global_batch_size=0", "train.eval_period=1",
+        "train.log_period=2", f"output.dir={tmp_path}", "output.tensorboard=false"])
+    assert train_module.Trainer(cfg, init_distributed(cfg.dist)).fit() == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r["memory/max_rss_gib"] for r in records if r["event"] == "train"]
+    val = [r["memory/val_max_rss_gib"] for r in records if r["event"] == "val"]
+    assert len(train) == 4 and len(val) == 2  # 2 windows of 2 steps per epoch; validation after each epoch
+    assert min(val) - max(train) > 0.25, (train, val)

@@ -1,5 +1,6 @@
 """harness.workload: the one train/infer step (loss with label smoothing, clipping, the fp16 scaler path,
-torch.compile) on the tiny model."""
+torch.compile) on the tiny model, and the attention-backend check every model build goes through (CUDA cases
+judged from a device object and a compute capability, no GPU touched)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from harness.config import SolverConfig
 from harness.model import load_preset
-from harness.workload import BENCH_SOLVER, TrainStep, build_model, synthetic_batch, synthetic_step
+from harness.workload import BENCH_SOLVER, TrainStep, build_model, check_attention, synthetic_batch, synthetic_step
 
 CPU = torch.device("cpu")
 # Plain gradient descent: a parameter moves by exactly -lr x its (clipped) gradient.
@@ -116,3 +117,44 @@ def test_compiled_step_matches_eager():
     (eager_losses, eager_params), (compiled_losses, compiled_params) = results
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
     assert torch.allclose(compiled_params, eager_params, atol=1e-5)
+
+
+CUDA = torch.device("cuda")
+
+
+def test_check_attention_refuses_what_sdpa_cannot_run_on_cuda():
+    cfg = load_preset("tiny")
+    for backend in ("flash", "cudnn"):
+        with pytest.raises(ValueError, match=rf"model.attn_backend={backend} takes fp16/bf16 inputs on CUDA, and this "
+                                             r"run computes attention in float32: set the precision to bf16 or fp16"):
+            check_attention(replace(cfg, attn_backend=backend), CUDA, None, (9, 0))
+        check_attention(replace(cfg, attn_backend=backend), CUDA, torch.bfloat16, (9, 0))
+        with pytest.raises(ValueError, match=rf"model.attn_backend={backend} needs an sm80 or newer GPU \(this GPU "
+                                             r"is sm75\)"):
+            check_attention(replace(cfg, attn_backend=backend), CUDA, torch.float16, (7, 5))
+    check_attention(replace(cfg, attn_backend="efficient"), CUDA, None, (9, 0))
+    with pytest.raises(ValueError, match="model.attn_backend=efficient takes fp16/fp32 below sm80"):
+        check_attention(replace(cfg, attn_backend="efficient"), CUDA, torch.bfloat16, (7, 0))
+    for backend in ("auto", "math", "naive"):
+        check_attention(replace(cfg, attn_backend=backend), CUDA, None, (7, 0))
+    with pytest.raises(ValueError, match="model.attn_backend=cudnn exists on CUDA only"):
+        check_attention(replace(cfg, attn_backend="cudnn"), CPU, None)
+
+
+def test_build_model_checks_before_building_and_reads_the_gpus_capability(monkeypatch):
+    """The Trainer, evaluation, every bench case, the gate and the profiler build through ``build_model``."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (9, 0))
+    with pytest.raises(ValueError, match="model.attn_backend=flash takes fp16/bf16 inputs on CUDA"):
+        build_model(replace(load_preset("tiny"), attn_backend="flash"), CUDA)  # fp32: refused, nothing built
+    with pytest.raises(ValueError, match="model.attn_backend=flash takes fp16/bf16"):
+        synthetic_step(replace(load_preset("tiny"), attn_backend="flash"), CUDA, None, mode="train", batch=2)
+    assert asked == [CUDA, CUDA]
+    assert build_model(replace(load_preset("tiny"), attn_backend="flash"), CPU).blocks[0].attn.backend == "flash"
+
+
+def test_bench_config_is_refused_before_any_case_runs():
+    from harness.bench import resolve
+
+    with pytest.raises(ValueError, match="model.attn_backend=efficient exists on CUDA only"):
+        resolve(preset="tiny", overrides=["model.attn_backend=efficient"])

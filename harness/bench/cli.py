@@ -30,6 +30,7 @@ from harness.bench.sweep import build_cases, run_case
 from harness.config import ATTENTION_TYPES, BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
 from harness.metrics import BenchRecord, gpu_peak_flops, measure_gemm_flops, write_results
 from harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
+from harness.workload import check_attention
 from pipelines.files import atomic_write_text
 from pipelines.logs import setup_logging
 
@@ -65,7 +66,8 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
 
     Precedence, lowest first: the schema defaults, ``config`` (YAML), the preset's model fields
     (``configs/model/<preset>.yaml``; default ``bench.preset``, else by device), ``overrides`` (``key=value``),
-    then the keyword arguments. The result is checked like any loaded config (``load_config``), and
+    then the keyword arguments. The result is checked like any loaded config (``load_config``), its attention
+    backend against the device in ``bench.precision`` (``harness.workload.check_attention``), and
     ``bench.preset`` names the preset used.
     """
     from harness.model import load_preset
@@ -85,13 +87,19 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
         changes["suites"] = list(suites)
     if out_dir:
         changes["out_dir"] = out_dir
+    # the model's attention backend in the bench's precision on this device, before any case starts
+    check_attention(cfg.model, device, resolve_precision(cfg.bench.precision, device))
     return replace(cfg, bench=replace(cfg.bench, **changes)), preset, device
 
 
 def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[float | None, str | None]:
-    """The utilisation denominator: GPU table by name, else an fp32 GEMM measured now on this CPU."""
+    """The utilisation denominator: the GPU's dense peak from ``harness.metrics.GPU_PEAKS`` (none for a GPU not in
+    it: the source says so and no utilisation is computed), else an fp32 GEMM measured now on this CPU."""
     if device.type == "cuda":
-        return gpu_peak_flops(device_name(device), precision)
+        peak, source = gpu_peak_flops(device_name(device), precision)
+        if peak is None:
+            logger.warning("%s", source)
+        return peak, source
     rate = measure_gemm_flops(device, n=gemm_n)
     return rate, f"measured fp32 GEMM n={gemm_n} ({rate / 1e9:.1f} GFLOP/s)"
 

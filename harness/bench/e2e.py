@@ -1,6 +1,11 @@
 """The e2e suite: the experiment's train steps fed by its real loader (``bench.data_config``, the toy divided
 experiment by default). Is ``make train`` input-bound? Yes when waiting for data takes more than
-``bench.input_bound_threshold`` of a step."""
+``bench.input_bound_threshold`` of a step.
+
+Its peak memory is the CUDA allocator's (GPU) or the worker's peak RSS growth (CPU), like every suite's; a loader
+keeps memory outside both (DALI's GPU buffers, PyAV's worker processes), so the record says what its peak covers
+(``extra["peak_mem_covers"]``) and, on a GPU, adds the device's used memory as the driver reports it
+(``extra["device_used_max_bytes"]``: every allocation on the GPU, DALI's and the CUDA context's included)."""
 
 from __future__ import annotations
 
@@ -38,11 +43,11 @@ def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dt
     T, S, B = data.num_frames, data.train_crop_size, data.batch_size
     rec.frames, rec.img_size, rec.batch = T, S, B
     rec.flops_per_clip = count_flops(case.model, batch=1, frames=T, img_size=S, mode="train")
-    model = build_model(case.model, device, channels_last=case.channels_last)
+    model = build_model(case.model, device, dtype=dtype, channels_last=case.channels_last)
     rec.params = count_params(model)
     train = TrainStep.build(model, device, dtype)
 
-    wait, compute, clips = [], [], 0
+    wait, compute, clips, device_used = [], [], 0, 0
     want = WARMUP_BATCHES + case.batches
     epoch = 0
     while len(compute) < want:
@@ -61,12 +66,18 @@ def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dt
                 torch.cuda.synchronize(device)
             wait.append(t1 - t0)
             compute.append(time.perf_counter() - t1)
+            if device.type == "cuda":  # after the timed part: the driver's view, DALI's buffers included
+                free, total = torch.cuda.mem_get_info(device)
+                device_used = max(device_used, total - free)
             if len(compute) > WARMUP_BATCHES:
                 clips += video.size(0)
         epoch += 1
         if epoch > 100:
             raise RuntimeError("the e2e loader yields no batches")
     rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
+    rec.extra["peak_mem_covers"] = peak_memory_covers(device, loader)
+    if device.type == "cuda":
+        rec.extra["device_used_max_bytes"] = device_used
     if device.type == "cpu" and case.gemm_n:
         gemm, gemm_flops = gemm_workload(device, case.gemm_n)
         rec.peak_flops = gemm_flops / statistics.median(time_steps(gemm, device, warmup=1, steps=5))
@@ -79,9 +90,21 @@ def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dt
     share = sum(w) / sum(steps)
     bound = share > case.threshold
     rec.extra.update({
-        "loader": type(loader).__name__, "data_wait_ms_median": 1e3 * statistics.median(w),
+        "loader": type(loader).__name__, "decode": getattr(loader, "backend", "pyav"),
+        "data_wait_ms_median": 1e3 * statistics.median(w),
         "compute_ms_median": 1e3 * statistics.median(c), "data_wait_s": sum(w), "step_s": sum(steps),
         "data_wait_share": share, "input_bound": bound,
         "verdict": ("input-bound" if bound else "compute-bound")
         + f" (data wait {100 * share:.0f}% of a step; threshold {100 * case.threshold:.0f}%)",
     })
+
+
+def peak_memory_covers(device: torch.device, loader: object) -> str:
+    """What an e2e record's ``peak_mem_bytes`` includes, and what the loader keeps outside it."""
+    kind = type(loader).__name__
+    if device.type == "cuda":
+        outside = ("DALI's own GPU buffers (NVDEC output, resize) are outside it: see device_used_max_bytes"
+                   if getattr(loader, "backend", "") == "gpu" else f"the {kind} decodes on the CPU")
+        return f"torch's CUDA allocator: model, optimizer state, activations, batches on the GPU; {outside}"
+    inside = "DALI's CPU pipeline included" if kind == "DaliLoader" else "not the PyAV DataLoader worker processes"
+    return f"peak RSS growth of the worker process: model, optimizer state, activations, batches; {inside}"

@@ -30,6 +30,7 @@ from harness.checkpoint import CheckpointError
 from harness.config import RootConfig, load_config
 from harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from harness.runtime import autocast, environment_info, resolve_precision
+from pipelines.base import Loader
 from pipelines.logs import setup_logging
 from pipelines.quarantine import BadVideoError
 
@@ -132,7 +133,7 @@ def accuracy_report(acc: ViewAccumulator, num_classes: int, views_per_video: int
 
 
 @torch.no_grad()
-def score_loader(model: torch.nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
+def score_loader(model: torch.nn.Module, loader: Loader, device: torch.device, dtype: torch.dtype | None,
                  ensemble: str = "sum") -> ViewAccumulator:
     """Run ``model`` over ``loader`` (this rank's shard) and merge the views of every video across ranks, with the
     views the loader could not decode (``loader.unscored``). A ``BadVideoError`` on one rank stops every rank."""
@@ -149,7 +150,7 @@ def score_loader(model: torch.nn.Module, loader: Iterable, device: torch.device,
         error = str(e)
     finally:
         model.train(was_training)
-    acc.unscored = [asdict(u) for u in getattr(loader, "unscored", [])]
+    acc.unscored = [asdict(u) for u in loader.unscored]
     states = all_gather_objects((acc.state(), error))
     errors = [e for _, e in states if e]
     if errors:

@@ -182,9 +182,10 @@ class Trainer:
 
     def _extra_state(self, epoch: int, batch: int) -> dict[str, Any]:
         """Our checkpoint keys; every rank's RNG states are gathered (a collective: all ranks call it)."""
-        bad = getattr(self._train_loader, "quarantine", None)
+        states = all_gather_objects(self._train_loader.quarantine.state() if self._train_loader is not None
+                                    else self.bad_videos)
         merged = Quarantine(0)  # every rank's entries found before this position (the later ones are found again)
-        merged.merge(all_gather_objects(bad.state()) if bad is not None else [self.bad_videos])
+        merged.merge(states)
         return {"scaler": self.scaler.state_dict(), "rng": all_gather_objects(rng_state()),
                 "scheduler": {"policy": self.cfg.solver.lr_policy,
                               "lr": self.optimizer.param_groups[0]["lr"]},
@@ -238,7 +239,7 @@ class Trainer:
             self.metrics.log({"event": "end", "param_digests": digests,
                               "time/total_s": round(time.perf_counter() - t_run, 2),
                               "data/quarantined": len({e["path"] for e in self.bad_videos}),
-                              "data/preflight_rejected": len(getattr(loader, "rejected", []))}, self.step)
+                              "data/preflight_rejected": len(loader.rejected)}, self.step)
             if len(set(digests)) != 1:
                 raise RuntimeError(f"ranks ended with different weights: {digests}")
             logger.info("training done: %d epochs, %d steps, %.1f s", cfg.solver.max_epoch, self.step,
@@ -258,12 +259,10 @@ class Trainer:
         flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
         return bool(all_reduce_sum(flag).item() > 0)
 
-    def _merge_bad_videos(self, loader: Any) -> Quarantine | None:
+    def _merge_bad_videos(self, loader: Any) -> Quarantine:
         """Every rank's quarantine merged into ``loader.quarantine`` (a collective) and kept in ``rejected.csv``
-        (rank 0); None for a loader without one (synthetic)."""
-        bad = getattr(loader, "quarantine", None)
-        if bad is None:
-            return None
+        (rank 0)."""
+        bad = loader.quarantine
         bad.merge(all_gather_objects(bad.state()))
         self.bad_videos = bad.state()
         if self.info.is_main and (bad.entries or loader.rejected):
@@ -285,7 +284,7 @@ class Trainer:
                      [r for r, m in enumerate(messages) if m])
         bad = self._merge_bad_videos(loader)
         self.metrics.log({"event": "bad_video_stop", "epoch": epoch + 1, "batch": batch,
-                          "data/quarantined": len(bad) if bad is not None else 0}, self.step)
+                          "data/quarantined": len(bad)}, self.step)
         first = next(m for m in messages if m)
         raise BadVideoError(f"{first}\nevery video left out is listed in {self.run_dir / 'rejected.csv'}") from error
 
@@ -392,16 +391,14 @@ class Trainer:
         if not mixing:
             record["train/top1"] = 100.0 * totals[1].item() / max(totals[2].item(), 1)
         bad = self._merge_bad_videos(loader)
-        if bad is not None:
-            record["data/quarantined"] = len(bad)
-            record["data/quarantined_epoch"] = len({e.path for e in bad.entries if e.epoch == epoch})
+        record["data/quarantined"] = len(bad)
+        record["data/quarantined_epoch"] = len({e.path for e in bad.entries if e.epoch == epoch})
         self.metrics.log(record, self.step)
         logger.info("epoch %d/%d: loss %.4f%s, lr %.3g, step %d%s", epoch + 1, cfg.solver.max_epoch,
                     record["train/loss"], f", train top-1 {record['train/top1']:.1f}%" if not mixing else "",
                     record["lr"], self.step,
                     f"; {len(bad)} video(s) quarantined so far (rejected.csv)" if bad else "")
-        if bad is not None:
-            bad.check_budget()  # every rank holds the merged list, so all stop here together
+        bad.check_budget()  # every rank holds the merged list, so all stop here together
         return stop, 0
 
     def _log_window(self, window: dict[str, float], lr: float, epoch: int) -> None:

@@ -9,7 +9,9 @@ Files live in ``{output.dir}/checkpoints/``:
 
 Our keys next to the original ``epoch``/``model_state``/``optimizer_state``/``cfg``: ``position`` ({epoch, batch}:
 the next batch to run), ``step`` (optimizer steps so far), ``scaler``, ``scheduler``, ``rng`` (every rank's torch,
-CUDA, Python and NumPy generator states), ``world_size``, ``seed``. Writes are atomic (``harness.checkpoint``).
+CUDA, Python and NumPy generator states), ``world_size``, ``seed``, ``quarantine`` (the videos every rank found
+to fail while decoding before ``position``, as ``pipelines.quarantine.BadVideo`` dicts: a resumed run leaves out the
+same videos at the same batches). Writes are atomic (``harness.checkpoint``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 A loader is an iterable of ``Batch(video (B, 3, T, H, W) float32 normalised, label (B,) int64, index (B,) int64)``
 on the requested device, with ``len()`` = batches per epoch on this rank, ``set_epoch(e)``, ``num_clips`` (clips per
-epoch on this rank) and ``rejected`` ([(path, reason)] of the videos left out).
+epoch on this rank), ``rejected`` ([(path, reason)] of the videos the pre-flight check left out), ``quarantine``
+(the videos that failed while decoding, ``pipelines.quarantine.Quarantine``) and ``unscored`` (the val/test views
+of the last pass that could not be decoded).
 
 * train: every video once per epoch in an order from ``default_rng((data.seed, epoch))``, sharded ``[rank::world]``
   and cut to the same count on every rank; each clip's frames, crop window and flip come from
@@ -51,7 +53,8 @@ class Batch:
 class Loader(Protocol):
     num_clips: int
     rejected: list[tuple[str, str]]
-    quarantine: Quarantine  # videos that failed while decoding (not the synthetic loader)
+    quarantine: Quarantine
+    unscored: list[UnscoredView]
 
     def __iter__(self) -> Iterator[Batch]: ...
 

@@ -123,7 +123,6 @@ class DaliLoader(ClipLoader):
         self._clean = False  # True when the pipeline finished its last epoch and can be reset and reused
         self._clip_pipe = None  # the batch-1 pipeline of _decode_clip, built on first use
         self._clip_source: _PlanSource | None = None
-        self.rebuilds = 0  # pipelines rebuilt after a decode error
         logger.info("DALI loader (%s): %d clips/epoch on this rank, %d batches, %d threads", backend, self.num_clips,
                     len(self), self.cfg.num_workers)
 
@@ -182,7 +181,6 @@ class DaliLoader(ClipLoader):
                 # a decode error ends the pipeline and does not say which clip: rebuild it, feed it from the next
                 # batch, and let ClipLoader find the culprit among this batch's clips
                 made += len(chunk)
-                self.rebuilds += 1
                 self._new_pipe()
                 self.source.start(plans[b + B:])
                 yield FailedBatch(chunk, errors=None, cause=failure)

@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         print(f"{name:<28}" + "".join(f"{r[c]:22.1f}" for c in cases))
     if repair:
-        print(f"DALI epochs with a damaged file: the batch that failed and was repaired {repair['failed_batch_s']:.2f} s "
-              f"({repair['failed_batches']} such batch(es)), the others {repair['other_batches_median_s']:.2f} s (median)")
+        print(f"DALI epochs with a damaged file: the batch that failed and was repaired "
+              f"{repair['failed_batch_s']:.2f} s ({repair['failed_batches']} such batch(es)), the others "
+              f"{repair['other_batches_median_s']:.2f} s (median)")
         results["repair"] = repair
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -317,7 +317,7 @@ class Trainer:
         # here (a rank that skipped a step would leave the others waiting in a collective).
         batches = _until_bad_video(iter(loader))
         t_prev = time.perf_counter()
-        batch = next(batches, None)
+        batch = next(batches, None) if start < n else None
         fetch_s = time.perf_counter() - t_prev
         self._agree_on_bad_video(loader, epoch, start, batch)
         for i in range(start, n):
@@ -398,7 +398,12 @@ class Trainer:
                     record["train/loss"], f", train top-1 {record['train/top1']:.1f}%" if not mixing else "",
                     record["lr"], self.step,
                     f"; {len(bad)} video(s) quarantined so far (rejected.csv)" if bad else "")
-        bad.check_budget()  # every rank holds the merged list, so all stop here together
+        try:
+            bad.check_budget()  # every rank holds the merged list, so all stop here together
+        except BadVideoError as e:
+            self.metrics.log({"event": "bad_video_stop", "epoch": epoch + 1, "batch": n,
+                              "data/quarantined": len(bad)}, self.step)
+            raise type(e)(f"{e}\nevery video left out is listed in {self.run_dir / 'rejected.csv'}") from None
         return stop, 0
 
     def _log_window(self, window: dict[str, float], lr: float, epoch: int) -> None:

@@ -93,8 +93,9 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
         what = f"{len(rejected)} of {len(entries)} videos in the {split} manifest cannot be used"
         listing = "\n".join(f"  {p}: {r}" for p, r in rejected[:10]) + ("\n  ..." if len(rejected) > 10 else "")
         if cfg.on_bad_video == "error":
+            deep = " --deep" if cfg.validate == "deep" else ""
             raise ValueError(f"{what} (data.on_bad_video=error):\n{listing}\nfix or remove them (python -m "
-                             f"pipelines.validate MANIFEST lists them all), or set data.on_bad_video=skip")
+                             f"pipelines.validate MANIFEST{deep} lists them all), or set data.on_bad_video=skip")
         logger.warning("%s; skipping them (data.on_bad_video=skip):\n%s", what, listing)
         if run_dir is not None and rank == 0:
             write_rejected(Path(run_dir) / f"rejected_{split}.csv" if split != "train" else

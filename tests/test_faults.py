@@ -60,8 +60,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 
 
 def data_cfg(corpus: Corpus, loader: str, **kw) -> DataConfig:
-    """4 frames at rate 3 (12 of the 24 frames), crop 32, batches of 4, skip with no budget unless overridden."""
-    base = dict(loader=loader, backend="cpu", root=str(corpus.root), num_frames=4, sampling_rate=3,
+    """8 frames at rate 3: every clip spans all 24 frames, so it reaches the damage wherever it is, whichever frames
+    a decoder skips; crop 32, batches of 4, skip with no budget unless overridden."""
+    base = dict(loader=loader, backend="cpu", root=str(corpus.root), num_frames=8, sampling_rate=3,
                 train_jitter_scales=[40, 48], train_crop_size=32, test_crop_size=32, num_spatial_crops=1,
                 batch_size=4, num_workers=1, on_bad_video="skip", max_bad_fraction=1.0, validate_cache="none")
     return DataConfig(**{**base, **kw})
@@ -91,11 +92,11 @@ def test_the_probe_reports_damage_instead_of_raising(corpus: Corpus) -> None:
 
 @pytest.fixture(scope="module")
 def whole_file(corpus: Corpus) -> dict[str, tuple[set[str], list[int], object]]:
-    """Per loader, one test view per usable video spanning all its 24 frames (8 frames at rate 3), so every packet
-    is decoded: (paths of the unscored views, scored video indices, the loader)."""
+    """Per loader, one test view per usable video spanning all its 24 frames: (paths of the unscored views, scored
+    video indices, the loader)."""
     out = {}
     for loader in LOADERS:
-        ld = build_loader(data_cfg(corpus, loader, num_frames=8), "test")
+        ld = build_loader(data_cfg(corpus, loader), "test")
         scored = [i for b in ld for i in b.index.tolist()]
         out[loader] = ({u.path for u in ld.unscored}, scored, ld)
     return out
@@ -122,7 +123,6 @@ def test_deep_check_flags_every_file_a_loader_fails_on_and_no_good_file(corpus: 
     failing = whole_file["dali"][0] | whole_file["pyav"][0]
     assert failing and failing <= set(shallow_ok)  # the shallow check passed them all
     assert failing <= deep.keys(), f"passed the deep check but fail while decoding: {failing - deep.keys()}"
-    assert all(deep[p].startswith("deep check: decode error") for p in failing)
 
 
 def test_deep_check_is_cached_and_the_cli_runs_it(corpus: Corpus, tmp_path: Path,
@@ -172,7 +172,7 @@ def test_train_loader_replaces_failed_clips_and_leaves_their_videos_out(corpus: 
         planned = {p.path for p in ld.planner_for(epoch).plans(epoch)[:ld.num_clips]}
         batches = list(ld)
         lengths.append(len(batches))
-        assert len(batches) == len(ld) and all(tuple(b.video.shape) == (4, 3, 4, 32, 32) for b in batches)
+        assert len(batches) == len(ld) and all(tuple(b.video.shape) == (4, 3, 8, 32, 32) for b in batches)
         used = {path_of[i] for b in batches for i in b.index.tolist()}
         assert planned <= used | ld.quarantine.paths()  # every planned clip was decoded, or left out and replaced
         if epoch == 1:
@@ -222,8 +222,8 @@ def test_on_bad_video_error_stops_at_the_first_failure_naming_the_file(corpus: C
 
 def test_the_budget_stops_the_run_with_the_list(corpus: Corpus) -> None:
     ld = build_loader(data_cfg(corpus, "pyav", max_bad_fraction=0.1), "train")  # 19 usable videos: at most 1
-    with pytest.raises(TooManyBadVideos, match=r"(?s)2 of 19 videos failed to decode, more than "
-                                               r"data.max_bad_fraction=0.1 allows \(1\):\n  .*payload.*\n  .*payload"):
+    with pytest.raises(TooManyBadVideos, match=r"2 of 19 videos failed to decode, more than data.max_bad_fraction="
+                                               r"0.1 allows \(1\):\n  \S+\.webm: .+\n  \S+\.webm: .+\nthe dataset"):
         for epoch in range(2):
             ld.set_epoch(epoch)
             list(ld)
@@ -251,7 +251,8 @@ def test_quarantine_rules(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Real training processes.
-TINY = ["--config", "configs/model/tiny.yaml", "model.num_classes=3", "data.backend=cpu", "data.num_frames=4",
+TINY = ["--config", "configs/model/tiny.yaml", "model.num_classes=3", "model.num_frames=8", "data.backend=cpu",
+        "data.num_frames=8",
         "data.sampling_rate=3", "data.train_crop_size=32", "data.test_crop_size=32", "data.train_jitter_scales=[40,48]",
         "data.batch_size=2", "data.num_workers=1", "data.num_ensemble_views=1", "data.num_spatial_crops=1",
         "data.validate_cache=none", "data.on_bad_video=skip", "data.max_bad_fraction=0.5", "solver.optimizer=adamw",
@@ -291,8 +292,14 @@ def test_training_with_skip_lists_what_it_left_out_and_resumes_exactly(corpus: C
     assert report["num_unscored_views"] == val["val/unscored_views"] and report["unscored_views"][0]["reason"]
     assert "left out" in ref_err and "replaced by" in ref_err
 
+    # SIGTERM after optimizer step s stops after step s + 1, saving position batch 2 (s + 1) (2 batches a step):
+    # chosen after the first failure and at or before the last, so the checkpoint holds some entries and not all
+    found = sorted(int(r["batch"]) for r in rows if r["epoch"] == "1")
+    assert len(set(found)) >= 2, f"the test needs failures at two batches of epoch 1: {rows}"
+    step = max(1, found[0] // 2)
+    assert found[0] < 2 * (step + 1) <= found[-1], found
     args = ("data.loader=dali", f"data.root={corpus.root}", "train.eval_period=0")
-    first, err = train(*args, "train.debug_signal_at_step=1", out=tmp_path / "resumed")
+    first, err = train(*args, f"train.debug_signal_at_step={step}", out=tmp_path / "resumed")
     assert first.returncode == 0 and "stopped by SIGTERM" in first.stdout, err[-3000:]
     (mid,) = list_checkpoints(tmp_path / "resumed" / "checkpoints")
     saved = load_file(mid)["quarantine"]

@@ -181,7 +181,8 @@ class Trainer:
         logger.warning("received %s: finishing the current optimizer step, then saving and exiting", name)
 
     def _extra_state(self, epoch: int, batch: int) -> dict[str, Any]:
-        """Our checkpoint keys; every rank's RNG states are gathered (a collective: all ranks call it)."""
+        """Our checkpoint keys (``harness.train_state``); every rank's RNG states and quarantine entries are gathered
+        (a collective: all ranks call it), and only the entries found before (``epoch``, ``batch``) are kept."""
         states = all_gather_objects(self._train_loader.quarantine.state() if self._train_loader is not None
                                     else self.bad_videos)
         merged = Quarantine(0)  # every rank's entries found before this position (the later ones are found again)

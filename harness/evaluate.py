@@ -5,7 +5,9 @@ with ``Batch.index`` naming the video. Each rank scores its shard; the views of 
 ``test.ensemble`` says (``sum`` of raw logits: the original; ``softmax_mean``; ``max``), the per-video scores are
 gathered, and top-1, top-5 and per-class accuracy are written as JSON (``test.output``, default
 ``{output.dir}/eval_{split}.json``). Checkpoints in the original ``.pyth`` format load as they are
-(``harness.checkpoint.load_weights``, strict).
+(``harness.checkpoint.load_weights``, strict). A view whose clip fails to decode is left out of its video's score
+and listed (``unscored_views``); accuracy is over the videos with at least one scored view
+(``data.on_bad_video=error`` stops at the first such view instead).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,7 +30,9 @@ from harness.checkpoint import CheckpointError
 from harness.config import RootConfig, load_config
 from harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from harness.runtime import autocast, environment_info, resolve_precision
+from pipelines.base import Loader
 from pipelines.logs import setup_logging
+from pipelines.quarantine import BadVideoError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class ViewAccumulator:
         self.scores: dict[int, torch.Tensor] = {}
         self.labels: dict[int, int] = {}
         self.views: dict[int, int] = {}
+        self.unscored: list[dict[str, Any]] = []  # views that could not be decoded (pipelines.quarantine.UnscoredView)
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:
         """logits: (B, C); labels, index: (B,)."""
@@ -68,15 +73,19 @@ class ViewAccumulator:
                 else:
                     out.scores[i], out.labels[i] = s.clone(), acc.labels[i]
                 out.views[i] = out.views.get(i, 0) + acc.views[i]
+            out.unscored += acc.unscored
+        out.unscored.sort(key=lambda u: (u["index"], u["view"]))
         return out
 
     def state(self) -> dict[str, Any]:
-        return {"ensemble": self.ensemble, "scores": self.scores, "labels": self.labels, "views": self.views}
+        return {"ensemble": self.ensemble, "scores": self.scores, "labels": self.labels, "views": self.views,
+                "unscored": self.unscored}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ViewAccumulator:
         acc = cls(state["ensemble"])
         acc.scores, acc.labels, acc.views = state["scores"], state["labels"], state["views"]
+        acc.unscored = list(state.get("unscored", []))
         return acc
 
 
@@ -106,7 +115,13 @@ def accuracy_report(acc: ViewAccumulator, num_classes: int, views_per_video: int
         "per_class_top1": per_class,
         "ensemble": acc.ensemble,
         "views_seen": sum(acc.views.values()),
+        "num_unscored_views": len(acc.unscored),
+        "num_unscored_videos": len({u["index"] for u in acc.unscored} - set(acc.scores)),  # no view scored
+        "unscored_views": acc.unscored,
     }
+    if acc.unscored:
+        logger.warning("%d view(s) of %d video(s) could not be decoded and are not scored (unscored_views; first: "
+                       "%s)", len(acc.unscored), len({u["index"] for u in acc.unscored}), acc.unscored[0]["path"])
     if views_per_video:
         short = [i for i in ids if acc.views[i] != views_per_video]
         report["views_per_video"] = views_per_video
@@ -118,23 +133,31 @@ def accuracy_report(acc: ViewAccumulator, num_classes: int, views_per_video: int
 
 
 @torch.no_grad()
-def score_loader(model: torch.nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
+def score_loader(model: torch.nn.Module, loader: Loader, device: torch.device, dtype: torch.dtype | None,
                  ensemble: str = "sum") -> ViewAccumulator:
-    """Run ``model`` over ``loader`` (this rank's shard) and merge the views of every video across ranks."""
+    """Run ``model`` over ``loader`` (this rank's shard) and merge the views of every video across ranks, with the
+    views the loader could not decode (``loader.unscored``). A ``BadVideoError`` on one rank stops every rank."""
     was_training = model.training
     model.eval()
     acc = ViewAccumulator(ensemble)
+    error = ""
     try:
         for batch in loader:
             with autocast(device, dtype):
                 logits = model(batch.video.to(device, non_blocking=True))
             acc.add(logits, batch.label, batch.index)
+    except BadVideoError as e:  # data.on_bad_video=error: the other ranks learn it at the gather below
+        error = str(e)
     finally:
         model.train(was_training)
-    states = all_gather_objects(acc.state())
+    acc.unscored = [asdict(u) for u in loader.unscored]
+    states = all_gather_objects((acc.state(), error))
+    errors = [e for _, e in states if e]
+    if errors:
+        raise BadVideoError(errors[0])
     if len(states) == 1:
         return acc
-    return ViewAccumulator(ensemble).merge(ViewAccumulator.from_state(s) for s in states)
+    return ViewAccumulator(ensemble).merge(ViewAccumulator.from_state(s) for s, _ in states)
 
 
 def class_names_for(cfg: RootConfig) -> list[str] | None:
@@ -202,12 +225,17 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(cfg.test.output or Path(cfg.output.dir) / f"eval_{cfg.test.split}.json")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
+            unscored = (f"  ({result['num_unscored_views']} views could not be decoded: unscored_views)"
+                        if result["num_unscored_views"] else "")
             print(f"{checkpoint}: {result['num_videos']} videos x {result.get('views_per_video')} views "
                   f"({result['ensemble']}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-                  f"mean class {result['mean_class_accuracy']}%  -> {out}")
+                  f"mean class {result['mean_class_accuracy']}%{unscored}  -> {out}")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BadVideoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         cleanup()
     return 0

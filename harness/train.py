@@ -8,8 +8,13 @@ iteration from the fractional epoch, gradients accumulate until ``solver.global_
 fp16 with a GradScaler), channels-last on GPU, clipping, label smoothing, mixup/cutmix, auto-resume that continues
 the same run, SIGTERM/SIGINT handling (finish the step, save, exit 0) and a stop on a non-finite loss.
 
+Videos that fail while decoding are quarantined by the loader (``pipelines.quarantine``); the Trainer merges every
+rank's list at each epoch's end, keeps it in ``rejected.csv`` and in the checkpoint (so a resumed run replays the
+same batches), counts it in the metrics, and stops every rank together when a loader stops on a bad video
+(``data.on_bad_video=error``, or more than ``data.max_bad_fraction`` of the videos).
+
 Outputs in ``output.dir``: ``config.yaml`` (resolved), ``environment.json``, ``metrics.jsonl``, TensorBoard
-events in ``tb/``, ``checkpoints/``, ``eval_val.json``.
+events in ``tb/``, ``checkpoints/``, ``eval_val.json``, ``rejected.csv`` (videos left out, when any).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, NoReturn
 
 if __package__ in (None, ""):  # run as a script (torchrun harness/train.py): put the repo root first on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -46,6 +51,7 @@ from harness.train_hooks import DebugHooks
 from harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
 from harness.workload import TrainStep, build_model, compile_model, grad_scaler
 from pipelines.logs import setup_logging
+from pipelines.quarantine import BadVideoError, Quarantine, write_rejected
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,14 @@ def param_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _until_bad_video(batches: Iterator[Any]) -> Iterator[Any]:
+    """The loader's batches; in place of the one it could not make, the ``BadVideoError`` that stopped it."""
+    try:
+        yield from batches
+    except BadVideoError as e:
+        yield e
 
 
 class Trainer:
@@ -88,6 +102,8 @@ class Trainer:
         self.scaler = grad_scaler(self.device, self.dtype)
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last)
         self.start_epoch, self.start_batch, self.step = 0, 0, 0
+        self.bad_videos: list[dict[str, Any]] = []  # the train loader's quarantine, as restored / last merged
+        self._train_loader: Any = None
         self._restore()
         self.ddp: DDP | None = None
         if info.enabled:
@@ -130,6 +146,7 @@ class Trainer:
                 self.scaler.load_state_dict(obj["scaler"])
             self.start_epoch, self.start_batch = resume_position(obj)
             self.step = int(obj.get("step", 0))
+            self.bad_videos = list(obj.get("quarantine", []))
             rngs = obj.get("rng")
             old_world = int(obj.get("world_size", 1))
             if rngs and old_world == self.info.world_size:
@@ -150,9 +167,12 @@ class Trainer:
         from pipelines import build_loader
 
         data_cfg = self.cfg.data if split == "train" else replace(self.cfg.data, batch_size=self.cfg.test.batch_size)
-        kwargs = {"start_batch": start_batch} if split == "train" else {}
-        return build_loader(data_cfg, split, device=self.device, rank=self.info.rank,
-                            world_size=self.info.world_size, run_dir=self.run_dir, **kwargs)
+        kwargs = {"start_batch": start_batch, "quarantine": self.bad_videos} if split == "train" else {}
+        loader = build_loader(data_cfg, split, device=self.device, rank=self.info.rank,
+                              world_size=self.info.world_size, run_dir=self.run_dir, **kwargs)
+        if split == "train":
+            self._train_loader = loader
+        return loader
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -163,12 +183,18 @@ class Trainer:
         logger.warning("received %s: finishing the current optimizer step, then saving and exiting", name)
 
     def _extra_state(self, epoch: int, batch: int) -> dict[str, Any]:
-        """Our checkpoint keys; every rank's RNG states are gathered (a collective: all ranks call it)."""
+        """Our checkpoint keys (``harness.train_state``); every rank's RNG states and quarantine entries are gathered
+        (a collective: all ranks call it), and only the entries found before (``epoch``, ``batch``) are kept."""
+        states = all_gather_objects(self._train_loader.quarantine.state() if self._train_loader is not None
+                                    else self.bad_videos)
+        merged = Quarantine(0)  # every rank's entries found before this position (the later ones are found again)
+        merged.merge(states)
         return {"scaler": self.scaler.state_dict(), "rng": all_gather_objects(rng_state()),
                 "scheduler": {"policy": self.cfg.solver.lr_policy,
                               "lr": self.optimizer.param_groups[0]["lr"]},
                 "world_size": self.info.world_size, "batch_size": self.cfg.data.batch_size,
-                "seed": self.cfg.train.seed, "optimizer_impl": self.optimizer_impl}
+                "seed": self.cfg.train.seed, "optimizer_impl": self.optimizer_impl,
+                "quarantine": merged.state_before(epoch, batch)}
 
     def save(self, epoch: int, batch: int) -> Path | None:
         extra = self._extra_state(epoch, batch)
@@ -214,7 +240,9 @@ class Trainer:
                     return 0
             digests = all_gather_objects(param_digest(self.model))
             self.metrics.log({"event": "end", "param_digests": digests,
-                              "time/total_s": round(time.perf_counter() - t_run, 2)}, self.step)
+                              "time/total_s": round(time.perf_counter() - t_run, 2),
+                              "data/quarantined": len({e["path"] for e in self.bad_videos}),
+                              "data/preflight_rejected": len(loader.rejected)}, self.step)
             if len(set(digests)) != 1:
                 raise RuntimeError(f"ranks ended with different weights: {digests}")
             logger.info("training done: %d epochs, %d steps, %.1f s", cfg.solver.max_epoch, self.step,
@@ -233,6 +261,35 @@ class Trainer:
     def _agreed_stop(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
         return bool(all_reduce_sum(flag).item() > 0)
+
+    def _merge_bad_videos(self, loader: Any) -> Quarantine:
+        """Every rank's quarantine merged into ``loader.quarantine`` (a collective) and kept in ``rejected.csv``
+        (rank 0)."""
+        bad = loader.quarantine
+        bad.merge(all_gather_objects(bad.state()))
+        self.bad_videos = bad.state()
+        if self.info.is_main and (bad.entries or loader.rejected):
+            write_rejected(self.run_dir / "rejected.csv", loader.rejected, bad.entries)
+        return bad
+
+    def _agree_on_bad_video(self, loader: Any, epoch: int, batch: int, got: Any) -> None:
+        """Stop every rank when any rank's loader stopped on a bad video instead of giving batch ``batch`` (``got``
+        is the ``BadVideoError`` there); a collective."""
+        failed = isinstance(got, BadVideoError)
+        if all_reduce_sum(torch.tensor([1.0 if failed else 0.0], device=self.device)).item() > 0:
+            self._stop_on_bad_video(loader, epoch, batch, got if failed else None)
+
+    def _stop_on_bad_video(self, loader: Any, epoch: int, batch: int, error: BadVideoError | None) -> NoReturn:
+        """Stop every rank (all call it, after agreeing at an all-reduce): one rank's loader raised ``error`` (None
+        on the others). The list goes to ``rejected.csv``, the first failing rank's message to every rank's error."""
+        messages = all_gather_objects(str(error) if error is not None else None)
+        logger.error("stopping every rank at epoch %d batch %d: rank(s) %s stopped on a bad video", epoch + 1, batch,
+                     [r for r, m in enumerate(messages) if m])
+        bad = self._merge_bad_videos(loader)
+        self.metrics.log({"event": "bad_video_stop", "epoch": epoch + 1, "batch": batch,
+                          "data/quarantined": len(bad)}, self.step)
+        first = next(m for m in messages if m)
+        raise BadVideoError(f"{first}\nevery video left out is listed in {self.run_dir / 'rejected.csv'}") from error
 
     def train_epoch(self, loader: Any, epoch: int, start: int) -> tuple[bool, int]:
         """One epoch from batch ``start``. Returns (stop requested, next batch: 0 when the epoch is complete)."""
@@ -258,13 +315,18 @@ class Trainer:
         loss_sum = correct = seen = 0.0
         window = {"loss": 0.0, "n": 0, "data_s": 0.0, "total_s": 0.0, "clips": 0}
         stop = False
-        t_prev = time.perf_counter()
         done = 0
-        for i, batch in enumerate(loader, start=start):
-            if i >= n:
-                break
+        # The next batch is fetched right after each forward, before the step's all-reduce, so that a rank whose
+        # loader stopped on a bad video tells the others there and all stop together; the first batch is agreed on
+        # here (a rank that skipped a step would leave the others waiting in a collective).
+        batches = _until_bad_video(iter(loader))
+        t_prev = time.perf_counter()
+        batch = next(batches, None) if start < n else None
+        fetch_s = time.perf_counter() - t_prev
+        self._agree_on_bad_video(loader, epoch, start, batch)
+        for i in range(start, n):
+            assert batch is not None, f"the loader ended after {i} of {n} batches"
             done += 1
-            t_data = time.perf_counter()
             self.hooks.on_batch(epoch, i, batch)
             lr = lr_at(cfg.solver, epoch + i / n)
             set_lr(self.optimizer, lr)
@@ -279,11 +341,19 @@ class Trainer:
             with no_sync:
                 logits, loss = self.train_step.forward(video, labels, targets)
                 loss = self.hooks.on_loss(loss, self.step, first_micro_batch=i % self.accum == 0)
-                # One small all-reduce per iteration: the mean loss (for logging and the NaN check on every rank)
-                # and the stop flag, so all ranks stop after the same optimizer step.
+                t_fetch = time.perf_counter()
+                batch = next(batches, None) if i + 1 < n else None
+                next_fetch_s = time.perf_counter() - t_fetch
+                failed = isinstance(batch, BadVideoError)
+                # One small all-reduce per iteration: the mean loss (for logging and the NaN check on every rank),
+                # the stop flag, so all ranks stop after the same optimizer step, and the bad-video flag of the next
+                # batch, so all ranks stop together.
                 stats = all_reduce_sum(torch.stack([loss.detach().float(),
                                                     torch.tensor(1.0 if self.stop_signal else 0.0,
-                                                                 device=self.device)]))
+                                                                 device=self.device),
+                                                    torch.tensor(1.0 if failed else 0.0, device=self.device)]))
+                if stats[2].item() > 0:
+                    self._stop_on_bad_video(loader, epoch, i + 1, batch if failed else None)
                 loss_val = stats[0].item() / info.world_size
                 stop = stop or stats[1].item() > 0
                 if not math.isfinite(loss_val):
@@ -299,10 +369,10 @@ class Trainer:
             t_now = time.perf_counter()
             window["loss"] += loss_val
             window["n"] += 1
-            window["data_s"] += t_data - t_prev
+            window["data_s"] += fetch_s
             window["total_s"] += t_now - t_prev
             window["clips"] += clips_per_iter
-            t_prev = t_now
+            t_prev, fetch_s = t_now, next_fetch_s
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.3g}",
@@ -324,10 +394,20 @@ class Trainer:
                   "lr": self.optimizer.param_groups[0]["lr"]}
         if not mixing:
             record["train/top1"] = 100.0 * totals[1].item() / max(totals[2].item(), 1)
+        bad = self._merge_bad_videos(loader)
+        record["data/quarantined"] = len(bad)
+        record["data/quarantined_epoch"] = len({e.path for e in bad.entries if e.epoch == epoch})
         self.metrics.log(record, self.step)
-        logger.info("epoch %d/%d: loss %.4f%s, lr %.3g, step %d", epoch + 1, cfg.solver.max_epoch,
+        logger.info("epoch %d/%d: loss %.4f%s, lr %.3g, step %d%s", epoch + 1, cfg.solver.max_epoch,
                     record["train/loss"], f", train top-1 {record['train/top1']:.1f}%" if not mixing else "",
-                    record["lr"], self.step)
+                    record["lr"], self.step,
+                    f"; {len(bad)} video(s) quarantined so far (rejected.csv)" if bad else "")
+        try:
+            bad.check_budget()  # every rank holds the merged list, so all stop here together
+        except BadVideoError as e:
+            self.metrics.log({"event": "bad_video_stop", "epoch": epoch + 1, "batch": n,
+                              "data/quarantined": len(bad)}, self.step)
+            raise type(e)(f"{e}\nevery video left out is listed in {self.run_dir / 'rejected.csv'}") from None
         return stop, 0
 
     def _log_window(self, window: dict[str, float], lr: float, epoch: int) -> None:
@@ -374,7 +454,8 @@ class Trainer:
         report.update({"epoch": epoch + 1, "step": self.step, "seconds": round(time.perf_counter() - t0, 2),
                        "views_per_video": views})
         self.metrics.log({"event": "val", "epoch": epoch + 1, "val/top1": report["top1"], "val/top5": report["top5"],
-                          "val/mean_class_accuracy": report["mean_class_accuracy"] or 0.0, **memory}, self.step)
+                          "val/mean_class_accuracy": report["mean_class_accuracy"] or 0.0,
+                          "val/unscored_views": report["num_unscored_views"], **memory}, self.step)
         if self.info.is_main:
             (self.run_dir / "eval_val.json").write_text(json.dumps(report, indent=2) + "\n")
         logger.info("epoch %d val: top-1 %.2f%%, top-5 %.2f%% over %d videos (%.1f s)", epoch + 1, report["top1"],
@@ -399,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # model.pretrained (or a resumed file) was refused or unreadable
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BadVideoError as e:  # data.on_bad_video=error, or more bad videos than data.max_bad_fraction
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         cleanup()
 

@@ -2,7 +2,9 @@
 
 A loader is an iterable of ``Batch(video (B, 3, T, H, W) float32 normalised, label (B,) int64, index (B,) int64)``
 on the requested device, with ``len()`` = batches per epoch on this rank, ``set_epoch(e)``, ``num_clips`` (clips per
-epoch on this rank) and ``rejected`` ([(path, reason)] of the videos left out).
+epoch on this rank), ``rejected`` ([(path, reason)] of the videos the pre-flight check left out), ``quarantine``
+(the videos that failed while decoding, ``pipelines.quarantine.Quarantine``) and ``unscored`` (the val/test views
+of the last pass that could not be decoded).
 
 * train: every video once per epoch in an order from ``default_rng((data.seed, epoch))``, sharded ``[rank::world]``
   and cut to the same count on every rank; each clip's frames, crop window and flip come from
@@ -11,19 +13,32 @@ epoch on this rank) and ``rejected`` ([(path, reason)] of the videos left out).
 * val/test: ``num_ensemble_views`` uniform clips x ``num_spatial_crops`` crops per video (``index`` = video index),
   the views sharded ``[rank::world]`` so that across ranks each is seen exactly once; the last batch may be short.
   (The original's val split used train-style random clips; ours evaluates val like test.)
+
+A video that fails while decoding (damage the pre-flight check cannot see) is quarantined
+(``pipelines.quarantine``): ``ClipLoader`` re-decodes the suspects of a failed batch one by one with the loader's own
+decoder, records the ones that fail again, and completes the batch: a train slot gets a deterministic replacement
+clip (``ClipPlanner.replacements``), an evaluation view is dropped and listed in ``loader.unscored``. Each epoch is
+planned over the videos not quarantined before it, so ``len()`` can shrink at an epoch boundary, equally on every
+rank.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from pipelines import sampling
 from pipelines.config import DataConfig
+from pipelines.quarantine import BadVideo, FailedBatch, Quarantine, TooManyBadVideos, UnscoredView, failure_reason
+
+logger = logging.getLogger(__name__)
+
+REPLACE = 7  # stream id of the replacement draws: default_rng((seed, epoch, rank, batch, slot, REPLACE))
 
 
 @dataclass
@@ -38,6 +53,8 @@ class Batch:
 class Loader(Protocol):
     num_clips: int
     rejected: list[tuple[str, str]]
+    quarantine: Quarantine
+    unscored: list[UnscoredView]
 
     def __iter__(self) -> Iterator[Batch]: ...
 
@@ -82,21 +99,23 @@ class ClipPlanner:
         return sampling.kinetics_frames(v.frames, v.fps or c.target_fps, c.num_frames, c.sampling_rate, c.target_fps,
                                         clip_idx, num_clips, rng)
 
+    def plan_clip(self, v: Video, rng: np.random.Generator) -> sampling.ClipPlan:
+        """One random train clip of ``v``: frames, crop window and flip drawn from ``rng`` in that order."""
+        c = self.cfg
+        frames = self._frames(v, rng, -1, 1)
+        window = sampling.train_window(v.height, v.width, c.train_jitter_scales, c.train_crop_size, rng,
+                                       c.inv_uniform_sample)
+        flip = bool(rng.random() < 0.5) and c.random_flip
+        return sampling.ClipPlan(v.index, v.path, v.label, frames, window, flip)
+
     def plans(self, epoch: int) -> list[sampling.ClipPlan]:
         c = self.cfg
-        out = []
         if self.train:
             order = np.random.default_rng((c.seed, epoch)).permutation(len(self.videos))
             mine = order[self.rank::self.world_size][:self.num_clips]
             rng = np.random.default_rng((c.seed, epoch, self.rank))
-            for i in mine:
-                v = self.videos[i]
-                frames = self._frames(v, rng, -1, 1)
-                window = sampling.train_window(v.height, v.width, c.train_jitter_scales, c.train_crop_size, rng,
-                                               c.inv_uniform_sample)
-                flip = bool(rng.random() < 0.5) and c.random_flip
-                out.append(sampling.ClipPlan(v.index, v.path, v.label, frames, window, flip))
-            return out
+            return [self.plan_clip(self.videos[i], rng) for i in mine]
+        out = []
         views_per_video = c.num_ensemble_views * c.num_spatial_crops
         for k in range(self.rank, len(self.videos) * views_per_video, self.world_size):
             v = self.videos[k // views_per_video]
@@ -108,31 +127,158 @@ class ClipPlanner:
                                          sampling.test_window(v.height, v.width, c.test_crop_size, spatial)))
         return out
 
+    def view_of(self, position: int) -> int:
+        """The view number within its video (temporal clip * num_spatial_crops + crop) of val/test plan
+        ``position`` of this rank."""
+        return (self.rank + self.world_size * position) % (self.cfg.num_ensemble_views * self.cfg.num_spatial_crops)
+
+    def without(self, paths: set[str]) -> ClipPlanner:
+        """The planner over this one's videos minus ``paths`` (same split, rank and world size)."""
+        if not paths & {v.path for v in self.videos}:
+            return self
+        return ClipPlanner(self.cfg, self.split, [v for v in self.videos if v.path not in paths], self.rank,
+                           self.world_size)
+
+    def replacements(self, epoch: int, batch: int, slot: int) -> Iterator[sampling.ClipPlan]:
+        """Stand-in train clips for ``slot`` of ``batch`` (this rank), in a fixed order: the videos permuted by
+        ``default_rng((seed, epoch, rank, batch, slot, REPLACE))``, each clip drawn from that generator too. The
+        caller takes the first that is not quarantined and decodes."""
+        rng = np.random.default_rng((self.cfg.seed, epoch, self.rank, batch, slot, REPLACE))
+        for i in rng.permutation(len(self.videos)):
+            yield self.plan_clip(self.videos[int(i)], rng)
+
 
 class ClipLoader:
-    """Shared loader skeleton: epochs, lengths, resume offset; subclasses turn plans into batches (``_batches``)."""
+    """Shared loader skeleton: epochs, lengths, resume offset, and the repair of batches a decoder could not make.
+
+    Subclasses implement ``_batches(plans)`` (one ``Batch``, or a ``FailedBatch``, per ``batch_size`` plans, in
+    order, going on after a failure) and ``_decode_clip(plan) -> (3, T, S, S)`` (one clip with the same decoder,
+    raising on failure).
+
+    Args:
+        planner: plans every epoch (over the usable videos).
+        device: where batches go.
+        start_batch: batches of the first epoch iterated to skip (resume).
+        rejected: [(path, reason)] of the videos the pre-flight check left out.
+        quarantine: videos known to fail at run time (a checkpoint's ``quarantine`` entries).
+    """
 
     def __init__(self, planner: ClipPlanner, device: torch.device, start_batch: int = 0,
-                 rejected: list[tuple[str, str]] | None = None):
+                 rejected: list[tuple[str, str]] | None = None,
+                 quarantine: Sequence[BadVideo | dict[str, Any]] = ()):
         self.planner, self.cfg, self.device = planner, planner.cfg, torch.device(device)
         self.epoch, self.start_batch = 0, start_batch
         self.rejected = rejected or []
-        self.num_clips = planner.num_clips
+        self.quarantine = Quarantine(len(planner.videos), rank=planner.rank, on_bad_video=self.cfg.on_bad_video,
+                                     max_bad_fraction=self.cfg.max_bad_fraction if planner.train else None,
+                                     entries=quarantine)
+        self.unscored: list[UnscoredView] = []  # val/test views of the last pass that could not be decoded
         self.crop = self.cfg.train_crop_size if planner.train else self.cfg.test_crop_size
         if start_batch > planner.num_batches:
             raise ValueError(f"start_batch={start_batch} is past the epoch's {planner.num_batches} batches")
 
+    def planner_for(self, epoch: int) -> ClipPlanner:
+        """Epoch ``epoch``'s planner: train plans over the videos not quarantined before that epoch."""
+        return self.planner.without(self.quarantine.excluded(epoch, -1)) if self.planner.train else self.planner
+
+    @property
+    def num_clips(self) -> int:
+        return self.planner_for(self.epoch).num_clips
+
     def __len__(self) -> int:
-        return self.planner.num_batches
+        return self.planner_for(self.epoch).num_batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[Batch]:
-        plans = self.planner.plans(self.epoch)[:self.num_clips]
+        planner = self.planner_for(self.epoch)
+        plans = planner.plans(self.epoch)[:planner.num_clips]
         skip, self.start_batch = self.start_batch, 0  # the resume offset applies to the first epoch iterated
-        plans = plans[skip * self.cfg.batch_size:]
-        return self._batches(plans)
+        if skip > planner.num_batches:
+            raise ValueError(f"start_batch={skip} is past epoch {self.epoch}'s {planner.num_batches} batches")
+        if not planner.train:
+            self.unscored = []
+        return self._repaired(planner, self.epoch, skip, plans[skip * self.cfg.batch_size:])
 
-    def _batches(self, plans: list[sampling.ClipPlan]) -> Iterator[Batch]:
+    def _repaired(self, planner: ClipPlanner, epoch: int, skip: int,
+                  plans: list[sampling.ClipPlan]) -> Iterator[Batch]:
+        B = self.cfg.batch_size
+        for k, item in enumerate(self._batches(plans), start=skip):
+            chunk = plans[(k - skip) * B:(k - skip + 1) * B]
+            # a video this rank quarantined earlier in this epoch (e.g. as a failed replacement) is replaced
+            # wherever it comes up again, decoded or not, so that a resumed run makes the same batch
+            gone = self.quarantine.excluded(epoch, k - 1) if planner.train else set()
+            stale = {s for s, p in enumerate(chunk) if p.path in gone}
+            if isinstance(item, FailedBatch) or stale:
+                item = self._repair(planner, epoch, k, chunk, item, stale)
+                if item is None:
+                    continue
+            yield item
+
+    def _decode_or_reason(self, plan: sampling.ClipPlan) -> torch.Tensor | str:
+        try:
+            return self._decode_clip(plan)
+        except Exception as e:  # noqa: BLE001 - whatever stops one clip's decode is that clip's verdict
+            return failure_reason(e)
+
+    def _repair(self, planner: ClipPlanner, epoch: int, k: int, plans: list[sampling.ClipPlan],
+                item: Batch | FailedBatch, stale: set[int]) -> Batch | None:
+        """Batch ``k`` without its bad clips: each suspect is decoded again alone; what fails again is
+        quarantined; train slots get replacements, val/test views are dropped and listed."""
+        if isinstance(item, FailedBatch):
+            clips, errors = dict(item.clips), item.errors
+        else:
+            clips, errors = {s: item.video[s] for s in range(len(plans)) if s not in stale}, {}
+        suspects = [s for s in (range(len(plans)) if errors is None else sorted(errors)) if s not in stale]
+        reasons: dict[int, str] = {}
+        for s in suspects:  # the decoder's own verdict, one clip at a time (DALI: which clip broke the batch)
+            got = self._decode_or_reason(plans[s])
+            if isinstance(got, str):
+                reasons[s] = (errors or {}).get(s) or got
+            else:
+                clips[s] = got
+        if isinstance(item, FailedBatch) and not reasons:
+            logger.warning("batch %d of epoch %d failed (%s) but each of its clips decodes alone; going on with "
+                           "those", k, epoch + 1, item.cause or item.errors)
+        for s in sorted(reasons):
+            self.quarantine.add(BadVideo(plans[s].path, reasons[s], epoch, k, planner.rank))
+        if not planner.train:
+            for s in sorted(reasons):
+                view = planner.view_of(k * self.cfg.batch_size + s)
+                self.unscored.append(UnscoredView(plans[s].index, plans[s].path, view, reasons[s]))
+            keep = [s for s in range(len(plans)) if s not in reasons]
+            return self._assemble([plans[s] for s in keep], [clips[s] for s in keep]) if keep else None
+        plans = list(plans)
+        for s in sorted(set(reasons) | stale):
+            bad = plans[s].path
+            plans[s], clips[s] = self._replacement(planner, epoch, k, s)
+            logger.info("epoch %d batch %d slot %d: %s replaced by %s", epoch + 1, k, s, bad, plans[s].path)
+        return self._assemble(plans, [clips[s] for s in range(len(plans))])
+
+    def _replacement(self, planner: ClipPlanner, epoch: int, k: int, slot: int
+                     ) -> tuple[sampling.ClipPlan, torch.Tensor]:
+        """The first replacement candidate for ``slot`` of batch ``k`` that is not quarantined and decodes (the
+        ones that fail are quarantined on the way)."""
+        for plan in planner.replacements(epoch, k, slot):
+            if plan.path in self.quarantine.excluded(epoch, k):
+                continue
+            got = self._decode_or_reason(plan)
+            if not isinstance(got, str):
+                return plan, got
+            self.quarantine.add(BadVideo(plan.path, got, epoch, k, planner.rank))
+        raise TooManyBadVideos(f"no video of the {len(planner.videos)} planned in epoch {epoch + 1} decodes as a "
+                               f"replacement for batch {k} slot {slot} (rank {planner.rank})")
+
+    def _assemble(self, plans: list[sampling.ClipPlan], clips: list[torch.Tensor]) -> Batch:
+        video = torch.stack([c.to(self.device) for c in clips])
+        label = torch.tensor([p.label for p in plans], dtype=torch.int64, device=self.device)
+        index = torch.tensor([p.index for p in plans], dtype=torch.int64, device=self.device)
+        return Batch(video, label, index)
+
+    def _batches(self, plans: list[sampling.ClipPlan]) -> Iterator[Batch | FailedBatch]:
+        raise NotImplementedError
+
+    def _decode_clip(self, plan: sampling.ClipPlan) -> torch.Tensor:
+        """One clip, ``(3, T, S, S)``, decoded alone by this loader's decoder; raises when it cannot."""
         raise NotImplementedError

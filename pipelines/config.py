@@ -39,7 +39,9 @@ class DataConfig:
     num_spatial_crops: int = 3
     batch_size: int = 8  # per process
     num_workers: int = 2  # PyAV DataLoader workers / DALI threads
-    on_bad_video: str = "error"  # error | skip
+    on_bad_video: str = "error"  # error | skip: a video that fails the pre-flight check or decoding at run time
+    max_bad_fraction: float = 0.01  # skip: stop the run once more than this fraction of videos fail at run time
+    validate: str = "shallow"  # pre-flight check: shallow (headers, packet counts) | deep (decode every packet, cached)
     pad_short: bool = True  # pad videos shorter than the clip span with their last frame
     seed: int = 0
     validate_cache: str = ""  # SQLite probe cache of pipelines.validate; "" = ~/.cache/timesformer-harness/, "none" = off
@@ -55,5 +57,9 @@ class DataConfig:
             raise ValueError(f"data.format={self.format!r}; choose from {list(MANIFEST_FORMATS)}")
         if self.on_bad_video not in ("error", "skip"):
             raise ValueError(f"data.on_bad_video={self.on_bad_video!r}; choose 'error' or 'skip'")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}; use a fraction in [0, 1] (0.01 = 1%)")
+        if self.validate not in ("shallow", "deep"):
+            raise ValueError(f"data.validate={self.validate!r}; choose 'shallow' or 'deep'")
         if self.num_spatial_crops not in (1, 3):
             raise ValueError(f"data.num_spatial_crops={self.num_spatial_crops}; the protocol uses 1 or 3 crops")

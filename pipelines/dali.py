@@ -7,17 +7,23 @@ the crop window (``fn.slice``, then ``fn.resize`` of that window only: crop befo
 (``fn.crop_mirror_normalize(mirror=)``). Frames stay uint8 until that final normalise. Train and test differ only in
 their plans, so one graph serves both. DALI's video readers drop bad files silently, so
 here every file was validated first, and each epoch checks that DALI produced exactly the planned clips.
+
+A file damaged inside its coded stream makes ``pipe.run()`` raise for the whole batch (``Failed to send packet to
+decoder``; the pipeline is then no longer valid, and the error does not name the file): the loader rebuilds the
+pipeline, feeds it from the next batch, and yields a ``FailedBatch``; ``ClipLoader`` then decodes each clip of that
+batch alone through a batch-1 pipeline of the same graph (``_decode_clip``) to find the culprit.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from pipelines.base import Batch, ClipLoader, ClipPlanner
+from pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch
 from pipelines.sampling import ClipPlan
 
 logger = logging.getLogger(__name__)
@@ -91,12 +97,21 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
     return dst
 
 
+def dali_reason(e: BaseException) -> str:
+    """The informative line of a DALI pipeline error, e.g. ``Assert on "ret >= 0" failed: Failed to send packet to
+    decoder: Invalid data found when processing input`` (the rest is DALI's traceback of the graph)."""
+    text = str(e)
+    tail = [line.strip() for line in text.split("encountered:")[-1].splitlines() if line.strip()]
+    return f"DALI: {tail[0] if tail else text.strip()[:200]}"
+
+
 class DaliLoader(ClipLoader):
     """Batches of ``ClipPlanner`` plans produced by one DALI pipeline per process (this rank's shard)."""
 
     def __init__(self, planner: ClipPlanner, device: torch.device, backend: str = "cpu", start_batch: int = 0,
-                 rejected: list[tuple[str, str]] | None = None, decode_only: bool = False):
-        super().__init__(planner, device, start_batch, rejected)
+                 rejected: list[tuple[str, str]] | None = None, decode_only: bool = False,
+                 quarantine: Sequence[BadVideo | dict[str, Any]] = ()):
+        super().__init__(planner, device, start_batch, rejected, quarantine)
         self.backend, self.decode_only = backend, decode_only
         if backend == "gpu":
             self.device_id = self.device.index if self.device.type == "cuda" and self.device.index is not None \
@@ -106,19 +121,43 @@ class DaliLoader(ClipLoader):
         self.pipe = None
         self.source: _PlanSource | None = None
         self._clean = False  # True when the pipeline finished its last epoch and can be reset and reused
+        self._clip_pipe = None  # the batch-1 pipeline of _decode_clip, built on first use
+        self._clip_source: _PlanSource | None = None
         logger.info("DALI loader (%s): %d clips/epoch on this rank, %d batches, %d threads", backend, self.num_clips,
                     len(self), self.cfg.num_workers)
 
+    def _build_pipe(self, batch_size: int, num_threads: int, prefetch: int = 2):
+        """(source, built pipeline) of this loader's graph for ``batch_size`` clips a run."""
+        source = _PlanSource(batch_size, self.decode_only)
+        pipe = build_video_pipeline(source, batch_size=batch_size, crop=self.crop, mean=self.cfg.mean,
+                                    std=self.cfg.std, backend=self.backend, num_threads=num_threads,
+                                    device_id=self.device_id, decode_only=self.decode_only, prefetch=prefetch)
+        pipe.build()
+        return source, pipe
+
     def _new_pipe(self) -> None:
         self.pipe = None  # drop the old pipeline first (a broken or half-consumed one is not reusable)
-        self.source = _PlanSource(self.cfg.batch_size, self.decode_only)
-        self.pipe = build_video_pipeline(self.source, batch_size=self.cfg.batch_size, crop=self.crop,
-                                         mean=self.cfg.mean, std=self.cfg.std, backend=self.backend,
-                                         num_threads=max(1, self.cfg.num_workers), device_id=self.device_id,
-                                         decode_only=self.decode_only)
-        self.pipe.build()
+        self.source, self.pipe = self._build_pipe(self.cfg.batch_size, max(1, self.cfg.num_workers))
 
-    def _batches(self, plans: list[ClipPlan]) -> Iterator[Batch]:
+    def _decode_clip(self, plan: ClipPlan) -> torch.Tensor:
+        """One clip through a batch-1 pipeline of the same graph (kept between calls, rebuilt after a failure):
+        the same pixels the batch pipeline gives for it."""
+        if self._clip_pipe is None:
+            self._clip_source, self._clip_pipe = self._build_pipe(1, 1, prefetch=1)
+        self._clip_source.start([plan])
+        try:
+            (video,) = self._clip_pipe.run()
+        except RuntimeError as e:
+            self._clip_pipe = None
+            raise ClipDecodeError(dali_reason(e)) from e
+        x = _to_torch(video, self.device if self.device.type == "cuda" else torch.device("cpu"))[0]
+        try:  # drain the end-of-data signal so the pipeline can be reset for the next clip
+            self._clip_pipe.run()
+        except StopIteration:
+            self._clip_pipe.reset()
+        return x
+
+    def _batches(self, plans: list[ClipPlan]) -> Iterator[Batch | FailedBatch]:
         if not plans:
             return
         if self.pipe is None or not self._clean:
@@ -131,14 +170,21 @@ class DaliLoader(ClipLoader):
         out_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         for b in range(0, len(plans), B):
             chunk = plans[b:b + B]
+            failure = ""
             try:
                 (video,) = self.pipe.run()
             except StopIteration:
                 break
             except RuntimeError as e:
-                self.pipe = None
-                raise RuntimeError(f"DALI failed on the batch of {[p.path for p in chunk]} (run "
-                                   f"`python -m pipelines.validate` on the manifest): {e}") from e
+                failure = dali_reason(e)
+            if failure:
+                # a decode error ends the pipeline and does not say which clip: rebuild it, feed it from the next
+                # batch, and let ClipLoader find the culprit among this batch's clips
+                made += len(chunk)
+                self._new_pipe()
+                self.source.start(plans[b + B:])
+                yield FailedBatch(chunk, errors=None, cause=failure)
+                continue
             x = _to_torch(video, out_device)
             if not self.decode_only and tuple(x.shape[1:3]) != (3, T):
                 raise RuntimeError(f"DALI produced clips of shape {tuple(x.shape)}, expected (B, 3, {T}, H, W)")

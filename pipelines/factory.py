@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
@@ -20,7 +21,8 @@ from pipelines.base import ClipPlanner, Loader, Video
 from pipelines.config import DataConfig
 from pipelines.manifest import VideoEntry, read_manifest
 from pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, auto_decode_device, generation_of
-from pipelines.validate import DEFAULT_CACHE, VideoInfo, check_videos, judge, write_rejected
+from pipelines.quarantine import BadVideo, write_rejected
+from pipelines.validate import DEFAULT_CACHE, VideoInfo, check_videos, deep_check, judge
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +114,14 @@ def log_decode_plan(cfg: DataConfig, plan: DecodePlan, device: torch.device) -> 
 
 
 def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "cpu", rank: int = 0,
-                 world_size: int = 1, start_batch: int = 0, run_dir: str | Path | None = None) -> Loader:
+                 world_size: int = 1, start_batch: int = 0, run_dir: str | Path | None = None,
+                 quarantine: Sequence[BadVideo | dict[str, Any]] = ()) -> Loader:
     """The loader ``data.loader`` asks for (auto: DALI when it can decode every video here, else PyAV, saying why).
 
-    Every video is pre-flight checked (``pipelines.validate``, cached); unusable ones raise (``data.on_bad_video:
-    error``) or are left out, listed in ``loader.rejected`` and ``{run_dir}/rejected.csv`` (``skip``).
+    Every video is pre-flight checked (``pipelines.validate``, cached; ``data.validate: deep`` also decodes every
+    packet); unusable ones raise (``data.on_bad_video: error``) or are left out, listed in ``loader.rejected`` and
+    ``{run_dir}/rejected.csv`` (``skip``). Videos that fail while decoding go to ``loader.quarantine``, which starts
+    from ``quarantine`` (a resumed run's entries, ``pipelines.quarantine``).
     """
     device = torch.device(device)
     if split not in ("train", "val", "test"):
@@ -138,16 +143,20 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     log_decode_plan(cfg, plan, device)
     rejected = judge(infos, backend if loader_kind == "dali" else "pyav", cfg.num_frames, cfg.sampling_rate,
                      cfg.target_fps, cfg.pad_short, cfg.format == "ssv2", plan.gpu_arch)
+    if cfg.validate == "deep":
+        rejected += _deep_rejects([i.path for i in infos if i.path not in {p for p, _ in rejected}], cfg, cache)
     if rejected:
         what = f"{len(rejected)} of {len(entries)} videos in the {split} manifest cannot be used"
         listing = "\n".join(f"  {p}: {r}" for p, r in rejected[:10]) + ("\n  ..." if len(rejected) > 10 else "")
         if cfg.on_bad_video == "error":
+            deep = " --deep" if cfg.validate == "deep" else ""
             raise ValueError(f"{what} (data.on_bad_video=error):\n{listing}\nfix or remove them (python -m "
-                             f"pipelines.validate MANIFEST lists them all), or set data.on_bad_video=skip")
+                             f"pipelines.validate MANIFEST{deep} lists them all), or set data.on_bad_video=skip")
         logger.warning("%s; skipping them (data.on_bad_video=skip):\n%s", what, listing)
         if run_dir is not None and rank == 0:
-            write_rejected(rejected, Path(run_dir) / f"rejected_{split}.csv" if split != "train" else
-                           Path(run_dir) / "rejected.csv")
+            write_rejected(Path(run_dir) / f"rejected_{split}.csv" if split != "train" else
+                           Path(run_dir) / "rejected.csv", rejected,
+                           [e if isinstance(e, BadVideo) else BadVideo(**e) for e in quarantine])
     bad = {p for p, _ in rejected}
     videos = [Video(i, e.path, e.label, info.frames, info.fps, info.height, info.width)
               for i, (e, info) in enumerate(zip(entries, infos)) if e.path not in bad]
@@ -160,7 +169,22 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     if loader_kind == "dali":
         from pipelines.dali import DaliLoader
 
-        return DaliLoader(planner, device, backend=backend, start_batch=start_batch, rejected=rejected)
+        return DaliLoader(planner, device, backend=backend, start_batch=start_batch, rejected=rejected,
+                          quarantine=quarantine)
     from pipelines.pyav import PyAVLoader
 
-    return PyAVLoader(planner, device, start_batch=start_batch, rejected=rejected)
+    return PyAVLoader(planner, device, start_batch=start_batch, rejected=rejected, quarantine=quarantine)
+
+
+def _deep_rejects(paths: list[str], cfg: DataConfig, cache: str | Path | None) -> list[tuple[str, str]]:
+    """``validate.deep_check`` of ``paths``; under torch.distributed each rank decodes its share and all ranks get
+    every verdict (the same list everywhere, one decode per file)."""
+    import torch.distributed as dist
+
+    workers = max(1, cfg.num_workers)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return deep_check(paths, cache, workers)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, deep_check(paths[dist.get_rank()::dist.get_world_size()], cache, workers))
+    bad = dict(r for part in parts for r in part)
+    return [(p, bad[p]) for p in paths if p in bad]

@@ -1,12 +1,16 @@
 """The PyAV baseline loader (PySlowFast-style): seek, decode the needed frames, crop, resize, flip, normalise in
 torch, in a torch DataLoader with workers. Same plans (``pipelines.base.ClipPlanner``) and contract as DALI; also
 the fallback when DALI cannot decode a codec on this machine.
+
+A clip that fails to decode comes back from its worker as a value (an exception raised in a worker reaches the main
+process as a bare ``RuntimeError`` without the file's name), and its batch as a ``FailedBatch`` that
+``ClipLoader`` completes.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import av
 import numpy as np
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.base import Batch, ClipLoader, ClipPlanner
+from pipelines.quarantine import BadVideo, FailedBatch, failure_reason
 from pipelines.sampling import ClipPlan
 
 logger = logging.getLogger(__name__)
@@ -79,22 +84,35 @@ def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
 
 
 class _PlanDataset(Dataset):
-    """Map-style dataset whose "indices" are the ClipPlans themselves (the sampler yields them)."""
+    """Map-style dataset whose "indices" are the ClipPlans themselves (the sampler yields them); an item is
+    ``(plan, clip (3, T, S, S) or None, failure reason or "")``."""
 
     def __init__(self, crop: int, mean: list[float], std: list[float]):
         self.crop, self.mean, self.std = crop, mean, std
 
-    def __getitem__(self, plan: ClipPlan) -> tuple[torch.Tensor, int, int]:  # type: ignore[override]
+    def decode(self, plan: ClipPlan) -> torch.Tensor:
+        """The clip of ``plan`` as (3, T, S, S) float32, normalised; raises when it cannot be decoded."""
         frames = decode_frames(plan.path, plan.frames)
         x = crop_resize(frames, plan.window, self.crop)  # (T, 3, S, S) uint8
         if plan.flip:
             x = x.flip(-1)
-        return normalize(x.permute(1, 0, 2, 3), self.mean, self.std), plan.label, plan.index
+        return normalize(x.permute(1, 0, 2, 3), self.mean, self.std)
+
+    def __getitem__(self, plan: ClipPlan) -> tuple[ClipPlan, torch.Tensor | None, str]:  # type: ignore[override]
+        try:
+            return plan, self.decode(plan), ""
+        except Exception as e:  # noqa: BLE001 - whatever stops one clip's decode is that clip's verdict
+            return plan, None, failure_reason(e)
 
 
-def _collate(items: list[tuple[torch.Tensor, int, int]]) -> Batch:
-    return Batch(torch.stack([v for v, _, _ in items]), torch.tensor([lab for _, lab, _ in items], dtype=torch.int64),
-                 torch.tensor([i for _, _, i in items], dtype=torch.int64))
+def _collate(items: list[tuple[ClipPlan, torch.Tensor | None, str]]) -> Batch | FailedBatch:
+    plans = [plan for plan, _, _ in items]
+    errors = {s: why for s, (_, _, why) in enumerate(items) if why}
+    if errors:
+        return FailedBatch(plans, {s: x for s, (_, x, why) in enumerate(items) if not why}, errors,
+                           cause=f"{len(errors)} clip(s) failed to decode")
+    return Batch(torch.stack([x for _, x, _ in items]), torch.tensor([p.label for p in plans], dtype=torch.int64),
+                 torch.tensor([p.index for p in plans], dtype=torch.int64))
 
 
 class _Plans:
@@ -114,23 +132,28 @@ class PyAVLoader(ClipLoader):
     """Batches of ``ClipPlanner`` plans decoded by PyAV in ``data.num_workers`` persistent DataLoader workers."""
 
     def __init__(self, planner: ClipPlanner, device: torch.device, start_batch: int = 0,
-                 rejected: list[tuple[str, str]] | None = None):
-        super().__init__(planner, device, start_batch, rejected)
+                 rejected: list[tuple[str, str]] | None = None,
+                 quarantine: Sequence[BadVideo | dict[str, Any]] = ()):
+        super().__init__(planner, device, start_batch, rejected, quarantine)
         self.sampler = _Plans()
+        self.dataset = _PlanDataset(self.crop, self.cfg.mean, self.cfg.std)
         workers = self.cfg.num_workers
-        self.loader = DataLoader(_PlanDataset(self.crop, self.cfg.mean, self.cfg.std), batch_size=self.cfg.batch_size,
+        self.loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size,
                                  sampler=self.sampler, num_workers=workers, collate_fn=_collate,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                  prefetch_factor=2 if workers else None)
         logger.info("PyAV loader: %d clips/epoch on this rank, %d batches, %d workers", self.num_clips, len(self),
                     workers)
 
-    def _batches(self, plans: list[ClipPlan]) -> Iterator[Batch]:
+    def _batches(self, plans: list[ClipPlan]) -> Iterator[Batch | FailedBatch]:
         if not plans:
             return
         self.sampler.plans = plans
         for batch in self.loader:
-            if self.device.type != "cpu":
+            if self.device.type != "cpu" and isinstance(batch, Batch):
                 batch = Batch(batch.video.to(self.device, non_blocking=True), batch.label.to(self.device),
                               batch.index.to(self.device))
             yield batch
+
+    def _decode_clip(self, plan: ClipPlan) -> torch.Tensor:
+        return self.dataset.decode(plan)

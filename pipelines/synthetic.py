@@ -9,6 +9,7 @@ import torch
 
 from pipelines.base import Batch
 from pipelines.config import DataConfig
+from pipelines.quarantine import Quarantine, UnscoredView
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ class SyntheticLoader:
                  start_batch: int = 0):
         self.cfg, self.device, self.epoch, self.start_batch = cfg, torch.device(device), 0, start_batch
         self.rejected: list[tuple[str, str]] = []
+        self.quarantine = Quarantine(0)  # nothing is decoded, so nothing fails
+        self.unscored: list[UnscoredView] = []
         crop = cfg.train_crop_size if split == "train" else cfg.test_crop_size
         per_rank = cfg.synthetic_videos // world_size
         self.num_batches = per_rank // cfg.batch_size if split == "train" else -(-per_rank // cfg.batch_size)

@@ -12,6 +12,11 @@ readers drop bad files silently and its decoder kills the pipeline on them.
 
 ``--backend gpu`` applies NVDEC's limits (``pipelines.nvdec``: codec per GPU generation, minimum and maximum frame
 size, 8-bit 4:2:0) for the visible GPU's generation, else for ``--gpu-arch`` (default: Hopper).
+
+``--deep`` (``data.validate: deep``) also decodes every packet of every file that passes (``deep_probe``), to find
+damage inside the coded stream, which the probe cannot see and which stops a decoder mid-run; it costs about one
+epoch of decoding, runs in parallel processes and is cached next to the probes (keyed also by the libavcodec
+version, since the verdict is the decoder's).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import multiprocessing
 import os
 import sqlite3
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,6 +98,9 @@ def probe_video(path: str) -> VideoInfo:
                 info.error = "no video stream"
                 return info
             stream = container.streams.video[0]
+            if stream.codec_context is None:  # the header names a codec FFmpeg does not know (e.g. damaged)
+                info.error = "unknown codec: the video stream's codec id is not one FFmpeg knows (damaged header?)"
+                return info
             name = stream.codec_context.name
             info.codec = _CODEC_ALIASES.get(name, name)
             info.height, info.width = stream.codec_context.height, stream.codec_context.width
@@ -157,17 +166,23 @@ def required_frames(info: VideoInfo, num_frames: int, sampling_rate: int, target
     return max(1, math.ceil(sampling_rate * num_frames / target_fps * fps - 1e-6))
 
 
-class ProbeCache:
-    """SQLite map (path, size, mtime_ns) -> VideoInfo."""
+class ResultCache:
+    """SQLite map (path, size, mtime_ns, version) -> a JSON result, one table per check (``probe``, ``deep``).
 
-    def __init__(self, path: str | Path | None):
-        self.db = None
+    Args:
+        path: the SQLite file (None: no cache, every ``get`` misses).
+        table: the check's table.
+        version: the check's version (results of another version are not returned).
+    """
+
+    def __init__(self, path: str | Path | None, table: str, version: int | str):
+        self.db, self.table, self.version = None, table, version
         if path is None:
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), timeout=60)
-        self.db.execute("CREATE TABLE IF NOT EXISTS probe (path TEXT, size INTEGER, mtime INTEGER, version INTEGER, "
-                        "info TEXT, PRIMARY KEY (path, size, mtime, version))")
+        self.db.execute(f"CREATE TABLE IF NOT EXISTS {table} (path TEXT, size INTEGER, mtime INTEGER, version, "
+                        f"info TEXT, PRIMARY KEY (path, size, mtime, version))")
 
     @staticmethod
     def key(path: str) -> tuple[str, int, int] | None:
@@ -177,20 +192,34 @@ class ProbeCache:
             return None
         return os.path.abspath(path), st.st_size, st.st_mtime_ns
 
-    def get(self, path: str) -> VideoInfo | None:
+    def get(self, path: str) -> dict | None:
         key = self.key(path)
         if self.db is None or key is None:
             return None
-        row = self.db.execute("SELECT info FROM probe WHERE path=? AND size=? AND mtime=? AND version=?",
-                              (*key, PROBE_VERSION)).fetchone()
-        return VideoInfo(**{**json.loads(row[0]), "path": path}) if row else None
+        row = self.db.execute(f"SELECT info FROM {self.table} WHERE path=? AND size=? AND mtime=? AND version=?",
+                              (*key, self.version)).fetchone()
+        return json.loads(row[0]) if row else None
 
-    def put(self, infos: list[VideoInfo]) -> None:
+    def put(self, items: list[tuple[str, dict]]) -> None:
         if self.db is None:
             return
-        rows = [(*k, PROBE_VERSION, json.dumps(asdict(i))) for i in infos if (k := self.key(i.path)) is not None]
+        rows = [(*k, self.version, json.dumps(r)) for p, r in items if (k := self.key(p)) is not None]
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO probe VALUES (?, ?, ?, ?, ?)", rows)
+            self.db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?, ?, ?)", rows)
+
+
+class ProbeCache(ResultCache):
+    """SQLite map (path, size, mtime_ns) -> VideoInfo."""
+
+    def __init__(self, path: str | Path | None):
+        super().__init__(path, "probe", PROBE_VERSION)
+
+    def get(self, path: str) -> VideoInfo | None:  # type: ignore[override]
+        found = super().get(path)
+        return VideoInfo(**{**found, "path": path}) if found is not None else None
+
+    def put(self, infos: list[VideoInfo]) -> None:  # type: ignore[override]
+        super().put([(i.path, asdict(i)) for i in infos])
 
 
 def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0) -> list[VideoInfo]:
@@ -239,18 +268,95 @@ def judge(infos: list[VideoInfo], backend: str, num_frames: int, sampling_rate: 
     return rejected
 
 
-def write_rejected(rejected: list[tuple[str, str]], path: str | Path) -> None:
-    """``path,reason`` CSV of the rejected videos (written atomically)."""
-    import csv
-    import io
+DEEP_VERSION = 1  # bump when deep_probe's verdicts change (cached verdicts of other versions are ignored)
 
-    from pipelines.files import atomic_write_text
 
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(["path", "reason"])
-    writer.writerows(rejected)
-    atomic_write_text(path, text.getvalue(), fsync=False)
+def deep_probe(path: str) -> str:
+    """Decode every packet of ``path``'s first video stream with PyAV; the reason it is unusable, or "".
+
+    A file fails when the decoder raises (what stops both loaders), returns fewer frames than there are packets
+    (the probe counted the packets, so a plan would ask for frames that never come: DALI returns black ones), when
+    the frame size changes inside the stream (a damaged frame header: the clip's frames no longer stack), or when the
+    demuxer reports an error (a damaged container, which a decoder may read differently from run to run). Decoder
+    messages that do not stop decoding (H.264's ``mmco: unref short failure`` is common in healthy files) and gaps in
+    the timestamps (a variable-frame-rate file has them too) do not fail a file: such damage decodes, with artifacts.
+    Changes PyAV's global log level while it runs: call it from one thread (``deep_check`` runs it in processes).
+    """
+    import av
+    import av.logging
+
+    packets = frames = 0
+    size = None
+    size_changes = 0
+    error = ""
+    codec = ""
+    old_level = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)  # PyAV's default (None) hands FFmpeg's messages to nobody
+    try:
+        with av.logging.Capture() as logs:
+            try:
+                with av.open(path) as container:
+                    if not container.streams.video:
+                        return "no video stream"
+                    stream = container.streams.video[0]
+                    if stream.codec_context is None:
+                        return "unknown codec: the video stream's codec id is not one FFmpeg knows (damaged header?)"
+                    codec = stream.codec_context.name
+                    stream.thread_count = 1  # parallelism comes from one process per file
+                    for packet in container.demux(stream):
+                        packets += packet.size > 0
+                        for frame in packet.decode():  # the final empty packet drains the decoder
+                            frames += 1
+                            if size is not None and (frame.width, frame.height) != size:
+                                size_changes += 1
+                            size = (frame.width, frame.height)
+            except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
+                error = f"decode error after {packets} packets, {frames} frames: {type(e).__name__}: {e}"
+    finally:
+        av.logging.set_level(old_level)
+    if error:
+        return error
+    demux_errors = [f"{name}: {msg.strip()}" for level, name, msg in logs
+                    if level <= av.logging.ERROR and name != codec]  # decoder lines carry the codec's name
+    if packets == 0:
+        return "no video packets"
+    if frames < packets:
+        return f"the decoder returned {frames} frames for {packets} packets (frames dropped)"
+    if size_changes:
+        return f"the frame size changes {size_changes} time(s) inside the stream (a damaged frame header)"
+    if demux_errors:
+        return f"damaged container: {demux_errors[0]}"
+    return ""
+
+
+def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0
+               ) -> list[tuple[str, str]]:
+    """``deep_probe`` every path (cached; the others in ``workers`` processes, 0 = one per core). Returns
+    [(path, reason)] of the files that fail, in the order of ``paths``."""
+    import av
+
+    lib = ".".join(map(str, av.library_versions.get("libavcodec", (0,))))
+    store = ResultCache(cache, "deep", f"{DEEP_VERSION}/libavcodec-{lib}")
+    verdicts: list[str | None] = []
+    for p in paths:
+        found = store.get(p)
+        verdicts.append(None if found is None else found["error"])
+    todo = [i for i, v in enumerate(verdicts) if v is None]
+    if todo:
+        t0 = time.perf_counter()
+        n = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+        if n == 1:
+            fresh = [deep_probe(paths[i]) for i in todo]
+        else:  # forkserver: the caller may already run DALI/CUDA threads
+            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("forkserver")) as pool:
+                fresh = list(pool.map(deep_probe, [paths[i] for i in todo], chunksize=4))
+        for i, verdict in zip(todo, fresh):
+            verdicts[i] = verdict
+        store.put([(paths[i], {"error": v}) for i, v in zip(todo, fresh)])
+        seconds = time.perf_counter() - t0
+        logger.info("deep-checked %d videos in %.1f s (%.1f files/s, %d processes; %d from cache)", len(todo),
+                    seconds, len(todo) / max(seconds, 1e-9), n, len(paths) - len(todo))
+    return [(p, f"deep check: {v}") for p, v in zip(paths, verdicts) if v]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pad", action="store_true", help="accept videos shorter than the span (data.pad_short)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="SQLite probe cache ('' = none)")
     parser.add_argument("--workers", type=int, default=0, help="parallel probes (0 = one per CPU core)")
+    parser.add_argument("--deep", action="store_true",
+                        help="also decode every packet of each usable file (finds damage inside the stream; costs "
+                             "about one epoch of decoding, cached)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -292,6 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     _, rejected = check_videos([e.path for e in entries], args.backend, args.frames, args.sampling_rate,
                                args.target_fps, args.pad, args.format == "ssv2", args.cache or None, args.workers,
                                gpu_arch)
+    if args.deep:
+        shallow = {p for p, _ in rejected}
+        paths = [e.path for e in entries if e.path not in shallow]
+        t0 = time.perf_counter()
+        deep = deep_check(paths, args.cache or None, args.workers)
+        seconds = time.perf_counter() - t0
+        print(f"deep check: {len(paths)} videos decoded in {seconds:.1f} s ({len(paths) / max(seconds, 1e-9):.1f} "
+              f"files/s, cached ones included); {len(deep)} fail")
+        rejected += deep
     for path, reason in rejected:
         print(f"{path}: {reason}")
     print(f"{len(entries) - len(rejected)}/{len(entries)} videos usable by the {args.backend} backend "

@@ -12,11 +12,13 @@ import pytest
 from pipelines.tools.encode import write_video
 
 
-def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps: int = 30) -> Path:
-    """Write (F, H, W, 3) uint8 RGB frames with PyAV (VP9 webm by default; ``libx264``/``mpeg4`` for mp4)."""
+def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps: int = 30,
+                 bitexact: bool = False) -> Path:
+    """Write (F, H, W, 3) uint8 RGB frames with PyAV (VP9 webm by default; ``libx264``/``mpeg4`` for mp4);
+    ``bitexact``: the same frames give the same bytes (no random container UIDs)."""
     options = {"libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "12", "b": "0", "g": "8"},
                "libx264": {"preset": "ultrafast", "crf": "18", "g": "8"}}.get(codec, {})
-    return write_video(path, frames, codec, fps, options)
+    return write_video(path, frames, codec, fps, options, bitexact=bitexact)
 
 
 def textured_frames(num: int, height: int, width: int, seed: int) -> np.ndarray:

@@ -104,7 +104,8 @@ def test_build_loader_skip_writes_rejected_csv(videos, tmp_path: Path) -> None:
     loader = build_loader(_cfg(videos, manifest, on_bad_video="skip"), "train", device="cpu", run_dir=tmp_path)
     assert sorted(p for p, _ in loader.rejected) == sorted(str(p) for p in bad)
     lines = (tmp_path / "rejected.csv").read_text().splitlines()
-    assert lines[0] == "path,reason" and len(lines) == 1 + len(bad)
+    assert lines[0] == "path,reason,stage,epoch,batch,rank" and len(lines) == 1 + len(bad)
+    assert all(line.endswith(",preflight,,,") for line in lines[1:])
     assert loader.num_clips == 4 and len(loader) == 2
     seen = sorted(i for b in loader for i in b.index.tolist())
     assert seen == [0, 1, 2, 3]  # the good videos keep their manifest indices

@@ -1,0 +1,338 @@
+"""Videos that fail while decoding: a seeded corpus of corrupted videos (``tests/corrupt_videos.py``: bit flips,
+zeroed blocks, shuffled chunks, truncations, damaged frames, a header-only file, an unknown codec) through the
+pre-flight check (shallow and ``--deep``), both loaders (quarantine, replacements, exact resume, error mode, budget,
+unscored evaluation views) and real training processes (skip, SIGTERM + resume, two ranks stopping together)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipelines.validate as validate
+from conftest import encode_video, textured_frames
+from corrupt_videos import KINDS, CorruptVideo, make_corrupt_corpus
+from harness.checkpoint import load_file
+from harness.train_state import list_checkpoints
+from pipelines import build_loader
+from pipelines.config import DataConfig
+from pipelines.quarantine import BadVideo, BadVideoError, Quarantine, TooManyBadVideos, write_rejected
+from pipelines.validate import deep_check, probe_video
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+LOADERS = ["dali", "pyav"]
+
+
+@dataclass
+class Corpus:
+    root: Path
+    good: list[Path]  # 48x64 VP9, 24 frames, keyframe every 8
+    bad: list[CorruptVideo]  # one copy per kind of damage
+    runtime_only: Path  # manifest: the good files + the three "payload" files (pass the probe, fail decoding)
+
+    def kind(self, kind: str) -> str:
+        return next(str(c.path) for c in self.bad if c.kind == kind)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """8 good files and 20 corrupted copies; ``{train,val,test}.csv`` list all 28 (labels i % 3)."""
+    root = tmp_path_factory.mktemp("faults")
+    good = [encode_video(root / f"good{i}.webm", textured_frames(24, 48, 64, seed=i), bitexact=True)
+            for i in range(8)]
+    bad = make_corrupt_corpus(good, root / "bad", seed=0)
+    lines = "".join(f"{p} {i % 3}\n" for i, p in enumerate([*good, *(c.path for c in bad)]))
+    for split in ("train", "val", "test"):
+        (root / f"{split}.csv").write_text(lines)
+    corpus = Corpus(root, good, bad, root / "runtime_only.csv")
+    payload = [Path(corpus.kind(k)) for k in ("payload/start", "payload/mid", "payload/end")]
+    corpus.runtime_only.write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate([*good, *payload])))
+    return corpus
+
+
+def data_cfg(corpus: Corpus, loader: str, **kw) -> DataConfig:
+    """8 frames at rate 3: every clip spans all 24 frames, so it reaches the damage wherever it is, whichever frames
+    a decoder skips; crop 32, batches of 4, skip with no budget unless overridden."""
+    base = dict(loader=loader, backend="cpu", root=str(corpus.root), num_frames=8, sampling_rate=3,
+                train_jitter_scales=[40, 48], train_crop_size=32, test_crop_size=32, num_spatial_crops=1,
+                batch_size=4, num_workers=1, on_bad_video="skip", max_bad_fraction=1.0, validate_cache="none")
+    return DataConfig(**{**base, **kw})
+
+
+def digest(video: torch.Tensor) -> list[str]:
+    return [hashlib.sha256(clip.numpy().tobytes()).hexdigest()[:16] for clip in video]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The corpus and the pre-flight check.
+def test_corpus_is_seeded_and_has_every_kind(corpus: Corpus, tmp_path: Path) -> None:
+    again = make_corrupt_corpus(corpus.good, tmp_path / "again", seed=0)
+    assert [c.path.read_bytes() for c in again] == [c.path.read_bytes() for c in corpus.bad]
+    assert [c.kind for c in corpus.bad] == list(KINDS)
+    assert all(c.path.read_bytes() != c.source.read_bytes() for c in corpus.bad)
+    other = make_corrupt_corpus(corpus.good, tmp_path / "other", seed=1)
+    assert [c.path.read_bytes() for c in other] != [c.path.read_bytes() for c in corpus.bad]
+
+
+def test_the_probe_reports_damage_instead_of_raising(corpus: Corpus) -> None:
+    infos = {c.kind: probe_video(str(c.path)) for c in corpus.bad}  # a damaged codec id used to raise here
+    assert infos["codec_id"].error.startswith("unknown codec"), infos["codec_id"]
+    assert infos["header_only"].error and infos["truncate/start"].error.startswith("truncated")
+    assert not infos["payload/mid"].error  # a damaged coded frame: only decoding finds it
+
+
+@pytest.fixture(scope="module")
+def whole_file(corpus: Corpus) -> dict[str, tuple[set[str], list[int], object]]:
+    """Per loader, one test view per usable video spanning all its 24 frames: (paths of the unscored views, scored
+    video indices, the loader)."""
+    out = {}
+    for loader in LOADERS:
+        ld = build_loader(data_cfg(corpus, loader), "test")
+        scored = [i for b in ld for i in b.index.tolist()]
+        out[loader] = ({u.path for u in ld.unscored}, scored, ld)
+    return out
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_evaluation_scores_what_decodes_and_lists_the_views_it_cannot(corpus: Corpus, whole_file,
+                                                                      loader: str) -> None:
+    unscored, scored, ld = whole_file[loader]
+    usable = {v.index: v.path for v in ld.planner.videos}
+    assert sorted(scored + [i for i, p in usable.items() if p in unscored]) == sorted(usable)  # each view once
+    assert corpus.kind("payload/mid") in unscored
+    assert unscored <= {str(c.path) for c in corpus.bad}
+    assert {u.view for u in ld.unscored} == {0} and len(ld.quarantine) == len(unscored)
+    for c in corpus.bad:  # every corrupted file is rejected before the run, scored, or listed as unscored
+        path = str(c.path)
+        assert path in {p for p, _ in ld.rejected} | set(usable.values()), c.kind
+
+
+def test_deep_check_flags_every_file_a_loader_fails_on_and_no_good_file(corpus: Corpus, whole_file) -> None:
+    shallow_ok = [str(c.path) for c in corpus.bad if not probe_video(str(c.path)).error]
+    deep = dict(deep_check([*map(str, corpus.good), *shallow_ok], cache=None, workers=2))
+    assert not deep.keys() & set(map(str, corpus.good)), deep
+    failing = whole_file["dali"][0] | whole_file["pyav"][0]
+    assert failing and failing <= set(shallow_ok)  # the shallow check passed them all
+    assert failing <= deep.keys(), f"passed the deep check but fail while decoding: {failing - deep.keys()}"
+
+
+def test_deep_check_is_cached_and_the_cli_runs_it(corpus: Corpus, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "validate.sqlite"
+    paths = [str(corpus.good[0]), corpus.kind("payload/mid"), corpus.kind("zero/mid")]
+    first = deep_check(paths, cache, workers=1)
+    calls: list[str] = []
+    monkeypatch.setattr(validate, "deep_probe", lambda p: calls.append(p) or "")
+    assert deep_check(paths, cache, workers=1) == first and calls == []  # from the cache
+    monkeypatch.undo()
+    manifest = corpus.root / "train.csv"
+    args = [PY, "-m", "pipelines.validate", str(manifest), "--frames", "4", "--sampling-rate", "3",
+            "--cache", str(cache), "--workers", "2"]
+    with open(tmp_path / "stderr.txt", "w") as err:  # FFmpeg's messages go to stderr: a file, not a pipe
+        shallow = subprocess.run(args, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, timeout=120)
+        deep = subprocess.run([*args, "--deep"], stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
+                              timeout=120)
+    assert shallow.returncode == deep.returncode == 1
+    payload = corpus.kind("payload/mid")
+    assert f"{payload}: deep check: decode error" in deep.stdout and payload not in shallow.stdout
+    assert "files/s" in deep.stdout
+
+
+def test_deep_preflight_leaves_nothing_to_quarantine(corpus: Corpus, tmp_path: Path) -> None:
+    """data.validate=deep: what fails at run time is rejected before the run, with stage preflight in rejected.csv."""
+    cfg = data_cfg(corpus, "dali", validate="deep", validate_cache=str(tmp_path / "v.sqlite"))
+    ld = build_loader(cfg, "train", run_dir=tmp_path)
+    for epoch in range(2):
+        ld.set_epoch(epoch)
+        assert sum(1 for _ in ld) == len(ld)
+    assert len(ld.quarantine) == 0
+    rows = list(csv.DictReader((tmp_path / "rejected.csv").open()))
+    deep = {r["path"] for r in rows if r["reason"].startswith("deep check:")}
+    assert corpus.kind("payload/mid") in deep and {r["stage"] for r in rows} == {"preflight"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loaders: quarantine, replacement, exact resume, error mode, budget.
+@pytest.mark.parametrize("loader", LOADERS)
+def test_train_loader_replaces_failed_clips_and_leaves_their_videos_out(corpus: Corpus, loader: str) -> None:
+    ld = build_loader(data_cfg(corpus, loader), "train")
+    path_of = {v.index: v.path for v in ld.planner.videos}
+    lengths = []
+    for epoch in range(2):
+        ld.set_epoch(epoch)
+        planned = {p.path for p in ld.planner_for(epoch).plans(epoch)[:ld.num_clips]}
+        batches = list(ld)
+        lengths.append(len(batches))
+        assert len(batches) == len(ld) and all(tuple(b.video.shape) == (4, 3, 8, 32, 32) for b in batches)
+        used = {path_of[i] for b in batches for i in b.index.tolist()}
+        assert planned <= used | ld.quarantine.paths()  # every planned clip was decoded, or left out and replaced
+        if epoch == 1:
+            assert not used & ld.quarantine.paths()  # a quarantined video is not planned again
+    assert corpus.kind("payload/mid") in ld.quarantine.paths()
+    assert lengths[1] == (len(path_of) - len(ld.quarantine)) // 4  # the epoch is planned over the rest
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_resumed_loader_replays_the_same_batches(corpus: Corpus, loader: str) -> None:
+    """The loader from a checkpoint's position and quarantine entries (``state_before``) makes the batches of the
+    uninterrupted run: the same videos in every slot, replacements included, and the same pixels (DALI: compared
+    for the good files; it may decode a damaged stream differently from run to run)."""
+    cfg = data_cfg(corpus, loader, batch_size=2)
+
+    def run(start: tuple[int, int] = (0, 0), entries: list[dict] | None = None):
+        ld = build_loader(cfg, "train", start_batch=start[1], quarantine=entries or [])
+        out = {}
+        for epoch in range(start[0], 2):
+            ld.set_epoch(epoch)
+            for k, b in enumerate(ld, start=start[1] if epoch == start[0] else 0):
+                out[epoch, k] = (b.index.tolist(), digest(b.video))
+            ld.quarantine.merge([ld.quarantine.state()])  # the Trainer's epoch-end merge (one rank)
+        return out, ld.quarantine
+
+    ref, bad = run()
+    found_at = sorted({(e.epoch, e.batch) for e in bad.entries})
+    assert found_at and found_at[0][0] == 0
+    good = {i for i, p in enumerate(map(str, corpus.good))}
+    for start in {found_at[0], (found_at[0][0], found_at[0][1] + 1), found_at[-1], (1, 0), (1, 3)}:
+        got, again = run(start, bad.state_before(*start))
+        assert got.keys() == {key for key in ref if key >= start}
+        for key, (index, pixels) in got.items():
+            assert index == ref[key][0], (start, key)
+            same = [a == b for i, a, b in zip(index, pixels, ref[key][1]) if loader == "pyav" or i in good]
+            assert all(same), (start, key)
+        assert again.paths() == bad.paths()
+
+
+def test_on_bad_video_error_stops_at_the_first_failure_naming_the_file(corpus: Corpus) -> None:
+    ld = build_loader(data_cfg(corpus, "dali", train_manifest=str(corpus.runtime_only), on_bad_video="error"),
+                      "train")
+    with pytest.raises(BadVideoError, match=r"(?s)bad0\d\d_payload_\w+\.webm failed to decode \(epoch 1, batch \d, "
+                                            r"rank 0\): DALI: .*Failed to send packet.*data\.on_bad_video=skip"):
+        list(ld)
+
+
+def test_the_budget_stops_the_run_with_the_list(corpus: Corpus) -> None:
+    ld = build_loader(data_cfg(corpus, "pyav", max_bad_fraction=0.1), "train")  # 19 usable videos: at most 1
+    with pytest.raises(TooManyBadVideos, match=r"2 of 19 videos failed to decode, more than data.max_bad_fraction="
+                                               r"0.1 allows \(1\):\n  \S+\.webm: .+\n  \S+\.webm: .+\nthe dataset"):
+        for epoch in range(2):
+            ld.set_epoch(epoch)
+            list(ld)
+
+
+def test_quarantine_rules(tmp_path: Path) -> None:
+    q = Quarantine(100, rank=1, max_bad_fraction=0.02)
+    for e in [BadVideo("a", "x", 0, 3, 0), BadVideo("b", "y", 1, 2, 1), BadVideo("c", "z", 1, 5, 0)]:
+        q.entries.append(e)
+    assert q.excluded(1, -1) == {"a"}  # an epoch plans without the earlier epochs' videos (every rank's)
+    assert q.excluded(1, 2) == {"a", "b"} and q.excluded(1, 9) == {"a", "b"}  # this epoch: this rank's, so far
+    assert [d["path"] for d in q.state_before(1, 2)] == ["a"]
+    other = Quarantine(100, rank=0, entries=q.state()[::-1])
+    other.merge([q.state()[2:], q.state()[:2], q.state()])
+    q.merge([q.state()])
+    assert other.state() == q.state() and len(q) == 3
+    with pytest.raises(TooManyBadVideos, match="3 of 100 videos failed to decode"):
+        q.check_budget()  # floor(0.02 * 100) = 2 allowed
+    with pytest.raises(BadVideoError, match=r"(?s)d failed to decode \(epoch 1, batch 0, rank 0\): broken.*stops"):
+        Quarantine(10, on_bad_video="error").add(BadVideo("d", "broken", 0, 0))
+    write_rejected(tmp_path / "r.csv", [("p", "missing")], [BadVideo("a", "x", 0, 3), BadVideo("a", "x", 1, 0)])
+    assert (tmp_path / "r.csv").read_text().splitlines() == ["path,reason,stage,epoch,batch,rank",
+                                                              "p,missing,preflight,,,", "a,x,runtime,1,3,0"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real training processes.
+TINY = ["--config", "configs/model/tiny.yaml", "model.num_classes=3", "model.num_frames=8", "data.backend=cpu",
+        "data.num_frames=8",
+        "data.sampling_rate=3", "data.train_crop_size=32", "data.test_crop_size=32", "data.train_jitter_scales=[40,48]",
+        "data.batch_size=2", "data.num_workers=1", "data.num_ensemble_views=1", "data.num_spatial_crops=1",
+        "data.validate_cache=none", "data.on_bad_video=skip", "data.max_bad_fraction=0.5", "solver.optimizer=adamw",
+        "solver.global_batch_size=4", "solver.max_epoch=2", "train.log_period=1", "output.tensorboard=false",
+        "test.batch_size=4", "train.record_samples=true"]
+
+
+def train(*args: str, out: Path, nproc: int = 1, timeout: int = 180) -> tuple[subprocess.CompletedProcess, str]:
+    """A training process (stderr to a file: DALI's FFmpeg writes there); returns (result, stderr text)."""
+    entry = ["harness/train.py", *TINY, *args, f"output.dir={out}"]
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry] if nproc > 1 \
+        else [PY, *entry]
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(out.parent / f"{out.name}.stderr", "a") as err:
+        res = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout, env=env)
+    return res, (out.parent / f"{out.name}.stderr").read_text()
+
+
+def runtime_rows(run_dir: Path) -> list[dict[str, str]]:
+    return [r for r in csv.DictReader((run_dir / "rejected.csv").open()) if r["stage"] == "runtime"]
+
+
+def test_training_with_skip_lists_what_it_left_out_and_resumes_exactly(corpus: Corpus, tmp_path: Path) -> None:
+    """DALI: an uninterrupted run and one stopped by SIGTERM mid-epoch (after one video was quarantined, before the
+    others) then resumed record the same batches and end with the same rejected.csv; val lists unscored views."""
+    ref, ref_err = train("data.loader=dali", f"data.root={corpus.root}", "train.eval_period=2", out=tmp_path / "ref")
+    assert ref.returncode == 0, ref_err[-3000:]
+    rows = runtime_rows(tmp_path / "ref")
+    assert corpus.kind("payload/mid") in {r["path"] for r in rows} and all("DALI" in r["reason"] for r in rows)
+    records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    end, val = records[-1], next(r for r in records if r["event"] == "val")
+    assert end["event"] == "end" and end["data/quarantined"] == len(rows) and end["data/preflight_rejected"] == 9
+    assert [r["data/quarantined"] for r in records if r["event"] == "epoch"] == [len(rows)] * 2
+    assert val["val/unscored_views"] >= 1
+    report = json.loads((tmp_path / "ref" / "eval_val.json").read_text())
+    assert report["num_unscored_views"] == val["val/unscored_views"] and report["unscored_views"][0]["reason"]
+    assert "left out" in ref_err and "replaced by" in ref_err
+
+    # SIGTERM after optimizer step s stops after step s + 1, saving position batch 2 (s + 1) (2 batches a step):
+    # chosen after the first failure and at or before the last, so the checkpoint holds some entries and not all
+    found = sorted(int(r["batch"]) for r in rows if r["epoch"] == "1")
+    assert len(set(found)) >= 2, f"the test needs failures at two batches of epoch 1: {rows}"
+    step = max(1, found[0] // 2)
+    assert found[0] < 2 * (step + 1) <= found[-1], found
+    args = ("data.loader=dali", f"data.root={corpus.root}", "train.eval_period=0")
+    first, err = train(*args, f"train.debug_signal_at_step={step}", out=tmp_path / "resumed")
+    assert first.returncode == 0 and "stopped by SIGTERM" in first.stdout, err[-3000:]
+    (mid,) = list_checkpoints(tmp_path / "resumed" / "checkpoints")
+    saved = load_file(mid)["quarantine"]
+    assert 0 < len(saved) < len(rows), (saved, rows)  # found before the stop; the others are found again after it
+    second, err = train(*args, out=tmp_path / "resumed")
+    assert second.returncode == 0 and "resumed from" in err, err[-3000:]
+    assert (tmp_path / "resumed" / "samples" / "rank0.jsonl").read_text() == \
+        (tmp_path / "ref" / "samples" / "rank0.jsonl").read_text()
+    assert runtime_rows(tmp_path / "resumed") == rows
+
+
+def test_training_with_the_pyav_loader_finishes_and_lists_what_it_left_out(corpus: Corpus, tmp_path: Path) -> None:
+    res, err = train("data.loader=pyav", f"data.root={corpus.root}", "train.eval_period=0", out=tmp_path / "run")
+    assert res.returncode == 0, err[-3000:]
+    rows = runtime_rows(tmp_path / "run")
+    assert corpus.kind("payload/mid") in {r["path"] for r in rows}
+    assert all("InvalidDataError" in r["reason"] or "Error" in r["reason"] for r in rows)
+    end = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["data/quarantined"] == len(rows)
+
+
+def test_two_ranks_stop_together_when_one_rank_hits_a_bad_video(corpus: Corpus, tmp_path: Path) -> None:
+    """on_bad_video=error, one damaged file among good ones (in one rank's shard): that rank's loader raises, the
+    other learns it at the step's all-reduce, both exit naming the file (no hang until the collective timeout)."""
+    manifest = tmp_path / "one_bad.csv"
+    paths = [*corpus.good[:7], corpus.kind("payload/mid")]
+    manifest.write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(paths)))
+    res, err = train("data.loader=dali", f"data.train_manifest={manifest}", "data.on_bad_video=error",
+                     "train.eval_period=0", "dist.timeout_s=120", out=tmp_path / "ddp", nproc=2, timeout=150)
+    assert res.returncode != 0
+    assert "error: " in err and "payload_mid.webm failed to decode" in err, err[-4000:]
+    for rank in (0, 1):  # each rank stopped on purpose, the one that found it and the one told at the all-reduce
+        assert any(f"[rank{rank}] ERROR" in line and "stopping every rank at epoch" in line
+                   for line in err.splitlines()), err[-4000:]
+    assert runtime_rows(tmp_path / "ddp")[0]["path"] == corpus.kind("payload/mid")
+    assert "bad_video_stop" in (tmp_path / "ddp" / "metrics.jsonl").read_text()

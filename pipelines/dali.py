@@ -192,6 +192,14 @@ class DaliLoader(ClipLoader):
         logger.info("DALI loader (%s): %d clips/epoch on this rank, %d batches, %d threads", backend, self.num_clips,
                     len(self), self.cfg.num_workers)
 
+    def clip_inputs(self, plans: list[ClipPlan]) -> list[ClipInput]:
+        """What the decoder is fed for ``plans``: the benchmark counts the frames decoded from these streams."""
+        source = _PlanSource(1, self.decode_only, self.backend, self.indexes)
+        try:
+            return [source.clip_input(p) for p in plans]
+        finally:
+            source.close()
+
     def _new_pipe(self) -> None:
         self.pipe = None  # drop the old pipeline first (a broken or half-consumed one is not reusable)
         self.source = _PlanSource(self.cfg.batch_size, self.decode_only, self.backend, self.indexes)

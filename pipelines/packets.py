@@ -222,7 +222,8 @@ def keyframe_segments(keyframes: Sequence[int], wanted: Iterable[int]) -> list[t
 class PacketPlan:
     """One clip's packets and what to ask the decoder for in the stream they make."""
 
-    packets: np.ndarray  # decode positions to copy, in order (runs of consecutive positions, each from a keyframe)
+    packets: np.ndarray  # decode positions to copy, in order (one run per segment, each from a keyframe)
+    segments: tuple[int, ...]  # where each segment starts in ``packets``
     frames: np.ndarray  # (U,) int32 unique ascending positions of the wanted frames in the new stream
     order: np.ndarray  # (T,) int32 index into ``frames`` for each of the clip's frames (repeats allowed)
     decoded: int  # frames a decoder decodes to deliver them: the new stream's frames up to the last wanted one
@@ -238,14 +239,17 @@ def plan_packets(index: PacketIndex, frames: Sequence[int] | np.ndarray) -> Pack
     base = 0
     for a, b in keyframe_segments(index.keyframes, uniq.tolist()):
         # decode order: from the keyframe's packet to the last packet any frame in [a, b] needs (with B-frames a
-        # frame displayed before b may be decoded after it)
+        # frame displayed before b may be decoded after it), without the keyframe's leading pictures (decoded after
+        # it, displayed before: an open GOP's may reference the previous GOP, and no later picture references them)
         seg = np.arange(int(index.display[a]), int(index.display[a:b + 1].max()) + 1)
+        seg = seg[index.pts[seg] >= index.pts[index.display[a]]]
         packets.append(seg)
         for rank, d in enumerate(seg[np.argsort(index.pts[seg], kind="stable")]):  # display order in the segment
             new_pos[int(d)] = base + rank
         base += len(seg)
     pos = np.array([new_pos[int(index.display[f])] for f in uniq], dtype=np.int32)
-    return PacketPlan(np.concatenate(packets), pos, order.reshape(-1).astype(np.int32), int(pos.max()) + 1)
+    starts = tuple(np.cumsum([0] + [len(seg) for seg in packets[:-1]]).tolist())
+    return PacketPlan(np.concatenate(packets), starts, pos, order.reshape(-1).astype(np.int32), int(pos.max()) + 1)
 
 
 REMUX_MIN_SAVING = 0.1  # PyAV remux (ms of Python per clip) only when it saves this share of the frames
@@ -286,33 +290,40 @@ def ivf_stream(index: PacketIndex, payloads: list[bytes]) -> bytes:
 def remux_packets(index: PacketIndex, plan: PacketPlan, fmt: str = "matroska") -> bytes:
     """The plan's packets copied by PyAV (seek + demux + mux, no decoding) into ``fmt`` in memory: any codec,
     B-frames included. Each segment is re-timed to follow the previous one in display order (without an index
-    DALI's GPU decoder outputs frames by pts)."""
+    DALI's GPU decoder outputs frames by pts) and in decode order (dts)."""
     import av
 
-    pos_of = {int(p): d for d, p in enumerate(index.pts)}
     step = int(np.median(np.diff(np.sort(index.pts)))) if index.num_frames > 1 else 1
-    cuts = np.flatnonzero(np.diff(plan.packets) != 1) + 1
     buf = io.BytesIO()
     with av.open(index.path) as src, av.open(buf, "w", format=fmt) as dst:
         s = src.streams.video[0]
         out = dst.add_stream_from_template(s)
-        base = 0
-        for seg in np.split(plan.packets, cuts):
-            d0, d1 = int(seg[0]), int(seg[-1])
-            p0 = int(index.pts[seg].min())
-            src.seek(int(index.pts[d0]), stream=s, backward=True, any_frame=False)
+        base, last_dts = 0, None
+        for seg in np.split(plan.packets, plan.segments[1:]):
+            seg_pts = {int(index.pts[d]) for d in seg}
+            src.seek(int(index.pts[seg[0]]), stream=s, backward=True, any_frame=False)
+            copied = []
             for p in src.demux(s):
-                if p.size == 0 or p.pts is None or pos_of.get(int(p.pts), -1) < d0:
-                    continue  # the seek may land on an earlier keyframe
-                if pos_of[int(p.pts)] > d1:
-                    break
-                shift = base - p0
+                if p.size > 0 and p.pts is not None and int(p.pts) in seg_pts:
+                    copied.append(p)
+                    if len(copied) == len(seg_pts):
+                        break
+            if len(copied) < len(seg_pts):
+                raise RuntimeError(f"{index.path}: {len(seg_pts) - len(copied)} packets of a clip not found again "
+                                   "after seeking (the file changed since it was indexed?)")
+            p0 = min(int(p.pts) for p in copied)
+            shift = base - p0
+            dts0 = copied[0].dts
+            if last_dts is not None and dts0 is not None and dts0 + shift <= last_dts:
+                shift = last_dts + 1 - dts0
+            for p in copied:
                 p.pts += shift
                 if p.dts is not None:
                     p.dts += shift
+                    last_dts = int(p.dts)
                 p.stream = out
                 dst.mux(p)
-            base += int(index.pts[seg].max()) - p0 + step
+            base = max(int(p.pts) for p in copied) + step
     return buf.getvalue()
 
 

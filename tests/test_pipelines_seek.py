@@ -249,24 +249,31 @@ def test_pyav_seeks_land_on_the_keyframe_with_millisecond_timestamps(tmp_path) -
         assert decode_clip(path, [k, k + 1], index).decoded == 2
 
 
-def test_remuxed_packets_keep_the_frames_for_the_gpu_decoder(tmp_path) -> None:
-    """The GPU path for codecs without a raw container (H.264 with B-frames here): the plan's packets copied into
-    Matroska and re-timed decode (PyAV standing in for NVDEC) to the clip's frames at the planned positions, and
-    the clip costs only the frames from each wanted frame's keyframe."""
-    encoder = "libx264" if "libx264" in av.codecs_available else pytest.skip("no libx264 encoder")
-    path = str(write_video(tmp_path / "b.mp4", textured_frames(64, 48, 64, 5), encoder, 30,
-                           {"preset": "ultrafast", "g": "16", "bf": "2", "crf": "18"}))
+@pytest.mark.parametrize("encoder, options", [
+    ("libx264", {"preset": "ultrafast", "g": "16", "bf": "2", "crf": "18"}),
+    ("libx265", {"preset": "ultrafast", "x265-params": "keyint=16:min-keyint=16:open-gop=1:bframes=3:scenecut=0"})],
+    ids=["h264_bframes", "hevc_open_gop"])
+def test_remuxed_packets_keep_the_frames_for_the_gpu_decoder(tmp_path, encoder, options) -> None:
+    """The GPU path for codecs without a raw container (B-frames; HEVC with open GOPs, whose leading pictures
+    reference the previous GOP and are left out): the plan's packets copied into Matroska and re-timed decode (PyAV
+    standing in for NVDEC) to the clip's frames at the planned positions, and the clip costs only the frames from
+    each wanted frame's keyframe."""
+    if encoder not in av.codecs_available:
+        pytest.skip(f"no {encoder} encoder")
+    path = str(write_video(tmp_path / "b.mp4", textured_frames(64, 64, 64, 5), encoder, 30, options))
     index = index_packets(path)
     assert index.keyframes == [0, 16, 32, 48] and not np.array_equal(index.display, np.arange(64))  # reordered
     every = _all_frames(path)
-    for frames in ([20, 21, 40, 63], [5, 40, 41], [33, 33, 18]):
+    for frames in ([20, 21, 40, 63], [5, 40, 41], [33, 33, 18], [16, 17, 48]):
         plan = plan_packets(index, frames)
         assert packets.feed_mode(index, plan, "gpu")[0] == "remux"
         assert packets.feed_mode(index, plan, "cpu")[0] == "file"
         out = _all_frames_bytes(packets.remux_packets(index, plan))
-        got = out[plan.frames[plan.order]]
-        assert np.array_equal(got, every[frames]), frames
-        assert plan.decoded <= sum(b - a + 1 for a, b in keyframe_segments(index.keyframes, sorted(set(frames)))) + 2
+        assert len(out) == len(plan.packets)  # every copied packet decodes to a frame: no leading picture left
+        assert np.array_equal(out[plan.frames[plan.order]], every[frames]), frames
+        wanted = sorted(set(frames))
+        model = sum(b - a + 1 for a, b in keyframe_segments(index.keyframes, wanted))
+        assert model <= plan.decoded <= model + 3 * len(plan.segments), frames  # + reordered frames per segment
 
 
 def _all_frames_bytes(data: bytes) -> np.ndarray:

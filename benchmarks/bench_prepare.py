@@ -2,7 +2,7 @@
 original 8x32 sampling by every loader on the same clips.
 
 ``python -m benchmarks.bench_prepare [--videos 8] [--repeat 4] [--rounds 5] [--threads 2] [--anchor-threads 1]
-[--scaling] [--data runs/bench/prepare_data] [--out runs/bench/prepare.json]``
+[--scaling] [--whole-file] [--only mjpeg,gop] [--data runs/bench/prepare_data] [--out runs/bench/prepare.json]``
 
 Sources: ``--videos`` generated 10 s, 30 fps, 320x240 H.264 clips (x264's default keyint 250, like typical web
 video; a camera panning over a detailed texture, plus noise). ``pipelines.tools.prepare`` turns them (size kept) into
@@ -16,8 +16,9 @@ crop 224, jitter 256-320). Printed: per variant the file size and the frames dec
 model both loaders follow, DALI's ``seek`` rule and decoding from frame 0, expectations over train starts; and
 counted on this epoch's clips), then the shoot-out (``harness.bench.pipeline``): our DALI loader (full graph and
 decode-only), the PyAV loader, torchcodec and decord when they import, every row on the same clips, the variants
-and rows interleaved round by round; ``--scaling`` adds the DALI loader with 1 thread and with 2 pipelines of 1
-thread. Generated data is kept in ``--data`` and re-used (prepare is idempotent).
+and rows interleaved round by round. ``--whole-file`` adds the DALI loader fed whole files (decoded from frame 0,
+as before it cut clip streams); ``--scaling`` adds it with 1 thread and with 2 pipelines of 1 thread. Generated
+data is kept in ``--data`` and re-used (prepare is idempotent).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="DALI threads / PyAV workers")
     parser.add_argument("--anchor-threads", type=int, default=1, help="threads for torchcodec and decord")
     parser.add_argument("--scaling", action="store_true", help="add DALI with 1 thread and 2 pipelines x 1 thread")
+    parser.add_argument("--whole-file", action="store_true", help="add DALI fed whole files (the loader before)")
     parser.add_argument("--only", default="", help="comma list of variant names' first words (vp9 long, gop, mjpeg)")
     parser.add_argument("--data", default=str(REPO_ROOT / "runs/bench/prepare_data"))
     parser.add_argument("--out", default=str(REPO_ROOT / "runs/bench/prepare.json"))
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(base, root=str(out), train_manifest=str(repeated_manifest(out / manifest.name, args.repeat)))
         rows.append({"variant": name, "spec": asdict(spec), "prepare_seconds": round(time.perf_counter() - t0, 1),
                      **decode_costs(cfg)})
-        contenders += shootout_contenders(cfg, name, args.anchor_threads, args.scaling)
+        contenders += shootout_contenders(cfg, name, args.anchor_threads, args.scaling, args.whole_file)
     shootout = run_shootout(contenders, args.rounds)
     clips = args.videos * args.repeat
     print(f"{args.videos} videos x 10 s, 320x240 @ 30 fps, each {args.repeat}x per epoch ({clips} clips); {T}x{RATE} "

@@ -147,20 +147,22 @@ def index_cache_path(validate_cache: str, default_probe_cache: str | Path) -> Pa
 class PacketIndexCache:
     """``PacketIndex`` per path: an in-memory LRU in front of an SQLite file (``store``; None = memory only) keyed
     by (path, size, mtime_ns, INDEX_VERSION), so a file is demuxed once, not once per epoch or per process. Safe
-    to use from several threads, and in a process forked after it was used (connections are per process)."""
+    to use from several threads, and in a process forked after it was used (connections are per process).
+    ``offsets=False`` (memory only) indexes without payload offsets: every file is then fed whole, decoded from
+    frame 0 (how the DALI loader fed files before it cut clip streams; the benchmarks' baseline)."""
 
-    def __init__(self, store: str | Path | None = None, size: int = 4096):
-        self.store, self.size = (Path(store) if store else None), size
+    def __init__(self, store: str | Path | None = None, size: int = 4096, offsets: bool = True):
+        self.store, self.size, self.offsets = (Path(store) if store and offsets else None), size, offsets
         self.items: OrderedDict[tuple, PacketIndex] = OrderedDict()
         self.lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._db_pid = -1
 
     def __getstate__(self) -> dict:  # for worker processes: the store's path travels, not its connection
-        return {"store": self.store, "size": self.size}
+        return {"store": self.store, "size": self.size, "offsets": self.offsets}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["store"], state["size"])
+        self.__init__(state["store"], state["size"], state["offsets"])
 
     def _connect(self) -> sqlite3.Connection | None:
         if self.store is None:
@@ -191,7 +193,7 @@ class PacketIndexCache:
                     index = PacketIndex.from_row(path, *row)
             if index is None:
                 try:
-                    index = index_packets(path)
+                    index = index_packets(path, self.offsets)
                 except Exception as e:  # named, with the fix: nothing fails anonymously inside DALI
                     raise RuntimeError(f"{path}: cannot index its packets ({type(e).__name__}: {e}); run "
                                        f"`python -m pipelines.validate` on the manifest") from e

@@ -189,6 +189,6 @@ def test_pyav_seek_path_returns_the_same_frames_as_decoding_from_the_start(tmp_p
 
     path = str(encode_video(tmp_path / "long.webm", textured_frames(72, 32, 48, seed=3)))  # keyframes every 8
     every = decode_frames(path, np.arange(72))
-    idx = np.array([40, 41, 47, 55, 55, 63, 71, 71])  # first index >= SEEK_MIN_FRAMES: seeks to frame 40's keyframe
+    idx = np.array([40, 41, 47, 55, 55, 63, 71, 71])  # a seek per GOP: keyframes 40, 48, 56, 64
     assert np.array_equal(decode_frames(path, idx), every[idx])
     assert np.array_equal(decode_frames(path, np.array([33, 70])), every[[33, 70]])

@@ -254,13 +254,15 @@ def decord_decoder() -> tuple[Callable[[str, list[int]], Any] | None, str]:
 
 
 def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, scaling: bool = False,
-                        max_counted: int = COUNTED_CLIPS) -> list[Contender]:
+                        whole_file: bool = False, max_counted: int = COUNTED_CLIPS) -> list[Contender]:
     """The shoot-out rows for the train clips of ``cfg`` (CPU): DALI full graph and decode-only, the PyAV loader
-    (``cfg.num_workers`` workers), torchcodec and decord (``anchor_threads`` threads each). ``scaling`` adds the DALI
-    full graph with 1 thread, and with 2 pipelines of 1 thread (ranks 0 and 1 of 2: other random clips of the same
-    videos)."""
+    (``cfg.num_workers`` workers), torchcodec and decord (``anchor_threads`` threads each). ``whole_file`` adds the
+    DALI loader fed whole files (decoded from frame 0: the loader before it cut clip streams); ``scaling`` adds the
+    DALI full graph with 1 thread, and with 2 pipelines of 1 thread (ranks 0 and 1 of 2: other random clips of the
+    same videos)."""
     from pipelines import build_loader
     from pipelines.dali import DaliLoader
+    from pipelines.packets import PacketIndexCache
     from pipelines.tools.decode_cost import decoded_frames
 
     dali = build_loader(replace(cfg, loader="dali", backend="cpu"), "train", device="cpu")
@@ -290,6 +292,11 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
         label = f"{anchor_threads} thread{'s' if anchor_threads > 1 else ''}"
         rows.append(Contender(name, variant, "decode", label, _anchor_epoch(plans, decode, anchor_threads)
                               if decode else None, keyframe_model, why))
+    if whole_file:
+        whole = DaliLoader(dali.planner, torch.device("cpu"), backend="cpu")
+        whole.indexes = PacketIndexCache(offsets=False)
+        rows.insert(2, Contender("DALI loader, whole file", variant, "full", threads, _loader_epoch(whole),
+                                 counted_by(whole, "dali")))
     if scaling:
         one = build_loader(replace(cfg, loader="dali", backend="cpu", num_workers=1), "train", device="cpu")
         rows.append(Contender("DALI loader", variant, "full", "1 thread", _loader_epoch(one), counted_by(one, "dali")))

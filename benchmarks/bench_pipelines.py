@@ -1,10 +1,11 @@
-"""Input-pipeline throughput: DALI (CPU) vs the PyAV loader, and DALI's decode-only rate, on the toy data and on
-320x240 VP9 clips. ``python -m benchmarks.bench_pipelines [--rounds 5] [--out runs/bench/pipelines.json]``
+"""Input-pipeline throughput, the loader shoot-out (``harness.bench.pipeline``) on the toy data and on 320x240 VP9
+clips: our DALI loader (CPU, full graph and decode-only), the PyAV loader, torchcodec and decord when they import.
+``python -m benchmarks.bench_pipelines [--rounds 5] [--out runs/bench/pipelines.json]``
 
-Each case is a loader built once; a round times one full epoch of it (from ``iter()`` to the last batch, so start-up
-and prefetch are inside the timing), and rounds interleave the cases (A B C A B C ...) so that load from other
-processes on a shared machine hits them alike. Reported: median clips/s per case and the ratios DALI / PyAV and
-DALI full graph / DALI decode-only.
+Each row is a loader built once; a round times one full epoch of it (from ``iter()`` to the last batch, so start-up
+and prefetch are inside the timing), and rounds interleave the rows of both datasets (A B C A B C ...) so that load
+from other processes on a shared machine hits them alike. Reported per row: median clips/s, CPU ms per clip, frames
+decoded per clip, the ratio to decord and DALI's full graph over its decode-only rate.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -23,8 +22,6 @@ import numpy as np
 import torch
 
 from harness.config import REPO_ROOT, load_config
-from pipelines import build_loader
-from pipelines.base import ClipPlanner
 from pipelines.config import DataConfig
 from pipelines.logs import setup_logging
 from pipelines.tools.encode import write_video
@@ -62,42 +59,6 @@ def make_vp9_clips(folder: Path, num: int, frames: int = 96, height: int = 240, 
                        {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0", "g": "32"})
 
 
-def epoch_rate(loader, epoch: int) -> float:
-    """Clips/s of one full epoch of ``loader`` (from ``iter()`` to the last batch)."""
-    loader.set_epoch(epoch)
-    t0 = time.perf_counter()
-    clips = sum(b.video.shape[0] for b in loader)
-    return clips / (time.perf_counter() - t0)
-
-
-def decode_only_loader(cfg: DataConfig):
-    """The DALI loader with the same plans, stopping after decode (uint8 frames, no resize/normalise)."""
-    from pipelines.dali import DaliLoader
-
-    full = build_loader(cfg, "train", device="cpu")
-    planner: ClipPlanner = full.planner
-    return DaliLoader(planner, torch.device("cpu"), backend="cpu", decode_only=True)
-
-
-def bench_dataset(name: str, cfg: DataConfig, rounds: int) -> dict:
-    cases = {"dali_cpu": build_loader(replace(cfg, loader="dali", backend="cpu"), "train", device="cpu"),
-             "pyav_2_workers": build_loader(replace(cfg, loader="pyav", num_workers=2), "train", device="cpu"),
-             "dali_cpu_decode_only": decode_only_loader(replace(cfg, loader="dali", backend="cpu"))}
-    rates: dict[str, list[float]] = {k: [] for k in cases}
-    for k, loader in cases.items():  # warm-up epoch (worker start, pipeline build, page cache)
-        epoch_rate(loader, 0)
-    for r in range(rounds):
-        for k, loader in cases.items():
-            rates[k].append(epoch_rate(loader, r + 1))
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    out = {"dataset": name, "clips_per_epoch": cases["dali_cpu"].num_clips, "batch_size": cfg.batch_size,
-           "frames": cfg.num_frames, "crop": cfg.train_crop_size, "dali_threads": cfg.num_workers,
-           "clips_per_s_median": med, "clips_per_s_rounds": rates,
-           "dali_over_pyav": med["dali_cpu"] / med["pyav_2_workers"],
-           "full_over_decode_only": med["dali_cpu"] / med["dali_cpu_decode_only"]}
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_pipelines", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -108,26 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(logging.WARNING)
     torch.set_num_threads(1)
-    results = []
+    from harness.bench.pipeline import format_shootout, run_shootout, shootout_contenders
+
     with tempfile.TemporaryDirectory() as tmp:
         toy = load_config(REPO_ROOT / "configs/data/toy.yaml").data
         lines = (Path(args.data) / "train.csv").read_text().splitlines()[:args.toy_clips]
         (Path(tmp) / "toy.csv").write_text("\n".join(f"{Path(args.data).resolve()}/{line}" for line in lines) + "\n")
         toy = replace(toy, train_manifest=str(Path(tmp) / "toy.csv"), validate_cache="none", num_workers=2)
-        name = f"toy, {toy.num_frames}x{toy.sampling_rate} frames, crop {toy.train_crop_size}"
-        results.append(bench_dataset(name, toy, args.rounds))
         manifest = make_vp9_clips(Path(tmp) / "vp9", args.vp9_clips)
         big = DataConfig(root=str(Path(tmp) / "vp9"), train_manifest=str(manifest), num_frames=8, sampling_rate=8,
                          train_jitter_scales=[256, 320], train_crop_size=224, random_flip=True, batch_size=8,
                          num_workers=2, validate_cache="none")
-        results.append(bench_dataset("VP9 320x240, 8x8 frames, jitter 256-320, crop 224", big, args.rounds))
-    print(f"{'dataset':<52} {'DALI cpu':>9} {'PyAV x2':>9} {'decode':>9} {'DALI/PyAV':>10} {'full/dec':>9}")
-    for r in results:
-        m = r["clips_per_s_median"]
-        print(f"{r['dataset']:<52} {m['dali_cpu']:9.1f} {m['pyav_2_workers']:9.1f} {m['dali_cpu_decode_only']:9.1f} "
-              f"{r['dali_over_pyav']:10.2f} {r['full_over_decode_only']:9.2f}")
+        contenders = (shootout_contenders(toy, f"toy {toy.num_frames}x{toy.sampling_rate}, crop {toy.train_crop_size}")
+                      + shootout_contenders(big, "VP9 320x240 GOP 32, 8x8, crop 224"))
+        rows = run_shootout(contenders, args.rounds)
+    print(format_shootout(rows))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    Path(args.out).write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     return 0
 
 

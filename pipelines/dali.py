@@ -1,67 +1,186 @@
-"""DALI train/test pipelines: decode (GPU: NVDEC via ``device='mixed'``; CPU: libavcodec, VP8/VP9/MJPEG only),
-crop + resize in one step, flip, normalise, output ``(B, 3, T, H, W)`` float32.
+"""DALI train/test pipelines: decode (GPU: NVDEC via ``device='mixed'``; CPU: libavcodec, VP8/VP9/MJPEG only) only
+the frames each clip needs, crop + resize in one step, flip, normalise, output ``(B, 3, T, H, W)`` float32.
 
 All sampling decisions come from ``pipelines.base.ClipPlanner`` (Python, seeded per (seed, epoch, rank)) and enter
-the graph through ``fn.external_source``: the encoded file bytes, the frame indices (``fn.decoders.video(frames=)``),
-the crop window (``fn.slice``, then ``fn.resize`` of that window only: crop before resize) and the flip
-(``fn.crop_mirror_normalize(mirror=)``). Frames stay uint8 until that final normalise. Train and test differ only in
-their plans, so one graph serves both. DALI's video readers drop bad files silently, so
+the graph through ``fn.external_source``: per clip a small stream of only the packets it needs
+(``pipelines.packets``: from the keyframe at or before each wanted frame; DALI's decoder on in-memory bytes never
+seeks, so it is given nothing it would decode in vain), the wanted frames' positions in that stream (unique,
+ascending: ``fn.decoders.video(frames=)``), the order that expands them back to the clip's T frames
+(``fn.sequence_rearrange``), the crop window (``fn.slice``, then ``fn.resize`` of that window only: crop before
+resize) and the flip (``fn.crop_mirror_normalize(mirror=)``). Frames stay uint8 until that final normalise. Train
+and test differ only in their plans, so one graph serves both. DALI's video readers drop bad files silently, so
 here every file was validated first, and each epoch checks that DALI produced exactly the planned clips.
 
-A file damaged inside its coded stream makes ``pipe.run()`` raise for the whole batch (``Failed to send packet to
-decoder``; the pipeline is then no longer valid, and the error does not name the file): the loader rebuilds the
-pipeline, feeds it from the next batch, and yields a ``FailedBatch``; ``ClipLoader`` then decodes each clip of that
-batch alone through a batch-1 pipeline of the same graph (``_decode_clip``) to find the culprit.
+A clip that cannot be fed or decoded does not end the epoch (``pipelines.quarantine``):
+
+* its input cannot be made (the file cannot be indexed, read or remuxed): the source leaves the clip out of what it
+  feeds DALI (an exception raised in the callback would surface one or two ``pipe.run()`` calls early, with the
+  wrong batch) and records why; the loader yields that batch as a ``FailedBatch`` naming the slot, with the clips
+  DALI did make.
+* its stream is damaged: ``pipe.run()`` raises for the whole batch (``Failed to send packet to decoder``; the
+  pipeline is then no longer valid, and the error does not name the file): the loader rebuilds the pipeline, feeds
+  it from the next batch, and yields a ``FailedBatch`` in which every slot is a suspect.
+
+``ClipLoader`` then decodes each suspect alone through a batch-1 pipeline of the same graph (``_decode_clip``: the
+same clip stream, the same pixels) and quarantines the ones that fail again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from pipelines.base import Batch, ClipLoader, ClipPlanner
-from pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch
+from pipelines.packets import PacketIndexCache, feed_mode, index_cache_path, ivf_stream, plan_packets, read_payloads, \
+    remux_packets
+from pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch, failure_reason
 from pipelines.sampling import ClipPlan
+from pipelines.validate import DEFAULT_CACHE
 
 logger = logging.getLogger(__name__)
 
+OPEN_FILES = 64  # file descriptors the source keeps open (LRU)
 
-class _PlanSource:
-    """``fn.external_source`` callback: one batch of plans per call as (bytes, frames, crop anchor, crop shape, flip)."""
 
-    def __init__(self, batch_size: int, decode_only: bool = False):
-        self.batch_size, self.decode_only = batch_size, decode_only
+@dataclass
+class ClipInput:
+    """What the decoder is given for one clip: the encoded ``stream``, the wanted ``frames`` (unique ascending
+    positions in it), the ``order`` expanding them to the clip, how it was fed (``mode``) and the frames the
+    decoder decodes for it (``decoded``: the stream's frames up to the last wanted one)."""
+
+    stream: np.ndarray  # uint8
+    frames: np.ndarray  # (U,) int32
+    order: np.ndarray  # (T,) int32
+    mode: str  # stream | remux | file (pipelines.packets.feed_mode)
+    codec: str
+    decoded: int
+
+
+@dataclass
+class FedBatch:
+    """One batch of plans as the source handed it to DALI: ``slots`` (positions in ``plans``) were fed, in that
+    order; ``errors`` (slot -> reason) are the clips whose input could not be made. No slot fed: DALI never saw the
+    batch."""
+
+    plans: list[ClipPlan]
+    slots: list[int]
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+class PlanSource:
+    """``fn.external_source`` callback: one batch of plans per call as (stream bytes, frame positions, order, crop
+    anchor, crop shape, flip); ``decode_only``: the first three. Counts per epoch how each clip was fed.
+
+    It never raises for a clip: a clip whose input cannot be made is left out of the batch it feeds (DALI takes
+    batches of any size up to ``batch_size``, but not empty ones: a batch of which no clip can be fed is skipped),
+    and ``queue`` records, batch by batch in order, what went to DALI and why the rest did not.
+    """
+
+    def __init__(self, batch_size: int, decode_only: bool = False, backend: str = "cpu",
+                 indexes: PacketIndexCache | None = None):
+        self.batch_size, self.decode_only, self.backend = batch_size, decode_only, backend
+        self.indexes = indexes if indexes is not None else PacketIndexCache()
         self.batches: list[list[ClipPlan]] = []
         self.pos = 0
+        self.fds: OrderedDict[str, int] = OrderedDict()
+        self.fed: Counter = Counter()  # (codec, mode) -> clips this epoch
+        self.decoded = 0  # frames decoded this epoch
+        self.whole_file: set[str] = set()  # files fed whole (logged once each)
+        self.queue: deque[FedBatch] = deque()  # batches handed to DALI (or skipped) and not yet taken by the loader
 
     def start(self, plans: list[ClipPlan]) -> None:
         self.batches = [plans[i:i + self.batch_size] for i in range(0, len(plans), self.batch_size)]
         self.pos = 0
+        self.fed, self.decoded = Counter(), 0
+        self.queue.clear()
+
+    def _fd(self, path: str) -> int:
+        fd = self.fds.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+        self.fds[path] = fd
+        if len(self.fds) > OPEN_FILES:
+            os.close(self.fds.popitem(last=False)[1])
+        return fd
+
+    def clip_input(self, plan: ClipPlan) -> ClipInput:
+        """The decoder's input for ``plan``: its packets in IVF (``stream``), copied by PyAV into Matroska
+        (``remux``, GPU codecs without a raw container) or the whole file (``file``), per ``feed_mode``."""
+        index = self.indexes.get(plan.path)
+        packets = plan_packets(index, plan.frames)
+        mode, why = feed_mode(index, packets, self.backend)
+        if mode == "stream":
+            data = np.frombuffer(ivf_stream(index, read_payloads(index, packets.packets, self._fd(plan.path))),
+                                 np.uint8)
+        elif mode == "remux":
+            data = np.frombuffer(remux_packets(index, packets), np.uint8)
+        else:
+            if plan.path not in self.whole_file:
+                self.whole_file.add(plan.path)
+                logger.info("%s: DALI decodes it from frame 0 (%s)", plan.path, why)
+            wanted = np.minimum(np.asarray(plan.frames, dtype=np.int64), index.num_frames - 1)
+            uniq, order = np.unique(wanted, return_inverse=True)
+            return ClipInput(np.fromfile(plan.path, dtype=np.uint8), uniq.astype(np.int32),
+                             order.reshape(-1).astype(np.int32), mode, index.codec, int(uniq[-1]) + 1)
+        return ClipInput(data, packets.frames, packets.order, mode, index.codec, packets.decoded)
+
+    def _next_batch(self) -> tuple[list[ClipPlan], list[ClipInput]]:
+        """The next batch with at least one clip fed: (its plans that were, their inputs); StopIteration at the end."""
+        while self.pos < len(self.batches):
+            plans = self.batches[self.pos]
+            self.pos += 1
+            inputs: dict[int, ClipInput] = {}
+            errors: dict[int, str] = {}
+            for slot, plan in enumerate(plans):
+                try:
+                    inputs[slot] = self.clip_input(plan)
+                except Exception as e:  # noqa: BLE001 - whatever stops one clip's input is that clip's verdict
+                    errors[slot] = failure_reason(e)
+            self.queue.append(FedBatch(plans, list(inputs), errors))
+            if inputs:
+                return [plans[s] for s in inputs], list(inputs.values())
+        if self.fed:
+            clips = sum(self.fed.values())
+            logger.info("DALI fed %d clips: %s; %.1f frames decoded per clip", clips,
+                        ", ".join(f"{c} {m} {n}" for (c, m), n in sorted(self.fed.items())), self.decoded / clips)
+            self.fed = Counter()
+        raise StopIteration
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
-        if self.pos >= len(self.batches):
-            raise StopIteration
-        plans = self.batches[self.pos]
-        self.pos += 1
-        enc = [np.fromfile(p.path, dtype=np.uint8) for p in plans]
-        frames = [np.asarray(p.frames, dtype=np.int32) for p in plans]
+        plans, inputs = self._next_batch()
+        for x in inputs:
+            self.fed[(x.codec, x.mode)] += 1
+            self.decoded += x.decoded
+        enc, frames, order = [x.stream for x in inputs], [x.frames for x in inputs], [x.order for x in inputs]
         if self.decode_only:
-            return enc, frames
+            return enc, frames, order
         anchor = [np.array(p.window[:2], dtype=np.int32) for p in plans]
         shape = [np.array(p.window[2:], dtype=np.int32) for p in plans]
         flip = [np.array(int(p.flip), dtype=np.int32) for p in plans]
-        return enc, frames, anchor, shape, flip
+        return enc, frames, order, anchor, shape, flip
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+    def __del__(self) -> None:
+        self.close()
 
 
-def build_video_pipeline(source: _PlanSource, *, batch_size: int, crop: int, mean: list[float], std: list[float],
+def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean: list[float], std: list[float],
                          backend: str = "cpu", num_threads: int = 2, device_id: int | None = None,
                          decode_only: bool = False, prefetch: int = 2):
-    """The DALI graph: encoded bytes -> decode(frames) -> slice(crop window) -> resize -> crop_mirror_normalize(CFHW).
+    """The DALI graph: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order) -> resize ->
+    crop_mirror_normalize(CFHW). Any batch size (e.g. 1 to decode one clip alone).
 
-    ``decode_only`` returns the decoded uint8 FHWC frames instead (for the decode-rate benchmark and tests).
+    ``decode_only`` returns the decoded uint8 FHWC frames of the clip instead (for the decode-rate benchmark and
+    tests).
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -71,18 +190,28 @@ def build_video_pipeline(source: _PlanSource, *, batch_size: int, crop: int, mea
                   exec_async=True, exec_pipelined=True)
     def video_pipe():
         if decode_only:
-            enc, frames = fn.external_source(source=source, num_outputs=2, batch=True)
-            return fn.decoders.video(enc, device=decode_device, frames=frames)
-        enc, frames, anchor, shape, flip = fn.external_source(source=source, num_outputs=5, batch=True)
-        video = fn.decoders.video(enc, device=decode_device, frames=frames)  # (T, H, W, 3) uint8
+            enc, frames, order = fn.external_source(source=source, num_outputs=3, batch=True)
+            video = fn.decoders.video(enc, device=decode_device, frames=frames)
+            return fn.sequence_rearrange(video, new_order=order)
+        enc, frames, order, anchor, shape, flip = fn.external_source(source=source, num_outputs=6, batch=True)
+        video = fn.decoders.video(enc, device=decode_device, frames=frames)  # (U, H, W, 3) uint8, U unique frames
         # crop first (a cheap slice of whole pixels), then resize only the window: measured ~1.7x faster on CPU
         # than fn.resize(roi_start=, roi_end=), which resamples through the whole frame's geometry
         video = fn.slice(video, anchor, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False)
+        video = fn.sequence_rearrange(video, new_order=order)  # (T, h, w, 3): repeats are copies of the window
         video = fn.resize(video, size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=False)
         return fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="CFHW", mirror=flip,
                                         mean=[m * 255 for m in mean], std=[s * 255 for s in std])
 
     return video_pipe()
+
+
+def dali_reason(e: BaseException) -> str:
+    """The informative line of a DALI pipeline error, e.g. ``Assert on "ret >= 0" failed: Failed to send packet to
+    decoder: Invalid data found when processing input`` (the rest is DALI's traceback of the graph)."""
+    text = str(e)
+    tail = [line.strip() for line in text.split("encountered:")[-1].splitlines() if line.strip()]
+    return f"DALI: {tail[0] if tail else text.strip()[:200]}"
 
 
 def _to_torch(out, device: torch.device) -> torch.Tensor:
@@ -95,14 +224,6 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
     stream = torch.cuda.current_stream(device) if is_gpu else None
     feed_ndarray(t, dst, cuda_stream=stream)
     return dst
-
-
-def dali_reason(e: BaseException) -> str:
-    """The informative line of a DALI pipeline error, e.g. ``Assert on "ret >= 0" failed: Failed to send packet to
-    decoder: Invalid data found when processing input`` (the rest is DALI's traceback of the graph)."""
-    text = str(e)
-    tail = [line.strip() for line in text.split("encountered:")[-1].splitlines() if line.strip()]
-    return f"DALI: {tail[0] if tail else text.strip()[:200]}"
 
 
 class DaliLoader(ClipLoader):
@@ -118,17 +239,26 @@ class DaliLoader(ClipLoader):
                 else torch.cuda.current_device()
         else:
             self.device_id = None
+        self.indexes = PacketIndexCache(index_cache_path(self.cfg.validate_cache, DEFAULT_CACHE))
         self.pipe = None
-        self.source: _PlanSource | None = None
+        self.source: PlanSource | None = None
         self._clean = False  # True when the pipeline finished its last epoch and can be reset and reused
         self._clip_pipe = None  # the batch-1 pipeline of _decode_clip, built on first use
-        self._clip_source: _PlanSource | None = None
+        self._clip_source: PlanSource | None = None
         logger.info("DALI loader (%s): %d clips/epoch on this rank, %d batches, %d threads", backend, self.num_clips,
                     len(self), self.cfg.num_workers)
 
+    def clip_inputs(self, plans: list[ClipPlan]) -> list[ClipInput]:
+        """What the decoder is fed for ``plans``: the benchmark counts the frames decoded from these streams."""
+        source = PlanSource(1, self.decode_only, self.backend, self.indexes)
+        try:
+            return [source.clip_input(p) for p in plans]
+        finally:
+            source.close()
+
     def _build_pipe(self, batch_size: int, num_threads: int, prefetch: int = 2):
         """(source, built pipeline) of this loader's graph for ``batch_size`` clips a run."""
-        source = _PlanSource(batch_size, self.decode_only)
+        source = PlanSource(batch_size, self.decode_only, self.backend, self.indexes)
         pipe = build_video_pipeline(source, batch_size=batch_size, crop=self.crop, mean=self.cfg.mean,
                                     std=self.cfg.std, backend=self.backend, num_threads=num_threads,
                                     device_id=self.device_id, decode_only=self.decode_only, prefetch=prefetch)
@@ -141,12 +271,16 @@ class DaliLoader(ClipLoader):
 
     def _decode_clip(self, plan: ClipPlan) -> torch.Tensor:
         """One clip through a batch-1 pipeline of the same graph (kept between calls, rebuilt after a failure):
-        the same pixels the batch pipeline gives for it."""
+        the same clip stream and the same pixels the batch pipeline gives for it."""
         if self._clip_pipe is None:
             self._clip_source, self._clip_pipe = self._build_pipe(1, 1, prefetch=1)
         self._clip_source.start([plan])
         try:
             (video,) = self._clip_pipe.run()
+        except StopIteration:  # the source could not make the clip's input: nothing was fed
+            self._clip_pipe = None
+            (fed,) = self._clip_source.queue
+            raise ClipDecodeError(fed.errors[0]) from None
         except RuntimeError as e:
             self._clip_pipe = None
             raise ClipDecodeError(dali_reason(e)) from e
@@ -157,6 +291,12 @@ class DaliLoader(ClipLoader):
             self._clip_pipe.reset()
         return x
 
+    def _unfed(self) -> Iterator[FailedBatch]:
+        """The batches at the head of the source's queue of which no clip could be fed (DALI never saw them)."""
+        while self.source.queue and not self.source.queue[0].slots:
+            fed = self.source.queue.popleft()
+            yield FailedBatch(fed.plans, errors=fed.errors, cause="no clip of the batch could be fed to DALI")
+
     def _batches(self, plans: list[ClipPlan]) -> Iterator[Batch | FailedBatch]:
         if not plans:
             return
@@ -166,33 +306,46 @@ class DaliLoader(ClipLoader):
             self.pipe.reset()
         self._clean = False
         self.source.start(plans)
-        B, T, made = self.cfg.batch_size, self.cfg.num_frames, 0
+        T, made = self.cfg.num_frames, 0
         out_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        for b in range(0, len(plans), B):
-            chunk = plans[b:b + B]
+        while made < len(plans):
+            for item in self._unfed():
+                made += len(item.plans)
+                yield item
+            if made >= len(plans):
+                break
             failure = ""
             try:
                 (video,) = self.pipe.run()
             except StopIteration:
+                if self.source.queue and not self.source.queue[0].slots:
+                    continue  # the source ended after batches it could not feed
                 break
             except RuntimeError as e:
                 failure = dali_reason(e)
+            for item in self._unfed():  # the source skipped them before the batch this run made
+                made += len(item.plans)
+                yield item
+            fed = self.source.queue.popleft()  # the batch this run made (or failed to make)
+            made += len(fed.plans)
             if failure:
                 # a decode error ends the pipeline and does not say which clip: rebuild it, feed it from the next
                 # batch, and let ClipLoader find the culprit among this batch's clips
-                made += len(chunk)
                 self._new_pipe()
-                self.source.start(plans[b + B:])
-                yield FailedBatch(chunk, errors=None, cause=failure)
+                self.source.start(plans[made:])
+                yield FailedBatch(fed.plans, errors=None, cause=failure)
                 continue
             x = _to_torch(video, out_device)
             if not self.decode_only and tuple(x.shape[1:3]) != (3, T):
                 raise RuntimeError(f"DALI produced clips of shape {tuple(x.shape)}, expected (B, 3, {T}, H, W)")
-            if x.shape[0] != len(chunk):
-                raise RuntimeError(f"DALI produced {x.shape[0]} clips for a batch of {len(chunk)} planned ones")
-            made += len(chunk)
-            label = torch.tensor([p.label for p in chunk], dtype=torch.int64)
-            index = torch.tensor([p.index for p in chunk], dtype=torch.int64)
+            if x.shape[0] != len(fed.slots):
+                raise RuntimeError(f"DALI produced {x.shape[0]} clips for a batch of {len(fed.slots)} fed ones")
+            if fed.errors:  # some clips could not be fed: ClipLoader completes the batch
+                yield FailedBatch(fed.plans, dict(zip(fed.slots, x)), fed.errors,
+                                  cause=f"{len(fed.errors)} clip(s) could not be fed to DALI")
+                continue
+            label = torch.tensor([p.label for p in fed.plans], dtype=torch.int64)
+            index = torch.tensor([p.index for p in fed.plans], dtype=torch.int64)
             if self.device.type != "cpu":
                 x, label, index = x.to(self.device, non_blocking=True), label.to(self.device), index.to(self.device)
             yield Batch(x, label, index)

@@ -10,6 +10,7 @@ process as a bare ``RuntimeError`` without the file's name), and its batch as a 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import av
@@ -19,51 +20,65 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.base import Batch, ClipLoader, ClipPlanner
+from pipelines.packets import PacketIndex, PacketIndexCache, index_cache_path, keyframe_segments
 from pipelines.quarantine import BadVideo, FailedBatch, failure_reason
 from pipelines.sampling import ClipPlan
+from pipelines.validate import DEFAULT_CACHE
 
 logger = logging.getLogger(__name__)
 
-SEEK_MIN_FRAMES = 32  # decode from the start when the first needed frame is this close to it
+_INDEXES = PacketIndexCache()  # decode_frames without an index: per process, in memory
 
 
-def decode_frames(path: str, indices: np.ndarray, fps: float = 0.0) -> np.ndarray:
-    """Frames ``indices`` (presentation order, repeats allowed) of ``path`` as (len(indices), H, W, 3) uint8 RGB.
+@dataclass
+class DecodedClip:
+    frames: np.ndarray  # (len(indices), H, W, 3) uint8 RGB
+    decoded: int  # frames that came out of the decoder
 
-    Seeks to the keyframe before the first needed frame (when it is far from the start), then decodes up to the last.
-    Indices past the end of a shorter-than-declared video repeat its last frame.
+
+def decode_clip(path: str, indices: Sequence[int] | np.ndarray, index: PacketIndex | None = None) -> DecodedClip:
+    """Frames ``indices`` (presentation order, repeats allowed) of ``path``, decoded per GOP.
+
+    For each wanted frame (ascending) decoding starts at its keyframe, unless that keyframe is at or before the frame
+    the decoder is at (``pipelines.packets.keyframe_segments``: the fewest frames, one seek per segment): a seek per
+    frame on intra-only files, one seek on long GOPs. Seeks go to the keyframe's exact pts and frames are identified
+    by pts (``index``: the file's ``PacketIndex``; indexed now when not given). Indices past the end of a
+    shorter-than-declared video repeat its last frame.
     """
+    index = index if index is not None else _INDEXES.get(path)
     wanted = sorted(set(int(i) for i in indices))
+    wanted_set = set(wanted)
+    display_of = {int(index.pts[d]): n for n, d in enumerate(index.display)}
     got: dict[int, np.ndarray] = {}
+    decoded, pos, last, tail = 0, 0, None, None  # pos: the display index of the next frame the decoder outputs
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_count = 1  # parallelism comes from the DataLoader workers (one decode thread each)
-        rate = fps or float(stream.average_rate or stream.guessed_rate or 30)
-        tb = float(stream.time_base)
-        start_pts = stream.start_time or 0
-        seeked = wanted[0] >= SEEK_MIN_FRAMES
-        if seeked:
-            container.seek(int(start_pts + wanted[0] / rate / tb), stream=stream, backward=True, any_frame=False)
-        n = -1
-        wanted_set, last = set(wanted), None
-        for frame in container.decode(stream):
-            n = round((frame.pts - start_pts) * tb * rate) if seeked and frame.pts is not None else n + 1
-            last = frame
-            if n in wanted_set:
-                got[n] = frame.to_ndarray(format="rgb24")
-            if n >= wanted[-1]:
+        frames = container.decode(stream)
+        for k, end in keyframe_segments(index.keyframes, wanted):
+            if k > pos:  # decoding on from pos would cost more than restarting at k
+                container.seek(int(index.pts[index.display[k]]), stream=stream, backward=True, any_frame=False)
+                frames, pos = container.decode(stream), k
+            for frame in frames:
+                decoded += 1
+                n = display_of.get(frame.pts, pos) if frame.pts is not None else pos
+                pos, last = n + 1, frame
+                if n in wanted_set:
+                    got[n] = frame.to_ndarray(format="rgb24")
+                if n >= end:
+                    break
+            else:  # the stream ended early
                 break
         if last is None:
             raise RuntimeError(f"{path}: no frame decoded at or after index {wanted[0]}")
-        if len(got) < len(wanted_set):  # the stream ended early: repeat the last frame (as padding does)
+        if len(got) < len(wanted):  # the stream ended early: repeat the last frame (as padding does)
             tail = last.to_ndarray(format="rgb24")
-    out = []
-    for i in indices:
-        frame = got.get(int(i))
-        if frame is None:
-            frame = tail
-        out.append(frame)
-    return np.stack(out)
+    return DecodedClip(np.stack([got.get(int(i), tail) for i in indices]), decoded)
+
+
+def decode_frames(path: str, indices: Sequence[int] | np.ndarray, index: PacketIndex | None = None) -> np.ndarray:
+    """Frames ``indices`` of ``path`` as (len(indices), H, W, 3) uint8 RGB (``decode_clip``)."""
+    return decode_clip(path, indices, index).frames
 
 
 def crop_resize(frames: np.ndarray, window: tuple[int, int, int, int], size: int) -> torch.Tensor:
@@ -87,12 +102,13 @@ class _PlanDataset(Dataset):
     """Map-style dataset whose "indices" are the ClipPlans themselves (the sampler yields them); an item is
     ``(plan, clip (3, T, S, S) or None, failure reason or "")``."""
 
-    def __init__(self, crop: int, mean: list[float], std: list[float]):
+    def __init__(self, crop: int, mean: list[float], std: list[float], indexes: PacketIndexCache | None = None):
         self.crop, self.mean, self.std = crop, mean, std
+        self.indexes = indexes if indexes is not None else PacketIndexCache()
 
     def decode(self, plan: ClipPlan) -> torch.Tensor:
-        """The clip of ``plan`` as (3, T, S, S) float32, normalised; raises when it cannot be decoded."""
-        frames = decode_frames(plan.path, plan.frames)
+        """The clip of ``plan`` as (3, T, S, S) float32, normalised; raises when it cannot be decoded (or indexed)."""
+        frames = decode_frames(plan.path, plan.frames, self.indexes.get(plan.path))
         x = crop_resize(frames, plan.window, self.crop)  # (T, 3, S, S) uint8
         if plan.flip:
             x = x.flip(-1)
@@ -136,7 +152,8 @@ class PyAVLoader(ClipLoader):
                  quarantine: Sequence[BadVideo | dict[str, Any]] = ()):
         super().__init__(planner, device, start_batch, rejected, quarantine)
         self.sampler = _Plans()
-        self.dataset = _PlanDataset(self.crop, self.cfg.mean, self.cfg.std)
+        indexes = PacketIndexCache(index_cache_path(self.cfg.validate_cache, DEFAULT_CACHE))
+        self.dataset = _PlanDataset(self.crop, self.cfg.mean, self.cfg.std, indexes)
         workers = self.cfg.num_workers
         self.loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size,
                                  sampler=self.sampler, num_workers=workers, collate_fn=_collate,

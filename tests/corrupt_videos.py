@@ -17,8 +17,9 @@ thirds, ``start`` / ``mid`` / ``end``.
 The same good files, seed and count give the same bytes (``make_corrupt_corpus``).
 
 ``python tests/corrupt_videos.py [--seeds 10] [--out DIR]`` prints, per kind, how many files the probe and the deep
-check flag, how many fail a whole-file decode in DALI and in PyAV, how many each loader quarantines over 3 training
-epochs, and how many decode without error (the table in docs/bad_videos.md).
+check flag, how many fail a test view over frames 0-21 (8 frames x rate 3) in the DALI and in the PyAV loader, how
+many each loader quarantines over 3 training epochs, and how many decode without error (the table in
+docs/bad_videos.md).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def outcome_table(root: Path, seeds: int) -> str:
                       batch_size=4, num_workers=1, on_bad_video="skip", max_bad_fraction=1.0, validate_cache="none")
         fails, quarantined = {}, {}
         for loader in ("dali", "pyav"):
-            test = build_loader(DataConfig(loader=loader, num_frames=8, **common), "test")  # 8 x 3 = every frame
+            test = build_loader(DataConfig(loader=loader, num_frames=8, **common), "test")  # 8 x 3: frames 0-21
             list(test)
             fails[loader] = {u.path for u in test.unscored}
             train = build_loader(DataConfig(loader=loader, num_frames=4, **common), "train")

@@ -243,8 +243,28 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
         decoded = r.extra["decoded_frames"]
         assert decoded["delivered_frames"] == 4 and decoded["clips"] == 16
         assert decoded["counted_per_clip"] == pytest.approx(decoded["model_per_clip"])
-        assert 4 <= decoded["counted_per_clip"] <= 24  # a 24-frame video
-    assert [r.extra["decoded_frames"]["strategy"] for r in recs] == ["pyav", "from_start"]
+        assert 4 <= decoded["counted_per_clip"] <= decoded["seek_model_per_clip"] <= 24  # a 24-frame video
+        assert r.peak_mem_kind == "rss_fresh_process" and "RSS growth" in r.extra["peak_mem_covers"]
+    assert [r.extra["decoded_frames"]["strategy"] for r in recs] == ["keyframe", "keyframe"]
+    assert "worker processes are not counted" in recs[0].extra["peak_mem_covers"]
+    shootout = _run(_case("pipeline", backend="shootout", data_config=str(cfg_path), batches=2))
+    assert shootout.status == "ok", shootout.message
+    rows = {(r["name"], r["graph"]): r for r in shootout.extra["shootout"]}
+    assert {("DALI loader", "full"), ("DALI loader", "decode"), ("PyAV loader", "full"), ("torchcodec", "decode"),
+            ("decord", "decode")} <= set(rows)
+    for key in [("DALI loader", "full"), ("DALI loader", "decode"), ("PyAV loader", "full")]:
+        row = rows[key]
+        assert row["clips_per_s"] > 0 and len(row["rounds"]) == 3 and row["cpu_ms_per_clip"] > 0
+        assert row["decoded_how"] == "counted" and 4 <= row["decoded_per_clip"] <= 24
+    for name in ("torchcodec", "decord"):  # optional anchors: measured, or the row says why not
+        row = rows[(name, "decode")]
+        assert (row["clips_per_s"] or 0) > 0 or row["note"].startswith("not importable: "), row
+        assert row["decoded_how"] == "model: keyframe"
+    assert shootout.clips_per_s == rows[("DALI loader", "full")]["clips_per_s"]
+    from harness.bench.report import summary_table
+
+    table = summary_table([shootout])
+    assert "## Loader shoot-out" in table and "| DALI loader | toy | full |" in table
     # Threshold 0: any wait for data at all makes the verdict input-bound, and there is always some.
     e2e = _run(_case("e2e", mode="train", data_config=str(cfg_path), batches=2, threshold=0.0))
     assert e2e.status == "ok", e2e.message

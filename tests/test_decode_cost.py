@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines import sampling
-from pipelines.tools.decode_cost import (PYAV_SEEK_MIN_FRAMES, STRATEGIES, count_decoded_frames, decode_plan,
+from pipelines.tools.decode_cost import (STRATEGIES, count_decoded_frames, decode_plan,
                                    decoded_frames, estimate, estimate_manifest_decode_cost, format_decode_cost,
                                    measure_clips, read_gop, strategy_for)
 from pipelines.tools.transcode import PrepareSpec, transcode
@@ -45,19 +45,16 @@ def test_plans_by_hand():
     assert decoded_frames([3, 20, 21, 40], keys, 64, "seek") == 11
     assert decoded_frames([21, 20, 3, 40, 40], keys, 64, "seek") == 11  # order and repeats do not matter
     assert decoded_frames([3, 20, 21, 40], keys, 64, "from_start") == 41  # whatever the keyframes
-    assert decoded_frames([3, 20, 21, 40], keys, 64, "pyav") == 41  # first frame < 32: decode 0..40
-    assert decoded_frames([40, 45, 60], keys, 64, "pyav") == 21  # one seek to 40, decode through 60
+    # keyframe: from each frame's keyframe unless already decoding at or past it (the loaders' rule)
+    assert decode_plan([3, 20, 21, 40], keys, 64, "keyframe") == [(None, 3), (16, 20), (None, 21), (40, 40)]
+    assert decoded_frames([40, 45, 60], keys, 64, "keyframe") == 1 + 5 + 5  # seek 40; 41..45 on; seek 56, 56..60
+    assert decoded_frames([9, 14], keys, 64, "keyframe") == 7  # seek 8, decode 8..14 (seek: 0..14 = 15)
+    assert decoded_frames([7, 8, 9], keys, 64, "keyframe") == 10  # 8's keyframe is the next frame: decode on
     assert decoded_frames([9, 14], keys, 64, "seek") == 15  # within the leap (10) of the position: no seek
     assert decoded_frames([12, 14], keys, 64, "seek") == 7  # 12 > 0 + 10: seek to 8
     assert decoded_frames([5, 14, 15], [0], 64, "seek") == 16  # one keyframe: seeking never helps
     with pytest.raises(ValueError, match="choose from"):
         decode_plan([1], keys, 64, "nvdec")
-
-
-def test_pyav_model_matches_the_loader_constant():
-    from pipelines.pyav import SEEK_MIN_FRAMES
-
-    assert PYAV_SEEK_MIN_FRAMES == SEEK_MIN_FRAMES
 
 
 @pytest.mark.parametrize("name", ["long", "gop8", "intra"])
@@ -129,11 +126,10 @@ def test_measure_clips_for_the_bench(gop_files):
     clips = [(str(gop_files[n]), sampling.kinetics_frames(FRAMES, 30, T, rate, tfps, i, 2))
              for n in ("long", "gop8") for i in range(2)]
     out = measure_clips(clips, strategy_for("dali", "gpu"))
-    assert out["strategy"] == "seek" and out["clips"] == 4 and out["delivered_frames"] == T
+    assert out["strategy"] == "keyframe" and out["clips"] == 4 and out["delivered_frames"] == T
     assert out["counted_per_clip"] == out["model_per_clip"]
-    long_only = measure_clips(clips[:2], "seek")["counted_per_clip"]
+    long_only = measure_clips(clips[:2], "keyframe")["counted_per_clip"]
     assert long_only > out["counted_per_clip"]  # the GOP-8 file's clips cost less
-    assert measure_clips(clips, strategy_for("dali"))["strategy"] == "from_start"
-    assert strategy_for("pyav") == "pyav"
+    assert strategy_for("dali") == strategy_for("pyav") == "keyframe"
     with pytest.raises(ValueError, match="synthetic"):
         strategy_for("synthetic")

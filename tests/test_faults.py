@@ -1,7 +1,8 @@
 """Videos that fail while decoding: a seeded corpus of corrupted videos (``tests/corrupt_videos.py``: bit flips,
 zeroed blocks, shuffled chunks, truncations, damaged frames, a header-only file, an unknown codec) through the
 pre-flight check (shallow and ``--deep``), both loaders (quarantine, replacements, exact resume, error mode, budget,
-unscored evaluation views) and real training processes (skip, SIGTERM + resume, two ranks stopping together)."""
+unscored evaluation views), the DALI loader's per-clip packet streams (damage inside a clip's stream, a file that
+cannot be indexed at run time) and real training processes (skip, SIGTERM + resume, two ranks stopping together)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +27,7 @@ from harness.checkpoint import load_file
 from harness.train_state import list_checkpoints
 from pipelines import build_loader
 from pipelines.config import DataConfig
+from pipelines.packets import index_packets, plan_packets
 from pipelines.quarantine import BadVideo, BadVideoError, Quarantine, TooManyBadVideos, write_rejected
 from pipelines.validate import deep_check, probe_video
 
@@ -227,6 +231,61 @@ def test_the_budget_stops_the_run_with_the_list(corpus: Corpus) -> None:
         for epoch in range(2):
             ld.set_epoch(epoch)
             list(ld)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The DALI loader's per-clip packet streams (pipelines.packets) under the quarantine.
+@pytest.mark.parametrize("kind", ["payload/start", "payload/mid"])
+def test_a_damaged_frame_fails_exactly_the_views_whose_clip_stream_holds_it(corpus: Corpus, tmp_path: Path,
+                                                                            kind: str) -> None:
+    """The DALI loader feeds each clip only the packets from its keyframes on: a view whose stream holds the damaged
+    frame fails inside DALI and is left out (its video quarantined), a view whose stream does not decodes, even one
+    after the damage (a decoder fed the whole file would have decoded through it), and the pass goes on."""
+    bad = next(c for c in corpus.bad if c.kind == kind)
+    data, source = bad.path.read_bytes(), bad.source.read_bytes()
+    first_diff = next(i for i, (a, b) in enumerate(zip(data, source)) if a != b)
+    index = index_packets(bad.path)
+    (damaged,) = np.flatnonzero((index.offset <= first_diff) & (first_diff < index.offset + index.size))
+    damaged_frame = int(np.flatnonzero(index.display == damaged)[0])
+    manifest = tmp_path / "test.csv"
+    manifest.write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate([*corpus.good[:3], bad.path])))
+    ld = build_loader(data_cfg(corpus, "dali", test_manifest=str(manifest), num_frames=4, sampling_rate=1,
+                               num_ensemble_views=3, batch_size=3), "test")
+    plans = ld.planner.plans(0)
+    assert {x.mode for x in ld.clip_inputs(plans)} == {"stream"}  # every clip is fed its own packets
+    mine = [(view, p) for view, p in enumerate(q for q in plans if q.path == str(bad.path))]
+    holds = {view: damaged in plan_packets(index, p.frames).packets for view, p in mine}
+    scored = [i for b in ld for i in b.index.tolist()]
+    assert {u.view for u in ld.unscored} == {view for view, h in holds.items() if h} != set(), (holds, ld.unscored)
+    assert all(u.path == str(bad.path) and "DALI" in u.reason for u in ld.unscored)
+    assert len(scored) == len(plans) - len(ld.unscored) and ld.quarantine.paths() == {str(bad.path)}
+    if kind == "payload/start":  # a view past the damage, whose stream starts at a later keyframe, decodes
+        assert any(not holds[view] and min(p.frames) > damaged_frame for view, p in mine), (damaged_frame, holds)
+
+
+def test_a_video_that_cannot_be_indexed_at_run_time_is_quarantined(corpus: Corpus, tmp_path: Path) -> None:
+    """Files that pass the pre-flight check and are then damaged on disk (their packets cannot be indexed, so no
+    clip stream can be made): the DALI source leaves their clips out of what DALI gets (a batch of which no clip
+    can be fed is not run at all), the loader names them, replaces (train) or lists (test) their clips, and the
+    epochs go on with the same pipeline."""
+    paths = [Path(shutil.copy(p, tmp_path / p.name)) for p in corpus.good]
+    manifest = tmp_path / "all.csv"
+    manifest.write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(paths)))
+    cfg = data_cfg(corpus, "dali", train_manifest=str(manifest), test_manifest=str(manifest), batch_size=2)
+    train, test = build_loader(cfg, "train"), build_loader(cfg, "test")
+    broken = {str(paths[i]) for i in (2, 3, 4)}  # test batches of 2: batch 1 all broken, batch 2 half
+    for p in broken:
+        Path(p).write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 4)  # an EBML magic, then garbage
+    scored = [i for b in test for i in b.index.tolist()]
+    assert sorted(scored) == [0, 1, 5, 6, 7] and {u.path for u in test.unscored} == broken
+    assert all("cannot index its packets" in u.reason for u in test.unscored), test.unscored
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        batches = list(train)
+        assert len(batches) == len(train) and all(tuple(b.video.shape) == (2, 3, 8, 32, 32) for b in batches)
+        used = {str(paths[i]) for b in batches for i in b.index.tolist()}
+        assert not used & broken
+    assert train.quarantine.paths() == broken and len(train) == 2  # epoch 1 planned over the 5 left
 
 
 def test_quarantine_rules(tmp_path: Path) -> None:

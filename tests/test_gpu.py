@@ -1,11 +1,11 @@
 """GPU tests of the real code paths (``pytest -m gpu``; ``make gpu-check`` runs them). Skipped without CUDA.
 
-NVDEC through our DALI pipeline for every codec of the GPU list, and the NVDEC limits of ``pipelines.nvdec``
-checked against this GPU's driver; VP9 below NVDEC's minimum decoded by DALI on the CPU for a CUDA model
-(``data.backend=auto``); DALI GPU vs CPU frames; the Trainer's fp16 + GradScaler and bf16 steps with per-window
-and validation peak memory; every SDPA backend through the model against ``naive``, and the attention-backend
-check against SDPA's own refusals; the profiler's summary in GPU time; NCCL and DDP under torchrun's environment;
-CUDA memory through ``harness.metrics``.
+NVDEC through our DALI pipeline for every codec of the GPU list (whole clips and per-clip packet streams deep in a
+file, frame for frame against PyAV), and the NVDEC limits of ``pipelines.nvdec`` checked against this GPU's driver;
+VP9 below NVDEC's minimum decoded by DALI on the CPU for a CUDA model (``data.backend=auto``); DALI GPU vs CPU
+frames; the Trainer's fp16 + GradScaler and bf16 steps with per-window and validation peak memory; every SDPA
+backend through the model against ``naive``, and the attention-backend check against SDPA's own refusals; the
+profiler's summary in GPU time; NCCL and DDP under torchrun's environment; CUDA memory through ``harness.metrics``.
 """
 
 from __future__ import annotations
@@ -172,6 +172,43 @@ def test_vp9_below_nvdecs_minimum_is_decoded_on_the_cpu_for_a_cuda_model(tmp_pat
     assert diff < 8, f"mean |DALI CPU - PyAV| = {diff:.2f} on the 0-255 scale"
     with pytest.raises(ValueError, match="below NVDEC's VP9 minimum of 128x128"):
         build_loader(replace(cfg, backend="gpu", loader="dali"), "test", device=CUDA)
+
+
+@pytest.mark.parametrize("codec", sorted(NVDEC_CODECS))
+def test_gpu_loader_decodes_clip_streams_frame_for_frame(codec: str, generation: str, tmp_path: Path) -> None:
+    """Clips that start past several keyframes (GOP 8, views at frames 0, ~16, ~32 of 64): the GPU loader feeds
+    NVDEC per-clip streams (IVF for VP8/VP9, PyAV's remux into Matroska for the others) and each decoded frame is
+    PyAV's frame of the planned index; the full graph matches the PyAV loader's clips."""
+    import av
+
+    from pipelines.pyav import decode_frames
+
+    encoder, ext = ENCODERS[codec]
+    if encoder not in av.codecs_available:
+        pytest.skip(f"this PyAV build has no {encoder} encoder")
+    from pipelines.tools.encode import write_video
+
+    options = {**OPTIONS.get(encoder, {}), "g": "8"}
+    paths = [str(write_video(tmp_path / f"deep{i}{ext}", textured_frames(64, 160, 160, i), encoder, 30, options))
+             for i in range(2)]
+    if problem := nvdec_problem(_probe(paths[0]), generation):
+        pytest.skip(f"{codec} on this GPU: {problem}")
+    cfg = _data_cfg(tmp_path, paths, num_frames=4, sampling_rate=4, num_ensemble_views=3, batch_size=6)
+    loader = _dali_direct(cfg, paths, "gpu", decode_only=True)
+    plans = loader.planner.plans(0)
+    modes = {x.mode for x in loader.clip_inputs(plans)}
+    assert modes == {"stream"} if codec in ("vp8", "vp9") else "remux" in modes, modes
+    frames = next(iter(loader)).video.cpu().int()  # (6, 4, 160, 160, 3)
+    for plan, clip in zip(plans, frames):
+        every = decode_frames(plan.path, np.arange(64)).astype(int)
+        nearest = [int((torch.from_numpy(every) - f).abs().float().mean(dim=(1, 2, 3)).argmin()) for f in clip]
+        assert nearest == plan.frames.tolist(), f"{codec}: NVDEC frames {nearest}, planned {plan.frames.tolist()}"
+    from pipelines import build_loader
+
+    full = next(iter(build_loader(cfg, "test", device=CUDA)))
+    ref = next(iter(build_loader(replace(cfg, loader="pyav"), "test", device="cpu")))
+    diff = ((full.video.cpu() - ref.video).abs() * 0.225 * 255).mean()
+    assert torch.equal(full.index.cpu(), ref.index) and diff < 8, f"{codec}: mean |GPU loader - PyAV| = {diff:.2f}"
 
 
 def test_dali_gpu_and_cpu_decode_the_same_vp9_frames(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from pipelines.config import DataConfig
 from pipelines import build_loader
-from pipelines.dali import _PlanSource, _to_torch, build_video_pipeline
+from pipelines.dali import PlanSource, _to_torch, build_video_pipeline
 from pipelines.pyav import crop_resize, decode_frames, normalize
 from pipelines.sampling import ClipPlan, kinetics_frames, segment_frames, train_window
 from pipelines.sampling import test_window as view_window
@@ -21,7 +21,7 @@ MEAN, STD = [0.45] * 3, [0.225] * 3
 
 
 def _dali_run(plans: list[ClipPlan], crop: int, decode_only: bool = False):
-    src = _PlanSource(len(plans), decode_only)
+    src = PlanSource(len(plans), decode_only)
     pipe = build_video_pipeline(src, batch_size=len(plans), crop=crop, mean=MEAN, std=STD, num_threads=1,
                                 decode_only=decode_only)
     pipe.build()
@@ -189,6 +189,6 @@ def test_pyav_seek_path_returns_the_same_frames_as_decoding_from_the_start(tmp_p
 
     path = str(encode_video(tmp_path / "long.webm", textured_frames(72, 32, 48, seed=3)))  # keyframes every 8
     every = decode_frames(path, np.arange(72))
-    idx = np.array([40, 41, 47, 55, 55, 63, 71, 71])  # first index >= SEEK_MIN_FRAMES: seeks to frame 40's keyframe
+    idx = np.array([40, 41, 47, 55, 55, 63, 71, 71])  # a seek per GOP: keyframes 40, 48, 56, 64
     assert np.array_equal(decode_frames(path, idx), every[idx])
     assert np.array_equal(decode_frames(path, np.array([33, 70])), every[[33, 70]])

@@ -1,14 +1,28 @@
 """The pipeline suite: clips/s of the DALI and the PyAV loader on the experiment's data (the toy set by default),
-and the frames each decodes per delivered clip."""
+the frames each decodes per delivered clip, and the loader shoot-out.
+
+The shoot-out runs, on the same clips and in one process, interleaved round by round (A B C A B C ...: load from
+other processes hits every row alike): our DALI loader (full graph, and decode-only), the PyAV loader, and, when
+they import, torchcodec (``VideoDecoder.get_frames_at``) and decord (``VideoReader.get_batch``) as decode-only
+anchors. Each row: median clips/s over the rounds, CPU ms per clip (the process and its workers: steadier than the
+wall clock on a shared machine), frames decoded per clip (counted where the decoder can be followed, else the
+model's estimate, marked ``model``) and the file variant. ``benchmarks/bench_prepare.py`` runs it over prepared
+variants of the same videos.
+"""
 
 from __future__ import annotations
 
 import os
+import statistics
+import threading
 import time
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from harness.bench.case import BenchCase, SkipCase
@@ -16,8 +30,10 @@ from harness.config import REPO_ROOT, RootConfig, load_config
 from harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
 from pipelines.config import DataConfig
 
-LOADERS = ("dali", "pyav")
+LOADERS = ("dali", "pyav", "shootout")
 WARMUP_BATCHES = 2
+SHOOTOUT_ROUNDS = 3
+COUNTED_CLIPS = 16  # clips whose decoded frames are counted per row
 
 
 def data_config_path(cfg: RootConfig) -> str:
@@ -28,19 +44,25 @@ def data_config_path(cfg: RootConfig) -> str:
 
 def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
           device: torch.device) -> list[BenchCase]:
+    """One case per loader (its own process: its own peak memory), then the shoot-out of all of them."""
     return [replace(base, suite="pipeline", backend=loader, data_config=data_config_path(cfg),
                     batches=cfg.bench.pipeline_batches) for loader in LOADERS]
+
+
+def load_data_config(case: BenchCase) -> DataConfig:
+    """The data section of the case's config. Raises SkipCase when its videos are not here."""
+    path = case.data_config
+    data = load_config(path).data if Path(path).is_file() else RootConfig().data
+    root = Path(data.root) if os.path.isabs(data.root) else REPO_ROOT / data.root
+    if not root.exists():
+        raise SkipCase(f"no data at {root}: run `make data` (python -m pipelines.tools.toy --out data/toy)")
+    return replace(data, root=str(root))
 
 
 def build_train_loader(case: BenchCase, device: torch.device, loader: str) -> tuple[Any, DataConfig]:
     """The train loader of the case's data config with ``data.loader = loader`` (the experiment's own batch size
     and crop), and that data config. Raises SkipCase when the data or the loader's packages are not here."""
-    path = case.data_config
-    data = load_config(path).data if Path(path).is_file() else RootConfig().data
-    data = replace(data, loader=loader)
-    root = Path(data.root) if os.path.isabs(data.root) else REPO_ROOT / data.root
-    if not root.exists():
-        raise SkipCase(f"no data at {root}: run `make data` (python -m pipelines.tools.toy --out data/toy)")
+    data = replace(load_data_config(case), loader=loader)
     try:
         from pipelines import build_loader
 
@@ -49,9 +71,22 @@ def build_train_loader(case: BenchCase, device: torch.device, loader: str) -> tu
         raise SkipCase(f"the {loader} loader cannot be built here: {e}") from e
 
 
+def peak_memory_note(device: torch.device, loader: str) -> str:
+    """What a pipeline record's peak memory covers."""
+    if device.type == "cuda":
+        return ("torch's CUDA allocator peak only: DALI's GPU buffers come from its own allocator and are not "
+                "counted")
+    if loader == "pyav":
+        return "RSS growth of the bench process: the PyAV loader's worker processes are not counted"
+    return "RSS growth of the bench process, DALI's CPU buffers included"
+
+
 def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
     """Clips/s of one loader over ``case.batches`` timed batches after 2 warm-up batches (epochs restart as
-    needed); the time of a batch is from asking for it to having it (on the device, synchronised)."""
+    needed); the time of a batch is from asking for it to having it (on the device, synchronised). The shoot-out
+    case runs ``run_shootout`` on the first ``case.batches`` batches' videos instead."""
+    if case.backend == "shootout":
+        return run_shootout_case(case, rec, device)
     base = reset_peak_memory(device)
     loader, data = build_train_loader(case, device, case.backend)
     rec.frames, rec.img_size, rec.batch = data.num_frames, data.train_crop_size, data.batch_size
@@ -76,6 +111,7 @@ def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dt
             raise RuntimeError(f"loader {case.backend} yields no batches (len={len(loader)})")
     timed = times[WARMUP_BATCHES:]
     rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
+    rec.extra["peak_mem_covers"] = peak_memory_note(device, case.backend)
     fill_throughput(rec, timed, clips_per_step=rec.batch, frames=rec.frames)
     rec.clips_per_s = clips / sum(timed)  # the last batch of an epoch may be smaller
     rec.images_per_s = rec.clips_per_s * rec.frames
@@ -83,10 +119,291 @@ def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dt
     rec.extra["decoded_frames"] = decoded_frames_per_clip(loader, case.backend)
 
 
-def decoded_frames_per_clip(loader: Any, name: str, max_clips: int = 16) -> dict:
-    """Frames decoded per delivered clip for the loader's first ``max_clips`` clips of epoch 0: counted by decoding
-    with PyAV along the loader's decoder model, beside the model's estimate (``pipelines.tools.decode_cost``)."""
-    from pipelines.tools.decode_cost import measure_clips, strategy_for
+def decoded_frames_per_clip(loader: Any, name: str, max_clips: int = COUNTED_CLIPS) -> dict:
+    """Frames decoded per delivered clip for the loader's first ``max_clips`` clips of epoch 0, counted
+    (``count_decoded``), beside the ``keyframe`` model the loaders follow and DALI's ``seek`` rule
+    (``pipelines.tools.decode_cost``)."""
+    from pipelines.tools.decode_cost import decoded_frames, strategy_for
 
+    plans = loader.planner.plans(0)[:max_clips]
+    counted = count_decoded(loader, name, plans)
+    indexes = _indexes(loader)
+    models = {}
+    for strategy in (strategy_for(name, getattr(loader, "backend", "cpu")), "seek"):
+        per_clip = []
+        for p in plans:
+            index = indexes.get(p.path)
+            per_clip.append(decoded_frames(p.frames, index.keyframes, index.num_frames, strategy))
+        models[strategy] = float(np.mean(per_clip))
     strategy = strategy_for(name, getattr(loader, "backend", "cpu"))
-    return measure_clips([(p.path, p.frames) for p in loader.planner.plans(0)], strategy, max_clips)
+    return {"strategy": strategy, "clips": len(plans), "delivered_frames": float(np.mean([len(p.frames) for p in plans])),
+            "counted_per_clip": counted, "model_per_clip": models[strategy], "seek_model_per_clip": models["seek"]}
+
+
+def _indexes(loader: Any):
+    from pipelines.packets import PacketIndexCache
+
+    return getattr(loader, "indexes", None) or PacketIndexCache()
+
+
+def count_decoded(loader: Any, name: str, plans: list) -> float:
+    """Frames decoded per clip, counted: for DALI by decoding (PyAV) the very stream each clip is fed, up to its
+    last wanted frame; for PyAV by ``pipelines.pyav.decode_clip``, which counts the frames its decoder outputs."""
+    if name == "dali":
+        from pipelines.packets import count_stream_frames
+
+        counts = [count_stream_frames(x.stream.tobytes(), int(x.frames[-1])) for x in loader.clip_inputs(plans)]
+    else:
+        from pipelines.pyav import decode_clip
+
+        indexes = _indexes(loader)
+        counts = [decode_clip(p.path, p.frames, indexes.get(p.path)).decoded for p in plans]
+    return float(np.mean(counts))
+
+
+# ---------------------------------------------------------------------------------------------- the shoot-out
+
+@dataclass
+class Contender:
+    """One shoot-out row: ``epoch()`` delivers the round's clips and returns how many; ``decoded()`` returns frames
+    decoded per clip and how they were obtained (``counted`` or ``model: ...``)."""
+
+    name: str
+    variant: str
+    graph: str  # full (crop, resize, normalise: what the model gets) | decode (uint8 frames)
+    threads: str
+    epoch: Callable[[], int] | None = None
+    decoded: Callable[[], tuple[float, str]] | None = None
+    unavailable: str = ""  # why the row could not run (the shoot-out goes on)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its live children (the PyAV loader's workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def _loader_epoch(loader: Any) -> Callable[[], int]:
+    def epoch() -> int:
+        loader.set_epoch(0)  # every round the same clips: the ones counted
+        return sum(b.video.shape[0] for b in loader)
+    return epoch
+
+
+def _loaders_epoch(loaders: list[Any]) -> Callable[[], int]:
+    """Several loaders (one per shard) consumed in turn, as one training process would with a pipeline each."""
+    def epoch() -> int:
+        n = 0
+        for lo in loaders:
+            lo.set_epoch(0)
+        for batches in zip_longest(*loaders):
+            n += sum(b.video.shape[0] for b in batches if b is not None)
+        return n
+    return epoch
+
+
+def _anchor_epoch(plans: list, decode: Callable[[str, list[int]], Any], threads: int) -> Callable[[], int]:
+    clips = [(p.path, [int(i) for i in p.frames]) for p in plans]
+
+    def epoch() -> int:
+        if threads <= 1:
+            for path, frames in clips:
+                decode(path, frames)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda c: decode(*c), clips))
+        return len(clips)
+    return epoch
+
+
+def torchcodec_decoder() -> tuple[Callable[[str, list[int]], Any] | None, str]:
+    """torchcodec's ``get_frames_at`` on a decoder opened per clip (one FFmpeg thread), or why it cannot run."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except Exception as e:  # noqa: BLE001 - the wheel raises OSError/RuntimeError for missing CUDA/FFmpeg libraries
+        return None, f"not importable: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+    def decode(path: str, frames: list[int]) -> Any:
+        return VideoDecoder(path, device="cpu", seek_mode="approximate", dimension_order="NHWC",
+                            num_ffmpeg_threads=1).get_frames_at(frames).data
+    return decode, ""
+
+
+def decord_decoder() -> tuple[Callable[[str, list[int]], Any] | None, str]:
+    """decord's ``get_batch`` on a ``VideoReader`` cached per file and thread (one decoder thread), or why not."""
+    try:
+        import decord
+    except Exception as e:  # noqa: BLE001
+        return None, f"not importable: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    local = threading.local()
+
+    def decode(path: str, frames: list[int]) -> Any:
+        readers = local.__dict__.setdefault("readers", {})
+        if path not in readers:
+            readers[path] = decord.VideoReader(path, num_threads=1)
+        return readers[path].get_batch(frames).asnumpy()
+    return decode, ""
+
+
+def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, scaling: bool = False,
+                        whole_file: bool = False, max_counted: int = COUNTED_CLIPS) -> list[Contender]:
+    """The shoot-out rows for the train clips of ``cfg`` (CPU): DALI full graph and decode-only, the PyAV loader
+    (``cfg.num_workers`` workers), torchcodec and decord (``anchor_threads`` threads each). ``whole_file`` adds the
+    DALI loader fed whole files (decoded from frame 0: the loader before it cut clip streams); ``scaling`` adds the
+    DALI full graph with 1 thread, and with 2 pipelines of 1 thread (ranks 0 and 1 of 2: other random clips of the
+    same videos)."""
+    from pipelines import build_loader
+    from pipelines.dali import DaliLoader
+    from pipelines.packets import PacketIndexCache
+    from pipelines.tools.decode_cost import decoded_frames
+
+    dali = build_loader(replace(cfg, loader="dali", backend="cpu"), "train", device="cpu")
+    decode_only = DaliLoader(dali.planner, torch.device("cpu"), backend="cpu", decode_only=True)
+    pyav = build_loader(replace(cfg, loader="pyav"), "train", device="cpu")
+    plans = dali.planner.plans(0)
+    counted = plans[:max_counted]
+
+    def counted_by(loader: Any, name: str) -> Callable[[], tuple[float, str]]:
+        return lambda: (count_decoded(loader, name, counted), "counted")
+
+    def keyframe_model() -> tuple[float, str]:
+        per_clip = []
+        for p in counted:
+            index = dali.indexes.get(p.path)
+            per_clip.append(decoded_frames(p.frames, index.keyframes, index.num_frames, "keyframe"))
+        return float(np.mean(per_clip)), "model: keyframe"
+
+    threads = f"{cfg.num_workers} threads"
+    rows = [Contender("DALI loader", variant, "full", threads, _loader_epoch(dali), counted_by(dali, "dali")),
+            Contender("DALI loader", variant, "decode", threads, _loader_epoch(decode_only),
+                      counted_by(decode_only, "dali")),
+            Contender("PyAV loader", variant, "full", f"{cfg.num_workers} workers", _loader_epoch(pyav),
+                      counted_by(pyav, "pyav"))]
+    for name, make in (("torchcodec", torchcodec_decoder), ("decord", decord_decoder)):
+        decode, why = make()
+        label = f"{anchor_threads} thread{'s' if anchor_threads > 1 else ''}"
+        rows.append(Contender(name, variant, "decode", label, _anchor_epoch(plans, decode, anchor_threads)
+                              if decode else None, keyframe_model, why))
+    if whole_file:
+        whole = DaliLoader(dali.planner, torch.device("cpu"), backend="cpu")
+        whole.indexes = PacketIndexCache(offsets=False)
+        rows.insert(2, Contender("DALI loader, whole file", variant, "full", threads, _loader_epoch(whole),
+                                 counted_by(whole, "dali")))
+    if scaling:
+        one = build_loader(replace(cfg, loader="dali", backend="cpu", num_workers=1), "train", device="cpu")
+        rows.append(Contender("DALI loader", variant, "full", "1 thread", _loader_epoch(one), counted_by(one, "dali")))
+        shards = [build_loader(replace(cfg, loader="dali", backend="cpu", num_workers=1), "train", device="cpu",
+                               rank=r, world_size=2) for r in range(2)]
+        rows.append(Contender("DALI loader", variant, "full", "2 pipelines x 1 thread", _loaders_epoch(shards),
+                              counted_by(shards[0], "dali")))
+    return rows
+
+
+@dataclass
+class ShootoutRow:
+    name: str
+    variant: str
+    graph: str
+    threads: str
+    clips_per_s: float | None = None  # median over the rounds
+    rounds: list[float] = field(default_factory=list)
+    cpu_ms_per_clip: float | None = None  # median over the rounds
+    decoded_per_clip: float | None = None
+    decoded_how: str = ""
+    note: str = ""
+
+
+def run_shootout(contenders: list[Contender], rounds: int = SHOOTOUT_ROUNDS) -> list[ShootoutRow]:
+    """One warm-up round, then ``rounds`` interleaved rounds of every runnable contender; medians per row."""
+    live = [c for c in contenders if c.epoch is not None]
+    rates: dict[int, list[float]] = {id(c): [] for c in live}
+    cpu: dict[int, list[float]] = {id(c): [] for c in live}
+    for c in live:  # warm-up: pipeline build, worker start, page cache, packet indexes
+        c.epoch()
+    for _ in range(rounds):
+        for c in live:
+            c0, t0 = _cpu_seconds(), time.perf_counter()
+            n = c.epoch()
+            dt, dc = time.perf_counter() - t0, _cpu_seconds() - c0
+            rates[id(c)].append(n / dt)
+            cpu[id(c)].append(1e3 * dc / n)
+    rows = []
+    for c in contenders:
+        row = ShootoutRow(c.name, c.variant, c.graph, c.threads, note=c.unavailable)
+        if c.epoch is not None:
+            row.rounds = [round(r, 2) for r in rates[id(c)]]
+            row.clips_per_s = statistics.median(rates[id(c)])
+            row.cpu_ms_per_clip = statistics.median(cpu[id(c)])
+        if c.decoded is not None:
+            row.decoded_per_clip, row.decoded_how = c.decoded()
+        rows.append(row)
+    return rows
+
+
+def format_shootout(rows: list[dict] | list[ShootoutRow]) -> str:
+    """The shoot-out as a markdown table, with each row's rate relative to decord (decode-only anchor) of the
+    same variant and the DALI full graph's rate over its own decode-only rate."""
+    rows = [r if isinstance(r, dict) else r.__dict__ for r in rows]
+
+    def rate_of(variant: str, name: str, graph: str) -> float | None:
+        return next((r["clips_per_s"] for r in rows if r["variant"] == variant and r["name"] == name
+                     and r["graph"] == graph and r["clips_per_s"]), None)
+
+    lines = ["| loader | variant | graph | threads | clips/s (median) | CPU ms / clip | decoded frames / clip "
+             "| vs decord | full / decode-only | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rate = r["clips_per_s"]
+        decord = rate_of(r["variant"], "decord", "decode")
+        own_decode = rate_of(r["variant"], r["name"], "decode") if r["graph"] == "full" else None
+        decoded = "-" if r["decoded_per_clip"] is None else f"{r['decoded_per_clip']:.1f} ({r['decoded_how']})"
+        lines.append("| " + " | ".join([
+            r["name"], r["variant"], r["graph"], r["threads"], "-" if rate is None else f"{rate:.1f}",
+            "-" if r["cpu_ms_per_clip"] is None else f"{r['cpu_ms_per_clip']:.1f}", decoded,
+            f"{rate / decord:.2f}x" if rate and decord else "-",
+            f"{rate / own_decode:.2f}" if rate and own_decode and r["threads"] == _decode_threads(rows, r) else "-",
+            r["note"].replace("|", "/")]) + " |")
+    return "\n".join(lines)
+
+
+def _decode_threads(rows: list[dict], row: dict) -> str:
+    """The threads of the decode-only row the full graph is compared with."""
+    return next((r["threads"] for r in rows if r["variant"] == row["variant"] and r["name"] == row["name"]
+                 and r["graph"] == "decode"), "")
+
+
+def shootout_subset(data: DataConfig, clips: int, folder: Path) -> DataConfig:
+    """``data`` with its train manifest cut to the first ``clips`` videos (written to ``folder``)."""
+    from pipelines.manifest import read_manifest
+
+    entries = read_manifest(data, "train")[:clips]
+    manifest = folder / "shootout_train.csv"
+    manifest.write_text("".join(f"{os.path.abspath(e.path)} {e.label}\n" for e in entries))
+    return replace(data, format="kinetics", separator=" ", path_prefix="", train_manifest=str(manifest))
+
+
+def run_shootout_case(case: BenchCase, rec: BenchRecord, device: torch.device) -> None:
+    """The shoot-out on the case's data (CPU loaders): the first ``case.batches`` batches' videos, 3 rounds."""
+    import tempfile
+
+    if device.type != "cpu":
+        raise SkipCase("the shoot-out compares CPU decoders; the per-loader cases measure the GPU loader")
+    data = load_data_config(case)
+    base = reset_peak_memory(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        subset = shootout_subset(data, case.batches * data.batch_size, Path(tmp))
+        rows = run_shootout(shootout_contenders(subset, Path(data.root).name), SHOOTOUT_ROUNDS)
+    rec.frames, rec.img_size, rec.batch = data.num_frames, data.train_crop_size, data.batch_size
+    rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
+    rec.extra["peak_mem_covers"] = "RSS growth of the process running every row (PyAV's workers not counted)"
+    rec.clips_per_s = rows[0].clips_per_s  # our DALI loader, full graph
+    rec.images_per_s = rec.clips_per_s * rec.frames if rec.clips_per_s else None
+    rec.extra["shootout"] = [r.__dict__ for r in rows]
+    rec.extra["rounds"] = SHOOTOUT_ROUNDS

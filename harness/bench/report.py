@@ -52,6 +52,12 @@ def summary_table(records: list[BenchRecord]) -> str:
                 _fmt(r.peak_mem_bytes, ".0f", 2**-20), _fmt(r.achieved_flops, ".1f", 1e-9),
                 _fmt(r.utilisation, ".1f", 100), note.replace("|", "/")[:120]]))
         lines.append("")
+    for r in others:
+        if r.status == "ok" and r.extra.get("shootout"):
+            from harness.bench.pipeline import format_shootout
+
+            lines += [f"## Loader shoot-out ({r.case}: same clips, {r.extra['rounds']} interleaved rounds, CPU)", "",
+                      format_shootout(r.extra["shootout"]), ""]
     return "\n".join(lines)
 
 

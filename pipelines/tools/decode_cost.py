@@ -8,17 +8,20 @@ The ratio decoded / delivered is what a long GOP costs and what re-keying buys (
 Three decoders are modelled, in presentation order (exact for codecs without B-frames: VP8/VP9/MJPEG; within a
 few frames for H.264/HEVC with B-frames):
 
+* ``keyframe``: for each wanted frame, decode from its keyframe unless that keyframe is at or before the frame the
+  decoder is at (then decode on): the fewest frames any keyframe-seeking decoder can decode
+  (``pipelines.packets.keyframe_segments``). The harness's loaders follow it: the DALI loader feeds
+  ``fn.decoders.video`` exactly these packets per clip (``pipelines.packets.plan_packets``), and the PyAV loader
+  seeks per segment (``pipelines.pyav.decode_clip``).
 * ``seek``: DALI's ``FramesDecoderBase::SeekFrame`` rule, one decoder per clip starting at frame 0: a wanted frame
   more than 10 frames ahead (or behind) of the decoder's position makes it seek to the wanted frame's keyframe,
   unless that is the keyframe it is already decoding from; otherwise it decodes forward. Measured on DALI 2.4 CPU,
   ``fn.experimental.readers.video`` (the file reader) behaves like this: one frame deep in an MJPEG file costs the
   same as the first frame.
 * ``from_start``: decode from frame 0 through the last wanted frame, whatever the keyframes. Measured on DALI 2.4
-  CPU, ``fn.decoders.video`` on in-memory bytes (what ``pipelines.dali`` uses) behaves like this, with or without
-  ``build_index``: its time per clip grows linearly with the last frame index for VP9 (long GOP and GOP 32) and
-  MJPEG alike (benchmarks/bench_prepare.py).
-* ``pyav``: ``pipelines.pyav.decode_frames``: one seek to the first wanted frame's keyframe (none when that frame is
-  within ``SEEK_MIN_FRAMES`` of the start), then decode straight through to the last wanted frame.
+  CPU, ``fn.decoders.video`` given a whole file in memory behaves like this, with or without ``build_index``: its
+  time per clip grows linearly with the last frame index for VP9 (long GOP and GOP 32) and MJPEG alike. The DALI
+  loader falls back to it for files it cannot cut into clip streams (``pipelines.packets.feed_mode``).
 
 ``estimate`` gives the expected count per delivered clip: train = expectation over the clip's uniform random start
 (exact: the frame indices are piecewise constant in the start, so the expectation is a finite weighted sum), test =
@@ -40,12 +43,12 @@ from typing import Sequence
 import numpy as np
 
 from pipelines import sampling
+from pipelines.packets import index_packets, keyframe_segments
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("seek", "from_start", "pyav")
+STRATEGIES = ("keyframe", "seek", "from_start")
 DALI_SEEK_LEAP = 10  # DALI's MINIMUM_SEEK_LEAP: a frame this close ahead is reached by decoding forward
-PYAV_SEEK_MIN_FRAMES = 32  # pipelines.pyav.SEEK_MIN_FRAMES (tests check they agree)
 MAX_STARTS = 4096  # above this many distinct train starts, integrate on a midpoint grid instead
 
 
@@ -65,31 +68,10 @@ class GopInfo:
         return max(b - a for a, b in zip(bounds, bounds[1:]))
 
 
-def _demux(path: str) -> tuple[list[int | None], list[bool], float]:
-    """(pts, is_keyframe) of every non-empty video packet in presentation order, and the stream's fps."""
-    import av
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
-    if any(pts is None for pts, _ in packets):  # no timestamps: decode order is all we have
-        return [None] * len(packets), [k for _, k in packets], float(rate) if rate else 0.0
-    packets.sort(key=lambda p: p[0])
-    return [p for p, _ in packets], [k for _, k in packets], float(rate) if rate else 0.0
-
-
 def read_gop(path: str | os.PathLike) -> GopInfo:
     """Keyframe positions of ``path``'s first video stream, read by demuxing (no decoding). Raises on a bad file."""
-    _, keys, fps = _demux(str(path))
-    if not keys:
-        raise ValueError(f"{path}: no video frames")
-    keyframes = [i for i, k in enumerate(keys) if k]
-    if not keyframes or keyframes[0] != 0:  # decoding starts at the first packet whatever its flag says
-        keyframes = [0] + keyframes
-    return GopInfo(str(path), len(keys), fps, tuple(keyframes))
+    index = index_packets(path, offsets=False)
+    return GopInfo(str(path), index.num_frames, index.fps, tuple(index.keyframes))
 
 
 def _last_keyframe(keyframes: Sequence[int], f: int) -> int:
@@ -106,9 +88,13 @@ def decode_plan(frames: Sequence[int], keyframes: Sequence[int], num_frames: int
         return []
     if strategy == "from_start":
         return [(None, wanted[-1])]
-    if strategy == "pyav":
-        seek = _last_keyframe(keyframes, wanted[0]) if wanted[0] >= PYAV_SEEK_MIN_FRAMES else None
-        return [(seek, wanted[-1])]
+    if strategy == "keyframe":
+        plan, pos = [], 0
+        for k, end in keyframe_segments(keyframes, wanted):
+            inside = [f for f in wanted if k <= f <= end]
+            plan += [(k if k > pos else None, inside[0])] + [(None, f) for f in inside[1:]]
+            pos = end + 1
+        return plan
     plan, pos = [], 0  # pos = the next frame the decoder will output
     for f in wanted:
         seek = None
@@ -203,7 +189,7 @@ def estimate_manifest_decode_cost(paths: Sequence[str], frames: int, sampling_ra
         paths: video files.
         frames, sampling_rate, target_fps: the clip spec (data.num_frames, data.sampling_rate, data.target_fps).
         num_clips: test clips per video (data.num_ensemble_views).
-        strategies: decoder models (``seek``, ``from_start``, ``pyav``; see the module docstring).
+        strategies: decoder models (``keyframe``, ``seek``, ``from_start``; see the module docstring).
         workers: parallel threads (demuxing releases the GIL); 0 = one per CPU core.
         max_files: estimate on this many evenly spaced files only (None = all).
 
@@ -240,9 +226,9 @@ def estimate_manifest_decode_cost(paths: Sequence[str], frames: int, sampling_ra
     return out
 
 
-STRATEGY_NOTES = {"seek": "decoder seeking to keyframes (DALI readers.video)",
-                  "from_start": "decoding from frame 0 (DALI 2.4 CPU decoders.video)",
-                  "pyav": "PyAV loader, one seek"}
+STRATEGY_NOTES = {"keyframe": "from each frame's keyframe (the harness's DALI and PyAV loaders)",
+                  "seek": "DALI's seek rule (DALI readers.video)",
+                  "from_start": "decoding from frame 0 (DALI decoders.video given a whole file)"}
 
 
 def format_decode_cost(cost: dict) -> str:
@@ -271,9 +257,8 @@ def count_decoded_frames(path: str | os.PathLike, frames: Sequence[int], strateg
 
     path = str(path)
     gop = gop or read_gop(path)
-    pts_list, _, _ = _demux(path)
-    if any(p is None for p in pts_list):
-        raise ValueError(f"{path}: packets without timestamps; cannot identify decoded frames")
+    index = index_packets(path, offsets=False)
+    pts_list = [int(index.pts[d]) for d in index.display]
     index_of = {p: i for i, p in enumerate(pts_list)}
     count = 0
     with av.open(path) as container:
@@ -294,12 +279,11 @@ def count_decoded_frames(path: str | os.PathLike, frames: Sequence[int], strateg
 
 
 def strategy_for(loader: str, backend: str = "cpu") -> str:
-    """The decoder model of a harness loader: ``pyav`` for the PyAV loader; for DALI (``fn.decoders.video``) on CPU
-    ``from_start`` (measured, DALI 2.4); on GPU ``seek`` (DALI's seek rule, assumed: not measured here)."""
-    if loader == "pyav":
-        return "pyav"
-    if loader == "dali":
-        return "from_start" if backend == "cpu" else "seek"
+    """The decoder model of a harness loader: ``keyframe`` for both the DALI loader (CPU and GPU: per-clip packet
+    streams) and the PyAV loader (a seek per segment). A DALI file that cannot be cut into clip streams is decoded
+    from frame 0 (``from_start``; the loader logs which files)."""
+    if loader in ("dali", "pyav"):
+        return "keyframe"
     raise ValueError(f"loader={loader!r}; choose 'dali' or 'pyav' (synthetic data decodes nothing)")
 
 

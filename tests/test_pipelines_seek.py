@@ -1,0 +1,283 @@
+"""The seeking DALI loader and the per-GOP PyAV baseline on real files: per-clip packet streams decode exactly the
+planned frames (bit-identical to DALI decoding the whole file, the same frames as PyAV), the loaders agree on
+frames, windows and flips across codecs, ranks and resume, frames decoded per clip are counted, and the packet
+index is persisted."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from conftest import textured_frames
+from pipelines import build_loader, packets
+from pipelines.base import ClipPlanner, Video
+from pipelines.config import DataConfig
+from pipelines.dali import DaliLoader, PlanSource
+from pipelines.packets import PacketIndexCache, count_stream_frames, index_packets, keyframe_segments, plan_packets
+from pipelines.pyav import decode_clip, decode_frames
+from pipelines.sampling import ClipPlan
+from pipelines.tools.encode import write_video
+
+STD = 0.225
+VP9 = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}
+# name -> (encoder, extension, options, frames): 320x240-like structure at 48x64, each with keyframes deep in it
+CODECS = {
+    "vp8": ("libvpx", "webm", {"deadline": "realtime", "cpu-used": "8", "b": "1M", "g": "8"}, 48),
+    "vp9_gop8": ("libvpx-vp9", "webm", {**VP9, "g": "8"}, 48),
+    "vp9_long": ("libvpx-vp9", "webm", {**VP9, "g": "250"}, 48),  # one keyframe
+    "vp9_altref": ("libvpx-vp9", "webm", {"deadline": "good", "cpu-used": "4", "auto-alt-ref": "1",
+                                          "lag-in-frames": "16", "g": "16", "crf": "20", "b": "0"}, 48),
+    "mjpeg": ("mjpeg", "avi", {}, 48),  # intra-only
+    "short": ("libvpx-vp9", "webm", {**VP9, "g": "4"}, 10),  # shorter than the clip span: repeated frames
+}
+
+
+def _write(folder: Path, name: str, seed: int) -> str:
+    encoder, ext, options, frames = CODECS[name]
+    pix_fmt = "yuvj420p" if encoder == "mjpeg" else "yuv420p"
+    return str(write_video(folder / f"{name}.{ext}", textured_frames(frames, 48, 64, seed), encoder, 30, options,
+                           pix_fmt=pix_fmt))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("seek")
+    return {name: _write(folder, name, seed) for seed, name in enumerate(CODECS)}
+
+
+def _all_frames(path: str) -> np.ndarray:
+    with av.open(path) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def _cfg(folder: Path, paths: list[str], split: str = "train", **kw) -> DataConfig:
+    manifest = folder / f"{split}.csv"
+    manifest.write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(paths)))
+    base = DataConfig(loader="dali", backend="cpu", root=str(folder), **{f"{split}_manifest": str(manifest)},
+                      num_frames=4, sampling_rate=8, target_fps=30, train_jitter_scales=[48, 60], train_crop_size=32,
+                      test_crop_size=32, num_ensemble_views=3, num_spatial_crops=3, batch_size=3, num_workers=2,
+                      validate_cache="none", pad_short=True)
+    return replace(base, **kw)
+
+
+def _whole_file_decode(plans: list[ClipPlan], num_frames: int) -> list[np.ndarray]:
+    """DALI's decoder given the whole file (the loader before it seeked): the reference decode, frame for frame."""
+    from nvidia.dali import fn, pipeline_def
+
+    def source():
+        return ([np.fromfile(p.path, dtype=np.uint8) for p in plans],
+                [np.minimum(p.frames, num_frames - 1).astype(np.int32) for p in plans])
+
+    @pipeline_def(batch_size=len(plans), num_threads=1, device_id=None)
+    def pipe():
+        enc, frames = fn.external_source(source=source, num_outputs=2, batch=True)
+        return fn.decoders.video(enc, device="cpu", frames=frames)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return [np.array(out[i]) for i in range(len(plans))]
+
+
+def _plans(paths: list[str], cfg: DataConfig, split: str = "test") -> list[ClipPlan]:
+    videos = [Video(i, p, 0, index_packets(p).num_frames, 30.0, 48, 64) for i, p in enumerate(paths)]
+    return ClipPlanner(cfg, split, videos).plans(0)
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_clip_streams_decode_the_planned_frames_exactly(files, name, tmp_path) -> None:
+    """Per codec: DALI decoding each clip's packet stream gives, bit for bit, what it gives decoding the whole file
+    (frames deep in the file, repeats, indices past the end), each frame is PyAV's frame of the same index, and
+    the frames decoded per clip, counted by decoding the very stream, equal the keyframe plan."""
+    path = files[name]
+    cfg = _cfg(tmp_path, [path], num_frames=6, sampling_rate=6)
+    plans = _plans([path], cfg)  # 3 temporal views x 3 crops
+    plans.append(replace(plans[0], frames=np.array([40, 3, 3, 47, 100, 20])))  # any order, repeats, past the end
+    source = PlanSource(len(plans), decode_only=True)
+    source.start(plans)
+    from pipelines.dali import build_video_pipeline
+
+    pipe = build_video_pipeline(source, batch_size=len(plans), crop=32, mean=[0.45] * 3, std=[STD] * 3,
+                                num_threads=1, decode_only=True)
+    pipe.build()
+    (out,) = pipe.run()
+    seek = [np.array(out[i]) for i in range(len(plans))]
+    index = index_packets(path)
+    whole = _whole_file_decode(plans, index.num_frames)
+    ref = _all_frames(path).astype(int)
+    for plan, got, want in zip(plans, seek, whole):
+        same = [np.array_equal(a, b) for a, b in zip(got, want)]
+        assert all(same), f"{name} {plan.frames}: the clip stream decodes other pixels ({same})"
+        frames = np.minimum(plan.frames, index.num_frames - 1)
+        nearest = [int(np.abs(ref - f.astype(int)).mean(axis=(1, 2, 3)).argmin()) for f in got]
+        assert nearest == frames.tolist(), f"{name}: DALI frames {nearest}, planned {frames.tolist()}"
+        clip = source.clip_input(plan)
+        assert clip.mode == "stream"
+        wanted = sorted(set(frames.tolist()))
+        model = sum(b - a + 1 for a, b in keyframe_segments(index.keyframes, wanted))
+        assert clip.decoded == model == count_stream_frames(clip.stream.tobytes(), int(clip.frames[-1]))
+    from_start = sum(int(np.minimum(p.frames, index.num_frames - 1).max()) + 1 for p in plans)
+    decoded = sum(source.clip_input(p).decoded for p in plans)
+    if name in ("mjpeg", "vp9_gop8", "vp8"):
+        assert decoded < 0.7 * from_start  # what the seeking saves
+    if name == "vp9_long":
+        assert decoded == from_start  # one keyframe: nothing to skip
+
+
+def test_dali_loader_equals_pyav_loader_across_codecs_ranks_and_resume(files, tmp_path, caplog) -> None:
+    """Train batches of the seeking DALI loader and the PyAV loader over a mixed-codec manifest, two ranks: the same
+    videos, labels, frames, windows and flips (up to the decoders' colour conversion); resume equals the tail of
+    the epoch bit for bit; every planned clip comes out; the log says how each clip was fed."""
+    paths = [files[n] for n in CODECS] * 2  # 12 videos
+    cfg = _cfg(tmp_path, paths, num_frames=4, sampling_rate=8, batch_size=2)
+    seen = []
+    for rank in range(2):
+        dali = build_loader(cfg, "train", device="cpu", rank=rank, world_size=2)
+        pyav = build_loader(replace(cfg, loader="pyav"), "train", device="cpu", rank=rank, world_size=2)
+        assert isinstance(dali, DaliLoader) and dali.num_clips == 6 and len(dali) == 3
+        with caplog.at_level(logging.INFO, logger="pipelines.dali"):
+            epoch = list(dali)
+        assert sum(b.video.shape[0] for b in epoch) == dali.num_clips  # nothing dropped
+        plans = dali.planner.plans(0)
+        flips = [p.flip for p in plans]
+        assert any(flips) and not all(flips)
+        for a, b in zip(epoch, pyav):
+            assert torch.equal(a.index, b.index) and torch.equal(a.label, b.label)
+            assert a.video.shape == b.video.shape == (2, 3, 4, 32, 32)
+            diff = (a.video - b.video).abs().mean(dim=(1, 2, 3, 4)) * STD * 255
+            mirrored = (a.video - b.video.flip(-1)).abs().mean(dim=(1, 2, 3, 4)) * STD * 255
+            assert (diff < 5).all() and (diff < mirrored).all(), (diff, mirrored)
+        seen += [int(i) for b in epoch for i in b.index]
+        resumed = build_loader(cfg, "train", device="cpu", rank=rank, world_size=2, start_batch=1)
+        tail = list(resumed)
+        assert len(tail) == 2 and all(torch.equal(x.video, y.video) for x, y in zip(tail, epoch[1:]))
+    assert sorted(seen) == list(range(12))
+    fed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DALI fed 6 clips: ")]
+    assert len(fed) == 2, fed  # one full epoch per rank
+    assert all(f"{codec} stream" in " ".join(fed) for codec in ("vp8", "vp9", "mjpeg")), fed
+
+
+def test_files_whose_payloads_are_not_byte_ranges_are_decoded_from_frame_0(files, tmp_path, monkeypatch,
+                                                                           caplog) -> None:
+    """The per-file fallback: an index without payload offsets makes the source feed the whole file, which gives
+    the same batch, and the log names the file and why."""
+    paths = [files["vp9_gop8"], files["mjpeg"]]
+    cfg = _cfg(tmp_path, paths, "test", num_spatial_crops=1, batch_size=6)
+    seeking = next(iter(build_loader(cfg, "test", device="cpu")))
+    real = packets.index_packets
+    monkeypatch.setattr(packets, "index_packets", lambda p, offsets=True: real(p, offsets=False))
+    with caplog.at_level(logging.INFO, logger="pipelines.dali"):
+        whole = next(iter(build_loader(cfg, "test", device="cpu")))
+    assert torch.equal(seeking.video, whole.video)
+    text = caplog.text
+    assert f"{paths[0]}: DALI decodes it from frame 0 (its vp9 payloads are not stored verbatim" in text
+    assert "vp9 file 3" in text and "mjpeg file 3" in text
+
+
+def test_a_file_that_cannot_be_indexed_is_named(files, tmp_path) -> None:
+    bad = tmp_path / "not_a_video.webm"
+    bad.write_bytes(b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 8)
+    cfg = _cfg(tmp_path, [files["vp9_gop8"], str(bad)], "test", num_spatial_crops=1, num_ensemble_views=1,
+               batch_size=2)
+    videos = [Video(0, files["vp9_gop8"], 0, 48, 30.0, 48, 64), Video(1, str(bad), 0, 48, 30.0, 48, 64)]
+    loader = DaliLoader(ClipPlanner(cfg, "test", videos), torch.device("cpu"))  # no pre-flight check: what DALI sees
+    with pytest.raises(Exception, match=f"{bad}: cannot index its packets"):
+        list(loader)
+
+
+def test_packet_index_is_persisted_and_invalidated_by_a_change(files, tmp_path, monkeypatch) -> None:
+    store = tmp_path / "cache" / "packets.sqlite"
+    path = str(tmp_path / "copy.webm")
+    Path(path).write_bytes(Path(files["vp9_gop8"]).read_bytes())
+    first = PacketIndexCache(store).get(path)
+    assert store.exists() and first.verbatim and first.keyframes == list(range(0, 48, 8))
+
+    def fail(*_a, **_k):
+        raise AssertionError("re-indexed although the store holds the index")
+
+    monkeypatch.setattr(packets, "index_packets", fail)
+    again = PacketIndexCache(store).get(path)  # a new process would see the same
+    for field in ("offset", "size", "pts", "key", "display"):
+        assert np.array_equal(getattr(first, field), getattr(again, field))
+    assert (again.codec, again.width, again.height, again.rate) == (first.codec, first.width, first.height,
+                                                                    first.rate)
+    Path(path).write_bytes(Path(files["vp8"]).read_bytes())  # changed on disk: its old index must not be used
+    with pytest.raises(RuntimeError, match="re-indexed"):
+        PacketIndexCache(store).get(path)
+    assert packets.index_cache_path("none", tmp_path / "d" / "v.sqlite") is None
+    assert packets.index_cache_path("", tmp_path / "d" / "v.sqlite") == tmp_path / "d" / "packets.sqlite"
+    assert packets.index_cache_path(str(tmp_path / "v.sqlite"), "/x/v.sqlite") == tmp_path / "packets.sqlite"
+
+
+@pytest.mark.parametrize("name", ["vp9_gop8", "mjpeg", "vp9_long", "short"])
+def test_pyav_decodes_per_gop(files, name) -> None:
+    """The PyAV baseline: the same pixels as decoding every frame, and exactly the keyframe plan's frame count
+    (intra-only: one frame per wanted frame, not the whole span)."""
+    path = files[name]
+    index = index_packets(path)
+    every = _all_frames(path)
+    n = index.num_frames
+    rng = np.random.default_rng(0)
+    clips = [np.array([1, 9, 17, 25, 33, 41]), np.array([40, 3, 3, 47, 20]), np.array([0, 47, 100])]
+    clips += [np.sort(rng.integers(0, 48, 6)) for _ in range(4)]
+    for frames in clips:
+        clip = decode_clip(path, frames, index)
+        assert np.array_equal(clip.frames, every[np.minimum(frames, n - 1)]), frames
+        wanted = sorted(set(np.minimum(frames, n - 1).tolist()))
+        assert clip.decoded == sum(b - a + 1 for a, b in keyframe_segments(index.keyframes, wanted)), frames
+    if name == "mjpeg":
+        assert decode_clip(path, clips[0], index).decoded == 6  # from-start would decode 42
+    assert np.array_equal(decode_frames(path, clips[1]), every[np.minimum(clips[1], n - 1)])  # indexes itself
+
+
+def test_pyav_seeks_land_on_the_keyframe_with_millisecond_timestamps(tmp_path) -> None:
+    """WebM stores pts in ms: frame 8 at 30 fps is 266.67 ms, muxed as 267. A seek target computed as
+    ``int(8 / 30 * 1000) = 266`` lands on the keyframe before (one GOP early) for about a third of the keyframes;
+    seeking to the keyframe's stored pts lands on it, so only the plan's frames are decoded."""
+    path = str(write_video(tmp_path / "ms.webm", textured_frames(96, 32, 32, 1), "libvpx-vp9", 30, {**VP9, "g": "8"}))
+    index = index_packets(path)
+    assert index.keyframes == list(range(0, 96, 8))
+    truncated = [k for k in index.keyframes if int(k / 30 * 1000) < index.pts[index.display[k]]]
+    assert truncated  # the file has keyframes that the truncating formula misses
+    for k in truncated:
+        assert decode_clip(path, [k, k + 1], index).decoded == 2
+
+
+@pytest.mark.parametrize("encoder, options", [
+    ("libx264", {"preset": "ultrafast", "g": "16", "bf": "2", "crf": "18"}),
+    ("libx265", {"preset": "ultrafast", "x265-params": "keyint=16:min-keyint=16:open-gop=1:bframes=3:scenecut=0"})],
+    ids=["h264_bframes", "hevc_open_gop"])
+def test_remuxed_packets_keep_the_frames_for_the_gpu_decoder(tmp_path, encoder, options) -> None:
+    """The GPU path for codecs without a raw container (B-frames; HEVC with open GOPs, whose leading pictures
+    reference the previous GOP and are left out): the plan's packets copied into Matroska and re-timed decode (PyAV
+    standing in for NVDEC) to the clip's frames at the planned positions, and the clip costs only the frames from
+    each wanted frame's keyframe."""
+    if encoder not in av.codecs_available:
+        pytest.skip(f"no {encoder} encoder")
+    path = str(write_video(tmp_path / "b.mp4", textured_frames(64, 64, 64, 5), encoder, 30, options))
+    index = index_packets(path)
+    assert index.keyframes == [0, 16, 32, 48] and not np.array_equal(index.display, np.arange(64))  # reordered
+    every = _all_frames(path)
+    for frames in ([20, 21, 40, 63], [5, 40, 41], [33, 33, 18], [16, 17, 48]):
+        plan = plan_packets(index, frames)
+        assert packets.feed_mode(index, plan, "gpu")[0] == "remux"
+        assert packets.feed_mode(index, plan, "cpu")[0] == "file"
+        out = _all_frames_bytes(packets.remux_packets(index, plan))
+        assert len(out) == len(plan.packets)  # every copied packet decodes to a frame: no leading picture left
+        assert np.array_equal(out[plan.frames[plan.order]], every[frames]), frames
+        wanted = sorted(set(frames))
+        model = sum(b - a + 1 for a, b in keyframe_segments(index.keyframes, wanted))
+        assert model <= plan.decoded <= model + 3 * len(plan.segments), frames  # + reordered frames per segment
+
+
+def _all_frames_bytes(data: bytes) -> np.ndarray:
+    import io
+
+    with av.open(io.BytesIO(data)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])

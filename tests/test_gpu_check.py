@@ -51,7 +51,7 @@ def test_cpu_rehearsal_runs_every_step_that_does_not_need_cuda(tmp_path: Path) -
         f"{CPU_SIZE.subset}"
     assert fig["bench"]["model"]["space_only/train"]["images_per_s"] > 0
     assert {"auto", "naive"} <= set(fig["bench"]["attention_backends_ok"])
-    assert set(fig["bench"]["pipeline_clips_per_s"]) == {"dali", "pyav"} and fig["bench"]["e2e"]
+    assert set(fig["bench"]["pipeline_clips_per_s"]) == {"dali", "pyav", "shootout"} and fig["bench"]["e2e"]
     assert fig["train"]["steps"] == 4 and fig["train"]["loader"] == "dali (cpu)" and "val_top1" in fig["train"]
     assert fig["train"]["peak_gib"] > 0 and fig["train"]["val_peak_gib"] > 0  # the process's peak RSS on CPU
     assert fig["bench"]["e2e"][0]["decode"] == "cpu" and fig["bench"]["e2e"][0]["device_used_mib"] is None

@@ -2,8 +2,8 @@
 #   make test                      the CPU test suite (what CI runs)
 #   make bench ATTN=all            throughput/memory/FLOPs per attention variant
 #   make bench-compare A=RUN B=RUN two bench runs side by side (ratios, plot)
-# torch: an importable torch (e.g. an NGC CUDA build) is reused via --system-site-packages;
-# otherwise TORCH_SPEC is installed. Override: make test TORCH_SPEC='torch==2.5.1'.
+# torch: an importable torch (e.g. an NGC CUDA build, also one inside another venv) is reused via
+# --system-site-packages; otherwise TORCH_SPEC is installed. Override: make test TORCH_SPEC='torch==2.5.1'.
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -33,6 +33,11 @@ $(STAMP): pyproject.toml
 	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	    echo "[venv] reusing the torch importable from $(PYTHON) ($$($(PYTHON) -c 'import torch; print(torch.__version__)'))"; \
 	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	    parent=$$($(PYTHON) -c "import site, sys; print(*site.getsitepackages(), sep='\n') if sys.prefix != sys.base_prefix else None"); \
+	    if [ -n "$$parent" ]; then \
+	      echo "[venv] $(PYTHON) is itself a venv (--system-site-packages would not see its packages): linking them in"; \
+	      echo "$$parent" > "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_parent_env.pth"; \
+	    fi; \
 	  else \
 	    $(PYTHON) -m venv $(VENV); \
 	  fi; \

@@ -221,6 +221,19 @@ def compare_case(base: BenchRecord, cand: BenchRecord | None, tolerance: float, 
     return v
 
 
+MACHINE_KEYS = ("device_name", "cpu_capability", "torch", "cuda", "cpu_threads")
+
+
+def machine_differences(baseline: list[BenchRecord], candidate: list[BenchRecord]) -> list[str]:
+    """What differs between the machines and software of the two runs (their records' ``env``). The normalised
+    ratio cancels most of a machine difference, not all of it (e.g. AVX2 vs AVX-512 speeds the GEMM yardstick
+    and the model unequally): a verdict across machines is then said to be one."""
+    env_a = next((r.env for r in baseline if r.env), {})
+    env_b = next((r.env for r in candidate if r.env), {})
+    return [f"{k} {env_a.get(k)!r} -> {env_b.get(k)!r}" for k in MACHINE_KEYS
+            if k in env_a and k in env_b and env_a[k] != env_b[k]]
+
+
 def compare(baseline: list[BenchRecord], candidate: list[BenchRecord], tolerance: float = DEFAULT_TOLERANCE,
             mem_tolerance: float = DEFAULT_MEM_TOLERANCE) -> list[Verdict]:
     by_case = {r.case: r for r in candidate}
@@ -384,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       "mem_tolerance": mem_tol})
     atomic_write_text(out / "verdicts.json", json.dumps([asdict(v) for v in verdicts], indent=2) + "\n")
     print(format_table(verdicts, baseline, candidate))
+    for d in machine_differences(baseline, candidate):
+        print(f"note: the baseline was measured on another machine or stack: {d}")
     failed = [v for v in verdicts if v.regressed]
     for v in failed:
         print(f"REGRESSED {v.case}: {'; '.join(v.reasons)}")

@@ -80,14 +80,15 @@ def summarise(events: Iterable[Any], steps: int, attention_type: str, run_dir: P
               ) -> ProfileSummary:
     """Aggregate the profiler's averaged events (``prof.key_averages()``: ``FunctionEventAvg``) of the active steps.
 
-    With CUDA activity each ``record_function`` range appears twice under one name: as a CPU event (its CPU time,
-    and the device time of the kernels launched inside it) and as a GPU annotation (another ``device_type``, CPU
-    time 0, device time = the range's span on the GPU). Events are therefore keyed by (name, on CPU or not), and
-    a range's GPU time is its annotation's device time, else its CPU event's kernel time.
+    With CUDA activity the times are kernel time: a range's GPU time is the device time of the kernels launched
+    inside it (its CPU event's ``device_time_total``, children included), and the step's GPU time is the busy time
+    of every kernel of the step (the sum of all CPU events' self device time: backward runs on autograd's own
+    thread, outside the ``train_step`` range). The GPU annotations that the profiler adds for each range (another
+    ``device_type``, CPU time 0) are not used: on an H100 under torch 2.11 the ``train_step`` annotation spanned
+    a fraction of the forward's, so shares against it exceeded 100%.
     """
     events = list(events)
     cpu = {e.key: e for e in events if _on_cpu(e)}
-    gpu = {e.key: e for e in events if not _on_cpu(e)}
     on_gpu = any(_device_us(e) > 0 for e in events)
     step = cpu.get(STEP_RANGE)
     assert step is not None and step.cpu_time_total > 0, \
@@ -98,16 +99,15 @@ def summarise(events: Iterable[Any], steps: int, attention_type: str, run_dir: P
     s = ProfileSummary(run_dir=str(run_dir), attention_type=attention_type, steps=steps, step_ms=step_us / 1e3,
                        forward_ms=fwd_us / 1e3, time_basis="GPU" if on_gpu else "CPU")
 
-    def range_device_us(name: str) -> float:  # per step: the GPU annotation's span, else the kernels' time
-        spans = [_device_us(e) for e in (gpu.get(name), cpu.get(name)) if e is not None]
-        return next((us for us in spans if us > 0), 0.0) / steps
+    def range_device_us(name: str) -> float:  # per step: the kernels launched inside the range
+        return _device_us(cpu[name]) / steps if name in cpu else 0.0
 
     if on_gpu:
-        s.step_device_ms = range_device_us(STEP_RANGE) / 1e3
+        s.step_device_ms = sum(float(e.self_device_time_total) for e in cpu.values()) / steps / 1e3
         s.forward_device_ms = range_device_us(FORWARD_RANGE) / 1e3
     base_step, base_fwd = (s.step_device_ms, s.forward_device_ms) if on_gpu else (s.step_ms, s.forward_ms)
     for name in ATTN_RANGES:
-        if name not in cpu and name not in gpu:
+        if name not in cpu:
             continue
         ms = (range_device_us(name) if on_gpu else cpu[name].cpu_time_total / steps) / 1e3
         s.range_ms[name] = ms
@@ -134,14 +134,15 @@ def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
     gpu = s.time_basis == "GPU"
     step_ms = s.step_device_ms if gpu else s.step_ms  # what the shares are of
     basis = ("The step and forward times are wall times (CPU side; the step ends with a synchronise); the attention "
-             "ranges, their shares and the op times are GPU time, from the kernels." if gpu else
+             "ranges, the step's GPU time, the shares and the op times are kernel time on the GPU (a step's is every "
+             "kernel it ran, backward included; idle gaps between kernels are not counted)." if gpu else
              "Times are CPU-side wall times.")
     lines = [f"# Profile: {s.attention_type}", "",
              f"preset `{extra['preset']}`, batch {extra['batch']}, {extra['frames']}x{extra['img_size']}, "
              f"{extra['precision']}, device {extra['device']}, {s.steps} active steps (wait {extra['wait']}, "
              f"warmup {extra['warmup']}). {basis} All include profiler overhead.", "",
              f"- train step: {s.step_ms:.1f} ms (forward {s.forward_ms:.1f} ms)"
-             + (f"; on the GPU {s.step_device_ms:.1f} ms (forward {s.forward_device_ms:.1f} ms)" if gpu else ""),
+             + (f"; GPU kernel time {s.step_device_ms:.1f} ms (forward {s.forward_device_ms:.1f} ms)" if gpu else ""),
              f"- peak memory: {s.peak_mem_bytes / 2**20:.0f} MiB ({s.peak_mem_kind})",
              f"- FLOPs per step (fwd+bwd, counted): {s.flops_per_step / 1e9:.1f} GFLOP; achieved "
              f"{s.achieved_flops / 1e9:.1f} GFLOP/s (profiler overhead included)", "",

@@ -133,5 +133,7 @@ def environment_info(device: torch.device | None = None) -> dict[str, object]:
         "device": str(device),
         "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),
+        # the vector ISA torch's CPU kernels dispatch to (e.g. AVX2, AVX512): two CPUs of one name can differ
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "git_sha": _git_sha(),
     }

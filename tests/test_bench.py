@@ -158,6 +158,7 @@ def test_bench_cli_writes_results_summary_plots_and_config(two_runs):
     assert records[2].flops_per_clip == count_flops(
         replace(load_preset("tiny"), attention_type="space_only"), frames=8, mode="train")
     assert meta["peak_flops_source"].startswith("measured fp32 GEMM n=256")
+    assert meta["complete"] is True and meta["cases_planned"] == 3
     assert "| space_only | train |" in (run / "summary.md").read_text()
     assert "model:" in (run / "config.yaml").read_text()
     assert (run / "scaling_train_32.png").stat().st_size > 1000
@@ -216,9 +217,34 @@ def test_compare_refuses_other_presets_and_schemas_and_warns_on_batch(two_runs, 
         d["meta"]["batch"] = 4
         d["records"][0]["batch"] = 4
 
+    stopped = variant("stopped", lambda d: (d["meta"].update(complete=False), d["records"].pop()))
+    out = _compare(str(a), str(stopped), "--out", str(tmp_path / "o4"))
+    assert out.returncode == 0 and "stopped is incomplete: 2 of 3 cases (the sweep was stopped)" in out.stdout
+
     warned = _compare(str(a), str(variant("batch", batch_4)), "--out", str(tmp_path / "o3"))
     assert warned.returncode == 0 and "warning: the runs differ in batch 2 vs 4" in warned.stdout
     assert "2/3 cases like for like" in warned.stdout and "batch 2 vs 4 |" in warned.stdout
+
+
+def test_a_stopped_sweep_keeps_the_cases_it_measured(tmp_path, monkeypatch):
+    """results.json is rewritten after every case: a sweep killed in its second case keeps the first."""
+    import harness.bench.cli as cli
+
+    measured = _run(_case("model", "space_only"))
+
+    def run_case(case, timeout_s):
+        if case.mode == "infer":
+            raise KeyboardInterrupt  # the sweep is stopped while the second case runs
+        return replace(measured, case=case.name)
+
+    monkeypatch.setattr(cli, "run_case", run_case)
+    cfg, preset, device = resolve(preset="tiny", suites=["model"], out_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        cli.run(cfg, preset, device, "space_only", ["space_only"], ["train", "infer"])
+    (run,) = tmp_path.iterdir()
+    records, meta = read_results(run / "results.json")
+    assert [r.case for r in records] == ["model/space_only/train/4x32"]
+    assert meta["complete"] is False and meta["cases_planned"] == 2
 
 
 def test_bench_cli_rejects_bad_arguments():

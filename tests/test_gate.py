@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness.config import REPO_ROOT
-from harness.gate import check_compatible, compare, format_table
+from harness.gate import check_compatible, compare, format_table, machine_differences
 from harness.metrics import BenchRecord, read_results, write_results
 
 
@@ -44,6 +44,17 @@ def test_counted_quantities_gate_exactly_and_memory_with_tolerance():
     assert m.regressed and "peak memory 100.0 -> 120.0 MiB (+20.0%" in m.reasons[0]
     (m_ok,) = compare([_rec()], [_rec(mem=105 * 2**20)], tolerance=0.3, mem_tolerance=0.1)
     assert not m_ok.regressed
+
+
+def test_machine_differences_are_named():
+    """The committed CPU baseline was taken on an AVX2 CPU; a run on an AVX-512 CPU of the same name is told so."""
+    env = {"device_name": "x86_64", "cpu_capability": "AVX2", "torch": "2.13.0+cpu", "cpu_threads": 1}
+    base, same, other = _rec(), _rec(), _rec()
+    base.env, same.env, other.env = env, dict(env), {**env, "cpu_capability": "AVX512"}
+    assert machine_differences([base], [same]) == []
+    assert machine_differences([base], [other]) == ["cpu_capability 'AVX2' -> 'AVX512'"]
+    base.env = {k: v for k, v in env.items() if k != "cpu_capability"}  # older baselines did not record it
+    assert machine_differences([base], [other]) == []
 
 
 def test_missing_and_failed_cases_regress():

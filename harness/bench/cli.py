@@ -143,6 +143,18 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
     logger.info("%d cases -> %s (peak %s)", len(cases), out, peak[1])
     t0 = time.perf_counter()
     records: list[BenchRecord] = []
+
+    def meta(complete: bool) -> dict:
+        return {
+            "started": started, "preset": preset, "attn": attn, "modes": modes, "batch": cfg.bench.batch_size,
+            "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
+            "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of a fresh process",
+            "hardware": device_name(device), "wall_s": time.perf_counter() - t0, "env": environment_info(device),
+            "config": to_yaml(cfg),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
+            "complete": complete, "cases_planned": len(cases),
+        }
+
     bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr)
     for case in bar:
         bar.set_postfix_str(case.name)
@@ -150,15 +162,9 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
         if rec.status != "ok":
             logger.warning("%s: %s %s", rec.case, rec.status, rec.message)
         records.append(rec)
-    meta = {
-        "started": started, "preset": preset, "attn": attn, "modes": modes, "batch": cfg.bench.batch_size,
-        "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
-        "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of a fresh process",
-        "hardware": device_name(device), "wall_s": time.perf_counter() - t0, "env": environment_info(device),
-        "config": to_yaml(cfg),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
-    }
-    write_results(out / "results.json", records, meta)
+        # after every case: a sweep that is killed or times out keeps what it measured ("complete": false)
+        write_results(out / "results.json", records, meta(complete=len(records) == len(cases)))
+    meta = meta(complete=True)
     write_summary(out / "summary.md", records, meta)
     try:
         from harness.plots import plot_scaling

@@ -65,7 +65,7 @@ def load_run(path: str | Path) -> Run:
 
 def check_comparable(a: Run, b: Run) -> tuple[list[str], list[str]]:
     """(reasons to refuse, warnings). Refused: another preset or device kind. Warned: batch, precision, device
-    name, torch version, CPU threads."""
+    name, torch version, CPU threads and vector ISA, an incomplete (stopped) sweep."""
     refuse, warn = [], []
     if a.meta.get("preset") != b.meta.get("preset"):
         refuse.append(f"preset {a.meta.get('preset')!r} vs {b.meta.get('preset')!r}: different models")
@@ -75,9 +75,13 @@ def check_comparable(a: Run, b: Run) -> tuple[list[str], list[str]]:
         if a.meta.get(key) != b.meta.get(key):
             warn.append(f"{key} {a.meta.get(key)!r} vs {b.meta.get(key)!r}")
     env_a, env_b = a.meta.get("env", {}), b.meta.get("env", {})
-    for key in ("torch", "cuda", "dali", "cpu_threads"):
+    for key in ("torch", "cuda", "dali", "cpu_threads", "cpu_capability"):
         if env_a.get(key) != env_b.get(key):
             warn.append(f"{key} {env_a.get(key)!r} vs {env_b.get(key)!r}")
+    for run in (a, b):
+        if run.meta.get("complete") is False:
+            warn.append(f"{run.name} is incomplete: {len(run.records)} of {run.meta.get('cases_planned')} cases "
+                        "(the sweep was stopped)")
     return refuse, warn
 
 

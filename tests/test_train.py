@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -266,25 +267,57 @@ def test_deterministic_mode_repeats_a_run_bit_for_bit(tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
+def _val_top1(metrics: Path) -> list[float]:
+    """The val top-1 of every complete validation record written so far (the file may end mid-line)."""
+    found = []
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "val":
+            found.append(record["val/top1"])
+    return found
+
+
 @pytest.mark.slow
 def test_toy_recipe_divided_learns_the_order_space_only_cannot(tmp_path: Path) -> None:
     """The embedded default end to end: the real toy dataset and configs/exp/toy_divided_cpu.yaml through
-    the DALI CPU loader. Divided attention reaches >= 90% val top-1 (measured: 100% from epoch 16 of 40); the same
-    recipe with space-only attention stays near chance (1/6) because only the frame order tells the class."""
+    the DALI CPU loader. Divided attention reaches >= 90% val top-1 (measured: 100% from epoch 16 of 40): the run is
+    watched and stopped with SIGTERM (it saves and exits 0) after the first validation at or above 90%, so the test
+    pays for the epochs the recipe needs, not all 40. The same recipe with space-only attention stays near chance
+    (1/6) because only the frame order tells the class."""
     from pipelines.tools.toy import generate
 
     generate(tmp_path / "toy")
     common = ["--config", "configs/exp/toy_divided_cpu.yaml", f"data.root={tmp_path / 'toy'}",
               "data.validate_cache=none", "output.tensorboard=false"]
-    results = {}
-    for attn, extra in (("divided_space_time", []), ("space_only", ["solver.max_epoch=16"])):
-        out = tmp_path / attn
-        res = run(train_cmd(*common, f"model.attention_type={attn}", f"output.dir={out}", *extra), timeout=1500,
-                  threads=min(2, os.cpu_count() or 1))
-        assert res.returncode == 0, res.stderr[-3000:]
-        results[attn] = json.loads((out / "eval_val.json").read_text())["top1"]
-    print(f"toy val top-1: {results}")
-    assert results["divided_space_time"] >= 90.0, results
+    divided = tmp_path / "divided_space_time"
+    env = {**os.environ, "OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1)), "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "divided.log", "w") as log:
+        proc = subprocess.Popen(train_cmd(*common, "model.attention_type=divided_space_time", f"output.dir={divided}"),
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 1500
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(2)
+                if max(_val_top1(divided / "metrics.jsonl"), default=0.0) >= 90.0:
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            returncode = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    output = (tmp_path / "divided.log").read_text()
+    assert returncode == 0, output[-3000:]
+    top1 = _val_top1(divided / "metrics.jsonl")
+    space_only = tmp_path / "space_only"
+    res = run(train_cmd(*common, "model.attention_type=space_only", f"output.dir={space_only}",
+                        "solver.max_epoch=16"), timeout=1500, threads=min(2, os.cpu_count() or 1))
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = {"divided_space_time": top1, "space_only": json.loads((space_only / "eval_val.json").read_text())["top1"]}
+    print(f"toy val top-1 per validation: {results}")
+    assert max(top1) >= 90.0, results
     assert results["space_only"] <= 30.0, results
 
 

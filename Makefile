@@ -21,6 +21,8 @@ CONFIG  ?= configs/exp/toy_divided_cpu.yaml
 BASELINE ?= benchmarks/baselines/cpu_bench.json
 BENCH_PRESET ?= $(PRESET)
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test / test-fast (one test file per worker at a time); 0 runs in one process
+PYTEST_WORKERS ?= 2
 # e.g. --rehearse-on-cpu (the same steps at CPU size) or --only bench train
 GPU_CHECK_ARGS ?=
 
@@ -48,10 +50,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP) data
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP) data
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 data: $(STAMP)
 	$(VPY) -m pipelines.tools.toy --out data/toy

@@ -342,7 +342,10 @@ def test_plots_draw_every_variant_and_mark_oom(tmp_path):
 
 def test_pytest_benchmark_suites_record_machine_and_extra_info(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**__import__("os").environ, "BENCH_PRESET": "tiny"}
+    # a pytest of its own: without the variables of an xdist worker running this test, which would make
+    # pytest-benchmark think it runs under xdist and disable itself
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS"))}
+    env["BENCH_PRESET"] = "tiny"
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
                            "-k", "space_only-infer or temporal-naive", f"--benchmark-json={out}"],
                           capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)

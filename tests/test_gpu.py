@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CUDA = torch.device("cuda")
 # The NVDEC tests decode through DALI: on a machine without it they are skipped with the reason (make gpu-check
 # reports it), and the rest of the GPU tests still run.
-needs_dali = pytest.mark.skipif(bool(dali_available()), reason=f"{dali_available()}: pip install nvidia-dali-cuda120")
+DALI_MISSING = dali_available()
+needs_dali = pytest.mark.skipif(bool(DALI_MISSING), reason=f"{DALI_MISSING}: pip install nvidia-dali-cuda120")
 # codec -> (PyAV encoder, container); each clip 160x160, above every NVDEC minimum (HEVC: 144x144)
 ENCODERS = {"h264": ("libx264", ".mp4"), "hevc": ("libx265", ".mp4"), "vp8": ("libvpx", ".webm"),
             "vp9": ("libvpx-vp9", ".webm"), "av1": ("libsvtav1", ".mkv"), "mpeg4": ("mpeg4", ".mp4")}

@@ -143,17 +143,14 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
     logger.info("%d cases -> %s (peak %s)", len(cases), out, peak[1])
     t0 = time.perf_counter()
     records: list[BenchRecord] = []
-
-    def meta(complete: bool) -> dict:
-        return {
-            "started": started, "preset": preset, "attn": attn, "modes": modes, "batch": cfg.bench.batch_size,
-            "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
-            "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of a fresh process",
-            "hardware": device_name(device), "wall_s": time.perf_counter() - t0, "env": environment_info(device),
-            "config": to_yaml(cfg),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
-            "complete": complete, "cases_planned": len(cases),
-        }
+    meta = {  # the run's facts, computed once; wall_s and complete are set at each write
+        "started": started, "preset": preset, "attn": attn, "modes": modes, "batch": cfg.bench.batch_size,
+        "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
+        "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of a fresh process",
+        "hardware": device_name(device), "env": environment_info(device), "config": to_yaml(cfg),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
+        "cases_planned": len(cases), "wall_s": 0.0, "complete": not cases,
+    }
 
     bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr)
     for case in bar:
@@ -163,8 +160,8 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
             logger.warning("%s: %s %s", rec.case, rec.status, rec.message)
         records.append(rec)
         # after every case: a sweep that is killed or times out keeps what it measured ("complete": false)
-        write_results(out / "results.json", records, meta(complete=len(records) == len(cases)))
-    meta = meta(complete=True)
+        meta.update(wall_s=time.perf_counter() - t0, complete=len(records) == len(cases))
+        write_results(out / "results.json", records, meta)
     write_summary(out / "summary.md", records, meta)
     try:
         from harness.plots import plot_scaling

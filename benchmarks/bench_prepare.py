@@ -113,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING)
     import torch
 
+    from harness.runtime import retain_freed_memory
+
     from harness.bench.pipeline import format_shootout, run_shootout, shootout_contenders
     from pipelines.tools.prepare import prepare
 
     torch.set_num_threads(1)
+    retain_freed_memory()
     data = Path(args.data)
     t0 = time.perf_counter()
     manifest = make_sources(data / "source", args.videos)

@@ -29,7 +29,7 @@ import torch
 from harness.checkpoint import CheckpointError
 from harness.config import RootConfig, load_config
 from harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
-from harness.runtime import autocast, environment_info, resolve_precision
+from harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
 from pipelines.base import Loader
 from pipelines.logs import setup_logging
 from pipelines.quarantine import BadVideoError
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     setup_logging()  # rank from torchrun's RANK
+    retain_freed_memory()
     info = init_distributed(cfg.dist)
     try:
         checkpoint = find_checkpoint(cfg, args.checkpoint)

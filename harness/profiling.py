@@ -29,6 +29,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
 from harness.config import RootConfig, to_yaml
+from harness.runtime import retain_freed_memory
 from pipelines.files import atomic_write_text
 from pipelines.logs import setup_logging
 
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. model.depth=2")
     args = p.parse_args(argv)
     setup_logging()
+    retain_freed_memory()
     from harness.bench import resolve
 
     if args.attn == "all" or args.steps < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import os
@@ -74,6 +75,26 @@ def set_determinism() -> None:
     torch.backends.cudnn.benchmark = False
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     logger.info("deterministic algorithms on (expect slower steps)")
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+@functools.lru_cache(maxsize=1)
+def retain_freed_memory(threshold: int = 1 << 30) -> bool:
+    """Have glibc's malloc serve blocks up to ``threshold`` bytes from its heap and keep freed memory there, so a
+    batch tensor reuses pages instead of mapping fresh ones: by default every block over 32 MiB (a batch of eight
+    8 x 224 x 224 clips is 38.5 MB) is a new mapping whose pages are faulted in and zeroed on first write, measured
+    at ~2 ms per clip on the development CPU, as much as resizing it. Process-wide, once; True when applied
+    (False where the C library is not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    applied = bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * threshold))
+    if applied:
+        logger.debug("malloc: blocks up to %d MiB from the heap, freed memory kept", threshold >> 20)
+    return applied
 
 
 @functools.lru_cache(maxsize=1)

@@ -46,7 +46,8 @@ from harness.metric_writer import MetricWriter
 from harness.metrics import PeakMemoryWindow
 from harness.mixup import mix_batch
 from harness.optim import build_optimizer, lr_at, set_lr
-from harness.runtime import environment_info, precision_name, resolve_precision, seed_everything, set_determinism
+from harness.runtime import environment_info, precision_name, resolve_precision, retain_freed_memory, seed_everything, \
+    set_determinism
 from harness.train_hooks import DebugHooks
 from harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
 from harness.workload import TrainStep, build_model, compile_model, grad_scaler
@@ -474,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     setup_logging()  # rank from torchrun's RANK
+    retain_freed_memory()
     info = init_distributed(cfg.dist)
     try:
         return Trainer(cfg, info).fit()

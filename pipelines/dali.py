@@ -1,15 +1,26 @@
 """DALI train/test pipelines: decode (GPU: NVDEC via ``device='mixed'``; CPU: libavcodec, VP8/VP9/MJPEG only) only
-the frames each clip needs, crop + resize in one step, flip, normalise, output ``(B, 3, T, H, W)`` float32.
+the frames each clip needs, crop, resize, flip, normalise, output ``(B, 3, T, H, W)`` float32.
 
 All sampling decisions come from ``pipelines.base.ClipPlanner`` (Python, seeded per (seed, epoch, rank)) and enter
 the graph through ``fn.external_source``: per clip a small stream of only the packets it needs
 (``pipelines.packets``: from the keyframe at or before each wanted frame; DALI's decoder on in-memory bytes never
 seeks, so it is given nothing it would decode in vain), the wanted frames' positions in that stream (unique,
 ascending: ``fn.decoders.video(frames=)``), the order that expands them back to the clip's T frames
-(``fn.sequence_rearrange``), the crop window (``fn.slice``, then ``fn.resize`` of that window only: crop before
-resize) and the flip (``fn.crop_mirror_normalize(mirror=)``). Frames stay uint8 until that final normalise. Train
-and test differ only in their plans, so one graph serves both. DALI's video readers drop bad files silently, so
-here every file was validated first, and each epoch checks that DALI produced exactly the planned clips.
+(``fn.sequence_rearrange``), the crop window (``fn.slice``: crop before resize) and the flip. Train and test differ
+only in their plans, so one graph serves both. DALI's video readers drop bad files silently, so here every file was
+validated first, and each epoch checks that DALI produced exactly the planned clips.
+
+Where the work after decoding runs depends on the device:
+
+* GPU: DALI resizes the windows (``fn.resize``) and flips and normalises them (``fn.crop_mirror_normalize`` to
+  CFHW) on the GPU.
+* CPU: DALI outputs the cropped and mirrored uint8 windows and ``pipelines.transforms.finish_clip`` (the PyAV
+  loader's transform) resizes and normalises them in torch, whose uint8 bilinear kernel is several times faster than
+  DALI's CPU resize (measured; see that module).
+* Intra-only JPEG video (MJPEG) on the CPU (``jpeg_frames``): every frame is a JPEG image, so the source feeds the
+  clip's frames as images, ``fn.decoders.image_slice`` decodes only each frame's crop window (nvImageCodec with
+  libjpeg-turbo, many frames per batch in parallel) and the graph's batch is ``batch_size x T`` frames: measured
+  more than twice the clip rate of the video decoder on the same packets.
 
 A clip that cannot be fed or decoded does not end the epoch (``pipelines.quarantine``):
 
@@ -37,10 +48,11 @@ import numpy as np
 import torch
 
 from pipelines.base import Batch, ClipLoader, ClipPlanner
-from pipelines.packets import PacketIndexCache, feed_mode, index_cache_path, ivf_stream, plan_packets, read_payloads, \
-    remux_packets
+from pipelines.packets import PacketIndexCache, feed_mode, index_cache_path, ivf_stream, jpeg_images, plan_packets, \
+    read_payloads, remux_packets
 from pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch, failure_reason
 from pipelines.sampling import ClipPlan
+from pipelines.transforms import finish_clip
 from pipelines.validate import DEFAULT_CACHE
 
 logger = logging.getLogger(__name__)
@@ -52,14 +64,16 @@ OPEN_FILES = 64  # file descriptors the source keeps open (LRU)
 class ClipInput:
     """What the decoder is given for one clip: the encoded ``stream``, the wanted ``frames`` (unique ascending
     positions in it), the ``order`` expanding them to the clip, how it was fed (``mode``) and the frames the
-    decoder decodes for it (``decoded``: the stream's frames up to the last wanted one)."""
+    decoder decodes for it (``decoded``: the stream's frames up to the last wanted one). JPEG frames (``mode``
+    ``images``): ``images`` holds the clip's T frames as JPEG images, and ``stream`` is empty."""
 
     stream: np.ndarray  # uint8
     frames: np.ndarray  # (U,) int32
     order: np.ndarray  # (T,) int32
-    mode: str  # stream | remux | file (pipelines.packets.feed_mode)
+    mode: str  # stream | remux | file (pipelines.packets.feed_mode) | images
     codec: str
     decoded: int
+    images: list[np.ndarray] = field(default_factory=list)  # uint8, one JPEG per clip frame (mode images)
 
 
 @dataclass
@@ -75,7 +89,8 @@ class FedBatch:
 
 class PlanSource:
     """``fn.external_source`` callback: one batch of plans per call as (stream bytes, frame positions, order, crop
-    anchor, crop shape, flip); ``decode_only``: the first three. Counts per epoch how each clip was fed.
+    anchor, crop shape, flip); ``decode_only``: the first three. With ``jpeg_frames``: per clip frame (T per clip,
+    in clip order) the JPEG image, crop anchor, crop shape and flip; ``decode_only``: the images. Counts per epoch how each clip was fed.
 
     It never raises for a clip: a clip whose input cannot be made is left out of the batch it feeds (DALI takes
     batches of any size up to ``batch_size``, but not empty ones: a batch of which no clip can be fed is skipped),
@@ -83,8 +98,9 @@ class PlanSource:
     """
 
     def __init__(self, batch_size: int, decode_only: bool = False, backend: str = "cpu",
-                 indexes: PacketIndexCache | None = None):
+                 indexes: PacketIndexCache | None = None, jpeg_frames: bool = False):
         self.batch_size, self.decode_only, self.backend = batch_size, decode_only, backend
+        self.jpeg_frames = jpeg_frames
         self.indexes = indexes if indexes is not None else PacketIndexCache()
         self.batches: list[list[ClipPlan]] = []
         self.pos = 0
@@ -111,8 +127,13 @@ class PlanSource:
 
     def clip_input(self, plan: ClipPlan) -> ClipInput:
         """The decoder's input for ``plan``: its packets in IVF (``stream``), copied by PyAV into Matroska
-        (``remux``, GPU codecs without a raw container) or the whole file (``file``), per ``feed_mode``."""
+        (``remux``, GPU codecs without a raw container) or the whole file (``file``), per ``feed_mode``; with
+        ``jpeg_frames`` its frames' JPEG images (``images``)."""
         index = self.indexes.get(plan.path)
+        if self.jpeg_frames:
+            images = [np.frombuffer(p, np.uint8) for p in jpeg_images(index, plan.frames, self._fd(plan.path))]
+            empty = np.zeros(0, np.int32)
+            return ClipInput(np.zeros(0, np.uint8), empty, empty, "images", index.codec, len(images), images)
         packets = plan_packets(index, plan.frames)
         mode, why = feed_mode(index, packets, self.backend)
         if mode == "stream":
@@ -157,12 +178,18 @@ class PlanSource:
         for x in inputs:
             self.fed[(x.codec, x.mode)] += 1
             self.decoded += x.decoded
-        enc, frames, order = [x.stream for x in inputs], [x.frames for x in inputs], [x.order for x in inputs]
-        if self.decode_only:
-            return enc, frames, order
         anchor = [np.array(p.window[:2], dtype=np.int32) for p in plans]
         shape = [np.array(p.window[2:], dtype=np.int32) for p in plans]
         flip = [np.array(int(p.flip), dtype=np.int32) for p in plans]
+        if self.jpeg_frames:  # one sample per frame: T per clip
+            images = [img for x in inputs for img in x.images]
+            if self.decode_only:
+                return (images,)
+            per_frame = [len(x.images) for x in inputs]
+            return images, _repeat(anchor, per_frame), _repeat(shape, per_frame), _repeat(flip, per_frame)
+        enc, frames, order = [x.stream for x in inputs], [x.frames for x in inputs], [x.order for x in inputs]
+        if self.decode_only:
+            return enc, frames, order
         return enc, frames, order, anchor, shape, flip
 
     def close(self) -> None:
@@ -173,32 +200,55 @@ class PlanSource:
         self.close()
 
 
+def _repeat(items: list[np.ndarray], counts: list[int]) -> list[np.ndarray]:
+    return [x for x, n in zip(items, counts) for _ in range(n)]
+
+
 def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean: list[float], std: list[float],
                          backend: str = "cpu", num_threads: int = 2, device_id: int | None = None,
-                         decode_only: bool = False, prefetch: int = 2):
-    """The DALI graph: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order) -> resize ->
-    crop_mirror_normalize(CFHW). Any batch size (e.g. 1 to decode one clip alone).
+                         decode_only: bool = False, prefetch: int = 2, frames_per_clip: int = 0):
+    """The DALI graph for ``batch_size`` clips (any batch size, e.g. 1 to decode one clip alone):
 
-    ``decode_only`` returns the decoded uint8 FHWC frames of the clip instead (for the decode-rate benchmark and
-    tests).
+    * GPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order) -> resize -> normalise (CFHW).
+    * CPU: clip stream -> decode(frames) -> slice(crop window) -> flip -> rearrange(order): per clip its
+      (T, h, w, 3) uint8 windows, which ``to_clips`` resizes and normalises in torch.
+    * CPU, ``frames_per_clip`` = T > 0 (the source's ``jpeg_frames``): per frame its JPEG -> decode only the crop
+      window (``decoders.image_slice``) -> flip, ``batch_size x T`` frames a run, T consecutive ones per clip.
+
+    ``decode_only`` returns the decoded uint8 frames instead (FHWC per clip; per frame with ``frames_per_clip``),
+    for the decode-rate benchmark and tests.
     """
     from nvidia.dali import fn, pipeline_def, types
 
+    if frames_per_clip and backend == "gpu":
+        raise ValueError("JPEG frames are decoded on the CPU (the GPU graph decodes video streams with NVDEC)")
     decode_device = "mixed" if backend == "gpu" else "cpu"
+    slice_args = dict(axis_names="HW", normalized_anchor=False, normalized_shape=False)
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch,
-                  exec_async=True, exec_pipelined=True)
+    @pipeline_def(batch_size=batch_size * max(1, frames_per_clip), num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True)
     def video_pipe():
+        if frames_per_clip:
+            if decode_only:
+                (images,) = fn.external_source(source=source, num_outputs=1, batch=True)
+                return fn.decoders.image(images, device="cpu", output_type=types.RGB)
+            images, anchor, shape, flip = fn.external_source(source=source, num_outputs=4, batch=True)
+            window = fn.decoders.image_slice(images, anchor, shape, device="cpu", output_type=types.RGB, **slice_args)
+            return fn.flip(window, horizontal=flip)
         if decode_only:
             enc, frames, order = fn.external_source(source=source, num_outputs=3, batch=True)
             video = fn.decoders.video(enc, device=decode_device, frames=frames)
             return fn.sequence_rearrange(video, new_order=order)
         enc, frames, order, anchor, shape, flip = fn.external_source(source=source, num_outputs=6, batch=True)
-        video = fn.decoders.video(enc, device=decode_device, frames=frames)  # (U, H, W, 3) uint8, U unique frames
+        if backend != "gpu":
+            video = fn.decoders.video(enc, device="cpu", frames=frames)  # (U, H, W, 3) uint8, U unique frames
+            video = fn.flip(fn.slice(video, anchor, shape, **slice_args), horizontal=flip)  # the window only
+            return fn.sequence_rearrange(video, new_order=order)  # (T, h, w, 3): repeats are copies
+        video = fn.decoders.video(enc, device=decode_device, frames=frames)
         # crop first (a cheap slice of whole pixels), then resize only the window: measured ~1.7x faster on CPU
         # than fn.resize(roi_start=, roi_end=), which resamples through the whole frame's geometry
-        video = fn.slice(video, anchor, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False)
-        video = fn.sequence_rearrange(video, new_order=order)  # (T, h, w, 3): repeats are copies of the window
+        video = fn.slice(video, anchor, shape, **slice_args)
+        video = fn.sequence_rearrange(video, new_order=order)
         video = fn.resize(video, size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=False)
         return fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="CFHW", mirror=flip,
                                         mean=[m * 255 for m in mean], std=[s * 255 for s in std])
@@ -226,14 +276,38 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
     return dst
 
 
+def to_clips(out, plans: list[ClipPlan], *, backend: str, decode_only: bool, frames_per_clip: int, crop: int,
+             mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
+    """The graph's output for ``plans`` (``build_video_pipeline``) as one tensor: ``(B, 3, T, S, S)`` float32, or
+    with ``decode_only`` the decoded ``(B, T, H, W, 3)`` uint8 (clips of one frame size). On the CPU the crop
+    windows (mirrored by DALI) are resized and normalised here (``pipelines.transforms.finish_clip``)."""
+    T = frames_per_clip
+    if decode_only:
+        x = _to_torch(out, device)
+        return x.view(len(plans), T, *x.shape[1:]) if T else x
+    if backend == "gpu":
+        return _to_torch(out, device)
+    num_frames = T or len(plans[0].frames)
+    clips = torch.empty((len(plans), 3, num_frames, crop, crop), dtype=torch.float32)
+    for i, plan in enumerate(plans):
+        if T:
+            window = torch.stack([torch.from_numpy(np.asarray(out[i * T + t])) for t in range(T)])
+        else:
+            window = torch.from_numpy(np.asarray(out[i]))
+        finish_clip(window, crop, mean, std, out=clips[i])
+    return clips
+
+
 class DaliLoader(ClipLoader):
     """Batches of ``ClipPlanner`` plans produced by one DALI pipeline per process (this rank's shard)."""
 
     def __init__(self, planner: ClipPlanner, device: torch.device, backend: str = "cpu", start_batch: int = 0,
                  rejected: list[tuple[str, str]] | None = None, decode_only: bool = False,
-                 quarantine: Sequence[BadVideo | dict[str, Any]] = ()):
+                 quarantine: Sequence[BadVideo | dict[str, Any]] = (), jpeg_frames: bool = False):
         super().__init__(planner, device, start_batch, rejected, quarantine)
-        self.backend, self.decode_only = backend, decode_only
+        if jpeg_frames and backend == "gpu":
+            raise ValueError("jpeg_frames: JPEG frames are decoded on the CPU; use backend='cpu'")
+        self.backend, self.decode_only, self.jpeg_frames = backend, decode_only, jpeg_frames
         if backend == "gpu":
             self.device_id = self.device.index if self.device.type == "cuda" and self.device.index is not None \
                 else torch.cuda.current_device()
@@ -245,12 +319,13 @@ class DaliLoader(ClipLoader):
         self._clean = False  # True when the pipeline finished its last epoch and can be reset and reused
         self._clip_pipe = None  # the batch-1 pipeline of _decode_clip, built on first use
         self._clip_source: PlanSource | None = None
-        logger.info("DALI loader (%s): %d clips/epoch on this rank, %d batches, %d threads", backend, self.num_clips,
-                    len(self), self.cfg.num_workers)
+        logger.info("DALI loader (%s%s): %d clips/epoch on this rank, %d batches, %d threads", backend,
+                    ", MJPEG frames decoded as JPEG images" if jpeg_frames else "", self.num_clips, len(self),
+                    self.cfg.num_workers)
 
     def clip_inputs(self, plans: list[ClipPlan]) -> list[ClipInput]:
         """What the decoder is fed for ``plans``: the benchmark counts the frames decoded from these streams."""
-        source = PlanSource(1, self.decode_only, self.backend, self.indexes)
+        source = PlanSource(1, self.decode_only, self.backend, self.indexes, self.jpeg_frames)
         try:
             return [source.clip_input(p) for p in plans]
         finally:
@@ -258,12 +333,20 @@ class DaliLoader(ClipLoader):
 
     def _build_pipe(self, batch_size: int, num_threads: int, prefetch: int = 2):
         """(source, built pipeline) of this loader's graph for ``batch_size`` clips a run."""
-        source = PlanSource(batch_size, self.decode_only, self.backend, self.indexes)
+        source = PlanSource(batch_size, self.decode_only, self.backend, self.indexes, self.jpeg_frames)
         pipe = build_video_pipeline(source, batch_size=batch_size, crop=self.crop, mean=self.cfg.mean,
                                     std=self.cfg.std, backend=self.backend, num_threads=num_threads,
-                                    device_id=self.device_id, decode_only=self.decode_only, prefetch=prefetch)
+                                    device_id=self.device_id, decode_only=self.decode_only, prefetch=prefetch,
+                                    frames_per_clip=self.cfg.num_frames if self.jpeg_frames else 0)
         pipe.build()
         return source, pipe
+
+    def _clips(self, out, plans: list[ClipPlan]) -> torch.Tensor:
+        """The graph's output for ``plans`` as a batch tensor (``to_clips``), on the CPU or this loader's GPU."""
+        return to_clips(out, plans, backend=self.backend, decode_only=self.decode_only,
+                        frames_per_clip=self.cfg.num_frames if self.jpeg_frames else 0, crop=self.crop,
+                        mean=self.cfg.mean, std=self.cfg.std,
+                        device=self.device if self.device.type == "cuda" else torch.device("cpu"))
 
     def _new_pipe(self) -> None:
         self.pipe = None  # drop the old pipeline first (a broken or half-consumed one is not reusable)
@@ -284,7 +367,7 @@ class DaliLoader(ClipLoader):
         except RuntimeError as e:
             self._clip_pipe = None
             raise ClipDecodeError(dali_reason(e)) from e
-        x = _to_torch(video, self.device if self.device.type == "cuda" else torch.device("cpu"))[0]
+        x = self._clips(video, [plan])[0]
         try:  # drain the end-of-data signal so the pipeline can be reset for the next clip
             self._clip_pipe.run()
         except StopIteration:
@@ -307,7 +390,6 @@ class DaliLoader(ClipLoader):
         self._clean = False
         self.source.start(plans)
         T, made = self.cfg.num_frames, 0
-        out_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         while made < len(plans):
             for item in self._unfed():
                 made += len(item.plans)
@@ -335,7 +417,7 @@ class DaliLoader(ClipLoader):
                 self.source.start(plans[made:])
                 yield FailedBatch(fed.plans, errors=None, cause=failure)
                 continue
-            x = _to_torch(video, out_device)
+            x = self._clips(video, [fed.plans[s] for s in fed.slots])
             if not self.decode_only and tuple(x.shape[1:3]) != (3, T):
                 raise RuntimeError(f"DALI produced clips of shape {tuple(x.shape)}, expected (B, 3, {T}, H, W)")
             if x.shape[0] != len(fed.slots):

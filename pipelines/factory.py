@@ -168,9 +168,12 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
                          f"data.batch_size={cfg.batch_size}; lower the batch size")
     if loader_kind == "dali":
         from pipelines.dali import DaliLoader
+        from pipelines.packets import JPEG_CODECS
 
+        # an all-MJPEG set on the CPU: its frames are decoded as JPEG images (faster than the video decoder)
+        jpeg = backend == "cpu" and all(info.codec in JPEG_CODECS for info in infos if info.path not in bad)
         return DaliLoader(planner, device, backend=backend, start_batch=start_batch, rejected=rejected,
-                          quarantine=quarantine)
+                          quarantine=quarantine, jpeg_frames=jpeg)
     from pipelines.pyav import PyAVLoader
 
     return PyAVLoader(planner, device, start_batch=start_batch, rejected=rejected, quarantine=quarantine)

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 IVF_FOURCC = {"vp8": b"VP80", "vp9": b"VP90", "mjpeg": b"MJPG"}  # codecs whose packets travel in IVF
+JPEG_CODECS = frozenset({"mjpeg"})  # intra-only codecs whose every packet is a JPEG image (``jpeg_images``)
 OFFSET_SLACK = 64  # a payload starts at most this many bytes after the packet's position (container framing)
 
 
@@ -277,6 +278,44 @@ def feed_mode(index: PacketIndex, plan: PacketPlan, backend: str = "cpu") -> tup
 def read_payloads(index: PacketIndex, packets: np.ndarray, fd: int) -> list[bytes]:
     """The payloads of ``packets`` (decode positions) read from the open file ``fd``."""
     return [os.pread(fd, int(index.size[d]), int(index.offset[d])) for d in packets]
+
+
+def jpeg_images(index: PacketIndex, frames: Sequence[int] | np.ndarray, fd: int) -> list[bytes]:
+    """Each of ``frames`` (display indices, any order, repeats allowed; past the end: the last frame) of an
+    intra-only JPEG video (``JPEG_CODECS``) as its packet, a JPEG image, read from the open file ``fd`` (through
+    PyAV's demuxer when the payloads are not byte ranges of the file). Packets without Huffman tables (Motion-JPEG
+    as AVI1 stores it) are left as they are: libjpeg-turbo decodes them with the standard tables (tested).
+    Raises ValueError naming the file for another codec."""
+    if index.codec not in JPEG_CODECS:
+        raise ValueError(f"{index.path}: codec {index.codec} is not intra-only JPEG ({sorted(JPEG_CODECS)})")
+    wanted = np.minimum(np.asarray(frames, dtype=np.int64), index.num_frames - 1)
+    positions = [int(index.display[f]) for f in wanted]
+    if index.verbatim:
+        payloads = {d: os.pread(fd, int(index.size[d]), int(index.offset[d])) for d in set(positions)}
+    else:
+        payloads = _demuxed_payloads(index, set(positions))
+    return [payloads[d] for d in positions]
+
+
+def _demuxed_payloads(index: PacketIndex, positions: set[int]) -> dict[int, bytes]:
+    """The payloads of the packets at decode ``positions``, demuxed by PyAV from the start of the file."""
+    import av
+
+    out: dict[int, bytes] = {}
+    with av.open(index.path) as container:
+        n = 0
+        for packet in container.demux(container.streams.video[0]):
+            if packet.size == 0:
+                continue
+            if n in positions:
+                out[n] = bytes(packet)
+                if len(out) == len(positions):
+                    break
+            n += 1
+    if len(out) < len(positions):
+        raise RuntimeError(f"{index.path}: {len(positions) - len(out)} packets not found (the file changed since it "
+                           "was indexed?)")
+    return out
 
 
 def ivf_stream(index: PacketIndex, payloads: list[bytes]) -> bytes:

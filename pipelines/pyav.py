@@ -16,13 +16,13 @@ from typing import Any, Iterator, Sequence
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.base import Batch, ClipLoader, ClipPlanner
 from pipelines.packets import PacketIndex, PacketIndexCache, index_cache_path, keyframe_segments
 from pipelines.quarantine import BadVideo, FailedBatch, failure_reason
 from pipelines.sampling import ClipPlan
+from pipelines.transforms import crop_window, finish_clip
 from pipelines.validate import DEFAULT_CACHE
 
 logger = logging.getLogger(__name__)
@@ -81,23 +81,6 @@ def decode_frames(path: str, indices: Sequence[int] | np.ndarray, index: PacketI
     return decode_clip(path, indices, index).frames
 
 
-def crop_resize(frames: np.ndarray, window: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> crop ``window`` (y0, x0, h, w) -> bilinear resize -> (T, 3, size, size) uint8."""
-    y0, x0, h, w = window
-    x = torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w])).permute(0, 3, 1, 2)
-    if (h, w) != (size, size):
-        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bilinear",
-                          align_corners=False, antialias=False)
-    return x
-
-
-def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (..., 3, T, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1) * 255
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1) * 255
-    return (x.float() - m) / s
-
-
 class _PlanDataset(Dataset):
     """Map-style dataset whose "indices" are the ClipPlans themselves (the sampler yields them); an item is
     ``(plan, clip (3, T, S, S) or None, failure reason or "")``."""
@@ -109,10 +92,7 @@ class _PlanDataset(Dataset):
     def decode(self, plan: ClipPlan) -> torch.Tensor:
         """The clip of ``plan`` as (3, T, S, S) float32, normalised; raises when it cannot be decoded (or indexed)."""
         frames = decode_frames(plan.path, plan.frames, self.indexes.get(plan.path))
-        x = crop_resize(frames, plan.window, self.crop)  # (T, 3, S, S) uint8
-        if plan.flip:
-            x = x.flip(-1)
-        return normalize(x.permute(1, 0, 2, 3), self.mean, self.std)
+        return finish_clip(crop_window(frames, plan.window, plan.flip), self.crop, self.mean, self.std)
 
     def __getitem__(self, plan: ClipPlan) -> tuple[ClipPlan, torch.Tensor | None, str]:  # type: ignore[override]
         try:

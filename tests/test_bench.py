@@ -253,6 +253,23 @@ def test_bench_cli_rejects_bad_arguments():
     assert proc.returncode != 0 and "choose from" in proc.stderr
 
 
+def test_shootout_reports_an_outside_decoder_that_fails_and_goes_on():
+    """An anchor (torchcodec, decord) that raises on the files gets its row's note and no rate; one of our loaders
+    that raises stops the shoot-out."""
+    from harness.bench.pipeline import Contender, run_shootout
+
+    def broken() -> int:
+        raise RuntimeError("Check failed: from_size == to_size\nmore")
+
+    ours = Contender("DALI loader", "v", "full", "1 thread", lambda: 4, lambda: (4.0, "counted"))
+    rows = run_shootout([ours, Contender("decord", "v", "decode", "1 thread", broken, anchor=True)], rounds=2)
+    assert rows[0].clips_per_s > 0 and len(rows[0].rounds) == 2
+    assert rows[1].clips_per_s is None and rows[1].note == "failed on these files: RuntimeError: Check failed: " \
+                                                            "from_size == to_size"
+    with pytest.raises(RuntimeError, match="from_size"):
+        run_shootout([Contender("DALI loader", "v", "full", "1 thread", broken)], rounds=1)
+
+
 def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     """DALI and PyAV clips/s on the toy data with frames decoded per clip (counted = decoder model), and the e2e
     verdict."""
@@ -284,7 +301,7 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
         assert row["decoded_how"] == "counted" and 4 <= row["decoded_per_clip"] <= 24
     for name in ("torchcodec", "decord"):  # optional anchors: measured, or the row says why not
         row = rows[(name, "decode")]
-        assert (row["clips_per_s"] or 0) > 0 or row["note"].startswith("not importable: "), row
+        assert (row["clips_per_s"] or 0) > 0 or row["note"].startswith(("not importable: ", "failed on these files: ")), row
         assert row["decoded_how"] == "model: keyframe"
     assert shootout.clips_per_s == rows[("DALI loader", "full")]["clips_per_s"]
     from harness.bench.report import summary_table

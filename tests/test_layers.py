@@ -195,7 +195,6 @@ PRIVATE_ALLOWED = {
     ("harness/checkpoint.py", "_orig_mod"):
         "torch.compile's wrapper keeps the compiled module there and torch has no public accessor; "
         "pyth_state unwraps it so a compiled model saves with the original keys",
-    ("tests/test_pipelines_loaders.py", "_to_torch"): "test of the DALI graph's internals: its output conversion",
     ("tests/test_checkpoint_safety.py", "_utils"):
         "a crafted checkpoint names torch._utils._rebuild_tensor, the function real torch files name; the test "
         "checks that the loader stored that very function as data",

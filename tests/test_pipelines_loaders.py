@@ -11,8 +11,9 @@ import torch
 
 from pipelines.config import DataConfig
 from pipelines import build_loader
-from pipelines.dali import PlanSource, _to_torch, build_video_pipeline
-from pipelines.pyav import crop_resize, decode_frames, normalize
+from pipelines.dali import PlanSource, build_video_pipeline, to_clips
+from pipelines.pyav import decode_frames
+from pipelines.transforms import crop_window, finish_clip
 from pipelines.sampling import ClipPlan, kinetics_frames, segment_frames, train_window
 from pipelines.sampling import test_window as view_window
 from conftest import encode_video
@@ -29,12 +30,12 @@ def _dali_run(plans: list[ClipPlan], crop: int, decode_only: bool = False):
     (out,) = pipe.run()
     if decode_only:  # per-clip (T, H, W, 3) uint8 arrays (sizes may differ)
         return [np.array(out[i]) for i in range(len(plans))]
-    return _to_torch(out, torch.device("cpu"))
+    return to_clips(out, plans, backend="cpu", decode_only=False, frames_per_clip=0, crop=crop, mean=MEAN, std=STD,
+                    device=torch.device("cpu"))
 
 
 def _pyav_clip(plan: ClipPlan, crop: int) -> torch.Tensor:
-    x = crop_resize(decode_frames(plan.path, plan.frames), plan.window, crop)
-    return normalize((x.flip(-1) if plan.flip else x).permute(1, 0, 2, 3), MEAN, STD)
+    return finish_clip(crop_window(decode_frames(plan.path, plan.frames), plan.window, plan.flip), crop, MEAN, STD)
 
 
 def test_dali_cpu_frames_equal_pyav_frames(videos) -> None:

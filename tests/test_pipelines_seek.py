@@ -281,3 +281,117 @@ def _all_frames_bytes(data: bytes) -> np.ndarray:
 
     with av.open(io.BytesIO(data)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+# ------------------------------------------------------------------------------------------ MJPEG as JPEG images
+def _mjpeg_set(folder: Path, n: int = 4) -> list[str]:
+    return [str(write_video(folder / f"mj{i}.avi", textured_frames(48, 48, 64, 10 + i), "mjpeg", 30, {},
+                            pix_fmt="yuvj420p")) for i in range(n)]
+
+
+def test_an_mjpeg_set_is_decoded_as_jpeg_images_like_the_pyav_loader(tmp_path, caplog) -> None:
+    """An all-MJPEG manifest on the CPU: the factory turns on ``jpeg_frames``; each clip's frames are fed as JPEG
+    images (one decode each, counted) and decode to PyAV's frames of the planned indices (also repeats and indices
+    past the end); train batches equal the PyAV loader's (frames, windows, flips); resume equals the epoch's tail."""
+    paths = _mjpeg_set(tmp_path)
+    cfg = _cfg(tmp_path, paths, num_frames=4, sampling_rate=8, batch_size=2)
+    dali = build_loader(cfg, "train", device="cpu")
+    pyav = build_loader(replace(cfg, loader="pyav"), "train", device="cpu")
+    assert isinstance(dali, DaliLoader) and dali.jpeg_frames
+    with caplog.at_level(logging.INFO, logger="pipelines.dali"):
+        epoch = list(dali)
+    assert "DALI fed 4 clips: mjpeg images 4; 4.0 frames decoded per clip" in caplog.text
+    plans = dali.planner.plans(0)
+    assert any(p.flip for p in plans) and not all(p.flip for p in plans)
+    for a, b in zip(epoch, pyav, strict=True):
+        assert torch.equal(a.index, b.index) and torch.equal(a.label, b.label)
+        assert a.video.shape == b.video.shape == (2, 3, 4, 32, 32)
+        diff = (a.video - b.video).abs().mean(dim=(1, 2, 3, 4)) * STD * 255
+        mirrored = (a.video - b.video.flip(-1)).abs().mean(dim=(1, 2, 3, 4)) * STD * 255
+        assert (diff < 5).all() and (diff < mirrored).all(), (diff, mirrored)
+    tail = list(build_loader(cfg, "train", device="cpu", start_batch=1))
+    assert len(tail) == 1 and torch.equal(tail[0].video, epoch[1].video)
+
+    odd = [replace(plans[0], frames=np.array([40, 3, 3, 100])), plans[1]]  # any order, repeats, past the end
+    source = PlanSource(2, decode_only=True, jpeg_frames=True)
+    inputs = [source.clip_input(p) for p in odd]
+    assert [(x.mode, x.decoded, len(x.images)) for x in inputs] == [("images", 4, 4)] * 2
+    from pipelines.dali import build_video_pipeline, to_clips
+
+    pipe = build_video_pipeline(source, batch_size=2, crop=32, mean=[0.45] * 3, std=[STD] * 3, num_threads=1,
+                                decode_only=True, frames_per_clip=4)
+    pipe.build()
+    source.start(odd)
+    (out,) = pipe.run()
+    frames = to_clips(out, odd, backend="cpu", decode_only=True, frames_per_clip=4, crop=32, mean=[0.45] * 3,
+                      std=[STD] * 3, device=torch.device("cpu"))
+    assert frames.shape == (2, 4, 48, 64, 3) and frames.dtype == torch.uint8
+    for plan, clip in zip(odd, frames):
+        ref = _all_frames(plan.path).astype(int)
+        nearest = [int(np.abs(ref - f.numpy().astype(int)).mean(axis=(1, 2, 3)).argmin()) for f in clip]
+        assert nearest == np.minimum(plan.frames, 47).tolist()
+
+
+def test_jpeg_frames_are_a_cpu_choice_and_a_mixed_set_decodes_as_video(files, tmp_path) -> None:
+    with pytest.raises(ValueError, match="JPEG frames are decoded on the CPU"):
+        DaliLoader(ClipPlanner(_cfg(tmp_path, [files["mjpeg"]]), "train", []), torch.device("cpu"), backend="gpu",
+                   jpeg_frames=True)
+    mixed = build_loader(_cfg(tmp_path, [files["mjpeg"], files["vp9_gop8"]] * 2, batch_size=2), "train")
+    assert isinstance(mixed, DaliLoader) and not mixed.jpeg_frames
+
+
+def test_jpeg_frames_without_huffman_tables_decode_with_the_standard_ones(tmp_path) -> None:
+    """Motion-JPEG as AVI1 stores it leaves out the Huffman tables (DHT); ``jpeg_images`` feeds such packets as
+    they are, which relies on the JPEG decoder using the standard tables: the stripped image decodes to the very
+    pixels of the full one (the encoder wrote the standard tables)."""
+    from nvidia.dali import fn, pipeline_def
+
+    path = str(write_video(tmp_path / "std.avi", textured_frames(3, 48, 64, 0), "mjpeg", 30, {"huffman": "default"},
+                           pix_fmt="yuvj420p"))
+    index = index_packets(path)
+    with open(path, "rb") as fh:
+        full = packets.jpeg_images(index, [0, 1, 2], fh.fileno())
+
+    def strip_dht(jpeg: bytes) -> bytes:
+        out, i = bytearray(jpeg[:2]), 2
+        while jpeg[i + 1] != 0xDA:  # marker segments up to the scan
+            end = i + 2 + int.from_bytes(jpeg[i + 2:i + 4], "big")
+            if jpeg[i + 1] != 0xC4:
+                out += jpeg[i:end]
+            i = end
+        return bytes(out + jpeg[i:])
+
+    stripped = [strip_dht(j) for j in full]
+    assert all(b"\xff\xc4" in j for j in full) and all(len(s) < len(j) for s, j in zip(stripped, full))
+
+    @pipeline_def(batch_size=6, num_threads=1, device_id=None)
+    def pipe():
+        enc = fn.external_source(source=lambda: [np.frombuffer(j, np.uint8) for j in full + stripped], batch=True)
+        return fn.decoders.image(enc, device="cpu")
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    for i in range(3):
+        assert np.array_equal(np.array(out[i]), np.array(out[i + 3]))
+
+
+def test_a_damaged_jpeg_frame_quarantines_its_video(tmp_path) -> None:
+    """A frame whose JPEG header is destroyed fails DALI's image decoder for the whole batch: the loader finds the
+    clip by decoding the suspects alone, quarantines the file, names it, and the epoch completes with replacements."""
+    paths = _mjpeg_set(tmp_path, 6)
+    index = index_packets(paths[2])
+    data = bytearray(Path(paths[2]).read_bytes())
+    for d in range(0, index.num_frames, 2):  # every other frame: whichever clip is planned meets one
+        at = int(index.offset[d])
+        data[at:at + 32] = bytes(32)
+    Path(paths[2]).write_bytes(bytes(data))
+    cfg = _cfg(tmp_path, paths, num_frames=4, sampling_rate=2, batch_size=3, on_bad_video="skip",
+               max_bad_fraction=0.5)
+    loader = build_loader(cfg, "train", device="cpu")
+    assert loader.jpeg_frames
+    epoch = list(loader)
+    assert sum(b.video.shape[0] for b in epoch) == loader.num_clips
+    assert loader.quarantine.paths() == {paths[2]}
+    (bad,) = loader.quarantine.entries
+    assert bad.path == paths[2] and bad.reason

@@ -148,11 +148,13 @@ def _indexes(loader: Any):
 
 def count_decoded(loader: Any, name: str, plans: list) -> float:
     """Frames decoded per clip, counted: for DALI by decoding (PyAV) the very stream each clip is fed, up to its
-    last wanted frame; for PyAV by ``pipelines.pyav.decode_clip``, which counts the frames its decoder outputs."""
+    last wanted frame, or the JPEG images it is fed (one decode each); for PyAV by ``pipelines.pyav.decode_clip``,
+    which counts the frames its decoder outputs."""
     if name == "dali":
         from pipelines.packets import count_stream_frames
 
-        counts = [count_stream_frames(x.stream.tobytes(), int(x.frames[-1])) for x in loader.clip_inputs(plans)]
+        counts = [len(x.images) if x.mode == "images" else count_stream_frames(x.stream.tobytes(), int(x.frames[-1]))
+                  for x in loader.clip_inputs(plans)]
     else:
         from pipelines.pyav import decode_clip
 
@@ -175,6 +177,7 @@ class Contender:
     epoch: Callable[[], int] | None = None
     decoded: Callable[[], tuple[float, str]] | None = None
     unavailable: str = ""  # why the row could not run (the shoot-out goes on)
+    anchor: bool = False  # an outside decoder (torchcodec, decord): one that fails on these files is reported, not fatal
 
 
 def _cpu_seconds() -> float:
@@ -266,7 +269,8 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
     from pipelines.tools.decode_cost import decoded_frames
 
     dali = build_loader(replace(cfg, loader="dali", backend="cpu"), "train", device="cpu")
-    decode_only = DaliLoader(dali.planner, torch.device("cpu"), backend="cpu", decode_only=True)
+    decode_only = DaliLoader(dali.planner, torch.device("cpu"), backend="cpu", decode_only=True,
+                             jpeg_frames=dali.jpeg_frames)
     pyav = build_loader(replace(cfg, loader="pyav"), "train", device="cpu")
     plans = dali.planner.plans(0)
     counted = plans[:max_counted]
@@ -291,7 +295,7 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
         decode, why = make()
         label = f"{anchor_threads} thread{'s' if anchor_threads > 1 else ''}"
         rows.append(Contender(name, variant, "decode", label, _anchor_epoch(plans, decode, anchor_threads)
-                              if decode else None, keyframe_model, why))
+                              if decode else None, keyframe_model, why, anchor=True))
     if whole_file:
         whole = DaliLoader(dali.planner, torch.device("cpu"), backend="cpu")
         whole.indexes = PacketIndexCache(offsets=False)
@@ -323,11 +327,20 @@ class ShootoutRow:
 
 def run_shootout(contenders: list[Contender], rounds: int = SHOOTOUT_ROUNDS) -> list[ShootoutRow]:
     """One warm-up round, then ``rounds`` interleaved rounds of every runnable contender; medians per row."""
-    live = [c for c in contenders if c.epoch is not None]
+    live = []
+    for c in contenders:  # warm-up: pipeline build, worker start, page cache, packet indexes
+        if c.epoch is None:
+            continue
+        try:
+            c.epoch()
+        except Exception as e:  # noqa: BLE001 - an outside decoder's failure is its row's verdict
+            if not c.anchor:
+                raise
+            c.epoch, c.unavailable = None, f"failed on these files: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            continue
+        live.append(c)
     rates: dict[int, list[float]] = {id(c): [] for c in live}
     cpu: dict[int, list[float]] = {id(c): [] for c in live}
-    for c in live:  # warm-up: pipeline build, worker start, page cache, packet indexes
-        c.epoch()
     for _ in range(rounds):
         for c in live:
             c0, t0 = _cpu_seconds(), time.perf_counter()

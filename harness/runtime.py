@@ -91,7 +91,9 @@ def retain_freed_memory(threshold: int = 1 << 30) -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    applied = bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * threshold))
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trim = min(2 * threshold, 2**31 - 1)  # mallopt takes a C int
+    applied = bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
     if applied:
         logger.debug("malloc: blocks up to %d MiB from the heap, freed memory kept", threshold >> 20)
     return applied

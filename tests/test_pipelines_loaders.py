@@ -193,3 +193,18 @@ def test_pyav_seek_path_returns_the_same_frames_as_decoding_from_the_start(tmp_p
     idx = np.array([40, 41, 47, 55, 55, 63, 71, 71])  # a seek per GOP: keyframes 40, 48, 56, 64
     assert np.array_equal(decode_frames(path, idx), every[idx])
     assert np.array_equal(decode_frames(path, np.array([33, 70])), every[[33, 70]])
+
+
+def test_mirroring_the_window_before_the_resize_is_exact() -> None:
+    """Both CPU loaders mirror the crop window before resizing it (the copy is made anyway): the result is bit for
+    bit the resized clip mirrored, for windows up- and down-scaled, square or not; normalising into a batch slot
+    gives the same values as normalising alone."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (4, 240, 320, 3), dtype=np.uint8)
+    for window in [(0, 0, 240, 320), (13, 40, 177, 177), (5, 7, 201, 163), (30, 90, 96, 96)]:
+        plain = finish_clip(crop_window(frames, window), 224, MEAN, STD)
+        mirrored = finish_clip(crop_window(frames, window, flip=True), 224, MEAN, STD)
+        assert torch.equal(mirrored, plain.flip(-1)), window
+        slot = torch.empty((2, 3, 4, 224, 224))
+        finish_clip(crop_window(frames, window), 224, MEAN, STD, out=slot[1])
+        assert torch.equal(slot[1], plain)

@@ -14,9 +14,9 @@ Where the work after decoding runs depends on the device:
 
 * GPU: DALI resizes the windows (``fn.resize``) and flips and normalises them (``fn.crop_mirror_normalize`` to
   CFHW) on the GPU.
-* CPU: DALI outputs the cropped and mirrored uint8 windows and ``pipelines.transforms.finish_clip`` (the PyAV
-  loader's transform) resizes and normalises them in torch, whose uint8 bilinear kernel is several times faster than
-  DALI's CPU resize (measured; see that module).
+* CPU: DALI outputs the cropped uint8 windows and ``pipelines.transforms`` (the PyAV loader's transform) mirrors,
+  resizes and normalises them in torch, whose uint8 bilinear kernel is several times faster than DALI's CPU resize
+  and whose flip several times faster than DALI's (measured; see that module).
 * Intra-only JPEG video (MJPEG) on the CPU (``jpeg_frames``): every frame is a JPEG image, so the source feeds the
   clip's frames as images, ``fn.decoders.image_slice`` decodes only each frame's crop window (nvImageCodec with
   libjpeg-turbo, many frames per batch in parallel) and the graph's batch is ``batch_size x T`` frames: measured
@@ -52,7 +52,7 @@ from pipelines.packets import PacketIndexCache, feed_mode, index_cache_path, ivf
     read_payloads, remux_packets
 from pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch, failure_reason
 from pipelines.sampling import ClipPlan
-from pipelines.transforms import finish_clip
+from pipelines.transforms import finish_clip, mirror
 from pipelines.validate import DEFAULT_CACHE
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,9 @@ class FedBatch:
 
 class PlanSource:
     """``fn.external_source`` callback: one batch of plans per call as (stream bytes, frame positions, order, crop
-    anchor, crop shape, flip); ``decode_only``: the first three. With ``jpeg_frames``: per clip frame (T per clip,
-    in clip order) the JPEG image, crop anchor, crop shape and flip; ``decode_only``: the images. Counts per epoch how each clip was fed.
+    anchor, crop shape, flip); ``decode_only``: the first three; on the CPU no flip (done in torch). With
+    ``jpeg_frames``: per clip frame (T per clip, in clip order) the JPEG image, crop anchor and crop shape;
+    ``decode_only``: the images. Counts per epoch how each clip was fed.
 
     It never raises for a clip: a clip whose input cannot be made is left out of the batch it feeds (DALI takes
     batches of any size up to ``batch_size``, but not empty ones: a batch of which no clip can be fed is skipped),
@@ -180,16 +181,18 @@ class PlanSource:
             self.decoded += x.decoded
         anchor = [np.array(p.window[:2], dtype=np.int32) for p in plans]
         shape = [np.array(p.window[2:], dtype=np.int32) for p in plans]
-        flip = [np.array(int(p.flip), dtype=np.int32) for p in plans]
         if self.jpeg_frames:  # one sample per frame: T per clip
             images = [img for x in inputs for img in x.images]
             if self.decode_only:
                 return (images,)
             per_frame = [len(x.images) for x in inputs]
-            return images, _repeat(anchor, per_frame), _repeat(shape, per_frame), _repeat(flip, per_frame)
+            return images, _repeat(anchor, per_frame), _repeat(shape, per_frame)
         enc, frames, order = [x.stream for x in inputs], [x.frames for x in inputs], [x.order for x in inputs]
         if self.decode_only:
             return enc, frames, order
+        if self.backend != "gpu":  # the CPU graph ends at the window: mirrored in torch (to_clips)
+            return enc, frames, order, anchor, shape
+        flip = [np.array(int(p.flip), dtype=np.int32) for p in plans]
         return enc, frames, order, anchor, shape, flip
 
     def close(self) -> None:
@@ -210,10 +213,10 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
     """The DALI graph for ``batch_size`` clips (any batch size, e.g. 1 to decode one clip alone):
 
     * GPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order) -> resize -> normalise (CFHW).
-    * CPU: clip stream -> decode(frames) -> slice(crop window) -> flip -> rearrange(order): per clip its
-      (T, h, w, 3) uint8 windows, which ``to_clips`` resizes and normalises in torch.
+    * CPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order): per clip its (T, h, w, 3)
+      uint8 windows, which ``to_clips`` mirrors, resizes and normalises in torch.
     * CPU, ``frames_per_clip`` = T > 0 (the source's ``jpeg_frames``): per frame its JPEG -> decode only the crop
-      window (``decoders.image_slice``) -> flip, ``batch_size x T`` frames a run, T consecutive ones per clip.
+      window (``decoders.image_slice``), ``batch_size x T`` frames a run, T consecutive ones per clip.
 
     ``decode_only`` returns the decoded uint8 frames instead (FHWC per clip; per frame with ``frames_per_clip``),
     for the decode-rate benchmark and tests.
@@ -232,18 +235,18 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
             if decode_only:
                 (images,) = fn.external_source(source=source, num_outputs=1, batch=True)
                 return fn.decoders.image(images, device="cpu", output_type=types.RGB)
-            images, anchor, shape, flip = fn.external_source(source=source, num_outputs=4, batch=True)
-            window = fn.decoders.image_slice(images, anchor, shape, device="cpu", output_type=types.RGB, **slice_args)
-            return fn.flip(window, horizontal=flip)
+            images, anchor, shape = fn.external_source(source=source, num_outputs=3, batch=True)
+            return fn.decoders.image_slice(images, anchor, shape, device="cpu", output_type=types.RGB, **slice_args)
         if decode_only:
             enc, frames, order = fn.external_source(source=source, num_outputs=3, batch=True)
             video = fn.decoders.video(enc, device=decode_device, frames=frames)
             return fn.sequence_rearrange(video, new_order=order)
-        enc, frames, order, anchor, shape, flip = fn.external_source(source=source, num_outputs=6, batch=True)
         if backend != "gpu":
+            enc, frames, order, anchor, shape = fn.external_source(source=source, num_outputs=5, batch=True)
             video = fn.decoders.video(enc, device="cpu", frames=frames)  # (U, H, W, 3) uint8, U unique frames
-            video = fn.flip(fn.slice(video, anchor, shape, **slice_args), horizontal=flip)  # the window only
+            video = fn.slice(video, anchor, shape, **slice_args)  # the crop window only
             return fn.sequence_rearrange(video, new_order=order)  # (T, h, w, 3): repeats are copies
+        enc, frames, order, anchor, shape, flip = fn.external_source(source=source, num_outputs=6, batch=True)
         video = fn.decoders.video(enc, device=decode_device, frames=frames)
         # crop first (a cheap slice of whole pixels), then resize only the window: measured ~1.7x faster on CPU
         # than fn.resize(roi_start=, roi_end=), which resamples through the whole frame's geometry
@@ -280,7 +283,7 @@ def to_clips(out, plans: list[ClipPlan], *, backend: str, decode_only: bool, fra
              mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
     """The graph's output for ``plans`` (``build_video_pipeline``) as one tensor: ``(B, 3, T, S, S)`` float32, or
     with ``decode_only`` the decoded ``(B, T, H, W, 3)`` uint8 (clips of one frame size). On the CPU the crop
-    windows (mirrored by DALI) are resized and normalised here (``pipelines.transforms.finish_clip``)."""
+    windows are mirrored, resized and normalised here (``pipelines.transforms``)."""
     T = frames_per_clip
     if decode_only:
         x = _to_torch(out, device)
@@ -294,7 +297,7 @@ def to_clips(out, plans: list[ClipPlan], *, backend: str, decode_only: bool, fra
             window = torch.stack([torch.from_numpy(np.asarray(out[i * T + t])) for t in range(T)])
         else:
             window = torch.from_numpy(np.asarray(out[i]))
-        finish_clip(window, crop, mean, std, out=clips[i])
+        finish_clip(mirror(window, plan.flip), crop, mean, std, out=clips[i])
     return clips
 
 

@@ -13,7 +13,7 @@ from pipelines.config import DataConfig
 from pipelines import build_loader
 from pipelines.dali import PlanSource, build_video_pipeline, to_clips
 from pipelines.pyav import decode_frames
-from pipelines.transforms import crop_window, finish_clip
+from pipelines.transforms import crop_window, finish_clip, resize_window
 from pipelines.sampling import ClipPlan, kinetics_frames, segment_frames, train_window
 from pipelines.sampling import test_window as view_window
 from conftest import encode_video
@@ -196,9 +196,9 @@ def test_pyav_seek_path_returns_the_same_frames_as_decoding_from_the_start(tmp_p
 
 
 def test_mirroring_the_window_before_the_resize_is_exact() -> None:
-    """Both CPU loaders mirror the crop window before resizing it (the copy is made anyway): the result is bit for
-    bit the resized clip mirrored, for windows up- and down-scaled, square or not; normalising into a batch slot
-    gives the same values as normalising alone."""
+    """Both CPU loaders mirror the crop window before resizing it (the smaller tensor): the result is bit for bit
+    the resized clip mirrored, for windows up- and down-scaled, square or not; normalising into a batch slot gives
+    the same values as normalising alone, and both are the normalisation formula."""
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (4, 240, 320, 3), dtype=np.uint8)
     for window in [(0, 0, 240, 320), (13, 40, 177, 177), (5, 7, 201, 163), (30, 90, 96, 96)]:
@@ -208,3 +208,5 @@ def test_mirroring_the_window_before_the_resize_is_exact() -> None:
         slot = torch.empty((2, 3, 4, 224, 224))
         finish_clip(crop_window(frames, window), 224, MEAN, STD, out=slot[1])
         assert torch.equal(slot[1], plain)
+        resized = resize_window(crop_window(frames, window), 224).permute(1, 0, 2, 3).float()
+        assert (plain - (resized - 0.45 * 255) / (0.225 * 255)).abs().max() < 1e-5  # (x - 255 mean) / (255 std)

@@ -3,9 +3,9 @@ flips (before the resize, on the smaller window: bilinear resizing commutes exac
 bilinear resize to the crop size -> normalise to ``(3, T, S, S)`` float32.
 
 The PyAV loader runs it in its workers; the DALI loader on the CPU runs it on the windows DALI decoded and cropped
-(on the GPU DALI resizes, mirrors and normalises itself). torch's uint8 channels-last bilinear kernel is vectorised: on the
-development CPU it resized 8 frames of 190x190 to 224x224 in 0.7 ms, where DALI's CPU ``fn.resize`` took about
-0.7 ms per frame, and it was most of the DALI graph's cost after decoding.
+(on the GPU DALI resizes, mirrors and normalises itself). torch's uint8 channels-last bilinear kernel is vectorised:
+on the development CPU it resized 8 frames of 190x190 to 224x224 in 0.7 ms, where DALI's CPU ``fn.resize`` took
+about 0.7 ms per frame, and it was most of the DALI graph's cost after decoding.
 """
 
 from __future__ import annotations

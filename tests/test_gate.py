@@ -92,7 +92,9 @@ def test_gate_end_to_end_same_tree_passes_and_3x_depth_fails(tmp_path):
     assert meta["kind"] == "gate-baseline" and meta["preset"] == "tiny" and meta["model"]["depth"] == 2
     assert records[0].case == "gate/divided_space_time/train" and len(records[0].extra["ratios"]) == 5
 
-    same = _gate("--baseline", str(baseline), "--out", str(tmp_path / "gate"))
+    # The plumbing, not the speed: a tolerance wide enough for a shared CPU's noise (a same-tree run once measured
+    # -18% under load), still far from what 3x the blocks costs.
+    same = _gate("--baseline", str(baseline), "--out", str(tmp_path / "gate"), "--tolerance", "0.5")
     assert same.returncode == 0, same.stdout + same.stderr[-2000:]
     assert "1/1 cases pass" in same.stdout
     (run,) = (tmp_path / "gate").iterdir()
@@ -101,7 +103,7 @@ def test_gate_end_to_end_same_tree_passes_and_3x_depth_fails(tmp_path):
         records[0].extra["steps_per_block"]  # same work per sample as the baseline
 
     # The candidate does 3x the blocks.
-    slower = _gate("--baseline", str(baseline), "--out", str(tmp_path / "slow"), "model.depth=6")
+    slower = _gate("--baseline", str(baseline), "--out", str(tmp_path / "slow"), "--tolerance", "0.5", "model.depth=6")
     assert slower.returncode == 1, slower.stdout + slower.stderr[-2000:]
     assert "REGRESSED gate/divided_space_time/train: normalised images/s" in slower.stdout
     assert "params" in slower.stdout and "FLOPs/clip" in slower.stdout

@@ -29,6 +29,7 @@ from harness.bench.case import BenchCase, SkipCase
 from harness.config import REPO_ROOT, RootConfig, load_config
 from harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
 from pipelines.config import DataConfig
+from pipelines.quarantine import failure_reason
 
 LOADERS = ("dali", "pyav", "shootout")
 WARMUP_BATCHES = 2
@@ -123,21 +124,27 @@ def decoded_frames_per_clip(loader: Any, name: str, max_clips: int = COUNTED_CLI
     """Frames decoded per delivered clip for the loader's first ``max_clips`` clips of epoch 0, counted
     (``count_decoded``), beside the ``keyframe`` model the loaders follow and DALI's ``seek`` rule
     (``pipelines.tools.decode_cost``)."""
-    from pipelines.tools.decode_cost import decoded_frames, strategy_for
+    from pipelines.tools.decode_cost import strategy_for
 
     plans = loader.planner.plans(0)[:max_clips]
-    counted = count_decoded(loader, name, plans)
     indexes = _indexes(loader)
-    models = {}
-    for strategy in (strategy_for(name, getattr(loader, "backend", "cpu")), "seek"):
-        per_clip = []
-        for p in plans:
-            index = indexes.get(p.path)
-            per_clip.append(decoded_frames(p.frames, index.keyframes, index.num_frames, strategy))
-        models[strategy] = float(np.mean(per_clip))
     strategy = strategy_for(name, getattr(loader, "backend", "cpu"))
     return {"strategy": strategy, "clips": len(plans), "delivered_frames": float(np.mean([len(p.frames) for p in plans])),
-            "counted_per_clip": counted, "model_per_clip": models[strategy], "seek_model_per_clip": models["seek"]}
+            "counted_per_clip": count_decoded(loader, name, plans),
+            "model_per_clip": modelled_per_clip(plans, indexes, strategy),
+            "seek_model_per_clip": modelled_per_clip(plans, indexes, "seek")}
+
+
+def modelled_per_clip(plans: list, indexes: Any, strategy: str) -> float:
+    """Frames decoded per clip of ``plans`` by ``pipelines.tools.decode_cost``'s ``strategy``, from each file's
+    keyframes (``indexes``: a ``PacketIndexCache``)."""
+    from pipelines.tools.decode_cost import decoded_frames
+
+    per_clip = []
+    for p in plans:
+        index = indexes.get(p.path)
+        per_clip.append(decoded_frames(p.frames, index.keyframes, index.num_frames, strategy))
+    return float(np.mean(per_clip))
 
 
 def _indexes(loader: Any):
@@ -232,7 +239,7 @@ def torchcodec_decoder() -> tuple[Callable[[str, list[int]], Any] | None, str]:
     try:
         from torchcodec.decoders import VideoDecoder
     except Exception as e:  # noqa: BLE001 - the wheel raises OSError/RuntimeError for missing CUDA/FFmpeg libraries
-        return None, f"not importable: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return None, f"not importable: {failure_reason(e, 200)}"
 
     def decode(path: str, frames: list[int]) -> Any:
         return VideoDecoder(path, device="cpu", seek_mode="approximate", dimension_order="NHWC",
@@ -245,7 +252,7 @@ def decord_decoder() -> tuple[Callable[[str, list[int]], Any] | None, str]:
     try:
         import decord
     except Exception as e:  # noqa: BLE001
-        return None, f"not importable: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return None, f"not importable: {failure_reason(e, 200)}"
     local = threading.local()
 
     def decode(path: str, frames: list[int]) -> Any:
@@ -266,7 +273,6 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
     from pipelines import build_loader
     from pipelines.dali import DaliLoader
     from pipelines.packets import PacketIndexCache
-    from pipelines.tools.decode_cost import decoded_frames
 
     dali = build_loader(replace(cfg, loader="dali", backend="cpu"), "train", device="cpu")
     decode_only = DaliLoader(dali.planner, torch.device("cpu"), backend="cpu", decode_only=True,
@@ -279,11 +285,7 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
         return lambda: (count_decoded(loader, name, counted), "counted")
 
     def keyframe_model() -> tuple[float, str]:
-        per_clip = []
-        for p in counted:
-            index = dali.indexes.get(p.path)
-            per_clip.append(decoded_frames(p.frames, index.keyframes, index.num_frames, "keyframe"))
-        return float(np.mean(per_clip)), "model: keyframe"
+        return modelled_per_clip(counted, dali.indexes, "keyframe"), "model: keyframe"
 
     threads = f"{cfg.num_workers} threads"
     rows = [Contender("DALI loader", variant, "full", threads, _loader_epoch(dali), counted_by(dali, "dali")),
@@ -336,7 +338,7 @@ def run_shootout(contenders: list[Contender], rounds: int = SHOOTOUT_ROUNDS) -> 
         except Exception as e:  # noqa: BLE001 - an outside decoder's failure is its row's verdict
             if not c.anchor:
                 raise
-            c.epoch, c.unavailable = None, f"failed on these files: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            c.epoch, c.unavailable = None, f"failed on these files: {failure_reason(e, 200)}"
             continue
         live.append(c)
     rates: dict[int, list[float]] = {id(c): [] for c in live}

@@ -2,14 +2,16 @@
 original 8x32 sampling by every loader on the same clips.
 
 ``python -m benchmarks.bench_prepare [--videos 8] [--repeat 4] [--rounds 5] [--threads 2] [--anchor-threads 1]
-[--scaling] [--whole-file] [--only mjpeg,gop] [--data runs/bench/prepare_data] [--out runs/bench/prepare.json]``
+[--scaling] [--whole-file] [--only mjpeg,gop] [--device cpu|cuda] [--data runs/bench/prepare_data]
+[--out runs/bench/prepare.json]``
 
 Sources: ``--videos`` generated 10 s, 30 fps, 320x240 H.264 clips (x264's default keyint 250, like typical web
 video; a camera panning over a detailed texture, plus noise). ``pipelines.tools.prepare`` turns them (size kept) into
 
 * VP9, long GOP (keyframe every 250 frames: the source's structure, one GOP spans nearly the whole clip),
 * VP9, GOP = sampling rate (32),
-* MJPEG, intra-only.
+* MJPEG, intra-only,
+* with ``--device cuda`` also H.264 with both GOPs (NVDEC decodes it; DALI's CPU decoder does not).
 
 Each variant's train manifest lists every video ``--repeat`` times (an epoch of videos x repeat clips, batch 8,
 crop 224, jitter 256-320). Printed: per variant the file size and the frames decoded per clip (the ``keyframe``
@@ -17,8 +19,9 @@ model both loaders follow, DALI's ``seek`` rule and decoding from frame 0, expec
 counted on this epoch's clips), then the shoot-out (``harness.bench.pipeline``): our DALI loader (full graph and
 decode-only), the PyAV loader, torchcodec and decord when they import, every row on the same clips, the variants
 and rows interleaved round by round. ``--whole-file`` adds the DALI loader fed whole files (decoded from frame 0,
-as before it cut clip streams); ``--scaling`` adds it with 1 thread and with 2 pipelines of 1 thread. Generated
-data is kept in ``--data`` and re-used (prepare is idempotent).
+as before it cut clip streams); ``--scaling`` adds it with 1 thread and with 2 pipelines of 1 thread. With
+``--device cuda`` the DALI rows decode where ``data.backend=auto`` puts them (NVDEC, or DALI's CPU decoder for
+MJPEG) and deliver clips on the GPU. Generated data is kept in ``--data`` and re-used (prepare is idempotent).
 """
 
 from __future__ import annotations
@@ -45,11 +48,16 @@ SECONDS, FPS, HEIGHT, WIDTH = 10, 30, 240, 320
 T, RATE, CROP, BATCH = 8, 32, 224, 8  # the original recipe: 8 frames at sampling rate 32 (a 256-frame span)
 
 
-def variants() -> dict:
+def variants(gpu: bool = False) -> dict:
+    """The prepared variants by name; ``gpu`` adds H.264 ones (NVDEC decodes H.264, DALI's CPU decoder does not)."""
     from pipelines.tools.transcode import PrepareSpec
 
-    return {"VP9, long GOP (250)": PrepareSpec("vp9", 0, 250), f"VP9, GOP = rate ({RATE})": PrepareSpec("vp9", 0, RATE),
-            "MJPEG, intra-only": PrepareSpec("mjpeg", 0, 1)}
+    out = {"VP9, long GOP (250)": PrepareSpec("vp9", 0, 250), f"VP9, GOP = rate ({RATE})": PrepareSpec("vp9", 0, RATE),
+           "MJPEG, intra-only": PrepareSpec("mjpeg", 0, 1)}
+    if gpu:
+        out |= {"H.264, long GOP (250)": PrepareSpec("h264", 0, 250),
+                f"H.264, GOP = rate ({RATE})": PrepareSpec("h264", 0, RATE)}
+    return out
 
 
 def source_frames(seed: int) -> Iterator[np.ndarray]:
@@ -81,14 +89,14 @@ def repeated_manifest(manifest: Path, repeat: int) -> Path:
     return out
 
 
-def decode_costs(cfg: DataConfig) -> dict:
+def decode_costs(cfg: DataConfig, device: str = "cpu") -> dict:
     """Frames decoded per clip: the models' expectation over train starts (mean over files), and counted on the
     epoch's clips (the DALI loader's streams)."""
     from harness.bench.pipeline import count_decoded
     from pipelines import build_loader
     from pipelines.tools.decode_cost import STRATEGIES, estimate, read_gop
 
-    loader = build_loader(cfg, "train", device="cpu")
+    loader = build_loader(cfg, "train", device=device)
     plans = loader.planner.plans(0)
     gops = {p: read_gop(p) for p in sorted({pl.path for pl in plans})}
     est = {s: statistics.mean(estimate(g, T, RATE, FPS, strategy=s).train for g in gops.values()) for s in STRATEGIES}
@@ -107,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", action="store_true", help="add DALI with 1 thread and 2 pipelines x 1 thread")
     parser.add_argument("--whole-file", action="store_true", help="add DALI fed whole files (the loader before)")
     parser.add_argument("--only", default="", help="comma list of variant names' first words (vp9 long, gop, mjpeg)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the DALI rows deliver")
     parser.add_argument("--data", default=str(REPO_ROOT / "runs/bench/prepare_data"))
     parser.add_argument("--out", default=str(REPO_ROOT / "runs/bench/prepare.json"))
     args = parser.parse_args(argv)
@@ -124,13 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     manifest = make_sources(data / "source", args.videos)
     logger.warning("sources ready in %.0f s", time.perf_counter() - t0)
-    base = DataConfig(loader="dali", backend="cpu", num_frames=T, sampling_rate=RATE, target_fps=FPS,
+    gpu = args.device == "cuda"
+    base = DataConfig(loader="dali", backend="auto" if gpu else "cpu", num_frames=T, sampling_rate=RATE, target_fps=FPS,
                       train_jitter_scales=[256, 320], train_crop_size=CROP, batch_size=BATCH,
                       num_workers=args.threads, validate_cache="none", pad_short=False)
-    chosen = {name: spec for name, spec in variants().items()
+    chosen = {name: spec for name, spec in variants(gpu).items()
               if not args.only or any(w.strip().lower() in name.lower() for w in args.only.split(","))}
     rows, contenders = [], []
-    for i, (name, spec) in enumerate(variants().items()):
+    for i, (name, spec) in enumerate(variants(gpu).items()):
         if name not in chosen:
             continue
         out = data / f"variant{i}"
@@ -139,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         assert not report.failed, report.summary()
         cfg = replace(base, root=str(out), train_manifest=str(repeated_manifest(out / manifest.name, args.repeat)))
         rows.append({"variant": name, "spec": asdict(spec), "prepare_seconds": round(time.perf_counter() - t0, 1),
-                     **decode_costs(cfg)})
-        contenders += shootout_contenders(cfg, name, args.anchor_threads, args.scaling, args.whole_file)
+                     **decode_costs(cfg, args.device)})
+        contenders += shootout_contenders(cfg, name, args.anchor_threads, args.scaling, args.whole_file,
+                                          device=args.device)
     shootout = run_shootout(contenders, args.rounds)
     clips = args.videos * args.repeat
-    print(f"{args.videos} videos x 10 s, 320x240 @ 30 fps, each {args.repeat}x per epoch ({clips} clips); {T}x{RATE} "
+    where = f"on {torch.cuda.get_device_name()}, " if gpu else ""
+    print(f"{where}{args.videos} videos x 10 s, 320x240 @ 30 fps, each {args.repeat}x per epoch ({clips} clips); {T}x{RATE} "
           f"sampling (span {T * RATE} frames), crop {CROP}, batch {BATCH}; DALI {args.threads} threads, PyAV "
           f"{args.threads} workers; median of {args.rounds} interleaved rounds\n")
     print("| variant | max GOP | MB / video | decoded / clip: keyframe model (counted, DALI streams) | DALI seek rule "
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_shootout(shootout))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"videos": args.videos, "repeat": args.repeat, "rounds": args.rounds,
-                                          "threads": args.threads, "anchor_threads": args.anchor_threads,
+                                          "threads": args.threads, "device": args.device, "anchor_threads": args.anchor_threads,
                                           "frames": T, "sampling_rate": RATE, "variants": rows,
                                           "shootout": [r.__dict__ for r in shootout]}, indent=1))
     return 0

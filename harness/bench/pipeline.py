@@ -204,7 +204,10 @@ def _cpu_seconds() -> float:
 def _loader_epoch(loader: Any) -> Callable[[], int]:
     def epoch() -> int:
         loader.set_epoch(0)  # every round the same clips: the ones counted
-        return sum(b.video.shape[0] for b in loader)
+        n = sum(b.video.shape[0] for b in loader)
+        if loader.device.type == "cuda":  # the last batch's GPU work (NVDEC, resize, copy) is part of the epoch
+            torch.cuda.synchronize(loader.device)
+        return n
     return epoch
 
 
@@ -216,6 +219,8 @@ def _loaders_epoch(loaders: list[Any]) -> Callable[[], int]:
             lo.set_epoch(0)
         for batches in zip_longest(*loaders):
             n += sum(b.video.shape[0] for b in batches if b is not None)
+        if loaders[0].device.type == "cuda":
+            torch.cuda.synchronize(loaders[0].device)
         return n
     return epoch
 
@@ -264,18 +269,22 @@ def decord_decoder() -> tuple[Callable[[str, list[int]], Any] | None, str]:
 
 
 def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, scaling: bool = False,
-                        whole_file: bool = False, max_counted: int = COUNTED_CLIPS) -> list[Contender]:
-    """The shoot-out rows for the train clips of ``cfg`` (CPU): DALI full graph and decode-only, the PyAV loader
+                        whole_file: bool = False, max_counted: int = COUNTED_CLIPS,
+                        device: torch.device | str = "cpu") -> list[Contender]:
+    """The shoot-out rows for the train clips of ``cfg``: DALI full graph and decode-only, the PyAV loader
     (``cfg.num_workers`` workers), torchcodec and decord (``anchor_threads`` threads each). ``whole_file`` adds the
     DALI loader fed whole files (decoded from frame 0: the loader before it cut clip streams); ``scaling`` adds the
     DALI full graph with 1 thread, and with 2 pipelines of 1 thread (ranks 0 and 1 of 2: other random clips of the
-    same videos)."""
+    same videos). On a CUDA ``device`` the DALI rows decode where ``data.backend=auto`` puts them (NVDEC when it
+    takes every video) and deliver their clips on the GPU; the other rows stay CPU decoders."""
     from pipelines import build_loader
     from pipelines.dali import DaliLoader
     from pipelines.packets import PacketIndexCache
 
-    dali = build_loader(replace(cfg, loader="dali", backend="cpu"), "train", device="cpu")
-    decode_only = DaliLoader(dali.planner, torch.device("cpu"), backend="cpu", decode_only=True,
+    device = torch.device(device)
+    dali_cfg = replace(cfg, loader="dali", backend="cpu" if device.type == "cpu" else "auto")
+    dali = build_loader(dali_cfg, "train", device=device)
+    decode_only = DaliLoader(dali.planner, device, backend=dali.backend, decode_only=True,
                              jpeg_frames=dali.jpeg_frames)
     pyav = build_loader(replace(cfg, loader="pyav"), "train", device="cpu")
     plans = dali.planner.plans(0)
@@ -287,7 +296,7 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
     def keyframe_model() -> tuple[float, str]:
         return modelled_per_clip(counted, dali.indexes, "keyframe"), "model: keyframe"
 
-    threads = f"{cfg.num_workers} threads"
+    threads = f"{cfg.num_workers} threads" + (", NVDEC" if dali.backend == "gpu" else "")
     rows = [Contender("DALI loader", variant, "full", threads, _loader_epoch(dali), counted_by(dali, "dali")),
             Contender("DALI loader", variant, "decode", threads, _loader_epoch(decode_only),
                       counted_by(decode_only, "dali")),
@@ -299,15 +308,15 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
         rows.append(Contender(name, variant, "decode", label, _anchor_epoch(plans, decode, anchor_threads)
                               if decode else None, keyframe_model, why, anchor=True))
     if whole_file:
-        whole = DaliLoader(dali.planner, torch.device("cpu"), backend="cpu")
+        whole = DaliLoader(dali.planner, device, backend=dali.backend)
         whole.indexes = PacketIndexCache(offsets=False)
         rows.insert(2, Contender("DALI loader, whole file", variant, "full", threads, _loader_epoch(whole),
                                  counted_by(whole, "dali")))
     if scaling:
-        one = build_loader(replace(cfg, loader="dali", backend="cpu", num_workers=1), "train", device="cpu")
+        one = build_loader(replace(dali_cfg, num_workers=1), "train", device=device)
         rows.append(Contender("DALI loader", variant, "full", "1 thread", _loader_epoch(one), counted_by(one, "dali")))
-        shards = [build_loader(replace(cfg, loader="dali", backend="cpu", num_workers=1), "train", device="cpu",
-                               rank=r, world_size=2) for r in range(2)]
+        shards = [build_loader(replace(dali_cfg, num_workers=1), "train", device=device, rank=r, world_size=2)
+                  for r in range(2)]
         rows.append(Contender("DALI loader", variant, "full", "2 pipelines x 1 thread", _loaders_epoch(shards),
                               counted_by(shards[0], "dali")))
     return rows

@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     shootout = run_shootout(contenders, args.rounds)
     clips = args.videos * args.repeat
     where = f"on {torch.cuda.get_device_name()}, " if gpu else ""
-    print(f"{where}{args.videos} videos x 10 s, 320x240 @ 30 fps, each {args.repeat}x per epoch ({clips} clips); {T}x{RATE} "
-          f"sampling (span {T * RATE} frames), crop {CROP}, batch {BATCH}; DALI {args.threads} threads, PyAV "
+    print(f"{where}{args.videos} videos x 10 s, 320x240 @ 30 fps, each {args.repeat}x per epoch ({clips} clips); "
+          f"{T}x{RATE} sampling (span {T * RATE} frames), crop {CROP}, batch {BATCH}; DALI {args.threads} threads, PyAV "
           f"{args.threads} workers; median of {args.rounds} interleaved rounds\n")
     print("| variant | max GOP | MB / video | decoded / clip: keyframe model (counted, DALI streams) | DALI seek rule "
           "| from frame 0 |")
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_shootout(shootout))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"videos": args.videos, "repeat": args.repeat, "rounds": args.rounds,
-                                          "threads": args.threads, "device": args.device, "anchor_threads": args.anchor_threads,
+                                          "threads": args.threads, "device": args.device,
+                                          "anchor_threads": args.anchor_threads,
                                           "frames": T, "sampling_rate": RATE, "variants": rows,
                                           "shootout": [r.__dict__ for r in shootout]}, indent=1))
     return 0

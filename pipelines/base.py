@@ -40,10 +40,28 @@ logger = logging.getLogger(__name__)
 
 REPLACE = 7  # stream id of the replacement draws: default_rng((seed, epoch, rank, batch, slot, REPLACE))
 
+# The memory layout of every loader's ``Batch.video``: (B, 3, T, H, W) stored as (B, T, H, W, 3), the pixels' own
+# order from the decoder on; the model's patch embedding then reads each frame channels-last without a copy.
+CLIP_FORMAT = torch.channels_last_3d
+
+
+def empty_clips(shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+    """An uninitialised float32 batch of clips of ``shape`` ``(B, 3, T, H, W)`` in the loaders' layout."""
+    return torch.empty(shape, dtype=torch.float32, device=device, memory_format=CLIP_FORMAT)
+
+
+def stack_clips(clips: list[torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
+    """``(3, T, H, W)`` clips -> one batch in the loaders' layout, on ``device`` (default: the clips')."""
+    out = empty_clips((len(clips), *clips[0].shape), device if device is not None else clips[0].device)
+    for slot, clip in zip(out, clips):
+        slot.copy_(clip)
+    return out
+
 
 @dataclass
 class Batch:
-    """One batch: ``video (B, 3, T, H, W)`` float32 normalised, ``label (B,)`` int64, ``index (B,)`` video index."""
+    """One batch: ``video (B, 3, T, H, W)`` float32 normalised (stored ``CLIP_FORMAT``), ``label (B,)`` int64,
+    ``index (B,)`` video index."""
 
     video: torch.Tensor
     label: torch.Tensor
@@ -271,7 +289,7 @@ class ClipLoader:
                                f"replacement for batch {k} slot {slot} (rank {planner.rank})")
 
     def _assemble(self, plans: list[sampling.ClipPlan], clips: list[torch.Tensor]) -> Batch:
-        video = torch.stack([c.to(self.device) for c in clips])
+        video = stack_clips(clips, self.device)
         label = torch.tensor([p.label for p in plans], dtype=torch.int64, device=self.device)
         index = torch.tensor([p.index for p in plans], dtype=torch.int64, device=self.device)
         return Batch(video, label, index)

@@ -12,8 +12,8 @@ validated first, and each epoch checks that DALI produced exactly the planned cl
 
 Where the work after decoding runs depends on the device:
 
-* GPU: DALI resizes the windows (``fn.resize``) and flips and normalises them (``fn.crop_mirror_normalize`` to
-  CFHW) on the GPU.
+* GPU: DALI resizes the windows (``fn.resize``) and flips and normalises them (``fn.crop_mirror_normalize``, in
+  the frames' own FHWC layout: the loaders' ``channels_last_3d`` batch) on the GPU.
 * CPU: DALI outputs the cropped uint8 windows and ``pipelines.transforms`` (the PyAV loader's transform) mirrors,
   resizes and normalises them in torch, whose uint8 bilinear kernel is several times faster than DALI's CPU resize
   and whose flip several times faster than DALI's (measured; see that module).
@@ -47,7 +47,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipelines.base import Batch, ClipLoader, ClipPlanner
+from pipelines.base import Batch, ClipLoader, ClipPlanner, empty_clips
 from pipelines.packets import PacketIndexCache, feed_mode, index_cache_path, ivf_stream, jpeg_images, plan_packets, \
     read_payloads, remux_packets
 from pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch, failure_reason
@@ -212,7 +212,7 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
                          decode_only: bool = False, prefetch: int = 2, frames_per_clip: int = 0):
     """The DALI graph for ``batch_size`` clips (any batch size, e.g. 1 to decode one clip alone):
 
-    * GPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order) -> resize -> normalise (CFHW).
+    * GPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order) -> resize -> normalise (FHWC).
     * CPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order): per clip its (T, h, w, 3)
       uint8 windows, which ``to_clips`` mirrors, resizes and normalises in torch.
     * CPU, ``frames_per_clip`` = T > 0 (the source's ``jpeg_frames``): per frame its JPEG -> decode only the crop
@@ -251,7 +251,7 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
         video = fn.slice(video, anchor, shape, **slice_args)
         video = fn.sequence_rearrange(video, new_order=order)
         video = fn.resize(video, size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=False)
-        return fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="CFHW", mirror=flip,
+        return fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="FHWC", mirror=flip,
                                         mean=[m * 255 for m in mean], std=[s * 255 for s in std])
 
     return video_pipe()
@@ -279,17 +279,18 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
 
 def to_clips(out, plans: list[ClipPlan], *, backend: str, decode_only: bool, frames_per_clip: int, crop: int,
              mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
-    """The graph's output for ``plans`` (``build_video_pipeline``) as one tensor: ``(B, 3, T, S, S)`` float32, or
-    with ``decode_only`` the decoded ``(B, T, H, W, 3)`` uint8 (clips of one frame size). On the CPU the crop
-    windows are mirrored, resized and normalised here (``pipelines.transforms``)."""
+    """The graph's output for ``plans`` (``build_video_pipeline``) as one tensor: ``(B, 3, T, S, S)`` float32 in the
+    loaders' layout (``pipelines.transforms.CLIP_FORMAT``), or with ``decode_only`` the decoded
+    ``(B, T, H, W, 3)`` uint8 (clips of one frame size). On the CPU the crop windows are mirrored, resized and
+    normalised here (``pipelines.transforms``)."""
     T = frames_per_clip
     if decode_only:
         x = _to_torch(out, device)
         return x.view(len(plans), T, *x.shape[1:]) if T else x
     if backend == "gpu":
-        return _to_torch(out, device)
+        return _to_torch(out, device).permute(0, 4, 1, 2, 3)  # (B, T, S, S, 3) -> (B, 3, T, S, S), a view
     num_frames = T or len(plans[0].frames)
-    clips = torch.empty((len(plans), 3, num_frames, crop, crop), dtype=torch.float32)
+    clips = empty_clips((len(plans), 3, num_frames, crop, crop))
     for i, plan in enumerate(plans):
         if T:
             window = torch.stack([torch.from_numpy(np.asarray(out[i * T + t])) for t in range(T)])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.base import Batch, ClipLoader, ClipPlanner
+from pipelines.base import Batch, ClipLoader, ClipPlanner, stack_clips
 from pipelines.packets import PacketIndex, PacketIndexCache, index_cache_path, keyframe_segments
 from pipelines.quarantine import BadVideo, FailedBatch, failure_reason
 from pipelines.sampling import ClipPlan
@@ -107,7 +107,7 @@ def _collate(items: list[tuple[ClipPlan, torch.Tensor | None, str]]) -> Batch | 
     if errors:
         return FailedBatch(plans, {s: x for s, (_, x, why) in enumerate(items) if not why}, errors,
                            cause=f"{len(errors)} clip(s) failed to decode")
-    return Batch(torch.stack([x for _, x, _ in items]), torch.tensor([p.label for p in plans], dtype=torch.int64),
+    return Batch(stack_clips([x for _, x, _ in items]), torch.tensor([p.label for p in plans], dtype=torch.int64),
                  torch.tensor([p.index for p in plans], dtype=torch.int64))
 
 

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from pipelines.base import Batch
+from pipelines.base import CLIP_FORMAT, Batch
 from pipelines.config import DataConfig
 from pipelines.quarantine import Quarantine, UnscoredView
 
@@ -39,7 +39,9 @@ class SyntheticLoader:
         self.rank = rank
         g = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + rank)
         shape = (cfg.batch_size, 3, cfg.num_frames, crop, crop)
-        self.pool = [torch.randn(shape, generator=g, device=self.device) for _ in range(POOL_BATCHES)]
+        # in the real loaders' layout, so that the model is fed what they feed it
+        self.pool = [torch.randn(shape, generator=g, device=self.device).contiguous(memory_format=CLIP_FORMAT)
+                     for _ in range(POOL_BATCHES)]
 
     def __len__(self) -> int:
         return self.num_batches

@@ -1,6 +1,9 @@
 """The clip transform both CPU loaders end with, in torch: a crop window's uint8 frames, mirrored when the plan
 flips (before the resize, on the smaller window: bilinear resizing commutes exactly with a mirror, tested) ->
-bilinear resize to the crop size -> normalise to ``(3, T, S, S)`` float32.
+bilinear resize to the crop size -> normalise to ``(3, T, S, S)`` float32, stored channels-last like the loaders'
+batches (``pipelines.base.CLIP_FORMAT``): the pixels' order from the decoder on, so no step transposes them, and
+normalising is a vectorised pass over flat memory, ~3.5x the same work written into ``(3, T, S, S)`` contiguous
+order (0.2 against 0.7 ms a clip of 8 x 224^2 on the development CPU).
 
 The PyAV loader runs it in its workers; the DALI loader on the CPU runs it on the windows DALI decoded and cropped
 (on the GPU DALI resizes, mirrors and normalises itself). torch's uint8 channels-last bilinear kernel is vectorised:
@@ -9,6 +12,9 @@ about 0.7 ms per frame, and it was most of the DALI graph's cost after decoding.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import numpy as np
 import torch
@@ -37,15 +43,36 @@ def resize_window(window: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean: list[float], std: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (3, T, H, W) -> float32 ``(x - 255 mean) / (255 std)`` per channel, computed in one pass as
-    ``x / (255 std) - mean / std`` (within an ulp of it), written into ``out`` if given."""
-    scale = 1 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1) * 255)
-    shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1) * 255 * scale
-    return torch.addcmul(shift, x, scale, out=out) if out is not None else torch.addcmul(shift, x, scale)
+    """uint8 ``(3, T, H, W)`` -> float32 ``(x - 255 mean) / (255 std)`` per channel, computed as
+    ``x / (255 std) - mean / std`` (within an ulp of the formula), into ``out`` if given, else into a new clip in
+    the loaders' layout. When ``x`` and ``out`` are both stored channels-last (as ``resize_window`` and
+    ``empty_clips`` make them) it is one vectorised pass over flat memory, the per-channel constants tiled along
+    a row; any other strides take torch's broadcasting path (same values, several times slower)."""
+    if out is None:
+        out = torch.empty((*x.shape[1:], 3), dtype=torch.float32).permute(3, 0, 1, 2)
+    pixels, out_pixels = x.permute(1, 2, 3, 0), out.permute(1, 2, 3, 0)  # (T, H, W, 3)
+    if pixels.is_contiguous() and out_pixels.is_contiguous():
+        tile = math.gcd(pixels.numel() // 3, 32)  # pixels per row of the flat view
+        scale, shift = _affine(tuple(mean), tuple(std), tile)
+        flat = out_pixels.view(-1, 3 * tile)
+        flat.copy_(pixels.view(-1, 3 * tile))  # exact: uint8 -> float32 (two passes beat one mixed-dtype pass)
+        torch.addcmul(shift, flat, scale, out=flat)
+    else:
+        scale, shift = _affine(tuple(mean), tuple(std), 1)
+        torch.addcmul(shift.view(3, 1, 1, 1), x, scale.view(3, 1, 1, 1), out=out)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of ``normalize`` per channel, repeated ``tile`` times: ``1 / (255 std)``, ``-mean / std``."""
+    scale = 1 / (torch.tensor(std, dtype=torch.float32) * 255)
+    shift = -torch.tensor(mean, dtype=torch.float32) * 255 * scale
+    return scale.repeat(tile), shift.repeat(tile)
 
 
 def finish_clip(window: torch.Tensor, size: int, mean: list[float], std: list[float],
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """A clip's cropped (and mirrored) frames, (T, h, w, 3) uint8 -> (3, T, size, size) float32: resize, normalise
-    (into ``out``, e.g. the clip's slot in a batch, when given)."""
+    """A clip's cropped (and mirrored) frames, (T, h, w, 3) uint8 -> (3, T, size, size) float32 in the loaders'
+    layout: resize, normalise (into ``out``, e.g. the clip's slot in an ``empty_clips`` batch, when given)."""
     return normalize(resize_window(window, size).permute(1, 0, 2, 3), mean, std, out)

@@ -28,6 +28,7 @@ from harness.config import REPO_ROOT, load_config
 from pipelines.config import DataConfig
 from pipelines.factory import dali_available
 from pipelines.nvdec import DALI_CPU_CODECS, NVDEC_CODECS, generation_of, nvdec_problem
+from pipelines.base import CLIP_FORMAT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -188,7 +189,8 @@ def test_vp9_below_nvdecs_minimum_is_decoded_on_the_cpu_for_a_cuda_model(tmp_pat
 def test_gpu_loader_decodes_clip_streams_frame_for_frame(codec: str, generation: str, tmp_path: Path) -> None:
     """Clips that start past several keyframes (GOP 8, views at frames 0, ~16, ~32 of 64): the GPU loader feeds
     NVDEC per-clip streams (IVF for VP8/VP9, PyAV's remux into Matroska for the others) and each decoded frame is
-    PyAV's frame of the planned index; the full graph matches the PyAV loader's clips."""
+    PyAV's frame of the planned index; the full graph matches the PyAV loader's clips, test views and train clips
+    (scales, crops, flips) alike, in the loaders' layout."""
     import av
 
     from pipelines.pyav import decode_frames
@@ -219,6 +221,19 @@ def test_gpu_loader_decodes_clip_streams_frame_for_frame(codec: str, generation:
     ref = next(iter(build_loader(replace(cfg, loader="pyav"), "test", device="cpu")))
     diff = ((full.video.cpu() - ref.video).abs() * 0.225 * 255).mean()
     assert torch.equal(full.index.cpu(), ref.index) and diff < 8, f"{codec}: mean |GPU loader - PyAV| = {diff:.2f}"
+    # train clips (random scales, crops and flips): the PyAV loader's windows and flips, in the loaders' layout
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("".join(f"{p} {i % 2}\n" for i, p in enumerate(paths * 4)))
+    train = replace(cfg, train_manifest=str(manifest), train_crop_size=64, train_jitter_scales=[80, 120], batch_size=8)
+    loader = build_loader(train, "train", device=CUDA)
+    flips = [p.flip for p in loader.planner.plans(0)]
+    assert any(flips) and not all(flips), flips
+    gpu = next(iter(loader))
+    ref = next(iter(build_loader(replace(train, loader="pyav"), "train", device="cpu")))
+    assert gpu.video.is_contiguous(memory_format=CLIP_FORMAT) and torch.equal(gpu.index.cpu(), ref.index)
+    diff = (gpu.video.cpu() - ref.video).abs().mean(dim=(1, 2, 3, 4)) * 0.225 * 255
+    mirrored = (gpu.video.cpu() - ref.video.flip(-1)).abs().mean(dim=(1, 2, 3, 4)) * 0.225 * 255
+    assert (diff < 8).all() and (diff < mirrored).all(), f"{codec}: |GPU - PyAV| per clip {diff}, mirrored {mirrored}"
 
 
 @needs_dali

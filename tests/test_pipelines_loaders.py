@@ -11,6 +11,7 @@ import torch
 
 from pipelines.config import DataConfig
 from pipelines import build_loader
+from pipelines.base import CLIP_FORMAT, empty_clips
 from pipelines.dali import PlanSource, build_video_pipeline, to_clips
 from pipelines.pyav import decode_frames
 from pipelines.transforms import crop_window, finish_clip, resize_window
@@ -158,6 +159,7 @@ def test_synthetic_loader_contract() -> None:
     assert len(loader) == 1 and loader.num_clips == 3
     batch = next(iter(loader))
     assert batch.video.shape == (3, 3, 4, 16, 16) and batch.label.max() < 5 and batch.video.std() > 0.5
+    assert batch.video.is_contiguous(memory_format=CLIP_FORMAT)  # the real loaders' layout
 
 
 def test_ssv2_manifest_and_segment_sampling_through_dali(videos, tmp_path) -> None:
@@ -198,15 +200,16 @@ def test_pyav_seek_path_returns_the_same_frames_as_decoding_from_the_start(tmp_p
 def test_mirroring_the_window_before_the_resize_is_exact() -> None:
     """Both CPU loaders mirror the crop window before resizing it (the smaller tensor): the result is bit for bit
     the resized clip mirrored, for windows up- and down-scaled, square or not; normalising into a batch slot gives
-    the same values as normalising alone, and both are the normalisation formula."""
+    the same values as normalising alone (in the loaders' layout or contiguous), and both are the normalisation
+    formula."""
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (4, 240, 320, 3), dtype=np.uint8)
     for window in [(0, 0, 240, 320), (13, 40, 177, 177), (5, 7, 201, 163), (30, 90, 96, 96)]:
         plain = finish_clip(crop_window(frames, window), 224, MEAN, STD)
         mirrored = finish_clip(crop_window(frames, window, flip=True), 224, MEAN, STD)
         assert torch.equal(mirrored, plain.flip(-1)), window
-        slot = torch.empty((2, 3, 4, 224, 224))
-        finish_clip(crop_window(frames, window), 224, MEAN, STD, out=slot[1])
-        assert torch.equal(slot[1], plain)
+        for slot in (empty_clips((2, 3, 4, 224, 224)), torch.empty((2, 3, 4, 224, 224))):  # loaders' layout, other
+            finish_clip(crop_window(frames, window), 224, MEAN, STD, out=slot[1])
+            assert torch.equal(slot[1], plain)
         resized = resize_window(crop_window(frames, window), 224).permute(1, 0, 2, 3).float()
         assert (plain - (resized - 0.45 * 255) / (0.225 * 255)).abs().max() < 1e-5  # (x - 255 mean) / (255 std)

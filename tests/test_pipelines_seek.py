@@ -16,7 +16,7 @@ import torch
 
 from conftest import textured_frames
 from pipelines import build_loader, packets
-from pipelines.base import ClipPlanner, Video
+from pipelines.base import CLIP_FORMAT, ClipPlanner, Video
 from pipelines.config import DataConfig
 from pipelines.dali import DaliLoader, PlanSource
 from pipelines.packets import PacketIndexCache, count_stream_frames, index_packets, keyframe_segments, plan_packets
@@ -150,6 +150,7 @@ def test_dali_loader_equals_pyav_loader_across_codecs_ranks_and_resume(files, tm
         for a, b in zip(epoch, pyav):
             assert torch.equal(a.index, b.index) and torch.equal(a.label, b.label)
             assert a.video.shape == b.video.shape == (2, 3, 4, 32, 32)
+            assert a.video.is_contiguous(memory_format=CLIP_FORMAT) and b.video.is_contiguous(memory_format=CLIP_FORMAT)
             diff = (a.video - b.video).abs().mean(dim=(1, 2, 3, 4)) * STD * 255
             mirrored = (a.video - b.video.flip(-1)).abs().mean(dim=(1, 2, 3, 4)) * STD * 255
             assert (diff < 5).all() and (diff < mirrored).all(), (diff, mirrored)

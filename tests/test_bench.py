@@ -255,8 +255,9 @@ def test_bench_cli_rejects_bad_arguments():
 
 def test_shootout_reports_an_outside_decoder_that_fails_and_goes_on():
     """An anchor (torchcodec, decord) that raises on the files gets its row's note and no rate; one of our loaders
-    that raises stops the shoot-out."""
-    from harness.bench.pipeline import Contender, run_shootout
+    that raises stops the shoot-out, in the calling process or in the row's own."""
+    from harness.bench.pipeline import Contender, RowFailed, run_shootout
+    from pipelines.config import DataConfig
 
     def broken() -> int:
         raise RuntimeError("Check failed: from_size == to_size\nmore")
@@ -268,6 +269,11 @@ def test_shootout_reports_an_outside_decoder_that_fails_and_goes_on():
                                                             "from_size == to_size"
     with pytest.raises(RuntimeError, match="from_size"):
         run_shootout([Contender("DALI loader", "v", "full", "1 thread", broken)], rounds=1)
+    # a row with a recipe is rebuilt in a process of its own: one that cannot be built there stops the shoot-out
+    missing = DataConfig(train_manifest="/nonexistent/train.csv")
+    with pytest.raises(RowFailed, match="could not build the row: FileNotFoundError: manifest /nonexistent"):
+        run_shootout([Contender("DALI loader", "v", "full", "1 thread", broken,
+                                recipe=(dict(cfg=missing, variant="v"), 0))], rounds=1)
 
 
 def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
@@ -299,11 +305,14 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
         row = rows[key]
         assert row["clips_per_s"] > 0 and len(row["rounds"]) == 3 and row["cpu_ms_per_clip"] > 0
         assert row["decoded_how"] == "counted" and 4 <= row["decoded_per_clip"] <= 24
+        assert row["peak_rss_mb"] > 0  # measured in the row's own process
     for name in ("torchcodec", "decord"):  # optional anchors: measured, or the row says why not
         row = rows[(name, "decode")]
         assert (row["clips_per_s"] or 0) > 0 or row["note"].startswith(("not importable: ", "failed on these files: ")), row
         assert row["decoded_how"] == "model: keyframe"
     assert shootout.clips_per_s == rows[("DALI loader", "full")]["clips_per_s"]
+    assert shootout.peak_mem_kind == "rss_fresh_process" and "each row in a fresh process" in \
+        shootout.extra["peak_mem_covers"] and shootout.peak_mem_bytes > 0
     from harness.bench.report import summary_table
 
     table = summary_table([shootout])

@@ -1,8 +1,10 @@
 """The pipeline suite: clips/s of the DALI and the PyAV loader on the experiment's data (the toy set by default),
 the frames each decodes per delivered clip, and the loader shoot-out.
 
-The shoot-out runs, on the same clips and in one process, interleaved round by round (A B C A B C ...: load from
-other processes hits every row alike): our DALI loader (full graph, and decode-only), the PyAV loader, and, when
+The shoot-out runs, on the same clips, interleaved round by round (A B C A B C ...: load from other processes hits
+every row alike), each row in a process of its own, as a training process holds one loader (rows sharing a process
+disturbed each other: another decoder's threads and allocations fragmented the heap, and a 38.5 MB batch then landed
+on fresh pages, up to 1,200 page faults per clip): our DALI loader (full graph, and decode-only), the PyAV loader, and, when
 they import, torchcodec (``VideoDecoder.get_frames_at``) and decord (``VideoReader.get_batch``) as decode-only
 anchors. Each row: median clips/s over the rounds, CPU ms per clip (the process and its workers: steadier than the
 wall clock on a shared machine), frames decoded per clip (counted where the decoder can be followed, else the
@@ -12,6 +14,7 @@ variants of the same videos.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import statistics
 import threading
@@ -175,7 +178,9 @@ def count_decoded(loader: Any, name: str, plans: list) -> float:
 @dataclass
 class Contender:
     """One shoot-out row: ``epoch()`` delivers the round's clips and returns how many; ``decoded()`` returns frames
-    decoded per clip and how they were obtained (``counted`` or ``model: ...``)."""
+    decoded per clip and how they were obtained (``counted`` or ``model: ...``). ``recipe`` (the arguments of
+    ``shootout_contenders`` and the row's position) lets ``run_shootout`` rebuild the row in a process of its own;
+    a row without one runs in the calling process."""
 
     name: str
     variant: str
@@ -185,6 +190,7 @@ class Contender:
     decoded: Callable[[], tuple[float, str]] | None = None
     unavailable: str = ""  # why the row could not run (the shoot-out goes on)
     anchor: bool = False  # an outside decoder (torchcodec, decord): one that fails on these files is reported, not fatal
+    recipe: tuple[dict[str, Any], int] | None = None
 
 
 def _cpu_seconds() -> float:
@@ -192,7 +198,7 @@ def _cpu_seconds() -> float:
     import psutil
 
     me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
+    total = time.process_time()  # this process's threads, to the nanosecond (psutil's figure is in 10 ms ticks)
     for child in me.children(recursive=True):
         try:
             total += sum(child.cpu_times()[:2])
@@ -279,7 +285,7 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
     takes every video) and deliver their clips on the GPU; the other rows stay CPU decoders."""
     from pipelines import build_loader
     from pipelines.dali import DaliLoader
-    from pipelines.packets import PacketIndexCache
+    from pipelines.packets import IVF_FOURCC, PacketIndexCache
 
     device = torch.device(device)
     dali_cfg = replace(cfg, loader="dali", backend="cpu" if device.type == "cpu" else "auto")
@@ -308,10 +314,16 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
         rows.append(Contender(name, variant, "decode", label, _anchor_epoch(plans, decode, anchor_threads)
                               if decode else None, keyframe_model, why, anchor=True))
     if whole_file:
-        whole = DaliLoader(dali.planner, device, backend=dali.backend)
-        whole.indexes = PacketIndexCache(offsets=False)
-        rows.insert(2, Contender("DALI loader, whole file", variant, "full", threads, _loader_epoch(whole),
-                                 counted_by(whole, "dali")))
+        codec = dali.indexes.get(plans[0].path).codec
+        if codec in IVF_FOURCC:  # an index without payload offsets makes the source feed whole files
+            whole = DaliLoader(dali.planner, device, backend=dali.backend)
+            whole.indexes = PacketIndexCache(offsets=False)
+            rows.insert(2, Contender("DALI loader, whole file", variant, "full", threads, _loader_epoch(whole),
+                                     counted_by(whole, "dali")))
+        else:
+            rows.insert(2, Contender("DALI loader, whole file", variant, "full", threads,
+                                     unavailable=f"{codec} clips are remuxed by PyAV, which needs no payload "
+                                                 f"offsets: no whole-file feed to compare"))
     if scaling:
         one = build_loader(replace(dali_cfg, num_workers=1), "train", device=device)
         rows.append(Contender("DALI loader", variant, "full", "1 thread", _loader_epoch(one), counted_by(one, "dali")))
@@ -319,6 +331,10 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
                   for r in range(2)]
         rows.append(Contender("DALI loader", variant, "full", "2 pipelines x 1 thread", _loaders_epoch(shards),
                               counted_by(shards[0], "dali")))
+    recipe = dict(cfg=cfg, variant=variant, anchor_threads=anchor_threads, scaling=scaling, whole_file=whole_file,
+                  max_counted=max_counted, device=str(device))
+    for position, row in enumerate(rows):
+        row.recipe = (recipe, position)
     return rows
 
 
@@ -334,38 +350,126 @@ class ShootoutRow:
     decoded_per_clip: float | None = None
     decoded_how: str = ""
     note: str = ""
+    peak_rss_mb: float | None = None  # peak RSS of the row's own process (None: it ran in the caller's)
+
+
+class RowFailed(RuntimeError):
+    """A shoot-out row's epoch raised in its own process; the message is the failure's reason."""
+
+
+class _InProcess:
+    """A row run in the calling process (a contender without a recipe)."""
+
+    def __init__(self, epoch: Callable[[], int]):
+        self.run = epoch
+
+    def epoch(self) -> tuple[int, float, float, int | None]:
+        c0, t0 = _cpu_seconds(), time.perf_counter()
+        n = self.run()
+        return n, time.perf_counter() - t0, _cpu_seconds() - c0, None
+
+    def close(self) -> None:
+        pass
+
+
+class _RowProcess:
+    """A row rebuilt from its recipe in a spawned process of its own, run there one epoch per call."""
+
+    def __init__(self, recipe: tuple[dict[str, Any], int], threads: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_row_process_main, args=(child, recipe, threads), name="shootout-row")
+        self.proc.start()
+        child.close()
+
+    def epoch(self) -> tuple[int, float, float, int | None]:
+        """(clips, seconds, CPU seconds of the process and its workers, its peak RSS bytes) of one epoch."""
+        self.conn.send("epoch")
+        try:
+            status, value = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(timeout=10)
+            raise RowFailed(f"the row's process died (exit code {self.proc.exitcode})") from None
+        if status != "ok":
+            raise RowFailed(value)
+        return value
+
+    def close(self) -> None:
+        try:
+            self.conn.send("stop")
+        except OSError:
+            pass
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.conn.close()
+
+
+def _row_process_main(conn: Any, recipe: tuple[dict[str, Any], int], threads: int) -> None:
+    from harness.metrics import rss_high_water_bytes
+    from harness.runtime import retain_freed_memory
+
+    torch.set_num_threads(threads)
+    retain_freed_memory()
+    kwargs, position = recipe
+    row, why = None, ""
+    try:
+        row = shootout_contenders(**kwargs)[position]
+    except Exception as e:  # noqa: BLE001 - reported to the parent at the first epoch
+        why = f"could not build the row: {failure_reason(e, 200)}"
+    try:
+        while conn.recv() == "epoch":
+            if row is None:
+                conn.send(("error", why))
+                continue
+            try:
+                c0, t0 = _cpu_seconds(), time.perf_counter()
+                n = row.epoch()
+                conn.send(("ok", (n, time.perf_counter() - t0, _cpu_seconds() - c0, rss_high_water_bytes())))
+            except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
+                conn.send(("error", failure_reason(e, 200)))
+    finally:
+        conn.close()
 
 
 def run_shootout(contenders: list[Contender], rounds: int = SHOOTOUT_ROUNDS) -> list[ShootoutRow]:
-    """One warm-up round, then ``rounds`` interleaved rounds of every runnable contender; medians per row."""
-    live = []
-    for c in contenders:  # warm-up: pipeline build, worker start, page cache, packet indexes
-        if c.epoch is None:
-            continue
-        try:
-            c.epoch()
-        except Exception as e:  # noqa: BLE001 - an outside decoder's failure is its row's verdict
-            if not c.anchor:
-                raise
-            c.epoch, c.unavailable = None, f"failed on these files: {failure_reason(e, 200)}"
-            continue
-        live.append(c)
-    rates: dict[int, list[float]] = {id(c): [] for c in live}
-    cpu: dict[int, list[float]] = {id(c): [] for c in live}
-    for _ in range(rounds):
-        for c in live:
-            c0, t0 = _cpu_seconds(), time.perf_counter()
-            n = c.epoch()
-            dt, dc = time.perf_counter() - t0, _cpu_seconds() - c0
-            rates[id(c)].append(n / dt)
-            cpu[id(c)].append(1e3 * dc / n)
+    """One warm-up round, then ``rounds`` interleaved rounds of every runnable contender; medians per row. A row
+    with a recipe runs in a spawned process of its own (with this process's torch threads), the others here."""
+    runners: dict[int, _InProcess | _RowProcess] = {}
+    measured: dict[int, list[tuple[int, float, float, int | None]]] = {}
+    try:
+        for c in contenders:  # warm-up: pipeline build, worker start, page cache, packet indexes
+            if c.epoch is None:
+                continue
+            runner = _RowProcess(c.recipe, torch.get_num_threads()) if c.recipe else _InProcess(c.epoch)
+            runners[id(c)] = runner
+            try:
+                runner.epoch()
+            except Exception as e:  # noqa: BLE001 - an outside decoder's failure is its row's verdict
+                if not c.anchor:
+                    raise
+                reason = str(e) if isinstance(e, RowFailed) else failure_reason(e, 200)
+                c.epoch, c.unavailable = None, f"failed on these files: {reason}"
+                runners.pop(id(c)).close()
+                continue
+            measured[id(c)] = []
+        live = [c for c in contenders if id(c) in measured]
+        for _ in range(rounds):
+            for c in live:
+                measured[id(c)].append(runners[id(c)].epoch())
+    finally:
+        for runner in runners.values():
+            runner.close()
     rows = []
     for c in contenders:
         row = ShootoutRow(c.name, c.variant, c.graph, c.threads, note=c.unavailable)
-        if c.epoch is not None:
-            row.rounds = [round(r, 2) for r in rates[id(c)]]
-            row.clips_per_s = statistics.median(rates[id(c)])
-            row.cpu_ms_per_clip = statistics.median(cpu[id(c)])
+        if id(c) in measured:
+            rates = [n / dt for n, dt, _, _ in measured[id(c)]]
+            row.rounds = [round(r, 2) for r in rates]
+            row.clips_per_s = statistics.median(rates)
+            row.cpu_ms_per_clip = statistics.median(1e3 * cpu / n for n, _, cpu, _ in measured[id(c)])
+            peaks = [peak for _, _, _, peak in measured[id(c)] if peak is not None]
+            row.peak_rss_mb = max(peaks) / 2**20 if peaks else None
         if c.decoded is not None:
             row.decoded_per_clip, row.decoded_how = c.decoded()
         rows.append(row)
@@ -381,8 +485,9 @@ def format_shootout(rows: list[dict] | list[ShootoutRow]) -> str:
         return next((r["clips_per_s"] for r in rows if r["variant"] == variant and r["name"] == name
                      and r["graph"] == graph and r["clips_per_s"]), None)
 
-    lines = ["| loader | variant | graph | threads | clips/s (median) | CPU ms / clip | decoded frames / clip "
-             "| vs decord | full / decode-only | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| loader | variant | graph | threads | clips/s (median) | CPU ms / clip | peak RSS MB "
+             "| decoded frames / clip | vs decord | full / decode-only | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rate = r["clips_per_s"]
         decord = rate_of(r["variant"], "decord", "decode")
@@ -390,7 +495,8 @@ def format_shootout(rows: list[dict] | list[ShootoutRow]) -> str:
         decoded = "-" if r["decoded_per_clip"] is None else f"{r['decoded_per_clip']:.1f} ({r['decoded_how']})"
         lines.append("| " + " | ".join([
             r["name"], r["variant"], r["graph"], r["threads"], "-" if rate is None else f"{rate:.1f}",
-            "-" if r["cpu_ms_per_clip"] is None else f"{r['cpu_ms_per_clip']:.1f}", decoded,
+            "-" if r["cpu_ms_per_clip"] is None else f"{r['cpu_ms_per_clip']:.1f}",
+            "-" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}", decoded,
             f"{rate / decord:.2f}x" if rate and decord else "-",
             f"{rate / own_decode:.2f}" if rate and own_decode and r["threads"] == _decode_threads(rows, r) else "-",
             r["note"].replace("|", "/")]) + " |")
@@ -420,13 +526,14 @@ def run_shootout_case(case: BenchCase, rec: BenchRecord, device: torch.device) -
     if device.type != "cpu":
         raise SkipCase("the shoot-out compares CPU decoders; the per-loader cases measure the GPU loader")
     data = load_data_config(case)
-    base = reset_peak_memory(device)
     with tempfile.TemporaryDirectory() as tmp:
         subset = shootout_subset(data, case.batches * data.batch_size, Path(tmp))
         rows = run_shootout(shootout_contenders(subset, Path(data.root).name), SHOOTOUT_ROUNDS)
     rec.frames, rec.img_size, rec.batch = data.num_frames, data.train_crop_size, data.batch_size
-    rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
-    rec.extra["peak_mem_covers"] = "RSS growth of the process running every row (PyAV's workers not counted)"
+    peaks = [r.peak_rss_mb for r in rows if r.peak_rss_mb is not None]
+    rec.peak_mem_bytes, rec.peak_mem_kind = (int(max(peaks) * 2**20), "rss_fresh_process") if peaks else (None, None)
+    rec.extra["peak_mem_covers"] = "the largest peak RSS of the rows' processes (each row in a fresh process of its " \
+                                   "own; PyAV's workers not counted)"
     rec.clips_per_s = rows[0].clips_per_s  # our DALI loader, full graph
     rec.images_per_s = rec.clips_per_s * rec.frames if rec.clips_per_s else None
     rec.extra["shootout"] = [r.__dict__ for r in rows]

@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     clips = args.videos * args.repeat
     where = f"on {torch.cuda.get_device_name()}, " if gpu else ""
     print(f"{where}{args.videos} videos x 10 s, 320x240 @ 30 fps, each {args.repeat}x per epoch ({clips} clips); "
-          f"{T}x{RATE} sampling (span {T * RATE} frames), crop {CROP}, batch {BATCH}; DALI {args.threads} threads, PyAV "
-          f"{args.threads} workers; median of {args.rounds} interleaved rounds\n")
+          f"{T}x{RATE} sampling (span {T * RATE} frames), crop {CROP}, batch {BATCH}; DALI {args.threads} threads, "
+          f"PyAV {args.threads} workers; median of {args.rounds} interleaved rounds, each row in its own process\n")
     print("| variant | max GOP | MB / video | decoded / clip: keyframe model (counted, DALI streams) | DALI seek rule "
           "| from frame 0 |")
     print("|---|---|---|---|---|---|")

@@ -280,7 +280,7 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
 def to_clips(out, plans: list[ClipPlan], *, backend: str, decode_only: bool, frames_per_clip: int, crop: int,
              mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
     """The graph's output for ``plans`` (``build_video_pipeline``) as one tensor: ``(B, 3, T, S, S)`` float32 in the
-    loaders' layout (``pipelines.transforms.CLIP_FORMAT``), or with ``decode_only`` the decoded
+    loaders' layout (``pipelines.base.CLIP_FORMAT``), or with ``decode_only`` the decoded
     ``(B, T, H, W, 3)`` uint8 (clips of one frame size). On the CPU the crop windows are mirrored, resized and
     normalised here (``pipelines.transforms``)."""
     T = frames_per_clip

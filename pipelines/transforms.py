@@ -2,8 +2,8 @@
 flips (before the resize, on the smaller window: bilinear resizing commutes exactly with a mirror, tested) ->
 bilinear resize to the crop size -> normalise to ``(3, T, S, S)`` float32, stored channels-last like the loaders'
 batches (``pipelines.base.CLIP_FORMAT``): the pixels' order from the decoder on, so no step transposes them, and
-normalising is a vectorised pass over flat memory, ~3.5x the same work written into ``(3, T, S, S)`` contiguous
-order (0.2 against 0.7 ms a clip of 8 x 224^2 on the development CPU).
+normalising is a convert-copy and an ``addcmul`` over flat memory, ~3.5x the same work written into
+``(3, T, S, S)`` contiguous order (0.2 against 0.7 ms a clip of 8 x 224^2 on the development CPU).
 
 The PyAV loader runs it in its workers; the DALI loader on the CPU runs it on the windows DALI decoded and cropped
 (on the GPU DALI resizes, mirrors and normalises itself). torch's uint8 channels-last bilinear kernel is vectorised:
@@ -46,8 +46,8 @@ def normalize(x: torch.Tensor, mean: list[float], std: list[float], out: torch.T
     """uint8 ``(3, T, H, W)`` -> float32 ``(x - 255 mean) / (255 std)`` per channel, computed as
     ``x / (255 std) - mean / std`` (within an ulp of the formula), into ``out`` if given, else into a new clip in
     the loaders' layout. When ``x`` and ``out`` are both stored channels-last (as ``resize_window`` and
-    ``empty_clips`` make them) it is one vectorised pass over flat memory, the per-channel constants tiled along
-    a row; any other strides take torch's broadcasting path (same values, several times slower)."""
+    ``empty_clips`` make them) it is a convert-copy and an ``addcmul`` over flat memory, the per-channel constants
+    tiled along a row; any other strides take torch's broadcasting path (same values, several times slower)."""
     if out is None:
         out = torch.empty((*x.shape[1:], 3), dtype=torch.float32).permute(3, 0, 1, 2)
     pixels, out_pixels = x.permute(1, 2, 3, 0), out.permute(1, 2, 3, 0)  # (T, H, W, 3)

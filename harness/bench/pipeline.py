@@ -1,15 +1,15 @@
 """The pipeline suite: clips/s of the DALI and the PyAV loader on the experiment's data (the toy set by default),
 the frames each decodes per delivered clip, and the loader shoot-out.
 
-The shoot-out runs, on the same clips, interleaved round by round (A B C A B C ...: load from other processes hits
-every row alike), each row in a process of its own, as a training process holds one loader (rows sharing a process
-disturbed each other: another decoder's threads and allocations fragmented the heap, and a 38.5 MB batch then landed
-on fresh pages, up to 1,200 page faults per clip): our DALI loader (full graph, and decode-only), the PyAV loader, and, when
-they import, torchcodec (``VideoDecoder.get_frames_at``) and decord (``VideoReader.get_batch``) as decode-only
-anchors. Each row: median clips/s over the rounds, CPU ms per clip (the process and its workers: steadier than the
-wall clock on a shared machine), frames decoded per clip (counted where the decoder can be followed, else the
-model's estimate, marked ``model``) and the file variant. ``benchmarks/bench_prepare.py`` runs it over prepared
-variants of the same videos.
+The shoot-out runs our DALI loader (full graph, and decode-only), the PyAV loader, and, when they import,
+torchcodec (``VideoDecoder.get_frames_at``) and decord (``VideoReader.get_batch``) as decode-only anchors, on the
+same clips, interleaved round by round (A B C A B C ...: load from other processes hits every row alike), each row
+in a process of its own as a training process holds one loader (rows sharing a process disturbed each other: another
+decoder's threads and allocations fragmented the heap, and a 38.5 MB batch then landed on fresh pages, up to 1,200
+page faults per clip). Each row: median clips/s over the rounds, CPU ms per clip (the row's process and its
+workers: steadier than the wall clock on a shared machine), its process's peak RSS, frames decoded per clip (counted
+where the decoder can be followed, else the model's estimate, marked ``model``) and the file variant.
+``benchmarks/bench_prepare.py`` runs it over prepared variants of the same videos.
 """
 
 from __future__ import annotations

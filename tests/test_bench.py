@@ -318,7 +318,9 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     table = summary_table([shootout])
     assert "## Loader shoot-out" in table and "| DALI loader | toy | full |" in table
     # Threshold 0: any wait for data at all makes the verdict input-bound, and there is always some.
-    e2e = _run(_case("e2e", mode="train", data_config=str(cfg_path), batches=2, threshold=0.0))
+    # in a fresh process, as the bench runs it: its peak RSS growth is the case's own (in this process, earlier
+    # tests' peak would hide it)
+    e2e = run_case(_case("e2e", mode="train", data_config=str(cfg_path), batches=2, threshold=0.0), timeout_s=300)
     assert e2e.status == "ok", e2e.message
     x = e2e.extra
     assert 0.0 < x["data_wait_share"] < 1.0 and x["data_wait_share"] == pytest.approx(x["data_wait_s"] / x["step_s"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import statistics
 import sys
 import time
@@ -34,13 +33,14 @@ def worker(case: dict[str, Any]) -> dict[str, float]:
     (model, optimizer state, activations)."""
     import torch
 
+    from harness.metrics import rss_high_water_bytes
     from harness.model import load_preset
     from harness.runtime import seed_everything
     from harness.workload import synthetic_step
 
     seed_everything(0)
     cfg = replace(load_preset(case["preset"]), attention_type=case["attention_type"], attn_backend=case["backend"])
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = rss_high_water_bytes()
     _, step = synthetic_step(cfg, torch.device("cpu"), None, mode="train", batch=case["batch"])
     for _ in range(case["warmup"]):
         step()
@@ -49,8 +49,8 @@ def worker(case: dict[str, Any]) -> dict[str, float]:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"step_s": statistics.median(times), "peak_mib": (peak_kib - base_kib) / 1024, "frames": cfg.num_frames}
+    return {"step_s": statistics.median(times), "peak_mib": (rss_high_water_bytes() - base) / 2**20,
+            "frames": cfg.num_frames}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,7 +220,7 @@ def step_stats(times_s: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- memory
 
 def reset_peak_memory(device: torch.device) -> int:
-    """Reset the CUDA peak; on CPU return the current ``ru_maxrss`` high-water mark (bytes) as the baseline."""
+    """Reset the CUDA peak; on CPU return this process's RSS high-water mark so far (bytes) as the baseline."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return 0
@@ -228,7 +228,13 @@ def reset_peak_memory(device: torch.device) -> int:
 
 
 def rss_high_water_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    """This process's own peak RSS in bytes: ``VmHWM`` on Linux. Not ``ru_maxrss``, which a process started by
+    fork + exec inherits from its parent (measured: a child of a 1.5 GB process reported 1457 MB, its VmHWM 14 MB),
+    so a case run in a fresh process from a big one (a pytest worker, say) read its growth as 0."""
+    try:
+        return _rss_peak_bytes()
+    except OSError:  # no /proc: the portable figure, with the caveat above
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def peak_memory(device: torch.device, baseline: int = 0) -> tuple[int, str]:

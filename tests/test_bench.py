@@ -253,6 +253,15 @@ def test_bench_cli_rejects_bad_arguments():
     assert proc.returncode != 0 and "choose from" in proc.stderr
 
 
+def test_a_case_in_a_fresh_process_reports_its_own_peak_rss_growth():
+    """The case's peak RSS growth is its own even when the process that starts it is big: ``ru_maxrss`` carries the
+    parent's peak across fork + exec, and read 0 growth for a case started from a pytest worker."""
+    ballast = torch.ones(2**30 // 4)  # 1 GiB, touched: this process's peak
+    rec = run_case(_case("model", mode="train"), timeout_s=300)
+    assert rec.status == "ok", rec.message
+    assert rec.peak_mem_kind == "rss_fresh_process" and 0 < rec.peak_mem_bytes < ballast.numel() * 4, rec.peak_mem_bytes
+
+
 def test_shootout_reports_an_outside_decoder_that_fails_and_goes_on():
     """An anchor (torchcodec, decord) that raises on the files gets its row's note and no rate; one of our loaders
     that raises stops the shoot-out, in the calling process or in the row's own."""

@@ -220,10 +220,16 @@ def step_stats(times_s: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- memory
 
 def reset_peak_memory(device: torch.device) -> int:
-    """Reset the CUDA peak; on CPU return this process's RSS high-water mark so far (bytes) as the baseline."""
+    """Reset the CUDA peak; on CPU hand freed heap memory back (``release_freed_memory``), reset this process's RSS
+    high-water mark to its current RSS (Linux; elsewhere it keeps the peak so far) and return it (bytes) as the
+    baseline: the growth then is this piece of work's own, whatever ran in the process before."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return 0
+    from harness.runtime import release_freed_memory
+
+    release_freed_memory()
+    _reset_rss_peak()
     return rss_high_water_bytes()
 
 

@@ -99,6 +99,19 @@ def retain_freed_memory(threshold: int = 1 << 30) -> bool:
     return applied
 
 
+def release_freed_memory() -> bool:
+    """Hand the memory glibc's malloc holds free back to the system (``malloc_trim(0)``: every arena, the middle of
+    the heap included), so that the RSS is what is in use; True when glibc did so. Measuring a peak RSS growth in a
+    process that ``retain_freed_memory`` made keep its freed blocks needs it first: otherwise the work reuses those
+    pages and its growth reads 0."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(malloc_trim(0))
+
+
 @functools.lru_cache(maxsize=1)
 def apex_available() -> bool:
     """True when NVIDIA apex's fused optimizers can run here: CUDA is visible and ``apex.optimizers.FusedAdam``

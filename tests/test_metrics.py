@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.metrics import GPU_PEAKS, PeakMemoryWindow, gpu_peak, gpu_peak_flops
+from harness.metrics import GPU_PEAKS, PeakMemoryWindow, gpu_peak, gpu_peak_flops, peak_memory, reset_peak_memory
+from harness.runtime import retain_freed_memory
 
 # torch.cuda.get_device_name() strings as the driver reports them -> the table row they must select
 NAMES = {
@@ -72,6 +73,23 @@ def test_cpu_window_is_the_peak_rss_of_that_window_only() -> None:
     second = window.take()  # a window in which nothing big happened
     assert first - second > 200 * 2**20, (first, second)
     assert 0 < second < first
+
+
+def test_cpu_peak_growth_is_the_work_s_own_after_freed_memory_was_kept() -> None:
+    """A process that keeps freed blocks (``retain_freed_memory``, as every harness entry point does) and has freed
+    512 MiB: 200 MiB of new work still reads as ~200 MiB of peak growth (it read 0 when the work reused the kept
+    pages), and a second measurement of nothing reads ~0."""
+    retain_freed_memory()
+    kept = np.ones(512 * 2**20 // 8)
+    del kept
+    cpu = torch.device("cpu")
+    base = reset_peak_memory(cpu)
+    work = np.ones(200 * 2**20 // 8)  # touched
+    growth, kind = peak_memory(cpu, base)
+    del work
+    assert kind == "rss_fresh_process" and 190 * 2**20 < growth < 260 * 2**20, growth >> 20
+    base = reset_peak_memory(cpu)
+    assert peak_memory(cpu, base)[0] < 20 * 2**20
 
 
 class FakeAllocator:

@@ -239,19 +239,17 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
             enc, frames, order = fn.external_source(source=source, num_outputs=3, batch=True)
             video = fn.decoders.video(enc, device=decode_device, frames=frames)
             return fn.sequence_rearrange(video, new_order=order)
-        if backend != "gpu":
-            enc, frames, order, anchor, shape = fn.external_source(source=source, num_outputs=5, batch=True)
-            video = fn.decoders.video(enc, device="cpu", frames=frames)  # (U, H, W, 3) uint8, U unique frames
-            video = fn.slice(video, anchor, shape, **slice_args)  # the crop window only
-            return fn.sequence_rearrange(video, new_order=order)  # (T, h, w, 3): repeats are copies
-        enc, frames, order, anchor, shape, flip = fn.external_source(source=source, num_outputs=6, batch=True)
-        video = fn.decoders.video(enc, device=decode_device, frames=frames)
+        enc, frames, order, anchor, shape, *flip = fn.external_source(  # flip: on the GPU only
+            source=source, num_outputs=6 if backend == "gpu" else 5, batch=True)
+        video = fn.decoders.video(enc, device=decode_device, frames=frames)  # (U, H, W, 3) uint8, U unique frames
         # crop first (a cheap slice of whole pixels), then resize only the window (fn.resize(roi_start=, roi_end=)
         # resamples through the whole frame's geometry: ~1.7x slower, measured on the CPU)
         video = fn.slice(video, anchor, shape, **slice_args)
-        video = fn.sequence_rearrange(video, new_order=order)
+        video = fn.sequence_rearrange(video, new_order=order)  # (T, h, w, 3): repeats are copies
+        if backend != "gpu":  # the CPU graph ends at the uint8 windows (to_clips does the rest in torch)
+            return video
         video = fn.resize(video, size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=False)
-        return fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="FHWC", mirror=flip,
+        return fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="FHWC", mirror=flip[0],
                                         mean=[m * 255 for m in mean], std=[s * 255 for s in std])
 
     return video_pipe()
@@ -333,20 +331,25 @@ class DaliLoader(ClipLoader):
         finally:
             source.close()
 
+    @property
+    def _frames_per_clip(self) -> int:
+        """The graph's ``frames_per_clip``: T when it decodes JPEG frames (a sample per frame), else 0."""
+        return self.cfg.num_frames if self.jpeg_frames else 0
+
     def _build_pipe(self, batch_size: int, num_threads: int, prefetch: int = 2):
         """(source, built pipeline) of this loader's graph for ``batch_size`` clips a run."""
         source = PlanSource(batch_size, self.decode_only, self.backend, self.indexes, self.jpeg_frames)
         pipe = build_video_pipeline(source, batch_size=batch_size, crop=self.crop, mean=self.cfg.mean,
                                     std=self.cfg.std, backend=self.backend, num_threads=num_threads,
                                     device_id=self.device_id, decode_only=self.decode_only, prefetch=prefetch,
-                                    frames_per_clip=self.cfg.num_frames if self.jpeg_frames else 0)
+                                    frames_per_clip=self._frames_per_clip)
         pipe.build()
         return source, pipe
 
     def _clips(self, out, plans: list[ClipPlan]) -> torch.Tensor:
         """The graph's output for ``plans`` as a batch tensor (``to_clips``), on the CPU or this loader's GPU."""
         return to_clips(out, plans, backend=self.backend, decode_only=self.decode_only,
-                        frames_per_clip=self.cfg.num_frames if self.jpeg_frames else 0, crop=self.crop,
+                        frames_per_clip=self._frames_per_clip, crop=self.crop,
                         mean=self.cfg.mean, std=self.cfg.std,
                         device=self.device if self.device.type == "cuda" else torch.device("cpu"))
 

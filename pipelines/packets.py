@@ -291,7 +291,8 @@ def jpeg_images(index: PacketIndex, frames: Sequence[int] | np.ndarray, fd: int)
     wanted = np.minimum(np.asarray(frames, dtype=np.int64), index.num_frames - 1)
     positions = [int(index.display[f]) for f in wanted]
     if index.verbatim:
-        payloads = {d: os.pread(fd, int(index.size[d]), int(index.offset[d])) for d in set(positions)}
+        unique = sorted(set(positions))
+        payloads = dict(zip(unique, read_payloads(index, np.asarray(unique), fd)))
     else:
         payloads = _demuxed_payloads(index, set(positions))
     return [payloads[d] for d in positions]

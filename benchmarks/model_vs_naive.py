@@ -33,15 +33,16 @@ def worker(case: dict[str, Any]) -> dict[str, float]:
     (model, optimizer state, activations)."""
     import torch
 
-    from harness.metrics import rss_high_water_bytes
+    from harness.metrics import peak_memory, reset_peak_memory
     from harness.model import load_preset
     from harness.runtime import seed_everything
     from harness.workload import synthetic_step
 
     seed_everything(0)
     cfg = replace(load_preset(case["preset"]), attention_type=case["attention_type"], attn_backend=case["backend"])
-    base = rss_high_water_bytes()
-    _, step = synthetic_step(cfg, torch.device("cpu"), None, mode="train", batch=case["batch"])
+    cpu = torch.device("cpu")
+    base = reset_peak_memory(cpu)
+    _, step = synthetic_step(cfg, cpu, None, mode="train", batch=case["batch"])
     for _ in range(case["warmup"]):
         step()
     times = []
@@ -49,7 +50,7 @@ def worker(case: dict[str, Any]) -> dict[str, float]:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "peak_mib": (rss_high_water_bytes() - base) / 2**20,
+    return {"step_s": statistics.median(times), "peak_mib": peak_memory(cpu, base)[0] / 2**20,
             "frames": cfg.num_frames}
 
 

@@ -1,8 +1,8 @@
 """The fresh-process runner: call a function in a new Python process and say how it ended.
 
-Bench cases, gate cases and the benchmark scripts each run in a process of their own: on CPU that is what makes a
-case's peak RSS its own (``harness.metrics.rss_high_water_bytes``: the new process's VmHWM), and everywhere it keeps one case's out-of-memory state,
-allocator caches or crashed threads away from the next one.
+Bench cases, gate cases and the benchmark scripts each run in a process of their own: on CPU that keeps a case's
+peak RSS (``harness.metrics.reset_peak_memory``) free of earlier cases' allocations, and everywhere it keeps one
+case's out-of-memory state, allocator caches or crashed threads away from the next one.
 
     outcome = run_in_fresh_process(run_case, case.to_dict(), timeout_s=600, mem_limit_gb=8)
 

@@ -207,25 +207,14 @@ def _cpu_seconds() -> float:
     return total
 
 
-def _loader_epoch(loader: Any) -> Callable[[], int]:
+def _loader_epoch(*loaders: Any) -> Callable[[], int]:
+    """An epoch of ``loaders`` (several: one per shard, consumed in turn as one training process would with a
+    pipeline each), every round the same clips (epoch 0: the ones counted)."""
     def epoch() -> int:
-        loader.set_epoch(0)  # every round the same clips: the ones counted
-        n = sum(b.video.shape[0] for b in loader)
-        if loader.device.type == "cuda":  # the last batch's GPU work (NVDEC, resize, copy) is part of the epoch
-            torch.cuda.synchronize(loader.device)
-        return n
-    return epoch
-
-
-def _loaders_epoch(loaders: list[Any]) -> Callable[[], int]:
-    """Several loaders (one per shard) consumed in turn, as one training process would with a pipeline each."""
-    def epoch() -> int:
-        n = 0
         for lo in loaders:
             lo.set_epoch(0)
-        for batches in zip_longest(*loaders):
-            n += sum(b.video.shape[0] for b in batches if b is not None)
-        if loaders[0].device.type == "cuda":
+        n = sum(b.video.shape[0] for batches in zip_longest(*loaders) for b in batches if b is not None)
+        if loaders[0].device.type == "cuda":  # the last batch's GPU work (NVDEC, resize, copy) is part of the epoch
             torch.cuda.synchronize(loaders[0].device)
         return n
     return epoch
@@ -329,7 +318,7 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
         rows.append(Contender("DALI loader", variant, "full", "1 thread", _loader_epoch(one), counted_by(one, "dali")))
         shards = [build_loader(replace(dali_cfg, num_workers=1), "train", device=device, rank=r, world_size=2)
                   for r in range(2)]
-        rows.append(Contender("DALI loader", variant, "full", "2 pipelines x 1 thread", _loaders_epoch(shards),
+        rows.append(Contender("DALI loader", variant, "full", "2 pipelines x 1 thread", _loader_epoch(*shards),
                               counted_by(shards[0], "dali")))
     recipe = dict(cfg=cfg, variant=variant, anchor_threads=anchor_threads, scaling=scaling, whole_file=whole_file,
                   max_counted=max_counted, device=str(device))
@@ -357,6 +346,13 @@ class RowFailed(RuntimeError):
     """A shoot-out row's epoch raised in its own process; the message is the failure's reason."""
 
 
+def _timed(epoch: Callable[[], int]) -> tuple[int, float, float]:
+    """(clips, seconds, CPU seconds of this process and its workers) of one ``epoch()``."""
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    n = epoch()
+    return n, time.perf_counter() - t0, _cpu_seconds() - c0
+
+
 class _InProcess:
     """A row run in the calling process (a contender without a recipe)."""
 
@@ -364,9 +360,7 @@ class _InProcess:
         self.run = epoch
 
     def epoch(self) -> tuple[int, float, float, int | None]:
-        c0, t0 = _cpu_seconds(), time.perf_counter()
-        n = self.run()
-        return n, time.perf_counter() - t0, _cpu_seconds() - c0, None
+        return *_timed(self.run), None
 
     def close(self) -> None:
         pass
@@ -423,9 +417,7 @@ def _row_process_main(conn: Any, recipe: tuple[dict[str, Any], int], threads: in
                 conn.send(("error", why))
                 continue
             try:
-                c0, t0 = _cpu_seconds(), time.perf_counter()
-                n = row.epoch()
-                conn.send(("ok", (n, time.perf_counter() - t0, _cpu_seconds() - c0, rss_high_water_bytes())))
+                conn.send(("ok", (*_timed(row.epoch), rss_high_water_bytes())))
             except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
                 conn.send(("error", failure_reason(e, 200)))
     finally:

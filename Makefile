@@ -1,5 +1,7 @@
 # timesformer-harness: every target creates/reuses .venv by itself.
-#   make test                      the CPU test suite (what CI runs)
+#   make test                      the CPU test suite (what CI runs), on the versions pinned in constraints.txt
+#   make test-latest               the same suite on the newest releases, in a fresh .venv-latest
+#   make constraints               test-latest, then pin what it ran on into constraints.txt (refresh on purpose)
 #   make bench ATTN=all            throughput/memory/FLOPs per attention variant
 #   make bench-compare A=RUN B=RUN two bench runs side by side (ratios, plot)
 # torch: an importable torch (e.g. an NGC CUDA build, also one inside another venv) is reused via
@@ -10,6 +12,10 @@ VENV       ?= .venv
 VPY        := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.installed
+# the versions the suite was last green with (torch aside: TORCH_SPEC, or the importable torch reused);
+# empty = the newest releases
+CONSTRAINTS ?= constraints.txt
+LATEST_VENV ?= .venv-latest
 
 ATTN    ?= all
 PRESET  ?=
@@ -26,11 +32,11 @@ PYTEST_WORKERS ?= 2
 # e.g. --rehearse-on-cpu (the same steps at CPU size) or --only bench train
 GPU_CHECK_ARGS ?=
 
-.PHONY: venv test test-fast bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check clean
+.PHONY: venv test test-fast test-latest constraints bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@if [ ! -x $(VPY) ]; then \
 	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	    echo "[venv] reusing the torch importable from $(PYTHON) ($$($(PYTHON) -c 'import torch; print(torch.__version__)'))"; \
@@ -45,8 +51,8 @@ $(STAMP): pyproject.toml
 	  fi; \
 	fi
 	@$(VPY) -c "import torch" >/dev/null 2>&1 || { echo "[venv] installing $(TORCH_SPEC)"; $(VPY) -m pip install -q "$(TORCH_SPEC)"; }
-	@echo "[venv] installing the harness and its dependencies"
-	@$(VPY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	@echo "[venv] installing the harness and its dependencies ($(if $(CONSTRAINTS),versions from $(CONSTRAINTS),the newest releases))"
+	@$(VPY) -m pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	@touch $(STAMP)
 
 test: $(STAMP) data
@@ -55,39 +61,50 @@ test: $(STAMP) data
 test-fast: $(STAMP) data
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(MAKE) test VENV=$(LATEST_VENV) CONSTRAINTS=
+	@$(LATEST_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(av|kernels|numpy|nvidia-dali-cuda120|omegaconf|torch|transformers)==' | tr '\n' ' '; echo
+
+constraints: test-latest
+	@{ echo "# The versions make test installs: the suite was green with them (make constraints, $$(date +%F), Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'))."; \
+	   echo "# torch is not pinned here: the Makefile installs TORCH_SPEC, or reuses an importable torch."; \
+	   $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable 2>/dev/null | grep -viE '^(torch|timesformer-harness)(==| @)'; } > constraints.txt
+	@echo "constraints.txt rewritten from $(LATEST_VENV): review the diff (git diff constraints.txt) and commit it"
+
 data: $(STAMP)
-	$(VPY) -m pipelines.tools.toy --out data/toy
+	$(VPY) -m timesformer_harness.pipelines.tools.toy --out data/toy
 
 bench: $(STAMP) data
-	$(VPY) -m harness.bench --attn $(ATTN) --mode $(MODE) $(if $(PRESET),--preset $(PRESET)) $(if $(FRAMES),--frames $(FRAMES)) $(if $(IMG),--img $(IMG)) $(if $(SUITES),--suites $(SUITES))
+	$(VPY) -m timesformer_harness.bench --attn $(ATTN) --mode $(MODE) $(if $(PRESET),--preset $(PRESET)) $(if $(FRAMES),--frames $(FRAMES)) $(if $(IMG),--img $(IMG)) $(if $(SUITES),--suites $(SUITES))
 
 bench-compare: $(STAMP)
 	@if [ -z "$(A)" ] || [ -z "$(B)" ]; then echo "usage: make bench-compare A=runs/bench/<run> B=runs/bench/<run>"; exit 2; fi
-	$(VPY) -m harness.bench compare $(A) $(B)
+	$(VPY) -m timesformer_harness.bench compare $(A) $(B)
 
 bench-pytest: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(if $(BENCH_PRESET),BENCH_PRESET=$(BENCH_PRESET)) $(VPY) -m pytest benchmarks --benchmark-autosave $(PYTEST_ARGS)
 
 profile: $(STAMP)
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m harness.profiling --attn $(if $(filter all,$(ATTN)),divided_space_time,$(ATTN)) $(if $(STEPS),--steps $(STEPS)) $(if $(PRESET),--preset $(PRESET))
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m timesformer_harness.profiling --attn $(if $(filter all,$(ATTN)),divided_space_time,$(ATTN)) $(if $(STEPS),--steps $(STEPS)) $(if $(PRESET),--preset $(PRESET))
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs/profile --host 127.0.0.1 --port 6006
 
 gate: $(STAMP)
-	$(VPY) -m harness.gate --baseline $(BASELINE)
+	$(VPY) -m timesformer_harness.gate --baseline $(BASELINE)
 
 gate-baseline: $(STAMP)
-	$(VPY) -m harness.gate --write-baseline $(BASELINE) --attn $(ATTN) $(if $(PRESET),--preset $(PRESET))
+	$(VPY) -m timesformer_harness.gate --write-baseline $(BASELINE) --attn $(ATTN) $(if $(PRESET),--preset $(PRESET))
 
 train: $(STAMP) data
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m harness.train --config $(CONFIG) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m timesformer_harness.train --config $(CONFIG) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)
 
 evaluate: $(STAMP)
-	$(VPY) -m harness.evaluate --config $(CONFIG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)
+	$(VPY) -m timesformer_harness.evaluate --config $(CONFIG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(filter all,$(ATTN)),,model.attention_type=$(ATTN) output.dir=runs/train/$(basename $(notdir $(CONFIG)))_$(ATTN)) $(TRAIN_ARGS)
 
 gpu-check: $(STAMP) data
-	$(VPY) -m harness.gpu_check $(GPU_CHECK_ARGS)
+	$(VPY) -m timesformer_harness.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .benchmarks

@@ -1,6 +1,6 @@
-"""Input-pipeline throughput, the loader shoot-out (``harness.bench.pipeline``) on the toy data and on 320x240 VP9
+"""Input-pipeline throughput, the loader shoot-out (``timesformer_harness.bench.pipeline``) on the toy data and on 320x240 VP9
 clips: our DALI loader (CPU, full graph and decode-only), the PyAV loader, torchcodec and decord when they import.
-``python -m benchmarks.bench_pipelines [--rounds 5] [--out runs/bench/pipelines.json]``
+``python -m timesformer_harness.benchmarks.bench_pipelines [--rounds 5] [--out runs/bench/pipelines.json]``
 
 Each row is a loader built once; a round times one full epoch of it (from ``iter()`` to the last batch, so start-up
 and prefetch are inside the timing), and rounds interleave the rows of both datasets (A B C A B C ...) so that load
@@ -21,10 +21,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from harness.config import REPO_ROOT, load_config
-from pipelines.config import DataConfig
-from pipelines.logs import setup_logging
-from pipelines.tools.encode import write_video
+from timesformer_harness.config import CONFIG_DIR, REPO_ROOT, load_config
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.pipelines.tools.encode import write_video
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def make_vp9_clips(folder: Path, num: int, frames: int = 96, height: int = 240, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_pipelines", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.bench_pipelines", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--toy-clips", type=int, default=128, help="toy train clips per epoch")
     parser.add_argument("--vp9-clips", type=int, default=48, help="320x240 clips per epoch")
@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(logging.WARNING)
     torch.set_num_threads(1)
-    from harness.bench.pipeline import format_shootout, run_shootout, shootout_contenders
+    from timesformer_harness.bench.pipeline import format_shootout, run_shootout, shootout_contenders
 
     with tempfile.TemporaryDirectory() as tmp:
-        toy = load_config(REPO_ROOT / "configs/data/toy.yaml").data
+        toy = load_config(CONFIG_DIR / "data/toy.yaml").data
         lines = (Path(args.data) / "train.csv").read_text().splitlines()[:args.toy_clips]
         (Path(tmp) / "toy.csv").write_text("\n".join(f"{Path(args.data).resolve()}/{line}" for line in lines) + "\n")
         toy = replace(toy, train_manifest=str(Path(tmp) / "toy.csv"), validate_cache="none", num_workers=2)

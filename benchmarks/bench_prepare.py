@@ -1,12 +1,12 @@
 """What re-keying buys, and the loader shoot-out on it: 10 s, 320x240 videos prepared three ways, read at the
 original 8x32 sampling by every loader on the same clips.
 
-``python -m benchmarks.bench_prepare [--videos 8] [--repeat 4] [--rounds 5] [--threads 2] [--anchor-threads 1]
+``python -m timesformer_harness.benchmarks.bench_prepare [--videos 8] [--repeat 4] [--rounds 5] [--threads 2] [--anchor-threads 1]
 [--scaling] [--whole-file] [--only mjpeg,gop] [--device cpu|cuda] [--data runs/bench/prepare_data]
 [--out runs/bench/prepare.json]``
 
 Sources: ``--videos`` generated 10 s, 30 fps, 320x240 H.264 clips (x264's default keyint 250, like typical web
-video; a camera panning over a detailed texture, plus noise). ``pipelines.tools.prepare`` turns them (size kept) into
+video; a camera panning over a detailed texture, plus noise). ``timesformer_harness.pipelines.tools.prepare`` turns them (size kept) into
 
 * VP9, long GOP (keyframe every 250 frames: the source's structure, one GOP spans nearly the whole clip),
 * VP9, GOP = sampling rate (32),
@@ -16,7 +16,7 @@ video; a camera panning over a detailed texture, plus noise). ``pipelines.tools.
 Each variant's train manifest lists every video ``--repeat`` times (an epoch of videos x repeat clips, batch 8,
 crop 224, jitter 256-320). Printed: per variant the file size and the frames decoded per clip (the ``keyframe``
 model both loaders follow, DALI's ``seek`` rule and decoding from frame 0, expectations over train starts; and
-counted on this epoch's clips), then the shoot-out (``harness.bench.pipeline``): our DALI loader (full graph and
+counted on this epoch's clips), then the shoot-out (``timesformer_harness.bench.pipeline``): our DALI loader (full graph and
 decode-only), the PyAV loader, torchcodec and decord when they import, every row on the same clips, the variants
 and rows interleaved round by round. ``--whole-file`` adds the DALI loader fed whole files (decoded from frame 0,
 as before it cut clip streams); ``--scaling`` adds it with 1 thread and with 2 pipelines of 1 thread. With
@@ -37,10 +37,10 @@ from typing import Iterator
 
 import numpy as np
 
-from benchmarks.bench_pipelines import write_clips
-from harness.config import REPO_ROOT
-from pipelines.config import DataConfig
-from pipelines.logs import setup_logging
+from timesformer_harness.benchmarks.bench_pipelines import write_clips
+from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ T, RATE, CROP, BATCH = 8, 32, 224, 8  # the original recipe: 8 frames at samplin
 
 def variants(gpu: bool = False) -> dict:
     """The prepared variants by name; ``gpu`` adds H.264 ones (NVDEC decodes H.264, DALI's CPU decoder does not)."""
-    from pipelines.tools.transcode import PrepareSpec
+    from timesformer_harness.pipelines.tools.transcode import PrepareSpec
 
     out = {"VP9, long GOP (250)": PrepareSpec("vp9", 0, 250), f"VP9, GOP = rate ({RATE})": PrepareSpec("vp9", 0, RATE),
            "MJPEG, intra-only": PrepareSpec("mjpeg", 0, 1)}
@@ -92,9 +92,9 @@ def repeated_manifest(manifest: Path, repeat: int) -> Path:
 def decode_costs(cfg: DataConfig, device: str = "cpu") -> dict:
     """Frames decoded per clip: the models' expectation over train starts (mean over files), and counted on the
     epoch's clips (the DALI loader's streams)."""
-    from harness.bench.pipeline import count_decoded
-    from pipelines import build_loader
-    from pipelines.tools.decode_cost import STRATEGIES, estimate, read_gop
+    from timesformer_harness.bench.pipeline import count_decoded
+    from timesformer_harness.pipelines.factory import build_loader
+    from timesformer_harness.pipelines.tools.decode_cost import STRATEGIES, estimate, read_gop
 
     loader = build_loader(cfg, "train", device=device)
     plans = loader.planner.plans(0)
@@ -106,7 +106,7 @@ def decode_costs(cfg: DataConfig, device: str = "cpu") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_prepare", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.bench_prepare", description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=8, help="generated source videos")
     parser.add_argument("--repeat", type=int, default=4, help="clips per video per epoch (manifest repeats)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (interleaved), after one warm-up round")
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING)
     import torch
 
-    from harness.runtime import retain_freed_memory
+    from timesformer_harness.runtime import retain_freed_memory
 
-    from harness.bench.pipeline import format_shootout, run_shootout, shootout_contenders
-    from pipelines.tools.prepare import prepare
+    from timesformer_harness.bench.pipeline import format_shootout, run_shootout, shootout_contenders
+    from timesformer_harness.pipelines.tools.prepare import prepare
 
     torch.set_num_threads(1)
     retain_freed_memory()

@@ -1,13 +1,13 @@
-"""Cost of the pre-flight check in files/s: the probe (``pipelines.validate.probe_all``) and the deep check
+"""Cost of the pre-flight check in files/s: the probe (``timesformer_harness.pipelines.validate.probe_all``) and the deep check
 (``deep_check``: every packet decoded) on 1 and 2 processes, cold and from its cache; and what a damaged file costs
 a DALI epoch without it (``--repair``: the batch that fails and is repaired vs the others).
-``python -m benchmarks.bench_validate [--rounds 3] [--repair] [--out runs/bench/validate.json]``
+``python -m timesformer_harness.benchmarks.bench_validate [--rounds 3] [--repair] [--out runs/bench/validate.json]``
 
 Sets: the toy clips (``make data``: 32x32 VP9, 24 frames), and 320x240 clips of 300 frames (10 s at 30 fps) in VP9
-(keyframe every 32 frames) and in MJPEG (every frame a keyframe, as ``pipelines.tools.prepare`` writes for DALI on
+(keyframe every 32 frames) and in MJPEG (every frame a keyframe, as ``timesformer_harness.pipelines.tools.prepare`` writes for DALI on
 CPU). Rounds interleave the cases, so that load from other processes hits them alike; reported: the median.
 This module imports neither torch nor DALI: a worker process of the pools imports the main module first, so the
-numbers are those of ``python -m pipelines.validate`` (from a training process, ``data.validate: deep``, each
+numbers are those of ``python -m timesformer_harness.pipelines.validate`` (from a training process, ``data.validate: deep``, each
 worker first imports the training entry point: seconds, once per pool).
 """
 
@@ -24,12 +24,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipelines.logs import setup_logging
-from pipelines.tools.encode import write_video
-from pipelines.validate import deep_check, probe_all
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
+from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.pipelines.tools.encode import write_video
+from timesformer_harness.pipelines.validate import deep_check, probe_all
 
 def textured(i: int, frames: int, height: int, width: int) -> Iterator[np.ndarray]:
     """Smooth moving (H, W, 3) uint8 frames of clip ``i``."""
@@ -76,8 +74,8 @@ def repair_cost(paths: list[str], tmp: Path, epochs: int) -> dict[str, float]:
     first one damaged: the batch that failed and was repaired, and the median of the others."""
     import torch  # noqa: F401 - loaders only here, so that the pool workers of the cases above stay light
 
-    from pipelines import build_loader
-    from pipelines.config import DataConfig
+    from timesformer_harness.pipelines.factory import build_loader
+    from timesformer_harness.pipelines.config import DataConfig
 
     bad = damage_one_frame(paths[0], tmp / "damaged.webm")
     manifest = tmp / "repair.csv"
@@ -128,7 +126,7 @@ def bench_set(paths: list[str], rounds: int, tmp: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_validate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.bench_validate", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--toy-files", type=int, default=256)
     parser.add_argument("--big-files", type=int, default=8, help="320x240x300 files per codec")

@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 
-from harness.metrics import gpu_peak
-from harness.runtime import device_name
-from harness.runtime import environment_info, resolve_device
+from timesformer_harness.metrics import gpu_peak
+from timesformer_harness.runtime import device_name
+from timesformer_harness.runtime import environment_info, resolve_device
 
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:

@@ -1,11 +1,11 @@
 """Fused attention vs the original's explicit attention, train step at the CPU bench preset.
 
-    .venv/bin/python -m benchmarks.model_vs_naive [--preset cpu_bench] [--batch 2] [--rounds 3] [--steps 4]
+    .venv/bin/python -m timesformer_harness.benchmarks.model_vs_naive [--preset cpu_bench] [--batch 2] [--rounds 3] [--steps 4]
 
-For each attention type it times the harness's train step (``harness.workload.synthetic_step``: forward, backward,
+For each attention type it times the harness's train step (``timesformer_harness.workload.synthetic_step``: forward, backward,
 optimizer step) of our model with ``attn_backend=auto`` (fused SDPA) and with ``attn_backend=naive`` (the
 original's ``softmax(q k^T * scale) v``, same layout reshapes as the original), every case in a fresh process
-(``harness.runner``) so its peak RSS is its own. Rounds are interleaved (A B A B ...) and the medians over rounds
+(``timesformer_harness.runner``) so its peak RSS is its own. Rounds are interleaved (A B A B ...) and the medians over rounds
 are compared, so the ratios hold on a noisy shared machine. A case that runs out of memory or fails is reported
 as such and left out of the table.
 """
@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from pipelines.logs import setup_logging
+from timesformer_harness.pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ def worker(case: dict[str, Any]) -> dict[str, float]:
     (model, optimizer state, activations)."""
     import torch
 
-    from harness.metrics import peak_memory, reset_peak_memory
-    from harness.model import load_preset
-    from harness.runtime import seed_everything
-    from harness.workload import synthetic_step
+    from timesformer_harness.metrics import peak_memory, reset_peak_memory
+    from timesformer_harness.model import load_preset
+    from timesformer_harness.runtime import seed_everything
+    from timesformer_harness.workload import synthetic_step
 
     seed_everything(0)
     cfg = replace(load_preset(case["preset"]), attention_type=case["attention_type"], attn_backend=case["backend"])
@@ -55,7 +55,7 @@ def worker(case: dict[str, Any]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.runner import run_in_fresh_process
+    from timesformer_harness.runner import run_in_fresh_process
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cpu_bench")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.setdefault((attention_type, backend), []).append(res)
                 logger.info("round %d/%d %-19s %-5s %7.0f ms  %6.0f MiB", r + 1, args.rounds, attention_type,
                             backend, res["step_s"] * 1000, res["peak_mib"])
-    print(f"\nTrain step (harness.workload), preset {args.preset}, batch {args.batch}, fp32, median of {args.rounds} "
+    print(f"\nTrain step (timesformer_harness.workload), preset {args.preset}, batch {args.batch}, fp32, median of {args.rounds} "
           f"interleaved rounds x {args.steps} steps, fresh process per case\n")
     print("| attention | naive images/s | fused images/s | speed-up | naive peak MiB | fused peak MiB | memory ratio |")
     print("|---|---|---|---|---|---|---|")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.bench import attention_shape
-from harness.metrics import BenchRecord, synchronize
-from harness.model import load_preset
-from harness.runtime import device_name
-from kernels.attention import BACKENDS, attention, available_backends
+from timesformer_harness.bench import attention_shape
+from timesformer_harness.metrics import BenchRecord, synchronize
+from timesformer_harness.model import load_preset
+from timesformer_harness.runtime import device_name
+from timesformer_harness.kernels.attention import BACKENDS, attention, available_backends
 
 BATCH = 2
 

@@ -1,5 +1,5 @@
 """Model-only train step and inference per attention variant (synthetic input), as pytest-benchmark cases: the
-step of ``harness.workload.synthetic_step``, the one ``make bench`` and ``make gate`` time."""
+step of ``timesformer_harness.workload.synthetic_step``, the one ``make bench`` and ``make gate`` time."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from harness.config import ATTENTION_TYPES
-from harness.counting import count_flops, count_params
-from harness.metrics import BenchRecord, gpu_peak_flops, synchronize
-from harness.model import load_preset
-from harness.runner import is_oom
-from harness.runtime import device_name, precision_name, resolve_precision, seed_everything
-from harness.workload import synthetic_step
+from timesformer_harness.config import ATTENTION_TYPES
+from timesformer_harness.counting import count_flops, count_params
+from timesformer_harness.metrics import BenchRecord, gpu_peak_flops, synchronize
+from timesformer_harness.model import load_preset
+from timesformer_harness.runner import is_oom
+from timesformer_harness.runtime import device_name, precision_name, resolve_precision, seed_everything
+from timesformer_harness.workload import synthetic_step
 
 BATCH = 2
 

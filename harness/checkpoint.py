@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 
-from harness.config import ModelConfig
-from harness.embeddings import resize_pos_embed, resize_time_embed
-from pipelines.files import atomic_path
-from pipelines.logs import setup_logging
+from timesformer_harness.config import ModelConfig
+from timesformer_harness.embeddings import resize_pos_embed, resize_time_embed
+from timesformer_harness.pipelines.files import atomic_path
+from timesformer_harness.pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ def load_weights(
 # --------------------------------------------------------------------------------------------------------------
 # Saving.
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save through ``pipelines.files.atomic_path`` (temporary file, fsync, rename): a crash never leaves half
+    """torch.save through ``timesformer_harness.pipelines.files.atomic_path`` (temporary file, fsync, rename): a crash never leaves half
     a file."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -497,7 +497,7 @@ def _inspect_files(paths: list[str], show_keys: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.checkpoint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_inspect = sub.add_parser("inspect", help="print format, keys, shapes, parameter count and the inferred model")
     p_inspect.add_argument("files", nargs="+", metavar="file")

@@ -15,18 +15,21 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from pipelines.config import DataConfig
+from timesformer_harness.pipelines.config import DataConfig
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
 ATTN_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "naive")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BENCH_SUITES = ("model", "attention", "scaling", "pipeline", "e2e")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent  # timesformer_harness: harness/ in a clone
+REPO_ROOT = PACKAGE_DIR.parent
+# The shipped configs: the clone's configs/, or their copy inside an installed wheel (timesformer_harness/configs/).
+CONFIG_DIR = PACKAGE_DIR / "configs" if (PACKAGE_DIR / "configs").is_dir() else REPO_ROOT / "configs"
 
 
 @dataclass
 class ModelConfig:
-    """TimeSformer hyper-parameters (names as in ``harness.model.TimeSformer``)."""
+    """TimeSformer hyper-parameters (names as in ``timesformer_harness.model.TimeSformer``)."""
 
     img_size: int = 224
     patch_size: int = 16
@@ -139,7 +142,7 @@ class TestConfig:
     ensemble: str = "sum"  # sum (the original: raw logits summed over views) | softmax_mean | max
     batch_size: int = 8
     checkpoint: str = ""
-    split: str = "test"  # which manifest harness.evaluate reads: test | val
+    split: str = "test"  # which manifest timesformer_harness.evaluate reads: test | val
     output: str = ""  # result JSON; "" = {output.dir}/eval_{split}.json
 
     def __post_init__(self) -> None:
@@ -151,7 +154,7 @@ class TestConfig:
 
 @dataclass
 class BenchConfig:
-    """Benchmark knobs (see harness.bench)."""
+    """Benchmark knobs (see timesformer_harness.bench)."""
 
     batch_size: int = 2
     warmup: int = 2
@@ -210,7 +213,7 @@ class OutputConfig:
 
 @dataclass
 class RootConfig:
-    """The whole tree; each entry point reads only the parts it needs. ``data`` is ``pipelines.config.DataConfig``
+    """The whole tree; each entry point reads only the parts it needs. ``data`` is ``timesformer_harness.pipelines.config.DataConfig``
     (the pipelines own their schema)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -302,7 +305,7 @@ def save_config(cfg: RootConfig, path: str | Path) -> None:
 
 
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    """Constructor kwargs for ``harness.model.TimeSformer`` (the fields that are not loading options)."""
+    """Constructor kwargs for ``timesformer_harness.model.TimeSformer`` (the fields that are not loading options)."""
     from dataclasses import asdict
 
     kw = asdict(cfg)

@@ -12,8 +12,8 @@ from dataclasses import replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.config import ModelConfig
-from harness.model import TimeSformer, config_of, create_model
+from timesformer_harness.config import ModelConfig
+from timesformer_harness.model import TimeSformer, config_of, create_model
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from harness.config import DistConfig
+from timesformer_harness.config import DistConfig
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ with ``Batch.index`` naming the video. Each rank scores its shard; the views of 
 ``test.ensemble`` says (``sum`` of raw logits: the original; ``softmax_mean``; ``max``), the per-video scores are
 gathered, and top-1, top-5 and per-class accuracy are written as JSON (``test.output``, default
 ``{output.dir}/eval_{split}.json``). Checkpoints in the original ``.pyth`` format load as they are
-(``harness.checkpoint.load_weights``, strict). A view whose clip fails to decode is left out of its video's score
+(``timesformer_harness.checkpoint.load_weights``, strict). A view whose clip fails to decode is left out of its video's score
 and listed (``unscored_views``); accuracy is over the videos with at least one scored view
 (``data.on_bad_video=error`` stops at the first such view instead).
 """
@@ -21,18 +21,25 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-if __package__ in (None, ""):  # run as a script: put the repo root (not harness/) first on the import path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:
+    # Run by path (python harness/evaluate.py): run the module by its package name, as python -m does, so that it is
+    # imported once, and without harness/ on the import path (its evaluate.py, config.py... would hide top-level
+    # modules of those names).
+    import runpy
+
+    sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
+    runpy.run_module("timesformer_harness.evaluate", run_name="__main__", alter_sys=True)
+    sys.exit()
 
 import torch
 
-from harness.checkpoint import CheckpointError
-from harness.config import RootConfig, load_config
-from harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
-from harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
-from pipelines.base import Loader
-from pipelines.logs import setup_logging
-from pipelines.quarantine import BadVideoError
+from timesformer_harness.checkpoint import CheckpointError
+from timesformer_harness.config import RootConfig, load_config
+from timesformer_harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
+from timesformer_harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
+from timesformer_harness.pipelines.base import Loader
+from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.pipelines.quarantine import BadVideoError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +53,7 @@ class ViewAccumulator:
         self.scores: dict[int, torch.Tensor] = {}
         self.labels: dict[int, int] = {}
         self.views: dict[int, int] = {}
-        self.unscored: list[dict[str, Any]] = []  # views that could not be decoded (pipelines.quarantine.UnscoredView)
+        self.unscored: list[dict[str, Any]] = []  # views that could not be decoded (timesformer_harness.pipelines.quarantine.UnscoredView)
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:
         """logits: (B, C); labels, index: (B,)."""
@@ -168,7 +175,7 @@ def class_names_for(cfg: RootConfig) -> list[str] | None:
 
 def find_checkpoint(cfg: RootConfig, explicit: str = "") -> str:
     """``--checkpoint``, else ``test.checkpoint``, else the newest in ``{output.dir}/checkpoints``."""
-    from harness.train_state import list_checkpoints
+    from timesformer_harness.train_state import list_checkpoints
 
     path = explicit or cfg.test.checkpoint
     if path:
@@ -182,9 +189,9 @@ def find_checkpoint(cfg: RootConfig, explicit: str = "") -> str:
 
 def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo) -> dict[str, Any]:
     """Load ``checkpoint`` into the configured model and run the full multi-view test on ``test.split``."""
-    from harness.checkpoint import load_weights
-    from harness.workload import build_model
-    from pipelines import build_loader
+    from timesformer_harness.checkpoint import load_weights
+    from timesformer_harness.workload import build_model
+    from timesformer_harness.pipelines.factory import build_loader
 
     dtype = resolve_precision(cfg.train.precision, info.device)
     model = build_model(cfg.model, info.device, dtype=dtype,

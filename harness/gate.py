@@ -1,10 +1,10 @@
 """Performance regression gate: train-step throughput normalised by a calibration workload, plus counted quantities.
 
-    python -m harness.gate --write-baseline FILE [--preset NAME] [--attn all] [--mode train] [key=value ...]
-    python -m harness.gate --baseline FILE [--tolerance 0.15] [key=value ...]
+    python -m timesformer_harness.gate --write-baseline FILE [--preset NAME] [--attn all] [--mode train] [key=value ...]
+    python -m timesformer_harness.gate --baseline FILE [--tolerance 0.15] [key=value ...]
 
-Each case (attention variant x mode) runs in a fresh process (``harness.runner``) that alternates a calibration
-workload (A: a fixed fp32 GEMM block) and the model step (B: a block of ``harness.workload.synthetic_step`` train
+Each case (attention variant x mode) runs in a fresh process (``timesformer_harness.runner``) that alternates a calibration
+workload (A: a fixed fp32 GEMM block) and the model step (B: a block of ``timesformer_harness.workload.synthetic_step`` train
 steps, the bench's and the Trainer's step) for ``pairs`` rounds, A B A B ...; the case's
 score is the median over pairs of time(B)/time(A). Anything that slows the whole machine (other users, frequency
 changes) slows A and B alike and cancels in the ratio. A case regresses when its normalised throughput drops by
@@ -32,15 +32,15 @@ from typing import Any, Callable
 
 import torch
 
-from harness.config import ModelConfig
-from harness.counting import count_flops, count_params
-from harness.metrics import (BenchRecord, fill_throughput, peak_memory, read_results, reset_peak_memory, synchronize,
+from timesformer_harness.config import ModelConfig
+from timesformer_harness.counting import count_flops, count_params
+from timesformer_harness.metrics import (BenchRecord, fill_throughput, peak_memory, read_results, reset_peak_memory, synchronize,
                              write_results)
-from harness.runner import run_in_fresh_process
-from harness.runtime import device_name, environment_info, precision_name, resolve_precision, seed_everything
-from harness.workload import synthetic_step
-from pipelines.files import atomic_write_text
-from pipelines.logs import setup_logging
+from timesformer_harness.runner import run_in_fresh_process
+from timesformer_harness.runtime import device_name, environment_info, precision_name, resolve_precision, seed_everything
+from timesformer_harness.workload import synthetic_step
+from timesformer_harness.pipelines.files import atomic_write_text
+from timesformer_harness.pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _record(case: GateCase, device: torch.device) -> BenchRecord:
 
 def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """One gate case in this fresh process: A B A B interleaved blocks, median of per-pair ratios. The step (B) is
-    ``harness.workload.synthetic_step``, the one the bench and the Trainer run."""
+    ``timesformer_harness.workload.synthetic_step``, the one the bench and the Trainer run."""
     case = GateCase.from_dict(payload)
     device = torch.device(case.device)
     if device.type == "cpu" and case.threads:
@@ -159,7 +159,7 @@ def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_case(case: GateCase, timeout_s: float = 900) -> BenchRecord:
-    """Run a gate case in a fresh process (its own peak RSS); an ``oom``/``error`` outcome (harness.runner's
+    """Run a gate case in a fresh process (its own peak RSS); an ``oom``/``error`` outcome (timesformer_harness.runner's
     policy) becomes the record's status."""
     out = run_in_fresh_process(run_worker, case.to_dict(), timeout_s=timeout_s)
     if out.status == "ok":
@@ -244,7 +244,7 @@ def check_compatible(meta: dict[str, Any], device: torch.device, preset: str | N
     """Refuse to compare across device kinds or presets (like with like); raise ValueError naming the fix."""
     if meta.get("kind") != "gate-baseline":
         raise ValueError("this file is not a gate baseline (meta.kind != 'gate-baseline'); write one with "
-                         "`python -m harness.gate --write-baseline FILE`")
+                         "`python -m timesformer_harness.gate --write-baseline FILE`")
     if meta.get("device") != device.type:
         raise ValueError(f"baseline was measured on {meta.get('device')!r}, this run is on {device.type!r}; "
                          "write a baseline on this machine class (make gate-baseline BASELINE=...)")
@@ -272,7 +272,7 @@ def format_table(verdicts: list[Verdict], baseline: list[BenchRecord], candidate
 # ------------------------------------------------------------------------------------------ main
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m harness.gate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m timesformer_harness.gate", description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--baseline", help="gate the current tree against this baseline JSON")
     g.add_argument("--write-baseline", help="measure the current tree and write a baseline JSON here")
@@ -306,7 +306,7 @@ def gate_cases(meta: dict[str, Any], model: ModelConfig, pairs: int,
 
 def candidate_model(baseline_model: dict[str, Any], overrides: list[str]) -> ModelConfig:
     """The baseline's model with ``model.KEY=VALUE`` overrides (a what-if, e.g. ``model.depth=6``), checked."""
-    from harness.config import load_config
+    from timesformer_harness.config import load_config
 
     changes = {}
     for item in overrides:
@@ -326,7 +326,7 @@ def _measure(cases: list[GateCase]) -> list[BenchRecord]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from harness.bench import attention_types, modes_of, resolve
+    from timesformer_harness.bench import attention_types, modes_of, resolve
 
     if args.write_baseline:
         cfg, preset, device = resolve(preset=args.preset, overrides=args.overrides)
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         baseline, meta = read_results(path)
-        from harness.runtime import resolve_device
+        from timesformer_harness.runtime import resolve_device
 
         device = resolve_device()
         check_compatible(meta, device, args.preset)

@@ -1,8 +1,8 @@
 """``make gpu-check``: the GPU acceptance run. The GPU tests and the user's own commands, at GPU size, each in its
 own process, with pass / fail / skip and the key figures read from the commands' own outputs.
 
-    python -m harness.gpu_check [--out runs/gpu_check] [--only STEP ...]
-    python -m harness.gpu_check --rehearse-on-cpu      # the same steps at CPU size; the CUDA-only one is skipped
+    python -m timesformer_harness.gpu_check [--out runs/gpu_check] [--only STEP ...]
+    python -m timesformer_harness.gpu_check --rehearse-on-cpu      # the same steps at CPU size; the CUDA-only one is skipped
 
 Steps (``make`` command each stands for; GPU size in brackets):
 
@@ -10,10 +10,10 @@ Steps (``make`` command each stands for; GPU size in brackets):
   VP9 below NVDEC's minimum decoded by DALI on the CPU for a CUDA model, DALI GPU vs CPU frames, the Trainer's
   fp16 + GradScaler and bf16 steps with their memory windows, every SDPA backend against ``naive`` and the
   attention-backend check against SDPA, the profiler in GPU time, NCCL + DDP under torchrun, CUDA memory through
-  ``harness.metrics``). CUDA-only.
-* ``prepare``: ``python -m pipelines.tools.prepare`` re-encodes part of the toy set larger [64 videos, short side 256]:
+  ``timesformer_harness.metrics``). CUDA-only.
+* ``prepare``: ``python -m timesformer_harness.pipelines.tools.prepare`` re-encodes part of the toy set larger [64 videos, short side 256]:
   the fix the pre-flight check names for videos below NVDEC's minimum.
-* ``validate``: ``python -m pipelines.validate --backend gpu`` on those (NVDEC limits of this GPU's generation).
+* ``validate``: ``python -m timesformer_harness.pipelines.validate --backend gpu`` on those (NVDEC limits of this GPU's generation).
 * ``bench``: ``make bench``, every suite [the GPU preset, all variants, train, frames 8 and 16], the pipeline and
   end-to-end suites on the prepared videos (their DALI case decodes with NVDEC on a GPU).
 * ``train`` and ``evaluate``: ``make train`` / ``make evaluate``, the embedded toy default [2 epochs]; on a GPU its
@@ -44,12 +44,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:
+    # Run by path (python harness/gpu_check.py): run the module by its package name, as python -m does, so that it is
+    # imported once, and without harness/ on the import path (its evaluate.py, config.py... would hide top-level
+    # modules of those names).
+    import runpy
 
-from harness.config import REPO_ROOT
+    sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
+    runpy.run_module("timesformer_harness.gpu_check", run_name="__main__", alter_sys=True)
+    sys.exit()
 
-PREPARE_MODULE = "pipelines.tools.prepare"  # the dataset re-encoding tool
+from timesformer_harness.config import REPO_ROOT
+
+PREPARE_MODULE = "timesformer_harness.pipelines.tools.prepare"  # the dataset re-encoding tool
 TOY_CONFIG = "configs/exp/toy_divided_cpu.yaml"
 KINETICS_CONFIG = "configs/exp/k400_divst_8x32_224.yaml"
 TINY_MODEL = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.depth=2", "model.num_heads=4",
@@ -177,7 +184,7 @@ def collect_validate(log: str) -> dict[str, Any]:
 
 def collect_bench(out: Path) -> Callable[[str], dict[str, Any]]:
     def collect(log: str) -> dict[str, Any]:
-        from harness.metrics import read_results
+        from timesformer_harness.metrics import read_results
 
         records, meta = read_results(_newest(out, "*/results.json"))
         by_suite: dict[str, list] = {}
@@ -272,7 +279,7 @@ def collect_profile(out: Path) -> Callable[[str], dict[str, Any]]:
 
 def collect_gate_baseline(path: Path) -> Callable[[str], dict[str, Any]]:
     def collect(log: str) -> dict[str, Any]:
-        from harness.metrics import read_results
+        from timesformer_harness.metrics import read_results
 
         if not path.is_file():
             raise StepFailed(f"{path} was not written")
@@ -326,25 +333,25 @@ def build_steps(run_dir: Path, size: Size, nprocs: int) -> list[Step]:
              [py, "-m", PREPARE_MODULE, str(subset), "--out", str(prepared), "--path-prefix", str(toy),
               "--short-side", str(size.short_side), "--codec", "vp9", "--no-progress"],
              collect_prepare(prepared), timeout_s=300, setup=write_manifests),
-        Step("validate", "python -m pipelines.validate",
-             [py, "-m", "pipelines.validate", str(prepared / subset.name), *size.validate, "--frames", "8",
+        Step("validate", "python -m timesformer_harness.pipelines.validate",
+             [py, "-m", "timesformer_harness.pipelines.validate", str(prepared / subset.name), *size.validate, "--frames", "8",
               "--sampling-rate", "3", "--cache", ""], collect_validate, timeout_s=120, needs="prepare"),
-        Step("bench", "make bench", [py, "-m", "harness.bench", "--out", str(run_dir / "bench"), *size.bench,
+        Step("bench", "make bench", [py, "-m", "timesformer_harness.bench", "--out", str(run_dir / "bench"), *size.bench,
                                      f"bench.data_config={data_yaml}"],
              collect_bench(run_dir / "bench"), timeout_s=600, needs="prepare"),
-        Step("train", "make train", [py, "-m", "harness.train", "--config", TOY_CONFIG, *size.train, *scored,
+        Step("train", "make train", [py, "-m", "timesformer_harness.train", "--config", TOY_CONFIG, *size.train, *scored,
                                      f"output.dir={train_dir}"], collect_train(train_dir), timeout_s=420,
              setup=write_manifests),
-        Step("evaluate", "make evaluate", [py, "-m", "harness.evaluate", "--config", TOY_CONFIG, *scored,
+        Step("evaluate", "make evaluate", [py, "-m", "timesformer_harness.evaluate", "--config", TOY_CONFIG, *scored,
                                            f"output.dir={train_dir}"],
              collect_evaluate(train_dir), timeout_s=240, needs="train"),
-        Step("profile", "make profile", [py, "-m", "harness.profiling", "--attn", "divided_space_time",
+        Step("profile", "make profile", [py, "-m", "timesformer_harness.profiling", "--attn", "divided_space_time",
                                          *size.profile, "--out", str(run_dir / "profile")],
              collect_profile(run_dir / "profile"), timeout_s=300),
-        Step("gate_baseline", "make gate-baseline", [py, "-m", "harness.gate", "--write-baseline", str(baseline),
+        Step("gate_baseline", "make gate-baseline", [py, "-m", "timesformer_harness.gate", "--write-baseline", str(baseline),
                                                      *size.gate_baseline],
              collect_gate_baseline(baseline), timeout_s=300),
-        Step("gate", "make gate", [py, "-m", "harness.gate", "--baseline", str(baseline), *size.gate,
+        Step("gate", "make gate", [py, "-m", "timesformer_harness.gate", "--baseline", str(baseline), *size.gate,
                                    "--out", str(run_dir / "gate")],
              collect_gate(run_dir / "gate"), timeout_s=300, needs="gate_baseline"),
         Step("torchrun", f"torchrun --nproc_per_node={nprocs} harness/train.py",
@@ -455,9 +462,9 @@ def environment() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.logs import setup_logging
+    from timesformer_harness.pipelines.logs import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m harness.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rehearse-on-cpu", action="store_true",
                         help="run the same steps at CPU size (the CUDA-only step is skipped): tests the runner")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps")
@@ -502,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                         "decoding was not checked; pip install nvidia-dali-cuda120 and run make gpu-check again")
     report = {"mode": mode, "started": run_dir.name, "environment": env, "exit_status": status,
               "warnings": warnings, "steps": [asdict(r) for r in results]}
-    from pipelines.files import atomic_write_text
+    from timesformer_harness.pipelines.files import atomic_write_text
 
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     print(format_table(results))

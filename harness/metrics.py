@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipelines.files import atomic_write_text
+from timesformer_harness.pipelines.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def reset_peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return 0
-    from harness.runtime import release_freed_memory
+    from timesformer_harness.runtime import release_freed_memory
 
     release_freed_memory()
     _reset_rss_peak()
@@ -334,7 +334,7 @@ def gpu_peak_flops(name: str, precision: str) -> tuple[float | None, str]:
     """
     row = gpu_peak(name)
     if row is None:
-        return None, (f"no peak for {name!r} in harness.metrics.GPU_PEAKS (a MIG slice or an unlisted GPU): "
+        return None, (f"no peak for {name!r} in timesformer_harness.metrics.GPU_PEAKS (a MIG slice or an unlisted GPU): "
                       f"utilisation not computed")
     if precision == "fp32":
         return row.fp32, f"table:{row.label} fp32 (non-tensor)"

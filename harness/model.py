@@ -2,7 +2,7 @@
 
 Clean-room implementation of the original ``VisionTransformer`` semantics (token order, CLS handling, drop-path
 placement, init quirks, run-time resizing of position/time embeddings) with the same ``state_dict`` keys, so
-original checkpoints load and give the same logits. Attention goes through ``kernels.attention`` (fused SDPA by
+original checkpoints load and give the same logits. Attention goes through ``timesformer_harness.kernels.attention`` (fused SDPA by
 default).
 """
 
@@ -16,13 +16,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from harness.config import REPO_ROOT, ModelConfig, model_kwargs
-from harness.embeddings import resize_pos_embed, resize_time_embed
-from kernels.attention import Attention
-from kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
+from timesformer_harness.config import CONFIG_DIR, ModelConfig, model_kwargs
+from timesformer_harness.embeddings import resize_pos_embed, resize_time_embed
+from timesformer_harness.kernels.attention import Attention
+from timesformer_harness.kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
 
 LN_EPS = 1e-6  # the original wrappers use eps 1e-6 (the class default of 1e-5 is never used)
-PRESET_DIR = REPO_ROOT / "configs" / "model"
+PRESET_DIR = CONFIG_DIR / "model"
 
 
 class DropPath(nn.Module):
@@ -136,7 +136,7 @@ class TimeSformer(nn.Module):
 
     Args:
         attention_type: ``divided_space_time`` | ``joint_space_time`` | ``space_only``.
-        attn_backend: ``auto`` | ``flash`` | ``efficient`` | ``cudnn`` | ``math`` | ``naive`` (see kernels.attention).
+        attn_backend: ``auto`` | ``flash`` | ``efficient`` | ``cudnn`` | ``math`` | ``naive`` (see timesformer_harness.kernels.attention).
         grad_checkpointing: recompute each block in backward (saves activation memory for HR/L).
         init: ``original`` (time_embed and every temporal_fc zero: a divided block starts as a ViT block) or
             ``scratch`` (time_embed ~ N(0, time_embed_std), so a model trained from scratch sees frame order).

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from harness.config import SolverConfig
+from timesformer_harness.config import SolverConfig
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from harness.metrics import BenchRecord  # noqa: E402
+from timesformer_harness.metrics import BenchRecord  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """torch.profiler over real train steps: TensorBoard trace, Perfetto trace and a text summary.
 
-    python -m harness.profiling --attn divided_space_time [--preset NAME] [--steps 3] [--wait 1] [--warmup 1]
+    python -m timesformer_harness.profiling --attn divided_space_time [--preset NAME] [--steps 3] [--wait 1] [--warmup 1]
         [--out runs/profile] [key=value ...]
 
 Writes ``runs/profile/<timestamp>-<attn>/``:
@@ -28,10 +28,10 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
-from harness.config import RootConfig, to_yaml
-from harness.runtime import retain_freed_memory
-from pipelines.files import atomic_write_text
-from pipelines.logs import setup_logging
+from timesformer_harness.config import RootConfig, to_yaml
+from timesformer_harness.runtime import retain_freed_memory
+from timesformer_harness.pipelines.files import atomic_write_text
+from timesformer_harness.pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -173,15 +173,15 @@ def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
 
 def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, warmup: int = 1,
                 out_root: str | Path = "runs/profile", with_stack: bool = False) -> ProfileSummary:
-    """Profile ``wait + warmup + steps`` train steps of ``cfg.model`` (``harness.workload.TrainStep``, synthetic
+    """Profile ``wait + warmup + steps`` train steps of ``cfg.model`` (``timesformer_harness.workload.TrainStep``, synthetic
     input, ``cfg.bench`` batch/precision/channels-last) and write the run directory.
 
     The step's pieces run inside the ranges ``train_step`` > ``forward`` / ``backward`` / ``optimizer``.
     """
-    from harness.counting import count_flops
-    from harness.metrics import peak_memory, reset_peak_memory
-    from harness.runtime import device_name, precision_name, resolve_device, resolve_precision, seed_everything
-    from harness.workload import TrainStep, build_model, synthetic_batch
+    from timesformer_harness.counting import count_flops
+    from timesformer_harness.metrics import peak_memory, reset_peak_memory
+    from timesformer_harness.runtime import device_name, precision_name, resolve_device, resolve_precision, seed_everything
+    from timesformer_harness.workload import TrainStep, build_model, synthetic_batch
 
     device = resolve_device()
     seed_everything(0)
@@ -207,7 +207,7 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
 
     with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=steps, repeat=1),
                  on_trace_ready=on_ready, record_shapes=True, profile_memory=True, with_stack=with_stack,
-                 with_flops=False) as prof:  # FLOPs come from harness.counting (the profiler's miss CPU SDPA)
+                 with_flops=False) as prof:  # FLOPs come from timesformer_harness.counting (the profiler's miss CPU SDPA)
         for _ in range(wait + warmup + steps):
             with record_function(STEP_RANGE):
                 with record_function(FORWARD_RANGE):
@@ -235,7 +235,7 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.profiling", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m timesformer_harness.profiling", description=__doc__.split("\n\n")[0])
     p.add_argument("--attn", default="divided_space_time", help="divided_space_time | joint_space_time | space_only")
     p.add_argument("--preset", default=None, help="model preset (default: cpu_bench without a GPU)")
     p.add_argument("--steps", type=int, default=3, help="active (recorded) steps")
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     retain_freed_memory()
-    from harness.bench import resolve
+    from timesformer_harness.bench import resolve
 
     if args.attn == "all" or args.steps < 1:
         p.error("--attn takes one variant (not 'all') and --steps must be >= 1")

@@ -1,13 +1,13 @@
 """The fresh-process runner: call a function in a new Python process and say how it ended.
 
 Bench cases, gate cases and the benchmark scripts each run in a process of their own: on CPU that keeps a case's
-peak RSS (``harness.metrics.reset_peak_memory``) free of earlier cases' allocations, and everywhere it keeps one
+peak RSS (``timesformer_harness.metrics.reset_peak_memory``) free of earlier cases' allocations, and everywhere it keeps one
 case's out-of-memory state, allocator caches or crashed threads away from the next one.
 
     outcome = run_in_fresh_process(run_case, case.to_dict(), timeout_s=600, mem_limit_gb=8)
 
 ``fn`` must be a module-level function taking and returning JSON values. The child is
-``python -m harness.runner MODULE:FUNCTION`` with the payload on stdin; it prints one marked JSON line with the
+``python -m timesformer_harness.runner MODULE:FUNCTION`` with the payload on stdin; it prints one marked JSON line with the
 result, or with the exception it caught. One outcome policy for every caller:
 
 * ``ok``: ``fn`` returned; ``Outcome.result`` is its value.
@@ -34,7 +34,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from harness.config import REPO_ROOT
+from timesformer_harness.config import REPO_ROOT
 
 RESULT_MARK = "HARNESS_RUNNER_RESULT "
 OUTCOMES = ("ok", "oom", "error")
@@ -109,7 +109,7 @@ def run_in_fresh_process(fn: Callable[[Any], Any], payload: Any, *, timeout_s: f
     """
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cmd = [sys.executable, "-m", "harness.runner", _target_name(fn), str(mem_limit_gb)]
+    cmd = [sys.executable, "-m", "timesformer_harness.runner", _target_name(fn), str(mem_limit_gb)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=REPO_ROOT, env=child_env, start_new_session=True)
@@ -144,7 +144,7 @@ def _limit_address_space(limit_gb: float) -> None:
 
 def _child(target: str, mem_limit_gb: float) -> int:
     """The child's side: import ``MODULE:FUNCTION``, call it on the stdin payload, print the marked result."""
-    from harness.runtime import retain_freed_memory
+    from timesformer_harness.runtime import retain_freed_memory
 
     retain_freed_memory()  # as the harness's own entry points do: batches reuse pages
     payload = json.loads(sys.stdin.read())

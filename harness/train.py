@@ -1,14 +1,14 @@
 """Train a TimeSformer: ``torchrun --nproc_per_node=N harness/train.py --config FILE [key=value ...]``.
 
-Also ``python -m harness.train`` (one process). The loop follows the original recipe: the learning rate is set every
+Also ``python -m timesformer_harness.train`` (one process). The loop follows the original recipe: the learning rate is set every
 iteration from the fractional epoch, gradients accumulate until ``solver.global_batch_size`` clips have been seen
 (leftover micro-batches at an epoch's end are dropped, as the original does), evaluation runs every
 ``train.eval_period`` epochs and at the end, and checkpoints are written every ``train.checkpoint_period`` epochs
-(see ``harness.train_state`` for the file layout). On top of it: DDP (NCCL on GPU, gloo on CPU), AMP (bf16, or
+(see ``timesformer_harness.train_state`` for the file layout). On top of it: DDP (NCCL on GPU, gloo on CPU), AMP (bf16, or
 fp16 with a GradScaler), channels-last on GPU, clipping, label smoothing, mixup/cutmix, auto-resume that continues
 the same run, SIGTERM/SIGINT handling (finish the step, save, exit 0) and a stop on a non-finite loss.
 
-Videos that fail while decoding are quarantined by the loader (``pipelines.quarantine``); the Trainer merges every
+Videos that fail while decoding are quarantined by the loader (``timesformer_harness.pipelines.quarantine``); the Trainer merges every
 rank's list at each epoch's end, keeps it in ``rejected.csv`` and in the checkpoint (so a resumed run replays the
 same batches), counts it in the metrics, and stops every rank together when a loader stops on a bad video
 (``data.on_bad_video=error``, or more than ``data.max_bad_fraction`` of the videos).
@@ -32,27 +32,34 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
-if __package__ in (None, ""):  # run as a script (torchrun harness/train.py): put the repo root first on the path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__" and not __package__:
+    # Run by path (torchrun harness/train.py): run the module by its package name, as python -m does, so that it is
+    # imported once, and without harness/ on the import path (its evaluate.py, config.py... would hide top-level
+    # modules of those names).
+    import runpy
+
+    sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
+    runpy.run_module("timesformer_harness.train", run_name="__main__", alter_sys=True)
+    sys.exit()
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from harness.checkpoint import CheckpointError, load_weights
-from harness.config import RootConfig, load_config, to_yaml
-from harness.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from harness.evaluate import accuracy_report, class_names_for, score_loader
-from harness.metric_writer import MetricWriter
-from harness.metrics import PeakMemoryWindow
-from harness.mixup import mix_batch
-from harness.optim import build_optimizer, lr_at, set_lr
-from harness.runtime import environment_info, precision_name, resolve_precision, retain_freed_memory, seed_everything, \
+from timesformer_harness.checkpoint import CheckpointError, load_weights
+from timesformer_harness.config import RootConfig, load_config, to_yaml
+from timesformer_harness.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from timesformer_harness.evaluate import accuracy_report, class_names_for, score_loader
+from timesformer_harness.metric_writer import MetricWriter
+from timesformer_harness.metrics import PeakMemoryWindow
+from timesformer_harness.mixup import mix_batch
+from timesformer_harness.optim import build_optimizer, lr_at, set_lr
+from timesformer_harness.runtime import environment_info, precision_name, resolve_precision, retain_freed_memory, seed_everything, \
     set_determinism
-from harness.train_hooks import DebugHooks
-from harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
-from harness.workload import TrainStep, build_model, compile_model, grad_scaler
-from pipelines.logs import setup_logging
-from pipelines.quarantine import BadVideoError, Quarantine, write_rejected
+from timesformer_harness.train_hooks import DebugHooks
+from timesformer_harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
+from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
+from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, write_rejected
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +172,7 @@ class Trainer:
             logger.info("initialised from %s (%s)", self.cfg.model.pretrained, report.format)
 
     def _build_loader(self, split: str, start_batch: int = 0) -> Any:
-        from pipelines import build_loader
+        from timesformer_harness.pipelines.factory import build_loader
 
         data_cfg = self.cfg.data if split == "train" else replace(self.cfg.data, batch_size=self.cfg.test.batch_size)
         kwargs = {"start_batch": start_batch, "quarantine": self.bad_videos} if split == "train" else {}
@@ -184,7 +191,7 @@ class Trainer:
         logger.warning("received %s: finishing the current optimizer step, then saving and exiting", name)
 
     def _extra_state(self, epoch: int, batch: int) -> dict[str, Any]:
-        """Our checkpoint keys (``harness.train_state``); every rank's RNG states and quarantine entries are gathered
+        """Our checkpoint keys (``timesformer_harness.train_state``); every rank's RNG states and quarantine entries are gathered
         (a collective: all ranks call it), and only the entries found before (``epoch``, ``batch``) are kept."""
         states = all_gather_objects(self._train_loader.quarantine.state() if self._train_loader is not None
                                     else self.bad_videos)

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from harness.config import TrainConfig
+from timesformer_harness.config import TrainConfig
 
 if TYPE_CHECKING:
-    from pipelines.base import Batch
+    from timesformer_harness.pipelines.base import Batch
 
 
 class DebugHooks:

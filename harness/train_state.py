@@ -10,16 +10,16 @@ Files live in ``{output.dir}/checkpoints/``:
 Our keys next to the original ``epoch``/``model_state``/``optimizer_state``/``cfg``: ``position`` ({epoch, batch}:
 the next batch to run), ``step`` (optimizer steps so far), ``scaler``, ``scheduler``, ``rng`` (every rank's torch,
 CUDA, Python and NumPy generator states), ``world_size``, ``seed``, ``quarantine``. Writes are atomic
-(``harness.checkpoint``).
+(``timesformer_harness.checkpoint``).
 
 ``quarantine`` holds the videos that failed while decoding (``data.on_bad_video: skip``), every rank's, found before
-``position``: ``pipelines.quarantine.BadVideo`` as plain dicts (path, reason, 0-based epoch and batch, rank), so the
+``position``: ``timesformer_harness.pipelines.quarantine.BadVideo`` as plain dicts (path, reason, 0-based epoch and batch, rank), so the
 file loads with ``weights_only=True``. The resumed run's train loader starts from them: it plans later epochs
 without those videos and replaces its own where they come up again in the current one, and it finds the ones after
 ``position`` again, at the same batches, by the same decodes, so it replays the batches of the uninterrupted run.
 Entries found at or after ``position`` are left out on purpose: kept, they would change the batch in which they were
 found. ``{output.dir}/rejected.csv`` lists them all (``stage=runtime``), and the ``data.max_bad_fraction`` budget
-counts them; see ``pipelines.quarantine``.
+counts them; see ``timesformer_harness.pipelines.quarantine``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.checkpoint import load_file, save_pyth
+from timesformer_harness.checkpoint import load_file, save_pyth
 
 logger = logging.getLogger(__name__)
 

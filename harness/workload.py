@@ -10,7 +10,7 @@ cross-entropy after mixup/cutmix), backward through the fp16 ``GradScaler`` (a n
 gradient-norm clipping on unscaled gradients, the optimizer step, ``zero_grad(set_to_none=True)``.
 
 Measured steps (bench, gate, profiler, benchmarks) use ``BENCH_SOLVER``: SGD with momentum 0.9 and no weight decay,
-built by ``harness.optim.build_optimizer`` like the Trainer's (``foreach`` on CPU, ``fused`` or apex on CUDA).
+built by ``timesformer_harness.optim.build_optimizer`` like the Trainer's (``foreach`` on CPU, ``fused`` or apex on CUDA).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from harness.config import ModelConfig, SolverConfig
-from harness.mixup import soft_target_cross_entropy
-from harness.model import TimeSformer, create_model
-from harness.optim import build_optimizer
-from harness.runtime import autocast
-from kernels.attention import check_backend
+from timesformer_harness.config import ModelConfig, SolverConfig
+from timesformer_harness.mixup import soft_target_cross_entropy
+from timesformer_harness.model import TimeSformer, create_model
+from timesformer_harness.optim import build_optimizer
+from timesformer_harness.runtime import autocast
+from timesformer_harness.kernels.attention import check_backend
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class TrainStep:
 
     Args:
         model: the module whose parameters the optimizer holds (clipping walks these).
-        optimizer: e.g. from ``harness.optim.build_optimizer``.
+        optimizer: e.g. from ``timesformer_harness.optim.build_optimizer``.
         scaler: the fp16 loss scaler (``grad_scaler``).
         device: where the step runs (autocast's device type).
         dtype: autocast dtype; None = plain fp32.

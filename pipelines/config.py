@@ -1,7 +1,7 @@
 """The data section of the run config (``data:`` in the YAML files): which videos, how they are sampled and loaded.
 
 It belongs to ``pipelines`` (every loader, the manifest reader and the pre-flight check take it);
-``harness.config.RootConfig`` composes it as its ``data`` field.
+``timesformer_harness.config.RootConfig`` composes it as its ``data`` field.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ class DataConfig:
 
     loader: str = "auto"  # auto | dali | pyav | synthetic
     backend: str = "auto"  # DALI device: auto | cpu | gpu
-    format: str = "kinetics"  # kinetics | csv | ssv2 (pipelines.manifest)
+    format: str = "kinetics"  # kinetics | csv | ssv2 (timesformer_harness.pipelines.manifest)
     root: str = "data/toy"  # folder holding train.csv / val.csv / test.csv (kinetics format)
     train_manifest: str = ""  # overrides {root}/train.csv
     val_manifest: str = ""  # overrides {root}/val.csv
@@ -44,7 +44,7 @@ class DataConfig:
     validate: str = "shallow"  # pre-flight check: shallow (headers, packet counts) | deep (decode every packet, cached)
     pad_short: bool = True  # pad videos shorter than the clip span with their last frame
     seed: int = 0
-    validate_cache: str = ""  # SQLite probe cache of pipelines.validate; "" = ~/.cache/timesformer-harness/, "none" = off
+    validate_cache: str = ""  # SQLite probe cache of timesformer_harness.pipelines.validate; "" = ~/.cache/timesformer-harness/, "none" = off
     synthetic_videos: int = 64  # data.loader=synthetic: clips per epoch (all ranks together)
     synthetic_classes: int = 10  # data.loader=synthetic: labels drawn from 0..synthetic_classes-1
 

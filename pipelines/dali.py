@@ -1,9 +1,9 @@
 """DALI train/test pipelines: decode (GPU: NVDEC via ``device='mixed'``; CPU: libavcodec, VP8/VP9/MJPEG only) only
 the frames each clip needs, crop, resize, flip, normalise, output ``(B, 3, T, H, W)`` float32.
 
-All sampling decisions come from ``pipelines.base.ClipPlanner`` (Python, seeded per (seed, epoch, rank)) and enter
+All sampling decisions come from ``timesformer_harness.pipelines.base.ClipPlanner`` (Python, seeded per (seed, epoch, rank)) and enter
 the graph through ``fn.external_source``: per clip a small stream of only the packets it needs
-(``pipelines.packets``: from the keyframe at or before each wanted frame; DALI's decoder on in-memory bytes never
+(``timesformer_harness.pipelines.packets``: from the keyframe at or before each wanted frame; DALI's decoder on in-memory bytes never
 seeks, so it is given nothing it would decode in vain), the wanted frames' positions in that stream (unique,
 ascending: ``fn.decoders.video(frames=)``), the order that expands them back to the clip's T frames
 (``fn.sequence_rearrange``), the crop window (``fn.slice``: crop before resize) and the flip. Train and test differ
@@ -14,7 +14,7 @@ Where the work after decoding runs depends on the device:
 
 * GPU: DALI resizes the windows (``fn.resize``) and flips and normalises them (``fn.crop_mirror_normalize``, in
   the frames' own FHWC layout: the loaders' ``channels_last_3d`` batch) on the GPU.
-* CPU: DALI outputs the cropped uint8 windows and ``pipelines.transforms`` (the PyAV loader's transform) mirrors,
+* CPU: DALI outputs the cropped uint8 windows and ``timesformer_harness.pipelines.transforms`` (the PyAV loader's transform) mirrors,
   resizes and normalises them in torch, whose uint8 bilinear kernel is several times faster than DALI's CPU resize
   and whose flip several times faster than DALI's (measured; see that module).
 * Intra-only JPEG video (MJPEG) on the CPU (``jpeg_frames``): every frame is a JPEG image, so the source feeds the
@@ -22,7 +22,7 @@ Where the work after decoding runs depends on the device:
   libjpeg-turbo, many frames per batch in parallel) and the graph's batch is ``batch_size x T`` frames: measured
   more than twice the clip rate of the video decoder on the same packets.
 
-A clip that cannot be fed or decoded does not end the epoch (``pipelines.quarantine``):
+A clip that cannot be fed or decoded does not end the epoch (``timesformer_harness.pipelines.quarantine``):
 
 * its input cannot be made (the file cannot be indexed, read or remuxed): the source leaves the clip out of what it
   feeds DALI (an exception raised in the callback would surface one or two ``pipe.run()`` calls early, with the
@@ -47,13 +47,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipelines.base import Batch, ClipLoader, ClipPlanner, empty_clips
-from pipelines.packets import PacketIndexCache, feed_mode, index_cache_path, ivf_stream, jpeg_images, plan_packets, \
+from timesformer_harness.pipelines.base import Batch, ClipLoader, ClipPlanner, empty_clips
+from timesformer_harness.pipelines.packets import PacketIndexCache, feed_mode, index_cache_path, ivf_stream, jpeg_images, plan_packets, \
     read_payloads, remux_packets
-from pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch, failure_reason
-from pipelines.sampling import ClipPlan
-from pipelines.transforms import finish_clip, mirror
-from pipelines.validate import DEFAULT_CACHE
+from timesformer_harness.pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch, failure_reason
+from timesformer_harness.pipelines.sampling import ClipPlan
+from timesformer_harness.pipelines.transforms import finish_clip, mirror
+from timesformer_harness.pipelines.validate import DEFAULT_CACHE
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ClipInput:
     stream: np.ndarray  # uint8
     frames: np.ndarray  # (U,) int32
     order: np.ndarray  # (T,) int32
-    mode: str  # stream | remux | file (pipelines.packets.feed_mode) | images
+    mode: str  # stream | remux | file (timesformer_harness.pipelines.packets.feed_mode) | images
     codec: str
     decoded: int
     images: list[np.ndarray] = field(default_factory=list)  # uint8, one JPEG per clip frame (mode images)
@@ -278,9 +278,9 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
 def to_clips(out, plans: list[ClipPlan], *, backend: str, decode_only: bool, frames_per_clip: int, crop: int,
              mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
     """The graph's output for ``plans`` (``build_video_pipeline``) as one tensor: ``(B, 3, T, S, S)`` float32 in the
-    loaders' layout (``pipelines.base.CLIP_FORMAT``), or with ``decode_only`` the decoded
+    loaders' layout (``timesformer_harness.pipelines.base.CLIP_FORMAT``), or with ``decode_only`` the decoded
     ``(B, T, H, W, 3)`` uint8 (clips of one frame size). On the CPU the crop windows are mirrored, resized and
-    normalised here (``pipelines.transforms``)."""
+    normalised here (``timesformer_harness.pipelines.transforms``)."""
     T = frames_per_clip
     if decode_only:
         x = _to_torch(out, device)

@@ -3,7 +3,7 @@
 ``plan_decode`` makes the choice from the probed videos (pure: it touches no GPU): ``data.loader=auto`` picks DALI
 when ``nvidia.dali`` imports and its backend decodes every usable video, else PyAV (logging why);
 ``resolve_backend`` maps ``data.backend`` to a DALI device, and with ``data.backend=auto`` and the model on CUDA,
-videos NVDEC cannot decode on this GPU (``pipelines.nvdec``: the toy set's 32x32 VP9, for one) are decoded by
+videos NVDEC cannot decode on this GPU (``timesformer_harness.pipelines.nvdec``: the toy set's 32x32 VP9, for one) are decoded by
 DALI on the CPU and the clips copied to the GPU. Each loader module is imported only when it is chosen, so DALI is
 not loaded for a PyAV or synthetic loader.
 """
@@ -17,12 +17,12 @@ from typing import Any, Sequence
 
 import torch
 
-from pipelines.base import ClipPlanner, Loader, Video
-from pipelines.config import DataConfig
-from pipelines.manifest import VideoEntry, read_manifest
-from pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, auto_decode_device, generation_of
-from pipelines.quarantine import BadVideo, write_rejected
-from pipelines.validate import DEFAULT_CACHE, VideoInfo, check_videos, deep_check, judge
+from timesformer_harness.pipelines.base import ClipPlanner, Loader, Video
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
+from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, auto_decode_device, generation_of
+from timesformer_harness.pipelines.quarantine import BadVideo, write_rejected
+from timesformer_harness.pipelines.validate import DEFAULT_CACHE, VideoInfo, check_videos, deep_check, judge
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,12 @@ class DecodePlan:
 def plan_decode(cfg: DataConfig, device: torch.device | str, infos: list[VideoInfo],
                 gpu_arch: str = DEFAULT_GENERATION, dali_missing: str = "") -> DecodePlan:
     """The loader and DALI device for ``cfg`` and the model's ``device``, judged on the probed ``infos``; touches
-    no GPU (``gpu_arch`` is the device's generation, ``pipelines.nvdec.generation_of``; ``dali_missing`` why
+    no GPU (``gpu_arch`` is the device's generation, ``timesformer_harness.pipelines.nvdec.generation_of``; ``dali_missing`` why
     nvidia.dali does not import, "" when it does).
 
     * ``data.loader=pyav``: PyAV. ``data.loader=dali`` without DALI: RuntimeError.
     * ``data.backend=auto`` with the model on CUDA and ``data.loader`` auto or dali: NVDEC decodes when it takes
-      every video (``pipelines.nvdec.auto_decode_device``); else DALI's CPU decoder when it takes them all (the
+      every video (``timesformer_harness.pipelines.nvdec.auto_decode_device``); else DALI's CPU decoder when it takes them all (the
       clips are then copied to the GPU); else (``data.loader=auto``) PyAV. ``data.backend=gpu`` stays on NVDEC,
       and the files it cannot decode are rejected by the pre-flight check.
     * ``data.loader=auto``: PyAV when DALI is missing or its backend cannot decode a video PyAV can.
@@ -118,10 +118,10 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
                  quarantine: Sequence[BadVideo | dict[str, Any]] = ()) -> Loader:
     """The loader ``data.loader`` asks for (auto: DALI when it can decode every video here, else PyAV, saying why).
 
-    Every video is pre-flight checked (``pipelines.validate``, cached; ``data.validate: deep`` also decodes every
+    Every video is pre-flight checked (``timesformer_harness.pipelines.validate``, cached; ``data.validate: deep`` also decodes every
     packet); unusable ones raise (``data.on_bad_video: error``) or are left out, listed in ``loader.rejected`` and
     ``{run_dir}/rejected.csv`` (``skip``). Videos that fail while decoding go to ``loader.quarantine``, which starts
-    from ``quarantine`` (a resumed run's entries, ``pipelines.quarantine``).
+    from ``quarantine`` (a resumed run's entries, ``timesformer_harness.pipelines.quarantine``).
     """
     device = torch.device(device)
     if split not in ("train", "val", "test"):
@@ -129,7 +129,7 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     if cfg.batch_size < 1:
         raise ValueError(f"data.batch_size={cfg.batch_size} must be >= 1")
     if cfg.loader == "synthetic":
-        from pipelines.synthetic import SyntheticLoader
+        from timesformer_harness.pipelines.synthetic import SyntheticLoader
 
         return SyntheticLoader(cfg, split, device=device, rank=rank, world_size=world_size, start_batch=start_batch)
 
@@ -151,7 +151,7 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
         if cfg.on_bad_video == "error":
             deep = " --deep" if cfg.validate == "deep" else ""
             raise ValueError(f"{what} (data.on_bad_video=error):\n{listing}\nfix or remove them (python -m "
-                             f"pipelines.validate MANIFEST{deep} lists them all), or set data.on_bad_video=skip")
+                             f"timesformer_harness.pipelines.validate MANIFEST{deep} lists them all), or set data.on_bad_video=skip")
         logger.warning("%s; skipping them (data.on_bad_video=skip):\n%s", what, listing)
         if run_dir is not None and rank == 0:
             write_rejected(Path(run_dir) / f"rejected_{split}.csv" if split != "train" else
@@ -167,14 +167,14 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
         raise ValueError(f"{len(videos)} train videos over {world_size} rank(s) make no full batch of "
                          f"data.batch_size={cfg.batch_size}; lower the batch size")
     if loader_kind == "dali":
-        from pipelines.dali import DaliLoader
-        from pipelines.packets import JPEG_CODECS
+        from timesformer_harness.pipelines.dali import DaliLoader
+        from timesformer_harness.pipelines.packets import JPEG_CODECS
 
         # an all-MJPEG set on the CPU: its frames are decoded as JPEG images (faster than the video decoder)
         jpeg = backend == "cpu" and all(info.codec in JPEG_CODECS for info in infos if info.path not in bad)
         return DaliLoader(planner, device, backend=backend, start_batch=start_batch, rejected=rejected,
                           quarantine=quarantine, jpeg_frames=jpeg)
-    from pipelines.pyav import PyAVLoader
+    from timesformer_harness.pipelines.pyav import PyAVLoader
 
     return PyAVLoader(planner, device, start_batch=start_batch, rejected=rejected, quarantine=quarantine)
 

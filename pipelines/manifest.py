@@ -1,7 +1,7 @@
 """Video manifests: Kinetics-style ``path<sep>label`` lists, Something-Something-v2 JSON, and plain CSV.
 
 ``read_entries(path, fmt, ...)`` is the one place a manifest is parsed: the loaders (through
-``read_manifest(cfg, split)``), ``python -m pipelines.validate`` and ``python -m pipelines.tools.prepare`` all call it.
+``read_manifest(cfg, split)``), ``python -m timesformer_harness.pipelines.validate`` and ``python -m timesformer_harness.pipelines.tools.prepare`` all call it.
 
 Paths: a manifest path is joined with ``data.path_prefix`` (as the original's ``PATH_PREFIX``); a path that is
 still relative after that is taken relative to the manifest file's folder (so ``data/toy/train.csv`` can say
@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import MANIFEST_FORMATS, DataConfig
+from timesformer_harness.pipelines.config import MANIFEST_FORMATS, DataConfig
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ Sources, checked against each other:
 
 The generation is read from the GPU (``generation_of(torch.device("cuda"))``, by compute capability); without a
 GPU, the pre-flight check judges for ``DEFAULT_GENERATION`` (Hopper: H100/H200) unless told another
-(``python -m pipelines.validate ... --backend gpu --gpu-arch ampere_ga10x``; a compute capability such as ``sm86``
+(``python -m timesformer_harness.pipelines.validate ... --backend gpu --gpu-arch ampere_ga10x``; a compute capability such as ``sm86``
 or ``8.6`` works too).
 """
 
@@ -54,7 +54,7 @@ DALI_CHROMA = "420"
 # DALI's CPU decoder (libavcodec inside DALI) takes only these; DALI 2.4 fn.decoders.video docstring.
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 # The tool that re-encodes a dataset (codec, size, 8-bit 4:2:0 output); named once here for every message.
-PREPARE_TOOL = "python -m pipelines.tools.prepare MANIFEST --out DIR"
+PREPARE_TOOL = "python -m timesformer_harness.pipelines.tools.prepare MANIFEST --out DIR"
 
 
 def _from(first: str) -> tuple[str, ...]:
@@ -168,7 +168,7 @@ def _fix(codec: str, re_encode: str) -> str:
 def nvdec_problem(info: Any, generation: str = DEFAULT_GENERATION) -> str:
     """Why DALI's GPU decoder (NVDEC) on a ``generation`` GPU cannot decode the video ``info`` describes ("" = it
     can). ``info`` has ``codec``, ``width``, ``height`` and, when probed, ``bit_depth`` and ``chroma``
-    (``pipelines.validate.VideoInfo``); each message names the limit and the fix."""
+    (``timesformer_harness.pipelines.validate.VideoInfo``); each message names the limit and the fix."""
     generation = generation_of(generation)
     codec, w, h = info.codec, info.width, info.height
     limits = NVDEC_CODECS.get(codec)

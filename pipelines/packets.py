@@ -9,8 +9,8 @@ a small stream of only the packets the clip needs, starting at a keyframe:
   and in a small SQLite file beside the probe cache, keyed by (path, size, mtime, version).
 * ``keyframe_segments(keyframes, wanted)``: for each wanted frame the run from its keyframe up to it, merged where
   decoding on is no dearer than restarting at a keyframe: the fewest frames any decoder that starts at keyframes
-  can decode. The PyAV loader follows the same rule (``pipelines.pyav.decode_frames``) and
-  ``pipelines.tools.decode_cost`` models it as ``keyframe``.
+  can decode. The PyAV loader follows the same rule (``timesformer_harness.pipelines.pyav.decode_frames``) and
+  ``timesformer_harness.pipelines.tools.decode_cost`` models it as ``keyframe``.
 * ``plan_packets(index, frames)``: those segments as packets to copy, the unique ascending positions to ask the
   decoder for in the new stream (forward only: a repeated or backward index makes DALI restart from the stream's
   start) and the order that expands them back to the clip's frames (repeats allowed).
@@ -138,7 +138,7 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
 
 def index_cache_path(validate_cache: str, default_probe_cache: str | Path) -> Path | None:
     """Where ``PacketIndexCache`` persists indexes for ``data.validate_cache``: ``packets.sqlite`` beside the probe
-    cache (``default_probe_cache``, i.e. ``pipelines.validate.DEFAULT_CACHE``, when unset), or nowhere (memory
+    cache (``default_probe_cache``, i.e. ``timesformer_harness.pipelines.validate.DEFAULT_CACHE``, when unset), or nowhere (memory
     only) when the probe cache is off (``none``)."""
     if validate_cache == "none":
         return None
@@ -197,7 +197,7 @@ class PacketIndexCache:
                     index = index_packets(path, self.offsets)
                 except Exception as e:  # named, with the fix: nothing fails anonymously inside DALI
                     raise RuntimeError(f"{path}: cannot index its packets ({type(e).__name__}: {e}); run "
-                                       f"`python -m pipelines.validate` on the manifest") from e
+                                       f"`python -m timesformer_harness.pipelines.validate` on the manifest") from e
                 if db:
                     with db:
                         db.execute("INSERT OR REPLACE INTO packets VALUES (?, ?, ?, ?, ?, ?)", (*key, *index.to_row()))

@@ -1,5 +1,5 @@
 """The PyAV baseline loader (PySlowFast-style): seek, decode the needed frames, crop, resize, flip, normalise in
-torch, in a torch DataLoader with workers. Same plans (``pipelines.base.ClipPlanner``) and contract as DALI; also
+torch, in a torch DataLoader with workers. Same plans (``timesformer_harness.pipelines.base.ClipPlanner``) and contract as DALI; also
 the fallback when DALI cannot decode a codec on this machine.
 
 A clip that fails to decode comes back from its worker as a value (an exception raised in a worker reaches the main
@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.base import Batch, ClipLoader, ClipPlanner, stack_clips
-from pipelines.packets import PacketIndex, PacketIndexCache, index_cache_path, keyframe_segments
-from pipelines.quarantine import BadVideo, FailedBatch, failure_reason
-from pipelines.sampling import ClipPlan
-from pipelines.transforms import crop_window, finish_clip
-from pipelines.validate import DEFAULT_CACHE
+from timesformer_harness.pipelines.base import Batch, ClipLoader, ClipPlanner, stack_clips
+from timesformer_harness.pipelines.packets import PacketIndex, PacketIndexCache, index_cache_path, keyframe_segments
+from timesformer_harness.pipelines.quarantine import BadVideo, FailedBatch, failure_reason
+from timesformer_harness.pipelines.sampling import ClipPlan
+from timesformer_harness.pipelines.transforms import crop_window, finish_clip
+from timesformer_harness.pipelines.validate import DEFAULT_CACHE
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def decode_clip(path: str, indices: Sequence[int] | np.ndarray, index: PacketInd
     """Frames ``indices`` (presentation order, repeats allowed) of ``path``, decoded per GOP.
 
     For each wanted frame (ascending) decoding starts at its keyframe, unless that keyframe is at or before the frame
-    the decoder is at (``pipelines.packets.keyframe_segments``: the fewest frames, one seek per segment): a seek per
+    the decoder is at (``timesformer_harness.pipelines.packets.keyframe_segments``: the fewest frames, one seek per segment): a seek per
     frame on intra-only files, one seek on long GOPs. Seeks go to the keyframe's exact pts and frames are identified
     by pts (``index``: the file's ``PacketIndex``; indexed now when not given). Indices past the end of a
     shorter-than-declared video repeat its last frame.

@@ -1,7 +1,7 @@
 """Videos that fail while decoding: the quarantine list, its rules, and ``rejected.csv``.
 
-The pre-flight check (``pipelines.validate``) reads headers and packet counts; damage inside the coded stream only
-shows when a decoder reaches it. ``pipelines.base.ClipLoader`` then finds the clip that failed (its decoder tries
+The pre-flight check (``timesformer_harness.pipelines.validate``) reads headers and packet counts; damage inside the coded stream only
+shows when a decoder reaches it. ``timesformer_harness.pipelines.base.ClipLoader`` then finds the clip that failed (its decoder tries
 each suspect alone), records it here, and completes the batch without it. The rules live in ``Quarantine``:
 
 * exclusion (what makes a resumed run replay the same batches): a decision at batch ``b`` of epoch ``e`` on rank
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 if TYPE_CHECKING:
     import torch
 
-    from pipelines.sampling import ClipPlan
+    from timesformer_harness.pipelines.sampling import ClipPlan
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Quarantine:
         if self.on_bad_video == "error":
             raise BadVideoError(
                 f"{entry.path} failed to decode ({where}): {entry.reason}\n"
-                f"data.on_bad_video=error stops at the first bad video: fix or remove it (python -m pipelines.validate "
+                f"data.on_bad_video=error stops at the first bad video: fix or remove it (python -m timesformer_harness.pipelines.validate "
                 f"MANIFEST --deep finds such files before a run), or set data.on_bad_video=skip to leave bad videos "
                 f"out and go on")
         if self.limit is None:
@@ -154,7 +154,7 @@ class Quarantine:
         raise TooManyBadVideos(
             f"{n} of {self.num_videos} videos failed to decode, more than data.max_bad_fraction="
             f"{self.max_bad_fraction:g} allows ({self.limit}):\n{listing}{more}\nthe dataset looks damaged: check it "
-            f"with python -m pipelines.validate MANIFEST --deep, or raise data.max_bad_fraction")
+            f"with python -m timesformer_harness.pipelines.validate MANIFEST --deep, or raise data.max_bad_fraction")
 
     def state(self) -> list[dict[str, Any]]:
         """The entries as plain dicts (checkpoint, all_gather)."""
@@ -176,7 +176,7 @@ def write_rejected(path: str | Path, preflight: Sequence[tuple[str, str]],
                    quarantined: Sequence[BadVideo] = ()) -> None:
     """``rejected.csv`` (written atomically): one row per video left out, ``path,reason,stage,epoch,batch,rank``;
     ``stage`` is ``preflight`` (epoch/batch/rank empty) or ``runtime`` (1-based epoch where it first failed)."""
-    from pipelines.files import atomic_write_text
+    from timesformer_harness.pipelines.files import atomic_write_text
 
     text = io.StringIO(newline="")
     writer = csv.writer(text)

@@ -7,9 +7,9 @@ from typing import Iterator
 
 import torch
 
-from pipelines.base import CLIP_FORMAT, Batch
-from pipelines.config import DataConfig
-from pipelines.quarantine import Quarantine, UnscoredView
+from timesformer_harness.pipelines.base import CLIP_FORMAT, Batch
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.quarantine import Quarantine, UnscoredView
 
 logger = logging.getLogger(__name__)
 

@@ -1,16 +1,16 @@
 """Pre-flight check of a video manifest with PyAV: every file exists, opens, has a codec the chosen decoder
 handles, is complete and long enough for the clip span.
 
-``python -m pipelines.validate MANIFEST [--backend cpu|gpu|pyav] [--frames T --sampling-rate R] [--pad]``
+``python -m timesformer_harness.pipelines.validate MANIFEST [--backend cpu|gpu|pyav] [--frames T --sampling-rate R] [--pad]``
 prints each unusable file with its reason and a summary; exit status 0 when all are usable, 1 otherwise.
 
 Probing a file (stat, open, demux every packet to count frames, decode the first frame, compare the demuxed length
 with the container's declared duration to catch truncation) does not depend on the backend, so its result is
 cached in SQLite by (path, size, mtime) and a large manifest is probed once; files are probed in parallel
-processes. ``pipelines.build_loader`` runs the same check (``data.on_bad_video: error | skip``), because DALI's
+processes. ``timesformer_harness.pipelines.factory.build_loader`` runs the same check (``data.on_bad_video: error | skip``), because DALI's
 readers drop bad files silently and its decoder kills the pipeline on them.
 
-``--backend gpu`` applies NVDEC's limits (``pipelines.nvdec``: codec per GPU generation, minimum and maximum frame
+``--backend gpu`` applies NVDEC's limits (``timesformer_harness.pipelines.nvdec``: codec per GPU generation, minimum and maximum frame
 size, 8-bit 4:2:0) for the visible GPU's generation, else for ``--gpu-arch`` (default: Hopper).
 
 ``--deep`` (``data.validate: deep``) also decodes every packet of every file that passes (``deep_probe``), to find
@@ -34,12 +34,12 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
+from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
 
 logger = logging.getLogger(__name__)
 
 # The codecs DALI 2.4's video decoder handles per device (CPU: libavcodec's VP8/VP9/MJPEG; GPU: NVDEC, whose further
-# limits are in pipelines.nvdec); None = PyAV, which decodes everything FFmpeg does.
+# limits are in timesformer_harness.pipelines.nvdec); None = PyAV, which decodes everything FFmpeg does.
 DECODABLE_CODECS = {"cpu": set(DALI_CPU_CODECS), "gpu": set(NVDEC_CODECS), "pyav": None}
 _CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "libaom-av1": "av1", "h265": "hevc"}
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "timesformer-harness" / "validate.sqlite"
@@ -139,7 +139,7 @@ def probe_video(path: str) -> VideoInfo:
 
 def usable(info: VideoInfo, backend: str, min_frames: int, gpu_arch: str = DEFAULT_GENERATION) -> str:
     """Why ``info``'s video cannot be used by ``backend`` for clips of ``min_frames`` frames ("" = usable); on the
-    gpu backend, by NVDEC on a ``gpu_arch`` GPU (``pipelines.nvdec.generation_of``)."""
+    gpu backend, by NVDEC on a ``gpu_arch`` GPU (``timesformer_harness.pipelines.nvdec.generation_of``)."""
     if info.error:
         return info.error
     allowed = DECODABLE_CODECS[backend]
@@ -360,11 +360,11 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.config import DataConfig
-    from pipelines.logs import setup_logging
-    from pipelines.manifest import add_manifest_arguments, read_entries
+    from timesformer_harness.pipelines.config import DataConfig
+    from timesformer_harness.pipelines.logs import setup_logging
+    from timesformer_harness.pipelines.manifest import add_manifest_arguments, read_entries
 
-    parser = argparse.ArgumentParser(prog="python -m pipelines.validate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.pipelines.validate", description=__doc__.split("\n")[0])
     add_manifest_arguments(parser)
     parser.add_argument("--backend", choices=sorted(DECODABLE_CODECS), default="cpu",
                         help="decoder the files must suit: DALI cpu (VP8/VP9/MJPEG), DALI gpu, or pyav (any)")
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     gpu_arch = DEFAULT_GENERATION
     if args.backend == "gpu":
-        from pipelines.nvdec import resolve_generation
+        from timesformer_harness.pipelines.nvdec import resolve_generation
 
         try:
             gpu_arch, source = resolve_generation(args.gpu_arch)
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = {p for p, _ in rejected}
     usable_paths = [e.path for e in entries if e.path not in bad]
     if usable_paths and args.format != "ssv2":  # frames decoded per clip, median and worst file (Kinetics sampling)
-        from pipelines.tools.decode_cost import estimate_manifest_decode_cost, format_decode_cost
+        from timesformer_harness.pipelines.tools.decode_cost import estimate_manifest_decode_cost, format_decode_cost
 
         print(format_decode_cost(estimate_manifest_decode_cost(usable_paths, args.frames, args.sampling_rate,
                                                                args.target_fps, workers=args.workers, max_files=1000)))

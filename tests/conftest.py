@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from pipelines.tools.encode import write_video
+from timesformer_harness.pipelines.tools.encode import write_video
 
 
 def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps: int = 30,

@@ -149,11 +149,11 @@ def outcome_table(root: Path, seeds: int) -> str:
     import logging
 
     from conftest import encode_video, textured_frames
-    from pipelines import build_loader
-    from pipelines.config import DataConfig
-    from pipelines.validate import deep_probe, probe_video
+    from timesformer_harness.pipelines.factory import build_loader
+    from timesformer_harness.pipelines.config import DataConfig
+    from timesformer_harness.pipelines.validate import deep_probe, probe_video
 
-    logging.getLogger("pipelines").setLevel(logging.ERROR)
+    logging.getLogger("timesformer_harness.pipelines").setLevel(logging.ERROR)
     good = [encode_video(root / f"good{i}.webm", textured_frames(24, 48, 64, seed=i), bitexact=True) for i in range(8)]
     assert not any(deep_probe(str(p)) for p in good), "the deep check flags a good file"
     count: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -103,7 +103,7 @@ class Open:
 
 def tiny_state(seed: int = 0) -> collections.OrderedDict[str, torch.Tensor]:
     """Random weights of the tiny test model, keyed as in original ``.pyth`` files (``model.`` prefix)."""
-    from harness.model import TimeSformer
+    from timesformer_harness.model import TimeSformer
 
     torch.manual_seed(seed)
     model = TimeSformer(**TINY, drop_path_rate=0.0)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.attention import BACKENDS, Attention, attention, available_backends, check_backend, naive_attention
-from kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
+from timesformer_harness.kernels.attention import BACKENDS, Attention, attention, available_backends, check_backend, naive_attention
+from timesformer_harness.kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
 
 
 @pytest.mark.parametrize("shape", [(6, 2, 8, 16), (2, 3, 17, 8), (1, 4, 65, 32)])  # temporal, spatial, joint-like

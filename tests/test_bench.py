@@ -1,4 +1,4 @@
-"""harness.metrics and harness.bench: the record schema, the statistics, real bench runs at the tiny preset, and
+"""timesformer_harness.metrics and timesformer_harness.bench: the record schema, the statistics, real bench runs at the tiny preset, and
 comparing two of them."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.bench import BenchCase, attention_shape, build_cases, resolve, run_case, run_worker
-from harness.config import REPO_ROOT, RootConfig
-from harness.counting import count_flops, count_params
-from harness.metrics import SCHEMA_VERSION, BenchRecord, percentile, read_results, step_stats, write_results
-from harness.model import create_model, load_preset
+from timesformer_harness.bench import BenchCase, attention_shape, build_cases, resolve, run_case, run_worker
+from timesformer_harness.config import REPO_ROOT, RootConfig
+from timesformer_harness.counting import count_flops, count_params
+from timesformer_harness.metrics import SCHEMA_VERSION, BenchRecord, percentile, read_results, step_stats, write_results
+from timesformer_harness.model import create_model, load_preset
 
 
 def _case(suite: str, attention_type: str = "divided_space_time", **kw) -> BenchCase:
@@ -128,7 +128,7 @@ def test_oom_case_is_recorded_and_reported_as_oom():
 
 
 def _bench_cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "harness.bench", "--attn", "space_only", "--preset", "tiny", "--mode", "both",
+    cmd = [sys.executable, "-m", "timesformer_harness.bench", "--attn", "space_only", "--preset", "tiny", "--mode", "both",
            "--suites", "model,scaling", "--frames", "4,8", "--out", str(out), "bench.steps=2", "bench.warmup=1",
            "bench.sweep_steps=2", "bench.gemm_n=256", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
@@ -166,7 +166,7 @@ def test_bench_cli_writes_results_summary_plots_and_config(two_runs):
 
 
 def _compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.bench", "compare", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "timesformer_harness.bench", "compare", *args], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=120)
 
 
@@ -228,7 +228,7 @@ def test_compare_refuses_other_presets_and_schemas_and_warns_on_batch(two_runs, 
 
 def test_a_stopped_sweep_keeps_the_cases_it_measured(tmp_path, monkeypatch):
     """results.json is rewritten after every case: a sweep killed in its second case keeps the first."""
-    import harness.bench.cli as cli
+    import timesformer_harness.bench.cli as cli
 
     measured = _run(_case("model", "space_only"))
 
@@ -248,7 +248,7 @@ def test_a_stopped_sweep_keeps_the_cases_it_measured(tmp_path, monkeypatch):
 
 
 def test_bench_cli_rejects_bad_arguments():
-    proc = subprocess.run([sys.executable, "-m", "harness.bench", "--attn", "diagonal"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "timesformer_harness.bench", "--attn", "diagonal"], capture_output=True,
                           text=True, cwd=REPO_ROOT, timeout=120)
     assert proc.returncode != 0 and "choose from" in proc.stderr
 
@@ -265,8 +265,8 @@ def test_a_case_in_a_fresh_process_reports_its_own_peak_rss_growth():
 def test_shootout_reports_an_outside_decoder_that_fails_and_goes_on():
     """An anchor (torchcodec, decord) that raises on the files gets its row's note and no rate; one of our loaders
     that raises stops the shoot-out, in the calling process or in the row's own."""
-    from harness.bench.pipeline import Contender, RowFailed, run_shootout
-    from pipelines.config import DataConfig
+    from timesformer_harness.bench.pipeline import Contender, RowFailed, run_shootout
+    from timesformer_harness.pipelines.config import DataConfig
 
     def broken() -> int:
         raise RuntimeError("Check failed: from_size == to_size\nmore")
@@ -289,7 +289,7 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     """DALI and PyAV clips/s on the toy data with frames decoded per clip (counted = decoder model), and the e2e
     verdict."""
     data = tmp_path / "toy"
-    subprocess.run([sys.executable, "-m", "pipelines.tools.toy", "--out", str(data)], check=True, cwd=REPO_ROOT,
+    subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.tools.toy", "--out", str(data)], check=True, cwd=REPO_ROOT,
                    timeout=300, capture_output=True)
     cfg_path = tmp_path / "data.yaml"
     cfg_path.write_text(f"data:\n  root: {data}\n  num_frames: 4\n  train_crop_size: 32\n"
@@ -322,7 +322,7 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     assert shootout.clips_per_s == rows[("DALI loader", "full")]["clips_per_s"]
     assert shootout.peak_mem_kind == "rss_fresh_process" and "each row in a fresh process" in \
         shootout.extra["peak_mem_covers"] and shootout.peak_mem_bytes > 0
-    from harness.bench.report import summary_table
+    from timesformer_harness.bench.report import summary_table
 
     table = summary_table([shootout])
     assert "## Loader shoot-out" in table and "| DALI loader | toy | full |" in table
@@ -343,7 +343,7 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
 def test_e2e_records_say_what_their_peak_memory_covers():
     from types import SimpleNamespace
 
-    from harness.bench.e2e import peak_memory_covers
+    from timesformer_harness.bench.e2e import peak_memory_covers
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     DaliLoader = type("DaliLoader", (SimpleNamespace,), {})
@@ -363,7 +363,7 @@ def test_cpu_utilisation_uses_a_gemm_interleaved_with_the_steps():
 
 
 def test_plots_draw_every_variant_and_mark_oom(tmp_path):
-    from harness.plots import plot_scaling
+    from timesformer_harness.plots import plot_scaling
 
     def rec(attn, frames, status="ok"):
         ok = status == "ok"

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness.checkpoint import (
+from timesformer_harness.checkpoint import (
     load_file,
     load_weights,
     original_to_hf,
     save_pyth,
 )
-from harness.model import TimeSformer
+from timesformer_harness.model import TimeSformer
 
 TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=4, num_classes=7)
 REPO = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def test_imagenet_vit_conversion(tmp_path: Path) -> None:
 def test_inspect_and_convert_cli(tmp_path: Path) -> None:
     path = tmp_path / "ck.pyth"
     save_pyth(path, trained_like(), epoch=4)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "harness.checkpoint", *a], cwd=REPO,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "timesformer_harness.checkpoint", *a], cwd=REPO,  # noqa: E731
                                     capture_output=True, text=True, timeout=120)
     out = run("inspect", str(path))
     assert out.returncode == 0, out.stderr

@@ -22,13 +22,13 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 import crafted_checkpoints as cc
-from harness.checkpoint import CheckpointError, load_file, load_weights, main as checkpoint_main, original_to_hf
-from harness.config import load_config
-from harness.distributed import DistInfo
-from harness.evaluate import evaluate
-from harness.model import TimeSformer
-from harness.train import Trainer
-from harness.train_state import CheckpointManager
+from timesformer_harness.checkpoint import CheckpointError, load_file, load_weights, main as checkpoint_main, original_to_hf
+from timesformer_harness.config import load_config
+from timesformer_harness.distributed import DistInfo
+from timesformer_harness.evaluate import evaluate
+from timesformer_harness.model import TimeSformer
+from timesformer_harness.train import Trainer
+from timesformer_harness.train_state import CheckpointManager
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -148,7 +148,7 @@ def test_resume_skips_a_crafted_newest_checkpoint(files: Files, kind: str, good_
     shutil.copy(good_checkpoint, ckpts / good_checkpoint.name)
     crafted = ckpts / "checkpoint_epoch_00002.pyth"
     shutil.copy(files.paths[kind], crafted)
-    with caplog.at_level(logging.WARNING, logger="harness.train_state"):
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.train_state"):
         path, obj = CheckpointManager(tmp_path).load_latest()
         resumed = trainer(tiny_cfg(tmp_path))
     assert path.name == "checkpoint_epoch_00001.pyth" and resumed.start_epoch == 1
@@ -203,7 +203,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_inspect_cli_refuses_every_crafted_file_and_reads_the_originals(files: Files) -> None:
     originals = [files.dir / name for name in ORIGINALS]
-    res = _run("-m", "harness.checkpoint", "inspect", "--no-keys", *map(str, files.paths.values()), *map(str, originals))
+    res = _run("-m", "timesformer_harness.checkpoint", "inspect", "--no-keys", *map(str, files.paths.values()), *map(str, originals))
     assert res.returncode == 2
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == len(files.paths), res.stderr[-3000:]
@@ -216,7 +216,7 @@ def test_inspect_cli_refuses_every_crafted_file_and_reads_the_originals(files: F
 
 def test_convert_cli_refuses(files: Files, tmp_path: Path) -> None:
     dst = tmp_path / "out.safetensors"
-    res = _run("-m", "harness.checkpoint", "convert", str(files.paths["zip_newobj_build"]), str(dst), "--hf")
+    res = _run("-m", "timesformer_harness.checkpoint", "convert", str(files.paths["zip_newobj_build"]), str(dst), "--hf")
     assert res.returncode == 2 and not dst.exists()
     assert_refused(files, "zip_newobj_build", res.stderr)
 

@@ -1,4 +1,4 @@
-"""harness.config: YAML + defaults lists + overrides, unknown keys, value checks, and the recipes in configs/exp."""
+"""timesformer_harness.config: YAML + defaults lists + overrides, unknown keys, value checks, and the recipes in configs/exp."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_config, save_config
+from timesformer_harness.config import load_config, save_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXP = REPO / "configs" / "exp"

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import sampling
-from pipelines.tools.decode_cost import (STRATEGIES, count_decoded_frames, decode_plan,
+from timesformer_harness.pipelines import sampling
+from timesformer_harness.pipelines.tools.decode_cost import (STRATEGIES, count_decoded_frames, decode_plan,
                                    decoded_frames, estimate, estimate_manifest_decode_cost, format_decode_cost,
                                    measure_clips, read_gop, strategy_for)
-from pipelines.tools.transcode import PrepareSpec, transcode
+from timesformer_harness.pipelines.tools.transcode import PrepareSpec, transcode
 from tests.conftest import encode_video, textured_frames
 
 FRAMES = 64

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness.checkpoint import load_weights, save_pyth
-from harness.embeddings import resize_pos_embed, resize_time_embed
-from harness.model import TimeSformer
+from timesformer_harness.checkpoint import load_weights, save_pyth
+from timesformer_harness.embeddings import resize_pos_embed, resize_time_embed
+from timesformer_harness.model import TimeSformer
 
 TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=4, num_classes=7)
 

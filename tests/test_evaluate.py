@@ -1,4 +1,4 @@
-"""harness.evaluate: view ensembling (sum / softmax_mean / max), merging across ranks, the accuracy report, and the
+"""timesformer_harness.evaluate: view ensembling (sum / softmax_mean / max), merging across ranks, the accuracy report, and the
 CLI on a checkpoint written in the original .pyth layout."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from harness.evaluate import ViewAccumulator, accuracy_report
-from harness.model import create_model
+from timesformer_harness.evaluate import ViewAccumulator, accuracy_report
+from timesformer_harness.model import create_model
 from test_train import PY, run, toy  # noqa: F401 (toy is a fixture)
 
 

@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 import torch
 
-import pipelines.validate as validate
+import timesformer_harness.pipelines.validate as validate
 from conftest import encode_video, textured_frames
 from corrupt_videos import KINDS, CorruptVideo, make_corrupt_corpus
-from harness.checkpoint import load_file
-from harness.train_state import list_checkpoints
-from pipelines import build_loader
-from pipelines.config import DataConfig
-from pipelines.packets import index_packets, plan_packets
-from pipelines.quarantine import BadVideo, BadVideoError, Quarantine, TooManyBadVideos, write_rejected
-from pipelines.validate import deep_check, probe_video
+from timesformer_harness.checkpoint import load_file
+from timesformer_harness.train_state import list_checkpoints
+from timesformer_harness.pipelines.factory import build_loader
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.packets import index_packets, plan_packets
+from timesformer_harness.pipelines.quarantine import BadVideo, BadVideoError, Quarantine, TooManyBadVideos, write_rejected
+from timesformer_harness.pipelines.validate import deep_check, probe_video
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -139,7 +139,7 @@ def test_deep_check_is_cached_and_the_cli_runs_it(corpus: Corpus, tmp_path: Path
     assert deep_check(paths, cache, workers=1) == first and calls == []  # from the cache
     monkeypatch.undo()
     manifest = corpus.root / "train.csv"
-    args = [PY, "-m", "pipelines.validate", str(manifest), "--frames", "4", "--sampling-rate", "3",
+    args = [PY, "-m", "timesformer_harness.pipelines.validate", str(manifest), "--frames", "4", "--sampling-rate", "3",
             "--cache", str(cache), "--workers", "2"]
     with open(tmp_path / "stderr.txt", "w") as err:  # FFmpeg's messages go to stderr: a file, not a pipe
         shallow = subprocess.run(args, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, timeout=120)
@@ -234,7 +234,7 @@ def test_the_budget_stops_the_run_with_the_list(corpus: Corpus) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The DALI loader's per-clip packet streams (pipelines.packets) under the quarantine.
+# The DALI loader's per-clip packet streams (timesformer_harness.pipelines.packets) under the quarantine.
 @pytest.mark.parametrize("kind", ["payload/start", "payload/mid"])
 def test_a_damaged_frame_fails_exactly_the_views_whose_clip_stream_holds_it(corpus: Corpus, tmp_path: Path,
                                                                             kind: str) -> None:

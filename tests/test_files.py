@@ -1,4 +1,4 @@
-"""Atomic writes (pipelines.files): all or nothing, plain-file permissions, stale temporaries found and removed."""
+"""Atomic writes (timesformer_harness.pipelines.files): all or nothing, plain-file permissions, stale temporaries found and removed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.files import atomic_path, atomic_write_text, is_temporary, remove_stale_temporaries
+from timesformer_harness.pipelines.files import atomic_path, atomic_write_text, is_temporary, remove_stale_temporaries
 
 
 def test_failure_inside_the_block_keeps_the_old_file(tmp_path: Path) -> None:

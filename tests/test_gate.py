@@ -1,4 +1,4 @@
-"""harness.gate: comparison logic on fabricated records, and real gate runs (same tree passes, 3x depth fails)."""
+"""timesformer_harness.gate: comparison logic on fabricated records, and real gate runs (same tree passes, 3x depth fails)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from harness.config import REPO_ROOT
-from harness.gate import check_compatible, compare, format_table, machine_differences
-from harness.metrics import BenchRecord, read_results, write_results
+from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.gate import check_compatible, compare, format_table, machine_differences
+from timesformer_harness.metrics import BenchRecord, read_results, write_results
 
 
 def _rec(case: str = "gate/divided_space_time/train", ratio: float = 1.0, params: int = 100, flops: int = 1000,
@@ -79,7 +79,7 @@ def test_incompatible_baselines_are_refused():
 
 
 def _gate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.gate", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "timesformer_harness.gate", *args], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=600)
 
 

@@ -1,11 +1,11 @@
 """GPU tests of the real code paths (``pytest -m gpu``; ``make gpu-check`` runs them). Skipped without CUDA.
 
 NVDEC through our DALI pipeline for every codec of the GPU list (whole clips and per-clip packet streams deep in a
-file, frame for frame against PyAV), and the NVDEC limits of ``pipelines.nvdec`` checked against this GPU's driver;
+file, frame for frame against PyAV), and the NVDEC limits of ``timesformer_harness.pipelines.nvdec`` checked against this GPU's driver;
 VP9 below NVDEC's minimum decoded by DALI on the CPU for a CUDA model (``data.backend=auto``); DALI GPU vs CPU
 frames; the Trainer's fp16 + GradScaler and bf16 steps with per-window and validation peak memory; every SDPA
 backend through the model against ``naive``, and the attention-backend check against SDPA's own refusals; the
-profiler's summary in GPU time; NCCL and DDP under torchrun's environment; CUDA memory through ``harness.metrics``.
+profiler's summary in GPU time; NCCL and DDP under torchrun's environment; CUDA memory through ``timesformer_harness.metrics``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from conftest import textured_frames
-from harness.config import REPO_ROOT, load_config
-from pipelines.config import DataConfig
-from pipelines.factory import dali_available
-from pipelines.nvdec import DALI_CPU_CODECS, NVDEC_CODECS, generation_of, nvdec_problem
-from pipelines.base import CLIP_FORMAT
+from timesformer_harness.config import REPO_ROOT, load_config
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.factory import dali_available
+from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, NVDEC_CODECS, generation_of, nvdec_problem
+from timesformer_harness.pipelines.base import CLIP_FORMAT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -49,10 +49,10 @@ TINY = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.
 # own process: a refusal raised from inside NVDEC's parser callback may abort the process instead of raising.
 DECODE_ONE = """
 import sys, torch
-from pipelines.config import DataConfig
-from pipelines.base import ClipPlanner, Video
-from pipelines.dali import DaliLoader
-from pipelines.validate import probe_video
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.base import ClipPlanner, Video
+from timesformer_harness.pipelines.dali import DaliLoader
+from timesformer_harness.pipelines.validate import probe_video
 info = probe_video(sys.argv[1])
 cfg = DataConfig(num_frames=4, sampling_rate=2, num_spatial_crops=1, batch_size=1)
 video = Video(0, sys.argv[1], 0, info.frames, info.fps, info.height, info.width)
@@ -65,7 +65,7 @@ print("DECODED", tuple(batch.video.shape))
 def _encode(path: Path, codec: str, width: int, height: int, frames: int = 16, seed: int = 0) -> str:
     import av
 
-    from pipelines.tools.encode import write_video
+    from timesformer_harness.pipelines.tools.encode import write_video
 
     encoder = ENCODERS[codec][0]
     if encoder not in av.codecs_available:
@@ -83,7 +83,7 @@ def _data_cfg(folder: Path, paths: list[str], **kw) -> DataConfig:
 
 
 def _probe(path: str):
-    from pipelines.validate import probe_video
+    from timesformer_harness.pipelines.validate import probe_video
 
     return probe_video(path)
 
@@ -98,9 +98,9 @@ def _nvdec_refuses(path: str) -> str:
 
 def _dali_direct(cfg: DataConfig, paths: list[str], backend: str, decode_only: bool = False):
     """A DALI loader over ``paths`` without the pre-flight check: what NVDEC itself does with the files."""
-    from pipelines.base import ClipPlanner, Video
-    from pipelines.dali import DaliLoader
-    from pipelines.validate import probe_video
+    from timesformer_harness.pipelines.base import ClipPlanner, Video
+    from timesformer_harness.pipelines.dali import DaliLoader
+    from timesformer_harness.pipelines.validate import probe_video
 
     infos = [probe_video(p) for p in paths]
     videos = [Video(i, p, i % 2, info.frames, info.fps, info.height, info.width) for i, (p, info) in
@@ -118,7 +118,7 @@ def generation() -> str:
 @needs_dali
 @pytest.mark.parametrize("codec", sorted(NVDEC_CODECS))
 def test_nvdec_decodes_each_codec_through_our_pipeline(codec: str, generation: str, tmp_path: Path) -> None:
-    from pipelines import build_loader
+    from timesformer_harness.pipelines.factory import build_loader
 
     ext = ENCODERS[codec][1]
     paths = [_encode(tmp_path / f"clip{i}{ext}", codec, 160, 160, seed=i) for i in range(2)]
@@ -157,7 +157,7 @@ def test_nvdec_minimum_frame_size_matches_the_table(codec: str, generation: str,
 
 @needs_dali
 def test_mjpeg_is_not_decoded_by_dalis_gpu_decoder(tmp_path: Path) -> None:
-    from pipelines.tools.encode import write_video
+    from timesformer_harness.pipelines.tools.encode import write_video
 
     path = str(write_video(tmp_path / "clip.avi", textured_frames(8, 160, 160, 0), "mjpeg", 30,
                            pix_fmt="yuvj420p"))
@@ -169,7 +169,7 @@ def test_mjpeg_is_not_decoded_by_dalis_gpu_decoder(tmp_path: Path) -> None:
 def test_vp9_below_nvdecs_minimum_is_decoded_on_the_cpu_for_a_cuda_model(tmp_path: Path) -> None:
     """The embedded default's case (32x32 VP9, below NVDEC's 128x128): data.backend=auto decodes it with DALI on
     the CPU and delivers the clips on the GPU; data.backend=gpu refuses it."""
-    from pipelines import build_loader
+    from timesformer_harness.pipelines.factory import build_loader
 
     paths = [_encode(tmp_path / f"toy{i}.webm", "vp9", 32, 32, frames=16, seed=i) for i in range(2)]
     cfg = _data_cfg(tmp_path, paths, backend="auto", loader="auto", test_crop_size=32)
@@ -193,12 +193,12 @@ def test_gpu_loader_decodes_clip_streams_frame_for_frame(codec: str, generation:
     (scales, crops, flips) alike, in the loaders' layout."""
     import av
 
-    from pipelines.pyav import decode_frames
+    from timesformer_harness.pipelines.pyav import decode_frames
 
     encoder, ext = ENCODERS[codec]
     if encoder not in av.codecs_available:
         pytest.skip(f"this PyAV build has no {encoder} encoder")
-    from pipelines.tools.encode import write_video
+    from timesformer_harness.pipelines.tools.encode import write_video
 
     options = {**OPTIONS.get(encoder, {}), "g": "8"}
     paths = [str(write_video(tmp_path / f"deep{i}{ext}", textured_frames(64, 160, 160, i), encoder, 30, options))
@@ -215,7 +215,7 @@ def test_gpu_loader_decodes_clip_streams_frame_for_frame(codec: str, generation:
         every = decode_frames(plan.path, np.arange(64)).astype(int)
         nearest = [int((torch.from_numpy(every) - f).abs().float().mean(dim=(1, 2, 3)).argmin()) for f in clip]
         assert nearest == plan.frames.tolist(), f"{codec}: NVDEC frames {nearest}, planned {plan.frames.tolist()}"
-    from pipelines import build_loader
+    from timesformer_harness.pipelines.factory import build_loader
 
     full = next(iter(build_loader(cfg, "test", device=CUDA)))
     ref = next(iter(build_loader(replace(cfg, loader="pyav"), "test", device="cpu")))
@@ -251,9 +251,9 @@ def test_dali_gpu_and_cpu_decode_the_same_vp9_frames(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_trainer_amp_steps(precision: str, tmp_path: Path) -> None:
-    from harness.distributed import init_distributed
-    from harness.runtime import autocast
-    from harness.train import Trainer
+    from timesformer_harness.distributed import init_distributed
+    from timesformer_harness.runtime import autocast
+    from timesformer_harness.train import Trainer
 
     cfg = load_config(None, [*TINY, "data.loader=synthetic", "data.batch_size=4", "data.synthetic_videos=32",
                              f"train.precision={precision}", "solver.max_epoch=1", "train.max_steps_per_epoch=4",
@@ -284,9 +284,9 @@ def test_trainer_amp_steps(precision: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None], ids=["bf16", "fp16", "fp32"])
 def test_every_sdpa_backend_through_the_model_matches_naive(dtype: torch.dtype | None) -> None:
-    from harness.model import create_model
-    from harness.runtime import autocast
-    from kernels.attention import available_backends
+    from timesformer_harness.model import create_model
+    from timesformer_harness.runtime import autocast
+    from timesformer_harness.kernels.attention import available_backends
 
     cfg = load_config(None, [*TINY, "model.embed_dim=128", "model.num_heads=2"]).model  # head_dim 64
     backends = available_backends(CUDA, dtype, head_dim=64)
@@ -320,9 +320,9 @@ def test_every_sdpa_backend_through_the_model_matches_naive(dtype: torch.dtype |
 
 
 def test_check_backend_refusals_match_sdpa_on_this_gpu() -> None:
-    from harness.model import load_preset
-    from harness.workload import build_model
-    from kernels.attention import attention, check_backend
+    from timesformer_harness.model import load_preset
+    from timesformer_harness.workload import build_model
+    from timesformer_harness.kernels.attention import attention, check_backend
 
     cap = torch.cuda.get_device_capability()
     q = torch.randn(1, 2, 16, 64, device=CUDA)
@@ -336,8 +336,8 @@ def test_check_backend_refusals_match_sdpa_on_this_gpu() -> None:
 
 
 def test_profile_summary_is_in_gpu_time(tmp_path: Path) -> None:
-    from harness.bench import resolve
-    from harness.profiling import run_profile
+    from timesformer_harness.bench import resolve
+    from timesformer_harness.profiling import run_profile
 
     cfg = resolve(preset="tiny", overrides=["model.attention_type=divided_space_time", "bench.batch_size=4"])[0]
     s = run_profile(cfg, "tiny", steps=2, wait=1, warmup=1, out_root=tmp_path)
@@ -398,7 +398,7 @@ def test_nccl_process_group_and_ddp_step_with_torchrun_environment() -> None:
 
 
 def test_cuda_memory_through_metrics() -> None:
-    from harness.metrics import peak_memory, reset_peak_memory, time_steps
+    from timesformer_harness.metrics import peak_memory, reset_peak_memory, time_steps
 
     assert reset_peak_memory(CUDA) == 0
     block = torch.empty(64 * 2**20, dtype=torch.uint8, device=CUDA)

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import REPO_ROOT
-from harness.gpu_check import (StepFailed, StepResult, build_steps, collect_bench, collect_pytest, exit_status,
+from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.gpu_check import (StepFailed, StepResult, build_steps, collect_bench, collect_pytest, exit_status,
                                CPU_SIZE)
-from harness.metrics import BenchRecord, write_results
+from timesformer_harness.metrics import BenchRecord, write_results
 
 STEPS = ["gpu_tests", "prepare", "validate", "bench", "train", "evaluate", "profile", "gate_baseline", "gate",
          "torchrun"]
 
 
 def _run(args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, dict]:
-    out = subprocess.run([sys.executable, "-m", "harness.gpu_check", *args], cwd=REPO_ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "timesformer_harness.gpu_check", *args], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=timeout)
     report = next(Path(args[args.index("--out") + 1]).glob("*/report.json"))
     return out, json.loads(report.read_text())
@@ -121,7 +121,7 @@ def test_bench_step_fails_on_error_records_and_missing_suites(tmp_path: Path) ->
 
 
 def test_train_figures_read_either_memory_kind_and_the_decode_move(tmp_path: Path) -> None:
-    from harness.gpu_check import collect_train
+    from timesformer_harness.gpu_check import collect_train
 
     records = [{"event": "start", "optimizer": "torch.optim.AdamW(fused=True)", "precision": "fp32",
                 "world_size": 1},
@@ -130,9 +130,9 @@ def test_train_figures_read_either_memory_kind_and_the_decode_move(tmp_path: Pat
                {"event": "val", "val/top1": 50.0, "memory/val_max_allocated_gib": 0.2},
                {"event": "end", "step": 8}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    log = ("WARNING pipelines.factory: data.backend=auto: DALI decodes on the CPU and the clips are copied to cuda:0, "
+    log = ("WARNING timesformer_harness.pipelines.factory: data.backend=auto: DALI decodes on the CPU and the clips are copied to cuda:0, "
            "because NVDEC cannot decode 1632 of 1632 video(s)\n"
-           "INFO pipelines.dali: DALI loader (cpu): 1632 clips/epoch on this rank, 51 batches, 8 threads\n")
+           "INFO timesformer_harness.pipelines.dali: DALI loader (cpu): 1632 clips/epoch on this rank, 51 batches, 8 threads\n")
     figures = collect_train(tmp_path)(log)
     assert figures["loader"] == "dali (cpu, NVDEC cannot decode these videos)"
     assert figures["peak_gib"] == 0.12 and figures["val_peak_gib"] == 0.2 and figures["steps"] == 8
@@ -143,11 +143,11 @@ def test_train_figures_read_either_memory_kind_and_the_decode_move(tmp_path: Pat
 
 
 def test_gpu_size_commands_are_the_users_commands(tmp_path: Path) -> None:
-    from harness.gpu_check import GPU_SIZE
+    from timesformer_harness.gpu_check import GPU_SIZE
 
     steps = {s.name: s for s in build_steps(tmp_path, GPU_SIZE, nprocs=8)}
     assert list(steps) == STEPS and steps["gpu_tests"].cuda_only and not steps["bench"].cuda_only
-    assert steps["bench"].argv[2:6] == ["harness.bench", "--out", str(tmp_path / "bench"), "--attn"]
+    assert steps["bench"].argv[2:6] == ["timesformer_harness.bench", "--out", str(tmp_path / "bench"), "--attn"]
     assert "--preset" not in steps["bench"].argv  # the GPU preset is bench's own default on CUDA
     assert steps["torchrun"].argv[2:6] == ["torch.distributed.run", "--standalone", "--nproc_per_node=8",
                                           "harness/train.py"]

@@ -1,6 +1,9 @@
 """Layers point one way: ``kernels/`` <- ``pipelines/`` <- ``harness/``. Checked on the source (every import
 statement, at module level or inside a function, and ``importlib.import_module("...")`` calls), and on a real
-training process (which modules it has loaded). And no module uses another module's ``_private`` names."""
+training process (which modules it has loaded). And no module uses another module's ``_private`` names.
+
+The folders are one package, ``timesformer_harness`` (``harness/`` itself; ``kernels/``, ``pipelines/`` and
+``benchmarks/`` its subpackages): the scanners map folders to import names with pyproject.toml's ``package-dir``."""
 
 from __future__ import annotations
 
@@ -9,42 +12,70 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# package -> the top-level packages of this repository it must never import
+# folder -> the folders of this repository whose modules it must never import
 FORBIDDEN = {"kernels": ("harness", "pipelines", "benchmarks", "tests"),
              "pipelines": ("harness", "benchmarks", "tests")}
-OFFLINE_TOOLS = "pipelines.tools"
+OFFLINE_TOOLS = "timesformer_harness.pipelines.tools"
+
+
+def package_dirs(root: Path) -> dict[str, str]:
+    """Top-level folder -> its import name, from ``[tool.setuptools.package-dir]`` (data-only folders left out)."""
+    mapping = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    return {folder: name for name, folder in mapping.items() if any((root / folder).rglob("*.py"))}
+
+
+LAYOUT = package_dirs(REPO)
 
 
 @dataclass(frozen=True)
 class Import:
-    source: str  # the importing module, e.g. pipelines.base
+    source: str  # the importing module, e.g. timesformer_harness.pipelines.base
     path: str  # its file, relative to the repository
     line: int
     target: str  # the imported module (or package) name
 
 
-def module_name(path: Path, root: Path) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def module_name(path: Path, root: Path, layout: dict[str, str]) -> str:
+    """The import name of ``path``: its folder's import name, then the rest of its path."""
+    folder, *parts = path.relative_to(root).with_suffix("").parts
+    parts = parts[:-1] if parts and parts[-1] == "__init__" else parts
+    return ".".join([layout.get(folder, folder), *parts])
 
 
-def imports_of(path: Path, root: Path) -> list[Import]:
-    """Every module ``path`` imports. ``from a import b`` yields ``a.b`` when ``a/b.py`` or ``a/b/`` exists under
-    ``root`` (a submodule), else ``a``; relative imports are resolved against the file's package."""
-    name = module_name(path, root)
+def folder_of(module: str, layout: dict[str, str]) -> str:
+    """The top-level folder that holds ``module`` (the longest import-name match; ``tests`` for the tests' own
+    helpers); a module of another distribution gets its own top-level name."""
+    matches = [folder for folder, name in layout.items() if module == name or module.startswith(f"{name}.")]
+    return max(matches, key=lambda f: len(layout[f])) if matches else module.split(".")[0]
+
+
+def file_of(module: str, root: Path, layout: dict[str, str]) -> Path | None:
+    """``module``'s file (``.py`` or package ``__init__.py``; a folder for a namespace package) under ``root``."""
+    folder = folder_of(module, layout)
+    if folder not in layout:
+        return None
+    base = root.joinpath(folder, *module[len(layout[folder]):].split(".")[1:])
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py", base) if p.exists()), None)
+
+
+def imports_of(path: Path, root: Path, layout: dict[str, str]) -> list[Import]:
+    """Every module ``path`` imports. ``from a import b`` yields ``a.b`` when that is a module of this repository (a
+    submodule), else ``a``; relative imports are resolved against the file's package."""
+    name = module_name(path, root, layout)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     rel = str(path.relative_to(root))
     out = []
 
     def is_module(dotted: str) -> bool:
-        base = root.joinpath(*dotted.split("."))
-        return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+        found = file_of(dotted, root, layout)
+        return found is not None and (found.suffix == ".py" or found.is_dir())
 
     for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
         if isinstance(node, ast.Import):
@@ -66,25 +97,25 @@ def imports_of(path: Path, root: Path) -> list[Import]:
     return sorted(set(out), key=lambda i: (i.line, i.target))  # `from a import b, c` may name one module twice
 
 
-def layer_violations(root: Path, forbidden: dict[str, tuple[str, ...]] = FORBIDDEN) -> list[str]:
-    """``file:line: module imports target`` for every import of a package that ``forbidden`` rules out."""
+def layer_violations(root: Path, layout: dict[str, str] = LAYOUT,
+                     forbidden: dict[str, tuple[str, ...]] = FORBIDDEN) -> list[str]:
+    """``file:line: module imports target`` for every import of a folder that ``forbidden`` rules out."""
     bad = []
-    for package, banned in forbidden.items():
-        for path in sorted((root / package).rglob("*.py")):
-            for imp in imports_of(path, root):
-                if imp.target.split(".")[0] in banned:
+    for folder, banned in forbidden.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            for imp in imports_of(path, root, layout):
+                if folder_of(imp.target, layout) in banned:
                     bad.append(f"{imp.path}:{imp.line}: {imp.source} imports {imp.target} "
-                               f"({package}/ must not import {'/, '.join(banned)}/)")
+                               f"({folder}/ must not import {'/, '.join(banned)}/)")
     return bad
 
 
-def import_cycles(root: Path, package: str) -> list[list[Import]]:
-    """Cycles in the graph of imports among ``package``'s modules (lazy imports inside functions included)."""
+def import_cycles(root: Path, folder: str, layout: dict[str, str] = LAYOUT) -> list[list[Import]]:
+    """Cycles in the graph of imports among ``folder``'s modules (lazy imports inside functions included)."""
     graph: dict[str, list[Import]] = {}
-    for path in sorted((root / package).rglob("*.py")):
-        imports = imports_of(path, root)
-        inside = [i for i in imports if i.target == package or i.target.startswith(f"{package}.")]
-        graph[module_name(path, root)] = inside
+    for path in sorted((root / folder).rglob("*.py")):
+        imports = imports_of(path, root, layout)
+        graph[module_name(path, root, layout)] = [i for i in imports if folder_of(i.target, layout) == folder]
     cycles: list[list[Import]] = []
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
@@ -119,37 +150,39 @@ def test_no_import_cycles_among_pipelines_modules() -> None:
 
 def test_the_loader_contract_imports_no_loader() -> None:
     """pipelines.base (Batch, ClipPlanner, ClipLoader) needs only the data config, the sampling and the quarantine."""
-    targets = {i.target for i in imports_of(REPO / "pipelines/base.py", REPO) if i.target.startswith("pipelines")}
-    assert targets <= {"pipelines.config", "pipelines.sampling", "pipelines.quarantine"}, targets
+    pkg = LAYOUT["pipelines"]
+    targets = {i.target for i in imports_of(REPO / "pipelines/base.py", REPO, LAYOUT) if i.target.startswith(pkg)}
+    assert targets <= {f"{pkg}.config", f"{pkg}.sampling", f"{pkg}.quarantine"}, targets
 
 
 def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
-    """The scanners on a made-up tree: an upward import (absolute, relative, lazy, by name) and a cycle."""
+    """The scanners on a made-up tree laid out as ours (``harness/`` the package, ``pipelines/`` its subpackage, no
+    ``__init__.py`` in either): an upward import (absolute, relative, lazy, by name) and a cycle."""
+    layout = {"harness": "pkg", "pipelines": "pkg.pipelines"}
     (tmp_path / "pipelines" / "tools").mkdir(parents=True)
     (tmp_path / "harness").mkdir()
-    for init in ("pipelines", "pipelines/tools", "harness"):
-        (tmp_path / init / "__init__.py").write_text("")
+    (tmp_path / "pipelines" / "tools" / "__init__.py").write_text("")
     (tmp_path / "harness" / "config.py").write_text("")
-    (tmp_path / "pipelines" / "a.py").write_text("import os\nfrom pipelines import b\n")
-    (tmp_path / "pipelines" / "b.py").write_text("def f():\n    from pipelines.tools.c import g\n")
+    (tmp_path / "pipelines" / "a.py").write_text("import os\nfrom pkg.pipelines import b\n")
+    (tmp_path / "pipelines" / "b.py").write_text("def f():\n    from pkg.pipelines.tools.c import g\n")
     (tmp_path / "pipelines" / "tools" / "c.py").write_text(
-        "from .. import a\nfrom ...harness import config\nimport importlib\nimportlib.import_module('harness.x')\n"
-        "def g():\n    from harness.config import X\n")
-    bad = layer_violations(tmp_path, {"pipelines": ("harness",)})
-    assert [b.split(" (")[0] for b in bad] == ["pipelines/tools/c.py:2: pipelines.tools.c imports harness.config",
-                                               "pipelines/tools/c.py:4: pipelines.tools.c imports harness.x",
-                                               "pipelines/tools/c.py:6: pipelines.tools.c imports harness.config"]
-    cycles = import_cycles(tmp_path, "pipelines")
+        "from .. import a\nfrom ... import config\nimport importlib\nimportlib.import_module('pkg.x')\n"
+        "def g():\n    from pkg.config import X\n")
+    bad = layer_violations(tmp_path, layout, {"pipelines": ("harness",)})
+    assert [b.split(" (")[0] for b in bad] == ["pipelines/tools/c.py:2: pkg.pipelines.tools.c imports pkg.config",
+                                               "pipelines/tools/c.py:4: pkg.pipelines.tools.c imports pkg.x",
+                                               "pipelines/tools/c.py:6: pkg.pipelines.tools.c imports pkg.config"]
+    cycles = import_cycles(tmp_path, "pipelines", layout)
     assert [describe(c) for c in cycles] == [
-        "pipelines.a (pipelines/a.py:2) -> pipelines.b (pipelines/b.py:2) -> pipelines.tools.c "
-        "(pipelines/tools/c.py:1) -> pipelines.a"]
+        "pkg.pipelines.a (pipelines/a.py:2) -> pkg.pipelines.b (pipelines/b.py:2) -> pkg.pipelines.tools.c "
+        "(pipelines/tools/c.py:1) -> pkg.pipelines.a"]
 
 
 PROBE = """
 import json, sys
-import harness.train, harness.evaluate
-from pipelines import build_loader
-from pipelines.config import DataConfig
+import timesformer_harness.train, timesformer_harness.evaluate
+from timesformer_harness.pipelines.factory import build_loader
+from timesformer_harness.pipelines.config import DataConfig
 manifest, want_dali = sys.argv[1], sys.argv[2] == "1"
 kinds = ["pyav", "synthetic"] + (["dali"] if want_dali else [])
 for kind in kinds:
@@ -158,7 +191,7 @@ for kind in kinds:
                      validate_cache="none", synthetic_videos=4)
     batch = next(iter(build_loader(cfg, "train", device="cpu")))
     assert tuple(batch.video.shape) == (2, 3, 4, 32, 32), batch.video.shape
-print(json.dumps(sorted(m for m in sys.modules if m == "pipelines" or m.startswith("pipelines."))))
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("timesformer_harness.pipelines."))))
 """
 
 
@@ -171,14 +204,16 @@ def test_a_training_job_never_imports_the_offline_tools(videos) -> None:
                          cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     loaded = json.loads(res.stdout.strip().splitlines()[-1])
-    assert {"pipelines.factory", "pipelines.pyav", "pipelines.synthetic", "pipelines.validate"} <= set(loaded)
+    pkg = LAYOUT["pipelines"]
+    assert {f"{pkg}.factory", f"{pkg}.pyav", f"{pkg}.synthetic", f"{pkg}.validate"} <= set(loaded)
     if want_dali == "1":
-        assert "pipelines.dali" in loaded
+        assert f"{pkg}.dali" in loaded
     tools = [m for m in loaded if m == OFFLINE_TOOLS or m.startswith(f"{OFFLINE_TOOLS}.")]
     assert not tools, f"a training process loaded offline tools: {tools}"
 
 
-@pytest.mark.parametrize("module", ["harness.train", "harness.evaluate", "pipelines.factory"])
+@pytest.mark.parametrize("module", ["timesformer_harness.train", "timesformer_harness.evaluate",
+                                    "timesformer_harness.pipelines.factory"])
 def test_entry_points_import_without_the_tools(module: str) -> None:
     """Importing an entry point alone (no loader built) loads nothing of pipelines.tools either."""
     code = f"import sys, {module}; print([m for m in sys.modules if m.startswith('{OFFLINE_TOOLS}')])"

@@ -1,4 +1,4 @@
-"""Logging set-up: one handler and one format for every CLI (pipelines.logs.setup_logging), rank-aware."""
+"""Logging set-up: one handler and one format for every CLI (timesformer_harness.pipelines.logs.setup_logging), rank-aware."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.logs import setup_logging
+from timesformer_harness.pipelines.logs import setup_logging
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS_CLIS = ("harness/checkpoint.py", "harness/train.py", "harness/evaluate.py")
@@ -32,7 +32,7 @@ def test_one_handler_rank_prefix_and_quiet_ranks(root_logger, monkeypatch: pytes
     setup_logging(rank=0)
     setup_logging(rank=1)  # a second call replaces the handler, it does not add one
     assert len(root_logger.handlers) == 1 and root_logger.level == logging.WARNING
-    record = logging.LogRecord("pipelines.x", logging.WARNING, __file__, 1, "hello", None, None)
+    record = logging.LogRecord("timesformer_harness.pipelines.x", logging.WARNING, __file__, 1, "hello", None, None)
     assert LINE.match(root_logger.handlers[0].format(record)).group(1) == "[rank1] "
     monkeypatch.setenv("WORLD_SIZE", "1")
     setup_logging(logging.DEBUG, rank=0)
@@ -62,7 +62,7 @@ def test_every_cli_sets_up_logging_the_one_way() -> None:
 
 def test_a_cli_logs_in_the_one_format(videos, tmp_path: Path) -> None:
     manifest = videos.manifest("logs.csv", videos.good[:2])
-    res = subprocess.run([sys.executable, "-m", "pipelines.validate", str(manifest), "--cache", "", "--frames", "4",
+    res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.validate", str(manifest), "--cache", "", "--frames", "4",
                           "--sampling-rate", "2"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert res.returncode == 0, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]

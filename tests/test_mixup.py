@@ -1,4 +1,4 @@
-"""harness.mixup: mixup and cutmix on real tensors; the soft targets agree with what was done to the clips."""
+"""timesformer_harness.mixup: mixup and cutmix on real tensors; the soft targets agree with what was done to the clips."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.mixup import cutmix_box, mix_batch, smoothed_one_hot, soft_target_cross_entropy
+from timesformer_harness.mixup import cutmix_box, mix_batch, smoothed_one_hot, soft_target_cross_entropy
 
 B, T, H, W, C = 4, 3, 16, 20, 5
 

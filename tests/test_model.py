@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from harness.counting import count_flops, count_params
-from harness.model import TimeSformer, create_model, load_preset
-from kernels.attention import available_backends
+from timesformer_harness.counting import count_flops, count_params
+from timesformer_harness.model import TimeSformer, create_model, load_preset
+from timesformer_harness.kernels.attention import available_backends
 
 ATTN_TYPES = ["divided_space_time", "joint_space_time", "space_only"]
 TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=4, num_classes=7)
@@ -250,7 +250,7 @@ def test_unknown_preset_and_bad_args() -> None:
     with pytest.raises(ValueError, match="attention_type='axial'"):
         TimeSformer(**TINY, attention_type="axial")
     with pytest.raises(ValueError, match="unknown attention backend"):
-        from kernels.attention import attention
+        from timesformer_harness.kernels.attention import attention
 
         q = torch.zeros(1, 1, 2, 4)
         attention(q, q, q, backend="fast")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import runtime
-from harness.config import SolverConfig
-from harness.optim import build_optimizer
+from timesformer_harness import runtime
+from timesformer_harness.config import SolverConfig
+from timesformer_harness.optim import build_optimizer
 
 # Three stand-ins for what `import apex` can find: apex built without its CUDA extensions (its optimizers raise at
 # construction, with apex's own message), an unrelated package of the same name, and a working apex.
@@ -64,7 +64,7 @@ def _params() -> list[torch.nn.Parameter]:
 def test_apex_used_only_when_its_optimizer_builds(fake_apex: str, caplog: pytest.LogCaptureFixture) -> None:
     cuda = torch.device("cuda")  # the choice depends on the device type; the CPU parameters never move
     for name, torch_cls in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
-        with caplog.at_level(logging.INFO, logger="harness.optim"):
+        with caplog.at_level(logging.INFO, logger="timesformer_harness.optim"):
             opt, impl = build_optimizer(_params(), SolverConfig(optimizer=name), cuda)
         if fake_apex == "working":
             assert impl == {"sgd": "apex.optimizers.FusedSGD", "adamw": "apex.optimizers.FusedAdam"}[name]

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import DataConfig
-from pipelines import build_loader
-from pipelines.base import CLIP_FORMAT, empty_clips
-from pipelines.dali import PlanSource, build_video_pipeline, to_clips
-from pipelines.pyav import decode_frames
-from pipelines.transforms import crop_window, finish_clip, resize_window
-from pipelines.sampling import ClipPlan, kinetics_frames, segment_frames, train_window
-from pipelines.sampling import test_window as view_window
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.factory import build_loader
+from timesformer_harness.pipelines.base import CLIP_FORMAT, empty_clips
+from timesformer_harness.pipelines.dali import PlanSource, build_video_pipeline, to_clips
+from timesformer_harness.pipelines.pyav import decode_frames
+from timesformer_harness.pipelines.transforms import crop_window, finish_clip, resize_window
+from timesformer_harness.pipelines.sampling import ClipPlan, kinetics_frames, segment_frames, train_window
+from timesformer_harness.pipelines.sampling import test_window as view_window
 from conftest import encode_video
 
 MEAN, STD = [0.45] * 3, [0.225] * 3

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import DataConfig
-from pipelines.manifest import VideoEntry, read_csv, read_entries, read_kinetics, read_manifest, read_ssv2
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.manifest import VideoEntry, read_csv, read_entries, read_kinetics, read_manifest, read_ssv2
 
 
 def test_kinetics_relative_paths_resolve_against_the_manifest_folder(tmp_path: Path) -> None:
@@ -94,10 +94,10 @@ def test_read_entries_is_the_one_dispatch(tmp_path: Path) -> None:
 
 def test_callers_share_the_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """read_manifest, the validator CLI and prepare call read_entries (recorded here), not a parser of their own."""
-    import pipelines.manifest as manifest
-    import pipelines.tools.prepare as prepare
-    import pipelines.validate as validate
-    from pipelines.tools.transcode import PrepareSpec
+    import timesformer_harness.pipelines.manifest as manifest
+    import timesformer_harness.pipelines.tools.prepare as prepare
+    import timesformer_harness.pipelines.validate as validate
+    from timesformer_harness.pipelines.tools.transcode import PrepareSpec
 
     calls = []
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from conftest import textured_frames
-from harness.config import REPO_ROOT
-from pipelines import nvdec
-from pipelines.config import DataConfig
-from pipelines.nvdec import auto_decode_device, generation_of, nvdec_problem
-from pipelines.tools.encode import write_video
-from pipelines.validate import VideoInfo, check_videos, probe_video
+from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.pipelines import nvdec
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.nvdec import auto_decode_device, generation_of, nvdec_problem
+from timesformer_harness.pipelines.tools.encode import write_video
+from timesformer_harness.pipelines.validate import VideoInfo, check_videos, probe_video
 
 # name -> (encoder, width, height, pix_fmt, extension)
 FILES = {
@@ -87,7 +87,7 @@ def test_nvdec_minimum_frame_sizes_on_real_files(files) -> None:
     assert problem["vp9_32"].startswith("frame 32x32 is below NVDEC's VP9 minimum of 128x128; decode it on the CPU "
                                         "(data.backend=cpu")
     assert problem["vp9_128"] == "" and problem["hevc_144"] == "" and problem["h264_64x48"] == ""
-    assert "frame 128x128 is below NVDEC's HEVC minimum of 144x144; re-encode it (python -m pipelines.tools.prepare" in \
+    assert "frame 128x128 is below NVDEC's HEVC minimum of 144x144; re-encode it (python -m timesformer_harness.pipelines.tools.prepare" in \
         problem["hevc_128"] and "data.loader=pyav" in problem["hevc_128"]  # no DALI CPU decoder for HEVC
     assert "frame 32x16 is below NVDEC's MPEG-4 minimum of 48x16" in problem["mpeg4_32x16"]
 
@@ -144,7 +144,7 @@ def test_check_videos_and_cli_name_every_file_nvdec_cannot_decode(files, tmp_pat
     assert [p for p, _ in rejected] == [files[n] for n in ("vp9_32", "hevc_10bit")]
     manifest = tmp_path / "m.csv"
     manifest.write_text("".join(f"{files[n]} 0\n" for n in names))
-    args = [sys.executable, "-m", "pipelines.validate", str(manifest), "--backend", "gpu", "--cache", "",
+    args = [sys.executable, "-m", "timesformer_harness.pipelines.validate", str(manifest), "--backend", "gpu", "--cache", "",
             "--frames", "4", "--sampling-rate", "2", "--pad"]
     hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # judged for the default generation even on a GPU machine
     res = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, env=hidden)
@@ -171,7 +171,7 @@ CUDA = torch.device("cuda")
 
 def test_plan_decode_moves_what_nvdec_cannot_take_to_dalis_cpu_decoder(files) -> None:
     """The factory's decision for a model on CUDA, from probed real files; no GPU is touched."""
-    from pipelines.factory import DecodePlan, plan_decode
+    from timesformer_harness.pipelines.factory import DecodePlan, plan_decode
 
     _need(files, "vp9_32", "vp9_128", "h264_64x48", "av1_128")
     info = {n: probe_video(files[n]) for n in ("vp9_32", "vp9_128", "h264_64x48", "av1_128")}
@@ -207,7 +207,7 @@ def test_plan_decode_moves_what_nvdec_cannot_take_to_dalis_cpu_decoder(files) ->
 
 
 def test_data_backend_gpu_needs_the_model_on_cuda(files) -> None:
-    from pipelines.factory import plan_decode, resolve_backend
+    from timesformer_harness.pipelines.factory import plan_decode, resolve_backend
 
     cfg = DataConfig(backend="gpu")
     with pytest.raises(ValueError, match=r"data.backend=gpu decodes on the GPU, but the model runs on cpu .*set "
@@ -222,7 +222,7 @@ def test_build_loader_for_a_cuda_model_decodes_small_vp9_on_the_cpu(videos, monk
     pipeline is built lazily): the embedded default's case, VP9 below NVDEC's minimum."""
     import logging
 
-    from pipelines import build_loader
+    from timesformer_harness.pipelines.factory import build_loader
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     manifest = videos.manifest("cuda_model.csv", videos.good[:4])  # VP9 64x48

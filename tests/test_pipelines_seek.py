@@ -15,14 +15,15 @@ import pytest
 import torch
 
 from conftest import textured_frames
-from pipelines import build_loader, packets
-from pipelines.base import CLIP_FORMAT, ClipPlanner, Video
-from pipelines.config import DataConfig
-from pipelines.dali import DaliLoader, PlanSource
-from pipelines.packets import PacketIndexCache, count_stream_frames, index_packets, keyframe_segments, plan_packets
-from pipelines.pyav import decode_clip, decode_frames
-from pipelines.sampling import ClipPlan
-from pipelines.tools.encode import write_video
+from timesformer_harness.pipelines import packets
+from timesformer_harness.pipelines.factory import build_loader
+from timesformer_harness.pipelines.base import CLIP_FORMAT, ClipPlanner, Video
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.dali import DaliLoader, PlanSource
+from timesformer_harness.pipelines.packets import PacketIndexCache, count_stream_frames, index_packets, keyframe_segments, plan_packets
+from timesformer_harness.pipelines.pyav import decode_clip, decode_frames
+from timesformer_harness.pipelines.sampling import ClipPlan
+from timesformer_harness.pipelines.tools.encode import write_video
 
 STD = 0.225
 VP9 = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}
@@ -101,7 +102,7 @@ def test_clip_streams_decode_the_planned_frames_exactly(files, name, tmp_path) -
     plans.append(replace(plans[0], frames=np.array([40, 3, 3, 47, 100, 20])))  # any order, repeats, past the end
     source = PlanSource(len(plans), decode_only=True)
     source.start(plans)
-    from pipelines.dali import build_video_pipeline
+    from timesformer_harness.pipelines.dali import build_video_pipeline
 
     pipe = build_video_pipeline(source, batch_size=len(plans), crop=32, mean=[0.45] * 3, std=[STD] * 3,
                                 num_threads=1, decode_only=True)
@@ -141,7 +142,7 @@ def test_dali_loader_equals_pyav_loader_across_codecs_ranks_and_resume(files, tm
         dali = build_loader(cfg, "train", device="cpu", rank=rank, world_size=2)
         pyav = build_loader(replace(cfg, loader="pyav"), "train", device="cpu", rank=rank, world_size=2)
         assert isinstance(dali, DaliLoader) and dali.num_clips == 6 and len(dali) == 3
-        with caplog.at_level(logging.INFO, logger="pipelines.dali"):
+        with caplog.at_level(logging.INFO, logger="timesformer_harness.pipelines.dali"):
             epoch = list(dali)
         assert sum(b.video.shape[0] for b in epoch) == dali.num_clips  # nothing dropped
         plans = dali.planner.plans(0)
@@ -173,7 +174,7 @@ def test_files_whose_payloads_are_not_byte_ranges_are_decoded_from_frame_0(files
     seeking = next(iter(build_loader(cfg, "test", device="cpu")))
     real = packets.index_packets
     monkeypatch.setattr(packets, "index_packets", lambda p, offsets=True: real(p, offsets=False))
-    with caplog.at_level(logging.INFO, logger="pipelines.dali"):
+    with caplog.at_level(logging.INFO, logger="timesformer_harness.pipelines.dali"):
         whole = next(iter(build_loader(cfg, "test", device="cpu")))
     assert torch.equal(seeking.video, whole.video)
     text = caplog.text
@@ -299,7 +300,7 @@ def test_an_mjpeg_set_is_decoded_as_jpeg_images_like_the_pyav_loader(tmp_path, c
     dali = build_loader(cfg, "train", device="cpu")
     pyav = build_loader(replace(cfg, loader="pyav"), "train", device="cpu")
     assert isinstance(dali, DaliLoader) and dali.jpeg_frames
-    with caplog.at_level(logging.INFO, logger="pipelines.dali"):
+    with caplog.at_level(logging.INFO, logger="timesformer_harness.pipelines.dali"):
         epoch = list(dali)
     assert "DALI fed 4 clips: mjpeg images 4; 4.0 frames decoded per clip" in caplog.text
     plans = dali.planner.plans(0)
@@ -317,7 +318,7 @@ def test_an_mjpeg_set_is_decoded_as_jpeg_images_like_the_pyav_loader(tmp_path, c
     source = PlanSource(2, decode_only=True, jpeg_frames=True)
     inputs = [source.clip_input(p) for p in odd]
     assert [(x.mode, x.decoded, len(x.images)) for x in inputs] == [("images", 4, 4)] * 2
-    from pipelines.dali import build_video_pipeline, to_clips
+    from timesformer_harness.pipelines.dali import build_video_pipeline, to_clips
 
     pipe = build_video_pipeline(source, batch_size=2, crop=32, mean=[0.45] * 3, std=[STD] * 3, num_threads=1,
                                 decode_only=True, frames_per_clip=4)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness.config import REPO_ROOT, load_config
-from pipelines import build_loader
-from pipelines.tools.toy import CLASSES, COLOUR_NAMES, ToySpec, clip_params, generate, render_clip
-from pipelines.validate import check_videos
+from timesformer_harness.config import REPO_ROOT, load_config
+from timesformer_harness.pipelines.factory import build_loader
+from timesformer_harness.pipelines.tools.toy import CLASSES, COLOUR_NAMES, ToySpec, clip_params, generate, render_clip
+from timesformer_harness.pipelines.validate import check_videos
 
 SMALL = ToySpec(train=12, val=6, test=6)
 
@@ -39,7 +39,7 @@ def test_generate_is_deterministic_idempotent_and_kinetics_format(tmp_path: Path
 
 def test_cli_and_toy_preset_feed_the_dali_loader(tmp_path: Path) -> None:
     out = tmp_path / "toy"
-    cmd = [sys.executable, "-m", "pipelines.tools.toy", "--out", str(out), "--train", "16", "--val", "6", "--test", "6"]
+    cmd = [sys.executable, "-m", "timesformer_harness.pipelines.tools.toy", "--out", str(out), "--train", "16", "--val", "6", "--test", "6"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     assert res.returncode == 0, res.stderr
     data = load_config(REPO_ROOT / "configs/data/toy.yaml").data

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import pipelines.validate as validate
-from harness.config import REPO_ROOT
-from pipelines.config import DataConfig
-from pipelines import build_loader
-from pipelines.validate import check_videos, probe_video
+import timesformer_harness.pipelines.validate as validate
+from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.factory import build_loader
+from timesformer_harness.pipelines.validate import check_videos, probe_video
 
 BAD = {  # fixture attribute -> (reason on the DALI cpu backend, with padding allowed)
     "missing": "missing: no such file",
@@ -69,7 +69,7 @@ def test_cli_lists_unusable_files_and_exits_1(videos, tmp_path: Path, capsys: py
     good = videos.manifest("cli_good.csv", videos.good[:2])
     bad = videos.manifest("cli_bad.csv", videos.good[:2] + [videos.h264, videos.empty])
     args = ["--cache", str(tmp_path / "c.sqlite"), "--frames", "4", "--sampling-rate", "2"]
-    res = subprocess.run([sys.executable, "-m", "pipelines.validate", *args, str(bad)], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.validate", *args, str(bad)], capture_output=True,
                          text=True, cwd=REPO_ROOT)  # a real process once; the other cases in-process
     assert res.returncode == 1
     assert f"{videos.h264}: codec" in res.stdout and f"{videos.empty}: empty file" in res.stdout
@@ -113,7 +113,7 @@ def test_build_loader_skip_writes_rejected_csv(videos, tmp_path: Path) -> None:
 
 def test_auto_falls_back_to_pyav_for_codecs_dali_cpu_cannot_decode(videos, caplog) -> None:
     manifest = videos.manifest("auto.csv", videos.good[:3] + [videos.h264])
-    with caplog.at_level(logging.WARNING, logger="pipelines.factory"):
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.pipelines.factory"):
         loader = build_loader(_cfg(videos, manifest, loader="auto"), "train", device="cpu")
     assert type(loader).__name__ == "PyAVLoader" and loader.rejected == []
     assert "using the PyAV loader because 1 of 4 video(s) cannot be decoded by DALI's cpu backend, e.g. " \

@@ -13,19 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import REPO_ROOT
-from pipelines.config import DataConfig
-from pipelines.files import is_temporary
-from pipelines.tools.decode_cost import read_gop
-from pipelines.manifest import read_kinetics, read_ssv2
-from pipelines.tools.prepare import JOURNAL, SPEC_FILE, main, parse_gop, prepare
-from pipelines.tools.transcode import PrepareSpec, output_size, transcode
-from pipelines.validate import check_videos
+from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.files import is_temporary
+from timesformer_harness.pipelines.tools.decode_cost import read_gop
+from timesformer_harness.pipelines.manifest import read_kinetics, read_ssv2
+from timesformer_harness.pipelines.tools.prepare import JOURNAL, SPEC_FILE, main, parse_gop, prepare
+from timesformer_harness.pipelines.tools.transcode import PrepareSpec, output_size, transcode
+from timesformer_harness.pipelines.validate import check_videos
 from tests.conftest import encode_video, textured_frames
 
 
 def temporaries(folder: Path) -> list[Path]:
-    """Outputs being written (or left by a killed writer): ``pipelines.files.atomic_path``'s temporaries."""
+    """Outputs being written (or left by a killed writer): ``timesformer_harness.pipelines.files.atomic_path``'s temporaries."""
     return [p for p in folder.glob(".*") if is_temporary(p)]
 
 
@@ -69,7 +69,7 @@ def test_broken_sources_are_reported(prepared):
 
 def test_loads_through_dali_cpu(prepared):
     pytest.importorskip("nvidia.dali")
-    from pipelines import build_loader
+    from timesformer_harness.pipelines.factory import build_loader
 
     vs, manifest, out, _ = prepared
     cfg = DataConfig(loader="dali", backend="cpu", root=str(out), train_manifest=str(out / manifest.name),
@@ -111,7 +111,7 @@ def test_killed_run_resumes(tmp_path):
     manifest = src / "list.csv"
     manifest.write_text("".join(f"v{i}.webm {i % 4}\n" for i in range(8)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipelines.tools.prepare", str(manifest), "--out", str(out), "--short-side", "96",
+    cmd = [sys.executable, "-m", "timesformer_harness.pipelines.tools.prepare", str(manifest), "--out", str(out), "--short-side", "96",
            "--gop", "8", "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

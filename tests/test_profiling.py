@@ -1,4 +1,4 @@
-"""harness.profiling: real profiled train steps, the summary's attention ranges (also over synthetic events shaped
+"""timesformer_harness.profiling: real profiled train steps, the summary's attention ranges (also over synthetic events shaped
 like a CUDA profile's), and TensorBoard's profiler plugin reading our run on loopback."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import pytest
 from torch.autograd import DeviceType
 
-from harness.bench import resolve
-from harness.config import REPO_ROOT
-from harness.counting import count_flops
-from harness.gpu_check import collect_profile
-from harness.model import load_preset
-from harness.profiling import run_profile, summarise, write_summary
+from timesformer_harness.bench import resolve
+from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.counting import count_flops
+from timesformer_harness.gpu_check import collect_profile
+from timesformer_harness.model import load_preset
+from timesformer_harness.profiling import run_profile, summarise, write_summary
 
 
 def _cfg(attention_type: str):
@@ -166,10 +166,10 @@ def test_cuda_summary_is_written_and_read_back_by_the_gpu_check(tmp_path):
 
 
 def test_profiling_cli_rejects_all():
-    out = subprocess.run([sys.executable, "-m", "harness.profiling", "--attn", "all"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "timesformer_harness.profiling", "--attn", "all"], capture_output=True,
                          text=True, cwd=REPO_ROOT, timeout=120)
     assert out.returncode == 2 and "takes one variant" in out.stderr
-    bad = subprocess.run([sys.executable, "-m", "harness.profiling", "--attn", "diagonal", "--preset", "tiny"],
+    bad = subprocess.run([sys.executable, "-m", "timesformer_harness.profiling", "--attn", "diagonal", "--preset", "tiny"],
                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert bad.returncode == 2 and "model.attention_type='diagonal'; choose from" in bad.stderr  # config check
 

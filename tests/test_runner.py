@@ -1,4 +1,4 @@
-"""harness.runner: the one fresh-process runner and its outcome policy, on real child processes (a function that
+"""timesformer_harness.runner: the one fresh-process runner and its outcome policy, on real child processes (a function that
 returns, raises, allocates past the address-space cap, is SIGKILLed, or outlives its timeout)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.runner import Outcome, is_oom, run_in_fresh_process
+from timesformer_harness.runner import Outcome, is_oom, run_in_fresh_process
 
 # The child imports this module by name; tests/ is on its path through PYTHONPATH.
 ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent)}

@@ -1,4 +1,4 @@
-"""harness.runtime: precision and device resolution, autocast, seeding, determinism, environment facts."""
+"""timesformer_harness.runtime: precision and device resolution, autocast, seeding, determinism, environment facts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.runtime import (autocast, device_name, environment_info, precision_name, resolve_device,
+from timesformer_harness.runtime import (autocast, device_name, environment_info, precision_name, resolve_device,
                              resolve_precision, seed_everything, set_determinism)
 
 CPU = torch.device("cpu")
@@ -91,7 +91,7 @@ def test_retain_freed_memory_stops_page_faults_on_reused_batches():
 
     code = """
 import resource, sys, torch
-from harness.runtime import retain_freed_memory
+from timesformer_harness.runtime import retain_freed_memory
 
 def faults():
     for _ in range(16):  # warm: glibc's heap settles after a few batches (measured: 8 with faults, then none)

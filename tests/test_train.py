@@ -1,4 +1,4 @@
-"""harness.train / optim / train_state: schedules, optimizers, checkpoint files, and real training processes
+"""timesformer_harness.train / optim / train_state: schedules, optimizers, checkpoint files, and real training processes
 (single process and 2-process torchrun on gloo) reading a tiny toy dataset (real VP9 files) through the DALI CPU
 pipeline: exact resume after SIGTERM, NaN stop, kill -9 during a save, disjoint shards and identical weights."""
 
@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.checkpoint import load_file
-from harness.config import SolverConfig
-from harness.model import create_model
-from harness.optim import build_optimizer, lr_at
-from harness.train_state import CheckpointManager, list_checkpoints, resume_position
+from timesformer_harness.checkpoint import load_file
+from timesformer_harness.config import SolverConfig
+from timesformer_harness.model import create_model
+from timesformer_harness.optim import build_optimizer, lr_at
+from timesformer_harness.train_state import CheckpointManager, list_checkpoints, resume_position
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -35,7 +35,7 @@ TINY = ["--config", "configs/model/tiny.yaml", "model.num_classes=6", "data.load
 
 def make_toy(out: Path) -> Path:
     """A tiny toy dataset (32 train / 8 val / 8 test VP9 clips of 32x32 px, 16 frames)."""
-    from pipelines.tools.toy import ToySpec, generate
+    from timesformer_harness.pipelines.tools.toy import ToySpec, generate
 
     generate(out, ToySpec(frames=16, train=32, val=8, test=8), workers=1)
     return out
@@ -86,7 +86,7 @@ def test_cosine_and_warmup_are_per_iteration():
 
 def test_optimizer_choice_is_reported_and_lamb_needs_apex(caplog):
     model = create_model("tiny")
-    with caplog.at_level(logging.INFO, logger="harness.optim"):
+    with caplog.at_level(logging.INFO, logger="timesformer_harness.optim"):
         opt, impl = build_optimizer(list(model.parameters()), SolverConfig(), torch.device("cpu"))
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
     assert impl == "torch.optim.SGD(foreach=True)" and impl in caplog.text
@@ -125,7 +125,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     _save(mgr, model, 1, 0)
     latest = _save(mgr, model, 2, 0)
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated
-    with caplog.at_level(logging.WARNING, logger="harness.train_state"):
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.train_state"):
         path, obj = mgr.load_latest()
     assert path.name == "checkpoint_epoch_00001.pyth" and resume_position(obj) == (1, 0)
     assert "checkpoint_epoch_00002.pyth is unreadable" in caplog.text and "falling back" in caplog.text
@@ -134,8 +134,8 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
 KILL_DURING_SAVE = r"""
 import os, sys, time
 import torch
-from harness.model import create_model
-from harness.train_state import CheckpointManager
+from timesformer_harness.model import create_model
+from timesformer_harness.train_state import CheckpointManager
 mgr = CheckpointManager(sys.argv[1], keep_last=3)
 model = create_model("tiny")
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -178,7 +178,7 @@ def reference_run(tmp_path_factory, toy) -> Path:
 
 
 def test_run_writes_config_metrics_tensorboard_and_original_checkpoints(reference_run):
-    from harness.config import load_config
+    from timesformer_harness.config import load_config
 
     cfg = load_config(reference_run / "config.yaml")  # the resolved config loads back as it was
     assert cfg.model.num_classes == 6 and cfg.solver.global_batch_size == 8 and cfg.data.loader == "dali"
@@ -222,7 +222,7 @@ def test_nan_loss_stops_with_a_clear_error_and_a_debug_checkpoint(toy, tmp_path)
 
 
 def test_unknown_key_on_the_command_line_fails_naming_the_closest(tmp_path):
-    res = run([PY, "-m", "harness.train", "--config", "configs/model/tiny.yaml", "solver.base_lrr=0.1",
+    res = run([PY, "-m", "timesformer_harness.train", "--config", "configs/model/tiny.yaml", "solver.base_lrr=0.1",
                f"output.dir={tmp_path}"])
     assert res.returncode != 0 and "did you mean 'solver.base_lr'" in res.stderr
 
@@ -287,7 +287,7 @@ def test_toy_recipe_divided_learns_the_order_space_only_cannot(tmp_path: Path) -
     watched and stopped with SIGTERM (it saves and exits 0) after the first validation at or above 90%, so the test
     pays for the epochs the recipe needs, not all 40. The same recipe with space-only attention stays near chance
     (1/6) because only the frame order tells the class."""
-    from pipelines.tools.toy import generate
+    from timesformer_harness.pipelines.tools.toy import generate
 
     generate(tmp_path / "toy")
     common = ["--config", "configs/exp/toy_divided_cpu.yaml", f"data.root={tmp_path / 'toy'}",
@@ -326,10 +326,10 @@ def test_memory_is_logged_per_window_and_validation_apart(tmp_path, monkeypatch)
     own: a 320 MiB buffer touched during validation shows in the val record only (CPU: the process's peak RSS)."""
     import numpy as np
 
-    import harness.train as train_module
-    from harness.config import load_config
-    from harness.distributed import init_distributed
-    from harness.metrics import PeakMemoryWindow
+    import timesformer_harness.train as train_module
+    from timesformer_harness.config import load_config
+    from timesformer_harness.distributed import init_distributed
+    from timesformer_harness.metrics import PeakMemoryWindow
 
     if not PeakMemoryWindow("cpu").kind:
         pytest.skip("/proc/self/clear_refs cannot be written here")

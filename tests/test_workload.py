@@ -1,4 +1,4 @@
-"""harness.workload: the one train/infer step (loss with label smoothing, clipping, the fp16 scaler path,
+"""timesformer_harness.workload: the one train/infer step (loss with label smoothing, clipping, the fp16 scaler path,
 torch.compile) on the tiny model, and the attention-backend check every model build goes through (CUDA cases
 judged from a device object and a compute capability, no GPU touched)."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import SolverConfig
-from harness.model import load_preset
-from harness.workload import BENCH_SOLVER, TrainStep, build_model, check_attention, synthetic_batch, synthetic_step
+from timesformer_harness.config import SolverConfig
+from timesformer_harness.model import load_preset
+from timesformer_harness.workload import BENCH_SOLVER, TrainStep, build_model, check_attention, synthetic_batch, synthetic_step
 
 CPU = torch.device("cpu")
 # Plain gradient descent: a parameter moves by exactly -lr x its (clipped) gradient.
@@ -154,7 +154,7 @@ def test_build_model_checks_before_building_and_reads_the_gpus_capability(monkey
 
 
 def test_bench_config_is_refused_before_any_case_runs():
-    from harness.bench import resolve
+    from timesformer_harness.bench import resolve
 
     with pytest.raises(ValueError, match="model.attn_backend=efficient exists on CUDA only"):
         resolve(preset="tiny", overrides=["model.attn_backend=efficient"])

@@ -1,7 +1,7 @@
-"""``python -m harness.bench``: see ``harness.bench.cli``."""
+"""``python -m timesformer_harness.bench``: see ``timesformer_harness.bench.cli``."""
 
 import sys
 
-from harness.bench.cli import main
+from timesformer_harness.bench.cli import main
 
 sys.exit(main())

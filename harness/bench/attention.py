@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import torch
 
-from harness.bench.case import BenchCase, timed
-from harness.config import ModelConfig, RootConfig
-from harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
+from timesformer_harness.bench.case import BenchCase, timed
+from timesformer_harness.config import ModelConfig, RootConfig
+from timesformer_harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
 
 # The attention shapes each variant runs.
 VARIANT_SHAPES = {
@@ -34,9 +34,9 @@ def attention_shape(cfg: ModelConfig, shape: str, B: int, T: int, S: int) -> tup
 
 def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
           device: torch.device) -> list[BenchCase]:
-    from kernels.attention import available_backends
+    from timesformer_harness.kernels.attention import available_backends
 
-    from harness.runtime import resolve_precision
+    from timesformer_harness.runtime import resolve_precision
 
     T, S = cfg.model.num_frames, cfg.model.img_size
     shapes = [s for s in ("temporal", "spatial", "joint") if any(s in VARIANT_SHAPES[a] for a in attns)]
@@ -53,8 +53,8 @@ def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
 
 
 def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Time ``kernels.attention.attention`` on random q, k, v of the block's shape with the case's backend."""
-    from kernels.attention import attention
+    """Time ``timesformer_harness.kernels.attention.attention`` on random q, k, v of the block's shape with the case's backend."""
+    from timesformer_harness.kernels.attention import attention
 
     B, T, S = case.batch, case.frames, case.img_size
     nseq, H, L, hd = attention_shape(case.model, case.shape, B, T, S)

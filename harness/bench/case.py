@@ -9,9 +9,9 @@ from typing import Any, Callable
 
 import torch
 
-from harness.config import ModelConfig
-from harness.metrics import BenchRecord, gemm_workload, time_steps, time_steps_interleaved
-from harness.runtime import device_name
+from timesformer_harness.config import ModelConfig
+from timesformer_harness.metrics import BenchRecord, gemm_workload, time_steps, time_steps_interleaved
+from timesformer_harness.runtime import device_name
 
 # Suites whose cases run a model (or one of its attention shapes) of a given attention variant.
 SUITES_WITH_VARIANT = ("model", "attention", "scaling", "e2e")
@@ -26,7 +26,7 @@ class SkipCase(Exception):
 class BenchCase:
     """One measured case. Fields past ``steps`` apply to some suites only (their defaults mean "not used").
 
-    The parent builds it (``harness.bench.sweep.build_cases``); ``to_dict``/``from_dict`` carry it to the worker
+    The parent builds it (``timesformer_harness.bench.sweep.build_cases``); ``to_dict``/``from_dict`` carry it to the worker
     process as JSON.
     """
 
@@ -45,9 +45,9 @@ class BenchCase:
     gemm_n: int = 0  # CPU: an n^3 fp32 GEMM timed after every step is the utilisation peak; 0 = use peak_flops
     peak_flops: float | None = None  # the run's peak: GPU table, or the GEMM measured at the start of the run
     peak_flops_source: str | None = None
-    mem_limit_gb: float = 0.0  # CPU: the worker's address-space headroom (harness.runner); 0 = no cap
+    mem_limit_gb: float = 0.0  # CPU: the worker's address-space headroom (timesformer_harness.runner); 0 = no cap
     shape: str = ""  # attention: temporal | spatial | joint
-    backend: str = ""  # attention: kernels.attention backend; pipeline: dali | pyav
+    backend: str = ""  # attention: timesformer_harness.kernels.attention backend; pipeline: dali | pyav
     data_config: str = ""  # pipeline, e2e: YAML whose data section (and for e2e, model section) is used
     batches: int = 0  # pipeline, e2e: timed batches after 2 warm-up batches
     threshold: float = 0.0  # e2e: input-bound when waiting for data takes more than this share of a step

@@ -1,14 +1,14 @@
-"""``python -m harness.bench``: run the suites, write the report; ``python -m harness.bench compare A B``.
+"""``python -m timesformer_harness.bench``: run the suites, write the report; ``python -m timesformer_harness.bench compare A B``.
 
-    python -m harness.bench --attn divided_space_time|joint_space_time|space_only|all [--preset NAME]
+    python -m timesformer_harness.bench --attn divided_space_time|joint_space_time|space_only|all [--preset NAME]
         [--mode train|infer|both] [--frames 8,16,32] [--img 224,448] [--suites model,attention,...] [--out DIR]
         [--config FILE] [key=value ...]
-    python -m harness.bench compare RUN_A RUN_B [--out DIR] [--force]
+    python -m timesformer_harness.bench compare RUN_A RUN_B [--out DIR] [--force]
 
-Every case runs in a fresh process (``harness.runner``): on CPU that is what makes its peak RSS its own, and
+Every case runs in a fresh process (``timesformer_harness.runner``): on CPU that is what makes its peak RSS its own, and
 everywhere it keeps an out-of-memory case from poisoning the next one. A case that runs out of memory is recorded
 as ``oom`` and the sweep goes on. Outputs go to ``runs/bench/<timestamp>-<attn>/``: ``results.json``
-(``harness.metrics.BenchRecord``, versioned), ``summary.md``, ``config.yaml`` and PNG plots.
+(``timesformer_harness.metrics.BenchRecord``, versioned), ``summary.md``, ``config.yaml`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import Sequence
 
 import torch
 
-from harness.bench.report import summary_table, write_summary
-from harness.bench.sweep import build_cases, run_case
-from harness.config import ATTENTION_TYPES, BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
-from harness.metrics import BenchRecord, gpu_peak_flops, measure_gemm_flops, write_results
-from harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
-from harness.workload import check_attention
-from pipelines.files import atomic_write_text
-from pipelines.logs import setup_logging
+from timesformer_harness.bench.report import summary_table, write_summary
+from timesformer_harness.bench.sweep import build_cases, run_case
+from timesformer_harness.config import ATTENTION_TYPES, BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
+from timesformer_harness.metrics import BenchRecord, gpu_peak_flops, measure_gemm_flops, write_results
+from timesformer_harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
+from timesformer_harness.workload import check_attention
+from timesformer_harness.pipelines.files import atomic_write_text
+from timesformer_harness.pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
     Precedence, lowest first: the schema defaults, ``config`` (YAML), the preset's model fields
     (``configs/model/<preset>.yaml``; default ``bench.preset``, else by device), ``overrides`` (``key=value``),
     then the keyword arguments. The result is checked like any loaded config (``load_config``), its attention
-    backend against the device in ``bench.precision`` (``harness.workload.check_attention``), and
+    backend against the device in ``bench.precision`` (``timesformer_harness.workload.check_attention``), and
     ``bench.preset`` names the preset used.
     """
-    from harness.model import load_preset
+    from timesformer_harness.model import load_preset
 
     device = resolve_device()
     preset = preset or load_config(config).bench.preset or default_preset(device)
@@ -93,7 +93,7 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
 
 
 def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[float | None, str | None]:
-    """The utilisation denominator: the GPU's dense peak from ``harness.metrics.GPU_PEAKS`` (none for a GPU not in
+    """The utilisation denominator: the GPU's dense peak from ``timesformer_harness.metrics.GPU_PEAKS`` (none for a GPU not in
     it: the source says so and no utilisation is computed), else an fp32 GEMM measured now on this CPU."""
     if device.type == "cuda":
         peak, source = gpu_peak_flops(device_name(device), precision)
@@ -105,8 +105,8 @@ def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[flo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0],
-                                epilog="Compare two runs: python -m harness.bench compare RUN_A RUN_B")
+    p = argparse.ArgumentParser(prog="python -m timesformer_harness.bench", description=__doc__.split("\n\n")[0],
+                                epilog="Compare two runs: python -m timesformer_harness.bench compare RUN_A RUN_B")
     p.add_argument("--attn", default="all", help="divided_space_time | joint_space_time | space_only | all")
     p.add_argument("--preset", default=None, help="model preset (configs/model/NAME.yaml); default by device")
     p.add_argument("--mode", default="both", help="train | infer | both")
@@ -164,7 +164,7 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
         write_results(out / "results.json", records, meta)
     write_summary(out / "summary.md", records, meta)
     try:
-        from harness.plots import plot_scaling
+        from timesformer_harness.plots import plot_scaling
 
         plot_scaling(records, out)
     except Exception as e:  # noqa: BLE001 - a missing plot must not lose the measurements
@@ -175,7 +175,7 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
-        from harness.bench.compare import main as compare_main
+        from timesformer_harness.bench.compare import main as compare_main
 
         return compare_main(argv[1:])
     parser = build_parser()

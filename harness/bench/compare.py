@@ -1,4 +1,4 @@
-"""Two bench runs side by side: ``python -m harness.bench compare RUN_A RUN_B [--out DIR] [--force]``.
+"""Two bench runs side by side: ``python -m timesformer_harness.bench compare RUN_A RUN_B [--out DIR] [--force]``.
 
 For every case in either run: images/s of A and B and their ratio B/A, and the same for utilisation. On CPU a
 case's utilisation is its achieved FLOP/s over an fp32 GEMM timed between its own steps, so a machine that is
@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.metrics import SCHEMA_VERSION, BenchRecord, read_results
-from pipelines.files import atomic_write_text
+from timesformer_harness.metrics import SCHEMA_VERSION, BenchRecord, read_results
+from timesformer_harness.pipelines.files import atomic_write_text
 
 # Case fields that must match for its numbers to be compared as like with like.
 CASE_KEYS = ("batch", "precision", "frames", "img_size")
@@ -211,9 +211,9 @@ def plot_comparison(rows: list[CaseComparison], path: Path, title: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.logs import setup_logging
+    from timesformer_harness.pipelines.logs import setup_logging
 
-    p = argparse.ArgumentParser(prog="python -m harness.bench compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m timesformer_harness.bench compare", description=__doc__.split("\n\n")[0])
     p.add_argument("run_a", help="runs/bench/<stamp>-<attn> directory (or its results.json): the reference")
     p.add_argument("run_b", help="the run compared with it")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/compare/<A>_vs_<B>)")

@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import torch
 
-from harness.bench.case import BenchCase, timed
-from harness.config import RootConfig
-from harness.counting import count_flops, count_params
-from harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
-from harness.workload import synthetic_step
+from timesformer_harness.bench.case import BenchCase, timed
+from timesformer_harness.config import RootConfig
+from timesformer_harness.counting import count_flops, count_params
+from timesformer_harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
+from timesformer_harness.workload import synthetic_step
 
 
 def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
@@ -22,7 +22,7 @@ def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
 
 
 def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
-    """``harness.workload.synthetic_step`` timed: params, FLOPs per clip, step times, peak memory."""
+    """``timesformer_harness.workload.synthetic_step`` timed: params, FLOPs per clip, step times, peak memory."""
     T, S, B = case.frames, case.img_size, case.batch
     rec.flops_per_clip = count_flops(case.model, batch=1, frames=T, img_size=S, mode=case.mode)
     base = reset_peak_memory(device)

@@ -28,11 +28,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from harness.bench.case import BenchCase, SkipCase
-from harness.config import REPO_ROOT, RootConfig, load_config
-from harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
-from pipelines.config import DataConfig
-from pipelines.quarantine import failure_reason
+from timesformer_harness.bench.case import BenchCase, SkipCase
+from timesformer_harness.config import REPO_ROOT, RootConfig, load_config
+from timesformer_harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.quarantine import failure_reason
 
 LOADERS = ("dali", "pyav", "shootout")
 WARMUP_BATCHES = 2
@@ -59,7 +59,7 @@ def load_data_config(case: BenchCase) -> DataConfig:
     data = load_config(path).data if Path(path).is_file() else RootConfig().data
     root = Path(data.root) if os.path.isabs(data.root) else REPO_ROOT / data.root
     if not root.exists():
-        raise SkipCase(f"no data at {root}: run `make data` (python -m pipelines.tools.toy --out data/toy)")
+        raise SkipCase(f"no data at {root}: run `make data` (python -m timesformer_harness.pipelines.tools.toy --out data/toy)")
     return replace(data, root=str(root))
 
 
@@ -68,7 +68,7 @@ def build_train_loader(case: BenchCase, device: torch.device, loader: str) -> tu
     and crop), and that data config. Raises SkipCase when the data or the loader's packages are not here."""
     data = replace(load_data_config(case), loader=loader)
     try:
-        from pipelines import build_loader
+        from timesformer_harness.pipelines.factory import build_loader
 
         return build_loader(data, "train", device=device), data
     except ImportError as e:
@@ -126,8 +126,8 @@ def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dt
 def decoded_frames_per_clip(loader: Any, name: str, max_clips: int = COUNTED_CLIPS) -> dict:
     """Frames decoded per delivered clip for the loader's first ``max_clips`` clips of epoch 0, counted
     (``count_decoded``), beside the ``keyframe`` model the loaders follow and DALI's ``seek`` rule
-    (``pipelines.tools.decode_cost``)."""
-    from pipelines.tools.decode_cost import strategy_for
+    (``timesformer_harness.pipelines.tools.decode_cost``)."""
+    from timesformer_harness.pipelines.tools.decode_cost import strategy_for
 
     plans = loader.planner.plans(0)[:max_clips]
     indexes = _indexes(loader)
@@ -139,9 +139,9 @@ def decoded_frames_per_clip(loader: Any, name: str, max_clips: int = COUNTED_CLI
 
 
 def modelled_per_clip(plans: list, indexes: Any, strategy: str) -> float:
-    """Frames decoded per clip of ``plans`` by ``pipelines.tools.decode_cost``'s ``strategy``, from each file's
+    """Frames decoded per clip of ``plans`` by ``timesformer_harness.pipelines.tools.decode_cost``'s ``strategy``, from each file's
     keyframes (``indexes``: a ``PacketIndexCache``)."""
-    from pipelines.tools.decode_cost import decoded_frames
+    from timesformer_harness.pipelines.tools.decode_cost import decoded_frames
 
     per_clip = []
     for p in plans:
@@ -151,22 +151,22 @@ def modelled_per_clip(plans: list, indexes: Any, strategy: str) -> float:
 
 
 def _indexes(loader: Any):
-    from pipelines.packets import PacketIndexCache
+    from timesformer_harness.pipelines.packets import PacketIndexCache
 
     return getattr(loader, "indexes", None) or PacketIndexCache()
 
 
 def count_decoded(loader: Any, name: str, plans: list) -> float:
     """Frames decoded per clip, counted: for DALI by decoding (PyAV) the very stream each clip is fed, up to its
-    last wanted frame, or the JPEG images it is fed (one decode each); for PyAV by ``pipelines.pyav.decode_clip``,
+    last wanted frame, or the JPEG images it is fed (one decode each); for PyAV by ``timesformer_harness.pipelines.pyav.decode_clip``,
     which counts the frames its decoder outputs."""
     if name == "dali":
-        from pipelines.packets import count_stream_frames
+        from timesformer_harness.pipelines.packets import count_stream_frames
 
         counts = [len(x.images) if x.mode == "images" else count_stream_frames(x.stream.tobytes(), int(x.frames[-1]))
                   for x in loader.clip_inputs(plans)]
     else:
-        from pipelines.pyav import decode_clip
+        from timesformer_harness.pipelines.pyav import decode_clip
 
         indexes = _indexes(loader)
         counts = [decode_clip(p.path, p.frames, indexes.get(p.path)).decoded for p in plans]
@@ -272,9 +272,9 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
     DALI full graph with 1 thread, and with 2 pipelines of 1 thread (ranks 0 and 1 of 2: other random clips of the
     same videos). On a CUDA ``device`` the DALI rows decode where ``data.backend=auto`` puts them (NVDEC when it
     takes every video) and deliver their clips on the GPU; the other rows stay CPU decoders."""
-    from pipelines import build_loader
-    from pipelines.dali import DaliLoader
-    from pipelines.packets import IVF_FOURCC, PacketIndexCache
+    from timesformer_harness.pipelines.factory import build_loader
+    from timesformer_harness.pipelines.dali import DaliLoader
+    from timesformer_harness.pipelines.packets import IVF_FOURCC, PacketIndexCache
 
     device = torch.device(device)
     dali_cfg = replace(cfg, loader="dali", backend="cpu" if device.type == "cpu" else "auto")
@@ -400,8 +400,8 @@ class _RowProcess:
 
 
 def _row_process_main(conn: Any, recipe: tuple[dict[str, Any], int], threads: int) -> None:
-    from harness.metrics import rss_high_water_bytes
-    from harness.runtime import retain_freed_memory
+    from timesformer_harness.metrics import rss_high_water_bytes
+    from timesformer_harness.runtime import retain_freed_memory
 
     torch.set_num_threads(threads)
     retain_freed_memory()
@@ -503,7 +503,7 @@ def _decode_threads(rows: list[dict], row: dict) -> str:
 
 def shootout_subset(data: DataConfig, clips: int, folder: Path) -> DataConfig:
     """``data`` with its train manifest cut to the first ``clips`` videos (written to ``folder``)."""
-    from pipelines.manifest import read_manifest
+    from timesformer_harness.pipelines.manifest import read_manifest
 
     entries = read_manifest(data, "train")[:clips]
     manifest = folder / "shootout_train.csv"

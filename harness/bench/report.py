@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.metrics import BenchRecord
-from pipelines.files import atomic_write_text
+from timesformer_harness.metrics import BenchRecord
+from timesformer_harness.pipelines.files import atomic_write_text
 
 
 def _fmt(v: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
@@ -54,7 +54,7 @@ def summary_table(records: list[BenchRecord]) -> str:
         lines.append("")
     for r in others:
         if r.status == "ok" and r.extra.get("shootout"):
-            from harness.bench.pipeline import format_shootout
+            from timesformer_harness.bench.pipeline import format_shootout
 
             lines += [f"## Loader shoot-out ({r.case}: same clips, {r.extra['rounds']} interleaved rounds, CPU)", "",
                       format_shootout(r.extra["shootout"]), ""]

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import torch
 
-from harness.bench import model
-from harness.bench.case import BenchCase
-from harness.config import RootConfig
+from timesformer_harness.bench import model
+from timesformer_harness.bench.case import BenchCase
+from timesformer_harness.config import RootConfig
 
 run = model.run  # the same measurement at other input sizes
 

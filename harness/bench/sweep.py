@@ -1,8 +1,8 @@
 """The list of suites, the cases they make for a config, and running one case in a fresh process.
 
-Each suite module (``harness.bench.model``, ``attention``, ``scaling``, ``pipeline``, ``e2e``) has
+Each suite module (``timesformer_harness.bench.model``, ``attention``, ``scaling``, ``pipeline``, ``e2e``) has
 ``cases(cfg, base, attns, modes, device) -> list[BenchCase]`` and ``run(case, rec, device, dtype)``, which fills
-the record in the worker process. ``run_case`` sends a case to ``run_worker`` through ``harness.runner``, whose
+the record in the worker process. ``run_case`` sends a case to ``run_worker`` through ``timesformer_harness.runner``, whose
 outcome policy (``ok`` / ``oom`` / ``error``) decides the record's status when the worker does not return one.
 """
 
@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from harness.bench import attention, e2e, model, pipeline, scaling
-from harness.bench.case import BenchCase, SkipCase, new_record
-from harness.config import BENCH_SUITES, RootConfig, check_bench_suites
-from harness.metrics import BenchRecord
-from harness.runner import run_in_fresh_process
-from harness.runtime import environment_info, resolve_precision, seed_everything
+from timesformer_harness.bench import attention, e2e, model, pipeline, scaling
+from timesformer_harness.bench.case import BenchCase, SkipCase, new_record
+from timesformer_harness.config import BENCH_SUITES, RootConfig, check_bench_suites
+from timesformer_harness.metrics import BenchRecord
+from timesformer_harness.runner import run_in_fresh_process
+from timesformer_harness.runtime import environment_info, resolve_precision, seed_everything
 
 # In the order a run measures them (and BENCH_SUITES names them).
 SUITES: dict[str, ModuleType] = {"model": model, "attention": attention, "scaling": scaling, "pipeline": pipeline,
@@ -50,7 +50,7 @@ def build_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str]
 def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """Run one case in this process (the fresh worker) and return its record as a dict.
 
-    Exceptions propagate to ``harness.runner``, which classifies them; ``SkipCase`` becomes a ``skipped`` record.
+    Exceptions propagate to ``timesformer_harness.runner``, which classifies them; ``SkipCase`` becomes a ``skipped`` record.
     """
     case = BenchCase.from_dict(payload)
     device = torch.device(case.device)

@@ -2,5 +2,5 @@
 frame encoder (``encode``) and the decode-cost model (``decode_cost``).
 
 A training job never imports them (``tests/test_layers.py`` checks): they run before training, as
-``python -m pipelines.tools.<name>``, or from benchmarks and tests.
+``python -m timesformer_harness.pipelines.tools.<name>``, or from benchmarks and tests.
 """

@@ -1,6 +1,6 @@
-"""Input-pipeline throughput, the loader shoot-out (``timesformer_harness.bench.pipeline``) on the toy data and on 320x240 VP9
-clips: our DALI loader (CPU, full graph and decode-only), the PyAV loader, torchcodec and decord when they import.
-``python -m timesformer_harness.benchmarks.bench_pipelines [--rounds 5] [--out runs/bench/pipelines.json]``
+"""Input-pipeline throughput, the loader shoot-out (``timesformer_harness.bench.pipeline``) on the toy data and on
+320x240 VP9 clips: our DALI loader (CPU, full graph and decode-only), the PyAV loader, torchcodec and decord when they
+import. ``python -m timesformer_harness.benchmarks.bench_pipelines [--rounds 5] [--out runs/bench/pipelines.json]``
 
 Each row is a loader built once; a round times one full epoch of it (from ``iter()`` to the last batch, so start-up
 and prefetch are inside the timing), and rounds interleave the rows of both datasets (A B C A B C ...) so that load
@@ -60,7 +60,8 @@ def make_vp9_clips(folder: Path, num: int, frames: int = 96, height: int = 240, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.bench_pipelines", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.bench_pipelines",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--toy-clips", type=int, default=128, help="toy train clips per epoch")
     parser.add_argument("--vp9-clips", type=int, default=48, help="320x240 clips per epoch")

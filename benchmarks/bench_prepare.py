@@ -1,12 +1,13 @@
 """What re-keying buys, and the loader shoot-out on it: 10 s, 320x240 videos prepared three ways, read at the
 original 8x32 sampling by every loader on the same clips.
 
-``python -m timesformer_harness.benchmarks.bench_prepare [--videos 8] [--repeat 4] [--rounds 5] [--threads 2] [--anchor-threads 1]
-[--scaling] [--whole-file] [--only mjpeg,gop] [--device cpu|cuda] [--data runs/bench/prepare_data]
+``python -m timesformer_harness.benchmarks.bench_prepare [--videos 8] [--repeat 4] [--rounds 5] [--threads 2]
+[--anchor-threads 1] [--scaling] [--whole-file] [--only mjpeg,gop] [--device cpu|cuda] [--data runs/bench/prepare_data]
 [--out runs/bench/prepare.json]``
 
 Sources: ``--videos`` generated 10 s, 30 fps, 320x240 H.264 clips (x264's default keyint 250, like typical web
-video; a camera panning over a detailed texture, plus noise). ``timesformer_harness.pipelines.tools.prepare`` turns them (size kept) into
+video; a camera panning over a detailed texture, plus noise). ``timesformer_harness.pipelines.tools.prepare`` turns them
+(size kept) into
 
 * VP9, long GOP (keyframe every 250 frames: the source's structure, one GOP spans nearly the whole clip),
 * VP9, GOP = sampling rate (32),
@@ -16,8 +17,8 @@ video; a camera panning over a detailed texture, plus noise). ``timesformer_harn
 Each variant's train manifest lists every video ``--repeat`` times (an epoch of videos x repeat clips, batch 8,
 crop 224, jitter 256-320). Printed: per variant the file size and the frames decoded per clip (the ``keyframe``
 model both loaders follow, DALI's ``seek`` rule and decoding from frame 0, expectations over train starts; and
-counted on this epoch's clips), then the shoot-out (``timesformer_harness.bench.pipeline``): our DALI loader (full graph and
-decode-only), the PyAV loader, torchcodec and decord when they import, every row on the same clips, the variants
+counted on this epoch's clips), then the shoot-out (``timesformer_harness.bench.pipeline``): our DALI loader (full graph
+and decode-only), the PyAV loader, torchcodec and decord when they import, every row on the same clips, the variants
 and rows interleaved round by round. ``--whole-file`` adds the DALI loader fed whole files (decoded from frame 0,
 as before it cut clip streams); ``--scaling`` adds it with 1 thread and with 2 pipelines of 1 thread. With
 ``--device cuda`` the DALI rows decode where ``data.backend=auto`` puts them (NVDEC, or DALI's CPU decoder for
@@ -106,7 +107,8 @@ def decode_costs(cfg: DataConfig, device: str = "cpu") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.bench_prepare", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.bench_prepare",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=8, help="generated source videos")
     parser.add_argument("--repeat", type=int, default=4, help="clips per video per epoch (manifest repeats)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (interleaved), after one warm-up round")

@@ -1,14 +1,14 @@
-"""Cost of the pre-flight check in files/s: the probe (``timesformer_harness.pipelines.validate.probe_all``) and the deep check
-(``deep_check``: every packet decoded) on 1 and 2 processes, cold and from its cache; and what a damaged file costs
-a DALI epoch without it (``--repair``: the batch that fails and is repaired vs the others).
+"""Cost of the pre-flight check in files/s: the probe (``timesformer_harness.pipelines.validate.probe_all``) and the
+deep check (``deep_check``: every packet decoded) on 1 and 2 processes, cold and from its cache; and what a damaged file
+costs a DALI epoch without it (``--repair``: the batch that fails and is repaired vs the others).
 ``python -m timesformer_harness.benchmarks.bench_validate [--rounds 3] [--repair] [--out runs/bench/validate.json]``
 
 Sets: the toy clips (``make data``: 32x32 VP9, 24 frames), and 320x240 clips of 300 frames (10 s at 30 fps) in VP9
-(keyframe every 32 frames) and in MJPEG (every frame a keyframe, as ``timesformer_harness.pipelines.tools.prepare`` writes for DALI on
-CPU). Rounds interleave the cases, so that load from other processes hits them alike; reported: the median.
-This module imports neither torch nor DALI: a worker process of the pools imports the main module first, so the
-numbers are those of ``python -m timesformer_harness.pipelines.validate`` (from a training process, ``data.validate: deep``, each
-worker first imports the training entry point: seconds, once per pool).
+(keyframe every 32 frames) and in MJPEG (every frame a keyframe, as ``timesformer_harness.pipelines.tools.prepare``
+writes for DALI on CPU). Rounds interleave the cases, so that load from other processes hits them alike; reported: the
+median. This module imports neither torch nor DALI: a worker process of the pools imports the main module first, so the
+numbers are those of ``python -m timesformer_harness.pipelines.validate`` (from a training process, ``data.validate:
+deep``, each worker first imports the training entry point: seconds, once per pool).
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def bench_set(paths: list[str], rounds: int, tmp: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.bench_validate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.bench_validate",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--toy-files", type=int, default=256)
     parser.add_argument("--big-files", type=int, default=8, help="320x240x300 files per codec")

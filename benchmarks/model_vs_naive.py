@@ -1,12 +1,13 @@
 """Fused attention vs the original's explicit attention, train step at the CPU bench preset.
 
-    .venv/bin/python -m timesformer_harness.benchmarks.model_vs_naive [--preset cpu_bench] [--batch 2] [--rounds 3] [--steps 4]
+    .venv/bin/python -m timesformer_harness.benchmarks.model_vs_naive [--preset cpu_bench] [--batch 2]
+        [--rounds 3] [--steps 4]
 
-For each attention type it times the harness's train step (``timesformer_harness.workload.synthetic_step``: forward, backward,
-optimizer step) of our model with ``attn_backend=auto`` (fused SDPA) and with ``attn_backend=naive`` (the
+For each attention type it times the harness's train step (``timesformer_harness.workload.synthetic_step``: forward,
+backward, optimizer step) of our model with ``attn_backend=auto`` (fused SDPA) and with ``attn_backend=naive`` (the
 original's ``softmax(q k^T * scale) v``, same layout reshapes as the original), every case in a fresh process
-(``timesformer_harness.runner``) so its peak RSS is its own. Rounds are interleaved (A B A B ...) and the medians over rounds
-are compared, so the ratios hold on a noisy shared machine. A case that runs out of memory or fails is reported
+(``timesformer_harness.runner``) so its peak RSS is its own. Rounds are interleaved (A B A B ...) and the medians over
+rounds are compared, so the ratios hold on a noisy shared machine. A case that runs out of memory or fails is reported
 as such and left out of the table.
 """
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.setdefault((attention_type, backend), []).append(res)
                 logger.info("round %d/%d %-19s %-5s %7.0f ms  %6.0f MiB", r + 1, args.rounds, attention_type,
                             backend, res["step_s"] * 1000, res["peak_mib"])
-    print(f"\nTrain step (timesformer_harness.workload), preset {args.preset}, batch {args.batch}, fp32, median of {args.rounds} "
+    print(f"\nTrain step (workload), preset {args.preset}, batch {args.batch}, fp32, median of {args.rounds} "
           f"interleaved rounds x {args.steps} steps, fresh process per case\n")
     print("| attention | naive images/s | fused images/s | speed-up | naive peak MiB | fused peak MiB | memory ratio |")
     print("|---|---|---|---|---|---|---|")

@@ -408,8 +408,8 @@ def load_weights(
 # --------------------------------------------------------------------------------------------------------------
 # Saving.
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save through ``timesformer_harness.pipelines.files.atomic_path`` (temporary file, fsync, rename): a crash never leaves half
-    a file."""
+    """torch.save through ``timesformer_harness.pipelines.files.atomic_path`` (temporary file, fsync, rename): a crash
+    never leaves half a file."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -497,7 +497,8 @@ def _inspect_files(paths: list[str], show_keys: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.checkpoint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.checkpoint",
+                                     description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_inspect = sub.add_parser("inspect", help="print format, keys, shapes, parameter count and the inferred model")
     p_inspect.add_argument("files", nargs="+", metavar="file")

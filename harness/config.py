@@ -213,8 +213,8 @@ class OutputConfig:
 
 @dataclass
 class RootConfig:
-    """The whole tree; each entry point reads only the parts it needs. ``data`` is ``timesformer_harness.pipelines.config.DataConfig``
-    (the pipelines own their schema)."""
+    """The whole tree; each entry point reads only the parts it needs. ``data`` is
+    ``timesformer_harness.pipelines.config.DataConfig`` (the pipelines own their schema)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -5,8 +5,8 @@ with ``Batch.index`` naming the video. Each rank scores its shard; the views of 
 ``test.ensemble`` says (``sum`` of raw logits: the original; ``softmax_mean``; ``max``), the per-video scores are
 gathered, and top-1, top-5 and per-class accuracy are written as JSON (``test.output``, default
 ``{output.dir}/eval_{split}.json``). Checkpoints in the original ``.pyth`` format load as they are
-(``timesformer_harness.checkpoint.load_weights``, strict). A view whose clip fails to decode is left out of its video's score
-and listed (``unscored_views``); accuracy is over the videos with at least one scored view
+(``timesformer_harness.checkpoint.load_weights``, strict). A view whose clip fails to decode is left out of its video's
+score and listed (``unscored_views``); accuracy is over the videos with at least one scored view
 (``data.on_bad_video=error`` stops at the first such view instead).
 """
 
@@ -53,7 +53,7 @@ class ViewAccumulator:
         self.scores: dict[int, torch.Tensor] = {}
         self.labels: dict[int, int] = {}
         self.views: dict[int, int] = {}
-        self.unscored: list[dict[str, Any]] = []  # views that could not be decoded (timesformer_harness.pipelines.quarantine.UnscoredView)
+        self.unscored: list[dict[str, Any]] = []  # views that could not be decoded (quarantine.UnscoredView)
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:
         """logits: (B, C); labels, index: (B,)."""

@@ -3,12 +3,12 @@
     python -m timesformer_harness.gate --write-baseline FILE [--preset NAME] [--attn all] [--mode train] [key=value ...]
     python -m timesformer_harness.gate --baseline FILE [--tolerance 0.15] [key=value ...]
 
-Each case (attention variant x mode) runs in a fresh process (``timesformer_harness.runner``) that alternates a calibration
-workload (A: a fixed fp32 GEMM block) and the model step (B: a block of ``timesformer_harness.workload.synthetic_step`` train
-steps, the bench's and the Trainer's step) for ``pairs`` rounds, A B A B ...; the case's
-score is the median over pairs of time(B)/time(A). Anything that slows the whole machine (other users, frequency
-changes) slows A and B alike and cancels in the ratio. A case regresses when its normalised throughput drops by
-more than ``--tolerance`` (default 15%, from noise measured on the shared 2-core CPU machine; see
+Each case (attention variant x mode) runs in a fresh process (``timesformer_harness.runner``) that alternates a
+calibration workload (A: a fixed fp32 GEMM block) and the model step (B: a block of
+``timesformer_harness.workload.synthetic_step`` train steps, the bench's and the Trainer's step) for ``pairs`` rounds,
+A B A B ...; the case's score is the median over pairs of time(B)/time(A). Anything that slows the whole machine (other
+users, frequency changes) slows A and B alike and cancels in the ratio. A case regresses when its normalised throughput
+drops by more than ``--tolerance`` (default 15%, from noise measured on the shared 2-core CPU machine; see
 docs/benchmarking.md); a timing regression is measured once more before it counts. On CPU each case runs with one
 intra-op thread (``--threads``), which keeps co-tenants from turning OpenMP barriers into outliers. Parameters
 and FLOPs per clip must match exactly, and peak memory may grow by at most ``--mem-tolerance``.
@@ -34,10 +34,11 @@ import torch
 
 from timesformer_harness.config import ModelConfig
 from timesformer_harness.counting import count_flops, count_params
-from timesformer_harness.metrics import (BenchRecord, fill_throughput, peak_memory, read_results, reset_peak_memory, synchronize,
-                             write_results)
+from timesformer_harness.metrics import (BenchRecord, fill_throughput, peak_memory, read_results, reset_peak_memory,
+                                         synchronize, write_results)
 from timesformer_harness.runner import run_in_fresh_process
-from timesformer_harness.runtime import device_name, environment_info, precision_name, resolve_precision, seed_everything
+from timesformer_harness.runtime import (device_name, environment_info, precision_name, resolve_precision,
+                                         seed_everything)
 from timesformer_harness.workload import synthetic_step
 from timesformer_harness.pipelines.files import atomic_write_text
 from timesformer_harness.pipelines.logs import setup_logging

@@ -2,7 +2,7 @@
 own process, with pass / fail / skip and the key figures read from the commands' own outputs.
 
     python -m timesformer_harness.gpu_check [--out runs/gpu_check] [--only STEP ...]
-    python -m timesformer_harness.gpu_check --rehearse-on-cpu      # the same steps at CPU size; the CUDA-only one is skipped
+    python -m timesformer_harness.gpu_check --rehearse-on-cpu   # the same steps at CPU size; the CUDA-only one skipped
 
 Steps (``make`` command each stands for; GPU size in brackets):
 
@@ -11,9 +11,10 @@ Steps (``make`` command each stands for; GPU size in brackets):
   fp16 + GradScaler and bf16 steps with their memory windows, every SDPA backend against ``naive`` and the
   attention-backend check against SDPA, the profiler in GPU time, NCCL + DDP under torchrun, CUDA memory through
   ``timesformer_harness.metrics``). CUDA-only.
-* ``prepare``: ``python -m timesformer_harness.pipelines.tools.prepare`` re-encodes part of the toy set larger [64 videos, short side 256]:
-  the fix the pre-flight check names for videos below NVDEC's minimum.
-* ``validate``: ``python -m timesformer_harness.pipelines.validate --backend gpu`` on those (NVDEC limits of this GPU's generation).
+* ``prepare``: ``python -m timesformer_harness.pipelines.tools.prepare`` re-encodes part of the toy set larger [64
+  videos, short side 256]: the fix the pre-flight check names for videos below NVDEC's minimum.
+* ``validate``: ``python -m timesformer_harness.pipelines.validate --backend gpu`` on those (NVDEC limits of this GPU's
+  generation).
 * ``bench``: ``make bench``, every suite [the GPU preset, all variants, train, frames 8 and 16], the pipeline and
   end-to-end suites on the prepared videos (their DALI case decodes with NVDEC on a GPU).
 * ``train`` and ``evaluate``: ``make train`` / ``make evaluate``, the embedded toy default [2 epochs]; on a GPU its
@@ -334,13 +335,14 @@ def build_steps(run_dir: Path, size: Size, nprocs: int) -> list[Step]:
               "--short-side", str(size.short_side), "--codec", "vp9", "--no-progress"],
              collect_prepare(prepared), timeout_s=300, setup=write_manifests),
         Step("validate", "python -m timesformer_harness.pipelines.validate",
-             [py, "-m", "timesformer_harness.pipelines.validate", str(prepared / subset.name), *size.validate, "--frames", "8",
-              "--sampling-rate", "3", "--cache", ""], collect_validate, timeout_s=120, needs="prepare"),
-        Step("bench", "make bench", [py, "-m", "timesformer_harness.bench", "--out", str(run_dir / "bench"), *size.bench,
-                                     f"bench.data_config={data_yaml}"],
+             [py, "-m", "timesformer_harness.pipelines.validate", str(prepared / subset.name), *size.validate,
+              "--frames", "8", "--sampling-rate", "3", "--cache", ""],
+             collect_validate, timeout_s=120, needs="prepare"),
+        Step("bench", "make bench", [py, "-m", "timesformer_harness.bench", "--out", str(run_dir / "bench"),
+                                     *size.bench, f"bench.data_config={data_yaml}"],
              collect_bench(run_dir / "bench"), timeout_s=600, needs="prepare"),
-        Step("train", "make train", [py, "-m", "timesformer_harness.train", "--config", TOY_CONFIG, *size.train, *scored,
-                                     f"output.dir={train_dir}"], collect_train(train_dir), timeout_s=420,
+        Step("train", "make train", [py, "-m", "timesformer_harness.train", "--config", TOY_CONFIG, *size.train,
+                                     *scored, f"output.dir={train_dir}"], collect_train(train_dir), timeout_s=420,
              setup=write_manifests),
         Step("evaluate", "make evaluate", [py, "-m", "timesformer_harness.evaluate", "--config", TOY_CONFIG, *scored,
                                            f"output.dir={train_dir}"],
@@ -348,8 +350,8 @@ def build_steps(run_dir: Path, size: Size, nprocs: int) -> list[Step]:
         Step("profile", "make profile", [py, "-m", "timesformer_harness.profiling", "--attn", "divided_space_time",
                                          *size.profile, "--out", str(run_dir / "profile")],
              collect_profile(run_dir / "profile"), timeout_s=300),
-        Step("gate_baseline", "make gate-baseline", [py, "-m", "timesformer_harness.gate", "--write-baseline", str(baseline),
-                                                     *size.gate_baseline],
+        Step("gate_baseline", "make gate-baseline", [py, "-m", "timesformer_harness.gate", "--write-baseline",
+                                                     str(baseline), *size.gate_baseline],
              collect_gate_baseline(baseline), timeout_s=300),
         Step("gate", "make gate", [py, "-m", "timesformer_harness.gate", "--baseline", str(baseline), *size.gate,
                                    "--out", str(run_dir / "gate")],
@@ -464,7 +466,9 @@ def environment() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from timesformer_harness.pipelines.logs import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.gpu_check",
+
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--rehearse-on-cpu", action="store_true",
                         help="run the same steps at CPU size (the CUDA-only step is skipped): tests the runner")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps")

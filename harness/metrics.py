@@ -334,8 +334,8 @@ def gpu_peak_flops(name: str, precision: str) -> tuple[float | None, str]:
     """
     row = gpu_peak(name)
     if row is None:
-        return None, (f"no peak for {name!r} in timesformer_harness.metrics.GPU_PEAKS (a MIG slice or an unlisted GPU): "
-                      f"utilisation not computed")
+        return None, (f"no peak for {name!r} in timesformer_harness.metrics.GPU_PEAKS (a MIG slice or an unlisted "
+                      f"GPU): utilisation not computed")
     if precision == "fp32":
         return row.fp32, f"table:{row.label} fp32 (non-tensor)"
     return row.bf16, f"table:{row.label} bf16/fp16 dense"

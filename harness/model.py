@@ -2,8 +2,8 @@
 
 Clean-room implementation of the original ``VisionTransformer`` semantics (token order, CLS handling, drop-path
 placement, init quirks, run-time resizing of position/time embeddings) with the same ``state_dict`` keys, so
-original checkpoints load and give the same logits. Attention goes through ``timesformer_harness.kernels.attention`` (fused SDPA by
-default).
+original checkpoints load and give the same logits. Attention goes through ``timesformer_harness.kernels.attention``
+(fused SDPA by default).
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class TimeSformer(nn.Module):
 
     Args:
         attention_type: ``divided_space_time`` | ``joint_space_time`` | ``space_only``.
-        attn_backend: ``auto`` | ``flash`` | ``efficient`` | ``cudnn`` | ``math`` | ``naive`` (see timesformer_harness.kernels.attention).
+        attn_backend: ``auto`` | ``flash`` | ``efficient`` | ``cudnn`` | ``math`` | ``naive`` (see
+            ``timesformer_harness.kernels.attention``).
         grad_checkpointing: recompute each block in backward (saves activation memory for HR/L).
         init: ``original`` (time_embed and every temporal_fc zero: a divided block starts as a ViT block) or
             ``scratch`` (time_embed ~ N(0, time_embed_std), so a model trained from scratch sees frame order).

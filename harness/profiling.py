@@ -1,7 +1,7 @@
 """torch.profiler over real train steps: TensorBoard trace, Perfetto trace and a text summary.
 
-    python -m timesformer_harness.profiling --attn divided_space_time [--preset NAME] [--steps 3] [--wait 1] [--warmup 1]
-        [--out runs/profile] [key=value ...]
+    python -m timesformer_harness.profiling --attn divided_space_time [--preset NAME] [--steps 3] [--wait 1]
+        [--warmup 1] [--out runs/profile] [key=value ...]
 
 Writes ``runs/profile/<timestamp>-<attn>/``:
 - ``<worker>.<id>.pt.trace.json`` from ``tensorboard_trace_handler`` (``make tensorboard``, torch-tb-profiler);
@@ -173,14 +173,15 @@ def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
 
 def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, warmup: int = 1,
                 out_root: str | Path = "runs/profile", with_stack: bool = False) -> ProfileSummary:
-    """Profile ``wait + warmup + steps`` train steps of ``cfg.model`` (``timesformer_harness.workload.TrainStep``, synthetic
-    input, ``cfg.bench`` batch/precision/channels-last) and write the run directory.
+    """Profile ``wait + warmup + steps`` train steps of ``cfg.model`` (``timesformer_harness.workload.TrainStep``,
+    synthetic input, ``cfg.bench`` batch/precision/channels-last) and write the run directory.
 
     The step's pieces run inside the ranges ``train_step`` > ``forward`` / ``backward`` / ``optimizer``.
     """
     from timesformer_harness.counting import count_flops
     from timesformer_harness.metrics import peak_memory, reset_peak_memory
-    from timesformer_harness.runtime import device_name, precision_name, resolve_device, resolve_precision, seed_everything
+    from timesformer_harness.runtime import (device_name, precision_name, resolve_device, resolve_precision,
+                                             seed_everything)
     from timesformer_harness.workload import TrainStep, build_model, synthetic_batch
 
     device = resolve_device()
@@ -207,7 +208,7 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
 
     with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=steps, repeat=1),
                  on_trace_ready=on_ready, record_shapes=True, profile_memory=True, with_stack=with_stack,
-                 with_flops=False) as prof:  # FLOPs come from timesformer_harness.counting (the profiler's miss CPU SDPA)
+                 with_flops=False) as prof:  # FLOPs come from counting.py (the profiler's miss CPU SDPA)
         for _ in range(wait + warmup + steps):
             with record_function(STEP_RANGE):
                 with record_function(FORWARD_RANGE):

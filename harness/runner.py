@@ -1,14 +1,14 @@
 """The fresh-process runner: call a function in a new Python process and say how it ended.
 
 Bench cases, gate cases and the benchmark scripts each run in a process of their own: on CPU that keeps a case's
-peak RSS (``timesformer_harness.metrics.reset_peak_memory``) free of earlier cases' allocations, and everywhere it keeps one
-case's out-of-memory state, allocator caches or crashed threads away from the next one.
+peak RSS (``timesformer_harness.metrics.reset_peak_memory``) free of earlier cases' allocations, and everywhere it keeps
+one case's out-of-memory state, allocator caches or crashed threads away from the next one.
 
     outcome = run_in_fresh_process(run_case, case.to_dict(), timeout_s=600, mem_limit_gb=8)
 
 ``fn`` must be a module-level function taking and returning JSON values. The child is
-``python -m timesformer_harness.runner MODULE:FUNCTION`` with the payload on stdin; it prints one marked JSON line with the
-result, or with the exception it caught. One outcome policy for every caller:
+``python -m timesformer_harness.runner MODULE:FUNCTION`` with the payload on stdin; it prints one marked JSON line with
+the result, or with the exception it caught. One outcome policy for every caller:
 
 * ``ok``: ``fn`` returned; ``Outcome.result`` is its value.
 * ``oom``: ``fn`` raised an out-of-memory error (CUDA OOM, ``MemoryError``, a CPU allocator failure, e.g. under

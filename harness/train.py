@@ -1,17 +1,17 @@
 """Train a TimeSformer: ``torchrun --nproc_per_node=N harness/train.py --config FILE [key=value ...]``.
 
-Also ``python -m timesformer_harness.train`` (one process). The loop follows the original recipe: the learning rate is set every
-iteration from the fractional epoch, gradients accumulate until ``solver.global_batch_size`` clips have been seen
-(leftover micro-batches at an epoch's end are dropped, as the original does), evaluation runs every
+Also ``python -m timesformer_harness.train`` (one process). The loop follows the original recipe: the learning rate is
+set every iteration from the fractional epoch, gradients accumulate until ``solver.global_batch_size`` clips have been
+seen (leftover micro-batches at an epoch's end are dropped, as the original does), evaluation runs every
 ``train.eval_period`` epochs and at the end, and checkpoints are written every ``train.checkpoint_period`` epochs
-(see ``timesformer_harness.train_state`` for the file layout). On top of it: DDP (NCCL on GPU, gloo on CPU), AMP (bf16, or
-fp16 with a GradScaler), channels-last on GPU, clipping, label smoothing, mixup/cutmix, auto-resume that continues
+(see ``timesformer_harness.train_state`` for the file layout). On top of it: DDP (NCCL on GPU, gloo on CPU), AMP (bf16,
+or fp16 with a GradScaler), channels-last on GPU, clipping, label smoothing, mixup/cutmix, auto-resume that continues
 the same run, SIGTERM/SIGINT handling (finish the step, save, exit 0) and a stop on a non-finite loss.
 
-Videos that fail while decoding are quarantined by the loader (``timesformer_harness.pipelines.quarantine``); the Trainer merges every
-rank's list at each epoch's end, keeps it in ``rejected.csv`` and in the checkpoint (so a resumed run replays the
-same batches), counts it in the metrics, and stops every rank together when a loader stops on a bad video
-(``data.on_bad_video=error``, or more than ``data.max_bad_fraction`` of the videos).
+Videos that fail while decoding are quarantined by the loader (``timesformer_harness.pipelines.quarantine``); the
+Trainer merges every rank's list at each epoch's end, keeps it in ``rejected.csv`` and in the checkpoint (so a resumed
+run replays the same batches), counts it in the metrics, and stops every rank together when a loader stops on a bad
+video (``data.on_bad_video=error``, or more than ``data.max_bad_fraction`` of the videos).
 
 Outputs in ``output.dir``: ``config.yaml`` (resolved), ``environment.json``, ``metrics.jsonl``, TensorBoard
 events in ``tb/``, ``checkpoints/``, ``eval_val.json``, ``rejected.csv`` (videos left out, when any).
@@ -47,14 +47,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from timesformer_harness.checkpoint import CheckpointError, load_weights
 from timesformer_harness.config import RootConfig, load_config, to_yaml
-from timesformer_harness.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from timesformer_harness.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup,
+                                             init_distributed)
 from timesformer_harness.evaluate import accuracy_report, class_names_for, score_loader
 from timesformer_harness.metric_writer import MetricWriter
 from timesformer_harness.metrics import PeakMemoryWindow
 from timesformer_harness.mixup import mix_batch
 from timesformer_harness.optim import build_optimizer, lr_at, set_lr
-from timesformer_harness.runtime import environment_info, precision_name, resolve_precision, retain_freed_memory, seed_everything, \
-    set_determinism
+from timesformer_harness.runtime import (environment_info, precision_name, resolve_precision, retain_freed_memory,
+                                         seed_everything, set_determinism)
 from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
@@ -191,8 +192,9 @@ class Trainer:
         logger.warning("received %s: finishing the current optimizer step, then saving and exiting", name)
 
     def _extra_state(self, epoch: int, batch: int) -> dict[str, Any]:
-        """Our checkpoint keys (``timesformer_harness.train_state``); every rank's RNG states and quarantine entries are gathered
-        (a collective: all ranks call it), and only the entries found before (``epoch``, ``batch``) are kept."""
+        """Our checkpoint keys (``timesformer_harness.train_state``); every rank's RNG states and quarantine entries are
+        gathered (a collective: all ranks call it), and only the entries found before (``epoch``, ``batch``) are
+        kept."""
         states = all_gather_objects(self._train_loader.quarantine.state() if self._train_loader is not None
                                     else self.bad_videos)
         merged = Quarantine(0)  # every rank's entries found before this position (the later ones are found again)

@@ -13,12 +13,12 @@ CUDA, Python and NumPy generator states), ``world_size``, ``seed``, ``quarantine
 (``timesformer_harness.checkpoint``).
 
 ``quarantine`` holds the videos that failed while decoding (``data.on_bad_video: skip``), every rank's, found before
-``position``: ``timesformer_harness.pipelines.quarantine.BadVideo`` as plain dicts (path, reason, 0-based epoch and batch, rank), so the
-file loads with ``weights_only=True``. The resumed run's train loader starts from them: it plans later epochs
-without those videos and replaces its own where they come up again in the current one, and it finds the ones after
-``position`` again, at the same batches, by the same decodes, so it replays the batches of the uninterrupted run.
-Entries found at or after ``position`` are left out on purpose: kept, they would change the batch in which they were
-found. ``{output.dir}/rejected.csv`` lists them all (``stage=runtime``), and the ``data.max_bad_fraction`` budget
+``position``: ``timesformer_harness.pipelines.quarantine.BadVideo`` as plain dicts (path, reason, 0-based epoch and
+batch, rank), so the file loads with ``weights_only=True``. The resumed run's train loader starts from them: it plans
+later epochs without those videos and replaces its own where they come up again in the current one, and it finds the
+ones after ``position`` again, at the same batches, by the same decodes, so it replays the batches of the uninterrupted
+run. Entries found at or after ``position`` are left out on purpose: kept, they would change the batch in which they
+were found. ``{output.dir}/rejected.csv`` lists them all (``stage=runtime``), and the ``data.max_bad_fraction`` budget
 counts them; see ``timesformer_harness.pipelines.quarantine``.
 """
 
@@ -41,7 +41,8 @@ _NAME = re.compile(r"checkpoint_epoch_(\d{5})(?:_iter_(\d{6}))?\.pyth")
 
 
 def checkpoint_name(epoch: int, batch: int = 0) -> str:
-    """``checkpoint_epoch_{epoch:05d}.pyth``, or with ``_iter_{batch:06d}`` for a save inside epoch ``epoch`` (1-based)."""
+    """``checkpoint_epoch_{epoch:05d}.pyth``, or with ``_iter_{batch:06d}`` for a save inside epoch ``epoch``
+    (1-based)."""
     return f"checkpoint_epoch_{epoch:05d}.pyth" if batch == 0 else f"checkpoint_epoch_{epoch:05d}_iter_{batch:06d}.pyth"
 
 

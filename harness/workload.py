@@ -10,7 +10,8 @@ cross-entropy after mixup/cutmix), backward through the fp16 ``GradScaler`` (a n
 gradient-norm clipping on unscaled gradients, the optimizer step, ``zero_grad(set_to_none=True)``.
 
 Measured steps (bench, gate, profiler, benchmarks) use ``BENCH_SOLVER``: SGD with momentum 0.9 and no weight decay,
-built by ``timesformer_harness.optim.build_optimizer`` like the Trainer's (``foreach`` on CPU, ``fused`` or apex on CUDA).
+built by ``timesformer_harness.optim.build_optimizer`` like the Trainer's (``foreach`` on CPU, ``fused`` or apex on
+CUDA).
 """
 
 from __future__ import annotations

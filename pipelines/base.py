@@ -1,25 +1,26 @@
-"""The loader contract every pipeline honours and the per-epoch clip plan (``timesformer_harness.pipelines.factory`` builds loaders).
+"""The loader contract every pipeline honours and the per-epoch clip plan (``timesformer_harness.pipelines.factory``
+builds loaders).
 
 A loader is an iterable of ``Batch(video (B, 3, T, H, W) float32 normalised, label (B,) int64, index (B,) int64)``
 on the requested device, with ``len()`` = batches per epoch on this rank, ``set_epoch(e)``, ``num_clips`` (clips per
 epoch on this rank), ``rejected`` ([(path, reason)] of the videos the pre-flight check left out), ``quarantine``
-(the videos that failed while decoding, ``timesformer_harness.pipelines.quarantine.Quarantine``) and ``unscored`` (the val/test views
-of the last pass that could not be decoded).
+(the videos that failed while decoding, ``timesformer_harness.pipelines.quarantine.Quarantine``) and ``unscored`` (the
+val/test views of the last pass that could not be decoded).
 
 * train: every video once per epoch in an order from ``default_rng((data.seed, epoch))``, sharded ``[rank::world]``
   and cut to the same count on every rank; each clip's frames, crop window and flip come from
-  ``default_rng((data.seed, epoch, rank))`` (``timesformer_harness.pipelines.sampling``); full batches only (drop_last, as the
-  original). ``start_batch`` skips the first batches of the first epoch iterated (resume), deterministically.
+  ``default_rng((data.seed, epoch, rank))`` (``timesformer_harness.pipelines.sampling``); full batches only (drop_last,
+  as the original). ``start_batch`` skips the first batches of the first epoch iterated (resume), deterministically.
 * val/test: ``num_ensemble_views`` uniform clips x ``num_spatial_crops`` crops per video (``index`` = video index),
   the views sharded ``[rank::world]`` so that across ranks each is seen exactly once; the last batch may be short.
   (The original's val split used train-style random clips; ours evaluates val like test.)
 
 A video that fails while decoding (damage the pre-flight check cannot see) is quarantined
-(``timesformer_harness.pipelines.quarantine``): ``ClipLoader`` re-decodes the suspects of a failed batch one by one with the loader's own
-decoder, records the ones that fail again, and completes the batch: a train slot gets a deterministic replacement
-clip (``ClipPlanner.replacements``), an evaluation view is dropped and listed in ``loader.unscored``. Each epoch is
-planned over the videos not quarantined before it, so ``len()`` can shrink at an epoch boundary, equally on every
-rank.
+(``timesformer_harness.pipelines.quarantine``): ``ClipLoader`` re-decodes the suspects of a failed batch one by one with
+the loader's own decoder, records the ones that fail again, and completes the batch: a train slot gets a deterministic
+replacement clip (``ClipPlanner.replacements``), an evaluation view is dropped and listed in ``loader.unscored``. Each
+epoch is planned over the videos not quarantined before it, so ``len()`` can shrink at an epoch boundary, equally on
+every rank.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import torch
 
 from timesformer_harness.pipelines import sampling
 from timesformer_harness.pipelines.config import DataConfig
-from timesformer_harness.pipelines.quarantine import BadVideo, FailedBatch, Quarantine, TooManyBadVideos, UnscoredView, failure_reason
+from timesformer_harness.pipelines.quarantine import (BadVideo, FailedBatch, Quarantine, TooManyBadVideos, UnscoredView,
+                                                      failure_reason)
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ class DataConfig:
     validate: str = "shallow"  # pre-flight check: shallow (headers, packet counts) | deep (decode every packet, cached)
     pad_short: bool = True  # pad videos shorter than the clip span with their last frame
     seed: int = 0
-    validate_cache: str = ""  # SQLite probe cache of timesformer_harness.pipelines.validate; "" = ~/.cache/timesformer-harness/, "none" = off
+    validate_cache: str = ""  # the probe cache of pipelines/validate.py; "" = ~/.cache/timesformer-harness/, "none" = off
     synthetic_videos: int = 64  # data.loader=synthetic: clips per epoch (all ranks together)
     synthetic_classes: int = 10  # data.loader=synthetic: labels drawn from 0..synthetic_classes-1
 

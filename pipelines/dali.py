@@ -1,11 +1,11 @@
 """DALI train/test pipelines: decode (GPU: NVDEC via ``device='mixed'``; CPU: libavcodec, VP8/VP9/MJPEG only) only
 the frames each clip needs, crop, resize, flip, normalise, output ``(B, 3, T, H, W)`` float32.
 
-All sampling decisions come from ``timesformer_harness.pipelines.base.ClipPlanner`` (Python, seeded per (seed, epoch, rank)) and enter
-the graph through ``fn.external_source``: per clip a small stream of only the packets it needs
-(``timesformer_harness.pipelines.packets``: from the keyframe at or before each wanted frame; DALI's decoder on in-memory bytes never
-seeks, so it is given nothing it would decode in vain), the wanted frames' positions in that stream (unique,
-ascending: ``fn.decoders.video(frames=)``), the order that expands them back to the clip's T frames
+All sampling decisions come from ``timesformer_harness.pipelines.base.ClipPlanner`` (Python, seeded per (seed, epoch,
+rank)) and enter the graph through ``fn.external_source``: per clip a small stream of only the packets it needs
+(``timesformer_harness.pipelines.packets``: from the keyframe at or before each wanted frame; DALI's decoder on
+in-memory bytes never seeks, so it is given nothing it would decode in vain), the wanted frames' positions in that
+stream (unique, ascending: ``fn.decoders.video(frames=)``), the order that expands them back to the clip's T frames
 (``fn.sequence_rearrange``), the crop window (``fn.slice``: crop before resize) and the flip. Train and test differ
 only in their plans, so one graph serves both. DALI's video readers drop bad files silently, so here every file was
 validated first, and each epoch checks that DALI produced exactly the planned clips.
@@ -14,9 +14,9 @@ Where the work after decoding runs depends on the device:
 
 * GPU: DALI resizes the windows (``fn.resize``) and flips and normalises them (``fn.crop_mirror_normalize``, in
   the frames' own FHWC layout: the loaders' ``channels_last_3d`` batch) on the GPU.
-* CPU: DALI outputs the cropped uint8 windows and ``timesformer_harness.pipelines.transforms`` (the PyAV loader's transform) mirrors,
-  resizes and normalises them in torch, whose uint8 bilinear kernel is several times faster than DALI's CPU resize
-  and whose flip several times faster than DALI's (measured; see that module).
+* CPU: DALI outputs the cropped uint8 windows and ``timesformer_harness.pipelines.transforms`` (the PyAV loader's
+  transform) mirrors, resizes and normalises them in torch, whose uint8 bilinear kernel is several times faster than
+  DALI's CPU resize and whose flip several times faster than DALI's (measured; see that module).
 * Intra-only JPEG video (MJPEG) on the CPU (``jpeg_frames``): every frame is a JPEG image, so the source feeds the
   clip's frames as images, ``fn.decoders.image_slice`` decodes only each frame's crop window (nvImageCodec with
   libjpeg-turbo, many frames per batch in parallel) and the graph's batch is ``batch_size x T`` frames: measured
@@ -48,8 +48,8 @@ import numpy as np
 import torch
 
 from timesformer_harness.pipelines.base import Batch, ClipLoader, ClipPlanner, empty_clips
-from timesformer_harness.pipelines.packets import PacketIndexCache, feed_mode, index_cache_path, ivf_stream, jpeg_images, plan_packets, \
-    read_payloads, remux_packets
+from timesformer_harness.pipelines.packets import (PacketIndexCache, feed_mode, index_cache_path, ivf_stream,
+                                                   jpeg_images, plan_packets, read_payloads, remux_packets)
 from timesformer_harness.pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch, failure_reason
 from timesformer_harness.pipelines.sampling import ClipPlan
 from timesformer_harness.pipelines.transforms import finish_clip, mirror

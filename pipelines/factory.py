@@ -3,9 +3,9 @@
 ``plan_decode`` makes the choice from the probed videos (pure: it touches no GPU): ``data.loader=auto`` picks DALI
 when ``nvidia.dali`` imports and its backend decodes every usable video, else PyAV (logging why);
 ``resolve_backend`` maps ``data.backend`` to a DALI device, and with ``data.backend=auto`` and the model on CUDA,
-videos NVDEC cannot decode on this GPU (``timesformer_harness.pipelines.nvdec``: the toy set's 32x32 VP9, for one) are decoded by
-DALI on the CPU and the clips copied to the GPU. Each loader module is imported only when it is chosen, so DALI is
-not loaded for a PyAV or synthetic loader.
+videos NVDEC cannot decode on this GPU (``timesformer_harness.pipelines.nvdec``: the toy set's 32x32 VP9, for one) are
+decoded by DALI on the CPU and the clips copied to the GPU. Each loader module is imported only when it is chosen, so
+DALI is not loaded for a PyAV or synthetic loader.
 """
 
 from __future__ import annotations
@@ -64,14 +64,14 @@ class DecodePlan:
 def plan_decode(cfg: DataConfig, device: torch.device | str, infos: list[VideoInfo],
                 gpu_arch: str = DEFAULT_GENERATION, dali_missing: str = "") -> DecodePlan:
     """The loader and DALI device for ``cfg`` and the model's ``device``, judged on the probed ``infos``; touches
-    no GPU (``gpu_arch`` is the device's generation, ``timesformer_harness.pipelines.nvdec.generation_of``; ``dali_missing`` why
-    nvidia.dali does not import, "" when it does).
+    no GPU (``gpu_arch`` is the device's generation, ``timesformer_harness.pipelines.nvdec.generation_of``;
+    ``dali_missing`` why nvidia.dali does not import, "" when it does).
 
     * ``data.loader=pyav``: PyAV. ``data.loader=dali`` without DALI: RuntimeError.
     * ``data.backend=auto`` with the model on CUDA and ``data.loader`` auto or dali: NVDEC decodes when it takes
-      every video (``timesformer_harness.pipelines.nvdec.auto_decode_device``); else DALI's CPU decoder when it takes them all (the
-      clips are then copied to the GPU); else (``data.loader=auto``) PyAV. ``data.backend=gpu`` stays on NVDEC,
-      and the files it cannot decode are rejected by the pre-flight check.
+      every video (``timesformer_harness.pipelines.nvdec.auto_decode_device``); else DALI's CPU decoder when it takes
+      them all (the clips are then copied to the GPU); else (``data.loader=auto``) PyAV. ``data.backend=gpu`` stays on
+      NVDEC, and the files it cannot decode are rejected by the pre-flight check.
     * ``data.loader=auto``: PyAV when DALI is missing or its backend cannot decode a video PyAV can.
     """
     if cfg.loader == "pyav":
@@ -118,10 +118,11 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
                  quarantine: Sequence[BadVideo | dict[str, Any]] = ()) -> Loader:
     """The loader ``data.loader`` asks for (auto: DALI when it can decode every video here, else PyAV, saying why).
 
-    Every video is pre-flight checked (``timesformer_harness.pipelines.validate``, cached; ``data.validate: deep`` also decodes every
-    packet); unusable ones raise (``data.on_bad_video: error``) or are left out, listed in ``loader.rejected`` and
-    ``{run_dir}/rejected.csv`` (``skip``). Videos that fail while decoding go to ``loader.quarantine``, which starts
-    from ``quarantine`` (a resumed run's entries, ``timesformer_harness.pipelines.quarantine``).
+    Every video is pre-flight checked (``timesformer_harness.pipelines.validate``, cached; ``data.validate: deep`` also
+    decodes every packet); unusable ones raise (``data.on_bad_video: error``) or are left out, listed in
+    ``loader.rejected`` and ``{run_dir}/rejected.csv`` (``skip``). Videos that fail while decoding go to
+    ``loader.quarantine``, which starts from ``quarantine`` (a resumed run's entries,
+    ``timesformer_harness.pipelines.quarantine``).
     """
     device = torch.device(device)
     if split not in ("train", "val", "test"):
@@ -151,7 +152,8 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
         if cfg.on_bad_video == "error":
             deep = " --deep" if cfg.validate == "deep" else ""
             raise ValueError(f"{what} (data.on_bad_video=error):\n{listing}\nfix or remove them (python -m "
-                             f"timesformer_harness.pipelines.validate MANIFEST{deep} lists them all), or set data.on_bad_video=skip")
+                             f"timesformer_harness.pipelines.validate MANIFEST{deep} lists them all), or set "
+                             "data.on_bad_video=skip")
         logger.warning("%s; skipping them (data.on_bad_video=skip):\n%s", what, listing)
         if run_dir is not None and rank == 0:
             write_rejected(Path(run_dir) / f"rejected_{split}.csv" if split != "train" else

@@ -19,7 +19,8 @@ def setup_logging(level: int = logging.INFO, rank: int | None = None) -> None:
     """Send log records to stderr with one format, replacing any handler set up before.
 
     ``rank`` defaults to torchrun's ``RANK``; in a multi-process job each line is prefixed ``[rankN]`` and ranks
-    other than 0 log warnings and errors only.
+    other than 0 log warnings and errors only. A command started by an old module path gets a warning that names
+    the new one (``renamed_main_module``).
     """
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -37,8 +38,8 @@ def setup_logging(level: int = logging.INFO, rank: int | None = None) -> None:
 
 
 def renamed_main_module() -> str | None:
-    """The module to run instead when this process was started by an old module path (``python -m timesformer_harness.train``
-    gives ``timesformer_harness.train``); None when it was not."""
+    """The module to run instead when this process was started by an old module path (``python -m
+    timesformer_harness.train`` gives ``timesformer_harness.train``); None when it was not."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     name = getattr(spec, "name", None) or ""
     top, _, rest = name.removesuffix(".__main__").partition(".")

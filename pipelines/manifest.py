@@ -1,7 +1,8 @@
 """Video manifests: Kinetics-style ``path<sep>label`` lists, Something-Something-v2 JSON, and plain CSV.
 
 ``read_entries(path, fmt, ...)`` is the one place a manifest is parsed: the loaders (through
-``read_manifest(cfg, split)``), ``python -m timesformer_harness.pipelines.validate`` and ``python -m timesformer_harness.pipelines.tools.prepare`` all call it.
+``read_manifest(cfg, split)``), ``python -m timesformer_harness.pipelines.validate`` and ``python -m
+timesformer_harness.pipelines.tools.prepare`` all call it.
 
 Paths: a manifest path is joined with ``data.path_prefix`` (as the original's ``PATH_PREFIX``); a path that is
 still relative after that is taken relative to the manifest file's folder (so ``data/toy/train.csv`` can say

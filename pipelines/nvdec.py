@@ -22,8 +22,8 @@ Sources, checked against each other:
 
 The generation is read from the GPU (``generation_of(torch.device("cuda"))``, by compute capability); without a
 GPU, the pre-flight check judges for ``DEFAULT_GENERATION`` (Hopper: H100/H200) unless told another
-(``python -m timesformer_harness.pipelines.validate ... --backend gpu --gpu-arch ampere_ga10x``; a compute capability such as ``sm86``
-or ``8.6`` works too).
+(``python -m timesformer_harness.pipelines.validate ... --backend gpu --gpu-arch ampere_ga10x``; a compute capability
+such as ``sm86`` or ``8.6`` works too).
 """
 
 from __future__ import annotations

@@ -138,8 +138,8 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
 
 def index_cache_path(validate_cache: str, default_probe_cache: str | Path) -> Path | None:
     """Where ``PacketIndexCache`` persists indexes for ``data.validate_cache``: ``packets.sqlite`` beside the probe
-    cache (``default_probe_cache``, i.e. ``timesformer_harness.pipelines.validate.DEFAULT_CACHE``, when unset), or nowhere (memory
-    only) when the probe cache is off (``none``)."""
+    cache (``default_probe_cache``, i.e. ``timesformer_harness.pipelines.validate.DEFAULT_CACHE``, when unset), or
+    nowhere (memory only) when the probe cache is off (``none``)."""
     if validate_cache == "none":
         return None
     return Path(validate_cache or default_probe_cache).parent / "packets.sqlite"

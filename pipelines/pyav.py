@@ -1,6 +1,6 @@
 """The PyAV baseline loader (PySlowFast-style): seek, decode the needed frames, crop, resize, flip, normalise in
-torch, in a torch DataLoader with workers. Same plans (``timesformer_harness.pipelines.base.ClipPlanner``) and contract as DALI; also
-the fallback when DALI cannot decode a codec on this machine.
+torch, in a torch DataLoader with workers. Same plans (``timesformer_harness.pipelines.base.ClipPlanner``) and contract
+as DALI; also the fallback when DALI cannot decode a codec on this machine.
 
 A clip that fails to decode comes back from its worker as a value (an exception raised in a worker reaches the main
 process as a bare ``RuntimeError`` without the file's name), and its batch as a ``FailedBatch`` that
@@ -40,10 +40,10 @@ def decode_clip(path: str, indices: Sequence[int] | np.ndarray, index: PacketInd
     """Frames ``indices`` (presentation order, repeats allowed) of ``path``, decoded per GOP.
 
     For each wanted frame (ascending) decoding starts at its keyframe, unless that keyframe is at or before the frame
-    the decoder is at (``timesformer_harness.pipelines.packets.keyframe_segments``: the fewest frames, one seek per segment): a seek per
-    frame on intra-only files, one seek on long GOPs. Seeks go to the keyframe's exact pts and frames are identified
-    by pts (``index``: the file's ``PacketIndex``; indexed now when not given). Indices past the end of a
-    shorter-than-declared video repeat its last frame.
+    the decoder is at (``timesformer_harness.pipelines.packets.keyframe_segments``: the fewest frames, one seek per
+    segment): a seek per frame on intra-only files, one seek on long GOPs. Seeks go to the keyframe's exact pts and
+    frames are identified by pts (``index``: the file's ``PacketIndex``; indexed now when not given). Indices past the
+    end of a shorter-than-declared video repeat its last frame.
     """
     index = index if index is not None else _INDEXES.get(path)
     wanted = sorted(set(int(i) for i in indices))

@@ -1,8 +1,9 @@
 """Videos that fail while decoding: the quarantine list, its rules, and ``rejected.csv``.
 
-The pre-flight check (``timesformer_harness.pipelines.validate``) reads headers and packet counts; damage inside the coded stream only
-shows when a decoder reaches it. ``timesformer_harness.pipelines.base.ClipLoader`` then finds the clip that failed (its decoder tries
-each suspect alone), records it here, and completes the batch without it. The rules live in ``Quarantine``:
+The pre-flight check (``timesformer_harness.pipelines.validate``) reads headers and packet counts; damage inside the
+coded stream only shows when a decoder reaches it. ``timesformer_harness.pipelines.base.ClipLoader`` then finds the clip
+that failed (its decoder tries each suspect alone), records it here, and completes the batch without it. The rules live
+in ``Quarantine``:
 
 * exclusion (what makes a resumed run replay the same batches): a decision at batch ``b`` of epoch ``e`` on rank
   ``r`` sees every entry of an earlier epoch (all ranks' entries, merged at each epoch's end) and ``r``'s own
@@ -131,9 +132,9 @@ class Quarantine:
         if self.on_bad_video == "error":
             raise BadVideoError(
                 f"{entry.path} failed to decode ({where}): {entry.reason}\n"
-                f"data.on_bad_video=error stops at the first bad video: fix or remove it (python -m timesformer_harness.pipelines.validate "
-                f"MANIFEST --deep finds such files before a run), or set data.on_bad_video=skip to leave bad videos "
-                f"out and go on")
+                f"data.on_bad_video=error stops at the first bad video: fix or remove it (python -m "
+                f"timesformer_harness.pipelines.validate MANIFEST --deep finds such files before a run), or set "
+                f"data.on_bad_video=skip to leave bad videos out and go on")
         if self.limit is None:
             logger.warning("left out %s (%s): %s", entry.path, where, entry.reason)
             return

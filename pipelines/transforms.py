@@ -1,8 +1,8 @@
 """The clip transform both CPU loaders end with, in torch: a crop window's uint8 frames, mirrored when the plan
 flips (before the resize, on the smaller window: bilinear resizing commutes exactly with a mirror, tested) ->
 bilinear resize to the crop size -> normalise to ``(3, T, S, S)`` float32, stored channels-last like the loaders'
-batches (``timesformer_harness.pipelines.base.CLIP_FORMAT``): the pixels' order from the decoder on, so no step transposes them, and
-normalising is a convert-copy and an ``addcmul`` over flat memory, ~3.5x the same work written into
+batches (``timesformer_harness.pipelines.base.CLIP_FORMAT``): the pixels' order from the decoder on, so no step
+transposes them, and normalising is a convert-copy and an ``addcmul`` over flat memory, ~3.5x the same work written into
 ``(3, T, S, S)`` contiguous order (0.2 against 0.7 ms a clip of 8 x 224^2 on the development CPU).
 
 The PyAV loader runs it in its workers; the DALI loader on the CPU runs it on the windows DALI decoded and cropped

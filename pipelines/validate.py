@@ -1,17 +1,17 @@
 """Pre-flight check of a video manifest with PyAV: every file exists, opens, has a codec the chosen decoder
 handles, is complete and long enough for the clip span.
 
-``python -m timesformer_harness.pipelines.validate MANIFEST [--backend cpu|gpu|pyav] [--frames T --sampling-rate R] [--pad]``
-prints each unusable file with its reason and a summary; exit status 0 when all are usable, 1 otherwise.
+``python -m timesformer_harness.pipelines.validate MANIFEST [--backend cpu|gpu|pyav] [--frames T --sampling-rate R]
+[--pad]`` prints each unusable file with its reason and a summary; exit status 0 when all are usable, 1 otherwise.
 
 Probing a file (stat, open, demux every packet to count frames, decode the first frame, compare the demuxed length
 with the container's declared duration to catch truncation) does not depend on the backend, so its result is
 cached in SQLite by (path, size, mtime) and a large manifest is probed once; files are probed in parallel
-processes. ``timesformer_harness.pipelines.factory.build_loader`` runs the same check (``data.on_bad_video: error | skip``), because DALI's
-readers drop bad files silently and its decoder kills the pipeline on them.
+processes. ``timesformer_harness.pipelines.factory.build_loader`` runs the same check (``data.on_bad_video: error |
+skip``), because DALI's readers drop bad files silently and its decoder kills the pipeline on them.
 
-``--backend gpu`` applies NVDEC's limits (``timesformer_harness.pipelines.nvdec``: codec per GPU generation, minimum and maximum frame
-size, 8-bit 4:2:0) for the visible GPU's generation, else for ``--gpu-arch`` (default: Hopper).
+``--backend gpu`` applies NVDEC's limits (``timesformer_harness.pipelines.nvdec``: codec per GPU generation, minimum and
+maximum frame size, 8-bit 4:2:0) for the visible GPU's generation, else for ``--gpu-arch`` (default: Hopper).
 
 ``--deep`` (``data.validate: deep``) also decodes every packet of every file that passes (``deep_probe``), to find
 damage inside the coded stream, which the probe cannot see and which stops a decoder mid-run; it costs about one
@@ -364,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     from timesformer_harness.pipelines.logs import setup_logging
     from timesformer_harness.pipelines.manifest import add_manifest_arguments, read_entries
 
-    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.pipelines.validate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.pipelines.validate",
+
+                                     description=__doc__.split("\n")[0])
     add_manifest_arguments(parser)
     parser.add_argument("--backend", choices=sorted(DECODABLE_CODECS), default="cpu",
                         help="decoder the files must suit: DALI cpu (VP8/VP9/MJPEG), DALI gpu, or pyav (any)")

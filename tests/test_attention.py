@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from timesformer_harness.kernels.attention import BACKENDS, Attention, attention, available_backends, check_backend, naive_attention
+from timesformer_harness.kernels.attention import (BACKENDS, Attention, attention, available_backends, check_backend,
+                                                   naive_attention)
 from timesformer_harness.kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
 
 

@@ -1,5 +1,5 @@
-"""timesformer_harness.metrics and timesformer_harness.bench: the record schema, the statistics, real bench runs at the tiny preset, and
-comparing two of them."""
+"""timesformer_harness.metrics and timesformer_harness.bench: the record schema, the statistics, real bench runs at the
+tiny preset, and comparing two of them."""
 
 from __future__ import annotations
 
@@ -128,8 +128,8 @@ def test_oom_case_is_recorded_and_reported_as_oom():
 
 
 def _bench_cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "timesformer_harness.bench", "--attn", "space_only", "--preset", "tiny", "--mode", "both",
-           "--suites", "model,scaling", "--frames", "4,8", "--out", str(out), "bench.steps=2", "bench.warmup=1",
+    cmd = [sys.executable, "-m", "timesformer_harness.bench", "--attn", "space_only", "--preset", "tiny", "--mode",
+           "both", "--suites", "model,scaling", "--frames", "4,8", "--out", str(out), "bench.steps=2", "bench.warmup=1",
            "bench.sweep_steps=2", "bench.gemm_n=256", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
 
@@ -166,8 +166,8 @@ def test_bench_cli_writes_results_summary_plots_and_config(two_runs):
 
 
 def _compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "timesformer_harness.bench", "compare", *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=120)
+    return subprocess.run([sys.executable, "-m", "timesformer_harness.bench", "compare", *args], capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=120)
 
 
 def test_compare_two_real_runs_prints_ratios_and_writes_a_plot(two_runs, tmp_path):
@@ -248,8 +248,8 @@ def test_a_stopped_sweep_keeps_the_cases_it_measured(tmp_path, monkeypatch):
 
 
 def test_bench_cli_rejects_bad_arguments():
-    proc = subprocess.run([sys.executable, "-m", "timesformer_harness.bench", "--attn", "diagonal"], capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "timesformer_harness.bench", "--attn", "diagonal"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert proc.returncode != 0 and "choose from" in proc.stderr
 
 
@@ -289,8 +289,8 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     """DALI and PyAV clips/s on the toy data with frames decoded per clip (counted = decoder model), and the e2e
     verdict."""
     data = tmp_path / "toy"
-    subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.tools.toy", "--out", str(data)], check=True, cwd=REPO_ROOT,
-                   timeout=300, capture_output=True)
+    subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.tools.toy", "--out", str(data)], check=True,
+                   cwd=REPO_ROOT, timeout=300, capture_output=True)
     cfg_path = tmp_path / "data.yaml"
     cfg_path.write_text(f"data:\n  root: {data}\n  num_frames: 4\n  train_crop_size: 32\n"
                         f"  train_jitter_scales: [32, 40]\n")
@@ -317,7 +317,8 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
         assert row["peak_rss_mb"] > 0  # measured in the row's own process
     for name in ("torchcodec", "decord"):  # optional anchors: measured, or the row says why not
         row = rows[(name, "decode")]
-        assert (row["clips_per_s"] or 0) > 0 or row["note"].startswith(("not importable: ", "failed on these files: ")), row
+        assert (row["clips_per_s"] or 0) > 0 or row["note"].startswith(("not importable: ",
+                                                                        "failed on these files: ")), row
         assert row["decoded_how"] == "model: keyframe"
     assert shootout.clips_per_s == rows[("DALI loader", "full")]["clips_per_s"]
     assert shootout.peak_mem_kind == "rss_fresh_process" and "each row in a fresh process" in \

@@ -11,12 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timesformer_harness.checkpoint import (
-    load_file,
-    load_weights,
-    original_to_hf,
-    save_pyth,
-)
+from timesformer_harness.checkpoint import load_file, load_weights, original_to_hf, save_pyth
 from timesformer_harness.model import TimeSformer
 
 TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=4, num_classes=7)
@@ -42,7 +37,8 @@ def logits(model: TimeSformer, T: int = 4, S: int = 32) -> torch.Tensor:
 def test_pyth_round_trip_identical_logits(tmp_path: Path) -> None:
     src = trained_like()
     path = tmp_path / "checkpoint_epoch_00001.pyth"
-    save_pyth(path, src, optimizer_state={"state": {}, "param_groups": []}, epoch=0, cfg_yaml="TRAIN:\n  ENABLE: True\n")
+    save_pyth(path, src, optimizer_state={"state": {}, "param_groups": []}, epoch=0,
+              cfg_yaml="TRAIN:\n  ENABLE: True\n")
     raw = load_file(path)
     assert set(raw) == {"epoch", "model_state", "optimizer_state", "cfg"}
     assert all(k.startswith("model.") for k in raw["model_state"])
@@ -89,7 +85,8 @@ def test_strict_mismatch_names_every_key(tmp_path: Path) -> None:
         load_weights(TimeSformer(**TINY), deeper)
     wide = tmp_path / "wide.pyth"
     save_pyth(wide, trained_like(mlp_ratio=2.0))
-    with pytest.raises(KeyError, match=r"shape mismatch blocks\.0\.mlp\.fc1\.weight: file \[64, 32\], model \[128, 32\]"):
+    with pytest.raises(KeyError,
+                       match=r"shape mismatch blocks\.0\.mlp\.fc1\.weight: file \[64, 32\], model \[128, 32\]"):
         load_weights(TimeSformer(**TINY), wide)
     report = load_weights(TimeSformer(**TINY), wide, strict=False)
     assert "blocks.0.mlp.fc1.weight" in report.skipped and "blocks.0.mlp.fc1.weight" in report.missing
@@ -182,4 +179,5 @@ def test_huggingface_weights_load_and_export(tmp_path: Path, attention_type: str
     hf2 = transformers.TimesformerForVideoClassification(cfg).eval()
     hf2.load_state_dict(original_to_hf(trained_like(attention_type, seed=3).state_dict()), strict=True)
     with torch.no_grad():
-        assert (hf2(pixel_values=x.permute(0, 2, 1, 3, 4)).logits - trained_like(attention_type, seed=3)(x)).abs().max() < 1e-5
+        assert (hf2(pixel_values=x.permute(0, 2, 1, 3, 4)).logits - trained_like(attention_type,
+                                                                                 seed=3)(x)).abs().max() < 1e-5

@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 import crafted_checkpoints as cc
-from timesformer_harness.checkpoint import CheckpointError, load_file, load_weights, main as checkpoint_main, original_to_hf
+from timesformer_harness.checkpoint import (CheckpointError, load_file, load_weights, main as checkpoint_main,
+                                            original_to_hf)
 from timesformer_harness.config import load_config
 from timesformer_harness.distributed import DistInfo
 from timesformer_harness.evaluate import evaluate
@@ -203,7 +204,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_inspect_cli_refuses_every_crafted_file_and_reads_the_originals(files: Files) -> None:
     originals = [files.dir / name for name in ORIGINALS]
-    res = _run("-m", "timesformer_harness.checkpoint", "inspect", "--no-keys", *map(str, files.paths.values()), *map(str, originals))
+    res = _run("-m", "timesformer_harness.checkpoint", "inspect", "--no-keys", *map(str, files.paths.values()),
+               *map(str, originals))
     assert res.returncode == 2
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == len(files.paths), res.stderr[-3000:]
@@ -216,7 +218,8 @@ def test_inspect_cli_refuses_every_crafted_file_and_reads_the_originals(files: F
 
 def test_convert_cli_refuses(files: Files, tmp_path: Path) -> None:
     dst = tmp_path / "out.safetensors"
-    res = _run("-m", "timesformer_harness.checkpoint", "convert", str(files.paths["zip_newobj_build"]), str(dst), "--hf")
+    res = _run("-m", "timesformer_harness.checkpoint", "convert", str(files.paths["zip_newobj_build"]), str(dst),
+               "--hf")
     assert res.returncode == 2 and not dst.exists()
     assert_refused(files, "zip_newobj_build", res.stderr)
 

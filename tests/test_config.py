@@ -1,4 +1,5 @@
-"""timesformer_harness.config: YAML + defaults lists + overrides, unknown keys, value checks, and the recipes in configs/exp."""
+"""timesformer_harness.config: YAML + defaults lists + overrides, unknown keys, value checks, and the recipes in
+configs/exp."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ import pytest
 
 from timesformer_harness.pipelines import sampling
 from timesformer_harness.pipelines.tools.decode_cost import (STRATEGIES, count_decoded_frames, decode_plan,
-                                   decoded_frames, estimate, estimate_manifest_decode_cost, format_decode_cost,
-                                   measure_clips, read_gop, strategy_for)
+                                                             decoded_frames, estimate, estimate_manifest_decode_cost,
+                                                             format_decode_cost, measure_clips, read_gop, strategy_for)
 from timesformer_harness.pipelines.tools.transcode import PrepareSpec, transcode
 from tests.conftest import encode_video, textured_frames
 

@@ -1,5 +1,5 @@
-"""timesformer_harness.evaluate: view ensembling (sum / softmax_mean / max), merging across ranks, the accuracy report, and the
-CLI on a checkpoint written in the original .pyth layout."""
+"""timesformer_harness.evaluate: view ensembling (sum / softmax_mean / max), merging across ranks, the accuracy report,
+and the CLI on a checkpoint written in the original .pyth layout."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ from timesformer_harness.train_state import list_checkpoints
 from timesformer_harness.pipelines.factory import build_loader
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.packets import index_packets, plan_packets
-from timesformer_harness.pipelines.quarantine import BadVideo, BadVideoError, Quarantine, TooManyBadVideos, write_rejected
+from timesformer_harness.pipelines.quarantine import (BadVideo, BadVideoError, Quarantine, TooManyBadVideos,
+                                                      write_rejected)
 from timesformer_harness.pipelines.validate import deep_check, probe_video
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,5 @@
-"""Atomic writes (timesformer_harness.pipelines.files): all or nothing, plain-file permissions, stale temporaries found and removed."""
+"""Atomic writes (timesformer_harness.pipelines.files): all or nothing, plain-file permissions, stale temporaries found
+and removed."""
 
 from __future__ import annotations
 

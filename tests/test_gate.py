@@ -1,4 +1,5 @@
-"""timesformer_harness.gate: comparison logic on fabricated records, and real gate runs (same tree passes, 3x depth fails)."""
+"""timesformer_harness.gate: comparison logic on fabricated records, and real gate runs (same tree passes, 3x depth
+fails)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """GPU tests of the real code paths (``pytest -m gpu``; ``make gpu-check`` runs them). Skipped without CUDA.
 
 NVDEC through our DALI pipeline for every codec of the GPU list (whole clips and per-clip packet streams deep in a
-file, frame for frame against PyAV), and the NVDEC limits of ``timesformer_harness.pipelines.nvdec`` checked against this GPU's driver;
-VP9 below NVDEC's minimum decoded by DALI on the CPU for a CUDA model (``data.backend=auto``); DALI GPU vs CPU
-frames; the Trainer's fp16 + GradScaler and bf16 steps with per-window and validation peak memory; every SDPA
+file, frame for frame against PyAV), and the NVDEC limits of ``timesformer_harness.pipelines.nvdec`` checked against
+this GPU's driver; VP9 below NVDEC's minimum decoded by DALI on the CPU for a CUDA model (``data.backend=auto``); DALI
+GPU vs CPU frames; the Trainer's fp16 + GradScaler and bf16 steps with per-window and validation peak memory; every SDPA
 backend through the model against ``naive``, and the attention-backend check against SDPA's own refusals; the
-profiler's summary in GPU time; NCCL and DDP under torchrun's environment; CUDA memory through ``timesformer_harness.metrics``.
+profiler's summary in GPU time; NCCL and DDP under torchrun's environment; CUDA memory through
+``timesformer_harness.metrics``.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.gpu_check import (StepFailed, StepResult, build_steps, collect_bench, collect_pytest, exit_status,
-                               CPU_SIZE)
+from timesformer_harness.gpu_check import (StepFailed, StepResult, build_steps, collect_bench, collect_pytest,
+                                           exit_status, CPU_SIZE)
 from timesformer_harness.metrics import BenchRecord, write_results
 
 STEPS = ["gpu_tests", "prepare", "validate", "bench", "train", "evaluate", "profile", "gate_baseline", "gate",
@@ -21,8 +21,8 @@ STEPS = ["gpu_tests", "prepare", "validate", "bench", "train", "evaluate", "prof
 
 
 def _run(args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, dict]:
-    out = subprocess.run([sys.executable, "-m", "timesformer_harness.gpu_check", *args], cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run([sys.executable, "-m", "timesformer_harness.gpu_check", *args], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=timeout)
     report = next(Path(args[args.index("--out") + 1]).glob("*/report.json"))
     return out, json.loads(report.read_text())
 
@@ -130,9 +130,10 @@ def test_train_figures_read_either_memory_kind_and_the_decode_move(tmp_path: Pat
                {"event": "val", "val/top1": 50.0, "memory/val_max_allocated_gib": 0.2},
                {"event": "end", "step": 8}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    log = ("WARNING timesformer_harness.pipelines.factory: data.backend=auto: DALI decodes on the CPU and the clips are copied to cuda:0, "
-           "because NVDEC cannot decode 1632 of 1632 video(s)\n"
-           "INFO timesformer_harness.pipelines.dali: DALI loader (cpu): 1632 clips/epoch on this rank, 51 batches, 8 threads\n")
+    log = ("WARNING timesformer_harness.pipelines.factory: data.backend=auto: DALI decodes on the CPU and the clips "
+           "are copied to cuda:0, because NVDEC cannot decode 1632 of 1632 video(s)\n"
+           "INFO timesformer_harness.pipelines.dali: DALI loader (cpu): 1632 clips/epoch on this rank, 51 batches, "
+           "8 threads\n")
     figures = collect_train(tmp_path)(log)
     assert figures["loader"] == "dali (cpu, NVDEC cannot decode these videos)"
     assert figures["peak_gib"] == 0.12 and figures["val_peak_gib"] == 0.2 and figures["steps"] == 8

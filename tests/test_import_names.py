@@ -63,9 +63,10 @@ for attention_type in ("divided_space_time", "joint_space_time"):
     back.load_state_dict(original_to_hf(mine.state_dict()), strict=True)
     with torch.no_grad():
         theirs = hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits  # Hugging Face takes (B, T, C, H, W)
+        exported = back(pixel_values=x.permute(0, 2, 1, 3, 4)).logits
         report[attention_type] = {"format": loaded.format, "missing": list(loaded.missing),
                                   "hf_to_ours": (mine(x) - theirs).abs().max().item(),
-                                  "ours_to_hf": (back(pixel_values=x.permute(0, 2, 1, 3, 4)).logits - theirs).abs().max().item()}
+                                  "ours_to_hf": (exported - theirs).abs().max().item()}
 print("PROBE " + json.dumps(report))
 """
 # As `python harness/train.py --help` starts (torchrun starts each rank so): the script's folder first on the path,
@@ -108,8 +109,8 @@ def run_probe(python: str, cwd: Path, out: Path, prefix: str = "", args: tuple[s
 def check_report(report: dict, harness_dir: Path) -> None:
     assert Path(report["harness"]).parent == harness_dir, report["harness"]
     kernels_file = Path(report["kernels"]).resolve()
-    assert kernels_file == Path(report["hf_kernels"]).resolve(), f"`import kernels` gave {kernels_file}, not the file "\
-                                                                 f"of Hugging Face's distribution {report['hf_kernels']}"
+    hf_file = Path(report["hf_kernels"]).resolve()
+    assert kernels_file == hf_file, f"`import kernels` gave {kernels_file}, not Hugging Face's {hf_file}"
     assert report["kernels_available"], "transformers did not see Hugging Face's kernels"
     assert report["old_names"] == [], f"modules imported under the old top-level names: {report['old_names']}"
     assert report["preset_params"] > 0

@@ -1,4 +1,5 @@
-"""Logging set-up: one handler and one format for every CLI (timesformer_harness.pipelines.logs.setup_logging), rank-aware."""
+"""Logging set-up: one handler and one format for every CLI (timesformer_harness.pipelines.logs.setup_logging),
+rank-aware."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def test_every_cli_sets_up_logging_the_one_way() -> None:
 
 def test_a_cli_logs_in_the_one_format(videos, tmp_path: Path) -> None:
     manifest = videos.manifest("logs.csv", videos.good[:2])
-    res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.validate", str(manifest), "--cache", "", "--frames", "4",
+    res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.validate", str(manifest), "--cache", "",
+                          "--frames", "4",
                           "--sampling-rate", "2"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert res.returncode == 0, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]

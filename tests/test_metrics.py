@@ -1,5 +1,5 @@
-"""timesformer_harness.metrics: the GPU peak table over the names NVIDIA's driver reports, and peak memory per window (the
-process's real peak RSS on CPU; the CUDA calls through a fake allocator)."""
+"""timesformer_harness.metrics: the GPU peak table over the names NVIDIA's driver reports, and peak memory per window
+(the process's real peak RSS on CPU; the CUDA calls through a fake allocator)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from timesformer_harness.metrics import GPU_PEAKS, PeakMemoryWindow, gpu_peak, gpu_peak_flops, peak_memory, reset_peak_memory
+from timesformer_harness.metrics import (GPU_PEAKS, PeakMemoryWindow, gpu_peak, gpu_peak_flops, peak_memory,
+                                         reset_peak_memory)
 from timesformer_harness.runtime import retain_freed_memory
 
 # torch.cuda.get_device_name() strings as the driver reports them -> the table row they must select

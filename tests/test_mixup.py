@@ -1,4 +1,5 @@
-"""timesformer_harness.mixup: mixup and cutmix on real tensors; the soft targets agree with what was done to the clips."""
+"""timesformer_harness.mixup: mixup and cutmix on real tensors; the soft targets agree with what was done to the
+clips."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from timesformer_harness.pipelines.config import DataConfig
-from timesformer_harness.pipelines.manifest import VideoEntry, read_csv, read_entries, read_kinetics, read_manifest, read_ssv2
+from timesformer_harness.pipelines.manifest import (VideoEntry, read_csv, read_entries, read_kinetics, read_manifest,
+                                                    read_ssv2)
 
 
 def test_kinetics_relative_paths_resolve_against_the_manifest_folder(tmp_path: Path) -> None:

@@ -144,8 +144,8 @@ def test_check_videos_and_cli_name_every_file_nvdec_cannot_decode(files, tmp_pat
     assert [p for p, _ in rejected] == [files[n] for n in ("vp9_32", "hevc_10bit")]
     manifest = tmp_path / "m.csv"
     manifest.write_text("".join(f"{files[n]} 0\n" for n in names))
-    args = [sys.executable, "-m", "timesformer_harness.pipelines.validate", str(manifest), "--backend", "gpu", "--cache", "",
-            "--frames", "4", "--sampling-rate", "2", "--pad"]
+    args = [sys.executable, "-m", "timesformer_harness.pipelines.validate", str(manifest), "--backend", "gpu",
+            "--cache", "", "--frames", "4", "--sampling-rate", "2", "--pad"]
     hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # judged for the default generation even on a GPU machine
     res = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, env=hidden)
     assert res.returncode == 1, res.stderr

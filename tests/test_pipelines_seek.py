@@ -20,7 +20,8 @@ from timesformer_harness.pipelines.factory import build_loader
 from timesformer_harness.pipelines.base import CLIP_FORMAT, ClipPlanner, Video
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.dali import DaliLoader, PlanSource
-from timesformer_harness.pipelines.packets import PacketIndexCache, count_stream_frames, index_packets, keyframe_segments, plan_packets
+from timesformer_harness.pipelines.packets import (PacketIndexCache, count_stream_frames, index_packets,
+                                                   keyframe_segments, plan_packets)
 from timesformer_harness.pipelines.pyav import decode_clip, decode_frames
 from timesformer_harness.pipelines.sampling import ClipPlan
 from timesformer_harness.pipelines.tools.encode import write_video

@@ -39,7 +39,8 @@ def test_generate_is_deterministic_idempotent_and_kinetics_format(tmp_path: Path
 
 def test_cli_and_toy_preset_feed_the_dali_loader(tmp_path: Path) -> None:
     out = tmp_path / "toy"
-    cmd = [sys.executable, "-m", "timesformer_harness.pipelines.tools.toy", "--out", str(out), "--train", "16", "--val", "6", "--test", "6"]
+    cmd = [sys.executable, "-m", "timesformer_harness.pipelines.tools.toy", "--out", str(out), "--train", "16",
+           "--val", "6", "--test", "6"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     assert res.returncode == 0, res.stderr
     data = load_config(REPO_ROOT / "configs/data/toy.yaml").data

@@ -69,7 +69,8 @@ def test_cli_lists_unusable_files_and_exits_1(videos, tmp_path: Path, capsys: py
     good = videos.manifest("cli_good.csv", videos.good[:2])
     bad = videos.manifest("cli_bad.csv", videos.good[:2] + [videos.h264, videos.empty])
     args = ["--cache", str(tmp_path / "c.sqlite"), "--frames", "4", "--sampling-rate", "2"]
-    res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.validate", *args, str(bad)], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.validate", *args, str(bad)],
+                         capture_output=True,
                          text=True, cwd=REPO_ROOT)  # a real process once; the other cases in-process
     assert res.returncode == 1
     assert f"{videos.h264}: codec" in res.stdout and f"{videos.empty}: empty file" in res.stdout

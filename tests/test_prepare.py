@@ -25,7 +25,8 @@ from tests.conftest import encode_video, textured_frames
 
 
 def temporaries(folder: Path) -> list[Path]:
-    """Outputs being written (or left by a killed writer): ``timesformer_harness.pipelines.files.atomic_path``'s temporaries."""
+    """Outputs being written (or left by a killed writer): ``timesformer_harness.pipelines.files.atomic_path``'s
+    temporaries."""
     return [p for p in folder.glob(".*") if is_temporary(p)]
 
 
@@ -111,8 +112,8 @@ def test_killed_run_resumes(tmp_path):
     manifest = src / "list.csv"
     manifest.write_text("".join(f"v{i}.webm {i % 4}\n" for i in range(8)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "timesformer_harness.pipelines.tools.prepare", str(manifest), "--out", str(out), "--short-side", "96",
-           "--gop", "8", "--workers", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "timesformer_harness.pipelines.tools.prepare", str(manifest), "--out", str(out),
+           "--short-side", "96", "--gop", "8", "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     try:

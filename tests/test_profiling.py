@@ -1,5 +1,5 @@
-"""timesformer_harness.profiling: real profiled train steps, the summary's attention ranges (also over synthetic events shaped
-like a CUDA profile's), and TensorBoard's profiler plugin reading our run on loopback."""
+"""timesformer_harness.profiling: real profiled train steps, the summary's attention ranges (also over synthetic events
+shaped like a CUDA profile's), and TensorBoard's profiler plugin reading our run on loopback."""
 
 from __future__ import annotations
 
@@ -169,7 +169,8 @@ def test_profiling_cli_rejects_all():
     out = subprocess.run([sys.executable, "-m", "timesformer_harness.profiling", "--attn", "all"], capture_output=True,
                          text=True, cwd=REPO_ROOT, timeout=120)
     assert out.returncode == 2 and "takes one variant" in out.stderr
-    bad = subprocess.run([sys.executable, "-m", "timesformer_harness.profiling", "--attn", "diagonal", "--preset", "tiny"],
+    bad = subprocess.run([sys.executable, "-m", "timesformer_harness.profiling", "--attn", "diagonal", "--preset",
+                          "tiny"],
                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert bad.returncode == 2 and "model.attention_type='diagonal'; choose from" in bad.stderr  # config check
 

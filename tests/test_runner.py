@@ -1,5 +1,5 @@
-"""timesformer_harness.runner: the one fresh-process runner and its outcome policy, on real child processes (a function that
-returns, raises, allocates past the address-space cap, is SIGKILLed, or outlives its timeout)."""
+"""timesformer_harness.runner: the one fresh-process runner and its outcome policy, on real child processes (a function
+that returns, raises, allocates past the address-space cap, is SIGKILLed, or outlives its timeout)."""
 
 from __future__ import annotations
 

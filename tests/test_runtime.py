@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from timesformer_harness.runtime import (autocast, device_name, environment_info, precision_name, resolve_device,
-                             resolve_precision, seed_everything, set_determinism)
+                                         resolve_precision, seed_everything, set_determinism)
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from timesformer_harness.config import SolverConfig
 from timesformer_harness.model import load_preset
-from timesformer_harness.workload import BENCH_SOLVER, TrainStep, build_model, check_attention, synthetic_batch, synthetic_step
+from timesformer_harness.workload import (BENCH_SOLVER, TrainStep, build_model, check_attention, synthetic_batch,
+                                          synthetic_step)
 
 CPU = torch.device("cpu")
 # Plain gradient descent: a parameter moves by exactly -lr x its (clipped) gradient.

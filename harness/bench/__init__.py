@@ -9,8 +9,8 @@ Where things are:
 * ``sweep``: the suites in order, ``build_cases``, and ``run_case`` (one case in a fresh process via
   ``timesformer_harness.runner``).
 * ``report``: ``summary.md`` and the printed tables. ``compare``: two runs side by side, with a plot.
-* ``cli``: ``python -m timesformer_harness.bench`` and ``python -m timesformer_harness.bench compare``; ``resolve`` builds the config
-  the gate and the profiler use too.
+* ``cli``: ``python -m timesformer_harness.bench`` and ``python -m timesformer_harness.bench compare``; ``resolve``
+  builds the config the gate and the profiler use too.
 
 The step every compute suite times is ``timesformer_harness.workload``'s, the one the Trainer runs.
 """

@@ -53,7 +53,8 @@ def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
 
 
 def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Time ``timesformer_harness.kernels.attention.attention`` on random q, k, v of the block's shape with the case's backend."""
+    """Time ``timesformer_harness.kernels.attention.attention`` on random q, k, v of the block's shape with the case's
+    backend."""
     from timesformer_harness.kernels.attention import attention
 
     B, T, S = case.batch, case.frames, case.img_size

@@ -26,8 +26,8 @@ class SkipCase(Exception):
 class BenchCase:
     """One measured case. Fields past ``steps`` apply to some suites only (their defaults mean "not used").
 
-    The parent builds it (``timesformer_harness.bench.sweep.build_cases``); ``to_dict``/``from_dict`` carry it to the worker
-    process as JSON.
+    The parent builds it (``timesformer_harness.bench.sweep.build_cases``); ``to_dict``/``from_dict`` carry it to the
+    worker process as JSON.
     """
 
     suite: str  # model | attention | scaling | pipeline | e2e

@@ -1,4 +1,5 @@
-"""``python -m timesformer_harness.bench``: run the suites, write the report; ``python -m timesformer_harness.bench compare A B``.
+"""``python -m timesformer_harness.bench``: run the suites, write the report; ``python -m timesformer_harness.bench
+compare A B``.
 
     python -m timesformer_harness.bench --attn divided_space_time|joint_space_time|space_only|all [--preset NAME]
         [--mode train|infer|both] [--frames 8,16,32] [--img 224,448] [--suites model,attention,...] [--out DIR]
@@ -93,8 +94,8 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
 
 
 def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[float | None, str | None]:
-    """The utilisation denominator: the GPU's dense peak from ``timesformer_harness.metrics.GPU_PEAKS`` (none for a GPU not in
-    it: the source says so and no utilisation is computed), else an fp32 GEMM measured now on this CPU."""
+    """The utilisation denominator: the GPU's dense peak from ``timesformer_harness.metrics.GPU_PEAKS`` (none for a GPU
+    not in it: the source says so and no utilisation is computed), else an fp32 GEMM measured now on this CPU."""
     if device.type == "cuda":
         peak, source = gpu_peak_flops(device_name(device), precision)
         if peak is None:

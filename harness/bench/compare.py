@@ -213,7 +213,9 @@ def plot_comparison(rows: list[CaseComparison], path: Path, title: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from timesformer_harness.pipelines.logs import setup_logging
 
-    p = argparse.ArgumentParser(prog="python -m timesformer_harness.bench compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m timesformer_harness.bench compare",
+
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("run_a", help="runs/bench/<stamp>-<attn> directory (or its results.json): the reference")
     p.add_argument("run_b", help="the run compared with it")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/compare/<A>_vs_<B>)")

@@ -20,7 +20,8 @@ from timesformer_harness.bench.case import BenchCase
 from timesformer_harness.bench.pipeline import WARMUP_BATCHES, build_train_loader, data_config_path
 from timesformer_harness.config import ModelConfig, RootConfig, load_config
 from timesformer_harness.counting import count_flops, count_params
-from timesformer_harness.metrics import BenchRecord, fill_throughput, gemm_workload, peak_memory, reset_peak_memory, time_steps
+from timesformer_harness.metrics import (BenchRecord, fill_throughput, gemm_workload, peak_memory, reset_peak_memory,
+                                         time_steps)
 from timesformer_harness.workload import TrainStep, build_model
 
 

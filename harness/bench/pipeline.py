@@ -59,7 +59,8 @@ def load_data_config(case: BenchCase) -> DataConfig:
     data = load_config(path).data if Path(path).is_file() else RootConfig().data
     root = Path(data.root) if os.path.isabs(data.root) else REPO_ROOT / data.root
     if not root.exists():
-        raise SkipCase(f"no data at {root}: run `make data` (python -m timesformer_harness.pipelines.tools.toy --out data/toy)")
+        raise SkipCase(f"no data at {root}: run `make data` "
+                       "(python -m timesformer_harness.pipelines.tools.toy --out data/toy)")
     return replace(data, root=str(root))
 
 
@@ -139,8 +140,8 @@ def decoded_frames_per_clip(loader: Any, name: str, max_clips: int = COUNTED_CLI
 
 
 def modelled_per_clip(plans: list, indexes: Any, strategy: str) -> float:
-    """Frames decoded per clip of ``plans`` by ``timesformer_harness.pipelines.tools.decode_cost``'s ``strategy``, from each file's
-    keyframes (``indexes``: a ``PacketIndexCache``)."""
+    """Frames decoded per clip of ``plans`` by ``timesformer_harness.pipelines.tools.decode_cost``'s ``strategy``, from
+    each file's keyframes (``indexes``: a ``PacketIndexCache``)."""
     from timesformer_harness.pipelines.tools.decode_cost import decoded_frames
 
     per_clip = []
@@ -158,8 +159,8 @@ def _indexes(loader: Any):
 
 def count_decoded(loader: Any, name: str, plans: list) -> float:
     """Frames decoded per clip, counted: for DALI by decoding (PyAV) the very stream each clip is fed, up to its
-    last wanted frame, or the JPEG images it is fed (one decode each); for PyAV by ``timesformer_harness.pipelines.pyav.decode_clip``,
-    which counts the frames its decoder outputs."""
+    last wanted frame, or the JPEG images it is fed (one decode each); for PyAV by
+    ``timesformer_harness.pipelines.pyav.decode_clip``, which counts the frames its decoder outputs."""
     if name == "dali":
         from timesformer_harness.pipelines.packets import count_stream_frames
 

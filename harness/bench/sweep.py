@@ -2,8 +2,8 @@
 
 Each suite module (``timesformer_harness.bench.model``, ``attention``, ``scaling``, ``pipeline``, ``e2e``) has
 ``cases(cfg, base, attns, modes, device) -> list[BenchCase]`` and ``run(case, rec, device, dtype)``, which fills
-the record in the worker process. ``run_case`` sends a case to ``run_worker`` through ``timesformer_harness.runner``, whose
-outcome policy (``ok`` / ``oom`` / ``error``) decides the record's status when the worker does not return one.
+the record in the worker process. ``run_case`` sends a case to ``run_worker`` through ``timesformer_harness.runner``,
+whose outcome policy (``ok`` / ``oom`` / ``error``) decides the record's status when the worker does not return one.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def build_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str]
 def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """Run one case in this process (the fresh worker) and return its record as a dict.
 
-    Exceptions propagate to ``timesformer_harness.runner``, which classifies them; ``SkipCase`` becomes a ``skipped`` record.
+    Exceptions propagate to ``timesformer_harness.runner``, which classifies them; ``SkipCase`` becomes a ``skipped``
+    record.
     """
     case = BenchCase.from_dict(payload)
     device = torch.device(case.device)

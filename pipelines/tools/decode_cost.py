@@ -1,9 +1,10 @@
 """Decode cost: how many frames a decoder must decode to deliver one clip, from a file's keyframe positions.
 
-A clip of T frames at sampling rate R spans ``R * T / target_fps * fps`` source frames (``timesformer_harness.pipelines.sampling``;
-256 frames for 8x32 at 30 fps). An inter-coded stream can only be decoded forward from a keyframe, so delivering
-frame ``f`` costs every frame from the keyframe before ``f`` (or from where the decoder already is) up to ``f``.
-The ratio decoded / delivered is what a long GOP costs and what re-keying buys (``timesformer_harness.pipelines.tools.prepare``).
+A clip of T frames at sampling rate R spans ``R * T / target_fps * fps`` source frames
+(``timesformer_harness.pipelines.sampling``; 256 frames for 8x32 at 30 fps). An inter-coded stream can only be decoded
+forward from a keyframe, so delivering frame ``f`` costs every frame from the keyframe before ``f`` (or from where the
+decoder already is) up to ``f``. The ratio decoded / delivered is what a long GOP costs and what re-keying buys
+(``timesformer_harness.pipelines.tools.prepare``).
 
 Three decoders are modelled, in presentation order (exact for codecs without B-frames: VP8/VP9/MJPEG; within a
 few frames for H.264/HEVC with B-frames):
@@ -11,8 +12,8 @@ few frames for H.264/HEVC with B-frames):
 * ``keyframe``: for each wanted frame, decode from its keyframe unless that keyframe is at or before the frame the
   decoder is at (then decode on): the fewest frames any keyframe-seeking decoder can decode
   (``timesformer_harness.pipelines.packets.keyframe_segments``). The harness's loaders follow it: the DALI loader feeds
-  ``fn.decoders.video`` exactly these packets per clip (``timesformer_harness.pipelines.packets.plan_packets``), and the PyAV loader
-  seeks per segment (``timesformer_harness.pipelines.pyav.decode_clip``).
+  ``fn.decoders.video`` exactly these packets per clip (``timesformer_harness.pipelines.packets.plan_packets``), and the
+  PyAV loader seeks per segment (``timesformer_harness.pipelines.pyav.decode_clip``).
 * ``seek``: DALI's ``FramesDecoderBase::SeekFrame`` rule, one decoder per clip starting at frame 0: a wanted frame
   more than 10 frames ahead (or behind) of the decoder's position makes it seek to the wanted frame's keyframe,
   unless that is the keyframe it is already decoding from; otherwise it decodes forward. Measured on DALI 2.4 CPU,
@@ -21,7 +22,8 @@ few frames for H.264/HEVC with B-frames):
 * ``from_start``: decode from frame 0 through the last wanted frame, whatever the keyframes. Measured on DALI 2.4
   CPU, ``fn.decoders.video`` given a whole file in memory behaves like this, with or without ``build_index``: its
   time per clip grows linearly with the last frame index for VP9 (long GOP and GOP 32) and MJPEG alike. The DALI
-  loader falls back to it for files it cannot cut into clip streams (``timesformer_harness.pipelines.packets.feed_mode``).
+  loader falls back to it for files it cannot cut into clip streams
+  (``timesformer_harness.pipelines.packets.feed_mode``).
 
 ``estimate`` gives the expected count per delivered clip: train = expectation over the clip's uniform random start
 (exact: the frame indices are piecewise constant in the start, so the expectation is a finite weighted sum), test =
@@ -160,7 +162,8 @@ class ClipCost:
 
 def estimate(gop: GopInfo, frames: int, sampling_rate: int, target_fps: float, num_clips: int = 1,
              strategy: str = "seek") -> ClipCost:
-    """Expected frames decoded per delivered clip of ``gop``'s video (Kinetics sampling, ``timesformer_harness.pipelines.sampling``)."""
+    """Expected frames decoded per delivered clip of ``gop``'s video (Kinetics sampling,
+    ``timesformer_harness.pipelines.sampling``)."""
     n, fps = gop.num_frames, gop.fps or target_fps
     size = sampling.clip_size(frames, sampling_rate, target_fps, fps)
     starts, probs = _train_starts(n, size, frames)
@@ -176,7 +179,7 @@ def _one(args: tuple[str, int, int, float, int, tuple[str, ...]]) -> tuple[str, 
     try:
         gop = read_gop(path)
         return path, {s: estimate(gop, frames, rate, fps, clips, s) for s in strategies}, ""
-    except Exception as e:  # a bad file is reported, not fatal (timesformer_harness.pipelines.validate says why in detail)
+    except Exception as e:  # a bad file is reported, not fatal (pipelines/validate.py says why in detail)
         return path, None, f"{type(e).__name__}: {e}"
 
 

@@ -16,9 +16,10 @@ from timesformer_harness.pipelines.files import atomic_path
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], codec: str, fps: int = 30,
                 options: dict[str, str] | None = None, bitexact: bool = False, pix_fmt: str = "yuv420p") -> Path:
     """Encode (H, W, 3) uint8 RGB ``frames`` with ``codec`` (e.g. ``libvpx-vp9``, ``libx264``, ``mjpeg``) at
-    ``fps`` into ``path`` (container from its extension), atomically (``timesformer_harness.pipelines.files.atomic_path``, without
-    fsync: these are regenerable files). ``bitexact`` leaves out random container UIDs, so the same frames give the
-    same bytes. ``pix_fmt`` is the encoded pixel format (e.g. ``yuv420p10le``, ``yuv444p``, ``yuvj420p`` for MJPEG)."""
+    ``fps`` into ``path`` (container from its extension), atomically
+    (``timesformer_harness.pipelines.files.atomic_path``, without fsync: these are regenerable files). ``bitexact``
+    leaves out random container UIDs, so the same frames give the same bytes. ``pix_fmt`` is the encoded pixel format
+    (e.g. ``yuv420p10le``, ``yuv444p``, ``yuvj420p`` for MJPEG)."""
     path = Path(path)
     with atomic_path(path, fsync=False) as tmp:
         with av.open(str(tmp), "w", options={"fflags": "+bitexact"} if bitexact else {}) as container:

@@ -1,15 +1,15 @@
 """Dataset preparation: transcode, resize and re-key a manifest's videos so that decoding matches the sampling.
 
-``python -m timesformer_harness.pipelines.tools.prepare MANIFEST --out DIR [--short-side 256] [--codec vp9|mjpeg|h264|hevc]
-[--gop N|intra] [--fps F] [--workers N]`` transcodes every video of MANIFEST (``timesformer_harness.pipelines.tools.transcode``: PyAV
-decode, constant frame rate, short-side resize, keyframes forced every ``--gop`` frames, output checked) into
-``DIR/<same relative path>.<ext>``, and writes a new manifest ``DIR/<manifest name>`` with the same labels
-(Kinetics: ``path<sep>label`` relative to DIR; SSv2: the split JSON, without failed ids, and the labels JSON), and
-``DIR/prepare.json`` (the spec, counts, failures).
+``python -m timesformer_harness.pipelines.tools.prepare MANIFEST --out DIR [--short-side 256] [--codec
+vp9|mjpeg|h264|hevc] [--gop N|intra] [--fps F] [--workers N]`` transcodes every video of MANIFEST
+(``timesformer_harness.pipelines.tools.transcode``: PyAV decode, constant frame rate, short-side resize, keyframes
+forced every ``--gop`` frames, output checked) into ``DIR/<same relative path>.<ext>``, and writes a new manifest
+``DIR/<manifest name>`` with the same labels (Kinetics: ``path<sep>label`` relative to DIR; SSv2: the split JSON,
+without failed ids, and the labels JSON), and ``DIR/prepare.json`` (the spec, counts, failures).
 
 Why: a clip of 8 frames at rate 32 spans ~256 source frames; with one keyframe per 10 s video the decoder decodes
-~all of them to deliver 8 (``timesformer_harness.pipelines.tools.decode_cost``). A GOP of the sampling rate, or intra-only MJPEG, cuts
-that, and DALI's CPU decoder reads only VP8/VP9/MJPEG anyway.
+~all of them to deliver 8 (``timesformer_harness.pipelines.tools.decode_cost``). A GOP of the sampling rate, or
+intra-only MJPEG, cuts that, and DALI's CPU decoder reads only VP8/VP9/MJPEG anyway.
 
 This module is the resumable batch job around the engine. Safe to kill and re-run: an output gets its final name
 only once it is complete and checked; each finished output is appended to ``DIR/prepare.jsonl`` with the spec key
@@ -243,7 +243,8 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.pipelines.tools.prepare", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.pipelines.tools.prepare",
+                                     description=__doc__.split("\n")[0])
     add_manifest_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder (videos, new manifest, prepare.json)")
     parser.add_argument("--short-side", type=int, default=256, help="resize the short side to this (0 = keep)")

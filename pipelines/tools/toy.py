@@ -1,8 +1,8 @@
 """The embedded toy dataset: short VP9 clips of a dot that changes colour; the class is the order of the colours.
 
-``python -m timesformer_harness.pipelines.tools.toy --out data/toy`` (``make data``) writes ``{train,val,test}/*.webm``, Kinetics-format
-manifests ``train.csv``/``val.csv``/``test.csv`` (``path label``, space-separated, paths relative to the CSV's
-folder), ``classes.txt`` and ``spec.json``. Re-running with the same spec does nothing.
+``python -m timesformer_harness.pipelines.tools.toy --out data/toy`` (``make data``) writes ``{train,val,test}/*.webm``,
+Kinetics-format manifests ``train.csv``/``val.csv``/``test.csv`` (``path label``, space-separated, paths relative to the
+CSV's folder), ``classes.txt`` and ``spec.json``. Re-running with the same spec does nothing.
 
 Every clip shows one dot, at a random place on a random grey background, that changes colour twice, at random
 frames: it shows each of red, green and blue for a while. The class is the order of the three colours (6 classes,
@@ -76,8 +76,9 @@ def clip_params(spec: ToySpec, split: str, i: int) -> dict:
     label = int(i % len(CLASSES)) if split != "train" else int(rng.integers(len(CLASSES)))
     # How many of the clip_frames sampled frames show the first, middle and last colour: uniform over all splits
     # with >= min_per_colour each (stars and bars), so exchangeable; no colour's share of the clip tells its place.
-    # Counted on the frames the loader samples (linspace over the video, truncated, as timesformer_harness.pipelines.sampling): counted
-    # in source frames, the truncated grid's uneven gaps would leak the order to a frame-averaging model.
+    # Counted on the frames the loader samples (linspace over the video, truncated, as
+    # timesformer_harness.pipelines.sampling): counted in source frames, the truncated grid's uneven gaps would leak the
+    # order to a frame-averaging model.
     grid = temporal_indices(0, spec.frames - 1, spec.clip_frames, spec.frames)
     free = spec.clip_frames - 3 * spec.min_per_colour
     bars = np.sort(rng.choice(free + 2, 2, replace=False))
@@ -160,7 +161,8 @@ def generate(out: str | Path, spec: ToySpec = ToySpec(), workers: int | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.pipelines.tools.toy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer_harness.pipelines.tools.toy",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/toy", help="output folder (default data/toy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=32, help="frame width = height in px")

@@ -3,8 +3,8 @@
 ``transcode(src, dst, spec)`` decodes ``src`` with PyAV, resamples it to a constant frame rate, resizes it (short
 side, aspect kept, even sizes), encodes it with a keyframe forced every ``spec.gop`` frames, checks the result
 (opens, right codec, the frame count written, keyframe gaps <= GOP) and only then renames it to ``dst``
-(``timesformer_harness.pipelines.files.atomic_path``). ``PrepareSpec`` holds everything that determines the output's content; its
-``key()`` marks finished outputs in ``timesformer_harness.pipelines.tools.prepare``'s journal.
+(``timesformer_harness.pipelines.files.atomic_path``). ``PrepareSpec`` holds everything that determines the output's
+content; its ``key()`` marks finished outputs in ``timesformer_harness.pipelines.tools.prepare``'s journal.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
                 declared = _declared_seconds(inp, inp.streams.video[0])
             if written == 0:
                 raise RuntimeError("no decodable frame in the source")
-            if declared and written / rate < 0.9 * declared - 2 / rate:  # the same rule as timesformer_harness.pipelines.validate
+            if declared and written / rate < 0.9 * declared - 2 / rate:  # the same rule as pipelines/validate.py
                 raise RuntimeError(f"truncated source: it declares {declared:.2f} s but its frames cover only "
                                    f"{float(written / rate):.2f} s")
             problem = check_output(tmp, spec, written)

@@ -45,15 +45,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-if __name__ == "__main__" and not __package__:
-    # Run by path (python harness/gpu_check.py): run the module by its package name, as python -m does, so that it is
-    # imported once, and without harness/ on the import path (its evaluate.py, config.py... would hide top-level
-    # modules of those names).
-    import runpy
+if __name__ == "__main__" and not __package__:  # run by path (python harness/gpu_check.py)
+    from timesformer_harness.scripts import run_by_package_name
 
-    sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
-    runpy.run_module("timesformer_harness.gpu_check", run_name="__main__", alter_sys=True)
-    sys.exit()
+    run_by_package_name(__file__, "timesformer_harness.gpu_check")
 
 from timesformer_harness.config import REPO_ROOT
 

@@ -32,15 +32,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
-if __name__ == "__main__" and not __package__:
-    # Run by path (torchrun harness/train.py): run the module by its package name, as python -m does, so that it is
-    # imported once, and without harness/ on the import path (its evaluate.py, config.py... would hide top-level
-    # modules of those names).
-    import runpy
+if __name__ == "__main__" and not __package__:  # run by path (torchrun harness/train.py)
+    from timesformer_harness.scripts import run_by_package_name
 
-    sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
-    runpy.run_module("timesformer_harness.train", run_name="__main__", alter_sys=True)
-    sys.exit()
+    run_by_package_name(__file__, "timesformer_harness.train")
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP

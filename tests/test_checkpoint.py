@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timesformer_harness.checkpoint import load_file, load_weights, original_to_hf, save_pyth
+from timesformer_harness.checkpoint import load_file, load_weights, save_pyth
 from timesformer_harness.model import TimeSformer
 
 TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=4, num_classes=7)
@@ -155,29 +155,9 @@ def test_inspect_and_convert_cli(tmp_path: Path) -> None:
 # Hugging Face transformers interop: an independent implementation of the same model.
 @pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
 def test_huggingface_weights_load_and_export(tmp_path: Path, attention_type: str) -> None:
-    transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")
-    cfg = transformers.TimesformerConfig(image_size=32, patch_size=8, num_channels=3, num_frames=4, hidden_size=32,
-                                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                         attention_type=attention_type, drop_path_rate=0, num_labels=7)
-    torch.manual_seed(0)
-    hf = transformers.TimesformerForVideoClassification(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(std=0.2)
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path))
-    ours = TimeSformer(**TINY, attention_type=attention_type, drop_path_rate=0.0).eval()
-    report = load_weights(ours, path)
-    assert report.format == "hf" and not report.missing
-    torch.manual_seed(5)
-    x = torch.randn(2, 3, 4, 32, 32)
-    with torch.no_grad():
-        theirs = hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits  # HF takes (B, T, C, H, W)
-        mine = ours(x)
-    assert (mine - theirs).abs().max() < 1e-5
-    # Export back: our weights drive a fresh HF model to the same logits.
-    hf2 = transformers.TimesformerForVideoClassification(cfg).eval()
-    hf2.load_state_dict(original_to_hf(trained_like(attention_type, seed=3).state_dict()), strict=True)
-    with torch.no_grad():
-        assert (hf2(pixel_values=x.permute(0, 2, 1, 3, 4)).logits - trained_like(attention_type,
-                                                                                 seed=3)(x)).abs().max() < 1e-5
+    pytest.importorskip("transformers", reason="the test extra installs transformers")
+    from hf_interop import round_trip
+
+    report = round_trip(attention_type, tmp_path)
+    assert report["format"] == "hf" and not report["missing"], report
+    assert report["hf_to_ours"] < 1e-5 and report["ours_to_hf"] < 1e-5, report

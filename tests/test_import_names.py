@@ -23,50 +23,27 @@ PACKAGE = "timesformer_harness"
 OLD_NAMES = ("harness", "kernels", "pipelines", "benchmarks")
 
 # Imports the harness first, then Hugging Face's kernels and transformers' hub-kernels integration (it imports
-# CUDAProperties & co. from `kernels`, which failed while our kernels/ hid theirs), then loads Hugging Face weights
-# into our model and exports ours to a fresh Hugging Face model, comparing logits both ways.
+# CUDAProperties & co. from `kernels`: any other package by that name first on the path breaks it), then runs the
+# Hugging Face round trip (tests/hf_interop.py) both ways.
 PROBE = r"""
 import json, sys
 from importlib.metadata import distribution
-import torch
-from safetensors.torch import save_file
 import timesformer_harness.model as ours_module
-from timesformer_harness.checkpoint import load_weights, original_to_hf
-from timesformer_harness.model import TimeSformer, create_model
+from timesformer_harness.model import create_model
 import kernels
-import transformers
 from transformers.utils.import_utils import is_kernels_available
 import transformers.integrations.hub_kernels
 from kernels import CUDAProperties, LayerRepository, kernelize
+tests_dir, out_dir = sys.argv[-2:]
+sys.path.append(tests_dir)
+from hf_interop import round_trip
 
-out_dir = sys.argv[-1]
 report = {"kernels": kernels.__file__, "hf_kernels": str(distribution("kernels").locate_file("kernels/__init__.py")),
           "harness": ours_module.__file__, "kernels_available": is_kernels_available(),
           "old_names": sorted(m for m in sys.modules if m.split(".")[0] in ("harness", "pipelines", "benchmarks")),
           "preset_params": sum(p.numel() for p in create_model("tiny").parameters())}
-for attention_type in ("divided_space_time", "joint_space_time"):
-    cfg = transformers.TimesformerConfig(image_size=32, patch_size=8, num_channels=3, num_frames=4, hidden_size=32,
-                                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                         attention_type=attention_type, drop_path_rate=0, num_labels=7)
-    torch.manual_seed(0)
-    hf = transformers.TimesformerForVideoClassification(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(std=0.2)
-    path = f"{out_dir}/{attention_type}.safetensors"
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, path)
-    mine = TimeSformer(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=4, num_classes=7,
-                       attention_type=attention_type, drop_path_rate=0.0).eval()
-    loaded = load_weights(mine, path)
-    x = torch.randn(2, 3, 4, 32, 32)
-    back = transformers.TimesformerForVideoClassification(cfg).eval()
-    back.load_state_dict(original_to_hf(mine.state_dict()), strict=True)
-    with torch.no_grad():
-        theirs = hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits  # Hugging Face takes (B, T, C, H, W)
-        exported = back(pixel_values=x.permute(0, 2, 1, 3, 4)).logits
-        report[attention_type] = {"format": loaded.format, "missing": list(loaded.missing),
-                                  "hf_to_ours": (mine(x) - theirs).abs().max().item(),
-                                  "ours_to_hf": (exported - theirs).abs().max().item()}
+report.update({attention_type: round_trip(attention_type, out_dir)
+               for attention_type in ("divided_space_time", "joint_space_time")})
 print("PROBE " + json.dumps(report))
 """
 # As `python harness/train.py --help` starts (torchrun starts each rank so): the script's folder first on the path,
@@ -98,8 +75,8 @@ needs_hf_kernels = pytest.mark.skipif(not hf_kernels_installed(), reason="Huggin
 
 
 def run_probe(python: str, cwd: Path, out: Path, prefix: str = "", args: tuple[str, ...] = ()) -> dict:
-    res = subprocess.run([python, "-c", "import json\n" + prefix + PROBE, *args, str(out)], cwd=cwd,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run([python, "-c", "import json\n" + prefix + PROBE, *args, str(REPO / "tests"), str(out)],
+                         cwd=cwd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"probe failed in {cwd}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     lines = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in res.stdout.splitlines()
              if line.startswith(("PROBE ", "PATH "))}

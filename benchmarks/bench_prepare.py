@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import statistics
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +39,7 @@ import numpy as np
 
 from timesformer_harness.benchmarks.bench_pipelines import write_clips
 from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.metrics import Stopwatch
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.logs import setup_logging
 
@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     retain_freed_memory()
     data = Path(args.data)
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     manifest = make_sources(data / "source", args.videos)
-    logger.warning("sources ready in %.0f s", time.perf_counter() - t0)
+    logger.warning("sources ready in %.0f s", clock.elapsed())
     gpu = args.device == "cuda"
     base = DataConfig(loader="dali", backend="auto" if gpu else "cpu", num_frames=T, sampling_rate=RATE, target_fps=FPS,
                       train_jitter_scales=[256, 320], train_crop_size=CROP, batch_size=BATCH,
@@ -146,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         if name not in chosen:
             continue
         out = data / f"variant{i}"
-        t0 = time.perf_counter()
+        clock = Stopwatch()
         report = prepare(manifest, out, spec, workers=0, progress=False)
         assert not report.failed, report.summary()
         cfg = replace(base, root=str(out), train_manifest=str(repeated_manifest(out / manifest.name, args.repeat)))
-        rows.append({"variant": name, "spec": asdict(spec), "prepare_seconds": round(time.perf_counter() - t0, 1),
+        rows.append({"variant": name, "spec": asdict(spec), "prepare_seconds": round(clock.elapsed(), 1),
                      **decode_costs(cfg, args.device)})
         contenders += shootout_contenders(cfg, name, args.anchor_threads, args.scaling, args.whole_file,
                                           device=args.device)

@@ -72,8 +72,9 @@ def damage_one_frame(src: str, dst: Path) -> Path:
 def repair_cost(paths: list[str], tmp: Path, epochs: int) -> dict[str, float]:
     """Seconds per batch of DALI CPU train epochs (8 frames x rate 8, crop 224, batches of 8) over ``paths`` with the
     first one damaged: the batch that failed and was repaired, and the median of the others."""
-    import torch  # noqa: F401 - loaders only here, so that the pool workers of the cases above stay light
+    import torch  # loaders only here, so that the pool workers of the cases above stay light
 
+    from timesformer_harness.metrics import timed_items
     from timesformer_harness.pipelines.factory import build_loader
     from timesformer_harness.pipelines.config import DataConfig
 
@@ -88,11 +89,7 @@ def repair_cost(paths: list[str], tmp: Path, epochs: int) -> dict[str, float]:
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         before = len(loader.quarantine.entries)
-        batches = iter(loader)
-        for k in range(len(loader)):
-            t0 = time.perf_counter()
-            next(batches)
-            seconds = time.perf_counter() - t0
+        for k, (_, seconds) in enumerate(timed_items(loader, torch.device("cpu"))):
             if len(loader.quarantine.entries) > before:
                 failed.append(seconds)
                 before = len(loader.quarantine.entries)
@@ -103,6 +100,8 @@ def repair_cost(paths: list[str], tmp: Path, epochs: int) -> dict[str, float]:
 
 
 def rate(fn: Callable[[], object], files: int) -> float:
+    """Files per second of ``fn``. Its own clock, not ``timesformer_harness.metrics``: that imports torch, and the
+    probe's worker pools are to start from a process without it, as the validator's own do."""
     t0 = time.perf_counter()
     fn()
     return files / (time.perf_counter() - t0)

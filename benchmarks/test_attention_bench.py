@@ -1,17 +1,21 @@
-"""Attention-only forward+backward per block shape (temporal, spatial, joint) and backend, as pytest-benchmark cases."""
+"""Attention-only forward+backward per block shape (temporal, spatial, joint) and backend, as pytest-benchmark
+cases: the bench's attention suite (``timesformer_harness.bench.attention``) builds the call and fills the record
+from pytest-benchmark's own samples."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from timesformer_harness.bench import attention_shape
-from timesformer_harness.metrics import BenchRecord, synchronize
+from timesformer_harness.bench import attention as attention_suite
+from timesformer_harness.bench.record import fill_throughput
+from timesformer_harness.kernels.attention import BACKENDS, available_backends
+from timesformer_harness.metrics import synchronize
 from timesformer_harness.model import load_preset
-from timesformer_harness.runtime import device_name
-from timesformer_harness.kernels.attention import BACKENDS, attention, available_backends
+from timesformer_harness.runtime import precision_name
 
 BATCH = 2
+ROUNDS = 5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -19,27 +23,25 @@ BATCH = 2
 def test_attention_fwd_bwd(benchmark, device, preset, shape, backend):
     benchmark.group = f"attention-{shape}-{preset}"
     cfg = load_preset(preset)
-    nseq, H, L, hd = attention_shape(cfg, shape, BATCH, cfg.num_frames, cfg.img_size)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if backend not in available_backends(device, dtype, hd):  # probed in the dtype the case runs in
-        pytest.skip(f"backend {backend!r} cannot run on {device.type} in {dtype} here")
-    q, k, v = (torch.randn(nseq, H, L, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    grad = torch.randn_like(q)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    head_dim = cfg.embed_dim // cfg.num_heads
+    if backend not in available_backends(device, dtype, head_dim):  # probed in the dtype the case runs in
+        pytest.skip(f"backend {backend!r} cannot run on {device.type} in {dtype or 'fp32'} here")
+    case = attention_suite.Case(preset=preset, device=str(device), batch=BATCH, precision=precision_name(dtype),
+                                warmup=1, steps=ROUNDS, model=cfg, mode="train", frames=cfg.num_frames,
+                                img_size=cfg.img_size, shape=shape, attn_backend=backend)
+    rec = case.record(device)
+    step = attention_suite.build(case, rec, device, dtype)
 
-    def step() -> None:
-        q.grad = k.grad = v.grad = None
-        attention(q, k, v, backend=backend).backward(grad)
+    def synchronised_step() -> None:
+        step()
         synchronize(device)
 
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
-    rec = BenchRecord(suite="attention", case=f"attention/{shape}/{backend}/train", preset=preset,
-                      frames=cfg.num_frames, img_size=cfg.img_size, batch=BATCH, mode="train", backend=backend,
-                      precision="bf16" if dtype == torch.bfloat16 else "fp32", device=device.type,
-                      device_name=device_name(device),
-                      flops_per_clip=3 * 4 * nseq * H * L * L * hd // BATCH,
-                      extra={"shape": shape, "sequences": nseq, "heads": H, "seq_len": L, "head_dim": hd})
-    if benchmark.stats is not None:
-        rec.clips_per_s = BATCH / benchmark.stats.stats.median
-        rec.achieved_flops = rec.flops_per_clip * rec.clips_per_s
-    benchmark.extra_info.update(rec.extra_info())
-    assert q.grad is not None and q.grad.shape == q.shape
+    benchmark.pedantic(synchronised_step, rounds=ROUNDS, warmup_rounds=case.warmup, iterations=1)
+    if benchmark.stats is None:
+        return
+    fill_throughput(rec, list(benchmark.stats.stats.data), clips_per_step=BATCH, frames=case.frames)
+    benchmark.extra_info.update(rec.flat())
+    nseq, heads, length, hd = attention_suite.attention_shape(cfg, shape, BATCH, cfg.num_frames, cfg.img_size)
+    assert rec.extra["sequences"] == nseq and rec.flops_per_clip == 3 * 4 * nseq * heads * length**2 * hd // BATCH
+    assert rec.step_ms["median"] == pytest.approx(1e3 * benchmark.stats.stats.median)

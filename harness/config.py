@@ -170,6 +170,8 @@ class BenchConfig:
     mem_limit_gb: float = 8.0  # CPU only: address-space cap per case, so a too-big case records oom, not swap
     case_timeout_s: int = 600
     gemm_n: int = 1024  # CPU utilisation: fp32 GEMM of this size measured in the same run is the peak
+    block_s: float = 0.0  # a timed sample's length: steps (and GEMMs) per block to fill it; 0 = one step per sample
+    threads: int = 0  # CPU intra-op threads per case; 0 = torch's default
     data_config: str = "configs/exp/toy_divided_cpu.yaml"  # pipeline/e2e suites: the data section to load
     pipeline_batches: int = 8  # timed batches per loader (after 2 warm-up batches)
     input_bound_threshold: float = 0.1  # e2e verdict: input-bound when data wait > this share of a step

@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,6 +29,7 @@ import torch
 
 from timesformer_harness.checkpoint import CheckpointError
 from timesformer_harness.config import RootConfig, load_config
+from timesformer_harness.metrics import Stopwatch
 from timesformer_harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from timesformer_harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
 from timesformer_harness.pipelines.base import Loader
@@ -195,9 +195,9 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo) -> dict[str, Any]
     data_cfg = replace(cfg.data, batch_size=cfg.test.batch_size)
     loader = build_loader(data_cfg, cfg.test.split, device=info.device, rank=info.rank,
                           world_size=info.world_size, run_dir=cfg.output.dir)
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     acc = score_loader(model, loader, info.device, dtype, cfg.test.ensemble)
-    seconds = time.perf_counter() - t0
+    seconds = clock.elapsed()
     views = cfg.data.num_ensemble_views * cfg.data.num_spatial_crops
     result = accuracy_report(acc, cfg.model.num_classes, views, class_names_for(cfg))
     result.update({"checkpoint": str(checkpoint), "checkpoint_format": report.format, "split": cfg.test.split,

@@ -1,248 +1,199 @@
-"""Performance regression gate: train-step throughput normalised by a calibration workload, plus counted quantities.
+"""Performance regression gate: the bench's model suite, timed against a calibration workload, and a verdict per case.
 
     python -m timesformer_harness.gate --write-baseline FILE [--preset NAME] [--attn all] [--mode train] [key=value ...]
-    python -m timesformer_harness.gate --baseline FILE [--tolerance 0.15] [key=value ...]
+    python -m timesformer_harness.gate --baseline FILE [--cases PATTERN ...] [--tolerance 0.08] [--out DIR]
 
-Each case (attention variant x mode) runs in a fresh process (``timesformer_harness.runner``) that alternates a
-calibration workload (A: a fixed fp32 GEMM block) and the model step (B: a block of
-``timesformer_harness.workload.synthetic_step`` train steps, the bench's and the Trainer's step) for ``pairs`` rounds,
-A B A B ...; the case's score is the median over pairs of time(B)/time(A). Anything that slows the whole machine (other
-users, frequency changes) slows A and B alike and cancels in the ratio. A case regresses when its normalised throughput
-drops by more than ``--tolerance`` (default 15%, from noise measured on the shared 2-core CPU machine; see
-docs/benchmarking.md); a timing regression is measured once more before it counts. On CPU each case runs with one
-intra-op thread (``--threads``), which keeps co-tenants from turning OpenMP barriers into outliers. Parameters
-and FLOPs per clip must match exactly, and peak memory may grow by at most ``--mem-tolerance``.
+A gate case is a bench model-suite case (``timesformer_harness.bench.model``) run in a fresh process with the gate's
+settings: each of ``pairs`` samples times a block of calibration GEMMs and a block of the model's train steps, A B
+A B ..., about ``block_s`` seconds each, and the case's score is the median over samples of time(B)/time(A).
+Anything that slows the whole machine (other users, frequency changes) slows A and B alike and cancels in the
+ratio. On CPU each case runs with one intra-op thread (``--threads``): co-tenants then degrade it smoothly instead
+of turning OpenMP barriers into outliers. The candidate reuses the baseline's block sizes, so both sides time the
+same work. The verdict (``timesformer_harness.bench.verdict``): a case regresses when its normalised throughput
+drops by more than its tolerance (derived from the baseline's own samples, or ``--tolerance``), when what it
+measured differs (model, parameters, FLOPs, input size), or when its peak memory grows past ``--mem-tolerance``; a
+timing or memory regression is measured once more and counts only if it holds.
 
-Exit status: 0 pass, 1 a case regressed (each one named), 2 the baseline cannot be compared (other preset or
-device kind, other schema version).
+Writes ``<out>/<timestamp>/``: ``candidate.json`` (the records), ``verdicts.json`` (per case), ``verdict.json`` (the
+overall verdict, for CI) and ``junit.xml`` (one test case per gate case), and prints where.
+
+Exit status: 0 every case passes; 1 a case regressed (each one named); 2 the gate could not judge: no or unreadable
+baseline, another preset, device kind or machine class (``--other-machine`` to judge anyway), an unknown case
+pattern, bad arguments. ``make gate`` turns every failure into make's own status 2: CI should call this module
+directly, or read ``verdict.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
-import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from timesformer_harness.config import ModelConfig
-from timesformer_harness.counting import count_flops, count_params
-from timesformer_harness.metrics import (BenchRecord, fill_throughput, peak_memory, read_results, reset_peak_memory,
-                                         synchronize, write_results)
-from timesformer_harness.runner import run_in_fresh_process
-from timesformer_harness.runtime import (device_name, environment_info, precision_name, resolve_precision,
-                                         seed_everything)
-from timesformer_harness.workload import synthetic_step
+from timesformer_harness.bench.case import ModelCase
+from timesformer_harness.bench.record import BenchRecord, read_results, write_results
+from timesformer_harness.bench.sweep import build_cases, run_case
+from timesformer_harness.bench.verdict import DEFAULT_MEM_TOLERANCE, Verdict, better, judge_all
+from timesformer_harness.config import ModelConfig, load_config
+from timesformer_harness.metrics import run_stamp
 from timesformer_harness.pipelines.files import atomic_write_text
 from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.runtime import environment_info, precision_name, resolve_precision
 
 logger = logging.getLogger(__name__)
 
-# Default tolerance on the normalised throughput drop, from same-tree noise measured on the shared 2-vCPU machine
-# (docs/results/2026-11-24-gate-noise.md): 8 gate runs at cpu_bench (24 case results) against one baseline moved
-# the normalised images/s by at most 6.1%, two of them with a 2-thread GEMM hog alongside that cut raw images/s 3x;
-# 9 tiny-preset case results moved by at most 2.3%. 15% is about 2.5x the worst seen; a timing regression is
-# re-measured once.
-DEFAULT_TOLERANCE = 0.15
-DEFAULT_MEM_TOLERANCE = 0.05  # peak memory growth: CPU RSS moved by at most 2.4% in the same runs
 DEFAULT_PAIRS = 7
-DEFAULT_BLOCK_S = 0.25  # each A or B sample lasts about this long (steps are batched into blocks)
+DEFAULT_BLOCK_S = 0.25  # each A or B block lasts about this long (steps are batched into blocks)
 CALIB_N = 384  # calibration GEMM size
-DEFAULT_CPU_THREADS = 1  # see run_worker: robust to co-tenants; 0 = torch's default
+DEFAULT_CPU_THREADS = 1  # see the module docstring; 0 = torch's default
+CASE_TIMEOUT_S = 900
 
 
-# ------------------------------------------------------------------------------------------ worker
-
-@dataclass
-class GateCase:
-    """One gate case (attention variant x mode), as the parent builds it and the worker process receives it."""
-
-    preset: str
-    model: ModelConfig  # its attention_type is the case's variant
-    mode: str  # train | infer
-    batch: int
-    precision: str  # resolved: fp32 | bf16 | fp16
-    channels_last: bool
-    device: str
-    warmup: int
-    pairs: int  # A/B pairs timed
-    block_s: float  # target duration of one A or B block (used when the block sizes are 0)
-    threads: int  # CPU intra-op threads; 0 = torch's default
-    steps_per_block: int = 0  # 0 = size from block_s; the gate reuses the baseline's
-    calib_reps: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"gate/{self.model.attention_type}/{self.mode}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GateCase:
-        return cls(**{**d, "model": ModelConfig(**d["model"])})
-
-
-def _time_block(fn: Callable[[], object], n: int, device: torch.device) -> float:
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    synchronize(device)
-    return time.perf_counter() - t0
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m timesformer_harness.gate", description=__doc__.split("\n\n")[0],
+                                epilog="Exit status: 0 pass, 1 a case regressed, 2 the gate could not judge.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--baseline", help="gate the current tree against this baseline JSON")
+    g.add_argument("--write-baseline", help="measure the current tree and write a baseline JSON here")
+    p.add_argument("--preset", default=None, help="model preset (write: default by device; gate: must be the "
+                                                  "baseline's)")
+    p.add_argument("--attn", default="all", help="attention variants to measure (write) or to gate (gate)")
+    p.add_argument("--mode", default=None, help="train | infer | both (write: default train; gate: a filter)")
+    p.add_argument("--cases", nargs="+", default=None, metavar="PATTERN",
+                   help="gate only the baseline cases matching these names or glob patterns")
+    p.add_argument("--pairs", type=int, default=None, help=f"A/B samples per case (default: the baseline's, or "
+                                                           f"{DEFAULT_PAIRS} when writing)")
+    p.add_argument("--threads", type=int, default=DEFAULT_CPU_THREADS,
+                   help="CPU intra-op threads per case (write; the gate reuses the baseline's)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="allowed normalised throughput drop for every case (default: each case's own, from the "
+                        "baseline's samples)")
+    p.add_argument("--mem-tolerance", type=float, default=None, help="allowed peak-memory growth")
+    p.add_argument("--other-machine", action="store_true",
+                   help="judge against a baseline from another machine class (its ratios are not like for like)")
+    p.add_argument("--inject-delay", action="append", default=[], metavar="CASE=FRACTION",
+                   help="slow CASE's steps by FRACTION of its baseline step time (a sleep): checks the gate catches "
+                        "a slowdown of that size on this machine")
+    p.add_argument("--out", default="runs/gate", help="where the candidate's records and verdicts are written")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (write) or model.KEY=VALUE what-ifs "
+                                                "for the candidate (gate), e.g. model.depth=6")
+    return p.parse_args(argv)
 
 
-def _record(case: GateCase, device: torch.device) -> BenchRecord:
-    cfg = case.model
-    return BenchRecord(suite="gate", case=case.name, attention_type=cfg.attention_type, preset=case.preset,
-                       frames=cfg.num_frames, img_size=cfg.img_size, batch=case.batch, precision=case.precision,
-                       mode=case.mode, device=device.type, device_name=device_name(device))
+def write_baseline(args: argparse.Namespace) -> int:
+    from timesformer_harness.bench import attention_types, measure_peak, modes_of, resolve
+
+    cfg, preset, device = resolve(preset=args.preset, overrides=args.overrides)
+    pairs = args.pairs or DEFAULT_PAIRS
+    cfg = replace(cfg, bench=replace(cfg.bench, suites=["model"], steps=pairs, block_s=DEFAULT_BLOCK_S,
+                                     threads=args.threads))
+    precision = precision_name(resolve_precision(cfg.bench.precision, device))
+    peak = measure_peak(device, precision, CALIB_N) if device.type == "cuda" else (None, None)
+    cases = [replace(c, gemm_n=CALIB_N) for c in build_cases(cfg, preset, attention_types(args.attn),
+                                                              modes_of(args.mode or "train"), device, peak, precision)]
+    records = measure(cases)
+    bad = [r for r in records if r.status != "ok"]
+    for r in bad:
+        print(f"{r.case}: {r.status} {r.message}")
+    if bad:
+        return 1
+    env = environment_info(device)
+    meta = {"kind": "gate-baseline", "preset": preset, "precision": precision, "batch": cfg.bench.batch_size,
+            "device": device.type, "hardware": env["device_name"], "env": env, "pairs": pairs,
+            "block_s": DEFAULT_BLOCK_S, "threads": cases[0].threads, "channels_last": cfg.bench.channels_last,
+            "warmup": cfg.bench.warmup,
+            "tolerance": args.tolerance, "mem_tolerance": args.mem_tolerance, "overrides": list(args.overrides)}
+    write_results(args.write_baseline, records, meta)
+    for r in records:
+        print(f"{r.case}: {r.images_per_s:.1f} images/s, ratio {r.extra['ratio']:.3f} (samples "
+              f"{min(r.extra['ratios']):.3f}-{max(r.extra['ratios']):.3f}), peak {r.peak_mem_bytes / 2**20:.0f} MiB")
+    print(f"baseline written: {args.write_baseline}")
+    return 0
 
 
-def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
-    """One gate case in this fresh process: A B A B interleaved blocks, median of per-pair ratios. The step (B) is
-    ``timesformer_harness.workload.synthetic_step``, the one the bench and the Trainer run."""
-    case = GateCase.from_dict(payload)
-    device = torch.device(case.device)
-    if device.type == "cpu" and case.threads:
-        # One intra-op thread by default: with co-tenants on a small CPU, spinning OpenMP barriers whose
-        # threads get preempted turn contention into 10x outliers; a single thread degrades smoothly.
-        torch.set_num_threads(case.threads)
-    seed_everything(0)
-    dtype = resolve_precision(case.precision, device)
-    cfg, B = case.model, case.batch
-    rec = _record(case, device)
-    rec.env = environment_info(device)
-    a = torch.randn(CALIB_N, CALIB_N, device=device)
-    b = torch.randn(CALIB_N, CALIB_N, device=device)
-
-    def calib() -> None:
-        torch.mm(a, b)
-
-    rec.flops_per_clip = count_flops(cfg, batch=1, mode=case.mode)
-    base = reset_peak_memory(device)
-    model, step = synthetic_step(cfg, device, dtype, mode=case.mode, batch=B, channels_last=case.channels_last)
-    rec.params = count_params(model)
-
-    # Warm-up, then size the blocks (or reuse the baseline's sizes so both sides run the same work).
-    for _ in range(case.warmup):
-        step()
-        calib()
-    synchronize(device)
-    step_s = min(_time_block(step, 1, device) for _ in range(3))
-    calib_s = min(_time_block(calib, 1, device) for _ in range(3))
-    steps_per_block = case.steps_per_block or max(1, round(case.block_s / step_s))
-    calib_reps = case.calib_reps or max(1, round(steps_per_block * step_s / calib_s))
-
-    ratios, step_times, calib_times = [], [], []
-    for _ in range(case.pairs):
-        ta = _time_block(calib, calib_reps, device)
-        tb = _time_block(step, steps_per_block, device)
-        ratios.append(tb / ta)
-        calib_times.append(ta)
-        step_times.append(tb / steps_per_block)
-    rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
-    fill_throughput(rec, step_times, clips_per_step=B, frames=cfg.num_frames)
-    ratio = statistics.median(ratios)
-    rec.extra.update({
-        "ratio": ratio, "ratio_p10_p90": [min(ratios), max(ratios)] if len(ratios) < 3 else
-        [sorted(ratios)[len(ratios) // 10], sorted(ratios)[-1 - len(ratios) // 10]],
-        "ratios": ratios, "steps_per_block": steps_per_block, "calib_reps": calib_reps, "calib_n": CALIB_N,
-        "calib_ms": 1e3 * statistics.median(calib_times) / calib_reps,
-    })
-    return rec.to_dict()
+def candidate_model(base: ModelConfig, overrides: list[str]) -> ModelConfig:
+    """The baseline's model with ``model.KEY=VALUE`` overrides (a what-if, e.g. ``model.depth=6``), checked."""
+    changes = {}
+    for item in overrides:
+        if not item.startswith("model.") or "=" not in item:
+            raise ValueError(f"override {item!r}: the gate takes only model.KEY=VALUE overrides")
+        key = item.split("=", 1)[0].split(".", 1)[1]
+        changes[key] = getattr(load_config(None, [item]).model, key)  # parsed and typed by the schema
+    return replace(base, **changes)
 
 
-def run_case(case: GateCase, timeout_s: float = 900) -> BenchRecord:
-    """Run a gate case in a fresh process (its own peak RSS); an ``oom``/``error`` outcome (timesformer_harness.runner's
-    policy) becomes the record's status."""
-    out = run_in_fresh_process(run_worker, case.to_dict(), timeout_s=timeout_s)
-    if out.status == "ok":
-        return BenchRecord.from_dict(out.result)
-    rec = _record(case, torch.device(case.device))
-    rec.status, rec.message = out.status, out.message
-    if out.traceback:
-        rec.extra["traceback"] = out.traceback
-    return rec
+def baseline_model(rec: BenchRecord, meta: dict[str, Any]) -> ModelConfig:
+    """The model a baseline record measured (a schema-1 baseline kept it once, in its meta)."""
+    model = rec.model or {**meta["model"], "attention_type": rec.attention_type}
+    return ModelConfig(**model)
 
 
-# ------------------------------------------------------------------------------------------ comparison
-
-@dataclass
-class Verdict:
-    """The comparison of one case: ``regressed`` with the reasons, or not."""
-
-    case: str
-    base_ratio: float | None = None
-    cand_ratio: float | None = None
-    change: float | None = None  # normalised throughput change, candidate vs baseline (-0.25 = 25% slower)
-    regressed: bool = False
-    timing_regressed: bool = False
-    reasons: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-def compare_case(base: BenchRecord, cand: BenchRecord | None, tolerance: float, mem_tolerance: float) -> Verdict:
-    """Compare one case. Throughput: one-sided (only slower fails); counted quantities exactly; memory growth."""
-    v = Verdict(case=base.case, base_ratio=base.extra.get("ratio"))
-    if cand is None:
-        v.regressed = True
-        v.reasons.append("missing from the candidate run")
-        return v
-    if cand.status != "ok":
-        v.regressed = True
-        v.reasons.append(f"candidate status {cand.status}: {cand.message}")
-        return v
-    v.cand_ratio = cand.extra.get("ratio")
-    if v.base_ratio and v.cand_ratio:
-        v.change = v.base_ratio / v.cand_ratio - 1.0  # ratio = time(model)/time(calib); throughput ~ 1/ratio
-        if v.change < -tolerance:
-            v.regressed = v.timing_regressed = True
-            v.reasons.append(f"normalised images/s {100 * v.change:+.1f}% (tolerance -{100 * tolerance:.0f}%)")
-        elif v.change > tolerance:
-            v.notes.append(f"faster by {100 * v.change:.0f}%: consider refreshing the baseline")
-    if base.params is not None and cand.params != base.params:
-        v.regressed = True
-        v.reasons.append(f"params {base.params} -> {cand.params}")
-    if base.flops_per_clip is not None and cand.flops_per_clip != base.flops_per_clip:
-        v.regressed = True
-        v.reasons.append(f"FLOPs/clip {base.flops_per_clip} -> {cand.flops_per_clip}")
-    if base.peak_mem_bytes and cand.peak_mem_bytes is not None:
-        growth = cand.peak_mem_bytes / base.peak_mem_bytes - 1.0
-        if growth > mem_tolerance:
-            v.regressed = True
-            v.reasons.append(f"peak memory {base.peak_mem_bytes / 2**20:.1f} -> {cand.peak_mem_bytes / 2**20:.1f} "
-                             f"MiB ({100 * growth:+.1f}%, tolerance +{100 * mem_tolerance:.0f}%)")
-    return v
+def candidate_cases(baseline: list[BenchRecord], meta: dict[str, Any], device: torch.device, overrides: list[str],
+                    pairs: int | None, delays: dict[str, float]) -> list[ModelCase]:
+    """The cases that measure the baseline's records again on this tree: the same model (plus ``overrides``),
+    input, settings and block sizes."""
+    out = []
+    for rec in baseline:
+        step_ms = rec.step_ms["median"] if rec.step_ms else 0.0
+        out.append(ModelCase(
+            preset=rec.preset, device=str(device),
+            batch=rec.batch, precision=rec.precision, warmup=meta.get("warmup", 2),
+            steps=pairs or meta.get("pairs", DEFAULT_PAIRS), threads=meta.get("threads", 0),
+            model=candidate_model(baseline_model(rec, meta), overrides), mode=rec.mode, frames=rec.frames,
+            img_size=rec.img_size, channels_last=meta.get("channels_last", True),
+            gemm_n=rec.extra.get("gemm_n") or rec.extra.get("calib_n") or CALIB_N,
+            peak_flops=rec.peak_flops if rec.device == "cuda" else None,
+            peak_flops_source=rec.peak_flops_source if rec.device == "cuda" else None,
+            steps_per_block=rec.extra["steps_per_block"], calib_reps=rec.extra["calib_reps"],
+            inject_delay_s=delays.get(rec.case, 0.0) * step_ms / 1e3))
+    return out
 
 
-MACHINE_KEYS = ("device_name", "cpu_capability", "torch", "cuda", "cpu_threads")
+def measure(cases: list[ModelCase]) -> list[BenchRecord]:
+    from tqdm import tqdm
+
+    return [run_case(c, CASE_TIMEOUT_S) for c in tqdm(cases, desc="gate", unit="case", file=sys.stderr)]
 
 
-def machine_differences(baseline: list[BenchRecord], candidate: list[BenchRecord]) -> list[str]:
-    """What differs between the machines and software of the two runs (their records' ``env``). The normalised
-    ratio cancels most of a machine difference, not all of it (e.g. AVX2 vs AVX-512 speeds the GEMM yardstick
-    and the model unequally): a verdict across machines is then said to be one."""
-    env_a = next((r.env for r in baseline if r.env), {})
-    env_b = next((r.env for r in candidate if r.env), {})
-    return [f"{k} {env_a.get(k)!r} -> {env_b.get(k)!r}" for k in MACHINE_KEYS
-            if k in env_a and k in env_b and env_a[k] != env_b[k]]
+def select(baseline: list[BenchRecord], args: argparse.Namespace) -> list[BenchRecord]:
+    """The baseline records ``--cases``, ``--attn`` and ``--mode`` leave; ValueError for a pattern matching none."""
+    chosen = baseline
+    if args.cases:
+        unknown = [p for p in args.cases if not any(fnmatch.fnmatchcase(r.case, p) for r in baseline)]
+        if unknown:
+            raise ValueError(f"--cases {unknown} match no baseline case; its cases: {[r.case for r in baseline]}")
+        chosen = [r for r in chosen if any(fnmatch.fnmatchcase(r.case, p) for p in args.cases)]
+    if args.attn != "all":
+        chosen = [r for r in chosen if r.attention_type == args.attn]
+    if args.mode and args.mode != "both":
+        chosen = [r for r in chosen if r.mode == args.mode]
+    if not chosen:
+        raise ValueError(f"--attn {args.attn} --mode {args.mode} leave no baseline case")
+    return chosen
 
 
-def compare(baseline: list[BenchRecord], candidate: list[BenchRecord], tolerance: float = DEFAULT_TOLERANCE,
-            mem_tolerance: float = DEFAULT_MEM_TOLERANCE) -> list[Verdict]:
-    by_case = {r.case: r for r in candidate}
-    return [compare_case(b, by_case.get(b.case), tolerance, mem_tolerance) for b in baseline]
+def parse_delays(items: list[str], baseline: list[BenchRecord]) -> dict[str, float]:
+    delays = {}
+    for item in items:
+        case, sep, fraction = item.rpartition("=")
+        if not sep or case not in {r.case for r in baseline}:
+            raise ValueError(f"--inject-delay {item!r}: expected CASE=FRACTION with a baseline case, e.g. "
+                             f"{baseline[0].case}=0.10")
+        delays[case] = float(fraction)
+    return delays
 
 
-def check_compatible(meta: dict[str, Any], device: torch.device, preset: str | None) -> None:
-    """Refuse to compare across device kinds or presets (like with like); raise ValueError naming the fix."""
+def check_compatible(meta: dict[str, Any], baseline: list[BenchRecord], device: torch.device, preset: str | None,
+                     other_machine: bool) -> list[str]:
+    """Refuse to judge across device kinds, presets or (unless ``other_machine``) machine classes: ValueError naming
+    the fix. Returns the notes to print (a judgement across machines)."""
     if meta.get("kind") != "gate-baseline":
         raise ValueError("this file is not a gate baseline (meta.kind != 'gate-baseline'); write one with "
                          "`python -m timesformer_harness.gate --write-baseline FILE`")
@@ -252,13 +203,21 @@ def check_compatible(meta: dict[str, Any], device: torch.device, preset: str | N
     if preset and meta.get("preset") != preset:
         raise ValueError(f"baseline preset {meta.get('preset')!r} != --preset {preset!r}; drop --preset or write a "
                          "new baseline")
+    here = environment_info(device)
+    there = next((r.env for r in baseline if r.env), meta.get("env", {}))
+    if there.get("machine_class") and there.get("machine_class") != here["machine_class"]:
+        if not other_machine:
+            raise ValueError(f"baseline machine class {there.get('machine_class')!r}, this machine "
+                             f"{here['machine_class']!r}: write a baseline here (make gate-baseline BASELINE=...), "
+                             "or pass --other-machine to judge anyway")
+    return [f"{k} {there.get(k)!r} -> {here.get(k)!r}" for k in ("machine_class", "torch", "cuda", "cpu_threads")
+            if there.get(k) is not None and there.get(k) != here.get(k)]
 
 
 def format_table(verdicts: list[Verdict], baseline: list[BenchRecord], candidate: list[BenchRecord]) -> str:
-    base = {r.case: r for r in baseline}
-    cand = {r.case: r for r in candidate}
-    lines = ["| case | base images/s | cand images/s | base ratio | cand ratio | normalised change | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    base, cand = {r.case: r for r in baseline}, {r.case: r for r in candidate}
+    lines = ["| case | base images/s | cand images/s | base ratio | cand ratio | normalised change | tolerance "
+             "| verdict |", "|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
         b, c = base.get(v.case), cand.get(v.case)
         fmt = lambda r: "-" if r is None or r.images_per_s is None else f"{r.images_per_s:.1f}"  # noqa: E731
@@ -266,146 +225,84 @@ def format_table(verdicts: list[Verdict], baseline: list[BenchRecord], candidate
         verdict = "REGRESSED: " + "; ".join(v.reasons) if v.regressed else "ok" + (
             f" ({'; '.join(v.notes)})" if v.notes else "")
         lines.append(f"| {v.case} | {fmt(b)} | {fmt(c)} | {v.base_ratio or 0:.3f} | {v.cand_ratio or 0:.3f} "
-                     f"| {change} | {verdict} |")
+                     f"| {change} | -{100 * (v.tolerance or 0):.1f}% | {verdict} |")
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ main
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m timesformer_harness.gate", description=__doc__.split("\n\n")[0])
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--baseline", help="gate the current tree against this baseline JSON")
-    g.add_argument("--write-baseline", help="measure the current tree and write a baseline JSON here")
-    p.add_argument("--preset", default=None, help="model preset (write: default by device; gate: the baseline's)")
-    p.add_argument("--attn", default="all", help="attention variants (write-baseline only)")
-    p.add_argument("--mode", default="train", help="train | infer | both (write-baseline only)")
-    p.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, help="A/B pairs per case")
-    p.add_argument("--threads", type=int, default=DEFAULT_CPU_THREADS,
-                   help="CPU intra-op threads per case (write-baseline; the gate reuses the baseline's)")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help=f"allowed normalised throughput drop (default: the baseline's, else {DEFAULT_TOLERANCE})")
-    p.add_argument("--mem-tolerance", type=float, default=None, help="allowed peak-memory growth")
-    p.add_argument("--out", default="runs/gate", help="where the candidate's records and verdicts are written")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides for the candidate, e.g. model.depth=6")
-    return p.parse_args(argv)
+def junit_xml(verdicts: list[Verdict], seconds: float) -> str:
+    """One JUnit test case per gate case; a regression is a failure carrying its reasons."""
+    failed = [v for v in verdicts if v.regressed]
+    suite = ET.Element("testsuite", name="gate", tests=str(len(verdicts)), failures=str(len(failed)),
+                       time=f"{seconds:.1f}")
+    for v in verdicts:
+        case = ET.SubElement(suite, "testcase", classname="gate", name=v.case)
+        if v.regressed:
+            ET.SubElement(case, "failure", message="; ".join(v.reasons)).text = "\n".join(v.reasons)
+        elif v.notes:
+            ET.SubElement(case, "system-out").text = "\n".join(v.notes)
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def gate_cases(meta: dict[str, Any], model: ModelConfig, pairs: int,
-               block: dict[str, dict[str, int]] | None = None) -> list[GateCase]:
-    """The cases ``meta["cases"]`` names ([attention_type, mode] pairs) with the baseline's settings; ``block``
-    (case name -> steps_per_block, calib_reps) makes a candidate time the same work per sample as the baseline."""
-    cases = []
-    for attn, mode in meta["cases"]:
-        case = GateCase(preset=meta["preset"], model=replace(model, attention_type=attn), mode=mode,
-                        batch=meta["batch"], precision=meta["precision"], channels_last=meta["channels_last"],
-                        device=meta["device_str"], warmup=meta["warmup"], pairs=pairs, block_s=meta["block_s"],
-                        threads=meta.get("threads", 0))
-        cases.append(replace(case, **(block or {}).get(case.name, {})))
-    return cases
-
-
-def candidate_model(baseline_model: dict[str, Any], overrides: list[str]) -> ModelConfig:
-    """The baseline's model with ``model.KEY=VALUE`` overrides (a what-if, e.g. ``model.depth=6``), checked."""
-    from timesformer_harness.config import load_config
-
-    changes = {}
-    for item in overrides:
-        if not item.startswith("model.") or "=" not in item:
-            raise ValueError(f"override {item!r}: the gate takes only model.KEY=VALUE overrides")
-        key = item.split("=", 1)[0].split(".", 1)[1]
-        changes[key] = getattr(load_config(None, [item]).model, key)  # parsed and typed by the schema
-    return replace(ModelConfig(**baseline_model), **changes)
-
-
-def _measure(cases: list[GateCase]) -> list[BenchRecord]:
-    from tqdm import tqdm
-
-    return [run_case(c) for c in tqdm(cases, desc="gate", unit="case", file=sys.stderr)]
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging()
-    from timesformer_harness.bench import attention_types, modes_of, resolve
-
-    if args.write_baseline:
-        cfg, preset, device = resolve(preset=args.preset, overrides=args.overrides)
-        meta = {"kind": "gate-baseline", "preset": preset, "batch": cfg.bench.batch_size,
-                "precision": precision_name(resolve_precision(cfg.bench.precision, device)),
-                "channels_last": cfg.bench.channels_last, "device": device.type, "device_str": str(device),
-                "warmup": cfg.bench.warmup, "pairs": args.pairs, "block_s": DEFAULT_BLOCK_S,
-                "threads": args.threads if device.type == "cpu" else 0,
-                "tolerance": args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE,
-                "mem_tolerance": args.mem_tolerance if args.mem_tolerance is not None else DEFAULT_MEM_TOLERANCE,
-                "model": asdict(cfg.model), "overrides": list(args.overrides)}
-        meta["cases"] = [(a, m) for a in attention_types(args.attn) for m in modes_of(args.mode)]
-        records = _measure(gate_cases(meta, cfg.model, args.pairs))
-        bad = [r for r in records if r.status != "ok"]
-        if bad:
-            for r in bad:
-                print(f"{r.case}: {r.status} {r.message}")
-            return 1
-        write_results(args.write_baseline, records, meta)
-        for r in records:
-            print(f"{r.case}: {r.images_per_s:.1f} images/s, ratio {r.extra['ratio']:.3f} "
-                  f"(pairs {min(r.extra['ratios']):.3f}-{max(r.extra['ratios']):.3f}), "
-                  f"peak {r.peak_mem_bytes / 2**20:.0f} MiB")
-        print(f"baseline written: {args.write_baseline}")
-        return 0
+def gate(args: argparse.Namespace) -> int:
+    from timesformer_harness.metrics import Stopwatch
+    from timesformer_harness.runtime import resolve_device
 
     path = Path(args.baseline)
     if not path.is_file():
         print(f"baseline {path} does not exist; write one with `make gate-baseline BASELINE={path}`")
         return 2
+    clock = Stopwatch()
     try:
         baseline, meta = read_results(path)
-        from timesformer_harness.runtime import resolve_device
-
         device = resolve_device()
-        check_compatible(meta, device, args.preset)
-    except ValueError as e:
+        notes = check_compatible(meta, baseline, device, args.preset, args.other_machine)
+        baseline = select(baseline, args)
+        cases = candidate_cases(baseline, meta, device, args.overrides, args.pairs,
+                                parse_delays(args.inject_delay, baseline))
+    except (ValueError, KeyError) as e:
         print(f"cannot gate against {path}: {e}")
         return 2
-    tol = args.tolerance if args.tolerance is not None else meta.get("tolerance", DEFAULT_TOLERANCE)
-    mem_tol = args.mem_tolerance if args.mem_tolerance is not None else meta.get("mem_tolerance",
-                                                                                 DEFAULT_MEM_TOLERANCE)
-    try:
-        model = candidate_model(meta["model"], args.overrides)
-    except (ValueError, KeyError) as e:
-        print(f"cannot apply the overrides: {e}")
-        return 2
-    # Same block sizes as the baseline, so both sides time the same amount of work per sample.
-    block = {r.case: {"steps_per_block": r.extra["steps_per_block"], "calib_reps": r.extra["calib_reps"]}
-             for r in baseline}
-    cases = gate_cases(meta, model, meta["pairs"], block)
-    candidate = _measure(cases)
-    verdicts = compare(baseline, candidate, tol, mem_tol)
-    retry = [v.case for v in verdicts if v.timing_regressed and len(v.reasons) == 1]
-    if retry:  # confirm a timing-only regression with a second measurement before failing
-        logger.info("re-measuring %s to confirm", retry)
-        again = {r.case: r for r in _measure([c for c in cases if c.name in retry])}
+    tol = args.tolerance if args.tolerance is not None else meta.get("tolerance")
+    mem_tol = next(t for t in (args.mem_tolerance, meta.get("mem_tolerance"), DEFAULT_MEM_TOLERANCE) if t is not None)
+    candidate = measure(cases)
+    verdicts = judge_all(baseline, candidate, tol, mem_tol)
+    again = [c for c, v in zip(cases, verdicts) if v.remeasure]
+    if again:  # a timing or memory regression counts only if a second measurement shows it too
+        logger.info("re-measuring %s to confirm", [c.name for c in again])
         by_case = {r.case: r for r in candidate}
-        for case, r in again.items():
-            first = by_case[case]
-            if r.status == "ok" and r.extra["ratio"] < first.extra["ratio"]:
-                by_case[case] = r  # keep the better of the two measurements
+        for r in measure(again):
+            by_case[r.case] = better(by_case[r.case], r)
         candidate = [by_case[r.case] for r in candidate]
-        verdicts = compare(baseline, candidate, tol, mem_tol)
-    out = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
-    write_results(out / "candidate.json", candidate, {**meta, "kind": "gate-candidate", "baseline": str(path),
-                                                      "model": asdict(model), "tolerance": tol,
-                                                      "mem_tolerance": mem_tol})
-    atomic_write_text(out / "verdicts.json", json.dumps([asdict(v) for v in verdicts], indent=2) + "\n")
-    print(format_table(verdicts, baseline, candidate))
-    for d in machine_differences(baseline, candidate):
-        print(f"note: the baseline was measured on another machine or stack: {d}")
+        verdicts = judge_all(baseline, candidate, tol, mem_tol)
+    out = Path(args.out) / run_stamp()
     failed = [v for v in verdicts if v.regressed]
+    summary = {"passed": not failed, "exit_status": 1 if failed else 0, "cases": len(verdicts),
+               "regressed": [v.case for v in failed], "baseline": str(path), "out": str(out),
+               "overrides": list(args.overrides), "mem_tolerance": mem_tol, "notes": notes,
+               "env": environment_info(device)}
+    write_results(out / "candidate.json", candidate, {**meta, "kind": "gate-candidate", "baseline": str(path)})
+    atomic_write_text(out / "verdicts.json", json.dumps([asdict(v) for v in verdicts], indent=2) + "\n")
+    atomic_write_text(out / "verdict.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "junit.xml", junit_xml(verdicts, clock.elapsed()))
+    print(format_table(verdicts, baseline, candidate))
+    for note in notes:
+        print(f"note: the baseline was measured on another machine or stack: {note}")
     for v in failed:
         print(f"REGRESSED {v.case}: {'; '.join(v.reasons)}")
-    print(f"gate: {len(verdicts) - len(failed)}/{len(verdicts)} cases pass (tolerance {100 * tol:.0f}% on "
-          f"normalised images/s, memory +{100 * mem_tol:.0f}%, params and FLOPs exact)")
+    print(f"gate: {len(verdicts) - len(failed)}/{len(verdicts)} cases pass (normalised images/s within each case's "
+          f"tolerance, memory +{100 * mem_tol:.0f}%, model, params and FLOPs exact)")
+    print(f"written: {out}/verdict.json, verdicts.json, junit.xml, candidate.json")
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        return write_baseline(args) if args.write_baseline else gate(args)
+    except ValueError as e:  # bad arguments found while building cases (an unknown variant, a bad override)
+        print(f"gate: {e}")
+        return 2
 
 
 if __name__ == "__main__":

@@ -39,9 +39,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +49,7 @@ if __name__ == "__main__" and not __package__:  # run by path (python harness/gp
     run_by_package_name(__file__, "timesformer_harness.gpu_check")
 
 from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.metrics import Stopwatch, run_stamp
 
 PREPARE_MODULE = "timesformer_harness.pipelines.tools.prepare"  # the dataset re-encoding tool
 TOY_CONFIG = "configs/exp/toy_divided_cpu.yaml"
@@ -180,7 +179,7 @@ def collect_validate(log: str) -> dict[str, Any]:
 
 def collect_bench(out: Path) -> Callable[[str], dict[str, Any]]:
     def collect(log: str) -> dict[str, Any]:
-        from timesformer_harness.metrics import read_results
+        from timesformer_harness.bench.record import read_results
 
         records, meta = read_results(_newest(out, "*/results.json"))
         by_suite: dict[str, list] = {}
@@ -197,8 +196,8 @@ def collect_bench(out: Path) -> Callable[[str], dict[str, Any]]:
                 "images_per_s": _round(r.images_per_s),
                 "mfu_pct": None if r.utilisation is None else _round(100 * r.utilisation, 2),
                 "peak_mib": _round((r.peak_mem_bytes or 0) / 2**20, 0)}
-        figures["attention_backends_ok"] = sorted({r.backend for r in by_suite["attention"]})
-        figures["pipeline_clips_per_s"] = {r.backend: _round(r.clips_per_s) for r in by_suite["pipeline"]}
+        figures["attention_backends_ok"] = sorted({r.attn_backend for r in by_suite["attention"]})
+        figures["pipeline_clips_per_s"] = {r.loader: _round(r.clips_per_s) for r in by_suite["pipeline"]}
         figures["e2e"] = [{"verdict": r.extra.get("verdict"), "decode": r.extra.get("decode"),
                            "peak_mib": _round((r.peak_mem_bytes or 0) / 2**20, 0),
                            "device_used_mib": _round(r.extra["device_used_max_bytes"] / 2**20, 0)
@@ -220,8 +219,8 @@ def _loader_of(log: str) -> str | None:
 
 def _peak_gib(record: dict[str, Any], prefix: str = "") -> float | None:
     """A metrics.jsonl record's peak memory in GiB: the CUDA allocator's, else the process's peak RSS."""
-    for kind in ("max_allocated", "max_rss"):
-        if (v := record.get(f"memory/{prefix}{kind}_gib")) is not None:
+    for kind in ("cuda_allocator", "rss"):
+        if (v := record.get(f"memory/{prefix}peak_{kind}_gib")) is not None:
             return _round(v, 2)
     return None
 
@@ -275,7 +274,7 @@ def collect_profile(out: Path) -> Callable[[str], dict[str, Any]]:
 
 def collect_gate_baseline(path: Path) -> Callable[[str], dict[str, Any]]:
     def collect(log: str) -> dict[str, Any]:
-        from timesformer_harness.metrics import read_results
+        from timesformer_harness.bench.record import read_results
 
         if not path.is_file():
             raise StepFailed(f"{path} was not written")
@@ -381,7 +380,7 @@ def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult])
         return result
     log = run_dir / f"{step.name}.log"
     result.log = str(log)
-    start = time.perf_counter()
+    clock = Stopwatch()
     env = dict(os.environ)
     if not cuda:  # as the Makefile's CPU targets: idle OpenMP threads sleep instead of spinning
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -400,7 +399,7 @@ def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult])
             result.status = "pass"
     except (StepFailed, OSError, ValueError, KeyError) as e:
         result.status, result.reason = "fail", f"{type(e).__name__}: {e}" if not isinstance(e, StepFailed) else str(e)
-    result.seconds = round(time.perf_counter() - start, 1)
+    result.seconds = round(clock.elapsed(), 1)
     return result
 
 
@@ -474,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     cuda = bool(env["gpus"])
     mode = "cpu rehearsal" if args.rehearse_on_cpu else "gpu" if cuda else "no CUDA"
-    run_dir = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.out) / run_stamp()
     run_dir = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     rehearse = args.rehearse_on_cpu

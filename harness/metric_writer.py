@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
+
+from timesformer_harness.metrics import wall_time
 
 
 class MetricWriter:
@@ -32,7 +33,7 @@ class MetricWriter:
     def log(self, record: dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **record}) + "\n")
+        self.file.write(json.dumps({"step": step, "time": round(wall_time(), 3), **record}) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in record.items():

@@ -1,36 +1,327 @@
-"""Timing, memory, FLOP/s and utilisation helpers, and the versioned bench record shared by bench, gate and
-the pytest-benchmark suites.
+"""Measurement primitives: the one timing API, the one peak-memory API, the one GEMM calibration, statistics, and
+FLOP/s and utilisation against the GPU peak table. Cases, records, comparison and verdicts live in
+``timesformer_harness.bench``.
 
-Method: warm up first, then time each step with ``perf_counter`` and a
-device synchronise at the step boundary (timm benchmark.py), report the median and the p10/p90 spread.
-Peak memory is the CUDA allocator's peak on GPU (what torch allocates: not DALI's own buffers, not the CUDA context)
-and, on CPU, the peak RSS growth of a *fresh process* per case (the bench runs every case in its own subprocess);
-``PeakMemoryWindow`` gives the Trainer the peak of each log window instead of a running maximum.
+Timing: warm up first, then time with ``perf_counter`` and a device synchronise at every boundary that is timed
+(timm's benchmark.py does the same). ``time_steps`` times calls one by one; ``time_pairs`` alternates two workloads
+in blocks (A B A B ...: a calibration block beside every model block sees the same machine state, so their ratio
+cancels what slows the whole machine); ``timed_items`` times what an iterator takes to produce each item (a loader's
+batches); ``cpu_seconds`` is the CPU time of this process and its workers. ``ThroughputWindow`` turns per-step wait
+and step times into clips/s and the data-wait share, for the Trainer's log windows and the bench alike.
+
+Memory: ``PeakMemory`` is the high-water mark of one window of work, of one kind: ``cuda_allocator`` (torch's CUDA
+caching allocator: model, optimizer state, activations, batches; not DALI's own buffers, not the CUDA context) or
+``rss`` (this process's resident set on Linux: everything it maps, DALI's CPU buffers included, not its worker
+processes). A window reports its peak and the counter at its start, so growth is the window's own work.
+
 Utilisation is achieved FLOP/s over a peak: the dense tensor-core figure of the run's precision for the GPUs in
-``GPU_PEAKS`` (none for any other GPU), or on CPU an fp32 GEMM rate measured in the same run (there is no
-trustworthy CPU peak table).
+``GPU_PEAKS`` (none for any other GPU), or on CPU the rate of the calibration GEMM measured in the same run (there
+is no trustworthy CPU peak table).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable, Iterable, Iterator, TypeVar
 
+import numpy as np
 import torch
 
-from timesformer_harness.pipelines.files import atomic_write_text
+T = TypeVar("T")
+MEMORY_KINDS = ("cuda_allocator", "rss")
 
-logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "error", "skipped")
+# ---------------------------------------------------------------------------------------------- clocks
+
+class Stopwatch:
+    """Wall-clock seconds since it was made (``elapsed``), or since the last ``lap``."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def lap(self) -> float:
+        """Seconds since the previous lap (or the start); the next lap starts now."""
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        return seconds
+
+
+def run_stamp() -> str:
+    """Local time as ``YYYYmmdd-HHMMSS``: the name of a run folder."""
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def iso_now() -> str:
+    """Local time in ISO 8601 with its UTC offset, to the second."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def wall_time() -> float:
+    """Seconds since the epoch: the timestamp of a logged event."""
+    return time.time()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (to the nanosecond) and of its live child processes (a loader's workers)."""
+    import psutil
+
+    total = time.process_time()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+def time_block(fn: Callable[[], object], n: int, device: torch.device) -> float:
+    """Seconds for ``n`` calls of ``fn`` back to back, the device synchronised at the end."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def time_steps(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``steps`` times; seconds per step (synchronised)."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}; need at least 1 timed step")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    return [time_block(fn, 1, device) for _ in range(steps)]
+
+
+def time_pairs(a: Callable[[], object], b: Callable[[], object], device: torch.device, pairs: int, *,
+               a_reps: int = 1, b_reps: int = 1, warmup: int = 0) -> tuple[list[float], list[float]]:
+    """``pairs`` rounds of a block of ``a_reps`` calls of ``a`` then a block of ``b_reps`` calls of ``b``, after
+    ``warmup`` untimed calls of each; seconds per call of ``a`` and of ``b`` in each round."""
+    if pairs < 1:
+        raise ValueError(f"pairs={pairs}; need at least 1")
+    for _ in range(warmup):
+        a()
+        b()
+    synchronize(device)
+    a_times, b_times = [], []
+    for _ in range(pairs):
+        a_times.append(time_block(a, a_reps, device) / a_reps)
+        b_times.append(time_block(b, b_reps, device) / b_reps)
+    return a_times, b_times
+
+
+def timed_items(items: Iterable[T], device: torch.device) -> Iterator[tuple[T, float]]:
+    """Each item of ``items`` with the seconds from asking for it to having it (device work synchronised)."""
+    it = iter(items)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        synchronize(device)
+        yield item, time.perf_counter() - t0
+
+
+def timed_call(fn: Callable[[], T], device: torch.device) -> tuple[T, float, float]:
+    """``fn()``'s result, its wall seconds (device synchronised) and the CPU seconds of this process and its workers."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0, cpu_seconds() - c0
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, ``q`` in [0, 100]."""
+    assert values, "percentile of an empty list"
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median_interval(values: list[float], confidence: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """A percentile-bootstrap interval of the median (fixed seed: the same samples give the same interval)."""
+    xs = np.asarray(values, dtype=float)
+    if len(xs) < 2:
+        return float(xs[0]), float(xs[0])
+    rng = np.random.default_rng(0)
+    medians = np.median(xs[rng.integers(0, len(xs), size=(resamples, len(xs)))], axis=1)
+    tail = 100 * (1 - confidence) / 2
+    return float(np.percentile(medians, tail)), float(np.percentile(medians, 100 - tail))
+
+
+def summarize(values: list[float], scale: float = 1.0) -> dict[str, float]:
+    """Median, p10, p90 and a 95% bootstrap interval of the median (``ci_low``, ``ci_high``), each times ``scale``."""
+    low, high = median_interval(values)
+    return {"median": scale * statistics.median(values), "p10": scale * percentile(values, 10),
+            "p90": scale * percentile(values, 90), "ci_low": scale * low, "ci_high": scale * high}
+
+
+def relative_spread(values: list[float]) -> float:
+    """Half the 95% interval of the median over the median: how far this median may sit from the true one."""
+    low, high = median_interval(values)
+    return (high - low) / 2 / statistics.median(values)
+
+
+class ThroughputWindow:
+    """Steps of a training loop or a benchmark, in windows: ``add`` one step (its clips, the seconds spent waiting
+    for its batch, its whole duration), ``take`` the window's clips/s and data-wait share and begin the next."""
+
+    def __init__(self) -> None:
+        self.steps, self.clips, self.wait_s, self.total_s = 0, 0, 0.0, 0.0
+
+    def add(self, clips: int, wait_s: float, total_s: float) -> None:
+        self.steps += 1
+        self.clips += clips
+        self.wait_s += wait_s
+        self.total_s += total_s
+
+    def take(self) -> dict[str, float]:
+        """``steps``, ``clips``, ``seconds``, ``clips_per_s`` and ``data_wait_share`` (in [0, 1]) of the window."""
+        total = max(self.total_s, 1e-12)
+        out = {"steps": self.steps, "clips": self.clips, "seconds": self.total_s, "clips_per_s": self.clips / total,
+               "data_wait_share": self.wait_s / total}
+        self.__init__()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+@dataclass(frozen=True)
+class MemoryPeak:
+    """A window's high-water mark and the counter when the window began, in bytes, of one ``kind``."""
+
+    kind: str  # cuda_allocator | rss
+    peak: int
+    start: int
+
+    @property
+    def growth(self) -> int:
+        return max(self.peak - self.start, 0)
+
+
+class PeakMemory:
+    """Peak memory over consecutive windows of work (a bench case, a training log window, a validation pass):
+    ``take()`` returns the window's ``MemoryPeak`` and begins the next window.
+
+    On CUDA the counter is the caching allocator's (``reset_peak_memory_stats`` / ``max_memory_allocated``); on
+    Linux CPU it is the process's resident set (VmHWM, reset through ``/proc/self/clear_refs``). ``kind`` is ""
+    where neither can be read (``take()`` then returns None). ``release_freed``: on CPU each window first hands the
+    memory glibc holds free back to the system (``runtime.release_freed_memory``), so that the window's growth is its
+    own work even where an earlier piece of work left freed pages to reuse; a training loop leaves it off, since its
+    batches are meant to reuse those pages."""
+
+    def __init__(self, device: torch.device | str, release_freed: bool = False) -> None:
+        self.device = torch.device(device)
+        self.release_freed = release_freed
+        if self.device.type == "cuda":
+            self.kind = "cuda_allocator"
+        else:
+            self.kind = "rss" if _reset_rss_peak() else ""
+        self.reset()
+
+    def reset(self) -> None:
+        """Begin a new window."""
+        if self.kind == "cuda_allocator":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = int(torch.cuda.memory_allocated(self.device))
+        elif self.kind == "rss":
+            if self.release_freed:
+                from timesformer_harness.runtime import release_freed_memory
+
+                release_freed_memory()
+            _reset_rss_peak()
+            self._start = _rss_peak_bytes()
+
+    def take(self) -> MemoryPeak | None:
+        """The peak since the window began (None when not measurable here); a new window begins."""
+        if self.kind == "cuda_allocator":
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+        elif self.kind == "rss":
+            peak = _rss_peak_bytes()
+        else:
+            return None
+        out = MemoryPeak(self.kind, peak, self._start)
+        self.reset()
+        return out
+
+
+def rss_high_water_bytes() -> int:
+    """This process's own peak RSS in bytes: ``VmHWM`` on Linux. Not ``ru_maxrss``, which a process started by
+    fork + exec inherits from its parent, so a child of a big process would read its own growth as 0."""
+    try:
+        return _rss_peak_bytes()
+    except OSError:  # no /proc: the portable figure, with the caveat above
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _reset_rss_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux 4.0+: ``/proc/self/clear_refs``, "5");
+    False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_peak_bytes() -> int:
+    """This process's peak RSS since its last reset (VmHWM in ``/proc/self/status``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM line in /proc/self/status")
+
+
+# ---------------------------------------------------------------------------------------------- FLOP/s
+
+@dataclass
+class Gemm:
+    """The calibration workload: an n x n x n GEMM on one device. ``run`` computes it once; ``flops`` per call."""
+
+    n: int
+    run: Callable[[], object]
+    flops: int
+
+    def rate(self, seconds_per_call: list[float]) -> float:
+        """FLOP/s at the median of the per-call times."""
+        return self.flops / statistics.median(seconds_per_call)
+
+
+def gemm(device: torch.device, n: int, dtype: torch.dtype = torch.float32) -> Gemm:
+    """An n x n x n GEMM of random ``dtype`` matrices on ``device``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return Gemm(n, lambda: torch.mm(a, b), 2 * n**3)
+
+
+def measure_gemm_flops(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an fp32 n x n x n GEMM on ``device`` (its fastest of ``repeats`` calls after a warm-up)."""
+    g = gemm(device, n)
+    return g.flops / min(time_steps(g.run, device, warmup=2, steps=repeats))
+
 
 @dataclass(frozen=True)
 class GpuPeak:
@@ -74,251 +365,6 @@ GPU_PEAKS: tuple[GpuPeak, ...] = (
 )
 
 
-@dataclass
-class BenchRecord:
-    """One measured case. ``None`` means not measured / not applicable."""
-
-    suite: str  # model | attention | scaling | pipeline | e2e | gate
-    case: str  # a unique, human-readable name within a run, e.g. "model/divided_space_time/train/8x224"
-    attention_type: str | None = None
-    preset: str | None = None
-    frames: int | None = None
-    img_size: int | None = None
-    batch: int | None = None
-    precision: str = "fp32"
-    mode: str | None = None  # train | infer
-    backend: str | None = None  # attention backend (attention suite) or loader (pipeline suite)
-    device: str = "cpu"
-    device_name: str = ""
-    images_per_s: float | None = None  # clips/s x frames
-    clips_per_s: float | None = None
-    step_ms: dict[str, float] | None = None  # {"median", "p10", "p90"}
-    peak_mem_bytes: int | None = None
-    peak_mem_kind: str | None = None  # cuda_allocator | rss_fresh_process
-    params: int | None = None
-    flops_per_clip: int | None = None  # forward (infer) or forward+backward (train), FLOPs = 2 x MACs
-    achieved_flops: float | None = None  # FLOP/s
-    peak_flops: float | None = None
-    peak_flops_source: str | None = None  # e.g. "table:H100 bf16 dense" or "measured fp32 GEMM n=1024"
-    utilisation: float | None = None  # achieved / peak, in [0, 1]
-    status: str = "ok"
-    message: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-
-    def __post_init__(self) -> None:
-        assert self.status in STATUSES, f"status {self.status!r} not in {STATUSES}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BenchRecord:
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(
-                f"bench record schema_version={version!r}, this harness reads {SCHEMA_VERSION}; "
-                "re-run the benchmark (or the gate's --write-baseline) with this version"
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"bench record has unknown keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
-
-    def extra_info(self) -> dict[str, Any]:
-        """The flat, JSON-serialisable view attached to pytest-benchmark's ``extra_info``."""
-        d = self.to_dict()
-        d.pop("env")
-        return d
-
-
-def write_results(path: str | Path, records: list[BenchRecord], meta: dict[str, Any] | None = None) -> None:
-    """``{"schema_version", "meta", "records": [...]}`` as indented JSON."""
-    payload = {"schema_version": SCHEMA_VERSION, "meta": meta or {}, "records": [r.to_dict() for r in records]}
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
-def read_results(path: str | Path) -> tuple[list[BenchRecord], dict[str, Any]]:
-    data = json.loads(Path(path).read_text())
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version={data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-    return [BenchRecord.from_dict(r) for r in data["records"]], data.get("meta", {})
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> list[float]:
-    """Run ``fn`` ``warmup`` times untimed, then ``steps`` times; seconds per step (synchronised)."""
-    if steps < 1:
-        raise ValueError(f"steps={steps}; need at least 1 timed step")
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def time_steps_interleaved(fn: Callable[[], object], ref: Callable[[], object], device: torch.device, warmup: int,
-                           steps: int) -> tuple[list[float], list[float]]:
-    """Like ``time_steps``, with one ``ref`` call timed after every step (A B A B): the reference sees the same
-    machine state (co-tenants, clocks) as the steps it sits between."""
-    for _ in range(warmup):
-        fn()
-        ref()
-    synchronize(device)
-    times, ref_times = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        t1 = time.perf_counter()
-        ref()
-        synchronize(device)
-        times.append(t1 - t0)
-        ref_times.append(time.perf_counter() - t1)
-    return times, ref_times
-
-
-def gemm_workload(device: torch.device, n: int = 1024) -> tuple[Callable[[], object], int]:
-    """An n x n x n fp32 GEMM and its FLOPs: the CPU peak proxy for utilisation."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    return (lambda: torch.mm(a, b)), 2 * n**3
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, ``q`` in [0, 100]."""
-    assert values, "percentile of an empty list"
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def step_stats(times_s: list[float]) -> dict[str, float]:
-    """Median, p10 and p90 of per-step seconds, in milliseconds."""
-    return {
-        "median": 1e3 * statistics.median(times_s),
-        "p10": 1e3 * percentile(times_s, 10),
-        "p90": 1e3 * percentile(times_s, 90),
-    }
-
-
-# ---------------------------------------------------------------------------------------------- memory
-
-def reset_peak_memory(device: torch.device) -> int:
-    """Reset the CUDA peak; on CPU hand freed heap memory back (``release_freed_memory``), reset this process's RSS
-    high-water mark to its current RSS (Linux; elsewhere it keeps the peak so far) and return it (bytes) as the
-    baseline: the growth then is this piece of work's own, whatever ran in the process before."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return 0
-    from timesformer_harness.runtime import release_freed_memory
-
-    release_freed_memory()
-    _reset_rss_peak()
-    return rss_high_water_bytes()
-
-
-def rss_high_water_bytes() -> int:
-    """This process's own peak RSS in bytes: ``VmHWM`` on Linux. Not ``ru_maxrss``, which a process started by
-    fork + exec inherits from its parent (measured: a child of a 1.5 GB process reported 1457 MB, its VmHWM 14 MB),
-    so a case run in a fresh process from a big one (a pytest worker, say) read its growth as 0."""
-    try:
-        return _rss_peak_bytes()
-    except OSError:  # no /proc: the portable figure, with the caveat above
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def peak_memory(device: torch.device, baseline: int = 0) -> tuple[int, str]:
-    """(peak bytes, kind): CUDA allocator peak, or RSS high-water growth over ``baseline`` on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_allocator"
-    return max(rss_high_water_bytes() - baseline, 0), "rss_fresh_process"
-
-
-def _reset_rss_peak() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux 4.0+: ``/proc/self/clear_refs``, "5");
-    False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _rss_peak_bytes() -> int:
-    """This process's peak RSS since its last reset (VmHWM in ``/proc/self/status``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    raise OSError("no VmHWM line in /proc/self/status")
-
-
-class PeakMemoryWindow:
-    """Peak memory over consecutive windows of work (the Trainer's log windows, a validation pass): ``take()``
-    returns the peak since the window began and begins the next one.
-
-    On CUDA the window is the caching allocator's peak (``torch.cuda.max_memory_allocated``, reset with
-    ``reset_peak_memory_stats``): model, optimizer state, activations and batches, but not DALI's own GPU buffers
-    or the CUDA context. On Linux CPU it is the process's peak RSS (all of it, DALI's CPU buffers included; not
-    DataLoader worker processes). ``kind`` names it (``max_allocated`` / ``max_rss``), "" where neither can be
-    reset (then ``take()`` returns None).
-    """
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            self.kind = "max_allocated"
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.kind = "max_rss" if _reset_rss_peak() else ""
-
-    def reset(self) -> None:
-        """Begin a new window."""
-        if self.kind == "max_allocated":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.kind == "max_rss":
-            _reset_rss_peak()
-
-    def take(self) -> int | None:
-        """Peak bytes since the window began (None when not measurable here); a new window begins."""
-        if self.kind == "max_allocated":
-            peak = int(torch.cuda.max_memory_allocated(self.device))
-        elif self.kind == "max_rss":
-            peak = _rss_peak_bytes()
-        else:
-            return None
-        self.reset()
-        return peak
-
-
-# ---------------------------------------------------------------------------------------------- FLOP/s
-
-def measure_gemm_flops(device: torch.device, n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32
-                       ) -> float:
-    """FLOP/s of an n x n x n GEMM on ``device`` (best of ``repeats`` after a warm-up): the CPU peak proxy."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = time_steps(lambda: torch.mm(a, b), device, warmup=2, steps=repeats)
-    return 2.0 * n**3 / min(times)
-
-
 def gpu_peak(name: str) -> GpuPeak | None:
     """The ``GPU_PEAKS`` row of a ``torch.cuda.get_device_name()`` string, or None: an unknown GPU, or a MIG slice
     (a fraction of the GPU whose share of the peak the name does not give)."""
@@ -341,22 +387,8 @@ def gpu_peak_flops(name: str, precision: str) -> tuple[float | None, str]:
     return row.bf16, f"table:{row.label} bf16/fp16 dense"
 
 
-def achieved_flops(flops_per_clip: int | None, clips_per_s: float | None) -> float | None:
-    if not flops_per_clip or not clips_per_s:
-        return None
-    return flops_per_clip * clips_per_s
-
-
 def utilisation(achieved: float | None, peak: float | None) -> float | None:
+    """Achieved over peak FLOP/s, or None when either is unknown."""
     if not achieved or not peak:
         return None
     return achieved / peak
-
-
-def fill_throughput(rec: BenchRecord, times_s: list[float], clips_per_step: int, frames: int | None) -> None:
-    """Set step_ms, clips/s, images/s, achieved FLOP/s and utilisation of ``rec`` from per-step times."""
-    rec.step_ms = step_stats(times_s)
-    rec.clips_per_s = clips_per_step / statistics.median(times_s)
-    rec.images_per_s = rec.clips_per_s * frames if frames else None
-    rec.achieved_flops = achieved_flops(rec.flops_per_clip, rec.clips_per_s)
-    rec.utilisation = utilisation(rec.achieved_flops, rec.peak_flops)

@@ -1,4 +1,5 @@
-"""PNG plots of bench results: throughput and peak memory against frames, one line per attention variant."""
+"""PNG plots of bench results: throughput (with the 95% interval of its median as error bars) and peak memory
+against frames, one line per attention variant."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from timesformer_harness.metrics import BenchRecord  # noqa: E402
+from timesformer_harness.bench.record import BenchRecord  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,21 @@ def _series(records: list[BenchRecord], mode: str, img_size: int) -> dict[str, l
         if r.suite in ("model", "scaling") and r.mode == mode and r.img_size == img_size and r.frames:
             by_attn.setdefault(r.attention_type or "?", []).append(r)
     return {a: sorted(rs, key=lambda r: r.frames or 0) for a, rs in sorted(by_attn.items())}
+
+
+def error_bars(records: list[BenchRecord]) -> list[list[float]]:
+    """[below, above] each record's images/s: the 95% interval of its median step time, as throughput."""
+    below, above = [], []
+    for r in records:
+        ms = r.step_ms or {}
+        if r.images_per_s and ms.get("ci_low") and ms.get("ci_high"):
+            per_ms = r.images_per_s * ms["median"]  # images/s x ms per step: constant for a record
+            below.append(r.images_per_s - per_ms / ms["ci_high"])
+            above.append(per_ms / ms["ci_low"] - r.images_per_s)
+        else:
+            below.append(0.0)
+            above.append(0.0)
+    return [below, above]
 
 
 def plot_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[Path]:
@@ -40,7 +56,8 @@ def plot_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[Path]:
         frames = sorted({r.frames for rs in series.values() for r in rs if r.frames})
         for attn, rs in series.items():
             ok = [r for r in rs if r.status == "ok"]
-            line = ax_t.plot([r.frames for r in ok], [r.images_per_s for r in ok], marker="o", label=attn)[0]
+            line = ax_t.errorbar([r.frames for r in ok], [r.images_per_s for r in ok], yerr=error_bars(ok),
+                                 marker="o", capsize=3, label=attn).lines[0]
             ax_m.plot([r.frames for r in ok], [(r.peak_mem_bytes or 0) / 2**20 for r in ok], marker="o",
                       color=line.get_color(), label=attn)
             oom = [r.frames for r in rs if r.status == "oom"]

@@ -20,7 +20,6 @@ import logging
 import shutil
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -179,7 +178,7 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
     The step's pieces run inside the ranges ``train_step`` > ``forward`` / ``backward`` / ``optimizer``.
     """
     from timesformer_harness.counting import count_flops
-    from timesformer_harness.metrics import peak_memory, reset_peak_memory
+    from timesformer_harness.metrics import PeakMemory, run_stamp, synchronize
     from timesformer_harness.runtime import (device_name, precision_name, resolve_device, resolve_precision,
                                              seed_everything)
     from timesformer_harness.workload import TrainStep, build_model, synthetic_batch
@@ -189,11 +188,10 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
     dtype = resolve_precision(cfg.bench.precision, device)
     mcfg = cfg.model
     attention_type = mcfg.attention_type
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(out_root) / f"{stamp}-{attention_type}"
+    run_dir = Path(out_root) / f"{run_stamp()}-{attention_type}"
     run_dir.mkdir(parents=True, exist_ok=True)
     B, T, S = cfg.bench.batch_size, mcfg.num_frames, mcfg.img_size
-    base = reset_peak_memory(device)
+    memory = PeakMemory(device, release_freed=True)
     model = build_model(mcfg, device, dtype=dtype, channels_last=cfg.bench.channels_last)
     video, labels = synthetic_batch(mcfg, device, B)
     train = TrainStep.build(model, device, dtype)
@@ -217,13 +215,14 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
                     train.backward(loss)
                 with record_function("optimizer"):
                     train.optimizer_step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                synchronize(device)
             prof.step()
     s = summarise(prof.key_averages(), steps, attention_type, run_dir)
-    s.peak_mem_bytes, s.peak_mem_kind = peak_memory(device, base)
+    peak = memory.take()
+    if peak is not None:
+        s.peak_mem_bytes, s.peak_mem_kind = peak.growth, peak.kind
     if device.type == "cpu":
-        s.peak_mem_kind = "peak RSS growth of this process (includes profiler buffers)"
+        s.peak_mem_kind = "rss: growth of this process (includes profiler buffers)"
     s.flops_per_step = count_flops(mcfg, batch=B, mode="train")
     s.achieved_flops = s.flops_per_step / (s.step_ms / 1e3)
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -1,7 +1,7 @@
 """The fresh-process runner: call a function in a new Python process and say how it ended.
 
 Bench cases, gate cases and the benchmark scripts each run in a process of their own: on CPU that keeps a case's
-peak RSS (``timesformer_harness.metrics.reset_peak_memory``) free of earlier cases' allocations, and everywhere it keeps
+peak RSS (``timesformer_harness.metrics.PeakMemory``) free of earlier cases' allocations, and everywhere it keeps
 one case's out-of-memory state, allocator caches or crashed threads away from the next one.
 
     outcome = run_in_fresh_process(run_case, case.to_dict(), timeout_s=600, mem_limit_gb=8)
@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.runtime import COMMAND_ENV
 
 RESULT_MARK = "HARNESS_RUNNER_RESULT "
 OUTCOMES = ("ok", "oom", "error")
@@ -109,6 +111,7 @@ def run_in_fresh_process(fn: Callable[[Any], Any], payload: Any, *, timeout_s: f
     """
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    child_env.setdefault(COMMAND_ENV, shlex.join(sys.orig_argv))
     cmd = [sys.executable, "-m", "timesformer_harness.runner", _target_name(fn), str(mem_limit_gb)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

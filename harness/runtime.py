@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import platform
 import random
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The command line a user typed, handed to the processes it starts (timesformer_harness.runner) so that their
+# records name it rather than their own start-up.
+COMMAND_ENV = "TIMESFORMER_HARNESS_COMMAND"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -128,13 +134,24 @@ def apex_available() -> bool:
     return True
 
 
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+@functools.lru_cache(maxsize=1)
+def git_state() -> dict[str, object]:
+    """The tree this code runs from: ``git_sha`` (full), ``git_dirty`` (uncommitted changes to tracked files) and
+    ``git_diff_sha`` (SHA-256 of ``git diff HEAD``, so two dirty trees can be told apart); "unknown" outside git."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if sha is None:
+        return {"git_sha": "unknown", "git_dirty": None, "git_diff_sha": None}
+    diff = git("diff", "HEAD") or ""
+    return {"git_sha": sha.strip(), "git_dirty": bool(diff),
+            "git_diff_sha": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None}
 
 
 def device_name(device: torch.device) -> str:
@@ -150,8 +167,16 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_class(device: torch.device) -> str:
+    """What a timing is comparable across: the GPU's name, or the CPU's model, vector ISA and logical CPU count."""
+    if device.type == "cuda":
+        return f"cuda: {device_name(device)}"
+    return f"cpu: {device_name(device)}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs"
+
+
 def environment_info(device: torch.device | None = None) -> dict[str, object]:
-    """Versions and hardware facts recorded with every benchmark and run."""
+    """The one record of where and how something ran, kept with every benchmark record and run: versions, the
+    device and its machine class, the CPU threads and vector ISA, the git tree (``git_state``), host and command."""
     device = device or resolve_device()
     try:
         import nvidia.dali as dali
@@ -168,8 +193,11 @@ def environment_info(device: torch.device | None = None) -> dict[str, object]:
         "python": platform.python_version(),
         "device": str(device),
         "device_name": device_name(device),
+        "machine_class": machine_class(device),
         "cpu_threads": torch.get_num_threads(),
         # the vector ISA torch's CPU kernels dispatch to (e.g. AVX2, AVX512): two CPUs of one name can differ
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "git_sha": _git_sha(),
+        **git_state(),
+        "host": platform.node(),
+        "command": os.environ.get(COMMAND_ENV) or shlex.join(sys.orig_argv),
     }

@@ -27,7 +27,6 @@ import logging
 import math
 import signal
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
@@ -46,7 +45,7 @@ from timesformer_harness.distributed import (DistInfo, all_gather_objects, all_r
                                              init_distributed)
 from timesformer_harness.evaluate import accuracy_report, class_names_for, score_loader
 from timesformer_harness.metric_writer import MetricWriter
-from timesformer_harness.metrics import PeakMemoryWindow
+from timesformer_harness.metrics import PeakMemory, Stopwatch, ThroughputWindow
 from timesformer_harness.mixup import mix_batch
 from timesformer_harness.optim import build_optimizer, lr_at, set_lr
 from timesformer_harness.runtime import (environment_info, precision_name, resolve_precision, retain_freed_memory,
@@ -124,7 +123,7 @@ class Trainer:
                            "batch %d", cfg.solver.global_batch_size, per_step, per_step * self.accum)
         self.stop_signal: str | None = None
         self.metrics = MetricWriter(self.run_dir, info.is_main, cfg.output.tensorboard)
-        self.memory = PeakMemoryWindow(self.device)  # peak per log window and per validation (this process)
+        self.memory = PeakMemory(self.device)  # peak per log window and per validation (this process)
         self._val_loader = None
         self.hooks = DebugHooks(cfg.train, self.run_dir, info.rank)
         if cfg.model.num_frames != cfg.data.num_frames or cfg.model.img_size != cfg.data.train_crop_size:
@@ -224,7 +223,7 @@ class Trainer:
                           "optimizer": self.optimizer_impl, "precision": precision_name(self.dtype),
                           "world_size": self.info.world_size, "accumulation": self.accum,
                           "clips_per_epoch": getattr(loader, "num_clips", None)}, self.step)
-        t_run = time.perf_counter()
+        run_clock = Stopwatch()
         try:
             for epoch in range(self.start_epoch, cfg.solver.max_epoch):
                 start = self.start_batch if epoch == self.start_epoch else 0
@@ -245,13 +244,13 @@ class Trainer:
                     return 0
             digests = all_gather_objects(param_digest(self.model))
             self.metrics.log({"event": "end", "param_digests": digests,
-                              "time/total_s": round(time.perf_counter() - t_run, 2),
+                              "time/total_s": round(run_clock.elapsed(), 2),
                               "data/quarantined": len({e["path"] for e in self.bad_videos}),
                               "data/preflight_rejected": len(loader.rejected)}, self.step)
             if len(set(digests)) != 1:
                 raise RuntimeError(f"ranks ended with different weights: {digests}")
             logger.info("training done: %d epochs, %d steps, %.1f s", cfg.solver.max_epoch, self.step,
-                        time.perf_counter() - t_run)
+                        run_clock.elapsed())
         finally:
             self.metrics.close()
             self.hooks.close()
@@ -318,16 +317,16 @@ class Trainer:
             bar = tqdm(total=n, initial=start, desc=f"epoch {epoch + 1}/{cfg.solver.max_epoch}", dynamic_ncols=True,
                        leave=False, file=sys.stderr)
         loss_sum = correct = seen = 0.0
-        window = {"loss": 0.0, "n": 0, "data_s": 0.0, "total_s": 0.0, "clips": 0}
+        window, window_loss = ThroughputWindow(), []  # the log window: steps, clips, data wait; its losses
         stop = False
         done = 0
         # The next batch is fetched right after each forward, before the step's all-reduce, so that a rank whose
         # loader stopped on a bad video tells the others there and all stop together; the first batch is agreed on
         # here (a rank that skipped a step would leave the others waiting in a collective).
         batches = _until_bad_video(iter(loader))
-        t_prev = time.perf_counter()
+        iteration = Stopwatch()  # lap() = one iteration, its batch's fetch included
         batch = next(batches, None) if start < n else None
-        fetch_s = time.perf_counter() - t_prev
+        fetch_s = iteration.elapsed()
         self._agree_on_bad_video(loader, epoch, start, batch)
         for i in range(start, n):
             assert batch is not None, f"the loader ended after {i} of {n} batches"
@@ -346,9 +345,9 @@ class Trainer:
             with no_sync:
                 logits, loss = self.train_step.forward(video, labels, targets)
                 loss = self.hooks.on_loss(loss, self.step, first_micro_batch=i % self.accum == 0)
-                t_fetch = time.perf_counter()
+                fetch = Stopwatch()
                 batch = next(batches, None) if i + 1 < n else None
-                next_fetch_s = time.perf_counter() - t_fetch
+                next_fetch_s = fetch.elapsed()
                 failed = isinstance(batch, BadVideoError)
                 # One small all-reduce per iteration: the mean loss (for logging and the NaN check on every rank),
                 # the stop flag, so all ranks stop after the same optimizer step, and the bad-video flag of the next
@@ -371,28 +370,24 @@ class Trainer:
             loss_sum += loss_val
             correct += (logits.detach().argmax(-1) == labels).sum().item() if not mixing else 0
             seen += labels.numel()
-            t_now = time.perf_counter()
-            window["loss"] += loss_val
-            window["n"] += 1
-            window["data_s"] += fetch_s
-            window["total_s"] += t_now - t_prev
-            window["clips"] += clips_per_iter
-            t_prev, fetch_s = t_now, next_fetch_s
+            window.add(clips_per_iter, fetch_s, iteration.lap())
+            window_loss.append(loss_val)
+            fetch_s = next_fetch_s
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.3g}",
-                                clips_s=f"{window['clips'] / max(window['total_s'], 1e-9):.1f}",
-                                data=f"{100 * window['data_s'] / max(window['total_s'], 1e-9):.0f}%")
+                                clips_s=f"{window.clips / max(window.total_s, 1e-9):.1f}",
+                                data=f"{100 * window.wait_s / max(window.total_s, 1e-9):.0f}%")
             if sync and self.step % cfg.train.log_period == 0:
-                self._log_window(window, lr, epoch)
+                self._log_window(window, window_loss, lr, epoch)
             if sync and stop:
                 if bar is not None:
                     bar.close()
                 return True, (i + 1 if i + 1 < n else 0)
         if bar is not None:
             bar.close()
-        if window["n"]:
-            self._log_window(window, lr_at(cfg.solver, epoch + (n - 1) / n), epoch)
+        if window.steps:
+            self._log_window(window, window_loss, lr_at(cfg.solver, epoch + (n - 1) / n), epoch)
         done = max(done, 1)
         totals = all_reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=self.device))
         record = {"event": "epoch", "epoch": epoch + 1, "train/loss": totals[0].item() / info.world_size / done,
@@ -415,24 +410,24 @@ class Trainer:
             raise type(e)(f"{e}\nevery video left out is listed in {self.run_dir / 'rejected.csv'}") from None
         return stop, 0
 
-    def _log_window(self, window: dict[str, float], lr: float, epoch: int) -> None:
-        if not window["n"]:
+    def _log_window(self, window: ThroughputWindow, losses: list[float], lr: float, epoch: int) -> None:
+        """Log the window's loss, clips/s and data-wait share and memory peak; the next window begins."""
+        if not window.steps:
             return
-        total = max(window["total_s"], 1e-9)
-        record = {"event": "train", "epoch": epoch + 1, "train/loss": window["loss"] / window["n"], "opt/lr": lr,
-                  "time/clips_per_s": window["clips"] / total,
-                  "time/frames_per_s": window["clips"] * self.cfg.data.num_frames / total,
-                  "time/data_wait_pct": 100.0 * window["data_s"] / total}
+        steps = window.take()
+        record = {"event": "train", "epoch": epoch + 1, "train/loss": sum(losses) / len(losses), "opt/lr": lr,
+                  "time/clips_per_s": steps["clips_per_s"],
+                  "time/frames_per_s": steps["clips_per_s"] * self.cfg.data.num_frames,
+                  "time/data_wait_pct": 100.0 * steps["data_wait_share"]}
+        losses.clear()
         record.update(self._memory_peak())
         self.metrics.log(record, self.step)
-        for key in window:
-            window[key] = 0 if key in ("n", "clips") else 0.0
 
     def _memory_peak(self, prefix: str = "") -> dict[str, float]:
-        """``memory/{prefix}max_allocated_gib`` (CUDA allocator) or ``memory/{prefix}max_rss_gib`` (CPU): the peak
-        since the last call (or ``self.memory.reset()``); {} where not measurable."""
+        """``memory/{prefix}peak_cuda_allocator_gib`` (CUDA) or ``memory/{prefix}peak_rss_gib`` (CPU): the peak since
+        the last call (or ``self.memory.reset()``); {} where not measurable."""
         peak = self.memory.take()
-        return {} if peak is None else {f"memory/{prefix}{self.memory.kind}_gib": peak / 2**30}
+        return {} if peak is None else {f"memory/{prefix}peak_{peak.kind}_gib": peak.peak / 2**30}
 
     def _fail_non_finite(self, loss_val: float, epoch: int, batch: int) -> None:
         path = None
@@ -450,13 +445,13 @@ class Trainer:
         """Multi-view accuracy on the val split (a loader built once, reused)."""
         if self._val_loader is None:
             self._val_loader = self._build_loader("val")
-        t0 = time.perf_counter()
+        clock = Stopwatch()
         self.memory.reset()  # validation's own peak, logged apart from the training windows
         acc = score_loader(self.model, self._val_loader, self.device, self.dtype, self.cfg.test.ensemble)
         memory = self._memory_peak("val_")
         views = self.cfg.data.num_ensemble_views * self.cfg.data.num_spatial_crops
         report = accuracy_report(acc, self.cfg.model.num_classes, None, class_names_for(self.cfg))
-        report.update({"epoch": epoch + 1, "step": self.step, "seconds": round(time.perf_counter() - t0, 2),
+        report.update({"epoch": epoch + 1, "step": self.step, "seconds": round(clock.elapsed(), 2),
                        "views_per_video": views})
         self.metrics.log({"event": "val", "epoch": epoch + 1, "val/top1": report["top1"], "val/top5": report["top5"],
                           "val/mean_class_accuracy": report["mean_class_accuracy"] or 0.0,

@@ -28,6 +28,7 @@ from timesformer_harness.model import TimeSformer, create_model
 from timesformer_harness.optim import build_optimizer
 from timesformer_harness.runtime import autocast
 from timesformer_harness.kernels.attention import check_backend
+from timesformer_harness.pipelines.base import empty_clips
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,10 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
 
 def synthetic_batch(cfg: ModelConfig, device: torch.device, batch: int, frames: int | None = None,
                     img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random clips (batch, 3, frames, img_size, img_size) ~ N(0, 1) and uniform labels, on ``device``."""
+    """Random clips (batch, 3, frames, img_size, img_size) ~ N(0, 1), stored in the loaders' layout
+    (``pipelines.base.CLIP_FORMAT``, as every loader delivers them), and uniform labels, on ``device``."""
     T, S = frames or cfg.num_frames, img_size or cfg.img_size
-    video = torch.randn(batch, cfg.in_chans, T, S, S, device=device)
+    video = empty_clips((batch, cfg.in_chans, T, S, S), device).normal_()
     labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
     return video, labels
 

@@ -83,6 +83,24 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
 
+def take_batches(loader: Loader, count: int, first_epoch: int = 0) -> Iterator[Batch]:
+    """``count`` batches of ``loader``, epoch after epoch from ``first_epoch`` (each ``set_epoch``'d before it is
+    iterated); ValueError when an epoch yields no batch."""
+    epoch, left = first_epoch, count
+    while left > 0:
+        loader.set_epoch(epoch)
+        yielded = 0
+        for batch in loader:
+            yield batch
+            yielded += 1
+            left -= 1
+            if left == 0:
+                return
+        if not yielded:
+            raise ValueError(f"epoch {epoch} of the loader yields no batch (len {len(loader)})")
+        epoch += 1
+
+
 @dataclass(frozen=True)
 class Video:
     """A usable video: manifest entry plus probed facts."""

@@ -1,56 +1,85 @@
-"""timesformer_harness.metrics and timesformer_harness.bench: the record schema, the statistics, real bench runs at the
-tiny preset, and comparing two of them."""
+"""timesformer_harness.bench: the record schema (provenance, raw samples, older schemas read), the statistics, real
+bench runs at the tiny preset and their exports, and comparing two of them (like for like, or refused)."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
 
-from timesformer_harness.bench import BenchCase, attention_shape, build_cases, resolve, run_case, run_worker
+from timesformer_harness.bench import attention_shape, build_cases, resolve, run_case, run_worker
+from timesformer_harness.bench.case import BenchCase
+from timesformer_harness.bench.record import (SCHEMA_VERSION, BenchRecord, read_results, write_flat, write_results,
+                                              write_tensorboard)
+from timesformer_harness.bench.sweep import SUITES, case_from_dict
 from timesformer_harness.config import REPO_ROOT, RootConfig
 from timesformer_harness.counting import count_flops, count_params
-from timesformer_harness.metrics import SCHEMA_VERSION, BenchRecord, percentile, read_results, step_stats, write_results
+from timesformer_harness.metrics import median_interval, percentile, summarize
 from timesformer_harness.model import create_model, load_preset
 
 
 def _case(suite: str, attention_type: str = "divided_space_time", **kw) -> BenchCase:
     model = replace(load_preset("tiny"), attention_type=attention_type, **kw.pop("model_changes", {}))
     base = {"preset": "tiny", "batch": 2, "precision": "fp32", "channels_last": False, "warmup": 1, "steps": 2,
-            "device": "cpu", "peak_flops": 1e11, "peak_flops_source": "test", "frames": 4, "img_size": 32}
-    return BenchCase(suite=suite, model=model, **{**base, **kw})
+            "device": "cpu", "peak_flops": 1e11, "peak_flops_source": "test", "frames": 4, "img_size": 32,
+            "model": model}
+    return SUITES[suite].Case.of(base, **kw)
 
 
 def _run(case: BenchCase) -> BenchRecord:
     """The worker's function, in this process (the JSON round trip included)."""
-    return BenchRecord.from_dict(run_worker(BenchCase.from_dict(case.to_dict()).to_dict()))
+    return BenchRecord.from_dict(run_worker(case_from_dict(json.loads(json.dumps(case.to_dict()))).to_dict()))
 
 
-def test_step_stats_percentiles():
+def test_summaries_percentiles_and_the_interval_of_the_median():
     times = [0.010, 0.020, 0.030, 0.040, 0.050]
-    s = step_stats(times)
+    s = summarize(times, scale=1e3)
     assert s["median"] == pytest.approx(30.0)
     assert s["p10"] == pytest.approx(14.0)  # linear interpolation between 10 and 20 ms
     assert s["p90"] == pytest.approx(46.0)
+    assert 10.0 <= s["ci_low"] <= 30.0 <= s["ci_high"] <= 50.0
     assert percentile([3.0], 90) == 3.0
+    assert median_interval([2.0]) == (2.0, 2.0) and median_interval(times) == median_interval(list(times))
+    tight, wide = median_interval([1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0]), median_interval([1, 2, 0.5, 1, 3, 0.2, 1])
+    assert tight[1] - tight[0] < wide[1] - wide[0]
 
 
-def test_record_roundtrip_and_version_check(tmp_path):
-    rec = BenchRecord(suite="model", case="model/x/train/8x224", clips_per_s=2.0, step_ms={"median": 1.0})
+def test_record_roundtrip_versions_and_flat_rows(tmp_path):
+    rec = BenchRecord(suite="model", case="model/x/train/8x224", clips_per_s=2.0, step_ms={"median": 1.0},
+                      samples_s=[0.001, 0.002], env={"git_sha": "abc"})
     write_results(tmp_path / "r.json", [rec], {"preset": "tiny"})
     back, meta = read_results(tmp_path / "r.json")
     assert back == [rec] and meta == {"preset": "tiny"}
     assert json.loads((tmp_path / "r.json").read_text())["schema_version"] == SCHEMA_VERSION
-    with pytest.raises(ValueError, match="schema_version=0"):
-        BenchRecord.from_dict({**rec.to_dict(), "schema_version": 0})
+    for bad in (0, SCHEMA_VERSION + 1):
+        with pytest.raises(ValueError, match=f"schema_version={bad}; this harness reads 1 to {SCHEMA_VERSION}"):
+            BenchRecord.from_dict({**rec.to_dict(), "schema_version": bad})
     with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
         BenchRecord.from_dict({**rec.to_dict(), "bogus": 1})
-    assert "env" not in rec.extra_info() and rec.extra_info()["clips_per_s"] == 2.0
+    flat = rec.flat()
+    assert flat["clips_per_s"] == 2.0 and flat["step_ms.median"] == 1.0 and flat["env.git_sha"] == "abc"
+    assert "samples_s" not in flat and "env" not in flat
+
+
+def test_schema_1_records_are_read_migrated():
+    """A record of schema 1: ``backend`` named the attention kernel or the loader, the CPU memory kind was
+    ``rss_fresh_process``, and the gate wrote its own ``gate`` suite for the model step it timed."""
+    v1 = {"suite": "attention", "case": "attention/joint/flash/train", "backend": "flash", "peak_mem_kind":
+          "rss_fresh_process", "schema_version": 1}
+    rec = BenchRecord.from_dict(v1)
+    assert (rec.attn_backend, rec.loader, rec.peak_mem_kind, rec.schema_version) == ("flash", None, "rss", 2)
+    assert BenchRecord.from_dict({**v1, "suite": "pipeline", "case": "pipeline/dali", "backend": "dali"}).loader == "dali"
+    gate = BenchRecord.from_dict({"suite": "gate", "case": "gate/space_only/train", "attention_type": "space_only",
+                                  "mode": "train", "frames": 8, "img_size": 224, "extra": {"ratio": 2.5},
+                                  "schema_version": 1})
+    assert gate.suite == "model" and gate.case == "model/space_only/train/8x224" and gate.extra["ratio"] == 2.5
 
 
 def test_attention_shapes_follow_the_block_layout():
@@ -72,7 +101,8 @@ def test_build_cases_selects_suites_and_skips_the_duplicate_sweep_point():
     assert names == ["model/space_only/train/4x32", "model/space_only/infer/4x32", "scaling/space_only/train/8x32"]
     assert all(c.model.attention_type == "space_only" and c.model.depth == 2 for c in cases)
     assert cases[2].steps == cfg.bench.sweep_steps and cases[0].steps == cfg.bench.steps
-    assert BenchCase.from_dict(json.loads(json.dumps(cases[2].to_dict()))) == cases[2]  # what the worker receives
+    assert case_from_dict(json.loads(json.dumps(cases[2].to_dict()))) == cases[2]  # what the worker receives
+    assert type(cases[0]).__name__ == "ModelCase" and cases[2].suite == "scaling"
     cfg.bench.suites = ["model", "nope"]
     with pytest.raises(ValueError, match=r"unknown bench suites \['nope'\]"):
         build_cases(cfg, "tiny", ["space_only"], ["train"], torch.device("cpu"), (None, None))
@@ -90,30 +120,35 @@ def test_resolve_layers_preset_overrides_and_flags_and_checks_them():
         resolve(preset="tiny", overrides=["model.attention_type=diagonal"])
 
 
-def test_model_worker_counts_match_the_model():
-    rec = _run(_case("model", mode="train"))
+def test_model_worker_counts_match_the_model_and_carry_provenance():
+    rec = _run(_case("model", mode="train", seed=3))
     assert rec.status == "ok", rec.message
     model = create_model("tiny")
-    assert rec.params == count_params(model)
+    assert rec.params == count_params(model) and rec.model == asdict(load_preset("tiny"))
     assert rec.flops_per_clip == count_flops(model.config, mode="train")
+    assert len(rec.samples_s) == 2 and rec.step_ms["median"] == pytest.approx(1e3 * sum(rec.samples_s) / 2)
     assert rec.clips_per_s == pytest.approx(2 / (rec.step_ms["median"] / 1e3))
     assert rec.images_per_s == pytest.approx(rec.clips_per_s * 4)
     assert rec.achieved_flops == pytest.approx(rec.flops_per_clip * rec.clips_per_s)
     assert rec.utilisation == pytest.approx(rec.achieved_flops / 1e11)
-    assert rec.env["torch"] == torch.__version__
+    assert rec.env["torch"] == torch.__version__ and len(rec.env["git_sha"]) == 40
+    assert rec.env["machine_class"].startswith("cpu: ") and isinstance(rec.env["git_dirty"], bool)
+    assert rec.env["host"] and rec.env["command"]
+    assert datetime.fromisoformat(rec.time).utcoffset() is not None and rec.seed == 3
 
 
 def test_attention_worker_backends_agree_on_flops():
-    recs = [_run(_case("attention", "joint_space_time", shape="joint", backend=b, mode="train"))
+    recs = [_run(_case("attention", "joint_space_time", shape="joint", attn_backend=b, mode="train"))
             for b in ("auto", "naive")]
     assert all(r.status == "ok" for r in recs), [r.message for r in recs]
     nseq, H, L, hd = 2, 4, 1 + 16 * 4, 16
     assert recs[0].flops_per_clip == recs[1].flops_per_clip == 3 * 4 * nseq * H * L * L * hd // 2
-    assert recs[0].extra["seq_len"] == L
+    assert recs[0].extra["seq_len"] == L and [r.attn_backend for r in recs] == ["auto", "naive"]
 
 
 def test_unknown_pinned_backend_is_an_error_record_with_the_traceback():
-    rec = run_case(_case("attention", "space_only", shape="spatial", backend="cudnn", mode="infer"), timeout_s=120)
+    rec = run_case(_case("attention", "space_only", shape="spatial", attn_backend="cudnn", mode="infer"),
+                   timeout_s=120)
     assert rec.status == "error" and rec.message.startswith("RuntimeError")
     assert "kernels/attention.py" in rec.extra["traceback"] and rec.case == "attention/spatial/cudnn/infer"
 
@@ -153,8 +188,7 @@ def test_bench_cli_writes_results_summary_plots_and_config(two_runs):
     records, meta = read_results(run / "results.json")
     assert [r.case for r in records] == ["model/space_only/train/4x32", "model/space_only/infer/4x32",
                                          "scaling/space_only/train/8x32"]
-    assert all(r.status == "ok" and r.peak_mem_bytes > 0 and r.peak_mem_kind == "rss_fresh_process"
-               for r in records)
+    assert all(r.status == "ok" and r.peak_mem_bytes > 0 and r.peak_mem_kind == "rss" for r in records)
     assert records[2].flops_per_clip == count_flops(
         replace(load_preset("tiny"), attention_type="space_only"), frames=8, mode="train")
     assert meta["peak_flops_source"].startswith("measured fp32 GEMM n=256")
@@ -163,6 +197,11 @@ def test_bench_cli_writes_results_summary_plots_and_config(two_runs):
     assert "model:" in (run / "config.yaml").read_text()
     assert (run / "scaling_train_32.png").stat().st_size > 1000
     assert "| space_only | infer |" in proc.stdout  # the table printed at the end
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert [r["case"] for r in rows] == [r.case for r in records] and rows[0]["step_ms.ci_high"] > 0
+    header = (run / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"case", "images_per_s", "step_ms.median", "step_ms.ci_low", "env.git_sha"} <= set(header)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
 
 
 def _compare(*args: str) -> subprocess.CompletedProcess:
@@ -190,7 +229,7 @@ def test_compare_two_real_runs_prints_ratios_and_writes_a_plot(two_runs, tmp_pat
     assert "| case |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
-def test_compare_refuses_other_presets_and_schemas_and_warns_on_batch(two_runs, tmp_path):
+def test_compare_refuses_what_is_not_like_for_like_and_gates_on_a_ratio(two_runs, tmp_path):
     a, b, _ = two_runs
     data = json.loads((b / "results.json").read_text())
 
@@ -209,9 +248,32 @@ def test_compare_refuses_other_presets_and_schemas_and_warns_on_batch(two_runs, 
     forced = _compare(str(a), str(other_preset), "--force", "--out", str(tmp_path / "o2"))
     assert forced.returncode == 0 and "NOT COMPARABLE" in (tmp_path / "o2" / "compare.md").read_text()
 
-    old_schema = variant("schema", lambda d: d.update(schema_version=0))
-    out = _compare(str(a), str(old_schema))
-    assert out.returncode == 2 and "schema_version=0" in out.stdout
+    def deeper(d):  # the same case names, another model: one block more
+        for r in d["records"]:
+            r["model"]["depth"] += 1
+            r["params"] += 1000
+    other_model = _compare(str(a), str(variant("model", deeper)), "--out", str(tmp_path / "o5"))
+    assert other_model.returncode == 2 and "model/space_only/train/4x32: another model (model depth 2 vs 3; " \
+        "params" in other_model.stdout
+
+    def all_batch_4(d):
+        for r in d["records"]:
+            r["batch"] = 4
+    none_alike = _compare(str(a), str(variant("none", all_batch_4)), "--out", str(tmp_path / "o6"))
+    assert none_alike.returncode == 2 and "no case is like for like in both runs" in none_alike.stdout
+
+    for bad in (0, SCHEMA_VERSION + 1):
+        out = _compare(str(a), str(variant(f"schema{bad}", lambda d, v=bad: d.update(schema_version=v))))
+        assert out.returncode == 2 and f"schema_version={bad}" in out.stdout
+
+    def schema_1(d):  # as the previous harness wrote it
+        d["schema_version"] = 1
+        for r in d["records"]:
+            for key in ("model", "samples_s", "attn_backend", "loader", "time", "seed"):
+                r.pop(key)
+            r.update(schema_version=1, backend=None, peak_mem_kind="rss_fresh_process")
+    old = _compare(str(a), str(variant("v1", schema_1)), "--out", str(tmp_path / "o7"))
+    assert old.returncode == 0 and "3/3 cases like for like" in old.stdout
 
     def batch_4(d):
         d["meta"]["batch"] = 4
@@ -224,6 +286,13 @@ def test_compare_refuses_other_presets_and_schemas_and_warns_on_batch(two_runs, 
     warned = _compare(str(a), str(variant("batch", batch_4)), "--out", str(tmp_path / "o3"))
     assert warned.returncode == 0 and "warning: the runs differ in batch 2 vs 4" in warned.stdout
     assert "2/3 cases like for like" in warned.stdout and "batch 2 vs 4 |" in warned.stdout
+
+    # --fail-below: exit 1 naming each like-for-like case whose normalised ratio is under the bar
+    assert _compare(str(a), str(b), "--fail-below", "0.01", "--out", str(tmp_path / "o8")).returncode == 0
+    failing = _compare(str(a), str(b), "--fail-below", "100", "--out", str(tmp_path / "o9"))
+    assert failing.returncode == 1 and "3 case(s) below 100x" in failing.stdout
+    assert json.loads((tmp_path / "o9" / "compare.json").read_text())["below"] == [
+        "model/space_only/train/4x32", "model/space_only/infer/4x32", "scaling/space_only/train/8x32"]
 
 
 def test_a_stopped_sweep_keeps_the_cases_it_measured(tmp_path, monkeypatch):
@@ -259,7 +328,8 @@ def test_a_case_in_a_fresh_process_reports_its_own_peak_rss_growth():
     ballast = torch.ones(2**30 // 4)  # 1 GiB, touched: this process's peak
     rec = run_case(_case("model", mode="train"), timeout_s=300)
     assert rec.status == "ok", rec.message
-    assert rec.peak_mem_kind == "rss_fresh_process" and 0 < rec.peak_mem_bytes < ballast.numel() * 4, rec.peak_mem_bytes
+    assert rec.peak_mem_kind == "rss" and 0 < rec.peak_mem_bytes < ballast.numel() * 4, rec.peak_mem_bytes
+    assert rec.env["command"] == shlex.join(sys.orig_argv)  # the command that started it, not the runner's
 
 
 def test_shootout_reports_an_outside_decoder_that_fails_and_goes_on():
@@ -294,7 +364,7 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     cfg_path = tmp_path / "data.yaml"
     cfg_path.write_text(f"data:\n  root: {data}\n  num_frames: 4\n  train_crop_size: 32\n"
                         f"  train_jitter_scales: [32, 40]\n")
-    recs = [_run(_case("pipeline", backend=b, data_config=str(cfg_path), batches=2)) for b in ("pyav", "dali")]
+    recs = [_run(_case("pipeline", loader=b, data_config=str(cfg_path), batches=2)) for b in ("pyav", "dali")]
     for r in recs:
         assert r.status == "ok", (r.case, r.message)
         assert r.clips_per_s > 0 and r.frames == 4 and r.img_size == 32
@@ -302,10 +372,11 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
         assert decoded["delivered_frames"] == 4 and decoded["clips"] == 16
         assert decoded["counted_per_clip"] == pytest.approx(decoded["model_per_clip"])
         assert 4 <= decoded["counted_per_clip"] <= decoded["seek_model_per_clip"] <= 24  # a 24-frame video
-        assert r.peak_mem_kind == "rss_fresh_process" and "RSS growth" in r.extra["peak_mem_covers"]
+        assert r.peak_mem_kind == "rss" and "RSS growth" in r.extra["peak_mem_covers"]
+        assert len(r.samples_s) == 2 and r.loader in ("pyav", "dali")
     assert [r.extra["decoded_frames"]["strategy"] for r in recs] == ["keyframe", "keyframe"]
     assert "worker processes are not counted" in recs[0].extra["peak_mem_covers"]
-    shootout = _run(_case("pipeline", backend="shootout", data_config=str(cfg_path), batches=2))
+    shootout = _run(_case("pipeline", loader="shootout", data_config=str(cfg_path), batches=2))
     assert shootout.status == "ok", shootout.message
     rows = {(r["name"], r["graph"]): r for r in shootout.extra["shootout"]}
     assert {("DALI loader", "full"), ("DALI loader", "decode"), ("PyAV loader", "full"), ("torchcodec", "decode"),
@@ -320,13 +391,15 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
         assert (row["clips_per_s"] or 0) > 0 or row["note"].startswith(("not importable: ",
                                                                         "failed on these files: ")), row
         assert row["decoded_how"] == "model: keyframe"
-    assert shootout.clips_per_s == rows[("DALI loader", "full")]["clips_per_s"]
-    assert shootout.peak_mem_kind == "rss_fresh_process" and "each row in a fresh process" in \
+    assert shootout.clips_per_s == pytest.approx(rows[("DALI loader", "full")]["clips_per_s"], rel=1e-3)
+    assert shootout.step_ms["median"] > 0 and len(shootout.samples_s) == 3  # ms per batch in each round
+    assert shootout.peak_mem_kind == "rss" and "each row in a fresh process" in \
         shootout.extra["peak_mem_covers"] and shootout.peak_mem_bytes > 0
     from timesformer_harness.bench.report import summary_table
 
     table = summary_table([shootout])
     assert "## Loader shoot-out" in table and "| DALI loader | toy | full |" in table
+    assert "| pipeline/shootout | ok |" in table and "| ok | ok |" not in table  # a step time, not the status
     # Threshold 0: any wait for data at all makes the verdict input-bound, and there is always some.
     # in a fresh process, as the bench runs it: its peak RSS growth is the case's own (in this process, earlier
     # tests' peak would hide it)
@@ -339,6 +412,8 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     assert x["loader"] == "DaliLoader" and x["decode"] == "cpu" and "device_used_max_bytes" not in x
     assert x["peak_mem_covers"] == ("peak RSS growth of the worker process: model, optimizer state, activations, "
                                     "batches; DALI's CPU pipeline included") and e2e.peak_mem_bytes > 0
+    # the Trainer's window arithmetic: clips over the steps' whole time
+    assert e2e.clips_per_s == pytest.approx(2 * e2e.batch / x["step_s"]) and len(e2e.samples_s) == 2
 
 
 def test_e2e_records_say_what_their_peak_memory_covers():
@@ -357,10 +432,26 @@ def test_e2e_records_say_what_their_peak_memory_covers():
 
 
 def test_cpu_utilisation_uses_a_gemm_interleaved_with_the_steps():
-    rec = _run(_case("model", "space_only", mode="infer", gemm_n=128))
+    rec = _run(_case("model", "space_only", mode="infer", gemm_n=128, steps=3))
     assert rec.status == "ok", rec.message
     assert rec.peak_flops_source == "fp32 GEMM n=128 interleaved with the steps"
     assert rec.peak_flops != 1e11 and rec.utilisation == pytest.approx(rec.achieved_flops / rec.peak_flops)
+    x = rec.extra  # one step and one GEMM per sample; the ratio is their median quotient
+    assert (x["steps_per_block"], x["calib_reps"], x["gemm_n"]) == (1, 1, 128) and len(x["ratios"]) == 3
+    assert x["ratio"] == pytest.approx(sorted(x["ratios"])[1])
+
+
+def test_blocks_fill_the_sample_length_and_a_delay_slows_only_the_step():
+    """``block_s``: as many steps and GEMMs per block as fill it; an injected delay raises the step's time and the
+    ratio by about itself, the GEMM's not at all."""
+    plain = _run(_case("model", "space_only", mode="infer", gemm_n=128, steps=3, block_s=0.05))
+    slow = _run(_case("model", "space_only", mode="infer", gemm_n=128, steps=3, block_s=0.05,
+                      steps_per_block=plain.extra["steps_per_block"], calib_reps=plain.extra["calib_reps"],
+                      inject_delay_s=plain.step_ms["median"] / 1e3))
+    assert plain.status == slow.status == "ok", (plain.message, slow.message)
+    assert plain.extra["steps_per_block"] > 1 and plain.extra["calib_reps"] > 1
+    assert slow.extra["injected_delay_ms"] == pytest.approx(plain.step_ms["median"])
+    assert slow.extra["ratio"] / plain.extra["ratio"] > 1.5 and slow.step_ms["median"] > 1.5 * plain.step_ms["median"]
 
 
 def test_plots_draw_every_variant_and_mark_oom(tmp_path):
@@ -376,6 +467,26 @@ def test_plots_draw_every_variant_and_mark_oom(tmp_path):
                rec("joint_space_time", 8, status="oom")]
     (path,) = plot_scaling(records, tmp_path)
     assert path.name == "scaling_train_32.png" and path.stat().st_size > 1000
+
+
+def test_error_bars_are_the_interval_of_the_median_as_throughput():
+    from timesformer_harness.plots import error_bars
+
+    rec = BenchRecord(suite="model", case="c", images_per_s=100.0, step_ms={"median": 10.0, "ci_low": 8.0,
+                                                                            "ci_high": 12.5})
+    assert error_bars([rec, BenchRecord(suite="model", case="d")]) == [[20.0, 0.0], [25.0, 0.0]]
+
+
+def test_flat_exports_and_tensorboard_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recs = [BenchRecord(suite="model", case="model/a", images_per_s=10.0, samples_s=[0.1, 0.2], step_ms={"median": 1}),
+            BenchRecord(suite="model", case="model/b", status="oom", message="out of memory")]
+    csv_path, jsonl = write_flat(tmp_path, recs)
+    assert csv_path.read_text().splitlines()[0].startswith("suite,case,") and len(jsonl.read_text().splitlines()) == 2
+    acc = EventAccumulator(str(write_tensorboard(tmp_path / "tb", recs))).Reload()
+    assert acc.Tags()["scalars"] == ["images_per_s/model/a", "step_ms/model/a"]  # the oom case has no figures
+    assert [e.value for e in acc.Scalars("step_ms/model/a")] == pytest.approx([100.0, 200.0])
 
 
 def test_pytest_benchmark_suites_record_machine_and_extra_info(tmp_path):
@@ -394,4 +505,7 @@ def test_pytest_benchmark_suites_record_machine_and_extra_info(tmp_path):
     model = by_name["test_model_step[space_only-infer]"]["extra_info"]
     assert model["schema_version"] == SCHEMA_VERSION and model["preset"] == "tiny" and model["clips_per_s"] > 0
     assert model["params"] == count_params(create_model("tiny", attention_type="space_only"))
-    assert by_name["test_attention_fwd_bwd[temporal-naive]"]["extra_info"]["extra"]["seq_len"] == 4
+    stats = by_name["test_model_step[space_only-infer]"]["stats"]  # the record is pytest-benchmark's measurement
+    assert model["step_ms.median"] == pytest.approx(1e3 * stats["median"]) and stats["rounds"] == 5
+    assert model["step_ms.p90"] <= 1e3 * stats["max"] and model["env.machine_class"].startswith("cpu: ")
+    assert by_name["test_attention_fwd_bwd[temporal-naive]"]["extra_info"]["extra.seq_len"] == 4

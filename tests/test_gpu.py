@@ -272,8 +272,8 @@ def test_trainer_amp_steps(precision: str, tmp_path: Path) -> None:
     losses = [r["train/loss"] for r in records if r["event"] == "train"]
     assert start["precision"] == precision and len(losses) == 4 and all(np.isfinite(losses))
     assert "fused=True" in start["optimizer"] or start["optimizer"].startswith("apex.")
-    assert all(r.get("memory/max_allocated_gib", 0) > 0 for r in records if r["event"] == "train")
-    assert next(r for r in records if r["event"] == "val")["memory/val_max_allocated_gib"] > 0
+    assert all(r.get("memory/peak_cuda_allocator_gib", 0) > 0 for r in records if r["event"] == "train")
+    assert next(r for r in records if r["event"] == "val")["memory/val_peak_cuda_allocator_gib"] > 0
     after = trainer.model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before), "no weight changed"
@@ -399,16 +399,15 @@ def test_nccl_process_group_and_ddp_step_with_torchrun_environment() -> None:
 
 
 def test_cuda_memory_through_metrics() -> None:
-    from timesformer_harness.metrics import peak_memory, reset_peak_memory, time_steps
+    from timesformer_harness.metrics import PeakMemory, time_steps
 
-    assert reset_peak_memory(CUDA) == 0
+    window = PeakMemory(CUDA)
     block = torch.empty(64 * 2**20, dtype=torch.uint8, device=CUDA)
-    peak, kind = peak_memory(CUDA)
-    assert kind == "cuda_allocator" and peak >= 64 * 2**20
+    peak = window.take()
+    assert peak.kind == "cuda_allocator" and peak.growth >= 64 * 2**20
     del block
-    reset_peak_memory(CUDA)  # a new phase starts from what is allocated now
-    small, _ = peak_memory(CUDA)
-    assert small < peak and small == torch.cuda.memory_allocated(CUDA)
+    small = window.take()  # a new window starts from what is allocated now
+    assert small.peak < peak.peak and small.start == torch.cuda.memory_allocated(CUDA)
     a = torch.randn(2048, 2048, device=CUDA)
     times = time_steps(lambda: a @ a, CUDA, warmup=1, steps=3)  # synchronised: each time covers the kernel
     assert len(times) == 3 and min(times) > 0

@@ -14,7 +14,7 @@ import torch
 from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.gpu_check import (StepFailed, StepResult, build_steps, collect_bench, collect_pytest,
                                            exit_status, CPU_SIZE)
-from timesformer_harness.metrics import BenchRecord, write_results
+from timesformer_harness.bench.record import BenchRecord, write_results
 
 STEPS = ["gpu_tests", "prepare", "validate", "bench", "train", "evaluate", "profile", "gate_baseline", "gate",
          "torchrun"]
@@ -57,8 +57,8 @@ def test_cpu_rehearsal_runs_every_step_that_does_not_need_cuda(tmp_path: Path) -
     assert fig["bench"]["e2e"][0]["decode"] == "cpu" and fig["bench"]["e2e"][0]["device_used_mib"] is None
     assert fig["evaluate"]["videos"] == CPU_SIZE.eval_videos
     assert fig["profile"]["sdpa_kernels"] and fig["profile"]["attention_share_pct"] > 0
-    assert fig["gate"] == {"gate/divided_space_time/train": fig["gate"]["gate/divided_space_time/train"]}
-    assert fig["gate"]["gate/divided_space_time/train"].startswith("ok")
+    ((gate_case, gate_verdict),) = fig["gate"].items()
+    assert gate_case.startswith("model/divided_space_time/train/") and gate_verdict.startswith("ok")
     assert fig["torchrun"]["world_size"] == 2 and fig["torchrun"]["steps"] == 2
     for name in STEPS[1:]:  # each step's own output is kept beside the report
         assert Path(steps[name]["log"]).is_file()
@@ -103,12 +103,14 @@ def test_pytest_step_needs_a_test_that_ran(tmp_path: Path) -> None:
 
 def test_bench_step_fails_on_error_records_and_missing_suites(tmp_path: Path) -> None:
     run = tmp_path / "bench" / "20260101-000000-all"
-    ok = [BenchRecord(suite=s, case=f"{s}/x", attention_type="divided_space_time", mode="train", backend="dali",
+    ok = [BenchRecord(suite=s, case=f"{s}/x", attention_type="divided_space_time", mode="train",
+                      attn_backend="flash" if s == "attention" else None, loader="dali" if s == "pipeline" else None,
                       images_per_s=10.0, clips_per_s=1.0, utilisation=0.4) for s in ("model", "attention", "pipeline",
                                                                                       "e2e")]
     write_results(run / "results.json", ok, {"hardware": "GPU"})
     figures = collect_bench(tmp_path / "bench")("")
     assert figures["model"]["divided_space_time/train"] == {"images_per_s": 10.0, "mfu_pct": 40.0, "peak_mib": 0.0}
+    assert figures["attention_backends_ok"] == ["flash"] and figures["pipeline_clips_per_s"] == {"dali": 1.0}
     broken = ok[:3] + [BenchRecord(suite="e2e", case="e2e/x", status="error", message="ValueError: no videos")]
     write_results(run / "results.json", broken, {})
     with pytest.raises(StepFailed, match="cases not ok: e2e/x: error ValueError: no videos"):
@@ -126,8 +128,8 @@ def test_train_figures_read_either_memory_kind_and_the_decode_move(tmp_path: Pat
     records = [{"event": "start", "optimizer": "torch.optim.AdamW(fused=True)", "precision": "fp32",
                 "world_size": 1},
                {"event": "train", "time/clips_per_s": 900.0, "time/data_wait_pct": 3.0,
-                "memory/max_allocated_gib": 0.123},
-               {"event": "val", "val/top1": 50.0, "memory/val_max_allocated_gib": 0.2},
+                "memory/peak_cuda_allocator_gib": 0.123},
+               {"event": "val", "val/top1": 50.0, "memory/val_peak_cuda_allocator_gib": 0.2},
                {"event": "end", "step": 8}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     log = ("WARNING timesformer_harness.pipelines.factory: data.backend=auto: DALI decodes on the CPU and the clips "
@@ -137,7 +139,7 @@ def test_train_figures_read_either_memory_kind_and_the_decode_move(tmp_path: Pat
     figures = collect_train(tmp_path)(log)
     assert figures["loader"] == "dali (cpu, NVDEC cannot decode these videos)"
     assert figures["peak_gib"] == 0.12 and figures["val_peak_gib"] == 0.2 and figures["steps"] == 8
-    records[1] = {"event": "train", "memory/max_rss_gib": 1.5}
+    records[1] = {"event": "train", "memory/peak_rss_gib": 1.5}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert collect_train(tmp_path)("INFO DALI loader (gpu): 8 clips")["peak_gib"] == 1.5
     assert collect_train(tmp_path)("INFO DALI loader (gpu): 8 clips")["loader"] == "dali (gpu)"

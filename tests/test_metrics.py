@@ -1,5 +1,5 @@
-"""timesformer_harness.metrics: the GPU peak table over the names NVIDIA's driver reports, and peak memory per window
-(the process's real peak RSS on CPU; the CUDA calls through a fake allocator)."""
+"""timesformer_harness.metrics: the GPU peak table over the names NVIDIA's driver reports, peak memory per window (the
+process's real peak RSS on CPU; the CUDA calls through a fake allocator), and the timing primitives on real calls."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from timesformer_harness.metrics import (GPU_PEAKS, PeakMemoryWindow, gpu_peak, gpu_peak_flops, peak_memory,
-                                         reset_peak_memory)
+from timesformer_harness.metrics import (GPU_PEAKS, PeakMemory, Stopwatch, ThroughputWindow, gpu_peak,
+                                         gpu_peak_flops, time_pairs, time_steps, timed_call, timed_items)
 from timesformer_harness.runtime import retain_freed_memory
 
 # torch.cuda.get_device_name() strings as the driver reports them -> the table row they must select
@@ -64,33 +64,31 @@ def test_dense_peaks_per_precision() -> None:
 # ------------------------------------------------------------------------------------------ memory windows
 
 def test_cpu_window_is_the_peak_rss_of_that_window_only() -> None:
-    window = PeakMemoryWindow(torch.device("cpu"))
+    window = PeakMemory(torch.device("cpu"))
     if not window.kind:
         pytest.skip("/proc/self/clear_refs cannot be written here")
-    assert window.kind == "max_rss"
+    assert window.kind == "rss"
     big = np.ones(256 * 2**20 // 8)  # 256 MiB, touched
     del big
     first = window.take()
     second = window.take()  # a window in which nothing big happened
-    assert first - second > 200 * 2**20, (first, second)
-    assert 0 < second < first
+    assert first.kind == "rss" and first.peak - second.peak > 200 * 2**20, (first, second)
+    assert 0 < second.peak < first.peak and first.growth > 200 * 2**20 and second.growth < 20 * 2**20
 
 
 def test_cpu_peak_growth_is_the_work_s_own_after_freed_memory_was_kept() -> None:
     """A process that keeps freed blocks (``retain_freed_memory``, as every harness entry point does) and has freed
-    512 MiB: 200 MiB of new work still reads as ~200 MiB of peak growth (it read 0 when the work reused the kept
-    pages), and a second measurement of nothing reads ~0."""
+    512 MiB: 200 MiB of new work still reads as ~200 MiB of peak growth when the window hands freed memory back first
+    (it read 0 when the work reused the kept pages), and a second window of nothing reads ~0."""
     retain_freed_memory()
     kept = np.ones(512 * 2**20 // 8)
     del kept
-    cpu = torch.device("cpu")
-    base = reset_peak_memory(cpu)
+    window = PeakMemory(torch.device("cpu"), release_freed=True)
     work = np.ones(200 * 2**20 // 8)  # touched
-    growth, kind = peak_memory(cpu, base)
+    peak = window.take()
     del work
-    assert kind == "rss_fresh_process" and 190 * 2**20 < growth < 260 * 2**20, growth >> 20
-    base = reset_peak_memory(cpu)
-    assert peak_memory(cpu, base)[0] < 20 * 2**20
+    assert peak.kind == "rss" and 190 * 2**20 < peak.growth < 260 * 2**20, peak.growth >> 20
+    assert window.take().growth < 20 * 2**20
 
 
 class FakeAllocator:
@@ -113,19 +111,58 @@ class FakeAllocator:
         assert torch.device(device).type == "cuda"
         return self.peak
 
+    def memory_allocated(self, device=None) -> int:
+        assert torch.device(device).type == "cuda"
+        return self.allocated
+
 
 def test_cuda_window_resets_the_allocator_peak_after_each_take(monkeypatch) -> None:
     fake = FakeAllocator()
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", fake.reset_peak_memory_stats)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", fake.max_memory_allocated)
+    for name in ("reset_peak_memory_stats", "max_memory_allocated", "memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
     fake.alloc(100)
-    window = PeakMemoryWindow(torch.device("cuda", 0))
-    assert window.kind == "max_allocated" and fake.resets == 1
+    window = PeakMemory(torch.device("cuda", 0))
+    assert window.kind == "cuda_allocator" and fake.resets == 1
     fake.alloc(50)
     fake.alloc(-50)
-    assert window.take() == 150  # model (100) + a transient 50
-    assert window.take() == 100  # the next window saw nothing above the resident 100
+    first = window.take()
+    assert (first.peak, first.start, first.growth) == (150, 100, 50)  # model (100) resident + a transient 50
+    assert window.take().peak == 100  # the next window saw nothing above the resident 100
     fake.alloc(1000)
     fake.alloc(-1000)
     window.reset()  # e.g. before validation: what came before does not count
-    assert window.take() == 100
+    assert window.take().peak == 100
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+def test_timing_primitives_on_real_calls() -> None:
+    cpu, calls = torch.device("cpu"), []
+    times = time_steps(lambda: calls.append("s"), cpu, warmup=2, steps=3)
+    assert len(times) == 3 and calls == ["s"] * 5 and all(t >= 0 for t in times)
+    with pytest.raises(ValueError, match="steps=0"):
+        time_steps(lambda: None, cpu, warmup=0, steps=0)
+    calls.clear()
+    a, b = time_pairs(lambda: calls.append("a"), lambda: calls.append("b"), cpu, pairs=2, a_reps=2, b_reps=3,
+                      warmup=1)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b", "b"] * 2 and len(a) == len(b) == 2
+    import time as clock
+
+    items = list(timed_items(iter([1, 2]), cpu))
+    assert [i for i, _ in items] == [1, 2]
+    out, wall, cpu_s = timed_call(lambda: sum(range(200_000)), cpu)
+    assert out == sum(range(200_000)) and wall > 0 and cpu_s > 0
+    _, slept, slept_cpu = timed_call(lambda: clock.sleep(0.05), cpu)
+    assert slept >= 0.05 and slept_cpu < 0.04  # asleep: wall time, little CPU time
+    watch = Stopwatch()
+    clock.sleep(0.01)
+    assert watch.lap() >= 0.01 and watch.elapsed() >= 0.01 and watch.lap() < 0.01
+
+
+def test_throughput_window_is_clips_over_time_and_the_wait_share() -> None:
+    window = ThroughputWindow()
+    window.add(8, 0.1, 0.5)
+    window.add(8, 0.3, 0.5)
+    assert window.take() == {"steps": 2, "clips": 16, "seconds": 1.0, "clips_per_s": 16.0,
+                             "data_wait_share": pytest.approx(0.4)}
+    assert window.take()["steps"] == 0  # a new window began

@@ -78,9 +78,13 @@ def test_environment_info_names_versions_and_hardware():
     assert info["cpu_threads"] == torch.get_num_threads() and isinstance(info["apex"], bool)
     cpuinfo = Path("/proc/cpuinfo").read_text()
     assert info["device_name"] == device_name(CPU) and info["device_name"] in cpuinfo
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent).stdout.strip()
-    assert info["git_sha"] == (sha or "unknown")
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=Path(__file__).parent).stdout
+    assert info["git_sha"] == (git("rev-parse", "HEAD").strip() or "unknown") and len(info["git_sha"]) == 40
+    diff = git("diff", "HEAD")
+    assert info["git_dirty"] == bool(diff) and (info["git_diff_sha"] is not None) == bool(diff)
+    assert info["machine_class"] == f"cpu: {info['device_name']}, {info['cpu_capability']}, {os.cpu_count()} CPUs"
+    assert info["host"] and info["command"]
 
 
 def test_retain_freed_memory_stops_page_faults_on_reused_batches():

@@ -329,9 +329,9 @@ def test_memory_is_logged_per_window_and_validation_apart(tmp_path, monkeypatch)
     import timesformer_harness.train as train_module
     from timesformer_harness.config import load_config
     from timesformer_harness.distributed import init_distributed
-    from timesformer_harness.metrics import PeakMemoryWindow
+    from timesformer_harness.metrics import PeakMemory
 
-    if not PeakMemoryWindow("cpu").kind:
+    if not PeakMemory("cpu").kind:
         pytest.skip("/proc/self/clear_refs cannot be written here")
     real_score = train_module.score_loader
 
@@ -350,7 +350,7 @@ def test_memory_is_logged_per_window_and_validation_apart(tmp_path, monkeypatch)
         "train.log_period=2", f"output.dir={tmp_path}", "output.tensorboard=false"])
     assert train_module.Trainer(cfg, init_distributed(cfg.dist)).fit() == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r["memory/max_rss_gib"] for r in records if r["event"] == "train"]
-    val = [r["memory/val_max_rss_gib"] for r in records if r["event"] == "val"]
+    train = [r["memory/peak_rss_gib"] for r in records if r["event"] == "train"]
+    val = [r["memory/val_peak_rss_gib"] for r in records if r["event"] == "val"]
     assert len(train) == 4 and len(val) == 2  # 2 windows of 2 steps per epoch; validation after each epoch
     assert min(val) - max(train) > 0.25, (train, val)

@@ -3,13 +3,14 @@ of each block shape the selected variants use (temporal, spatial, joint), per av
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from timesformer_harness.bench.case import BenchCase, timed
+from timesformer_harness.bench.case import ModelCase, measure_step
+from timesformer_harness.bench.record import BenchRecord
 from timesformer_harness.config import ModelConfig, RootConfig
-from timesformer_harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
 
 # The attention shapes each variant runs.
 VARIANT_SHAPES = {
@@ -17,6 +18,24 @@ VARIANT_SHAPES = {
     "joint_space_time": ("joint",),
     "space_only": ("spatial",),
 }
+
+
+@dataclass(kw_only=True)
+class Case(ModelCase):
+    """One block shape's attention call with one ``timesformer_harness.kernels.attention`` backend."""
+
+    suite: ClassVar[str] = "attention"
+    shape: str  # temporal | spatial | joint
+    attn_backend: str
+
+    @property
+    def name(self) -> str:
+        return f"attention/{self.shape}/{self.attn_backend}/{self.mode}"
+
+    def record(self, device: torch.device) -> BenchRecord:
+        rec = super().record(device)
+        rec.attn_backend = self.attn_backend
+        return rec
 
 
 def attention_shape(cfg: ModelConfig, shape: str, B: int, T: int, S: int) -> tuple[int, int, int, int]:
@@ -32,10 +51,9 @@ def attention_shape(cfg: ModelConfig, shape: str, B: int, T: int, S: int) -> tup
     raise ValueError(f"attention shape {shape!r}; choose temporal, spatial or joint")
 
 
-def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
-          device: torch.device) -> list[BenchCase]:
+def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[str],
+          device: torch.device) -> list[Case]:
     from timesformer_harness.kernels.attention import available_backends
-
     from timesformer_harness.runtime import resolve_precision
 
     T, S = cfg.model.num_frames, cfg.model.img_size
@@ -47,25 +65,23 @@ def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
         # probed in the dtype the cases run in (flash and cuDNN take only fp16/bf16 on CUDA)
         for backend in available_backends(device, resolve_precision(cfg.bench.precision, device),
                                           cfg.model.embed_dim // cfg.model.num_heads):
-            out.append(replace(base.with_model(attention_type=owner), suite="attention", shape=shape,
-                               backend=backend, mode=mode, frames=T, img_size=S))
+            out.append(Case.of(base, model=replace(cfg.model, attention_type=owner), shape=shape,
+                               attn_backend=backend, mode=mode, frames=T, img_size=S))
     return out
 
 
-def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Time ``timesformer_harness.kernels.attention.attention`` on random q, k, v of the block's shape with the case's
-    backend."""
+def build(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> Callable[[], None]:
+    """One call of ``timesformer_harness.kernels.attention.attention`` on random q, k, v of the block's shape with the
+    case's backend (and its backward in train mode); fills FLOPs per clip and the shape."""
     from timesformer_harness.kernels.attention import attention
 
-    B, T, S = case.batch, case.frames, case.img_size
-    nseq, H, L, hd = attention_shape(case.model, case.shape, B, T, S)
+    nseq, H, L, hd = attention_shape(case.model, case.shape, case.batch, case.frames, case.img_size)
     fwd_flops = 4 * nseq * H * L * L * hd  # QK^T and AV, 2 FLOPs per multiply-add
-    rec.flops_per_clip = (3 * fwd_flops if case.mode == "train" else fwd_flops) // B
+    rec.flops_per_clip = (3 * fwd_flops if case.mode == "train" else fwd_flops) // case.batch
     rec.extra.update({"shape": case.shape, "sequences": nseq, "heads": H, "seq_len": L, "head_dim": hd})
-    base = reset_peak_memory(device)
     q, k, v = (torch.randn(nseq, H, L, hd, device=device, dtype=dtype or torch.float32,
                            requires_grad=case.mode == "train") for _ in range(3))
-    backend = case.backend
+    backend = case.attn_backend
     if case.mode == "train":
         grad = torch.randn(nseq, H, L, hd, device=device, dtype=q.dtype)
 
@@ -76,7 +92,9 @@ def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dt
         def step() -> None:
             with torch.inference_mode():
                 attention(q, k, v, backend=backend)
+    return step
 
-    times = timed(step, rec, case, device)
-    rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
-    fill_throughput(rec, times, clips_per_step=B, frames=T)
+
+def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
+    """The step ``build`` makes, timed (``measure_step``)."""
+    measure_step(build, case, rec, device, dtype)

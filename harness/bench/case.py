@@ -1,20 +1,25 @@
-"""A bench case (the typed spec the parent builds and the fresh worker process receives as JSON), its empty
-record, and the step timing every compute suite shares."""
+"""Bench cases: the typed spec the parent builds and the fresh worker process receives as JSON, one class per kind
+of measurement (each suite module defines its own on top of these), and the timing of a model step every compute
+suite shares.
+
+``BenchCase`` holds what every case has; ``ModelCase`` adds a model run at an input size (the model and scaling
+suites' case, and the base of the attention and end-to-end ones). ``case.record(device)`` is the case's record
+before anything is measured.
+"""
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from timesformer_harness.bench.record import BenchRecord, fill_throughput
 from timesformer_harness.config import ModelConfig
-from timesformer_harness.metrics import BenchRecord, gemm_workload, time_steps, time_steps_interleaved
+from timesformer_harness.metrics import PeakMemory, gemm, iso_now, synchronize, time_block, time_pairs, time_steps
 from timesformer_harness.runtime import device_name
-
-# Suites whose cases run a model (or one of its attention shapes) of a given attention variant.
-SUITES_WITH_VARIANT = ("model", "attention", "scaling", "e2e")
 
 
 class SkipCase(Exception):
@@ -22,88 +27,142 @@ class SkipCase(Exception):
     recorded as ``skipped`` with the reason."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchCase:
-    """One measured case. Fields past ``steps`` apply to some suites only (their defaults mean "not used").
+    """What every case has. Subclasses set ``suite`` and ``name``."""
 
-    The parent builds it (``timesformer_harness.bench.sweep.build_cases``); ``to_dict``/``from_dict`` carry it to the
-    worker process as JSON.
-    """
-
-    suite: str  # model | attention | scaling | pipeline | e2e
+    suite: ClassVar[str] = ""
     preset: str
-    model: ModelConfig  # the model to build (its attention_type is the case's variant); attention: its dimensions
     device: str  # "cpu", "cuda:0"
     batch: int
     precision: str  # resolved: fp32 | bf16 | fp16
-    channels_last: bool
     warmup: int
-    steps: int
-    mode: str = "train"  # train | infer
-    frames: int = 0  # input clip length (model, scaling, attention)
-    img_size: int = 0  # input side (model, scaling, attention)
-    gemm_n: int = 0  # CPU: an n^3 fp32 GEMM timed after every step is the utilisation peak; 0 = use peak_flops
-    peak_flops: float | None = None  # the run's peak: GPU table, or the GEMM measured at the start of the run
-    peak_flops_source: str | None = None
+    steps: int  # timed samples
     mem_limit_gb: float = 0.0  # CPU: the worker's address-space headroom (timesformer_harness.runner); 0 = no cap
-    shape: str = ""  # attention: temporal | spatial | joint
-    backend: str = ""  # attention: timesformer_harness.kernels.attention backend; pipeline: dali | pyav
-    data_config: str = ""  # pipeline, e2e: YAML whose data section (and for e2e, model section) is used
-    batches: int = 0  # pipeline, e2e: timed batches after 2 warm-up batches
-    threshold: float = 0.0  # e2e: input-bound when waiting for data takes more than this share of a step
-
-    @property
-    def attention_type(self) -> str | None:
-        return self.model.attention_type if self.suite in SUITES_WITH_VARIANT else None
+    threads: int = 0  # CPU intra-op threads in the worker; 0 = torch's default
+    seed: int = 0
 
     @property
     def name(self) -> str:
-        """Unique within a run: ``model/divided_space_time/train/8x224``, ``attention/joint/flash/train``..."""
-        if self.suite == "attention":
-            return f"attention/{self.shape}/{self.backend}/{self.mode}"
-        if self.suite == "pipeline":
-            return f"pipeline/{self.backend}"
-        if self.suite == "e2e":
-            return f"e2e/{self.attention_type}"
-        return f"{self.suite}/{self.attention_type}/{self.mode}/{self.frames}x{self.img_size}"
+        raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"suite": self.suite, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BenchCase:
+        d = {k: v for k, v in d.items() if k != "suite"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"bench case has unknown keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**{**d, "model": ModelConfig(**d["model"])})
+            raise ValueError(f"{cls.__name__} has no keys {unknown}; expected a subset of {sorted(known)}")
+        if isinstance(d.get("model"), dict):
+            d["model"] = ModelConfig(**d["model"])
+        return cls(**d)
 
-    def with_model(self, **changes: Any) -> BenchCase:
-        """A copy whose model has ``changes`` (checked by ModelConfig's own validation)."""
-        return replace(self, model=replace(self.model, **changes))
+    @classmethod
+    def of(cls, base: dict[str, Any], **changes: Any) -> BenchCase:
+        """A case of this class from the run's shared settings ``base`` (the keys this class has) and ``changes``."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in base.items() if k in names}, **changes})
+
+    def record(self, device: torch.device) -> BenchRecord:
+        """The record of this case before anything is measured."""
+        return BenchRecord(suite=self.suite, case=self.name, preset=self.preset, batch=self.batch,
+                           precision=self.precision, device=device.type, device_name=device_name(device),
+                           time=iso_now(), seed=self.seed)
 
 
-def new_record(case: BenchCase, device: torch.device) -> BenchRecord:
-    """The record of ``case`` before anything is measured."""
-    return BenchRecord(
-        suite=case.suite, case=case.name, attention_type=case.attention_type, preset=case.preset,
-        frames=case.frames or None, img_size=case.img_size or None, batch=case.batch, precision=case.precision,
-        mode=case.mode if case.suite != "pipeline" else None, backend=case.backend or None, device=device.type,
-        device_name=device_name(device), peak_flops=case.peak_flops, peak_flops_source=case.peak_flops_source,
-    )
+@dataclass(kw_only=True)
+class ModelCase(BenchCase):
+    """A model (or one of its attention shapes) at an input size, timed in samples of ``steps``.
+
+    With ``gemm_n`` set, each sample pairs a block of the step with a block of an n^3 fp32 GEMM on the same device
+    (``timesformer_harness.metrics.time_pairs``): the record then carries ``extra["ratio"]``, the median over samples
+    of step-block time over GEMM-block time, which whatever slows the whole machine slows alike (the gate compares
+    it), and on CPU the GEMM's rate becomes the utilisation peak. ``block_s`` sizes the blocks to about that many
+    seconds each (0: one step and one GEMM per sample); ``steps_per_block`` and ``calib_reps`` fix them (the gate
+    reuses its baseline's, so both sides time the same work)."""
+
+    suite: ClassVar[str] = "model"
+    model: ModelConfig  # its attention_type is the case's variant
+    mode: str = "train"  # train | infer
+    frames: int = 0
+    img_size: int = 0
+    channels_last: bool = False
+    gemm_n: int = 0
+    peak_flops: float | None = None  # the GPU table's peak; None on CPU (the GEMM's rate) or for an unknown GPU
+    peak_flops_source: str | None = None
+    block_s: float = 0.0
+    steps_per_block: int = 0
+    calib_reps: int = 0
+    inject_delay_s: float = 0.0  # a sleep added to every step: the gate's check that it catches a slowdown
+
+    @property
+    def attention_type(self) -> str:
+        return self.model.attention_type
+
+    @property
+    def name(self) -> str:
+        return f"{self.suite}/{self.attention_type}/{self.mode}/{self.frames}x{self.img_size}"
+
+    def record(self, device: torch.device) -> BenchRecord:
+        rec = super().record(device)
+        rec.attention_type, rec.model, rec.mode = self.attention_type, asdict(self.model), self.mode
+        rec.frames, rec.img_size = self.frames or None, self.img_size or None
+        rec.peak_flops, rec.peak_flops_source = self.peak_flops, self.peak_flops_source
+        return rec
 
 
-def timed(step: Callable[[], object], rec: BenchRecord, case: BenchCase, device: torch.device) -> list[float]:
-    """Seconds per step after ``case.warmup`` untimed steps.
-
-    On CPU an fp32 GEMM is timed after every step and its median rate becomes ``rec.peak_flops``, so utilisation
-    compares the model with the GEMM under the same load (a once-per-run GEMM swung 76-222 GFLOP/s on a shared
-    machine).
-    """
-    if device.type == "cuda" or not case.gemm_n:
+def time_model_step(step: Callable[[], object], rec: BenchRecord, case: ModelCase,
+                    device: torch.device) -> list[float]:
+    """Seconds per step of ``case.steps`` samples after ``case.warmup`` untimed steps; with ``case.gemm_n``, paired
+    with the calibration GEMM (see ``ModelCase``), whose figures go into ``rec``."""
+    if not case.gemm_n:
         return time_steps(step, device, case.warmup, case.steps)
-    gemm, gemm_flops = gemm_workload(device, case.gemm_n)
-    times, gemm_times = time_steps_interleaved(step, gemm, device, case.warmup, case.steps)
-    rec.peak_flops = gemm_flops / statistics.median(gemm_times)
-    rec.peak_flops_source = f"fp32 GEMM n={case.gemm_n} interleaved with the steps"
+    calib = gemm(device, case.gemm_n)
+    for _ in range(case.warmup):
+        step()
+        calib.run()
+    synchronize(device)
+    steps_per_block, calib_reps = case.steps_per_block or 1, case.calib_reps or 1
+    if case.block_s and not (case.steps_per_block and case.calib_reps):
+        step_s = min(time_block(step, 1, device) for _ in range(3))
+        calib_s = min(time_block(calib.run, 1, device) for _ in range(3))
+        steps_per_block = case.steps_per_block or max(1, round(case.block_s / step_s))
+        calib_reps = case.calib_reps or max(1, round(steps_per_block * step_s / calib_s))
+    calib_times, times = time_pairs(calib.run, step, device, case.steps, a_reps=calib_reps, b_reps=steps_per_block)
+    ratios = [(t * steps_per_block) / (c * calib_reps) for t, c in zip(times, calib_times)]
+    rec.extra.update({"ratio": statistics.median(ratios), "ratios": ratios, "steps_per_block": steps_per_block,
+                      "calib_reps": calib_reps, "gemm_n": case.gemm_n,
+                      "gemm_ms": 1e3 * statistics.median(calib_times)})
+    if device.type == "cpu":
+        rec.peak_flops = calib.rate(calib_times)
+        rec.peak_flops_source = f"fp32 GEMM n={case.gemm_n} interleaved with the steps"
     return times
+
+
+StepBuilder = Callable[[ModelCase, BenchRecord, torch.device, "torch.dtype | None"], Callable[[], object]]
+
+
+def measure_step(build: StepBuilder, case: ModelCase, rec: BenchRecord, device: torch.device,
+                 dtype: torch.dtype | None) -> None:
+    """Build the case's step (``build`` also fills what it knows: params, FLOPs), time it (``time_model_step``) and
+    fill ``rec`` with the throughput and the peak memory of building and running it."""
+    memory = PeakMemory(device, release_freed=True)
+    step = build(case, rec, device, dtype)
+    if case.inject_delay_s:
+        step = _delayed(step, case.inject_delay_s)
+        rec.extra["injected_delay_ms"] = 1e3 * case.inject_delay_s
+    times = time_model_step(step, rec, case, device)
+    peak = memory.take()
+    if peak is not None:
+        rec.peak_mem_bytes, rec.peak_mem_kind = peak.growth, peak.kind
+    fill_throughput(rec, times, clips_per_step=case.batch, frames=case.frames)
+
+
+def _delayed(step: Callable[[], object], seconds: float) -> Callable[[], None]:
+    def slower() -> None:
+        step()
+        time.sleep(seconds)
+    return slower

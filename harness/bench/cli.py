@@ -9,7 +9,8 @@ compare A B``.
 Every case runs in a fresh process (``timesformer_harness.runner``): on CPU that is what makes its peak RSS its own, and
 everywhere it keeps an out-of-memory case from poisoning the next one. A case that runs out of memory is recorded
 as ``oom`` and the sweep goes on. Outputs go to ``runs/bench/<timestamp>-<attn>/``: ``results.json``
-(``timesformer_harness.metrics.BenchRecord``, versioned), ``summary.md``, ``config.yaml`` and PNG plots.
+(``timesformer_harness.bench.record.BenchRecord``, versioned), the same flat as ``results.csv`` and
+``results.jsonl``, TensorBoard scalars in ``tb/``, ``summary.md``, ``config.yaml`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -18,18 +19,17 @@ import argparse
 import logging
 import os
 import sys
-import time
 from dataclasses import asdict, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from timesformer_harness.bench.record import BenchRecord, write_flat, write_results, write_tensorboard
 from timesformer_harness.bench.report import summary_table, write_summary
 from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.config import ATTENTION_TYPES, BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
-from timesformer_harness.metrics import BenchRecord, gpu_peak_flops, measure_gemm_flops, write_results
+from timesformer_harness.metrics import Stopwatch, gpu_peak_flops, measure_gemm_flops, run_stamp
 from timesformer_harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
 from timesformer_harness.workload import check_attention
 from timesformer_harness.pipelines.files import atomic_write_text
@@ -135,19 +135,19 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
     from tqdm import tqdm
 
     precision = precision_name(resolve_precision(cfg.bench.precision, device))
-    started = datetime.now().strftime("%Y%m%d-%H%M%S")
+    started = run_stamp()
     out = Path(cfg.bench.out_dir) / f"{started}-{attn}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     peak = measure_peak(device, precision, cfg.bench.gemm_n)
     cases = build_cases(cfg, preset, attns, modes, device, peak, precision)
     logger.info("%d cases -> %s (peak %s)", len(cases), out, peak[1])
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     records: list[BenchRecord] = []
     meta = {  # the run's facts, computed once; wall_s and complete are set at each write
         "started": started, "preset": preset, "attn": attn, "modes": modes, "batch": cfg.bench.batch_size,
         "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
-        "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of a fresh process",
+        "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of the case's fresh process",
         "hardware": device_name(device), "env": environment_info(device), "config": to_yaml(cfg),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
         "cases_planned": len(cases), "wall_s": 0.0, "complete": not cases,
@@ -161,9 +161,11 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
             logger.warning("%s: %s %s", rec.case, rec.status, rec.message)
         records.append(rec)
         # after every case: a sweep that is killed or times out keeps what it measured ("complete": false)
-        meta.update(wall_s=time.perf_counter() - t0, complete=len(records) == len(cases))
+        meta.update(wall_s=clock.elapsed(), complete=len(records) == len(cases))
         write_results(out / "results.json", records, meta)
     write_summary(out / "summary.md", records, meta)
+    write_flat(out, records)
+    write_tensorboard(out / "tb", records)
     try:
         from timesformer_harness.plots import plot_scaling
 
@@ -190,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                                       if args.suites else None, out_dir=args.out)
     except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(str(e))
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     out, records = run(cfg, preset, device, args.attn, attns, modes)
     print(summary_table(records))
-    print(f"results: {out}/results.json  summary: {out}/summary.md  ({time.perf_counter() - t0:.0f} s)")
+    print(f"results: {out}/results.json (flat: results.csv, results.jsonl; TensorBoard: tb/)  summary: "
+          f"{out}/summary.md  ({clock.elapsed():.0f} s)")
     return 0

@@ -1,16 +1,19 @@
-"""Two bench runs side by side: ``python -m timesformer_harness.bench compare RUN_A RUN_B [--out DIR] [--force]``.
+"""Two bench runs side by side: ``python -m timesformer_harness.bench compare RUN_A RUN_B [--out DIR] [--force]
+[--fail-below RATIO]``.
 
 For every case in either run: images/s of A and B and their ratio B/A, and the same for utilisation. On CPU a
 case's utilisation is its achieved FLOP/s over an fp32 GEMM timed between its own steps, so a machine that is
-slower for everyone (other jobs, clocks) slows the GEMM too and the utilisation ratio stays put: compare
-utilisation first and raw images/s second. Their quotient, the peak ratio, says how much the machine itself
-differed between the runs.
+slower for everyone (other jobs, clocks) slows the GEMM too and the utilisation ratio stays put: the normalised
+ratio (utilisation B/A where both have one, else images/s B/A) is the one to read, and to gate on. Raw images/s
+second; their quotient, the peak ratio, says how much the machine itself differed between the runs.
 
-Runs are comparable when they share the record schema, the preset and the device kind; otherwise the comparison
-is refused (exit 2) unless ``--force``. Other differences (batch, precision, device name, torch version, CPU
-threads) are printed as warnings, and a case whose own batch, precision, frames or image size differ is flagged.
-Writes ``compare.md``, ``compare.json`` and ``compare.png`` to ``--out`` (default
-``runs/bench/compare/<A>_vs_<B>/``).
+A case is like for like when both records are ``ok`` and agree on what was measured: batch, precision, mode, frames,
+image size, the model's configuration, parameters and FLOPs per clip. The comparison is refused (exit 2, unless
+``--force``) when the runs differ in preset or device kind, when a case present in both measured a different model
+(configuration, parameters or FLOPs), or when no case is like for like. ``--fail-below R`` exits 1 when a like-for-like
+case's normalised ratio is below R (B slower than R x A). Other differences (device name, torch version, CPU threads,
+an incomplete run) are printed as warnings. Writes ``compare.md``, ``compare.json`` and ``compare.png`` to ``--out``
+(default ``runs/bench/compare/<A>_vs_<B>/``). Runs of older record schemas are read (migrated), not refused.
 """
 
 from __future__ import annotations
@@ -23,15 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from timesformer_harness.metrics import SCHEMA_VERSION, BenchRecord, read_results
+from timesformer_harness.bench.record import BenchRecord, read_results
 from timesformer_harness.pipelines.files import atomic_write_text
 
-# Case fields that must match for its numbers to be compared as like with like.
-CASE_KEYS = ("batch", "precision", "frames", "img_size")
-
-
-class NotComparable(ValueError):
-    """The two runs measure different things (schema, preset or device kind)."""
+# Case fields that must match for its numbers to be compared as like with like; the last three mean another model.
+CASE_KEYS = ("batch", "precision", "mode", "frames", "img_size", "model", "params", "flops_per_clip")
+MODEL_KEYS = ("model", "params", "flops_per_clip")
 
 
 @dataclass
@@ -50,22 +50,33 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    """A run directory (or its ``results.json``); NotComparable if its schema is not this harness's."""
+    """A run directory (or its ``results.json``, or any results file such as a gate baseline)."""
     path = Path(path)
     results = path / "results.json" if path.is_dir() else path
     if not results.is_file():
         raise FileNotFoundError(f"{path}: no results.json (give a runs/bench/<stamp>-<attn> directory or the file)")
-    version = json.loads(results.read_text()).get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise NotComparable(f"{results} has schema_version={version!r}; this harness reads {SCHEMA_VERSION}: re-run "
-                            "the bench with this version to compare")
     records, meta = read_results(results)
-    return Run(results.parent.name, results, records, meta)
+    return Run(results.parent.name if results.name == "results.json" else results.stem, results, records, meta)
+
+
+def differences(a: BenchRecord, b: BenchRecord) -> list[str]:
+    """What differs between two records of one case in ``CASE_KEYS`` (a model's config: the keys that differ)."""
+    out = []
+    for key in CASE_KEYS:
+        va, vb = getattr(a, key), getattr(b, key)
+        if va is None or vb is None or va == vb:
+            continue  # an older record without the field: nothing to compare
+        if key == "model":
+            changed = sorted(k for k in set(va) | set(vb) if va.get(k) != vb.get(k))
+            out.append("model " + ", ".join(f"{k} {va.get(k)!r} vs {vb.get(k)!r}" for k in changed))
+        else:
+            out.append(f"{key} {va} vs {vb}")
+    return out
 
 
 def check_comparable(a: Run, b: Run) -> tuple[list[str], list[str]]:
-    """(reasons to refuse, warnings). Refused: another preset or device kind. Warned: batch, precision, device
-    name, torch version, CPU threads and vector ISA, an incomplete (stopped) sweep."""
+    """(reasons to refuse, warnings) at the level of the runs. Refused: another preset or device kind. Warned: batch,
+    precision, device name, torch version, CPU threads and vector ISA, an incomplete (stopped) sweep."""
     refuse, warn = [], []
     if a.meta.get("preset") != b.meta.get("preset"):
         refuse.append(f"preset {a.meta.get('preset')!r} vs {b.meta.get('preset')!r}: different models")
@@ -75,7 +86,7 @@ def check_comparable(a: Run, b: Run) -> tuple[list[str], list[str]]:
         if a.meta.get(key) != b.meta.get(key):
             warn.append(f"{key} {a.meta.get(key)!r} vs {b.meta.get(key)!r}")
     env_a, env_b = a.meta.get("env", {}), b.meta.get("env", {})
-    for key in ("torch", "cuda", "dali", "cpu_threads", "cpu_capability"):
+    for key in ("torch", "cuda", "dali", "cpu_threads", "cpu_capability", "machine_class"):
         if env_a.get(key) != env_b.get(key):
             warn.append(f"{key} {env_a.get(key)!r} vs {env_b.get(key)!r}")
     for run in (a, b):
@@ -99,6 +110,7 @@ class CaseComparison:
     mem_a: int | None = None
     mem_b: int | None = None
     notes: list[str] = field(default_factory=list)
+    other_model: bool = False  # the two records measured different models
 
     @property
     def images_ratio(self) -> float | None:
@@ -107,6 +119,11 @@ class CaseComparison:
     @property
     def util_ratio(self) -> float | None:
         return _ratio(self.util_b, self.util_a)
+
+    @property
+    def normalised_ratio(self) -> float | None:
+        """Utilisation B/A where both have one (GEMM-normalised on CPU), else images/s B/A."""
+        return self.util_ratio or self.images_ratio
 
     @property
     def peak_ratio(self) -> float | None:
@@ -129,9 +146,8 @@ def _ratio(b: float | None, a: float | None) -> float | None:
 
 def compare_records(a: list[BenchRecord], b: list[BenchRecord]) -> list[CaseComparison]:
     """Every case of A (in A's order), then the cases only B has."""
-    by_b = {r.case: r for r in b}
-    names = [r.case for r in a] + [r.case for r in b if r.case not in {x.case for x in a}]
-    by_a = {r.case: r for r in a}
+    by_a, by_b = {r.case: r for r in a}, {r.case: r for r in b}
+    names = [r.case for r in a] + [r.case for r in b if r.case not in by_a]
     rows = []
     for name in names:
         ra, rb = by_a.get(name), by_b.get(name)
@@ -142,12 +158,22 @@ def compare_records(a: list[BenchRecord], b: list[BenchRecord]) -> list[CaseComp
             row.images_a, row.images_b = ra.images_per_s, rb.images_per_s
             row.util_a, row.util_b = ra.utilisation, rb.utilisation
             row.mem_a, row.mem_b = ra.peak_mem_bytes, rb.peak_mem_bytes
-            row.notes += [f"{k} {getattr(ra, k)} vs {getattr(rb, k)}" for k in CASE_KEYS
-                          if getattr(ra, k) != getattr(rb, k)]
+            row.notes += differences(ra, rb)
+            row.other_model = any(n.split(" ", 1)[0] in MODEL_KEYS for n in row.notes)
             if ra.status != "ok" or rb.status != "ok":
                 row.notes.append(f"status {ra.status} vs {rb.status}")
         rows.append(row)
     return rows
+
+
+def refusals(rows: list[CaseComparison]) -> list[str]:
+    """Reasons at the level of the cases to refuse the comparison: a case that measured another model, or none
+    like for like."""
+    out = [f"{r.case}: another model ({'; '.join(n for n in r.notes if n.split(' ', 1)[0] in MODEL_KEYS)})"
+           for r in rows if r.other_model]
+    if not any(r.comparable for r in rows):
+        out.append("no case is like for like in both runs")
+    return out
 
 
 def _x(v: float | None) -> str:
@@ -169,7 +195,7 @@ def format_table(rows: list[CaseComparison]) -> str:
 
 
 def summarise(rows: list[CaseComparison]) -> dict[str, float | int | None]:
-    """Medians over the comparable cases of the images/s, utilisation, peak and memory ratios."""
+    """Medians over the comparable cases of the images/s, utilisation, normalised, peak and memory ratios."""
     ok = [r for r in rows if r.comparable]
 
     def med(values: list[float | None]) -> float | None:
@@ -177,8 +203,13 @@ def summarise(rows: list[CaseComparison]) -> dict[str, float | int | None]:
         return statistics.median(vs) if vs else None
 
     return {"cases": len(rows), "comparable": len(ok), "images_ratio": med([r.images_ratio for r in ok]),
-            "util_ratio": med([r.util_ratio for r in ok]), "peak_ratio": med([r.peak_ratio for r in ok]),
-            "mem_ratio": med([r.mem_ratio for r in ok])}
+            "util_ratio": med([r.util_ratio for r in ok]), "normalised_ratio": med([r.normalised_ratio for r in ok]),
+            "peak_ratio": med([r.peak_ratio for r in ok]), "mem_ratio": med([r.mem_ratio for r in ok])}
+
+
+def below(rows: list[CaseComparison], threshold: float) -> list[CaseComparison]:
+    """The like-for-like cases whose normalised ratio is under ``threshold``."""
+    return [r for r in rows if r.comparable and r.normalised_ratio is not None and r.normalised_ratio < threshold]
 
 
 def plot_comparison(rows: list[CaseComparison], path: Path, title: str) -> Path:
@@ -214,49 +245,58 @@ def main(argv: list[str] | None = None) -> int:
     from timesformer_harness.pipelines.logs import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m timesformer_harness.bench compare",
-
-                                description=__doc__.split("\n\n")[0])
+                                description=__doc__.split("\n\n")[0],
+                                epilog="Exit status: 0 compared, 1 a case below --fail-below, 2 refused or unreadable.")
     p.add_argument("run_a", help="runs/bench/<stamp>-<attn> directory (or its results.json): the reference")
     p.add_argument("run_b", help="the run compared with it")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/compare/<A>_vs_<B>)")
-    p.add_argument("--force", action="store_true", help="compare even across presets or device kinds")
+    p.add_argument("--force", action="store_true", help="compare even what is refused (other preset, device kind "
+                                                        "or model; no case like for like)")
+    p.add_argument("--fail-below", type=float, default=None, metavar="RATIO",
+                   help="exit 1 when a like-for-like case's normalised ratio B/A is below RATIO (e.g. 0.9)")
     args = p.parse_args(argv)
     setup_logging()
     try:
         a, b = load_run(args.run_a), load_run(args.run_b)
-    except (NotComparable, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"not comparable: {e}")
         return 2
     refuse, warn = check_comparable(a, b)
+    rows = compare_records(a.records, b.records)
+    refuse += refusals(rows)
     for w in warn:
         print(f"warning: the runs differ in {w}")
-    if refuse:
-        for r in refuse:
-            print(f"not comparable: {r}")
-        if not args.force:
-            print("refusing to compare (--force to compare anyway)")
-            return 2
-    rows = compare_records(a.records, b.records)
+    for r in refuse:
+        print(f"not comparable: {r}")
+    if refuse and not args.force:
+        print("refusing to compare (--force to compare anyway)")
+        return 2
     summary = summarise(rows)
+    failing = below(rows, args.fail_below) if args.fail_below is not None else []
     out = Path(args.out) if args.out else Path("runs/bench/compare") / f"{a.name}_vs_{b.name}"
     table = format_table(rows)
-    head = (f"A = {a.path} ({a.meta.get('preset')}, {a.meta.get('hardware')}, git "
-            f"{a.meta.get('env', {}).get('git_sha')})\nB = {b.path} ({b.meta.get('preset')}, {b.meta.get('hardware')}, "
-            f"git {b.meta.get('env', {}).get('git_sha')})\n")
-    verdict = (f"{summary['comparable']}/{summary['cases']} cases like for like; medians B/A: utilisation "
-               f"{_x(summary['util_ratio'])}, images/s {_x(summary['images_ratio'])}, machine (GEMM peak) "
-               f"{_x(summary['peak_ratio'])}, peak memory {_x(summary['mem_ratio'])}")
+    head = "".join(f"{label} = {run.path} ({run.meta.get('preset')}, {run.meta.get('hardware')}, git "
+                   f"{run.meta.get('env', {}).get('git_sha')})\n" for label, run in (("A", a), ("B", b)))
+    verdict = (f"{summary['comparable']}/{summary['cases']} cases like for like; medians B/A: normalised "
+               f"{_x(summary['normalised_ratio'])}, utilisation {_x(summary['util_ratio'])}, images/s "
+               f"{_x(summary['images_ratio'])}, machine (GEMM peak) {_x(summary['peak_ratio'])}, peak memory "
+               f"{_x(summary['mem_ratio'])}")
+    if args.fail_below is not None:
+        verdict += (f"\n{len(failing)} case(s) below {args.fail_below:g}x" +
+                    "".join(f"\n  BELOW {r.case}: {_x(r.normalised_ratio)}" for r in failing))
     notes = "".join(f"- warning: {w}\n" for w in warn) + "".join(f"- NOT COMPARABLE: {r}\n" for r in refuse)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.md", f"# {a.name} vs {b.name}\n\n{head}\n{notes}\n{verdict}\n\n{table}\n")
     atomic_write_text(out / "compare.json", json.dumps(
         {"a": str(a.path), "b": str(b.path), "refused": refuse, "warnings": warn, "summary": summary,
+         "fail_below": args.fail_below, "below": [r.case for r in failing],
          "cases": [{**asdict(r), "images_ratio": r.images_ratio, "util_ratio": r.util_ratio,
-                    "peak_ratio": r.peak_ratio, "mem_ratio": r.mem_ratio} for r in rows]}, indent=2) + "\n")
+                    "normalised_ratio": r.normalised_ratio, "peak_ratio": r.peak_ratio, "mem_ratio": r.mem_ratio}
+                   for r in rows]}, indent=2) + "\n")
     png = plot_comparison(rows, out / "compare.png", f"{b.name} / {a.name}")
     print(head + "\n" + table + "\n\n" + verdict)
-    print(f"written: {out / 'compare.md'}, {png}")
-    return 0
+    print(f"written: {out / 'compare.md'}, {out / 'compare.json'}, {png}")
+    return 1 if failing else 0
 
 
 if __name__ == "__main__":

@@ -18,19 +18,20 @@ import multiprocessing
 import os
 import statistics
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
 from timesformer_harness.bench.case import BenchCase, SkipCase
+from timesformer_harness.bench.record import BenchRecord, fill_throughput
 from timesformer_harness.config import REPO_ROOT, RootConfig, load_config
-from timesformer_harness.metrics import BenchRecord, fill_throughput, peak_memory, reset_peak_memory
+from timesformer_harness.metrics import PeakMemory, timed_call, timed_items
+from timesformer_harness.pipelines.base import take_batches
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.quarantine import failure_reason
 
@@ -38,6 +39,7 @@ LOADERS = ("dali", "pyav", "shootout")
 WARMUP_BATCHES = 2
 SHOOTOUT_ROUNDS = 3
 COUNTED_CLIPS = 16  # clips whose decoded frames are counted per row
+CPU = torch.device("cpu")  # a row's epoch synchronises its own device work: nothing to wait for after it
 
 
 def data_config_path(cfg: RootConfig) -> str:
@@ -46,14 +48,34 @@ def data_config_path(cfg: RootConfig) -> str:
     return path if os.path.isabs(path) else str(REPO_ROOT / path)
 
 
-def cases(cfg: RootConfig, base: BenchCase, attns: list[str], modes: list[str],
-          device: torch.device) -> list[BenchCase]:
+@dataclass(kw_only=True)
+class Case(BenchCase):
+    """One loader's clips/s on the train split of ``data_config`` (``loader="shootout"``: every loader on the same
+    clips). ``batches`` are timed after ``WARMUP_BATCHES``; the batch size is the data config's."""
+
+    suite: ClassVar[str] = "pipeline"
+    loader: str  # dali | pyav | shootout
+    data_config: str  # YAML whose data section is used
+    batches: int
+
+    @property
+    def name(self) -> str:
+        return f"pipeline/{self.loader}"
+
+    def record(self, device: torch.device) -> BenchRecord:
+        rec = super().record(device)
+        rec.loader = self.loader
+        return rec
+
+
+def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[str],
+          device: torch.device) -> list[Case]:
     """One case per loader (its own process: its own peak memory), then the shoot-out of all of them."""
-    return [replace(base, suite="pipeline", backend=loader, data_config=data_config_path(cfg),
-                    batches=cfg.bench.pipeline_batches) for loader in LOADERS]
+    return [Case.of(base, loader=loader, data_config=data_config_path(cfg), batches=cfg.bench.pipeline_batches)
+            for loader in LOADERS]
 
 
-def load_data_config(case: BenchCase) -> DataConfig:
+def load_data_config(case: Case) -> DataConfig:
     """The data section of the case's config. Raises SkipCase when its videos are not here."""
     path = case.data_config
     data = load_config(path).data if Path(path).is_file() else RootConfig().data
@@ -64,7 +86,7 @@ def load_data_config(case: BenchCase) -> DataConfig:
     return replace(data, root=str(root))
 
 
-def build_train_loader(case: BenchCase, device: torch.device, loader: str) -> tuple[Any, DataConfig]:
+def build_train_loader(case: Any, device: torch.device, loader: str) -> tuple[Any, DataConfig]:
     """The train loader of the case's data config with ``data.loader = loader`` (the experiment's own batch size
     and crop), and that data config. Raises SkipCase when the data or the loader's packages are not here."""
     data = replace(load_data_config(case), loader=loader)
@@ -86,42 +108,26 @@ def peak_memory_note(device: torch.device, loader: str) -> str:
     return "RSS growth of the bench process, DALI's CPU buffers included"
 
 
-def run(case: BenchCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Clips/s of one loader over ``case.batches`` timed batches after 2 warm-up batches (epochs restart as
+def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Clips/s of one loader over ``case.batches`` timed batches after ``WARMUP_BATCHES`` (epochs restart as
     needed); the time of a batch is from asking for it to having it (on the device, synchronised). The shoot-out
     case runs ``run_shootout`` on the first ``case.batches`` batches' videos instead."""
-    if case.backend == "shootout":
+    if case.loader == "shootout":
         return run_shootout_case(case, rec, device)
-    base = reset_peak_memory(device)
-    loader, data = build_train_loader(case, device, case.backend)
+    memory = PeakMemory(device, release_freed=True)
+    loader, data = build_train_loader(case, device, case.loader)
     rec.frames, rec.img_size, rec.batch = data.num_frames, data.train_crop_size, data.batch_size
-    times: list[float] = []
-    clips = 0
-    epoch = 0
-    want = WARMUP_BATCHES + case.batches
-    while len(times) < want:
-        loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        for batch in loader:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-            if len(times) > WARMUP_BATCHES:
-                clips += batch.video.size(0)
-            if len(times) >= want:
-                break
-            t0 = time.perf_counter()
-        epoch += 1
-        if epoch > 100:
-            raise RuntimeError(f"loader {case.backend} yields no batches (len={len(loader)})")
-    timed = times[WARMUP_BATCHES:]
-    rec.peak_mem_bytes, rec.peak_mem_kind = peak_memory(device, base)
-    rec.extra["peak_mem_covers"] = peak_memory_note(device, case.backend)
-    fill_throughput(rec, timed, clips_per_step=rec.batch, frames=rec.frames)
-    rec.clips_per_s = clips / sum(timed)  # the last batch of an epoch may be smaller
+    timed = list(timed_items(take_batches(loader, WARMUP_BATCHES + case.batches), device))[WARMUP_BATCHES:]
+    peak = memory.take()
+    if peak is not None:
+        rec.peak_mem_bytes, rec.peak_mem_kind = peak.growth, peak.kind
+    rec.extra["peak_mem_covers"] = peak_memory_note(device, case.loader)
+    times = [seconds for _, seconds in timed]
+    fill_throughput(rec, times, clips_per_step=rec.batch, frames=rec.frames)
+    rec.clips_per_s = sum(batch.video.size(0) for batch, _ in timed) / sum(times)  # an epoch's last may be short
     rec.images_per_s = rec.clips_per_s * rec.frames
     rec.extra["rejected"] = len(getattr(loader, "rejected", []))
-    rec.extra["decoded_frames"] = decoded_frames_per_clip(loader, case.backend)
+    rec.extra["decoded_frames"] = decoded_frames_per_clip(loader, case.loader)
 
 
 def decoded_frames_per_clip(loader: Any, name: str, max_clips: int = COUNTED_CLIPS) -> dict:
@@ -192,20 +198,6 @@ class Contender:
     unavailable: str = ""  # why the row could not run (the shoot-out goes on)
     anchor: bool = False  # an outside decoder (torchcodec, decord): one that fails on these files is reported, not fatal
     recipe: tuple[dict[str, Any], int] | None = None
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and its live children (the PyAV loader's workers)."""
-    import psutil
-
-    me = psutil.Process()
-    total = time.process_time()  # this process's threads, to the nanosecond (psutil's figure is in 10 ms ticks)
-    for child in me.children(recursive=True):
-        try:
-            total += sum(child.cpu_times()[:2])
-        except psutil.Error:
-            pass
-    return total
 
 
 def _loader_epoch(*loaders: Any) -> Callable[[], int]:
@@ -347,13 +339,6 @@ class RowFailed(RuntimeError):
     """A shoot-out row's epoch raised in its own process; the message is the failure's reason."""
 
 
-def _timed(epoch: Callable[[], int]) -> tuple[int, float, float]:
-    """(clips, seconds, CPU seconds of this process and its workers) of one ``epoch()``."""
-    c0, t0 = _cpu_seconds(), time.perf_counter()
-    n = epoch()
-    return n, time.perf_counter() - t0, _cpu_seconds() - c0
-
-
 class _InProcess:
     """A row run in the calling process (a contender without a recipe)."""
 
@@ -361,7 +346,7 @@ class _InProcess:
         self.run = epoch
 
     def epoch(self) -> tuple[int, float, float, int | None]:
-        return *_timed(self.run), None
+        return *timed_call(self.run, CPU), None
 
     def close(self) -> None:
         pass
@@ -418,7 +403,7 @@ def _row_process_main(conn: Any, recipe: tuple[dict[str, Any], int], threads: in
                 conn.send(("error", why))
                 continue
             try:
-                conn.send(("ok", (*_timed(row.epoch), rss_high_water_bytes())))
+                conn.send(("ok", (*timed_call(row.epoch, CPU), rss_high_water_bytes())))
             except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
                 conn.send(("error", failure_reason(e, 200)))
     finally:
@@ -512,7 +497,7 @@ def shootout_subset(data: DataConfig, clips: int, folder: Path) -> DataConfig:
     return replace(data, format="kinetics", separator=" ", path_prefix="", train_manifest=str(manifest))
 
 
-def run_shootout_case(case: BenchCase, rec: BenchRecord, device: torch.device) -> None:
+def run_shootout_case(case: Case, rec: BenchRecord, device: torch.device) -> None:
     """The shoot-out on the case's data (CPU loaders): the first ``case.batches`` batches' videos, 3 rounds."""
     import tempfile
 
@@ -524,10 +509,11 @@ def run_shootout_case(case: BenchCase, rec: BenchRecord, device: torch.device) -
         rows = run_shootout(shootout_contenders(subset, Path(data.root).name), SHOOTOUT_ROUNDS)
     rec.frames, rec.img_size, rec.batch = data.num_frames, data.train_crop_size, data.batch_size
     peaks = [r.peak_rss_mb for r in rows if r.peak_rss_mb is not None]
-    rec.peak_mem_bytes, rec.peak_mem_kind = (int(max(peaks) * 2**20), "rss_fresh_process") if peaks else (None, None)
+    rec.peak_mem_bytes, rec.peak_mem_kind = (int(max(peaks) * 2**20), "rss") if peaks else (None, None)
     rec.extra["peak_mem_covers"] = "the largest peak RSS of the rows' processes (each row in a fresh process of its " \
                                    "own; PyAV's workers not counted)"
-    rec.clips_per_s = rows[0].clips_per_s  # our DALI loader, full graph
-    rec.images_per_s = rec.clips_per_s * rec.frames if rec.clips_per_s else None
+    if rows[0].rounds:  # our DALI loader, full graph: seconds per batch in each round
+        fill_throughput(rec, [rec.batch / rate for rate in rows[0].rounds], clips_per_step=rec.batch,
+                        frames=rec.frames)
     rec.extra["shootout"] = [r.__dict__ for r in rows]
     rec.extra["rounds"] = SHOOTOUT_ROUNDS

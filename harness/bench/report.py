@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from timesformer_harness.metrics import BenchRecord
+from timesformer_harness.bench.record import BenchRecord
 from timesformer_harness.pipelines.files import atomic_write_text
 
 
@@ -24,7 +24,7 @@ def summary_table(records: list[BenchRecord]) -> str:
     model = [r for r in records if r.suite == "model"]
     if model:
         lines += ["## Model (synthetic input)", "",
-                  "| variant | mode | clips/s | images/s | step ms median [p10-p90] | peak MiB | params M "
+                  "| variant | mode | clips/s | images/s | step ms median (95% CI) [p10-p90] | peak MiB | params M "
                   "| GFLOP/clip | GFLOP/s | peak GFLOP/s | util % | throughput vs divided | memory vs divided |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         ref = {r.mode: r for r in model if r.attention_type == "divided_space_time" and r.status == "ok"}
@@ -41,7 +41,7 @@ def summary_table(records: list[BenchRecord]) -> str:
     others = [r for r in records if r.suite != "model"]
     if others:
         lines += ["## Other suites", "",
-                  "| case | status | clips/s | images/s | step ms median [p10-p90] | peak MiB | GFLOP/s | util % "
+                  "| case | status | clips/s | images/s | step ms median (95% CI) [p10-p90] | peak MiB | GFLOP/s | util % "
                   "| note |", "|---|---|---|---|---|---|---|---|---|"]
         for r in others:
             note = r.message or r.extra.get("verdict", "")
@@ -64,7 +64,9 @@ def summary_table(records: list[BenchRecord]) -> str:
 def _step(r: BenchRecord) -> str:
     if not r.step_ms:
         return r.status
-    return f"{r.step_ms['median']:.1f} [{r.step_ms['p10']:.1f}-{r.step_ms['p90']:.1f}]"
+    ms = r.step_ms
+    interval = f" ({ms['ci_low']:.1f}-{ms['ci_high']:.1f})" if "ci_low" in ms else ""
+    return f"{ms['median']:.1f}{interval} [{ms['p10']:.1f}-{ms['p90']:.1f}]"
 
 
 def _row(cells: list[str]) -> str:

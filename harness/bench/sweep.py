@@ -1,9 +1,10 @@
 """The list of suites, the cases they make for a config, and running one case in a fresh process.
 
-Each suite module (``timesformer_harness.bench.model``, ``attention``, ``scaling``, ``pipeline``, ``e2e``) has
-``cases(cfg, base, attns, modes, device) -> list[BenchCase]`` and ``run(case, rec, device, dtype)``, which fills
-the record in the worker process. ``run_case`` sends a case to ``run_worker`` through ``timesformer_harness.runner``,
-whose outcome policy (``ok`` / ``oom`` / ``error``) decides the record's status when the worker does not return one.
+Each suite module (``timesformer_harness.bench.model``, ``attention``, ``scaling``, ``pipeline``, ``e2e``) has a
+``Case`` class (a ``BenchCase``), ``cases(cfg, base, attns, modes, device) -> list[Case]`` and
+``run(case, rec, device, dtype)``, which fills the record in the worker process. ``run_case`` sends a case to
+``run_worker`` through ``timesformer_harness.runner``, whose outcome policy (``ok`` / ``oom`` / ``error``) decides
+the record's status when the worker does not return one.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 import torch
 
 from timesformer_harness.bench import attention, e2e, model, pipeline, scaling
-from timesformer_harness.bench.case import BenchCase, SkipCase, new_record
+from timesformer_harness.bench.case import BenchCase, SkipCase
+from timesformer_harness.bench.record import BenchRecord
 from timesformer_harness.config import BENCH_SUITES, RootConfig, check_bench_suites
-from timesformer_harness.metrics import BenchRecord
 from timesformer_harness.runner import run_in_fresh_process
 from timesformer_harness.runtime import environment_info, resolve_precision, seed_everything
 
@@ -26,25 +27,31 @@ SUITES: dict[str, ModuleType] = {"model": model, "attention": attention, "scalin
 assert tuple(SUITES) == BENCH_SUITES
 
 
-def base_case(cfg: RootConfig, preset: str, precision: str, device: torch.device,
-              peak: tuple[float | None, str | None]) -> BenchCase:
-    """The fields every case of a run shares (the suites fill in the rest)."""
+def base_settings(cfg: RootConfig, preset: str, precision: str, device: torch.device,
+                  peak: tuple[float | None, str | None]) -> dict[str, Any]:
+    """The settings every case of a run shares; each suite's ``Case.of`` takes the ones its class has."""
     b = cfg.bench
-    return BenchCase(
-        suite="", preset=preset, model=cfg.model, device=str(device), batch=b.batch_size, precision=precision,
-        channels_last=b.channels_last, warmup=b.warmup, steps=b.steps, peak_flops=peak[0],
-        peak_flops_source=peak[1], gemm_n=b.gemm_n if device.type == "cpu" else 0,
-        mem_limit_gb=b.mem_limit_gb if device.type == "cpu" else 0.0,
-    )
+    cpu = device.type == "cpu"
+    return dict(preset=preset, model=cfg.model, device=str(device), batch=b.batch_size, precision=precision,
+                channels_last=b.channels_last, warmup=b.warmup, steps=b.steps, mem_limit_gb=b.mem_limit_gb if cpu
+                else 0.0, threads=b.threads if cpu else 0, gemm_n=b.gemm_n if cpu else 0, block_s=b.block_s,
+                peak_flops=peak[0], peak_flops_source=peak[1])
 
 
 def build_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str], device: torch.device,
                 peak: tuple[float | None, str | None], precision: str = "fp32") -> list[BenchCase]:
     """The cases of the suites in ``cfg.bench.suites``, suite by suite in ``BENCH_SUITES`` order."""
     check_bench_suites(cfg.bench.suites)
-    base = base_case(cfg, preset, precision, device, peak)
+    base = base_settings(cfg, preset, precision, device, peak)
     return [case for name, suite in SUITES.items() if name in cfg.bench.suites
             for case in suite.cases(cfg, base, attns, modes, device)]
+
+
+def case_from_dict(payload: dict[str, Any]) -> BenchCase:
+    """The case a ``BenchCase.to_dict`` payload describes (its ``suite`` names the class)."""
+    if payload.get("suite") not in SUITES:
+        raise ValueError(f"bench case of suite {payload.get('suite')!r}; choose from {list(SUITES)}")
+    return SUITES[payload["suite"]].Case.from_dict(payload)
 
 
 def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
@@ -53,11 +60,15 @@ def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
     Exceptions propagate to ``timesformer_harness.runner``, which classifies them; ``SkipCase`` becomes a ``skipped``
     record.
     """
-    case = BenchCase.from_dict(payload)
+    case = case_from_dict(payload)
     device = torch.device(case.device)
-    seed_everything(0)
+    if device.type == "cpu" and case.threads:
+        # e.g. the gate's one intra-op thread: with co-tenants on a small CPU, spinning OpenMP barriers whose
+        # threads get preempted turn contention into outliers; a single thread degrades smoothly.
+        torch.set_num_threads(case.threads)
+    seed_everything(case.seed)
     dtype = resolve_precision(case.precision, device)
-    rec = new_record(case, device)
+    rec = case.record(device)
     rec.env = environment_info(device)
     try:
         SUITES[case.suite].run(case, rec, device, dtype)
@@ -72,8 +83,7 @@ def run_case(case: BenchCase, timeout_s: float) -> BenchRecord:
     out = run_in_fresh_process(run_worker, case.to_dict(), timeout_s=timeout_s, mem_limit_gb=case.mem_limit_gb)
     if out.status == "ok":
         return BenchRecord.from_dict(out.result)
-    device = torch.device(case.device)
-    rec = new_record(case, device)
+    rec = case.record(torch.device(case.device))
     rec.status, rec.message = out.status, out.message
     if out.traceback:
         rec.extra["traceback"] = out.traceback

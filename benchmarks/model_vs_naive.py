@@ -19,7 +19,7 @@ import statistics
 import sys
 from dataclasses import replace
 
-from timesformer_harness.config import ATTENTION_TYPES
+from timesformer_harness.variants import VARIANTS
 from timesformer_harness.pipelines.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900, help="seconds per case")
-    p.add_argument("--attn", nargs="*", default=list(ATTENTION_TYPES), choices=ATTENTION_TYPES)
+    p.add_argument("--attn", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args(argv)
     setup_logging()
 

@@ -13,6 +13,7 @@ from timesformer_harness.kernels.attention import BACKENDS, available_backends
 from timesformer_harness.metrics import synchronize
 from timesformer_harness.model import load_preset
 from timesformer_harness.runtime import precision_name
+from timesformer_harness.variants import attention_shape
 
 BATCH = 2
 ROUNDS = 5
@@ -42,6 +43,6 @@ def test_attention_fwd_bwd(benchmark, device, preset, shape, backend):
         return
     fill_throughput(rec, list(benchmark.stats.stats.data), clips_per_step=BATCH, frames=case.frames)
     benchmark.extra_info.update(rec.flat())
-    nseq, heads, length, hd = attention_suite.attention_shape(cfg, shape, BATCH, cfg.num_frames, cfg.img_size)
+    nseq, heads, length, hd = attention_shape(cfg, shape, BATCH, cfg.num_frames, cfg.img_size)
     assert rec.extra["sequences"] == nseq and rec.flops_per_clip == 3 * 4 * nseq * heads * length**2 * hd // BATCH
     assert rec.step_ms["median"] == pytest.approx(1e3 * benchmark.stats.stats.median)

@@ -10,7 +10,7 @@ import pytest
 
 from timesformer_harness.bench import model as model_suite
 from timesformer_harness.bench.record import fill_throughput
-from timesformer_harness.config import ATTENTION_TYPES
+from timesformer_harness.variants import VARIANTS
 from timesformer_harness.metrics import gpu_peak_flops, synchronize
 from timesformer_harness.model import load_preset
 from timesformer_harness.runner import is_oom
@@ -21,7 +21,7 @@ ROUNDS = 5
 
 
 @pytest.mark.parametrize("mode", ["train", "infer"])
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+@pytest.mark.parametrize("attention_type", list(VARIANTS))
 def test_model_step(benchmark, device, preset, attention_type, mode):
     benchmark.group = f"model-{mode}-{preset}"
     seed_everything(0)

@@ -43,6 +43,7 @@ from timesformer_harness.config import ModelConfig
 from timesformer_harness.embeddings import resize_pos_embed, resize_time_embed
 from timesformer_harness.pipelines.files import atomic_path
 from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.variants import infer_variant
 
 logger = logging.getLogger(__name__)
 
@@ -443,12 +444,6 @@ def infer_model_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
     D = sd["cls_token"].shape[-1]
     patch = sd["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    if any(".temporal_attn." in k for k in sd):
-        attention_type = "divided_space_time"
-    elif "time_embed" in sd:
-        attention_type = "joint_space_time"
-    else:
-        attention_type = "space_only"
     return ModelConfig(
         img_size=math.isqrt(sd["pos_embed"].shape[1] - 1) * patch,
         patch_size=patch,
@@ -460,7 +455,7 @@ def infer_model_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
         num_heads=max(D // 64, 1),
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
-        attention_type=attention_type,
+        attention_type=infer_variant(sd),
     )
 
 

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.variants import REFERENCE, variant
 
-ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
 ATTN_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "naive")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BENCH_SUITES = ("model", "attention", "scaling", "pipeline", "e2e")
@@ -44,7 +44,7 @@ class ModelConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
-    attention_type: str = "divided_space_time"
+    attention_type: str = REFERENCE  # a registered variant (timesformer_harness.variants)
     attn_backend: str = "auto"
     grad_checkpointing: bool = False
     # "original": time_embed/temporal_fc zero (checkpoint-compatible, the default);
@@ -54,8 +54,7 @@ class ModelConfig:
     pretrained: str = ""  # path to .pyth / state_dict / ImageNet ViT / HF weights; "" = random init
 
     def __post_init__(self) -> None:
-        if self.attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"model.attention_type={self.attention_type!r}; choose from {list(ATTENTION_TYPES)}")
+        variant(self.attention_type)  # ValueError naming the registered ones
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"model.attn_backend={self.attn_backend!r}; choose from {list(ATTN_BACKENDS)}")
         if self.embed_dim % self.num_heads:

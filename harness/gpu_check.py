@@ -50,6 +50,7 @@ if __name__ == "__main__" and not __package__:  # run by path (python harness/gp
 
 from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.metrics import Stopwatch, run_stamp
+from timesformer_harness.variants import REFERENCE
 
 PREPARE_MODULE = "timesformer_harness.pipelines.tools.prepare"  # the dataset re-encoding tool
 TOY_CONFIG = "configs/exp/toy_divided_cpu.yaml"
@@ -109,14 +110,14 @@ GPU_SIZE = Size(
     subset=64, short_side=256, eval_videos=0, validate=("--backend", "gpu"),
     bench=("--attn", "all", "--mode", "train", "--frames", "8,16", "bench.case_timeout_s=300"), data_batch=8,
     train=("solver.max_epoch=2", "train.eval_period=1"), profile=("--steps", "3"),
-    gate_baseline=("--attn", "divided_space_time"), gate=(), torchrun=())  # one gate case: the 10-minute budget
+    gate_baseline=("--attn", REFERENCE), gate=(), torchrun=())  # one gate case: the 10-minute budget
 CPU_SIZE = Size(  # the rehearsal: every step at a size this 2-core CPU runs in seconds
     subset=16, short_side=48, eval_videos=32, validate=("--backend", "cpu"),
     bench=("--attn", "space_only", "--mode", "train", "--preset", "tiny", "--frames", "4,8",
            "bench.pipeline_batches=2"), data_batch=4,
     train=("solver.max_epoch=1", "train.max_steps_per_epoch=4", "train.eval_period=1"),
     profile=("--preset", "tiny", "--steps", "1", "--wait", "0"),
-    gate_baseline=("--preset", "tiny", "--attn", "divided_space_time", "--pairs", "2"),
+    gate_baseline=("--preset", "tiny", "--attn", REFERENCE, "--pairs", "2"),
     # The rehearsal checks the plumbing, not the speed: on a shared CPU a timing verdict would be noise.
     gate=("--tolerance", "0.95", "--mem-tolerance", "0.5"),
     torchrun=(*TINY_MODEL, "data.batch_size=2", "solver.global_batch_size=0", "data.num_workers=1"))
@@ -341,7 +342,7 @@ def build_steps(run_dir: Path, size: Size, nprocs: int) -> list[Step]:
         Step("evaluate", "make evaluate", [py, "-m", "timesformer_harness.evaluate", "--config", TOY_CONFIG, *scored,
                                            f"output.dir={train_dir}"],
              collect_evaluate(train_dir), timeout_s=240, needs="train"),
-        Step("profile", "make profile", [py, "-m", "timesformer_harness.profiling", "--attn", "divided_space_time",
+        Step("profile", "make profile", [py, "-m", "timesformer_harness.profiling", "--attn", REFERENCE,
                                          *size.profile, "--out", str(run_dir / "profile")],
              collect_profile(run_dir / "profile"), timeout_s=300),
         Step("gate_baseline", "make gate-baseline", [py, "-m", "timesformer_harness.gate", "--write-baseline",

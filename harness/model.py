@@ -20,6 +20,7 @@ from timesformer_harness.config import CONFIG_DIR, ModelConfig, model_kwargs
 from timesformer_harness.embeddings import resize_pos_embed, resize_time_embed
 from timesformer_harness.kernels.attention import Attention
 from timesformer_harness.kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
+from timesformer_harness.variants import REFERENCE, variant
 
 LN_EPS = 1e-6  # the original wrappers use eps 1e-6 (the class default of 1e-5 is never used)
 PRESET_DIR = CONFIG_DIR / "model"
@@ -78,7 +79,8 @@ class PatchEmbed(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; ``divided_space_time`` adds a temporal attention branch before the spatial one.
+    """Pre-norm transformer block; a variant with a temporal branch (``divided_space_time``) adds a temporal attention
+    before the spatial one (``timesformer_harness.variants``).
 
     Parameters are registered in the original order (norm1, attn, temporal_norm1, temporal_attn, temporal_fc,
     norm2, mlp) so that ``state_dict`` key order matches too.
@@ -93,15 +95,15 @@ class Block(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        attention_type: str = "divided_space_time",
+        attention_type: str = REFERENCE,
         attn_backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.attention_type = attention_type
-        space_name = "attn/joint" if attention_type == "joint_space_time" else "attn/spatial"
+        self.variant = variant(attention_type)
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, attn_backend, name=space_name)
-        if attention_type == "divided_space_time":
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, attn_backend,
+                              name=self.variant.space_attention)
+        if self.variant.temporal_branch:
             self.temporal_norm1 = nn.LayerNorm(dim, eps=LN_EPS)
             self.temporal_attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, attn_backend, "attn/temporal")
             self.temporal_fc = nn.Linear(dim, dim)
@@ -110,8 +112,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """x: (B, 1 + N*T, D) for divided/joint; (B*T, 1 + N, D) for space_only."""
-        if self.attention_type != "divided_space_time":
+        """x: (B, 1 + N*T, D) when the variant keeps the frames joint; (B*T, 1 + N, D) when each frame is one."""
+        if not self.variant.temporal_branch:
             x = x + self.drop_path(self.attn(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -135,7 +137,8 @@ class TimeSformer(nn.Module):
     """TimeSformer with the original ``VisionTransformer``'s parameters and ``state_dict`` keys.
 
     Args:
-        attention_type: ``divided_space_time`` | ``joint_space_time`` | ``space_only``.
+        attention_type: a registered variant (``timesformer_harness.variants``): ``divided_space_time``,
+            ``joint_space_time``, ``space_only``.
         attn_backend: ``auto`` | ``flash`` | ``efficient`` | ``cudnn`` | ``math`` | ``naive`` (see
             ``timesformer_harness.kernels.attention``).
         grad_checkpointing: recompute each block in backward (saves activation memory for HR/L).
@@ -158,7 +161,7 @@ class TimeSformer(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
-        attention_type: str = "divided_space_time",
+        attention_type: str = REFERENCE,
         attn_backend: str = "auto",
         grad_checkpointing: bool = False,
         init: str = "original",
@@ -168,6 +171,7 @@ class TimeSformer(nn.Module):
         # Validates the arguments and keeps them, so the model can be rebuilt (e.g. on the meta device).
         self.config = ModelConfig(**{k: v for k, v in locals().items() if k in ModelConfig.__dataclass_fields__})
         self.attention_type = attention_type
+        self.variant = variant(attention_type)
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.grad_checkpointing = grad_checkpointing
@@ -177,7 +181,7 @@ class TimeSformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        if attention_type != "space_only":
+        if self.variant.time_embed:
             self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
             self.time_drop = nn.Dropout(drop_rate)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows linearly
@@ -202,10 +206,10 @@ class TimeSformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for blk in self.blocks:  # every block, block 0 included (the original's skip never hits a Block)
-            if self.attention_type == "divided_space_time":
+            if self.variant.temporal_branch:
                 nn.init.zeros_(blk.temporal_fc.weight)
                 nn.init.zeros_(blk.temporal_fc.bias)
-        if init == "scratch" and self.attention_type != "space_only":
+        if init == "scratch" and self.variant.time_embed:
             nn.init.normal_(self.time_embed, std=time_embed_std)
 
     def set_channels_last(self, enabled: bool = True) -> TimeSformer:
@@ -235,17 +239,18 @@ class TimeSformer(nn.Module):
         x, T, Wp = self.patch_embed(x)  # (B*T, N, D)
         x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1)
         x = self.pos_drop(x + self._pos_embed(x.size(1), Wp))
-        if self.attention_type != "space_only":
+        if self.variant.frames_joint:
             cls_tokens = x[:B, :1]  # every (b, t) row holds the same CLS + pos[0]; the original takes the first B
             x = rearrange(x[:, 1:], "(b t) n d -> (b n) t d", b=B)
-            x = self.time_drop(x + self._time_embed(T))
+            if self.variant.time_embed:
+                x = self.time_drop(x + self._time_embed(T))
             x = torch.cat([cls_tokens, rearrange(x, "(b n) t d -> b (n t) d", b=B)], dim=1)  # (B, 1+N*T, D)
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, B, T, use_reentrant=False)
             else:
                 x = blk(x, B, T)
-        if self.attention_type == "space_only":
+        if not self.variant.frames_joint:
             x = rearrange(x, "(b t) n d -> b t n d", b=B).mean(dim=1)  # average frames before the final norm
         return self.norm(x)[:, 0]
 

@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule,
 
 from timesformer_harness.config import RootConfig, to_yaml
 from timesformer_harness.runtime import retain_freed_memory
+from timesformer_harness.variants import REFERENCE, VARIANTS
 from timesformer_harness.pipelines.files import atomic_write_text
 from timesformer_harness.pipelines.logs import setup_logging
 
@@ -236,7 +237,7 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m timesformer_harness.profiling", description=__doc__.split("\n\n")[0])
-    p.add_argument("--attn", default="divided_space_time", help="divided_space_time | joint_space_time | space_only")
+    p.add_argument("--attn", default=REFERENCE, help=" | ".join(VARIANTS))
     p.add_argument("--preset", default=None, help="model preset (default: cpu_bench without a GPU)")
     p.add_argument("--steps", type=int, default=3, help="active (recorded) steps")
     p.add_argument("--wait", type=int, default=1)

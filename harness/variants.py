@@ -44,7 +44,6 @@ VARIANTS: dict[str, AttentionVariant] = {v.name: v for v in (
                      attention_calls=("spatial",),
                      summary="spatial attention per frame, frames averaged at the end (blind to frame order)"),
 )}
-ATTENTION_TYPES = tuple(VARIANTS)
 REFERENCE = "divided_space_time"  # the paper's model: the bench's tables give every variant's ratio to it
 ATTENTION_CALLS = ("temporal", "spatial", "joint")
 
@@ -52,7 +51,7 @@ ATTENTION_CALLS = ("temporal", "spatial", "joint")
 def variant(name: str) -> AttentionVariant:
     """The registered variant ``name``; ValueError naming the choices otherwise."""
     if name not in VARIANTS:
-        raise ValueError(f"model.attention_type={name!r}; choose from {list(ATTENTION_TYPES)}")
+        raise ValueError(f"model.attention_type={name!r}; choose from {list(VARIANTS)}")
     return VARIANTS[name]
 
 
@@ -64,7 +63,7 @@ def infer_variant(keys: Iterable[str]) -> str:
     matches = [v.name for v in VARIANTS.values() if v.temporal_branch == temporal and v.time_embed == time]
     if len(matches) != 1:
         raise ValueError(f"the state dict's keys match {matches or 'no'} attention variant (temporal branch: "
-                         f"{temporal}, time_embed: {time}); choose from {list(ATTENTION_TYPES)}")
+                         f"{temporal}, time_embed: {time}); choose from {list(VARIANTS)}")
     return matches[0]
 
 

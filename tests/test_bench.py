@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from timesformer_harness.bench import attention_shape, build_cases, resolve, run_case, run_worker
+from timesformer_harness.bench import build_cases, resolve, run_case, run_worker
 from timesformer_harness.bench.case import BenchCase
 from timesformer_harness.bench.record import (SCHEMA_VERSION, BenchRecord, read_results, write_flat, write_results,
                                               write_tensorboard)
@@ -23,6 +23,7 @@ from timesformer_harness.config import REPO_ROOT, RootConfig
 from timesformer_harness.counting import count_flops, count_params
 from timesformer_harness.metrics import median_interval, percentile, summarize
 from timesformer_harness.model import create_model, load_preset
+from timesformer_harness.variants import attention_shape
 
 
 def _case(suite: str, attention_type: str = "divided_space_time", **kw) -> BenchCase:
@@ -87,7 +88,7 @@ def test_attention_shapes_follow_the_block_layout():
     assert attention_shape(cfg, "temporal", 2, 8, 224) == (2 * 196, 3, 8, 64)
     assert attention_shape(cfg, "spatial", 2, 8, 224) == (2 * 8, 3, 197, 64)
     assert attention_shape(cfg, "joint", 2, 8, 224) == (2, 3, 1 + 196 * 8, 64)
-    with pytest.raises(ValueError, match="choose temporal, spatial or joint"):
+    with pytest.raises(ValueError, match=r"choose from \['temporal', 'spatial', 'joint'\]"):
         attention_shape(cfg, "diagonal", 2, 8, 224)
 
 

@@ -19,12 +19,11 @@ Where things are:
 The step every compute suite times is ``timesformer_harness.workload``'s, the one the Trainer runs.
 """
 
-from timesformer_harness.bench.attention import attention_shape
 from timesformer_harness.bench.case import BenchCase, ModelCase, SkipCase
 from timesformer_harness.bench.cli import attention_types, default_preset, main, measure_peak, modes_of, resolve
 from timesformer_harness.bench.record import BenchRecord, read_results, write_results
 from timesformer_harness.bench.sweep import SUITES, build_cases, run_case, run_worker
 
-__all__ = ["BenchCase", "BenchRecord", "ModelCase", "SUITES", "SkipCase", "attention_shape", "attention_types",
+__all__ = ["BenchCase", "BenchRecord", "ModelCase", "SUITES", "SkipCase", "attention_types",
            "build_cases", "default_preset", "main", "measure_peak", "modes_of", "read_results", "resolve",
            "run_case", "run_worker", "write_results"]

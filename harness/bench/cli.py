@@ -28,9 +28,10 @@ import torch
 from timesformer_harness.bench.record import BenchRecord, write_flat, write_results, write_tensorboard
 from timesformer_harness.bench.report import summary_table, write_summary
 from timesformer_harness.bench.sweep import build_cases, run_case
-from timesformer_harness.config import ATTENTION_TYPES, BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
+from timesformer_harness.config import BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
 from timesformer_harness.metrics import Stopwatch, gpu_peak_flops, measure_gemm_flops, run_stamp
 from timesformer_harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
+from timesformer_harness.variants import VARIANTS
 from timesformer_harness.workload import check_attention
 from timesformer_harness.pipelines.files import atomic_write_text
 from timesformer_harness.pipelines.logs import setup_logging
@@ -45,9 +46,9 @@ def default_preset(device: torch.device) -> str:
 def attention_types(attn: str) -> list[str]:
     """``all`` or one variant name, as a list; ValueError naming the choices otherwise."""
     if attn == "all":
-        return list(ATTENTION_TYPES)
-    if attn not in ATTENTION_TYPES:
-        raise ValueError(f"--attn {attn!r}; choose from {list(ATTENTION_TYPES) + ['all']}")
+        return list(VARIANTS)
+    if attn not in VARIANTS:
+        raise ValueError(f"--attn {attn!r}; choose from {list(VARIANTS) + ['all']}")
     return [attn]
 
 
@@ -108,7 +109,7 @@ def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[flo
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m timesformer_harness.bench", description=__doc__.split("\n\n")[0],
                                 epilog="Compare two runs: python -m timesformer_harness.bench compare RUN_A RUN_B")
-    p.add_argument("--attn", default="all", help="divided_space_time | joint_space_time | space_only | all")
+    p.add_argument("--attn", default="all", help=" | ".join([*VARIANTS, "all"]))
     p.add_argument("--preset", default=None, help="model preset (configs/model/NAME.yaml); default by device")
     p.add_argument("--mode", default="both", help="train | infer | both")
     p.add_argument("--frames", default=None, help="scaling sweep frame counts, e.g. 8,16,32")
@@ -147,7 +148,7 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
     meta = {  # the run's facts, computed once; wall_s and complete are set at each write
         "started": started, "preset": preset, "attn": attn, "modes": modes, "batch": cfg.bench.batch_size,
         "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
-        "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of the case's fresh process",
+        "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of each case's process",
         "hardware": device_name(device), "env": environment_info(device), "config": to_yaml(cfg),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
         "cases_planned": len(cases), "wall_s": 0.0, "complete": not cases,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from timesformer_harness.bench.record import BenchRecord
+from timesformer_harness.variants import REFERENCE
 from timesformer_harness.pipelines.files import atomic_write_text
 
 
@@ -27,7 +28,7 @@ def summary_table(records: list[BenchRecord]) -> str:
                   "| variant | mode | clips/s | images/s | step ms median (95% CI) [p10-p90] | peak MiB | params M "
                   "| GFLOP/clip | GFLOP/s | peak GFLOP/s | util % | throughput vs divided | memory vs divided |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        ref = {r.mode: r for r in model if r.attention_type == "divided_space_time" and r.status == "ok"}
+        ref = {r.mode: r for r in model if r.attention_type == REFERENCE and r.status == "ok"}
         for r in model:
             d = ref.get(r.mode)
             lines.append(_row([
@@ -41,8 +42,8 @@ def summary_table(records: list[BenchRecord]) -> str:
     others = [r for r in records if r.suite != "model"]
     if others:
         lines += ["## Other suites", "",
-                  "| case | status | clips/s | images/s | step ms median (95% CI) [p10-p90] | peak MiB | GFLOP/s | util % "
-                  "| note |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| case | status | clips/s | images/s | step ms median (95% CI) [p10-p90] | peak MiB | GFLOP/s "
+                  "| util % | note |", "|---|---|---|---|---|---|---|---|---|"]
         for r in others:
             note = r.message or r.extra.get("verdict", "")
             if r.suite == "attention" and r.status == "ok":

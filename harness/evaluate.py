@@ -32,7 +32,7 @@ from timesformer_harness.config import RootConfig, load_config
 from timesformer_harness.metrics import Stopwatch
 from timesformer_harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from timesformer_harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
-from timesformer_harness.pipelines.base import Loader
+from timesformer_harness.pipelines.base import Loader, loader_facts
 from timesformer_harness.pipelines.logs import setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError
 
@@ -202,7 +202,7 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo) -> dict[str, Any]
     result = accuracy_report(acc, cfg.model.num_classes, views, class_names_for(cfg))
     result.update({"checkpoint": str(checkpoint), "checkpoint_format": report.format, "split": cfg.test.split,
                    "seconds": round(seconds, 2), "world_size": info.world_size,
-                   "rejected": [list(r) for r in getattr(loader, "rejected", [])],
+                   "loader": loader_facts(loader), "rejected": [list(r) for r in loader.rejected],
                    "environment": environment_info(info.device)})
     return result
 

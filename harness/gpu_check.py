@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -170,12 +169,13 @@ def collect_prepare(out: Path) -> Callable[[str], dict[str, Any]]:
     return collect
 
 
-def collect_validate(log: str) -> dict[str, Any]:
-    usable = re.search(r"(\d+)/(\d+) videos usable by the (\w+) backend", log)
-    if not usable:
-        raise StepFailed("no 'N/M videos usable' line in the output")
-    judged = re.search(r"judging NVDEC decode for (.+)", log)
-    return {"usable": f"{usable[1]}/{usable[2]}", "backend": usable[3], "judged_for": judged[1] if judged else None}
+def collect_validate(report: Path) -> Callable[[str], dict[str, Any]]:
+    def collect(log: str) -> dict[str, Any]:
+        if not report.is_file():
+            raise StepFailed(f"{report} was not written")
+        r = json.loads(report.read_text())
+        return {"usable": f"{r['usable']}/{r['videos']}", "backend": r["backend"], "judged_for": r["judged_for"]}
+    return collect
 
 
 def collect_bench(out: Path) -> Callable[[str], dict[str, Any]]:
@@ -208,14 +208,13 @@ def collect_bench(out: Path) -> Callable[[str], dict[str, Any]]:
     return collect
 
 
-def _loader_of(log: str) -> str | None:
-    """Which loader a train/evaluate run used, from its log (DALI and its decode device, or PyAV), and whether
-    ``data.backend=auto`` moved the decode off NVDEC (the factory's warning)."""
-    if m := re.search(r"DALI loader \((\w+)\)", log):
-        moved = ", NVDEC cannot decode these videos" if "DALI decodes on the CPU and the clips are copied" in log \
-            else ""
-        return f"dali ({m[1]}{moved})"
-    return "pyav" if "PyAV loader" in log else None
+def describe_loader(facts: dict[str, str] | None) -> str | None:
+    """A run's loader as its records give it (``pipelines.base.loader_facts``): backend (decode device; why
+    ``auto`` moved it, when it did)."""
+    if not facts:
+        return None
+    where = "; ".join(x for x in (facts.get("decode"), facts.get("note")) if x)
+    return f"{facts['kind']} ({where})" if where else facts["kind"]
 
 
 def _peak_gib(record: dict[str, Any], prefix: str = "") -> float | None:
@@ -236,7 +235,8 @@ def collect_train(out: Path) -> Callable[[str], dict[str, Any]]:
         windows = [r for r in records if r.get("event") == "train"]
         last = windows[-1] if windows else {}
         vals = [r for r in records if r.get("event") == "val"]
-        figures = {"loader": _loader_of(log), "optimizer": start.get("optimizer"), "precision": start.get("precision"),
+        figures = {"loader": describe_loader(start.get("loader")), "optimizer": start.get("optimizer"),
+                   "precision": start.get("precision"),
                    "world_size": start.get("world_size"), "steps": end.get("step"),
                    "clips_per_s": _round(last.get("time/clips_per_s")),
                    "data_wait_pct": _round(last.get("time/data_wait_pct")),
@@ -253,23 +253,18 @@ def collect_evaluate(out: Path) -> Callable[[str], dict[str, Any]]:
         if not path.is_file():
             raise StepFailed(f"{path} was not written")
         result = json.loads(path.read_text())
-        return {"top1": result["top1"], "videos": result["num_videos"], "loader": _loader_of(log)}
+        return {"top1": result["top1"], "videos": result["num_videos"], "loader": describe_loader(result["loader"])}
     return collect
-
-
-SDPA_OP = re.compile(r"aten::_scaled_dot_product_(flash_attention_for_cpu|flash_attention|efficient_attention|"
-                     r"cudnn_attention|attention_math)")
 
 
 def collect_profile(out: Path) -> Callable[[str], dict[str, Any]]:
     def collect(log: str) -> dict[str, Any]:
-        run = _newest(out, "*/summary.md").parent
+        run = _newest(out, "*/summary.json").parent
         if not list(run.glob("*.pt.trace.json")):
             raise StepFailed(f"no TensorBoard trace in {run}")
-        kernels = sorted(set(SDPA_OP.findall((run / "trace_perfetto.json").read_text())))
-        share = re.search(r"Attention in total.*?([\d.]+)% of the step", (run / "summary.md").read_text())
-        return {"sdpa_kernels": kernels, "attention_share_pct": float(share[1]) if share else None,
-                "run_dir": str(run)}
+        summary = json.loads((run / "summary.json").read_text())
+        return {"sdpa_kernels": summary["sdpa_kernels"],
+                "attention_share_pct": _round(100 * summary["attention_share_of_step"], 1), "run_dir": str(run)}
     return collect
 
 
@@ -331,8 +326,8 @@ def build_steps(run_dir: Path, size: Size, nprocs: int) -> list[Step]:
              collect_prepare(prepared), timeout_s=300, setup=write_manifests),
         Step("validate", "python -m timesformer_harness.pipelines.validate",
              [py, "-m", "timesformer_harness.pipelines.validate", str(prepared / subset.name), *size.validate,
-              "--frames", "8", "--sampling-rate", "3", "--cache", ""],
-             collect_validate, timeout_s=120, needs="prepare"),
+              "--frames", "8", "--sampling-rate", "3", "--cache", "", "--report", str(run_dir / "validate.json")],
+             collect_validate(run_dir / "validate.json"), timeout_s=120, needs="prepare"),
         Step("bench", "make bench", [py, "-m", "timesformer_harness.bench", "--out", str(run_dir / "bench"),
                                      *size.bench, f"bench.data_config={data_yaml}"],
              collect_bench(run_dir / "bench"), timeout_s=600, needs="prepare"),

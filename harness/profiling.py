@@ -16,10 +16,12 @@ and Perfetto or the summary are the offline views.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -38,6 +40,9 @@ logger = logging.getLogger(__name__)
 ATTN_RANGES = ("attn/temporal", "attn/spatial", "attn/joint")
 STEP_RANGE = "train_step"
 FORWARD_RANGE = "forward"
+# the scaled_dot_product_attention kernels aten dispatches to (their backward ops share the prefix)
+SDPA_OP = re.compile(r"aten::_scaled_dot_product_(flash_attention_for_cpu|flash_attention|efficient_attention|"
+                     r"cudnn_attention|attention_math)")
 
 
 @dataclass
@@ -61,6 +66,9 @@ class ProfileSummary:
     range_share_of_step: dict[str, float] = field(default_factory=dict)
     range_share_of_forward: dict[str, float] = field(default_factory=dict)
     attn_backward_ms: float = 0.0  # self time of attention backward ops per step
+    attention_ms: float = 0.0  # forward ranges + backward kernels, per step
+    attention_share_of_step: float = 0.0
+    sdpa_kernels: list[str] = field(default_factory=list)  # the SDPA kernels that ran (auto's choice, e.g. flash)
     top_ops: list[tuple[str, float, int]] = field(default_factory=list)  # (name, self ms per step, calls)
     peak_mem_bytes: int = 0
     peak_mem_kind: str = ""
@@ -124,6 +132,9 @@ def summarise(events: Iterable[Any], steps: int, attention_type: str, run_dir: P
     ops.sort(key=self_us, reverse=True)
     s.top_ops = [(e.key, self_us(e) / steps / 1e3, e.count // steps) for e in ops[:top]]
     s.attn_backward_ms = sum(self_us(e) for e in ops if _is_attention_backward(e.key)) / steps / 1e3
+    s.attention_ms = sum(s.range_ms.values()) + s.attn_backward_ms
+    s.attention_share_of_step = s.attention_ms / base_step if base_step else 0.0
+    s.sdpa_kernels = sorted({m[1] for e in cpu.values() if (m := SDPA_OP.match(e.key))})
     return s
 
 
@@ -155,7 +166,7 @@ def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
         if name in s.range_ms:
             lines.append(f"| {name} | {s.range_ms[name]:.1f} | {100 * s.range_share_of_step[name]:.1f}% "
                          f"| {100 * s.range_share_of_forward[name]:.1f}% |")
-    total = sum(s.range_ms.values()) + s.attn_backward_ms
+    total = s.attention_ms
     share = (lambda ms: f"{100 * ms / step_ms:.1f}%" if step_ms else "n/a")  # noqa: E731
     lines += ["", f"Attention backward kernels (self {s.time_basis} time): {s.attn_backward_ms:.1f} ms per step "
               f"({share(s.attn_backward_ms)} of the step).",
@@ -167,8 +178,10 @@ def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
     lines += ["", "## Files", "",
               "- `*.pt.trace.json`: TensorBoard (`make tensorboard`, torch-tb-profiler; its UI needs internet)",
               "- `trace_perfetto.json`: open at https://ui.perfetto.dev or chrome://tracing",
-              "- `key_averages.txt`: the profiler's full operator table", ""]
+              "- `key_averages.txt`: the profiler's full operator table",
+              "- `summary.json`: this summary's figures (ProfileSummary), for tools", ""]
     atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(path.with_suffix(".json"), json.dumps({**asdict(s), **extra}, indent=2) + "\n")
 
 
 def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, warmup: int = 1,

@@ -53,6 +53,7 @@ from timesformer_harness.runtime import (environment_info, precision_name, resol
 from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
+from timesformer_harness.pipelines.base import loader_facts
 from timesformer_harness.pipelines.logs import setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, write_rejected
 
@@ -222,7 +223,7 @@ class Trainer:
         self.metrics.log({"event": "start", "epoch": self.start_epoch, "batch": self.start_batch,
                           "optimizer": self.optimizer_impl, "precision": precision_name(self.dtype),
                           "world_size": self.info.world_size, "accumulation": self.accum,
-                          "clips_per_epoch": getattr(loader, "num_clips", None)}, self.step)
+                          "clips_per_epoch": loader.num_clips, "loader": loader_facts(loader)}, self.step)
         run_clock = Stopwatch()
         try:
             for epoch in range(self.start_epoch, cfg.solver.max_epoch):

@@ -71,6 +71,16 @@ class Batch:
 
 
 class Loader(Protocol):
+    """What every loader is. ``kind`` names its registered backend (``pipelines.loaders``); ``backend`` where it
+    decodes (``cpu`` | ``gpu``; "" when it decodes nothing); ``planner`` and ``indexes`` (a ``PacketIndexCache``)
+    are None for a loader that decodes no files; ``decode_note`` says why ``auto`` moved the decode off its first
+    choice ("" when it did not)."""
+
+    kind: str
+    backend: str
+    planner: ClipPlanner | None
+    indexes: Any
+    decode_note: str
     num_clips: int
     rejected: list[tuple[str, str]]
     quarantine: Quarantine
@@ -81,6 +91,16 @@ class Loader(Protocol):
     def __len__(self) -> int: ...
 
     def set_epoch(self, epoch: int) -> None: ...
+
+    def decoded_frames(self, plans: list[sampling.ClipPlan]) -> list[int]:
+        """Frames its decoder decodes for each of ``plans``, counted (the bench's decode-cost check)."""
+        ...
+
+
+def loader_facts(loader: Loader) -> dict[str, str]:
+    """Which loader a run used, as records carry it: its backend (``kind``), where it decoded (``decode``: cpu | gpu;
+    "" for none) and why ``auto`` moved the decode off its first choice (``note``; "" when it did not)."""
+    return {"kind": loader.kind, "decode": loader.backend, "note": loader.decode_note}
 
 
 def take_batches(loader: Loader, count: int, first_epoch: int = 0) -> Iterator[Batch]:
@@ -201,6 +221,9 @@ class ClipLoader:
         quarantine: videos known to fail at run time (a checkpoint's ``quarantine`` entries).
     """
 
+    kind = ""  # the registered backend (pipelines.loaders)
+    backend = "cpu"  # where it decodes
+
     def __init__(self, planner: ClipPlanner, device: torch.device, start_batch: int = 0,
                  rejected: list[tuple[str, str]] | None = None,
                  quarantine: Sequence[BadVideo | dict[str, Any]] = ()):
@@ -211,6 +234,7 @@ class ClipLoader:
                                      max_bad_fraction=self.cfg.max_bad_fraction if planner.train else None,
                                      entries=quarantine)
         self.unscored: list[UnscoredView] = []  # val/test views of the last pass that could not be decoded
+        self.decode_note = ""  # why data.loader/backend=auto moved the decode off its first choice (the factory's)
         self.crop = self.cfg.train_crop_size if planner.train else self.cfg.test_crop_size
         if start_batch > planner.num_batches:
             raise ValueError(f"start_batch={start_batch} is past the epoch's {planner.num_batches} batches")

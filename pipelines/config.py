@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from timesformer_harness.pipelines.loaders import loader_choices
+
 MANIFEST_FORMATS = ("kinetics", "csv", "ssv2")  # path<sep>label lines | comma-separated path,label | SSv2 JSON
 
 
@@ -15,7 +17,7 @@ MANIFEST_FORMATS = ("kinetics", "csv", "ssv2")  # path<sep>label lines | comma-s
 class DataConfig:
     """Dataset, sampling and augmentation (the original recipe's names, lower-case)."""
 
-    loader: str = "auto"  # auto | dali | pyav | synthetic
+    loader: str = "auto"  # auto, or a registered backend (pipelines.loaders: dali | pyav | synthetic)
     backend: str = "auto"  # DALI device: auto | cpu | gpu
     format: str = "kinetics"  # kinetics | csv | ssv2 (timesformer_harness.pipelines.manifest)
     root: str = "data/toy"  # folder holding train.csv / val.csv / test.csv (kinetics format)
@@ -49,8 +51,8 @@ class DataConfig:
     synthetic_classes: int = 10  # data.loader=synthetic: labels drawn from 0..synthetic_classes-1
 
     def __post_init__(self) -> None:
-        if self.loader not in ("auto", "dali", "pyav", "synthetic"):
-            raise ValueError(f"data.loader={self.loader!r}; choose from ['auto', 'dali', 'pyav', 'synthetic']")
+        if self.loader not in loader_choices():
+            raise ValueError(f"data.loader={self.loader!r}; choose from {loader_choices()}")
         if self.backend not in ("auto", "cpu", "gpu"):
             raise ValueError(f"data.backend={self.backend!r}; choose from ['auto', 'cpu', 'gpu']")
         if self.format not in MANIFEST_FORMATS:

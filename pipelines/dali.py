@@ -48,8 +48,9 @@ import numpy as np
 import torch
 
 from timesformer_harness.pipelines.base import Batch, ClipLoader, ClipPlanner, empty_clips
-from timesformer_harness.pipelines.packets import (PacketIndexCache, feed_mode, index_cache_path, ivf_stream,
-                                                   jpeg_images, plan_packets, read_payloads, remux_packets)
+from timesformer_harness.pipelines.packets import (JPEG_CODECS, PacketIndexCache, count_stream_frames, feed_mode,
+                                                   index_cache_path, ivf_stream, jpeg_images, plan_packets,
+                                                   read_payloads, remux_packets)
 from timesformer_harness.pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch, failure_reason
 from timesformer_harness.pipelines.sampling import ClipPlan
 from timesformer_harness.pipelines.transforms import finish_clip, mirror
@@ -299,11 +300,17 @@ def to_clips(out, plans: list[ClipPlan], *, backend: str, decode_only: bool, fra
 
 
 class DaliLoader(ClipLoader):
-    """Batches of ``ClipPlanner`` plans produced by one DALI pipeline per process (this rank's shard)."""
+    """Batches of ``ClipPlanner`` plans produced by one DALI pipeline per process (this rank's shard).
+
+    ``indexes``: the packet-index cache the clip streams are cut with (default: the one beside the probe cache);
+    an index without payload offsets makes the source feed whole files (the loader shoot-out's comparison)."""
+
+    kind = "dali"
 
     def __init__(self, planner: ClipPlanner, device: torch.device, backend: str = "cpu", start_batch: int = 0,
                  rejected: list[tuple[str, str]] | None = None, decode_only: bool = False,
-                 quarantine: Sequence[BadVideo | dict[str, Any]] = (), jpeg_frames: bool = False):
+                 quarantine: Sequence[BadVideo | dict[str, Any]] = (), jpeg_frames: bool = False,
+                 indexes: PacketIndexCache | None = None):
         super().__init__(planner, device, start_batch, rejected, quarantine)
         if jpeg_frames and backend == "gpu":
             raise ValueError("jpeg_frames: JPEG frames are decoded on the CPU; use backend='cpu'")
@@ -313,7 +320,7 @@ class DaliLoader(ClipLoader):
                 else torch.cuda.current_device()
         else:
             self.device_id = None
-        self.indexes = PacketIndexCache(index_cache_path(self.cfg.validate_cache, DEFAULT_CACHE))
+        self.indexes = indexes or PacketIndexCache(index_cache_path(self.cfg.validate_cache, DEFAULT_CACHE))
         self.pipe = None
         self.source: PlanSource | None = None
         self._clean = False  # True when the pipeline finished its last epoch and can be reset and reused
@@ -322,6 +329,22 @@ class DaliLoader(ClipLoader):
         logger.info("DALI loader (%s%s): %d clips/epoch on this rank, %d batches, %d threads", backend,
                     ", MJPEG frames decoded as JPEG images" if jpeg_frames else "", self.num_clips, len(self),
                     self.cfg.num_workers)
+
+    @classmethod
+    def build(cls, planner: ClipPlanner, device: torch.device, *, decode_device: str, infos: list[Any],
+              start_batch: int = 0, rejected: list[tuple[str, str]] | None = None,
+              quarantine: Sequence[BadVideo | dict[str, Any]] = ()) -> DaliLoader:
+        """The factory's loader for the probed usable videos ``infos``: an all-MJPEG set decoded on the CPU has its
+        frames decoded as JPEG images (faster than the video decoder)."""
+        jpeg = decode_device == "cpu" and all(info.codec in JPEG_CODECS for info in infos)
+        return cls(planner, device, backend=decode_device, start_batch=start_batch, rejected=rejected,
+                   quarantine=quarantine, jpeg_frames=jpeg)
+
+    def decoded_frames(self, plans: list[ClipPlan]) -> list[int]:
+        """Frames decoded per clip, counted: the very stream each clip is fed decoded again (PyAV) up to its last
+        wanted frame, or the JPEG images it is fed (one decode each)."""
+        return [len(x.images) if x.mode == "images" else count_stream_frames(x.stream.tobytes(), int(x.frames[-1]))
+                for x in self.clip_inputs(plans)]
 
     def clip_inputs(self, plans: list[ClipPlan]) -> list[ClipInput]:
         """What the decoder is fed for ``plans``: the benchmark counts the frames decoded from these streams."""

@@ -1,4 +1,5 @@
-"""``build_loader``: the loader ``data.loader`` asks for, after the pre-flight check of every video.
+"""``build_loader``: the loader ``data.loader`` asks for (a backend registered in ``pipelines.loaders``), after the
+pre-flight check of every video.
 
 ``plan_decode`` makes the choice from the probed videos (pure: it touches no GPU): ``data.loader=auto`` picks DALI
 when ``nvidia.dali`` imports and its backend decodes every usable video, else PyAV (logging why);
@@ -19,6 +20,7 @@ import torch
 
 from timesformer_harness.pipelines.base import ClipPlanner, Loader, Video
 from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.loaders import AUTO, LOADERS
 from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, auto_decode_device, generation_of
 from timesformer_harness.pipelines.quarantine import BadVideo, write_rejected
@@ -55,8 +57,8 @@ def dali_available() -> str:
 class DecodePlan:
     """Which loader decodes the videos, and where."""
 
-    loader: str  # dali | pyav
-    backend: str  # the DALI device: cpu | gpu ("" for data.loader=pyav, which does not use it)
+    loader: str  # a registered backend that decodes files: dali | pyav
+    backend: str  # its decode device: cpu | gpu ("" for a backend without one, e.g. pyav)
     gpu_arch: str  # the GPU generation NVDEC's limits were judged for
     why: str = ""  # why data.loader=auto or data.backend=auto moved off its first choice ("" = it did not)
 
@@ -67,15 +69,16 @@ def plan_decode(cfg: DataConfig, device: torch.device | str, infos: list[VideoIn
     no GPU (``gpu_arch`` is the device's generation, ``timesformer_harness.pipelines.nvdec.generation_of``;
     ``dali_missing`` why nvidia.dali does not import, "" when it does).
 
-    * ``data.loader=pyav``: PyAV. ``data.loader=dali`` without DALI: RuntimeError.
+    * ``data.loader`` a backend without a decode device (pyav): that backend. ``data.loader=dali`` without DALI:
+      RuntimeError.
     * ``data.backend=auto`` with the model on CUDA and ``data.loader`` auto or dali: NVDEC decodes when it takes
       every video (``timesformer_harness.pipelines.nvdec.auto_decode_device``); else DALI's CPU decoder when it takes
       them all (the clips are then copied to the GPU); else (``data.loader=auto``) PyAV. ``data.backend=gpu`` stays on
       NVDEC, and the files it cannot decode are rejected by the pre-flight check.
     * ``data.loader=auto``: PyAV when DALI is missing or its backend cannot decode a video PyAV can.
     """
-    if cfg.loader == "pyav":
-        return DecodePlan("pyav", "", gpu_arch)
+    if cfg.loader != AUTO and not LOADERS[cfg.loader].needs_decode_device:
+        return DecodePlan(cfg.loader, "", gpu_arch)
     backend = resolve_backend(cfg, device)
     if dali_missing:
         if cfg.loader == "dali":
@@ -129,21 +132,20 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
         raise ValueError(f"split={split!r}; choose from ['train', 'val', 'test']")
     if cfg.batch_size < 1:
         raise ValueError(f"data.batch_size={cfg.batch_size} must be >= 1")
-    if cfg.loader == "synthetic":
-        from timesformer_harness.pipelines.synthetic import SyntheticLoader
-
-        return SyntheticLoader(cfg, split, device=device, rank=rank, world_size=world_size, start_batch=start_batch)
+    if cfg.loader != AUTO and not LOADERS[cfg.loader].decodes:
+        return LOADERS[cfg.loader].loader_class()(cfg, split, device=device, rank=rank, world_size=world_size,
+                                                  start_batch=start_batch)
 
     entries: list[VideoEntry] = read_manifest(cfg, split)
     cache = None if cfg.validate_cache == "none" else (cfg.validate_cache or DEFAULT_CACHE)
     infos, _ = check_videos([e.path for e in entries], "pyav", cfg.num_frames, cfg.sampling_rate, cfg.target_fps,
                             cfg.pad_short, cfg.format == "ssv2", cache=cache, workers=max(1, cfg.num_workers))
     plan = plan_decode(cfg, device, infos, generation_of(device) if device.type == "cuda" else DEFAULT_GENERATION,
-                       dali_available() if cfg.loader != "pyav" else "")
-    loader_kind, backend = plan.loader, plan.backend
+                       dali_available() if cfg.loader == AUTO or LOADERS[cfg.loader].needs_decode_device else "")
+    chosen = LOADERS[plan.loader]
     log_decode_plan(cfg, plan, device)
-    rejected = judge(infos, backend if loader_kind == "dali" else "pyav", cfg.num_frames, cfg.sampling_rate,
-                     cfg.target_fps, cfg.pad_short, cfg.format == "ssv2", plan.gpu_arch)
+    rejected = judge(infos, chosen.judged_as(plan.backend), cfg.num_frames, cfg.sampling_rate, cfg.target_fps,
+                     cfg.pad_short, cfg.format == "ssv2", plan.gpu_arch)
     if cfg.validate == "deep":
         rejected += _deep_rejects([i.path for i in infos if i.path not in {p for p, _ in rejected}], cfg, cache)
     if rejected:
@@ -168,17 +170,11 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     if split == "train" and planner.num_batches == 0:
         raise ValueError(f"{len(videos)} train videos over {world_size} rank(s) make no full batch of "
                          f"data.batch_size={cfg.batch_size}; lower the batch size")
-    if loader_kind == "dali":
-        from timesformer_harness.pipelines.dali import DaliLoader
-        from timesformer_harness.pipelines.packets import JPEG_CODECS
-
-        # an all-MJPEG set on the CPU: its frames are decoded as JPEG images (faster than the video decoder)
-        jpeg = backend == "cpu" and all(info.codec in JPEG_CODECS for info in infos if info.path not in bad)
-        return DaliLoader(planner, device, backend=backend, start_batch=start_batch, rejected=rejected,
-                          quarantine=quarantine, jpeg_frames=jpeg)
-    from timesformer_harness.pipelines.pyav import PyAVLoader
-
-    return PyAVLoader(planner, device, start_batch=start_batch, rejected=rejected, quarantine=quarantine)
+    loader = chosen.loader_class().build(planner, device, decode_device=plan.backend,
+                                         infos=[i for i in infos if i.path not in bad], start_batch=start_batch,
+                                         rejected=rejected, quarantine=quarantine)
+    loader.decode_note = plan.why
+    return loader
 
 
 def _deep_rejects(paths: list[str], cfg: DataConfig, cache: str | Path | None) -> list[tuple[str, str]]:

@@ -127,13 +127,15 @@ class _Plans:
 class PyAVLoader(ClipLoader):
     """Batches of ``ClipPlanner`` plans decoded by PyAV in ``data.num_workers`` persistent DataLoader workers."""
 
+    kind = "pyav"
+
     def __init__(self, planner: ClipPlanner, device: torch.device, start_batch: int = 0,
                  rejected: list[tuple[str, str]] | None = None,
                  quarantine: Sequence[BadVideo | dict[str, Any]] = ()):
         super().__init__(planner, device, start_batch, rejected, quarantine)
         self.sampler = _Plans()
-        indexes = PacketIndexCache(index_cache_path(self.cfg.validate_cache, DEFAULT_CACHE))
-        self.dataset = _PlanDataset(self.crop, self.cfg.mean, self.cfg.std, indexes)
+        self.indexes = PacketIndexCache(index_cache_path(self.cfg.validate_cache, DEFAULT_CACHE))
+        self.dataset = _PlanDataset(self.crop, self.cfg.mean, self.cfg.std, self.indexes)
         workers = self.cfg.num_workers
         self.loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size,
                                  sampler=self.sampler, num_workers=workers, collate_fn=_collate,
@@ -141,6 +143,17 @@ class PyAVLoader(ClipLoader):
                                  prefetch_factor=2 if workers else None)
         logger.info("PyAV loader: %d clips/epoch on this rank, %d batches, %d workers", self.num_clips, len(self),
                     workers)
+
+    @classmethod
+    def build(cls, planner: ClipPlanner, device: torch.device, *, decode_device: str, infos: list[Any],
+              start_batch: int = 0, rejected: list[tuple[str, str]] | None = None,
+              quarantine: Sequence[BadVideo | dict[str, Any]] = ()) -> PyAVLoader:
+        """The factory's loader (PyAV decodes on the CPU whatever ``decode_device`` says)."""
+        return cls(planner, device, start_batch=start_batch, rejected=rejected, quarantine=quarantine)
+
+    def decoded_frames(self, plans: list[ClipPlan]) -> list[int]:
+        """Frames decoded per clip, counted by ``decode_clip`` (the frames its decoder outputs)."""
+        return [decode_clip(p.path, p.frames, self.indexes.get(p.path)).decoded for p in plans]
 
     def _batches(self, plans: list[ClipPlan]) -> Iterator[Batch | FailedBatch]:
         if not plans:

@@ -23,6 +23,8 @@ class SyntheticLoader:
     labels and indices still follow the same contract (``index`` = clip number in the epoch).
     """
 
+    kind, backend, planner, indexes, decode_note = "synthetic", "", None, None, ""  # it decodes nothing
+
     def __init__(self, cfg: DataConfig, split: str, *, device: torch.device, rank: int = 0, world_size: int = 1,
                  start_batch: int = 0):
         self.cfg, self.device, self.epoch, self.start_batch = cfg, torch.device(device), 0, start_batch
@@ -48,6 +50,9 @@ class SyntheticLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def decoded_frames(self, plans: list) -> list[int]:
+        return [0] * len(plans)
 
     def __iter__(self) -> Iterator[Batch]:
         B = self.cfg.batch_size

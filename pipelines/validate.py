@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pad", action="store_true", help="accept videos shorter than the span (data.pad_short)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="SQLite probe cache ('' = none)")
     parser.add_argument("--workers", type=int, default=0, help="parallel probes (0 = one per CPU core)")
+    parser.add_argument("--report", default=None, metavar="FILE",
+                        help="also write the verdict as JSON: the backend, the GPU generation judged for, the counts "
+                             "and every rejected file with its reason")
     parser.add_argument("--deep", action="store_true",
                         help="also decode every packet of each usable file (finds damage inside the stream; costs "
                              "about one epoch of decoding, cached)")
@@ -390,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    gpu_arch = DEFAULT_GENERATION
+    gpu_arch, judged_for = DEFAULT_GENERATION, None
     if args.backend == "gpu":
         from timesformer_harness.pipelines.nvdec import resolve_generation
 
@@ -399,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: --gpu-arch: {e}", file=sys.stderr)
             return 1
+        judged_for = source
         print(f"judging NVDEC decode for {source}")
     _, rejected = check_videos([e.path for e in entries], args.backend, args.frames, args.sampling_rate,
                                args.target_fps, args.pad, args.format == "ssv2", args.cache or None, args.workers,
@@ -416,6 +420,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: {reason}")
     print(f"{len(entries) - len(rejected)}/{len(entries)} videos usable by the {args.backend} backend "
           f"({len(rejected)} rejected)")
+    if args.report:
+        from timesformer_harness.pipelines.files import atomic_write_text
+
+        atomic_write_text(args.report, json.dumps({
+            "manifest": str(args.manifest), "backend": args.backend, "gpu_arch": gpu_arch, "judged_for": judged_for,
+            "deep": args.deep, "videos": len(entries), "usable": len(entries) - len(rejected),
+            "rejected": [{"path": p, "reason": r} for p, r in rejected]}, indent=2) + "\n")
     bad = {p for p, _ in rejected}
     usable_paths = [e.path for e in entries if e.path not in bad]
     if usable_paths and args.format != "ssv2":  # frames decoded per clip, median and worst file (Kinetics sampling)

@@ -123,26 +123,36 @@ def test_bench_step_fails_on_error_records_and_missing_suites(tmp_path: Path) ->
 
 
 def test_train_figures_read_either_memory_kind_and_the_decode_move(tmp_path: Path) -> None:
+    """From the run's own records, not its log: the loader as the start record gives it (with why auto moved the
+    decode off NVDEC), and either memory kind."""
     from timesformer_harness.gpu_check import collect_train
 
+    moved = {"kind": "dali", "decode": "cpu", "note": "NVDEC cannot decode 1632 of 1632 video(s)"}
     records = [{"event": "start", "optimizer": "torch.optim.AdamW(fused=True)", "precision": "fp32",
-                "world_size": 1},
+                "world_size": 1, "loader": moved},
                {"event": "train", "time/clips_per_s": 900.0, "time/data_wait_pct": 3.0,
                 "memory/peak_cuda_allocator_gib": 0.123},
                {"event": "val", "val/top1": 50.0, "memory/val_peak_cuda_allocator_gib": 0.2},
                {"event": "end", "step": 8}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    log = ("WARNING timesformer_harness.pipelines.factory: data.backend=auto: DALI decodes on the CPU and the clips "
-           "are copied to cuda:0, because NVDEC cannot decode 1632 of 1632 video(s)\n"
-           "INFO timesformer_harness.pipelines.dali: DALI loader (cpu): 1632 clips/epoch on this rank, 51 batches, "
-           "8 threads\n")
-    figures = collect_train(tmp_path)(log)
-    assert figures["loader"] == "dali (cpu, NVDEC cannot decode these videos)"
+    figures = collect_train(tmp_path)("a log that says DALI loader (gpu) is not read")
+    assert figures["loader"] == "dali (cpu; NVDEC cannot decode 1632 of 1632 video(s))"
     assert figures["peak_gib"] == 0.12 and figures["val_peak_gib"] == 0.2 and figures["steps"] == 8
+    records[0]["loader"] = {"kind": "dali", "decode": "gpu", "note": ""}
     records[1] = {"event": "train", "memory/peak_rss_gib": 1.5}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert collect_train(tmp_path)("INFO DALI loader (gpu): 8 clips")["peak_gib"] == 1.5
-    assert collect_train(tmp_path)("INFO DALI loader (gpu): 8 clips")["loader"] == "dali (gpu)"
+    assert collect_train(tmp_path)("")["peak_gib"] == 1.5 and collect_train(tmp_path)("")["loader"] == "dali (gpu)"
+
+
+def test_validate_figures_come_from_its_report(tmp_path: Path) -> None:
+    from timesformer_harness.gpu_check import collect_validate
+
+    report = tmp_path / "validate.json"
+    with pytest.raises(StepFailed, match="was not written"):
+        collect_validate(report)("64/64 videos usable by the gpu backend")
+    report.write_text(json.dumps({"backend": "gpu", "judged_for": "NVIDIA H100 (hopper)", "videos": 64,
+                                  "usable": 63, "rejected": [{"path": "a.webm", "reason": "too short"}]}))
+    assert collect_validate(report)("") == {"usable": "63/64", "backend": "gpu", "judged_for": "NVIDIA H100 (hopper)"}
 
 
 def test_gpu_size_commands_are_the_users_commands(tmp_path: Path) -> None:

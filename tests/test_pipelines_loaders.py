@@ -213,3 +213,54 @@ def test_mirroring_the_window_before_the_resize_is_exact() -> None:
             assert torch.equal(slot[1], plain)
         resized = resize_window(crop_window(frames, window), 224).permute(1, 0, 2, 3).float()
         assert (plain - (resized - 0.45 * 255) / (0.225 * 255)).abs().max() < 1e-5  # (x - 255 mean) / (255 std)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The loader registry: a backend is its module plus one registration.
+COUNTING_MODULE = '''
+"""A decoder backend of a test: the PyAV loader under a name of its own."""
+from timesformer_harness.pipelines.pyav import PyAVLoader
+
+
+class CountingLoader(PyAVLoader):
+    kind = "counting"
+'''
+
+
+def test_a_backend_added_by_one_registration_is_built_checked_and_benchmarked(videos, tmp_path, monkeypatch) -> None:
+    """A new backend: its module and one ``LoaderBackend``. The config takes its name, the factory pre-flight checks
+    the videos for it and builds it, its batches follow the contract, it says where it decoded, and the bench's
+    pipeline suite makes a case of it and counts its decoded frames with its decode-cost model."""
+    import torch
+
+    from timesformer_harness.bench import pipeline as pipeline_suite
+    from timesformer_harness.config import RootConfig
+    from timesformer_harness.pipelines.base import loader_facts
+    from timesformer_harness.pipelines.loaders import LOADERS, LoaderBackend
+
+    (tmp_path / "counting_loader.py").write_text(COUNTING_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(LOADERS, "counting", LoaderBackend(
+        "counting", "counting_loader", "CountingLoader", decodes=True, needs_decode_device=False,
+        decode_cost="keyframe", outside_rss="its DataLoader worker processes", outside_cuda_allocator="",
+        summary="PyAV, counting"))
+    manifest = videos.manifest("counting.csv", videos.good[:4])
+    cfg = DataConfig(loader="counting", train_manifest=str(manifest), num_frames=4, sampling_rate=2,
+                     train_jitter_scales=[32, 36], train_crop_size=32, batch_size=2, num_workers=0,
+                     validate_cache="none")
+    loader = build_loader(cfg, "train", device="cpu")
+    batch = next(iter(loader))
+    assert type(loader).__name__ == "CountingLoader" and batch.video.shape == (2, 3, 4, 32, 32)
+    assert loader_facts(loader) == {"kind": "counting", "decode": "cpu", "note": ""}
+    with pytest.raises(ValueError, match=r"data.loader='nope'; choose from \['auto', 'dali', 'pyav', 'synthetic', "
+                                         r"'counting'\]"):
+        DataConfig(loader="nope")
+    root = RootConfig()
+    root.bench.data_config = str(tmp_path / "none.yaml")
+    names = [c.loader for c in pipeline_suite.cases(root, {"preset": "tiny", "device": "cpu", "batch": 2,
+                                                            "precision": "fp32", "warmup": 1, "steps": 1},
+                                                     [], [], torch.device("cpu"))]
+    assert names == ["dali", "pyav", "counting", "shootout"]
+    decoded = pipeline_suite.decoded_frames_per_clip(loader, max_clips=4)
+    assert decoded["strategy"] == "keyframe" and decoded["counted_per_clip"] == pytest.approx(decoded["model_per_clip"])
+    assert pipeline_suite.peak_memory_note(torch.device("cpu"), loader).endswith("its DataLoader worker processes")

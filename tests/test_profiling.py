@@ -108,6 +108,7 @@ CUDA_EVENTS = [
     Avg("attn/temporal", 4, 300, 50, 600, 0),
     Avg("attn/spatial", 4, 400, 50, 1200, 0),
     Avg("aten::mm", 40, 600, 100, 6500, 6500),
+    Avg("aten::_scaled_dot_product_flash_attention", 4, 100, 40, 600, 0),
     Avg("aten::_flash_attention_backward", 8, 100, 40, 700, 700),
     Avg("aten::add_", 60, 300, 300, 800, 800),
     Avg("ProfilerStep#2", 1, 0, 0, 8200, 8200, GPU),
@@ -127,7 +128,7 @@ def test_summary_of_a_cpu_profile_uses_cpu_time():
     assert s.range_share_of_forward == {"attn/temporal": 0.25, "attn/spatial": 0.5}
     assert s.top_ops == [("aten::mm", 1.5, 20), ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 0.25, 4),
                          ("aten::add_", 0.2, 30)]
-    assert s.attn_backward_ms == 0.25
+    assert s.attn_backward_ms == 0.25 and s.sdpa_kernels == ["flash_attention_for_cpu"]
 
 
 def test_summary_of_a_cuda_profile_uses_kernel_time(tmp_path):
@@ -141,7 +142,9 @@ def test_summary_of_a_cuda_profile_uses_kernel_time(tmp_path):
     assert s.range_share_of_step == pytest.approx({"attn/temporal": 0.075, "attn/spatial": 0.15})
     assert s.range_share_of_forward == pytest.approx({"attn/temporal": 0.2, "attn/spatial": 0.4})
     # operators by their kernels' time; kernels themselves and the annotations are not operators
-    assert [name for name, _, _ in s.top_ops] == ["aten::mm", "aten::add_", "aten::_flash_attention_backward"]
+    assert [name for name, _, _ in s.top_ops] == ["aten::mm", "aten::add_", "aten::_flash_attention_backward",
+                                                  "aten::_scaled_dot_product_flash_attention"]
+    assert s.sdpa_kernels == ["flash_attention"] and s.attention_share_of_step == pytest.approx((0.3 + 0.6 + 0.35) / 4)
     assert s.top_ops[0] == ("aten::mm", 3.25, 20) and s.attn_backward_ms == 0.35
     # without the annotations (an older profiler) the figures are the same
     no_annotations = [e for e in CUDA_EVENTS if e.device_type == DeviceType.CPU]
@@ -159,7 +162,7 @@ def test_cuda_summary_is_written_and_read_back_by_the_gpu_check(tmp_path):
     assert "| attn/temporal | 0.3 | 7.5% | 20.0% |" in text and "| GPU ms per step |" in text
     assert "GPU kernel time 4.0 ms (forward 1.5 ms)" in text and "Top ops by self GPU time" in text
     (run / "x.pt.trace.json").write_text("{}")
-    (run / "trace_perfetto.json").write_text('{"traceEvents": [{"name": "aten::_scaled_dot_product_flash_attention"}]}')
+    assert json.loads((run / "summary.json").read_text())["preset"] == "vit_base_patch16"
     figures = collect_profile(tmp_path / "profile")("")
     assert figures["sdpa_kernels"] == ["flash_attention"]
     assert figures["attention_share_pct"] == pytest.approx(100 * (0.3 + 0.6 + 0.35) / 4.0, abs=0.1)

@@ -25,6 +25,7 @@ from timesformer_harness.counting import count_flops, count_params
 from timesformer_harness.metrics import (PeakMemory, ThroughputWindow, gemm, time_block, time_steps, timed_items,
                                          utilisation)
 from timesformer_harness.pipelines.base import take_batches
+from timesformer_harness.pipelines.loaders import LOADERS
 from timesformer_harness.workload import TrainStep, build_model
 
 
@@ -96,7 +97,7 @@ def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype |
     share = steps["data_wait_share"]
     bound = share > case.threshold
     rec.extra.update({
-        "loader": type(loader).__name__, "decode": getattr(loader, "backend", "pyav"),
+        "loader": loader.kind, "decode": loader.backend,
         "data_wait_ms_median": 1e3 * statistics.median(waits), "compute_ms_median": 1e3 * statistics.median(computes),
         "data_wait_s": sum(waits), "step_s": steps["seconds"], "data_wait_share": share, "input_bound": bound,
         "verdict": ("input-bound" if bound else "compute-bound")
@@ -104,12 +105,13 @@ def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype |
     })
 
 
-def peak_memory_covers(device: torch.device, loader: object) -> str:
-    """What an e2e record's ``peak_mem_bytes`` includes, and what the loader keeps outside it."""
-    kind = type(loader).__name__
+def peak_memory_covers(device: torch.device, loader: Any) -> str:
+    """What an e2e record's ``peak_mem_bytes`` includes, and what the loader keeps outside it (``pipelines.loaders``)."""
     if device.type == "cuda":
-        outside = ("DALI's own GPU buffers (NVDEC output, resize) are outside it: see device_used_max_bytes"
-                   if getattr(loader, "backend", "") == "gpu" else f"the {kind} decodes on the CPU")
-        return f"torch's CUDA allocator: model, optimizer state, activations, batches on the GPU; {outside}"
-    inside = "DALI's CPU pipeline included" if kind == "DaliLoader" else "not the PyAV DataLoader worker processes"
-    return f"peak RSS growth of the worker process: model, optimizer state, activations, batches; {inside}"
+        what = "torch's CUDA allocator: model, optimizer state, activations, batches on the GPU"
+    else:
+        what = "peak RSS growth of the worker process: model, optimizer state, activations, batches"
+    outside = LOADERS[loader.kind].outside(device.type, loader.backend)
+    if outside and device.type == "cuda":
+        outside += " (see device_used_max_bytes)"
+    return f"{what}; outside it: {outside}" if outside else f"{what}, the {loader.kind} loader's buffers included"

@@ -33,9 +33,10 @@ from timesformer_harness.config import REPO_ROOT, RootConfig, load_config
 from timesformer_harness.metrics import PeakMemory, timed_call, timed_items
 from timesformer_harness.pipelines.base import take_batches
 from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.loaders import LOADERS
 from timesformer_harness.pipelines.quarantine import failure_reason
 
-LOADERS = ("dali", "pyav", "shootout")
+SHOOTOUT = "shootout"  # the case of every loader on the same clips
 WARMUP_BATCHES = 2
 SHOOTOUT_ROUNDS = 3
 COUNTED_CLIPS = 16  # clips whose decoded frames are counted per row
@@ -54,7 +55,7 @@ class Case(BenchCase):
     clips). ``batches`` are timed after ``WARMUP_BATCHES``; the batch size is the data config's."""
 
     suite: ClassVar[str] = "pipeline"
-    loader: str  # dali | pyav | shootout
+    loader: str  # a registered backend that decodes files (pipelines.loaders), or "shootout"
     data_config: str  # YAML whose data section is used
     batches: int
 
@@ -70,9 +71,11 @@ class Case(BenchCase):
 
 def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[str],
           device: torch.device) -> list[Case]:
-    """One case per loader (its own process: its own peak memory), then the shoot-out of all of them."""
-    return [Case.of(base, loader=loader, data_config=data_config_path(cfg), batches=cfg.bench.pipeline_batches)
-            for loader in LOADERS]
+    """One case per registered backend that decodes files (its own process: its own peak memory), then the
+    shoot-out of all of them."""
+    names = [name for name, b in LOADERS.items() if b.decodes] + [SHOOTOUT]
+    return [Case.of(base, loader=name, data_config=data_config_path(cfg), batches=cfg.bench.pipeline_batches)
+            for name in names]
 
 
 def load_data_config(case: Case) -> DataConfig:
@@ -98,14 +101,11 @@ def build_train_loader(case: Any, device: torch.device, loader: str) -> tuple[An
         raise SkipCase(f"the {loader} loader cannot be built here: {e}") from e
 
 
-def peak_memory_note(device: torch.device, loader: str) -> str:
-    """What a pipeline record's peak memory covers."""
-    if device.type == "cuda":
-        return ("torch's CUDA allocator peak only: DALI's GPU buffers come from its own allocator and are not "
-                "counted")
-    if loader == "pyav":
-        return "RSS growth of the bench process: the PyAV loader's worker processes are not counted"
-    return "RSS growth of the bench process, DALI's CPU buffers included"
+def peak_memory_note(device: torch.device, loader: Any) -> str:
+    """What a pipeline record's peak memory covers, and what the loader keeps outside it (``pipelines.loaders``)."""
+    what = "torch's CUDA allocator peak" if device.type == "cuda" else "RSS growth of the bench process"
+    outside = LOADERS[loader.kind].outside(device.type, loader.backend)
+    return f"{what}; outside it: {outside}" if outside else f"{what}, the {loader.kind} loader's buffers included"
 
 
 def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -121,28 +121,25 @@ def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype |
     peak = memory.take()
     if peak is not None:
         rec.peak_mem_bytes, rec.peak_mem_kind = peak.growth, peak.kind
-    rec.extra["peak_mem_covers"] = peak_memory_note(device, case.loader)
+    rec.extra["peak_mem_covers"] = peak_memory_note(device, loader)
     times = [seconds for _, seconds in timed]
     fill_throughput(rec, times, clips_per_step=rec.batch, frames=rec.frames)
     rec.clips_per_s = sum(batch.video.size(0) for batch, _ in timed) / sum(times)  # an epoch's last may be short
     rec.images_per_s = rec.clips_per_s * rec.frames
     rec.extra["rejected"] = len(getattr(loader, "rejected", []))
-    rec.extra["decoded_frames"] = decoded_frames_per_clip(loader, case.loader)
+    rec.extra["decoded_frames"] = decoded_frames_per_clip(loader)
 
 
-def decoded_frames_per_clip(loader: Any, name: str, max_clips: int = COUNTED_CLIPS) -> dict:
+def decoded_frames_per_clip(loader: Any, max_clips: int = COUNTED_CLIPS) -> dict:
     """Frames decoded per delivered clip for the loader's first ``max_clips`` clips of epoch 0, counted
-    (``count_decoded``), beside the ``keyframe`` model the loaders follow and DALI's ``seek`` rule
+    (``loader.decoded_frames``), beside the decode-cost model its backend follows and DALI's ``seek`` rule
     (``timesformer_harness.pipelines.tools.decode_cost``)."""
-    from timesformer_harness.pipelines.tools.decode_cost import strategy_for
-
     plans = loader.planner.plans(0)[:max_clips]
-    indexes = _indexes(loader)
-    strategy = strategy_for(name, getattr(loader, "backend", "cpu"))
+    strategy = LOADERS[loader.kind].decode_cost
     return {"strategy": strategy, "clips": len(plans), "delivered_frames": float(np.mean([len(p.frames) for p in plans])),
-            "counted_per_clip": count_decoded(loader, name, plans),
-            "model_per_clip": modelled_per_clip(plans, indexes, strategy),
-            "seek_model_per_clip": modelled_per_clip(plans, indexes, "seek")}
+            "counted_per_clip": float(np.mean(loader.decoded_frames(plans))),
+            "model_per_clip": modelled_per_clip(plans, loader.indexes, strategy),
+            "seek_model_per_clip": modelled_per_clip(plans, loader.indexes, "seek")}
 
 
 def modelled_per_clip(plans: list, indexes: Any, strategy: str) -> float:
@@ -155,29 +152,6 @@ def modelled_per_clip(plans: list, indexes: Any, strategy: str) -> float:
         index = indexes.get(p.path)
         per_clip.append(decoded_frames(p.frames, index.keyframes, index.num_frames, strategy))
     return float(np.mean(per_clip))
-
-
-def _indexes(loader: Any):
-    from timesformer_harness.pipelines.packets import PacketIndexCache
-
-    return getattr(loader, "indexes", None) or PacketIndexCache()
-
-
-def count_decoded(loader: Any, name: str, plans: list) -> float:
-    """Frames decoded per clip, counted: for DALI by decoding (PyAV) the very stream each clip is fed, up to its
-    last wanted frame, or the JPEG images it is fed (one decode each); for PyAV by
-    ``timesformer_harness.pipelines.pyav.decode_clip``, which counts the frames its decoder outputs."""
-    if name == "dali":
-        from timesformer_harness.pipelines.packets import count_stream_frames
-
-        counts = [len(x.images) if x.mode == "images" else count_stream_frames(x.stream.tobytes(), int(x.frames[-1]))
-                  for x in loader.clip_inputs(plans)]
-    else:
-        from timesformer_harness.pipelines.pyav import decode_clip
-
-        indexes = _indexes(loader)
-        counts = [decode_clip(p.path, p.frames, indexes.get(p.path)).decoded for p in plans]
-    return float(np.mean(counts))
 
 
 # ---------------------------------------------------------------------------------------------- the shoot-out
@@ -278,18 +252,18 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
     plans = dali.planner.plans(0)
     counted = plans[:max_counted]
 
-    def counted_by(loader: Any, name: str) -> Callable[[], tuple[float, str]]:
-        return lambda: (count_decoded(loader, name, counted), "counted")
+    def counted_by(loader: Any) -> Callable[[], tuple[float, str]]:
+        return lambda: (float(np.mean(loader.decoded_frames(counted))), "counted")
 
     def keyframe_model() -> tuple[float, str]:
         return modelled_per_clip(counted, dali.indexes, "keyframe"), "model: keyframe"
 
     threads = f"{cfg.num_workers} threads" + (", NVDEC" if dali.backend == "gpu" else "")
-    rows = [Contender("DALI loader", variant, "full", threads, _loader_epoch(dali), counted_by(dali, "dali")),
+    rows = [Contender("DALI loader", variant, "full", threads, _loader_epoch(dali), counted_by(dali)),
             Contender("DALI loader", variant, "decode", threads, _loader_epoch(decode_only),
-                      counted_by(decode_only, "dali")),
+                      counted_by(decode_only)),
             Contender("PyAV loader", variant, "full", f"{cfg.num_workers} workers", _loader_epoch(pyav),
-                      counted_by(pyav, "pyav"))]
+                      counted_by(pyav))]
     for name, make in (("torchcodec", torchcodec_decoder), ("decord", decord_decoder)):
         decode, why = make()
         label = f"{anchor_threads} thread{'s' if anchor_threads > 1 else ''}"
@@ -298,21 +272,20 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
     if whole_file:
         codec = dali.indexes.get(plans[0].path).codec
         if codec in IVF_FOURCC:  # an index without payload offsets makes the source feed whole files
-            whole = DaliLoader(dali.planner, device, backend=dali.backend)
-            whole.indexes = PacketIndexCache(offsets=False)
+            whole = DaliLoader(dali.planner, device, backend=dali.backend, indexes=PacketIndexCache(offsets=False))
             rows.insert(2, Contender("DALI loader, whole file", variant, "full", threads, _loader_epoch(whole),
-                                     counted_by(whole, "dali")))
+                                     counted_by(whole)))
         else:
             rows.insert(2, Contender("DALI loader, whole file", variant, "full", threads,
                                      unavailable=f"{codec} clips are remuxed by PyAV, which needs no payload "
                                                  f"offsets: no whole-file feed to compare"))
     if scaling:
         one = build_loader(replace(dali_cfg, num_workers=1), "train", device=device)
-        rows.append(Contender("DALI loader", variant, "full", "1 thread", _loader_epoch(one), counted_by(one, "dali")))
+        rows.append(Contender("DALI loader", variant, "full", "1 thread", _loader_epoch(one), counted_by(one)))
         shards = [build_loader(replace(dali_cfg, num_workers=1), "train", device=device, rank=r, world_size=2)
                   for r in range(2)]
         rows.append(Contender("DALI loader", variant, "full", "2 pipelines x 1 thread", _loader_epoch(*shards),
-                              counted_by(shards[0], "dali")))
+                              counted_by(shards[0])))
     recipe = dict(cfg=cfg, variant=variant, anchor_threads=anchor_threads, scaling=scaling, whole_file=whole_file,
                   max_counted=max_counted, device=str(device))
     for position, row in enumerate(rows):

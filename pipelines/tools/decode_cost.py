@@ -281,15 +281,6 @@ def count_decoded_frames(path: str | os.PathLike, frames: Sequence[int], strateg
     return count
 
 
-def strategy_for(loader: str, backend: str = "cpu") -> str:
-    """The decoder model of a harness loader: ``keyframe`` for both the DALI loader (CPU and GPU: per-clip packet
-    streams) and the PyAV loader (a seek per segment). A DALI file that cannot be cut into clip streams is decoded
-    from frame 0 (``from_start``; the loader logs which files)."""
-    if loader in ("dali", "pyav"):
-        return "keyframe"
-    raise ValueError(f"loader={loader!r}; choose 'dali' or 'pyav' (synthetic data decodes nothing)")
-
-
 def measure_clips(clips: Sequence[tuple[str, Sequence[int]]], strategy: str, max_clips: int = 16) -> dict:
     """Frames decoded per clip for real clips (e.g. ``[(p.path, p.frames) for p in loader.planner.plans(0)]``):
     counted by decoding with PyAV (``count_decoded_frames``) and predicted by the model, over the first

@@ -23,7 +23,7 @@ import torch
 
 from timesformer_harness.config import CONFIG_DIR, REPO_ROOT, load_config
 from timesformer_harness.pipelines.config import DataConfig
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import setup_logging
 from timesformer_harness.pipelines.tools.encode import write_video
 
 logger = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ crop 224, jitter 256-320). Printed: per variant the file size and the frames dec
 model both loaders follow, DALI's ``seek`` rule and decoding from frame 0, expectations over train starts; and
 counted on this epoch's clips), then the shoot-out (``timesformer_harness.bench.pipeline``): our DALI loader (full graph
 and decode-only), the PyAV loader, torchcodec and decord when they import, every row on the same clips, the variants
-and rows interleaved round by round. ``--whole-file`` adds the DALI loader fed whole files (decoded from frame 0,
-as before it cut clip streams); ``--scaling`` adds it with 1 thread and with 2 pipelines of 1 thread. With
+and rows interleaved round by round. ``--whole-file`` adds the DALI loader fed whole files (decoded from frame 0:
+the baseline of the clip streams); ``--scaling`` adds it with 1 thread and with 2 pipelines of 1 thread. With
 ``--device cuda`` the DALI rows decode where ``data.backend=auto`` puts them (NVDEC, or DALI's CPU decoder for
 MJPEG) and deliver clips on the GPU. Generated data is kept in ``--data`` and re-used (prepare is idempotent).
 """
@@ -41,7 +41,7 @@ from timesformer_harness.benchmarks.bench_pipelines import write_clips
 from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.metrics import Stopwatch
 from timesformer_harness.pipelines.config import DataConfig
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import setup_logging
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import setup_logging
 from timesformer_harness.pipelines.tools.encode import write_video
 from timesformer_harness.pipelines.validate import deep_check, probe_all
 

@@ -20,7 +20,7 @@ import sys
 from dataclasses import replace
 
 from timesformer_harness.variants import VARIANTS
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import setup_logging
 
 logger = logging.getLogger(__name__)
 

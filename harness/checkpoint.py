@@ -41,8 +41,7 @@ import torch
 
 from timesformer_harness.config import ModelConfig
 from timesformer_harness.embeddings import resize_pos_embed, resize_time_embed
-from timesformer_harness.pipelines.files import atomic_path
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import atomic_path, setup_logging
 from timesformer_harness.variants import infer_variant
 
 logger = logging.getLogger(__name__)
@@ -409,7 +408,7 @@ def load_weights(
 # --------------------------------------------------------------------------------------------------------------
 # Saving.
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save through ``timesformer_harness.pipelines.files.atomic_path`` (temporary file, fsync, rename): a crash
+    """torch.save through ``timesformer_harness.common.atomic_path`` (temporary file, fsync, rename): a crash
     never leaves half a file."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -33,7 +33,7 @@ from timesformer_harness.metrics import Stopwatch
 from timesformer_harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from timesformer_harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
 from timesformer_harness.pipelines.base import Loader, loader_facts
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError
 
 logger = logging.getLogger(__name__)

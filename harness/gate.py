@@ -43,8 +43,7 @@ from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.bench.verdict import DEFAULT_MEM_TOLERANCE, Verdict, better, judge_all
 from timesformer_harness.config import ModelConfig, load_config
 from timesformer_harness.metrics import run_stamp
-from timesformer_harness.pipelines.files import atomic_write_text
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import atomic_write_text, setup_logging
 from timesformer_harness.runtime import environment_info, precision_name, resolve_precision
 
 logger = logging.getLogger(__name__)

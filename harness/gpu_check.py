@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +47,7 @@ if __name__ == "__main__" and not __package__:  # run by path (python harness/gp
 
 from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.metrics import Stopwatch, run_stamp
+from timesformer_harness.runner import run_command
 from timesformer_harness.variants import REFERENCE
 
 PREPARE_MODULE = "timesformer_harness.pipelines.tools.prepare"  # the dataset re-encoding tool
@@ -383,8 +382,8 @@ def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult])
     try:
         if step.setup is not None:
             step.setup()
-        with open(log, "w") as f:
-            rc = _run(step.argv, f, env, step.timeout_s)
+        with open(log, "w") as f:  # its own process group: a timeout ends torchrun's workers too
+            rc = run_command(step.argv, timeout_s=step.timeout_s, env=env, stdout=f).returncode
         text = log.read_text(errors="replace")
         if rc is None:
             result.status, result.reason = "fail", f"timed out after {step.timeout_s} s"
@@ -397,20 +396,6 @@ def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult])
         result.status, result.reason = "fail", f"{type(e).__name__}: {e}" if not isinstance(e, StepFailed) else str(e)
     result.seconds = round(clock.elapsed(), 1)
     return result
-
-
-def _run(argv: list[str], out, env: dict[str, str], timeout_s: int) -> int | None:
-    """Run ``argv`` in the repo with stdout+stderr to ``out``; its exit code, or None after a timeout (killed)."""
-    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group: see below
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
-        if proc.poll() is None:  # timed out or interrupted: end the whole group, torchrun's workers included
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _last_line(text: str) -> str:
@@ -454,7 +439,7 @@ def environment() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from timesformer_harness.pipelines.logs import setup_logging
+    from timesformer_harness.common import atomic_write_text, setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m timesformer_harness.gpu_check",
 
@@ -503,7 +488,6 @@ def main(argv: list[str] | None = None) -> int:
                         "decoding was not checked; pip install nvidia-dali-cuda120 and run make gpu-check again")
     report = {"mode": mode, "started": run_dir.name, "environment": env, "exit_status": status,
               "warnings": warnings, "steps": [asdict(r) for r in results]}
-    from timesformer_harness.pipelines.files import atomic_write_text
 
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     print(format_table(results))

@@ -32,8 +32,7 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule,
 from timesformer_harness.config import RootConfig, to_yaml
 from timesformer_harness.runtime import retain_freed_memory
 from timesformer_harness.variants import REFERENCE, VARIANTS
-from timesformer_harness.pipelines.files import atomic_write_text
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import atomic_write_text, setup_logging
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,11 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import IO, Any, Callable
 
 from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.metrics import Stopwatch
 from timesformer_harness.runtime import COMMAND_ENV
 
 RESULT_MARK = "HARNESS_RUNNER_RESULT "
@@ -95,6 +97,42 @@ def _signal_name(returncode: int) -> str:
         return f"signal {num}"
 
 
+@dataclass
+class Finished:
+    """How a command ended: its exit code (None when it ran out of time and was killed), what it wrote (when
+    captured) and its wall time."""
+
+    returncode: int | None
+    stdout: str = ""
+    stderr: str = ""
+    wall_s: float = 0.0
+
+
+def run_command(argv: list[str], *, timeout_s: float, env: dict[str, str] | None = None, cwd: str | Path = REPO_ROOT,
+                input: str | None = None, stdout: IO[str] | None = None) -> Finished:
+    """Run ``argv`` in its own process group (cwd: the repository root) and wait at most ``timeout_s``; past it, or
+    when the wait is interrupted, the whole group is killed (the command and anything it started: loader workers,
+    torchrun's ranks). ``input`` goes to its stdin; its output is captured, or both streams go to ``stdout`` (a
+    log file). The one way the harness starts a process: the fresh-process runner below and the GPU acceptance
+    check's commands use it. (The loader shoot-out keeps a process per row across its rounds, which a command that
+    runs to its end cannot: it uses ``multiprocessing``.)"""
+    clock = Stopwatch()
+    capture = stdout is None
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else None,
+                            stdout=subprocess.PIPE if capture else stdout,
+                            stderr=subprocess.PIPE if capture else subprocess.STDOUT, text=True, cwd=cwd, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(input, timeout=timeout_s)
+        return Finished(proc.returncode, out or "", err or "", clock.elapsed())
+    except subprocess.TimeoutExpired:
+        return Finished(None, wall_s=clock.elapsed())
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
 def run_in_fresh_process(fn: Callable[[Any], Any], payload: Any, *, timeout_s: float, mem_limit_gb: float = 0.0,
                          env: dict[str, str] | None = None) -> Outcome:
     """Call ``fn(payload)`` in a new ``python`` process (cwd = the repository root) and classify how it ended.
@@ -113,17 +151,10 @@ def run_in_fresh_process(fn: Callable[[Any], Any], payload: Any, *, timeout_s: f
     child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     child_env.setdefault(COMMAND_ENV, shlex.join(sys.orig_argv))
     cmd = [sys.executable, "-m", "timesformer_harness.runner", _target_name(fn), str(mem_limit_gb)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO_ROOT, env=child_env, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(json.dumps(payload), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started (loader workers)
-        proc.communicate()
-        return Outcome("error", message=f"timed out after {timeout_s:g} s", wall_s=time.perf_counter() - t0)
-    wall = time.perf_counter() - t0
-    code = proc.returncode
+    done = run_command(cmd, timeout_s=timeout_s, env=child_env, input=json.dumps(payload))
+    wall, code, stdout, stderr = done.wall_s, done.returncode, done.stdout, done.stderr
+    if code is None:
+        return Outcome("error", message=f"timed out after {timeout_s:g} s", wall_s=wall)
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARK):
             out = json.loads(line[len(RESULT_MARK):])

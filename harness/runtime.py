@@ -90,9 +90,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.
 def retain_freed_memory(threshold: int = 1 << 30) -> bool:
     """Have glibc's malloc serve blocks up to ``threshold`` bytes from its heap and keep freed memory there, so a
     batch tensor reuses pages instead of mapping fresh ones: by default every block over 32 MiB (a batch of eight
-    8 x 224 x 224 clips is 38.5 MB) is a new mapping whose pages are faulted in and zeroed on first write, measured
-    at ~2 ms per clip on the development CPU, as much as resizing it. Process-wide, once; True when applied
-    (False where the C library is not glibc)."""
+    8 x 224 x 224 clips is 38.5 MB) is a new mapping whose pages are faulted in and zeroed on first write, which costs
+    as much as resizing the clips. Process-wide, once; True when applied (False where the C library is not
+    glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

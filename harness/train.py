@@ -54,7 +54,7 @@ from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, write_rejected
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ Where the work after decoding runs depends on the device:
 * GPU: DALI resizes the windows (``fn.resize``) and flips and normalises them (``fn.crop_mirror_normalize``, in
   the frames' own FHWC layout: the loaders' ``channels_last_3d`` batch) on the GPU.
 * CPU: DALI outputs the cropped uint8 windows and ``timesformer_harness.pipelines.transforms`` (the PyAV loader's
-  transform) mirrors, resizes and normalises them in torch, whose uint8 bilinear kernel is several times faster than
-  DALI's CPU resize and whose flip several times faster than DALI's (measured; see that module).
+  transform) mirrors, resizes and normalises them in torch, whose uint8 resize and flip are faster than DALI's CPU
+  ones (see that module).
 * Intra-only JPEG video (MJPEG) on the CPU (``jpeg_frames``): every frame is a JPEG image, so the source feeds the
   clip's frames as images, ``fn.decoders.image_slice`` decodes only each frame's crop window (nvImageCodec with
   libjpeg-turbo, many frames per batch in parallel) and the graph's batch is ``batch_size x T`` frames: measured
@@ -47,14 +47,14 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from timesformer_harness.common import cache_path
 from timesformer_harness.pipelines.base import Batch, ClipLoader, ClipPlanner, empty_clips
-from timesformer_harness.pipelines.packets import (JPEG_CODECS, PacketIndexCache, count_stream_frames, feed_mode,
-                                                   index_cache_path, ivf_stream, jpeg_images, plan_packets,
-                                                   read_payloads, remux_packets)
+from timesformer_harness.pipelines.packets import (JPEG_CODECS, PACKET_CACHE, PacketIndexCache, count_stream_frames,
+                                                   feed_mode, ivf_stream, jpeg_images, plan_packets, read_payloads,
+                                                   remux_packets)
 from timesformer_harness.pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch, failure_reason
 from timesformer_harness.pipelines.sampling import ClipPlan
 from timesformer_harness.pipelines.transforms import finish_clip, mirror
-from timesformer_harness.pipelines.validate import DEFAULT_CACHE
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
         enc, frames, order, anchor, shape, *flip = fn.external_source(  # flip: on the GPU only
             source=source, num_outputs=6 if backend == "gpu" else 5, batch=True)
         video = fn.decoders.video(enc, device=decode_device, frames=frames)  # (U, H, W, 3) uint8, U unique frames
-        # crop first (a cheap slice of whole pixels), then resize only the window (fn.resize(roi_start=, roi_end=)
-        # resamples through the whole frame's geometry: ~1.7x slower, measured on the CPU)
+        # crop first (a cheap slice of whole pixels), then resize only the window: fn.resize(roi_start=, roi_end=)
+        # resamples through the whole frame's geometry
         video = fn.slice(video, anchor, shape, **slice_args)
         video = fn.sequence_rearrange(video, new_order=order)  # (T, h, w, 3): repeats are copies
         if backend != "gpu":  # the CPU graph ends at the uint8 windows (to_clips does the rest in torch)
@@ -320,7 +320,7 @@ class DaliLoader(ClipLoader):
                 else torch.cuda.current_device()
         else:
             self.device_id = None
-        self.indexes = indexes or PacketIndexCache(index_cache_path(self.cfg.validate_cache, DEFAULT_CACHE))
+        self.indexes = indexes or PacketIndexCache(cache_path(self.cfg.validate_cache, PACKET_CACHE))
         self.pipe = None
         self.source: PlanSource | None = None
         self._clean = False  # True when the pipeline finished its last epoch and can be reset and reused

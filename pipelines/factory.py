@@ -18,13 +18,14 @@ from typing import Any, Sequence
 
 import torch
 
+from timesformer_harness.common import cache_path
 from timesformer_harness.pipelines.base import ClipPlanner, Loader, Video
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
 from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, auto_decode_device, generation_of
 from timesformer_harness.pipelines.quarantine import BadVideo, write_rejected
-from timesformer_harness.pipelines.validate import DEFAULT_CACHE, VideoInfo, check_videos, deep_check, judge
+from timesformer_harness.pipelines.validate import VideoInfo, check_videos, deep_check, judge
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
                                                   start_batch=start_batch)
 
     entries: list[VideoEntry] = read_manifest(cfg, split)
-    cache = None if cfg.validate_cache == "none" else (cfg.validate_cache or DEFAULT_CACHE)
+    cache = cache_path(cfg.validate_cache)
     infos, _ = check_videos([e.path for e in entries], "pyav", cfg.num_frames, cfg.sampling_rate, cfg.target_fps,
                             cfg.pad_short, cfg.format == "ssv2", cache=cache, workers=max(1, cfg.num_workers))
     plan = plan_decode(cfg, device, infos, generation_of(device) if device.type == "cuda" else DEFAULT_GENERATION,

@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import os
-import sqlite3
 import struct
 import threading
 from collections import OrderedDict
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from timesformer_harness.common import FileCache, file_key
 
 logger = logging.getLogger(__name__)
 
@@ -136,71 +137,50 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
                        pts, key, np.argsort(pts, kind="stable"))
 
 
-def index_cache_path(validate_cache: str, default_probe_cache: str | Path) -> Path | None:
-    """Where ``PacketIndexCache`` persists indexes for ``data.validate_cache``: ``packets.sqlite`` beside the probe
-    cache (``default_probe_cache``, i.e. ``timesformer_harness.pipelines.validate.DEFAULT_CACHE``, when unset), or
-    nowhere (memory only) when the probe cache is off (``none``)."""
-    if validate_cache == "none":
-        return None
-    return Path(validate_cache or default_probe_cache).parent / "packets.sqlite"
+PACKET_CACHE = "packets.sqlite"  # beside the probe cache (timesformer_harness.common.cache_path)
 
 
 class PacketIndexCache:
-    """``PacketIndex`` per path: an in-memory LRU in front of an SQLite file (``store``; None = memory only) keyed
-    by (path, size, mtime_ns, INDEX_VERSION), so a file is demuxed once, not once per epoch or per process. Safe
-    to use from several threads, and in a process forked after it was used (connections are per process).
-    ``offsets=False`` (memory only) indexes without payload offsets: every file is then fed whole, decoded from
-    frame 0 (how the DALI loader fed files before it cut clip streams; the benchmarks' baseline)."""
+    """``PacketIndex`` per path: an in-memory LRU in front of a ``FileCache`` table (``store``: the SQLite file;
+    None = memory only), so a file is demuxed once, not once per epoch or per process. Safe to use from several
+    threads (a file is demuxed outside the lock: threads index different files at once), and in a process forked
+    after it was used. ``offsets=False`` (memory only) indexes without payload offsets: every file is then fed whole,
+    decoded from frame 0 (the baseline the benchmarks compare the clip streams with)."""
 
     def __init__(self, store: str | Path | None = None, size: int = 4096, offsets: bool = True):
-        self.store, self.size, self.offsets = (Path(store) if store and offsets else None), size, offsets
+        self.size, self.offsets = size, offsets
+        self.store = FileCache(store if offsets else None, "packets", INDEX_VERSION)
         self.items: OrderedDict[tuple, PacketIndex] = OrderedDict()
         self.lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-        self._db_pid = -1
 
     def __getstate__(self) -> dict:  # for worker processes: the store's path travels, not its connection
-        return {"store": self.store, "size": self.size, "offsets": self.offsets}
+        return {"store": self.store.path, "size": self.size, "offsets": self.offsets}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["store"], state["size"], state["offsets"])
 
-    def _connect(self) -> sqlite3.Connection | None:
-        if self.store is None:
-            return None
-        if self._db is None or self._db_pid != os.getpid():
-            self.store.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.store), timeout=60, check_same_thread=False)
-            self._db.execute("CREATE TABLE IF NOT EXISTS packets (path TEXT, size INTEGER, mtime INTEGER, "
-                             "version INTEGER, meta TEXT, arrays BLOB, PRIMARY KEY (path, size, mtime, version))")
-            self._db_pid = os.getpid()
-        return self._db
-
     def get(self, path: str) -> PacketIndex:
         """The index of ``path`` (built and stored on first use). Raises RuntimeError naming the file when it
         cannot be indexed."""
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise RuntimeError(f"{path}: cannot index its packets: {e}") from e
-        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, INDEX_VERSION)
+        key = file_key(path)
+        if key is None:
+            raise RuntimeError(f"{path}: cannot index its packets: it cannot be read (gone, or no permission)")
         with self.lock:
-            index = self.items.pop(key, None)
-            if index is None:
-                db = self._connect()
-                row = db.execute("SELECT meta, arrays FROM packets WHERE path=? AND size=? AND mtime=? AND version=?",
-                                 key).fetchone() if db else None
-                if row:
-                    index = PacketIndex.from_row(path, *row)
-            if index is None:
-                try:
-                    index = index_packets(path, self.offsets)
-                except Exception as e:  # named, with the fix: nothing fails anonymously inside DALI
-                    raise RuntimeError(f"{path}: cannot index its packets ({type(e).__name__}: {e}); run "
-                                       f"`python -m timesformer_harness.pipelines.validate` on the manifest") from e
-                if db:
-                    with db:
-                        db.execute("INSERT OR REPLACE INTO packets VALUES (?, ?, ?, ?, ?, ?)", (*key, *index.to_row()))
+            index = self.items.get(key)
+            if index is not None:
+                self.items.move_to_end(key)
+                return index
+        found = self.store.get(path)
+        if found is not None:
+            index = PacketIndex.from_row(path, *found)
+        else:
+            try:
+                index = index_packets(path, self.offsets)
+            except Exception as e:  # named, with the fix: nothing fails anonymously inside DALI
+                raise RuntimeError(f"{path}: cannot index its packets ({type(e).__name__}: {e}); run "
+                                   f"`python -m timesformer_harness.pipelines.validate` on the manifest") from e
+            self.store.put([(path, *index.to_row())])
+        with self.lock:
             self.items[key] = index
             if len(self.items) > self.size:
                 self.items.popitem(last=False)

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from timesformer_harness.common import cache_path
 from timesformer_harness.pipelines.base import Batch, ClipLoader, ClipPlanner, stack_clips
-from timesformer_harness.pipelines.packets import PacketIndex, PacketIndexCache, index_cache_path, keyframe_segments
+from timesformer_harness.pipelines.packets import PACKET_CACHE, PacketIndex, PacketIndexCache, keyframe_segments
 from timesformer_harness.pipelines.quarantine import BadVideo, FailedBatch, failure_reason
 from timesformer_harness.pipelines.sampling import ClipPlan
 from timesformer_harness.pipelines.transforms import crop_window, finish_clip
-from timesformer_harness.pipelines.validate import DEFAULT_CACHE
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class PyAVLoader(ClipLoader):
                  quarantine: Sequence[BadVideo | dict[str, Any]] = ()):
         super().__init__(planner, device, start_batch, rejected, quarantine)
         self.sampler = _Plans()
-        self.indexes = PacketIndexCache(index_cache_path(self.cfg.validate_cache, DEFAULT_CACHE))
+        self.indexes = PacketIndexCache(cache_path(self.cfg.validate_cache, PACKET_CACHE))
         self.dataset = _PlanDataset(self.crop, self.cfg.mean, self.cfg.std, self.indexes)
         workers = self.cfg.num_workers
         self.loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size,

@@ -177,7 +177,7 @@ def write_rejected(path: str | Path, preflight: Sequence[tuple[str, str]],
                    quarantined: Sequence[BadVideo] = ()) -> None:
     """``rejected.csv`` (written atomically): one row per video left out, ``path,reason,stage,epoch,batch,rank``;
     ``stage`` is ``preflight`` (epoch/batch/rank empty) or ``runtime`` (1-based epoch where it first failed)."""
-    from timesformer_harness.pipelines.files import atomic_write_text
+    from timesformer_harness.common import atomic_write_text
 
     text = io.StringIO(newline="")
     writer = csv.writer(text)

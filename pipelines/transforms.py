@@ -2,13 +2,13 @@
 flips (before the resize, on the smaller window: bilinear resizing commutes exactly with a mirror, tested) ->
 bilinear resize to the crop size -> normalise to ``(3, T, S, S)`` float32, stored channels-last like the loaders'
 batches (``timesformer_harness.pipelines.base.CLIP_FORMAT``): the pixels' order from the decoder on, so no step
-transposes them, and normalising is a convert-copy and an ``addcmul`` over flat memory, ~3.5x the same work written into
-``(3, T, S, S)`` contiguous order (0.2 against 0.7 ms a clip of 8 x 224^2 on the development CPU).
+transposes them, and normalising is a convert-copy and an ``addcmul`` over flat memory rather than a strided write
+into ``(3, T, S, S)`` order.
 
 The PyAV loader runs it in its workers; the DALI loader on the CPU runs it on the windows DALI decoded and cropped
-(on the GPU DALI resizes, mirrors and normalises itself). torch's uint8 channels-last bilinear kernel is vectorised:
-on the development CPU it resized 8 frames of 190x190 to 224x224 in 0.7 ms, where DALI's CPU ``fn.resize`` took
-about 0.7 ms per frame, and it was most of the DALI graph's cost after decoding.
+(on the GPU DALI resizes, mirrors and normalises itself): torch's uint8 channels-last bilinear kernel is vectorised,
+and DALI's CPU ``fn.resize`` was most of its graph's cost after decoding (the timings:
+docs/results/2026-11-26-loader-torch-post-and-jpeg-frames.md).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from timesformer_harness.common import FileCache, cache_path
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 # limits are in timesformer_harness.pipelines.nvdec); None = PyAV, which decodes everything FFmpeg does.
 DECODABLE_CODECS = {"cpu": set(DALI_CPU_CODECS), "gpu": set(NVDEC_CODECS), "pyav": None}
 _CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "libaom-av1": "av1", "h265": "hevc"}
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "timesformer-harness" / "validate.sqlite"
+DEFAULT_CACHE = cache_path("")  # the probe cache when data.validate_cache is unset
 PROBE_VERSION = 2  # 2: pixel format, bit depth and chroma
 
 
@@ -166,60 +167,18 @@ def required_frames(info: VideoInfo, num_frames: int, sampling_rate: int, target
     return max(1, math.ceil(sampling_rate * num_frames / target_fps * fps - 1e-6))
 
 
-class ResultCache:
-    """SQLite map (path, size, mtime_ns, version) -> a JSON result, one table per check (``probe``, ``deep``).
-
-    Args:
-        path: the SQLite file (None: no cache, every ``get`` misses).
-        table: the check's table.
-        version: the check's version (results of another version are not returned).
-    """
-
-    def __init__(self, path: str | Path | None, table: str, version: int | str):
-        self.db, self.table, self.version = None, table, version
-        if path is None:
-            return
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), timeout=60)
-        self.db.execute(f"CREATE TABLE IF NOT EXISTS {table} (path TEXT, size INTEGER, mtime INTEGER, version, "
-                        f"info TEXT, PRIMARY KEY (path, size, mtime, version))")
-
-    @staticmethod
-    def key(path: str) -> tuple[str, int, int] | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return os.path.abspath(path), st.st_size, st.st_mtime_ns
-
-    def get(self, path: str) -> dict | None:
-        key = self.key(path)
-        if self.db is None or key is None:
-            return None
-        row = self.db.execute(f"SELECT info FROM {self.table} WHERE path=? AND size=? AND mtime=? AND version=?",
-                              (*key, self.version)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def put(self, items: list[tuple[str, dict]]) -> None:
-        if self.db is None:
-            return
-        rows = [(*k, self.version, json.dumps(r)) for p, r in items if (k := self.key(p)) is not None]
-        with self.db:
-            self.db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?, ?, ?)", rows)
-
-
-class ProbeCache(ResultCache):
-    """SQLite map (path, size, mtime_ns) -> VideoInfo."""
+class ProbeCache:
+    """The probe's results, per file as it is now (``timesformer_harness.common.FileCache``, table ``probe``)."""
 
     def __init__(self, path: str | Path | None):
-        super().__init__(path, "probe", PROBE_VERSION)
+        self.store = FileCache(path, "probe", PROBE_VERSION)
 
-    def get(self, path: str) -> VideoInfo | None:  # type: ignore[override]
-        found = super().get(path)
-        return VideoInfo(**{**found, "path": path}) if found is not None else None
+    def get(self, path: str) -> VideoInfo | None:
+        found = self.store.get(path)
+        return VideoInfo(**{**json.loads(found[0]), "path": path}) if found is not None else None
 
-    def put(self, infos: list[VideoInfo]) -> None:  # type: ignore[override]
-        super().put([(i.path, asdict(i)) for i in infos])
+    def put(self, infos: list[VideoInfo]) -> None:
+        self.store.put((i.path, json.dumps(asdict(i)), None) for i in infos)
 
 
 def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0) -> list[VideoInfo]:
@@ -336,11 +295,11 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
     import av
 
     lib = ".".join(map(str, av.library_versions.get("libavcodec", (0,))))
-    store = ResultCache(cache, "deep", f"{DEEP_VERSION}/libavcodec-{lib}")
+    store = FileCache(cache, "deep", f"{DEEP_VERSION}/libavcodec-{lib}")
     verdicts: list[str | None] = []
     for p in paths:
         found = store.get(p)
-        verdicts.append(None if found is None else found["error"])
+        verdicts.append(None if found is None else json.loads(found[0])["error"])
     todo = [i for i, v in enumerate(verdicts) if v is None]
     if todo:
         t0 = time.perf_counter()
@@ -352,7 +311,7 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
                 fresh = list(pool.map(deep_probe, [paths[i] for i in todo], chunksize=4))
         for i, verdict in zip(todo, fresh):
             verdicts[i] = verdict
-        store.put([(paths[i], {"error": v}) for i, v in zip(todo, fresh)])
+        store.put((paths[i], json.dumps({"error": v}), None) for i, v in zip(todo, fresh))
         seconds = time.perf_counter() - t0
         logger.info("deep-checked %d videos in %.1f s (%.1f files/s, %d processes; %d from cache)", len(todo),
                     seconds, len(todo) / max(seconds, 1e-9), n, len(paths) - len(todo))
@@ -361,7 +320,7 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
 
 def main(argv: list[str] | None = None) -> int:
     from timesformer_harness.pipelines.config import DataConfig
-    from timesformer_harness.pipelines.logs import setup_logging
+    from timesformer_harness.common import setup_logging
     from timesformer_harness.pipelines.manifest import add_manifest_arguments, read_entries
 
     parser = argparse.ArgumentParser(prog="python -m timesformer_harness.pipelines.validate",
@@ -421,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(entries) - len(rejected)}/{len(entries)} videos usable by the {args.backend} backend "
           f"({len(rejected)} rejected)")
     if args.report:
-        from timesformer_harness.pipelines.files import atomic_write_text
+        from timesformer_harness.common import atomic_write_text
 
         atomic_write_text(args.report, json.dumps({
             "manifest": str(args.manifest), "backend": args.backend, "gpu_arch": gpu_arch, "judged_for": judged_for,

@@ -1,4 +1,4 @@
-"""Atomic writes (timesformer_harness.pipelines.files): all or nothing, plain-file permissions, stale temporaries found
+"""Atomic writes (timesformer_harness.common): all or nothing, plain-file permissions, stale temporaries found
 and removed."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from timesformer_harness.pipelines.files import atomic_path, atomic_write_text, is_temporary, remove_stale_temporaries
+from timesformer_harness.common import atomic_path, atomic_write_text, is_temporary, remove_stale_temporaries
 
 
 def test_failure_inside_the_block_keeps_the_old_file(tmp_path: Path) -> None:
@@ -45,3 +45,26 @@ def test_remove_stale_temporaries(tmp_path: Path) -> None:
         p.write_text("")
     assert remove_stale_temporaries(tmp_path) == 1
     assert not left.exists() and all(p.exists() for p in keep)
+
+
+def test_file_cache_keys_results_by_file_and_version_and_rebuilds_an_old_layout(tmp_path: Path) -> None:
+    """The probe's and the packet index's store: a result is returned for the file as it was stored, of the same
+    version; a table an older harness wrote in another layout is dropped and rebuilt, not an error."""
+    import sqlite3
+
+    from timesformer_harness.common import FileCache
+
+    video = tmp_path / "a.webm"
+    video.write_bytes(b"x" * 10)
+    store = tmp_path / "packets.sqlite"
+    with sqlite3.connect(store) as old:  # the layout of the packet index's own table before the shared cache
+        old.execute("CREATE TABLE packets (path TEXT, size INTEGER, mtime INTEGER, version INTEGER, meta TEXT, "
+                    "arrays BLOB)")
+    cache = FileCache(store, "packets", 1)
+    assert cache.get(video) is None
+    cache.put([(video, '{"n": 1}', b"\x00\x01"), (tmp_path / "gone.webm", "{}", None)])
+    assert cache.get(video) == ('{"n": 1}', b"\x00\x01") and cache.get(tmp_path / "gone.webm") is None
+    assert FileCache(store, "packets", 2).get(video) is None  # another version of the result
+    assert FileCache(None, "packets", 1).get(video) is None  # no store
+    video.write_bytes(b"y" * 11)  # changed: the stored result is not its result any more
+    assert cache.get(video) is None

@@ -1,4 +1,6 @@
-"""Layers point one way: ``kernels/`` <- ``pipelines/`` <- ``harness/``. Checked on the source (every import
+"""Layers point one way: ``common`` <- ``kernels/`` <- ``pipelines/`` <- ``harness/``, where ``common`` is
+``harness/common.py`` (``timesformer_harness.common``: atomic files, logging set-up, the file cache; the standard
+library only). Checked on the source (every import
 statement, at module level or inside a function, and ``importlib.import_module("...")`` calls), and on a real
 training process (which modules it has loaded). And no module uses another module's ``_private`` names.
 
@@ -23,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"kernels": ("harness", "pipelines", "benchmarks", "tests"),
              "pipelines": ("harness", "benchmarks", "tests")}
 OFFLINE_TOOLS = "timesformer_harness.pipelines.tools"
+BASE = "timesformer_harness.common"  # below every layer: any module may import it, it imports none of ours
 
 
 def package_dirs(root: Path) -> dict[str, str]:
@@ -52,6 +55,8 @@ def module_name(path: Path, root: Path, layout: dict[str, str]) -> str:
 def folder_of(module: str, layout: dict[str, str]) -> str:
     """The top-level folder that holds ``module`` (the longest import-name match; ``tests`` for the tests' own
     helpers); a module of another distribution gets its own top-level name."""
+    if module == BASE:
+        return "common"
     matches = [folder for folder, name in layout.items() if module == name or module.startswith(f"{name}.")]
     return max(matches, key=lambda f: len(layout[f])) if matches else module.split(".")[0]
 
@@ -141,6 +146,14 @@ def describe(cycle: list[Import]) -> str:
 def test_pipelines_and_kernels_never_import_harness() -> None:
     bad = layer_violations(REPO)
     assert not bad, "imports against the layer order kernels <- pipelines <- harness:\n" + "\n".join(bad)
+
+
+def test_the_common_module_imports_only_the_standard_library() -> None:
+    path = REPO / "harness" / "common.py"
+    ours = [i for i in imports_of(path, REPO, LAYOUT) if i.target.split(".")[0] == "timesformer_harness"]
+    third_party = [i.target for i in imports_of(path, REPO, LAYOUT) if i.target.split(".")[0] not in sys.stdlib_module_names
+                   and i.target != "__future__"]
+    assert not ours and not third_party, (ours, third_party)
 
 
 def test_no_import_cycles_among_pipelines_modules() -> None:

@@ -1,4 +1,4 @@
-"""Logging set-up: one handler and one format for every CLI (timesformer_harness.pipelines.logs.setup_logging),
+"""Logging set-up: one handler and one format for every CLI (timesformer_harness.common.setup_logging),
 rank-aware."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import setup_logging
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS_CLIS = ("harness/checkpoint.py", "harness/train.py", "harness/evaluate.py")

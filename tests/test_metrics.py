@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from timesformer_harness.metrics import (GPU_PEAKS, PeakMemory, Stopwatch, ThroughputWindow, gpu_peak,
-                                         gpu_peak_flops, time_pairs, time_steps, timed_call, timed_items)
+from timesformer_harness.metrics import (GPU_PEAKS, PeakMemory, Stopwatch, ThroughputWindow, gpu_peak, gpu_peak_flops,
+                                         time_pairs, time_steps, timed_call, timed_items)
 from timesformer_harness.runtime import retain_freed_memory
 
 # torch.cuda.get_device_name() strings as the driver reports them -> the table row they must select

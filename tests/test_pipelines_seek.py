@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import textured_frames
+from timesformer_harness.common import cache_path
 from timesformer_harness.pipelines import packets
 from timesformer_harness.pipelines.factory import build_loader
 from timesformer_harness.pipelines.base import CLIP_FORMAT, ClipPlanner, Video
@@ -213,9 +214,39 @@ def test_packet_index_is_persisted_and_invalidated_by_a_change(files, tmp_path, 
     Path(path).write_bytes(Path(files["vp8"]).read_bytes())  # changed on disk: its old index must not be used
     with pytest.raises(RuntimeError, match="re-indexed"):
         PacketIndexCache(store).get(path)
-    assert packets.index_cache_path("none", tmp_path / "d" / "v.sqlite") is None
-    assert packets.index_cache_path("", tmp_path / "d" / "v.sqlite") == tmp_path / "d" / "packets.sqlite"
-    assert packets.index_cache_path(str(tmp_path / "v.sqlite"), "/x/v.sqlite") == tmp_path / "packets.sqlite"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "d"))
+    assert cache_path("none", packets.PACKET_CACHE) is None and cache_path("none") is None
+    assert cache_path("", packets.PACKET_CACHE) == tmp_path / "d" / "timesformer-harness" / "packets.sqlite"
+    assert cache_path("") == tmp_path / "d" / "timesformer-harness" / "validate.sqlite"
+    assert cache_path(str(tmp_path / "v.sqlite"), packets.PACKET_CACHE) == tmp_path / "packets.sqlite"
+
+
+def test_two_threads_index_two_files_at_once(files, monkeypatch) -> None:
+    """The cache's lock guards its memory, not the demuxing: two threads each indexing a file of their own are both
+    inside ``index_packets`` at the same time (a barrier of two that times out otherwise)."""
+    import threading
+
+    barrier, real = threading.Barrier(2, timeout=10), packets.index_packets
+
+    def meeting(path, offsets=True):
+        barrier.wait()  # BrokenBarrierError when the other thread cannot get here
+        return real(path, offsets)
+
+    monkeypatch.setattr(packets, "index_packets", meeting)
+    cache, found, errors = PacketIndexCache(), {}, []
+
+    def index(name: str) -> None:
+        try:
+            found[name] = cache.get(files[name])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=index, args=(n,)) for n in ("vp9_gop8", "mjpeg")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert not errors and set(found) == {"vp9_gop8", "mjpeg"}, errors
 
 
 @pytest.mark.parametrize("name", ["vp9_gop8", "mjpeg", "vp9_long", "short"])

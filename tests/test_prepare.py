@@ -15,7 +15,7 @@ import pytest
 
 from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.pipelines.config import DataConfig
-from timesformer_harness.pipelines.files import is_temporary
+from timesformer_harness.common import is_temporary
 from timesformer_harness.pipelines.tools.decode_cost import read_gop
 from timesformer_harness.pipelines.manifest import read_kinetics, read_ssv2
 from timesformer_harness.pipelines.tools.prepare import JOURNAL, SPEC_FILE, main, parse_gop, prepare
@@ -25,7 +25,7 @@ from tests.conftest import encode_video, textured_frames
 
 
 def temporaries(folder: Path) -> list[Path]:
-    """Outputs being written (or left by a killed writer): ``timesformer_harness.pipelines.files.atomic_path``'s
+    """Outputs being written (or left by a killed writer): ``timesformer_harness.common.atomic_path``'s
     temporaries."""
     return [p for p in folder.glob(".*") if is_temporary(p)]
 

@@ -33,8 +33,7 @@ from timesformer_harness.metrics import Stopwatch, gpu_peak_flops, measure_gemm_
 from timesformer_harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
 from timesformer_harness.variants import VARIANTS
 from timesformer_harness.workload import check_attention
-from timesformer_harness.pipelines.files import atomic_write_text
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import atomic_write_text, setup_logging
 
 logger = logging.getLogger(__name__)
 

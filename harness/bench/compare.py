@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from timesformer_harness.bench.record import BenchRecord, read_results
-from timesformer_harness.pipelines.files import atomic_write_text
+from timesformer_harness.common import atomic_write_text
 
 # Case fields that must match for its numbers to be compared as like with like; the last three mean another model.
 CASE_KEYS = ("batch", "precision", "mode", "frames", "img_size", "model", "params", "flops_per_clip")
@@ -242,7 +242,7 @@ def plot_comparison(rows: list[CaseComparison], path: Path, title: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from timesformer_harness.pipelines.logs import setup_logging
+    from timesformer_harness.common import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m timesformer_harness.bench compare",
                                 description=__doc__.split("\n\n")[0],

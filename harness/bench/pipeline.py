@@ -4,9 +4,9 @@ the frames each decodes per delivered clip, and the loader shoot-out.
 The shoot-out runs our DALI loader (full graph, and decode-only), the PyAV loader, and, when they import,
 torchcodec (``VideoDecoder.get_frames_at``) and decord (``VideoReader.get_batch``) as decode-only anchors, on the
 same clips, interleaved round by round (A B C A B C ...: load from other processes hits every row alike), each row
-in a process of its own as a training process holds one loader (rows sharing a process disturbed each other: another
-decoder's threads and allocations fragmented the heap, and a 38.5 MB batch then landed on fresh pages, up to 1,200
-page faults per clip). Each row: median clips/s over the rounds, CPU ms per clip (the row's process and its
+in a process of its own as a training process holds one loader (another decoder's threads and allocations in the same
+process fragment the heap, so a row's batches land on fresh pages). Each row: median clips/s over the rounds, CPU
+ms per clip (the row's process and its
 workers: steadier than the wall clock on a shared machine), its process's peak RSS, frames decoded per clip (counted
 where the decoder can be followed, else the model's estimate, marked ``model``) and the file variant.
 ``benchmarks/bench_prepare.py`` runs it over prepared variants of the same videos.
@@ -235,7 +235,7 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
                         device: torch.device | str = "cpu") -> list[Contender]:
     """The shoot-out rows for the train clips of ``cfg``: DALI full graph and decode-only, the PyAV loader
     (``cfg.num_workers`` workers), torchcodec and decord (``anchor_threads`` threads each). ``whole_file`` adds the
-    DALI loader fed whole files (decoded from frame 0: the loader before it cut clip streams); ``scaling`` adds the
+    DALI loader fed whole files (decoded from frame 0: the baseline of the clip streams); ``scaling`` adds the
     DALI full graph with 1 thread, and with 2 pipelines of 1 thread (ranks 0 and 1 of 2: other random clips of the
     same videos). On a CUDA ``device`` the DALI rows decode where ``data.backend=auto`` puts them (NVDEC when it
     takes every video) and deliver their clips on the GPU; the other rows stay CPU decoders."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from timesformer_harness.metrics import summarize, utilisation
-from timesformer_harness.pipelines.files import atomic_write_text
+from timesformer_harness.common import atomic_write_text
 
 SCHEMA_VERSION = 2
 STATUSES = ("ok", "oom", "error", "skipped")

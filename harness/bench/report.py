@@ -8,7 +8,7 @@ from typing import Any
 
 from timesformer_harness.bench.record import BenchRecord
 from timesformer_harness.variants import REFERENCE
-from timesformer_harness.pipelines.files import atomic_write_text
+from timesformer_harness.common import atomic_write_text
 
 
 def _fmt(v: float | None, spec: str = ".1f", scale: float = 1.0) -> str:

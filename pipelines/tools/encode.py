@@ -10,14 +10,14 @@ from typing import Iterable
 import av
 import numpy as np
 
-from timesformer_harness.pipelines.files import atomic_path
+from timesformer_harness.common import atomic_path
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], codec: str, fps: int = 30,
                 options: dict[str, str] | None = None, bitexact: bool = False, pix_fmt: str = "yuv420p") -> Path:
     """Encode (H, W, 3) uint8 RGB ``frames`` with ``codec`` (e.g. ``libvpx-vp9``, ``libx264``, ``mjpeg``) at
     ``fps`` into ``path`` (container from its extension), atomically
-    (``timesformer_harness.pipelines.files.atomic_path``, without fsync: these are regenerable files). ``bitexact``
+    (``timesformer_harness.common.atomic_path``, without fsync: these are regenerable files). ``bitexact``
     leaves out random container UIDs, so the same frames give the same bytes. ``pix_fmt`` is the encoded pixel format
     (e.g. ``yuv420p10le``, ``yuv444p``, ``yuvj420p`` for MJPEG)."""
     path = Path(path)

@@ -31,8 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from timesformer_harness.pipelines.files import atomic_write_text, remove_stale_temporaries
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import atomic_write_text, remove_stale_temporaries, setup_logging
 from timesformer_harness.pipelines.manifest import SSV2_LABELS, add_manifest_arguments, read_entries
 from timesformer_harness.pipelines.tools.transcode import OUTPUT_CODECS, PrepareSpec, encoder_options, transcode
 

@@ -11,10 +11,9 @@ frames: it shows each of red, green and blue for a while. The class is the order
 So one frame, taken alone, is consistent with every class (its colour, the dot's position and the background have
 the same distribution in all classes), and so is the *set* of a clip's frames: every clip holds the three colours.
 Only the frame order tells the class. A model that averages per-frame features (``space_only``) is at chance by
-construction; one that models time (``divided_space_time``, ``joint_space_time``) can learn it. We tried motion as
-the temporal cue first (direction classes; a dot crossing the frame while changing colour): a model this small did
-not learn the direction of motion within the 10-minute budget, and a moving dot leaks the middle colour to a
-frame-averaging model (it is the one drawn in the middle of the path), so the dot stands still.
+construction; one that models time (``divided_space_time``, ``joint_space_time``) can learn it. The dot stands
+still: a moving one would show its middle colour in the middle of its path, which a frame-averaging model can read
+(why motion is not the cue: docs/results/2026-11-24-toy-recipe.md).
 
 The three colours' shares of the sampled frames are exchangeable (a uniformly random split of the 8 sampled frames,
 >= 2 per colour), so even the share of each colour does not tell its place in the order. Defaults:
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from timesformer_harness.pipelines.logs import setup_logging
+from timesformer_harness.common import setup_logging
 from timesformer_harness.pipelines.sampling import temporal_indices
 from timesformer_harness.pipelines.tools.encode import write_video
 

@@ -3,7 +3,7 @@
 ``transcode(src, dst, spec)`` decodes ``src`` with PyAV, resamples it to a constant frame rate, resizes it (short
 side, aspect kept, even sizes), encodes it with a keyframe forced every ``spec.gop`` frames, checks the result
 (opens, right codec, the frame count written, keyframe gaps <= GOP) and only then renames it to ``dst``
-(``timesformer_harness.pipelines.files.atomic_path``). ``PrepareSpec`` holds everything that determines the output's
+(``timesformer_harness.common.atomic_path``). ``PrepareSpec`` holds everything that determines the output's
 content; its ``key()`` marks finished outputs in ``timesformer_harness.pipelines.tools.prepare``'s journal.
 """
 
@@ -16,7 +16,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
-from timesformer_harness.pipelines.files import atomic_path
+from timesformer_harness.common import atomic_path
 
 SPEC_VERSION = 1
 

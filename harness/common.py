@@ -1,0 +1,221 @@
+"""What every layer of the harness shares, on the standard library alone: atomic file writes, the logging set-up of
+every command line, and the file-keyed cache the pre-flight probe and the packet index keep their results in.
+
+The layers point one way (``kernels`` <- ``pipelines`` <- the rest of ``timesformer_harness``); this module sits
+below all of them and imports nothing of the harness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import sys
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator
+
+# ---------------------------------------------------------------------------------------------- atomic files
+
+# ".{stem}.{8 random hex digits}.tmp{suffix}": the temporary name atomic_path gives.
+_TEMPORARY = re.compile(r"\..*\.[0-9a-f]{8}\.tmp(\.[^.]*)?")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create_temporary(path: Path) -> Path:
+    """Create an empty, new ``.{stem}.{8 random hex digits}.tmp{suffix}`` beside ``path``, with the permissions a plain
+    ``open(path, "w")`` would give (mode 0o666 less the umask; ``mkstemp`` would make it 0o600)."""
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``path`` (same suffix, so a writer that picks the container from the
+    extension still can); when the block ends without an exception it is fsynced and renamed over ``path``, else
+    removed. A check of the written file belongs inside the block: raising there leaves ``path`` as it was.
+    A process killed inside the block leaves the temporary behind (``remove_stale_temporaries`` clears them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _create_temporary(path)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
+    with atomic_path(path, fsync) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
+    with atomic_path(path, fsync) as tmp:
+        tmp.write_text(text)
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named like one of ``atomic_path``'s temporaries."""
+    return _TEMPORARY.fullmatch(Path(path).name) is not None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporaries that killed writers left anywhere under ``folder``; returns how many. Only for a
+    folder no other process is writing to."""
+    stale = [p for p in Path(folder).rglob(".*.tmp*") if p.is_file() and is_temporary(p)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+FORMAT = "%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
+DATE_FORMAT = "%H:%M:%S"
+# The import names the folders had before they became one package: from a clone's root they still import (as
+# namespace packages), so ``python -m harness.train`` runs, with a notice naming the command to use instead.
+OLD_MODULE_ROOTS = {"harness": "timesformer_harness", "kernels": "timesformer_harness.kernels",
+                    "pipelines": "timesformer_harness.pipelines", "benchmarks": "timesformer_harness.benchmarks"}
+
+
+def setup_logging(level: int = logging.INFO, rank: int | None = None) -> None:
+    """Send log records to stderr with one format, replacing any handler set up before.
+
+    ``rank`` defaults to torchrun's ``RANK``; in a multi-process job each line is prefixed ``[rankN]`` and ranks
+    other than 0 log warnings and errors only. A command started by an old module path gets a warning that names
+    the new one (``renamed_main_module``).
+    """
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT.format(prefix=f"[rank{rank}] " if multi else ""), DATE_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    new = renamed_main_module()
+    if new:
+        logging.getLogger(__name__).warning("this command's module path is the old one and will stop working: run "
+                                            "python -m %s (it works from any folder)", new)
+
+
+def renamed_main_module() -> str | None:
+    """The module to run instead when this process was started by an old module path (``python -m harness.train``
+    gives ``timesformer_harness.train``); None when it was not."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None) or ""
+    top, _, rest = name.removesuffix(".__main__").partition(".")
+    if top not in OLD_MODULE_ROOTS or not rest:
+        return None
+    return f"{OLD_MODULE_ROOTS[top]}.{rest}"
+
+
+# ---------------------------------------------------------------------------------------------- the file cache
+
+CACHE_ENV = "XDG_CACHE_HOME"
+PROBE_CACHE = "validate.sqlite"
+COLUMNS = ("path", "size", "mtime", "version", "meta", "data")  # a FileCache table's layout
+
+
+def cache_dir() -> Path:
+    """The harness's cache folder: ``$XDG_CACHE_HOME/timesformer-harness`` (``~/.cache`` when unset)."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache")) / "timesformer-harness"
+
+
+def cache_path(setting: str | os.PathLike | None, name: str = PROBE_CACHE) -> Path | None:
+    """Where the cache ``name`` lives for a ``data.validate_cache`` setting: "" (or None) the harness's cache folder,
+    ``none`` nowhere (no cache), else the probe cache's own path, with every other cache beside it."""
+    setting = "" if setting is None else str(setting)
+    if setting == "none":
+        return None
+    probe = Path(setting) if setting else cache_dir() / PROBE_CACHE
+    return probe if name == PROBE_CACHE else probe.parent / name
+
+
+def file_key(path: str | os.PathLike) -> tuple[str, int, int] | None:
+    """(absolute path, size, mtime_ns) of a file: what a cached result of it is valid for; None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
+class FileCache:
+    """An SQLite table mapping a file (``file_key``) and a result version to a result: ``meta`` text and an optional
+    ``data`` blob. Results of another version, or of the file before it changed, are not returned; a table of
+    another layout (an older harness's) is dropped and rebuilt.
+
+    One connection per process (a cache made before a fork works in the child), shared by threads under a lock.
+    ``path`` None: no store, every ``get`` misses and ``put`` keeps nothing.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, table: str, version: int | str):
+        self.path, self.table, self.version = (Path(path) if path else None), table, version
+        self.lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._db_pid = -1
+
+    def __getstate__(self) -> dict:  # for worker processes: the store's path travels, not its connection
+        return {"path": self.path, "table": self.table, "version": self.version}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["table"], state["version"])
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self.path is None:
+            return None
+        if self._db is None or self._db_pid != os.getpid():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False)
+            columns = [row[1] for row in db.execute(f"PRAGMA table_info({self.table})")]
+            if columns and columns != list(COLUMNS):  # a table of an older layout: a cache, so rebuilt
+                with db:
+                    db.execute(f"DROP TABLE {self.table}")
+            db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (path TEXT, size INTEGER, mtime INTEGER, version, "
+                       f"meta TEXT, data BLOB, PRIMARY KEY (path, size, mtime, version))")
+            self._db, self._db_pid = db, os.getpid()
+        return self._db
+
+    def get(self, path: str | os.PathLike) -> tuple[str, bytes | None] | None:
+        """(meta, data) stored for ``path`` as it is now, or None."""
+        key = file_key(path)
+        with self.lock:
+            db = self._connect()
+            if db is None or key is None:
+                return None
+            return db.execute(f"SELECT meta, data FROM {self.table} WHERE path=? AND size=? AND mtime=? AND "
+                              f"version=?", (*key, self.version)).fetchone()
+
+    def put(self, items: Iterable[tuple[str | os.PathLike, str, bytes | None]]) -> None:
+        """Store (path, meta, data) results in one transaction (files that are gone are left out)."""
+        rows = [(*key, self.version, meta, data) for path, meta, data in items if (key := file_key(path))]
+        with self.lock:
+            db = self._connect()
+            if db is None or not rows:
+                return
+            with db:
+                db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?, ?, ?, ?)", rows)

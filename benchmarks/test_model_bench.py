@@ -35,6 +35,7 @@ def test_model_step(benchmark, device, preset, attention_type, mode):
     if device.type == "cuda":
         rec.peak_flops, rec.peak_flops_source = gpu_peak_flops(rec.device_name, rec.precision)
     try:
+        model_suite.count(case, rec)
         step = model_suite.build(case, rec, device, dtype)
 
         def synchronised_step() -> None:

@@ -138,6 +138,7 @@ def renamed_main_module() -> str | None:
 CACHE_ENV = "XDG_CACHE_HOME"
 PROBE_CACHE = "validate.sqlite"
 COLUMNS = ("path", "size", "mtime", "version", "meta", "data")  # a FileCache table's layout
+LAYOUT = "c2"  # its name: bump it with COLUMNS
 
 
 def cache_dir() -> Path:
@@ -166,15 +167,18 @@ def file_key(path: str | os.PathLike) -> tuple[str, int, int] | None:
 
 class FileCache:
     """An SQLite table mapping a file (``file_key``) and a result version to a result: ``meta`` text and an optional
-    ``data`` blob. Results of another version, or of the file before it changed, are not returned; a table of
-    another layout (an older harness's) is dropped and rebuilt.
+    ``data`` blob. Results of another version, or of the file before it changed, are not returned. The table is
+    named ``<table>_<LAYOUT>``: an older harness's table of the same kind in the same file is not touched (both
+    versions can share a cache), and a table of the right name but another layout is dropped and rebuilt.
 
     One connection per process (a cache made before a fork works in the child), shared by threads under a lock.
     ``path`` None: no store, every ``get`` misses and ``put`` keeps nothing.
     """
 
     def __init__(self, path: str | os.PathLike | None, table: str, version: int | str):
-        self.path, self.table, self.version = (Path(path) if path else None), table, version
+        # the table's name carries the layout, so that an older harness's table of the same kind, in the same file,
+        # is left to it (a harness reads its own tables only)
+        self.path, self.table, self.version = (Path(path) if path else None), f"{table}_{LAYOUT}", version
         self.lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._db_pid = -1

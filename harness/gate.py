@@ -8,11 +8,12 @@ settings: each of ``pairs`` samples times a block of calibration GEMMs and a blo
 A B ..., about ``block_s`` seconds each, and the case's score is the median over samples of time(B)/time(A).
 Anything that slows the whole machine (other users, frequency changes) slows A and B alike and cancels in the
 ratio. On CPU each case runs with one intra-op thread (``--threads``): co-tenants then degrade it smoothly instead
-of turning OpenMP barriers into outliers. The candidate reuses the baseline's block sizes, so both sides time the
-same work. The verdict (``timesformer_harness.bench.verdict``): a case regresses when its normalised throughput
-drops by more than its tolerance (derived from the baseline's own samples, or ``--tolerance``), when what it
-measured differs (model, parameters, FLOPs, input size), or when its peak memory grows past ``--mem-tolerance``; a
-timing or memory regression is measured once more and counts only if it holds.
+of turning OpenMP barriers into outliers. A baseline measures each case in ``--repeats`` fresh processes (their
+ratios differ by more than one process's samples do) and keeps the median run; the candidate reuses its block
+sizes, so both sides time the same work. The verdict (``timesformer_harness.bench.verdict``): a case regresses when its
+normalised throughput drops by more than its tolerance (derived from the baseline's own samples, or ``--tolerance``),
+when what it measured differs (model, parameters, FLOPs, input size), or when its peak memory grows past
+``--mem-tolerance``; a timing or memory regression is measured once more and counts only if it holds.
 
 Writes ``<out>/<timestamp>/``: ``candidate.json`` (the records), ``verdicts.json`` (per case), ``verdict.json`` (the
 overall verdict, for CI) and ``junit.xml`` (one test case per gate case), and prints where.
@@ -40,7 +41,7 @@ import torch
 from timesformer_harness.bench.case import ModelCase
 from timesformer_harness.bench.record import BenchRecord, read_results, write_results
 from timesformer_harness.bench.sweep import build_cases, run_case
-from timesformer_harness.bench.verdict import DEFAULT_MEM_TOLERANCE, Verdict, better, judge_all
+from timesformer_harness.bench.verdict import DEFAULT_MEM_TOLERANCE, Verdict, better, judge_all, median_run
 from timesformer_harness.config import ModelConfig, load_config
 from timesformer_harness.metrics import run_stamp
 from timesformer_harness.common import atomic_write_text, setup_logging
@@ -52,6 +53,9 @@ DEFAULT_PAIRS = 7
 DEFAULT_BLOCK_S = 0.25  # each A or B block lasts about this long (steps are batched into blocks)
 CALIB_N = 384  # calibration GEMM size
 DEFAULT_CPU_THREADS = 1  # see the module docstring; 0 = torch's default
+# A baseline is written once and read by every gate run: it measures each case in this many fresh processes, whose
+# ratios differ by more than one process's samples do (memory layout, scheduling), and keeps the median.
+DEFAULT_REPEATS = 3
 CASE_TIMEOUT_S = 900
 
 
@@ -69,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="gate only the baseline cases matching these names or glob patterns")
     p.add_argument("--pairs", type=int, default=None, help=f"A/B samples per case (default: the baseline's, or "
                                                            f"{DEFAULT_PAIRS} when writing)")
+    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                   help="write: fresh processes per case (the baseline keeps the median run, and every run's "
+                        "samples for the tolerance)")
     p.add_argument("--threads", type=int, default=DEFAULT_CPU_THREADS,
                    help="CPU intra-op threads per case (write; the gate reuses the baseline's)")
     p.add_argument("--tolerance", type=float, default=None,
@@ -78,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--other-machine", action="store_true",
                    help="judge against a baseline from another machine class (its ratios are not like for like)")
     p.add_argument("--inject-delay", action="append", default=[], metavar="CASE=FRACTION",
-                   help="slow CASE's steps by FRACTION of its baseline step time (a sleep): checks the gate catches "
-                        "a slowdown of that size on this machine")
+                   help="slow CASE's steps by FRACTION of its baseline step time (busy work after each step): "
+                        "checks the gate catches a slowdown of that size on this machine")
     p.add_argument("--out", default="runs/gate", help="where the candidate's records and verdicts are written")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (write) or model.KEY=VALUE what-ifs "
                                                 "for the candidate (gate), e.g. model.depth=6")
@@ -97,7 +104,14 @@ def write_baseline(args: argparse.Namespace) -> int:
     peak = measure_peak(device, precision, CALIB_N) if device.type == "cuda" else (None, None)
     cases = [replace(c, gemm_n=CALIB_N) for c in build_cases(cfg, preset, attention_types(args.attn),
                                                               modes_of(args.mode or "train"), device, peak, precision)]
-    records = measure(cases)
+    runs = [[r] for r in measure(cases)]
+    # the later runs time the blocks the first one sized, so that every run's ratio is of the same work
+    sized = [c if r[0].status != "ok" else replace(c, steps_per_block=r[0].extra["steps_per_block"],
+                                                   calib_reps=r[0].extra["calib_reps"]) for c, r in zip(cases, runs)]
+    for _ in range(args.repeats - 1):
+        for case_runs, rec in zip(runs, measure(sized)):
+            case_runs.append(rec)
+    records = [median_run(case_runs) for case_runs in runs]
     bad = [r for r in records if r.status != "ok"]
     for r in bad:
         print(f"{r.case}: {r.status} {r.message}")
@@ -107,12 +121,13 @@ def write_baseline(args: argparse.Namespace) -> int:
     meta = {"kind": "gate-baseline", "preset": preset, "precision": precision, "batch": cfg.bench.batch_size,
             "device": device.type, "hardware": env["device_name"], "env": env, "pairs": pairs,
             "block_s": DEFAULT_BLOCK_S, "threads": cases[0].threads, "channels_last": cfg.bench.channels_last,
-            "warmup": cfg.bench.warmup,
+            "warmup": cfg.bench.warmup, "repeats": args.repeats,
             "tolerance": args.tolerance, "mem_tolerance": args.mem_tolerance, "overrides": list(args.overrides)}
     write_results(args.write_baseline, records, meta)
     for r in records:
-        print(f"{r.case}: {r.images_per_s:.1f} images/s, ratio {r.extra['ratio']:.3f} (samples "
-              f"{min(r.extra['ratios']):.3f}-{max(r.extra['ratios']):.3f}), peak {r.peak_mem_bytes / 2**20:.0f} MiB")
+        print(f"{r.case}: {r.images_per_s:.1f} images/s, ratio {r.extra['ratio']:.3f} (runs "
+              f"{', '.join(f'{x:.3f}' for x in r.extra['runs'])}; samples {min(r.extra['ratios']):.3f}-"
+              f"{max(r.extra['ratios']):.3f}), peak {r.peak_mem_bytes / 2**20:.0f} MiB")
     print(f"baseline written: {args.write_baseline}")
     return 0
 

@@ -108,14 +108,14 @@ GPU_SIZE = Size(
     subset=64, short_side=256, eval_videos=0, validate=("--backend", "gpu"),
     bench=("--attn", "all", "--mode", "train", "--frames", "8,16", "bench.case_timeout_s=300"), data_batch=8,
     train=("solver.max_epoch=2", "train.eval_period=1"), profile=("--steps", "3"),
-    gate_baseline=("--attn", REFERENCE), gate=(), torchrun=())  # one gate case: the 10-minute budget
+    gate_baseline=("--attn", REFERENCE, "--repeats", "1"), gate=(), torchrun=())  # one gate case, one run: the budget
 CPU_SIZE = Size(  # the rehearsal: every step at a size this 2-core CPU runs in seconds
     subset=16, short_side=48, eval_videos=32, validate=("--backend", "cpu"),
     bench=("--attn", "space_only", "--mode", "train", "--preset", "tiny", "--frames", "4,8",
            "bench.pipeline_batches=2"), data_batch=4,
     train=("solver.max_epoch=1", "train.max_steps_per_epoch=4", "train.eval_period=1"),
     profile=("--preset", "tiny", "--steps", "1", "--wait", "0"),
-    gate_baseline=("--preset", "tiny", "--attn", REFERENCE, "--pairs", "2"),
+    gate_baseline=("--preset", "tiny", "--attn", REFERENCE, "--pairs", "2", "--repeats", "1"),
     # The rehearsal checks the plumbing, not the speed: on a shared CPU a timing verdict would be noise.
     gate=("--tolerance", "0.95", "--mem-tolerance", "0.5"),
     torchrun=(*TINY_MODEL, "data.batch_size=2", "solver.global_batch_size=0", "data.num_workers=1"))

@@ -47,19 +47,22 @@ def test_remove_stale_temporaries(tmp_path: Path) -> None:
     assert not left.exists() and all(p.exists() for p in keep)
 
 
-def test_file_cache_keys_results_by_file_and_version_and_rebuilds_an_old_layout(tmp_path: Path) -> None:
+def test_file_cache_keys_results_by_file_and_version_and_leaves_an_older_harness_its_table(tmp_path: Path) -> None:
     """The probe's and the packet index's store: a result is returned for the file as it was stored, of the same
-    version; a table an older harness wrote in another layout is dropped and rebuilt, not an error."""
+    version; the table an older harness wrote in the same file is left as it was (that harness still reads it), and a
+    table of this name but another layout is rebuilt, not an error."""
     import sqlite3
 
-    from timesformer_harness.common import FileCache
+    from timesformer_harness.common import LAYOUT, FileCache
 
     video = tmp_path / "a.webm"
     video.write_bytes(b"x" * 10)
     store = tmp_path / "packets.sqlite"
-    with sqlite3.connect(store) as old:  # the layout of the packet index's own table before the shared cache
-        old.execute("CREATE TABLE packets (path TEXT, size INTEGER, mtime INTEGER, version INTEGER, meta TEXT, "
-                    "arrays BLOB)")
+    with sqlite3.connect(store) as db:  # the packet index's own table before the shared cache, and a broken one
+        db.execute("CREATE TABLE packets (path TEXT, size INTEGER, mtime INTEGER, version INTEGER, meta TEXT, "
+                   "arrays BLOB)")
+        db.execute("INSERT INTO packets VALUES ('x', 1, 2, 1, '{}', NULL)")
+        db.execute(f"CREATE TABLE packets_{LAYOUT} (path TEXT, info TEXT)")
     cache = FileCache(store, "packets", 1)
     assert cache.get(video) is None
     cache.put([(video, '{"n": 1}', b"\x00\x01"), (tmp_path / "gone.webm", "{}", None)])
@@ -68,3 +71,5 @@ def test_file_cache_keys_results_by_file_and_version_and_rebuilds_an_old_layout(
     assert FileCache(None, "packets", 1).get(video) is None  # no store
     video.write_bytes(b"y" * 11)  # changed: the stored result is not its result any more
     assert cache.get(video) is None
+    with sqlite3.connect(store) as db:
+        assert db.execute("SELECT path, meta FROM packets").fetchall() == [("x", "{}")]

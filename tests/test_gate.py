@@ -135,11 +135,12 @@ def _gate(*args: str) -> subprocess.CompletedProcess:
 def test_gate_end_to_end_same_tree_passes_and_a_slowdown_or_3x_depth_fails(tmp_path):
     baseline = tmp_path / "tiny.json"
     w = _gate("--write-baseline", str(baseline), "--preset", "tiny", "--attn", "divided_space_time",
-              "--pairs", "5")
+              "--pairs", "5", "--repeats", "2")
     assert w.returncode == 0, w.stdout + w.stderr[-2000:]
     records, meta = read_results(baseline)
     assert meta["kind"] == "gate-baseline" and meta["preset"] == "tiny" and meta["threads"] == 1
-    assert records[0].case == CASE and records[0].model["depth"] == 2 and len(records[0].extra["ratios"]) == 5
+    assert records[0].case == CASE and records[0].model["depth"] == 2 and len(records[0].extra["ratios"]) == 10
+    assert len(records[0].extra["runs"]) == 2 and meta["repeats"] == 2
     assert records[0].extra["gemm_n"] == 384 and records[0].env["machine_class"] == \
         environment_info(torch.device("cpu"))["machine_class"]
 
@@ -157,7 +158,7 @@ def test_gate_end_to_end_same_tree_passes_and_a_slowdown_or_3x_depth_fails(tmp_p
     assert summary["passed"] and summary["exit_status"] == 0 and summary["regressed"] == []
     assert ET.parse(run / "junit.xml").getroot().get("failures") == "0"
 
-    # Each step made twice as long (a sleep): -50%, caught and confirmed by the second measurement.
+    # Each step made twice as long (busy work): -50%, caught and confirmed by the second measurement.
     slowed = _gate("--baseline", str(baseline), "--out", str(tmp_path / "slowed"), "--tolerance", "0.3",
                    "--inject-delay", f"{CASE}=1.0")
     assert slowed.returncode == 1, slowed.stdout + slowed.stderr[-2000:]
@@ -183,3 +184,12 @@ def test_gate_exit_2_when_it_cannot_judge(tmp_path):
     write_results(here, [_rec()], {"kind": "gate-baseline", "device": "cpu", "preset": "tiny"})
     unknown = _gate("--baseline", str(here), "--cases", "model/nope*")
     assert unknown.returncode == 2 and "match no baseline case" in unknown.stdout
+
+
+def test_a_baseline_keeps_the_median_run_and_every_sample():
+    from timesformer_harness.bench.verdict import median_run
+
+    runs = [_rec(ratio=r, ratios=[r - 0.01, r, r + 0.01], mem=m) for r, m in ((1.05, 300), (0.99, 100), (1.01, 200))]
+    best = median_run(runs + [_rec(status="error")])
+    assert best.extra["ratio"] == 1.01 and best.peak_mem_bytes == 200 and best.extra["runs"] == [0.99, 1.01, 1.05]
+    assert sorted(best.extra["ratios"]) == pytest.approx(sorted(x for r in runs for x in r.extra["ratios"]))

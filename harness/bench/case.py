@@ -10,7 +10,6 @@ before anything is measured.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, ClassVar
 
@@ -18,7 +17,8 @@ import torch
 
 from timesformer_harness.bench.record import BenchRecord, fill_throughput
 from timesformer_harness.config import ModelConfig
-from timesformer_harness.metrics import PeakMemory, gemm, iso_now, synchronize, time_block, time_pairs, time_steps
+from timesformer_harness.metrics import (PeakMemory, Stopwatch, gemm, iso_now, synchronize, time_block, time_pairs,
+                                         time_steps)
 from timesformer_harness.runtime import device_name
 
 
@@ -96,7 +96,7 @@ class ModelCase(BenchCase):
     block_s: float = 0.0
     steps_per_block: int = 0
     calib_reps: int = 0
-    inject_delay_s: float = 0.0  # a sleep added to every step: the gate's check that it catches a slowdown
+    inject_delay_s: float = 0.0  # busy work added to every step: the gate's check that it catches a slowdown
 
     @property
     def attention_type(self) -> str:
@@ -162,7 +162,11 @@ def measure_step(build: StepBuilder, case: ModelCase, rec: BenchRecord, device: 
 
 
 def _delayed(step: Callable[[], object], seconds: float) -> Callable[[], None]:
+    """``step`` followed by ``seconds`` of busy work on this thread (a sleep would idle the core, which a real
+    slowdown does not)."""
     def slower() -> None:
         step()
-        time.sleep(seconds)
+        watch = Stopwatch()
+        while watch.elapsed() < seconds:
+            pass
     return slower

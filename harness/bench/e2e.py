@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from timesformer_harness.bench.case import ModelCase
-from timesformer_harness.bench.pipeline import WARMUP_BATCHES, build_train_loader, data_config_path
+from timesformer_harness.bench.pipeline import WARMUP_BATCHES, build_train_loader, data_config_path, load_data_config
 from timesformer_harness.bench.record import BenchRecord, fill_throughput
 from timesformer_harness.config import ModelConfig, RootConfig, load_config
 from timesformer_harness.counting import count_flops, count_params
@@ -57,11 +57,12 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
 def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
     """``TrainStep.step`` on the loader's batches; each step's time is split into waiting for the batch and the
     step itself (synchronised)."""
-    memory = PeakMemory(device, release_freed=True)
-    loader, data = build_train_loader(case, device, "auto")
+    data = load_data_config(case)
     T, S, B = data.num_frames, data.train_crop_size, data.batch_size
     rec.frames, rec.img_size, rec.batch = T, S, B
-    rec.flops_per_clip = count_flops(case.model, batch=1, frames=T, img_size=S, mode="train")
+    rec.flops_per_clip = count_flops(case.model, batch=1, frames=T, img_size=S, mode="train")  # before the window
+    memory = PeakMemory(device, release_freed=True)
+    loader, _ = build_train_loader(case, device, "auto")
     model = build_model(case.model, device, dtype=dtype, channels_last=case.channels_last)
     rec.params = count_params(model)
     train = TrainStep.build(model, device, dtype)
@@ -106,7 +107,8 @@ def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype |
 
 
 def peak_memory_covers(device: torch.device, loader: Any) -> str:
-    """What an e2e record's ``peak_mem_bytes`` includes, and what the loader keeps outside it (``pipelines.loaders``)."""
+    """What an e2e record's ``peak_mem_bytes`` includes, and what the loader keeps outside it
+    (``pipelines.loaders``)."""
     if device.type == "cuda":
         what = "torch's CUDA allocator: model, optimizer state, activations, batches on the GPU"
     else:

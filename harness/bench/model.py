@@ -24,9 +24,13 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
             for attn in attns for mode in modes]
 
 
-def build(case: ModelCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> Callable[[], None]:
-    """The step ``timesformer_harness.workload.synthetic_step`` gives for the case; fills params and FLOPs per clip."""
+def count(case: ModelCase, rec: BenchRecord) -> None:
+    """FLOPs per clip of the case's step (counted on the meta device; before the memory window opens)."""
     rec.flops_per_clip = count_flops(case.model, batch=1, frames=case.frames, img_size=case.img_size, mode=case.mode)
+
+
+def build(case: ModelCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> Callable[[], None]:
+    """The step ``timesformer_harness.workload.synthetic_step`` gives for the case; fills params."""
     model, step = synthetic_step(case.model, device, dtype, mode=case.mode, batch=case.batch, frames=case.frames,
                                  img_size=case.img_size, channels_last=case.channels_last)
     rec.params = count_params(model)
@@ -34,5 +38,6 @@ def build(case: ModelCase, rec: BenchRecord, device: torch.device, dtype: torch.
 
 
 def run(case: ModelCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> None:
-    """The step ``build`` makes, timed (``measure_step``)."""
+    """The FLOPs counted, then the step ``build`` makes, timed (``measure_step``)."""
+    count(case, rec)
     measure_step(build, case, rec, device, dtype)

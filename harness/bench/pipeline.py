@@ -117,14 +117,15 @@ def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype |
     memory = PeakMemory(device, release_freed=True)
     loader, data = build_train_loader(case, device, case.loader)
     rec.frames, rec.img_size, rec.batch = data.num_frames, data.train_crop_size, data.batch_size
-    timed = list(timed_items(take_batches(loader, WARMUP_BATCHES + case.batches), device))[WARMUP_BATCHES:]
+    timed = [(batch.video.size(0), seconds) for batch, seconds in  # the batches themselves are not kept
+             timed_items(take_batches(loader, WARMUP_BATCHES + case.batches), device)][WARMUP_BATCHES:]
     peak = memory.take()
     if peak is not None:
         rec.peak_mem_bytes, rec.peak_mem_kind = peak.growth, peak.kind
     rec.extra["peak_mem_covers"] = peak_memory_note(device, loader)
     times = [seconds for _, seconds in timed]
     fill_throughput(rec, times, clips_per_step=rec.batch, frames=rec.frames)
-    rec.clips_per_s = sum(batch.video.size(0) for batch, _ in timed) / sum(times)  # an epoch's last may be short
+    rec.clips_per_s = sum(clips for clips, _ in timed) / sum(times)  # an epoch's last batch may be short
     rec.images_per_s = rec.clips_per_s * rec.frames
     rec.extra["rejected"] = len(getattr(loader, "rejected", []))
     rec.extra["decoded_frames"] = decoded_frames_per_clip(loader)

@@ -20,7 +20,7 @@ from timesformer_harness.metrics import relative_spread
 
 TOLERANCE_FLOOR = 0.06
 TOLERANCE_CEILING = 0.15
-TOLERANCE_Z = 2.5
+TOLERANCE_Z = 2.0
 DEFAULT_MEM_TOLERANCE = 0.05  # peak memory growth; a memory regression is re-measured like a timing one
 
 
@@ -91,6 +91,19 @@ def judge_all(baseline: list[BenchRecord], candidate: list[BenchRecord], toleran
               mem_tolerance: float = DEFAULT_MEM_TOLERANCE) -> list[Verdict]:
     by_case = {r.case: r for r in candidate}
     return [judge(b, by_case.get(b.case), tolerance, mem_tolerance) for b in baseline]
+
+
+def median_run(runs: list[BenchRecord]) -> BenchRecord:
+    """One record of a case measured in several processes (a baseline): the run whose ratio is the median, carrying
+    every run's ratio (``extra["runs"]``) and every sample (``extra["ratios"]``, so the case's tolerance sees the
+    spread between processes too, which one process's samples cannot show)."""
+    ok = sorted((r for r in runs if r.status == "ok"), key=lambda r: r.extra["ratio"])
+    if not ok:
+        return runs[0]
+    chosen = ok[(len(ok) - 1) // 2]
+    extra = {**chosen.extra, "runs": [r.extra["ratio"] for r in ok],
+             "ratios": [x for r in ok for x in r.extra["ratios"]]}
+    return BenchRecord.from_dict({**chosen.to_dict(), "extra": extra})
 
 
 def better(first: BenchRecord, second: BenchRecord) -> BenchRecord:

@@ -30,7 +30,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path

@@ -27,7 +27,6 @@ import logging
 import math
 import multiprocessing
 import os
-import sqlite3
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor

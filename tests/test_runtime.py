@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from timesformer_harness.runtime import (autocast, device_name, environment_info, precision_name, resolve_device,
-                                         resolve_precision, seed_everything, set_determinism)
+from timesformer_harness.runtime import (autocast, device_name, environment_info, git_state, precision_name,
+                                         resolve_device, resolve_precision, seed_everything, set_determinism)
 
 CPU = torch.device("cpu")
 
@@ -73,6 +73,7 @@ def test_set_determinism_switches_torch_and_cublas(monkeypatch):
 
 
 def test_environment_info_names_versions_and_hardware():
+    git_state.cache_clear()  # read once per process: the tree may have changed since this worker read it
     info = environment_info(CPU)
     assert info["torch"] == torch.__version__ and info["device"] == "cpu"
     assert info["cpu_threads"] == torch.get_num_threads() and isinstance(info["apex"], bool)

@@ -21,6 +21,7 @@ from timesformer_harness.variants import REFERENCE, variant
 ATTN_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "naive")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BENCH_SUITES = ("model", "attention", "scaling", "pipeline", "e2e")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # "none": eager
 PACKAGE_DIR = Path(__file__).resolve().parent  # timesformer_harness: harness/ in a clone
 REPO_ROOT = PACKAGE_DIR.parent
 # The shipped configs: the clone's configs/, or their copy inside an installed wheel (timesformer_harness/configs/).
@@ -112,7 +113,8 @@ class TrainConfig:
 
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True
-    compile: bool = False
+    compile: str = "none"  # none | default | reduce-overhead | max-autotune (torch.compile modes)
+    warmup_steps: int = 1  # optimizer steps per epoch logged as warm-up, outside the steady clips/s
     eval_period: int = 5
     checkpoint_period: int = 1
     keep_last: int = 3
@@ -132,6 +134,10 @@ class TrainConfig:
                              "train.keep_last >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}; choose from {list(PRECISIONS)}")
+        self.compile = {"true": "default", "false": "none"}.get(str(self.compile).lower(), self.compile)
+        check_compile_mode(self.compile, "train.compile")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps}; must be >= 0")
 
 
 @dataclass
@@ -162,8 +168,10 @@ class BenchConfig:
     channels_last: bool = True
     preset: str = ""  # model preset; "" = cpu_bench without a GPU, vit_base_patch16 with one
     suites: list[str] = field(default_factory=lambda: ["model", "attention", "scaling", "pipeline", "e2e"])
-    frames: list[int] = field(default_factory=list)  # scaling sweep; [] = [T, 2T] on CPU, [T, 2T, 4T] on GPU
-    img_sizes: list[int] = field(default_factory=list)  # scaling sweep; [] = the preset's img_size
+    frames: list[int] = field(default_factory=list)  # scaling sweep; [] and img_sizes [] = T, 2T on CPU, the
+    img_sizes: list[int] = field(default_factory=list)  # paper's grid on a GPU (bench.scaling.paper_grid)
+    batches: list[int] = field(default_factory=list)  # model suite; [] = [batch_size] on CPU, 2, 4, ... to OOM on GPU
+    compile: list[str] = field(default_factory=lambda: ["none"])  # model suite: torch.compile modes, none = eager
     sweep_warmup: int = 1  # the scaling sweep's larger cases take fewer steps
     sweep_steps: int = 3
     mem_limit_gb: float = 8.0  # CPU only: address-space cap per case, so a too-big case records oom, not swap
@@ -182,6 +190,16 @@ class BenchConfig:
             raise ValueError(f"bench.precision={self.precision!r}; choose from {list(PRECISIONS)}")
         if self.batch_size < 1 or self.steps < 1 or self.sweep_steps < 1:
             raise ValueError("bench.batch_size, bench.steps and bench.sweep_steps must be >= 1")
+        if any(b < 1 for b in self.batches):
+            raise ValueError(f"bench.batches={list(self.batches)}: every batch must be >= 1")
+        for mode in self.compile:
+            check_compile_mode(mode, "bench.compile")
+
+
+def check_compile_mode(mode: str, key: str = "compile") -> None:
+    """Raise ValueError naming ``key`` and the modes when ``mode`` is not one of ``COMPILE_MODES``."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"{key}={mode!r}; choose from {list(COMPILE_MODES)} (torch.compile's modes; none = eager)")
 
 
 def check_bench_suites(suites: list[str]) -> None:

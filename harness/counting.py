@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts per clip.
+"""Parameter and FLOP counts per clip, and aten op counts per step.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device: no compute, no memory,
 and SDPA takes its math path there, so attention FLOPs are counted (the CPU flash kernel has no FLOP formula
@@ -7,9 +7,12 @@ and would count 0). FLOPs = 2 x multiply-adds; the paper's "TFLOPs" are multiply
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from timesformer_harness.config import ModelConfig
@@ -50,3 +53,116 @@ def count_flops(
             with torch.no_grad():
                 meta_model(x)
     return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------- ops per step
+
+# An op "launches" unless it is a view (``OpOverload.is_view``) or one of these: allocations, and views the schema
+# does not mark as such. A launching op is at least one kernel on a GPU (a few, such as ``_foreach_copy_`` over many
+# tensors, may be more); the count is what the host issues per step, the cost that bounds a small step on a GPU.
+NO_KERNEL = frozenset({"empty.memory_format", "empty_strided.default", "empty_like.default", "new_empty.default",
+                       "new_empty_strided.default", "_unsafe_view.default", "lift_fresh.default",
+                       "resize_.default", "set_.source_Storage_storage_offset"})
+SYNC_OPS = frozenset({"_local_scalar_dense.default", "item.default"})  # the device's result read on the host
+
+
+@dataclass
+class OpCount:
+    """aten ops dispatched in one phase of a step: every op, those that launch a kernel on a GPU (not views or
+    allocations), host-device syncs (a scalar read back), and the count per op name."""
+
+    ops: int = 0
+    launches: int = 0
+    syncs: int = 0
+    by_name: Counter = field(default_factory=Counter)
+
+    def add(self, name: str, is_view: bool) -> None:
+        self.ops += 1
+        self.by_name[name] += 1
+        if not is_view and name not in NO_KERNEL:
+            self.launches += 1
+        if name in SYNC_OPS:
+            self.syncs += 1
+
+    def __add__(self, other: OpCount) -> OpCount:
+        return OpCount(self.ops + other.ops, self.launches + other.launches, self.syncs + other.syncs,
+                       self.by_name + other.by_name)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run under it (below autograd and autocast: the casts and the backward ops count too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = OpCount()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        if func.namespace == "aten":  # not the profiler's record_function markers
+            self.count.add(f"{func._opname}.{func._overloadname}", func.is_view)
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> OpCount:
+    """The aten ops of one call of ``fn`` (call it once before to leave lazy initialisation out)."""
+    with OpCounter() as counter:
+        fn()
+    return counter.count
+
+
+def count_train_step(train: Any, video: torch.Tensor, labels: torch.Tensor) -> dict[str, OpCount]:
+    """The aten ops of one ``TrainStep`` (``timesformer_harness.workload``) on a batch, by phase: ``forward``,
+    ``backward``, ``optimizer`` and their ``total``. Run a step before to leave lazy initialisation out."""
+    with OpCounter() as forward:
+        _, loss = train.forward(video, labels)
+    with OpCounter() as backward:
+        train.backward(loss)
+    with OpCounter() as optimizer:
+        train.optimizer_step()
+    counts = {"forward": forward.count, "backward": backward.count, "optimizer": optimizer.count}
+    return {**counts, "total": forward.count + backward.count + optimizer.count}
+
+
+def _is_view(aten_name: str) -> bool:
+    packet = getattr(torch.ops.aten, aten_name, None)
+    return packet is not None and any(getattr(packet, o).is_view for o in packet.overloads())
+
+
+_NO_KERNEL_NAMES = {n.split(".")[0] for n in NO_KERNEL} | {"empty", "as_strided_", "resolve_conj", "resolve_neg"}
+
+
+def profiled_launches(fn: Callable[[], object]) -> Counter:
+    """Kernel launches of one call of ``fn``, read from a ``torch.profiler`` trace: what a compiled step issues
+    (a dispatch mode cannot see inside compiled code). Counted: each inductor kernel (compile with
+    ``torch._inductor.config.cpp.enable_kernel_profile`` on CPU, so that each call is a trace event), each
+    ``_foreach`` op once, and each innermost aten op that is neither a view nor an allocation. Innermost ops
+    include the kernels an op runs inside itself (``slice_backward``'s fill and copy), so this counts somewhat
+    more than ``OpCounter`` does for the same eager step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = list(prof.events())
+    children: dict[int, list] = {}
+    for e in events:
+        if e.cpu_parent is not None:
+            children.setdefault(id(e.cpu_parent), []).append(e)
+    counts: Counter = Counter()
+
+    def launches(e: Any) -> int:
+        if "cpp_fused" in e.name or "triton_" in e.name:
+            counts["inductor kernel"] += 1
+            return 1
+        if e.name.startswith("aten::_foreach"):
+            counts[e.name] += 1
+            return 1
+        inner = sum(launches(k) for k in children.get(id(e), []))
+        op = e.name.removeprefix("aten::")
+        if inner == 0 and e.name.startswith("aten::") and op not in _NO_KERNEL_NAMES and not _is_view(op):
+            counts[e.name] += 1
+            return 1
+        return inner
+
+    for e in events:
+        if e.cpu_parent is None:
+            launches(e)
+    return counts

@@ -237,7 +237,7 @@ def collect_train(out: Path) -> Callable[[str], dict[str, Any]]:
         figures = {"loader": describe_loader(start.get("loader")), "optimizer": start.get("optimizer"),
                    "precision": start.get("precision"),
                    "world_size": start.get("world_size"), "steps": end.get("step"),
-                   "clips_per_s": _round(last.get("time/clips_per_s")),
+                   "clips_per_s": _round(end.get("time/steady_clips_per_s") or last.get("time/clips_per_s")),
                    "data_wait_pct": _round(last.get("time/data_wait_pct")),
                    "peak_gib": _peak_gib(last), "val_peak_gib": _peak_gib(vals[-1], "val_") if vals else None}
         if (out / "eval_val.json").is_file():

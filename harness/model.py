@@ -9,6 +9,7 @@ original checkpoints load and give the same logits. Attention goes through ``tim
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Sequence
 
 import torch
 from einops import rearrange
@@ -19,29 +20,13 @@ from torch.utils.checkpoint import checkpoint
 from timesformer_harness.config import CONFIG_DIR, ModelConfig, model_kwargs
 from timesformer_harness.embeddings import resize_pos_embed, resize_time_embed
 from timesformer_harness.kernels.attention import Attention
-from timesformer_harness.kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
+from timesformer_harness.kernels.cast import call_with_cast_weights, matmul_weight_names
+from timesformer_harness.kernels.layout import frames_residual, patch_major, temporal_residual_and_frames
+from timesformer_harness.kernels.residual import draw_keep_scales, residual_add, scale_rows
 from timesformer_harness.variants import REFERENCE, variant
 
 LN_EPS = 1e-6  # the original wrappers use eps 1e-6 (the class default of 1e-5 is never used)
 PRESET_DIR = CONFIG_DIR / "model"
-
-
-class DropPath(nn.Module):
-    """Per-sample stochastic depth (row-wise over dim 0), scaled by 1/keep as in timm."""
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 class Mlp(nn.Module):
@@ -55,7 +40,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        tokens = x.flatten(0, -2)  # the matmuls on (tokens, D): no reshapes around each of them
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(tokens))))).view(x.shape)
 
 
 class PatchEmbed(nn.Module):
@@ -107,30 +93,47 @@ class Block(nn.Module):
             self.temporal_norm1 = nn.LayerNorm(dim, eps=LN_EPS)
             self.temporal_attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, attn_backend, "attn/temporal")
             self.temporal_fc = nn.Linear(dim, dim)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_prob = drop_path  # stochastic depth: the model draws every block's masks at once
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.matmul_weights = matmul_weight_names(self)
 
-    def forward(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """x: (B, 1 + N*T, D) when the variant keeps the frames joint; (B*T, 1 + N, D) when each frame is one."""
-        if not self.variant.temporal_branch:
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
+    def drop_path_shapes(self, B: int, T: int, N: int) -> list[tuple[int, ...]]:
+        """The shapes of the stochastic-depth scales ``forward`` takes, one per residual branch, broadcast against
+        the branch: whole rows are dropped (per clip; per patch sequence and per frame in divided attention, per
+        frame in space-only attention, as in the original)."""
+        if self.variant.temporal_branch:
+            return [(B, N, 1, 1), (B, T, 1), (B, 1, 1)]
+        rows = B if self.variant.frames_joint else B * T
+        return [(rows, 1, 1), (rows, 1, 1)]
 
-        # Temporal: each patch position attends over its T frames; the CLS token takes no part.
-        # drop_path acts on the reshaped (B*N) rows and temporal_fc comes after it, as in the original.
-        patches = x[:, 1:]  # (B, N*T, D)
-        res_t = self.drop_path(self.temporal_attn(self.temporal_norm1(to_temporal(patches, T))))
-        patches = patches + self.temporal_fc(from_temporal(res_t, B))
+    def forward(self, x: torch.Tensor, B: int, T: int, scales: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (B, 1 + N*T, D) when the variant keeps the frames joint; (B*T, 1 + N, D) when each frame is one.
+        ``scales``: stochastic depth's keep masks divided by the keep probability (``drop_path_shapes``), or None."""
+        *attn_scales, mlp_scale = scales if scales is not None else [None] * len(self.drop_path_shapes(1, 1, 1))
+        if self.variant.temporal_branch:
+            x = self._space_time(x, B, T, *attn_scales)
+        else:
+            x = residual_add(x, self.attn(self.norm1(x)), attn_scales[0])
+        return residual_add(x, self.mlp(self.norm2(x)), mlp_scale)
 
-        # Spatial: each frame attends over its N patches plus a copy of the CLS token.
-        cls = x[:, :1]  # (B, 1, D)
-        cls_per_frame = rearrange(cls.expand(-1, T, -1), "b t d -> (b t) 1 d")
-        xs = torch.cat([cls_per_frame, to_spatial(patches, T)], dim=1)  # (B*T, 1+N, D)
-        res_s = self.drop_path(self.attn(self.norm1(xs)))
-        cls_res = res_s[:, :1].reshape(B, T, -1).mean(dim=1, keepdim=True)  # CLS output averaged over frames
-        x = torch.cat([cls, patches], dim=1) + torch.cat([cls_res, from_spatial(res_s[:, 1:], B)], dim=1)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def _space_time(self, x: torch.Tensor, B: int, T: int, temporal_scale: torch.Tensor | None,
+                    spatial_scale: torch.Tensor | None) -> torch.Tensor:
+        """Divided attention: temporal (each patch over its T frames; the CLS token takes no part), then spatial
+        (each frame over its N patches and the CLS token, whose T outputs are averaged). Tokens stay in the
+        ``(n t)`` order; ``kernels/layout.py`` moves them to per-frame sequences and back."""
+        D = x.size(-1)
+        N = (x.size(1) - 1) // T
+        # LayerNorm is per token: it runs on every token (the CLS row is not used) and the patches are read in place.
+        res_t = self.temporal_attn(self.temporal_norm1(x)[:, 1:], seq_len=T)  # (B, N*T, D)
+        # Stochastic depth drops whole patch sequences, before temporal_fc, as in the original.
+        res_t = scale_rows(patch_major(res_t, T), temporal_scale).view(B, N * T, D)
+        x, frames = temporal_residual_and_frames(x, self.temporal_fc(res_t), T)  # frames: (B, T, 1+N, D)
+        res_s = self.attn(self.norm1(frames).view(B * T, 1 + N, D)).view(B, T, 1 + N, D)
+        return frames_residual(x, res_s, spatial_scale, T)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
 
 
 class TimeSformer(nn.Module):
@@ -193,6 +196,22 @@ class TimeSformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(init, time_embed_std)
+        self.stem_weights, self.head_weights = matmul_weight_names(self.patch_embed), matmul_weight_names(self.head)
+        self._keep_cache: dict = {}  # stochastic depth's keep probabilities on the device, per batch shape
+
+    def drop_path_scales(self, B: int, T: int, N: int, device: torch.device) -> list[list[torch.Tensor] | None]:
+        """Every block's stochastic-depth scales for one forward (``Block.drop_path_shapes``), drawn at once; None
+        for a block that drops nothing (eval mode, or a drop probability of 0)."""
+        drawn = [blk for blk in self.blocks if self.training and blk.drop_prob > 0.0]
+        shapes = [blk.drop_path_shapes(B, T, N) for blk in drawn]
+        flat = draw_keep_scales([s for block in shapes for s in block],
+                                [blk.drop_prob for blk, block in zip(drawn, shapes) for _ in block], device,
+                                self._keep_cache) if drawn else []
+        scales, i = {}, 0
+        for blk, block in zip(drawn, shapes):
+            scales[id(blk)] = flat[i:i + len(block)]
+            i += len(block)
+        return [scales.get(id(blk)) for blk in self.blocks]
 
     def _init_weights(self, init: str, time_embed_std: float) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -236,27 +255,29 @@ class TimeSformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, T, H, W) -> CLS features (B, embed_dim)."""
         B = x.size(0)
-        x, T, Wp = self.patch_embed(x)  # (B*T, N, D)
-        x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1)
-        x = self.pos_drop(x + self._pos_embed(x.size(1), Wp))
-        if self.variant.frames_joint:
-            cls_tokens = x[:B, :1]  # every (b, t) row holds the same CLS + pos[0]; the original takes the first B
-            x = rearrange(x[:, 1:], "(b t) n d -> (b n) t d", b=B)
+        x, T, Wp = call_with_cast_weights(self.patch_embed, self.stem_weights, x)  # (B*T, N, D)
+        N = x.size(1)
+        pos = self._pos_embed(N + 1, Wp)
+        cls = self.cls_token + pos[:, :1]  # the same in every frame
+        x = self.pos_drop(x + pos[:, 1:])  # (B*T, N, D)
+        if self.variant.frames_joint:  # one sequence per clip: (B, 1+N*T, D), patches in (n t) order
+            x = x.view(B, T, N, -1)
             if self.variant.time_embed:
-                x = self.time_drop(x + self._time_embed(T))
-            x = torch.cat([cls_tokens, rearrange(x, "(b n) t d -> b (n t) d", b=B)], dim=1)  # (B, 1+N*T, D)
-        for blk in self.blocks:
+                x = self.time_drop(x + self._time_embed(T).unsqueeze(2))
+            x = torch.cat([cls.expand(B, -1, -1), x.transpose(1, 2).reshape(B, N * T, -1)], dim=1)
+        else:  # one sequence per frame: (B*T, 1+N, D)
+            x = torch.cat([cls.expand(B * T, -1, -1), x], dim=1)
+        for blk, scales in zip(self.blocks, self.drop_path_scales(B, T, N, x.device)):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, B, T, use_reentrant=False)
+                x = checkpoint(call_with_cast_weights, blk, blk.matmul_weights, x, B, T, scales, use_reentrant=False)
             else:
-                x = blk(x, B, T)
-        if not self.variant.frames_joint:
-            x = rearrange(x, "(b t) n d -> b t n d", b=B).mean(dim=1)  # average frames before the final norm
-        return self.norm(x)[:, 0]
+                x = call_with_cast_weights(blk, blk.matmul_weights, x, B, T, scales)
+        cls = x[:, 0] if self.variant.frames_joint else x[:, 0].view(B, T, -1).mean(dim=1)  # frames averaged
+        return self.norm(cls)  # LayerNorm is per token: the CLS token's alone is the one used
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, T, H, W) -> logits (B, num_classes)."""
-        return self.head(self.forward_features(x))
+        return call_with_cast_weights(self.head, self.head_weights, self.forward_features(x))
 
 
 def load_preset(name: str) -> ModelConfig:

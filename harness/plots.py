@@ -1,5 +1,6 @@
 """PNG plots of bench results: throughput (with the 95% interval of its median as error bars) and peak memory
-against frames, one line per attention variant."""
+against frames, and cost and memory per clip against image size and frames (the paper's Fig. 3), one line per
+attention variant."""
 
 from __future__ import annotations
 
@@ -75,6 +76,54 @@ def plot_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[Path]:
         fig.suptitle(f"{any_r.preset} {mode}, {img}px, batch {any_r.batch}, {any_r.precision}, {any_r.device_name}")
         fig.tight_layout()
         path = out_dir / f"scaling_{mode}_{img}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_cost_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[Path]:
+    """Write ``scaling_cost_<mode>.png`` like the paper's Fig. 3: cost (TFLOPs per clip, counted) and peak memory
+    per clip (the case's peak over its batch) against image size (at the fewest frames) and against frames (at the
+    smallest image size), one line per variant; a case that ran out of memory is an ``x`` (its cost still counted)."""
+    out_dir = Path(out_dir)
+    written = []
+    for mode in sorted({r.mode for r in records if r.suite in ("model", "scaling") and r.mode}):
+        rs = [r for r in records if r.suite in ("model", "scaling") and r.mode == mode and r.frames and r.img_size
+              and r.status in ("ok", "oom")]
+        if not rs:
+            continue
+        T0, S0 = min(r.frames for r in rs), min(r.img_size for r in rs)
+        lines = {"image size (px)": ([r for r in rs if r.frames == T0], lambda r: r.img_size),
+                 "frames": ([r for r in rs if r.img_size == S0], lambda r: r.frames)}
+        if all(len({x(r) for r in sel}) < 2 for sel, x in lines.values()):
+            continue
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
+        for col, (xlabel, (sel, x)) in enumerate(lines.items()):
+            ax_cost, ax_mem = axes[0][col], axes[1][col]
+            for attn in sorted({r.attention_type or "?" for r in sel}):
+                pts = sorted((r for r in sel if r.attention_type == attn), key=x)
+                ok = [r for r in pts if r.status == "ok"]
+                costed = [r for r in pts if r.flops_per_clip]
+                line = ax_cost.plot([x(r) for r in costed], [r.flops_per_clip / 1e12 for r in costed], marker="o",
+                                    label=attn)[0]
+                ax_mem.plot([x(r) for r in ok], [(r.peak_mem_bytes or 0) / (r.batch or 1) / 2**30 for r in ok],
+                            marker="o", color=line.get_color(), label=attn)
+                oom = [r for r in pts if r.status == "oom"]
+                if oom:
+                    ax_cost.plot([x(r) for r in oom], [(r.flops_per_clip or 0) / 1e12 for r in oom], "x",
+                                 color=line.get_color(), markersize=12, label=f"{attn} out of memory")
+                    ax_mem.plot([x(r) for r in oom], [0] * len(oom), "x", color=line.get_color(), markersize=12)
+            for ax, ylabel in ((ax_cost, "TFLOPs per clip"), (ax_mem, "peak memory per clip (GiB)")):
+                ax.set_xlabel(xlabel + (f" at {T0} frames" if col == 0 else f" at {S0} px"))
+                ax.set_ylabel(ylabel)
+                ax.grid(True, alpha=0.3)
+            ax_cost.legend(fontsize=7)
+        any_r = rs[0]
+        fig.suptitle(f"{any_r.preset} {mode} cost and memory, batch {any_r.batch}, {any_r.precision}, "
+                     f"{any_r.device_name}")
+        fig.tight_layout()
+        path = out_dir / f"scaling_cost_{mode}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)

@@ -60,6 +60,18 @@ from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, 
 logger = logging.getLogger(__name__)
 
 
+def read_back(t: torch.Tensor) -> list[float]:
+    """``t``'s values on the host: the only way the Trainer waits for the device (once per micro-batch)."""
+    return t.tolist()
+
+
+def device_values(values: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Host values as a tensor on ``device``, copied from pinned memory without waiting for the device (a copy from
+    pageable memory would wait for the work queued before it)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf."""
 
@@ -107,6 +119,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last)
         self.start_epoch, self.start_batch, self.step = 0, 0, 0
         self.bad_videos: list[dict[str, Any]] = []  # the train loader's quarantine, as restored / last merged
+        self.steady = ThroughputWindow()  # every log window past the warm-up steps, for the run's steady clips/s
         self._train_loader: Any = None
         self._restore()
         self.ddp: DDP | None = None
@@ -114,7 +127,8 @@ class Trainer:
             self.ddp = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
                            find_unused_parameters=cfg.dist.find_unused_parameters)
         self.train_step = TrainStep(self.model, self.optimizer, self.scaler, self.device, self.dtype,
-                                    forward_model=compile_model(self.ddp or self.model, cfg.train.compile),
+                                    forward_model=compile_model(self.ddp or self.model, cfg.train.compile,
+                                                                fullgraph=self.ddp is None),
                                     grad_clip=cfg.solver.grad_clip, label_smoothing=cfg.solver.label_smoothing)
 
         per_step = cfg.data.batch_size * info.world_size
@@ -244,8 +258,10 @@ class Trainer:
                     self._report_stop(self.save(epoch + 1, 0))
                     return 0
             digests = all_gather_objects(param_digest(self.model))
+            steady = self.steady.take()
             self.metrics.log({"event": "end", "param_digests": digests,
                               "time/total_s": round(run_clock.elapsed(), 2),
+                              "time/steady_clips_per_s": steady["clips_per_s"] if steady["steps"] else None,
                               "data/quarantined": len({e["path"] for e in self.bad_videos}),
                               "data/preflight_rejected": len(loader.rejected)}, self.step)
             if len(set(digests)) != 1:
@@ -263,9 +279,12 @@ class Trainer:
             print(f"stopped by {self.stop_signal or 'a signal on another rank'}: saved {path}; "
                   f"rerun the same command to resume", flush=True)
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (a collective)."""
+        return read_back(all_reduce_sum(device_values([float(flag)], self.device)))[0] > 0
+
     def _agreed_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
-        return bool(all_reduce_sum(flag).item() > 0)
+        return self._any_rank(self.stop_signal is not None)
 
     def _merge_bad_videos(self, loader: Any) -> Quarantine:
         """Every rank's quarantine merged into ``loader.quarantine`` (a collective) and kept in ``rejected.csv``
@@ -281,7 +300,7 @@ class Trainer:
         """Stop every rank when any rank's loader stopped on a bad video instead of giving batch ``batch`` (``got``
         is the ``BadVideoError`` there); a collective."""
         failed = isinstance(got, BadVideoError)
-        if all_reduce_sum(torch.tensor([1.0 if failed else 0.0], device=self.device)).item() > 0:
+        if self._any_rank(failed):
             self._stop_on_bad_video(loader, epoch, batch, got if failed else None)
 
     def _stop_on_bad_video(self, loader: Any, epoch: int, batch: int, error: BadVideoError | None) -> NoReturn:
@@ -317,8 +336,13 @@ class Trainer:
 
             bar = tqdm(total=n, initial=start, desc=f"epoch {epoch + 1}/{cfg.solver.max_epoch}", dynamic_ncols=True,
                        leave=False, file=sys.stderr)
-        loss_sum = correct = seen = 0.0
+        loss_sum = seen = 0.0
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)  # read at the epoch's end, not per step
         window, window_loss = ThroughputWindow(), []  # the log window: steps, clips, data wait; its losses
+        # The epoch's first optimizer steps (a cold loader, allocator growth, autotuning, compilation) are a window
+        # of their own, logged as warm-up; the steady clips/s leaves them out.
+        warmup_iters = min(self.accum * cfg.train.warmup_steps, n - start)
+        warming = warmup_iters > 0
         stop = False
         done = 0
         # The next batch is fetched right after each forward, before the step's all-reduce, so that a rank whose
@@ -336,8 +360,8 @@ class Trainer:
             lr = lr_at(cfg.solver, epoch + i / n)
             set_lr(self.optimizer, lr)
             sync = (i + 1) % self.accum == 0
-            video = batch.video.to(self.device, non_blocking=True)
-            labels = batch.label.to(self.device, non_blocking=True)
+            on_device = batch.to(self.device)  # the loaders deliver on the device already; a no-op then
+            video, labels = on_device.video, on_device.label
             targets = None
             if mixing:
                 video, targets = mix_batch(video, labels, cfg.model.num_classes, cfg.solver.mixup_alpha,
@@ -350,17 +374,10 @@ class Trainer:
                 batch = next(batches, None) if i + 1 < n else None
                 next_fetch_s = fetch.elapsed()
                 failed = isinstance(batch, BadVideoError)
-                # One small all-reduce per iteration: the mean loss (for logging and the NaN check on every rank),
-                # the stop flag, so all ranks stop after the same optimizer step, and the bad-video flag of the next
-                # batch, so all ranks stop together.
-                stats = all_reduce_sum(torch.stack([loss.detach().float(),
-                                                    torch.tensor(1.0 if self.stop_signal else 0.0,
-                                                                 device=self.device),
-                                                    torch.tensor(1.0 if failed else 0.0, device=self.device)]))
-                if stats[2].item() > 0:
+                loss_val, any_stop, any_failed = self._exchange(loss, self.stop_signal is not None, failed)
+                if any_failed:
                     self._stop_on_bad_video(loader, epoch, i + 1, batch if failed else None)
-                loss_val = stats[0].item() / info.world_size
-                stop = stop or stats[1].item() > 0
+                stop = stop or any_stop
                 if not math.isfinite(loss_val):
                     self._fail_non_finite(loss_val, epoch, i)
                 self.train_step.backward(loss, self.accum)
@@ -369,7 +386,8 @@ class Trainer:
                 self.step += 1
                 self.hooks.on_optimizer_step(self.step)
             loss_sum += loss_val
-            correct += (logits.detach().argmax(-1) == labels).sum().item() if not mixing else 0
+            if not mixing:
+                correct += (logits.detach().argmax(-1) == labels).sum()
             seen += labels.numel()
             window.add(clips_per_iter, fetch_s, iteration.lap())
             window_loss.append(loss_val)
@@ -379,8 +397,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.3g}",
                                 clips_s=f"{window.clips / max(window.total_s, 1e-9):.1f}",
                                 data=f"{100 * window.wait_s / max(window.total_s, 1e-9):.0f}%")
-            if sync and self.step % cfg.train.log_period == 0:
-                self._log_window(window, window_loss, lr, epoch)
+            if warming and i + 1 - start == warmup_iters:
+                self._log_window(window, window_loss, lr, epoch, warmup=True)
+                warming = False
+            elif sync and self.step % cfg.train.log_period == 0:
+                self._log_window(window, window_loss, lr, epoch, warmup=warming)
             if sync and stop:
                 if bar is not None:
                     bar.close()
@@ -388,13 +409,14 @@ class Trainer:
         if bar is not None:
             bar.close()
         if window.steps:
-            self._log_window(window, window_loss, lr_at(cfg.solver, epoch + (n - 1) / n), epoch)
+            self._log_window(window, window_loss, lr_at(cfg.solver, epoch + (n - 1) / n), epoch, warmup=warming)
         done = max(done, 1)
-        totals = all_reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=self.device))
-        record = {"event": "epoch", "epoch": epoch + 1, "train/loss": totals[0].item() / info.world_size / done,
+        totals = torch.cat([device_values([loss_sum, seen], self.device, torch.float64), correct.double().reshape(1)])
+        loss_total, seen_total, correct_total = read_back(all_reduce_sum(totals))
+        record = {"event": "epoch", "epoch": epoch + 1, "train/loss": loss_total / info.world_size / done,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         if not mixing:
-            record["train/top1"] = 100.0 * totals[1].item() / max(totals[2].item(), 1)
+            record["train/top1"] = 100.0 * correct_total / max(seen_total, 1)
         bad = self._merge_bad_videos(loader)
         record["data/quarantined"] = len(bad)
         record["data/quarantined_epoch"] = len({e.path for e in bad.entries if e.epoch == epoch})
@@ -411,15 +433,29 @@ class Trainer:
             raise type(e)(f"{e}\nevery video left out is listed in {self.run_dir / 'rejected.csv'}") from None
         return stop, 0
 
-    def _log_window(self, window: ThroughputWindow, losses: list[float], lr: float, epoch: int) -> None:
-        """Log the window's loss, clips/s and data-wait share and memory peak; the next window begins."""
+    def _exchange(self, loss: torch.Tensor, stop: bool, failed: bool) -> tuple[float, bool, bool]:
+        """The micro-batch's one host-device sync, in one small all-reduce: the mean loss over ranks (for the log
+        and the non-finite check on every rank), whether any rank was asked to stop (all stop after the same
+        optimizer step) and whether any rank's next batch met a bad video (all stop together). The flags go to the
+        device from pinned memory without waiting; the one wait is reading the result back."""
+        flags = device_values([float(stop), float(failed)], self.device)
+        stats = torch.cat([loss.detach().float().reshape(1), flags])
+        total, stops, fails = read_back(all_reduce_sum(stats))
+        return total / self.info.world_size, stops > 0, fails > 0
+
+    def _log_window(self, window: ThroughputWindow, losses: list[float], lr: float, epoch: int,
+                    warmup: bool = False) -> None:
+        """Log the window's loss, clips/s and data-wait share and memory peak; the next window begins. A warm-up
+        window (``train.warmup_steps``) is marked ``time/warmup`` and left out of the run's steady clips/s."""
         if not window.steps:
             return
         steps = window.take()
+        if not warmup:
+            self.steady.add(steps["clips"], 0.0, steps["seconds"])
         record = {"event": "train", "epoch": epoch + 1, "train/loss": sum(losses) / len(losses), "opt/lr": lr,
                   "time/clips_per_s": steps["clips_per_s"],
                   "time/frames_per_s": steps["clips_per_s"] * self.cfg.data.num_frames,
-                  "time/data_wait_pct": 100.0 * steps["data_wait_share"]}
+                  "time/data_wait_pct": 100.0 * steps["data_wait_share"], "time/warmup": warmup}
         losses.clear()
         record.update(self._memory_peak())
         self.metrics.log(record, self.step)

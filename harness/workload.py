@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from timesformer_harness.config import ModelConfig, SolverConfig
+from timesformer_harness.config import ModelConfig, SolverConfig, check_compile_mode
 from timesformer_harness.mixup import soft_target_cross_entropy
 from timesformer_harness.model import TimeSformer, create_model
 from timesformer_harness.optim import build_optimizer
@@ -66,9 +66,14 @@ def build_model(cfg: ModelConfig, device: torch.device, *, dtype: torch.dtype | 
     return model
 
 
-def compile_model(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """``torch.compile(module)`` when ``enabled`` (compiled lazily, on the first call), else ``module``."""
-    return torch.compile(module) if enabled else module
+def compile_model(module: torch.nn.Module, mode: str = "none", *, fullgraph: bool = True) -> torch.nn.Module:
+    """``torch.compile(module)`` in ``mode`` (``COMPILE_MODES``; compiled lazily, at the first call), or ``module`` for
+    ``none``. ``fullgraph``: a graph break fails instead of splitting the step; DDP's wrapper splits the graph at its
+    gradient buckets on purpose, so the Trainer passes False there."""
+    check_compile_mode(mode)
+    if mode == "none":
+        return module
+    return torch.compile(module, mode=None if mode == "default" else mode, fullgraph=fullgraph)
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
@@ -114,7 +119,7 @@ class TrainStep:
 
     @classmethod
     def build(cls, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None,
-              solver: SolverConfig = BENCH_SOLVER, *, compile: bool = False) -> TrainStep:
+              solver: SolverConfig = BENCH_SOLVER, *, compile: str = "none") -> TrainStep:
         """A step with its own optimizer (``build_optimizer(solver)``) and scaler, clipping and smoothing from
         ``solver``; the model is put in train mode."""
         optimizer, _ = build_optimizer(list(model.parameters()), solver, device)
@@ -170,7 +175,7 @@ def infer_step(model: torch.nn.Module, device: torch.device, dtype: torch.dtype 
 
 def synthetic_step(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, *, mode: str, batch: int,
                    frames: int | None = None, img_size: int | None = None, channels_last: bool = False,
-                   compile: bool = False, solver: SolverConfig = BENCH_SOLVER
+                   compile: str = "none", solver: SolverConfig = BENCH_SOLVER
                    ) -> tuple[TimeSformer, Callable[[], None]]:
     """The model of ``cfg`` and one step on a fixed random batch: what the bench, gate and benchmarks time.
 

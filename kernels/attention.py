@@ -138,12 +138,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D) -> (B, L, D)."""
+    def forward(self, x: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        """x: (B, L, D) -> (B, L, D). With ``seq_len``, each run of ``seq_len`` consecutive tokens is one sequence
+        (attention does not cross runs): divided attention's T frames of one patch, read where they lie."""
         B, L, D = x.shape
+        S = seq_len or L
         with record_function(self.name):
-            qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)  # each (B, heads, L, head_dim)
+            # Unbinding the (3) axis where it lies: its gradient is stacked straight into the qkv layout, no copy.
+            qkv = self.qkv(x).view(B * L // S, S, 3, self.num_heads, D // self.num_heads)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B * L/S, heads, S, head_dim)
             x = attention(q, k, v, self.backend, self.attn_drop if self.training else 0.0)
-            x = x.transpose(1, 2).reshape(B, L, D)
-        return self.proj_drop(self.proj(x))
+            x = x.transpose(1, 2).reshape(B * L, D)
+        return self.proj_drop(self.proj(x)).view(B, L, D)

@@ -69,6 +69,28 @@ class Batch:
     label: torch.Tensor
     index: torch.Tensor
 
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (a ``DataLoader`` with ``pin_memory=True`` calls this)."""
+        return Batch(self.video.pin_memory(), self.label.pin_memory(), self.index.pin_memory())
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (``to_device`` for each tensor: no wait for the device)."""
+        return Batch(to_device(self.video, device), to_device(self.label, device), to_device(self.index, device))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor goes to a GPU from page-locked memory (pinned here when it is not) without
+    waiting: a copy from pageable memory waits for the work queued on the device before it."""
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+def plan_labels(plans: list[sampling.ClipPlan], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label, index) of ``plans``, int64 (B,) each, on ``device`` in one copy that does not wait (``to_device``)."""
+    both = to_device(torch.tensor([[p.label for p in plans], [p.index for p in plans]], dtype=torch.int64), device)
+    return both[0], both[1]
+
 
 class Loader(Protocol):
     """What every loader is. ``kind`` names its registered backend (``pipelines.loaders``); ``backend`` where it
@@ -333,10 +355,7 @@ class ClipLoader:
                                f"replacement for batch {k} slot {slot} (rank {planner.rank})")
 
     def _assemble(self, plans: list[sampling.ClipPlan], clips: list[torch.Tensor]) -> Batch:
-        video = stack_clips(clips, self.device)
-        label = torch.tensor([p.label for p in plans], dtype=torch.int64, device=self.device)
-        index = torch.tensor([p.index for p in plans], dtype=torch.int64, device=self.device)
-        return Batch(video, label, index)
+        return Batch(stack_clips(clips, self.device), *plan_labels(plans, self.device))
 
     def _batches(self, plans: list[sampling.ClipPlan]) -> Iterator[Batch | FailedBatch]:
         raise NotImplementedError

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from timesformer_harness.common import cache_path
-from timesformer_harness.pipelines.base import Batch, ClipLoader, ClipPlanner, empty_clips
+from timesformer_harness.pipelines.base import Batch, ClipLoader, ClipPlanner, empty_clips, plan_labels, to_device
 from timesformer_harness.pipelines.packets import (JPEG_CODECS, PACKET_CACHE, PacketIndexCache, count_stream_frames,
                                                    feed_mode, ivf_stream, jpeg_images, plan_packets, read_payloads,
                                                    remux_packets)
@@ -454,11 +454,7 @@ class DaliLoader(ClipLoader):
                 yield FailedBatch(fed.plans, dict(zip(fed.slots, x)), fed.errors,
                                   cause=f"{len(fed.errors)} clip(s) could not be fed to DALI")
                 continue
-            label = torch.tensor([p.label for p in fed.plans], dtype=torch.int64)
-            index = torch.tensor([p.index for p in fed.plans], dtype=torch.int64)
-            if self.device.type != "cpu":
-                x, label, index = x.to(self.device, non_blocking=True), label.to(self.device), index.to(self.device)
-            yield Batch(x, label, index)
+            yield Batch(to_device(x, self.device), *plan_labels(fed.plans, self.device))
         if made != len(plans):  # nothing may go missing silently
             raise RuntimeError(f"DALI produced {made} clips this epoch but {len(plans)} were planned")
         try:  # drain the end-of-data signal so the pipeline can be reset for the next epoch

@@ -160,10 +160,7 @@ class PyAVLoader(ClipLoader):
             return
         self.sampler.plans = plans
         for batch in self.loader:
-            if self.device.type != "cpu" and isinstance(batch, Batch):
-                batch = Batch(batch.video.to(self.device, non_blocking=True), batch.label.to(self.device),
-                              batch.index.to(self.device))
-            yield batch
+            yield batch.to(self.device) if isinstance(batch, Batch) else batch
 
     def _decode_clip(self, plan: ClipPlan) -> torch.Tensor:
         return self.dataset.decode(plan)

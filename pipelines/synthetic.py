@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from timesformer_harness.pipelines.base import CLIP_FORMAT, Batch
+from timesformer_harness.pipelines.base import CLIP_FORMAT, Batch, to_device
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.quarantine import Quarantine, UnscoredView
 
@@ -63,4 +63,5 @@ class SyntheticLoader:
             n = min(B, self.num_clips - b * B)
             video = self.pool[b % POOL_BATCHES][:n]
             index = torch.arange(b * B, b * B + n) * 1 + self.rank * self.num_clips
-            yield Batch(video, labels[b * B:b * B + n].to(self.device), index.to(self.device))
+            label_index = to_device(torch.stack([labels[b * B:b * B + n], index]), self.device)  # one copy
+            yield Batch(video, label_index[0], label_index[1])

@@ -5,7 +5,7 @@ import torch
 
 from timesformer_harness.kernels.attention import (BACKENDS, Attention, attention, available_backends, check_backend,
                                                    naive_attention)
-from timesformer_harness.kernels.layout import from_spatial, from_temporal, to_spatial, to_temporal
+from timesformer_harness.kernels.layout import frame_major, patch_major
 
 
 @pytest.mark.parametrize("shape", [(6, 2, 8, 16), (2, 3, 17, 8), (1, 4, 65, 32)])  # temporal, spatial, joint-like
@@ -100,17 +100,28 @@ def test_attention_module_keeps_original_names_and_layout() -> None:
     x = torch.randn(2, 5, 16)
     q, k, v = m.qkv(x).split(16, dim=-1)  # [q | k | v], heads contiguous inside each
     heads = lambda t: t.reshape(2, 5, 4, 4).transpose(1, 2)  # noqa: E731
-    ref = m.proj((torch.softmax(heads(q) @ heads(k).transpose(-2, -1) * 0.5, -1) @ heads(v)).transpose(1, 2).reshape(2, 5, 16))
+    attn = torch.softmax(heads(q) @ heads(k).transpose(-2, -1) * 0.5, -1)
+    ref = m.proj((attn @ heads(v)).transpose(1, 2).reshape(2, 5, 16))
     assert torch.allclose(m(x), ref, atol=1e-6)
     m.backend = "auto"
     assert torch.allclose(m(x), ref, atol=1e-5)
 
 
-def test_layout_round_trips_and_token_order() -> None:
+def test_layout_views_token_order_without_copies() -> None:
     B, N, T, D = 2, 3, 4, 5
-    x = torch.arange(B * N * T).float().reshape(B, N * T, 1).expand(B, N * T, D)
-    t = to_temporal(x, T)  # token 1 + n*T + t -> sequence (b, n), position t
-    assert t.shape == (B * N, T, D) and t[1, 2, 0] == 1 * T + 2
-    s = to_spatial(x, T)
-    assert s.shape == (B * T, N, D) and s[1, 2, 0] == 2 * T + 1
-    assert torch.equal(from_temporal(t, B), x) and torch.equal(from_spatial(s, B), x)
+    x = torch.arange(B * N * T).float().reshape(B, N * T, 1).expand(B, N * T, D).contiguous()
+    t = patch_major(x, T)  # token 1 + n*T + t -> row (b, n), position t
+    assert t.shape == (B, N, T, D) and t[0, 1, 2, 0] == 1 * T + 2
+    s = frame_major(x, T)  # -> row (b, t), position n
+    assert s.shape == (B, T, N, D) and s[0, 1, 2, 0] == 2 * T + 1
+    assert t.data_ptr() == s.data_ptr() == x.data_ptr()  # views, no copies
+
+
+def test_attention_over_runs_of_seq_len_tokens() -> None:
+    """seq_len=T: each run of T consecutive tokens is its own sequence, as attention on the reshaped batch."""
+    torch.manual_seed(0)
+    m = Attention(16, num_heads=4, backend="naive")
+    x = torch.randn(2, 3 * 4, 16)
+    runs = m(x.reshape(6, 4, 16)).reshape(2, 12, 16)
+    assert torch.allclose(m(x, seq_len=4), runs, atol=1e-6)
+    assert not torch.allclose(m(x), runs, atol=1e-3)  # without it the 12 tokens attend to each other

@@ -136,6 +136,8 @@ def test_model_worker_counts_match_the_model_and_carry_provenance():
     assert rec.env["machine_class"].startswith("cpu: ") and isinstance(rec.env["git_dirty"], bool)
     assert rec.env["host"] and rec.env["command"]
     assert datetime.fromisoformat(rec.time).utcoffset() is not None and rec.seed == 3
+    assert rec.extra["first_step_s"] > 0 and rec.extra["steady_state"] == "timed after 1 warm-up steps"
+    assert rec.compile == "none" and "compile_s" not in rec.extra
 
 
 def test_attention_worker_backends_agree_on_flops():
@@ -512,3 +514,91 @@ def test_pytest_benchmark_suites_record_machine_and_extra_info(tmp_path):
     assert model["step_ms.median"] == pytest.approx(1e3 * stats["median"]) and stats["rounds"] == 5
     assert model["step_ms.p90"] <= 1e3 * stats["max"] and model["env.machine_class"].startswith("cpu: ")
     assert by_name["test_attention_fwd_bwd[temporal-naive]"]["extra_info"]["extra.seq_len"] == 4
+
+
+def test_model_suite_sweeps_batches_and_compile_modes():
+    cfg = RootConfig()
+    cfg.model = load_preset("tiny")
+    cfg.bench.suites, cfg.bench.batches, cfg.bench.compile = ["model"], [1, 2, 4], ["none", "reduce-overhead"]
+    cases = build_cases(cfg, "tiny", ["space_only"], ["train"], torch.device("cpu"), (None, None))
+    assert [c.name for c in cases] == [f"model/space_only/train/4x32/b{b}{c}" for c in ("", "/reduce-overhead")
+                                       for b in (1, 2, 4)]
+    assert [c.batch for c in cases] == [1, 2, 4] * 2 and [c.warmup for c in cases] == [2] * 3 + [3] * 3
+    assert cases[0].series == cases[2].series != cases[3].series  # a sweep per compile mode
+    cfg.bench.batches = []  # the default on CPU: one batch, named as before
+    (one,) = build_cases(replace(cfg, bench=replace(cfg.bench, compile=["none"])), "tiny", ["space_only"], ["train"],
+                         torch.device("cpu"), (None, None))
+    assert one.name == "model/space_only/train/4x32" and one.series is None and one.batch == cfg.bench.batch_size
+    with pytest.raises(ValueError, match=r"bench.compile='fastest'; choose from \['none', 'default'"):
+        replace(cfg.bench, compile=["fastest"])
+
+
+def test_batch_sweep_stops_at_the_first_oom_and_counts_its_cost(tmp_path, monkeypatch):
+    """A batch that runs out of memory is recorded as oom with its FLOPs counted; the sweep's larger batches are
+    recorded as skipped without being run."""
+    from timesformer_harness.bench import cli
+    from timesformer_harness.bench.record import fill_throughput
+
+    ran = []
+
+    def fake_run_case(case, timeout_s):
+        ran.append(case.batch)
+        rec = case.record(torch.device("cpu"))
+        if case.batch >= 4:
+            rec.status, rec.message = "oom", "out of memory"
+        else:
+            fill_throughput(rec, [(100.0 + case.batch) / 1e3] * 3, clips_per_step=case.batch, frames=case.frames)
+        return rec
+
+    monkeypatch.setattr(cli, "run_case", fake_run_case)
+    cfg, preset, device = resolve(preset="tiny", suites=["model"], out_dir=str(tmp_path),
+                                  overrides=["bench.batches=[1,2,4,8,16]"])
+    _, records = cli.run(cfg, preset, device, "space_only", ["space_only"], ["train"])
+    assert ran == [1, 2, 4]
+    assert [r.status for r in records] == ["ok", "ok", "oom", "skipped", "skipped"]
+    assert records[3].message == "batch 4 ran out of memory"
+    assert records[2].flops_per_clip == count_flops(replace(cfg.model, attention_type="space_only"), mode="train")
+    summary = (next(tmp_path.iterdir()) / "summary.md").read_text()
+    assert "## Batch sweep: space_only train, compile none (best: batch 2" in summary
+    assert "launch-bound: 2x the clips took 1.01x the time" in summary
+
+
+def test_sweep_notes_name_the_best_and_the_launch_bound_batches():
+    from timesformer_harness.bench.report import sweep_notes
+
+    def rec(batch, ms, status="ok"):
+        return BenchRecord(suite="model", case=f"b{batch}", batch=batch, status=status, step_ms={"median": ms},
+                           images_per_s=batch / ms * 1e3 if status == "ok" else None)
+
+    notes = sweep_notes([rec(2, 60.0), rec(4, 70.0), rec(8, 130.0), rec(16, 270.0), rec(32, 0, status="oom")])
+    assert notes == {2: "launch-bound: 2x the clips took 1.17x the time", 8: "best"}
+
+
+def test_scaling_grid_is_the_papers_on_a_gpu():
+    from timesformer_harness.bench.scaling import cases, paper_grid
+
+    assert paper_grid(8, 224, 16) == [(8, 224), (16, 224), (32, 224), (64, 224), (96, 224), (8, 336), (8, 448)]
+    cfg = RootConfig()
+    cfg.model = load_preset("vit_base_patch16")
+    cfg.bench.suites = ["scaling"]
+    base = {"preset": "vit_base_patch16", "batch": 2, "precision": "bf16", "warmup": 1, "steps": 2, "device": "cuda"}
+    grid = cases(cfg, base, ["joint_space_time"], ["train"], torch.device("cuda"))
+    assert [(c.frames, c.img_size) for c in grid] == paper_grid(8, 224, 16)
+    assert [(c.frames, c.img_size) for c in cases(cfg, base, ["joint_space_time"], ["train"], torch.device("cpu"))] \
+        == [(8, 224), (16, 224)]
+
+
+def test_cost_plot_draws_both_axes_and_marks_oom(tmp_path):
+    from timesformer_harness.plots import plot_cost_scaling
+
+    def rec(attn, frames, img, status="ok"):
+        return BenchRecord(suite="scaling", case=f"scaling/{attn}/train/{frames}x{img}", attention_type=attn,
+                           preset="tiny", frames=frames, img_size=img, batch=2, mode="train", status=status,
+                           flops_per_clip=frames * img * 10**9,
+                           peak_mem_bytes=frames * 2**20 if status == "ok" else None)
+
+    records = [rec(a, t, 32) for a in ("divided_space_time", "joint_space_time") for t in (4, 8)]
+    records += [rec("divided_space_time", 4, 48), rec("joint_space_time", 4, 48, status="oom")]
+    (path,) = plot_cost_scaling(records, tmp_path)
+    assert path.name == "scaling_cost_train.png" and path.stat().st_size > 1000
+    assert plot_cost_scaling(records[:1], tmp_path) == []  # one point: nothing to draw

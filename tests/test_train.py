@@ -347,10 +347,63 @@ def test_memory_is_logged_per_window_and_validation_apart(tmp_path, monkeypatch)
         "data.loader=synthetic", "data.num_frames=4", "data.train_crop_size=32", "data.test_crop_size=32",
         "data.batch_size=4", "data.synthetic_videos=16", "data.num_ensemble_views=1", "data.num_spatial_crops=1",
         "test.batch_size=4", "solver.max_epoch=2", "solver.global_batch_size=0", "train.eval_period=1",
-        "train.log_period=2", f"output.dir={tmp_path}", "output.tensorboard=false"])
+        "train.log_period=2", "train.warmup_steps=0", f"output.dir={tmp_path}", "output.tensorboard=false"])
     assert train_module.Trainer(cfg, init_distributed(cfg.dist)).fit() == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r["memory/peak_rss_gib"] for r in records if r["event"] == "train"]
     val = [r["memory/val_peak_rss_gib"] for r in records if r["event"] == "val"]
     assert len(train) == 4 and len(val) == 2  # 2 windows of 2 steps per epoch; validation after each epoch
     assert min(val) - max(train) > 0.25, (train, val)
+
+
+def test_warm_up_steps_are_a_window_of_their_own_and_left_out_of_the_steady_rate(tmp_path):
+    """Each epoch's first ``train.warmup_steps`` optimizer steps are logged as a window marked ``time/warmup``; the
+    end record's steady clips/s is the clips of the other windows over their time."""
+    from timesformer_harness.config import load_config
+    from timesformer_harness.distributed import init_distributed
+    from timesformer_harness.train import Trainer
+
+    cfg = load_config("configs/model/tiny.yaml", [
+        "data.loader=synthetic", "data.num_frames=4", "data.train_crop_size=32", "data.batch_size=2",
+        "data.synthetic_videos=10", "solver.max_epoch=2", "solver.global_batch_size=0", "train.eval_period=0",
+        "train.log_period=2", "train.warmup_steps=1", f"output.dir={tmp_path}", "output.tensorboard=false"])
+    assert Trainer(cfg, init_distributed(cfg.dist)).fit() == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    # 5 steps per epoch, logged every 2 global steps: epoch 1 = [1 warm-up] [2] [3, 4] [5]; epoch 2 = [6 warm-up]
+    # [7, 8] [9, 10]
+    assert [(r["epoch"], r["step"], r["time/warmup"]) for r in train] == [
+        (1, 1, True), (1, 2, False), (1, 4, False), (1, 5, False), (2, 6, True), (2, 8, False), (2, 10, False)]
+    steady = [r for r in train if not r["time/warmup"]]
+    steps = [2 - 1, 4 - 2, 5 - 4, 8 - 6, 10 - 8]
+    seconds = sum(n * 2 / r["time/clips_per_s"] for n, r in zip(steps, steady))
+    end = next(r for r in records if r["event"] == "end")
+    assert end["time/steady_clips_per_s"] == pytest.approx(2 * sum(steps) / seconds, rel=1e-6)
+
+
+def test_the_step_loop_waits_for_the_device_once_per_micro_batch(tmp_path, monkeypatch):
+    """A training epoch reads device values only through ``read_back``: once per micro-batch (the all-reduced loss
+    and flags), once to agree on the first batch and once for the epoch's totals; no ``.item()`` (an aten
+    ``_local_scalar_dense``) anywhere in it. Accuracy is accumulated on the device."""
+    from timesformer_harness import train as train_module
+    from timesformer_harness.config import load_config
+    from timesformer_harness.counting import OpCounter
+    from timesformer_harness.distributed import init_distributed
+
+    reads = []
+    real_read_back = train_module.read_back
+    monkeypatch.setattr(train_module, "read_back", lambda t: reads.append(t.numel()) or real_read_back(t))
+    cfg = load_config("configs/model/tiny.yaml", [
+        "data.loader=synthetic", "data.num_frames=4", "data.train_crop_size=32", "data.batch_size=2",
+        "data.synthetic_videos=12", "solver.global_batch_size=4", "solver.max_epoch=1", "train.log_period=1",
+        f"output.dir={tmp_path}", "output.tensorboard=false"])
+    trainer = train_module.Trainer(cfg, init_distributed(cfg.dist))
+    loader = trainer._build_loader("train", 0)
+    with OpCounter() as ops:
+        stop, _ = trainer.train_epoch(loader, 0, 0)
+    trainer.metrics.close()
+    assert not stop and len(loader) == 6 and trainer.step == 3  # 6 micro-batches, 2 per optimizer step
+    assert reads == [1] + [3] * 6 + [3], reads  # first-batch agreement, 6 micro-batches, the epoch's totals
+    assert ops.count.syncs == 0, ops.count.by_name
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["event"] == "epoch" and 0 <= record["train/top1"] <= 100 and record["train/loss"] > 0

@@ -111,7 +111,8 @@ def test_compiled_step_matches_eager():
     results = []
     for compile_ in (False, True):
         _, model, video, labels = _tiny(seed=1, **small)
-        step = TrainStep.build(model, CPU, None, replace(PLAIN_SGD, base_lr=0.1), compile=compile_)
+        step = TrainStep.build(model, CPU, None, replace(PLAIN_SGD, base_lr=0.1),
+                               compile="default" if compile_ else "none")
         assert (step.forward_model is not model) == compile_
         losses = [step.step(video, labels).item() for _ in range(2)]
         results.append((losses, _flat(model)))

@@ -10,7 +10,7 @@ before anything is measured.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -45,6 +45,11 @@ class BenchCase:
     @property
     def name(self) -> str:
         raise NotImplementedError
+
+    @property
+    def series(self) -> tuple | None:
+        """The sweep this case is one point of, when later points depend on it (``ModelCase``); None here."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {"suite": self.suite, **asdict(self)}
@@ -97,6 +102,8 @@ class ModelCase(BenchCase):
     steps_per_block: int = 0
     calib_reps: int = 0
     inject_delay_s: float = 0.0  # busy work added to every step: the gate's check that it catches a slowdown
+    compile: str = "none"  # torch.compile mode of the step (timesformer_harness.config.COMPILE_MODES)
+    sweep_batch: bool = False  # one point of a batch sweep: the name carries the batch
 
     @property
     def attention_type(self) -> str:
@@ -104,11 +111,21 @@ class ModelCase(BenchCase):
 
     @property
     def name(self) -> str:
-        return f"{self.suite}/{self.attention_type}/{self.mode}/{self.frames}x{self.img_size}"
+        name = f"{self.suite}/{self.attention_type}/{self.mode}/{self.frames}x{self.img_size}"
+        return name + (f"/b{self.batch}" if self.sweep_batch else "") + (
+            f"/{self.compile}" if self.compile != "none" else "")
+
+    @property
+    def series(self) -> tuple | None:
+        """The batch sweep this case is a point of (a larger batch of the same series is not run once a smaller
+        one ran out of memory), or None."""
+        return (self.suite, self.attention_type, self.mode, self.frames, self.img_size, self.compile) \
+            if self.sweep_batch else None
 
     def record(self, device: torch.device) -> BenchRecord:
         rec = super().record(device)
         rec.attention_type, rec.model, rec.mode = self.attention_type, asdict(self.model), self.mode
+        rec.compile = self.compile
         rec.frames, rec.img_size = self.frames or None, self.img_size or None
         rec.peak_flops, rec.peak_flops_source = self.peak_flops, self.peak_flops_source
         return rec
@@ -154,7 +171,13 @@ def measure_step(build: StepBuilder, case: ModelCase, rec: BenchRecord, device: 
     if case.inject_delay_s:
         step = _delayed(step, case.inject_delay_s)
         rec.extra["injected_delay_ms"] = 1e3 * case.inject_delay_s
+    if case.warmup:  # the first step alone: lazy initialisation, autotuning and compilation happen in it
+        rec.extra["first_step_s"] = time_block(step, 1, device)
+        case = replace(case, warmup=case.warmup - 1)
+    rec.extra["steady_state"] = f"timed after {case.warmup + 1 if 'first_step_s' in rec.extra else 0} warm-up steps"
     times = time_model_step(step, rec, case, device)
+    if case.compile != "none" and "first_step_s" in rec.extra:
+        rec.extra["compile_s"] = max(rec.extra["first_step_s"] - statistics.median(times), 0.0)
     peak = memory.take()
     if peak is not None:
         rec.peak_mem_bytes, rec.peak_mem_kind = peak.growth, peak.kind

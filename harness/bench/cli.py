@@ -27,6 +27,7 @@ import torch
 
 from timesformer_harness.bench.record import BenchRecord, write_flat, write_results, write_tensorboard
 from timesformer_harness.bench.report import summary_table, write_summary
+from timesformer_harness.bench.model import count as count_flops_of
 from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.config import BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
 from timesformer_harness.metrics import Stopwatch, gpu_peak_flops, measure_gemm_flops, run_stamp
@@ -154,9 +155,18 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
     }
 
     bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr)
+    out_of_memory: dict[tuple, int] = {}  # a batch sweep's smallest batch that ran out of memory
     for case in bar:
         bar.set_postfix_str(case.name)
-        rec = run_case(case, cfg.bench.case_timeout_s)
+        if case.series in out_of_memory and case.batch > out_of_memory[case.series]:
+            rec = case.record(device)
+            rec.status, rec.message = "skipped", f"batch {out_of_memory[case.series]} ran out of memory"
+        else:
+            rec = run_case(case, cfg.bench.case_timeout_s)
+        if rec.status == "oom" and case.suite in ("model", "scaling"):
+            count_flops_of(case, rec)  # what the case would have cost: the paper's cost curve goes on past OOM
+        if rec.status == "oom" and case.series is not None:
+            out_of_memory[case.series] = min(case.batch, out_of_memory.get(case.series, case.batch))
         if rec.status != "ok":
             logger.warning("%s: %s %s", rec.case, rec.status, rec.message)
         records.append(rec)
@@ -167,9 +177,10 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
     write_flat(out, records)
     write_tensorboard(out / "tb", records)
     try:
-        from timesformer_harness.plots import plot_scaling
+        from timesformer_harness.plots import plot_cost_scaling, plot_scaling
 
         plot_scaling(records, out)
+        plot_cost_scaling(records, out)
     except Exception as e:  # noqa: BLE001 - a missing plot must not lose the measurements
         logger.warning("plots failed: %s", e)
     return out, records

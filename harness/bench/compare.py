@@ -30,7 +30,7 @@ from timesformer_harness.bench.record import BenchRecord, read_results
 from timesformer_harness.common import atomic_write_text
 
 # Case fields that must match for its numbers to be compared as like with like; the last three mean another model.
-CASE_KEYS = ("batch", "precision", "mode", "frames", "img_size", "model", "params", "flops_per_clip")
+CASE_KEYS = ("batch", "precision", "mode", "compile", "frames", "img_size", "model", "params", "flops_per_clip")
 MODEL_KEYS = ("model", "params", "flops_per_clip")
 
 

@@ -17,11 +17,22 @@ from timesformer_harness.workload import synthetic_step
 Case = ModelCase
 
 
+# The GPU batch sweep: doubling until a batch runs out of memory (the larger ones are then not run).
+GPU_BATCHES = (2, 4, 8, 16, 32, 64, 128, 256)
+
+
 def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[str],
           device: torch.device) -> list[ModelCase]:
+    """Every variant x mode x compile mode (``bench.compile``) x batch (``bench.batches``; default: the batch size
+    on CPU, ``GPU_BATCHES`` on a GPU). A compiled case warms up at least 3 steps (CUDA graphs record on the
+    second and third call)."""
+    b = cfg.bench
     T, S = cfg.model.num_frames, cfg.model.img_size
-    return [Case.of(base, model=replace(cfg.model, attention_type=attn), mode=mode, frames=T, img_size=S)
-            for attn in attns for mode in modes]
+    batches = list(b.batches) or (list(GPU_BATCHES) if device.type == "cuda" else [b.batch_size])
+    return [Case.of(base, model=replace(cfg.model, attention_type=attn), mode=mode, frames=T, img_size=S,
+                    batch=batch, sweep_batch=len(batches) > 1, compile=compile,
+                    warmup=b.warmup if compile == "none" else max(b.warmup, 3))
+            for attn in attns for mode in modes for compile in b.compile for batch in batches]
 
 
 def count(case: ModelCase, rec: BenchRecord) -> None:
@@ -32,7 +43,7 @@ def count(case: ModelCase, rec: BenchRecord) -> None:
 def build(case: ModelCase, rec: BenchRecord, device: torch.device, dtype: torch.dtype | None) -> Callable[[], None]:
     """The step ``timesformer_harness.workload.synthetic_step`` gives for the case; fills params."""
     model, step = synthetic_step(case.model, device, dtype, mode=case.mode, batch=case.batch, frames=case.frames,
-                                 img_size=case.img_size, channels_last=case.channels_last)
+                                 img_size=case.img_size, channels_last=case.channels_last, compile=case.compile)
     rec.params = count_params(model)
     return step
 

@@ -37,6 +37,7 @@ class BenchRecord:
     batch: int | None = None
     precision: str = "fp32"
     mode: str | None = None  # train | infer
+    compile: str | None = None  # the model step's torch.compile mode (none = eager)
     attn_backend: str | None = None  # the attention suite's kernel
     loader: str | None = None  # the pipeline suite's loader
     device: str = "cpu"

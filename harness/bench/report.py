@@ -25,20 +25,25 @@ def summary_table(records: list[BenchRecord]) -> str:
     model = [r for r in records if r.suite == "model"]
     if model:
         lines += ["## Model (synthetic input)", "",
-                  "| variant | mode | clips/s | images/s | step ms median (95% CI) [p10-p90] | peak MiB | params M "
-                  "| GFLOP/clip | GFLOP/s | peak GFLOP/s | util % | throughput vs divided | memory vs divided |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        ref = {r.mode: r for r in model if r.attention_type == REFERENCE and r.status == "ok"}
+                  "Steady state: each case's first steps (warm-up, autotuning, compilation) are not timed; "
+                  "`compile_s` in results.json is the first step's extra time.", "",
+                  "| variant | mode | batch | compile | clips/s | images/s | step ms median (95% CI) [p10-p90] | "
+                  "peak MiB | params M | GFLOP/clip | GFLOP/s | peak GFLOP/s | util % | throughput vs divided | "
+                  "memory vs divided |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        ref = {(r.mode, r.batch, r.compile): r for r in model if r.attention_type == REFERENCE and r.status == "ok"}
         for r in model:
-            d = ref.get(r.mode)
+            d = ref.get((r.mode, r.batch, r.compile))
             lines.append(_row([
-                r.attention_type, r.mode, _fmt(r.clips_per_s, ".2f"), _fmt(r.images_per_s, ".1f"), _step(r),
+                r.attention_type, r.mode, str(r.batch), r.compile or "none", _fmt(r.clips_per_s, ".2f"),
+                _fmt(r.images_per_s, ".1f"), _step(r),
                 _fmt(r.peak_mem_bytes, ".0f", 2**-20), _fmt(r.params, ".2f", 1e-6),
                 _fmt(r.flops_per_clip, ".1f", 1e-9), _fmt(r.achieved_flops, ".1f", 1e-9),
                 _fmt(r.peak_flops, ".0f", 1e-9), _fmt(r.utilisation, ".1f", 100),
                 _ratio(r.clips_per_s, d and d.clips_per_s),
                 _ratio(r.peak_mem_bytes, d and d.peak_mem_bytes)]))
         lines.append("")
+        lines += batch_sweep_table(model)
     others = [r for r in records if r.suite != "model"]
     if others:
         lines += ["## Other suites", "",
@@ -60,6 +65,55 @@ def summary_table(records: list[BenchRecord]) -> str:
             lines += [f"## Loader shoot-out ({r.case}: same clips, {r.extra['rounds']} interleaved rounds, CPU)", "",
                       format_shootout(r.extra["shootout"]), ""]
     return "\n".join(lines)
+
+
+# A batch is launch-bound when doubling it costs less than this share of twice the time: a fixed per-step cost
+# (the host issuing kernels) dominates the step, not the work, which doubles.
+LAUNCH_BOUND_SHARE = 0.75
+
+
+def sweep_notes(series: list[BenchRecord]) -> dict[int, str]:
+    """Notes per batch of one batch sweep (records sorted by batch): ``best`` (the most images/s, the sweep's
+    headline), ``launch-bound`` (the next batch's step, of k times the clips, took under 0.75 k times as long)."""
+    ok = [r for r in series if r.status == "ok" and r.step_ms and r.batch]
+    notes: dict[int, list[str]] = {}
+    for a, b in zip(ok, ok[1:]):
+        work, cost = b.batch / a.batch, b.step_ms["median"] / a.step_ms["median"]
+        if cost < LAUNCH_BOUND_SHARE * work:
+            notes.setdefault(a.batch, []).append(f"launch-bound: {work:.0f}x the clips took {cost:.2f}x the time")
+    if ok:
+        best = max(ok, key=lambda r: r.images_per_s or 0.0)
+        notes.setdefault(best.batch, []).insert(0, "best")
+    return {batch: "; ".join(n) for batch, n in notes.items()}
+
+
+def batch_sweep_table(model: list[BenchRecord]) -> list[str]:
+    """One table per batch sweep (variant, mode, compile mode with several batches): the MFU per batch, the best
+    batch as headline, the launch-bound ones and where memory ran out."""
+    series: dict[tuple, list[BenchRecord]] = {}
+    for r in model:
+        series.setdefault((r.attention_type, r.mode, r.compile or "none"), []).append(r)
+    lines: list[str] = []
+    for (attn, mode, compile), rs in series.items():
+        if len({r.batch for r in rs}) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: r.batch or 0)
+        notes = sweep_notes(rs)
+        best = next((r for r in rs if notes.get(r.batch or 0, "").startswith("best")), None)
+        head = "no batch ran"
+        if best:
+            head = (f"best: batch {best.batch}, {_fmt(best.clips_per_s, '.1f')} clips/s, "
+                    f"MFU {_fmt(best.utilisation, '.1f', 100)}%")
+        lines += [f"## Batch sweep: {attn} {mode}, compile {compile} ({head})", "",
+                  "| batch | status | clips/s | step ms | MFU % | peak MiB | first step s | note |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            lines.append(_row([str(r.batch), r.status, _fmt(r.clips_per_s, ".1f"),
+                               _fmt(r.step_ms and r.step_ms["median"], ".1f"), _fmt(r.utilisation, ".1f", 100),
+                               _fmt(r.peak_mem_bytes, ".0f", 2**-20), _fmt(r.extra.get("first_step_s"), ".1f"),
+                               (notes.get(r.batch or 0) or r.message).replace("|", "/")[:120]]))
+        lines.append("")
+    return lines
 
 
 def _step(r: BenchRecord) -> str:

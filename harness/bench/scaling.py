@@ -1,5 +1,6 @@
-"""The scaling suite: the model suite's step over a sweep of frames x image sizes (``--frames``, ``--img``), with
-fewer steps per case; a case that runs out of memory is recorded as ``oom`` and the sweep goes on."""
+"""The scaling suite: the model suite's step over a grid of frames and image sizes (``--frames`` x ``--img``, or the
+paper's grid on a GPU), with fewer steps per case; a case that runs out of memory is recorded as ``oom`` (its FLOPs
+still counted) and the sweep goes on."""
 
 from __future__ import annotations
 
@@ -20,16 +21,29 @@ class Case(ModelCase):
     suite: ClassVar[str] = "scaling"
 
 
+def paper_grid(T: int, S: int, patch: int) -> list[tuple[int, int]]:
+    """The paper's cost/memory grid (its Fig. 3, scaled to the preset): frames T, 2T, 4T, 8T, 12T at S pixels
+    (8 to 96 frames at 224 for the base preset), and S, 1.5S, 2S pixels at T frames (224, 336, 448)."""
+    sizes = [S, round(1.5 * S / patch) * patch, 2 * S]
+    return [(t, S) for t in (T, 2 * T, 4 * T, 8 * T, 12 * T)] + [(T, s) for s in sizes[1:]]
+
+
 def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[str],
           device: torch.device) -> list[Case]:
-    """Default sweep: T and 2T frames on CPU (``make bench`` stays within minutes on 2 cores), T, 2T, 4T on a GPU;
-    the preset's image size. The point the model suite measures is left out when that suite runs too."""
+    """``--frames`` x ``--img`` when given; otherwise the paper's grid on a GPU (``paper_grid``) and T, 2T frames at
+    the preset's size on CPU (``make bench`` stays within minutes on 2 cores). A case that runs out of memory is
+    recorded as ``oom`` (joint attention's frontier). The point the model suite measures is left out when that
+    suite runs too."""
     b = cfg.bench
     T, S = cfg.model.num_frames, cfg.model.img_size
-    frames = list(b.frames) or ([T, 2 * T, 4 * T] if device.type == "cuda" else [T, 2 * T])
-    sizes = list(b.img_sizes) or [S]
+    if b.frames or b.img_sizes:
+        grid = [(t, s) for s in (list(b.img_sizes) or [S]) for t in (list(b.frames) or [T])]
+    elif device.type == "cuda":
+        grid = paper_grid(T, S, cfg.model.patch_size)
+    else:
+        grid = [(T, S), (2 * T, S)]
     mode = "train" if "train" in modes else "infer"
     return [Case.of(base, model=replace(cfg.model, attention_type=attn), mode=mode, frames=t, img_size=s,
                     warmup=b.sweep_warmup, steps=b.sweep_steps)
-            for attn in attns for s in sizes for t in frames
+            for attn in attns for t, s in grid
             if not ("model" in b.suites and (t, s) == (T, S))]

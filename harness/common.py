@@ -139,21 +139,83 @@ CACHE_ENV = "XDG_CACHE_HOME"
 PROBE_CACHE = "validate.sqlite"
 COLUMNS = ("path", "size", "mtime", "version", "meta", "data")  # a FileCache table's layout
 LAYOUT = "c2"  # its name: bump it with COLUMNS
+# Filesystems shared between nodes (/proc/self/mountinfo's names), where SQLite's file locks are unreliable and a
+# cache that several ranks write can be corrupted: no FileCache store lives on one.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+    "ocfs2", "gfs2", "panfs", "wekafs", "orangefs", "pvfs2", "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs",
+    "fuse.gcsfuse", "fuse.cephfs", "fuse.juicefs", "fuse.beegfs"})
+NODE_LOCAL_ROOT = Path("/var/tmp")  # node-local and kept across reboots on common Linux set-ups (unlike /tmp)
+
+
+def filesystem_type(path: str | os.PathLike) -> str:
+    """The type of the filesystem that holds ``path`` (or would hold it: it need not exist yet), as
+    ``/proc/self/mountinfo`` names it (``ext4``, ``nfs4``, ``lustre``, ...); "" where that cannot be read."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    target = os.path.realpath(path)
+    best, found = -1, ""
+    for line in lines:  # "id parent major:minor root MOUNT_POINT options [optional...] - TYPE source super-options"
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # "\040" is a space
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= best:  # the deepest mount point; of equal ones the last mounted
+            best, found = len(mount), fields[fields.index("-", 6) + 1]
+    return found
+
+
+def on_network_filesystem(path: str | os.PathLike) -> str:
+    """The type of the shared filesystem ``path`` is on (``NETWORK_FILESYSTEMS``), or "" when it is node-local."""
+    fs = filesystem_type(path)
+    return fs if fs in NETWORK_FILESYSTEMS else ""
+
+
+def default_cache_dir() -> tuple[Path, str]:
+    """The harness's cache folder and, when it is not the usual one, why: ``$XDG_CACHE_HOME/timesformer-harness``
+    (``~/.cache`` when unset) when that is node-local, else ``/var/tmp/timesformer-harness-<uid>`` (a home shared
+    over NFS is common on clusters)."""
+    usual = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache") / "timesformer-harness"
+    fs = on_network_filesystem(usual)
+    if not fs:
+        return usual, ""
+    return NODE_LOCAL_ROOT / f"timesformer-harness-{os.getuid()}", f"{usual} is on {fs}, a shared filesystem"
 
 
 def cache_dir() -> Path:
-    """The harness's cache folder: ``$XDG_CACHE_HOME/timesformer-harness`` (``~/.cache`` when unset)."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache")) / "timesformer-harness"
+    """The harness's cache folder, always on a node-local filesystem (``default_cache_dir``)."""
+    return default_cache_dir()[0]
 
 
 def cache_path(setting: str | os.PathLike | None, name: str = PROBE_CACHE) -> Path | None:
     """Where the cache ``name`` lives for a ``data.validate_cache`` setting: "" (or None) the harness's cache folder,
-    ``none`` nowhere (no cache), else the probe cache's own path, with every other cache beside it."""
+    ``none`` nowhere (no cache), else the probe cache's own path, with every other cache beside it.
+
+    Raises:
+        ValueError: the setting is a path on a shared filesystem (NFS, Lustre, ...; ``NETWORK_FILESYSTEMS``).
+    """
     setting = "" if setting is None else str(setting)
     if setting == "none":
         return None
+    if setting and (fs := on_network_filesystem(setting)):
+        raise ValueError(f"data.validate_cache={setting} is on {fs}, a shared filesystem, where SQLite's file locks "
+                         f"are unreliable and every rank writes the cache; give a path on a node-local disk, leave it "
+                         f"unset (the default, {default_cache_dir()[0] / PROBE_CACHE}, is node-local) or set none")
     probe = Path(setting) if setting else cache_dir() / PROBE_CACHE
     return probe if name == PROBE_CACHE else probe.parent / name
+
+
+def cache_location(setting: str | os.PathLike | None) -> str:
+    """Where the caches of a ``data.validate_cache`` setting live, in words (for a log line)."""
+    probe = cache_path(setting)
+    if probe is None:
+        return "off (data.validate_cache=none)"
+    where = f"{probe.parent} ({PROBE_CACHE}: probe and deep check; packets.sqlite: packet indexes)"
+    moved = "" if setting else default_cache_dir()[1]
+    return f"{where}, node-local because {moved}" if moved else where
 
 
 def file_key(path: str | os.PathLike) -> tuple[str, int, int] | None:
@@ -172,10 +234,14 @@ class FileCache:
     versions can share a cache), and a table of the right name but another layout is dropped and rebuilt.
 
     One connection per process (a cache made before a fork works in the child), shared by threads under a lock.
-    ``path`` None: no store, every ``get`` misses and ``put`` keeps nothing.
+    ``path`` None: no store, every ``get`` misses and ``put`` keeps nothing. A store on a shared filesystem
+    (``NETWORK_FILESYSTEMS``) is refused: SQLite's locks are not to be trusted there, and every rank writes.
     """
 
     def __init__(self, path: str | os.PathLike | None, table: str, version: int | str):
+        if path and (fs := on_network_filesystem(path)):
+            raise ValueError(f"{path}: a cache on {fs}, a shared filesystem, where SQLite's file locks are unreliable; "
+                             f"keep it on a node-local disk (the default folder, {cache_dir()}, is)")
         # the table's name carries the layout, so that an older harness's table of the same kind, in the same file,
         # is left to it (a harness reads its own tables only)
         self.path, self.table, self.version = (Path(path) if path else None), f"{table}_{LAYOUT}", version
@@ -195,6 +261,11 @@ class FileCache:
         if self._db is None or self._db_pid != os.getpid():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False)
+            # write-ahead logging (node-local stores only, as __init__ ensures: its index is shared memory of one host):
+            # readers run beside a writer, and a commit needs no fsync (~10 ms per commit here without it; a crash
+            # can lose the last results, not the file's consistency)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
             columns = [row[1] for row in db.execute(f"PRAGMA table_info({self.table})")]
             if columns and columns != list(COLUMNS):  # a table of an older layout: a cache, so rebuilt
                 with db:

@@ -7,25 +7,30 @@ when ``nvidia.dali`` imports and its backend decodes every usable video, else Py
 videos NVDEC cannot decode on this GPU (``timesformer_harness.pipelines.nvdec``: the toy set's 32x32 VP9, for one) are
 decoded by DALI on the CPU and the clips copied to the GPU. Each loader module is imported only when it is chosen, so
 DALI is not loaded for a PyAV or synthetic loader.
+
+Under torch.distributed every per-file step of the pre-flight check is sharded: each rank probes (and deep-checks)
+every ``world_size``-th video from its rank, and the small results are all-gathered, so every rank judges the same
+infos, makes the same decode plan (checked) and rejects the same files, with one probe per file in the whole job.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from timesformer_harness.common import cache_path
+from timesformer_harness.common import cache_location, cache_path
 from timesformer_harness.pipelines.base import ClipPlanner, Loader, Video
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
 from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, auto_decode_device, generation_of
 from timesformer_harness.pipelines.quarantine import BadVideo, write_rejected
-from timesformer_harness.pipelines.validate import VideoInfo, check_videos, deep_check, judge
+from timesformer_harness.pipelines.validate import VideoInfo, deep_check, judge, probe_all
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +127,10 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
                  quarantine: Sequence[BadVideo | dict[str, Any]] = ()) -> Loader:
     """The loader ``data.loader`` asks for (auto: DALI when it can decode every video here, else PyAV, saying why).
 
-    Every video is pre-flight checked (``timesformer_harness.pipelines.validate``, cached; ``data.validate: deep`` also
-    decodes every packet); unusable ones raise (``data.on_bad_video: error``) or are left out, listed in
-    ``loader.rejected`` and ``{run_dir}/rejected.csv`` (``skip``). Videos that fail while decoding go to
-    ``loader.quarantine``, which starts from ``quarantine`` (a resumed run's entries,
+    Every video is pre-flight checked (``timesformer_harness.pipelines.validate``, cached, each rank checking its
+    share; ``data.validate: deep`` also decodes every packet); unusable ones raise (``data.on_bad_video: error``) or
+    are left out, listed in ``loader.rejected`` and ``{run_dir}/rejected.csv`` (``skip``). Videos that fail while
+    decoding go to ``loader.quarantine``, which starts from ``quarantine`` (a resumed run's entries,
     ``timesformer_harness.pipelines.quarantine``).
     """
     device = torch.device(device)
@@ -139,16 +144,18 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
 
     entries: list[VideoEntry] = read_manifest(cfg, split)
     cache = cache_path(cfg.validate_cache)
-    infos, _ = check_videos([e.path for e in entries], "pyav", cfg.num_frames, cfg.sampling_rate, cfg.target_fps,
-                            cfg.pad_short, cfg.format == "ssv2", cache=cache, workers=max(1, cfg.num_workers))
+    logger.info("pre-flight caches: %s", cache_location(cfg.validate_cache))
+    infos = _probe([e.path for e in entries], cfg, cache)
     plan = plan_decode(cfg, device, infos, generation_of(device) if device.type == "cuda" else DEFAULT_GENERATION,
                        dali_available() if cfg.loader == AUTO or LOADERS[cfg.loader].needs_decode_device else "")
+    _check_agreed(plan)
     chosen = LOADERS[plan.loader]
     log_decode_plan(cfg, plan, device)
     rejected = judge(infos, chosen.judged_as(plan.backend), cfg.num_frames, cfg.sampling_rate, cfg.target_fps,
                      cfg.pad_short, cfg.format == "ssv2", plan.gpu_arch)
     if cfg.validate == "deep":
-        rejected += _deep_rejects([i.path for i in infos if i.path not in {p for p, _ in rejected}], cfg, cache)
+        shallow = {p for p, _ in rejected}
+        rejected += _deep_rejects([i.path for i in infos if i.path not in shallow], cfg, cache)
     if rejected:
         what = f"{len(rejected)} of {len(entries)} videos in the {split} manifest cannot be used"
         listing = "\n".join(f"  {p}: {r}" for p, r in rejected[:10]) + ("\n  ..." if len(rejected) > 10 else "")
@@ -178,15 +185,65 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     return loader
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) in torch.distributed's default group; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` outside torch.distributed). The pipelines' own copy of
+    ``timesformer_harness.distributed.all_gather_objects``, which sits a layer above them."""
+    import torch.distributed as dist
+
+    world = _process_group()[1]
+    if world == 1:
+        return [obj]
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def _shares(paths: list[str], work: Callable[[list[str]], Any]) -> list[Any]:
+    """``work`` of this rank's share of ``paths`` (every world_size-th path, from its rank), all-gathered: every
+    rank's result in rank order (``[work(paths)]`` outside torch.distributed). Keep the results small: they are
+    pickled to every rank."""
+    rank, world = _process_group()
+    return _all_gather(work(paths[rank::world]))
+
+
+_INFO_FIELDS = operator.attrgetter(*(f.name for f in fields(VideoInfo)))  # a VideoInfo as a tuple, for the wire
+
+
+def _probe(paths: list[str], cfg: DataConfig, cache: str | Path | None) -> list[VideoInfo]:
+    """``validate.probe_all`` of ``paths`` (cached); under torch.distributed each rank probes its share and all
+    ranks get every file's info, in the order of ``paths``."""
+    parts = _shares(paths, lambda share: [_INFO_FIELDS(i) for i in probe_all(share, cache, max(1, cfg.num_workers))])
+    infos: list[Any] = [None] * len(paths)
+    for rank, part in enumerate(parts):  # rank r probed paths[r::world]
+        infos[rank::len(parts)] = [VideoInfo(*row) for row in part]
+    return infos
+
+
+def _check_agreed(plan: DecodePlan) -> None:
+    """Raise when the ranks chose different decode plans from the same infos (DALI importable on some nodes only,
+    different GPU generations): their loaders would deliver different numbers of batches and the job would hang."""
+    plans = _all_gather(plan)
+    if len(set(plans)) > 1:
+        def said(p: DecodePlan) -> str:
+            return f"{p.loader} on {p.backend or '-'} for {p.gpu_arch}" + (f" ({p.why})" if p.why else "")
+
+        listing = "; ".join(f"rank {r}: {said(p)}" for r, p in enumerate(plans))
+        raise RuntimeError(f"the ranks chose different loaders from the same videos: {listing}; give every rank the "
+                           f"same software and GPUs, or set data.loader and data.backend explicitly")
+
+
 def _deep_rejects(paths: list[str], cfg: DataConfig, cache: str | Path | None) -> list[tuple[str, str]]:
     """``validate.deep_check`` of ``paths``; under torch.distributed each rank decodes its share and all ranks get
     every verdict (the same list everywhere, one decode per file)."""
-    import torch.distributed as dist
-
-    workers = max(1, cfg.num_workers)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return deep_check(paths, cache, workers)
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, deep_check(paths[dist.get_rank()::dist.get_world_size()], cache, workers))
+    parts = _shares(paths, lambda share: deep_check(share, cache, max(1, cfg.num_workers)))
     bad = dict(r for part in parts for r in part)
     return [(p, bad[p]) for p in paths if p in bad]

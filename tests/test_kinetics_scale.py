@@ -1,0 +1,154 @@
+"""Kinetics scale: the pre-flight check sharded across ranks (a real 2-process gloo job under torchrun, counting the
+files each rank probes and deep-checks), the ranks agreeing on the decode plan and the rejected files, and the caches
+kept off shared filesystems, saying where they are. (The packet index demuxing outside its lock is
+``tests/test_pipelines_seek.py::test_two_threads_index_two_files_at_once``.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from timesformer_harness import common
+from timesformer_harness.common import FileCache, cache_location, cache_path, default_cache_dir, filesystem_type
+
+REPO = Path(__file__).resolve().parent.parent
+TOY = REPO / "data" / "toy" / "train"
+
+# One rank of the job: counts the probes and deep probes this process runs (the pools run them in threads of this
+# process with data.num_workers=1), builds the train loader and writes what it saw to {out}/rank{r}.json.
+WORKER = """
+import json, os, sys
+import torch.distributed as dist
+from timesformer_harness.common import setup_logging
+from timesformer_harness.pipelines import factory, validate
+from timesformer_harness.pipelines.config import DataConfig
+
+out, manifest, cache, mode = sys.argv[1:5]
+setup_logging()
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+probed, deep = [], []
+probe, deep_probe = validate.probe_video, validate.deep_probe
+validate.probe_video = lambda p: probed.append(p) or probe(p)
+validate.deep_probe = lambda p: deep.append(p) or deep_probe(p)
+if mode == "no-dali-on-rank-1" and rank == 1:
+    factory.dali_available = lambda: "nvidia.dali is not importable (taken away on this rank)"
+cfg = DataConfig(loader="auto", backend="cpu", train_manifest=manifest, num_frames=8, sampling_rate=3,
+                 train_jitter_scales=[32, 36], train_crop_size=32, batch_size=4, num_workers=1, on_bad_video="skip",
+                 max_bad_fraction=1.0, validate="deep" if mode == "deep" else "shallow", validate_cache=cache)
+try:
+    loader = factory.build_loader(cfg, "train", rank=rank, world_size=dist.get_world_size(), run_dir=out)
+    seen = {"kind": loader.kind, "batches": len(loader), "rejected": loader.rejected}
+except RuntimeError as e:
+    seen = {"error": str(e)}
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"probed": probed, "deep": deep, **seen}, f)
+dist.destroy_process_group()
+"""
+
+
+def torchrun(tmp: Path, name: str, manifest: Path, cache: str, mode: str) -> tuple[dict, dict, str]:
+    """Run WORKER on 2 ranks; returns (rank 0's record, rank 1's record, the job's stderr)."""
+    out = tmp / name
+    out.mkdir()
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out),
+           str(manifest), cache, mode]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads((out / "rank0.json").read_text()), json.loads((out / "rank1.json").read_text()), res.stderr
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> tuple[Path, list[str]]:
+    """41 videos: hard links to 39 toy clips (each its own path, as a dataset's files are), an empty file in rank 1's
+    share (index 1) and a missing one in rank 0's (index 4)."""
+    clips = sorted(TOY.glob("*.webm"))[:39]
+    if len(clips) < 39:
+        pytest.skip("the toy dataset is missing: run make data")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    paths = []
+    for i, clip in enumerate(clips):
+        os.link(clip, folder / f"v{i:03d}.webm")
+        paths.append(str(folder / f"v{i:03d}.webm"))
+    (folder / "empty.webm").write_bytes(b"")
+    paths.insert(1, str(folder / "empty.webm"))
+    paths.insert(4, str(folder / "missing.webm"))
+    listing = tmp_path / "train.csv"
+    listing.write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(paths)))
+    return listing, paths
+
+
+def test_two_ranks_each_probe_their_share_once_and_agree(manifest, tmp_path: Path) -> None:
+    """Cold: rank r probes exactly paths[r::2] and deep-checks exactly its share of the usable files; both ranks
+    reject the same two files (each probed by one rank only) and plan the same loader. Warm (same cache): no file is
+    probed again but the missing one (a file that is gone is never cached: one stat, by its rank)."""
+    listing, paths = manifest
+    cache = tmp_path / "cache" / "validate.sqlite"
+    r0, r1, err = torchrun(tmp_path, "cold", listing, str(cache), "deep")
+    assert r0["probed"] == paths[0::2] and r1["probed"] == paths[1::2]
+    assert (len(r0["probed"]), len(r1["probed"])) == (21, 20)
+    usable = [p for p in paths if not p.endswith(("empty.webm", "missing.webm"))]
+    assert r0["deep"] == usable[0::2] and r1["deep"] == usable[1::2]
+    assert (len(r0["deep"]), len(r1["deep"])) == (20, 19)
+    reasons = {p: r for p, r in r0["rejected"]}
+    assert r0["rejected"] == r1["rejected"] and list(reasons) == [paths[1], paths[4]]
+    assert "empty file" in reasons[paths[1]] and "missing" in reasons[paths[4]]
+    assert r0["kind"] == r1["kind"] == "dali" and r0["batches"] == r1["batches"] == 39 // 2 // 4
+    rows = list(csv.DictReader((tmp_path / "cold" / "rejected.csv").open()))  # rank 0 writes both ranks' finds
+    assert [r["path"] for r in rows] == [paths[1], paths[4]]
+    assert f"pre-flight caches: {cache.parent} (validate.sqlite" in err
+
+    r0, r1, _ = torchrun(tmp_path, "warm", listing, str(cache), "deep")
+    assert r0["probed"] == [paths[4]] and r1["probed"] == [] and r0["deep"] == r1["deep"] == []
+    assert r0["rejected"] == r1["rejected"] == [[p, reasons[p]] for p in (paths[1], paths[4])]
+
+
+def test_ranks_that_would_plan_different_loaders_stop_with_both_plans(manifest, tmp_path: Path) -> None:
+    """DALI importable on rank 0 only: data.loader=auto would give rank 0 DALI and rank 1 PyAV (different batches
+    per epoch, a hang at the first collective); both ranks raise instead, naming each rank's plan."""
+    listing, _ = manifest
+    r0, r1, _ = torchrun(tmp_path, "split", listing, "none", "no-dali-on-rank-1")
+    assert r0["error"] == r1["error"]
+    assert "rank 0: dali on cpu" in r0["error"] and "rank 1: pyav on cpu" in r0["error"]
+    assert "set data.loader and data.backend explicitly" in r0["error"]
+
+
+def test_caches_stay_off_shared_filesystems_and_say_where_they_are(tmp_path: Path, monkeypatch) -> None:
+    """The filesystem type comes from the real mount table. With the folder $XDG_CACHE_HOME names on a filesystem
+    counted as shared (tmpfs here, standing in for NFS), the caches move to the node-local folder and the log line
+    says why; a data.validate_cache path on one, or a FileCache store there, is refused with the fix."""
+    if filesystem_type("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm to stand in for a shared filesystem")
+    assert filesystem_type("/proc/self/status") == "proc"
+    assert filesystem_type(tmp_path / "not" / "made" / "yet") == filesystem_type(tmp_path) != ""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == (tmp_path / "xdg" / "timesformer-harness", "")
+    assert cache_path("") == tmp_path / "xdg" / "timesformer-harness" / "validate.sqlite"
+    assert "node-local" not in cache_location("")
+
+    monkeypatch.setattr(common, "NETWORK_FILESYSTEMS", frozenset({"tmpfs"}))
+    shared = Path("/dev/shm") / f"harness-test-{os.getpid()}"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared))
+    local = Path("/var/tmp") / f"timesformer-harness-{os.getuid()}"
+    assert default_cache_dir() == (local, f"{shared / 'timesformer-harness'} is on tmpfs, a shared filesystem")
+    assert cache_path("", "packets.sqlite") == local / "packets.sqlite"
+    assert cache_location("") == (f"{local} (validate.sqlite: probe and deep check; packets.sqlite: packet indexes), "
+                                  f"node-local because {shared / 'timesformer-harness'} is on tmpfs, a shared "
+                                  "filesystem")
+    with pytest.raises(ValueError, match=rf"data.validate_cache={shared}/v.sqlite is on tmpfs, a shared filesystem.*"
+                                         r"node-local disk"):
+        cache_path(shared / "v.sqlite")
+    with pytest.raises(ValueError, match=rf"{shared}/v.sqlite: a cache on tmpfs"):
+        FileCache(shared / "v.sqlite", "probe", 1)
+    assert not shared.exists()  # refused before anything was written
+    assert cache_path("none") is None and cache_location("none") == "off (data.validate_cache=none)"

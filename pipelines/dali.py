@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter, OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -49,8 +50,8 @@ import torch
 
 from timesformer_harness.common import cache_path
 from timesformer_harness.pipelines.base import Batch, ClipLoader, ClipPlanner, empty_clips, plan_labels, to_device
-from timesformer_harness.pipelines.packets import (JPEG_CODECS, PACKET_CACHE, PacketIndexCache, count_stream_frames,
-                                                   feed_mode, ivf_stream, jpeg_images, plan_packets, read_payloads,
+from timesformer_harness.pipelines.packets import (JPEG_CODECS, PACKET_CACHE, PacketIndexCache, clip_stream,
+                                                   count_stream_frames, feed_mode, jpeg_images, plan_packets,
                                                    remux_packets)
 from timesformer_harness.pipelines.quarantine import BadVideo, ClipDecodeError, FailedBatch, failure_reason
 from timesformer_harness.pipelines.sampling import ClipPlan
@@ -97,26 +98,53 @@ class PlanSource:
     It never raises for a clip: a clip whose input cannot be made is left out of the batch it feeds (DALI takes
     batches of any size up to ``batch_size``, but not empty ones: a batch of which no clip can be fed is skipped),
     and ``queue`` records, batch by batch in order, what went to DALI and why the rest did not.
+
+    DALI calls the source on the thread that calls ``pipe.run()``: the training thread. So the clips' inputs (index
+    look-up, reads, the clip streams) are made by a worker thread of the source's own, ``prefetch`` batches ahead
+    of DALI, and the callback only takes the next finished batch (``prefetch=0``: made in the callback, on the
+    calling thread). One worker: its work is a few hundred microseconds a clip, mostly in C (``os.pread``, numpy
+    copies) that does not hold the GIL. DALI's parallel external source (worker processes) was not used: its
+    callback cannot tell the loader which clips it left out, and its workers would need each epoch's plans.
     """
 
     def __init__(self, batch_size: int, decode_only: bool = False, backend: str = "cpu",
-                 indexes: PacketIndexCache | None = None, jpeg_frames: bool = False):
+                 indexes: PacketIndexCache | None = None, jpeg_frames: bool = False, prefetch: int = 2):
         self.batch_size, self.decode_only, self.backend = batch_size, decode_only, backend
-        self.jpeg_frames = jpeg_frames
+        self.jpeg_frames, self.prefetch = jpeg_frames, prefetch
         self.indexes = indexes if indexes is not None else PacketIndexCache()
         self.batches: list[list[ClipPlan]] = []
         self.pos = 0
-        self.fds: OrderedDict[str, int] = OrderedDict()
+        self.fds: OrderedDict[str, int] = OrderedDict()  # used by the worker only (or the caller of clip_input)
         self.fed: Counter = Counter()  # (codec, mode) -> clips this epoch
         self.decoded = 0  # frames decoded this epoch
         self.whole_file: set[str] = set()  # files fed whole (logged once each)
         self.queue: deque[FedBatch] = deque()  # batches handed to DALI (or skipped) and not yet taken by the loader
+        self.pending: deque[Future] = deque()  # the worker's batches, in order: (plans, inputs by slot, errors)
+        self.worker: ThreadPoolExecutor | None = None  # started on the first prefetch
 
     def start(self, plans: list[ClipPlan]) -> None:
+        self._drop_pending()
         self.batches = [plans[i:i + self.batch_size] for i in range(0, len(plans), self.batch_size)]
         self.pos = 0
         self.fed, self.decoded = Counter(), 0
         self.queue.clear()
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        """Hand the worker batches until ``prefetch`` are pending."""
+        while len(self.pending) < self.prefetch and self.pos < len(self.batches):
+            if self.worker is None:
+                self.worker = ThreadPoolExecutor(1, thread_name_prefix="clip-inputs")
+            self.pending.append(self.worker.submit(self._make_batch, self.batches[self.pos]))
+            self.pos += 1
+
+    def _drop_pending(self) -> None:
+        """Forget the batches handed to the worker (a restart): those not begun are cancelled, the one being made is
+        waited for (the worker owns the open files until then)."""
+        while self.pending:
+            future = self.pending.popleft()
+            if not future.cancel():
+                future.exception()
 
     def _fd(self, path: str) -> int:
         fd = self.fds.pop(path, None)
@@ -128,9 +156,9 @@ class PlanSource:
         return fd
 
     def clip_input(self, plan: ClipPlan) -> ClipInput:
-        """The decoder's input for ``plan``: its packets in IVF (``stream``), copied by PyAV into Matroska
-        (``remux``, GPU codecs without a raw container) or the whole file (``file``), per ``feed_mode``; with
-        ``jpeg_frames`` its frames' JPEG images (``images``)."""
+        """The decoder's input for ``plan``: its packets in IVF (``stream``: ``clip_stream``; H.264/HEVC as Annex-B),
+        copied by PyAV into Matroska (``remux``, other GPU codecs) or the whole file (``file``), per ``feed_mode``;
+        with ``jpeg_frames`` its frames' JPEG images (``images``)."""
         index = self.indexes.get(plan.path)
         if self.jpeg_frames:
             images = [np.frombuffer(p, np.uint8) for p in jpeg_images(index, plan.frames, self._fd(plan.path))]
@@ -139,8 +167,7 @@ class PlanSource:
         packets = plan_packets(index, plan.frames)
         mode, why = feed_mode(index, packets, self.backend)
         if mode == "stream":
-            data = np.frombuffer(ivf_stream(index, read_payloads(index, packets.packets, self._fd(plan.path))),
-                                 np.uint8)
+            data = clip_stream(index, packets, self._fd(plan.path))
         elif mode == "remux":
             data = np.frombuffer(remux_packets(index, packets), np.uint8)
         else:
@@ -153,18 +180,31 @@ class PlanSource:
                              order.reshape(-1).astype(np.int32), mode, index.codec, int(uniq[-1]) + 1)
         return ClipInput(data, packets.frames, packets.order, mode, index.codec, packets.decoded)
 
+    def _make_batch(self, plans: list[ClipPlan]) -> tuple[list[ClipPlan], dict[int, ClipInput], dict[int, str]]:
+        """(plans, the inputs of the clips that could be made by slot, why the others could not by slot)."""
+        inputs: dict[int, ClipInput] = {}
+        errors: dict[int, str] = {}
+        for slot, plan in enumerate(plans):
+            try:
+                inputs[slot] = self.clip_input(plan)
+            except Exception as e:  # noqa: BLE001 - whatever stops one clip's input is that clip's verdict
+                errors[slot] = failure_reason(e)
+        return plans, inputs, errors
+
+    def _made_batches(self) -> Iterator[tuple[list[ClipPlan], dict[int, ClipInput], dict[int, str]]]:
+        """The rest of the epoch's batches as made, in order: by the worker, or here when ``prefetch`` is 0."""
+        while self.pending or self.pos < len(self.batches):
+            if not self.pending:  # prefetch=0
+                self.pos += 1
+                yield self._make_batch(self.batches[self.pos - 1])
+                continue
+            made = self.pending.popleft().result()
+            self._prefetch()
+            yield made
+
     def _next_batch(self) -> tuple[list[ClipPlan], list[ClipInput]]:
         """The next batch with at least one clip fed: (its plans that were, their inputs); StopIteration at the end."""
-        while self.pos < len(self.batches):
-            plans = self.batches[self.pos]
-            self.pos += 1
-            inputs: dict[int, ClipInput] = {}
-            errors: dict[int, str] = {}
-            for slot, plan in enumerate(plans):
-                try:
-                    inputs[slot] = self.clip_input(plan)
-                except Exception as e:  # noqa: BLE001 - whatever stops one clip's input is that clip's verdict
-                    errors[slot] = failure_reason(e)
+        for plans, inputs, errors in self._made_batches():
             self.queue.append(FedBatch(plans, list(inputs), errors))
             if inputs:
                 return [plans[s] for s in inputs], list(inputs.values())
@@ -197,6 +237,11 @@ class PlanSource:
         return enc, frames, order, anchor, shape, flip
 
     def close(self) -> None:
+        """Stop the worker (after the batch it is making) and close the open files."""
+        self._drop_pending()
+        if self.worker is not None:
+            self.worker.shutdown(wait=False)  # idle now: nothing pending, nothing running
+            self.worker = None
         while self.fds:
             os.close(self.fds.popitem()[1])
 
@@ -378,12 +423,16 @@ class DaliLoader(ClipLoader):
 
     def _new_pipe(self) -> None:
         self.pipe = None  # drop the old pipeline first (a broken or half-consumed one is not reusable)
+        if self.source is not None:
+            self.source.close()  # its worker stops making batches no pipeline will take
         self.source, self.pipe = self._build_pipe(self.cfg.batch_size, max(1, self.cfg.num_workers))
 
     def _decode_clip(self, plan: ClipPlan) -> torch.Tensor:
         """One clip through a batch-1 pipeline of the same graph (kept between calls, rebuilt after a failure):
         the same clip stream and the same pixels the batch pipeline gives for it."""
         if self._clip_pipe is None:
+            if self._clip_source is not None:
+                self._clip_source.close()
             self._clip_source, self._clip_pipe = self._build_pipe(1, 1, prefetch=1)
         self._clip_source.start([plan])
         try:

@@ -14,9 +14,14 @@ a small stream of only the packets the clip needs, starting at a keyframe:
 * ``plan_packets(index, frames)``: those segments as packets to copy, the unique ascending positions to ask the
   decoder for in the new stream (forward only: a repeated or backward index makes DALI restart from the stream's
   start) and the order that expands them back to the clip's frames (repeats allowed).
-* ``ivf_stream(index, payloads)``: VP8/VP9 and MJPEG packets in IVF (libavformat maps the fourcc MJPG through its
-  AVI tag table), read by ``os.pread`` from the file; ``remux_packets`` copies them with PyAV into Matroska instead
-  (H.264/HEVC for the GPU decoder).
+* ``clip_stream(index, plan, fd)``: those packets in IVF, read from the file with one ``os.pread`` per keyframe
+  run: VP8/VP9, MJPEG (libavformat maps the fourcc MJPG through its AVI tag table) and, for the GPU decoder, H.264
+  as an Annex-B byte stream (fourcc H264: each 4-byte NAL length prefix of the avcC framing of MP4 and Matroska
+  overwritten by a start code, the SPS/PPS from the extradata before each run, each frame's display position as its
+  pts). No PyAV container is opened per clip. ``remux_packets`` copies the packets with PyAV into Matroska instead,
+  for what the cut cannot serve: HEVC (libavformat's IVF demuxer has no HEVC fourcc, and a raw Annex-B stream has
+  no timestamps, by which DALI's GPU decoder orders frames), AV1, MPEG-4 Part 2, H.264 with NAL length prefixes of
+  other sizes or an unreadable extradata.
 
 Frames are counted in display order (pts); a packet is one frame (VP9 superframes and VP8 alt-ref frames are one
 packet in WebM, as the pre-flight check's frame count assumes). For codecs with B-frames the plan assumes closed
@@ -43,8 +48,12 @@ from timesformer_harness.common import FileCache, file_key
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
-IVF_FOURCC = {"vp8": b"VP80", "vp9": b"VP90", "mjpeg": b"MJPG"}  # codecs whose packets travel in IVF
+INDEX_VERSION = 2  # 2: the codec's extradata
+# codecs whose packets travel in IVF (libavformat's IVF demuxer maps the fourcc through its AVI tag table)
+IVF_FOURCC = {"vp8": b"VP80", "vp9": b"VP90", "mjpeg": b"MJPG", "h264": b"H264"}
+ANNEXB_CODECS = frozenset({"h264"})  # NAL-unit codecs whose clip streams are Annex-B byte streams (in IVF)
+START_CODE = b"\0\0\0\1"
+SPAN_SLACK = 1 << 16  # one pread per keyframe run unless it would read this many bytes more than the payloads
 JPEG_CODECS = frozenset({"mjpeg"})  # intra-only codecs whose every packet is a JPEG image (``jpeg_images``)
 OFFSET_SLACK = 64  # a payload starts at most this many bytes after the packet's position (container framing)
 
@@ -63,6 +72,7 @@ class PacketIndex:
     pts: np.ndarray  # (N,) int64 presentation timestamps (decode positions when the file has none)
     key: np.ndarray  # (N,) bool: a decoder can start at this packet
     display: np.ndarray  # (N,) int64: display index -> decode position
+    extradata: bytes = b""  # the codec's global header (e.g. H.264's avcC record in MP4 and Matroska)
 
     @property
     def num_frames(self) -> int:
@@ -85,7 +95,7 @@ class PacketIndex:
     def to_row(self) -> tuple[str, bytes]:
         """(JSON header, packed arrays): what ``PacketIndexCache`` stores."""
         meta = {"codec": self.codec, "width": self.width, "height": self.height, "rate": list(self.rate),
-                "n": self.num_frames}
+                "n": self.num_frames, "extradata": self.extradata.hex()}
         arrays = b"".join(a.astype(np.int64).tobytes() for a in (self.offset, self.size, self.pts)) + \
             self.key.astype(np.uint8).tobytes()
         return json.dumps(meta), arrays
@@ -97,7 +107,7 @@ class PacketIndex:
         offset, size, pts = np.frombuffer(arrays, np.int64, 3 * n).reshape(3, n).copy()
         key = np.frombuffer(arrays, np.uint8, n, offset=24 * n).astype(bool)
         return PacketIndex(path, meta["codec"], meta["width"], meta["height"], tuple(meta["rate"]), offset, size, pts,
-                           key, np.argsort(pts, kind="stable"))
+                           key, np.argsort(pts, kind="stable"), bytes.fromhex(meta["extradata"]))
 
 
 def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
@@ -113,6 +123,7 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
         cc = stream.codec_context
+        extradata = bytes(cc.extradata or b"")
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fd = fh.fileno()
         for packet in container.demux(stream):
@@ -134,7 +145,7 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
     pts = pts.astype(np.int64)
     num, den = (rate.numerator, rate.denominator) if rate else (30, 1)
     return PacketIndex(path, cc.name, cc.width, cc.height, (num, den), offset.astype(np.int64), size.astype(np.int64),
-                       pts, key, np.argsort(pts, kind="stable"))
+                       pts, key, np.argsort(pts, kind="stable"), extradata)
 
 
 PACKET_CACHE = "packets.sqlite"  # beside the probe cache (timesformer_harness.common.cache_path)
@@ -210,6 +221,7 @@ class PacketPlan:
     frames: np.ndarray  # (U,) int32 unique ascending positions of the wanted frames in the new stream
     order: np.ndarray  # (T,) int32 index into ``frames`` for each of the clip's frames (repeats allowed)
     decoded: int  # frames a decoder decodes to deliver them: the new stream's frames up to the last wanted one
+    pts: np.ndarray  # (len(packets),) int64 each packet's display position in the new stream (its pts there)
 
 
 def plan_packets(index: PacketIndex, frames: Sequence[int] | np.ndarray) -> PacketPlan:
@@ -217,8 +229,8 @@ def plan_packets(index: PacketIndex, frames: Sequence[int] | np.ndarray) -> Pack
     order, repeats allowed; indices past the end repeat the last frame, as the PyAV loader does)."""
     wanted = np.minimum(np.asarray(frames, dtype=np.int64), index.num_frames - 1)
     uniq, order = np.unique(wanted, return_inverse=True)
-    packets: list[np.ndarray] = []
-    new_pos: dict[int, int] = {}
+    runs: list[np.ndarray] = []
+    ranks: list[np.ndarray] = []
     base = 0
     for a, b in keyframe_segments(index.keyframes, uniq.tolist()):
         # decode order: from the keyframe's packet to the last packet any frame in [a, b] needs (with B-frames a
@@ -226,13 +238,17 @@ def plan_packets(index: PacketIndex, frames: Sequence[int] | np.ndarray) -> Pack
         # it, displayed before: an open GOP's may reference the previous GOP, and no later picture references them)
         seg = np.arange(int(index.display[a]), int(index.display[a:b + 1].max()) + 1)
         seg = seg[index.pts[seg] >= index.pts[index.display[a]]]
-        packets.append(seg)
-        for rank, d in enumerate(seg[np.argsort(index.pts[seg], kind="stable")]):  # display order in the segment
-            new_pos[int(d)] = base + rank
+        rank = np.empty(len(seg), np.int64)
+        rank[np.argsort(index.pts[seg], kind="stable")] = np.arange(len(seg))  # display order in the segment
+        runs.append(seg)
+        ranks.append(base + rank)
         base += len(seg)
-    pos = np.array([new_pos[int(index.display[f])] for f in uniq], dtype=np.int32)
-    starts = tuple(np.cumsum([0] + [len(seg) for seg in packets[:-1]]).tolist())
-    return PacketPlan(np.concatenate(packets), starts, pos, order.reshape(-1).astype(np.int32), int(pos.max()) + 1)
+    packets, pts = np.concatenate(runs), np.concatenate(ranks)
+    stream_pos = np.empty(len(index.size), np.int64)
+    stream_pos[packets] = pts
+    pos = stream_pos[index.display[uniq]].astype(np.int32)
+    starts = tuple(np.cumsum([0] + [len(seg) for seg in runs[:-1]]).tolist())
+    return PacketPlan(packets, starts, pos, order.reshape(-1).astype(np.int32), int(pos.max()) + 1, pts)
 
 
 REMUX_MIN_SAVING = 0.1  # PyAV remux (ms of Python per clip) only when it saves this share of the frames
@@ -240,19 +256,69 @@ REMUX_MIN_SAVING = 0.1  # PyAV remux (ms of Python per clip) only when it saves 
 
 def feed_mode(index: PacketIndex, plan: PacketPlan, backend: str = "cpu") -> tuple[str, str]:
     """How to hand one clip to ``fn.decoders.video``, and why: ``stream`` (the plan's packets read from the file in
-    IVF: VP8/VP9/MJPEG whose payloads are byte ranges of the file), ``remux`` (the packets copied by PyAV into
-    Matroska: other codecs on the GPU, when that saves >= ``REMUX_MIN_SAVING`` of the frames decoding from frame 0
-    costs) or ``file`` (the whole file, decoded from frame 0)."""
-    if index.codec in IVF_FOURCC:
+    IVF, ``clip_stream``: VP8/VP9/MJPEG, and on the GPU H.264 as Annex-B, whose payloads are byte ranges of the
+    file), ``remux`` (the packets copied by PyAV into Matroska: other codecs on the GPU, when that saves >=
+    ``REMUX_MIN_SAVING`` of the frames decoding from frame 0 costs) or ``file`` (the whole file, decoded from
+    frame 0)."""
+    if index.codec in ANNEXB_CODECS and backend != "gpu":
+        return "file", f"no CPU decoder for {index.codec} in DALI (the pre-flight check rejects it)"
+    why = annexb_problem(index) if index.codec in ANNEXB_CODECS else ""
+    if index.codec in IVF_FOURCC and not why:
         if index.verbatim:
             return "stream", ""
-        return "file", f"its {index.codec} payloads are not stored verbatim in the file (container framing)"
+        why = f"its {index.codec} payloads are not stored verbatim in the file (container framing)"
+        if index.codec not in ANNEXB_CODECS:
+            return "file", why
     if backend != "gpu":
         return "file", f"no raw container for {index.codec} (and DALI's CPU decoder does not read it)"
     from_start = int(plan.packets.max()) + 1  # decoding the whole file reaches the plan's last packet
     if plan.decoded <= (1 - REMUX_MIN_SAVING) * from_start:
-        return "remux", ""
+        return "remux", why
     return "file", f"seeking saves under {REMUX_MIN_SAVING:.0%} of the frames decoded from frame 0"
+
+
+def nal_layout(index: PacketIndex) -> tuple[bytes, int]:
+    """(the SPS/PPS as Annex-B NAL units, the size of the payloads' NAL length prefixes; 0: the payloads are Annex-B
+    already) of an H.264 file, read from its extradata: an avcC record (MP4, Matroska) or Annex-B NAL units
+    (MPEG-TS, raw streams). Raises ValueError naming the file when it is neither."""
+    ed = index.extradata
+    if ed.startswith(b"\0\0\1") or ed.startswith(START_CODE):
+        return ed, 0
+    units: list[bytes] = []
+
+    def take(at: int) -> int:  # one 16-bit-length-prefixed NAL unit at ``at``; returns where the next field starts
+        n = int.from_bytes(ed[at:at + 2], "big")
+        if at + 2 + n > len(ed):
+            raise ValueError("a parameter set runs past the record")
+        units.append(ed[at + 2:at + 2 + n])
+        return at + 2 + n
+
+    try:
+        if not ed or ed[0] != 1:
+            raise ValueError("neither an avcC record nor Annex-B NAL units")
+        # avcC (ISO/IEC 14496-15 5.3.3): 4 bytes, the length size - 1, the SPS count and SPSs, the PPS count and PPSs
+        length_size, at = (ed[4] & 3) + 1, 6
+        for _ in range(ed[5] & 0x1F):
+            at = take(at)
+        count, at = ed[at], at + 1
+        for _ in range(count):
+            at = take(at)
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"{index.path}: cannot read the {index.codec} parameter sets from its extradata "
+                         f"({len(ed)} bytes): {e}") from None
+    return b"".join(START_CODE + u for u in units), length_size
+
+
+def annexb_problem(index: PacketIndex) -> str:
+    """Why the packets of an H.264 file cannot be cut into an Annex-B stream (``clip_stream``); "" when they can:
+    the extradata is readable and the NAL length prefixes are 4 bytes (overwritten in place by start codes)."""
+    try:
+        _, length_size = nal_layout(index)
+    except ValueError as e:
+        return str(e)
+    if length_size not in (0, 4):
+        return f"its NAL units have {length_size}-byte length prefixes (the cut rewrites 4-byte ones)"
+    return ""
 
 
 def read_payloads(index: PacketIndex, packets: np.ndarray, fd: int) -> list[bytes]:
@@ -299,14 +365,69 @@ def _demuxed_payloads(index: PacketIndex, positions: set[int]) -> dict[int, byte
     return out
 
 
-def ivf_stream(index: PacketIndex, payloads: list[bytes]) -> bytes:
-    """An IVF stream of ``payloads`` (VP8/VP9/MJPEG) with pts 0, 1, 2, ... at the file's frame rate."""
+def clip_stream(index: PacketIndex, plan: PacketPlan, fd: int, stats: dict[str, int] | None = None) -> np.ndarray:
+    """The plan's packets as an IVF stream (uint8, the buffer DALI is fed) (fourcc ``IVF_FOURCC[codec]``), read from the open file ``fd``: one
+    ``os.pread`` per keyframe run (per packet where a run's packets lie more than ``SPAN_SLACK`` bytes apart). Each
+    frame's pts is its display position in the stream (``plan.pts``: without a frame index DALI's GPU decoder
+    outputs frames by pts). H.264 (``ANNEXB_CODECS``): an Annex-B byte stream, each 4-byte NAL length prefix
+    overwritten by a start code and the SPS/PPS (``nal_layout``) put before each run's first packet.
+    ``stats`` (optional) counts ``preads`` and ``bytes_read``."""
+    params, length_size = nal_layout(index) if index.codec in ANNEXB_CODECS else (b"", 0)
+    n = len(plan.packets)
+    sizes = index.size[plan.packets]
+    heads = np.zeros(n, np.int64)
+    heads[list(plan.segments)] = len(params)
+    frame_sizes = heads + sizes
+    frame_at = 32 + np.concatenate([[0], np.cumsum(12 + frame_sizes)[:-1]])  # each frame's 12-byte header
+    payload_at = frame_at + 12 + heads
     num, den = index.rate
-    parts = [struct.pack("<4sHH4sHHIIII", b"DKIF", 0, 32, IVF_FOURCC[index.codec], index.width, index.height, num,
-                         den, len(payloads), 0)]
-    for i, p in enumerate(payloads):
-        parts += [struct.pack("<IQ", len(p), i), p]
-    return b"".join(parts)
+    out = bytearray(int(frame_at[-1] + 12 + frame_sizes[-1]))
+    out[:32] = struct.pack("<4sHH4sHHIIII", b"DKIF", 0, 32, IVF_FOURCC[index.codec], index.width, index.height, num,
+                           den, n, 0)
+    buf = np.frombuffer(out, np.uint8)
+    header = np.empty(n, np.dtype([("size", "<u4"), ("pts", "<u8")]))  # packed: 12 bytes a frame
+    header["size"], header["pts"] = frame_sizes, plan.pts
+    buf[frame_at[:, None] + np.arange(12)] = header.view(np.uint8).reshape(n, 12)
+    offsets = index.offset[plan.packets]
+    for a, b in zip(plan.segments, [*plan.segments[1:], n]):
+        if params:
+            out[payload_at[a] - len(params):payload_at[a]] = params
+        first, end = int(offsets[a]), int(offsets[b - 1] + sizes[b - 1])
+        if end - first <= int(sizes[a:b].sum()) + SPAN_SLACK:
+            span = os.pread(fd, end - first, first)
+            reads = [(span, first)]
+        else:  # far apart (interleaved audio?): a read per packet
+            reads = [(os.pread(fd, int(sizes[k]), int(offsets[k])), int(offsets[k])) for k in range(a, b)]
+        if stats is not None:
+            stats["preads"] = stats.get("preads", 0) + len(reads)
+            stats["bytes_read"] = stats.get("bytes_read", 0) + sum(len(r) for r, _ in reads)
+        for k in range(a, b):
+            data, at = reads[0] if len(reads) == 1 else reads[k - a]
+            lo, size = int(offsets[k]) - at, int(sizes[k])
+            if lo + size > len(data):
+                raise RuntimeError(f"{index.path}: packet {int(plan.packets[k])} lies past the end of the file (the "
+                                   "file changed since it was indexed?)")
+            out[payload_at[k]:payload_at[k] + size] = memoryview(data)[lo:lo + size]
+    if length_size:
+        _start_codes(buf, payload_at, payload_at + sizes, index.path)
+    return buf
+
+
+def _start_codes(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, path: str) -> None:
+    """Overwrite the 4-byte big-endian NAL length prefixes of the payloads ``buf[starts:ends]`` with start codes (the
+    same size: in place), the k-th NAL unit of every payload at once."""
+    pos, ends, four = starts.astype(np.int64), ends.astype(np.int64), np.arange(4)
+    while len(pos):
+        at = pos[:, None] + four
+        if (at[:, 3] >= ends).any():
+            raise ValueError(f"{path}: a packet ends inside a NAL length prefix (not 4-byte length-prefixed NAL units?)")
+        b = buf[at].astype(np.int64)
+        pos = pos + 4 + ((b[:, 0] << 24) | (b[:, 1] << 16) | (b[:, 2] << 8) | b[:, 3])
+        if (pos > ends).any():
+            raise ValueError(f"{path}: a NAL unit runs past its packet (not 4-byte length-prefixed NAL units?)")
+        buf[at] = (0, 0, 0, 1)
+        more = pos < ends
+        pos, ends = pos[more], ends[more]
 
 
 def remux_packets(index: PacketIndex, plan: PacketPlan, fmt: str = "matroska") -> bytes:

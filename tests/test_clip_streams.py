@@ -1,0 +1,259 @@
+"""The DALI loader's clip streams: made off the training thread, read with one ``os.pread`` per keyframe run, and
+H.264 cut as Annex-B byte streams in IVF instead of a PyAV remux (no container opened per clip), decoding to the
+file's own frames; what the cut cannot serve is still remuxed."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from conftest import textured_frames
+from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.pipelines import dali, packets
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.factory import build_loader
+from timesformer_harness.pipelines.packets import clip_stream, feed_mode, index_packets, plan_packets
+from timesformer_harness.pipelines.tools.encode import write_video
+
+VP9 = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0", "g": "8"}
+NAL_FILES = {  # name -> (encoder, options): B-frames (decode order != display order), GOP 32 as prepare makes it
+    "h264_bframes": ("libx264", {"preset": "ultrafast", "g": "16", "bf": "2", "crf": "18"}),
+    "h264_gop32": ("libx264", {"preset": "fast", "crf": "23", "g": "32", "keyint_min": "32"}),
+    "hevc_open_gop": ("libx265", {"preset": "ultrafast",
+                                  "x265-params": "log-level=error:keyint=16:min-keyint=16:open-gop=1:bframes=3:"
+                                                 "scenecut=0"}),
+}
+CUT = ["h264_bframes", "h264_gop32"]
+CLIPS = ([20, 21, 40, 63], [5, 40, 41], [33, 33, 18], [16, 17, 48], [0, 63, 100], list(range(0, 64, 8)))
+
+
+@pytest.fixture(scope="module")
+def nal_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("nal")
+    out = {}
+    for seed, (name, (encoder, options)) in enumerate(NAL_FILES.items()):
+        if encoder in av.codecs_available:
+            out[name] = str(write_video(folder / f"{name}.mp4", textured_frames(64, 64, 64, seed), encoder, 30,
+                                        options))
+    return out
+
+
+def _nal_file(nal_files: dict[str, str], name: str) -> str:
+    if name not in nal_files:
+        pytest.skip(f"this PyAV build has no {NAL_FILES[name][0]} encoder")
+    return nal_files[name]
+
+
+def _decode(data: bytes, fmt: str) -> np.ndarray:
+    with av.open(io.BytesIO(data), format=fmt) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def _ivf_frames(stream: np.ndarray) -> list[tuple[int, bytes]]:
+    """(pts, payload) of each frame of an IVF stream."""
+    data, at, out = stream.tobytes(), 32, []
+    while at < len(data):
+        size, pts = struct.unpack_from("<IQ", data, at)
+        out.append((pts, data[at + 12:at + 12 + size]))
+        at += 12 + size
+    return out
+
+
+class Opens:
+    """Counts ``av.open`` calls (PyAV containers opened)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.count, real = 0, av.open
+
+        def counting(*args, **kwargs):
+            self.count += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(av, "open", counting)
+
+
+def test_vp9_clip_streams_are_the_demuxed_packets_read_once_per_keyframe_run(tmp_path, monkeypatch) -> None:
+    """A VP9 clip stream is, byte for byte, IVF around the packets PyAV demuxes (pts 0, 1, 2, ...: the stream the
+    loader fed before), read with exactly one ``os.pread`` per keyframe run covering exactly the runs' bytes, and no
+    PyAV container is opened."""
+    path = str(write_video(tmp_path / "gop8.webm", textured_frames(64, 48, 64, 3), "libvpx-vp9", 30, VP9))
+    index = index_packets(path)
+    assert index.keyframes == list(range(0, 64, 8)) and index.verbatim
+    with av.open(path) as c:
+        demuxed = [bytes(p) for p in c.demux(video=0) if p.size]
+    opens = Opens(monkeypatch)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for frames in CLIPS:
+            plan = plan_packets(index, frames)
+            stats: dict[str, int] = {}
+            stream = clip_stream(index, plan, fd, stats)
+            want = [struct.pack("<4sHH4sHHIIII", b"DKIF", 0, 32, b"VP90", 64, 48, 30, 1, len(plan.packets), 0)]
+            for i, d in enumerate(plan.packets):
+                want += [struct.pack("<IQ", len(demuxed[d]), i), demuxed[d]]
+            assert stream.tobytes() == b"".join(want), frames
+            runs = np.split(plan.packets, plan.segments[1:])
+            spans = sum(int(index.offset[r[-1]] + index.size[r[-1]] - index.offset[r[0]]) for r in runs)
+            assert stats == {"preads": len(plan.segments), "bytes_read": spans}, frames
+            assert len(plan.segments) > 1  # the clips span several keyframe runs
+    finally:
+        os.close(fd)
+    assert opens.count == 0
+
+
+@pytest.mark.parametrize("name", CUT)
+def test_annexb_clip_streams_decode_to_the_files_frames(nal_files, name, monkeypatch) -> None:
+    """H.264 on the GPU backend: the clip stream is IVF (fourcc H264) around an Annex-B byte stream (SPS/PPS from
+    the avcC record before each keyframe run, length prefixes turned into start codes), made without opening a PyAV
+    container. Decoded by PyAV (libavformat's IVF demuxer and the H.264 decoder: the demuxing DALI's decoder opens
+    in-memory streams with), and as a raw Annex-B stream (``format='h264'``), it gives exactly the original file's
+    frames at the planned positions, with B-frames; the frames' pts are their display positions."""
+    path = _nal_file(nal_files, name)
+    index = index_packets(path)
+    assert index.verbatim and index.extradata[0] == 1  # avcC: 4-byte length-prefixed NAL units
+    every = _decode(Path(path).read_bytes(), "mp4")
+    opens = Opens(monkeypatch)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for frames in CLIPS:
+            plan = plan_packets(index, frames)
+            assert feed_mode(index, plan, "gpu") == ("stream", "")
+            assert feed_mode(index, plan, "cpu")[0] == "file"
+            before = opens.count
+            stream = clip_stream(index, plan, fd)
+            assert opens.count == before  # no container per clip
+            want = every[np.minimum(frames, index.num_frames - 1)]
+            ivf = _decode(stream.tobytes(), "ivf")
+            assert len(ivf) == len(plan.packets) and np.array_equal(ivf[plan.frames[plan.order]], want), frames
+            raw = b"".join(p for _, p in _ivf_frames(stream))
+            assert np.array_equal(_decode(raw, "h264")[plan.frames[plan.order]], want), frames
+            with av.open(io.BytesIO(stream.tobytes()), format="ivf") as c:
+                assert [f.pts for f in c.decode(video=0)] == list(range(len(plan.packets)))
+    finally:
+        os.close(fd)
+    assert opens.count == 3 * len(CLIPS)  # the test's own three decodes per clip, no other
+
+
+def test_what_the_annexb_cut_cannot_serve_is_remuxed(nal_files, tmp_path, monkeypatch) -> None:
+    """The remux (two PyAV containers per clip: the file and the Matroska output) stays for what the cut cannot serve,
+    and says why: NAL length prefixes of other than 4 bytes, an unreadable extradata record, HEVC (no IVF fourcc in
+    libavformat, no timestamps in a raw Annex-B stream), MPEG-4 Part 2; H.264 on the CPU backend is fed whole
+    (DALI's CPU decoder has no H.264)."""
+    path = _nal_file(nal_files, "h264_bframes")
+    index = index_packets(path)
+    plan = plan_packets(index, [40, 41])
+    two_byte = bytearray(index.extradata)
+    two_byte[4] = (two_byte[4] & 0xFC) | 1
+    assert feed_mode(replace(index, extradata=bytes(two_byte)), plan, "gpu") == (
+        "remux", "its NAL units have 2-byte length prefixes (the cut rewrites 4-byte ones)")
+    mode, why = feed_mode(replace(index, extradata=b"\x02junk"), plan, "gpu")
+    assert mode == "remux" and why.startswith(f"{path}: cannot read the h264 parameter sets from its extradata")
+    with pytest.raises(ValueError, match="neither an avcC record nor Annex-B NAL units"):
+        packets.nal_layout(replace(index, extradata=b""))
+    opens = Opens(monkeypatch)
+    remuxed = packets.remux_packets(index, plan)
+    assert opens.count == 2 and len(_decode(remuxed, "matroska")) == len(plan.packets)
+    mpeg4 = str(write_video(tmp_path / "mpeg4_gop8.mp4", textured_frames(48, 48, 64, 2), "mpeg4", 30,
+                            {"g": "8"}))
+    mindex = index_packets(mpeg4)
+    assert feed_mode(mindex, plan_packets(mindex, [40, 41]), "gpu")[0] == "remux"
+    if "hevc_open_gop" in nal_files:
+        hindex = index_packets(nal_files["hevc_open_gop"])
+        assert feed_mode(hindex, plan_packets(hindex, [40, 41]), "gpu")[0] == "remux"
+    assert feed_mode(index, plan, "cpu") == ("file", "no CPU decoder for h264 in DALI (the pre-flight check rejects it)")
+
+
+def test_annexb_extradata_is_used_as_it_is(nal_files) -> None:
+    """A file whose extradata is Annex-B already (MPEG-TS, raw streams): its parameter sets are that extradata and
+    its payloads are left as they are (length 0)."""
+    index = index_packets(_nal_file(nal_files, "h264_bframes"))
+    params, length_size = packets.nal_layout(index)
+    assert length_size == 4 and params.startswith(packets.START_CODE) and params.count(packets.START_CODE) == 2
+    assert packets.nal_layout(replace(index, extradata=params)) == (params, 0)
+
+
+def _toy_cfg(tmp_path: Path, num: int = 24, **kw) -> DataConfig:
+    toy = REPO_ROOT / "data" / "toy"
+    if not (toy / "train.csv").exists():
+        pytest.skip("no toy dataset: run `make data`")
+    manifest = tmp_path / "train.csv"
+    lines = (toy / "train.csv").read_text().splitlines()[:num]
+    manifest.write_text("".join(f"{toy / line}\n" for line in lines))
+    base = DataConfig(loader="dali", backend="cpu", root=str(toy), train_manifest=str(manifest), num_frames=8,
+                      sampling_rate=3, target_fps=30, train_jitter_scales=[32, 40], train_crop_size=32, batch_size=4,
+                      num_workers=2, validate_cache="none")
+    return replace(base, **kw)
+
+
+def test_clip_streams_are_made_off_the_training_thread(tmp_path, monkeypatch) -> None:
+    """A real DALI CPU pipeline over toy VP9 videos: every clip stream of the epoch is made on the source's worker
+    thread, none on the thread that iterates the loader (where DALI calls the source), in this process; the batches
+    are bit for bit those of the same graph fed by a source that makes the streams in the callback (the loader's
+    old path), whose streams were made on the calling thread."""
+    made: list[tuple[int, int, str]] = []
+    calls: list[int] = []
+    real_stream, real_call = dali.clip_stream, dali.PlanSource.__call__
+
+    def recording_stream(*args, **kwargs):
+        made.append((threading.get_ident(), os.getpid(), threading.current_thread().name))
+        return real_stream(*args, **kwargs)
+
+    def recording_call(self):
+        calls.append(threading.get_ident())
+        return real_call(self)
+
+    monkeypatch.setattr(dali, "clip_stream", recording_stream)
+    monkeypatch.setattr(dali.PlanSource, "__call__", recording_call)
+    cfg = _toy_cfg(tmp_path)
+    loader = build_loader(cfg, "train", device="cpu")
+    assert isinstance(loader, dali.DaliLoader)
+    main = threading.get_ident()
+    epoch = list(loader)
+    assert sum(b.video.shape[0] for b in epoch) == loader.num_clips == 24
+    assert len(made) == 24 and calls and set(calls) == {main}
+    assert all(ident != main and pid == os.getpid() and name.startswith("clip-inputs") for ident, pid, name in made)
+
+    made.clear()
+    plans = loader.planner.plans(0)
+    source = dali.PlanSource(cfg.batch_size, prefetch=0)
+    pipe = dali.build_video_pipeline(source, batch_size=cfg.batch_size, crop=loader.crop, mean=cfg.mean, std=cfg.std,
+                                     num_threads=2)
+    pipe.build()
+    source.start(plans)
+    for i, batch in enumerate(epoch):
+        (out,) = pipe.run()
+        chunk = plans[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        old = dali.to_clips(out, chunk, backend="cpu", decode_only=False, frames_per_clip=0, crop=loader.crop,
+                            mean=cfg.mean, std=cfg.std, device=torch.device("cpu"))
+        assert torch.equal(batch.video, old), f"batch {i}"
+        assert batch.index.tolist() == [p.index for p in chunk]
+    source.close()
+    assert len(made) == 24 and {ident for ident, _, _ in made} == {main}
+
+
+def test_a_restarted_source_drops_the_batches_made_ahead(tmp_path) -> None:
+    """``start`` while the worker holds batches made ahead for the previous plans: the next batch DALI gets is the
+    new plans' first (the loader restarts its source this way after a decode failure); ``close`` stops the
+    worker."""
+    cfg = _toy_cfg(tmp_path, 16)
+    loader = build_loader(cfg, "train", device="cpu")
+    plans = loader.planner.plans(0)
+    source = dali.PlanSource(4, decode_only=True, prefetch=3)
+    source.start(plans)
+    assert len(source.pending) == 3
+    first = source()
+    source.start(plans[8:])
+    again = source()
+    assert [len(x) for x in again] == [4, 4, 4] and list(source.queue)[-1].plans == plans[8:12]
+    assert not np.array_equal(first[0][0], again[0][0]) or plans[0].path == plans[8].path
+    source.close()
+    assert source.worker is None and not source.pending and not source.fds

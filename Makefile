@@ -4,6 +4,7 @@
 #   make constraints               test-latest, then pin what it ran on into constraints.txt (refresh on purpose)
 #   make bench ATTN=all            throughput/memory/FLOPs per attention variant
 #   make bench-compare A=RUN B=RUN two bench runs side by side (ratios, plot)
+#   make gpu-perf                  the train step's speed on one GPU (eager batches, compiled, SDPA backends, Trainer)
 # torch: an importable torch (e.g. an NGC CUDA build, also one inside another venv) is reused via
 # --system-site-packages; otherwise TORCH_SPEC is installed. Override: make test TORCH_SPEC='torch==2.5.1'.
 
@@ -31,8 +32,10 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 # e.g. --rehearse-on-cpu (the same steps at CPU size) or --only bench train
 GPU_CHECK_ARGS ?=
+# e.g. --rehearse-on-cpu, --budget-s 300, --rows eager-b8 compiled-b8
+GPU_PERF_ARGS ?=
 
-.PHONY: venv test test-fast test-latest constraints bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check clean
+.PHONY: venv test test-fast test-latest constraints bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check gpu-perf clean
 
 venv: $(STAMP)
 
@@ -105,6 +108,9 @@ evaluate: $(STAMP)
 
 gpu-check: $(STAMP) data
 	$(VPY) -m timesformer_harness.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-perf: $(STAMP)
+	$(VPY) -m timesformer_harness.gpu_perf $(GPU_PERF_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .benchmarks

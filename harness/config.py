@@ -127,6 +127,8 @@ class TrainConfig:
     debug_nan_at_step: int = -1
     debug_signal_at_step: int = -1
     record_samples: bool = False  # write every batch's video indices to samples/rank{R}.jsonl (shard checks)
+    # count each micro-batch's host-device syncs (CUDA: torch.cuda.set_sync_debug_mode) into the train records
+    count_syncs: bool = False
 
     def __post_init__(self) -> None:
         if self.eval_period < 0 or self.checkpoint_period < 1 or self.keep_last < 1:

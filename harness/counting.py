@@ -1,4 +1,7 @@
-"""Parameter and FLOP counts per clip, and aten op counts per step.
+"""Parameter and FLOP counts per clip, aten op counts per step, and host-device syncs in a real run.
+
+    python -m timesformer_harness.counting [--attn all] [--depth 12] [--frames 8] [--batch 2] [--precision bf16]
+        [--drop-path 0.1] [--top 0]   # one train step's aten ops and kernel launches, by phase
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device: no compute, no memory,
 and SDPA takes its math path there, so attention FLOPs are counted (the CPU flash kernel has no FLOP formula
@@ -166,3 +169,106 @@ def profiled_launches(fn: Callable[[], object]) -> Counter:
         if e.cpu_parent is None:
             launches(e)
     return counts
+
+
+# ---------------------------------------------------------------------------------------- syncs in a real run
+
+CUDA_SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode("warn")'s message
+
+
+class SyncCounter:
+    """Host-device synchronisations while it is running: on CUDA every one ``torch.cuda.set_sync_debug_mode("warn")``
+    reports (blocking copies, ``.item()``, stream synchronisations; their warnings are counted, not shown), on CPU
+    the ops that read a device value back (``OpCounter``'s syncs, this thread's). ``count`` is the running total.
+
+    ``start()`` / ``stop()`` (or ``with``); the CUDA mode and the warning hook are process-wide while it runs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self._ops: OpCounter | None = None
+        self._cuda_count = 0
+        self._saved: tuple[Any, ...] | None = None
+
+    @property
+    def count(self) -> int:
+        return self._cuda_count if self.cuda else (self._ops.count.syncs if self._ops is not None else 0)
+
+    def start(self) -> SyncCounter:
+        if self.cuda:
+            import warnings
+
+            self._saved = (torch.cuda.get_sync_debug_mode(), warnings.showwarning, list(warnings.filters))
+            warnings.filterwarnings("always", message=CUDA_SYNC_WARNING)  # not once per call site
+            shown = warnings.showwarning
+
+            def show(message, *args, **kwargs):  # noqa: ANN001, ANN202 - warnings.showwarning's signature
+                if CUDA_SYNC_WARNING in str(message):
+                    self._cuda_count += 1
+                else:
+                    shown(message, *args, **kwargs)
+
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            self._ops = OpCounter()
+            self._ops.__enter__()
+        return self
+
+    def stop(self) -> None:
+        if self.cuda and self._saved is not None:
+            import warnings
+
+            mode, warnings.showwarning, warnings.filters[:] = self._saved
+            torch.cuda.set_sync_debug_mode(mode)
+            self._saved = None
+        elif self._ops is not None:
+            self._ops.__exit__(None, None, None)
+
+    def __enter__(self) -> SyncCounter:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print one train step's op counts per attention variant (the ``tiny`` preset at ``--depth`` and ``--frames``:
+    sizes change no count), on the CPU."""
+    import argparse
+
+    from timesformer_harness.model import load_preset
+    from timesformer_harness.variants import VARIANTS
+    from timesformer_harness.workload import TrainStep, build_model, synthetic_batch
+
+    p = argparse.ArgumentParser(prog="python -m timesformer_harness.counting", description=main.__doc__)
+    p.add_argument("--attn", default="all", help=" | ".join([*VARIANTS, "all"]))
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--top", type=int, default=0, help="also list the N most frequent ops of each variant")
+    args = p.parse_args(argv)
+    if args.attn != "all" and args.attn not in VARIANTS:
+        p.error(f"--attn {args.attn!r}; choose from {[*VARIANTS, 'all']}")
+    cpu, dtype = torch.device("cpu"), torch.bfloat16 if args.precision == "bf16" else None
+    print("| attention | ops (forward / backward / optimizer) | kernel launches (forward / backward / optimizer) "
+          "| syncs |\n|---|---|---|---|")
+    for attn in VARIANTS if args.attn == "all" else [args.attn]:
+        cfg = replace(load_preset("tiny"), depth=args.depth, num_frames=args.frames, attention_type=attn,
+                      drop_path_rate=args.drop_path)
+        torch.manual_seed(0)
+        train = TrainStep.build(build_model(cfg, cpu, dtype=dtype), cpu, dtype)
+        video, labels = synthetic_batch(cfg, cpu, args.batch)
+        train.step(video, labels)  # lazy initialisation (optimizer state) left out of the count
+        c = count_train_step(train, video, labels)
+        phases = [c[k] for k in ("forward", "backward", "optimizer")]
+        print(f"| {attn} | {c['total'].ops} ({' / '.join(str(x.ops) for x in phases)}) | {c['total'].launches} "
+              f"({' / '.join(str(x.launches) for x in phases)}) | {c['total'].syncs} |")
+        for name, n in c["total"].by_name.most_common(args.top):
+            print(f"|   {name} | {n} | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -109,6 +109,40 @@ def time_steps(fn: Callable[[], object], device: torch.device, warmup: int, step
     return [time_block(fn, 1, device) for _ in range(steps)]
 
 
+@dataclass
+class KernelTime:
+    """A step's work on the GPU: device time (kernels, memory copies and fills; one stream runs them one after
+    another, so their sum is the time the GPU was busy) and device operations, per step."""
+
+    ms_per_step: float
+    ops_per_step: float
+
+
+def kernel_time(fn: Callable[[], object], device: torch.device, steps: int = 3) -> KernelTime | None:
+    """The GPU work of ``steps`` calls of ``fn`` (already warmed up), from a ``torch.profiler`` trace with CUDA
+    activity; None off CUDA (a CPU has no kernels apart from its ops)."""
+    if device.type != "cuda" or steps < 1:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    return device_totals(prof.events(), steps)
+
+
+def device_totals(events: Iterable[object], steps: int) -> KernelTime:
+    """``KernelTime`` from profiler events: the device-side ones (``device_type`` CUDA, whose ``device_time_total``
+    is their own duration in us), over ``steps``."""
+    from torch.autograd import DeviceType
+
+    on_device = [e for e in events if e.device_type == DeviceType.CUDA]  # type: ignore[attr-defined]
+    busy_us = sum(float(e.device_time_total) for e in on_device)  # type: ignore[attr-defined]
+    return KernelTime(ms_per_step=busy_us / steps / 1e3, ops_per_step=len(on_device) / steps)
+
+
 def time_pairs(a: Callable[[], object], b: Callable[[], object], device: torch.device, pairs: int, *,
                a_reps: int = 1, b_reps: int = 1, warmup: int = 0) -> tuple[list[float], list[float]]:
     """``pairs`` rounds of a block of ``a_reps`` calls of ``a`` then a block of ``b_reps`` calls of ``b``, after

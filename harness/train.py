@@ -140,7 +140,7 @@ class Trainer:
         self.metrics = MetricWriter(self.run_dir, info.is_main, cfg.output.tensorboard)
         self.memory = PeakMemory(self.device)  # peak per log window and per validation (this process)
         self._val_loader = None
-        self.hooks = DebugHooks(cfg.train, self.run_dir, info.rank)
+        self.hooks = DebugHooks(cfg.train, self.run_dir, info.rank, self.device)
         if cfg.model.num_frames != cfg.data.num_frames or cfg.model.img_size != cfg.data.train_crop_size:
             logger.warning("model.num_frames/img_size (%d/%d) differ from data.num_frames/train_crop_size (%d/%d): "
                            "the model resizes its embeddings at run time; is that intended?", cfg.model.num_frames,
@@ -457,6 +457,10 @@ class Trainer:
                   "time/frames_per_s": steps["clips_per_s"] * self.cfg.data.num_frames,
                   "time/data_wait_pct": 100.0 * steps["data_wait_share"], "time/warmup": warmup}
         losses.clear()
+        syncs = self.hooks.take_sync_counts()
+        if syncs:
+            record.update({"debug/syncs_per_micro_batch": sum(syncs) / len(syncs),
+                           "debug/syncs_per_micro_batch_max": max(syncs)})
         record.update(self._memory_peak())
         self.metrics.log(record, self.step)
 

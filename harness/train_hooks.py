@@ -2,8 +2,9 @@
 
 ``train.record_samples`` writes the video indices of every batch (shard checks), ``train.debug_nan_at_step`` makes
 the loss NaN at an optimizer step (the non-finite stop), ``train.debug_signal_at_step`` sends the process SIGTERM
-after an optimizer step (the stop-and-resume path). All are off by default; the loop calls each hook once per
-batch or step, and a disabled hook returns at once.
+after an optimizer step (the stop-and-resume path), ``train.count_syncs`` counts the host-device synchronisations of
+each micro-batch (``timesformer_harness.counting.SyncCounter``). All are off by default; the loop calls each hook
+once per batch or step, and a disabled hook returns at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from timesformer_harness.config import TrainConfig
+from timesformer_harness.counting import SyncCounter
 
 if TYPE_CHECKING:
     from timesformer_harness.pipelines.base import Batch
@@ -27,9 +29,13 @@ class DebugHooks:
         cfg: the ``train`` section (its ``record_samples`` / ``debug_*`` fields).
         run_dir: where ``samples/rank{R}.jsonl`` goes.
         rank: this process's rank; only rank 0 sends the debug signal (the stop flag then reaches the others).
+        device: the training device (``train.count_syncs`` counts its synchronisations).
     """
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int, device: torch.device | str = "cpu") -> None:
+        self.syncs = SyncCounter(torch.device(device)).start() if cfg.count_syncs else None
+        self._sync_mark: tuple[int, int, int] | None = None  # (epoch, batch, syncs so far) at the last batch
+        self._sync_counts: list[int] = []
         self.nan_at_step = cfg.debug_nan_at_step
         self.signal_at_step = cfg.debug_signal_at_step if rank == 0 else -1
         self.samples_file = None
@@ -38,7 +44,14 @@ class DebugHooks:
             self.samples_file = open(Path(run_dir) / "samples" / f"rank{rank}.jsonl", "a")
 
     def on_batch(self, epoch: int, batch_idx: int, batch: Batch) -> None:
-        """Record the batch's video indices (``train.record_samples``)."""
+        """Record the batch's video indices (``train.record_samples``) and the synchronisations of the micro-batch
+        before it (``train.count_syncs``: the count from one batch to the next of the same epoch, so each epoch's
+        last micro-batch, whose span takes in validation and checkpoints, is not counted)."""
+        if self.syncs is not None:
+            total = self.syncs.count
+            if self._sync_mark is not None and self._sync_mark[:2] == (epoch, batch_idx - 1):
+                self._sync_counts.append(total - self._sync_mark[2])
+            self._sync_mark = (epoch, batch_idx, total)
         if self.samples_file is not None:
             self.samples_file.write(json.dumps({"epoch": epoch, "batch": batch_idx,
                                                 "index": batch.index.tolist()}) + "\n")
@@ -55,6 +68,14 @@ class DebugHooks:
         if step == self.signal_at_step:
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def take_sync_counts(self) -> list[int]:
+        """The synchronisations of each micro-batch counted since the last call (``train.count_syncs``)."""
+        counts, self._sync_counts = self._sync_counts, []
+        return counts
+
     def close(self) -> None:
+        if self.syncs is not None:
+            self.syncs.stop()
+            self.syncs = None
         if self.samples_file is not None:
             self.samples_file.close()

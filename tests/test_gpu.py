@@ -411,3 +411,44 @@ def test_cuda_memory_through_metrics() -> None:
     a = torch.randn(2048, 2048, device=CUDA)
     times = time_steps(lambda: a @ a, CUDA, warmup=1, steps=3)  # synchronised: each time covers the kernel
     assert len(times) == 3 and min(times) > 0
+
+
+def test_sync_counter_sees_blocking_reads_and_not_pinned_copies() -> None:
+    from timesformer_harness.counting import SyncCounter
+
+    x = torch.ones(4, device=CUDA)
+    pinned = torch.ones(4).pin_memory()
+    with SyncCounter(CUDA) as syncs:
+        pinned.to(CUDA, non_blocking=True)
+        (x * 2).sum()
+        assert syncs.count == 0
+        x.sum().item()
+        x.cpu()
+        x.tolist()
+    assert syncs.count == 3 and torch.cuda.get_sync_debug_mode() == 0
+
+
+def test_trainer_micro_batch_syncs_at_most_once(tmp_path: Path) -> None:
+    """The step loop's one read per micro-batch, counted by CUDA's sync debug mode (train.count_syncs)."""
+    from timesformer_harness.distributed import init_distributed
+    from timesformer_harness.train import Trainer
+
+    cfg = load_config(None, [*TINY, "data.loader=synthetic", "data.batch_size=4", "data.synthetic_videos=48",
+                             "solver.max_epoch=1", "solver.global_batch_size=8", "train.eval_period=0",
+                             "train.log_period=1", "train.count_syncs=true", f"output.dir={tmp_path}",
+                             "output.tensorboard=false"])
+    assert Trainer(cfg, init_distributed(cfg.dist)).fit() == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    counted = [r for r in records if "debug/syncs_per_micro_batch_max" in r]
+    assert counted and max(r["debug/syncs_per_micro_batch_max"] for r in counted) <= 1, counted
+
+
+def test_kernel_time_is_the_gpus_busy_time() -> None:
+    from timesformer_harness.metrics import kernel_time
+
+    a = torch.randn(4096, 4096, device=CUDA)
+    a @ a
+    one = kernel_time(lambda: a @ a, CUDA, steps=3)
+    two = kernel_time(lambda: (a @ a, a @ a), CUDA, steps=3)
+    assert one is not None and one.ops_per_step == 1 and one.ms_per_step > 0
+    assert two.ops_per_step == 2 and 1.5 < two.ms_per_step / one.ms_per_step < 2.5

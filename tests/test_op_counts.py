@@ -62,3 +62,13 @@ def test_fp32_step_has_no_casts() -> None:
     counts = step_counts("divided_space_time", precision=None)
     assert counts["total"].by_name["_to_copy.default"] == 0
     assert counts["total"].by_name["_foreach_copy_.default"] == 0
+
+
+def test_the_counting_command_prints_each_variants_step(capsys) -> None:
+    from timesformer_harness.counting import main
+
+    assert main(["--attn", "divided_space_time", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    total = step_counts("divided_space_time")["total"]
+    assert f"| divided_space_time | {total.ops} (" in out and f"| {total.launches} (" in out
+    assert len([line for line in out.splitlines() if line.startswith("|   ")]) == 2

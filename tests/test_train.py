@@ -381,6 +381,36 @@ def test_warm_up_steps_are_a_window_of_their_own_and_left_out_of_the_steady_rate
     assert end["time/steady_clips_per_s"] == pytest.approx(2 * sum(steps) / seconds, rel=1e-6)
 
 
+def test_sync_counter_counts_reads_of_device_values_on_cpu() -> None:
+    from timesformer_harness.counting import SyncCounter
+
+    x = torch.ones(3)
+    with SyncCounter(torch.device("cpu")) as syncs:
+        for _ in range(3):
+            x.sum().item()
+        x * 2
+    assert syncs.count == 3
+
+
+def test_count_syncs_logs_each_micro_batchs_syncs(tmp_path):
+    """``train.count_syncs``: the train records carry the syncs per micro-batch (on CPU the aten reads; none in the
+    step loop), every micro-batch but each epoch's last counted."""
+    from timesformer_harness.config import load_config
+    from timesformer_harness.distributed import init_distributed
+    from timesformer_harness.train import Trainer
+
+    cfg = load_config("configs/model/tiny.yaml", [
+        "data.loader=synthetic", "data.num_frames=4", "data.train_crop_size=32", "data.batch_size=2",
+        "data.synthetic_videos=12", "solver.global_batch_size=4", "solver.max_epoch=1", "train.log_period=1",
+        "train.eval_period=0", "train.count_syncs=true", f"output.dir={tmp_path}", "output.tensorboard=false"])
+    trainer = Trainer(cfg, init_distributed(cfg.dist))
+    assert trainer.fit() == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    counted = [r for r in records if "debug/syncs_per_micro_batch" in r]
+    assert len(counted) == 3 and all(r["debug/syncs_per_micro_batch_max"] == 0 for r in counted), counted
+    assert trainer.hooks.syncs is None  # stopped at the end of the run
+
+
 def test_the_step_loop_waits_for_the_device_once_per_micro_batch(tmp_path, monkeypatch):
     """A training epoch reads device values only through ``read_back``: once per micro-batch (the all-reduced loss
     and flags), once to agree on the first batch and once for the epoch's totals; no ``.item()`` (an aten

@@ -17,8 +17,8 @@ import torch
 
 from timesformer_harness.bench.record import BenchRecord, fill_throughput
 from timesformer_harness.config import ModelConfig
-from timesformer_harness.metrics import (PeakMemory, Stopwatch, gemm, iso_now, synchronize, time_block, time_pairs,
-                                         time_steps)
+from timesformer_harness.metrics import (PeakMemory, Stopwatch, gemm, iso_now, kernel_time, synchronize, time_block,
+                                         time_pairs, time_steps)
 from timesformer_harness.runtime import device_name
 
 
@@ -103,6 +103,7 @@ class ModelCase(BenchCase):
     calib_reps: int = 0
     inject_delay_s: float = 0.0  # busy work added to every step: the gate's check that it catches a slowdown
     compile: str = "none"  # torch.compile mode of the step (timesformer_harness.config.COMPILE_MODES)
+    kernel_steps: int = 0  # CUDA: steps profiled after the timing for the GPU's kernel time (0 = none)
     sweep_batch: bool = False  # one point of a batch sweep: the name carries the batch
 
     @property
@@ -182,6 +183,10 @@ def measure_step(build: StepBuilder, case: ModelCase, rec: BenchRecord, device: 
     if peak is not None:
         rec.peak_mem_bytes, rec.peak_mem_kind = peak.growth, peak.kind
     fill_throughput(rec, times, clips_per_step=case.batch, frames=case.frames)
+    kernels = kernel_time(step, device, case.kernel_steps)
+    if kernels is not None:  # how much of the step the GPU was busy: the rest is the host issuing the kernels
+        rec.extra.update({"kernel_ms": kernels.ms_per_step, "kernel_ops_per_step": kernels.ops_per_step,
+                          "kernel_share": kernels.ms_per_step / rec.step_ms["median"]})
 
 
 def _delayed(step: Callable[[], object], seconds: float) -> Callable[[], None]:

@@ -1,0 +1,290 @@
+"""``make gpu-perf``: the train step's speed on one GPU, in one script sized for a few minutes of device time.
+
+    python -m timesformer_harness.gpu_perf [--out DIR] [--budget-s 420] [--rows NAME ...]
+    python -m timesformer_harness.gpu_perf --rehearse-on-cpu   # the same rows at CPU size (CUDA-only ones skipped)
+
+The model is the Kinetics recipe's: TimeSformer-Base divided 8x224, bf16 autocast, synthetic input, steady state
+(warm-up and compilation steps are timed apart). The rows, in the order they run (``ROWS``):
+
+* eager divided at batch 2, 8, 16 and 32 (SDPA ``auto``);
+* the Trainer: ``timesformer_harness.train`` on the K400 recipe with synthetic clips, batch 8: its steady clips/s
+  and the host-device syncs of each micro-batch (``train.count_syncs``: CUDA's sync debug mode);
+* compiled divided: ``default`` at batch 8, ``reduce-overhead`` (CUDA graphs) at batch 2 and 8;
+* eager divided at batch 8 with each SDPA backend (flash, efficient, cudnn, math);
+* joint and space-only at batch 8, eager and compiled.
+
+Each model row is a model-suite bench case (``timesformer_harness.bench``) in a fresh process, with the GPU's kernel
+time profiled after the timing; a row whose estimated cost no longer fits ``--budget-s`` is skipped and says so.
+After every row, ``<out>/results.json`` (the bench's records and the Trainer's figures) and ``<out>/summary.md``
+(the table, and the targets met or not) are rewritten, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__" and not __package__:  # run by path (python harness/gpu_perf.py)
+    from timesformer_harness.scripts import run_by_package_name
+
+    run_by_package_name(__file__, "timesformer_harness.gpu_perf")
+
+import torch
+
+from timesformer_harness.bench.case import ModelCase
+from timesformer_harness.bench.cli import measure_peak, resolve
+from timesformer_harness.bench.record import BenchRecord
+from timesformer_harness.bench.sweep import base_settings, run_case
+from timesformer_harness.common import atomic_write_text, setup_logging
+from timesformer_harness.config import ModelConfig
+from timesformer_harness.metrics import Stopwatch, run_stamp
+from timesformer_harness.runner import run_command
+from timesformer_harness.runtime import (device_name, environment_info, precision_name, resolve_device,
+                                         resolve_precision)
+from timesformer_harness.variants import REFERENCE
+from timesformer_harness.workload import check_attention
+
+logger = logging.getLogger(__name__)
+
+GPU_PRESET = "vit_base_patch16"
+TRAIN_CONFIG = "configs/exp/k400_divst_8x32_224.yaml"
+# CPU rehearsal: the same rows on a model a 2-core CPU steps through in well under a second
+CPU_MODEL = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.depth=2", "model.num_heads=4",
+             "model.num_frames=4", "model.num_classes=10"]
+CPU_DATA = ["data.num_frames=4", "data.train_crop_size=32", "data.test_crop_size=32"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement: a model-suite case (``kind="model"``) or the Trainer's run (``kind="trainer"``)."""
+
+    name: str
+    kind: str = "model"
+    attention_type: str = REFERENCE
+    batch: int = 8
+    compile: str = "none"
+    backend: str = "auto"
+    estimate_s: float = 45.0  # what the row costs on a GPU, start-up and compilation included (the budget's unit)
+
+
+ROWS: tuple[Row, ...] = (
+    Row("eager-b2", batch=2),
+    Row("eager-b8"),
+    Row("eager-b16", batch=16),
+    Row("eager-b32", batch=32),
+    Row("trainer-b8", kind="trainer", estimate_s=90.0),
+    Row("compiled-b8", compile="default", estimate_s=150.0),
+    Row("reduce-overhead-b2", batch=2, compile="reduce-overhead", estimate_s=150.0),
+    Row("reduce-overhead-b8", compile="reduce-overhead", estimate_s=150.0),
+    *(Row(f"sdpa-{b}-b8", backend=b) for b in ("flash", "efficient", "cudnn", "math")),
+    *(Row(f"{a}-eager-b8", attention_type=a) for a in ("joint_space_time", "space_only")),
+    *(Row(f"{a}-compiled-b8", attention_type=a, compile="default", estimate_s=150.0)
+      for a in ("joint_space_time", "space_only")),
+)
+
+# What the train step should reach on one H100 (bf16, divided 8x224 unless named): (row, figure, bound, what).
+TARGETS = (
+    ("eager-b8", "clips_per_s", 120.0, "eager batch 8 >= 120 clips/s"),
+    ("compiled-b8", "clips_per_s", 200.0, "compiled batch 8 >= 200 clips/s"),
+    ("compiled-b8", "clips_per_s", 300.0, "compiled batch 8 >= 300 clips/s (about 36% MFU)"),
+    ("reduce-overhead-b2", "step_ms", 15.0, "reduce-overhead batch 2 under 15 ms a step"),
+    ("joint_space_time-compiled-b8", "mfu_pct", 30.0, "joint compiled >= 30% MFU"),
+    ("space_only-compiled-b8", "mfu_pct", 30.0, "space-only compiled >= 30% MFU"),
+    ("trainer-b8", "syncs_max", 1.0, "the Trainer syncs at most once per micro-batch"),
+)
+
+
+def skip_reason(row: Row, model: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Why ``row`` cannot run on ``device`` (None when it can)."""
+    if row.compile == "reduce-overhead" and device.type != "cuda":
+        return "CUDA graphs (reduce-overhead) need a GPU"
+    if row.backend != "auto":
+        try:
+            check_attention(replace(model, attn_backend=row.backend), device, dtype)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def model_case(row: Row, base: dict[str, Any], model: ModelConfig, device: torch.device) -> ModelCase:
+    """The model-suite case of ``row``: the step timed at steady state, its kernel time profiled on a GPU."""
+    batch = row.batch if device.type == "cuda" else max(1, row.batch // 4)
+    warmup = base["warmup"] if row.compile == "none" else max(base["warmup"], 3)
+    return ModelCase.of(base, model=replace(model, attention_type=row.attention_type, attn_backend=row.backend),
+                        mode="train", frames=model.num_frames, img_size=model.img_size, batch=batch,
+                        sweep_batch=True, compile=row.compile, warmup=warmup, kernel_steps=3)
+
+
+def run_trainer(row: Row, out: Path, device: torch.device, steps: int, timeout_s: float) -> dict[str, Any]:
+    """The Trainer on synthetic clips for ``steps`` optimizer steps, counting syncs: its steady clips/s, data wait,
+    syncs per micro-batch (mean and max over the logged windows) and exit status."""
+    run_dir = out / row.name
+    batch = row.batch if device.type == "cuda" else 2
+    argv = [sys.executable, "-m", "timesformer_harness.train", "--config",
+            TRAIN_CONFIG if device.type == "cuda" else "configs/model/tiny.yaml",
+            *([] if device.type == "cuda" else [*CPU_MODEL, *CPU_DATA]),
+            "data.loader=synthetic", f"data.batch_size={batch}", f"data.synthetic_videos={batch * steps}",
+            "solver.max_epoch=1", "solver.global_batch_size=0", "train.eval_period=0", "train.log_period=2",
+            "train.count_syncs=true", f"train.compile={row.compile}", "train.auto_resume=false",
+            f"output.dir={run_dir}", "output.tensorboard=false"]
+    done = run_command(argv, timeout_s=timeout_s)
+    result: dict[str, Any] = {"row": row.name, "kind": "trainer", "batch": batch, "command": " ".join(argv[1:]),
+                              "wall_s": round(done.wall_s, 1), "status": "ok" if done.returncode == 0 else "error"}
+    if done.returncode != 0:
+        result["message"] = "timed out" if done.returncode is None else (done.stderr or done.stdout)[-600:]
+        return result
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if r.get("event") == "train"]
+    steady = [r for r in windows if not r.get("time/warmup")]
+    counted = [r for r in windows if "debug/syncs_per_micro_batch" in r]
+    end = next((r for r in records if r.get("event") == "end"), {})
+    result.update({
+        "clips_per_s": end.get("time/steady_clips_per_s"),
+        "data_wait_pct": max((r["time/data_wait_pct"] for r in steady), default=None),
+        "syncs_mean": sum(r["debug/syncs_per_micro_batch"] for r in counted) / len(counted) if counted else None,
+        "syncs_max": max((r["debug/syncs_per_micro_batch_max"] for r in counted), default=None),
+        "steps": len(records) and max(r.get("step", 0) for r in records)})
+    return result
+
+
+def figures(rec: BenchRecord) -> dict[str, Any]:
+    """A model row's table figures from its bench record."""
+    step = rec.step_ms or {}
+    return {"status": rec.status, "clips_per_s": rec.clips_per_s, "step_ms": step.get("median"),
+            "kernel_ms": rec.extra.get("kernel_ms"), "kernel_share": rec.extra.get("kernel_share"),
+            "kernels_per_step": rec.extra.get("kernel_ops_per_step"),
+            "mfu_pct": None if rec.utilisation is None else 100 * rec.utilisation,
+            "peak_mib": None if rec.peak_mem_bytes is None else rec.peak_mem_bytes / 2**20,
+            "first_step_s": rec.extra.get("first_step_s"), "compile_s": rec.extra.get("compile_s"),
+            "message": rec.message}
+
+
+def _fmt(v: Any, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The markdown report: the conditions, the model rows' table, the Trainer's figures and the targets."""
+    lines = [f"# gpu-perf: {meta['hardware']}", "",
+             f"Started {meta['started']}, git {meta['env'].get('git_sha', '?')}, torch {meta['env'].get('torch')}, "
+             f"{meta['precision']}, preset {meta['preset']} ({meta['frames']}x{meta['img_size']}), synthetic input. "
+             f"Steady state: each case's first step is timed apart (compilation in it), then "
+             f"{meta['warmup']} more warm-up steps (3 for compiled ones) and {meta['steps']} timed ones, each "
+             "synchronised. Kernel ms: the GPU's busy time per step (kernels, copies, fills) from a profiler trace "
+             "of 3 more steps; busy % = kernel ms / step ms (the rest of the step the GPU waited for the host). "
+             f"MFU against {meta['peak_flops_source']}. Budget {meta['budget_s']:.0f} s, used {meta['wall_s']:.0f} s.",
+             "", "| row | variant | batch | compile | SDPA | status | clips/s | step ms | kernel ms | GPU busy % | "
+             "kernels/step | MFU % | peak MiB | first step s | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] != "model":
+            continue
+        lines.append("| " + " | ".join([
+            r["row"], r["attention_type"], str(r["batch"]), r["compile"], r["backend"],
+            r["status"] + (f": {r['message'][:80]}" if r.get("message") and r["status"] != "ok" else ""),
+            _fmt(r.get("clips_per_s")), _fmt(r.get("step_ms"), ".2f"), _fmt(r.get("kernel_ms"), ".2f"),
+            _fmt(None if r.get("kernel_share") is None else 100 * r["kernel_share"], ".0f"),
+            _fmt(r.get("kernels_per_step"), ".0f"), _fmt(r.get("mfu_pct")), _fmt(r.get("peak_mib"), ".0f"),
+            _fmt(r.get("first_step_s"), ".1f"), _fmt(r.get("compile_s"), ".1f")]) + " |")
+    for r in rows:
+        if r["kind"] == "trainer":
+            lines += ["", f"Trainer ({r['row']}, batch {r['batch']}): {r['status']}"
+                      + (f", {r.get('message', '')[:200]}" if r["status"] != "ok" else
+                         f", steady {_fmt(r.get('clips_per_s'))} clips/s, data wait up to "
+                         f"{_fmt(r.get('data_wait_pct'))}%, syncs per micro-batch {_fmt(r.get('syncs_mean'), '.2f')} "
+                         f"(max {_fmt(r.get('syncs_max'), '.0f')}), {r.get('steps')} steps in {r['wall_s']} s"),
+                      "", f"`python {r['command']}`"]
+    lines += ["", "Targets (set for one H100; judged on a GPU only, and only the rows that ran):", ""]
+    lines += [f"- {what}: {verdict}" for what, verdict in judge(rows, on_gpu=meta["device"] == "cuda")]
+    return "\n".join(lines) + "\n"
+
+
+def judge(rows: list[dict[str, Any]], on_gpu: bool) -> list[tuple[str, str]]:
+    """Each target of ``TARGETS`` and its verdict: met / missed (with the figure), not measured, or not judged."""
+    by_name = {r["row"]: r for r in rows if r["status"] == "ok"}
+    verdicts = []
+    for name, key, bound, what in TARGETS:
+        value = by_name.get(name, {}).get(key)
+        if value is None:
+            verdicts.append((what, "not measured"))
+        elif not on_gpu:
+            verdicts.append((what, f"not judged on a CPU ({_fmt(value, '.2f')})"))
+        else:
+            met = value <= bound if key in ("step_ms", "syncs_max") else value >= bound
+            verdicts.append((what, f"{'met' if met else 'missed'} ({_fmt(value, '.2f')})"))
+    return verdicts
+
+
+def run(out: Path, budget_s: float, only: list[str] | None, trainer_steps: int) -> list[dict[str, Any]]:
+    """Every row that fits the budget, in ``ROWS`` order; the results rewritten after each."""
+    device = resolve_device()
+    cuda = device.type == "cuda"
+    cfg, preset, device = resolve(preset=GPU_PRESET if cuda else "tiny",
+                                  overrides=["bench.precision=bf16", "bench.warmup=2", "bench.steps=10",
+                                             *([] if cuda else CPU_MODEL)])
+    dtype = resolve_precision(cfg.bench.precision, device)
+    precision = precision_name(dtype)
+    peak = measure_peak(device, precision, cfg.bench.gemm_n)
+    base = base_settings(cfg, preset, precision, device, peak)
+    clock = Stopwatch()
+    meta = {"started": run_stamp(), "device": device.type, "hardware": device_name(device), "env": environment_info(device),
+            "precision": precision, "preset": preset, "frames": cfg.model.num_frames, "img_size": cfg.model.img_size,
+            "warmup": cfg.bench.warmup, "steps": cfg.bench.steps, "peak_flops": peak[0],
+            "peak_flops_source": peak[1], "budget_s": budget_s, "wall_s": 0.0}
+    scale = 1.0 if device.type == "cuda" else 0.25  # a CPU row costs less than its GPU estimate
+    results: list[dict[str, Any]] = []
+    for row in ROWS:
+        if only and row.name not in only:
+            continue
+        entry: dict[str, Any] = {"row": row.name, "kind": row.kind, "attention_type": row.attention_type,
+                                 "batch": row.batch, "compile": row.compile, "backend": row.backend}
+        left = budget_s - clock.elapsed()
+        reason = skip_reason(row, cfg.model, device, dtype)
+        if reason is None and row.estimate_s * scale > left:
+            reason = f"over budget: {left:.0f} s left, the row needs about {row.estimate_s * scale:.0f} s"
+        if reason is not None:
+            entry.update(status="skipped", message=reason)
+        elif row.kind == "trainer":
+            entry.update(run_trainer(row, out, device, trainer_steps, timeout_s=max(left, 60)))
+        else:
+            case = model_case(row, base, cfg.model, device)
+            rec = run_case(case, timeout_s=max(left, 60))
+            entry.update(batch=case.batch, record=rec.to_dict(), **figures(rec))
+        logger.info("%s: %s %s", row.name, entry["status"], entry.get("message") or "")
+        results.append(entry)
+        meta["wall_s"] = clock.elapsed()
+        atomic_write_text(out / "results.json", json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
+        atomic_write_text(out / "summary.md", summary(results, meta))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m timesformer_harness.gpu_perf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="output folder (default runs/gpu_perf/<timestamp>)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="seconds the rows may take in all (default 420)")
+    p.add_argument("--rows", nargs="*", default=None, help=f"only these rows, from {[r.name for r in ROWS]}")
+    p.add_argument("--trainer-steps", type=int, default=30, help="the Trainer row's optimizer steps (default 30)")
+    p.add_argument("--rehearse-on-cpu", action="store_true", help="run without a GPU, at CPU size")
+    args = p.parse_args(argv)
+    setup_logging()
+    unknown = sorted(set(args.rows or []) - {r.name for r in ROWS})
+    if unknown:
+        p.error(f"--rows {unknown}: choose from {[r.name for r in ROWS]}")
+    if not torch.cuda.is_available() and not args.rehearse_on_cpu:
+        print("gpu-perf: no CUDA device; run it on a GPU, or rehearse with --rehearse-on-cpu", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/gpu_perf/{run_stamp()}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run(out, args.budget_s, args.rows, args.trainer_steps)
+    print((out / "summary.md").read_text())
+    ran = [r for r in rows if r["status"] != "skipped"]
+    return 0 if ran and all(r["status"] == "ok" for r in ran) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

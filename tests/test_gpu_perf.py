@@ -1,0 +1,68 @@
+"""``make gpu-perf``: its rows run as bench cases and a Trainer run, skip what the device cannot run or the budget
+cannot fit, and judge the targets on a GPU only. Rehearsed here at CPU size; the GPU run is ``make gpu-perf``."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from torch.autograd import DeviceType
+
+from timesformer_harness import gpu_perf
+from timesformer_harness.metrics import device_totals
+
+
+def test_rehearsal_runs_the_rows_the_cpu_can_and_skips_the_others(tmp_path, capsys):
+    rc = gpu_perf.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--trainer-steps", "4",
+                        "--rows", "eager-b2", "trainer-b8", "reduce-overhead-b2", "sdpa-cudnn-b8"])
+    assert rc == 0
+    rows = {r["row"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert list(rows) == ["eager-b2", "trainer-b8", "reduce-overhead-b2", "sdpa-cudnn-b8"]  # ROWS order
+    eager = rows["eager-b2"]
+    assert eager["status"] == "ok" and eager["clips_per_s"] > 0 and eager["mfu_pct"] > 0
+    assert eager["record"]["case"] == "model/divided_space_time/train/4x32/b1"  # a bench case, its batch scaled
+    assert eager["kernel_ms"] is None  # no kernels on a CPU
+    trainer = rows["trainer-b8"]
+    assert trainer["status"] == "ok" and trainer["clips_per_s"] > 0 and trainer["syncs_max"] == 0, trainer
+    assert rows["reduce-overhead-b2"]["status"] == "skipped" and "CUDA graphs" in rows["reduce-overhead-b2"]["message"]
+    assert rows["sdpa-cudnn-b8"]["status"] == "skipped" and "cudnn" in rows["sdpa-cudnn-b8"]["message"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| eager-b2 | divided_space_time | 1 | none | auto | ok |" in summary
+    assert "- eager batch 8 >= 120 clips/s: not measured" in summary
+    assert "- the Trainer syncs at most once per micro-batch: not judged on a CPU (0.00)" in summary
+    assert summary in capsys.readouterr().out
+
+
+def test_a_row_that_does_not_fit_the_budget_is_skipped(tmp_path):
+    assert gpu_perf.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--budget-s", "1", "--rows",
+                          "compiled-b8"]) == 1  # nothing ran
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert row["status"] == "skipped" and row["message"].startswith("over budget")
+
+
+def test_unknown_rows_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu_perf.main(["--rehearse-on-cpu", "--rows", "eager-b3"])
+    assert "eager-b3" in capsys.readouterr().err
+
+
+def test_targets_are_judged_on_a_gpu_only():
+    rows = [{"row": "eager-b8", "status": "ok", "clips_per_s": 130.0},
+            {"row": "reduce-overhead-b2", "status": "ok", "step_ms": 16.0},
+            {"row": "compiled-b8", "status": "oom", "clips_per_s": None},
+            {"row": "trainer-b8", "status": "ok", "syncs_max": 1}]
+    on_gpu = dict(gpu_perf.judge(rows, on_gpu=True))
+    assert on_gpu["eager batch 8 >= 120 clips/s"] == "met (130.00)"
+    assert on_gpu["reduce-overhead batch 2 under 15 ms a step"] == "missed (16.00)"
+    assert on_gpu["compiled batch 8 >= 200 clips/s"] == "not measured"
+    assert on_gpu["the Trainer syncs at most once per micro-batch"] == "met (1.00)"
+    assert dict(gpu_perf.judge(rows, on_gpu=False))["eager batch 8 >= 120 clips/s"].startswith("not judged")
+
+
+def test_device_totals_sum_the_device_side_events_only():
+    events = [SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=250.0),
+              SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=750.0),
+              SimpleNamespace(device_type=DeviceType.CPU, device_time_total=900.0)]  # a CPU op: its kernels' sum
+    totals = device_totals(events, steps=2)
+    assert totals.ms_per_step == pytest.approx(0.5) and totals.ops_per_step == 1.0

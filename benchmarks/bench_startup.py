@@ -119,7 +119,8 @@ def index_cost(paths: list[str], folder: Path) -> dict[str, float]:
         store.unlink(missing_ok=True)
         out[f"cold_files_per_s_{threads}_thread"] = rate(PacketIndexCache(store), threads)
     out["warm_files_per_s_1_thread"] = rate(PacketIndexCache(folder / "packets1.sqlite"), 1)
-    out["store_bytes_per_file"] = (folder / "packets1.sqlite").stat().st_size / len(paths)
+    stored = [folder / "packets1.sqlite", folder / "packets1.sqlite-wal"]  # the log holds what is not checkpointed
+    out["store_bytes_per_file"] = sum(p.stat().st_size for p in stored if p.exists()) / len(paths)
     memory = PeakMemory(torch.device("cpu"), release_freed=True)
     held = PacketIndexCache(folder / "packets1.sqlite")
     for p in paths[:held.size]:
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-files", type=int, default=4096, help="files the packet-index cost is measured on")
     parser.add_argument("--data", default=str(REPO_ROOT / "data/toy"), help="toy dataset (make data)")
     parser.add_argument("--out", default="runs/bench/startup")
+    parser.add_argument("--warm-runs", type=int, default=3, help="warm jobs, one after the other")
+    parser.add_argument("--skip-cold", action="store_true",
+                        help="time warm jobs only, on the cache an earlier run of the same --files filled")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a job may take")
     parser.add_argument("--rank", nargs=3, metavar=("OUT", "MANIFEST", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -163,21 +167,26 @@ def main(argv: list[str] | None = None) -> int:
     manifest = make_dataset(out / f"data{args.files}", args.files, sources)
     logger.info("manifest of %d links ready in %.1f s: %s", args.files, time.perf_counter() - t0, manifest)
     cache = out / "cache" / f"validate{args.files}.sqlite"
-    for stale in cache.parent.glob(f"{cache.stem}*"):  # the cold job starts from an empty cache
-        stale.unlink()
     results = {"files": args.files, "nproc": args.nproc, "sources": [str(s) for s in sources]}
-    results["cold"] = run_job(out / "cold", manifest, cache, args.nproc, args.timeout)
-    results["cached_probes_after_cold"] = cached_rows(cache)
-    results["warm"] = run_job(out / "warm", manifest, cache, args.nproc, args.timeout)
+    if not args.skip_cold:
+        for stale in cache.parent.glob(f"{cache.stem}*"):  # the cold job starts from an empty cache
+            stale.unlink()
+        results["cold"] = run_job(out / "cold", manifest, cache, args.nproc, args.timeout)
+    elif not cache.exists():
+        raise SystemExit(f"--skip-cold: no cache at {cache}; run once without it")
+    results["cached_probes"] = cached_rows(cache)
+    results["warm"] = [run_job(out / f"warm{i}", manifest, cache, args.nproc, args.timeout)
+                       for i in range(args.warm_runs)]
     results["cache_bytes"] = cache.stat().st_size
     paths = [line.split(" ")[0] for line in manifest.read_text().splitlines()[:args.index_files]]
     results["packet_index"] = index_cost(paths, out / "index")
     per_rank = args.files // args.nproc
     cost = results["packet_index"]
-    print(summary("cold", results["cold"]))
-    print(f"  probe cache after it: {results['cached_probes_after_cold']} files, {results['cache_bytes'] / 2**20:.1f} "
-          f"MiB")
-    print(summary("warm", results["warm"]))
+    if "cold" in results:
+        print(summary("cold", results["cold"]))
+    print(f"probe cache: {results['cached_probes']} files, {results['cache_bytes'] / 2**20:.1f} MiB")
+    for i, records in enumerate(results["warm"]):
+        print(summary(f"warm {i + 1}", records))
     print(f"packet index ({len(paths)} files): {cost['cold_files_per_s_1_thread']:.0f} files/s on 1 thread, "
           f"{cost['cold_files_per_s_2_thread']:.0f} on 2, {cost['warm_files_per_s_1_thread']:.0f} from the store; "
           f"{cost['store_bytes_per_file']:.0f} store bytes per file; a full LRU ({cost['lru_indexes']} indexes) "

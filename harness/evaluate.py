@@ -194,7 +194,7 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo) -> dict[str, Any]
     report = load_weights(model, checkpoint, strict=True)
     data_cfg = replace(cfg.data, batch_size=cfg.test.batch_size)
     loader = build_loader(data_cfg, cfg.test.split, device=info.device, rank=info.rank,
-                          world_size=info.world_size, run_dir=cfg.output.dir)
+                          world_size=info.world_size, run_dir=cfg.output.dir, num_classes=cfg.model.num_classes)
     clock = Stopwatch()
     acc = score_loader(model, loader, info.device, dtype, cfg.test.ensemble)
     seconds = clock.elapsed()

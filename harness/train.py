@@ -187,7 +187,8 @@ class Trainer:
         data_cfg = self.cfg.data if split == "train" else replace(self.cfg.data, batch_size=self.cfg.test.batch_size)
         kwargs = {"start_batch": start_batch, "quarantine": self.bad_videos} if split == "train" else {}
         loader = build_loader(data_cfg, split, device=self.device, rank=self.info.rank,
-                              world_size=self.info.world_size, run_dir=self.run_dir, **kwargs)
+                              world_size=self.info.world_size, run_dir=self.run_dir,
+                              num_classes=self.cfg.model.num_classes, **kwargs)
         if split == "train":
             self._train_loader = loader
         return loader

@@ -124,8 +124,11 @@ def log_decode_plan(cfg: DataConfig, plan: DecodePlan, device: torch.device) -> 
 
 def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "cpu", rank: int = 0,
                  world_size: int = 1, start_batch: int = 0, run_dir: str | Path | None = None,
-                 quarantine: Sequence[BadVideo | dict[str, Any]] = ()) -> Loader:
+                 quarantine: Sequence[BadVideo | dict[str, Any]] = (), num_classes: int = 0) -> Loader:
     """The loader ``data.loader`` asks for (auto: DALI when it can decode every video here, else PyAV, saying why).
+
+    The manifest's labels are checked against ``num_classes`` (``model.num_classes``; 0 = not checked) before any
+    video is probed.
 
     Every video is pre-flight checked (``timesformer_harness.pipelines.validate``, cached, each rank checking its
     share; ``data.validate: deep`` also decodes every packet); unusable ones raise (``data.on_bad_video: error``) or
@@ -142,7 +145,7 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
         return LOADERS[cfg.loader].loader_class()(cfg, split, device=device, rank=rank, world_size=world_size,
                                                   start_batch=start_batch)
 
-    entries: list[VideoEntry] = read_manifest(cfg, split)
+    entries: list[VideoEntry] = read_manifest(cfg, split, num_classes)
     cache = cache_path(cfg.validate_cache)
     logger.info("pre-flight caches: %s", cache_location(cfg.validate_cache))
     infos = _probe([e.path for e in entries], cfg, cache)

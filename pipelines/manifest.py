@@ -7,7 +7,10 @@ timesformer_harness.pipelines.tools.prepare`` all call it.
 Paths: a manifest path is joined with ``data.path_prefix`` (as the original's ``PATH_PREFIX``); a path that is
 still relative after that is taken relative to the manifest file's folder (so ``data/toy/train.csv`` can say
 ``train/x.webm``). SSv2 videos are ``{path_prefix or the split JSON's folder}/{id}.webm``. A malformed line raises
-``ValueError`` naming the file, the line number and what was expected.
+``ValueError`` naming the file, the line number and what was expected, with a hint where the file looks like another
+format. A Kinetics line splits on its last whitespace (a path may contain spaces); a UTF-8 byte-order mark is
+ignored; a video listed twice with different labels, or a label outside ``num_classes``, is an error naming the
+lines.
 """
 
 from __future__ import annotations
@@ -43,54 +46,91 @@ def _resolve(path: str, prefix: str, base: Path) -> str:
     return joined if os.path.isabs(joined) else str(base / joined)
 
 
-def _label(text: str, where: str, expected: str) -> int:
+def _label(text: str, where: str, expected: str, num_classes: int = 0, hint: str = "") -> int:
     try:
         label = int(text)
     except ValueError:
-        raise ValueError(f"{where}: expected {expected} with an integer label, got label {text!r}") from None
+        raise ValueError(f"{where}: expected {expected} with an integer label, got label {text!r}{hint}") from None
     if label < 0:
         raise ValueError(f"{where}: label {label} is negative; labels are class ids 0..num_classes-1")
+    if num_classes and label >= num_classes:
+        raise ValueError(f"{where}: label {label} is out of range for {num_classes} classes (model.num_classes): "
+                         f"labels are 0..{num_classes - 1}; fix the manifest, or set model.num_classes")
     return label
 
 
-def read_kinetics(path: str | Path, separator: str = " ", path_prefix: str = "") -> list[VideoEntry]:
-    """``path<separator>label`` per line (blank lines ignored); splitting must give exactly 2 fields."""
+class _Listing:
+    """A manifest's entries as they are read, refusing a video listed again with another label."""
+
+    def __init__(self) -> None:
+        self.entries: list[VideoEntry] = []
+        self.first: dict[str, tuple[int, str]] = {}  # path -> (label, where it was first listed)
+
+    def add(self, entry: VideoEntry, where: str) -> None:
+        label, first = self.first.setdefault(entry.path, (entry.label, where))
+        if label != entry.label:
+            raise ValueError(f"{where}: {entry.path} is listed with label {entry.label}, and with label {label} at "
+                             f"{first}; a video has one label: remove one of the lines")
+        self.entries.append(entry)
+
+
+def _format_hint(n: int, line: str) -> str:
+    """Why a Kinetics line may have failed: a header, or a file in another format."""
+    if n == 1 and line.strip().lower().replace(",", " ").split()[:2] == ["path", "label"]:
+        return ("; a header line? Kinetics manifests have none: remove it, or read the file as data.format=csv "
+                "(--format csv), which allows a 'path,label' header")
+    if "," in line and len(line.split(",")) == 2:
+        return "; the line is comma-separated: set data.format=csv (--format csv), or data.separator=','"
+    return ""
+
+
+def read_kinetics(path: str | Path, separator: str = " ", path_prefix: str = "",
+                  num_classes: int = 0) -> list[VideoEntry]:
+    """``path<separator>label`` per line (blank lines ignored). With the default separator (whitespace) the label is
+    the last field and the path the rest, spaces included; another separator must split a line into exactly 2."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist (data.root / data.*_manifest)")
     expected = f"'path{separator}label' (separator {separator!r}, data.separator)"
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    listing = _Listing()
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
-        fields = line.rstrip("\r\n").split(separator) if separator != " " else line.split()
+        fields = line.rstrip("\r\n").split(separator) if separator != " " else line.strip().rsplit(None, 1)
         if len(fields) != 2 or not fields[0]:
-            raise ValueError(f"{path}:{n}: expected {expected}, got {len(fields)} field(s): {line!r}")
-        out.append(VideoEntry(_resolve(fields[0], path_prefix, path.parent), _label(fields[1], f"{path}:{n}", expected)))
-    return out
+            raise ValueError(f"{path}:{n}: expected {expected}, got {len(fields)} field(s): {line!r}"
+                             f"{_format_hint(n, line)}")
+        where = f"{path}:{n}"
+        label = _label(fields[1], where, expected, num_classes, _format_hint(n, line))
+        listing.add(VideoEntry(_resolve(fields[0], path_prefix, path.parent), label), where)
+    return listing.entries
 
 
-def read_csv(path: str | Path, path_prefix: str = "") -> list[VideoEntry]:
+def read_csv(path: str | Path, path_prefix: str = "", num_classes: int = 0) -> list[VideoEntry]:
     """Plain comma-separated ``path,label`` (an optional header row ``path,label``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist (data.root / data.*_manifest)")
-    out = []
-    with open(path, newline="") as f:
+    listing = _Listing()
+    with open(path, newline="", encoding="utf-8-sig") as f:
         for n, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip():
                 continue
             if n == 1 and [c.strip().lower() for c in row] == ["path", "label"]:
                 continue
             if len(row) != 2 or not row[0].strip():
-                raise ValueError(f"{path}:{n}: expected 2 comma-separated fields 'path,label', got {len(row)}: {row}")
-            out.append(VideoEntry(_resolve(row[0].strip(), path_prefix, path.parent),
-                                  _label(row[1].strip(), f"{path}:{n}", "'path,label'")))
-    return out
+                hint = ("; the line has no comma: a Kinetics-style 'path label' list? set data.format=kinetics "
+                        "(--format kinetics)") if len(row) == 1 else ""
+                raise ValueError(f"{path}:{n}: expected 2 comma-separated fields 'path,label', got {len(row)}: "
+                                 f"{row}{hint}")
+            where = f"{path}:{n}"
+            listing.add(VideoEntry(_resolve(row[0].strip(), path_prefix, path.parent),
+                                   _label(row[1].strip(), where, "'path,label'", num_classes)), where)
+    return listing.entries
 
 
 def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | Path,
-              ext: str = ".webm") -> list[VideoEntry]:
+              ext: str = ".webm", num_classes: int = 0) -> list[VideoEntry]:
     """SSv2: ``labels_json`` maps template -> id; ``split_json`` lists ``{id, template}``; videos are
     ``{video_dir}/{id}{ext}``. The label is the template with '[' and ']' removed, looked up in the labels."""
     split_json, labels_json = Path(split_json), Path(labels_json)
@@ -112,12 +152,14 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
         if template not in labels:
             raise ValueError(f"{split_json}: entry {n} (id {item['id']}) has template {template!r}, which is not in "
                              f"{labels_json}")
-        out.append(VideoEntry(str(Path(video_dir) / f"{item['id']}{ext}"), labels[template], str(item["id"])))
+        label = _label(str(labels[template]), f"{split_json}: entry {n} (id {item['id']})", "a template",
+                       num_classes)
+        out.append(VideoEntry(str(Path(video_dir) / f"{item['id']}{ext}"), label, str(item["id"])))
     return out
 
 
 def read_entries(path: str | Path, fmt: str = "kinetics", *, separator: str = " ", path_prefix: str = "",
-                 ssv2_labels: str | Path = "") -> list[VideoEntry]:
+                 ssv2_labels: str | Path = "", num_classes: int = 0) -> list[VideoEntry]:
     """The videos listed by the manifest ``path`` in format ``fmt``: the one manifest parser.
 
     Args:
@@ -127,18 +169,21 @@ def read_entries(path: str | Path, fmt: str = "kinetics", *, separator: str = " 
         path_prefix: joined before every Kinetics/CSV path; for SSv2 the folder of the ``{id}.webm`` videos
             (default: the split JSON's folder).
         ssv2_labels: the SSv2 labels JSON (default: ``something-something-v2-labels.json`` beside the split JSON).
+        num_classes: labels must be below it (``model.num_classes``); 0 = not checked.
 
     Raises:
         FileNotFoundError: the manifest (or the SSv2 labels file) does not exist.
-        ValueError: an unknown format, a malformed line or entry (file:line and what was expected), or no videos.
+        ValueError: an unknown format, a malformed line or entry (file:line and what was expected), a label out of
+            range, a video listed twice with different labels, or no videos.
     """
     path = Path(path)
     if fmt == "kinetics":
-        entries = read_kinetics(path, separator, path_prefix)
+        entries = read_kinetics(path, separator, path_prefix, num_classes)
     elif fmt == "csv":
-        entries = read_csv(path, path_prefix)
+        entries = read_csv(path, path_prefix, num_classes)
     elif fmt == "ssv2":
-        entries = read_ssv2(path, ssv2_labels or path.parent / SSV2_LABELS, path_prefix or path.parent)
+        entries = read_ssv2(path, ssv2_labels or path.parent / SSV2_LABELS, path_prefix or path.parent,
+                            num_classes=num_classes)
     else:
         raise ValueError(f"manifest format {fmt!r}; choose from {list(MANIFEST_FORMATS)}")
     if not entries:
@@ -167,14 +212,15 @@ def manifest_path(cfg: DataConfig, split: str) -> Path:
     return Path(cfg.root) / f"{split}.csv"
 
 
-def read_manifest(cfg: DataConfig, split: str) -> list[VideoEntry]:
-    """The videos of ``split`` (train | val | test) as configured by ``data.format``."""
+def read_manifest(cfg: DataConfig, split: str, num_classes: int = 0) -> list[VideoEntry]:
+    """The videos of ``split`` (train | val | test) as configured by ``data.format``; labels checked against
+    ``num_classes`` (``model.num_classes``) when it is given."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r}; choose from ['train', 'val', 'test']")
     path = manifest_path(cfg, split)
     # An SSv2 dataset's videos and labels file sit under data.root by default, wherever the split file is.
     prefix = cfg.path_prefix or (cfg.root if cfg.format == "ssv2" else "")
     entries = read_entries(path, cfg.format, separator=cfg.separator, path_prefix=prefix,
-                           ssv2_labels=cfg.ssv2_labels or Path(cfg.root) / SSV2_LABELS)
+                           ssv2_labels=cfg.ssv2_labels or Path(cfg.root) / SSV2_LABELS, num_classes=num_classes)
     logger.info("%s: %d videos (%s format)", path, len(entries), cfg.format)
     return entries

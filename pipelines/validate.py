@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampling-rate", type=int, default=DataConfig.sampling_rate)
     parser.add_argument("--target-fps", type=float, default=DataConfig.target_fps)
     parser.add_argument("--pad", action="store_true", help="accept videos shorter than the span (data.pad_short)")
+    parser.add_argument("--num-classes", type=int, default=0,
+                        help="labels must be below it (model.num_classes); 0 = labels not checked")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="SQLite probe cache ('' = none)")
     parser.add_argument("--workers", type=int, default=0, help="parallel probes (0 = one per CPU core)")
     parser.add_argument("--report", default=None, metavar="FILE",
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         entries = read_entries(args.manifest, args.format, separator=args.separator, path_prefix=args.path_prefix,
-                               ssv2_labels=args.ssv2_labels)
+                               ssv2_labels=args.ssv2_labels, num_classes=args.num_classes)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ def test_kinetics_separator_and_prefix(tmp_path: Path) -> None:
     assert out[0].path == "/data/k400/clips/x y.mp4" and out[0].label == 7
 
 
-@pytest.mark.parametrize("line, match", [("a.mp4 1 extra", r"m.csv:2: expected 'path label'.*got 3 field"),
+@pytest.mark.parametrize("line, match", [("a.mp4 1 extra", r"m.csv:2: expected 'path label'.*label 'extra'"),
                                          ("a.mp4", r"m.csv:2: expected .*got 1 field"),
                                          ("a.mp4 cat", r"m.csv:2: expected .*integer label, got label 'cat'"),
                                          ("a.mp4 -1", r"m.csv:2: label -1 is negative")])
@@ -32,6 +32,49 @@ def test_kinetics_malformed_line_names_file_line_and_expectation(tmp_path: Path,
     (tmp_path / "m.csv").write_text(f"ok.mp4 0\n{line}\n")
     with pytest.raises(ValueError, match=match):
         read_kinetics(tmp_path / "m.csv")
+
+
+def test_kinetics_paths_may_hold_spaces_and_a_bom_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("\ufeffmy clips/a b.mp4 3\n  c.mp4\t1  \n", encoding="utf-8")
+    assert [(Path(e.path).relative_to(tmp_path).as_posix(), e.label) for e in read_kinetics(tmp_path / "m.csv")] == [
+        ("my clips/a b.mp4", 3), ("c.mp4", 1)]
+    (tmp_path / "c.csv").write_text("\ufeffpath,label\na.webm,2\n", encoding="utf-8")
+    assert [e.label for e in read_csv(tmp_path / "c.csv")] == [2]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("path label\na.mp4 1\n", r"m.csv:1: .*label 'label'; a header line\? .*data.format=csv"),
+    ("path,label\na.mp4,1\n", r"m.csv:1: .*got 1 field.*a header line\?"),
+    ("a.mp4,1\n", r"m.csv:1: .*the line is comma-separated: set data.format=csv")])
+def test_kinetics_errors_hint_at_the_format(tmp_path: Path, text: str, match: str) -> None:
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        read_kinetics(tmp_path / "m.csv")
+
+
+def test_csv_format_on_a_kinetics_list_hints_at_the_format(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("a.mp4 1\n")
+    with pytest.raises(ValueError, match=r"m.csv:1: .*no comma: a Kinetics-style 'path label' list\?"):
+        read_csv(tmp_path / "m.csv")
+
+
+def test_a_video_listed_with_two_labels_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("a.mp4 1\nb.mp4 2\na.mp4 1\nc.mp4 0\na.mp4 4\n")
+    with pytest.raises(ValueError, match=r"m.csv:5: .*a.mp4 is listed with label 4, and with label 1 at .*m.csv:1"):
+        read_kinetics(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text("a.mp4 1\na.mp4 1\n")  # the same line twice: an oversampled video, kept
+    assert len(read_kinetics(tmp_path / "m.csv")) == 2
+
+
+@pytest.mark.parametrize("fmt, text", [("kinetics", "a.mp4 1\nb.mp4 7\n"), ("csv", "a.mp4,1\nb.mp4,7\n")])
+def test_labels_are_checked_against_the_number_of_classes(tmp_path: Path, fmt: str, text: str) -> None:
+    (tmp_path / "m.csv").write_text(text)
+    assert len(read_entries(tmp_path / "m.csv", fmt, num_classes=8)) == 2
+    with pytest.raises(ValueError, match=r"m.csv:2: label 7 is out of range for 3 classes \(model.num_classes\): "
+                                         r"labels are 0..2"):
+        read_entries(tmp_path / "m.csv", fmt, num_classes=3)
+    with pytest.raises(ValueError, match=r"m.csv:2: label 7 is out of range"):
+        read_manifest(DataConfig(format=fmt, train_manifest=str(tmp_path / "m.csv")), "train", num_classes=3)
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:

@@ -80,9 +80,12 @@ def test_cli_lists_unusable_files_and_exits_1(videos, tmp_path: Path, capsys: py
     assert validate.main(args + ["--backend", "gpu", "--gpu-arch", "hopper", str(bad)]) == 1
     out = capsys.readouterr().out  # the empty file, and the 64x48 VP9 files: below NVDEC's 128x128 VP9 minimum
     assert "(3 rejected)" in out and f"{videos.good[0]}: frame 64x48 is below NVDEC's VP9 minimum" in out
-    (tmp_path / "m.csv").write_text("a.webm 1 2\n")
+    (tmp_path / "m.csv").write_text("a.webm one\n")
     assert validate.main(args + [str(tmp_path / "m.csv")]) == 1
     assert "m.csv:1: expected 'path label'" in capsys.readouterr().err
+    (tmp_path / "m.csv").write_text("a.webm 1\nb.webm 5\n")
+    assert validate.main(args + ["--num-classes", "3", str(tmp_path / "m.csv")]) == 1
+    assert "m.csv:2: label 5 is out of range for 3 classes" in capsys.readouterr().err
 
 
 def _cfg(videos, manifest: Path, **kw) -> DataConfig:

@@ -437,3 +437,22 @@ def test_the_step_loop_waits_for_the_device_once_per_micro_batch(tmp_path, monke
     assert ops.count.syncs == 0, ops.count.by_name
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["event"] == "epoch" and 0 <= record["train/top1"] <= 100 and record["train/loss"] > 0
+
+
+def test_a_label_out_of_range_is_named_before_the_first_step(tmp_path):
+    """A manifest label >= model.num_classes stops the run while the loader is built, naming the file and line,
+    instead of failing inside cross_entropy (on a GPU, an opaque device-side assert)."""
+    from timesformer_harness.config import load_config
+    from timesformer_harness.distributed import init_distributed
+    from timesformer_harness.train import Trainer
+
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("".join(f"{p} {label}\n" for p, label in
+                                [(REPO / "data/toy/train" / n, i % 6) for i, n in enumerate(
+                                    sorted(os.listdir(REPO / "data/toy/train"))[:3])] + [("x.webm", 7)]))
+    cfg = load_config("configs/exp/toy_divided_cpu.yaml", [
+        f"data.train_manifest={manifest}", "model.num_classes=6", "solver.max_epoch=1", "data.validate_cache=none",
+        f"output.dir={tmp_path / 'run'}", "output.tensorboard=false"])
+    with pytest.raises(ValueError, match=r"train.csv:4: label 7 is out of range for 6 classes"):
+        Trainer(cfg, init_distributed(cfg.dist)).fit()
+    assert not (tmp_path / "run" / "checkpoints").exists()

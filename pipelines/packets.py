@@ -388,26 +388,25 @@ def clip_stream(index: PacketIndex, plan: PacketPlan, fd: int, stats: dict[str, 
     header = np.empty(n, np.dtype([("size", "<u4"), ("pts", "<u8")]))  # packed: 12 bytes a frame
     header["size"], header["pts"] = frame_sizes, plan.pts
     buf[frame_at[:, None] + np.arange(12)] = header.view(np.uint8).reshape(n, 12)
-    offsets = index.offset[plan.packets]
+    offsets, sizes_, dst = index.offset[plan.packets].tolist(), sizes.tolist(), payload_at.tolist()  # fast loop
     for a, b in zip(plan.segments, [*plan.segments[1:], n]):
         if params:
-            out[payload_at[a] - len(params):payload_at[a]] = params
-        first, end = int(offsets[a]), int(offsets[b - 1] + sizes[b - 1])
-        if end - first <= int(sizes[a:b].sum()) + SPAN_SLACK:
-            span = os.pread(fd, end - first, first)
-            reads = [(span, first)]
+            out[dst[a] - len(params):dst[a]] = params
+        first, end = offsets[a], offsets[b - 1] + sizes_[b - 1]
+        if end - first <= sum(sizes_[a:b]) + SPAN_SLACK:
+            reads = [(a, b, first, os.pread(fd, end - first, first))]
         else:  # far apart (interleaved audio?): a read per packet
-            reads = [(os.pread(fd, int(sizes[k]), int(offsets[k])), int(offsets[k])) for k in range(a, b)]
+            reads = [(k, k + 1, offsets[k], os.pread(fd, sizes_[k], offsets[k])) for k in range(a, b)]
+        for lo, hi, at, data in reads:
+            if len(data) < offsets[hi - 1] + sizes_[hi - 1] - at:
+                raise RuntimeError(f"{index.path}: packets of a clip lie past the end of the file (the file changed "
+                                   "since it was indexed?)")
+            view = memoryview(data)
+            for k in range(lo, hi):
+                out[dst[k]:dst[k] + sizes_[k]] = view[offsets[k] - at:offsets[k] - at + sizes_[k]]
         if stats is not None:
             stats["preads"] = stats.get("preads", 0) + len(reads)
-            stats["bytes_read"] = stats.get("bytes_read", 0) + sum(len(r) for r, _ in reads)
-        for k in range(a, b):
-            data, at = reads[0] if len(reads) == 1 else reads[k - a]
-            lo, size = int(offsets[k]) - at, int(sizes[k])
-            if lo + size > len(data):
-                raise RuntimeError(f"{index.path}: packet {int(plan.packets[k])} lies past the end of the file (the "
-                                   "file changed since it was indexed?)")
-            out[payload_at[k]:payload_at[k] + size] = memoryview(data)[lo:lo + size]
+            stats["bytes_read"] = stats.get("bytes_read", 0) + sum(len(r[3]) for r in reads)
     if length_size:
         _start_codes(buf, payload_at, payload_at + sizes, index.path)
     return buf

@@ -61,7 +61,8 @@ def _all_frames(path: str) -> np.ndarray:
 
 def _cfg(folder: Path, paths: list[str], split: str = "train", **kw) -> DataConfig:
     manifest = folder / f"{split}.csv"
-    manifest.write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(paths)))
+    label = {p: i % 3 for i, p in enumerate(dict.fromkeys(paths))}  # a video listed twice keeps its one label
+    manifest.write_text("".join(f"{p} {label[p]}\n" for p in paths))
     base = DataConfig(loader="dali", backend="cpu", root=str(folder), **{f"{split}_manifest": str(manifest)},
                       num_frames=4, sampling_rate=8, target_fps=30, train_jitter_scales=[48, 60], train_crop_size=32,
                       test_crop_size=32, num_ensemble_views=3, num_spatial_crops=3, batch_size=3, num_workers=2,

@@ -25,17 +25,21 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import io
 import logging
 import math
+import os
 import pickle
 import pickletools
 import re
+import shutil
+import struct
 import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -60,6 +64,43 @@ class CheckpointError(ValueError):
     """A checkpoint file that was refused (it holds code or objects we do not load) or is not a checkpoint."""
 
 
+class CheckpointLimitError(CheckpointError):
+    """A checkpoint beyond a ``LoadLimits`` budget: refused before the memory or time was spent."""
+
+
+class WeightsMismatchError(CheckpointError, KeyError):
+    """``load_weights(strict=True)``: the file's keys, shapes or values do not fit the model (every key listed).
+
+    Also a ``KeyError``, as the strict failure always was."""
+
+    __str__ = BaseException.__str__  # KeyError's own __str__ would print the message as a quoted repr
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (disk full, file size limit, ...); the file at its path is unchanged."""
+
+
+@dataclass(frozen=True)
+class LoadLimits:
+    """Budgets for reading a checkpoint, whose bytes are untrusted. A file beyond one is refused with a
+    ``CheckpointLimitError`` naming it and the limit, before the memory or the time is spent.
+
+    The pickled structure (a zip's ``data.pkl``; the pickles before a legacy file's raw tensor data) describes the
+    tensors, it does not hold them: a real checkpoint's is small (TimeSformer ViT-base with its AdamW state: 1,002
+    tensors, a 96,568-byte data.pkl of 31,874 opcodes, a 62,045-byte zip directory). Tensor data is bounded by the
+    file itself: a zip may not declare more than it holds.
+    """
+
+    max_pickle_bytes: int = 16 << 20  # the pickled structure, in bytes (about 170,000 tensors)
+    max_pickle_opcodes: int = 2_000_000  # opcodes read when a pickle is scanned without being loaded (~60,000 tensors)
+    max_zip_directory_bytes: int = 16 << 20  # the zip's central directory (about 270,000 members)
+    max_zip_inflation_bytes: int = 64 << 20  # how much more the members may declare than the file's size on disk
+    max_depth: int = 100  # nesting of containers in the loaded structure
+
+
+DEFAULT_LIMITS = LoadLimits()
+
+
 class _ConfigNode:
     """Stand-in for a pickled ``CfgNode``: unpickling one makes a ``collections.Counter``, which ``_plain`` turns
     into a plain dict.
@@ -74,98 +115,208 @@ class _ConfigNode:
         return collections.Counter()
 
 
-def _plain(obj: Any) -> Any:
-    """``obj`` with every config node (a Counter, see ``_ConfigNode``) replaced by a plain dict, recursively."""
-    if isinstance(obj, collections.Counter):
-        return {k: _plain(v) for k, v in dict.items(obj)}
-    if isinstance(obj, dict):  # a dict or OrderedDict: keep it (and its _metadata), replace changed values
-        changed = {k: new for k, v in dict.items(obj) if (new := _plain(v)) is not v}
-        for k, new in changed.items():
-            obj[k] = new
-        return obj
-    if type(obj) is list:
-        return [_plain(v) for v in obj]
-    if type(obj) is tuple:
-        return tuple(_plain(v) for v in obj)
-    return obj
+def _plain(obj: Any, path: Path, limits: LoadLimits) -> Any:
+    """``obj`` with every config node (a Counter, see ``_ConfigNode``) replaced by a plain dict.
+
+    Each container is visited once (a memo by id), so shared references stay shared: a pickle of a few hundred
+    bytes can reference one list 2**64 times, and copying each reference would never end. Cycles are kept as
+    cycles. Nesting deeper than ``limits.max_depth`` is refused.
+    """
+    memo: dict[int, tuple[Any, Any]] = {}  # id(source) -> (source, result); the source is kept so ids stay unique
+
+    def copy(o: Any, depth: int) -> Any:
+        if not isinstance(o, (dict, list, tuple)):
+            return o
+        if id(o) in memo:
+            return memo[id(o)][1]
+        if depth > limits.max_depth:
+            raise CheckpointLimitError(f"{path}: containers nested more than {limits.max_depth} levels deep "
+                                       f"(LoadLimits.max_depth); refused")
+        if isinstance(o, collections.Counter):
+            new: Any = {}
+            memo[id(o)] = (o, new)
+            for k, v in dict.items(o):
+                new[k] = copy(v, depth + 1)
+        elif isinstance(o, dict):  # a dict or OrderedDict: keep it (and its _metadata), replace changed values
+            new = o
+            memo[id(o)] = (o, new)
+            for k, v in list(dict.items(o)):
+                if (c := copy(v, depth + 1)) is not v:
+                    o[k] = c
+        elif type(o) is list:
+            new = []
+            memo[id(o)] = (o, new)
+            new.extend(copy(v, depth + 1) for v in o)
+        elif type(o) is tuple:
+            new = tuple(copy(v, depth + 1) for v in o)  # a tuple cannot hold itself, only through a list
+            memo[id(o)] = (o, new)
+        else:
+            new = o
+        return new
+
+    return copy(obj, 0)
 
 
-def _pickle_globals(data: bytes, start: int = 0) -> tuple[list[str], bool, int]:
-    """Read the pickle at ``data[start:]`` opcode by opcode (``pickletools.genops``: nothing is built, imported or
-    run). Returns the ``module.name`` globals it names, whether it is exactly torch's legacy magic number, and
-    where it ends (0 when it does not end within ``data``)."""
-    names: list[str] = []
-    ops: list[tuple[str, Any]] = []
-    strings: list[str] = []  # STACK_GLOBAL (protocol 4+) names the two strings pushed before it
+def _read_budget(f: BinaryIO, limits: LoadLimits) -> tuple[io.BytesIO, bool]:
+    """At most ``limits.max_pickle_bytes`` of ``f`` in memory (a claimed length inside a pickle never becomes a
+    larger read), and whether ``f`` held more."""
+    data = f.read(limits.max_pickle_bytes + 1)
+    return io.BytesIO(data[:limits.max_pickle_bytes]), len(data) > limits.max_pickle_bytes
+
+
+def _pickle_globals(stream: io.BytesIO, max_opcodes: int) -> tuple[list[str], bool, int, int]:
+    """Read one pickle from ``stream`` opcode by opcode (``pickletools.genops``: nothing is built, imported or run),
+    at most ``max_opcodes`` of them. Returns the ``module.name`` globals it names, whether it is exactly torch's
+    legacy magic number, where it ends (0 when it does not: not a pickle, truncated, or past the budget), and the
+    opcodes read. Memory stays constant whatever the pickle's length.
+    """
+    names: dict[str, None] = {}  # an ordered set, capped: enough to name what a refused file asks for
+    strings: collections.deque[str] = collections.deque(maxlen=2)  # STACK_GLOBAL names the last two strings pushed
     memo: dict[int, str] = {}  # memo index -> string, to follow BINGET back to a module or class name
-    end = memoized = 0
-    stream = io.BytesIO(data)
-    stream.seek(start)
+    prev: tuple[str, Any] = ("", None)
+    values, first, memoized, count = 0, None, 0, 0
     try:
         for op, arg, pos in pickletools.genops(stream):
-            ops.append((op.name, arg))
+            count += 1
+            if count > max_opcodes:
+                break
+            found = ""
             if op.name in ("GLOBAL", "INST"):
                 module, _, name = arg.partition(" ")
-                names.append(f"{'builtins' if module == '__builtin__' else module}.{name}")  # as Python 3 reads it
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
+                found = f"{'builtins' if module == '__builtin__' else module}.{name}"  # as Python 3 reads it
+            elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                found = f"{strings[0]}.{strings[1]}"
             elif isinstance(arg, str) and "UNICODE" in op.name:
                 strings.append(arg)
             elif op.name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):
                 index = memoized if op.name == "MEMOIZE" else arg
                 memoized += op.name == "MEMOIZE"
-                if len(ops) > 1 and "UNICODE" in ops[-2][0]:
-                    memo[index] = ops[-2][1]
+                if "UNICODE" in prev[0] and len(memo) < 65536:
+                    memo[index] = prev[1]
             elif op.name in ("BINGET", "LONG_BINGET") and arg in memo:
                 strings.append(memo[arg])
             elif op.name == "STOP":
-                end = pos + 1
-    except Exception:  # noqa: BLE001 - not a pickle, or one longer than data: report what was seen
+                return list(names), values == 1 and first == torch.serialization.MAGIC_NUMBER, pos + 1, count
+            if found and len(names) < 1024:
+                names[found] = None
+            if op.name not in ("PROTO", "FRAME"):
+                values += 1
+                first = arg if values == 1 else first
+            prev = (op.name, arg)
+    except Exception:  # noqa: BLE001 - not a pickle, or a truncated one: report what was seen
         pass
-    values = [arg for name, arg in ops if name not in ("PROTO", "FRAME", "STOP")]
-    return names, bool(end) and values == [torch.serialization.MAGIC_NUMBER], end
+    return list(names), False, 0, count
 
 
-def _foreign_globals(path: Path) -> list[str]:
-    """The globals a torch file's pickles name, less those torch.save itself writes (opcodes parsed, nothing run)."""
+def _scan_legacy(path: Path, limits: LoadLimits) -> tuple[list[str], bool, bool]:
+    """Scan the pickles of a legacy torch file (magic number, protocol version, system info, the object, its
+    storage keys; then the raw storages) within ``limits``. Returns the globals named, whether the first pickle
+    is torch's magic number, and whether the scan stopped at the budget.
+    """
     names: list[str] = []
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            for member in (n for n in archive.namelist() if n.endswith("data.pkl")):
-                names += _pickle_globals(archive.read(member))[0]
-    else:  # legacy: magic number, protocol version, system info, the object, its storage keys; then raw storages
-        with open(path, "rb") as f:
-            data = f.read(64 << 20)
-        start = 0
-        for _ in range(5):
-            found, _magic, start = _pickle_globals(data, start)
-            names += found
-            if not start:
-                break
-    return [n for n in dict.fromkeys(names) if not n.startswith(_KNOWN_GLOBALS)]
-
-
-def _check_torch_format(path: Path) -> None:
-    """Refuse, before any unpickling, a file in neither of torch.save's formats (a zip archive holding ``data.pkl``,
-    or the legacy format, whose first pickle is torch's magic number), and TorchScript archives."""
     with open(path, "rb") as f:
-        head = f.read(1 << 20)
-    if head.startswith(b"PK\x03\x04"):
-        try:
+        stream, more = _read_budget(f, limits)
+    opcodes = limits.max_pickle_opcodes
+    for i in range(5):
+        found, magic, end, count = _pickle_globals(stream, opcodes)
+        names, opcodes = names + found, opcodes - count
+        if not end or (i == 0 and not magic):
+            over = opcodes < 0 or (more and stream.tell() == limits.max_pickle_bytes)
+            return list(dict.fromkeys(names)), i > 0 or magic, not end and over
+    return list(dict.fromkeys(names)), True, False
+
+
+def _foreign_globals(path: Path, limits: LoadLimits) -> tuple[list[str], bool]:
+    """The globals a torch file's pickles name, less those torch.save itself writes (opcodes parsed, nothing run),
+    and whether the scan stopped at the budget before reading everything."""
+    names: list[str] = []
+    stopped = False
+    try:
+        if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                members = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            raise CheckpointError(f"{path} is not a torch checkpoint: a truncated or damaged zip archive") from None
-        if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in members):
-            raise CheckpointError(f"{path} is a TorchScript archive, a program rather than a checkpoint: refused, "
-                                  f"nothing in it was run. {_ADVICE}.")
-        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in members):
-            raise CheckpointError(f"{path} is not a torch checkpoint: a zip archive without data.pkl")
+                for member in (n for n in archive.namelist() if n.endswith("data.pkl")):
+                    with archive.open(member) as f:
+                        stream, more = _read_budget(f, limits)
+                    found, _, end, count = _pickle_globals(stream, limits.max_pickle_opcodes)
+                    names, stopped = names + found, stopped or (not end and (more or count > limits.max_pickle_opcodes))
+        else:
+            found, _, stopped = _scan_legacy(path, limits)
+            names += found
+    except (OSError, zipfile.BadZipFile, EOFError):
+        pass
+    return [n for n in dict.fromkeys(names) if not n.startswith(_KNOWN_GLOBALS)], stopped
+
+
+def _zip_directory_size(f: BinaryIO) -> int:
+    """Size in bytes of a zip's central directory, from its end record (zip64 too); -1 when there is none.
+
+    Python's zipfile (and torch's reader) hold the whole directory in memory, several times its size in bytes:
+    this is read first so that a small file with millions of members is refused before it is parsed."""
+    size = f.seek(0, os.SEEK_END)
+    tail_start = max(0, size - (22 + 65535))  # end record + the longest comment
+    f.seek(tail_start)
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return -1
+    directory = struct.unpack_from("<I", tail, at + 12)[0]
+    if directory == 0xFFFFFFFF and at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07":  # zip64 locator
+        f.seek(struct.unpack_from("<Q", tail, at - 20 + 8)[0])
+        record = f.read(56)
+        if len(record) == 56 and record[:4] == b"PK\x06\x06":
+            directory = struct.unpack_from("<Q", record, 40)[0]
+    return directory
+
+
+def _check_zip(path: Path, limits: LoadLimits) -> None:
+    """Refuse a zip checkpoint beyond ``limits`` from its directory alone: nothing is decompressed or unpickled."""
+    with open(path, "rb") as f:
+        directory = _zip_directory_size(f)
+    if directory > limits.max_zip_directory_bytes:
+        raise CheckpointLimitError(f"{path}: its zip directory is {directory:,} bytes, more than LoadLimits."
+                                   f"max_zip_directory_bytes={limits.max_zip_directory_bytes:,}; refused before "
+                                   f"reading it")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise CheckpointError(f"{path} is not a torch checkpoint: a truncated or damaged zip archive") from None
+    names = [m.filename for m in members]
+    if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in names):
+        raise CheckpointError(f"{path} is a TorchScript archive, a program rather than a checkpoint: refused, "
+                              f"nothing in it was run. {_ADVICE}.")
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        raise CheckpointError(f"{path} is not a torch checkpoint: a zip archive without data.pkl")
+    for m in members:
+        if m.filename.endswith("data.pkl") and m.file_size > limits.max_pickle_bytes:
+            raise CheckpointLimitError(f"{path}: member {m.filename} declares {m.file_size:,} bytes of pickled "
+                                       f"structure, more than LoadLimits.max_pickle_bytes="
+                                       f"{limits.max_pickle_bytes:,}; refused before reading it")
+    declared, on_disk = sum(m.file_size for m in members), path.stat().st_size
+    if declared > on_disk + limits.max_zip_inflation_bytes:
+        raise CheckpointLimitError(f"{path}: its members declare {declared:,} bytes but the file holds {on_disk:,} "
+                                   f"(torch.save stores members uncompressed; LoadLimits.max_zip_inflation_bytes="
+                                   f"{limits.max_zip_inflation_bytes:,}): a decompression bomb or a damaged "
+                                   f"file; refused before reading it")
+
+
+def _check_torch_format(path: Path, limits: LoadLimits) -> None:
+    """Refuse, before any unpickling, a file in neither of torch.save's formats (a zip archive holding ``data.pkl``,
+    or the legacy format, whose first pickle is torch's magic number), TorchScript archives, and files beyond
+    ``limits``."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        _check_zip(path, limits)
         return
-    names, is_magic, _ = _pickle_globals(head)
+    names, is_magic, over = _scan_legacy(path, limits)
+    if over:
+        raise CheckpointLimitError(f"{path}: its pickled structure does not end within LoadLimits.max_pickle_bytes="
+                                   f"{limits.max_pickle_bytes:,} bytes / max_pickle_opcodes="
+                                   f"{limits.max_pickle_opcodes:,} opcodes; refused before loading it")
     if is_magic:
         return
-    what = f"a pickle that imports {', '.join(dict.fromkeys(names))}" if names else f"it starts with {head[:16]!r}"
+    what = f"a pickle that imports {', '.join(names)}" if names else f"it starts with {head!r}"
     raise CheckpointError(f"{path} is not a torch checkpoint (neither torch.save's zip format nor its legacy format: "
                           f"{what}); nothing in it was run")
 
@@ -181,27 +332,32 @@ def _torch_reason(err: Exception) -> str:
     return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
 
 
-def _refusal(path: Path, err: pickle.UnpicklingError) -> CheckpointError:
+def _refusal(path: Path, err: pickle.UnpicklingError, limits: LoadLimits) -> CheckpointError:
     """The error for a file torch's weights-only unpickler refused: torch's reason (it names the global it met)
-    plus the other globals the file names."""
+    plus the other globals the file names (as far as the scan budget reads)."""
     reason = _torch_reason(err)
-    names = [n for n in _foreign_globals(path) if n not in reason]
+    found, stopped = _foreign_globals(path, limits)
+    names = [n for n in found if n not in reason]
     if names:
         reason += f"; it {'also ' if 'GLOBAL' in reason else ''}names {', '.join(names)}"
+    if stopped:
+        reason += " (the scan for other names stopped at LoadLimits.max_pickle_bytes/max_pickle_opcodes)"
     return CheckpointError(f"{path}: refused, nothing in it was run: {reason}. {_ADVICE}.")
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file into a dict of tensors, containers and primitives, safely (see module docstring).
+def load_file(path: str | Path, limits: LoadLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Read a checkpoint file into a dict of tensors, containers and primitives, safely (see module docstring),
+    within ``limits`` (memory and time bounded whatever the file holds).
 
     Raises:
         FileNotFoundError: no such file.
         CheckpointError: the file is not a torch checkpoint, is truncated, or holds anything but tensors, containers,
             primitives and config nodes (code, say); the message names the file and what it held.
+        CheckpointLimitError: the file is beyond a budget of ``limits``.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as load_safetensors
 
@@ -209,16 +365,16 @@ def load_file(path: str | Path) -> dict[str, Any]:
             return dict(load_safetensors(str(path)))
         except Exception as e:  # noqa: BLE001 - safetensors holds no code; any failure is a bad file
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    _check_torch_format(path)
+    _check_torch_format(path, limits)
     try:
         with torch.serialization.safe_globals([(_ConfigNode, name) for name in _CONFIG_CLASSES]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        obj = _plain(obj)
     except pickle.UnpicklingError as e:
-        raise _refusal(path, e) from None
-    except Exception as e:  # noqa: BLE001 - the weights-only unpickler ran no code of the file; any failure is a bad file
+        raise _refusal(path, e, limits) from None
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler ran no code; any failure is a bad file
         raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): "
                               f"{_torch_reason(e)}") from None
+    obj = _plain(obj, path, limits)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
     return obj
@@ -275,36 +431,49 @@ def hf_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original keys -> Hugging Face ``TimesformerForVideoClassification`` keys (the inverse of hf_to_original)."""
+    """Original keys -> Hugging Face ``TimesformerForVideoClassification`` keys (the inverse of hf_to_original).
+
+    Raises:
+        CheckpointError: a key with no Hugging Face name (named)."""
     layer_inv = {v: k for k, v in _HF_LAYER_MAP.items()}
     top_inv = {v: k for k, v in _HF_TOP_MAP.items()}
     out = {}
     for key, value in sd.items():
         base, suffix = _split_param(key)
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)", base)
-        if m:
+        if m and m.group(2) in layer_inv:
             out[_join(f"timesformer.encoder.layer.{m.group(1)}.{layer_inv[m.group(2)]}", suffix)] = value
         elif base == "head":
             out[_join("classifier", suffix)] = value
-        else:
+        elif base in top_inv:
             out[_join(f"timesformer.{top_inv[base]}", suffix)] = value
+        else:
+            raise CheckpointError(f"key {key} has no Hugging Face Timesformer name; write .pyth instead")
     return out
 
 
-def unwrap_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    """Find the weights in a loaded file and bring them to original key names. Returns (state_dict, format)."""
-    fmt = "state_dict"
+_WRAPPERS = ("state_dict", "model", "module")  # where other tools keep the weights, tried in this order
+
+
+def weights_entry(obj: dict[str, Any]) -> str | None:
+    """The top-level entry of a loaded file that holds its weights: ``model_state`` (``.pyth``), a ``state_dict``/
+    ``model``/``module`` wrapper, or None when the file itself is the state dict."""
     if "model_state" in obj:
-        sd, fmt = obj["model_state"], "pyth"
-    elif isinstance(obj.get("state_dict"), dict):
-        sd = obj["state_dict"]
-    elif isinstance(obj.get("model"), dict):
-        sd = obj["model"]
-    elif isinstance(obj.get("module"), dict):
-        sd = obj["module"]
-    else:
-        sd = obj
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        return "model_state"
+    return next((k for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+
+
+def unwrap_state_dict(obj: dict[str, Any], source: str | Path = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """Find the weights in a loaded file and bring them to original key names. Returns (state_dict, format).
+
+    Raises:
+        CheckpointError: ``model_state`` is not a dict (an int, a list); the message names ``source``."""
+    entry = weights_entry(obj)
+    fmt = "pyth" if entry == "model_state" else "state_dict"
+    sd = obj if entry is None else obj[entry]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{source}: its {entry} entry is of type {type(sd).__name__}, not a dict of tensors")
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     for prefix in ("module.", "model.", "module."):  # DDP and the original wrapper's `self.model`
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -313,6 +482,30 @@ def unwrap_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str
     if fmt != "pyth" and "time_embed" not in sd and not any(".temporal_" in k for k in sd) and "pos_embed" in sd:
         fmt = "vit2d"  # an image ViT (or a space-only TimeSformer, whose key set is the same)
     return sd, fmt
+
+
+def tensor_problem(value: torch.Tensor) -> str | None:
+    """Why a tensor is no usable weight: complex, integer or bool values, or NaN/inf entries; None when fine."""
+    if value.is_complex() or not value.is_floating_point():
+        return f"holds {str(value.dtype).removeprefix('torch.')} values, not real floating point"
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        nan = int(value.isnan().sum())
+        return f"holds {nan} NaN and {int((~torch.isfinite(value)).sum()) - nan} infinite values"
+    return None
+
+
+def _resize_problem(key: str, value: torch.Tensor, want: torch.Size, mode: str) -> str | None:
+    """Why ``value`` (``time_embed`` or ``pos_embed``, shape ``(1, tokens, D)``) cannot be resized to ``want``."""
+    if value.ndim != 3 or value.shape[0] != 1 or value.shape[2] != want[2]:
+        return (f"shape mismatch {key}: file {list(value.shape)}, model {list(want)} (only the token count is "
+                f"resized; the embedding width must match)")
+    tokens = value.shape[1] - (key == "pos_embed")  # pos_embed's first slot is the CLS token's
+    if tokens < 1:
+        return f"empty {key}: file {list(value.shape)}, model {list(want)}"
+    if key == "pos_embed" and mode == "2d" and math.isqrt(tokens) ** 2 != tokens:
+        return (f"pos_embed of {tokens} patch positions is not a square grid: file {list(value.shape)}, model "
+                f"{list(want)} (pos_resize='1d' resizes the flat sequence instead)")
+    return None
 
 
 @dataclass
@@ -343,22 +536,27 @@ def load_weights(
     path: str | Path,
     strict: bool = True,
     pos_resize: str | None = None,
+    limits: LoadLimits = DEFAULT_LIMITS,
 ) -> LoadReport:
     """Load weights from any supported format into ``model`` (see module docstring).
 
     Args:
         strict: fail (naming every key and shape) on anything but the documented conversions: time_embed and
             pos_embed resizing, a head of another class count, and the keys an ImageNet conversion leaves at init.
+            Weights that are not real floating point, or hold NaN/inf, count as errors too.
         pos_resize: ``2d`` or ``1d``; default: ``1d`` for ImageNet ViT weights (what the original did), else ``2d``.
+        limits: the reading budgets (``LoadLimits``).
 
     Raises:
         FileNotFoundError, CheckpointError: as ``load_file``.
-        KeyError: strict and the keys or shapes do not match; the message lists them.
+        WeightsMismatchError: strict and the keys, shapes or values do not fit (a ``CheckpointError`` and a
+            ``KeyError``); the message lists every key.
     """
-    sd, fmt = unwrap_state_dict(load_file(path))
+    sd, fmt = unwrap_state_dict(load_file(path, limits), path)
     report = LoadReport(str(path), fmt)
     target = model.state_dict()
     allowed_missing: set[str] = set()
+    mode = pos_resize or ("1d" if fmt == "vit2d" else "2d")
 
     if fmt == "vit2d" and any(".temporal_attn." in k for k in target):
         for key in list(sd):  # temporal branch starts as a copy of the spatial one; temporal_fc stays zero
@@ -372,25 +570,34 @@ def load_weights(
         allowed_missing.add("time_embed")
 
     errors = []
+
+    def refuse(key: str, why: str) -> None:
+        report.skipped[key] = why
+        errors.append(why)
+
     for key, value in sd.items():
         if key not in target:
-            report.skipped[key] = "not in this model"
-            errors.append(f"unexpected key {key} {list(value.shape)}")
+            refuse(key, f"unexpected key {key} {list(value.shape)}")
             continue
         want = target[key].shape
+        if target[key].is_floating_point() and (why := tensor_problem(value)):
+            refuse(key, f"bad values {key}: {why}")
+            continue
         if value.shape != want:
-            if key == "time_embed":
-                value = resize_time_embed(value, want[1])
-            elif key == "pos_embed":
-                value = resize_pos_embed(value, want[1] - 1, mode=pos_resize or ("1d" if fmt == "vit2d" else "2d"))
+            if key in ("time_embed", "pos_embed"):
+                if why := _resize_problem(key, value, want, mode):
+                    refuse(key, why)
+                    continue
+                value = (resize_time_embed(value, want[1]) if key == "time_embed"
+                         else resize_pos_embed(value, want[1] - 1, mode=mode))
             elif key.startswith("head."):
                 report.skipped[key] = f"class count differs: file {list(value.shape)}, model {list(want)}"
-                logger.warning("dropping %s from %s: %s (fine-tuning to a new class count)", key, path, report.skipped[key])
+                logger.warning("dropping %s from %s: %s (fine-tuning to a new class count)", key, path,
+                               report.skipped[key])
                 allowed_missing.add(key)
                 continue
             else:
-                report.skipped[key] = f"shape {list(value.shape)} != model {list(want)}"
-                errors.append(f"shape mismatch {key}: file {list(value.shape)}, model {list(want)}")
+                refuse(key, f"shape mismatch {key}: file {list(value.shape)}, model {list(want)}")
                 continue
             report.resized[key] = (tuple(sd[key].shape), tuple(want))
         target[key] = value.to(target[key].dtype)
@@ -398,8 +605,8 @@ def load_weights(
     report.missing = [k for k in target if k not in report.loaded]
     errors += [f"missing key {k} {list(target[k].shape)}" for k in report.missing if k not in allowed_missing]
     if strict and errors:
-        raise KeyError(f"{path} ({fmt}) does not match the model:\n  " + "\n  ".join(errors)
-                       + "\nPass strict=False to load the matching keys only.")
+        raise WeightsMismatchError(f"{path} ({fmt}) does not match the model:\n  " + "\n  ".join(errors)
+                                   + "\nPass strict=False to load the matching keys only.")
     model.load_state_dict(target, strict=True)
     logger.info("%s", report)
     return report
@@ -407,11 +614,52 @@ def load_weights(
 
 # --------------------------------------------------------------------------------------------------------------
 # Saving.
+_WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                   errno.EFBIG: "the file size limit was reached (ulimit -f)"}
+
+
+def _write_error(path: Path, tmp: Path | None, err: BaseException) -> CheckpointWriteError:
+    """The one-line error for a failed write: the path, the reason (disk full, ...), the free space, and that the
+    file at ``path`` is unchanged."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):  # torch.save wraps the file's OSError
+        cause = cause.__cause__ or cause.__context__
+    reason = str(cause or err).splitlines()[0] if str(cause or err) else type(err).__name__
+    why = _WRITE_FAILURES.get(getattr(cause, "errno", None), "the write failed")
+    written = tmp.stat().st_size if tmp is not None and tmp.exists() else 0
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB free on its filesystem"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointWriteError(f"could not write {path}: {why} ({reason}); {free}, {written:,} bytes written when "
+                                f"it failed; {path} is unchanged")
+
+
+def _atomic_write(path: str | Path, write: Any) -> None:
+    """``write(tmp)`` through ``timesformer_harness.common.atomic_path`` (temporary file, fsync, rename).
+
+    Raises:
+        CheckpointWriteError: the write failed (disk full, ...); ``path`` is unchanged and no temporary is left."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            try:
+                write(tmp)
+            except Exception as e:  # noqa: BLE001 - OSError, torch's RuntimeError, safetensors' own error type
+                raise _write_error(path, tmp, e) from None
+    except OSError as e:  # the temporary's creation, fsync or rename
+        raise _write_error(path, None, e) from None
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save through ``timesformer_harness.common.atomic_path`` (temporary file, fsync, rename): a crash
-    never leaves half a file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save through ``timesformer_harness.common.atomic_path``: a crash never leaves half a file, and a failed
+    write (disk full: ``CheckpointWriteError`` naming the path and the free space) leaves ``path`` as it was."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object, so that a failed write keeps its errno (torch's own says "pos")
+            torch.save(obj, f)
+
+    _atomic_write(path, write)
 
 
 def pyth_state(model: torch.nn.Module) -> collections.OrderedDict[str, torch.Tensor]:
@@ -438,86 +686,168 @@ def save_pyth(
 
 # --------------------------------------------------------------------------------------------------------------
 # Inspection.
+def _dim(sd: dict[str, torch.Tensor], key: str, ndim: int, axis: int) -> int:
+    """``sd[key].shape[axis]``, or a CheckpointError naming the key when it is absent or not ``ndim``-D."""
+    value = sd.get(key)
+    if value is None or value.ndim != ndim or value.numel() == 0:
+        what = "absent" if value is None else f"of shape {list(value.shape)}"
+        raise CheckpointError(f"{key} is {what}, where a TimeSformer or ViT state dict has a non-empty {ndim}-D one")
+    return int(value.shape[axis])
+
+
 def infer_model_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
-    """The ModelConfig a state dict (original key names) was trained with; num_heads is not stored: D/64 assumed."""
-    D = sd["cls_token"].shape[-1]
-    patch = sd["patch_embed.proj.weight"].shape[-1]
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    return ModelConfig(
-        img_size=math.isqrt(sd["pos_embed"].shape[1] - 1) * patch,
-        patch_size=patch,
-        in_chans=sd["patch_embed.proj.weight"].shape[1],
-        num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-        num_frames=sd["time_embed"].shape[1] if "time_embed" in sd else 8,
-        embed_dim=D,
-        depth=depth,
-        num_heads=max(D // 64, 1),
-        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd,
-        attention_type=infer_variant(sd),
-    )
+    """The ModelConfig a state dict (original key names) was trained with; num_heads is not stored: D/64 assumed.
+
+    Raises:
+        CheckpointError: a key the inference needs is absent or of an unexpected shape (named)."""
+    D = _dim(sd, "cls_token", 3, 2)
+    patch = _dim(sd, "patch_embed.proj.weight", 4, 3)
+    patches = _dim(sd, "pos_embed", 3, 1) - 1
+    blocks = [int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))]
+    if not blocks or patches < 1:
+        raise CheckpointError("no transformer blocks (blocks.N.*)" if not blocks else "pos_embed has no patch slots")
+    heads = max(D // 64, 1)
+    while D % heads:
+        heads -= 1
+    try:
+        return ModelConfig(
+            img_size=math.isqrt(patches) * patch,
+            patch_size=patch,
+            in_chans=_dim(sd, "patch_embed.proj.weight", 4, 1),
+            num_classes=_dim(sd, "head.weight", 2, 0) if "head.weight" in sd else 0,
+            num_frames=_dim(sd, "time_embed", 3, 1) if "time_embed" in sd else 8,
+            embed_dim=D,
+            depth=1 + max(blocks),
+            num_heads=heads,
+            mlp_ratio=_dim(sd, "blocks.0.mlp.fc1.weight", 2, 0) / D,
+            qkv_bias="blocks.0.attn.qkv.bias" in sd,
+            attention_type=infer_variant(sd),
+        )
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
-def inspect(path: str | Path, show_keys: bool = True) -> str:
-    """A human-readable description of a checkpoint file."""
-    obj = load_file(path)
-    sd, fmt = unwrap_state_dict(obj)
-    cfg = infer_model_config(sd)
+def inspect(path: str | Path, show_keys: bool = True, limits: LoadLimits = DEFAULT_LIMITS) -> str:
+    """A human-readable description of a checkpoint file: format, entries, epoch, tensors, the inferred model (or
+    why it cannot be inferred), tensors that are not real floating point or hold NaN/inf, and every key."""
+    obj = load_file(path, limits)
+    sd, fmt = unwrap_state_dict(obj, path)
+    try:
+        cfg = infer_model_config(sd)
+        model = (f"attention_type={cfg.attention_type} frames={cfg.num_frames} img_size={cfg.img_size} "
+                 f"patch={cfg.patch_size} classes={cfg.num_classes} embed_dim={cfg.embed_dim} depth={cfg.depth}"
+                 f"{'' if fmt != 'vit2d' else '  (image ViT: frames not stored)'}")
+    except CheckpointError as e:
+        model = f"not inferred: {e}"
     n = sum(v.numel() for v in sd.values())
-    lines = [f"file:        {path}", f"format:      {fmt}",
-             f"top-level:   {sorted(k for k in obj if not isinstance(obj[k], torch.Tensor))[:12] or '(tensors only)'}"]
-    if "epoch" in obj:
-        lines.append(f"epoch:       {obj['epoch']}")
-    lines += [f"tensors:     {len(sd)}", f"parameters:  {n:,}",
-              f"model:       attention_type={cfg.attention_type} frames={cfg.num_frames} img_size={cfg.img_size} "
-              f"patch={cfg.patch_size} classes={cfg.num_classes} embed_dim={cfg.embed_dim} depth={cfg.depth}"
-              f"{'' if fmt != 'vit2d' else '  (image ViT: frames not stored)'}"]
+    entries = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    lines = [f"file:        {path}", f"format:      {fmt}", f"top-level:   {entries[:12] or '(tensors only)'}"]
+    if "epoch" in obj:  # printed only when a number: a hostile entry's repr could be unbounded
+        epoch = obj["epoch"]
+        lines.append(f"epoch:       {epoch if type(epoch) in (int, float) else f'(a {type(epoch).__name__})'}")
+    lines += [f"tensors:     {len(sd)}", f"parameters:  {n:,}", f"model:       {model}"]
+    problems = {k: why for k, v in sd.items() if (why := tensor_problem(v))}
+    lines += [f"suspect:     {k} {why}" for k, why in problems.items()]
     if show_keys:
         lines.append("keys:")
         lines += [f"  {k:<48} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in sd.items()]
     return "\n".join(lines)
 
 
-def _inspect_files(paths: list[str], show_keys: bool) -> int:
+def _inspect_files(paths: list[str], show_keys: bool, limits: LoadLimits) -> int:
     """Print ``inspect`` for each file; a file that fails prints ``error: ...`` and the rest go on. Exit status."""
     failed = 0
     for i, path in enumerate(paths):
         try:
-            print(("\n" if i else "") + inspect(path, show_keys=show_keys), flush=True)
-        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(("\n" if i else "") + inspect(path, show_keys=show_keys, limits=limits), flush=True)
+        except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
             print(f"error: {e}", file=sys.stderr, flush=True)
             failed += 1
     return 2 if failed else 0
 
 
+_EMPTY = ({}, "", None, [])  # entries a conversion can drop without losing anything
+
+
+def convert(src: str | Path, dst: str | Path, hf: bool = False, weights_only: bool = False, force: bool = False,
+            limits: LoadLimits = DEFAULT_LIMITS) -> str:
+    """Write ``src`` (any supported format) as an original-layout ``.pyth`` or, for a ``.safetensors`` ``dst``, a
+    safetensors file (Hugging Face key names with ``hf``). Returns a one-line summary.
+
+    A ``.pyth`` keeps every entry of ``src`` beside the weights (epoch, optimizer_state, cfg, training state) unless
+    ``weights_only``; a safetensors file holds tensors only, so ``src``'s other entries need ``weights_only``.
+
+    Raises:
+        CheckpointError: ``dst`` is ``src`` (even with ``force``), exists (without ``force``), is a folder or lies in a
+            missing folder, or would drop entries without ``weights_only``; as ``load_file`` for ``src``.
+    """
+    src, dst = Path(src), Path(dst)
+    safetensors = dst.suffix == ".safetensors"
+    if dst.is_dir():
+        raise CheckpointError(f"{dst} is a folder; give the output file's name, e.g. {dst / 'converted.pyth'}")
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"cannot write {dst}: folder {dst.parent} does not exist; create it first")
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise CheckpointError(f"convert would overwrite its input {src}; write to another file")
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst} exists; pass --force to replace it")
+    if hf and not safetensors:
+        raise CheckpointError(f"--hf writes Hugging Face names into a .safetensors file; {dst} is not one")
+    obj = load_file(src, limits)
+    entry = weights_entry(obj)
+    sd, _ = unwrap_state_dict(obj, src)
+    if not sd:
+        raise CheckpointError(f"{src} holds no tensors to convert")
+    rest = {k: v for k, v in obj.items() if k != entry and not (entry is None and isinstance(v, torch.Tensor))}
+    kept = [str(k) for k, v in rest.items() if not any(type(v) is type(e) and v == e for e in _EMPTY)]
+    if safetensors and kept and not weights_only:
+        raise CheckpointError(f"{src} holds {', '.join(kept)} beside its weights, which a .safetensors file cannot "
+                              f"keep: pass --weights-only to write the weights alone, or write .pyth to keep them")
+    if safetensors:
+        from safetensors.torch import save_file
+
+        out = original_to_hf(sd) if hf else sd
+        _atomic_write(dst, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, str(tmp)))
+    else:
+        rest = {} if weights_only else rest
+        state = collections.OrderedDict((f"model.{k}", v) for k, v in sd.items())
+        pyth = {"epoch": rest.get("epoch", 0), "model_state": state, "optimizer_state": rest.get("optimizer_state", {}),
+                "cfg": rest.get("cfg", "")}
+        atomic_save({**pyth, **{k: v for k, v in rest.items() if k not in pyth}}, dst)
+    problems = [f"{k} {why}" for k, v in sd.items() if (why := tensor_problem(v))]
+    return (f"wrote {dst} ({len(sd)} tensors" + (f"; kept {', '.join(kept)}" if kept and not weights_only else "")
+            + (f"; dropped {', '.join(kept)} (--weights-only)" if kept and weights_only else "") + ")"
+            + "".join(f"\nwarning: {p}" for p in problems))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m timesformer_harness.checkpoint",
                                      description=__doc__.split("\n")[0])
+    parser.add_argument("--max-pickle-mib", type=float, default=DEFAULT_LIMITS.max_pickle_bytes / 2**20,
+                        help="refuse a file whose pickled structure is larger (LoadLimits.max_pickle_bytes)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_inspect = sub.add_parser("inspect", help="print format, keys, shapes, parameter count and the inferred model")
     p_inspect.add_argument("files", nargs="+", metavar="file")
     p_inspect.add_argument("--no-keys", action="store_true", help="omit the per-key listing")
-    p_convert = sub.add_parser("convert", help="write any supported format as an original-format .pyth or HF safetensors")
+    p_convert = sub.add_parser("convert",
+                               help="write any supported format as an original-format .pyth or HF safetensors")
     p_convert.add_argument("src")
     p_convert.add_argument("dst", help="*.pyth (original layout) or *.safetensors (Hugging Face keys with --hf)")
     p_convert.add_argument("--hf", action="store_true", help="write Hugging Face Timesformer key names")
+    p_convert.add_argument("--weights-only", action="store_true",
+                           help="write the weights alone (drop epoch, optimizer_state, cfg and any other entry)")
+    p_convert.add_argument("--force", action="store_true", help="replace an existing DST (never SRC itself)")
     args = parser.parse_args(argv)
     setup_logging(logging.WARNING)
+    limits = LoadLimits(max_pickle_bytes=int(args.max_pickle_mib * 2**20))
     try:
         if args.cmd == "inspect":
-            return _inspect_files(args.files, show_keys=not args.no_keys)
-        else:
-            sd, _ = unwrap_state_dict(load_file(args.src))
-            if args.dst.endswith(".safetensors"):
-                from safetensors.torch import save_file
-
-                out = original_to_hf(sd) if args.hf else sd
-                save_file({k: v.contiguous() for k, v in out.items()}, args.dst)
-            else:
-                atomic_save({"epoch": 0, "model_state": collections.OrderedDict((f"model.{k}", v) for k, v in sd.items()),
-                             "optimizer_state": {}, "cfg": ""}, args.dst)
-            print(f"wrote {args.dst} ({len(sd)} tensors)")
-    except (FileNotFoundError, ValueError, KeyError) as e:
+            return _inspect_files(args.files, show_keys=not args.no_keys, limits=limits)
+        print(convert(args.src, args.dst, hf=args.hf, weights_only=args.weights_only, force=args.force,
+                      limits=limits))
+    except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

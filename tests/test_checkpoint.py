@@ -145,7 +145,9 @@ def test_inspect_and_convert_cli(tmp_path: Path) -> None:
     assert "attention_type=divided_space_time frames=4 img_size=32 patch=8 classes=7 embed_dim=32 depth=2" in out.stdout
     assert "blocks.1.temporal_fc.weight" in out.stdout and f"parameters:  {sum(p.numel() for p in trained_like().parameters()):,}" in out.stdout
     hf = tmp_path / "hf.safetensors"
-    assert run("convert", str(path), str(hf), "--hf").returncode == 0
+    kept = run("convert", str(path), str(hf), "--hf")  # a safetensors file cannot keep the epoch: asked first
+    assert kept.returncode == 2 and "holds epoch beside its weights" in kept.stderr and not hf.exists()
+    assert run("convert", str(path), str(hf), "--hf", "--weights-only").returncode == 0
     assert "format:      hf" in run("inspect", str(hf), "--no-keys").stdout
     bad = run("inspect", str(tmp_path / "missing.pyth"))
     assert bad.returncode == 2 and "missing.pyth does not exist" in bad.stderr

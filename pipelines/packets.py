@@ -366,12 +366,12 @@ def _demuxed_payloads(index: PacketIndex, positions: set[int]) -> dict[int, byte
 
 
 def clip_stream(index: PacketIndex, plan: PacketPlan, fd: int, stats: dict[str, int] | None = None) -> np.ndarray:
-    """The plan's packets as an IVF stream (uint8, the buffer DALI is fed) (fourcc ``IVF_FOURCC[codec]``), read from the open file ``fd``: one
-    ``os.pread`` per keyframe run (per packet where a run's packets lie more than ``SPAN_SLACK`` bytes apart). Each
-    frame's pts is its display position in the stream (``plan.pts``: without a frame index DALI's GPU decoder
-    outputs frames by pts). H.264 (``ANNEXB_CODECS``): an Annex-B byte stream, each 4-byte NAL length prefix
-    overwritten by a start code and the SPS/PPS (``nal_layout``) put before each run's first packet.
-    ``stats`` (optional) counts ``preads`` and ``bytes_read``."""
+    """The plan's packets as an IVF stream (fourcc ``IVF_FOURCC[codec]``; uint8, the buffer DALI is fed), read from
+    the open file ``fd``: one ``os.pread`` per keyframe run (per packet where a run's packets lie more than
+    ``SPAN_SLACK`` bytes apart). Each frame's pts is its display position in the stream (``plan.pts``: without a
+    frame index DALI's GPU decoder outputs frames by pts). H.264 (``ANNEXB_CODECS``): an Annex-B byte stream, each
+    4-byte NAL length prefix overwritten by a start code and the SPS/PPS (``nal_layout``) put before each run's first
+    packet. ``stats`` (optional) counts ``preads`` and ``bytes_read``."""
     params, length_size = nal_layout(index) if index.codec in ANNEXB_CODECS else (b"", 0)
     n = len(plan.packets)
     sizes = index.size[plan.packets]
@@ -419,7 +419,8 @@ def _start_codes(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, path: st
     while len(pos):
         at = pos[:, None] + four
         if (at[:, 3] >= ends).any():
-            raise ValueError(f"{path}: a packet ends inside a NAL length prefix (not 4-byte length-prefixed NAL units?)")
+            raise ValueError(f"{path}: a packet ends inside a NAL length prefix (not 4-byte length-prefixed NAL "
+                             "units?)")
         b = buf[at].astype(np.int64)
         pos = pos + 4 + ((b[:, 0] << 24) | (b[:, 1] << 16) | (b[:, 2] << 8) | b[:, 3])
         if (pos > ends).any():

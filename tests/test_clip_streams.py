@@ -169,7 +169,8 @@ def test_what_the_annexb_cut_cannot_serve_is_remuxed(nal_files, tmp_path, monkey
     if "hevc_open_gop" in nal_files:
         hindex = index_packets(nal_files["hevc_open_gop"])
         assert feed_mode(hindex, plan_packets(hindex, [40, 41]), "gpu")[0] == "remux"
-    assert feed_mode(index, plan, "cpu") == ("file", "no CPU decoder for h264 in DALI (the pre-flight check rejects it)")
+    assert feed_mode(index, plan, "cpu") == ("file",
+                                             "no CPU decoder for h264 in DALI (the pre-flight check rejects it)")
 
 
 def test_annexb_extradata_is_used_as_it_is(nal_files) -> None:

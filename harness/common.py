@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -177,12 +178,22 @@ def on_network_filesystem(path: str | os.PathLike) -> str:
 def default_cache_dir() -> tuple[Path, str]:
     """The harness's cache folder and, when it is not the usual one, why: ``$XDG_CACHE_HOME/timesformer-harness``
     (``~/.cache`` when unset) when that is node-local, else ``/var/tmp/timesformer-harness-<uid>`` (a home shared
-    over NFS is common on clusters)."""
+    over NFS is common on clusters), made private (mode 700).
+
+    Raises:
+        ValueError: that node-local folder is a link, not a folder, or another user's.
+    """
     usual = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache") / "timesformer-harness"
     fs = on_network_filesystem(usual)
     if not fs:
         return usual, ""
-    return NODE_LOCAL_ROOT / f"timesformer-harness-{os.getuid()}", f"{usual} is on {fs}, a shared filesystem"
+    local = NODE_LOCAL_ROOT / f"timesformer-harness-{os.getuid()}"
+    local.mkdir(mode=0o700, exist_ok=True)  # in a folder every user may write to: made private, and checked
+    st = os.lstat(local)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise ValueError(f"{local} (the node-local cache folder, since {usual} is on {fs}) is not a folder of this "
+                         f"user's: remove it, or set data.validate_cache to a node-local path of yours")
+    return local, f"{usual} is on {fs}, a shared filesystem"
 
 
 def cache_dir() -> Path:

@@ -137,10 +137,13 @@ def test_caches_stay_off_shared_filesystems_and_say_where_they_are(tmp_path: Pat
     assert "node-local" not in cache_location("")
 
     monkeypatch.setattr(common, "NETWORK_FILESYSTEMS", frozenset({"tmpfs"}))
+    monkeypatch.setattr(common, "NODE_LOCAL_ROOT", tmp_path / "var-tmp")  # /var/tmp, without touching it
+    (tmp_path / "var-tmp").mkdir()
     shared = Path("/dev/shm") / f"harness-test-{os.getpid()}"
     monkeypatch.setenv("XDG_CACHE_HOME", str(shared))
-    local = Path("/var/tmp") / f"timesformer-harness-{os.getuid()}"
+    local = tmp_path / "var-tmp" / f"timesformer-harness-{os.getuid()}"
     assert default_cache_dir() == (local, f"{shared / 'timesformer-harness'} is on tmpfs, a shared filesystem")
+    assert local.is_dir() and local.stat().st_mode & 0o777 == 0o700  # private: its parent is anyone's to write
     assert cache_path("", "packets.sqlite") == local / "packets.sqlite"
     assert cache_location("") == (f"{local} (validate.sqlite: probe and deep check; packets.sqlite: packet indexes), "
                                   f"node-local because {shared / 'timesformer-harness'} is on tmpfs, a shared "
@@ -152,3 +155,7 @@ def test_caches_stay_off_shared_filesystems_and_say_where_they_are(tmp_path: Pat
         FileCache(shared / "v.sqlite", "probe", 1)
     assert not shared.exists()  # refused before anything was written
     assert cache_path("none") is None and cache_location("none") == "off (data.validate_cache=none)"
+    local.rmdir()
+    local.symlink_to(tmp_path)  # someone else's link where the private folder goes
+    with pytest.raises(ValueError, match=r"is not a folder of this user's: remove it, or set data.validate_cache"):
+        cache_path("")

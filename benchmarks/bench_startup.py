@@ -1,10 +1,11 @@
 """Start-up at Kinetics scale: a generated manifest of 240,000 videos (hard links to a few toy clips, each link its own
 path as a dataset's files are) read by a torchrun job of 2 CPU ranks (gloo), each building the DALI CPU train loader
 and taking its first batch. ``python -m timesformer_harness.benchmarks.bench_startup [--files 240000] [--nproc 2]
-[--out runs/bench/startup]``
+[--warm-runs 3] [--skip-cold] [--out runs/bench/startup]`` (~7 min on 2 shared cores, most of it the cold probe)
 
 Reported: time from the launch to each rank's first batch with an empty pre-flight cache (cold: every file probed
-once in the job, each rank probing its share) and with the cache the cold job filled (warm), each rank's phases
+once in the job, each rank probing its share) and with the cache the cold job filled (warm, ``--warm-runs`` jobs one
+after the other; ``--skip-cold`` reuses the cache an earlier run filled), each rank's phases
 (imports, process group, ``build_loader``, first batch) and its peak RSS (VmHWM) after each; and, in this process,
 what the packet index costs a first epoch: files indexed per second on 1 and 2 threads into an empty store, read back
 from the store, the store's bytes per file, and the resident memory of the in-memory LRU full (4,096 indexes). The

@@ -115,6 +115,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: str = "none"  # none | default | reduce-overhead | max-autotune (torch.compile modes)
     warmup_steps: int = 1  # optimizer steps per epoch logged as warm-up, outside the steady clips/s
+    # resuming after the usable videos changed (manifest edited, a video now rejected): error | replan (restart the
+    # interrupted epoch from its first batch with the new list)
+    on_data_change: str = "error"
     eval_period: int = 5
     checkpoint_period: int = 1
     keep_last: int = 3
@@ -140,6 +143,8 @@ class TrainConfig:
         check_compile_mode(self.compile, "train.compile")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps={self.warmup_steps}; must be >= 0")
+        if self.on_data_change not in ("error", "replan"):
+            raise ValueError(f"train.on_data_change={self.on_data_change!r}; choose 'error' or 'replan'")
 
 
 @dataclass

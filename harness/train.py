@@ -51,10 +51,11 @@ from timesformer_harness.optim import build_optimizer, lr_at, set_lr
 from timesformer_harness.runtime import (environment_info, precision_name, resolve_precision, retain_freed_memory,
                                          seed_everything, set_determinism)
 from timesformer_harness.train_hooks import DebugHooks
-from timesformer_harness.train_state import CheckpointManager, resume_position, rng_state, set_rng_state
+from timesformer_harness.train_state import (CheckpointManager, RunFolderError, RunLock, data_fingerprint,
+                                             keep_records_up_to, resume_position, rng_state, set_rng_state)
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
-from timesformer_harness.common import setup_logging
+from timesformer_harness.common import remove_stale_temporaries, setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, write_rejected
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,14 @@ class Trainer:
         self.device = info.device
         self.run_dir = Path(cfg.output.dir)
         self.cfg_yaml = to_yaml(cfg)
+        self.lock, busy = None, ""
+        if info.is_main:  # before anything is written to the folder
+            try:
+                self.lock = RunLock(self.run_dir)
+            except RunFolderError as e:
+                busy = str(e)
+        if self._any_rank(bool(busy)):
+            raise RunFolderError(busy or f"output.dir {self.run_dir} is in use by another run (rank 0 says which)")
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.cfg_yaml)
@@ -121,7 +130,17 @@ class Trainer:
         self.bad_videos: list[dict[str, Any]] = []  # the train loader's quarantine, as restored / last merged
         self.steady = ThroughputWindow()  # every log window past the warm-up steps, for the run's steady clips/s
         self._train_loader: Any = None
+        self.resumed_from: tuple[Path, dict[str, Any] | None] | None = None  # (checkpoint, its data fingerprint)
         self._restore()
+        if info.is_main:
+            removed = remove_stale_temporaries(self.ckpt.dir) if self.ckpt.dir.is_dir() else 0
+            if removed:
+                logger.warning("removed %d temporary file(s) a killed save left in %s", removed, self.ckpt.dir)
+            if self.resumed_from is not None:
+                dropped = keep_records_up_to(self.run_dir / "metrics.jsonl", self.step)
+                if dropped:
+                    logger.info("metrics.jsonl: %d record(s) logged after step %d, whose work is redone from %s, "
+                                "removed", dropped, self.step, self.resumed_from[0])
         self.ddp: DDP | None = None
         if info.enabled:
             self.ddp = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
@@ -164,6 +183,7 @@ class Trainer:
                 self.scaler.load_state_dict(obj["scaler"])
             self.start_epoch, self.start_batch = resume_position(obj)
             self.step = int(obj.get("step", 0))
+            self.resumed_from = (path, obj.get("data"))
             self.bad_videos = list(obj.get("quarantine", []))
             rngs = obj.get("rng")
             old_world = int(obj.get("world_size", 1))
@@ -214,7 +234,42 @@ class Trainer:
                               "lr": self.optimizer.param_groups[0]["lr"]},
                 "world_size": self.info.world_size, "batch_size": self.cfg.data.batch_size,
                 "seed": self.cfg.train.seed, "optimizer_impl": self.optimizer_impl,
-                "quarantine": merged.state_before(epoch, batch)}
+                "quarantine": merged.state_before(epoch, batch), "data": self._data_fingerprint()}
+
+    def _data_fingerprint(self) -> dict[str, Any] | None:
+        """The train loader's usable videos (``data_fingerprint``); None for a loader that reads no files."""
+        planner = getattr(self._train_loader, "planner", None)
+        return None if planner is None else data_fingerprint([(v.path, v.label) for v in planner.videos])
+
+    def _check_resumed_data(self, loader: Any) -> Any:
+        """The train loader to go on with after a resume: ``loader`` when the usable videos are those the checkpoint
+        was written with; otherwise an error (``train.on_data_change=error``) or, with ``replan``, a loader that
+        starts the interrupted epoch again from its first batch."""
+        if self.resumed_from is None or self.resumed_from[1] is None:
+            return loader
+        path, before = self.resumed_from
+        now = self._data_fingerprint()
+        if now is None or now == before:
+            return loader
+        where = f"batch {self.start_batch} of epoch {self.start_epoch + 1}" if self.start_batch else \
+            f"epoch {self.start_epoch + 1}"
+        change = f"{before['videos']} usable videos when {path.name} was written, {now['videos']} now"
+        if before["videos"] == now["videos"]:
+            change = f"{now['videos']} usable videos, but not the same ones or labels or order as when {path.name} " \
+                     "was written"
+        if self.cfg.train.on_data_change == "error":
+            raise RunFolderError(
+                f"the train manifest changed since {path} ({change}): resuming at {where} would not continue the "
+                "same run. Restore the manifest, or set train.on_data_change=replan to start that epoch again from "
+                "its first batch with the new list, or train in a new output.dir")
+        logger.warning("the train manifest changed since %s (%s): train.on_data_change=replan, epoch %d starts again "
+                       "from its first batch", path, change, self.start_epoch + 1)
+        self.metrics.log({"event": "data_changed", "checkpoint": str(path), "before": before, "now": now,
+                          "epoch": self.start_epoch + 1}, self.step)
+        if not self.start_batch:
+            return loader
+        self.start_batch = 0
+        return self._build_loader("train", 0)
 
     def save(self, epoch: int, batch: int) -> Path | None:
         extra = self._extra_state(epoch, batch)
@@ -227,14 +282,22 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------------
     def fit(self) -> int:
-        """Run the remaining epochs. Returns the process exit code (0 also after a signal-triggered stop)."""
+        """Run the remaining epochs. Returns the process exit code (0 also after a signal-triggered stop). The run
+        folder's lock is released when it returns or raises."""
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self) -> int:
         cfg = self.cfg
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         if self.start_epoch >= cfg.solver.max_epoch:
             logger.info("nothing to do: the run in %s already finished %d epochs", self.run_dir, self.start_epoch)
             return 0
-        loader = self._build_loader("train", self.start_batch)
+        loader = self._check_resumed_data(self._build_loader("train", self.start_batch))
         self.metrics.log({"event": "start", "epoch": self.start_epoch, "batch": self.start_batch,
                           "optimizer": self.optimizer_impl, "precision": precision_name(self.dtype),
                           "world_size": self.info.world_size, "accumulation": self.accum,
@@ -526,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadVideoError as e:  # data.on_bad_video=error, or more bad videos than data.max_bad_fraction
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except RunFolderError as e:  # output.dir held by another run, or the data changed under a resume
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     finally:
         cleanup()
 

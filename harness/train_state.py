@@ -24,9 +24,14 @@ counts them; see ``timesformer_harness.pipelines.quarantine``.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
+import os
 import random
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +39,72 @@ import numpy as np
 import torch
 
 from timesformer_harness.checkpoint import load_file, save_pyth
+from timesformer_harness.common import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"checkpoint_epoch_(\d{5})(?:_iter_(\d{6}))?\.pyth")
+
+
+class RunFolderError(Exception):
+    """The run folder cannot be used as asked: another run holds it, or the data changed under a resume."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``{output.dir}/.lock``), held while the run lives: a second run pointed
+    at the same folder fails at once naming the holder (pid, host, start time) instead of interleaving its metrics
+    and overwriting its checkpoints. The operating system releases it when the holder dies, however it dies."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            if holder.startswith(f"pid {os.getpid()} "):  # a second Trainer in this process: the lock is ours
+                return
+            raise RunFolderError(f"output.dir {self.path.parent} is in use by {holder}: wait for that run to end, or "
+                                 "give this one its own output.dir=...") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+
+def data_fingerprint(videos: list[tuple[str, int]]) -> dict[str, Any]:
+    """What an epoch's clip order is drawn from: the usable videos, in order, with their labels (count and SHA-256).
+    A resume compares the checkpoint's with its own: the same batch index means the same clips only if they match."""
+    digest = hashlib.sha256(json.dumps(videos).encode()).hexdigest()
+    return {"videos": len(videos), "sha256": digest}
+
+
+def keep_records_up_to(metrics: Path, step: int) -> int:
+    """Drop the records of ``metrics`` (``metrics.jsonl``) logged after optimizer step ``step``: the work a resumed
+    run redoes from its checkpoint at ``step`` would otherwise be in the file twice; a line cut short by a killed
+    writer goes too. Returns how many went."""
+    if not metrics.is_file():
+        return 0
+
+    def logged_by_then(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:
+            return False
+
+    lines = [line for line in metrics.read_text().splitlines(keepends=True) if line.strip()]
+    kept = [line for line in lines if line.endswith("\n") and logged_by_then(line)]
+    if len(kept) != len(lines):
+        atomic_write_text(metrics, "".join(kept))
+    return len(lines) - len(kept)
 
 
 def checkpoint_name(epoch: int, batch: int = 0) -> str:

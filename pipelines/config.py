@@ -46,7 +46,8 @@ class DataConfig:
     validate: str = "shallow"  # pre-flight check: shallow (headers, packet counts) | deep (decode every packet, cached)
     pad_short: bool = True  # pad videos shorter than the clip span with their last frame
     seed: int = 0
-    validate_cache: str = ""  # the probe cache of pipelines/validate.py; "" = ~/.cache/timesformer-harness/, "none" = off
+    # the probe cache of pipelines/validate.py; "" = the node-local default (common.cache_path), "none" = off
+    validate_cache: str = ""
     synthetic_videos: int = 64  # data.loader=synthetic: clips per epoch (all ranks together)
     synthetic_classes: int = 10  # data.loader=synthetic: labels drawn from 0..synthetic_classes-1
 

@@ -203,13 +203,63 @@ def test_sigterm_stops_saves_and_resume_reproduces_the_uninterrupted_run(referen
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped by SIGTERM" in first.stdout
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_epoch_00001_iter_000006.pyth"]
+    # what a crash would have left: a save's temporary, a record past the checkpoint's step, a line cut short
+    stale = out / "checkpoints" / ".checkpoint_epoch_00002.0123abcd.tmp.pyth"
+    stale.write_bytes(b"partial")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "event": "epoch", "epoch": 2}) + "\n" + '{"step": 4, "ev')
     second = run(train_cmd(*toy, f"output.dir={out}"))
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stderr
+    assert "resumed from" in second.stderr and not stale.exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]  # each epoch once
+    assert [r["event"] for r in records].count("start") == 2
     a, b = final_weights(reference_run), final_weights(out)
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
+
+
+def test_a_second_run_on_a_held_run_folder_is_refused_before_writing(toy, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([PY, "-c", "import sys, time; from timesformer_harness.train_state import RunLock; "
+                               "lock = RunLock(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = run(train_cmd(*toy, f"output.dir={out}"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 4, res.stderr[-2000:]
+    assert f"error: output.dir {out} is in use by pid {holder.pid} on " in res.stderr
+    assert "Traceback" not in res.stderr and sorted(p.name for p in out.iterdir()) == [".lock"]
+    res = run(train_cmd(*toy, f"output.dir={out}", "solver.max_epoch=1"))  # the holder is gone: the lock is free
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_resuming_after_the_manifest_changed_is_refused_or_replanned(toy, tmp_path):
+    root = Path(toy[-1].split("=", 1)[1])
+    lines = (root / "train.csv").read_text().splitlines()
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("".join(f"{root / line.rsplit(None, 1)[0]} {line.rsplit(None, 1)[1]}\n" for line in lines))
+    out = tmp_path / "run"
+    args = [*toy, f"data.train_manifest={manifest}", f"output.dir={out}"]
+    first = run(train_cmd(*args, "train.debug_signal_at_step=2"))
+    assert first.returncode == 0 and "stopped by SIGTERM" in first.stdout, first.stderr[-3000:]
+    manifest.write_text("".join(reversed(manifest.read_text().splitlines(keepends=True))))  # same videos, reordered
+    refused = run(train_cmd(*args))
+    assert refused.returncode == 4, refused.stderr[-3000:]
+    assert (f"error: the train manifest changed since {out / 'checkpoints' / 'checkpoint_epoch_00001_iter_000006.pyth'}"
+            " (32 usable videos, but not the same ones or labels or order" in refused.stderr)
+    assert "train.on_data_change=replan" in refused.stderr and "Traceback" not in refused.stderr
+    replanned = run(train_cmd(*args, "train.on_data_change=replan"))
+    assert replanned.returncode == 0, replanned.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    changed = [r for r in records if r["event"] == "data_changed"]
+    assert len(changed) == 1 and changed[0]["epoch"] == 1
+    start = [r for r in records if r["event"] == "start"][-1]
+    assert start["epoch"] == 0 and start["batch"] == 0  # the interrupted first epoch again from its first batch
 
 
 def test_nan_loss_stops_with_a_clear_error_and_a_debug_checkpoint(toy, tmp_path):

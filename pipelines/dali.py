@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +80,17 @@ class ClipInput:
 
 
 @dataclass
+class MadeBatch:
+    """One batch of plans with its clips' inputs as the source's worker made them: ``inputs`` and ``errors`` (why a
+    clip's input could not be made) by slot, and the CPU seconds the making took (``cpu_s``)."""
+
+    plans: list[ClipPlan]
+    inputs: dict[int, ClipInput]
+    errors: dict[int, str]
+    cpu_s: float
+
+
+@dataclass
 class FedBatch:
     """One batch of plans as the source handed it to DALI: ``slots`` (positions in ``plans``) were fed, in that
     order; ``errors`` (slot -> reason) are the clips whose input could not be made. No slot fed: DALI never saw the
@@ -102,9 +114,9 @@ class PlanSource:
     DALI calls the source on the thread that calls ``pipe.run()``: the training thread. So the clips' inputs (index
     look-up, reads, the clip streams) are made by a worker thread of the source's own, ``prefetch`` batches ahead
     of DALI, and the callback only takes the next finished batch (``prefetch=0``: made in the callback, on the
-    calling thread). One worker: its work is a few hundred microseconds a clip, mostly in C (``os.pread``, numpy
-    copies) that does not hold the GIL. DALI's parallel external source (worker processes) was not used: its
-    callback cannot tell the loader which clips it left out, and its workers would need each epoch's plans.
+    calling thread). One worker: its work is well under a millisecond a clip (measured), part of it in ``os.pread``,
+    which releases the GIL. DALI's parallel external source (worker processes) was not used: its callback cannot
+    tell the loader which clips it left out, and its workers would need each epoch's plans.
     """
 
     def __init__(self, batch_size: int, decode_only: bool = False, backend: str = "cpu",
@@ -117,6 +129,7 @@ class PlanSource:
         self.fds: OrderedDict[str, int] = OrderedDict()  # used by the worker only (or the caller of clip_input)
         self.fed: Counter = Counter()  # (codec, mode) -> clips this epoch
         self.decoded = 0  # frames decoded this epoch
+        self.made_cpu_s = self.callback_s = 0.0  # this epoch: CPU seconds making inputs, seconds inside the callback
         self.whole_file: set[str] = set()  # files fed whole (logged once each)
         self.queue: deque[FedBatch] = deque()  # batches handed to DALI (or skipped) and not yet taken by the loader
         self.pending: deque[Future] = deque()  # the worker's batches, in order: (plans, inputs by slot, errors)
@@ -127,6 +140,7 @@ class PlanSource:
         self.batches = [plans[i:i + self.batch_size] for i in range(0, len(plans), self.batch_size)]
         self.pos = 0
         self.fed, self.decoded = Counter(), 0
+        self.made_cpu_s = self.callback_s = 0.0
         self.queue.clear()
         self._prefetch()
 
@@ -156,7 +170,7 @@ class PlanSource:
         return fd
 
     def clip_input(self, plan: ClipPlan) -> ClipInput:
-        """The decoder's input for ``plan``: its packets in IVF (``stream``: ``clip_stream``; H.264/HEVC as Annex-B),
+        """The decoder's input for ``plan``: its packets in IVF (``stream``: ``clip_stream``; H.264 as Annex-B),
         copied by PyAV into Matroska (``remux``, other GPU codecs) or the whole file (``file``), per ``feed_mode``;
         with ``jpeg_frames`` its frames' JPEG images (``images``)."""
         index = self.indexes.get(plan.path)
@@ -180,8 +194,9 @@ class PlanSource:
                              order.reshape(-1).astype(np.int32), mode, index.codec, int(uniq[-1]) + 1)
         return ClipInput(data, packets.frames, packets.order, mode, index.codec, packets.decoded)
 
-    def _make_batch(self, plans: list[ClipPlan]) -> tuple[list[ClipPlan], dict[int, ClipInput], dict[int, str]]:
-        """(plans, the inputs of the clips that could be made by slot, why the others could not by slot)."""
+    def _make_batch(self, plans: list[ClipPlan]) -> MadeBatch:
+        """The inputs of the clips of ``plans`` that can be made, and why the others cannot."""
+        t0 = time.thread_time()
         inputs: dict[int, ClipInput] = {}
         errors: dict[int, str] = {}
         for slot, plan in enumerate(plans):
@@ -189,9 +204,9 @@ class PlanSource:
                 inputs[slot] = self.clip_input(plan)
             except Exception as e:  # noqa: BLE001 - whatever stops one clip's input is that clip's verdict
                 errors[slot] = failure_reason(e)
-        return plans, inputs, errors
+        return MadeBatch(plans, inputs, errors, time.thread_time() - t0)
 
-    def _made_batches(self) -> Iterator[tuple[list[ClipPlan], dict[int, ClipInput], dict[int, str]]]:
+    def _made_batches(self) -> Iterator[MadeBatch]:
         """The rest of the epoch's batches as made, in order: by the worker, or here when ``prefetch`` is 0."""
         while self.pending or self.pos < len(self.batches):
             if not self.pending:  # prefetch=0
@@ -204,18 +219,29 @@ class PlanSource:
 
     def _next_batch(self) -> tuple[list[ClipPlan], list[ClipInput]]:
         """The next batch with at least one clip fed: (its plans that were, their inputs); StopIteration at the end."""
-        for plans, inputs, errors in self._made_batches():
-            self.queue.append(FedBatch(plans, list(inputs), errors))
-            if inputs:
-                return [plans[s] for s in inputs], list(inputs.values())
+        for made in self._made_batches():
+            self.made_cpu_s += made.cpu_s
+            self.queue.append(FedBatch(made.plans, list(made.inputs), made.errors))
+            if made.inputs:
+                return [made.plans[s] for s in made.inputs], list(made.inputs.values())
         if self.fed:
             clips = sum(self.fed.values())
-            logger.info("DALI fed %d clips: %s; %.1f frames decoded per clip", clips,
-                        ", ".join(f"{c} {m} {n}" for (c, m), n in sorted(self.fed.items())), self.decoded / clips)
+            logger.info("DALI fed %d clips: %s; %.1f frames decoded per clip; inputs made in %.2f CPU ms per clip %s, "
+                        "%.2f ms per clip in DALI's callback", clips,
+                        ", ".join(f"{c} {m} {n}" for (c, m), n in sorted(self.fed.items())), self.decoded / clips,
+                        1e3 * self.made_cpu_s / clips, "by the source's worker" if self.prefetch else "in the callback",
+                        1e3 * self.callback_s / clips)
             self.fed = Counter()
         raise StopIteration
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
+        t0 = time.perf_counter()
+        try:
+            return self._feed()
+        finally:
+            self.callback_s += time.perf_counter() - t0
+
+    def _feed(self) -> tuple[list[np.ndarray], ...]:
         plans, inputs = self._next_batch()
         for x in inputs:
             self.fed[(x.codec, x.mode)] += 1

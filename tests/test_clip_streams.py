@@ -5,7 +5,9 @@ file's own frames; what the cut cannot serve is still remuxed."""
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 import struct
 import threading
 from dataclasses import replace
@@ -195,11 +197,12 @@ def _toy_cfg(tmp_path: Path, num: int = 24, **kw) -> DataConfig:
     return replace(base, **kw)
 
 
-def test_clip_streams_are_made_off_the_training_thread(tmp_path, monkeypatch) -> None:
+def test_clip_streams_are_made_off_the_training_thread(tmp_path, monkeypatch, caplog) -> None:
     """A real DALI CPU pipeline over toy VP9 videos: every clip stream of the epoch is made on the source's worker
-    thread, none on the thread that iterates the loader (where DALI calls the source), in this process; the batches
-    are bit for bit those of the same graph fed by a source that makes the streams in the callback (the loader's
-    old path), whose streams were made on the calling thread."""
+    thread, none on the thread that iterates the loader (where DALI calls the source), in this process; the epoch's
+    log line gives the worker's CPU ms and the callback's ms per clip; the batches are bit for bit those of the same
+    graph fed by a source that makes the streams in the callback (the loader's old path), whose streams were made on
+    the calling thread."""
     made: list[tuple[int, int, str]] = []
     calls: list[int] = []
     real_stream, real_call = dali.clip_stream, dali.PlanSource.__call__
@@ -218,7 +221,12 @@ def test_clip_streams_are_made_off_the_training_thread(tmp_path, monkeypatch) ->
     loader = build_loader(cfg, "train", device="cpu")
     assert isinstance(loader, dali.DaliLoader)
     main = threading.get_ident()
-    epoch = list(loader)
+    with caplog.at_level(logging.INFO, logger="timesformer_harness.pipelines.dali"):
+        epoch = list(loader)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DALI fed 24 clips: vp9 stream 24")]
+    costs = re.search(r"inputs made in ([\d.]+) CPU ms per clip by the source's worker, ([\d.]+) ms per clip in "
+                      r"DALI's callback$", line)
+    assert costs and float(costs[1]) > 0, line
     assert sum(b.video.shape[0] for b in epoch) == loader.num_clips == 24
     assert len(made) == 24 and calls and set(calls) == {main}
     assert all(ident != main and pid == os.getpid() and name.startswith("clip-inputs") for ident, pid, name in made)

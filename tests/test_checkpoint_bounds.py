@@ -55,6 +55,7 @@ REFUSED = {
     "deep_nesting": r"containers nested more than 100 levels deep \(LoadLimits\.max_depth\)",
     "zip_bomb_member": r"member archive/extra/data\.pkl declares 3,999,268,864 bytes of pickled structure, more "
                        r"than LoadLimits\.max_pickle_bytes=16,777,216",
+    "zip_bomb_refused": r"member archive/extra/data\.pkl declares 3,999,268,864 bytes of pickled structure",
     "zip_bomb_data_pkl": r"member archive/data\.pkl declares 3,999,268,864 bytes of pickled structure",
     "zip_bomb_storage": r"its members declare [\d,]+ bytes but the file holds [\d,]+ \(torch\.save stores members "
                         r"uncompressed",
@@ -169,6 +170,9 @@ def write_corpus(out: Path, seed: int = 0) -> dict[str, Path]:
     members = torch_members(pyth(sd))
     bomb = ("archive/extra/data.pkl", deflated_zeros(GiB4 >> 20), zipfile.ZIP_DEFLATED, zeros_crc(GiB4), GiB4)
     write_zip(p["zip_bomb_member"], [*members, bomb])
+    refused = b"\x80\x02cposix\nsystem\n."  # torch refuses this GLOBAL; the old refusal path then read every data.pkl
+    write_zip(p["zip_bomb_refused"], [(n, refused, 0, zlib.crc32(refused), len(refused)) if n == "archive/data.pkl"
+                                      else (n, *rest) for n, *rest in [*members, bomb]])
     write_zip(p["zip_bomb_data_pkl"], [("archive/data.pkl", *bomb[1:]) if m[0] == "archive/data.pkl" else m
                                        for m in members])
     write_zip(p["zip_bomb_storage"], [*members, ("archive/data/99", *bomb[1:])])

@@ -242,7 +242,7 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
     takes every video) and deliver their clips on the GPU; the other rows stay CPU decoders."""
     from timesformer_harness.pipelines.factory import build_loader
     from timesformer_harness.pipelines.dali import DaliLoader
-    from timesformer_harness.pipelines.packets import IVF_FOURCC, PacketIndexCache
+    from timesformer_harness.pipelines.packets import ANNEXB_CODECS, IVF_FOURCC, PacketIndexCache
 
     device = torch.device(device)
     dali_cfg = replace(cfg, loader="dali", backend="cpu" if device.type == "cpu" else "auto")
@@ -272,14 +272,14 @@ def shootout_contenders(cfg: DataConfig, variant: str, anchor_threads: int = 1, 
                               if decode else None, keyframe_model, why, anchor=True))
     if whole_file:
         codec = dali.indexes.get(plans[0].path).codec
-        if codec in IVF_FOURCC:  # an index without payload offsets makes the source feed whole files
+        if codec in IVF_FOURCC and codec not in ANNEXB_CODECS:  # an index without payload offsets: whole files
             whole = DaliLoader(dali.planner, device, backend=dali.backend, indexes=PacketIndexCache(offsets=False))
             rows.insert(2, Contender("DALI loader, whole file", variant, "full", threads, _loader_epoch(whole),
                                      counted_by(whole)))
         else:
             rows.insert(2, Contender("DALI loader, whole file", variant, "full", threads,
-                                     unavailable=f"{codec} clips are remuxed by PyAV, which needs no payload "
-                                                 f"offsets: no whole-file feed to compare"))
+                                     unavailable=f"{codec} clips without payload offsets are remuxed by PyAV: no "
+                                                 f"whole-file feed to compare"))
     if scaling:
         one = build_loader(replace(dali_cfg, num_workers=1), "train", device=device)
         rows.append(Contender("DALI loader", variant, "full", "1 thread", _loader_epoch(one), counted_by(one)))

@@ -202,7 +202,7 @@ def test_clip_streams_are_made_off_the_training_thread(tmp_path, monkeypatch, ca
     thread, none on the thread that iterates the loader (where DALI calls the source), in this process; the epoch's
     log line gives the worker's CPU ms and the callback's ms per clip; the batches are bit for bit those of the same
     graph fed by a source that makes the streams in the callback (the loader's old path), whose streams were made on
-    the calling thread."""
+    the calling thread. The packet indexes are stored in SQLite, written from the worker."""
     made: list[tuple[int, int, str]] = []
     calls: list[int] = []
     real_stream, real_call = dali.clip_stream, dali.PlanSource.__call__
@@ -217,10 +217,11 @@ def test_clip_streams_are_made_off_the_training_thread(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(dali, "clip_stream", recording_stream)
     monkeypatch.setattr(dali.PlanSource, "__call__", recording_call)
-    cfg = _toy_cfg(tmp_path)
+    cfg = _toy_cfg(tmp_path, validate_cache=str(tmp_path / "cache" / "validate.sqlite"))  # indexes in SQLite too
     loader = build_loader(cfg, "train", device="cpu")
-    assert isinstance(loader, dali.DaliLoader)
+    assert isinstance(loader, dali.DaliLoader) and loader.indexes.store.path == tmp_path / "cache" / "packets.sqlite"
     main = threading.get_ident()
+    assert not any(loader.indexes.store.get(p.path) for p in loader.planner.plans(0))
     with caplog.at_level(logging.INFO, logger="timesformer_harness.pipelines.dali"):
         epoch = list(loader)
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DALI fed 24 clips: vp9 stream 24")]
@@ -230,6 +231,7 @@ def test_clip_streams_are_made_off_the_training_thread(tmp_path, monkeypatch, ca
     assert sum(b.video.shape[0] for b in epoch) == loader.num_clips == 24
     assert len(made) == 24 and calls and set(calls) == {main}
     assert all(ident != main and pid == os.getpid() and name.startswith("clip-inputs") for ident, pid, name in made)
+    assert all(loader.indexes.store.get(p.path) for p in loader.planner.plans(0))  # stored by the worker
 
     made.clear()
     plans = loader.planner.plans(0)

@@ -73,13 +73,18 @@ def plot_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[Path]:
             ax.grid(True, alpha=0.3)
         ax_t.legend(fontsize=8)
         any_r = next(iter(series.values()))[0]
-        fig.suptitle(f"{any_r.preset} {mode}, {img}px, batch {any_r.batch}, {any_r.precision}, {any_r.device_name}")
-        fig.tight_layout()
-        path = out_dir / f"scaling_{mode}_{img}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / f"scaling_{mode}_{img}.png", f"{any_r.preset} {mode}, {img}px, batch "
+                             f"{any_r.batch}, {any_r.precision}, {any_r.device_name}"))
     return written
+
+
+def _save(fig: plt.Figure, path: Path, title: str) -> Path:
+    """Title, lay out, write and close ``fig``; returns ``path``."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_cost_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[Path]:
@@ -120,11 +125,6 @@ def plot_cost_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[P
                 ax.grid(True, alpha=0.3)
             ax_cost.legend(fontsize=7)
         any_r = rs[0]
-        fig.suptitle(f"{any_r.preset} {mode} cost and memory, batch {any_r.batch}, {any_r.precision}, "
-                     f"{any_r.device_name}")
-        fig.tight_layout()
-        path = out_dir / f"scaling_cost_{mode}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / f"scaling_cost_{mode}.png", f"{any_r.preset} {mode} cost and memory, "
+                             f"batch {any_r.batch}, {any_r.precision}, {any_r.device_name}"))
     return written

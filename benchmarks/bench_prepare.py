@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +43,7 @@ from timesformer_harness.benchmarks.bench_pipelines import write_clips
 from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.metrics import Stopwatch
 from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.tools.encode import write_video
 from timesformer_harness.common import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -61,25 +64,42 @@ def variants(gpu: bool = False) -> dict:
     return out
 
 
-def source_frames(seed: int) -> Iterator[np.ndarray]:
+def source_frames(seed: int, height: int = HEIGHT, width: int = WIDTH) -> Iterator[np.ndarray]:
     """10 s of a camera panning over a detailed random texture, with sensor-like noise: (H, W, 3) uint8 frames."""
     rng = np.random.default_rng(seed)
     n = SECONDS * FPS
     vx, vy = 1.0 + 0.1 * (seed % 5), 0.4  # px per frame
-    tex = rng.integers(0, 256, (HEIGHT + int(vy * n) + 1, WIDTH + int(vx * n) + 1, 3)).astype(np.float32)
+    tex = rng.integers(0, 256, (height + int(vy * n) + 1, width + int(vx * n) + 1, 3)).astype(np.float32)
     for axis in (0, 1, 0, 1):  # two 3-tap box blurs per axis: detail at the scale of a few pixels
         tex = (tex + np.roll(tex, 1, axis) + np.roll(tex, -1, axis)) / 3
     tex = (tex - tex.mean()) * 3 + 128
     for t in range(n):
         y, x = int(vy * t), int(vx * t)
-        img = tex[y:y + HEIGHT, x:x + WIDTH] + rng.normal(0, 8, (HEIGHT, WIDTH, 3))
+        img = tex[y:y + height, x:x + width] + rng.normal(0, 8, (height, width, 3))
         yield img.clip(0, 255).astype(np.uint8)
 
 
-def make_sources(folder: Path, num: int) -> Path:
-    """``num`` 10 s 320x240 30 fps H.264 clips (keyint 250) and a ``path label`` manifest; existing files are kept."""
-    return write_clips(folder, "src{i:03d}.mp4", num, source_frames, "libx264",
-                       {"preset": "veryfast", "crf": "23", "g": "250"}, fps=FPS)
+SOURCE_NAME, SOURCE_CODEC = "src{i:03d}.mp4", "libx264"
+SOURCE_OPTIONS = {"preset": "veryfast", "crf": "23", "g": "250"}  # x264's default keyint, like typical web video
+
+
+def _write_source(args: tuple[Path, int, int, int]) -> None:
+    path, seed, height, width = args
+    write_video(path, source_frames(seed, height, width), SOURCE_CODEC, FPS, SOURCE_OPTIONS)
+
+
+def make_sources(folder: Path, num: int, height: int = HEIGHT, width: int = WIDTH, workers: int = 1) -> Path:
+    """``num`` 10 s ``width`` x ``height`` 30 fps H.264 clips (keyint 250) and a ``path label`` manifest; existing
+    files are kept. ``workers`` > 1 encodes the missing ones in that many processes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [(folder / SOURCE_NAME.format(i=i), i, height, width) for i in range(num)
+               if not (folder / SOURCE_NAME.format(i=i)).exists()]
+    if workers > 1 and len(missing) > 1:
+        ctx = multiprocessing.get_context("forkserver")  # safe whatever threads the caller runs
+        with ProcessPoolExecutor(min(workers, len(missing)), mp_context=ctx) as pool:
+            list(pool.map(_write_source, missing))
+    return write_clips(folder, SOURCE_NAME, num, lambda i: source_frames(i, height, width), SOURCE_CODEC,
+                       SOURCE_OPTIONS, fps=FPS)
 
 
 def repeated_manifest(manifest: Path, repeat: int) -> Path:

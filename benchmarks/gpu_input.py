@@ -1,0 +1,455 @@
+"""``make gpu-input``: the GPU input shoot-out, in one script sized for 8 minutes of one GPU, preparing included.
+
+    python -m timesformer_harness.benchmarks.gpu_input [--out DIR] [--budget-s 480] [--rows NAME ...]
+    python -m timesformer_harness.benchmarks.gpu_input --rehearse-on-cpu   # the rows a CPU can run, at CPU size
+
+The files (``GPU_SIZE``): 8 generated 10 s, 30 fps, 340x256 H.264 sources (keyint 250, a camera panning over a
+detailed texture; ``benchmarks/bench_prepare.py``), prepared by ``timesformer_harness.pipelines.tools.prepare`` at a
+256 px short side into ``VARIANTS``: H.264 and VP9 with GOP 32 (= the sampling rate) and a long GOP (250), and MJPEG
+(intra-only). Sources and variants are made in parallel and kept in ``--data`` (prepare is idempotent). Each
+variant's train manifest lists every video 16 times (128 clips); 8x32 sampling, crop 224, jitter 256-320, batch 32.
+
+The rows, in the order they run (``ROWS``): the DALI loader where ``data.backend=auto`` puts it (NVDEC for VP9 and
+H.264; MJPEG's frames decoded as JPEG images by DALI on the CPU) on every variant with 8 DALI threads, and with 16
+on H.264 GOP 32; the end-to-end step on H.264 GOP 32 and MJPEG; the PyAV loader (16 workers) on H.264 GOP 32; the
+JPEG-frames probe on MJPEG; the end-to-end step and PyAV on VP9 GOP 32. The probe: the clips' JPEG frames, fed by
+the DALI loader's own source, decoded whole by DALI's nvJPEG decoder (``decoders.image``, ``device="mixed"``),
+decode-only (the loader decodes JPEG frames on the CPU; the probe says what nvJPEG would give before that path is
+built, and is not judged against the loader targets). A loader row builds the loader in a fresh process
+(``loader_row``), runs one warm-up epoch (its time includes indexing the files), then 3 timed epochs: median clips/s
+and host CPU ms per clip (the process and its workers), then one epoch under ``torch.profiler`` for the GPU's busy
+ms per clip (``timesformer_harness.metrics.kernel_time``: the kernels and copies CUPTI sees in that process; NVDEC's
+decode engine runs no kernels), and the frames decoded per clip, counted on 16 clips. An end-to-end row is the
+bench's e2e case (``timesformer_harness.bench.e2e``): TimeSformer-Base divided 8x224 in bf16, eager, fed by the
+``auto`` loader of the variant; its data wait is the share of each step spent waiting for the batch. A row whose
+estimated cost no longer fits ``--budget-s`` (counted from the start, preparing included) is skipped and says so;
+``<out>/results.json`` and ``<out>/summary.md`` (the tables, the targets judged on a GPU only) are rewritten after
+every row, so a run cut short keeps what it measured.
+
+With ``--rehearse-on-cpu`` the same rows run at CPU size (48 px files, crop 32, batch 4, the tiny model): DALI's CPU
+decoder on VP9 and MJPEG, PyAV on VP9, the JPEG probe on libjpeg-turbo; every H.264 row is skipped (DALI's CPU
+decoder does not decode H.264, so the rehearsal prepares none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from timesformer_harness.common import atomic_write_text, setup_logging
+from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.metrics import Stopwatch, run_stamp
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.tools.transcode import PrepareSpec
+
+logger = logging.getLogger(__name__)
+
+T, RATE = 8, 32  # the Kinetics recipe's sampling: 8 frames, one every 32 (a 256-frame span)
+
+
+@dataclass(frozen=True)
+class Size:
+    """The files and the clips at one scale: the GPU's (the issue's) or the CPU rehearsal's."""
+
+    height: int  # of the generated sources (their short side: prepare keeps it)
+    width: int
+    jitter: tuple[int, int]
+    crop: int
+    batch: int
+    videos: int
+    repeat: int
+    rounds: int
+    threads: int
+    e2e_batches: int  # timed end-to-end steps (after the e2e suite's 2 warm-up ones)
+
+
+GPU_SIZE = Size(height=256, width=340, jitter=(256, 320), crop=224, batch=32, videos=8, repeat=16, rounds=3,
+                threads=8, e2e_batches=12)
+CPU_SIZE = Size(height=48, width=64, jitter=(40, 48), crop=32, batch=4, videos=2, repeat=4, rounds=2, threads=2,
+                e2e_batches=3)
+
+# name -> what prepare makes of the sources (the short side is the size's height)
+VARIANTS = {"h264-gop32": ("h264", RATE), "vp9-gop32": ("vp9", RATE), "mjpeg": ("mjpeg", 1),
+            "h264-long": ("h264", 250), "vp9-long": ("vp9", 250)}
+GPU_ONLY_CODECS = {"h264"}  # DALI's CPU decoder takes VP8/VP9/MJPEG only
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement: a loader on a variant (``kind`` dali | pyav), the JPEG-frames decode probe (``kind``
+    nvjpeg: ``jpeg_decode_epoch``) or the end-to-end step (``kind`` e2e)."""
+
+    name: str
+    kind: str
+    variant: str
+    thread_factor: int = 1  # x the size's threads (DALI threads, PyAV workers)
+    # what the row costs on a GPU, process start and warm-up included (the budget's unit; guessed from the 2026-11-26
+    # NVDEC shoot-out's rates until a run of this script measures them)
+    estimate_s: float = 30.0
+
+
+ROWS: tuple[Row, ...] = (
+    Row("dali-h264-gop32", "dali", "h264-gop32"),
+    Row("dali-vp9-gop32", "dali", "vp9-gop32"),
+    Row("dali-mjpeg", "dali", "mjpeg"),
+    Row("dali-h264-long", "dali", "h264-long", estimate_s=40.0),
+    Row("dali-vp9-long", "dali", "vp9-long", estimate_s=40.0),
+    Row("e2e-h264-gop32", "e2e", "h264-gop32", estimate_s=60.0),
+    Row("e2e-mjpeg", "e2e", "mjpeg", estimate_s=60.0),
+    Row("dali-h264-gop32-x2threads", "dali", "h264-gop32", thread_factor=2),
+    Row("pyav-h264-gop32", "pyav", "h264-gop32", thread_factor=2, estimate_s=40.0),
+    Row("nvjpeg-mjpeg", "nvjpeg", "mjpeg"),
+    Row("e2e-vp9-gop32", "e2e", "vp9-gop32", estimate_s=60.0),
+    Row("pyav-vp9-gop32", "pyav", "vp9-gop32", thread_factor=2, estimate_s=40.0),
+)
+
+# The issue's targets for one H100 (<= 16 host cores, 8x224 clips from 256-px-short-side files).
+TARGETS = (
+    ("loader", "loader >= 400 clips/s on at least one prepared format"),
+    ("h264", "loader >= 200 clips/s on unprepared H.264 GOP 32"),
+    ("host", "host CPU <= 2.5 ms per clip (the fastest loader row)"),
+    ("e2e", "end-to-end data wait < 10% (the lowest e2e row; eager step)"),
+)
+
+
+def data_config(size: Size, root: Path, manifest: Path, threads: int, loader: str = "auto") -> DataConfig:
+    """The variant's train data at ``size``: 8x32 sampling, the size's jitter, crop and batch."""
+    return DataConfig(loader=loader, root=str(root), train_manifest=str(manifest), num_frames=T, sampling_rate=RATE,
+                      target_fps=30, train_jitter_scales=list(size.jitter), train_crop_size=size.crop,
+                      test_crop_size=size.crop, batch_size=size.batch, num_workers=threads, validate_cache="none",
+                      pad_short=False)
+
+
+def prepare_variants(data: Path, size: Size, names: list[str]) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The sources and the variants ``names`` at ``size``, made in parallel (existing ones kept): each variant's
+    repeated train manifest, and what preparing cost."""
+    from timesformer_harness.benchmarks.bench_prepare import make_sources, repeated_manifest
+    from timesformer_harness.pipelines.tools.prepare import prepare
+
+    cores = os.cpu_count() or 1
+    clock = Stopwatch()
+    manifest = make_sources(data / f"source_{size.height}p", size.videos, size.height, size.width, workers=cores)
+    sources_s = clock.lap()
+
+    def one(name: str) -> tuple[str, Path]:
+        codec, gop = VARIANTS[name]
+        spec = PrepareSpec(codec, size.height, gop)
+        out = data / f"{name}_{size.height}p"
+        report = prepare(manifest, out, spec, workers=max(1, cores // len(names)), progress=False)
+        if report.failed:
+            raise RuntimeError(f"prepare {name}: {report.summary()}")
+        return name, repeated_manifest(out / manifest.name, size.repeat)
+
+    with ThreadPoolExecutor(max(1, len(names))) as pool:
+        manifests = dict(pool.map(one, names))
+    return manifests, {"sources_s": round(sources_s, 1), "variants_s": round(clock.lap(), 1), "cores": cores}
+
+
+def jpeg_decode_epoch(loader: Any, device: torch.device) -> Callable[[], int]:
+    """An epoch of the JPEG-frames decode probe: the clips' JPEG frames (the DALI loader's own source, its plans of
+    epoch 0) decoded whole by DALI's image decoder, nvJPEG (``device="mixed"``: the hardware JPEG decoder where the
+    GPU has one) on a GPU, libjpeg-turbo on a CPU; no crop, resize or normalise. Returns clips per epoch."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from timesformer_harness.pipelines.dali import PlanSource
+
+    cfg, plans, cuda = loader.cfg, loader.planner.plans(0), device.type == "cuda"
+    source = PlanSource(cfg.batch_size, decode_only=True, indexes=loader.indexes, jpeg_frames=True)
+
+    @pipeline_def(batch_size=cfg.batch_size * T, num_threads=cfg.num_workers, prefetch_queue_depth=2,
+                  device_id=(device.index or 0) if cuda else None)
+    def frames_pipe():
+        (images,) = fn.external_source(source=source, num_outputs=1, batch=True)
+        return fn.decoders.image(images, device="mixed" if cuda else "cpu", output_type=types.RGB)
+
+    pipe = frames_pipe()
+    pipe.build()
+
+    def epoch() -> int:
+        source.start(plans)
+        frames = 0
+        while True:
+            try:
+                (out,) = pipe.run()
+            except StopIteration:
+                break
+            frames += len(out)
+        pipe.reset()
+        if frames != len(plans) * T:
+            raise RuntimeError(f"decoded {frames} JPEG frames this epoch but {len(plans)} clips x {T} were planned")
+        return len(plans)
+    return epoch
+
+
+def loader_row(payload: dict[str, Any]) -> dict[str, Any]:
+    """One loader row, in the fresh process ``run_in_fresh_process`` starts: build the loader, a warm-up epoch,
+    ``rounds`` timed epochs, one profiled epoch on a GPU, the frames decoded per clip. Returns the row's figures."""
+    from timesformer_harness.bench.pipeline import decoded_frames_per_clip
+    from timesformer_harness.metrics import kernel_time, rss_high_water_bytes, timed_call
+    from timesformer_harness.pipelines.factory import build_loader
+    from timesformer_harness.runtime import retain_freed_memory
+
+    torch.set_num_threads(1)
+    retain_freed_memory()
+    device = torch.device(payload["device"])
+    cfg = DataConfig(**payload["data"])
+    loader = build_loader(cfg, "train", device=device)
+
+    def loader_epoch() -> int:
+        loader.set_epoch(0)  # every round the same clips (epoch 0: the ones counted)
+        return sum(int(batch.video.shape[0]) for batch in loader)
+
+    epoch = jpeg_decode_epoch(loader, device) if payload["jpeg_probe"] else loader_epoch
+
+    _, first_s, _ = timed_call(epoch, device)
+    rounds = [timed_call(epoch, device) for _ in range(payload["rounds"])]
+    kernels = kernel_time(epoch, device, steps=1)
+    clips = rounds[0][0]
+    decoded = decoded_frames_per_clip(loader)
+    decode = loader.backend
+    if payload["jpeg_probe"]:
+        decode = "nvJPEG (mixed), decode-only" if device.type == "cuda" else "cpu, decode-only"
+    return {"loader": loader.kind, "decode": decode, "jpeg_frames": bool(getattr(loader, "jpeg_frames", False)),
+            "clips_per_epoch": clips, "first_epoch_s": first_s,
+            "rounds_clips_per_s": [n / s for n, s, _ in rounds],
+            "clips_per_s": statistics.median(n / s for n, s, _ in rounds),
+            "host_cpu_ms_per_clip": statistics.median(1e3 * cpu / n for n, _, cpu in rounds),
+            "gpu_ms_per_clip": None if kernels is None else kernels.ms_per_step / clips,
+            "gpu_ops_per_clip": None if kernels is None else kernels.ops_per_step / clips,
+            "decoded_per_clip": decoded["counted_per_clip"], "decoded_model_per_clip": decoded["model_per_clip"],
+            "decoded_clips": decoded["clips"], "delivered_frames": decoded["delivered_frames"],
+            "peak_rss_mb": rss_high_water_bytes() / 2**20}
+
+
+def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
+    """Why ``row`` cannot run here (None when it can)."""
+    codec = VARIANTS[row.variant][0]
+    if not cuda and codec in GPU_ONLY_CODECS:
+        return "H.264 rows run on a GPU only (DALI's CPU decoder takes VP8/VP9/MJPEG; the rehearsal prepares none)"
+    if row.kind != "pyav" and not dali:
+        return "DALI is not importable here (nvidia-dali-cuda120): no DALI loader to measure"
+    return None
+
+
+def run_loader(row: Row, cfg: DataConfig, device: torch.device, rounds: int, timeout_s: float) -> dict[str, Any]:
+    """``loader_row`` for ``row`` in a fresh process; its figures, or its status and message."""
+    from timesformer_harness.runner import run_in_fresh_process
+
+    on = torch.device("cpu") if row.kind == "pyav" else device  # the PyAV loader delivers on the CPU
+    loader = "pyav" if row.kind == "pyav" else "dali"  # the probe takes the DALI loader's source and plans
+    payload = {"device": str(on), "rounds": rounds, "jpeg_probe": row.kind == "nvjpeg",
+               "data": asdict(replace(cfg, loader=loader, backend="auto" if on.type == "cuda" else "cpu"))}
+    out = run_in_fresh_process(loader_row, payload, timeout_s=timeout_s)
+    if out.status != "ok":
+        return {"status": out.status, "message": out.message + (f"\n{out.traceback[-1500:]}" if out.traceback else "")}
+    return {"status": "ok", **out.result}
+
+
+def run_e2e(row: Row, cfg: DataConfig, out: Path, base: dict[str, Any], model: Any, batches: int,
+            timeout_s: float) -> dict[str, Any]:
+    """The bench's e2e case on the variant's ``auto`` loader, in a fresh process: clips/s and the data wait."""
+    from omegaconf import OmegaConf
+
+    from timesformer_harness.bench.e2e import Case
+    from timesformer_harness.bench.sweep import run_case
+
+    path = out / f"{row.name}.yaml"
+    atomic_write_text(path, OmegaConf.to_yaml({"data": asdict(cfg)}))
+    case = Case.of(base, model=replace(model, num_frames=T, img_size=cfg.train_crop_size), mode="train",
+                   frames=T, img_size=cfg.train_crop_size, batch=cfg.batch_size, data_config=str(path),
+                   batches=batches, threshold=0.1)
+    rec = run_case(case, timeout_s=timeout_s)
+    x = rec.extra
+    return {"status": rec.status, "message": rec.message, "clips_per_s": rec.clips_per_s, "loader": x.get("loader"),
+            "decode": x.get("decode"), "data_wait_pct": None if x.get("data_wait_share") is None
+            else 100 * x["data_wait_share"], "data_wait_ms": x.get("data_wait_ms_median"),
+            "compute_ms": x.get("compute_ms_median"), "verdict": x.get("verdict"), "record": rec.to_dict()}
+
+
+def _cell(v: Any, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def judge(rows: list[dict[str, Any]], on_gpu: bool) -> list[tuple[str, str]]:
+    """Each target of ``TARGETS`` and its verdict: met / missed (with the figure and the row), not measured, or not
+    judged (off a GPU)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    loaders = [r for r in ok if r["kind"] in ("dali", "pyav")]
+    fastest = max(loaders, key=lambda r: r["clips_per_s"], default=None)
+    h264 = max((r for r in loaders if r["variant"] == "h264-gop32"), key=lambda r: r["clips_per_s"], default=None)
+    e2e = min((r for r in ok if r["kind"] == "e2e" and r.get("data_wait_pct") is not None),
+              key=lambda r: r["data_wait_pct"], default=None)
+    figures = {"loader": (fastest, "clips_per_s", lambda v: v >= 400.0), "h264": (h264, "clips_per_s",
+                                                                              lambda v: v >= 200.0),
+               "host": (fastest, "host_cpu_ms_per_clip", lambda v: v <= 2.5),
+               "e2e": (e2e, "data_wait_pct", lambda v: v < 10.0)}
+    verdicts = []
+    for key, what in TARGETS:
+        row, figure, meets = figures[key]
+        if row is None:
+            verdicts.append((what, "not measured"))
+            continue
+        value = row[figure]
+        shown = f"{value:.2f}, {row['row']}"
+        if not on_gpu:
+            verdicts.append((what, f"not judged on a CPU ({shown})"))
+        else:
+            verdicts.append((what, f"{'met' if meets(value) else 'missed'} ({shown})"))
+    return verdicts
+
+
+def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The markdown report: the conditions, the loader rows, the end-to-end rows and the targets."""
+    s = meta["size"]
+    lines = [f"# gpu-input: {meta['hardware']}", "",
+             f"Started {meta['started']}, git {meta['env'].get('git_sha', '?')}, torch {meta['env'].get('torch')}, "
+             f"DALI {meta['dali']}, {meta['cores']} CPU cores. {s['videos']} generated 10 s 30 fps videos, "
+             f"{s['height']} px short side, each {s['repeat']}x per epoch; {T}x{RATE} sampling, crop {s['crop']}, "
+             f"jitter {s['jitter'][0]}-{s['jitter'][1]}, batch {s['batch']}. Preparing: sources "
+             f"{meta['prepare'].get('sources_s', '-')} s, variants {meta['prepare'].get('variants_s', '-')} s "
+             f"(in parallel). Loader rows: a warm-up epoch (indexing included), then the median of {s['rounds']} "
+             "epochs; host CPU ms = the row process's and its workers' CPU time per clip; GPU ms = the GPU's busy "
+             "time per clip in one profiled epoch (kernels and copies; NVDEC's engine runs none); decoded frames "
+             f"counted on the epoch's first 16 clips. Budget {meta['budget_s']:.0f} s, used {meta['wall_s']:.0f} s.",
+             "", "| row | variant | loader | decode | threads | status | clips/s | host CPU ms / clip | GPU ms / clip "
+             "| decoded frames / clip | first epoch s | peak RSS MB |", "|---" * 12 + "|"]
+    for r in rows:
+        if r["kind"] == "e2e":
+            continue
+        decode = r.get("decode")
+        if decode and r.get("jpeg_frames"):
+            decode += ", JPEG frames"
+        lines.append("| " + " | ".join([
+            r["row"], r["variant"], r["kind"], _cell(decode), str(r["threads"]),
+            r["status"] + (f": {r['message'][:100]}" if r.get("message") and r["status"] != "ok" else ""),
+            _cell(r.get("clips_per_s")), _cell(r.get("host_cpu_ms_per_clip"), ".2f"),
+            _cell(r.get("gpu_ms_per_clip"), ".3f"), _cell(r.get("decoded_per_clip")),
+            _cell(r.get("first_epoch_s")), _cell(r.get("peak_rss_mb"), ".0f")]) + " |")
+    e2e = [r for r in rows if r["kind"] == "e2e"]
+    if e2e:
+        lines += ["", f"End to end: the bench's e2e case, {meta['model']} train step ({meta['precision']}, eager) "
+                  "fed by the variant's `auto` loader; data wait = the share of each step spent waiting for its batch.",
+                  "", "| row | variant | status | loader (decode) | clips/s | data wait % | wait ms / step | step ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+    for r in e2e:
+        lines.append("| " + " | ".join([
+            r["row"], r["variant"],
+            r["status"] + (f": {r['message'][:100]}" if r.get("message") and r["status"] != "ok" else ""),
+            f"{r.get('loader') or '-'} ({r.get('decode') or '-'})", _cell(r.get("clips_per_s")),
+            _cell(r.get("data_wait_pct")), _cell(r.get("data_wait_ms")), _cell(r.get("compute_ms"))]) + " |")
+    lines += ["", "Targets (set for one H100; judged on a GPU only, and only on the rows that ran):", ""]
+    lines += [f"- {what}: {verdict}" for what, verdict in judge(rows, on_gpu=meta["device"] == "cuda")]
+    lines += ["", "Not measured by this script: NVDEC with a decoder session kept across clips; JPEG frames on "
+              "nvJPEG as a loader (the DALI loader decodes JPEG frames on the CPU; the nvjpeg row is a decode-only "
+              "probe, not judged); the data wait at the compiled step's rate (the e2e case steps eagerly)."]
+    return "\n".join(lines) + "\n"
+
+
+def model_settings(cuda: bool) -> tuple[dict[str, Any], Any, str, str]:
+    """(the bench's base settings, the model config, the preset, the precision) of the end-to-end rows:
+    TimeSformer-Base divided 8x224 in bf16 on a GPU, the gpu-perf rehearsal's tiny model on a CPU."""
+    from timesformer_harness.bench.cli import measure_peak, resolve
+    from timesformer_harness.bench.sweep import base_settings
+    from timesformer_harness.gpu_perf import CPU_MODEL, GPU_PRESET
+    from timesformer_harness.runtime import precision_name, resolve_precision
+
+    cfg, preset, device = resolve(preset=GPU_PRESET if cuda else "tiny",
+                                  overrides=["bench.precision=bf16", "bench.warmup=2",
+                                             *([] if cuda else [*CPU_MODEL, "bench.gemm_n=256"])])
+    precision = precision_name(resolve_precision(cfg.bench.precision, device))
+    peak = measure_peak(device, precision, cfg.bench.gemm_n)
+    return base_settings(cfg, preset, precision, device, peak), cfg.model, preset, precision
+
+
+def run(out: Path, data: Path, budget_s: float, only: list[str] | None) -> list[dict[str, Any]]:
+    """Prepare the files the chosen rows need, then every row that fits the budget, in ``ROWS`` order; the results
+    rewritten after each."""
+    from timesformer_harness.runtime import device_name, environment_info, resolve_device
+
+    clock = Stopwatch()
+    device = resolve_device()
+    cuda = device.type == "cuda"
+    size = GPU_SIZE if cuda else CPU_SIZE
+    dali = importlib.util.find_spec("nvidia.dali") is not None
+    chosen = [r for r in ROWS if not only or r.name in only]
+    reasons = {r.name: skip_reason(r, cuda, dali) for r in chosen}
+    names = list(dict.fromkeys(r.variant for r in chosen if reasons[r.name] is None))
+    manifests, prepared = prepare_variants(data, size, names) if names else ({}, {})
+    base, model, preset, precision = model_settings(cuda) if any(
+        r.kind == "e2e" and reasons[r.name] is None for r in chosen) else ({}, None, "-", "-")
+    meta = {"started": run_stamp(), "device": device.type, "hardware": device_name(device),
+            "env": environment_info(device), "dali": _dali_version(), "cores": os.cpu_count(), "size": asdict(size),
+            "prepare": prepared, "model": f"{preset} divided {T}x{size.crop}", "precision": precision,
+            "budget_s": budget_s, "wall_s": clock.elapsed()}
+    scale = 1.0 if cuda else 0.25  # a CPU row at CPU size costs less than its GPU estimate
+    results: list[dict[str, Any]] = []
+    for row in chosen:
+        threads = size.threads * row.thread_factor
+        entry: dict[str, Any] = {"row": row.name, "kind": row.kind, "variant": row.variant, "threads": threads}
+        left = budget_s - clock.elapsed()
+        reason = reasons[row.name]
+        if reason is None and row.estimate_s * scale > left:
+            reason = f"over budget: {left:.0f} s left, the row needs about {row.estimate_s * scale:.0f} s"
+        if reason is not None:
+            entry.update(status="skipped", message=reason)
+        else:
+            root = manifests[row.variant].parent
+            cfg = data_config(size, root, manifests[row.variant], threads)
+            if row.kind == "e2e":
+                entry.update(run_e2e(row, cfg, out, base, model, size.e2e_batches, timeout_s=max(left, 60)))
+            else:
+                entry.update(run_loader(row, cfg, device, size.rounds, timeout_s=max(left, 60)))
+        logger.info("%s: %s %s", row.name, entry["status"], entry.get("message") or "")
+        results.append(entry)
+        meta["wall_s"] = clock.elapsed()
+        atomic_write_text(out / "results.json", json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
+        atomic_write_text(out / "summary.md", summary(results, meta))
+    return results
+
+
+def _dali_version() -> str:
+    try:
+        from nvidia import dali
+    except ImportError:
+        return "not installed"
+    return dali.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.gpu_input",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="output folder (default runs/gpu_input/<timestamp>)")
+    p.add_argument("--data", default=str(REPO_ROOT / "runs/gpu_input/data"), help="generated files (kept, re-used)")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="seconds the whole run may take, preparing included (default 480)")
+    p.add_argument("--rows", nargs="*", default=None, help=f"only these rows, from {[r.name for r in ROWS]}")
+    p.add_argument("--rehearse-on-cpu", action="store_true", help="run without a GPU, at CPU size")
+    args = p.parse_args(argv)
+    setup_logging()
+    unknown = sorted(set(args.rows or []) - {r.name for r in ROWS})
+    if unknown:
+        p.error(f"--rows {unknown}: choose from {[r.name for r in ROWS]}")
+    if not torch.cuda.is_available() and not args.rehearse_on_cpu:
+        print("gpu-input: no CUDA device; run it on a GPU, or rehearse with --rehearse-on-cpu", file=sys.stderr)
+        return 2
+    out = Path(args.out or REPO_ROOT / f"runs/gpu_input/{run_stamp()}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run(out, Path(args.data), args.budget_s, args.rows)
+    print((out / "summary.md").read_text())
+    ran = [r for r in rows if r["status"] != "skipped"]
+    return 0 if ran and all(r["status"] == "ok" for r in ran) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

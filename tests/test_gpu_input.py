@@ -1,0 +1,97 @@
+"""``make gpu-input``: the GPU input shoot-out prepares its files, runs its loader rows and end-to-end rows each in a
+process of its own, skips what the device cannot run or the budget cannot fit, and judges the targets on a GPU only.
+Rehearsed here at CPU size on real prepared files; the GPU run is ``make gpu-input``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from timesformer_harness.benchmarks import gpu_input
+
+H264_SKIP = "H.264 rows run on a GPU only"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tmp_path_factory.mktemp("gpu_input_data")  # the generated files, shared by the tests (prepare re-uses them)
+
+
+def test_rehearsal_runs_the_rows_a_cpu_can_and_skips_the_h264_ones(tmp_path, data, capsys):
+    assert gpu_input.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--data", str(data)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["row"]: r for r in results["rows"]}
+    assert list(rows) == [r.name for r in gpu_input.ROWS]  # ROWS order, every row reported
+    skipped = [name for name, r in rows.items() if r["status"] == "skipped"]
+    assert skipped == ["dali-h264-gop32", "dali-h264-long", "e2e-h264-gop32", "dali-h264-gop32-x2threads",
+                       "pyav-h264-gop32"]
+    assert all(rows[name]["message"].startswith(H264_SKIP) for name in skipped)
+    ran = [name for name, r in rows.items() if r["status"] == "ok"]
+    assert ran == ["dali-vp9-gop32", "dali-mjpeg", "dali-vp9-long", "e2e-mjpeg", "nvjpeg-mjpeg", "e2e-vp9-gop32",
+                   "pyav-vp9-gop32"]
+    size = gpu_input.CPU_SIZE
+    clips = size.videos * size.repeat
+    for name in ("dali-vp9-gop32", "dali-mjpeg", "dali-vp9-long", "pyav-vp9-gop32", "nvjpeg-mjpeg"):
+        r = rows[name]
+        assert r["clips_per_epoch"] == clips and r["decoded_clips"] == clips and r["delivered_frames"] == 8.0, r
+        assert r["decoded_per_clip"] == r["decoded_model_per_clip"], r  # counted = the keyframe model
+        assert r["clips_per_s"] > 0 and r["host_cpu_ms_per_clip"] > 0 and r["gpu_ms_per_clip"] is None, r
+        assert len(r["rounds_clips_per_s"]) == size.rounds
+    assert (rows["dali-vp9-gop32"]["loader"], rows["dali-vp9-gop32"]["decode"]) == ("dali", "cpu")
+    assert rows["dali-mjpeg"]["jpeg_frames"] and rows["dali-mjpeg"]["decoded_per_clip"] == 8.0  # intra-only
+    probe = rows["nvjpeg-mjpeg"]  # the JPEG frames decoded whole, libjpeg-turbo here: one image per delivered frame
+    assert probe["decode"] == "cpu, decode-only" and probe["decoded_per_clip"] == 8.0
+    assert rows["pyav-vp9-gop32"]["loader"] == "pyav" and rows["pyav-vp9-gop32"]["threads"] == 2 * size.threads
+    # the same clips: PyAV decodes what DALI's clip streams decode; a long GOP decodes more per clip
+    assert rows["pyav-vp9-gop32"]["decoded_per_clip"] == rows["dali-vp9-gop32"]["decoded_per_clip"]
+    assert rows["dali-vp9-long"]["decoded_per_clip"] > rows["dali-vp9-gop32"]["decoded_per_clip"] > 8.0
+    for name in ("e2e-mjpeg", "e2e-vp9-gop32"):
+        r = rows[name]
+        assert (r["loader"], r["decode"]) == ("dali", "cpu") and r["clips_per_s"] > 0, r
+        assert 0.0 <= r["data_wait_pct"] <= 100.0
+        assert r["record"]["suite"] == "e2e" and r["record"]["batch"] == size.batch
+        assert (r["record"]["frames"], r["record"]["img_size"]) == (8, size.crop)
+    assert results["meta"]["size"]["batch"] == size.batch and results["meta"]["device"] == "cpu"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| dali-mjpeg | mjpeg | dali | cpu, JPEG frames | 2 | ok |" in summary
+    assert f"| dali-h264-gop32 | h264-gop32 | dali | - | 2 | skipped: {H264_SKIP}" in summary
+    assert "- loader >= 200 clips/s on unprepared H.264 GOP 32: not measured" in summary
+    assert "- loader >= 400 clips/s on at least one prepared format: not judged on a CPU (" in summary
+    assert summary in capsys.readouterr().out
+    prepared = sorted(p.name for p in data.iterdir())
+    assert prepared == ["mjpeg_48p", "source_48p", "vp9-gop32_48p", "vp9-long_48p"]  # no H.264 on a CPU
+    assert sorted(p.name for p in (data / "vp9-gop32_48p").glob("*.webm")) == ["src000.webm", "src001.webm"]
+
+
+def test_a_row_that_does_not_fit_the_budget_is_skipped(tmp_path, data):
+    assert gpu_input.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--data", str(data), "--budget-s", "1",
+                           "--rows", "dali-vp9-gop32"]) == 1  # nothing ran
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert row["status"] == "skipped" and row["message"].startswith("over budget")
+
+
+def test_unknown_rows_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu_input.main(["--rehearse-on-cpu", "--rows", "dali-av1"])
+    assert "dali-av1" in capsys.readouterr().err
+
+
+def test_targets_are_judged_on_a_gpu_only():
+    rows = [{"row": "dali-mjpeg", "kind": "dali", "variant": "mjpeg", "status": "ok", "clips_per_s": 450.0,
+             "host_cpu_ms_per_clip": 3.0},
+            {"row": "dali-h264-gop32", "kind": "dali", "variant": "h264-gop32", "status": "ok", "clips_per_s": 150.0,
+             "host_cpu_ms_per_clip": 1.0},
+            {"row": "pyav-h264-gop32", "kind": "pyav", "variant": "h264-gop32", "status": "error",
+             "clips_per_s": None},
+            {"row": "e2e-mjpeg", "kind": "e2e", "variant": "mjpeg", "status": "ok", "data_wait_pct": 10.0},
+            {"row": "e2e-h264-gop32", "kind": "e2e", "variant": "h264-gop32", "status": "oom",
+             "data_wait_pct": None}]
+    on_gpu = dict(gpu_input.judge(rows, on_gpu=True))
+    assert on_gpu["loader >= 400 clips/s on at least one prepared format"] == "met (450.00, dali-mjpeg)"
+    assert on_gpu["loader >= 200 clips/s on unprepared H.264 GOP 32"] == "missed (150.00, dali-h264-gop32)"
+    assert on_gpu["host CPU <= 2.5 ms per clip (the fastest loader row)"] == "missed (3.00, dali-mjpeg)"
+    assert on_gpu["end-to-end data wait < 10% (the lowest e2e row; eager step)"] == "missed (10.00, e2e-mjpeg)"
+    on_cpu = dict(gpu_input.judge(rows, on_gpu=False))
+    assert on_cpu["loader >= 400 clips/s on at least one prepared format"] == "not judged on a CPU (450.00, dali-mjpeg)"
+    assert dict(gpu_input.judge(rows[2:3], on_gpu=True)) == {what: "not measured" for _, what in gpu_input.TARGETS}

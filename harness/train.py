@@ -181,8 +181,7 @@ class Trainer:
                 self.optimizer.load_state_dict(obj["optimizer_state"])
             if obj.get("scaler"):
                 self.scaler.load_state_dict(obj["scaler"])
-            self.start_epoch, self.start_batch = resume_position(obj)
-            self.step = int(obj.get("step", 0))
+            self.start_epoch, self.start_batch, self.step = resume_position(obj, path)
             self.resumed_from = (path, obj.get("data"))
             self.bad_videos = list(obj.get("quarantine", []))
             rngs = obj.get("rng")

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from timesformer_harness.checkpoint import load_file, save_pyth
+from timesformer_harness.checkpoint import CheckpointError, load_file, save_pyth
 from timesformer_harness.common import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -213,8 +213,21 @@ class CheckpointManager:
         return None
 
 
-def resume_position(obj: dict[str, Any]) -> tuple[int, int]:
-    """(epoch, batch) to continue from: our ``position``, else the original's ``epoch`` + 1."""
-    if "position" in obj:
-        return int(obj["position"]["epoch"]), int(obj["position"]["batch"])
-    return int(obj.get("epoch", -1)) + 1, 0
+def resume_position(obj: dict[str, Any], path: str | Path = "the checkpoint") -> tuple[int, int, int]:
+    """(epoch, batch, step) to continue from: our ``position`` and ``step``, else the original's ``epoch`` + 1 and
+    step 0. A file whose entries are not counts (it loads, but is no training checkpoint) raises
+    ``CheckpointError`` naming ``path``."""
+    def count(value: Any, what: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < -1:
+            raise CheckpointError(f"{path}: {what} is {type(value).__name__} {str(value)[:60]!r}, not a count: not a "
+                                  "training checkpoint this run can resume from (move it out of the checkpoints "
+                                  "folder, or load its weights with model.pretrained=...)")
+        return int(value)
+
+    step = count(obj.get("step", 0), "step")
+    position = obj.get("position")
+    if position is None:
+        return count(obj.get("epoch", -1), "epoch") + 1, 0, step
+    if not isinstance(position, dict):
+        count(position, "position")  # raises: a position is {epoch, batch}
+    return count(position.get("epoch"), "position.epoch"), count(position.get("batch"), "position.batch"), step

@@ -114,9 +114,9 @@ def test_checkpoint_names_order_keep_last_and_original_layout(tmp_path):
     obj = load_file(mgr.dir / names[-1])
     assert obj["epoch"] == 1 and isinstance(obj["cfg"], str) and "optimizer_state" in obj  # original keys
     assert all(k.startswith("model.") for k in obj["model_state"])
-    assert resume_position(obj) == (2, 0)
-    assert resume_position(load_file(mgr.dir / names[0])) == (1, 3)
-    assert resume_position({"epoch": 14, "model_state": {}}) == (15, 0)  # an original file
+    assert resume_position(obj)[:2] == (2, 0)
+    assert resume_position(load_file(mgr.dir / names[0]))[:2] == (1, 3)
+    assert resume_position({"epoch": 14, "model_state": {}}) == (15, 0, 0)  # an original file
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
@@ -127,7 +127,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated
     with caplog.at_level(logging.WARNING, logger="timesformer_harness.train_state"):
         path, obj = mgr.load_latest()
-    assert path.name == "checkpoint_epoch_00001.pyth" and resume_position(obj) == (1, 0)
+    assert path.name == "checkpoint_epoch_00001.pyth" and resume_position(obj)[:2] == (1, 0)
     assert "checkpoint_epoch_00002.pyth is unreadable" in caplog.text and "falling back" in caplog.text
 
 
@@ -149,6 +149,15 @@ mgr.save(model, opt, epoch=2, batch=0, step=8, cfg_yaml="", extra={"big": torch.
 """
 
 
+@pytest.mark.parametrize("entries", [{"position": [1, 2]}, {"position": {"epoch": "1", "batch": 0}},
+                                     {"step": [3]}, {"epoch": None}, {"position": {"epoch": 1}}])
+def test_a_checkpoint_whose_position_is_not_counts_is_refused(entries):
+    from timesformer_harness.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"^ckpt.pyth: .* not a count: not a training checkpoint"):
+        resume_position({"model_state": {}, "step": 1, **entries}, "ckpt.pyth")
+
+
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     proc = subprocess.Popen([PY, "-c", KILL_DURING_SAVE, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -163,7 +172,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     mgr = CheckpointManager(tmp_path)
     assert [p.name for p in list_checkpoints(mgr.dir)] == ["checkpoint_epoch_00001.pyth"]
     path, obj = mgr.load_latest()
-    assert obj["step"] == 4 and resume_position(obj) == (1, 0)
+    assert obj["step"] == 4 and resume_position(obj)[:2] == (1, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,7 +201,7 @@ def test_run_writes_config_metrics_tensorboard_and_original_checkpoints(referenc
     val = json.loads((reference_run / "eval_val.json").read_text())
     assert val["num_videos"] == 8 and (val["top1"] / 12.5).is_integer()  # k of 8 videos right
     obj = load_file(reference_run / "checkpoints" / "checkpoint_epoch_00002.pyth")
-    assert obj["epoch"] == 1 and obj["step"] == 8 and resume_position(obj) == (2, 0)
+    assert obj["epoch"] == 1 and obj["step"] == 8 and resume_position(obj)[:2] == (2, 0)
     assert {"scaler", "scheduler", "rng", "optimizer_state", "cfg"} <= set(obj)
 
 

@@ -95,3 +95,13 @@ def test_targets_are_judged_on_a_gpu_only():
     on_cpu = dict(gpu_input.judge(rows, on_gpu=False))
     assert on_cpu["loader >= 400 clips/s on at least one prepared format"] == "not judged on a CPU (450.00, dali-mjpeg)"
     assert dict(gpu_input.judge(rows[2:3], on_gpu=True)) == {what: "not measured" for _, what in gpu_input.TARGETS}
+
+
+def test_what_each_row_needs():
+    rows = {r.name: r for r in gpu_input.ROWS}
+    without_dali = {name: gpu_input.skip_reason(row, cuda=True, dali=False) for name, row in rows.items()}
+    assert sorted(n for n, why in without_dali.items() if why is None) == [
+        "e2e-h264-gop32", "e2e-mjpeg", "e2e-vp9-gop32", "pyav-h264-gop32", "pyav-vp9-gop32"]  # e2e: PyAV feeds it
+    assert without_dali["nvjpeg-mjpeg"].startswith("DALI is not importable")
+    assert all(gpu_input.skip_reason(row, cuda=True, dali=True) is None for row in rows.values())
+    assert gpu_input.skip_reason(rows["pyav-h264-gop32"], cuda=False, dali=True).startswith(H264_SKIP)

@@ -123,9 +123,9 @@ TARGETS = (
 )
 
 
-def data_config(size: Size, root: Path, manifest: Path, threads: int, loader: str = "auto") -> DataConfig:
-    """The variant's train data at ``size``: 8x32 sampling, the size's jitter, crop and batch."""
-    return DataConfig(loader=loader, root=str(root), train_manifest=str(manifest), num_frames=T, sampling_rate=RATE,
+def data_config(size: Size, root: Path, manifest: Path, threads: int) -> DataConfig:
+    """The variant's train data at ``size`` (``data.loader=auto``): 8x32 sampling, the size's jitter, crop and batch."""
+    return DataConfig(loader="auto", root=str(root), train_manifest=str(manifest), num_frames=T, sampling_rate=RATE,
                       target_fps=30, train_jitter_scales=list(size.jitter), train_crop_size=size.crop,
                       test_crop_size=size.crop, batch_size=size.batch, num_workers=threads, validate_cache="none",
                       pad_short=False)

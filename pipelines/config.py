@@ -48,6 +48,9 @@ class DataConfig:
     seed: int = 0
     # the probe cache of pipelines/validate.py; "" = the node-local default (common.cache_path), "none" = off
     validate_cache: str = ""
+    # the pre-flight check refuses videos whose frames (width x height) exceed this, before decoding any frame, so a
+    # small crafted file cannot make a decoder's memory (or a quarantine decision) depend on free memory; 3840x2160
+    max_frame_pixels: int = 3840 * 2160
     synthetic_videos: int = 64  # data.loader=synthetic: clips per epoch (all ranks together)
     synthetic_classes: int = 10  # data.loader=synthetic: labels drawn from 0..synthetic_classes-1
 
@@ -64,5 +67,8 @@ class DataConfig:
             raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}; use a fraction in [0, 1] (0.01 = 1%)")
         if self.validate not in ("shallow", "deep"):
             raise ValueError(f"data.validate={self.validate!r}; choose 'shallow' or 'deep'")
+        if self.max_frame_pixels < 1:
+            raise ValueError(f"data.max_frame_pixels={self.max_frame_pixels}; use a positive pixel count "
+                             f"(width x height, e.g. {3840 * 2160} for 3840x2160)")
         if self.num_spatial_crops not in (1, 3):
             raise ValueError(f"data.num_spatial_crops={self.num_spatial_crops}; the protocol uses 1 or 3 crops")

@@ -19,7 +19,7 @@ import logging
 import operator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -101,7 +101,7 @@ def plan_decode(cfg: DataConfig, device: torch.device | str, infos: list[VideoIn
     if cfg.loader == "auto":
         def rejected_by(decoder: str) -> list[tuple[str, str]]:
             return judge(infos, decoder, cfg.num_frames, cfg.sampling_rate, cfg.target_fps, cfg.pad_short,
-                         cfg.format == "ssv2", gpu_arch)
+                         cfg.format == "ssv2", gpu_arch, cfg.max_frame_pixels)
 
         pyav_rejects = {p for p, _ in rejected_by("pyav")}
         dali_only = [(p, r) for p, r in rejected_by(backend) if p not in pyav_rejects]
@@ -120,6 +120,37 @@ def log_decode_plan(cfg: DataConfig, plan: DecodePlan, device: torch.device) -> 
                        device, plan.why)
     elif cfg.loader == "auto":
         logger.info("data.loader=auto: using DALI (%s backend)", plan.backend)
+
+
+class Preflight(NamedTuple):
+    """What the pre-flight check of one split found."""
+
+    entries: list[VideoEntry]  # the manifest's videos, in order
+    infos: list[VideoInfo]  # each one's probe, in the same order
+    plan: DecodePlan  # the loader that would decode them, and where
+    rejected: list[tuple[str, str]]  # (path, reason) of the videos that loader cannot use
+
+
+def preflight(cfg: DataConfig, split: str, device: torch.device | str = "cpu", num_classes: int = 0) -> Preflight:
+    """The pre-flight check ``build_loader`` runs (and ``python -m timesformer_harness.validate --config`` prints):
+    the manifest read (labels checked against ``num_classes``), every video probed (cached; under torch.distributed
+    each rank probes its share), the decode plan for ``device``, the videos that loader cannot use (the probe's
+    judge, then with ``data.validate: deep`` the deep check of the rest)."""
+    device = torch.device(device)
+    entries: list[VideoEntry] = read_manifest(cfg, split, num_classes)
+    cache = cache_path(cfg.validate_cache)
+    logger.info("pre-flight caches: %s", cache_location(cfg.validate_cache))
+    infos = _probe([e.path for e in entries], cfg, cache)
+    plan = plan_decode(cfg, device, infos, generation_of(device) if device.type == "cuda" else DEFAULT_GENERATION,
+                       dali_available() if cfg.loader == AUTO or LOADERS[cfg.loader].needs_decode_device else "")
+    _check_agreed(plan)
+    log_decode_plan(cfg, plan, device)
+    rejected = judge(infos, LOADERS[plan.loader].judged_as(plan.backend), cfg.num_frames, cfg.sampling_rate,
+                     cfg.target_fps, cfg.pad_short, cfg.format == "ssv2", plan.gpu_arch, cfg.max_frame_pixels)
+    if cfg.validate == "deep":
+        shallow = {p for p, _ in rejected}
+        rejected += _deep_rejects([i.path for i in infos if i.path not in shallow], cfg, cache)
+    return Preflight(entries, infos, plan, rejected)
 
 
 def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "cpu", rank: int = 0,
@@ -145,20 +176,8 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
         return LOADERS[cfg.loader].loader_class()(cfg, split, device=device, rank=rank, world_size=world_size,
                                                   start_batch=start_batch)
 
-    entries: list[VideoEntry] = read_manifest(cfg, split, num_classes)
-    cache = cache_path(cfg.validate_cache)
-    logger.info("pre-flight caches: %s", cache_location(cfg.validate_cache))
-    infos = _probe([e.path for e in entries], cfg, cache)
-    plan = plan_decode(cfg, device, infos, generation_of(device) if device.type == "cuda" else DEFAULT_GENERATION,
-                       dali_available() if cfg.loader == AUTO or LOADERS[cfg.loader].needs_decode_device else "")
-    _check_agreed(plan)
+    entries, infos, plan, rejected = preflight(cfg, split, device, num_classes)
     chosen = LOADERS[plan.loader]
-    log_decode_plan(cfg, plan, device)
-    rejected = judge(infos, chosen.judged_as(plan.backend), cfg.num_frames, cfg.sampling_rate, cfg.target_fps,
-                     cfg.pad_short, cfg.format == "ssv2", plan.gpu_arch)
-    if cfg.validate == "deep":
-        shallow = {p for p, _ in rejected}
-        rejected += _deep_rejects([i.path for i in infos if i.path not in shallow], cfg, cache)
     if rejected:
         what = f"{len(rejected)} of {len(entries)} videos in the {split} manifest cannot be used"
         listing = "\n".join(f"  {p}: {r}" for p, r in rejected[:10]) + ("\n  ..." if len(rejected) > 10 else "")

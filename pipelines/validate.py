@@ -2,12 +2,15 @@
 handles, is complete and long enough for the clip span.
 
 ``python -m timesformer_harness.pipelines.validate MANIFEST [--backend cpu|gpu|pyav] [--frames T --sampling-rate R]
-[--pad]`` prints each unusable file with its reason and a summary; exit status 0 when all are usable, 1 otherwise.
+[--pad] [--max-frame-pixels N]`` prints each unusable file with its reason (whose fix names these flags) and a
+summary; exit status 0 when all are usable, 1 otherwise. ``python -m timesformer_harness.validate --config my.yaml``
+runs the same check with a run's own settings (``timesformer_harness.pipelines.factory.preflight``).
 
-Probing a file (stat, open, demux every packet to count frames, decode the first frame, compare the demuxed length
-with the container's declared duration to catch truncation) does not depend on the backend, so its result is
-cached in SQLite by (path, size, mtime) and a large manifest is probed once; files are probed in parallel
-processes. ``timesformer_harness.pipelines.factory.build_loader`` runs the same check (``data.on_bad_video: error |
+Probing a file (stat, the file-size checks of ``size_problem``, open, demux every packet of the first video stream
+to count frames, decode the first frame, compare the demuxed length with the declared duration to catch truncation)
+does not depend on the backend, so its result is cached in SQLite by (path, size, mtime) and a large manifest is
+probed once; files are probed in parallel processes. Frames above ``data.max_frame_pixels`` (``--max-frame-pixels``)
+are refused from the header by the judge (``usable``), so no frame of such a file is ever decoded. ``timesformer_harness.pipelines.factory.build_loader`` runs the same check (``data.on_bad_video: error |
 skip``), because DALI's readers drop bad files silently and its decoder kills the pipeline on them.
 
 ``--backend gpu`` applies NVDEC's limits (``timesformer_harness.pipelines.nvdec``: codec per GPU generation, minimum and
@@ -34,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from timesformer_harness.common import FileCache, cache_path
+from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
 
 logger = logging.getLogger(__name__)
@@ -43,7 +47,12 @@ logger = logging.getLogger(__name__)
 DECODABLE_CODECS = {"cpu": set(DALI_CPU_CODECS), "gpu": set(NVDEC_CODECS), "pyav": None}
 _CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "libaom-av1": "av1", "h265": "hevc"}
 DEFAULT_CACHE = cache_path("")  # the probe cache when data.validate_cache is unset
-PROBE_VERSION = 2  # 2: pixel format, bit depth and chroma
+PROBE_VERSION = 3  # 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length
+MAX_FRAME_PIXELS = DataConfig.max_frame_pixels  # data.max_frame_pixels' default: 3840x2160
+TAIL_BYTES = 1 << 20  # file-size checks: how many unbacked or unread bytes at a file's end are "beyond reason"
+# 8K: the probe decodes no first frame above it, whatever data.max_frame_pixels says (a header that gives no frame
+# size bounds the decoders of the probe and the deep check at it)
+PROBE_DECODE_SIZE = (7680, 4320)
 
 
 @dataclass
@@ -76,21 +85,90 @@ def _chroma(fmt, width: int, height: int) -> str:
     return "420"
 
 
+def size_problem(path: str, st: os.stat_result) -> str:
+    """Why a file's size cannot be its video's ("" = no reason to doubt it), from the inode and one read of its last
+    ``TAIL_BYTES``, before the container is parsed: a demuxer looking for its next packet reads through whatever
+    follows the last one, so a small video extended to gigabytes costs a probe minutes of reading, not milliseconds.
+
+    Refused: a sparse file (more than half of it, and more than ``TAIL_BYTES``, not stored on disk: holes left by a
+    copy or a download extended past its data) and a file whose last ``TAIL_BYTES`` are all zero (a preallocated
+    download that stopped short; no container or codec ends in a megabyte of zeros). A filesystem that reports no
+    blocks at all (``st_blocks == 0``, some FUSE mounts) says nothing, and is not judged by it."""
+    size, stored = st.st_size, st.st_blocks * 512
+    if 0 < stored and size - stored > max(TAIL_BYTES, size // 2):
+        return (f"sparse file: only {stored} of its {size} bytes are stored on disk, the rest are holes (a copy or "
+                f"download extended past its data); copy or download it again")
+    if size > 2 * TAIL_BYTES:
+        with open(path, "rb") as f:
+            f.seek(size - TAIL_BYTES)
+            tail = f.read(TAIL_BYTES)
+        if tail.count(0) == len(tail):
+            return (f"its last {TAIL_BYTES} bytes (of {size}) are all zero: a preallocated file whose data stopped "
+                    f"short (an interrupted download?); download it again")
+    return ""
+
+
+def _span(packets: list[tuple[int, int]], time_base) -> float:
+    """Seconds from the first packet's start to the last one's end; ``packets`` as (pts, duration)."""
+    first = min(pts for pts, _ in packets)
+    last = max(pts + max(duration, 0) for pts, duration in packets)
+    return float((last - first) * time_base)
+
+
+def _whole_file(container) -> tuple[float, int]:
+    """(seconds the longest stream covers, the byte offset where the last packet of any stream ends): a second pass
+    over every stream, for a file whose first video stream alone looks truncated or leaves much of the file unread."""
+    container.seek(0)
+    spans: dict[int, list[tuple[int, int]]] = {}
+    data_end = 0
+    for packet in container.demux():
+        if packet.size == 0:
+            continue
+        if packet.pos is not None and packet.pos >= 0:
+            data_end = max(data_end, packet.pos + packet.size)
+        if packet.pts is not None and packet.stream.time_base:
+            spans.setdefault(packet.stream.index, []).append((packet.pts, packet.duration or 0))
+    covered = max((_span(v, container.streams[i].time_base) for i, v in spans.items()), default=0.0)
+    return covered, data_end
+
+
+def _bound_decoder(stream, width: int, height: int) -> None:
+    """Make FFmpeg refuse, before allocating it, any frame of ``stream`` well above ``width`` x ``height`` (a header
+    that lies about the frame size). The slack is for the decoder's own count, which rounds the width up to its row
+    alignment (up to 64 pixels). A header without a frame size bounds it at ``PROBE_DECODE_SIZE``."""
+    width, height = (width, height) if width > 0 and height > 0 else PROBE_DECODE_SIZE
+    bound = 2 * (width + 128) * (height + 128)
+    stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(bound)}
+
+
 def probe_video(path: str) -> VideoInfo:
-    """Open ``path`` with PyAV and measure it; never raises for a bad file (the reason goes to ``error``)."""
+    """Open ``path`` with PyAV and measure it; never raises for a bad file (the reason goes to ``error``).
+
+    Judged on the first video stream, the one both loaders decode: its packets are counted, and it is truncated when
+    they cover less than 90% of its declared length (the stream's own duration, else the container's; the
+    container's is its longest stream's, so a first video stream shorter than another stream is truncated only when no
+    stream reaches the declared length). ``size_problem`` refuses a sparse or zero-padded file before it is parsed, and
+    a file whose packets end in its first half (more than ``TAIL_BYTES`` of data no stream holds) is refused after.
+    The first frame is decoded only when the header's frame size is at most ``PROBE_DECODE_SIZE`` (the judge,
+    ``usable``, refuses frames above ``data.max_frame_pixels`` from the header), and FFmpeg refuses a frame much
+    larger than the header says before allocating it, so the probe's memory is bounded whatever the file holds."""
     import av
 
     info = VideoInfo(path)
     try:
-        size = os.stat(path).st_size
+        st = os.stat(path)
+        size = st.st_size
+        if size == 0:
+            info.error = "empty file (0 bytes)"
+            return info
+        if problem := size_problem(path, st):
+            info.error = problem
+            return info
     except FileNotFoundError:
         info.error = "missing: no such file"
         return info
     except OSError as e:
         info.error = f"unreadable: {e}"
-        return info
-    if size == 0:
-        info.error = "empty file (0 bytes)"
         return info
     try:
         with av.open(path) as container:
@@ -106,26 +184,43 @@ def probe_video(path: str) -> VideoInfo:
             info.height, info.width = stream.codec_context.height, stream.codec_context.width
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             info.fps = float(rate) if rate else 0.0
-            last_pts, first_pts = None, None
+            own = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+            declared = own or (container.duration / 1e6 if container.duration else None)  # microseconds -> s
+            packets: list[tuple[int, int]] = []
+            data_end = 0
             for packet in container.demux(stream):
                 if packet.size == 0:
                     continue
                 info.frames += 1
+                if packet.pos is not None and packet.pos >= 0:
+                    data_end = max(data_end, packet.pos + packet.size)
                 if packet.pts is not None:
-                    first_pts = packet.pts if first_pts is None else min(first_pts, packet.pts)
-                    last_pts = packet.pts if last_pts is None else max(last_pts, packet.pts)
-            declared = container.duration / 1e6 if container.duration else None  # microseconds -> s
+                    packets.append((packet.pts, 0))
             if info.frames == 0:
                 info.error = "no video frames"
                 return info
-            if declared and info.fps and last_pts is not None and stream.time_base:
-                present = float((last_pts - first_pts) * stream.time_base) + 1.0 / info.fps
-                if present < 0.9 * declared - 2.0 / info.fps:
-                    info.error = (f"truncated: the container declares {declared:.2f} s but frames cover only "
-                                  f"{present:.2f} s")
-                    return info
+            short = bool(declared and info.fps and packets and stream.time_base
+                         and _span(packets, stream.time_base) + 1.0 / info.fps < 0.9 * declared - 2.0 / info.fps)
+            unread = data_end > 0 and size - data_end > max(TAIL_BYTES, size // 2)
+            if (short and not own and len(container.streams) > 1) or unread:  # other streams may explain it
+                covered, data_end = _whole_file(container)
+                short = short and (own is not None or covered < 0.9 * declared - 2.0 / info.fps)
+                unread = data_end > 0 and size - data_end > max(TAIL_BYTES, size // 2)
+            if short:
+                present = _span(packets, stream.time_base) + 1.0 / info.fps
+                info.error = (f"truncated: the container declares {declared:.2f} s but frames cover only "
+                              f"{present:.2f} s")
+                return info
+            if unread:
+                info.error = (f"its packets end at byte {data_end} of {size}: the other {size - data_end} bytes hold "
+                              f"no stream's data (appended or padded past the video); copy or download it again")
+                return info
+        if info.width * info.height > PROBE_DECODE_SIZE[0] * PROBE_DECODE_SIZE[1]:
+            return info  # measured from the header; usable() refuses it unless data.max_frame_pixels allows it
         with av.open(path) as container:  # decode the first frame
-            frame = next(container.decode(video=0), None)
+            stream = container.streams.video[0]
+            _bound_decoder(stream, info.width, info.height)
+            frame = next(container.decode(stream), None)
             if frame is None:
                 info.error = "no decodable frame"
             else:
@@ -137,11 +232,19 @@ def probe_video(path: str) -> VideoInfo:
     return info
 
 
-def usable(info: VideoInfo, backend: str, min_frames: int, gpu_arch: str = DEFAULT_GENERATION) -> str:
+def usable(info: VideoInfo, backend: str, min_frames: int, gpu_arch: str = DEFAULT_GENERATION,
+           max_pixels: int = MAX_FRAME_PIXELS) -> str:
     """Why ``info``'s video cannot be used by ``backend`` for clips of ``min_frames`` frames ("" = usable); on the
-    gpu backend, by NVDEC on a ``gpu_arch`` GPU (``timesformer_harness.pipelines.nvdec.generation_of``)."""
+    gpu backend, by NVDEC on a ``gpu_arch`` GPU (``timesformer_harness.pipelines.nvdec.generation_of``); frames above
+    ``max_pixels`` (``data.max_frame_pixels``) are refused from the header, before any is decoded."""
     if info.error:
         return info.error
+    if info.width * info.height > max_pixels:
+        rgb_mib = info.width * info.height * 3 / 2**20
+        return (f"frame {info.width}x{info.height} ({info.width * info.height} pixels, {rgb_mib:.0f} MiB per RGB "
+                f"frame) is above data.max_frame_pixels={max_pixels}; downscale it (python -m "
+                f"timesformer_harness.pipelines.tools.prepare MANIFEST --out DIR --short-side 256) or raise "
+                f"data.max_frame_pixels")
     allowed = DECODABLE_CODECS[backend]
     if backend == "gpu":
         if problem := nvdec_problem(info, gpu_arch):
@@ -203,35 +306,41 @@ def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worker
 
 def check_videos(paths: list[str], backend: str, num_frames: int, sampling_rate: int, target_fps: float = 30,
                  pad: bool = False, segment: bool = False, cache: str | Path | None = DEFAULT_CACHE,
-                 workers: int = 0, gpu_arch: str = DEFAULT_GENERATION
+                 workers: int = 0, gpu_arch: str = DEFAULT_GENERATION, max_pixels: int = MAX_FRAME_PIXELS
                  ) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
-    """Probe ``paths`` and judge them for ``backend`` (gpu: NVDEC of a ``gpu_arch`` GPU). Returns (infos in order,
-    [(path, reason)] of the unusable)."""
+    """Probe ``paths`` and judge them for ``backend`` (gpu: NVDEC of a ``gpu_arch`` GPU; frames above
+    ``max_pixels`` refused). Returns (infos in order, [(path, reason)] of the unusable)."""
     if backend not in DECODABLE_CODECS:
         raise ValueError(f"backend={backend!r}; choose from {sorted(DECODABLE_CODECS)}")
     infos = probe_all(paths, cache, workers)
-    return infos, judge(infos, backend, num_frames, sampling_rate, target_fps, pad, segment, gpu_arch)
+    return infos, judge(infos, backend, num_frames, sampling_rate, target_fps, pad, segment, gpu_arch, max_pixels)
 
 
 def judge(infos: list[VideoInfo], backend: str, num_frames: int, sampling_rate: int, target_fps: float = 30,
-          pad: bool = False, segment: bool = False, gpu_arch: str = DEFAULT_GENERATION) -> list[tuple[str, str]]:
+          pad: bool = False, segment: bool = False, gpu_arch: str = DEFAULT_GENERATION,
+          max_pixels: int = MAX_FRAME_PIXELS) -> list[tuple[str, str]]:
     """[(path, reason)] of the probed videos that ``backend`` (gpu: NVDEC of a ``gpu_arch`` GPU) cannot use for
-    these clips."""
+    these clips, or whose frames are above ``max_pixels``."""
     rejected = []
     for info in infos:
         reason = usable(info, backend, required_frames(info, num_frames, sampling_rate, target_fps, pad, segment),
-                        gpu_arch)
+                        gpu_arch, max_pixels)
         if reason:
             rejected.append((info.path, reason))
     return rejected
 
 
-DEEP_VERSION = 1  # bump when deep_probe's verdicts change (cached verdicts of other versions are ignored)
+# bump when deep_probe's verdicts change (cached verdicts of other versions are ignored); 2: the file-size checks, the
+# decoder bounded by the header's frame size
+DEEP_VERSION = 2
 
 
 def deep_probe(path: str) -> str:
     """Decode every packet of ``path``'s first video stream with PyAV; the reason it is unusable, or "".
 
+    A file ``size_problem`` refuses is not opened, and the decoder refuses (before allocating it) any frame much
+    larger than the header's frame size, so a crafted file costs the check no more memory than its header declares;
+    the files it is given passed the probe, whose judge refuses headers above ``data.max_frame_pixels``.
     A file fails when the decoder raises (what stops both loaders), returns fewer frames than there are packets
     (the probe counted the packets, so a plan would ask for frames that never come: DALI returns black ones), when
     the frame size changes inside the stream (a damaged frame header: the clip's frames no longer stack), or when the
@@ -248,6 +357,11 @@ def deep_probe(path: str) -> str:
     size_changes = 0
     error = ""
     codec = ""
+    try:
+        if problem := size_problem(path, os.stat(path)):
+            return problem
+    except OSError as e:
+        return f"unreadable: {e}"
     old_level = av.logging.get_level()
     av.logging.set_level(av.logging.ERROR)  # PyAV's default (None) hands FFmpeg's messages to nobody
     try:
@@ -261,6 +375,7 @@ def deep_probe(path: str) -> str:
                         return "unknown codec: the video stream's codec id is not one FFmpeg knows (damaged header?)"
                     codec = stream.codec_context.name
                     stream.thread_count = 1  # parallelism comes from one process per file
+                    _bound_decoder(stream, stream.codec_context.width, stream.codec_context.height)
                     for packet in container.demux(stream):
                         packets += packet.size > 0
                         for frame in packet.decode():  # the final empty packet drains the decoder
@@ -317,13 +432,49 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
     return [(p, f"deep check: {v}") for p, v in zip(paths, verdicts) if v]
 
 
+# What a reason's fix says in config keys (the loaders' language), and what this CLI's flags say instead: the CLI
+# without a run config translates them, so a hint names a flag its user can pass.
+CLI_HINTS = (("data.backend=cpu; data.backend=auto does so by itself", "--backend cpu"),
+             ("data.pad_short=true", "--pad"), ("data.loader=pyav / a GPU", "--backend pyav / gpu"),
+             ("data.loader=pyav", "--backend pyav"), ("data.max_frame_pixels=", "--max-frame-pixels "),
+             ("data.max_frame_pixels", "--max-frame-pixels"))
+
+
+def as_cli_hint(reason: str) -> str:
+    """``reason`` with the config keys its fix names replaced by this CLI's flags (``CLI_HINTS``)."""
+    for key, flag in CLI_HINTS:
+        reason = reason.replace(key, flag)
+    return reason
+
+
+def print_verdict(entries: list, rejected: list[tuple[str, str]], judged: str, *, report: str | None = None,
+                  facts: dict | None = None, clip: tuple[int, int, float] | None = None, workers: int = 0) -> int:
+    """Print every rejected file with its reason and the summary (``N/M videos usable by the {judged}``); write the
+    JSON ``report`` (``facts`` first) when asked; for Kinetics-style sampling (``clip`` = (T, rate, target fps)) the
+    decode cost of the usable files. Returns the exit status: 1 when any file is rejected."""
+    for path, reason in rejected:
+        print(f"{path}: {reason}")
+    print(f"{len(entries) - len(rejected)}/{len(entries)} videos usable by the {judged} ({len(rejected)} rejected)")
+    if report:
+        from timesformer_harness.common import atomic_write_text
+
+        atomic_write_text(report, json.dumps({
+            **(facts or {}), "videos": len(entries), "usable": len(entries) - len(rejected),
+            "rejected": [{"path": p, "reason": r} for p, r in rejected]}, indent=2) + "\n")
+    bad = {p for p, _ in rejected}
+    usable_paths = [e.path for e in entries if e.path not in bad]
+    if usable_paths and clip is not None:  # frames decoded per clip, median and worst file (Kinetics sampling)
+        from timesformer_harness.pipelines.tools.decode_cost import estimate_manifest_decode_cost, format_decode_cost
+
+        print(format_decode_cost(estimate_manifest_decode_cost(usable_paths, *clip, workers=workers, max_files=1000)))
+    return 1 if rejected else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from timesformer_harness.pipelines.config import DataConfig
     from timesformer_harness.common import setup_logging
     from timesformer_harness.pipelines.manifest import add_manifest_arguments, read_entries
 
     parser = argparse.ArgumentParser(prog="python -m timesformer_harness.pipelines.validate",
-
                                      description=__doc__.split("\n")[0])
     add_manifest_arguments(parser)
     parser.add_argument("--backend", choices=sorted(DECODABLE_CODECS), default="cpu",
@@ -337,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pad", action="store_true", help="accept videos shorter than the span (data.pad_short)")
     parser.add_argument("--num-classes", type=int, default=0,
                         help="labels must be below it (model.num_classes); 0 = labels not checked")
+    parser.add_argument("--max-frame-pixels", type=int, default=DataConfig.max_frame_pixels,
+                        help="refuse frames above this many pixels, width x height (data.max_frame_pixels; default "
+                             "%(default)s = 3840x2160)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="SQLite probe cache ('' = none)")
     parser.add_argument("--workers", type=int, default=0, help="parallel probes (0 = one per CPU core)")
     parser.add_argument("--report", default=None, metavar="FILE",
@@ -345,7 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deep", action="store_true",
                         help="also decode every packet of each usable file (finds damage inside the stream; costs "
                              "about one epoch of decoding, cached)")
+    parser.add_argument("--config", default=None, help=argparse.SUPPRESS)  # answered below: it lives a layer up
     args = parser.parse_args(argv)
+    if args.config is not None:
+        print(f"error: a run's config is read by the harness, a layer above the pipelines: run python -m "
+              f"timesformer_harness.validate --config {args.config} [--split train] to check with its settings",
+              file=sys.stderr)
+        return 1
     setup_logging()
     try:
         entries = read_entries(args.manifest, args.format, separator=args.separator, path_prefix=args.path_prefix,
@@ -366,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"judging NVDEC decode for {source}")
     _, rejected = check_videos([e.path for e in entries], args.backend, args.frames, args.sampling_rate,
                                args.target_fps, args.pad, args.format == "ssv2", args.cache or None, args.workers,
-                               gpu_arch)
+                               gpu_arch, args.max_frame_pixels)
     if args.deep:
         shallow = {p for p, _ in rejected}
         paths = [e.path for e in entries if e.path not in shallow]
@@ -376,25 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deep check: {len(paths)} videos decoded in {seconds:.1f} s ({len(paths) / max(seconds, 1e-9):.1f} "
               f"files/s, cached ones included); {len(deep)} fail")
         rejected += deep
-    for path, reason in rejected:
-        print(f"{path}: {reason}")
-    print(f"{len(entries) - len(rejected)}/{len(entries)} videos usable by the {args.backend} backend "
-          f"({len(rejected)} rejected)")
-    if args.report:
-        from timesformer_harness.common import atomic_write_text
-
-        atomic_write_text(args.report, json.dumps({
-            "manifest": str(args.manifest), "backend": args.backend, "gpu_arch": gpu_arch, "judged_for": judged_for,
-            "deep": args.deep, "videos": len(entries), "usable": len(entries) - len(rejected),
-            "rejected": [{"path": p, "reason": r} for p, r in rejected]}, indent=2) + "\n")
-    bad = {p for p, _ in rejected}
-    usable_paths = [e.path for e in entries if e.path not in bad]
-    if usable_paths and args.format != "ssv2":  # frames decoded per clip, median and worst file (Kinetics sampling)
-        from timesformer_harness.pipelines.tools.decode_cost import estimate_manifest_decode_cost, format_decode_cost
-
-        print(format_decode_cost(estimate_manifest_decode_cost(usable_paths, args.frames, args.sampling_rate,
-                                                               args.target_fps, workers=args.workers, max_files=1000)))
-    return 1 if rejected else 0
+    facts = {"manifest": str(args.manifest), "backend": args.backend, "gpu_arch": gpu_arch, "judged_for": judged_for,
+             "deep": args.deep}
+    return print_verdict(entries, [(p, as_cli_hint(r)) for p, r in rejected], f"{args.backend} backend",
+                         report=args.report, facts=facts, workers=args.workers,
+                         clip=None if args.format == "ssv2" else (args.frames, args.sampling_rate, args.target_fps))
 
 
 if __name__ == "__main__":

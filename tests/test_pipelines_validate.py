@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -124,3 +125,94 @@ def test_auto_falls_back_to_pyav_for_codecs_dali_cpu_cannot_decode(videos, caplo
         f"{videos.h264}: codec " in caplog.text
     ok = videos.manifest("auto_ok.csv", videos.good[:3])
     assert type(build_loader(_cfg(videos, ok, loader="auto"), "train", device="cpu")).__name__ == "DaliLoader"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python -m timesformer_harness.validate --config: the run's own settings.
+TOY = REPO_ROOT / "configs/exp/toy_divided_cpu.yaml"
+
+
+def test_config_mode_checks_the_toy_recipe_as_its_run_would(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from timesformer_harness import validate as run_validate
+
+    monkeypatch.chdir(REPO_ROOT)  # data.root=data/toy is relative to where a run starts
+    cache = tmp_path / "c.sqlite"
+    report = tmp_path / "report.json"
+    assert run_validate.main(["--config", str(TOY), "--split", "val", f"data.validate_cache={cache}",
+                              "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    loader = "dali loader (cpu decode)" if validate_dali() else "pyav loader"
+    assert f"val split (data/toy/val.csv): judged for the {loader} on cpu" in out
+    assert f"200/200 videos usable by the {loader} (0 rejected)" in out
+    assert json.loads(report.read_text())["usable"] == 200
+    assert cache.is_file()  # data.validate_cache, not the CLI's default
+
+
+def validate_dali() -> bool:
+    from timesformer_harness.pipelines.factory import dali_available
+
+    return dali_available() == ""
+
+
+def _copy_of_toy(tmp_path: Path, videos, lines: list[str], extra: str = "") -> Path:
+    """The toy recipe copied into ``tmp_path`` (its defaults made absolute), reading ``lines`` as its train split."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_text("".join(f"{line}\n" for line in lines))
+    text = TOY.read_text().replace("../model/", f"{TOY.parent.parent}/model/").replace(
+        "../data/", f"{TOY.parent.parent}/data/")
+    config = tmp_path / "my.yaml"
+    config.write_text(text.replace("data:\n  batch_size: 32", f"data:\n  root: {tmp_path / 'data'}\n"
+                                   f"  path_prefix: {videos.root}\n  validate_cache: none\n  batch_size: 32{extra}"))
+    return config
+
+
+def test_config_mode_uses_loader_fallback_padding_and_num_classes(videos, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from timesformer_harness import validate as run_validate
+
+    lines = [f"{p.name} {i % 6}" for i, p in enumerate(videos.good[:3])] + ["short.webm 1", "h264.mp4 2"]
+    config = _copy_of_toy(tmp_path, videos, lines)
+    # the run's settings: data.pad_short=true by default (the 6-frame file is padded), the H.264 file moves the
+    # decode to PyAV (data.loader=auto), 8 frames x rate 3 at 30 fps
+    assert run_validate.main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "judged for the pyav loader on cpu, because 1 of 5 video(s) cannot be decoded by DALI's cpu backend" in out \
+        or not validate_dali()
+    assert "5/5 videos usable by the pyav loader (0 rejected)" in out
+    # the same manifest through the flag CLI's defaults (DALI cpu, no padding, 8x8): what the config mode replaces
+    manifest = tmp_path / "data" / "train.csv"
+    assert validate.main([str(manifest), "--path-prefix", str(videos.root), "--cache", ""]) == 1
+    flags = capsys.readouterr().out
+    assert "short.webm: too short: 6 frames < 64 needed by the clip span (set --pad to pad" in flags
+    assert "h264.mp4: codec h264 is not decodable by DALI's cpu backend" in flags and "--backend pyav" in flags
+    # with padding off, the hint names the config key; the clip span is the config's 8 x 3
+    assert run_validate.main(["--config", str(config), "data.pad_short=false"]) == 1
+    out = capsys.readouterr().out
+    assert "short.webm: too short: 6 frames < 24 needed by the clip span (set data.pad_short=true to pad" in out
+    # labels against model.num_classes (6 in the toy recipe), before any video is probed
+    (tmp_path / "data" / "train.csv").write_text("good0.webm 7\n")
+    assert run_validate.main(["--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "train.csv:1: label 7 is out of range for 6 classes" in err
+    assert "Traceback" not in err
+
+
+def test_config_mode_runs_as_a_module_and_the_flag_cli_points_to_it(videos, tmp_path: Path) -> None:
+    config = _copy_of_toy(tmp_path, videos, [f"{p.name} 0" for p in videos.good[:2]] + ["garbage.webm 0"])
+    res = subprocess.run([sys.executable, "-m", "timesformer_harness.validate", "--config", str(config)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert f"{videos.garbage}: cannot open/decode: InvalidDataError" in res.stdout
+    assert "2/3 videos usable" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.validate", "m.csv", "--config",
+                          str(config)], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (f"error: a run's config is read by the harness, a layer above the pipelines: run "
+                                  f"python -m timesformer_harness.validate --config {config} [--split train] to "
+                                  f"check with its settings")
+    (tmp_path / "bad.yaml").write_text("data:\n  num_frame: 8\n")
+    res = subprocess.run([sys.executable, "-m", "timesformer_harness.validate", "--config", "bad.yaml"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: unknown config key 'data.num_frame'"), res.stderr

@@ -1,5 +1,6 @@
-"""What every layer of the harness shares, on the standard library alone: atomic file writes, the logging set-up of
-every command line, and the file-keyed cache the pre-flight probe and the packet index keep their results in.
+"""What every layer of the harness shares, on the standard library alone: atomic file writes, the logging set-up and
+the exit statuses of the command lines, and the file-keyed cache the pre-flight probe and the packet index keep
+their results in.
 
 The layers point one way (``kernels`` <- ``pipelines`` <- the rest of ``timesformer_harness``); this module sits
 below all of them and imports nothing of the harness.
@@ -8,6 +9,7 @@ below all of them and imports nothing of the harness.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import re
@@ -16,6 +18,7 @@ import sqlite3
 import stat
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -94,7 +97,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
 # ---------------------------------------------------------------------------------------------- logging
 
 FORMAT = "%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
-DATE_FORMAT = "%H:%M:%S"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"  # dated: a run's log file spans days
 # The import names the folders had before they became one package: from a clone's root they still import (as
 # namespace packages), so ``python -m harness.train`` runs, with a notice naming the command to use instead.
 OLD_MODULE_ROOTS = {"harness": "timesformer_harness", "kernels": "timesformer_harness.kernels",
@@ -109,18 +112,40 @@ def setup_logging(level: int = logging.INFO, rank: int | None = None) -> None:
     the new one (``renamed_main_module``).
     """
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        if isinstance(handler, _RunLogHandler):
+            handler.close()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT.format(prefix=f"[rank{rank}] " if multi else ""), DATE_FORMAT))
+    handler.setFormatter(_formatter(rank))
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))
     new = renamed_main_module()
     if new:
         logging.getLogger(__name__).warning("this command's module path is the old one and will stop working: run "
                                             "python -m %s (it works from any folder)", new)
+
+
+def _formatter(rank: int) -> logging.Formatter:
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return logging.Formatter(FORMAT.format(prefix=f"[rank{rank}] " if multi else ""), DATE_FORMAT)
+
+
+class _RunLogHandler(logging.FileHandler):
+    """The file handler ``log_to_file`` adds (one at a time)."""
+
+
+def log_to_file(path: str | os.PathLike) -> None:
+    """Also append every log record to ``path`` (a run's ``train.log``), in the stderr format; replaces the file an
+    earlier call named. Call it after ``setup_logging``, once the run folder is known to be this process's."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _RunLogHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+    handler = _RunLogHandler(path, encoding="utf-8")
+    handler.setFormatter(_formatter(int(os.environ.get("RANK", "0"))))
+    root.addHandler(handler)
 
 
 def renamed_main_module() -> str | None:
@@ -132,6 +157,40 @@ def renamed_main_module() -> str | None:
     if top not in OLD_MODULE_ROOTS or not rest:
         return None
     return f"{OLD_MODULE_ROOTS[top]}.{rest}"
+
+
+# ---------------------------------------------------------------------------------------------- exit statuses
+
+
+class ExitCode(enum.IntEnum):
+    """The exit statuses of training and evaluation (one table: docs/training.md, "Exit statuses", which also lists
+    the other command lines' own)."""
+
+    OK = 0  # done; also a training stopped by SIGTERM/SIGINT that saved a checkpoint (rerun to resume)
+    ERROR = 1  # an unexpected failure (a bug, or a failure the harness has no name for): its traceback is printed
+    CHECKPOINT = 2  # a checkpoint (or model.pretrained) missing, refused, unreadable or not written
+    BAD_VIDEOS = 3  # bad videos over the budget (data.on_bad_video, data.max_bad_fraction)
+    RUN_FOLDER = 4  # output.dir is in use by another run, or the data changed under a resume
+    CONFIG = 5  # a mistake in the config or the data it names: key, value, file, manifest, label
+    INTERRUPTED = 130  # Ctrl-C before anything could be saved, or a second signal (128 + its number: 143 for SIGTERM)
+
+
+DEBUG_ENV = "TIMESFORMER_DEBUG"  # set to 1: an error also prints its traceback
+
+
+def report_error(error: BaseException, code: ExitCode, debug: bool = False, message: str = "") -> int:
+    """Print ``error: <message>`` (``error``'s own by default) on stderr, and into the run's log file when there is
+    one; return ``code``, for an entry point's ``main`` to return. The traceback comes first when ``debug`` (a
+    ``--debug`` flag) or ``TIMESFORMER_DEBUG=1``."""
+    if debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exception(error)
+    message = message or str(error) or type(error).__name__
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _RunLogHandler):
+            handler.handle(logging.makeLogRecord({"name": "timesformer_harness", "levelno": logging.ERROR,
+                                                  "levelname": "ERROR", "msg": message}))
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return int(code)
 
 
 # ---------------------------------------------------------------------------------------------- the file cache

@@ -2,18 +2,22 @@
 
 ``load_config("configs/exp/x.yaml", ["model.depth=2"])`` merges ``OmegaConf.structured(RootConfig)`` with the
 YAML (whose ``defaults:`` list may name other YAML files, merged first) and the dotlist, then instantiates the
-dataclasses so ``__post_init__`` checks run. An unknown key fails with the closest valid key.
+dataclasses so ``__post_init__`` checks run. A ``defaults:`` entry is looked for beside the file that names it, then
+in the shipped configs (``configs/model/toy.yaml`` works from a config in any folder). Every mistake is a
+``ConfigError`` naming the key, where it was set and the fix; an unknown key names the closest valid key.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from omegaconf.errors import OmegaConfBaseException
 
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.variants import REFERENCE, variant
@@ -252,6 +256,19 @@ class RootConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
+class ConfigError(ValueError):
+    """A config the schema refuses: the message names the key, where it was set (file or command line) and the fix."""
+
+
+class UnknownKeyError(ConfigError, KeyError):
+    """A key the schema does not have (also a ``KeyError``, as it always was)."""
+
+    __str__ = BaseException.__str__  # KeyError's own __str__ would print the message as a quoted repr
+
+
+COMMAND_LINE = "command-line overrides"
+
+
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
     if not isinstance(node, DictConfig):
         return [prefix.rstrip(".")]
@@ -261,11 +278,11 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_error(bad: str, schema: DictConfig, source: str) -> KeyError:
+def _unknown_key_error(bad: str, schema: DictConfig, source: str) -> UnknownKeyError:
     valid = _all_keys(schema)
     close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid sections: {sorted(schema.keys())}"
-    return KeyError(f"unknown config key {bad!r} in {source}{hint}")
+    return UnknownKeyError(f"unknown config key {bad!r} in {source}{hint}")
 
 
 def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
@@ -280,44 +297,96 @@ def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") ->
             _check_keys(node[k], schema[k], source, prefix=f"{full}.")
 
 
-def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """Read a YAML file; its optional ``defaults: [other.yaml, ...]`` (relative to it) are merged first."""
+def _find_default(name: str, config: Path) -> Path:
+    """A ``defaults:`` entry of ``config``: beside it, else in the shipped configs (a leading
+    ``configs/`` dropped, so the repository-relative ``configs/model/toy.yaml`` works from any folder)."""
+    tried = [config.parent / name, CONFIG_DIR / name.removeprefix("configs/")]
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise ConfigError(f"defaults entry {name!r} of {config} does not exist: looked for "
+                          f"{' and '.join(str(p) for p in tried)}; give a path relative to that config's folder or "
+                          f"to the shipped configs (e.g. configs/model/toy.yaml)")
+    return found
+
+
+def _yaml_sources(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """``(name, content)`` of a YAML file and, before it, of every file its ``defaults:`` list names (recursively),
+    in merge order."""
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist (relative paths are from the current folder, "
+                          f"{Path.cwd()}); the shipped recipes are in {CONFIG_DIR}")
     if path.resolve() in seen:
-        raise ValueError(f"config {path} includes itself through 'defaults'")
-    cfg = OmegaConf.load(path)
-    defaults = cfg.pop("defaults", []) if isinstance(cfg, DictConfig) else []
-    merged = OmegaConf.create({})
+        raise ConfigError(f"config {path} includes itself through 'defaults'")
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config {path} holds a {type(cfg).__name__}; a config is a mapping of sections "
+                          f"(model:, data:, solver:, ...)")
+    defaults = cfg.pop("defaults", [])
+    if not OmegaConf.is_list(defaults) and not isinstance(defaults, list):
+        raise ConfigError(f"config {path}: 'defaults' must be a list of YAML files, e.g. "
+                          f"defaults: [configs/model/toy.yaml, configs/data/toy.yaml]")
+    sources: list[tuple[str, DictConfig]] = []
     for name in defaults:
-        merged = OmegaConf.merge(merged, _load_yaml(path.parent / name, seen + (path.resolve(),)))
-    return OmegaConf.merge(merged, cfg)
+        sources += _yaml_sources(_find_default(str(name), path), seen + (path.resolve(),))
+    return [*sources, (str(path), cfg)]
+
+
+def _set_in(key: str, sources: list[tuple[str, DictConfig]]) -> str:
+    """Where ``key``'s value came from: the last source that sets it, or "" (the schema's default)."""
+    for name, node in reversed(sources):
+        if OmegaConf.select(node, key, default=None, throw_on_missing=False) is not None:
+            return name
+    return ""
+
+
+def _omegaconf_error(e: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
+    """omegaconf's multi-line error as one line: where, the key, what was wrong, and the default to copy."""
+    key = str(getattr(e, "full_key", "") or "")
+    what = str(getattr(e, "msg", "") or e).split("\n")[0].strip()
+    default = OmegaConf.select(schema, key, default=None) if key else None
+    if OmegaConf.is_config(default):
+        default = OmegaConf.to_container(default)
+    fix = f"; give a value like the default, {key}={default}" if default is not None else ""
+    return ConfigError(f"{source}: {key + ': ' if key else ''}{what}{fix}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RootConfig:
     """Build the typed config from an optional YAML file and ``key=value`` overrides.
 
     Raises:
-        KeyError: an unknown key, naming the closest valid key.
-        ValueError: a value a ``__post_init__`` check rejects.
+        UnknownKeyError: an unknown key (a ``ConfigError`` and a ``KeyError``), naming the closest valid key.
+        ConfigError: a missing or malformed file, a value of the wrong type, a value a ``__post_init__`` check
+            rejects; the message names the key, the file or the command line that set it, and the fix.
     """
     schema = OmegaConf.structured(RootConfig)
-    cfg = schema
-    if path is not None:
-        file_cfg = _load_yaml(Path(path))
-        _check_keys(file_cfg, schema, str(path))
-        cfg = OmegaConf.merge(cfg, file_cfg)
+    sources = _yaml_sources(Path(path)) if path is not None else []
     if overrides:
         for item in overrides:
             if "=" not in item:
-                raise ValueError(f"override {item!r} is not of the form key=value (e.g. model.depth=2)")
-        dot = OmegaConf.from_dotlist(list(overrides))
-        _check_keys(dot, schema, "command-line overrides")
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.depth=2)")
         try:
-            cfg = OmegaConf.merge(cfg, dot)
-        except (ConfigAttributeError, ConfigKeyError) as e:  # pragma: no cover - _check_keys catches these first
-            raise _unknown_key_error(str(e.full_key), schema, "command-line overrides") from e
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+            sources.append((COMMAND_LINE, OmegaConf.from_dotlist(list(overrides))))
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(f"{COMMAND_LINE}: {' '.join(str(e).split())}; a value is YAML: quote it, or close "
+                              f"its brackets (e.g. data.train_jitter_scales=[256,320])") from e
+    cfg = schema
+    for source, node in sources:  # one at a time, so that an error names the file (or the command line)
+        _check_keys(node, schema, source)
+        try:
+            cfg = OmegaConf.merge(cfg, node)
+        except OmegaConfBaseException as e:
+            raise _omegaconf_error(e, source, schema) from e
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, _set_in(str(getattr(e, "full_key", "")), sources) or "the config", schema) from e
+    except ValueError as e:  # a __post_init__ check; its message starts with the key where it is about one
+        key = re.match(r"[a-z_]+\.[a-z_]+", str(e))
+        source = _set_in(key[0], sources) if key else ""
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from e
 
 
 def to_yaml(cfg: RootConfig) -> str:

@@ -28,12 +28,12 @@ if __name__ == "__main__" and not __package__:  # run by path (python harness/ev
 import torch
 
 from timesformer_harness.checkpoint import CheckpointError
-from timesformer_harness.config import RootConfig, load_config
+from timesformer_harness.config import ConfigError, RootConfig, load_config
 from timesformer_harness.metrics import Stopwatch
 from timesformer_harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from timesformer_harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
 from timesformer_harness.pipelines.base import Loader, loader_facts
-from timesformer_harness.common import setup_logging
+from timesformer_harness.common import ExitCode, report_error, setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError
 
 logger = logging.getLogger(__name__)
@@ -211,18 +211,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="harness/evaluate.py", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (configs/exp/*.yaml)")
     parser.add_argument("--checkpoint", default="", help="weights: original .pyth, ours, state_dict, safetensors")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error too (as "
+                        "TIMESFORMER_DEBUG=1 does)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. test.ensemble=softmax_mean")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Evaluate; returns the exit status (``timesformer_harness.common.ExitCode``): a mistake in the config or its
+    data, a missing or refused checkpoint and bad videos are one ``error:`` line each."""
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return report_error(e, ExitCode.CONFIG, args.debug)
     setup_logging()  # rank from torchrun's RANK
     retain_freed_memory()
     info = init_distributed(cfg.dist)
     try:
-        checkpoint = find_checkpoint(cfg, args.checkpoint)
+        try:
+            checkpoint = find_checkpoint(cfg, args.checkpoint)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from e
+        if not Path(checkpoint).exists():
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist (relative paths are from the current "
+                                  f"folder, {Path.cwd()}): give --checkpoint FILE or test.checkpoint=FILE")
         result = evaluate(cfg, checkpoint, info)
         if info.is_main:
             out = Path(cfg.test.output or Path(cfg.output.dir) / f"eval_{cfg.test.split}.json")
@@ -233,15 +246,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{checkpoint}: {result['num_videos']} videos x {result.get('views_per_video')} views "
                   f"({result['ensemble']}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
                   f"mean class {result['mean_class_accuracy']}%{unscored}  -> {out}")
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BadVideoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    except CheckpointError as e:  # missing, refused, unreadable, or not the configured model's
+        return report_error(e, ExitCode.CHECKPOINT, args.debug)
+    except BadVideoError as e:  # data.on_bad_video=error
+        return report_error(e, ExitCode.BAD_VIDEOS, args.debug)
+    except (ValueError, FileNotFoundError) as e:  # raised for what a user sets: the message names the key or file
+        return report_error(e, ExitCode.CONFIG, args.debug)
+    except KeyboardInterrupt as e:
+        return report_error(e, ExitCode.INTERRUPTED, args.debug, message="interrupted: no result written")
     finally:
         cleanup()
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ Trainer merges every rank's list at each epoch's end, keeps it in ``rejected.csv
 run replays the same batches), counts it in the metrics, and stops every rank together when a loader stops on a bad
 video (``data.on_bad_video=error``, or more than ``data.max_bad_fraction`` of the videos).
 
-Outputs in ``output.dir``: ``config.yaml`` (resolved), ``environment.json``, ``metrics.jsonl``, TensorBoard
-events in ``tb/``, ``checkpoints/``, ``eval_val.json``, ``rejected.csv`` (videos left out, when any).
+Outputs in ``output.dir``: ``config.yaml`` (resolved, the latest launch's) and ``config.<n>.yaml`` (launch n's),
+``train.log`` (rank 0's log, every launch), ``environment.json``, ``metrics.jsonl``, TensorBoard events in ``tb/``,
+``checkpoints/``, ``eval_val.json``, ``rejected.csv`` (videos left out, when any). Exit statuses:
+``timesformer_harness.common.ExitCode``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import signal
 import sys
 from dataclasses import replace
@@ -40,7 +43,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from timesformer_harness.checkpoint import CheckpointError, load_weights
-from timesformer_harness.config import RootConfig, load_config, to_yaml
+from timesformer_harness.config import ConfigError, RootConfig, load_config, to_yaml
 from timesformer_harness.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup,
                                              init_distributed)
 from timesformer_harness.evaluate import accuracy_report, class_names_for, score_loader
@@ -52,10 +55,13 @@ from timesformer_harness.runtime import (environment_info, precision_name, resol
                                          seed_everything, set_determinism)
 from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (CheckpointManager, RunFolderError, RunLock, data_fingerprint,
-                                             keep_records_up_to, resume_position, rng_state, set_rng_state)
+                                             keep_records_up_to, list_checkpoints, resume_position, rng_state,
+                                             set_rng_state)
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
-from timesformer_harness.common import remove_stale_temporaries, setup_logging
+from timesformer_harness.common import ExitCode, log_to_file, remove_stale_temporaries, report_error, setup_logging
+from timesformer_harness.pipelines.loaders import AUTO, LOADERS
+from timesformer_harness.pipelines.manifest import read_manifest
 from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, write_rejected
 
 logger = logging.getLogger(__name__)
@@ -94,11 +100,40 @@ def _until_bad_video(batches: Iterator[Any]) -> Iterator[Any]:
         yield e
 
 
+def check_inputs(cfg: RootConfig) -> None:
+    """Read what a run names before it writes anything: the train manifest, the val manifest when the run validates
+    (labels checked against ``model.num_classes``), and ``model.pretrained`` when there is no checkpoint to resume.
+
+    Raises:
+        FileNotFoundError, ValueError: a manifest missing, malformed or empty, or a label out of range.
+        CheckpointError: ``model.pretrained`` names nothing.
+    """
+    if cfg.data.loader == AUTO or LOADERS[cfg.data.loader].decodes:
+        for split in ("train", "val") if cfg.train.eval_period else ("train",):
+            try:
+                read_manifest(cfg.data, split, cfg.model.num_classes)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{e}: set data.root (now {cfg.data.root!r}; a relative path is from the "
+                                        f"current folder, {Path.cwd()}) or data.{split}_manifest") from None
+    resumable = cfg.train.auto_resume and list_checkpoints(Path(cfg.output.dir) / "checkpoints")
+    if cfg.model.pretrained and not resumable and not Path(cfg.model.pretrained).exists():
+        raise CheckpointError(f"model.pretrained={cfg.model.pretrained} does not exist (relative paths are from the "
+                              f"current folder, {Path.cwd()}): fix the path, or download the weights "
+                              f"(docs/checkpoints.md)")
+
+
+def next_launch(run_dir: Path) -> int:
+    """1 + the highest ``n`` of the ``config.<n>.yaml`` files in ``run_dir`` (each launch keeps its config)."""
+    found = [int(m[1]) for p in run_dir.glob("config.*.yaml") if (m := re.fullmatch(r"config\.(\d+)\.yaml", p.name))]
+    return max(found, default=0) + 1
+
+
 class Trainer:
     """Builds model, optimizer, loaders and checkpoints from the config, then ``fit()`` runs the epochs."""
 
     def __init__(self, cfg: RootConfig, info: DistInfo) -> None:
         self.cfg, self.info = cfg, info
+        check_inputs(cfg)  # a wrong data.root or an empty manifest fails here, before the run folder is touched
         self.device = info.device
         self.run_dir = Path(cfg.output.dir)
         self.cfg_yaml = to_yaml(cfg)
@@ -112,7 +147,11 @@ class Trainer:
             raise RunFolderError(busy or f"output.dir {self.run_dir} is in use by another run (rank 0 says which)")
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            log_to_file(self.run_dir / "train.log")
+            launch = next_launch(self.run_dir)  # config.yaml is the latest launch's; config.<n>.yaml each one's
+            (self.run_dir / f"config.{launch}.yaml").write_text(self.cfg_yaml)
             (self.run_dir / "config.yaml").write_text(self.cfg_yaml)
+            logger.info("launch %d in %s: config.%d.yaml, log in train.log", launch, self.run_dir, launch)
             (self.run_dir / "environment.json").write_text(json.dumps(environment_info(self.device), indent=2))
         barrier()
         seed_everything(cfg.train.seed + info.rank)
@@ -570,27 +609,36 @@ class Trainer:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="harness/train.py", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (configs/exp/*.yaml)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error too (as "
+                        "TIMESFORMER_DEBUG=1 does)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. solver.base_lr=0.01")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; returns the exit status (``timesformer_harness.common.ExitCode``). A mistake in the config or its data,
+    a refused checkpoint, bad videos over the budget and a busy run folder are one ``error:`` line each."""
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return report_error(e, ExitCode.CONFIG, args.debug)
     setup_logging()  # rank from torchrun's RANK
     retain_freed_memory()
     info = init_distributed(cfg.dist)
     try:
         return Trainer(cfg, info).fit()
-    except CheckpointError as e:  # model.pretrained (or a resumed file) was refused or unreadable
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except CheckpointError as e:  # model.pretrained (or a resumed file) missing, refused or unreadable
+        return report_error(e, ExitCode.CHECKPOINT, args.debug)
     except BadVideoError as e:  # data.on_bad_video=error, or more bad videos than data.max_bad_fraction
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return report_error(e, ExitCode.BAD_VIDEOS, args.debug)
     except RunFolderError as e:  # output.dir held by another run, or the data changed under a resume
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+        return report_error(e, ExitCode.RUN_FOLDER, args.debug)
+    except (ValueError, FileNotFoundError) as e:  # raised for what a user sets: the message names the key or file
+        return report_error(e, ExitCode.CONFIG, args.debug)
+    except KeyboardInterrupt as e:  # before fit() handles SIGINT itself: nothing was saved
+        return report_error(e, ExitCode.INTERRUPTED, args.debug,
+                            message="interrupted before training started, nothing saved: rerun the command")
     finally:
         cleanup()
 

@@ -16,7 +16,7 @@ from timesformer_harness.common import setup_logging
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS_CLIS = ("harness/checkpoint.py", "harness/train.py", "harness/evaluate.py")
-LINE = re.compile(r"\d\d:\d\d:\d\d (\[rank\d+\] )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (\[rank\d+\] )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
 
 
 @pytest.fixture

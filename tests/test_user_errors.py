@@ -1,0 +1,165 @@
+"""A newcomer's ordinary mistakes, in real processes: one ``error:`` line on stderr with the exit status of
+``timesformer_harness.common.ExitCode`` and no traceback (``--debug`` / ``TIMESFORMER_DEBUG=1`` show it); inputs
+checked before the run folder is written; a config kept per launch and a dated ``train.log``; ``defaults:`` from a
+config outside the repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_train import PY, REPO, TINY, train_cmd
+from timesformer_harness.common import ExitCode
+from timesformer_harness.config import ConfigError, load_config
+
+FAST = ["solver.max_epoch=1", "train.max_steps_per_epoch=1", "train.eval_period=0"]
+EVALUATE = [PY, "harness/evaluate.py"]
+
+
+def run(cmd: list[str], cwd: Path = REPO, **extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TIMESFORMER_DEBUG"}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
+
+
+def error_line(res: subprocess.CompletedProcess) -> str:
+    """The ``error:`` line, checked to be stderr's only one, its last, with no traceback before it."""
+    lines = res.stderr.strip().splitlines()
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], res.stderr[-3000:]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> list[str]:
+    """TINY plus ``data.root`` of a toy set of 8 train, 2 val and 2 test VP9 clips, and one optimizer step."""
+    from timesformer_harness.pipelines.tools.toy import ToySpec, generate
+
+    root = tmp_path_factory.mktemp("toy")
+    generate(root, ToySpec(frames=16, train=8, val=2, test=2), workers=1)
+    return [*TINY, f"data.root={root}", *FAST]
+
+
+def test_a_config_typo_is_one_line_with_the_config_status(tmp_path):
+    for cmd in (train_cmd(*TINY, "solver.base_lrr=0.1", f"output.dir={tmp_path}/run"),
+                [*EVALUATE, *TINY, "solver.base_lrr=0.1", f"output.dir={tmp_path}/run"]):
+        res = run(cmd)
+        assert res.returncode == ExitCode.CONFIG == 5
+        assert res.stderr.strip() == ("error: unknown config key 'solver.base_lrr' in command-line overrides; did "
+                                      "you mean 'solver.base_lr'?")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_value_in_a_config_file_names_the_file_and_the_choices(tmp_path):
+    my = tmp_path / "my.yaml"
+    my.write_text("defaults: [configs/model/tiny.yaml]\ndata:\n  loader: dali2\n")
+    res = run(train_cmd("--config", str(my), f"output.dir={tmp_path}/run"))
+    assert res.returncode == ExitCode.CONFIG
+    assert res.stderr.strip() == f"error: {my}: data.loader='dali2'; choose from ['auto', 'dali', 'pyav', 'synthetic']"
+    res = run(train_cmd("--config", str(my), "model.depth=two"))  # a value omegaconf cannot convert
+    assert error_line(res) == ("error: command-line overrides: model.depth: Value 'two' of type 'str' could not be "
+                               "converted to Integer; give a value like the default, model.depth=12")
+    for debug in (run(train_cmd("--config", str(my)), TIMESFORMER_DEBUG="1"), run(train_cmd("--config", str(my),
+                                                                                               "--debug"))):
+        assert debug.returncode == ExitCode.CONFIG
+        assert "Traceback (most recent call last)" in debug.stderr
+        assert debug.stderr.strip().splitlines()[-1].startswith(f"error: {my}: data.loader='dali2'")
+
+
+@pytest.mark.parametrize("mistake", ["data_root", "empty_manifest", "label_out_of_range"])
+def test_data_mistakes_fail_before_the_run_folder_is_written(mistake, tiny, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    if mistake == "data_root":
+        args, expected = [f"data.root={tmp_path}/nope"], (f"error: manifest {tmp_path}/nope/train.csv does not exist "
+                                                          f"(data.root / data.*_manifest): set data.root (now "
+                                                          f"'{tmp_path}/nope'; a relative path is from the current "
+                                                          f"folder, {REPO}) or data.train_manifest")
+    elif mistake == "empty_manifest":
+        (root / "train.csv").write_text("\n")
+        args, expected = [f"data.root={root}"], f"error: manifest {root}/train.csv lists no videos"
+    else:
+        toy_root = next(a for a in tiny if a.startswith("data.root=")).split("=", 1)[1]
+        first = (Path(toy_root) / "train.csv").read_text().splitlines()[0].rsplit(" ", 1)[0]
+        (root / "train.csv").write_text(f"{Path(toy_root) / first} 7\n")
+        args, expected = [f"data.root={root}"], (f"error: {root}/train.csv:1: label 7 is out of range for 6 classes "
+                                                 f"(model.num_classes): labels are 0..5; fix the manifest, or set "
+                                                 f"model.num_classes")
+    res = run(train_cmd(*tiny, *args, f"output.dir={tmp_path}/run"))
+    assert res.returncode == ExitCode.CONFIG
+    assert error_line(res) == expected
+    assert not (tmp_path / "run").exists()  # no config.yaml, metrics.jsonl, tb/ or lock
+
+
+def test_a_missing_pretrained_file_is_a_checkpoint_error_before_the_run_folder(tiny, tmp_path):
+    res = run(train_cmd(*tiny, f"model.pretrained={tmp_path}/nope.pyth", f"output.dir={tmp_path}/run"))
+    assert res.returncode == ExitCode.CHECKPOINT == 2
+    assert error_line(res).startswith(f"error: model.pretrained={tmp_path}/nope.pyth does not exist")
+    assert not (tmp_path / "run").exists()
+    res = run([*EVALUATE, *tiny, f"output.dir={tmp_path}/run"])  # no --checkpoint, and none in the run folder
+    assert res.returncode == ExitCode.CHECKPOINT
+    assert error_line(res) == (f"error: no checkpoint given (--checkpoint or test.checkpoint=...) and none in "
+                               f"{tmp_path}/run/checkpoints")
+
+
+def test_each_launch_keeps_its_config_and_the_run_keeps_a_dated_log(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    for epochs in (1, 2):  # the second launch resumes the first's run for one more epoch
+        res = run(train_cmd(*tiny, f"solver.max_epoch={epochs}", f"output.dir={run_dir}"))
+        assert res.returncode == 0, res.stderr[-3000:]
+    configs = sorted(p.name for p in run_dir.glob("config*.yaml"))
+    assert configs == ["config.1.yaml", "config.2.yaml", "config.yaml"]
+    epochs = {name: yaml.safe_load((run_dir / name).read_text())["solver"]["max_epoch"] for name in configs}
+    assert epochs == {"config.1.yaml": 1, "config.2.yaml": 2, "config.yaml": 2}
+    log = (run_dir / "train.log").read_text().splitlines()
+    assert log and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING|ERROR) ", line) for line in log
+                       if not line.startswith(" ")), log[:5]
+    assert sum("launch 1 in" in line for line in log) == sum("launch 2 in" in line for line in log) == 1
+    assert any("resumed from" in line for line in log) and any("training done" in line for line in log)
+    # an error after the run folder is taken goes into its log as well as to stderr
+    res = run(train_cmd(*tiny, "solver.global_batch_size=64", f"output.dir={tmp_path}/big_batch"))
+    assert res.returncode == ExitCode.CONFIG
+    line = error_line(res)
+    assert line.endswith("one optimizer step needs 16 (solver.global_batch_size=64); lower it")
+    last = (tmp_path / "big_batch" / "train.log").read_text().splitlines()[-1]
+    assert last.endswith(f" ERROR timesformer_harness: {line.removeprefix('error: ')}")
+
+
+def test_defaults_resolve_beside_the_config_then_in_the_shipped_configs(tmp_path):
+    (tmp_path / "mine.yaml").write_text("model:\n  depth: 3\n")
+    my = tmp_path / "my.yaml"
+    my.write_text("defaults: [configs/model/toy.yaml, configs/data/toy.yaml, mine.yaml]\nmodel:\n  num_classes: 3\n")
+    cfg = load_config(my)
+    shipped = load_config(REPO / "configs/exp/toy_divided_cpu.yaml")
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_classes) == (shipped.model.embed_dim, 3, 3)
+    assert cfg.data == load_config(REPO / "configs/data/toy.yaml").data
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    res = run([PY, str(REPO / "harness/train.py"), "--config", str(my), "data.root=nowhere",
+               f"output.dir={tmp_path}/run"], cwd=other)
+    assert "configs/model/toy.yaml" not in res.stderr and res.returncode == ExitCode.CONFIG  # found from any folder
+    assert "nowhere/train.csv does not exist" in error_line(res)
+    my.write_text("defaults: [configs/model/nope.yaml]\n")
+    with pytest.raises(ConfigError, match=rf"defaults entry 'configs/model/nope.yaml' of {my} does not exist: "
+                                          rf"looked for {tmp_path}/configs/model/nope.yaml and "
+                                          rf"{REPO}/configs/model/nope.yaml"):
+        load_config(my)
+
+
+def test_ctrl_c_while_the_run_starts_is_interrupted_not_a_traceback(monkeypatch, capsys, tmp_path):
+    import timesformer_harness.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what SIGINT raises before fit() installs its own handler
+
+    monkeypatch.setattr(train_module, "Trainer", interrupted)
+    assert train_module.main([*TINY, f"output.dir={tmp_path}/run"]) == ExitCode.INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("error: interrupted before training started, nothing saved: rerun the "
+                                            "command")
+    assert "Traceback" not in err

@@ -5,6 +5,7 @@
 #   make bench ATTN=all            throughput/memory/FLOPs per attention variant
 #   make bench-compare A=RUN B=RUN two bench runs side by side (ratios, plot)
 #   make gpu-perf                  the train step's speed on one GPU (eager batches, compiled, SDPA backends, Trainer)
+#   make gpu-input                 the input shoot-out on one GPU (NVDEC/nvJPEG, 256 px, batch 32, e2e data wait; ~8 min)
 # torch: an importable torch (e.g. an NGC CUDA build, also one inside another venv) is reused via
 # --system-site-packages; otherwise TORCH_SPEC is installed. Override: make test TORCH_SPEC='torch==2.5.1'.
 
@@ -34,8 +35,10 @@ PYTEST_WORKERS ?= 2
 GPU_CHECK_ARGS ?=
 # e.g. --rehearse-on-cpu, --budget-s 300, --rows eager-b8 compiled-b8
 GPU_PERF_ARGS ?=
+# e.g. --rehearse-on-cpu, --budget-s 480
+GPU_INPUT_ARGS ?=
 
-.PHONY: venv test test-fast test-latest constraints bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check gpu-perf clean
+.PHONY: venv test test-fast test-latest constraints bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check gpu-perf gpu-input clean
 
 venv: $(STAMP)
 
@@ -111,6 +114,9 @@ gpu-check: $(STAMP) data
 
 gpu-perf: $(STAMP)
 	$(VPY) -m timesformer_harness.gpu_perf $(GPU_PERF_ARGS)
+
+gpu-input: $(STAMP)
+	$(VPY) -m timesformer_harness.benchmarks.gpu_input $(GPU_INPUT_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .benchmarks

@@ -49,6 +49,7 @@ import torch
 
 from timesformer_harness.common import atomic_write_text, setup_logging
 from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.gpu_perf import fmt_cell
 from timesformer_harness.metrics import Stopwatch, run_stamp
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.tools.transcode import PrepareSpec
@@ -277,10 +278,6 @@ def run_e2e(row: Row, cfg: DataConfig, out: Path, base: dict[str, Any], model: A
             "compute_ms": x.get("compute_ms_median"), "verdict": x.get("verdict"), "record": rec.to_dict()}
 
 
-def _cell(v: Any, spec: str = ".1f") -> str:
-    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
-
-
 def judge(rows: list[dict[str, Any]], on_gpu: bool) -> list[tuple[str, str]]:
     """Each target of ``TARGETS`` and its verdict: met / missed (with the figure and the row), not measured, or not
     judged (off a GPU)."""
@@ -331,11 +328,11 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if decode and r.get("jpeg_frames"):
             decode += ", JPEG frames"
         lines.append("| " + " | ".join([
-            r["row"], r["variant"], r["kind"], _cell(decode), str(r["threads"]),
+            r["row"], r["variant"], r["kind"], fmt_cell(decode), str(r["threads"]),
             r["status"] + (f": {r['message'][:100]}" if r.get("message") and r["status"] != "ok" else ""),
-            _cell(r.get("clips_per_s")), _cell(r.get("host_cpu_ms_per_clip"), ".2f"),
-            _cell(r.get("gpu_ms_per_clip"), ".3f"), _cell(r.get("decoded_per_clip")),
-            _cell(r.get("first_epoch_s")), _cell(r.get("peak_rss_mb"), ".0f")]) + " |")
+            fmt_cell(r.get("clips_per_s")), fmt_cell(r.get("host_cpu_ms_per_clip"), ".2f"),
+            fmt_cell(r.get("gpu_ms_per_clip"), ".3f"), fmt_cell(r.get("decoded_per_clip")),
+            fmt_cell(r.get("first_epoch_s")), fmt_cell(r.get("peak_rss_mb"), ".0f")]) + " |")
     e2e = [r for r in rows if r["kind"] == "e2e"]
     if e2e:
         lines += ["", f"End to end: the bench's e2e case, {meta['model']} train step ({meta['precision']}, eager) "
@@ -346,8 +343,8 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             r["row"], r["variant"],
             r["status"] + (f": {r['message'][:100]}" if r.get("message") and r["status"] != "ok" else ""),
-            f"{r.get('loader') or '-'} ({r.get('decode') or '-'})", _cell(r.get("clips_per_s")),
-            _cell(r.get("data_wait_pct")), _cell(r.get("data_wait_ms")), _cell(r.get("compute_ms"))]) + " |")
+            f"{r.get('loader') or '-'} ({r.get('decode') or '-'})", fmt_cell(r.get("clips_per_s")),
+            fmt_cell(r.get("data_wait_pct")), fmt_cell(r.get("data_wait_ms")), fmt_cell(r.get("compute_ms"))]) + " |")
     lines += ["", "Targets (set for one H100; judged on a GPU only, and only on the rows that ran):", ""]
     lines += [f"- {what}: {verdict}" for what, verdict in judge(rows, on_gpu=meta["device"] == "cuda")]
     lines += ["", "Not measured by this script: NVDEC with a decoder session kept across clips; JPEG frames on "

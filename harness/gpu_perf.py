@@ -164,7 +164,8 @@ def figures(rec: BenchRecord) -> dict[str, Any]:
             "message": rec.message}
 
 
-def _fmt(v: Any, spec: str = ".1f") -> str:
+def fmt_cell(v: Any, spec: str = ".1f") -> str:
+    """A table cell: ``-`` for None, numbers in ``spec``."""
     return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
@@ -187,17 +188,17 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             r["row"], r["attention_type"], str(r["batch"]), r["compile"], r["backend"],
             r["status"] + (f": {r['message'][:80]}" if r.get("message") and r["status"] != "ok" else ""),
-            _fmt(r.get("clips_per_s")), _fmt(r.get("step_ms"), ".2f"), _fmt(r.get("kernel_ms"), ".2f"),
-            _fmt(None if r.get("kernel_share") is None else 100 * r["kernel_share"], ".0f"),
-            _fmt(r.get("kernels_per_step"), ".0f"), _fmt(r.get("mfu_pct")), _fmt(r.get("peak_mib"), ".0f"),
-            _fmt(r.get("first_step_s"), ".1f"), _fmt(r.get("compile_s"), ".1f")]) + " |")
+            fmt_cell(r.get("clips_per_s")), fmt_cell(r.get("step_ms"), ".2f"), fmt_cell(r.get("kernel_ms"), ".2f"),
+            fmt_cell(None if r.get("kernel_share") is None else 100 * r["kernel_share"], ".0f"),
+            fmt_cell(r.get("kernels_per_step"), ".0f"), fmt_cell(r.get("mfu_pct")), fmt_cell(r.get("peak_mib"), ".0f"),
+            fmt_cell(r.get("first_step_s"), ".1f"), fmt_cell(r.get("compile_s"), ".1f")]) + " |")
     for r in rows:
         if r["kind"] == "trainer":
             lines += ["", f"Trainer ({r['row']}, batch {r['batch']}): {r['status']}"
                       + (f", {r.get('message', '')[:200]}" if r["status"] != "ok" else
-                         f", steady {_fmt(r.get('clips_per_s'))} clips/s, data wait up to "
-                         f"{_fmt(r.get('data_wait_pct'))}%, syncs per micro-batch {_fmt(r.get('syncs_mean'), '.2f')} "
-                         f"(max {_fmt(r.get('syncs_max'), '.0f')}), {r.get('steps')} steps in {r['wall_s']} s"),
+                         f", steady {fmt_cell(r.get('clips_per_s'))} clips/s, data wait up to "
+                         f"{fmt_cell(r.get('data_wait_pct'))}%, syncs per micro-batch {fmt_cell(r.get('syncs_mean'), '.2f')} "
+                         f"(max {fmt_cell(r.get('syncs_max'), '.0f')}), {r.get('steps')} steps in {r['wall_s']} s"),
                       "", f"`python {r['command']}`"]
     lines += ["", "Targets (set for one H100; judged on a GPU only, and only the rows that ran):", ""]
     lines += [f"- {what}: {verdict}" for what, verdict in judge(rows, on_gpu=meta["device"] == "cuda")]
@@ -213,10 +214,10 @@ def judge(rows: list[dict[str, Any]], on_gpu: bool) -> list[tuple[str, str]]:
         if value is None:
             verdicts.append((what, "not measured"))
         elif not on_gpu:
-            verdicts.append((what, f"not judged on a CPU ({_fmt(value, '.2f')})"))
+            verdicts.append((what, f"not judged on a CPU ({fmt_cell(value, '.2f')})"))
         else:
             met = value <= bound if key in ("step_ms", "syncs_max") else value >= bound
-            verdicts.append((what, f"{'met' if met else 'missed'} ({_fmt(value, '.2f')})"))
+            verdicts.append((what, f"{'met' if met else 'missed'} ({fmt_cell(value, '.2f')})"))
     return verdicts
 
 

@@ -65,7 +65,7 @@ def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype |
     loader, _ = build_train_loader(case, device, "auto")
     model = build_model(case.model, device, dtype=dtype, channels_last=case.channels_last)
     rec.params = count_params(model)
-    train = TrainStep.build(model, device, dtype)
+    train = TrainStep.build(model, device, dtype, compile=case.compile)  # compiled in the warm-up batches
 
     window, waits, computes, device_used = ThroughputWindow(), [], [], 0
     batches = timed_items(take_batches(loader, WARMUP_BATCHES + case.batches), device)

@@ -170,6 +170,7 @@ class Trainer:
         self.steady = ThroughputWindow()  # every log window past the warm-up steps, for the run's steady clips/s
         self._train_loader: Any = None
         self.resumed_from: tuple[Path, dict[str, Any] | None] | None = None  # (checkpoint, its data fingerprint)
+        self.best: dict[str, Any] = {"top1": None, "epoch": None}  # the best val top-1 among saved checkpoints
         self._restore()
         if info.is_main:
             removed = remove_stale_temporaries(self.ckpt.dir) if self.ckpt.dir.is_dir() else 0
@@ -221,6 +222,9 @@ class Trainer:
             if obj.get("scaler"):
                 self.scaler.load_state_dict(obj["scaler"])
             self.start_epoch, self.start_batch, self.step = resume_position(obj, path)
+            best = obj.get("best")
+            if isinstance(best, dict) and isinstance(best.get("top1"), (int, float)):
+                self.best = {"top1": float(best["top1"]), "epoch": best.get("epoch")}
             self.resumed_from = (path, obj.get("data"))
             self.bad_videos = list(obj.get("quarantine", []))
             rngs = obj.get("rng")
@@ -272,7 +276,7 @@ class Trainer:
                               "lr": self.optimizer.param_groups[0]["lr"]},
                 "world_size": self.info.world_size, "batch_size": self.cfg.data.batch_size,
                 "seed": self.cfg.train.seed, "optimizer_impl": self.optimizer_impl,
-                "quarantine": merged.state_before(epoch, batch), "data": self._data_fingerprint()}
+                "quarantine": merged.state_before(epoch, batch), "data": self._data_fingerprint(), "best": self.best}
 
     def _data_fingerprint(self) -> dict[str, Any] | None:
         """The train loader's usable videos (``data_fingerprint``); None for a loader that reads no files."""
@@ -336,7 +340,7 @@ class Trainer:
             logger.info("nothing to do: the run in %s already finished %d epochs", self.run_dir, self.start_epoch)
             return 0
         loader = self._check_resumed_data(self._build_loader("train", self.start_batch))
-        self.metrics.log({"event": "start", "epoch": self.start_epoch, "batch": self.start_batch,
+        self.metrics.log({"event": "start", "epoch": self.start_epoch + 1, "batch": self.start_batch,
                           "optimizer": self.optimizer_impl, "precision": precision_name(self.dtype),
                           "world_size": self.info.world_size, "accumulation": self.accum,
                           "clips_per_epoch": loader.num_clips, "loader": loader_facts(loader)}, self.step)
@@ -352,10 +356,16 @@ class Trainer:
                     self._report_stop(path)
                     return 0
                 last = epoch + 1 == cfg.solver.max_epoch
+                top1 = None
                 if cfg.train.eval_period and ((epoch + 1) % cfg.train.eval_period == 0 or last):
-                    self.validate(epoch)
+                    top1 = self.validate(epoch)["top1"]
                 if (epoch + 1) % cfg.train.checkpoint_period == 0 or last:
-                    self.save(epoch + 1, 0)
+                    better = top1 is not None and (self.best["top1"] is None or top1 > self.best["top1"])
+                    if better:  # recorded in the checkpoint it points to
+                        self.best = {"top1": top1, "epoch": epoch + 1}
+                    path = self.save(epoch + 1, 0)
+                    if better and path is not None:
+                        self.ckpt.point("best", path)
                 if self._agreed_stop():
                     self._report_stop(self.save(epoch + 1, 0))
                     return 0
@@ -376,6 +386,8 @@ class Trainer:
         return 0
 
     def _report_stop(self, path: Path | None) -> None:
+        reason = f"signal {self.stop_signal}" if self.stop_signal else "a signal on another rank"
+        self.metrics.log({"event": "stop", "reason": reason, "checkpoint": str(path) if path else None}, self.step)
         logger.warning("stopped by %s after step %d; rerun the same command to resume", self.stop_signal, self.step)
         if self.info.is_main:
             print(f"stopped by {self.stop_signal or 'a signal on another rank'}: saved {path}; "
@@ -414,6 +426,7 @@ class Trainer:
         bad = self._merge_bad_videos(loader)
         self.metrics.log({"event": "bad_video_stop", "epoch": epoch + 1, "batch": batch,
                           "data/quarantined": len(bad)}, self.step)
+        self.metrics.log({"event": "stop", "reason": "bad videos", "epoch": epoch + 1, "batch": batch}, self.step)
         first = next(m for m in messages if m)
         raise BadVideoError(f"{first}\nevery video left out is listed in {self.run_dir / 'rejected.csv'}") from error
 
@@ -579,6 +592,8 @@ class Trainer:
                                         extra={"position": {"epoch": epoch, "batch": batch}})
         self.metrics.log({"event": "non_finite_loss", "loss": str(loss_val), "epoch": epoch + 1, "batch": batch},
                          self.step)
+        self.metrics.log({"event": "stop", "reason": "non-finite loss", "epoch": epoch + 1, "batch": batch,
+                          "checkpoint": str(path) if path else None}, self.step)
         raise NonFiniteLossError(
             f"loss is {loss_val} at step {self.step} (epoch {epoch + 1}, batch {batch}); weights before this step "
             f"saved to {path or 'rank 0 debug checkpoint'}. Lower solver.base_lr, set solver.grad_clip, or use "

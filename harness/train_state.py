@@ -186,8 +186,23 @@ class CheckpointManager:
         payload = {"position": {"epoch": epoch, "batch": batch}, "step": step, **extra}
         save_pyth(path, model, optimizer.state_dict(), epoch=finished, cfg_yaml=cfg_yaml, extra=payload)
         logger.info("saved %s (next: epoch %d batch %d, step %d)", path, epoch, batch, step)
+        self.point("last", path)
         self.prune()
         return path
+
+    def point(self, name: str, target: Path) -> Path:
+        """Make ``{name}.pyth`` (``last``, ``best``) a relative link to ``target`` in the checkpoint folder, replacing
+        the old link atomically."""
+        link, tmp = self.dir / f"{name}.pyth", self.dir / f".{name}.pyth.link"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path(target).name)
+        os.replace(tmp, link)
+        return link
+
+    def pointed(self, name: str) -> Path | None:
+        """The checkpoint ``{name}.pyth`` links to, or None."""
+        link = self.dir / f"{name}.pyth"
+        return (self.dir / os.readlink(link)) if link.is_symlink() else None
 
     def save_debug(self, model: torch.nn.Module, *, step: int, cfg_yaml: str, extra: dict[str, Any]) -> Path:
         path = self.dir / f"debug_nan_step_{step:08d}.pyth"
@@ -195,7 +210,11 @@ class CheckpointManager:
         return path
 
     def prune(self) -> None:
+        """Delete regular checkpoints past the newest ``keep_last``; the one ``best`` links to is kept."""
+        best = self.pointed("best")
         for old in list_checkpoints(self.dir)[: -self.keep_last]:
+            if best is not None and old.name == best.name:
+                continue
             old.unlink(missing_ok=True)
             logger.info("removed old checkpoint %s (train.keep_last=%d)", old, self.keep_last)
 

@@ -119,6 +119,18 @@ def test_checkpoint_names_order_keep_last_and_original_layout(tmp_path):
     assert resume_position({"epoch": 14, "model_state": {}}) == (15, 0, 0)  # an original file
 
 
+def test_last_and_best_links_and_pruning_keeps_the_best(tmp_path):
+    model = create_model("tiny")
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    first = _save(mgr, model, 1, 0)
+    mgr.point("best", first)
+    _save(mgr, model, 2, 0)
+    third = _save(mgr, model, 3, 0)
+    assert [p.name for p in list_checkpoints(mgr.dir)] == ["checkpoint_epoch_00001.pyth", "checkpoint_epoch_00003.pyth"]
+    assert mgr.pointed("last") == third and mgr.pointed("best") == first
+    assert load_file(mgr.dir / "last.pyth")["step"] == 30
+
+
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     model = create_model("tiny")
     mgr = CheckpointManager(tmp_path, keep_last=3)
@@ -200,6 +212,12 @@ def test_run_writes_config_metrics_tensorboard_and_original_checkpoints(referenc
     assert list((reference_run / "tb").glob("events.out.tfevents.*"))
     val = json.loads((reference_run / "eval_val.json").read_text())
     assert val["num_videos"] == 8 and (val["top1"] / 12.5).is_integer()  # k of 8 videos right
+    ckpts = reference_run / "checkpoints"
+    assert os.readlink(ckpts / "last.pyth") == "checkpoint_epoch_00002.pyth"
+    best = max((r for r in records if r["event"] == "val"), key=lambda r: (r["val/top1"], -r["epoch"]))
+    assert os.readlink(ckpts / "best.pyth") == f"checkpoint_epoch_{best['epoch']:05d}.pyth"
+    assert load_file(ckpts / "best.pyth")["best"] == {"top1": best["val/top1"], "epoch": best["epoch"]}
+    assert next(r for r in records if r["event"] == "start")["epoch"] == 1  # epochs are 1-based in every record
     obj = load_file(reference_run / "checkpoints" / "checkpoint_epoch_00002.pyth")
     assert obj["epoch"] == 1 and obj["step"] == 8 and resume_position(obj)[:2] == (2, 0)
     assert {"scaler", "scheduler", "rng", "optimizer_state", "cfg"} <= set(obj)
@@ -212,6 +230,8 @@ def test_sigterm_stops_saves_and_resume_reproduces_the_uninterrupted_run(referen
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped by SIGTERM" in first.stdout
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_epoch_00001_iter_000006.pyth"]
+    stop = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert stop["event"] == "stop" and stop["reason"] == "signal SIGTERM" and stop["checkpoint"].endswith("6.pyth")
     # what a crash would have left: a save's temporary, a record past the checkpoint's step, a line cut short
     stale = out / "checkpoints" / ".checkpoint_epoch_00002.0123abcd.tmp.pyth"
     stale.write_bytes(b"partial")
@@ -268,7 +288,7 @@ def test_resuming_after_the_manifest_changed_is_refused_or_replanned(toy, tmp_pa
     changed = [r for r in records if r["event"] == "data_changed"]
     assert len(changed) == 1 and changed[0]["epoch"] == 1
     start = [r for r in records if r["event"] == "start"][-1]
-    assert start["epoch"] == 0 and start["batch"] == 0  # the interrupted first epoch again from its first batch
+    assert start["epoch"] == 1 and start["batch"] == 0  # the interrupted first epoch again from its first batch
 
 
 def test_nan_loss_stops_with_a_clear_error_and_a_debug_checkpoint(toy, tmp_path):

@@ -508,6 +508,7 @@ def test_the_step_loop_waits_for_the_device_once_per_micro_batch(tmp_path, monke
         f"output.dir={tmp_path}", "output.tensorboard=false"])
     trainer = train_module.Trainer(cfg, init_distributed(cfg.dist))
     loader = trainer._build_loader("train", 0)
+    reads.clear()  # the ranks' agreement on the run folder's lock, at construction
     with OpCounter() as ops:
         stop, _ = trainer.train_epoch(loader, 0, 0)
     trainer.metrics.close()

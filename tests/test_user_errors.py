@@ -158,6 +158,9 @@ def test_ctrl_c_while_the_run_starts_is_interrupted_not_a_traceback(monkeypatch,
         raise KeyboardInterrupt  # what SIGINT raises before fit() installs its own handler
 
     monkeypatch.setattr(train_module, "Trainer", interrupted)
+    # main's malloc policy is process-wide: it would keep freed memory in this test worker and change what later
+    # tests' peak-RSS windows read
+    monkeypatch.setattr(train_module, "retain_freed_memory", lambda: False)
     assert train_module.main([*TINY, f"output.dir={tmp_path}/run"]) == ExitCode.INTERRUPTED == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == ("error: interrupted before training started, nothing saved: rerun the "

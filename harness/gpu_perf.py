@@ -161,7 +161,7 @@ def figures(rec: BenchRecord) -> dict[str, Any]:
             "mfu_pct": None if rec.utilisation is None else 100 * rec.utilisation,
             "peak_mib": None if rec.peak_mem_bytes is None else rec.peak_mem_bytes / 2**20,
             "first_step_s": rec.extra.get("first_step_s"), "compile_s": rec.extra.get("compile_s"),
-            "message": rec.message}
+            "message": rec.message, "kernel_error": rec.extra.get("kernel_error")}
 
 
 def fmt_cell(v: Any, spec: str = ".1f") -> str:
@@ -192,6 +192,8 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             fmt_cell(None if r.get("kernel_share") is None else 100 * r["kernel_share"], ".0f"),
             fmt_cell(r.get("kernels_per_step"), ".0f"), fmt_cell(r.get("mfu_pct")), fmt_cell(r.get("peak_mib"), ".0f"),
             fmt_cell(r.get("first_step_s"), ".1f"), fmt_cell(r.get("compile_s"), ".1f")]) + " |")
+    lines += [f"- {r['row']}: no kernel time, the profiler failed: {r['kernel_error']}" for r in rows
+              if r.get("kernel_error")]
     for r in rows:
         if r["kind"] == "trainer":
             lines += ["", f"Trainer ({r['row']}, batch {r['batch']}): {r['status']}"

@@ -66,3 +66,25 @@ def test_device_totals_sum_the_device_side_events_only():
               SimpleNamespace(device_type=DeviceType.CPU, device_time_total=900.0)]  # a CPU op: its kernels' sum
     totals = device_totals(events, steps=2)
     assert totals.ms_per_step == pytest.approx(0.5) and totals.ops_per_step == 1.0
+
+
+def test_a_failing_profiler_keeps_the_steps_timing(monkeypatch):
+    """The kernel-time profile runs after the timing; if it fails (a profiler that cannot trace CUDA graphs, say)
+    the record keeps its step times and says why the kernel time is missing."""
+    import torch
+
+    from timesformer_harness.bench import case as case_module
+    from timesformer_harness.bench.case import ModelCase, measure_step
+    from timesformer_harness.model import load_preset
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("profiler could not start\nsecond line")
+
+    monkeypatch.setattr(case_module, "kernel_time", broken)
+    cpu = torch.device("cpu")
+    case = ModelCase(preset="tiny", device="cpu", batch=1, precision="fp32", warmup=1, steps=2,
+                     model=load_preset("tiny"), frames=4, img_size=32, kernel_steps=3)
+    rec = case.record(cpu)
+    measure_step(lambda c, r, d, t: (lambda: None), case, rec, cpu, None)
+    assert len(rec.samples_s) == 2 and rec.clips_per_s > 0
+    assert rec.extra["kernel_error"] == "profiler could not start"

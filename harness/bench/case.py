@@ -183,7 +183,11 @@ def measure_step(build: StepBuilder, case: ModelCase, rec: BenchRecord, device: 
     if peak is not None:
         rec.peak_mem_bytes, rec.peak_mem_kind = peak.growth, peak.kind
     fill_throughput(rec, times, clips_per_step=case.batch, frames=case.frames)
-    kernels = kernel_time(step, device, case.kernel_steps)
+    try:
+        kernels = kernel_time(step, device, case.kernel_steps)
+    except RuntimeError as e:  # the profiler is an extra: its failure must not lose the timing above
+        rec.extra["kernel_error"] = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        kernels = None
     if kernels is not None:  # how much of the step the GPU was busy: the rest is the host issuing the kernels
         rec.extra.update({"kernel_ms": kernels.ms_per_step, "kernel_ops_per_step": kernels.ops_per_step,
                           "kernel_share": kernels.ms_per_step / rec.step_ms["median"]})

@@ -199,7 +199,8 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             lines += ["", f"Trainer ({r['row']}, batch {r['batch']}): {r['status']}"
                       + (f", {r.get('message', '')[:200]}" if r["status"] != "ok" else
                          f", steady {fmt_cell(r.get('clips_per_s'))} clips/s, data wait up to "
-                         f"{fmt_cell(r.get('data_wait_pct'))}%, syncs per micro-batch {fmt_cell(r.get('syncs_mean'), '.2f')} "
+                         f"{fmt_cell(r.get('data_wait_pct'))}%, syncs per micro-batch "
+                         f"{fmt_cell(r.get('syncs_mean'), '.2f')} "
                          f"(max {fmt_cell(r.get('syncs_max'), '.0f')}), {r.get('steps')} steps in {r['wall_s']} s"),
                       "", f"`python {r['command']}`"]
     lines += ["", "Targets (set for one H100; judged on a GPU only, and only the rows that ran):", ""]
@@ -235,7 +236,8 @@ def run(out: Path, budget_s: float, only: list[str] | None, trainer_steps: int) 
     peak = measure_peak(device, precision, cfg.bench.gemm_n)
     base = base_settings(cfg, preset, precision, device, peak)
     clock = Stopwatch()
-    meta = {"started": run_stamp(), "device": device.type, "hardware": device_name(device), "env": environment_info(device),
+    meta = {"started": run_stamp(), "device": device.type, "hardware": device_name(device),
+            "env": environment_info(device),
             "precision": precision, "preset": preset, "frames": cfg.model.num_frames, "img_size": cfg.model.img_size,
             "warmup": cfg.bench.warmup, "steps": cfg.bench.steps, "peak_flops": peak[0],
             "peak_flops_source": peak[1], "budget_s": budget_s, "wall_s": 0.0}

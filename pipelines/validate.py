@@ -10,8 +10,9 @@ Probing a file (stat, the file-size checks of ``size_problem``, open, demux ever
 to count frames, decode the first frame, compare the demuxed length with the declared duration to catch truncation)
 does not depend on the backend, so its result is cached in SQLite by (path, size, mtime) and a large manifest is
 probed once; files are probed in parallel processes. Frames above ``data.max_frame_pixels`` (``--max-frame-pixels``)
-are refused from the header by the judge (``usable``), so no frame of such a file is ever decoded. ``timesformer_harness.pipelines.factory.build_loader`` runs the same check (``data.on_bad_video: error |
-skip``), because DALI's readers drop bad files silently and its decoder kills the pipeline on them.
+are refused from the header by the judge (``usable``), so no frame of such a file is ever decoded.
+``timesformer_harness.pipelines.factory.build_loader`` runs the same check (``data.on_bad_video: error | skip``),
+because DALI's readers drop bad files silently and its decoder kills the pipeline on them.
 
 ``--backend gpu`` applies NVDEC's limits (``timesformer_harness.pipelines.nvdec``: codec per GPU generation, minimum and
 maximum frame size, 8-bit 4:2:0) for the visible GPU's generation, else for ``--gpu-arch`` (default: Hopper).

@@ -33,7 +33,6 @@ decoder does not decode H.264, so the rehearsal prepares none).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -47,9 +46,9 @@ from typing import Any, Callable
 
 import torch
 
-from timesformer_harness.common import atomic_write_text, setup_logging
+from timesformer_harness.common import atomic_write_text
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.gpu_perf import fmt_cell
+from timesformer_harness.gpu_perf import fmt_cell, script_end, script_parser, script_start
 from timesformer_harness.metrics import Stopwatch, run_stamp
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.tools.transcode import PrepareSpec
@@ -424,28 +423,14 @@ def _dali_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m timesformer_harness.benchmarks.gpu_input",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=None, help="output folder (default runs/gpu_input/<timestamp>)")
+    names = [r.name for r in ROWS]
+    p = script_parser("timesformer_harness.benchmarks.gpu_input", __doc__, names, budget_s=480.0)
     p.add_argument("--data", default=str(REPO_ROOT / "runs/gpu_input/data"), help="generated files (kept, re-used)")
-    p.add_argument("--budget-s", type=float, default=480.0,
-                   help="seconds the whole run may take, preparing included (default 480)")
-    p.add_argument("--rows", nargs="*", default=None, help=f"only these rows, from {[r.name for r in ROWS]}")
-    p.add_argument("--rehearse-on-cpu", action="store_true", help="run without a GPU, at CPU size")
     args = p.parse_args(argv)
-    setup_logging()
-    unknown = sorted(set(args.rows or []) - {r.name for r in ROWS})
-    if unknown:
-        p.error(f"--rows {unknown}: choose from {[r.name for r in ROWS]}")
-    if not torch.cuda.is_available() and not args.rehearse_on_cpu:
-        print("gpu-input: no CUDA device; run it on a GPU, or rehearse with --rehearse-on-cpu", file=sys.stderr)
+    out = script_start(p, args, names)
+    if out is None:
         return 2
-    out = Path(args.out or REPO_ROOT / f"runs/gpu_input/{run_stamp()}")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = run(out, Path(args.data), args.budget_s, args.rows)
-    print((out / "summary.md").read_text())
-    ran = [r for r in rows if r["status"] != "skipped"]
-    return 0 if ran and all(r["status"] == "ok" for r in ran) else 1
+    return script_end(out, run(out, Path(args.data), args.budget_s, args.rows))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from timesformer_harness.bench.cli import measure_peak, resolve
 from timesformer_harness.bench.record import BenchRecord
 from timesformer_harness.bench.sweep import base_settings, run_case
 from timesformer_harness.common import atomic_write_text, setup_logging
-from timesformer_harness.config import ModelConfig
+from timesformer_harness.config import REPO_ROOT, ModelConfig
 from timesformer_harness.metrics import Stopwatch, run_stamp
 from timesformer_harness.runner import run_command
 from timesformer_harness.runtime import (device_name, environment_info, precision_name, resolve_device,
@@ -268,27 +268,52 @@ def run(out: Path, budget_s: float, only: list[str] | None, trainer_steps: int) 
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m timesformer_harness.gpu_perf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=None, help="output folder (default runs/gpu_perf/<timestamp>)")
-    p.add_argument("--budget-s", type=float, default=420.0, help="seconds the rows may take in all (default 420)")
-    p.add_argument("--rows", nargs="*", default=None, help=f"only these rows, from {[r.name for r in ROWS]}")
-    p.add_argument("--trainer-steps", type=int, default=30, help="the Trainer row's optimizer steps (default 30)")
+def script_parser(prog: str, doc: str, row_names: list[str], budget_s: float) -> argparse.ArgumentParser:
+    """The options every device script takes (``make gpu-perf``, ``make gpu-input``): ``--out``, ``--budget-s``,
+    ``--rows`` and ``--rehearse-on-cpu``."""
+    name = prog.rsplit(".", 1)[-1]
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n\n")[0])
+    p.add_argument("--out", default=None, help=f"output folder (default runs/{name}/<timestamp>)")
+    p.add_argument("--budget-s", type=float, default=budget_s,
+                   help=f"seconds the run may take (default {budget_s:.0f})")
+    p.add_argument("--rows", nargs="*", default=None, help=f"only these rows, from {row_names}")
     p.add_argument("--rehearse-on-cpu", action="store_true", help="run without a GPU, at CPU size")
-    args = p.parse_args(argv)
+    return p
+
+
+def script_start(p: argparse.ArgumentParser, args: argparse.Namespace, row_names: list[str]) -> Path | None:
+    """Check a device script's arguments (``p.error`` on an unknown row) and make its output folder; None when there
+    is no GPU and no ``--rehearse-on-cpu`` (said on stderr)."""
     setup_logging()
-    unknown = sorted(set(args.rows or []) - {r.name for r in ROWS})
+    name = p.prog.rsplit(".", 1)[-1]
+    unknown = sorted(set(args.rows or []) - set(row_names))
     if unknown:
-        p.error(f"--rows {unknown}: choose from {[r.name for r in ROWS]}")
+        p.error(f"--rows {unknown}: choose from {row_names}")
     if not torch.cuda.is_available() and not args.rehearse_on_cpu:
-        print("gpu-perf: no CUDA device; run it on a GPU, or rehearse with --rehearse-on-cpu", file=sys.stderr)
-        return 2
-    out = Path(args.out or f"runs/gpu_perf/{run_stamp()}")
+        print(f"{name.replace('_', '-')}: no CUDA device; run it on a GPU, or rehearse with --rehearse-on-cpu",
+              file=sys.stderr)
+        return None
+    out = Path(args.out or REPO_ROOT / f"runs/{name}/{run_stamp()}")
     out.mkdir(parents=True, exist_ok=True)
-    rows = run(out, args.budget_s, args.rows, args.trainer_steps)
+    return out
+
+
+def script_end(out: Path, rows: list[dict[str, Any]]) -> int:
+    """Print the summary; the exit status: 0 when a row ran and every row that ran is ok, else 1."""
     print((out / "summary.md").read_text())
     ran = [r for r in rows if r["status"] != "skipped"]
     return 0 if ran and all(r["status"] == "ok" for r in ran) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = [r.name for r in ROWS]
+    p = script_parser("timesformer_harness.gpu_perf", __doc__, names, budget_s=420.0)
+    p.add_argument("--trainer-steps", type=int, default=30, help="the Trainer row's optimizer steps (default 30)")
+    args = p.parse_args(argv)
+    out = script_start(p, args, names)
+    if out is None:
+        return 2
+    return script_end(out, run(out, args.budget_s, args.rows, args.trainer_steps))
 
 
 if __name__ == "__main__":

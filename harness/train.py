@@ -446,7 +446,7 @@ class Trainer:
         mixing = cfg.solver.mixup_alpha > 0 or cfg.solver.cutmix_alpha > 0
         clips_per_iter = cfg.data.batch_size * info.world_size
         bar = None
-        if info.is_main:
+        if info.is_main and sys.stderr.isatty():  # a log file (torchrun, SLURM) gets _log_window's lines instead
             from tqdm import tqdm
 
             bar = tqdm(total=n, initial=start, desc=f"epoch {epoch + 1}/{cfg.solver.max_epoch}", dynamic_ncols=True,
@@ -578,6 +578,10 @@ class Trainer:
                            "debug/syncs_per_micro_batch_max": max(syncs)})
         record.update(self._memory_peak())
         self.metrics.log(record, self.step)
+        if self.info.is_main and not sys.stderr.isatty():
+            logger.info("epoch %d/%d step %d%s: loss %.4f, lr %.3g, %.1f clips/s, data wait %.0f%%", epoch + 1,
+                        self.cfg.solver.max_epoch, self.step, " (warm-up)" if warmup else "", record["train/loss"],
+                        lr, record["time/clips_per_s"], record["time/data_wait_pct"])
 
     def _memory_peak(self, prefix: str = "") -> dict[str, float]:
         """``memory/{prefix}peak_cuda_allocator_gib`` (CUDA) or ``memory/{prefix}peak_rss_gib`` (CPU): the peak since

@@ -230,6 +230,7 @@ def test_sigterm_stops_saves_and_resume_reproduces_the_uninterrupted_run(referen
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped by SIGTERM" in first.stdout
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_epoch_00001_iter_000006.pyth"]
+    assert "\r" not in first.stderr and " step 1 (warm-up): loss " in first.stderr  # no tqdm bar in a log file
     stop = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert stop["event"] == "stop" and stop["reason"] == "signal SIGTERM" and stop["checkpoint"].endswith("6.pyth")
     # what a crash would have left: a save's temporary, a record past the checkpoint's step, a line cut short

@@ -133,6 +133,9 @@ class TrainConfig:
     # Debug hooks (tests): make the loss NaN at this global optimizer step / send ourselves SIGTERM after it.
     debug_nan_at_step: int = -1
     debug_signal_at_step: int = -1
+    # SIGKILL rank debug_kill_rank after this optimizer step, on torchrun's first attempt only (elastic restart)
+    debug_kill_at_step: int = -1
+    debug_kill_rank: int = 0
     record_samples: bool = False  # write every batch's video indices to samples/rank{R}.jsonl (shard checks)
     # count each micro-batch's host-device syncs (CUDA: torch.cuda.set_sync_debug_mode) into the train records
     count_syncs: bool = False

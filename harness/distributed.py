@@ -2,13 +2,24 @@
 
 torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (multi-node runs get
 them from the rendezvous). Without them everything runs as a single process and the collectives are no-ops.
+
+Restarts (``torchrun --max-restarts=N``): torchrun's agent hosts one TCPStore for the whole job and hands every attempt
+the same ``MASTER_PORT``, and ``init_process_group`` keys it without an attempt prefix, so a restarted worker can read
+the dead attempt's gloo addresses (``Gloo connectFullMesh failed ... Connection refused`` or a connect timeout; see
+https://github.com/pytorch/pytorch/issues/135712). ``init_distributed`` therefore joins the group through its own
+namespace of that store, one per attempt, which the ranks agree on through the store itself
+(``TORCHELASTIC_RESTART_COUNT`` is per agent, so it differs between the nodes of a multi-node job:
+https://github.com/pytorch/pytorch/issues/108158).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,13 +74,40 @@ def init_distributed(cfg: DistConfig, device: str = "auto") -> DistInfo:
     if backend == "nccl" and not use_cuda:
         raise ValueError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on CPU")
     if not dist.is_initialized():
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=cfg.timeout_s)}
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's shared store (its default)
+            kwargs.update(store=attempt_store(rank, world_size, timeout), rank=rank, world_size=world_size)
         if backend == "nccl":
             kwargs["device_id"] = dev
         dist.init_process_group(**kwargs)
     logger.info("distributed: %s, world size %d, this is rank %d (local %d) on %s", backend, world_size, rank,
                 local_rank, dev)
     return DistInfo(rank, local_rank, world_size, dev, backend)
+
+
+def attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The torchrun agent's store (``MASTER_ADDR:MASTER_PORT``) under a prefix of this attempt's own.
+
+    Each rank posts a fresh random token, then acknowledges the set of tokens it reads; the prefix is the hash of a
+    set that every rank acknowledged. A token left by an earlier attempt may be read, but its set is never
+    acknowledged by the rank that now owns the slot (that rank reads its own new token), so all ranks settle on the
+    set of this attempt's tokens. Every wait is bounded by ``timeout`` (``dist.timeout_s``).
+    """
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    store.set(f"harness/token/{rank}", uuid.uuid4().hex)
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        tokens = b",".join(store.multi_get([f"harness/token/{r}" for r in range(world_size)]))  # waits for all
+        attempt = hashlib.sha256(tokens).hexdigest()[:16]
+        store.set(f"harness/ack/{attempt}/{rank}", b"")
+        if store.check([f"harness/ack/{attempt}/{r}" for r in range(world_size)]):
+            return dist.PrefixStore(f"harness/attempt/{attempt}", store)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: the {world_size} ranks did not agree on a process group within "
+                               f"dist.timeout_s={timeout.total_seconds():.0f} s (a rank did not start?)")
+        time.sleep(0.05)
 
 
 def cleanup() -> None:

@@ -2,9 +2,11 @@
 
 ``train.record_samples`` writes the video indices of every batch (shard checks), ``train.debug_nan_at_step`` makes
 the loss NaN at an optimizer step (the non-finite stop), ``train.debug_signal_at_step`` sends the process SIGTERM
-after an optimizer step (the stop-and-resume path), ``train.count_syncs`` counts the host-device synchronisations of
-each micro-batch (``timesformer_harness.counting.SyncCounter``). All are off by default; the loop calls each hook
-once per batch or step, and a disabled hook returns at once.
+after an optimizer step (the stop-and-resume path), ``train.debug_kill_at_step`` SIGKILLs rank
+``train.debug_kill_rank`` after an optimizer step on torchrun's first attempt (the elastic restart path),
+``train.count_syncs`` counts the host-device synchronisations of each micro-batch
+(``timesformer_harness.counting.SyncCounter``). All are off by default; the loop calls each hook once per batch or
+step, and a disabled hook returns at once.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class DebugHooks:
         self._sync_counts: list[int] = []
         self.nan_at_step = cfg.debug_nan_at_step
         self.signal_at_step = cfg.debug_signal_at_step if rank == 0 else -1
+        # torchrun counts its restarts in TORCHELASTIC_RESTART_COUNT: a restarted worker replays the step, unkilled
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        self.kill_at_step = cfg.debug_kill_at_step if rank == cfg.debug_kill_rank and first_attempt else -1
         self.samples_file = None
         if cfg.record_samples:
             (Path(run_dir) / "samples").mkdir(parents=True, exist_ok=True)
@@ -64,9 +69,12 @@ class DebugHooks:
         return loss
 
     def on_optimizer_step(self, step: int) -> None:
-        """Send this process SIGTERM once optimizer step ``train.debug_signal_at_step`` is done (rank 0)."""
+        """Send this process SIGTERM once optimizer step ``train.debug_signal_at_step`` is done (rank 0), or SIGKILL
+        once ``train.debug_kill_at_step`` is (rank ``train.debug_kill_rank``, first attempt)."""
         if step == self.signal_at_step:
             os.kill(os.getpid(), signal.SIGTERM)
+        if step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def take_sync_counts(self) -> list[int]:
         """The synchronisations of each micro-batch counted since the last call (``train.count_syncs``)."""

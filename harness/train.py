@@ -51,8 +51,8 @@ from timesformer_harness.metric_writer import MetricWriter
 from timesformer_harness.metrics import PeakMemory, Stopwatch, ThroughputWindow
 from timesformer_harness.mixup import mix_batch
 from timesformer_harness.optim import build_optimizer, lr_at, set_lr
-from timesformer_harness.runtime import (environment_info, precision_name, resolve_precision, retain_freed_memory,
-                                         seed_everything, set_determinism)
+from timesformer_harness.runtime import (environment_info, precision_name, release_freed_memory, resolve_precision,
+                                         retain_freed_memory, seed_everything, set_determinism)
 from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (CheckpointManager, RunFolderError, RunLock, data_fingerprint,
                                              keep_records_up_to, list_checkpoints, resume_position, rng_state,
@@ -284,9 +284,9 @@ class Trainer:
         return None if planner is None else data_fingerprint([(v.path, v.label) for v in planner.videos])
 
     def _check_resumed_data(self, loader: Any) -> Any:
-        """The train loader to go on with after a resume: ``loader`` when the usable videos are those the checkpoint
-        was written with; otherwise an error (``train.on_data_change=error``) or, with ``replan``, a loader that
-        starts the interrupted epoch again from its first batch."""
+        """The train loader (built without a resume offset) to go on with after a resume: ``loader`` when the usable
+        videos are those the checkpoint was written with; otherwise an error (``train.on_data_change=error``) or, with
+        ``replan``, ``loader`` with the interrupted epoch started again from its first batch."""
         if self.resumed_from is None or self.resumed_from[1] is None:
             return loader
         path, before = self.resumed_from
@@ -308,10 +308,8 @@ class Trainer:
                        "from its first batch", path, change, self.start_epoch + 1)
         self.metrics.log({"event": "data_changed", "checkpoint": str(path), "before": before, "now": now,
                           "epoch": self.start_epoch + 1}, self.step)
-        if not self.start_batch:
-            return loader
         self.start_batch = 0
-        return self._build_loader("train", 0)
+        return loader
 
     def save(self, epoch: int, batch: int) -> Path | None:
         extra = self._extra_state(epoch, batch)
@@ -339,7 +337,12 @@ class Trainer:
         if self.start_epoch >= cfg.solver.max_epoch:
             logger.info("nothing to do: the run in %s already finished %d epochs", self.run_dir, self.start_epoch)
             return 0
-        loader = self._check_resumed_data(self._build_loader("train", self.start_batch))
+        # after a resume the loader is checked against the checkpoint's data before its offset is set: with another
+        # manifest that offset may not exist
+        checked = self.resumed_from is not None and self.resumed_from[1] is not None
+        loader = self._check_resumed_data(self._build_loader("train", 0 if checked else self.start_batch))
+        if checked:
+            loader.start_batch = self.start_batch
         self.metrics.log({"event": "start", "epoch": self.start_epoch + 1, "batch": self.start_batch,
                           "optimizer": self.optimizer_impl, "precision": precision_name(self.dtype),
                           "world_size": self.info.world_size, "accumulation": self.accum,
@@ -611,6 +614,9 @@ class Trainer:
         self.memory.reset()  # validation's own peak, logged apart from the training windows
         acc = score_loader(self.model, self._val_loader, self.device, self.dtype, self.cfg.test.ensemble)
         memory = self._memory_peak("val_")
+        if self.device.type == "cpu":  # what validation freed goes back, so the next training window reads its own
+            release_freed_memory()
+            self.memory.reset()
         views = self.cfg.data.num_ensemble_views * self.cfg.data.num_spatial_crops
         report = accuracy_report(acc, self.cfg.model.num_classes, None, class_names_for(self.cfg))
         report.update({"epoch": epoch + 1, "step": self.step, "seconds": round(clock.elapsed(), 2),

@@ -283,6 +283,12 @@ def test_resuming_after_the_manifest_changed_is_refused_or_replanned(toy, tmp_pa
     assert (f"error: the train manifest changed since {out / 'checkpoints' / 'checkpoint_epoch_00001_iter_000006.pyth'}"
             " (32 usable videos, but not the same ones or labels or order" in refused.stderr)
     assert "train.on_data_change=replan" in refused.stderr and "Traceback" not in refused.stderr
+    kept = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(kept[:8]))  # shrunk: the checkpoint's batch 6 is past the new epoch's 2 batches
+    shrunk = run(train_cmd(*args))
+    assert shrunk.returncode == 4 and "(32 usable videos when checkpoint_epoch_00001_iter_000006.pyth was " \
+        "written, 8 now)" in shrunk.stderr, shrunk.stderr[-3000:]
+    manifest.write_text("".join(kept))
     replanned = run(train_cmd(*args, "train.on_data_change=replan"))
     assert replanned.returncode == 0, replanned.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

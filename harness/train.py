@@ -445,6 +445,8 @@ class Trainer:
                              f"(solver.global_batch_size={cfg.solver.global_batch_size}); lower it")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cpu":  # freed memory kept from before (a checkpoint, validation) is not this epoch's
+            release_freed_memory()
         self.memory.reset()  # the first window starts here, not at the checkpoint or validation before it
         mixing = cfg.solver.mixup_alpha > 0 or cfg.solver.cutmix_alpha > 0
         clips_per_iter = cfg.data.batch_size * info.world_size

@@ -34,7 +34,6 @@ decoder does not decode H.264, so the rehearsal prepares none).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import statistics
@@ -48,7 +47,7 @@ import torch
 
 from timesformer_harness.common import atomic_write_text
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.gpu_perf import fmt_cell, script_end, script_parser, script_start
+from timesformer_harness.gpu_perf import fmt_cell, record_row, script_end, script_parser, script_start
 from timesformer_harness.metrics import Stopwatch, run_stamp
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.tools.transcode import PrepareSpec
@@ -406,11 +405,7 @@ def run(out: Path, data: Path, budget_s: float, only: list[str] | None) -> list[
                 entry.update(run_e2e(row, cfg, out, base, model, size.e2e_batches, timeout_s=max(left, 60)))
             else:
                 entry.update(run_loader(row, cfg, device, size.rounds, timeout_s=max(left, 60)))
-        logger.info("%s: %s %s", row.name, entry["status"], entry.get("message") or "")
-        results.append(entry)
-        meta["wall_s"] = clock.elapsed()
-        atomic_write_text(out / "results.json", json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
-        atomic_write_text(out / "summary.md", summary(results, meta))
+        record_row(out, results, entry, meta, clock.elapsed(), summary)
     return results
 
 

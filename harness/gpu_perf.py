@@ -27,7 +27,7 @@ import logging
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 if __name__ == "__main__" and not __package__:  # run by path (python harness/gpu_perf.py)
     from timesformer_harness.scripts import run_by_package_name
@@ -260,12 +260,19 @@ def run(out: Path, budget_s: float, only: list[str] | None, trainer_steps: int) 
             case = model_case(row, base, cfg.model, device)
             rec = run_case(case, timeout_s=max(left, 60))
             entry.update(batch=case.batch, record=rec.to_dict(), **figures(rec))
-        logger.info("%s: %s %s", row.name, entry["status"], entry.get("message") or "")
-        results.append(entry)
-        meta["wall_s"] = clock.elapsed()
-        atomic_write_text(out / "results.json", json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
-        atomic_write_text(out / "summary.md", summary(results, meta))
+        record_row(out, results, entry, meta, clock.elapsed(), summary)
     return results
+
+
+def record_row(out: Path, rows: list[dict[str, Any]], entry: dict[str, Any], meta: dict[str, Any], wall_s: float,
+               summary_of: Callable[[list[dict[str, Any]], dict[str, Any]], str]) -> None:
+    """Log a device script's finished row, add it to ``rows`` and rewrite ``results.json`` and ``summary.md`` (made by
+    ``summary_of``), so that a run cut short keeps what it measured."""
+    logger.info("%s: %s %s", entry["row"], entry["status"], entry.get("message") or "")
+    rows.append(entry)
+    meta["wall_s"] = wall_s
+    atomic_write_text(out / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "summary.md", summary_of(rows, meta))
 
 
 def script_parser(prog: str, doc: str, row_names: list[str], budget_s: float) -> argparse.ArgumentParser:

@@ -61,7 +61,7 @@ from timesformer_harness.workload import TrainStep, build_model, compile_model, 
 from timesformer_harness.pipelines.base import loader_facts
 from timesformer_harness.common import ExitCode, log_to_file, remove_stale_temporaries, report_error, setup_logging
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
-from timesformer_harness.pipelines.manifest import read_manifest
+from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
 from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, write_rejected
 
 logger = logging.getLogger(__name__)
@@ -100,18 +100,20 @@ def _until_bad_video(batches: Iterator[Any]) -> Iterator[Any]:
         yield e
 
 
-def check_inputs(cfg: RootConfig) -> None:
+def check_inputs(cfg: RootConfig) -> dict[str, list[VideoEntry]]:
     """Read what a run names before it writes anything: the train manifest, the val manifest when the run validates
     (labels checked against ``model.num_classes``), and ``model.pretrained`` when there is no checkpoint to resume.
+    Returns the manifests' entries by split (none for a loader that reads no files), for the loaders' first build.
 
     Raises:
         FileNotFoundError, ValueError: a manifest missing, malformed or empty, or a label out of range.
         CheckpointError: ``model.pretrained`` names nothing.
     """
+    manifests = {}
     if cfg.data.loader == AUTO or LOADERS[cfg.data.loader].decodes:
         for split in ("train", "val") if cfg.train.eval_period else ("train",):
             try:
-                read_manifest(cfg.data, split, cfg.model.num_classes)
+                manifests[split] = read_manifest(cfg.data, split, cfg.model.num_classes)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{e}: set data.root (now {cfg.data.root!r}; a relative path is from the "
                                         f"current folder, {Path.cwd()}) or data.{split}_manifest") from None
@@ -120,6 +122,7 @@ def check_inputs(cfg: RootConfig) -> None:
         raise CheckpointError(f"model.pretrained={cfg.model.pretrained} does not exist (relative paths are from the "
                               f"current folder, {Path.cwd()}): fix the path, or download the weights "
                               f"(docs/checkpoints.md)")
+    return manifests
 
 
 def next_launch(run_dir: Path) -> int:
@@ -133,7 +136,9 @@ class Trainer:
 
     def __init__(self, cfg: RootConfig, info: DistInfo) -> None:
         self.cfg, self.info = cfg, info
-        check_inputs(cfg)  # a wrong data.root or an empty manifest fails here, before the run folder is touched
+        # a wrong data.root or an empty manifest fails here, before the run folder is touched; the entries read
+        # serve each split's first loader
+        self._manifests = check_inputs(cfg)
         self.device = info.device
         self.run_dir = Path(cfg.output.dir)
         self.cfg_yaml = to_yaml(cfg)
@@ -250,7 +255,8 @@ class Trainer:
         kwargs = {"start_batch": start_batch, "quarantine": self.bad_videos} if split == "train" else {}
         loader = build_loader(data_cfg, split, device=self.device, rank=self.info.rank,
                               world_size=self.info.world_size, run_dir=self.run_dir,
-                              num_classes=self.cfg.model.num_classes, **kwargs)
+                              num_classes=self.cfg.model.num_classes, entries=self._manifests.pop(split, None),
+                              **kwargs)
         if split == "train":
             self._train_loader = loader
         return loader

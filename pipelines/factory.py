@@ -131,13 +131,15 @@ class Preflight(NamedTuple):
     rejected: list[tuple[str, str]]  # (path, reason) of the videos that loader cannot use
 
 
-def preflight(cfg: DataConfig, split: str, device: torch.device | str = "cpu", num_classes: int = 0) -> Preflight:
+def preflight(cfg: DataConfig, split: str, device: torch.device | str = "cpu", num_classes: int = 0,
+              entries: list[VideoEntry] | None = None) -> Preflight:
     """The pre-flight check ``build_loader`` runs (and ``python -m timesformer_harness.validate --config`` prints):
     the manifest read (labels checked against ``num_classes``), every video probed (cached; under torch.distributed
     each rank probes its share), the decode plan for ``device``, the videos that loader cannot use (the probe's
     judge, then with ``data.validate: deep`` the deep check of the rest)."""
     device = torch.device(device)
-    entries: list[VideoEntry] = read_manifest(cfg, split, num_classes)
+    if entries is None:  # a caller that read the manifest already (and checked its labels) passes its entries
+        entries = read_manifest(cfg, split, num_classes)
     cache = cache_path(cfg.validate_cache)
     logger.info("pre-flight caches: %s", cache_location(cfg.validate_cache))
     infos = _probe([e.path for e in entries], cfg, cache)
@@ -155,11 +157,12 @@ def preflight(cfg: DataConfig, split: str, device: torch.device | str = "cpu", n
 
 def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "cpu", rank: int = 0,
                  world_size: int = 1, start_batch: int = 0, run_dir: str | Path | None = None,
-                 quarantine: Sequence[BadVideo | dict[str, Any]] = (), num_classes: int = 0) -> Loader:
+                 quarantine: Sequence[BadVideo | dict[str, Any]] = (), num_classes: int = 0,
+                 entries: list[VideoEntry] | None = None) -> Loader:
     """The loader ``data.loader`` asks for (auto: DALI when it can decode every video here, else PyAV, saying why).
 
     The manifest's labels are checked against ``num_classes`` (``model.num_classes``; 0 = not checked) before any
-    video is probed.
+    video is probed; ``entries``: the manifest as the caller read it (``read_manifest``), not read again.
 
     Every video is pre-flight checked (``timesformer_harness.pipelines.validate``, cached, each rank checking its
     share; ``data.validate: deep`` also decodes every packet); unusable ones raise (``data.on_bad_video: error``) or
@@ -176,7 +179,7 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
         return LOADERS[cfg.loader].loader_class()(cfg, split, device=device, rank=rank, world_size=world_size,
                                                   start_batch=start_batch)
 
-    entries, infos, plan, rejected = preflight(cfg, split, device, num_classes)
+    entries, infos, plan, rejected = preflight(cfg, split, device, num_classes, entries)
     chosen = LOADERS[plan.loader]
     if rejected:
         what = f"{len(rejected)} of {len(entries)} videos in the {split} manifest cannot be used"

@@ -543,3 +543,25 @@ def test_a_label_out_of_range_is_named_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match=r"train.csv:4: label 7 is out of range for 6 classes"):
         Trainer(cfg, init_distributed(cfg.dist)).fit()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_train_manifest_is_read_once_at_start(tmp_path, monkeypatch):
+    """The start-up check reads the manifests before the run folder is written; the first loaders use what it read
+    (a Kinetics manifest is hundreds of thousands of lines), later builds read the file again."""
+    from timesformer_harness.config import load_config
+    from timesformer_harness.distributed import init_distributed
+    from timesformer_harness.pipelines import manifest
+    from timesformer_harness.train import Trainer
+
+    reads = []
+    real = manifest.read_entries
+    monkeypatch.setattr(manifest, "read_entries", lambda path, *a, **k: reads.append(Path(path).name) or
+                        real(path, *a, **k))
+    cfg = load_config("configs/exp/toy_divided_cpu.yaml", ["train.eval_period=1", "data.validate_cache=none",
+                                                            f"output.dir={tmp_path}", "output.tensorboard=false"])
+    trainer = Trainer(cfg, init_distributed(cfg.dist))
+    trainer._build_loader("train")
+    trainer._build_loader("val")
+    assert reads == ["train.csv", "val.csv"]
+    trainer._build_loader("train")
+    assert reads == ["train.csv", "val.csv", "train.csv"]

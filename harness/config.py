@@ -26,6 +26,7 @@ ATTN_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "naive")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BENCH_SUITES = ("model", "attention", "scaling", "pipeline", "e2e")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # "none": eager
+RESUME_POLICIES = ("never", "auto", "must")
 PACKAGE_DIR = Path(__file__).resolve().parent  # timesformer_harness: harness/ in a clone
 REPO_ROOT = PACKAGE_DIR.parent
 # The shipped configs: the clone's configs/, or their copy inside an installed wheel (timesformer_harness/configs/).
@@ -125,7 +126,9 @@ class TrainConfig:
     eval_period: int = 5
     checkpoint_period: int = 1
     keep_last: int = 3
-    auto_resume: bool = True
+    # never: a fresh run (refused when output.dir already holds checkpoints) | auto: resume from the newest
+    # checkpoint when there is one | must: resume, and fail when there is none
+    resume: str = "auto"
     log_period: int = 10
     max_steps_per_epoch: int = 0  # 0 = the whole epoch (a cap for smoke runs)
     seed: int = 0
@@ -152,6 +155,8 @@ class TrainConfig:
             raise ValueError(f"train.warmup_steps={self.warmup_steps}; must be >= 0")
         if self.on_data_change not in ("error", "replan"):
             raise ValueError(f"train.on_data_change={self.on_data_change!r}; choose 'error' or 'replan'")
+        if self.resume not in RESUME_POLICIES:
+            raise ValueError(f"train.resume={self.resume!r}; choose from {list(RESUME_POLICIES)}")
 
 
 @dataclass
@@ -240,7 +245,7 @@ class DistConfig:
 class OutputConfig:
     """Where a run writes."""
 
-    dir: str = "runs/train/default"
+    dir: str = "runs/train/default"  # load_config(path) makes it runs/train/<the config file's stem> unless set
     tensorboard: bool = True
 
 
@@ -356,6 +361,11 @@ def _omegaconf_error(e: OmegaConfBaseException, source: str, schema: DictConfig)
     return ConfigError(f"{source}: {key + ': ' if key else ''}{what}{fix}")
 
 
+def default_output_dir(path: str | Path) -> str:
+    """The run folder of a config that sets no ``output.dir``: ``runs/train/<its file stem>`` (``my.yaml``: ``my``)."""
+    return f"runs/train/{Path(path).stem}"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RootConfig:
     """Build the typed config from an optional YAML file and ``key=value`` overrides.
 
@@ -382,6 +392,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
             raise _omegaconf_error(e, source, schema) from e
+    if path is not None and not _set_in("output.dir", sources):
+        cfg.output.dir = default_output_dir(path)
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:

@@ -130,7 +130,7 @@ def run_trainer(row: Row, out: Path, device: torch.device, steps: int, timeout_s
             *([] if device.type == "cuda" else [*CPU_MODEL, *CPU_DATA]),
             "data.loader=synthetic", f"data.batch_size={batch}", f"data.synthetic_videos={batch * steps}",
             "solver.max_epoch=1", "solver.global_batch_size=0", "train.eval_period=0", "train.log_period=2",
-            "train.count_syncs=true", f"train.compile={row.compile}", "train.auto_resume=false",
+            "train.count_syncs=true", f"train.compile={row.compile}", "train.resume=never",
             f"output.dir={run_dir}", "output.tensorboard=false"]
     done = run_command(argv, timeout_s=timeout_s)
     result: dict[str, Any] = {"row": row.name, "kind": "trainer", "batch": batch, "command": " ".join(argv[1:]),

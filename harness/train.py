@@ -117,7 +117,7 @@ def check_inputs(cfg: RootConfig) -> dict[str, list[VideoEntry]]:
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{e}: set data.root (now {cfg.data.root!r}; a relative path is from the "
                                         f"current folder, {Path.cwd()}) or data.{split}_manifest") from None
-    resumable = cfg.train.auto_resume and list_checkpoints(Path(cfg.output.dir) / "checkpoints")
+    resumable = cfg.train.resume != "never" and list_checkpoints(Path(cfg.output.dir) / "checkpoints")
     if cfg.model.pretrained and not resumable and not Path(cfg.model.pretrained).exists():
         raise CheckpointError(f"model.pretrained={cfg.model.pretrained} does not exist (relative paths are from the "
                               f"current folder, {Path.cwd()}): fix the path, or download the weights "
@@ -218,7 +218,7 @@ class Trainer:
     def _restore(self) -> None:
         """Auto-resume from the run directory; else ``model.pretrained`` weights only (fine-tuning: epoch 0, fresh
         optimizer, a head of another class count re-initialised); else the model's own init."""
-        found = self.ckpt.load_latest() if self.cfg.train.auto_resume else None
+        found = self.ckpt.load_latest() if self.cfg.train.resume != "never" else None
         if found is not None:
             path, obj = found
             load_weights(self.model, path, strict=True)

@@ -53,12 +53,16 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     """Yield a hidden temporary path beside ``path`` (same suffix, so a writer that picks the container from the
     extension still can); when the block ends without an exception it is fsynced and renamed over ``path``, else
     removed. A check of the written file belongs inside the block: raising there leaves ``path`` as it was.
+    The file gets the mode a plain ``open(path, "w")`` gives (0o666 less the umask), whatever the writer did.
     A process killed inside the block leaves the temporary behind (``remove_stale_temporaries`` clears them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temporary(path)
     try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         yield tmp
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that renamed its own file over the temporary
+            os.chmod(tmp, mode)  # (safetensors' save_file: a 0600 mkstemp file) gets the umask's mode back
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

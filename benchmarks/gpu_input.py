@@ -12,10 +12,9 @@ variant's train manifest lists every video 16 times (128 clips); 8x32 sampling, 
 The rows, in the order they run (``ROWS``): the DALI loader where ``data.backend=auto`` puts it (NVDEC for VP9 and
 H.264; MJPEG's frames decoded as JPEG images by DALI on the CPU) on every variant with 8 DALI threads, and with 16
 on H.264 GOP 32; the end-to-end step on H.264 GOP 32 and MJPEG; the PyAV loader (16 workers) on H.264 GOP 32; the
-JPEG-frames probe on MJPEG; the end-to-end step and PyAV on VP9 GOP 32. The probe: the clips' JPEG frames, fed by
-the DALI loader's own source, decoded whole by DALI's nvJPEG decoder (``decoders.image``, ``device="mixed"``),
-decode-only (the loader decodes JPEG frames on the CPU; the probe says what nvJPEG would give before that path is
-built, and is not judged against the loader targets). A loader row builds the loader in a fresh process
+DALI loader on MJPEG with ``data.backend=gpu`` (its JPEG frames decoded by nvJPEG, ``device="mixed"``, and resized,
+flipped and normalised on the GPU: the candidate against the CPU's JPEG frames); the end-to-end step and PyAV on
+VP9 GOP 32. A loader row builds the loader in a fresh process
 (``loader_row``), runs one warm-up epoch (its time includes indexing the files), then 3 timed epochs: median clips/s
 and host CPU ms per clip (the process and its workers), then one epoch under ``torch.profiler`` for the GPU's busy
 ms per clip (``timesformer_harness.metrics.kernel_time``: the kernels and copies CUPTI sees in that process; NVDEC's
@@ -27,8 +26,8 @@ estimated cost no longer fits ``--budget-s`` (counted from the start, preparing 
 every row, so a run cut short keeps what it measured.
 
 With ``--rehearse-on-cpu`` the same rows run at CPU size (48 px files, crop 32, batch 4, the tiny model): DALI's CPU
-decoder on VP9 and MJPEG, PyAV on VP9, the JPEG probe on libjpeg-turbo; every H.264 row is skipped (DALI's CPU
-decoder does not decode H.264, so the rehearsal prepares none).
+decoder on VP9 and MJPEG, PyAV on VP9; every H.264 row and the nvJPEG row are skipped (DALI's CPU decoder does not
+decode H.264, so the rehearsal prepares none; nvJPEG needs a GPU).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -86,13 +85,13 @@ GPU_ONLY_CODECS = {"h264"}  # DALI's CPU decoder takes VP8/VP9/MJPEG only
 
 @dataclass(frozen=True)
 class Row:
-    """One measurement: a loader on a variant (``kind`` dali | pyav), the JPEG-frames decode probe (``kind``
-    nvjpeg: ``jpeg_decode_epoch``) or the end-to-end step (``kind`` e2e)."""
+    """One measurement: a loader on a variant (``kind`` dali | pyav) or the end-to-end step (``kind`` e2e)."""
 
     name: str
     kind: str
     variant: str
     thread_factor: int = 1  # x the size's threads (DALI threads, PyAV workers)
+    backend: str = "auto"  # data.backend on a GPU (the rehearsal decodes on the CPU)
     # what the row costs on a GPU, process start and warm-up included (the budget's unit; guessed from the 2026-11-26
     # NVDEC shoot-out's rates until a run of this script measures them)
     estimate_s: float = 30.0
@@ -108,7 +107,7 @@ ROWS: tuple[Row, ...] = (
     Row("e2e-mjpeg", "e2e", "mjpeg", estimate_s=60.0),
     Row("dali-h264-gop32-x2threads", "dali", "h264-gop32", thread_factor=2),
     Row("pyav-h264-gop32", "pyav", "h264-gop32", thread_factor=2, estimate_s=40.0),
-    Row("nvjpeg-mjpeg", "nvjpeg", "mjpeg"),
+    Row("dali-mjpeg-nvjpeg", "dali", "mjpeg", backend="gpu"),
     Row("e2e-vp9-gop32", "e2e", "vp9-gop32", estimate_s=60.0),
     Row("pyav-vp9-gop32", "pyav", "vp9-gop32", thread_factor=2, estimate_s=40.0),
 )
@@ -155,42 +154,6 @@ def prepare_variants(data: Path, size: Size, names: list[str]) -> tuple[dict[str
     return manifests, {"sources_s": round(sources_s, 1), "variants_s": round(clock.lap(), 1), "cores": cores}
 
 
-def jpeg_decode_epoch(loader: Any, device: torch.device) -> Callable[[], int]:
-    """An epoch of the JPEG-frames decode probe: the clips' JPEG frames (the DALI loader's own source, its plans of
-    epoch 0) decoded whole by DALI's image decoder, nvJPEG (``device="mixed"``: the hardware JPEG decoder where the
-    GPU has one) on a GPU, libjpeg-turbo on a CPU; no crop, resize or normalise. Returns clips per epoch."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    from timesformer_harness.pipelines.dali import PlanSource
-
-    cfg, plans, cuda = loader.cfg, loader.planner.plans(0), device.type == "cuda"
-    source = PlanSource(cfg.batch_size, decode_only=True, indexes=loader.indexes, jpeg_frames=True)
-
-    @pipeline_def(batch_size=cfg.batch_size * T, num_threads=cfg.num_workers, prefetch_queue_depth=2,
-                  device_id=(device.index or 0) if cuda else None)
-    def frames_pipe():
-        (images,) = fn.external_source(source=source, num_outputs=1, batch=True)
-        return fn.decoders.image(images, device="mixed" if cuda else "cpu", output_type=types.RGB)
-
-    pipe = frames_pipe()
-    pipe.build()
-
-    def epoch() -> int:
-        source.start(plans)
-        frames = 0
-        while True:
-            try:
-                (out,) = pipe.run()
-            except StopIteration:
-                break
-            frames += len(out)
-        pipe.reset()
-        if frames != len(plans) * T:
-            raise RuntimeError(f"decoded {frames} JPEG frames this epoch but {len(plans)} clips x {T} were planned")
-        return len(plans)
-    return epoch
-
-
 def loader_row(payload: dict[str, Any]) -> dict[str, Any]:
     """One loader row, in the fresh process ``run_in_fresh_process`` starts: build the loader, a warm-up epoch,
     ``rounds`` timed epochs, one profiled epoch on a GPU, the frames decoded per clip. Returns the row's figures."""
@@ -209,17 +172,13 @@ def loader_row(payload: dict[str, Any]) -> dict[str, Any]:
         loader.set_epoch(0)  # every round the same clips (epoch 0: the ones counted)
         return sum(int(batch.video.shape[0]) for batch in loader)
 
-    epoch = jpeg_decode_epoch(loader, device) if payload["jpeg_probe"] else loader_epoch
-
+    epoch = loader_epoch
     _, first_s, _ = timed_call(epoch, device)
     rounds = [timed_call(epoch, device) for _ in range(payload["rounds"])]
     kernels = kernel_time(epoch, device, steps=1)
     clips = rounds[0][0]
     decoded = decoded_frames_per_clip(loader)
-    decode = loader.backend
-    if payload["jpeg_probe"]:
-        decode = "nvJPEG (mixed), decode-only" if device.type == "cuda" else "cpu, decode-only"
-    return {"loader": loader.kind, "decode": decode, "jpeg_frames": bool(getattr(loader, "jpeg_frames", False)),
+    return {"loader": loader.kind, "decode": loader.backend, "jpeg_frames": bool(getattr(loader, "jpeg_frames", False)),
             "clips_per_epoch": clips, "first_epoch_s": first_s,
             "rounds_clips_per_s": [n / s for n, s, _ in rounds],
             "clips_per_s": statistics.median(n / s for n, s, _ in rounds),
@@ -236,7 +195,9 @@ def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
     codec = VARIANTS[row.variant][0]
     if not cuda and codec in GPU_ONLY_CODECS:
         return "H.264 rows run on a GPU only (DALI's CPU decoder takes VP8/VP9/MJPEG; the rehearsal prepares none)"
-    if row.kind in ("dali", "nvjpeg") and not dali:  # an e2e row runs on the loader auto picks (PyAV without DALI)
+    if row.backend == "gpu" and not cuda:
+        return "nvJPEG rows run on a GPU only (data.backend=gpu decodes MJPEG's JPEG frames with nvJPEG)"
+    if row.kind == "dali" and not dali:  # an e2e row runs on the loader auto picks (PyAV without DALI)
         return "DALI is not importable here (nvidia-dali-cuda120): no DALI loader to measure"
     return None
 
@@ -246,9 +207,9 @@ def run_loader(row: Row, cfg: DataConfig, device: torch.device, rounds: int, tim
     from timesformer_harness.runner import run_in_fresh_process
 
     on = torch.device("cpu") if row.kind == "pyav" else device  # the PyAV loader delivers on the CPU
-    loader = "pyav" if row.kind == "pyav" else "dali"  # the probe takes the DALI loader's source and plans
-    payload = {"device": str(on), "rounds": rounds, "jpeg_probe": row.kind == "nvjpeg",
-               "data": asdict(replace(cfg, loader=loader, backend="auto" if on.type == "cuda" else "cpu"))}
+    loader = "pyav" if row.kind == "pyav" else "dali"
+    payload = {"device": str(on), "rounds": rounds,
+               "data": asdict(replace(cfg, loader=loader, backend=row.backend if on.type == "cuda" else "cpu"))}
     out = run_in_fresh_process(loader_row, payload, timeout_s=timeout_s)
     if out.status != "ok":
         return {"status": out.status, "message": out.message + (f"\n{out.traceback[-1500:]}" if out.traceback else "")}
@@ -345,9 +306,8 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             fmt_cell(r.get("data_wait_pct")), fmt_cell(r.get("data_wait_ms")), fmt_cell(r.get("compute_ms"))]) + " |")
     lines += ["", "Targets (set for one H100; judged on a GPU only, and only on the rows that ran):", ""]
     lines += [f"- {what}: {verdict}" for what, verdict in judge(rows, on_gpu=meta["device"] == "cuda")]
-    lines += ["", "Not measured by this script: NVDEC with a decoder session kept across clips; JPEG frames on "
-              "nvJPEG as a loader (the DALI loader decodes JPEG frames on the CPU; the nvjpeg row is a decode-only "
-              "probe, not judged); the data wait at the compiled step's rate (the e2e case steps eagerly)."]
+    lines += ["", "Not measured by this script: NVDEC with a decoder session kept across clips; the data wait at the "
+              "compiled step's rate (the e2e case steps eagerly)."]
     return "\n".join(lines) + "\n"
 
 

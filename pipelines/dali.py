@@ -17,10 +17,12 @@ Where the work after decoding runs depends on the device:
 * CPU: DALI outputs the cropped uint8 windows and ``timesformer_harness.pipelines.transforms`` (the PyAV loader's
   transform) mirrors, resizes and normalises them in torch, whose uint8 resize and flip are faster than DALI's CPU
   ones (see that module).
-* Intra-only JPEG video (MJPEG) on the CPU (``jpeg_frames``): every frame is a JPEG image, so the source feeds the
-  clip's frames as images, ``fn.decoders.image_slice`` decodes only each frame's crop window (nvImageCodec with
-  libjpeg-turbo, many frames per batch in parallel) and the graph's batch is ``batch_size x T`` frames: measured
-  more than twice the clip rate of the video decoder on the same packets.
+* Intra-only JPEG video (MJPEG, ``jpeg_frames``): every frame is a JPEG image, so the source feeds the clip's frames
+  as images, ``fn.decoders.image_slice`` decodes only each frame's crop window and the graph's batch is
+  ``batch_size x T`` frames. On the CPU nvImageCodec decodes with libjpeg-turbo, many frames per batch in parallel
+  (measured more than twice the clip rate of the video decoder on the same packets); on the GPU (``device="mixed"``)
+  with nvJPEG, the hardware JPEG decoder where the GPU has one, and the frames are resized, flipped and normalised
+  there as the video graph's are. NVDEC has no MJPEG, so only this path decodes MJPEG on a GPU.
 
 A clip that cannot be fed or decoded does not end the epoch (``timesformer_harness.pipelines.quarantine``):
 
@@ -105,7 +107,8 @@ class PlanSource:
     """``fn.external_source`` callback: one batch of plans per call as (stream bytes, frame positions, order, crop
     anchor, crop shape, flip); ``decode_only``: the first three; on the CPU no flip (done in torch). With
     ``jpeg_frames``: per clip frame (T per clip, in clip order) the JPEG image, crop anchor and crop shape;
-    ``decode_only``: the images. Counts per epoch how each clip was fed.
+    ``decode_only``: the images; on the GPU also each frame's flip (its clip's). Counts per epoch how each clip was
+    fed.
 
     It never raises for a clip: a clip whose input cannot be made is left out of the batch it feeds (DALI takes
     batches of any size up to ``batch_size``, but not empty ones: a batch of which no clip can be fed is skipped),
@@ -253,7 +256,10 @@ class PlanSource:
             if self.decode_only:
                 return (images,)
             per_frame = [len(x.images) for x in inputs]
-            return images, _repeat(anchor, per_frame), _repeat(shape, per_frame)
+            frame_args = images, _repeat(anchor, per_frame), _repeat(shape, per_frame)
+            if self.backend != "gpu":
+                return frame_args
+            return (*frame_args, _repeat([np.array(int(p.flip), dtype=np.int32) for p in plans], per_frame))
         enc, frames, order = [x.stream for x in inputs], [x.frames for x in inputs], [x.order for x in inputs]
         if self.decode_only:
             return enc, frames, order
@@ -287,8 +293,9 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
     * GPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order) -> resize -> normalise (FHWC).
     * CPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order): per clip its (T, h, w, 3)
       uint8 windows, which ``to_clips`` mirrors, resizes and normalises in torch.
-    * CPU, ``frames_per_clip`` = T > 0 (the source's ``jpeg_frames``): per frame its JPEG -> decode only the crop
-      window (``decoders.image_slice``), ``batch_size x T`` frames a run, T consecutive ones per clip.
+    * ``frames_per_clip`` = T > 0 (the source's ``jpeg_frames``): per frame its JPEG -> decode only the crop window
+      (``decoders.image_slice``), ``batch_size x T`` frames a run, T consecutive ones per clip; on the GPU (nvJPEG)
+      then resize -> flip and normalise (HWC) per frame, as the video graph.
 
     ``decode_only`` returns the decoded uint8 frames instead (FHWC per clip; per frame with ``frames_per_clip``),
     for the decode-rate benchmark and tests.
@@ -304,9 +311,16 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
         if frames_per_clip:
             if decode_only:
                 (images,) = fn.external_source(source=source, num_outputs=1, batch=True)
-                return fn.decoders.image(images, device="cpu", output_type=types.RGB)
-            images, anchor, shape = fn.external_source(source=source, num_outputs=3, batch=True)
-            return fn.decoders.image_slice(images, anchor, shape, device="cpu", output_type=types.RGB, **slice_args)
+                return fn.decoders.image(images, device=decode_device, output_type=types.RGB)
+            images, anchor, shape, *flip = fn.external_source(  # flip: on the GPU only
+                source=source, num_outputs=4 if backend == "gpu" else 3, batch=True)
+            frames = fn.decoders.image_slice(images, anchor, shape, device=decode_device, output_type=types.RGB,
+                                             **slice_args)  # (h, w, 3) uint8 per frame
+            if backend != "gpu":
+                return frames
+            frames = fn.resize(frames, size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=False)
+            return fn.crop_mirror_normalize(frames, dtype=types.FLOAT, output_layout="HWC", mirror=flip[0],
+                                            mean=[m * 255 for m in mean], std=[s * 255 for s in std])
         if decode_only:
             enc, frames, order = fn.external_source(source=source, num_outputs=3, batch=True)
             video = fn.decoders.video(enc, device=decode_device, frames=frames)
@@ -357,8 +371,9 @@ def to_clips(out, plans: list[ClipPlan], *, backend: str, decode_only: bool, fra
     if decode_only:
         x = _to_torch(out, device)
         return x.view(len(plans), T, *x.shape[1:]) if T else x
-    if backend == "gpu":
-        return _to_torch(out, device).permute(0, 4, 1, 2, 3)  # (B, T, S, S, 3) -> (B, 3, T, S, S), a view
+    if backend == "gpu":  # (B, T, S, S, 3) -> (B, 3, T, S, S), a view; JPEG frames come as (B*T, S, S, 3)
+        x = _to_torch(out, device)
+        return (x.view(len(plans), T, *x.shape[1:]) if T else x).permute(0, 4, 1, 2, 3)
     num_frames = T or len(plans[0].frames)
     clips = empty_clips((len(plans), 3, num_frames, crop, crop))
     for i, plan in enumerate(plans):
@@ -383,8 +398,6 @@ class DaliLoader(ClipLoader):
                  quarantine: Sequence[BadVideo | dict[str, Any]] = (), jpeg_frames: bool = False,
                  indexes: PacketIndexCache | None = None):
         super().__init__(planner, device, start_batch, rejected, quarantine)
-        if jpeg_frames and backend == "gpu":
-            raise ValueError("jpeg_frames: JPEG frames are decoded on the CPU; use backend='cpu'")
         self.backend, self.decode_only, self.jpeg_frames = backend, decode_only, jpeg_frames
         if backend == "gpu":
             self.device_id = self.device.index if self.device.type == "cuda" and self.device.index is not None \
@@ -405,9 +418,9 @@ class DaliLoader(ClipLoader):
     def build(cls, planner: ClipPlanner, device: torch.device, *, decode_device: str, infos: list[Any],
               start_batch: int = 0, rejected: list[tuple[str, str]] | None = None,
               quarantine: Sequence[BadVideo | dict[str, Any]] = ()) -> DaliLoader:
-        """The factory's loader for the probed usable videos ``infos``: an all-MJPEG set decoded on the CPU has its
-        frames decoded as JPEG images (faster than the video decoder)."""
-        jpeg = decode_device == "cpu" and all(info.codec in JPEG_CODECS for info in infos)
+        """The factory's loader for the probed usable videos ``infos``: an all-MJPEG set has its frames decoded as JPEG
+        images (on the CPU faster than the video decoder; on the GPU by nvJPEG, as NVDEC has no MJPEG)."""
+        jpeg = bool(infos) and all(info.codec in JPEG_CODECS for info in infos)
         return cls(planner, device, backend=decode_device, start_batch=start_batch, rejected=rejected,
                    quarantine=quarantine, jpeg_frames=jpeg)
 

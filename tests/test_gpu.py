@@ -97,7 +97,8 @@ def _nvdec_refuses(path: str) -> str:
     return out.stdout + out.stderr
 
 
-def _dali_direct(cfg: DataConfig, paths: list[str], backend: str, decode_only: bool = False):
+def _dali_direct(cfg: DataConfig, paths: list[str], backend: str, decode_only: bool = False,
+                 jpeg_frames: bool = False):
     """A DALI loader over ``paths`` without the pre-flight check: what NVDEC itself does with the files."""
     from timesformer_harness.pipelines.base import ClipPlanner, Video
     from timesformer_harness.pipelines.dali import DaliLoader
@@ -106,7 +107,8 @@ def _dali_direct(cfg: DataConfig, paths: list[str], backend: str, decode_only: b
     infos = [probe_video(p) for p in paths]
     videos = [Video(i, p, i % 2, info.frames, info.fps, info.height, info.width) for i, (p, info) in
               enumerate(zip(paths, infos))]
-    return DaliLoader(ClipPlanner(cfg, "test", videos), CUDA, backend=backend, decode_only=decode_only)
+    return DaliLoader(ClipPlanner(cfg, "test", videos), CUDA, backend=backend, decode_only=decode_only,
+                      jpeg_frames=jpeg_frames)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +166,42 @@ def test_mjpeg_is_not_decoded_by_dalis_gpu_decoder(tmp_path: Path) -> None:
                            pix_fmt="yuvj420p"))
     assert "mjpeg" in DALI_CPU_CODECS and nvdec_problem(_probe(path)).startswith("codec mjpeg")
     assert re.search("not supported by the GPU variant|Failed to create video decoder", _nvdec_refuses(path))
+
+
+@needs_dali
+def test_an_mjpeg_set_on_the_gpu_is_decoded_by_nvjpeg_like_the_cpu_jpeg_frames(tmp_path: Path) -> None:
+    """data.backend=gpu on an all-MJPEG set: the pre-flight check accepts it (nvJPEG, not NVDEC, decodes it), the
+    DALI loader decodes its frames as JPEG images on the GPU and resizes, flips and normalises them there; its
+    frames are libjpeg-turbo's (the CPU JPEG-frames loader's) and its train clips the CPU loader's (windows, flips),
+    in the loaders' layout. data.backend=auto keeps MJPEG on the CPU."""
+    from timesformer_harness.pipelines.factory import build_loader
+    from timesformer_harness.pipelines.tools.encode import write_video
+
+    paths = [str(write_video(tmp_path / f"mj{i}.avi", textured_frames(48, 160, 192, 20 + i), "mjpeg", 30,
+                             pix_fmt="yuvj420p")) for i in range(2)]
+    cfg = _data_cfg(tmp_path, paths, num_frames=4, sampling_rate=8)
+    gpu = _dali_direct(cfg, paths, "gpu", decode_only=True, jpeg_frames=True)
+    cpu = _dali_direct(cfg, paths, "cpu", decode_only=True, jpeg_frames=True)
+    a, b = next(iter(gpu)).video, next(iter(cpu)).video
+    assert a.is_cuda and a.dtype == torch.uint8 and tuple(a.shape) == tuple(b.shape) == (2, 4, 160, 192, 3)
+    diff = (a.cpu().int() - b.cpu().int()).abs().float().mean(dim=(2, 3, 4))
+    assert diff.max() < 3, f"mean |nvJPEG - libjpeg-turbo| per frame: {diff}"
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("".join(f"{p} {i % 2}\n" for i, p in enumerate(paths * 4)))
+    train = replace(cfg, train_manifest=str(manifest), train_crop_size=64, train_jitter_scales=[80, 120], batch_size=8,
+                    loader="auto")
+    loader = build_loader(train, "train", device=CUDA)
+    assert type(loader).__name__ == "DaliLoader" and loader.backend == "gpu" and loader.jpeg_frames
+    flips = [p.flip for p in loader.planner.plans(0)]
+    assert any(flips) and not all(flips), flips
+    batch = next(iter(loader))
+    ref = next(iter(build_loader(replace(train, backend="cpu"), "train", device="cpu")))
+    assert batch.video.is_contiguous(memory_format=CLIP_FORMAT) and torch.equal(batch.index.cpu(), ref.index)
+    diff = (batch.video.cpu() - ref.video).abs().mean(dim=(1, 2, 3, 4)) * 0.225 * 255
+    mirrored = (batch.video.cpu() - ref.video.flip(-1)).abs().mean(dim=(1, 2, 3, 4)) * 0.225 * 255
+    assert (diff < 8).all() and (diff < mirrored).all(), f"|nvJPEG loader - CPU| per clip {diff}, mirrored {mirrored}"
+    auto = build_loader(replace(train, backend="auto"), "train", device=CUDA)
+    assert auto.backend == "cpu" and auto.jpeg_frames
 
 
 @needs_dali

@@ -366,10 +366,29 @@ def test_an_mjpeg_set_is_decoded_as_jpeg_images_like_the_pyav_loader(tmp_path, c
         assert nearest == np.minimum(plan.frames, 47).tolist()
 
 
-def test_jpeg_frames_are_a_cpu_choice_and_a_mixed_set_decodes_as_video(files, tmp_path) -> None:
-    with pytest.raises(ValueError, match="JPEG frames are decoded on the CPU"):
-        DaliLoader(ClipPlanner(_cfg(tmp_path, [files["mjpeg"]]), "train", []), torch.device("cpu"), backend="gpu",
-                   jpeg_frames=True)
+def test_jpeg_frames_on_the_gpu_are_fed_with_each_frames_flip_and_a_mixed_set_decodes_as_video(files, tmp_path
+                                                                                                ) -> None:
+    """On the GPU (nvJPEG) the source feeds, per frame, its JPEG image, its clip's crop window and its clip's flip:
+    T consecutive samples per clip, in clip order (the GPU graph flips and normalises each frame). A set that mixes
+    MJPEG with video codecs is decoded as video."""
+    paths = _mjpeg_set(tmp_path, 2)
+    cfg = _cfg(tmp_path, paths * 2, num_frames=4, sampling_rate=8, batch_size=4)
+    plans = build_loader(cfg, "train", device="cpu").planner.plans(0)
+    assert any(p.flip for p in plans) and not all(p.flip for p in plans)
+    source = PlanSource(4, backend="gpu", jpeg_frames=True, prefetch=0)
+    source.start(plans)
+    images, anchors, shapes, flips = source()
+    assert len(images) == len(anchors) == len(shapes) == len(flips) == 4 * 4
+    for i, plan in enumerate(plans):
+        frames = slice(4 * i, 4 * i + 4)
+        assert [int(f) for f in flips[frames]] == [int(plan.flip)] * 4
+        assert all(a.tolist() == list(plan.window[:2]) for a in anchors[frames])
+        assert all(s.tolist() == list(plan.window[2:]) for s in shapes[frames])
+    cpu = PlanSource(4, jpeg_frames=True, prefetch=0)
+    cpu.start(plans)
+    assert len(cpu()) == 3  # on the CPU the flip is done in torch
+    for a, b in zip(images, cpu.clip_input(plans[0]).images + cpu.clip_input(plans[1]).images):
+        assert np.array_equal(a, b)
     mixed = build_loader(_cfg(tmp_path, [files["mjpeg"], files["vp9_gop8"]] * 2, batch_size=2), "train")
     assert isinstance(mixed, DaliLoader) and not mixed.jpeg_frames
 

@@ -5,8 +5,9 @@ set every iteration from the fractional epoch, gradients accumulate until ``solv
 seen (leftover micro-batches at an epoch's end are dropped, as the original does), evaluation runs every
 ``train.eval_period`` epochs and at the end, and checkpoints are written every ``train.checkpoint_period`` epochs
 (see ``timesformer_harness.train_state`` for the file layout). On top of it: DDP (NCCL on GPU, gloo on CPU), AMP (bf16,
-or fp16 with a GradScaler), channels-last on GPU, clipping, label smoothing, mixup/cutmix, auto-resume that continues
-the same run, SIGTERM/SIGINT handling (finish the step, save, exit 0) and a stop on a non-finite loss.
+or fp16 with a GradScaler), channels-last on GPU, clipping, label smoothing, mixup/cutmix, a resume that continues
+the same run (``train.resume``: never | auto | must; a changed model or data config is refused, other changes warned),
+SIGTERM/SIGINT handling (finish the step, save, exit 0) and a stop on a non-finite loss.
 
 Videos that fail while decoding are quarantined by the loader (``timesformer_harness.pipelines.quarantine``); the
 Trainer merges every rank's list at each epoch's end, keeps it in ``rejected.csv`` and in the checkpoint (so a resumed
@@ -40,6 +41,7 @@ if __name__ == "__main__" and not __package__:  # run by path (torchrun harness/
     run_by_package_name(__file__, "timesformer_harness.train")
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from timesformer_harness.checkpoint import CheckpointError, load_weights
@@ -54,8 +56,9 @@ from timesformer_harness.optim import build_optimizer, lr_at, set_lr
 from timesformer_harness.runtime import (environment_info, precision_name, release_freed_memory, resolve_precision,
                                          retain_freed_memory, seed_everything, set_determinism)
 from timesformer_harness.train_hooks import DebugHooks
-from timesformer_harness.train_state import (CheckpointManager, RunFolderError, RunLock, data_fingerprint,
-                                             keep_records_up_to, list_checkpoints, resume_position, rng_state,
+from timesformer_harness.train_state import (Change, CheckpointManager, RunFolderError, RunLock, config_changes,
+                                             data_fingerprint, find_resume, format_changes, keep_records_up_to,
+                                             list_checkpoints, resume_position, rng_state, saved_config,
                                              set_rng_state)
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
@@ -125,6 +128,23 @@ def check_inputs(cfg: RootConfig) -> dict[str, list[VideoEntry]]:
     return manifests
 
 
+def check_resume_config(cfg: RootConfig, path: Path, obj: dict[str, Any]) -> list[Change]:
+    """Compare this launch's config with the one checkpoint ``path`` (loaded: ``obj``) was written with. Returns the
+    changes a resume takes on (to warn about); raises ``RunFolderError`` naming every change that would make the
+    checkpoint another model's or its clips other clips (``train_state.config_changes``)."""
+    before = saved_config(obj)
+    if before is None:
+        logger.warning("%s holds no config of this harness: resuming without comparing configs", path)
+        return []
+    refused, warned = config_changes(before, yaml.safe_load(to_yaml(cfg)),
+                                     data_may_change=cfg.train.on_data_change == "replan")
+    if refused:
+        raise RunFolderError(f"cannot resume from {path}: the config changes the model or its data: "
+                             f"{format_changes(refused)}; put the old value(s) back, or train a new model in a folder "
+                             f"of its own (output.dir=<new folder> train.resume=never)")
+    return warned
+
+
 def next_launch(run_dir: Path) -> int:
     """1 + the highest ``n`` of the ``config.<n>.yaml`` files in ``run_dir`` (each launch keeps its config)."""
     found = [int(m[1]) for p in run_dir.glob("config.*.yaml") if (m := re.fullmatch(r"config\.(\d+)\.yaml", p.name))]
@@ -139,6 +159,9 @@ class Trainer:
         # a wrong data.root or an empty manifest fails here, before the run folder is touched; the entries read
         # serve each split's first loader
         self._manifests = check_inputs(cfg)
+        # train.resume decides, and a resume refuses a changed model or data, also before the folder is touched
+        self._resume = find_resume(cfg.output.dir, cfg.train.resume)
+        changed = check_resume_config(cfg, *self._resume) if self._resume is not None else []
         self.device = info.device
         self.run_dir = Path(cfg.output.dir)
         self.cfg_yaml = to_yaml(cfg)
@@ -157,6 +180,9 @@ class Trainer:
             (self.run_dir / f"config.{launch}.yaml").write_text(self.cfg_yaml)
             (self.run_dir / "config.yaml").write_text(self.cfg_yaml)
             logger.info("launch %d in %s: config.%d.yaml, log in train.log", launch, self.run_dir, launch)
+            if changed:
+                logger.warning("resuming from %s with a changed config (the new values apply from here on): %s",
+                               self._resume[0], format_changes(changed))
             (self.run_dir / "environment.json").write_text(json.dumps(environment_info(self.device), indent=2))
         barrier()
         seed_everything(cfg.train.seed + info.rank)
@@ -186,6 +212,9 @@ class Trainer:
                 if dropped:
                     logger.info("metrics.jsonl: %d record(s) logged after step %d, whose work is redone from %s, "
                                 "removed", dropped, self.step, self.resumed_from[0])
+            elif dropped := keep_records_up_to(self.run_dir / "metrics.jsonl", -1):
+                logger.warning("metrics.jsonl: %d record(s) of an earlier run that saved no checkpoint removed (this "
+                               "run starts from step 0)", dropped)
         self.ddp: DDP | None = None
         if info.enabled:
             self.ddp = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
@@ -216,11 +245,10 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------------
     def _restore(self) -> None:
-        """Auto-resume from the run directory; else ``model.pretrained`` weights only (fine-tuning: epoch 0, fresh
-        optimizer, a head of another class count re-initialised); else the model's own init."""
-        found = self.ckpt.load_latest() if self.cfg.train.resume != "never" else None
-        if found is not None:
-            path, obj = found
+        """Resume from the checkpoint ``train.resume`` chose; else ``model.pretrained`` weights only (fine-tuning:
+        epoch 0, fresh optimizer, a head of another class count re-initialised); else the model's own init."""
+        if self._resume is not None:
+            path, obj = self._resume
             load_weights(self.model, path, strict=True)
             if obj.get("optimizer_state"):
                 self.optimizer.load_state_dict(obj["optimizer_state"])
@@ -239,9 +267,10 @@ class Trainer:
             elif rngs:
                 logger.warning("%s was written by %d process(es), this run has %d: random states re-seeded, so the "
                                "run continues but not bit-exactly", path, old_world, self.info.world_size)
-                if self.start_batch:
-                    old = int(obj.get("batch_size", self.cfg.data.batch_size)) * old_world
-                    self.start_batch = self.start_batch * old // (self.cfg.data.batch_size * self.info.world_size)
+            old_clips = int(obj.get("batch_size", self.cfg.data.batch_size)) * old_world  # per iteration, all ranks
+            if self.start_batch and old_clips != self.cfg.data.batch_size * self.info.world_size:
+                # the epoch's clip order is the same: go on at the first clip not yet trained on (rounded down)
+                self.start_batch = self.start_batch * old_clips // (self.cfg.data.batch_size * self.info.world_size)
             logger.info("resumed from %s: epoch %d, batch %d, step %d", path, self.start_epoch, self.start_batch,
                         self.step)
         elif self.cfg.model.pretrained:

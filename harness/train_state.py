@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from timesformer_harness.checkpoint import CheckpointError, load_file, save_pyth
 from timesformer_harness.common import atomic_write_text
@@ -78,6 +79,90 @@ class RunLock:
         if not self._file.closed:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
+
+
+# What a resume refuses to change (a changed value would make the checkpoint another model's, or its clips other
+# clips): the architecture, and the keys that define a clip. The data's sources are refused too unless
+# train.on_data_change=replan (then the fingerprint check decides, as for an edited manifest). Other keys are warned.
+MODEL_KEYS = tuple(f"model.{k}" for k in ("img_size", "patch_size", "in_chans", "num_classes", "num_frames",
+                                           "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+                                           "attention_type"))
+CLIP_KEYS = tuple(f"data.{k}" for k in ("num_frames", "sampling_rate", "target_fps", "train_jitter_scales",
+                                         "train_crop_size", "test_crop_size", "mean", "std", "random_flip",
+                                         "inv_uniform_sample", "pad_short"))
+SOURCE_KEYS = tuple(f"data.{k}" for k in ("format", "root", "train_manifest", "path_prefix", "separator",
+                                           "ssv2_labels"))
+IGNORED_KEYS = ("output.dir", "train.resume")  # where the run is (a moved folder) and how it was started
+
+Change = tuple[str, Any, Any]  # (dotted key, checkpoint's value, this launch's value)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{dotted key: leaf value}`` (lists are leaves)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any],
+                   data_may_change: bool = False) -> tuple[list[Change], list[Change]]:
+    """``(refused, warned)``: the keys whose value differs between the checkpoint's config ``before`` and this
+    launch's ``after`` (nested dicts, as the YAML loads), split into those a resume refuses (``MODEL_KEYS``,
+    ``CLIP_KEYS``, and ``SOURCE_KEYS`` unless ``data_may_change``) and the others. A key that only one side has
+    (a schema of another version) and ``IGNORED_KEYS`` are left out."""
+    old, new = _flatten(before), _flatten(after)
+    refuse = set(MODEL_KEYS + CLIP_KEYS + (() if data_may_change else SOURCE_KEYS))
+    refused: list[Change] = []
+    warned: list[Change] = []
+    for key in sorted(old.keys() & new.keys()):
+        if key in IGNORED_KEYS or old[key] == new[key]:
+            continue
+        (refused if key in refuse else warned).append((key, old[key], new[key]))
+    return refused, warned
+
+
+def format_changes(changes: list[Change]) -> str:
+    """``key old -> new`` for each change, comma-separated (one line)."""
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+
+
+def saved_config(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The config a checkpoint of ours was written with (its ``cfg`` YAML, as nested dicts); None when it has none
+    this harness can read (an original ``.pyth`` holds a yacs config of other keys, which compare as absent)."""
+    try:
+        cfg = yaml.safe_load(obj.get("cfg") or "")
+    except yaml.YAMLError:
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def find_resume(run_dir: str | Path, policy: str) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a launch with ``train.resume=policy`` continues from, read before the run folder is written.
+
+    ``never``: None, and a ``RunFolderError`` when ``run_dir`` already holds an earlier run's checkpoints or metrics
+    (a fresh run would mix with them, and prune them). ``auto``: the newest readable checkpoint, or None. ``must``:
+    the newest readable checkpoint, and a ``RunFolderError`` when there is none.
+    """
+    run_dir = Path(run_dir)
+    found = list_checkpoints(run_dir / "checkpoints")
+    if policy == "never":
+        metrics = run_dir / "metrics.jsonl"
+        if found or (metrics.is_file() and metrics.stat().st_size):
+            held = f"{len(found)} checkpoint(s), newest {found[-1].name}" if found else "an earlier run's metrics.jsonl"
+            raise RunFolderError(f"train.resume=never starts a fresh run, but output.dir {run_dir} holds {held}: give "
+                                 f"this run its own output.dir=..., or delete {run_dir} to start over, or continue "
+                                 "that run with train.resume=auto")
+        return None
+    latest = CheckpointManager(run_dir).load_latest() if found else None
+    if latest is None and policy == "must":
+        what = "no readable checkpoint" if found else "no checkpoint"
+        raise RunFolderError(f"train.resume=must, but output.dir {run_dir} has {what} to resume from (looked in "
+                             f"{run_dir / 'checkpoints'}): check output.dir (a relative path is from the current "
+                             f"folder, {Path.cwd()}), or use train.resume=auto to start a fresh run there")
+    return latest
 
 
 def data_fingerprint(videos: list[tuple[str, int]]) -> dict[str, Any]:

@@ -1,0 +1,219 @@
+"""A safe resume: ``train.resume=never|auto|must``, the config comparison that refuses a changed model or data and
+warns about other changes (``train_state.config_changes``), and the default ``output.dir`` that names the config; the
+pure functions on real configs and files, the policies in real training processes on a real toy dataset."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import test_user_errors
+from test_train import PY, REPO, train_cmd
+from test_user_errors import error_line, run
+from timesformer_harness.common import ExitCode
+from timesformer_harness.config import ConfigError, ModelConfig, RootConfig, load_config, to_yaml
+from timesformer_harness.model import create_model
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.train_state import (CLIP_KEYS, IGNORED_KEYS, MODEL_KEYS, SOURCE_KEYS, CheckpointManager,
+                                             RunFolderError, config_changes, find_resume, format_changes)
+
+tiny = test_user_errors.tiny  # the fixture: 8 train videos of a toy set, one optimizer step
+
+# The keys of each section a resume lets change (with a warning); every other one is refused. A new field of
+# ModelConfig or DataConfig must be put on one side or the other (test_every_model_and_data_key_is_classified).
+MODEL_WARNED = {"drop_rate", "attn_drop_rate", "drop_path_rate", "attn_backend", "grad_checkpointing", "init",
+                "time_embed_std", "pretrained"}
+DATA_WARNED = {"loader", "backend", "val_manifest", "test_manifest", "num_ensemble_views", "num_spatial_crops",
+               "batch_size", "num_workers", "on_bad_video", "max_bad_fraction", "validate", "seed", "validate_cache",
+               "max_frame_pixels", "synthetic_videos", "synthetic_classes"}
+
+
+def as_dict(overrides: list[str]) -> dict:
+    """The config the harness saves in a checkpoint (``cfg``), loaded back as nested dicts."""
+    return yaml.safe_load(to_yaml(load_config(REPO / "configs/model/tiny.yaml", overrides)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The comparison.
+def test_config_changes_refuses_model_and_clip_keys_and_warns_about_the_rest():
+    before = as_dict(["output.dir=runs/a"])
+    after = as_dict(["output.dir=runs/b", "train.resume=must", "model.depth=3", "data.sampling_rate=2",
+                     "data.root=/elsewhere", "solver.base_lr=0.01", "data.batch_size=2", "data.num_workers=4"])
+    refused, warned = config_changes(before, after)
+    assert refused == [("data.root", "data/toy", "/elsewhere"), ("data.sampling_rate", 8, 2), ("model.depth", 2, 3)]
+    assert warned == [("data.batch_size", 8, 2), ("data.num_workers", 2, 4), ("solver.base_lr", 0.005, 0.01)]
+    assert format_changes(refused) == ("data.root 'data/toy' -> '/elsewhere', data.sampling_rate 8 -> 2, "
+                                       "model.depth 2 -> 3")
+    # train.on_data_change=replan: where the videos come from may change (the data fingerprint check decides)
+    refused, warned = config_changes(before, after, data_may_change=True)
+    assert [key for key, _, _ in refused] == ["data.sampling_rate", "model.depth"]
+    assert "data.root" in [key for key, _, _ in warned]
+    assert config_changes(before, before) == ([], [])
+
+
+def test_a_key_only_one_config_has_is_not_a_change():
+    before, after = as_dict([]), as_dict(["model.depth=3"])
+    before["train"]["auto_resume"] = True  # another version's schema
+    del before["train"]["resume"]
+    del before["model"]["depth"]
+    assert config_changes(before, after) == ([], [])
+    assert config_changes({"TRAIN": {"ENABLE": True}}, after) == ([], [])  # an original .pyth's yacs config
+
+
+def test_every_model_and_data_key_is_classified():
+    schema = {key for key in yaml.safe_load(to_yaml(RootConfig()))["model"]}
+    assert {f.name for f in fields(ModelConfig)} == schema
+    assert {f"model.{k}" for k in schema - MODEL_WARNED} == set(MODEL_KEYS)
+    data = {f.name for f in fields(DataConfig)}
+    assert {f"data.{k}" for k in data - DATA_WARNED} == set(CLIP_KEYS + SOURCE_KEYS)
+    flat = {f"{section}.{key}" for section, keys in yaml.safe_load(to_yaml(RootConfig())).items() for key in keys}
+    assert set(IGNORED_KEYS) <= flat
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The policies on real files.
+def save_checkpoint(run_dir: Path) -> Path:
+    model = create_model("tiny")
+    return CheckpointManager(run_dir).save(model, torch.optim.SGD(model.parameters(), lr=0.1), epoch=1, batch=0,
+                                           step=4, cfg_yaml=to_yaml(RootConfig()), extra={})
+
+
+def test_find_resume_follows_the_policy(tmp_path):
+    empty = tmp_path / "empty"
+    assert find_resume(empty, "never") is None and find_resume(empty, "auto") is None
+    with pytest.raises(RunFolderError, match=rf"^train.resume=must, but output.dir {empty} has no checkpoint to "
+                                             rf"resume from \(looked in {empty}/checkpoints\): check output.dir"):
+        find_resume(empty, "must")
+    assert not empty.exists()  # nothing was created
+    run_dir = tmp_path / "run"
+    path = save_checkpoint(run_dir)
+    for policy in ("auto", "must"):
+        found, obj = find_resume(run_dir, policy)
+        assert found == path and obj["step"] == 4
+    with pytest.raises(RunFolderError, match=rf"^train.resume=never starts a fresh run, but output.dir {run_dir} "
+                                             r"holds 1 checkpoint\(s\), newest checkpoint_epoch_00001.pyth: give this "
+                                             r"run its own output.dir=\.\.\., or delete"):
+        find_resume(run_dir, "never")
+    path.write_bytes(b"not a checkpoint")  # the only one is unreadable
+    assert find_resume(run_dir, "auto") is None
+    with pytest.raises(RunFolderError, match="has no readable checkpoint to resume from"):
+        find_resume(run_dir, "must")
+    died = tmp_path / "died"  # a run that logged records and died before its first checkpoint
+    died.mkdir()
+    (died / "metrics.jsonl").write_text('{"step": 0, "event": "start"}\n')
+    with pytest.raises(RunFolderError, match="holds an earlier run's metrics.jsonl"):
+        find_resume(died, "never")
+
+
+def test_the_resume_policy_is_checked_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"^command-line overrides: train.resume='sometimes'; choose from "
+                                          r"\['never', 'auto', 'must'\]$"):
+        load_config(None, ["train.resume=sometimes"])
+    with pytest.raises(ConfigError, match="unknown config key 'train.auto_resume'"):
+        load_config(None, ["train.auto_resume=false"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The default run folder.
+def test_the_default_output_dir_names_the_config(tmp_path):
+    assert load_config(REPO / "configs/exp/toy_divided_cpu.yaml").output.dir == "runs/train/toy_divided_cpu"
+    assert load_config(REPO / "configs/exp/toy_joint_cpu.yaml").output.dir == "runs/train/toy_joint_cpu"
+    assert load_config().output.dir == "runs/train/default"
+    my = tmp_path / "my.yaml"
+    my.write_text("defaults: [configs/exp/toy_divided_cpu.yaml]\n")  # a copy of a recipe gets a folder of its own
+    assert load_config(my).output.dir == "runs/train/my"
+    assert load_config(my, ["output.dir=runs/x"]).output.dir == "runs/x"
+    my.write_text("defaults: [configs/exp/toy_divided_cpu.yaml]\noutput:\n  dir: runs/mine\n")
+    assert load_config(my).output.dir == "runs/mine"
+
+
+def test_a_run_writes_where_its_config_is_named(tiny, tmp_path):
+    my = tmp_path / "my.yaml"
+    my.write_text("defaults: [configs/model/tiny.yaml]\n")
+    args = [a for a in tiny if not a.startswith("--config") and a != "configs/model/tiny.yaml"]
+    res = run([PY, str(REPO / "harness/train.py"), "--config", str(my), *args], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "runs/train/my/config.yaml").read_text())
+    assert saved["output"]["dir"] == "runs/train/my"
+    assert [p.name for p in (tmp_path / "runs/train/my/checkpoints").glob("checkpoint_*")] == [
+        "checkpoint_epoch_00001.pyth"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real training processes.
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory) -> Path:
+    """A run folder holding one finished epoch (one optimizer step)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    res = run(train_cmd(*tiny, f"output.dir={out}"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def copy_of(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to, symlinks=True)
+    (to / ".lock").unlink(missing_ok=True)
+    return to
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder``: (size, modification time in ns)."""
+    return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_a_changed_learning_rate_warns_once_and_resumes(finished, tiny, tmp_path):
+    out = copy_of(finished, tmp_path / "run")
+    res = run(train_cmd(*tiny, f"output.dir={out}", "solver.base_lr=0.01", "solver.max_epoch=2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    old = out / "checkpoints" / "checkpoint_epoch_00001.pyth"
+    warning = (f"resuming from {old} with a changed config (the new values apply from here on): solver.base_lr "
+               f"0.001 -> 0.01, solver.max_epoch 1 -> 2")
+    warned = [line for line in res.stderr.splitlines() if "with a changed config" in line]
+    assert len(warned) == 1 and " WARNING " in warned[0] and warned[0].endswith(warning), warned
+    assert f"resumed from {old}: epoch 1, batch 0, step 1" in res.stderr
+    assert warning in (out / "train.log").read_text()
+    assert (out / "checkpoints" / "checkpoint_epoch_00002.pyth").is_file()
+    assert yaml.safe_load((out / "config.2.yaml").read_text())["solver"]["base_lr"] == 0.01
+
+
+def test_a_changed_model_or_clip_is_refused_before_anything_is_written(finished, tiny, tmp_path):
+    out = copy_of(finished, tmp_path / "run")
+    before = snapshot(out)
+    res = run(train_cmd(*tiny, f"output.dir={out}", "model.depth=3", "data.sampling_rate=2", "solver.base_lr=0.01"))
+    assert res.returncode == ExitCode.RUN_FOLDER == 4
+    assert error_line(res) == (f"error: cannot resume from {out}/checkpoints/checkpoint_epoch_00001.pyth: the config "
+                               f"changes the model or its data: data.sampling_rate 3 -> 2, model.depth 2 -> 3; put "
+                               f"the old value(s) back, or train a new model in a folder of its own "
+                               f"(output.dir=<new folder> train.resume=never)")
+    assert "KeyError" not in res.stderr and "solver.base_lr" not in res.stderr
+    assert snapshot(out) == before
+
+
+def test_resume_must_with_nothing_to_resume_exits_4(tiny, tmp_path):
+    out = tmp_path / "typo"
+    res = run(train_cmd(*tiny, f"output.dir={out}", "train.resume=must"))
+    assert res.returncode == ExitCode.RUN_FOLDER
+    assert error_line(res).startswith(f"error: train.resume=must, but output.dir {out} has no checkpoint to resume "
+                                      f"from (looked in {out}/checkpoints)")
+    assert not out.exists()
+
+
+def test_resume_never_refuses_a_used_folder_and_trains_in_a_new_one(finished, tiny, tmp_path):
+    out = copy_of(finished, tmp_path / "run")
+    before = snapshot(out)
+    res = run(train_cmd(*tiny, f"output.dir={out}", "train.resume=never"))
+    assert res.returncode == ExitCode.RUN_FOLDER
+    assert error_line(res) == (f"error: train.resume=never starts a fresh run, but output.dir {out} holds 1 "
+                               f"checkpoint(s), newest checkpoint_epoch_00001.pyth: give this run its own "
+                               f"output.dir=..., or delete {out} to start over, or continue that run with "
+                               f"train.resume=auto")
+    assert snapshot(out) == before
+    fresh = tmp_path / "fresh"
+    res = run(train_cmd(*tiny, f"output.dir={fresh}", "train.resume=never"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" not in res.stderr and (fresh / "checkpoints" / "checkpoint_epoch_00001.pyth").is_file()

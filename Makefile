@@ -6,6 +6,8 @@
 #   make bench-compare A=RUN B=RUN two bench runs side by side (ratios, plot)
 #   make gpu-perf                  the train step's speed on one GPU (eager batches, compiled, SDPA backends, Trainer)
 #   make gpu-input                 the input shoot-out on one GPU (NVDEC/nvJPEG, 256 px, batch 32, e2e data wait; ~8 min)
+#   make docs                      regenerate docs/config.md from the config dataclasses
+#   make clean                     remove test and benchmark caches (keeps runs/); make clean-runs deletes runs/
 # torch: an importable torch (e.g. an NGC CUDA build, also one inside another venv) is reused via
 # --system-site-packages; otherwise TORCH_SPEC is installed. Override: make test TORCH_SPEC='torch==2.5.1'.
 
@@ -37,8 +39,11 @@ GPU_CHECK_ARGS ?=
 GPU_PERF_ARGS ?=
 # e.g. --rehearse-on-cpu, --budget-s 480
 GPU_INPUT_ARGS ?=
+# make tensorboard: the folder it serves (runs: training scalars under runs/train/*/tb and traces under runs/profile)
+LOGDIR  ?= runs
+TB_PORT ?= 6006
 
-.PHONY: venv test test-fast test-latest constraints bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check gpu-perf gpu-input clean
+.PHONY: venv test test-fast test-latest constraints bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check gpu-perf gpu-input docs clean clean-runs
 
 venv: $(STAMP)
 
@@ -95,7 +100,7 @@ profile: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m timesformer_harness.profiling --attn $(if $(filter all,$(ATTN)),divided_space_time,$(ATTN)) $(if $(STEPS),--steps $(STEPS)) $(if $(PRESET),--preset $(PRESET))
 
 tensorboard: $(STAMP)
-	$(VENV)/bin/tensorboard --logdir runs/profile --host 127.0.0.1 --port 6006
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host 127.0.0.1 --port $(TB_PORT)
 
 gate: $(STAMP)
 	$(VPY) -m timesformer_harness.gate --baseline $(BASELINE)
@@ -118,5 +123,12 @@ gpu-perf: $(STAMP)
 gpu-input: $(STAMP)
 	$(VPY) -m timesformer_harness.benchmarks.gpu_input $(GPU_INPUT_ARGS)
 
+docs: $(STAMP)
+	$(VPY) -m timesformer_harness.config_reference
+
+# caches only: runs/ holds checkpoints and measurements, which only clean-runs deletes
 clean:
-	rm -rf runs .pytest_cache .benchmarks
+	rm -rf .pytest_cache .benchmarks
+
+clean-runs:
+	rm -rf runs

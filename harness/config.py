@@ -37,26 +37,26 @@ CONFIG_DIR = PACKAGE_DIR / "configs" if (PACKAGE_DIR / "configs").is_dir() else 
 class ModelConfig:
     """TimeSformer hyper-parameters (names as in ``timesformer_harness.model.TimeSformer``)."""
 
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    num_classes: int = 400
-    num_frames: int = 8
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.1
+    img_size: int = 224  # input frame size H = W in pixels (the crop the loader delivers)
+    patch_size: int = 16  # patch side in pixels; img_size must be a multiple of it
+    in_chans: int = 3  # input channels (RGB)
+    num_classes: int = 400  # classifier outputs; every manifest label must be below it
+    num_frames: int = 8  # frames per clip T (the time embedding's length; set data.num_frames the same)
+    embed_dim: int = 768  # token width D (768 = ViT-Base)
+    depth: int = 12  # transformer blocks
+    num_heads: int = 12  # attention heads; embed_dim must be divisible by it
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
+    qkv_bias: bool = True  # bias in the fused qkv projection
+    drop_rate: float = 0.0  # dropout after the embeddings, each attention projection and in the MLPs
+    attn_drop_rate: float = 0.0  # dropout on the attention weights
+    drop_path_rate: float = 0.1  # stochastic depth, rising linearly to this in the last block
     attention_type: str = REFERENCE  # a registered variant (timesformer_harness.variants)
-    attn_backend: str = "auto"
-    grad_checkpointing: bool = False
+    attn_backend: str = "auto"  # auto (SDPA chooses) | flash | efficient | cudnn | math | naive
+    grad_checkpointing: bool = False  # recompute each block in backward: less activation memory, more time
     # "original": time_embed/temporal_fc zero (checkpoint-compatible, the default);
     # "scratch": time_embed ~ N(0, time_embed_std) so a from-scratch model sees frame order from step 0.
     init: str = "original"
-    time_embed_std: float = 1.0
+    time_embed_std: float = 1.0  # init=scratch: the std of the time embedding's normal init
     pretrained: str = ""  # path to .pyth / state_dict / ImageNet ViT / HF weights; "" = random init
 
     def __post_init__(self) -> None:
@@ -76,21 +76,21 @@ class SolverConfig:
     """Optimizer and learning-rate schedule (per-iteration, as the original)."""
 
     optimizer: str = "sgd"  # sgd | adamw | lamb (lamb needs apex)
-    base_lr: float = 0.005
+    base_lr: float = 0.005  # the learning rate the policy scales
     lr_policy: str = "steps_with_relative_lrs"  # steps_with_relative_lrs | cosine | constant
-    steps: list[int] = field(default_factory=lambda: [0, 11, 14])
-    lrs: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01])
-    max_epoch: int = 15
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_epochs: float = 0.0
-    warmup_start_lr: float = 0.0
-    cosine_end_lr: float = 0.0
+    steps: list[int] = field(default_factory=lambda: [0, 11, 14])  # steps_with_relative_lrs: epochs where lrs[i] starts
+    lrs: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01])  # steps_with_relative_lrs: factors of base_lr
+    max_epoch: int = 15  # epochs to train (the cosine policy ends here)
+    momentum: float = 0.9  # sgd momentum
+    nesterov: bool = True  # sgd: Nesterov momentum
+    weight_decay: float = 1e-4  # applied to every parameter, as the original
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw / lamb betas
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_start_lr over this many epochs; 0 = none
+    warmup_start_lr: float = 0.0  # the learning rate the warm-up starts from
+    cosine_end_lr: float = 0.0  # cosine: the learning rate at max_epoch
     global_batch_size: int = 64  # gradient accumulation up to this many clips per optimizer step
     grad_clip: float = 0.0  # max grad norm; 0 = off
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing; 0 = off
     mixup_alpha: float = 0.0  # > 0 enables mixup
     cutmix_alpha: float = 0.0  # > 0 enables cutmix
     use_apex: str = "auto"  # auto | never
@@ -117,28 +117,27 @@ class TrainConfig:
     """Training loop switches."""
 
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    channels_last: bool = True
+    channels_last: bool = True  # channels-last patch embedding (CUDA only; ignored on the CPU)
     compile: str = "none"  # none | default | reduce-overhead | max-autotune (torch.compile modes)
     warmup_steps: int = 1  # optimizer steps per epoch logged as warm-up, outside the steady clips/s
     # resuming after the usable videos changed (manifest edited, a video now rejected): error | replan (restart the
     # interrupted epoch from its first batch with the new list)
     on_data_change: str = "error"
-    eval_period: int = 5
-    checkpoint_period: int = 1
-    keep_last: int = 3
+    eval_period: int = 5  # validate every this many epochs and at the end; 0 = never
+    checkpoint_period: int = 1  # save a checkpoint every this many epochs and at the end
+    keep_last: int = 3  # epoch checkpoints kept (the best one is kept besides)
     # never: a fresh run (refused when output.dir already holds checkpoints) | auto: resume from the newest
     # checkpoint when there is one | must: resume, and fail when there is none
     resume: str = "auto"
-    log_period: int = 10
+    log_period: int = 10  # optimizer steps per log line and metrics.jsonl train record
     max_steps_per_epoch: int = 0  # 0 = the whole epoch (a cap for smoke runs)
-    seed: int = 0
-    deterministic: bool = False
-    # Debug hooks (tests): make the loss NaN at this global optimizer step / send ourselves SIGTERM after it.
-    debug_nan_at_step: int = -1
-    debug_signal_at_step: int = -1
-    # SIGKILL rank debug_kill_rank after this optimizer step, on torchrun's first attempt only (elastic restart)
+    seed: int = 0  # torch / numpy / random seed (+ rank); the loaders' sampling has its own, data.seed
+    deterministic: bool = False  # deterministic algorithms and cuDNN settings (slower; see runtime.set_determinism)
+    debug_nan_at_step: int = -1  # test hook: make the loss NaN at this global optimizer step; -1 = off
+    debug_signal_at_step: int = -1  # test hook: SIGTERM ourselves after this optimizer step; -1 = off
+    # test hook: SIGKILL rank debug_kill_rank after this optimizer step, on torchrun's first attempt only; -1 = off
     debug_kill_at_step: int = -1
-    debug_kill_rank: int = 0
+    debug_kill_rank: int = 0  # test hook: the rank debug_kill_at_step kills
     record_samples: bool = False  # write every batch's video indices to samples/rank{R}.jsonl (shard checks)
     # count each micro-batch's host-device syncs (CUDA: torch.cuda.set_sync_debug_mode) into the train records
     count_syncs: bool = False
@@ -164,8 +163,8 @@ class TestConfig:
     """Multi-view evaluation."""
 
     ensemble: str = "sum"  # sum (the original: raw logits summed over views) | softmax_mean | max
-    batch_size: int = 8
-    checkpoint: str = ""
+    batch_size: int = 8  # clips per process per batch in validation and evaluation
+    checkpoint: str = ""  # evaluate's weights without --checkpoint; "" = the newest checkpoint of output.dir
     split: str = "test"  # which manifest timesformer_harness.evaluate reads: test | val
     output: str = ""  # result JSON; "" = {output.dir}/eval_{split}.json
 
@@ -180,28 +179,30 @@ class TestConfig:
 class BenchConfig:
     """Benchmark knobs (see timesformer_harness.bench)."""
 
-    batch_size: int = 2
-    warmup: int = 2
-    steps: int = 5
-    precision: str = "auto"
-    channels_last: bool = True
+    batch_size: int = 2  # clips per step of a case
+    warmup: int = 2  # untimed steps before the timed ones
+    steps: int = 5  # timed samples per case
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = True  # channels-last patch embedding in the measured model
     preset: str = ""  # model preset; "" = cpu_bench without a GPU, vit_base_patch16 with one
+    # the suites to run: model | attention | scaling | pipeline | e2e
     suites: list[str] = field(default_factory=lambda: ["model", "attention", "scaling", "pipeline", "e2e"])
-    frames: list[int] = field(default_factory=list)  # scaling sweep; [] and img_sizes [] = T, 2T on CPU, the
-    img_sizes: list[int] = field(default_factory=list)  # paper's grid on a GPU (bench.scaling.paper_grid)
+    # scaling sweep frames; [] (with img_sizes []) = T, 2T on CPU, the paper's grid on a GPU (bench.scaling.paper_grid)
+    frames: list[int] = field(default_factory=list)
+    img_sizes: list[int] = field(default_factory=list)  # scaling sweep image sizes; [] = the model's (see frames)
     batches: list[int] = field(default_factory=list)  # model suite; [] = [batch_size] on CPU, 2, 4, ... to OOM on GPU
     compile: list[str] = field(default_factory=lambda: ["none"])  # model suite: torch.compile modes, none = eager
     sweep_warmup: int = 1  # the scaling sweep's larger cases take fewer steps
-    sweep_steps: int = 3
+    sweep_steps: int = 3  # timed samples per scaling-sweep case
     mem_limit_gb: float = 8.0  # CPU only: address-space cap per case, so a too-big case records oom, not swap
-    case_timeout_s: int = 600
+    case_timeout_s: int = 600  # seconds a case's fresh process may run before it is killed (status error)
     gemm_n: int = 1024  # CPU utilisation: fp32 GEMM of this size measured in the same run is the peak
     block_s: float = 0.0  # a timed sample's length: steps (and GEMMs) per block to fill it; 0 = one step per sample
     threads: int = 0  # CPU intra-op threads per case; 0 = torch's default
     data_config: str = "configs/exp/toy_divided_cpu.yaml"  # pipeline/e2e suites: the data section to load
     pipeline_batches: int = 8  # timed batches per loader (after 2 warm-up batches)
     input_bound_threshold: float = 0.1  # e2e verdict: input-bound when data wait > this share of a step
-    out_dir: str = "runs/bench"
+    out_dir: str = "runs/bench"  # where each run writes its <timestamp>-<attn>/ folder
 
     def __post_init__(self) -> None:
         check_bench_suites(self.suites)
@@ -233,7 +234,7 @@ class DistConfig:
     """torch.distributed settings (torchrun supplies rank/world size through the environment)."""
 
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
-    timeout_s: int = 1800
+    timeout_s: int = 1800  # seconds a collective or the start-up join may wait for the other ranks
     find_unused_parameters: bool = False  # DDP option (not needed by TimeSformer)
 
     def __post_init__(self) -> None:
@@ -245,8 +246,10 @@ class DistConfig:
 class OutputConfig:
     """Where a run writes."""
 
-    dir: str = "runs/train/default"  # load_config(path) makes it runs/train/<the config file's stem> unless set
-    tensorboard: bool = True
+    # the run folder (checkpoints, logs, metrics); load_config(path) makes it runs/train/<the config file's stem>
+    # unless set
+    dir: str = "runs/train/default"
+    tensorboard: bool = True  # write TensorBoard scalars to {output.dir}/tb
 
 
 @dataclass

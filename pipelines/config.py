@@ -24,28 +24,28 @@ class DataConfig:
     train_manifest: str = ""  # overrides {root}/train.csv
     val_manifest: str = ""  # overrides {root}/val.csv
     test_manifest: str = ""  # overrides {root}/test.csv
-    path_prefix: str = ""
-    separator: str = " "
+    path_prefix: str = ""  # joined before every manifest path (the original's PATH_PREFIX); SSv2: the videos' folder
+    separator: str = " "  # kinetics manifests: " " = whitespace, the label the last field (paths may hold spaces)
     ssv2_labels: str = ""  # something-something-v2-labels.json
-    num_frames: int = 8
-    sampling_rate: int = 8
-    target_fps: int = 30
-    train_jitter_scales: list[int] = field(default_factory=lambda: [256, 320])
-    train_crop_size: int = 224
-    test_crop_size: int = 224
-    mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])
-    std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])
-    random_flip: bool = True
-    inv_uniform_sample: bool = False
-    num_ensemble_views: int = 1
-    num_spatial_crops: int = 3
+    num_frames: int = 8  # frames per clip T (model.num_frames)
+    sampling_rate: int = 8  # a clip takes every sampling_rate-th frame at target_fps (Kinetics; SSv2 uses segments)
+    target_fps: int = 30  # the frame rate sampling_rate counts in; videos at another rate are sampled in time
+    train_jitter_scales: list[int] = field(default_factory=lambda: [256, 320])  # train: short side drawn in [min, max]
+    train_crop_size: int = 224  # train: random square crop of the resized frames (model.img_size)
+    test_crop_size: int = 224  # val/test: short side resized to this, then num_spatial_crops square crops
+    mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])  # per-channel mean subtracted (RGB, 0-1)
+    std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])  # per-channel std divided by
+    random_flip: bool = True  # train: horizontal flip with probability 0.5 (off for SSv2: left/right matter)
+    inv_uniform_sample: bool = False  # train: draw the short side uniform in 1/size (as the original's option)
+    num_ensemble_views: int = 1  # val/test: uniform temporal clips per video
+    num_spatial_crops: int = 3  # val/test: spatial crops per clip, 1 (centre) or 3 (left/top, centre, right/bottom)
     batch_size: int = 8  # per process
     num_workers: int = 2  # PyAV DataLoader workers / DALI threads
     on_bad_video: str = "error"  # error | skip: a video that fails the pre-flight check or decoding at run time
     max_bad_fraction: float = 0.01  # skip: stop the run once more than this fraction of videos fail at run time
     validate: str = "shallow"  # pre-flight check: shallow (headers, packet counts) | deep (decode every packet, cached)
     pad_short: bool = True  # pad videos shorter than the clip span with their last frame
-    seed: int = 0
+    seed: int = 0  # the loaders' sampling seed: epoch order, clip starts, crops and flips
     # the probe cache of pipelines/validate.py; "" = the node-local default (common.cache_path), "none" = off
     validate_cache: str = ""
     # the pre-flight check refuses videos whose frames (width x height) exceed this, before decoding any frame, so a

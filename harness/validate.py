@@ -7,7 +7,9 @@ as training does (``defaults:``, overrides) and runs the pre-flight check ``buil
 (the PyAV fallback included), the clip span ``data.num_frames`` x ``data.sampling_rate`` at ``data.target_fps``,
 ``data.pad_short``, ``data.max_frame_pixels``, ``data.validate`` and the cache ``data.validate_cache``. It prints
 each unusable file with its reason (whose fix names config keys) and a summary; exit status 0 when every video is
-usable, 1 otherwise (and for a mistake in the config or the manifest, as one ``error:`` line).
+usable, 1 otherwise (and for a mistake in the config or the manifest, as one ``error:`` line), 130 when interrupted
+(Ctrl-C): the probe and deep-check results that came in before it are cached, so a rerun resumes there. Progress: a
+bar on a terminal, else a log line every 30 s.
 
 ``python -m timesformer_harness.pipelines.validate MANIFEST`` is the same check with command-line flags instead of a
 config (the pipelines cannot read a run's config: it lives a layer above them).
@@ -20,7 +22,7 @@ import sys
 
 import torch
 
-from timesformer_harness.common import setup_logging
+from timesformer_harness.common import ExitCode, report_error, setup_logging
 from timesformer_harness.config import load_config
 from timesformer_harness.pipelines.factory import preflight
 from timesformer_harness.pipelines.loaders import LOADERS
@@ -41,8 +43,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check the split's videos as the run would; returns the exit status (0 all usable, 1 otherwise)."""
+    """Check the split's videos as the run would; returns the exit status (0 all usable, 1 otherwise, 130 when
+    interrupted)."""
     args = parse_args(argv)
+    try:
+        return run_check(args)
+    except KeyboardInterrupt as e:  # the caches keep every result that came in before it
+        return report_error(e, ExitCode.INTERRUPTED, message="interrupted; the videos checked so far are cached "
+                            "(unless data.validate_cache=none): a rerun takes them from there")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``main``'s work: the check of ``args.split`` with the config's settings; returns the exit status."""
     try:
         cfg = load_config(args.config, args.overrides + (["data.validate=deep"] if args.deep else []))
     except (KeyError, ValueError, FileNotFoundError) as e:  # the message names the key or file, and the fix

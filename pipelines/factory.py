@@ -11,6 +11,8 @@ DALI is not loaded for a PyAV or synthetic loader.
 Under torch.distributed every per-file step of the pre-flight check is sharded: each rank probes (and deep-checks)
 every ``world_size``-th video from its rank, and the small results are all-gathered, so every rank judges the same
 infos, makes the same decode plan (checked) and rejects the same files, with one probe per file in the whole job.
+Rank 0 shows the progress of its own share (``timesformer_harness.pipelines.progress``: a bar on a terminal, else a log
+line every 30 s); both caches are written as results come, so an interrupted pre-flight check resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -243,10 +245,18 @@ def _shares(paths: list[str], work: Callable[[list[str]], Any]) -> list[Any]:
 _INFO_FIELDS = operator.attrgetter(*(f.name for f in fields(VideoInfo)))  # a VideoInfo as a tuple, for the wire
 
 
+def _share_progress(step: str) -> dict[str, Any]:
+    """``probe_all`` / ``deep_check``'s progress arguments for ``step``: shown on rank 0 only, naming its share."""
+    rank, world = _process_group()
+    return {"progress": rank == 0, "desc": step if world == 1 else f"{step} (rank 0's share, 1/{world})"}
+
+
 def _probe(paths: list[str], cfg: DataConfig, cache: str | Path | None) -> list[VideoInfo]:
     """``validate.probe_all`` of ``paths`` (cached); under torch.distributed each rank probes its share and all
     ranks get every file's info, in the order of ``paths``."""
-    parts = _shares(paths, lambda share: [_INFO_FIELDS(i) for i in probe_all(share, cache, max(1, cfg.num_workers))])
+    progress = _share_progress("probe")
+    parts = _shares(paths, lambda share: [_INFO_FIELDS(i) for i in probe_all(share, cache, max(1, cfg.num_workers),
+                                                                             **progress)])
     infos: list[Any] = [None] * len(paths)
     for rank, part in enumerate(parts):  # rank r probed paths[r::world]
         infos[rank::len(parts)] = [VideoInfo(*row) for row in part]
@@ -269,6 +279,7 @@ def _check_agreed(plan: DecodePlan) -> None:
 def _deep_rejects(paths: list[str], cfg: DataConfig, cache: str | Path | None) -> list[tuple[str, str]]:
     """``validate.deep_check`` of ``paths``; under torch.distributed each rank decodes its share and all ranks get
     every verdict (the same list everywhere, one decode per file)."""
-    parts = _shares(paths, lambda share: deep_check(share, cache, max(1, cfg.num_workers)))
+    progress = _share_progress("deep check")
+    parts = _shares(paths, lambda share: deep_check(share, cache, max(1, cfg.num_workers), **progress))
     bad = dict(r for part in parts for r in part)
     return [(p, bad[p]) for p in paths if p in bad]

@@ -2,9 +2,10 @@
 handles, is complete and long enough for the clip span.
 
 ``python -m timesformer_harness.pipelines.validate MANIFEST [--backend cpu|gpu|pyav] [--frames T --sampling-rate R]
-[--pad] [--max-frame-pixels N]`` prints each unusable file with its reason (whose fix names these flags) and a
-summary; exit status 0 when all are usable, 1 otherwise. ``python -m timesformer_harness.validate --config my.yaml``
-runs the same check with a run's own settings (``timesformer_harness.pipelines.factory.preflight``).
+[--pad] [--max-frame-pixels N] [--cache PATH|none] [--log-every SECONDS]`` prints each unusable file with its reason
+(whose fix names these flags) and a summary; exit status 0 when all are usable, 1 otherwise, 130 when interrupted
+(Ctrl-C). ``python -m timesformer_harness.validate --config my.yaml`` runs the same check with a run's own settings
+(``timesformer_harness.pipelines.factory.preflight``).
 
 Probing a file (stat, the file-size checks of ``size_problem``, open, demux every packet of the first video stream
 to count frames, decode the first frame, compare the demuxed length with the declared duration to catch truncation)
@@ -21,25 +22,36 @@ maximum frame size, 8-bit 4:2:0) for the visible GPU's generation, else for ``--
 damage inside the coded stream, which the probe cannot see and which stops a decoder mid-run; it costs about one
 epoch of decoding, runs in parallel processes and is cached next to the probes (keyed also by the libavcodec
 version, since the verdict is the decoder's).
+
+The probe and the deep check store their results as they come in (``ChunkedPut``: every ``FLUSH_FILES`` files or
+``FLUSH_S`` seconds), so a check interrupted by Ctrl-C (its workers stopped at once, exit status 130) resumes where it
+stopped; they show their progress (``timesformer_harness.pipelines.progress``: a bar on a terminal, else a log line
+every ``--log-every`` seconds). ``--cache`` reads as ``data.validate_cache`` does
+(``timesformer_harness.common.cache_path``): unset, the node-local default; ``none`` (or ``''``), no cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import logging
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
-from timesformer_harness.common import FileCache, cache_path
+from timesformer_harness.common import ExitCode, FileCache, cache_path, report_error
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
+from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +66,10 @@ TAIL_BYTES = 1 << 20  # file-size checks: how many unbacked or unread bytes at a
 # 8K: the probe decodes no first frame above it, whatever data.max_frame_pixels says (a header that gives no frame
 # size bounds the decoders of the probe and the deep check at it)
 PROBE_DECODE_SIZE = (7680, 4320)
+# The probe and the deep check store their results as they come, in transactions of at most FLUSH_FILES results or
+# FLUSH_S seconds of work, so that an interrupted check keeps what it did (a rerun takes it from the cache).
+FLUSH_FILES = 16
+FLUSH_S = 5.0
 
 
 @dataclass
@@ -284,23 +300,96 @@ class ProbeCache:
         self.store.put((i.path, json.dumps(asdict(i)), None) for i in infos)
 
 
-def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0) -> list[VideoInfo]:
-    """Probe every path (cached, in parallel: processes for many files, threads for a few)."""
+def _ignore_sigint() -> None:
+    """A pool worker's initializer: Ctrl-C in a terminal signals the whole process group, and the parent, not each
+    worker, decides what happens (it stops them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def each_completed(fn: Callable[[str], Any], paths: list[str], workers: int, processes: bool = True
+                   ) -> Iterator[tuple[int, Any]]:
+    """``(i, fn(paths[i]))`` for every path, in the order they finish: in this process when ``workers`` <= 1, else in
+    a pool of ``workers`` processes (``processes``; forkserver: the caller may already run DALI/CUDA threads) or
+    threads, which is given at most ``4 * workers`` paths at a time. An exception, an interrupt or the consumer
+    closing the generator cancels the paths not started and ends the worker processes at once (a thread finishes
+    its file). Close it with ``contextlib.closing`` so that this happens before the exception is handled."""
+    if workers <= 1:
+        for i, path in enumerate(paths):
+            yield i, fn(path)
+        return
+    before = set(multiprocessing.active_children())
+    if processes:
+        pool: ProcessPoolExecutor | ThreadPoolExecutor = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_ignore_sigint)
+    else:
+        pool = ThreadPoolExecutor(workers)
+    queue = enumerate(paths)
+    pending: dict[Future, int] = {}
+    try:
+        for i, path in itertools.islice(queue, 4 * workers):
+            pending[pool.submit(fn, path)] = i
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                for i, path in itertools.islice(queue, 1):
+                    pending[pool.submit(fn, path)] = i
+                yield pending.pop(future), future.result()
+    except BaseException:  # an error, KeyboardInterrupt, or GeneratorExit (the consumer stopped)
+        if processes:  # the pool breaks, and fails its pending futures itself (cancelling them races with that)
+            workers_of_pool = set(multiprocessing.active_children()) - before
+            for process in workers_of_pool:
+                process.terminate()
+            for process in workers_of_pool:  # gone before the caller goes on
+                process.join()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+class ChunkedPut:
+    """Collect results and hand them to ``put`` (a cache's) every ``FLUSH_FILES`` results or ``FLUSH_S`` seconds,
+    and at the end of the ``with`` block, whatever ended it."""
+
+    def __init__(self, put: Callable[[list], None]):
+        self.put, self.items, self.last = put, [], time.monotonic()
+
+    def add(self, item: Any) -> None:
+        self.items.append(item)
+        if len(self.items) >= FLUSH_FILES or time.monotonic() - self.last >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.items:
+            self.put(self.items)
+        self.items, self.last = [], time.monotonic()
+
+    def __enter__(self) -> ChunkedPut:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+
+def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0, *,
+              progress: bool = True, desc: str = "probe", log_every: float = LOG_EVERY_S) -> list[VideoInfo]:
+    """Probe every path (cached, in parallel: processes for many files, threads for a few). Results are stored as
+    they come (``ChunkedPut``): an interrupted probe keeps what it did. ``progress``: a bar on a terminal, else a
+    log line every ``log_every`` seconds (``timesformer_harness.pipelines.progress``)."""
     store = ProbeCache(cache)
     infos: list[VideoInfo | None] = [store.get(p) for p in paths]
     todo = [i for i, info in enumerate(infos) if info is None]
     if todo:
         workers = workers or os.cpu_count() or 1
         n = max(1, min(workers, len(todo)))
-        if len(todo) > 64 and workers > 1:  # forkserver: the caller may already run DALI/CUDA threads
-            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("forkserver"))
-        else:
-            pool = ThreadPoolExecutor(n)
-        with pool:
-            fresh = list(pool.map(probe_video, [paths[i] for i in todo], chunksize=16))
-        for i, info in zip(todo, fresh):
-            infos[i] = info
-        store.put(fresh)
+        processes = len(todo) > 64 and workers > 1
+        with Progress(desc, len(paths), cached=len(paths) - len(todo), show=progress, interval=log_every,
+                      log=logger) as bar, \
+                ChunkedPut(store.put) as stored, \
+                contextlib.closing(each_completed(probe_video, [paths[i] for i in todo], n, processes)) as results:
+            for k, info in results:
+                infos[todo[k]] = info
+                stored.add(info)
+                bar.update()
         logger.info("probed %d videos (%d from cache)", len(todo), len(paths) - len(todo))
     return infos  # type: ignore[return-value]
 
@@ -403,10 +492,13 @@ def deep_probe(path: str) -> str:
     return ""
 
 
-def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0
+def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0, *,
+               progress: bool = True, desc: str = "deep check", log_every: float = LOG_EVERY_S
                ) -> list[tuple[str, str]]:
     """``deep_probe`` every path (cached; the others in ``workers`` processes, 0 = one per core). Returns
-    [(path, reason)] of the files that fail, in the order of ``paths``."""
+    [(path, reason)] of the files that fail, in the order of ``paths``. Verdicts are stored as they come
+    (``ChunkedPut``): an interrupted check keeps what it did. ``progress``: a bar on a terminal, else a log line every
+    ``log_every`` seconds."""
     import av
 
     lib = ".".join(map(str, av.library_versions.get("libavcodec", (0,))))
@@ -416,20 +508,22 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
         found = store.get(p)
         verdicts.append(None if found is None else json.loads(found[0])["error"])
     todo = [i for i, v in enumerate(verdicts) if v is None]
+    cached = len(paths) - len(todo)
     if todo:
         t0 = time.perf_counter()
         n = max(1, min(workers or os.cpu_count() or 1, len(todo)))
-        if n == 1:
-            fresh = [deep_probe(paths[i]) for i in todo]
-        else:  # forkserver: the caller may already run DALI/CUDA threads
-            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("forkserver")) as pool:
-                fresh = list(pool.map(deep_probe, [paths[i] for i in todo], chunksize=4))
-        for i, verdict in zip(todo, fresh):
-            verdicts[i] = verdict
-        store.put((paths[i], json.dumps({"error": v}), None) for i, v in zip(todo, fresh))
+        with Progress(desc, len(paths), cached=cached, show=progress, interval=log_every, log=logger) as bar, \
+                ChunkedPut(lambda rows: store.put((paths[i], json.dumps({"error": v}), None) for i, v in rows)) \
+                as stored, contextlib.closing(each_completed(deep_probe, [paths[i] for i in todo], n)) as results:
+            for k, verdict in results:
+                verdicts[todo[k]] = verdict
+                stored.add((todo[k], verdict))
+                bar.update()
         seconds = time.perf_counter() - t0
         logger.info("deep-checked %d videos in %.1f s (%.1f files/s, %d processes; %d from cache)", len(todo),
-                    seconds, len(todo) / max(seconds, 1e-9), n, len(paths) - len(todo))
+                    seconds, len(todo) / max(seconds, 1e-9), n, cached)
+    elif paths:
+        logger.info("deep-checked 0 videos (%d from cache)", cached)
     return [(p, f"deep check: {v}") for p, v in zip(paths, verdicts) if v]
 
 
@@ -438,7 +532,8 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
 CLI_HINTS = (("data.backend=cpu; data.backend=auto does so by itself", "--backend cpu"),
              ("data.pad_short=true", "--pad"), ("data.loader=pyav / a GPU", "--backend pyav / gpu"),
              ("data.loader=pyav", "--backend pyav"), ("data.max_frame_pixels=", "--max-frame-pixels "),
-             ("data.max_frame_pixels", "--max-frame-pixels"))
+             ("data.max_frame_pixels", "--max-frame-pixels"), ("data.validate_cache=", "--cache "),
+             ("data.validate_cache", "--cache"))
 
 
 def as_cli_hint(reason: str) -> str:
@@ -492,8 +587,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-frame-pixels", type=int, default=DataConfig.max_frame_pixels,
                         help="refuse frames above this many pixels, width x height (data.max_frame_pixels; default "
                              "%(default)s = 3840x2160)")
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="SQLite probe cache ('' = none)")
+    parser.add_argument("--cache", default=None,
+                        help="the SQLite cache of probes and deep checks, as data.validate_cache: a path, or none "
+                             "(also '') for no cache; default: the harness's node-local cache folder")
     parser.add_argument("--workers", type=int, default=0, help="parallel probes (0 = one per CPU core)")
+    parser.add_argument("--log-every", type=float, default=LOG_EVERY_S, metavar="SECONDS",
+                        help="when stderr is not a terminal, a progress line every SECONDS (default %(default)s); a "
+                             "terminal gets a progress bar")
     parser.add_argument("--report", default=None, metavar="FILE",
                         help="also write the verdict as JSON: the backend, the GPU generation judged for, the counts "
                              "and every rejected file with its reason")
@@ -509,11 +609,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     setup_logging()
     try:
+        cache = cache_path(None if args.cache is None else args.cache or "none")  # '': the older spelling of none
         entries = read_entries(args.manifest, args.format, separator=args.separator, path_prefix=args.path_prefix,
                                ssv2_labels=args.ssv2_labels, num_classes=args.num_classes)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_cli_hint(str(e))}", file=sys.stderr)
         return 1
+    try:
+        return _check(args, entries, cache)
+    except KeyboardInterrupt as e:
+        kept = (f"what was checked is in {cache}: a rerun takes it from there" if cache is not None else
+                "no cache (--cache none): a rerun starts over")
+        return report_error(e, ExitCode.INTERRUPTED, message=f"interrupted; {kept}")
+
+
+def _check(args: argparse.Namespace, entries: list, cache: Path | None) -> int:
+    """The check ``main`` runs once the manifest is read; returns the exit status."""
     gpu_arch, judged_for = DEFAULT_GENERATION, None
     if args.backend == "gpu":
         from timesformer_harness.pipelines.nvdec import resolve_generation
@@ -525,14 +636,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         judged_for = source
         print(f"judging NVDEC decode for {source}")
-    _, rejected = check_videos([e.path for e in entries], args.backend, args.frames, args.sampling_rate,
-                               args.target_fps, args.pad, args.format == "ssv2", args.cache or None, args.workers,
-                               gpu_arch, args.max_frame_pixels)
+    infos = probe_all([e.path for e in entries], cache, args.workers, log_every=args.log_every)
+    rejected = judge(infos, args.backend, args.frames, args.sampling_rate, args.target_fps, args.pad,
+                     args.format == "ssv2", gpu_arch, args.max_frame_pixels)
     if args.deep:
         shallow = {p for p, _ in rejected}
         paths = [e.path for e in entries if e.path not in shallow]
         t0 = time.perf_counter()
-        deep = deep_check(paths, args.cache or None, args.workers)
+        deep = deep_check(paths, cache, args.workers, log_every=args.log_every)
         seconds = time.perf_counter() - t0
         print(f"deep check: {len(paths)} videos decoded in {seconds:.1f} s ({len(paths) / max(seconds, 1e-9):.1f} "
               f"files/s, cached ones included); {len(deep)} fail")

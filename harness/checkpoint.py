@@ -27,6 +27,7 @@ import argparse
 import collections
 import errno
 import io
+import json
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ import shutil
 import struct
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -346,18 +347,20 @@ def _refusal(path: Path, err: pickle.UnpicklingError, limits: LoadLimits) -> Che
 
 
 def load_file(path: str | Path, limits: LoadLimits = DEFAULT_LIMITS) -> dict[str, Any]:
-    """Read a checkpoint file into a dict of tensors, containers and primitives, safely (see module docstring),
-    within ``limits`` (memory and time bounded whatever the file holds).
+    """Read a checkpoint file (or a Hugging Face snapshot folder's weights: ``weights_file``) into a dict of tensors,
+    containers and primitives, safely (see module docstring), within ``limits`` (memory and time bounded whatever the
+    file holds).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file or folder.
         CheckpointError: the file is not a torch checkpoint, is truncated, or holds anything but tensors, containers,
-            primitives and config nodes (code, say); the message names the file and what it held.
+            primitives and config nodes (code, say); the message names the file and what it held. A folder without
+            weights.
         CheckpointLimitError: the file is beyond a budget of ``limits``.
     """
-    path = Path(path)
+    path = weights_file(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as load_safetensors
 
@@ -378,6 +381,123 @@ def load_file(path: str | Path, limits: LoadLimits = DEFAULT_LIMITS) -> dict[str
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of weights")
     return obj
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hugging Face snapshot folders (what ``huggingface_hub.snapshot_download`` leaves: config.json beside the weights).
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a snapshot's weights, looked for in this order
+HF_CONFIG = "config.json"
+_MAX_CONFIG_BYTES = 16 << 20  # a Timesformer config.json is ~23 kB (most of it the 400 class names)
+# TimesformerConfig's defaults: transformers leaves a field that equals its default out of config.json.
+HF_DEFAULTS = {"image_size": 224, "patch_size": 16, "num_channels": 3, "num_frames": 8, "hidden_size": 768,
+               "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "qkv_bias": True,
+               "attention_type": "divided_space_time", "num_labels": 2}
+# config.json field -> ModelConfig field. A different architecture field is an error; the others load_weights adapts.
+_HF_ARCHITECTURE = {"hidden_size": "embed_dim", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
+                    "patch_size": "patch_size", "num_channels": "in_chans", "attention_type": "attention_type",
+                    "qkv_bias": "qkv_bias"}
+_HF_ADAPTED = {"num_frames": ("num_frames", "time_embed is resized"),
+               "image_size": ("img_size", "pos_embed is resized"),
+               "num_labels": ("num_classes", "the head is dropped: fine-tuning to a new class count")}
+
+
+def weights_file(path: str | Path) -> Path:
+    """``path`` itself, or for a folder (a Hugging Face snapshot) the weights file in it (``HF_WEIGHT_FILES``).
+
+    Raises:
+        CheckpointError: a folder without one of those files (named, with what was looked for)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in HF_WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    shards = sorted(p.name for p in path.glob("*.index.json"))
+    sharded = f"; its sharded weights ({shards[0]}) are not read: merge the shards into one file" if shards else ""
+    raise CheckpointError(f"{path} is a folder without weights: looked for {' or '.join(HF_WEIGHT_FILES)} (with "
+                          f"{HF_CONFIG}, as a Hugging Face snapshot has them){sharded}; give a weights file or a "
+                          f"snapshot folder")
+
+
+def read_config_json(path: str | Path) -> dict[str, Any] | None:
+    """A snapshot folder's ``config.json`` (any model's); None when ``path`` is a file or the folder has none.
+
+    Raises:
+        CheckpointError: config.json is not a JSON object (named), or larger than a config can be."""
+    config = Path(path) / HF_CONFIG
+    if not Path(path).is_dir() or not config.is_file():
+        return None
+    try:
+        if config.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ValueError(f"{config.stat().st_size:,} bytes, more than a config holds")
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{config} is not a readable config ({e}); fix it, or remove it to load the weights "
+                              f"unchecked") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config} holds a JSON {type(data).__name__}, not an object; fix or remove it")
+    return data
+
+
+def is_timesformer_config(config: dict[str, Any] | None) -> bool:
+    """Whether ``config`` is a Hugging Face TimesformerConfig (a timm ViT snapshot's config.json is not)."""
+    return bool(config) and config.get("model_type") == "timesformer"
+
+
+def hf_config_value(config: dict[str, Any], key: str) -> Any:
+    """A TimesformerConfig field as transformers reads it: absent means its default; ``num_labels`` counts
+    ``id2label``."""
+    if key == "num_labels" and isinstance(config.get("id2label"), dict):
+        return len(config["id2label"])
+    return config.get(key, HF_DEFAULTS.get(key))
+
+
+def hf_config_mismatches(config: dict[str, Any], model: ModelConfig, whose: str = "model.") -> tuple[list[str],
+                                                                                                  list[str]]:
+    """Where a TimesformerConfig (config.json) and ``model`` differ: (architecture fields, which no weights can
+    bridge; fields ``load_weights`` adapts: frames and image size by resizing the embeddings, the class count by
+    dropping the head). Each names both values, the ModelConfig field prefixed by ``whose``."""
+    errors, adapted = [], []
+    for key, ours in _HF_ARCHITECTURE.items():
+        if (value := hf_config_value(config, key)) != getattr(model, ours):
+            errors.append(f"{key}={value!r} where {whose}{ours}={getattr(model, ours)!r}")
+    hidden = int(model.embed_dim * model.mlp_ratio)
+    if (value := hf_config_value(config, "intermediate_size")) != hidden:
+        errors.append(f"intermediate_size={value!r} where {whose}embed_dim x {whose}mlp_ratio={hidden}")
+    for key, (ours, what) in _HF_ADAPTED.items():
+        if (value := hf_config_value(config, key)) != getattr(model, ours):
+            adapted.append(f"{key}={value!r} where {whose}{ours}={getattr(model, ours)!r} ({what})")
+    return errors, adapted
+
+
+def hf_config(model: ModelConfig, id2label: dict[str, str] | None = None) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` (TimesformerConfig fields) of a model, every field written out; ``id2label``
+    names the classes (default ``LABEL_i``, transformers' own)."""
+    from timesformer_harness.model import LN_EPS
+
+    labels = id2label or {str(i): f"LABEL_{i}" for i in range(model.num_classes)}
+    return {
+        "architectures": ["TimesformerForVideoClassification" if model.num_classes else "TimesformerModel"],
+        "model_type": "timesformer",
+        "image_size": model.img_size,
+        "patch_size": model.patch_size,
+        "num_channels": model.in_chans,
+        "num_frames": model.num_frames,
+        "hidden_size": model.embed_dim,
+        "num_hidden_layers": model.depth,
+        "num_attention_heads": model.num_heads,
+        "intermediate_size": int(model.embed_dim * model.mlp_ratio),
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": LN_EPS,
+        "qkv_bias": model.qkv_bias,
+        "attention_type": model.attention_type,
+        "drop_path_rate": 0,  # an int: TimesformerConfig types the field so (0.0 is fine at inference)
+        "id2label": labels,
+        "label2id": {v: int(k) for k, v in labels.items()},
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -538,7 +658,10 @@ def load_weights(
     pos_resize: str | None = None,
     limits: LoadLimits = DEFAULT_LIMITS,
 ) -> LoadReport:
-    """Load weights from any supported format into ``model`` (see module docstring).
+    """Load weights from any supported format into ``model`` (see module docstring), or from a Hugging Face snapshot
+    folder: its weights file, after its ``config.json`` is checked against ``model.config`` (``hf_config_mismatches``:
+    another architecture fails, like a strict key mismatch but before the weights are read; other frames, image size
+    or class count are logged as the loader adapts them).
 
     Args:
         strict: fail (naming every key and shape) on anything but the documented conversions: time_embed and
@@ -550,9 +673,22 @@ def load_weights(
     Raises:
         FileNotFoundError, CheckpointError: as ``load_file``.
         WeightsMismatchError: strict and the keys, shapes or values do not fit (a ``CheckpointError`` and a
-            ``KeyError``); the message lists every key.
+            ``KeyError``); the message lists every key. Strict and a snapshot's config.json names another
+            architecture than ``model``'s (every field named).
     """
-    sd, fmt = unwrap_state_dict(load_file(path, limits), path)
+    file = weights_file(path)  # a folder without weights fails first, naming what it looked for
+    config = read_config_json(path)
+    bare = getattr(model, "module", model)  # DDP
+    model_cfg = getattr(getattr(bare, "_orig_mod", bare), "config", None)  # torch.compile
+    if is_timesformer_config(config) and isinstance(model_cfg, ModelConfig):
+        errors, adapted = hf_config_mismatches(config, model_cfg)
+        where = Path(path) / HF_CONFIG
+        if errors and strict:
+            raise WeightsMismatchError(f"{where} describes another model: {'; '.join(errors)}. Set those model.* keys "
+                                       f"to the snapshot's values (docs/checkpoints.md pairs releases with configs)")
+        for line in errors + adapted:
+            logger.warning("%s: %s", where, line)
+    sd, fmt = unwrap_state_dict(load_file(file, limits), path)
     report = LoadReport(str(path), fmt)
     target = model.state_dict()
     allowed_missing: set[str] = set()
@@ -730,10 +866,14 @@ def infer_model_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
 
 
 def inspect(path: str | Path, show_keys: bool = True, limits: LoadLimits = DEFAULT_LIMITS) -> str:
-    """A human-readable description of a checkpoint file: format, entries, epoch, tensors, the inferred model (or
-    why it cannot be inferred), tensors that are not real floating point or hold NaN/inf, and every key."""
-    obj = load_file(path, limits)
-    sd, fmt = unwrap_state_dict(obj, path)
+    """A human-readable description of a checkpoint file (or a Hugging Face snapshot folder: its weights file, and
+    its config.json compared with the weights): format, entries, epoch, tensors, the inferred model (or why it
+    cannot be inferred), tensors that are not real floating point or hold NaN/inf, and every key."""
+    file = weights_file(path)
+    config = read_config_json(path)
+    obj = load_file(file, limits)
+    sd, fmt = unwrap_state_dict(obj, file)
+    cfg = None
     try:
         cfg = infer_model_config(sd)
         model = (f"attention_type={cfg.attention_type} frames={cfg.num_frames} img_size={cfg.img_size} "
@@ -743,17 +883,38 @@ def inspect(path: str | Path, show_keys: bool = True, limits: LoadLimits = DEFAU
         model = f"not inferred: {e}"
     n = sum(v.numel() for v in sd.values())
     entries = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
-    lines = [f"file:        {path}", f"format:      {fmt}", f"top-level:   {entries[:12] or '(tensors only)'}"]
+    lines = [f"folder:      {path}"] if file != Path(path) else []
+    lines += [f"file:        {file}", f"format:      {fmt}", f"top-level:   {entries[:12] or '(tensors only)'}"]
     if "epoch" in obj:  # printed only when a number: a hostile entry's repr could be unbounded
         epoch = obj["epoch"]
         lines.append(f"epoch:       {epoch if type(epoch) in (int, float) else f'(a {type(epoch).__name__})'}")
     lines += [f"tensors:     {len(sd)}", f"parameters:  {n:,}", f"model:       {model}"]
+    lines += _config_lines(config, cfg)
     problems = {k: why for k, v in sd.items() if (why := tensor_problem(v))}
     lines += [f"suspect:     {k} {why}" for k, why in problems.items()]
     if show_keys:
         lines.append("keys:")
         lines += [f"  {k:<48} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in sd.items()]
     return "\n".join(lines)
+
+
+def _config_lines(config: dict[str, Any] | None, inferred: ModelConfig | None) -> list[str]:
+    """``inspect``'s lines on a snapshot's config.json: its model, and where it disagrees with the weights."""
+    if config is None:
+        return []
+    if not is_timesformer_config(config):
+        what = config.get("model_type") or config.get("architecture") or "no model_type"
+        return [f"config.json: not a Hugging Face Timesformer config ({what}); not checked"]
+    v = lambda key: hf_config_value(config, key)  # noqa: E731
+    lines = [f"config.json: attention_type={v('attention_type')} frames={v('num_frames')} image_size="
+             f"{v('image_size')} patch={v('patch_size')} labels={v('num_labels')} hidden_size={v('hidden_size')} "
+             f"layers={v('num_hidden_layers')} heads={v('num_attention_heads')}"]
+    if inferred is not None:
+        errors, adapted = hf_config_mismatches(config, inferred, whose="the weights' ")
+        # num_heads is not in the weights (inferred as embed_dim / 64): config.json's is the one to believe
+        found = [e for e in errors if not e.startswith("num_attention_heads=")] + [a.split(" (")[0] for a in adapted]
+        lines += [f"mismatch:    config.json {m}" for m in found]
+    return lines
 
 
 def _inspect_files(paths: list[str], show_keys: bool, limits: LoadLimits) -> int:
@@ -774,14 +935,19 @@ _EMPTY = ({}, "", None, [])  # entries a conversion can drop without losing anyt
 def convert(src: str | Path, dst: str | Path, hf: bool = False, weights_only: bool = False, force: bool = False,
             limits: LoadLimits = DEFAULT_LIMITS) -> str:
     """Write ``src`` (any supported format) as an original-layout ``.pyth`` or, for a ``.safetensors`` ``dst``, a
-    safetensors file (Hugging Face key names with ``hf``). Returns a one-line summary.
+    safetensors file (Hugging Face key names with ``hf``, and a ``config.json`` beside it: ``hf_config``). ``src``
+    may be a Hugging Face snapshot folder. Returns a one-line summary.
 
     A ``.pyth`` keeps every entry of ``src`` beside the weights (epoch, optimizer_state, cfg, training state) unless
     ``weights_only``; a safetensors file holds tensors only, so ``src``'s other entries need ``weights_only``.
+    The config.json's model is inferred from the weights; ``num_attention_heads``, which they do not store, comes
+    from ``src``'s config (a snapshot's config.json, or ``model.num_heads`` in our checkpoints' ``cfg``), else
+    embed_dim / 64 (the original's, and the summary says it was assumed).
 
     Raises:
         CheckpointError: ``dst`` is ``src`` (even with ``force``), exists (without ``force``), is a folder or lies in a
-            missing folder, or would drop entries without ``weights_only``; as ``load_file`` for ``src``.
+            missing folder, or would drop entries without ``weights_only``; the config.json beside it exists
+            (without ``force``); as ``load_file`` for ``src``.
     """
     src, dst = Path(src), Path(dst)
     safetensors = dst.suffix == ".safetensors"
@@ -795,6 +961,10 @@ def convert(src: str | Path, dst: str | Path, hf: bool = False, weights_only: bo
         raise CheckpointError(f"{dst} exists; pass --force to replace it")
     if hf and not safetensors:
         raise CheckpointError(f"--hf writes Hugging Face names into a .safetensors file; {dst} is not one")
+    config_path = dst.parent / HF_CONFIG
+    if hf and config_path.exists() and not force:
+        raise CheckpointError(f"{config_path} exists (convert --hf writes the Hugging Face config beside {dst.name}); "
+                              f"pass --force to replace it, or write into another folder")
     obj = load_file(src, limits)
     entry = weights_entry(obj)
     sd, _ = unwrap_state_dict(obj, src)
@@ -805,6 +975,8 @@ def convert(src: str | Path, dst: str | Path, hf: bool = False, weights_only: bo
     if safetensors and kept and not weights_only:
         raise CheckpointError(f"{src} holds {', '.join(kept)} beside its weights, which a .safetensors file cannot "
                               f"keep: pass --weights-only to write the weights alone, or write .pyth to keep them")
+    if hf:
+        config, heads_from = _hf_config_for(sd, obj, read_config_json(src))
     if safetensors:
         from safetensors.torch import save_file
 
@@ -816,10 +988,51 @@ def convert(src: str | Path, dst: str | Path, hf: bool = False, weights_only: bo
         pyth = {"epoch": rest.get("epoch", 0), "model_state": state, "optimizer_state": rest.get("optimizer_state", {}),
                 "cfg": rest.get("cfg", "")}
         atomic_save({**pyth, **{k: v for k, v in rest.items() if k not in pyth}}, dst)
+    notes = ""
+    if hf:
+        _atomic_write(config_path, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        notes = f"; {config_path} beside it, num_attention_heads={config['num_attention_heads']} {heads_from}"
+        if dst.name != HF_WEIGHT_FILES[0]:
+            notes += f"; transformers' from_pretrained reads {HF_WEIGHT_FILES[0]}: name the file so to use the folder"
     problems = [f"{k} {why}" for k, v in sd.items() if (why := tensor_problem(v))]
     return (f"wrote {dst} ({len(sd)} tensors" + (f"; kept {', '.join(kept)}" if kept and not weights_only else "")
-            + (f"; dropped {', '.join(kept)} (--weights-only)" if kept and weights_only else "") + ")"
+            + (f"; dropped {', '.join(kept)} (--weights-only)" if kept and weights_only else "") + notes + ")"
             + "".join(f"\nwarning: {p}" for p in problems))
+
+
+def _hf_config_for(sd: dict[str, torch.Tensor], obj: dict[str, Any],
+                   src_config: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """The config.json of ``sd`` (``hf_config``) and where its head count came from (in words). The head count and
+    the class names come from ``src``'s config where it has them (see ``convert``)."""
+    inferred = infer_model_config(sd)
+    heads, source = inferred.num_heads, "(assumed: embed_dim / 64; the weights do not store it)"
+    labels = None
+    if is_timesformer_config(src_config):
+        heads, source = hf_config_value(src_config, "num_attention_heads"), "(from the source's config.json)"
+        names = src_config.get("id2label")
+        labels = names if isinstance(names, dict) and len(names) == inferred.num_classes else None
+    elif isinstance(num_heads := _cfg_num_heads(obj.get("cfg")), int):
+        heads, source = num_heads, "(from the source's cfg: model.num_heads)"
+    try:
+        model = replace(inferred, num_heads=heads)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot describe the weights as a Hugging Face config: {e}") from None
+    return hf_config(model, labels), source
+
+
+def _cfg_num_heads(cfg: Any) -> int | None:
+    """``model.num_heads`` of a checkpoint's ``cfg`` entry (our checkpoints' resolved YAML, or a dict); None when it
+    has none (the original's yacs config does not: its heads are fixed at 12)."""
+    if isinstance(cfg, str):
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(cfg)
+        except yaml.YAMLError:
+            return None
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    heads = model.get("num_heads") if isinstance(model, dict) else None
+    return heads if type(heads) is int else None
 
 
 def main(argv: list[str] | None = None) -> int:

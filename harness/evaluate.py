@@ -8,17 +8,24 @@ gathered, and top-1, top-5 and per-class accuracy are written as JSON (``test.ou
 (``timesformer_harness.checkpoint.load_weights``, strict). A view whose clip fails to decode is left out of its video's
 score and listed (``unscored_views``); accuracy is over the videos with at least one scored view
 (``data.on_bad_video=error`` stops at the first such view instead).
+
+``--dump FILE`` (``.csv`` or ``.jsonl``) also writes one row per scored video (path, label, predicted class, top-5
+classes and probabilities of its ensembled score), the confusion matrix into the JSON result, and its plot beside
+the dump (``FILE``'s stem + ``_confusion.png``). Progress in clips: a tqdm bar on a terminal, else a log line every
+30 s (docs/checkpoints.md, "Evaluating").
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 if __name__ == "__main__" and not __package__:  # run by path (python harness/evaluate.py)
     from timesformer_harness.scripts import run_by_package_name
@@ -28,15 +35,19 @@ if __name__ == "__main__" and not __package__:  # run by path (python harness/ev
 import torch
 
 from timesformer_harness.checkpoint import CheckpointError
-from timesformer_harness.config import ConfigError, RootConfig, load_config
+from timesformer_harness.config import RootConfig, load_config
 from timesformer_harness.metrics import Stopwatch
 from timesformer_harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from timesformer_harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
-from timesformer_harness.pipelines.base import Loader, loader_facts
-from timesformer_harness.common import ExitCode, report_error, setup_logging
+from timesformer_harness.pipelines.base import Batch, Loader, loader_facts
+from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
+from timesformer_harness.common import ExitCode, atomic_write_text, report_error, setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError
 
 logger = logging.getLogger(__name__)
+
+DUMP_FORMATS = (".csv", ".jsonl")  # --dump's suffixes: one row per video, CSV (lists space-separated) or JSON lines
+TOP_K = 5
 
 
 class ViewAccumulator:
@@ -134,17 +145,32 @@ def accuracy_report(acc: ViewAccumulator, num_classes: int, views_per_video: int
     return report
 
 
+def with_progress(loader: Loader, desc: str, interval: float = LOG_EVERY_S) -> Iterator[Batch]:
+    """``loader``'s batches, counting its clips on stderr (``pipelines.progress.Progress``: a tqdm bar on a terminal,
+    else a log line every ``interval`` seconds, as the pre-flight checks show theirs), then one closing log line."""
+    clips = 0
+    clock = Stopwatch()
+    with Progress(desc, loader.num_clips, unit="clip", interval=interval) as progress:
+        for batch in loader:
+            yield batch
+            clips += int(batch.label.numel())
+            progress.update(int(batch.label.numel()))
+    seconds = clock.elapsed()
+    logger.info("%s: %d clips in %.1f s (%.1f clips/s)", desc, clips, seconds, clips / max(seconds, 1e-9))
+
+
 @torch.no_grad()
 def score_loader(model: torch.nn.Module, loader: Loader, device: torch.device, dtype: torch.dtype | None,
-                 ensemble: str = "sum") -> ViewAccumulator:
+                 ensemble: str = "sum", progress: str = "") -> ViewAccumulator:
     """Run ``model`` over ``loader`` (this rank's shard) and merge the views of every video across ranks, with the
-    views the loader could not decode (``loader.unscored``). A ``BadVideoError`` on one rank stops every rank."""
+    views the loader could not decode (``loader.unscored``). A ``BadVideoError`` on one rank stops every rank.
+    ``progress``: a name to report progress under (``with_progress``); "" for none (ranks other than 0)."""
     was_training = model.training
     model.eval()
     acc = ViewAccumulator(ensemble)
     error = ""
     try:
-        for batch in loader:
+        for batch in (with_progress(loader, progress) if progress else loader):
             with autocast(device, dtype):
                 logits = model(batch.video.to(device, non_blocking=True))
             acc.add(logits, batch.label, batch.index)
@@ -182,8 +208,84 @@ def find_checkpoint(cfg: RootConfig, explicit: str = "") -> str:
     return str(found[-1])
 
 
-def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo) -> dict[str, Any]:
-    """Load ``checkpoint`` into the configured model and run the full multi-view test on ``test.split``."""
+def predictions(acc: ViewAccumulator, paths: dict[int, str],
+                class_names: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per scored video, in manifest order: ``index``, ``path``, ``label``, ``pred``, ``correct``, ``views``,
+    ``top5`` (classes, best first) and ``top5_prob`` (their probabilities), and ``label_name``/``pred_name`` when
+    the classes have names. The probabilities are those of the video's ensembled score: the softmax of the summed
+    (``sum``) or element-wise largest (``max``) logits, or the mean of the views' softmax (``softmax_mean``)."""
+    rows = []
+    for i in sorted(acc.scores):
+        score = acc.scores[i]
+        probs = score / acc.views[i] if acc.ensemble == "softmax_mean" else score.softmax(dim=-1)
+        top_p, top_c = probs.topk(min(TOP_K, probs.numel()))
+        label, pred = acc.labels[i], int(top_c[0])
+        row: dict[str, Any] = {"index": i, "path": paths.get(i, ""), "label": label, "pred": pred,
+                               "correct": pred == label, "views": acc.views[i], "top5": top_c.tolist(),
+                               "top5_prob": [round(p, 6) for p in top_p.tolist()]}
+        if class_names:
+            row["label_name"] = class_names[label] if label < len(class_names) else ""
+            row["pred_name"] = class_names[pred] if pred < len(class_names) else ""
+        rows.append(row)
+    return rows
+
+
+def confusion_matrix(rows: list[dict[str, Any]], num_classes: int) -> list[list[int]]:
+    """Counts of videos by true class (row) and predicted class (column), from ``predictions``' rows."""
+    labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
+    preds = torch.tensor([r["pred"] for r in rows], dtype=torch.int64)
+    counts = torch.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes).tolist()
+
+
+def format_dump(rows: list[dict[str, Any]], suffix: str) -> str:
+    """``predictions``' rows as JSON lines (``.jsonl``) or CSV (``.csv``, lists space-separated)."""
+    if suffix == ".jsonl":
+        return "".join(json.dumps(r) + "\n" for r in rows)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["index", "path"], lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, "top5": " ".join(map(str, r["top5"])), "top5_prob": " ".join(map(str, r["top5_prob"]))})
+    return out.getvalue()
+
+
+def confusion_plot_path(dump: str | Path) -> Path:
+    """Where ``--dump FILE`` puts the confusion matrix plot: ``FILE``'s stem + ``_confusion.png``, beside it."""
+    dump = Path(dump)
+    return dump.with_name(f"{dump.stem}_confusion.png")
+
+
+def check_dump(dump: str) -> None:
+    """Refuse a ``--dump`` file of another suffix before anything runs (its folder is made when it is written).
+
+    Raises:
+        ValueError: naming the file and the fix."""
+    if Path(dump).suffix not in DUMP_FORMATS:
+        raise ValueError(f"--dump {dump}: give a file ending in {' or '.join(DUMP_FORMATS)} (the suffix picks the "
+                         f"format)")
+
+
+def write_dump(acc: ViewAccumulator, loader: Loader, cfg: RootConfig, dump: str | Path) -> dict[str, Any]:
+    """Write ``predictions`` to ``dump`` and the confusion matrix plot beside it; returns what goes into the JSON
+    result: ``confusion_matrix`` (counts), ``predictions`` and ``confusion_plot`` (the files written)."""
+    from timesformer_harness.plots import plot_confusion
+
+    dump = Path(dump)
+    paths = {v.index: v.path for v in loader.planner.videos} if loader.planner is not None else {}
+    names = class_names_for(cfg)
+    rows = predictions(acc, paths, names)
+    atomic_write_text(dump, format_dump(rows, dump.suffix))
+    matrix = confusion_matrix(rows, cfg.model.num_classes)
+    plot = plot_confusion(matrix, confusion_plot_path(dump), names,
+                          f"{cfg.test.split}: {len(rows)} videos, {acc.ensemble} of views")
+    logger.info("wrote %d predictions to %s and the confusion matrix to %s", len(rows), dump, plot)
+    return {"confusion_matrix": matrix, "predictions": str(dump), "confusion_plot": str(plot)}
+
+
+def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -> dict[str, Any]:
+    """Load ``checkpoint`` into the configured model and run the full multi-view test on ``test.split``; with
+    ``dump``, rank 0 writes the per-video predictions (``write_dump``)."""
     from timesformer_harness.checkpoint import load_weights
     from timesformer_harness.workload import build_model
     from timesformer_harness.pipelines.factory import build_loader
@@ -196,7 +298,8 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo) -> dict[str, Any]
     loader = build_loader(data_cfg, cfg.test.split, device=info.device, rank=info.rank,
                           world_size=info.world_size, run_dir=cfg.output.dir, num_classes=cfg.model.num_classes)
     clock = Stopwatch()
-    acc = score_loader(model, loader, info.device, dtype, cfg.test.ensemble)
+    acc = score_loader(model, loader, info.device, dtype, cfg.test.ensemble,
+                       progress=f"evaluate {cfg.test.split}" if info.is_main else "")
     seconds = clock.elapsed()
     views = cfg.data.num_ensemble_views * cfg.data.num_spatial_crops
     result = accuracy_report(acc, cfg.model.num_classes, views, class_names_for(cfg))
@@ -204,13 +307,18 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo) -> dict[str, Any]
                    "seconds": round(seconds, 2), "world_size": info.world_size,
                    "loader": loader_facts(loader), "rejected": [list(r) for r in loader.rejected],
                    "environment": environment_info(info.device)})
+    if dump and info.is_main:
+        result.update(write_dump(acc, loader, cfg, dump))
     return result
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="harness/evaluate.py", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (configs/exp/*.yaml)")
-    parser.add_argument("--checkpoint", default="", help="weights: original .pyth, ours, state_dict, safetensors")
+    parser.add_argument("--checkpoint", default="", help="weights: original .pyth, ours, state_dict, safetensors, "
+                        "or a Hugging Face snapshot folder")
+    parser.add_argument("--dump", default="", metavar="FILE", help="also write per-video predictions to FILE (.csv or "
+                        ".jsonl), the confusion matrix into the result and its plot beside FILE (*_confusion.png)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error too (as "
                         "TIMESFORMER_DEBUG=1 does)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. test.ensemble=softmax_mean")
@@ -223,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        if args.dump:
+            check_dump(args.dump)
+    except ValueError as e:  # a ConfigError, or check_dump's
         return report_error(e, ExitCode.CONFIG, args.debug)
     setup_logging()  # rank from torchrun's RANK
     retain_freed_memory()
@@ -236,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(checkpoint).exists():
             raise CheckpointError(f"checkpoint {checkpoint} does not exist (relative paths are from the current "
                                   f"folder, {Path.cwd()}): give --checkpoint FILE or test.checkpoint=FILE")
-        result = evaluate(cfg, checkpoint, info)
+        result = evaluate(cfg, checkpoint, info, args.dump)
         if info.is_main:
             out = Path(cfg.test.output or Path(cfg.output.dir) / f"eval_{cfg.test.split}.json")
             out.parent.mkdir(parents=True, exist_ok=True)

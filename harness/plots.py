@@ -1,6 +1,6 @@
 """PNG plots of bench results: throughput (with the 95% interval of its median as error bars) and peak memory
 against frames, and cost and memory per clip against image size and frames (the paper's Fig. 3), one line per
-attention variant."""
+attention variant; and an evaluation's confusion matrix."""
 
 from __future__ import annotations
 
@@ -128,3 +128,30 @@ def plot_cost_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[P
         written.append(_save(fig, out_dir / f"scaling_cost_{mode}.png", f"{any_r.preset} {mode} cost and memory, "
                              f"batch {any_r.batch}, {any_r.precision}, {any_r.device_name}"))
     return written
+
+
+def plot_confusion(matrix: list[list[int]], path: str | Path, class_names: list[str] | None = None,
+                   title: str = "") -> Path:
+    """Write ``matrix`` (video counts, rows: true class, columns: predicted) as a PNG: each cell coloured by the
+    share of its true class (a row sums to 1), its count written in when there are at most 30 classes, and the
+    classes named on the axes when there are at most 50 (``class_names``, else their indices). Returns ``path``."""
+    n = len(matrix)
+    counts = [[int(c) for c in row] for row in matrix]
+    shares = [[c / max(sum(row), 1) for c in row] for row in counts]
+    side = min(4.0 + 0.35 * n, 24.0)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if n <= 30:
+        for r, row in enumerate(counts):
+            for c, count in enumerate(row):
+                if count:
+                    ax.text(c, r, str(count), ha="center", va="center", fontsize=8,
+                            color="white" if shares[r][c] > 0.5 else "black")
+    if n <= 50:
+        names = [class_names[i] if class_names and i < len(class_names) else str(i) for i in range(n)]
+        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    return _save(fig, Path(path), title or f"confusion matrix, {sum(map(sum, counts))} videos")

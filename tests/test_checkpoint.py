@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 from collections import OrderedDict
@@ -11,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timesformer_harness.checkpoint import load_file, load_weights, save_pyth
+from timesformer_harness.checkpoint import (CheckpointError, WeightsMismatchError, convert, load_file, load_weights,
+                                           save_pyth)
 from timesformer_harness.model import TimeSformer
 
 TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=4, num_classes=7)
@@ -163,3 +166,134 @@ def test_huggingface_weights_load_and_export(tmp_path: Path, attention_type: str
     report = round_trip(attention_type, tmp_path)
     assert report["format"] == "hf" and not report["missing"], report
     assert report["hf_to_ours"] < 1e-5 and report["ours_to_hf"] < 1e-5, report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face snapshot folders (config.json beside model.safetensors or pytorch_model.bin) and convert --hf.
+def checkpoint_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "timesformer_harness.checkpoint", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("bin_file", [False, True], ids=["model.safetensors", "pytorch_model.bin"])
+def test_snapshot_folder_loads_and_inspects(tmp_path: Path, bin_file: bool) -> None:
+    pytest.importorskip("transformers", reason="the test extra installs transformers")
+    from hf_interop import hf_logits, snapshot
+
+    folder = tmp_path / "snapshot"
+    hf = snapshot(folder, bin_file=bin_file)
+    weights = "pytorch_model.bin" if bin_file else "model.safetensors"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", weights])
+    ours = TimeSformer(**TINY, drop_path_rate=0.0).eval()
+    report = load_weights(ours, folder)
+    assert report.format == "hf" and not report.missing and report.path == str(folder)
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert (ours(x) - hf_logits(hf, x)).abs().max().item() < 1e-5
+    out = checkpoint_cli("inspect", str(folder), "--no-keys")
+    assert out.returncode == 0, out.stderr
+    assert f"folder:      {folder}\nfile:        {folder / weights}\nformat:      hf" in out.stdout
+    assert ("config.json: attention_type=divided_space_time frames=4 image_size=32 patch=8 labels=7 hidden_size=32 "
+            "layers=2 heads=4") in out.stdout
+    assert "mismatch" not in out.stdout
+
+
+def test_folder_without_weights_is_one_line_naming_what_was_looked_for(tmp_path: Path) -> None:
+    folder = tmp_path / "empty_snapshot"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "timesformer"}')
+    (folder / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(TimeSformer(**TINY), folder)
+    msg = str(err.value)
+    assert msg == (f"{folder} is a folder without weights: looked for model.safetensors or pytorch_model.bin (with "
+                   f"config.json, as a Hugging Face snapshot has them); its sharded weights "
+                   f"(model.safetensors.index.json) are not read: merge the shards into one file; give a weights "
+                   f"file or a snapshot folder")
+    out = checkpoint_cli("inspect", str(folder))
+    assert out.returncode == 2 and out.stderr == f"error: {msg}\n" and not out.stdout
+
+
+def test_snapshot_config_is_checked_against_the_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("transformers", reason="the test extra installs transformers")
+    from hf_interop import snapshot
+
+    folder = tmp_path / "snapshot"
+    snapshot(folder)
+    config = json.loads((folder / "config.json").read_text())
+    # The head count is in no weight's shape: only config.json can tell that 8 heads of 4 are not 4 heads of 8.
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 8, "num_hidden_layers": 3}))
+    with pytest.raises(WeightsMismatchError) as err:
+        load_weights(TimeSformer(**TINY), folder)
+    assert str(err.value).startswith(f"{folder / 'config.json'} describes another model: num_hidden_layers=3 where "
+                                     f"model.depth=2; num_attention_heads=8 where model.num_heads=4. Set those "
+                                     f"model.* keys")
+    assert "\n" not in str(err.value)
+    inspected = checkpoint_cli("inspect", str(folder), "--no-keys").stdout
+    assert "mismatch:    config.json num_hidden_layers=3 where the weights' depth=2" in inspected
+    assert "num_attention_heads=8" not in inspected.split("config.json:")[-1].split("\n", 1)[1]  # not in the weights
+    # Frames, image size and classes are what the loader adapts: named in a warning, and the load goes on.
+    (folder / "config.json").write_text(json.dumps(config))
+    caplog.set_level(logging.WARNING, logger="timesformer_harness.checkpoint")
+    report = load_weights(TimeSformer(**{**TINY, "num_frames": 8, "num_classes": 3}), folder)
+    assert report.resized["time_embed"] == ((1, 4, 32), (1, 8, 32)) and set(report.skipped) == {"head.weight",
+                                                                                                "head.bias"}
+    warned = [r.getMessage() for r in caplog.records if "config.json" in r.getMessage()]
+    assert warned == [f"{folder / 'config.json'}: num_frames=4 where model.num_frames=8 (time_embed is resized)",
+                      f"{folder / 'config.json'}: num_labels=7 where model.num_classes=3 (the head is dropped: "
+                      f"fine-tuning to a new class count)"]
+    # A timm ViT snapshot's config.json is another model's: not checked, and its weights load as ImageNet ViT.
+    vit = tmp_path / "timm_vit"
+    vit.mkdir()
+    save_file({k: v.contiguous() for k, v in trained_like("space_only").state_dict().items()},
+              str(vit / "model.safetensors"))
+    (vit / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_224", "num_classes": 7}))
+    assert load_weights(TimeSformer(**TINY), vit).format == "vit2d"
+    assert "config.json: not a Hugging Face Timesformer config (vit_base_patch16_224); not checked" in \
+        checkpoint_cli("inspect", str(vit), "--no-keys").stdout
+
+
+def test_convert_hf_writes_a_config_transformers_loads(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")
+    from hf_interop import hf_logits
+
+    src = tmp_path / "ours.pyth"
+    ours = trained_like(num_heads=8)  # 8 heads of 4: what a head count inferred from the weights (32 / 64) misses
+    save_pyth(src, ours, epoch=3, cfg_yaml="model:\n  num_heads: 8\n  depth: 2\n")
+    out_dir = tmp_path / "hf"
+    out_dir.mkdir()
+    summary = convert(src, out_dir / "model.safetensors", hf=True, weights_only=True)
+    assert f"{out_dir / 'config.json'} beside it, num_attention_heads=8 (from the source's cfg: model.num_heads)" \
+        in summary
+    config = json.loads((out_dir / "config.json").read_text())
+    assert {k: config[k] for k in ("model_type", "num_frames", "image_size", "hidden_size", "num_hidden_layers",
+                                   "num_attention_heads", "intermediate_size", "attention_type")} == {
+        "model_type": "timesformer", "num_frames": 4, "image_size": 32, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 8, "intermediate_size": 128, "attention_type": "divided_space_time"}
+    hf = transformers.TimesformerForVideoClassification.from_pretrained(out_dir).eval()
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert (hf_logits(hf, x) - ours(x)).abs().max().item() < 1e-5
+    # The folder reads back as a snapshot, config.json checked, and a second convert asks before replacing it.
+    assert load_weights(TimeSformer(**{**TINY, "num_heads": 8}), out_dir).format == "hf"
+    with pytest.raises(CheckpointError, match="config.json exists .*pass --force"):
+        convert(src, out_dir / "other.safetensors", hf=True, weights_only=True)
+    assert not (out_dir / "other.safetensors").exists()
+    guessed = convert(src, out_dir / "other.safetensors", hf=True, weights_only=True, force=True)
+    assert "num_attention_heads=8 (from the source's cfg" in guessed and "name the file so" in guessed
+    plain = tmp_path / "plain.pyth"
+    save_pyth(plain, ours)
+    assumed = convert(plain, out_dir / "model.safetensors", hf=True, weights_only=True, force=True)
+    assert "num_attention_heads=1 (assumed: embed_dim / 64" in assumed
+
+
+def test_convert_to_pyth_keeps_cfg_and_epoch_of_any_source(tmp_path: Path) -> None:
+    src = tmp_path / "ck.pyth"
+    cfg = "model:\n  num_heads: 4\n"
+    save_pyth(src, trained_like(), epoch=7, cfg_yaml=cfg, extra={"seed": 3})
+    out = tmp_path / "out.pyth"
+    assert "kept epoch, cfg, seed" in convert(src, out)
+    raw = load_file(out)
+    assert (raw["epoch"], raw["cfg"], raw["seed"]) == (7, cfg, 3)

@@ -4,12 +4,19 @@ and the CLI on a checkpoint written in the original .pyth layout."""
 from __future__ import annotations
 
 import collections
+import csv
 import json
+import logging
+import re
+from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 
-from timesformer_harness.evaluate import ViewAccumulator, accuracy_report
+from timesformer_harness.checkpoint import convert, save_pyth
+from timesformer_harness.evaluate import ViewAccumulator, accuracy_report, with_progress
+from timesformer_harness.pipelines.base import Batch
 from timesformer_harness.model import create_model
 from test_train import PY, run, toy  # noqa: F401 (toy is a fixture)
 
@@ -85,3 +92,85 @@ def test_evaluate_cli_on_an_original_format_pyth(toy, tmp_path):
     assert result["views_seen"] == 8 * 6 and len(result["per_class_top1"]) == 6
     assert {"top1", "top5", "per_class_top1", "mean_class_accuracy", "environment"} <= set(result)
     assert "top-1" in res.stdout
+
+
+def test_dump_predictions_confusion_matrix_and_progress_from_a_snapshot_folder(toy, tmp_path):
+    """--dump on the toy test split, with the same weights as a .pyth and as a Hugging Face snapshot folder written by
+    convert --hf: the same predictions both ways, rows that match the manifest, a confusion matrix that adds up, a
+    real PNG beside the dump, and progress lines in the piped stderr."""
+    torch.manual_seed(0)
+    model = create_model("tiny", num_classes=6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)  # predictions that differ between videos
+    ckpt = tmp_path / "tiny.pyth"
+    save_pyth(ckpt, model, epoch=3, cfg_yaml="model:\n  num_heads: 4\n")  # the head count config.json records
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    convert(ckpt, snapshot / "model.safetensors", hf=True, weights_only=True)
+    root = Path(next(a for a in toy if a.startswith("data.root=")).split("=", 1)[1])
+    views = ["data.num_spatial_crops=3", "data.num_ensemble_views=2", "test.split=test", f"output.dir={tmp_path}"]
+    results = {}
+    dumps = {"csv": tmp_path / "preds.csv", "jsonl": tmp_path / "new_folder" / "preds.jsonl"}  # a folder it makes
+    for name, weights in (("csv", snapshot), ("jsonl", ckpt)):
+        res = run([PY, "harness/evaluate.py", *toy, *views, "--checkpoint", str(weights), "--dump", str(dumps[name]),
+                   f"test.output={tmp_path / f'{name}.json'}"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        results[name] = (json.loads((tmp_path / f"{name}.json").read_text()), res.stderr)
+    with open(tmp_path / "preds.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    json_rows = [json.loads(line) for line in dumps["jsonl"].read_text().splitlines()]
+    # The same weights give the same rows, whichever file held them and whichever format the rows went to.
+    assert [(int(r["index"]), r["path"], int(r["pred"]), [int(c) for c in r["top5"].split()],
+             [float(p) for p in r["top5_prob"].split()]) for r in csv_rows] == \
+        [(r["index"], r["path"], r["pred"], r["top5"], r["top5_prob"]) for r in json_rows]
+    manifest = [line.rsplit(" ", 1) for line in (root / "test.csv").read_text().splitlines()]
+    names = (root / "classes.txt").read_text().split("\n")
+    assert [(Path(r["path"]).relative_to(root).as_posix(), r["label"]) for r in json_rows] == \
+        [(path, int(label)) for path, label in manifest]
+    for r in json_rows:
+        assert r["views"] == 6 and len(r["top5"]) == 5 and r["pred"] == r["top5"][0]
+        assert r["top5_prob"] == sorted(r["top5_prob"], reverse=True) and 0 < sum(r["top5_prob"]) <= 1.000001
+        assert (r["label_name"], r["pred_name"], r["correct"]) == (names[r["label"]], names[r["pred"]],
+                                                                   r["pred"] == r["label"])
+    result, stderr = results["csv"]
+    assert results["jsonl"][0]["confusion_matrix"] == result["confusion_matrix"]
+    matrix = result["confusion_matrix"]
+    assert len(matrix) == 6 and all(len(row) == 6 for row in matrix)
+    expected = collections.Counter((r["label"], r["pred"]) for r in json_rows)
+    assert {(t, p): c for t, row in enumerate(matrix) for p, c in enumerate(row) if c} == expected
+    assert sum(matrix[c][c] for c in range(6)) == sum(r["correct"] for r in json_rows) == \
+        round(result["top1"] * 8 / 100)
+    assert result["predictions"] == str(tmp_path / "preds.csv")
+    plot = tmp_path / "preds_confusion.png"
+    assert result["confusion_plot"] == str(plot)
+    image = matplotlib.image.imread(plot)
+    assert image.ndim == 3 and min(image.shape[:2]) > 100
+    # Progress in a pipe: log lines, no bar (a run this short ends before the first periodic line), and the total.
+    assert len(re.findall(r"evaluate test: 48 clips in [\d.]+ s \([\d.]+ clips/s\)", stderr)) == 1
+    assert "\r" not in stderr
+
+
+def test_progress_counts_clips_in_log_lines_when_stderr_is_not_a_terminal(caplog):
+    class FakeLoader:  # three batches of 4, 4 and 2 clips
+        num_clips = 10
+
+        def __iter__(self):
+            for n in (4, 4, 2):
+                yield Batch(torch.zeros(n, 3, 1, 2, 2), torch.zeros(n, dtype=torch.int64), torch.arange(n))
+
+    caplog.set_level(logging.INFO)
+    seen = [b.label.numel() for b in with_progress(FakeLoader(), "evaluate val", interval=0.0)]
+    assert seen == [4, 4, 2]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [re.sub(r", [\d.]+ clips/s.*", "", m) for m in lines[:-1]] == [
+        "evaluate val: 4/10 clips (40%)", "evaluate val: 8/10 clips (80%)", "evaluate val: 10/10 clips (100%)"]
+    assert re.fullmatch(r"evaluate val: 10 clips in [\d.]+ s \([\d.]+ clips/s\)", lines[-1])
+
+
+def test_dump_of_another_suffix_is_refused_before_anything_runs(toy, tmp_path):
+    res = run([PY, "harness/evaluate.py", *toy, f"output.dir={tmp_path}", "--checkpoint", str(tmp_path / "none.pyth"),
+               "--dump", str(tmp_path / "preds.txt")])
+    assert res.returncode == 5 and res.stderr.strip().splitlines() == [
+        f"error: --dump {tmp_path / 'preds.txt'}: give a file ending in .csv or .jsonl (the suffix picks the format)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

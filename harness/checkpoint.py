@@ -470,6 +470,30 @@ def hf_config_mismatches(config: dict[str, Any], model: ModelConfig, whose: str 
     return errors, adapted
 
 
+def check_weights_source(path: str | Path, model: ModelConfig | None, strict: bool = True) -> Path:
+    """The weights file ``path`` names (itself, or a snapshot folder's: ``weights_file``), after the folder's
+    Timesformer config.json is checked against ``model`` (``hf_config_mismatches``; nothing to check for a file, a
+    config of another model, or no ``model``). Reads no weights, so a run can check its ``model.pretrained`` before
+    it writes anything. Fields the loader adapts are logged as warnings; so are the others unless ``strict``.
+
+    Raises:
+        CheckpointError: a folder without weights.
+        WeightsMismatchError: ``strict`` and config.json names another architecture (every field named).
+    """
+    file = weights_file(path)  # a folder without weights fails first, naming what it looked for
+    config = read_config_json(path)
+    if model is None or not is_timesformer_config(config):
+        return file
+    errors, adapted = hf_config_mismatches(config, model)
+    where = Path(path) / HF_CONFIG
+    if errors and strict:
+        raise WeightsMismatchError(f"{where} describes another model: {'; '.join(errors)}. Set those model.* keys to "
+                                   f"the snapshot's values (docs/checkpoints.md pairs releases with configs)")
+    for line in errors + adapted:
+        logger.warning("%s: %s", where, line)
+    return file
+
+
 def hf_config(model: ModelConfig, id2label: dict[str, str] | None = None) -> dict[str, Any]:
     """The Hugging Face ``config.json`` (TimesformerConfig fields) of a model, every field written out; ``id2label``
     names the classes (default ``LABEL_i``, transformers' own)."""
@@ -676,18 +700,9 @@ def load_weights(
             ``KeyError``); the message lists every key. Strict and a snapshot's config.json names another
             architecture than ``model``'s (every field named).
     """
-    file = weights_file(path)  # a folder without weights fails first, naming what it looked for
-    config = read_config_json(path)
     bare = getattr(model, "module", model)  # DDP
     model_cfg = getattr(getattr(bare, "_orig_mod", bare), "config", None)  # torch.compile
-    if is_timesformer_config(config) and isinstance(model_cfg, ModelConfig):
-        errors, adapted = hf_config_mismatches(config, model_cfg)
-        where = Path(path) / HF_CONFIG
-        if errors and strict:
-            raise WeightsMismatchError(f"{where} describes another model: {'; '.join(errors)}. Set those model.* keys "
-                                       f"to the snapshot's values (docs/checkpoints.md pairs releases with configs)")
-        for line in errors + adapted:
-            logger.warning("%s: %s", where, line)
+    file = check_weights_source(path, model_cfg if isinstance(model_cfg, ModelConfig) else None, strict)
     sd, fmt = unwrap_state_dict(load_file(file, limits), path)
     report = LoadReport(str(path), fmt)
     target = model.state_dict()

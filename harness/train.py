@@ -44,7 +44,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from timesformer_harness.checkpoint import CheckpointError, load_weights
+from timesformer_harness.checkpoint import CheckpointError, check_weights_source, load_weights
 from timesformer_harness.config import ConfigError, RootConfig, load_config, to_yaml
 from timesformer_harness.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup,
                                              init_distributed)
@@ -110,7 +110,8 @@ def check_inputs(cfg: RootConfig) -> dict[str, list[VideoEntry]]:
 
     Raises:
         FileNotFoundError, ValueError: a manifest missing, malformed or empty, or a label out of range.
-        CheckpointError: ``model.pretrained`` names nothing.
+        CheckpointError: ``model.pretrained`` names nothing, or a folder without weights or whose config.json names
+            another model.
     """
     manifests = {}
     if cfg.data.loader == AUTO or LOADERS[cfg.data.loader].decodes:
@@ -125,6 +126,8 @@ def check_inputs(cfg: RootConfig) -> dict[str, list[VideoEntry]]:
         raise CheckpointError(f"model.pretrained={cfg.model.pretrained} does not exist (relative paths are from the "
                               f"current folder, {Path.cwd()}): fix the path, or download the weights "
                               f"(docs/checkpoints.md)")
+    if cfg.model.pretrained and not resumable:  # a snapshot folder: its weights file, and config.json vs the model
+        check_weights_source(cfg.model.pretrained, cfg.model)
     return manifests
 
 

@@ -652,7 +652,8 @@ class Trainer:
             self._val_loader = self._build_loader("val")
         clock = Stopwatch()
         self.memory.reset()  # validation's own peak, logged apart from the training windows
-        acc = score_loader(self.model, self._val_loader, self.device, self.dtype, self.cfg.test.ensemble)
+        acc = score_loader(self.model, self._val_loader, self.device, self.dtype, self.cfg.test.ensemble,
+                           progress=f"validate epoch {epoch + 1}" if self.info.is_main else "")
         memory = self._memory_peak("val_")
         if self.device.type == "cpu":  # what validation freed goes back, so the next training window reads its own
             release_freed_memory()

@@ -18,7 +18,7 @@ from timesformer_harness.checkpoint import convert, save_pyth
 from timesformer_harness.evaluate import ViewAccumulator, accuracy_report, with_progress
 from timesformer_harness.pipelines.base import Batch
 from timesformer_harness.model import create_model
-from test_train import PY, run, toy  # noqa: F401 (toy is a fixture)
+from test_train import PY, run, toy, train_cmd  # noqa: F401 (toy is a fixture)
 
 
 def _views() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,6 +166,13 @@ def test_progress_counts_clips_in_log_lines_when_stderr_is_not_a_terminal(caplog
     assert [re.sub(r", [\d.]+ clips/s.*", "", m) for m in lines[:-1]] == [
         "evaluate val: 4/10 clips (40%)", "evaluate val: 8/10 clips (80%)", "evaluate val: 10/10 clips (100%)"]
     assert re.fullmatch(r"evaluate val: 10 clips in [\d.]+ s \([\d.]+ clips/s\)", lines[-1])
+
+
+def test_training_validation_reports_its_progress_too(toy, tmp_path):
+    res = run(train_cmd(*toy, "solver.max_epoch=1", "train.max_steps_per_epoch=1", "train.eval_period=1",
+                        f"output.dir={tmp_path / 'run'}"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(re.findall(r"validate epoch 1: 8 clips in [\d.]+ s \([\d.]+ clips/s\)", res.stderr)) == 1
 
 
 def test_dump_of_another_suffix_is_refused_before_anything_runs(toy, tmp_path):

@@ -470,11 +470,13 @@ def hf_config_mismatches(config: dict[str, Any], model: ModelConfig, whose: str 
     return errors, adapted
 
 
-def check_weights_source(path: str | Path, model: ModelConfig | None, strict: bool = True) -> Path:
+def check_weights_source(path: str | Path, model: ModelConfig | None, strict: bool = True,
+                         warn: bool = True) -> Path:
     """The weights file ``path`` names (itself, or a snapshot folder's: ``weights_file``), after the folder's
     Timesformer config.json is checked against ``model`` (``hf_config_mismatches``; nothing to check for a file, a
     config of another model, or no ``model``). Reads no weights, so a run can check its ``model.pretrained`` before
-    it writes anything. Fields the loader adapts are logged as warnings; so are the others unless ``strict``.
+    it writes anything. Fields the loader adapts are logged as warnings (``warn``: the check before a load warns
+    nothing, the load does); so are the others unless ``strict``.
 
     Raises:
         CheckpointError: a folder without weights.
@@ -489,7 +491,7 @@ def check_weights_source(path: str | Path, model: ModelConfig | None, strict: bo
     if errors and strict:
         raise WeightsMismatchError(f"{where} describes another model: {'; '.join(errors)}. Set those model.* keys to "
                                    f"the snapshot's values (docs/checkpoints.md pairs releases with configs)")
-    for line in errors + adapted:
+    for line in errors + adapted if warn else []:
         logger.warning("%s: %s", where, line)
     return file
 
@@ -970,13 +972,16 @@ def convert(src: str | Path, dst: str | Path, hf: bool = False, weights_only: bo
         raise CheckpointError(f"{dst} is a folder; give the output file's name, e.g. {dst / 'converted.pyth'}")
     if not dst.parent.is_dir():
         raise CheckpointError(f"cannot write {dst}: folder {dst.parent} does not exist; create it first")
-    if dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise CheckpointError(f"convert would overwrite its input {src}; write to another file")
+    src_file = weights_file(src)  # a snapshot folder's weights file
+    if dst.exists() and src_file.exists() and os.path.samefile(src_file, dst):
+        raise CheckpointError(f"convert would overwrite its input {src_file}; write to another file")
     if dst.exists() and not force:
         raise CheckpointError(f"{dst} exists; pass --force to replace it")
     if hf and not safetensors:
         raise CheckpointError(f"--hf writes Hugging Face names into a .safetensors file; {dst} is not one")
     config_path = dst.parent / HF_CONFIG
+    if hf and config_path.exists() and src.is_dir() and os.path.samefile(config_path, src / HF_CONFIG):
+        raise CheckpointError(f"convert --hf would overwrite its input's {config_path}; write into another folder")
     if hf and config_path.exists() and not force:
         raise CheckpointError(f"{config_path} exists (convert --hf writes the Hugging Face config beside {dst.name}); "
                               f"pass --force to replace it, or write into another folder")

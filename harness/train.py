@@ -127,7 +127,7 @@ def check_inputs(cfg: RootConfig) -> dict[str, list[VideoEntry]]:
                               f"current folder, {Path.cwd()}): fix the path, or download the weights "
                               f"(docs/checkpoints.md)")
     if cfg.model.pretrained and not resumable:  # a snapshot folder: its weights file, and config.json vs the model
-        check_weights_source(cfg.model.pretrained, cfg.model)
+        check_weights_source(cfg.model.pretrained, cfg.model, warn=False)  # the load warns
     return manifests
 
 

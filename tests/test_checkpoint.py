@@ -283,6 +283,10 @@ def test_convert_hf_writes_a_config_transformers_loads(tmp_path: Path) -> None:
     assert not (out_dir / "other.safetensors").exists()
     guessed = convert(src, out_dir / "other.safetensors", hf=True, weights_only=True, force=True)
     assert "num_attention_heads=8 (from the source's cfg" in guessed and "name the file so" in guessed
+    with pytest.raises(CheckpointError, match="convert would overwrite its input .*model.safetensors"):
+        convert(out_dir, out_dir / "model.safetensors", hf=True, weights_only=True, force=True)  # the folder's file
+    with pytest.raises(CheckpointError, match="convert --hf would overwrite its input's .*config.json"):
+        convert(out_dir, out_dir / "again.safetensors", hf=True, weights_only=True, force=True)
     plain = tmp_path / "plain.pyth"
     save_pyth(plain, ours)
     assumed = convert(plain, out_dir / "model.safetensors", hf=True, weights_only=True, force=True)

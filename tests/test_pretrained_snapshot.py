@@ -58,3 +58,16 @@ def test_a_snapshot_of_another_architecture_is_refused_before_the_run_folder(tin
     assert error_line(res).startswith(f"error: {other / 'config.json'} describes another model: "
                                       f"num_attention_heads=8 where model.num_heads=4. Set those model.* keys")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_snapshot_the_loader_adapts_is_named_once_and_trains(tiny, snapshot, tmp_path):
+    other = tmp_path / "eight_frames"
+    other.mkdir()
+    (other / "model.safetensors").symlink_to(snapshot / "model.safetensors")
+    config = json.loads((snapshot / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_frames": 8}))
+    res = run(train_cmd(*tiny, f"model.pretrained={other}", f"output.dir={tmp_path}/run"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count(f"{other / 'config.json'}: num_frames=8 where model.num_frames=4 (time_embed is "
+                            f"resized)") == 1
+

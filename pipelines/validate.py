@@ -306,13 +306,19 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def each_completed(fn: Callable[[str], Any], paths: list[str], workers: int, processes: bool = True
-                   ) -> Iterator[tuple[int, Any]]:
-    """``(i, fn(paths[i]))`` for every path, in the order they finish: in this process when ``workers`` <= 1, else in
-    a pool of ``workers`` processes (``processes``; forkserver: the caller may already run DALI/CUDA threads) or
-    threads, which is given at most ``4 * workers`` paths at a time. An exception, an interrupt or the consumer
-    closing the generator cancels the paths not started and ends the worker processes at once (a thread finishes
-    its file). Close it with ``contextlib.closing`` so that this happens before the exception is handled."""
+def _each(fn: Callable[[str], Any], paths: list[str]) -> list[Any]:
+    """``[fn(p) for p in paths]``: one task of ``each_completed``'s pool."""
+    return [fn(p) for p in paths]
+
+
+def each_completed(fn: Callable[[str], Any], paths: list[str], workers: int, processes: bool = True,
+                   chunk: int = 1) -> Iterator[tuple[int, Any]]:
+    """``(i, fn(paths[i]))`` for every path, as they finish: in this process when ``workers`` <= 1, else in a pool of
+    ``workers`` processes (``processes``; forkserver: the caller may already run DALI/CUDA threads) or threads, in
+    tasks of ``chunk`` paths (a task per file costs a small file's worth of inter-process traffic), at most
+    ``4 * workers`` tasks queued at a time. An exception, an interrupt or the consumer closing the generator cancels
+    the tasks not started and ends the worker processes at once (a thread finishes its task). Close it with
+    ``contextlib.closing`` so that this happens before the exception is handled."""
     if workers <= 1:
         for i, path in enumerate(paths):
             yield i, fn(path)
@@ -323,17 +329,19 @@ def each_completed(fn: Callable[[str], Any], paths: list[str], workers: int, pro
             workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_ignore_sigint)
     else:
         pool = ThreadPoolExecutor(workers)
-    queue = enumerate(paths)
+    tasks = ((i, paths[i:i + chunk]) for i in range(0, len(paths), chunk))
     pending: dict[Future, int] = {}
     try:
-        for i, path in itertools.islice(queue, 4 * workers):
-            pending[pool.submit(fn, path)] = i
+        for i, part in itertools.islice(tasks, 4 * workers):
+            pending[pool.submit(_each, fn, part)] = i
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                for i, path in itertools.islice(queue, 1):
-                    pending[pool.submit(fn, path)] = i
-                yield pending.pop(future), future.result()
+                for i, part in itertools.islice(tasks, 1):
+                    pending[pool.submit(_each, fn, part)] = i
+                first = pending.pop(future)
+                for k, result in enumerate(future.result()):
+                    yield first + k, result
     except BaseException:  # an error, KeyboardInterrupt, or GeneratorExit (the consumer stopped)
         if processes:  # the pool breaks, and fails its pending futures itself (cancelling them races with that)
             workers_of_pool = set(multiprocessing.active_children()) - before
@@ -382,10 +390,9 @@ def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worker
         workers = workers or os.cpu_count() or 1
         n = max(1, min(workers, len(todo)))
         processes = len(todo) > 64 and workers > 1
+        work = each_completed(probe_video, [paths[i] for i in todo], n, processes, chunk=16 if processes else 1)
         with Progress(desc, len(paths), cached=len(paths) - len(todo), show=progress, interval=log_every,
-                      log=logger) as bar, \
-                ChunkedPut(store.put) as stored, \
-                contextlib.closing(each_completed(probe_video, [paths[i] for i in todo], n, processes)) as results:
+                      log=logger) as bar, ChunkedPut(store.put) as stored, contextlib.closing(work) as results:
             for k, info in results:
                 infos[todo[k]] = info
                 stored.add(info)
@@ -512,9 +519,13 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
     if todo:
         t0 = time.perf_counter()
         n = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+
+        def put(rows: list[tuple[int, str]]) -> None:
+            store.put((paths[i], json.dumps({"error": v}), None) for i, v in rows)
+
+        work = each_completed(deep_probe, [paths[i] for i in todo], n, chunk=4)
         with Progress(desc, len(paths), cached=cached, show=progress, interval=log_every, log=logger) as bar, \
-                ChunkedPut(lambda rows: store.put((paths[i], json.dumps({"error": v}), None) for i, v in rows)) \
-                as stored, contextlib.closing(each_completed(deep_probe, [paths[i] for i in todo], n)) as results:
+                ChunkedPut(put) as stored, contextlib.closing(work) as results:
             for k, verdict in results:
                 verdicts[todo[k]] = verdict
                 stored.add((todo[k], verdict))

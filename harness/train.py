@@ -370,8 +370,6 @@ class Trainer:
 
     def _fit(self) -> int:
         cfg = self.cfg
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
         if self.start_epoch >= cfg.solver.max_epoch:
             logger.info("nothing to do: the run in %s already finished %d epochs", self.run_dir, self.start_epoch)
             return 0
@@ -381,6 +379,10 @@ class Trainer:
         loader = self._check_resumed_data(self._build_loader("train", 0 if checked else self.start_batch))
         if checked:
             loader.start_batch = self.start_batch
+        # after the train loader's pre-flight check: Ctrl-C during that check stops it at once (KeyboardInterrupt, exit
+        # 130), and its caches keep what it checked
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
         self.metrics.log({"event": "start", "epoch": self.start_epoch + 1, "batch": self.start_batch,
                           "optimizer": self.optimizer_impl, "precision": precision_name(self.dtype),
                           "world_size": self.info.world_size, "accumulation": self.accum,

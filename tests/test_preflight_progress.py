@@ -234,3 +234,22 @@ def test_a_runs_preflight_check_interrupted_resumes_too(many: Path, tmp_path: Pa
     assert again.returncode == 1, again.stderr  # the two damaged copies
     assert [m.groups() for m in DEEP_LINE.finditer(again.stderr)] == [(str(60 - stored), str(stored))]
     assert "58/60 videos usable" in again.stdout
+
+
+def test_a_training_interrupted_in_its_preflight_check_exits_130_at_once(many: Path, tmp_path: Path) -> None:
+    """Training installs its own SIGINT handler (finish the step, save) only after the train loader's pre-flight
+    check: Ctrl-C during the check stops it there, and the verdicts that came in are in the cache."""
+    cache = tmp_path / "c.sqlite"
+    args = [sys.executable, "-m", "timesformer_harness.train", "--config", "configs/exp/toy_divided_cpu.yaml",
+            f"data.root={many.parent}", f"data.train_manifest={many}", f"data.path_prefix={many.parent}",
+            "data.validate=deep", f"data.validate_cache={cache}", "data.num_workers=1",
+            f"output.dir={tmp_path / 'run'}", "train.eval_period=0", "solver.max_epoch=1"]
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                           start_new_session=True)
+    while deep_rows(cache) == 0 and run.poll() is None:
+        time.sleep(0.005)
+    os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, (out, err[-3000:])
+    assert err.splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err, err[-3000:]
+    assert 0 < deep_rows(cache) < 60 and not list((tmp_path / "run").rglob("*.pyth"))

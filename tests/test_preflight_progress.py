@@ -253,3 +253,60 @@ def test_a_training_interrupted_in_its_preflight_check_exits_130_at_once(many: P
     assert run.returncode == 130, (out, err[-3000:])
     assert err.splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err, err[-3000:]
     assert 0 < deep_rows(cache) < 60 and not list((tmp_path / "run").rglob("*.pyth"))
+
+
+def test_an_interrupted_probe_keeps_every_result_that_came_in(many: Path, tmp_path: Path, monkeypatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """In this process (one worker): Ctrl-C arriving in the 20th probe leaves the 19 before it in the cache (16 in
+    the first chunk, 3 flushed on the way out), and the next probe takes them from there."""
+    from timesformer_harness.pipelines import validate
+
+    paths = [str(many.parent / line.split()[0]) for line in many.read_text().splitlines()[:30]]
+    cache = tmp_path / "c.sqlite"
+    real, calls = validate.probe_video, []
+
+    def interrupted(path: str) -> validate.VideoInfo:
+        calls.append(path)
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(validate, "probe_video", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        validate.probe_all(paths, cache, workers=1)
+    monkeypatch.setattr(validate, "probe_video", real)
+    with caplog.at_level(logging.INFO, logger="timesformer_harness.pipelines.validate"):
+        infos = validate.probe_all(paths, cache, workers=1)
+    assert "probed 11 videos (19 from cache)" in caplog.text
+    assert infos == [real(p) for p in paths]
+
+
+def test_a_terminal_gets_a_bar_not_log_lines(many: Path, tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("".join(many.read_text().splitlines(keepends=True)[1:13]))  # 12 good files
+    leader, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 rows of 120 columns
+    res = subprocess.run([*CLI, str(manifest), "--path-prefix", str(many.parent), *CLIP, "--deep", "--workers", "1",
+                          "--cache", "none", "--log-every", "0"], stdout=subprocess.PIPE, stderr=terminal, text=True,
+                         cwd=REPO_ROOT, timeout=120)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the terminal's other end is closed and drained
+            break
+        if not data:
+            break
+        shown += data
+    os.close(leader)
+    text = shown.decode()
+    assert res.returncode == 0, text
+    for step in ("probe", "deep check"):  # tqdm's bars, drawn over themselves
+        assert re.search(rf"\r{step}: +\d+%\|[^\r]*\| \d+/12 \[", text), text
+    assert ": probe: " not in text and ": deep check: " not in text  # and no progress log lines

@@ -16,7 +16,8 @@ are refused from the header by the judge (``usable``), so no frame of such a fil
 because DALI's readers drop bad files silently and its decoder kills the pipeline on them.
 
 ``--backend gpu`` applies NVDEC's limits (``timesformer_harness.pipelines.nvdec``: codec per GPU generation, minimum and
-maximum frame size, 8-bit 4:2:0) for the visible GPU's generation, else for ``--gpu-arch`` (default: Hopper).
+maximum frame size, 8-bit 4:2:0) for the generation ``--gpu-arch`` names, else the visible GPU's, else Hopper's. A
+set of MJPEG files only passes it: their frames are JPEG images, which the DALI loader decodes with nvJPEG.
 
 ``--deep`` (``data.validate: deep``) also decodes every packet of every file that passes (``deep_probe``), to find
 damage inside the coded stream, which the probe cannot see and which stops a decoder mid-run; it costs about one
@@ -51,6 +52,7 @@ from typing import Any, Callable, Iterator
 from timesformer_harness.common import ExitCode, FileCache, cache_path, report_error
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
+from timesformer_harness.pipelines.packets import JPEG_CODECS
 from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
 
 logger = logging.getLogger(__name__)
@@ -250,10 +252,11 @@ def probe_video(path: str) -> VideoInfo:
 
 
 def usable(info: VideoInfo, backend: str, min_frames: int, gpu_arch: str = DEFAULT_GENERATION,
-           max_pixels: int = MAX_FRAME_PIXELS) -> str:
+           max_pixels: int = MAX_FRAME_PIXELS, nvjpeg: bool = False) -> str:
     """Why ``info``'s video cannot be used by ``backend`` for clips of ``min_frames`` frames ("" = usable); on the
-    gpu backend, by NVDEC on a ``gpu_arch`` GPU (``timesformer_harness.pipelines.nvdec.generation_of``); frames above
-    ``max_pixels`` (``data.max_frame_pixels``) are refused from the header, before any is decoded."""
+    gpu backend, by NVDEC on a ``gpu_arch`` GPU (``timesformer_harness.pipelines.nvdec.generation_of``), or with
+    ``nvjpeg`` (a set of intra-only JPEG videos) MJPEG by nvJPEG; frames above ``max_pixels``
+    (``data.max_frame_pixels``) are refused from the header, before any is decoded."""
     if info.error:
         return info.error
     if info.width * info.height > max_pixels:
@@ -264,7 +267,7 @@ def usable(info: VideoInfo, backend: str, min_frames: int, gpu_arch: str = DEFAU
                 f"data.max_frame_pixels")
     allowed = DECODABLE_CODECS[backend]
     if backend == "gpu":
-        if problem := nvdec_problem(info, gpu_arch):
+        if not (nvjpeg and info.codec in JPEG_CODECS) and (problem := nvdec_problem(info, gpu_arch)):
             return problem
     elif allowed is not None and info.codec not in allowed:
         return (f"codec {info.codec} is not decodable by DALI's {backend} backend (it decodes {sorted(allowed)}); "
@@ -416,12 +419,15 @@ def check_videos(paths: list[str], backend: str, num_frames: int, sampling_rate:
 def judge(infos: list[VideoInfo], backend: str, num_frames: int, sampling_rate: int, target_fps: float = 30,
           pad: bool = False, segment: bool = False, gpu_arch: str = DEFAULT_GENERATION,
           max_pixels: int = MAX_FRAME_PIXELS) -> list[tuple[str, str]]:
-    """[(path, reason)] of the probed videos that ``backend`` (gpu: NVDEC of a ``gpu_arch`` GPU) cannot use for
-    these clips, or whose frames are above ``max_pixels``."""
+    """[(path, reason)] of the probed videos that ``backend`` cannot use for these clips, or whose frames are above
+    ``max_pixels``. On the gpu backend NVDEC of a ``gpu_arch`` GPU decodes them, except a set of MJPEG videos only,
+    whose frames the DALI loader decodes as JPEG images with nvJPEG (NVDEC has no MJPEG)."""
+    probed = [i for i in infos if not i.error]
+    nvjpeg = backend == "gpu" and bool(probed) and all(i.codec in JPEG_CODECS for i in probed)
     rejected = []
     for info in infos:
         reason = usable(info, backend, required_frames(info, num_frames, sampling_rate, target_fps, pad, segment),
-                        gpu_arch, max_pixels)
+                        gpu_arch, max_pixels, nvjpeg)
         if reason:
             rejected.append((info.path, reason))
     return rejected

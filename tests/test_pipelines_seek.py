@@ -26,6 +26,7 @@ from timesformer_harness.pipelines.packets import (PacketIndexCache, count_strea
 from timesformer_harness.pipelines.pyav import decode_clip, decode_frames
 from timesformer_harness.pipelines.sampling import ClipPlan
 from timesformer_harness.pipelines.tools.encode import write_video
+from timesformer_harness.pipelines.validate import judge, probe_video
 
 STD = 0.225
 VP9 = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}
@@ -391,6 +392,11 @@ def test_jpeg_frames_on_the_gpu_are_fed_with_each_frames_flip_and_a_mixed_set_de
         assert np.array_equal(a, b)
     mixed = build_loader(_cfg(tmp_path, [files["mjpeg"], files["vp9_gop8"]] * 2, batch_size=2), "train")
     assert isinstance(mixed, DaliLoader) and not mixed.jpeg_frames
+    # the pre-flight check for the GPU: a set of MJPEG files only is nvJPEG's; in a mixed set NVDEC refuses MJPEG
+    infos = [probe_video(p) for p in (*paths, files["vp9_gop8"])]
+    assert judge(infos[:2], "gpu", 4, 8, pad=True, gpu_arch="hopper") == []
+    refused = dict(judge(infos, "gpu", 4, 8, pad=True, gpu_arch="hopper"))
+    assert refused[paths[0]].startswith("codec mjpeg") and refused[paths[1]].startswith("codec mjpeg")
 
 
 def test_jpeg_frames_without_huffman_tables_decode_with_the_standard_ones(tmp_path) -> None:

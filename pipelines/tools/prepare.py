@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (videos, new manifest, prepare.json)")
     parser.add_argument("--short-side", type=int, default=256, help="resize the short side to this (0 = keep)")
     parser.add_argument("--codec", choices=sorted(OUTPUT_CODECS), default="vp9",
-                        help="vp9 (.webm): DALI CPU and GPU; mjpeg (.avi): DALI CPU only (NVDEC has no MJPEG); "
+                        help="vp9 (.webm): DALI CPU and GPU; mjpeg (.avi): DALI CPU, or nvJPEG on a GPU (not NVDEC); "
                              "h264/hevc (.mp4): DALI GPU / PyAV only")
     parser.add_argument("--gop", default=None, help="keyframe every N frames, 'intra' (= 1), or omit for the "
                         "encoder's default; the sampling rate is a good N for 8xR clips")

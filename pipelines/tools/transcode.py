@@ -32,8 +32,8 @@ class OutputCodec:
     default_quality: int  # crf (vp9/h264/hevc) or qscale (mjpeg, 2 = best .. 31)
 
 
-# Encoder settings per output codec (``--codec``). DALI decodes vp9 on CPU and GPU, mjpeg on CPU only (NVDEC has no
-# MJPEG), h264/hevc on GPU only.
+# Encoder settings per output codec (``--codec``). DALI decodes vp9 on CPU and GPU, mjpeg on CPU (on the GPU only as
+# JPEG frames by nvJPEG: NVDEC has no MJPEG), h264/hevc on GPU only.
 OUTPUT_CODECS = {
     "vp9": OutputCodec("libvpx-vp9", ".webm", "yuv420p", "vp9", 32),
     "mjpeg": OutputCodec("mjpeg", ".avi", "yuvj420p", "mjpeg", 4),

@@ -20,6 +20,10 @@ ones after ``position`` again, at the same batches, by the same decodes, so it r
 run. Entries found at or after ``position`` are left out on purpose: kept, they would change the batch in which they
 were found. ``{output.dir}/rejected.csv`` lists them all (``stage=runtime``), and the ``data.max_bad_fraction`` budget
 counts them; see ``timesformer_harness.pipelines.quarantine``.
+
+Which checkpoint a launch continues from (``find_resume``: ``train.resume`` never | auto | must) and which config
+changes a resume refuses or warns about (``config_changes``: the architecture, what a clip is, where the videos come
+from) are decided here too, before the run folder is written.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import logging
 import os
 import random
 import re
+import reprlib
 import socket
 from pathlib import Path
 from typing import Any
@@ -95,16 +100,23 @@ SOURCE_KEYS = tuple(f"data.{k}" for k in ("format", "root", "train_manifest", "p
 IGNORED_KEYS = ("output.dir", "train.resume")  # where the run is (a moved folder) and how it was started
 
 Change = tuple[str, Any, Any]  # (dotted key, checkpoint's value, this launch's value)
+_SHORT = reprlib.Repr()  # a value read from a file, shown cut short (its nesting could be hostile)
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 1, 6, 4, 300, 60
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as ``{dotted key: leaf value}`` (lists are leaves)."""
-    if not isinstance(node, dict):
-        return {prefix: node}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
+def _pairs(before: Any, after: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, before's value, after's value)`` for every leaf of ``after`` (lists are leaves) that ``before``
+    has too. Walks ``after``'s keys only: ``before`` comes from a file, whose aliases could nest without end."""
+    pairs = []
+    for key, value in after.items():
+        if not isinstance(before, dict) or key not in before:
+            continue
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            pairs += _pairs(before[key], value, full)
+        else:
+            pairs.append((full, before[key], value))
+    return pairs
 
 
 def config_changes(before: dict[str, Any], after: dict[str, Any],
@@ -113,27 +125,26 @@ def config_changes(before: dict[str, Any], after: dict[str, Any],
     launch's ``after`` (nested dicts, as the YAML loads), split into those a resume refuses (``MODEL_KEYS``,
     ``CLIP_KEYS``, and ``SOURCE_KEYS`` unless ``data_may_change``) and the others. A key that only one side has
     (a schema of another version) and ``IGNORED_KEYS`` are left out."""
-    old, new = _flatten(before), _flatten(after)
     refuse = set(MODEL_KEYS + CLIP_KEYS + (() if data_may_change else SOURCE_KEYS))
     refused: list[Change] = []
     warned: list[Change] = []
-    for key in sorted(old.keys() & new.keys()):
-        if key in IGNORED_KEYS or old[key] == new[key]:
-            continue
-        (refused if key in refuse else warned).append((key, old[key], new[key]))
+    for key, old, new in sorted(_pairs(before, after), key=lambda change: change[0]):
+        if key not in IGNORED_KEYS and old != new:
+            (refused if key in refuse else warned).append((key, old, new))
     return refused, warned
 
 
 def format_changes(changes: list[Change]) -> str:
-    """``key old -> new`` for each change, comma-separated (one line)."""
-    return ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+    """``key old -> new`` for each change, comma-separated (one line; a value from a file is shown cut short)."""
+    return ", ".join(f"{key} {_SHORT.repr(old)} -> {_SHORT.repr(new)}" for key, old, new in changes)
 
 
 def saved_config(obj: dict[str, Any]) -> dict[str, Any] | None:
     """The config a checkpoint of ours was written with (its ``cfg`` YAML, as nested dicts); None when it has none
     this harness can read (an original ``.pyth`` holds a yacs config of other keys, which compare as absent)."""
+    text = obj.get("cfg")
     try:
-        cfg = yaml.safe_load(obj.get("cfg") or "")
+        cfg = yaml.safe_load(text) if isinstance(text, str) else None
     except yaml.YAMLError:
         return None
     return cfg if isinstance(cfg, dict) else None

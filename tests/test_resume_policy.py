@@ -65,6 +65,15 @@ def test_a_key_only_one_config_has_is_not_a_change():
     assert config_changes({"TRAIN": {"ENABLE": True}}, after) == ([], [])  # an original .pyth's yacs config
 
 
+def test_a_hostile_saved_config_is_compared_in_bounded_work():
+    levels = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"]  # 9 ** 12 leaves once expanded, a few hundred nodes as loaded
+    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(11)]
+    before = yaml.safe_load("\n".join([*levels, "model: {depth: *l, embed_dim: *l}", "data: *l", "train: *l"]))
+    refused, warned = config_changes(before, as_dict([]))
+    assert [key for key, _, _ in refused] == ["model.depth", "model.embed_dim"] and warned == []
+    assert len(format_changes(refused)) < 200
+
+
 def test_every_model_and_data_key_is_classified():
     schema = {key for key in yaml.safe_load(to_yaml(RootConfig()))["model"]}
     assert {f.name for f in fields(ModelConfig)} == schema

@@ -126,7 +126,7 @@ class TrainConfig:
     eval_period: int = 5  # validate every this many epochs and at the end; 0 = never
     checkpoint_period: int = 1  # save a checkpoint every this many epochs and at the end
     keep_last: int = 3  # epoch checkpoints kept (the best one is kept besides)
-    # never: a fresh run (refused when output.dir already holds checkpoints) | auto: resume from the newest
+    # never: a fresh run (refused when output.dir holds a run: checkpoints or metrics) | auto: resume from the newest
     # checkpoint when there is one | must: resume, and fail when there is none
     resume: str = "auto"
     log_period: int = 10  # optimizer steps per log line and metrics.jsonl train record

@@ -704,9 +704,10 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e, ExitCode.RUN_FOLDER, args.debug)
     except (ValueError, FileNotFoundError) as e:  # raised for what a user sets: the message names the key or file
         return report_error(e, ExitCode.CONFIG, args.debug)
-    except KeyboardInterrupt as e:  # before fit() handles SIGINT itself: nothing was saved
+    except KeyboardInterrupt as e:  # before fit() handles SIGINT itself: no checkpoint was saved
         return report_error(e, ExitCode.INTERRUPTED, args.debug,
-                            message="interrupted before training started, nothing saved: rerun the command")
+                            message="interrupted before training started (no checkpoint; the pre-flight check's "
+                                    "cache keeps the videos it checked): rerun the command")
     finally:
         cleanup()
 

@@ -163,6 +163,6 @@ def test_ctrl_c_while_the_run_starts_is_interrupted_not_a_traceback(monkeypatch,
     monkeypatch.setattr(train_module, "retain_freed_memory", lambda: False)
     assert train_module.main([*TINY, f"output.dir={tmp_path}/run"]) == ExitCode.INTERRUPTED == 130
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == ("error: interrupted before training started, nothing saved: rerun the "
-                                            "command")
+    assert err.strip().splitlines()[-1] == ("error: interrupted before training started (no checkpoint; the "
+                                            "pre-flight check's cache keeps the videos it checked): rerun the command")
     assert "Traceback" not in err

@@ -134,5 +134,9 @@ def all_gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
+    # A gloo worker thread frees the gather's tensors after the call returns, and needs the GIL to do so; if the
+    # interpreter is already shutting down then (this was the run's last collective), the process aborts
+    # ("terminate called without an active exception"). A barrier, which holds no tensors, waits with the GIL released.
+    dist.barrier()
     return out
 

@@ -18,6 +18,7 @@ import sqlite3
 import stat
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -301,6 +302,21 @@ def file_key(path: str | os.PathLike) -> tuple[str, int, int] | None:
     return os.path.abspath(path), st.st_size, st.st_mtime_ns
 
 
+def set_wal_mode(db: sqlite3.Connection, timeout_s: float = 60.0) -> None:
+    """Put ``db`` in write-ahead-logging mode. Switching a new file to WAL needs an exclusive lock, and SQLite answers
+    "database is locked" at once, without its busy timeout, while another process (another rank, at the same
+    moment) holds the file: so retry until ``timeout_s``. A file already in WAL mode stays in it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class FileCache:
     """An SQLite table mapping a file (``file_key``) and a result version to a result: ``meta`` text and an optional
     ``data`` blob. Results of another version, or of the file before it changed, are not returned. The table is
@@ -338,7 +354,7 @@ class FileCache:
             # write-ahead logging (node-local stores only, as __init__ ensures: its index is shared memory of one host):
             # readers run beside a writer, and a commit needs no fsync (~10 ms per commit here without it; a crash
             # can lose the last results, not the file's consistency)
-            db.execute("PRAGMA journal_mode=WAL")
+            set_wal_mode(db)
             db.execute("PRAGMA synchronous=NORMAL")
             columns = [row[1] for row in db.execute(f"PRAGMA table_info({self.table})")]
             if columns and columns != list(COLUMNS):  # a table of an older layout: a cache, so rebuilt

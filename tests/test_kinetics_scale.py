@@ -159,3 +159,27 @@ def test_caches_stay_off_shared_filesystems_and_say_where_they_are(tmp_path: Pat
     local.symlink_to(tmp_path)  # someone else's link where the private folder goes
     with pytest.raises(ValueError, match=r"is not a folder of this user's: remove it, or set data.validate_cache"):
         cache_path("")
+
+
+def test_a_new_cache_file_switched_to_wal_by_two_processes_at_once_waits_for_the_other() -> None:
+    """Two ranks opening a new cache file together both switch it to WAL; SQLite answers one of them "database is
+    locked" at once, without its busy timeout. The switch is retried; another error is raised as it is."""
+    import sqlite3
+
+    class Racing:
+        def __init__(self, answers: list[str]):
+            self.answers, self.calls = answers, 0
+
+        def execute(self, sql: str) -> None:
+            assert sql == "PRAGMA journal_mode=WAL"
+            self.calls += 1
+            if self.answers:
+                raise sqlite3.OperationalError(self.answers.pop(0))
+
+    db = Racing(["database is locked", "database is locked"])
+    common.set_wal_mode(db)  # type: ignore[arg-type]
+    assert db.calls == 3
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        common.set_wal_mode(Racing(["disk I/O error"]))  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        common.set_wal_mode(Racing(["database is locked"] * 3), timeout_s=0.0)  # type: ignore[arg-type]

@@ -83,6 +83,15 @@ def _data_cfg(folder: Path, paths: list[str], **kw) -> DataConfig:
     return replace(base, **kw)
 
 
+def _assert_same_train_clips(batch, ref, what: str) -> None:
+    """``batch`` (a GPU loader's train clips) is ``ref``'s: the loaders' layout, the same videos, each clip within 8
+    levels of 255 on average and nearer to ``ref``'s than to its mirror image (the same flips)."""
+    assert batch.video.is_contiguous(memory_format=CLIP_FORMAT) and torch.equal(batch.index.cpu(), ref.index)
+    diff = (batch.video.cpu() - ref.video).abs().mean(dim=(1, 2, 3, 4)) * 0.225 * 255
+    mirrored = (batch.video.cpu() - ref.video.flip(-1)).abs().mean(dim=(1, 2, 3, 4)) * 0.225 * 255
+    assert (diff < 8).all() and (diff < mirrored).all(), f"|{what}| per clip {diff}, mirrored {mirrored}"
+
+
 def _probe(path: str):
     from timesformer_harness.pipelines.validate import probe_video
 
@@ -194,12 +203,8 @@ def test_an_mjpeg_set_on_the_gpu_is_decoded_by_nvjpeg_like_the_cpu_jpeg_frames(t
     assert type(loader).__name__ == "DaliLoader" and loader.backend == "gpu" and loader.jpeg_frames
     flips = [p.flip for p in loader.planner.plans(0)]
     assert any(flips) and not all(flips), flips
-    batch = next(iter(loader))
     ref = next(iter(build_loader(replace(train, backend="cpu"), "train", device="cpu")))
-    assert batch.video.is_contiguous(memory_format=CLIP_FORMAT) and torch.equal(batch.index.cpu(), ref.index)
-    diff = (batch.video.cpu() - ref.video).abs().mean(dim=(1, 2, 3, 4)) * 0.225 * 255
-    mirrored = (batch.video.cpu() - ref.video.flip(-1)).abs().mean(dim=(1, 2, 3, 4)) * 0.225 * 255
-    assert (diff < 8).all() and (diff < mirrored).all(), f"|nvJPEG loader - CPU| per clip {diff}, mirrored {mirrored}"
+    _assert_same_train_clips(next(iter(loader)), ref, "nvJPEG loader - CPU")
     auto = build_loader(replace(train, backend="auto"), "train", device=CUDA)
     assert auto.backend == "cpu" and auto.jpeg_frames
 
@@ -267,12 +272,8 @@ def test_gpu_loader_decodes_clip_streams_frame_for_frame(codec: str, generation:
     loader = build_loader(train, "train", device=CUDA)
     flips = [p.flip for p in loader.planner.plans(0)]
     assert any(flips) and not all(flips), flips
-    gpu = next(iter(loader))
     ref = next(iter(build_loader(replace(train, loader="pyav"), "train", device="cpu")))
-    assert gpu.video.is_contiguous(memory_format=CLIP_FORMAT) and torch.equal(gpu.index.cpu(), ref.index)
-    diff = (gpu.video.cpu() - ref.video).abs().mean(dim=(1, 2, 3, 4)) * 0.225 * 255
-    mirrored = (gpu.video.cpu() - ref.video.flip(-1)).abs().mean(dim=(1, 2, 3, 4)) * 0.225 * 255
-    assert (diff < 8).all() and (diff < mirrored).all(), f"{codec}: |GPU - PyAV| per clip {diff}, mirrored {mirrored}"
+    _assert_same_train_clips(next(iter(loader)), ref, f"{codec}: GPU - PyAV")
 
 
 @needs_dali

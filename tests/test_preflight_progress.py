@@ -78,15 +78,22 @@ def running_in_group(pgid: int) -> list[int]:
     return alive
 
 
+
+def interrupt_once_cached(args: list[str], cache: Path) -> tuple[subprocess.Popen, str, str]:
+    """Start ``args`` in a process group of its own, send the group SIGINT (what Ctrl-C in a terminal does) as soon as
+    the deep check's first chunk is in ``cache``, and wait: (the process, its stdout, its stderr)."""
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                           start_new_session=True)
+    while deep_rows(cache) == 0 and run.poll() is None:
+        time.sleep(0.005)
+    os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    return run, out, err
+
 def test_an_interrupted_deep_check_resumes_from_its_cache(many: Path, tmp_path: Path) -> None:
     cache = tmp_path / "c.sqlite"
     args = [*CLI, str(many), *CLIP, "--deep", "--workers", "2"]
-    run = subprocess.Popen([*args, "--cache", str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=REPO_ROOT, start_new_session=True)
-    while deep_rows(cache) == 0 and run.poll() is None:  # the deep check's first chunk is in: interrupt the rest
-        time.sleep(0.005)
-    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-    out, err = run.communicate(timeout=120)
+    run, out, err = interrupt_once_cached([*args, "--cache", str(cache)], cache)
     assert run.returncode == 130, (out, err)
     *logged, last = err.splitlines()  # the log lines before it, then one error line
     assert last == f"error: interrupted; what was checked is in {cache}: a rerun takes it from there", err
@@ -219,12 +226,7 @@ def test_a_runs_preflight_check_interrupted_resumes_too(many: Path, tmp_path: Pa
     args = [sys.executable, "-m", "timesformer_harness.validate", "--config", "configs/exp/toy_divided_cpu.yaml",
             "--deep", f"data.root={many.parent}", f"data.train_manifest={many}", f"data.path_prefix={many.parent}",
             f"data.validate_cache={cache}", "data.num_workers=1"]
-    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                           start_new_session=True)
-    while deep_rows(cache) == 0 and run.poll() is None:
-        time.sleep(0.005)
-    os.killpg(run.pid, signal.SIGINT)
-    out, err = run.communicate(timeout=120)
+    run, out, err = interrupt_once_cached(args, cache)
     assert run.returncode == 130, (out, err)
     *logged, last = err.splitlines()
     assert last.startswith("error: interrupted; the videos checked so far are cached") and "Traceback" not in err, err
@@ -244,12 +246,7 @@ def test_a_training_interrupted_in_its_preflight_check_exits_130_at_once(many: P
             f"data.root={many.parent}", f"data.train_manifest={many}", f"data.path_prefix={many.parent}",
             "data.validate=deep", f"data.validate_cache={cache}", "data.num_workers=1",
             f"output.dir={tmp_path / 'run'}", "train.eval_period=0", "solver.max_epoch=1"]
-    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                           start_new_session=True)
-    while deep_rows(cache) == 0 and run.poll() is None:
-        time.sleep(0.005)
-    os.killpg(run.pid, signal.SIGINT)
-    out, err = run.communicate(timeout=120)
+    run, out, err = interrupt_once_cached(args, cache)
     assert run.returncode == 130, (out, err[-3000:])
     assert err.splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err, err[-3000:]
     assert 0 < deep_rows(cache) < 60 and not list((tmp_path / "run").rglob("*.pyth"))

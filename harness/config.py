@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from timesformer_harness.pipelines.config import DataConfig
@@ -296,8 +296,12 @@ def _unknown_key_error(bad: str, schema: DictConfig, source: str) -> UnknownKeyE
     return UnknownKeyError(f"unknown config key {bad!r} in {source}{hint}")
 
 
+TAKES_BOOLEANS = {"train.compile"}  # string keys whose check maps true/false to a value
+
+
 def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
-    """Fail on the first key of ``node`` that the schema does not have, naming the closest valid one."""
+    """Fail on the first key of ``node`` that the schema does not have, naming the closest valid one, and on a
+    YAML boolean given to a string key (``train.resume=yes`` would otherwise arrive as the string 'True')."""
     if not isinstance(node, (dict, DictConfig)):
         return
     for k in node.keys():
@@ -306,6 +310,9 @@ def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") ->
             raise _unknown_key_error(full, OmegaConf.structured(RootConfig), source)
         if isinstance(schema[k], DictConfig):
             _check_keys(node[k], schema[k], source, prefix=f"{full}.")
+        elif isinstance(node[k], bool) and isinstance(schema._get_node(k), StringNode) and full not in TAKES_BOOLEANS:
+            raise ConfigError(f"{source}: {full}={node[k]}: YAML reads yes/no/on/off/true/false as a boolean, and "
+                              f"{full} takes a word; give one of its values (default: {full}={schema[k]})")
 
 
 def _find_default(name: str, config: Path) -> Path:

@@ -35,6 +35,20 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
         load_config(None, ["solver.base_lr"])
 
 
+def test_a_yaml_boolean_for_a_word_key_is_refused_naming_the_key(tmp_path):
+    """``yes``/``on``/``true`` are booleans in YAML: a key that takes a word says so instead of seeing 'True'."""
+    for word in ("yes", "on", "true", "no"):
+        with pytest.raises(ValueError, match=r"command-line overrides: train.resume=(True|False): YAML reads "
+                                             r"yes/no/on/off/true/false as a boolean, .* \(default: train.resume=auto\)"):
+            load_config(None, [f"train.resume={word}"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  attention_type: on\n")
+    with pytest.raises(ValueError, match=rf"{bad}: model.attention_type=True: YAML reads"):
+        load_config(bad)
+    assert load_config(None, ["train.compile=true"]).train.compile == "default"  # true/false mean something there
+    assert load_config(None, ["train.resume=never"]).train.resume == "never"
+
+
 def test_defaults_list_merges_first_and_overrides_win(tmp_path):
     (tmp_path / "base.yaml").write_text("model:\n  depth: 3\n  embed_dim: 96\n  num_heads: 4\n")
     exp = tmp_path / "exp.yaml"

@@ -5,14 +5,18 @@
 [--data runs/bench/clip_streams_data] [--out runs/bench/clip_streams.json]``
 
 Files: ``--videos`` generated 10 s 320x240 H.264 sources (``bench_prepare.make_sources``) prepared by
-``timesformer_harness.pipelines.tools.prepare`` to a 256-px short side with a keyframe every 32 frames, as VP9 and
-as H.264. Clips: train plans at 8x32 sampling (``ClipPlanner``). Old: ``pipelines/packets.py`` at ``--old`` (read
-from git): VP9 in IVF read a packet per ``os.pread``, H.264 copied by PyAV into Matroska (``remux_packets``). New:
-this tree's ``clip_stream`` (one ``os.pread`` per keyframe run; H.264 as Annex-B in IVF). Both in this process, one
+``timesformer_harness.pipelines.tools.prepare`` to a 256-px short side with a keyframe every 32 frames, as VP9,
+H.264 and HEVC. Clips: train plans at 8x32 sampling (``ClipPlanner``). Old: ``pipelines/packets.py`` at ``--old``
+(read from git), as its ``feed_mode`` feeds the GPU decoder: ``remux_packets`` (PyAV copies the packets into
+Matroska) where it remuxes, else its IVF stream (``clip_stream``; before that existed, ``ivf_stream`` over a pread per
+packet). New: this tree's ``clip_stream`` (one ``os.pread`` per keyframe run; H.264 as Annex-B in IVF, HEVC in
+Matroska written from the byte ranges). HEVC also gets a ``file`` row: the whole file read (``np.fromfile``), what
+``feed_mode`` feeds instead of a remux that saves under ``REMUX_MIN_SAVING`` of the frames. All in this process, one
 thread, rows interleaved per repeat, median over repeats of the CPU (``time.process_time``) and wall ms per clip;
-counted per clip: ``os.pread`` calls, bytes read, PyAV containers opened, stream bytes. Then a real DALI CPU
-pipeline over the VP9 files (batch 8, 2 threads): ms per clip the iterating thread spends in the source callback
-with the streams made in the callback (``prefetch=0``: the old loader) and by the source's worker (``prefetch=2``).
+counted per clip: ``os.pread`` calls, bytes read, PyAV containers opened, stream bytes, frames a decoder decodes.
+Then a real DALI CPU pipeline over the VP9 files (batch 8, 2 threads): ms per clip the iterating thread spends in
+the source callback with the streams made in the callback (``prefetch=0``: the old loader) and by the source's
+worker (``prefetch=2``).
 """
 
 from __future__ import annotations
@@ -28,11 +32,16 @@ import time
 from pathlib import Path
 
 
+import numpy as np
+
 from timesformer_harness.common import setup_logging
 from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.pipelines.config import DataConfig
 
 T, RATE, FPS, GOP, SHORT, BATCH = 8, 32, 30, 32, 256, 8
+CODECS = ("vp9", "h264", "hevc")
+NEW_NAMES = {"vp9": "IVF, a pread per run", "h264": "Annex-B in IVF, a pread per run",
+             "hevc": "Matroska, a pread per run"}
 
 
 def old_packets(rev: str):
@@ -57,7 +66,7 @@ def prepared(data: Path, videos: int) -> dict[str, list[str]]:
 
     manifest = make_sources(data / "source", videos)
     out = {}
-    for codec in ("vp9", "h264"):
+    for codec in CODECS:
         report = prepare(manifest, data / codec, PrepareSpec(codec, SHORT, GOP), workers=0, progress=False)
         assert not report.failed, report.summary()
         out[codec] = [e.path for e in read_entries(Path(report.manifest), "kinetics")]
@@ -118,21 +127,34 @@ def stream_rows(files: dict[str, list[str]], clips: int, repeats: int, old) -> l
         plans = train_plans(paths, clips, new_index.get)
         fds = {p: os.open(p, os.O_RDONLY) for p in paths}
 
-        def old_make(plan, old_index=old_index, fds=fds, codec=codec):
+        def old_make(plan, old_index=old_index, fds=fds):
             index = old_index[plan.path]
             pp = old.plan_packets(index, plan.frames)
-            if codec == "h264":
-                return old.remux_packets(index, pp)
-            return old.ivf_stream(index, old.read_payloads(index, pp.packets, fds[plan.path]))
+            if old.feed_mode(index, pp, "gpu")[0] != "stream":
+                return old.remux_packets(index, pp), pp.decoded
+            if hasattr(old, "clip_stream"):
+                return old.clip_stream(index, pp, fds[plan.path]), pp.decoded
+            return old.ivf_stream(index, old.read_payloads(index, pp.packets, fds[plan.path])), pp.decoded
 
         def new_make(plan, new_index=new_index, fds=fds):
             index = new_index[plan.path]
-            return packets.clip_stream(index, packets.plan_packets(index, plan.frames), fds[plan.path])
+            pp = packets.plan_packets(index, plan.frames)
+            if packets.feed_mode(index, pp, "gpu")[0] != "stream":
+                raise RuntimeError(f"{plan.path}: not fed as a clip stream: {packets.feed_mode(index, pp, 'gpu')}")
+            return packets.clip_stream(index, pp, fds[plan.path]), pp.decoded
 
-        old_name = "PyAV remux into Matroska" if codec == "h264" else "IVF, a pread per packet"
-        new_name = "Annex-B in IVF, a pread per run" if codec == "h264" else "IVF, a pread per run"
+        def whole_file(plan, new_index=new_index):
+            last = min(int(plan.frames.max()), new_index[plan.path].num_frames - 1)
+            return np.fromfile(plan.path, np.uint8), last + 1
+
+        first = old_index[paths[0]]
+        mode = old.feed_mode(first, old.plan_packets(first, plans[0].frames), "gpu")[0]
+        old_name = ("PyAV remux into Matroska" if mode != "stream" else
+                    NEW_NAMES[codec] if hasattr(old, "clip_stream") else "IVF, a pread per packet")
         makers[(codec, "old", old_name)] = (old_make, plans)
-        makers[(codec, "new", new_name)] = (new_make, plans)
+        makers[(codec, "new", NEW_NAMES[codec])] = (new_make, plans)
+        if codec == "hevc":
+            makers[(codec, "file", "the whole file")] = (whole_file, plans)
     samples: dict[tuple, list[tuple[float, float]]] = {k: [] for k in makers}
     for r in range(repeats + 1):  # the first round warms up (page cache, imports) and is not kept
         for key, (make, plans) in makers.items():
@@ -145,13 +167,14 @@ def stream_rows(files: dict[str, list[str]], clips: int, repeats: int, old) -> l
     rows = []
     for key, (make, plans) in makers.items():
         with Counts() as n:
-            sizes = [len(make(p)) for p in plans]
+            made = [make(p) for p in plans]
         cpu, wall = zip(*samples[key])
         rows.append({"codec": key[0], "path": key[1], "stream": key[2], "clips": len(plans),
                      "cpu_ms_per_clip": statistics.median(cpu), "cpu_ms_spread": [min(cpu), max(cpu)],
                      "wall_ms_per_clip": statistics.median(wall), "preads_per_clip": n.preads / len(plans),
                      "bytes_read_per_clip": n.bytes / len(plans), "containers_per_clip": n.opens / len(plans),
-                     "stream_bytes_per_clip": statistics.mean(sizes)})
+                     "stream_bytes_per_clip": statistics.mean(len(m[0]) for m in made),
+                     "decoded_frames_per_clip": statistics.mean(m[1] for m in made)})
     return rows
 
 
@@ -220,13 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.videos} videos x 10 s, {SHORT}-px short side, GOP {GOP}, {T}x{RATE} train clips; median of "
           f"{args.repeats} repeats (min-max)\n")
     print("| codec | path | stream | CPU ms / clip | wall ms / clip | preads / clip | KB read / clip "
-          "| PyAV containers / clip | stream KB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| PyAV containers / clip | stream KB | frames decoded / clip |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lo, hi = r["cpu_ms_spread"]
         print(f"| {r['codec']} | {r['path']} | {r['stream']} | {r['cpu_ms_per_clip']:.3f} ({lo:.3f}-{hi:.3f}) "
               f"| {r['wall_ms_per_clip']:.3f} | {r['preads_per_clip']:.1f} | {r['bytes_read_per_clip'] / 1e3:.0f} "
-              f"| {r['containers_per_clip']:.0f} | {r['stream_bytes_per_clip'] / 1e3:.0f} |")
+              f"| {r['containers_per_clip']:.0f} | {r['stream_bytes_per_clip'] / 1e3:.0f} "
+              f"| {r['decoded_frames_per_clip']:.1f} |")
     print("\n| DALI CPU pipeline, VP9 | ms per clip in the source callback (iterating thread) |")
     print("|---|---|")
     for r in callbacks:

@@ -173,9 +173,9 @@ class PlanSource:
         return fd
 
     def clip_input(self, plan: ClipPlan) -> ClipInput:
-        """The decoder's input for ``plan``: its packets in IVF (``stream``: ``clip_stream``; H.264 as Annex-B),
-        copied by PyAV into Matroska (``remux``, other GPU codecs) or the whole file (``file``), per ``feed_mode``;
-        with ``jpeg_frames`` its frames' JPEG images (``images``)."""
+        """The decoder's input for ``plan``: its packets cut from the file (``stream``: ``clip_stream``, IVF or
+        Matroska), copied by PyAV into Matroska (``remux``: what the cut cannot serve, on the GPU) or the whole file
+        (``file``), per ``feed_mode``; with ``jpeg_frames`` its frames' JPEG images (``images``)."""
         index = self.indexes.get(plan.path)
         if self.jpeg_frames:
             images = [np.frombuffer(p, np.uint8) for p in jpeg_images(index, plan.frames, self._fd(plan.path))]

@@ -14,14 +14,19 @@ a small stream of only the packets the clip needs, starting at a keyframe:
 * ``plan_packets(index, frames)``: those segments as packets to copy, the unique ascending positions to ask the
   decoder for in the new stream (forward only: a repeated or backward index makes DALI restart from the stream's
   start) and the order that expands them back to the clip's frames (repeats allowed).
-* ``clip_stream(index, plan, fd)``: those packets in IVF, read from the file with one ``os.pread`` per keyframe
-  run: VP8/VP9, MJPEG (libavformat maps the fourcc MJPG through its AVI tag table) and, for the GPU decoder, H.264
-  as an Annex-B byte stream (fourcc H264: each 4-byte NAL length prefix of the avcC framing of MP4 and Matroska
-  overwritten by a start code, the SPS/PPS from the extradata before each run, each frame's display position as its
-  pts). No PyAV container is opened per clip. ``remux_packets`` copies the packets with PyAV into Matroska instead,
-  for what the cut cannot serve: HEVC (libavformat's IVF demuxer has no HEVC fourcc, and a raw Annex-B stream has
-  no timestamps, by which DALI's GPU decoder orders frames), AV1, MPEG-4 Part 2, H.264 with NAL length prefixes of
-  other sizes or an unreadable extradata.
+* ``clip_stream(index, plan, fd)``: those packets read from the file with one ``os.pread`` per keyframe run
+  (``copy_payloads``), in the container ``stream_format`` picks; no PyAV container is opened per clip. IVF
+  (``ivf_stream``): VP8/VP9, MJPEG (libavformat maps the fourcc MJPG through its AVI tag table) and, for the GPU
+  decoder, H.264 as an Annex-B byte stream (fourcc H264: each 4-byte NAL length prefix of the avcC framing of MP4 and
+  Matroska overwritten by a start code, the SPS/PPS from the extradata before each run, each frame's display
+  position as its pts). Matroska (``matroska_stream``, written by ``timesformer_harness.pipelines.mkv``), for the GPU
+  decoder: HEVC (libavformat's IVF demuxer has no HEVC fourcc, and a raw Annex-B stream has no timestamps, by which
+  DALI's GPU decoder orders frames), AV1, MPEG-4 Part 2 and H.264 with NAL length prefixes of other sizes: the
+  payloads verbatim, the extradata (hvcC, av1C, avcC, the VOL header) as CodecPrivate, each block's timestamp the
+  frame's display position. ``remux_packets`` copies the packets with PyAV into Matroska (~5 ms a clip) for what
+  neither cut serves: payloads that are not byte ranges of the file (e.g. MPEG-TS), H.264 whose extradata is
+  neither an avcC record nor Annex-B, HEVC/AV1 whose extradata is not an hvcC/av1C record (raw streams), codecs
+  without a Matroska CodecID in ``mkv.MKV_CODECS``.
 
 Frames are counted in display order (pts); a packet is one frame (VP9 superframes and VP8 alt-ref frames are one
 packet in WebM, as the pre-flight check's frame count assumes). For codecs with B-frames the plan assumes closed
@@ -45,10 +50,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from timesformer_harness.common import FileCache, file_key
+from timesformer_harness.pipelines import mkv
+from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 2  # 2: the codec's extradata
+INDEX_VERSION = 3  # 2: the codec's extradata; 3: the codec's canonical name (av1, not the decoder's libdav1d)
 # codecs whose packets travel in IVF (libavformat's IVF demuxer maps the fourcc through its AVI tag table)
 IVF_FOURCC = {"vp8": b"VP80", "vp9": b"VP90", "mjpeg": b"MJPG", "h264": b"H264"}
 ANNEXB_CODECS = frozenset({"h264"})  # NAL-unit codecs whose clip streams are Annex-B byte streams (in IVF)
@@ -63,7 +70,7 @@ class PacketIndex:
     """A file's video packets in decode order (payload offset/size, pts, keyframe flag) and the display order."""
 
     path: str
-    codec: str  # PyAV codec name: vp9, vp8, mjpeg, h264, hevc, ...
+    codec: str  # FFmpeg's canonical codec name: vp9, vp8, mjpeg, h264, hevc, av1, mpeg4, ...
     width: int
     height: int
     rate: tuple[int, int]  # frame rate (numerator, denominator)
@@ -144,8 +151,8 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
     key[0] = True  # a decoder starts at the first packet whatever its flag says
     pts = pts.astype(np.int64)
     num, den = (rate.numerator, rate.denominator) if rate else (30, 1)
-    return PacketIndex(path, cc.name, cc.width, cc.height, (num, den), offset.astype(np.int64), size.astype(np.int64),
-                       pts, key, np.argsort(pts, kind="stable"), extradata)
+    return PacketIndex(path, cc.codec.canonical_name, cc.width, cc.height, (num, den), offset.astype(np.int64),
+                       size.astype(np.int64), pts, key, np.argsort(pts, kind="stable"), extradata)
 
 
 PACKET_CACHE = "packets.sqlite"  # beside the probe cache (timesformer_harness.common.cache_path)
@@ -251,26 +258,48 @@ def plan_packets(index: PacketIndex, frames: Sequence[int] | np.ndarray) -> Pack
     return PacketPlan(packets, starts, pos, order.reshape(-1).astype(np.int32), int(pos.max()) + 1, pts)
 
 
-REMUX_MIN_SAVING = 0.1  # PyAV remux (ms of Python per clip) only when it saves this share of the frames
+REMUX_MIN_SAVING = 0.1  # PyAV remux (~5 ms of Python per clip) only when it saves this share of the frames
+
+
+def stream_format(index: PacketIndex) -> tuple[str, str]:
+    """The container ``clip_stream`` cuts ``index``'s packets into, and why none: ``ivf`` (``IVF_FOURCC``: VP8, VP9,
+    MJPEG, and H.264 as Annex-B when its NAL length prefixes are 4 bytes or it is Annex-B already), ``matroska``
+    (``mkv.MKV_CODECS``: HEVC, AV1, MPEG-4 Part 2, H.264 with other length prefixes) or "" (another codec, H.264
+    whose extradata is neither an avcC record nor Annex-B, HEVC/AV1 whose extradata is not an hvcC/av1C record)."""
+    if index.codec in ANNEXB_CODECS:
+        try:
+            _, length_size = nal_layout(index)
+        except ValueError as e:
+            return "", str(e)
+        return ("ivf" if length_size in (0, 4) else "matroska"), ""
+    if index.codec in IVF_FOURCC:
+        return "ivf", ""
+    if index.codec in mkv.MKV_CODECS:
+        first, record = mkv.RECORD_FIRST_BYTE.get(index.codec, (None, ""))
+        if first is not None and index.extradata[:1] != bytes([first]):
+            return "", f"its {index.codec} extradata is not {record} (Matroska's CodecPrivate)"
+        return "matroska", ""
+    return "", f"no container for {index.codec} clip streams"
 
 
 def feed_mode(index: PacketIndex, plan: PacketPlan, backend: str = "cpu") -> tuple[str, str]:
-    """How to hand one clip to ``fn.decoders.video``, and why: ``stream`` (the plan's packets read from the file in
-    IVF, ``clip_stream``: VP8/VP9/MJPEG, and on the GPU H.264 as Annex-B, whose payloads are byte ranges of the
-    file), ``remux`` (the packets copied by PyAV into Matroska: other codecs on the GPU, when that saves >=
-    ``REMUX_MIN_SAVING`` of the frames decoding from frame 0 costs) or ``file`` (the whole file, decoded from
-    frame 0)."""
-    if index.codec in ANNEXB_CODECS and backend != "gpu":
+    """How to hand one clip to ``fn.decoders.video``, and why: ``stream`` (the plan's packets read from the file,
+    ``clip_stream``: in IVF or Matroska per ``stream_format``, when every payload is a byte range of the file; on the
+    CPU only the codecs DALI's CPU decoder has), ``remux`` (on the GPU, what ``clip_stream`` cannot serve: payloads
+    that are not byte ranges of the file, e.g. MPEG-TS, or a codec ``stream_format`` has no container for, copied
+    by PyAV into Matroska when that saves >= ``REMUX_MIN_SAVING`` of the frames decoding from frame 0 costs) or
+    ``file`` (the whole file, decoded from frame 0)."""
+    if backend != "gpu" and index.codec not in DALI_CPU_CODECS:
         return "file", f"no CPU decoder for {index.codec} in DALI (the pre-flight check rejects it)"
-    why = annexb_problem(index) if index.codec in ANNEXB_CODECS else ""
-    if index.codec in IVF_FOURCC and not why:
+    fmt, why = stream_format(index)
+    if fmt:
         if index.verbatim:
             return "stream", ""
         why = f"its {index.codec} payloads are not stored verbatim in the file (container framing)"
-        if index.codec not in ANNEXB_CODECS:
+        if index.codec in DALI_CPU_CODECS:
             return "file", why
     if backend != "gpu":
-        return "file", f"no raw container for {index.codec} (and DALI's CPU decoder does not read it)"
+        return "file", why
     from_start = int(plan.packets.max()) + 1  # decoding the whole file reaches the plan's last packet
     if plan.decoded <= (1 - REMUX_MIN_SAVING) * from_start:
         return "remux", why
@@ -307,18 +336,6 @@ def nal_layout(index: PacketIndex) -> tuple[bytes, int]:
         raise ValueError(f"{index.path}: cannot read the {index.codec} parameter sets from its extradata "
                          f"({len(ed)} bytes): {e}") from None
     return b"".join(START_CODE + u for u in units), length_size
-
-
-def annexb_problem(index: PacketIndex) -> str:
-    """Why the packets of an H.264 file cannot be cut into an Annex-B stream (``clip_stream``); "" when they can:
-    the extradata is readable and the NAL length prefixes are 4 bytes (overwritten in place by start codes)."""
-    try:
-        _, length_size = nal_layout(index)
-    except ValueError as e:
-        return str(e)
-    if length_size not in (0, 4):
-        return f"its NAL units have {length_size}-byte length prefixes (the cut rewrites 4-byte ones)"
-    return ""
 
 
 def read_payloads(index: PacketIndex, packets: np.ndarray, fd: int) -> list[bytes]:
@@ -366,12 +383,22 @@ def _demuxed_payloads(index: PacketIndex, positions: set[int]) -> dict[int, byte
 
 
 def clip_stream(index: PacketIndex, plan: PacketPlan, fd: int, stats: dict[str, int] | None = None) -> np.ndarray:
-    """The plan's packets as an IVF stream (fourcc ``IVF_FOURCC[codec]``; uint8, the buffer DALI is fed), read from
-    the open file ``fd``: one ``os.pread`` per keyframe run (per packet where a run's packets lie more than
-    ``SPAN_SLACK`` bytes apart). Each frame's pts is its display position in the stream (``plan.pts``: without a
-    frame index DALI's GPU decoder outputs frames by pts). H.264 (``ANNEXB_CODECS``): an Annex-B byte stream, each
-    4-byte NAL length prefix overwritten by a start code and the SPS/PPS (``nal_layout``) put before each run's first
-    packet. ``stats`` (optional) counts ``preads`` and ``bytes_read``."""
+    """The plan's packets as the stream DALI is fed (uint8), read from the open file ``fd`` without PyAV: in IVF
+    (``ivf_stream``) or Matroska (``matroska_stream``) as ``stream_format`` says. ``stats`` (optional) counts
+    ``preads`` and ``bytes_read``. Raises ValueError naming the file when neither serves its codec."""
+    fmt, why = stream_format(index)
+    if fmt == "ivf":
+        return ivf_stream(index, plan, fd, stats)
+    if fmt == "matroska":
+        return matroska_stream(index, plan, fd, stats)
+    raise ValueError(f"{index.path}: cannot cut a clip stream: {why}")
+
+
+def ivf_stream(index: PacketIndex, plan: PacketPlan, fd: int, stats: dict[str, int] | None = None) -> np.ndarray:
+    """The plan's packets as an IVF stream (fourcc ``IVF_FOURCC[codec]``), read by ``copy_payloads``. Each frame's
+    pts is its display position in the stream (``plan.pts``: without a frame index DALI's GPU decoder outputs frames
+    by pts). H.264 (``ANNEXB_CODECS``): an Annex-B byte stream, each 4-byte NAL length prefix overwritten by a start
+    code and the SPS/PPS (``nal_layout``) put before each run's first packet."""
     params, length_size = nal_layout(index) if index.codec in ANNEXB_CODECS else (b"", 0)
     n = len(plan.packets)
     sizes = index.size[plan.packets]
@@ -388,28 +415,57 @@ def clip_stream(index: PacketIndex, plan: PacketPlan, fd: int, stats: dict[str, 
     header = np.empty(n, np.dtype([("size", "<u4"), ("pts", "<u8")]))  # packed: 12 bytes a frame
     header["size"], header["pts"] = frame_sizes, plan.pts
     buf[frame_at[:, None] + np.arange(12)] = header.view(np.uint8).reshape(n, 12)
-    offsets, sizes_, dst = index.offset[plan.packets].tolist(), sizes.tolist(), payload_at.tolist()  # fast loop
-    for a, b in zip(plan.segments, [*plan.segments[1:], n]):
-        if params:
+    dst = payload_at.tolist()
+    if params:
+        for a in plan.segments:
             out[dst[a] - len(params):dst[a]] = params
-        first, end = offsets[a], offsets[b - 1] + sizes_[b - 1]
-        if end - first <= sum(sizes_[a:b]) + SPAN_SLACK:
+    copy_payloads(index, plan, fd, out, dst, stats)
+    if length_size:
+        _start_codes(buf, payload_at, payload_at + sizes, index.path)
+    return buf
+
+
+def matroska_stream(index: PacketIndex, plan: PacketPlan, fd: int,
+                    stats: dict[str, int] | None = None) -> np.ndarray:
+    """The plan's packets as a Matroska stream (``timesformer_harness.pipelines.mkv``: CodecPrivate = the file's
+    extradata, payloads verbatim, each block's timestamp its display position ``plan.pts``, a cluster per keyframe
+    run), read by ``copy_payloads``. Any codec of ``mkv.MKV_CODECS`` whose payloads are byte ranges of the file."""
+    sizes = index.size[plan.packets]
+    keys = index.key[plan.packets].copy()
+    keys[list(plan.segments)] = True
+    heads, where, payload_at, body = mkv.layout(sizes, plan.pts, keys, plan.segments)
+    top = mkv.headers(index.codec, index.extradata, index.width, index.height, index.rate, len(plan.packets), body)
+    out = bytearray(len(top) + body)
+    out[:len(top)] = top
+    buf = np.frombuffer(out, np.uint8)
+    buf[where + len(top)] = heads
+    copy_payloads(index, plan, fd, out, (payload_at + len(top)).tolist(), stats)
+    return buf
+
+
+def copy_payloads(index: PacketIndex, plan: PacketPlan, fd: int, out: bytearray, dst: list[int],
+                  stats: dict[str, int] | None = None) -> None:
+    """Copy the payloads of the plan's packets from the open file ``fd`` into ``out`` at ``dst`` (per packet): one
+    ``os.pread`` per keyframe run (per packet where a run's packets lie more than ``SPAN_SLACK`` bytes apart).
+    ``stats`` (optional) counts ``preads`` and ``bytes_read``."""
+    n = len(plan.packets)
+    offsets, sizes = index.offset[plan.packets].tolist(), index.size[plan.packets].tolist()  # Python ints: fast loop
+    for a, b in zip(plan.segments, [*plan.segments[1:], n]):
+        first, end = offsets[a], offsets[b - 1] + sizes[b - 1]
+        if end - first <= sum(sizes[a:b]) + SPAN_SLACK:
             reads = [(a, b, first, os.pread(fd, end - first, first))]
         else:  # far apart (interleaved audio?): a read per packet
-            reads = [(k, k + 1, offsets[k], os.pread(fd, sizes_[k], offsets[k])) for k in range(a, b)]
+            reads = [(k, k + 1, offsets[k], os.pread(fd, sizes[k], offsets[k])) for k in range(a, b)]
         for lo, hi, at, data in reads:
-            if len(data) < offsets[hi - 1] + sizes_[hi - 1] - at:
+            if len(data) < offsets[hi - 1] + sizes[hi - 1] - at:
                 raise RuntimeError(f"{index.path}: packets of a clip lie past the end of the file (the file changed "
                                    "since it was indexed?)")
             view = memoryview(data)
             for k in range(lo, hi):
-                out[dst[k]:dst[k] + sizes_[k]] = view[offsets[k] - at:offsets[k] - at + sizes_[k]]
+                out[dst[k]:dst[k] + sizes[k]] = view[offsets[k] - at:offsets[k] - at + sizes[k]]
         if stats is not None:
             stats["preads"] = stats.get("preads", 0) + len(reads)
             stats["bytes_read"] = stats.get("bytes_read", 0) + sum(len(r[3]) for r in reads)
-    if length_size:
-        _start_codes(buf, payload_at, payload_at + sizes, index.path)
-    return buf
 
 
 def _start_codes(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, path: str) -> None:

@@ -232,9 +232,10 @@ def test_vp9_below_nvdecs_minimum_is_decoded_on_the_cpu_for_a_cuda_model(tmp_pat
 @pytest.mark.parametrize("codec", sorted(NVDEC_CODECS))
 def test_gpu_loader_decodes_clip_streams_frame_for_frame(codec: str, generation: str, tmp_path: Path) -> None:
     """Clips that start past several keyframes (GOP 8, views at frames 0, ~16, ~32 of 64): the GPU loader feeds
-    NVDEC per-clip streams (IVF for VP8/VP9, Annex-B in IVF for H.264, PyAV's remux into Matroska for the others) and
-    each decoded frame is PyAV's frame of the planned index; the full graph matches the PyAV loader's clips, test
-    views and train clips (scales, crops, flips) alike, in the loaders' layout."""
+    NVDEC per-clip streams cut from the files' byte ranges (IVF for VP8/VP9, Annex-B in IVF for H.264, Matroska for
+    HEVC, AV1 and MPEG-4; no PyAV remux) and each decoded frame is PyAV's frame of the planned index; the full graph
+    matches the PyAV loader's clips, test views and train clips (scales, crops, flips) alike, in the loaders'
+    layout."""
     import av
 
     from timesformer_harness.pipelines.pyav import decode_frames
@@ -253,7 +254,7 @@ def test_gpu_loader_decodes_clip_streams_frame_for_frame(codec: str, generation:
     loader = _dali_direct(cfg, paths, "gpu", decode_only=True)
     plans = loader.planner.plans(0)
     modes = {x.mode for x in loader.clip_inputs(plans)}
-    assert modes == {"stream"} if codec in ("vp8", "vp9", "h264") else "remux" in modes, modes
+    assert modes == {"stream"}, modes
     frames = next(iter(loader)).video.cpu().int()  # (6, 4, 160, 160, 3)
     for plan, clip in zip(plans, frames):
         every = decode_frames(plan.path, np.arange(64)).astype(int)

@@ -1,6 +1,6 @@
 """``make gpu-input``: the GPU input shoot-out, in one script sized for 8 minutes of one GPU, preparing included.
 
-    python -m timesformer_harness.benchmarks.gpu_input [--out DIR] [--budget-s 480] [--rows NAME ...]
+    python -m timesformer_harness.benchmarks.gpu_input [--out DIR] [--budget-s 480] [--rows NAME ...] [--update-table]
     python -m timesformer_harness.benchmarks.gpu_input --rehearse-on-cpu   # the rows a CPU can run, at CPU size
 
 The files (``GPU_SIZE``): 8 generated 10 s, 30 fps, 340x256 H.264 sources (keyint 250, a camera panning over a
@@ -9,12 +9,16 @@ detailed texture; ``benchmarks/bench_prepare.py``), prepared by ``timesformer_ha
 (intra-only). Sources and variants are made in parallel and kept in ``--data`` (prepare is idempotent). Each
 variant's train manifest lists every video 16 times (128 clips); 8x32 sampling, crop 224, jitter 256-320, batch 32.
 
-The rows, in the order they run (``ROWS``): the DALI loader where ``data.backend=auto`` puts it (NVDEC for VP9 and
-H.264; MJPEG's frames decoded as JPEG images by DALI on the CPU) on every variant with 8 DALI threads, and with 16
-on H.264 GOP 32; the end-to-end step on H.264 GOP 32 and MJPEG; the PyAV loader (16 workers) on H.264 GOP 32; the
-DALI loader on MJPEG with ``data.backend=gpu`` (its JPEG frames decoded by nvJPEG, ``device="mixed"``, and resized,
-flipped and normalised on the GPU: the candidate against the CPU's JPEG frames); the end-to-end step and PyAV on
-VP9 GOP 32. A loader row builds the loader in a fresh process
+The rows, in the order they run (``ROWS``): the DALI loader on NVDEC (``data.backend=gpu``) for VP9 and H.264 and,
+for MJPEG, its frames decoded as JPEG images by DALI on the CPU (``data.backend=cpu``), on every variant with 8 DALI
+threads, and with 16 on H.264 GOP 32; the end-to-end step on H.264 GOP 32 and MJPEG (``data.backend=auto``: what a
+run gets); the PyAV loader (16 workers) on H.264 GOP 32; the DALI loader on MJPEG with ``data.backend=gpu`` (its JPEG
+frames decoded by nvJPEG, ``device="mixed"``, and resized, flipped and normalised on the GPU: the candidate against
+the CPU's JPEG frames); DALI's CPU decoder on VP9 GOP 32 (the candidate against NVDEC); the end-to-end step and PyAV
+on VP9 GOP 32. Each loader row decodes on a named path, so that the decode table
+(``timesformer_harness.pipelines.decode_rates``) gets every candidate ``data.backend=auto`` chooses between: with
+``--update-table [PATH]`` every loader row that ran on a GPU is merged into it (default: the shipped
+``configs/measured/decode_rates.yaml``) as it finishes. A loader row builds the loader in a fresh process
 (``loader_row``), runs one warm-up epoch (its time includes indexing the files), then 3 timed epochs: median clips/s
 and host CPU ms per clip (the process and its workers), then one epoch under ``torch.profiler`` for the GPU's busy
 ms per clip (``timesformer_harness.metrics.kernel_time``: the kernels and copies CUPTI sees in that process; NVDEC's
@@ -27,7 +31,9 @@ every row, so a run cut short keeps what it measured.
 
 With ``--rehearse-on-cpu`` the same rows run at CPU size (48 px files, crop 32, batch 4, the tiny model): DALI's CPU
 decoder on VP9 and MJPEG, PyAV on VP9; every H.264 row and the nvJPEG row are skipped (DALI's CPU decoder does not
-decode H.264, so the rehearsal prepares none; nvJPEG needs a GPU).
+decode H.264, so the rehearsal prepares none; nvJPEG needs a GPU), and so is the CPU-decoder VP9 row (on a CPU the
+VP9 row decodes there already). Its rows go to a table only at a path given (``--update-table PATH``), with the
+generation ``cpu``: the shipped table holds GPU measurements only.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.gpu_perf import fmt_cell, record_row, script_end, script_parser, script_start
 from timesformer_harness.metrics import Stopwatch, run_stamp
 from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.decode_rates import CPU_GENERATION, TABLE, RateRow, merge_rates
 from timesformer_harness.pipelines.tools.transcode import PrepareSpec
 
 logger = logging.getLogger(__name__)
@@ -92,22 +99,24 @@ class Row:
     variant: str
     thread_factor: int = 1  # x the size's threads (DALI threads, PyAV workers)
     backend: str = "auto"  # data.backend on a GPU (the rehearsal decodes on the CPU)
+    rehearsed: bool = True  # False: the CPU rehearsal skips it (on a CPU it would repeat another row)
     # what the row costs on a GPU, process start and warm-up included (the budget's unit; guessed from the 2026-11-26
     # NVDEC shoot-out's rates until a run of this script measures them)
     estimate_s: float = 30.0
 
 
 ROWS: tuple[Row, ...] = (
-    Row("dali-h264-gop32", "dali", "h264-gop32"),
-    Row("dali-vp9-gop32", "dali", "vp9-gop32"),
-    Row("dali-mjpeg", "dali", "mjpeg"),
-    Row("dali-h264-long", "dali", "h264-long", estimate_s=40.0),
-    Row("dali-vp9-long", "dali", "vp9-long", estimate_s=40.0),
+    Row("dali-h264-gop32", "dali", "h264-gop32", backend="gpu"),
+    Row("dali-vp9-gop32", "dali", "vp9-gop32", backend="gpu"),
+    Row("dali-mjpeg", "dali", "mjpeg", backend="cpu"),
+    Row("dali-h264-long", "dali", "h264-long", backend="gpu", estimate_s=40.0),
+    Row("dali-vp9-long", "dali", "vp9-long", backend="gpu", estimate_s=40.0),
     Row("e2e-h264-gop32", "e2e", "h264-gop32", estimate_s=60.0),
     Row("e2e-mjpeg", "e2e", "mjpeg", estimate_s=60.0),
-    Row("dali-h264-gop32-x2threads", "dali", "h264-gop32", thread_factor=2),
+    Row("dali-h264-gop32-x2threads", "dali", "h264-gop32", thread_factor=2, backend="gpu"),
     Row("pyav-h264-gop32", "pyav", "h264-gop32", thread_factor=2, estimate_s=40.0),
     Row("dali-mjpeg-nvjpeg", "dali", "mjpeg", backend="gpu"),
+    Row("dali-cpu-vp9-gop32", "dali", "vp9-gop32", backend="cpu", rehearsed=False, estimate_s=40.0),
     Row("e2e-vp9-gop32", "e2e", "vp9-gop32", estimate_s=60.0),
     Row("pyav-vp9-gop32", "pyav", "vp9-gop32", thread_factor=2, estimate_s=40.0),
 )
@@ -195,8 +204,10 @@ def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
     codec = VARIANTS[row.variant][0]
     if not cuda and codec in GPU_ONLY_CODECS:
         return "H.264 rows run on a GPU only (DALI's CPU decoder takes VP8/VP9/MJPEG; the rehearsal prepares none)"
-    if row.backend == "gpu" and not cuda:
+    if row.backend == "gpu" and not cuda and codec == "mjpeg":
         return "nvJPEG rows run on a GPU only (data.backend=gpu decodes MJPEG's JPEG frames with nvJPEG)"
+    if not row.rehearsed and not cuda:
+        return "a GPU host's row only: on a CPU it repeats another row (every DALI row decodes on the CPU here)"
     if row.kind == "dali" and not dali:  # an e2e row runs on the loader auto picks (PyAV without DALI)
         return "DALI is not importable here (nvidia-dali-cuda120): no DALI loader to measure"
     return None
@@ -235,6 +246,34 @@ def run_e2e(row: Row, cfg: DataConfig, out: Path, base: dict[str, Any], model: A
             "decode": x.get("decode"), "data_wait_pct": None if x.get("data_wait_share") is None
             else 100 * x["data_wait_share"], "data_wait_ms": x.get("data_wait_ms_median"),
             "compute_ms": x.get("compute_ms_median"), "verdict": x.get("verdict"), "record": rec.to_dict()}
+
+
+def decode_path(entry: dict[str, Any]) -> str:
+    """The decode table's path of a loader row that ran: pyav, nvjpeg (JPEG frames on the GPU), nvdec or dali-cpu."""
+    if entry["kind"] == "pyav":
+        return "pyav"
+    if entry["decode"] == "gpu":
+        return "nvjpeg" if entry.get("jpeg_frames") else "nvdec"
+    return "dali-cpu"
+
+
+def table_row(entry: dict[str, Any], meta: dict[str, Any], generation: str, results: Path) -> RateRow:
+    """A loader row that ran, in the decode table's schema (``generation``: the GPU's, ``cpu`` without one); figures
+    rounded as the summary shows them."""
+    codec, gop = VARIANTS[entry["variant"]]
+    size = meta["size"]
+    env = meta["env"]
+    sha = str(env.get("git_sha", "unknown"))[:7] + ("-dirty" if env.get("git_dirty") else "")
+    try:
+        source = str(results.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        source = str(results.resolve())
+    started = meta["started"]
+    return RateRow(generation=generation, device=meta["hardware"], path=decode_path(entry), codec=codec, gop=gop,
+                   short_side=size["height"], clips_per_s=round(entry["clips_per_s"], 1),
+                   host_cpu_ms_per_clip=round(entry["host_cpu_ms_per_clip"], 2), threads=entry["threads"],
+                   batch=size["batch"], clip=f"{T}x{RATE}, crop {size['crop']}", source=source,
+                   date=f"{started[:4]}-{started[4:6]}-{started[6:8]}", git_sha=sha)
 
 
 def judge(rows: list[dict[str, Any]], on_gpu: bool) -> list[tuple[str, str]]:
@@ -327,9 +366,11 @@ def model_settings(cuda: bool) -> tuple[dict[str, Any], Any, str, str]:
     return base_settings(cfg, preset, precision, device, peak), cfg.model, preset, precision
 
 
-def run(out: Path, data: Path, budget_s: float, only: list[str] | None) -> list[dict[str, Any]]:
+def run(out: Path, data: Path, budget_s: float, only: list[str] | None,
+        table: Path | None = None) -> list[dict[str, Any]]:
     """Prepare the files the chosen rows need, then every row that fits the budget, in ``ROWS`` order; the results
-    rewritten after each."""
+    rewritten after each, and each loader row that ran merged into the decode table at ``table`` (None: none)."""
+    from timesformer_harness.pipelines.nvdec import generation_of
     from timesformer_harness.runtime import device_name, environment_info, resolve_device
 
     clock = Stopwatch()
@@ -366,6 +407,10 @@ def run(out: Path, data: Path, budget_s: float, only: list[str] | None) -> list[
             else:
                 entry.update(run_loader(row, cfg, device, size.rounds, timeout_s=max(left, 60)))
         record_row(out, results, entry, meta, clock.elapsed(), summary)
+        if table is not None and entry["kind"] != "e2e" and entry["status"] == "ok":
+            generation = generation_of(device) if cuda else CPU_GENERATION
+            merge_rates(table, [table_row(entry, meta, generation, out / "results.json")])
+            logger.info("%s: merged into the decode table %s", row.name, table)
     return results
 
 
@@ -381,11 +426,18 @@ def main(argv: list[str] | None = None) -> int:
     names = [r.name for r in ROWS]
     p = script_parser("timesformer_harness.benchmarks.gpu_input", __doc__, names, budget_s=480.0)
     p.add_argument("--data", default=str(REPO_ROOT / "runs/gpu_input/data"), help="generated files (kept, re-used)")
+    p.add_argument("--update-table", nargs="?", const=str(TABLE), default=None, metavar="PATH",
+                   help="merge every loader row that ran into the decode table at PATH (default: the shipped "
+                        "configs/measured/decode_rates.yaml, GPU rows only)")
     args = p.parse_args(argv)
+    table = None if args.update_table is None else Path(args.update_table)
+    if table is not None and table.resolve() == TABLE.resolve() and not torch.cuda.is_available():
+        p.error(f"--update-table {table}: the shipped decode table holds GPU measurements only, and there is no "
+                f"CUDA device here; give a path for the rehearsal's rows (--update-table PATH)")
     out = script_start(p, args, names)
     if out is None:
         return 2
-    return script_end(out, run(out, Path(args.data), args.budget_s, args.rows))
+    return script_end(out, run(out, Path(args.data), args.budget_s, args.rows, table))
 
 
 if __name__ == "__main__":

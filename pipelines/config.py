@@ -51,6 +51,9 @@ class DataConfig:
     # the pre-flight check refuses videos whose frames (width x height) exceed this, before decoding any frame, so a
     # small crafted file cannot make a decoder's memory (or a quarantine decision) depend on free memory; 3840x2160
     max_frame_pixels: int = 3840 * 2160
+    # data.backend=auto on a CUDA model picks the decode path with the most clips/s measured for this GPU in this table
+    # (pipelines/decode_rates.py); "" = the shipped configs/measured/decode_rates.yaml, "none" = no table (rule order)
+    decode_rates: str = ""
     synthetic_videos: int = 64  # data.loader=synthetic: clips per epoch (all ranks together)
     synthetic_classes: int = 10  # data.loader=synthetic: labels drawn from 0..synthetic_classes-1
 

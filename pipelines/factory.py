@@ -4,9 +4,12 @@ pre-flight check of every video.
 ``plan_decode`` makes the choice from the probed videos (pure: it touches no GPU): ``data.loader=auto`` picks DALI
 when ``nvidia.dali`` imports and its backend decodes every usable video, else PyAV (logging why);
 ``resolve_backend`` maps ``data.backend`` to a DALI device, and with ``data.backend=auto`` and the model on CUDA,
-videos NVDEC cannot decode on this GPU (``timesformer_harness.pipelines.nvdec``: the toy set's 32x32 VP9, for one) are
-decoded by DALI on the CPU and the clips copied to the GPU. Each loader module is imported only when it is chosen, so
-DALI is not loaded for a PyAV or synthetic loader.
+the DALI decode path (NVDEC, DALI's CPU decoder, nvJPEG) is the one of those that take every video with the most
+clips/s measured for this GPU in the decode table (``timesformer_harness.pipelines.decode_rates``; the rule order,
+NVDEC first, where a candidate has no figure): videos NVDEC
+cannot decode on this GPU (``timesformer_harness.pipelines.nvdec``: the toy set's 32x32 VP9, for one) are decoded by
+DALI on the CPU and the clips copied to the GPU. Each loader module is imported only when it is chosen, so DALI is not
+loaded for a PyAV or synthetic loader.
 
 Under torch.distributed every per-file step of the pre-flight check is sharded: each rank probes (and deep-checks)
 every ``world_size``-th video from its rank, and the small results are all-gathered, so every rank judges the same
@@ -30,7 +33,9 @@ from timesformer_harness.pipelines.base import ClipPlanner, Loader, Video
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
 from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
-from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, auto_decode_device, generation_of
+from timesformer_harness.pipelines.decode_rates import (DALI_PATHS, RateRow, choose_path, codec_counts, dali_candidates,
+                                                        load_rates, short_side_of, table_name)
+from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, generation_of
 from timesformer_harness.pipelines.quarantine import BadVideo, write_rejected
 from timesformer_harness.pipelines.validate import VideoInfo, deep_check, judge, probe_all
 
@@ -68,21 +73,28 @@ class DecodePlan:
     loader: str  # a registered backend that decodes files: dali | pyav
     backend: str  # its decode device: cpu | gpu ("" for a backend without one, e.g. pyav)
     gpu_arch: str  # the GPU generation NVDEC's limits were judged for
-    why: str = ""  # why data.loader=auto or data.backend=auto moved off its first choice ("" = it did not)
+    # why data.loader=auto or data.backend=auto decoded where it did, when it moved off its first choice or the decode
+    # table chose between paths (naming the rows that decided); "" = it had no choice and did not move
+    why: str = ""
 
 
 def plan_decode(cfg: DataConfig, device: torch.device | str, infos: list[VideoInfo],
-                gpu_arch: str = DEFAULT_GENERATION, dali_missing: str = "") -> DecodePlan:
+                gpu_arch: str = DEFAULT_GENERATION, dali_missing: str = "",
+                rates: list[RateRow] | None = None) -> DecodePlan:
     """The loader and DALI device for ``cfg`` and the model's ``device``, judged on the probed ``infos``; touches
     no GPU (``gpu_arch`` is the device's generation, ``timesformer_harness.pipelines.nvdec.generation_of``;
-    ``dali_missing`` why nvidia.dali does not import, "" when it does).
+    ``dali_missing`` why nvidia.dali does not import, "" when it does; ``rates`` the decode table's rows, None = read
+    the table ``data.decode_rates`` names when there is a choice to make).
 
     * ``data.loader`` a backend without a decode device (pyav): that backend. ``data.loader=dali`` without DALI:
       RuntimeError.
-    * ``data.backend=auto`` with the model on CUDA and ``data.loader`` auto or dali: NVDEC decodes when it takes
-      every video (``timesformer_harness.pipelines.nvdec.auto_decode_device``); else DALI's CPU decoder when it takes
-      them all (the clips are then copied to the GPU); else (``data.loader=auto``) PyAV. ``data.backend=gpu`` stays on
-      NVDEC, and the files it cannot decode are rejected by the pre-flight check.
+    * ``data.backend=auto`` with the model on CUDA and ``data.loader`` auto or dali: of the DALI paths that take every
+      video (``timesformer_harness.pipelines.decode_rates.dali_candidates``: NVDEC, DALI's CPU decoder, nvJPEG for a
+      set of MJPEG files only), the one with the most clips/s in the table for this GPU generation and the set's
+      codecs (``choose_path``); the rule order (NVDEC, then the CPU decoder, then nvJPEG) when a candidate has no
+      measured figure. DALI's CPU decoder copies the clips to the GPU. No path takes them all: (``data.loader=auto``)
+      PyAV. ``data.backend=gpu`` stays on NVDEC (nvJPEG for MJPEG), and the files it cannot decode are rejected by the
+      pre-flight check.
     * ``data.loader=auto``: PyAV when DALI is missing or its backend cannot decode a video PyAV can.
     """
     if cfg.loader != AUTO and not LOADERS[cfg.loader].needs_decode_device:
@@ -92,13 +104,17 @@ def plan_decode(cfg: DataConfig, device: torch.device | str, infos: list[VideoIn
         if cfg.loader == "dali":
             raise RuntimeError(f"data.loader=dali but {dali_missing}; use data.loader=pyav")
         return DecodePlan("pyav", backend, gpu_arch, dali_missing)
-    moved = ""  # why the decode moved from NVDEC to DALI's CPU decoder
+    moved = ""  # why data.backend=auto decodes where it does (off NVDEC, or chosen by the table)
     if backend == "gpu" and cfg.backend == "auto":
-        decode, why = auto_decode_device(infos, gpu_arch)
-        if decode == "cpu":
-            backend, moved = "cpu", why
-        elif decode == "" and cfg.loader == "auto":
-            return DecodePlan("pyav", backend, gpu_arch, f"{why}; DALI's CPU decoder, the other way, takes only "
+        candidates, refused = dali_candidates(infos, gpu_arch)
+        if candidates:
+            if len(candidates) > 1 and rates is None:
+                rates = load_rates(cfg.decode_rates)
+            choice = choose_path(candidates, rates or [], gpu_arch, codec_counts(infos), None, short_side_of(infos),
+                                 table_name(cfg.decode_rates))
+            backend, moved = DALI_PATHS[choice.path], "; ".join(x for x in (refused, choice.why) if x)
+        elif cfg.loader == "auto":
+            return DecodePlan("pyav", backend, gpu_arch, f"{refused}; DALI's CPU decoder, the other way, takes only "
                                                           f"{'/'.join(sorted(DALI_CPU_CODECS))}")
     if cfg.loader == "auto":
         def rejected_by(decoder: str) -> list[tuple[str, str]]:
@@ -117,9 +133,11 @@ def log_decode_plan(cfg: DataConfig, plan: DecodePlan, device: torch.device) -> 
     """Say which loader decodes where, and why when ``auto`` moved off its first choice."""
     if plan.loader == "pyav" and cfg.loader == "auto":
         logger.warning("data.loader=auto: using the PyAV loader because %s", plan.why)
-    elif plan.loader == "dali" and plan.why:
+    elif plan.loader == "dali" and plan.why and plan.backend == "cpu":
         logger.warning("data.backend=auto: DALI decodes on the CPU and the clips are copied to %s, because %s",
                        device, plan.why)
+    elif plan.loader == "dali" and plan.why:
+        logger.info("data.backend=auto: DALI decodes on the GPU, because %s", plan.why)
     elif cfg.loader == "auto":
         logger.info("data.loader=auto: using DALI (%s backend)", plan.backend)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterable
+from typing import Any
 
 # Oldest to newest. GA100 (A100) and GA10x (A10, A40, RTX 30, Jetson Orin) differ in AV1, hence two Ampere entries.
 GENERATIONS = ("maxwell1", "maxwell2", "pascal", "volta", "turing", "ampere_ga100", "ampere_ga10x", "ada", "hopper",
@@ -194,19 +194,3 @@ def nvdec_problem(info: Any, generation: str = DEFAULT_GENERATION) -> str:
                 f"{max_mbs} macroblocks); " + _fix(codec, "--short-side 256"))
     return ""
 
-
-def auto_decode_device(infos: Iterable[Any], generation: str,
-                       cpu_codecs: Collection[str] = DALI_CPU_CODECS) -> tuple[str, str]:
-    """The DALI decode device for ``data.backend=auto`` with the model on CUDA, over the probed ``infos`` (those
-    with a probe ``error`` are left out: they are rejected on any device).
-
-    Returns ``("gpu", "")`` when NVDEC takes every video; ``("cpu", why)`` when it does not but DALI's CPU decoder
-    takes them all (frames decoded on the CPU, then copied to the model's GPU); ``("", why)`` when neither does
-    (the caller falls back to the PyAV loader). ``why`` counts the videos and names the first with its reason.
-    """
-    infos = [i for i in infos if not getattr(i, "error", "")]
-    refused = [(i.path, p) for i in infos if (p := nvdec_problem(i, generation))]
-    if not refused:
-        return "gpu", ""
-    why = f"NVDEC cannot decode {len(refused)} of {len(infos)} video(s), e.g. {refused[0][0]}: {refused[0][1]}"
-    return ("cpu", why) if all(i.codec in cpu_codecs for i in infos) else ("", why)

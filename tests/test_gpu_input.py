@@ -9,6 +9,7 @@ import json
 import pytest
 
 from timesformer_harness.benchmarks import gpu_input
+from timesformer_harness.pipelines.decode_rates import TABLE, load_rates
 
 H264_SKIP = "H.264 rows run on a GPU only"
 
@@ -19,15 +20,20 @@ def data(tmp_path_factory):
 
 
 def test_rehearsal_runs_the_rows_a_cpu_can_and_skips_the_h264_ones(tmp_path, data, capsys):
-    assert gpu_input.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--data", str(data)]) == 0
+    table = tmp_path / "rates.yaml"  # the rehearsal's rows go to a table the test gives, never the shipped one
+    shipped = TABLE.read_bytes()
+    assert gpu_input.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--data", str(data),
+                           "--update-table", str(table)]) == 0
+    assert TABLE.read_bytes() == shipped
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {r["row"]: r for r in results["rows"]}
     assert list(rows) == [r.name for r in gpu_input.ROWS]  # ROWS order, every row reported
     skipped = [name for name, r in rows.items() if r["status"] == "skipped"]
     assert skipped == ["dali-h264-gop32", "dali-h264-long", "e2e-h264-gop32", "dali-h264-gop32-x2threads",
-                       "pyav-h264-gop32", "dali-mjpeg-nvjpeg"]
-    assert all(rows[name]["message"].startswith(H264_SKIP) for name in skipped[:-1])
+                       "pyav-h264-gop32", "dali-mjpeg-nvjpeg", "dali-cpu-vp9-gop32"]
+    assert all(rows[name]["message"].startswith(H264_SKIP) for name in skipped[:-2])
     assert rows["dali-mjpeg-nvjpeg"]["message"].startswith("nvJPEG rows run on a GPU only")
+    assert rows["dali-cpu-vp9-gop32"]["message"].startswith("a GPU host's row only")
     ran = [name for name, r in rows.items() if r["status"] == "ok"]
     assert ran == ["dali-vp9-gop32", "dali-mjpeg", "dali-vp9-long", "e2e-mjpeg", "e2e-vp9-gop32", "pyav-vp9-gop32"]
     size = gpu_input.CPU_SIZE
@@ -60,6 +66,22 @@ def test_rehearsal_runs_the_rows_a_cpu_can_and_skips_the_h264_ones(tmp_path, dat
     prepared = sorted(p.name for p in data.iterdir())
     assert prepared == ["mjpeg_48p", "source_48p", "vp9-gop32_48p", "vp9-long_48p"]  # no H.264 on a CPU
     assert sorted(p.name for p in (data / "vp9-gop32_48p").glob("*.webm")) == ["src000.webm", "src001.webm"]
+    # every loader row that ran, in the decode table's schema, as the GPU run writes its rows
+    written = {(r.path, r.codec, r.gop): r for r in load_rates(table)}
+    loaders = {name: r for name, r in rows.items() if r["status"] == "ok" and r["kind"] != "e2e"}
+    assert sorted(written) == [("dali-cpu", "mjpeg", 1), ("dali-cpu", "vp9", 32), ("dali-cpu", "vp9", 250),
+                               ("pyav", "vp9", 32)] and len(loaders) == 4
+    sha, started = results["meta"]["env"]["git_sha"][:7], results["meta"]["started"]
+    for name, (path, codec, gop) in {"dali-vp9-gop32": ("dali-cpu", "vp9", 32), "dali-mjpeg": ("dali-cpu", "mjpeg", 1),
+                                     "dali-vp9-long": ("dali-cpu", "vp9", 250),
+                                     "pyav-vp9-gop32": ("pyav", "vp9", 32)}.items():
+        r, w = rows[name], written[(path, codec, gop)]
+        assert (w.generation, w.device, w.short_side, w.batch, w.threads) == (
+            "cpu", results["meta"]["hardware"], size.height, size.batch, r["threads"]), w
+        assert (w.clips_per_s, w.host_cpu_ms_per_clip) == (round(r["clips_per_s"], 1),
+                                                           round(r["host_cpu_ms_per_clip"], 2)), w
+        assert w.clip == f"8x32, crop {size.crop}" and w.source == str((tmp_path / "results.json").resolve())
+        assert w.git_sha.startswith(sha) and w.date == f"{started[:4]}-{started[4:6]}-{started[6:8]}"
 
 
 def test_a_row_that_does_not_fit_the_budget_is_skipped(tmp_path, data):
@@ -67,6 +89,14 @@ def test_a_row_that_does_not_fit_the_budget_is_skipped(tmp_path, data):
                            "--rows", "dali-vp9-gop32"]) == 1  # nothing ran
     (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert row["status"] == "skipped" and row["message"].startswith("over budget")
+
+
+def test_the_shipped_table_takes_no_rehearsal_rows(tmp_path, capsys):
+    shipped = TABLE.read_bytes()
+    with pytest.raises(SystemExit):
+        gpu_input.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--update-table"])
+    assert "the shipped decode table holds GPU measurements only" in capsys.readouterr().err
+    assert TABLE.read_bytes() == shipped and not (tmp_path / "results.json").exists()
 
 
 def test_unknown_rows_are_refused(capsys):

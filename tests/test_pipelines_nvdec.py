@@ -16,7 +16,8 @@ from conftest import textured_frames
 from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.pipelines import nvdec
 from timesformer_harness.pipelines.config import DataConfig
-from timesformer_harness.pipelines.nvdec import auto_decode_device, generation_of, nvdec_problem
+from timesformer_harness.pipelines.decode_rates import dali_candidates
+from timesformer_harness.pipelines.nvdec import generation_of, nvdec_problem
 from timesformer_harness.pipelines.tools.encode import write_video
 from timesformer_harness.pipelines.validate import VideoInfo, check_videos, probe_video
 
@@ -124,15 +125,19 @@ def test_maximum_sizes_per_generation() -> None:  # too big to encode here: judg
                                                                      height=1200))  # 120 x 75 = 9000 > 8192 blocks
 
 
-def test_auto_decode_device_picks_dali_cpu_for_what_nvdec_cannot_take(files) -> None:
-    _need(files, "vp9_32", "vp9_128", "h264_64x48")
-    small, big, h264 = (probe_video(files[n]) for n in ("vp9_32", "vp9_128", "h264_64x48"))
+def test_dali_candidates_leave_out_nvdec_for_what_it_cannot_take(files) -> None:
+    _need(files, "vp9_32", "vp9_128", "h264_64x48", "mjpeg")
+    small, big, h264, mjpeg = (probe_video(files[n]) for n in ("vp9_32", "vp9_128", "h264_64x48", "mjpeg"))
     broken = VideoInfo("gone.webm", error="missing: no such file")
-    assert auto_decode_device([big, h264, broken], "hopper") == ("gpu", "")
-    device, why = auto_decode_device([small, big, broken], "hopper")
-    assert device == "cpu" and why.startswith(f"NVDEC cannot decode 1 of 2 video(s), e.g. {files['vp9_32']}: "
-                                              f"frame 32x32 is below")
-    assert auto_decode_device([small, h264], "hopper")[0] == ""  # h264 has no DALI CPU decoder: PyAV
+    assert dali_candidates([big, h264, broken], "hopper") == (["nvdec"], "")
+    assert dali_candidates([big, broken], "hopper") == (["nvdec", "dali-cpu"], "")
+    paths, why = dali_candidates([small, big, broken], "hopper")
+    assert paths == ["dali-cpu"] and why.startswith(f"NVDEC cannot decode 1 of 2 video(s), e.g. {files['vp9_32']}: "
+                                                    f"frame 32x32 is below")
+    assert dali_candidates([small, h264], "hopper")[0] == []  # h264 has no DALI CPU decoder: PyAV
+    paths, why = dali_candidates([mjpeg], "hopper")  # JPEG frames: DALI's CPU decoder or nvJPEG
+    assert paths == ["dali-cpu", "nvjpeg"] and why.startswith(f"NVDEC cannot decode 1 of 1 video(s), e.g. "
+                                                              f"{files['mjpeg']}: codec mjpeg")
 
 
 def test_check_videos_and_cli_name_every_file_nvdec_cannot_decode(files, tmp_path: Path) -> None:

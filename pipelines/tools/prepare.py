@@ -1,7 +1,7 @@
 """Dataset preparation: transcode, resize and re-key a manifest's videos so that decoding matches the sampling.
 
 ``python -m timesformer_harness.pipelines.tools.prepare MANIFEST --out DIR [--short-side 256] [--codec
-vp9|mjpeg|h264|hevc] [--gop N|intra] [--fps F] [--workers N]`` transcodes every video of MANIFEST
+vp9|mjpeg|h264|hevc|auto] [--gop N|intra] [--fps F] [--workers N]`` transcodes every video of MANIFEST
 (``timesformer_harness.pipelines.tools.transcode``: PyAV decode, constant frame rate, short-side resize, keyframes
 forced every ``--gop`` frames, output checked) into ``DIR/<same relative path>.<ext>``, and writes a new manifest
 ``DIR/<manifest name>`` with the same labels (Kinetics: ``path<sep>label`` relative to DIR; SSv2: the split JSON,
@@ -9,7 +9,9 @@ without failed ids, and the labels JSON), and ``DIR/prepare.json`` (the spec, co
 
 Why: a clip of 8 frames at rate 32 spans ~256 source frames; with one keyframe per 10 s video the decoder decodes
 ~all of them to deliver 8 (``timesformer_harness.pipelines.tools.decode_cost``). A GOP of the sampling rate, or
-intra-only MJPEG, cuts that, and DALI's CPU decoder reads only VP8/VP9/MJPEG anyway.
+intra-only MJPEG, cuts that, and DALI's CPU decoder reads only VP8/VP9/MJPEG anyway. ``--codec auto`` takes the
+format with the most clips/s measured for the GPU generation (``--gpu``, else the visible GPU's) in the decode table
+(``timesformer_harness.pipelines.decode_rates.recommend_format``), and VP9 when it has no figure for it.
 
 This module is the resumable batch job around the engine. Safe to kill and re-run: an output gets its final name
 only once it is complete and checked; each finished output is appended to ``DIR/prepare.jsonl`` with the spec key
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from timesformer_harness.common import atomic_write_text, remove_stale_temporaries, setup_logging
+from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
 from timesformer_harness.pipelines.manifest import SSV2_LABELS, add_manifest_arguments, read_entries
 from timesformer_harness.pipelines.tools.transcode import OUTPUT_CODECS, PrepareSpec, encoder_options, transcode
 
@@ -241,17 +244,33 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
     return report
 
 
+def recommended(gpu: str | None, short_side: int, gop: int | None, rates: str = "") -> tuple[Recommendation, str]:
+    """``--codec auto``'s format for the GPU generation ``gpu`` names (None: the visible GPU's, else the default) from
+    the decode table ``rates`` names ("" = the shipped one), and where the generation came from."""
+    from timesformer_harness.pipelines.nvdec import resolve_generation
+
+    generation, source = resolve_generation(gpu)
+    return recommend_format(load_rates(rates), generation, OUTPUT_CODECS, short_side, gop, table_name(rates)), source
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m timesformer_harness.pipelines.tools.prepare",
                                      description=__doc__.split("\n")[0])
     add_manifest_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder (videos, new manifest, prepare.json)")
     parser.add_argument("--short-side", type=int, default=256, help="resize the short side to this (0 = keep)")
-    parser.add_argument("--codec", choices=sorted(OUTPUT_CODECS), default="vp9",
+    parser.add_argument("--codec", choices=[*sorted(OUTPUT_CODECS), "auto"], default="vp9",
                         help="vp9 (.webm): DALI CPU and GPU; mjpeg (.avi): DALI CPU, or nvJPEG on a GPU (not NVDEC); "
-                             "h264/hevc (.mp4): DALI GPU / PyAV only")
+                             "h264/hevc (.mp4): DALI GPU / PyAV only; auto: the format (and, without --gop, the GOP) "
+                             "with the most clips/s measured for --gpu's generation in the decode table "
+                             "(configs/measured/decode_rates.yaml), vp9 when it has no figure")
     parser.add_argument("--gop", default=None, help="keyframe every N frames, 'intra' (= 1), or omit for the "
                         "encoder's default; the sampling rate is a good N for 8xR clips")
+    parser.add_argument("--gpu", default=None, help="--codec auto: the GPU generation to prepare for (hopper, "
+                        "ampere_ga100, ... or a compute capability such as sm90; default: the visible GPU's, else "
+                        "hopper)")
+    parser.add_argument("--decode-rates", default="", help="--codec auto: the decode table to read (default: the "
+                        "shipped configs/measured/decode_rates.yaml)")
     parser.add_argument("--fps", type=float, default=None, help="constant output frame rate (default: the source's)")
     parser.add_argument("--quality", type=int, default=None,
                         help="crf for vp9/h264/hevc (default 32/23/28), qscale 2-31 for mjpeg (default 4)")
@@ -260,15 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        spec = PrepareSpec(codec=args.codec, short_side=args.short_side, gop=parse_gop(args.gop), fps=args.fps,
-                           quality=args.quality)
+        codec, gop, chose = args.codec, parse_gop(args.gop), ""
+        if codec == "auto":
+            rec, where = recommended(args.gpu, args.short_side, gop, args.decode_rates)
+            codec, gop = rec.codec, rec.gop
+            chose = f"--codec auto for {where}: {codec}, GOP {gop or 'the encoder default'}, because {rec.why}"
+            logger.info("%s", chose)
+        spec = PrepareSpec(codec=codec, short_side=args.short_side, gop=gop, fps=args.fps, quality=args.quality)
         report = prepare(args.manifest, args.out, spec, fmt=args.format, separator=args.separator,
                          path_prefix=args.path_prefix, ssv2_labels=args.ssv2_labels, workers=args.workers,
                          progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report.summary())
+    print(report.summary() + (f"\n  {chose}" if chose else ""))
     return 1 if report.failed else 0
 
 

@@ -184,6 +184,9 @@ class Timed:
     def __init__(self, source) -> None:
         self.source, self.seconds = source, 0.0
 
+    def __getattr__(self, name: str):  # what the graph builder reads from the source (e.g. its settings)
+        return getattr(self.source, name)
+
     def __call__(self):
         t0 = time.perf_counter()
         try:

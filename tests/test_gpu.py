@@ -205,8 +205,8 @@ def test_an_mjpeg_set_on_the_gpu_is_decoded_by_nvjpeg_like_the_cpu_jpeg_frames(t
     assert any(flips) and not all(flips), flips
     ref = next(iter(build_loader(replace(train, backend="cpu"), "train", device="cpu")))
     _assert_same_train_clips(next(iter(loader)), ref, "nvJPEG loader - CPU")
-    auto = build_loader(replace(train, backend="auto"), "train", device=CUDA)
-    assert auto.backend == "cpu" and auto.jpeg_frames
+    auto = build_loader(replace(train, backend="auto", decode_rates="none"), "train", device=CUDA)
+    assert auto.backend == "cpu" and auto.jpeg_frames  # no measured table: the rule order keeps MJPEG on the CPU
 
 
 @needs_dali

@@ -290,8 +290,9 @@ def test_pyav_seeks_land_on_the_keyframe_with_millisecond_timestamps(tmp_path) -
     ("libx265", {"preset": "ultrafast", "x265-params": "keyint=16:min-keyint=16:open-gop=1:bframes=3:scenecut=0"})],
     ids=["h264_bframes", "hevc_open_gop"])
 def test_remuxed_packets_keep_the_frames_for_the_gpu_decoder(tmp_path, encoder, options) -> None:
-    """The GPU path for what the Annex-B cut cannot serve (``tests/test_clip_streams.py`` tests the cut on these
-    files), here on B-frames and HEVC with open GOPs, whose leading pictures reference the previous GOP and are left
+    """The GPU path for what no clip stream can serve (payloads that are not byte ranges of the file, unreadable
+    extradata; ``tests/test_clip_streams.py`` tests the IVF and Matroska cuts on these files), here on B-frames and
+    HEVC with open GOPs, whose leading pictures reference the previous GOP and are left
     out: the plan's packets copied into Matroska and re-timed decode (PyAV standing in for NVDEC) to the clip's frames
     at the planned positions, and the clip costs only the frames from each wanted frame's keyframe."""
     if encoder not in av.codecs_available:

@@ -15,6 +15,7 @@ https://github.com/pytorch/pytorch/issues/108158).
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import logging
 import os
@@ -25,6 +26,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+# Before any group exists: its functions take ``group=group.WORLD`` as a default, evaluated on import. Imported after
+# init (DDP imports it), it holds the default group to the end of the process, whose gloo threads are never joined.
+import torch.distributed.nn.functional  # noqa: F401
 
 from timesformer_harness.config import DistConfig
 
@@ -111,8 +115,12 @@ def attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> di
 
 
 def cleanup() -> None:
-    """Leave the process group (safe to call when it was never joined)."""
+    """Leave the process group (safe to call when it was never joined), joining gloo's threads: call it after the DDP
+    model is released (objects only a reference cycle holds are collected first). A gloo worker still running at exit
+    can free a collective's tensors while the interpreter shuts down and abort the process ("terminate called without
+    an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -134,9 +142,5 @@ def all_gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
-    # A gloo worker thread frees the gather's tensors after the call returns, and needs the GIL to do so; if the
-    # interpreter is already shutting down then (this was the run's last collective), the process aborts
-    # ("terminate called without an active exception"). A barrier, which holds no tensors, waits with the GIL released.
-    dist.barrier()
     return out
 

@@ -381,8 +381,7 @@ class Trainer:
             loader.start_batch = self.start_batch
         # after the train loader's pre-flight check: Ctrl-C during that check stops it at once (KeyboardInterrupt, exit
         # 130), and its caches keep what it checked
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.metrics.log({"event": "start", "epoch": self.start_epoch + 1, "batch": self.start_batch,
                           "optimizer": self.optimizer_impl, "precision": precision_name(self.dtype),
                           "world_size": self.info.world_size, "accumulation": self.accum,
@@ -426,6 +425,8 @@ class Trainer:
         finally:
             self.metrics.close()
             self.hooks.close()
+            for sig, handler in previous.items():  # the handlers held this Trainer (and its DDP) alive
+                signal.signal(sig, handler)
         return 0
 
     def _report_stop(self, path: Path | None) -> None:

@@ -331,6 +331,55 @@ def test_torchrun_two_processes_disjoint_shards_identical_weights(toy, tmp_path)
     assert "gloo" in res.stderr
 
 
+# One rank of a 2-rank run: notes the threads that joining the default group starts (gloo's), trains, and writes
+# which of them still run once train.main has returned (its cleanup done). "late-import": the control, with
+# torch.distributed.nn.functional imported again after the group exists, as DDP would import it.
+THREADS_WORKER = """
+import importlib, json, os, sys
+import torch.distributed as dist
+from timesformer_harness import train
+
+def threads():
+    return set(os.listdir("/proc/self/task"))
+
+out, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+init, started = dist.init_process_group, set()
+def init_and_note(*a, **k):
+    before = threads()
+    init(*a, **k)
+    started.update(threads() - before)
+    if mode == "late-import":
+        sys.modules.pop("torch.distributed.nn.functional")
+        importlib.import_module("torch.distributed.nn.functional")
+dist.init_process_group = init_and_note
+rc = train.main(args)
+with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"rc": rc, "default_group_threads": len(started), "left": len(started & threads())}, f)
+"""
+
+
+@pytest.mark.parametrize("mode", ["as-trained", "late-import"])
+def test_a_2_rank_run_joins_the_default_groups_gloo_threads_before_exit(tmp_path, mode):
+    """The default group's gloo threads carry the last ``all_gather_objects``; one still running at exit once freed
+    that gather's tensors during interpreter shutdown and aborted the process. After train.main returns they are
+    joined: ``torch.distributed.nn.functional`` (whose defaults capture the default group when it is imported) is
+    imported before the group exists, and the signal handlers that held the Trainer are restored. The control
+    imports it after: the group and its threads outlive the run."""
+    script = tmp_path / "worker.py"
+    script.write_text(THREADS_WORKER)
+    args = ["--config", "configs/model/tiny.yaml", "data.loader=synthetic", "data.num_frames=4",
+            "data.train_crop_size=32", "data.batch_size=2", "data.synthetic_videos=8", "solver.max_epoch=1",
+            "solver.global_batch_size=4", "train.eval_period=0", "output.tensorboard=false",
+            f"output.dir={tmp_path / 'run'}"]
+    res = run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
+               mode, *args], timeout=240)
+    assert res.returncode == 0, res.stderr[-4000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["rc"] == 0 and seen["default_group_threads"] >= 1, seen
+        assert seen["left"] == (0 if mode == "as-trained" else seen["default_group_threads"]), seen
+
+
 def test_deterministic_mode_repeats_a_run_bit_for_bit(tmp_path):
     """train.deterministic=true: two runs of the same config (synthetic clips; mixup/cutmix, label smoothing,
     clipping and drop-path all drawing random numbers) end with identical weights."""

@@ -12,15 +12,21 @@ val/test views of the last pass that could not be decoded).
   ``default_rng((data.seed, epoch, rank))`` (``timesformer_harness.pipelines.sampling``); full batches only (drop_last,
   as the original). ``start_batch`` skips the first batches of the first epoch iterated (resume), deterministically.
 * val/test: ``num_ensemble_views`` uniform clips x ``num_spatial_crops`` crops per video (``index`` = video index),
-  the views sharded ``[rank::world]`` so that across ranks each is seen exactly once; the last batch may be short.
-  (The original's val split used train-style random clips; ours evaluates val like test.)
+  each view seen exactly once across ranks; the last batch may be short. (The original's val split used train-style
+  random clips; ours evaluates val like test.) The views are planned in decode units: a unit is one temporal clip of
+  one video with its ``num_spatial_crops`` crop windows (same frames, same resize, only the window differs), which a
+  loader decodes once and crops S times. The units are sharded ``[rank::world]`` (a unit's views stay on one rank)
+  and a batch holds ``batch_size // S`` whole units, its views in view order: ``batch_size`` views when it is a
+  multiple of S, fewer otherwise (``batch_size`` 7, S = 3: 6 views). A ``batch_size`` below S makes units of one view
+  (``ClipPlanner.views_per_unit`` = 1: decoded per view, as train clips), so no batch holds more than
+  ``batch_size`` views.
 
 A video that fails while decoding (damage the pre-flight check cannot see) is quarantined
-(``timesformer_harness.pipelines.quarantine``): ``ClipLoader`` re-decodes the suspects of a failed batch one by one with
-the loader's own decoder, records the ones that fail again, and completes the batch: a train slot gets a deterministic
-replacement clip (``ClipPlanner.replacements``), an evaluation view is dropped and listed in ``loader.unscored``. Each
-epoch is planned over the videos not quarantined before it, so ``len()`` can shrink at an epoch boundary, equally on
-every rank.
+(``timesformer_harness.pipelines.quarantine``): ``ClipLoader`` re-decodes the suspects of a failed batch unit by
+unit with the loader's own decoder, records the ones that fail again, and completes the batch: a train slot gets a
+deterministic replacement clip (``ClipPlanner.replacements``), an evaluation view is dropped and listed in
+``loader.unscored`` (a unit that fails drops all its views, each listed with its view number). Each epoch is planned
+over the videos not quarantined before it, so ``len()`` can shrink at an epoch boundary, equally on every rank.
 """
 
 from __future__ import annotations
@@ -163,14 +169,17 @@ class ClipPlanner:
         self.cfg, self.split, self.videos, self.rank, self.world_size = cfg, split, videos, rank, world_size
         self.train = split == "train"
         self.segment = cfg.format == "ssv2"  # SSv2 segment sampling; Kinetics window + linspace otherwise
+        # views decoded together (same frames, own crop window): a val/test unit's crops when a batch holds one
+        self.views_per_unit = 1 if self.train or cfg.batch_size < cfg.num_spatial_crops else cfg.num_spatial_crops
+        self.batch_views = cfg.batch_size // self.views_per_unit * self.views_per_unit  # plans per (full) batch
         if self.train:
             per_rank = len(videos) // world_size
             self.num_clips = per_rank // cfg.batch_size * cfg.batch_size
             self.num_batches = per_rank // cfg.batch_size
         else:
-            views = len(videos) * cfg.num_ensemble_views * cfg.num_spatial_crops
-            self.num_clips = len(range(rank, views, world_size))
-            self.num_batches = math.ceil(self.num_clips / cfg.batch_size)
+            units = len(videos) * cfg.num_ensemble_views * cfg.num_spatial_crops // self.views_per_unit
+            self.num_clips = len(range(rank, units, world_size)) * self.views_per_unit
+            self.num_batches = math.ceil(self.num_clips / self.batch_views)
 
     def _frames(self, v: Video, rng: np.random.Generator | None, clip_idx: int, num_clips: int) -> np.ndarray:
         c = self.cfg
@@ -189,6 +198,8 @@ class ClipPlanner:
         return sampling.ClipPlan(v.index, v.path, v.label, frames, window, flip)
 
     def plans(self, epoch: int) -> list[sampling.ClipPlan]:
+        """This rank's clips of ``epoch`` in batch order; val/test: its units' views, ``views_per_unit`` plans of the
+        same frames in a row (one decode each run)."""
         c = self.cfg
         if self.train:
             order = np.random.default_rng((c.seed, epoch)).permutation(len(self.videos))
@@ -196,21 +207,24 @@ class ClipPlanner:
             rng = np.random.default_rng((c.seed, epoch, self.rank))
             return [self.plan_clip(self.videos[i], rng) for i in mine]
         out = []
-        views_per_video = c.num_ensemble_views * c.num_spatial_crops
-        for k in range(self.rank, len(self.videos) * views_per_video, self.world_size):
-            v = self.videos[k // views_per_video]
-            view = k % views_per_video
-            t, s = view // c.num_spatial_crops, view % c.num_spatial_crops
-            spatial = s if c.num_spatial_crops == 3 else 1
+        n, views_per_video = self.views_per_unit, c.num_ensemble_views * c.num_spatial_crops
+        for unit in range(self.rank, len(self.videos) * views_per_video // n, self.world_size):
+            v = self.videos[unit * n // views_per_video]
+            t = unit * n % views_per_video // c.num_spatial_crops
             frames = self._frames(v, None, t, c.num_ensemble_views)
-            out.append(sampling.ClipPlan(v.index, v.path, v.label, frames,
-                                         sampling.test_window(v.height, v.width, c.test_crop_size, spatial)))
+            for k in range(unit * n, unit * n + n):
+                s = k % c.num_spatial_crops
+                spatial = s if c.num_spatial_crops == 3 else 1
+                out.append(sampling.ClipPlan(v.index, v.path, v.label, frames,
+                                             sampling.test_window(v.height, v.width, c.test_crop_size, spatial)))
         return out
 
     def view_of(self, position: int) -> int:
         """The view number within its video (temporal clip * num_spatial_crops + crop) of val/test plan
         ``position`` of this rank."""
-        return (self.rank + self.world_size * position) % (self.cfg.num_ensemble_views * self.cfg.num_spatial_crops)
+        n = self.views_per_unit
+        unit = self.rank + self.world_size * (position // n)
+        return (unit * n + position % n) % (self.cfg.num_ensemble_views * self.cfg.num_spatial_crops)
 
     def without(self, paths: set[str]) -> ClipPlanner:
         """The planner over this one's videos minus ``paths`` (same split, rank and world size)."""
@@ -231,9 +245,10 @@ class ClipPlanner:
 class ClipLoader:
     """Shared loader skeleton: epochs, lengths, resume offset, and the repair of batches a decoder could not make.
 
-    Subclasses implement ``_batches(plans)`` (one ``Batch``, or a ``FailedBatch``, per ``batch_size`` plans, in
-    order, going on after a failure) and ``_decode_clip(plan) -> (3, T, S, S)`` (one clip with the same decoder,
-    raising on failure).
+    Subclasses implement ``_batches(plans)`` (one ``Batch``, or a ``FailedBatch``, per ``planner.batch_views`` plans,
+    in order, going on after a failure; each run of ``planner.views_per_unit`` plans decoded once) and
+    ``_decode_unit(plans) -> [(3, T, S, S)]`` (one unit's clips, one decode with the same decoder, raising on
+    failure).
 
     Args:
         planner: plans every epoch (over the usable videos).
@@ -283,11 +298,11 @@ class ClipLoader:
             raise ValueError(f"start_batch={skip} is past epoch {self.epoch}'s {planner.num_batches} batches")
         if not planner.train:
             self.unscored = []
-        return self._repaired(planner, self.epoch, skip, plans[skip * self.cfg.batch_size:])
+        return self._repaired(planner, self.epoch, skip, plans[skip * planner.batch_views:])
 
     def _repaired(self, planner: ClipPlanner, epoch: int, skip: int,
                   plans: list[sampling.ClipPlan]) -> Iterator[Batch]:
-        B = self.cfg.batch_size
+        B = planner.batch_views
         for k, item in enumerate(self._batches(plans), start=skip):
             chunk = plans[(k - skip) * B:(k - skip + 1) * B]
             # a video this rank quarantined earlier in this epoch (e.g. as a failed replacement) is replaced
@@ -300,28 +315,32 @@ class ClipLoader:
                     continue
             yield item
 
-    def _decode_or_reason(self, plan: sampling.ClipPlan) -> torch.Tensor | str:
+    def _decode_or_reason(self, plans: list[sampling.ClipPlan]) -> list[torch.Tensor] | str:
         try:
-            return self._decode_clip(plan)
+            return self._decode_unit(plans)
         except Exception as e:  # noqa: BLE001 - whatever stops one clip's decode is that clip's verdict
             return failure_reason(e)
 
     def _repair(self, planner: ClipPlanner, epoch: int, k: int, plans: list[sampling.ClipPlan],
                 item: Batch | FailedBatch, stale: set[int]) -> Batch | None:
-        """Batch ``k`` without its bad clips: each suspect is decoded again alone; what fails again is
-        quarantined; train slots get replacements, val/test views are dropped and listed."""
+        """Batch ``k`` without its bad clips: each suspect unit is decoded again alone; what fails again is
+        quarantined; train slots get replacements, val/test views are dropped and listed (all of a failed unit's)."""
         if isinstance(item, FailedBatch):
             clips, errors = dict(item.clips), item.errors
         else:
             clips, errors = {s: item.video[s] for s in range(len(plans)) if s not in stale}, {}
         suspects = [s for s in (range(len(plans)) if errors is None else sorted(errors)) if s not in stale]
         reasons: dict[int, str] = {}
-        for s in suspects:  # the decoder's own verdict, one clip at a time (DALI: which clip broke the batch)
-            got = self._decode_or_reason(plans[s])
-            if isinstance(got, str):
-                reasons[s] = (errors or {}).get(s) or got
-            else:
-                clips[s] = got
+        n = planner.views_per_unit  # a batch starts at a unit's first view
+        # the decoder's own verdict, one unit at a time (DALI: which clip broke the batch)
+        for unit in sorted({s // n for s in suspects}):
+            views = range(unit * n, min(unit * n + n, len(plans)))
+            got = self._decode_or_reason([plans[s] for s in views])
+            for s in views:
+                if isinstance(got, str):
+                    reasons[s] = (errors or {}).get(s) or got
+                else:
+                    clips[s] = got[s - unit * n]
         if isinstance(item, FailedBatch) and not reasons:
             logger.warning("batch %d of epoch %d failed (%s) but each of its clips decodes alone; going on with "
                            "those", k, epoch + 1, item.cause or item.errors)
@@ -329,7 +348,7 @@ class ClipLoader:
             self.quarantine.add(BadVideo(plans[s].path, reasons[s], epoch, k, planner.rank))
         if not planner.train:
             for s in sorted(reasons):
-                view = planner.view_of(k * self.cfg.batch_size + s)
+                view = planner.view_of(k * planner.batch_views + s)
                 self.unscored.append(UnscoredView(plans[s].index, plans[s].path, view, reasons[s]))
             keep = [s for s in range(len(plans)) if s not in reasons]
             return self._assemble([plans[s] for s in keep], [clips[s] for s in keep]) if keep else None
@@ -347,9 +366,9 @@ class ClipLoader:
         for plan in planner.replacements(epoch, k, slot):
             if plan.path in self.quarantine.excluded(epoch, k):
                 continue
-            got = self._decode_or_reason(plan)
+            got = self._decode_or_reason([plan])
             if not isinstance(got, str):
-                return plan, got
+                return plan, got[0]
             self.quarantine.add(BadVideo(plan.path, got, epoch, k, planner.rank))
         raise TooManyBadVideos(f"no video of the {len(planner.videos)} planned in epoch {epoch + 1} decodes as a "
                                f"replacement for batch {k} slot {slot} (rank {planner.rank})")
@@ -360,6 +379,7 @@ class ClipLoader:
     def _batches(self, plans: list[sampling.ClipPlan]) -> Iterator[Batch | FailedBatch]:
         raise NotImplementedError
 
-    def _decode_clip(self, plan: sampling.ClipPlan) -> torch.Tensor:
-        """One clip, ``(3, T, S, S)``, decoded alone by this loader's decoder; raises when it cannot."""
+    def _decode_unit(self, plans: list[sampling.ClipPlan]) -> list[torch.Tensor]:
+        """The clips ``(3, T, S, S)`` of one unit (``plans``: the same video and frames, each its own window and
+        flip), decoded once, alone, by this loader's decoder; raises when it cannot."""
         raise NotImplementedError

@@ -7,8 +7,10 @@ rank)) and enter the graph through ``fn.external_source``: per clip a small stre
 in-memory bytes never seeks, so it is given nothing it would decode in vain), the wanted frames' positions in that
 stream (unique, ascending: ``fn.decoders.video(frames=)``), the order that expands them back to the clip's T frames
 (``fn.sequence_rearrange``), the crop window (``fn.slice``: crop before resize) and the flip. Train and test differ
-only in their plans, so one graph serves both. DALI's video readers drop bad files silently, so here every file was
-validated first, and each epoch checks that DALI produced exactly the planned clips.
+only in their plans, so one graph serves both, except that a val/test unit (``ClipPlanner.views_per_unit`` views of
+one temporal clip) is one sample: decoded once, then sliced (and on the GPU resized and normalised) once per crop
+window, the graph's S outputs stacked into the batch in view order. DALI's video readers drop bad files silently, so
+here every file was validated first, and each epoch checks that DALI produced exactly the planned clips.
 
 Where the work after decoding runs depends on the device:
 
@@ -34,8 +36,8 @@ A clip that cannot be fed or decoded does not end the epoch (``timesformer_harne
   pipeline is then no longer valid, and the error does not name the file): the loader rebuilds the pipeline, feeds
   it from the next batch, and yields a ``FailedBatch`` in which every slot is a suspect.
 
-``ClipLoader`` then decodes each suspect alone through a batch-1 pipeline of the same graph (``_decode_clip``: the
-same clip stream, the same pixels) and quarantines the ones that fail again.
+``ClipLoader`` then decodes each suspect unit alone through a batch-1 pipeline of the same graph (``_decode_unit``:
+the same clip stream, the same pixels) and quarantines the ones that fail again.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ class FedBatch:
 class PlanSource:
     """``fn.external_source`` callback: one batch of plans per call as (stream bytes, frame positions, order, crop
     anchor, crop shape, flip); ``decode_only``: the first three; on the CPU no flip (done in torch). With
+    ``views`` > 1 a sample is a unit of that many plans in a row (same video and frames): one stream, and an anchor
+    and shape per view (anchor 0, shape 0, anchor 1, ...), the flip the unit's first view's. With
     ``jpeg_frames``: per clip frame (T per clip, in clip order) the JPEG image, crop anchor and crop shape;
     ``decode_only``: the images; on the GPU also each frame's flip (its clip's). Counts per epoch how each clip was
     fed.
@@ -123,8 +127,8 @@ class PlanSource:
     """
 
     def __init__(self, batch_size: int, decode_only: bool = False, backend: str = "cpu",
-                 indexes: PacketIndexCache | None = None, jpeg_frames: bool = False, prefetch: int = 2):
-        self.batch_size, self.decode_only, self.backend = batch_size, decode_only, backend
+                 indexes: PacketIndexCache | None = None, jpeg_frames: bool = False, prefetch: int = 2, views: int = 1):
+        self.batch_size, self.decode_only, self.backend, self.views = batch_size, decode_only, backend, views
         self.jpeg_frames, self.prefetch = jpeg_frames, prefetch
         self.indexes = indexes if indexes is not None else PacketIndexCache()
         self.batches: list[list[ClipPlan]] = []
@@ -140,7 +144,8 @@ class PlanSource:
 
     def start(self, plans: list[ClipPlan]) -> None:
         self._drop_pending()
-        self.batches = [plans[i:i + self.batch_size] for i in range(0, len(plans), self.batch_size)]
+        per_batch = self.batch_size * self.views  # plans (views) per batch
+        self.batches = [plans[i:i + per_batch] for i in range(0, len(plans), per_batch)]
         self.pos = 0
         self.fed, self.decoded = Counter(), 0
         self.made_cpu_s = self.callback_s = 0.0
@@ -198,15 +203,16 @@ class PlanSource:
         return ClipInput(data, packets.frames, packets.order, mode, index.codec, packets.decoded)
 
     def _make_batch(self, plans: list[ClipPlan]) -> MadeBatch:
-        """The inputs of the clips of ``plans`` that can be made, and why the others cannot."""
+        """The inputs of the clips of ``plans`` that can be made (one per unit, by its first view's slot), and why
+        the others cannot (by view slot)."""
         t0 = time.thread_time()
         inputs: dict[int, ClipInput] = {}
         errors: dict[int, str] = {}
-        for slot, plan in enumerate(plans):
+        for slot in range(0, len(plans), self.views):
             try:
-                inputs[slot] = self.clip_input(plan)
+                inputs[slot] = self.clip_input(plans[slot])
             except Exception as e:  # noqa: BLE001 - whatever stops one clip's input is that clip's verdict
-                errors[slot] = failure_reason(e)
+                errors.update(dict.fromkeys(range(slot, slot + self.views), failure_reason(e)))
         return MadeBatch(plans, inputs, errors, time.thread_time() - t0)
 
     def _made_batches(self) -> Iterator[MadeBatch]:
@@ -221,12 +227,14 @@ class PlanSource:
             yield made
 
     def _next_batch(self) -> tuple[list[ClipPlan], list[ClipInput]]:
-        """The next batch with at least one clip fed: (its plans that were, their inputs); StopIteration at the end."""
+        """The next batch with at least one clip fed: (its plans that were, their inputs: one per ``views`` plans);
+        StopIteration at the end."""
         for made in self._made_batches():
             self.made_cpu_s += made.cpu_s
-            self.queue.append(FedBatch(made.plans, list(made.inputs), made.errors))
+            slots = [s + v for s in made.inputs for v in range(self.views)]
+            self.queue.append(FedBatch(made.plans, slots, made.errors))
             if made.inputs:
-                return [made.plans[s] for s in made.inputs], list(made.inputs.values())
+                return [made.plans[s] for s in slots], list(made.inputs.values())
         if self.fed:
             clips = sum(self.fed.values())
             logger.info("DALI fed %d clips: %s; %.1f frames decoded per clip; inputs made in %.2f CPU ms per clip %s, "
@@ -248,25 +256,27 @@ class PlanSource:
         plans, inputs = self._next_batch()
         for x in inputs:
             self.fed[(x.codec, x.mode)] += 1
-            self.decoded += x.decoded
-        anchor = [np.array(p.window[:2], dtype=np.int32) for p in plans]
-        shape = [np.array(p.window[2:], dtype=np.int32) for p in plans]
+            self.decoded += x.decoded * (self.views if x.mode == "images" else 1)  # an image is decoded per window
+        windows = []  # per view of a unit: (anchor, shape) per sample
+        for v in range(self.views):
+            windows += [[np.array(p.window[:2], dtype=np.int32) for p in plans[v::self.views]],
+                        [np.array(p.window[2:], dtype=np.int32) for p in plans[v::self.views]]]
+        flip = [np.array(int(p.flip), dtype=np.int32) for p in plans[::self.views]]
         if self.jpeg_frames:  # one sample per frame: T per clip
             images = [img for x in inputs for img in x.images]
             if self.decode_only:
                 return (images,)
             per_frame = [len(x.images) for x in inputs]
-            frame_args = images, _repeat(anchor, per_frame), _repeat(shape, per_frame)
+            frame_args = images, *(_repeat(w, per_frame) for w in windows)
             if self.backend != "gpu":
                 return frame_args
-            return (*frame_args, _repeat([np.array(int(p.flip), dtype=np.int32) for p in plans], per_frame))
+            return (*frame_args, _repeat(flip, per_frame))
         enc, frames, order = [x.stream for x in inputs], [x.frames for x in inputs], [x.order for x in inputs]
         if self.decode_only:
             return enc, frames, order
         if self.backend != "gpu":  # the CPU graph ends at the window: mirrored in torch (to_clips)
-            return enc, frames, order, anchor, shape
-        flip = [np.array(int(p.flip), dtype=np.int32) for p in plans]
-        return enc, frames, order, anchor, shape, flip
+            return enc, frames, order, *windows
+        return enc, frames, order, *windows, flip
 
     def close(self) -> None:
         """Stop the worker (after the batch it is making) and close the open files."""
@@ -288,7 +298,9 @@ def _repeat(items: list[np.ndarray], counts: list[int]) -> list[np.ndarray]:
 def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean: list[float], std: list[float],
                          backend: str = "cpu", num_threads: int = 2, device_id: int | None = None,
                          decode_only: bool = False, prefetch: int = 2, frames_per_clip: int = 0):
-    """The DALI graph for ``batch_size`` clips (any batch size, e.g. 1 to decode one clip alone):
+    """The DALI graph for ``batch_size`` clips (any batch size, e.g. 1 to decode one clip alone), or units of
+    ``source.views`` views: each decoded once, then one output per view (the steps after the decode once per view's
+    window, in the same order as for one view, so each view's pixels are those of its own decode):
 
     * GPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order) -> resize -> normalise (FHWC).
     * CPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order): per clip its (T, h, w, 3)
@@ -304,6 +316,8 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
 
     decode_device = "mixed" if backend == "gpu" else "cpu"
     slice_args = dict(axis_names="HW", normalized_anchor=False, normalized_shape=False)
+    views = source.views
+    num_outputs = 2 * views + (1 if backend == "gpu" else 0)  # (anchor, shape) per view, then the flip on the GPU
 
     @pipeline_def(batch_size=batch_size * max(1, frames_per_clip), num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True)
@@ -312,31 +326,35 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
             if decode_only:
                 (images,) = fn.external_source(source=source, num_outputs=1, batch=True)
                 return fn.decoders.image(images, device=decode_device, output_type=types.RGB)
-            images, anchor, shape, *flip = fn.external_source(  # flip: on the GPU only
-                source=source, num_outputs=4 if backend == "gpu" else 3, batch=True)
-            frames = fn.decoders.image_slice(images, anchor, shape, device=decode_device, output_type=types.RGB,
-                                             **slice_args)  # (h, w, 3) uint8 per frame
-            if backend != "gpu":
-                return frames
-            frames = fn.resize(frames, size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=False)
-            return fn.crop_mirror_normalize(frames, dtype=types.FLOAT, output_layout="HWC", mirror=flip[0],
-                                            mean=[m * 255 for m in mean], std=[s * 255 for s in std])
+            images, *args = fn.external_source(source=source, num_outputs=1 + num_outputs, batch=True)
+            outs = []
+            for v in range(views):  # the image decoder decodes only the window: one partial decode per view
+                frames = fn.decoders.image_slice(images, args[2 * v], args[2 * v + 1], device=decode_device,
+                                                 output_type=types.RGB, **slice_args)  # (h, w, 3) uint8 per frame
+                if backend == "gpu":
+                    frames = fn.resize(frames, size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=False)
+                    frames = fn.crop_mirror_normalize(frames, dtype=types.FLOAT, output_layout="HWC", mirror=args[-1],
+                                                      mean=[m * 255 for m in mean], std=[s * 255 for s in std])
+                outs.append(frames)
+            return tuple(outs)
         if decode_only:
             enc, frames, order = fn.external_source(source=source, num_outputs=3, batch=True)
             video = fn.decoders.video(enc, device=decode_device, frames=frames)
             return fn.sequence_rearrange(video, new_order=order)
-        enc, frames, order, anchor, shape, *flip = fn.external_source(  # flip: on the GPU only
-            source=source, num_outputs=6 if backend == "gpu" else 5, batch=True)
-        video = fn.decoders.video(enc, device=decode_device, frames=frames)  # (U, H, W, 3) uint8, U unique frames
-        # crop first (a cheap slice of whole pixels), then resize only the window: fn.resize(roi_start=, roi_end=)
-        # resamples through the whole frame's geometry
-        video = fn.slice(video, anchor, shape, **slice_args)
-        video = fn.sequence_rearrange(video, new_order=order)  # (T, h, w, 3): repeats are copies
-        if backend != "gpu":  # the CPU graph ends at the uint8 windows (to_clips does the rest in torch)
-            return video
-        video = fn.resize(video, size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=False)
-        return fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="FHWC", mirror=flip[0],
-                                        mean=[m * 255 for m in mean], std=[s * 255 for s in std])
+        enc, frames, order, *args = fn.external_source(source=source, num_outputs=3 + num_outputs, batch=True)
+        decoded = fn.decoders.video(enc, device=decode_device, frames=frames)  # (U, H, W, 3) uint8, U unique frames
+        outs = []
+        for v in range(views):
+            # crop first (a cheap slice of whole pixels), then resize only the window: fn.resize(roi_start=,
+            # roi_end=) resamples through the whole frame's geometry
+            video = fn.slice(decoded, args[2 * v], args[2 * v + 1], **slice_args)
+            video = fn.sequence_rearrange(video, new_order=order)  # (T, h, w, 3): repeats are copies
+            if backend == "gpu":  # the CPU graph ends at the uint8 windows (to_clips does the rest in torch)
+                video = fn.resize(video, size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=False)
+                video = fn.crop_mirror_normalize(video, dtype=types.FLOAT, output_layout="FHWC", mirror=args[-1],
+                                                 mean=[m * 255 for m in mean], std=[s * 255 for s in std])
+            outs.append(video)
+        return tuple(outs)
 
     return video_pipe()
 
@@ -363,25 +381,34 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
 
 def to_clips(out, plans: list[ClipPlan], *, backend: str, decode_only: bool, frames_per_clip: int, crop: int,
              mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
-    """The graph's output for ``plans`` (``build_video_pipeline``) as one tensor: ``(B, 3, T, S, S)`` float32 in the
-    loaders' layout (``timesformer_harness.pipelines.base.CLIP_FORMAT``), or with ``decode_only`` the decoded
-    ``(B, T, H, W, 3)`` uint8 (clips of one frame size). On the CPU the crop windows are mirrored, resized and
-    normalised here (``timesformer_harness.pipelines.transforms``)."""
+    """The graph's output for ``plans`` (``build_video_pipeline``; a tuple of its outputs, one per view, for units of
+    views: ``len(out)`` plans in a row per sample) as one tensor: ``(B, 3, T, S, S)`` float32 in the loaders' layout
+    (``timesformer_harness.pipelines.base.CLIP_FORMAT``), view ``v`` of sample ``i`` at ``i * len(out) + v``, or
+    with ``decode_only`` the decoded ``(B, T, H, W, 3)`` uint8 (clips of one frame size; each view of a unit its
+    unit's frames). On the CPU the crop windows are mirrored, resized and normalised here
+    (``timesformer_harness.pipelines.transforms``)."""
+    outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     T = frames_per_clip
+    samples = len(outs[0]) // T if T else len(outs[0])
+    views = len(plans) // samples  # views per sample
     if decode_only:
-        x = _to_torch(out, device)
-        return x.view(len(plans), T, *x.shape[1:]) if T else x
+        x = _to_torch(outs[0], device)
+        x = x.view(samples, T, *x.shape[1:]) if T else x
+        return x.repeat_interleave(views, 0) if views > 1 else x
     if backend == "gpu":  # (B, T, S, S, 3) -> (B, 3, T, S, S), a view; JPEG frames come as (B*T, S, S, 3)
-        x = _to_torch(out, device)
-        return (x.view(len(plans), T, *x.shape[1:]) if T else x).permute(0, 4, 1, 2, 3)
+        xs = [_to_torch(o, device) for o in outs]
+        xs = [x.view(samples, T, *x.shape[1:]) if T else x for x in xs]
+        x = xs[0] if views == 1 else torch.stack(xs, 1).flatten(0, 1)  # views of a sample in a row
+        return x.permute(0, 4, 1, 2, 3)
     num_frames = T or len(plans[0].frames)
     clips = empty_clips((len(plans), 3, num_frames, crop, crop))
-    for i, plan in enumerate(plans):
+    for j, plan in enumerate(plans):
+        i, view = j // views, outs[j % views]
         if T:
-            window = torch.stack([torch.from_numpy(np.asarray(out[i * T + t])) for t in range(T)])
+            window = torch.stack([torch.from_numpy(np.asarray(view[i * T + t])) for t in range(T)])
         else:
-            window = torch.from_numpy(np.asarray(out[i]))
-        finish_clip(mirror(window, plan.flip), crop, mean, std, out=clips[i])
+            window = torch.from_numpy(np.asarray(view[i]))
+        finish_clip(mirror(window, plan.flip), crop, mean, std, out=clips[j])
     return clips
 
 
@@ -408,7 +435,7 @@ class DaliLoader(ClipLoader):
         self.pipe = None
         self.source: PlanSource | None = None
         self._clean = False  # True when the pipeline finished its last epoch and can be reset and reused
-        self._clip_pipe = None  # the batch-1 pipeline of _decode_clip, built on first use
+        self._clip_pipe = None  # the batch-1 pipeline of _decode_unit, built on first use
         self._clip_source: PlanSource | None = None
         logger.info("DALI loader (%s%s): %d clips/epoch on this rank, %d batches, %d threads", backend,
                     ", MJPEG frames decoded as JPEG images" if jpeg_frames else "", self.num_clips, len(self),
@@ -444,8 +471,9 @@ class DaliLoader(ClipLoader):
         return self.cfg.num_frames if self.jpeg_frames else 0
 
     def _build_pipe(self, batch_size: int, num_threads: int, prefetch: int = 2):
-        """(source, built pipeline) of this loader's graph for ``batch_size`` clips a run."""
-        source = PlanSource(batch_size, self.decode_only, self.backend, self.indexes, self.jpeg_frames)
+        """(source, built pipeline) of this loader's graph for ``batch_size`` clips (units) a run."""
+        source = PlanSource(batch_size, self.decode_only, self.backend, self.indexes, self.jpeg_frames,
+                            views=self.planner.views_per_unit)
         pipe = build_video_pipeline(source, batch_size=batch_size, crop=self.crop, mean=self.cfg.mean,
                                     std=self.cfg.std, backend=self.backend, num_threads=num_threads,
                                     device_id=self.device_id, decode_only=self.decode_only, prefetch=prefetch,
@@ -464,18 +492,19 @@ class DaliLoader(ClipLoader):
         self.pipe = None  # drop the old pipeline first (a broken or half-consumed one is not reusable)
         if self.source is not None:
             self.source.close()  # its worker stops making batches no pipeline will take
-        self.source, self.pipe = self._build_pipe(self.cfg.batch_size, max(1, self.cfg.num_workers))
+        units = self.planner.batch_views // self.planner.views_per_unit
+        self.source, self.pipe = self._build_pipe(units, max(1, self.cfg.num_workers))
 
-    def _decode_clip(self, plan: ClipPlan) -> torch.Tensor:
-        """One clip through a batch-1 pipeline of the same graph (kept between calls, rebuilt after a failure):
+    def _decode_unit(self, plans: list[ClipPlan]) -> list[torch.Tensor]:
+        """One unit through a batch-1 pipeline of the same graph (kept between calls, rebuilt after a failure):
         the same clip stream and the same pixels the batch pipeline gives for it."""
         if self._clip_pipe is None:
             if self._clip_source is not None:
                 self._clip_source.close()
             self._clip_source, self._clip_pipe = self._build_pipe(1, 1, prefetch=1)
-        self._clip_source.start([plan])
+        self._clip_source.start(plans)
         try:
-            (video,) = self._clip_pipe.run()
+            video = self._clip_pipe.run()
         except StopIteration:  # the source could not make the clip's input: nothing was fed
             self._clip_pipe = None
             (fed,) = self._clip_source.queue
@@ -483,7 +512,7 @@ class DaliLoader(ClipLoader):
         except RuntimeError as e:
             self._clip_pipe = None
             raise ClipDecodeError(dali_reason(e)) from e
-        x = self._clips(video, [plan])[0]
+        x = list(self._clips(video, plans))
         try:  # drain the end-of-data signal so the pipeline can be reset for the next clip
             self._clip_pipe.run()
         except StopIteration:
@@ -514,7 +543,7 @@ class DaliLoader(ClipLoader):
                 break
             failure = ""
             try:
-                (video,) = self.pipe.run()
+                video = self.pipe.run()
             except StopIteration:
                 if self.source.queue and not self.source.queue[0].slots:
                     continue  # the source ended after batches it could not feed

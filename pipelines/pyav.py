@@ -2,6 +2,9 @@
 torch, in a torch DataLoader with workers. Same plans (``timesformer_harness.pipelines.base.ClipPlanner``) and contract
 as DALI; also the fallback when DALI cannot decode a codec on this machine.
 
+Val/test views come in units (``ClipPlanner.views_per_unit`` plans of the same frames): a worker decodes a unit's
+frames once and crops each view's window from them.
+
 A clip that fails to decode comes back from its worker as a value (an exception raised in a worker reaches the main
 process as a bare ``RuntimeError`` without the file's name), and its batch as a ``FailedBatch`` that
 ``ClipLoader`` completes.
@@ -82,46 +85,52 @@ def decode_frames(path: str, indices: Sequence[int] | np.ndarray, index: PacketI
 
 
 class _PlanDataset(Dataset):
-    """Map-style dataset whose "indices" are the ClipPlans themselves (the sampler yields them); an item is
-    ``(plan, clip (3, T, S, S) or None, failure reason or "")``."""
+    """Map-style dataset whose "indices" are units of ClipPlans themselves (the sampler yields them: tuples of plans
+    of the same video and frames); an item is ``(plans, clips [(3, T, S, S)] or None, failure reason or "")``."""
 
     def __init__(self, crop: int, mean: list[float], std: list[float], indexes: PacketIndexCache | None = None):
         self.crop, self.mean, self.std = crop, mean, std
         self.indexes = indexes if indexes is not None else PacketIndexCache()
 
-    def decode(self, plan: ClipPlan) -> torch.Tensor:
-        """The clip of ``plan`` as (3, T, S, S) float32, normalised; raises when it cannot be decoded (or indexed)."""
-        frames = decode_frames(plan.path, plan.frames, self.indexes.get(plan.path))
-        return finish_clip(crop_window(frames, plan.window, plan.flip), self.crop, self.mean, self.std)
+    def decode(self, plans: Sequence[ClipPlan]) -> list[torch.Tensor]:
+        """The clips of one unit's ``plans`` as (3, T, S, S) float32, normalised, from one decode of their frames;
+        raises when it cannot be decoded (or indexed)."""
+        frames = decode_frames(plans[0].path, plans[0].frames, self.indexes.get(plans[0].path))
+        return [finish_clip(crop_window(frames, p.window, p.flip), self.crop, self.mean, self.std) for p in plans]
 
-    def __getitem__(self, plan: ClipPlan) -> tuple[ClipPlan, torch.Tensor | None, str]:  # type: ignore[override]
+    def __getitem__(self, plans: tuple[ClipPlan, ...]  # type: ignore[override]
+                    ) -> tuple[tuple[ClipPlan, ...], list[torch.Tensor] | None, str]:
         try:
-            return plan, self.decode(plan), ""
-        except Exception as e:  # noqa: BLE001 - whatever stops one clip's decode is that clip's verdict
-            return plan, None, failure_reason(e)
+            return plans, self.decode(plans), ""
+        except Exception as e:  # noqa: BLE001 - whatever stops one unit's decode is its clips' verdict
+            return plans, None, failure_reason(e)
 
 
-def _collate(items: list[tuple[ClipPlan, torch.Tensor | None, str]]) -> Batch | FailedBatch:
-    plans = [plan for plan, _, _ in items]
-    errors = {s: why for s, (_, _, why) in enumerate(items) if why}
+def _collate(items: list[tuple[tuple[ClipPlan, ...], list[torch.Tensor] | None, str]]) -> Batch | FailedBatch:
+    """A batch of units -> one batch of their views, in order."""
+    plans = [p for unit, _, _ in items for p in unit]
+    clips = [x for unit, got, _ in items for x in (got if got is not None else [None] * len(unit))]
+    reasons = [why for unit, _, why in items for _ in unit]
+    errors = {s: why for s, why in enumerate(reasons) if why}
     if errors:
-        return FailedBatch(plans, {s: x for s, (_, x, why) in enumerate(items) if not why}, errors,
+        return FailedBatch(plans, {s: x for s, x in enumerate(clips) if x is not None}, errors,
                            cause=f"{len(errors)} clip(s) failed to decode")
-    return Batch(stack_clips([x for _, x, _ in items]), torch.tensor([p.label for p in plans], dtype=torch.int64),
+    return Batch(stack_clips(clips), torch.tensor([p.label for p in plans], dtype=torch.int64),
                  torch.tensor([p.index for p in plans], dtype=torch.int64))
 
 
 class _Plans:
-    """The sampler: the current epoch's plans, swapped in place so persistent workers survive across epochs."""
+    """The sampler: the current epoch's units (tuples of ``views_per_unit`` plans), swapped in place so persistent
+    workers survive across epochs."""
 
     def __init__(self) -> None:
-        self.plans: list[ClipPlan] = []
+        self.units: list[tuple[ClipPlan, ...]] = []
 
-    def __iter__(self) -> Iterator[ClipPlan]:
-        return iter(self.plans)
+    def __iter__(self) -> Iterator[tuple[ClipPlan, ...]]:
+        return iter(self.units)
 
     def __len__(self) -> int:
-        return len(self.plans)
+        return len(self.units)
 
 
 class PyAVLoader(ClipLoader):
@@ -137,7 +146,7 @@ class PyAVLoader(ClipLoader):
         self.indexes = PacketIndexCache(cache_path(self.cfg.validate_cache, PACKET_CACHE))
         self.dataset = _PlanDataset(self.crop, self.cfg.mean, self.cfg.std, self.indexes)
         workers = self.cfg.num_workers
-        self.loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size,
+        self.loader = DataLoader(self.dataset, batch_size=planner.batch_views // planner.views_per_unit,
                                  sampler=self.sampler, num_workers=workers, collate_fn=_collate,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                  prefetch_factor=2 if workers else None)
@@ -158,9 +167,10 @@ class PyAVLoader(ClipLoader):
     def _batches(self, plans: list[ClipPlan]) -> Iterator[Batch | FailedBatch]:
         if not plans:
             return
-        self.sampler.plans = plans
+        n = self.planner.views_per_unit
+        self.sampler.units = [tuple(plans[i:i + n]) for i in range(0, len(plans), n)]
         for batch in self.loader:
             yield batch.to(self.device) if isinstance(batch, Batch) else batch
 
-    def _decode_clip(self, plan: ClipPlan) -> torch.Tensor:
-        return self.dataset.decode(plan)
+    def _decode_unit(self, plans: list[ClipPlan]) -> list[torch.Tensor]:
+        return self.dataset.decode(plans)

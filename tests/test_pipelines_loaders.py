@@ -118,7 +118,8 @@ def test_test_views_seen_exactly_once_across_two_shards(videos, kind: str) -> No
     clips = {}
     for rank in range(2):
         loader = build_loader(cfg, "test", device="cpu", rank=rank, world_size=2)
-        assert loader.num_clips == 15 and len(loader) == 4  # 5 videos x 2 clips x 3 crops = 30 views over 2 ranks
+        # 5 videos x 2 clips x 3 crops = 30 views in 10 units of 3 over 2 ranks; batch_size 4 holds one unit
+        assert loader.num_clips == 15 and len(loader) == 5
         for batch in loader:
             for v, i, lab in zip(batch.video, batch.index.tolist(), batch.label.tolist()):
                 seen[i] += 1

@@ -579,7 +579,8 @@ def print_verdict(entries: list, rejected: list[tuple[str, str]], judged: str, *
     if usable_paths and clip is not None:  # frames decoded per clip, median and worst file (Kinetics sampling)
         from timesformer_harness.pipelines.tools.decode_cost import estimate_manifest_decode_cost, format_decode_cost
 
-        print(format_decode_cost(estimate_manifest_decode_cost(usable_paths, *clip, workers=workers, max_files=1000)))
+        print(format_decode_cost(estimate_manifest_decode_cost(usable_paths, *clip, workers=workers, max_files=1000,
+                                                               show_progress=True)))
     return 1 if rejected else 0
 
 

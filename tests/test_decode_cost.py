@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,18 @@ def test_manifest_summary(gop_files, tmp_path):
     assert "no readable file" in format_decode_cost(estimate_manifest_decode_cost([str(garbage)], 4, 12, 30))
     with pytest.raises(ValueError, match="choose from"):
         estimate_manifest_decode_cost(paths, 4, 12, 30, strategies=["nvdec"])
+
+
+def test_manifest_estimate_shows_its_progress(gop_files, caplog):
+    """Not a terminal here: a dated log line per ``progress_every_s`` (0: after every file), files done of the total;
+    nothing unless asked."""
+    paths = [str(gop_files[n]) for n in ("intra", "gop8", "long")]
+    with caplog.at_level(logging.INFO, logger="timesformer_harness.pipelines.progress"):
+        estimate_manifest_decode_cost(paths, 4, 12, 30, workers=1)
+        assert not caplog.records
+        estimate_manifest_decode_cost(paths, 4, 12, 30, workers=1, show_progress=True, progress_every_s=0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" (")[0] for line in lines] == [f"decode cost: {n}/3 files" for n in (1, 2, 3)], lines
 
 
 def test_measure_clips_for_the_bench(gop_files):

@@ -46,6 +46,7 @@ import numpy as np
 
 from timesformer_harness.pipelines import sampling
 from timesformer_harness.pipelines.packets import index_packets, keyframe_segments
+from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,8 @@ def _one(args: tuple[str, int, int, float, int, tuple[str, ...]]) -> tuple[str, 
 
 def estimate_manifest_decode_cost(paths: Sequence[str], frames: int, sampling_rate: int, target_fps: float,
                                   num_clips: int = 1, strategies: Sequence[str] = STRATEGIES, workers: int = 0,
-                                  max_files: int | None = None) -> dict:
+                                  max_files: int | None = None, show_progress: bool = False,
+                                  progress_every_s: float = LOG_EVERY_S) -> dict:
     """Decode cost over a manifest's files: median and worst file, for train and test clips, per decoder model.
 
     Args:
@@ -195,6 +197,8 @@ def estimate_manifest_decode_cost(paths: Sequence[str], frames: int, sampling_ra
         strategies: decoder models (``keyframe``, ``seek``, ``from_start``; see the module docstring).
         workers: parallel threads (demuxing releases the GIL); 0 = one per CPU core.
         max_files: estimate on this many evenly spaced files only (None = all).
+        show_progress: files done, as a bar on a terminal or a log line every ``progress_every_s`` seconds
+            (``timesformer_harness.pipelines.progress``).
 
     Returns:
         ``{"clip_frames", "files" (estimated), "unreadable": [(path, reason)], "strategies": {name: {"train": {...},
@@ -210,8 +214,12 @@ def estimate_manifest_decode_cost(paths: Sequence[str], frames: int, sampling_ra
         paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, max_files).round()]
     workers = workers or os.cpu_count() or 1
     jobs = [(p, frames, sampling_rate, target_fps, num_clips, tuple(strategies)) for p in paths]
-    with ThreadPoolExecutor(max(1, min(workers, len(jobs) or 1))) as pool:
-        results = list(pool.map(_one, jobs))
+    results = []
+    with ThreadPoolExecutor(max(1, min(workers, len(jobs) or 1))) as pool, \
+            Progress("decode cost", len(jobs), show=show_progress, interval=progress_every_s) as progress:
+        for result in pool.map(_one, jobs):
+            results.append(result)
+            progress.update()
     costs = [(p, c) for p, c, _ in results if c is not None]
     out: dict = {"clip_frames": frames, "files": len(costs), "strategies": {},
                  "unreadable": [(p, why) for p, c, why in results if c is None]}

@@ -3,38 +3,37 @@
     python -m timesformer_harness.benchmarks.gpu_input [--out DIR] [--budget-s 480] [--rows NAME ...] [--update-table]
     python -m timesformer_harness.benchmarks.gpu_input --rehearse-on-cpu   # the rows a CPU can run, at CPU size
 
-The files (``GPU_SIZE``): 8 generated 10 s, 30 fps, 340x256 H.264 sources (keyint 250, a camera panning over a
-detailed texture; ``benchmarks/bench_prepare.py``), prepared by ``timesformer_harness.pipelines.tools.prepare`` at a
-256 px short side into ``VARIANTS``: H.264 and VP9 with GOP 32 (= the sampling rate) and a long GOP (250), and MJPEG
-(intra-only). Sources and variants are made in parallel and kept in ``--data`` (prepare is idempotent). Each
+The files (``GPU_SIZE``): 8 generated 10 s, 30 fps, 340x256 H.264 sources (keyint 250, a camera panning over a detailed
+texture; ``benchmarks/bench_prepare.py``), prepared by ``timesformer_harness.pipelines.tools.prepare`` at a 256 px short
+side into ``VARIANTS``: H.264 and VP9 with GOP 32 (= the sampling rate) and a long GOP (250), HEVC with GOP 32, and
+MJPEG (intra-only). Sources and variants are made in parallel and kept in ``--data`` (prepare is idempotent). Each
 variant's train manifest lists every video 16 times (128 clips); 8x32 sampling, crop 224, jitter 256-320, batch 32.
 
-The rows, in the order they run (``ROWS``): the DALI loader on NVDEC (``data.backend=gpu``) for VP9 and H.264 and,
-for MJPEG, its frames decoded as JPEG images by DALI on the CPU (``data.backend=cpu``), on every variant with 8 DALI
-threads, and with 16 on H.264 GOP 32; the end-to-end step on H.264 GOP 32 and MJPEG (``data.backend=auto``: what a
-run gets); the PyAV loader (16 workers) on H.264 GOP 32; the DALI loader on MJPEG with ``data.backend=gpu`` (its JPEG
-frames decoded by nvJPEG, ``device="mixed"``, and resized, flipped and normalised on the GPU: the candidate against
-the CPU's JPEG frames); DALI's CPU decoder on VP9 GOP 32 (the candidate against NVDEC); the end-to-end step and PyAV
-on VP9 GOP 32. Each loader row decodes on a named path, so that the decode table
+The rows, in the order they run (``ROWS``, most wanted first): the DALI loader with 8 threads on H.264 GOP 32 on NVDEC
+(``data.backend=gpu``), on MJPEG with ``data.backend=gpu`` (its JPEG frames decoded by nvJPEG, ``device="mixed"``, and
+resized, flipped and normalised on the GPU), on VP9 GOP 32 on NVDEC, and on MJPEG as JPEG images decoded by DALI on the
+CPU (``data.backend=cpu``); the end-to-end step on H.264 GOP 32 and MJPEG (``data.backend=auto``: what a run gets); the
+DALI loader on NVDEC on the long GOPs and on HEVC GOP 32 (Matroska clip streams); DALI with 16 threads on H.264 GOP 32;
+the PyAV loader (16 workers) on H.264 GOP 32; DALI's CPU decoder on VP9 GOP 32 (the candidate against NVDEC); the
+end-to-end step and PyAV on VP9 GOP 32. Each loader row decodes on a named path, so that the decode table
 (``timesformer_harness.pipelines.decode_rates``) gets every candidate ``data.backend=auto`` chooses between: with
 ``--update-table [PATH]`` every loader row that ran on a GPU is merged into it (default: the shipped
 ``configs/measured/decode_rates.yaml``) as it finishes. A loader row builds the loader in a fresh process
-(``loader_row``), runs one warm-up epoch (its time includes indexing the files), then 3 timed epochs: median clips/s
-and host CPU ms per clip (the process and its workers), then one epoch under ``torch.profiler`` for the GPU's busy
-ms per clip (``timesformer_harness.metrics.kernel_time``: the kernels and copies CUPTI sees in that process; NVDEC's
-decode engine runs no kernels), and the frames decoded per clip, counted on 16 clips. An end-to-end row is the
-bench's e2e case (``timesformer_harness.bench.e2e``): TimeSformer-Base divided 8x224 in bf16, eager, fed by the
-``auto`` loader of the variant; its data wait is the share of each step spent waiting for the batch. A row whose
-estimated cost no longer fits ``--budget-s`` (counted from the start, preparing included) is skipped and says so;
-``<out>/results.json`` and ``<out>/summary.md`` (the tables, the targets judged on a GPU only) are rewritten after
-every row, so a run cut short keeps what it measured.
+(``loader_row``), runs one warm-up epoch (its time includes indexing the files), then 3 timed epochs: median clips/s and
+host CPU ms per clip (the process and its workers), then one epoch under ``torch.profiler`` for the GPU's busy ms per
+clip (``timesformer_harness.metrics.kernel_time``: the kernels and copies CUPTI sees in that process; NVDEC's decode
+engine runs no kernels), and the frames decoded per clip, counted on 16 clips. An end-to-end row is the bench's e2e case
+(``timesformer_harness.bench.e2e``): TimeSformer-Base divided 8x224 in bf16, eager, fed by the ``auto`` loader of the
+variant; its data wait is the share of each step spent waiting for the batch. A row whose estimated cost no longer fits
+``--budget-s`` (counted from the start, preparing included) is skipped and says so; ``<out>/results.json`` and
+``<out>/summary.md`` (the tables, the targets judged on a GPU only) are rewritten after every row, so a run cut short
+keeps what it measured.
 
 With ``--rehearse-on-cpu`` the same rows run at CPU size (48 px files, crop 32, batch 4, the tiny model): DALI's CPU
-decoder on VP9 and MJPEG, PyAV on VP9; every H.264 row and the nvJPEG row are skipped (DALI's CPU decoder does not
-decode H.264, so the rehearsal prepares none; nvJPEG needs a GPU), and so is the CPU-decoder VP9 row (on a CPU the
+decoder on VP9 and MJPEG, PyAV on VP9; every H.264 and HEVC row and the nvJPEG row are skipped (DALI's CPU decoder does
+not decode them, so the rehearsal prepares none; nvJPEG needs a GPU), and so is the CPU-decoder VP9 row (on a CPU the
 VP9 row decodes there already). Its rows go to a table only at a path given (``--update-table PATH``), with the
-generation ``cpu``: the shipped table holds GPU measurements only.
-"""
+generation ``cpu``: the shipped table holds GPU measurements only."""
 
 from __future__ import annotations
 
@@ -86,8 +85,8 @@ CPU_SIZE = Size(height=48, width=64, jitter=(40, 48), crop=32, batch=4, videos=2
 
 # name -> what prepare makes of the sources (the short side is the size's height)
 VARIANTS = {"h264-gop32": ("h264", RATE), "vp9-gop32": ("vp9", RATE), "mjpeg": ("mjpeg", 1),
-            "h264-long": ("h264", 250), "vp9-long": ("vp9", 250)}
-GPU_ONLY_CODECS = {"h264"}  # DALI's CPU decoder takes VP8/VP9/MJPEG only
+            "h264-long": ("h264", 250), "vp9-long": ("vp9", 250), "hevc-gop32": ("hevc", RATE)}
+GPU_ONLY_CODECS = {"h264": "H.264", "hevc": "HEVC"}  # DALI's CPU decoder takes VP8/VP9/MJPEG only
 
 
 @dataclass(frozen=True)
@@ -105,17 +104,20 @@ class Row:
     estimate_s: float = 30.0
 
 
+# Most wanted first: the rows the targets judge and the candidates for the fastest path, then the long GOPs, HEVC (its
+# Matroska clip streams), more threads and the PyAV baseline. A row that does not fit the budget is skipped, not cut.
 ROWS: tuple[Row, ...] = (
     Row("dali-h264-gop32", "dali", "h264-gop32", backend="gpu"),
+    Row("dali-mjpeg-nvjpeg", "dali", "mjpeg", backend="gpu"),
     Row("dali-vp9-gop32", "dali", "vp9-gop32", backend="gpu"),
     Row("dali-mjpeg", "dali", "mjpeg", backend="cpu"),
-    Row("dali-h264-long", "dali", "h264-long", backend="gpu", estimate_s=40.0),
-    Row("dali-vp9-long", "dali", "vp9-long", backend="gpu", estimate_s=40.0),
     Row("e2e-h264-gop32", "e2e", "h264-gop32", estimate_s=60.0),
     Row("e2e-mjpeg", "e2e", "mjpeg", estimate_s=60.0),
+    Row("dali-h264-long", "dali", "h264-long", backend="gpu", estimate_s=40.0),
+    Row("dali-vp9-long", "dali", "vp9-long", backend="gpu", estimate_s=40.0),
+    Row("dali-hevc-gop32", "dali", "hevc-gop32", backend="gpu", estimate_s=40.0),
     Row("dali-h264-gop32-x2threads", "dali", "h264-gop32", thread_factor=2, backend="gpu"),
     Row("pyav-h264-gop32", "pyav", "h264-gop32", thread_factor=2, estimate_s=40.0),
-    Row("dali-mjpeg-nvjpeg", "dali", "mjpeg", backend="gpu"),
     Row("dali-cpu-vp9-gop32", "dali", "vp9-gop32", backend="cpu", rehearsed=False, estimate_s=40.0),
     Row("e2e-vp9-gop32", "e2e", "vp9-gop32", estimate_s=60.0),
     Row("pyav-vp9-gop32", "pyav", "vp9-gop32", thread_factor=2, estimate_s=40.0),
@@ -203,7 +205,8 @@ def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
     """Why ``row`` cannot run here (None when it can)."""
     codec = VARIANTS[row.variant][0]
     if not cuda and codec in GPU_ONLY_CODECS:
-        return "H.264 rows run on a GPU only (DALI's CPU decoder takes VP8/VP9/MJPEG; the rehearsal prepares none)"
+        return (f"{GPU_ONLY_CODECS[codec]} rows run on a GPU only (DALI's CPU decoder takes VP8/VP9/MJPEG; the "
+                "rehearsal prepares none)")
     if row.backend == "gpu" and not cuda and codec == "mjpeg":
         return "nvJPEG rows run on a GPU only (data.backend=gpu decodes MJPEG's JPEG frames with nvJPEG)"
     if not row.rehearsed and not cuda:

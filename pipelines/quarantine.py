@@ -45,7 +45,7 @@ class TooManyBadVideos(BadVideoError):
 
 
 class ClipDecodeError(RuntimeError):
-    """One clip could not be decoded (a loader's ``_decode_clip``); the message is the decoder's reason."""
+    """One clip could not be decoded (a loader's ``_decode_unit``); the message is the decoder's reason."""
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import encode_video, textured_frames
+from corrupt_videos import make_corrupt_corpus
 from timesformer_harness.evaluate import ViewAccumulator, accuracy_report, score_loader
 from timesformer_harness.pipelines import pyav
-from conftest import textured_frames
-
 from timesformer_harness.pipelines.base import ClipPlanner, Video, stack_clips
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.dali import PlanSource, build_video_pipeline, to_clips
@@ -172,8 +172,6 @@ def test_dali_a_unit_whose_decode_fails_is_decoded_again_alone_and_drops_its_vie
     """A damaged payload fails the whole DALI batch without naming a clip: each unit of it is decoded again once,
     alone (a batch-1 pipeline of the same 3-output graph); the damaged video's unit drops its 3 views, the good unit
     of the same batch keeps its pixels."""
-    from corrupt_videos import make_corrupt_corpus
-
     (bad,) = make_corrupt_corpus([videos.good[1]], videos.root, n=1, kinds=("payload/mid",))  # a manifest name
     paths = [videos.good[0], bad.path, videos.good[2]]
     cfg = _cfg(videos, "dali", paths, num_frames=24, sampling_rate=1, num_ensemble_views=1, batch_size=6,
@@ -219,3 +217,31 @@ def test_evaluation_scores_are_unchanged_on_the_toy_set(tmp_path) -> None:
         assert all(torch.equal(got.scores[i], want.scores[i]) for i in want.scores), kind
         assert got.views == want.views == {i: 3 for i in range(24)}
         assert accuracy_report(got, 6, 3) == accuracy_report(want, 6, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dali_gpu_units_give_the_per_view_graphs_clips(videos) -> None:
+    """NVDEC, with the resize and normalise in DALI: the unit graph's 3 outputs, interleaved, equal the one-output
+    graph's clips view by view, from a third of its decoded frames. 144x192 VP9 (NVDEC's VP9 minimum is 128x128)."""
+    from timesformer_harness.pipelines.base import CLIP_FORMAT
+
+    paths = [encode_video(videos.root / f"views_gpu{i}.webm", textured_frames(24, 144, 192, 30 + i)) for i in range(2)]
+    cfg = _cfg(videos, "dali", paths, backend="gpu", test_crop_size=128)
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    loader = build_loader(cfg, "test", device=cuda)
+    assert loader.backend == "gpu" and loader.planner.views_per_unit == 3 and len(loader) == 2
+    batches = list(loader)
+    assert all(b.video.is_cuda and b.video.is_contiguous(memory_format=CLIP_FORMAT) for b in batches)
+    plans = _per_view_plans(cfg, loader.planner.videos)
+    assert [i for b in batches for i in b.index.tolist()] == [p.index for p in plans]
+    source = PlanSource(len(plans), backend="gpu", prefetch=0)
+    pipe = build_video_pipeline(source, batch_size=len(plans), crop=cfg.test_crop_size, mean=cfg.mean, std=cfg.std,
+                                backend="gpu", num_threads=1, device_id=cuda.index)
+    pipe.build()
+    source.start(plans)
+    reference = to_clips(pipe.run(), plans, backend="gpu", decode_only=False, frames_per_clip=0,
+                         crop=cfg.test_crop_size, mean=cfg.mean, std=cfg.std, device=cuda)
+    source.close()
+    assert torch.equal(torch.cat([b.video for b in batches]), reference)
+    assert loader.source.decoded * 3 == source.decoded

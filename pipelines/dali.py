@@ -256,7 +256,8 @@ class PlanSource:
         plans, inputs = self._next_batch()
         for x in inputs:
             self.fed[(x.codec, x.mode)] += 1
-            self.decoded += x.decoded * (self.views if x.mode == "images" else 1)  # an image is decoded per window
+            # an image is decoded once per view's window (image_slice); a stream once per unit
+            self.decoded += x.decoded * (self.views if x.mode == "images" and not self.decode_only else 1)
         windows = []  # per view of a unit: (anchor, shape) per sample
         for v in range(self.views):
             windows += [[np.array(p.window[:2], dtype=np.int32) for p in plans[v::self.views]],

@@ -21,7 +21,7 @@ from timesformer_harness.evaluate import ViewAccumulator, accuracy_report, score
 from timesformer_harness.pipelines import pyav
 from timesformer_harness.pipelines.base import ClipPlanner, Video, stack_clips
 from timesformer_harness.pipelines.config import DataConfig
-from timesformer_harness.pipelines.dali import PlanSource, build_video_pipeline, to_clips
+from timesformer_harness.pipelines.dali import DaliLoader, PlanSource, build_video_pipeline, to_clips
 from timesformer_harness.pipelines.factory import build_loader
 from timesformer_harness.pipelines.sampling import ClipPlan, kinetics_frames
 from timesformer_harness.pipelines.sampling import test_window as view_window
@@ -128,6 +128,27 @@ def test_dali_cpu_decodes_each_unit_once_with_the_per_view_pixels(videos, codec:
     # frames decoded: the pass decodes each unit once; the per-view decode 3 times
     assert loader.source.decoded * 3 == decoded_per_view == sum(loader.decoded_frames(plans))
     assert loader.source.decoded == sum(loader.decoded_frames(plans[::3])) > 0
+
+
+def test_dali_decode_only_gives_each_view_its_units_frames(videos) -> None:
+    """``decode_only`` (the decode-rate benchmark's loader): each view of a unit gets the unit's one decoded clip,
+    the frames the one-output graph decodes for it alone."""
+    paths = videos.good[:2]
+    cfg = _cfg(videos, "dali", paths)
+    planner = build_loader(cfg, "test", device="cpu").planner
+    loader = DaliLoader(planner, torch.device("cpu"), decode_only=True)
+    frames = torch.cat([b.video for b in loader])
+    plans = _per_view_plans(cfg, planner.videos)
+    source = PlanSource(len(plans), decode_only=True, prefetch=0)
+    pipe = build_video_pipeline(source, batch_size=len(plans), crop=32, mean=cfg.mean, std=cfg.std, num_threads=1,
+                                decode_only=True)
+    pipe.build()
+    source.start(plans)
+    reference = to_clips(pipe.run(), plans, backend="cpu", decode_only=True, frames_per_clip=0, crop=32,
+                         mean=cfg.mean, std=cfg.std, device=torch.device("cpu"))
+    source.close()
+    assert frames.shape == (len(plans), 4, 48, 64, 3) and torch.equal(frames, reference)
+    assert loader.source.decoded * 3 == source.decoded > 0
 
 
 def test_pyav_decodes_each_unit_once_with_the_per_view_pixels(videos, monkeypatch) -> None:

@@ -30,7 +30,7 @@ MODEL_WARNED = {"drop_rate", "attn_drop_rate", "drop_path_rate", "attn_backend",
                 "time_embed_std", "pretrained"}
 DATA_WARNED = {"loader", "backend", "val_manifest", "test_manifest", "num_ensemble_views", "num_spatial_crops",
                "batch_size", "num_workers", "on_bad_video", "max_bad_fraction", "validate", "seed", "validate_cache",
-               "max_frame_pixels", "synthetic_videos", "synthetic_classes"}
+               "max_frame_pixels", "synthetic_videos", "synthetic_classes", "decode_rates"}
 
 
 def as_dict(overrides: list[str]) -> dict:

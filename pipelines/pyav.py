@@ -27,6 +27,7 @@ from timesformer_harness.pipelines.packets import PACKET_CACHE, PacketIndex, Pac
 from timesformer_harness.pipelines.quarantine import BadVideo, FailedBatch, failure_reason
 from timesformer_harness.pipelines.sampling import ClipPlan
 from timesformer_harness.pipelines.transforms import crop_window, finish_clip
+from timesformer_harness.pipelines.validate import bound_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def decode_clip(path: str, indices: Sequence[int] | np.ndarray, index: PacketInd
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_count = 1  # parallelism comes from the DataLoader workers (one decode thread each)
+        bound_decoder(stream, index.width, index.height)  # a frame far above the indexed size is refused, not allocated
         frames = container.decode(stream)
         for k, end in keyframe_segments(index.keyframes, wanted):
             if k > pos:  # decoding on from pos would cost more than restarting at k

@@ -151,10 +151,11 @@ def _whole_file(container) -> tuple[float, int]:
     return covered, data_end
 
 
-def _bound_decoder(stream, width: int, height: int) -> None:
-    """Make FFmpeg refuse, before allocating it, any frame of ``stream`` well above ``width`` x ``height`` (a header
-    that lies about the frame size). The slack is for the decoder's own count, which rounds the width up to its row
-    alignment (up to 64 pixels). A header without a frame size bounds it at ``PROBE_DECODE_SIZE``."""
+def bound_decoder(stream: Any, width: int, height: int) -> None:
+    """Make FFmpeg refuse, before allocating it, any frame of the PyAV video ``stream`` well above ``width`` x
+    ``height`` (a header that lies about the frame size, frames that grow mid-stream): the deep check and the PyAV
+    loader call it. The slack is for the decoder's own count, which rounds the width up to its row alignment (up to
+    64 pixels). A header without a frame size bounds it at ``PROBE_DECODE_SIZE``."""
     width, height = (width, height) if width > 0 and height > 0 else PROBE_DECODE_SIZE
     bound = 2 * (width + 128) * (height + 128)
     stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(bound)}
@@ -238,7 +239,7 @@ def probe_video(path: str) -> VideoInfo:
             return info  # measured from the header; usable() refuses it unless data.max_frame_pixels allows it
         with av.open(path) as container:  # decode the first frame
             stream = container.streams.video[0]
-            _bound_decoder(stream, info.width, info.height)
+            bound_decoder(stream, info.width, info.height)
             frame = next(container.decode(stream), None)
             if frame is None:
                 info.error = "no decodable frame"
@@ -478,7 +479,7 @@ def deep_probe(path: str) -> str:
                         return "unknown codec: the video stream's codec id is not one FFmpeg knows (damaged header?)"
                     codec = stream.codec_context.name
                     stream.thread_count = 1  # parallelism comes from one process per file
-                    _bound_decoder(stream, stream.codec_context.width, stream.codec_context.height)
+                    bound_decoder(stream, stream.codec_context.width, stream.codec_context.height)
                     for packet in container.demux(stream):
                         packets += packet.size > 0
                         for frame in packet.decode():  # the final empty packet drains the decoder

@@ -212,6 +212,29 @@ def test_a_frame_larger_than_the_header_says_is_refused_by_the_decoder_before_al
     assert grown < 48 << 20, grown
 
 
+def test_the_pyav_loader_refuses_a_frame_that_grows_midstream_before_allocating_it(videos, hostile,
+                                                                                   tmp_path: Path) -> None:
+    """The shallow check passes the file (header and first frame: 64x64); the PyAV loader's decoder, bounded by the
+    indexed frame size, refuses the 8192x8192 frame itself, so the video is quarantined with FFmpeg's refusal, not
+    after a 96 MiB frame and its 192 MiB RGB copy were made (then the clip failed only when its frames were
+    stacked). Every 2-frame clip of the 3-frame file holds that frame."""
+    from timesformer_harness.pipelines.config import DataConfig
+    from timesformer_harness.pipelines.factory import build_loader
+
+    grows = str(hostile["grows_midstream"])
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("".join(f"{p} 0\n" for p in [*map(str, videos.good[:3]), grows]))
+    cfg = DataConfig(loader="pyav", backend="cpu", train_manifest=str(manifest), num_frames=2, sampling_rate=1,
+                     train_jitter_scales=[32, 36], train_crop_size=32, batch_size=2, num_workers=0,
+                     validate="shallow", validate_cache="none", on_bad_video="skip", max_bad_fraction=1.0)
+    loader = build_loader(cfg, "train")
+    assert loader.rejected == []  # the shallow check cannot see it
+    seen = sorted(i for batch in loader for i in batch.index.tolist())
+    (bad,) = loader.quarantine.entries
+    assert bad.path == grows and "'avcodec_send_packet()' returned 22" in bad.reason, bad.reason  # EINVAL: max_pixels
+    assert 3 not in seen and len(seen) == 4  # two batches of 2, the grown video's slot replaced by a good video
+
+
 def test_two_video_streams_are_judged_on_the_first(hostile) -> None:
     first_short, second_short = str(hostile["first_shorter"]), str(hostile["second_shorter"])
     infos, rejected = check_videos([first_short, second_short, str(hostile["audio_longer"])], "cpu", 4, 1,

@@ -190,12 +190,29 @@ class ClipPlanner:
 
     def plan_clip(self, v: Video, rng: np.random.Generator) -> sampling.ClipPlan:
         """One random train clip of ``v``: frames, crop window and flip drawn from ``rng`` in that order."""
+        return self.plan_clips([v], rng)[0]
+
+    def plan_clips(self, videos: Sequence[Video], rng: np.random.Generator) -> list[sampling.ClipPlan]:
+        """One random train clip of each of ``videos``, drawn from ``rng`` clip after clip as ``plan_clip`` draws
+        them; Kinetics frame indices are computed for all the clips at once (``sampling.temporal_indices_many``)."""
         c = self.cfg
-        frames = self._frames(v, rng, -1, 1)
-        window = sampling.train_window(v.height, v.width, c.train_jitter_scales, c.train_crop_size, rng,
-                                       c.inv_uniform_sample)
-        flip = bool(rng.random() < 0.5) and c.random_flip
-        return sampling.ClipPlan(v.index, v.path, v.label, frames, window, flip)
+        draws = []
+        for v in videos:
+            if self.segment:
+                where = sampling.segment_frames(v.frames, c.num_frames, rng)
+            else:  # the clip's window [start, end]: its frame indices come after the loop
+                size = sampling.clip_size(c.num_frames, c.sampling_rate, c.target_fps, v.fps or c.target_fps)
+                where = sampling.get_start_end_idx(v.frames, size, -1, 1, rng)
+            window = sampling.train_window(v.height, v.width, c.train_jitter_scales, c.train_crop_size, rng,
+                                           c.inv_uniform_sample)
+            draws.append((v, where, window, bool(rng.random() < 0.5) and c.random_flip))
+        if self.segment or not draws:
+            frames = [where for _, where, _, _ in draws]
+        else:
+            (starts, ends) = zip(*(where for _, where, _, _ in draws))
+            frames = list(sampling.temporal_indices_many(starts, ends, c.num_frames, [v.frames for v, *_ in draws]))
+        return [sampling.ClipPlan(v.index, v.path, v.label, f, window, flip)
+                for (v, _, window, flip), f in zip(draws, frames)]
 
     def plans(self, epoch: int) -> list[sampling.ClipPlan]:
         """This rank's clips of ``epoch`` in batch order; val/test: its units' views, ``views_per_unit`` plans of the
@@ -205,7 +222,7 @@ class ClipPlanner:
             order = np.random.default_rng((c.seed, epoch)).permutation(len(self.videos))
             mine = order[self.rank::self.world_size][:self.num_clips]
             rng = np.random.default_rng((c.seed, epoch, self.rank))
-            return [self.plan_clip(self.videos[i], rng) for i in mine]
+            return self.plan_clips([self.videos[i] for i in mine], rng)
         out = []
         n, views_per_video = self.views_per_unit, c.num_ensemble_views * c.num_spatial_crops
         for unit in range(self.rank, len(self.videos) * views_per_video // n, self.world_size):

@@ -130,6 +130,38 @@ def test_test_views_seen_exactly_once_across_two_shards(videos, kind: str) -> No
         assert len({tuple(v.flatten()[:64].tolist()) for v in views}) == 6
 
 
+@pytest.mark.parametrize("num_frames", [1, 8, 16])
+def test_train_plans_equal_the_per_clip_linspace_bit_for_bit(num_frames: int) -> None:
+    """An epoch's train plans compute the Kinetics frame indices for all clips at once; they equal, clip for clip,
+    ``np.linspace`` per clip with the same draws from the same generator (frames, window, flip, in that order): short
+    and long videos, fps 0 (the target fps is used), 1 frame; and ``plan_clip`` (replacements) draws the same way."""
+    from timesformer_harness.pipelines.base import ClipPlanner, Video
+    from timesformer_harness.pipelines.sampling import clip_size, get_start_end_idx
+
+    gen = np.random.default_rng(7)
+    videos = [Video(i, f"v{i}.mp4", i % 5, int(gen.integers(1, 700)), float(gen.choice([0.0, 15.0, 25.0, 29.97, 60.0])),
+                    int(gen.integers(48, 400)), int(gen.integers(48, 400))) for i in range(500)]
+    cfg = DataConfig(num_frames=num_frames, sampling_rate=8, batch_size=4, train_jitter_scales=[64, 80],
+                     train_crop_size=48)
+    planner = ClipPlanner(cfg, "train", videos, rank=1, world_size=2)
+    for epoch in (0, 3):
+        order = np.random.default_rng((cfg.seed, epoch)).permutation(len(videos))[1::2][:planner.num_clips]
+        rng = np.random.default_rng((cfg.seed, epoch, 1))
+        plans = planner.plans(epoch)
+        assert len(plans) == len(order) == 248
+        for plan, i in zip(plans, order):
+            v = videos[i]
+            start, end = get_start_end_idx(v.frames, clip_size(num_frames, 8, cfg.target_fps, v.fps or cfg.target_fps),
+                                           -1, 1, rng)
+            frames = np.clip(np.linspace(start, end, num_frames), 0, v.frames - 1).astype(np.int64)
+            window = train_window(v.height, v.width, [64, 80], 48, rng)
+            flip = bool(rng.random() < 0.5)
+            assert (plan.index, plan.frames.dtype, plan.frames.tolist(), plan.window, plan.flip) == \
+                (v.index, np.int64, frames.tolist(), window, flip)
+    one, rng = planner.plan_clip(videos[3], np.random.default_rng(5)), np.random.default_rng(5)
+    assert one.frames.tolist() == planner.plan_clips([videos[3]], rng)[0].frames.tolist()
+
+
 def test_sampling_formulas() -> None:
     # Kinetics: 8 frames x rate 32 at 30 fps = 256 source frames; test clip 0 of 1 starts at frame 0
     assert kinetics_frames(300, 30, 8, 32, 30, clip_idx=0).tolist() == [0, 36, 72, 109, 145, 182, 218, 255]

@@ -99,6 +99,12 @@ def _decode(data: bytes, fmt: str) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
+def _demuxed(path: str) -> list[bytes]:
+    """The payloads of ``path``'s video packets, in decode order, as PyAV demuxes them."""
+    with av.open(path) as c:
+        return [bytes(p) for p in c.demux(video=0) if p.size]
+
+
 def _ivf_frames(stream: np.ndarray) -> list[tuple[int, bytes]]:
     """(pts, payload) of each frame of an IVF stream."""
     data, at, out = stream.tobytes(), 32, []
@@ -129,8 +135,7 @@ def test_vp9_clip_streams_are_the_demuxed_packets_read_once_per_keyframe_run(tmp
     path = str(write_video(tmp_path / "gop8.webm", textured_frames(64, 48, 64, 3), "libvpx-vp9", 30, VP9))
     index = index_packets(path)
     assert index.keyframes == list(range(0, 64, 8)) and index.verbatim
-    with av.open(path) as c:
-        demuxed = [bytes(p) for p in c.demux(video=0) if p.size]
+    demuxed = _demuxed(path)
     opens = Opens(monkeypatch)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -197,8 +202,7 @@ def test_matroska_clip_streams_decode_to_the_files_frames(nal_files, name, monke
     assert index.verbatim and packets.stream_format(index) == ("matroska", "")
     assert not np.array_equal(index.display, np.arange(64)) or name == "av1"  # B-frames: decode order != display
     every = _decode(Path(path).read_bytes(), "mp4")
-    with av.open(path) as c:
-        demuxed = [bytes(p) for p in c.demux(video=0) if p.size]
+    demuxed = _demuxed(path)
     opens = Opens(monkeypatch)
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -13,6 +13,7 @@ import struct
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import av
 import numpy as np
@@ -24,7 +25,8 @@ from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.pipelines import dali, packets
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.factory import build_loader
-from timesformer_harness.pipelines.packets import clip_stream, feed_mode, index_packets, plan_packets
+from timesformer_harness.pipelines.packets import (PacketIndex, PacketPlan, clip_stream, feed_mode, index_packets,
+                                                  plan_packets)
 from timesformer_harness.pipelines.sampling import ClipPlan
 from timesformer_harness.pipelines.tools.encode import write_video
 
@@ -105,6 +107,24 @@ def _demuxed(path: str) -> list[bytes]:
         return [bytes(p) for p in c.demux(video=0) if p.size]
 
 
+def _gpu_clip_streams(index: PacketIndex, path: str,
+                      opens: Opens) -> Iterator[tuple[list[int], PacketPlan, np.ndarray, dict[str, int]]]:
+    """(frames, plan, stream, stats) for each of ``CLIPS``: the GPU backend's clip stream of ``path``, checked to be fed
+    as a ``stream`` (the whole file on the CPU) and made without opening a PyAV container (``opens``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for frames in CLIPS:
+            plan = plan_packets(index, frames)
+            assert feed_mode(index, plan, "gpu") == ("stream", "")
+            assert feed_mode(index, plan, "cpu")[0] == "file"
+            before, stats = opens.count, {}
+            stream = clip_stream(index, plan, fd, stats)
+            assert opens.count == before, frames  # no container per clip
+            yield frames, plan, stream, stats
+    finally:
+        os.close(fd)
+
+
 def _ivf_frames(stream: np.ndarray) -> list[tuple[int, bytes]]:
     """(pts, payload) of each frame of an IVF stream."""
     data, at, out = stream.tobytes(), 32, []
@@ -168,24 +188,14 @@ def test_annexb_clip_streams_decode_to_the_files_frames(nal_files, name, monkeyp
     assert index.verbatim and index.extradata[0] == 1  # avcC: 4-byte length-prefixed NAL units
     every = _decode(Path(path).read_bytes(), "mp4")
     opens = Opens(monkeypatch)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for frames in CLIPS:
-            plan = plan_packets(index, frames)
-            assert feed_mode(index, plan, "gpu") == ("stream", "")
-            assert feed_mode(index, plan, "cpu")[0] == "file"
-            before = opens.count
-            stream = clip_stream(index, plan, fd)
-            assert opens.count == before  # no container per clip
-            want = every[np.minimum(frames, index.num_frames - 1)]
-            ivf = _decode(stream.tobytes(), "ivf")
-            assert len(ivf) == len(plan.packets) and np.array_equal(ivf[plan.frames[plan.order]], want), frames
-            raw = b"".join(p for _, p in _ivf_frames(stream))
-            assert np.array_equal(_decode(raw, "h264")[plan.frames[plan.order]], want), frames
-            with av.open(io.BytesIO(stream.tobytes()), format="ivf") as c:
-                assert [f.pts for f in c.decode(video=0)] == list(range(len(plan.packets)))
-    finally:
-        os.close(fd)
+    for frames, plan, stream, _ in _gpu_clip_streams(index, path, opens):
+        want = every[np.minimum(frames, index.num_frames - 1)]
+        ivf = _decode(stream.tobytes(), "ivf")
+        assert len(ivf) == len(plan.packets) and np.array_equal(ivf[plan.frames[plan.order]], want), frames
+        raw = b"".join(p for _, p in _ivf_frames(stream))
+        assert np.array_equal(_decode(raw, "h264")[plan.frames[plan.order]], want), frames
+        with av.open(io.BytesIO(stream.tobytes()), format="ivf") as c:
+            assert [f.pts for f in c.decode(video=0)] == list(range(len(plan.packets)))
     assert opens.count == 3 * len(CLIPS)  # the test's own three decodes per clip, no other
 
 
@@ -204,29 +214,21 @@ def test_matroska_clip_streams_decode_to_the_files_frames(nal_files, name, monke
     every = _decode(Path(path).read_bytes(), "mp4")
     demuxed = _demuxed(path)
     opens = Opens(monkeypatch)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for frames in CLIPS:
-            plan = plan_packets(index, frames)
-            assert feed_mode(index, plan, "gpu") == ("stream", "")
-            assert feed_mode(index, plan, "cpu")[0] == "file"
-            before, stats = opens.count, {}
-            stream = clip_stream(index, plan, fd, stats).tobytes()
-            assert opens.count == before and stats["preads"] == len(plan.segments), frames
-            with av.open(io.BytesIO(stream), format="matroska") as c:
-                track = c.streams.video[0]
-                assert (track.codec_context.codec.canonical_name, track.width, track.height) == (index.codec, 64, 64)
-                assert bytes(track.codec_context.extradata) == index.extradata and track.average_rate == 30
-                assert abs(c.duration / 1e6 - len(plan.packets) / 30) < 1e-3  # Info's Duration, in frames
-                got = [(bytes(p), p.pts, p.is_keyframe) for p in c.demux(track) if p.size]
-            assert [g[0] for g in got] == [demuxed[d] for d in plan.packets], frames
-            assert [g[1] for g in got] == plan.pts.tolist(), frames
-            assert [g[2] for g in got] == index.key[plan.packets].tolist(), frames
-            out = _decode(stream, "matroska")
-            assert len(out) == len(plan.packets), frames  # no leading picture left without its references
-            assert np.array_equal(out[plan.frames[plan.order]], every[np.minimum(frames, index.num_frames - 1)]), frames
-    finally:
-        os.close(fd)
+    for frames, plan, stream, stats in _gpu_clip_streams(index, path, opens):
+        stream = stream.tobytes()
+        assert stats["preads"] == len(plan.segments), frames
+        with av.open(io.BytesIO(stream), format="matroska") as c:
+            track = c.streams.video[0]
+            assert (track.codec_context.codec.canonical_name, track.width, track.height) == (index.codec, 64, 64)
+            assert bytes(track.codec_context.extradata) == index.extradata and track.average_rate == 30
+            assert abs(c.duration / 1e6 - len(plan.packets) / 30) < 1e-3  # Info's Duration, in frames
+            got = [(bytes(p), p.pts, p.is_keyframe) for p in c.demux(track) if p.size]
+        assert [g[0] for g in got] == [demuxed[d] for d in plan.packets], frames
+        assert [g[1] for g in got] == plan.pts.tolist(), frames
+        assert [g[2] for g in got] == index.key[plan.packets].tolist(), frames
+        out = _decode(stream, "matroska")
+        assert len(out) == len(plan.packets), frames  # no leading picture left without its references
+        assert np.array_equal(out[plan.frames[plan.order]], every[np.minimum(frames, index.num_frames - 1)]), frames
     assert opens.count == 2 * len(CLIPS)  # the test's own demux and decode per clip, no other
 
 

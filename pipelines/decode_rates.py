@@ -15,6 +15,7 @@ the short side nearest, then the newest date, then the fastest.
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping, NamedTuple, Sequence
@@ -305,9 +306,5 @@ def short_side_of(infos: Iterable[Any]) -> int | None:
 
 def codec_counts(infos: Iterable[Any]) -> dict[str, int]:
     """codec -> number of probed videos (errored ones left out)."""
-    counts: dict[str, int] = {}
-    for i in infos:
-        if not getattr(i, "error", ""):
-            counts[i.codec] = counts.get(i.codec, 0) + 1
-    return counts
+    return dict(Counter(i.codec for i in infos if not getattr(i, "error", "")))
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -416,22 +417,22 @@ def _val_top1(metrics: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_toy_recipe_divided_learns_the_order_space_only_cannot(tmp_path: Path) -> None:
-    """The embedded default end to end: the real toy dataset and configs/exp/toy_divided_cpu.yaml through
-    the DALI CPU loader. Divided attention reaches >= 90% val top-1 (measured: 100% from epoch 16 of 40): the run is
-    watched and stopped with SIGTERM (it saves and exits 0) after the first validation at or above 90%, so the test
-    pays for the epochs the recipe needs, not all 40. The same recipe with space-only attention stays near chance
-    (1/6) because only the frame order tells the class."""
+def test_toy_recipe_divided_learns_the_frame_order(tmp_path: Path) -> None:
+    """The embedded default end to end: the real toy dataset and configs/exp/toy_divided_cpu.yaml through the DALI
+    CPU loader. Divided attention reaches >= 90% val top-1 (measured: 98% at epoch 14, 100% from epoch 16 of 40):
+    the run validates every 2 epochs, is watched and stopped with SIGTERM (it saves and exits 0) after the first
+    validation at or above 90%, so the test pays for the epochs the recipe needs, not all 40. Space-only attention,
+    the control, cannot learn the order at all: ``test_space_only_cannot_see_the_frame_order`` proves it."""
     from timesformer_harness.pipelines.tools.toy import generate
 
     generate(tmp_path / "toy")
-    common = ["--config", "configs/exp/toy_divided_cpu.yaml", f"data.root={tmp_path / 'toy'}",
-              "data.validate_cache=none", "output.tensorboard=false"]
     divided = tmp_path / "divided_space_time"
+    cmd = train_cmd("--config", "configs/exp/toy_divided_cpu.yaml", f"data.root={tmp_path / 'toy'}",
+                    "data.validate_cache=none", "output.tensorboard=false", "train.eval_period=2",
+                    f"output.dir={divided}")
     env = {**os.environ, "OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1)), "PYTHONUNBUFFERED": "1"}
     with open(tmp_path / "divided.log", "w") as log:
-        proc = subprocess.Popen(train_cmd(*common, "model.attention_type=divided_space_time", f"output.dir={divided}"),
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 1500
             while proc.poll() is None and time.monotonic() < deadline:
@@ -446,14 +447,42 @@ def test_toy_recipe_divided_learns_the_order_space_only_cannot(tmp_path: Path) -
     output = (tmp_path / "divided.log").read_text()
     assert returncode == 0, output[-3000:]
     top1 = _val_top1(divided / "metrics.jsonl")
-    space_only = tmp_path / "space_only"
-    res = run(train_cmd(*common, "model.attention_type=space_only", f"output.dir={space_only}",
-                        "solver.max_epoch=16"), timeout=1500, threads=min(2, os.cpu_count() or 1))
-    assert res.returncode == 0, res.stderr[-3000:]
-    results = {"divided_space_time": top1, "space_only": json.loads((space_only / "eval_val.json").read_text())["top1"]}
-    print(f"toy val top-1 per validation: {results}")
-    assert max(top1) >= 90.0, results
-    assert results["space_only"] <= 30.0, results
+    print(f"toy val top-1 per validation (every 2 epochs): {top1}")
+    assert max(top1) >= 90.0, top1
+
+
+def test_space_only_cannot_see_the_frame_order(tmp_path: Path) -> None:
+    """Why space-only attention stays at chance on the toy set (its six classes are the six orders of three colours):
+    whatever its weights, its logits for a real toy clip are the same with the frames reversed or rotated, so no
+    training can tell one order from another (it has no time embedding, attends within each frame and averages the
+    frames' CLS tokens). Divided attention, built the same way, gives other logits for the reordered clips (measured:
+    1e-3 apart, at initialisation)."""
+    import av
+
+    from timesformer_harness.pipelines.tools.toy import ToySpec, generate
+
+    generate(tmp_path / "toy", ToySpec(train=6, val=6, test=0), workers=1)
+    clips = []
+    for line in (tmp_path / "toy" / "val.csv").read_text().split("\n")[:3]:
+        with av.open(str(tmp_path / "toy" / line.split()[0])) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        clip = torch.from_numpy(np.stack(frames[::3][:8])).float().div(255)  # the recipe's 8 x rate 3: (T, H, W, C)
+        clips.append(clip.permute(3, 0, 1, 2))
+    video = torch.stack(clips)  # (3, C, 8, 32, 32)
+    reordered = [video.flip(2), video.roll(3, dims=2)]
+    logits = {}
+    for attention_type in ("space_only", "divided_space_time"):
+        torch.manual_seed(0)
+        model = create_model("toy", num_classes=6, attention_type=attention_type, init="scratch",
+                             time_embed_std=0.2).eval()
+        with torch.no_grad():
+            logits[attention_type] = [model(v) for v in (video, *reordered)]
+    same, *others = logits["space_only"]
+    for other in others:
+        torch.testing.assert_close(other, same, rtol=0, atol=1e-6)  # float rounding only (measured: 4e-8)
+    same, *others = logits["divided_space_time"]
+    moved = [float((other - same).abs().max()) for other in others]
+    assert min(moved) > 1e-4, f"the control: divided attention's logits move {moved} when the frames move"
 
 
 def test_memory_is_logged_per_window_and_validation_apart(tmp_path, monkeypatch):

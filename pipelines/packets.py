@@ -51,11 +51,14 @@ import numpy as np
 
 from timesformer_harness.common import FileCache, file_key
 from timesformer_harness.pipelines import mkv
+from timesformer_harness.pipelines.bitstream import SIZED_CODECS, coded_frame_sizes, frame_pixel_bound
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 3  # 2: the codec's extradata; 3: the codec's canonical name (av1, not the decoder's libdav1d)
+# 2: the codec's extradata; 3: the codec's canonical name (av1, not the decoder's libdav1d); 4: coded frame sizes
+# checked (an index stored before could hold a file that grows past its header)
+INDEX_VERSION = 4
 # codecs whose packets travel in IVF (libavformat's IVF demuxer maps the fourcc through its AVI tag table)
 IVF_FOURCC = {"vp8": b"VP80", "vp9": b"VP90", "mjpeg": b"MJPG", "h264": b"H264"}
 ANNEXB_CODECS = frozenset({"h264"})  # NAL-unit codecs whose clip streams are Annex-B byte streams (in IVF)
@@ -120,7 +123,8 @@ class PacketIndex:
 def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
     """Demux ``path``'s first video stream (no decoding) into a ``PacketIndex``; ``offsets=False`` skips locating
     the payloads in the file (``offset`` all -1: enough for keyframe positions). Raises ValueError naming the file
-    when it has no video stream or no video packet, and PyAV's error when it cannot be opened."""
+    when it has no video stream or no video packet, or when a payload codes a frame far larger than the header's
+    (``bitstream.frame_pixel_bound``: a decoder would allocate it), and PyAV's error when it cannot be opened."""
     import av
 
     path = str(path)
@@ -133,13 +137,21 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
         extradata = bytes(cc.extradata or b"")
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fd = fh.fileno()
+        codec = cc.codec.canonical_name
+        sized, bound = codec in SIZED_CODECS, frame_pixel_bound(cc.width, cc.height)
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue
+            payload = bytes(packet) if sized or offsets else b""
+            for width, height in coded_frame_sizes(codec, payload) if sized else ():
+                if width * height > bound:
+                    raise ValueError(f"{path}: packet {len(rows)} codes a {width}x{height} frame, far above the "
+                                     f"{cc.width}x{cc.height} of the stream's header, and a decoder would allocate "
+                                     f"it; re-encode the video at one frame size or leave it out of the manifest")
             offset = -1
             if offsets and packet.pos is not None and packet.pos >= 0:
                 window = os.pread(fd, packet.size + OFFSET_SLACK, packet.pos)
-                at = window.find(bytes(packet))
+                at = window.find(payload)
                 offset = packet.pos + at if at >= 0 else -1
             rows.append((offset, packet.size, packet.pts, bool(packet.is_keyframe)))
     if not rows:
@@ -151,7 +163,7 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
     key[0] = True  # a decoder starts at the first packet whatever its flag says
     pts = pts.astype(np.int64)
     num, den = (rate.numerator, rate.denominator) if rate else (30, 1)
-    return PacketIndex(path, cc.codec.canonical_name, cc.width, cc.height, (num, den), offset.astype(np.int64),
+    return PacketIndex(path, codec, cc.width, cc.height, (num, den), offset.astype(np.int64),
                        size.astype(np.int64), pts, key, np.argsort(pts, kind="stable"), extradata)
 
 

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from timesformer_harness.common import ExitCode, FileCache, cache_path, report_error
+from timesformer_harness.pipelines.bitstream import PROBE_DECODE_SIZE, frame_pixel_bound
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
 from timesformer_harness.pipelines.packets import JPEG_CODECS
@@ -65,9 +66,6 @@ DEFAULT_CACHE = cache_path("")  # the probe cache when data.validate_cache is un
 PROBE_VERSION = 3  # 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length
 MAX_FRAME_PIXELS = DataConfig.max_frame_pixels  # data.max_frame_pixels' default: 3840x2160
 TAIL_BYTES = 1 << 20  # file-size checks: how many unbacked or unread bytes at a file's end are "beyond reason"
-# 8K: the probe decodes no first frame above it, whatever data.max_frame_pixels says (a header that gives no frame
-# size bounds the decoders of the probe and the deep check at it)
-PROBE_DECODE_SIZE = (7680, 4320)
 # The probe and the deep check store their results as they come, in transactions of at most FLUSH_FILES results or
 # FLUSH_S seconds of work, so that an interrupted check keeps what it did (a rerun takes it from the cache).
 FLUSH_FILES = 16
@@ -152,12 +150,11 @@ def _whole_file(container) -> tuple[float, int]:
 
 
 def bound_decoder(stream: Any, width: int, height: int) -> None:
-    """Make FFmpeg refuse, before allocating it, any frame of the PyAV video ``stream`` well above ``width`` x
-    ``height`` (a header that lies about the frame size, frames that grow mid-stream): the deep check and the PyAV
-    loader call it. The slack is for the decoder's own count, which rounds the width up to its row alignment (up to
-    64 pixels). A header without a frame size bounds it at ``PROBE_DECODE_SIZE``."""
-    width, height = (width, height) if width > 0 and height > 0 else PROBE_DECODE_SIZE
-    bound = 2 * (width + 128) * (height + 128)
+    """Make FFmpeg refuse, before allocating it, any frame of the PyAV video ``stream`` above
+    ``bitstream.frame_pixel_bound(width, height)`` (a header that lies about the frame size, frames that grow
+    mid-stream): the deep check and the PyAV loader call it. The packet index refuses such VP8/VP9/MJPEG files from
+    their payloads' headers before; this bounds every codec's decoder."""
+    bound = frame_pixel_bound(width, height)
     stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(bound)}
 
 

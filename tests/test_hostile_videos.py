@@ -9,8 +9,9 @@ binary blobs), and each is refused before it costs memory or minutes, or judged 
   never decoded, so ``validate --deep`` and ``build_loader`` under ``data.on_bad_video=skip`` run in bounded memory
   (a child process under an ``RLIMIT_AS`` cap); with the limit raised the same file reaches the loader, whose
   fate then depends on the memory left: the limit is what makes the decision deterministic;
-* ``grows_midstream``: a 64x64 MJPEG stream whose second frame is 8192x8192: the deep check's decoder, bounded by
-  the header's frame size, refuses that frame before allocating it;
+* ``grows_midstream``: a 64x64 MJPEG stream whose second frame is 8192x8192 (and ``grows_vp9``, 64x64 VP9 frames,
+  then 512x512 ones): the deep check's decoder, bounded by the header's frame size, refuses that frame before
+  allocating it, and the loaders' packet index refuses the file from its payloads' frame sizes;
 * two video streams (and audio longer than the video): judged on the first video stream, the one both loaders
   decode; a shorter first stream is "too short" for a long clip, not "truncated"; a file cut short still is.
 
@@ -52,19 +53,22 @@ def _frames(num: int, height: int, width: int, seed: int) -> np.ndarray:
     return out
 
 
-def _encode(path: Path, codec: str, frames: list[np.ndarray], pix_fmt: str = "yuv420p") -> Path:
+def _encode(path: Path, codec: str, frames: list[np.ndarray], pix_fmt: str = "yuv420p",
+            options: dict[str, str] | None = None) -> Path:
     """Encode ``frames`` with PyAV into one stream that declares the first frame's size; a frame of another size is
-    encoded by an encoder of its own (each MJPEG frame stands alone), so the stream's frame size changes there."""
+    encoded by an encoder of its own (each MJPEG frame stands alone; a VP9 one starts with a keyframe), so the
+    stream's frame size changes there."""
     height, width = frames[0].shape[:2]
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=30)
         stream.pix_fmt, stream.width, stream.height = pix_fmt, width, height
+        stream.codec_context.options = options or {}
         encoders = {(height, width): stream.codec_context}
         for i, rgb in enumerate(frames):
             if rgb.shape[:2] not in encoders:
                 enc = encoders[rgb.shape[:2]] = av.CodecContext.create(codec, "w")
                 enc.height, enc.width = rgb.shape[:2]
-                enc.pix_fmt, enc.time_base = pix_fmt, Fraction(1, 30)
+                enc.pix_fmt, enc.time_base, enc.options = pix_fmt, Fraction(1, 30), options or {}
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
             frame.pts = i
             for packet in encoders[rgb.shape[:2]].encode(frame):
@@ -130,6 +134,9 @@ def make_hostile(root: Path, good: Path, seed: int = 0) -> dict[str, Path]:
     small, big = _frames(2, 64, 64, seed + 1), _frames(1, BIG, BIG, seed + 1)
     files["grows_midstream"] = _encode(root / "grows_midstream.mkv", "mjpeg", [small[0], big[0], small[1]],
                                        "yuvj420p")
+    realtime = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}  # packets in frame order
+    files["grows_vp9"] = _encode(root / "grows_vp9.webm", "libvpx-vp9",
+                                 [*_frames(4, 64, 64, seed + 5), *_frames(2, 512, 512, seed + 5)], options=realtime)
     files["first_shorter"] = _two_streams(root / "first_shorter.mkv", 6, 24, seed + 2)
     files["second_shorter"] = _two_streams(root / "second_shorter.mkv", 24, 6, seed + 3)
     files["audio_longer"] = _audio_longer(root / "audio_longer.webm", seed + 4)
@@ -212,27 +219,31 @@ def test_a_frame_larger_than_the_header_says_is_refused_by_the_decoder_before_al
     assert grown < 48 << 20, grown
 
 
-def test_the_pyav_loader_refuses_a_frame_that_grows_midstream_before_allocating_it(videos, hostile,
-                                                                                   tmp_path: Path) -> None:
-    """The shallow check passes the file (header and first frame: 64x64); the PyAV loader's decoder, bounded by the
-    indexed frame size, refuses the 8192x8192 frame itself, so the video is quarantined with FFmpeg's refusal, not
-    after a 96 MiB frame and its 192 MiB RGB copy were made (then the clip failed only when its frames were
-    stacked). Every 2-frame clip of the 3-frame file holds that frame."""
+@pytest.mark.parametrize("loader", ["pyav", "dali"])
+def test_the_loaders_refuse_a_video_whose_frames_grow_midstream_before_decoding_it(videos, hostile, tmp_path: Path,
+                                                                                  loader: str) -> None:
+    """The shallow check passes both files (header and first frame: 64x64). The packet index reads each payload's
+    own frame size (the MJPEG file's second frame is 8192x8192, the VP9 file's fifth a 512x512 keyframe), so both
+    loaders quarantine the files with that reason before any decoder meets the frame: before, the PyAV loader's
+    decoder refused the MJPEG frame (FFmpeg's max_pixels) and DALI's CPU decoder, which takes no such bound,
+    allocated it. The whole file is refused, not only its clips that hold the frame."""
     from timesformer_harness.pipelines.config import DataConfig
     from timesformer_harness.pipelines.factory import build_loader
 
-    grows = str(hostile["grows_midstream"])
+    grown = {str(hostile["grows_midstream"]): "8192x8192", str(hostile["grows_vp9"]): "512x512"}
     manifest = tmp_path / "m.csv"
-    manifest.write_text("".join(f"{p} 0\n" for p in [*map(str, videos.good[:3]), grows]))
-    cfg = DataConfig(loader="pyav", backend="cpu", train_manifest=str(manifest), num_frames=2, sampling_rate=1,
+    manifest.write_text("".join(f"{p} 0\n" for p in [*map(str, videos.good[:3]), *grown]))
+    cfg = DataConfig(loader=loader, backend="cpu", train_manifest=str(manifest), num_frames=2, sampling_rate=1,
                      train_jitter_scales=[32, 36], train_crop_size=32, batch_size=2, num_workers=0,
                      validate="shallow", validate_cache="none", on_bad_video="skip", max_bad_fraction=1.0)
-    loader = build_loader(cfg, "train")
-    assert loader.rejected == []  # the shallow check cannot see it
-    seen = sorted(i for batch in loader for i in batch.index.tolist())
-    (bad,) = loader.quarantine.entries
-    assert bad.path == grows and "'avcodec_send_packet()' returned 22" in bad.reason, bad.reason  # EINVAL: max_pixels
-    assert 3 not in seen and len(seen) == 4  # two batches of 2, the grown video's slot replaced by a good video
+    built = build_loader(cfg, "train")
+    assert built.rejected == []  # the shallow check cannot see them
+    seen = {i for batch in built for i in batch.index.tolist()}
+    assert seen == {0, 1, 2}, seen
+    reasons = {bad.path: bad.reason for bad in built.quarantine.entries}
+    assert reasons.keys() == grown.keys(), reasons
+    for path, size in grown.items():
+        assert f"codes a {size} frame, far above the 64x64 of the stream's header" in reasons[path], reasons[path]
 
 
 def test_two_video_streams_are_judged_on_the_first(hostile) -> None:

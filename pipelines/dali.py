@@ -20,7 +20,8 @@ Where the work after decoding runs depends on the device:
   transform) mirrors, resizes and normalises them in torch, whose uint8 resize and flip are faster than DALI's CPU
   ones (see that module).
 * Intra-only JPEG video (MJPEG, ``jpeg_frames``): every frame is a JPEG image, so the source feeds the clip's frames
-  as images, ``fn.decoders.image_slice`` decodes only each frame's crop window and the graph's batch is
+  as images, ``fn.decoders.image_slice`` decodes only each frame's crop window (a val/test unit's frames once, in
+  the union of its views' windows, sliced per view) and the graph's batch is
   ``batch_size x T`` frames. On the CPU nvImageCodec decodes with libjpeg-turbo, many frames per batch in parallel
   (measured more than twice the clip rate of the video decoder on the same packets); on the GPU (``device="mixed"``)
   with nvJPEG, the hardware JPEG decoder where the GPU has one, and the frames are resized, flipped and normalised
@@ -111,8 +112,9 @@ class PlanSource:
     ``views`` > 1 a sample is a unit of that many plans in a row (same video and frames): one stream, and an anchor
     and shape per view (anchor 0, shape 0, anchor 1, ...), the flip the unit's first view's. With
     ``jpeg_frames``: per clip frame (T per clip, in clip order) the JPEG image, crop anchor and crop shape;
-    ``decode_only``: the images; on the GPU also each frame's flip (its clip's). Counts per epoch how each clip was
-    fed.
+    ``decode_only``: the images; on the GPU also each frame's flip (its clip's); with ``views`` > 1 the image's
+    decode window first (the union of the unit's view windows: ``unit_windows``), then each view's window within
+    it. Counts per epoch how each clip was fed.
 
     It never raises for a clip: a clip whose input cannot be made is left out of the batch it feeds (DALI takes
     batches of any size up to ``batch_size``, but not empty ones: a batch of which no clip can be fed is skipped),
@@ -256,18 +258,14 @@ class PlanSource:
         plans, inputs = self._next_batch()
         for x in inputs:
             self.fed[(x.codec, x.mode)] += 1
-            # an image is decoded once per view's window (image_slice); a stream once per unit
-            self.decoded += x.decoded * (self.views if x.mode == "images" and not self.decode_only else 1)
-        windows = []  # per view of a unit: (anchor, shape) per sample
-        for v in range(self.views):
-            windows += [[np.array(p.window[:2], dtype=np.int32) for p in plans[v::self.views]],
-                        [np.array(p.window[2:], dtype=np.int32) for p in plans[v::self.views]]]
+            self.decoded += x.decoded  # a stream, or a clip's images, once per unit
         flip = [np.array(int(p.flip), dtype=np.int32) for p in plans[::self.views]]
         if self.jpeg_frames:  # one sample per frame: T per clip
             images = [img for x in inputs for img in x.images]
             if self.decode_only:
                 return (images,)
             per_frame = [len(x.images) for x in inputs]
+            windows = unit_windows(plans, self.views) if self.views > 1 else _view_windows(plans, 1)
             frame_args = images, *(_repeat(w, per_frame) for w in windows)
             if self.backend != "gpu":
                 return frame_args
@@ -275,6 +273,7 @@ class PlanSource:
         enc, frames, order = [x.stream for x in inputs], [x.frames for x in inputs], [x.order for x in inputs]
         if self.decode_only:
             return enc, frames, order
+        windows = _view_windows(plans, self.views)
         if self.backend != "gpu":  # the CPU graph ends at the window: mirrored in torch (to_clips)
             return enc, frames, order, *windows
         return enc, frames, order, *windows, flip
@@ -296,6 +295,33 @@ def _repeat(items: list[np.ndarray], counts: list[int]) -> list[np.ndarray]:
     return [x for x, n in zip(items, counts) for _ in range(n)]
 
 
+def _view_windows(plans: list[ClipPlan], views: int) -> list[list[np.ndarray]]:
+    """Per view of a unit of ``views`` plans in a row: its crop anchors (y, x) and its crop shapes (h, w), one per
+    unit (anchor 0, shape 0, anchor 1, ...)."""
+    windows = []
+    for v in range(views):
+        windows += [[np.array(p.window[:2], dtype=np.int32) for p in plans[v::views]],
+                    [np.array(p.window[2:], dtype=np.int32) for p in plans[v::views]]]
+    return windows
+
+
+def unit_windows(plans: list[ClipPlan], views: int) -> list[list[np.ndarray]]:
+    """For units of ``views`` plans in a row (one clip's frames, several crop windows): the window a unit's images
+    are decoded in, the union of its views' windows (anchors, shapes), then each view's anchors and shapes relative
+    to that union, laid out as ``_view_windows``: the graph decodes each image once and slices it per view."""
+    union_anchor, union_shape, relative = [], [], []
+    for u in range(0, len(plans), views):
+        boxes = np.array([p.window for p in plans[u:u + views]], dtype=np.int32)  # (views, 4): y, x, h, w
+        top_left = boxes[:, :2].min(axis=0)
+        union_anchor.append(top_left)
+        union_shape.append((boxes[:, :2] + boxes[:, 2:]).max(axis=0) - top_left)
+        relative.append(boxes - np.concatenate([top_left, [0, 0]]).astype(np.int32))
+    windows = [union_anchor, union_shape]
+    for v in range(views):
+        windows += [[r[v, :2] for r in relative], [r[v, 2:] for r in relative]]
+    return windows
+
+
 def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean: list[float], std: list[float],
                          backend: str = "cpu", num_threads: int = 2, device_id: int | None = None,
                          decode_only: bool = False, prefetch: int = 2, frames_per_clip: int = 0):
@@ -307,8 +333,9 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
     * CPU: clip stream -> decode(frames) -> slice(crop window) -> rearrange(order): per clip its (T, h, w, 3)
       uint8 windows, which ``to_clips`` mirrors, resizes and normalises in torch.
     * ``frames_per_clip`` = T > 0 (the source's ``jpeg_frames``): per frame its JPEG -> decode only the crop window
-      (``decoders.image_slice``), ``batch_size x T`` frames a run, T consecutive ones per clip; on the GPU (nvJPEG)
-      then resize -> flip and normalise (HWC) per frame, as the video graph.
+      (``decoders.image_slice``; a unit's: the union of its views' windows, then sliced per view), ``batch_size x T``
+      frames a run, T consecutive ones per clip; on the GPU (nvJPEG) then resize -> flip and normalise (HWC) per
+      frame, as the video graph.
 
     ``decode_only`` returns the decoded uint8 frames instead (FHWC per clip; per frame with ``frames_per_clip``),
     for the decode-rate benchmark and tests.
@@ -319,6 +346,7 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
     slice_args = dict(axis_names="HW", normalized_anchor=False, normalized_shape=False)
     views = source.views
     num_outputs = 2 * views + (1 if backend == "gpu" else 0)  # (anchor, shape) per view, then the flip on the GPU
+    union = frames_per_clip and views > 1  # each image decoded once in its unit's window, then sliced per view
 
     @pipeline_def(batch_size=batch_size * max(1, frames_per_clip), num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True)
@@ -327,11 +355,18 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
             if decode_only:
                 (images,) = fn.external_source(source=source, num_outputs=1, batch=True)
                 return fn.decoders.image(images, device=decode_device, output_type=types.RGB)
-            images, *args = fn.external_source(source=source, num_outputs=1 + num_outputs, batch=True)
+            images, *args = fn.external_source(source=source, num_outputs=1 + num_outputs + 2 * union, batch=True)
+            if union:  # the unit's window (union_anchor, union_shape), then each view's within it
+                decoded = fn.decoders.image_slice(images, args[0], args[1], device=decode_device,
+                                                  output_type=types.RGB, **slice_args)
+                args = args[2:]
             outs = []
-            for v in range(views):  # the image decoder decodes only the window: one partial decode per view
-                frames = fn.decoders.image_slice(images, args[2 * v], args[2 * v + 1], device=decode_device,
-                                                 output_type=types.RGB, **slice_args)  # (h, w, 3) uint8 per frame
+            for v in range(views):  # the image decoder decodes only the window
+                if union:
+                    frames = fn.slice(decoded, args[2 * v], args[2 * v + 1], **slice_args)
+                else:
+                    frames = fn.decoders.image_slice(images, args[2 * v], args[2 * v + 1], device=decode_device,
+                                                     output_type=types.RGB, **slice_args)  # (h, w, 3) uint8
                 if backend == "gpu":
                     frames = fn.resize(frames, size=[crop, crop], interp_type=types.INTERP_LINEAR, antialias=False)
                     frames = fn.crop_mirror_normalize(frames, dtype=types.FLOAT, output_layout="HWC", mirror=args[-1],

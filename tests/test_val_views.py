@@ -1,8 +1,8 @@
 """Val/test views in decode units: each (video, temporal clip) is decoded once and cropped S times.
 
 Checked against today's per-view decode (each view decoded on its own, the reference kept here): the same pixels view
-by view (DALI CPU on VP9, PyAV), 1/S of the decoded frames, every (video, view) once across ranks, a failed unit's
-views all listed, and evaluation's scores unchanged on the toy set.
+by view (DALI CPU on VP9 and on MJPEG frames as JPEG images, PyAV), 1/S of the decoded frames, every (video, view)
+once across ranks, a failed unit's views all listed, and evaluation's scores unchanged on the toy set.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ def test_units_shard_every_view_once_and_keep_each_unit_on_one_rank(S: int, E: i
 
 @pytest.mark.parametrize("codec", ["vp9", "mjpeg"])
 def test_dali_cpu_decodes_each_unit_once_with_the_per_view_pixels(videos, codec: str) -> None:
-    """VP9: one video decode per unit, sliced 3 times. MJPEG (frames as JPEG images): each view's frames are decoded
-    as their window alone (``decoders.image_slice``), so the decodes stay per view, and so do the pixels."""
+    """VP9: one video decode per unit, sliced 3 times. MJPEG (frames as JPEG images): each image decoded once, in the
+    union of the unit's 3 windows (``decoders.image_slice``), then sliced per view: the pixels of each view's own
+    window decode."""
     if codec == "mjpeg":
         paths = [write_video(videos.root / f"views_mjpeg{i}.avi", textured_frames(24, 48, 64, 20 + i), "mjpeg",
                              pix_fmt="yuvj420p") for i in range(3)]
@@ -122,11 +123,10 @@ def test_dali_cpu_decodes_each_unit_once_with_the_per_view_pixels(videos, codec:
     reference, decoded_per_view = _dali_per_view(cfg, plans, loader.jpeg_frames)
     assert torch.equal(torch.cat([b.video for b in batches]), reference)  # bit-identical, view by view
     assert len({p.window for p in plans if p.path == str(paths[0])}) == 3  # the crops differ (landscape 48x64)
-    if codec == "mjpeg":  # one image decode per view's frame, as before
-        assert loader.source.decoded == decoded_per_view == 4 * len(plans)
-        return
     # frames decoded: the pass decodes each unit once; the per-view decode 3 times
     assert loader.source.decoded * 3 == decoded_per_view == sum(loader.decoded_frames(plans))
+    if codec == "mjpeg":  # every view's 4 frames were decoded as images of their own before
+        assert decoded_per_view == 4 * len(plans)
     assert loader.source.decoded == sum(loader.decoded_frames(plans[::3])) > 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -19,6 +21,35 @@ def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps:
     options = {"libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "12", "b": "0", "g": "8"},
                "libx264": {"preset": "ultrafast", "crf": "18", "g": "8"}}.get(codec, {})
     return write_video(path, frames, codec, fps, options, bitexact=bitexact)
+
+
+def encode_resizing(target: Path | BinaryIO, codec: str, frames: list[np.ndarray], pix_fmt: str = "yuv420p",
+                    options: dict[str, str] | None = None, fmt: str | None = None) -> Path | BinaryIO:
+    """Encode RGB ``frames`` whose sizes may differ with PyAV into one stream that declares the first frame's size:
+    a frame of another size is encoded by an encoder of its own (each MJPEG frame stands alone; a VP8/VP9 one starts
+    with a keyframe), so the stream's frame size changes there. ``target``: a path, or a buffer (``fmt`` names the
+    container). ``options``: every encoder's."""
+    height, width = frames[0].shape[:2]
+    with av.open(target if not isinstance(target, Path) else str(target), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=30)
+        stream.pix_fmt, stream.width, stream.height = pix_fmt, width, height
+        stream.codec_context.options = options or {}
+        encoders = {(height, width): stream.codec_context}
+        for i, rgb in enumerate(frames):
+            if rgb.shape[:2] not in encoders:
+                enc = encoders[rgb.shape[:2]] = av.CodecContext.create(codec, "w")
+                enc.height, enc.width = rgb.shape[:2]
+                enc.pix_fmt, enc.time_base, enc.options = pix_fmt, Fraction(1, 30), options or {}
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
+            frame.pts = i
+            for packet in encoders[rgb.shape[:2]].encode(frame):
+                packet.stream = stream
+                out.mux(packet)
+        for enc in encoders.values():
+            for packet in enc.encode(None):
+                packet.stream = stream
+                out.mux(packet)
+    return target
 
 
 def textured_frames(num: int, height: int, width: int, seed: int) -> np.ndarray:

@@ -4,12 +4,12 @@ PyAV, the size changing mid-stream) agree with what FFmpeg's decoders make of th
 from __future__ import annotations
 
 import io
-from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 
+from conftest import encode_resizing
 from timesformer_harness.pipelines.bitstream import PROBE_DECODE_SIZE, coded_frame_sizes, frame_pixel_bound
 
 # (encoder, canonical codec name, pixel format): VP9 profile 0 (4:2:0) and 1 (4:4:4, another colour config)
@@ -22,25 +22,9 @@ def _packets(encoder: str, pix_fmt: str, sizes: list[tuple[int, int]]) -> list[t
     """Encode seeded frames of ``sizes`` (a new encoder, so a keyframe, where the size changes) into Matroska and
     demux it again: per packet (payload, keyframe flag, the sizes FFmpeg decodes from it)."""
     rng = np.random.default_rng(0)
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="matroska") as out:
-        stream = out.add_stream(encoder, rate=30)
-        encoders: dict = {}
-        for i, (w, h) in enumerate(sizes):
-            if (w, h) not in encoders:
-                enc = encoders[(w, h)] = stream.codec_context if not encoders else av.CodecContext.create(encoder, "w")
-                enc.width, enc.height, enc.pix_fmt, enc.time_base = w, h, pix_fmt, Fraction(1, 30)
-                enc.options = {"deadline": "realtime", "lag-in-frames": "0"} if "vpx" in encoder else {}
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), format="rgb24")
-            frame = frame.reformat(format=pix_fmt)
-            frame.pts = i
-            for packet in encoders[(w, h)].encode(frame):
-                packet.stream = stream
-                out.mux(packet)
-        for enc in encoders.values():
-            for packet in enc.encode(None):
-                packet.stream = stream
-                out.mux(packet)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    options = {"deadline": "realtime", "lag-in-frames": "0"} if "vpx" in encoder else {}
+    buf = encode_resizing(io.BytesIO(), encoder, frames, pix_fmt, options, fmt="matroska")
     buf.seek(0)
     with av.open(buf) as container:
         return [(bytes(p), bool(p.is_keyframe), [(f.width, f.height) for f in p.decode()])

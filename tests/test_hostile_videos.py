@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -35,6 +34,7 @@ import numpy as np
 import pytest
 
 import timesformer_harness.pipelines.validate as validate
+from conftest import encode_resizing
 from timesformer_harness.pipelines.validate import (MAX_FRAME_PIXELS, TAIL_BYTES, check_videos, deep_probe,
                                                     probe_video)
 
@@ -51,34 +51,6 @@ def _frames(num: int, height: int, width: int, seed: int) -> np.ndarray:
         y, x = rng.integers(0, height - 32), rng.integers(0, width - 32)
         out[t, y:y + 32, x:x + 32] = rng.integers(0, 256, 3, dtype=np.uint8)
     return out
-
-
-def _encode(path: Path, codec: str, frames: list[np.ndarray], pix_fmt: str = "yuv420p",
-            options: dict[str, str] | None = None) -> Path:
-    """Encode ``frames`` with PyAV into one stream that declares the first frame's size; a frame of another size is
-    encoded by an encoder of its own (each MJPEG frame stands alone; a VP9 one starts with a keyframe), so the
-    stream's frame size changes there."""
-    height, width = frames[0].shape[:2]
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=30)
-        stream.pix_fmt, stream.width, stream.height = pix_fmt, width, height
-        stream.codec_context.options = options or {}
-        encoders = {(height, width): stream.codec_context}
-        for i, rgb in enumerate(frames):
-            if rgb.shape[:2] not in encoders:
-                enc = encoders[rgb.shape[:2]] = av.CodecContext.create(codec, "w")
-                enc.height, enc.width = rgb.shape[:2]
-                enc.pix_fmt, enc.time_base, enc.options = pix_fmt, Fraction(1, 30), options or {}
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
-            frame.pts = i
-            for packet in encoders[rgb.shape[:2]].encode(frame):
-                packet.stream = stream
-                out.mux(packet)
-        for enc in encoders.values():
-            for packet in enc.encode(None):
-                packet.stream = stream
-                out.mux(packet)
-    return path
 
 
 def _two_streams(path: Path, first: int, second: int, seed: int) -> Path:
@@ -130,13 +102,15 @@ def make_hostile(root: Path, good: Path, seed: int = 0) -> dict[str, Path]:
         f.write(bytes(3 * TAIL_BYTES))
     with open(files["junk_tail"], "ab") as f:
         f.write(rng.bytes(3 * TAIL_BYTES))
-    files["huge_mjpeg"] = _encode(root / "huge_mjpeg.mkv", "mjpeg", list(_frames(4, BIG, BIG, seed)), "yuvj420p")
+    files["huge_mjpeg"] = encode_resizing(root / "huge_mjpeg.mkv", "mjpeg", list(_frames(4, BIG, BIG, seed)),
+                                          "yuvj420p")
     small, big = _frames(2, 64, 64, seed + 1), _frames(1, BIG, BIG, seed + 1)
-    files["grows_midstream"] = _encode(root / "grows_midstream.mkv", "mjpeg", [small[0], big[0], small[1]],
-                                       "yuvj420p")
+    files["grows_midstream"] = encode_resizing(root / "grows_midstream.mkv", "mjpeg", [small[0], big[0], small[1]],
+                                               "yuvj420p")
     realtime = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}  # packets in frame order
-    files["grows_vp9"] = _encode(root / "grows_vp9.webm", "libvpx-vp9",
-                                 [*_frames(4, 64, 64, seed + 5), *_frames(2, 512, 512, seed + 5)], options=realtime)
+    files["grows_vp9"] = encode_resizing(root / "grows_vp9.webm", "libvpx-vp9",
+                                         [*_frames(4, 64, 64, seed + 5), *_frames(2, 512, 512, seed + 5)],
+                                         options=realtime)
     files["first_shorter"] = _two_streams(root / "first_shorter.mkv", 6, 24, seed + 2)
     files["second_shorter"] = _two_streams(root / "second_shorter.mkv", 24, 6, seed + 3)
     files["audio_longer"] = _audio_longer(root / "audio_longer.webm", seed + 4)

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from timesformer_harness.config import CONFIG_DIR, ModelConfig, model_kwargs
 from timesformer_harness.embeddings import resize_pos_embed, resize_time_embed
 from timesformer_harness.kernels.attention import Attention
-from timesformer_harness.kernels.cast import call_with_cast_weights, matmul_weight_names
+from timesformer_harness.kernels.cast import call_with_cast_weights, matmul_weights
 from timesformer_harness.kernels.layout import frames_residual, patch_major, temporal_residual_and_frames
 from timesformer_harness.kernels.residual import draw_keep_scales, residual_add, scale_rows
 from timesformer_harness.variants import REFERENCE, variant
@@ -96,7 +96,7 @@ class Block(nn.Module):
         self.drop_prob = drop_path  # stochastic depth: the model draws every block's masks at once
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self.matmul_weights = matmul_weight_names(self)
+        self.matmul_weights = matmul_weights(self)
 
     def drop_path_shapes(self, B: int, T: int, N: int) -> list[tuple[int, ...]]:
         """The shapes of the stochastic-depth scales ``forward`` takes, one per residual branch, broadcast against
@@ -196,7 +196,7 @@ class TimeSformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(init, time_embed_std)
-        self.stem_weights, self.head_weights = matmul_weight_names(self.patch_embed), matmul_weight_names(self.head)
+        self.stem_weights, self.head_weights = matmul_weights(self.patch_embed), matmul_weights(self.head)
         self._keep_cache: dict = {}  # stochastic depth's keep probabilities on the device, per batch shape
 
     def drop_path_scales(self, B: int, T: int, N: int, device: torch.device) -> list[list[torch.Tensor] | None]:

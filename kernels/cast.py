@@ -1,21 +1,21 @@
 """A module's matmul weights cast to the autocast dtype in one op, forward and backward.
 
 Under ``torch.autocast`` every ``Linear``/``Conv`` call casts its fp32 weight and bias to bf16/fp16 on its own
-(two kernels per layer forward, two more for their gradients in backward). ``autocast_weights(module)`` casts all
-of them at once with ``torch._foreach_copy_`` (one multi-tensor kernel on CUDA) and converts their gradients back the
-same way; autocast then finds them already in its dtype and casts nothing. The values are the same: each element is
-rounded once, as autocast rounds it.
+(two kernels per layer forward, two more for their gradients in backward). ``call_with_cast_weights`` casts all of a
+module's at once with ``torch._foreach_copy_`` (one multi-tensor kernel on CUDA), converts their gradients back the
+same way, and runs the module with the copies in the parameters' places; autocast then finds them already in its
+dtype and casts nothing. The values are the same: each element is rounded once, as autocast rounds it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from timesformer_harness.kernels.residual import use_fused
 
 _MATMUL_LAYERS = (nn.Linear, nn.Conv2d)
+WeightSlot = tuple[nn.Module, str]  # a layer and the name of one of its parameters
 
 
 class _CastWeights(torch.autograd.Function):
@@ -41,14 +41,11 @@ class _CastWeights(torch.autograd.Function):
         return (None, *out)
 
 
-def matmul_weight_names(module: nn.Module) -> tuple[str, ...]:
-    """The names (as ``module.named_parameters`` gives them) of the weights and biases autocast would cast: those of
-    its ``Linear`` and ``Conv2d`` layers."""
-    names = []
-    for prefix, layer in module.named_modules():
-        if isinstance(layer, _MATMUL_LAYERS):
-            names += [f"{prefix}.{n}" if prefix else n for n, _ in layer.named_parameters(recurse=False)]
-    return tuple(names)
+def matmul_weights(module: nn.Module) -> tuple[WeightSlot, ...]:
+    """The weights and biases autocast would cast in ``module``: those of its ``Linear`` and ``Conv2d`` layers, as
+    (layer, parameter name), the order of ``module.named_parameters``."""
+    return tuple((layer, name) for layer in module.modules() if isinstance(layer, _MATMUL_LAYERS)
+                 for name, _ in layer.named_parameters(recurse=False))
 
 
 def lower_precision(device_type: str) -> torch.dtype | None:
@@ -59,12 +56,22 @@ def lower_precision(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def call_with_cast_weights(module: nn.Module, names: tuple[str, ...], *args: object) -> object:
-    """``module(*args)`` (the first argument a tensor) with the parameters ``names`` cast to the active autocast dtype
-    in one op (see the module docstring); a plain call outside autocast and where ``use_fused()`` says no
-    (``torch.compile`` fuses the casts itself)."""
+def call_with_cast_weights(module: nn.Module, weights: tuple[WeightSlot, ...], *args: object) -> object:
+    """``module(*args)`` (the first argument a tensor) with the parameters ``weights`` (``matmul_weights``) cast to the
+    active autocast dtype in one op (see the module docstring); a plain call outside autocast and where
+    ``use_fused()`` says no (``torch.compile`` fuses the casts itself).
+
+    The copies take the parameters' places in the layers' ``_parameters`` for the call, and the parameters are put
+    back after it, also when it raises: what ``torch.func.functional_call`` does, which walks the whole module on
+    every call (about 30 times the host time of this swap for a TimeSformer block)."""
     dtype = lower_precision(args[0].device.type)  # type: ignore[attr-defined]
-    if dtype is None or not names or not use_fused():
+    if dtype is None or not weights or not use_fused():
         return module(*args)
-    params = [module.get_parameter(n) for n in names]
-    return functional_call(module, dict(zip(names, _CastWeights.apply(dtype, *params))), args, strict=False)
+    params = [layer._parameters[name] for layer, name in weights]
+    try:
+        for (layer, name), cast in zip(weights, _CastWeights.apply(dtype, *params)):
+            layer._parameters[name] = cast
+        return module(*args)
+    finally:
+        for (layer, name), param in zip(weights, params):
+            layer._parameters[name] = param

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from timesformer_harness.kernels.cast import call_with_cast_weights
+from timesformer_harness.kernels.cast import call_with_cast_weights, matmul_weights
 from timesformer_harness.kernels.layout import (frames_residual, frames_residual_reference,
                                                 temporal_residual_and_frames, temporal_residual_and_frames_reference)
 from timesformer_harness.kernels.residual import draw_keep_scales, reference_ops, residual_add, scale_rows
@@ -118,14 +118,48 @@ def test_cast_weights_gives_autocasts_values_and_gradients() -> None:
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     x = torch.randn(3, 8)
-    names = ("0.weight", "0.bias", "2.weight", "2.bias")
+    weights = matmul_weights(layer)
+    assert weights == ((layer[0], "weight"), (layer[0], "bias"), (layer[2], "weight"), (layer[2], "bias"))
     runs = []
     for fused in (True, False):
         layer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = call_with_cast_weights(layer, names, x) if fused else layer(x)
+            out = call_with_cast_weights(layer, weights, x) if fused else layer(x)
         out.float().sum().backward()
         runs.append((out, [p.grad for p in layer.parameters()]))
     assert runs[0][0].dtype == torch.bfloat16 and torch.equal(runs[0][0], runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1]):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_cast_weights_puts_the_parameters_back_after_the_call_and_when_it_raises() -> None:
+    """The bf16 copies sit in the layers' places only during the call: afterwards (and after an exception inside
+    it) the module holds its own fp32 ``Parameter`` objects, so ``parameters()``, ``state_dict`` and the optimizer
+    see what they saw before; inside the call the layers see the copies."""
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.seen: list[torch.dtype] = []
+
+        def forward(self, x: torch.Tensor, fail: bool = False) -> torch.Tensor:
+            self.seen.append(self.fc.weight.dtype)
+            if fail:
+                raise RuntimeError("inside the call")
+            return self.fc(x)
+
+    probe = Probe()
+    before = [(name, p) for name, p in probe.named_parameters()]
+    weights = matmul_weights(probe)
+    for fail in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            try:
+                call_with_cast_weights(probe, weights, torch.randn(2, 4), fail)
+            except RuntimeError as e:
+                assert fail and str(e) == "inside the call"
+        after = list(probe.named_parameters())
+        assert [n for n, _ in after] == [n for n, _ in before]
+        assert all(a is b and isinstance(a, torch.nn.Parameter) for (_, a), (_, b) in zip(after, before))
+        assert all(t.dtype == torch.float32 for t in probe.state_dict().values())
+    assert probe.seen == [torch.bfloat16, torch.bfloat16]

@@ -166,16 +166,21 @@ def test_every_parameter_gets_a_gradient() -> None:
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient for {name}"
 
 
-def test_grad_checkpointing_same_output_and_grads() -> None:
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_grad_checkpointing_same_output_and_grads(precision: torch.dtype | None) -> None:
+    """Recomputing each block in backward gives the same logits and gradients; in bf16 also through the one cast of
+    each block's weights (``kernels/cast.py``), which the recompute runs again."""
     x = torch.randn(2, 3, 4, 32, 32)
     grads = []
     for ckpt in (False, True):
         model = perturbed_model("divided_space_time", grad_checkpointing=ckpt).train()
-        out = model(x)
-        out.sum().backward()
-        grads.append((out.detach(), model.blocks[0].temporal_attn.qkv.weight.grad.clone()))
+        with torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None):
+            out = model(x)
+        out.float().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in model.parameters())
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
-    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 def test_channels_last_same_output() -> None:

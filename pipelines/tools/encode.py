@@ -3,14 +3,33 @@ the GPU check's h264 clips and the test videos."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
 
 from timesformer_harness.common import atomic_path
+
+
+@contextlib.contextmanager
+def scheduling_kept() -> Iterator[None]:
+    """Put the calling thread's scheduling policy and priority back as they were, whatever the code inside did.
+
+    SVT-AV1 (``libsvtav1``) run as root switches the thread that opens it to ``SCHED_FIFO`` priority 99 and leaves
+    it so; every thread and process started from it afterwards inherits real-time priority, and on a small machine
+    a few of them busy-waiting starve the rest (a test run stalled that way)."""
+    if not hasattr(os, "sched_getscheduler"):  # not Linux
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
+            os.sched_setscheduler(0, policy, param)
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], codec: str, fps: int = 30,
@@ -19,9 +38,10 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], codec: st
     ``fps`` into ``path`` (container from its extension), atomically
     (``timesformer_harness.common.atomic_path``, without fsync: these are regenerable files). ``bitexact``
     leaves out random container UIDs, so the same frames give the same bytes. ``pix_fmt`` is the encoded pixel format
-    (e.g. ``yuv420p10le``, ``yuv444p``, ``yuvj420p`` for MJPEG)."""
+    (e.g. ``yuv420p10le``, ``yuv444p``, ``yuvj420p`` for MJPEG). The calling thread's scheduling is kept
+    (``scheduling_kept``)."""
     path = Path(path)
-    with atomic_path(path, fsync=False) as tmp:
+    with scheduling_kept(), atomic_path(path, fsync=False) as tmp:
         with av.open(str(tmp), "w", options={"fflags": "+bitexact"} if bitexact else {}) as container:
             stream = None
             for img in frames:

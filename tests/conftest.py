@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +22,28 @@ def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps:
     options = {"libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "12", "b": "0", "g": "8"},
                "libx264": {"preset": "ultrafast", "crf": "18", "g": "8"}}.get(codec, {})
     return write_video(path, frames, codec, fps, options, bitexact=bitexact)
+
+
+def _scheduling() -> tuple[int, int]:
+    return os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+
+
+SCHEDULING = _scheduling() if hasattr(os, "sched_getscheduler") else None  # this process's, when it started
+
+
+@pytest.fixture(autouse=True)
+def scheduling_unchanged():
+    """The process's scheduling stays what it was when it started, through every test and the fixtures it set up: a
+    library that switches it to real-time priority (SVT-AV1 run as root does) would pass that on to every process the
+    worker starts later, and on a small machine real-time threads that spin starve the rest (a run stalled so).
+    ``pipelines.tools.encode.write_video`` keeps it. A change fails the test during which it was seen, and is undone."""
+    yield
+    if SCHEDULING is None or _scheduling() == SCHEDULING:
+        return
+    changed = _scheduling()
+    os.sched_setscheduler(0, SCHEDULING[0], os.sched_param(SCHEDULING[1]))
+    pytest.fail(f"this process's scheduling (policy, priority) changed from {SCHEDULING} to {changed} during this "
+                f"test or a fixture it set up: wrap what changed it in pipelines.tools.encode.scheduling_kept()")
 
 
 def encode_resizing(target: Path | BinaryIO, codec: str, frames: list[np.ndarray], pix_fmt: str = "yuv420p",

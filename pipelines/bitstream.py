@@ -34,7 +34,7 @@ def coded_frame_sizes(codec: str, payload: bytes) -> list[tuple[int, int]]:
     not in ``SIZED_CODECS``."""
     if codec == "vp9":
         return [s for frame in _vp9_frames(payload) if (s := _vp9_size(frame)) is not None]
-    reader = {"vp8": _vp8_size, "mjpeg": _jpeg_size}.get(codec)
+    reader = _SIZE_READERS.get(codec)
     size = reader(payload) if reader is not None else None
     return [size] if size is not None else []
 
@@ -151,3 +151,6 @@ def _jpeg_size(payload: bytes) -> tuple[int, int] | None:
             return int.from_bytes(payload[at + 7:at + 9], "big"), int.from_bytes(payload[at + 5:at + 7], "big")
         at += 2 + int.from_bytes(payload[at + 2:at + 4], "big")
     return None
+
+
+_SIZE_READERS = {"vp8": _vp8_size, "mjpeg": _jpeg_size}  # one size per packet (VP9 reads each frame of a superframe)

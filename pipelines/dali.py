@@ -346,7 +346,7 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
     slice_args = dict(axis_names="HW", normalized_anchor=False, normalized_shape=False)
     views = source.views
     num_outputs = 2 * views + (1 if backend == "gpu" else 0)  # (anchor, shape) per view, then the flip on the GPU
-    union = frames_per_clip and views > 1  # each image decoded once in its unit's window, then sliced per view
+    union = bool(frames_per_clip) and views > 1  # each image decoded once in its unit's window, then sliced per view
 
     @pipeline_def(batch_size=batch_size * max(1, frames_per_clip), num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True)

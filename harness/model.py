@@ -30,14 +30,14 @@ PRESET_DIR = CONFIG_DIR / "model"
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU (erf) -> dropout -> fc2 -> dropout."""
+    """fc1 -> GELU (erf) -> dropout -> fc2 -> dropout (the dropouts only with ``drop`` > 0)."""
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.flatten(0, -2)  # the matmuls on (tokens, D): no reshapes around each of them
@@ -183,10 +183,10 @@ class TimeSformer(nn.Module):
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.pos_drop = nn.Dropout(drop_rate)
+        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         if self.variant.time_embed:
             self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
-            self.time_drop = nn.Dropout(drop_rate)
+            self.time_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows linearly
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], attention_type,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from timesformer_harness.kernels.residual import no_autocast, use_fused
+from timesformer_harness.kernels.residual import use_fused
 
 
 def patch_major(x: torch.Tensor, T: int) -> torch.Tensor:
@@ -60,10 +60,9 @@ class _TemporalResidualAndFrames(torch.autograd.Function):
         ctx.T, ctx.update_dtype = T, update.dtype
         x1 = torch.empty_like(x)
         x1_cls, x1_patches = x1[:, :1], x1[:, 1:]
-        with no_autocast(x):
-            x1_cls.copy_(x[:, :1])
-            torch.add(x[:, 1:], update, out=x1_patches)
-            frames = torch.cat([x1_cls.unsqueeze(1).expand(B, T, 1, D), frame_major(x1_patches, T)], dim=2)
+        x1_cls.copy_(x[:, :1])
+        torch.add(x[:, 1:], update, out=x1_patches)
+        frames = torch.cat([x1_cls.unsqueeze(1).expand(B, T, 1, D), frame_major(x1_patches, T)], dim=2)
         return x1, frames
 
     @staticmethod
@@ -85,13 +84,12 @@ class _FramesResidual(torch.autograd.Function):
         res_cls, res_patches = res[:, :, 0], res[:, :, 1:].transpose(1, 2)
         x2 = torch.empty_like(x1)
         x2_patches, x1_patches = patch_major(x2[:, 1:], T), patch_major(x1[:, 1:], T)
-        with no_autocast(x1):
-            if scale is None:
-                torch.add(x1_patches, res_patches, out=x2_patches)
-            else:  # scale (B, T, 1): per frame
-                torch.addcmul(x1_patches, res_patches, scale.unsqueeze(1), out=x2_patches)
-                res_cls = res_cls * scale
-            torch.add(x1[:, :1], res_cls.mean(dim=1, keepdim=True), out=x2[:, :1])
+        if scale is None:
+            torch.add(x1_patches, res_patches, out=x2_patches)
+        else:  # scale (B, T, 1): per frame
+            torch.addcmul(x1_patches, res_patches, scale.unsqueeze(1), out=x2_patches)
+            res_cls = res_cls * scale
+        torch.add(x1[:, :1], res_cls.mean(dim=1, keepdim=True), out=x2[:, :1])
         return x2
 
     @staticmethod

@@ -5,6 +5,10 @@ with plain ops, autograd spends three kernels on the branch's gradient (the mask
 to the branch's dtype); these functions write it in one (``torch.mul`` into a tensor of the branch's dtype).
 ``scale`` is the mask already divided by the keep probability (``draw_keep_scales``), broadcast against the branch,
 or None when nothing is dropped. While ``torch.compile`` traces, the plain ops run instead (inductor fuses them).
+
+The fused functions here and in ``layout.py`` mix fp32 and bf16 on purpose and run inside autocast: they use only
+ops that autocast leaves alone (``out=`` variants; ops on none of its lists, which type promotion handles), so they
+need no autocast-off context (tested against CUDA autocast's own op registrations).
 """
 
 from __future__ import annotations
@@ -34,14 +38,6 @@ def reference_ops() -> Iterator[None]:
         _REFERENCE[0] = False
 
 
-def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off for ``t``'s device: these ops mix fp32 and bf16 on purpose, and CUDA autocast would insert a cast
-    for ``addcmul`` (a "promote" op) that type promotion does without."""
-    if torch.amp.is_autocast_available(t.device.type) and torch.is_autocast_enabled(t.device.type):
-        return torch.autocast(t.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def mul_into(a: torch.Tensor, b: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """``a * b`` (or ``a``) written once into a new tensor of ``shape`` and ``dtype``."""
     out = torch.empty(shape, dtype=dtype, device=a.device)
@@ -55,8 +51,9 @@ class _ResidualAdd(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
         ctx.save_for_backward(scale)
         ctx.branch = (branch.shape, branch.dtype)
-        with no_autocast(x):
-            return torch.add(x, branch) if scale is None else torch.addcmul(x, branch, scale)
+        if scale is None:
+            return torch.add(x, branch)
+        return torch.addcmul(x, branch, scale, out=torch.empty_like(x))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001

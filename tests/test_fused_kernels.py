@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from timesformer_harness.kernels.cast import call_with_cast_weights, matmul_weights
 from timesformer_harness.kernels.layout import (frames_residual, frames_residual_reference,
@@ -70,6 +71,42 @@ def test_residual_add_and_scale_rows_keep_the_branch_dtype(with_scale: bool) -> 
         assert_same(fused[0], plain[0])
         assert_same(fused[1], plain[1])
         assert fused[1][1].dtype == torch.bfloat16
+
+
+class CudaAutocastOps(TorchDispatchMode):
+    """The ops run under it that CUDA autocast has a kernel for (it would cast their inputs), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cast = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "AutocastCUDA"):
+            self.cast.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_functions_run_under_autocast_without_casts() -> None:
+    """The fused functions mix the fp32 residual stream with bf16 branches inside autocast and use no autocast-off
+    context: every op their forwards run is one CUDA autocast leaves alone (none of its lists, or an ``out=``
+    variant), checked against the kernels CUDA autocast registers (present in CPU builds too). The CPU autocast's
+    casts are counted by the op-count tests."""
+    torch.manual_seed(0)
+    x, branch = torch.randn(B, 1 + N * T, D, requires_grad=True), torch.randn(B, 1 + N * T, D).bfloat16()
+    res = torch.randn(B, T, 1 + N, D).bfloat16().requires_grad_()
+    rows, frames = draw_keep_scales([(B, 1, 1), (B, T, 1)], [0.5, 0.5], torch.device("cpu"))
+    calls = {
+        "residual_add": lambda: residual_add(x, branch, rows),
+        "residual_add (no scale)": lambda: residual_add(x, branch),
+        "scale_rows": lambda: scale_rows(branch, rows),
+        "temporal_residual_and_frames": lambda: temporal_residual_and_frames(x, branch[:, 1:], T),
+        "frames_residual": lambda: frames_residual(x, res, frames, T),
+        "frames_residual (no scale)": lambda: frames_residual(x, res, None, T),
+    }
+    for name, call in calls.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocastOps() as seen:
+            call()
+        assert not seen.cast, f"{name} runs {seen.cast}, which CUDA autocast would cast: use the out= variant"
 
 
 def test_keep_scales_are_zero_or_one_over_keep_at_the_keep_rate() -> None:

@@ -324,7 +324,8 @@ def unit_windows(plans: list[ClipPlan], views: int) -> list[list[np.ndarray]]:
 
 def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean: list[float], std: list[float],
                          backend: str = "cpu", num_threads: int = 2, device_id: int | None = None,
-                         decode_only: bool = False, prefetch: int = 2, frames_per_clip: int = 0):
+                         decode_only: bool = False, prefetch: int = 2, frames_per_clip: int = 0,
+                         decoder_device: str | None = None):
     """The DALI graph for ``batch_size`` clips (any batch size, e.g. 1 to decode one clip alone), or units of
     ``source.views`` views: each decoded once, then one output per view (the steps after the decode once per view's
     window, in the same order as for one view, so each view's pixels are those of its own decode):
@@ -339,10 +340,14 @@ def build_video_pipeline(source: PlanSource, *, batch_size: int, crop: int, mean
 
     ``decode_only`` returns the decoded uint8 frames instead (FHWC per clip; per frame with ``frames_per_clip``),
     for the decode-rate benchmark and tests.
+
+    ``decoder_device``: the decoders' DALI device, by default ``mixed`` (NVDEC, nvJPEG) for the GPU backend and
+    ``cpu`` otherwise. ``backend="gpu", decoder_device="cpu"`` is the GPU graph's CPU twin: every step of the GPU
+    graph but its decoders, on the CPU (the tests run it where no GPU is; ``device_id`` None).
     """
     from nvidia.dali import fn, pipeline_def, types
 
-    decode_device = "mixed" if backend == "gpu" else "cpu"
+    decode_device = decoder_device or ("mixed" if backend == "gpu" else "cpu")
     slice_args = dict(axis_names="HW", normalized_anchor=False, normalized_shape=False)
     views = source.views
     num_outputs = 2 * views + (1 if backend == "gpu" else 0)  # (anchor, shape) per view, then the flip on the GPU

@@ -130,6 +130,53 @@ def test_dali_cpu_decodes_each_unit_once_with_the_per_view_pixels(videos, codec:
     assert loader.source.decoded == sum(loader.decoded_frames(plans[::3])) > 0
 
 
+def _graph_clips(cfg: DataConfig, plans: list[ClipPlan], views: int, jpeg_frames: bool, backend: str
+                 ) -> tuple[torch.Tensor, int]:
+    """``plans`` (units of ``views`` in a row) through the loader's graph for ``backend`` with CPU decoders: for
+    ``gpu``, the GPU graph's CPU twin (resize, mirror and normalise in DALI). (clips, frames decoded)."""
+    T = cfg.num_frames if jpeg_frames else 0
+    units = len(plans) // views
+    source = PlanSource(units, backend=backend, prefetch=0, jpeg_frames=jpeg_frames, views=views)
+    pipe = build_video_pipeline(source, batch_size=units, crop=cfg.test_crop_size, mean=cfg.mean, std=cfg.std,
+                                backend=backend, num_threads=1, frames_per_clip=T, decoder_device="cpu")
+    pipe.build()
+    source.start(plans)
+    clips = to_clips(pipe.run(), plans, backend=backend, decode_only=False, frames_per_clip=T,
+                     crop=cfg.test_crop_size, mean=cfg.mean, std=cfg.std, device=torch.device("cpu"))
+    source.close()
+    return clips, source.decoded
+
+
+@pytest.mark.parametrize("codec", ["vp9", "mjpeg"])
+def test_the_gpu_graph_on_cpu_decoders_gives_the_cpu_graphs_clips(videos, codec: str) -> None:
+    """The GPU graph (units of 3 views; MJPEG as JPEG frames, each decoded once in its unit's union window; the
+    resize, mirror and normalise in DALI; ``to_clips``' GPU layout) run with CPU decoders, where it differs from
+    the NVDEC/nvJPEG graph only in the decoders: each view equals the one-output GPU graph's clip exactly, and the
+    CPU graph's (resize, mirror and normalise in torch) within one uint8 step. Every other unit mirrored (the graph
+    mirrors a unit's views together; val/test units mirror none)."""
+    from timesformer_harness.pipelines.base import CLIP_FORMAT
+
+    jpeg = codec == "mjpeg"
+    if jpeg:
+        paths = [write_video(videos.root / f"twin_mjpeg{i}.avi", textured_frames(24, 48, 64, 40 + i), "mjpeg",
+                             pix_fmt="yuvj420p") for i in range(2)]
+    else:
+        paths = [videos.good[0], videos.portrait]
+    cfg = _cfg(videos, "dali", paths)
+    planner = build_loader(cfg, "test", device="cpu").planner
+    plans = [replace(p, flip=bool(k // 3 % 2)) for k, p in enumerate(_per_view_plans(cfg, planner.videos))]
+    units, decoded_units = _graph_clips(cfg, plans, 3, jpeg, "gpu")
+    per_view, decoded_per_view = _graph_clips(cfg, plans, 1, jpeg, "gpu")
+    cpu, _ = _graph_clips(cfg, plans, 3, jpeg, "cpu")
+    assert units.shape == (len(plans), 3, 4, 32, 32) and units.is_contiguous(memory_format=CLIP_FORMAT)
+    assert torch.equal(units, per_view) and decoded_units * 3 == decoded_per_view > 0
+    one_step = 1 / (255 * min(cfg.std))
+    diff = (units - cpu).abs()
+    assert diff.max() <= one_step * 1.001, (diff.max(), one_step)
+    assert diff.mean() < one_step / 2, diff.mean()  # the resizes round apart: about a quarter of the values
+    assert not torch.equal(units[3], units[3].flip(-1))  # a mirrored view is not its own mirror image
+
+
 def test_dali_decode_only_gives_each_view_its_units_frames(videos) -> None:
     """``decode_only`` (the decode-rate benchmark's loader): each view of a unit gets the unit's one decoded clip,
     the frames the one-output graph decodes for it alone."""

@@ -52,6 +52,7 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # stochastic depth, rising linearly to this in the last block
     attention_type: str = REFERENCE  # a registered variant (timesformer_harness.variants)
     attn_backend: str = "auto"  # auto (SDPA chooses) | flash | efficient | cudnn | math | naive
+    temporal_attn_backend: str = "same"  # divided attention's temporal pass: same (= attn_backend) or a backend
     grad_checkpointing: bool = False  # recompute each block in backward: less activation memory, more time
     # "original": time_embed/temporal_fc zero (checkpoint-compatible, the default);
     # "scratch": time_embed ~ N(0, time_embed_std) so a from-scratch model sees frame order from step 0.
@@ -63,6 +64,9 @@ class ModelConfig:
         variant(self.attention_type)  # ValueError naming the registered ones
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"model.attn_backend={self.attn_backend!r}; choose from {list(ATTN_BACKENDS)}")
+        if self.temporal_attn_backend not in ("same", *ATTN_BACKENDS):
+            raise ValueError(f"model.temporal_attn_backend={self.temporal_attn_backend!r}; choose from "
+                             f"{['same', *ATTN_BACKENDS]}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
         if self.img_size % self.patch_size:

@@ -41,7 +41,8 @@ def count_flops(
     if mode not in ("infer", "train"):
         raise ValueError(f"mode={mode!r}; choose 'infer' or 'train'")
     cfg = config_of(model) if isinstance(model, TimeSformer) else model
-    cfg = replace(cfg, grad_checkpointing=False, attn_backend="math")  # count model FLOPs, not recompute
+    cfg = replace(cfg, grad_checkpointing=False, attn_backend="math",  # count model FLOPs, not recompute
+                  temporal_attn_backend="same")
     T = frames or cfg.num_frames
     S = img_size or cfg.img_size
     with torch.device("meta"):

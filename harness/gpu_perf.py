@@ -10,7 +10,9 @@ first, so that a short lease measures those):
 * divided at batch 8: eager, compiled ``default``; ``reduce-overhead`` (CUDA graphs) at batch 2;
 * the Trainer: ``timesformer_harness.train`` on the K400 recipe with synthetic clips, batch 8: its steady clips/s
   and the host-device syncs of each micro-batch (``train.count_syncs``: CUDA's sync debug mode);
-* eager divided at batch 8 with each SDPA backend (flash, efficient, cudnn, math);
+* eager divided at batch 8 with the temporal pass on each backend (naive, math, flash, efficient, cudnn; the
+  spatial pass on ``auto``): the temporal-attention choice (``model.temporal_attn_backend``);
+* eager divided at batch 8 with each SDPA backend for both passes (flash, efficient, cudnn, math);
 * eager divided at batch 2, 16 and 32 (SDPA ``auto``);
 * joint and space-only at batch 8, compiled and eager; ``reduce-overhead`` at batch 8.
 
@@ -70,6 +72,7 @@ class Row:
     batch: int = 8
     compile: str = "none"
     backend: str = "auto"
+    temporal_backend: str = "same"  # divided attention's temporal pass (model.temporal_attn_backend)
     estimate_s: float = 45.0  # what the row costs on a GPU, start-up and compilation included (the budget's unit)
 
 
@@ -80,6 +83,7 @@ ROWS: tuple[Row, ...] = (
     Row("compiled-b8", compile="default", estimate_s=150.0),
     Row("reduce-overhead-b2", batch=2, compile="reduce-overhead", estimate_s=150.0),
     Row("trainer-b8", kind="trainer", estimate_s=90.0),
+    *(Row(f"temporal-{b}-b8", temporal_backend=b) for b in ("naive", "math", "flash", "efficient", "cudnn")),
     *(Row(f"sdpa-{b}-b8", backend=b) for b in ("flash", "efficient", "cudnn", "math")),
     Row("eager-b2", batch=2),
     Row("eager-b16", batch=16),
@@ -106,9 +110,10 @@ def skip_reason(row: Row, model: ModelConfig, device: torch.device, dtype: torch
     """Why ``row`` cannot run on ``device`` (None when it can)."""
     if row.compile == "reduce-overhead" and device.type != "cuda":
         return "CUDA graphs (reduce-overhead) need a GPU"
-    if row.backend != "auto":
+    if (row.backend, row.temporal_backend) != ("auto", "same"):
         try:
-            check_attention(replace(model, attn_backend=row.backend), device, dtype)
+            check_attention(replace(model, attn_backend=row.backend, temporal_attn_backend=row.temporal_backend),
+                            device, dtype)
         except ValueError as e:
             return str(e)
     return None
@@ -118,9 +123,10 @@ def model_case(row: Row, base: dict[str, Any], model: ModelConfig, device: torch
     """The model-suite case of ``row``: the step timed at steady state, its kernel time profiled on a GPU."""
     batch = row.batch if device.type == "cuda" else max(1, row.batch // 4)
     warmup = base["warmup"] if row.compile == "none" else max(base["warmup"], 3)
-    return ModelCase.of(base, model=replace(model, attention_type=row.attention_type, attn_backend=row.backend),
-                        mode="train", frames=model.num_frames, img_size=model.img_size, batch=batch,
-                        sweep_batch=True, compile=row.compile, warmup=warmup, kernel_steps=3)
+    model = replace(model, attention_type=row.attention_type, attn_backend=row.backend,
+                    temporal_attn_backend=row.temporal_backend)
+    return ModelCase.of(base, model=model, mode="train", frames=model.num_frames, img_size=model.img_size,
+                        batch=batch, sweep_batch=True, compile=row.compile, warmup=warmup, kernel_steps=3)
 
 
 def run_trainer(row: Row, out: Path, device: torch.device, steps: int, timeout_s: float) -> dict[str, Any]:
@@ -172,6 +178,12 @@ def fmt_cell(v: Any, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def sdpa_cell(r: dict[str, Any]) -> str:
+    """The SDPA column: the backend, and the temporal pass's where it differs (``temporal_attn_backend``)."""
+    temporal = r.get("temporal_backend", "same")
+    return r["backend"] if temporal == "same" else f"{r['backend']}, temporal {temporal}"
+
+
 def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The markdown report: the conditions, the model rows' table, the Trainer's figures and the targets."""
     lines = [f"# gpu-perf: {meta['hardware']}", "",
@@ -189,7 +201,7 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if r["kind"] != "model":
             continue
         lines.append("| " + " | ".join([
-            r["row"], r["attention_type"], str(r["batch"]), r["compile"], r["backend"],
+            r["row"], r["attention_type"], str(r["batch"]), r["compile"], sdpa_cell(r),
             r["status"] + (f": {r['message'][:80]}" if r.get("message") and r["status"] != "ok" else ""),
             fmt_cell(r.get("clips_per_s")), fmt_cell(r.get("step_ms"), ".2f"), fmt_cell(r.get("kernel_ms"), ".2f"),
             fmt_cell(None if r.get("kernel_share") is None else 100 * r["kernel_share"], ".0f"),
@@ -250,7 +262,8 @@ def run(out: Path, budget_s: float, only: list[str] | None, trainer_steps: int) 
         if only and row.name not in only:
             continue
         entry: dict[str, Any] = {"row": row.name, "kind": row.kind, "attention_type": row.attention_type,
-                                 "batch": row.batch, "compile": row.compile, "backend": row.backend}
+                                 "batch": row.batch, "compile": row.compile, "backend": row.backend,
+                                 "temporal_backend": row.temporal_backend}
         left = budget_s - clock.elapsed()
         reason = skip_reason(row, cfg.model, device, dtype)
         if reason is None and row.estimate_s * scale > left:

@@ -83,6 +83,7 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         attention_type: str = REFERENCE,
         attn_backend: str = "auto",
+        temporal_attn_backend: str = "same",
     ) -> None:
         super().__init__()
         self.variant = variant(attention_type)
@@ -91,7 +92,9 @@ class Block(nn.Module):
                               name=self.variant.space_attention)
         if self.variant.temporal_branch:
             self.temporal_norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-            self.temporal_attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, attn_backend, "attn/temporal")
+            temporal_backend = attn_backend if temporal_attn_backend == "same" else temporal_attn_backend
+            self.temporal_attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, temporal_backend,
+                                           "attn/temporal")
             self.temporal_fc = nn.Linear(dim, dim)
         self.drop_prob = drop_path  # stochastic depth: the model draws every block's masks at once
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
@@ -144,6 +147,8 @@ class TimeSformer(nn.Module):
             ``joint_space_time``, ``space_only``.
         attn_backend: ``auto`` | ``flash`` | ``efficient`` | ``cudnn`` | ``math`` | ``naive`` (see
             ``timesformer_harness.kernels.attention``).
+        temporal_attn_backend: the backend of divided attention's temporal pass (sequences of T tokens, a
+            different shape from the spatial pass's): ``same`` (``attn_backend``) or one of those.
         grad_checkpointing: recompute each block in backward (saves activation memory for HR/L).
         init: ``original`` (time_embed and every temporal_fc zero: a divided block starts as a ViT block) or
             ``scratch`` (time_embed ~ N(0, time_embed_std), so a model trained from scratch sees frame order).
@@ -166,6 +171,7 @@ class TimeSformer(nn.Module):
         drop_path_rate: float = 0.1,
         attention_type: str = REFERENCE,
         attn_backend: str = "auto",
+        temporal_attn_backend: str = "same",
         grad_checkpointing: bool = False,
         init: str = "original",
         time_embed_std: float = 1.0,
@@ -190,7 +196,7 @@ class TimeSformer(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows linearly
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], attention_type,
-                  attn_backend)
+                  attn_backend, temporal_attn_backend)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)

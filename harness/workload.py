@@ -28,6 +28,7 @@ from timesformer_harness.model import TimeSformer, create_model
 from timesformer_harness.optim import build_optimizer
 from timesformer_harness.runtime import autocast
 from timesformer_harness.kernels.attention import check_backend
+from timesformer_harness.variants import variant
 from timesformer_harness.pipelines.base import empty_clips
 
 logger = logging.getLogger(__name__)
@@ -41,17 +42,23 @@ BENCH_SOLVER = SolverConfig(optimizer="sgd", base_lr=1e-4, momentum=0.9, nestero
 
 def check_attention(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None,
                     capability: tuple[int, int] | None = None) -> None:
-    """Fail before anything is built when ``cfg.attn_backend`` cannot run attention on ``device`` in ``dtype``
-    (the autocast dtype; None = fp32), e.g. ``flash`` or ``cudnn`` in fp32 on CUDA: a ValueError naming the key
-    and the fix instead of SDPA's "No available kernel" at the first forward. ``capability`` is the GPU's
-    (major, minor), read from ``device`` when not given."""
+    """Fail before anything is built when ``cfg.attn_backend`` (or divided attention's ``temporal_attn_backend``)
+    cannot run attention on ``device`` in ``dtype`` (the autocast dtype; None = fp32), e.g. ``flash`` or ``cudnn``
+    in fp32 on CUDA: a ValueError naming the key and the fix instead of SDPA's "No available kernel" at the first
+    forward. ``capability`` is the GPU's (major, minor), read from ``device`` when not given."""
     device = torch.device(device)
     if capability is None and device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
-    try:
-        check_backend(cfg.attn_backend, device, dtype, capability)
-    except ValueError as e:  # its messages name the key without its section
-        raise ValueError(f"model.{e}" if str(e).startswith("attn_backend=") else str(e)) from None
+    keys = {"attn_backend": cfg.attn_backend}
+    if variant(cfg.attention_type).temporal_branch and cfg.temporal_attn_backend != "same":
+        keys["temporal_attn_backend"] = cfg.temporal_attn_backend
+    for key, backend in keys.items():
+        try:
+            check_backend(backend, device, dtype, capability)
+        except ValueError as e:  # its messages name attn_backend, without the section
+            message = str(e)
+            raise ValueError(f"model.{key}{message.removeprefix('attn_backend')}"
+                             if message.startswith("attn_backend=") else message) from None
 
 
 def build_model(cfg: ModelConfig, device: torch.device, *, dtype: torch.dtype | None = None,

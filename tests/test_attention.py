@@ -125,3 +125,34 @@ def test_attention_over_runs_of_seq_len_tokens() -> None:
     runs = m(x.reshape(6, 4, 16)).reshape(2, 12, 16)
     assert torch.allclose(m(x, seq_len=4), runs, atol=1e-6)
     assert not torch.allclose(m(x), runs, atol=1e-3)  # without it the 12 tokens attend to each other
+
+
+def test_the_temporal_pass_takes_its_own_backend() -> None:
+    """``model.temporal_attn_backend``: divided attention's temporal pass on its own backend, the spatial pass on
+    ``attn_backend``; ``same`` follows ``attn_backend``. The weights (state_dict keys) and the logits do not change;
+    a backend the device cannot run is refused naming the key; joint attention has no temporal pass to check."""
+    from dataclasses import replace
+
+    from timesformer_harness.config import ModelConfig
+    from timesformer_harness.model import create_model
+    from timesformer_harness.workload import check_attention
+
+    kw = dict(num_classes=5, attention_type="divided_space_time", init="scratch")
+    torch.manual_seed(0)
+    same = create_model("tiny", **kw).eval()
+    torch.manual_seed(0)
+    naive = create_model("tiny", temporal_attn_backend="naive", **kw).eval()
+    assert [(b.temporal_attn.backend, b.attn.backend) for b in naive.blocks] == [("naive", "auto")] * 2
+    assert [(b.temporal_attn.backend, b.attn.backend) for b in same.blocks] == [("auto", "auto")] * 2
+    assert same.state_dict().keys() == naive.state_dict().keys()
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(same(video), naive(video), atol=1e-5)
+    with pytest.raises(ValueError, match=r"model.temporal_attn_backend='fast'; choose from \['same', 'auto'"):
+        ModelConfig(temporal_attn_backend="fast")
+    cfg = ModelConfig(attention_type="divided_space_time", temporal_attn_backend="efficient")
+    with pytest.raises(ValueError, match="^model.temporal_attn_backend=efficient exists on CUDA only"):
+        check_attention(cfg, torch.device("cpu"), None)
+    check_attention(replace(cfg, attention_type="joint_space_time"), torch.device("cpu"), None)
+    with pytest.raises(ValueError, match="^model.attn_backend=cudnn exists on CUDA only"):
+        check_attention(replace(cfg, attn_backend="cudnn"), torch.device("cpu"), None)

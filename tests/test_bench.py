@@ -232,6 +232,19 @@ def test_compare_two_real_runs_prints_ratios_and_writes_a_plot(two_runs, tmp_pat
     assert "| case |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
+def test_a_model_key_a_record_lacks_is_its_default_when_compared():
+    """A record written before a model key existed (the committed gate baseline, say) ran with that key's default:
+    compared with one that sets the default it is like for like, with one that sets another value it is not."""
+    from timesformer_harness.bench.compare import differences
+    from timesformer_harness.bench.record import BenchRecord
+
+    model = asdict(load_preset("tiny"))
+    old = BenchRecord("model", "model/x", model={k: v for k, v in model.items() if k != "temporal_attn_backend"})
+    assert differences(old, BenchRecord("model", "model/x", model=model)) == []
+    naive = BenchRecord("model", "model/x", model={**model, "temporal_attn_backend": "naive"})
+    assert differences(old, naive) == ["model temporal_attn_backend 'same' vs 'naive'"]
+
+
 def test_compare_refuses_what_is_not_like_for_like_and_gates_on_a_ratio(two_runs, tmp_path):
     a, b, _ = two_runs
     data = json.loads((b / "results.json").read_text())

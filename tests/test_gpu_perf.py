@@ -15,10 +15,18 @@ from timesformer_harness.metrics import device_totals
 
 def test_rehearsal_runs_the_rows_the_cpu_can_and_skips_the_others(tmp_path, capsys):
     rc = gpu_perf.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--trainer-steps", "4",
-                        "--rows", "eager-b2", "trainer-b8", "reduce-overhead-b2", "sdpa-cudnn-b8"])
+                        "--rows", "eager-b2", "trainer-b8", "reduce-overhead-b2", "sdpa-cudnn-b8",
+                        "temporal-naive-b8", "temporal-efficient-b8"])
     assert rc == 0
     rows = {r["row"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
-    assert list(rows) == ["reduce-overhead-b2", "trainer-b8", "sdpa-cudnn-b8", "eager-b2"]  # ROWS order
+    assert list(rows) == ["reduce-overhead-b2", "trainer-b8", "temporal-naive-b8", "temporal-efficient-b8",
+                          "sdpa-cudnn-b8", "eager-b2"]  # ROWS order
+    temporal = rows["temporal-naive-b8"]  # the temporal pass on its own backend, the spatial one on auto
+    assert temporal["status"] == "ok" and temporal["clips_per_s"] > 0
+    assert (temporal["record"]["model"]["temporal_attn_backend"], temporal["record"]["model"]["attn_backend"]) == \
+        ("naive", "auto")
+    assert rows["temporal-efficient-b8"]["status"] == "skipped"
+    assert "model.temporal_attn_backend=efficient exists on CUDA only" in rows["temporal-efficient-b8"]["message"]
     eager = rows["eager-b2"]
     assert eager["status"] == "ok" and eager["clips_per_s"] > 0 and eager["mfu_pct"] > 0
     assert eager["record"]["case"] == "model/divided_space_time/train/4x32/b1"  # a bench case, its batch scaled
@@ -29,6 +37,7 @@ def test_rehearsal_runs_the_rows_the_cpu_can_and_skips_the_others(tmp_path, caps
     assert rows["sdpa-cudnn-b8"]["status"] == "skipped" and "cudnn" in rows["sdpa-cudnn-b8"]["message"]
     summary = (tmp_path / "summary.md").read_text()
     assert "| eager-b2 | divided_space_time | 1 | none | auto | ok |" in summary
+    assert "| temporal-naive-b8 | divided_space_time | 2 | none | auto, temporal naive | ok |" in summary
     assert "- eager batch 8 >= 120 clips/s: not measured" in summary
     assert "- the Trainer syncs at most once per micro-batch: not judged on a CPU (0.00)" in summary
     assert summary in capsys.readouterr().out

@@ -255,6 +255,12 @@ PRIVATE_ALLOWED = {
         "public switch; the test counts the compiled step's launches from that profile",
     ("harness/counting.py", "_python_dispatch"):
         "TorchDispatchMode lives in torch.utils._python_dispatch, the path torch's docs give for it; no public alias",
+    ("kernels/attention.py", "_is_profiler_enabled"):
+        "torch.autograd.profiler keeps this flag for fast checks of whether a profiler records (torch's own dynamo "
+        "reads it); the attention ranges are entered only then, and there is no public alias",
+    ("tests/test_fused_kernels.py", "_C"):
+        "torch._C._dispatch_has_kernel_for_dispatch_key: the dispatcher's registrations are the only way to ask, "
+        "without a GPU, which ops CUDA autocast casts",
 }
 
 

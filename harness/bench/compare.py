@@ -28,10 +28,12 @@ from typing import Any
 
 from timesformer_harness.bench.record import BenchRecord, read_results
 from timesformer_harness.common import atomic_write_text
+from timesformer_harness.config import ModelConfig
 
 # Case fields that must match for its numbers to be compared as like with like; the last three mean another model.
 CASE_KEYS = ("batch", "precision", "mode", "compile", "frames", "img_size", "model", "params", "flops_per_clip")
 MODEL_KEYS = ("model", "params", "flops_per_clip")
+MODEL_DEFAULTS = asdict(ModelConfig())
 
 
 @dataclass
@@ -66,9 +68,11 @@ def differences(a: BenchRecord, b: BenchRecord) -> list[str]:
         va, vb = getattr(a, key), getattr(b, key)
         if va is None or vb is None or va == vb:
             continue  # an older record without the field: nothing to compare
-        if key == "model":
+        if key == "model":  # a key a record lacks predates it: the record ran with its default
+            va, vb = {**MODEL_DEFAULTS, **va}, {**MODEL_DEFAULTS, **vb}
             changed = sorted(k for k in set(va) | set(vb) if va.get(k) != vb.get(k))
-            out.append("model " + ", ".join(f"{k} {va.get(k)!r} vs {vb.get(k)!r}" for k in changed))
+            if changed:
+                out.append("model " + ", ".join(f"{k} {va.get(k)!r} vs {vb.get(k)!r}" for k in changed))
         else:
             out.append(f"{key} {va} vs {vb}")
     return out

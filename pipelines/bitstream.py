@@ -1,17 +1,18 @@
 """Frame sizes read from compressed payloads, and the largest frame a decoder may be asked to allocate.
 
-A container header states one frame size, but a VP8/VP9 keyframe or a JPEG image carries its own, and a decoder
-allocates what the payload says. A stream whose frames grow far past the header (64x64, then one 8192x8192 frame)
-passes a probe that decodes the first frame; ``coded_frame_sizes`` reads the sizes from the payloads' own headers
-(bits of the VP8 frame tag, the VP9 uncompressed header of each frame of a superframe, the JPEG SOF segment), so the
-packet index refuses such a file before any decoder, DALI's included, meets the frame.
+A container header states one frame size, but a VP8/VP9 keyframe, a JPEG image or an H.264/HEVC sequence parameter
+set sent in-band carries its own, and a decoder allocates what the payload says. A stream whose frames grow far past
+the header (64x64, then one 8192x8192 frame) passes a probe that decodes the first frame; ``coded_frame_sizes``
+reads the sizes from the payloads' own headers (bits of the VP8 frame tag, the VP9 uncompressed header of each frame
+of a superframe, the JPEG SOF segment, the SPS NAL units of an H.264 or HEVC packet), so the packet index refuses
+such a file before any decoder, DALI's and NVDEC's included, meets the frame.
 """
 
 from __future__ import annotations
 
 # 8K: the frame size assumed for a header that states none (and the largest first frame the probe decodes)
 PROBE_DECODE_SIZE = (7680, 4320)
-SIZED_CODECS = frozenset({"vp8", "vp9", "mjpeg"})  # those whose payloads ``coded_frame_sizes`` reads
+SIZED_CODECS = frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc"})  # those whose payloads ``coded_frame_sizes`` reads
 
 _VP9_SYNC = 0x498342
 _VP8_START = b"\x9d\x01\x2a"
@@ -27,26 +28,40 @@ def frame_pixel_bound(width: int, height: int) -> int:
     return 2 * (width + 128) * (height + 128)
 
 
-def coded_frame_sizes(codec: str, payload: bytes) -> list[tuple[int, int]]:
+def coded_frame_sizes(codec: str, payload: bytes, nal_length_size: int = 0) -> list[tuple[int, int]]:
     """The (width, height) of each frame whose size ``payload`` (one packet of ``codec``) states: a VP8 keyframe, a
     VP9 keyframe, intra-only frame or inter frame with an explicit size (every frame of a superframe), a JPEG image
-    (its first SOF segment). Empty for frames that reuse a reference's size, for a header cut short, and for codecs
-    not in ``SIZED_CODECS``."""
+    (its first SOF segment), each H.264/HEVC sequence parameter set in the packet (the size of the frames that follow
+    it, after cropping). Empty for frames that reuse a reference's size, for a header cut short, and for codecs not in
+    ``SIZED_CODECS``. ``nal_length_size``: for H.264/HEVC, the bytes of each NAL unit's length prefix (``mp4``,
+    Matroska: ``nal_length_size(codec, extradata)``), 0 for start codes (Annex B)."""
     if codec == "vp9":
         return [s for frame in _vp9_frames(payload) if (s := _vp9_size(frame)) is not None]
+    if codec in _SPS_READERS:
+        is_sps, read = _SPS_READERS[codec]
+        return [s for nal in _nal_units(payload, nal_length_size) if is_sps(nal) and (s := read(nal)) is not None]
     reader = _SIZE_READERS.get(codec)
     size = reader(payload) if reader is not None else None
     return [size] if size is not None else []
 
 
+def nal_length_size(codec: str, extradata: bytes) -> int:
+    """The length-prefix size of the NAL units in an H.264/HEVC stream's packets, from its extradata: the avcC/hvcC
+    record's ``lengthSizeMinusOne`` + 1; 0 (start codes) for Annex-B extradata, none, or another codec."""
+    at = {"h264": 4, "hevc": 21}.get(codec)
+    if at is None or len(extradata) <= at or extradata[0] != 1:
+        return 0
+    return (extradata[at] & 3) + 1
+
+
 class _Bits:
-    """MSB-first bit reader over the first ``HEADER_BYTES`` of ``data`` (every field read here lies within them);
+    """MSB-first bit reader over the first ``limit`` bytes of ``data`` (every field read here lies within them);
     reading past them raises IndexError."""
 
     HEADER_BYTES = 16
 
-    def __init__(self, data: bytes) -> None:
-        head = data[:self.HEADER_BYTES]
+    def __init__(self, data: bytes, limit: int = HEADER_BYTES) -> None:
+        head = data[:limit]
         self.value, self.size, self.pos = int.from_bytes(head, "big"), 8 * len(head), 0
 
     def read(self, n: int) -> int:
@@ -54,6 +69,20 @@ class _Bits:
         if self.pos > self.size:
             raise IndexError("header cut short")
         return (self.value >> (self.size - self.pos)) & ((1 << n) - 1)
+
+    def ue(self) -> int:
+        """An unsigned Exp-Golomb code (H.264/HEVC ``ue(v)``)."""
+        zeros = 0
+        while not self.read(1):
+            zeros += 1
+            if zeros > 31:
+                raise IndexError("not an Exp-Golomb code")
+        return (1 << zeros) - 1 + self.read(zeros)
+
+    def se(self) -> int:
+        """A signed Exp-Golomb code (``se(v)``)."""
+        k = self.ue()
+        return (k + 1) // 2 if k % 2 else -(k // 2)
 
 
 def _vp9_frames(payload: bytes) -> list[bytes]:
@@ -153,4 +182,112 @@ def _jpeg_size(payload: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _nal_units(payload: bytes, length_size: int) -> list[bytes]:
+    """The NAL units of an H.264/HEVC packet: each after its ``length_size``-byte big-endian length, or, with 0,
+    between Annex-B start codes (00 00 01)."""
+    units = []
+    if length_size:
+        at = 0
+        while at + length_size <= len(payload):
+            n = int.from_bytes(payload[at:at + length_size], "big")
+            units.append(payload[at + length_size:at + length_size + n])
+            at += length_size + n
+        return units
+    at = payload.find(b"\0\0\1")
+    while at >= 0:
+        end = payload.find(b"\0\0\1", at + 3)
+        units.append(payload[at + 3:end if end >= 0 else len(payload)].rstrip(b"\0"))  # the next code's leading 00
+        at = end
+    return units
+
+
+_SPS_BYTES = 4096  # an SPS's fields up to its frame size and cropping lie within this (scaling lists included)
+
+
+def _rbsp(nal: bytes, header: int) -> _Bits:
+    """A reader over a NAL unit's payload after its ``header`` bytes, emulation-prevention bytes removed."""
+    return _Bits(nal[header:header + _SPS_BYTES].replace(b"\0\0\3", b"\0\0"), _SPS_BYTES)
+
+
+def _h264_size(nal: bytes) -> tuple[int, int] | None:
+    """The cropped frame size an H.264 sequence parameter set codes (ITU-T H.264, 7.3.2.1.1)."""
+    try:
+        bits = _rbsp(nal, 1)
+        profile = bits.read(8)
+        bits.read(16)  # constraint flags, level_idc
+        bits.ue()  # seq_parameter_set_id
+        chroma, separate_planes = 1, 0
+        if profile in (100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135):
+            chroma = bits.ue()
+            if chroma == 3:
+                separate_planes = bits.read(1)
+            bits.ue(), bits.ue()  # bit depths
+            bits.read(1)  # qpprime_y_zero_transform_bypass_flag
+            if bits.read(1):  # seq_scaling_matrix_present_flag
+                for i in range(8 if chroma != 3 else 12):
+                    if bits.read(1):
+                        _skip_scaling_list(bits, 16 if i < 6 else 64)
+        bits.ue()  # log2_max_frame_num_minus4
+        poc_type = bits.ue()
+        if poc_type == 0:
+            bits.ue()
+        elif poc_type == 1:
+            bits.read(1), bits.se(), bits.se()
+            for _ in range(bits.ue()):
+                bits.se()
+        bits.ue(), bits.read(1)  # max_num_ref_frames, gaps_in_frame_num_value_allowed_flag
+        width_mbs, height_units = bits.ue() + 1, bits.ue() + 1
+        frame_mbs_only = bits.read(1)
+        if not frame_mbs_only:
+            bits.read(1)  # mb_adaptive_frame_field_flag
+        bits.read(1)  # direct_8x8_inference_flag
+        width, height = 16 * width_mbs, 16 * height_units * (2 - frame_mbs_only)
+        if bits.read(1):  # frame_cropping_flag
+            left, right, top, bottom = bits.ue(), bits.ue(), bits.ue(), bits.ue()
+            sub_w, sub_h = (1, 1) if separate_planes or chroma == 0 else ((2, 2), (2, 1), (1, 1))[chroma - 1]
+            unit_w, unit_h = sub_w, sub_h * (2 - frame_mbs_only)
+            width, height = width - unit_w * (left + right), height - unit_h * (top + bottom)
+        return width, height
+    except IndexError:
+        return None
+
+
+def _skip_scaling_list(bits: _Bits, size: int) -> None:
+    last = next_scale = 8
+    for _ in range(size):
+        if next_scale:
+            next_scale = (last + bits.se() + 256) % 256
+        last = next_scale or last
+
+
+def _hevc_size(nal: bytes) -> tuple[int, int] | None:
+    """The cropped frame size an HEVC sequence parameter set codes (ITU-T H.265, 7.3.2.2.1)."""
+    try:
+        bits = _rbsp(nal, 2)
+        bits.read(4)  # sps_video_parameter_set_id
+        sub_layers = bits.read(3)  # sps_max_sub_layers_minus1
+        bits.read(1)  # sps_temporal_id_nesting_flag
+        bits.read(88), bits.read(8)  # profile_tier_level: the general profile, then general_level_idc
+        present = [(bits.read(1), bits.read(1)) for _ in range(sub_layers)]
+        if sub_layers:
+            bits.read(2 * (8 - sub_layers))  # reserved_zero_2bits
+        for profile_present, level_present in present:
+            bits.read(88 * profile_present + 8 * level_present)
+        bits.ue()  # sps_seq_parameter_set_id
+        chroma = bits.ue()
+        if chroma == 3:
+            bits.read(1)  # separate_colour_plane_flag
+        width, height = bits.ue(), bits.ue()
+        if bits.read(1):  # conformance_window_flag
+            left, right, top, bottom = bits.ue(), bits.ue(), bits.ue(), bits.ue()
+            sub_w, sub_h = (1, 1) if chroma in (0, 3) else ((2, 2), (2, 1))[chroma - 1]
+            width, height = width - sub_w * (left + right), height - sub_h * (top + bottom)
+        return width, height
+    except IndexError:
+        return None
+
+
 _SIZE_READERS = {"vp8": _vp8_size, "mjpeg": _jpeg_size}  # one size per packet (VP9 reads each frame of a superframe)
+# per codec: (is this NAL unit a sequence parameter set, its frame size)
+_SPS_READERS = {"h264": (lambda nal: bool(nal) and nal[0] & 0x1F == 7, _h264_size),
+                "hevc": (lambda nal: len(nal) > 1 and (nal[0] >> 1) & 0x3F == 33, _hevc_size)}

@@ -51,14 +51,14 @@ import numpy as np
 
 from timesformer_harness.common import FileCache, file_key
 from timesformer_harness.pipelines import mkv
-from timesformer_harness.pipelines.bitstream import SIZED_CODECS, coded_frame_sizes, frame_pixel_bound
+from timesformer_harness.pipelines.bitstream import SIZED_CODECS, coded_frame_sizes, frame_pixel_bound, nal_length_size
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS
 
 logger = logging.getLogger(__name__)
 
 # 2: the codec's extradata; 3: the codec's canonical name (av1, not the decoder's libdav1d); 4: coded frame sizes
-# checked (an index stored before could hold a file that grows past its header)
-INDEX_VERSION = 4
+# checked (an index stored before could hold a file that grows past its header); 5: H.264/HEVC ones too
+INDEX_VERSION = 5
 # codecs whose packets travel in IVF (libavformat's IVF demuxer maps the fourcc through its AVI tag table)
 IVF_FOURCC = {"vp8": b"VP80", "vp9": b"VP90", "mjpeg": b"MJPG", "h264": b"H264"}
 ANNEXB_CODECS = frozenset({"h264"})  # NAL-unit codecs whose clip streams are Annex-B byte streams (in IVF)
@@ -139,11 +139,12 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
         fd = fh.fileno()
         codec = cc.codec.canonical_name
         sized, bound = codec in SIZED_CODECS, frame_pixel_bound(cc.width, cc.height)
+        length_size = nal_length_size(codec, extradata)
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue
             payload = bytes(packet) if sized or offsets else b""
-            for width, height in coded_frame_sizes(codec, payload) if sized else ():
+            for width, height in coded_frame_sizes(codec, payload, length_size) if sized else ():
                 if width * height > bound:
                     raise ValueError(f"{path}: packet {len(rows)} codes a {width}x{height} frame, far above the "
                                      f"{cc.width}x{cc.height} of the stream's header, and a decoder would allocate "

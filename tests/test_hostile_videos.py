@@ -10,8 +10,9 @@ binary blobs), and each is refused before it costs memory or minutes, or judged 
   (a child process under an ``RLIMIT_AS`` cap); with the limit raised the same file reaches the loader, whose
   fate then depends on the memory left: the limit is what makes the decision deterministic;
 * ``grows_midstream``: a 64x64 MJPEG stream whose second frame is 8192x8192 (and ``grows_vp9``, 64x64 VP9 frames,
-  then 512x512 ones): the deep check's decoder, bounded by the header's frame size, refuses that frame before
-  allocating it, and the loaders' packet index refuses the file from its payloads' frame sizes;
+  then 512x512 ones; ``grows_libx264`` and ``grows_libx265``, the same in H.264 and HEVC mp4): the deep check's
+  decoder, bounded by the header's frame size, refuses that frame before allocating it, and the loaders' packet
+  index refuses the file from its payloads' frame sizes;
 * two video streams (and audio longer than the video): judged on the first video stream, the one both loaders
   decode; a shorter first stream is "too short" for a long clip, not "truncated"; a file cut short still is.
 
@@ -111,6 +112,10 @@ def make_hostile(root: Path, good: Path, seed: int = 0) -> dict[str, Path]:
     files["grows_vp9"] = encode_resizing(root / "grows_vp9.webm", "libvpx-vp9",
                                          [*_frames(4, 64, 64, seed + 5), *_frames(2, 512, 512, seed + 5)],
                                          options=realtime)
+    for encoder, options in (("libx264", {"tune": "zerolatency"}), ("libx265", {"x265-params": "log-level=error"})):
+        files[f"grows_{encoder}"] = encode_resizing(root / f"grows_{encoder}.mp4", encoder,  # an in-band 512x512 SPS
+                                                    [*_frames(4, 64, 64, seed + 6), *_frames(2, 512, 512, seed + 6)],
+                                                    options=options)
     files["first_shorter"] = _two_streams(root / "first_shorter.mkv", 6, 24, seed + 2)
     files["second_shorter"] = _two_streams(root / "second_shorter.mkv", 24, 6, seed + 3)
     files["audio_longer"] = _audio_longer(root / "audio_longer.webm", seed + 4)
@@ -197,14 +202,17 @@ def test_a_frame_larger_than_the_header_says_is_refused_by_the_decoder_before_al
 def test_the_loaders_refuse_a_video_whose_frames_grow_midstream_before_decoding_it(videos, hostile, tmp_path: Path,
                                                                                   loader: str) -> None:
     """The shallow check passes both files (header and first frame: 64x64). The packet index reads each payload's
-    own frame size (the MJPEG file's second frame is 8192x8192, the VP9 file's fifth a 512x512 keyframe), so both
-    loaders quarantine the files with that reason before any decoder meets the frame: before, the PyAV loader's
-    decoder refused the MJPEG frame (FFmpeg's max_pixels) and DALI's CPU decoder, which takes no such bound,
-    allocated it. The whole file is refused, not only its clips that hold the frame."""
+    own frame size (the MJPEG file's second frame is 8192x8192, the VP9 file's fifth a 512x512 keyframe; the H.264
+    and HEVC mp4 files, whose header says 64x64, send a 512x512 sequence parameter set in-band before their fifth
+    frame), so both loaders quarantine the files with that reason before any decoder meets the frame: before, the
+    PyAV loader's decoder refused the MJPEG frame (FFmpeg's max_pixels) and DALI's CPU decoder, which takes no such
+    bound, allocated it. The whole file is refused, not only its clips that hold the frame."""
     from timesformer_harness.pipelines.config import DataConfig
     from timesformer_harness.pipelines.factory import build_loader
 
     grown = {str(hostile["grows_midstream"]): "8192x8192", str(hostile["grows_vp9"]): "512x512"}
+    if loader == "pyav":  # DALI's CPU decoder takes neither H.264 nor HEVC (the pre-flight check says so)
+        grown.update({str(hostile["grows_libx264"]): "512x512", str(hostile["grows_libx265"]): "512x512"})
     manifest = tmp_path / "m.csv"
     manifest.write_text("".join(f"{p} 0\n" for p in [*map(str, videos.good[:3]), *grown]))
     cfg = DataConfig(loader=loader, backend="cpu", train_manifest=str(manifest), num_frames=2, sampling_rate=1,

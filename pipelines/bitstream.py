@@ -182,21 +182,22 @@ def _jpeg_size(payload: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _nal_units(payload: bytes, length_size: int) -> list[bytes]:
-    """The NAL units of an H.264/HEVC packet: each after its ``length_size``-byte big-endian length, or, with 0,
-    between Annex-B start codes (00 00 01)."""
-    units = []
+def _nal_units(payload: bytes, length_size: int) -> list[memoryview]:
+    """The NAL units of an H.264/HEVC packet (views, not copies): each after its ``length_size``-byte big-endian
+    length, or, with 0, between Annex-B start codes (00 00 01; a unit keeps the next 4-byte code's leading zero
+    byte, which no field read here reaches)."""
+    view, units = memoryview(payload), []
     if length_size:
         at = 0
         while at + length_size <= len(payload):
-            n = int.from_bytes(payload[at:at + length_size], "big")
-            units.append(payload[at + length_size:at + length_size + n])
+            n = int.from_bytes(view[at:at + length_size], "big")
+            units.append(view[at + length_size:at + length_size + n])
             at += length_size + n
         return units
     at = payload.find(b"\0\0\1")
     while at >= 0:
         end = payload.find(b"\0\0\1", at + 3)
-        units.append(payload[at + 3:end if end >= 0 else len(payload)].rstrip(b"\0"))  # the next code's leading 00
+        units.append(view[at + 3:end if end >= 0 else len(payload)])
         at = end
     return units
 
@@ -204,12 +205,12 @@ def _nal_units(payload: bytes, length_size: int) -> list[bytes]:
 _SPS_BYTES = 4096  # an SPS's fields up to its frame size and cropping lie within this (scaling lists included)
 
 
-def _rbsp(nal: bytes, header: int) -> _Bits:
+def _rbsp(nal: memoryview, header: int) -> _Bits:
     """A reader over a NAL unit's payload after its ``header`` bytes, emulation-prevention bytes removed."""
-    return _Bits(nal[header:header + _SPS_BYTES].replace(b"\0\0\3", b"\0\0"), _SPS_BYTES)
+    return _Bits(bytes(nal[header:header + _SPS_BYTES]).replace(b"\0\0\3", b"\0\0"), _SPS_BYTES)
 
 
-def _h264_size(nal: bytes) -> tuple[int, int] | None:
+def _h264_size(nal: memoryview) -> tuple[int, int] | None:
     """The cropped frame size an H.264 sequence parameter set codes (ITU-T H.264, 7.3.2.1.1)."""
     try:
         bits = _rbsp(nal, 1)
@@ -260,7 +261,7 @@ def _skip_scaling_list(bits: _Bits, size: int) -> None:
         last = next_scale or last
 
 
-def _hevc_size(nal: bytes) -> tuple[int, int] | None:
+def _hevc_size(nal: memoryview) -> tuple[int, int] | None:
     """The cropped frame size an HEVC sequence parameter set codes (ITU-T H.265, 7.3.2.2.1)."""
     try:
         bits = _rbsp(nal, 2)

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 SSV2_SPLITS = {"train": "something-something-v2-train.json", "val": "something-something-v2-validation.json",
                "test": "something-something-v2-validation.json"}  # the original tests on the validation set
 SSV2_LABELS = "something-something-v2-labels.json"  # template -> class id, beside the split files by default
+# A manifest may name a folder of frames: the loaders refuse it (they read video files), prepare makes a video of it,
+# reading its images at this many frames per second unless told (the original's SSv2 frames were taken at 30 fps).
+FRAME_FOLDER_FPS = 30
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator
 from timesformer_harness.common import ExitCode, FileCache, cache_path, report_error
 from timesformer_harness.pipelines.bitstream import PROBE_DECODE_SIZE, frame_pixel_bound
 from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
 from timesformer_harness.pipelines.packets import JPEG_CODECS
 from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
@@ -172,6 +173,11 @@ def probe_video(path: str) -> VideoInfo:
     import av
 
     info = VideoInfo(path)
+    if os.path.isdir(path):
+        info.error = (f"a folder, not a video file: the loaders read video files; a folder of frames becomes one with "
+                      f"`python -m timesformer_harness.pipelines.tools.prepare MANIFEST --out DIR` (its images in name "
+                      f"order at --fps, default {FRAME_FOLDER_FPS}), then use DIR's manifest")
+        return info
     try:
         st = os.stat(path)
         size = st.st_size

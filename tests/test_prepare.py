@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,74 @@ def test_ssv2_manifest(videos, tmp_path):
     entries = read_ssv2(out / split.name, out / "something-something-v2-labels.json", out)
     assert [(Path(e.path).name, e.label) for e in entries] == [("100.webm", 0), ("101.webm", 1)]
     assert all(read_gop(e.path).num_frames == 24 for e in entries)
+
+
+def _frame_folder(folder: Path, frames, suffix: str = ".jpg") -> Path:
+    """``frames`` (RGB) as one JPEG (FFmpeg's mjpeg encoder, quality 2) or PNG file each, named in frame order."""
+    import av
+
+    folder.mkdir(parents=True)
+    for i, rgb in enumerate(frames):
+        enc = av.CodecContext.create("png" if suffix == ".png" else "mjpeg", "w")
+        enc.height, enc.width = rgb.shape[:2]
+        enc.pix_fmt, enc.time_base = ("rgb24" if suffix == ".png" else "yuvj444p"), Fraction(1, 30)
+        if suffix != ".png":
+            enc.qmin = enc.qmax = 2
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=enc.pix_fmt)
+        (folder / f"img_{i + 1:05d}{suffix}").write_bytes(b"".join(bytes(p) for p in [*enc.encode(frame),
+                                                                                       *enc.encode(None)]))
+    return folder
+
+
+def test_frame_folders_become_videos(videos, tmp_path):
+    """A manifest that names folders of frames (the original's SSv2 frame lists): the pre-flight check refuses a
+    folder with the command that converts it; prepare makes each folder one video, its images in name order at 30
+    frames per second (--fps otherwise), re-done when an image changes; a folder without images, or with two kinds,
+    is a failed source with its reason. The folder names hold glob characters, read literally."""
+    import numpy as np
+
+    frames = textured_frames(12, 48, 64, seed=7)
+    clip = _frame_folder(tmp_path / "frames" / "clip [a]*", frames)
+    _frame_folder(tmp_path / "frames" / "png clip", frames[:5], ".png")
+    mixed = _frame_folder(tmp_path / "frames" / "mixed", frames[:2])
+    _frame_folder(tmp_path / "frames" / "mixed_png", frames[2:3], ".png")
+    (mixed / "img_00003.png").write_bytes((tmp_path / "frames" / "mixed_png" / "img_00001.png").read_bytes())
+    (tmp_path / "frames" / "no images").mkdir()
+    manifest = tmp_path / "frames.csv"
+    manifest.write_text("".join(f"frames/{name} {label}\n" for name, label in
+                                [("clip [a]*", 3), ("png clip", 1), ("mixed", 0), ("no images", 2)])
+                        + f"{videos.good[0]} 4\n")
+
+    _, rejected = check_videos([str(clip), str(videos.good[0])], "cpu", num_frames=4, sampling_rate=2, cache=None)
+    assert [(p, r.split(":")[0]) for p, r in rejected] == [(str(clip), "a folder, not a video file")]
+    assert "tools.prepare MANIFEST --out DIR` (its images in name order at --fps, default 30)" in rejected[0][1]
+
+    out = tmp_path / "out"
+    report = prepare(manifest, out, PrepareSpec(codec="mjpeg", short_side=0, quality=2), progress=False)
+    assert dict(report.failed) == {
+        str(tmp_path / "frames" / "mixed"): "a frame folder with images of several kinds (.jpg, .png); keep one",
+        str(tmp_path / "frames" / "no images"): "a folder without images (.jpeg, .jpg, .png)"}
+    rows = read_kinetics(out / manifest.name)
+    assert [(Path(r.path).name, r.label) for r in rows] == [("clip [a]*.avi", 3), ("png clip.avi", 1),
+                                                            (videos.good[0].stem + ".avi", 4)]
+    infos, rejected = check_videos([r.path for r in rows], "cpu", num_frames=4, sampling_rate=1, cache=None)
+    assert rejected == [] and [(i.frames, i.fps, i.width, i.height) for i in infos[:2]] == [(12, 30.0, 64, 48),
+                                                                                            (5, 30.0, 64, 48)]
+    import av
+
+    with av.open(rows[0].path) as container:
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert np.abs(decoded.astype(int) - frames.astype(int)).mean() < 3  # the images, in name order
+    corner = decoded[:, :4, :4].mean(axis=(1, 2, 3))  # the frame-number patch: 8 more per frame
+    assert np.all(np.diff(corner) > 2), corner  # rising: the frames in name order
+
+    again = prepare(manifest, out, PrepareSpec(codec="mjpeg", short_side=0, quality=2), progress=False)
+    assert again.skipped == 3 and again.transcoded == 0
+    time.sleep(0.01)
+    (clip / "img_00012.jpg").unlink()  # a frame less: that video is made again
+    redone = prepare(manifest, out, PrepareSpec(codec="mjpeg", short_side=0, quality=2), progress=False)
+    assert redone.transcoded == 1 and redone.skipped == 2
+    slower = prepare(manifest, tmp_path / "out15", PrepareSpec(codec="mjpeg", short_side=0, fps=15), progress=False)
+    info = check_videos([str(tmp_path / "out15" / "frames" / "clip [a]*.avi")], "cpu", num_frames=4, sampling_rate=2,
+                        cache=None)[0][0]
+    assert slower.transcoded == 3 and (info.frames, info.fps) == (11, 15.0)

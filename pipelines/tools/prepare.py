@@ -7,6 +7,10 @@ forced every ``--gop`` frames, output checked) into ``DIR/<same relative path>.<
 ``DIR/<manifest name>`` with the same labels (Kinetics: ``path<sep>label`` relative to DIR; SSv2: the split JSON,
 without failed ids, and the labels JSON), and ``DIR/prepare.json`` (the spec, counts, failures).
 
+A manifest entry may also name a folder of frames (``.jpg``/``.jpeg``/``.png`` images, one kind, in name order, as
+the original's SSv2 frame lists): it becomes one video, its images read at ``--fps`` (default 30) frames per second
+(``transcode.open_source``). The loaders read video files only; this is how frame folders become ones.
+
 Why: a clip of 8 frames at rate 32 spans ~256 source frames; with one keyframe per 10 s video the decoder decodes
 ~all of them to deliver 8 (``timesformer_harness.pipelines.tools.decode_cost``). A GOP of the sampling rate, or
 intra-only MJPEG, cuts that, and DALI's CPU decoder reads only VP8/VP9/MJPEG anyway. ``--codec auto`` takes the
@@ -36,7 +40,8 @@ from pathlib import Path
 from timesformer_harness.common import atomic_write_text, remove_stale_temporaries, setup_logging
 from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
 from timesformer_harness.pipelines.manifest import SSV2_LABELS, add_manifest_arguments, read_entries
-from timesformer_harness.pipelines.tools.transcode import OUTPUT_CODECS, PrepareSpec, encoder_options, transcode
+from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, PrepareSpec, encoder_options, source_stat,
+                                                             transcode)
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +75,18 @@ def _run_job(args: tuple[Job, str, PrepareSpec]) -> dict:
     job, out_dir, spec = args
     t0 = time.perf_counter()
     try:
-        if not os.path.isfile(job.src):
-            raise RuntimeError("missing: no such file")
-        st = os.stat(job.src)  # before reading it: a source changed meanwhile is redone next time
-        if st.st_size == 0:
+        if not os.path.exists(job.src):
+            raise RuntimeError("missing: no such file or folder")
+        src_size, src_mtime_ns = source_stat(job.src)  # before reading it: a source changed meanwhile is redone
+        if src_size == 0:
             raise RuntimeError("empty file (0 bytes)")
         frames = transcode(job.src, Path(out_dir) / job.rel_out, spec)
     except Exception as e:
         reason = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
         return {"src": job.src, "out": job.rel_out, "error": reason}
     return {"src": job.src, "out": job.rel_out, "error": "", "frames": frames,
-            "bytes": os.path.getsize(Path(out_dir) / job.rel_out), "src_size": st.st_size,
-            "src_mtime_ns": st.st_mtime_ns, "seconds": round(time.perf_counter() - t0, 3)}
+            "bytes": os.path.getsize(Path(out_dir) / job.rel_out), "src_size": src_size,
+            "src_mtime_ns": src_mtime_ns, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _relative_output(src: str, base: Path, ext: str) -> str:
@@ -112,11 +117,11 @@ def _is_done(rec: dict | None, job: Job, out: Path, spec_key: str) -> bool:
     if rec is None or rec.get("spec") != spec_key or rec.get("src") != job.src:
         return False
     try:
-        st = os.stat(job.src)
+        src = source_stat(job.src)
         size = os.path.getsize(out / job.rel_out)
-    except OSError:
+    except (OSError, RuntimeError):
         return False
-    return (st.st_size, st.st_mtime_ns, size) == (rec.get("src_size"), rec.get("src_mtime_ns"), rec.get("bytes"))
+    return (*src, size) == (rec.get("src_size"), rec.get("src_mtime_ns"), rec.get("bytes"))
 
 
 @dataclass

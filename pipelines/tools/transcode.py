@@ -1,6 +1,7 @@
-"""The transcode engine of dataset preparation: one source video -> one checked output file.
+"""The transcode engine of dataset preparation: one source video (or folder of frames) -> one checked output file.
 
-``transcode(src, dst, spec)`` decodes ``src`` with PyAV, resamples it to a constant frame rate, resizes it (short
+``transcode(src, dst, spec)`` decodes ``src`` with PyAV (a folder of frames as an image sequence: ``open_source``),
+resamples it to a constant frame rate, resizes it (short
 side, aspect kept, even sizes), encodes it with a keyframe forced every ``spec.gop`` frames, checks the result
 (opens, right codec, the frame count written, keyframe gaps <= GOP) and only then renames it to ``dst``
 (``timesformer_harness.common.atomic_path``). ``PrepareSpec`` holds everything that determines the output's
@@ -11,14 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
 from timesformer_harness.common import atomic_path
+from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS
 
 SPEC_VERSION = 1
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})  # the frames of a frame folder, any case
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,44 @@ def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
     return written, rate
 
 
+def frame_images(folder: str | Path) -> list[Path]:
+    """A frame folder's images (``IMAGE_SUFFIXES``), in name order: the frames' order.
+
+    Raises ``RuntimeError`` for a folder without images, or with images of several suffixes (``.jpg`` and ``.png``,
+    or ``.jpg`` and ``.JPG``: one image sequence has one)."""
+    images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    suffixes = sorted({p.suffix for p in images})
+    if not images:
+        raise RuntimeError(f"a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if len(suffixes) > 1:
+        raise RuntimeError(f"a frame folder with images of several kinds ({', '.join(suffixes)}); keep one")
+    return images
+
+
+def source_stat(src: str | Path) -> tuple[int, int]:
+    """(bytes, newest modification in ns) of a source: a video file's own; a frame folder's images' total and
+    newest (the folder's own mtime too: an image added or removed). Raises OSError or ``RuntimeError`` as
+    ``frame_images``."""
+    st = os.stat(src)
+    if not Path(src).is_dir():
+        return st.st_size, st.st_mtime_ns
+    stats = [p.stat() for p in frame_images(src)]
+    return sum(s.st_size for s in stats), max([st.st_mtime_ns, *(s.st_mtime_ns for s in stats)])
+
+
+def open_source(src: str | Path, fps: float | None = None):  # noqa: ANN201 - a PyAV input container
+    """``src`` opened with PyAV: a video file, or a frame folder's images (``frame_images``) as one image sequence
+    read at ``fps`` frames per second (default ``FRAME_FOLDER_FPS``)."""
+    import av
+
+    if not Path(src).is_dir():
+        return av.open(str(src))
+    suffix = frame_images(src)[0].suffix
+    folder = "".join("\\" + c if c in "[]*?{}\\" else c for c in str(src))  # glob(3) escapes
+    rate = str(Fraction(fps or FRAME_FOLDER_FPS).limit_denominator(1001))
+    return av.open(f"{folder}/*{suffix}", format="image2", options={"pattern_type": "glob", "framerate": rate})
+
+
 def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
     """Transcode ``src`` into ``dst`` as ``spec`` says, via a checked temporary file; returns the frames written.
 
@@ -215,7 +257,7 @@ def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
 
     try:
         with atomic_path(dst) as tmp:
-            with av.open(str(src)) as inp:
+            with open_source(src, spec.fps) as inp:
                 written, rate = _encode(inp, tmp, spec)
                 declared = _declared_seconds(inp, inp.streams.video[0])
             if written == 0:

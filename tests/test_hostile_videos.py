@@ -112,7 +112,9 @@ def make_hostile(root: Path, good: Path, seed: int = 0) -> dict[str, Path]:
     files["grows_vp9"] = encode_resizing(root / "grows_vp9.webm", "libvpx-vp9",
                                          [*_frames(4, 64, 64, seed + 5), *_frames(2, 512, 512, seed + 5)],
                                          options=realtime)
-    for encoder, options in (("libx264", {"tune": "zerolatency"}), ("libx265", {"x265-params": "log-level=error"})):
+    # zero latency: each encoder's packets come out as its frames go in, so the two encoders' timestamps stay in order
+    for encoder, options in (("libx264", {"tune": "zerolatency"}),
+                             ("libx265", {"tune": "zerolatency", "x265-params": "log-level=error"})):
         files[f"grows_{encoder}"] = encode_resizing(root / f"grows_{encoder}.mp4", encoder,  # an in-band 512x512 SPS
                                                     [*_frames(4, 64, 64, seed + 6), *_frames(2, 512, 512, seed + 6)],
                                                     options=options)

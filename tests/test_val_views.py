@@ -53,18 +53,20 @@ def _per_view_plans(cfg: DataConfig, videos: list[Video]) -> list[ClipPlan]:
     return out
 
 
-def _dali_per_view(cfg: DataConfig, plans: list[ClipPlan], jpeg_frames: bool = False) -> tuple[torch.Tensor, int]:
-    """Each view decoded on its own by the one-output graph (the loader's graph before units): (clips, frames
-    decoded)."""
+def _dali_graph_clips(cfg: DataConfig, plans: list[ClipPlan], jpeg_frames: bool = False, views: int = 1,
+                      backend: str = "cpu") -> tuple[torch.Tensor, int]:
+    """``plans`` (units of ``views`` in a row) through the loader's DALI graph for ``backend`` with CPU decoders:
+    (clips, frames decoded). By default each view decoded on its own by the one-output graph (the loader's graph
+    before units); ``backend="gpu"`` is the GPU graph's CPU twin (resize, mirror and normalise in DALI)."""
     T = cfg.num_frames if jpeg_frames else 0
-    source = PlanSource(len(plans), prefetch=0, jpeg_frames=jpeg_frames)
-    pipe = build_video_pipeline(source, batch_size=len(plans), crop=cfg.test_crop_size, mean=cfg.mean, std=cfg.std,
-                                num_threads=1, frames_per_clip=T)
+    units = len(plans) // views
+    source = PlanSource(units, backend=backend, prefetch=0, jpeg_frames=jpeg_frames, views=views)
+    pipe = build_video_pipeline(source, batch_size=units, crop=cfg.test_crop_size, mean=cfg.mean, std=cfg.std,
+                                backend=backend, num_threads=1, frames_per_clip=T, decoder_device="cpu")
     pipe.build()
     source.start(plans)
-    out = pipe.run()
-    clips = to_clips(out, plans, backend="cpu", decode_only=False, frames_per_clip=T, crop=cfg.test_crop_size,
-                     mean=cfg.mean, std=cfg.std, device=torch.device("cpu"))
+    clips = to_clips(pipe.run(), plans, backend=backend, decode_only=False, frames_per_clip=T,
+                     crop=cfg.test_crop_size, mean=cfg.mean, std=cfg.std, device=torch.device("cpu"))
     source.close()
     return clips, source.decoded
 
@@ -120,7 +122,7 @@ def test_dali_cpu_decodes_each_unit_once_with_the_per_view_pixels(videos, codec:
     plans = _per_view_plans(cfg, loader.planner.videos)  # one rank: the units' views are today's order
     assert [i for b in batches for i in b.index.tolist()] == [p.index for p in plans]
     assert all(tuple(b.video.shape) == (6, 3, 4, 32, 32) for b in batches)
-    reference, decoded_per_view = _dali_per_view(cfg, plans, loader.jpeg_frames)
+    reference, decoded_per_view = _dali_graph_clips(cfg, plans, loader.jpeg_frames)
     assert torch.equal(torch.cat([b.video for b in batches]), reference)  # bit-identical, view by view
     assert len({p.window for p in plans if p.path == str(paths[0])}) == 3  # the crops differ (landscape 48x64)
     # frames decoded: the pass decodes each unit once; the per-view decode 3 times
@@ -128,23 +130,6 @@ def test_dali_cpu_decodes_each_unit_once_with_the_per_view_pixels(videos, codec:
     if codec == "mjpeg":  # every view's 4 frames were decoded as images of their own before
         assert decoded_per_view == 4 * len(plans)
     assert loader.source.decoded == sum(loader.decoded_frames(plans[::3])) > 0
-
-
-def _graph_clips(cfg: DataConfig, plans: list[ClipPlan], views: int, jpeg_frames: bool, backend: str
-                 ) -> tuple[torch.Tensor, int]:
-    """``plans`` (units of ``views`` in a row) through the loader's graph for ``backend`` with CPU decoders: for
-    ``gpu``, the GPU graph's CPU twin (resize, mirror and normalise in DALI). (clips, frames decoded)."""
-    T = cfg.num_frames if jpeg_frames else 0
-    units = len(plans) // views
-    source = PlanSource(units, backend=backend, prefetch=0, jpeg_frames=jpeg_frames, views=views)
-    pipe = build_video_pipeline(source, batch_size=units, crop=cfg.test_crop_size, mean=cfg.mean, std=cfg.std,
-                                backend=backend, num_threads=1, frames_per_clip=T, decoder_device="cpu")
-    pipe.build()
-    source.start(plans)
-    clips = to_clips(pipe.run(), plans, backend=backend, decode_only=False, frames_per_clip=T,
-                     crop=cfg.test_crop_size, mean=cfg.mean, std=cfg.std, device=torch.device("cpu"))
-    source.close()
-    return clips, source.decoded
 
 
 @pytest.mark.parametrize("codec", ["vp9", "mjpeg"])
@@ -165,9 +150,9 @@ def test_the_gpu_graph_on_cpu_decoders_gives_the_cpu_graphs_clips(videos, codec:
     cfg = _cfg(videos, "dali", paths)
     planner = build_loader(cfg, "test", device="cpu").planner
     plans = [replace(p, flip=bool(k // 3 % 2)) for k, p in enumerate(_per_view_plans(cfg, planner.videos))]
-    units, decoded_units = _graph_clips(cfg, plans, 3, jpeg, "gpu")
-    per_view, decoded_per_view = _graph_clips(cfg, plans, 1, jpeg, "gpu")
-    cpu, _ = _graph_clips(cfg, plans, 3, jpeg, "cpu")
+    units, decoded_units = _dali_graph_clips(cfg, plans, jpeg, views=3, backend="gpu")
+    per_view, decoded_per_view = _dali_graph_clips(cfg, plans, jpeg, backend="gpu")
+    cpu, _ = _dali_graph_clips(cfg, plans, jpeg, views=3)
     assert units.shape == (len(plans), 3, 4, 32, 32) and units.is_contiguous(memory_format=CLIP_FORMAT)
     assert torch.equal(units, per_view) and decoded_units * 3 == decoded_per_view > 0
     one_step = 1 / (255 * min(cfg.std))
@@ -253,7 +238,7 @@ def test_dali_a_unit_whose_decode_fails_is_decoded_again_alone_and_drops_its_vie
     assert [(u.index, u.view) for u in loader.unscored] == [(1, 0), (1, 1), (1, 2)]
     assert all(u.path == str(bad.path) and u.reason.startswith("DALI") for u in loader.unscored), loader.unscored
     assert loader.quarantine.paths() == {str(bad.path)}
-    reference, _ = _dali_per_view(cfg, kept)
+    reference, _ = _dali_graph_clips(cfg, kept)
     assert torch.equal(torch.cat([b.video for b in batches]), reference)
 
 
@@ -272,7 +257,7 @@ def test_evaluation_scores_are_unchanged_on_the_toy_set(tmp_path) -> None:
         got = score_loader(model, loader, torch.device("cpu"), None)
         plans = _per_view_plans(cfg, loader.planner.videos)
         if kind == "dali":
-            per_view = list(_dali_per_view(cfg, plans)[0])
+            per_view = list(_dali_graph_clips(cfg, plans)[0])
         else:
             per_view = [_pyav_per_view(cfg, p) for p in plans]
         want = ViewAccumulator()

@@ -10,7 +10,7 @@ still relative after that is taken relative to the manifest file's folder (so ``
 ``ValueError`` naming the file, the line number and what was expected, with a hint where the file looks like another
 format. A Kinetics line splits on its last whitespace (a path may contain spaces); a UTF-8 byte-order mark is
 ignored; a video listed twice with different labels, or a label outside ``num_classes``, is an error naming the
-lines.
+lines. A path may name a folder of frames instead of a video file (``frame_images``: its images in name order).
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ logger = logging.getLogger(__name__)
 SSV2_SPLITS = {"train": "something-something-v2-train.json", "val": "something-something-v2-validation.json",
                "test": "something-something-v2-validation.json"}  # the original tests on the validation set
 SSV2_LABELS = "something-something-v2-labels.json"  # template -> class id, beside the split files by default
-# A manifest may name a folder of frames: the loaders refuse it (they read video files), prepare makes a video of it,
-# reading its images at this many frames per second unless told (the original's SSv2 frames were taken at 30 fps).
+# A manifest may name a folder of frames (``frame_images``): its images are its frames, at this many frames per second
+# (the original's SSv2 frames were taken at 30 fps; prepare's --fps reads them at another rate).
 FRAME_FOLDER_FPS = 30
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})  # the frames of a frame folder, any case
+JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})  # the frame folders the loaders read directly (prepare takes PNG too)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,20 @@ class VideoEntry:
     path: str
     label: int
     key: str = ""  # SSv2 video id ("" for the other formats)
+
+
+def frame_images(folder: str | Path) -> list[Path]:
+    """A frame folder's images (``IMAGE_SUFFIXES``), in name order: the frames' order.
+
+    Raises ``RuntimeError`` for a folder without images, or with images of several suffixes (``.jpg`` and ``.png``,
+    or ``.jpg`` and ``.JPG``: one image sequence has one)."""
+    images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    suffixes = sorted({p.suffix for p in images})
+    if not images:
+        raise RuntimeError(f"a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if len(suffixes) > 1:
+        raise RuntimeError(f"a frame folder with images of several kinds ({', '.join(suffixes)}); keep one")
+    return images
 
 
 def _resolve(path: str, prefix: str, base: Path) -> str:

@@ -52,13 +52,15 @@ import numpy as np
 from timesformer_harness.common import FileCache, file_key
 from timesformer_harness.pipelines import mkv
 from timesformer_harness.pipelines.bitstream import SIZED_CODECS, coded_frame_sizes, frame_pixel_bound, nal_length_size
+from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS, JPEG_SUFFIXES, frame_images
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS
 
 logger = logging.getLogger(__name__)
 
 # 2: the codec's extradata; 3: the codec's canonical name (av1, not the decoder's libdav1d); 4: coded frame sizes
-# checked (an index stored before could hold a file that grows past its header); 5: H.264/HEVC ones too
-INDEX_VERSION = 5
+# checked (an index stored before could hold a file that grows past its header); 5: H.264/HEVC ones too; 6: frame
+# folders
+INDEX_VERSION = 6
 # codecs whose packets travel in IVF (libavformat's IVF demuxer maps the fourcc through its AVI tag table)
 IVF_FOURCC = {"vp8": b"VP80", "vp9": b"VP90", "mjpeg": b"MJPG", "h264": b"H264"}
 ANNEXB_CODECS = frozenset({"h264"})  # NAL-unit codecs whose clip streams are Annex-B byte streams (in IVF)
@@ -66,6 +68,8 @@ START_CODE = b"\0\0\0\1"
 SPAN_SLACK = 1 << 16  # one pread per keyframe run unless it would read this many bytes more than the payloads
 JPEG_CODECS = frozenset({"mjpeg"})  # intra-only codecs whose every packet is a JPEG image (``jpeg_images``)
 OFFSET_SLACK = 64  # a payload starts at most this many bytes after the packet's position (container framing)
+MAX_IMAGE_BYTES = 64 << 20  # a frame folder's image above this is refused (a 4K JPEG takes a few MB)
+JPEG_HEADER_BYTES = 1 << 20  # a JPEG's frame header is looked for in its first MiB (after its EXIF/ICC segments)
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +87,7 @@ class PacketIndex:
     key: np.ndarray  # (N,) bool: a decoder can start at this packet
     display: np.ndarray  # (N,) int64: display index -> decode position
     extradata: bytes = b""  # the codec's global header (e.g. H.264's avcC record in MP4 and Matroska)
+    files: tuple[str, ...] = ()  # a frame folder's images by decode position (``path`` the folder); () for a video
 
     @property
     def num_frames(self) -> int:
@@ -105,7 +110,7 @@ class PacketIndex:
     def to_row(self) -> tuple[str, bytes]:
         """(JSON header, packed arrays): what ``PacketIndexCache`` stores."""
         meta = {"codec": self.codec, "width": self.width, "height": self.height, "rate": list(self.rate),
-                "n": self.num_frames, "extradata": self.extradata.hex()}
+                "n": self.num_frames, "extradata": self.extradata.hex(), "files": list(self.files)}
         arrays = b"".join(a.astype(np.int64).tobytes() for a in (self.offset, self.size, self.pts)) + \
             self.key.astype(np.uint8).tobytes()
         return json.dumps(meta), arrays
@@ -117,17 +122,20 @@ class PacketIndex:
         offset, size, pts = np.frombuffer(arrays, np.int64, 3 * n).reshape(3, n).copy()
         key = np.frombuffer(arrays, np.uint8, n, offset=24 * n).astype(bool)
         return PacketIndex(path, meta["codec"], meta["width"], meta["height"], tuple(meta["rate"]), offset, size, pts,
-                           key, np.argsort(pts, kind="stable"), bytes.fromhex(meta["extradata"]))
+                           key, np.argsort(pts, kind="stable"), bytes.fromhex(meta["extradata"]), tuple(meta["files"]))
 
 
 def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
     """Demux ``path``'s first video stream (no decoding) into a ``PacketIndex``; ``offsets=False`` skips locating
     the payloads in the file (``offset`` all -1: enough for keyframe positions). Raises ValueError naming the file
     when it has no video stream or no video packet, or when a payload codes a frame far larger than the header's
-    (``bitstream.frame_pixel_bound``: a decoder would allocate it), and PyAV's error when it cannot be opened."""
+    (``bitstream.frame_pixel_bound``: a decoder would allocate it), and PyAV's error when it cannot be opened.
+    A folder is indexed as a frame folder (``index_frame_folder``)."""
     import av
 
     path = str(path)
+    if os.path.isdir(path):
+        return index_frame_folder(path)
     rows: list[tuple[int, int, int | None, bool]] = []
     with av.open(path) as container, open(path, "rb") as fh:
         if not container.streams.video:
@@ -166,6 +174,45 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
     num, den = (rate.numerator, rate.denominator) if rate else (30, 1)
     return PacketIndex(path, codec, cc.width, cc.height, (num, den), offset.astype(np.int64),
                        size.astype(np.int64), pts, key, np.argsort(pts, kind="stable"), extradata)
+
+
+def index_frame_folder(path: str | os.PathLike) -> PacketIndex:
+    """A folder of JPEG frames (``manifest.frame_images``: its images in name order) as a ``PacketIndex``: a packet
+    per image, each a whole file (``files``, offset 0), every one a keyframe, at ``FRAME_FOLDER_FPS``. Every image's
+    frame header is read. Raises ValueError naming the folder and the fix for a folder without images, of PNG frames
+    (prepare makes a video of them), or with an image that is not a JPEG, is above ``MAX_IMAGE_BYTES``, or has
+    another size than the first (a clip's frames have one size)."""
+    path = str(path)
+    try:
+        images = frame_images(path)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if images[0].suffix.lower() not in JPEG_SUFFIXES:
+        raise ValueError(f"{path}: a folder of {images[0].suffix} frames: the loaders read folders of JPEG frames "
+                         f"({', '.join(sorted(JPEG_SUFFIXES))}); make a video of it with `python -m "
+                         f"timesformer_harness.pipelines.tools.prepare MANIFEST --out DIR` and use DIR's manifest")
+    sizes, first = [], (0, 0)
+    for k, image in enumerate(images):
+        with open(image, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_IMAGE_BYTES:
+                raise ValueError(f"{path}: image {image.name} has {size} bytes, above the {MAX_IMAGE_BYTES} a frame "
+                                 f"may have; replace it, or remove it")
+            dims = coded_frame_sizes("mjpeg", f.read(JPEG_HEADER_BYTES))
+        if not dims:
+            raise ValueError(f"{path}: image {image.name} is not a JPEG image (no frame header); replace it, or "
+                             f"remove it")
+        if k == 0:
+            first = dims[0]
+        elif dims[0] != first:
+            raise ValueError(f"{path}: image {image.name} is {dims[0][0]}x{dims[0][1]}, the folder's first frame "
+                             f"{first[0]}x{first[1]}: a clip's frames have one size; resize it, or remove it")
+        sizes.append(size)
+    n = len(images)
+    positions = np.arange(n, dtype=np.int64)
+    return PacketIndex(path, "mjpeg", first[0], first[1], (FRAME_FOLDER_FPS, 1), np.zeros(n, np.int64),
+                       np.asarray(sizes, np.int64), positions, np.ones(n, bool), positions.copy(),
+                       files=tuple(p.name for p in images))
 
 
 PACKET_CACHE = "packets.sqlite"  # beside the probe cache (timesformer_harness.common.cache_path)
@@ -351,9 +398,28 @@ def nal_layout(index: PacketIndex) -> tuple[bytes, int]:
     return b"".join(START_CODE + u for u in units), length_size
 
 
-def read_payloads(index: PacketIndex, packets: np.ndarray, fd: int) -> list[bytes]:
-    """The payloads of ``packets`` (decode positions) read from the open file ``fd``."""
+def read_payloads(index: PacketIndex, packets: Sequence[int] | np.ndarray, fd: int) -> list[bytes]:
+    """The payloads of ``packets`` (decode positions) read from the open file ``fd`` (a frame folder's: the open
+    folder, ``read_image``)."""
+    if index.files:
+        return [read_image(index, int(d), fd) for d in packets]
     return [os.pread(fd, int(index.size[d]), int(index.offset[d])) for d in packets]
+
+
+def read_image(index: PacketIndex, position: int, folder_fd: int) -> bytes:
+    """A frame folder's image at decode ``position``, read whole through the open folder ``folder_fd``. Raises
+    RuntimeError naming it when its size is not the indexed one (the index is kept per the folder's own size and
+    time, which an image rewritten in place does not change), OSError when it is gone."""
+    name, size = index.files[position], int(index.size[position])
+    fd = os.open(name, os.O_RDONLY, dir_fd=folder_fd)
+    try:
+        data = os.read(fd, size + 1)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise RuntimeError(f"{index.path}: image {name} has changed since the folder was indexed ({size} bytes then); "
+                           f"`touch` the folder so that it is indexed again")
+    return data
 
 
 def jpeg_images(index: PacketIndex, frames: Sequence[int] | np.ndarray, fd: int) -> list[bytes]:
@@ -460,8 +526,18 @@ def copy_payloads(index: PacketIndex, plan: PacketPlan, fd: int, out: bytearray,
                   stats: dict[str, int] | None = None) -> None:
     """Copy the payloads of the plan's packets from the open file ``fd`` into ``out`` at ``dst`` (per packet): one
     ``os.pread`` per keyframe run (per packet where a run's packets lie more than ``SPAN_SLACK`` bytes apart).
-    ``stats`` (optional) counts ``preads`` and ``bytes_read``."""
+    ``stats`` (optional) counts ``preads`` and ``bytes_read``. A frame folder's images are read one by one
+    (``read_image``; each read counted as a pread)."""
     n = len(plan.packets)
+    if index.files:
+        images = read_payloads(index, plan.packets, fd)
+        for k, data in enumerate(images):
+            out[dst[k]:dst[k] + len(data)] = data
+        if stats is not None:
+            stats["preads"] = stats.get("preads", 0) + n
+            stats["bytes_read"] = stats.get("bytes_read", 0) + sum(map(len, images))
+        return
+
     offsets, sizes = index.offset[plan.packets].tolist(), index.size[plan.packets].tolist()  # Python ints: fast loop
     for a, b in zip(plan.segments, [*plan.segments[1:], n]):
         first, end = offsets[a], offsets[b - 1] + sizes[b - 1]

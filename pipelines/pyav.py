@@ -13,6 +13,7 @@ process as a bare ``RuntimeError`` without the file's name), and its batch as a 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -23,11 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from timesformer_harness.common import cache_path
 from timesformer_harness.pipelines.base import Batch, ClipLoader, ClipPlanner, stack_clips
-from timesformer_harness.pipelines.packets import PACKET_CACHE, PacketIndex, PacketIndexCache, keyframe_segments
+from timesformer_harness.pipelines.packets import (PACKET_CACHE, PacketIndex, PacketIndexCache, jpeg_images,
+                                                   keyframe_segments)
 from timesformer_harness.pipelines.quarantine import BadVideo, FailedBatch, failure_reason
 from timesformer_harness.pipelines.sampling import ClipPlan
 from timesformer_harness.pipelines.transforms import crop_window, finish_clip
-from timesformer_harness.pipelines.validate import bound_decoder
+from timesformer_harness.pipelines.validate import bound_decoder, decode_jpeg
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +49,12 @@ def decode_clip(path: str, indices: Sequence[int] | np.ndarray, index: PacketInd
     the decoder is at (``timesformer_harness.pipelines.packets.keyframe_segments``: the fewest frames, one seek per
     segment): a seek per frame on intra-only files, one seek on long GOPs. Seeks go to the keyframe's exact pts and
     frames are identified by pts (``index``: the file's ``PacketIndex``; indexed now when not given). Indices past the
-    end of a shorter-than-declared video repeat its last frame.
+    end of a shorter-than-declared video repeat its last frame. A frame folder's images are decoded one by one
+    (``decode_images``).
     """
     index = index if index is not None else _INDEXES.get(path)
+    if index.files:
+        return decode_images(index, indices)
     wanted = sorted(set(int(i) for i in indices))
     wanted_set = set(wanted)
     display_of = {int(index.pts[d]): n for n, d in enumerate(index.display)}
@@ -81,7 +86,23 @@ def decode_clip(path: str, indices: Sequence[int] | np.ndarray, index: PacketInd
     return DecodedClip(np.stack([got.get(int(i), tail) for i in indices]), decoded)
 
 
-def decode_frames(path: str, indices: Sequence[int] | np.ndarray, index: PacketIndex | None = None) -> np.ndarray:
+def decode_images(index: PacketIndex, indices: Sequence[int] | np.ndarray) -> DecodedClip:
+    """Frames ``indices`` (repeats allowed; past the end: the last) of the frame folder ``index`` describes: each
+    wanted image read and decoded once (``validate.decode_jpeg``: the bytes DALI's loader is fed)."""
+    wanted = np.minimum(np.asarray(indices, dtype=np.int64), index.num_frames - 1)
+    unique = np.unique(wanted)
+    folder = os.open(index.path, os.O_RDONLY)
+    try:
+        images = jpeg_images(index, unique, folder)
+    finally:
+        os.close(folder)
+    rgb = {int(f): decode_jpeg(data, index.width, index.height, f"{index.path}/{index.files[index.display[f]]}")
+           .to_ndarray(format="rgb24") for f, data in zip(unique, images)}
+    return DecodedClip(np.stack([rgb[int(i)] for i in wanted]), len(unique))
+
+
+def decode_frames(
+path: str, indices: Sequence[int] | np.ndarray, index: PacketIndex | None = None) -> np.ndarray:
     """Frames ``indices`` of ``path`` as (len(indices), H, W, 3) uint8 RGB (``decode_clip``)."""
     return decode_clip(path, indices, index).frames
 

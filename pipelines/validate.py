@@ -15,6 +15,9 @@ are refused from the header by the judge (``usable``), so no frame of such a fil
 ``timesformer_harness.pipelines.factory.build_loader`` runs the same check (``data.on_bad_video: error | skip``),
 because DALI's readers drop bad files silently and its decoder kills the pipeline on them.
 
+A folder of JPEG frames is probed as the MJPEG video its images make (``probe_frame_folder``: every image's header
+read, one frame size; ``deep_probe_folder``: every image decoded, none cut short).
+
 ``--backend gpu`` applies NVDEC's limits (``timesformer_harness.pipelines.nvdec``: codec per GPU generation, minimum and
 maximum frame size, 8-bit 4:2:0) for the generation ``--gpu-arch`` names, else the visible GPU's, else Hopper's. A
 set of MJPEG files only passes it: their frames are JPEG images, which the DALI loader decodes with nvJPEG.
@@ -52,9 +55,8 @@ from typing import Any, Callable, Iterator
 from timesformer_harness.common import ExitCode, FileCache, cache_path, report_error
 from timesformer_harness.pipelines.bitstream import PROBE_DECODE_SIZE, frame_pixel_bound
 from timesformer_harness.pipelines.config import DataConfig
-from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
-from timesformer_harness.pipelines.packets import JPEG_CODECS
+from timesformer_harness.pipelines.packets import JPEG_CODECS, index_frame_folder, read_payloads
 from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
 
 logger = logging.getLogger(__name__)
@@ -159,6 +161,55 @@ def bound_decoder(stream: Any, width: int, height: int) -> None:
     stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(bound)}
 
 
+def decode_jpeg(data: bytes, width: int, height: int, name: str) -> Any:
+    """One JPEG image, a frame folder's image ``name`` of that folder's ``width`` x ``height`` frames, decoded by
+    FFmpeg's mjpeg decoder (bounded as ``bound_decoder`` bounds a stream) into a PyAV ``VideoFrame``. Raises
+    RuntimeError naming the image when it does not decode to one frame of that size."""
+    import av
+
+    decoder = av.CodecContext.create("mjpeg", "r")
+    decoder.thread_count = 1
+    decoder.options = {"max_pixels": str(frame_pixel_bound(width, height))}
+    try:
+        frames = [*decoder.decode(av.Packet(data)), *decoder.decode(None)]
+    except (av.error.FFmpegError, ValueError) as e:
+        raise RuntimeError(f"image {name}: cannot decode: {type(e).__name__}: {e}") from None
+    if not frames:
+        raise RuntimeError(f"image {name}: no decodable frame")
+    if (frames[0].width, frames[0].height) != (width, height):
+        raise RuntimeError(f"image {name}: a {frames[0].width}x{frames[0].height} frame where the folder's are "
+                           f"{width}x{height}")
+    return frames[0]
+
+
+def _frame_format(frame: Any, info: VideoInfo) -> None:
+    """The decoded ``frame``'s pixel format, bit depth and chroma subsampling into ``info``."""
+    info.pix_fmt = frame.format.name
+    info.bit_depth = max(c.bits for c in frame.format.components)
+    info.chroma = _chroma(frame.format, frame.width, frame.height)
+
+
+def probe_frame_folder(path: str) -> VideoInfo:
+    """``probe_video`` for a folder of JPEG frames: its index (``packets.index_frame_folder``: every image's header
+    read, one frame size) and its first image decoded (``decode_jpeg``) when at most ``PROBE_DECODE_SIZE``."""
+    info = VideoInfo(path)
+    try:
+        index = index_frame_folder(path)
+    except (OSError, ValueError) as e:
+        info.error = str(e).removeprefix(f"{path}: ")
+        return info
+    info.codec, info.frames, info.fps = index.codec, index.num_frames, index.fps
+    info.width, info.height = index.width, index.height
+    if info.width * info.height > PROBE_DECODE_SIZE[0] * PROBE_DECODE_SIZE[1]:
+        return info
+    try:
+        with open(os.path.join(path, index.files[0]), "rb") as f:
+            _frame_format(decode_jpeg(f.read(), info.width, info.height, index.files[0]), info)
+    except (OSError, RuntimeError) as e:
+        info.error = str(e)
+    return info
+
+
 def probe_video(path: str) -> VideoInfo:
     """Open ``path`` with PyAV and measure it; never raises for a bad file (the reason goes to ``error``).
 
@@ -169,15 +220,13 @@ def probe_video(path: str) -> VideoInfo:
     a file whose packets end in its first half (more than ``TAIL_BYTES`` of data no stream holds) is refused after.
     The first frame is decoded only when the header's frame size is at most ``PROBE_DECODE_SIZE`` (the judge,
     ``usable``, refuses frames above ``data.max_frame_pixels`` from the header), and FFmpeg refuses a frame much
-    larger than the header says before allocating it, so the probe's memory is bounded whatever the file holds."""
+    larger than the header says before allocating it, so the probe's memory is bounded whatever the file holds.
+    A folder is probed as a folder of JPEG frames (``probe_frame_folder``)."""
     import av
 
-    info = VideoInfo(path)
     if os.path.isdir(path):
-        info.error = (f"a folder, not a video file: the loaders read video files; a folder of frames becomes one with "
-                      f"`python -m timesformer_harness.pipelines.tools.prepare MANIFEST --out DIR` (its images in name "
-                      f"order at --fps, default {FRAME_FOLDER_FPS}), then use DIR's manifest")
-        return info
+        return probe_frame_folder(path)
+    info = VideoInfo(path)
     try:
         st = os.stat(path)
         size = st.st_size
@@ -247,9 +296,7 @@ def probe_video(path: str) -> VideoInfo:
             if frame is None:
                 info.error = "no decodable frame"
             else:
-                info.pix_fmt = frame.format.name
-                info.bit_depth = max(c.bits for c in frame.format.components)
-                info.chroma = _chroma(frame.format, frame.width, frame.height)
+                _frame_format(frame, info)
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
         info.error = f"cannot open/decode: {type(e).__name__}: {e}"
     return info
@@ -455,10 +502,13 @@ def deep_probe(path: str) -> str:
     messages that do not stop decoding (H.264's ``mmco: unref short failure`` is common in healthy files) and gaps in
     the timestamps (a variable-frame-rate file has them too) do not fail a file: such damage decodes, with artifacts.
     Changes PyAV's global log level while it runs: call it from one thread (``deep_check`` runs it in processes).
+    A folder of JPEG frames: every image decoded (``deep_probe_folder``).
     """
     import av
     import av.logging
 
+    if os.path.isdir(path):
+        return deep_probe_folder(path)
     packets = frames = 0
     size = None
     size_changes = 0
@@ -509,7 +559,32 @@ def deep_probe(path: str) -> str:
     return ""
 
 
-def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0, *,
+def deep_probe_folder(path: str) -> str:
+    """``deep_probe`` for a folder of JPEG frames: every image read and decoded (``decode_jpeg``: one frame of the
+    folder's size each) and ending in the end-of-image marker (zero bytes after it allowed): a JPEG cut short
+    decodes without an error, its missing rows grey. The reason, naming the image, or ""."""
+    try:
+        index = index_frame_folder(path)
+    except (OSError, ValueError) as e:
+        return str(e).removeprefix(f"{path}: ")
+    folder = os.open(path, os.O_RDONLY)
+    try:
+        for k, name in enumerate(index.files):
+            try:
+                data = read_payloads(index, [k], folder)[0]
+                decode_jpeg(data, index.width, index.height, name)
+            except (OSError, RuntimeError) as e:
+                return f"frame {k} of {index.num_frames}: {e}"
+            if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+                return (f"frame {k} of {index.num_frames}: image {name} is cut short (no end-of-image marker): an "
+                        f"interrupted write or copy; extract or copy it again")
+    finally:
+        os.close(folder)
+    return ""
+
+
+def deep_check(
+paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0, *,
                progress: bool = True, desc: str = "deep check", log_every: float = LOG_EVERY_S
                ) -> list[tuple[str, str]]:
     """``deep_probe`` every path (cached; the others in ``workers`` processes, 0 = one per core). Returns

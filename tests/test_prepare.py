@@ -208,10 +208,11 @@ def _frame_folder(folder: Path, frames, suffix: str = ".jpg") -> Path:
 
 
 def test_frame_folders_become_videos(videos, tmp_path):
-    """A manifest that names folders of frames (the original's SSv2 frame lists): the pre-flight check refuses a
-    folder with the command that converts it; prepare makes each folder one video, its images in name order at 30
-    frames per second (--fps otherwise), re-done when an image changes; a folder without images, or with two kinds,
-    is a failed source with its reason. The folder names hold glob characters, read literally."""
+    """A manifest that names folders of frames (the original's SSv2 frame lists): the pre-flight check takes a
+    folder of JPEG frames (the loaders read it) and refuses one of PNG frames with the command that converts it;
+    prepare makes each folder one video, its images in name order at 30 frames per second (--fps otherwise), re-done
+    when an image changes; a folder without images, or with two kinds, is a failed source with its reason. The
+    folder names hold glob characters, read literally."""
     import numpy as np
 
     frames = textured_frames(12, 48, 64, seed=7)
@@ -226,9 +227,12 @@ def test_frame_folders_become_videos(videos, tmp_path):
                                 [("clip [a]*", 3), ("png clip", 1), ("mixed", 0), ("no images", 2)])
                         + f"{videos.good[0]} 4\n")
 
-    _, rejected = check_videos([str(clip), str(videos.good[0])], "cpu", num_frames=4, sampling_rate=2, cache=None)
-    assert [(p, r.split(":")[0]) for p, r in rejected] == [(str(clip), "a folder, not a video file")]
-    assert "tools.prepare MANIFEST --out DIR` (its images in name order at --fps, default 30)" in rejected[0][1]
+    png = tmp_path / "frames" / "png clip"
+    infos, rejected = check_videos([str(clip), str(png), str(videos.good[0])], "cpu", num_frames=4, sampling_rate=2,
+                                   cache=None)
+    assert (infos[0].codec, infos[0].frames, infos[0].fps) == ("mjpeg", 12, 30.0)  # the loaders read JPEG folders
+    assert [(p, r.split(":")[0]) for p, r in rejected] == [(str(png), "a folder of .png frames")]
+    assert "tools.prepare MANIFEST --out DIR` and use DIR's manifest" in rejected[0][1]
 
     out = tmp_path / "out"
     report = prepare(manifest, out, PrepareSpec(codec="mjpeg", short_side=0, quality=2), progress=False)

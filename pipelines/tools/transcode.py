@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Iterator
 
 from timesformer_harness.common import atomic_path
-from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS
+from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS, frame_images
 
 SPEC_VERSION = 1
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})  # the frames of a frame folder, any case
 
 
 @dataclass(frozen=True)
@@ -207,20 +206,6 @@ def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
         for packet in ost.encode():
             out.mux(packet)
     return written, rate
-
-
-def frame_images(folder: str | Path) -> list[Path]:
-    """A frame folder's images (``IMAGE_SUFFIXES``), in name order: the frames' order.
-
-    Raises ``RuntimeError`` for a folder without images, or with images of several suffixes (``.jpg`` and ``.png``,
-    or ``.jpg`` and ``.JPG``: one image sequence has one)."""
-    images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    suffixes = sorted({p.suffix for p in images})
-    if not images:
-        raise RuntimeError(f"a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    if len(suffixes) > 1:
-        raise RuntimeError(f"a frame folder with images of several kinds ({', '.join(suffixes)}); keep one")
-    return images
 
 
 def source_stat(src: str | Path) -> tuple[int, int]:

@@ -96,7 +96,7 @@ CLIP_KEYS = tuple(f"data.{k}" for k in ("num_frames", "sampling_rate", "target_f
                                          "train_crop_size", "test_crop_size", "mean", "std", "random_flip",
                                          "inv_uniform_sample", "pad_short"))
 SOURCE_KEYS = tuple(f"data.{k}" for k in ("format", "root", "train_manifest", "path_prefix", "separator",
-                                           "ssv2_labels"))
+                                           "ssv2_labels", "ssv2_suffix"))
 IGNORED_KEYS = ("output.dir", "train.resume")  # where the run is (a moved folder) and how it was started
 
 Change = tuple[str, Any, Any]  # (dotted key, checkpoint's value, this launch's value)

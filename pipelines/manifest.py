@@ -151,7 +151,8 @@ def read_csv(path: str | Path, path_prefix: str = "", num_classes: int = 0) -> l
 def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | Path,
               ext: str = ".webm", num_classes: int = 0) -> list[VideoEntry]:
     """SSv2: ``labels_json`` maps template -> id; ``split_json`` lists ``{id, template}``; videos are
-    ``{video_dir}/{id}{ext}``. The label is the template with '[' and ']' removed, looked up in the labels."""
+    ``{video_dir}/{id}{ext}`` (``ext`` "": folders of frames). The label is the template with '[' and ']' removed,
+    looked up in the labels."""
     split_json, labels_json = Path(split_json), Path(labels_json)
     for p in (split_json, labels_json):
         if not p.is_file():
@@ -178,7 +179,7 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
 
 
 def read_entries(path: str | Path, fmt: str = "kinetics", *, separator: str = " ", path_prefix: str = "",
-                 ssv2_labels: str | Path = "", num_classes: int = 0) -> list[VideoEntry]:
+                 ssv2_labels: str | Path = "", ssv2_suffix: str = ".webm", num_classes: int = 0) -> list[VideoEntry]:
     """The videos listed by the manifest ``path`` in format ``fmt``: the one manifest parser.
 
     Args:
@@ -188,6 +189,7 @@ def read_entries(path: str | Path, fmt: str = "kinetics", *, separator: str = " 
         path_prefix: joined before every Kinetics/CSV path; for SSv2 the folder of the ``{id}.webm`` videos
             (default: the split JSON's folder).
         ssv2_labels: the SSv2 labels JSON (default: ``something-something-v2-labels.json`` beside the split JSON).
+        ssv2_suffix: SSv2 videos are ``{id}{ssv2_suffix}`` (``data.ssv2_suffix``); "" names folders of frames.
         num_classes: labels must be below it (``model.num_classes``); 0 = not checked.
 
     Raises:
@@ -201,7 +203,7 @@ def read_entries(path: str | Path, fmt: str = "kinetics", *, separator: str = " 
     elif fmt == "csv":
         entries = read_csv(path, path_prefix, num_classes)
     elif fmt == "ssv2":
-        entries = read_ssv2(path, ssv2_labels or path.parent / SSV2_LABELS, path_prefix or path.parent,
+        entries = read_ssv2(path, ssv2_labels or path.parent / SSV2_LABELS, path_prefix or path.parent, ssv2_suffix,
                             num_classes=num_classes)
     else:
         raise ValueError(f"manifest format {fmt!r}; choose from {list(MANIFEST_FORMATS)}")
@@ -219,6 +221,8 @@ def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
                         "SSv2: the folder of the {id}.webm videos (default: the split JSON's folder)")
     parser.add_argument("--ssv2-labels", default="", help="SSv2 labels JSON (default: "
                         f"{SSV2_LABELS} beside the split JSON)")
+    parser.add_argument("--ssv2-suffix", default=".webm", help="SSv2 videos are {id}SUFFIX (data.ssv2_suffix); '' "
+                        "for folders of JPEG frames named {id}")
 
 
 def manifest_path(cfg: DataConfig, split: str) -> Path:
@@ -240,6 +244,7 @@ def read_manifest(cfg: DataConfig, split: str, num_classes: int = 0) -> list[Vid
     # An SSv2 dataset's videos and labels file sit under data.root by default, wherever the split file is.
     prefix = cfg.path_prefix or (cfg.root if cfg.format == "ssv2" else "")
     entries = read_entries(path, cfg.format, separator=cfg.separator, path_prefix=prefix,
-                           ssv2_labels=cfg.ssv2_labels or Path(cfg.root) / SSV2_LABELS, num_classes=num_classes)
+                           ssv2_labels=cfg.ssv2_labels or Path(cfg.root) / SSV2_LABELS, ssv2_suffix=cfg.ssv2_suffix,
+                           num_classes=num_classes)
     logger.info("%s: %d videos (%s format)", path, len(entries), cfg.format)
     return entries

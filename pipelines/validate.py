@@ -708,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cache = cache_path(None if args.cache is None else args.cache or "none")  # '': the older spelling of none
         entries = read_entries(args.manifest, args.format, separator=args.separator, path_prefix=args.path_prefix,
-                               ssv2_labels=args.ssv2_labels, num_classes=args.num_classes)
+                               ssv2_labels=args.ssv2_labels, ssv2_suffix=args.ssv2_suffix,
+                               num_classes=args.num_classes)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {as_cli_hint(str(e))}", file=sys.stderr)
         return 1

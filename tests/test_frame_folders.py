@@ -4,6 +4,7 @@ plans, DALI's and PyAV's batches, clip streams, nvJPEG's inputs); and what break
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import replace
@@ -114,6 +115,24 @@ def test_both_loaders_read_a_folder_set_as_the_video_set(pairs, tmp_path, caplog
         assert isinstance(mixed, DaliLoader) and not mixed.jpeg_frames
         for x, y in zip(mixed, same, strict=True):
             assert torch.equal(x.video, y.video)
+
+
+def test_an_ssv2_split_reads_frame_folders_named_by_id(pairs) -> None:
+    """SSv2 as frames, the original's layout: ``{root}/{id}/`` folders with ``data.ssv2_suffix=""`` load the very
+    batches of the ``{id}.avi`` videos beside them (segment sampling, the val split's three crops)."""
+    root = Path(pairs[0][0]).parent
+    (root / "labels.json").write_text(json.dumps({"Pushing something": "0", "Lifting something up": "1"}))
+    split = [{"id": Path(v).stem, "template": ["Pushing [something]", "Lifting [something] up"][i % 2]}
+             for i, (v, _) in enumerate(pairs)]
+    (root / "something-something-v2-validation.json").write_text(json.dumps(split))
+    cfg = DataConfig(loader="dali", backend="cpu", format="ssv2", root=str(root), ssv2_labels=str(root / "labels.json"),
+                     ssv2_suffix="", num_frames=4, test_crop_size=32, num_spatial_crops=3, batch_size=6,
+                     num_workers=1, validate_cache="none")
+    folders, videos = build_loader(cfg, "val"), build_loader(replace(cfg, ssv2_suffix=".avi"), "val")
+    assert [p.path for p in folders.planner.plans(0)][::3] == [f for _, f in pairs]
+    assert [p.path for p in videos.planner.plans(0)][::3] == [v for v, _ in pairs]
+    for x, y in zip(folders, videos, strict=True):
+        assert torch.equal(x.video, y.video) and x.label.tolist() == y.label.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_what_breaks_a_folder_is_named_before_and_during_a_run(pairs, tmp_path) -> None:

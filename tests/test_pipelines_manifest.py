@@ -129,6 +129,8 @@ def test_read_entries_is_the_one_dispatch(tmp_path: Path) -> None:
     # SSv2 defaults: videos and the labels file beside the split JSON; the video id is kept as the entry's key
     assert read_entries(tmp_path / "split.json", "ssv2") == [VideoEntry(str(tmp_path / "7.webm"), 4, "7")]
     assert read_entries(tmp_path / "split.json", "ssv2", path_prefix="/ssv2")[0].path == "/ssv2/7.webm"
+    assert read_entries(tmp_path / "split.json", "ssv2", ssv2_suffix=".avi")[0].path == str(tmp_path / "7.avi")
+    assert read_entries(tmp_path / "split.json", "ssv2", ssv2_suffix="")[0].path == str(tmp_path / "7")  # frames
     with pytest.raises(ValueError, match=r"manifest format 'json'; choose from \['kinetics', 'csv', 'ssv2'\]"):
         read_entries(tmp_path / "c.csv", "json")
     (tmp_path / "empty.txt").write_text("\n\n")

@@ -4,6 +4,7 @@ sources, a killed run resumed, idempotence, frame-rate resampling, SSv2 manifest
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.common import is_temporary
 from timesformer_harness.pipelines.tools.decode_cost import read_gop
-from timesformer_harness.pipelines.manifest import read_kinetics, read_ssv2
+from timesformer_harness.pipelines.manifest import read_entries, read_kinetics, read_ssv2
 from timesformer_harness.pipelines.tools.prepare import JOURNAL, SPEC_FILE, main, parse_gop, prepare
 from timesformer_harness.pipelines.tools.transcode import PrepareSpec, output_size, transcode
 from timesformer_harness.pipelines.validate import check_videos
@@ -171,7 +172,7 @@ def test_bad_arguments(videos, tmp_path):
     assert main([str(manifest), "--out", str(tmp_path), "--codec", "mjpeg", "--gop", "8"]) == 2
 
 
-def test_ssv2_manifest(videos, tmp_path):
+def test_ssv2_manifest(videos, tmp_path, caplog):
     src = tmp_path / "ssv2"
     src.mkdir()
     for i, p in enumerate(videos.good[:2] + [videos.garbage]):
@@ -188,6 +189,14 @@ def test_ssv2_manifest(videos, tmp_path):
     entries = read_ssv2(out / split.name, out / "something-something-v2-labels.json", out)
     assert [(Path(e.path).name, e.label) for e in entries] == [("100.webm", 0), ("101.webm", 1)]
     assert all(read_gop(e.path).num_frames == 24 for e in entries)
+    # MJPEG outputs are {id}.avi: prepare names the suffix that reads them, and it does
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.pipelines.tools.prepare"):
+        prepare(split, tmp_path / "mjpeg", PrepareSpec("mjpeg", 32), fmt="ssv2", workers=1, progress=False)
+    assert "the SSv2 videos written are {id}.avi: read them with data.ssv2_suffix=.avi (--ssv2-suffix .avi)" in \
+        caplog.text
+    entries = read_entries(tmp_path / "mjpeg" / split.name, "ssv2", ssv2_suffix=".avi")
+    assert [Path(e.path).name for e in entries] == ["100.avi", "101.avi"] and all(Path(e.path).is_file()
+                                                                                for e in entries)
 
 
 def _frame_folder(folder: Path, frames, suffix: str = ".jpg") -> Path:

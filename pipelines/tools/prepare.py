@@ -154,18 +154,19 @@ class PrepareReport:
 
 
 def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: str = "kinetics",
-            separator: str = " ", path_prefix: str = "", ssv2_labels: str = "", workers: int = 0,
-            progress: bool = True) -> PrepareReport:
+            separator: str = " ", path_prefix: str = "", ssv2_labels: str = "", ssv2_suffix: str = ".webm",
+            workers: int = 0, progress: bool = True) -> PrepareReport:
     """Transcode every video of ``manifest`` into ``out`` (see the module docstring); returns the report."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     manifest, out = Path(manifest), Path(out)
-    entries = read_entries(manifest, fmt, separator=separator, path_prefix=path_prefix, ssv2_labels=ssv2_labels)
+    entries = read_entries(manifest, fmt, separator=separator, path_prefix=path_prefix, ssv2_labels=ssv2_labels,
+                           ssv2_suffix=ssv2_suffix)
     codec = spec.output_codec
     if fmt == "ssv2" and codec.ext != ".webm":
-        logger.warning("SSv2 manifests name videos {id}.webm; the %s outputs are {id}%s, which the SSv2 reader "
-                       "(timesformer_harness.pipelines.manifest.read_ssv2) does not look for", spec.codec, codec.ext)
+        logger.warning("the SSv2 videos written are {id}%s: read them with data.ssv2_suffix=%s (--ssv2-suffix %s)",
+                       codec.ext, codec.ext, codec.ext)
     base = Path(path_prefix) if path_prefix else manifest.parent
     rel_of = {e.path: (e.key + codec.ext if fmt == "ssv2" else _relative_output(e.path, base, codec.ext))
               for e in entries}
@@ -292,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%s", chose)
         spec = PrepareSpec(codec=codec, short_side=args.short_side, gop=gop, fps=args.fps, quality=args.quality)
         report = prepare(args.manifest, args.out, spec, fmt=args.format, separator=args.separator,
-                         path_prefix=args.path_prefix, ssv2_labels=args.ssv2_labels, workers=args.workers,
-                         progress=not args.no_progress)
+                         path_prefix=args.path_prefix, ssv2_labels=args.ssv2_labels, ssv2_suffix=args.ssv2_suffix,
+                         workers=args.workers, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,11 +47,13 @@ class VideoEntry:
 
 
 def frame_images(folder: str | Path) -> list[Path]:
-    """A frame folder's images (``IMAGE_SUFFIXES``), in name order: the frames' order.
+    """A frame folder's images (``IMAGE_SUFFIXES``), in name order: the frames' order. Hidden files (``._0001.jpg``,
+    the resource forks a copy from macOS leaves) are not frames, as for a shell's or FFmpeg's glob.
 
     Raises ``RuntimeError`` for a folder without images, or with images of several suffixes (``.jpg`` and ``.png``,
     or ``.jpg`` and ``.JPG``: one image sequence has one)."""
-    images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(p for p in Path(folder).iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     suffixes = sorted({p.suffix for p in images})
     if not images:
         raise RuntimeError(f"a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -141,6 +141,8 @@ def test_what_breaks_a_folder_is_named_before_and_during_a_run(pairs, tmp_path) 
     is cut short. At run time an image rewritten after its folder was indexed is quarantined with the fix (touch
     the folder), and the epoch completes."""
     _, good = pairs[0]
+    (Path(good) / "._00000.jpg").write_bytes(b"\0\5\26\7" + bytes(60))  # a resource fork: hidden, not a frame
+    (Path(good) / "notes.txt").write_text("extracted at 30 fps\n")
     root = tmp_path / "bad"
     root.mkdir()
     broken = {name: _mjpeg_video_and_folder(root, name, 7, 12)[1] for name in ("not_jpeg", "other_size", "cut")}
@@ -166,6 +168,7 @@ def test_what_breaks_a_folder_is_named_before_and_during_a_run(pairs, tmp_path) 
     assert deep_probe(broken["cut"]) == ("frame 3 of 12: image 00003.jpg is cut short (no end-of-image marker): an "
                                          "interrupted write or copy; extract or copy it again")
     assert deep_probe(broken["not_jpeg"]) == dict(rejected)[broken["not_jpeg"]]
+    assert index_packets(good).num_frames == 40 and deep_probe(good) == ""  # the hidden file and the notes ignored
 
     run = tmp_path / "run"
     run.mkdir()

@@ -10,7 +10,7 @@ still relative after that is taken relative to the manifest file's folder (so ``
 ``ValueError`` naming the file, the line number and what was expected, with a hint where the file looks like another
 format. A Kinetics line splits on its last whitespace (a path may contain spaces); a UTF-8 byte-order mark is
 ignored; a video listed twice with different labels, or a label outside ``num_classes``, is an error naming the
-lines. A path may name a folder of frames instead of a video file (``frame_images``: its images in name order).
+lines. A path may name a folder of frames instead of a video file (``frame_images``: its images in frame order).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import csv
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,14 +47,23 @@ class VideoEntry:
     key: str = ""  # SSv2 video id ("" for the other formats)
 
 
+def frame_order(name: str) -> tuple[list[str | int], str]:
+    """Sort key of a frame's file name: its runs of digits compared as numbers, the rest as text (``img_2.jpg``
+    before ``img_10.jpg``; zero-padded names keep their byte order), ties (``01`` and ``1``) by the name itself."""
+    parts = re.split(r"(\d+)", name)  # text, digits, text, ...: the same kind at the same position in every key
+    return [int(p) if k % 2 else p for k, p in enumerate(parts)], name
+
+
 def frame_images(folder: str | Path) -> list[Path]:
-    """A frame folder's images (``IMAGE_SUFFIXES``), in name order: the frames' order. Hidden files (``._0001.jpg``,
-    the resource forks a copy from macOS leaves) are not frames, as for a shell's or FFmpeg's glob.
+    """A frame folder's images (``IMAGE_SUFFIXES``) in frame order: by name, the numbers in names by value
+    (``frame_order``: ``2.jpg`` before ``10.jpg``, as extracted with ``%d.jpg``). Hidden files (``._0001.jpg``, the
+    resource forks a copy from macOS leaves) are not frames, as for a shell's glob.
 
     Raises ``RuntimeError`` for a folder without images, or with images of several suffixes (``.jpg`` and ``.png``,
     or ``.jpg`` and ``.JPG``: one image sequence has one)."""
-    images = sorted(p for p in Path(folder).iterdir()
-                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    images = sorted((p for p in Path(folder).iterdir()
+                     if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+                    key=lambda p: frame_order(p.name))
     suffixes = sorted({p.suffix for p in images})
     if not images:
         raise RuntimeError(f"a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -177,7 +177,7 @@ def index_packets(path: str | os.PathLike, offsets: bool = True) -> PacketIndex:
 
 
 def index_frame_folder(path: str | os.PathLike) -> PacketIndex:
-    """A folder of JPEG frames (``manifest.frame_images``: its images in name order) as a ``PacketIndex``: a packet
+    """A folder of JPEG frames (``manifest.frame_images``: its images in frame order) as a ``PacketIndex``: a packet
     per image, each a whole file (``files``, offset 0), every one a keyframe, at ``FRAME_FOLDER_FPS``. Every image's
     frame header is read. Raises ValueError naming the folder and the fix for a folder without images, of PNG frames
     (prepare makes a video of them), or with an image that is not a JPEG, is above ``MAX_IMAGE_BYTES``, or has

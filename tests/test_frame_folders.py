@@ -25,8 +25,10 @@ from timesformer_harness.pipelines.tools.encode import write_video
 from timesformer_harness.pipelines.validate import check_videos, deep_probe, probe_video
 
 
-def _mjpeg_video_and_folder(root: Path, name: str, seed: int, frames: int = 40) -> tuple[str, str]:
-    """An MJPEG video and a folder holding its packets as ``00000.jpg``, ``00001.jpg``, ... (the same bytes)."""
+def _mjpeg_video_and_folder(root: Path, name: str, seed: int, frames: int = 40, image_name: str = "{:05d}.jpg"
+                            ) -> tuple[str, str]:
+    """An MJPEG video and a folder holding its packets as ``00000.jpg``, ``00001.jpg``, ... (``image_name``; the same
+    bytes)."""
     video = str(write_video(root / f"{name}.avi", textured_frames(frames, 48, 64, seed), "mjpeg", 30, {},
                             pix_fmt="yuvj420p"))
     folder = root / name
@@ -34,7 +36,7 @@ def _mjpeg_video_and_folder(root: Path, name: str, seed: int, frames: int = 40) 
     index = index_packets(video)
     with open(video, "rb") as f:
         for k, image in enumerate(jpeg_images(index, range(index.num_frames), f.fileno())):
-            (folder / f"{k:05d}.jpg").write_bytes(image)
+            (folder / image_name.format(k)).write_bytes(image)
     return video, str(folder)
 
 
@@ -115,6 +117,23 @@ def test_both_loaders_read_a_folder_set_as_the_video_set(pairs, tmp_path, caplog
         assert isinstance(mixed, DaliLoader) and not mixed.jpeg_frames
         for x, y in zip(mixed, same, strict=True):
             assert torch.equal(x.video, y.video)
+
+
+def test_frames_numbered_without_padding_keep_their_order(tmp_path) -> None:
+    """Frames extracted as ``frame_1.jpg`` ... ``frame_24.jpg`` (FFmpeg's ``%d``): ``frame_10`` comes after
+    ``frame_9`` in the index, in the loaders' clips (the video's very frames) and in the video prepare makes."""
+    from timesformer_harness.pipelines.pyav import decode_frames
+    from timesformer_harness.pipelines.tools.transcode import PrepareSpec, transcode
+
+    video, folder = _mjpeg_video_and_folder(tmp_path, "unpadded", 3, 24, image_name="frame_{}.jpg")
+    assert index_packets(folder).files == tuple(f"frame_{k}.jpg" for k in range(24))
+    frames = np.arange(24)
+    assert np.array_equal(decode_frames(folder, frames), decode_frames(video, frames))
+    prepared = tmp_path / "prepared.avi"
+    assert transcode(folder, prepared, PrepareSpec("mjpeg", 0, quality=2)) == 24
+    made, source = decode_frames(str(prepared), frames).astype(int), decode_frames(video, frames).astype(int)
+    nearest = [int(np.abs(source - f).mean(axis=(1, 2, 3)).argmin()) for f in made]
+    assert nearest == frames.tolist()
 
 
 def test_an_ssv2_split_reads_frame_folders_named_by_id(pairs) -> None:

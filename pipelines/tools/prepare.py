@@ -7,9 +7,10 @@ forced every ``--gop`` frames, output checked) into ``DIR/<same relative path>.<
 ``DIR/<manifest name>`` with the same labels (Kinetics: ``path<sep>label`` relative to DIR; SSv2: the split JSON,
 without failed ids, and the labels JSON), and ``DIR/prepare.json`` (the spec, counts, failures).
 
-A manifest entry may also name a folder of frames (``.jpg``/``.jpeg``/``.png`` images, one kind, in name order, as
-the original's SSv2 frame lists): it becomes one video, its images read at ``--fps`` (default 30) frames per second
-(``transcode.open_source``). The loaders read video files only; this is how frame folders become ones.
+A manifest entry may also name a folder of frames (``.jpg``/``.jpeg``/``.png`` images, one kind, in
+``manifest.frame_images``' order, as the original's SSv2 frame lists): it becomes one video, its images read at
+``--fps`` (default 30) frames per second (``transcode.open_source``). The loaders read folders of JPEG frames
+themselves; PNG frames, or frames wanted at another size or rate, come through here.
 
 Why: a clip of 8 frames at rate 32 spans ~256 source frames; with one keyframe per 10 s video the decoder decodes
 ~all of them to deliver 8 (``timesformer_harness.pipelines.tools.decode_cost``). A GOP of the sampling rate, or

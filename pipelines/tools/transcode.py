@@ -10,13 +10,15 @@ content; its ``key()`` marks finished outputs in ``timesformer_harness.pipelines
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from timesformer_harness.common import atomic_path
 from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS, frame_images
@@ -219,17 +221,27 @@ def source_stat(src: str | Path) -> tuple[int, int]:
     return sum(s.st_size for s in stats), max([st.st_mtime_ns, *(s.st_mtime_ns for s in stats)])
 
 
-def open_source(src: str | Path, fps: float | None = None):  # noqa: ANN201 - a PyAV input container
-    """``src`` opened with PyAV: a video file, or a frame folder's images (``frame_images``) as one image sequence
-    read at ``fps`` frames per second (default ``FRAME_FOLDER_FPS``)."""
+@contextlib.contextmanager
+def open_source(src: str | Path, fps: float | None = None) -> Iterator[Any]:
+    """``src`` opened with PyAV (a context: the input container): a video file, or a frame folder's images
+    (``frame_images``, in its order) as one image sequence read at ``fps`` frames per second (default
+    ``FRAME_FOLDER_FPS``). FFmpeg's image2 demuxer takes a sequence's files in the byte order of their names, so it
+    reads a temporary folder of links to the images named in frame order (and no character of the folder's own name
+    is read as a pattern)."""
     import av
 
     if not Path(src).is_dir():
-        return av.open(str(src))
-    suffix = frame_images(src)[0].suffix
-    folder = "".join("\\" + c if c in "[]*?{}\\" else c for c in str(src))  # glob(3) escapes
+        with av.open(str(src)) as container:
+            yield container
+        return
+    images = frame_images(src)
     rate = str(Fraction(fps or FRAME_FOLDER_FPS).limit_denominator(1001))
-    return av.open(f"{folder}/*{suffix}", format="image2", options={"pattern_type": "glob", "framerate": rate})
+    with tempfile.TemporaryDirectory(prefix="frames-") as links:
+        for k, image in enumerate(images):
+            os.symlink(image.resolve(), os.path.join(links, f"{k:08d}{image.suffix}"))
+        pattern = os.path.join(links.replace("%", "%%"), f"%08d{images[0].suffix}")  # %% : a literal % in TMPDIR
+        with av.open(pattern, format="image2", options={"framerate": rate, "pattern_type": "sequence"}) as container:
+            yield container
 
 
 def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:

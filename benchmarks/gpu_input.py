@@ -6,23 +6,25 @@
 The files (``GPU_SIZE``): 8 generated 10 s, 30 fps, 340x256 H.264 sources (keyint 250, a camera panning over a detailed
 texture; ``benchmarks/bench_prepare.py``), prepared by ``timesformer_harness.pipelines.tools.prepare`` at a 256 px short
 side into ``VARIANTS``: H.264 and VP9 with GOP 32 (= the sampling rate) and a long GOP (250), HEVC with GOP 32, and
-MJPEG (intra-only). Sources and variants are made in parallel and kept in ``--data`` (prepare is idempotent). Each
+MJPEG (intra-only), and ``jpeg-folders``: a folder per MJPEG video holding its JPEG images (the same bytes), read as
+frame folders. Sources and variants are made in parallel and kept in ``--data`` (prepare is idempotent). Each
 variant's train manifest lists every video 16 times (128 clips); 8x32 sampling, crop 224, jitter 256-320, batch 32.
 
 The rows, in the order they run (``ROWS``, most wanted first): the DALI loader with 8 threads on H.264 GOP 32 on NVDEC
 (``data.backend=gpu``), on MJPEG with ``data.backend=gpu`` (its JPEG frames decoded by nvJPEG, ``device="mixed"``, and
 resized, flipped and normalised on the GPU), on VP9 GOP 32 on NVDEC, and on MJPEG as JPEG images decoded by DALI on the
 CPU (``data.backend=cpu``); the end-to-end step on H.264 GOP 32 and MJPEG (``data.backend=auto``: what a run gets); the
-DALI loader on NVDEC on the long GOPs and on HEVC GOP 32 (Matroska clip streams); DALI with 16 threads on H.264 GOP 32;
-the PyAV loader (16 workers) on H.264 GOP 32; DALI's CPU decoder on VP9 GOP 32 (the candidate against NVDEC); the
-end-to-end step and PyAV on VP9 GOP 32. Each loader row decodes on a named path, so that the decode table
-(``timesformer_harness.pipelines.decode_rates``) gets every candidate ``data.backend=auto`` chooses between: with
-``--update-table [PATH]`` every loader row that ran on a GPU is merged into it (default: the shipped
-``configs/measured/decode_rates.yaml``) as it finishes. A loader row builds the loader in a fresh process
-(``loader_row``), runs one warm-up epoch (its time includes indexing the files), then 3 timed epochs: median clips/s and
-host CPU ms per clip (the process and its workers), then one epoch under ``torch.profiler`` for the GPU's busy ms per
-clip (``timesformer_harness.metrics.kernel_time``: the kernels and copies CUPTI sees in that process; NVDEC's decode
-engine runs no kernels), and the frames decoded per clip, counted on 16 clips. An end-to-end row is the bench's e2e case
+JPEG frame folders on nvJPEG; the DALI loader on NVDEC on the long GOPs and on HEVC GOP 32 (Matroska clip streams); DALI
+with 16 threads on H.264 GOP 32; the PyAV loader (16 workers) on H.264 GOP 32; DALI's CPU decoder on VP9 GOP 32 (the
+candidate against NVDEC); the end-to-end step and PyAV on VP9 GOP 32; the frame folders on DALI's CPU decoder. Each
+loader row decodes on a named path, so that the decode table (``timesformer_harness.pipelines.decode_rates``) gets every
+candidate ``data.backend=auto`` chooses between: with ``--update-table [PATH]`` every loader row that ran on a GPU is
+merged into it (default: the shipped ``configs/measured/decode_rates.yaml``) as it finishes (not the frame folders'
+rows: the table is per file codec). A loader row builds the loader in a fresh process (``loader_row``), runs one warm-up
+epoch (its time includes indexing the files), then 3 timed epochs: median clips/s and host CPU ms per clip (the process
+and its workers), then one epoch under ``torch.profiler`` for the GPU's busy ms per clip
+(``timesformer_harness.metrics.kernel_time``: the kernels and copies CUPTI sees in that process; NVDEC's decode engine
+runs no kernels), and the frames decoded per clip, counted on 16 clips. An end-to-end row is the bench's e2e case
 (``timesformer_harness.bench.e2e``): TimeSformer-Base divided 8x224 in bf16, eager, fed by the ``auto`` loader of the
 variant; its data wait is the share of each step spent waiting for the batch. A row whose estimated cost no longer fits
 ``--budget-s`` (counted from the start, preparing included) is skipped and says so; ``<out>/results.json`` and
@@ -30,7 +32,7 @@ variant; its data wait is the share of each step spent waiting for the batch. A 
 keeps what it measured.
 
 With ``--rehearse-on-cpu`` the same rows run at CPU size (48 px files, crop 32, batch 4, the tiny model): DALI's CPU
-decoder on VP9 and MJPEG, PyAV on VP9; every H.264 and HEVC row and the nvJPEG row are skipped (DALI's CPU decoder does
+decoder on VP9, MJPEG and the frame folders, PyAV on VP9; every H.264 and HEVC row and the nvJPEG rows are skipped (DALI's CPU decoder does
 not decode them, so the rehearsal prepares none; nvJPEG needs a GPU), and so is the CPU-decoder VP9 row (on a CPU the
 VP9 row decodes there already). Its rows go to a table only at a path given (``--update-table PATH``), with the
 generation ``cpu``: the shipped table holds GPU measurements only."""
@@ -85,7 +87,10 @@ CPU_SIZE = Size(height=48, width=64, jitter=(40, 48), crop=32, batch=4, videos=2
 
 # name -> what prepare makes of the sources (the short side is the size's height)
 VARIANTS = {"h264-gop32": ("h264", RATE), "vp9-gop32": ("vp9", RATE), "mjpeg": ("mjpeg", 1),
-            "h264-long": ("h264", 250), "vp9-long": ("vp9", 250), "hevc-gop32": ("hevc", RATE)}
+            "h264-long": ("h264", 250), "vp9-long": ("vp9", 250), "hevc-gop32": ("hevc", RATE),
+            "jpeg-folders": ("mjpeg", 1)}
+# variants made from another's files instead of by prepare: per MJPEG video, a folder of its JPEG images (same bytes)
+FOLDER_VARIANTS = {"jpeg-folders": "mjpeg"}
 GPU_ONLY_CODECS = {"h264": "H.264", "hevc": "HEVC"}  # DALI's CPU decoder takes VP8/VP9/MJPEG only
 
 
@@ -113,6 +118,7 @@ ROWS: tuple[Row, ...] = (
     Row("dali-mjpeg", "dali", "mjpeg", backend="cpu"),
     Row("e2e-h264-gop32", "e2e", "h264-gop32", estimate_s=60.0),
     Row("e2e-mjpeg", "e2e", "mjpeg", estimate_s=60.0),
+    Row("dali-folders-nvjpeg", "dali", "jpeg-folders", backend="gpu"),
     Row("dali-h264-long", "dali", "h264-long", backend="gpu", estimate_s=40.0),
     Row("dali-vp9-long", "dali", "vp9-long", backend="gpu", estimate_s=40.0),
     Row("dali-hevc-gop32", "dali", "hevc-gop32", backend="gpu", estimate_s=40.0),
@@ -121,6 +127,7 @@ ROWS: tuple[Row, ...] = (
     Row("dali-cpu-vp9-gop32", "dali", "vp9-gop32", backend="cpu", rehearsed=False, estimate_s=40.0),
     Row("e2e-vp9-gop32", "e2e", "vp9-gop32", estimate_s=60.0),
     Row("pyav-vp9-gop32", "pyav", "vp9-gop32", thread_factor=2, estimate_s=40.0),
+    Row("dali-folders", "dali", "jpeg-folders", backend="cpu"),
 )
 
 # The issue's targets for one H100 (<= 16 host cores, 8x224 clips from 256-px-short-side files).
@@ -141,9 +148,10 @@ def data_config(size: Size, root: Path, manifest: Path, threads: int) -> DataCon
 
 
 def prepare_variants(data: Path, size: Size, names: list[str]) -> tuple[dict[str, Path], dict[str, Any]]:
-    """The sources and the variants ``names`` at ``size``, made in parallel (existing ones kept): each variant's
-    repeated train manifest, and what preparing cost."""
+    """The sources and the variants ``names`` at ``size``, made in parallel (existing ones kept; a folder variant
+    after the variant it is made from): each variant's repeated train manifest, and what preparing cost."""
     from timesformer_harness.benchmarks.bench_prepare import make_sources, repeated_manifest
+    from timesformer_harness.pipelines.tools.encode import mjpeg_frame_folder
     from timesformer_harness.pipelines.tools.prepare import prepare
 
     cores = os.cpu_count() or 1
@@ -160,9 +168,23 @@ def prepare_variants(data: Path, size: Size, names: list[str]) -> tuple[dict[str
             raise RuntimeError(f"prepare {name}: {report.summary()}")
         return name, repeated_manifest(out / manifest.name, size.repeat)
 
-    with ThreadPoolExecutor(max(1, len(names))) as pool:
-        manifests = dict(pool.map(one, names))
-    return manifests, {"sources_s": round(sources_s, 1), "variants_s": round(clock.lap(), 1), "cores": cores}
+    encoded = list(dict.fromkeys(FOLDER_VARIANTS.get(name, name) for name in names))
+    with ThreadPoolExecutor(max(1, len(encoded))) as pool:
+        manifests = dict(pool.map(one, encoded))
+    for name in names:
+        if name in FOLDER_VARIANTS:
+            base = manifests[FOLDER_VARIANTS[name]].parent
+            out = data / f"{name}_{size.height}p"
+            lines = []
+            for line in (base / manifest.name).read_text().splitlines():
+                video, label = line.rsplit(" ", 1)
+                if not (out / Path(video).stem).is_dir():
+                    mjpeg_frame_folder(base / video, out / f".{Path(video).stem}.tmp").rename(out / Path(video).stem)
+                lines.append(f"{Path(video).stem} {label}\n")
+            (out / manifest.name).write_text("".join(lines))
+            manifests[name] = repeated_manifest(out / manifest.name, size.repeat)
+    costs = {"sources_s": round(sources_s, 1), "variants_s": round(clock.lap(), 1), "cores": cores}
+    return {name: manifests[name] for name in names}, costs
 
 
 def loader_row(payload: dict[str, Any]) -> dict[str, Any]:
@@ -410,7 +432,8 @@ def run(out: Path, data: Path, budget_s: float, only: list[str] | None,
             else:
                 entry.update(run_loader(row, cfg, device, size.rounds, timeout_s=max(left, 60)))
         record_row(out, results, entry, meta, clock.elapsed(), summary)
-        if table is not None and entry["kind"] != "e2e" and entry["status"] == "ok":
+        in_table = entry["kind"] != "e2e" and row.variant not in FOLDER_VARIANTS  # the table's codecs are files'
+        if table is not None and in_table and entry["status"] == "ok":
             generation = generation_of(device) if cuda else CPU_GENERATION
             merge_rates(table, [table_row(entry, meta, generation, out / "results.json")])
             logger.info("%s: merged into the decode table %s", row.name, table)

@@ -21,7 +21,7 @@ from timesformer_harness.pipelines.factory import build_loader
 from timesformer_harness.pipelines.packets import (PacketIndexCache, clip_stream, index_packets, jpeg_images,
                                                    plan_packets)
 from timesformer_harness.pipelines.pyav import PyAVLoader
-from timesformer_harness.pipelines.tools.encode import write_video
+from timesformer_harness.pipelines.tools.encode import mjpeg_frame_folder, write_video
 from timesformer_harness.pipelines.validate import check_videos, deep_probe, probe_video
 
 
@@ -31,13 +31,7 @@ def _mjpeg_video_and_folder(root: Path, name: str, seed: int, frames: int = 40, 
     bytes)."""
     video = str(write_video(root / f"{name}.avi", textured_frames(frames, 48, 64, seed), "mjpeg", 30, {},
                             pix_fmt="yuvj420p"))
-    folder = root / name
-    folder.mkdir()
-    index = index_packets(video)
-    with open(video, "rb") as f:
-        for k, image in enumerate(jpeg_images(index, range(index.num_frames), f.fileno())):
-            (folder / image_name.format(k)).write_bytes(image)
-    return video, str(folder)
+    return video, str(mjpeg_frame_folder(video, root / name, image_name))
 
 
 def _cfg(root: Path, name: str, paths: list[str], **kw) -> DataConfig:

@@ -29,17 +29,20 @@ def test_rehearsal_runs_the_rows_a_cpu_can_and_skips_the_h264_ones(tmp_path, dat
     rows = {r["row"]: r for r in results["rows"]}
     assert list(rows) == [r.name for r in gpu_input.ROWS]  # ROWS order, every row reported
     skipped = [name for name, r in rows.items() if r["status"] == "skipped"]
-    assert skipped == ["dali-h264-gop32", "dali-mjpeg-nvjpeg", "e2e-h264-gop32", "dali-h264-long", "dali-hevc-gop32",
-                       "dali-h264-gop32-x2threads", "pyav-h264-gop32", "dali-cpu-vp9-gop32"]
+    assert skipped == ["dali-h264-gop32", "dali-mjpeg-nvjpeg", "e2e-h264-gop32", "dali-folders-nvjpeg",
+                       "dali-h264-long", "dali-hevc-gop32", "dali-h264-gop32-x2threads", "pyav-h264-gop32",
+                       "dali-cpu-vp9-gop32"]
     assert all(rows[name]["message"].startswith(H264_SKIP) for name in skipped if "h264" in name)
     assert rows["dali-hevc-gop32"]["message"].startswith("HEVC rows run on a GPU only")
     assert rows["dali-mjpeg-nvjpeg"]["message"].startswith("nvJPEG rows run on a GPU only")
+    assert rows["dali-folders-nvjpeg"]["message"].startswith("nvJPEG rows run on a GPU only")
     assert rows["dali-cpu-vp9-gop32"]["message"].startswith("a GPU host's row only")
     ran = [name for name, r in rows.items() if r["status"] == "ok"]
-    assert ran == ["dali-vp9-gop32", "dali-mjpeg", "e2e-mjpeg", "dali-vp9-long", "e2e-vp9-gop32", "pyav-vp9-gop32"]
+    assert ran == ["dali-vp9-gop32", "dali-mjpeg", "e2e-mjpeg", "dali-vp9-long", "e2e-vp9-gop32", "pyav-vp9-gop32",
+                   "dali-folders"]
     size = gpu_input.CPU_SIZE
     clips = size.videos * size.repeat
-    for name in ("dali-vp9-gop32", "dali-mjpeg", "dali-vp9-long", "pyav-vp9-gop32"):
+    for name in ("dali-vp9-gop32", "dali-mjpeg", "dali-vp9-long", "pyav-vp9-gop32", "dali-folders"):
         r = rows[name]
         assert r["clips_per_epoch"] == clips and r["decoded_clips"] == clips and r["delivered_frames"] == 8.0, r
         assert r["decoded_per_clip"] == r["decoded_model_per_clip"], r  # counted = the keyframe model
@@ -47,6 +50,7 @@ def test_rehearsal_runs_the_rows_a_cpu_can_and_skips_the_h264_ones(tmp_path, dat
         assert len(r["rounds_clips_per_s"]) == size.rounds
     assert (rows["dali-vp9-gop32"]["loader"], rows["dali-vp9-gop32"]["decode"]) == ("dali", "cpu")
     assert rows["dali-mjpeg"]["jpeg_frames"] and rows["dali-mjpeg"]["decoded_per_clip"] == 8.0  # intra-only
+    assert rows["dali-folders"]["jpeg_frames"] and rows["dali-folders"]["decoded_per_clip"] == 8.0  # an image a frame
     assert rows["pyav-vp9-gop32"]["loader"] == "pyav" and rows["pyav-vp9-gop32"]["threads"] == 2 * size.threads
     # the same clips: PyAV decodes what DALI's clip streams decode; a long GOP decodes more per clip
     assert rows["pyav-vp9-gop32"]["decoded_per_clip"] == rows["dali-vp9-gop32"]["decoded_per_clip"]
@@ -65,13 +69,16 @@ def test_rehearsal_runs_the_rows_a_cpu_can_and_skips_the_h264_ones(tmp_path, dat
     assert "- loader >= 400 clips/s on at least one prepared format: not judged on a CPU (" in summary
     assert summary in capsys.readouterr().out
     prepared = sorted(p.name for p in data.iterdir())
-    assert prepared == ["mjpeg_48p", "source_48p", "vp9-gop32_48p", "vp9-long_48p"]  # no H.264 on a CPU
+    assert prepared == ["jpeg-folders_48p", "mjpeg_48p", "source_48p", "vp9-gop32_48p", "vp9-long_48p"]  # no H.264
+    folders = sorted(p.name for p in (data / "jpeg-folders_48p").iterdir() if p.is_dir())
+    assert folders == ["src000", "src001"]  # each the JPEG images of that MJPEG video
+    assert len(list((data / "jpeg-folders_48p" / "src000").glob("*.jpg"))) == 300
     assert sorted(p.name for p in (data / "vp9-gop32_48p").glob("*.webm")) == ["src000.webm", "src001.webm"]
     # every loader row that ran, in the decode table's schema, as the GPU run writes its rows
     written = {(r.path, r.codec, r.gop): r for r in load_rates(table)}
     loaders = {name: r for name, r in rows.items() if r["status"] == "ok" and r["kind"] != "e2e"}
     assert sorted(written) == [("dali-cpu", "mjpeg", 1), ("dali-cpu", "vp9", 32), ("dali-cpu", "vp9", 250),
-                               ("pyav", "vp9", 32)] and len(loaders) == 4
+                               ("pyav", "vp9", 32)] and len(loaders) == 5  # the folders' row not: files only
     sha, started = results["meta"]["env"]["git_sha"][:7], results["meta"]["started"]
     for name, (path, codec, gop) in {"dali-vp9-gop32": ("dali-cpu", "vp9", 32), "dali-mjpeg": ("dali-cpu", "mjpeg", 1),
                                      "dali-vp9-long": ("dali-cpu", "vp9", 250),

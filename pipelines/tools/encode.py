@@ -1,5 +1,5 @@
 """Write RGB frames to a video file with PyAV: the one encoder loop behind the toy dataset, the benchmark clips,
-the GPU check's h264 clips and the test videos."""
+the GPU check's h264 clips and the test videos; and an MJPEG video as a frame folder of its own JPEG images."""
 
 from __future__ import annotations
 
@@ -56,3 +56,17 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], codec: st
             for packet in stream.encode():
                 container.mux(packet)
     return path
+
+
+def mjpeg_frame_folder(video: str | os.PathLike, folder: str | os.PathLike, image_name: str = "{:05d}.jpg") -> Path:
+    """Write each frame of the MJPEG ``video`` into ``folder`` (made) as the JPEG image its packet is, the same
+    bytes: a frame folder (``image_name.format(frame)``) that decodes to the video's very pixels."""
+    from timesformer_harness.pipelines.packets import index_packets, jpeg_images
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = index_packets(video)
+    with open(video, "rb") as f:
+        for k, image in enumerate(jpeg_images(index, range(index.num_frames), f.fileno())):
+            (folder / image_name.format(k)).write_bytes(image)
+    return folder

@@ -210,6 +210,28 @@ def test_an_mjpeg_set_on_the_gpu_is_decoded_by_nvjpeg_like_the_cpu_jpeg_frames(t
 
 
 @needs_dali
+def test_jpeg_frame_folders_on_the_gpu_load_the_very_batches_of_their_mjpeg_videos(tmp_path: Path) -> None:
+    """data.backend=gpu on frame folders that hold MJPEG videos' own JPEG images: nvJPEG decodes the same bytes, so
+    the train batches equal those of the videos themselves, exactly, on the GPU."""
+    from timesformer_harness.pipelines.factory import build_loader
+    from timesformer_harness.pipelines.tools.encode import mjpeg_frame_folder, write_video
+
+    videos = [str(write_video(tmp_path / f"mj{i}.avi", textured_frames(48, 160, 192, 30 + i), "mjpeg", 30,
+                              pix_fmt="yuvj420p")) for i in range(2)]
+    folders = [str(mjpeg_frame_folder(v, tmp_path / f"frames{i}")) for i, v in enumerate(videos)]
+    loaders = []
+    for name, paths in (("videos", videos), ("folders", folders)):
+        manifest = tmp_path / f"{name}.csv"
+        manifest.write_text("".join(f"{p} {i % 2}\n" for i, p in enumerate(paths * 4)))
+        cfg = replace(_data_cfg(tmp_path, paths, num_frames=4, sampling_rate=8), train_manifest=str(manifest),
+                      train_crop_size=64, train_jitter_scales=[80, 120], batch_size=8, backend="gpu")
+        loaders.append(build_loader(cfg, "train", device=CUDA))
+    assert all(type(x).__name__ == "DaliLoader" and x.backend == "gpu" and x.jpeg_frames for x in loaders)
+    for a, b in zip(*loaders, strict=True):
+        assert a.video.is_cuda and torch.equal(a.video, b.video) and torch.equal(a.label, b.label)
+
+
+@needs_dali
 def test_vp9_below_nvdecs_minimum_is_decoded_on_the_cpu_for_a_cuda_model(tmp_path: Path) -> None:
     """The embedded default's case (32x32 VP9, below NVDEC's 128x128): data.backend=auto decodes it with DALI on
     the CPU and delivers the clips on the GPU; data.backend=gpu refuses it."""

@@ -123,11 +123,35 @@ def test_frames_numbered_without_padding_keep_their_order(tmp_path) -> None:
     assert index_packets(folder).files == tuple(f"frame_{k}.jpg" for k in range(24))
     frames = np.arange(24)
     assert np.array_equal(decode_frames(folder, frames), decode_frames(video, frames))
-    prepared = tmp_path / "prepared.avi"
-    assert transcode(folder, prepared, PrepareSpec("mjpeg", 0, quality=2)) == 24
+    prepared = tmp_path / "prepared.webm"  # re-encoded: the images read by FFmpeg's image2 demuxer
+    assert transcode(folder, prepared, PrepareSpec("vp9", 0, quality=10)) == 24
     made, source = decode_frames(str(prepared), frames).astype(int), decode_frames(video, frames).astype(int)
     nearest = [int(np.abs(source - f).mean(axis=(1, 2, 3)).argmin()) for f in made]
     assert nearest == frames.tolist()
+
+
+def test_prepare_copies_a_jpeg_folder_into_mjpeg_bit_for_bit(pairs, tmp_path) -> None:
+    """prepare --codec mjpeg on a folder of JPEG frames at their own size packs its images into one video as they
+    are (one file instead of one per frame; the same pixels); at another size it re-encodes them."""
+    from timesformer_harness.pipelines.manifest import read_entries
+    from timesformer_harness.pipelines.tools.prepare import prepare
+    from timesformer_harness.pipelines.tools.transcode import PrepareSpec
+
+    _, folder = pairs[1]
+    manifest = tmp_path / "folders.csv"
+    manifest.write_text(f"{folder} 1\n")
+    for spec, copied in ((PrepareSpec("mjpeg", 0), True), (PrepareSpec("mjpeg", 48, fps=15), True),
+                         (PrepareSpec("mjpeg", 32), False)):
+        out = tmp_path / f"out_{spec.short_side}_{spec.fps}"
+        assert prepare(manifest, out, spec, progress=False).transcoded == 1
+        (made,) = [e.path for e in read_entries(out / manifest.name)]
+        index = index_packets(made)
+        assert index.keyframes == list(range(40)) and index.fps == (spec.fps or 30)
+        with open(made, "rb") as f:
+            images = jpeg_images(index, range(40), f.fileno())
+        originals = [p.read_bytes() for p in sorted(Path(folder).glob("*.jpg"))]
+        assert (images == originals) is copied, spec
+        assert (index.width, index.height) == ((64, 48) if copied else (42, 32))
 
 
 def test_an_ssv2_split_reads_frame_folders_named_by_id(pairs) -> None:

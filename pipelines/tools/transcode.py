@@ -1,11 +1,11 @@
 """The transcode engine of dataset preparation: one source video (or folder of frames) -> one checked output file.
 
 ``transcode(src, dst, spec)`` decodes ``src`` with PyAV (a folder of frames as an image sequence: ``open_source``),
-resamples it to a constant frame rate, resizes it (short
-side, aspect kept, even sizes), encodes it with a keyframe forced every ``spec.gop`` frames, checks the result
-(opens, right codec, the frame count written, keyframe gaps <= GOP) and only then renames it to ``dst``
-(``timesformer_harness.common.atomic_path``). ``PrepareSpec`` holds everything that determines the output's
-content; its ``key()`` marks finished outputs in ``timesformer_harness.pipelines.tools.prepare``'s journal.
+resamples it to a constant frame rate, resizes it (short side, aspect kept, even sizes), encodes it with a keyframe
+forced every ``spec.gop`` frames, checks the result (opens, right codec, the frame count written, keyframe gaps <= GOP)
+and only then renames it to ``dst`` (``timesformer_harness.common.atomic_path``); a folder of JPEG frames bound for
+MJPEG at its own size is copied instead (``copied_jpeg_frames``). ``PrepareSpec`` holds everything that determines the
+output's content; its ``key()`` marks finished outputs in ``timesformer_harness.pipelines.tools.prepare``'s journal.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from timesformer_harness.common import atomic_path
-from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS, frame_images
+from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS, JPEG_SUFFIXES, frame_images
+from timesformer_harness.pipelines.packets import PacketIndex, index_frame_folder, read_payloads
 
 SPEC_VERSION = 1
 
@@ -244,8 +245,43 @@ def open_source(src: str | Path, fps: float | None = None) -> Iterator[Any]:
             yield container
 
 
+def copied_jpeg_frames(src: str | Path, spec: PrepareSpec) -> PacketIndex | None:
+    """The index of the frame folder ``src`` when ``spec`` keeps its JPEG images as they are (MJPEG output at their
+    own size: ``short_side`` 0 or theirs, even sides; any ``fps``, the rate its images are read at), else None.
+    Raises ValueError as ``packets.index_frame_folder`` for a folder it cannot index."""
+    if spec.codec != "mjpeg" or not Path(src).is_dir() or frame_images(src)[0].suffix.lower() not in JPEG_SUFFIXES:
+        return None
+    index = index_frame_folder(src)
+    if output_size(index.height, index.width, spec.short_side) != (index.height, index.width):
+        return None
+    return index
+
+
+def _mux_jpeg_frames(index: PacketIndex, dst: Path, fps: float | None) -> tuple[int, Fraction]:
+    """The frame folder ``index`` describes, its JPEG images as they are, one MJPEG packet (a keyframe) each, into
+    ``dst`` at ``fps`` (default ``FRAME_FOLDER_FPS``); returns (frames written, rate)."""
+    import av
+
+    rate = Fraction(fps or FRAME_FOLDER_FPS).limit_denominator(1001)
+    folder = os.open(index.path, os.O_RDONLY)
+    try:
+        with av.open(str(dst), "w", options={"fflags": "+bitexact"}) as out:
+            ost = out.add_stream(OUTPUT_CODECS["mjpeg"].encoder, rate=rate)
+            ost.width, ost.height, ost.pix_fmt = index.width, index.height, OUTPUT_CODECS["mjpeg"].pix_fmt
+            for k in range(index.num_frames):
+                packet = av.Packet(read_payloads(index, [k], folder)[0])
+                packet.stream, packet.pts, packet.dts, packet.time_base = ost, k, k, 1 / rate
+                packet.is_keyframe = True
+                out.mux(packet)
+    finally:
+        os.close(folder)
+    return index.num_frames, rate
+
+
 def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
     """Transcode ``src`` into ``dst`` as ``spec`` says, via a checked temporary file; returns the frames written.
+    A folder of JPEG frames bound for MJPEG at its own size is copied, not re-encoded (``copied_jpeg_frames``: its
+    images become the video's packets, bit for bit; ``spec.quality`` does not apply).
 
     Raises ``RuntimeError`` (with the reason) when the source cannot be decoded or the output fails its check;
     ``dst`` is then left as it was.
@@ -253,7 +289,16 @@ def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
     import av
 
     try:
+        copied = copied_jpeg_frames(src, spec)
+    except ValueError as e:  # a frame folder that cannot be indexed
+        raise RuntimeError(str(e).removeprefix(f"{src}: ")) from None
+    try:
         with atomic_path(dst) as tmp:
+            if copied is not None:
+                written, _ = _mux_jpeg_frames(copied, tmp, spec.fps)
+                if problem := check_output(tmp, spec, written):
+                    raise RuntimeError(problem)
+                return written
             with open_source(src, spec.fps) as inp:
                 written, rate = _encode(inp, tmp, spec)
                 declared = _declared_seconds(inp, inp.streams.video[0])

@@ -101,8 +101,7 @@ def decode_images(index: PacketIndex, indices: Sequence[int] | np.ndarray) -> De
     return DecodedClip(np.stack([rgb[int(i)] for i in wanted]), len(unique))
 
 
-def decode_frames(
-path: str, indices: Sequence[int] | np.ndarray, index: PacketIndex | None = None) -> np.ndarray:
+def decode_frames(path: str, indices: Sequence[int] | np.ndarray, index: PacketIndex | None = None) -> np.ndarray:
     """Frames ``indices`` of ``path`` as (len(indices), H, W, 3) uint8 RGB (``decode_clip``)."""
     return decode_clip(path, indices, index).frames
 

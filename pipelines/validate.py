@@ -583,8 +583,7 @@ def deep_probe_folder(path: str) -> str:
     return ""
 
 
-def deep_check(
-paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0, *,
+def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, workers: int = 0, *,
                progress: bool = True, desc: str = "deep check", log_every: float = LOG_EVERY_S
                ) -> list[tuple[str, str]]:
     """``deep_probe`` every path (cached; the others in ``workers`` processes, 0 = one per core). Returns

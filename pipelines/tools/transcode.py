@@ -257,9 +257,9 @@ def copied_jpeg_frames(src: str | Path, spec: PrepareSpec) -> PacketIndex | None
     return index
 
 
-def _mux_jpeg_frames(index: PacketIndex, dst: Path, fps: float | None) -> tuple[int, Fraction]:
+def _mux_jpeg_frames(index: PacketIndex, dst: Path, fps: float | None) -> int:
     """The frame folder ``index`` describes, its JPEG images as they are, one MJPEG packet (a keyframe) each, into
-    ``dst`` at ``fps`` (default ``FRAME_FOLDER_FPS``); returns (frames written, rate)."""
+    ``dst`` at ``fps`` (default ``FRAME_FOLDER_FPS``); returns the frames written."""
     import av
 
     rate = Fraction(fps or FRAME_FOLDER_FPS).limit_denominator(1001)
@@ -275,7 +275,7 @@ def _mux_jpeg_frames(index: PacketIndex, dst: Path, fps: float | None) -> tuple[
                 out.mux(packet)
     finally:
         os.close(folder)
-    return index.num_frames, rate
+    return index.num_frames
 
 
 def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
@@ -295,7 +295,7 @@ def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
     try:
         with atomic_path(dst) as tmp:
             if copied is not None:
-                written, _ = _mux_jpeg_frames(copied, tmp, spec.fps)
+                written = _mux_jpeg_frames(copied, tmp, spec.fps)
                 if problem := check_output(tmp, spec, written):
                     raise RuntimeError(problem)
                 return written

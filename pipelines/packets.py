@@ -70,6 +70,7 @@ JPEG_CODECS = frozenset({"mjpeg"})  # intra-only codecs whose every packet is a 
 OFFSET_SLACK = 64  # a payload starts at most this many bytes after the packet's position (container framing)
 MAX_IMAGE_BYTES = 64 << 20  # a frame folder's image above this is refused (a 4K JPEG takes a few MB)
 JPEG_HEADER_BYTES = 1 << 20  # a JPEG's frame header is looked for in its first MiB (after its EXIF/ICC segments)
+JPEG_FIRST_READ = 1 << 16  # ... reading this much first: the header of a typical image lies in its first kilobytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,7 +199,10 @@ def index_frame_folder(path: str | os.PathLike) -> PacketIndex:
             if size > MAX_IMAGE_BYTES:
                 raise ValueError(f"{path}: image {image.name} has {size} bytes, above the {MAX_IMAGE_BYTES} a frame "
                                  f"may have; replace it, or remove it")
-            dims = coded_frame_sizes("mjpeg", f.read(JPEG_HEADER_BYTES))
+            head = f.read(JPEG_FIRST_READ)
+            dims = coded_frame_sizes("mjpeg", head)
+            if not dims and len(head) == JPEG_FIRST_READ:  # large metadata segments first: read on
+                dims = coded_frame_sizes("mjpeg", head + f.read(JPEG_HEADER_BYTES - JPEG_FIRST_READ))
         if not dims:
             raise ValueError(f"{path}: image {image.name} is not a JPEG image (no frame header); replace it, or "
                              f"remove it")

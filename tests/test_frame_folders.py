@@ -206,6 +206,11 @@ def test_what_breaks_a_folder_is_named_before_and_during_a_run(pairs, tmp_path) 
                                          "interrupted write or copy; extract or copy it again")
     assert deep_probe(broken["not_jpeg"]) == dict(rejected)[broken["not_jpeg"]]
     assert index_packets(good).num_frames == 40 and deep_probe(good) == ""  # the hidden file and the notes ignored
+    # a frame header after 100 kB of metadata (an APP segment: EXIF, ICC) is found, past the first read
+    first = Path(good, "00000.jpg").read_bytes()
+    app = b"\xff\xe2" + (65533).to_bytes(2, "big") + bytes(65531)
+    Path(broken["cut"], "00000.jpg").write_bytes(first[:2] + app + app + first[2:])
+    assert probe_video(broken["cut"]).error == "" and probe_video(broken["cut"]).width == 64
 
     run = tmp_path / "run"
     run.mkdir()

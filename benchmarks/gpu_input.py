@@ -32,10 +32,10 @@ variant; its data wait is the share of each step spent waiting for the batch. A 
 keeps what it measured.
 
 With ``--rehearse-on-cpu`` the same rows run at CPU size (48 px files, crop 32, batch 4, the tiny model): DALI's CPU
-decoder on VP9, MJPEG and the frame folders, PyAV on VP9; every H.264 and HEVC row and the nvJPEG rows are skipped (DALI's CPU decoder does
-not decode them, so the rehearsal prepares none; nvJPEG needs a GPU), and so is the CPU-decoder VP9 row (on a CPU the
-VP9 row decodes there already). Its rows go to a table only at a path given (``--update-table PATH``), with the
-generation ``cpu``: the shipped table holds GPU measurements only."""
+decoder on VP9, MJPEG and the frame folders, PyAV on VP9; every H.264 and HEVC row and the nvJPEG rows are skipped
+(DALI's CPU decoder does not decode them, so the rehearsal prepares none; nvJPEG needs a GPU), and so is the CPU-decoder
+VP9 row (on a CPU the VP9 row decodes there already). Its rows go to a table only at a path given (``--update-table
+PATH``), with the generation ``cpu``: the shipped table holds GPU measurements only."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from timesformer_harness.pipelines.factory import build_loader
 from timesformer_harness.pipelines.packets import (PacketIndexCache, clip_stream, index_packets, jpeg_images,
                                                    plan_packets)
 from timesformer_harness.pipelines.pyav import PyAVLoader
+from timesformer_harness.pipelines.sampling import ClipPlan
 from timesformer_harness.pipelines.tools.encode import mjpeg_frame_folder, write_video
 from timesformer_harness.pipelines.validate import check_videos, deep_probe, probe_video
 
@@ -74,8 +75,6 @@ def test_a_folder_probes_indexes_and_streams_as_its_mjpeg_video(pairs, tmp_path)
     assert stats["preads"] == 4 and stats["bytes_read"] == int(index.size[[2, 17, 33, 39]].sum())
 
     gpu = PlanSource(1, backend="gpu", jpeg_frames=True, prefetch=0)
-    from timesformer_harness.pipelines.sampling import ClipPlan
-
     plans = [ClipPlan(0, p, 0, np.array(frames), (0, 0, 48, 64)) for p in (folder, video)]
     from_folder, from_video = (gpu.clip_input(p) for p in plans)
     assert from_folder.mode == "images" and len(from_folder.images) == len(frames)

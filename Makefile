@@ -10,11 +10,13 @@
 #   make clean                     remove test and benchmark caches (keeps runs/); make clean-runs deletes runs/
 # torch: an importable torch (e.g. an NGC CUDA build, also one inside another venv) is reused via
 # --system-site-packages; otherwise TORCH_SPEC is installed. Override: make test TORCH_SPEC='torch==2.5.1'.
+# triton likewise (PyTorch's CUDA wheels bring their own; a CPU torch gets TRITON_SPEC, for the tests' interpreter).
 
 PYTHON     ?= python3
 VENV       ?= .venv
 VPY        := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.8.0
 STAMP      := $(VENV)/.installed
 # the versions the suite was last green with (torch aside: TORCH_SPEC, or the importable torch reused);
 # empty = the newest releases
@@ -62,6 +64,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	  fi; \
 	fi
 	@$(VPY) -c "import torch" >/dev/null 2>&1 || { echo "[venv] installing $(TORCH_SPEC)"; $(VPY) -m pip install -q "$(TORCH_SPEC)"; }
+	@$(VPY) -c "import triton" >/dev/null 2>&1 || { echo "[venv] installing $(TRITON_SPEC)"; $(VPY) -m pip install -q "$(TRITON_SPEC)" || echo "[venv] no $(TRITON_SPEC) here: temporal_attn_backend=triton and its tests are unavailable"; }
 	@echo "[venv] installing the harness and its dependencies ($(if $(CONSTRAINTS),versions from $(CONSTRAINTS),the newest releases))"
 	@$(VPY) -m pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	@touch $(STAMP)
@@ -79,8 +82,8 @@ test-latest:
 
 constraints: test-latest
 	@{ echo "# The versions make test installs: the suite was green with them (make constraints, $$(date +%F), Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'))."; \
-	   echo "# torch is not pinned here: the Makefile installs TORCH_SPEC, or reuses an importable torch."; \
-	   $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable 2>/dev/null | grep -viE '^(torch|timesformer-harness)(==| @)'; } > constraints.txt
+	   echo "# torch and triton are not pinned here: the Makefile installs TORCH_SPEC/TRITON_SPEC or reuses importable ones."; \
+	   $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable 2>/dev/null | grep -viE '^(torch|triton|timesformer-harness)(==| @)'; } > constraints.txt
 	@echo "constraints.txt rewritten from $(LATEST_VENV): review the diff (git diff constraints.txt) and commit it"
 
 data: $(STAMP)

@@ -23,6 +23,8 @@ from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.variants import REFERENCE, variant
 
 ATTN_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "naive")
+# divided attention's temporal pass also takes "triton": a kernel for short sequences (kernels/short_attention.py)
+TEMPORAL_ATTN_BACKENDS = ("same", *ATTN_BACKENDS, "triton")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BENCH_SUITES = ("model", "attention", "scaling", "pipeline", "e2e")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # "none": eager
@@ -52,7 +54,8 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # stochastic depth, rising linearly to this in the last block
     attention_type: str = REFERENCE  # a registered variant (timesformer_harness.variants)
     attn_backend: str = "auto"  # auto (SDPA chooses) | flash | efficient | cudnn | math | naive
-    temporal_attn_backend: str = "same"  # divided attention's temporal pass: same (= attn_backend) or a backend
+    # divided attention's temporal pass: same (= attn_backend), a backend, or triton (reads the qkv output in place)
+    temporal_attn_backend: str = "same"
     grad_checkpointing: bool = False  # recompute each block in backward: less activation memory, more time
     # "original": time_embed/temporal_fc zero (checkpoint-compatible, the default);
     # "scratch": time_embed ~ N(0, time_embed_std) so a from-scratch model sees frame order from step 0.
@@ -62,11 +65,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         variant(self.attention_type)  # ValueError naming the registered ones
+        if self.attn_backend == "triton":
+            raise ValueError("model.attn_backend=triton: the triton kernel takes short sequences only (divided "
+                             "attention's temporal pass); set model.temporal_attn_backend=triton instead")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"model.attn_backend={self.attn_backend!r}; choose from {list(ATTN_BACKENDS)}")
-        if self.temporal_attn_backend not in ("same", *ATTN_BACKENDS):
+        if self.temporal_attn_backend not in TEMPORAL_ATTN_BACKENDS:
             raise ValueError(f"model.temporal_attn_backend={self.temporal_attn_backend!r}; choose from "
-                             f"{['same', *ATTN_BACKENDS]}")
+                             f"{list(TEMPORAL_ATTN_BACKENDS)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
         if self.img_size % self.patch_size:

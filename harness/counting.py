@@ -68,6 +68,8 @@ NO_KERNEL = frozenset({"empty.memory_format", "empty_strided.default", "empty_li
                        "new_empty_strided.default", "_unsafe_view.default", "lift_fresh.default",
                        "resize_.default", "set_.source_Storage_storage_offset"})
 SYNC_OPS = frozenset({"_local_scalar_dense.default", "item.default"})  # the device's result read on the host
+# aten's ops and our own (each of ours is one kernel: kernels/short_attention.py's Triton attention)
+COUNTED_NAMESPACES = frozenset({"aten", "timesformer_harness"})
 
 
 @dataclass
@@ -101,7 +103,7 @@ class OpCounter(TorchDispatchMode):
         self.count = OpCount()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
-        if func.namespace == "aten":  # not the profiler's record_function markers
+        if func.namespace in COUNTED_NAMESPACES:  # not the profiler's record_function markers
             self.count.add(f"{func._opname}.{func._overloadname}", func.is_view)
         return func(*args, **(kwargs or {}))
 

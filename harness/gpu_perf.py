@@ -10,8 +10,9 @@ first, so that a short lease measures those):
 * divided at batch 8: eager, compiled ``default``; ``reduce-overhead`` (CUDA graphs) at batch 2;
 * the Trainer: ``timesformer_harness.train`` on the K400 recipe with synthetic clips, batch 8: its steady clips/s
   and the host-device syncs of each micro-batch (``train.count_syncs``: CUDA's sync debug mode);
-* eager divided at batch 8 with the temporal pass on each backend (naive, math, flash, efficient, cudnn; the
-  spatial pass on ``auto``): the temporal-attention choice (``model.temporal_attn_backend``);
+* eager divided at batch 8 with the temporal pass on each backend (triton, naive, math, flash, efficient, cudnn;
+  the spatial pass on ``auto``): the temporal-attention choice (``model.temporal_attn_backend``), and the compiled
+  step with the Triton one;
 * eager divided at batch 8 with each SDPA backend for both passes (flash, efficient, cudnn, math);
 * eager divided at batch 2, 16 and 32 (SDPA ``auto``);
 * joint and space-only at batch 8, compiled and eager; ``reduce-overhead`` at batch 8.
@@ -83,7 +84,8 @@ ROWS: tuple[Row, ...] = (
     Row("compiled-b8", compile="default", estimate_s=150.0),
     Row("reduce-overhead-b2", batch=2, compile="reduce-overhead", estimate_s=150.0),
     Row("trainer-b8", kind="trainer", estimate_s=90.0),
-    *(Row(f"temporal-{b}-b8", temporal_backend=b) for b in ("naive", "math", "flash", "efficient", "cudnn")),
+    *(Row(f"temporal-{b}-b8", temporal_backend=b) for b in ("triton", "naive", "math", "flash", "efficient", "cudnn")),
+    Row("compiled-temporal-triton-b8", compile="default", temporal_backend="triton", estimate_s=150.0),
     *(Row(f"sdpa-{b}-b8", backend=b) for b in ("flash", "efficient", "cudnn", "math")),
     Row("eager-b2", batch=2),
     Row("eager-b16", batch=16),
@@ -110,6 +112,8 @@ def skip_reason(row: Row, model: ModelConfig, device: torch.device, dtype: torch
     """Why ``row`` cannot run on ``device`` (None when it can)."""
     if row.compile == "reduce-overhead" and device.type != "cuda":
         return "CUDA graphs (reduce-overhead) need a GPU"
+    if row.temporal_backend == "triton" and row.compile != "none" and device.type != "cuda":
+        return "the Triton kernel compiles into a graph on a GPU only (on the CPU it runs interpreted, eager)"
     if (row.backend, row.temporal_backend) != ("auto", "same"):
         try:
             check_attention(replace(model, attn_backend=row.backend, temporal_attn_backend=row.temporal_backend),

@@ -2,12 +2,15 @@
 
 Backends: ``auto`` (SDPA picks), ``flash``, ``efficient``, ``cudnn``, ``math`` (SDPA pinned to one kernel through
 ``torch.nn.attention.sdpa_kernel``) and ``naive``: the explicit ``softmax(q k^T * scale) v`` of the original code,
-the reference every other backend is tested against.
+the reference every other backend is tested against. For short sequences (divided attention's temporal pass) also
+``triton``: a kernel that reads q, k, v from the qkv projection's output in place (``kernels/short_attention.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
 BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "naive")
+SHORT_SEQUENCE_BACKENDS = ("triton",)  # attention within runs of seq_len tokens only
+MAX_SHORT_SEQUENCE = 128  # their longest sequence: the whole score matrix lives in one program's registers
 _SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -66,16 +71,20 @@ def check_backend(backend: str, device: torch.device | str, dtype: torch.dtype |
     is the CUDA device's (major, minor) when known. Touches no GPU. The rules are PyTorch's SDPA kernel filters
     (``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``): on CUDA, flash and cuDNN take fp16/bf16 only and
     need sm80 or newer, efficient takes fp32/fp16 and also bf16 from sm80 on; off CUDA, efficient and cuDNN do not
-    exist. ``auto``, ``math`` and ``naive`` run everywhere.
+    exist. ``auto``, ``math`` and ``naive`` run everywhere. ``triton`` (short sequences) needs the triton package and
+    an sm80 or newer GPU, or Triton's CPU interpreter (``TRITON_INTERPRET=1``: slow, for tests).
 
     Raises:
         ValueError: unknown backend, or one that cannot run here (instead of SDPA's "No available kernel").
     """
-    if backend not in BACKENDS:
+    if backend not in (*BACKENDS, *SHORT_SEQUENCE_BACKENDS):
         raise ValueError(f"unknown attention backend {backend!r}; choose from {list(BACKENDS)}")
     device = torch.device(device)
     dtype = dtype or torch.float32
     if backend in ("auto", "math", "naive"):
+        return
+    if backend == "triton":
+        _check_triton(device, capability)
         return
     if device.type != "cuda":
         if backend in ("efficient", "cudnn"):
@@ -92,6 +101,33 @@ def check_backend(backend: str, device: torch.device | str, dtype: torch.dtype |
                              f"(train.precision / bench.precision), or use attn_backend=efficient or auto")
     elif capability is not None and capability < (8, 0) and dtype is torch.bfloat16:  # efficient
         raise ValueError(f"attn_backend=efficient takes fp16/fp32 below sm80{where}; use fp16 precision or auto")
+
+
+def _check_triton(device: torch.device, capability: tuple[int, int] | None) -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("attn_backend=triton needs the triton package (PyTorch's CUDA wheels bring it; "
+                         "pip install triton), or another backend")
+    if device.type == "cuda":
+        if capability is not None and capability < (8, 0):
+            where = f" (this GPU is sm{capability[0]}{capability[1]})"
+            raise ValueError(f"attn_backend=triton needs an sm80 or newer GPU{where}; use auto")
+        return
+    from timesformer_harness.kernels.short_attention import interpreted
+
+    if not interpreted():
+        raise ValueError(f"attn_backend=triton runs on CUDA GPUs; on {device.type} only in Triton's interpreter "
+                         f"(TRITON_INTERPRET=1, slow: for tests), so use auto")
+
+
+def short_sequence_kernel(backend: str) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+    """The attention function of a ``SHORT_SEQUENCE_BACKENDS`` name: (qkv (tokens, 3 * D), seq_len, heads) ->
+    (tokens, D). Imported on first use (Triton's import costs about a second)."""
+    if backend != "triton":
+        raise ValueError(f"unknown short-sequence attention backend {backend!r}; choose from "
+                         f"{list(SHORT_SEQUENCE_BACKENDS)}")
+    from timesformer_harness.kernels.short_attention import short_attention
+
+    return short_attention
 
 
 def available_backends(device: torch.device | str, dtype: torch.dtype | None, head_dim: int = 64) -> list[str]:
@@ -131,8 +167,13 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         assert dim % num_heads == 0, f"dim {dim} must be divisible by num_heads {num_heads}"
-        if backend not in BACKENDS:
+        if backend not in (*BACKENDS, *SHORT_SEQUENCE_BACKENDS):
             raise ValueError(f"unknown attention backend {backend!r}; choose from {list(BACKENDS)}")
+        # a kernel over runs of seq_len tokens, reading the qkv output in place (SHORT_SEQUENCE_BACKENDS)
+        self.short_sequence = short_sequence_kernel(backend) if backend in SHORT_SEQUENCE_BACKENDS else None
+        if self.short_sequence is not None and attn_drop > 0:
+            raise ValueError(f"attention backend {backend} has no dropout on the attention weights (attn_drop="
+                             f"{attn_drop}); use another backend or attn_drop 0")
         self.num_heads = num_heads
         self.backend = backend
         self.name = name  # record_function range, e.g. "attn/temporal"
@@ -146,6 +187,13 @@ class Attention(nn.Module):
         (attention does not cross runs): divided attention's T frames of one patch, read where they lie."""
         B, L, D = x.shape
         S = seq_len or L
+        if self.short_sequence is not None:
+            if seq_len is None:
+                raise ValueError(f"attention backend {self.backend} runs within short sequences only (divided "
+                                 f"attention's temporal pass); {self.name} passes none")
+            with self._range():
+                x = self.short_sequence(self.qkv(x).flatten(0, 1), S, self.num_heads)
+            return self.proj_drop(self.proj(x)).view(B, L, D)
         with self._range():
             # Unbinding the (3) axis where it lies: its gradient is stacked straight into the qkv layout, no copy.
             qkv = self.qkv(x).view(B * L // S, S, 3, self.num_heads, D // self.num_heads)

@@ -11,8 +11,12 @@ from typing import BinaryIO
 import av
 import numpy as np
 import pytest
+import torch
 
-from timesformer_harness.pipelines.tools.encode import write_video
+if not torch.cuda.is_available():  # Triton's kernels run in its CPU interpreter; read when a kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from timesformer_harness.pipelines.tools.encode import write_video  # noqa: E402
 
 
 def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps: int = 30,

@@ -4,7 +4,8 @@ NVDEC through our DALI pipeline for every codec of the GPU list (whole clips and
 file, frame for frame against PyAV), and the NVDEC limits of ``timesformer_harness.pipelines.nvdec`` checked against
 this GPU's driver; VP9 below NVDEC's minimum decoded by DALI on the CPU for a CUDA model (``data.backend=auto``); DALI
 GPU vs CPU frames; the Trainer's fp16 + GradScaler and bf16 steps with per-window and validation peak memory; every SDPA
-backend through the model against ``naive``, and the attention-backend check against SDPA's own refusals; the
+backend through the model against ``naive``, the Triton temporal attention against SDPA (eager and compiled), and
+the attention-backend check against SDPA's own refusals; the
 profiler's summary in GPU time; NCCL and DDP under torchrun's environment; CUDA memory through
 ``timesformer_harness.metrics``.
 """
@@ -380,6 +381,45 @@ def test_every_sdpa_backend_through_the_model_matches_naive(dtype: torch.dtype |
         for name, g in grads.items():
             gerr = ((g - ref_grads[name]).norm() / (ref_grads[name].norm() + 1e-12)).item()
             assert gerr < 2 * tol, f"{backend}: grad of {name} differs from naive by {gerr:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None], ids=["bf16", "fp16", "fp32"])
+def test_triton_temporal_attention_matches_sdpa_eager_and_compiled(dtype: torch.dtype | None) -> None:
+    """``temporal_attn_backend=triton`` (the Triton kernel on the GPU, not its interpreter): ViT-B's head size at
+    T = 8, logits and gradients against the SDPA model, eager and under ``torch.compile(fullgraph=True)`` (the
+    kernel is a ``triton_op``: a graph break would fail)."""
+    pytest.importorskip("triton")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the triton backend needs sm80 or newer")
+    from timesformer_harness.model import create_model
+    from timesformer_harness.runtime import autocast
+
+    cfg = load_config(None, [*TINY, "model.embed_dim=128", "model.num_heads=2", "model.num_frames=8"]).model
+    torch.manual_seed(0)
+    ref_model = create_model(cfg).to(CUDA)
+    with torch.no_grad():  # temporal_fc starts at zero, which would hide the temporal pass
+        for p in ref_model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(4, 3, 8, 32, 32, device=CUDA)
+
+    def run(backend: str, compiled: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = create_model(replace(cfg, temporal_attn_backend=backend)).to(CUDA)
+        model.load_state_dict(ref_model.state_dict())
+        forward = torch.compile(model, fullgraph=True) if compiled else model
+        with autocast(CUDA, dtype):
+            logits = forward(x)
+        logits.float().square().sum().backward()
+        return logits.float().detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    ref_logits, ref_grads = run("math", compiled=False)
+    tol = 1e-3 if dtype is None else 5e-2
+    for compiled in (False, True):
+        logits, grads = run("triton", compiled)
+        err = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+        assert err < tol, f"compiled={compiled}: logits differ from SDPA math by {err:.2e} (relative)"
+        for name, g in grads.items():
+            gerr = ((g - ref_grads[name]).norm() / (ref_grads[name].norm() + 1e-12)).item()
+            assert gerr < 2 * tol, f"compiled={compiled}: grad of {name} differs from SDPA math by {gerr:.2e}"
 
 
 def test_check_backend_refusals_match_sdpa_on_this_gpu() -> None:

@@ -13,19 +13,26 @@ from timesformer_harness import gpu_perf
 from timesformer_harness.metrics import device_totals
 
 
-def test_rehearsal_runs_the_rows_the_cpu_can_and_skips_the_others(tmp_path, capsys):
+def test_rehearsal_runs_the_rows_the_cpu_can_and_skips_the_others(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the Triton kernel as a CPU user meets it (the interpreter is slow)
     rc = gpu_perf.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--trainer-steps", "4",
                         "--rows", "eager-b2", "trainer-b8", "reduce-overhead-b2", "sdpa-cudnn-b8",
-                        "temporal-naive-b8", "temporal-efficient-b8"])
+                        "temporal-naive-b8", "temporal-efficient-b8", "temporal-triton-b8",
+                        "compiled-temporal-triton-b8"])
     assert rc == 0
     rows = {r["row"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
-    assert list(rows) == ["reduce-overhead-b2", "trainer-b8", "temporal-naive-b8", "temporal-efficient-b8",
-                          "sdpa-cudnn-b8", "eager-b2"]  # ROWS order
+    assert list(rows) == ["reduce-overhead-b2", "trainer-b8", "temporal-triton-b8", "temporal-naive-b8",
+                          "temporal-efficient-b8", "compiled-temporal-triton-b8", "sdpa-cudnn-b8",
+                          "eager-b2"]  # ROWS order
     temporal = rows["temporal-naive-b8"]  # the temporal pass on its own backend, the spatial one on auto
     assert temporal["status"] == "ok" and temporal["clips_per_s"] > 0
     assert (temporal["record"]["model"]["temporal_attn_backend"], temporal["record"]["model"]["attn_backend"]) == \
         ("naive", "auto")
     assert rows["temporal-efficient-b8"]["status"] == "skipped"
+    assert rows["temporal-triton-b8"]["status"] == "skipped"
+    assert "temporal_attn_backend=triton runs on CUDA GPUs" in rows["temporal-triton-b8"]["message"]
+    assert rows["compiled-temporal-triton-b8"]["status"] == "skipped"
+    assert "on a GPU only" in rows["compiled-temporal-triton-b8"]["message"]
     assert "model.temporal_attn_backend=efficient exists on CUDA only" in rows["temporal-efficient-b8"]["message"]
     eager = rows["eager-b2"]
     assert eager["status"] == "ok" and eager["clips_per_s"] > 0 and eager["mfu_pct"] > 0

@@ -1,0 +1,155 @@
+"""Attention over short sequences read from the qkv projection's output in place: divided attention's temporal pass.
+
+The temporal pass of a divided block attends over each patch's T frames (T = 8 in the Kinetics recipe), 196 x 12
+sequences of 8 tokens per clip at ViT-B. Through SDPA it costs more than its FLOPs: q, k and v are strided views of
+the qkv output, the output comes back as (sequences, heads, T, head_dim) and is copied into the token layout the
+projection reads, and in backward the three gradients are stacked back into the qkv layout. Here one Triton program
+per (sequence, head) reads its q, k, v rows straight from the qkv output ``(tokens, 3 * D)``, holds the whole T x T
+score matrix in registers, and writes its output rows straight into ``(tokens, D)``; backward recomputes the scores
+(nothing but the qkv output is saved) and writes dq, dk, dv into one ``(tokens, 3 * D)`` gradient.
+
+Numerics: products in fp32 (TF32 tensor-core dots for bf16/fp16 inputs, which hold their products exactly; IEEE fp32
+for fp32 inputs), softmax in fp32, the result rounded once to the input's dtype; the scale is applied to the
+product, as the original's ``(q @ k^T) * scale``.
+
+The kernels are registered with ``torch.library.triton_op``, so ``torch.compile`` traces them into its graph rather
+than breaking it. They run on CUDA GPUs of sm80 or newer; on the CPU only under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before Triton is imported), which is how the tests check them against SDPA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from timesformer_harness.kernels.attention import MAX_SHORT_SEQUENCE
+
+
+def interpreted() -> bool:
+    """Whether Triton runs its kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _load_qkv(qkv, tokens, rows_ok, cols, cols_ok, D, head_offset):
+    mask = rows_ok[:, None] & cols_ok[None, :]
+    at = qkv + tokens[:, None] * (3 * D) + head_offset + cols[None, :]
+    q = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+    k = tl.load(at + D, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(at + 2 * D, mask=mask, other=0.0).to(tl.float32)
+    return q, k, v
+
+
+@triton.jit
+def _probabilities(q, k, rows_ok, scale, DOT_PRECISION: tl.constexpr):
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+    scores = tl.where(rows_ok[None, :], scores, float("-inf"))  # padded keys take no weight
+    p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+    return p / tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
+def _forward_kernel(qkv, out, scale, S, D, HEAD_DIM, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    sequence, head = tl.program_id(0), tl.program_id(1)
+    rows, cols = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    rows_ok, cols_ok = rows < S, cols < HEAD_DIM
+    tokens = sequence.to(tl.int64) * S + rows
+    q, k, v = _load_qkv(qkv, tokens, rows_ok, cols, cols_ok, D, head * HEAD_DIM)
+    p = _probabilities(q, k, rows_ok, scale, DOT_PRECISION)
+    o = tl.dot(p, v, input_precision=DOT_PRECISION)
+    at = out + tokens[:, None] * D + head * HEAD_DIM + cols[None, :]
+    tl.store(at, o.to(out.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
+
+
+@triton.jit
+def _backward_kernel(qkv, grad_out, grad_qkv, scale, S, D, HEAD_DIM, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    sequence, head = tl.program_id(0), tl.program_id(1)
+    rows, cols = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    rows_ok, cols_ok = rows < S, cols < HEAD_DIM
+    mask = rows_ok[:, None] & cols_ok[None, :]
+    tokens = sequence.to(tl.int64) * S + rows
+    q, k, v = _load_qkv(qkv, tokens, rows_ok, cols, cols_ok, D, head * HEAD_DIM)
+    do = tl.load(grad_out + tokens[:, None] * D + head * HEAD_DIM + cols[None, :], mask=mask, other=0.0)
+    do = do.to(tl.float32)
+    p = _probabilities(q, k, rows_ok, scale, DOT_PRECISION)
+    dv = tl.dot(tl.trans(p), do, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # softmax backward; sum(p * dp) = rowsum(do * o)
+    dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * scale
+    dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION) * scale
+    at = grad_qkv + tokens[:, None] * (3 * D) + head * HEAD_DIM + cols[None, :]
+    dtype = grad_qkv.dtype.element_ty
+    tl.store(at, dq.to(dtype), mask=mask)
+    tl.store(at + D, dk.to(dtype), mask=mask)
+    tl.store(at + 2 * D, dv.to(dtype), mask=mask)
+
+
+def _launch(qkv: torch.Tensor, seq_len: int, num_heads: int) -> tuple[tuple[int, int], dict]:
+    """The grid and the shape arguments of both kernels for ``qkv`` (tokens, 3 * D)."""
+    tokens, width = qkv.shape
+    D = width // 3
+    head_dim = D // num_heads
+    return (tokens // seq_len, num_heads), dict(
+        scale=head_dim ** -0.5, S=seq_len, D=D, HEAD_DIM=head_dim,
+        BLOCK_S=max(16, triton.next_power_of_2(seq_len)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        num_warps=4 if seq_len > 32 else 2)
+
+
+@triton_op("timesformer_harness::short_attention", mutates_args=())
+def _short_attention(qkv: torch.Tensor, seq_len: int, num_heads: int) -> torch.Tensor:
+    out = qkv.new_empty(qkv.size(0), qkv.size(1) // 3)
+    grid, args = _launch(qkv, seq_len, num_heads)
+    wrap_triton(_forward_kernel)[grid](qkv, out, **args)
+    return out
+
+
+@triton_op("timesformer_harness::short_attention_backward", mutates_args=())
+def _short_attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, seq_len: int,
+                              num_heads: int) -> torch.Tensor:
+    grad_qkv = torch.empty_like(qkv)
+    grid, args = _launch(qkv, seq_len, num_heads)
+    wrap_triton(_backward_kernel)[grid](qkv, grad_out, grad_qkv, **args)
+    return grad_qkv
+
+
+def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
+    qkv, seq_len, num_heads = inputs
+    ctx.save_for_backward(qkv)
+    ctx.seq_len, ctx.num_heads = seq_len, num_heads
+
+
+def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+    (qkv,) = ctx.saved_tensors
+    return _short_attention_backward(qkv, grad_out.contiguous(), ctx.seq_len, ctx.num_heads), None, None
+
+
+_short_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def short_attention(qkv: torch.Tensor, seq_len: int, num_heads: int) -> torch.Tensor:
+    """Multi-head attention within each run of ``seq_len`` consecutive tokens.
+
+    Args:
+        qkv: (tokens, 3 * D), the fused qkv projection's output: ``[q | k | v]``, each split into ``num_heads``
+            heads contiguously; ``tokens`` a multiple of ``seq_len``.
+        seq_len: tokens per sequence, at most ``MAX_SHORT_SEQUENCE``.
+
+    Returns:
+        (tokens, D): each token's attention output, heads side by side (what the output projection reads).
+
+    Raises:
+        ValueError: a sequence longer than ``MAX_SHORT_SEQUENCE``, or token counts that are not whole sequences.
+    """
+    if seq_len > MAX_SHORT_SEQUENCE:
+        raise ValueError(f"the triton attention backend takes sequences of up to {MAX_SHORT_SEQUENCE} tokens, not "
+                         f"{seq_len}: use another temporal_attn_backend for clips of more frames")
+    if qkv.dim() != 2 or qkv.size(0) % seq_len or qkv.size(1) % (3 * num_heads):
+        raise ValueError(f"qkv of shape {tuple(qkv.shape)} is not (sequences x {seq_len}, 3 x heads x head_dim)")
+    return _short_attention(qkv.contiguous(), seq_len, num_heads)

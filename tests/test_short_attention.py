@@ -1,0 +1,128 @@
+"""The Triton attention for divided attention's temporal pass (``temporal_attn_backend=triton``), run in Triton's CPU
+interpreter (conftest sets ``TRITON_INTERPRET=1`` where there is no GPU): the same numbers as the original's explicit
+attention, forward and backward, in the model and alone; fewer ops per step than SDPA; clear refusals."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from timesformer_harness.config import ModelConfig
+from timesformer_harness.counting import count_train_step
+from timesformer_harness.kernels.attention import MAX_SHORT_SEQUENCE, check_backend, naive_attention
+from timesformer_harness.model import create_model, load_preset
+from timesformer_harness.workload import TrainStep, build_model, check_attention, synthetic_batch
+
+pytest.importorskip("triton")
+from timesformer_harness.kernels.short_attention import short_attention  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def reference(qkv: torch.Tensor, seq_len: int, heads: int) -> torch.Tensor:
+    """The original's attention over each run of ``seq_len`` tokens of a (tokens, 3 * D) qkv output, in fp32."""
+    tokens, width = qkv.shape
+    D = width // 3
+    q, k, v = (t.transpose(1, 2) for t in qkv.float().view(tokens // seq_len, seq_len, 3, heads, D // heads).unbind(2))
+    return naive_attention(q, k, v).transpose(1, 2).reshape(tokens, D)
+
+
+@pytest.mark.parametrize("seq_len, heads, head_dim, dtype, tol", [
+    (8, 4, 16, torch.float32, 1e-5),  # the temporal pass at T = 8
+    (5, 3, 24, torch.float32, 1e-5),  # neither a power of two: padded and masked
+    (1, 2, 16, torch.float32, 1e-5),
+    (MAX_SHORT_SEQUENCE, 2, 64, torch.float32, 1e-5),
+    (8, 12, 64, torch.bfloat16, 2e-2),  # ViT-B's heads in bf16: the output rounded once
+])
+def test_matches_the_original_attention_forward_and_backward(seq_len: int, heads: int, head_dim: int,
+                                                             dtype: torch.dtype, tol: float) -> None:
+    torch.manual_seed(0)
+    sequences = 3
+    qkv = torch.randn(sequences * seq_len, 3 * heads * head_dim, dtype=dtype, requires_grad=True)
+    out = short_attention(qkv, seq_len, heads)
+    assert out.shape == (sequences * seq_len, heads * head_dim) and out.dtype == dtype
+    grad = torch.randn_like(out)
+    (grad_qkv,) = torch.autograd.grad(out, qkv, grad)
+    assert grad_qkv.dtype == dtype
+    ref_qkv = qkv.detach().float().requires_grad_()
+    ref = reference(ref_qkv, seq_len, heads)
+    (ref_grad,) = torch.autograd.grad(ref, ref_qkv, grad.float())
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad_qkv.float(), ref_grad, rtol=tol, atol=tol)
+
+
+def test_sequences_do_not_see_each_other() -> None:
+    """Changing one sequence's tokens changes that sequence's outputs only."""
+    torch.manual_seed(0)
+    qkv = torch.randn(4 * 8, 3 * 2 * 16)
+    changed = qkv.clone()
+    changed[8:16] = torch.randn(8, qkv.size(1))
+    a, b = short_attention(qkv, 8, 2), short_attention(changed, 8, 2)
+    assert torch.equal(a[:8], b[:8]) and torch.equal(a[16:], b[16:]) and not torch.equal(a[8:16], b[8:16])
+
+
+def test_refuses_what_it_cannot_compute() -> None:
+    with pytest.raises(ValueError, match="up to 128 tokens, not 129"):
+        short_attention(torch.zeros(129, 96), 129, 2)
+    with pytest.raises(ValueError, match="not \\(sequences x 8"):
+        short_attention(torch.zeros(12, 96), 8, 2)
+
+
+def divided(backend: str, depth: int = 2, **kw: object) -> ModelConfig:
+    return replace(load_preset("tiny"), depth=depth, num_frames=8, temporal_attn_backend=backend, **kw)
+
+
+def test_the_model_gives_the_same_logits_and_gradients_as_sdpa() -> None:
+    """fp32, temporal_fc drawn (it starts at zero, which would hide the temporal pass); the same state_dict keys."""
+    results = {}
+    for backend in ("same", "triton"):
+        torch.manual_seed(0)
+        model = create_model(divided(backend))
+        for blk in model.blocks:
+            torch.nn.init.normal_(blk.temporal_fc.weight, std=0.2)
+        video = torch.randn(2, 3, 8, 32, 32)
+        logits = model(video)
+        logits.square().sum().backward()
+        results[backend] = (logits, {n: p.grad for n, p in model.named_parameters()}, list(model.state_dict()))
+    (a, grads_a, keys_a), (b, grads_b, keys_b) = results["same"], results["triton"]
+    assert keys_a == keys_b
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_step_issues_fewer_ops_than_sdpa() -> None:
+    """Per block: no unbind, transposes or stack around the kernel, and one launching op fewer (the stack that
+    gathers dq, dk, dv into the qkv layout); the kernel is one counted op each way."""
+    counts = {}
+    for backend in ("same", "triton"):
+        cfg = divided(backend, drop_path_rate=0.1)
+        torch.manual_seed(0)
+        train = TrainStep.build(build_model(cfg, CPU, dtype=torch.bfloat16), CPU, torch.bfloat16)
+        video, labels = synthetic_batch(cfg, CPU, 2)
+        train.step(video, labels)
+        counts[backend] = count_train_step(train, video, labels)["total"]
+    sdpa, triton_ = counts["same"], counts["triton"]
+    assert triton_.by_name["short_attention.default"] == 2 and triton_.by_name["short_attention_backward.default"] == 2
+    assert triton_.by_name["stack.default"] == sdpa.by_name["stack.default"] - 2
+    assert triton_.launches == sdpa.launches - 2
+    assert triton_.ops <= sdpa.ops - 2 * 12
+
+
+def test_refusals_name_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="temporal pass.*temporal_attn_backend=triton instead"):
+        ModelConfig(attn_backend="triton")
+    with pytest.raises(ValueError, match="attn_drop_rate=0.1.*set model.attn_drop_rate=0"):
+        check_attention(divided("triton", attn_drop_rate=0.1), CPU, None)
+    with pytest.raises(ValueError, match="up to 128 frames, not model.num_frames=192"):
+        check_attention(replace(divided("triton"), num_frames=192), CPU, None)
+    with pytest.raises(ValueError, match="needs an sm80 or newer GPU \\(this GPU is sm75\\)"):
+        check_backend("triton", "cuda", torch.float16, (7, 5))
+    check_backend("triton", "cuda", torch.bfloat16, (9, 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="model.temporal_attn_backend=triton runs on CUDA GPUs; on cpu only in "
+                                         "Triton's interpreter"):
+        check_attention(divided("triton"), CPU, None)
+    check_attention(divided("same"), CPU, None)  # the spatial pass alone is not checked for it

@@ -1,7 +1,7 @@
 """Parameter and FLOP counts per clip, aten op counts per step, and host-device syncs in a real run.
 
     python -m timesformer_harness.counting [--attn all] [--depth 12] [--frames 8] [--batch 2] [--precision bf16]
-        [--drop-path 0.1] [--top 0]   # one train step's aten ops and kernel launches, by phase
+        [--drop-path 0.1] [--temporal-attn-backend same] [--top 0]   # one train step's aten ops and launches
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device: no compute, no memory,
 and SDPA takes its math path there, so attention FLOPs are counted (the CPU flash kernel has no FLOP formula
@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--temporal-attn-backend", default="same",
+                   help="divided attention's temporal pass (model.temporal_attn_backend; triton needs "
+                        "TRITON_INTERPRET=1 on a CPU)")
     p.add_argument("--top", type=int, default=0, help="also list the N most frequent ops of each variant")
     args = p.parse_args(argv)
     if args.attn != "all" and args.attn not in VARIANTS:
@@ -258,10 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     print("| attention | ops (forward / backward / optimizer) | kernel launches (forward / backward / optimizer) "
           "| syncs |\n|---|---|---|---|")
     for attn in VARIANTS if args.attn == "all" else [args.attn]:
-        cfg = replace(load_preset("tiny"), depth=args.depth, num_frames=args.frames, attention_type=attn,
-                      drop_path_rate=args.drop_path)
-        torch.manual_seed(0)
-        train = TrainStep.build(build_model(cfg, cpu, dtype=dtype), cpu, dtype)
+        try:
+            cfg = replace(load_preset("tiny"), depth=args.depth, num_frames=args.frames, attention_type=attn,
+                          drop_path_rate=args.drop_path, temporal_attn_backend=args.temporal_attn_backend)
+            torch.manual_seed(0)
+            model = build_model(cfg, cpu, dtype=dtype)
+        except ValueError as e:
+            p.error(str(e))
+        train = TrainStep.build(model, cpu, dtype)
         video, labels = synthetic_batch(cfg, cpu, args.batch)
         train.step(video, labels)  # lazy initialisation (optimizer state) left out of the count
         c = count_train_step(train, video, labels)

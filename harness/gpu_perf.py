@@ -224,7 +224,26 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                       "", f"`python {r['command']}`"]
     lines += ["", "Targets (set for one H100; judged on a GPU only, and only the rows that ran):", ""]
     lines += [f"- {what}: {verdict}" for what, verdict in judge(rows, on_gpu=meta["device"] == "cuda")]
+    lines += ["", f"Temporal attention (eager, batch 8, clips/s by `model.temporal_attn_backend`): "
+                  f"{temporal_choice(rows, on_gpu=meta['device'] == 'cuda')}"]
     return "\n".join(lines) + "\n"
+
+
+def temporal_choice(rows: list[dict[str, Any]], on_gpu: bool) -> str:
+    """The temporal-attention choice the rows measured: the clips/s of ``eager-b8`` (``same``: SDPA ``auto``) and of
+    each ``temporal-*`` row, fastest first, and on a GPU the value they choose for ``model.temporal_attn_backend``."""
+    rates = {r["temporal_backend"]: r["clips_per_s"] for r in rows
+             if (r["row"] == "eager-b8" or r["row"].startswith("temporal-")) and r["status"] == "ok"
+             and r.get("clips_per_s")}
+    if not rates:
+        return "not measured"
+    ranked = sorted(rates.items(), key=lambda kv: -kv[1])
+    figures = ", ".join(f"{backend} {fmt_cell(rate)}" for backend, rate in ranked)
+    if not on_gpu:
+        return f"not judged on a CPU ({figures})"
+    best, rate = ranked[0]
+    against = f", {100 * (rate / rates['same'] - 1):+.0f}% against same" if best != "same" and "same" in rates else ""
+    return f"{figures}: fastest {best}{against}"
 
 
 def judge(rows: list[dict[str, Any]], on_gpu: bool) -> list[tuple[str, str]]:

@@ -47,6 +47,8 @@ def test_rehearsal_runs_the_rows_the_cpu_can_and_skips_the_others(tmp_path, caps
     assert "| temporal-naive-b8 | divided_space_time | 2 | none | auto, temporal naive | ok |" in summary
     assert "- eager batch 8 >= 120 clips/s: not measured" in summary
     assert "- the Trainer syncs at most once per micro-batch: not judged on a CPU (0.00)" in summary
+    choice = "Temporal attention (eager, batch 8, clips/s by `model.temporal_attn_backend`): not judged on a CPU (naive "
+    assert choice in summary
     assert summary in capsys.readouterr().out
 
 
@@ -74,6 +76,19 @@ def test_targets_are_judged_on_a_gpu_only():
     assert on_gpu["compiled batch 8 >= 200 clips/s"] == "not measured"
     assert on_gpu["the Trainer syncs at most once per micro-batch"] == "met (1.00)"
     assert dict(gpu_perf.judge(rows, on_gpu=False))["eager batch 8 >= 120 clips/s"].startswith("not judged")
+
+
+def test_the_temporal_attention_choice_is_the_fastest_eager_batch_8_row():
+    rows = [{"row": "eager-b8", "status": "ok", "temporal_backend": "same", "clips_per_s": 100.0},
+            {"row": "compiled-b8", "status": "ok", "temporal_backend": "same", "clips_per_s": 190.0},
+            {"row": "temporal-triton-b8", "status": "ok", "temporal_backend": "triton", "clips_per_s": 130.0},
+            {"row": "temporal-cudnn-b8", "status": "ok", "temporal_backend": "cudnn", "clips_per_s": 90.0},
+            {"row": "temporal-flash-b8", "status": "error", "temporal_backend": "flash", "clips_per_s": None},
+            {"row": "compiled-temporal-triton-b8", "status": "ok", "temporal_backend": "triton", "clips_per_s": 250.0}]
+    assert gpu_perf.temporal_choice(rows, on_gpu=True) == \
+        "triton 130.0, same 100.0, cudnn 90.0: fastest triton, +30% against same"
+    assert gpu_perf.temporal_choice(rows, on_gpu=False) == "not judged on a CPU (triton 130.0, same 100.0, cudnn 90.0)"
+    assert gpu_perf.temporal_choice(rows[1:2], on_gpu=True) == "not measured"
 
 
 def test_device_totals_sum_the_device_side_events_only():

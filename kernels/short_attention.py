@@ -2,11 +2,12 @@
 
 The temporal pass of a divided block attends over each patch's T frames (T = 8 in the Kinetics recipe), 196 x 12
 sequences of 8 tokens per clip at ViT-B. Through SDPA it costs more than its FLOPs: q, k and v are strided views of
-the qkv output, the output comes back as (sequences, heads, T, head_dim) and is copied into the token layout the
-projection reads, and in backward the three gradients are stacked back into the qkv layout. Here one Triton program
-per (sequence, head) reads its q, k, v rows straight from the qkv output ``(tokens, 3 * D)``, holds the whole T x T
-score matrix in registers, and writes its output rows straight into ``(tokens, D)``; backward recomputes the scores
-(nothing but the qkv output is saved) and writes dq, dk, dv into one ``(tokens, 3 * D)`` gradient.
+the qkv output, SDPA's kernels tile 64 or more query rows where a sequence has 8, and in backward the three
+gradients are stacked back into the qkv layout. Here one Triton program
+per head and block of max(16, T rounded up to a power of two) rows (two sequences at T = 8) reads its q, k, v rows
+straight from the qkv output ``(tokens, 3 * D)``, holds the block's score matrix in registers (masked so that each
+sequence attends to itself only), and writes its output rows straight into ``(tokens, D)``; backward recomputes the
+scores (nothing but the qkv output is saved) and writes dq, dk, dv into one ``(tokens, 3 * D)`` gradient.
 
 Numerics: products in fp32 (TF32 tensor-core dots for bf16/fp16 inputs, which hold their products exactly; IEEE fp32
 for fp32 inputs), softmax in fp32, the result rounded once to the input's dtype; the scale is applied to the
@@ -35,8 +36,21 @@ def interpreted() -> bool:
 
 
 @triton.jit
-def _load_qkv(qkv, tokens, rows_ok, cols, cols_ok, D, head_offset):
-    mask = rows_ok[:, None] & cols_ok[None, :]
+def _rows(block, S, SEQS, TOKENS, BLOCK_S: tl.constexpr):
+    """A program's rows: SEQS whole sequences of S tokens (several when S is short, so that no row of the
+    16-row minimum of a tensor-core dot is padding), the token of each row, which rows hold one, and the keys each
+    row may attend to: those of its own sequence (a row that holds no token attends to all, keeping its softmax
+    finite; it reads zeros and its results are not stored)."""
+    rows = tl.arange(0, BLOCK_S)
+    tokens = block.to(tl.int64) * (SEQS * S) + rows
+    rows_ok = (rows < SEQS * S) & (tokens < TOKENS)
+    same_sequence = (rows // S)[:, None] == (rows // S)[None, :]
+    keys_ok = (same_sequence & rows_ok[None, :]) | (~rows_ok)[:, None]
+    return tokens, rows_ok, keys_ok
+
+
+@triton.jit
+def _load_qkv(qkv, tokens, mask, cols, D, head_offset):
     at = qkv + tokens[:, None] * (3 * D) + head_offset + cols[None, :]
     q = tl.load(at, mask=mask, other=0.0).to(tl.float32)
     k = tl.load(at + D, mask=mask, other=0.0).to(tl.float32)
@@ -45,39 +59,37 @@ def _load_qkv(qkv, tokens, rows_ok, cols, cols_ok, D, head_offset):
 
 
 @triton.jit
-def _probabilities(q, k, rows_ok, scale, DOT_PRECISION: tl.constexpr):
+def _probabilities(q, k, keys_ok, scale, DOT_PRECISION: tl.constexpr):
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-    scores = tl.where(rows_ok[None, :], scores, float("-inf"))  # padded keys take no weight
+    scores = tl.where(keys_ok, scores, float("-inf"))  # other sequences' and padded keys take no weight
     p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
     return p / tl.sum(p, axis=1)[:, None]
 
 
 @triton.jit
-def _forward_kernel(qkv, out, scale, S, D, HEAD_DIM, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+def _forward_kernel(qkv, out, scale, S, SEQS, TOKENS, D, HEAD_DIM, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    sequence, head = tl.program_id(0), tl.program_id(1)
-    rows, cols = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    rows_ok, cols_ok = rows < S, cols < HEAD_DIM
-    tokens = sequence.to(tl.int64) * S + rows
-    q, k, v = _load_qkv(qkv, tokens, rows_ok, cols, cols_ok, D, head * HEAD_DIM)
-    p = _probabilities(q, k, rows_ok, scale, DOT_PRECISION)
+    block, head = tl.program_id(0), tl.program_id(1)
+    tokens, rows_ok, keys_ok = _rows(block, S, SEQS, TOKENS, BLOCK_S)
+    cols = tl.arange(0, BLOCK_D)
+    mask = rows_ok[:, None] & (cols < HEAD_DIM)[None, :]
+    q, k, v = _load_qkv(qkv, tokens, mask, cols, D, head * HEAD_DIM)
+    p = _probabilities(q, k, keys_ok, scale, DOT_PRECISION)
     o = tl.dot(p, v, input_precision=DOT_PRECISION)
-    at = out + tokens[:, None] * D + head * HEAD_DIM + cols[None, :]
-    tl.store(at, o.to(out.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
+    tl.store(out + tokens[:, None] * D + head * HEAD_DIM + cols[None, :], o.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _backward_kernel(qkv, grad_out, grad_qkv, scale, S, D, HEAD_DIM, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    sequence, head = tl.program_id(0), tl.program_id(1)
-    rows, cols = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    rows_ok, cols_ok = rows < S, cols < HEAD_DIM
-    mask = rows_ok[:, None] & cols_ok[None, :]
-    tokens = sequence.to(tl.int64) * S + rows
-    q, k, v = _load_qkv(qkv, tokens, rows_ok, cols, cols_ok, D, head * HEAD_DIM)
+def _backward_kernel(qkv, grad_out, grad_qkv, scale, S, SEQS, TOKENS, D, HEAD_DIM, BLOCK_S: tl.constexpr,
+                     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    block, head = tl.program_id(0), tl.program_id(1)
+    tokens, rows_ok, keys_ok = _rows(block, S, SEQS, TOKENS, BLOCK_S)
+    cols = tl.arange(0, BLOCK_D)
+    mask = rows_ok[:, None] & (cols < HEAD_DIM)[None, :]
+    q, k, v = _load_qkv(qkv, tokens, mask, cols, D, head * HEAD_DIM)
     do = tl.load(grad_out + tokens[:, None] * D + head * HEAD_DIM + cols[None, :], mask=mask, other=0.0)
     do = do.to(tl.float32)
-    p = _probabilities(q, k, rows_ok, scale, DOT_PRECISION)
+    p = _probabilities(q, k, keys_ok, scale, DOT_PRECISION)
     dv = tl.dot(tl.trans(p), do, input_precision=DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # softmax backward; sum(p * dp) = rowsum(do * o)
@@ -95,11 +107,13 @@ def _launch(qkv: torch.Tensor, seq_len: int, num_heads: int) -> tuple[tuple[int,
     tokens, width = qkv.shape
     D = width // 3
     head_dim = D // num_heads
-    return (tokens // seq_len, num_heads), dict(
-        scale=head_dim ** -0.5, S=seq_len, D=D, HEAD_DIM=head_dim,
-        BLOCK_S=max(16, triton.next_power_of_2(seq_len)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    block_s = max(16, triton.next_power_of_2(seq_len))
+    seqs = block_s // seq_len  # sequences per program
+    return (triton.cdiv(tokens // seq_len, seqs), num_heads), dict(
+        scale=head_dim ** -0.5, S=seq_len, SEQS=seqs, TOKENS=tokens, D=D, HEAD_DIM=head_dim,
+        BLOCK_S=block_s, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-        num_warps=4 if seq_len > 32 else 2)
+        num_warps=4 if block_s > 32 else 2)
 
 
 @triton_op("timesformer_harness::short_attention", mutates_args=())

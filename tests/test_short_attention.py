@@ -30,9 +30,9 @@ def reference(qkv: torch.Tensor, seq_len: int, heads: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("seq_len, heads, head_dim, dtype, tol", [
-    (8, 4, 16, torch.float32, 1e-5),  # the temporal pass at T = 8
-    (5, 3, 24, torch.float32, 1e-5),  # neither a power of two: padded and masked
-    (1, 2, 16, torch.float32, 1e-5),
+    (8, 4, 16, torch.float32, 1e-5),  # the temporal pass at T = 8: two sequences a program, the last one alone
+    (5, 3, 24, torch.float32, 1e-5),  # neither a power of two: three sequences and a padded row, masked
+    (1, 2, 16, torch.float32, 1e-5),  # 13 padded rows
     (MAX_SHORT_SEQUENCE, 2, 64, torch.float32, 1e-5),
     (8, 12, 64, torch.bfloat16, 2e-2),  # ViT-B's heads in bf16: the output rounded once
 ])

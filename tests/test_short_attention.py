@@ -4,6 +4,10 @@ attention, forward and backward, in the model and alone; fewer ops per step than
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -109,6 +113,53 @@ def test_the_step_issues_fewer_ops_than_sdpa() -> None:
     assert triton_.by_name["stack.default"] == sdpa.by_name["stack.default"] - 2
     assert triton_.launches == sdpa.launches - 2
     assert triton_.ops <= sdpa.ops - 2 * 12
+
+
+# torch.compile of the model, traced as on a GPU (Triton compiled, not interpreted) up to the kernels' code: dynamo
+# with fullgraph=True, then AOT autograd's joint forward + backward graph, whose Triton kernels are listed; nothing
+# runs (the forward compiler returns a function that stops the call).
+COMPILE_TRACE = """
+import json, logging, sys
+from dataclasses import replace
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import default_partition
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from timesformer_harness.model import create_model, load_preset
+
+logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)  # no GPU to read the IR on
+kernels = []
+
+class Traced(Exception):
+    pass
+
+def partition(joint, joint_inputs, **kw):
+    kernels.extend(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in joint.graph.nodes
+                   if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target))
+    return default_partition(joint, joint_inputs, **kw)
+
+def forward_compiler(gm, example_inputs):
+    def stop(*args):
+        raise Traced
+    return stop
+
+cfg = replace(load_preset("tiny"), depth=1, num_frames=8, temporal_attn_backend="triton")
+backend = aot_autograd(fw_compiler=forward_compiler, partition_fn=partition)
+try:
+    torch.compile(create_model(cfg), fullgraph=True, backend=backend)(torch.randn(1, 3, 8, 32, 32))
+except Traced:
+    print(json.dumps(kernels))
+"""
+
+
+def test_torch_compile_traces_the_kernels_into_one_graph_forward_and_backward() -> None:
+    """The kernel is a ``triton_op``: ``torch.compile(fullgraph=True)`` takes it into its graph, with its backward
+    (a graph break would raise). In a process where Triton compiles rather than interprets: the interpreter's
+    kernels cannot be traced (``make gpu-check`` runs the compiled model on a GPU)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", COMPILE_TRACE], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == ["_forward_kernel", "_backward_kernel"]
 
 
 def test_refusals_name_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:

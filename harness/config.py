@@ -61,6 +61,9 @@ class ModelConfig:
     # "scratch": time_embed ~ N(0, time_embed_std) so a from-scratch model sees frame order from step 0.
     init: str = "original"
     time_embed_std: float = 1.0  # init=scratch: the std of the time embedding's normal init
+    # the channel order the weights were trained on: rgb (the loaders' frames), or bgr (the original's SSv2
+    # checkpoints and recipe: its JPEG frames decoded by OpenCV reached the ViT as BGR)
+    input_channels: str = "rgb"
     pretrained: str = ""  # path to .pyth / state_dict / ImageNet ViT / HF weights; "" = random init
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class ModelConfig:
             raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
         if self.img_size % self.patch_size:
             raise ValueError(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
+        if self.input_channels not in ("rgb", "bgr"):
+            raise ValueError(f"model.input_channels={self.input_channels!r}; choose 'rgb' or 'bgr'")
         if self.init not in ("original", "scratch"):
             raise ValueError(f"model.init={self.init!r}; choose 'original' or 'scratch'")
 

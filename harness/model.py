@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from einops import rearrange
 from omegaconf import OmegaConf
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -45,13 +46,17 @@ class Mlp(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Frame-wise 2-D patch embedding: (B, C, T, H, W) -> (B*T, N, D), frames in (b t) order, patches row-major."""
+    """Frame-wise 2-D patch embedding: (B, C, T, H, W) -> (B*T, N, D), frames in (b t) order, patches row-major.
+    ``reverse_channels``: the input's channels are taken in reverse order (RGB frames into weights trained on BGR),
+    by reversing the kernel's input channels, not the frames."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
+                 reverse_channels: bool = False) -> None:
         super().__init__()
         self.num_patches = (img_size // patch_size) ** 2  # from the construction size, as the original
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.channels_last = False
+        self.reverse_channels = reverse_channels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Returns (tokens (B*T, N, D), T, patch columns W')."""
@@ -59,7 +64,10 @@ class PatchEmbed(nn.Module):
         x = rearrange(x, "b c t h w -> (b t) c h w")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.proj(x)  # (B*T, D, H', W')
+        if self.reverse_channels:
+            x = F.conv2d(x, self.proj.weight.flip(1), self.proj.bias, self.proj.stride)
+        else:
+            x = self.proj(x)  # (B*T, D, H', W')
         Wp = x.size(-1)
         return x.flatten(2).transpose(1, 2), T, Wp
 
@@ -152,6 +160,8 @@ class TimeSformer(nn.Module):
         grad_checkpointing: recompute each block in backward (saves activation memory for HR/L).
         init: ``original`` (time_embed and every temporal_fc zero: a divided block starts as a ViT block) or
             ``scratch`` (time_embed ~ N(0, time_embed_std), so a model trained from scratch sees frame order).
+        input_channels: the channel order the weights expect, ``rgb`` (the loaders' frames) or ``bgr`` (the
+            original's SSv2 checkpoints); with ``bgr`` the RGB frames are read in reverse channel order.
     """
 
     def __init__(
@@ -175,6 +185,7 @@ class TimeSformer(nn.Module):
         grad_checkpointing: bool = False,
         init: str = "original",
         time_embed_std: float = 1.0,
+        input_channels: str = "rgb",
     ) -> None:
         super().__init__()
         # Validates the arguments and keeps them, so the model can be rebuilt (e.g. on the meta device).
@@ -185,7 +196,8 @@ class TimeSformer(nn.Module):
         self.embed_dim = embed_dim
         self.grad_checkpointing = grad_checkpointing
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      reverse_channels=input_channels == "bgr")
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))

@@ -91,7 +91,7 @@ class RunLock:
 # train.on_data_change=replan (then the fingerprint check decides, as for an edited manifest). Other keys are warned.
 MODEL_KEYS = tuple(f"model.{k}" for k in ("img_size", "patch_size", "in_chans", "num_classes", "num_frames",
                                            "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-                                           "attention_type"))
+                                           "attention_type", "input_channels"))
 CLIP_KEYS = tuple(f"data.{k}" for k in ("num_frames", "sampling_rate", "target_fps", "train_jitter_scales",
                                          "train_crop_size", "test_crop_size", "mean", "std", "random_flip",
                                          "inv_uniform_sample", "pad_short"))

@@ -93,6 +93,7 @@ def test_original_recipes(name):
     assert (cfg.data.num_ensemble_views, cfg.data.num_spatial_crops, cfg.test.ensemble) == (1, 3, "sum")
     ssv2 = name.startswith("ssv2")
     assert (cfg.data.random_flip, cfg.data.inv_uniform_sample) == (not ssv2, ssv2)
+    assert cfg.model.input_channels == ("bgr" if ssv2 else "rgb")  # the original's SSv2 ViT saw BGR frames
     assert cfg.output.dir == f"runs/train/{name}"
 
 

@@ -194,6 +194,25 @@ def test_channels_last_same_output() -> None:
     assert list(model.state_dict()) == list(perturbed_model("divided_space_time").state_dict())
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bgr_weights_read_rgb_frames_in_reverse_channel_order(channels_last: bool) -> None:
+    """``input_channels=bgr`` (the original's SSv2 checkpoints, trained on BGR frames): on RGB frames, the logits of
+    the same weights given the frames with their channels reversed, forward and backward; the same state_dict."""
+    rgb, bgr = perturbed_model("divided_space_time"), perturbed_model("divided_space_time", input_channels="bgr")
+    rgb.set_channels_last(channels_last), bgr.set_channels_last(channels_last)
+    x = torch.randn(2, 3, 4, 32, 32)
+    a, b = bgr(x), rgb(x.flip(1))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, rgb(x), atol=1e-3)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, p), q in zip(bgr.named_parameters(), rgb.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert list(bgr.state_dict()) == list(rgb.state_dict())
+    with pytest.raises(ValueError, match="model.input_channels='BGR'; choose 'rgb' or 'bgr'"):
+        replace(load_preset("tiny"), input_channels="BGR")
+
+
 def test_cpu_bf16_autocast_forward_backward() -> None:
     model = perturbed_model("divided_space_time").train()
     x = torch.randn(2, 3, 4, 32, 32)

@@ -121,7 +121,7 @@ def _check_triton(device: torch.device, capability: tuple[int, int] | None) -> N
 
 def short_sequence_kernel(backend: str) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
     """The attention function of a ``SHORT_SEQUENCE_BACKENDS`` name: (qkv (tokens, 3 * D), seq_len, heads) ->
-    (tokens, D). Imported on first use (Triton's import costs about a second)."""
+    (tokens, D). Imported on first use (with Triton and torch's Triton wrapper, about a second here)."""
     if backend != "triton":
         raise ValueError(f"unknown short-sequence attention backend {backend!r}; choose from "
                          f"{list(SHORT_SEQUENCE_BACKENDS)}")

@@ -9,9 +9,10 @@ straight from the qkv output ``(tokens, 3 * D)``, holds the block's score matrix
 sequence attends to itself only), and writes its output rows straight into ``(tokens, D)``; backward recomputes the
 scores (nothing but the qkv output is saved) and writes dq, dk, dv into one ``(tokens, 3 * D)`` gradient.
 
-Numerics: products in fp32 (TF32 tensor-core dots for bf16/fp16 inputs, which hold their products exactly; IEEE fp32
-for fp32 inputs), softmax in fp32, the result rounded once to the input's dtype; the scale is applied to the
-product, as the original's ``(q @ k^T) * scale``.
+Numerics: dots accumulate in fp32, on tensor cores in TF32 for bf16/fp16 inputs (exact for those operands; the
+fp32 probabilities are rounded to TF32's 10-bit mantissa, finer than the 16-bit type flash attention rounds them
+to) and in IEEE fp32 for fp32 inputs; softmax in fp32, the result rounded once to the input's dtype; the scale is
+applied to the product, as the original's ``(q @ k^T) * scale``.
 
 The kernels are registered with ``torch.library.triton_op``, so ``torch.compile`` traces them into its graph rather
 than breaking it. They run on CUDA GPUs of sm80 or newer; on the CPU only under Triton's interpreter

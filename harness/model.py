@@ -12,9 +12,9 @@ from dataclasses import asdict
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from omegaconf import OmegaConf
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 

@@ -187,19 +187,18 @@ class Attention(nn.Module):
         (attention does not cross runs): divided attention's T frames of one patch, read where they lie."""
         B, L, D = x.shape
         S = seq_len or L
-        if self.short_sequence is not None:
-            if seq_len is None:
-                raise ValueError(f"attention backend {self.backend} runs within short sequences only (divided "
-                                 f"attention's temporal pass); {self.name} passes none")
-            with self._range():
-                x = self.short_sequence(self.qkv(x).flatten(0, 1), S, self.num_heads)
-            return self.proj_drop(self.proj(x)).view(B, L, D)
+        if self.short_sequence is not None and seq_len is None:
+            raise ValueError(f"attention backend {self.backend} runs within short sequences only (divided "
+                             f"attention's temporal pass); {self.name} passes none")
         with self._range():
-            # Unbinding the (3) axis where it lies: its gradient is stacked straight into the qkv layout, no copy.
-            qkv = self.qkv(x).view(B * L // S, S, 3, self.num_heads, D // self.num_heads)
-            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B * L/S, heads, S, head_dim)
-            x = attention(q, k, v, self.backend, self.attn_drop if self.training else 0.0)
-            x = x.transpose(1, 2).reshape(B * L, D)
+            if self.short_sequence is not None:  # q, k, v read from the qkv output and written as (tokens, D)
+                x = self.short_sequence(self.qkv(x).flatten(0, 1), S, self.num_heads)
+            else:
+                # Unbinding the (3) axis where it lies: its gradient is stacked straight into the qkv layout.
+                qkv = self.qkv(x).view(B * L // S, S, 3, self.num_heads, D // self.num_heads)
+                q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B * L/S, heads, S, head_dim)
+                x = attention(q, k, v, self.backend, self.attn_drop if self.training else 0.0)
+                x = x.transpose(1, 2).reshape(B * L, D)
         return self.proj_drop(self.proj(x)).view(B, L, D)
 
     def _range(self) -> contextlib.AbstractContextManager:

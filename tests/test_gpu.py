@@ -386,8 +386,9 @@ def test_every_sdpa_backend_through_the_model_matches_naive(dtype: torch.dtype |
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None], ids=["bf16", "fp16", "fp32"])
 def test_triton_temporal_attention_matches_sdpa_eager_and_compiled(dtype: torch.dtype | None) -> None:
     """``temporal_attn_backend=triton`` (the Triton kernel on the GPU, not its interpreter): ViT-B's head size at
-    T = 8, logits and gradients against the SDPA model, eager and under ``torch.compile(fullgraph=True)`` (the
-    kernel is a ``triton_op``: a graph break would fail)."""
+    T = 8, logits and gradients against the SDPA model, eager, and in bf16 (the recipes' precision; one compilation
+    keeps the GPU check short) also under ``torch.compile(fullgraph=True)`` (the kernel is a ``triton_op``: a graph
+    break would fail)."""
     pytest.importorskip("triton")
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("the triton backend needs sm80 or newer")
@@ -413,7 +414,7 @@ def test_triton_temporal_attention_matches_sdpa_eager_and_compiled(dtype: torch.
 
     ref_logits, ref_grads = run("math", compiled=False)
     tol = 1e-3 if dtype is None else 5e-2
-    for compiled in (False, True):
+    for compiled in (False, True) if dtype is torch.bfloat16 else (False,):
         logits, grads = run("triton", compiled)
         err = ((logits - ref_logits).norm() / ref_logits.norm()).item()
         assert err < tol, f"compiled={compiled}: logits differ from SDPA math by {err:.2e} (relative)"

@@ -3,11 +3,12 @@
 The temporal pass of a divided block attends over each patch's T frames (T = 8 in the Kinetics recipe), 196 x 12
 sequences of 8 tokens per clip at ViT-B. Through SDPA it costs more than its FLOPs: q, k and v are strided views of
 the qkv output, SDPA's kernels tile 64 or more query rows where a sequence has 8, and in backward the three
-gradients are stacked back into the qkv layout. Here one Triton program
-per head and block of max(16, T rounded up to a power of two) rows (two sequences at T = 8) reads its q, k, v rows
-straight from the qkv output ``(tokens, 3 * D)``, holds the block's score matrix in registers (masked so that each
-sequence attends to itself only), and writes its output rows straight into ``(tokens, D)``; backward recomputes the
-scores (nothing but the qkv output is saved) and writes dq, dk, dv into one ``(tokens, 3 * D)`` gradient.
+gradients are stacked back into the qkv layout. Here one Triton program per head and block of whole sequences (16
+to 128 rows: two to sixteen sequences at T = 8; the size and the warps picked by Triton's autotuner on the GPU)
+reads its q, k, v rows straight from the qkv output ``(tokens, 3 * D)``, holds the block's score matrix in registers
+(masked so that each sequence attends to itself only), and writes its output rows straight into ``(tokens, D)``;
+backward recomputes the scores (nothing but the qkv output is saved) and writes dq, dk, dv into one
+``(tokens, 3 * D)`` gradient.
 
 Numerics: dots accumulate in fp32, on tensor cores in TF32 for bf16/fp16 inputs (exact for those operands; the
 fp32 probabilities are rounded to TF32's 10-bit mantissa, finer than the 16-bit type flash attention rounds them
@@ -21,6 +22,7 @@ than breaking it. They run on CUDA GPUs of sm80 or newer; on the CPU only under 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -37,11 +39,12 @@ def interpreted() -> bool:
 
 
 @triton.jit
-def _rows(block, S, SEQS, TOKENS, BLOCK_S: tl.constexpr):
-    """A program's rows: SEQS whole sequences of S tokens (several when S is short, so that no row of the
-    16-row minimum of a tensor-core dot is padding), the token of each row, which rows hold one, and the keys each
-    row may attend to: those of its own sequence (a row that holds no token attends to all, keeping its softmax
-    finite; it reads zeros and its results are not stored)."""
+def _rows(block, S, TOKENS, BLOCK_S: tl.constexpr):
+    """A program's rows: as many whole sequences of S tokens as BLOCK_S rows hold (several when S is short, so that
+    few rows of the 16-row minimum of a tensor-core dot are padding), the token of each row, which rows hold one,
+    and the keys each row may attend to: those of its own sequence (a row that holds no token attends to all,
+    keeping its softmax finite; it reads zeros and its results are not stored)."""
+    SEQS = BLOCK_S // S
     rows = tl.arange(0, BLOCK_S)
     tokens = block.to(tl.int64) * (SEQS * S) + rows
     rows_ok = (rows < SEQS * S) & (tokens < TOKENS)
@@ -68,10 +71,10 @@ def _probabilities(q, k, keys_ok, scale, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(qkv, out, scale, S, SEQS, TOKENS, D, HEAD_DIM, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+def _forward_kernel(qkv, out, scale, S, TOKENS, D, HEAD_DIM, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
     block, head = tl.program_id(0), tl.program_id(1)
-    tokens, rows_ok, keys_ok = _rows(block, S, SEQS, TOKENS, BLOCK_S)
+    tokens, rows_ok, keys_ok = _rows(block, S, TOKENS, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     mask = rows_ok[:, None] & (cols < HEAD_DIM)[None, :]
     q, k, v = _load_qkv(qkv, tokens, mask, cols, D, head * HEAD_DIM)
@@ -81,10 +84,10 @@ def _forward_kernel(qkv, out, scale, S, SEQS, TOKENS, D, HEAD_DIM, BLOCK_S: tl.c
 
 
 @triton.jit
-def _backward_kernel(qkv, grad_out, grad_qkv, scale, S, SEQS, TOKENS, D, HEAD_DIM, BLOCK_S: tl.constexpr,
-                     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _backward_kernel(qkv, grad_out, grad_qkv, scale, S, TOKENS, D, HEAD_DIM, BLOCK_D: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr):
     block, head = tl.program_id(0), tl.program_id(1)
-    tokens, rows_ok, keys_ok = _rows(block, S, SEQS, TOKENS, BLOCK_S)
+    tokens, rows_ok, keys_ok = _rows(block, S, TOKENS, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     mask = rows_ok[:, None] & (cols < HEAD_DIM)[None, :]
     q, k, v = _load_qkv(qkv, tokens, mask, cols, D, head * HEAD_DIM)
@@ -103,68 +106,97 @@ def _backward_kernel(qkv, grad_out, grad_qkv, scale, S, SEQS, TOKENS, D, HEAD_DI
     tl.store(at + 2 * D, dv.to(dtype), mask=mask)
 
 
-def _launch(qkv: torch.Tensor, seq_len: int, num_heads: int) -> tuple[tuple[int, int], dict]:
-    """The grid and the shape arguments of both kernels for ``qkv`` (tokens, 3 * D)."""
+# Rows per program and warps: Triton's autotuner times each that can hold a sequence at the first call of a shape
+# (S, head_dim, D, dtypes) on the GPU and keeps the fastest. More rows make fewer, larger programs and dots, with
+# more masked-out scores between the sequences of a block.
+CONFIGS = ((16, 2), (16, 4), (32, 4), (64, 4), (64, 8), (128, 8))  # (BLOCK_S, num_warps)
+
+
+def min_block(seq_len: int) -> int:
+    """The fewest rows a program takes for sequences of ``seq_len``: one sequence, and at least a 16-row dot."""
+    return max(16, triton.next_power_of_2(seq_len))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel: triton.runtime.JITFunction, smallest: int) -> triton.runtime.Autotuner:
+    configs = [triton.Config({"BLOCK_S": rows}, num_warps=warps) for rows, warps in CONFIGS if rows >= smallest]
+    return triton.autotune(configs, key=["S", "HEAD_DIM", "D"])(kernel)
+
+
+def _run(kernel: triton.runtime.JITFunction, qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows: int,
+         *tensors: torch.Tensor) -> None:
+    """Launch ``kernel`` over ``qkv`` (tokens, 3 * D) and ``tensors``, ``block_rows`` rows a program: 0 = autotuned
+    on a GPU, the smallest block in the interpreter (whose kernels the autotuner cannot time)."""
     tokens, width = qkv.shape
     D = width // 3
     head_dim = D // num_heads
-    block_s = max(16, triton.next_power_of_2(seq_len))
-    seqs = block_s // seq_len  # sequences per program
-    return (triton.cdiv(tokens // seq_len, seqs), num_heads), dict(
-        scale=head_dim ** -0.5, S=seq_len, SEQS=seqs, TOKENS=tokens, D=D, HEAD_DIM=head_dim,
-        BLOCK_S=block_s, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_s > 32 else 2)
+    args = dict(scale=head_dim ** -0.5, S=seq_len, TOKENS=tokens, D=D, HEAD_DIM=head_dim,
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(tokens // seq_len, meta["BLOCK_S"] // seq_len), num_heads
+
+    if block_rows or interpreted():
+        rows = block_rows or min_block(seq_len)
+        launch = kernel if interpreted() else wrap_triton(kernel)
+        launch[grid](qkv, *tensors, **args, BLOCK_S=rows, num_warps=max(w for r, w in CONFIGS if r == rows))
+    else:
+        wrap_triton(_tuned(kernel, min_block(seq_len)))[grid](qkv, *tensors, **args)
 
 
 @triton_op("timesformer_harness::short_attention", mutates_args=())
-def _short_attention(qkv: torch.Tensor, seq_len: int, num_heads: int) -> torch.Tensor:
+def _short_attention(qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows: int) -> torch.Tensor:
     out = qkv.new_empty(qkv.size(0), qkv.size(1) // 3)
-    grid, args = _launch(qkv, seq_len, num_heads)
-    wrap_triton(_forward_kernel)[grid](qkv, out, **args)
+    _run(_forward_kernel, qkv, seq_len, num_heads, block_rows, out)
     return out
 
 
 @triton_op("timesformer_harness::short_attention_backward", mutates_args=())
-def _short_attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, seq_len: int,
-                              num_heads: int) -> torch.Tensor:
+def _short_attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, seq_len: int, num_heads: int,
+                              block_rows: int) -> torch.Tensor:
     grad_qkv = torch.empty_like(qkv)
-    grid, args = _launch(qkv, seq_len, num_heads)
-    wrap_triton(_backward_kernel)[grid](qkv, grad_out, grad_qkv, **args)
+    _run(_backward_kernel, qkv, seq_len, num_heads, block_rows, grad_out, grad_qkv)
     return grad_qkv
 
 
 def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
-    qkv, seq_len, num_heads = inputs
-    ctx.save_for_backward(qkv)
-    ctx.seq_len, ctx.num_heads = seq_len, num_heads
+    ctx.save_for_backward(inputs[0])  # qkv
+    ctx.shape = inputs[1:]  # seq_len, num_heads, block_rows
 
 
-def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+def _backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
     (qkv,) = ctx.saved_tensors
-    return _short_attention_backward(qkv, grad_out.contiguous(), ctx.seq_len, ctx.num_heads), None, None
+    return _short_attention_backward(qkv, grad_out.contiguous(), *ctx.shape), None, None, None
 
 
 _short_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def short_attention(qkv: torch.Tensor, seq_len: int, num_heads: int) -> torch.Tensor:
+def short_attention(qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows: int = 0) -> torch.Tensor:
     """Multi-head attention within each run of ``seq_len`` consecutive tokens.
 
     Args:
         qkv: (tokens, 3 * D), the fused qkv projection's output: ``[q | k | v]``, each split into ``num_heads``
             heads contiguously; ``tokens`` a multiple of ``seq_len``.
         seq_len: tokens per sequence, at most ``MAX_SHORT_SEQUENCE``.
+        block_rows: rows per program, one of ``CONFIGS``' and at least ``min_block(seq_len)``; 0 (the default):
+            chosen by Triton's autotuner on the GPU.
 
     Returns:
         (tokens, D): each token's attention output, heads side by side (what the output projection reads).
 
     Raises:
-        ValueError: a sequence longer than ``MAX_SHORT_SEQUENCE``, or token counts that are not whole sequences.
+        ValueError: a sequence longer than ``MAX_SHORT_SEQUENCE``, token counts that are not whole sequences, or
+            ``block_rows`` that no config has or that cannot hold a sequence.
     """
     if seq_len > MAX_SHORT_SEQUENCE:
         raise ValueError(f"the triton attention backend takes sequences of up to {MAX_SHORT_SEQUENCE} tokens, not "
                          f"{seq_len}: use another temporal_attn_backend for clips of more frames")
     if qkv.dim() != 2 or qkv.size(0) % seq_len or qkv.size(1) % (3 * num_heads):
         raise ValueError(f"qkv of shape {tuple(qkv.shape)} is not (sequences x {seq_len}, 3 x heads x head_dim)")
-    return _short_attention(qkv.contiguous(), seq_len, num_heads)
+    rows = sorted({r for r, _ in CONFIGS if r >= min_block(seq_len)})
+    if block_rows and block_rows not in rows:
+        raise ValueError(f"block_rows={block_rows} for sequences of {seq_len} tokens; choose from {rows} (or 0: "
+                         f"autotuned)")
+    return _short_attention(qkv.contiguous(), seq_len, num_heads, block_rows)

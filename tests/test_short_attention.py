@@ -57,6 +57,21 @@ def test_matches_the_original_attention_forward_and_backward(seq_len: int, heads
     torch.testing.assert_close(grad_qkv.float(), ref_grad, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("seq_len, block_rows", [(8, 32), (8, 64), (8, 128), (5, 32), (16, 64), (40, 64)])
+def test_every_block_size_the_autotuner_may_pick_gives_the_same_numbers(seq_len: int, block_rows: int) -> None:
+    """Several sequences a program (block_rows // seq_len), the last program part-filled: 37 sequences."""
+    torch.manual_seed(0)
+    qkv = torch.randn(37 * seq_len, 3 * 2 * 16, requires_grad=True)
+    out = short_attention(qkv, seq_len, 2, block_rows=block_rows)
+    grad = torch.randn_like(out)
+    (grad_qkv,) = torch.autograd.grad(out, qkv, grad)
+    ref_qkv = qkv.detach().requires_grad_()
+    ref = reference(ref_qkv, seq_len, 2)
+    (ref_grad,) = torch.autograd.grad(ref, ref_qkv, grad)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_qkv, ref_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_sequences_do_not_see_each_other() -> None:
     """Changing one sequence's tokens changes that sequence's outputs only."""
     torch.manual_seed(0)
@@ -72,6 +87,8 @@ def test_refuses_what_it_cannot_compute() -> None:
         short_attention(torch.zeros(129, 96), 129, 2)
     with pytest.raises(ValueError, match="not \\(sequences x 8"):
         short_attention(torch.zeros(12, 96), 8, 2)
+    with pytest.raises(ValueError, match="block_rows=16 for sequences of 40 tokens; choose from \\[64, 128\\]"):
+        short_attention(torch.zeros(80, 96), 40, 2, block_rows=16)
 
 
 def divided(backend: str, depth: int = 2, **kw: object) -> ModelConfig:

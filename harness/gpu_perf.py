@@ -177,7 +177,8 @@ def figures(rec: BenchRecord) -> dict[str, Any]:
             "mfu_pct": None if rec.utilisation is None else 100 * rec.utilisation,
             "peak_mib": None if rec.peak_mem_bytes is None else rec.peak_mem_bytes / 2**20,
             "first_step_s": rec.extra.get("first_step_s"), "compile_s": rec.extra.get("compile_s"),
-            "message": rec.message, "kernel_error": rec.extra.get("kernel_error")}
+            "message": rec.message, "kernel_error": rec.extra.get("kernel_error"),
+            "triton_blocks": rec.extra.get("triton_blocks")}
 
 
 def fmt_cell(v: Any, spec: str = ".1f") -> str:
@@ -216,6 +217,9 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             fmt_cell(r.get("first_step_s"), ".1f"), fmt_cell(r.get("compile_s"), ".1f")]) + " |")
     lines += [f"- {r['row']}: no kernel time, the profiler failed: {r['kernel_error']}" for r in rows
               if r.get("kernel_error")]
+    lines += [f"- {r['row']}: the Triton attention's autotuned blocks: "
+              + "; ".join(f"{shape}: {block}" for shape, block in r["triton_blocks"].items())
+              for r in rows if r.get("triton_blocks")]
     for r in rows:
         if r["kind"] == "trainer":
             lines += ["", f"Trainer ({r['row']}, batch {r['batch']}): {r['status']}"

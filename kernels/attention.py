@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
 from typing import Callable
 
 import torch
@@ -128,6 +129,13 @@ def short_sequence_kernel(backend: str) -> Callable[[torch.Tensor, int, int], to
     from timesformer_harness.kernels.short_attention import short_attention
 
     return short_attention
+
+
+def short_sequence_choices() -> dict[str, str]:
+    """The blocks the short-sequence kernels' autotuner chose in this process, per kernel and shape
+    (``short_attention.tuned_blocks``); empty when none ran (their module is not imported to say so)."""
+    module = sys.modules.get("timesformer_harness.kernels.short_attention")
+    return module.tuned_blocks() if module is not None else {}
 
 
 def available_backends(device: torch.device | str, dtype: torch.dtype | None, head_dim: int = 64) -> list[str]:

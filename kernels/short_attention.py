@@ -22,7 +22,6 @@ than breaking it. They run on CUDA GPUs of sm80 or newer; on the CPU only under 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -117,16 +116,35 @@ def min_block(seq_len: int) -> int:
     return max(16, triton.next_power_of_2(seq_len))
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned(kernel: triton.runtime.JITFunction, smallest: int) -> triton.runtime.Autotuner:
-    configs = [triton.Config({"BLOCK_S": rows}, num_warps=warps) for rows, warps in CONFIGS if rows >= smallest]
-    return triton.autotune(configs, key=["S", "HEAD_DIM", "D"])(kernel)
+KERNELS = {"forward": _forward_kernel, "backward": _backward_kernel}
+_AUTOTUNERS: dict[tuple[str, int], triton.runtime.Autotuner] = {}
 
 
-def _run(kernel: triton.runtime.JITFunction, qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows: int,
-         *tensors: torch.Tensor) -> None:
-    """Launch ``kernel`` over ``qkv`` (tokens, 3 * D) and ``tensors``, ``block_rows`` rows a program: 0 = autotuned
-    on a GPU, the smallest block in the interpreter (whose kernels the autotuner cannot time)."""
+def autotuner(name: str, seq_len: int) -> triton.runtime.Autotuner:
+    """The autotuned ``KERNELS[name]`` for sequences of ``seq_len`` (over the ``CONFIGS`` whose blocks hold one),
+    made once per process; its ``cache`` holds the config chosen per shape."""
+    smallest = min_block(seq_len)
+    if (name, smallest) not in _AUTOTUNERS:
+        configs = [triton.Config({"BLOCK_S": rows}, num_warps=warps) for rows, warps in CONFIGS if rows >= smallest]
+        _AUTOTUNERS[name, smallest] = triton.autotune(configs, key=["S", "HEAD_DIM", "D"])(KERNELS[name])
+    return _AUTOTUNERS[name, smallest]
+
+
+def tuned_blocks() -> dict[str, str]:
+    """The blocks the autotuner chose in this process, per kernel and shape, e.g. ``{"forward S=8 head_dim=64
+    D=768 bfloat16": "32 rows, 4 warps"}``; empty before an autotuned call (and in the interpreter, which runs the
+    smallest block)."""
+    def shape(key: tuple) -> str:  # the autotuner's key: the values of S, HEAD_DIM, D, then the tensors' dtypes
+        dtypes = dict.fromkeys(str(v).removeprefix("torch.") for v in key[3:])
+        return " ".join([*(f"{n}={v}" for n, v in zip(("S", "head_dim", "D"), key)), *dtypes])
+
+    return {f"{name} {shape(key)}": f"{config.kwargs['BLOCK_S']} rows, {config.num_warps} warps"
+            for (name, _), tuner in sorted(_AUTOTUNERS.items()) for key, config in tuner.cache.items()}
+
+
+def _run(name: str, qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows: int, *tensors: torch.Tensor) -> None:
+    """Launch ``KERNELS[name]`` over ``qkv`` (tokens, 3 * D) and ``tensors``, ``block_rows`` rows a program: 0 =
+    autotuned on a GPU, the smallest block in the interpreter (whose kernels the autotuner cannot time)."""
     tokens, width = qkv.shape
     D = width // 3
     head_dim = D // num_heads
@@ -139,16 +157,16 @@ def _run(kernel: triton.runtime.JITFunction, qkv: torch.Tensor, seq_len: int, nu
 
     if block_rows or interpreted():
         rows = block_rows or min_block(seq_len)
-        launch = kernel if interpreted() else wrap_triton(kernel)
+        launch = KERNELS[name] if interpreted() else wrap_triton(KERNELS[name])
         launch[grid](qkv, *tensors, **args, BLOCK_S=rows, num_warps=max(w for r, w in CONFIGS if r == rows))
     else:
-        wrap_triton(_tuned(kernel, min_block(seq_len)))[grid](qkv, *tensors, **args)
+        wrap_triton(autotuner(name, seq_len))[grid](qkv, *tensors, **args)
 
 
 @triton_op("timesformer_harness::short_attention", mutates_args=())
 def _short_attention(qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows: int) -> torch.Tensor:
     out = qkv.new_empty(qkv.size(0), qkv.size(1) // 3)
-    _run(_forward_kernel, qkv, seq_len, num_heads, block_rows, out)
+    _run("forward", qkv, seq_len, num_heads, block_rows, out)
     return out
 
 
@@ -156,7 +174,7 @@ def _short_attention(qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows
 def _short_attention_backward(qkv: torch.Tensor, grad_out: torch.Tensor, seq_len: int, num_heads: int,
                               block_rows: int) -> torch.Tensor:
     grad_qkv = torch.empty_like(qkv)
-    _run(_backward_kernel, qkv, seq_len, num_heads, block_rows, grad_out, grad_qkv)
+    _run("backward", qkv, seq_len, num_heads, block_rows, grad_out, grad_qkv)
     return grad_qkv
 
 

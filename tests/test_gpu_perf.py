@@ -47,8 +47,8 @@ def test_rehearsal_runs_the_rows_the_cpu_can_and_skips_the_others(tmp_path, caps
     assert "| temporal-naive-b8 | divided_space_time | 2 | none | auto, temporal naive | ok |" in summary
     assert "- eager batch 8 >= 120 clips/s: not measured" in summary
     assert "- the Trainer syncs at most once per micro-batch: not judged on a CPU (0.00)" in summary
-    choice = "Temporal attention (eager, batch 8, clips/s by `model.temporal_attn_backend`): not judged on a CPU (naive "
-    assert choice in summary
+    choice = "Temporal attention (eager, batch 8, clips/s by `model.temporal_attn_backend`): not judged on a CPU"
+    assert f"{choice} (naive " in summary
     assert summary in capsys.readouterr().out
 
 
@@ -89,6 +89,20 @@ def test_the_temporal_attention_choice_is_the_fastest_eager_batch_8_row():
         "triton 130.0, same 100.0, cudnn 90.0: fastest triton, +30% against same"
     assert gpu_perf.temporal_choice(rows, on_gpu=False) == "not judged on a CPU (triton 130.0, same 100.0, cudnn 90.0)"
     assert gpu_perf.temporal_choice(rows[1:2], on_gpu=True) == "not measured"
+
+
+def test_the_summary_names_the_triton_attentions_autotuned_blocks():
+    meta = {"hardware": "NVIDIA H100", "started": "now", "env": {}, "precision": "bf16", "preset": "vit_base_patch16",
+            "frames": 8, "img_size": 224, "warmup": 2, "steps": 10, "peak_flops_source": "the peak table",
+            "budget_s": 300, "wall_s": 60, "device": "cuda"}
+    row = {"row": "temporal-triton-b8", "kind": "model", "attention_type": "divided_space_time", "batch": 8,
+           "compile": "none", "backend": "auto", "temporal_backend": "triton", "status": "ok", "clips_per_s": 130.0,
+           "triton_blocks": {"forward S=8 head_dim=64 D=768 bfloat16": "32 rows, 4 warps",
+                             "backward S=8 head_dim=64 D=768 bfloat16": "16 rows, 2 warps"}}
+    text = gpu_perf.summary([row], meta)
+    assert ("- temporal-triton-b8: the Triton attention's autotuned blocks: forward S=8 head_dim=64 D=768 bfloat16: "
+            "32 rows, 4 warps; backward S=8 head_dim=64 D=768 bfloat16: 16 rows, 2 warps") in text
+    assert "| temporal-triton-b8 | divided_space_time | 8 | none | auto, temporal triton | ok | 130.0 |" in text
 
 
 def test_device_totals_sum_the_device_side_events_only():

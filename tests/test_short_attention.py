@@ -15,12 +15,15 @@ import torch
 
 from timesformer_harness.config import ModelConfig
 from timesformer_harness.counting import count_train_step
-from timesformer_harness.kernels.attention import MAX_SHORT_SEQUENCE, check_backend, naive_attention
+from timesformer_harness.kernels.attention import (MAX_SHORT_SEQUENCE, check_backend, naive_attention,
+                                                   short_sequence_choices)
 from timesformer_harness.model import create_model, load_preset
 from timesformer_harness.workload import TrainStep, build_model, check_attention, synthetic_batch
 
 pytest.importorskip("triton")
-from timesformer_harness.kernels.short_attention import short_attention  # noqa: E402
+import triton  # noqa: E402
+
+from timesformer_harness.kernels.short_attention import autotuner, short_attention, tuned_blocks  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -70,6 +73,23 @@ def test_every_block_size_the_autotuner_may_pick_gives_the_same_numbers(seq_len:
     (ref_grad,) = torch.autograd.grad(ref, ref_qkv, grad)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_qkv, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_autotuners_choices_are_reported_per_kernel_and_shape() -> None:
+    """What the bench records as ``triton_blocks`` (filled here by hand: the interpreter runs no autotuner), and
+    each autotuner's configs are those whose blocks hold a sequence."""
+    assert [c.kwargs["BLOCK_S"] for c in autotuner("backward", 40).configs] == [64, 64, 128]
+    tuner = autotuner("forward", 8)
+    assert [(c.kwargs["BLOCK_S"], c.num_warps) for c in tuner.configs] == [(16, 2), (16, 4), (32, 4), (64, 4),
+                                                                            (64, 8), (128, 8)]
+    key = (8, 64, 768, "torch.bfloat16", "torch.bfloat16")
+    tuner.cache[key] = triton.Config({"BLOCK_S": 32}, num_warps=4)
+    try:
+        expected = {"forward S=8 head_dim=64 D=768 bfloat16": "32 rows, 4 warps"}
+        assert tuned_blocks() == expected and short_sequence_choices() == expected
+    finally:
+        del tuner.cache[key]
+    assert tuned_blocks() == {}
 
 
 def test_sequences_do_not_see_each_other() -> None:

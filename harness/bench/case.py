@@ -17,6 +17,7 @@ import torch
 
 from timesformer_harness.bench.record import BenchRecord, fill_throughput
 from timesformer_harness.config import ModelConfig
+from timesformer_harness.kernels.attention import short_sequence_choices
 from timesformer_harness.metrics import (PeakMemory, Stopwatch, gemm, iso_now, kernel_time, synchronize, time_block,
                                          time_pairs, time_steps)
 from timesformer_harness.runtime import device_name
@@ -179,6 +180,8 @@ def measure_step(build: StepBuilder, case: ModelCase, rec: BenchRecord, device: 
     times = time_model_step(step, rec, case, device)
     if case.compile != "none" and "first_step_s" in rec.extra:
         rec.extra["compile_s"] = max(rec.extra["first_step_s"] - statistics.median(times), 0.0)
+    if blocks := short_sequence_choices():  # what the Triton attention's autotuner picked (eager: in this process)
+        rec.extra["triton_blocks"] = blocks
     peak = memory.take()
     if peak is not None:
         rec.peak_mem_bytes, rec.peak_mem_kind = peak.growth, peak.kind

@@ -199,6 +199,44 @@ def test_torch_compile_traces_the_kernels_into_one_graph_forward_and_backward() 
     assert json.loads(res.stdout.strip().splitlines()[-1]) == ["_forward_kernel", "_backward_kernel"]
 
 
+# Compile kernels for real GPUs with Triton's own compiler and ptxas (no GPU needed): what the interpreter cannot check
+# (a dot's shape rules, types, register and shared-memory budgets). argv: [target, dtype, (block, warps) ...]
+COMPILE_FOR_GPU = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from timesformer_harness.kernels.short_attention import KERNELS
+
+cc, dtype, configs = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+shared = {}
+for name, kernel in KERNELS.items():
+    tensors = ["qkv", "out"] if name == "forward" else ["qkv", "grad_out", "grad_qkv"]
+    signature = {**{t: "*" + dtype for t in tensors}, "scale": "fp32", "S": "i32", "TOKENS": "i32", "D": "i32",
+                 "HEAD_DIM": "i32", "BLOCK_D": "constexpr", "DOT_PRECISION": "constexpr", "BLOCK_S": "constexpr"}
+    for rows, warps in configs:
+        constants = {"BLOCK_D": 64, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_S": rows}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
+        shared[f"{name} {rows}/{warps}"] = compiled.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+@pytest.mark.parametrize("cc, dtype, configs, limit", [
+    (90, "bf16", [(16, 2), (128, 8)], 227 * 1024),  # H100/H200 at ViT-B's head size: every block fits
+    (80, "fp32", [(16, 2)], 163 * 1024),  # A100, IEEE fp32 dots
+])
+def test_the_kernels_compile_for_the_gpus_they_run_on(cc: int, dtype: str, configs: list, limit: int) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU, str(cc), dtype, json.dumps(configs)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shared = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(shared) == 2 * len(configs)
+    assert all(0 < size <= limit for size in shared.values()), shared
+
+
 def test_refusals_name_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="temporal pass.*temporal_attn_backend=triton instead"):
         ModelConfig(attn_backend="triton")

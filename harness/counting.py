@@ -10,13 +10,13 @@ and would count 0). FLOPs = 2 x multiply-adds; the paper's "TFLOPs" are multiply
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from timesformer_harness.config import ModelConfig
 from timesformer_harness.model import TimeSformer, config_of, create_model
@@ -49,6 +49,8 @@ def count_flops(
         meta_model = create_model(cfg)
         x = torch.empty(batch, cfg.in_chans, T, S, S)
     meta_model.train(mode == "train")
+    from torch.utils.flop_counter import FlopCounterMode  # here: it imports Triton (see main)
+
     counter = FlopCounterMode(display=False)
     with counter:
         if mode == "train":
@@ -251,12 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--temporal-attn-backend", default="same",
-                   help="divided attention's temporal pass (model.temporal_attn_backend; triton needs "
-                        "TRITON_INTERPRET=1 on a CPU)")
+                   help="divided attention's temporal pass (model.temporal_attn_backend; triton runs in Triton's "
+                        "CPU interpreter here)")
     p.add_argument("--top", type=int, default=0, help="also list the N most frequent ops of each variant")
     args = p.parse_args(argv)
     if args.attn != "all" and args.attn not in VARIANTS:
         p.error(f"--attn {args.attn!r}; choose from {[*VARIANTS, 'all']}")
+    if args.temporal_attn_backend == "triton":  # the step runs on the CPU: the kernels in Triton's interpreter,
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # which must be chosen before Triton is first imported
     cpu, dtype = torch.device("cpu"), torch.bfloat16 if args.precision == "bf16" else None
     print("| attention | ops (forward / backward / optimizer) | kernel launches (forward / backward / optimizer) "
           "| syncs |\n|---|---|---|---|")

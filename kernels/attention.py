@@ -117,7 +117,7 @@ def _check_triton(device: torch.device, capability: tuple[int, int] | None) -> N
 
     if not interpreted():
         raise ValueError(f"attn_backend=triton runs on CUDA GPUs; on {device.type} only in Triton's interpreter "
-                         f"(TRITON_INTERPRET=1, slow: for tests), so use auto")
+                         f"(TRITON_INTERPRET=1 set before Triton is first imported; slow: for tests), so use auto")
 
 
 def short_sequence_kernel(backend: str) -> Callable[[torch.Tensor, int, int], torch.Tensor]:

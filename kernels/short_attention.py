@@ -17,7 +17,8 @@ applied to the product, as the original's ``(q @ k^T) * scale``.
 
 The kernels are registered with ``torch.library.triton_op``, so ``torch.compile`` traces them into its graph rather
 than breaking it. They run on CUDA GPUs of sm80 or newer; on the CPU only under Triton's interpreter
-(``TRITON_INTERPRET=1`` set before Triton is imported), which is how the tests check them against SDPA.
+(``TRITON_INTERPRET=1`` set before Triton is first imported: ``torch.utils.flop_counter`` imports it, for one), which
+is how the tests check them against SDPA.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ from timesformer_harness.kernels.attention import MAX_SHORT_SEQUENCE
 
 
 def interpreted() -> bool:
-    """Whether Triton runs its kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET=1`` now and when Triton was first
+    imported (its own library functions, ``tl.max`` among them, are built for the interpreter then or never)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return (os.environ.get("TRITON_INTERPRET", "0") == "1"
+            and isinstance(getattr(tl.standard, "max", None), InterpretedFunction))
 
 
 @triton.jit

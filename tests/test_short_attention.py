@@ -237,6 +237,16 @@ def test_the_kernels_compile_for_the_gpus_they_run_on(cc: int, dtype: str, confi
     assert all(0 < size <= limit for size in shared.values()), shared
 
 
+def test_the_counting_command_counts_the_triton_step_in_the_interpreter_by_itself() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "timesformer_harness.counting", "--attn", "divided_space_time",
+                          "--depth", "2", "--temporal-attn-backend", "triton", "--top", "40"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "|   short_attention.default | 2 |" in res.stdout
+    assert "|   short_attention_backward.default | 2 |" in res.stdout
+
+
 def test_refusals_name_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="temporal pass.*temporal_attn_backend=triton instead"):
         ModelConfig(attn_backend="triton")

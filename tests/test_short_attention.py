@@ -247,6 +247,20 @@ def test_the_counting_command_counts_the_triton_step_in_the_interpreter_by_itsel
     assert "|   short_attention_backward.default | 2 |" in res.stdout
 
 
+def test_an_interpreter_asked_for_after_triton_was_imported_is_refused_with_the_fix() -> None:
+    """Triton builds its own library (``tl.max``, ...) for the interpreter at its first import or never: set later,
+    TRITON_INTERPRET=1 would fail inside the kernel, so the check refuses it."""
+    code = ("import os, torch.utils.flop_counter; os.environ['TRITON_INTERPRET'] = '1'\n"
+            "from dataclasses import replace\n"
+            "from timesformer_harness.model import load_preset\n"
+            "from timesformer_harness.workload import check_attention\n"
+            "check_attention(replace(load_preset('tiny'), temporal_attn_backend='triton'), torch.device('cpu'), None)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 1
+    assert "TRITON_INTERPRET=1 set before Triton is first imported" in res.stderr, res.stderr[-2000:]
+
+
 def test_refusals_name_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="temporal pass.*temporal_attn_backend=triton instead"):
         ModelConfig(attn_backend="triton")

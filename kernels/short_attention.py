@@ -160,9 +160,10 @@ def _run(name: str, qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows:
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(tokens // seq_len, meta["BLOCK_S"] // seq_len), num_heads
 
-    if block_rows or interpreted():
+    interpreter = interpreted()
+    if block_rows or interpreter:
         rows = block_rows or min_block(seq_len)
-        launch = KERNELS[name] if interpreted() else wrap_triton(KERNELS[name])
+        launch = KERNELS[name] if interpreter else wrap_triton(KERNELS[name])
         launch[grid](qkv, *tensors, **args, BLOCK_S=rows, num_warps=max(w for r, w in CONFIGS if r == rows))
     else:
         wrap_triton(autotuner(name, seq_len))[grid](qkv, *tensors, **args)

@@ -705,7 +705,12 @@ def load_weights(
     bare = getattr(model, "module", model)  # DDP
     model_cfg = getattr(getattr(bare, "_orig_mod", bare), "config", None)  # torch.compile
     file = check_weights_source(path, model_cfg if isinstance(model_cfg, ModelConfig) else None, strict)
-    sd, fmt = unwrap_state_dict(load_file(file, limits), path)
+    obj = load_file(file, limits)
+    sd, fmt = unwrap_state_dict(obj, path)
+    dataset = _cfg_value(obj.get("cfg"), "TRAIN", "DATASET")  # the original's config names what it trained on
+    if isinstance(model_cfg, ModelConfig) and model_cfg.input_channels == "rgb" and str(dataset).lower() == "ssv2":
+        logger.warning("%s was trained by the original code on SSv2, whose frames reached the model as BGR; this "
+                       "model reads them as RGB: set model.input_channels=bgr (configs/exp/ssv2_*.yaml do)", path)
     report = LoadReport(str(path), fmt)
     target = model.state_dict()
     allowed_missing: set[str] = set()
@@ -1040,9 +1045,9 @@ def _hf_config_for(sd: dict[str, torch.Tensor], obj: dict[str, Any],
     return hf_config(model, labels), source
 
 
-def _cfg_num_heads(cfg: Any) -> int | None:
-    """``model.num_heads`` of a checkpoint's ``cfg`` entry (our checkpoints' resolved YAML, or a dict); None when it
-    has none (the original's yacs config does not: its heads are fixed at 12)."""
+def _cfg_value(cfg: Any, section: str, key: str) -> Any:
+    """``cfg[section][key]`` of a checkpoint's ``cfg`` entry: our checkpoints' resolved YAML, the original's
+    ``cfg.dump()`` YAML, or its yacs ``CfgNode`` loaded as a dict; None where it has none."""
     if isinstance(cfg, str):
         import yaml
 
@@ -1050,8 +1055,14 @@ def _cfg_num_heads(cfg: Any) -> int | None:
             cfg = yaml.safe_load(cfg)
         except yaml.YAMLError:
             return None
-    model = cfg.get("model") if isinstance(cfg, dict) else None
-    heads = model.get("num_heads") if isinstance(model, dict) else None
+    part = cfg.get(section) if isinstance(cfg, dict) else None
+    return part.get(key) if isinstance(part, dict) else None
+
+
+def _cfg_num_heads(cfg: Any) -> int | None:
+    """``model.num_heads`` of a checkpoint's ``cfg`` entry; None when it has none (the original's yacs config does
+    not: its heads are fixed at 12)."""
+    heads = _cfg_value(cfg, "model", "num_heads")
     return heads if type(heads) is int else None
 
 

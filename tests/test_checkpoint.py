@@ -52,6 +52,28 @@ def test_pyth_round_trip_identical_logits(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
 
 
+@pytest.mark.parametrize("cfg", ["TRAIN:\n  DATASET: ssv2\n  ENABLE: True\n", {"TRAIN": {"DATASET": "ssv2"}}],
+                         ids=["yaml", "cfgnode-dict"])
+def test_an_original_ssv2_checkpoint_into_an_rgb_model_warns_to_read_bgr(tmp_path: Path, cfg: object,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The original fed SSv2 frames as BGR: its config says so (TRAIN.DATASET, as a dumped YAML or a yacs CfgNode),
+    and loading such weights into a model that reads RGB names the setting; a model set to bgr, or Kinetics
+    weights, load without it."""
+    path = tmp_path / "ssv2.pyth"
+    torch.save({"epoch": 14, "model_state": {f"model.{k}": v for k, v in trained_like().state_dict().items()},
+                "cfg": cfg}, path)
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.checkpoint"):
+        load_weights(TimeSformer(**TINY, drop_path_rate=0.0), path)
+    assert "trained by the original code on SSv2" in caplog.text and "set model.input_channels=bgr" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.checkpoint"):
+        load_weights(TimeSformer(**TINY, drop_path_rate=0.0, input_channels="bgr"), path)
+        kinetics = tmp_path / "k400.pyth"
+        save_pyth(kinetics, trained_like(), cfg_yaml="TRAIN:\n  DATASET: kinetics\n")
+        load_weights(TimeSformer(**TINY, drop_path_rate=0.0), kinetics)
+    assert "input_channels" not in caplog.text
+
+
 @pytest.mark.parametrize("wrap", ["module_model", "state_dict", "plain", "safetensors"])
 def test_other_containers_and_prefixes(tmp_path: Path, wrap: str) -> None:
     src = trained_like()

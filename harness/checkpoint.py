@@ -1045,10 +1045,16 @@ def _hf_config_for(sd: dict[str, torch.Tensor], obj: dict[str, Any],
     return hf_config(model, labels), source
 
 
+MAX_CFG_CHARS = 1 << 20  # the original's dumped config is about 10 kB, ours a few kB
+
+
 def _cfg_value(cfg: Any, section: str, key: str) -> Any:
     """``cfg[section][key]`` of a checkpoint's ``cfg`` entry: our checkpoints' resolved YAML, the original's
-    ``cfg.dump()`` YAML, or its yacs ``CfgNode`` loaded as a dict; None where it has none."""
+    ``cfg.dump()`` YAML, or its yacs ``CfgNode`` loaded as a dict; None where it has none, or where the YAML is over
+    ``MAX_CFG_CHARS`` (a file's config is read on every load: an untrusted one is not parsed at any size)."""
     if isinstance(cfg, str):
+        if len(cfg) > MAX_CFG_CHARS:
+            return None
         import yaml
 
         try:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timesformer_harness.checkpoint import (CheckpointError, WeightsMismatchError, convert, load_file, load_weights,
-                                           save_pyth)
+from timesformer_harness.checkpoint import (MAX_CFG_CHARS, CheckpointError, WeightsMismatchError, convert, load_file,
+                                           load_weights, save_pyth)
 from timesformer_harness.model import TimeSformer
 
 TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=4, num_classes=7)
@@ -71,6 +71,9 @@ def test_an_original_ssv2_checkpoint_into_an_rgb_model_warns_to_read_bgr(tmp_pat
         kinetics = tmp_path / "k400.pyth"
         save_pyth(kinetics, trained_like(), cfg_yaml="TRAIN:\n  DATASET: kinetics\n")
         load_weights(TimeSformer(**TINY, drop_path_rate=0.0), kinetics)
+        huge = tmp_path / "huge_cfg.pyth"  # a config over MAX_CFG_CHARS is not parsed
+        save_pyth(huge, trained_like(), cfg_yaml="TRAIN:\n  DATASET: ssv2\n" + "#" * MAX_CFG_CHARS)
+        load_weights(TimeSformer(**TINY, drop_path_rate=0.0), huge)
     assert "input_channels" not in caplog.text
 
 

@@ -52,12 +52,13 @@ def check_attention(cfg: ModelConfig, device: torch.device, dtype: torch.dtype |
     keys = {"attn_backend": cfg.attn_backend}
     if variant(cfg.attention_type).temporal_branch and cfg.temporal_attn_backend != "same":
         keys["temporal_attn_backend"] = cfg.temporal_attn_backend
-    if keys.get("temporal_attn_backend") == "triton" and cfg.attn_drop_rate > 0:
-        raise ValueError(f"model.temporal_attn_backend=triton has no attention dropout (model.attn_drop_rate="
-                         f"{cfg.attn_drop_rate}): set model.attn_drop_rate=0 or another temporal_attn_backend")
-    if keys.get("temporal_attn_backend") == "triton" and cfg.num_frames > MAX_SHORT_SEQUENCE:
-        raise ValueError(f"model.temporal_attn_backend=triton takes up to {MAX_SHORT_SEQUENCE} frames, not "
-                         f"model.num_frames={cfg.num_frames}: use another temporal_attn_backend")
+    if keys.get("temporal_attn_backend") == "triton":
+        if cfg.attn_drop_rate > 0:
+            raise ValueError(f"model.temporal_attn_backend=triton has no attention dropout (model.attn_drop_rate="
+                             f"{cfg.attn_drop_rate}): set model.attn_drop_rate=0 or another temporal_attn_backend")
+        if cfg.num_frames > MAX_SHORT_SEQUENCE:
+            raise ValueError(f"model.temporal_attn_backend=triton takes up to {MAX_SHORT_SEQUENCE} frames, not "
+                             f"model.num_frames={cfg.num_frames}: use another temporal_attn_backend")
     for key, backend in keys.items():
         try:
             check_backend(backend, device, dtype, capability)

@@ -58,12 +58,19 @@ def _rows(block, S, TOKENS, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _load_qkv(qkv, tokens, mask, cols, D, head_offset):
-    at = qkv + tokens[:, None] * (3 * D) + head_offset + cols[None, :]
-    q = tl.load(at, mask=mask, other=0.0).to(tl.float32)
-    k = tl.load(at + D, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(at + 2 * D, mask=mask, other=0.0).to(tl.float32)
-    return q, k, v
+def _load_block(qkv, S, TOKENS, D, HEAD_DIM, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's q, k, v (fp32), the keys each row may attend to, the mask of its (row, column) elements, and
+    their offsets in a (tokens, D) tensor (the output, its gradient) and in the (tokens, 3 * D) qkv layout."""
+    block, head = tl.program_id(0), tl.program_id(1)
+    tokens, rows_ok, keys_ok = _rows(block, S, TOKENS, BLOCK_S)
+    cols = tl.arange(0, BLOCK_D)
+    mask = rows_ok[:, None] & (cols < HEAD_DIM)[None, :]
+    at_out = tokens[:, None] * D + head * HEAD_DIM + cols[None, :]
+    at_qkv = tokens[:, None] * (3 * D) + head * HEAD_DIM + cols[None, :]
+    q = tl.load(qkv + at_qkv, mask=mask, other=0.0).to(tl.float32)
+    k = tl.load(qkv + at_qkv + D, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(qkv + at_qkv + 2 * D, mask=mask, other=0.0).to(tl.float32)
+    return q, k, v, keys_ok, mask, at_out, at_qkv
 
 
 @triton.jit
@@ -77,33 +84,24 @@ def _probabilities(q, k, keys_ok, scale, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _forward_kernel(qkv, out, scale, S, TOKENS, D, HEAD_DIM, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_S: tl.constexpr):
-    block, head = tl.program_id(0), tl.program_id(1)
-    tokens, rows_ok, keys_ok = _rows(block, S, TOKENS, BLOCK_S)
-    cols = tl.arange(0, BLOCK_D)
-    mask = rows_ok[:, None] & (cols < HEAD_DIM)[None, :]
-    q, k, v = _load_qkv(qkv, tokens, mask, cols, D, head * HEAD_DIM)
+    q, k, v, keys_ok, mask, at_out, _ = _load_block(qkv, S, TOKENS, D, HEAD_DIM, BLOCK_D, BLOCK_S)
     p = _probabilities(q, k, keys_ok, scale, DOT_PRECISION)
     o = tl.dot(p, v, input_precision=DOT_PRECISION)
-    tl.store(out + tokens[:, None] * D + head * HEAD_DIM + cols[None, :], o.to(out.dtype.element_ty), mask=mask)
+    tl.store(out + at_out, o.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _backward_kernel(qkv, grad_out, grad_qkv, scale, S, TOKENS, D, HEAD_DIM, BLOCK_D: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr):
-    block, head = tl.program_id(0), tl.program_id(1)
-    tokens, rows_ok, keys_ok = _rows(block, S, TOKENS, BLOCK_S)
-    cols = tl.arange(0, BLOCK_D)
-    mask = rows_ok[:, None] & (cols < HEAD_DIM)[None, :]
-    q, k, v = _load_qkv(qkv, tokens, mask, cols, D, head * HEAD_DIM)
-    do = tl.load(grad_out + tokens[:, None] * D + head * HEAD_DIM + cols[None, :], mask=mask, other=0.0)
-    do = do.to(tl.float32)
+    q, k, v, keys_ok, mask, at_out, at_qkv = _load_block(qkv, S, TOKENS, D, HEAD_DIM, BLOCK_D, BLOCK_S)
+    do = tl.load(grad_out + at_out, mask=mask, other=0.0).to(tl.float32)
     p = _probabilities(q, k, keys_ok, scale, DOT_PRECISION)
     dv = tl.dot(tl.trans(p), do, input_precision=DOT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])  # softmax backward; sum(p * dp) = rowsum(do * o)
     dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * scale
     dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION) * scale
-    at = grad_qkv + tokens[:, None] * (3 * D) + head * HEAD_DIM + cols[None, :]
+    at = grad_qkv + at_qkv
     dtype = grad_qkv.dtype.element_ty
     tl.store(at, dq.to(dtype), mask=mask)
     tl.store(at + D, dk.to(dtype), mask=mask)

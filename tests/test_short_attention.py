@@ -200,16 +200,18 @@ def test_torch_compile_traces_the_kernels_into_one_graph_forward_and_backward() 
 
 
 # Compile kernels for real GPUs with Triton's own compiler and ptxas (no GPU needed): what the interpreter cannot check
-# (a dot's shape rules, types, register and shared-memory budgets). argv: [target, dtype, (block, warps) ...]
+# (a dot's shape rules, types, register and shared-memory budgets). argv: [target, dtype, (block, warps) ...]. Prints
+# per kernel and config the shared memory, and the registers and stack frame (spilled registers) per thread that
+# cuobjdump reads from the cubin.
 COMPILE_FOR_GPU = """
-import json, sys
+import json, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from timesformer_harness.kernels.short_attention import KERNELS
 
 cc, dtype, configs = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
-shared = {}
+shared, usage = {}, {}
 for name, kernel in KERNELS.items():
     tensors = ["qkv", "out"] if name == "forward" else ["qkv", "grad_out", "grad_qkv"]
     signature = {**{t: "*" + dtype for t in tensors}, "scale": "fp32", "S": "i32", "TOKENS": "i32", "D": "i32",
@@ -219,7 +221,14 @@ for name, kernel in KERNELS.items():
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                                   target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
         shared[f"{name} {rows}/{warps}"] = compiled.metadata.shared
-print(json.dumps(shared))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            dump = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", cubin.name],
+                                  capture_output=True, text=True, check=True).stdout
+        regs, stack = re.search(r"REG:(\\d+) STACK:(\\d+)", dump).groups()
+        usage[f"{name} {rows}/{warps}"] = {"registers": int(regs), "stack": int(stack)}
+print(json.dumps({"shared": shared, "usage": usage}))
 """
 
 
@@ -232,9 +241,14 @@ def test_the_kernels_compile_for_the_gpus_they_run_on(cc: int, dtype: str, confi
     res = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU, str(cc), dtype, json.dumps(configs)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    shared = json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    shared, usage = out["shared"], out["usage"]
     assert len(shared) == 2 * len(configs)
     assert all(0 < size <= limit for size in shared.values()), shared
+    # The smallest block, what short sequences such as T = 8 can always use, keeps everything in registers: a change
+    # that makes it spill (a stack frame) would slow the kernel on every GPU.
+    for name in ("forward", "backward"):
+        assert usage[f"{name} 16/2"]["stack"] == 0 and usage[f"{name} 16/2"]["registers"] <= 255, usage
 
 
 def test_the_counting_command_counts_the_triton_step_in_the_interpreter_by_itself() -> None:

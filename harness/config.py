@@ -19,12 +19,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
+from timesformer_harness.kernels.backend_names import BACKENDS as ATTN_BACKENDS, SHORT_SEQUENCE_BACKENDS
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.variants import REFERENCE, variant
 
-ATTN_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "naive")
-# divided attention's temporal pass also takes "triton": a kernel for short sequences (kernels/short_attention.py)
-TEMPORAL_ATTN_BACKENDS = ("same", *ATTN_BACKENDS, "triton")
+# divided attention's temporal pass also takes the short-sequence kernels (kernels/short_attention.py)
+TEMPORAL_ATTN_BACKENDS = ("same", *ATTN_BACKENDS, *SHORT_SEQUENCE_BACKENDS)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BENCH_SUITES = ("model", "attention", "scaling", "pipeline", "e2e")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # "none": eager

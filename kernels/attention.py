@@ -20,8 +20,8 @@ from torch.autograd import profiler as autograd_profiler
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
-BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "naive")
-SHORT_SEQUENCE_BACKENDS = ("triton",)  # attention within runs of seq_len tokens only
+from timesformer_harness.kernels.backend_names import BACKENDS, SHORT_SEQUENCE_BACKENDS
+
 MAX_SHORT_SEQUENCE = 128  # their longest sequence: the whole score matrix lives in one program's registers
 _SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,

@@ -153,25 +153,34 @@ def test_the_step_issues_fewer_ops_than_sdpa() -> None:
 
 
 # torch.compile of the model, traced as on a GPU (Triton compiled, not interpreted) up to the kernels' code: dynamo
-# with fullgraph=True, then AOT autograd's joint forward + backward graph, whose Triton kernels are listed; nothing
-# runs (the forward compiler returns a function that stops the call).
+# with fullgraph=True, then AOT autograd's joint forward + backward graph, whose Triton kernels are listed with the
+# tensors functionalization copies for them (those torch's analysis of the kernel's code finds written: Triton's
+# compiler, set to an sm90 target, gives it the kernel's IR without a GPU); nothing runs (the forward compiler
+# returns a function that stops the call).
 COMPILE_TRACE = """
-import json, logging, sys
+import json, sys
 from dataclasses import replace
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import default_partition
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from timesformer_harness.model import create_model, load_preset
 
-logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)  # no GPU to read the IR on
+class SM90:  # what torch asks Triton's active driver for when it generates a kernel's IR
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+triton.runtime.driver.set_active(SM90())
 kernels = []
 
 class Traced(Exception):
     pass
 
 def partition(joint, joint_inputs, **kw):
-    kernels.extend(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in joint.graph.nodes
+    kernels.extend([kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__, n.kwargs["tensors_to_clone"]]
+                   for n in joint.graph.nodes
                    if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target))
     return default_partition(joint, joint_inputs, **kw)
 
@@ -192,11 +201,14 @@ except Traced:
 def test_torch_compile_traces_the_kernels_into_one_graph_forward_and_backward() -> None:
     """The kernel is a ``triton_op``: ``torch.compile(fullgraph=True)`` takes it into its graph, with its backward
     (a graph break would raise). In a process where Triton compiles rather than interprets: the interpreter's
-    kernels cannot be traced (``make gpu-check`` runs the compiled model on a GPU)."""
+    kernels cannot be traced (``make gpu-check`` runs the compiled model on a GPU). torch finds that each kernel
+    writes its output only: were qkv counted as written (as when a store's offsets came from a helper that also
+    took the qkv pointer), the compiled step would copy the whole qkv tensor before each kernel."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     res = subprocess.run([sys.executable, "-c", COMPILE_TRACE], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and res.stdout.strip(), res.stderr[-3000:]
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == ["_forward_kernel", "_backward_kernel"]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [["_forward_kernel", ["out"]],
+                                                               ["_backward_kernel", ["grad_qkv"]]], res.stderr[-3000:]
 
 
 # Compile kernels for real GPUs with Triton's own compiler and ptxas (no GPU needed): what the interpreter cannot check

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -154,7 +155,10 @@ def run_trainer(row: Row, out: Path, device: torch.device, steps: int, timeout_s
     if done.returncode != 0:
         result["message"] = "timed out" if done.returncode is None else (done.stderr or done.stdout)[-600:]
         return result
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    try:
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError) as e:
+        return {**result, "status": "error", "message": f"the run's metrics.jsonl could not be read: {e}"}
     windows = [r for r in records if r.get("event") == "train"]
     steady = [r for r in windows if not r.get("time/warmup")]
     counted = [r for r in windows if "debug/syncs_per_micro_batch" in r]
@@ -294,20 +298,29 @@ def run(out: Path, budget_s: float, only: list[str] | None, trainer_steps: int) 
         entry: dict[str, Any] = {"row": row.name, "kind": row.kind, "attention_type": row.attention_type,
                                  "batch": row.batch, "compile": row.compile, "backend": row.backend,
                                  "temporal_backend": row.temporal_backend}
-        left = budget_s - clock.elapsed()
         reason = skip_reason(row, cfg.model, device, dtype)
-        if reason is None and row.estimate_s * scale > left:
-            reason = f"over budget: {left:.0f} s left, the row needs about {row.estimate_s * scale:.0f} s"
-        if reason is not None:
-            entry.update(status="skipped", message=reason)
+        timeout_s, over = row_timeout(row.estimate_s * scale, budget_s - clock.elapsed())
+        if reason is not None or over is not None:
+            entry.update(status="skipped", message=reason or over)
         elif row.kind == "trainer":
-            entry.update(run_trainer(row, out, device, trainer_steps, timeout_s=max(left, 60)))
+            entry.update(run_trainer(row, out, device, trainer_steps, timeout_s=timeout_s))
         else:
             case = model_case(row, base, cfg.model, device)
-            rec = run_case(case, timeout_s=max(left, 60))
+            rec = run_case(case, timeout_s=timeout_s)
             entry.update(batch=case.batch, record=rec.to_dict(), **figures(rec))
         record_row(out, results, entry, meta, clock.elapsed(), summary)
     return results
+
+
+ROW_TIMEOUT_FACTOR = 3.0  # a row is stopped past this many times its estimate: one hung row leaves the rest their time
+
+
+def row_timeout(need_s: float, left_s: float) -> tuple[float, str | None]:
+    """A device script's row that needs about ``need_s`` with ``left_s`` of the budget left: its timeout (at most
+    ``ROW_TIMEOUT_FACTOR`` times the estimate, at least a minute, never past the budget), or why it is skipped."""
+    if need_s > left_s:
+        return 0.0, f"over budget: {left_s:.0f} s left, the row needs about {need_s:.0f} s"
+    return min(left_s, max(60.0, ROW_TIMEOUT_FACTOR * need_s)), None
 
 
 def record_row(out: Path, rows: list[dict[str, Any]], entry: dict[str, Any], meta: dict[str, Any], wall_s: float,
@@ -338,6 +351,9 @@ def script_start(p: argparse.ArgumentParser, args: argparse.Namespace, row_names
     """Check a device script's arguments (``p.error`` on an unknown row) and make its output folder; None when there
     is no GPU and no ``--rehearse-on-cpu`` (said on stderr)."""
     setup_logging()
+    # SIGTERM (``timeout``, a scheduler) ends the script through SystemExit, so that the running row's process group
+    # is killed on the way out (``run_command``) rather than left on the GPU
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     name = p.prog.rsplit(".", 1)[-1]
     unknown = sorted(set(args.rows or []) - set(row_names))
     if unknown:

@@ -135,10 +135,16 @@ def kernel_time(fn: Callable[[], object], device: torch.device, steps: int = 3) 
 
 def device_totals(events: Iterable[object], steps: int) -> KernelTime:
     """``KernelTime`` from profiler events: the device-side ones (``device_type`` CUDA, whose ``device_time_total``
-    is their own duration in us), over ``steps``."""
+    is their own duration in us), over ``steps``. Not the GPU-side copies of ``record_function`` ranges (device
+    type CUDA too, ``is_user_annotation``: each spans its kernels, which are counted themselves), as torch's own
+    device totals leave them out. Raises ``RuntimeError`` when the trace holds no device work (no CUDA activity
+    traced): a step on a GPU runs kernels."""
     from torch.autograd import DeviceType
 
-    on_device = [e for e in events if e.device_type == DeviceType.CUDA]  # type: ignore[attr-defined]
+    on_device = [e for e in events if e.device_type == DeviceType.CUDA  # type: ignore[attr-defined]
+                 and not getattr(e, "is_user_annotation", False)]
+    if not on_device:
+        raise RuntimeError("the profiler traced no GPU work (CUDA activity not recorded: is CUPTI available?)")
     busy_us = sum(float(e.device_time_total) for e in on_device)  # type: ignore[attr-defined]
     return KernelTime(ms_per_step=busy_us / steps / 1e3, ops_per_step=len(on_device) / steps)
 

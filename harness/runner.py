@@ -125,7 +125,9 @@ def run_command(argv: list[str], *, timeout_s: float, env: dict[str, str] | None
         out, err = proc.communicate(input, timeout=timeout_s)
         return Finished(proc.returncode, out or "", err or "", clock.elapsed())
     except subprocess.TimeoutExpired:
-        return Finished(None, wall_s=clock.elapsed())
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()  # what it wrote before it was killed (a result printed before a hang at exit)
+        return Finished(None, out or "", err or "", clock.elapsed())
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -152,13 +154,14 @@ def run_in_fresh_process(fn: Callable[[Any], Any], payload: Any, *, timeout_s: f
     cmd = [sys.executable, "-m", "timesformer_harness.runner", _target_name(fn), str(mem_limit_gb)]
     done = run_command(cmd, timeout_s=timeout_s, env=child_env, input=json.dumps(payload))
     wall, code, stdout, stderr = done.wall_s, done.returncode, done.stdout, done.stderr
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_MARK):  # also from a worker that then hung on its way out and was killed
+            out = json.loads(line[len(RESULT_MARK):])
+            hung = f"the worker gave its result, then hung at exit: killed after {timeout_s:g} s" if code is None else ""
+            return Outcome(out["status"], out.get("result"), "; ".join(m for m in (out.get("message", ""), hung) if m),
+                           out.get("traceback", ""), code, wall)
     if code is None:
         return Outcome("error", message=f"timed out after {timeout_s:g} s", wall_s=wall)
-    for line in reversed(stdout.splitlines()):
-        if line.startswith(RESULT_MARK):
-            out = json.loads(line[len(RESULT_MARK):])
-            return Outcome(out["status"], out.get("result"), out.get("message", ""), out.get("traceback", ""), code,
-                           wall)
     tail = (stderr.strip().splitlines() or ["no output"])[-1][:300]
     if code < 0 or code == 137:
         return Outcome("oom", message=f"worker killed by {_signal_name(code)} (exit {code}; the kernel's OOM killer "

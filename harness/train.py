@@ -517,7 +517,7 @@ class Trainer:
         for i in range(start, n):
             assert batch is not None, f"the loader ended after {i} of {n} batches"
             done += 1
-            self.hooks.on_batch(epoch, i, batch)
+            self.hooks.on_batch(epoch, i, batch, warmup=warming)
             lr = lr_at(cfg.solver, epoch + i / n)
             set_lr(self.optimizer, lr)
             sync = (i + 1) % self.accum == 0

@@ -36,7 +36,7 @@ class DebugHooks:
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int, device: torch.device | str = "cpu") -> None:
         self.syncs = SyncCounter(torch.device(device)).start() if cfg.count_syncs else None
-        self._sync_mark: tuple[int, int, int] | None = None  # (epoch, batch, syncs so far) at the last batch
+        self._sync_mark: tuple[int, int, int, bool] | None = None  # (epoch, batch, syncs so far, warm-up): last batch
         self._sync_counts: list[int] = []
         self.nan_at_step = cfg.debug_nan_at_step
         self.signal_at_step = cfg.debug_signal_at_step if rank == 0 else -1
@@ -48,15 +48,17 @@ class DebugHooks:
             (Path(run_dir) / "samples").mkdir(parents=True, exist_ok=True)
             self.samples_file = open(Path(run_dir) / "samples" / f"rank{rank}.jsonl", "a")
 
-    def on_batch(self, epoch: int, batch_idx: int, batch: Batch) -> None:
+    def on_batch(self, epoch: int, batch_idx: int, batch: Batch, warmup: bool = False) -> None:
         """Record the batch's video indices (``train.record_samples``) and the synchronisations of the micro-batch
         before it (``train.count_syncs``: the count from one batch to the next of the same epoch, so each epoch's
-        last micro-batch, whose span takes in validation and checkpoints, is not counted)."""
+        last micro-batch, whose span takes in validation and checkpoints, is not counted; nor are the warm-up
+        micro-batches (``warmup``: this batch's micro-batch is one), whose one-time set-up copies would count)."""
         if self.syncs is not None:
             total = self.syncs.count
-            if self._sync_mark is not None and self._sync_mark[:2] == (epoch, batch_idx - 1):
-                self._sync_counts.append(total - self._sync_mark[2])
-            self._sync_mark = (epoch, batch_idx, total)
+            mark = self._sync_mark
+            if mark is not None and mark[:2] == (epoch, batch_idx - 1) and not mark[3]:
+                self._sync_counts.append(total - mark[2])
+            self._sync_mark = (epoch, batch_idx, total, warmup)
         if self.samples_file is not None:
             self.samples_file.write(json.dumps({"epoch": epoch, "batch": batch_idx,
                                                 "index": batch.index.tolist()}) + "\n")

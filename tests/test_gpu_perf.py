@@ -106,11 +106,24 @@ def test_the_summary_names_the_triton_attentions_autotuned_blocks():
 
 
 def test_device_totals_sum_the_device_side_events_only():
-    events = [SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=250.0),
-              SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=750.0),
-              SimpleNamespace(device_type=DeviceType.CPU, device_time_total=900.0)]  # a CPU op: its kernels' sum
+    events = [SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=250.0, is_user_annotation=False),
+              SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=750.0, is_user_annotation=False),
+              SimpleNamespace(device_type=DeviceType.CPU, device_time_total=900.0),  # a CPU op: its kernels' sum
+              # a record_function range's GPU-side copy ("attn/temporal"): it spans the kernels counted above
+              SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=1000.0, is_user_annotation=True)]
     totals = device_totals(events, steps=2)
     assert totals.ms_per_step == pytest.approx(0.5) and totals.ops_per_step == 1.0
+    with pytest.raises(RuntimeError, match="traced no GPU work"):
+        device_totals(events[2:3], steps=2)
+
+
+def test_a_rows_timeout_is_a_few_times_its_estimate_within_the_budget():
+    from timesformer_harness.gpu_perf import row_timeout
+
+    assert row_timeout(45.0, 400.0) == (135.0, None)  # one hung row leaves the later rows their time
+    assert row_timeout(10.0, 400.0) == (60.0, None)  # at least a minute
+    assert row_timeout(150.0, 200.0) == (200.0, None)  # never past the budget
+    assert row_timeout(150.0, 100.0) == (0.0, "over budget: 100 s left, the row needs about 150 s")
 
 
 def test_a_failing_profiler_keeps_the_steps_timing(monkeypatch):

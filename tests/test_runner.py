@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +51,11 @@ def hangs(payload: dict) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     Path(payload["pid_file"]).write_text(str(child.pid))
     time.sleep(120)
+
+
+def returns_then_hangs_at_exit(payload: dict) -> int:
+    threading.Thread(target=time.sleep, args=(120,)).start()  # not a daemon: the interpreter waits for it at exit
+    return 42
 
 
 def _alive(pid: int) -> bool:
@@ -109,6 +115,14 @@ def test_a_timeout_is_an_error_and_kills_the_whole_process_group(tmp_path):
     while _alive(grandchild) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(grandchild), "the worker's own child outlived the timeout"
+
+
+def test_a_result_given_before_a_hang_at_exit_is_kept():
+    """A worker that printed its result and then hung on its way out (a thread, a driver's teardown) is killed at
+    the timeout, and its result is kept with a note: the measurement was made."""
+    out = run_in_fresh_process(returns_then_hangs_at_exit, {}, timeout_s=10, env=ENV)
+    assert out.status == "ok" and out.result == 42 and out.returncode is None, out
+    assert out.message == "the worker gave its result, then hung at exit: killed after 10 s"
 
 
 def test_nested_functions_are_refused_before_starting():

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -558,7 +559,7 @@ def test_sync_counter_counts_reads_of_device_values_on_cpu() -> None:
 
 def test_count_syncs_logs_each_micro_batchs_syncs(tmp_path):
     """``train.count_syncs``: the train records carry the syncs per micro-batch (on CPU the aten reads; none in the
-    step loop), every micro-batch but each epoch's last counted."""
+    step loop), every micro-batch but the warm-up ones and each epoch's last counted."""
     from timesformer_harness.config import load_config
     from timesformer_harness.distributed import init_distributed
     from timesformer_harness.train import Trainer
@@ -571,8 +572,29 @@ def test_count_syncs_logs_each_micro_batchs_syncs(tmp_path):
     assert trainer.fit() == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     counted = [r for r in records if "debug/syncs_per_micro_batch" in r]
-    assert len(counted) == 3 and all(r["debug/syncs_per_micro_batch_max"] == 0 for r in counted), counted
+    # 6 micro-batches, 2 per step: the warm-up step's 2 and the last are not counted, 2 windows hold the other 3
+    assert len(counted) == 2 and all(r["debug/syncs_per_micro_batch_max"] == 0 for r in counted), counted
+    assert not any(r["time/warmup"] for r in counted)
     assert trainer.hooks.syncs is None  # stopped at the end of the run
+
+
+def test_sync_counts_leave_out_warm_up_micro_batches_and_each_epochs_last(tmp_path):
+    """What ``on_batch`` attributes to each micro-batch: the syncs from its batch to the next one of the same epoch,
+    none for a warm-up micro-batch (the first step's one-time copies, such as stochastic depth's keep
+    probabilities reaching the GPU) or for an epoch's last."""
+    from timesformer_harness.config import TrainConfig
+    from timesformer_harness.train_hooks import DebugHooks
+
+    hooks = DebugHooks(TrainConfig(count_syncs=True), tmp_path, rank=0)
+    syncs = hooks.syncs
+    hooks.syncs = SimpleNamespace(count=0)
+    for epoch, batch_idx, total, warmup in [(0, 0, 0, True), (0, 1, 2, False), (0, 2, 3, False), (0, 3, 4, False),
+                                            (1, 0, 9, True), (1, 1, 11, True), (1, 2, 12, False)]:
+        hooks.syncs.count = total
+        hooks.on_batch(epoch, batch_idx, None, warmup=warmup)
+    assert hooks.take_sync_counts() == [1, 1] and hooks.take_sync_counts() == []
+    hooks.syncs = syncs
+    hooks.close()
 
 
 def test_the_step_loop_waits_for_the_device_once_per_micro_batch(tmp_path, monkeypatch):

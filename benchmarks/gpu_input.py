@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import statistics
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,9 +53,10 @@ from typing import Any
 
 import torch
 
+from timesformer_harness.bench.pipeline import WARMUP_BATCHES
 from timesformer_harness.common import atomic_write_text
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.gpu_perf import fmt_cell, record_row, script_end, script_parser, script_start
+from timesformer_harness.gpu_perf import fmt_cell, record_row, row_timeout, script_end, script_parser, script_start
 from timesformer_harness.metrics import Stopwatch, run_stamp
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.decode_rates import CPU_GENERATION, TABLE, RateRow, merge_rates
@@ -79,10 +82,16 @@ class Size:
     threads: int
     e2e_batches: int  # timed end-to-end steps (after the e2e suite's 2 warm-up ones)
 
+    @property
+    def e2e_repeat(self) -> int:
+        """Each video's repeats in the end-to-end rows' manifest: their steps within one epoch (a pipeline restart
+        at an epoch's end, once per thousands of steps in a real epoch, would count as data wait)."""
+        return math.ceil((WARMUP_BATCHES + self.e2e_batches) * self.batch / self.videos)
 
-GPU_SIZE = Size(height=256, width=340, jitter=(256, 320), crop=224, batch=32, videos=8, repeat=16, rounds=3,
+
+GPU_SIZE = Size(height=256, width=340, jitter=(256, 320), crop=224, batch=32, videos=8, repeat=32, rounds=3,
                 threads=8, e2e_batches=12)
-CPU_SIZE = Size(height=48, width=64, jitter=(40, 48), crop=32, batch=4, videos=2, repeat=4, rounds=2, threads=2,
+CPU_SIZE = Size(height=48, width=64, jitter=(40, 48), crop=32, batch=4, videos=2, repeat=8, rounds=2, threads=2,
                 e2e_batches=3)
 
 # name -> what prepare makes of the sources (the short side is the size's height)
@@ -147,11 +156,11 @@ def data_config(size: Size, root: Path, manifest: Path, threads: int) -> DataCon
                       pad_short=False)
 
 
-def prepare_variants(data: Path, size: Size, names: list[str]) -> tuple[dict[str, Path], dict[str, Any]]:
+def prepare_variants(data: Path, size: Size, names: list[str]) -> tuple[dict[str, Path | str], dict[str, Any]]:
     """The sources and the variants ``names`` at ``size``, made in parallel (existing ones kept; a folder variant
-    after the variant it is made from): each variant's repeated train manifest, and what preparing cost."""
-    from timesformer_harness.benchmarks.bench_prepare import make_sources, repeated_manifest
-    from timesformer_harness.pipelines.tools.encode import mjpeg_frame_folder
+    after the variant it is made from): each variant's train manifest (every video once), or why it could not be
+    made (a string: that variant's rows fail with it, the others run), and what preparing cost."""
+    from timesformer_harness.benchmarks.bench_prepare import make_sources
     from timesformer_harness.pipelines.tools.prepare import prepare
 
     cores = os.cpu_count() or 1
@@ -159,68 +168,136 @@ def prepare_variants(data: Path, size: Size, names: list[str]) -> tuple[dict[str
     manifest = make_sources(data / f"source_{size.height}p", size.videos, size.height, size.width, workers=cores)
     sources_s = clock.lap()
 
-    def one(name: str) -> tuple[str, Path]:
+    def one(name: str) -> tuple[str, Path | str]:
         codec, gop = VARIANTS[name]
-        spec = PrepareSpec(codec, size.height, gop)
         out = data / f"{name}_{size.height}p"
-        report = prepare(manifest, out, spec, workers=max(1, cores // len(names)), progress=False)
-        if report.failed:
-            raise RuntimeError(f"prepare {name}: {report.summary()}")
-        return name, repeated_manifest(out / manifest.name, size.repeat)
+        try:
+            report = prepare(manifest, out, PrepareSpec(codec, size.height, gop), workers=max(1, cores // len(names)),
+                             progress=False)
+        except Exception as e:  # noqa: BLE001 - one variant's failure is its rows' result, not the run's end
+            return name, f"prepare {name} failed: {type(e).__name__}: {e}"[:600]
+        return name, f"prepare {name}: {report.summary()}" if report.failed else out / manifest.name
 
     encoded = list(dict.fromkeys(FOLDER_VARIANTS.get(name, name) for name in names))
     with ThreadPoolExecutor(max(1, len(encoded))) as pool:
         manifests = dict(pool.map(one, encoded))
     for name in names:
         if name in FOLDER_VARIANTS:
-            base = manifests[FOLDER_VARIANTS[name]].parent
-            out = data / f"{name}_{size.height}p"
-            lines = []
-            for line in (base / manifest.name).read_text().splitlines():
-                video, label = line.rsplit(" ", 1)
-                if not (out / Path(video).stem).is_dir():
-                    mjpeg_frame_folder(base / video, out / f".{Path(video).stem}.tmp").rename(out / Path(video).stem)
-                lines.append(f"{Path(video).stem} {label}\n")
-            (out / manifest.name).write_text("".join(lines))
-            manifests[name] = repeated_manifest(out / manifest.name, size.repeat)
+            made = manifests[FOLDER_VARIANTS[name]]
+            manifests[name] = made if isinstance(made, str) else folder_variant(made, data / f"{name}_{size.height}p")
     costs = {"sources_s": round(sources_s, 1), "variants_s": round(clock.lap(), 1), "cores": cores}
     return {name: manifests[name] for name in names}, costs
 
 
+def folder_variant(videos: Path, out: Path) -> Path:
+    """Per MJPEG video of the manifest ``videos``, a folder of its JPEG images (the same bytes) under ``out``, and
+    their manifest (``out / videos.name``)."""
+    from timesformer_harness.pipelines.tools.encode import mjpeg_frame_folder
+
+    lines = []
+    for line in videos.read_text().splitlines():
+        video, label = line.rsplit(" ", 1)
+        if not (out / Path(video).stem).is_dir():
+            mjpeg_frame_folder(videos.parent / video, out / f".{Path(video).stem}.tmp").rename(out / Path(video).stem)
+        lines.append(f"{Path(video).stem} {label}\n")
+    (out / videos.name).write_text("".join(lines))
+    return out / videos.name
+
+
+@dataclass
+class EpochTiming:
+    """One loader epoch: its clips, wall and CPU seconds in all, and the steady part's (from the first batch's
+    arrival to the last's: the pipeline's start and first fill left out, as a long epoch would dilute them)."""
+
+    clips: int
+    seconds: float
+    cpu_seconds: float
+    steady_clips: int
+    steady_seconds: float
+    steady_cpu_seconds: float
+
+
+def time_epoch(loader: Any, device: torch.device) -> EpochTiming:
+    """Epoch 0 of ``loader`` (every round the same clips), timed (device synchronised at each mark)."""
+    from timesformer_harness.metrics import cpu_seconds, synchronize
+
+    loader.set_epoch(0)
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    clips, first = 0, None
+    for batch in loader:
+        clips += int(batch.video.shape[0])
+        if first is None:
+            synchronize(device)
+            first = (clips, time.perf_counter(), cpu_seconds())
+    synchronize(device)
+    t1, c1 = time.perf_counter(), cpu_seconds()
+    assert first is not None, "the loader delivered no batch"
+    return EpochTiming(clips, t1 - t0, c1 - c0, clips - first[0], t1 - first[1], c1 - first[2])
+
+
 def loader_row(payload: dict[str, Any]) -> dict[str, Any]:
     """One loader row, in the fresh process ``run_in_fresh_process`` starts: build the loader, a warm-up epoch,
-    ``rounds`` timed epochs, one profiled epoch on a GPU, the frames decoded per clip. Returns the row's figures."""
+    ``rounds`` timed epochs, one profiled epoch on a GPU, the frames decoded per clip. Returns the row's figures:
+    clips/s and host CPU ms per clip of the epochs' steady parts (medians), and of the whole epochs.
+
+    torch keeps its default threads, as in training: the CPU decode path finishes clips with torch ops."""
     from timesformer_harness.bench.pipeline import decoded_frames_per_clip
-    from timesformer_harness.metrics import kernel_time, rss_high_water_bytes, timed_call
+    from timesformer_harness.metrics import kernel_time, rss_high_water_bytes
     from timesformer_harness.pipelines.factory import build_loader
     from timesformer_harness.runtime import retain_freed_memory
 
-    torch.set_num_threads(1)
     retain_freed_memory()
     device = torch.device(payload["device"])
     cfg = DataConfig(**payload["data"])
     loader = build_loader(cfg, "train", device=device)
-
-    def loader_epoch() -> int:
-        loader.set_epoch(0)  # every round the same clips (epoch 0: the ones counted)
-        return sum(int(batch.video.shape[0]) for batch in loader)
-
-    epoch = loader_epoch
-    _, first_s, _ = timed_call(epoch, device)
-    rounds = [timed_call(epoch, device) for _ in range(payload["rounds"])]
-    kernels = kernel_time(epoch, device, steps=1)
-    clips = rounds[0][0]
+    first = time_epoch(loader, device)
+    rounds = [time_epoch(loader, device) for _ in range(payload["rounds"])]
+    if any(r.steady_clips == 0 for r in rounds):
+        raise ValueError(f"an epoch of {rounds[0].clips} clips is one batch: no steady part to time")
+    row: dict[str, Any] = {}
+    try:
+        kernels = kernel_time(lambda: time_epoch(loader, device), device, steps=1)
+    except Exception as e:  # noqa: BLE001 - the timing stands without the profile
+        kernels, row["kernel_error"] = None, f"{type(e).__name__}: {e}"[:300]
+    clips = rounds[0].clips
     decoded = decoded_frames_per_clip(loader)
-    return {"loader": loader.kind, "decode": loader.backend, "jpeg_frames": bool(getattr(loader, "jpeg_frames", False)),
-            "clips_per_epoch": clips, "first_epoch_s": first_s,
-            "rounds_clips_per_s": [n / s for n, s, _ in rounds],
-            "clips_per_s": statistics.median(n / s for n, s, _ in rounds),
-            "host_cpu_ms_per_clip": statistics.median(1e3 * cpu / n for n, _, cpu in rounds),
+    return {**row, "loader": loader.kind, "decode": loader.backend,
+            "jpeg_frames": bool(getattr(loader, "jpeg_frames", False)), "torch_threads": torch.get_num_threads(),
+            "clips_per_epoch": clips, "first_epoch_s": first.seconds,
+            "rounds_clips_per_s": [r.steady_clips / r.steady_seconds for r in rounds],
+            "clips_per_s": statistics.median(r.steady_clips / r.steady_seconds for r in rounds),
+            "host_cpu_ms_per_clip": statistics.median(1e3 * r.steady_cpu_seconds / r.steady_clips for r in rounds),
+            "epoch_clips_per_s": statistics.median(r.clips / r.seconds for r in rounds),
+            "epoch_host_cpu_ms_per_clip": statistics.median(1e3 * r.cpu_seconds / r.clips for r in rounds),
             "gpu_ms_per_clip": None if kernels is None else kernels.ms_per_step / clips,
             "gpu_ops_per_clip": None if kernels is None else kernels.ops_per_step / clips,
             "decoded_per_clip": decoded["counted_per_clip"], "decoded_model_per_clip": decoded["model_per_clip"],
             "decoded_clips": decoded["clips"], "delivered_frames": decoded["delivered_frames"],
             "peak_rss_mb": rss_high_water_bytes() / 2**20}
+
+
+# DALI 2.x decodes JPEG images through nvImageCodec, loaded when a pipeline is built: libjpeg-turbo's extension on
+# the CPU, nvJPEG's for device="mixed" (without libnvjpeg it decodes on the CPU instead, and says nothing). pip brings
+# them with nvidia-dali-cuda120 (nvidia-nvimgcodec-cu12[all]); a DALI copied onto a machine by hand may lack them.
+JPEG_LIBRARIES = {"cpu": ("nvimgcodec/libnvimgcodec.so.0", "nvimgcodec/extensions/libjpeg_turbo_ext.so*"),
+                  "gpu": ("nvimgcodec/extensions/libnvjpeg_ext.so*", "nvjpeg/lib/libnvjpeg.so.12")}
+SYSTEM_CUDA_LIBS = Path("/usr/local/cuda/lib64")  # also on the RUNPATH of DALI's libraries and nvImageCodec's
+
+
+def jpeg_libraries_missing(nvidia_dir: Path | None, gpu: bool) -> str | None:
+    """What DALI's JPEG decoding lacks (``JPEG_LIBRARIES``) under ``nvidia_dir``, the folder holding the ``dali``
+    package (None: the installed one's), with nvJPEG's (``gpu``); None when nothing is missing."""
+    if nvidia_dir is None:
+        spec = importlib.util.find_spec("nvidia.dali")
+        if spec is None or spec.origin is None:
+            return "DALI is not importable here"
+        nvidia_dir = Path(spec.origin).parent.parent
+    wanted = [*JPEG_LIBRARIES["cpu"], *(JPEG_LIBRARIES["gpu"] if gpu else ())]
+    missing = [w for w in wanted if not any(nvidia_dir.glob(w)) and not any(SYSTEM_CUDA_LIBS.glob(Path(w).name))]
+    if not missing:
+        return None
+    return (f"DALI's JPEG decoding needs nvImageCodec{' and nvJPEG' if gpu else ''}: {', '.join(missing)} missing "
+            f"under {nvidia_dir} (pip install nvidia-nvimgcodec-cu12[all], or copy them there beside dali/)")
 
 
 def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
@@ -235,6 +312,8 @@ def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
         return "a GPU host's row only: on a CPU it repeats another row (every DALI row decodes on the CPU here)"
     if row.kind == "dali" and not dali:  # an e2e row runs on the loader auto picks (PyAV without DALI)
         return "DALI is not importable here (nvidia-dali-cuda120): no DALI loader to measure"
+    if codec == "mjpeg" and dali and row.kind in ("dali", "e2e"):  # decoded as JPEG images
+        return jpeg_libraries_missing(None, gpu=cuda and row.kind == "dali" and row.backend == "gpu")
     return None
 
 
@@ -395,6 +474,7 @@ def run(out: Path, data: Path, budget_s: float, only: list[str] | None,
         table: Path | None = None) -> list[dict[str, Any]]:
     """Prepare the files the chosen rows need, then every row that fits the budget, in ``ROWS`` order; the results
     rewritten after each, and each loader row that ran merged into the decode table at ``table`` (None: none)."""
+    from timesformer_harness.benchmarks.bench_prepare import repeated_manifest
     from timesformer_harness.pipelines.nvdec import generation_of
     from timesformer_harness.runtime import device_name, environment_info, resolve_device
 
@@ -418,19 +498,19 @@ def run(out: Path, data: Path, budget_s: float, only: list[str] | None,
     for row in chosen:
         threads = size.threads * row.thread_factor
         entry: dict[str, Any] = {"row": row.name, "kind": row.kind, "variant": row.variant, "threads": threads}
-        left = budget_s - clock.elapsed()
-        reason = reasons[row.name]
-        if reason is None and row.estimate_s * scale > left:
-            reason = f"over budget: {left:.0f} s left, the row needs about {row.estimate_s * scale:.0f} s"
-        if reason is not None:
-            entry.update(status="skipped", message=reason)
+        timeout_s, over = row_timeout(row.estimate_s * scale, budget_s - clock.elapsed())
+        made = manifests.get(row.variant)
+        if reasons[row.name] is not None or over is not None:
+            entry.update(status="skipped", message=reasons[row.name] or over)
+        elif isinstance(made, str):  # the variant could not be made
+            entry.update(status="error", message=made)
         else:
-            root = manifests[row.variant].parent
-            cfg = data_config(size, root, manifests[row.variant], threads)
+            manifest = repeated_manifest(made, size.e2e_repeat if row.kind == "e2e" else size.repeat)
+            cfg = data_config(size, manifest.parent, manifest, threads)
             if row.kind == "e2e":
-                entry.update(run_e2e(row, cfg, out, base, model, size.e2e_batches, timeout_s=max(left, 60)))
+                entry.update(run_e2e(row, cfg, out, base, model, size.e2e_batches, timeout_s=timeout_s))
             else:
-                entry.update(run_loader(row, cfg, device, size.rounds, timeout_s=max(left, 60)))
+                entry.update(run_loader(row, cfg, device, size.rounds, timeout_s=timeout_s))
         record_row(out, results, entry, meta, clock.elapsed(), summary)
         in_table = entry["kind"] != "e2e" and row.variant not in FOLDER_VARIANTS  # the table's codecs are files'
         if table is not None and in_table and entry["status"] == "ok":

@@ -47,7 +47,8 @@ def test_rehearsal_runs_the_rows_a_cpu_can_and_skips_the_h264_ones(tmp_path, dat
         assert r["clips_per_epoch"] == clips and r["decoded_clips"] == clips and r["delivered_frames"] == 8.0, r
         assert r["decoded_per_clip"] == r["decoded_model_per_clip"], r  # counted = the keyframe model
         assert r["clips_per_s"] > 0 and r["host_cpu_ms_per_clip"] > 0 and r["gpu_ms_per_clip"] is None, r
-        assert len(r["rounds_clips_per_s"]) == size.rounds
+        assert r["epoch_clips_per_s"] > 0 and r["epoch_host_cpu_ms_per_clip"] > 0, r  # the epoch's start included
+        assert len(r["rounds_clips_per_s"]) == size.rounds and r["torch_threads"] >= 1
     assert (rows["dali-vp9-gop32"]["loader"], rows["dali-vp9-gop32"]["decode"]) == ("dali", "cpu")
     assert rows["dali-mjpeg"]["jpeg_frames"] and rows["dali-mjpeg"]["decoded_per_clip"] == 8.0  # intra-only
     assert rows["dali-folders"]["jpeg_frames"] and rows["dali-folders"]["decoded_per_clip"] == 8.0  # an image a frame
@@ -131,6 +132,77 @@ def test_targets_are_judged_on_a_gpu_only():
     on_cpu = dict(gpu_input.judge(rows, on_gpu=False))
     assert on_cpu["loader >= 400 clips/s on at least one prepared format"] == "not judged on a CPU (450.00, dali-mjpeg)"
     assert dict(gpu_input.judge(rows[2:3], on_gpu=True)) == {what: "not measured" for _, what in gpu_input.TARGETS}
+
+
+def test_a_variant_that_cannot_be_made_fails_its_rows_only(tmp_path, data, monkeypatch):
+    """prepare failing on one variant (an encoder the GPU host lacks, say) is that variant's rows' error; the
+    others are prepared and run."""
+    from timesformer_harness.pipelines.tools import prepare as prepare_module
+
+    real = prepare_module.prepare
+
+    def prepare(manifest, out, spec, **kwargs):
+        if spec.gop == 250:
+            raise RuntimeError("no libvpx-vp9 encoder in this FFmpeg")
+        return real(manifest, out, spec, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "prepare", prepare)
+    assert gpu_input.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--data", str(data),
+                           "--rows", "dali-vp9-long", "dali-mjpeg"]) == 1
+    rows = {r["row"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert rows["dali-vp9-long"]["status"] == "error"
+    assert rows["dali-vp9-long"]["message"] == ("prepare vp9-long failed: RuntimeError: no libvpx-vp9 encoder in "
+                                                "this FFmpeg")
+    assert rows["dali-mjpeg"]["status"] == "ok" and rows["dali-mjpeg"]["clips_per_s"] > 0
+
+
+def test_a_loader_epochs_steady_part_leaves_its_start_out():
+    """``time_epoch``: clips/s and CPU from the first batch's arrival to the last's, and of the whole epoch."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    class Loader:
+        def set_epoch(self, epoch):
+            assert epoch == 0
+
+        def __iter__(self):
+            time.sleep(0.3)  # the pipeline's start and first fill
+            for _ in range(4):
+                time.sleep(0.05)
+                yield SimpleNamespace(video=torch.zeros(8, 1))
+
+    t = gpu_input.time_epoch(Loader(), torch.device("cpu"))
+    assert (t.clips, t.steady_clips) == (32, 24)
+    assert 0.15 <= t.steady_seconds < 0.3 <= t.seconds
+    assert t.steady_clips / t.steady_seconds > 1.5 * t.clips / t.seconds
+
+
+def test_the_end_to_end_rows_steps_fit_one_epoch():
+    for size in (gpu_input.GPU_SIZE, gpu_input.CPU_SIZE):
+        clips = size.videos * size.e2e_repeat
+        assert clips >= (gpu_input.WARMUP_BATCHES + size.e2e_batches) * size.batch > clips - size.videos
+        assert size.videos * size.repeat >= 4 * size.batch  # a loader epoch has a steady part after its first batch
+
+
+def test_jpeg_rows_need_nvimagecodec_and_nvjpeg_beside_dali(tmp_path, monkeypatch):
+    """DALI decodes JPEG through nvImageCodec (and nvJPEG on the GPU), libraries loaded at run time: a DALI copied
+    without them is caught before the rows run, with what is missing and the fix."""
+    why = gpu_input.jpeg_libraries_missing(tmp_path, gpu=True)
+    assert why.startswith("DALI's JPEG decoding needs nvImageCodec and nvJPEG: nvimgcodec/libnvimgcodec.so.0, ")
+    assert "nvjpeg/lib/libnvjpeg.so.12" in why and "pip install nvidia-nvimgcodec-cu12[all]" in why
+    for name in ("nvimgcodec/libnvimgcodec.so.0", "nvimgcodec/extensions/libjpeg_turbo_ext.so.0.9.0"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    assert gpu_input.jpeg_libraries_missing(tmp_path, gpu=False) is None
+    assert "libnvjpeg_ext" in gpu_input.jpeg_libraries_missing(tmp_path, gpu=True)
+    assert gpu_input.jpeg_libraries_missing(None, gpu=True) is None  # pip's DALI brings them
+    monkeypatch.setitem(gpu_input.JPEG_LIBRARIES, "gpu", ("nvjpeg/lib/libnvjpeg.so.99",))
+    rows = {r.name: r for r in gpu_input.ROWS}
+    assert "libnvjpeg.so.99" in gpu_input.skip_reason(rows["dali-mjpeg-nvjpeg"], cuda=True, dali=True)
+    assert "libnvjpeg.so.99" in gpu_input.skip_reason(rows["dali-folders-nvjpeg"], cuda=True, dali=True)
+    assert gpu_input.skip_reason(rows["dali-mjpeg"], cuda=True, dali=True) is None  # libjpeg-turbo's only
 
 
 def test_what_each_row_needs():

@@ -157,9 +157,11 @@ def run_in_fresh_process(fn: Callable[[Any], Any], payload: Any, *, timeout_s: f
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARK):  # also from a worker that then hung on its way out and was killed
             out = json.loads(line[len(RESULT_MARK):])
-            hung = f"the worker gave its result, then hung at exit: killed after {timeout_s:g} s" if code is None else ""
-            return Outcome(out["status"], out.get("result"), "; ".join(m for m in (out.get("message", ""), hung) if m),
-                           out.get("traceback", ""), code, wall)
+            notes = [out.get("message", "")]
+            if code is None:
+                notes.append(f"the worker gave its result, then hung at exit: killed after {timeout_s:g} s")
+            return Outcome(out["status"], out.get("result"), "; ".join(n for n in notes if n), out.get("traceback", ""),
+                           code, wall)
     if code is None:
         return Outcome("error", message=f"timed out after {timeout_s:g} s", wall_s=wall)
     tail = (stderr.strip().splitlines() or ["no output"])[-1][:300]

@@ -182,7 +182,7 @@ def figures(rec: BenchRecord) -> dict[str, Any]:
             "peak_mib": None if rec.peak_mem_bytes is None else rec.peak_mem_bytes / 2**20,
             "first_step_s": rec.extra.get("first_step_s"), "compile_s": rec.extra.get("compile_s"),
             "message": rec.message, "kernel_error": rec.extra.get("kernel_error"),
-            "triton_blocks": rec.extra.get("triton_blocks")}
+            "triton_blocks": rec.extra.get("triton_blocks"), "torch_warnings": rec.extra.get("torch_warnings")}
 
 
 def fmt_cell(v: Any, spec: str = ".1f") -> str:
@@ -224,6 +224,8 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines += [f"- {r['row']}: the Triton attention's autotuned blocks: "
               + "; ".join(f"{shape}: {block}" for shape, block in r["triton_blocks"].items())
               for r in rows if r.get("triton_blocks")]
+    lines += [f"- {r['row']}: torch warned: " + " | ".join(w[:160] for w in r["torch_warnings"][:3])
+              for r in rows if r.get("torch_warnings")]
     for r in rows:
         if r["kind"] == "trainer":
             lines += ["", f"Trainer ({r['row']}, batch {r['batch']}): {r['status']}"

@@ -39,6 +39,36 @@ def _run(case: BenchCase) -> BenchRecord:
     return BenchRecord.from_dict(run_worker(case_from_dict(json.loads(json.dumps(case.to_dict()))).to_dict()))
 
 
+def test_a_cases_record_keeps_the_warnings_torch_logged(monkeypatch):
+    """torch's warnings during a case (dynamo's and inductor's loggers keep theirs from "torch") land in the
+    record, each once; the handlers are gone afterwards."""
+    import logging
+
+    from timesformer_harness.bench import model as model_suite
+    from timesformer_harness.bench.sweep import torch_warnings
+
+    run = model_suite.run
+
+    def warns(case, rec, device, dtype):
+        for _ in range(2):
+            logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").warning(
+                "Encountered an exception in identify_accessed_tensors, assuming every input is mutated\nTraceback")
+        logging.getLogger("torch._dynamo.convert_frame").warning("torch._dynamo hit config.recompile_limit (8)")
+        logging.getLogger("torch._inductor.utils").info("not a warning")
+        run(case, rec, device, dtype)
+
+    monkeypatch.setattr(model_suite, "run", warns)
+    rec = _run(_case("model", frames=4, img_size=32))
+    assert rec.status == "ok" and rec.extra["torch_warnings"] == [
+        "torch._higher_order_ops.triton_kernel_wrap: Encountered an exception in identify_accessed_tensors, "
+        "assuming every input is mutated", "torch._dynamo.convert_frame: torch._dynamo hit config.recompile_limit (8)"]
+    with torch_warnings() as warned:
+        pass
+    logging.getLogger("torch._dynamo").warning("after the case")
+    monkeypatch.undo()
+    assert warned == [] and "torch_warnings" not in _run(_case("model", frames=4, img_size=32)).extra
+
+
 def test_summaries_percentiles_and_the_interval_of_the_median():
     times = [0.010, 0.020, 0.030, 0.040, 0.050]
     s = summarize(times, scale=1e3)

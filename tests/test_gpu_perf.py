@@ -99,10 +99,16 @@ def test_the_summary_names_the_triton_attentions_autotuned_blocks():
            "compile": "none", "backend": "auto", "temporal_backend": "triton", "status": "ok", "clips_per_s": 130.0,
            "triton_blocks": {"forward S=8 head_dim=64 D=768 bfloat16": "32 rows, 4 warps",
                              "backward S=8 head_dim=64 D=768 bfloat16": "16 rows, 2 warps"}}
-    text = gpu_perf.summary([row], meta)
+    compiled = {**row, "row": "compiled-temporal-triton-b8", "compile": "default", "triton_blocks": None,
+                "torch_warnings": ["torch._higher_order_ops.triton_kernel_wrap: Encountered an exception in "
+                                   "identify_accessed_tensors, assuming every input is mutated"]}
+    text = gpu_perf.summary([row, compiled], meta)
     assert ("- temporal-triton-b8: the Triton attention's autotuned blocks: forward S=8 head_dim=64 D=768 bfloat16: "
             "32 rows, 4 warps; backward S=8 head_dim=64 D=768 bfloat16: 16 rows, 2 warps") in text
     assert "| temporal-triton-b8 | divided_space_time | 8 | none | auto, temporal triton | ok | 130.0 |" in text
+    assert ("- compiled-temporal-triton-b8: torch warned: torch._higher_order_ops.triton_kernel_wrap: Encountered an "
+            "exception in identify_accessed_tensors, assuming every input is mutated") in text
+    assert text.count("torch warned") == 1
 
 
 def test_device_totals_sum_the_device_side_events_only():

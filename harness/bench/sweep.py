@@ -9,8 +9,10 @@ the record's status when the worker does not return one.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -54,6 +56,35 @@ def case_from_dict(payload: dict[str, Any]) -> BenchCase:
     return SUITES[payload["suite"]].Case.from_dict(payload)
 
 
+# torch's loggers that do not hand their records up to "torch" (propagate off): a handler goes on each
+TORCH_LOGGERS = ("torch", "torch._dynamo", "torch._inductor", "torch._functorch")
+MAX_TORCH_WARNINGS = 20
+
+
+@contextlib.contextmanager
+def torch_warnings() -> Iterator[list[str]]:
+    """The warnings torch logs while it runs (a graph break, a recompile, a Triton kernel torch could not analyse
+    and so copies every input of), each distinct first line once, up to ``MAX_TORCH_WARNINGS``: what explains an
+    odd figure of a compiled case, kept in its record rather than lost in the worker's stderr."""
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            line = f"{record.name}: {record.getMessage().splitlines()[0] if record.getMessage() else ''}"[:300]
+            if line not in seen and len(seen) < MAX_TORCH_WARNINGS:
+                seen.append(line)
+
+    handler = Collect(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in TORCH_LOGGERS]
+    for log in loggers:
+        log.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        for log in loggers:
+            log.removeHandler(handler)
+
+
 def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """Run one case in this process (the fresh worker) and return its record as a dict.
 
@@ -70,10 +101,13 @@ def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
     dtype = resolve_precision(case.precision, device)
     rec = case.record(device)
     rec.env = environment_info(device)
-    try:
-        SUITES[case.suite].run(case, rec, device, dtype)
-    except SkipCase as e:
-        rec.status, rec.message = "skipped", str(e)[:300]
+    with torch_warnings() as warned:
+        try:
+            SUITES[case.suite].run(case, rec, device, dtype)
+        except SkipCase as e:
+            rec.status, rec.message = "skipped", str(e)[:300]
+    if warned:
+        rec.extra["torch_warnings"] = warned
     return rec.to_dict()
 
 

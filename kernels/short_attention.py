@@ -122,6 +122,9 @@ def _backward_kernel(qkv, grad_out, grad_qkv, scale, S, TOKENS, D, HEAD_DIM, BLO
 # (S, head_dim, D, dtypes) on the GPU and keeps the fastest. More rows make fewer, larger programs and dots, with
 # more masked-out scores between the sequences of a block.
 CONFIGS = ((16, 2), (16, 4), (32, 4), (64, 4), (64, 8), (128, 8))  # (BLOCK_S, num_warps)
+# In fp32 (IEEE dots) every block of more rows than this spills registers, on sm80 and sm90 (read from the cubins):
+# those are timed only for sequences no smaller block holds.
+FP32_MAX_ROWS = 32
 
 
 def min_block(seq_len: int) -> int:
@@ -129,18 +132,26 @@ def min_block(seq_len: int) -> int:
     return max(16, triton.next_power_of_2(seq_len))
 
 
+def tuning_configs(configs: list, named_args: dict, **kwargs: object) -> list:
+    """The autotuner's candidates for a call (its ``early_config_prune``; the launch's positional arguments by name,
+    the others as keywords): the ``configs`` whose blocks hold a sequence of ``S``, and in fp32 none past
+    ``FP32_MAX_ROWS`` rows unless they are all there is."""
+    call = {**named_args, **kwargs}
+    smallest = min_block(call["S"])
+    fit = [c for c in configs if c.kwargs["BLOCK_S"] >= smallest]
+    if call["qkv"].dtype == torch.float32:
+        return [c for c in fit if c.kwargs["BLOCK_S"] <= max(smallest, FP32_MAX_ROWS)]
+    return fit
+
+
+# One autotuner per kernel, at module level: torch's compile caches key on the source of the kernels an op's code
+# names in ``wrap_triton(<name>)``, so an edited kernel is not served from a stale cache.
+_TUNING = dict(configs=[triton.Config({"BLOCK_S": rows}, num_warps=warps) for rows, warps in CONFIGS],
+               key=["S", "HEAD_DIM", "D"], prune_configs_by={"early_config_prune": tuning_configs})
+_forward_tuned = triton.autotune(**_TUNING)(_forward_kernel)
+_backward_tuned = triton.autotune(**_TUNING)(_backward_kernel)
 KERNELS = {"forward": _forward_kernel, "backward": _backward_kernel}
-_AUTOTUNERS: dict[tuple[str, int], triton.runtime.Autotuner] = {}
-
-
-def autotuner(name: str, seq_len: int) -> triton.runtime.Autotuner:
-    """The autotuned ``KERNELS[name]`` for sequences of ``seq_len`` (over the ``CONFIGS`` whose blocks hold one),
-    made once per process; its ``cache`` holds the config chosen per shape."""
-    smallest = min_block(seq_len)
-    if (name, smallest) not in _AUTOTUNERS:
-        configs = [triton.Config({"BLOCK_S": rows}, num_warps=warps) for rows, warps in CONFIGS if rows >= smallest]
-        _AUTOTUNERS[name, smallest] = triton.autotune(configs, key=["S", "HEAD_DIM", "D"])(KERNELS[name])
-    return _AUTOTUNERS[name, smallest]
+AUTOTUNERS = {"forward": _forward_tuned, "backward": _backward_tuned}
 
 
 def tuned_blocks() -> dict[str, str]:
@@ -152,7 +163,7 @@ def tuned_blocks() -> dict[str, str]:
         return " ".join([*(f"{n}={v}" for n, v in zip(("S", "head_dim", "D"), key)), *dtypes])
 
     return {f"{name} {shape(key)}": f"{config.kwargs['BLOCK_S']} rows, {config.num_warps} warps"
-            for (name, _), tuner in sorted(_AUTOTUNERS.items()) for key, config in tuner.cache.items()}
+            for name, tuner in AUTOTUNERS.items() for key, config in tuner.cache.items()}
 
 
 def _run(name: str, qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows: int, *tensors: torch.Tensor) -> None:
@@ -168,13 +179,15 @@ def _run(name: str, qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows:
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(tokens // seq_len, meta["BLOCK_S"] // seq_len), num_heads
 
+    kernel = _forward_kernel if name == "forward" else _backward_kernel
+    tuned = _forward_tuned if name == "forward" else _backward_tuned
     interpreter = interpreted()
     if block_rows or interpreter:
         rows = block_rows or min_block(seq_len)
-        launch = KERNELS[name] if interpreter else wrap_triton(KERNELS[name])
+        launch = kernel if interpreter else wrap_triton(kernel)
         launch[grid](qkv, *tensors, **args, BLOCK_S=rows, num_warps=max(w for r, w in CONFIGS if r == rows))
     else:
-        wrap_triton(autotuner(name, seq_len))[grid](qkv, *tensors, **args)
+        wrap_triton(tuned)[grid](qkv, *tensors, **args)
 
 
 @triton_op("timesformer_harness::short_attention", mutates_args=())

@@ -23,7 +23,8 @@ from timesformer_harness.workload import TrainStep, build_model, check_attention
 pytest.importorskip("triton")
 import triton  # noqa: E402
 
-from timesformer_harness.kernels.short_attention import autotuner, short_attention, tuned_blocks  # noqa: E402
+from timesformer_harness.kernels.short_attention import (AUTOTUNERS, short_attention, tuned_blocks,  # noqa: E402
+                                                           tuning_configs)
 
 CPU = torch.device("cpu")
 
@@ -77,11 +78,19 @@ def test_every_block_size_the_autotuner_may_pick_gives_the_same_numbers(seq_len:
 
 def test_the_autotuners_choices_are_reported_per_kernel_and_shape() -> None:
     """What the bench records as ``triton_blocks`` (filled here by hand: the interpreter runs no autotuner), and
-    each autotuner's configs are those whose blocks hold a sequence."""
-    assert [c.kwargs["BLOCK_S"] for c in autotuner("backward", 40).configs] == [64, 64, 128]
-    tuner = autotuner("forward", 8)
-    assert [(c.kwargs["BLOCK_S"], c.num_warps) for c in tuner.configs] == [(16, 2), (16, 4), (32, 4), (64, 4),
-                                                                            (64, 8), (128, 8)]
+    the configs each call's autotuning times: those whose blocks hold a sequence, in fp32 none that spills where a
+    smaller one holds it."""
+    tuner = AUTOTUNERS["forward"]
+
+    def candidates(seq_len: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+        named = {"qkv": torch.empty(0, dtype=dtype)}  # as the launch passes them: tensors by position, S by name
+        return [(c.kwargs["BLOCK_S"], c.num_warps) for c in tuning_configs(tuner.configs, named, S=seq_len)]
+
+    assert candidates(8, torch.bfloat16) == [(16, 2), (16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]
+    assert candidates(40, torch.float16) == [(64, 4), (64, 8), (128, 8)]
+    assert candidates(8, torch.float32) == [(16, 2), (16, 4), (32, 4)]
+    assert candidates(40, torch.float32) == [(64, 4), (64, 8)] and candidates(100, torch.float32) == [(128, 8)]
+    assert AUTOTUNERS["backward"].early_config_prune is tuning_configs
     key = (8, 64, 768, "torch.bfloat16", "torch.bfloat16")
     tuner.cache[key] = triton.Config({"BLOCK_S": 32}, num_warps=4)
     try:
@@ -90,6 +99,17 @@ def test_the_autotuners_choices_are_reported_per_kernel_and_shape() -> None:
     finally:
         del tuner.cache[key]
     assert tuned_blocks() == {}
+
+
+def test_torchs_compile_caches_key_on_the_kernels_source() -> None:
+    """torch's AOT autograd and inductor caches add the source of the Triton kernels a ``triton_op``'s code launches
+    (found by reading that code for ``wrap_triton(<name>)``): an edited kernel must not be served from a stale cache,
+    so each op's launches name module-level kernels and autotuners, not dictionary lookups."""
+    from torch._library.triton import get_triton_kernels_for_op
+
+    for op in ("timesformer_harness::short_attention", "timesformer_harness::short_attention_backward"):
+        found = {getattr(k, "fn", k).__name__ for k in get_triton_kernels_for_op(op)}
+        assert found == {"_forward_kernel", "_backward_kernel"}, (op, found)
 
 
 def test_sequences_do_not_see_each_other() -> None:

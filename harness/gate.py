@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
-from timesformer_harness.bench.case import ModelCase
+from timesformer_harness.bench.case import BenchCase, ModelCase
 from timesformer_harness.bench.record import BenchRecord, read_results, write_results
 from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.bench.verdict import DEFAULT_MEM_TOLERANCE, Verdict, better, judge_all, median_run
-from timesformer_harness.config import ModelConfig, load_config
+from timesformer_harness.config import ModelConfig, RootConfig, load_config
 from timesformer_harness.metrics import run_stamp
 from timesformer_harness.common import atomic_write_text, setup_logging
 from timesformer_harness.runtime import environment_info, precision_name, resolve_precision
@@ -93,17 +93,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def baseline_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str], device: torch.device,
+                   peak: tuple[float | None, str | None], precision: str, pairs: int, threads: int) -> list[BenchCase]:
+    """The model-suite cases a baseline times: each variant and mode at ``bench.batch_size`` (or the batches
+    ``bench.batches`` names), not the bench's batch sweep to out-of-memory on a GPU: a gate compares one figure
+    per case, and an out-of-memory record is not one."""
+    bench = replace(cfg.bench, suites=["model"], steps=pairs, block_s=DEFAULT_BLOCK_S, threads=threads,
+                    batches=list(cfg.bench.batches) or [cfg.bench.batch_size])
+    return [replace(c, gemm_n=CALIB_N) for c in build_cases(replace(cfg, bench=bench), preset, attns, modes, device,
+                                                            peak, precision)]
+
+
 def write_baseline(args: argparse.Namespace) -> int:
     from timesformer_harness.bench import attention_types, measure_peak, modes_of, resolve
 
     cfg, preset, device = resolve(preset=args.preset, overrides=args.overrides)
     pairs = args.pairs or DEFAULT_PAIRS
-    cfg = replace(cfg, bench=replace(cfg.bench, suites=["model"], steps=pairs, block_s=DEFAULT_BLOCK_S,
-                                     threads=args.threads))
     precision = precision_name(resolve_precision(cfg.bench.precision, device))
     peak = measure_peak(device, precision, CALIB_N) if device.type == "cuda" else (None, None)
-    cases = [replace(c, gemm_n=CALIB_N) for c in build_cases(cfg, preset, attention_types(args.attn),
-                                                              modes_of(args.mode or "train"), device, peak, precision)]
+    cases = baseline_cases(cfg, preset, attention_types(args.attn), modes_of(args.mode or "train"), device, peak,
+                           precision, pairs, args.threads)
     runs = [[r] for r in measure(cases)]
     # the later runs time the blocks the first one sized, so that every run's ratio is of the same work
     sized = [c if r[0].status != "ok" else replace(c, steps_per_block=r[0].extra["steps_per_block"],

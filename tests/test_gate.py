@@ -107,6 +107,23 @@ def test_cases_are_chosen_by_pattern_variant_and_mode():
         select(base, Namespace(cases=["model/joint*"], attn="all", mode=None))
 
 
+def test_a_baseline_times_one_batch_per_case_on_a_gpu_too():
+    """On a GPU the bench sweeps the batch to out-of-memory; a baseline times the bench's batch (or the batches
+    bench.batches names): an out-of-memory record would fail the baseline it belongs to."""
+    from timesformer_harness.bench.cli import resolve
+    from timesformer_harness.gate import baseline_cases
+
+    cfg, preset, _ = resolve(preset="tiny", overrides=[])
+    cuda = torch.device("cuda")  # the cases are built, not run: no GPU needed
+    cases = baseline_cases(cfg, preset, ["divided_space_time", "space_only"], ["train"], cuda, (None, None), "bf16",
+                           pairs=5, threads=1)
+    assert [(c.attention_type, c.batch, c.sweep_batch) for c in cases] == [
+        ("divided_space_time", cfg.bench.batch_size, False), ("space_only", cfg.bench.batch_size, False)]
+    cfg, preset, _ = resolve(preset="tiny", overrides=["bench.batches=[2,8]"])
+    cases = baseline_cases(cfg, preset, ["space_only"], ["train"], cuda, (None, None), "bf16", pairs=5, threads=1)
+    assert [c.batch for c in cases] == [2, 8] and all(c.steps == 5 for c in cases)
+
+
 def test_incompatible_baselines_are_refused():
     cpu = torch.device("cpu")
     meta = {"kind": "gate-baseline", "device": "cuda", "preset": "vit_base_patch16"}

@@ -61,6 +61,7 @@ from timesformer_harness.gpu_perf import fmt_cell, record_row, row_timeout, scri
 from timesformer_harness.metrics import Stopwatch, run_stamp
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.decode_rates import CPU_GENERATION, TABLE, RateRow, merge_rates
+from timesformer_harness.pipelines.factory import jpeg_libraries_missing
 from timesformer_harness.pipelines.tools.transcode import PrepareSpec
 
 logger = logging.getLogger(__name__)
@@ -280,30 +281,6 @@ def loader_row(payload: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_mb": rss_high_water_bytes() / 2**20}
 
 
-# DALI 2.x decodes JPEG images through nvImageCodec, loaded when a pipeline is built: libjpeg-turbo's extension on
-# the CPU, nvJPEG's for device="mixed" (without libnvjpeg it decodes on the CPU instead, and says nothing). pip brings
-# them with nvidia-dali-cuda120 (nvidia-nvimgcodec-cu12[all]); a DALI copied onto a machine by hand may lack them.
-JPEG_LIBRARIES = {"cpu": ("nvimgcodec/libnvimgcodec.so.0", "nvimgcodec/extensions/libjpeg_turbo_ext.so*"),
-                  "gpu": ("nvimgcodec/extensions/libnvjpeg_ext.so*", "nvjpeg/lib/libnvjpeg.so.12")}
-SYSTEM_CUDA_LIBS = Path("/usr/local/cuda/lib64")  # also on the RUNPATH of DALI's libraries and nvImageCodec's
-
-
-def jpeg_libraries_missing(nvidia_dir: Path | None, gpu: bool) -> str | None:
-    """What DALI's JPEG decoding lacks (``JPEG_LIBRARIES``) under ``nvidia_dir``, the folder holding the ``dali``
-    package (None: the installed one's), with nvJPEG's (``gpu``); None when nothing is missing."""
-    if nvidia_dir is None:
-        spec = importlib.util.find_spec("nvidia.dali")
-        if spec is None or spec.origin is None:
-            return "DALI is not importable here"
-        nvidia_dir = Path(spec.origin).parent.parent
-    wanted = [*JPEG_LIBRARIES["cpu"], *(JPEG_LIBRARIES["gpu"] if gpu else ())]
-    missing = [w for w in wanted if not any(nvidia_dir.glob(w)) and not any(SYSTEM_CUDA_LIBS.glob(Path(w).name))]
-    if not missing:
-        return None
-    return (f"DALI's JPEG decoding needs nvImageCodec{' and nvJPEG' if gpu else ''}: {', '.join(missing)} missing "
-            f"under {nvidia_dir} (pip install nvidia-nvimgcodec-cu12[all], or copy them there beside dali/)")
-
-
 def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
     """Why ``row`` cannot run here (None when it can)."""
     codec = VARIANTS[row.variant][0]
@@ -320,7 +297,7 @@ def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
     if row.kind == "dali" and not dali:  # an e2e row runs on the loader auto picks (PyAV without DALI)
         return "DALI is not importable here (nvidia-dali-cuda120): no DALI loader to measure"
     if codec == "mjpeg" and dali and row.kind in ("dali", "e2e"):  # decoded as JPEG images
-        return jpeg_libraries_missing(None, gpu=cuda and row.kind == "dali" and row.backend == "gpu")
+        return jpeg_libraries_missing(gpu=cuda and row.kind == "dali" and row.backend == "gpu")
     return None
 
 

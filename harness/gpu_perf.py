@@ -48,6 +48,7 @@ from timesformer_harness.bench.record import BenchRecord
 from timesformer_harness.bench.sweep import base_settings, run_case
 from timesformer_harness.common import atomic_write_text, setup_logging
 from timesformer_harness.config import REPO_ROOT, ModelConfig
+from timesformer_harness.kernels.attention import triton_build_problem
 from timesformer_harness.metrics import Stopwatch, run_stamp
 from timesformer_harness.runner import run_command
 from timesformer_harness.runtime import (device_name, environment_info, precision_name, resolve_device,
@@ -118,6 +119,8 @@ def skip_reason(row: Row, model: ModelConfig, device: torch.device, dtype: torch
         return "CUDA graphs (reduce-overhead) need a GPU"
     if row.temporal_backend == "triton" and row.compile != "none" and device.type != "cuda":
         return "the Triton kernel compiles into a graph on a GPU only (on the CPU it runs interpreted, eager)"
+    if row.compile != "none" and device.type == "cuda" and (problem := triton_build_problem()):
+        return f"torch.compile's GPU kernels are Triton's, and {problem}"
     if (row.backend, row.temporal_backend) != ("auto", "same"):
         try:
             check_attention(replace(model, attn_backend=row.backend, temporal_attn_backend=row.temporal_backend),

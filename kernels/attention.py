@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import shutil
 import sys
+import sysconfig
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -104,6 +108,19 @@ def check_backend(backend: str, device: torch.device | str, dtype: torch.dtype |
         raise ValueError(f"attn_backend=efficient takes fp16/fp32 below sm80{where}; use fp16 precision or auto")
 
 
+def triton_build_problem() -> str | None:
+    """Why Triton could not build its kernels' launchers here, or None. On a kernel's first launch on a GPU, Triton
+    compiles a small C module with the host's C compiler (``CC``, else gcc or clang) against Python's headers; so
+    does ``torch.compile``'s inductor, whose GPU kernels are Triton's."""
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return "no C compiler (gcc, clang, or one named by CC): Triton builds each kernel's launcher with it"
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+    if not (Path(include) / "Python.h").is_file():
+        return f"no Python.h in {include} (Python's development headers): Triton builds each kernel's launcher with it"
+    return None
+
+
 def _check_triton(device: torch.device, capability: tuple[int, int] | None) -> None:
     if importlib.util.find_spec("triton") is None:
         raise ValueError("attn_backend=triton needs the triton package (PyTorch's CUDA wheels bring it; "
@@ -112,6 +129,8 @@ def _check_triton(device: torch.device, capability: tuple[int, int] | None) -> N
         if capability is not None and capability < (8, 0):
             where = f" (this GPU is sm{capability[0]}{capability[1]})"
             raise ValueError(f"attn_backend=triton needs an sm80 or newer GPU{where}; use auto")
+        if problem := triton_build_problem():
+            raise ValueError(f"attn_backend=triton cannot run here: {problem}; install it, or use auto")
         return
     from timesformer_harness.kernels.short_attention import interpreted
 

@@ -16,8 +16,8 @@ from timesformer_harness.gpu_check import (StepFailed, StepResult, build_steps, 
                                            exit_status, CPU_SIZE)
 from timesformer_harness.bench.record import BenchRecord, write_results
 
-STEPS = ["gpu_tests", "prepare", "validate", "bench", "train", "evaluate", "profile", "gate_baseline", "gate",
-         "torchrun"]
+STEPS = ["gpu_tests", "prepare", "validate", "train", "evaluate", "profile", "gate_baseline", "gate", "torchrun",
+         "bench"]
 
 
 def _run(args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, dict]:
@@ -49,7 +49,8 @@ def test_cpu_rehearsal_runs_every_step_that_does_not_need_cuda(tmp_path: Path) -
     fig = {n: s["figures"] for n, s in steps.items()}
     assert fig["prepare"]["videos"] == CPU_SIZE.subset and fig["validate"]["usable"] == f"{CPU_SIZE.subset}/" \
         f"{CPU_SIZE.subset}"
-    assert fig["bench"]["model"]["space_only/train"]["images_per_s"] > 0
+    assert [k for k in fig["bench"]["model"] if k.startswith("space_only/train/")]
+    assert all(m["images_per_s"] > 0 for m in fig["bench"]["model"].values())
     assert {"auto", "naive"} <= set(fig["bench"]["attention_backends_ok"])
     assert set(fig["bench"]["pipeline_clips_per_s"]) == {"dali", "pyav", "shootout"} and fig["bench"]["e2e"]
     assert fig["train"]["steps"] == 4 and fig["train"]["loader"] == "dali (cpu)" and "val_top1" in fig["train"]
@@ -105,18 +106,24 @@ def test_bench_step_fails_on_error_records_and_missing_suites(tmp_path: Path) ->
     run = tmp_path / "bench" / "20260101-000000-all"
     ok = [BenchRecord(suite=s, case=f"{s}/x", attention_type="divided_space_time", mode="train",
                       attn_backend="flash" if s == "attention" else None, loader="dali" if s == "pipeline" else None,
-                      images_per_s=10.0, clips_per_s=1.0, utilisation=0.4) for s in ("model", "attention", "pipeline",
-                                                                                      "e2e")]
-    write_results(run / "results.json", ok, {"hardware": "GPU"})
+                      images_per_s=10.0, clips_per_s=1.0, utilisation=0.4, frames=8, img_size=224, batch=2)
+          for s in ("model", "attention", "pipeline", "e2e")]
+    # on a GPU the CPU decoders' shoot-out says why it does not run, and a sweep skips the batches past an OOM
+    said = [BenchRecord(suite="pipeline", case="pipeline/shootout", status="skipped", message="CPU decoders"),
+            BenchRecord(suite="model", case="model/x/b16", status="oom", frames=8, img_size=224, batch=16),
+            BenchRecord(suite="model", case="model/x/b32", status="skipped", message="b16 ran out of memory")]
+    write_results(run / "results.json", ok + said, {"hardware": "GPU"})
     figures = collect_bench(tmp_path / "bench")("")
-    assert figures["model"]["divided_space_time/train"] == {"images_per_s": 10.0, "mfu_pct": 40.0, "peak_mib": 0.0}
+    assert figures["model"]["divided_space_time/train/8x224/b2"] == {"images_per_s": 10.0, "mfu_pct": 40.0,
+                                                                     "peak_mib": 0.0}
+    assert figures["oom"] == ["model/x/b16"]
     assert figures["attention_backends_ok"] == ["flash"] and figures["pipeline_clips_per_s"] == {"dali": 1.0}
     broken = ok[:3] + [BenchRecord(suite="e2e", case="e2e/x", status="error", message="ValueError: no videos")]
     write_results(run / "results.json", broken, {})
     with pytest.raises(StepFailed, match="cases not ok: e2e/x: error ValueError: no videos"):
         collect_bench(tmp_path / "bench")("")
     write_results(run / "results.json", ok[:1], {})
-    with pytest.raises(StepFailed, match=r"suites without records: \['attention', 'e2e', 'pipeline'\]"):
+    with pytest.raises(StepFailed, match=r"suites without a measured record: \['attention', 'e2e', 'pipeline'\]"):
         collect_bench(tmp_path / "bench")("")
     with pytest.raises(StepFailed, match="no \\*/results.json"):
         collect_bench(tmp_path / "nothing")("")

@@ -193,16 +193,18 @@ def test_the_end_to_end_rows_steps_fit_one_epoch():
 def test_jpeg_rows_need_nvimagecodec_and_nvjpeg_beside_dali(tmp_path, monkeypatch):
     """DALI decodes JPEG through nvImageCodec (and nvJPEG on the GPU), libraries loaded at run time: a DALI copied
     without them is caught before the rows run, with what is missing and the fix."""
-    why = gpu_input.jpeg_libraries_missing(tmp_path, gpu=True)
+    from timesformer_harness.pipelines import factory
+
+    why = factory.jpeg_libraries_missing(gpu=True, nvidia_dir=tmp_path)
     assert why.startswith("DALI's JPEG decoding needs nvImageCodec and nvJPEG: nvimgcodec/libnvimgcodec.so.0, ")
     assert "nvjpeg/lib/libnvjpeg.so.12" in why and "pip install nvidia-nvimgcodec-cu12[all]" in why
     for name in ("nvimgcodec/libnvimgcodec.so.0", "nvimgcodec/extensions/libjpeg_turbo_ext.so.0.9.0"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).touch()
-    assert gpu_input.jpeg_libraries_missing(tmp_path, gpu=False) is None
-    assert "libnvjpeg_ext" in gpu_input.jpeg_libraries_missing(tmp_path, gpu=True)
-    assert gpu_input.jpeg_libraries_missing(None, gpu=True) is None  # pip's DALI brings them
-    monkeypatch.setitem(gpu_input.JPEG_LIBRARIES, "gpu", ("nvjpeg/lib/libnvjpeg.so.99",))
+    assert factory.jpeg_libraries_missing(gpu=False, nvidia_dir=tmp_path) is None
+    assert "libnvjpeg_ext" in factory.jpeg_libraries_missing(gpu=True, nvidia_dir=tmp_path)
+    assert factory.jpeg_libraries_missing(gpu=True) is None  # pip's DALI brings them
+    monkeypatch.setitem(factory.JPEG_LIBRARIES, "gpu", ("nvjpeg/lib/libnvjpeg.so.99",))
     rows = {r.name: r for r in gpu_input.ROWS}
     assert "libnvjpeg.so.99" in gpu_input.skip_reason(rows["dali-mjpeg-nvjpeg"], cuda=True, dali=True)
     assert "libnvjpeg.so.99" in gpu_input.skip_reason(rows["dali-folders-nvjpeg"], cuda=True, dali=True)

@@ -152,3 +152,20 @@ def test_a_failing_profiler_keeps_the_steps_timing(monkeypatch):
     measure_step(lambda c, r, d, t: (lambda: None), case, rec, cpu, None)
     assert len(rec.samples_s) == 2 and rec.clips_per_s > 0
     assert rec.extra["kernel_error"] == "profiler could not start"
+
+
+def test_compiled_rows_need_what_triton_builds_its_launchers_with(monkeypatch):
+    """On a GPU, torch.compile's kernels are Triton's: without a C compiler (or Python's headers) a compiled row is
+    skipped with the reason instead of failing after minutes of tracing."""
+    import torch
+
+    from timesformer_harness.config import ModelConfig
+
+    rows = {r.name: r for r in gpu_perf.ROWS}
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(gpu_perf, "triton_build_problem", lambda: "no C compiler (gcc, clang, or one named by CC)")
+    assert gpu_perf.skip_reason(rows["compiled-b8"], ModelConfig(), cuda, torch.bfloat16) == (
+        "torch.compile's GPU kernels are Triton's, and no C compiler (gcc, clang, or one named by CC)")
+    assert gpu_perf.skip_reason(rows["eager-b8"], ModelConfig(), cuda, torch.bfloat16) is None
+    monkeypatch.setattr(gpu_perf, "triton_build_problem", lambda: None)
+    assert gpu_perf.skip_reason(rows["compiled-b8"], ModelConfig(), cuda, torch.bfloat16) is None

@@ -307,6 +307,26 @@ def test_an_interpreter_asked_for_after_triton_was_imported_is_refused_with_the_
     assert "TRITON_INTERPRET=1 set before Triton is first imported" in res.stderr, res.stderr[-2000:]
 
 
+def test_what_triton_needs_to_build_its_launchers_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Triton compiles each kernel's launcher with the host's C compiler against Python's headers (so does
+    torch.compile's inductor on a GPU): a machine without either is told so before a kernel is launched."""
+    import shutil
+    import sysconfig
+
+    from timesformer_harness.kernels.attention import triton_build_problem
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert triton_build_problem() == ("no C compiler (gcc, clang, or one named by CC): Triton builds each kernel's "
+                                      "launcher with it")
+    monkeypatch.setenv("CC", "/opt/cc")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
+    assert triton_build_problem() == (f"no Python.h in {tmp_path} (Python's development headers): Triton builds "
+                                      "each kernel's launcher with it")
+    (tmp_path / "Python.h").touch()
+    assert triton_build_problem() is None
+
+
 def test_refusals_name_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="temporal pass.*temporal_attn_backend=triton instead"):
         ModelConfig(attn_backend="triton")
@@ -316,7 +336,15 @@ def test_refusals_name_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> N
         check_attention(replace(divided("triton"), num_frames=192), CPU, None)
     with pytest.raises(ValueError, match="needs an sm80 or newer GPU \\(this GPU is sm75\\)"):
         check_backend("triton", "cuda", torch.float16, (7, 5))
+    from timesformer_harness.kernels import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "triton_build_problem", lambda: None)
     check_backend("triton", "cuda", torch.bfloat16, (9, 0))
+    monkeypatch.setattr(attention_module, "triton_build_problem", lambda: "no C compiler (gcc, clang, or CC)")
+    with pytest.raises(ValueError, match=r"attn_backend=triton cannot run here: no C compiler \(gcc, clang, or CC\); "
+                                         "install it, or use auto"):
+        check_backend("triton", "cuda", torch.bfloat16, (9, 0))
+    monkeypatch.undo()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="model.temporal_attn_backend=triton runs on CUDA GPUs; on cpu only in "
                                          "Triton's interpreter"):

@@ -258,6 +258,9 @@ PRIVATE_ALLOWED = {
     ("kernels/attention.py", "_is_profiler_enabled"):
         "torch.autograd.profiler keeps this flag for fast checks of whether a profiler records (torch's own dynamo "
         "reads it); the attention ranges are entered only then, and there is no public alias",
+    ("tests/test_short_attention.py", "_library"):
+        "torch._library.triton.get_triton_kernels_for_op lists the kernels whose source torch's compile caches key a "
+        "triton_op on; there is no public accessor, and the test checks that ours are found",
     ("tests/test_fused_kernels.py", "_C"):
         "torch._C._dispatch_has_kernel_for_dispatch_key: the dispatcher's registrations are the only way to ask, "
         "without a GPU, which ops CUDA autocast casts",

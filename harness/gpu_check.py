@@ -1,7 +1,7 @@
 """``make gpu-check``: the GPU acceptance run. The GPU tests and the user's own commands, at GPU size, each in its
 own process, with pass / fail / skip and the key figures read from the commands' own outputs.
 
-    python -m timesformer_harness.gpu_check [--out runs/gpu_check] [--only STEP ...]
+    python -m timesformer_harness.gpu_check [--out runs/gpu_check] [--only STEP ...] [--budget-s S]
     python -m timesformer_harness.gpu_check --rehearse-on-cpu   # the same steps at CPU size; the CUDA-only one skipped
 
 Steps (``make`` command each stands for; GPU size in brackets):
@@ -15,19 +15,22 @@ Steps (``make`` command each stands for; GPU size in brackets):
   videos, short side 256]: the fix the pre-flight check names for videos below NVDEC's minimum.
 * ``validate``: ``python -m timesformer_harness.pipelines.validate --backend gpu`` on those (NVDEC limits of this GPU's
   generation).
-* ``bench``: ``make bench``, every suite [the GPU preset, all variants, train, frames 8 and 16], the pipeline and
-  end-to-end suites on the prepared videos (their DALI case decodes with NVDEC on a GPU).
 * ``train`` and ``evaluate``: ``make train`` / ``make evaluate``, the embedded toy default [2 epochs]; on a GPU its
   32x32 VP9 is below NVDEC's minimum, so DALI decodes it on the CPU (the figures say so).
 * ``profile``: ``make profile`` [the GPU preset, 3 steps]; reports which SDPA kernel ``auto`` ran.
 * ``gate_baseline`` then ``gate``: ``make gate-baseline`` and ``make gate`` against it [divided attention].
 * ``torchrun``: ``torchrun --nproc_per_node=N harness/train.py`` with the Kinetics divided 8x32 recipe on synthetic
   data for 2 steps [N = every visible GPU].
+* ``bench``: ``make bench``, every suite [the GPU preset, all variants, train, frames 8 and 16, batches 2 and 8], the
+  pipeline and end-to-end suites on the prepared videos (their DALI case decodes with NVDEC on a GPU). Last: the
+  longest step.
 
 A step passes when its command exits 0 *and* its outputs show it did its work (results written, records ok, tests
-run); a step that cannot run is ``skip`` with the reason. Writes ``<out>/<timestamp>/report.json`` and one log per
-step beside it. Exit status: 0 when every step that could run passed, 1 when one failed, 2 when none could run
-(no CUDA: returned in seconds, nothing run).
+run); a step that cannot run is ``skip`` with the reason. Writes ``<out>/<timestamp>/report.json`` (rewritten after
+every step, so a run cut short keeps what it checked) and one log per step beside it. ``--budget-s`` bounds the
+run: a step whose estimate (``Step.estimate_s``, from earlier GPU runs) no longer fits is skipped and says so, and a
+step's timeout never reaches past the budget. Exit status: 0 when every step that could run passed, 1 when one
+failed, 2 when none could run (no CUDA: returned in seconds, nothing run).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class Step:
     argv: list[str]
     collect: Callable[[str], dict[str, Any]]  # the step's log text -> key figures; raises StepFailed
     timeout_s: int = 600
+    estimate_s: float = 60.0  # what it takes on a GPU (earlier runs' times, rounded up): --budget-s skips by it
     cuda_only: bool = False
     needs: str = ""  # a step that must have passed first
     setup: Callable[[], None] | None = None  # in-process preparation (e.g. a manifest) before the command
@@ -322,39 +326,39 @@ def build_steps(run_dir: Path, size: Size, nprocs: int) -> list[Step]:
     return [
         Step("gpu_tests", "pytest -m gpu", [py, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rs", "-p",
                                             "no:cacheprovider", f"--junitxml={junit}"],
-             collect_pytest(junit), timeout_s=420, cuda_only=True),
+             collect_pytest(junit), timeout_s=420, estimate_s=240, cuda_only=True),
         Step("prepare", f"python -m {PREPARE_MODULE}",
              [py, "-m", PREPARE_MODULE, str(subset), "--out", str(prepared), "--path-prefix", str(toy),
               "--short-side", str(size.short_side), "--codec", "vp9", "--no-progress"],
-             collect_prepare(prepared), timeout_s=300, setup=write_manifests),
+             collect_prepare(prepared), timeout_s=300, estimate_s=15, setup=write_manifests),
         Step("validate", "python -m timesformer_harness.pipelines.validate",
              [py, "-m", "timesformer_harness.pipelines.validate", str(prepared / subset.name), *size.validate,
               "--frames", "8", "--sampling-rate", "3", "--cache", "", "--report", str(run_dir / "validate.json")],
-             collect_validate(run_dir / "validate.json"), timeout_s=120, needs="prepare"),
+             collect_validate(run_dir / "validate.json"), timeout_s=120, estimate_s=15, needs="prepare"),
         Step("train", "make train", [py, "-m", "timesformer_harness.train", "--config", TOY_CONFIG, *size.train,
                                      *scored, f"output.dir={train_dir}"], collect_train(train_dir), timeout_s=420,
-             setup=write_manifests),
+             estimate_s=40, setup=write_manifests),
         Step("evaluate", "make evaluate", [py, "-m", "timesformer_harness.evaluate", "--config", TOY_CONFIG, *scored,
                                            f"output.dir={train_dir}"],
-             collect_evaluate(train_dir), timeout_s=240, needs="train"),
+             collect_evaluate(train_dir), timeout_s=240, estimate_s=20, needs="train"),
         Step("profile", "make profile", [py, "-m", "timesformer_harness.profiling", "--attn", REFERENCE,
                                          *size.profile, "--out", str(run_dir / "profile")],
-             collect_profile(run_dir / "profile"), timeout_s=300),
+             collect_profile(run_dir / "profile"), timeout_s=300, estimate_s=30),
         Step("gate_baseline", "make gate-baseline", [py, "-m", "timesformer_harness.gate", "--write-baseline",
                                                      str(baseline), *size.gate_baseline],
-             collect_gate_baseline(baseline), timeout_s=300),
+             collect_gate_baseline(baseline), timeout_s=300, estimate_s=30),
         Step("gate", "make gate", [py, "-m", "timesformer_harness.gate", "--baseline", str(baseline), *size.gate,
                                    "--out", str(run_dir / "gate")],
-             collect_gate(run_dir / "gate"), timeout_s=300, needs="gate_baseline"),
+             collect_gate(run_dir / "gate"), timeout_s=300, estimate_s=30, needs="gate_baseline"),
         Step("torchrun", f"torchrun --nproc_per_node={nprocs} harness/train.py",
              [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}", "harness/train.py",
               "--config", KINETICS_CONFIG, "data.loader=synthetic", *synthetic, "solver.max_epoch=1",
               "train.max_steps_per_epoch=2", *size.torchrun, f"output.dir={torchrun_dir}"],
-             collect_train(torchrun_dir), timeout_s=420),
+             collect_train(torchrun_dir), timeout_s=420, estimate_s=40),
         # last: the longest step (a case per process), so that a run cut short by its time box loses the least
         Step("bench", "make bench", [py, "-m", "timesformer_harness.bench", "--out", str(run_dir / "bench"),
                                      *size.bench, f"bench.data_config={data_yaml}"],
-             collect_bench(run_dir / "bench"), timeout_s=600, needs="prepare"),
+             collect_bench(run_dir / "bench"), timeout_s=600, estimate_s=400, needs="prepare"),
     ]
 
 
@@ -366,8 +370,10 @@ def injected_failure() -> Step:
 
 # ------------------------------------------------------------------------------------------ running
 
-def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult]) -> StepResult:
-    """Run one step in its own process (output to ``<run_dir>/<name>.log``) and judge it."""
+def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult],
+             timeout_s: float | None = None) -> StepResult:
+    """Run one step in its own process (output to ``<run_dir>/<name>.log``) and judge it; ``timeout_s``: a shorter
+    limit than the step's own (what is left of a budget)."""
     command = " ".join(step.argv)
     result = StepResult(step.name, "skip", "", 0.0, command, step.make)
     if step.cuda_only and not cuda:
@@ -380,6 +386,7 @@ def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult])
         return result
     log = run_dir / f"{step.name}.log"
     result.log = str(log)
+    limit = step.timeout_s if timeout_s is None else min(step.timeout_s, timeout_s)
     clock = Stopwatch()
     env = dict(os.environ)
     if not cuda:  # as the Makefile's CPU targets: idle OpenMP threads sleep instead of spinning
@@ -388,10 +395,10 @@ def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult])
         if step.setup is not None:
             step.setup()
         with open(log, "w") as f:  # its own process group: a timeout ends torchrun's workers too
-            rc = run_command(step.argv, timeout_s=step.timeout_s, env=env, stdout=f).returncode
+            rc = run_command(step.argv, timeout_s=limit, env=env, stdout=f).returncode
         text = log.read_text(errors="replace")
         if rc is None:
-            result.status, result.reason = "fail", f"timed out after {step.timeout_s} s"
+            result.status, result.reason = "fail", f"timed out after {limit:.0f} s"
         elif rc != 0:
             result.status, result.reason = "fail", f"exit status {rc}: {_last_line(text)}"
         else:
@@ -453,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the same steps at CPU size (the CUDA-only step is skipped): tests the runner")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps")
     parser.add_argument("--out", default="runs/gpu_check", help="report folder root")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds the run may take: a step whose estimate no longer fits is skipped (default: no "
+                             "limit)")
     parser.add_argument("--inject-failure", action="store_true", help=argparse.SUPPRESS)  # tests
     args = parser.parse_args(argv)
     setup_logging()
@@ -475,26 +485,37 @@ def main(argv: list[str] | None = None) -> int:
     device = ", ".join(env["gpus"]) or "no CUDA device"
     print(f"gpu-check ({mode}) on {device}: torch {env['torch']}, CUDA {env['cuda']}, DALI {env['dali']} -> {run_dir}",
           flush=True)
-    done: dict[str, StepResult] = {}
-    for step in steps:
-        if not cuda and not rehearse:  # GPU-size steps: nothing runs without CUDA
-            done[step.name] = StepResult(step.name, "skip", "needs CUDA (--rehearse-on-cpu runs the CPU-size "
-                                         "rehearsal)", 0.0, " ".join(step.argv), step.make)
-            continue
-        print(f"[{step.name}] {step.make}: {' '.join(step.argv)}", flush=True)
-        done[step.name] = run_step(step, run_dir, cuda, done)
-        print(f"[{step.name}] {done[step.name].status} ({done[step.name].seconds:.0f} s) "
-              f"{_detail(done[step.name])[:200]}", flush=True)
-    results = list(done.values())
-    status = exit_status(results)
     warnings = []
     if env["dali"] is None and cuda:
         warnings.append("nvidia.dali is not installed: the NVDEC tests were skipped and every loader ran PyAV, so GPU "
                         "decoding was not checked; pip install nvidia-dali-cuda120 and run make gpu-check again")
-    report = {"mode": mode, "started": run_dir.name, "environment": env, "exit_status": status,
-              "warnings": warnings, "steps": [asdict(r) for r in results]}
+    done: dict[str, StepResult] = {}
+    clock = Stopwatch()
 
-    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    def write_report() -> int:  # after every step: a run stopped from outside keeps what it checked
+        results = list(done.values())
+        status = exit_status(results)
+        report = {"mode": mode, "started": run_dir.name, "environment": env, "exit_status": status,
+                  "complete": len(results) == len(steps), "warnings": warnings, "steps": [asdict(r) for r in results]}
+        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+        return status
+
+    for step in steps:
+        left = None if args.budget_s is None else args.budget_s - clock.elapsed()
+        if not cuda and not rehearse:  # GPU-size steps: nothing runs without CUDA
+            done[step.name] = StepResult(step.name, "skip", "needs CUDA (--rehearse-on-cpu runs the CPU-size "
+                                         "rehearsal)", 0.0, " ".join(step.argv), step.make)
+        elif left is not None and step.estimate_s > left:
+            done[step.name] = StepResult(step.name, "skip", f"over budget: {left:.0f} s left, the step takes about "
+                                         f"{step.estimate_s:.0f} s", 0.0, " ".join(step.argv), step.make)
+        else:
+            print(f"[{step.name}] {step.make}: {' '.join(step.argv)}", flush=True)
+            done[step.name] = run_step(step, run_dir, cuda, done, timeout_s=left)
+            print(f"[{step.name}] {done[step.name].status} ({done[step.name].seconds:.0f} s) "
+                  f"{_detail(done[step.name])[:200]}", flush=True)
+        write_report()
+    status = write_report()
+    results = list(done.values())
     print(format_table(results))
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
     print(f"report: {run_dir / 'report.json'}")

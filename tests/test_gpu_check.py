@@ -76,6 +76,31 @@ def test_a_broken_step_fails_and_what_it_needs_is_skipped(tmp_path: Path) -> Non
     assert steps["gate"]["reason"] == "needs gate_baseline, which did not run"
 
 
+def test_a_budget_skips_the_steps_that_no_longer_fit(tmp_path: Path) -> None:
+    out, report = _run(["--rehearse-on-cpu", "--only", "prepare", "validate", "--budget-s", "1", "--out",
+                        str(tmp_path)], timeout=120)
+    steps = {s["name"]: s for s in report["steps"]}
+    assert out.returncode == 2 and report["complete"], out.stdout
+    assert steps["prepare"]["reason"] == "over budget: 1 s left, the step takes about 15 s"
+    assert steps["validate"]["reason"].startswith("over budget: ") and steps["validate"]["status"] == "skip"
+
+
+def test_the_report_is_written_after_every_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped from outside (a time box, Ctrl-C) keeps the steps it finished in report.json."""
+    from timesformer_harness import gpu_check
+
+    def run_step(step, run_dir, cuda, done, timeout_s=None):
+        if done:
+            raise KeyboardInterrupt  # stopped during the second step
+        return StepResult(step.name, "pass", "", 1.0, " ".join(step.argv), step.make, {"videos": 16})
+
+    monkeypatch.setattr(gpu_check, "run_step", run_step)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--rehearse-on-cpu", "--only", "prepare", "validate", "--out", str(tmp_path)])
+    report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
+    assert [(s["name"], s["status"]) for s in report["steps"]] == [("prepare", "pass")] and not report["complete"]
+
+
 def test_exit_status() -> None:
     r = lambda status: StepResult("x", status, "", 0.0, "", "")  # noqa: E731
     assert exit_status([r("pass"), r("skip")]) == 0

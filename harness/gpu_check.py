@@ -324,7 +324,8 @@ def build_steps(run_dir: Path, size: Size, nprocs: int) -> list[Step]:
     torchrun_dir = run_dir / "torchrun"
     synthetic = [f"data.synthetic_videos={(64 if size is GPU_SIZE else 8) * nprocs}"]
     return [
-        Step("gpu_tests", "pytest -m gpu", [py, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rs", "-p",
+        # -v: each test's name is in the log before it runs, so a timeout's reason names the test that hung
+        Step("gpu_tests", "pytest -m gpu", [py, "-m", "pytest", "-m", "gpu", "tests", "-v", "-rs", "-p",
                                             "no:cacheprovider", f"--junitxml={junit}"],
              collect_pytest(junit), timeout_s=420, estimate_s=240, cuda_only=True),
         Step("prepare", f"python -m {PREPARE_MODULE}",
@@ -398,7 +399,7 @@ def run_step(step: Step, run_dir: Path, cuda: bool, done: dict[str, StepResult],
             rc = run_command(step.argv, timeout_s=limit, env=env, stdout=f).returncode
         text = log.read_text(errors="replace")
         if rc is None:
-            result.status, result.reason = "fail", f"timed out after {limit:.0f} s"
+            result.status, result.reason = "fail", f"timed out after {limit:.0f} s; its last output: {_last_line(text)}"
         elif rc != 0:
             result.status, result.reason = "fail", f"exit status {rc}: {_last_line(text)}"
         else:

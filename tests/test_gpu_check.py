@@ -101,6 +101,18 @@ def test_the_report_is_written_after_every_step(tmp_path: Path, monkeypatch: pyt
     assert [(s["name"], s["status"]) for s in report["steps"]] == [("prepare", "pass")] and not report["complete"]
 
 
+def test_a_timed_out_step_says_what_it_was_doing(tmp_path: Path) -> None:
+    """A step past its time limit is killed and its reason names its last output (pytest -v prints a test's name
+    before it runs: the test that hung)."""
+    from timesformer_harness.gpu_check import Step, run_step
+
+    hangs = Step("gpu_tests", "(test)", [sys.executable, "-c", "import time; print('tests/test_gpu.py::test_x ', "
+                                         "flush=True); time.sleep(60)"], lambda log: {}, timeout_s=60)
+    result = run_step(hangs, tmp_path, cuda=False, done={}, timeout_s=2)
+    assert result.status == "fail" and result.seconds < 30
+    assert result.reason == "timed out after 2 s; its last output: tests/test_gpu.py::test_x"
+
+
 def test_exit_status() -> None:
     r = lambda status: StepResult("x", status, "", 0.0, "", "")  # noqa: E731
     assert exit_status([r("pass"), r("skip")]) == 0

@@ -35,7 +35,7 @@ BENCH_PRESET ?= $(PRESET)
 PYTEST_ARGS ?=
 # pytest-xdist workers for make test / test-fast (one test file per worker at a time); 0 runs in one process
 PYTEST_WORKERS ?= 2
-# e.g. --rehearse-on-cpu (the same steps at CPU size) or --only bench train
+# e.g. --rehearse-on-cpu (the same steps at CPU size), --only bench train, --budget-s 540
 GPU_CHECK_ARGS ?=
 # e.g. --rehearse-on-cpu, --budget-s 300, --rows eager-b8 compiled-b8
 GPU_PERF_ARGS ?=

@@ -155,6 +155,14 @@ class _Plans:
         return len(self.units)
 
 
+def _own_process_group(worker_id: int) -> None:
+    """A DataLoader worker leaves its rank's process group: torchrun stops a rank by signalling that whole group
+    (SIGTERM when a job is preempted), and Ctrl-C signals a terminal's, so a worker in it died while the rank was
+    finishing its step to save a checkpoint, and that step failed. The worker still ends with the rank (the
+    DataLoader's watchdog) and when the DataLoader stops it."""
+    os.setpgrp()
+
+
 class PyAVLoader(ClipLoader):
     """Batches of ``ClipPlanner`` plans decoded by PyAV in ``data.num_workers`` persistent DataLoader workers."""
 
@@ -171,7 +179,7 @@ class PyAVLoader(ClipLoader):
         self.loader = DataLoader(self.dataset, batch_size=planner.batch_views // planner.views_per_unit,
                                  sampler=self.sampler, num_workers=workers, collate_fn=_collate,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                                 prefetch_factor=2 if workers else None)
+                                 prefetch_factor=2 if workers else None, worker_init_fn=_own_process_group)
         logger.info("PyAV loader: %d clips/epoch on this rank, %d batches, %d workers", self.num_clips, len(self),
                     workers)
 

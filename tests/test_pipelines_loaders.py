@@ -297,3 +297,41 @@ def test_a_backend_added_by_one_registration_is_built_checked_and_benchmarked(vi
     decoded = pipeline_suite.decoded_frames_per_clip(loader, max_clips=4)
     assert decoded["strategy"] == "keyframe" and decoded["counted_per_clip"] == pytest.approx(decoded["model_per_clip"])
     assert pipeline_suite.peak_memory_note(torch.device("cpu"), loader).endswith("its DataLoader worker processes")
+
+
+# A rank under torchrun with PyAV DataLoader workers, signalled as torchrun stops a rank (its whole process group):
+# the rank's own handler takes SIGTERM, and its workers go on delivering the epoch. argv: toy dataset, manifest path.
+SIGNALLED_GROUP = """
+import os, signal, sys, time
+from pathlib import Path
+from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.factory import build_loader
+
+toy, manifest = Path(sys.argv[1]), Path(sys.argv[2])
+lines = (toy / "train.csv").read_text().splitlines()[:8]
+manifest.write_text("".join(f"{toy / line.split()[0]} {line.split()[1]}\\n" for line in lines))
+cfg = DataConfig(loader="pyav", backend="cpu", root="", train_manifest=str(manifest), num_frames=4, sampling_rate=2,
+                 train_jitter_scales=[32, 32], train_crop_size=32, batch_size=2, num_workers=1, validate_cache="none")
+loader = build_loader(cfg, "train", device="cpu")
+stopped = []
+signal.signal(signal.SIGTERM, lambda *args: stopped.append(1))
+batches = iter(loader)
+next(batches)
+os.killpg(os.getpgid(0), signal.SIGTERM)  # torchrun's stop: every process of the rank's group
+time.sleep(1)
+print("handled", len(stopped), "batches", 1 + sum(1 for _ in batches))
+"""
+
+
+def test_pyav_workers_outlive_a_signal_to_the_ranks_process_group(tmp_path) -> None:
+    """torchrun stops a rank by signalling its process group (SIGTERM on preemption): the rank finishes its step
+    and saves, so its DataLoader workers, in a group of their own, must not die of the signal meant for it."""
+    import subprocess
+    import sys
+
+    from timesformer_harness.config import REPO_ROOT
+
+    res = subprocess.run([sys.executable, "-c", SIGNALLED_GROUP, str(REPO_ROOT / "data" / "toy"),
+                          str(tmp_path / "train.csv")], capture_output=True, text=True, start_new_session=True,
+                         cwd=REPO_ROOT, timeout=180)
+    assert res.returncode == 0 and res.stdout.split() == ["handled", "1", "batches", "4"], res.stderr[-2000:]

@@ -68,7 +68,11 @@ def init_distributed(cfg: DistConfig, device: str = "auto") -> DistInfo:
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} asked for, but this torch sees no CUDA device; use 'cpu' or 'auto'")
     if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        if count > 1 and local_rank >= count:  # one visible GPU per process (count 1) is the other layout
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but this node shows {count} GPUs: start at most {count} "
+                               f"processes per node (torchrun --nproc_per_node={count}), one per GPU")
+        torch.cuda.set_device(local_rank % count)
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         dev = torch.device("cpu")

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -58,8 +59,8 @@ from timesformer_harness.runtime import (environment_info, precision_name, relea
 from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (Change, CheckpointManager, RunFolderError, RunLock, config_changes,
                                              data_fingerprint, find_resume, format_changes, keep_records_up_to,
-                                             list_checkpoints, resume_position, rng_state, saved_config,
-                                             set_rng_state)
+                                             list_checkpoints, resume_disagreement, resume_position, rng_state,
+                                             saved_config, set_rng_state)
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
 from timesformer_harness.common import ExitCode, log_to_file, remove_stale_temporaries, report_error, setup_logging
@@ -163,9 +164,13 @@ class Trainer:
         # serve each split's first loader
         self._manifests = check_inputs(cfg)
         # train.resume decides, and a resume refuses a changed model or data, also before the folder is touched
-        self._resume = find_resume(cfg.output.dir, cfg.train.resume)
-        changed = check_resume_config(cfg, *self._resume) if self._resume is not None else []
         self.device = info.device
+        self._resume = find_resume(cfg.output.dir, self._resume_policy())
+        found = None if self._resume is None else (self._resume[0].name, *resume_position(self._resume[1],
+                                                                                           self._resume[0]))
+        if problem := resume_disagreement(all_gather_objects(found)):
+            raise RunFolderError(problem)
+        changed = check_resume_config(cfg, *self._resume) if self._resume is not None else []
         self.run_dir = Path(cfg.output.dir)
         self.cfg_yaml = to_yaml(cfg)
         self.lock, busy = None, ""
@@ -246,6 +251,16 @@ class Trainer:
                     sum(p.numel() for p in self.model.parameters()) / 1e6, self.device, precision_name(self.dtype),
                     info.world_size, cfg.data.batch_size, self.accum, per_step * self.accum)
 
+    def _resume_policy(self) -> str:
+        """``train.resume``, but ``auto`` in an attempt torchrun restarted (``--max-restarts``) on any rank: its run
+        folder holds this run's own checkpoints and records, which ``never`` would refuse."""
+        policy = self.cfg.train.resume
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0  # per node's agent: agreed
+        if policy == "never" and self._any_rank(restarted):
+            logger.info("a restarted attempt of this run: train.resume=never continues from its checkpoints (auto)")
+            return "auto"
+        return policy
+
     # ----------------------------------------------------------------------------------------------------------
     def _restore(self) -> None:
         """Resume from the checkpoint ``train.resume`` chose; else ``model.pretrained`` weights only (fine-tuning:
@@ -266,7 +281,7 @@ class Trainer:
             rngs = obj.get("rng")
             old_world = int(obj.get("world_size", 1))
             if rngs and old_world == self.info.world_size:
-                set_rng_state(rngs[self.info.rank])
+                set_rng_state(rngs[self.info.rank], self.device)
             elif rngs:
                 logger.warning("%s was written by %d process(es), this run has %d: random states re-seeded, so the "
                                "run continues but not bit-exactly", path, old_world, self.info.world_size)
@@ -276,6 +291,7 @@ class Trainer:
                 self.start_batch = self.start_batch * old_clips // (self.cfg.data.batch_size * self.info.world_size)
             logger.info("resumed from %s: epoch %d, batch %d, step %d", path, self.start_epoch, self.start_batch,
                         self.step)
+            self._resume = None  # the loaded checkpoint (weights, optimizer state) is not kept for the whole run
         elif self.cfg.model.pretrained:
             report = load_weights(self.model, self.cfg.model.pretrained, strict=True)
             logger.info("initialised from %s (%s)", self.cfg.model.pretrained, report.format)
@@ -309,7 +325,7 @@ class Trainer:
                                     else self.bad_videos)
         merged = Quarantine(0)  # every rank's entries found before this position (the later ones are found again)
         merged.merge(states)
-        return {"scaler": self.scaler.state_dict(), "rng": all_gather_objects(rng_state()),
+        return {"scaler": self.scaler.state_dict(), "rng": all_gather_objects(rng_state(self.device)),
                 "scheduler": {"policy": self.cfg.solver.lr_policy,
                               "lr": self.optimizer.param_groups[0]["lr"]},
                 "world_size": self.info.world_size, "batch_size": self.cfg.data.batch_size,

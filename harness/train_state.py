@@ -176,6 +176,18 @@ def find_resume(run_dir: str | Path, policy: str) -> tuple[Path, dict[str, Any]]
     return latest
 
 
+def resume_disagreement(found: list[tuple[Any, ...] | None]) -> str | None:
+    """Why the ranks cannot go on together (None when they agree): ``found`` holds each rank's resume, (checkpoint
+    name, epoch, batch, step) or None, in rank order. Ranks that resumed from different checkpoints (an output.dir
+    that is not one folder every node sees) would train different epochs and wait in different collectives."""
+    if all(f == found[0] for f in found):
+        return None
+    views = "; ".join(f"rank {r}: " + ("nothing" if f is None else f"{f[0]} (epoch {f[1]}, batch {f[2]}, step {f[3]})")
+                      for r, f in enumerate(found))
+    return (f"the ranks found different checkpoints to resume from in output.dir ({views}): output.dir must be one "
+            "folder every node sees (a shared filesystem), not a folder of each node's own")
+
+
 def data_fingerprint(videos: list[tuple[str, int]]) -> dict[str, Any]:
     """What an epoch's clip order is drawn from: the usable videos, in order, with their labels (count and SHA-256).
     A resume compares the checkpoint's with its own: the same batch index means the same clips only if they match."""
@@ -223,8 +235,9 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.fullmatch(p.name)), key=_order)
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's generator states, in types ``torch.load(weights_only=True)`` accepts."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's generator states, in types ``torch.load(weights_only=True)`` accepts: the CPU's and, on a CUDA
+    ``device``, that GPU's (the one this rank uses: a restarted rank may be given another)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state: dict[str, Any] = {
@@ -232,19 +245,25 @@ def rng_state() -> dict[str, Any]:
         "python": [py_state[0], list(py_state[1]), py_state[2]],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore ``rng_state``'s states; the saved GPU generator goes to ``device`` (a CUDA one), whichever GPU it was
+    saved from. (Checkpoints written before held every visible GPU's: that of ``device``'s index is taken.)"""
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):
+        cuda = cuda[device.index] if device is not None and device.index is not None and device.index < len(cuda) \
+            else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class CheckpointManager:

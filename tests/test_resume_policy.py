@@ -226,3 +226,28 @@ def test_resume_never_refuses_a_used_folder_and_trains_in_a_new_one(finished, ti
     res = run(train_cmd(*tiny, f"output.dir={fresh}", "train.resume=never"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" not in res.stderr and (fresh / "checkpoints" / "checkpoint_epoch_00001.pyth").is_file()
+
+
+def test_a_restarted_attempt_continues_its_run_under_resume_never(finished, tiny, tmp_path):
+    """torchrun --max-restarts starts the failed run's workers again (TORCHELASTIC_RESTART_COUNT > 0) in the folder
+    their first attempt wrote: train.resume=never would refuse it and every restart would fail, so a restarted attempt
+    continues from its checkpoints."""
+    out = copy_of(finished, tmp_path / "run")
+    res = run(train_cmd(*tiny, f"output.dir={out}", "train.resume=never", "solver.max_epoch=2"),
+              TORCHELASTIC_RESTART_COUNT="1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "a restarted attempt of this run: train.resume=never continues from its checkpoints (auto)" in res.stderr
+    assert f"resumed from {out}/checkpoints/checkpoint_epoch_00001.pyth: epoch 1, batch 0, step 1" in res.stderr
+
+
+def test_ranks_that_found_different_checkpoints_are_stopped_before_training():
+    """Ranks whose output.dir is not one shared folder resume from different checkpoints (or none): they would train
+    different epochs and wait in different collectives, so the run stops at once with each rank's view."""
+    from timesformer_harness.train_state import resume_disagreement
+
+    same = ("checkpoint_epoch_00005.pyth", 5, 0, 40)
+    assert resume_disagreement([same, same]) is None and resume_disagreement([None, None]) is None
+    assert resume_disagreement([same, None]) == (
+        "the ranks found different checkpoints to resume from in output.dir (rank 0: checkpoint_epoch_00005.pyth "
+        "(epoch 5, batch 0, step 40); rank 1: nothing): output.dir must be one folder every node sees (a shared "
+        "filesystem), not a folder of each node's own")

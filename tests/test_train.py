@@ -665,3 +665,33 @@ def test_the_train_manifest_is_read_once_at_start(tmp_path, monkeypatch):
     assert reads == ["train.csv", "val.csv"]
     trainer._build_loader("train")
     assert reads == ["train.csv", "val.csv", "train.csv"]
+
+
+def test_generator_states_take_the_ranks_own_gpu():
+    """A checkpoint keeps each rank's GPU generator, restored onto the GPU the rank has now (ranks can move between
+    GPUs across torchrun restarts); on a CPU no GPU state is written, and an older checkpoint's list of every GPU's
+    states is read without a GPU."""
+    from timesformer_harness.train_state import rng_state, set_rng_state
+
+    state = rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    set_rng_state({**rng_state(torch.device("cpu")), "cuda": [torch.zeros(16, dtype=torch.uint8)]})  # old format
+    torch.manual_seed(3)
+    set_rng_state(rng_state(torch.device("cpu")), torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_more_processes_than_gpus_on_a_node_are_refused(monkeypatch):
+    """Eight GPUs visible and a ninth process on the node: a clear error, not a second rank on GPU 0 (which NCCL
+    refuses later, unclearly). One visible GPU per process (CUDA_VISIBLE_DEVICES per rank) stays allowed."""
+    from timesformer_harness.config import DistConfig
+    from timesformer_harness.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_RANK", "8")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK 8 but this node shows 8 GPUs: start at most 8 processes per "
+                                           r"node \(torchrun --nproc_per_node=8\), one per GPU"):
+        init_distributed(DistConfig())

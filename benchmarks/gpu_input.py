@@ -61,7 +61,7 @@ from timesformer_harness.gpu_perf import fmt_cell, record_row, row_timeout, scri
 from timesformer_harness.metrics import Stopwatch, run_stamp
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.decode_rates import CPU_GENERATION, TABLE, RateRow, merge_rates
-from timesformer_harness.pipelines.factory import jpeg_libraries_missing
+from timesformer_harness.pipelines.dali import jpeg_libraries_missing
 from timesformer_harness.pipelines.tools.transcode import PrepareSpec
 
 logger = logging.getLogger(__name__)

@@ -43,12 +43,14 @@ the same clip stream, the same pixels) and quarantines the ones that fail again.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
 from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -453,6 +455,30 @@ def to_clips(out, plans: list[ClipPlan], *, backend: str, decode_only: bool, fra
     return clips
 
 
+# DALI 2.x decodes JPEG images (MJPEG's frames, frame folders) through nvImageCodec, loaded when a pipeline is built:
+# libjpeg-turbo's extension on the CPU, nvJPEG's for device="mixed" (without libnvjpeg that decoder decodes on the CPU
+# instead, and says nothing). pip brings them with nvidia-dali-cuda120; a DALI copied onto a machine by hand may not.
+JPEG_LIBRARIES = {"cpu": ("nvimgcodec/libnvimgcodec.so.0", "nvimgcodec/extensions/libjpeg_turbo_ext.so*"),
+                  "gpu": ("nvimgcodec/extensions/libnvjpeg_ext.so*", "nvjpeg/lib/libnvjpeg.so.12")}
+SYSTEM_CUDA_LIBS = Path("/usr/local/cuda/lib64")  # also on the RUNPATH of DALI's libraries and nvImageCodec's
+
+
+def jpeg_libraries_missing(gpu: bool, nvidia_dir: Path | None = None) -> str | None:
+    """What DALI's JPEG decoding lacks (``JPEG_LIBRARIES``; nvJPEG's too with ``gpu``) under ``nvidia_dir``, the
+    folder holding the ``dali`` package (None: the installed one's); None when nothing is missing."""
+    if nvidia_dir is None:
+        spec = importlib.util.find_spec("nvidia.dali")
+        if spec is None or spec.origin is None:
+            return "DALI is not importable here"
+        nvidia_dir = Path(spec.origin).parent.parent
+    wanted = [*JPEG_LIBRARIES["cpu"], *(JPEG_LIBRARIES["gpu"] if gpu else ())]
+    missing = [w for w in wanted if not any(nvidia_dir.glob(w)) and not any(SYSTEM_CUDA_LIBS.glob(Path(w).name))]
+    if not missing:
+        return None
+    return (f"DALI's JPEG decoding needs nvImageCodec{' and nvJPEG' if gpu else ''}: {', '.join(missing)} missing "
+            f"under {nvidia_dir} (pip install nvidia-nvimgcodec-cu12[all], or copy them there beside dali/)")
+
+
 class DaliLoader(ClipLoader):
     """Batches of ``ClipPlanner`` plans produced by one DALI pipeline per process (this rank's shard).
 
@@ -467,6 +493,9 @@ class DaliLoader(ClipLoader):
                  indexes: PacketIndexCache | None = None):
         super().__init__(planner, device, start_batch, rejected, quarantine)
         self.backend, self.decode_only, self.jpeg_frames = backend, decode_only, jpeg_frames
+        if backend == "gpu" and jpeg_frames and (missing := jpeg_libraries_missing(gpu=True)):
+            logger.warning("JPEG frames to be decoded on the GPU, but %s; DALI decodes them on the CPU instead",
+                           missing)
         if backend == "gpu":
             self.device_id = self.device.index if self.device.type == "cuda" and self.device.index is not None \
                 else torch.cuda.current_device()

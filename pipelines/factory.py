@@ -20,7 +20,6 @@ line every 30 s); both caches are written as results come, so an interrupted pre
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import operator
 from dataclasses import dataclass, fields
@@ -65,30 +64,6 @@ def dali_available() -> str:
     except ImportError as e:
         return f"nvidia.dali is not importable ({e})"
     return ""
-
-
-# DALI 2.x decodes JPEG images (MJPEG's frames, frame folders) through nvImageCodec, loaded when a pipeline is built:
-# libjpeg-turbo's extension on the CPU, nvJPEG's for device="mixed" (without libnvjpeg that decoder decodes on the CPU
-# instead, and says nothing). pip brings them with nvidia-dali-cuda120; a DALI copied onto a machine by hand may not.
-JPEG_LIBRARIES = {"cpu": ("nvimgcodec/libnvimgcodec.so.0", "nvimgcodec/extensions/libjpeg_turbo_ext.so*"),
-                  "gpu": ("nvimgcodec/extensions/libnvjpeg_ext.so*", "nvjpeg/lib/libnvjpeg.so.12")}
-SYSTEM_CUDA_LIBS = Path("/usr/local/cuda/lib64")  # also on the RUNPATH of DALI's libraries and nvImageCodec's
-
-
-def jpeg_libraries_missing(gpu: bool, nvidia_dir: Path | None = None) -> str | None:
-    """What DALI's JPEG decoding lacks (``JPEG_LIBRARIES``; nvJPEG's too with ``gpu``) under ``nvidia_dir``, the
-    folder holding the ``dali`` package (None: the installed one's); None when nothing is missing."""
-    if nvidia_dir is None:
-        spec = importlib.util.find_spec("nvidia.dali")
-        if spec is None or spec.origin is None:
-            return "DALI is not importable here"
-        nvidia_dir = Path(spec.origin).parent.parent
-    wanted = [*JPEG_LIBRARIES["cpu"], *(JPEG_LIBRARIES["gpu"] if gpu else ())]
-    missing = [w for w in wanted if not any(nvidia_dir.glob(w)) and not any(SYSTEM_CUDA_LIBS.glob(Path(w).name))]
-    if not missing:
-        return None
-    return (f"DALI's JPEG decoding needs nvImageCodec{' and nvJPEG' if gpu else ''}: {', '.join(missing)} missing "
-            f"under {nvidia_dir} (pip install nvidia-nvimgcodec-cu12[all], or copy them there beside dali/)")
 
 
 @dataclass(frozen=True)

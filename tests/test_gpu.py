@@ -28,7 +28,8 @@ import torch
 from conftest import textured_frames
 from timesformer_harness.config import REPO_ROOT, load_config
 from timesformer_harness.pipelines.config import DataConfig
-from timesformer_harness.pipelines.factory import dali_available, jpeg_libraries_missing
+from timesformer_harness.pipelines.dali import jpeg_libraries_missing
+from timesformer_harness.pipelines.factory import dali_available
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, NVDEC_CODECS, generation_of, nvdec_problem
 from timesformer_harness.pipelines.base import CLIP_FORMAT
 

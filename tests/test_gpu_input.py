@@ -193,7 +193,7 @@ def test_the_end_to_end_rows_steps_fit_one_epoch():
 def test_jpeg_rows_need_nvimagecodec_and_nvjpeg_beside_dali(tmp_path, monkeypatch):
     """DALI decodes JPEG through nvImageCodec (and nvJPEG on the GPU), libraries loaded at run time: a DALI copied
     without them is caught before the rows run, with what is missing and the fix."""
-    from timesformer_harness.pipelines import factory
+    from timesformer_harness.pipelines import dali as factory
 
     why = factory.jpeg_libraries_missing(gpu=True, nvidia_dir=tmp_path)
     assert why.startswith("DALI's JPEG decoding needs nvImageCodec and nvJPEG: nvimgcodec/libnvimgcodec.so.0, ")

@@ -335,3 +335,28 @@ def test_pyav_workers_outlive_a_signal_to_the_ranks_process_group(tmp_path) -> N
                           str(tmp_path / "train.csv")], capture_output=True, text=True, start_new_session=True,
                          cwd=REPO_ROOT, timeout=180)
     assert res.returncode == 0 and res.stdout.split() == ["handled", "1", "batches", "4"], res.stderr[-2000:]
+
+
+def test_a_gpu_jpeg_loader_without_nvjpeg_says_it_decodes_on_the_cpu(tmp_path, monkeypatch, caplog) -> None:
+    """DALI's mixed image decoder falls back to the CPU without a word when libnvjpeg is missing (a DALI copied by
+    hand): the loader says so when it is built (constructed here for cuda:0 without touching a GPU)."""
+    import logging
+
+    from timesformer_harness.config import REPO_ROOT
+    from timesformer_harness.pipelines import dali
+
+    toy = REPO_ROOT / "data" / "toy"
+    lines = (toy / "train.csv").read_text().splitlines()[:4]
+    (tmp_path / "train.csv").write_text("".join(f"{toy / line.split()[0]} {line.split()[1]}\n" for line in lines))
+    cfg = DataConfig(loader="dali", backend="cpu", root="", train_manifest=str(tmp_path / "train.csv"), num_frames=4,
+                     sampling_rate=2, train_jitter_scales=[32, 32], train_crop_size=32, batch_size=2, num_workers=1,
+                     validate_cache="none")
+    planner = build_loader(cfg, "train", device="cpu").planner
+    monkeypatch.setattr(dali, "jpeg_libraries_missing",
+                        lambda gpu: "nvjpeg/lib/libnvjpeg.so.12 missing" if gpu else None)
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.pipelines.dali"):
+        dali.DaliLoader(planner, torch.device("cuda", 0), backend="gpu", jpeg_frames=True)
+        dali.DaliLoader(planner, torch.device("cuda", 0), backend="gpu", jpeg_frames=False)  # NVDEC: no JPEG
+    assert [r.getMessage() for r in caplog.records] == [
+        "JPEG frames to be decoded on the GPU, but nvjpeg/lib/libnvjpeg.so.12 missing; DALI decodes them on the CPU "
+        "instead"]

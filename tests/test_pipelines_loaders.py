@@ -354,9 +354,10 @@ def test_a_gpu_jpeg_loader_without_nvjpeg_says_it_decodes_on_the_cpu(tmp_path, m
     planner = build_loader(cfg, "train", device="cpu").planner
     monkeypatch.setattr(dali, "jpeg_libraries_missing",
                         lambda gpu: "nvjpeg/lib/libnvjpeg.so.12 missing" if gpu else None)
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="timesformer_harness.pipelines.dali"):
         dali.DaliLoader(planner, torch.device("cuda", 0), backend="gpu", jpeg_frames=True)
         dali.DaliLoader(planner, torch.device("cuda", 0), backend="gpu", jpeg_frames=False)  # NVDEC: no JPEG
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         "JPEG frames to be decoded on the GPU, but nvjpeg/lib/libnvjpeg.so.12 missing; DALI decodes them on the CPU "
         "instead"]

@@ -251,3 +251,22 @@ def test_ranks_that_found_different_checkpoints_are_stopped_before_training():
         "the ranks found different checkpoints to resume from in output.dir (rank 0: checkpoint_epoch_00005.pyth "
         "(epoch 5, batch 0, step 40); rank 1: nothing): output.dir must be one folder every node sees (a shared "
         "filesystem), not a folder of each node's own")
+
+
+def test_a_resumed_trainer_does_not_keep_the_loaded_checkpoint(finished, tiny, tmp_path):
+    """The checkpoint a resume loads (weights and optimizer state: about 1 GB for ViT-B) is restored and let go, not
+    kept by the Trainer for the whole run on every rank."""
+    from timesformer_harness.distributed import init_distributed
+    from timesformer_harness.train import Trainer
+
+    out = copy_of(finished, tmp_path / "run")
+    assert tiny[0] == "--config"
+    cfg = load_config(REPO / tiny[1], [*tiny[2:], f"output.dir={out}", "solver.max_epoch=2",
+                                       "output.tensorboard=false"])
+    trainer = Trainer(cfg, init_distributed(cfg.dist))
+    try:
+        assert (trainer.start_epoch, trainer.step) == (1, 1) and trainer._resume is None
+        assert trainer.resumed_from[0] == out / "checkpoints" / "checkpoint_epoch_00001.pyth"
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.release()

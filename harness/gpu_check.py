@@ -501,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
         return status
 
+    status = exit_status([])  # each step's write_report replaces it
     for step in steps:
         left = None if args.budget_s is None else args.budget_s - clock.elapsed()
         if not cuda and not rehearse:  # GPU-size steps: nothing runs without CUDA
@@ -514,8 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             done[step.name] = run_step(step, run_dir, cuda, done, timeout_s=left)
             print(f"[{step.name}] {done[step.name].status} ({done[step.name].seconds:.0f} s) "
                   f"{_detail(done[step.name])[:200]}", flush=True)
-        write_report()
-    status = write_report()
+        status = write_report()
     results = list(done.values())
     print(format_table(results))
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}

@@ -90,5 +90,7 @@ def test_environment_reports_whether_apex_works(fake_apex: str, monkeypatch: pyt
     assert runtime.apex_available() is (torch.cuda.is_available() and fake_apex == "working")
     runtime.apex_available.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    # a CUDA build of torch without a GPU cannot initialise cuDNN (it takes the minimum over zero devices)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: None)
     assert runtime.apex_available() is (fake_apex == "working")
     assert runtime.environment_info(torch.device("cpu"))["apex"] is (fake_apex == "working")

@@ -13,11 +13,14 @@ variant's train manifest lists every video 16 times (128 clips); 8x32 sampling, 
 The rows, in the order they run (``ROWS``, most wanted first): the DALI loader with 8 threads on H.264 GOP 32 on NVDEC
 (``data.backend=gpu``), on MJPEG with ``data.backend=gpu`` (its JPEG frames decoded by nvJPEG, ``device="mixed"``, and
 resized, flipped and normalised on the GPU), on VP9 GOP 32 on NVDEC, and on MJPEG as JPEG images decoded by DALI on the
-CPU (``data.backend=cpu``); the end-to-end step on H.264 GOP 32 and MJPEG (``data.backend=auto``: what a run gets); the
-JPEG frame folders on nvJPEG; the DALI loader on NVDEC on the long GOPs and on HEVC GOP 32 (Matroska clip streams); DALI
-with 16 threads on H.264 GOP 32; the PyAV loader (16 workers) on H.264 GOP 32; DALI's CPU decoder on VP9 GOP 32 (the
-candidate against NVDEC); the end-to-end step on VP9 GOP 32, and compiled on H.264 GOP 32 (the rate the data-wait
-target is set for; past the default budget); PyAV on VP9 GOP 32; the frame folders on DALI's CPU decoder. Each
+CPU (``data.backend=cpu``); the end-to-end step on H.264 GOP 32 (``data.backend=auto``: what a run gets); NVDEC through
+PyNvVideoCodec on H.264 GOP 32, a decoder session per thread kept across clips (``benchmarks.session_decode``: the
+loaders' clips and transform; a candidate, not a loader; skipped where the package is not installed); the end-to-end
+step on MJPEG; the JPEG frame folders on nvJPEG; the DALI loader on NVDEC on the long GOPs and on HEVC GOP 32
+(Matroska clip streams); DALI with 16 threads on H.264 GOP 32; the PyAV loader (16 workers) on H.264 GOP 32; DALI's
+CPU decoder on VP9 GOP 32 (the candidate against NVDEC); the end-to-end step on VP9 GOP 32, and compiled on H.264
+GOP 32 (the rate the data-wait target is set for; past the default budget); PyAV on VP9 GOP 32; the frame folders on
+DALI's CPU decoder. Each
 loader row decodes on a named path, so that the decode table (``timesformer_harness.pipelines.decode_rates``) gets every
 candidate ``data.backend=auto`` chooses between: with ``--update-table [PATH]`` every loader row that ran on a GPU is
 merged into it (default: the shipped ``configs/measured/decode_rates.yaml``) as it finishes (not the frame folders'
@@ -107,7 +110,8 @@ GPU_ONLY_CODECS = {"h264": "H.264", "hevc": "HEVC"}  # DALI's CPU decoder takes 
 
 @dataclass(frozen=True)
 class Row:
-    """One measurement: a loader on a variant (``kind`` dali | pyav) or the end-to-end step (``kind`` e2e)."""
+    """One measurement: a loader on a variant (``kind`` dali | pyav), PyNvVideoCodec's decoders kept across clips
+    (``kind`` pynvc: ``benchmarks.session_decode``) or the end-to-end step (``kind`` e2e)."""
 
     name: str
     kind: str
@@ -129,6 +133,8 @@ ROWS: tuple[Row, ...] = (
     Row("dali-vp9-gop32", "dali", "vp9-gop32", backend="gpu"),
     Row("dali-mjpeg", "dali", "mjpeg", backend="cpu"),
     Row("e2e-h264-gop32", "e2e", "h264-gop32", estimate_s=60.0),
+    # NVDEC with a decoder session kept across clips (PyNvVideoCodec), the candidate against DALI's per-clip streams
+    Row("pynvc-h264-gop32", "pynvc", "h264-gop32", estimate_s=40.0),
     Row("e2e-mjpeg", "e2e", "mjpeg", estimate_s=60.0),
     Row("dali-folders-nvjpeg", "dali", "jpeg-folders", backend="gpu"),
     Row("dali-h264-long", "dali", "h264-long", backend="gpu", estimate_s=40.0),
@@ -247,38 +253,68 @@ def loader_row(payload: dict[str, Any]) -> dict[str, Any]:
 
     torch keeps its default threads, as in training: the CPU decode path finishes clips with torch ops."""
     from timesformer_harness.bench.pipeline import decoded_frames_per_clip
-    from timesformer_harness.metrics import kernel_time, rss_high_water_bytes
+    from timesformer_harness.metrics import rss_high_water_bytes
+    from timesformer_harness.pipelines.factory import build_loader
+    from timesformer_harness.runtime import retain_freed_memory
+
+    retain_freed_memory()
+    device = torch.device(payload["device"])
+    loader = build_loader(DataConfig(**payload["data"]), "train", device=device)
+    row = timed_epochs(loader, device, payload["rounds"])
+    decoded = decoded_frames_per_clip(loader)
+    return {**row, "loader": loader.kind, "decode": loader.backend,
+            "jpeg_frames": bool(getattr(loader, "jpeg_frames", False)),
+            "decoded_per_clip": decoded["counted_per_clip"], "decoded_model_per_clip": decoded["model_per_clip"],
+            "decoded_clips": decoded["clips"], "delivered_frames": decoded["delivered_frames"],
+            "peak_rss_mb": rss_high_water_bytes() / 2**20}
+
+
+def session_row(payload: dict[str, Any]) -> dict[str, Any]:
+    """The PyNvVideoCodec row (``benchmarks.session_decode``), in a fresh process: the clips the loaders plan for the
+    variant, decoded by a ``SimpleDecoder`` per thread kept across clips, timed as ``loader_row`` times a loader
+    (NVDEC's own decoded-frame count is not visible: none reported)."""
+    from timesformer_harness.benchmarks.session_decode import SessionDecodedClips
+    from timesformer_harness.metrics import rss_high_water_bytes
     from timesformer_harness.pipelines.factory import build_loader
     from timesformer_harness.runtime import retain_freed_memory
 
     retain_freed_memory()
     device = torch.device(payload["device"])
     cfg = DataConfig(**payload["data"])
-    loader = build_loader(cfg, "train", device=device)
+    planner = build_loader(replace(cfg, loader="pyav", num_workers=1), "train", device="cpu").planner
+    clips = SessionDecodedClips(planner, device, threads=cfg.num_workers)
+    try:
+        row = timed_epochs(clips, device, payload["rounds"])
+    finally:
+        clips.close()
+    return {**row, "loader": clips.kind, "decode": clips.backend, "sessions": clips.sessions,
+            "reconfigured": clips.reconfigured, "peak_rss_mb": rss_high_water_bytes() / 2**20}
+
+
+def timed_epochs(loader: Any, device: torch.device, rounds: int) -> dict[str, Any]:
+    """A warm-up epoch of ``loader``, ``rounds`` timed ones and one profiled on a GPU: clips/s and host CPU ms per
+    clip of the epochs' steady parts (medians) and of the whole epochs, the GPU's busy ms per clip."""
+    from timesformer_harness.metrics import kernel_time
+
     first = time_epoch(loader, device)
-    rounds = [time_epoch(loader, device) for _ in range(payload["rounds"])]
-    if any(r.steady_clips == 0 for r in rounds):
-        raise ValueError(f"an epoch of {rounds[0].clips} clips is one batch: no steady part to time")
+    timed = [time_epoch(loader, device) for _ in range(rounds)]
+    if any(r.steady_clips == 0 for r in timed):
+        raise ValueError(f"an epoch of {timed[0].clips} clips is one batch: no steady part to time")
     row: dict[str, Any] = {}
     try:
         kernels = kernel_time(lambda: time_epoch(loader, device), device, steps=1)
     except Exception as e:  # noqa: BLE001 - the timing stands without the profile
         kernels, row["kernel_error"] = None, f"{type(e).__name__}: {e}"[:300]
-    clips = rounds[0].clips
-    decoded = decoded_frames_per_clip(loader)
-    return {**row, "loader": loader.kind, "decode": loader.backend,
-            "jpeg_frames": bool(getattr(loader, "jpeg_frames", False)), "torch_threads": torch.get_num_threads(),
-            "clips_per_epoch": clips, "first_epoch_s": first.seconds,
-            "rounds_clips_per_s": [r.steady_clips / r.steady_seconds for r in rounds],
-            "clips_per_s": statistics.median(r.steady_clips / r.steady_seconds for r in rounds),
-            "host_cpu_ms_per_clip": statistics.median(1e3 * r.steady_cpu_seconds / r.steady_clips for r in rounds),
-            "epoch_clips_per_s": statistics.median(r.clips / r.seconds for r in rounds),
-            "epoch_host_cpu_ms_per_clip": statistics.median(1e3 * r.cpu_seconds / r.clips for r in rounds),
+    clips = timed[0].clips
+    return {**row, "torch_threads": torch.get_num_threads(), "clips_per_epoch": clips,
+            "first_epoch_s": first.seconds,
+            "rounds_clips_per_s": [r.steady_clips / r.steady_seconds for r in timed],
+            "clips_per_s": statistics.median(r.steady_clips / r.steady_seconds for r in timed),
+            "host_cpu_ms_per_clip": statistics.median(1e3 * r.steady_cpu_seconds / r.steady_clips for r in timed),
+            "epoch_clips_per_s": statistics.median(r.clips / r.seconds for r in timed),
+            "epoch_host_cpu_ms_per_clip": statistics.median(1e3 * r.cpu_seconds / r.clips for r in timed),
             "gpu_ms_per_clip": None if kernels is None else kernels.ms_per_step / clips,
-            "gpu_ops_per_clip": None if kernels is None else kernels.ops_per_step / clips,
-            "decoded_per_clip": decoded["counted_per_clip"], "decoded_model_per_clip": decoded["model_per_clip"],
-            "decoded_clips": decoded["clips"], "delivered_frames": decoded["delivered_frames"],
-            "peak_rss_mb": rss_high_water_bytes() / 2**20}
+            "gpu_ops_per_clip": None if kernels is None else kernels.ops_per_step / clips}
 
 
 def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
@@ -294,6 +330,8 @@ def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
                 "step; inductor's CPU build of the step is the gpu-perf rehearsal's)")
     if not row.rehearsed and not cuda:
         return "a GPU host's row only: on a CPU it repeats another row (every DALI row decodes on the CPU here)"
+    if row.kind == "pynvc" and importlib.util.find_spec("PyNvVideoCodec") is None:
+        return "PyNvVideoCodec is not installed here (pip install pynvvideocodec)"
     if row.kind == "dali" and not dali:  # an e2e row runs on the loader auto picks (PyAV without DALI)
         return "DALI is not importable here (nvidia-dali-cuda120): no DALI loader to measure"
     if codec == "mjpeg" and dali and row.kind in ("dali", "e2e"):  # decoded as JPEG images
@@ -302,14 +340,15 @@ def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
 
 
 def run_loader(row: Row, cfg: DataConfig, device: torch.device, rounds: int, timeout_s: float) -> dict[str, Any]:
-    """``loader_row`` for ``row`` in a fresh process; its figures, or its status and message."""
+    """``loader_row`` (``session_row`` for PyNvVideoCodec) for ``row`` in a fresh process; its figures, or its status
+    and message."""
     from timesformer_harness.runner import run_in_fresh_process
 
     on = torch.device("cpu") if row.kind == "pyav" else device  # the PyAV loader delivers on the CPU
     loader = "pyav" if row.kind == "pyav" else "dali"
     payload = {"device": str(on), "rounds": rounds,
                "data": asdict(replace(cfg, loader=loader, backend=row.backend if on.type == "cuda" else "cpu"))}
-    out = run_in_fresh_process(loader_row, payload, timeout_s=timeout_s)
+    out = run_in_fresh_process(session_row if row.kind == "pynvc" else loader_row, payload, timeout_s=timeout_s)
     if out.status != "ok":
         return {"status": out.status, "message": out.message + (f"\n{out.traceback[-1500:]}" if out.traceback else "")}
     return {"status": "ok", **out.result}
@@ -369,7 +408,7 @@ def judge(rows: list[dict[str, Any]], on_gpu: bool) -> list[tuple[str, str]]:
     """Each target of ``TARGETS`` and its verdict: met / missed (with the figure and the row), not measured, or not
     judged (off a GPU)."""
     ok = [r for r in rows if r["status"] == "ok"]
-    loaders = [r for r in ok if r["kind"] in ("dali", "pyav")]
+    loaders = [r for r in ok if r["kind"] in ("dali", "pyav", "pynvc")]
     fastest = max(loaders, key=lambda r: r["clips_per_s"], default=None)
     h264 = max((r for r in loaders if r["variant"] == "h264-gop32"), key=lambda r: r["clips_per_s"], default=None)
     waits = [r for r in ok if r["kind"] == "e2e" and r.get("data_wait_pct") is not None]
@@ -437,7 +476,6 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             fmt_cell(r.get("data_wait_pct")), fmt_cell(r.get("data_wait_ms")), fmt_cell(r.get("compute_ms"))]) + " |")
     lines += ["", "Targets (set for one H100; judged on a GPU only, and only on the rows that ran):", ""]
     lines += [f"- {what}: {verdict}" for what, verdict in judge(rows, on_gpu=meta["device"] == "cuda")]
-    lines += ["", "Not measured by this script: NVDEC with a decoder session kept across clips."]
     return "\n".join(lines) + "\n"
 
 
@@ -499,7 +537,8 @@ def run(out: Path, data: Path, budget_s: float, only: list[str] | None,
             else:
                 entry.update(run_loader(row, cfg, device, size.rounds, timeout_s=timeout_s))
         record_row(out, results, entry, meta, clock.elapsed(), summary)
-        in_table = entry["kind"] != "e2e" and row.variant not in FOLDER_VARIANTS  # the table's codecs are files'
+        # the table holds what data.backend=auto chooses between, per file codec (no frame folders, no PyNvVideoCodec)
+        in_table = entry["kind"] in ("dali", "pyav") and row.variant not in FOLDER_VARIANTS
         if table is not None and in_table and entry["status"] == "ok":
             generation = generation_of(device) if cuda else CPU_GENERATION
             merge_rates(table, [table_row(entry, meta, generation, out / "results.json")])

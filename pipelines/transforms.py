@@ -8,7 +8,8 @@ into ``(3, T, S, S)`` order.
 The PyAV loader runs it in its workers; the DALI loader on the CPU runs it on the windows DALI decoded and cropped
 (on the GPU DALI resizes, mirrors and normalises itself): torch's uint8 channels-last bilinear kernel is vectorised,
 and DALI's CPU ``fn.resize`` was most of its graph's cost after decoding (the timings:
-docs/results/2026-11-26-loader-torch-post-and-jpeg-frames.md).
+docs/results/2026-11-26-loader-torch-post-and-jpeg-frames.md). It runs on the frames' device: gpu-input's
+PyNvVideoCodec row finishes NVDEC's frames with it on the GPU.
 """
 
 from __future__ import annotations
@@ -49,26 +50,28 @@ def normalize(x: torch.Tensor, mean: list[float], std: list[float], out: torch.T
     ``empty_clips`` make them) it is a convert-copy and an ``addcmul`` over flat memory, the per-channel constants
     tiled along a row; any other strides take torch's broadcasting path (same values, several times slower)."""
     if out is None:
-        out = torch.empty((*x.shape[1:], 3), dtype=torch.float32).permute(3, 0, 1, 2)
+        out = torch.empty((*x.shape[1:], 3), dtype=torch.float32, device=x.device).permute(3, 0, 1, 2)
     pixels, out_pixels = x.permute(1, 2, 3, 0), out.permute(1, 2, 3, 0)  # (T, H, W, 3)
     if pixels.is_contiguous() and out_pixels.is_contiguous():
         tile = math.gcd(pixels.numel() // 3, 32)  # pixels per row of the flat view
-        scale, shift = _affine(tuple(mean), tuple(std), tile)
+        scale, shift = _affine(tuple(mean), tuple(std), tile, x.device)
         flat = out_pixels.view(-1, 3 * tile)
         flat.copy_(pixels.view(-1, 3 * tile))  # exact: uint8 -> float32 (two passes beat one mixed-dtype pass)
         torch.addcmul(shift, flat, scale, out=flat)
     else:
-        scale, shift = _affine(tuple(mean), tuple(std), 1)
+        scale, shift = _affine(tuple(mean), tuple(std), 1, x.device)
         torch.addcmul(shift.view(3, 1, 1, 1), x, scale.view(3, 1, 1, 1), out=out)
     return out
 
 
 @functools.lru_cache(maxsize=16)
-def _affine(mean: tuple[float, ...], std: tuple[float, ...], tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of ``normalize`` per channel, repeated ``tile`` times: ``1 / (255 std)``, ``-mean / std``."""
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], tile: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of ``normalize`` per channel, repeated ``tile`` times, on ``device``: ``1 / (255 std)``,
+    ``-mean / std``."""
     scale = 1 / (torch.tensor(std, dtype=torch.float32) * 255)
     shift = -torch.tensor(mean, dtype=torch.float32) * 255 * scale
-    return scale.repeat(tile), shift.repeat(tile)
+    return scale.repeat(tile).to(device), shift.repeat(tile).to(device)
 
 
 def finish_clip(window: torch.Tensor, size: int, mean: list[float], std: list[float],

@@ -29,9 +29,9 @@ def test_rehearsal_runs_the_rows_a_cpu_can_and_skips_the_h264_ones(tmp_path, dat
     rows = {r["row"]: r for r in results["rows"]}
     assert list(rows) == [r.name for r in gpu_input.ROWS]  # ROWS order, every row reported
     skipped = [name for name, r in rows.items() if r["status"] == "skipped"]
-    assert skipped == ["dali-h264-gop32", "dali-mjpeg-nvjpeg", "e2e-h264-gop32", "dali-folders-nvjpeg",
-                       "dali-h264-long", "dali-hevc-gop32", "dali-h264-gop32-x2threads", "pyav-h264-gop32",
-                       "dali-cpu-vp9-gop32", "e2e-h264-gop32-compiled"]
+    assert skipped == ["dali-h264-gop32", "dali-mjpeg-nvjpeg", "e2e-h264-gop32", "pynvc-h264-gop32",
+                       "dali-folders-nvjpeg", "dali-h264-long", "dali-hevc-gop32", "dali-h264-gop32-x2threads",
+                       "pyav-h264-gop32", "dali-cpu-vp9-gop32", "e2e-h264-gop32-compiled"]
     assert all(rows[name]["message"].startswith(H264_SKIP) for name in skipped if "h264" in name)
     assert rows["dali-hevc-gop32"]["message"].startswith("HEVC rows run on a GPU only")
     assert rows["dali-mjpeg-nvjpeg"]["message"].startswith("nvJPEG rows run on a GPU only")
@@ -244,5 +244,7 @@ def test_what_each_row_needs():
         "e2e-h264-gop32", "e2e-h264-gop32-compiled", "e2e-mjpeg", "e2e-vp9-gop32", "pyav-h264-gop32",
         "pyav-vp9-gop32"]  # e2e: PyAV feeds it
     assert without_dali["dali-mjpeg-nvjpeg"].startswith("DALI is not importable")
-    assert all(gpu_input.skip_reason(row, cuda=True, dali=True) is None for row in rows.values())
+    with_dali = {name: gpu_input.skip_reason(row, cuda=True, dali=True) for name, row in rows.items()}
+    assert {name: why for name, why in with_dali.items() if why is not None} == {
+        "pynvc-h264-gop32": "PyNvVideoCodec is not installed here (pip install pynvvideocodec)"}
     assert gpu_input.skip_reason(rows["pyav-h264-gop32"], cuda=False, dali=True).startswith(H264_SKIP)

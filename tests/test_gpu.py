@@ -5,13 +5,15 @@ file, frame for frame against PyAV), and the NVDEC limits of ``timesformer_harne
 this GPU's driver; VP9 below NVDEC's minimum decoded by DALI on the CPU for a CUDA model (``data.backend=auto``); DALI
 GPU vs CPU frames; the Trainer's fp16 + GradScaler and bf16 steps with per-window and validation peak memory; every SDPA
 backend through the model against ``naive``, the Triton temporal attention against SDPA (eager and compiled), and
-the attention-backend check against SDPA's own refusals; the
+the attention-backend check against SDPA's own refusals; gpu-input's PyNvVideoCodec decoders against the PyAV
+loader's clips (when the package is installed); the
 profiler's summary in GPU time; NCCL and DDP under torchrun's environment; CUDA memory through
 ``timesformer_harness.metrics``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -305,6 +307,38 @@ def test_gpu_loader_decodes_clip_streams_frame_for_frame(codec: str, generation:
     assert any(flips) and not all(flips), flips
     ref = next(iter(build_loader(replace(train, loader="pyav"), "train", device="cpu")))
     _assert_same_train_clips(next(iter(loader)), ref, f"{codec}: GPU - PyAV")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("PyNvVideoCodec") is None,
+                    reason="PyNvVideoCodec is not installed (pip install pynvvideocodec)")
+def test_pynvvideocodec_sessions_give_the_pyav_loaders_train_clips(tmp_path: Path) -> None:
+    """gpu-input's PyNvVideoCodec row (``benchmarks.session_decode``) on NVDEC: H.264 GOP 8 clips deep in their
+    files, decoded by two threads' decoders kept across clips, finished on the GPU, are the PyAV loader's train clips
+    (windows, flips, the loaders' layout), within NVDEC's colour conversion."""
+    import av
+
+    from timesformer_harness.benchmarks.session_decode import SessionDecodedClips
+    from timesformer_harness.pipelines.factory import build_loader
+    from timesformer_harness.pipelines.tools.encode import write_video
+
+    if "libx264" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libx264 encoder")
+    options = {**OPTIONS["libx264"], "g": "8"}
+    paths = [str(write_video(tmp_path / f"deep{i}.mp4", textured_frames(64, 160, 160, i), "libx264", 30, options))
+             for i in range(2)]
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("".join(f"{p} {i % 2}\n" for i, p in enumerate(paths * 4)))
+    cfg = replace(_data_cfg(tmp_path, paths), loader="pyav", backend="cpu", train_manifest=str(manifest),
+                  train_crop_size=64, train_jitter_scales=[80, 120], batch_size=8)
+    ref_loader = build_loader(cfg, "train", device="cpu")
+    assert any(p.flip for p in ref_loader.planner.plans(0)) and not all(p.flip for p in ref_loader.planner.plans(0))
+    clips = SessionDecodedClips(ref_loader.planner, CUDA, threads=2)
+    try:
+        batch = next(iter(clips))
+    finally:
+        clips.close()
+    assert batch.video.is_cuda and 1 <= clips.sessions <= 2 and clips.sessions + clips.reconfigured <= 8
+    _assert_same_train_clips(batch, next(iter(ref_loader)), "PyNvVideoCodec - PyAV")
 
 
 @needs_dali

@@ -408,7 +408,7 @@ def judge(rows: list[dict[str, Any]], on_gpu: bool) -> list[tuple[str, str]]:
     """Each target of ``TARGETS`` and its verdict: met / missed (with the figure and the row), not measured, or not
     judged (off a GPU)."""
     ok = [r for r in rows if r["status"] == "ok"]
-    loaders = [r for r in ok if r["kind"] in ("dali", "pyav", "pynvc")]
+    loaders = [r for r in ok if r["kind"] in ("dali", "pyav")]  # what a run can load with (not PyNvVideoCodec's row)
     fastest = max(loaders, key=lambda r: r["clips_per_s"], default=None)
     h264 = max((r for r in loaders if r["variant"] == "h264-gop32"), key=lambda r: r["clips_per_s"], default=None)
     waits = [r for r in ok if r["kind"] == "e2e" and r.get("data_wait_pct") is not None]

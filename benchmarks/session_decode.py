@@ -4,9 +4,12 @@ gpu-input`` against DALI's per-clip streams (DALI builds a decoder for every cli
 session of the same format, ``decoder_cache_size`` of them).
 
 The clips are the planner's (the loaders' frames, crop windows and flips); each clip's frames are decoded to RGB in GPU
-memory on torch's current stream, taken with ``torch.from_dlpack``, cropped, mirrored and finished by the CPU loaders'
-own transform (``timesformer_harness.pipelines.transforms.finish_clip``) into the batch on the GPU. A measurement, not
-a loader: DALI delivers the batches of a run; no quarantine, no resume offset.
+memory, taken with ``torch.from_dlpack``, cropped, mirrored and finished by the CPU loaders' own transform
+(``timesformer_harness.pipelines.transforms.finish_clip``) into the batch on the GPU. Each thread has a CUDA stream of
+its own, which its decoder and its torch work share (on the legacy default stream the decoder's per-frame
+synchronisation would wait for every thread's work); the batch's stream waits for the threads' events before the
+batch is handed on. A measurement, not a loader: DALI delivers the batches of a run; no quarantine, no resume offset.
+NVDEC converts untagged files with BT.709 and PyAV with BT.601, so its clips differ from the loaders' by a few levels.
 
 ``SessionDecodedClips(planner, device, threads, nvc=module)`` takes any module with PyNvVideoCodec's ``SimpleDecoder``
 and ``OutputColorType``; the tests give it one that decodes with PyAV on the CPU.
@@ -76,7 +79,13 @@ class SessionDecodedClips:
         for start in range(0, len(plans), B):
             chunk = plans[start:start + B]
             video = empty_clips((len(chunk), 3, self.cfg.num_frames, self.crop, self.crop), self.device)
-            list(self.pool.map(self._finish, chunk, video))
+            ready = None
+            if self.device.type == "cuda":  # the threads write the batch after what this stream did with its memory
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.device))
+            for done in self.pool.map(self._finish, chunk, video, [ready] * len(chunk)):
+                if done is not None:
+                    torch.cuda.current_stream(self.device).wait_event(done)
             yield Batch(video, torch.tensor([p.label for p in chunk], dtype=torch.int64),
                         torch.tensor([p.index for p in chunk], dtype=torch.int64))
 
@@ -87,7 +96,10 @@ class SessionDecodedClips:
         """This thread's decoder, pointed at ``path``."""
         current = getattr(self.local, "decoder", None)
         if current is None:
-            stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+            stream = 0
+            if self.device.type == "cuda":
+                torch.cuda.set_stream(torch.cuda.Stream(self.device))  # this thread's current stream from now on
+                stream = torch.cuda.current_stream(self.device).cuda_stream
             self.local.decoder = self.nvc.SimpleDecoder(
                 path, gpu_id=self.device.index or 0, cuda_context=self.context, cuda_stream=stream,
                 use_device_memory=self.device.type == "cuda",
@@ -113,7 +125,17 @@ class SessionDecodedClips:
         by_index = {i: torch.from_dlpack(f) for i, f in zip(unique, got)}
         return torch.stack([by_index[i] for i in wanted])
 
-    def _finish(self, plan: ClipPlan, out: torch.Tensor) -> None:
+    def _finish(self, plan: ClipPlan, out: torch.Tensor,
+                ready: torch.cuda.Event | None = None) -> torch.cuda.Event | None:
+        """The plan's clip into ``out``, after ``ready``; on a GPU, an event marking the end of its work."""
         y0, x0, h, w = plan.window
         window = mirror(self.frames(plan)[:, y0:y0 + h, x0:x0 + w], plan.flip)
+        if ready is None:
+            finish_clip(window, self.crop, self.cfg.mean, self.cfg.std, out=out)
+            return None
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(ready)
         finish_clip(window, self.crop, self.cfg.mean, self.cfg.std, out=out)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done

@@ -35,12 +35,22 @@ def mirror(window: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 def resize_window(window: torch.Tensor, size: int) -> torch.Tensor:
-    """(T, h, w, 3) uint8 -> (T, 3, size, size) uint8 (channels-last), bilinear without antialiasing."""
+    """(T, h, w, 3) uint8 -> (T, 3, size, size) uint8 (channels-last), bilinear without antialiasing (off the CPU:
+    ``resize_in_float``)."""
     x = window.permute(0, 3, 1, 2)
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bilinear",
-                          align_corners=False, antialias=False)
-    return x
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.device.type != "cpu":
+        return resize_in_float(x, size)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+
+
+def resize_in_float(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(T, 3, h, w) uint8 -> (T, 3, size, size) uint8, bilinear in float32 and rounded back: CUDA has no uint8
+    bilinear kernel (within one level of the CPU's uint8 kernel, tested)."""
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def normalize(x: torch.Tensor, mean: list[float], std: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,7 +81,10 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...], tile: int,
     ``-mean / std``."""
     scale = 1 / (torch.tensor(std, dtype=torch.float32) * 255)
     shift = -torch.tensor(mean, dtype=torch.float32) * 255 * scale
-    return scale.repeat(tile).to(device), shift.repeat(tile).to(device)
+    scale, shift = scale.repeat(tile).to(device), shift.repeat(tile).to(device)
+    if device.type == "cuda":  # cached for every thread and stream: the copies must be done before any reads them
+        torch.cuda.synchronize(device)
+    return scale, shift
 
 
 def finish_clip(window: torch.Tensor, size: int, mean: list[float], std: list[float],

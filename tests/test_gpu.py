@@ -312,18 +312,23 @@ def test_gpu_loader_decodes_clip_streams_frame_for_frame(codec: str, generation:
 @pytest.mark.skipif(importlib.util.find_spec("PyNvVideoCodec") is None,
                     reason="PyNvVideoCodec is not installed (pip install pynvvideocodec)")
 def test_pynvvideocodec_sessions_give_the_pyav_loaders_train_clips(tmp_path: Path) -> None:
-    """gpu-input's PyNvVideoCodec row (``benchmarks.session_decode``) on NVDEC: H.264 GOP 8 clips deep in their
-    files, decoded by two threads' decoders kept across clips, finished on the GPU, are the PyAV loader's train clips
-    (windows, flips, the loaders' layout), within NVDEC's colour conversion."""
+    """gpu-input's PyNvVideoCodec row (``benchmarks.session_decode``) on NVDEC: H.264 GOP 8 clips with B-frames (as
+    ``prepare`` writes them) deep in their files, decoded by two threads' decoders kept across clips and moved from
+    file to file, finished on the GPU, are the PyAV loader's train clips (windows, flips, the loaders' layout), within
+    NVDEC's colour conversion (BT.709 for untagged files, PyAV's BT.601)."""
     import av
 
-    from timesformer_harness.benchmarks.session_decode import SessionDecodedClips
+    from timesformer_harness.benchmarks.session_decode import SessionDecodedClips, import_pynvvideocodec
     from timesformer_harness.pipelines.factory import build_loader
     from timesformer_harness.pipelines.tools.encode import write_video
 
     if "libx264" not in av.codecs_available:
         pytest.skip("this PyAV build has no libx264 encoder")
-    options = {**OPTIONS["libx264"], "g": "8"}
+    try:
+        import_pynvvideocodec()
+    except Exception as e:  # noqa: BLE001 - installed but not usable here (driver, container capabilities)
+        pytest.skip(f"PyNvVideoCodec does not import here: {type(e).__name__}: {str(e)[:300]}")
+    options = {"preset": "fast", "g": "8", "bf": "3"}
     paths = [str(write_video(tmp_path / f"deep{i}.mp4", textured_frames(64, 160, 160, i), "libx264", 30, options))
              for i in range(2)]
     manifest = tmp_path / "train.csv"
@@ -337,7 +342,7 @@ def test_pynvvideocodec_sessions_give_the_pyav_loaders_train_clips(tmp_path: Pat
         batch = next(iter(clips))
     finally:
         clips.close()
-    assert batch.video.is_cuda and 1 <= clips.sessions <= 2 and clips.sessions + clips.reconfigured <= 8
+    assert batch.video.is_cuda and 1 <= clips.sessions <= 2 and clips.reconfigured >= 1
     _assert_same_train_clips(batch, next(iter(ref_loader)), "PyNvVideoCodec - PyAV")
 
 

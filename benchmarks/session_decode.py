@@ -130,12 +130,11 @@ class SessionDecodedClips:
         """The plan's clip into ``out``, after ``ready``; on a GPU, an event marking the end of its work."""
         y0, x0, h, w = plan.window
         window = mirror(self.frames(plan)[:, y0:y0 + h, x0:x0 + w], plan.flip)
-        if ready is None:
-            finish_clip(window, self.crop, self.cfg.mean, self.cfg.std, out=out)
-            return None
-        stream = torch.cuda.current_stream(self.device)
-        stream.wait_event(ready)
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
         finish_clip(window, self.crop, self.cfg.mean, self.cfg.std, out=out)
+        if ready is None:
+            return None
         done = torch.cuda.Event()
-        done.record(stream)
+        done.record(torch.cuda.current_stream(self.device))
         return done

@@ -71,7 +71,7 @@ def test_session_decoded_clips_are_the_pyav_loaders(videos) -> None:
                 assert torch.equal(a.video, b.video)
     finally:
         clips.close()
-    # one decoder session, moved to the next clip's file 11 times over two epochs of 6 files
+    # one decoder session, moved to the next clip's file each time the file changes, over two epochs
     switches = sum(a.path != b.path for epoch in (0, 1) for a, b in zip(pyav.planner.plans(epoch),
                                                                       pyav.planner.plans(epoch)[1:]))
     switches += pyav.planner.plans(0)[-1].path != pyav.planner.plans(1)[0].path

@@ -49,6 +49,18 @@ TB_PORT ?= 6006
 
 venv: $(STAMP)
 
+# The stamp holds the checksum of what the venv was installed from, so a copied tree (new mtimes, the same files)
+# does not reinstall: on a machine without network there is no index to reinstall from.
+VENV_INPUTS := $(shell cat pyproject.toml $(CONSTRAINTS) 2>/dev/null | cksum)
+ifneq ($(VENV_INPUTS),)
+ifeq ($(VENV_INPUTS),$(shell cat $(STAMP) 2>/dev/null))
+VENV_CURRENT := 1
+endif
+endif
+
+ifdef VENV_CURRENT
+$(STAMP): ;
+else
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@if [ ! -x $(VPY) ]; then \
 	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -67,7 +79,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(VPY) -c "import triton" >/dev/null 2>&1 || { echo "[venv] installing $(TRITON_SPEC)"; $(VPY) -m pip install -q "$(TRITON_SPEC)" || echo "[venv] no $(TRITON_SPEC) here: temporal_attn_backend=triton and its tests are unavailable"; }
 	@echo "[venv] installing the harness and its dependencies ($(if $(CONSTRAINTS),versions from $(CONSTRAINTS),the newest releases))"
 	@$(VPY) -m pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
-	@touch $(STAMP)
+	@echo '$(VENV_INPUTS)' > $(STAMP)
+endif
 
 test: $(STAMP) data
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ import argparse
 import gzip
 import importlib
 import json
+import os
 import re
 import shlex
 import socket
@@ -215,6 +216,35 @@ def test_make_clean_keeps_runs_and_clean_runs_deletes_them(tmp_path: Path) -> No
     assert not (tmp_path / ".pytest_cache").exists() and not (tmp_path / ".benchmarks").exists()
     subprocess.run([*make, "clean-runs"], check=True, capture_output=True, timeout=60)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_venv_is_reinstalled_when_its_inputs_change_not_their_mtimes(tmp_path: Path) -> None:
+    """``make``'s venv rule: a tree copied onto another machine (every mtime new, the same files) does not run pip
+    again (offline GPU machines have no index); a changed pyproject.toml or constraints.txt does."""
+    for name in ("pyproject.toml", "constraints.txt"):
+        (tmp_path / name).write_bytes((REPO / name).read_bytes())
+    (tmp_path / ".venv").mkdir()
+    stamp = tmp_path / ".venv/.installed"
+
+    def installs() -> bool:
+        plan = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "-C", str(tmp_path), "venv"],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+        return "pip install" in plan
+
+    assert installs()  # no stamp yet
+    checksum = subprocess.run("cat pyproject.toml constraints.txt | cksum", shell=True, cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    stamp.write_text(checksum + "\n")  # what the install writes
+    future = time.time() + 60
+    for name in ("pyproject.toml", "constraints.txt"):
+        os.utime(tmp_path / name, (future, future))  # newer than the stamp: copied, not changed
+    assert not installs()
+    with open(tmp_path / "constraints.txt", "a") as f:
+        f.write("# refreshed\n")
+    assert installs()
+    stamp.write_text("")  # a stamp from before checksums: mtimes decide, as they did
+    os.utime(stamp, (future - 120, future - 120))
+    assert installs()
 
 
 def _free_port() -> int:

@@ -7,6 +7,7 @@
 #   make gpu-perf                  the train step's speed on one GPU (eager batches, compiled, SDPA backends, Trainer)
 #   make gpu-input                 the input shoot-out on one GPU (NVDEC/nvJPEG, 256 px, batch 32, e2e data wait; ~8 min)
 #   make docs                      regenerate docs/config.md from the config dataclasses
+#   make wheelhouse WHEELS=DIR     every dependency as a wheel in DIR; make venv WHEELS=DIR installs from it offline
 #   make clean                     remove test and benchmark caches (keeps runs/); make clean-runs deletes runs/
 # torch: an importable torch (e.g. an NGC CUDA build, also one inside another venv) is reused via
 # --system-site-packages; otherwise TORCH_SPEC is installed. Override: make test TORCH_SPEC='torch==2.5.1'.
@@ -41,11 +42,15 @@ GPU_CHECK_ARGS ?=
 GPU_PERF_ARGS ?=
 # e.g. --rehearse-on-cpu, --budget-s 480
 GPU_INPUT_ARGS ?=
+# make venv WHEELS=DIR installs from that folder alone (pip --no-index), e.g. one make wheelhouse WHEELS=DIR filled
+WHEELS  ?=
+# e.g. --python-version 3.12 (the machine without network's), --torch torch==2.13.0
+WHEELHOUSE_ARGS ?=
 # make tensorboard: the folder it serves (runs: training scalars under runs/train/*/tb and traces under runs/profile)
 LOGDIR  ?= runs
 TB_PORT ?= 6006
 
-.PHONY: venv test test-fast test-latest constraints bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check gpu-perf gpu-input docs clean clean-runs
+.PHONY: venv test test-fast test-latest constraints bench bench-compare bench-pytest profile tensorboard gate gate-baseline data train evaluate gpu-check gpu-perf gpu-input docs wheelhouse clean clean-runs
 
 venv: $(STAMP)
 
@@ -57,6 +62,8 @@ ifeq ($(VENV_INPUTS),$(shell cat $(STAMP) 2>/dev/null))
 VENV_CURRENT := 1
 endif
 endif
+# where the venv's pip installs from: WHEELS alone when set (except while make wheelhouse is filling it)
+PIP_SOURCE := $(if $(filter wheelhouse,$(MAKECMDGOALS)),,$(if $(WHEELS),--no-index --find-links $(WHEELS)))
 
 ifdef VENV_CURRENT
 $(STAMP): ;
@@ -75,10 +82,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	    $(PYTHON) -m venv $(VENV); \
 	  fi; \
 	fi
-	@$(VPY) -c "import torch" >/dev/null 2>&1 || { echo "[venv] installing $(TORCH_SPEC)"; $(VPY) -m pip install -q "$(TORCH_SPEC)"; }
-	@$(VPY) -c "import triton" >/dev/null 2>&1 || { echo "[venv] installing $(TRITON_SPEC)"; $(VPY) -m pip install -q "$(TRITON_SPEC)" || echo "[venv] no $(TRITON_SPEC) here: temporal_attn_backend=triton and its tests are unavailable"; }
-	@echo "[venv] installing the harness and its dependencies ($(if $(CONSTRAINTS),versions from $(CONSTRAINTS),the newest releases))"
-	@$(VPY) -m pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
+	@$(VPY) -c "import torch" >/dev/null 2>&1 || { echo "[venv] installing $(TORCH_SPEC)"; \
+	  $(VPY) -m pip install -q $(PIP_SOURCE) "$(TORCH_SPEC)" || { \
+	  echo "[venv] could not install $(TORCH_SPEC)$(if $(PIP_SOURCE), from $(WHEELS)): set PYTHON to a python that imports torch$(if $(PIP_SOURCE), or put a torch wheel in $(WHEELS) (make wheelhouse WHEELHOUSE_ARGS=--torch=$(TORCH_SPEC)))"; exit 1; }; }
+	@$(VPY) -c "import triton" >/dev/null 2>&1 || { echo "[venv] installing $(TRITON_SPEC)"; $(VPY) -m pip install -q $(PIP_SOURCE) "$(TRITON_SPEC)" || echo "[venv] no $(TRITON_SPEC) here: temporal_attn_backend=triton and its tests are unavailable"; }
+	@echo "[venv] installing the harness and its dependencies ($(if $(CONSTRAINTS),versions from $(CONSTRAINTS),the newest releases)$(if $(PIP_SOURCE),; wheels from $(WHEELS) only))"
+	@$(VPY) -m pip install -q --disable-pip-version-check $(PIP_SOURCE) $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	@echo '$(VENV_INPUTS)' > $(STAMP)
 endif
 
@@ -138,6 +147,10 @@ gpu-perf: $(STAMP)
 
 gpu-input: $(STAMP)
 	$(VPY) -m timesformer_harness.benchmarks.gpu_input $(GPU_INPUT_ARGS)
+
+wheelhouse: $(STAMP)
+	@if [ -z "$(WHEELS)" ]; then echo "usage: make wheelhouse WHEELS=DIR [WHEELHOUSE_ARGS='--python-version 3.12']"; exit 2; fi
+	$(VPY) -m timesformer_harness.wheelhouse --out $(WHEELS) --constraints '$(CONSTRAINTS)' $(WHEELHOUSE_ARGS)
 
 docs: $(STAMP)
 	$(VPY) -m timesformer_harness.config_reference

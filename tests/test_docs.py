@@ -38,6 +38,7 @@ DOCS = {
     "timesformer_harness.validate": ("pipelines.md", "your_data.md", "bad_videos.md"),
     "timesformer_harness.checkpoint": ("checkpoints.md",),
     "timesformer_harness.config_reference": ("config.md",),
+    "timesformer_harness.wheelhouse": ("gpu.md", "make.md"),
     "timesformer_harness.gate": ("benchmarking.md",),
     "timesformer_harness.profiling": ("benchmarking.md",),
     "timesformer_harness.counting": ("benchmarking.md", "model.md"),
@@ -144,7 +145,7 @@ def makefile_targets_and_variables(makefile: Path = REPO / "Makefile") -> tuple[
     targets = re.findall(r"^([a-z][\w-]*):", text, re.M)
     assigned = set(re.findall(r"^([A-Z_]+)\s*[:?]?=", text, re.M))
     settable = re.findall(r"^([A-Z_]+)\s*\?=", text, re.M)
-    used = set(re.findall(r"\$\(([A-Z_]+)\)", text)) - assigned - {"MAKE"}
+    used = set(re.findall(r"\$\(([A-Z_]+)\)", text)) - assigned - {"MAKE", "MAKECMDGOALS"}  # make's own
     return targets, sorted(set(settable) | used)
 
 

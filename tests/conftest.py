@@ -28,6 +28,12 @@ def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps:
     return write_video(path, frames, codec, fps, options, bitexact=bitexact)
 
 
+def make_env() -> dict[str, str]:
+    """The environment for a test's own ``make``: without what a parent make passes down (``make test VENV=...``
+    puts ``VENV=...`` into ``MAKEFLAGS``, which would override the variables the test sets or leaves at default)."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+
+
 def _scheduling() -> tuple[int, int]:
     return os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
 

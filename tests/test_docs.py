@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_env
 from timesformer_harness import config_reference
 from timesformer_harness.common import ExitCode
 from timesformer_harness.config import RootConfig
@@ -212,10 +213,10 @@ def test_make_clean_keeps_runs_and_clean_runs_deletes_them(tmp_path: Path) -> No
     (tmp_path / ".pytest_cache").mkdir()
     (tmp_path / ".benchmarks/run").mkdir(parents=True)
     make = ["make", "-s", "-f", str(REPO / "Makefile"), "-C", str(tmp_path)]
-    subprocess.run([*make, "clean"], check=True, capture_output=True, timeout=60)
+    subprocess.run([*make, "clean"], check=True, capture_output=True, timeout=60, env=make_env())
     assert checkpoint.read_bytes() == b"weights"
     assert not (tmp_path / ".pytest_cache").exists() and not (tmp_path / ".benchmarks").exists()
-    subprocess.run([*make, "clean-runs"], check=True, capture_output=True, timeout=60)
+    subprocess.run([*make, "clean-runs"], check=True, capture_output=True, timeout=60, env=make_env())
     assert not (tmp_path / "runs").exists()
 
 
@@ -229,7 +230,7 @@ def test_the_venv_is_reinstalled_when_its_inputs_change_not_their_mtimes(tmp_pat
 
     def installs() -> bool:
         plan = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "-C", str(tmp_path), "venv"],
-                              capture_output=True, text=True, timeout=60, check=True).stdout
+                              capture_output=True, text=True, timeout=60, check=True, env=make_env()).stdout
         return "pip install" in plan
 
     assert installs()  # no stamp yet
@@ -279,7 +280,7 @@ def test_make_tensorboard_serves_training_scalars_and_profiles(tmp_path: Path) -
     port = _free_port()
     dry = subprocess.run(["make", "-n", "tensorboard", f"LOGDIR={runs}", f"TB_PORT={port}",
                           f"VENV={Path(sys.executable).parent.parent}"], cwd=REPO, capture_output=True, text=True,
-                         check=True, timeout=60).stdout.splitlines()
+                         check=True, timeout=60, env=make_env()).stdout.splitlines()
     command = next(line for line in dry if "/bin/tensorboard " in line)  # the recipe, after any venv set-up lines
     assert f"--logdir {runs}" in command and f"--port {port}" in command
     proc = subprocess.Popen(shlex.split(command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_env
 from timesformer_harness import wheelhouse
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def _make_plan(tmp_path: Path, *args: str) -> list[str]:
     for name in ("pyproject.toml", "constraints.txt"):
         (tmp_path / name).write_bytes((REPO / name).read_bytes())
     plan = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "-C", str(tmp_path), *args],
-                          capture_output=True, text=True, timeout=60, check=True).stdout
+                          capture_output=True, text=True, timeout=60, check=True, env=make_env()).stdout
     return plan.splitlines()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -29,9 +30,12 @@ def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps:
 
 
 def make_env() -> dict[str, str]:
-    """The environment for a test's own ``make``: without what a parent make passes down (``make test VENV=...``
-    puts ``VENV=...`` into ``MAKEFLAGS``, which would override the variables the test sets or leaves at default)."""
-    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    """The environment for a test's own ``make``, without what a parent make passes down: ``make test VENV=...``
+    puts ``VENV=...`` into ``MAKEFLAGS`` and into the environment, where it would override the test's variables."""
+    flags = os.environ.get("MAKEFLAGS", "")
+    passed = set(re.findall(r"(?:^|\s)([A-Za-z_]\w*)=", flags.split(" -- ", 1)[1])) if " -- " in flags else set()
+    dropped = passed | {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
+    return {k: v for k, v in os.environ.items() if k not in dropped}
 
 
 def _scheduling() -> tuple[int, int]:

@@ -54,14 +54,16 @@ def requirements(pyproject: Path, torch_spec: str = "") -> list[str]:
     return kept + ([torch_spec] if torch_spec else [])
 
 
-def pip_target_args(python_version: str) -> list[str]:
-    """pip's options for wheels of another Python than this one (binary wheels only: nothing is built there)."""
-    return ["--only-binary=:all:"] + (["--python-version", python_version] if python_version else [])
+def pip_target_args(python_version: str, constraints: Path | None) -> list[str]:
+    """pip's options for the target machine's wheels: binary only (nothing is built there), for its Python, at the
+    pinned versions."""
+    return (["--only-binary=:all:"] + (["--python-version", python_version] if python_version else [])
+            + (["-c", str(constraints)] if constraints else []))
 
 
 def download(reqs: list[str], out: Path, constraints: Path | None, python_version: str) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "-d", str(out),
-           *pip_target_args(python_version), *(["-c", str(constraints)] if constraints else []), *reqs]
+           *pip_target_args(python_version, constraints), *reqs]
     subprocess.run(cmd, check=True)
 
 
@@ -72,8 +74,7 @@ def resolves_offline(reqs: list[str], wheels: Path, constraints: Path | None, py
     # pip takes another Python's tags only with --target; a dry run writes nothing there
     with tempfile.TemporaryDirectory() as target:
         cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--dry-run", "--target", target,
-               "--no-index", "--find-links", str(wheels), *pip_target_args(python_version),
-               *(["-c", str(constraints)] if constraints else []), *reqs]
+               "--no-index", "--find-links", str(wheels), *pip_target_args(python_version, constraints), *reqs]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     return "" if proc.returncode == 0 else (proc.stderr.strip() or proc.stdout.strip())
 

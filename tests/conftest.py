@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +19,8 @@ if not torch.cuda.is_available():  # Triton's kernels run in its CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from timesformer_harness.pipelines.tools.encode import write_video  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def encode_video(path: Path, frames: np.ndarray, codec: str = "libvpx-vp9", fps: int = 30,
@@ -36,6 +39,12 @@ def make_env() -> dict[str, str]:
     passed = set(re.findall(r"(?:^|\s)([A-Za-z_]\w*)=", flags.split(" -- ", 1)[1])) if " -- " in flags else set()
     dropped = passed | {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
     return {k: v for k, v in os.environ.items() if k not in dropped}
+
+
+def make_dry_run(folder: Path, *args: str) -> str:
+    """What ``make -n ARGS`` would run in ``folder`` with the repository's Makefile (``make_env``'s environment)."""
+    return subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "-C", str(folder), *args], capture_output=True,
+                          text=True, timeout=60, check=True, env=make_env()).stdout
 
 
 def _scheduling() -> tuple[int, int]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_env
+from conftest import make_dry_run, make_env
 from timesformer_harness import config_reference
 from timesformer_harness.common import ExitCode
 from timesformer_harness.config import RootConfig
@@ -229,9 +229,7 @@ def test_the_venv_is_reinstalled_when_its_inputs_change_not_their_mtimes(tmp_pat
     stamp = tmp_path / ".venv/.installed"
 
     def installs() -> bool:
-        plan = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "-C", str(tmp_path), "venv"],
-                              capture_output=True, text=True, timeout=60, check=True, env=make_env()).stdout
-        return "pip install" in plan
+        return "pip install" in make_dry_run(tmp_path, "venv")
 
     assert installs()  # no stamp yet
     checksum = subprocess.run("cat pyproject.toml constraints.txt | cksum", shell=True, cwd=tmp_path,
@@ -278,9 +276,8 @@ def test_make_tensorboard_serves_training_scalars_and_profiles(tmp_path: Path) -
     cfg = resolve(preset="tiny", overrides=["model.attention_type=divided_space_time"])[0]
     profile = Path(run_profile(cfg, "tiny", steps=1, wait=1, warmup=1, out_root=runs / "profile").run_dir)
     port = _free_port()
-    dry = subprocess.run(["make", "-n", "tensorboard", f"LOGDIR={runs}", f"TB_PORT={port}",
-                          f"VENV={Path(sys.executable).parent.parent}"], cwd=REPO, capture_output=True, text=True,
-                         check=True, timeout=60, env=make_env()).stdout.splitlines()
+    dry = make_dry_run(REPO, "tensorboard", f"LOGDIR={runs}", f"TB_PORT={port}",
+                       f"VENV={Path(sys.executable).parent.parent}").splitlines()
     command = next(line for line in dry if "/bin/tensorboard " in line)  # the recipe, after any venv set-up lines
     assert f"--logdir {runs}" in command and f"--port {port}" in command
     proc = subprocess.Popen(shlex.split(command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_env
+from conftest import make_dry_run
 from timesformer_harness import wheelhouse
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,9 +42,7 @@ def _make_plan(tmp_path: Path, *args: str) -> list[str]:
     venv, one per line."""
     for name in ("pyproject.toml", "constraints.txt"):
         (tmp_path / name).write_bytes((REPO / name).read_bytes())
-    plan = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "-C", str(tmp_path), *args],
-                          capture_output=True, text=True, timeout=60, check=True, env=make_env()).stdout
-    return plan.splitlines()
+    return make_dry_run(tmp_path, *args).splitlines()
 
 
 def test_make_venv_with_wheels_installs_from_that_folder_alone(tmp_path: Path) -> None:

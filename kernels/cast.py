@@ -64,8 +64,11 @@ def call_with_cast_weights(module: nn.Module, weights: tuple[WeightSlot, ...], *
     The copies take the parameters' places in the layers' ``_parameters`` for the call, and the parameters are put
     back after it, also when it raises: what ``torch.func.functional_call`` does, which walks the whole module on
     every call (about 30 times the host time of this swap for a TimeSformer block)."""
+    # use_fused() first: it is False while torch.compile traces, and torch 2.11's dynamo cannot trace the autocast query
+    if not weights or not use_fused():
+        return module(*args)
     dtype = lower_precision(args[0].device.type)  # type: ignore[attr-defined]
-    if dtype is None or not weights or not use_fused():
+    if dtype is None:
         return module(*args)
     params = [layer._parameters[name] for layer, name in weights]
     try:

@@ -166,6 +166,24 @@ def test_cast_weights_gives_autocasts_values_and_gradients() -> None:
         assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
+def test_cast_weights_asks_nothing_of_autocast_while_torch_compile_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``torch.compile`` the layers run plainly (inductor fuses the casts) and no autocast query is made first:
+    torch 2.11's dynamo cannot trace ``torch.amp.is_autocast_available`` and breaks the graph on it, which fails a
+    ``fullgraph`` compile. Here tracing is faked and the query raises."""
+
+    def untraceable(device_type: str) -> bool:
+        raise AssertionError(f"autocast queried for {device_type} while compiling")
+
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = call_with_cast_weights(layer, matmul_weights(layer), x)
+        monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        traced = call_with_cast_weights(layer, matmul_weights(layer), x)
+    assert traced.dtype == torch.bfloat16 and torch.equal(traced, eager)
+
+
 def test_cast_weights_puts_the_parameters_back_after_the_call_and_when_it_raises() -> None:
     """The bf16 copies sit in the layers' places only during the call: afterwards (and after an exception inside
     it) the module holds its own fp32 ``Parameter`` objects, so ``parameters()``, ``state_dict`` and the optimizer

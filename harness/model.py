@@ -30,6 +30,18 @@ LN_EPS = 1e-6  # the original wrappers use eps 1e-6 (the class default of 1e-5 i
 PRESET_DIR = CONFIG_DIR / "model"
 
 
+def trunc_normal_(tensor: torch.Tensor, std: float, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+    """Fill ``tensor`` from N(0, std^2) truncated to [a, b] (the bounds absolute, as in timm): drawn with ``normal_``,
+    each value outside the bounds drawn again. The same seed gives the same weights on every torch version: torch's
+    own ``nn.init.trunc_normal_`` drew by inverse CDF up to 2.12 and draws as here from 2.13, so one seed gave two
+    models (and the toy recipe a run that learns on one torch and stalls on the other)."""
+    with torch.no_grad():
+        tensor.normal_(0.0, std)
+        while not tensor.is_meta and bool(((tensor < a) | (tensor > b)).any()):
+            tensor.copy_(torch.where((tensor < a) | (tensor > b), torch.empty_like(tensor).normal_(0.0, std), tensor))
+    return tensor
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU (erf) -> dropout -> fc2 -> dropout (the dropouts only with ``drop`` > 0)."""
 
@@ -232,11 +244,11 @@ class TimeSformer(nn.Module):
         return [scales.get(id(blk)) for blk in self.blocks]
 
     def _init_weights(self, init: str, time_embed_std: float) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():  # the patch conv keeps PyTorch's default init, as in the original
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):

@@ -37,8 +37,11 @@ def trunc_normal_(tensor: torch.Tensor, std: float, a: float = -2.0, b: float = 
     models (and the toy recipe a run that learns on one torch and stalls on the other)."""
     with torch.no_grad():
         tensor.normal_(0.0, std)
-        while not tensor.is_meta and bool(((tensor < a) | (tensor > b)).any()):
-            tensor.copy_(torch.where((tensor < a) | (tensor > b), torch.empty_like(tensor).normal_(0.0, std), tensor))
+        while not tensor.is_meta:  # a meta tensor has no values to bound
+            outside = (tensor < a) | (tensor > b)
+            if not outside.any():
+                break
+            tensor.copy_(torch.where(outside, torch.empty_like(tensor).normal_(0.0, std), tensor))
     return tensor
 
 

@@ -32,7 +32,7 @@ PRESET_DIR = CONFIG_DIR / "model"
 
 def trunc_normal_(tensor: torch.Tensor, std: float, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
     """Fill ``tensor`` from N(0, std^2) truncated to [a, b] (the bounds absolute, as in timm): drawn with ``normal_``,
-    each value outside the bounds drawn again. The same seed gives the same weights on every torch version: torch's
+    each value outside the bounds drawn again. The same seed gives the same weights on torch 2.11 and 2.13: torch's
     own ``nn.init.trunc_normal_`` drew by inverse CDF up to 2.12 and draws as here from 2.13, so one seed gave two
     models (and the toy recipe a run that learns on one torch and stalls on the other)."""
     with torch.no_grad():

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_dry_run, make_env
+from conftest import REPO, make_dry_run, make_env
 from timesformer_harness import config_reference
 from timesformer_harness.common import ExitCode
 from timesformer_harness.config import RootConfig
 
-REPO = Path(__file__).resolve().parent.parent
 PACKAGE_FOLDERS = {"harness": "timesformer_harness", "pipelines": "timesformer_harness.pipelines",
                    "benchmarks": "timesformer_harness.benchmarks", "kernels": "timesformer_harness.kernels"}
 # entry point -> the docs that describe it (README.md counts for all): each of its flags must appear in one of them

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_dry_run
+from conftest import REPO, make_dry_run
 from timesformer_harness import wheelhouse
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_requirement_names_are_normalised() -> None:

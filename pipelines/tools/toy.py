@@ -46,7 +46,7 @@ COLOUR_NAMES = ("red", "green", "blue")
 COLOURS = np.array([[220, 40, 40], [40, 200, 40], [50, 80, 230]], dtype=np.float32)
 ORDERS = tuple(itertools.permutations(range(3)))  # class k shows COLOURS[ORDERS[k][0]], then [1], then [2]
 CLASSES = tuple("_".join(COLOUR_NAMES[c] for c in order) for order in ORDERS)
-SPEC_VERSION = 3
+SPEC_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class ToySpec:
     size: int = 32
     frames: int = 24
     fps: int = 30
-    radius: float = 4.0
+    radius: float = 8.0  # px: at 32 px the dot spans half the frame, 2x2 to 3x3 of the toy model's 8-px patches
     clip_frames: int = 8  # frames a loader samples per clip (linspace over the whole video, configs/data/toy.yaml)
     min_per_colour: int = 2  # fewest of those sampled frames that show one colour
     train: int = 2048
@@ -66,6 +66,11 @@ class ToySpec:
     crf: int = 32
     gop: int = 1  # all keyframes: no inter-frame artefact (a trace of the previous colour) tells the order
     version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if self.size < 2 * (self.radius + 1):
+            raise ValueError(f"a {self.size}-px toy frame cannot hold the dot (radius {self.radius:g} px) with a pixel "
+                             f"to spare: use a size of at least {int(2 * (self.radius + 1))}")
 
 
 def clip_params(spec: ToySpec, split: str, i: int) -> dict:
@@ -172,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="encoder processes (0 = one per CPU core)")
     args = parser.parse_args(argv)
     setup_logging()
-    if args.frames < 24 or args.size < 16:
-        parser.error("--frames must be >= 24 (configs/data/toy.yaml samples 8 frames at rate 3) and --size >= 16")
+    min_size = int(2 * (ToySpec.radius + 1))
+    if args.frames < 24 or args.size < min_size:
+        parser.error(f"--frames must be >= 24 (configs/data/toy.yaml samples 8 frames at rate 3) and --size >= "
+                     f"{min_size} (the dot is {int(2 * ToySpec.radius)} px across)")
     spec = ToySpec(seed=args.seed, size=args.size, frames=args.frames, train=args.train, val=args.val,
                    test=args.test)
     generate(args.out, spec, workers=args.workers or None)

@@ -122,3 +122,12 @@ def test_rendered_clips_follow_their_class(label: int) -> None:
     assert "_".join(COLOUR_NAMES[c] for c in runs) == CLASSES[label]
     sampled = [shown[t] for t in np.linspace(0, spec.frames - 1, spec.clip_frames).astype(int)]
     assert min(sampled.count(c) for c in range(3)) >= spec.min_per_colour
+
+
+def test_a_frame_too_small_for_the_dot_is_refused_with_the_smallest_size() -> None:
+    with pytest.raises(ValueError, match="16-px toy frame cannot hold the dot .* at least 18"):
+        ToySpec(size=16)
+    res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.tools.toy", "--size", "16", "--out",
+                          "unused"], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert res.returncode == 2 and "--size >= 18 (the dot is 16 px across)" in res.stderr, res.stderr
+    assert not (REPO_ROOT / "unused").exists()

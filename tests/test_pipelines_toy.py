@@ -129,5 +129,6 @@ def test_a_frame_too_small_for_the_dot_is_refused_with_the_smallest_size() -> No
         ToySpec(size=16)
     res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.tools.toy", "--size", "16", "--out",
                           "unused"], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert res.returncode == 2 and "--size >= 18 (the dot is 16 px across)" in res.stderr, res.stderr
+    assert res.returncode == 2 and "--size 16: a 16-px toy frame cannot hold the dot" in res.stderr, res.stderr
+    assert "at least 18" in res.stderr
     assert not (REPO_ROOT / "unused").exists()

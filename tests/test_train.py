@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from timesformer_harness.checkpoint import load_file
-from timesformer_harness.config import SolverConfig
+from timesformer_harness.config import SolverConfig, load_config
 from timesformer_harness.model import create_model
 from timesformer_harness.optim import build_optimizer, lr_at
 from timesformer_harness.train_state import CheckpointManager, list_checkpoints, resume_position
@@ -472,10 +472,10 @@ def test_space_only_cannot_see_the_frame_order(tmp_path: Path) -> None:
     video = torch.stack(clips)  # (3, C, 8, 32, 32)
     reordered = [video.flip(2), video.roll(3, dims=2)]
     logits = {}
+    recipe = load_config(REPO / "configs/exp/toy_divided_cpu.yaml").model  # the model make train builds
     for attention_type in ("space_only", "divided_space_time"):
         torch.manual_seed(0)
-        model = create_model("toy", num_classes=6, attention_type=attention_type, init="scratch",
-                             time_embed_std=1.0).eval()
+        model = create_model(recipe, attention_type=attention_type).eval()
         with torch.no_grad():
             logits[attention_type] = [model(v) for v in (video, *reordered)]
     same, *others = logits["space_only"]

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from timesformer_harness.kernels.backend_names import BACKENDS as ATTN_BACKENDS, SHORT_SEQUENCE_BACKENDS
-from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.config import DataConfig, check_minimums
 from timesformer_harness.variants import REFERENCE, variant
 
 # divided attention's temporal pass also takes the short-sequence kernels (kernels/short_attention.py)
@@ -123,8 +123,7 @@ class SolverConfig:
             raise ValueError(f"solver.steps={self.steps} must start at epoch 0 (e.g. [0, 11, 14])")
         if self.use_apex not in ("auto", "never"):
             raise ValueError(f"solver.use_apex={self.use_apex!r}; choose 'auto' or 'never'")
-        if self.global_batch_size < 0 or self.max_epoch < 1:
-            raise ValueError("solver.global_batch_size must be >= 0 (0 = no accumulation) and solver.max_epoch >= 1")
+        check_minimums("solver", self, {"global_batch_size": 0, "max_epoch": 1})
 
 
 @dataclass
@@ -158,9 +157,7 @@ class TrainConfig:
     count_syncs: bool = False
 
     def __post_init__(self) -> None:
-        if self.eval_period < 0 or self.checkpoint_period < 1 or self.keep_last < 1:
-            raise ValueError("train.eval_period must be >= 0 (0 = never), train.checkpoint_period and "
-                             "train.keep_last >= 1")
+        check_minimums("train", self, {"eval_period": 0, "checkpoint_period": 1, "keep_last": 1})
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}; choose from {list(PRECISIONS)}")
         self.compile = {"true": "default", "false": "none"}.get(str(self.compile).lower(), self.compile)
@@ -223,10 +220,10 @@ class BenchConfig:
         check_bench_suites(self.suites)
         if self.precision not in PRECISIONS:
             raise ValueError(f"bench.precision={self.precision!r}; choose from {list(PRECISIONS)}")
-        if self.batch_size < 1 or self.steps < 1 or self.sweep_steps < 1:
-            raise ValueError("bench.batch_size, bench.steps and bench.sweep_steps must be >= 1")
-        if any(b < 1 for b in self.batches):
-            raise ValueError(f"bench.batches={list(self.batches)}: every batch must be >= 1")
+        check_minimums("bench", self, {"batch_size": 1, "steps": 1, "sweep_steps": 1})
+        for key in ("batches", "frames", "img_sizes"):
+            if any(v < 1 for v in getattr(self, key)):
+                raise ValueError(f"bench.{key}={list(getattr(self, key))}: every value must be >= 1")
         for mode in self.compile:
             check_compile_mode(mode, "bench.compile")
 

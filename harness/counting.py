@@ -259,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.attn != "all" and args.attn not in VARIANTS:
         p.error(f"--attn {args.attn!r}; choose from {[*VARIANTS, 'all']}")
+    for flag in ("depth", "frames", "batch"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    if not 0.0 <= args.drop_path < 1.0:
+        p.error(f"--drop-path {args.drop_path}: a probability in [0, 1)")
     if args.temporal_attn_backend == "triton":  # the step runs on the CPU: the kernels in Triton's interpreter,
         os.environ.setdefault("TRITON_INTERPRET", "1")  # which must be chosen before Triton is first imported
     cpu, dtype = torch.device("cpu"), torch.bfloat16 if args.precision == "bf16" else None

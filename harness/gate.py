@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from timesformer_harness.bench.case import BenchCase, ModelCase
-from timesformer_harness.bench.record import BenchRecord, read_results, write_results
+from timesformer_harness.bench.record import BenchRecord, read_results, run_env, write_results
 from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.bench.verdict import DEFAULT_MEM_TOLERANCE, Verdict, better, judge_all, median_run
 from timesformer_harness.config import ModelConfig, RootConfig, load_config
@@ -214,9 +214,9 @@ def parse_delays(items: list[str], baseline: list[BenchRecord]) -> dict[str, flo
 
 
 def check_compatible(meta: dict[str, Any], baseline: list[BenchRecord], device: torch.device, preset: str | None,
-                     other_machine: bool) -> list[str]:
+                     other_machine: bool) -> None:
     """Refuse to judge across device kinds, presets or (unless ``other_machine``) machine classes: ValueError naming
-    the fix. Returns the notes to print (a judgement across machines)."""
+    the fix."""
     if meta.get("kind") != "gate-baseline":
         raise ValueError("this file is not a gate baseline (meta.kind != 'gate-baseline'); write one with "
                          "`python -m timesformer_harness.gate --write-baseline FILE`")
@@ -226,15 +226,19 @@ def check_compatible(meta: dict[str, Any], baseline: list[BenchRecord], device: 
     if preset and meta.get("preset") != preset:
         raise ValueError(f"baseline preset {meta.get('preset')!r} != --preset {preset!r}; drop --preset or write a "
                          "new baseline")
-    here = environment_info(device)
-    there = next((r.env for r in baseline if r.env), meta.get("env", {}))
-    if there.get("machine_class") and there.get("machine_class") != here["machine_class"]:
-        if not other_machine:
-            raise ValueError(f"baseline machine class {there.get('machine_class')!r}, this machine "
-                             f"{here['machine_class']!r}: write a baseline here (make gate-baseline BASELINE=...), "
-                             "or pass --other-machine to judge anyway")
-    return [f"{k} {there.get(k)!r} -> {here.get(k)!r}" for k in ("machine_class", "torch", "cuda", "cpu_threads")
-            if there.get(k) is not None and there.get(k) != here.get(k)]
+    here = environment_info(device)["machine_class"]
+    there = run_env(baseline, meta).get("machine_class")
+    if there and there != here and not other_machine:
+        raise ValueError(f"baseline machine class {there!r}, this machine {here!r}: write a baseline here "
+                         "(make gate-baseline BASELINE=...), or pass --other-machine to judge anyway")
+
+
+def stack_notes(baseline_env: dict[str, Any], candidate_env: dict[str, Any]) -> list[str]:
+    """What differs between the environments the baseline's and the candidate's cases ran in (each case's own
+    process: its threads, not the gate's): the notes printed with a verdict."""
+    return [f"{k} {baseline_env.get(k)!r} -> {candidate_env.get(k)!r}"
+            for k in ("machine_class", "torch", "cuda", "cpu_threads")
+            if baseline_env.get(k) is not None and baseline_env.get(k) != candidate_env.get(k)]
 
 
 def format_table(verdicts: list[Verdict], baseline: list[BenchRecord], candidate: list[BenchRecord]) -> str:
@@ -278,12 +282,12 @@ def gate(args: argparse.Namespace) -> int:
     try:
         baseline, meta = read_results(path)
         device = resolve_device()
-        notes = check_compatible(meta, baseline, device, args.preset, args.other_machine)
+        check_compatible(meta, baseline, device, args.preset, args.other_machine)
         baseline = select(baseline, args)
         cases = candidate_cases(baseline, meta, device, args.overrides, args.pairs,
                                 parse_delays(args.inject_delay, baseline))
     except (ValueError, KeyError) as e:
-        print(f"cannot gate against {path}: {e}")
+        print(f"cannot gate against {path}: {str(e).removeprefix(f'{path}: ')}")
         return 2
     tol = args.tolerance if args.tolerance is not None else meta.get("tolerance")
     mem_tol = next(t for t in (args.mem_tolerance, meta.get("mem_tolerance"), DEFAULT_MEM_TOLERANCE) if t is not None)
@@ -298,6 +302,7 @@ def gate(args: argparse.Namespace) -> int:
         candidate = [by_case[r.case] for r in candidate]
         verdicts = judge_all(baseline, candidate, tol, mem_tol)
     out = Path(args.out) / run_stamp()
+    notes = stack_notes(run_env(baseline, meta), run_env(candidate, {}) or environment_info(device))
     failed = [v for v in verdicts if v.regressed]
     summary = {"passed": not failed, "exit_status": 1 if failed else 0, "cases": len(verdicts),
                "regressed": [v.case for v in failed], "baseline": str(path), "out": str(out),

@@ -13,6 +13,15 @@ from timesformer_harness.pipelines.loaders import loader_choices
 MANIFEST_FORMATS = ("kinetics", "csv", "ssv2")  # path<sep>label lines | comma-separated path,label | SSv2 JSON
 
 
+def check_minimums(section: str, values: object, minimums: dict[str, float]) -> None:
+    """Raise ValueError naming ``section.<field>`` for the first field of ``values`` below its minimum (the message
+    starts with the key, so that a config error names where that key was set)."""
+    for name, low in minimums.items():
+        value = getattr(values, name)
+        if value < low:
+            raise ValueError(f"{section}.{name}={value}; must be >= {low}")
+
+
 @dataclass
 class DataConfig:
     """Dataset, sampling and augmentation (the original recipe's names, lower-case)."""
@@ -59,6 +68,16 @@ class DataConfig:
     synthetic_classes: int = 10  # data.loader=synthetic: labels drawn from 0..synthetic_classes-1
 
     def __post_init__(self) -> None:
+        check_minimums("data", self, {"num_frames": 1, "sampling_rate": 1, "target_fps": 1, "train_crop_size": 1,
+                                      "test_crop_size": 1, "num_ensemble_views": 1, "batch_size": 1, "num_workers": 0,
+                                      "synthetic_videos": 1, "synthetic_classes": 1})
+        if len(self.train_jitter_scales) != 2 or not 0 < self.train_jitter_scales[0] <= self.train_jitter_scales[1]:
+            raise ValueError(f"data.train_jitter_scales={list(self.train_jitter_scales)}; give [min, max] short sides "
+                             "in pixels, 0 < min <= max (e.g. [256, 320])")
+        if len(self.mean) != 3:
+            raise ValueError(f"data.mean={list(self.mean)}; give 3 values (R, G, B), e.g. [0.45, 0.45, 0.45]")
+        if len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"data.std={list(self.std)}; give 3 values (R, G, B), every std > 0")
         if self.loader not in loader_choices():
             raise ValueError(f"data.loader={self.loader!r}; choose from {loader_choices()}")
         if self.backend not in ("auto", "cpu", "gpu"):

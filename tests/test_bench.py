@@ -4,6 +4,7 @@ bench runs at the tiny preset and their exports, and comparing two of them (like
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -94,6 +95,14 @@ def test_record_roundtrip_versions_and_flat_rows(tmp_path):
             BenchRecord.from_dict({**rec.to_dict(), "schema_version": bad})
     with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
         BenchRecord.from_dict({**rec.to_dict(), "bogus": 1})
+    bad = tmp_path / "bad.json"  # files that are not results files: a ValueError naming the file, no traceback
+    for text, message in (("[1, 2]", "a JSON list, not an object"), ('{"schema_ver', "its JSON does not parse"),
+                          ('{"schema_version": 2, "meta": {}}', "'records' must be a list"),
+                          ('{"schema_version": 2, "records": [{"case": "x"}]}', "record 0 is not a bench record"),
+                          ('{"schema_version": 2, "records": [7]}', "record 0 is not a bench record")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=f"^{bad}: .*{re.escape(message)}"):
+            read_results(bad)
     flat = rec.flat()
     assert flat["clips_per_s"] == 2.0 and flat["step_ms.median"] == 1.0 and flat["env.git_sha"] == "abc"
     assert "samples_s" not in flat and "env" not in flat
@@ -149,6 +158,10 @@ def test_resolve_layers_preset_overrides_and_flags_and_checks_them():
         resolve(preset="tiny", suites=["nope"])
     with pytest.raises(ValueError, match="model.attention_type='diagonal'"):
         resolve(preset="tiny", overrides=["model.attention_type=diagonal"])
+    with pytest.raises(ValueError, match=r"bench.frames=\[0\]: every value must be >= 1"):
+        resolve(preset="tiny", frames=[0])  # not read as "the model's frames"
+    with pytest.raises(ValueError, match=r"image sizes \[17\] .* not multiples of model.patch_size=8"):
+        resolve(preset="tiny", img_sizes=[16, 17])  # the patch embedding would measure 16 px under a 17 px label
 
 
 def test_model_worker_counts_match_the_model_and_carry_provenance():
@@ -329,9 +342,17 @@ def test_compare_refuses_what_is_not_like_for_like_and_gates_on_a_ratio(two_runs
     out = _compare(str(a), str(stopped), "--out", str(tmp_path / "o4"))
     assert out.returncode == 0 and "stopped is incomplete: 2 of 3 cases (the sweep was stopped)" in out.stdout
 
-    warned = _compare(str(a), str(variant("batch", batch_4)), "--out", str(tmp_path / "o3"))
+    def threads_4(d):  # the cases' own processes ran with another thread count (the parent's is the same)
+        for r in d["records"]:
+            r["env"]["cpu_threads"] = 4
+    batch_and_threads = variant("batch", lambda d: (batch_4(d), threads_4(d)))
+    warned = _compare(str(a), str(batch_and_threads), "--out", str(tmp_path / "o3"))
     assert warned.returncode == 0 and "warning: the runs differ in batch 2 vs 4" in warned.stdout
+    assert "warning: the runs differ in cpu_threads" in warned.stdout and "vs 4" in warned.stdout
     assert "2/3 cases like for like" in warned.stdout and "batch 2 vs 4 |" in warned.stdout
+    broken = variant("broken", lambda d: d.update(records=[{"case": "x"}]))
+    out = _compare(str(a), str(broken))
+    assert out.returncode == 2 and f"not comparable: {broken}: record 0 is not a bench record" in out.stdout
 
     # --fail-below: exit 1 naming each like-for-like case whose normalised ratio is under the bar
     assert _compare(str(a), str(b), "--fail-below", "0.01", "--out", str(tmp_path / "o8")).returncode == 0

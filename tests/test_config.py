@@ -35,6 +35,30 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
         load_config(None, ["solver.base_lr"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.num_frames=0", "data.num_frames=0; must be >= 1"),
+    ("data.sampling_rate=0", "data.sampling_rate=0; must be >= 1"),  # would repeat one frame T times
+    ("data.target_fps=-30", "data.target_fps=-30; must be >= 1"),
+    ("data.batch_size=0", "data.batch_size=0; must be >= 1"),
+    ("data.train_jitter_scales=[320,256]", r"data.train_jitter_scales=\[320, 256\]; give \[min, max\]"),
+    ("data.std=[0.2,0,0.2]", r"data.std=\[0.2, 0.0, 0.2\]; give 3 values \(R, G, B\), every std > 0"),
+    ("solver.max_epoch=0", "solver.max_epoch=0; must be >= 1"),
+    ("train.keep_last=0", "train.keep_last=0; must be >= 1"),
+    ("bench.frames=[8,0]", r"bench.frames=\[8, 0\]: every value must be >= 1"),
+])
+def test_a_value_out_of_range_names_the_key_and_where_it_was_set(override, message, tmp_path):
+    """One key per message, so that the error names the command line when the value came from it, not the file."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("solver:\n  max_epoch: 3\ntrain:\n  keep_last: 2\n")
+    with pytest.raises(ValueError, match=rf"^command-line overrides: {message}"):
+        load_config(recipe, [override])
+    key, value = override.split("=")
+    section, name = key.split(".")
+    recipe.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ValueError, match=rf"^{recipe}: {message}"):
+        load_config(recipe)
+
+
 def test_a_yaml_boolean_for_a_word_key_is_refused_naming_the_key(tmp_path):
     """``yes``/``on``/``true`` are booleans in YAML: a key that takes a word says so instead of seeing 'True'."""
     for word in ("yes", "on", "true", "no"):

@@ -17,7 +17,7 @@ from timesformer_harness.bench.record import BenchRecord, read_results, write_re
 from timesformer_harness.bench.verdict import (TOLERANCE_CEILING, TOLERANCE_FLOOR, better, judge, judge_all,
                                                tolerance_for)
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.gate import check_compatible, format_table, junit_xml, select
+from timesformer_harness.gate import check_compatible, format_table, junit_xml, select, stack_notes
 from timesformer_harness.runtime import environment_info
 
 CASE = "model/divided_space_time/train/4x32"
@@ -138,10 +138,14 @@ def test_incompatible_baselines_are_refused():
     meta = {"kind": "gate-baseline", "device": "cpu", "preset": "tiny"}
     with pytest.raises(ValueError, match="machine class 'cpu: Some Other CPU.*--other-machine"):
         check_compatible(meta, [other], cpu, None, False)
-    notes = check_compatible(meta, [other], cpu, None, True)
+    check_compatible(meta, [other], cpu, None, True)  # judged anyway
+    check_compatible(meta, [_rec(env=here)], cpu, None, False)
+    notes = stack_notes(other.env, here)
     assert notes[0].startswith("machine_class 'cpu: Some Other CPU") and notes[1] == f"torch '2.0.0' -> " \
                                                                                      f"'{torch.__version__}'"
-    assert check_compatible(meta, [_rec(env=here)], cpu, None, False) == []
+    # each case's own process is compared, not the gate's: one thread per case on both sides is no difference
+    assert stack_notes({**here, "cpu_threads": 1}, {**here, "cpu_threads": 1}) == []
+    assert stack_notes({**here, "cpu_threads": 1}, {**here, "cpu_threads": 2}) == ["cpu_threads 1 -> 2"]
 
 
 def _gate(*args: str) -> subprocess.CompletedProcess:

@@ -72,3 +72,7 @@ def test_the_counting_command_prints_each_variants_step(capsys) -> None:
     total = step_counts("divided_space_time")["total"]
     assert f"| divided_space_time | {total.ops} (" in out and f"| {total.launches} (" in out
     assert len([line for line in out.splitlines() if line.startswith("|   ")]) == 2
+    for bad in (["--frames", "0"], ["--batch", "0"], ["--drop-path", "1.0"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(bad)
+        assert exit_.value.code == 2 and f"{bad[0]} {bad[1]}:" in capsys.readouterr().err

@@ -89,9 +89,14 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
         changes["suites"] = list(suites)
     if out_dir:
         changes["out_dir"] = out_dir
+    bench = replace(cfg.bench, **changes)
+    ragged = [s for s in bench.img_sizes if s % cfg.model.patch_size]
+    if ragged:
+        raise ValueError(f"image sizes {ragged} (--img / bench.img_sizes) are not multiples of model.patch_size="
+                         f"{cfg.model.patch_size}: the patch embedding would drop the remainder")
     # the model's attention backend in the bench's precision on this device, before any case starts
     check_attention(cfg.model, device, resolve_precision(cfg.bench.precision, device))
-    return replace(cfg, bench=replace(cfg.bench, **changes)), preset, device
+    return replace(cfg, bench=bench), preset, device
 
 
 def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[float | None, str | None]:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from timesformer_harness.bench.record import BenchRecord, read_results
+from timesformer_harness.bench.record import BenchRecord, read_results, run_env
 from timesformer_harness.common import atomic_write_text
 from timesformer_harness.config import ModelConfig
 
@@ -89,7 +89,7 @@ def check_comparable(a: Run, b: Run) -> tuple[list[str], list[str]]:
     for key in ("batch", "precision", "hardware"):
         if a.meta.get(key) != b.meta.get(key):
             warn.append(f"{key} {a.meta.get(key)!r} vs {b.meta.get(key)!r}")
-    env_a, env_b = a.meta.get("env", {}), b.meta.get("env", {})
+    env_a, env_b = run_env(a.records, a.meta), run_env(b.records, b.meta)
     for key in ("torch", "cuda", "dali", "cpu_threads", "cpu_capability", "machine_class"):
         if env_a.get(key) != env_b.get(key):
             warn.append(f"{key} {env_a.get(key)!r} vs {env_b.get(key)!r}")
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         a, b = load_run(args.run_a), load_run(args.run_b)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"not comparable: {e}")
         return 2
     refuse, warn = check_comparable(a, b)

@@ -135,13 +135,35 @@ def write_results(path: str | Path, records: list[BenchRecord], meta: dict[str, 
 
 
 def read_results(path: str | Path) -> tuple[list[BenchRecord], dict[str, Any]]:
-    """The records and meta of a results file of this schema or an older one."""
-    data = json.loads(Path(path).read_text())
+    """The records and meta of a results file of this schema or an older one; ValueError naming ``path`` (and the
+    record) for a file that is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise ValueError(f"{path}: not a results file, its JSON does not parse ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a results file (a JSON {type(data).__name__}, not an object with "
+                         "schema_version, meta and records)")
     version = data.get("schema_version")
     if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version={version!r}; this harness reads 1 to {SCHEMA_VERSION} (a newer "
                          "file needs a newer harness)")
-    return [BenchRecord.from_dict(r) for r in data["records"]], data.get("meta", {})
+    records, meta = data.get("records"), data.get("meta", {})
+    if not isinstance(records, list) or not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a results file ('records' must be a list and 'meta' an object)")
+    out = []
+    for i, r in enumerate(records):
+        try:
+            out.append(BenchRecord.from_dict(r))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path}: record {i} is not a bench record: {e}") from e
+    return out, meta
+
+
+def run_env(records: list[BenchRecord], meta: dict[str, Any]) -> dict[str, Any]:
+    """The environment a run's cases ran in: the first record's (its fresh process, with the threads the case set),
+    else the run's ``meta.env`` (the parent process's; older records have none)."""
+    return next((r.env for r in records if r.env), meta.get("env", {}))
 
 
 def write_flat(folder: Path, records: list[BenchRecord]) -> tuple[Path, Path]:

@@ -748,7 +748,7 @@ def load_weights(
                     continue
                 value = (resize_time_embed(value, want[1]) if key == "time_embed"
                          else resize_pos_embed(value, want[1] - 1, mode=mode))
-            elif key.startswith("head."):
+            elif key.startswith("head.") and value.shape[1:] == want[1:]:
                 report.skipped[key] = f"class count differs: file {list(value.shape)}, model {list(want)}"
                 logger.warning("dropping %s from %s: %s (fine-tuning to a new class count)", key, path,
                                report.skipped[key])
@@ -763,8 +763,9 @@ def load_weights(
     report.missing = [k for k in target if k not in report.loaded]
     errors += [f"missing key {k} {list(target[k].shape)}" for k in report.missing if k not in allowed_missing]
     if strict and errors:
-        raise WeightsMismatchError(f"{path} ({fmt}) does not match the model:\n  " + "\n  ".join(errors)
-                                   + "\nPass strict=False to load the matching keys only.")
+        fix = (f"Set the model's config to the file's (`python -m timesformer_harness.checkpoint inspect {path}` "
+               "infers it), or, from Python, pass strict=False to load the matching keys only.")
+        raise WeightsMismatchError(f"{path} ({fmt}) does not match the model:\n  " + "\n  ".join(errors) + "\n" + fix)
     model.load_state_dict(target, strict=True)
     logger.info("%s", report)
     return report
@@ -904,9 +905,10 @@ def inspect(path: str | Path, show_keys: bool = True, limits: LoadLimits = DEFAU
     except CheckpointError as e:
         model = f"not inferred: {e}"
     n = sum(v.numel() for v in sd.values())
-    entries = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    entries = sorted(str(k)[:60] for k, v in obj.items() if not isinstance(v, torch.Tensor))
     lines = [f"folder:      {path}"] if file != Path(path) else []
-    lines += [f"file:        {file}", f"format:      {fmt}", f"top-level:   {entries[:12] or '(tensors only)'}"]
+    shown = ", ".join(entries[:24]) + (f", ... ({len(entries) - 24} more)" if len(entries) > 24 else "")
+    lines += [f"file:        {file}", f"format:      {fmt}", f"top-level:   {shown or '(tensors only)'}"]
     if "epoch" in obj:  # printed only when a number: a hostile entry's repr could be unbounded
         epoch = obj["epoch"]
         lines.append(f"epoch:       {epoch if type(epoch) in (int, float) else f'(a {type(epoch).__name__})'}")

@@ -117,11 +117,7 @@ def check_inputs(cfg: RootConfig) -> dict[str, list[VideoEntry]]:
     manifests = {}
     if cfg.data.loader == AUTO or LOADERS[cfg.data.loader].decodes:
         for split in ("train", "val") if cfg.train.eval_period else ("train",):
-            try:
-                manifests[split] = read_manifest(cfg.data, split, cfg.model.num_classes)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{e}: set data.root (now {cfg.data.root!r}; a relative path is from the "
-                                        f"current folder, {Path.cwd()}) or data.{split}_manifest") from None
+            manifests[split] = read_manifest(cfg.data, split, cfg.model.num_classes)
     resumable = cfg.train.resume != "never" and list_checkpoints(Path(cfg.output.dir) / "checkpoints")
     if cfg.model.pretrained and not resumable and not Path(cfg.model.pretrained).exists():
         raise CheckpointError(f"model.pretrained={cfg.model.pretrained} does not exist (relative paths are from the "

@@ -108,6 +108,8 @@ class _Listing:
 def _format_hint(n: int, line: str) -> str:
     """Why a Kinetics line may have failed: a header, or a file in another format."""
     if n == 1 and line.strip().lower().replace(",", " ").split()[:2] == ["path", "label"]:
+        if "," not in line:  # data.format=csv would refuse every line after it as having no comma
+            return "; a header line? Kinetics manifests have none: remove it"
         return ("; a header line? Kinetics manifests have none: remove it, or read the file as data.format=csv "
                 "(--format csv), which allows a 'path,label' header")
     if "," in line and len(line.split(",")) == 2:
@@ -121,7 +123,7 @@ def read_kinetics(path: str | Path, separator: str = " ", path_prefix: str = "",
     the last field and the path the rest, spaces included; another separator must split a line into exactly 2."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist (data.root / data.*_manifest)")
+        raise FileNotFoundError(f"manifest {path} does not exist")
     expected = f"'path{separator}label' (separator {separator!r}, data.separator)"
     listing = _Listing()
     for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
@@ -141,7 +143,7 @@ def read_csv(path: str | Path, path_prefix: str = "", num_classes: int = 0) -> l
     """Plain comma-separated ``path,label`` (an optional header row ``path,label``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist (data.root / data.*_manifest)")
+        raise FileNotFoundError(f"manifest {path} does not exist")
     listing = _Listing()
     with open(path, newline="", encoding="utf-8-sig") as f:
         for n, row in enumerate(csv.reader(f), start=1):
@@ -253,6 +255,9 @@ def read_manifest(cfg: DataConfig, split: str, num_classes: int = 0) -> list[Vid
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r}; choose from ['train', 'val', 'test']")
     path = manifest_path(cfg, split)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist: set data.root (now {cfg.root!r}; a relative path is "
+                                f"from the current folder, {Path.cwd()}) or data.{split}_manifest")
     # An SSv2 dataset's videos and labels file sit under data.root by default, wherever the split file is.
     prefix = cfg.path_prefix or (cfg.root if cfg.format == "ssv2" else "")
     entries = read_entries(path, cfg.format, separator=cfg.separator, path_prefix=prefix,

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from timesformer_harness.checkpoint import (MAX_CFG_CHARS, CheckpointError, WeightsMismatchError, convert, load_file,
-                                           load_weights, save_pyth)
+                                           inspect, load_weights, save_pyth)
 from timesformer_harness.model import TimeSformer
 
 TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=4, num_classes=7)
@@ -118,6 +118,15 @@ def test_strict_mismatch_names_every_key(tmp_path: Path) -> None:
         load_weights(TimeSformer(**TINY), wide)
     report = load_weights(TimeSformer(**TINY), wide, strict=False)
     assert "blocks.0.mlp.fc1.weight" in report.skipped and "blocks.0.mlp.fc1.weight" in report.missing
+    # another embedding width: the head is one more mismatch (not "a new class count"), and the fix is the config's
+    broad = tmp_path / "broad.pyth"
+    save_pyth(broad, trained_like(embed_dim=64))
+    with pytest.raises(KeyError) as err:
+        load_weights(TimeSformer(**TINY), broad)
+    msg = str(err.value)
+    assert f"shape mismatch head.weight: file [{TINY['num_classes']}, 64], model [{TINY['num_classes']}, 32]" in msg
+    assert msg.endswith(f"Set the model's config to the file's (`python -m timesformer_harness.checkpoint inspect "
+                        f"{broad}` infers it), or, from Python, pass strict=False to load the matching keys only.")
 
 
 def test_resizes_time_and_pos_embed_and_drops_head(tmp_path: Path) -> None:
@@ -179,6 +188,10 @@ def test_inspect_and_convert_cli(tmp_path: Path) -> None:
     assert "format:      hf" in run("inspect", str(hf), "--no-keys").stdout
     bad = run("inspect", str(tmp_path / "missing.pyth"))
     assert bad.returncode == 2 and "missing.pyth does not exist" in bad.stderr
+    many = tmp_path / "many.pyth"  # the top-level list names what it leaves out
+    torch.save({"model_state": trained_like().state_dict(), **{f"entry_{i:02d}": i for i in range(30)}}, many)
+    top = next(line for line in inspect(many, show_keys=False).splitlines() if line.startswith("top-level:"))
+    assert top.endswith("entry_23, ... (7 more)") and "entry_00, entry_01" in top
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -170,6 +170,24 @@ def test_bad_arguments(videos, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         prepare(manifest, videos.root, PrepareSpec("vp9"), progress=False)
     assert main([str(manifest), "--out", str(tmp_path), "--codec", "mjpeg", "--gop", "8"]) == 2
+    # two manifests prepared one at a time into one folder, whose sources differ only by extension: the second is
+    # refused before it writes, instead of replacing the first's video under the same name (and label)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.webm").write_bytes(videos.good[0].read_bytes())
+    (src / "x.mp4").write_bytes(videos.h264.read_bytes())
+    (src / "train.csv").write_text("x.mp4 0\n")
+    (src / "val.csv").write_text("x.webm 1\n")
+    out = tmp_path / "out"
+    assert prepare(src / "train.csv", out, PrepareSpec("vp9", 32), progress=False).transcoded == 1
+    written = (out / "x.webm").read_bytes()
+    with pytest.raises(ValueError, match=rf"--out {out}: 1 output name\(s\) were written from other sources .* "
+                                         rf"x.webm <- {src / 'x.mp4'}, now asked from {src / 'x.webm'}"):
+        prepare(src / "val.csv", out, PrepareSpec("vp9", 32), progress=False)
+    assert (out / "x.webm").read_bytes() == written and (out / "train.csv").read_text() == "x.webm 0\n"
+    assert main([str(src / "val.csv"), "--out", str(out), "--short-side", "32", "--no-progress"]) == 2
+    (src / "x.mp4").unlink()  # a source since removed: its output is fair to replace
+    assert prepare(src / "val.csv", out, PrepareSpec("vp9", 32), progress=False).transcoded == 1
 
 
 def test_ssv2_manifest(videos, tmp_path, caplog):

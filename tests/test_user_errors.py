@@ -76,10 +76,9 @@ def test_data_mistakes_fail_before_the_run_folder_is_written(mistake, tiny, tmp_
     root = tmp_path / "data"
     root.mkdir()
     if mistake == "data_root":
-        args, expected = [f"data.root={tmp_path}/nope"], (f"error: manifest {tmp_path}/nope/train.csv does not exist "
-                                                          f"(data.root / data.*_manifest): set data.root (now "
-                                                          f"'{tmp_path}/nope'; a relative path is from the current "
-                                                          f"folder, {REPO}) or data.train_manifest")
+        args, expected = [f"data.root={tmp_path}/nope"], (f"error: manifest {tmp_path}/nope/train.csv does not exist: "
+                                                          f"set data.root (now '{tmp_path}/nope'; a relative path is "
+                                                          f"from the current folder, {REPO}) or data.train_manifest")
     elif mistake == "empty_manifest":
         (root / "train.csv").write_text("\n")
         args, expected = [f"data.root={root}"], f"error: manifest {root}/train.csv lists no videos"

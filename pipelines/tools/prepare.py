@@ -114,6 +114,18 @@ def _load_journal(out: Path) -> dict[str, dict]:
     return records
 
 
+def _written_from_another(rec: dict | None, src: str) -> bool:
+    """Whether the journal says an output was written from another source file that still exists (writing it again
+    would replace a video another manifest lists; a source since moved or deleted is fair to replace)."""
+    other = rec.get("src") if rec else None
+    if not other or other == src or not os.path.exists(other):
+        return False
+    try:
+        return not os.path.samefile(other, src)
+    except OSError:  # ``src`` is missing: it fails as a source, and nothing is overwritten
+        return False
+
+
 def _is_done(rec: dict | None, job: Job, out: Path, spec_key: str) -> bool:
     if rec is None or rec.get("spec") != spec_key or rec.get("src") != job.src:
         return False
@@ -189,6 +201,13 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
     spec_key = spec.key()
     journal = _load_journal(out)
     jobs = [Job(src, rel) for src, rel in rel_of.items()]
+    taken = [(j, journal[j.rel_out]["src"]) for j in jobs if _written_from_another(journal.get(j.rel_out), j.src)]
+    if taken:  # e.g. train's x.mp4 and val's x.webm, prepared one manifest at a time into one folder
+        job, other = taken[0]
+        raise ValueError(f"--out {out}: {len(taken)} output name(s) were written from other sources that still "
+                         f"exist (another manifest prepared into this folder?), e.g. {job.rel_out} <- {other}, now "
+                         f"asked from {job.src}; rename the sources so that they differ by more than their "
+                         "extension, or prepare this manifest into another folder")
     report = PrepareReport(str(out), str(out / manifest.name), total=len(jobs))
     todo = [j for j in jobs if not _is_done(journal.get(j.rel_out), j, out, spec_key)]
     report.skipped = len(jobs) - len(todo)

@@ -303,8 +303,11 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
 
 def _unknown_key_error(bad: str, schema: DictConfig, source: str) -> UnknownKeyError:
     valid = _all_keys(schema)
-    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid sections: {sorted(schema.keys())}"
+    # the key in another section first (train.max_epoch is solver.max_epoch), then the closest spelling
+    elsewhere = [k for k in valid if k.rsplit(".", 1)[-1] == bad.rsplit(".", 1)[-1]]
+    close = elsewhere or difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
+    others = f" (or {', '.join(repr(k) for k in close[1:])})" if len(close) > 1 else ""
+    hint = f"; did you mean {close[0]!r}{others}?" if close else f"; valid sections: {sorted(schema.keys())}"
     return UnknownKeyError(f"unknown config key {bad!r} in {source}{hint}")
 
 

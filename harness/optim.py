@@ -104,6 +104,16 @@ def lr_at(cfg: SolverConfig, epoch: float) -> float:
     return policy(epoch)
 
 
+def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: SolverConfig) -> None:
+    """Set every param group's weight decay, momentum and Nesterov (SGD) and betas (AdamW, LAMB) to ``cfg``'s, where
+    the group has them: after a resume loads an optimizer state, whose groups hold the values it was saved with (the
+    learning rate is set every step)."""
+    values = {"weight_decay": cfg.weight_decay, "momentum": cfg.momentum, "nesterov": cfg.nesterov,
+              "betas": tuple(cfg.betas)}
+    for group in optimizer.param_groups:
+        group.update({k: v for k, v in values.items() if k in group})
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

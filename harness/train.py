@@ -45,7 +45,8 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from timesformer_harness.checkpoint import CheckpointError, check_weights_source, load_weights
+from timesformer_harness.checkpoint import (CheckpointError, CheckpointWriteError, check_weights_source,
+                                            load_weights)
 from timesformer_harness.config import ConfigError, RootConfig, load_config, to_yaml
 from timesformer_harness.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup,
                                              init_distributed)
@@ -53,12 +54,13 @@ from timesformer_harness.evaluate import accuracy_report, class_names_for, score
 from timesformer_harness.metric_writer import MetricWriter
 from timesformer_harness.metrics import PeakMemory, Stopwatch, ThroughputWindow
 from timesformer_harness.mixup import mix_batch
-from timesformer_harness.optim import build_optimizer, lr_at, set_lr
+from timesformer_harness.optim import build_optimizer, lr_at, set_hyperparameters, set_lr
 from timesformer_harness.runtime import (environment_info, precision_name, release_freed_memory, resolve_precision,
                                          retain_freed_memory, seed_everything, set_determinism)
 from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (Change, CheckpointManager, RunFolderError, RunLock, config_changes,
-                                             data_fingerprint, find_resume, format_changes, keep_records_up_to,
+                                             data_fingerprint, epoch_partial, find_resume, format_changes,
+                                             keep_records_up_to,
                                              list_checkpoints, resume_disagreement, resume_position, rng_state,
                                              saved_config, set_rng_state)
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
@@ -139,9 +141,10 @@ def check_resume_config(cfg: RootConfig, path: Path, obj: dict[str, Any]) -> lis
     refused, warned = config_changes(before, yaml.safe_load(to_yaml(cfg)),
                                      data_may_change=cfg.train.on_data_change == "replan")
     if refused:
-        raise RunFolderError(f"cannot resume from {path}: the config changes the model or its data: "
+        raise RunFolderError(f"cannot resume from {path}: the config changes the model, its data or its optimizer: "
                              f"{format_changes(refused)}; put the old value(s) back, or train a new model in a folder "
-                             f"of its own (output.dir=<new folder> train.resume=never)")
+                             f"of its own (output.dir=<new folder> train.resume=never; model.pretrained={path} starts "
+                             "it from these weights)")
     return warned
 
 
@@ -206,6 +209,10 @@ class Trainer:
         self._train_loader: Any = None
         self.resumed_from: tuple[Path, dict[str, Any] | None] | None = None  # (checkpoint, its data fingerprint)
         self.best: dict[str, Any] = {"top1": None, "epoch": None}  # the best val top-1 among saved checkpoints
+        # an interrupted epoch's sums so far (loss, clips, correct, micro-batches, the open log window's losses):
+        # saved with a mid-epoch checkpoint, so that the resumed epoch's records are those of an uninterrupted one
+        self.epoch_partial: dict[str, Any] | None = None
+        self.exit_code: int | None = None  # set by a second signal: the status the process exits with
         self._restore()
         if info.is_main:
             removed = remove_stale_temporaries(self.ckpt.dir) if self.ckpt.dir.is_dir() else 0
@@ -266,6 +273,7 @@ class Trainer:
             load_weights(self.model, path, strict=True)
             if obj.get("optimizer_state"):
                 self.optimizer.load_state_dict(obj["optimizer_state"])
+                set_hyperparameters(self.optimizer, self.cfg.solver)  # the groups hold the values saved with them
             if obj.get("scaler"):
                 self.scaler.load_state_dict(obj["scaler"])
             self.start_epoch, self.start_batch, self.step = resume_position(obj, path)
@@ -273,6 +281,7 @@ class Trainer:
             if isinstance(best, dict) and isinstance(best.get("top1"), (int, float)):
                 self.best = {"top1": float(best["top1"]), "epoch": best.get("epoch")}
             self.resumed_from = (path, obj.get("data"))
+            self.epoch_partial = epoch_partial(obj.get("epoch_partial")) if self.start_batch else None
             self.bad_videos = list(obj.get("quarantine", []))
             rngs = obj.get("rng")
             old_world = int(obj.get("world_size", 1))
@@ -285,8 +294,8 @@ class Trainer:
             if self.start_batch and old_clips != self.cfg.data.batch_size * self.info.world_size:
                 # the epoch's clip order is the same: go on at the first clip not yet trained on (rounded down)
                 self.start_batch = self.start_batch * old_clips // (self.cfg.data.batch_size * self.info.world_size)
-            logger.info("resumed from %s: epoch %d, batch %d, step %d", path, self.start_epoch, self.start_batch,
-                        self.step)
+            logger.info("resumed from %s: %d epoch(s) and %d batch(es) done, step %d", path, self.start_epoch,
+                        self.start_batch, self.step)
             self._resume = None  # the loaded checkpoint (weights, optimizer state) is not kept for the whole run
         elif self.cfg.model.pretrained:
             report = load_weights(self.model, self.cfg.model.pretrained, strict=True)
@@ -309,7 +318,8 @@ class Trainer:
         name = signal.Signals(signum).name
         if self.stop_signal is not None:
             logger.warning("second %s: exiting without a checkpoint", name)
-            raise SystemExit(128 + signum)
+            self.exit_code = 128 + signum
+            raise SystemExit(self.exit_code)
         self.stop_signal = name
         logger.warning("received %s: finishing the current optimizer step, then saving and exiting", name)
 
@@ -326,7 +336,8 @@ class Trainer:
                               "lr": self.optimizer.param_groups[0]["lr"]},
                 "world_size": self.info.world_size, "batch_size": self.cfg.data.batch_size,
                 "seed": self.cfg.train.seed, "optimizer_impl": self.optimizer_impl,
-                "quarantine": merged.state_before(epoch, batch), "data": self._data_fingerprint(), "best": self.best}
+                "quarantine": merged.state_before(epoch, batch), "data": self._data_fingerprint(), "best": self.best,
+                "epoch_partial": self.epoch_partial if batch else None}
 
     def _data_fingerprint(self) -> dict[str, Any] | None:
         """The train loader's usable videos (``data_fingerprint``); None for a loader that reads no files."""
@@ -365,8 +376,13 @@ class Trainer:
         extra = self._extra_state(epoch, batch)
         path = None
         if self.info.is_main:
-            path = self.ckpt.save(self.model, self.optimizer, epoch=epoch, batch=batch, step=self.step,
-                                  cfg_yaml=self.cfg_yaml, extra=extra)
+            try:
+                path = self.ckpt.save(self.model, self.optimizer, epoch=epoch, batch=batch, step=self.step,
+                                      cfg_yaml=self.cfg_yaml, extra=extra)
+            except CheckpointWriteError:
+                if self.exit_code is not None:  # a second signal stopped the write (torch reports it as a failure)
+                    raise SystemExit(self.exit_code) from None
+                raise
         barrier()
         return path
 
@@ -391,6 +407,7 @@ class Trainer:
         loader = self._check_resumed_data(self._build_loader("train", 0 if checked else self.start_batch))
         if checked:
             loader.start_batch = self.start_batch
+        self.epoch_batches(loader)  # an accumulation the epoch cannot hold fails before the start record
         # after the train loader's pre-flight check: Ctrl-C during that check stops it at once (KeyboardInterrupt, exit
         # 130), and its caches keep what it checked
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -405,9 +422,8 @@ class Trainer:
                 if epoch != self.start_epoch and self.start_batch:  # the resumed epoch's loader skipped batches
                     loader, self.start_batch = self._build_loader("train", 0), 0
                 stop, next_batch = self.train_epoch(loader, epoch, start)
-                if stop:
-                    path = self.save(epoch, next_batch) if next_batch else self.save(epoch + 1, 0)
-                    self._report_stop(path)
+                if stop and next_batch:  # the epoch's last batch too: its record and validation come on resume
+                    self._report_stop(self.save(epoch, next_batch))
                     return 0
                 last = epoch + 1 == cfg.solver.max_epoch
                 top1 = None
@@ -486,16 +502,22 @@ class Trainer:
         first = next(m for m in messages if m)
         raise BadVideoError(f"{first}\nevery video left out is listed in {self.run_dir / 'rejected.csv'}") from error
 
+    def epoch_batches(self, loader: Any) -> int:
+        """The batches per rank an epoch of ``loader`` runs (``train.max_steps_per_epoch`` caps them); ValueError
+        when they cannot make one optimizer step of the accumulation."""
+        n = len(loader)
+        if self.cfg.train.max_steps_per_epoch:
+            n = min(n, self.cfg.train.max_steps_per_epoch * self.accum)
+        if n < self.accum:
+            raise ValueError(f"an epoch has {n} batches per rank but one optimizer step needs {self.accum} "
+                             f"(solver.global_batch_size={self.cfg.solver.global_batch_size}); lower it")
+        return n
+
     def train_epoch(self, loader: Any, epoch: int, start: int) -> tuple[bool, int]:
         """One epoch from batch ``start``. Returns (stop requested, next batch: 0 when the epoch is complete)."""
         cfg, info = self.cfg, self.info
         loader.set_epoch(epoch)
-        n = len(loader)
-        if cfg.train.max_steps_per_epoch:
-            n = min(n, cfg.train.max_steps_per_epoch * self.accum)
-        if n < self.accum:
-            raise ValueError(f"an epoch has {n} batches per rank but one optimizer step needs {self.accum} "
-                             f"(solver.global_batch_size={cfg.solver.global_batch_size}); lower it")
+        n = self.epoch_batches(loader)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cpu":  # freed memory kept from before (a checkpoint, validation) is not this epoch's
@@ -509,15 +531,21 @@ class Trainer:
 
             bar = tqdm(total=n, initial=start, desc=f"epoch {epoch + 1}/{cfg.solver.max_epoch}", dynamic_ncols=True,
                        leave=False, file=sys.stderr)
-        loss_sum = seen = 0.0
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)  # read at the epoch's end, not per step
-        window, window_loss = ThroughputWindow(), []  # the log window: steps, clips, data wait; its losses
+        # the sums of the epoch so far: a resumed epoch's from its checkpoint (clips and correct ones all ranks'
+        # totals, counted once, on rank 0), else zero
+        partial, self.epoch_partial = (self.epoch_partial if start else None) or {}, None
+        loss_sum, done = partial.get("loss_sum", 0.0), partial.get("done", 0)
+        seen = partial.get("seen", 0.0) if info.is_main else 0.0
+        # read at the epoch's end, not per step
+        correct = torch.full((), partial.get("correct", 0) if info.is_main else 0, dtype=torch.int64,
+                             device=self.device)
+        # the log window: steps, clips, data wait; its losses
+        window, window_loss = ThroughputWindow(), list(partial.get("window_loss", []))
         # The epoch's first optimizer steps (a cold loader, allocator growth, autotuning, compilation) are a window
         # of their own, logged as warm-up; the steady clips/s leaves them out.
         warmup_iters = min(self.accum * cfg.train.warmup_steps, n - start)
         warming = warmup_iters > 0
         stop = False
-        done = 0
         # The next batch is fetched right after each forward, before the step's all-reduce, so that a rank whose
         # loader stopped on a bad video tells the others there and all stop together; the first batch is agreed on
         # here (a rank that skipped a step would leave the others waiting in a collective).
@@ -578,7 +606,11 @@ class Trainer:
             if sync and stop:
                 if bar is not None:
                     bar.close()
-                return True, (i + 1 if i + 1 < n else 0)
+                clips, right = read_back(all_reduce_sum(torch.cat([device_values([seen], self.device, torch.float64),
+                                                                   correct.double().reshape(1)])))
+                self.epoch_partial = {"loss_sum": loss_sum, "done": done, "seen": clips, "correct": int(right),
+                                      "window_loss": list(window_loss)}
+                return True, i + 1
         if bar is not None:
             bar.close()
         if window.steps:
@@ -656,10 +688,11 @@ class Trainer:
                          self.step)
         self.metrics.log({"event": "stop", "reason": "non-finite loss", "epoch": epoch + 1, "batch": batch,
                           "checkpoint": str(path) if path else None}, self.step)
-        raise NonFiniteLossError(
-            f"loss is {loss_val} at step {self.step} (epoch {epoch + 1}, batch {batch}); weights before this step "
-            f"saved to {path or 'rank 0 debug checkpoint'}. Lower solver.base_lr, set solver.grad_clip, or use "
-            f"train.precision=fp32 / bf16 instead of fp16.")
+        message = (f"loss is {loss_val} at step {self.step} (epoch {epoch + 1}, its batch {batch + 1}); weights "
+                   f"before this step saved to {path or 'rank 0 debug checkpoint'}. Lower solver.base_lr, set "
+                   "solver.grad_clip, or use train.precision=fp32 / bf16 instead of fp16.")
+        logger.error("%s", message)  # in train.log too, which the traceback on stderr does not reach
+        raise NonFiniteLossError(message)
 
     def validate(self, epoch: int) -> dict[str, Any]:
         """Multi-view accuracy on the val split (a loader built once, reused)."""

@@ -86,9 +86,10 @@ class RunLock:
             self._file.close()
 
 
-# What a resume refuses to change (a changed value would make the checkpoint another model's, or its clips other
-# clips): the architecture, and the keys that define a clip. The data's sources are refused too unless
-# train.on_data_change=replan (then the fingerprint check decides, as for an edited manifest). Other keys are warned.
+# What a resume refuses to change (a changed value would make the checkpoint another model's, its clips other clips,
+# or its optimizer state another optimizer's): the architecture, the keys that define a clip, the optimizer. The
+# data's sources are refused too unless train.on_data_change=replan (then the fingerprint check decides, as for an
+# edited manifest). Other keys are warned, and apply from the resume on.
 MODEL_KEYS = tuple(f"model.{k}" for k in ("img_size", "patch_size", "in_chans", "num_classes", "num_frames",
                                            "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
                                            "attention_type", "input_channels"))
@@ -97,6 +98,7 @@ CLIP_KEYS = tuple(f"data.{k}" for k in ("num_frames", "sampling_rate", "target_f
                                          "inv_uniform_sample", "pad_short"))
 SOURCE_KEYS = tuple(f"data.{k}" for k in ("format", "root", "train_manifest", "path_prefix", "separator",
                                            "ssv2_labels", "ssv2_suffix"))
+OPTIMIZER_KEYS = ("solver.optimizer",)  # SGD's momentum buffers are no AdamW moments
 IGNORED_KEYS = ("output.dir", "train.resume")  # where the run is (a moved folder) and how it was started
 
 Change = tuple[str, Any, Any]  # (dotted key, checkpoint's value, this launch's value)
@@ -123,9 +125,9 @@ def config_changes(before: dict[str, Any], after: dict[str, Any],
                    data_may_change: bool = False) -> tuple[list[Change], list[Change]]:
     """``(refused, warned)``: the keys whose value differs between the checkpoint's config ``before`` and this
     launch's ``after`` (nested dicts, as the YAML loads), split into those a resume refuses (``MODEL_KEYS``,
-    ``CLIP_KEYS``, and ``SOURCE_KEYS`` unless ``data_may_change``) and the others. A key that only one side has
-    (a schema of another version) and ``IGNORED_KEYS`` are left out."""
-    refuse = set(MODEL_KEYS + CLIP_KEYS + (() if data_may_change else SOURCE_KEYS))
+    ``CLIP_KEYS``, ``OPTIMIZER_KEYS``, and ``SOURCE_KEYS`` unless ``data_may_change``) and the others. A key that only
+    one side has (a schema of another version) and ``IGNORED_KEYS`` are left out."""
+    refuse = set(MODEL_KEYS + CLIP_KEYS + OPTIMIZER_KEYS + (() if data_may_change else SOURCE_KEYS))
     refused: list[Change] = []
     warned: list[Change] = []
     for key, old, new in sorted(_pairs(before, after), key=lambda change: change[0]):
@@ -345,6 +347,21 @@ class CheckpointManager:
                 logger.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one", path,
                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
+
+
+def epoch_partial(value: Any) -> dict[str, Any] | None:
+    """A mid-epoch checkpoint's ``epoch_partial`` (the interrupted epoch's loss sum, clips, correct ones and
+    micro-batches over all ranks, and its open log window's losses), checked; None when it is absent or not of that
+    form (an older checkpoint: the resumed epoch's records then cover the batches after the resume)."""
+    if not isinstance(value, dict):
+        return None
+    scalars = {k: value.get(k) for k in ("loss_sum", "seen", "correct", "done")}
+    losses = value.get("window_loss")
+    if (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scalars.values())
+            or not isinstance(losses, list) or len(losses) > 1 << 20
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in losses)):
+        return None
+    return {**scalars, "window_loss": list(losses)}
 
 
 def resume_position(obj: dict[str, Any], path: str | Path = "the checkpoint") -> tuple[int, int, int]:

@@ -3,6 +3,7 @@ configs/exp."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,14 @@ def test_unknown_override_names_the_closest_key():
     with pytest.raises(KeyError, match=r"unknown config key 'solver.base_lrr' in command-line overrides; "
                                        r"did you mean 'solver.base_lr'\?"):
         load_config(None, ["solver.base_lrr=0.1"])
+
+
+def test_a_key_in_the_wrong_section_names_the_section_it_is_in():
+    for bad, hint in (("train.max_epoch", "'solver.max_epoch'"), ("train.base_lr", "'solver.base_lr'"),
+                      ("train.batch_size", "'data.batch_size' (or 'test.batch_size', 'bench.batch_size')")):
+        with pytest.raises(KeyError, match=rf"unknown config key '{bad}' in command-line overrides; did you mean "
+                                           rf"{re.escape(hint)}\?$"):
+            load_config(None, [f"{bad}=2"])
 
 
 def test_unknown_yaml_key_names_the_file_and_the_closest_key(tmp_path):

@@ -177,28 +177,35 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 def test_a_changed_learning_rate_warns_once_and_resumes(finished, tiny, tmp_path):
     out = copy_of(finished, tmp_path / "run")
-    res = run(train_cmd(*tiny, f"output.dir={out}", "solver.base_lr=0.01", "solver.max_epoch=2"))
+    res = run(train_cmd(*tiny, f"output.dir={out}", "solver.base_lr=0.01", "solver.max_epoch=2",
+                        "solver.weight_decay=0.05"))
     assert res.returncode == 0, res.stderr[-3000:]
     old = out / "checkpoints" / "checkpoint_epoch_00001.pyth"
     warning = (f"resuming from {old} with a changed config (the new values apply from here on): solver.base_lr "
-               f"0.001 -> 0.01, solver.max_epoch 1 -> 2")
+               f"0.001 -> 0.01, solver.max_epoch 1 -> 2, solver.weight_decay 0.0001 -> 0.05")
     warned = [line for line in res.stderr.splitlines() if "with a changed config" in line]
     assert len(warned) == 1 and " WARNING " in warned[0] and warned[0].endswith(warning), warned
-    assert f"resumed from {old}: epoch 1, batch 0, step 1" in res.stderr
+    assert f"resumed from {old}: 1 epoch(s) and 0 batch(es) done, step 1" in res.stderr
     assert warning in (out / "train.log").read_text()
     assert (out / "checkpoints" / "checkpoint_epoch_00002.pyth").is_file()
     assert yaml.safe_load((out / "config.2.yaml").read_text())["solver"]["base_lr"] == 0.01
+    # they do apply: the optimizer state loaded from the checkpoint held the old weight decay in its groups
+    groups = torch.load(out / "checkpoints" / "checkpoint_epoch_00002.pyth", weights_only=True)["optimizer_state"]
+    assert {g["weight_decay"] for g in groups["param_groups"]} == {0.05}
 
 
 def test_a_changed_model_or_clip_is_refused_before_anything_is_written(finished, tiny, tmp_path):
     out = copy_of(finished, tmp_path / "run")
     before = snapshot(out)
-    res = run(train_cmd(*tiny, f"output.dir={out}", "model.depth=3", "data.sampling_rate=2", "solver.base_lr=0.01"))
+    res = run(train_cmd(*tiny, f"output.dir={out}", "model.depth=3", "data.sampling_rate=2", "solver.base_lr=0.01",
+                        "solver.optimizer=sgd"))  # AdamW's state is no SGD's: it would fail at the first step
     assert res.returncode == ExitCode.RUN_FOLDER == 4
-    assert error_line(res) == (f"error: cannot resume from {out}/checkpoints/checkpoint_epoch_00001.pyth: the config "
-                               f"changes the model or its data: data.sampling_rate 3 -> 2, model.depth 2 -> 3; put "
-                               f"the old value(s) back, or train a new model in a folder of its own "
-                               f"(output.dir=<new folder> train.resume=never)")
+    ckpt = f"{out}/checkpoints/checkpoint_epoch_00001.pyth"
+    assert error_line(res) == (f"error: cannot resume from {ckpt}: the config changes the model, its data or its "
+                               f"optimizer: data.sampling_rate 3 -> 2, model.depth 2 -> 3, solver.optimizer 'adamw' -> "
+                               f"'sgd'; put the old value(s) back, or train a new model in a folder of its own "
+                               f"(output.dir=<new folder> train.resume=never; model.pretrained={ckpt} starts it from "
+                               f"these weights)")
     assert "KeyError" not in res.stderr and "solver.base_lr" not in res.stderr
     assert snapshot(out) == before
 
@@ -237,7 +244,8 @@ def test_a_restarted_attempt_continues_its_run_under_resume_never(finished, tiny
               TORCHELASTIC_RESTART_COUNT="1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "a restarted attempt of this run: train.resume=never continues from its checkpoints (auto)" in res.stderr
-    assert f"resumed from {out}/checkpoints/checkpoint_epoch_00001.pyth: epoch 1, batch 0, step 1" in res.stderr
+    assert f"resumed from {out}/checkpoints/checkpoint_epoch_00001.pyth: 1 epoch(s) and 0 batch(es) done, step 1" \
+        in res.stderr
 
 
 def test_ranks_that_found_different_checkpoints_are_stopped_before_training():

@@ -65,6 +65,20 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(list_checkpoints(run_dir / "checkpoints")[-1])["model_state"]
 
 
+def epoch_records(run_dir: Path) -> list[tuple]:
+    """Each epoch's train loss, train top-1 and val top-1, and the train windows' losses, as ``metrics.jsonl``
+    holds them: what a resumed run must log as an uninterrupted one does."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["event"], r["epoch"], r.get("train/loss"), r.get("train/top1"), r.get("val/top1"))
+            for r in records if r["event"] in ("epoch", "val", "train")]
+
+
+def assert_same_records(a: list[tuple], b: list[tuple]) -> None:
+    assert [r[:2] for r in a] == [r[:2] for r in b]
+    for ra, rb in zip(a, b):  # the losses within float noise of the weights' (1e-6), the counts exactly
+        assert ra[2] == (rb[2] if rb[2] is None else pytest.approx(rb[2], rel=1e-6)) and ra[3:] == rb[3:], (ra, rb)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Schedules and optimizers.
 def test_steps_with_relative_lrs_matches_the_original_recipe():
@@ -246,10 +260,61 @@ def test_sigterm_stops_saves_and_resume_reproduces_the_uninterrupted_run(referen
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]  # each epoch once
     assert [r["event"] for r in records].count("start") == 2
+    # the interrupted epoch's record counts its batches before the stop too (from the checkpoint)
+    assert_same_records(epoch_records(out), epoch_records(reference_run))
     a, b = final_weights(reference_run), final_weights(out)
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
+
+
+def test_a_stop_after_an_epochs_last_step_keeps_its_record_and_validation(reference_run, toy, tmp_path):
+    out = tmp_path / "resumed"
+    # SIGTERM after step 3: step 4, epoch 1's last, finishes; its record and validation are due after it
+    first = run(train_cmd(*toy, f"output.dir={out}", "train.debug_signal_at_step=3"))
+    assert first.returncode == 0 and "stopped by SIGTERM" in first.stdout, first.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_epoch_00001_iter_000008.pyth"]
+    assert {r[0] for r in epoch_records(out)} == {"train"}  # no epoch or val record yet: they come on resume
+    second = run(train_cmd(*toy, f"output.dir={out}"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_same_records(epoch_records(out), epoch_records(reference_run))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [  # the epoch's own checkpoint too
+        "checkpoint_epoch_00001_iter_000008.pyth", "checkpoint_epoch_00001.pyth", "checkpoint_epoch_00002.pyth"]
+
+
+def test_a_second_signal_in_the_middle_of_a_save_exits_with_its_status(tmp_path, monkeypatch):
+    """torch.save reports the SystemExit a second SIGTERM raises inside its writer as a failed write: the run exits
+    128 + 15 as documented, not 2 with a disk error."""
+    from timesformer_harness.checkpoint import CheckpointWriteError
+    from timesformer_harness.distributed import DistInfo
+    from timesformer_harness.train import Trainer
+
+    cfg = load_config(REPO / "configs/model/tiny.yaml", ["data.loader=synthetic", "train.eval_period=0",
+                                                         "output.tensorboard=false", f"output.dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, DistInfo())
+    trainer.metrics.close()
+    trainer._on_signal(signal.SIGTERM, None)  # the first: finish the step, then save
+
+    def interrupted_save(*args, **kwargs):
+        try:
+            trainer._on_signal(signal.SIGTERM, None)  # the second arrives while the checkpoint is written
+        except SystemExit as e:
+            raise CheckpointWriteError(f"could not write x.pyth: the write failed ({e!r})") from e
+
+    monkeypatch.setattr(trainer.ckpt, "save", interrupted_save)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            trainer.save(0, 1)
+        assert stopped.value.code == 128 + signal.SIGTERM
+        def disk_full(*args, **kwargs):
+            raise CheckpointWriteError("could not write x.pyth: the disk is full")
+
+        monkeypatch.setattr(trainer, "exit_code", None)  # a write that fails on its own is still reported as one
+        monkeypatch.setattr(trainer.ckpt, "save", disk_full)
+        with pytest.raises(CheckpointWriteError, match="the disk is full"):
+            trainer.save(0, 1)
+    finally:
+        trainer.lock.release()
 
 
 def test_a_second_run_on_a_held_run_folder_is_refused_before_writing(toy, tmp_path):

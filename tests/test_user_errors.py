@@ -95,6 +95,18 @@ def test_data_mistakes_fail_before_the_run_folder_is_written(mistake, tiny, tmp_
     assert not (tmp_path / "run").exists()  # no config.yaml, metrics.jsonl, tb/ or lock
 
 
+def test_an_accumulation_an_epoch_cannot_hold_fails_before_any_record(tiny, tmp_path):
+    """The mistake is refused before the run's first record, so that the corrected command runs under
+    ``train.resume=never`` (which refuses a folder holding records)."""
+    out = tmp_path / "run"
+    res = run(train_cmd(*tiny, "solver.global_batch_size=100000", f"output.dir={out}"))
+    assert res.returncode == ExitCode.CONFIG
+    assert "but one optimizer step needs" in error_line(res) and error_line(res).endswith("; lower it")
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
+    fixed = run(train_cmd(*tiny, "train.resume=never", f"output.dir={out}"))
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+
+
 def test_a_missing_pretrained_file_is_a_checkpoint_error_before_the_run_folder(tiny, tmp_path):
     res = run(train_cmd(*tiny, f"model.pretrained={tmp_path}/nope.pyth", f"output.dir={tmp_path}/run"))
     assert res.returncode == ExitCode.CHECKPOINT == 2

@@ -60,9 +60,8 @@ from timesformer_harness.runtime import (environment_info, precision_name, relea
 from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (Change, CheckpointManager, RunFolderError, RunLock, config_changes,
                                              data_fingerprint, epoch_partial, find_resume, format_changes,
-                                             keep_records_up_to,
-                                             list_checkpoints, resume_disagreement, resume_position, rng_state,
-                                             saved_config, set_rng_state)
+                                             keep_records_up_to, list_checkpoints, resume_disagreement,
+                                             resume_position, rng_state, saved_config, set_rng_state)
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
 from timesformer_harness.common import ExitCode, log_to_file, remove_stale_temporaries, report_error, setup_logging
@@ -514,7 +513,8 @@ class Trainer:
         return n
 
     def train_epoch(self, loader: Any, epoch: int, start: int) -> tuple[bool, int]:
-        """One epoch from batch ``start``. Returns (stop requested, next batch: 0 when the epoch is complete)."""
+        """One epoch from batch ``start``. Returns (stop requested, the batch to resume at: after a stop the next
+        one, the epoch's length when the stop came after its last; 0 when the epoch is complete)."""
         cfg, info = self.cfg, self.info
         loader.set_epoch(epoch)
         n = self.epoch_batches(loader)
@@ -606,8 +606,7 @@ class Trainer:
             if sync and stop:
                 if bar is not None:
                     bar.close()
-                clips, right = read_back(all_reduce_sum(torch.cat([device_values([seen], self.device, torch.float64),
-                                                                   correct.double().reshape(1)])))
+                _, clips, right = self._epoch_totals(loss_sum, seen, correct)
                 self.epoch_partial = {"loss_sum": loss_sum, "done": done, "seen": clips, "correct": int(right),
                                       "window_loss": list(window_loss)}
                 return True, i + 1
@@ -616,8 +615,7 @@ class Trainer:
         if window.steps:
             self._log_window(window, window_loss, lr_at(cfg.solver, epoch + (n - 1) / n), epoch, warmup=warming)
         done = max(done, 1)
-        totals = torch.cat([device_values([loss_sum, seen], self.device, torch.float64), correct.double().reshape(1)])
-        loss_total, seen_total, correct_total = read_back(all_reduce_sum(totals))
+        loss_total, seen_total, correct_total = self._epoch_totals(loss_sum, seen, correct)
         record = {"event": "epoch", "epoch": epoch + 1, "train/loss": loss_total / info.world_size / done,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         if not mixing:
@@ -637,6 +635,11 @@ class Trainer:
                               "data/quarantined": len(bad)}, self.step)
             raise type(e)(f"{e}\nevery video left out is listed in {self.run_dir / 'rejected.csv'}") from None
         return stop, 0
+
+    def _epoch_totals(self, loss_sum: float, seen: float, correct: torch.Tensor) -> list[float]:
+        """The epoch's sums over every rank (a collective): losses, clips and correct ones."""
+        totals = torch.cat([device_values([loss_sum, seen], self.device, torch.float64), correct.double().reshape(1)])
+        return read_back(all_reduce_sum(totals))
 
     def _exchange(self, loss: torch.Tensor, stop: bool, failed: bool) -> tuple[float, bool, bool]:
         """The micro-batch's one host-device sync, in one small all-reduce: the mean loss over ranks (for the log

@@ -224,6 +224,10 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             fmt_cell(r.get("first_step_s"), ".1f"), fmt_cell(r.get("compile_s"), ".1f")]) + " |")
     lines += [f"- {r['row']}: no kernel time, the profiler failed: {r['kernel_error']}" for r in rows
               if r.get("kernel_error")]
+    if any(r["compile"] == "reduce-overhead" and r.get("kernel_ms") is not None for r in rows):
+        lines.append("- reduce-overhead rows: their kernel ms come from a profile of CUDA graph replays, which CUPTI "
+                     "before CUDA 13.1 Update 1 may attribute wrongly (a GPU busy % above 100 or near 0 says so); "
+                     "their step ms and clips/s are timed without the profiler")
     lines += [f"- {r['row']}: the Triton attention's autotuned blocks: "
               + "; ".join(f"{shape}: {block}" for shape, block in r["triton_blocks"].items())
               for r in rows if r.get("triton_blocks")]

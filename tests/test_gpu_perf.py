@@ -111,7 +111,11 @@ def test_the_summary_names_the_triton_attentions_autotuned_blocks():
     assert "| temporal-triton-b8 | divided_space_time | 8 | none | auto, temporal triton | ok | 130.0 |" in text
     assert ("- compiled-temporal-triton-b8: torch warned: torch._higher_order_ops.triton_kernel_wrap: Encountered an "
             "exception in identify_accessed_tensors, assuming every input is mutated") in text
-    assert text.count("torch warned") == 1
+    assert text.count("torch warned") == 1 and "reduce-overhead rows" not in text
+    graphs = {**row, "row": "reduce-overhead-b2", "compile": "reduce-overhead", "temporal_backend": "same",
+              "kernel_ms": 9.0, "triton_blocks": None}
+    assert "- reduce-overhead rows: their kernel ms come from a profile of CUDA graph replays" in \
+        gpu_perf.summary([row, graphs], meta)
 
 
 def test_device_totals_sum_the_device_side_events_only():

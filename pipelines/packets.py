@@ -45,7 +45,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -579,6 +579,17 @@ def _start_codes(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, path: st
         pos, ends = pos[more], ends[more]
 
 
+def _collect(packets: Iterable[Any], wanted_pts: set[int]) -> list[Any]:
+    """The packets of ``packets`` whose pts is in ``wanted_pts``, stopping once all are found."""
+    found = []
+    for p in packets:
+        if p.size > 0 and p.pts is not None and int(p.pts) in wanted_pts:
+            found.append(p)
+            if len(found) == len(wanted_pts):
+                break
+    return found
+
+
 def remux_packets(index: PacketIndex, plan: PacketPlan, fmt: str = "matroska") -> bytes:
     """The plan's packets copied by PyAV (seek + demux + mux, no decoding) into ``fmt`` in memory: any codec,
     B-frames included. Each segment is re-timed to follow the previous one in display order (without an index
@@ -594,15 +605,13 @@ def remux_packets(index: PacketIndex, plan: PacketPlan, fmt: str = "matroska") -
         for seg in np.split(plan.packets, plan.segments[1:]):
             seg_pts = {int(index.pts[d]) for d in seg}
             src.seek(int(index.pts[seg[0]]), stream=s, backward=True, any_frame=False)
-            copied = []
-            for p in src.demux(s):
-                if p.size > 0 and p.pts is not None and int(p.pts) in seg_pts:
-                    copied.append(p)
-                    if len(copied) == len(seg_pts):
-                        break
+            copied = _collect(src.demux(s), seg_pts)
+            if len(copied) < len(seg_pts):  # the seek landed past them (MPEG-TS can): read from the file's start
+                with av.open(index.path) as again:
+                    copied = _collect(again.demux(again.streams.video[0]), seg_pts)
             if len(copied) < len(seg_pts):
                 raise RuntimeError(f"{index.path}: {len(seg_pts) - len(copied)} packets of a clip not found again "
-                                   "after seeking (the file changed since it was indexed?)")
+                                   "(the file changed since it was indexed?)")
             p0 = min(int(p.pts) for p in copied)
             shift = base - p0
             dts0 = copied[0].dts

@@ -12,6 +12,8 @@ process as a bare ``RuntimeError`` without the file's name), and its batch as a 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -48,9 +50,11 @@ def decode_clip(path: str, indices: Sequence[int] | np.ndarray, index: PacketInd
     For each wanted frame (ascending) decoding starts at its keyframe, unless that keyframe is at or before the frame
     the decoder is at (``timesformer_harness.pipelines.packets.keyframe_segments``: the fewest frames, one seek per
     segment): a seek per frame on intra-only files, one seek on long GOPs. Seeks go to the keyframe's exact pts and
-    frames are identified by pts (``index``: the file's ``PacketIndex``; indexed now when not given). Indices past the
-    end of a shorter-than-declared video repeat its last frame. A frame folder's images are decoded one by one
-    (``decode_images``).
+    frames are identified by pts (``index``: the file's ``PacketIndex``; indexed now when not given); where a seek
+    lands past its keyframe (MPEG-TS demuxers can), the clip is decoded from the file's start without seeking.
+    Indices past the end of a shorter-than-declared video repeat its last frame; a wanted frame before it that the
+    decoder never output raises RuntimeError naming the file (no other frame stands in for it). A frame folder's
+    images are decoded one by one (``decode_images``).
     """
     index = index if index is not None else _INDEXES.get(path)
     if index.files:
@@ -60,15 +64,21 @@ def decode_clip(path: str, indices: Sequence[int] | np.ndarray, index: PacketInd
     display_of = {int(index.pts[d]): n for n, d in enumerate(index.display)}
     got: dict[int, np.ndarray] = {}
     decoded, pos, last, tail = 0, 0, None, None  # pos: the display index of the next frame the decoder outputs
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_count = 1  # parallelism comes from the DataLoader workers (one decode thread each)
-        bound_decoder(stream, index.width, index.height)  # a frame far above the indexed size is refused, not allocated
-        frames = container.decode(stream)
+    with contextlib.ExitStack() as files:
+        container, stream = _open_decoder(files, path, index)
+        frames: Iterator[Any] = container.decode(stream)
+        seeks = True
         for k, end in keyframe_segments(index.keyframes, wanted):
-            if k > pos:  # decoding on from pos would cost more than restarting at k
+            if k > pos and seeks:  # decoding on from pos would cost more than restarting at k
                 container.seek(int(index.pts[index.display[k]]), stream=stream, backward=True, any_frame=False)
                 frames, pos = container.decode(stream), k
+                first = next(frames, None)
+                if first is not None and display_of.get(first.pts, k) > k:  # landed past k: never seek again
+                    files.close()
+                    container, stream = _open_decoder(files, path, index)
+                    frames, pos, seeks = container.decode(stream), 0, False
+                elif first is not None:
+                    frames = itertools.chain([first], frames)
             for frame in frames:
                 decoded += 1
                 n = display_of.get(frame.pts, pos) if frame.pts is not None else pos
@@ -81,9 +91,23 @@ def decode_clip(path: str, indices: Sequence[int] | np.ndarray, index: PacketInd
                 break
         if last is None:
             raise RuntimeError(f"{path}: no frame decoded at or after index {wanted[0]}")
+        skipped = [i for i in wanted if i not in got and i < pos]
+        if skipped:
+            raise RuntimeError(f"{path}: the decoder never output frame(s) {skipped[:8]} of the {index.num_frames} it "
+                               "has packets for (an edit list hides them, or packets do not decode); re-encode it "
+                               "(python -m timesformer_harness.pipelines.tools.prepare)")
         if len(got) < len(wanted):  # the stream ended early: repeat the last frame (as padding does)
             tail = last.to_ndarray(format="rgb24")
     return DecodedClip(np.stack([got.get(int(i), tail) for i in indices]), decoded)
+
+
+def _open_decoder(files: contextlib.ExitStack, path: str, index: PacketIndex) -> tuple[Any, Any]:
+    """``path`` opened (closed with ``files``) and its first video stream set up for ``decode_clip``."""
+    container = files.enter_context(av.open(path))
+    stream = container.streams.video[0]
+    stream.thread_count = 1  # parallelism comes from the DataLoader workers (one decode thread each)
+    bound_decoder(stream, index.width, index.height)  # a frame far above the indexed size is refused, not allocated
+    return container, stream
 
 
 def decode_images(index: PacketIndex, indices: Sequence[int] | np.ndarray) -> DecodedClip:

@@ -271,8 +271,12 @@ def probe_video(path: str) -> VideoInfo:
             if info.frames == 0:
                 info.error = "no video frames"
                 return info
+            # what the frames cover: from the first one, or from 0 where the timestamps start later (Matroska's
+            # declared duration is the end time, with the offset in it)
+            covered = max(_span(packets, stream.time_base), float(max(p for p, _ in packets) * stream.time_base)) \
+                if packets and stream.time_base else 0.0
             short = bool(declared and info.fps and packets and stream.time_base
-                         and _span(packets, stream.time_base) + 1.0 / info.fps < 0.9 * declared - 2.0 / info.fps)
+                         and covered + 1.0 / info.fps < 0.9 * declared - 2.0 / info.fps)
             unread = data_end > 0 and size - data_end > max(TAIL_BYTES, size // 2)
             if (short and not own and len(container.streams) > 1) or unread:  # other streams may explain it
                 covered, data_end = _whole_file(container)
@@ -293,8 +297,14 @@ def probe_video(path: str) -> VideoInfo:
             stream = container.streams.video[0]
             bound_decoder(stream, info.width, info.height)
             frame = next(container.decode(stream), None)
+            hidden = sum(1 for pts, _ in packets if frame is not None and frame.pts is not None and pts < frame.pts)
             if frame is None:
                 info.error = "no decodable frame"
+            elif hidden:
+                info.error = (f"its first {hidden} frame(s) never come out of the decoder (an edit list hides them, "
+                              "or the stream starts before its first keyframe): frames are numbered by packet, so "
+                              "every clip would be shifted; re-encode it (python -m "
+                              "timesformer_harness.pipelines.tools.prepare) or cut it at a keyframe")
             else:
                 _frame_format(frame, info)
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:

@@ -312,6 +312,45 @@ def test_remuxed_packets_keep_the_frames_for_the_gpu_decoder(tmp_path, encoder, 
         assert model <= plan.decoded <= model + 3 * len(plan.segments), frames  # + reordered frames per segment
 
 
+def test_a_transport_stream_whose_seeks_land_late_is_decoded_from_its_start(tmp_path) -> None:
+    """MPEG-TS demuxers can land a seek to a keyframe on a later one: the PyAV loader sees where it landed and
+    decodes that clip from the file's start (the frames of a full decode, not the last one repeated), and the GPU
+    path's remux finds the clip's packets again from the start."""
+    if "libx264" not in av.codecs_available:
+        pytest.skip("no libx264 encoder")
+    path = str(write_video(tmp_path / "gop10.ts", textured_frames(60, 48, 64, 3), "libx264", 30,
+                           {"g": "10"}))
+    every, index = _all_frames(path), index_packets(path)
+    wanted = [0, 2, 4, 6, 8, 10, 12, 15, 40, 41]
+    assert np.array_equal(decode_frames(path, wanted, index), every[wanted])
+    plan = plan_packets(index, wanted)
+    out = _all_frames_bytes(packets.remux_packets(index, plan))
+    assert np.array_equal(out[plan.frames[plan.order]], every[wanted])
+
+
+def test_frames_the_decoder_never_outputs_are_an_error_not_another_frame(tmp_path) -> None:
+    """An MP4 whose edit list hides its first 3 frames (a stream-copy cut): the packets number 60 frames, the
+    decoder outputs 57. A clip that wants a hidden frame fails naming the file (the run-time quarantine takes it),
+    instead of a later frame standing in for it; the pre-flight check refuses the file first."""
+    if "libx264" not in av.codecs_available:
+        pytest.skip("no libx264 encoder")
+    src = write_video(tmp_path / "src.mp4", textured_frames(60, 48, 64, 4), "libx264", 30,
+                      {"preset": "ultrafast", "g": "12", "bf": "3", "crf": "18"})
+    cut = tmp_path / "cut.mp4"
+    with av.open(str(src)) as i, av.open(str(cut), "w") as o:
+        out = o.add_stream_from_template(i.streams.video[0])
+        kept = [p for p in i.demux(i.streams.video[0]) if p.size]
+        shift = sorted(p.pts for p in kept)[3]  # pts before 0: the edit list starts at the fourth frame
+        for p in kept:
+            p.pts, p.dts, p.stream = p.pts - shift, p.dts - shift, out
+            o.mux(p)
+    assert len(_all_frames(str(cut))) == 57 and index_packets(str(cut)).num_frames == 60
+    with pytest.raises(RuntimeError, match=rf"{cut}: the decoder never output frame\(s\) \[0, 2\] of the 60"):
+        decode_frames(str(cut), [0, 2, 5, 9])
+    assert probe_video(str(cut)).error.startswith("its first 3 frame(s) never come out of the decoder (an edit list "
+                                                  "hides them")
+
+
 def _all_frames_bytes(data: bytes) -> np.ndarray:
     import io
 

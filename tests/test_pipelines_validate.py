@@ -34,6 +34,32 @@ def test_each_bad_input_has_its_reason(videos, name: str) -> None:
     assert BAD[name] in rejected[0][1], rejected[0][1]
 
 
+def test_timestamps_that_start_late_are_not_read_as_truncation(tmp_path) -> None:
+    """A complete WebM whose timestamps start at 5 s (a cut that kept them): Matroska declares its end time (6.3 s)
+    as the duration, which the frames' span (1.3 s) only reaches counted from 0."""
+    import av
+    from fractions import Fraction
+
+    from conftest import textured_frames
+
+    path = tmp_path / "late.webm"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libvpx-vp9", rate=30)
+        s.width, s.height, s.pix_fmt, s.time_base = 64, 48, "yuv420p", Fraction(1, 1000)
+        s.options = {"deadline": "realtime", "cpu-used": "8", "g": "8"}
+        for k, img in enumerate(textured_frames(40, 48, 64, 2)):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = 5000 + 33 * k, Fraction(1, 1000)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with av.open(str(path)) as c:
+        assert c.duration / 1e6 > 6.0  # the end time, not the 1.3 s the frames last
+    info = probe_video(str(path))
+    assert info.error == "" and info.frames == 40
+
+
 def test_codec_sets_per_backend(videos) -> None:
     info = probe_video(str(videos.h264))
     assert info.codec == "h264" or info.codec == "mpeg4"

@@ -66,7 +66,9 @@ logger = logging.getLogger(__name__)
 DECODABLE_CODECS = {"cpu": set(DALI_CPU_CODECS), "gpu": set(NVDEC_CODECS), "pyav": None}
 _CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "libaom-av1": "av1", "h265": "hevc"}
 DEFAULT_CACHE = cache_path("")  # the probe cache when data.validate_cache is unset
-PROBE_VERSION = 3  # 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length
+# 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length; 4: the first frame
+# is the first packet's, and late-starting timestamps are not truncation
+PROBE_VERSION = 4
 MAX_FRAME_PIXELS = DataConfig.max_frame_pixels  # data.max_frame_pixels' default: 3840x2160
 TAIL_BYTES = 1 << 20  # file-size checks: how many unbacked or unread bytes at a file's end are "beyond reason"
 # The probe and the deep check store their results as they come, in transactions of at most FLUSH_FILES results or

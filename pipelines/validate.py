@@ -310,7 +310,8 @@ def probe_video(path: str) -> VideoInfo:
             else:
                 _frame_format(frame, info)
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
-        info.error = f"cannot open/decode: {type(e).__name__}: {e}"
+        info.error = (f"cannot open/decode: {type(e).__name__}: {e}; a file that plays elsewhere can be re-encoded "
+                      "(python -m timesformer_harness.pipelines.tools.prepare), else leave it out of the manifest")
     return info
 
 

@@ -1021,6 +1021,9 @@ def convert(src: str | Path, dst: str | Path, hf: bool = False, weights_only: bo
         notes = f"; {config_path} beside it, num_attention_heads={config['num_attention_heads']} {heads_from}"
         if dst.name != HF_WEIGHT_FILES[0]:
             notes += f"; transformers' from_pretrained reads {HF_WEIGHT_FILES[0]}: name the file so to use the folder"
+        if config.get("attention_type") == "space_only":
+            notes += ("; note: transformers' space_only model classifies each frame ((B*T, classes) logits), where "
+                      "the original and this harness average the frames before the final norm and head")
     problems = [f"{k} {why}" for k, v in sd.items() if (why := tensor_problem(v))]
     return (f"wrote {dst} ({len(sd)} tensors" + (f"; kept {', '.join(kept)}" if kept and not weights_only else "")
             + (f"; dropped {', '.join(kept)} (--weights-only)" if kept and weights_only else "") + notes + ")"

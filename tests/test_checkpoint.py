@@ -292,6 +292,18 @@ def test_snapshot_config_is_checked_against_the_model(tmp_path: Path, caplog: py
         checkpoint_cli("inspect", str(vit), "--no-keys").stdout
 
 
+def test_convert_hf_of_a_space_only_model_says_how_transformers_differs(tmp_path: Path) -> None:
+    src = tmp_path / "space.pyth"
+    save_pyth(src, trained_like("space_only"))
+    summary = convert(src, tmp_path / "model.safetensors", hf=True, weights_only=True)
+    assert "transformers' space_only model classifies each frame ((B*T, classes) logits)" in summary
+    divided = tmp_path / "divided"
+    divided.mkdir()
+    save_pyth(divided / "div.pyth", trained_like())
+    assert "classifies each frame" not in convert(divided / "div.pyth", divided / "model.safetensors", hf=True,
+                                                  weights_only=True)
+
+
 def test_convert_hf_writes_a_config_transformers_loads(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")
     from hf_interop import hf_logits

@@ -317,6 +317,21 @@ def test_a_second_signal_in_the_middle_of_a_save_exits_with_its_status(tmp_path,
         trainer.lock.release()
 
 
+def test_a_recipe_without_imagenet_weights_says_it_trains_from_random_init(tmp_path, caplog):
+    from timesformer_harness.distributed import DistInfo
+    from timesformer_harness.train import Trainer
+
+    cfg = load_config(REPO / "configs/exp/k400_divst_8x32_224.yaml", ["data.loader=synthetic", "train.eval_period=0",
+                                                                     f"output.dir={tmp_path / 'run'}"])
+    caplog.set_level(logging.WARNING, logger="timesformer_harness.train")
+    trainer = Trainer(cfg, DistInfo())
+    trainer.metrics.close()
+    trainer.lock.release()
+    assert [r.getMessage() for r in caplog.records if "model.pretrained is empty" in r.getMessage()] == [
+        "model.pretrained is empty: a ViT-B-sized model trains from random init, where the original recipes start "
+        "from ImageNet ViT weights (model.pretrained=jx_vit_base_p16_224.pth; docs/checkpoints.md)"]
+
+
 def test_a_second_run_on_a_held_run_folder_is_refused_before_writing(toy, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([PY, "-c", "import sys, time; from timesformer_harness.train_state import RunLock; "

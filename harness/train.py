@@ -301,8 +301,9 @@ class Trainer:
             logger.info("initialised from %s (%s)", self.cfg.model.pretrained, report.format)
         elif self.cfg.model.init == "original" and self.cfg.model.embed_dim >= 768:
             logger.warning("model.pretrained is empty: a ViT-%s-sized model trains from random init, where the "
-                           "original recipes start from ImageNet ViT weights (model.pretrained=jx_vit_base_p16_224.pth; "
-                           "docs/checkpoints.md)", "B" if self.cfg.model.embed_dim == 768 else "L")
+                           "original recipes start from ImageNet ViT weights "
+                           "(model.pretrained=jx_vit_base_p16_224.pth; docs/checkpoints.md)",
+                           "B" if self.cfg.model.embed_dim == 768 else "L")
 
     def _build_loader(self, split: str, start_batch: int = 0) -> Any:
         from timesformer_harness.pipelines.factory import build_loader

@@ -59,7 +59,7 @@ from timesformer_harness.runtime import (environment_info, precision_name, relea
                                          retain_freed_memory, seed_everything, set_determinism)
 from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (Change, CheckpointManager, RunFolderError, RunLock, config_changes,
-                                             data_fingerprint, epoch_partial, find_resume, format_changes,
+                                             data_fingerprint, epoch_partial, find_resume, format_changes, video_facts,
                                              keep_records_up_to, list_checkpoints, resume_disagreement,
                                              resume_position, rng_state, saved_config, set_rng_state)
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
@@ -204,6 +204,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last)
         self.start_epoch, self.start_batch, self.step = 0, 0, 0
         self.bad_videos: list[dict[str, Any]] = []  # the train loader's quarantine, as restored / last merged
+        self.quarantined_videos: dict[str, list[float]] = {}  # their planned facts, as restored
         self.steady = ThroughputWindow()  # every log window past the warm-up steps, for the run's steady clips/s
         self._train_loader: Any = None
         self.resumed_from: tuple[Path, dict[str, Any] | None] | None = None  # (checkpoint, its data fingerprint)
@@ -282,6 +283,7 @@ class Trainer:
             self.resumed_from = (path, obj.get("data"))
             self.epoch_partial = epoch_partial(obj.get("epoch_partial")) if self.start_batch else None
             self.bad_videos = list(obj.get("quarantine", []))
+            self.quarantined_videos = video_facts(obj.get("quarantined_videos"))
             rngs = obj.get("rng")
             old_world = int(obj.get("world_size", 1))
             if rngs and old_world == self.info.world_size:
@@ -309,7 +311,8 @@ class Trainer:
         from timesformer_harness.pipelines.factory import build_loader
 
         data_cfg = self.cfg.data if split == "train" else replace(self.cfg.data, batch_size=self.cfg.test.batch_size)
-        kwargs = {"start_batch": start_batch, "quarantine": self.bad_videos} if split == "train" else {}
+        kwargs = {"start_batch": start_batch, "quarantine": self.bad_videos,
+                  "quarantined_videos": self.quarantined_videos} if split == "train" else {}
         loader = build_loader(data_cfg, split, device=self.device, rank=self.info.rank,
                               world_size=self.info.world_size, run_dir=self.run_dir,
                               num_classes=self.cfg.model.num_classes, entries=self._manifests.pop(split, None),
@@ -335,12 +338,17 @@ class Trainer:
                                     else self.bad_videos)
         merged = Quarantine(0)  # every rank's entries found before this position (the later ones are found again)
         merged.merge(states)
+        kept = merged.state_before(epoch, batch)
+        planned = getattr(self._train_loader, "planner", None)
+        quarantined = {e["path"] for e in kept}  # their planned facts, for a resume whose check now refuses them
+        facts = {v.path: [v.frames, v.fps, v.height, v.width] for v in (planned.videos if planned else ())
+                 if v.path in quarantined}
         return {"scaler": self.scaler.state_dict(), "rng": all_gather_objects(rng_state(self.device)),
                 "scheduler": {"policy": self.cfg.solver.lr_policy,
                               "lr": self.optimizer.param_groups[0]["lr"]},
                 "world_size": self.info.world_size, "batch_size": self.cfg.data.batch_size,
                 "seed": self.cfg.train.seed, "optimizer_impl": self.optimizer_impl,
-                "quarantine": merged.state_before(epoch, batch), "data": self._data_fingerprint(), "best": self.best,
+                "quarantine": kept, "quarantined_videos": facts, "data": self._data_fingerprint(), "best": self.best,
                 "epoch_partial": self.epoch_partial if batch else None}
 
     def _data_fingerprint(self) -> dict[str, Any] | None:

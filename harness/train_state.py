@@ -349,6 +349,15 @@ class CheckpointManager:
         return None
 
 
+def video_facts(value: Any) -> dict[str, list[float]]:
+    """A checkpoint's ``quarantined_videos`` (path -> frames, fps, height, width: what those videos were planned
+    with), checked; entries not of that form are left out (an older checkpoint has none)."""
+    if not isinstance(value, dict):
+        return {}
+    return {p: list(f) for p, f in value.items() if isinstance(p, str) and isinstance(f, (list, tuple)) and len(f) == 4
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in f)}
+
+
 def epoch_partial(value: Any) -> dict[str, Any] | None:
     """A mid-epoch checkpoint's ``epoch_partial`` (the interrupted epoch's loss sum, clips, correct ones and
     micro-batches over all ranks, and its open log window's losses), checked; None when it is absent or not of that

@@ -178,7 +178,8 @@ def preflight(cfg: DataConfig, split: str, device: torch.device | str = "cpu", n
 def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "cpu", rank: int = 0,
                  world_size: int = 1, start_batch: int = 0, run_dir: str | Path | None = None,
                  quarantine: Sequence[BadVideo | dict[str, Any]] = (), num_classes: int = 0,
-                 entries: list[VideoEntry] | None = None) -> Loader:
+                 entries: list[VideoEntry] | None = None,
+                 quarantined_videos: dict[str, Sequence[float]] | None = None) -> Loader:
     """The loader ``data.loader`` asks for (auto: DALI when it can decode every video here, else PyAV, saying why).
 
     The manifest's labels are checked against ``num_classes`` (``model.num_classes``; 0 = not checked) before any
@@ -188,7 +189,9 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     share; ``data.validate: deep`` also decodes every packet); unusable ones raise (``data.on_bad_video: error``) or
     are left out, listed in ``loader.rejected`` and ``{run_dir}/rejected.csv`` (``skip``). Videos that fail while
     decoding go to ``loader.quarantine``, which starts from ``quarantine`` (a resumed run's entries,
-    ``timesformer_harness.pipelines.quarantine``).
+    ``timesformer_harness.pipelines.quarantine``). A quarantined video that the pre-flight check now refuses (its file
+    went bad) stays in the plan with the facts it was planned with (``quarantined_videos``: path -> frames, fps,
+    height, width, from the checkpoint), so that the resumed epochs draw the same clips and replace its own as before.
     """
     device = torch.device(device)
     if split not in ("train", "val", "test"):
@@ -201,6 +204,9 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
 
     entries, infos, plan, rejected = preflight(cfg, split, device, num_classes, entries)
     chosen = LOADERS[plan.loader]
+    quarantined = {e.path if isinstance(e, BadVideo) else e.get("path") for e in quarantine}
+    known = {p: facts for p, facts in (quarantined_videos or {}).items() if p in quarantined}
+    rejected = [(p, r) for p, r in rejected if p not in known]
     if rejected:
         what = f"{len(rejected)} of {len(entries)} videos in the {split} manifest cannot be used"
         listing = "\n".join(f"  {p}: {r}" for p, r in rejected[:10]) + ("\n  ..." if len(rejected) > 10 else "")
@@ -215,7 +221,7 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
                            Path(run_dir) / "rejected.csv", rejected,
                            [e if isinstance(e, BadVideo) else BadVideo(**e) for e in quarantine])
     bad = {p for p, _ in rejected}
-    videos = [Video(i, e.path, e.label, info.frames, info.fps, info.height, info.width)
+    videos = [Video(i, e.path, e.label, *_facts(info, known.get(e.path)))
               for i, (e, info) in enumerate(zip(entries, infos)) if e.path not in bad]
     if not videos:
         raise ValueError(f"no usable videos left in the {split} manifest ({len(rejected)} rejected)")
@@ -224,10 +230,19 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
         raise ValueError(f"{len(videos)} train videos over {world_size} rank(s) make no full batch of "
                          f"data.batch_size={cfg.batch_size}; lower the batch size")
     loader = chosen.loader_class().build(planner, device, decode_device=plan.backend,
-                                         infos=[i for i in infos if i.path not in bad], start_batch=start_batch,
+                                         infos=[i for i in infos if i.path not in bad and i.path not in known],
+                                         start_batch=start_batch,
                                          rejected=rejected, quarantine=quarantine)
     loader.decode_note = plan.why
     return loader
+
+
+def _facts(info: VideoInfo, known: Sequence[float] | None) -> tuple[int, float, int, int]:
+    """A planned video's frames, fps, height and width: as probed, or as a checkpoint recorded them (``known``)."""
+    if known is None:
+        return info.frames, info.fps, info.height, info.width
+    frames, fps, height, width = known
+    return int(frames), float(fps), int(height), int(width)
 
 
 def _process_group() -> tuple[int, int]:

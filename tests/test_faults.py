@@ -364,11 +364,38 @@ def test_training_with_skip_lists_what_it_left_out_and_resumes_exactly(corpus: C
     (mid,) = list_checkpoints(tmp_path / "resumed" / "checkpoints")
     saved = load_file(mid)["quarantine"]
     assert 0 < len(saved) < len(rows), (saved, rows)  # found before the stop; the others are found again after it
+    facts = load_file(mid)["quarantined_videos"]  # what they were planned with, should their files go bad
+    assert set(facts) == {e["path"] for e in saved} and all(f[0] == 24 and f[2:] == [48, 64] for f in facts.values())
     second, err = train(*args, out=tmp_path / "resumed")
     assert second.returncode == 0 and "resumed from" in err, err[-3000:]
     assert (tmp_path / "resumed" / "samples" / "rank0.jsonl").read_text() == \
         (tmp_path / "ref" / "samples" / "rank0.jsonl").read_text()
     assert runtime_rows(tmp_path / "resumed") == rows
+
+
+def test_a_quarantined_video_whose_file_went_bad_stays_planned_on_resume(corpus: Corpus, tmp_path: Path) -> None:
+    """A resumed run's pre-flight check refuses a video quarantined before the checkpoint (its file is now garbage):
+    the video stays in the plan with the facts it was planned with (so the epoch's clip order, and the data check,
+    are the run's), listed once, as quarantined; a video nobody quarantined is refused as usual."""
+    copies = [shutil.copy(p, tmp_path / p.name) for p in corpus.good[:6]]
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(copies)))
+    cfg = DataConfig(root=str(tmp_path), num_frames=8, sampling_rate=2, train_crop_size=32,
+                     train_jitter_scales=[40, 48], batch_size=2, on_bad_video="skip", validate_cache="none")
+    before = build_loader(cfg, "train")
+    went_bad, other = copies[1], copies[4]
+    planned = next(v for v in before.planner.videos if v.path == str(went_bad))
+    for path in (went_bad, other):
+        Path(path).write_bytes(b"\0" * 4096)
+    entry = {"path": str(went_bad), "reason": "failed at run time", "epoch": 0, "batch": 1, "rank": 0}
+    facts = {str(went_bad): [planned.frames, planned.fps, planned.height, planned.width]}
+    after = build_loader(cfg, "train", quarantine=[entry], quarantined_videos=facts, run_dir=tmp_path)
+    assert [v.path for v in after.planner.videos] == [v.path for v in before.planner.videos if v.path != str(other)]
+    assert next(v for v in after.planner.videos if v.path == str(went_bad)) == planned
+    assert [p for p, _ in after.rejected] == [str(other)]
+    rows = list(csv.DictReader((tmp_path / "rejected.csv").open()))
+    assert [(r["path"], r["stage"]) for r in rows] == [(str(other), "preflight"), (str(went_bad), "runtime")]
+    assert str(went_bad) in {p for p, _ in build_loader(cfg, "train").rejected}  # without the checkpoint's facts
 
 
 def test_training_with_the_pyav_loader_finishes_and_lists_what_it_left_out(corpus: Corpus, tmp_path: Path) -> None:

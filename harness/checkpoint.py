@@ -683,6 +683,7 @@ def load_weights(
     strict: bool = True,
     pos_resize: str | None = None,
     limits: LoadLimits = DEFAULT_LIMITS,
+    new_head: bool = True,
 ) -> LoadReport:
     """Load weights from any supported format into ``model`` (see module docstring), or from a Hugging Face snapshot
     folder: its weights file, after its ``config.json`` is checked against ``model.config`` (``hf_config_mismatches``:
@@ -695,6 +696,8 @@ def load_weights(
             Weights that are not real floating point, or hold NaN/inf, count as errors too.
         pos_resize: ``2d`` or ``1d``; default: ``1d`` for ImageNet ViT weights (what the original did), else ``2d``.
         limits: the reading budgets (``LoadLimits``).
+        new_head: a head of another class count is dropped, the model's kept (fine-tuning); False: it is a mismatch
+            like any other (evaluating or resuming: a random head would score noise).
 
     Raises:
         FileNotFoundError, CheckpointError: as ``load_file``.
@@ -748,7 +751,7 @@ def load_weights(
                     continue
                 value = (resize_time_embed(value, want[1]) if key == "time_embed"
                          else resize_pos_embed(value, want[1] - 1, mode=mode))
-            elif key.startswith("head.") and value.shape[1:] == want[1:]:
+            elif key.startswith("head.") and value.shape[1:] == want[1:] and new_head:
                 report.skipped[key] = f"class count differs: file {list(value.shape)}, model {list(want)}"
                 logger.warning("dropping %s from %s: %s (fine-tuning to a new class count)", key, path,
                                report.skipped[key])

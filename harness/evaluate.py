@@ -104,7 +104,13 @@ class ViewAccumulator:
 
 def accuracy_report(acc: ViewAccumulator, num_classes: int, views_per_video: int | None = None,
                     class_names: list[str] | None = None) -> dict[str, Any]:
-    """top-1 / top-5 / per-class accuracy (percent) over the videos in ``acc``."""
+    """top-1 / top-5 / per-class accuracy (percent) over the videos in ``acc``. Raises ``BadVideoError`` when every
+    view failed to decode (nothing to score)."""
+    if not acc.scores and acc.unscored:
+        first = acc.unscored[0]
+        raise BadVideoError(f"every view failed to decode ({len(acc.unscored)} views), so there is nothing to score, "
+                            f"e.g. {first.get('path')}: {first.get('reason')}; fix or remove those videos (python -m "
+                            "timesformer_harness.pipelines.validate MANIFEST --deep finds them)")
     if not acc.scores:
         raise ValueError("no predictions to score: the evaluation loader yielded no clips")
     ids = sorted(acc.scores)
@@ -293,7 +299,12 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -
     dtype = resolve_precision(cfg.train.precision, info.device)
     model = build_model(cfg.model, info.device, dtype=dtype,
                         channels_last=info.device.type == "cuda" and cfg.train.channels_last)
-    report = load_weights(model, checkpoint, strict=True)
+    try:
+        report = load_weights(model, checkpoint, strict=True, new_head=False)
+    except FileNotFoundError as e:  # found, then gone: a training run in this folder pruned it
+        raise CheckpointError(f"{e}: it was there a moment ago (a training run in {cfg.output.dir} keeps only its "
+                              "newest checkpoints): run again, or give --checkpoint a file it keeps (last.pyth, "
+                              "best.pyth)") from e
     data_cfg = replace(cfg.data, batch_size=cfg.test.batch_size)
     loader = build_loader(data_cfg, cfg.test.split, device=info.device, rank=info.rank,
                           world_size=info.world_size, run_dir=cfg.output.dir, num_classes=cfg.model.num_classes)

@@ -270,7 +270,7 @@ class Trainer:
         epoch 0, fresh optimizer, a head of another class count re-initialised); else the model's own init."""
         if self._resume is not None:
             path, obj = self._resume
-            load_weights(self.model, path, strict=True)
+            load_weights(self.model, path, strict=True, new_head=False)
             if obj.get("optimizer_state"):
                 self.optimizer.load_state_dict(obj["optimizer_state"])
                 set_hyperparameters(self.optimizer, self.cfg.solver)  # the groups hold the values saved with them
@@ -723,7 +723,13 @@ class Trainer:
             release_freed_memory()
             self.memory.reset()
         views = self.cfg.data.num_ensemble_views * self.cfg.data.num_spatial_crops
-        report = accuracy_report(acc, self.cfg.model.num_classes, None, class_names_for(self.cfg))
+        try:
+            report = accuracy_report(acc, self.cfg.model.num_classes, None, class_names_for(self.cfg))
+        except BadVideoError as e:  # data.on_bad_video=skip and every view failed: no score this time, training goes on
+            logger.warning("epoch %d val: %s", epoch + 1, e)
+            self.metrics.log({"event": "val", "epoch": epoch + 1, "val/top1": None,
+                              "val/unscored_views": len(acc.unscored), **memory}, self.step)
+            return {"top1": None}
         report.update({"epoch": epoch + 1, "step": self.step, "seconds": round(clock.elapsed(), 2),
                        "views_per_video": views})
         self.metrics.log({"event": "val", "epoch": epoch + 1, "val/top1": report["top1"], "val/top5": report["top5"],

@@ -68,6 +68,18 @@ def test_top5_and_missing_views_are_reported():
     assert report["videos_with_wrong_view_count"] == 3
 
 
+def test_nothing_scored_because_every_view_failed_is_a_bad_video_error():
+    from timesformer_harness.pipelines.quarantine import BadVideoError
+
+    acc = ViewAccumulator("sum")
+    acc.unscored = [{"index": 0, "path": "a.webm", "view": v, "reason": "DALI: broken frame"} for v in range(3)]
+    with pytest.raises(BadVideoError, match=r"every view failed to decode \(3 views\), so there is nothing to score, "
+                                            r"e\.g\. a\.webm: DALI: broken frame; fix or remove those videos"):
+        accuracy_report(acc, num_classes=7)
+    with pytest.raises(ValueError, match="no predictions to score"):  # no view at all: not a decoding failure
+        accuracy_report(ViewAccumulator("sum"), num_classes=7)
+
+
 def test_mixed_labels_for_one_video_are_an_error():
     acc = ViewAccumulator("sum")
     with pytest.raises(ValueError, match="video 0 has views with labels 1 and 2"):
@@ -92,6 +104,12 @@ def test_evaluate_cli_on_an_original_format_pyth(toy, tmp_path):
     assert result["views_seen"] == 8 * 6 and len(result["per_class_top1"]) == 6
     assert {"top1", "top5", "per_class_top1", "mean_class_accuracy", "environment"} <= set(result)
     assert "top-1" in res.stdout
+    # a checkpoint of another class count is not the configured model: refused, not scored with a random head
+    other = tmp_path / "other.json"
+    res = run([PY, "harness/evaluate.py", *toy, f"output.dir={tmp_path}", "model.num_classes=10",
+               "--checkpoint", str(ckpt), f"test.output={other}"])
+    assert res.returncode == 2 and not other.exists(), res.stderr[-3000:]
+    assert "shape mismatch head.weight: file [6, " in res.stderr and "model [10, " in res.stderr
 
 
 def test_dump_predictions_confusion_matrix_and_progress_from_a_snapshot_folder(toy, tmp_path):

@@ -398,6 +398,22 @@ def test_a_quarantined_video_whose_file_went_bad_stays_planned_on_resume(corpus:
     assert str(went_bad) in {p for p, _ in build_loader(cfg, "train").rejected}  # without the checkpoint's facts
 
 
+def test_a_val_set_whose_every_view_fails_is_warned_about_and_training_goes_on(corpus: Corpus, tmp_path: Path) -> None:
+    """data.on_bad_video=skip: no view of the val set decodes, so validation has nothing to score; the epoch still
+    ends with its checkpoint and the run finishes, its val records saying so (evaluate exits 3 on such a set)."""
+    val = tmp_path / "val.csv"
+    val.write_text(f"{corpus.kind('payload/mid')} 0\n")
+    res, err = train("data.loader=dali", f"data.train_manifest={corpus.root / 'runtime_only.csv'}",
+                     f"data.val_manifest={val}", "train.eval_period=1", "solver.max_epoch=1",
+                     "train.max_steps_per_epoch=1", out=tmp_path / "run")
+    assert res.returncode == 0, err[-3000:]
+    assert "val: every view failed to decode" in err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r["event"] == "val"]
+    assert record["val/top1"] is None and record["val/unscored_views"] >= 1 and records[-1]["event"] == "end"
+    assert list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
 def test_training_with_the_pyav_loader_finishes_and_lists_what_it_left_out(corpus: Corpus, tmp_path: Path) -> None:
     res, err = train("data.loader=pyav", f"data.root={corpus.root}", "train.eval_period=0", out=tmp_path / "run")
     assert res.returncode == 0, err[-3000:]

@@ -211,7 +211,7 @@ class ClipPlanner:
         else:
             (starts, ends) = zip(*(where for _, where, _, _ in draws))
             frames = list(sampling.temporal_indices_many(starts, ends, c.num_frames, [v.frames for v, *_ in draws]))
-        return [sampling.ClipPlan(v.index, v.path, v.label, f, window, flip)
+        return [sampling.ClipPlan(v.index, v.path, v.label, f, window, flip, v.frames)
                 for (v, _, window, flip), f in zip(draws, frames)]
 
     def plans(self, epoch: int) -> list[sampling.ClipPlan]:
@@ -233,7 +233,8 @@ class ClipPlanner:
                 s = k % c.num_spatial_crops
                 spatial = s if c.num_spatial_crops == 3 else 1
                 out.append(sampling.ClipPlan(v.index, v.path, v.label, frames,
-                                             sampling.test_window(v.height, v.width, c.test_crop_size, spatial)))
+                                             sampling.test_window(v.height, v.width, c.test_crop_size, spatial),
+                                             video_frames=v.frames))
         return out
 
     def view_of(self, position: int) -> int:

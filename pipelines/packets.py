@@ -241,9 +241,17 @@ class PacketIndexCache:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["store"], state["size"], state["offsets"])
 
-    def get(self, path: str) -> PacketIndex:
+    def get(self, path: str, frames: int = 0) -> PacketIndex:
         """The index of ``path`` (built and stored on first use). Raises RuntimeError naming the file when it
-        cannot be indexed."""
+        cannot be indexed, or when it has fewer than ``frames`` frames (what the pre-flight check counted: the file
+        was cut or replaced since, and its clips would repeat its last frame)."""
+        index = self._get(path)
+        if frames and index.num_frames < frames:
+            raise RuntimeError(f"{path}: {index.num_frames} frames now, {frames} when the pre-flight check counted "
+                               "them: the file changed since (cut short or replaced); restore it, or leave it out")
+        return index
+
+    def _get(self, path: str) -> PacketIndex:
         key = file_key(path)
         if key is None:
             raise RuntimeError(f"{path}: cannot index its packets: it cannot be read (gone, or no permission)")

@@ -36,6 +36,7 @@ class ClipPlan:
     frames: np.ndarray  # (T,) int64 frame indices into the decoded video
     window: tuple[int, int, int, int]  # (y0, x0, h, w) in source pixels
     flip: bool = False
+    video_frames: int = 0  # the video's frames as the pre-flight check counted them (0: unknown)
 
 
 def clip_size(num_frames: int, sampling_rate: int, target_fps: float, fps: float) -> float:

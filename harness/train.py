@@ -492,6 +492,8 @@ class Trainer:
         self.bad_videos = bad.state()
         if self.info.is_main and (bad.entries or loader.rejected):
             write_rejected(self.run_dir / "rejected.csv", loader.rejected, bad.entries)
+        elif self.info.is_main:  # an earlier attempt's list, whose videos this run (resumed before them) did not reject
+            (self.run_dir / "rejected.csv").unlink(missing_ok=True)
         return bad
 
     def _agree_on_bad_video(self, loader: Any, epoch: int, batch: int, got: Any) -> None:
@@ -646,6 +648,7 @@ class Trainer:
         except BadVideoError as e:
             self.metrics.log({"event": "bad_video_stop", "epoch": epoch + 1, "batch": n,
                               "data/quarantined": len(bad)}, self.step)
+            self.metrics.log({"event": "stop", "reason": "bad videos", "epoch": epoch + 1, "batch": n}, self.step)
             raise type(e)(f"{e}\nevery video left out is listed in {self.run_dir / 'rejected.csv'}") from None
         return stop, 0
 

@@ -332,6 +332,17 @@ def test_a_recipe_without_imagenet_weights_says_it_trains_from_random_init(tmp_p
         "from ImageNet ViT weights (model.pretrained=jx_vit_base_p16_224.pth; docs/checkpoints.md)"]
 
 
+def test_a_stale_rejected_list_goes_when_the_run_rejects_nothing(toy, tmp_path):
+    """rejected.csv left by an attempt whose work was discarded (it stopped on a video since restored): the run that
+    rejects nothing does not keep listing it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "rejected.csv").write_text("path,reason,stage,epoch,batch,rank\nx.webm,broken,runtime,1,7,0\n")
+    res = run(train_cmd(*toy, f"output.dir={out}", "solver.max_epoch=1", "train.eval_period=0"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (out / "rejected.csv").exists()
+
+
 def test_a_second_run_on_a_held_run_folder_is_refused_before_writing(toy, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([PY, "-c", "import sys, time; from timesformer_harness.train_state import RunLock; "

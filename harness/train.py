@@ -59,9 +59,9 @@ from timesformer_harness.runtime import (environment_info, precision_name, relea
                                          retain_freed_memory, seed_everything, set_determinism)
 from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (Change, CheckpointManager, RunFolderError, RunLock, config_changes,
-                                             data_fingerprint, epoch_partial, find_resume, format_changes, video_facts,
+                                             data_fingerprint, epoch_partial, find_resume, format_changes,
                                              keep_records_up_to, list_checkpoints, resume_disagreement,
-                                             resume_position, rng_state, saved_config, set_rng_state)
+                                             resume_position, rng_state, saved_config, set_rng_state, video_facts)
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
 from timesformer_harness.common import ExitCode, log_to_file, remove_stale_temporaries, report_error, setup_logging

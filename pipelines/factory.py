@@ -204,8 +204,8 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
 
     entries, infos, plan, rejected = preflight(cfg, split, device, num_classes, entries)
     chosen = LOADERS[plan.loader]
-    quarantined = {e.path if isinstance(e, BadVideo) else e.get("path") for e in quarantine}
-    known = {p: facts for p, facts in (quarantined_videos or {}).items() if p in quarantined}
+    quarantine = [e if isinstance(e, BadVideo) else BadVideo(**e) for e in quarantine]
+    known = {p: facts for p, facts in (quarantined_videos or {}).items() if p in {e.path for e in quarantine}}
     rejected = [(p, r) for p, r in rejected if p not in known]
     if rejected:
         what = f"{len(rejected)} of {len(entries)} videos in the {split} manifest cannot be used"
@@ -218,8 +218,7 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
         logger.warning("%s; skipping them (data.on_bad_video=skip):\n%s", what, listing)
         if run_dir is not None and rank == 0:
             write_rejected(Path(run_dir) / f"rejected_{split}.csv" if split != "train" else
-                           Path(run_dir) / "rejected.csv", rejected,
-                           [e if isinstance(e, BadVideo) else BadVideo(**e) for e in quarantine])
+                           Path(run_dir) / "rejected.csv", rejected, quarantine)
     bad = {p for p, _ in rejected}
     videos = [Video(i, e.path, e.label, *_facts(info, known.get(e.path)))
               for i, (e, info) in enumerate(zip(entries, infos)) if e.path not in bad]

@@ -123,7 +123,10 @@ class SolverConfig:
             raise ValueError(f"solver.steps={self.steps} must start at epoch 0 (e.g. [0, 11, 14])")
         if self.use_apex not in ("auto", "never"):
             raise ValueError(f"solver.use_apex={self.use_apex!r}; choose 'auto' or 'never'")
-        check_minimums("solver", self, {"global_batch_size": 0, "max_epoch": 1})
+        check_minimums("solver", self, {"global_batch_size": 0, "max_epoch": 1, "weight_decay": 0.0, "grad_clip": 0.0,
+                                        "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "warmup_epochs": 0.0})
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"solver.label_smoothing={self.label_smoothing}; use a fraction in [0, 1) (0.1 is usual)")
 
 
 @dataclass
@@ -157,7 +160,8 @@ class TrainConfig:
     count_syncs: bool = False
 
     def __post_init__(self) -> None:
-        check_minimums("train", self, {"eval_period": 0, "checkpoint_period": 1, "keep_last": 1})
+        check_minimums("train", self, {"eval_period": 0, "checkpoint_period": 1, "keep_last": 1, "log_period": 1,
+                                       "max_steps_per_epoch": 0})
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}; choose from {list(PRECISIONS)}")
         self.compile = {"true": "default", "false": "none"}.get(str(self.compile).lower(), self.compile)

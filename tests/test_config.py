@@ -53,6 +53,9 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
     ("data.std=[0.2,0,0.2]", r"data.std=\[0.2, 0.0, 0.2\]; give 3 values \(R, G, B\), every std > 0"),
     ("solver.max_epoch=0", "solver.max_epoch=0; must be >= 1"),
     ("train.keep_last=0", "train.keep_last=0; must be >= 1"),
+    ("train.log_period=0", "train.log_period=0; must be >= 1"),  # a modulo by zero at the first step
+    ("solver.label_smoothing=1.5", r"solver.label_smoothing=1.5; use a fraction in \[0, 1\)"),  # silently used
+    ("solver.mixup_alpha=-1", "solver.mixup_alpha=-1.0; must be >= 0.0"),
     ("bench.frames=[8,0]", r"bench.frames=\[8, 0\]: every value must be >= 1"),
 ])
 def test_a_value_out_of_range_names_the_key_and_where_it_was_set(override, message, tmp_path):

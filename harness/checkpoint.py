@@ -452,11 +452,12 @@ def hf_config_value(config: dict[str, Any], key: str) -> Any:
     return config.get(key, HF_DEFAULTS.get(key))
 
 
-def hf_config_mismatches(config: dict[str, Any], model: ModelConfig, whose: str = "model.") -> tuple[list[str],
-                                                                                                  list[str]]:
+def hf_config_mismatches(config: dict[str, Any], model: ModelConfig, whose: str = "model.",
+                         new_head: bool = True) -> tuple[list[str], list[str]]:
     """Where a TimesformerConfig (config.json) and ``model`` differ: (architecture fields, which no weights can
     bridge; fields ``load_weights`` adapts: frames and image size by resizing the embeddings, the class count by
-    dropping the head). Each names both values, the ModelConfig field prefixed by ``whose``."""
+    dropping the head, unless not ``new_head``). Each names both values, the ModelConfig field prefixed by
+    ``whose``."""
     errors, adapted = [], []
     for key, ours in _HF_ARCHITECTURE.items():
         if (value := hf_config_value(config, key)) != getattr(model, ours):
@@ -466,17 +467,21 @@ def hf_config_mismatches(config: dict[str, Any], model: ModelConfig, whose: str 
         errors.append(f"intermediate_size={value!r} where {whose}embed_dim x {whose}mlp_ratio={hidden}")
     for key, (ours, what) in _HF_ADAPTED.items():
         if (value := hf_config_value(config, key)) != getattr(model, ours):
-            adapted.append(f"{key}={value!r} where {whose}{ours}={getattr(model, ours)!r} ({what})")
+            line = f"{key}={value!r} where {whose}{ours}={getattr(model, ours)!r}"
+            if key == "num_labels" and not new_head:  # evaluating or resuming: another head is another model
+                errors.append(line)
+            else:
+                adapted.append(f"{line} ({what})")
     return errors, adapted
 
 
 def check_weights_source(path: str | Path, model: ModelConfig | None, strict: bool = True,
-                         warn: bool = True) -> Path:
+                         warn: bool = True, new_head: bool = True) -> Path:
     """The weights file ``path`` names (itself, or a snapshot folder's: ``weights_file``), after the folder's
     Timesformer config.json is checked against ``model`` (``hf_config_mismatches``; nothing to check for a file, a
     config of another model, or no ``model``). Reads no weights, so a run can check its ``model.pretrained`` before
     it writes anything. Fields the loader adapts are logged as warnings (``warn``: the check before a load warns
-    nothing, the load does); so are the others unless ``strict``.
+    nothing, the load does); so are the others unless ``strict``. ``new_head``: as ``load_weights``'s.
 
     Raises:
         CheckpointError: a folder without weights.
@@ -486,7 +491,7 @@ def check_weights_source(path: str | Path, model: ModelConfig | None, strict: bo
     config = read_config_json(path)
     if model is None or not is_timesformer_config(config):
         return file
-    errors, adapted = hf_config_mismatches(config, model)
+    errors, adapted = hf_config_mismatches(config, model, new_head=new_head)
     where = Path(path) / HF_CONFIG
     if errors and strict:
         raise WeightsMismatchError(f"{where} describes another model: {'; '.join(errors)}. Set those model.* keys to "
@@ -707,7 +712,8 @@ def load_weights(
     """
     bare = getattr(model, "module", model)  # DDP
     model_cfg = getattr(getattr(bare, "_orig_mod", bare), "config", None)  # torch.compile
-    file = check_weights_source(path, model_cfg if isinstance(model_cfg, ModelConfig) else None, strict)
+    file = check_weights_source(path, model_cfg if isinstance(model_cfg, ModelConfig) else None, strict,
+                                new_head=new_head)
     obj = load_file(file, limits)
     sd, fmt = unwrap_state_dict(obj, path)
     dataset = _cfg_value(obj.get("cfg"), "TRAIN", "DATASET")  # the original's config names what it trained on

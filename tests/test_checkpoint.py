@@ -278,6 +278,9 @@ def test_snapshot_config_is_checked_against_the_model(tmp_path: Path, caplog: py
     assert report.resized["time_embed"] == ((1, 4, 32), (1, 8, 32)) and set(report.skipped) == {"head.weight",
                                                                                                 "head.bias"}
     warned = [r.getMessage() for r in caplog.records if "config.json" in r.getMessage()]
+    with pytest.raises(WeightsMismatchError, match=r"config.json describes another model: num_labels=7 where "
+                                                   r"model.num_classes=3\. Set those"):  # evaluating: no new head
+        load_weights(TimeSformer(**{**TINY, "num_frames": 8, "num_classes": 3}), folder, new_head=False)
     assert warned == [f"{folder / 'config.json'}: num_frames=4 where model.num_frames=8 (time_embed is resized)",
                       f"{folder / 'config.json'}: num_labels=7 where model.num_classes=3 (the head is dropped: "
                       f"fine-tuning to a new class count)"]

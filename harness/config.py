@@ -185,6 +185,7 @@ class TestConfig:
     output: str = ""  # result JSON; "" = {output.dir}/eval_{split}.json
 
     def __post_init__(self) -> None:
+        check_minimums("test", self, {"batch_size": 1})  # the data section's batch in validation and evaluation
         if self.ensemble not in ("sum", "softmax_mean", "max"):
             raise ValueError(f"test.ensemble={self.ensemble!r}; choose from ['sum', 'softmax_mean', 'max']")
         if self.split not in ("test", "val"):

@@ -196,8 +196,6 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     device = torch.device(device)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r}; choose from ['train', 'val', 'test']")
-    if cfg.batch_size < 1:
-        raise ValueError(f"data.batch_size={cfg.batch_size} must be >= 1")
     if cfg.loader != AUTO and not LOADERS[cfg.loader].decodes:
         return LOADERS[cfg.loader].loader_class()(cfg, split, device=device, rank=rank, world_size=world_size,
                                                   start_batch=start_batch)

@@ -49,6 +49,7 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
     ("data.sampling_rate=0", "data.sampling_rate=0; must be >= 1"),  # would repeat one frame T times
     ("data.target_fps=-30", "data.target_fps=-30; must be >= 1"),
     ("data.batch_size=0", "data.batch_size=0; must be >= 1"),
+    ("test.batch_size=0", "test.batch_size=0; must be >= 1"),
     ("data.train_jitter_scales=[320,256]", r"data.train_jitter_scales=\[320, 256\]; give \[min, max\]"),
     ("data.std=[0.2,0,0.2]", r"data.std=\[0.2, 0.0, 0.2\]; give 3 values \(R, G, B\), every std > 0"),
     ("solver.max_epoch=0", "solver.max_epoch=0; must be >= 1"),

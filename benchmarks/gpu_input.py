@@ -447,7 +447,7 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "time per clip in one profiled epoch (kernels and copies; NVDEC's engine runs none); decoded frames "
              f"counted on the epoch's first 16 clips. Budget {meta['budget_s']:.0f} s, used {meta['wall_s']:.0f} s.",
              "", "| row | variant | loader | decode | threads | status | clips/s | host CPU ms / clip | GPU ms / clip "
-             "| decoded frames / clip | first epoch s | peak RSS MB |", "|---" * 12 + "|"]
+             "| decoded frames / clip | first epoch s | peak RSS MiB |", "|---" * 12 + "|"]
     for r in rows:
         if r["kind"] == "e2e":
             continue

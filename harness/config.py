@@ -387,7 +387,8 @@ def _omegaconf_error(e: OmegaConfBaseException, source: str, schema: DictConfig)
     default = OmegaConf.select(schema, key, default=None) if key else None
     if OmegaConf.is_config(default):
         default = OmegaConf.to_container(default)
-    fix = f"; give a value like the default, {key}={default}" if default is not None else ""
+    shown = "''" if default == "" else default
+    fix = f"; give a value like the default, {key}={shown}" if default is not None else ""
     return ConfigError(f"{source}: {key + ': ' if key else ''}{what}{fix}")
 
 
@@ -410,8 +411,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.depth=2)")
+        # ``key=`` is the empty string (as in Hydra), not omegaconf's None, which no field of the schema takes
+        overrides = [item + "''" if item.endswith("=") else item for item in overrides]
         try:
-            sources.append((COMMAND_LINE, OmegaConf.from_dotlist(list(overrides))))
+            sources.append((COMMAND_LINE, OmegaConf.from_dotlist(overrides)))
         except (yaml.YAMLError, OmegaConfBaseException) as e:
             raise ConfigError(f"{COMMAND_LINE}: {' '.join(str(e).split())}; a value is YAML: quote it, or close "
                               f"its brackets (e.g. data.train_jitter_scales=[256,320])") from e

@@ -293,15 +293,19 @@ class PeakMemory:
             _reset_rss_peak()
             self._start = _rss_peak_bytes()
 
-    def take(self) -> MemoryPeak | None:
-        """The peak since the window began (None when not measurable here); a new window begins."""
+    def so_far(self) -> MemoryPeak | None:
+        """The peak since the window began (None when not measurable here); the window goes on."""
         if self.kind == "cuda_allocator":
             peak = int(torch.cuda.max_memory_allocated(self.device))
         elif self.kind == "rss":
             peak = _rss_peak_bytes()
         else:
             return None
-        out = MemoryPeak(self.kind, peak, self._start)
+        return MemoryPeak(self.kind, peak, self._start)
+
+    def take(self) -> MemoryPeak | None:
+        """The peak since the window began (None when not measurable here); a new window begins."""
+        out = self.so_far()
         self.reset()
         return out
 

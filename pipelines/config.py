@@ -35,7 +35,7 @@ class DataConfig:
     test_manifest: str = ""  # overrides {root}/test.csv
     path_prefix: str = ""  # joined before every manifest path (the original's PATH_PREFIX); SSv2: the videos' folder
     separator: str = " "  # kinetics manifests: " " = whitespace, the label the last field (paths may hold spaces)
-    ssv2_labels: str = ""  # something-something-v2-labels.json
+    ssv2_labels: str = ""  # the SSv2 labels JSON; "": {root}/something-something-v2-labels.json
     ssv2_suffix: str = ".webm"  # SSv2 videos are {path_prefix}/{id}{ssv2_suffix}; "" = folders of JPEG frames {id}/
     num_frames: int = 8  # frames per clip T (model.num_frames)
     sampling_rate: int = 8  # a clip takes every sampling_rate-th frame at target_fps (Kinetics; SSv2 uses segments)

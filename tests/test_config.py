@@ -42,6 +42,10 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
         load_config(None, ["solver.steps=[1,11]", "solver.lrs=[1,0.1]"])
     with pytest.raises(ValueError, match="not of the form key=value"):
         load_config(None, ["solver.base_lr"])
+    # key= is the empty string (omegaconf alone reads None, which no key takes); a number key names its default
+    assert load_config(None, ["data.ssv2_labels=x", "data.ssv2_labels="]).data.ssv2_labels == ""
+    with pytest.raises(ValueError, match=r"data.num_frames: .*give a value like the default, data.num_frames=8"):
+        load_config(None, ["data.num_frames="])
 
 
 @pytest.mark.parametrize("override, message", [

@@ -102,6 +102,12 @@ def test_ssv2_templates_map_to_labels(tmp_path: Path) -> None:
     cfg = DataConfig(format="ssv2", root=str(tmp_path), ssv2_labels=str(tmp_path / "labels.json"))
     via_cfg = read_manifest(cfg, "test")  # test reads the validation split; videos under data.root
     assert [(e.path, e.label) for e in via_cfg] == [(str(tmp_path / "11.webm"), 1), (str(tmp_path / "12.webm"), 0)]
+    # the SSv2 preset moves with data.root: its labels file is the root's, not a fixed data/ssv2/ one
+    from timesformer_harness.config import REPO_ROOT, load_config
+
+    (tmp_path / "something-something-v2-labels.json").write_text((tmp_path / "labels.json").read_text())
+    preset = load_config(REPO_ROOT / "configs/exp/ssv2_divst_8_224.yaml", [f"data.root={tmp_path}"])
+    assert [e.label for e in read_manifest(preset.data, "test")] == [1, 0]
     split.append({"id": "13", "template": "Unknown thing"})
     (tmp_path / "something-something-v2-validation.json").write_text(json.dumps(split))
     with pytest.raises(ValueError, match=r"entry 2 \(id 13\) has template 'Unknown thing'"):

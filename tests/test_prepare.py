@@ -190,6 +190,22 @@ def test_bad_arguments(videos, tmp_path):
     assert prepare(src / "val.csv", out, PrepareSpec("vp9", 32), progress=False).transcoded == 1
 
 
+def test_a_csv_manifest_with_commas_in_its_paths_reads_back(videos, tmp_path):
+    """SSv2-style names hold commas and quotes: the CSV manifest prepare writes quotes them, as the reader expects."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ['Pushing something, left.webm', 'a "quoted" name.webm', "plain.webm"]
+    for name, p in zip(names, videos.good):
+        (src / name).write_bytes(p.read_bytes())
+    manifest = src / "train.csv"
+    manifest.write_text('path,label\n"Pushing something, left.webm",0\n"a ""quoted"" name.webm",2\nplain.webm,1\n')
+    report = prepare(manifest, tmp_path / "out", PrepareSpec("vp9", 32, 4), fmt="csv", workers=1, progress=False)
+    assert report.transcoded == 3 and not report.failed
+    rows = read_entries(tmp_path / "out" / "train.csv", "csv")
+    assert [(Path(r.path).name, r.label) for r in rows] == [(n, lab) for n, lab in zip(names, [0, 2, 1])]
+    assert all(Path(r.path).is_file() for r in rows)
+
+
 def test_ssv2_manifest(videos, tmp_path, caplog):
     src = tmp_path / "ssv2"
     src.mkdir()

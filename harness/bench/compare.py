@@ -5,13 +5,16 @@ For every case in either run: images/s of A and B and their ratio B/A, and the s
 case's utilisation is its achieved FLOP/s over an fp32 GEMM timed between its own steps, so a machine that is
 slower for everyone (other jobs, clocks) slows the GEMM too and the utilisation ratio stays put: the normalised
 ratio (utilisation B/A where both have one, else images/s B/A) is the one to read, and to gate on. Raw images/s
-second; their quotient, the peak ratio, says how much the machine itself differed between the runs.
+second; their quotient, the peak ratio, says how much the machine itself differed between the runs. A utilisation
+above 100% (a calibration GEMM slowed more than the steps; records from before it was refused at measurement) is not
+used: that case's normalised ratio is its images/s ratio, and the note says so.
 
 A case is like for like when both records are ``ok`` and agree on what was measured: batch, precision, mode, frames,
 image size, the model's configuration, parameters and FLOPs per clip. The comparison is refused (exit 2, unless
 ``--force``) when the runs differ in preset or device kind, when a case present in both measured a different model
 (configuration, parameters or FLOPs), or when no case is like for like. ``--fail-below R`` exits 1 when a like-for-like
-case's normalised ratio is below R (B slower than R x A). Other differences (device name, torch version, CPU threads,
+case's normalised ratio is below R (B slower than R x A), or when a case that ran in A did not run in B (missing,
+out of memory, an error). Other differences (device name, torch version, CPU threads,
 an incomplete run) are printed as warnings. Writes ``compare.md``, ``compare.json`` and ``compare.png`` to ``--out``
 (default ``runs/bench/compare/<A>_vs_<B>/``). Runs of older record schemas are read (migrated), not refused.
 """
@@ -113,7 +116,8 @@ class CaseComparison:
     util_b: float | None = None
     mem_a: int | None = None
     mem_b: int | None = None
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what makes the case not like for like
+    cautions: list[str] = field(default_factory=list)  # shown beside the notes; the case stays like for like
     other_model: bool = False  # the two records measured different models
 
     @property
@@ -160,7 +164,7 @@ def compare_records(a: list[BenchRecord], b: list[BenchRecord]) -> list[CaseComp
             row.notes.append("only in A" if rb is None else "only in B")
         else:
             row.images_a, row.images_b = ra.images_per_s, rb.images_per_s
-            row.util_a, row.util_b = ra.utilisation, rb.utilisation
+            row.util_a, row.util_b = _plausible(ra, "A", row.cautions), _plausible(rb, "B", row.cautions)
             row.mem_a, row.mem_b = ra.peak_mem_bytes, rb.peak_mem_bytes
             row.notes += differences(ra, rb)
             row.other_model = any(n.split(" ", 1)[0] in MODEL_KEYS for n in row.notes)
@@ -168,6 +172,15 @@ def compare_records(a: list[BenchRecord], b: list[BenchRecord]) -> list[CaseComp
                 row.notes.append(f"status {ra.status} vs {rb.status}")
         rows.append(row)
     return rows
+
+
+def _plausible(rec: BenchRecord, side: str, cautions: list[str]) -> float | None:
+    """``rec``'s utilisation, None (with a caution) for one above 100%."""
+    u = rec.utilisation if rec.utilisation is not None else rec.extra.get("implausible_utilisation")
+    if u is not None and u > 1.0:
+        cautions.append(f"{side}'s utilisation {100 * u:.0f}% is above 100%: images/s compared")
+        return None
+    return u
 
 
 def refusals(rows: list[CaseComparison]) -> list[str]:
@@ -194,7 +207,7 @@ def format_table(rows: list[CaseComparison]) -> str:
     for r in rows:
         lines.append(f"| {r.case} | {_num(r.images_a)} | {_num(r.images_b)} | {_x(r.images_ratio)} "
                      f"| {_num(r.util_a, '.1f', 100)} | {_num(r.util_b, '.1f', 100)} | {_x(r.util_ratio)} "
-                     f"| {_x(r.peak_ratio)} | {_x(r.mem_ratio)} | {'; '.join(r.notes)} |")
+                     f"| {_x(r.peak_ratio)} | {_x(r.mem_ratio)} | {'; '.join(r.notes + r.cautions)} |")
     return "\n".join(lines)
 
 
@@ -214,6 +227,11 @@ def summarise(rows: list[CaseComparison]) -> dict[str, float | int | None]:
 def below(rows: list[CaseComparison], threshold: float) -> list[CaseComparison]:
     """The like-for-like cases whose normalised ratio is under ``threshold``."""
     return [r for r in rows if r.comparable and r.normalised_ratio is not None and r.normalised_ratio < threshold]
+
+
+def lost(rows: list[CaseComparison]) -> list[CaseComparison]:
+    """The cases ``ok`` in A that B does not have or did not complete (out of memory, an error, skipped)."""
+    return [r for r in rows if r.status_a == "ok" and r.status_b != "ok"]
 
 
 def plot_comparison(rows: list[CaseComparison], path: Path, title: str) -> Path:
@@ -250,14 +268,16 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m timesformer_harness.bench compare",
                                 description=__doc__.split("\n\n")[0],
-                                epilog="Exit status: 0 compared, 1 a case below --fail-below, 2 refused or unreadable.")
+                                epilog="Exit status: 0 compared, 1 a case below --fail-below (or lost in B), 2 refused "
+                                       "or unreadable.")
     p.add_argument("run_a", help="runs/bench/<stamp>-<attn> directory (or its results.json): the reference")
     p.add_argument("run_b", help="the run compared with it")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/compare/<A>_vs_<B>)")
     p.add_argument("--force", action="store_true", help="compare even what is refused (other preset, device kind "
                                                         "or model; no case like for like)")
     p.add_argument("--fail-below", type=float, default=None, metavar="RATIO",
-                   help="exit 1 when a like-for-like case's normalised ratio B/A is below RATIO (e.g. 0.9)")
+                   help="exit 1 when a like-for-like case's normalised ratio B/A is below RATIO (e.g. 0.9), or a "
+                        "case that ran in A is missing or did not run in B")
     args = p.parse_args(argv)
     setup_logging()
     try:
@@ -277,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = summarise(rows)
     failing = below(rows, args.fail_below) if args.fail_below is not None else []
+    missing = lost(rows) if args.fail_below is not None else []
     out = Path(args.out) if args.out else Path("runs/bench/compare") / f"{a.name}_vs_{b.name}"
     table = format_table(rows)
     head = "".join(f"{label} = {run.path} ({run.meta.get('preset')}, {run.meta.get('hardware')}, git "
@@ -287,20 +308,21 @@ def main(argv: list[str] | None = None) -> int:
                f"{_x(summary['mem_ratio'])}")
     if args.fail_below is not None:
         verdict += (f"\n{len(failing)} case(s) below {args.fail_below:g}x" +
-                    "".join(f"\n  BELOW {r.case}: {_x(r.normalised_ratio)}" for r in failing))
+                    "".join(f"\n  BELOW {r.case}: {_x(r.normalised_ratio)}" for r in failing) +
+                    "".join(f"\n  LOST {r.case}: ok in A, {r.status_b or 'missing'} in B" for r in missing))
     notes = "".join(f"- warning: {w}\n" for w in warn) + "".join(f"- NOT COMPARABLE: {r}\n" for r in refuse)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.md", f"# {a.name} vs {b.name}\n\n{head}\n{notes}\n{verdict}\n\n{table}\n")
     atomic_write_text(out / "compare.json", json.dumps(
         {"a": str(a.path), "b": str(b.path), "refused": refuse, "warnings": warn, "summary": summary,
-         "fail_below": args.fail_below, "below": [r.case for r in failing],
+         "fail_below": args.fail_below, "below": [r.case for r in failing], "lost": [r.case for r in missing],
          "cases": [{**asdict(r), "images_ratio": r.images_ratio, "util_ratio": r.util_ratio,
                     "normalised_ratio": r.normalised_ratio, "peak_ratio": r.peak_ratio, "mem_ratio": r.mem_ratio}
                    for r in rows]}, indent=2) + "\n")
     png = plot_comparison(rows, out / "compare.png", f"{b.name} / {a.name}")
     print(head + "\n" + table + "\n\n" + verdict)
     print(f"written: {out / 'compare.md'}, {out / 'compare.json'}, {png}")
-    return 1 if failing else 0
+    return 1 if failing or missing else 0
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ from timesformer_harness.bench.pipeline import WARMUP_BATCHES, build_train_loade
 from timesformer_harness.bench.record import BenchRecord, fill_throughput
 from timesformer_harness.config import ModelConfig, RootConfig, load_config
 from timesformer_harness.counting import count_flops, count_params
-from timesformer_harness.metrics import (PeakMemory, ThroughputWindow, gemm, time_block, time_steps, timed_items,
-                                         utilisation)
+from timesformer_harness.metrics import PeakMemory, ThroughputWindow, gemm, time_block, time_steps, timed_items
 from timesformer_harness.pipelines.base import take_batches
 from timesformer_harness.pipelines.loaders import LOADERS
 from timesformer_harness.workload import TrainStep, build_model
@@ -89,12 +88,8 @@ def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype |
         calib = gemm(device, case.gemm_n)
         rec.peak_flops = calib.rate(time_steps(calib.run, device, warmup=1, steps=5))
         rec.peak_flops_source = f"fp32 GEMM n={case.gemm_n} right after the steps"
-    fill_throughput(rec, [w + c for w, c in zip(waits, computes)], clips_per_step=B, frames=T)
     steps = window.take()
-    rec.clips_per_s = steps["clips_per_s"]  # an epoch's last batch may be short
-    rec.images_per_s = rec.clips_per_s * T
-    rec.achieved_flops = rec.flops_per_clip * rec.clips_per_s
-    rec.utilisation = utilisation(rec.achieved_flops, rec.peak_flops)
+    fill_throughput(rec, [w + c for w, c in zip(waits, computes)], clips_per_step=B, frames=T, clips=steps["clips"])
     share = steps["data_wait_share"]
     bound = share > case.threshold
     rec.extra.update({

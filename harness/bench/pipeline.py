@@ -7,7 +7,7 @@ same clips, interleaved round by round (A B C A B C ...: load from other process
 in a process of its own as a training process holds one loader (another decoder's threads and allocations in the same
 process fragment the heap, so a row's batches land on fresh pages). Each row: median clips/s over the rounds, CPU
 ms per clip (the row's process and its
-workers: steadier than the wall clock on a shared machine), its process's peak RSS, frames decoded per clip (counted
+workers: steadier than the wall clock on a shared machine), its process's peak RSS growth, frames decoded per clip (counted
 where the decoder can be followed, else the model's estimate, marked ``model``) and the file variant.
 ``benchmarks/bench_prepare.py`` runs it over prepared variants of the same videos.
 """
@@ -123,10 +123,8 @@ def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype |
     if peak is not None:
         rec.peak_mem_bytes, rec.peak_mem_kind = peak.growth, peak.kind
     rec.extra["peak_mem_covers"] = peak_memory_note(device, loader)
-    times = [seconds for _, seconds in timed]
-    fill_throughput(rec, times, clips_per_step=rec.batch, frames=rec.frames)
-    rec.clips_per_s = sum(clips for clips, _ in timed) / sum(times)  # an epoch's last batch may be short
-    rec.images_per_s = rec.clips_per_s * rec.frames
+    fill_throughput(rec, [seconds for _, seconds in timed], clips_per_step=rec.batch, frames=rec.frames,
+                    clips=sum(clips for clips, _ in timed))
     rec.extra["rejected"] = len(getattr(loader, "rejected", []))
     rec.extra["decoded_frames"] = decoded_frames_per_clip(loader)
 
@@ -306,7 +304,8 @@ class ShootoutRow:
     decoded_per_clip: float | None = None
     decoded_how: str = ""
     note: str = ""
-    peak_rss_mb: float | None = None  # peak RSS of the row's own process (None: it ran in the caller's)
+    # peak RSS growth of the row's own process over its start, torch and the harness imported (None: in the caller's)
+    peak_rss_growth_mib: float | None = None
 
 
 class RowFailed(RuntimeError):
@@ -360,11 +359,11 @@ class _RowProcess:
 
 
 def _row_process_main(conn: Any, recipe: tuple[dict[str, Any], int], threads: int) -> None:
-    from timesformer_harness.metrics import rss_high_water_bytes
     from timesformer_harness.runtime import retain_freed_memory
 
     torch.set_num_threads(threads)
     retain_freed_memory()
+    memory = PeakMemory("cpu")  # one window from here: the row's build and all its epochs
     kwargs, position = recipe
     row, why = None, ""
     try:
@@ -377,7 +376,8 @@ def _row_process_main(conn: Any, recipe: tuple[dict[str, Any], int], threads: in
                 conn.send(("error", why))
                 continue
             try:
-                conn.send(("ok", (*timed_call(row.epoch, CPU), rss_high_water_bytes())))
+                peak = memory.so_far()
+                conn.send(("ok", (*timed_call(row.epoch, CPU), peak and peak.growth)))
             except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
                 conn.send(("error", failure_reason(e, 200)))
     finally:
@@ -421,7 +421,7 @@ def run_shootout(contenders: list[Contender], rounds: int = SHOOTOUT_ROUNDS) -> 
             row.clips_per_s = statistics.median(rates)
             row.cpu_ms_per_clip = statistics.median(1e3 * cpu / n for n, _, cpu, _ in measured[id(c)])
             peaks = [peak for _, _, _, peak in measured[id(c)] if peak is not None]
-            row.peak_rss_mb = max(peaks) / 2**20 if peaks else None
+            row.peak_rss_growth_mib = max(peaks) / 2**20 if peaks else None
         if c.decoded is not None:
             row.decoded_per_clip, row.decoded_how = c.decoded()
         rows.append(row)
@@ -437,7 +437,7 @@ def format_shootout(rows: list[dict] | list[ShootoutRow]) -> str:
         return next((r["clips_per_s"] for r in rows if r["variant"] == variant and r["name"] == name
                      and r["graph"] == graph and r["clips_per_s"]), None)
 
-    lines = ["| loader | variant | graph | threads | clips/s (median) | CPU ms / clip | peak RSS MB "
+    lines = ["| loader | variant | graph | threads | clips/s (median) | CPU ms / clip | peak RSS growth MiB "
              "| decoded frames / clip | vs decord | full / decode-only | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -448,7 +448,7 @@ def format_shootout(rows: list[dict] | list[ShootoutRow]) -> str:
         lines.append("| " + " | ".join([
             r["name"], r["variant"], r["graph"], r["threads"], "-" if rate is None else f"{rate:.1f}",
             "-" if r["cpu_ms_per_clip"] is None else f"{r['cpu_ms_per_clip']:.1f}",
-            "-" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}", decoded,
+            "-" if r.get("peak_rss_growth_mib") is None else f"{r['peak_rss_growth_mib']:.0f}", decoded,
             f"{rate / decord:.2f}x" if rate and decord else "-",
             f"{rate / own_decode:.2f}" if rate and own_decode and r["threads"] == _decode_threads(rows, r) else "-",
             r["note"].replace("|", "/")]) + " |")
@@ -482,10 +482,10 @@ def run_shootout_case(case: Case, rec: BenchRecord, device: torch.device) -> Non
         subset = shootout_subset(data, case.batches * data.batch_size, Path(tmp))
         rows = run_shootout(shootout_contenders(subset, Path(data.root).name), SHOOTOUT_ROUNDS)
     rec.frames, rec.img_size, rec.batch = data.num_frames, data.train_crop_size, data.batch_size
-    peaks = [r.peak_rss_mb for r in rows if r.peak_rss_mb is not None]
+    peaks = [r.peak_rss_growth_mib for r in rows if r.peak_rss_growth_mib is not None]
     rec.peak_mem_bytes, rec.peak_mem_kind = (int(max(peaks) * 2**20), "rss") if peaks else (None, None)
-    rec.extra["peak_mem_covers"] = "the largest peak RSS of the rows' processes (each row in a fresh process of its " \
-                                   "own; PyAV's workers not counted)"
+    rec.extra["peak_mem_covers"] = "the largest peak RSS growth of the rows' processes (each row in a fresh process " \
+                                   "of its own, from its start with torch imported; PyAV's workers not counted)"
     if rows[0].rounds:  # our DALI loader, full graph: seconds per batch in each round
         fill_throughput(rec, [rec.batch / rate for rate in rows[0].rounds], clips_per_step=rec.batch,
                         frames=rec.frames)

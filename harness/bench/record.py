@@ -117,15 +117,28 @@ def migrate(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def fill_throughput(rec: BenchRecord, times_s: list[float], clips_per_step: int, frames: int | None) -> None:
+def fill_throughput(rec: BenchRecord, times_s: list[float], clips_per_step: int, frames: int | None,
+                    clips: int | None = None) -> None:
     """Set the raw samples, step_ms, clips/s, images/s, achieved FLOP/s and utilisation of ``rec`` from per-step
-    seconds."""
+    seconds: clips/s is ``clips_per_step`` over the median step, or, given ``clips`` (the clips the timed steps
+    delivered, where batches differ in size: an epoch's last one), ``clips`` over the steps' total time.
+
+    A utilisation above 100% is not a measurement of the model (its peak, a GEMM timed beside the steps on CPU, ran
+    slower than the steps' own matmuls: a contended machine, or a precision faster than that fp32 GEMM): it is kept
+    in ``extra["implausible_utilisation"]`` and ``utilisation`` stays None, so that nothing compares with it."""
     rec.samples_s = [round(t, 9) for t in times_s]
     rec.step_ms = summarize(times_s, scale=1e3)
-    rec.clips_per_s = clips_per_step / statistics.median(times_s)
+    if clips is None:
+        rec.clips_per_s = clips_per_step / statistics.median(times_s)
+    else:
+        rec.clips_per_s = clips / sum(times_s)
+        rec.extra["clips_per_s_is"] = "the timed steps' clips over their total time (batches differ in size)"
     rec.images_per_s = rec.clips_per_s * frames if frames else None
     rec.achieved_flops = rec.flops_per_clip * rec.clips_per_s if rec.flops_per_clip else None
     rec.utilisation = utilisation(rec.achieved_flops, rec.peak_flops)
+    if rec.utilisation is not None and rec.utilisation > 1.0:
+        rec.extra["implausible_utilisation"] = rec.utilisation
+        rec.utilisation = None
 
 
 def write_results(path: str | Path, records: list[BenchRecord], meta: dict[str, Any] | None = None) -> None:

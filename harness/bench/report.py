@@ -64,6 +64,13 @@ def summary_table(records: list[BenchRecord]) -> str:
 
             lines += [f"## Loader shoot-out ({r.case}: same clips, {r.extra['rounds']} interleaved rounds, CPU)", "",
                       format_shootout(r.extra["shootout"]), ""]
+    implausible = [r for r in records if r.extra.get("implausible_utilisation")]
+    if implausible:
+        lines += ["Utilisation not reported (`-`) where it came out above 100%: the peak it divides by ran slower than "
+                  "the case's own matmuls (on CPU, a GEMM timed beside the steps on a contended machine); images/s "
+                  "stands, rerun for a utilisation:", ""]
+        lines += [f"- {r.case}: {100 * r.extra['implausible_utilisation']:.0f}% of {_fmt(r.peak_flops, '.1f', 1e-9)} "
+                  f"GFLOP/s ({r.peak_flops_source})" for r in implausible] + [""]
     return "\n".join(lines)
 
 
@@ -132,7 +139,8 @@ def write_summary(path: Path, records: list[BenchRecord], meta: dict[str, Any]) 
     env = meta.get("env", {})
     head = [
         f"# Benchmark {meta.get('started', '')}", "",
-        f"preset `{meta.get('preset')}`, batch {meta.get('batch')}, precision {meta.get('precision')}, "
+        f"preset `{meta.get('preset')}`, batch {meta.get('batch')} (the pipeline and end-to-end cases: their data "
+        f"config's), precision {meta.get('precision')}, "
         f"device {meta.get('hardware')} ({env.get('device')}, {env.get('cpu_threads')} threads), "
         f"torch {env.get('torch')}, DALI {env.get('dali')}, git {env.get('git_sha')}.",
         "Peak for utilisation: " + ("an fp32 GEMM timed between the steps of each case (column peak GFLOP/s); "

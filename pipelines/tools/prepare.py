@@ -28,6 +28,8 @@ new manifest.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import multiprocessing
@@ -253,9 +255,12 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
         atomic_write_text(out / manifest.name, json.dumps(items, indent=1) + "\n")
         labels = Path(ssv2_labels or manifest.parent / SSV2_LABELS)
         atomic_write_text(out / labels.name, labels.read_text())
+    elif fmt == "csv":  # quoted where a path holds a comma or a quote, as the reader (csv.reader) expects
+        lines = io.StringIO()
+        csv.writer(lines, lineterminator="\n").writerows((rel_of[e.path], e.label) for e in good)
+        atomic_write_text(out / manifest.name, lines.getvalue())
     else:
-        sep = "," if fmt == "csv" else separator
-        atomic_write_text(out / manifest.name, "".join(f"{rel_of[e.path]}{sep}{e.label}\n" for e in good))
+        atomic_write_text(out / manifest.name, "".join(f"{rel_of[e.path]}{separator}{e.label}\n" for e in good))
     report.seconds = time.perf_counter() - t0
     import av
 

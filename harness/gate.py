@@ -43,7 +43,7 @@ from timesformer_harness.bench.record import BenchRecord, read_results, run_env,
 from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.bench.verdict import DEFAULT_MEM_TOLERANCE, Verdict, better, judge_all, median_run
 from timesformer_harness.config import ModelConfig, RootConfig, load_config
-from timesformer_harness.metrics import run_stamp
+from timesformer_harness.metrics import new_run_dir, run_stamp
 from timesformer_harness.common import atomic_write_text, setup_logging
 from timesformer_harness.runtime import environment_info, precision_name, resolve_precision
 
@@ -301,7 +301,7 @@ def gate(args: argparse.Namespace) -> int:
             by_case[r.case] = better(by_case[r.case], r)
         candidate = [by_case[r.case] for r in candidate]
         verdicts = judge_all(baseline, candidate, tol, mem_tol)
-    out = Path(args.out) / run_stamp()
+    out = new_run_dir(args.out, run_stamp())
     notes = stack_notes(run_env(baseline, meta), run_env(candidate, {}) or environment_info(device))
     failed = [v for v in verdicts if v.regressed]
     summary = {"passed": not failed, "exit_status": 1 if failed else 0, "cases": len(verdicts),

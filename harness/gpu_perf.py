@@ -49,7 +49,7 @@ from timesformer_harness.bench.sweep import base_settings, run_case
 from timesformer_harness.common import atomic_write_text, setup_logging
 from timesformer_harness.config import REPO_ROOT, ModelConfig
 from timesformer_harness.kernels.attention import triton_build_problem
-from timesformer_harness.metrics import Stopwatch, run_stamp
+from timesformer_harness.metrics import Stopwatch, new_run_dir, run_stamp
 from timesformer_harness.runner import run_command
 from timesformer_harness.runtime import (device_name, environment_info, precision_name, resolve_device,
                                          resolve_precision)
@@ -371,9 +371,10 @@ def script_start(p: argparse.ArgumentParser, args: argparse.Namespace, row_names
         print(f"{name.replace('_', '-')}: no CUDA device; run it on a GPU, or rehearse with --rehearse-on-cpu",
               file=sys.stderr)
         return None
-    out = Path(args.out or REPO_ROOT / f"runs/{name}/{run_stamp()}")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        return Path(args.out)
+    return new_run_dir(REPO_ROOT / "runs" / name, run_stamp())
 
 
 def script_end(out: Path, rows: list[dict[str, Any]]) -> int:

@@ -21,12 +21,14 @@ is no trustworthy CPU peak table).
 
 from __future__ import annotations
 
+import itertools
 import re
 import resource
 import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -57,6 +59,21 @@ class Stopwatch:
 def run_stamp() -> str:
     """Local time as ``YYYYmmdd-HHMMSS``: the name of a run folder."""
     return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def new_run_dir(root: str | Path, name: str) -> Path:
+    """Create and return the folder ``root/name`` (``name`` usually starts with ``run_stamp()``), or ``name-2``,
+    ``name-3``, ... when a run that started in the same second holds it: two runs never share a folder."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = root / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def iso_now() -> str:

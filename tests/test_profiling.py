@@ -24,6 +24,8 @@ from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.counting import count_flops
 from timesformer_harness.gpu_check import collect_profile
 from timesformer_harness.model import load_preset
+from timesformer_harness import metrics
+from timesformer_harness.profiling import main as profiling_main
 from timesformer_harness.profiling import run_profile, summarise, write_summary
 
 
@@ -110,6 +112,7 @@ class Avg:
 
 
 STEPS = 2
+NODE = "autograd::engine::evaluate_function: "
 # key_averages() of 2 active steps on CPU: our ranges (CPU time only), operators, the profiler's own step range
 CPU_EVENTS = [
     Avg("ProfilerStep#2", 1, 10500, 100),
@@ -120,6 +123,10 @@ CPU_EVENTS = [
     Avg("aten::mm", 40, 3000, 3000),
     Avg("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 8, 600, 500),
     Avg("aten::add_", 60, 400, 400),
+    # autograd's nodes: the attention's backward (fused SDPA; our Triton op) counts with its operators, the loss's not
+    Avg(NODE + "ScaledDotProductFlashAttentionForCpuBackward0", 8, 700, 20),
+    Avg(NODE + "GeneratedBackwardFor_timesformer_harness_short_attention_defaultBackward", 4, 300, 10),
+    Avg(NODE + "LogSoftmaxBackward0", 2, 100, 10),
 ]
 # With CUDA activity: every CPU event also carries its kernels' device time (device_time_total: children included;
 # self_device_time_total: its own kernels), each range appears a second time as a GPU annotation (device type CUDA,
@@ -136,6 +143,8 @@ CUDA_EVENTS = [
     Avg("aten::_scaled_dot_product_flash_attention", 4, 100, 40, 600, 0),
     Avg("aten::_flash_attention_backward", 8, 100, 40, 700, 700),
     Avg("aten::add_", 60, 300, 300, 800, 800),
+    Avg(NODE + "ScaledDotProductFlashAttentionBackward0", 4, 150, 20, 700, 0),  # its operator's kernels
+    Avg(NODE + "LogSoftmaxBackward0", 2, 50, 5, 40, 0),
     Avg("ProfilerStep#2", 1, 0, 0, 8200, 8200, GPU),
     Avg("train_step", STEPS, 0, 0, 500, 500, GPU),
     Avg("forward", STEPS, 0, 0, 9000, 9000, GPU),
@@ -151,9 +160,9 @@ def test_summary_of_a_cpu_profile_uses_cpu_time():
     assert s.range_ms == {"attn/temporal": 0.5, "attn/spatial": 1.0}
     assert s.range_share_of_step == {"attn/temporal": 0.1, "attn/spatial": 0.2}
     assert s.range_share_of_forward == {"attn/temporal": 0.25, "attn/spatial": 0.5}
-    assert s.top_ops == [("aten::mm", 1.5, 20), ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 0.25, 4),
-                         ("aten::add_", 0.2, 30)]
-    assert s.attn_backward_ms == 0.25 and s.sdpa_kernels == ["flash_attention_for_cpu"]
+    assert s.top_ops[:3] == [("aten::mm", 1.5, 20), ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 0.25, 4),
+                             ("aten::add_", 0.2, 30)]
+    assert s.attn_backward_ms == 0.5 and s.sdpa_kernels == ["flash_attention_for_cpu"]  # (700 + 300) us / 2 steps
 
 
 def test_summary_of_a_cuda_profile_uses_kernel_time(tmp_path):
@@ -167,8 +176,8 @@ def test_summary_of_a_cuda_profile_uses_kernel_time(tmp_path):
     assert s.range_share_of_step == pytest.approx({"attn/temporal": 0.075, "attn/spatial": 0.15})
     assert s.range_share_of_forward == pytest.approx({"attn/temporal": 0.2, "attn/spatial": 0.4})
     # operators by their kernels' time; kernels themselves and the annotations are not operators
-    assert [name for name, _, _ in s.top_ops] == ["aten::mm", "aten::add_", "aten::_flash_attention_backward",
-                                                  "aten::_scaled_dot_product_flash_attention"]
+    assert [name for name, _, _ in s.top_ops][:4] == ["aten::mm", "aten::add_", "aten::_flash_attention_backward",
+                                                      "aten::_scaled_dot_product_flash_attention"]
     assert s.sdpa_kernels == ["flash_attention"] and s.attention_share_of_step == pytest.approx((0.3 + 0.6 + 0.35) / 4)
     assert s.top_ops[0] == ("aten::mm", 3.25, 20) and s.attn_backward_ms == 0.35
     # without the annotations (an older profiler) the figures are the same
@@ -201,6 +210,32 @@ def test_profiling_cli_rejects_all():
                           "tiny"],
                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert bad.returncode == 2 and "model.attention_type='diagonal'; choose from" in bad.stderr  # config check
+
+
+@pytest.mark.parametrize("flag", ["--wait", "--warmup"])
+def test_profiling_cli_rejects_a_negative_schedule_before_making_a_folder(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        profiling_main(["--preset", "tiny", flag, "-1", "--out", str(tmp_path / "profile")])
+    assert exit_.value.code == 2 and "0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "profile").exists()
+
+
+@pytest.mark.parametrize("backend", ["math", "naive"])
+def test_attention_backward_is_counted_for_the_unfused_backends(backend, tmp_path):
+    """The math and naive backends' backward is batched matmuls and a softmax (no op named for attention): their
+    autograd nodes are still the attention's, so its backward time is not reported as 0."""
+    cfg = resolve(preset="tiny", overrides=[f"model.attn_backend={backend}"])[0]
+    s = run_profile(cfg, "tiny", steps=1, wait=0, warmup=1, out_root=tmp_path)
+    assert 0 < s.attn_backward_ms < s.step_ms and s.sdpa_kernels == ([] if backend == "naive" else ["attention_math"])
+
+
+def test_two_profiles_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "run_stamp", lambda: "20260101-000000")
+    first, second = (run_profile(_cfg("space_only"), "tiny", steps=1, wait=0, warmup=0, out_root=tmp_path)
+                     for _ in range(2))
+    assert Path(first.run_dir).name == "20260101-000000-space_only"
+    assert Path(second.run_dir).name == "20260101-000000-space_only-2"
+    assert all(len(list(Path(r).glob("*.pt.trace.json"))) == 1 for r in (first.run_dir, second.run_dir))
 
 
 def _get(url: str) -> tuple[int, object]:

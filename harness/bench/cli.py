@@ -30,7 +30,7 @@ from timesformer_harness.bench.report import summary_table, write_summary
 from timesformer_harness.bench.model import count as count_flops_of
 from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.config import BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
-from timesformer_harness.metrics import Stopwatch, gpu_peak_flops, measure_gemm_flops, run_stamp
+from timesformer_harness.metrics import Stopwatch, gpu_peak_flops, measure_gemm_flops, new_run_dir, run_stamp
 from timesformer_harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
 from timesformer_harness.variants import VARIANTS
 from timesformer_harness.workload import check_attention
@@ -142,8 +142,7 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
 
     precision = precision_name(resolve_precision(cfg.bench.precision, device))
     started = run_stamp()
-    out = Path(cfg.bench.out_dir) / f"{started}-{attn}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_run_dir(cfg.bench.out_dir, f"{started}-{attn}")
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     peak = measure_peak(device, precision, cfg.bench.gemm_n)
     cases = build_cases(cfg, preset, attns, modes, device, peak, precision)

@@ -113,7 +113,7 @@ def repeated_manifest(manifest: Path, repeat: int) -> Path:
 def decode_costs(cfg: DataConfig, device: str = "cpu") -> dict:
     """Frames decoded per clip: the models' expectation over train starts (mean over files), and counted on the
     epoch's clips (the DALI loader's streams)."""
-    from timesformer_harness.bench.pipeline import count_decoded
+    from timesformer_harness.bench.pipeline import decoded_frames_per_clip
     from timesformer_harness.pipelines.factory import build_loader
     from timesformer_harness.pipelines.tools.decode_cost import STRATEGIES, estimate, read_gop
 
@@ -123,7 +123,8 @@ def decode_costs(cfg: DataConfig, device: str = "cpu") -> dict:
     est = {s: statistics.mean(estimate(g, T, RATE, FPS, strategy=s).train for g in gops.values()) for s in STRATEGIES}
     return {"max_gop": max(g.max_gop for g in gops.values()),
             "mb_per_video": statistics.mean(Path(p).stat().st_size for p in gops) / 1e6,
-            "estimate_per_clip": est, "counted_per_clip_dali": count_decoded(loader, "dali", plans)}
+            "estimate_per_clip": est,
+            "counted_per_clip_dali": decoded_frames_per_clip(loader, len(plans))["counted_per_clip"]}
 
 
 def main(argv: list[str] | None = None) -> int:

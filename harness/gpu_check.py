@@ -49,7 +49,7 @@ if __name__ == "__main__" and not __package__:  # run by path (python harness/gp
     run_by_package_name(__file__, "timesformer_harness.gpu_check")
 
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.metrics import Stopwatch, run_stamp
+from timesformer_harness.metrics import Stopwatch, new_run_dir, run_stamp
 from timesformer_harness.runner import run_command
 from timesformer_harness.variants import REFERENCE
 
@@ -248,8 +248,8 @@ def collect_train(out: Path) -> Callable[[str], dict[str, Any]]:
                    "clips_per_s": _round(end.get("time/steady_clips_per_s") or last.get("time/clips_per_s")),
                    "data_wait_pct": _round(last.get("time/data_wait_pct")),
                    "peak_gib": _peak_gib(last), "val_peak_gib": _peak_gib(vals[-1], "val_") if vals else None}
-        if (out / "eval_val.json").is_file():
-            figures["val_top1"] = json.loads((out / "eval_val.json").read_text())["top1"]
+        if (out / "last_val.json").is_file():
+            figures["val_top1"] = json.loads((out / "last_val.json").read_text())["top1"]
         return figures
     return collect
 
@@ -470,9 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     cuda = bool(env["gpus"])
     mode = "cpu rehearsal" if args.rehearse_on_cpu else "gpu" if cuda else "no CUDA"
-    run_dir = Path(args.out) / run_stamp()
-    run_dir = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    run_dir = new_run_dir(out if out.is_absolute() else REPO_ROOT / out, run_stamp())
     rehearse = args.rehearse_on_cpu
     steps = build_steps(run_dir, CPU_SIZE if rehearse else GPU_SIZE, 2 if rehearse else max(1, len(env["gpus"])))
     if args.inject_failure:

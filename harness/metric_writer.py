@@ -9,11 +9,20 @@ from typing import Any
 from timesformer_harness.metrics import wall_time
 
 
+def tb_tag(event: str | None, key: str) -> str:
+    """The TensorBoard tag of a record's key: the key, but an ``epoch`` record's ``train/*`` (the epoch's means) are
+    ``train/epoch_*``, so that they do not land on the log windows' ``train/loss`` curve at the same step."""
+    if event == "epoch" and key.startswith("train/"):
+        return "train/epoch_" + key.split("/", 1)[1]
+    return key
+
+
 class MetricWriter:
     """``metrics.jsonl`` plus TensorBoard scalars, written by rank 0 only.
 
     Every record gets ``step`` and a wall-clock ``time``. Numeric values under a namespaced key (``train/loss``,
-    ``time/clips_per_s``) also go to TensorBoard (``run_dir/tb``); events, strings and lists stay in the JSONL.
+    ``time/clips_per_s``; booleans as 0/1, ``time/warmup``) also go to TensorBoard (``run_dir/tb``, tags by
+    ``tb_tag``); events, strings and lists stay in the JSONL.
 
     Args:
         run_dir: the run's output directory.
@@ -37,8 +46,8 @@ class MetricWriter:
         self.file.flush()
         if self.tb is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and "/" in key:
-                    self.tb.add_scalar(key, value, step)
+                if isinstance(value, (int, float)) and "/" in key:
+                    self.tb.add_scalar(tb_tag(record.get("event"), key), float(value), step)
 
     def close(self) -> None:
         if self.file:

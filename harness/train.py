@@ -16,7 +16,7 @@ video (``data.on_bad_video=error``, or more than ``data.max_bad_fraction`` of th
 
 Outputs in ``output.dir``: ``config.yaml`` (resolved, the latest launch's) and ``config.<n>.yaml`` (launch n's),
 ``train.log`` (rank 0's log, every launch), ``environment.json``, ``metrics.jsonl``, TensorBoard events in ``tb/``,
-``checkpoints/``, ``eval_val.json``, ``rejected.csv`` (videos left out, when any). Exit statuses:
+``checkpoints/``, ``last_val.json``, ``rejected.csv`` (videos left out, when any). Exit statuses:
 ``timesformer_harness.common.ExitCode``.
 """
 
@@ -68,6 +68,7 @@ from timesformer_harness.common import ExitCode, log_to_file, remove_stale_tempo
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
 from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
 from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, write_rejected
+from timesformer_harness.pipelines.synthetic import check_synthetic_labels
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def check_inputs(cfg: RootConfig) -> dict[str, list[VideoEntry]]:
             another model.
     """
     manifests = {}
+    check_synthetic_labels(cfg.data, cfg.model.num_classes)
     if cfg.data.loader == AUTO or LOADERS[cfg.data.loader].decodes:
         for split in ("train", "val") if cfg.train.eval_period else ("train",):
             manifests[split] = read_manifest(cfg.data, split, cfg.model.num_classes)
@@ -560,6 +562,9 @@ class Trainer:
         # of their own, logged as warm-up; the steady clips/s leaves them out.
         warmup_iters = min(self.accum * cfg.train.warmup_steps, n - start)
         warming = warmup_iters > 0
+        # the micro-batches up to the epoch's last optimizer step; those after it (fewer than one step) are left
+        # over, and go into the epoch's last train record, logged at its end with that step's learning rate
+        last_step_at = n - n % self.accum
         stop = False
         # The next batch is fetched right after each forward, before the step's all-reduce, so that a rank whose
         # loader stopped on a bad video tells the others there and all stop together; the first batch is agreed on
@@ -616,7 +621,7 @@ class Trainer:
             if warming and i + 1 - start == warmup_iters:
                 self._log_window(window, window_loss, lr, epoch, warmup=True)
                 warming = False
-            elif sync and self.step % cfg.train.log_period == 0:
+            elif sync and self.step % cfg.train.log_period == 0 and not i + 1 == last_step_at < n:
                 self._log_window(window, window_loss, lr, epoch, warmup=warming)
             if sync and stop:
                 if bar is not None:
@@ -628,11 +633,12 @@ class Trainer:
         if bar is not None:
             bar.close()
         if window.steps:
-            self._log_window(window, window_loss, lr_at(cfg.solver, epoch + (n - 1) / n), epoch, warmup=warming)
+            self._log_window(window, window_loss, lr_at(cfg.solver, epoch + (last_step_at - 1) / n), epoch,
+                             warmup=warming)
         done = max(done, 1)
         loss_total, seen_total, correct_total = self._epoch_totals(loss_sum, seen, correct)
         record = {"event": "epoch", "epoch": epoch + 1, "train/loss": loss_total / info.world_size / done,
-                  "lr": self.optimizer.param_groups[0]["lr"]}
+                  "lr": lr_at(cfg.solver, epoch + (last_step_at - 1) / n)}
         if not mixing:
             record["train/top1"] = 100.0 * correct_total / max(seen_total, 1)
         bad = self._merge_bad_videos(loader)
@@ -739,7 +745,7 @@ class Trainer:
                           "val/mean_class_accuracy": report["mean_class_accuracy"] or 0.0,
                           "val/unscored_views": report["num_unscored_views"], **memory}, self.step)
         if self.info.is_main:
-            (self.run_dir / "eval_val.json").write_text(json.dumps(report, indent=2) + "\n")
+            (self.run_dir / "last_val.json").write_text(json.dumps(report, indent=2) + "\n")
         logger.info("epoch %d val: top-1 %.2f%%, top-5 %.2f%% over %d videos (%.1f s)", epoch + 1, report["top1"],
                     report["top5"], report["num_videos"], report["seconds"])
         return report

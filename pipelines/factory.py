@@ -37,6 +37,7 @@ from timesformer_harness.pipelines.decode_rates import (DALI_PATHS, RateRow, cho
                                                         load_rates, short_side_of, table_name)
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, generation_of
 from timesformer_harness.pipelines.quarantine import BadVideo, write_rejected
+from timesformer_harness.pipelines.synthetic import check_synthetic_labels
 from timesformer_harness.pipelines.validate import VideoInfo, deep_check, judge, probe_all
 
 logger = logging.getLogger(__name__)
@@ -197,6 +198,7 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r}; choose from ['train', 'val', 'test']")
     if cfg.loader != AUTO and not LOADERS[cfg.loader].decodes:
+        check_synthetic_labels(cfg, num_classes)
         return LOADERS[cfg.loader].loader_class()(cfg, split, device=device, rank=rank, world_size=world_size,
                                                   start_batch=start_batch)
 

@@ -65,3 +65,12 @@ class SyntheticLoader:
             index = torch.arange(b * B, b * B + n) * 1 + self.rank * self.num_clips
             label_index = to_device(torch.stack([labels[b * B:b * B + n], index]), self.device)  # one copy
             yield Batch(video, label_index[0], label_index[1])
+
+
+def check_synthetic_labels(cfg: DataConfig, num_classes: int) -> None:
+    """The synthetic loader's labels (0..``data.synthetic_classes``-1) against ``num_classes`` (0 = not checked), as
+    a manifest's are: ValueError naming both keys."""
+    if cfg.loader == "synthetic" and num_classes and cfg.synthetic_classes > num_classes:
+        raise ValueError(f"data.synthetic_classes={cfg.synthetic_classes} draws labels 0..{cfg.synthetic_classes - 1}, "
+                         f"out of range for model.num_classes={num_classes}: set data.synthetic_classes={num_classes} "
+                         f"(or fewer)")

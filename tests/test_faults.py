@@ -348,7 +348,7 @@ def test_training_with_skip_lists_what_it_left_out_and_resumes_exactly(corpus: C
     assert end["event"] == "end" and end["data/quarantined"] == len(rows) and end["data/preflight_rejected"] == 9
     assert [r["data/quarantined"] for r in records if r["event"] == "epoch"] == [len(rows)] * 2
     assert val["val/unscored_views"] >= 1
-    report = json.loads((tmp_path / "ref" / "eval_val.json").read_text())
+    report = json.loads((tmp_path / "ref" / "last_val.json").read_text())
     assert report["num_unscored_views"] == val["val/unscored_views"] and report["unscored_views"][0]["reason"]
     assert "left out" in ref_err and "replaced by" in ref_err
 

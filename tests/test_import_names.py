@@ -203,3 +203,30 @@ def test_an_old_module_path_still_runs_from_the_clone_root_with_a_notice(tmp_pat
                          capture_output=True, text=True, timeout=300, env=env)
     assert new.returncode == 0, new.stderr[-3000:]
     assert "old one" not in new.stderr
+
+
+def test_every_name_the_package_imports_from_itself_exists() -> None:
+    """``from timesformer_harness.X import name``, at module level or inside a function (the lazy imports of scripts
+    and GPU paths run only where they are used), names something ``X`` has: a helper renamed in one module and
+    not in a script that runs only on demand would fail there, not here."""
+    import ast
+    import importlib
+
+    folders = {"harness": PACKAGE, "pipelines": f"{PACKAGE}.pipelines", "benchmarks": f"{PACKAGE}.benchmarks",
+               "kernels": f"{PACKAGE}.kernels"}
+    missing, checked = [], 0
+    for folder in folders:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                        and node.module.split(".")[0] == PACKAGE):
+                    continue
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    checked += 1
+                    if alias.name != "*" and not hasattr(module, alias.name):
+                        try:  # a submodule imported by name
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ModuleNotFoundError:
+                            missing.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.module}.{alias.name}")
+    assert checked > 300 and not missing, missing

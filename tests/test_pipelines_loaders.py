@@ -193,6 +193,11 @@ def test_synthetic_loader_contract() -> None:
     batch = next(iter(loader))
     assert batch.video.shape == (3, 3, 4, 16, 16) and batch.label.max() < 5 and batch.video.std() > 0.5
     assert batch.video.is_contiguous(memory_format=CLIP_FORMAT)  # the real loaders' layout
+    # its labels are checked against the model's classes, as a manifest's are (evaluation scored 10 labels on 6)
+    assert build_loader(cfg, "test", num_classes=5).num_clips > 0
+    with pytest.raises(ValueError, match=r"data.synthetic_classes=5 draws labels 0..4, out of range for "
+                                         r"model.num_classes=4: set data.synthetic_classes=4 \(or fewer\)"):
+        build_loader(cfg, "test", num_classes=4)
 
 
 def test_ssv2_manifest_and_segment_sampling_through_dali(videos, tmp_path) -> None:

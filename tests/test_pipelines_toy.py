@@ -34,6 +34,10 @@ def test_generate_is_deterministic_idempotent_and_kinetics_format(tmp_path: Path
     infos, rejected = check_videos([str(p) for p in sorted((tmp_path / "a" / "val").glob("*.webm"))], "cpu", 8, 3,
                                    cache=None)
     assert rejected == [] and {(i.codec, i.frames, i.height, i.width, i.fps) for i in infos} == {("vp9", 24, 32, 32, 30)}
+    kept = (tmp_path / "a" / "val" / "val_00005.webm").read_bytes()
+    (tmp_path / "a" / "val" / "val_00005.webm").unlink()  # a damaged copy is written again, not "nothing to do"
+    assert generate(tmp_path / "a", SMALL, workers=1) is True
+    assert (tmp_path / "a" / "val" / "val_00005.webm").read_bytes() == kept
     assert generate(tmp_path / "a", replace(SMALL, seed=1), workers=1) is True  # another spec regenerates
 
 

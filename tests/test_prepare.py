@@ -190,6 +190,34 @@ def test_bad_arguments(videos, tmp_path):
     assert prepare(src / "val.csv", out, PrepareSpec("vp9", 32), progress=False).transcoded == 1
 
 
+def test_prepare_json_keeps_every_manifest_prepared_into_the_folder(videos, tmp_path, caplog):
+    """train, val and test prepared one after the other into one folder: each one's failures stay on record (the
+    latest no longer replaces them), and one prepared with other options than the rest is warned about."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, p in [("a.webm", videos.good[0]), ("b.webm", videos.good[1]), ("bad.webm", videos.garbage)]:
+        (src / name).write_bytes(p.read_bytes())
+    (src / "train.csv").write_text("a.webm 0\nbad.webm 1\n")
+    (src / "val.csv").write_text("b.webm 1\n")
+    out = tmp_path / "out"
+    assert [Path(p).name for p, _ in prepare(src / "train.csv", out, PrepareSpec("vp9", 32), workers=1,
+                                             progress=False).failed] == ["bad.webm"]
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.pipelines.tools.prepare"):
+        prepare(src / "val.csv", out, PrepareSpec("vp9", 32), workers=1, progress=False)
+    assert "another spec" not in caplog.text
+    record = json.loads((out / SPEC_FILE).read_text())
+    assert record["manifest"] == "val.csv" and record["failed"] == []  # the top level: the latest manifest
+    assert set(record["manifests"]) == {"train.csv", "val.csv"}
+    assert [Path(f["path"]).name for f in record["manifests"]["train.csv"]["failed"]] == ["bad.webm"]
+    assert record["manifests"]["train.csv"]["videos"] == 1 and record["manifests"]["val.csv"]["videos"] == 1
+    (src / "test.csv").write_text("b.webm 1\n")
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.pipelines.tools.prepare"):
+        prepare(src / "test.csv", out, PrepareSpec("vp9", 48), workers=1, progress=False)
+    assert f"{out} also holds train.csv, val.csv, prepared with another spec" in caplog.text
+    record = json.loads((out / SPEC_FILE).read_text())
+    assert {m["spec"]["short_side"] for m in record["manifests"].values()} == {32, 48}
+
+
 def test_a_csv_manifest_with_commas_in_its_paths_reads_back(videos, tmp_path):
     """SSv2-style names hold commas and quotes: the CSV manifest prepare writes quotes them, as the reader expects."""
     src = tmp_path / "src"

@@ -51,6 +51,24 @@ def broken_links(root: Path, docs: list[Path]) -> list[str]:
     return bad
 
 
+def broken_fences(doc: Path) -> list[str]:
+    """``file:line`` of code fences that do not close as CommonMark closes them: a closing fence with text after it
+    (the block runs on, and the headings after it render as code), or a block still open at the end."""
+    bad, opened = [], 0
+    for number, line in enumerate(doc.read_text().splitlines(), 1):
+        fence = re.match(r" {0,3}(```+)(.*)", line)
+        if not fence:
+            continue
+        if not opened:
+            opened = number
+        elif fence.group(2).strip():
+            bad.append(f"{doc.name}:{number}: text after the closing fence of the block opened at line {opened}")
+            opened = 0
+        else:
+            opened = 0
+    return bad + ([f"{doc.name}:{opened}: a code block never closed"] if opened else [])
+
+
 def markdown_docs(root: Path) -> list[Path]:
     return [root / "README.md"] + sorted((root / "docs").rglob("*.md"))
 
@@ -69,6 +87,11 @@ def test_nothing_points_outside_the_repository() -> None:
 def test_every_relative_link_in_the_docs_resolves() -> None:
     bad = broken_links(REPO, markdown_docs(REPO))
     assert not bad, "broken relative links:\n" + "\n".join(bad)
+
+
+def test_every_code_block_in_the_docs_closes() -> None:
+    bad = [b for doc in markdown_docs(REPO) for b in broken_fences(doc)]
+    assert not bad, "code fences that do not close:\n" + "\n".join(sorted(set(bad)))
 
 
 def test_every_doc_is_reachable_from_the_readme() -> None:
@@ -93,6 +116,11 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
                                                "# an issue with this\n")
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "ignored.md").write_text("issue " + "3\n")
+    (tmp_path / "docs" / "c.md").write_text("```bash\nmake\n``` and prose\n## heading\n```\nopen\n")
+    assert broken_fences(tmp_path / "docs" / "c.md") == [
+        "c.md:3: text after the closing fence of the block opened at line 1", "c.md:5: a code block never closed"]
+    assert broken_fences(tmp_path / "docs" / "a.md") == []
+    (tmp_path / "docs" / "c.md").unlink()
     assert broken_links(tmp_path, markdown_docs(tmp_path)) == [
         "docs/a.md:1: ../nowhere.md#x", "docs/a.md:2: results/p.png", "docs/a.md:2: ../../outside.md"]
     assert outside_mentions(tmp_path) == [f"harness/x.py:1: {note!r}", f"harness/x.py:2: {issue!r}",

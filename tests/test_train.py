@@ -226,7 +226,7 @@ def test_run_writes_config_metrics_tensorboard_and_original_checkpoints(referenc
     assert {"train/loss", "opt/lr", "time/clips_per_s", "time/data_wait_pct"} <= set(train[0])
     assert max(r["step"] for r in records) == 8  # 32 clips / 8 per optimizer step x 2 epochs
     assert list((reference_run / "tb").glob("events.out.tfevents.*"))
-    val = json.loads((reference_run / "eval_val.json").read_text())
+    val = json.loads((reference_run / "last_val.json").read_text())
     assert val["num_videos"] == 8 and (val["top1"] / 12.5).is_integer()  # k of 8 videos right
     ckpts = reference_run / "checkpoints"
     assert os.readlink(ckpts / "last.pyth") == "checkpoint_epoch_00002.pyth"
@@ -786,3 +786,35 @@ def test_more_processes_than_gpus_on_a_node_are_refused(monkeypatch):
     with pytest.raises(RuntimeError, match=r"LOCAL_RANK 8 but this node shows 8 GPUs: start at most 8 processes per "
                                            r"node \(torchrun --nproc_per_node=8\), one per GPU"):
         init_distributed(DistConfig())
+
+
+def test_an_epochs_left_over_micro_batches_are_logged_once_with_the_last_steps_lr(tmp_path):
+    """7 micro-batches an epoch, 3 per optimizer step: the 7th is left over. It goes into the epoch's last train
+    record, logged once at the epoch's end (not a second record at the same step) with the learning rate of the
+    last optimizer step that ran, not one of a micro-batch whose gradients were dropped; in TensorBoard the epoch's
+    mean loss is its own tag, not a point on the windows' train/loss curve."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from timesformer_harness.distributed import init_distributed
+    from timesformer_harness.train import Trainer
+
+    cfg = load_config("configs/model/tiny.yaml", [
+        "data.loader=synthetic", "data.num_frames=4", "data.train_crop_size=32", "data.batch_size=2",
+        "data.synthetic_videos=14", "data.synthetic_classes=4", "model.num_classes=4", "solver.global_batch_size=6",
+        "solver.max_epoch=2", "solver.lr_policy=cosine", "solver.warmup_epochs=0.5", "train.log_period=1",
+        "train.eval_period=0", f"output.dir={tmp_path}"])
+    assert Trainer(cfg, init_distributed(cfg.dist)).fit() == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]  # one record per step: 2 steps an epoch
+    epochs = [r for r in records if r["event"] == "epoch"]
+    for epoch, (last, record) in enumerate(zip([train[1], train[3]], epochs)):
+        used = lr_at(cfg.solver, epoch + 5 / 7)  # the last step's micro-batches are the epoch's 4th to 6th
+        assert last["opt/lr"] == pytest.approx(used) and record["lr"] == pytest.approx(used)
+        assert used != pytest.approx(lr_at(cfg.solver, epoch + 6 / 7))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(loss) == [1, 2, 3, 4] and loss[2] == pytest.approx(train[1]["train/loss"], rel=1e-6)
+    assert [e.step for e in events.Scalars("train/epoch_loss")] == [2, 4]
+    assert [e.value for e in events.Scalars("time/warmup")] == [1.0, 0.0, 1.0, 0.0]

@@ -71,7 +71,7 @@ def test_a_bad_value_in_a_config_file_names_the_file_and_the_choices(tmp_path):
         assert debug.stderr.strip().splitlines()[-1].startswith(f"error: {my}: data.loader='dali2'")
 
 
-@pytest.mark.parametrize("mistake", ["data_root", "empty_manifest", "label_out_of_range"])
+@pytest.mark.parametrize("mistake", ["data_root", "empty_manifest", "label_out_of_range", "synthetic_labels"])
 def test_data_mistakes_fail_before_the_run_folder_is_written(mistake, tiny, tmp_path):
     root = tmp_path / "data"
     root.mkdir()
@@ -82,6 +82,9 @@ def test_data_mistakes_fail_before_the_run_folder_is_written(mistake, tiny, tmp_
     elif mistake == "empty_manifest":
         (root / "train.csv").write_text("\n")
         args, expected = [f"data.root={root}"], f"error: manifest {root}/train.csv lists no videos"
+    elif mistake == "synthetic_labels":  # the synthetic loader's labels are checked like a manifest's
+        args, expected = ["data.loader=synthetic"], ("error: data.synthetic_classes=10 draws labels 0..9, out of range "
+                                                     "for model.num_classes=6: set data.synthetic_classes=6 (or fewer)")
     else:
         toy_root = next(a for a in tiny if a.startswith("data.root=")).split("=", 1)[1]
         first = (Path(toy_root) / "train.csv").read_text().splitlines()[0].rsplit(" ", 1)[0]

@@ -5,7 +5,8 @@ vp9|mjpeg|h264|hevc|auto] [--gop N|intra] [--fps F] [--workers N]`` transcodes e
 (``timesformer_harness.pipelines.tools.transcode``: PyAV decode, constant frame rate, short-side resize, keyframes
 forced every ``--gop`` frames, output checked) into ``DIR/<same relative path>.<ext>``, and writes a new manifest
 ``DIR/<manifest name>`` with the same labels (Kinetics: ``path<sep>label`` relative to DIR; SSv2: the split JSON,
-without failed ids, and the labels JSON), and ``DIR/prepare.json`` (the spec, counts, failures).
+without failed ids, and the labels JSON), and ``DIR/prepare.json`` (the spec, counts, failures; under
+``manifests``, those of every manifest prepared into DIR).
 
 A manifest entry may also name a folder of frames (``.jpg``/``.jpeg``/``.png`` images, one kind, in
 ``manifest.frame_images``' order, as the original's SSv2 frame lists): it becomes one video, its images read at
@@ -201,6 +202,13 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
     remove_stale_temporaries(out)  # left by a killed run
 
     spec_key = spec.key()
+    prepared = _prepared_manifests(out)
+    other_specs = {name: m["spec_key"] for name, m in prepared.items() if name != manifest.name
+                   and m.get("spec_key") != spec_key}
+    if other_specs:
+        logger.warning("%s also holds %s, prepared with another spec (%s), not this one's %s: their videos differ "
+                       "(size, codec or keyframes); prepare every manifest of a dataset with the same options",
+                       out, ", ".join(other_specs), ", ".join(sorted(set(other_specs.values()))), spec_key)
     journal = _load_journal(out)
     jobs = [Job(src, rel) for src, rel in rel_of.items()]
     taken = [(j, journal[j.rel_out]["src"]) for j in jobs if _written_from_another(journal.get(j.rel_out), j.src)]
@@ -264,15 +272,30 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
     report.seconds = time.perf_counter() - t0
     import av
 
-    record = {"spec": asdict(spec), "spec_key": spec_key, "encoder": codec.encoder,
-              "encoder_options": encoder_options(spec), "source_manifest": str(manifest.resolve()),
-              "format": fmt, "manifest": manifest.name, "videos": len(good),
-              "failed": [{"path": p, "reason": r} for p, r in report.failed],
-              "last_run": {"transcoded": report.transcoded, "skipped": report.skipped,
-                           "seconds": round(report.seconds, 2)},
-              "pyav": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"]))}
+    this = {"spec": asdict(spec), "spec_key": spec_key, "source_manifest": str(manifest.resolve()), "format": fmt,
+            "videos": len(good), "failed": [{"path": p, "reason": r} for p, r in report.failed],
+            "last_run": {"transcoded": report.transcoded, "skipped": report.skipped,
+                         "seconds": round(report.seconds, 2)}}
+    record = {**this, "encoder": codec.encoder, "encoder_options": encoder_options(spec), "manifest": manifest.name,
+              "pyav": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
+              "manifests": {**prepared, manifest.name: this}}  # the top level: this (the latest) manifest's
     atomic_write_text(out / SPEC_FILE, json.dumps(record, indent=1) + "\n")
     return report
+
+
+def _prepared_manifests(out: Path) -> dict[str, dict]:
+    """The record of each manifest prepared into ``out`` before (``prepare.json``'s ``manifests``; a file written
+    before it had them: its one manifest), by manifest name; {} when there is none or it cannot be read."""
+    try:
+        record = json.loads((out / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    if isinstance(record.get("manifests"), dict):
+        return record["manifests"]
+    keys = ("spec", "spec_key", "source_manifest", "format", "videos", "failed", "last_run")
+    return {record["manifest"]: {k: record[k] for k in keys if k in record}} if record.get("manifest") else {}
 
 
 def recommended(gpu: str | None, short_side: int, gop: int | None, rates: str = "") -> tuple[Recommendation, str]:

@@ -134,14 +134,25 @@ def _spec_json(spec: ToySpec) -> str:
     return json.dumps(asdict(spec), sort_keys=True, indent=1)
 
 
+def _missing_videos(out: Path) -> list[str]:
+    """The videos the dataset's CSVs list that are not there, or empty (a damaged copy)."""
+    listed = [line.rsplit(" ", 1)[0] for s in ("train", "val", "test")
+              for line in (out / f"{s}.csv").read_text().splitlines() if line.strip()]
+    return [rel for rel in listed if not (out / rel).is_file() or (out / rel).stat().st_size == 0]
+
+
 def generate(out: str | Path, spec: ToySpec = ToySpec(), workers: int | None = None) -> bool:
     """Write the toy dataset into ``out``. Returns False when an identical one is already there (nothing done)."""
     out = Path(out)
     spec_file = out / "spec.json"
     if spec_file.is_file() and spec_file.read_text() == _spec_json(spec) and all(
             (out / f"{s}.csv").is_file() for s in ("train", "val", "test")):
-        logger.info("%s already holds this toy dataset (spec.json matches): nothing to do", out)
-        return False
+        missing = _missing_videos(out)
+        if not missing:
+            logger.info("%s already holds this toy dataset (spec.json matches): nothing to do", out)
+            return False
+        logger.warning("%s: %d listed video(s) missing or empty (%s): writing the dataset again", out, len(missing),
+                       ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))
     spec_file.unlink(missing_ok=True)  # written last: its presence marks a complete dataset
     jobs = []
     for split in ("train", "val", "test"):

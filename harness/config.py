@@ -306,11 +306,37 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_error(bad: str, schema: DictConfig, source: str) -> UnknownKeyError:
+# Names other trainers use for our keys (timm, torchvision's references, PySlowFast's, Lightning's).
+KEY_ALIASES = {
+    "epochs": "solver.max_epoch", "num_epochs": "solver.max_epoch", "max_epochs": "solver.max_epoch",
+    "lr": "solver.base_lr", "learning_rate": "solver.base_lr", "wd": "solver.weight_decay",
+    "opt": "solver.optimizer", "sched": "solver.lr_policy", "lr_scheduler": "solver.lr_policy",
+    "warmup_epoch": "solver.warmup_epochs", "clip_grad": "solver.grad_clip", "max_grad_norm": "solver.grad_clip",
+    "gradient_clip_val": "solver.grad_clip", "smoothing": "solver.label_smoothing", "mixup": "solver.mixup_alpha",
+    "cutmix": "solver.cutmix_alpha", "workers": "data.num_workers", "amp": "train.precision",
+    "output_dir": "output.dir", "log_dir": "output.dir", "checkpoint_dir": "output.dir",
+}
+
+
+def _suggestions(bad: str, schema: DictConfig) -> list[str]:
+    """The valid keys ``bad`` most likely meant, best first (``bad`` is a section or a key of a valid section: the
+    check names an unknown section alone)."""
     valid = _all_keys(schema)
-    # the key in another section first (train.max_epoch is solver.max_epoch), then the closest spelling
-    elsewhere = [k for k in valid if k.rsplit(".", 1)[-1] == bad.rsplit(".", 1)[-1]]
-    close = elsewhere or difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
+    section, _, leaf = bad.rpartition(".")
+    alias = [KEY_ALIASES[leaf]] if leaf in KEY_ALIASES else []
+    elsewhere = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]  # train.max_epoch is solver.max_epoch
+    if not section:  # a misspelt section (solvr:), or a key without its section (base_lr=)
+        return difflib.get_close_matches(bad, list(schema.keys()), n=1, cutoff=0.6) or elsewhere or alias
+    in_section = [k for k in valid if k.startswith(f"{section}.")]
+    # a near spelling in its own section, the key in another section, another trainer's name for it, then looser
+    found = (difflib.get_close_matches(bad, in_section, n=1, cutoff=0.8) + elsewhere + alias
+             or difflib.get_close_matches(bad, in_section, n=1, cutoff=0.5)
+             or difflib.get_close_matches(bad, valid, n=1, cutoff=0.5))
+    return list(dict.fromkeys(found))
+
+
+def _unknown_key_error(bad: str, schema: DictConfig, source: str) -> UnknownKeyError:
+    close = _suggestions(bad, schema)
     others = f" (or {', '.join(repr(k) for k in close[1:])})" if len(close) > 1 else ""
     hint = f"; did you mean {close[0]!r}{others}?" if close else f"; valid sections: {sorted(schema.keys())}"
     return UnknownKeyError(f"unknown config key {bad!r} in {source}{hint}")

@@ -28,6 +28,19 @@ def test_a_key_in_the_wrong_section_names_the_section_it_is_in():
             load_config(None, [f"{bad}=2"])
 
 
+@pytest.mark.parametrize("given, bad, hint", [
+    ("train.epochs", "train.epochs", "'solver.max_epoch'"),  # another trainer's name
+    ("lr", "lr", "'solver.base_lr'"),
+    ("solvr.base_lr", "solvr", "'solver'"),  # a misspelt section is named as a section
+    ("solvr.base_lrr", "solvr", "'solver'"),
+    ("model.frames", "model.frames", "'model.num_frames' (or 'bench.frames')"),  # its own section's near key first
+])
+def test_the_suggestion_is_the_key_meant(given, bad, hint):
+    with pytest.raises(KeyError, match=rf"unknown config key '{bad}' in command-line overrides; did you mean "
+                                       rf"{re.escape(hint)}\?$"):
+        load_config(None, [f"{given}=2"])
+
+
 def test_unknown_yaml_key_names_the_file_and_the_closest_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  eval_perod: 2\n")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from timesformer_harness.common import setup_logging
 from timesformer_harness.config import REPO_ROOT
+from timesformer_harness.pipelines.manifest import read_kinetics
 
 logger = logging.getLogger(__name__)
 LAUNCHED = "BENCH_STARTUP_LAUNCHED"  # the launch's wall time (time.time()), handed to the ranks
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     results["warm"] = [run_job(out / f"warm{i}", manifest, cache, args.nproc, args.timeout)
                        for i in range(args.warm_runs)]
     results["cache_bytes"] = cache.stat().st_size
-    paths = [line.split(" ")[0] for line in manifest.read_text().splitlines()[:args.index_files]]
+    paths = [e.path for e in read_kinetics(manifest)[:args.index_files]]
     results["packet_index"] = index_cost(paths, out / "index")
     per_rank = args.files // args.nproc
     cost = results["packet_index"]

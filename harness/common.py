@@ -345,25 +345,41 @@ class FileCache:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"], state["table"], state["version"])
 
+    def _unusable(self, error: Exception) -> None:
+        """Go on without the store (every ``get`` misses, ``put`` keeps nothing), saying why once."""
+        logging.getLogger(__name__).warning(
+            "%s: the %s cache cannot be used (%s: %s); going on without it, so its results are worked out again: "
+            "point data.validate_cache (--cache for the tools) at a writable file on a node-local disk, or set it to "
+            "none", self.path, self.table.rsplit("_", 1)[0], type(error).__name__, error)
+        self.path, self._db = None, None
+
     def _connect(self) -> sqlite3.Connection | None:
         if self.path is None:
             return None
         if self._db is None or self._db_pid != os.getpid():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False)
-            # write-ahead logging (node-local stores only, as __init__ ensures: its index is shared memory of one host):
-            # readers run beside a writer, and a commit needs no fsync (~10 ms per commit here without it; a crash
-            # can lose the last results, not the file's consistency)
-            set_wal_mode(db)
-            db.execute("PRAGMA synchronous=NORMAL")
-            columns = [row[1] for row in db.execute(f"PRAGMA table_info({self.table})")]
-            if columns and columns != list(COLUMNS):  # a table of an older layout: a cache, so rebuilt
-                with db:
-                    db.execute(f"DROP TABLE {self.table}")
-            db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (path TEXT, size INTEGER, mtime INTEGER, version, "
-                       f"meta TEXT, data BLOB, PRIMARY KEY (path, size, mtime, version))")
-            self._db, self._db_pid = db, os.getpid()
+            try:
+                self._open()
+            except (OSError, sqlite3.Error) as e:  # a read-only or missing folder, a folder given as the file, ...
+                self._unusable(e)
         return self._db
+
+    def _open(self) -> None:
+        """Connect to the store, in WAL mode, with this harness's table in its layout."""
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False)
+        # write-ahead logging (node-local stores only, as __init__ ensures: its index is shared memory of one host):
+        # readers run beside a writer, and a commit needs no fsync (~10 ms per commit here without it; a crash
+        # can lose the last results, not the file's consistency)
+        set_wal_mode(db)
+        db.execute("PRAGMA synchronous=NORMAL")
+        columns = [row[1] for row in db.execute(f"PRAGMA table_info({self.table})")]
+        if columns and columns != list(COLUMNS):  # a table of an older layout: a cache, so rebuilt
+            with db:
+                db.execute(f"DROP TABLE {self.table}")
+        db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (path TEXT, size INTEGER, mtime INTEGER, version, "
+                   f"meta TEXT, data BLOB, PRIMARY KEY (path, size, mtime, version))")
+        self._db, self._db_pid = db, os.getpid()
 
     def get(self, path: str | os.PathLike) -> tuple[str, bytes | None] | None:
         """(meta, data) stored for ``path`` as it is now, or None."""
@@ -372,15 +388,24 @@ class FileCache:
             db = self._connect()
             if db is None or key is None:
                 return None
-            return db.execute(f"SELECT meta, data FROM {self.table} WHERE path=? AND size=? AND mtime=? AND "
-                              f"version=?", (*key, self.version)).fetchone()
+            try:
+                return db.execute(f"SELECT meta, data FROM {self.table} WHERE path=? AND size=? AND mtime=? AND "
+                                  f"version=?", (*key, self.version)).fetchone()
+            except sqlite3.Error as e:  # not a database, locked past the timeout, ...
+                self._unusable(e)
+                return None
 
-    def put(self, items: Iterable[tuple[str | os.PathLike, str, bytes | None]]) -> None:
-        """Store (path, meta, data) results in one transaction (files that are gone are left out)."""
-        rows = [(*key, self.version, meta, data) for path, meta, data in items if (key := file_key(path))]
+    def put(self, items: Iterable[tuple[tuple[str, int, int] | None, str, bytes | None]]) -> None:
+        """Store (key, meta, data) results in one transaction. ``key`` is the file's ``file_key`` taken before the
+        result was worked out: a file that changed while it was read is then stored under its old state, and worked
+        out again next time, never the other way round. Files that were gone (key None) are left out."""
+        rows = [(*key, self.version, meta, data) for key, meta, data in items if key]
         with self.lock:
             db = self._connect()
             if db is None or not rows:
                 return
-            with db:
-                db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?, ?, ?, ?)", rows)
+            try:
+                with db:
+                    db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?, ?, ?, ?)", rows)
+            except sqlite3.Error as e:  # read-only, disk full, ...
+                self._unusable(e)

@@ -70,6 +70,17 @@ logger = logging.getLogger(__name__)
 OPEN_FILES = 64  # file descriptors the source keeps open (LRU)
 
 
+def _still_names(path: str, fd: int) -> bool:
+    """``path`` still names the file (or frame folder) open as ``fd``, unchanged: the same inode, size and mtime."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    was = os.fstat(fd)
+    return (was.st_dev, was.st_ino, was.st_size, was.st_mtime_ns) == (now.st_dev, now.st_ino, now.st_size,
+                                                                      now.st_mtime_ns)
+
+
 @dataclass
 class ClipInput:
     """What the decoder is given for one clip: the encoded ``stream``, the wanted ``frames`` (unique ascending
@@ -173,7 +184,12 @@ class PlanSource:
                 future.exception()
 
     def _fd(self, path: str) -> int:
+        """A descriptor of ``path``, kept open between clips (LRU); opened again when the path names another file now
+        (replaced: its packet index is the new file's, so its clips must be cut from the new bytes)."""
         fd = self.fds.pop(path, None)
+        if fd is not None and not _still_names(path, fd):
+            os.close(fd)
+            fd = None
         if fd is None:
             fd = os.open(path, os.O_RDONLY)
         self.fds[path] = fd

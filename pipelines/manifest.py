@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
@@ -105,6 +106,14 @@ class _Listing:
         self.entries.append(entry)
 
 
+def _text(path: Path) -> str:
+    """The text of a manifest file (UTF-8; a byte-order mark ignored), or an error naming it."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
 def _format_hint(n: int, line: str) -> str:
     """Why a Kinetics line may have failed: a header, or a file in another format."""
     if n == 1 and line.strip().lower().replace(",", " ").split()[:2] == ["path", "label"]:
@@ -126,7 +135,7 @@ def read_kinetics(path: str | Path, separator: str = " ", path_prefix: str = "",
         raise FileNotFoundError(f"manifest {path} does not exist")
     expected = f"'path{separator}label' (separator {separator!r}, data.separator)"
     listing = _Listing()
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for n, line in enumerate(_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.rstrip("\r\n").split(separator) if separator != " " else line.strip().rsplit(None, 1)
@@ -145,7 +154,7 @@ def read_csv(path: str | Path, path_prefix: str = "", num_classes: int = 0) -> l
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     listing = _Listing()
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(_text(path), newline="") as f:
         for n, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip():
                 continue
@@ -171,14 +180,18 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
     for p in (split_json, labels_json):
         if not p.is_file():
             raise FileNotFoundError(f"SSv2 file {p} does not exist (data.root / data.ssv2_labels)")
+    text = _text(labels_json)
     try:
-        labels = {k: int(v) for k, v in json.loads(labels_json.read_text()).items()}
+        labels = {k: int(v) for k, v in json.loads(text).items()}
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{labels_json}: expected a JSON object {{template: id}} ({e})") from None
-    items = json.loads(split_json.read_text())
+    try:
+        items = json.loads(_text(split_json))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{split_json}: not JSON ({e})") from None
     if not isinstance(items, list):
         raise ValueError(f"{split_json}: expected a JSON list of {{'id': ..., 'template': ...}} objects")
-    out = []
+    listing = _Listing()
     for n, item in enumerate(items):
         if not isinstance(item, dict) or "id" not in item or "template" not in item:
             raise ValueError(f"{split_json}: entry {n} has no 'id'/'template': {item!r}")
@@ -186,10 +199,10 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
         if template not in labels:
             raise ValueError(f"{split_json}: entry {n} (id {item['id']}) has template {template!r}, which is not in "
                              f"{labels_json}")
-        label = _label(str(labels[template]), f"{split_json}: entry {n} (id {item['id']})", "a template",
-                       num_classes)
-        out.append(VideoEntry(str(Path(video_dir) / f"{item['id']}{ext}"), label, str(item["id"])))
-    return out
+        where = f"{split_json}: entry {n} (id {item['id']})"
+        label = _label(str(labels[template]), where, "a template", num_classes)
+        listing.add(VideoEntry(str(Path(video_dir) / f"{item['id']}{ext}"), label, str(item["id"])), where)
+    return listing.entries
 
 
 def read_entries(path: str | Path, fmt: str = "kinetics", *, separator: str = " ", path_prefix: str = "",

@@ -269,7 +269,7 @@ class PacketIndexCache:
             except Exception as e:  # named, with the fix: nothing fails anonymously inside DALI
                 raise RuntimeError(f"{path}: cannot index its packets ({type(e).__name__}: {e}); run "
                                    f"`python -m timesformer_harness.pipelines.validate` on the manifest") from e
-            self.store.put([(path, *index.to_row())])
+            self.store.put([(key, *index.to_row())])
         with self.lock:
             self.items[key] = index
             if len(self.items) > self.size:

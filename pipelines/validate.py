@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from timesformer_harness.common import ExitCode, FileCache, cache_path, report_error
+from timesformer_harness.common import ExitCode, FileCache, cache_path, file_key, report_error
 from timesformer_harness.pipelines.bitstream import PROBE_DECODE_SIZE, frame_pixel_bound
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
@@ -65,7 +65,9 @@ logger = logging.getLogger(__name__)
 # limits are in timesformer_harness.pipelines.nvdec); None = PyAV, which decodes everything FFmpeg does.
 DECODABLE_CODECS = {"cpu": set(DALI_CPU_CODECS), "gpu": set(NVDEC_CODECS), "pyav": None}
 _CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "libaom-av1": "av1", "h265": "hevc"}
-DEFAULT_CACHE = cache_path("")  # the probe cache when data.validate_cache is unset
+DEFAULT_CACHE = ""  # a ``cache`` argument: the probe cache of data.validate_cache unset (found when it is used)
+UNREADABLE = "unreadable: "  # a verdict about the storage (permission, I/O error), not the file: never cached
+READ_AGAIN = "check the file's permissions and storage; it is read again next time"
 # 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length; 4: the first frame
 # is the first packet's, and late-starting timestamps are not truncation
 PROBE_VERSION = 4
@@ -242,7 +244,7 @@ def probe_video(path: str) -> VideoInfo:
         info.error = "missing: no such file"
         return info
     except OSError as e:
-        info.error = f"unreadable: {e}"
+        info.error = f"{UNREADABLE}{e}"
         return info
     try:
         with av.open(path) as container:
@@ -309,6 +311,8 @@ def probe_video(path: str) -> VideoInfo:
                               "timesformer_harness.pipelines.tools.prepare) or cut it at a keyframe")
             else:
                 _frame_format(frame, info)
+    except OSError as e:  # PyAV's errno errors (permission, I/O) are OSErrors: the storage's, not the file's content
+        info.error = f"{UNREADABLE}{type(e).__name__}: {e}; {READ_AGAIN}"
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
         info.error = (f"cannot open/decode: {type(e).__name__}: {e}; a file that plays elsewhere can be re-encoded "
                       "(python -m timesformer_harness.pipelines.tools.prepare), else leave it out of the manifest")
@@ -363,8 +367,9 @@ class ProbeCache:
         found = self.store.get(path)
         return VideoInfo(**{**json.loads(found[0]), "path": path}) if found is not None else None
 
-    def put(self, infos: list[VideoInfo]) -> None:
-        self.store.put((i.path, json.dumps(asdict(i)), None) for i in infos)
+    def put(self, results: list[tuple[tuple[str, int, int] | None, VideoInfo]]) -> None:
+        """Store (file key taken before the probe, result) pairs; files that could not be read are not stored."""
+        self.store.put((key, json.dumps(asdict(i)), None) for key, i in results if not i.error.startswith(UNREADABLE))
 
 
 def _ignore_sigint() -> None:
@@ -450,10 +455,11 @@ def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worker
     """Probe every path (cached, in parallel: processes for many files, threads for a few). Results are stored as
     they come (``ChunkedPut``): an interrupted probe keeps what it did. ``progress``: a bar on a terminal, else a
     log line every ``log_every`` seconds (``timesformer_harness.pipelines.progress``)."""
-    store = ProbeCache(cache)
+    store = ProbeCache(cache_path("") if cache == DEFAULT_CACHE else cache)
     infos: list[VideoInfo | None] = [store.get(p) for p in paths]
     todo = [i for i, info in enumerate(infos) if info is None]
     if todo:
+        keys = [file_key(paths[i]) for i in todo]  # before the probe: what its results are stored under
         workers = workers or os.cpu_count() or 1
         n = max(1, min(workers, len(todo)))
         processes = len(todo) > 64 and workers > 1
@@ -462,7 +468,7 @@ def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worker
                       log=logger) as bar, ChunkedPut(store.put) as stored, contextlib.closing(work) as results:
             for k, info in results:
                 infos[todo[k]] = info
-                stored.add(info)
+                stored.add((keys[k], info))
                 bar.update()
         logger.info("probed %d videos (%d from cache)", len(todo), len(paths) - len(todo))
     return infos  # type: ignore[return-value]
@@ -531,7 +537,7 @@ def deep_probe(path: str) -> str:
         if problem := size_problem(path, os.stat(path)):
             return problem
     except OSError as e:
-        return f"unreadable: {e}"
+        return f"{UNREADABLE}{e}"
     old_level = av.logging.get_level()
     av.logging.set_level(av.logging.ERROR)  # PyAV's default (None) hands FFmpeg's messages to nobody
     try:
@@ -553,6 +559,8 @@ def deep_probe(path: str) -> str:
                             if size is not None and (frame.width, frame.height) != size:
                                 size_changes += 1
                             size = (frame.width, frame.height)
+            except OSError as e:  # the storage's error (permission, I/O), not the file's content
+                error = f"{UNREADABLE}{type(e).__name__}: {e}; {READ_AGAIN}"
             except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
                 error = f"decode error after {packets} packets, {frames} frames: {type(e).__name__}: {e}"
     finally:
@@ -606,7 +614,7 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
     import av
 
     lib = ".".join(map(str, av.library_versions.get("libavcodec", (0,))))
-    store = FileCache(cache, "deep", f"{DEEP_VERSION}/libavcodec-{lib}")
+    store = FileCache(cache_path("") if cache == DEFAULT_CACHE else cache, "deep", f"{DEEP_VERSION}/libavcodec-{lib}")
     verdicts: list[str | None] = []
     for p in paths:
         found = store.get(p)
@@ -617,8 +625,10 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
         t0 = time.perf_counter()
         n = max(1, min(workers or os.cpu_count() or 1, len(todo)))
 
+        keys = {i: file_key(paths[i]) for i in todo}  # before the check: what its verdicts are stored under
+
         def put(rows: list[tuple[int, str]]) -> None:
-            store.put((paths[i], json.dumps({"error": v}), None) for i, v in rows)
+            store.put((keys[i], json.dumps({"error": v}), None) for i, v in rows if not v.startswith(UNREADABLE))
 
         work = each_completed(deep_probe, [paths[i] for i in todo], n, chunk=4)
         with Progress(desc, len(paths), cached=cached, show=progress, interval=log_every, log=logger) as bar, \
@@ -641,7 +651,8 @@ CLI_HINTS = (("data.backend=cpu; data.backend=auto does so by itself", "--backen
              ("data.pad_short=true", "--pad"), ("data.loader=pyav / a GPU", "--backend pyav / gpu"),
              ("data.loader=pyav", "--backend pyav"), ("data.max_frame_pixels=", "--max-frame-pixels "),
              ("data.max_frame_pixels", "--max-frame-pixels"), ("data.validate_cache=", "--cache "),
-             ("data.validate_cache", "--cache"))
+             ("data.validate_cache", "--cache"), ("classes (model.num_classes)", "classes (--num-classes)"),
+             ("set model.num_classes", "pass another --num-classes"))
 
 
 def as_cli_hint(reason: str) -> str:

@@ -3,6 +3,7 @@ and removed."""
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -53,7 +54,7 @@ def test_file_cache_keys_results_by_file_and_version_and_leaves_an_older_harness
     table of this name but another layout is rebuilt, not an error."""
     import sqlite3
 
-    from timesformer_harness.common import LAYOUT, FileCache
+    from timesformer_harness.common import LAYOUT, FileCache, file_key
 
     video = tmp_path / "a.webm"
     video.write_bytes(b"x" * 10)
@@ -65,7 +66,7 @@ def test_file_cache_keys_results_by_file_and_version_and_leaves_an_older_harness
         db.execute(f"CREATE TABLE packets_{LAYOUT} (path TEXT, info TEXT)")
     cache = FileCache(store, "packets", 1)
     assert cache.get(video) is None
-    cache.put([(video, '{"n": 1}', b"\x00\x01"), (tmp_path / "gone.webm", "{}", None)])
+    cache.put([(file_key(video), '{"n": 1}', b"\x00\x01"), (file_key(tmp_path / "gone.webm"), "{}", None)])
     assert cache.get(video) == ('{"n": 1}', b"\x00\x01") and cache.get(tmp_path / "gone.webm") is None
     assert FileCache(store, "packets", 2).get(video) is None  # another version of the result
     assert FileCache(None, "packets", 1).get(video) is None  # no store
@@ -73,3 +74,23 @@ def test_file_cache_keys_results_by_file_and_version_and_leaves_an_older_harness
     assert cache.get(video) is None
     with sqlite3.connect(store) as db:
         assert db.execute("SELECT path, meta FROM packets").fetchall() == [("x", "{}")]
+
+
+@pytest.mark.parametrize("where", ["under a file", "a folder", "not a database"])
+def test_a_cache_that_cannot_be_used_is_warned_about_and_done_without(where, tmp_path, caplog) -> None:
+    """A cache path that cannot hold the store (its folder is a file, it is a folder, it holds something else): the
+    results are worked out without it, with one warning naming the file and the setting, not a traceback."""
+    from timesformer_harness.common import FileCache, file_key
+
+    video = tmp_path / "a.webm"
+    video.write_bytes(b"x" * 10)
+    store = {"under a file": video / "c.sqlite", "a folder": tmp_path, "not a database": tmp_path / "c.sqlite"}[where]
+    if where == "not a database":
+        store.write_bytes(b"not sqlite " * 200)
+    cache = FileCache(store, "probe", 1)
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.common"):
+        assert cache.get(video) is None
+        cache.put([(file_key(video), "{}", None)])
+        assert cache.get(video) is None
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"{store}: the probe cache cannot be used" in warning and "data.validate_cache" in warning

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import replace
 
@@ -65,6 +66,27 @@ def test_dali_cpu_augmented_clips_match_pyav(videos) -> None:
     for i, plan in enumerate(plans):
         diff = ((dali[i] - _pyav_clip(plan, 32)).abs() * STD[0] * 255).mean()
         assert diff < 6, f"clip {i}: mean |DALI - PyAV| = {diff:.2f} (0-255 scale)"
+
+
+def test_a_video_replaced_between_batches_is_read_from_the_new_file(videos, tmp_path) -> None:
+    """The source keeps files open between clips; a path that names another file now (a re-download or a fix moved
+    into place) is opened again, so its clips are cut from the bytes its packet index describes."""
+    path = tmp_path / "clip.webm"
+    path.write_bytes(videos.good[0].read_bytes())
+    plans = [ClipPlan(0, str(path), 0, np.array([0, 5, 10, 15]), (0, 0, 48, 64))]
+    src = PlanSource(1, True)
+    pipe = build_video_pipeline(src, batch_size=1, crop=32, mean=MEAN, std=STD, num_threads=1, decode_only=True,
+                                prefetch=1)
+    pipe.build()
+    for source in (videos.good[0], videos.good[1]):
+        moved = tmp_path / "incoming.webm"
+        moved.write_bytes(source.read_bytes())
+        os.replace(moved, path)
+        src.start(plans)
+        (out,) = pipe.run()
+        diff = np.abs(np.array(out[0]).astype(int) - decode_frames(str(source), plans[0].frames).astype(int))
+        assert diff.mean() < 6, f"{source.name}: mean |DALI - PyAV| {diff.mean():.1f}"
+    src.close()
 
 
 def test_flip_mirrors_and_normalisation_maps_a_constant_colour(tmp_path) -> None:

@@ -114,6 +114,29 @@ def test_ssv2_templates_map_to_labels(tmp_path: Path) -> None:
         read_ssv2(tmp_path / "something-something-v2-validation.json", tmp_path / "labels.json", tmp_path)
 
 
+def test_ssv2_files_follow_the_manifest_rules(tmp_path: Path) -> None:
+    """As for the other formats: a byte-order mark is ignored, an id listed with two labels fails naming both
+    entries, a file that is not UTF-8 or not JSON fails naming the file."""
+    labels, split = tmp_path / "labels.json", tmp_path / "train.json"
+    labels.write_text("\ufeff" + json.dumps({"Pushing something": "0", "Putting something": "1"}), encoding="utf-8")
+    entries = [{"id": "7", "template": "Pushing [something]"}, {"id": "8", "template": "Putting [something]"}]
+    split.write_text("\ufeff" + json.dumps(entries), encoding="utf-8")
+    assert [e.label for e in read_ssv2(split, labels, tmp_path)] == [0, 1]
+    split.write_text(json.dumps(entries + [{"id": "7", "template": "Putting [something]"}]))
+    with pytest.raises(ValueError, match=r"entry 2 \(id 7\): .*7.webm is listed with label 1, and with label 0 at "
+                                         r".*entry 0 \(id 7\)"):
+        read_ssv2(split, labels, tmp_path)
+    split.write_bytes(b'[{"id": "7", "template": "Pushing \xe9"}]')
+    with pytest.raises(ValueError, match=rf"{split}: not UTF-8 text \(byte 34"):
+        read_ssv2(split, labels, tmp_path)
+    split.write_text("[{")
+    with pytest.raises(ValueError, match=rf"{split}: not JSON"):
+        read_ssv2(split, labels, tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9/a.webm 1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text \(byte 3: invalid continuation byte\)"):
+        read_kinetics(tmp_path / "latin1.txt")
+
+
 def test_read_manifest_uses_root_and_explicit_paths(tmp_path: Path) -> None:
     (tmp_path / "val.csv").write_text("a.webm 1\n")
     (tmp_path / "other.txt").write_text("b.webm 2\n")

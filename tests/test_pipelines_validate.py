@@ -112,7 +112,9 @@ def test_cli_lists_unusable_files_and_exits_1(videos, tmp_path: Path, capsys: py
     assert "m.csv:1: expected 'path label'" in capsys.readouterr().err
     (tmp_path / "m.csv").write_text("a.webm 1\nb.webm 5\n")
     assert validate.main(args + ["--num-classes", "3", str(tmp_path / "m.csv")]) == 1
-    assert "m.csv:2: label 5 is out of range for 3 classes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "m.csv:2: label 5 is out of range for 3 classes (--num-classes)" in err  # this CLI's flag, not the key
+    assert "fix the manifest, or pass another --num-classes" in err and "model.num_classes" not in err
 
 
 def _cfg(videos, manifest: Path, **kw) -> DataConfig:
@@ -242,3 +244,61 @@ def test_config_mode_runs_as_a_module_and_the_flag_cli_points_to_it(videos, tmp_
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: unknown config key 'data.num_frame'"), res.stderr
+
+
+def test_a_result_worked_out_while_the_file_changed_is_worked_out_again(videos, tmp_path, monkeypatch) -> None:
+    """A probe of a file still being written is stored under the file as it was before the probe, so the finished
+    file is probed again (its verdict is not the half-written file's)."""
+    path = tmp_path / "arriving.webm"
+    whole = videos.good[0].read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    real, calls = validate.probe_video, []
+
+    def written_meanwhile(p: str) -> validate.VideoInfo:
+        info = real(p)
+        calls.append(info.error)
+        if len(calls) == 1:
+            path.write_bytes(whole)  # the copy finishes while the result waits to be stored
+        return info
+
+    monkeypatch.setattr(validate, "probe_video", written_meanwhile)
+    cache = tmp_path / "c.sqlite"
+    (first,) = validate.probe_all([str(path)], cache, workers=1, progress=False)
+    (second,) = validate.probe_all([str(path)], cache, workers=1, progress=False)
+    assert first.error and len(calls) == 2 and second.error == "" and second.frames == 24
+    assert validate.probe_all([str(path)], cache, workers=1, progress=False) == [second] and len(calls) == 2
+
+
+def test_a_file_that_cannot_be_read_is_not_remembered_as_bad(videos, tmp_path, monkeypatch) -> None:
+    """A permission or I/O error is the storage's, not the file's: it is reported without the advice to re-encode,
+    and neither the probe nor the deep check keeps it, so the file is read again once it can be."""
+    import errno
+
+    import av
+
+    path = str(videos.good[0])
+    real_open = av.open
+
+    def denied(*args, **kwargs):
+        raise av.error.PermissionError(errno.EACCES, "Permission denied", path)
+
+    cache = tmp_path / "c.sqlite"
+    monkeypatch.setattr(av, "open", denied)
+    (info,) = validate.probe_all([path], cache, workers=1, progress=False)
+    (deep,) = validate.deep_check([path], cache, workers=1, progress=False)
+    assert info.error.startswith("unreadable: PermissionError") and "re-encode" not in info.error
+    assert "unreadable: PermissionError" in deep[1] and "re-encode" not in deep[1]
+    monkeypatch.setattr(av, "open", real_open)
+    (info,) = validate.probe_all([path], cache, workers=1, progress=False)
+    assert info.error == "" and validate.deep_check([path], cache, workers=1, progress=False) == []
+
+
+def test_importing_the_pipelines_touches_no_cache_folder() -> None:
+    """The cache folder is found when a cache is used, not on import: a run with data.validate_cache=none, or one
+    given its own path, imports the pipelines even where the default folder cannot be made."""
+    code = ("import timesformer_harness.common as common\n"
+            "def unusable():\n    raise ValueError('the default cache folder cannot be made')\n"
+            "common.default_cache_dir = unusable\n"
+            "import timesformer_harness.pipelines.factory, timesformer_harness.pipelines.validate")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -723,7 +723,9 @@ def load_weights(
     report = LoadReport(str(path), fmt)
     target = model.state_dict()
     allowed_missing: set[str] = set()
-    mode = pos_resize or ("1d" if fmt == "vit2d" else "2d")
+    # the original's 1-D quirk is how it loaded image ViT weights into a TimeSformer with temporal attention; a
+    # space-only model's own weights have the same keys as an image ViT, and into a space-only model both resize 2-D
+    mode = pos_resize or ("1d" if fmt == "vit2d" and any(".temporal_attn." in k for k in target) else "2d")
 
     if fmt == "vit2d" and any(".temporal_attn." in k for k in target):
         for key in list(sd):  # temporal branch starts as a copy of the spatial one; temporal_fc stays zero

@@ -291,15 +291,15 @@ class TimeSformer(nn.Module):
         x, T, Wp = call_with_cast_weights(self.patch_embed, self.stem_weights, x)  # (B*T, N, D)
         N = x.size(1)
         pos = self._pos_embed(N + 1, Wp)
-        cls = self.cls_token + pos[:, :1]  # the same in every frame
+        cls = self.cls_token + pos[:, :1]  # the same in every frame; the embedding dropout drops it with the patches
         x = self.pos_drop(x + pos[:, 1:])  # (B*T, N, D)
         if self.variant.frames_joint:  # one sequence per clip: (B, 1+N*T, D), patches in (n t) order
             x = x.view(B, T, N, -1)
             if self.variant.time_embed:
                 x = self.time_drop(x + self._time_embed(T).unsqueeze(2))
-            x = torch.cat([cls.expand(B, -1, -1), x.transpose(1, 2).reshape(B, N * T, -1)], dim=1)
+            x = torch.cat([self.pos_drop(cls.expand(B, -1, -1)), x.transpose(1, 2).reshape(B, N * T, -1)], dim=1)
         else:  # one sequence per frame: (B*T, 1+N, D)
-            x = torch.cat([cls.expand(B * T, -1, -1), x], dim=1)
+            x = torch.cat([self.pos_drop(cls.expand(B * T, -1, -1)), x], dim=1)
         for blk, scales in zip(self.blocks, self.drop_path_scales(B, T, N, x.device)):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(call_with_cast_weights, blk, blk.matmul_weights, x, B, T, scales, use_reentrant=False)

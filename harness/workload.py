@@ -52,6 +52,10 @@ def check_attention(cfg: ModelConfig, device: torch.device, dtype: torch.dtype |
     keys = {"attn_backend": cfg.attn_backend}
     if variant(cfg.attention_type).temporal_branch and cfg.temporal_attn_backend != "same":
         keys["temporal_attn_backend"] = cfg.temporal_attn_backend
+    elif cfg.temporal_attn_backend != "same":  # kept, so that one override serves make bench ATTN=all
+        logger.warning("model.temporal_attn_backend=%s does nothing for %s, which has no temporal pass (divided "
+                       "attention's); its attention runs on model.attn_backend=%s", cfg.temporal_attn_backend,
+                       cfg.attention_type, cfg.attn_backend)
     if keys.get("temporal_attn_backend") == "triton":
         if cfg.attn_drop_rate > 0:
             raise ValueError(f"model.temporal_attn_backend=triton has no attention dropout (model.attn_drop_rate="

@@ -231,8 +231,9 @@ class Attention(nn.Module):
     def _range(self) -> contextlib.AbstractContextManager:
         """The ``record_function`` range named ``self.name`` while a profiler records (torch's own flag for fast
         checks); nothing otherwise, since entering a range dispatches two ops even with no profiler. While
-        ``torch.compile`` traces, always the range, as before: the flag is not read, so the compiled graph does not
-        depend on it (a guard on it would recompile the step when a profiler starts)."""
-        if torch.compiler.is_compiling() or autograd_profiler._is_profiler_enabled:
+        ``torch.compile`` traces, nothing: dynamo drops such ranges from the graph anyway (and warns at every
+        compile), and the flag is not read, so the compiled graph does not depend on it (a guard on it would
+        recompile the step when a profiler starts)."""
+        if not torch.compiler.is_compiling() and autograd_profiler._is_profiler_enabled:
             return record_function(self.name)
         return contextlib.nullcontext()

@@ -169,6 +169,11 @@ def test_imagenet_vit_conversion(tmp_path: Path) -> None:
     model2d = TimeSformer(**{**TINY, "img_size": 64})
     load_weights(model2d, path, pos_resize="2d")
     assert model2d.pos_embed[0, 1:9, 0].tolist() == [1, 1, 2, 2, 3, 3, 4, 4]
+    # a space-only model's own weights (an image ViT's keys): loaded at another size, the grid resize, as its forward
+    # does at run time, so that loading at 64 px equals loading at 32 px and running at 64
+    space_only = TimeSformer(**{**TINY, "img_size": 64, "attention_type": "space_only"})
+    assert load_weights(space_only, path).format == "vit2d"
+    assert torch.equal(space_only.pos_embed, model2d.pos_embed)
 
 
 def test_inspect_and_convert_cli(tmp_path: Path) -> None:

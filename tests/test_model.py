@@ -305,3 +305,17 @@ def test_torch_compile_matches_eager() -> None:
         eager = model(x)
         compiled = torch.compile(model)(x)
     assert torch.allclose(eager, compiled, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time", "space_only"])
+def test_the_embedding_dropout_drops_the_cls_token_too(attention_type: str) -> None:
+    """The original adds the position embedding to the CLS token and the patches together and drops them together:
+    with model.drop_rate > 0 the CLS rows entering the first block are dropped like the patch rows."""
+    torch.manual_seed(0)
+    model = create_model("tiny", attention_type=attention_type, drop_rate=0.5).train()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    model(torch.randn(4, 3, 4, 32, 32))
+    cls = seen[0][:, 0]  # (B, D) for divided and joint, (B*T, D) for space-only
+    zeroed = (cls == 0).float().mean().item()
+    assert 0.4 < zeroed < 0.6, f"{zeroed:.0%} of the CLS entries dropped at p=0.5"

@@ -5,6 +5,7 @@ attention, forward and backward, in the model and alone; fewer ops per step than
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -350,3 +351,11 @@ def test_refusals_name_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> N
                                          "Triton's interpreter"):
         check_attention(divided("triton"), CPU, None)
     check_attention(divided("same"), CPU, None)  # the spatial pass alone is not checked for it
+
+
+@pytest.mark.parametrize("attention_type", ["joint_space_time", "space_only"])
+def test_a_temporal_backend_for_a_variant_without_a_temporal_pass_is_warned_about(attention_type, caplog) -> None:
+    """Not refused (one override serves every variant of make bench ATTN=all), but said: it changes nothing."""
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.workload"):
+        check_attention(replace(divided("triton"), attention_type=attention_type), CPU, None)
+    assert f"model.temporal_attn_backend=triton does nothing for {attention_type}" in caplog.text

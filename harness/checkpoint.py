@@ -670,6 +670,7 @@ class LoadReport:
     converted: dict[str, str] = field(default_factory=dict)  # target key <- source key (ImageNet copies)
     skipped: dict[str, str] = field(default_factory=dict)  # source key -> reason
     missing: list[str] = field(default_factory=list)  # model keys left at their init
+    saved_config: str = ""  # the YAML config a checkpoint of this harness was written with ("" for other files)
 
     def __str__(self) -> str:
         lines = [f"{self.path}: format {self.format}, {len(self.loaded)} tensors loaded"]
@@ -720,7 +721,7 @@ def load_weights(
     if isinstance(model_cfg, ModelConfig) and model_cfg.input_channels == "rgb" and str(dataset).lower() == "ssv2":
         logger.warning("%s was trained by the original code on SSv2, whose frames reached the model as BGR; this "
                        "model reads them as RGB: set model.input_channels=bgr (configs/exp/ssv2_*.yaml do)", path)
-    report = LoadReport(str(path), fmt)
+    report = LoadReport(str(path), fmt, saved_config=obj["cfg"] if isinstance(obj.get("cfg"), str) else "")
     target = model.state_dict()
     allowed_missing: set[str] = set()
     # the original's 1-D quirk is how it loaded image ViT weights into a TimeSformer with temporal attention; a

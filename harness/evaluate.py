@@ -33,6 +33,7 @@ if __name__ == "__main__" and not __package__:  # run by path (python harness/ev
     run_by_package_name(__file__, "timesformer_harness.evaluate")
 
 import torch
+import yaml
 
 from timesformer_harness.checkpoint import CheckpointError
 from timesformer_harness.config import RootConfig, load_config
@@ -289,6 +290,34 @@ def write_dump(acc: ViewAccumulator, loader: Loader, cfg: RootConfig, dump: str 
     return {"confusion_matrix": matrix, "predictions": str(dump), "confusion_plot": str(plot)}
 
 
+# Model keys a checkpoint may be evaluated under with another value: the clip's size (embeddings resized, as the
+# original's model does at run time)
+RESIZED_KEYS = ("model.num_frames", "model.img_size")
+
+
+def check_trained_model(cfg: RootConfig, checkpoint: str, saved_yaml: str) -> None:
+    """Refuse a checkpoint of this harness whose model config differs from ``cfg.model`` in a key that changes what
+    its weights compute without changing their shapes (``model.num_heads``, ``model.attention_type`` between joint
+    and space-only, ``model.input_channels``): it would load and score wrongly. The frame count and image size
+    (``RESIZED_KEYS``) may differ: warned."""
+    from timesformer_harness.config import to_yaml
+    from timesformer_harness.train_state import config_changes, format_changes, saved_config
+
+    saved = saved_config({"cfg": saved_yaml})
+    if saved is None or not isinstance(saved.get("model"), dict):
+        return  # the original's .pyth, a state dict: their shapes were checked
+    refused, _ = config_changes({"model": saved["model"]}, {"model": yaml.safe_load(to_yaml(cfg))["model"]})
+    wrong = [c for c in refused if c[0] not in RESIZED_KEYS]
+    if wrong:
+        raise CheckpointError(f"{checkpoint} was trained as another model than the configured one: "
+                              f"{format_changes(wrong)}; evaluate it with its own values (the run's config.yaml, or "
+                              "those keys set back on the command line)")
+    resized = [c for c in refused if c[0] in RESIZED_KEYS]
+    if resized:
+        logger.warning("%s was trained with other clips: %s; its embeddings are resized to this config's",
+                       checkpoint, format_changes(resized))
+
+
 def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -> dict[str, Any]:
     """Load ``checkpoint`` into the configured model and run the full multi-view test on ``test.split``; with
     ``dump``, rank 0 writes the per-video predictions (``write_dump``)."""
@@ -305,6 +334,7 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -
         raise CheckpointError(f"{e}: it was there a moment ago (a training run in {cfg.output.dir} keeps only its "
                               "newest checkpoints): run again, or give --checkpoint a file it keeps (last.pyth, "
                               "best.pyth)") from e
+    check_trained_model(cfg, checkpoint, report.saved_config)
     data_cfg = replace(cfg.data, batch_size=cfg.test.batch_size)
     loader = build_loader(data_cfg, cfg.test.split, device=info.device, rank=info.rank,
                           world_size=info.world_size, run_dir=cfg.output.dir, num_classes=cfg.model.num_classes)

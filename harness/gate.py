@@ -175,6 +175,7 @@ def candidate_cases(baseline: list[BenchRecord], meta: dict[str, Any], device: t
             peak_flops=rec.peak_flops if rec.device == "cuda" else None,
             peak_flops_source=rec.peak_flops_source if rec.device == "cuda" else None,
             steps_per_block=rec.extra["steps_per_block"], calib_reps=rec.extra["calib_reps"],
+            compile=rec.compile or "none", sweep_batch=f"/b{rec.batch}" in rec.case,  # as named in the baseline
             inject_delay_s=delays.get(rec.case, 0.0) * step_ms / 1e3))
     return out
 

@@ -61,7 +61,8 @@ from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (Change, CheckpointManager, RunFolderError, RunLock, config_changes,
                                              data_fingerprint, epoch_partial, find_resume, format_changes,
                                              keep_records_up_to, list_checkpoints, resume_disagreement,
-                                             resume_position, rng_state, saved_config, set_rng_state, video_facts)
+                                             resume_position, rng_state, saved_config, set_rng_state, val_record,
+                                             video_facts)
 from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
 from timesformer_harness.common import ExitCode, log_to_file, remove_stale_temporaries, report_error, setup_logging
@@ -191,6 +192,12 @@ class Trainer:
             if changed:
                 logger.warning("resuming from %s with a changed config (the new values apply from here on): %s",
                                self._resume[0], format_changes(changed))
+            if self._resume is not None:  # said again here, where train.log has it: the warnings came before it
+                saved = list_checkpoints(self._resume[0].parent)
+                newer = saved[saved.index(self._resume[0]) + 1:] if self._resume[0] in saved else []
+                if newer:
+                    logger.warning("resuming from %s: the newer %s could not be read", self._resume[0].name,
+                                   ", ".join(p.name for p in newer))
             (self.run_dir / "environment.json").write_text(json.dumps(environment_info(self.device), indent=2))
         barrier()
         seed_everything(cfg.train.seed + info.rank)
@@ -215,6 +222,7 @@ class Trainer:
         # saved with a mid-epoch checkpoint, so that the resumed epoch's records are those of an uninterrupted one
         self.epoch_partial: dict[str, Any] | None = None
         self.exit_code: int | None = None  # set by a second signal: the status the process exits with
+        self.pending_validation: int | None = None  # a resumed epoch (0-based) saved but not validated
         self._restore()
         if info.is_main:
             removed = remove_stale_temporaries(self.ckpt.dir) if self.ckpt.dir.is_dir() else 0
@@ -282,6 +290,15 @@ class Trainer:
             best = obj.get("best")
             if isinstance(best, dict) and isinstance(best.get("top1"), (int, float)):
                 self.best = {"top1": float(best["top1"]), "epoch": best.get("epoch")}
+            if self.start_batch == 0 and self.start_epoch and self._validation_due(self.start_epoch - 1):
+                # an epoch's checkpoint is saved before its validation: what that validation found is in the
+                # metrics (logged at the checkpoint's step, so kept), or it has not run
+                val = val_record(self.run_dir / "metrics.jsonl", self.start_epoch)
+                top1 = val.get("val/top1") if val is not None else None
+                if val is None:
+                    self.pending_validation = self.start_epoch - 1
+                elif isinstance(top1, (int, float)) and (self.best["top1"] is None or top1 > self.best["top1"]):
+                    self.best = {"top1": float(top1), "epoch": self.start_epoch}
             self.resumed_from = (path, obj.get("data"))
             self.epoch_partial = epoch_partial(obj.get("epoch_partial")) if self.start_batch else None
             self.bad_videos = list(obj.get("quarantine", []))
@@ -412,6 +429,11 @@ class Trainer:
 
     def _fit(self) -> int:
         cfg = self.cfg
+        if self.pending_validation is not None:  # the last launch stopped after saving the epoch, before validating it
+            logger.info("epoch %d was saved but not validated before the last launch stopped: validating it now",
+                        self.pending_validation + 1)
+            self._validate_saved(self.pending_validation, True,
+                                 self.resumed_from[0] if self.info.is_main and self.resumed_from else None)
         if self.start_epoch >= cfg.solver.max_epoch:
             logger.info("nothing to do: the run in %s already finished %d epochs", self.run_dir, self.start_epoch)
             return 0
@@ -439,19 +461,14 @@ class Trainer:
                 if stop and next_batch:  # the epoch's last batch too: its record and validation come on resume
                     self._report_stop(self.save(epoch, next_batch))
                     return 0
-                last = epoch + 1 == cfg.solver.max_epoch
-                top1 = None
-                if cfg.train.eval_period and ((epoch + 1) % cfg.train.eval_period == 0 or last):
-                    top1 = self.validate(epoch)["top1"]
-                if (epoch + 1) % cfg.train.checkpoint_period == 0 or last:
-                    better = top1 is not None and (self.best["top1"] is None or top1 > self.best["top1"])
-                    if better:  # recorded in the checkpoint it points to
-                        self.best = {"top1": top1, "epoch": epoch + 1}
-                    path = self.save(epoch + 1, 0)
-                    if better and path is not None:
-                        self.ckpt.point("best", path)
+                saving = (epoch + 1) % cfg.train.checkpoint_period == 0 or epoch + 1 == cfg.solver.max_epoch
+                # saved before validation: a stop or a kill during a long validation loses none of the epoch's
+                # training (a resume runs the validation that did not finish)
+                path = self.save(epoch + 1, 0) if saving else None
+                if self._validation_due(epoch):
+                    self._validate_saved(epoch, saving, path)
                 if self._agreed_stop():
-                    self._report_stop(self.save(epoch + 1, 0))
+                    self._report_stop(path if saving else self.save(epoch + 1, 0))
                     return 0
             digests = all_gather_objects(param_digest(self.model))
             steady = self.steady.take()
@@ -718,6 +735,20 @@ class Trainer:
                    "solver.grad_clip, or use train.precision=fp32 / bf16 instead of fp16.")
         logger.error("%s", message)  # in train.log too, which the traceback on stderr does not reach
         raise NonFiniteLossError(message)
+
+    def _validation_due(self, epoch: int) -> bool:
+        """Whether 0-based ``epoch`` ends with a validation (``train.eval_period``, and always the last epoch)."""
+        every = self.cfg.train.eval_period
+        return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.solver.max_epoch)
+
+    def _validate_saved(self, epoch: int, saved: bool, path: Path | None) -> None:
+        """Validate 0-based ``epoch``, whose end was just saved (``saved``; ``path`` on rank 0), and point ``best`` at
+        that checkpoint when its top-1 is the best so far."""
+        top1 = self.validate(epoch)["top1"]
+        if saved and top1 is not None and (self.best["top1"] is None or top1 > self.best["top1"]):
+            self.best = {"top1": top1, "epoch": epoch + 1}
+            if path is not None:
+                self.ckpt.point("best", path)
 
     def validate(self, epoch: int) -> dict[str, Any]:
         """Multi-view accuracy on the val split (a loader built once, reused)."""

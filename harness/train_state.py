@@ -3,8 +3,10 @@
 Files live in ``{output.dir}/checkpoints/``:
   * ``checkpoint_epoch_{N:05d}.pyth``: written after epoch N (1-based) ends; ``epoch`` inside is N-1 (the
     original's 0-based "epoch just finished"), so the original tools read it as they read their own.
-  * ``checkpoint_epoch_{N:05d}_iter_{I:06d}.pyth``: written when a run stops inside epoch N (SIGTERM/SIGINT) after
-    I batches of it; ``epoch`` inside is N-2 (the last finished one), our ``position`` says where to go on.
+  * ``checkpoint_epoch_{N:05d}_step_{S:08d}.pyth``: written when a run stops inside epoch N (SIGTERM/SIGINT) after
+    optimizer step S; ``epoch`` inside is N-2 (the last finished one), our ``position`` says where to go on. Named by
+    step, not by batch: a batch index counts batches of one launch's size, and a resume with another batch size or
+    rank count would order the files wrongly (an older harness's ``_iter_{I:06d}`` names still load).
   * ``debug_nan_step_{S:08d}.pyth``: the weights at a non-finite loss (never pruned, never resumed from).
 
 Our keys next to the original ``epoch``/``model_state``/``optimizer_state``/``cfg``: ``position`` ({epoch, batch}:
@@ -49,7 +51,7 @@ from timesformer_harness.common import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"checkpoint_epoch_(\d{5})(?:_iter_(\d{6}))?\.pyth")
+_NAME = re.compile(r"checkpoint_epoch_(\d{5})(?:_(iter|step)_(\d{6,}))?\.pyth")
 
 
 class RunFolderError(Exception):
@@ -63,8 +65,12 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / ".lock"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+")
+        except OSError as e:  # read-only, no permission, a file in the way
+            raise RunFolderError(f"output.dir {self.path.parent} cannot be written ({e.strerror or e}): give the run a "
+                                 "folder it can write, output.dir=...") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -156,8 +162,10 @@ def find_resume(run_dir: str | Path, policy: str) -> tuple[Path, dict[str, Any]]
     """The checkpoint a launch with ``train.resume=policy`` continues from, read before the run folder is written.
 
     ``never``: None, and a ``RunFolderError`` when ``run_dir`` already holds an earlier run's checkpoints or metrics
-    (a fresh run would mix with them, and prune them). ``auto``: the newest readable checkpoint, or None. ``must``:
-    the newest readable checkpoint, and a ``RunFolderError`` when there is none.
+    (a fresh run would mix with them, and prune them). ``auto``: the newest readable checkpoint, or None when there
+    is no checkpoint. ``must``: the newest readable checkpoint, and a ``RunFolderError`` when there is none. Both
+    raise a ``RunFolderError`` when there are checkpoints and none can be read: starting over would overwrite them
+    and drop the run's metrics.
     """
     run_dir = Path(run_dir)
     found = list_checkpoints(run_dir / "checkpoints")
@@ -170,9 +178,13 @@ def find_resume(run_dir: str | Path, policy: str) -> tuple[Path, dict[str, Any]]
                                  "that run with train.resume=auto")
         return None
     latest = CheckpointManager(run_dir).load_latest() if found else None
+    if latest is None and found:
+        raise RunFolderError(f"output.dir {run_dir} holds {len(found)} checkpoint(s) and none can be read (newest "
+                             f"{found[-1].name}; the warnings above say why): restore them (a copy cut short, a disk "
+                             "not mounted?), or move them away to start over there, or give a fresh run its own "
+                             "output.dir=...")
     if latest is None and policy == "must":
-        what = "no readable checkpoint" if found else "no checkpoint"
-        raise RunFolderError(f"train.resume=must, but output.dir {run_dir} has {what} to resume from (looked in "
+        raise RunFolderError(f"train.resume=must, but output.dir {run_dir} has no checkpoint to resume from (looked in "
                              f"{run_dir / 'checkpoints'}): check output.dir (a relative path is from the current "
                              f"folder, {Path.cwd()}), or use train.resume=auto to start a fresh run there")
     return latest
@@ -217,16 +229,33 @@ def keep_records_up_to(metrics: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
-def checkpoint_name(epoch: int, batch: int = 0) -> str:
-    """``checkpoint_epoch_{epoch:05d}.pyth``, or with ``_iter_{batch:06d}`` for a save inside epoch ``epoch``
-    (1-based)."""
-    return f"checkpoint_epoch_{epoch:05d}.pyth" if batch == 0 else f"checkpoint_epoch_{epoch:05d}_iter_{batch:06d}.pyth"
+def val_record(metrics: Path, epoch: int) -> dict[str, Any] | None:
+    """The last validation record (``event: val``) of 1-based ``epoch`` in ``metrics`` (``metrics.jsonl``), or None."""
+    found = None
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("event") == "val" and record.get("epoch") == epoch:
+                found = record
+    return found
 
 
-def _order(path: Path) -> tuple[int, float]:
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    """``checkpoint_epoch_{epoch:05d}.pyth`` at the end of epoch ``epoch`` (1-based), or with ``_step_{step:08d}``
+    for a save inside it, after optimizer step ``step``."""
+    end = "" if step is None else f"_step_{step:08d}"
+    return f"checkpoint_epoch_{epoch:05d}{end}.pyth"
+
+
+def _order(path: Path) -> tuple[int, int, float]:
     m = _NAME.fullmatch(path.name)
     assert m, path
-    return int(m[1]), float(m[2]) if m[2] else float("inf")  # mid-epoch saves sort before the epoch's end
+    if m[2] is None:
+        return int(m[1]), 2, 0.0  # the epoch's end: after its mid-epoch saves
+    return int(m[1]), 1 if m[2] == "step" else 0, float(m[3])  # an older harness's _iter_ names first
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -294,12 +323,12 @@ class CheckpointManager:
         """Write the checkpoint for "next: batch ``batch`` of epoch ``epoch``" (0-based) and prune old ones.
 
         ``batch == 0`` is the end of epoch ``epoch - 1``: file ``checkpoint_epoch_{epoch:05d}.pyth``. Otherwise the
-        run stopped inside epoch ``epoch``: file ``checkpoint_epoch_{epoch+1:05d}_iter_{batch:06d}.pyth``.
+        run stopped inside epoch ``epoch``: file ``checkpoint_epoch_{epoch+1:05d}_step_{step:08d}.pyth``.
         """
         if batch == 0:
             path, finished = self.dir / checkpoint_name(epoch), epoch - 1
         else:
-            path, finished = self.dir / checkpoint_name(epoch + 1, batch), epoch - 1
+            path, finished = self.dir / checkpoint_name(epoch + 1, step), epoch - 1
         payload = {"position": {"epoch": epoch, "batch": batch}, "step": step, **extra}
         save_pyth(path, model, optimizer.state_dict(), epoch=finished, cfg_yaml=cfg_yaml, extra=payload)
         logger.info("saved %s (next: epoch %d batch %d, step %d)", path, epoch, batch, step)

@@ -371,6 +371,11 @@ def test_compare_refuses_what_is_not_like_for_like_and_gates_on_a_ratio(two_runs
     assert "LOST model/space_only/train/4x32: ok in A, oom in B" in lost.stdout
     assert "LOST scaling/space_only/train/8x32: ok in A, missing in B" in lost.stdout
     assert _compare(str(a), str(lost_run), "--out", str(tmp_path / "o11")).returncode == 0
+    # every case lost (all out of memory in B): a verdict, LOST each, not a refusal to compare
+    all_lost = variant("all_lost", lambda d: [r.update(status="oom", images_per_s=None, utilisation=None)
+                                              for r in d["records"]])
+    lost = _compare(str(a), str(all_lost), "--fail-below", "0.01", "--out", str(tmp_path / "o13"))
+    assert lost.returncode == 1 and lost.stdout.count("LOST ") == 3, lost.stdout
 
     # a utilisation above 100% (a calibration GEMM slowed more than the steps) is not compared: images/s is
     def inflated(d):
@@ -425,6 +430,18 @@ def test_bench_cli_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, "-m", "timesformer_harness.bench", "--attn", "diagonal"],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert proc.returncode != 0 and "choose from" in proc.stderr
+
+
+def test_a_bench_whose_cases_failed_exits_1(tmp_path):
+    """A case that errors (here: timed out at 1 s) is in the table and results.json, and the exit status says so:
+    a script or CI job running make bench sees it failed."""
+    proc = subprocess.run([sys.executable, "-m", "timesformer_harness.bench", "--preset", "tiny", "--attn",
+                           "space_only", "--mode", "train", "--suites", "model", "--out", str(tmp_path),
+                           "bench.case_timeout_s=1"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == 1 and "error: 1 case(s) failed and 0 of 1 measured" in proc.stderr, proc.stderr[-2000:]
+    (results,) = tmp_path.glob("*/results.json")
+    assert [r["status"] for r in json.loads(results.read_text())["records"]] == ["error"]
 
 
 def test_a_case_in_a_fresh_process_reports_its_own_peak_rss_growth():

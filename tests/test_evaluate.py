@@ -112,6 +112,25 @@ def test_evaluate_cli_on_an_original_format_pyth(toy, tmp_path):
     assert "shape mismatch head.weight: file [6, " in res.stderr and "model [10, " in res.stderr
 
 
+def test_a_checkpoint_trained_as_another_model_of_the_same_shapes_is_refused(toy, tmp_path):
+    """Our checkpoints carry their config: one trained with 2 heads loads into a 4-head model (the same tensors) but
+    computes another function, so it is refused naming the key; another frame count is evaluated, with a warning."""
+    from timesformer_harness.config import load_config, to_yaml
+
+    args = [a for a in toy if a != "--config" and not a.endswith(".yaml")]
+    trained = load_config("configs/model/tiny.yaml", [*args, "model.num_heads=2"])
+    ckpt = tmp_path / "two_heads.pyth"
+    save_pyth(ckpt, create_model("tiny", num_classes=6, num_heads=2), None, epoch=0, cfg_yaml=to_yaml(trained))
+    res = run([PY, "harness/evaluate.py", *toy, f"output.dir={tmp_path}", "--checkpoint", str(ckpt),
+               f"test.output={tmp_path / 'r.json'}"])
+    assert res.returncode == 2 and not (tmp_path / "r.json").exists(), res.stderr[-3000:]
+    assert "was trained as another model than the configured one: model.num_heads 2 -> 4" in res.stderr
+    res = run([PY, "harness/evaluate.py", *toy, "model.num_heads=2", "model.num_frames=8", "data.num_frames=8",
+               f"output.dir={tmp_path}", "--checkpoint", str(ckpt), f"test.output={tmp_path / 'r.json'}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "was trained with other clips: model.num_frames 4 -> 8" in res.stderr
+
+
 def test_dump_predictions_confusion_matrix_and_progress_from_a_snapshot_folder(toy, tmp_path):
     """--dump on the toy test split, with the same weights as a .pyth and as a Hugging Face snapshot folder written by
     convert --hf: the same predictions both ways, rows that match the manifest, a confusion matrix that adds up, a

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import asdict
 from argparse import Namespace
 
 import pytest
@@ -17,7 +18,7 @@ from timesformer_harness.bench.record import BenchRecord, read_results, write_re
 from timesformer_harness.bench.verdict import (TOLERANCE_CEILING, TOLERANCE_FLOOR, better, judge, judge_all,
                                                tolerance_for)
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.gate import check_compatible, format_table, junit_xml, select, stack_notes
+from timesformer_harness.gate import candidate_cases, check_compatible, format_table, junit_xml, select, stack_notes
 from timesformer_harness.runtime import environment_info
 
 CASE = "model/divided_space_time/train/4x32"
@@ -42,7 +43,34 @@ def test_slowdown_beyond_tolerance_regresses_and_within_passes():
     assert slow.reasons == ["normalised images/s -33.3% (tolerance -30.0%)"]
     assert not judge(_rec(), _rec(ratio=1.2), tolerance=0.3).regressed
     fast = judge(_rec(), _rec(ratio=0.5), tolerance=0.3)
-    assert not fast.regressed and "refreshing the baseline" in fast.notes[0]
+    assert not fast.regressed and "a slowdown of up to that much would pass unseen; rewrite it" in fast.notes[0]
+
+
+def test_the_candidate_measures_every_baseline_case_under_its_own_name():
+    """A baseline of a batch sweep (``/b2``) or of a compiled step (``/default``) is measured again as those cases:
+    they were measured as plain cases of the same name, reported missing, and the gate could never pass."""
+    from timesformer_harness.config import ModelConfig
+
+    model = asdict(ModelConfig(depth=2, embed_dim=64, num_heads=4, img_size=32, patch_size=8, num_frames=4))
+    base = [_rec(case=f"model/divided_space_time/train/4x32/b{b}", batch=b, frames=4, img_size=32, model=model)
+            for b in (1, 2)] + [_rec(case="model/divided_space_time/train/4x32/default", batch=2, frames=4,
+                                     img_size=32, model=model, compile="default")]
+    for rec in base:
+        rec.extra.update(steps_per_block=1, calib_reps=1)
+    cases = candidate_cases(base, {}, torch.device("cpu"), [], None, {})
+    assert [c.name for c in cases] == [r.case for r in base]
+
+
+def test_a_speed_that_cannot_be_judged_fails_closed():
+    """A NaN or missing normalised throughput on either side regresses (it passed as '+nan% ok'), and a NaN among
+    the baseline's samples does not make the tolerance NaN."""
+    nan = float("nan")
+    missing = _rec()
+    missing.extra["ratio"] = None
+    for base, cand in ((_rec(), _rec(ratio=nan)), (_rec(ratio=nan), _rec(ratio=88.0)), (_rec(), missing)):
+        v = judge(base, cand, tolerance=0.3)
+        assert v.regressed and v.reasons[0].startswith("no normalised images/s to compare"), v
+    assert tolerance_for(_rec(ratios=[1.0, nan, 1.001, 0.999, 1.0, 1.0])) == TOLERANCE_FLOOR
 
 
 def test_each_case_gets_its_tolerance_from_its_baseline_samples():

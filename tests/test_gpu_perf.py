@@ -22,7 +22,7 @@ def test_rehearsal_runs_the_rows_the_cpu_can_and_skips_the_others(tmp_path, caps
                         "compiled-temporal-triton-b8"])
     assert rc == 0
     rows = {r["row"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
-    assert list(rows) == ["temporal-triton-b8", "reduce-overhead-b2", "trainer-b8", "temporal-naive-b8",
+    assert list(rows) == ["trainer-b8", "temporal-triton-b8", "reduce-overhead-b2", "temporal-naive-b8",
                           "temporal-efficient-b8", "compiled-temporal-triton-b8", "sdpa-cudnn-b8",
                           "eager-b2"]  # ROWS order
     temporal = rows["temporal-naive-b8"]  # the temporal pass on its own backend, the spatial one on auto

@@ -20,7 +20,8 @@ from timesformer_harness.config import ConfigError, ModelConfig, RootConfig, loa
 from timesformer_harness.model import create_model
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.train_state import (CLIP_KEYS, IGNORED_KEYS, MODEL_KEYS, SOURCE_KEYS, CheckpointManager,
-                                             RunFolderError, config_changes, find_resume, format_changes)
+                                             RunFolderError, RunLock, checkpoint_name, config_changes, find_resume,
+                                             format_changes, list_checkpoints)
 
 tiny = test_user_errors.tiny  # the fixture: 8 train videos of a toy set, one optimizer step
 
@@ -108,15 +109,40 @@ def test_find_resume_follows_the_policy(tmp_path):
                                              r"holds 1 checkpoint\(s\), newest checkpoint_epoch_00001.pyth: give this "
                                              r"run its own output.dir=\.\.\., or delete"):
         find_resume(run_dir, "never")
-    path.write_bytes(b"not a checkpoint")  # the only one is unreadable
-    assert find_resume(run_dir, "auto") is None
-    with pytest.raises(RunFolderError, match="has no readable checkpoint to resume from"):
-        find_resume(run_dir, "must")
+    path.write_bytes(b"not a checkpoint")  # the only one is unreadable: starting over would overwrite it
+    for policy in ("auto", "must"):
+        with pytest.raises(RunFolderError, match=rf"output.dir {run_dir} holds 1 checkpoint\(s\) and none can be read "
+                                                 r"\(newest checkpoint_epoch_00001.pyth"):
+            find_resume(run_dir, policy)
     died = tmp_path / "died"  # a run that logged records and died before its first checkpoint
     died.mkdir()
     (died / "metrics.jsonl").write_text('{"step": 0, "event": "start"}\n')
     with pytest.raises(RunFolderError, match="holds an earlier run's metrics.jsonl"):
         find_resume(died, "never")
+
+
+def test_checkpoints_are_ordered_by_step_whatever_the_batch_size(tmp_path):
+    """Mid-epoch saves are named by optimizer step: a relaunch with a bigger batch saves at a higher step but a lower
+    batch index, and must still come after (the newest is resumed from, the oldest pruned)."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    names = ["checkpoint_epoch_00002.pyth", "checkpoint_epoch_00002_step_00000321.pyth", "checkpoint_epoch_00001.pyth",
+             "checkpoint_epoch_00002_step_00000301.pyth", "checkpoint_epoch_00002_iter_000045.pyth",
+             "checkpoint_epoch_00003_step_123456789.pyth", "debug_nan_step_00000007.pyth", "last.pyth"]
+    for name in names:
+        (folder / name).touch()
+    assert [p.name for p in list_checkpoints(folder)] == [
+        "checkpoint_epoch_00001.pyth", "checkpoint_epoch_00002_iter_000045.pyth",  # an older harness's name
+        "checkpoint_epoch_00002_step_00000301.pyth", "checkpoint_epoch_00002_step_00000321.pyth",
+        "checkpoint_epoch_00002.pyth", "checkpoint_epoch_00003_step_123456789.pyth"]
+    assert checkpoint_name(2, 321) == "checkpoint_epoch_00002_step_00000321.pyth"
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunFolderError, match=rf"^output.dir {tmp_path}/file/run cannot be written \(Not a directory\): "
+                                             r"give the run a folder it can write"):
+        RunLock(tmp_path / "file" / "run")
 
 
 def test_the_resume_policy_is_checked_when_the_config_loads():
@@ -278,3 +304,41 @@ def test_a_resumed_trainer_does_not_keep_the_loaded_checkpoint(finished, tiny, t
     finally:
         if trainer.lock is not None:
             trainer.lock.release()
+
+
+def test_an_epoch_saved_but_not_validated_is_validated_on_resume(tiny, tmp_path):
+    """An epoch's checkpoint is written before its validation, so a launch killed during a long validation loses
+    no training; the next launch finds the epoch has no validation record and runs it first."""
+    import json
+
+    out = tmp_path / "run"
+    cmd = train_cmd(*tiny, "train.eval_period=1", f"output.dir={out}")
+    first = run(cmd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert log.index("saved ") < log.index("epoch 1 val: top-1")  # saved first
+    metrics = out / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    (validated,) = [r for r in records if r.get("event") == "val"]
+    # what a launch killed during that validation leaves: the checkpoint, no val record, no last_val.json
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("event") != "val"))
+    (out / "last_val.json").unlink()
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 1 was saved but not validated before the last launch stopped: validating it now" in \
+        (out / "train.log").read_text()
+    (redone,) = [json.loads(line) for line in metrics.read_text().splitlines() if '"event": "val"' in line]
+    assert redone["val/top1"] == validated["val/top1"] and (out / "last_val.json").is_file()
+    assert (out / "checkpoints" / "best.pyth").resolve().name == "checkpoint_epoch_00001.pyth"
+    third = run(cmd)  # validated now: nothing left to do
+    assert third.returncode == 0 and "validating it now" not in third.stderr
+    assert len([line for line in metrics.read_text().splitlines() if '"event": "val"' in line]) == 1
+    # epoch 1's checkpoint was saved before its validation, so it records no best; the resume reads epoch 1's top-1
+    # from its val record: a second epoch that does not change the model (learning rate ~0) scores the same, which
+    # is not better, and best.pyth stays at epoch 1
+    more = run(train_cmd(*tiny, "train.eval_period=1", f"output.dir={out}", "solver.max_epoch=2",
+                         "solver.base_lr=1e-12"))
+    assert more.returncode == 0, more.stderr[-3000:]
+    tops = [json.loads(line)["val/top1"] for line in metrics.read_text().splitlines() if '"event": "val"' in line]
+    assert len(tops) == 2 and tops[0] == tops[1]
+    assert (out / "checkpoints" / "best.pyth").resolve().name == "checkpoint_epoch_00001.pyth"

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -126,7 +127,7 @@ def test_checkpoint_names_order_keep_last_and_original_layout(tmp_path):
     _save(mgr, model, 1, 3)  # stopped inside epoch 2 (1-based) after 3 batches
     _save(mgr, model, 2, 0)
     names = [p.name for p in list_checkpoints(mgr.dir)]
-    assert names == ["checkpoint_epoch_00002_iter_000003.pyth", "checkpoint_epoch_00002.pyth"]
+    assert names == ["checkpoint_epoch_00002_step_00000013.pyth", "checkpoint_epoch_00002.pyth"]  # by step, 13
     obj = load_file(mgr.dir / names[-1])
     assert obj["epoch"] == 1 and isinstance(obj["cfg"], str) and "optimizer_state" in obj  # original keys
     assert all(k.startswith("model.") for k in obj["model_state"])
@@ -232,7 +233,8 @@ def test_run_writes_config_metrics_tensorboard_and_original_checkpoints(referenc
     assert os.readlink(ckpts / "last.pyth") == "checkpoint_epoch_00002.pyth"
     best = max((r for r in records if r["event"] == "val"), key=lambda r: (r["val/top1"], -r["epoch"]))
     assert os.readlink(ckpts / "best.pyth") == f"checkpoint_epoch_{best['epoch']:05d}.pyth"
-    assert load_file(ckpts / "best.pyth")["best"] == {"top1": best["val/top1"], "epoch": best["epoch"]}
+    # saved before its validation: the checkpoint records the best before it (none: epoch 2 is the first validated)
+    assert load_file(ckpts / "best.pyth")["best"] == {"top1": None, "epoch": None}
     assert next(r for r in records if r["event"] == "start")["epoch"] == 1  # epochs are 1-based in every record
     obj = load_file(reference_run / "checkpoints" / "checkpoint_epoch_00002.pyth")
     assert obj["epoch"] == 1 and obj["step"] == 8 and resume_position(obj)[:2] == (2, 0)
@@ -245,10 +247,11 @@ def test_sigterm_stops_saves_and_resume_reproduces_the_uninterrupted_run(referen
     first = run(train_cmd(*toy, f"output.dir={out}", "train.debug_signal_at_step=2"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped by SIGTERM" in first.stdout
-    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_epoch_00001_iter_000006.pyth"]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_epoch_00001_step_00000003.pyth"]
     assert "\r" not in first.stderr and " step 1 (warm-up): loss " in first.stderr  # no tqdm bar in a log file
     stop = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert stop["event"] == "stop" and stop["reason"] == "signal SIGTERM" and stop["checkpoint"].endswith("6.pyth")
+    assert stop["event"] == "stop" and stop["reason"] == "signal SIGTERM"
+    assert stop["checkpoint"].endswith("_step_00000003.pyth")
     # what a crash would have left: a save's temporary, a record past the checkpoint's step, a line cut short
     stale = out / "checkpoints" / ".checkpoint_epoch_00002.0123abcd.tmp.pyth"
     stale.write_bytes(b"partial")
@@ -273,13 +276,13 @@ def test_a_stop_after_an_epochs_last_step_keeps_its_record_and_validation(refere
     # SIGTERM after step 3: step 4, epoch 1's last, finishes; its record and validation are due after it
     first = run(train_cmd(*toy, f"output.dir={out}", "train.debug_signal_at_step=3"))
     assert first.returncode == 0 and "stopped by SIGTERM" in first.stdout, first.stderr[-3000:]
-    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_epoch_00001_iter_000008.pyth"]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_epoch_00001_step_00000004.pyth"]
     assert {r[0] for r in epoch_records(out)} == {"train"}  # no epoch or val record yet: they come on resume
     second = run(train_cmd(*toy, f"output.dir={out}"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert_same_records(epoch_records(out), epoch_records(reference_run))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [  # the epoch's own checkpoint too
-        "checkpoint_epoch_00001_iter_000008.pyth", "checkpoint_epoch_00001.pyth", "checkpoint_epoch_00002.pyth"]
+        "checkpoint_epoch_00001_step_00000004.pyth", "checkpoint_epoch_00001.pyth", "checkpoint_epoch_00002.pyth"]
 
 
 def test_a_second_signal_in_the_middle_of_a_save_exits_with_its_status(tmp_path, monkeypatch):
@@ -373,13 +376,14 @@ def test_resuming_after_the_manifest_changed_is_refused_or_replanned(toy, tmp_pa
     manifest.write_text("".join(reversed(manifest.read_text().splitlines(keepends=True))))  # same videos, reordered
     refused = run(train_cmd(*args))
     assert refused.returncode == 4, refused.stderr[-3000:]
-    assert (f"error: the train manifest changed since {out / 'checkpoints' / 'checkpoint_epoch_00001_iter_000006.pyth'}"
+    saved = out / "checkpoints" / "checkpoint_epoch_00001_step_00000003.pyth"
+    assert (f"error: the train manifest changed since {saved}"
             " (32 usable videos, but not the same ones or labels or order" in refused.stderr)
     assert "train.on_data_change=replan" in refused.stderr and "Traceback" not in refused.stderr
     kept = manifest.read_text().splitlines(keepends=True)
     manifest.write_text("".join(kept[:8]))  # shrunk: the checkpoint's batch 6 is past the new epoch's 2 batches
     shrunk = run(train_cmd(*args))
-    assert shrunk.returncode == 4 and "(32 usable videos when checkpoint_epoch_00001_iter_000006.pyth was " \
+    assert shrunk.returncode == 4 and "(32 usable videos when checkpoint_epoch_00001_step_00000003.pyth was " \
         "written, 8 now)" in shrunk.stderr, shrunk.stderr[-3000:]
     manifest.write_text("".join(kept))
     replanned = run(train_cmd(*args, "train.on_data_change=replan"))
@@ -707,12 +711,22 @@ def test_the_step_loop_waits_for_the_device_once_per_micro_batch(tmp_path, monke
     trainer = train_module.Trainer(cfg, init_distributed(cfg.dist))
     loader = trainer._build_loader("train", 0)
     reads.clear()  # the ranks' agreement on the run folder's lock, at construction
+    # On the CPU a tensor turned into Python values dispatches no op (on a GPU it waits for the device): count them
+    conversions: list[str] = []
+    for name in ("tolist", "numpy", "cpu"):
+        def counted(t, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if threading.current_thread() is threading.main_thread():  # not the loader's threads
+                conversions.append(_name)
+            return _real(t, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
     with OpCounter() as ops:
         stop, _ = trainer.train_epoch(loader, 0, 0)
+    monkeypatch.undo()
     trainer.metrics.close()
     assert not stop and len(loader) == 6 and trainer.step == 3  # 6 micro-batches, 2 per optimizer step
     assert reads == [1] + [3] * 6 + [3], reads  # first-batch agreement, 6 micro-batches, the epoch's totals
     assert ops.count.syncs == 0, ops.count.by_name
+    assert conversions == ["tolist"] * len(reads), conversions  # read_back's, and no other
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["event"] == "epoch" and 0 <= record["train/top1"] <= 100 and record["train/loss"] > 0
 

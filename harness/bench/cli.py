@@ -212,4 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(records))
     print(f"results: {out}/results.json (flat: results.csv, results.jsonl; TensorBoard: tb/)  summary: "
           f"{out}/summary.md  ({clock.elapsed():.0f} s)")
+    failed = [r for r in records if r.status == "error"]  # out of memory and skipped are results; an error is not
+    if failed or (records and not any(r.status == "ok" for r in records)):
+        print(f"error: {len(failed)} case(s) failed and {sum(r.status == 'ok' for r in records)} of {len(records)} "
+              f"measured; the reasons are in the table's notes and results.json", file=sys.stderr)
+        return 1
     return 0

@@ -185,10 +185,10 @@ def _plausible(rec: BenchRecord, side: str, cautions: list[str]) -> float | None
 
 def refusals(rows: list[CaseComparison]) -> list[str]:
     """Reasons at the level of the cases to refuse the comparison: a case that measured another model, or none
-    like for like."""
+    like for like (unless some were lost in B: ok in A, failed or missing in B, which is a verdict, not a refusal)."""
     out = [f"{r.case}: another model ({'; '.join(n for n in r.notes if n.split(' ', 1)[0] in MODEL_KEYS)})"
            for r in rows if r.other_model]
-    if not any(r.comparable for r in rows):
+    if not any(r.comparable for r in rows) and not lost(rows):
         out.append("no case is like for like in both runs")
     return out
 

@@ -39,11 +39,16 @@ class Verdict:
     notes: list[str] = field(default_factory=list)
 
 
+def _usable(ratio: object) -> bool:
+    """A normalised throughput that can be compared: a finite positive number."""
+    return isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0
+
+
 def tolerance_for(base: BenchRecord, fixed: float | None = None) -> float:
     """``fixed`` when given, else the case's tolerance from its baseline's pair ratios (see the module docstring)."""
     if fixed is not None:
         return fixed
-    ratios = base.extra.get("ratios") or []
+    ratios = [r for r in base.extra.get("ratios") or [] if _usable(r)]
     if len(ratios) < 3:
         return TOLERANCE_CEILING
     spread = TOLERANCE_Z * math.sqrt(2) * relative_spread(ratios)
@@ -69,13 +74,18 @@ def judge(base: BenchRecord, cand: BenchRecord | None, tolerance: float | None =
         v.reasons += measured_other
     v.cand_ratio = cand.extra.get("ratio")
     timing = memory = False
-    if v.base_ratio and v.cand_ratio:
+    if not (_usable(v.base_ratio) and _usable(v.cand_ratio)):  # fail closed: a speed that cannot be judged
+        v.regressed = True
+        v.reasons.append(f"no normalised images/s to compare (baseline {v.base_ratio}, candidate {v.cand_ratio})")
+    else:
         v.change = v.base_ratio / v.cand_ratio - 1.0  # ratio = time(model)/time(calibration); throughput ~ 1/ratio
         if v.change < -v.tolerance:
             timing = True
             v.reasons.append(f"normalised images/s {100 * v.change:+.1f}% (tolerance -{100 * v.tolerance:.1f}%)")
         elif v.change > v.tolerance:
-            v.notes.append(f"faster by {100 * v.change:.0f}%: consider refreshing the baseline")
+            v.notes.append(f"faster by {100 * v.change:.0f}%, past the tolerance: the baseline no longer describes "
+                           "this machine or tree, and a slowdown of up to that much would pass unseen; rewrite it "
+                           "(make gate-baseline)")
     if base.peak_mem_bytes and cand.peak_mem_bytes is not None:
         growth = cand.peak_mem_bytes / base.peak_mem_bytes - 1.0
         if growth > mem_tolerance:

@@ -39,8 +39,9 @@ included) is skipped and says so; ``<out>/results.json`` and ``<out>/summary.md`
 GPU only) are rewritten after every row, so a run cut short keeps what it measured.
 
 With ``--rehearse-on-cpu`` the same rows run at CPU size (48 px files, crop 32, batch 4, the tiny model): DALI's CPU
-decoder on VP9, MJPEG and the frame folders, PyAV on VP9; every H.264 and HEVC row and the nvJPEG rows are skipped
-(DALI's CPU decoder does not decode them, so the rehearsal prepares none; nvJPEG needs a GPU), and so is the CPU-decoder
+decoder on VP9, MJPEG and the frame folders, PyAV on VP9 and H.264 GOP 32 (so the H.264 files are made and read before
+a GPU session does); every other H.264 and HEVC row and the nvJPEG rows are skipped (DALI's CPU decoder does not
+decode them; nvJPEG needs a GPU), and so is the CPU-decoder
 VP9 row (on a CPU the VP9 row decodes there already). Its rows go to a table only at a path given (``--update-table
 PATH``), with the generation ``cpu``: the shipped table holds GPU measurements only."""
 
@@ -327,9 +328,9 @@ def timed_epochs(loader: Any, device: torch.device, rounds: int) -> dict[str, An
 def skip_reason(row: Row, cuda: bool, dali: bool) -> str | None:
     """Why ``row`` cannot run here (None when it can)."""
     codec = VARIANTS[row.variant][0]
-    if not cuda and codec in GPU_ONLY_CODECS:
-        return (f"{GPU_ONLY_CODECS[codec]} rows run on a GPU only (DALI's CPU decoder takes VP8/VP9/MJPEG; the "
-                "rehearsal prepares none)")
+    if not cuda and codec in GPU_ONLY_CODECS and row.kind != "pyav":  # PyAV decodes them on any machine
+        return (f"{GPU_ONLY_CODECS[codec]} rows run on a GPU only (DALI's CPU decoder takes VP8/VP9/MJPEG; on a "
+                "CPU the PyAV row reads these files)")
     if row.backend == "gpu" and not cuda and codec == "mjpeg":
         return "nvJPEG rows run on a GPU only (data.backend=gpu decodes MJPEG's JPEG frames with nvJPEG)"
     if row.compile != "none" and not cuda:

@@ -90,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/gate", help="where the candidate's records and verdicts are written")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (write) or model.KEY=VALUE what-ifs "
                                                 "for the candidate (gate), e.g. model.depth=6")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.cases:  # --cases takes every word after it: a key=value among them is an override, never a case name
+        args.overrides += [c for c in args.cases if "=" in c]
+        args.cases = [c for c in args.cases if "=" not in c] or None
+    return args
 
 
 def baseline_cases(cfg: RootConfig, preset: str, attns: list[str], modes: list[str], device: torch.device,

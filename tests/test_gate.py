@@ -18,7 +18,8 @@ from timesformer_harness.bench.record import BenchRecord, read_results, write_re
 from timesformer_harness.bench.verdict import (TOLERANCE_CEILING, TOLERANCE_FLOOR, better, judge, judge_all,
                                                tolerance_for)
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.gate import candidate_cases, check_compatible, format_table, junit_xml, select, stack_notes
+from timesformer_harness.gate import (candidate_cases, check_compatible, format_table, junit_xml, parse_args, select,
+                                     stack_notes)
 from timesformer_harness.runtime import environment_info
 
 CASE = "model/divided_space_time/train/4x32"
@@ -133,6 +134,9 @@ def test_cases_are_chosen_by_pattern_variant_and_mode():
         "model/space_only/train/4x32"]
     with pytest.raises(ValueError, match=r"--cases \['model/joint\*'\] match no baseline case"):
         select(base, Namespace(cases=["model/joint*"], attn="all", mode=None))
+    # --cases takes every word after it: the what-if after the patterns is an override, not a case name
+    parsed = parse_args(["--baseline", "b.json", "--cases", "model/space*", "model.depth=8"])
+    assert (parsed.cases, parsed.overrides) == (["model/space*"], ["model.depth=8"])
 
 
 def test_a_baseline_times_one_batch_per_case_on_a_gpu_too():

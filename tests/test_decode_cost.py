@@ -116,7 +116,7 @@ def test_manifest_summary(gop_files, tmp_path):
     assert start["median"] == start["worst"] == pytest.approx(estimate(read_gop(gop_files["intra"]), 4, 12, 30,
                                                                        strategy="from_start").train)
     text = format_decode_cost(out)
-    assert text.count("train median") == 3 and str(gop_files["long"]) in text
+    assert text.count("train sampling median") == 3 and str(gop_files["long"]) in text
     assert estimate_manifest_decode_cost(paths, 4, 12, 30, max_files=2)["files"] == 1  # first and last only
     assert "no readable file" in format_decode_cost(estimate_manifest_decode_cost([str(garbage)], 4, 12, 30))
     with pytest.raises(ValueError, match="choose from"):

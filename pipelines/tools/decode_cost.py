@@ -251,9 +251,9 @@ def format_decode_cost(cost: dict) -> str:
     lines = [f"decode cost, frames decoded per delivered {T}-frame clip over {cost['files']} file(s):"]
     for strategy, c in cost["strategies"].items():
         tr, te = c["train"], c["test"]
-        lines.append(f"  {STRATEGY_NOTES.get(strategy, strategy)}: train median {tr['median']:.0f} "
+        lines.append(f"  {STRATEGY_NOTES.get(strategy, strategy)}: train sampling median {tr['median']:.0f} "
                      f"({tr['median_per_frame']:.1f} per frame), worst {tr['worst']:.0f} ({tr['worst_path']}); "
-                     f"test median {te['median']:.0f}")
+                     f"test sampling median {te['median']:.0f}")
     return "\n".join(lines)
 
 

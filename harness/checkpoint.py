@@ -126,6 +126,13 @@ def _plain(obj: Any, path: Path, limits: LoadLimits) -> Any:
     memo: dict[int, tuple[Any, Any]] = {}  # id(source) -> (source, result); the source is kept so ids stay unique
 
     def copy(o: Any, depth: int) -> Any:
+        if isinstance(o, torch.Tensor):
+            stored = o.untyped_storage().nbytes()
+            if o.numel() * o.element_size() > stored:  # a stride-0 view: reading it would allocate its whole size
+                raise CheckpointLimitError(f"{path}: a tensor of shape {list(o.shape)} ({o.numel() * o.element_size()}"
+                                           f" bytes) is stored in {stored} bytes (an expanded view), which a "
+                                           "checkpoint never needs; refused")
+            return o
         if not isinstance(o, (dict, list, tuple)):
             return o
         if id(o) in memo:
@@ -431,9 +438,10 @@ def read_config_json(path: str | Path) -> dict[str, Any] | None:
         if config.stat().st_size > _MAX_CONFIG_BYTES:
             raise ValueError(f"{config.stat().st_size:,} bytes, more than a config holds")
         data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{config} is not a readable config ({e}); fix it, or remove it to load the weights "
-                              f"unchecked") from None
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors; nesting
+        reason = "nested deeper than Python's recursion limit" if isinstance(e, RecursionError) else str(e)
+        raise CheckpointError(f"{config} is not a readable config ({reason}); fix it, or remove it to load the "
+                              f"weights unchecked") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{config} holds a JSON {type(data).__name__}, not an object; fix or remove it")
     return data

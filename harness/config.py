@@ -68,6 +68,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         variant(self.attention_type)  # ValueError naming the registered ones
+        for key in ("img_size", "patch_size", "in_chans", "num_classes", "num_frames", "embed_dim", "depth",
+                    "num_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)}; it counts something: give 1 or more")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio}; give a positive number (4.0 in every recipe)")
         if self.attn_backend == "triton":
             raise ValueError("model.attn_backend=triton: the triton kernel takes short sequences only (divided "
                              "attention's temporal pass); set model.temporal_attn_backend=triton instead")
@@ -373,9 +379,18 @@ def _find_default(name: str, config: Path) -> Path:
     return found
 
 
-def _yaml_sources(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+MAX_CONFIG_FILES = 256  # files one config may read through its defaults, repeats counted (a tree, not a bomb)
+
+
+def _yaml_sources(path: Path, seen: tuple[Path, ...] = (), read: list[int] | None = None
+                  ) -> list[tuple[str, DictConfig]]:
     """``(name, content)`` of a YAML file and, before it, of every file its ``defaults:`` list names (recursively),
-    in merge order."""
+    in merge order. ``read`` counts the files read so far for the whole tree (at most ``MAX_CONFIG_FILES``)."""
+    read = [0] if read is None else read
+    read[0] += 1
+    if read[0] > MAX_CONFIG_FILES:
+        raise ConfigError(f"config {path}: its 'defaults' read more than {MAX_CONFIG_FILES} files (a file named "
+                          "several times at several levels multiplies); name each file once")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (relative paths are from the current folder, "
                           f"{Path.cwd()}); the shipped recipes are in {CONFIG_DIR}")
@@ -394,7 +409,7 @@ def _yaml_sources(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Di
                           f"defaults: [configs/model/toy.yaml, configs/data/toy.yaml]")
     sources: list[tuple[str, DictConfig]] = []
     for name in defaults:
-        sources += _yaml_sources(_find_default(str(name), path), seen + (path.resolve(),))
+        sources += _yaml_sources(_find_default(str(name), path), seen + (path.resolve(),), read)
     return [*sources, (str(path), cfg)]
 
 

@@ -71,6 +71,7 @@ READ_AGAIN = "check the file's permissions and storage; it is read again next ti
 # 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length; 4: the first frame
 # is the first packet's, and late-starting timestamps are not truncation
 PROBE_VERSION = 4
+PLAUSIBLE_FPS = (1.0, 1000.0)  # a rate outside is broken timestamps (all frames at one time, a negative step)
 MAX_FRAME_PIXELS = DataConfig.max_frame_pixels  # data.max_frame_pixels' default: 3840x2160
 TAIL_BYTES = 1 << 20  # file-size checks: how many unbacked or unread bytes at a file's end are "beyond reason"
 # The probe and the deep check store their results as they come, in transactions of at most FLUSH_FILES results or
@@ -498,6 +499,10 @@ def judge(infos: list[VideoInfo], backend: str, num_frames: int, sampling_rate: 
     for info in infos:
         reason = usable(info, backend, required_frames(info, num_frames, sampling_rate, target_fps, pad, segment),
                         gpu_arch, max_pixels, nvjpeg)
+        if not reason and not segment and info.fps and not PLAUSIBLE_FPS[0] <= info.fps <= PLAUSIBLE_FPS[1]:
+            reason = (f"a frame rate of {info.fps:.3g} fps (its timestamps are broken?), which Kinetics-style "
+                      "sampling turns into a clip span in frames; re-encode it at a fixed rate (python -m "
+                      "timesformer_harness.pipelines.tools.prepare), else leave it out of the manifest")
         if reason:
             rejected.append((info.path, reason))
     return rejected
@@ -722,6 +727,14 @@ def main(argv: list[str] | None = None) -> int:
                              "about one epoch of decoding, cached)")
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)  # answered below: it lives a layer up
     args = parser.parse_args(argv)
+    for flag, value, least in (("--frames", args.frames, 1), ("--sampling-rate", args.sampling_rate, 1),
+                               ("--max-frame-pixels", args.max_frame_pixels, 1), ("--workers", args.workers, 0),
+                               ("--num-classes", args.num_classes, 0)):
+        if value < least:
+            parser.error(f"{flag} {value}: give {least} or more")
+    for flag, value in (("--target-fps", args.target_fps), ("--log-every", args.log_every)):
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} {value:g}: give a positive number ({'frames a second' if 'fps' in flag else 's'})")
     if args.config is not None:
         print(f"error: a run's config is read by the harness, a layer above the pipelines: run python -m "
               f"timesformer_harness.validate --config {args.config} [--split train] to check with its settings",

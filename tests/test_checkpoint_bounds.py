@@ -359,6 +359,20 @@ def test_depth_limit_is_exact(tmp_path: Path) -> None:
         load_file(path, LoadLimits(max_depth=4))
 
 
+def test_an_expanded_tensor_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """1.6 kB on disk, 6 GB as a tensor (a stride-0 view): refused as a limit, naming the shape, before any check
+    reads it; a view smaller than its storage (a slice saved with it) loads."""
+    path = tmp_path / "expanded.pyth"
+    torch.save({"model_state": {"model.pos_embed": torch.zeros(1, 1, 1).expand(1, 1, 1_500_000_000)}}, path)
+    assert path.stat().st_size < 4096
+    with pytest.raises(CheckpointLimitError, match=r"a tensor of shape \[1, 1, 1500000000\] \(6000000000 bytes\) is "
+                                               r"stored in 4 bytes \(an expanded view\)"):
+        load_file(path)
+    sliced = tmp_path / "sliced.pyth"
+    torch.save({"model_state": {"w": torch.arange(10.0)[2:5]}}, sliced)
+    assert load_file(sliced)["model_state"]["w"].tolist() == [2.0, 3.0, 4.0]
+
+
 def test_pickle_bytes_limit_is_exact_for_zip_and_legacy(tmp_path: Path) -> None:
     obj = pyth({k.removeprefix("model."): v for k, v in cc.tiny_state(1).items()})
     zipped = tmp_path / "zip.pyth"

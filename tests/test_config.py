@@ -156,3 +156,37 @@ def test_every_exp_config_loads():
     assert names
     for name in names:
         load_config(EXP / name)
+
+
+def test_a_defaults_tree_is_read_in_bounded_work(tmp_path, monkeypatch):
+    """A file may be named by several others (a diamond), but a tree that names files several times at several
+    levels multiplies its reads (2^25 for 25 levels of two): refused after MAX_CONFIG_FILES reads, at once."""
+    from omegaconf import OmegaConf
+
+    from timesformer_harness.config import MAX_CONFIG_FILES
+
+    reads = []
+    real_load = OmegaConf.load
+    monkeypatch.setattr(OmegaConf, "load", lambda path: reads.append(path) or real_load(path))
+
+    (tmp_path / "d.yaml").write_text("model:\n  depth: 3\n")
+    for name in ("b", "c"):
+        (tmp_path / f"{name}.yaml").write_text("defaults: [d.yaml]\n")
+    (tmp_path / "a.yaml").write_text("defaults: [b.yaml, c.yaml]\n")
+    assert load_config(tmp_path / "a.yaml").model.depth == 3  # a diamond is fine
+    for n in range(25):
+        (tmp_path / f"bomb{n}.yaml").write_text(f"defaults: [bomb{n + 1}.yaml, bomb{n + 1}.yaml]\n")
+    (tmp_path / "bomb25.yaml").write_text("model:\n  depth: 2\n")
+    reads.clear()
+    with pytest.raises(ValueError, match=rf"its 'defaults' read more than {MAX_CONFIG_FILES} files"):
+        load_config(tmp_path / "bomb0.yaml")
+    assert len(reads) <= MAX_CONFIG_FILES  # without the bound: 2^26 - 1
+    (tmp_path / "self.yaml").write_text("defaults: [self.yaml]\n")
+    with pytest.raises(ValueError, match="includes itself through 'defaults'"):
+        load_config(tmp_path / "self.yaml")
+
+
+@pytest.mark.parametrize("key", ["depth", "embed_dim", "num_heads", "num_frames", "num_classes"])
+def test_a_model_size_below_one_is_refused(key):
+    with pytest.raises(ValueError, match=rf"model.{key}=-1; it counts something: give 1 or more"):
+        load_config(None, [f"model.{key}=-1"])

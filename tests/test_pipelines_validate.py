@@ -302,3 +302,27 @@ def test_importing_the_pipelines_touches_no_cache_folder() -> None:
             "import timesformer_harness.pipelines.factory, timesformer_harness.pipelines.validate")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flag, value", [("--target-fps", "0"), ("--target-fps", "nan"), ("--target-fps", "-1"),
+                                         ("--frames", "0"), ("--frames", "-5"), ("--sampling-rate", "-3"),
+                                         ("--workers", "-1")])
+def test_the_manifest_cli_refuses_numbers_out_of_range(flag, value, tmp_path, capsys) -> None:
+    """As the config path does: exit 2 naming the flag, before any file is read (--target-fps 0 was a
+    ZeroDivisionError, -1 an eight-minute crawl, --frames 0 "all usable")."""
+    (tmp_path / "m.csv").write_text("a.webm 1\n")
+    with pytest.raises(SystemExit) as exit_:
+        validate.main([flag, value, "--cache", "none", str(tmp_path / "m.csv")])
+    assert exit_.value.code == 2 and f"{flag} {value}: give" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fps, refused", [(12288.0, True), (0.5, True), (30.0, False), (1.0, False)])
+def test_a_frame_rate_no_video_has_is_refused_for_kinetics_sampling(fps, refused) -> None:
+    """A probe's frame rate from broken timestamps (a negative time step read 12288 fps, all frames at one time
+    0.5 fps) would set the clip's span: refused naming it, for Kinetics-style sampling; segment sampling (SSv2)
+    counts frames and does not use it."""
+    info = validate.VideoInfo("v.webm", codec="vp9", frames=300, fps=fps, height=240, width=320, pix_fmt="yuv420p",
+                              bit_depth=8, chroma="420")
+    reasons = validate.judge([info], "cpu", 8, 1, pad=True)
+    assert bool(reasons) == refused and all(f"a frame rate of {fps:.3g} fps" in r for _, r in reasons)
+    assert validate.judge([info], "cpu", 8, 1, pad=True, segment=True) == []

@@ -71,3 +71,13 @@ def test_a_snapshot_the_loader_adapts_is_named_once_and_trains(tiny, snapshot, t
     assert res.stderr.count(f"{other / 'config.json'}: num_frames=8 where model.num_frames=4 (time_embed is "
                             f"resized)") == 1
 
+
+
+def test_a_config_json_nested_past_the_recursion_limit_is_a_checkpoint_error(tmp_path):
+    """200,000 nested lists in a 400 kB config.json: one error naming the file (it was a RecursionError traceback)."""
+    from timesformer_harness.checkpoint import CheckpointError, read_config_json
+
+    (tmp_path / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(CheckpointError, match=r"config.json is not a readable config \(nested deeper than Python's "
+                                              r"recursion limit\); fix it, or remove it"):
+        read_config_json(tmp_path)

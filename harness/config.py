@@ -68,10 +68,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         variant(self.attention_type)  # ValueError naming the registered ones
-        for key in ("img_size", "patch_size", "in_chans", "num_classes", "num_frames", "embed_dim", "depth",
-                    "num_heads"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"model.{key}={getattr(self, key)}; it counts something: give 1 or more")
+        check_minimums("model", self, {key: 1 for key in ("img_size", "patch_size", "in_chans", "num_classes",
+                                                          "num_frames", "embed_dim", "depth", "num_heads")})
         if not self.mlp_ratio > 0:
             raise ValueError(f"model.mlp_ratio={self.mlp_ratio}; give a positive number (4.0 in every recipe)")
         if self.attn_backend == "triton":

@@ -188,5 +188,5 @@ def test_a_defaults_tree_is_read_in_bounded_work(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("key", ["depth", "embed_dim", "num_heads", "num_frames", "num_classes"])
 def test_a_model_size_below_one_is_refused(key):
-    with pytest.raises(ValueError, match=rf"model.{key}=-1; it counts something: give 1 or more"):
+    with pytest.raises(ValueError, match=rf"model.{key}=-1; must be >= 1"):
         load_config(None, [f"model.{key}=-1"])

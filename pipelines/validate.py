@@ -732,9 +732,10 @@ def main(argv: list[str] | None = None) -> int:
                                ("--num-classes", args.num_classes, 0)):
         if value < least:
             parser.error(f"{flag} {value}: give {least} or more")
-    for flag, value in (("--target-fps", args.target_fps), ("--log-every", args.log_every)):
-        if not (math.isfinite(value) and value > 0):
-            parser.error(f"{flag} {value:g}: give a positive number ({'frames a second' if 'fps' in flag else 's'})")
+    if not (math.isfinite(args.target_fps) and args.target_fps > 0):
+        parser.error(f"--target-fps {args.target_fps:g}: give a positive number of frames a second")
+    if not (math.isfinite(args.log_every) and args.log_every >= 0):
+        parser.error(f"--log-every {args.log_every:g}: give 0 or more seconds")
     if args.config is not None:
         print(f"error: a run's config is read by the harness, a layer above the pipelines: run python -m "
               f"timesformer_harness.validate --config {args.config} [--split train] to check with its settings",

@@ -306,7 +306,7 @@ def test_importing_the_pipelines_touches_no_cache_folder() -> None:
 
 @pytest.mark.parametrize("flag, value", [("--target-fps", "0"), ("--target-fps", "nan"), ("--target-fps", "-1"),
                                          ("--frames", "0"), ("--frames", "-5"), ("--sampling-rate", "-3"),
-                                         ("--workers", "-1")])
+                                         ("--workers", "-1"), ("--log-every", "-1")])
 def test_the_manifest_cli_refuses_numbers_out_of_range(flag, value, tmp_path, capsys) -> None:
     """As the config path does: exit 2 naming the flag, before any file is read (--target-fps 0 was a
     ZeroDivisionError, -1 an eight-minute crawl, --frames 0 "all usable")."""

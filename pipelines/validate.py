@@ -358,6 +358,11 @@ def required_frames(info: VideoInfo, num_frames: int, sampling_rate: int, target
     return max(1, math.ceil(sampling_rate * num_frames / target_fps * fps - 1e-6))
 
 
+def _store_path(cache: str | Path | None) -> Path | str | None:
+    """The store a ``cache`` argument names: ``DEFAULT_CACHE`` is the default folder's probe cache (found now)."""
+    return cache_path("") if cache == DEFAULT_CACHE else cache
+
+
 class ProbeCache:
     """The probe's results, per file as it is now (``timesformer_harness.common.FileCache``, table ``probe``)."""
 
@@ -456,7 +461,7 @@ def probe_all(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worker
     """Probe every path (cached, in parallel: processes for many files, threads for a few). Results are stored as
     they come (``ChunkedPut``): an interrupted probe keeps what it did. ``progress``: a bar on a terminal, else a
     log line every ``log_every`` seconds (``timesformer_harness.pipelines.progress``)."""
-    store = ProbeCache(cache_path("") if cache == DEFAULT_CACHE else cache)
+    store = ProbeCache(_store_path(cache))
     infos: list[VideoInfo | None] = [store.get(p) for p in paths]
     todo = [i for i, info in enumerate(infos) if info is None]
     if todo:
@@ -619,7 +624,7 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
     import av
 
     lib = ".".join(map(str, av.library_versions.get("libavcodec", (0,))))
-    store = FileCache(cache_path("") if cache == DEFAULT_CACHE else cache, "deep", f"{DEEP_VERSION}/libavcodec-{lib}")
+    store = FileCache(_store_path(cache), "deep", f"{DEEP_VERSION}/libavcodec-{lib}")
     verdicts: list[str | None] = []
     for p in paths:
         found = store.get(p)

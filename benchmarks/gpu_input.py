@@ -519,18 +519,16 @@ def run(out: Path, data: Path, budget_s: float, only: list[str] | None,
     chosen = [r for r in ROWS if not only or r.name in only]
     reasons = {r.name: skip_reason(r, cuda, dali) for r in chosen}
     names = list(dict.fromkeys(r.variant for r in chosen if reasons[r.name] is None))
+    machine = {"started": run_stamp(), "device": device.type, "hardware": device_name(device),
+               "env": environment_info(device), "dali": _dali_version(), "cores": os.cpu_count()}
     # the machine's facts first: a run cut short while preparing still says where it ran
     atomic_write_text(out / "results.json", json.dumps({"meta": {
-        "started": run_stamp(), "device": device.type, "hardware": device_name(device), "env": environment_info(device),
-        "dali": _dali_version(), "cores": os.cpu_count(), "stage": f"preparing {', '.join(names) or 'nothing'}"},
-        "rows": []}, indent=2) + "\n")
+        **machine, "stage": f"preparing {', '.join(names) or 'nothing'}"}, "rows": []}, indent=2) + "\n")
     manifests, prepared = prepare_variants(data, size, names) if names else ({}, {})
     base, model, preset, precision = model_settings(cuda) if any(
         r.kind == "e2e" and reasons[r.name] is None for r in chosen) else ({}, None, "-", "-")
-    meta = {"started": run_stamp(), "device": device.type, "hardware": device_name(device),
-            "env": environment_info(device), "dali": _dali_version(), "cores": os.cpu_count(), "size": asdict(size),
-            "prepare": prepared, "model": f"{preset} divided {T}x{size.crop}", "precision": precision,
-            "budget_s": budget_s, "wall_s": clock.elapsed()}
+    meta = {**machine, "size": asdict(size), "prepare": prepared, "model": f"{preset} divided {T}x{size.crop}",
+            "precision": precision, "budget_s": budget_s, "wall_s": clock.elapsed()}
     scale = 1.0 if cuda else 0.25  # a CPU row at CPU size costs less than its GPU estimate
     results: list[dict[str, Any]] = []
     for row in chosen:

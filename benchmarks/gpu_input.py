@@ -65,7 +65,8 @@ import torch
 from timesformer_harness.bench.pipeline import WARMUP_BATCHES
 from timesformer_harness.common import atomic_write_text
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.gpu_perf import fmt_cell, record_row, row_timeout, script_end, script_parser, script_start
+from timesformer_harness.gpu_perf import (fmt_cell, record_row, row_timeout, run_conditions, script_end, script_parser,
+                                          script_start)
 from timesformer_harness.metrics import Stopwatch, run_stamp
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.decode_rates import CPU_GENERATION, TABLE, RateRow, merge_rates
@@ -445,8 +446,7 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The markdown report: the conditions, the loader rows, the end-to-end rows and the targets."""
     s = meta["size"]
     lines = [f"# gpu-input: {meta['hardware']}", "",
-             f"Started {meta['started']}, git {meta['env'].get('git_sha', '?')}, torch {meta['env'].get('torch')}, "
-             f"DALI {meta['dali']}, {meta['cores']} CPU cores. {s['videos']} generated 10 s 30 fps videos, "
+             f"{run_conditions(meta)}, DALI {meta['dali']}, {meta['cores']} CPU cores. {s['videos']} generated 10 s 30 fps videos, "
              f"{s['height']} px short side, each {s['repeat']}x per epoch; {T}x{RATE} sampling, crop {s['crop']}, "
              f"jitter {s['jitter'][0]}-{s['jitter'][1]}, batch {s['batch']}. Preparing: sources "
              f"{meta['prepare'].get('sources_s', '-')} s, variants {meta['prepare'].get('variants_s', '-')} s "

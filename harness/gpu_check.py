@@ -437,16 +437,14 @@ def exit_status(results: list[StepResult]) -> int:
 
 
 def environment() -> dict[str, Any]:
+    """Where the check runs: ``runtime.environment_info`` (versions, driver, git tree, host, command), the visible
+    GPUs and the first one's compute capability."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    try:
-        import nvidia.dali as dali
+    from timesformer_harness.runtime import environment_info
 
-        dali_version = dali.__version__
-    except ImportError:
-        dali_version = None
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "dali": dali_version,
+    cuda = torch.cuda.is_available()
+    return {**environment_info(),
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
             "capability": list(torch.cuda.get_device_capability()) if cuda else None}
 
@@ -483,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown step(s) {unknown}; choose from {known}")
         steps = [s for s in steps if s.name in args.only]
     device = ", ".join(env["gpus"]) or "no CUDA device"
-    print(f"gpu-check ({mode}) on {device}: torch {env['torch']}, CUDA {env['cuda']}, DALI {env['dali']} -> {run_dir}",
-          flush=True)
+    print(f"gpu-check ({mode}) on {device}: torch {env['torch']}, CUDA {env['cuda']} (driver {env['cuda_driver']}), "
+          f"DALI {env['dali']}, git {str(env['git_sha'])[:12]} -> {run_dir}", flush=True)
     warnings = []
     if env["dali"] is None and cuda:
         warnings.append("nvidia.dali is not installed: the NVDEC tests were skipped and every loader ran PyAV, so GPU "

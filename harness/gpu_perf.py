@@ -200,11 +200,17 @@ def sdpa_cell(r: dict[str, Any]) -> str:
     return r["backend"] if temporal == "same" else f"{r['backend']}, temporal {temporal}"
 
 
+def run_conditions(meta: dict[str, Any]) -> str:
+    """A device script's run in its summary's first words: when, the git tree, torch, CUDA and the driver."""
+    env = meta["env"]
+    return (f"Started {meta['started']}, git {env.get('git_sha', '?')}, torch {env.get('torch')}, CUDA "
+            f"{env.get('cuda')} (driver {env.get('cuda_driver')})")
+
+
 def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The markdown report: the conditions, the model rows' table, the Trainer's figures and the targets."""
     lines = [f"# gpu-perf: {meta['hardware']}", "",
-             f"Started {meta['started']}, git {meta['env'].get('git_sha', '?')}, torch {meta['env'].get('torch')}, "
-             f"{meta['precision']}, preset {meta['preset']} ({meta['frames']}x{meta['img_size']}), synthetic input. "
+             f"{run_conditions(meta)}, {meta['precision']}, preset {meta['preset']} ({meta['frames']}x{meta['img_size']}), synthetic input. "
              f"Steady state: each case's first step is timed apart (compilation in it), then "
              f"{meta['warmup']} more warm-up steps (3 for compiled ones) and {meta['steps']} timed ones, each "
              "synchronised. Kernel ms: the GPU's busy time per step (kernels, copies, fills) from a profiler trace "
@@ -379,10 +385,11 @@ def script_start(p: argparse.ArgumentParser, args: argparse.Namespace, row_names
 
 
 def script_end(out: Path, rows: list[dict[str, Any]]) -> int:
-    """Print the summary; the exit status: 0 when a row ran and every row that ran is ok, else 1."""
+    """Print the summary; the exit status: 0 when a row measured and every other row that ran ran out of memory (a
+    result: where the batch stops fitting), else 1."""
     print((out / "summary.md").read_text())
-    ran = [r for r in rows if r["status"] != "skipped"]
-    return 0 if ran and all(r["status"] == "ok" for r in ran) else 1
+    ran = [r["status"] for r in rows if r["status"] != "skipped"]
+    return 0 if "ok" in ran and set(ran) <= {"ok", "oom"} else 1
 
 
 def main(argv: list[str] | None = None) -> int:

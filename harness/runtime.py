@@ -24,6 +24,8 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The command line a user typed, handed to the processes it starts (timesformer_harness.runner) so that their
 # records name it rather than their own start-up.
 COMMAND_ENV = "TIMESFORMER_HARNESS_COMMAND"
+# the commit of a tree copied without its .git folder (rsync to a cluster node, a copied working tree): records name it
+GIT_SHA_ENV = "TIMESFORMER_HARNESS_GIT_SHA"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -137,7 +139,8 @@ def apex_available() -> bool:
 @functools.lru_cache(maxsize=1)
 def git_state() -> dict[str, object]:
     """The tree this code runs from: ``git_sha`` (full), ``git_dirty`` (uncommitted changes to tracked files) and
-    ``git_diff_sha`` (SHA-256 of ``git diff HEAD``, so two dirty trees can be told apart); "unknown" outside git."""
+    ``git_diff_sha`` (SHA-256 of ``git diff HEAD``, so two dirty trees can be told apart). Outside git: the commit
+    ``TIMESFORMER_HARNESS_GIT_SHA`` names (its tree's state unknown), else "unknown"."""
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
@@ -148,10 +151,24 @@ def git_state() -> dict[str, object]:
 
     sha = git("rev-parse", "HEAD")
     if sha is None:
-        return {"git_sha": "unknown", "git_dirty": None, "git_diff_sha": None}
+        return {"git_sha": os.environ.get(GIT_SHA_ENV, "").strip() or "unknown", "git_dirty": None,
+                "git_diff_sha": None}
     diff = git("diff", "HEAD") or ""
     return {"git_sha": sha.strip(), "git_dirty": bool(diff),
             "git_diff_sha": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None}
+
+
+def cuda_driver_version() -> str | None:
+    """The NVIDIA driver's version (``nvidia-smi``), or None without a CUDA device or where it cannot be read."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    versions = out.stdout.split()
+    return versions[0] if out.returncode == 0 and versions else None
 
 
 def device_name(device: torch.device) -> str:
@@ -187,6 +204,7 @@ def environment_info(device: torch.device | None = None) -> dict[str, object]:
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "cuda_driver": cuda_driver_version(),
         "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         "dali": dali_version,
         "apex": apex_available(),

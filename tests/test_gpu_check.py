@@ -34,6 +34,9 @@ def test_without_cuda_nothing_runs_and_exit_code_is_2(tmp_path: Path) -> None:
     assert [s["name"] for s in report["steps"]] == STEPS and report["exit_status"] == 2
     assert all(s["status"] == "skip" and s["reason"].startswith("needs CUDA") for s in report["steps"])
     assert report["mode"] == "no CUDA" and not list(tmp_path.glob("*/*.log"))  # nothing was run
+    env = report["environment"]  # where it ran: the tree, the versions, the machine (runtime.environment_info)
+    assert len(env["git_sha"]) == 40 and {"cuda", "cuda_driver", "dali", "host", "machine_class"} <= set(env)
+    assert f"git {env['git_sha'][:12]}" in out.stdout.splitlines()[0]
 
 
 @pytest.mark.slow

@@ -62,6 +62,18 @@ def test_a_row_that_does_not_fit_the_budget_is_skipped(tmp_path):
     assert row["status"] == "skipped" and row["message"].startswith("over budget")
 
 
+def test_a_row_out_of_memory_is_a_result_and_an_error_fails_the_script(tmp_path):
+    """OOM is recorded as data (where the batch stops fitting): the script exits 0 when the rest measured; an error,
+    or nothing measured, is exit 1."""
+    (tmp_path / "summary.md").write_text("# gpu-perf\n")
+    ok, oom, skipped = ({"row": n, "status": s} for n, s in (("eager-b8", "ok"), ("eager-b32", "oom"),
+                                                              ("compiled-b8", "skipped")))
+    assert gpu_perf.script_end(tmp_path, [ok, oom, skipped]) == 0
+    assert gpu_perf.script_end(tmp_path, [ok, oom, {"row": "eager-b2", "status": "error"}]) == 1
+    assert gpu_perf.script_end(tmp_path, [oom, skipped]) == 1
+    assert gpu_perf.script_end(tmp_path, [skipped]) == 1
+
+
 def test_unknown_rows_are_refused(capsys):
     with pytest.raises(SystemExit):
         gpu_perf.main(["--rehearse-on-cpu", "--rows", "eager-b3"])

@@ -88,6 +88,38 @@ def test_environment_info_names_versions_and_hardware():
     assert info["host"] and info["command"]
 
 
+def test_a_tree_without_git_is_named_by_the_commit_the_environment_gives(tmp_path, monkeypatch):
+    """A tree copied without its .git folder (or a machine without git): the records name the commit that
+    TIMESFORMER_HARNESS_GIT_SHA gives, with the tree's state unknown; "unknown" without it."""
+    from timesformer_harness.runtime import GIT_SHA_ENV
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git to run
+    for given, named in (("0123abcd" * 5 + "\n", "0123abcd" * 5), (None, "unknown")):
+        if given is None:
+            monkeypatch.delenv(GIT_SHA_ENV)
+        else:
+            monkeypatch.setenv(GIT_SHA_ENV, given)
+        git_state.cache_clear()
+        assert git_state() == {"git_sha": named, "git_dirty": None, "git_diff_sha": None}
+    git_state.cache_clear()
+
+
+def test_the_cuda_driver_version_is_read_from_nvidia_smi(tmp_path, monkeypatch):
+    from timesformer_harness.runtime import cuda_driver_version
+
+    assert torch.cuda.is_available() or cuda_driver_version() is None
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\n[ "$1" = "--query-gpu=driver_version" ] && printf "580.159.04\\n580.159.04\\n"\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cuda_driver_version() == "580.159.04"  # one line per GPU: the first
+    smi.write_text("#!/bin/sh\nexit 9\n")
+    assert cuda_driver_version() is None
+    smi.unlink()
+    assert cuda_driver_version() is None
+
+
 def test_retain_freed_memory_stops_page_faults_on_reused_batches():
     """A freed 38.5 MB batch (eight 8 x 224 x 224 clips) is mapped afresh and faulted in page by page on every
     allocation by default; after ``retain_freed_memory`` the next one reuses the heap's pages (minor faults counted by

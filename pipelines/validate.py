@@ -45,6 +45,7 @@ import math
 import multiprocessing
 import os
 import signal
+import stat
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -69,8 +70,9 @@ DEFAULT_CACHE = ""  # a ``cache`` argument: the probe cache of data.validate_cac
 UNREADABLE = "unreadable: "  # a verdict about the storage (permission, I/O error), not the file: never cached
 READ_AGAIN = "check the file's permissions and storage; it is read again next time"
 # 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length; 4: the first frame
-# is the first packet's, and late-starting timestamps are not truncation
-PROBE_VERSION = 4
+# is the first packet's, and late-starting timestamps are not truncation; 5: a named pipe or device is named so (it was
+# an "empty file")
+PROBE_VERSION = 5
 PLAUSIBLE_FPS = (1.0, 1000.0)  # a rate outside is broken timestamps (all frames at one time, a negative step)
 MAX_FRAME_PIXELS = DataConfig.max_frame_pixels  # data.max_frame_pixels' default: 3840x2160
 TAIL_BYTES = 1 << 20  # file-size checks: how many unbacked or unread bytes at a file's end are "beyond reason"
@@ -108,6 +110,15 @@ def _chroma(fmt, width: int, height: int) -> str:
     if ch == height:
         return "422" if 2 * cw >= width else "411"
     return "420"
+
+
+def _special_file(mode: int) -> str:
+    """What a path that is not a regular file is (a named pipe, a device, a socket); "" for a regular file."""
+    for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "" if stat.S_ISREG(mode) else "not a file"
 
 
 def size_problem(path: str, st: os.stat_result) -> str:
@@ -235,6 +246,10 @@ def probe_video(path: str) -> VideoInfo:
     try:
         st = os.stat(path)
         size = st.st_size
+        if kind := _special_file(st.st_mode):  # never opened: reading a named pipe waits for a writer
+            info.error = (f"not a regular file ({kind}): the loaders seek in each video, so it must be a file; point "
+                          f"the manifest at the video file itself")
+            return info
         if size == 0:
             info.error = "empty file (0 bytes)"
             return info

@@ -34,6 +34,18 @@ def test_each_bad_input_has_its_reason(videos, name: str) -> None:
     assert BAD[name] in rejected[0][1], rejected[0][1]
 
 
+def test_a_named_pipe_or_a_device_is_refused_without_being_opened(tmp_path) -> None:
+    """A named pipe (opening it would wait for a writer for ever) and a character device (/dev/zero: reading never
+    ends) report a size of 0; each is named for what it is, and none is opened."""
+    import os
+
+    fifo, zero = tmp_path / "pipe.webm", tmp_path / "zero.webm"
+    os.mkfifo(fifo)
+    zero.symlink_to("/dev/zero")
+    for path, kind in ((fifo, "a named pipe"), (zero, "a character device")):
+        assert probe_video(str(path)).error.startswith(f"not a regular file ({kind}): the loaders seek")
+
+
 def test_timestamps_that_start_late_are_not_read_as_truncation(tmp_path) -> None:
     """A complete WebM whose timestamps start at 5 s (a cut that kept them): Matroska declares its end time (6.3 s)
     as the duration, which the frames' span (1.3 s) only reaches counted from 0."""

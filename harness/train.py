@@ -63,8 +63,9 @@ from timesformer_harness.train_state import (Change, CheckpointManager, RunFolde
                                              keep_records_up_to, list_checkpoints, resume_disagreement,
                                              resume_position, rng_state, saved_config, set_rng_state, val_record,
                                              video_facts)
-from timesformer_harness.workload import TrainStep, build_model, compile_model, grad_scaler
+from timesformer_harness.workload import TrainStep, build_model, check_model_fits, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
+from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.common import ExitCode, log_to_file, remove_stale_temporaries, report_error, setup_logging
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
 from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
@@ -107,20 +108,33 @@ def _until_bad_video(batches: Iterator[Any]) -> Iterator[Any]:
         yield e
 
 
-def check_inputs(cfg: RootConfig) -> dict[str, list[VideoEntry]]:
+def split_data_config(cfg: RootConfig, split: str) -> DataConfig:
+    """The data section a split's loader reads: validation's batch is ``test.batch_size``."""
+    return cfg.data if split == "train" else replace(cfg.data, batch_size=cfg.test.batch_size)
+
+
+def check_inputs(cfg: RootConfig, device: torch.device) -> dict[str, list[VideoEntry]]:
     """Read what a run names before it writes anything: the train manifest, the val manifest when the run validates
-    (labels checked against ``model.num_classes``), and ``model.pretrained`` when there is no checkpoint to resume.
+    (labels checked against ``model.num_classes``), and ``model.pretrained`` when there is no checkpoint to resume;
+    and check that the model's weights and a batch of each split fit in ``device``'s memory at all.
     Returns the manifests' entries by split (none for a loader that reads no files), for the loaders' first build.
 
     Raises:
-        FileNotFoundError, ValueError: a manifest missing, malformed or empty, or a label out of range.
+        FileNotFoundError, ValueError: a manifest missing, malformed or empty, a label out of range, or sizes larger
+            than the machine.
         CheckpointError: ``model.pretrained`` names nothing, or a folder without weights or whose config.json names
             another model.
     """
+    from timesformer_harness.pipelines.factory import check_batch_fits
+
     manifests = {}
+    splits = ("train", "val") if cfg.train.eval_period else ("train",)
+    check_model_fits(cfg.model, device)
+    for split in splits:
+        check_batch_fits(split_data_config(cfg, split), split, device)
     check_synthetic_labels(cfg.data, cfg.model.num_classes)
     if cfg.data.loader == AUTO or LOADERS[cfg.data.loader].decodes:
-        for split in ("train", "val") if cfg.train.eval_period else ("train",):
+        for split in splits:
             manifests[split] = read_manifest(cfg.data, split, cfg.model.num_classes)
     resumable = cfg.train.resume != "never" and list_checkpoints(Path(cfg.output.dir) / "checkpoints")
     if cfg.model.pretrained and not resumable and not Path(cfg.model.pretrained).exists():
@@ -163,9 +177,9 @@ class Trainer:
         self.cfg, self.info = cfg, info
         # a wrong data.root or an empty manifest fails here, before the run folder is touched; the entries read
         # serve each split's first loader
-        self._manifests = check_inputs(cfg)
-        # train.resume decides, and a resume refuses a changed model or data, also before the folder is touched
         self.device = info.device
+        self._manifests = check_inputs(cfg, self.device)
+        # train.resume decides, and a resume refuses a changed model or data, also before the folder is touched
         self._resume = find_resume(cfg.output.dir, self._resume_policy())
         found = None if self._resume is None else (self._resume[0].name, *resume_position(self._resume[1],
                                                                                            self._resume[0]))
@@ -329,7 +343,7 @@ class Trainer:
     def _build_loader(self, split: str, start_batch: int = 0) -> Any:
         from timesformer_harness.pipelines.factory import build_loader
 
-        data_cfg = self.cfg.data if split == "train" else replace(self.cfg.data, batch_size=self.cfg.test.batch_size)
+        data_cfg = split_data_config(self.cfg, split)
         kwargs = {"start_batch": start_batch, "quarantine": self.bad_videos,
                   "quarantined_videos": self.quarantined_videos} if split == "train" else {}
         loader = build_loader(data_cfg, split, device=self.device, rank=self.info.rank,

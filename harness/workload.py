@@ -26,7 +26,7 @@ from timesformer_harness.config import ModelConfig, SolverConfig, check_compile_
 from timesformer_harness.mixup import soft_target_cross_entropy
 from timesformer_harness.model import TimeSformer, create_model
 from timesformer_harness.optim import build_optimizer
-from timesformer_harness.runtime import autocast
+from timesformer_harness.runtime import autocast, check_fits
 from timesformer_harness.kernels.attention import MAX_SHORT_SEQUENCE, check_backend
 from timesformer_harness.variants import variant
 from timesformer_harness.pipelines.base import empty_clips
@@ -72,12 +72,29 @@ def check_attention(cfg: ModelConfig, device: torch.device, dtype: torch.dtype |
                              if message.startswith("attn_backend=") else message) from None
 
 
+MODEL_SIZES = ("embed_dim", "depth", "num_frames", "img_size", "patch_size", "mlp_ratio", "num_classes")
+
+
+def check_model_fits(cfg: ModelConfig, device: torch.device) -> None:
+    """Refuse a model whose fp32 weights alone are larger than the memory it is built in (the host's, then
+    ``device``'s), counted on the meta device, naming its largest parameter and the sizes that make it."""
+    with torch.device("meta"):
+        meta = create_model(cfg)
+    nbytes = sum(p.numel() * p.element_size() for p in meta.parameters())
+    name, largest = max(meta.named_parameters(), key=lambda kv: kv[1].numel())
+    sizes = ", ".join(f"model.{k}={getattr(cfg, k)}" for k in MODEL_SIZES)
+    check_fits(f"the model's weights ({sum(p.numel() for p in meta.parameters()):,} parameters in fp32)", nbytes,
+               [torch.device("cpu"), device],
+               f"the largest is {name} {list(largest.shape)}; check the sizes ({sizes})")
+
+
 def build_model(cfg: ModelConfig, device: torch.device, *, dtype: torch.dtype | None = None,
                 channels_last: bool = False) -> TimeSformer:
     """The TimeSformer of ``cfg`` on ``device``, after ``check_attention(cfg, device, dtype)``; ``dtype`` is the
     autocast dtype the model will run in (None = fp32); ``channels_last`` runs its patch convolution
     channels-last."""
     check_attention(cfg, device, dtype)
+    check_model_fits(cfg, device)
     model = create_model(cfg).to(device)
     if channels_last:
         model.set_channels_last(True)

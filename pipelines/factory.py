@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from timesformer_harness.common import cache_location, cache_path
+from timesformer_harness.runtime import check_fits
 from timesformer_harness.pipelines.base import ClipPlanner, Loader, Video
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
@@ -176,6 +177,15 @@ def preflight(cfg: DataConfig, split: str, device: torch.device | str = "cpu", n
     return Preflight(entries, infos, plan, rejected)
 
 
+def check_batch_fits(cfg: DataConfig, split: str, device: torch.device) -> None:
+    """Refuse, before any video is read, a batch of clips (float32) larger than the memory it is delivered to."""
+    crop_key = "train_crop_size" if split == "train" else "test_crop_size"
+    crop = getattr(cfg, crop_key)
+    check_fits(f"one {split} batch (data.batch_size={cfg.batch_size} clips of data.num_frames={cfg.num_frames} frames "
+               f"at data.{crop_key}={crop} px, float32)", cfg.batch_size * 3 * cfg.num_frames * crop * crop * 4,
+               [device], f"lower data.batch_size, data.num_frames or data.{crop_key}")
+
+
 def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "cpu", rank: int = 0,
                  world_size: int = 1, start_batch: int = 0, run_dir: str | Path | None = None,
                  quarantine: Sequence[BadVideo | dict[str, Any]] = (), num_classes: int = 0,
@@ -197,6 +207,7 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     device = torch.device(device)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r}; choose from ['train', 'val', 'test']")
+    check_batch_fits(cfg, split, device)
     if cfg.loader != AUTO and not LOADERS[cfg.loader].decodes:
         check_synthetic_labels(cfg, num_classes)
         return LOADERS[cfg.loader].loader_class()(cfg, split, device=device, rank=rank, world_size=world_size,

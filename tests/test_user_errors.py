@@ -98,6 +98,32 @@ def test_data_mistakes_fail_before_the_run_folder_is_written(mistake, tiny, tmp_
     assert not (tmp_path / "run").exists()  # no config.yaml, metrics.jsonl, tb/ or lock
 
 
+@pytest.mark.parametrize("section", ["model", "data"])
+def test_sizes_larger_than_the_machine_are_refused_before_any_allocation(section, tiny, tmp_path):
+    """model.num_frames or data.num_frames set far too large (a typo: 80000000 for 8): the model's weights or one
+    batch would be larger than all of this machine's memory. One error line naming the sizes, exit 5, no run folder
+    (it was an allocator's traceback, after the run folder was written)."""
+    import torch
+
+    from timesformer_harness.runtime import memory_bytes
+
+    memory = memory_bytes(torch.device("cpu"))
+    if section == "model":  # time_embed: frames x embed_dim (64) fp32 values
+        frames = memory // (64 * 4) + 1
+        expected = (r"error: the model's weights \([\d,]+ parameters in fp32\): [\d,.]+ GiB, more than the [\d,.]+ GiB "
+                    rf"of memory on cpu; the largest is time_embed \[1, {frames}, 64\]; check the sizes \("
+                    rf"model.embed_dim=64, model.depth=2, model.num_frames={frames}, ")
+    else:  # 4 clips of 3 x frames x 32 x 32 float32
+        frames = memory // (4 * 3 * 32 * 32 * 4) + 1
+        expected = (rf"error: one train batch \(data.batch_size=4 clips of data.num_frames={frames} frames at "
+                    r"data.train_crop_size=32 px, float32\): [\d,.]+ GiB, more than the [\d,.]+ GiB of memory on cpu; "
+                    r"lower data.batch_size, data.num_frames or data.train_crop_size$")
+    res = run(train_cmd(*tiny, f"{section}.num_frames={frames}", f"output.dir={tmp_path}/run"))
+    assert res.returncode == ExitCode.CONFIG
+    assert re.match(expected, error_line(res)), error_line(res)
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_accumulation_an_epoch_cannot_hold_fails_before_any_record(tiny, tmp_path):
     """The mistake is refused before the run's first record, so that the corrected command runs under
     ``train.resume=never`` (which refuses a folder holding records)."""

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import sqlite3
 import stat
 import sys
@@ -181,6 +182,32 @@ class ExitCode(enum.IntEnum):
 
 
 DEBUG_ENV = "TIMESFORMER_DEBUG"  # set to 1: an error also prints its traceback
+
+
+def host_memory_bytes() -> int | None:
+    """The machine's physical memory, or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def check_fits(what: str, nbytes: int, memories: list[tuple[str, int | None]], fix: str) -> None:
+    """Raise ValueError when ``what`` (``nbytes``) is larger than one of ``memories`` (where, its total bytes or None
+    when unknown): sizes that cannot run on this machine, refused before any allocation (which would fail with an
+    allocator's traceback, or after a long pre-flight). ``fix`` says which settings make it."""
+    for where, total in memories:
+        if total is not None and nbytes > total:
+            raise ValueError(f"{what}: {nbytes / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB of memory "
+                             f"on {where}; {fix}")
+
+
+def exit_on_sigterm() -> None:
+    """Let SIGTERM (``timeout``, a job scheduler, ``kill``) end this process through ``SystemExit(143)``, as Ctrl-C
+    ends it through KeyboardInterrupt: ``finally`` blocks and handlers run, so a command it waits on
+    (``runner.run_command``) has its process group killed on the way out rather than left running (on a GPU, holding
+    it), and what was measured is written. Call it from an entry point's main thread."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def report_error(error: BaseException, code: ExitCode, debug: bool = False, message: str = "") -> int:

@@ -229,7 +229,9 @@ class BenchConfig:
         check_bench_suites(self.suites)
         if self.precision not in PRECISIONS:
             raise ValueError(f"bench.precision={self.precision!r}; choose from {list(PRECISIONS)}")
-        check_minimums("bench", self, {"batch_size": 1, "steps": 1, "sweep_steps": 1})
+        check_minimums("bench", self, {"batch_size": 1, "steps": 1, "sweep_steps": 1, "warmup": 0, "sweep_warmup": 0,
+                                       "mem_limit_gb": 0.0, "case_timeout_s": 1, "gemm_n": 1, "block_s": 0.0,
+                                       "threads": 0, "pipeline_batches": 1, "input_bound_threshold": 0.0})
         for key in ("batches", "frames", "img_sizes"):
             if any(v < 1 for v in getattr(self, key)):
                 raise ValueError(f"bench.{key}={list(getattr(self, key))}: every value must be >= 1")

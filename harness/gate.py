@@ -44,7 +44,7 @@ from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.bench.verdict import DEFAULT_MEM_TOLERANCE, Verdict, better, judge_all, median_run
 from timesformer_harness.config import ModelConfig, RootConfig, load_config
 from timesformer_harness.metrics import new_run_dir, run_stamp
-from timesformer_harness.common import atomic_write_text, setup_logging
+from timesformer_harness.common import atomic_write_text, exit_on_sigterm, setup_logging
 from timesformer_harness.runtime import environment_info, precision_name, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -331,6 +331,7 @@ def gate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    exit_on_sigterm()  # a case's process group is killed on the way out
     try:
         return write_baseline(args) if args.write_baseline else gate(args)
     except ValueError as e:  # bad arguments found while building cases (an unknown variant, a bad override)

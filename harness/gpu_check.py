@@ -450,7 +450,7 @@ def environment() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from timesformer_harness.common import atomic_write_text, setup_logging
+    from timesformer_harness.common import atomic_write_text, exit_on_sigterm, setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m timesformer_harness.gpu_check",
 
@@ -465,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inject-failure", action="store_true", help=argparse.SUPPRESS)  # tests
     args = parser.parse_args(argv)
     setup_logging()
+    exit_on_sigterm()  # the running step's process group (a torchrun, a bench) is killed on the way out
     env = environment()
     cuda = bool(env["gpus"])
     mode = "cpu rehearsal" if args.rehearse_on_cpu else "gpu" if cuda else "no CUDA"

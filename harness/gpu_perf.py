@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,7 +45,7 @@ from timesformer_harness.bench.case import ModelCase
 from timesformer_harness.bench.cli import measure_peak, resolve
 from timesformer_harness.bench.record import BenchRecord
 from timesformer_harness.bench.sweep import base_settings, run_case
-from timesformer_harness.common import atomic_write_text, setup_logging
+from timesformer_harness.common import atomic_write_text, exit_on_sigterm, setup_logging
 from timesformer_harness.config import REPO_ROOT, ModelConfig
 from timesformer_harness.kernels.attention import triton_build_problem
 from timesformer_harness.metrics import Stopwatch, new_run_dir, run_stamp
@@ -367,9 +366,7 @@ def script_start(p: argparse.ArgumentParser, args: argparse.Namespace, row_names
     """Check a device script's arguments (``p.error`` on an unknown row) and make its output folder; None when there
     is no GPU and no ``--rehearse-on-cpu`` (said on stderr)."""
     setup_logging()
-    # SIGTERM (``timeout``, a scheduler) ends the script through SystemExit, so that the running row's process group
-    # is killed on the way out (``run_command``) rather than left on the GPU
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()  # the running row's process group is killed on the way out, not left on the GPU
     name = p.prog.rsplit(".", 1)[-1]
     unknown = sorted(set(args.rows or []) - set(row_names))
     if unknown:

@@ -171,30 +171,6 @@ def cuda_driver_version() -> str | None:
     return versions[0] if out.returncode == 0 and versions else None
 
 
-def memory_bytes(device: torch.device) -> int | None:
-    """The memory tensors on ``device`` come from: the GPU's total memory, the machine's physical memory for the CPU;
-    None where it cannot be read."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    if device.type != "cpu":
-        return None
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return None
-
-
-def check_fits(what: str, nbytes: int, devices: list[torch.device], fix: str) -> None:
-    """Raise ValueError when ``what`` (``nbytes``) is larger than the whole memory of one of ``devices``: sizes that
-    cannot run on this machine, refused before any allocation (which would fail with an allocator's traceback, or
-    after a long pre-flight). ``fix`` says which settings make it."""
-    for device in devices:
-        total = memory_bytes(device)
-        if total is not None and nbytes > total:
-            raise ValueError(f"{what}: {nbytes / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB of memory "
-                             f"on {device.type}; {fix}")
-
-
 def device_name(device: torch.device) -> str:
     """The GPU name, or the CPU model from /proc/cpuinfo (``platform.processor()`` is often empty on Linux)."""
     if device.type == "cuda":

@@ -22,14 +22,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from timesformer_harness.common import check_fits, host_memory_bytes
 from timesformer_harness.config import ModelConfig, SolverConfig, check_compile_mode
 from timesformer_harness.mixup import soft_target_cross_entropy
 from timesformer_harness.model import TimeSformer, create_model
 from timesformer_harness.optim import build_optimizer
-from timesformer_harness.runtime import autocast, check_fits
+from timesformer_harness.runtime import autocast
 from timesformer_harness.kernels.attention import MAX_SHORT_SEQUENCE, check_backend
 from timesformer_harness.variants import variant
-from timesformer_harness.pipelines.base import empty_clips
+from timesformer_harness.pipelines.base import empty_clips, memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def check_model_fits(cfg: ModelConfig, device: torch.device) -> None:
     name, largest = max(meta.named_parameters(), key=lambda kv: kv[1].numel())
     sizes = ", ".join(f"model.{k}={getattr(cfg, k)}" for k in MODEL_SIZES)
     check_fits(f"the model's weights ({sum(p.numel() for p in meta.parameters()):,} parameters in fp32)", nbytes,
-               [torch.device("cpu"), device],
+               [("cpu", host_memory_bytes()), (device.type, memory_bytes(device))],
                f"the largest is {name} {list(largest.shape)}; check the sizes ({sizes})")
 
 

@@ -39,6 +39,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from timesformer_harness.common import host_memory_bytes
 from timesformer_harness.pipelines import sampling
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.quarantine import (BadVideo, FailedBatch, Quarantine, TooManyBadVideos, UnscoredView,
@@ -51,6 +52,14 @@ REPLACE = 7  # stream id of the replacement draws: default_rng((seed, epoch, ran
 # The memory layout of every loader's ``Batch.video``: (B, 3, T, H, W) stored as (B, T, H, W, 3), the pixels' own
 # order from the decoder on; the model's patch embedding then reads each frame channels-last without a copy.
 CLIP_FORMAT = torch.channels_last_3d
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory tensors on ``device`` come from: the GPU's total memory, the machine's physical memory for the CPU;
+    None where it cannot be read (and for a CUDA device where this torch has no CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory if torch.cuda.is_available() else None
+    return host_memory_bytes() if device.type == "cpu" else None
 
 
 def empty_clips(shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:

@@ -28,9 +28,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from timesformer_harness.common import cache_location, cache_path
-from timesformer_harness.runtime import check_fits
-from timesformer_harness.pipelines.base import ClipPlanner, Loader, Video
+from timesformer_harness.common import cache_location, cache_path, check_fits
+from timesformer_harness.pipelines.base import ClipPlanner, Loader, Video, memory_bytes
 from timesformer_harness.pipelines.config import DataConfig
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
 from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
@@ -183,7 +182,7 @@ def check_batch_fits(cfg: DataConfig, split: str, device: torch.device) -> None:
     crop = getattr(cfg, crop_key)
     check_fits(f"one {split} batch (data.batch_size={cfg.batch_size} clips of data.num_frames={cfg.num_frames} frames "
                f"at data.{crop_key}={crop} px, float32)", cfg.batch_size * 3 * cfg.num_frames * crop * crop * 4,
-               [device], f"lower data.batch_size, data.num_frames or data.{crop_key}")
+               [(device.type, memory_bytes(device))], f"lower data.batch_size, data.num_frames or data.{crop_key}")
 
 
 def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "cpu", rank: int = 0,

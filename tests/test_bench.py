@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 
 from timesformer_harness.bench import build_cases, resolve, run_case, run_worker
 from timesformer_harness.bench.case import BenchCase
+from timesformer_harness.bench.report import summary_table
 from timesformer_harness.bench.record import (SCHEMA_VERSION, BenchRecord, read_results, write_flat, write_results,
                                               write_tensorboard)
 from timesformer_harness.bench.sweep import SUITES, case_from_dict
@@ -215,6 +218,66 @@ def _bench_cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_bench_kills_its_case_and_writes_what_it_measured(sig, tmp_path):
+    """SIGTERM (timeout, a scheduler) or Ctrl-C while a case runs: the case's process (its own process group) is
+    killed, not left running; the report of the cases before it is written (summary.md, results.json); one error line,
+    exit 128 + the signal."""
+    cmd = [sys.executable, "-m", "timesformer_harness.bench", "--attn", "space_only", "--preset", "tiny", "--mode",
+           "train", "--suites", "model", "--out", str(tmp_path), "bench.steps=1000000", "bench.warmup=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        for _ in range(600):  # the case's worker: started once the peak GEMM and the FLOP counts are done
+            workers = _children(proc.pid)
+            if workers:
+                break
+            time.sleep(0.1)
+        assert workers, "no case process started"
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    (run,) = tmp_path.iterdir()
+    name = "SIGINT (Ctrl-C)" if sig == signal.SIGINT else "signal 15"
+    assert err.strip().splitlines()[-1] == (f"error: stopped by {name} after 0 of 1 cases; what they measured is in "
+                                            f"{run} (summary.md, results.json)")
+    assert "Traceback" not in err and (run / "summary.md").is_file()
+    assert read_results(run / "results.json")[1]["complete"] is False
+    time.sleep(0.5)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+
+
+def test_bench_settings_out_of_range_are_refused_naming_the_key():
+    for key, value in (("threads", -2), ("case_timeout_s", 0), ("warmup", -1), ("gemm_n", 0), ("mem_limit_gb", -1.0)):
+        with pytest.raises(ValueError, match=rf"^command-line overrides: bench.{key}={value}; must be >= "):
+            resolve(preset="tiny", overrides=[f"bench.{key}={value}"])
+
+
+def test_a_failed_model_case_says_why_below_the_table():
+    ok = BenchRecord(case="model/space_only/train/4x32", suite="model", attention_type="space_only", mode="train",
+                     batch=2, status="ok", clips_per_s=3.0)
+    bad = replace(ok, case="model/space_only/infer/4x32", mode="infer", status="error", clips_per_s=None,
+                  message="RuntimeError: set_num_threads expects a positive integer")
+    table = summary_table([ok, bad])
+    assert "- model/space_only/infer/4x32: error: RuntimeError: set_num_threads expects a positive integer" in table
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """Two real tiny-preset bench runs of the same tree (model and scaling suites), and the first one's process."""
@@ -266,9 +329,12 @@ def test_compare_two_real_runs_prints_ratios_and_writes_a_plot(two_runs, tmp_pat
     for row, x, y in zip(data["cases"], ra, rb):
         assert row["case"] == x.case == y.case
         assert row["images_ratio"] == pytest.approx(y.images_per_s / x.images_per_s)
-        assert row["util_ratio"] == pytest.approx(y.utilisation / x.utilisation)
-        # utilisation = images/s x FLOPs per image / GEMM peak: the two ratios differ by the peaks' ratio
-        assert row["peak_ratio"] == pytest.approx(y.peak_flops / x.peak_flops)
+        if x.utilisation is None or y.utilisation is None:  # above 100% on a contended machine: not reported
+            assert row["util_ratio"] is None and row["peak_ratio"] is None
+        else:
+            assert row["util_ratio"] == pytest.approx(y.utilisation / x.utilisation)
+            # utilisation = images/s x FLOPs per image / GEMM peak: the two ratios differ by the peaks' ratio
+            assert row["peak_ratio"] == pytest.approx(y.peak_flops / x.peak_flops)
         assert f"| {x.case} | {x.images_per_s:.1f} | {y.images_per_s:.1f} | {y.images_per_s / x.images_per_s:.2f}x" \
             in proc.stdout
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
@@ -350,6 +416,9 @@ def test_compare_refuses_what_is_not_like_for_like_and_gates_on_a_ratio(two_runs
     assert warned.returncode == 0 and "warning: the runs differ in batch 2 vs 4" in warned.stdout
     assert "warning: the runs differ in cpu_threads" in warned.stdout and "vs 4" in warned.stdout
     assert "2/3 cases like for like" in warned.stdout and "batch 2 vs 4 |" in warned.stdout
+    other_gemm = variant("gemm", lambda d: [r["extra"].update(gemm_n=384) for r in d["records"]])
+    warned = _compare(str(a), str(other_gemm), "--out", str(tmp_path / "o10"))  # utilisation against another peak
+    assert warned.returncode == 0 and "reference GEMM n=256 vs n=384: utilisation" in warned.stdout
     broken = variant("broken", lambda d: d.update(records=[{"case": "x"}]))
     out = _compare(str(a), str(broken))
     assert out.returncode == 2 and f"not comparable: {broken}: record 0 is not a bench record" in out.stdout
@@ -418,12 +487,14 @@ def test_a_stopped_sweep_keeps_the_cases_it_measured(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cli, "run_case", run_case)
     cfg, preset, device = resolve(preset="tiny", suites=["model"], out_dir=str(tmp_path))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(cli.BenchStopped) as stopped:
         cli.run(cfg, preset, device, "space_only", ["space_only"], ["train", "infer"])
     (run,) = tmp_path.iterdir()
+    assert stopped.value.code == 130 and stopped.value.out == run
     records, meta = read_results(run / "results.json")
     assert [r.case for r in records] == ["model/space_only/train/4x32"]
     assert meta["complete"] is False and meta["cases_planned"] == 2
+    assert "| space_only | train |" in (run / "summary.md").read_text()  # the report of what was measured
 
 
 def test_bench_cli_rejects_bad_arguments():

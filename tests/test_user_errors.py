@@ -103,11 +103,9 @@ def test_sizes_larger_than_the_machine_are_refused_before_any_allocation(section
     """model.num_frames or data.num_frames set far too large (a typo: 80000000 for 8): the model's weights or one
     batch would be larger than all of this machine's memory. One error line naming the sizes, exit 5, no run folder
     (it was an allocator's traceback, after the run folder was written)."""
-    import torch
+    from timesformer_harness.common import host_memory_bytes
 
-    from timesformer_harness.runtime import memory_bytes
-
-    memory = memory_bytes(torch.device("cpu"))
+    memory = host_memory_bytes()
     if section == "model":  # time_embed: frames x embed_dim (64) fp32 values
         frames = memory // (64 * 4) + 1
         expected = (r"error: the model's weights \([\d,]+ parameters in fp32\): [\d,.]+ GiB, more than the [\d,.]+ GiB "

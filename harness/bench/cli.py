@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from timesformer_harness.bench.case import BenchCase
 from timesformer_harness.bench.record import BenchRecord, write_flat, write_results, write_tensorboard
 from timesformer_harness.bench.report import summary_table, write_summary
 from timesformer_harness.bench.model import count as count_flops_of
@@ -34,9 +35,19 @@ from timesformer_harness.metrics import Stopwatch, gpu_peak_flops, measure_gemm_
 from timesformer_harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
 from timesformer_harness.variants import VARIANTS
 from timesformer_harness.workload import check_attention
-from timesformer_harness.common import atomic_write_text, setup_logging
+from timesformer_harness.common import atomic_write_text, exit_on_sigterm, setup_logging
 
 logger = logging.getLogger(__name__)
+
+
+class BenchStopped(Exception):
+    """The run was stopped by a signal (Ctrl-C, SIGTERM) after ``measured`` of ``planned`` cases; what they measured
+    was written to ``out``. ``code`` is the exit status: 128 + the signal's number."""
+
+    def __init__(self, out: Path, measured: int, planned: int, code: int) -> None:
+        super().__init__(f"stopped by {'SIGINT (Ctrl-C)' if code == 130 else f'signal {code - 128}'} after "
+                         f"{measured} of {planned} cases; what they measured is in {out} (summary.md, results.json)")
+        self.out, self.code = out, code
 
 
 def default_preset(device: torch.device) -> str:
@@ -137,8 +148,13 @@ def _int_list(s: str | None, flag: str) -> list[int] | None:
 
 def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: list[str],
         modes: list[str]) -> tuple[Path, list[BenchRecord]]:
-    """Measure every case of the selected suites and write the run directory; returns it and the records."""
+    """Measure every case of the selected suites and write the run directory; returns it and the records.
+
+    Raises:
+        BenchStopped: Ctrl-C or SIGTERM (``common.exit_on_sigterm``) during a case: the case's process group is
+            killed and the report of the cases measured before it is written, as at the end of a run."""
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     precision = precision_name(resolve_precision(cfg.bench.precision, device))
     started = run_stamp()
@@ -158,25 +174,50 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
         "cases_planned": len(cases), "wall_s": 0.0, "complete": not cases,
     }
 
-    bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr)
     out_of_memory: dict[tuple, int] = {}  # a batch sweep's smallest batch that ran out of memory
-    for case in bar:
-        bar.set_postfix_str(case.name)
-        if case.series in out_of_memory and case.batch > out_of_memory[case.series]:
-            rec = case.record(device)
-            rec.status, rec.message = "skipped", f"batch {out_of_memory[case.series]} ran out of memory"
-        else:
-            rec = run_case(case, cfg.bench.case_timeout_s)
-        if rec.status == "oom" and case.suite in ("model", "scaling"):
-            count_flops_of(case, rec)  # what the case would have cost: the paper's cost curve goes on past OOM
-        if rec.status == "oom" and case.series is not None:
-            out_of_memory[case.series] = min(case.batch, out_of_memory.get(case.series, case.batch))
-        if rec.status != "ok":
-            logger.warning("%s: %s %s", rec.case, rec.status, rec.message)
-        records.append(rec)
-        # after every case: a sweep that is killed or times out keeps what it measured ("complete": false)
-        meta.update(wall_s=clock.elapsed(), complete=len(records) == len(cases))
+    stopped = None
+    # log lines go through tqdm, so that a warning is not written into the bar's line when stderr is not a terminal
+    with logging_redirect_tqdm(), tqdm(cases, desc="bench", unit="case", file=sys.stderr) as bar:
+        try:
+            for case in bar:
+                bar.set_postfix_str(case.name)
+                records.append(measure(case, cfg, device, out_of_memory))
+                # after every case: a sweep that is killed or times out keeps what it measured ("complete": false)
+                meta.update(wall_s=clock.elapsed(), complete=len(records) == len(cases))
+                write_results(out / "results.json", records, meta)
+        except KeyboardInterrupt:
+            stopped = 130
+        except SystemExit as e:  # SIGTERM, through exit_on_sigterm
+            stopped = e.code if isinstance(e.code, int) else 143
+    if stopped is not None:
+        meta.update(wall_s=clock.elapsed(), complete=False)
         write_results(out / "results.json", records, meta)
+    write_report(out, records, meta)
+    if stopped is not None:
+        raise BenchStopped(out, len(records), len(cases), stopped)
+    return out, records
+
+
+def measure(case: BenchCase, cfg: RootConfig, device: torch.device, out_of_memory: dict[tuple, int]) -> BenchRecord:
+    """One case's record: run in a fresh process, or skipped when a smaller batch of its sweep ran out of memory
+    (``out_of_memory``, updated here)."""
+    if case.series in out_of_memory and case.batch > out_of_memory[case.series]:
+        rec = case.record(device)
+        rec.status, rec.message = "skipped", f"batch {out_of_memory[case.series]} ran out of memory"
+    else:
+        rec = run_case(case, cfg.bench.case_timeout_s)
+    if rec.status == "oom" and case.suite in ("model", "scaling"):
+        count_flops_of(case, rec)  # what the case would have cost: the paper's cost curve goes on past OOM
+    if rec.status == "oom" and case.series is not None:
+        out_of_memory[case.series] = min(case.batch, out_of_memory.get(case.series, case.batch))
+    if rec.status != "ok":
+        logger.warning("%s: %s %s", rec.case, rec.status, rec.message)
+    return rec
+
+
+def write_report(out: Path, records: list[BenchRecord], meta: dict) -> None:
+    """``summary.md``, the flat files, TensorBoard scalars and the plots of ``records`` (``results.json`` is written
+    after every case)."""
     write_summary(out / "summary.md", records, meta)
     write_flat(out, records)
     write_tensorboard(out / "tb", records)
@@ -187,7 +228,6 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
         plot_cost_scaling(records, out)
     except Exception as e:  # noqa: BLE001 - a missing plot must not lose the measurements
         logger.warning("plots failed: %s", e)
-    return out, records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging()
+    exit_on_sigterm()
     try:
         attns, modes = attention_types(args.attn), modes_of(args.mode)
         cfg, preset, device = resolve(preset=args.preset, config=args.config, overrides=args.overrides,
@@ -208,7 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         parser.error(str(e))
     clock = Stopwatch()
-    out, records = run(cfg, preset, device, args.attn, attns, modes)
+    try:
+        out, records = run(cfg, preset, device, args.attn, attns, modes)
+    except BenchStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:  # before the first case (the peak GEMM, the cases' FLOP counts)
+        print("error: interrupted before any case ran", file=sys.stderr)
+        return 130
     print(summary_table(records))
     print(f"results: {out}/results.json (flat: results.csv, results.jsonl; TensorBoard: tb/)  summary: "
           f"{out}/summary.md  ({clock.elapsed():.0f} s)")

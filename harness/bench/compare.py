@@ -83,7 +83,8 @@ def differences(a: BenchRecord, b: BenchRecord) -> list[str]:
 
 def check_comparable(a: Run, b: Run) -> tuple[list[str], list[str]]:
     """(reasons to refuse, warnings) at the level of the runs. Refused: another preset or device kind. Warned: batch,
-    precision, device name, torch version, CPU threads and vector ISA, an incomplete (stopped) sweep."""
+    precision, device name, torch version, CPU threads and vector ISA, the reference GEMM's size (CPU utilisation),
+    an incomplete (stopped) sweep."""
     refuse, warn = [], []
     if a.meta.get("preset") != b.meta.get("preset"):
         refuse.append(f"preset {a.meta.get('preset')!r} vs {b.meta.get('preset')!r}: different models")
@@ -96,6 +97,11 @@ def check_comparable(a: Run, b: Run) -> tuple[list[str], list[str]]:
     for key in ("torch", "cuda", "dali", "cpu_threads", "cpu_capability", "machine_class"):
         if env_a.get(key) != env_b.get(key):
             warn.append(f"{key} {env_a.get(key)!r} vs {env_b.get(key)!r}")
+    gemms_a, gemms_b = ({r.extra.get("gemm_n") for r in run.records} - {None, 0} for run in (a, b))
+    if gemms_a and gemms_b and gemms_a != gemms_b:  # the peak each utilisation divides by: another workload
+        warn.append(f"reference GEMM n={'/'.join(map(str, sorted(gemms_a)))} vs n={'/'.join(map(str, sorted(gemms_b)))}"
+                    ": utilisation and the normalised ratio divide by different GEMMs; compare images/s, or rerun "
+                    "one side with the other's bench.gemm_n")
     for run in (a, b):
         if run.meta.get("complete") is False:
             warn.append(f"{run.name} is incomplete: {len(run.records)} of {run.meta.get('cases_planned')} cases "

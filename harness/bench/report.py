@@ -43,6 +43,9 @@ def summary_table(records: list[BenchRecord]) -> str:
                 _ratio(r.clips_per_s, d and d.clips_per_s),
                 _ratio(r.peak_mem_bytes, d and d.peak_mem_bytes)]))
         lines.append("")
+        failed = [r for r in model if r.status != "ok" and r.message]
+        if failed:  # the reasons, below the table (its step column says only the status)
+            lines += [f"- {r.case}: {r.status}: {r.message}" for r in failed] + [""]
         lines += batch_sweep_table(model)
     others = [r for r in records if r.suite != "model"]
     if others:

@@ -60,7 +60,7 @@ from timesformer_harness.runtime import (environment_info, precision_name, relea
 from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (Change, CheckpointManager, RunFolderError, RunLock, config_changes,
                                              data_fingerprint, epoch_partial, find_resume, format_changes,
-                                             keep_records_up_to, list_checkpoints, resume_disagreement,
+                                             keep_records_up_to, list_checkpoints, logged_end, resume_disagreement,
                                              resume_position, rng_state, saved_config, set_rng_state, val_record,
                                              video_facts)
 from timesformer_harness.workload import TrainStep, build_model, check_model_fits, compile_model, grad_scaler
@@ -311,8 +311,8 @@ class Trainer:
                 top1 = val.get("val/top1") if val is not None else None
                 if val is None:
                     self.pending_validation = self.start_epoch - 1
-                elif isinstance(top1, (int, float)) and (self.best["top1"] is None or top1 > self.best["top1"]):
-                    self.best = {"top1": float(top1), "epoch": self.start_epoch}
+                elif isinstance(top1, (int, float)):  # best may not point at it yet: the launch ended in between
+                    self._keep_best(self.start_epoch - 1, float(top1), path if self.info.is_main else None)
             self.resumed_from = (path, obj.get("data"))
             self.epoch_partial = epoch_partial(obj.get("epoch_partial")) if self.start_batch else None
             self.bad_videos = list(obj.get("quarantine", []))
@@ -446,10 +446,13 @@ class Trainer:
         if self.pending_validation is not None:  # the last launch stopped after saving the epoch, before validating it
             logger.info("epoch %d was saved but not validated before the last launch stopped: validating it now",
                         self.pending_validation + 1)
-            self._validate_saved(self.pending_validation, True,
-                                 self.resumed_from[0] if self.info.is_main and self.resumed_from else None)
+            self._keep_best(self.pending_validation, self.validate(self.pending_validation)["top1"],
+                            self.resumed_from[0] if self.info.is_main and self.resumed_from else None)
         if self.start_epoch >= cfg.solver.max_epoch:
             logger.info("nothing to do: the run in %s already finished %d epochs", self.run_dir, self.start_epoch)
+            if not logged_end(self.run_dir / "metrics.jsonl"):  # the last launch stopped in its final validation
+                self._log_end(total_s=None, steady_clips_per_s=None, preflight_rejected=None)
+            self.metrics.close()
             return 0
         # after a resume the loader is checked against the checkpoint's data before its offset is set: with another
         # manifest that offset may not exist
@@ -479,20 +482,20 @@ class Trainer:
                 # saved before validation: a stop or a kill during a long validation loses none of the epoch's
                 # training (a resume runs the validation that did not finish)
                 path = self.save(epoch + 1, 0) if saving else None
-                if self._validation_due(epoch):
-                    self._validate_saved(epoch, saving, path)
-                if self._agreed_stop():
-                    self._report_stop(path if saving else self.save(epoch + 1, 0))
+                top1 = self.validate(epoch)["top1"] if self._validation_due(epoch) else None
+                # a stop after the last epoch's checkpoint and validation: the run is complete, and ends as such
+                stopping = epoch + 1 < cfg.solver.max_epoch and self._agreed_stop()
+                if stopping and not saving:
+                    path = self.save(epoch + 1, 0)
+                if saving or stopping:
+                    self._keep_best(epoch, top1, path)
+                if stopping:
+                    self._report_stop(path)
                     return 0
-            digests = all_gather_objects(param_digest(self.model))
             steady = self.steady.take()
-            self.metrics.log({"event": "end", "param_digests": digests,
-                              "time/total_s": round(run_clock.elapsed(), 2),
-                              "time/steady_clips_per_s": steady["clips_per_s"] if steady["steps"] else None,
-                              "data/quarantined": len({e["path"] for e in self.bad_videos}),
-                              "data/preflight_rejected": len(loader.rejected)}, self.step)
-            if len(set(digests)) != 1:
-                raise RuntimeError(f"ranks ended with different weights: {digests}")
+            self._log_end(total_s=round(run_clock.elapsed(), 2),
+                          steady_clips_per_s=steady["clips_per_s"] if steady["steps"] else None,
+                          preflight_rejected=len(loader.rejected))
             logger.info("training done: %d epochs, %d steps, %.1f s", cfg.solver.max_epoch, self.step,
                         run_clock.elapsed())
         finally:
@@ -502,13 +505,25 @@ class Trainer:
                 signal.signal(sig, handler)
         return 0
 
+    def _log_end(self, total_s: float | None, steady_clips_per_s: float | None,
+                 preflight_rejected: int | None) -> None:
+        """The run's ``end`` record: every rank's weight digest (they must agree), this launch's time and steady
+        clips/s, the videos left out (None: not known to this launch)."""
+        digests = all_gather_objects(param_digest(self.model))
+        self.metrics.log({"event": "end", "param_digests": digests, "time/total_s": total_s,
+                          "time/steady_clips_per_s": steady_clips_per_s,
+                          "data/quarantined": len({e["path"] for e in self.bad_videos}),
+                          "data/preflight_rejected": preflight_rejected}, self.step)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks ended with different weights: {digests}")
+
     def _report_stop(self, path: Path | None) -> None:
-        reason = f"signal {self.stop_signal}" if self.stop_signal else "a signal on another rank"
+        by = self.stop_signal or "a signal on another rank"
+        reason = f"signal {self.stop_signal}" if self.stop_signal else by
         self.metrics.log({"event": "stop", "reason": reason, "checkpoint": str(path) if path else None}, self.step)
-        logger.warning("stopped by %s after step %d; rerun the same command to resume", self.stop_signal, self.step)
+        logger.warning("stopped by %s after step %d; rerun the same command to resume", by, self.step)
         if self.info.is_main:
-            print(f"stopped by {self.stop_signal or 'a signal on another rank'}: saved {path}; "
-                  f"rerun the same command to resume", flush=True)
+            print(f"stopped by {by}: saved {path}; rerun the same command to resume", flush=True)
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any rank (a collective)."""
@@ -595,7 +610,7 @@ class Trainer:
         warming = warmup_iters > 0
         # the micro-batches up to the epoch's last optimizer step; those after it (fewer than one step) are left
         # over, and go into the epoch's last train record, logged at its end with that step's learning rate
-        last_step_at = n - n % self.accum
+        last_step_at = n - (n - start) % self.accum
         stop = False
         # The next batch is fetched right after each forward, before the step's all-reduce, so that a rank whose
         # loader stopped on a bad video tells the others there and all stop together; the first batch is agreed on
@@ -611,7 +626,7 @@ class Trainer:
             self.hooks.on_batch(epoch, i, batch, warmup=warming)
             lr = lr_at(cfg.solver, epoch + i / n)
             set_lr(self.optimizer, lr)
-            sync = (i + 1) % self.accum == 0
+            sync = (i + 1 - start) % self.accum == 0  # from the resumed batch: its accumulation may have changed
             on_device = batch.to(self.device)  # the loaders deliver on the device already; a no-op then
             video, labels = on_device.video, on_device.label
             targets = None
@@ -621,7 +636,7 @@ class Trainer:
             no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
             with no_sync:
                 logits, loss = self.train_step.forward(video, labels, targets)
-                loss = self.hooks.on_loss(loss, self.step, first_micro_batch=i % self.accum == 0)
+                loss = self.hooks.on_loss(loss, self.step, first_micro_batch=(i - start) % self.accum == 0)
                 fetch = Stopwatch()
                 batch = next(batches, None) if i + 1 < n else None
                 next_fetch_s = fetch.elapsed()
@@ -649,7 +664,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.3g}",
                                 clips_s=f"{window.clips / max(window.total_s, 1e-9):.1f}",
                                 data=f"{100 * window.wait_s / max(window.total_s, 1e-9):.0f}%")
-            if warming and i + 1 - start == warmup_iters:
+            if warming and i + 1 - start == warmup_iters and not i + 1 == last_step_at < n:
                 self._log_window(window, window_loss, lr, epoch, warmup=True)
                 warming = False
             elif sync and self.step % cfg.train.log_period == 0 and not i + 1 == last_step_at < n:
@@ -755,14 +770,16 @@ class Trainer:
         every = self.cfg.train.eval_period
         return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.cfg.solver.max_epoch)
 
-    def _validate_saved(self, epoch: int, saved: bool, path: Path | None) -> None:
-        """Validate 0-based ``epoch``, whose end was just saved (``saved``; ``path`` on rank 0), and point ``best`` at
-        that checkpoint when its top-1 is the best so far."""
-        top1 = self.validate(epoch)["top1"]
-        if saved and top1 is not None and (self.best["top1"] is None or top1 > self.best["top1"]):
-            self.best = {"top1": top1, "epoch": epoch + 1}
-            if path is not None:
-                self.ckpt.point("best", path)
+    def _keep_best(self, epoch: int, top1: float | None, path: Path | None) -> None:
+        """0-based ``epoch``, whose end is saved (``path`` on rank 0), validated at ``top1``: when that is the best so
+        far, ``best`` points at the checkpoint, and the one it pointed at before is pruned unless among the last
+        ``train.keep_last``."""
+        if top1 is None or (self.best["top1"] is not None and top1 <= self.best["top1"]):
+            return
+        self.best = {"top1": top1, "epoch": epoch + 1}
+        if path is not None:
+            self.ckpt.point("best", path)
+            self.ckpt.prune()
 
     def validate(self, epoch: int) -> dict[str, Any]:
         """Multi-view accuracy on the val split (a loader built once, reused)."""

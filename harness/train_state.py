@@ -243,6 +243,20 @@ def val_record(metrics: Path, epoch: int) -> dict[str, Any] | None:
     return found
 
 
+def logged_end(metrics: Path) -> bool:
+    """Whether ``metrics`` (``metrics.jsonl``) holds the run's ``end`` record."""
+    if not metrics.is_file():
+        return False
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "end":
+            return True
+    return False
+
+
 def checkpoint_name(epoch: int, step: int | None = None) -> str:
     """``checkpoint_epoch_{epoch:05d}.pyth`` at the end of epoch ``epoch`` (1-based), or with ``_step_{step:08d}``
     for a save inside it, after optimizer step ``step``."""

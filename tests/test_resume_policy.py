@@ -320,8 +320,8 @@ def test_an_epoch_saved_but_not_validated_is_validated_on_resume(tiny, tmp_path)
     metrics = out / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     (validated,) = [r for r in records if r.get("event") == "val"]
-    # what a launch killed during that validation leaves: the checkpoint, no val record, no last_val.json
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("event") != "val"))
+    # what a launch killed during that validation leaves: the checkpoint, no val or end record, no last_val.json
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("event") not in ("val", "end")))
     (out / "last_val.json").unlink()
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -333,6 +333,8 @@ def test_an_epoch_saved_but_not_validated_is_validated_on_resume(tiny, tmp_path)
     third = run(cmd)  # validated now: nothing left to do
     assert third.returncode == 0 and "validating it now" not in third.stderr
     assert len([line for line in metrics.read_text().splitlines() if '"event": "val"' in line]) == 1
+    # the run's end record, which the killed launch did not write, was written by the one that validated
+    assert len([line for line in metrics.read_text().splitlines() if '"event": "end"' in line]) == 1
     # epoch 1's checkpoint was saved before its validation, so it records no best; the resume reads epoch 1's top-1
     # from its val record: a second epoch that does not change the model (learning rate ~0) scores the same, which
     # is not better, and best.pyth stays at epoch 1

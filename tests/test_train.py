@@ -285,6 +285,78 @@ def test_a_stop_after_an_epochs_last_step_keeps_its_record_and_validation(refere
         "checkpoint_epoch_00001_step_00000004.pyth", "checkpoint_epoch_00001.pyth", "checkpoint_epoch_00002.pyth"]
 
 
+def test_a_resume_with_another_accumulation_steps_from_the_resumed_batch(toy, tmp_path):
+    """Stopped after step 2 (batch 4 of 8, 2 micro-batches a step), resumed with 3 a step
+    (solver.global_batch_size 8 -> 12, warned about): the resumed epoch's step takes batches 4-6, not 4-5 with a
+    third of the loss missing; the left-over batch 7 goes into that step's record. Every train record has its own
+    step."""
+    out = tmp_path / "run"
+    first = run(train_cmd(*toy, f"output.dir={out}", "train.debug_signal_at_step=1"))
+    assert first.returncode == 0 and "stopped by SIGTERM" in first.stdout, first.stderr[-3000:]
+    second = run(train_cmd(*toy, f"output.dir={out}", "solver.global_batch_size=12"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "solver.global_batch_size 8 -> 12" in second.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["event"] == "train"]
+    assert len(steps) == len(set(steps)), steps
+    epochs = [(r["epoch"], r["step"]) for r in records if r["event"] == "epoch"]
+    assert epochs == [(1, 3), (2, 5)]  # batches 4-6 make step 3; epoch 2: 0-2 and 3-5, 6-7 left over
+
+
+def test_a_stop_during_validation_keeps_best_and_the_last_epochs_ends_the_run(tmp_path, monkeypatch):
+    """A SIGTERM that arrives while an epoch validates: at an epoch with no scheduled checkpoint
+    (train.checkpoint_period=2) the stop saves one, and best.pyth points at it when its top-1 is the best; in the last
+    epoch (saved, validated) the run is complete and ends with its end record, not a stop."""
+    from timesformer_harness.distributed import DistInfo
+    from timesformer_harness.train import Trainer
+
+    out = tmp_path / "run"
+    base = ["data.loader=synthetic", "data.synthetic_videos=8", "data.batch_size=4", "solver.global_batch_size=4",
+            "train.eval_period=1", "train.checkpoint_period=2", "train.keep_last=1", "output.tensorboard=false",
+            f"output.dir={out}"]
+
+    def launch(max_epoch: int, scores: list[float]) -> Trainer:
+        trainer = Trainer(load_config(REPO / "configs/model/tiny.yaml", [*base, f"solver.max_epoch={max_epoch}"]),
+                          DistInfo())
+        def validate_then_signal(epoch: int) -> dict:  # the scores this test wants, whatever the model learnt
+            trainer.metrics.log({"event": "val", "epoch": epoch + 1, "val/top1": scores[epoch]}, trainer.step)
+            trainer._on_signal(signal.SIGTERM, None)
+            return {"top1": scores[epoch]}
+
+        monkeypatch.setattr(trainer, "validate", validate_then_signal)
+        assert trainer.fit() == 0
+        return trainer
+
+    launch(3, [50.0, 60.0, 40.0])  # stops after epoch 1's validation
+    ckpts = out / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["checkpoint_epoch_00001.pyth"]
+    assert (ckpts / "best.pyth").resolve().name == "checkpoint_epoch_00001.pyth"
+    launch(3, [50.0, 60.0, 40.0])  # epoch 2: saved (period 2), best; stopped after its validation
+    assert (ckpts / "best.pyth").resolve().name == "checkpoint_epoch_00002.pyth"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["checkpoint_epoch_00002.pyth"]  # keep_last 1: epoch 1 went
+    launch(3, [50.0, 60.0, 40.0])  # epoch 3, the last: a stop during its validation ends the run
+    assert (ckpts / "best.pyth").resolve().name == "checkpoint_epoch_00002.pyth"  # epoch 2 kept as best
+    assert [p.name for p in list_checkpoints(ckpts)] == ["checkpoint_epoch_00002.pyth", "checkpoint_epoch_00003.pyth"]
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1] == "end" and events.count("stop") == 2
+
+
+def test_a_stop_asked_by_another_rank_is_logged_as_such(tmp_path, caplog):
+    from timesformer_harness.distributed import DistInfo
+    from timesformer_harness.train import Trainer
+
+    cfg = load_config(REPO / "configs/model/tiny.yaml", ["data.loader=synthetic", "train.eval_period=0",
+                                                         "output.tensorboard=false", f"output.dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, DistInfo())
+    try:
+        with caplog.at_level(logging.WARNING):
+            trainer._report_stop(None)  # this rank got no signal (stop_signal None): another one did
+    finally:
+        trainer.metrics.close()
+        trainer.lock.release()
+    assert "stopped by a signal on another rank after step 0" in caplog.text and "None" not in caplog.text
+
+
 def test_a_second_signal_in_the_middle_of_a_save_exits_with_its_status(tmp_path, monkeypatch):
     """torch.save reports the SystemExit a second SIGTERM raises inside its writer as a failed write: the run exits
     128 + 15 as documented, not 2 with a disk error."""

@@ -35,9 +35,11 @@ def trunc_normal_(tensor: torch.Tensor, std: float, a: float = -2.0, b: float = 
     each value outside the bounds drawn again. The same seed gives the same weights on torch 2.11 and 2.13: torch's
     own ``nn.init.trunc_normal_`` drew by inverse CDF up to 2.12 and draws as here from 2.13, so one seed gave two
     models (and the toy recipe a run that learns on one torch and stalls on the other)."""
+    if tensor.is_meta:  # no values to draw (a meta normal_ would import torch's compiler stack, about a second)
+        return tensor
     with torch.no_grad():
         tensor.normal_(0.0, std)
-        while not tensor.is_meta:  # a meta tensor has no values to bound
+        while True:
             outside = (tensor < a) | (tensor > b)
             if not outside.any():
                 break
@@ -261,7 +263,7 @@ class TimeSformer(nn.Module):
             if self.variant.temporal_branch:
                 nn.init.zeros_(blk.temporal_fc.weight)
                 nn.init.zeros_(blk.temporal_fc.bias)
-        if init == "scratch" and self.variant.time_embed:
+        if init == "scratch" and self.variant.time_embed and not self.time_embed.is_meta:
             nn.init.normal_(self.time_embed, std=time_embed_std)
 
     def set_channels_last(self, enabled: bool = True) -> TimeSformer:

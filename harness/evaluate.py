@@ -195,10 +195,31 @@ def score_loader(model: torch.nn.Module, loader: Loader, device: torch.device, d
     return ViewAccumulator(ensemble).merge(ViewAccumulator.from_state(s) for s, _ in states)
 
 
-def class_names_for(cfg: RootConfig) -> list[str] | None:
-    """``{data.root}/classes.txt`` (one name a line) when it exists."""
-    path = Path(cfg.data.root) / "classes.txt"
-    return path.read_text().split("\n")[:cfg.model.num_classes] if path.is_file() else None
+def class_names_for(cfg: RootConfig, split: str) -> list[str] | None:
+    """The class names of ``classes.txt`` (one name a line, in label order) beside ``split``'s manifest: in
+    ``data.root``, or in the folder of ``data.<split>_manifest`` when that is set. None, with a warning naming the file
+    and the fix, when the file has blank or repeated names or not ``model.num_classes`` of them (labels are then
+    reported by number, not by the wrong names); None without one when there is no file."""
+    from timesformer_harness.pipelines.manifest import manifest_path
+
+    path = manifest_path(cfg.data, split).parent / "classes.txt"
+    if not path.is_file():
+        return None
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").rstrip("\n").split("\n")]
+    except (OSError, UnicodeDecodeError) as e:
+        logger.warning("%s cannot be read (%s): classes are reported by number", path, e)
+        return None
+    repeated = sorted({n for n in names if names.count(n) > 1 and n})
+    problem = (f"{len(names)} names for model.num_classes={cfg.model.num_classes}"
+               if len(names) != cfg.model.num_classes else
+               f"line {names.index('') + 1} is blank" if "" in names else
+               f"repeated names {repeated}" if repeated else "")
+    if problem:
+        logger.warning("%s: %s; classes are reported by number: write one distinct name a line, label 0 first",
+                       path, problem)
+        return None
+    return names
 
 
 def find_checkpoint(cfg: RootConfig, explicit: str = "") -> str:
@@ -280,7 +301,7 @@ def write_dump(acc: ViewAccumulator, loader: Loader, cfg: RootConfig, dump: str 
 
     dump = Path(dump)
     paths = {v.index: v.path for v in loader.planner.videos} if loader.planner is not None else {}
-    names = class_names_for(cfg)
+    names = class_names_for(cfg, cfg.test.split)
     rows = predictions(acc, paths, names)
     atomic_write_text(dump, format_dump(rows, dump.suffix))
     matrix = confusion_matrix(rows, cfg.model.num_classes)
@@ -343,7 +364,7 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -
                        progress=f"evaluate {cfg.test.split}" if info.is_main else "")
     seconds = clock.elapsed()
     views = cfg.data.num_ensemble_views * cfg.data.num_spatial_crops
-    result = accuracy_report(acc, cfg.model.num_classes, views, class_names_for(cfg))
+    result = accuracy_report(acc, cfg.model.num_classes, views, class_names_for(cfg, cfg.test.split))
     result.update({"checkpoint": str(checkpoint), "checkpoint_format": report.format, "split": cfg.test.split,
                    "seconds": round(seconds, 2), "world_size": info.world_size,
                    "loader": loader_facts(loader), "rejected": [list(r) for r in loader.rejected],

@@ -795,7 +795,7 @@ class Trainer:
             self.memory.reset()
         views = self.cfg.data.num_ensemble_views * self.cfg.data.num_spatial_crops
         try:
-            report = accuracy_report(acc, self.cfg.model.num_classes, None, class_names_for(self.cfg))
+            report = accuracy_report(acc, self.cfg.model.num_classes, None, class_names_for(self.cfg, "val"))
         except BadVideoError as e:  # data.on_bad_video=skip and every view failed: no score this time, training goes on
             logger.warning("epoch %d val: %s", epoch + 1, e)
             self.metrics.log({"event": "val", "epoch": epoch + 1, "val/top1": None,

@@ -188,6 +188,32 @@ def test_dump_predictions_confusion_matrix_and_progress_from_a_snapshot_folder(t
     assert "\r" not in stderr
 
 
+def test_class_names_come_from_beside_the_splits_manifest_and_a_bad_list_is_not_used(tmp_path, caplog):
+    """classes.txt is read beside the manifest scored: with data.<split>_manifest set elsewhere (data.root left at its
+    default, the toy set, whose classes.txt has other names), from that folder; a list with a blank line, too few
+    names or a repeated one is refused with a warning (the classes go by number), never shifted or merged."""
+    from timesformer_harness.config import load_config
+    from timesformer_harness.evaluate import class_names_for
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "test.csv").write_text("a.webm 0\n")
+    cfg = load_config(None, ["model.num_classes=3", f"data.test_manifest={mine / 'test.csv'}"])
+    assert (Path(cfg.data.root) / "classes.txt").is_file()  # the toy set's: not these videos' names
+    assert class_names_for(cfg, "test") is None
+    (mine / "classes.txt").write_text("clapping\njumping\nwaving\n")
+    assert class_names_for(cfg, "test") == ["clapping", "jumping", "waving"]
+    for text, problem in (("\nclapping\njumping\nwaving\n", "4 names for model.num_classes=3"),
+                          ("clapping\n\nwaving\n", "line 2 is blank"),
+                          ("clapping\njumping\n", "2 names for model.num_classes=3"),
+                          ("clap\nclap\nwaving\n", "repeated names ['clap']")):
+        (mine / "classes.txt").write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert class_names_for(cfg, "test") is None
+        assert f"{mine / 'classes.txt'}: {problem}; classes are reported by number" in caplog.text
+
+
 def test_progress_counts_clips_in_log_lines_when_stderr_is_not_a_terminal(caplog):
     class FakeLoader:  # three batches of 4, 4 and 2 clips
         num_clips = 10

@@ -136,8 +136,9 @@ def generation_of(where: Any) -> str:
     return _capability_generation(*torch.cuda.get_device_capability(device))
 
 
-def resolve_generation(named: str | None = None) -> tuple[str, str]:
-    """(generation, where it came from): ``named`` when given, else the visible GPU's, else the default."""
+def resolve_generation(named: str | None = None, flag: str = "--gpu-arch") -> tuple[str, str]:
+    """(generation, where it came from): ``named`` when given, else the visible GPU's, else the default; ``flag``:
+    the option of the command that names one, for the message."""
     if named:
         gen = generation_of(named)
         return gen, f"{GENERATION_LABELS[gen]}, as named"
@@ -147,7 +148,7 @@ def resolve_generation(named: str | None = None) -> tuple[str, str]:
         gen = generation_of(torch.device("cuda"))
         return gen, f"{GENERATION_LABELS[gen]}, read from {torch.cuda.get_device_name()}"
     return DEFAULT_GENERATION, (f"{GENERATION_LABELS[DEFAULT_GENERATION]}, the default: no GPU visible "
-                                f"(--gpu-arch names another)")
+                                f"({flag} names another)")
 
 
 def _generations_text(gens: tuple[str, ...]) -> str:

@@ -746,6 +746,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also decode every packet of each usable file (finds damage inside the stream; costs "
                              "about one epoch of decoding, cached)")
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)  # answered below: it lives a layer up
+    config = argparse.ArgumentParser(add_help=False)  # before the manifest is required: --config alone is the usual slip
+    config.add_argument("--config", default=None)
+    if (given := config.parse_known_args(argv)[0].config) is not None:
+        print(f"error: a run's config is read by the harness, a layer above the pipelines: run python -m "
+              f"timesformer_harness.validate --config {given} [--split train] to check with its settings",
+              file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     for flag, value, least in (("--frames", args.frames, 1), ("--sampling-rate", args.sampling_rate, 1),
                                ("--max-frame-pixels", args.max_frame_pixels, 1), ("--workers", args.workers, 0),
@@ -756,11 +763,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--target-fps {args.target_fps:g}: give a positive number of frames a second")
     if not (math.isfinite(args.log_every) and args.log_every >= 0):
         parser.error(f"--log-every {args.log_every:g}: give 0 or more seconds")
-    if args.config is not None:
-        print(f"error: a run's config is read by the harness, a layer above the pipelines: run python -m "
-              f"timesformer_harness.validate --config {args.config} [--split train] to check with its settings",
-              file=sys.stderr)
-        return 1
     setup_logging()
     try:
         cache = cache_path(None if args.cache is None else args.cache or "none")  # '': the older spelling of none

@@ -260,3 +260,9 @@ def test_prepare_codec_auto_encodes_the_recommended_format(tmp_path: Path, capsy
     spec = json.loads((other / SPEC_FILE).read_text())["spec"]
     assert (spec["codec"], spec["gop"]) == ("vp9", 8)
     assert "vp9, GOP 8, because no measured DALI figure for ada in" in capsys.readouterr().out
+    if not torch.cuda.is_available():  # no GPU named or visible: the default, and prepare's own flag to name one
+        unnamed = tmp_path / "unnamed"
+        assert prepare_main([str(manifest), "--out", str(unnamed), "--codec", "auto", "--decode-rates", str(table),
+                             "--short-side", "32", "--no-progress"]) == 0
+        assert "Hopper (sm90: H100, H200), the default: no GPU visible (--gpu names another)" in \
+            capsys.readouterr().out

@@ -245,12 +245,13 @@ def test_config_mode_runs_as_a_module_and_the_flag_cli_points_to_it(videos, tmp_
     assert res.returncode == 1, res.stderr[-2000:]
     assert f"{videos.garbage}: cannot open/decode: InvalidDataError" in res.stdout
     assert "2/3 videos usable" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.validate", "m.csv", "--config",
-                          str(config)], capture_output=True, text=True, cwd=tmp_path)
-    assert res.returncode == 1
-    assert res.stderr.strip() == (f"error: a run's config is read by the harness, a layer above the pipelines: run "
-                                  f"python -m timesformer_harness.validate --config {config} [--split train] to "
-                                  f"check with its settings")
+    for args in (["m.csv", "--config", str(config)], ["--config", str(config)]):  # with a manifest or without
+        res = subprocess.run([sys.executable, "-m", "timesformer_harness.pipelines.validate", *args],
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert res.returncode == 1
+        assert res.stderr.strip() == (f"error: a run's config is read by the harness, a layer above the pipelines: "
+                                      f"run python -m timesformer_harness.validate --config {config} [--split train] "
+                                      f"to check with its settings")
     (tmp_path / "bad.yaml").write_text("data:\n  num_frame: 8\n")
     res = subprocess.run([sys.executable, "-m", "timesformer_harness.validate", "--config", "bad.yaml"],
                          capture_output=True, text=True, cwd=tmp_path)

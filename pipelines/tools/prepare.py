@@ -303,7 +303,7 @@ def recommended(gpu: str | None, short_side: int, gop: int | None, rates: str = 
     the decode table ``rates`` names ("" = the shipped one), and where the generation came from."""
     from timesformer_harness.pipelines.nvdec import resolve_generation
 
-    generation, source = resolve_generation(gpu)
+    generation, source = resolve_generation(gpu, "--gpu")
     return recommend_format(load_rates(rates), generation, OUTPUT_CODECS, short_side, gop, table_name(rates)), source
 
 

@@ -548,6 +548,26 @@ def test_shootout_reports_an_outside_decoder_that_fails_and_goes_on():
                                 recipe=(dict(cfg=missing, variant="v"), 0))], rounds=1)
 
 
+def test_the_data_suites_read_their_config_and_paths_from_the_current_folder(tmp_path, monkeypatch):
+    """bench.data_config and the paths in it are read as a run started in the current folder reads them (a case runs
+    in the harness's folder); a config that is not there is an error naming the key, not the toy set instead."""
+    from timesformer_harness.bench.pipeline import data_config_path, data_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "my.yaml").write_text("data:\n  root: mydata\n  val_manifest: lists/val.csv\n")
+    cfg, _, _ = resolve(preset="tiny", suites=["pipeline"], overrides=["bench.data_config=my.yaml"])
+    assert data_config_path(cfg) == str(tmp_path / "my.yaml")
+    assert data_paths(str(tmp_path / "my.yaml")) == {"root": str(tmp_path / "mydata"),
+                                                     "val_manifest": str(tmp_path / "lists/val.csv")}
+    shipped, _, _ = resolve(preset="tiny", suites=["e2e"])  # the default: the harness's own toy recipe and data/toy
+    assert data_config_path(shipped) == str(REPO_ROOT / "configs/exp/toy_divided_cpu.yaml")
+    assert data_paths(data_config_path(shipped))["root"] == str(REPO_ROOT / "data/toy")
+    with pytest.raises(ValueError, match=r"^bench.data_config=nope.yaml: no such file \(a relative path is read from "
+                                         rf"the current folder, {tmp_path}, then from {REPO_ROOT}\)"):
+        resolve(preset="tiny", suites=["pipeline"], overrides=["bench.data_config=nope.yaml"])
+
+
 def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     """DALI and PyAV clips/s on the toy data with frames decoded per clip (counted = decoder model), and the e2e
     verdict."""

@@ -107,7 +107,12 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
                          f"{cfg.model.patch_size}: the patch embedding would drop the remainder")
     # the model's attention backend in the bench's precision on this device, before any case starts
     check_attention(cfg.model, device, resolve_precision(cfg.bench.precision, device))
-    return replace(cfg, bench=bench), preset, device
+    cfg = replace(cfg, bench=bench)
+    if {"pipeline", "e2e"} & set(bench.suites):
+        from timesformer_harness.bench.pipeline import data_config_path
+
+        data_config_path(cfg)  # the YAML those suites read exists
+    return cfg, preset, device
 
 
 def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[float | None, str | None]:

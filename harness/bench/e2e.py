@@ -11,14 +11,14 @@ keeps memory outside both (DALI's GPU buffers, PyAV's worker processes), so the 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 
 from timesformer_harness.bench.case import ModelCase
-from timesformer_harness.bench.pipeline import WARMUP_BATCHES, build_train_loader, data_config_path, load_data_config
+from timesformer_harness.bench.pipeline import (WARMUP_BATCHES, build_train_loader, data_config_path, data_paths,
+                                                load_data_config)
 from timesformer_harness.bench.record import BenchRecord, fill_throughput
 from timesformer_harness.config import ModelConfig, RootConfig, load_config
 from timesformer_harness.counting import count_flops, count_params
@@ -34,6 +34,7 @@ class Case(ModelCase):
 
     suite: ClassVar[str] = "e2e"
     data_config: str
+    data_paths: dict[str, str] = field(default_factory=dict)  # its path settings made absolute (pipeline.data_paths)
     batches: int  # timed after WARMUP_BATCHES
     threshold: float  # input-bound when waiting for data takes more than this share of a step
 
@@ -47,9 +48,10 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
     """One case, for the first selected variant, with the experiment's own model when its config sets one."""
     path = data_config_path(cfg)
     model = cfg.model
-    if Path(path).is_file() and load_config(path).model != ModelConfig():  # the file sets a model
+    if load_config(path).model != ModelConfig():  # the file sets a model
         model = load_config(path).model
     return [Case.of(base, model=replace(model, attention_type=attns[0]), mode="train", data_config=path,
+                    data_paths=data_paths(path),
                     batches=cfg.bench.pipeline_batches, threshold=cfg.bench.input_bound_threshold)]
 
 

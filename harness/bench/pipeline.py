@@ -44,9 +44,32 @@ CPU = torch.device("cpu")  # a row's epoch synchronises its own device work: not
 
 
 def data_config_path(cfg: RootConfig) -> str:
-    """``bench.data_config`` as an absolute path (relative paths are from the repository root)."""
-    path = cfg.bench.data_config
-    return path if os.path.isabs(path) else str(REPO_ROOT / path)
+    """``bench.data_config`` as an absolute path: a relative one is read from the current folder, else from the
+    harness's own folder (its shipped configs). ValueError naming the key when neither has it."""
+    path = Path(cfg.bench.data_config)
+    for candidate in [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]:
+        if candidate.is_file():
+            return str(candidate)
+    raise ValueError(f"bench.data_config={cfg.bench.data_config}: no such file (a relative path is read from the "
+                     f"current folder, {Path.cwd()}, then from {REPO_ROOT}); name the YAML whose data section the "
+                     "pipeline and e2e suites read")
+
+
+DATA_PATH_KEYS = ("root", "train_manifest", "val_manifest", "test_manifest", "ssv2_labels", "path_prefix")
+
+
+def data_paths(path: str) -> dict[str, str]:
+    """The path settings of ``path``'s data section (``data.root``, the manifests ...) made absolute as a run started
+    here reads them: from the current folder (a case runs in the harness's folder), or the harness's own (its toy set,
+    ``data/toy``) where the current folder has no such path."""
+    data = load_config(path).data
+    out = {}
+    for key in DATA_PATH_KEYS:
+        value = getattr(data, key)
+        if value and not os.path.isabs(value):
+            here = Path.cwd() / value
+            out[key] = str(here if here.exists() or not (REPO_ROOT / value).exists() else REPO_ROOT / value)
+    return out
 
 
 @dataclass(kw_only=True)
@@ -57,6 +80,7 @@ class Case(BenchCase):
     suite: ClassVar[str] = "pipeline"
     loader: str  # a registered backend that decodes files (pipelines.loaders), or "shootout"
     data_config: str  # YAML whose data section is used
+    data_paths: dict[str, str] = field(default_factory=dict)  # its path settings made absolute (``data_paths``)
     batches: int
 
     @property
@@ -74,19 +98,20 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
     """One case per registered backend that decodes files (its own process: its own peak memory), then the
     shoot-out of all of them."""
     names = [name for name, b in LOADERS.items() if b.decodes] + [SHOOTOUT]
-    return [Case.of(base, loader=name, data_config=data_config_path(cfg), batches=cfg.bench.pipeline_batches)
-            for name in names]
+    path = data_config_path(cfg)
+    return [Case.of(base, loader=name, data_config=path, data_paths=data_paths(path),
+                    batches=cfg.bench.pipeline_batches) for name in names]
 
 
 def load_data_config(case: Case) -> DataConfig:
     """The data section of the case's config. Raises SkipCase when its videos are not here."""
-    path = case.data_config
-    data = load_config(path).data if Path(path).is_file() else RootConfig().data
-    root = Path(data.root) if os.path.isabs(data.root) else REPO_ROOT / data.root
+    data = replace(load_config(case.data_config).data, **case.data_paths)
+    root = Path(data.root)
     if not root.exists():
-        raise SkipCase(f"no data at {root}: run `make data` "
-                       "(python -m timesformer_harness.pipelines.tools.toy --out data/toy)")
-    return replace(data, root=str(root))
+        toy = root == REPO_ROOT / "data" / "toy"
+        raise SkipCase(f"no data at {root}: " + ("run `make data` (python -m timesformer_harness.pipelines.tools.toy "
+                                                 "--out data/toy)" if toy else f"set data.root in {case.data_config}"))
+    return data
 
 
 def build_train_loader(case: Any, device: torch.device, loader: str) -> tuple[Any, DataConfig]:

@@ -85,12 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--other-machine", action="store_true",
                    help="judge against a baseline from another machine class (its ratios are not like for like)")
     p.add_argument("--inject-delay", action="append", default=[], metavar="CASE=FRACTION",
-                   help="slow CASE's steps by FRACTION of its baseline step time (busy work after each step): "
-                        "checks the gate catches a slowdown of that size on this machine")
+                   help="make CASE's steps FRACTION longer (busy work after each step, sized from the step's own time "
+                        "in this run): checks the gate catches a slowdown of that size on this machine")
     p.add_argument("--out", default="runs/gate", help="where the candidate's records and verdicts are written")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (write) or model.KEY=VALUE what-ifs "
                                                 "for the candidate (gate), e.g. model.depth=6")
     args = p.parse_args(argv)
+    if args.pairs is not None and args.pairs < 1:
+        p.error(f"--pairs {args.pairs}: give 1 or more samples per case")
+    if args.tolerance is not None and not 0 < args.tolerance < 1:  # nan too: a gate that could never fail
+        p.error(f"--tolerance {args.tolerance}: give the allowed drop as a fraction between 0 and 1 (0.08 = 8%)")
+    if args.mem_tolerance is not None and not 0 <= args.mem_tolerance < 10:
+        p.error(f"--mem-tolerance {args.mem_tolerance}: give the allowed growth as a fraction (0.05 = 5%)")
     if args.cases:  # --cases takes every word after it: a key=value among them is an override, never a case name
         args.overrides += [c for c in args.cases if "=" in c]
         args.cases = [c for c in args.cases if "=" not in c] or None
@@ -168,7 +174,9 @@ def candidate_cases(baseline: list[BenchRecord], meta: dict[str, Any], device: t
     input, settings and block sizes."""
     out = []
     for rec in baseline:
-        step_ms = rec.step_ms["median"] if rec.step_ms else 0.0
+        if not {"steps_per_block", "calib_reps"} <= set(rec.extra):
+            raise ValueError(f"baseline record {rec.case} has no block sizes (extra.steps_per_block, calib_reps): not "
+                             "a gate baseline; write one with make gate-baseline")
         out.append(ModelCase(
             preset=rec.preset, device=str(device),
             batch=rec.batch, precision=rec.precision, warmup=meta.get("warmup", 2),
@@ -180,7 +188,7 @@ def candidate_cases(baseline: list[BenchRecord], meta: dict[str, Any], device: t
             peak_flops_source=rec.peak_flops_source if rec.device == "cuda" else None,
             steps_per_block=rec.extra["steps_per_block"], calib_reps=rec.extra["calib_reps"],
             compile=rec.compile or "none", sweep_batch=f"/b{rec.batch}" in rec.case,  # as named in the baseline
-            inject_delay_s=delays.get(rec.case, 0.0) * step_ms / 1e3))
+            inject_slowdown=delays.get(rec.case, 0.0)))
     return out
 
 
@@ -193,6 +201,8 @@ def measure(cases: list[ModelCase]) -> list[BenchRecord]:
 def select(baseline: list[BenchRecord], args: argparse.Namespace) -> list[BenchRecord]:
     """The baseline records ``--cases``, ``--attn`` and ``--mode`` leave; ValueError for a pattern matching none."""
     chosen = baseline
+    if not baseline:
+        raise ValueError("the baseline holds no case; write one with make gate-baseline")
     if args.cases:
         unknown = [p for p in args.cases if not any(fnmatch.fnmatchcase(r.case, p) for r in baseline)]
         if unknown:
@@ -214,7 +224,13 @@ def parse_delays(items: list[str], baseline: list[BenchRecord]) -> dict[str, flo
         if not sep or case not in {r.case for r in baseline}:
             raise ValueError(f"--inject-delay {item!r}: expected CASE=FRACTION with a baseline case, e.g. "
                              f"{baseline[0].case}=0.10")
-        delays[case] = float(fraction)
+        try:
+            delays[case] = float(fraction)
+        except ValueError:
+            delays[case] = -1.0
+        if not 0 < delays[case] < 100:
+            raise ValueError(f"--inject-delay {item!r}: the fraction {fraction!r} must be a number above 0 (0.10: "
+                             "each step 10% longer)")
     return delays
 
 
@@ -281,7 +297,8 @@ def gate(args: argparse.Namespace) -> int:
 
     path = Path(args.baseline)
     if not path.is_file():
-        print(f"baseline {path} does not exist; write one with `make gate-baseline BASELINE={path}`")
+        what = "is a folder, not a baseline file" if path.is_dir() else "does not exist"
+        print(f"baseline {path} {what}; write one with `make gate-baseline BASELINE={path}`")
         return 2
     clock = Stopwatch()
     try:

@@ -22,6 +22,7 @@ the result, or with the exception it caught. One outcome policy for every caller
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -30,10 +31,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 from timesformer_harness.config import REPO_ROOT
 from timesformer_harness.metrics import Stopwatch
@@ -117,11 +119,13 @@ def run_command(argv: list[str], *, timeout_s: float, env: dict[str, str] | None
     runs to its end cannot: it uses ``multiprocessing``.)"""
     clock = Stopwatch()
     capture = stdout is None
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else None,
-                            stdout=subprocess.PIPE if capture else stdout,
-                            stderr=subprocess.PIPE if capture else subprocess.STDOUT, text=True, cwd=cwd, env=env,
-                            start_new_session=True)
+    proc = None
     try:
+        with _signals_held():  # a Ctrl-C or SIGTERM while it starts is raised once proc exists: its group is killed
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else None,
+                                    stdout=subprocess.PIPE if capture else stdout,
+                                    stderr=subprocess.PIPE if capture else subprocess.STDOUT, text=True, cwd=cwd,
+                                    env=env, start_new_session=True)
         out, err = proc.communicate(input, timeout=timeout_s)
         return Finished(proc.returncode, out or "", err or "", clock.elapsed())
     except subprocess.TimeoutExpired:
@@ -129,9 +133,29 @@ def run_command(argv: list[str], *, timeout_s: float, env: dict[str, str] | None
         out, err = proc.communicate()  # what it wrote before it was killed (a result printed before a hang at exit)
         return Finished(None, out or "", err or "", clock.elapsed())
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block are held and raised again when it ends (main thread only,
+    where Python runs signal handlers): a process started in the block is then known, and can be killed, before
+    they act. Without it, one arriving while ``subprocess.Popen`` runs leaves the new process running, unknown."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in held:
+            os.kill(os.getpid(), signum)
 
 
 def run_in_fresh_process(fn: Callable[[Any], Any], payload: Any, *, timeout_s: float, mem_limit_gb: float = 0.0,

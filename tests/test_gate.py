@@ -237,6 +237,29 @@ def test_gate_exit_2_when_it_cannot_judge(tmp_path):
     write_results(here, [_rec()], {"kind": "gate-baseline", "device": "cpu", "preset": "tiny"})
     unknown = _gate("--baseline", str(here), "--cases", "model/nope*")
     assert unknown.returncode == 2 and "match no baseline case" in unknown.stdout
+    # arguments that would make a gate that cannot fail, or report a bad flag as a regression (exit 1)
+    for flag, value in (("--tolerance", "nan"), ("--tolerance", "8"), ("--pairs", "-1"), ("--mem-tolerance", "-1")):
+        bad = _gate("--baseline", str(here), flag, value)
+        assert bad.returncode == 2 and f"{flag} " in bad.stderr and not bad.stdout, (flag, bad.stderr)
+    bad = _gate("--baseline", str(here), "--inject-delay", f"{CASE}=0")
+    assert bad.returncode == 2 and "must be a number above 0" in bad.stdout
+    # damaged baselines: one line, exit 2 (never 1, which CI reads as a regression)
+    data = json.loads(here.read_text())
+    damaged = {"env_null": lambda d: d["meta"].update(env=None),
+               "extra_null": lambda d: d["records"][0].update(extra=None),
+               "extra_empty": lambda d: d["records"][0].update(extra={}),
+               "no_records": lambda d: d.update(records=[])}
+    for name, damage in damaged.items():
+        d = json.loads(json.dumps(data))
+        damage(d)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(d))
+        out = _gate("--baseline", str(path))
+        assert out.returncode == 2 and out.stdout.startswith(f"cannot gate against {path}: "), (name, out.stdout,
+                                                                                                 out.stderr[-1500:])
+        assert "Traceback" not in out.stderr
+    folder = _gate("--baseline", str(tmp_path))
+    assert folder.returncode == 2 and "is a folder, not a baseline file" in folder.stdout
 
 
 def test_a_baseline_keeps_the_median_run_and_every_sample():

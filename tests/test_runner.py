@@ -141,3 +141,31 @@ def test_is_oom_recognises_the_allocator_messages():
     assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"))
     assert not is_oom(RuntimeError("shape mismatch"))
     assert Outcome("ok").traceback == ""
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals reach the main thread")
+def test_a_signal_while_the_command_starts_still_kills_it(monkeypatch):
+    """SIGTERM (turned into SystemExit, as the entry points do) that arrives while ``subprocess.Popen`` is starting
+    the command: it acts once the command is known, so the command is killed, not left running unknown."""
+    from timesformer_harness.runner import run_command
+
+    started: list[int] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_signal(*args, **kwargs):  # noqa: ANN002, ANN003 - Popen's own
+        proc = real_popen(*args, **kwargs)
+        started.append(proc.pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # where the handler runs, before Popen returns
+        return proc
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        monkeypatch.setattr(subprocess, "Popen", popen_then_signal)
+        with pytest.raises(SystemExit) as stopped:
+            run_command([sys.executable, "-c", "import time; time.sleep(60)"], timeout_s=60)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 143 and started
+    time.sleep(0.2)
+    assert not _alive(started[0])

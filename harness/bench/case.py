@@ -102,7 +102,7 @@ class ModelCase(BenchCase):
     block_s: float = 0.0
     steps_per_block: int = 0
     calib_reps: int = 0
-    inject_delay_s: float = 0.0  # busy work added to every step: the gate's check that it catches a slowdown
+    inject_slowdown: float = 0.0  # the gate's check that it catches a slowdown: each step this fraction longer
     compile: str = "none"  # torch.compile mode of the step (timesformer_harness.config.COMPILE_MODES)
     kernel_steps: int = 0  # CUDA: steps profiled after the timing for the GPU's kernel time (0 = none)
     sweep_batch: bool = False  # one point of a batch sweep: the name carries the batch
@@ -170,12 +170,12 @@ def measure_step(build: StepBuilder, case: ModelCase, rec: BenchRecord, device: 
     fill ``rec`` with the throughput and the peak memory of building and running it."""
     memory = PeakMemory(device, release_freed=True)
     step = build(case, rec, device, dtype)
-    if case.inject_delay_s:
-        step = _delayed(step, case.inject_delay_s)
-        rec.extra["injected_delay_ms"] = 1e3 * case.inject_delay_s
     if case.warmup:  # the first step alone: lazy initialisation, autotuning and compilation happen in it
         rec.extra["first_step_s"] = time_block(step, 1, device)
         case = replace(case, warmup=case.warmup - 1)
+    if case.inject_slowdown:
+        step = _slowed(step, case.inject_slowdown, device)
+        rec.extra["injected_slowdown"] = case.inject_slowdown
     rec.extra["steady_state"] = f"timed after {case.warmup + 1 if 'first_step_s' in rec.extra else 0} warm-up steps"
     times = time_model_step(step, rec, case, device)
     if case.compile != "none" and "first_step_s" in rec.extra:
@@ -196,12 +196,15 @@ def measure_step(build: StepBuilder, case: ModelCase, rec: BenchRecord, device: 
                           "kernel_share": kernels.ms_per_step / rec.step_ms["median"]})
 
 
-def _delayed(step: Callable[[], object], seconds: float) -> Callable[[], None]:
-    """``step`` followed by ``seconds`` of busy work on this thread (a sleep would idle the core, which a real
-    slowdown does not)."""
+def _slowed(step: Callable[[], object], fraction: float, device: torch.device) -> Callable[[], None]:
+    """``step`` made ``fraction`` longer: each call (the device synchronised) followed by busy work on this thread for
+    that fraction of the time the call took, so the slowdown is the one asked for whatever the machine's load or
+    speed (a sleep would idle the core, which a real slowdown does not)."""
     def slower() -> None:
-        step()
         watch = Stopwatch()
-        while watch.elapsed() < seconds:
+        step()
+        synchronize(device)
+        until = watch.elapsed() * (1.0 + fraction)
+        while watch.elapsed() < until:
             pass
     return slower

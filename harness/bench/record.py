@@ -73,6 +73,9 @@ class BenchRecord:
     def from_dict(cls, d: dict[str, Any]) -> BenchRecord:
         """A record of this schema, or of an older one (migrated); ValueError for a newer one or unknown keys."""
         d = migrate(d)
+        for key in ("extra", "env", "step_ms", "model"):  # objects (step_ms and model may be null)
+            if key in d and not isinstance(d[key], dict) and (d[key] is not None or key in ("extra", "env")):
+                raise ValueError(f"bench record's {key!r} is {type(d[key]).__name__}, not an object")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -162,8 +165,8 @@ def read_results(path: str | Path) -> tuple[list[BenchRecord], dict[str, Any]]:
         raise ValueError(f"{path}: schema_version={version!r}; this harness reads 1 to {SCHEMA_VERSION} (a newer "
                          "file needs a newer harness)")
     records, meta = data.get("records"), data.get("meta", {})
-    if not isinstance(records, list) or not isinstance(meta, dict):
-        raise ValueError(f"{path}: not a results file ('records' must be a list and 'meta' an object)")
+    if not isinstance(records, list) or not isinstance(meta, dict) or not isinstance(meta.get("env", {}), dict):
+        raise ValueError(f"{path}: not a results file ('records' must be a list, 'meta' and its 'env' objects)")
     out = []
     for i, r in enumerate(records):
         try:

@@ -229,32 +229,28 @@ def keep_records_up_to(metrics: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
-def val_record(metrics: Path, epoch: int) -> dict[str, Any] | None:
-    """The last validation record (``event: val``) of 1-based ``epoch`` in ``metrics`` (``metrics.jsonl``), or None."""
-    found = None
+def _records(metrics: Path, event: str) -> list[dict[str, Any]]:
+    """The records of ``event`` in ``metrics`` (``metrics.jsonl``), in order; lines that do not parse are left out."""
+    found = []
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and record.get("event") == "val" and record.get("epoch") == epoch:
-                found = record
+            if isinstance(record, dict) and record.get("event") == event:
+                found.append(record)
     return found
+
+
+def val_record(metrics: Path, epoch: int) -> dict[str, Any] | None:
+    """The last validation record (``event: val``) of 1-based ``epoch`` in ``metrics`` (``metrics.jsonl``), or None."""
+    return next((r for r in reversed(_records(metrics, "val")) if r.get("epoch") == epoch), None)
 
 
 def logged_end(metrics: Path) -> bool:
     """Whether ``metrics`` (``metrics.jsonl``) holds the run's ``end`` record."""
-    if not metrics.is_file():
-        return False
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == "end":
-            return True
-    return False
+    return bool(_records(metrics, "end"))
 
 
 def checkpoint_name(epoch: int, step: int | None = None) -> str:

@@ -81,11 +81,12 @@ def check_model_fits(cfg: ModelConfig, device: torch.device) -> None:
     ``device``'s), counted on the meta device, naming its largest parameter and the sizes that make it."""
     with torch.device("meta"):
         meta = create_model(cfg)
-    nbytes = sum(p.numel() * p.element_size() for p in meta.parameters())
-    name, largest = max(meta.named_parameters(), key=lambda kv: kv[1].numel())
+    params = list(meta.named_parameters())
+    count = sum(p.numel() for _, p in params)
+    name, largest = max(params, key=lambda kv: kv[1].numel())
     sizes = ", ".join(f"model.{k}={getattr(cfg, k)}" for k in MODEL_SIZES)
-    check_fits(f"the model's weights ({sum(p.numel() for p in meta.parameters()):,} parameters in fp32)", nbytes,
-               [("cpu", host_memory_bytes()), (device.type, memory_bytes(device))],
+    memories = [("cpu", host_memory_bytes())] + ([] if device.type == "cpu" else [(device.type, memory_bytes(device))])
+    check_fits(f"the model's weights ({count:,} parameters in fp32)", 4 * count, memories,
                f"the largest is {name} {list(largest.shape)}; check the sizes ({sizes})")
 
 

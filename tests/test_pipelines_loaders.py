@@ -316,7 +316,8 @@ def test_a_backend_added_by_one_registration_is_built_checked_and_benchmarked(vi
                                          r"'counting'\]"):
         DataConfig(loader="nope")
     root = RootConfig()
-    root.bench.data_config = str(tmp_path / "none.yaml")
+    (tmp_path / "data.yaml").write_text(f"data:\n  root: {videos.root}\n")
+    root.bench.data_config = str(tmp_path / "data.yaml")
     names = [c.loader for c in pipeline_suite.cases(root, {"preset": "tiny", "device": "cpu", "batch": 2,
                                                             "precision": "fp32", "warmup": 1, "steps": 1},
                                                      [], [], torch.device("cpu"))]

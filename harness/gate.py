@@ -30,6 +30,7 @@ import argparse
 import fnmatch
 import json
 import logging
+import math
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, replace
@@ -227,7 +228,7 @@ def parse_delays(items: list[str], baseline: list[BenchRecord]) -> dict[str, flo
         try:
             delays[case] = float(fraction)
         except ValueError:
-            delays[case] = -1.0
+            delays[case] = math.nan  # refused below, as a number out of range is
         if not 0 < delays[case] < 100:
             raise ValueError(f"--inject-delay {item!r}: the fraction {fraction!r} must be a number above 0 (0.10: "
                              "each step 10% longer)")

@@ -23,7 +23,7 @@ from timesformer_harness.bench.report import summary_table
 from timesformer_harness.bench.record import (SCHEMA_VERSION, BenchRecord, read_results, write_flat, write_results,
                                               write_tensorboard)
 from timesformer_harness.bench.sweep import SUITES, case_from_dict
-from timesformer_harness.config import REPO_ROOT, RootConfig
+from timesformer_harness.config import REPO_ROOT, RootConfig, load_config
 from timesformer_harness.counting import count_flops, count_params
 from timesformer_harness.metrics import median_interval, percentile, summarize
 from timesformer_harness.model import create_model, load_preset
@@ -560,11 +560,11 @@ def test_the_data_suites_read_their_config_and_paths_from_the_current_folder(tmp
     (tmp_path / "my.yaml").write_text("data:\n  root: mydata\n  val_manifest: lists/val.csv\n")
     cfg, _, _ = resolve(preset="tiny", suites=["pipeline"], overrides=["bench.data_config=my.yaml"])
     assert data_config_path(cfg) == str(tmp_path / "my.yaml")
-    assert data_paths(str(tmp_path / "my.yaml")) == {"root": str(tmp_path / "mydata"),
+    assert data_paths(load_config(tmp_path / "my.yaml").data) == {"root": str(tmp_path / "mydata"),
                                                      "val_manifest": str(tmp_path / "lists/val.csv")}
     shipped, _, _ = resolve(preset="tiny", suites=["e2e"])  # the default: the harness's own toy recipe and data/toy
     assert data_config_path(shipped) == str(REPO_ROOT / "configs/exp/toy_divided_cpu.yaml")
-    assert data_paths(data_config_path(shipped))["root"] == str(REPO_ROOT / "data/toy")
+    assert data_paths(load_config(data_config_path(shipped)).data)["root"] == str(REPO_ROOT / "data/toy")
     with pytest.raises(ValueError, match=r"^bench.data_config=nope.yaml: no such file \(a relative path is read from "
                                          rf"the current folder, {tmp_path}, then from {REPO_ROOT}\)"):
         resolve(preset="tiny", suites=["pipeline"], overrides=["bench.data_config=nope.yaml"])

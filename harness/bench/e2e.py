@@ -47,11 +47,10 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
           device: torch.device) -> list[Case]:
     """One case, for the first selected variant, with the experiment's own model when its config sets one."""
     path = data_config_path(cfg)
-    model = cfg.model
-    if load_config(path).model != ModelConfig():  # the file sets a model
-        model = load_config(path).model
+    loaded = load_config(path)
+    model = loaded.model if loaded.model != ModelConfig() else cfg.model  # the file's when it sets a model
     return [Case.of(base, model=replace(model, attention_type=attns[0]), mode="train", data_config=path,
-                    data_paths=data_paths(path),
+                    data_paths=data_paths(loaded.data),
                     batches=cfg.bench.pipeline_batches, threshold=cfg.bench.input_bound_threshold)]
 
 

@@ -58,11 +58,10 @@ def data_config_path(cfg: RootConfig) -> str:
 DATA_PATH_KEYS = ("root", "train_manifest", "val_manifest", "test_manifest", "ssv2_labels", "path_prefix")
 
 
-def data_paths(path: str) -> dict[str, str]:
-    """The path settings of ``path``'s data section (``data.root``, the manifests ...) made absolute as a run started
-    here reads them: from the current folder (a case runs in the harness's folder), or the harness's own (its toy set,
+def data_paths(data: DataConfig) -> dict[str, str]:
+    """The path settings of ``data`` (``data.root``, the manifests ...) made absolute as a run started here reads
+    them: from the current folder (a case runs in the harness's folder), or the harness's own (its toy set,
     ``data/toy``) where the current folder has no such path."""
-    data = load_config(path).data
     out = {}
     for key in DATA_PATH_KEYS:
         value = getattr(data, key)
@@ -99,8 +98,9 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
     shoot-out of all of them."""
     names = [name for name, b in LOADERS.items() if b.decodes] + [SHOOTOUT]
     path = data_config_path(cfg)
-    return [Case.of(base, loader=name, data_config=path, data_paths=data_paths(path),
-                    batches=cfg.bench.pipeline_batches) for name in names]
+    paths = data_paths(load_config(path).data)
+    return [Case.of(base, loader=name, data_config=path, data_paths=paths, batches=cfg.bench.pipeline_batches)
+            for name in names]
 
 
 def load_data_config(case: Case) -> DataConfig:

@@ -44,7 +44,7 @@ from timesformer_harness.bench.record import BenchRecord, read_results, run_env,
 from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.bench.verdict import DEFAULT_MEM_TOLERANCE, Verdict, better, judge_all, median_run
 from timesformer_harness.config import ModelConfig, RootConfig, load_config
-from timesformer_harness.metrics import new_run_dir, run_stamp
+from timesformer_harness.metrics import OutputFolderError, check_output_root, new_run_dir, run_stamp
 from timesformer_harness.common import atomic_write_text, exit_on_sigterm, setup_logging
 from timesformer_harness.runtime import environment_info, precision_name, resolve_precision
 
@@ -119,6 +119,11 @@ def write_baseline(args: argparse.Namespace) -> int:
     from timesformer_harness.bench import attention_types, measure_peak, modes_of, resolve
 
     cfg, preset, device = resolve(preset=args.preset, overrides=args.overrides)
+    try:
+        check_output_root(Path(args.write_baseline).parent, "--write-baseline")
+    except OutputFolderError as e:
+        print(f"gate: {e}")
+        return 2
     pairs = args.pairs or DEFAULT_PAIRS
     precision = precision_name(resolve_precision(cfg.bench.precision, device))
     peak = measure_peak(device, precision, CALIB_N) if device.type == "cuda" else (None, None)
@@ -302,6 +307,11 @@ def gate(args: argparse.Namespace) -> int:
         print(f"baseline {path} {what}; write one with `make gate-baseline BASELINE={path}`")
         return 2
     clock = Stopwatch()
+    try:
+        check_output_root(args.out)
+    except OutputFolderError as e:
+        print(f"gate: {e}")
+        return 2
     try:
         baseline, meta = read_results(path)
         device = resolve_device()

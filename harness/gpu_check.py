@@ -49,7 +49,7 @@ if __name__ == "__main__" and not __package__:  # run by path (python harness/gp
     run_by_package_name(__file__, "timesformer_harness.gpu_check")
 
 from timesformer_harness.config import REPO_ROOT
-from timesformer_harness.metrics import Stopwatch, new_run_dir, run_stamp
+from timesformer_harness.metrics import OutputFolderError, Stopwatch, new_run_dir, run_stamp
 from timesformer_harness.runner import run_command
 from timesformer_harness.variants import REFERENCE
 
@@ -470,7 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     cuda = bool(env["gpus"])
     mode = "cpu rehearsal" if args.rehearse_on_cpu else "gpu" if cuda else "no CUDA"
     out = Path(args.out)
-    run_dir = new_run_dir(out if out.is_absolute() else REPO_ROOT / out, run_stamp())
+    try:
+        run_dir = new_run_dir(out if out.is_absolute() else REPO_ROOT / out, run_stamp())
+    except OutputFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rehearse = args.rehearse_on_cpu
     steps = build_steps(run_dir, CPU_SIZE if rehearse else GPU_SIZE, 2 if rehearse else max(1, len(env["gpus"])))
     if args.inject_failure:

@@ -25,6 +25,7 @@ import itertools
 import re
 import resource
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,11 +62,32 @@ def run_stamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+class OutputFolderError(OSError):
+    """An output root that cannot hold a run folder: a file, a read-only place, a full disk."""
+
+
+def check_output_root(root: str | Path, flag: str = "--out") -> Path:
+    """Create ``root`` (with its parents) and write and remove a file in it, so that a command learns before it
+    measures anything that it could not write its results there. Raises OutputFolderError naming ``root`` and the
+    ``flag`` that names it."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise OutputFolderError(f"cannot write under {root}: it is a file; name a folder with {flag}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise OutputFolderError(f"cannot write under {root}: {e.strerror or e}; name a writable "
+                                f"folder with {flag}") from e
+    return root
+
+
 def new_run_dir(root: str | Path, name: str) -> Path:
     """Create and return the folder ``root/name`` (``name`` usually starts with ``run_stamp()``), or ``name-2``,
-    ``name-3``, ... when a run that started in the same second holds it: two runs never share a folder."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    ``name-3``, ... when a run that started in the same second holds it: two runs never share a folder.
+    Raises OutputFolderError (``check_output_root``) when ``root`` cannot hold it."""
+    root = check_output_root(root)
     for n in itertools.count(1):
         path = root / (name if n == 1 else f"{name}-{n}")
         try:
@@ -73,6 +95,8 @@ def new_run_dir(root: str | Path, name: str) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as e:
+            raise OutputFolderError(f"cannot make the run folder {path}: {e.strerror or e}") from e
     raise AssertionError("unreachable")
 
 

@@ -1,7 +1,11 @@
 """torch.profiler over real train steps: TensorBoard trace, Perfetto trace and a text summary.
 
     python -m timesformer_harness.profiling --attn divided_space_time [--preset NAME] [--steps 3] [--wait 1]
-        [--warmup 1] [--out runs/profile] [key=value ...]
+        [--warmup 1] [--out runs/profile] [model.KEY=VALUE ...] [bench.batch_size=N ...]
+
+One process, one model: the train step of ``model.*`` on synthetic input, at ``bench.batch_size``,
+``bench.precision``, ``bench.channels_last`` and ``bench.threads`` (the only bench keys it reads; the schedule is
+``--wait``/``--warmup``/``--steps``). Ctrl-C or SIGTERM stops it without keeping a partial trace.
 
 Writes ``runs/profile/<timestamp>-<attn>/``:
 - ``<worker>.<id>.pt.trace.json`` from ``tensorboard_trace_handler`` (``make tensorboard``, torch-tb-profiler);
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -29,15 +34,20 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
 from timesformer_harness.config import RootConfig, to_yaml
+from timesformer_harness.metrics import OutputFolderError
 from timesformer_harness.runtime import retain_freed_memory
 from timesformer_harness.variants import REFERENCE, VARIANTS
-from timesformer_harness.common import atomic_write_text, setup_logging
+from timesformer_harness.common import atomic_write_text, exit_on_sigterm, setup_logging
 
 logger = logging.getLogger(__name__)
 
 ATTN_RANGES = ("attn/temporal", "attn/spatial", "attn/joint")
 STEP_RANGE = "train_step"
 FORWARD_RANGE = "forward"
+MAX_OP_NAME = 120  # key_averages.txt: wide enough for aten's longest names (the table's default cuts at 55)
+# the bench keys the profile reads; the others would be ignored, so an override of one is refused with this hint
+PROFILE_BENCH_KEYS = ("batch_size", "precision", "channels_last", "preset", "threads")
+UNUSED_KEY_HINTS = {"bench.steps": "--steps", "bench.warmup": "--wait and --warmup", "bench.out_dir": "--out"}
 # the scaled_dot_product_attention kernels aten dispatches to (their backward ops share the prefix)
 SDPA_OP = re.compile(r"aten::_scaled_dot_product_(flash_attention_for_cpu|flash_attention|efficient_attention|"
                      r"cudnn_attention|attention_math)")
@@ -185,21 +195,58 @@ def write_summary(s: ProfileSummary, path: Path, extra: dict[str, Any]) -> None:
     lines += ["", "## Files", "",
               "- `*.pt.trace.json`: TensorBoard (`make tensorboard`, torch-tb-profiler; its UI needs internet)",
               "- `trace_perfetto.json`: open at https://ui.perfetto.dev or chrome://tracing",
-              "- `key_averages.txt`: the profiler's full operator table",
+              "- `key_averages.txt`: the profiler's operator table, every op",
               "- `summary.json`: this summary's figures (ProfileSummary), for tools", ""]
     atomic_write_text(path, "\n".join(lines))
     atomic_write_text(path.with_suffix(".json"), json.dumps({**asdict(s), **extra}, indent=2) + "\n")
 
 
+class ProfileStopped(Exception):
+    """Ctrl-C or SIGTERM during a profile: its run folder was removed (a partial trace would read as a whole one)."""
+
+    def __init__(self, run_dir: Path, done: int, total: int, code: int) -> None:
+        signal_name = "SIGTERM" if code == 143 else "Ctrl-C" if code == 130 else f"exit {code}"
+        super().__init__(f"stopped by {signal_name} after {done} of {total} steps; removed the partial run {run_dir}")
+        self.code = code
+
+
 def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, warmup: int = 1,
                 out_root: str | Path = "runs/profile", with_stack: bool = False) -> ProfileSummary:
     """Profile ``wait + warmup + steps`` train steps of ``cfg.model`` (``timesformer_harness.workload.TrainStep``,
-    synthetic input, ``cfg.bench`` batch/precision/channels-last) and write the run directory.
+    synthetic input, ``cfg.bench`` batch/precision/channels-last/threads) and write the run directory.
 
     The step's pieces run inside the ranges ``train_step`` > ``forward`` / ``backward`` / ``optimizer``.
+
+    Raises:
+        OutputFolderError: ``out_root`` cannot hold the run folder.
+        ProfileStopped: Ctrl-C, or SIGTERM through ``common.exit_on_sigterm``; the run folder is removed.
     """
+    import torch
+
+    from timesformer_harness.metrics import new_run_dir, run_stamp
+
+    run_dir = new_run_dir(out_root, f"{run_stamp()}-{cfg.model.attention_type}")
+    done = [0]
+    total = wait + warmup + steps
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cfg.bench.threads or threads)
+        return _profile_into(run_dir, cfg, preset, steps, wait, warmup, with_stack, done)
+    except (KeyboardInterrupt, SystemExit) as e:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        code = 130 if isinstance(e, KeyboardInterrupt) else e.code if isinstance(e.code, int) else 1
+        raise ProfileStopped(run_dir, done[0], total, code) from None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _profile_into(run_dir: Path, cfg: RootConfig, preset: str, steps: int, wait: int, warmup: int,
+                  with_stack: bool, done: list[int]) -> ProfileSummary:
+    """``run_profile``'s work in ``run_dir``; ``done[0]`` counts the steps run."""
+    from dataclasses import replace
+
     from timesformer_harness.counting import count_flops
-    from timesformer_harness.metrics import PeakMemory, new_run_dir, run_stamp, synchronize
+    from timesformer_harness.metrics import PeakMemory, synchronize
     from timesformer_harness.runtime import (device_name, precision_name, resolve_device, resolve_precision,
                                              seed_everything)
     from timesformer_harness.workload import TrainStep, build_model, synthetic_batch
@@ -209,7 +256,6 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
     dtype = resolve_precision(cfg.bench.precision, device)
     mcfg = cfg.model
     attention_type = mcfg.attention_type
-    run_dir = new_run_dir(out_root, f"{run_stamp()}-{attention_type}")
     B, T, S = cfg.bench.batch_size, mcfg.num_frames, mcfg.img_size
     memory = PeakMemory(device, release_freed=True)
     model = build_model(mcfg, device, dtype=dtype, channels_last=cfg.bench.channels_last)
@@ -237,6 +283,7 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
                     train.optimizer_step()
                 synchronize(device)
             prof.step()
+            done[0] += 1
     s = summarise(prof.key_averages(), steps, attention_type, run_dir)
     peak = memory.take()
     if peak is not None:
@@ -246,39 +293,79 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
     s.flops_per_step = count_flops(mcfg, batch=B, mode="train")
     s.achieved_flops = s.flops_per_step / (s.step_ms / 1e3)
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    atomic_write_text(run_dir / "key_averages.txt", prof.key_averages().table(sort_by=sort_key, row_limit=60))
+    atomic_write_text(run_dir / "key_averages.txt", prof.key_averages().table(
+        sort_by=sort_key, row_limit=-1, max_name_column_width=MAX_OP_NAME))
     write_summary(s, run_dir / "summary.md", {
         "preset": preset, "batch": B, "frames": T, "img_size": S, "precision": precision_name(dtype),
         "device": device_name(device), "wait": wait, "warmup": warmup})
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    # the config as profiled: the schedule in the bench's terms (untimed steps, recorded steps, where)
+    ran = replace(cfg.bench, steps=steps, warmup=wait + warmup, out_dir=str(run_dir.parent))
+    atomic_write_text(run_dir / "config.yaml", to_yaml(replace(cfg, bench=ran)))
     return s
+
+
+def check_overrides(overrides: list[str], attn: str | None) -> list[str]:
+    """The profile's overrides with ``--attn`` (when given) as ``model.attention_type``. Raises ValueError for a key
+    the profile would ignore (any outside ``model.*`` and ``PROFILE_BENCH_KEYS``), naming the flag that does its
+    job, and for a ``model.attention_type`` that contradicts ``--attn``."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.strip().lstrip("+")
+        if key == "model.attention_type" and attn is not None and value.strip() != attn:
+            raise ValueError(f"{item} contradicts --attn {attn}: give one of them")
+        if key.startswith("model.") or key in {f"bench.{k}" for k in PROFILE_BENCH_KEYS}:
+            continue
+        hint = UNUSED_KEY_HINTS.get(key)
+        raise ValueError(f"{key}: the profiler does not read it (it profiles one model's train step on synthetic "
+                         f"input: model.* and bench.{', bench.'.join(PROFILE_BENCH_KEYS)})"
+                         + (f"; use {hint}" if hint else ""))
+    return [*overrides, f"model.attention_type={attn}"] if attn is not None else list(overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m timesformer_harness.profiling", description=__doc__.split("\n\n")[0])
-    p.add_argument("--attn", default=REFERENCE, help=" | ".join(VARIANTS))
-    p.add_argument("--preset", default=None, help="model preset (default: cpu_bench without a GPU)")
-    p.add_argument("--steps", type=int, default=3, help="active (recorded) steps")
-    p.add_argument("--wait", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--out", default="runs/profile")
+    p.add_argument("--attn", default=None, help=f"{' | '.join(VARIANTS)} (default: model.attention_type, "
+                                                f"{REFERENCE})")
+    p.add_argument("--preset", default=None,
+                   help="model preset (configs/model/NAME.yaml; default bench.preset, else cpu_bench without a GPU "
+                        "and vit_base_patch16 with one)")
+    p.add_argument("--steps", type=int, default=3, help="active (recorded) steps (default 3)")
+    p.add_argument("--wait", type=int, default=1, help="steps run before the profiler records (default 1)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="steps recorded and then discarded, after --wait (default 1)")
+    p.add_argument("--out", default="runs/profile", help="the run folder's root (default runs/profile)")
     p.add_argument("--with-stack", action="store_true", help="record Python stacks (bigger traces)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. model.depth=2")
+    p.add_argument("overrides", nargs="*",
+                   help=f"key=value overrides of model.* and bench.{{{','.join(PROFILE_BENCH_KEYS)}}}, "
+                        "e.g. model.depth=2")
     args = p.parse_args(argv)
     setup_logging()
+    exit_on_sigterm()
     retain_freed_memory()
     from timesformer_harness.bench import resolve
 
-    if args.attn == "all" or args.steps < 1:
-        p.error("--attn takes one variant (not 'all') and --steps must be >= 1")
+    if args.attn is not None and args.attn not in VARIANTS:
+        p.error(f"--attn {args.attn!r}: the profiler takes one variant, from {list(VARIANTS)}")
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: record at least 1 step")
     if args.wait < 0 or args.warmup < 0:
         p.error(f"--wait and --warmup count steps: 0 or more (got --wait {args.wait}, --warmup {args.warmup})")
-    try:  # the variant goes in as an override, so the config's own checks see it
-        cfg, preset, _ = resolve(preset=args.preset, overrides=[*args.overrides, f"model.attention_type={args.attn}"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("the profiler runs as one process: start it with python, not torchrun (each rank would profile the "
+                "same model on the same GPU); pick a GPU with CUDA_VISIBLE_DEVICES")
+    try:
+        cfg, preset, _ = resolve(preset=args.preset, overrides=check_overrides(args.overrides, args.attn))
     except (ValueError, KeyError, FileNotFoundError) as e:
         p.error(str(e))
-    s = run_profile(cfg, preset, steps=args.steps, wait=args.wait, warmup=args.warmup, out_root=args.out,
-                    with_stack=args.with_stack)
+    try:
+        s = run_profile(cfg, preset, steps=args.steps, wait=args.wait, warmup=args.warmup, out_root=args.out,
+                        with_stack=args.with_stack)
+    except OutputFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ProfileStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
     print((Path(s.run_dir) / "summary.md").read_text())
     print(f"profile: {s.run_dir}  (make tensorboard; or open trace_perfetto.json in https://ui.perfetto.dev)")
     return 0

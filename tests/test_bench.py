@@ -165,6 +165,18 @@ def test_resolve_layers_preset_overrides_and_flags_and_checks_them():
         resolve(preset="tiny", frames=[0])  # not read as "the model's frames"
     with pytest.raises(ValueError, match=r"image sizes \[17\] .* not multiples of model.patch_size=8"):
         resolve(preset="tiny", img_sizes=[16, 17])  # the patch embedding would measure 16 px under a 17 px label
+    # bench.preset given as an override picks the preset, as in a config file (it had been read from the file only)
+    cfg, preset, _ = resolve(overrides=["bench.preset=tiny", "model.depth=3"])
+    assert preset == "tiny" and cfg.model.embed_dim == load_preset("tiny").embed_dim and cfg.model.depth == 3
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_error_before_any_case(tmp_path, capsys):
+    from timesformer_harness.bench.cli import main as bench_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert bench_main(["--preset", "tiny", "--suites", "model", "--out", str(afile / "runs")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: cannot write under {afile / 'runs'}: ")
 
 
 def test_model_worker_counts_match_the_model_and_carry_provenance():

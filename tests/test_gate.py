@@ -185,6 +185,17 @@ def _gate(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO_ROOT, timeout=600)
 
 
+def test_an_output_folder_that_cannot_be_written_is_refused_before_measuring(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("{}")
+    out = _gate("--baseline", str(afile), "--out", str(afile))
+    assert out.returncode == 2 and out.stdout.strip() == (f"gate: cannot write under {afile}: it is a "
+                                                          "file; name a folder with --out")
+    out = _gate("--write-baseline", str(afile / "b.json"), "--preset", "tiny")
+    assert out.returncode == 2 and f"gate: cannot write under {afile}: it is a file; name a folder " \
+        "with --write-baseline" in out.stdout
+
+
 def test_gate_end_to_end_same_tree_passes_and_a_slowdown_or_3x_depth_fails(tmp_path):
     baseline = tmp_path / "tiny.json"
     w = _gate("--write-baseline", str(baseline), "--preset", "tiny", "--attn", "divided_space_time",

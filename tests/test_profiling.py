@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
+import yaml
 from torch.autograd import DeviceType
 
 from timesformer_harness.bench import resolve
@@ -51,7 +53,13 @@ def test_profile_writes_traces_and_summary(divided_run):
     assert tb_trace.stat().st_size == (run / "trace_perfetto.json").stat().st_size
     text = (run / "summary.md").read_text()
     assert "| attn/temporal |" in text and "| attn/spatial |" in text and "attn/joint |" not in text
-    assert "aten::" in text and (run / "key_averages.txt").is_file() and (run / "config.yaml").is_file()
+    assert "aten::" in text and (run / "config.yaml").is_file()
+    # every op, with aten's long names whole (the table's defaults stop at 100 rows and cut names at 55 characters)
+    table = (run / "key_averages.txt").read_text()
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward " in table and "..." not in table
+    assert table.count("aten::") >= 60
+    bench = yaml.safe_load((run / "config.yaml").read_text())["bench"]  # the schedule that ran, not the bench's
+    assert (bench["steps"], bench["warmup"], bench["out_dir"]) == (2, 2, str(root))
 
 
 def test_profile_summary_numbers_are_consistent(divided_run):
@@ -209,7 +217,7 @@ def test_profiling_cli_rejects_all():
     bad = subprocess.run([sys.executable, "-m", "timesformer_harness.profiling", "--attn", "diagonal", "--preset",
                           "tiny"],
                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
-    assert bad.returncode == 2 and "model.attention_type='diagonal'; choose from" in bad.stderr  # config check
+    assert bad.returncode == 2 and "--attn 'diagonal': the profiler takes one variant, from" in bad.stderr
 
 
 @pytest.mark.parametrize("flag", ["--wait", "--warmup"])
@@ -218,6 +226,67 @@ def test_profiling_cli_rejects_a_negative_schedule_before_making_a_folder(flag, 
         profiling_main(["--preset", "tiny", flag, "-1", "--out", str(tmp_path / "profile")])
     assert exit_.value.code == 2 and "0 or more" in capsys.readouterr().err
     assert not (tmp_path / "profile").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench.steps=7"], "bench.steps: the profiler does not read it"),
+    (["bench.warmup=4"], "use --wait and --warmup"),
+    (["bench.out_dir=elsewhere"], "use --out"),
+    (["bench.compile=[default]"], "bench.compile: the profiler does not read it"),
+    (["data.root=x"], "data.root: the profiler does not read it"),
+    (["--attn", "joint_space_time", "model.attention_type=space_only"], "contradicts --attn joint_space_time"),
+    (["--steps", "0"], "--steps 0: record at least 1 step"),
+])
+def test_profiling_cli_refuses_keys_it_would_ignore(args, message, tmp_path, capsys):
+    """An override the profile would not apply is refused, naming the flag that does its job: before, the run went
+    on without it and its config.yaml recorded the ignored value."""
+    with pytest.raises(SystemExit) as exit_:
+        profiling_main(["--preset", "tiny", "--out", str(tmp_path / "profile"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "profile").exists()
+
+
+def test_profiling_cli_takes_the_variant_preset_and_threads_from_overrides(tmp_path, capsys):
+    assert profiling_main(["--steps", "1", "--wait", "0", "--warmup", "0", "--out", str(tmp_path), "bench.preset=tiny",
+                           "bench.threads=1", "model.attention_type=joint_space_time"]) == 0
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert run.name.endswith("-joint_space_time") and summary["preset"] == "tiny"
+    assert summary["attention_type"] == "joint_space_time"
+    assert yaml.safe_load((run / "config.yaml").read_text())["bench"]["threads"] == 1
+
+
+def test_profiling_cli_refuses_torchrun_and_an_output_that_is_a_file(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert profiling_main(["--preset", "tiny", "--steps", "1", "--out", str(afile)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: cannot write under {afile}: it is a file; name a "
+                                               "folder with --out")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_:
+        profiling_main(["--preset", "tiny", "--out", str(tmp_path / "p")])
+    assert exit_.value.code == 2 and "not torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_stopped_profile_leaves_no_partial_run(signum, code, name, tmp_path):
+    """A profile stopped mid-way ends with one line and its exit status, and removes its run folder: the partial
+    trace it held had read as a whole run in TensorBoard (Ctrl-C had printed a traceback; SIGTERM left a folder)."""
+    proc = subprocess.Popen([sys.executable, "-m", "timesformer_harness.profiling", "--preset", "tiny", "--steps",
+                             "100000", "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # into the profiled steps
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-2000:]
+    assert f"error: stopped by {name} after " in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("backend", ["math", "naive"])

@@ -31,7 +31,8 @@ from timesformer_harness.bench.report import summary_table, write_summary
 from timesformer_harness.bench.model import count as count_flops_of
 from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.config import BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
-from timesformer_harness.metrics import Stopwatch, gpu_peak_flops, measure_gemm_flops, new_run_dir, run_stamp
+from timesformer_harness.metrics import (OutputFolderError, Stopwatch, gpu_peak_flops, measure_gemm_flops,
+                                         new_run_dir, run_stamp)
 from timesformer_harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
 from timesformer_harness.variants import VARIANTS
 from timesformer_harness.workload import check_attention
@@ -78,7 +79,8 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
     """The bench's config, its preset name and the device.
 
     Precedence, lowest first: the schema defaults, ``config`` (YAML), the preset's model fields
-    (``configs/model/<preset>.yaml``; default ``bench.preset``, else by device), ``overrides`` (``key=value``),
+    (``configs/model/<preset>.yaml``; default ``bench.preset`` of ``config`` and ``overrides``, else by device),
+    ``overrides`` (``key=value``),
     then the keyword arguments. The result is checked like any loaded config (``load_config``), its attention
     backend against the device in ``bench.precision`` (``timesformer_harness.workload.check_attention``), and
     ``bench.preset`` names the preset used.
@@ -86,7 +88,7 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
     from timesformer_harness.model import load_preset
 
     device = resolve_device()
-    preset = preset or load_config(config).bench.preset or default_preset(device)
+    preset = preset or load_config(config, list(overrides)).bench.preset or default_preset(device)
     # The preset's model fields go in as overrides before the user's, so ``model.depth=6`` still wins.
     preset_cfg, default = load_preset(preset), ModelConfig()
     preset_over = [f"model.{k}={v}" for k, v in asdict(preset_cfg).items() if getattr(default, k) != v]
@@ -262,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the first case (the peak GEMM, the cases' FLOP counts)
         print("error: interrupted before any case ran", file=sys.stderr)
         return 130
+    except OutputFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(summary_table(records))
     print(f"results: {out}/results.json (flat: results.csv, results.jsonl; TensorBoard: tb/)  summary: "
           f"{out}/summary.md  ({clock.elapsed():.0f} s)")

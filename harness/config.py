@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from timesformer_harness.kernels.backend_names import BACKENDS as ATTN_BACKENDS, SHORT_SEQUENCE_BACKENDS
-from timesformer_harness.pipelines.config import DataConfig, check_minimums
+from timesformer_harness.pipelines.config import FORMAT_DEPENDENT, DataConfig, check_minimums
 from timesformer_harness.variants import REFERENCE, variant
 
 # divided attention's temporal pass also takes the short-sequence kernels (kernels/short_attention.py)
@@ -447,6 +447,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             rejects; the message names the key, the file or the command line that set it, and the fix.
     """
     schema = OmegaConf.structured(RootConfig)
+    for key, unset in FORMAT_DEPENDENT.items():  # resolved when the config is built, for the format it names
+        schema.data[key] = unset
     sources = _yaml_sources(Path(path)) if path is not None else []
     if overrides:
         for item in overrides:

@@ -6,11 +6,18 @@ It belongs to ``pipelines`` (every loader, the manifest reader and the pre-fligh
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from timesformer_harness.pipelines.loaders import loader_choices
 
+logger = logging.getLogger(__name__)
+
 MANIFEST_FORMATS = ("kinetics", "csv", "ssv2")  # path<sep>label lines | comma-separated path,label | SSv2 JSON
+# The keys whose default depends on data.format, unset: ``DataConfig.__post_init__`` resolves them. ``DataConfig()``
+# resolves them for the default format, so a schema built from it must be given these back before a config that
+# names another format is merged in (``timesformer_harness.config.load_config``).
+FORMAT_DEPENDENT = {"random_flip": None}
 
 
 def check_minimums(section: str, values: object, minimums: dict[str, float]) -> None:
@@ -45,7 +52,9 @@ class DataConfig:
     test_crop_size: int = 224  # val/test: short side resized to this, then num_spatial_crops square crops
     mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])  # per-channel mean subtracted (RGB, 0-1)
     std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])  # per-channel std divided by
-    random_flip: bool = True  # train: horizontal flip with probability 0.5 (off for SSv2: left/right matter)
+    # train: horizontal flip with probability 0.5; null = on, except off for data.format=ssv2 (its labels tell left
+    # from right: "pushing something from left to right"); the run's saved config holds the value used
+    random_flip: bool | None = None
     inv_uniform_sample: bool = False  # train: draw the short side uniform in 1/size (as the original's option)
     num_ensemble_views: int = 1  # val/test: uniform temporal clips per video
     num_spatial_crops: int = 3  # val/test: spatial crops per clip, 1 (centre) or 3 (left/top, centre, right/bottom)
@@ -84,6 +93,13 @@ class DataConfig:
             raise ValueError(f"data.backend={self.backend!r}; choose from ['auto', 'cpu', 'gpu']")
         if self.format not in MANIFEST_FORMATS:
             raise ValueError(f"data.format={self.format!r}; choose from {list(MANIFEST_FORMATS)}")
+        if self.random_flip is None:  # resolved once here: every loader, and a resume's check, see the value used
+            self.random_flip = self.format != "ssv2"
+        elif self.random_flip and self.format == "ssv2":
+            logger.warning("data.random_flip=true with data.format=ssv2: train clips are flipped left/right, but "
+                           "SSv2's labels tell left from right (\"pushing something from left to right\"), so a "
+                           "flipped clip can contradict its label; leave data.random_flip unset (off for SSv2) unless "
+                           "you mean it")
         if self.on_bad_video not in ("error", "skip"):
             raise ValueError(f"data.on_bad_video={self.on_bad_video!r}; choose 'error' or 'skip'")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

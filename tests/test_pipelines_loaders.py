@@ -389,3 +389,47 @@ def test_a_gpu_jpeg_loader_without_nvjpeg_says_it_decodes_on_the_cpu(tmp_path, m
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         "JPEG frames to be decoded on the GPU, but nvjpeg/lib/libnvjpeg.so.12 missing; DALI decodes them on the CPU "
         "instead"]
+
+
+def _ssv2_layout(videos, root, count: int = 4) -> None:
+    """An SSv2 folder as docs/your_data.md describes it: {id}.webm videos, the split JSONs and the labels JSON under
+    its default name."""
+    import json
+    import shutil
+
+    for i in range(count):
+        shutil.copy(videos.good[i], root / f"{100 + i}.webm")
+    (root / "something-something-v2-labels.json").write_text(json.dumps({"Pushing something from left to right": "0",
+                                                                          "Pushing something from right to left": "1"}))
+    split = [{"id": str(100 + i), "template": ["Pushing [something] from left to right",
+                                               "Pushing [something] from right to left"][i % 2]} for i in range(count)]
+    for name in ("train", "validation"):
+        (root / f"something-something-v2-{name}.json").write_text(json.dumps(split))
+
+
+def test_ssv2_trains_without_flips_unless_asked(videos, tmp_path, caplog) -> None:
+    """A config that names data.format=ssv2 and no data.random_flip trains on unflipped clips (SSv2's labels tell left
+    from right); the saved config records the value used; an explicit true still flips, with a warning."""
+    import logging
+
+    from timesformer_harness.config import load_config, to_yaml
+
+    _ssv2_layout(videos, tmp_path)
+    (tmp_path / "my.yaml").write_text(f"data:\n  format: ssv2\n  root: {tmp_path}\n  loader: pyav\n  num_frames: 4\n"
+                                      "  train_jitter_scales: [40, 56]\n  train_crop_size: 32\n  batch_size: 4\n"
+                                      "  num_workers: 0\n  validate_cache: none\nmodel:\n  num_classes: 2\n")
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.pipelines.config"):
+        cfg = load_config(tmp_path / "my.yaml")
+    assert cfg.data.random_flip is False and "random_flip: false" in to_yaml(cfg) and not caplog.records
+    loader = build_loader(cfg.data, "train", device="cpu", num_classes=2)
+    plans = loader.planner.plans(0)
+    batch = next(iter(loader))
+    assert not any(p.flip for p in plans)
+    for clip, plan in zip(batch.video, plans):  # the decoded clips are the unflipped ones
+        torch.testing.assert_close(clip, _pyav_clip(plan, 32))
+    assert load_config(tmp_path / "my.yaml", ["data.format=kinetics"]).data.random_flip is True  # other formats flip
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.pipelines.config"):
+        flipped = load_config(tmp_path / "my.yaml", ["data.random_flip=true"])
+    assert "data.random_flip=true with data.format=ssv2" in caplog.text
+    plans = build_loader(flipped.data, "train", device="cpu", num_classes=2).planner.plans(0)
+    assert any(p.flip for p in plans)

@@ -101,7 +101,7 @@ MODEL_KEYS = tuple(f"model.{k}" for k in ("img_size", "patch_size", "in_chans", 
                                            "attention_type", "input_channels"))
 CLIP_KEYS = tuple(f"data.{k}" for k in ("num_frames", "sampling_rate", "target_fps", "train_jitter_scales",
                                          "train_crop_size", "test_crop_size", "mean", "std", "random_flip",
-                                         "inv_uniform_sample", "pad_short"))
+                                         "inv_uniform_sample", "pad_short", "sampling"))
 SOURCE_KEYS = tuple(f"data.{k}" for k in ("format", "root", "train_manifest", "path_prefix", "separator",
                                            "ssv2_labels", "ssv2_suffix"))
 OPTIMIZER_KEYS = ("solver.optimizer",)  # SGD's momentum buffers are no AdamW moments

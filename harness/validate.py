@@ -78,7 +78,7 @@ def run_check(args: argparse.Namespace) -> int:
     facts = {"config": str(args.config), "split": args.split, "manifest": str(manifest_path(data, args.split)),
              "loader": plan.loader, "backend": plan.backend, "gpu_arch": plan.gpu_arch, "why": plan.why,
              "deep": data.validate == "deep"}
-    clip = None if data.format == "ssv2" else (data.num_frames, data.sampling_rate, data.target_fps)
+    clip = None if data.sampling == "segment" else (data.num_frames, data.sampling_rate, data.target_fps)
     return print_verdict(check.entries, check.rejected, judged, report=args.report, facts=facts, clip=clip,
                          workers=max(1, data.num_workers))
 

@@ -177,7 +177,7 @@ class ClipPlanner:
     def __init__(self, cfg: DataConfig, split: str, videos: list[Video], rank: int = 0, world_size: int = 1):
         self.cfg, self.split, self.videos, self.rank, self.world_size = cfg, split, videos, rank, world_size
         self.train = split == "train"
-        self.segment = cfg.format == "ssv2"  # SSv2 segment sampling; Kinetics window + linspace otherwise
+        self.segment = cfg.sampling == "segment"  # segment sampling (SSv2's); window + linspace otherwise
         # views decoded together (same frames, own crop window): a val/test unit's crops when a batch holds one
         self.views_per_unit = 1 if self.train or cfg.batch_size < cfg.num_spatial_crops else cfg.num_spatial_crops
         self.batch_views = cfg.batch_size // self.views_per_unit * self.views_per_unit  # plans per (full) batch

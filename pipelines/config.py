@@ -17,7 +17,16 @@ MANIFEST_FORMATS = ("kinetics", "csv", "ssv2")  # path<sep>label lines | comma-s
 # The keys whose default depends on data.format, unset: ``DataConfig.__post_init__`` resolves them. ``DataConfig()``
 # resolves them for the default format, so a schema built from it must be given these back before a config that
 # names another format is merged in (``timesformer_harness.config.load_config``).
-FORMAT_DEPENDENT = {"random_flip": None}
+FORMAT_DEPENDENT = {"random_flip": None, "sampling": "auto"}
+SAMPLINGS = ("auto", "segment", "window")  # data.sampling
+
+
+def resolve_sampling(sampling: str, fmt: str) -> str:
+    """The temporal sampling ``sampling`` (``data.sampling``) means for manifests of format ``fmt``: ``auto`` is
+    ``segment`` for SSv2 and ``window`` otherwise."""
+    if sampling == "auto":
+        return "segment" if fmt == "ssv2" else "window"
+    return sampling
 
 
 def check_minimums(section: str, values: object, minimums: dict[str, float]) -> None:
@@ -45,7 +54,11 @@ class DataConfig:
     ssv2_labels: str = ""  # the SSv2 labels JSON; "": {root}/something-something-v2-labels.json
     ssv2_suffix: str = ".webm"  # SSv2 videos are {path_prefix}/{id}{ssv2_suffix}; "" = folders of JPEG frames {id}/
     num_frames: int = 8  # frames per clip T (model.num_frames)
-    sampling_rate: int = 8  # a clip takes every sampling_rate-th frame at target_fps (Kinetics; SSv2 uses segments)
+    # which frames a clip takes: segment = one frame in each 1/T of the whole video (SSv2's recipe), window = every
+    # sampling_rate-th frame of one window (Kinetics'), auto = segment for data.format=ssv2, else window; the run's
+    # saved config holds the value used
+    sampling: str = "auto"
+    sampling_rate: int = 8  # window sampling: a clip takes every sampling_rate-th frame at target_fps
     target_fps: int = 30  # the frame rate sampling_rate counts in; videos at another rate are sampled in time
     train_jitter_scales: list[int] = field(default_factory=lambda: [256, 320])  # train: short side drawn in [min, max]
     train_crop_size: int = 224  # train: random square crop of the resized frames (model.img_size)
@@ -93,6 +106,9 @@ class DataConfig:
             raise ValueError(f"data.backend={self.backend!r}; choose from ['auto', 'cpu', 'gpu']")
         if self.format not in MANIFEST_FORMATS:
             raise ValueError(f"data.format={self.format!r}; choose from {list(MANIFEST_FORMATS)}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"data.sampling={self.sampling!r}; choose from {list(SAMPLINGS)}")
+        self.sampling = resolve_sampling(self.sampling, self.format)  # resolved once here, as random_flip
         if self.random_flip is None:  # resolved once here: every loader, and a resume's check, see the value used
             self.random_flip = self.format != "ssv2"
         elif self.random_flip and self.format == "ssv2":

@@ -120,7 +120,7 @@ def plan_decode(cfg: DataConfig, device: torch.device | str, infos: list[VideoIn
     if cfg.loader == "auto":
         def rejected_by(decoder: str) -> list[tuple[str, str]]:
             return judge(infos, decoder, cfg.num_frames, cfg.sampling_rate, cfg.target_fps, cfg.pad_short,
-                         cfg.format == "ssv2", gpu_arch, cfg.max_frame_pixels)
+                         cfg.sampling == "segment", gpu_arch, cfg.max_frame_pixels)
 
         pyav_rejects = {p for p, _ in rejected_by("pyav")}
         dali_only = [(p, r) for p, r in rejected_by(backend) if p not in pyav_rejects]
@@ -169,7 +169,7 @@ def preflight(cfg: DataConfig, split: str, device: torch.device | str = "cpu", n
     _check_agreed(plan)
     log_decode_plan(cfg, plan, device)
     rejected = judge(infos, LOADERS[plan.loader].judged_as(plan.backend), cfg.num_frames, cfg.sampling_rate,
-                     cfg.target_fps, cfg.pad_short, cfg.format == "ssv2", plan.gpu_arch, cfg.max_frame_pixels)
+                     cfg.target_fps, cfg.pad_short, cfg.sampling == "segment", plan.gpu_arch, cfg.max_frame_pixels)
     if cfg.validate == "deep":
         shallow = {p for p, _ in rejected}
         rejected += _deep_rejects([i.path for i in infos if i.path not in shallow], cfg, cache)

@@ -5,12 +5,13 @@ produce the same clip for the same video, epoch and rank, and a resumed run can 
 The recipe is the original TimeSformer's (PySlowFast's Kinetics and SSv2 samplers), re-expressed in source-pixel
 coordinates so the crop happens before the resize:
 
-* temporal (Kinetics): a window of ``sampling_rate * num_frames / target_fps * fps`` source frames, start uniform
-  in ``[0, delta]`` (train) or ``delta * clip_idx / num_clips`` (test), then ``linspace(start, end, T)`` clamped to
-  the video and truncated (videos shorter than the window repeat their last frame): the original's whole-video
-  path; where it seeks instead (a stream with a declared duration) its frames are ours or one later
-  (docs/pipelines.md, Sampling);
-* temporal (SSv2): ``T`` segments of ``(L - 1) / T`` frames, a random frame per segment (train) or its middle;
+* temporal, ``data.sampling`` window (Kinetics'): a window of ``sampling_rate * num_frames / target_fps * fps``
+  source frames, start uniform in ``[0, delta]`` (train) or ``delta * clip_idx / num_clips`` (test), then
+  ``linspace(start, end, T)`` clamped to the video and truncated (videos shorter than the window repeat their last
+  frame): the original's whole-video path; where it seeks instead (a stream with a declared duration) its frames are
+  ours or one later (docs/pipelines.md, Sampling);
+* temporal, ``data.sampling`` segment (SSv2's): ``T`` segments of ``(L - 1) / T`` frames, a random frame per segment
+  (train) or its middle;
 * spatial (train): short side jittered to ``round(uniform(lo, hi))`` (or the inverse-uniform variant), a random
   ``crop x crop`` window in that resized frame, horizontal flip with p = 0.5; (test) short side resized to the crop
   size, then the left/centre/right (top/centre/bottom for portrait video) window.

@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator
 
 from timesformer_harness.common import ExitCode, FileCache, cache_path, file_key, report_error
 from timesformer_harness.pipelines.bitstream import PROBE_DECODE_SIZE, frame_pixel_bound
-from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.config import SAMPLINGS, DataConfig, resolve_sampling
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
 from timesformer_harness.pipelines.packets import JPEG_CODECS, index_frame_folder, read_payloads
 from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
@@ -724,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --backend gpu: the GPU generation to judge NVDEC for (e.g. hopper, ampere_ga10x, "
                              "ada, or a compute capability such as sm86); default: the visible GPU's, else hopper")
     parser.add_argument("--frames", type=int, default=DataConfig.num_frames, help="T, frames per clip")
+    parser.add_argument("--sampling", choices=SAMPLINGS, default=DataConfig.sampling,
+                        help="data.sampling: segment (T frames across the whole video, SSv2's), window (every "
+                             "--sampling-rate-th frame of one window), auto (segment for --format ssv2, else window)")
     parser.add_argument("--sampling-rate", type=int, default=DataConfig.sampling_rate)
     parser.add_argument("--target-fps", type=float, default=DataConfig.target_fps)
     parser.add_argument("--pad", action="store_true", help="accept videos shorter than the span (data.pad_short)")
@@ -794,8 +797,9 @@ def _check(args: argparse.Namespace, entries: list, cache: Path | None) -> int:
         judged_for = source
         print(f"judging NVDEC decode for {source}")
     infos = probe_all([e.path for e in entries], cache, args.workers, log_every=args.log_every)
+    segment = resolve_sampling(args.sampling, args.format) == "segment"
     rejected = judge(infos, args.backend, args.frames, args.sampling_rate, args.target_fps, args.pad,
-                     args.format == "ssv2", gpu_arch, args.max_frame_pixels)
+                     segment, gpu_arch, args.max_frame_pixels)
     if args.deep:
         shallow = {p for p, _ in rejected}
         paths = [e.path for e in entries if e.path not in shallow]
@@ -809,7 +813,7 @@ def _check(args: argparse.Namespace, entries: list, cache: Path | None) -> int:
              "deep": args.deep}
     return print_verdict(entries, [(p, as_cli_hint(r)) for p, r in rejected], f"{args.backend} backend",
                          report=args.report, facts=facts, workers=args.workers,
-                         clip=None if args.format == "ssv2" else (args.frames, args.sampling_rate, args.target_fps))
+                         clip=None if segment else (args.frames, args.sampling_rate, args.target_fps))
 
 
 if __name__ == "__main__":

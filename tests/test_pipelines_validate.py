@@ -339,3 +339,40 @@ def test_a_frame_rate_no_video_has_is_refused_for_kinetics_sampling(fps, refused
     reasons = validate.judge([info], "cpu", 8, 1, pad=True)
     assert bool(reasons) == refused and all(f"a frame rate of {fps:.3g} fps" in r for _, r in reasons)
     assert validate.judge([info], "cpu", 8, 1, pad=True, segment=True) == []
+
+
+def test_segment_sampling_is_a_key_of_its_own(videos, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """SSv2-style videos listed in a CSV manifest of one's own get segment sampling from data.sampling=segment (the
+    loader plans one frame per segment; the pre-flight check and both validate CLIs need T frames, not a window);
+    data.sampling=auto is window sampling for a CSV manifest, as before."""
+    from timesformer_harness import validate as run_validate
+    from timesformer_harness.config import load_config
+    from timesformer_harness.pipelines.sampling import kinetics_frames, segment_frames
+
+    lines = [f"{p.name},{i % 2}" for i, p in enumerate(videos.good[:3])] + ["short.webm,1"]
+    config = _copy_of_toy(tmp_path, videos, [], "\n  format: csv\n  pad_short: false\n  num_frames: 4\n"
+                          "  sampling_rate: 8\n  loader: pyav\n  sampling: segment")
+    for split in ("train", "val"):
+        (tmp_path / "data" / f"{split}.csv").write_text("".join(f"{line}\n" for line in lines))
+    cfg = load_config(config, ["data.num_workers=0", "data.batch_size=4"])
+    assert cfg.data.sampling == "segment"
+    plans = build_loader(cfg.data, "train", device="cpu", num_classes=6).planner.plans(0)
+    for p in plans:  # a random frame in each segment of the whole video, not a window of 4 x 8 frames
+        edges = [round((p.video_frames - 1) / 4 * i) for i in range(5)]
+        assert all(edges[i] <= f <= edges[i + 1] for i, f in enumerate(p.frames))
+    assert sorted(p.video_frames for p in plans) == [6, 24, 24, 24]  # the 6-frame video is usable: it has T frames
+    assert run_validate.main(["--config", str(config)]) == 0
+    assert "4/4 videos usable" in capsys.readouterr().out
+    manifest = [str(tmp_path / "data" / "train.csv"), "--format", "csv", "--path-prefix", str(videos.root),
+                "--cache", "", "--backend", "pyav", "--frames", "4"]
+    assert validate.main([*manifest, "--sampling", "segment"]) == 0
+    assert "4/4 videos usable" in capsys.readouterr().out
+    assert validate.main(manifest) == 1  # auto on a CSV manifest: window sampling, 4 x 8 frames
+    assert "short.webm: too short: 6 frames < 32 needed by the clip span" in capsys.readouterr().out
+    window = load_config(config, ["data.sampling=auto", "data.pad_short=true", "data.num_spatial_crops=1"]).data
+    assert window.sampling == "window"
+    plans = build_loader(window, "val", device="cpu", num_classes=6).planner.plans(0)
+    assert plans[0].frames.tolist() == kinetics_frames(24, 30, 4, 8, 30, 0, 1).tolist()  # [0, 10, 20, 23]
+    assert plans[0].frames.tolist() != segment_frames(24, 4).tolist()
+    with pytest.raises(ValueError, match=r"data.sampling='segments'; choose from \['auto', 'segment', 'window'\]"):
+        load_config(config, ["data.sampling=segments"])

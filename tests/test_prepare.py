@@ -334,3 +334,35 @@ def test_frame_folders_become_videos(videos, tmp_path):
     info = check_videos([str(tmp_path / "out15" / "frames" / "clip [a]*.avi")], "cpu", num_frames=4, sampling_rate=2,
                         cache=None)[0][0]
     assert slower.transcoded == 3 and (info.frames, info.fps) == (11, 15.0)
+
+
+def test_ssv2_prepared_folder_is_a_data_root(videos, tmp_path, caplog):
+    """A labels JSON of another name (given with --ssv2-labels) is written under the name data.ssv2_labels defaults
+    to, so that data.root=DIR alone reads the prepared set, videos and labels; a split file of another name is
+    named in a warning with the key that reads it."""
+    from timesformer_harness.pipelines.factory import build_loader
+    from timesformer_harness.pipelines.manifest import read_manifest
+
+    src = tmp_path / "ssv2"
+    src.mkdir()
+    for i, p in enumerate(videos.good[:2]):
+        (src / f"{100 + i}.webm").write_bytes(p.read_bytes())
+    (src / "labels.json").write_text(json.dumps({"Pushing something": "0", "Pulling something": "1"}))
+    split = [{"id": "100", "template": "Pushing [something]"}, {"id": "101", "template": "Pulling [something]"}]
+    (src / "something-something-v2-validation.json").write_text(json.dumps(split))
+    (src / "mine.json").write_text(json.dumps(split))
+    out = tmp_path / "out"
+    report = prepare(src / "something-something-v2-validation.json", out, PrepareSpec("vp9", 32, 4), fmt="ssv2",
+                     ssv2_labels=str(src / "labels.json"), workers=1, progress=False)
+    assert report.transcoded == 2 and not report.failed
+    cfg = DataConfig(format="ssv2", root=str(out), loader="pyav", num_frames=4, test_crop_size=32,
+                     num_spatial_crops=1, batch_size=2, num_workers=0, validate_cache="none")
+    entries = read_manifest(cfg, "val")
+    assert [(Path(e.path), e.label) for e in entries] == [(out / "100.webm", 0), (out / "101.webm", 1)]
+    batch = next(iter(build_loader(cfg, "val", device="cpu", num_classes=2)))
+    assert batch.label.tolist() == [0, 1] and batch.video.shape == (2, 3, 4, 32, 32)
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.pipelines.tools.prepare"):
+        prepare(src / "mine.json", out, PrepareSpec("vp9", 32, 4), fmt="ssv2", ssv2_labels=str(src / "labels.json"),
+                workers=1, progress=False)
+    assert f"mine.json is not a split file name data.root={out} looks for" in caplog.text
+    assert f"(or data.val_manifest / data.test_manifest) at {out / 'mine.json'}" in caplog.text

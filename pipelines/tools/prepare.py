@@ -5,7 +5,8 @@ vp9|mjpeg|h264|hevc|auto] [--gop N|intra] [--fps F] [--workers N]`` transcodes e
 (``timesformer_harness.pipelines.tools.transcode``: PyAV decode, constant frame rate, short-side resize, keyframes
 forced every ``--gop`` frames, output checked) into ``DIR/<same relative path>.<ext>``, and writes a new manifest
 ``DIR/<manifest name>`` with the same labels (Kinetics: ``path<sep>label`` relative to DIR; SSv2: the split JSON,
-without failed ids, and the labels JSON), and ``DIR/prepare.json`` (the spec, counts, failures; under
+without failed ids, and the labels JSON as ``DIR/something-something-v2-labels.json``, the name ``data.root=DIR``
+reads), and ``DIR/prepare.json`` (the spec, counts, failures; under
 ``manifests``, those of every manifest prepared into DIR).
 
 A manifest entry may also name a folder of frames (``.jpg``/``.jpeg``/``.png`` images, one kind, in
@@ -43,7 +44,7 @@ from pathlib import Path
 
 from timesformer_harness.common import atomic_write_text, remove_stale_temporaries, setup_logging
 from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
-from timesformer_harness.pipelines.manifest import SSV2_LABELS, add_manifest_arguments, read_entries
+from timesformer_harness.pipelines.manifest import SSV2_LABELS, SSV2_SPLITS, add_manifest_arguments, read_entries
 from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, PrepareSpec, encoder_options, source_stat,
                                                              transcode)
 
@@ -262,7 +263,12 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
         items = [it for it in json.loads(manifest.read_text()) if str(it["id"]) in keep]
         atomic_write_text(out / manifest.name, json.dumps(items, indent=1) + "\n")
         labels = Path(ssv2_labels or manifest.parent / SSV2_LABELS)
-        atomic_write_text(out / labels.name, labels.read_text())
+        # under the name data.ssv2_labels defaults to, whatever the source's: data.root=DIR then reads it
+        atomic_write_text(out / SSV2_LABELS, labels.read_text())
+        if manifest.name not in SSV2_SPLITS.values():
+            logger.warning("%s is not a split file name data.root=%s looks for (%s): point data.train_manifest "
+                           "(or data.val_manifest / data.test_manifest) at %s", manifest.name, out,
+                           ", ".join(sorted(set(SSV2_SPLITS.values()))), out / manifest.name)
     elif fmt == "csv":  # quoted where a path holds a comma or a quote, as the reader (csv.reader) expects
         lines = io.StringIO()
         csv.writer(lines, lineterminator="\n").writerows((rel_of[e.path], e.label) for e in good)

@@ -195,6 +195,9 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
     for n, item in enumerate(items):
         if not isinstance(item, dict) or "id" not in item or "template" not in item:
             raise ValueError(f"{split_json}: entry {n} has no 'id'/'template': {item!r}")
+        if not isinstance(item["template"], str):
+            raise ValueError(f"{split_json}: entry {n} (id {item['id']}) has template {item['template']!r}; expected "
+                             "the class's text, e.g. \"Pushing [something] from left to right\"")
         template = item["template"].replace("[", "").replace("]", "")
         if template not in labels:
             raise ValueError(f"{split_json}: entry {n} (id {item['id']}) has template {template!r}, which is not in "

@@ -132,6 +132,10 @@ def test_ssv2_files_follow_the_manifest_rules(tmp_path: Path) -> None:
     split.write_text("[{")
     with pytest.raises(ValueError, match=rf"{split}: not JSON"):
         read_ssv2(split, labels, tmp_path)
+    split.write_text(json.dumps(entries + [{"id": "9", "template": ["Pushing [something]"]}]))
+    with pytest.raises(ValueError, match=r"entry 2 \(id 9\) has template \['Pushing \[something\]'\]; expected the "
+                                         r"class's text"):
+        read_ssv2(split, labels, tmp_path)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9/a.webm 1\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text \(byte 3: invalid continuation byte\)"):
         read_kinetics(tmp_path / "latin1.txt")

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 SSV2_SPLITS = {"train": "something-something-v2-train.json", "val": "something-something-v2-validation.json",
                "test": "something-something-v2-validation.json"}  # the original tests on the validation set
 SSV2_LABELS = "something-something-v2-labels.json"  # template -> class id, beside the split files by default
+# The fix a missing SSv2 labels file's error names, in config keys; a CLI that reads manifests through its flags
+# (``add_manifest_arguments``) names its own (``manifest_cli_hint``): its default labels file is beside the split JSON.
+SSV2_LABELS_FIX = f"set data.ssv2_labels, or put {SSV2_LABELS} in data.root"
+MANIFEST_CLI_HINTS = ((SSV2_LABELS_FIX, f"pass --ssv2-labels FILE, or put {SSV2_LABELS} beside the split JSON"),)
 # A manifest may name a folder of frames (``frame_images``): its images are its frames, at this many frames per second
 # (the original's SSv2 frames were taken at 30 fps; prepare's --fps reads them at another rate).
 FRAME_FOLDER_FPS = 30
@@ -177,9 +181,10 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
     ``{video_dir}/{id}{ext}`` (``ext`` "": folders of frames). The label is the template with '[' and ']' removed,
     looked up in the labels."""
     split_json, labels_json = Path(split_json), Path(labels_json)
-    for p in (split_json, labels_json):
-        if not p.is_file():
-            raise FileNotFoundError(f"SSv2 file {p} does not exist (data.root / data.ssv2_labels)")
+    if not split_json.is_file():
+        raise FileNotFoundError(f"manifest {split_json} does not exist")
+    if not labels_json.is_file():
+        raise FileNotFoundError(f"SSv2 labels file {labels_json} does not exist: {SSV2_LABELS_FIX}")
     text = _text(labels_json)
     try:
         labels = {k: int(v) for k, v in json.loads(text).items()}
@@ -253,6 +258,14 @@ def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{SSV2_LABELS} beside the split JSON)")
     parser.add_argument("--ssv2-suffix", default=".webm", help="SSv2 videos are {id}SUFFIX (data.ssv2_suffix); '' "
                         "for folders of JPEG frames named {id}")
+
+
+def manifest_cli_hint(message: str) -> str:
+    """``message`` with the config keys a manifest error's fix names replaced by ``add_manifest_arguments``' flags
+    (``MANIFEST_CLI_HINTS``)."""
+    for key, flag in MANIFEST_CLI_HINTS:
+        message = message.replace(key, flag)
+    return message
 
 
 def manifest_path(cfg: DataConfig, split: str) -> Path:

@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterator
 from timesformer_harness.common import ExitCode, FileCache, cache_path, file_key, report_error
 from timesformer_harness.pipelines.bitstream import PROBE_DECODE_SIZE, frame_pixel_bound
 from timesformer_harness.pipelines.config import SAMPLINGS, DataConfig, resolve_sampling
+from timesformer_harness.pipelines.manifest import MANIFEST_CLI_HINTS
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, NVDEC_CODECS, nvdec_problem
 from timesformer_harness.pipelines.packets import JPEG_CODECS, index_frame_folder, read_payloads
 from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
@@ -672,7 +673,7 @@ def deep_check(paths: list[str], cache: str | Path | None = DEFAULT_CACHE, worke
 
 # What a reason's fix says in config keys (the loaders' language), and what this CLI's flags say instead: the CLI
 # without a run config translates them, so a hint names a flag its user can pass.
-CLI_HINTS = (("data.backend=cpu; data.backend=auto does so by itself", "--backend cpu"),
+CLI_HINTS = (*MANIFEST_CLI_HINTS, ("data.backend=cpu; data.backend=auto does so by itself", "--backend cpu"),
              ("data.pad_short=true", "--pad"), ("data.loader=pyav / a GPU", "--backend pyav / gpu"),
              ("data.loader=pyav", "--backend pyav"), ("data.max_frame_pixels=", "--max-frame-pixels "),
              ("data.max_frame_pixels", "--max-frame-pixels"), ("data.validate_cache=", "--cache "),

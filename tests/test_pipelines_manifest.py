@@ -193,3 +193,24 @@ def test_callers_share_the_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ValueError, match="spied"):
         prepare.prepare(tmp_path / "m.csv", tmp_path / "out", PrepareSpec(), fmt="ssv2", progress=False)
     assert calls == [("m.csv", "kinetics"), ("m.csv", "csv"), ("m.csv", "ssv2")]
+
+
+def test_missing_ssv2_labels_names_the_callers_own_setting(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A missing SSv2 labels file: the run's config names data.ssv2_labels / data.root; the validate and prepare CLIs
+    name their --ssv2-labels flag and their default (beside the split JSON), no config key."""
+    import timesformer_harness.pipelines.tools.prepare as prepare
+    import timesformer_harness.pipelines.validate as validate
+
+    split = tmp_path / "something-something-v2-train.json"
+    split.write_text(json.dumps([{"id": "7", "template": "Pushing [something]"}]))
+    with pytest.raises(FileNotFoundError, match=rf"SSv2 labels file {tmp_path}/something-something-v2-labels.json "
+                                                r"does not exist: set data.ssv2_labels, or put "
+                                                r"something-something-v2-labels.json in data.root"):
+        read_manifest(DataConfig(format="ssv2", root=str(tmp_path)), "train")
+    cli_fix = "pass --ssv2-labels FILE, or put something-something-v2-labels.json beside the split JSON"
+    assert validate.main([str(split), "--format", "ssv2", "--cache", ""]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: SSv2 labels file") and cli_fix in err and "data." not in err
+    assert prepare.main([str(split), "--format", "ssv2", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: SSv2 labels file") and cli_fix in err and "data." not in err

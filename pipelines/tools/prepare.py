@@ -44,7 +44,8 @@ from pathlib import Path
 
 from timesformer_harness.common import atomic_write_text, remove_stale_temporaries, setup_logging
 from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
-from timesformer_harness.pipelines.manifest import SSV2_LABELS, SSV2_SPLITS, add_manifest_arguments, read_entries
+from timesformer_harness.pipelines.manifest import (SSV2_LABELS, SSV2_SPLITS, add_manifest_arguments, manifest_cli_hint,
+                                                    read_entries)
 from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, PrepareSpec, encoder_options, source_stat,
                                                              transcode)
 
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                          path_prefix=args.path_prefix, ssv2_labels=args.ssv2_labels, ssv2_suffix=args.ssv2_suffix,
                          workers=args.workers, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {manifest_cli_hint(str(e))}", file=sys.stderr)
         return 2
     print(report.summary() + (f"\n  {chose}" if chose else ""))
     return 1 if report.failed else 0

@@ -366,3 +366,20 @@ def test_ssv2_prepared_folder_is_a_data_root(videos, tmp_path, caplog):
                 workers=1, progress=False)
     assert f"mine.json is not a split file name data.root={out} looks for" in caplog.text
     assert f"(or data.val_manifest / data.test_manifest) at {out / 'mine.json'}" in caplog.text
+
+
+def test_short_side_0_crops_an_odd_size(tmp_path):
+    """--short-side 0 keeps the source's pixels: a 65x49 source (PNG frames: exact pixels) comes out 64x48, its last
+    column and row cut off, not squeezed by a resize (2-pixel checks would be a pixel out of phase at the far side)."""
+    import av
+    import numpy as np
+
+    y, x = np.mgrid[0:49, 0:65]
+    checks = np.where((x // 2 + y // 2) % 2, 220, 30).astype(np.uint8)
+    src = _frame_folder(tmp_path / "frames", np.repeat(checks[None, :, :, None], 3, axis=3).repeat(6, axis=0), ".png")
+    assert output_size(49, 65, 0) == (48, 64)
+    assert transcode(src, tmp_path / "out.avi", PrepareSpec("mjpeg", 0, quality=2)) == 6
+    with av.open(str(tmp_path / "out.avi")) as container:
+        out = np.stack([f.to_ndarray(format="gray") for f in container.decode(video=0)])
+    assert out.shape == (6, 48, 64)
+    assert np.abs(out.astype(float) - checks[:48, :64]).mean() < 2  # squeezed to 64x48: ~80

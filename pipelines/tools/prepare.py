@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     add_manifest_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder (videos, new manifest, prepare.json)")
-    parser.add_argument("--short-side", type=int, default=256, help="resize the short side to this (0 = keep)")
+    parser.add_argument("--short-side", type=int, default=256, help="resize the short side to this (0 = keep; an odd "
+                        "width or height loses its last pixel column or row: 4:2:0 needs even sides)")
     parser.add_argument("--codec", choices=[*sorted(OUTPUT_CODECS), "auto"], default="vp9",
                         help="vp9 (.webm): DALI CPU and GPU; mjpeg (.avi): DALI CPU, or nvJPEG on a GPU (not NVDEC); "
                              "h264/hevc (.mp4): DALI GPU / PyAV only; auto: the format (and, without --gop, the GOP) "

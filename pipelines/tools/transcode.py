@@ -53,7 +53,7 @@ class PrepareSpec:
     """Everything that determines an output's content (its key marks outputs as done in the journal)."""
 
     codec: str = "vp9"
-    short_side: int = 256  # 0 = keep the source size
+    short_side: int = 256  # 0 = keep the source size (an odd side cropped by one pixel)
     gop: int | None = None  # keyframe every `gop` frames; 1 = intra-only; None = the encoder's default
     fps: float | None = None  # constant output frame rate; None = the source's average rate
     quality: int | None = None  # crf / qscale; None = the codec's default
@@ -86,7 +86,8 @@ class PrepareSpec:
 
 
 def output_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """(H, W) with the short side = ``short_side`` (0 = keep), aspect kept, both even (rounded)."""
+    """(H, W) with the short side = ``short_side`` (0 = keep: an odd side loses its last pixel row or column, cut
+    off by ``_encode``, not resampled), aspect kept, both even (rounded): 4:2:0 needs even sides."""
     if short_side == 0:
         return height - height % 2, width - width % 2
     if height <= width:
@@ -140,6 +141,22 @@ def _resample(frames: Iterator, src_rate: Fraction, rate: Fraction, time_base: F
             k += 1
 
 
+def _cropped(frames: Iterator, stream, height: int, width: int) -> Iterator:
+    """``frames`` of ``stream`` cut to their top-left ``width x height`` pixels by FFmpeg's crop filter: the pixels
+    kept are the source's, where a resize to one pixel less would resample the whole frame."""
+    import av
+
+    graph = av.filter.Graph()
+    source, sink = graph.add_buffer(template=stream), graph.add("buffersink")
+    crop = graph.add("crop", f"{width}:{height}:0:0")
+    source.link_to(crop)
+    crop.link_to(sink)
+    graph.configure()
+    for frame in frames:
+        graph.push(frame)
+        yield graph.pull()  # crop gives one frame for each
+
+
 def _declared_seconds(container, stream) -> float | None:
     """The video's declared duration: the stream's when known, else the container's."""
     if stream.duration and stream.time_base:
@@ -184,7 +201,8 @@ def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
     ist.thread_count = 1  # parallelism comes from the worker processes
     src_rate = Fraction(ist.average_rate or ist.guessed_rate or ist.base_rate or 30)
     rate = Fraction(spec.fps).limit_denominator(1001) if spec.fps else src_rate
-    height, width = output_size(ist.codec_context.height, ist.codec_context.width, spec.short_side)
+    src_height, src_width = ist.codec_context.height, ist.codec_context.width
+    height, width = output_size(src_height, src_width, spec.short_side)
     if height < 2 or width < 2:
         raise RuntimeError(f"source size {ist.codec_context.width}x{ist.codec_context.height} is unusable")
     written = 0
@@ -197,7 +215,10 @@ def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
             q = spec.quality if spec.quality is not None else codec.default_quality
             ost.codec_context.qmin = ost.codec_context.qmax = q
         gop = spec.effective_gop
-        frames = _resample(inp.decode(ist), src_rate, rate, Fraction(ist.time_base) if ist.time_base else None)
+        decoded = inp.decode(ist)
+        if spec.short_side == 0 and (height, width) != (src_height, src_width):  # an odd side: crop, not squeeze
+            decoded = _cropped(decoded, ist, height, width)
+        frames = _resample(decoded, src_rate, rate, Fraction(ist.time_base) if ist.time_base else None)
         for frame in frames:
             f = frame.reformat(width=width, height=height, format=codec.pix_fmt, interpolation="BICUBIC")
             f.pts, f.time_base = written, 1 / rate  # the encoder's time base is 1 / rate

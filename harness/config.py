@@ -88,6 +88,9 @@ class ModelConfig:
             raise ValueError(f"model.input_channels={self.input_channels!r}; choose 'rgb' or 'bgr'")
         if self.init not in ("original", "scratch"):
             raise ValueError(f"model.init={self.init!r}; choose 'original' or 'scratch'")
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):  # 1 drops everything (DropPath: NaN)
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"model.{key}={getattr(self, key)}; use a probability in [0, 1) (0 = off)")
 
 
 @dataclass

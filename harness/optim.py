@@ -37,8 +37,8 @@ def _apex_optimizer(params: list[torch.nn.Parameter], cfg: SolverConfig) -> tupl
             opt = cls(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
         elif cfg.optimizer == "adamw":  # FusedAdam with adam_w_mode=True is AdamW
             opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=wd, adam_w_mode=True)
-        else:
-            opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=wd)
+        else:  # FusedLAMB clips to a global norm of 1.0 unless told otherwise; solver.grad_clip does the clipping
+            opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=wd, max_grad_norm=math.inf)
     except Exception as e:  # noqa: BLE001 - whatever apex raises, torch's optimizer takes over
         return None, (f"apex.optimizers.{name} cannot be built ({type(e).__name__}: {e}); an apex installed without "
                       f"its CUDA extensions does this: reinstall it with them, or set solver.use_apex=never")

@@ -66,11 +66,10 @@ def check_attention(cfg: ModelConfig, device: torch.device, dtype: torch.dtype |
                              f"model.num_frames={cfg.num_frames}: use another temporal_attn_backend")
     for key, backend in keys.items():
         try:
-            check_backend(backend, device, dtype, capability)
-        except ValueError as e:  # its messages name attn_backend, without the section
-            message = str(e)
-            raise ValueError(f"model.{key}{message.removeprefix('attn_backend')}"
-                             if message.startswith("attn_backend=") else message) from None
+            check_backend(backend, device, dtype, capability, cfg.attn_drop_rate)
+        except ValueError as e:  # its messages name attn_backend and attn_drop_rate, without the section
+            raise ValueError(str(e).replace("attn_backend=", f"model.{key}=").replace(
+                "attn_drop_rate=", "model.attn_drop_rate=")) from None
 
 
 MODEL_SIZES = ("embed_dim", "depth", "num_frames", "img_size", "patch_size", "mlp_ratio", "num_classes")

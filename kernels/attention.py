@@ -69,15 +69,16 @@ def attention(
 
 
 def check_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None,
-                  capability: tuple[int, int] | None = None) -> None:
+                  capability: tuple[int, int] | None = None, dropout: float = 0.0) -> None:
     """Fail early, with the fix, when ``backend`` cannot compute attention in ``dtype`` on ``device``.
 
     ``dtype`` is what q, k, v are in: the autocast dtype (bf16/fp16) or None/fp32 without autocast. ``capability``
     is the CUDA device's (major, minor) when known. Touches no GPU. The rules are PyTorch's SDPA kernel filters
     (``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``): on CUDA, flash and cuDNN take fp16/bf16 only and
     need sm80 or newer, efficient takes fp32/fp16 and also bf16 from sm80 on; off CUDA, efficient and cuDNN do not
-    exist. ``auto``, ``math`` and ``naive`` run everywhere. ``triton`` (short sequences) needs the triton package and
-    an sm80 or newer GPU, or Triton's CPU interpreter (``TRITON_INTERPRET=1``: slow, for tests).
+    exist, and flash takes no attention dropout (``dropout``, the training's rate). ``auto``, ``math`` and ``naive``
+    run everywhere. ``triton`` (short sequences) needs the triton package and an sm80 or newer GPU, or Triton's CPU
+    interpreter (``TRITON_INTERPRET=1``: slow, for tests).
 
     Raises:
         ValueError: unknown backend, or one that cannot run here (instead of SDPA's "No available kernel").
@@ -95,6 +96,9 @@ def check_backend(backend: str, device: torch.device | str, dtype: torch.dtype |
         if backend in ("efficient", "cudnn"):
             raise ValueError(f"attn_backend={backend} exists on CUDA only; on {device.type} use flash, math, naive "
                              f"or auto")
+        if dropout > 0:  # flash
+            raise ValueError(f"attn_backend=flash has no attention dropout on {device.type} (attn_drop_rate="
+                             f"{dropout}): use attn_backend=math, naive or auto, or set attn_drop_rate=0")
         return
     where = f" (this GPU is sm{capability[0]}{capability[1]})" if capability else ""
     if backend in ("flash", "cudnn"):

@@ -232,9 +232,13 @@ def short_attention(qkv: torch.Tensor, seq_len: int, num_heads: int, block_rows:
         (tokens, D): each token's attention output, heads side by side (what the output projection reads).
 
     Raises:
-        ValueError: a sequence longer than ``MAX_SHORT_SEQUENCE``, token counts that are not whole sequences, or
-            ``block_rows`` that no config has or that cannot hold a sequence.
+        ValueError: a sequence longer than ``MAX_SHORT_SEQUENCE``, token counts that are not whole sequences,
+            ``block_rows`` that no config has or that cannot hold a sequence, or a dtype other than fp32/bf16/fp16
+            (the kernel computes in fp32: float64 would be rounded silently).
     """
+    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the triton attention backend takes fp32, bf16 or fp16 qkv, not "
+                         f"{str(qkv.dtype).removeprefix('torch.')}: use another temporal_attn_backend")
     if seq_len > MAX_SHORT_SEQUENCE:
         raise ValueError(f"the triton attention backend takes sequences of up to {MAX_SHORT_SEQUENCE} tokens, not "
                          f"{seq_len}: use another temporal_attn_backend for clips of more frames")

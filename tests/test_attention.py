@@ -156,3 +156,28 @@ def test_the_temporal_pass_takes_its_own_backend() -> None:
     check_attention(replace(cfg, attention_type="joint_space_time"), torch.device("cpu"), None)
     with pytest.raises(ValueError, match="^model.attn_backend=cudnn exists on CUDA only"):
         check_attention(replace(cfg, attn_backend="cudnn"), torch.device("cpu"), None)
+    # the fix names the key that was checked (the temporal one's message had said to change attn_backend)
+    with pytest.raises(ValueError, match=r"^model.temporal_attn_backend=flash takes fp16/bf16 .* or use "
+                                         r"model.temporal_attn_backend=efficient or auto$"):
+        check_attention(replace(cfg, temporal_attn_backend="flash"), torch.device("cuda"), None, (9, 0))
+
+
+def test_flash_with_attention_dropout_on_cpu_is_refused_before_the_first_step() -> None:
+    """SDPA's flash kernel on the CPU takes no dropout: training with model.attn_drop_rate > 0 had passed the
+    start-up check and then failed its first forward with SDPA's "No available kernel"."""
+    from timesformer_harness.config import ModelConfig
+    from timesformer_harness.model import create_model
+    from timesformer_harness.workload import check_attention
+
+    q = torch.randn(1, 2, 9, 16)
+    with pytest.raises(RuntimeError):  # what the check stands in for
+        attention(q, q, q, "flash", dropout_p=0.1)
+    cfg = ModelConfig(attn_backend="flash", attn_drop_rate=0.1)
+    with pytest.raises(ValueError, match=r"^model.attn_backend=flash has no attention dropout on cpu "
+                                         r"\(model.attn_drop_rate=0.1\): use model.attn_backend=math, naive or auto, "
+                                         r"or set model.attn_drop_rate=0$"):
+        check_attention(cfg, torch.device("cpu"), None)
+    check_attention(ModelConfig(attn_backend="flash"), torch.device("cpu"), None)
+    check_backend("flash", torch.device("cuda"), torch.bfloat16, (9, 0), dropout=0.1)  # CUDA's flash has dropout
+    model = create_model("tiny", attn_backend="auto", attn_drop_rate=0.1, num_classes=3).train()
+    model(torch.randn(1, 3, 4, 32, 32)).sum().backward()  # what the message points to runs

@@ -75,6 +75,10 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
     ("solver.label_smoothing=1.5", r"solver.label_smoothing=1.5; use a fraction in \[0, 1\)"),  # silently used
     ("solver.mixup_alpha=-1", "solver.mixup_alpha=-1.0; must be >= 0.0"),
     ("bench.frames=[8,0]", r"bench.frames=\[8, 0\]: every value must be >= 1"),
+    ("model.drop_path_rate=1.0", r"model.drop_path_rate=1.0; use a probability in \[0, 1\)"),  # NaN logits
+    ("model.drop_path_rate=-0.2", r"model.drop_path_rate=-0.2; use a probability"),  # silently no stochastic depth
+    ("model.attn_drop_rate=1.5", r"model.attn_drop_rate=1.5; use a probability"),  # torch's error, naming no key
+    ("model.drop_rate=-0.1", r"model.drop_rate=-0.1; use a probability"),
 ])
 def test_a_value_out_of_range_names_the_key_and_where_it_was_set(override, message, tmp_path):
     """One key per message, so that the error names the command line when the value came from it, not the file."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -36,7 +37,9 @@ class FusedAdam(torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, adam_w_mode=True):
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay)
 class FusedLAMB(FusedAdam):
-    pass
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01, max_grad_norm=1.0):
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.max_grad_norm = max_grad_norm  # apex's default clips every step to a global norm of 1.0
 ''',
 }
 
@@ -79,7 +82,9 @@ def test_apex_used_only_when_its_optimizer_builds(fake_apex: str, caplog: pytest
     never = build_optimizer(_params(), SolverConfig(use_apex="never"), cuda)[1]
     assert never == "torch.optim.SGD(fused=True)"
     if fake_apex == "working":
-        assert build_optimizer(_params(), SolverConfig(optimizer="lamb"), cuda)[1] == "apex.optimizers.FusedLAMB"
+        lamb, impl = build_optimizer(_params(), SolverConfig(optimizer="lamb"), cuda)
+        assert impl == "apex.optimizers.FusedLAMB"
+        assert lamb.max_grad_norm == math.inf  # no clipping of its own: solver.grad_clip (0 = off) decides
     else:
         with pytest.raises(ValueError, match=r"lamb needs apex .* and here apex.optimizers.FusedLAMB"):
             build_optimizer(_params(), SolverConfig(optimizer="lamb"), cuda)

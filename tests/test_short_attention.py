@@ -130,6 +130,8 @@ def test_refuses_what_it_cannot_compute() -> None:
         short_attention(torch.zeros(12, 96), 8, 2)
     with pytest.raises(ValueError, match="block_rows=16 for sequences of 40 tokens; choose from \\[64, 128\\]"):
         short_attention(torch.zeros(80, 96), 40, 2, block_rows=16)
+    with pytest.raises(ValueError, match="takes fp32, bf16 or fp16 qkv, not float64"):  # it computes in fp32
+        short_attention(torch.zeros(16, 96, dtype=torch.float64), 8, 2)
 
 
 def divided(backend: str, depth: int = 2, **kw: object) -> ModelConfig:

@@ -61,8 +61,8 @@ from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (Change, CheckpointManager, RunFolderError, RunLock, config_changes,
                                              data_fingerprint, epoch_partial, find_resume, format_changes,
                                              keep_records_up_to, list_checkpoints, logged_end, resume_disagreement,
-                                             resume_position, rng_state, saved_config, set_rng_state, val_record,
-                                             video_facts)
+                                             resume_position, rng_state, saved_config, set_aside, set_rng_state,
+                                             val_record, video_facts)
 from timesformer_harness.workload import TrainStep, build_model, check_model_fits, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
 from timesformer_harness.pipelines.config import DataConfig
@@ -209,9 +209,10 @@ class Trainer:
             if self._resume is not None:  # said again here, where train.log has it: the warnings came before it
                 saved = list_checkpoints(self._resume[0].parent)
                 newer = saved[saved.index(self._resume[0]) + 1:] if self._resume[0] in saved else []
-                if newer:
-                    logger.warning("resuming from %s: the newer %s could not be read", self._resume[0].name,
-                                   ", ".join(p.name for p in newer))
+                if newer:  # moved aside: counted by keep_last, they could prune the good ones
+                    aside = [set_aside(p).name for p in newer]
+                    logger.warning("resuming from %s: the newer %s could not be read, moved aside as %s",
+                                   self._resume[0].name, ", ".join(p.name for p in newer), ", ".join(aside))
             (self.run_dir / "environment.json").write_text(json.dumps(environment_info(self.device), indent=2))
         barrier()
         seed_everything(cfg.train.seed + info.rank)

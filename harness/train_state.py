@@ -276,6 +276,16 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.fullmatch(p.name)), key=_order)
 
 
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint to ``<name>.damaged`` (``.damaged.2``, ... when taken): kept for a look, but no
+    longer listed, resumed from or counted towards ``train.keep_last``. Returns the new path."""
+    n = 1
+    while (new := path.with_name(f"{path.name}.damaged" + (f".{n}" if n > 1 else ""))).exists():
+        n += 1
+    os.rename(path, new)
+    return new
+
+
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
     """This process's generator states, in types ``torch.load(weights_only=True)`` accepts: the CPU's and, on a CUDA
     ``device``, that GPU's (the one this rank uses: a restarted rank may be given another)."""
@@ -343,7 +353,7 @@ class CheckpointManager:
         save_pyth(path, model, optimizer.state_dict(), epoch=finished, cfg_yaml=cfg_yaml, extra=payload)
         logger.info("saved %s (next: epoch %d batch %d, step %d)", path, epoch, batch, step)
         self.point("last", path)
-        self.prune()
+        self.prune(keep=path)
         return path
 
     def point(self, name: str, target: Path) -> Path:
@@ -365,11 +375,12 @@ class CheckpointManager:
         save_pyth(path, model, None, epoch=-1, cfg_yaml=cfg_yaml, extra={"step": step, **extra})
         return path
 
-    def prune(self) -> None:
-        """Delete regular checkpoints past the newest ``keep_last``; the one ``best`` links to is kept."""
-        best = self.pointed("best")
+    def prune(self, keep: Path | None = None) -> None:
+        """Delete regular checkpoints past the newest ``keep_last``; the one ``best`` links to, and ``keep`` (the one
+        just saved, which a newer name can put among the old), are kept."""
+        kept = {p.name for p in (self.pointed("best"), keep) if p is not None}
         for old in list_checkpoints(self.dir)[: -self.keep_last]:
-            if best is not None and old.name == best.name:
+            if old.name in kept:
                 continue
             old.unlink(missing_ok=True)
             logger.info("removed old checkpoint %s (train.keep_last=%d)", old, self.keep_last)

@@ -93,6 +93,17 @@ def save_checkpoint(run_dir: Path) -> Path:
                                            step=4, cfg_yaml=to_yaml(RootConfig()), extra={})
 
 
+def test_pruning_never_removes_the_checkpoint_just_saved(tmp_path):
+    """A file of a newer name (one the run did not write, say) puts the one just saved among the old: it is kept."""
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "checkpoint_epoch_00005.pyth").write_bytes(b"a newer name")
+    model = create_model("tiny")
+    path = CheckpointManager(tmp_path / "run", keep_last=1).save(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), epoch=1, batch=0, step=4, cfg_yaml="", extra={})
+    assert path.is_file() and (folder / "checkpoint_epoch_00005.pyth").is_file()
+
+
 def test_find_resume_follows_the_policy(tmp_path):
     empty = tmp_path / "empty"
     assert find_resume(empty, "never") is None and find_resume(empty, "auto") is None
@@ -344,3 +355,28 @@ def test_an_epoch_saved_but_not_validated_is_validated_on_resume(tiny, tmp_path)
     tops = [json.loads(line)["val/top1"] for line in metrics.read_text().splitlines() if '"event": "val"' in line]
     assert len(tops) == 2 and tops[0] == tops[1]
     assert (out / "checkpoints" / "best.pyth").resolve().name == "checkpoint_epoch_00001.pyth"
+
+
+def test_a_damaged_newer_checkpoint_is_moved_aside_and_prunes_nothing_good(finished, tiny, tmp_path):
+    """A resume that falls back past an unreadable checkpoint moves it aside as ``<name>.damaged``: counted by
+    ``train.keep_last``, it made the save after the resume delete the checkpoint resumed from and the one just
+    saved, leaving only the damaged file."""
+    out = copy_of(finished, tmp_path / "run")
+    folder = out / "checkpoints"
+    good = (folder / "checkpoint_epoch_00001.pyth").read_bytes()
+    (folder / "checkpoint_epoch_00002.pyth").write_bytes(good[:100_000])  # a copy cut short
+    more = [f"output.dir={out}", "solver.max_epoch=2", "train.keep_last=1", "train.max_steps_per_epoch=2",
+            "solver.global_batch_size=4"]  # two steps an epoch: the stop at step 2 saves inside epoch 2
+    res = run(train_cmd(*tiny, *more, "train.debug_signal_at_step=2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = "checkpoint_epoch_00002_step_00000003.pyth"  # the stop's save; epoch 1's pruned by keep_last=1
+    assert {p.name for p in folder.iterdir()} == {"checkpoint_epoch_00002.pyth.damaged", saved, "last.pyth"}
+    assert "the newer checkpoint_epoch_00002.pyth could not be read, moved aside as " \
+           "checkpoint_epoch_00002.pyth.damaged" in (out / "train.log").read_text()
+    assert (folder / "checkpoint_epoch_00002.pyth.damaged").read_bytes() == good[:100_000]
+    assert (folder / "last.pyth").resolve().name == saved
+    again = run(train_cmd(*tiny, *more))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {folder / saved}: 1 epoch(s) and 2 batch(es) done, step 3" in again.stderr
+    assert {p.name for p in folder.iterdir()} == {"checkpoint_epoch_00002.pyth", "checkpoint_epoch_00002.pyth.damaged",
+                                                  "last.pyth"}

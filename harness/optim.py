@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+from typing import Any
 
 import torch
 
@@ -22,6 +23,11 @@ from timesformer_harness.config import SolverConfig
 logger = logging.getLogger(__name__)
 
 _APEX = {"sgd": "FusedSGD", "adamw": "FusedAdam", "lamb": "FusedLAMB"}
+# What each optimizer's per-parameter state holds once it has stepped (torch's and apex's): a state of another
+# optimizer lacks some, and loading it fails at the first step (AdamW: KeyError 'step') or goes on with nonsense.
+_STATE_KEYS = {"SGD": ("momentum_buffer",), "FusedSGD": ("momentum_buffer",),
+               "AdamW": ("step", "exp_avg", "exp_avg_sq"), "FusedAdam": ("exp_avg", "exp_avg_sq"),
+               "FusedLAMB": ("exp_avg", "exp_avg_sq")}
 
 
 def _apex_optimizer(params: list[torch.nn.Parameter], cfg: SolverConfig) -> tuple[torch.optim.Optimizer | None, str]:
@@ -102,6 +108,37 @@ def lr_at(cfg: SolverConfig, epoch: float) -> float:
         end = policy(cfg.warmup_epochs)
         return cfg.warmup_start_lr + (end - cfg.warmup_start_lr) * epoch / cfg.warmup_epochs
     return policy(epoch)
+
+
+def state_mismatch(optimizer: torch.optim.Optimizer, state: Any) -> str | None:
+    """Why ``state`` (a saved ``state_dict()``) does not fit ``optimizer``: another number of parameter groups or of
+    tensors in them, a parameter's state without the keys ``optimizer`` keeps (another optimizer's), or of another
+    shape than the parameter. None when it fits."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    saved = state.get("state") if isinstance(state, dict) else None
+    if (not isinstance(groups, list) or not isinstance(saved, dict)
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        return "it is not an optimizer state (param_groups and state)"
+    if len(groups) != len(optimizer.param_groups):
+        return f"it has {len(groups)} parameter group(s), this optimizer {len(optimizer.param_groups)}"
+    counts = [len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups]
+    if counts[0] != counts[1]:
+        return f"its parameter groups hold {counts[0]} tensors, this optimizer's {counts[1]}"
+    needs = _STATE_KEYS.get(type(optimizer).__name__, ())
+    ids = [i for g in groups for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for n, (i, param) in enumerate(zip(ids, params)):
+        entry = saved.get(i, {})
+        if not isinstance(entry, dict):
+            return f"the state of parameter {n} is a {type(entry).__name__}, not a dict"
+        if entry and (missing := [k for k in needs if k not in entry]):
+            return (f"the state of parameter {n} holds {', '.join(map(str, entry)) or 'nothing'}, not "
+                    f"{', '.join(missing)} ({type(optimizer).__name__}'s; written by another optimizer?)")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                return (f"the state of parameter {n} has {key} of shape {list(value.shape)}, the parameter "
+                        f"{list(param.shape)}")
+    return None
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: SolverConfig) -> None:

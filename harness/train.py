@@ -54,7 +54,7 @@ from timesformer_harness.evaluate import accuracy_report, class_names_for, score
 from timesformer_harness.metric_writer import MetricWriter
 from timesformer_harness.metrics import PeakMemory, Stopwatch, ThroughputWindow
 from timesformer_harness.mixup import mix_batch
-from timesformer_harness.optim import build_optimizer, lr_at, set_hyperparameters, set_lr
+from timesformer_harness.optim import build_optimizer, lr_at, set_hyperparameters, set_lr, state_mismatch
 from timesformer_harness.runtime import (environment_info, precision_name, release_freed_memory, resolve_precision,
                                          retain_freed_memory, seed_everything, set_determinism)
 from timesformer_harness.train_hooks import DebugHooks
@@ -296,9 +296,7 @@ class Trainer:
         if self._resume is not None:
             path, obj = self._resume
             load_weights(self.model, path, strict=True, new_head=False)
-            if obj.get("optimizer_state"):
-                self.optimizer.load_state_dict(obj["optimizer_state"])
-                set_hyperparameters(self.optimizer, self.cfg.solver)  # the groups hold the values saved with them
+            self._restore_optimizer(path, obj)
             if obj.get("scaler"):
                 self.scaler.load_state_dict(obj["scaler"])
             self.start_epoch, self.start_batch, self.step = resume_position(obj, path)
@@ -340,6 +338,29 @@ class Trainer:
                            "original recipes start from ImageNet ViT weights "
                            "(model.pretrained=jx_vit_base_p16_224.pth; docs/checkpoints.md)",
                            "B" if self.cfg.model.embed_dim == 768 else "L")
+
+    def _restore_optimizer(self, path: Path, obj: dict[str, Any]) -> None:
+        """Load the checkpoint's optimizer state when it fits this optimizer (``optim.state_mismatch``). One that
+        does not is refused for a checkpoint of ours (its config matched this run's), and for one with no config of
+        ours (an original ``.pyth``, whose optimizer this run cannot know) replaced by a fresh state, with a warning.
+
+        Raises:
+            CheckpointError: a checkpoint of ours whose optimizer state does not fit (named, with the fix)."""
+        state = obj.get("optimizer_state")
+        if not state:
+            return
+        why = state_mismatch(self.optimizer, state)
+        if why is None:
+            self.optimizer.load_state_dict(state)
+            set_hyperparameters(self.optimizer, self.cfg.solver)  # the groups hold the values saved with them
+        elif saved_config(obj) is None:
+            logger.warning("%s: its optimizer_state does not fit solver.optimizer=%s (%s); it holds no config of this "
+                           "harness, so the optimizer starts with a fresh state", path, self.cfg.solver.optimizer, why)
+        else:
+            raise CheckpointError(f"{path}: its optimizer_state does not fit solver.optimizer="
+                                  f"{self.cfg.solver.optimizer} ({why}): resume it with the harness version that wrote "
+                                  f"it, or start a new run from its weights (output.dir=<new folder> "
+                                  f"model.pretrained={path})")
 
     def _build_loader(self, split: str, start_batch: int = 0) -> Any:
         from timesformer_harness.pipelines.factory import build_loader

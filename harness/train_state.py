@@ -149,13 +149,14 @@ def format_changes(changes: list[Change]) -> str:
 
 def saved_config(obj: dict[str, Any]) -> dict[str, Any] | None:
     """The config a checkpoint of ours was written with (its ``cfg`` YAML, as nested dicts); None when it has none
-    this harness can read (an original ``.pyth`` holds a yacs config of other keys, which compare as absent)."""
+    this harness can read (an original ``.pyth`` holds a yacs config, whose sections are ``MODEL``, ``SOLVER``, ...:
+    no ``model`` section)."""
     text = obj.get("cfg")
     try:
         cfg = yaml.safe_load(text) if isinstance(text, str) else None
     except yaml.YAMLError:
         return None
-    return cfg if isinstance(cfg, dict) else None
+    return cfg if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else None
 
 
 def find_resume(run_dir: str | Path, policy: str) -> tuple[Path, dict[str, Any]] | None:

@@ -380,3 +380,42 @@ def test_a_damaged_newer_checkpoint_is_moved_aside_and_prunes_nothing_good(finis
     assert f"resumed from {folder / saved}: 1 epoch(s) and 2 batch(es) done, step 3" in again.stderr
     assert {p.name for p in folder.iterdir()} == {"checkpoint_epoch_00002.pyth", "checkpoint_epoch_00002.pyth.damaged",
                                                   "last.pyth"}
+
+
+def test_an_optimizer_state_that_does_not_fit_is_replaced_or_refused(finished, tiny, tmp_path):
+    """An optimizer state that does not fit this run's optimizer never reaches ``load_state_dict`` (AdamW's first
+    step raised KeyError 'step' on SGD's state; another group count was an error naming no file): from a checkpoint
+    with no config of ours (the original's, whose optimizer a run cannot know) the optimizer starts fresh, with a
+    warning; from one of ours it is one error line naming the file, with the checkpoint exit status."""
+    out = copy_of(finished, tmp_path / "original")
+    ckpt = out / "checkpoints" / "checkpoint_epoch_00001.pyth"
+    obj = torch.load(ckpt, weights_only=True)
+    adamw = obj["optimizer_state"]
+    params = [torch.zeros_like(e["exp_avg"], requires_grad=True) for _, e in sorted(adamw["state"].items())]
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    sgd.step()
+    torch.save({**obj, "optimizer_state": sgd.state_dict(), "cfg": "TRAIN:\n  DATASET: kinetics\n"}, ckpt)
+    res = run(train_cmd(*tiny, f"output.dir={out}", "solver.max_epoch=2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (f"{ckpt}: its optimizer_state does not fit solver.optimizer=adamw (the state of parameter 0 holds "
+            "momentum_buffer, not step, exp_avg, exp_avg_sq (AdamW's; written by another optimizer?)); it holds no "
+            "config of this harness, so the optimizer starts with a fresh state") in res.stderr
+    assert f"{ckpt} holds no config of this harness: resuming without comparing configs" in res.stderr
+    assert (out / "checkpoints" / "checkpoint_epoch_00002.pyth").is_file()
+
+    ours = copy_of(finished, tmp_path / "ours")
+    ckpt = ours / "checkpoints" / "checkpoint_epoch_00001.pyth"
+    obj = torch.load(ckpt, weights_only=True)
+    (group,) = obj["optimizer_state"]["param_groups"]
+    half = len(group["params"]) // 2
+    groups = [{**group, "params": group["params"][:half]}, {**group, "params": group["params"][half:]}]
+    torch.save({**obj, "optimizer_state": {**obj["optimizer_state"], "param_groups": groups}}, ckpt)
+    res = run(train_cmd(*tiny, f"output.dir={ours}", "solver.max_epoch=2"))
+    assert res.returncode == ExitCode.CHECKPOINT == 2
+    assert error_line(res) == (f"error: {ckpt}: its optimizer_state does not fit solver.optimizer=adamw (it has 2 "
+                               "parameter group(s), this optimizer 1): resume it with the harness version that wrote "
+                               f"it, or start a new run from its weights (output.dir=<new folder> "
+                               f"model.pretrained={ckpt})")
+    assert not (ours / "checkpoints" / "checkpoint_epoch_00002.pyth").exists()

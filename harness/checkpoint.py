@@ -691,6 +691,13 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def bare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` without its DDP (``module``) and torch.compile (``_orig_mod``) wrappers, in either order."""
+    while isinstance(inner := getattr(model, "_orig_mod", getattr(model, "module", None)), torch.nn.Module):
+        model = inner
+    return model
+
+
 def load_weights(
     model: torch.nn.Module,
     path: str | Path,
@@ -719,8 +726,8 @@ def load_weights(
             ``KeyError``); the message lists every key. Strict and a snapshot's config.json names another
             architecture than ``model``'s (every field named).
     """
-    bare = getattr(model, "module", model)  # DDP
-    model_cfg = getattr(getattr(bare, "_orig_mod", bare), "config", None)  # torch.compile
+    bare = bare_model(model)  # the wrappers' state dicts prefix every key: load into the module itself
+    model_cfg = getattr(bare, "config", None)
     file = check_weights_source(path, model_cfg if isinstance(model_cfg, ModelConfig) else None, strict,
                                 new_head=new_head)
     obj = load_file(file, limits)
@@ -730,7 +737,7 @@ def load_weights(
         logger.warning("%s was trained by the original code on SSv2, whose frames reached the model as BGR; this "
                        "model reads them as RGB: set model.input_channels=bgr (configs/exp/ssv2_*.yaml do)", path)
     report = LoadReport(str(path), fmt, saved_config=obj["cfg"] if isinstance(obj.get("cfg"), str) else "")
-    target = model.state_dict()
+    target = bare.state_dict()
     allowed_missing: set[str] = set()
     # the original's 1-D quirk is how it loaded image ViT weights into a TimeSformer with temporal attention; a
     # space-only model's own weights have the same keys as an image ViT, and into a space-only model both resize 2-D
@@ -786,7 +793,7 @@ def load_weights(
         fix = (f"Set the model's config to the file's (`python -m timesformer_harness.checkpoint inspect {path}` "
                "infers it), or, from Python, pass strict=False to load the matching keys only.")
         raise WeightsMismatchError(f"{path} ({fmt}) does not match the model:\n  " + "\n  ".join(errors) + "\n" + fix)
-    model.load_state_dict(target, strict=True)
+    bare.load_state_dict(target, strict=True)
     logger.info("%s", report)
     return report
 
@@ -843,9 +850,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def pyth_state(model: torch.nn.Module) -> collections.OrderedDict[str, torch.Tensor]:
     """The model's weights keyed as in original ``.pyth`` files (``model.`` prefix, no DDP ``module.``)."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    return collections.OrderedDict((f"model.{k}", v.detach().cpu()) for k, v in model.state_dict().items())
+    return collections.OrderedDict((f"model.{k}", v.detach().cpu()) for k, v in bare_model(model).state_dict().items())
 
 
 def save_pyth(

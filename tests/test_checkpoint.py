@@ -98,6 +98,24 @@ def test_other_containers_and_prefixes(tmp_path: Path, wrap: str) -> None:
     assert torch.equal(logits(src), logits(dst))
 
 
+def test_loads_into_a_compiled_or_ddp_wrapped_model(tmp_path: Path) -> None:
+    """A wrapper's state dict prefixes every key (``_orig_mod.``, ``module.``): the weights go into the module inside
+    it, whatever the wrapping, and the wrapper computes with them."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    src = trained_like()
+    path = tmp_path / "ck.pyth"
+    save_pyth(path, src)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for wrap in (torch.compile, DDP, lambda m: torch.compile(DDP(m))):
+            dst = TimeSformer(**TINY, drop_path_rate=0.0)
+            report = load_weights(wrap(dst), path)
+            assert len(report.loaded) == len(src.state_dict()) and torch.equal(logits(src), logits(dst))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_strict_mismatch_names_every_key(tmp_path: Path) -> None:
     path = tmp_path / "joint.pyth"
     save_pyth(path, trained_like("joint_space_time"))

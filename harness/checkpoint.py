@@ -612,6 +612,9 @@ def original_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 _WRAPPERS = ("state_dict", "model", "module")  # where other tools keep the weights, tried in this order
+# Key prefixes that wrap the weights, stripped in any order: DDP's (and AveragedModel's) module., the original's
+# self.model (model.), torch.compile's _orig_mod.
+_PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
 def weights_entry(obj: dict[str, Any]) -> str | None:
@@ -633,9 +636,10 @@ def unwrap_state_dict(obj: dict[str, Any], source: str | Path = "checkpoint") ->
     if not isinstance(sd, dict):
         raise CheckpointError(f"{source}: its {entry} entry is of type {type(sd).__name__}, not a dict of tensors")
     sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    for prefix in ("module.", "model.", "module."):  # DDP and the original wrapper's `self.model`
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if "n_averaged" in sd and all(k.startswith("module.") for k in sd if k != "n_averaged"):
+        del sd["n_averaged"]  # torch.optim.swa_utils.AveragedModel: its count beside the averaged module.* weights
+    while sd and (prefix := next((p for p in _PREFIXES if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
     if any(k.startswith(("timesformer.", "embeddings.", "encoder.layer.")) for k in sd):
         return hf_to_original(sd), "hf"
     if fmt != "pyth" and "time_embed" not in sd and not any(".temporal_" in k for k in sd) and "pos_embed" in sd:

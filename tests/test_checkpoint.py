@@ -77,11 +77,21 @@ def test_an_original_ssv2_checkpoint_into_an_rgb_model_warns_to_read_bgr(tmp_pat
     assert "input_channels" not in caplog.text
 
 
-@pytest.mark.parametrize("wrap", ["module_model", "state_dict", "plain", "safetensors"])
+@pytest.mark.parametrize("wrap", ["module_model", "state_dict", "plain", "safetensors", "compiled", "ddp_compiled",
+                                  "averaged"])
 def test_other_containers_and_prefixes(tmp_path: Path, wrap: str) -> None:
     src = trained_like()
     sd = src.state_dict()
-    if wrap == "module_model":  # a DDP-wrapped original model saved naively
+    if wrap == "compiled":  # a torch.compile'd model's state dict: _orig_mod. keys
+        path = tmp_path / "compiled.pt"
+        torch.save(torch.compile(src).state_dict(), path)
+    elif wrap == "ddp_compiled":  # DDP around a compiled model, saved naively
+        path = tmp_path / "ddp_compiled.pt"
+        torch.save(OrderedDict((f"module._orig_mod.{k}", v) for k, v in sd.items()), path)
+    elif wrap == "averaged":  # torch.optim.swa_utils.AveragedModel: module. keys and n_averaged
+        path = tmp_path / "swa.pt"
+        torch.save(torch.optim.swa_utils.AveragedModel(src).state_dict(), path)
+    elif wrap == "module_model":  # a DDP-wrapped original model saved naively
         path = tmp_path / "ddp.pyth"
         torch.save({"model_state": OrderedDict((f"module.model.{k}", v) for k, v in sd.items()), "epoch": 1}, path)
     elif wrap == "state_dict":

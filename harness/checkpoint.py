@@ -10,8 +10,8 @@ Formats read by ``load_weights`` (detected from the file's keys):
   * ``hf``: Hugging Face ``TimesformerModel``/``TimesformerForVideoClassification`` weights (key map below).
 
 Then time_embed is 1-D nearest-resized to the model's frames, pos_embed nearest-resized to its patch grid, and
-the head dropped (with a warning) when the class count differs. ``strict=True`` fails, naming every key, when
-anything else is missing, unexpected or of the wrong shape.
+the head dropped (with a warning) when the class count differs, or left at init when the file has none (a backbone).
+``strict=True`` fails, naming every key, when anything else is missing, unexpected or of the wrong shape.
 
 Safety: every file but ``.safetensors`` is read by ``torch.load(weights_only=True)``, whose unpickler builds only
 tensors, containers and primitives and refuses any other global before it is called. Original files whose ``cfg``
@@ -717,12 +717,14 @@ def load_weights(
 
     Args:
         strict: fail (naming every key and shape) on anything but the documented conversions: time_embed and
-            pos_embed resizing, a head of another class count, and the keys an ImageNet conversion leaves at init.
+            pos_embed resizing, a head of another class count or none (``new_head``), and the keys an ImageNet
+            conversion leaves at init.
             Weights that are not real floating point, or hold NaN/inf, count as errors too.
         pos_resize: ``2d`` or ``1d``; default: ``1d`` for ImageNet ViT weights (what the original did), else ``2d``.
         limits: the reading budgets (``LoadLimits``).
-        new_head: a head of another class count is dropped, the model's kept (fine-tuning); False: it is a mismatch
-            like any other (evaluating or resuming: a random head would score noise).
+        new_head: a head of another class count is dropped, the model's kept, and a file without a head (a backbone)
+            leaves the model's at init (fine-tuning); False: either is a mismatch like any other (evaluating or
+            resuming: a random head would score noise).
 
     Raises:
         FileNotFoundError, CheckpointError: as ``load_file``.
@@ -757,6 +759,10 @@ def load_weights(
         allowed_missing |= {k for k in target if ".temporal_fc." in k}
     if fmt == "vit2d":
         allowed_missing.add("time_embed")
+    head = [k for k in target if k.startswith("head.")]
+    if new_head and head and not any(k.startswith("head.") for k in sd):  # a backbone (TimesformerModel, ...)
+        logger.warning("%s has no classification head: %s left at init (fine-tuning)", path, ", ".join(head))
+        allowed_missing |= set(head)
 
     errors = []
 

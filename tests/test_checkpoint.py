@@ -270,6 +270,28 @@ def test_snapshot_folder_loads_and_inspects(tmp_path: Path, bin_file: bool) -> N
     assert "mismatch" not in out.stdout
 
 
+def test_a_backbone_without_a_head_fine_tunes_with_the_head_at_init(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """transformers' TimesformerModel (a backbone: no classifier) loads for fine-tuning, the head left at its init with
+    a warning; evaluating or resuming (new_head=False) still refuses it: a random head would score noise."""
+    pytest.importorskip("transformers", reason="the test extra installs transformers")
+    import transformers
+    from hf_interop import randomised, tiny_config
+
+    folder = tmp_path / "backbone"
+    backbone = randomised(transformers.TimesformerModel(tiny_config()), seed=0)
+    backbone.save_pretrained(folder)
+    ours = TimeSformer(**TINY, drop_path_rate=0.0)
+    head = ours.head.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.checkpoint"):
+        report = load_weights(ours, folder)
+    assert report.missing == ["head.weight", "head.bias"] and torch.equal(ours.head.weight, head)
+    assert torch.equal(ours.cls_token, backbone.embeddings.cls_token)
+    assert f"{folder} has no classification head: head.weight, head.bias left at init (fine-tuning)" in caplog.text
+    with pytest.raises(WeightsMismatchError, match=r"missing key head\.weight \[7, 32\]"):
+        load_weights(TimeSformer(**TINY), folder, new_head=False)
+
+
 def test_folder_without_weights_is_one_line_naming_what_was_looked_for(tmp_path: Path) -> None:
     folder = tmp_path / "empty_snapshot"
     folder.mkdir()

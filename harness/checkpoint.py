@@ -695,6 +695,25 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _mismatch_fix(path: str | Path, errors: list[str], names_differ: bool, file_key: str, model_key: str) -> str:
+    """The advice that fits a strict failure's ``errors``: another config for keys missing, unexpected or of another
+    shape; another file for weights that are not finite real numbers; for key names of which none is the model's
+    (``names_differ``: ``file_key`` and ``model_key`` are each side's first), what the loader strips."""
+    if names_differ:
+        return (f"None of the file's keys is one of the model's (the file's first: {file_key}; the model's: "
+                f"{model_key}): they are another model's, or carry a prefix the loader does not strip (it strips "
+                f"module., model. and _orig_mod.); `python -m timesformer_harness.checkpoint inspect {path}` lists "
+                "them.")
+    fixes = []
+    if any(not e.startswith("bad values ") for e in errors):
+        fixes.append(f"Set the model's config to the file's (`python -m timesformer_harness.checkpoint inspect {path}` "
+                     "infers it), or, from Python, pass strict=False to load the matching keys only.")
+    if any(e.startswith("bad values ") for e in errors):
+        fixes.append("Weights that are not finite real numbers are no config's to fix: load a checkpoint saved before "
+                     "they went bad, or, from Python, pass strict=False to keep the model's own values for them.")
+    return " ".join(fixes)
+
+
 def bare_model(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` without its DDP (``module``) and torch.compile (``_orig_mod``) wrappers, in either order."""
     while isinstance(inner := getattr(model, "_orig_mod", getattr(model, "module", None)), torch.nn.Module):
@@ -759,8 +778,9 @@ def load_weights(
         allowed_missing |= {k for k in target if ".temporal_fc." in k}
     if fmt == "vit2d":
         allowed_missing.add("time_embed")
+    names_differ = bool(sd) and not any(k in target for k in sd)  # another model's, or a prefix not stripped
     head = [k for k in target if k.startswith("head.")]
-    if new_head and head and not any(k.startswith("head.") for k in sd):  # a backbone (TimesformerModel, ...)
+    if new_head and head and not names_differ and not any(k.startswith("head.") for k in sd):  # a backbone
         logger.warning("%s has no classification head: %s left at init (fine-tuning)", path, ", ".join(head))
         allowed_missing |= set(head)
 
@@ -798,11 +818,13 @@ def load_weights(
         target[key] = value.to(target[key].dtype)
         report.loaded.append(key)
     report.missing = [k for k in target if k not in report.loaded]
-    errors += [f"missing key {k} {list(target[k].shape)}" for k in report.missing if k not in allowed_missing]
+    # a key the file has but that was refused is listed once, with its reason, not again as missing
+    errors += [f"missing key {k} {list(target[k].shape)}" for k in report.missing
+               if k not in allowed_missing and k not in report.skipped]
     if strict and errors:
-        fix = (f"Set the model's config to the file's (`python -m timesformer_harness.checkpoint inspect {path}` "
-               "infers it), or, from Python, pass strict=False to load the matching keys only.")
-        raise WeightsMismatchError(f"{path} ({fmt}) does not match the model:\n  " + "\n  ".join(errors) + "\n" + fix)
+        raise WeightsMismatchError(f"{path} ({fmt}) does not match the model:\n  " + "\n  ".join(errors) + "\n"
+                                   + _mismatch_fix(path, errors, names_differ, next(iter(sd), ""),
+                                                   next(iter(target), "")))
     bare.load_state_dict(target, strict=True)
     logger.info("%s", report)
     return report

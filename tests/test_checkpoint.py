@@ -144,8 +144,33 @@ def test_strict_mismatch_names_every_key(tmp_path: Path) -> None:
     with pytest.raises(KeyError,
                        match=r"shape mismatch blocks\.0\.mlp\.fc1\.weight: file \[64, 32\], model \[128, 32\]"):
         load_weights(TimeSformer(**TINY), wide)
+    with pytest.raises(KeyError) as err:
+        load_weights(TimeSformer(**TINY), wide)
+    assert str(err.value).count("blocks.0.mlp.fc1.weight") == 1  # refused once, not again as a missing key
     report = load_weights(TimeSformer(**TINY), wide, strict=False)
     assert "blocks.0.mlp.fc1.weight" in report.skipped and "blocks.0.mlp.fc1.weight" in report.missing
+    # weights that are not finite: no config fixes them, so the advice is another file
+    model = trained_like()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
+    nan = tmp_path / "nan.pyth"
+    save_pyth(nan, model)
+    with pytest.raises(KeyError) as err:
+        load_weights(TimeSformer(**TINY), nan)
+    assert str(err.value) == (f"{nan} (pyth) does not match the model:\n  bad values blocks.0.attn.qkv.weight: holds 1 "
+                              "NaN and 0 infinite values\nWeights that are not finite real numbers are no config's to "
+                              "fix: load a checkpoint saved before they went bad, or, from Python, pass strict=False to "
+                              "keep the model's own values for them.")
+    # keys of which none is the model's (a prefix the loader does not know): no config fixes that either
+    prefixed = tmp_path / "prefixed.pth"
+    torch.save({f"backbone.{k}": v for k, v in trained_like().state_dict().items()}, prefixed)
+    with pytest.raises(KeyError) as err:
+        load_weights(TimeSformer(**TINY), prefixed)
+    assert str(err.value).endswith(
+        "None of the file's keys is one of the model's (the file's first: backbone.cls_token; the model's: "
+        "cls_token): they are another model's, or carry a prefix the loader does not strip (it strips module., "
+        f"model. and _orig_mod.); `python -m timesformer_harness.checkpoint inspect {prefixed}` lists them.")
+    assert "Set the model's config" not in str(err.value)
     # another embedding width: the head is one more mismatch (not "a new class count"), and the fix is the config's
     broad = tmp_path / "broad.pyth"
     save_pyth(broad, trained_like(embed_dim=64))

@@ -324,6 +324,10 @@ def _check_torch_format(path: Path, limits: LoadLimits) -> None:
                                    f"{limits.max_pickle_opcodes:,} opcodes; refused before loading it")
     if is_magic:
         return
+    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+        raise CheckpointError(f"{path} is not a torch checkpoint but looks like a safetensors file (a header length, "
+                              f"then JSON); safetensors files are read by their suffix: name it "
+                              f"{path.with_suffix('.safetensors').name}")
     what = f"a pickle that imports {', '.join(names)}" if names else f"it starts with {head!r}"
     raise CheckpointError(f"{path} is not a torch checkpoint (neither torch.save's zip format nor its legacy format: "
                           f"{what}); nothing in it was run")
@@ -421,9 +425,13 @@ def weights_file(path: str | Path) -> Path:
             return path / name
     shards = sorted(p.name for p in path.glob("*.index.json"))
     sharded = f"; its sharded weights ({shards[0]}) are not read: merge the shards into one file" if shards else ""
+    pyth = sorted(p.name for p in path.glob("*.pyth"))  # a training run's checkpoints folder
+    fix = "give a weights file or a snapshot folder"
+    if pyth:
+        example = "last.pyth" if "last.pyth" in pyth else pyth[-1]
+        fix = f"it holds .pyth checkpoints: give one of them, e.g. {path / example}"
     raise CheckpointError(f"{path} is a folder without weights: looked for {' or '.join(HF_WEIGHT_FILES)} (with "
-                          f"{HF_CONFIG}, as a Hugging Face snapshot has them){sharded}; give a weights file or a "
-                          f"snapshot folder")
+                          f"{HF_CONFIG}, as a Hugging Face snapshot has them){sharded}; {fix}")
 
 
 def read_config_json(path: str | Path) -> dict[str, Any] | None:

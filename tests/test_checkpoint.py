@@ -333,6 +333,29 @@ def test_folder_without_weights_is_one_line_naming_what_was_looked_for(tmp_path:
     assert out.returncode == 2 and out.stderr == f"error: {msg}\n" and not out.stdout
 
 
+def test_a_misnamed_safetensors_file_and_a_checkpoints_folder_say_what_to_give(tmp_path: Path) -> None:
+    """safetensors files are read by their suffix: one named otherwise says it looks like one; a training run's
+    checkpoints folder (no weights file of a snapshot) names a checkpoint in it to give instead."""
+    model = trained_like()
+    misnamed = tmp_path / "weights.pth"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(misnamed))
+    with pytest.raises(CheckpointError) as err:
+        load_weights(TimeSformer(**TINY), misnamed)
+    assert str(err.value) == (f"{misnamed} is not a torch checkpoint but looks like a safetensors file (a header "
+                              "length, then JSON); safetensors files are read by their suffix: name it "
+                              "weights.safetensors")
+    misnamed.rename(tmp_path / "weights.safetensors")
+    load_weights(TimeSformer(**TINY), tmp_path / "weights.safetensors")
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    save_pyth(folder / "checkpoint_epoch_00001.pyth", model)
+    (folder / "last.pyth").symlink_to("checkpoint_epoch_00001.pyth")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(TimeSformer(**TINY), folder)
+    assert str(err.value).endswith(f"as a Hugging Face snapshot has them); it holds .pyth checkpoints: give one of "
+                                   f"them, e.g. {folder / 'last.pyth'}")
+
+
 def test_snapshot_config_is_checked_against_the_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     pytest.importorskip("transformers", reason="the test extra installs transformers")
     from hf_interop import snapshot

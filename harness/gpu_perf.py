@@ -49,7 +49,7 @@ from timesformer_harness.common import atomic_write_text, exit_on_sigterm, setup
 from timesformer_harness.config import REPO_ROOT, ModelConfig
 from timesformer_harness.kernels.attention import triton_build_problem
 from timesformer_harness.metrics import Stopwatch, new_run_dir, run_stamp
-from timesformer_harness.runner import run_command
+from timesformer_harness.runner import run_command, says_oom
 from timesformer_harness.runtime import (device_name, environment_info, precision_name, resolve_device,
                                          resolve_precision)
 from timesformer_harness.variants import REFERENCE
@@ -111,6 +111,8 @@ TARGETS = (
     ("space_only-compiled-b8", "mfu_pct", 30.0, "space-only compiled >= 30% MFU"),
     ("trainer-b8", "syncs_max", 1.0, "the Trainer syncs at most once per micro-batch"),
 )
+# The micro-batch reads its loss back once (train.read_back): a GPU count below this missed that read
+READS_PER_MICRO_BATCH = 1.0
 
 
 def skip_reason(row: Row, model: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> str | None:
@@ -156,11 +158,15 @@ def run_trainer(row: Row, out: Path, device: torch.device, steps: int, timeout_s
     result: dict[str, Any] = {"row": row.name, "kind": "trainer", "batch": batch, "command": " ".join(argv[1:]),
                               "wall_s": round(done.wall_s, 1), "status": "ok" if done.returncode == 0 else "error"}
     if done.returncode != 0:
-        result["message"] = "timed out" if done.returncode is None else (done.stderr or done.stdout)[-600:]
-        return result
-    try:
+        output = done.stderr or done.stdout
+        result["message"] = "timed out" if done.returncode is None else output[-600:]
+        if done.returncode is not None and says_oom(output):
+            result["status"] = "oom"  # a result, as the model rows' out of memory
+    try:  # what a stopped run logged before it stopped is kept beside its status
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     except (OSError, ValueError) as e:
+        if result["status"] != "ok":
+            return result
         return {**result, "status": "error", "message": f"the run's metrics.jsonl could not be read: {e}"}
     windows = [r for r in records if r.get("event") == "train"]
     steady = [r for r in windows if not r.get("time/warmup")]
@@ -211,7 +217,8 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"# gpu-perf: {meta['hardware']}", "",
              f"{run_conditions(meta)}, {meta['precision']}, preset {meta['preset']} ({meta['frames']}x{meta['img_size']}), synthetic input. "
              f"Steady state: each case's first step is timed apart (compilation in it), then "
-             f"{meta['warmup']} more warm-up steps (3 for compiled ones) and {meta['steps']} timed ones, each "
+             f"{meta['warmup'] - 1} more warm-up step(s) ({max(meta['warmup'], 3) - 1} for compiled ones) and "
+             f"{meta['steps']} timed ones, each "
              "synchronised. Kernel ms: the GPU's busy time per step (kernels, copies, fills) from a profiler trace "
              "of 3 more steps; busy % = kernel ms / step ms (the rest of the step the GPU waited for the host). "
              f"MFU against {meta['peak_flops_source']}. Budget {meta['budget_s']:.0f} s, used {meta['wall_s']:.0f} s.",
@@ -282,6 +289,9 @@ def judge(rows: list[dict[str, Any]], on_gpu: bool) -> list[tuple[str, str]]:
             verdicts.append((what, "not measured"))
         elif not on_gpu:
             verdicts.append((what, f"not judged on a CPU ({fmt_cell(value, '.2f')})"))
+        elif key == "syncs_max" and (by_name[name].get("syncs_mean") or 0.0) < READS_PER_MICRO_BATCH:
+            verdicts.append((what, f"not judged: the counter missed the micro-batch's own read of its loss (mean "
+                                   f"{fmt_cell(by_name[name].get('syncs_mean'), '.2f')} per micro-batch, not 1)"))
         else:
             met = value <= bound if key in ("step_ms", "syncs_max") else value >= bound
             verdicts.append((what, f"{'met' if met else 'missed'} ({fmt_cell(value, '.2f')})"))

@@ -116,6 +116,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synchronize_stream(device: torch.device) -> None:
+    """Wait for the work queued on this thread's current stream of ``device`` only (CUDA; a no-op on CPU): the
+    training step's, and a DALI batch's copy into torch, but not DALI's own streams decoding the next batches, which
+    ``synchronize`` would wait for and count in the step."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (to the nanosecond) and of its live child processes (a loader's workers)."""
     import psutil
@@ -131,12 +139,13 @@ def cpu_seconds() -> float:
 
 # ---------------------------------------------------------------------------------------------- timing
 
-def time_block(fn: Callable[[], object], n: int, device: torch.device) -> float:
-    """Seconds for ``n`` calls of ``fn`` back to back, the device synchronised at the end."""
+def time_block(fn: Callable[[], object], n: int, device: torch.device,
+               sync: Callable[[torch.device], None] = synchronize) -> float:
+    """Seconds for ``n`` calls of ``fn`` back to back, the device synchronised (``sync``) at the end."""
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    synchronize(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -207,8 +216,10 @@ def time_pairs(a: Callable[[], object], b: Callable[[], object], device: torch.d
     return a_times, b_times
 
 
-def timed_items(items: Iterable[T], device: torch.device) -> Iterator[tuple[T, float]]:
-    """Each item of ``items`` with the seconds from asking for it to having it (device work synchronised)."""
+def timed_items(items: Iterable[T], device: torch.device,
+                sync: Callable[[torch.device], None] = synchronize) -> Iterator[tuple[T, float]]:
+    """Each item of ``items`` with the seconds from asking for it to having it (device work synchronised by
+    ``sync``)."""
     it = iter(items)
     while True:
         t0 = time.perf_counter()
@@ -216,7 +227,7 @@ def timed_items(items: Iterable[T], device: torch.device) -> Iterator[tuple[T, f
             item = next(it)
         except StopIteration:
             return
-        synchronize(device)
+        sync(device)
         yield item, time.perf_counter() - t0
 
 

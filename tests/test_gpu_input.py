@@ -37,6 +37,9 @@ def test_rehearsal_runs_the_rows_a_cpu_can_and_skips_the_h264_ones(tmp_path, dat
     assert rows["dali-mjpeg-nvjpeg"]["message"].startswith("nvJPEG rows run on a GPU only")
     assert rows["dali-folders-nvjpeg"]["message"].startswith("nvJPEG rows run on a GPU only")
     assert rows["dali-cpu-vp9-gop32"]["message"].startswith("a GPU host's row only")
+    assert rows["e2e-h264-gop32-compiled"]["compile"] == "default"  # skipped, and still not called eager
+    assert "| e2e-h264-gop32-compiled | h264-gop32 | compiled (default) | skipped" in \
+        (tmp_path / "summary.md").read_text()
     ran = [name for name, r in rows.items() if r["status"] == "ok"]
     assert ran == ["dali-vp9-gop32", "dali-mjpeg", "e2e-mjpeg", "dali-vp9-long", "pyav-h264-gop32", "e2e-vp9-gop32",
                    "pyav-vp9-gop32", "dali-folders"]  # PyAV reads the H.264 files (made here too) on a CPU
@@ -100,6 +103,28 @@ def test_a_row_that_does_not_fit_the_budget_is_skipped(tmp_path, data):
                            "--rows", "dali-vp9-gop32"]) == 1  # nothing ran
     (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert row["status"] == "skipped" and row["message"].startswith("over budget")
+
+
+def test_files_are_made_up_front_for_the_rows_the_estimates_fit_and_late_for_a_row_that_fits_after_all(
+        tmp_path, data, monkeypatch):
+    """The rows expected to run by the estimates have their files made in parallel before the first row; the files
+    of a row not expected are not made then (on a lent GPU, encoding that no row uses), but are when the row comes
+    and fits the time left after all."""
+    rows = {r.name: r for r in gpu_input.ROWS}
+    chosen = [rows[n] for n in ("dali-h264-gop32", "dali-mjpeg", "dali-hevc-gop32", "pyav-vp9-gop32")]
+    none = {r.name: None for r in chosen}
+    assert gpu_input.PREPARE_ESTIMATE_S + 30 + 30 + 40 <= 170 < gpu_input.PREPARE_ESTIMATE_S + 30 + 30 + 40 + 40
+    assert gpu_input.expected_rows(chosen, none, 170, 1.0) == chosen[:3]
+    assert gpu_input.expected_rows(chosen, {**none, "dali-mjpeg": "a reason"}, 170, 1.0) == [chosen[0], *chosen[2:]]
+    assert gpu_input.expected_rows(chosen, none, 1e4, 1.0) == chosen
+
+    monkeypatch.setattr(gpu_input, "PREPARE_ESTIMATE_S", 1e6)  # by the estimates no row fits: nothing made up front
+    assert gpu_input.main(["--rehearse-on-cpu", "--out", str(tmp_path), "--data", str(data),
+                           "--rows", "dali-vp9-gop32"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["rows"]
+    assert row["status"] == "ok" and row["clips_per_s"] > 0
+    assert list(results["meta"]["prepare"]) == ["late vp9-gop32"]  # made when the row came
 
 
 def test_the_shipped_table_takes_no_rehearsal_rows(tmp_path, capsys):

@@ -84,13 +84,39 @@ def test_targets_are_judged_on_a_gpu_only():
     rows = [{"row": "eager-b8", "status": "ok", "clips_per_s": 130.0},
             {"row": "reduce-overhead-b2", "status": "ok", "step_ms": 16.0},
             {"row": "compiled-b8", "status": "oom", "clips_per_s": None},
-            {"row": "trainer-b8", "status": "ok", "syncs_max": 1}]
+            {"row": "trainer-b8", "status": "ok", "syncs_mean": 1.0, "syncs_max": 1}]
     on_gpu = dict(gpu_perf.judge(rows, on_gpu=True))
     assert on_gpu["eager batch 8 >= 120 clips/s"] == "met (130.00)"
     assert on_gpu["reduce-overhead batch 2 under 15 ms a step"] == "missed (16.00)"
     assert on_gpu["compiled batch 8 >= 200 clips/s"] == "not measured"
     assert on_gpu["the Trainer syncs at most once per micro-batch"] == "met (1.00)"
     assert dict(gpu_perf.judge(rows, on_gpu=False))["eager batch 8 >= 120 clips/s"].startswith("not judged")
+    # 0 syncs on a GPU is a counter that missed the micro-batch's own read of its loss, not a target met
+    blind = dict(gpu_perf.judge([{"row": "trainer-b8", "status": "ok", "syncs_mean": 0.0, "syncs_max": 0}],
+                                on_gpu=True))["the Trainer syncs at most once per micro-batch"]
+    assert blind.startswith("not judged: the counter missed the micro-batch's own read"), blind
+
+
+def test_a_trainer_row_out_of_memory_is_a_result_with_what_it_logged(tmp_path, monkeypatch):
+    """The Trainer row's out of memory is recorded as oom (a result, as a model row's), not as an error that fails
+    the script, and the windows it logged before are kept."""
+    row = next(r for r in gpu_perf.ROWS if r.name == "trainer-b8")
+    logged = {"event": "train", "step": 2, "time/data_wait_pct": 3.0, "debug/syncs_per_micro_batch": 1.0,
+              "debug/syncs_per_micro_batch_max": 1}
+
+    def died(argv, timeout_s):
+        folder = tmp_path / row.name
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text(json.dumps(logged) + "\n")
+        return SimpleNamespace(returncode=1, stdout="", wall_s=3.0,
+                               stderr="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(gpu_perf, "run_command", died)
+    result = gpu_perf.run_trainer(row, tmp_path, gpu_perf.resolve_device(), steps=4, timeout_s=60)
+    assert result["status"] == "oom" and "CUDA out of memory" in result["message"]
+    assert result["syncs_max"] == 1 and result["data_wait_pct"] == 3.0 and result["clips_per_s"] is None
+    (tmp_path / "summary.md").write_text("# gpu-perf\n")
+    assert gpu_perf.script_end(tmp_path, [{"row": "eager-b8", "status": "ok"}, result]) == 0
 
 
 def test_the_temporal_attention_choice_is_the_fastest_eager_batch_8_row():

@@ -22,7 +22,8 @@ from timesformer_harness.bench.pipeline import (WARMUP_BATCHES, build_train_load
 from timesformer_harness.bench.record import BenchRecord, fill_throughput
 from timesformer_harness.config import ModelConfig, RootConfig, load_config
 from timesformer_harness.counting import count_flops, count_params
-from timesformer_harness.metrics import PeakMemory, ThroughputWindow, gemm, time_block, time_steps, timed_items
+from timesformer_harness.metrics import (PeakMemory, ThroughputWindow, gemm, synchronize_stream, time_block, time_steps,
+                                         timed_items)
 from timesformer_harness.pipelines.base import take_batches
 from timesformer_harness.pipelines.loaders import LOADERS
 from timesformer_harness.workload import TrainStep, build_model
@@ -68,10 +69,11 @@ def run(case: Case, rec: BenchRecord, device: torch.device, dtype: torch.dtype |
     train = TrainStep.build(model, device, dtype, compile=case.compile)  # compiled in the warm-up batches
 
     window, waits, computes, device_used = ThroughputWindow(), [], [], 0
-    batches = timed_items(take_batches(loader, WARMUP_BATCHES + case.batches), device)
+    # the step's stream only: a device-wide wait would also wait for DALI's streams decoding the next batches
+    batches = timed_items(take_batches(loader, WARMUP_BATCHES + case.batches), device, synchronize_stream)
     for i, (batch, wait_s) in enumerate(batches):
         video, labels = batch.video.to(device, non_blocking=True), batch.label.to(device, non_blocking=True)
-        compute_s = time_block(lambda: train.step(video, labels), 1, device)
+        compute_s = time_block(lambda: train.step(video, labels), 1, device, synchronize_stream)
         if device.type == "cuda":  # after the timed part: the driver's view, DALI's buffers included
             free, total = torch.cuda.mem_get_info(device)
             device_used = max(device_used, total - free)

@@ -35,9 +35,9 @@ if __name__ == "__main__" and not __package__:  # run by path (python harness/ev
 import torch
 import yaml
 
-from timesformer_harness.checkpoint import CheckpointError
+from timesformer_harness.checkpoint import CheckpointError, WeightsMismatchError, load_file
 from timesformer_harness.config import RootConfig, load_config
-from timesformer_harness.metrics import Stopwatch
+from timesformer_harness.metrics import OutputFolderError, Stopwatch, check_output_root
 from timesformer_harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from timesformer_harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
 from timesformer_harness.pipelines.base import Batch, Loader, loader_facts
@@ -105,8 +105,9 @@ class ViewAccumulator:
 
 def accuracy_report(acc: ViewAccumulator, num_classes: int, views_per_video: int | None = None,
                     class_names: list[str] | None = None) -> dict[str, Any]:
-    """top-1 / top-5 / per-class accuracy (percent) over the videos in ``acc``. Raises ``BadVideoError`` when every
-    view failed to decode (nothing to score)."""
+    """top-1 / top-5 / per-class accuracy (percent) over the videos in ``acc``; top-5 is None with 5 classes or fewer
+    (it would be 100% whatever the model). Raises ``BadVideoError`` when every view failed to decode (nothing to
+    score)."""
     if not acc.scores and acc.unscored:
         first = acc.unscored[0]
         raise BadVideoError(f"every view failed to decode ({len(acc.unscored)} views), so there is nothing to score, "
@@ -122,15 +123,18 @@ def accuracy_report(acc: ViewAccumulator, num_classes: int, views_per_video: int
     top1 = topk[:, 0] == labels
     top5 = (topk == labels[:, None]).any(dim=1)
     per_class: dict[str, float | None] = {}
+    present = []  # unrounded, for the mean
     for c in range(num_classes):
         mask = labels == c
         name = class_names[c] if class_names and c < len(class_names) else str(c)
-        per_class[name] = round(100.0 * top1[mask].float().mean().item(), 2) if mask.any() else None
-    present = [v for v in per_class.values() if v is not None]
+        per_class[name] = None
+        if mask.any():
+            present.append(100.0 * top1[mask].float().mean().item())
+            per_class[name] = round(present[-1], 2)
     report = {
         "num_videos": len(ids),
         "top1": round(100.0 * top1.float().mean().item(), 2),
-        "top5": round(100.0 * top5.float().mean().item(), 2),
+        "top5": round(100.0 * top5.float().mean().item(), 2) if scores.size(1) > 5 else None,
         "mean_class_accuracy": round(sum(present) / len(present), 2) if present else None,
         "per_class_top1": per_class,
         "ensemble": acc.ensemble,
@@ -320,7 +324,8 @@ def check_trained_model(cfg: RootConfig, checkpoint: str, saved_yaml: str) -> No
     """Refuse a checkpoint of this harness whose model config differs from ``cfg.model`` in a key that changes what
     its weights compute without changing their shapes (``model.num_heads``, ``model.attention_type`` between joint
     and space-only, ``model.input_channels``): it would load and score wrongly. The frame count and image size
-    (``RESIZED_KEYS``) may differ: warned."""
+    (``RESIZED_KEYS``) may differ: warned. Also the clearer error when its weights did not fit the model: the keys
+    that differ (``model.num_classes``, ``model.embed_dim``, ...)."""
     from timesformer_harness.config import to_yaml
     from timesformer_harness.train_state import config_changes, format_changes, saved_config
 
@@ -355,6 +360,10 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -
         raise CheckpointError(f"{e}: it was there a moment ago (a training run in {cfg.output.dir} keeps only its "
                               "newest checkpoints): run again, or give --checkpoint a file it keeps (last.pyth, "
                               "best.pyth)") from e
+    except WeightsMismatchError:  # a checkpoint of ours names the config keys that differ (model.num_classes, ...)
+        saved = load_file(checkpoint).get("cfg")
+        check_trained_model(cfg, checkpoint, saved if isinstance(saved, str) else "")
+        raise
     check_trained_model(cfg, checkpoint, report.saved_config)
     data_cfg = replace(cfg.data, batch_size=cfg.test.batch_size)
     loader = build_loader(data_cfg, cfg.test.split, device=info.device, rank=info.rank,
@@ -372,6 +381,11 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -
     if dump and info.is_main:
         result.update(write_dump(acc, loader, cfg, dump))
     return result
+
+
+def result_path(cfg: RootConfig) -> Path:
+    """Where the result JSON goes: ``test.output``, else ``{output.dir}/eval_{test.split}.json``."""
+    return Path(cfg.test.output or Path(cfg.output.dir) / f"eval_{cfg.test.split}.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -395,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.dump:
             check_dump(args.dump)
-    except ValueError as e:  # a ConfigError, or check_dump's
+            check_output_root(Path(args.dump).parent, "--dump")
+        check_output_root(result_path(cfg).parent, "test.output")
+    except (ValueError, OutputFolderError) as e:  # a ConfigError, check_dump's, or a place that cannot be written
         return report_error(e, ExitCode.CONFIG, args.debug)
     setup_logging()  # rank from torchrun's RANK
     retain_freed_memory()
@@ -410,13 +426,13 @@ def main(argv: list[str] | None = None) -> int:
                                   f"folder, {Path.cwd()}): give --checkpoint FILE or test.checkpoint=FILE")
         result = evaluate(cfg, checkpoint, info, args.dump)
         if info.is_main:
-            out = Path(cfg.test.output or Path(cfg.output.dir) / f"eval_{cfg.test.split}.json")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+            out = result_path(cfg)
+            atomic_write_text(out, json.dumps(result, indent=2) + "\n")
             unscored = (f"  ({result['num_unscored_views']} views could not be decoded: unscored_views)"
                         if result["num_unscored_views"] else "")
-            print(f"{checkpoint}: {result['num_videos']} videos x {result.get('views_per_video')} views "
-                  f"({result['ensemble']}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+            top5 = "n/a (5 classes or fewer)" if result["top5"] is None else f"{result['top5']:.2f}%"
+            print(f"{checkpoint}: {result['num_videos']} videos, {result['views_seen']} views "
+                  f"({result['ensemble']}): top-1 {result['top1']:.2f}%  top-5 {top5}  "
                   f"mean class {result['mean_class_accuracy']}%{unscored}  -> {out}")
     except CheckpointError as e:  # missing, refused, unreadable, or not the configured model's
         return report_error(e, ExitCode.CHECKPOINT, args.debug)

@@ -830,8 +830,9 @@ class Trainer:
                           "val/unscored_views": report["num_unscored_views"], **memory}, self.step)
         if self.info.is_main:
             (self.run_dir / "last_val.json").write_text(json.dumps(report, indent=2) + "\n")
-        logger.info("epoch %d val: top-1 %.2f%%, top-5 %.2f%% over %d videos (%.1f s)", epoch + 1, report["top1"],
-                    report["top5"], report["num_videos"], report["seconds"])
+        top5 = "n/a (5 classes or fewer)" if report["top5"] is None else f"{report['top5']:.2f}%"
+        logger.info("epoch %d val: top-1 %.2f%%, top-5 %s over %d videos (%.1f s)", epoch + 1, report["top1"], top5,
+                    report["num_videos"], report["seconds"])
         return report
 
 

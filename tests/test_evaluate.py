@@ -68,6 +68,18 @@ def test_top5_and_missing_views_are_reported():
     assert report["videos_with_wrong_view_count"] == 3
 
 
+def test_top5_of_5_classes_or_fewer_is_none_and_the_class_mean_is_of_exact_values():
+    """With 5 classes or fewer every label is among the top 5: the figure would be 100% for any model. The mean class
+    accuracy averages the exact per-class values (it had averaged the rounded ones: 44.45 for 0, 2/3, 2/3)."""
+    acc = ViewAccumulator("sum")
+    labels = torch.tensor([0, 1, 1, 1, 2, 2, 2])
+    predicted = torch.tensor([1, 1, 1, 0, 2, 2, 0])
+    acc.add(torch.nn.functional.one_hot(predicted, 3).float(), labels, torch.arange(7))
+    report = accuracy_report(acc, num_classes=3, views_per_video=1)
+    assert report["top5"] is None and report["per_class_top1"] == {"0": 0.0, "1": 66.67, "2": 66.67}
+    assert report["mean_class_accuracy"] == 44.44
+
+
 def test_nothing_scored_because_every_view_failed_is_a_bad_video_error():
     from timesformer_harness.pipelines.quarantine import BadVideoError
 
@@ -129,6 +141,11 @@ def test_a_checkpoint_trained_as_another_model_of_the_same_shapes_is_refused(toy
                f"output.dir={tmp_path}", "--checkpoint", str(ckpt), f"test.output={tmp_path / 'r.json'}"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "was trained with other clips: model.num_frames 4 -> 8" in res.stderr
+    # weights that do not fit: the keys of its config that differ, not only the shapes
+    res = run([PY, "harness/evaluate.py", *toy, "model.num_heads=2", "model.num_classes=8", f"output.dir={tmp_path}",
+               "--checkpoint", str(ckpt), f"test.output={tmp_path / 'r8.json'}"])
+    assert res.returncode == 2 and not (tmp_path / "r8.json").exists(), res.stderr[-3000:]
+    assert "was trained as another model than the configured one: model.num_classes 6 -> 8" in res.stderr
 
 
 def test_dump_predictions_confusion_matrix_and_progress_from_a_snapshot_folder(toy, tmp_path):
@@ -244,3 +261,13 @@ def test_dump_of_another_suffix_is_refused_before_anything_runs(toy, tmp_path):
     assert res.returncode == 5 and res.stderr.strip().splitlines() == [
         f"error: --dump {tmp_path / 'preds.txt'}: give a file ending in .csv or .jsonl (the suffix picks the format)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # a dump or result in a place that cannot be written: one line before the evaluation (it had been a traceback
+    # after it, the result lost)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for args, flag in ((["--dump", str(afile / "p.csv")], "--dump"),
+                       ([f"test.output={afile / 'r.json'}"], "test.output")):
+        res = run([PY, "harness/evaluate.py", *toy, f"output.dir={tmp_path / 'run'}", "--checkpoint",
+                   str(tmp_path / "none.pyth"), *args])
+        assert res.returncode == 5 and res.stderr.strip().splitlines() == [
+            f"error: cannot write under {afile}: it is a file; name a folder with {flag}"], res.stderr[-2000:]

@@ -128,6 +128,9 @@ class SolverConfig:
             raise ValueError(f"solver.steps {self.steps} and solver.lrs {self.lrs} must have the same length")
         if self.lr_policy == "steps_with_relative_lrs" and (not self.steps or self.steps[0] != 0):
             raise ValueError(f"solver.steps={self.steps} must start at epoch 0 (e.g. [0, 11, 14])")
+        if self.lr_policy == "steps_with_relative_lrs" and any(b <= a for a, b in zip(self.steps, self.steps[1:])):
+            raise ValueError(f"solver.steps={self.steps}: give the epochs each stage starts at in increasing order "
+                             f"(e.g. [0, 11, 14])")
         if self.use_apex not in ("auto", "never"):
             raise ValueError(f"solver.use_apex={self.use_apex!r}; choose 'auto' or 'never'")
         check_minimums("solver", self, {"global_batch_size": 0, "max_epoch": 1, "weight_decay": 0.0, "grad_clip": 0.0,

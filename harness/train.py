@@ -619,7 +619,8 @@ class Trainer:
         # the sums of the epoch so far: a resumed epoch's from its checkpoint (clips and correct ones all ranks'
         # totals, counted once, on rank 0), else zero
         partial, self.epoch_partial = (self.epoch_partial if start else None) or {}, None
-        loss_sum, done = partial.get("loss_sum", 0.0), partial.get("done", 0)
+        # the loss summed per clip (each micro-batch's mean loss times its clips), as the top-1 is counted per clip
+        loss_sum = partial.get("loss_clip_sum", 0.0) if info.is_main else 0.0
         seen = partial.get("seen", 0.0) if info.is_main else 0.0
         # read at the epoch's end, not per step
         correct = torch.full((), partial.get("correct", 0) if info.is_main else 0, dtype=torch.int64,
@@ -644,7 +645,6 @@ class Trainer:
         self._agree_on_bad_video(loader, epoch, start, batch)
         for i in range(start, n):
             assert batch is not None, f"the loader ended after {i} of {n} batches"
-            done += 1
             self.hooks.on_batch(epoch, i, batch, warmup=warming)
             lr = lr_at(cfg.solver, epoch + i / n)
             set_lr(self.optimizer, lr)
@@ -674,7 +674,7 @@ class Trainer:
                 self.train_step.optimizer_step()
                 self.step += 1
                 self.hooks.on_optimizer_step(self.step)
-            loss_sum += loss_val
+            loss_sum += loss_val * labels.numel()
             if not mixing:
                 correct += (logits.detach().argmax(-1) == labels).sum()
             seen += labels.numel()
@@ -694,8 +694,8 @@ class Trainer:
             if sync and stop:
                 if bar is not None:
                     bar.close()
-                _, clips, right = self._epoch_totals(loss_sum, seen, correct)
-                self.epoch_partial = {"loss_sum": loss_sum, "done": done, "seen": clips, "correct": int(right),
+                loss_all, clips, right = self._epoch_totals(loss_sum, seen, correct)
+                self.epoch_partial = {"loss_clip_sum": loss_all, "seen": clips, "correct": int(right),
                                       "window_loss": list(window_loss)}
                 return True, i + 1
         if bar is not None:
@@ -703,9 +703,8 @@ class Trainer:
         if window.steps:
             self._log_window(window, window_loss, lr_at(cfg.solver, epoch + (last_step_at - 1) / n), epoch,
                              warmup=warming)
-        done = max(done, 1)
         loss_total, seen_total, correct_total = self._epoch_totals(loss_sum, seen, correct)
-        record = {"event": "epoch", "epoch": epoch + 1, "train/loss": loss_total / info.world_size / done,
+        record = {"event": "epoch", "epoch": epoch + 1, "train/loss": loss_total / max(seen_total, 1),
                   "lr": lr_at(cfg.solver, epoch + (last_step_at - 1) / n)}
         if not mixing:
             record["train/top1"] = 100.0 * correct_total / max(seen_total, 1)

@@ -410,12 +410,13 @@ def video_facts(value: Any) -> dict[str, list[float]]:
 
 
 def epoch_partial(value: Any) -> dict[str, Any] | None:
-    """A mid-epoch checkpoint's ``epoch_partial`` (the interrupted epoch's loss sum, clips, correct ones and
-    micro-batches over all ranks, and its open log window's losses), checked; None when it is absent or not of that
-    form (an older checkpoint: the resumed epoch's records then cover the batches after the resume)."""
+    """A mid-epoch checkpoint's ``epoch_partial`` (the interrupted epoch's loss summed per clip, clips and correct ones
+    over all ranks, and its open log window's losses), checked; None when it is absent or not of that form (an older
+    checkpoint, whose loss sum was per micro-batch: the resumed epoch's records then cover the batches after the
+    resume)."""
     if not isinstance(value, dict):
         return None
-    scalars = {k: value.get(k) for k in ("loss_sum", "seen", "correct", "done")}
+    scalars = {k: value.get(k) for k in ("loss_clip_sum", "seen", "correct")}
     losses = value.get("window_loss")
     if (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scalars.values())
             or not isinstance(losses, list) or len(losses) > 1 << 20

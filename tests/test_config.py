@@ -74,6 +74,7 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
     ("train.log_period=0", "train.log_period=0; must be >= 1"),  # a modulo by zero at the first step
     ("solver.label_smoothing=1.5", r"solver.label_smoothing=1.5; use a fraction in \[0, 1\)"),  # silently used
     ("solver.mixup_alpha=-1", "solver.mixup_alpha=-1.0; must be >= 0.0"),
+    ("solver.steps=[0,14,11]", r"solver.steps=\[0, 14, 11\]: give the epochs each stage starts at in increasing"),
     ("bench.frames=[8,0]", r"bench.frames=\[8, 0\]: every value must be >= 1"),
     ("model.drop_path_rate=1.0", r"model.drop_path_rate=1.0; use a probability in \[0, 1\)"),  # NaN logits
     ("model.drop_path_rate=-0.2", r"model.drop_path_rate=-0.2; use a probability"),  # silently no stochastic depth

@@ -467,6 +467,26 @@ def test_resuming_after_the_manifest_changed_is_refused_or_replanned(toy, tmp_pa
     assert start["epoch"] == 1 and start["batch"] == 0  # the interrupted first epoch again from its first batch
 
 
+def test_the_epoch_loss_counts_clips_when_a_resume_changed_the_batch_size(tmp_path):
+    """An epoch resumed with another data.batch_size: its loss weights each micro-batch's mean by its clips, as its
+    top-1 counts clips (it had averaged the micro-batches' means, so the small batches' clips counted twice)."""
+    args = ["--config", "configs/model/tiny.yaml", "data.loader=synthetic", "data.num_frames=4",
+            "data.train_crop_size=32", "data.synthetic_videos=16", "solver.global_batch_size=0", "train.eval_period=0",
+            "output.tensorboard=false", "solver.max_epoch=1", "train.log_period=1", f"output.dir={tmp_path}"]
+    first = run(train_cmd(*args, "data.batch_size=2", "train.debug_signal_at_step=2"))
+    assert first.returncode == 0 and "stopped by SIGTERM" in first.stdout, first.stderr[-3000:]
+    second = run(train_cmd(*args, "data.batch_size=4"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    resumed_at = [i for i, r in enumerate(records) if r["event"] == "start"][1]
+    clips = [(r["train/loss"], 2 if i < resumed_at else 4) for i, r in enumerate(records) if r["event"] == "train"]
+    assert {n for _, n in clips} == {2, 4}, clips  # one micro-batch per window (log_period 1, no accumulation)
+    (epoch,) = [r for r in records if r["event"] == "epoch"]
+    assert epoch["train/loss"] == pytest.approx(sum(loss * n for loss, n in clips) / sum(n for _, n in clips))
+    assert epoch["train/top1"] * sum(n for _, n in clips) / 100 == pytest.approx(round(
+        epoch["train/top1"] * sum(n for _, n in clips) / 100))  # the same clips: a whole number of them right
+
+
 def test_nan_loss_stops_with_a_clear_error_and_a_debug_checkpoint(toy, tmp_path):
     res = run(train_cmd(*toy, f"output.dir={tmp_path}", "train.debug_nan_at_step=3"))
     assert res.returncode != 0

@@ -294,7 +294,8 @@ def cache_dir() -> Path:
 
 def cache_path(setting: str | os.PathLike | None, name: str = PROBE_CACHE) -> Path | None:
     """Where the cache ``name`` lives for a ``data.validate_cache`` setting: "" (or None) the harness's cache folder,
-    ``none`` nowhere (no cache), else the probe cache's own path, with every other cache beside it.
+    ``none`` nowhere (no cache), an existing folder that folder, else the probe cache's own path, with every other
+    cache beside it.
 
     Raises:
         ValueError: the setting is a path on a shared filesystem (NFS, Lustre, ...; ``NETWORK_FILESYSTEMS``).
@@ -307,6 +308,8 @@ def cache_path(setting: str | os.PathLike | None, name: str = PROBE_CACHE) -> Pa
                          f"are unreliable and every rank writes the cache; give a path on a node-local disk, leave it "
                          f"unset (the default, {default_cache_dir()[0] / PROBE_CACHE}, is node-local) or set none")
     probe = Path(setting) if setting else cache_dir() / PROBE_CACHE
+    if probe.is_dir():  # a folder named: the caches go in it, not beside it
+        probe = probe / PROBE_CACHE
     return probe if name == PROBE_CACHE else probe.parent / name
 
 

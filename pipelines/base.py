@@ -175,6 +175,9 @@ class ClipPlanner:
     """The clips of one epoch on one rank (``plans(epoch)``); both the DALI and the PyAV loader consume it."""
 
     def __init__(self, cfg: DataConfig, split: str, videos: list[Video], rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:  # a rank outside the world would repeat another's clips
+            raise ValueError(f"rank {rank} of world_size {world_size}: need world_size >= 1 and 0 <= rank < "
+                             "world_size")
         self.cfg, self.split, self.videos, self.rank, self.world_size = cfg, split, videos, rank, world_size
         self.train = split == "train"
         self.segment = cfg.sampling == "segment"  # segment sampling (SSv2's); window + linspace otherwise
@@ -220,7 +223,7 @@ class ClipPlanner:
         else:
             (starts, ends) = zip(*(where for _, where, _, _ in draws))
             frames = list(sampling.temporal_indices_many(starts, ends, c.num_frames, [v.frames for v, *_ in draws]))
-        return [sampling.ClipPlan(v.index, v.path, v.label, f, window, flip, v.frames)
+        return [sampling.ClipPlan(v.index, v.path, v.label, f, window, flip, v.frames, (v.height, v.width))
                 for (v, _, window, flip), f in zip(draws, frames)]
 
     def plans(self, epoch: int) -> list[sampling.ClipPlan]:
@@ -243,7 +246,7 @@ class ClipPlanner:
                 spatial = s if c.num_spatial_crops == 3 else 1
                 out.append(sampling.ClipPlan(v.index, v.path, v.label, frames,
                                              sampling.test_window(v.height, v.width, c.test_crop_size, spatial),
-                                             video_frames=v.frames))
+                                             video_frames=v.frames, video_size=(v.height, v.width)))
         return out
 
     def view_of(self, position: int) -> int:
@@ -300,8 +303,8 @@ class ClipLoader:
         self.unscored: list[UnscoredView] = []  # val/test views of the last pass that could not be decoded
         self.decode_note = ""  # why data.loader/backend=auto moved the decode off its first choice (the factory's)
         self.crop = self.cfg.train_crop_size if planner.train else self.cfg.test_crop_size
-        if start_batch > planner.num_batches:
-            raise ValueError(f"start_batch={start_batch} is past the epoch's {planner.num_batches} batches")
+        if not 0 <= start_batch <= planner.num_batches:
+            raise ValueError(f"start_batch={start_batch} is not within the epoch's {planner.num_batches} batches")
 
     def planner_for(self, epoch: int) -> ClipPlanner:
         """Epoch ``epoch``'s planner: train plans over the videos not quarantined before that epoch."""

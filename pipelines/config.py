@@ -78,7 +78,8 @@ class DataConfig:
     validate: str = "shallow"  # pre-flight check: shallow (headers, packet counts) | deep (decode every packet, cached)
     pad_short: bool = True  # pad videos shorter than the clip span with their last frame
     seed: int = 0  # the loaders' sampling seed: epoch order, clip starts, crops and flips
-    # the probe cache of pipelines/validate.py; "" = the node-local default (common.cache_path), "none" = off
+    # the probe cache of pipelines/validate.py (a file, or a folder to hold it), the packet indexes beside it; "" = the
+    # node-local default (common.cache_path), "none" = off
     validate_cache: str = ""
     # the pre-flight check refuses videos whose frames (width x height) exceed this, before decoding any frame, so a
     # small crafted file cannot make a decoder's memory (or a quarantine decision) depend on free memory; 3840x2160

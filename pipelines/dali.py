@@ -201,7 +201,7 @@ class PlanSource:
         """The decoder's input for ``plan``: its packets cut from the file (``stream``: ``clip_stream``, IVF or
         Matroska), copied by PyAV into Matroska (``remux``: what the cut cannot serve, on the GPU) or the whole file
         (``file``), per ``feed_mode``; with ``jpeg_frames`` its frames' JPEG images (``images``)."""
-        index = self.indexes.get(plan.path, plan.video_frames)
+        index = self.indexes.get(plan.path, plan.video_frames, plan.video_size)
         if self.jpeg_frames:
             images = [np.frombuffer(p, np.uint8) for p in jpeg_images(index, plan.frames, self._fd(plan.path))]
             empty = np.zeros(0, np.int32)

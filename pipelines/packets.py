@@ -241,14 +241,19 @@ class PacketIndexCache:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["store"], state["size"], state["offsets"])
 
-    def get(self, path: str, frames: int = 0) -> PacketIndex:
+    def get(self, path: str, frames: int = 0, size: tuple[int, int] = (0, 0)) -> PacketIndex:
         """The index of ``path`` (built and stored on first use). Raises RuntimeError naming the file when it
-        cannot be indexed, or when it has fewer than ``frames`` frames (what the pre-flight check counted: the file
-        was cut or replaced since, and its clips would repeat its last frame)."""
+        cannot be indexed, when it has fewer than ``frames`` frames, or frames of another (height, width) than
+        ``size`` (what the pre-flight check read: the file was cut or replaced since, and its clips would repeat its
+        last frame, or be cut from the wrong place of the new frames)."""
         index = self._get(path)
         if frames and index.num_frames < frames:
             raise RuntimeError(f"{path}: {index.num_frames} frames now, {frames} when the pre-flight check counted "
                                "them: the file changed since (cut short or replaced); restore it, or leave it out")
+        if size != (0, 0) and (index.height, index.width) != tuple(size):
+            raise RuntimeError(f"{path}: {index.width}x{index.height} frames now, {size[1]}x{size[0]} when the "
+                               "pre-flight check read them: the file changed since (replaced); restore it, or leave "
+                               "it out")
         return index
 
     def _get(self, path: str) -> PacketIndex:

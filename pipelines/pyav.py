@@ -141,7 +141,8 @@ class _PlanDataset(Dataset):
     def decode(self, plans: Sequence[ClipPlan]) -> list[torch.Tensor]:
         """The clips of one unit's ``plans`` as (3, T, S, S) float32, normalised, from one decode of their frames;
         raises when it cannot be decoded (or indexed)."""
-        frames = decode_frames(plans[0].path, plans[0].frames, self.indexes.get(plans[0].path, plans[0].video_frames))
+        plan = plans[0]
+        frames = decode_frames(plan.path, plan.frames, self.indexes.get(plan.path, plan.video_frames, plan.video_size))
         return [finish_clip(crop_window(frames, p.window, p.flip), self.crop, self.mean, self.std) for p in plans]
 
     def __getitem__(self, plans: tuple[ClipPlan, ...]  # type: ignore[override]

@@ -40,6 +40,7 @@ class ClipPlan:
     window: tuple[int, int, int, int]  # (y0, x0, h, w) in source pixels
     flip: bool = False
     video_frames: int = 0  # the video's frames as the pre-flight check counted them (0: unknown)
+    video_size: tuple[int, int] = (0, 0)  # its (height, width) as the pre-flight check read them ((0, 0): unknown)
 
 
 def clip_size(num_frames: int, sampling_rate: int, target_fps: float, fps: float) -> float:

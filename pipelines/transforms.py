@@ -24,8 +24,11 @@ import torch.nn.functional as F
 
 def crop_window(frames: np.ndarray, window: tuple[int, int, int, int], flip: bool = False) -> torch.Tensor:
     """(T, H, W, 3) uint8 frames -> the ``window`` (y0, x0, h, w) of each, mirrored left-right when ``flip``, as a
-    contiguous (T, h, w, 3) tensor."""
+    contiguous (T, h, w, 3) tensor. Raises ValueError for a window not inside the frames (numpy would cut it short)."""
     y0, x0, h, w = window
+    if y0 < 0 or x0 < 0 or y0 + h > frames.shape[1] or x0 + w > frames.shape[2]:
+        raise ValueError(f"crop window (y0 {y0}, x0 {x0}, {h}x{w}) is not inside {frames.shape[2]}x{frames.shape[1]} "
+                         "frames")
     return mirror(torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w])), flip)
 
 

@@ -49,6 +49,7 @@ import stat
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -436,7 +437,7 @@ def each_completed(fn: Callable[[str], Any], paths: list[str], workers: int, pro
                 first = pending.pop(future)
                 for k, result in enumerate(future.result()):
                     yield first + k, result
-    except BaseException:  # an error, KeyboardInterrupt, or GeneratorExit (the consumer stopped)
+    except BaseException as e:  # an error, KeyboardInterrupt, or GeneratorExit (the consumer stopped)
         if processes:  # the pool breaks, and fails its pending futures itself (cancelling them races with that)
             workers_of_pool = set(multiprocessing.active_children()) - before
             for process in workers_of_pool:
@@ -444,6 +445,11 @@ def each_completed(fn: Callable[[str], Any], paths: list[str], workers: int, pro
             for process in workers_of_pool:  # gone before the caller goes on
                 process.join()
         pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(e, BrokenProcessPool):
+            raise RuntimeError(f"a worker process of the {workers}-process check died: killed (out of memory?), or "
+                               "it re-ran a script that has no `if __name__ == \"__main__\":` guard (each worker "
+                               "imports the main script; put the script's work under that guard), or use 1 worker"
+                               ) from e
         raise
     pool.shutdown()
 

@@ -433,6 +433,27 @@ def test_a_video_cut_short_after_the_preflight_check_is_quarantined(corpus: Corp
     assert "12 frames now, 24 when the pre-flight check counted them" in built.quarantine.entries[0].reason
 
 
+@pytest.mark.parametrize("loader", ["dali", "pyav"])
+@pytest.mark.parametrize("height, width", [(96, 128), (32, 32)])
+def test_a_video_replaced_by_one_of_another_frame_size_is_quarantined(corpus: Corpus, tmp_path: Path, loader: str,
+                                                                      height: int, width: int) -> None:
+    """A file replaced after the pre-flight check by a valid one of as many frames but another size: its clips were
+    planned on the old size, so PyAV (and DALI for a larger one) had cut the new frames at the old crop window and
+    delivered them; both loaders now quarantine it, naming both sizes, and the epoch goes on."""
+    copies = [shutil.copy(p, tmp_path / p.name) for p in corpus.good[:4]]
+    (tmp_path / "train.csv").write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(copies)))
+    cfg = DataConfig(root=str(tmp_path), loader=loader, backend="cpu", num_frames=8, sampling_rate=2,
+                     train_crop_size=32, train_jitter_scales=[40, 48], batch_size=2, num_workers=1,
+                     on_bad_video="skip", max_bad_fraction=0.5, validate_cache="none")
+    built = build_loader(cfg, "train")
+    replaced = copies[2]
+    encode_video(Path(replaced), textured_frames(30, height, width, seed=2), bitexact=True)  # 24 frames of 64x48
+    batches = list(built)
+    assert len(batches) == 2 and [e.path for e in built.quarantine.entries] == [str(replaced)]
+    assert f"{width}x{height} frames now, 64x48 when the pre-flight check read them" in \
+        built.quarantine.entries[0].reason
+
+
 def test_training_with_the_pyav_loader_finishes_and_lists_what_it_left_out(corpus: Corpus, tmp_path: Path) -> None:
     res, err = train("data.loader=pyav", f"data.root={corpus.root}", "train.eval_period=0", out=tmp_path / "run")
     assert res.returncode == 0, err[-3000:]

@@ -161,6 +161,16 @@ def test_caches_stay_off_shared_filesystems_and_say_where_they_are(tmp_path: Pat
         cache_path("")
 
 
+def test_a_folder_given_as_the_cache_holds_every_cache(tmp_path: Path) -> None:
+    """data.validate_cache naming an existing folder: the probe cache and the packet indexes both go in it (the
+    packet indexes had gone to the folder's parent, while the probe cache failed to open the folder as a file)."""
+    folder = tmp_path / "caches"
+    folder.mkdir()
+    assert cache_path(str(folder)) == folder / "validate.sqlite"
+    assert cache_path(str(folder), "packets.sqlite") == folder / "packets.sqlite"
+    assert cache_path(str(tmp_path / "mine.sqlite"), "packets.sqlite") == tmp_path / "packets.sqlite"  # a file: beside
+
+
 def test_a_new_cache_file_switched_to_wal_by_two_processes_at_once_waits_for_the_other() -> None:
     """Two ranks opening a new cache file together both switch it to WAL; SQLite answers one of them "database is
     locked" at once, without its busy timeout. The switch is retried; another error is raised as it is."""

@@ -184,6 +184,21 @@ def test_train_plans_equal_the_per_clip_linspace_bit_for_bit(num_frames: int) ->
     assert one.frames.tolist() == planner.plan_clips([videos[3]], rng)[0].frames.tolist()
 
 
+def test_a_rank_outside_the_world_or_a_negative_start_is_refused() -> None:
+    """A rank outside [0, world_size) had planned another rank's clips (duplicates), world_size 0 divided by zero,
+    and start_batch -1 yielded only the epoch's last batch."""
+    from timesformer_harness.pipelines.base import ClipPlanner, Video
+    from timesformer_harness.pipelines.pyav import PyAVLoader
+
+    videos = [Video(i, f"v{i}.webm", 0, 48, 30.0, 32, 32) for i in range(8)]
+    cfg = DataConfig(num_frames=4, batch_size=2)
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match=rf"rank {rank} of world_size {world}: need world_size >= 1"):
+            ClipPlanner(cfg, "train", videos, rank=rank, world_size=world)
+    with pytest.raises(ValueError, match=r"start_batch=-1 is not within the epoch's 4 batches"):
+        PyAVLoader(ClipPlanner(cfg, "train", videos), torch.device("cpu"), start_batch=-1)
+
+
 def test_sampling_formulas() -> None:
     # Kinetics: 8 frames x rate 32 at 30 fps = 256 source frames; test clip 0 of 1 starts at frame 0
     assert kinetics_frames(300, 30, 8, 32, 30, clip_idx=0).tolist() == [0, 36, 72, 109, 145, 182, 218, 255]

@@ -177,6 +177,17 @@ def _fail_on_x(path: str) -> str:
     return path
 
 
+def test_a_script_without_a_main_guard_is_told_why_its_workers_died(tmp_path: Path) -> None:
+    """Each worker of the process pool imports the main script; one without an ``if __name__ == "__main__":`` guard
+    re-runs its work there and the worker dies: the error says so instead of a bare BrokenProcessPool."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("import os, sys\nfrom timesformer_harness.pipelines.validate import each_completed\n"
+                      "print(list(each_completed(os.path.getsize, [sys.executable] * 8, workers=2)))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 1 and "RuntimeError: a worker process of the 2-process check died" in done.stderr
+    assert 'no `if __name__ == "__main__":` guard' in done.stderr, done.stderr[-2000:]
+
+
 def test_each_completed_stops_its_workers_on_an_error() -> None:
     paths = ["a", "b", "c", "x"] + [f"p{i}" for i in range(40)]
     before = set(multiprocessing.active_children())

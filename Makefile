@@ -128,7 +128,7 @@ tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host 127.0.0.1 --port $(TB_PORT)
 
 gate: $(STAMP)
-	$(VPY) -m timesformer_harness.gate --baseline $(BASELINE)
+	$(VPY) -m timesformer_harness.gate --baseline $(BASELINE) --attn $(ATTN) $(if $(MODE),--mode $(MODE))
 
 gate-baseline: $(STAMP)
 	$(VPY) -m timesformer_harness.gate --write-baseline $(BASELINE) --attn $(ATTN) $(if $(PRESET),--preset $(PRESET))

@@ -219,7 +219,9 @@ def select(baseline: list[BenchRecord], args: argparse.Namespace) -> list[BenchR
     if args.mode and args.mode != "both":
         chosen = [r for r in chosen if r.mode == args.mode]
     if not chosen:
-        raise ValueError(f"--attn {args.attn} --mode {args.mode} leave no baseline case")
+        held = sorted({(r.attention_type, r.mode) for r in baseline})
+        raise ValueError(f"no baseline case is left by --attn {args.attn}" + (f" --mode {args.mode}" if args.mode else "")
+                         + f"; it holds (attention, mode) {held}")
     return chosen
 
 

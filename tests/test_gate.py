@@ -134,6 +134,9 @@ def test_cases_are_chosen_by_pattern_variant_and_mode():
         "model/space_only/train/4x32"]
     with pytest.raises(ValueError, match=r"--cases \['model/joint\*'\] match no baseline case"):
         select(base, Namespace(cases=["model/joint*"], attn="all", mode=None))
+    with pytest.raises(ValueError, match=r"no baseline case is left by --attn bogus; it holds \(attention, mode\) "
+                                         r"\[\('divided_space_time', 'train'\), \('space_only', 'infer'\)"):
+        select(base, Namespace(cases=None, attn="bogus", mode=None))
     # --cases takes every word after it: the what-if after the patterns is an override, not a case name
     parsed = parse_args(["--baseline", "b.json", "--cases", "model/space*", "model.depth=8"])
     assert (parsed.cases, parsed.overrides) == (["model/space*"], ["model.depth=8"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf, StringNode
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from timesformer_harness.kernels.backend_names import BACKENDS as ATTN_BACKENDS, SHORT_SEQUENCE_BACKENDS
 from timesformer_harness.pipelines.config import FORMAT_DEPENDENT, DataConfig, check_minimums
@@ -360,16 +360,18 @@ TAKES_BOOLEANS = {"train.compile"}  # string keys whose check maps true/false to
 def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
     """Fail on the first key of ``node`` that the schema does not have, naming the closest valid one, and on a
     YAML boolean given to a string key (``train.resume=yes`` would otherwise arrive as the string 'True')."""
-    if not isinstance(node, (dict, DictConfig)):
+    if isinstance(node, DictConfig):  # its values as written: an interpolation is resolved after the merge
+        node = OmegaConf.to_container(node, resolve=False)
+    if not isinstance(node, dict):
         return
-    for k in node.keys():
+    for k, value in node.items():
         full = f"{prefix}{k}"
         if k not in schema:
             raise _unknown_key_error(full, OmegaConf.structured(RootConfig), source)
         if isinstance(schema[k], DictConfig):
-            _check_keys(node[k], schema[k], source, prefix=f"{full}.")
-        elif isinstance(node[k], bool) and isinstance(schema._get_node(k), StringNode) and full not in TAKES_BOOLEANS:
-            raise ConfigError(f"{source}: {full}={node[k]}: YAML reads yes/no/on/off/true/false as a boolean, and "
+            _check_keys(value, schema[k], source, prefix=f"{full}.")
+        elif isinstance(value, bool) and isinstance(schema._get_node(k), StringNode) and full not in TAKES_BOOLEANS:
+            raise ConfigError(f"{source}: {full}={value}: YAML reads yes/no/on/off/true/false as a boolean, and "
                               f"{full} takes a word; give one of its values (default: {full}={schema[k]})")
 
 
@@ -419,12 +421,18 @@ def _yaml_sources(path: Path, seen: tuple[Path, ...] = (), read: list[int] | Non
     return [*sources, (str(path), cfg)]
 
 
+def _as_written(node: DictConfig, key: str) -> Any:
+    """``key``'s value in ``node`` as written (an interpolation unresolved: one file alone may not resolve it), or
+    None."""
+    value: Any = OmegaConf.to_container(node, resolve=False)
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def _set_in(key: str, sources: list[tuple[str, DictConfig]]) -> str:
     """Where ``key``'s value came from: the last source that sets it, or "" (the schema's default)."""
-    for name, node in reversed(sources):
-        if OmegaConf.select(node, key, default=None, throw_on_missing=False) is not None:
-            return name
-    return ""
+    return next((name for name, node in reversed(sources) if _as_written(node, key) is not None), "")
 
 
 def _omegaconf_error(e: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
@@ -478,6 +486,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg.output.dir = default_output_dir(path)
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except InterpolationResolutionError as e:
+        key = str(getattr(e, "full_key", "") or "")
+        what = str(getattr(e, "msg", "") or e).split("\n")[0].strip()
+        raise ConfigError(f"{_set_in(key, sources) or 'the config'}: {key}={_as_written(cfg, key)}: {what}; an "
+                          "interpolation names a key of the merged config (${model.depth}) or an environment "
+                          "variable (${oc.env:NAME,default})") from e
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e, _set_in(str(getattr(e, "full_key", "")), sources) or "the config", schema) from e
     except ValueError as e:  # a __post_init__ check; its message starts with the key where it is about one

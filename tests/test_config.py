@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from timesformer_harness.config import load_config, save_config
+from timesformer_harness.config import ConfigError, load_config, save_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXP = REPO / "configs" / "exp"
@@ -106,6 +106,29 @@ def test_a_yaml_boolean_for_a_word_key_is_refused_naming_the_key(tmp_path):
         load_config(bad)
     assert load_config(None, ["train.compile=true"]).train.compile == "default"  # true/false mean something there
     assert load_config(None, ["train.resume=never"]).train.resume == "never"
+
+
+def test_an_interpolation_resolves_against_the_merged_config(tmp_path, monkeypatch):
+    """``${model.num_heads}`` on the command line and ``${model.attention_type}`` set by a ``defaults:`` file resolve
+    against the whole config; one that cannot be resolved is one error naming the key and where it was set."""
+    monkeypatch.setenv("HARNESS_TEST_ROOT", "envroot")
+    monkeypatch.delenv("HARNESS_TEST_UNSET", raising=False)
+    assert load_config(None, ["model.num_heads=4", "model.depth=${model.num_heads}"]).model.depth == 4
+    (tmp_path / "base.yaml").write_text("model:\n  attention_type: joint_space_time\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("defaults: [base.yaml]\noutput:\n  dir: ${oc.env:HARNESS_TEST_ROOT}/${model.attention_type}\n")
+    assert load_config(exp).output.dir == "envroot/joint_space_time"
+    for bad, what in (("model.depth=${model.nope}", "Interpolation key 'model.nope' not found"),
+                      ("output.dir=${foo}", "Interpolation key 'foo' not found"),
+                      ("output.dir=${output.dir}", "Recursive interpolation detected"),
+                      ("output.dir=${oc.env:HARNESS_TEST_UNSET}",
+                       ".*Environment variable 'HARNESS_TEST_UNSET' not found")):
+        with pytest.raises(ConfigError, match=rf"^command-line overrides: {re.escape(bad)}: {what}.*; an "
+                                              r"interpolation names a key of the merged config"):
+            load_config(exp, [bad])
+    exp.write_text("defaults: [base.yaml]\noutput:\n  dir: runs/${model.attention_typo}\n")
+    with pytest.raises(ConfigError, match=rf"^{exp}: output.dir=runs/\$\{{model.attention_typo\}}: Interpolation "):
+        load_config(exp)
 
 
 def test_defaults_list_merges_first_and_overrides_win(tmp_path):

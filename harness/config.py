@@ -10,6 +10,7 @@ in the shipped configs (``configs/model/toy.yaml`` works from a config in any fo
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,11 @@ class SolverConfig:
                                         "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "warmup_epochs": 0.0})
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"solver.label_smoothing={self.label_smoothing}; use a fraction in [0, 1) (0.1 is usual)")
+        # torch refuses these only when the optimizer is built, after the run folder is written
+        if not (math.isfinite(self.base_lr) and self.base_lr >= 0.0):
+            raise ValueError(f"solver.base_lr={self.base_lr}; give a finite learning rate >= 0 (e.g. 0.005)")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"solver.betas={list(self.betas)}; give 2 values in [0, 1) (e.g. [0.9, 0.999])")
 
 
 @dataclass

@@ -73,6 +73,11 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
     ("train.keep_last=0", "train.keep_last=0; must be >= 1"),
     ("train.log_period=0", "train.log_period=0; must be >= 1"),  # a modulo by zero at the first step
     ("solver.label_smoothing=1.5", r"solver.label_smoothing=1.5; use a fraction in \[0, 1\)"),  # silently used
+    ("solver.base_lr=-0.1", r"solver.base_lr=-0.1; give a finite learning rate >= 0"),  # torch's error, late
+    ("solver.base_lr=nan", r"solver.base_lr=nan; give a finite learning rate >= 0"),
+    ("solver.base_lr=inf", r"solver.base_lr=inf; give a finite learning rate >= 0"),
+    ("solver.betas=[0.9]", r"solver.betas=\[0.9\]; give 2 values in \[0, 1\)"),  # an IndexError inside torch, late
+    ("solver.betas=[0.9,1.0]", r"solver.betas=\[0.9, 1.0\]; give 2 values in \[0, 1\)"),
     ("solver.mixup_alpha=-1", "solver.mixup_alpha=-1.0; must be >= 0.0"),
     ("solver.steps=[0,14,11]", r"solver.steps=\[0, 14, 11\]: give the epochs each stage starts at in increasing"),
     ("bench.frames=[8,0]", r"bench.frames=\[8, 0\]: every value must be >= 1"),

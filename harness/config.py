@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf, StringNode
+from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from timesformer_harness.kernels.backend_names import BACKENDS as ATTN_BACKENDS, SHORT_SEQUENCE_BACKENDS
@@ -376,6 +376,10 @@ def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") ->
             raise _unknown_key_error(full, OmegaConf.structured(RootConfig), source)
         if isinstance(schema[k], DictConfig):
             _check_keys(value, schema[k], source, prefix=f"{full}.")
+        elif isinstance(schema[k], ListConfig) and isinstance(value, dict):  # data.mean.0=0.5, data.mean[0]=0.5
+            example = ",".join(str(v) for v in schema[k]) or "..."
+            raise ConfigError(f"{source}: {full}.{next(iter(value), '')}: one element of a list cannot be set; give "
+                              f"the whole list (e.g. {full}=[{example}])")
         elif isinstance(value, bool) and isinstance(schema._get_node(k), StringNode) and full not in TAKES_BOOLEANS:
             raise ConfigError(f"{source}: {full}={value}: YAML reads yes/no/on/off/true/false as a boolean, and "
                               f"{full} takes a word; give one of its values (default: {full}={schema[k]})")

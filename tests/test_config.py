@@ -136,6 +136,18 @@ def test_an_interpolation_resolves_against_the_merged_config(tmp_path, monkeypat
         load_config(exp)
 
 
+def test_one_element_of_a_list_is_refused_asking_for_the_whole_list(tmp_path):
+    for override in ("data.mean.0=0.5", "data.mean[0]=0.5"):
+        with pytest.raises(ConfigError, match=r"^command-line overrides: data.mean.0: one element of a list cannot be "
+                                              r"set; give the whole list \(e.g. data.mean=\[0.45,0.45,0.45\]\)$"):
+            load_config(None, [override])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("solver:\n  betas:\n    1: 0.99\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: solver.betas.1: .* \(e.g. solver.betas=\[0.9,0.999\]\)$"):
+        load_config(bad)
+    assert load_config(None, ["data.mean=[0.5,0.45,0.45]"]).data.mean == [0.5, 0.45, 0.45]
+
+
 def test_defaults_list_merges_first_and_overrides_win(tmp_path):
     (tmp_path / "base.yaml").write_text("model:\n  depth: 3\n  embed_dim: 96\n  num_heads: 4\n")
     exp = tmp_path / "exp.yaml"

@@ -415,9 +415,11 @@ def _yaml_sources(path: Path, seen: tuple[Path, ...] = (), read: list[int] | Non
     if path.resolve() in seen:
         raise ConfigError(f"config {path} includes itself through 'defaults'")
     try:
-        cfg = OmegaConf.load(path)
+        cfg: Any = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException) as e:
         raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    except OSError:  # omegaconf refuses a document that is a scalar (42): "Invalid loaded object type: int"
+        cfg = yaml.safe_load(path.read_text())
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {path} holds a {type(cfg).__name__}; a config is a mapping of sections "
                           f"(model:, data:, solver:, ...)")

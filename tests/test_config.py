@@ -148,6 +148,14 @@ def test_one_element_of_a_list_is_refused_asking_for_the_whole_list(tmp_path):
     assert load_config(None, ["data.mean=[0.5,0.45,0.45]"]).data.mean == [0.5, 0.45, 0.45]
 
 
+def test_a_config_file_that_is_not_a_mapping_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for text, kind in (("42\n", "int"), ("0.5\n", "float"), ("true\n", "bool"), ("- model\n", "ListConfig")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^config {bad} holds a {kind}; a config is a mapping of sections"):
+            load_config(bad)
+
+
 def test_defaults_list_merges_first_and_overrides_win(tmp_path):
     (tmp_path / "base.yaml").write_text("model:\n  depth: 3\n  embed_dim: 96\n  num_heads: 4\n")
     exp = tmp_path / "exp.yaml"

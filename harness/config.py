@@ -374,6 +374,10 @@ def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") ->
         full = f"{prefix}{k}"
         if k not in schema:
             raise _unknown_key_error(full, OmegaConf.structured(RootConfig), source)
+        if isinstance(schema[k], DictConfig) and value is None:  # `model:` with every key commented out
+            first = next(iter(schema[k]))
+            raise ConfigError(f"{source}: section {full!r} is empty; delete it, or give it keys (e.g. "
+                              f"{full}.{first}={schema[k][first]})")
         if isinstance(schema[k], DictConfig):
             _check_keys(value, schema[k], source, prefix=f"{full}.")
         elif isinstance(schema[k], ListConfig) and isinstance(value, dict):  # data.mean.0=0.5, data.mean[0]=0.5

@@ -156,6 +156,14 @@ def test_a_config_file_that_is_not_a_mapping_is_refused(tmp_path):
             load_config(bad)
 
 
+def test_an_empty_section_is_named_as_empty(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  # depth: 2\nsolver:\n  max_epoch: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: section 'model' is empty; delete it, or give it keys \(e.g. "
+                                          r"model.img_size=224\)$"):
+        load_config(bad)
+
+
 def test_defaults_list_merges_first_and_overrides_win(tmp_path):
     (tmp_path / "base.yaml").write_text("model:\n  depth: 3\n  embed_dim: 96\n  num_heads: 4\n")
     exp = tmp_path / "exp.yaml"

@@ -363,9 +363,17 @@ def _unknown_key_error(bad: str, schema: DictConfig, source: str) -> UnknownKeyE
 TAKES_BOOLEANS = {"train.compile"}  # string keys whose check maps true/false to a value
 
 
+def _takes_text(section: Any, key: str) -> bool:
+    """Whether ``key`` (``model.init``, or ``init`` with ``section`` the schema's ``model``) is a string key."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(section, parent, default=None) if parent else section
+    return isinstance(node, DictConfig) and leaf in node and isinstance(node._get_node(leaf), StringNode)
+
+
 def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
     """Fail on the first key of ``node`` that the schema does not have, naming the closest valid one, and on a
-    YAML boolean given to a string key (``train.resume=yes`` would otherwise arrive as the string 'True')."""
+    YAML boolean or number given to a string key (``train.resume=yes`` would otherwise arrive as the string 'True',
+    ``dir: 007`` as '7')."""
     if isinstance(node, DictConfig):  # its values as written: an interpolation is resolved after the merge
         node = OmegaConf.to_container(node, resolve=False)
     if not isinstance(node, dict):
@@ -387,6 +395,9 @@ def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") ->
         elif isinstance(value, bool) and isinstance(schema._get_node(k), StringNode) and full not in TAKES_BOOLEANS:
             raise ConfigError(f"{source}: {full}={value}: YAML reads yes/no/on/off/true/false as a boolean, and "
                               f"{full} takes a word; give one of its values (default: {full}={schema[k]})")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_text(schema, k):
+            raise ConfigError(f"{source}: {full}={value}: YAML reads this unquoted value as a number (007 as 7, 12:30 "
+                              f"as 750, .10 as 0.1), and {full} takes text; quote it ({k}: '...')")
 
 
 def _find_default(name: str, config: Path) -> Path:
@@ -451,6 +462,19 @@ def _set_in(key: str, sources: list[tuple[str, DictConfig]]) -> str:
     return next((name for name, node in reversed(sources) if _as_written(node, key) is not None), "")
 
 
+def _overrides_node(overrides: list[str], schema: DictConfig) -> DictConfig:
+    """``key=value`` overrides as one config, the last of a key winning. A value is YAML, but a string key keeps its
+    text as typed where YAML would read a number (``output.dir=007`` is '007', not 7; ``12:30`` not 750)."""
+    node = OmegaConf.create()
+    for item in overrides:
+        node.merge_with_dotlist([item])
+        key, _, text = item.partition("=")
+        value = _as_written(node, key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_text(schema, key):
+            OmegaConf.update(node, key, text)
+    return node
+
+
 def _omegaconf_error(e: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
     """omegaconf's multi-line error as one line: where, the key, what was wrong, and the default to copy."""
     key = str(getattr(e, "full_key", "") or "")
@@ -487,7 +511,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         # ``key=`` is the empty string (as in Hydra), not omegaconf's None, which no field of the schema takes
         overrides = [item + "''" if item.endswith("=") else item for item in overrides]
         try:
-            sources.append((COMMAND_LINE, OmegaConf.from_dotlist(overrides)))
+            sources.append((COMMAND_LINE, _overrides_node(overrides, schema)))
         except (yaml.YAMLError, OmegaConfBaseException) as e:
             raise ConfigError(f"{COMMAND_LINE}: {' '.join(str(e).split())}; a value is YAML: quote it, or close "
                               f"its brackets (e.g. data.train_jitter_scales=[256,320])") from e

@@ -36,6 +36,12 @@ Set a key in a YAML config (`model:` / `depth: 2`) or on any command line that t
 how configs are merged and where `defaults:` paths resolve: [training.md](training.md#config); the keys to set for
 your own videos: [your_data.md](your_data.md). A mistake is one `error:` line with exit status 5
 ([training.md](training.md#exit-statuses)).
+
+A value is read as YAML. A key of type str keeps what is typed on the command line where YAML would read a number
+(`output.dir=007` is `007`, not 7; `12:30` is not 750, `.10` not 0.1); in a YAML file, quote such a value
+(`dir: '007'`): unquoted, the text is gone, and it is refused naming the key, as `yes`/`no`/`on`/`off`/`true`/`false`
+are for a key that takes a word. `${model.num_heads}` or `${oc.env:NAME,default}` in a value is resolved against the
+merged config.
 """
 
 

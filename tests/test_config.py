@@ -164,6 +164,28 @@ def test_an_empty_section_is_named_as_empty(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("key, text, number", [
+    ("output.dir", "007", 7), ("output.dir", "12:30", 750), ("output.dir", "1e3", 1000.0),
+    ("output.dir", "1_000", 1000), ("test.checkpoint", "0x10", 16), ("data.ssv2_suffix", ".10", 0.1),
+])
+def test_a_text_key_keeps_text_that_yaml_reads_as_a_number(key, text, number, tmp_path):
+    """On the command line a string key keeps the text as typed; unquoted in a file (the text gone) it is refused,
+    asking to quote it. The saved config quotes it, so that it reads back the same."""
+    section, name = key.split(".")
+    cfg = load_config(None, [f"{key}={text}"])
+    assert getattr(getattr(cfg, section), name) == text
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert load_config(None, [f"{key}=x", f"{key}={text}", f"{key}={text}x"]) == load_config(None, [f"{key}={text}x"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"{section}:\n  {name}: {text}\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: {key}={number}: YAML reads this unquoted value as a number "
+                                          rf".* and {key} takes text; quote it \({name}: '...'\)$"):
+        load_config(bad)
+    bad.write_text(f"{section}:\n  {name}: '{text}'\n")
+    assert getattr(getattr(load_config(bad), section), name) == text
+
+
 def test_defaults_list_merges_first_and_overrides_win(tmp_path):
     (tmp_path / "base.yaml").write_text("model:\n  depth: 3\n  embed_dim: 96\n  num_heads: 4\n")
     exp = tmp_path / "exp.yaml"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
+from omegaconf import BooleanNode, DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from timesformer_harness.kernels.backend_names import BACKENDS as ATTN_BACKENDS, SHORT_SEQUENCE_BACKENDS
@@ -373,7 +373,7 @@ def _takes_text(section: Any, key: str) -> bool:
 def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
     """Fail on the first key of ``node`` that the schema does not have, naming the closest valid one, and on a
     YAML boolean or number given to a string key (``train.resume=yes`` would otherwise arrive as the string 'True',
-    ``dir: 007`` as '7')."""
+    ``dir: 007`` as '7') or anything but a boolean to a boolean key."""
     if isinstance(node, DictConfig):  # its values as written: an interpolation is resolved after the merge
         node = OmegaConf.to_container(node, resolve=False)
     if not isinstance(node, dict):
@@ -395,6 +395,9 @@ def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") ->
         elif isinstance(value, bool) and isinstance(schema._get_node(k), StringNode) and full not in TAKES_BOOLEANS:
             raise ConfigError(f"{source}: {full}={value}: YAML reads yes/no/on/off/true/false as a boolean, and "
                               f"{full} takes a word; give one of its values (default: {full}={schema[k]})")
+        elif (isinstance(schema._get_node(k), BooleanNode) and value is not None and not isinstance(value, bool)
+              and not (isinstance(value, str) and "${" in value)):  # omegaconf would read 2 or "1" as True
+            raise ConfigError(f"{source}: {full}={value!r}: {full} takes a boolean; give true or false")
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_text(schema, k):
             raise ConfigError(f"{source}: {full}={value}: YAML reads this unquoted value as a number (007 as 7, 12:30 "
                               f"as 750, .10 as 0.1), and {full} takes text; quote it ({k}: '...')")

@@ -40,8 +40,8 @@ your own videos: [your_data.md](your_data.md). A mistake is one `error:` line wi
 A value is read as YAML. A key of type str keeps what is typed on the command line where YAML would read a number
 (`output.dir=007` is `007`, not 7; `12:30` is not 750, `.10` not 0.1); in a YAML file, quote such a value
 (`dir: '007'`): unquoted, the text is gone, and it is refused naming the key, as `yes`/`no`/`on`/`off`/`true`/`false`
-are for a key that takes a word. `${model.num_heads}` or `${oc.env:NAME,default}` in a value is resolved against the
-merged config.
+are for a key that takes a word. A key of type bool takes true or false (YAML's yes/no/on/off too), not 1 or 0.
+`${model.num_heads}` or `${oc.env:NAME,default}` in a value is resolved against the merged config.
 """
 
 

@@ -186,6 +186,22 @@ def test_a_text_key_keeps_text_that_yaml_reads_as_a_number(key, text, number, tm
     assert getattr(getattr(load_config(bad), section), name) == text
 
 
+def test_a_boolean_key_takes_only_a_boolean(tmp_path):
+    """omegaconf reads 2, 1 or the string '1' as True: a boolean key refuses them, naming the key."""
+    for given, shown in (("2", "2"), ("1", "1"), ("0", "0"), ("'1'", "'1'"), ("1.0", "1.0")):
+        with pytest.raises(ConfigError, match=rf"^command-line overrides: model.qkv_bias={shown}: model.qkv_bias "
+                                              r"takes a boolean; give true or false$"):
+            load_config(None, [f"model.qkv_bias={given}"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  deterministic: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: train.deterministic=1: train.deterministic takes a boolean"):
+        load_config(bad)
+    cfg = load_config(None, ["model.qkv_bias=false", "train.deterministic=true", "data.random_flip=no",
+                             "model.grad_checkpointing=${train.deterministic}"])
+    assert (cfg.model.qkv_bias, cfg.train.deterministic, cfg.data.random_flip, cfg.model.grad_checkpointing) == (
+        False, True, False, True)
+
+
 def test_defaults_list_merges_first_and_overrides_win(tmp_path):
     (tmp_path / "base.yaml").write_text("model:\n  depth: 3\n  embed_dim: 96\n  num_heads: 4\n")
     exp = tmp_path / "exp.yaml"

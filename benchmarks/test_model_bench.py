@@ -10,6 +10,7 @@ import pytest
 
 from timesformer_harness.bench import model as model_suite
 from timesformer_harness.bench.record import fill_throughput
+from timesformer_harness.config import BenchConfig
 from timesformer_harness.variants import VARIANTS
 from timesformer_harness.metrics import gpu_peak_flops, synchronize
 from timesformer_harness.model import load_preset
@@ -29,7 +30,7 @@ def test_model_step(benchmark, device, preset, attention_type, mode):
     cfg = replace(load_preset(preset), attention_type=attention_type)
     case = model_suite.Case(preset=preset, device=str(device), batch=BATCH, precision=precision_name(dtype),
                             warmup=2, steps=ROUNDS, model=cfg, mode=mode, frames=cfg.num_frames,
-                            img_size=cfg.img_size, channels_last=device.type == "cuda")
+                            img_size=cfg.img_size, channels_last=BenchConfig().channels_last)  # as the bench
     rec = case.record(device)
     rec.env = environment_info(device)
     if device.type == "cuda":

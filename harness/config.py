@@ -230,7 +230,9 @@ class BenchConfig:
     mem_limit_gb: float = 8.0  # CPU only: address-space cap per case, so a too-big case records oom, not swap
     case_timeout_s: int = 600  # seconds a case's fresh process may run before it is killed (status error)
     gemm_n: int = 1024  # CPU utilisation: fp32 GEMM of this size measured in the same run is the peak
-    block_s: float = 0.0  # a timed sample's length: steps (and GEMMs) per block to fill it; 0 = one step per sample
+    # a timed sample's length on CPU: steps (and calibration GEMMs) per block to fill it, so that a short step is not
+    # timed right after a GEMM has filled the caches (it had made sub-millisecond steps 2-30x slower); 0 = one step
+    block_s: float = 0.1
     threads: int = 0  # CPU intra-op threads per case; 0 = torch's default
     data_config: str = "configs/exp/toy_divided_cpu.yaml"  # pipeline/e2e suites: the data section to load
     pipeline_batches: int = 8  # timed batches per loader (after 2 warm-up batches)

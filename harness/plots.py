@@ -17,11 +17,20 @@ from timesformer_harness.bench.record import BenchRecord  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+def _curves(records: list[BenchRecord], mode: str) -> list[BenchRecord]:
+    """The model and scaling records of ``mode`` that a curve per variant joins: eager, at one batch (the scaling
+    suite's, else the model suite's smallest); a batch sweep's other batches and compiled cases are no points of it."""
+    rs = [r for r in records if r.suite in ("model", "scaling") and r.mode == mode and (r.compile or "none") == "none"]
+    scaling = [r.batch for r in rs if r.suite == "scaling" and r.batch]
+    batch = scaling[0] if scaling else min((r.batch for r in rs if r.batch), default=None)
+    return [r for r in rs if r.batch == batch]
+
+
 def _series(records: list[BenchRecord], mode: str, img_size: int) -> dict[str, list[BenchRecord]]:
-    """Model and scaling records of one mode and image size, grouped by variant and sorted by frames."""
+    """The curves' records (``_curves``) of one mode and image size, grouped by variant and sorted by frames."""
     by_attn: dict[str, list[BenchRecord]] = {}
-    for r in records:
-        if r.suite in ("model", "scaling") and r.mode == mode and r.img_size == img_size and r.frames:
+    for r in _curves(records, mode):
+        if r.img_size == img_size and r.frames:
             by_attn.setdefault(r.attention_type or "?", []).append(r)
     return {a: sorted(rs, key=lambda r: r.frames or 0) for a, rs in sorted(by_attn.items())}
 
@@ -94,8 +103,7 @@ def plot_cost_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[P
     out_dir = Path(out_dir)
     written = []
     for mode in sorted({r.mode for r in records if r.suite in ("model", "scaling") and r.mode}):
-        rs = [r for r in records if r.suite in ("model", "scaling") and r.mode == mode and r.frames and r.img_size
-              and r.status in ("ok", "oom")]
+        rs = [r for r in _curves(records, mode) if r.frames and r.img_size and r.status in ("ok", "oom")]
         if not rs:
             continue
         T0, S0 = min(r.frames for r in rs), min(r.img_size for r in rs)

@@ -25,7 +25,7 @@ from timesformer_harness.bench.record import (SCHEMA_VERSION, BenchRecord, read_
 from timesformer_harness.bench.sweep import SUITES, case_from_dict
 from timesformer_harness.config import REPO_ROOT, RootConfig, load_config
 from timesformer_harness.counting import count_flops, count_params
-from timesformer_harness.metrics import median_interval, percentile, summarize
+from timesformer_harness.metrics import PeakMemory, median_interval, percentile, summarize
 from timesformer_harness.model import create_model, load_preset
 from timesformer_harness.variants import attention_shape
 
@@ -317,13 +317,14 @@ def test_bench_cli_writes_results_summary_plots_and_config(two_runs):
     assert meta["peak_flops_source"].startswith("measured fp32 GEMM n=256")
     assert meta["complete"] is True and meta["cases_planned"] == 3
     assert "| space_only | train |" in (run / "summary.md").read_text()
-    assert "model:" in (run / "config.yaml").read_text()
+    config = (run / "config.yaml").read_text()  # the flags too: --attn and --mode are not in the config's keys
+    assert "model:" in config and config.startswith("# measured with --attn space_only --mode both")
     assert (run / "scaling_train_32.png").stat().st_size > 1000
     assert "| space_only | infer |" in proc.stdout  # the table printed at the end
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     assert [r["case"] for r in rows] == [r.case for r in records] and rows[0]["step_ms.ci_high"] > 0
     header = (run / "results.csv").read_text().splitlines()[0].split(",")
-    assert {"case", "images_per_s", "step_ms.median", "step_ms.ci_low", "env.git_sha"} <= set(header)
+    assert {"case", "images_per_s", "step_ms.median", "step_ms.ci_low", "env.git_sha", "model.depth"} <= set(header)
     assert list((run / "tb").glob("events.out.tfevents.*"))
 
 
@@ -646,6 +647,15 @@ def test_pipeline_and_e2e_suites_on_toy_data(tmp_path):
     assert e2e.clips_per_s == pytest.approx(2 * e2e.batch / x["step_s"]) and len(e2e.samples_s) == 2
 
 
+def test_an_e2e_case_on_its_data_configs_model_is_named_by_that_file():
+    """The e2e suite measures the model its data config sets (the toy recipe's), not the bench preset's: the record
+    names the file's model (it had named the preset, --preset tiny over a toy.yaml model)."""
+    cfg = resolve(preset="tiny", suites=["e2e"])[0]
+    (case,) = build_cases(cfg, "tiny", ["divided_space_time"], ["train"], torch.device("cpu"), (None, None))
+    assert case.preset == "toy_divided_cpu.yaml's model" and case.model == replace(
+        load_config(cfg.bench.data_config).model, attention_type="divided_space_time")
+
+
 def test_e2e_records_say_what_their_peak_memory_covers():
     from types import SimpleNamespace
 
@@ -674,8 +684,8 @@ def test_cpu_utilisation_uses_a_gemm_interleaved_with_the_steps():
 def test_blocks_fill_the_sample_length_and_a_delay_slows_only_the_step():
     """``block_s``: as many steps and GEMMs per block as fill it; an injected delay raises the step's time and the
     ratio by about itself, the GEMM's not at all."""
-    plain = _run(_case("model", "space_only", mode="infer", gemm_n=128, steps=3, block_s=0.05))
-    slow = _run(_case("model", "space_only", mode="infer", gemm_n=128, steps=3, block_s=0.05,
+    plain = _run(_case("model", "space_only", mode="infer", gemm_n=128, steps=3, block_s=0.2))
+    slow = _run(_case("model", "space_only", mode="infer", gemm_n=128, steps=3, block_s=0.2,
                       steps_per_block=plain.extra["steps_per_block"], calib_reps=plain.extra["calib_reps"],
                       inject_slowdown=3.0))  # each step 4x as long: far above the noise
     assert plain.status == slow.status == "ok", (plain.message, slow.message)
@@ -683,6 +693,49 @@ def test_blocks_fill_the_sample_length_and_a_delay_slows_only_the_step():
     assert slow.extra["injected_slowdown"] == 3.0  # each call 3x its own time longer, on this machine as it runs
     # 4x injected; the bar is 1.5x because the two cases run in turn and a shared CPU's load can change in between
     assert slow.extra["ratio"] / plain.extra["ratio"] > 1.5 and slow.step_ms["median"] > 1.5 * plain.step_ms["median"]
+
+
+def test_the_calibration_gemm_is_not_in_a_cases_peak_memory():
+    """The GEMM timed beside the steps is the peak's, not the model's: its matrices (12 MiB at n=1024) are made before
+    the case's memory window, and a run allocates nothing (they had added ~17.6 MiB to every CPU case's peak)."""
+    from timesformer_harness.bench.case import measure_step
+
+    if not PeakMemory(torch.device("cpu")).kind:
+        pytest.skip("no resident-set peak on this OS")
+    case = _case("model", "space_only", mode="infer", gemm_n=1024, steps=3, block_s=0.0)
+    rec = case.record(torch.device("cpu"))
+    measure_step(lambda c, r, d, t: (lambda: None), case, rec, torch.device("cpu"), None)
+    assert rec.extra["gemm_ms"] > 0 and rec.peak_mem_bytes < 2 * 2**20, rec.peak_mem_bytes
+
+
+def test_the_scaling_plot_joins_one_batch_and_eager_cases_only(tmp_path):
+    """A batch sweep's other batches and compiled cases are not points of the scaling curve (they had been joined
+    into it, zigzagging, under a title naming the first record's batch)."""
+    from timesformer_harness.plots import _series
+
+    def rec(suite, frames, batch, compile="none"):
+        return BenchRecord(suite=suite, case=f"{suite}/space_only/train/{frames}x32/{batch}/{compile}",
+                           attention_type="space_only", preset="tiny", frames=frames, img_size=32, batch=batch,
+                           mode="train", status="ok", images_per_s=100.0 * batch, peak_mem_bytes=2**20,
+                           compile=compile)
+
+    records = [rec("model", 4, 1), rec("model", 4, 2), rec("model", 4, 4), rec("model", 4, 2, "default"),
+               rec("scaling", 8, 2)]
+    assert [(r.frames, r.batch, r.compile) for r in _series(records, "train", 32)["space_only"]] == [
+        (4, 2, "none"), (8, 2, "none")]
+    sweep_only = [rec("model", 4, 4), rec("model", 4, 1)]  # no scaling suite: the sweep's smallest batch
+    assert [r.batch for r in _series(sweep_only, "train", 32)["space_only"]] == [1]
+
+
+def test_the_scaling_suite_keeps_the_models_point_when_the_model_suite_measures_other_batches():
+    cfg = resolve(preset="tiny", suites=["model", "scaling"])[0]
+    grid = {(c.frames, c.img_size) for c in build_cases(cfg, "tiny", ["space_only"], ["train"],
+                                                       torch.device("cpu"), (None, None)) if c.suite == "scaling"}
+    assert (cfg.model.num_frames, cfg.model.img_size) not in grid  # the model suite measures it, at bench.batch_size
+    other = replace(cfg, bench=replace(cfg.bench, batches=[1, 4]))
+    grid = {(c.frames, c.img_size) for c in build_cases(other, "tiny", ["space_only"], ["train"],
+                                                       torch.device("cpu"), (None, None)) if c.suite == "scaling"}
+    assert (cfg.model.num_frames, cfg.model.img_size) in grid  # not at batch 2: the scaling suite measures it
 
 
 def test_plots_draw_every_variant_and_mark_oom(tmp_path):

@@ -18,8 +18,8 @@ import torch
 from timesformer_harness.bench.record import BenchRecord, fill_throughput
 from timesformer_harness.config import ModelConfig
 from timesformer_harness.kernels.attention import short_sequence_choices
-from timesformer_harness.metrics import (PeakMemory, Stopwatch, gemm, iso_now, kernel_time, synchronize, time_block,
-                                         time_pairs, time_steps)
+from timesformer_harness.metrics import (Gemm, PeakMemory, Stopwatch, gemm, iso_now, kernel_time, synchronize,
+                                         time_block, time_pairs, time_steps)
 from timesformer_harness.runtime import device_name
 
 
@@ -133,13 +133,14 @@ class ModelCase(BenchCase):
         return rec
 
 
-def time_model_step(step: Callable[[], object], rec: BenchRecord, case: ModelCase,
-                    device: torch.device) -> list[float]:
+def time_model_step(step: Callable[[], object], rec: BenchRecord, case: ModelCase, device: torch.device,
+                    calib: Gemm | None = None) -> list[float]:
     """Seconds per step of ``case.steps`` samples after ``case.warmup`` untimed steps; with ``case.gemm_n``, paired
-    with the calibration GEMM (see ``ModelCase``), whose figures go into ``rec``."""
+    with the calibration GEMM (see ``ModelCase``; ``calib``, made here when not given), whose figures go into
+    ``rec``."""
     if not case.gemm_n:
         return time_steps(step, device, case.warmup, case.steps)
-    calib = gemm(device, case.gemm_n)
+    calib = calib or gemm(device, case.gemm_n)
     for _ in range(case.warmup):
         step()
         calib.run()
@@ -168,6 +169,9 @@ def measure_step(build: StepBuilder, case: ModelCase, rec: BenchRecord, device: 
                  dtype: torch.dtype | None) -> None:
     """Build the case's step (``build`` also fills what it knows: params, FLOPs), time it (``time_model_step``) and
     fill ``rec`` with the throughput and the peak memory of building and running it."""
+    calib = gemm(device, case.gemm_n) if case.gemm_n else None  # the peak's, not the step's: outside the window
+    if calib is not None:
+        calib.run()  # its first run also allocates the BLAS library's own buffers
     memory = PeakMemory(device, release_freed=True)
     step = build(case, rec, device, dtype)
     if case.warmup:  # the first step alone: lazy initialisation, autotuning and compilation happen in it
@@ -177,7 +181,7 @@ def measure_step(build: StepBuilder, case: ModelCase, rec: BenchRecord, device: 
         step = _slowed(step, case.inject_slowdown, device)
         rec.extra["injected_slowdown"] = case.inject_slowdown
     rec.extra["steady_state"] = f"timed after {case.warmup + 1 if 'first_step_s' in rec.extra else 0} warm-up steps"
-    times = time_model_step(step, rec, case, device)
+    times = time_model_step(step, rec, case, device, calib)
     if case.compile != "none" and "first_step_s" in rec.extra:
         rec.extra["compile_s"] = max(rec.extra["first_step_s"] - statistics.median(times), 0.0)
     if blocks := short_sequence_choices():  # what the Triton attention's autotuner picked (eager: in this process)

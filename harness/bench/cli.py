@@ -166,7 +166,9 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
     precision = precision_name(resolve_precision(cfg.bench.precision, device))
     started = run_stamp()
     out = new_run_dir(cfg.bench.out_dir, f"{started}-{attn}")
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    measured = f"--attn {attn} --mode {'both' if len(modes) == 2 else modes[0]}"  # what the flags chose
+    atomic_write_text(out / "config.yaml", f"# measured with {measured}: give them again with --config\n"
+                      + to_yaml(cfg))
     peak = measure_peak(device, precision, cfg.bench.gemm_n)
     cases = build_cases(cfg, preset, attns, modes, device, peak, precision)
     logger.info("%d cases -> %s (peak %s)", len(cases), out, peak[1])

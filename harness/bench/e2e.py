@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -49,8 +50,10 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
     """One case, for the first selected variant, with the experiment's own model when its config sets one."""
     path = data_config_path(cfg)
     loaded = load_config(path)
-    model = loaded.model if loaded.model != ModelConfig() else cfg.model  # the file's when it sets a model
-    return [Case.of(base, model=replace(model, attention_type=attns[0]), mode="train", data_config=path,
+    own = loaded.model != ModelConfig()  # the file's model when it sets one, named by the file instead of the preset
+    model = loaded.model if own else cfg.model
+    settings = {**base, "preset": f"{Path(path).name}'s model"} if own else base
+    return [Case.of(settings, model=replace(model, attention_type=attns[0]), mode="train", data_config=path,
                     data_paths=data_paths(loaded.data),
                     batches=cfg.bench.pipeline_batches, threshold=cfg.bench.input_bound_threshold)]
 

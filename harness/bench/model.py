@@ -28,11 +28,17 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
     second and third call)."""
     b = cfg.bench
     T, S = cfg.model.num_frames, cfg.model.img_size
-    batches = list(b.batches) or (list(GPU_BATCHES) if device.type == "cuda" else [b.batch_size])
+    batches = suite_batches(cfg, device)
     return [Case.of(base, model=replace(cfg.model, attention_type=attn), mode=mode, frames=T, img_size=S,
                     batch=batch, sweep_batch=len(batches) > 1, compile=compile,
                     warmup=b.warmup if compile == "none" else max(b.warmup, 3))
             for attn in attns for mode in modes for compile in b.compile for batch in batches]
+
+
+def suite_batches(cfg: RootConfig, device: torch.device) -> list[int]:
+    """The batches the model suite measures: ``bench.batches``, else the batch size on CPU, ``GPU_BATCHES`` on a
+    GPU."""
+    return list(cfg.bench.batches) or (list(GPU_BATCHES) if device.type == "cuda" else [cfg.bench.batch_size])
 
 
 def count(case: ModelCase, rec: BenchRecord) -> None:

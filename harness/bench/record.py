@@ -83,11 +83,11 @@ class BenchRecord:
         return cls(**d)
 
     def flat(self) -> dict[str, Any]:
-        """One level of scalars (nested dicts joined with ``.``; lists and the raw samples left out): a CSV row,
-        a JSON line, pytest-benchmark's ``extra_info``."""
+        """One level of scalars (nested dicts joined with ``.``, e.g. ``model.depth``; lists and the raw samples left
+        out): a CSV row, a JSON line, pytest-benchmark's ``extra_info``."""
         out: dict[str, Any] = {}
         for key, value in self.to_dict().items():
-            if key in ("samples_s", "model"):
+            if key == "samples_s":
                 continue
             if isinstance(value, dict):
                 out.update({f"{key}.{k}": v for k, v in value.items() if not isinstance(v, (dict, list))})

@@ -38,7 +38,7 @@ def summary_table(records: list[BenchRecord]) -> str:
                 r.attention_type, r.mode, str(r.batch), r.compile or "none", _fmt(r.clips_per_s, ".2f"),
                 _fmt(r.images_per_s, ".1f"), _step(r),
                 _fmt(r.peak_mem_bytes, ".0f", 2**-20), _fmt(r.params, ".2f", 1e-6),
-                _fmt(r.flops_per_clip, ".1f", 1e-9), _fmt(r.achieved_flops, ".1f", 1e-9),
+                _fmt(r.flops_per_clip, ".3g", 1e-9), _fmt(r.achieved_flops, ".1f", 1e-9),
                 _fmt(r.peak_flops, ".0f", 1e-9), _fmt(r.utilisation, ".1f", 100),
                 _ratio(r.clips_per_s, d and d.clips_per_s),
                 _ratio(r.peak_mem_bytes, d and d.peak_mem_bytes)]))
@@ -56,8 +56,10 @@ def summary_table(records: list[BenchRecord]) -> str:
             note = r.message or r.extra.get("verdict", "")
             if r.suite == "attention" and r.status == "ok":
                 note = f"{r.extra['sequences']} seqs x {r.extra['heads']} heads x L={r.extra['seq_len']}"
+            clips = r.suite != "attention"  # an attention call is no clip: its step ms is the figure
             lines.append(_row([
-                r.case, r.status, _fmt(r.clips_per_s, ".2f"), _fmt(r.images_per_s, ".1f"), _step(r),
+                r.case, r.status, _fmt(r.clips_per_s if clips else None, ".2f"),
+                _fmt(r.images_per_s if clips else None, ".1f"), _step(r),
                 _fmt(r.peak_mem_bytes, ".0f", 2**-20), _fmt(r.achieved_flops, ".1f", 1e-9),
                 _fmt(r.utilisation, ".1f", 100), note.replace("|", "/")[:120]]))
         lines.append("")

@@ -32,8 +32,8 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
           device: torch.device) -> list[Case]:
     """``--frames`` x ``--img`` when given; otherwise the paper's grid on a GPU (``paper_grid``) and T, 2T frames at
     the preset's size on CPU (``make bench`` stays within minutes on 2 cores). A case that runs out of memory is
-    recorded as ``oom`` (joint attention's frontier). The point the model suite measures is left out when that
-    suite runs too."""
+    recorded as ``oom`` (joint attention's frontier). The point the model suite measures (eager, at
+    ``bench.batch_size``) is left out when that suite runs too."""
     b = cfg.bench
     T, S = cfg.model.num_frames, cfg.model.img_size
     if b.frames or b.img_sizes:
@@ -46,4 +46,5 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
     return [Case.of(base, model=replace(cfg.model, attention_type=attn), mode=mode, frames=t, img_size=s,
                     warmup=b.sweep_warmup, steps=b.sweep_steps)
             for attn in attns for t, s in grid
-            if not ("model" in b.suites and (t, s) == (T, S))]
+            if not ((t, s) == (T, S) and "model" in b.suites and "none" in b.compile
+                    and b.batch_size in model.suite_batches(cfg, device))]

@@ -190,6 +190,19 @@ def test_bad_arguments(videos, tmp_path):
     assert prepare(src / "val.csv", out, PrepareSpec("vp9", 32), progress=False).transcoded == 1
 
 
+
+def test_an_out_symlinked_to_the_sources_folder_is_refused(videos, tmp_path):
+    """--out a symlink to the sources' folder is that folder: prepare refuses, the sources are left as they were."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.webm").write_bytes(videos.good[0].read_bytes())
+    (src / "train.csv").write_text("a.webm 0\n")
+    (tmp_path / "link").symlink_to(src)
+    with pytest.raises(ValueError, match=r"would overwrite 1 source\(s\) in place"):
+        prepare(src / "train.csv", tmp_path / "link", PrepareSpec("vp9", 32), workers=1, progress=False)
+    assert (src / "a.webm").read_bytes() == videos.good[0].read_bytes()
+    assert (src / "train.csv").read_text() == "a.webm 0\n"
+
 def test_prepare_json_keeps_every_manifest_prepared_into_the_folder(videos, tmp_path, caplog):
     """train, val and test prepared one after the other into one folder: each one's failures stay on record (the
     latest no longer replaces them), and one prepared with other options than the rest is warned about."""

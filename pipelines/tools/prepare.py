@@ -196,7 +196,8 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
         rel, srcs = next(iter(clashes.items()))
         raise ValueError(f"{len(clashes)} output name(s) would be shared by different sources, e.g. {rel} <- "
                          f"{sorted(srcs)}; rename the sources so that they differ by more than their extension")
-    overwrite = [src for src, rel in rel_of.items() if os.path.abspath(out / rel) == os.path.abspath(src)]
+    # real paths: an --out that is (or passes through) a symlink to the sources' folder is that folder
+    overwrite = [src for src, rel in rel_of.items() if os.path.realpath(out / rel) == os.path.realpath(src)]
     if overwrite:
         raise ValueError(f"--out {out} would overwrite {len(overwrite)} source(s) in place, e.g. {overwrite[0]}; "
                          f"choose another output folder")

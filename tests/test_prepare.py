@@ -203,6 +203,37 @@ def test_an_out_symlinked_to_the_sources_folder_is_refused(videos, tmp_path):
     assert (src / "a.webm").read_bytes() == videos.good[0].read_bytes()
     assert (src / "train.csv").read_text() == "a.webm 0\n"
 
+
+def test_an_out_holding_the_source_manifest_or_files_prepare_did_not_write_is_refused(videos, tmp_path):
+    """--out the sources' folder with sources of another extension: the source manifest would be replaced by the
+    prepared one, and clip.webm (another manifest's video) by clip.mp4's transcode. Both are refused before anything
+    is written; so is an SSv2 split JSON that the prepared one would replace."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "clip.mp4").write_bytes(videos.h264.read_bytes())
+    (src / "clip.webm").write_bytes(videos.good[0].read_bytes())
+    (src / "a.csv").write_text("clip.mp4 0\n")
+    with pytest.raises(ValueError, match=f"would replace the source manifest {src / 'a.csv'}"):
+        prepare(src / "a.csv", src, PrepareSpec("vp9", 32), workers=1, progress=False)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "a.csv").write_text("clip.mp4 0\n")
+    with pytest.raises(ValueError, match=f"1 output name\\(s\\) are taken by files prepare did not write .*"
+                                         f"{src / 'clip.webm'}; move them away"):
+        prepare(lists / "a.csv", src, PrepareSpec("vp9", 32), path_prefix=str(src), workers=1, progress=False)
+    assert main([str(lists / "a.csv"), "--out", str(src), "--path-prefix", str(src), "--no-progress"]) == 2
+    assert (src / "clip.webm").read_bytes() == videos.good[0].read_bytes()
+    assert (src / "a.csv").read_text() == "clip.mp4 0\n" and not (src / "prepare.json").exists()
+    split = src / "something-something-v2-train.json"
+    split.write_text(json.dumps([{"id": "clip", "template": "Pushing [something]"}]))
+    (src / "something-something-v2-labels.json").write_text(json.dumps({"Pushing something": "0"}))
+    with pytest.raises(ValueError, match=f"would replace the source manifest {split}"):
+        prepare(split, src, PrepareSpec("mjpeg", 32), fmt="ssv2", ssv2_suffix=".mp4", workers=1, progress=False)
+    # a re-run into a folder prepare wrote is not refused: its outputs are in the journal
+    out = tmp_path / "out"
+    assert prepare(lists / "a.csv", out, PrepareSpec("vp9", 32), path_prefix=str(src), progress=False).transcoded == 1
+    assert prepare(lists / "a.csv", out, PrepareSpec("vp9", 48), path_prefix=str(src), progress=False).transcoded == 1
+
 def test_prepare_json_keeps_every_manifest_prepared_into_the_folder(videos, tmp_path, caplog):
     """train, val and test prepared one after the other into one folder: each one's failures stay on record (the
     latest no longer replaces them), and one prepared with other options than the rest is warned about."""

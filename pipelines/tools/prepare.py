@@ -201,6 +201,13 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
     if overwrite:
         raise ValueError(f"--out {out} would overwrite {len(overwrite)} source(s) in place, e.g. {overwrite[0]}; "
                          f"choose another output folder")
+    labels = Path(ssv2_labels or manifest.parent / SSV2_LABELS)
+    sources = [manifest, labels] if fmt == "ssv2" else [manifest]
+    replaced = [p for p in ([out / manifest.name, out / SSV2_LABELS] if fmt == "ssv2" else [out / manifest.name])
+                if any(os.path.realpath(p) == os.path.realpath(s) for s in sources)]
+    if replaced:
+        raise ValueError(f"--out {out} would replace the source manifest {replaced[0]} with the prepared one; "
+                         "choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # left by a killed run
 
@@ -221,6 +228,11 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
                          f"exist (another manifest prepared into this folder?), e.g. {job.rel_out} <- {other}, now "
                          f"asked from {job.src}; rename the sources so that they differ by more than their "
                          "extension, or prepare this manifest into another folder")
+    foreign = [j.rel_out for j in jobs if j.rel_out not in journal and os.path.lexists(out / j.rel_out)]
+    if foreign:  # e.g. clip.webm of another manifest, beside this one's clip.mp4 in the folder given as --out
+        raise ValueError(f"--out {out}: {len(foreign)} output name(s) are taken by files prepare did not write (not "
+                         f"in its {JOURNAL}), e.g. {out / foreign[0]}; move them away (delete them if a killed "
+                         "prepare left them) or choose another output folder")
     report = PrepareReport(str(out), str(out / manifest.name), total=len(jobs))
     todo = [j for j in jobs if not _is_done(journal.get(j.rel_out), j, out, spec_key)]
     report.skipped = len(jobs) - len(todo)
@@ -264,7 +276,6 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
         keep = {e.key for e in good}
         items = [it for it in json.loads(manifest.read_text()) if str(it["id"]) in keep]
         atomic_write_text(out / manifest.name, json.dumps(items, indent=1) + "\n")
-        labels = Path(ssv2_labels or manifest.parent / SSV2_LABELS)
         # under the name data.ssv2_labels defaults to, whatever the source's: data.root=DIR then reads it
         atomic_write_text(out / SSV2_LABELS, labels.read_text())
         if manifest.name not in SSV2_SPLITS.values():

@@ -427,3 +427,23 @@ def test_short_side_0_crops_an_odd_size(tmp_path):
         out = np.stack([f.to_ndarray(format="gray") for f in container.decode(video=0)])
     assert out.shape == (6, 48, 64)
     assert np.abs(out.astype(float) - checks[:48, :64]).mean() < 2  # squeezed to 64x48: ~80
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_a_full_range_source_keeps_its_levels(tmp_path, codec):
+    """A full-range source (MJPEG, yuvj420p: Y 0-255) written to limited-range yuv420p is converted, not copied:
+    grey bars 0, 16, ..., 240, 255 decode back within a few levels (copied, they came out stretched: 16 -> 0,
+    224 -> 242)."""
+    import av
+    import numpy as np
+
+    from timesformer_harness.pipelines.tools.encode import write_video
+
+    levels = np.array([*range(0, 256, 16), 255])
+    bars = np.repeat(np.repeat(levels.astype(np.uint8), 16)[None, :, None], 3, axis=2).repeat(32, axis=0)
+    src = write_video(tmp_path / "bars.avi", [bars] * 6, "mjpeg", pix_fmt="yuvj420p")
+    out = tmp_path / f"bars.{'webm' if codec == 'vp9' else 'mp4'}"
+    assert transcode(src, out, PrepareSpec(codec, 0, quality=10)) == 6
+    with av.open(str(out)) as container:
+        rgb = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert np.abs(rgb[16, 8::16].astype(int) - levels[:, None]).max() <= 3

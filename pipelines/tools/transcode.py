@@ -189,10 +189,21 @@ def check_output(path: Path, spec: PrepareSpec, expected_frames: int) -> str:
     return ""
 
 
+def _color_range(frame) -> int:
+    """A decoded frame's color range (``ColorRange``): its own when tagged, else full for the ``yuvj`` formats
+    (JPEG, MJPEG) and limited for other YUV (RGB has none: swscale reads it as full whatever is given)."""
+    from av.video.reformatter import ColorRange
+
+    if frame.color_range != ColorRange.UNSPECIFIED:
+        return frame.color_range
+    return ColorRange.JPEG if frame.format.name.startswith("yuvj") else ColorRange.MPEG
+
+
 def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
     """Decode the open source ``inp``'s first video stream into ``dst``; returns (frames written, output rate)."""
     import av
     from av.video.frame import PictureType
+    from av.video.reformatter import ColorRange
 
     codec = spec.output_codec
     if not inp.streams.video:
@@ -209,6 +220,10 @@ def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
     with av.open(str(dst), "w", options={"fflags": "+bitexact"}) as out:
         ost = out.add_stream(codec.encoder, rate=rate)
         ost.width, ost.height, ost.pix_fmt = width, height, codec.pix_fmt
+        # yuv420p is limited range (Y 16-235), MJPEG's yuvj420p full: a full-range source (MJPEG, JPEG frames)
+        # converted as is would be contrast-stretched by every decoder; the stream says which range it holds
+        out_range = ColorRange.JPEG if codec.pix_fmt.startswith("yuvj") else ColorRange.MPEG
+        ost.codec_context.color_range = out_range
         ost.thread_count = 1
         ost.options = encoder_options(spec)
         if spec.codec == "mjpeg":
@@ -220,7 +235,8 @@ def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
             decoded = _cropped(decoded, ist, height, width)
         frames = _resample(decoded, src_rate, rate, Fraction(ist.time_base) if ist.time_base else None)
         for frame in frames:
-            f = frame.reformat(width=width, height=height, format=codec.pix_fmt, interpolation="BICUBIC")
+            f = frame.reformat(width=width, height=height, format=codec.pix_fmt, interpolation="BICUBIC",
+                               src_color_range=_color_range(frame), dst_color_range=out_range)
             f.pts, f.time_base = written, 1 / rate  # the encoder's time base is 1 / rate
             # the source's picture types must not leak into the encoder (an I would force a keyframe)
             f.pict_type = PictureType.I if gop and written % gop == 0 else PictureType.NONE

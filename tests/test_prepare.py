@@ -447,3 +447,25 @@ def test_a_full_range_source_keeps_its_levels(tmp_path, codec):
     with av.open(str(out)) as container:
         rgb = next(container.decode(video=0)).to_ndarray(format="rgb24")
     assert np.abs(rgb[16, 8::16].astype(int) - levels[:, None]).max() <= 3
+
+
+def test_a_rotated_source_is_warned_about(videos, tmp_path, caplog):
+    """A phone video's display matrix (here a 90 degree one written into an MP4's track header) is not applied: the
+    output is the frames as stored, as the loaders read them, and prepare says so for that source, with how to
+    rotate it first; an unrotated source gets no warning."""
+    import struct
+
+    data = bytearray(videos.h264.read_bytes())
+    matrix = data.find(b"tkhd") + 4 + 40  # version 0 track header: the matrix after 40 bytes of fields
+    data[matrix:matrix + 36] = struct.pack(">9I", 0, 0x10000, 0, 0xFFFF0000, 0, 0, 0, 0, 0x40000000)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "phone.mp4").write_bytes(bytes(data))
+    (src / "plain.mp4").write_bytes(videos.h264.read_bytes())
+    (src / "list.csv").write_text("phone.mp4 0\nplain.mp4 1\n")
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.pipelines.tools.prepare"):
+        report = prepare(src / "list.csv", tmp_path / "out", PrepareSpec("vp9", 32), workers=1, progress=False)
+    assert report.transcoded == 2
+    assert f"{src / 'phone.mp4'}: its frames carry a display rotation of" in caplog.text
+    assert "written as stored" in caplog.text and "transpose" in caplog.text and "plain.mp4" not in caplog.text
+    assert read_gop(tmp_path / "out" / "phone.webm").num_frames == 24

@@ -46,8 +46,8 @@ from timesformer_harness.common import atomic_write_text, remove_stale_temporari
 from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
 from timesformer_harness.pipelines.manifest import (SSV2_LABELS, SSV2_SPLITS, add_manifest_arguments, manifest_cli_hint,
                                                     read_entries)
-from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, PrepareSpec, encoder_options, source_stat,
-                                                             transcode)
+from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, PrepareSpec, display_rotation,
+                                                             encoder_options, source_stat, transcode)
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,11 @@ def _run_job(args: tuple[Job, str, PrepareSpec]) -> dict:
         if src_size == 0:
             raise RuntimeError("empty file (0 bytes)")
         frames = transcode(job.src, Path(out_dir) / job.rel_out, spec)
+        rotation = display_rotation(job.src)
     except Exception as e:
         reason = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
         return {"src": job.src, "out": job.rel_out, "error": reason}
-    return {"src": job.src, "out": job.rel_out, "error": "", "frames": frames,
+    return {"src": job.src, "out": job.rel_out, "error": "", "frames": frames, "rotation": rotation,
             "bytes": os.path.getsize(Path(out_dir) / job.rel_out), "src_size": src_size,
             "src_mtime_ns": src_mtime_ns, "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -248,6 +249,12 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
             if res["error"]:
                 logger.warning("%s: %s", res["src"], res["error"])
                 return
+            if res["rotation"]:
+                logger.warning("%s: its frames carry a display rotation of %d degrees (a phone video?); the output is "
+                               "written as stored, without it, as the harness's loaders read every video: to have it "
+                               "upright, rotate the source first (ffmpeg -i IN OUT applies the rotation, -autorotate "
+                               "being on by default; or -vf transpose=1 / transpose=2) and prepare that",
+                               res["src"], res["rotation"])
             report.transcoded += 1
             report.frames += res["frames"]
             report.input_bytes += res["src_size"]

@@ -248,6 +248,18 @@ def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
     return written, rate
 
 
+def display_rotation(src: str | Path) -> int:
+    """The rotation in degrees a player applies to the video file ``src``'s frames (a phone video's display matrix;
+    0 for none, and for a frame folder). ``transcode`` writes the frames as stored, as the loaders read them."""
+    import av
+
+    if Path(src).is_dir():
+        return 0
+    with av.open(str(src)) as container:
+        frame = next(container.decode(video=0), None)
+    return int(frame.rotation) if frame is not None else 0
+
+
 def source_stat(src: str | Path) -> tuple[int, int]:
     """(bytes, newest modification in ns) of a source: a video file's own; a frame folder's images' total and
     newest (the folder's own mtime too: an image added or removed). Raises OSError or ``RuntimeError`` as

@@ -469,3 +469,41 @@ def test_a_rotated_source_is_warned_about(videos, tmp_path, caplog):
     assert f"{src / 'phone.mp4'}: its frames carry a display rotation of" in caplog.text
     assert "written as stored" in caplog.text and "transpose" in caplog.text and "plain.mp4" not in caplog.text
     assert read_gop(tmp_path / "out" / "phone.webm").num_frames == 24
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+    """Ctrl-C (SIGINT to the process group) mid-run: the workers do not die with tracebacks; the main process starts
+    no other video, journals the ones being encoded when they finish, and exits 130 with one line; a re-run does the
+    rest."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        encode_video(src / f"v{i}.webm", textured_frames(40, 96, 128, seed=40 + i))
+    manifest = src / "list.csv"
+    manifest.write_text("".join(f"v{i}.webm {i % 4}\n" for i in range(8)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "timesformer_harness.pipelines.tools.prepare", str(manifest), "--out", str(out),
+           "--short-side", "96", "--gop", "8", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / JOURNAL).is_file() and (out / JOURNAL).read_text().count("\n") >= 1 and temporaries(out):
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "prepare finished before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1].startswith("error: interrupted: the videos finished are in"), stderr
+    journaled = {json.loads(line)["out"] for line in (out / JOURNAL).read_text().splitlines()}
+    assert {p.name for p in out.glob("v*.webm")} == journaled and 1 <= len(journaled) < 8
+    assert not (out / "list.csv").exists()
+    report = prepare(manifest, out, PrepareSpec("vp9", 96, 8), workers=1, progress=False)
+    assert (report.skipped, report.transcoded) == (len(journaled), 8 - len(journaled)) and not report.failed

@@ -36,6 +36,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -94,6 +95,12 @@ def _run_job(args: tuple[Job, str, PrepareSpec]) -> dict:
     return {"src": job.src, "out": job.rel_out, "error": "", "frames": frames, "rotation": rotation,
             "bytes": os.path.getsize(Path(out_dir) / job.rel_out), "src_size": src_size,
             "src_mtime_ns": src_mtime_ns, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C (SIGINT to the whole process group) is the main process's to handle: it lets the
+    videos being encoded finish and journals them (a worker would die with a traceback, its video lost)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _relative_output(src: str, base: Path, ext: str) -> str:
@@ -270,9 +277,18 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
                 done(_run_job(a))
         else:  # forkserver: safe whatever threads the caller runs
             ctx = multiprocessing.get_context("forkserver")
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                for fut in as_completed([pool.submit(_run_job, a) for a in jobs_args]):
-                    done(fut.result())
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
+                futures = [pool.submit(_run_job, a) for a in jobs_args]
+                pending = set(futures)
+                try:
+                    for fut in as_completed(futures):
+                        done(fut.result())
+                        pending.discard(fut)  # after done(): a Ctrl-C inside it journals the result again
+                except KeyboardInterrupt:
+                    logger.warning("interrupted: finishing the videos being encoded, starting no other")
+                    for fut in as_completed([f for f in pending if not f.cancel()]):  # running or finished
+                        done(fut.result())
+                    raise
     bar.close()
 
     failed = {src: r["error"] for src, r in results.items() if r["error"]}
@@ -373,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {manifest_cli_hint(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted: the videos finished are in {Path(args.out) / JOURNAL} (a re-run skips them); "
+              "the manifest was not written", file=sys.stderr)
+        return 130
     print(report.summary() + (f"\n  {chose}" if chose else ""))
     return 1 if report.failed else 0
 

@@ -507,3 +507,23 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     assert not (out / "list.csv").exists()
     report = prepare(manifest, out, PrepareSpec("vp9", 96, 8), workers=1, progress=False)
     assert (report.skipped, report.transcoded) == (len(journaled), 8 - len(journaled)) and not report.failed
+
+
+def test_a_second_prepare_into_a_folder_being_prepared_is_refused(videos, tmp_path):
+    """While one prepare holds --out (its lock on the journal), another into the same folder exits 2 naming it,
+    before it removes the first one's temporaries (which it took for a killed run's) or writes anything."""
+    import fcntl
+
+    manifest = videos.manifest("prep_locked.csv", videos.good[:1])
+    out = tmp_path / "out"
+    out.mkdir()
+    being_written = out / ".good0.0123abcd.tmp.webm"  # the first prepare's output in progress
+    being_written.write_bytes(b"partial")
+    with open(out / JOURNAL, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match=f"--out {out} is being prepared by another process"):
+            prepare(manifest, out, PrepareSpec("vp9", 32), workers=1, progress=False)
+        assert main([str(manifest), "--out", str(out), "--short-side", "32", "--no-progress"]) == 2
+        assert being_written.read_bytes() == b"partial" and not (out / "good0.webm").exists()
+    assert prepare(manifest, out, PrepareSpec("vp9", 32), workers=1, progress=False).transcoded == 1
+    assert not being_written.exists()  # the lock free: a killed run's temporary, removed

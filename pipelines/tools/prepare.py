@@ -30,7 +30,9 @@ new manifest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import logging
@@ -42,6 +44,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from timesformer_harness.common import atomic_write_text, remove_stale_temporaries, setup_logging
 from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
@@ -112,6 +115,19 @@ def _relative_output(src: str, base: Path, ext: str) -> str:
     except ValueError:
         rel = p.relative_to(p.anchor)
     return str(rel.with_suffix(ext))
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder ``out`` (``flock`` on its journal): a second prepare into it
+    would remove this one's temporaries and write over its outputs. Raises ValueError when another process holds it."""
+    with open(out / JOURNAL, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--out {out} is being prepared by another process (it holds the lock on "
+                             f"{out / JOURNAL}); wait for it to finish, or prepare into another folder") from None
+        yield
 
 
 def _load_journal(out: Path) -> dict[str, dict]:
@@ -217,112 +233,113 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
         raise ValueError(f"--out {out} would replace the source manifest {replaced[0]} with the prepared one; "
                          "choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)  # left by a killed run
+    with _exclusive(out):
+        remove_stale_temporaries(out)  # left by a killed run
 
-    spec_key = spec.key()
-    prepared = _prepared_manifests(out)
-    other_specs = {name: m["spec_key"] for name, m in prepared.items() if name != manifest.name
-                   and m.get("spec_key") != spec_key}
-    if other_specs:
-        logger.warning("%s also holds %s, prepared with another spec (%s), not this one's %s: their videos differ "
-                       "(size, codec or keyframes); prepare every manifest of a dataset with the same options",
-                       out, ", ".join(other_specs), ", ".join(sorted(set(other_specs.values()))), spec_key)
-    journal = _load_journal(out)
-    jobs = [Job(src, rel) for src, rel in rel_of.items()]
-    taken = [(j, journal[j.rel_out]["src"]) for j in jobs if _written_from_another(journal.get(j.rel_out), j.src)]
-    if taken:  # e.g. train's x.mp4 and val's x.webm, prepared one manifest at a time into one folder
-        job, other = taken[0]
-        raise ValueError(f"--out {out}: {len(taken)} output name(s) were written from other sources that still "
-                         f"exist (another manifest prepared into this folder?), e.g. {job.rel_out} <- {other}, now "
-                         f"asked from {job.src}; rename the sources so that they differ by more than their "
-                         "extension, or prepare this manifest into another folder")
-    foreign = [j.rel_out for j in jobs if j.rel_out not in journal and os.path.lexists(out / j.rel_out)]
-    if foreign:  # e.g. clip.webm of another manifest, beside this one's clip.mp4 in the folder given as --out
-        raise ValueError(f"--out {out}: {len(foreign)} output name(s) are taken by files prepare did not write (not "
-                         f"in its {JOURNAL}), e.g. {out / foreign[0]}; move them away (delete them if a killed "
-                         "prepare left them) or choose another output folder")
-    report = PrepareReport(str(out), str(out / manifest.name), total=len(jobs))
-    todo = [j for j in jobs if not _is_done(journal.get(j.rel_out), j, out, spec_key)]
-    report.skipped = len(jobs) - len(todo)
-    results: dict[str, dict] = {}
-    logger.info("%d videos: %d to transcode, %d already done (spec %s)", len(jobs), len(todo), report.skipped,
-                spec_key)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    bar = tqdm(total=len(todo), unit="video", disable=not progress or not todo, desc="prepare")
-    with open(out / JOURNAL, "a") as jf:
-        def done(res: dict) -> None:
-            results[res["src"]] = res
-            bar.update(1)
-            if res["error"]:
-                logger.warning("%s: %s", res["src"], res["error"])
-                return
-            if res["rotation"]:
-                logger.warning("%s: its frames carry a display rotation of %d degrees (a phone video?); the output is "
-                               "written as stored, without it, as the harness's loaders read every video: to have it "
-                               "upright, rotate the source first (ffmpeg -i IN OUT applies the rotation, -autorotate "
-                               "being on by default; or -vf transpose=1 / transpose=2) and prepare that",
-                               res["src"], res["rotation"])
-            report.transcoded += 1
-            report.frames += res["frames"]
-            report.input_bytes += res["src_size"]
-            report.output_bytes += res["bytes"]
-            jf.write(json.dumps({**{k: res[k] for k in ("out", "src", "src_size", "src_mtime_ns", "frames",
-                                                        "bytes", "seconds")}, "spec": spec_key}) + "\n")
-            jf.flush()
-            os.fsync(jf.fileno())
+        spec_key = spec.key()
+        prepared = _prepared_manifests(out)
+        other_specs = {name: m["spec_key"] for name, m in prepared.items() if name != manifest.name
+                       and m.get("spec_key") != spec_key}
+        if other_specs:
+            logger.warning("%s also holds %s, prepared with another spec (%s), not this one's %s: their videos differ "
+                           "(size, codec or keyframes); prepare every manifest of a dataset with the same options",
+                           out, ", ".join(other_specs), ", ".join(sorted(set(other_specs.values()))), spec_key)
+        journal = _load_journal(out)
+        jobs = [Job(src, rel) for src, rel in rel_of.items()]
+        taken = [(j, journal[j.rel_out]["src"]) for j in jobs if _written_from_another(journal.get(j.rel_out), j.src)]
+        if taken:  # e.g. train's x.mp4 and val's x.webm, prepared one manifest at a time into one folder
+            job, other = taken[0]
+            raise ValueError(f"--out {out}: {len(taken)} output name(s) were written from other sources that still "
+                             f"exist (another manifest prepared into this folder?), e.g. {job.rel_out} <- {other}, now "
+                             f"asked from {job.src}; rename the sources so that they differ by more than their "
+                             "extension, or prepare this manifest into another folder")
+        foreign = [j.rel_out for j in jobs if j.rel_out not in journal and os.path.lexists(out / j.rel_out)]
+        if foreign:  # e.g. clip.webm of another manifest, beside this one's clip.mp4 in the folder given as --out
+            raise ValueError(f"--out {out}: {len(foreign)} output name(s) are taken by files prepare did not write "
+                             f"(not in its {JOURNAL}), e.g. {out / foreign[0]}; move them away (delete them if a "
+                             "killed prepare left them) or choose another output folder")
+        report = PrepareReport(str(out), str(out / manifest.name), total=len(jobs))
+        todo = [j for j in jobs if not _is_done(journal.get(j.rel_out), j, out, spec_key)]
+        report.skipped = len(jobs) - len(todo)
+        results: dict[str, dict] = {}
+        logger.info("%d videos: %d to transcode, %d already done (spec %s)", len(jobs), len(todo), report.skipped,
+                    spec_key)
+        workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+        bar = tqdm(total=len(todo), unit="video", disable=not progress or not todo, desc="prepare")
+        with open(out / JOURNAL, "a") as jf:
+            def done(res: dict) -> None:
+                results[res["src"]] = res
+                bar.update(1)
+                if res["error"]:
+                    logger.warning("%s: %s", res["src"], res["error"])
+                    return
+                if res["rotation"]:
+                    logger.warning("%s: its frames carry a display rotation of %d degrees (a phone video?); the output "
+                                   "is written as stored, without it, as the harness's loaders read every video: to "
+                                   "have it upright, rotate the source first (ffmpeg -i IN OUT applies the "
+                                   "rotation, -autorotate being on by default; or -vf transpose=1) and prepare that",
+                                   res["src"], res["rotation"])
+                report.transcoded += 1
+                report.frames += res["frames"]
+                report.input_bytes += res["src_size"]
+                report.output_bytes += res["bytes"]
+                jf.write(json.dumps({**{k: res[k] for k in ("out", "src", "src_size", "src_mtime_ns", "frames",
+                                                            "bytes", "seconds")}, "spec": spec_key}) + "\n")
+                jf.flush()
+                os.fsync(jf.fileno())
 
-        jobs_args = [(j, str(out), spec) for j in todo]
-        if workers == 1:
-            for a in jobs_args:
-                done(_run_job(a))
-        else:  # forkserver: safe whatever threads the caller runs
-            ctx = multiprocessing.get_context("forkserver")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
-                futures = [pool.submit(_run_job, a) for a in jobs_args]
-                pending = set(futures)
-                try:
-                    for fut in as_completed(futures):
-                        done(fut.result())
-                        pending.discard(fut)  # after done(): a Ctrl-C inside it journals the result again
-                except KeyboardInterrupt:
-                    logger.warning("interrupted: finishing the videos being encoded, starting no other")
-                    for fut in as_completed([f for f in pending if not f.cancel()]):  # running or finished
-                        done(fut.result())
-                    raise
-    bar.close()
+            jobs_args = [(j, str(out), spec) for j in todo]
+            if workers == 1:
+                for a in jobs_args:
+                    done(_run_job(a))
+            else:  # forkserver: safe whatever threads the caller runs
+                ctx = multiprocessing.get_context("forkserver")
+                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
+                    futures = [pool.submit(_run_job, a) for a in jobs_args]
+                    pending = set(futures)
+                    try:
+                        for fut in as_completed(futures):
+                            done(fut.result())
+                            pending.discard(fut)  # after done(): a Ctrl-C inside it journals the result again
+                    except KeyboardInterrupt:
+                        logger.warning("interrupted: finishing the videos being encoded, starting no other")
+                        for fut in as_completed([f for f in pending if not f.cancel()]):  # running or finished
+                            done(fut.result())
+                        raise
+        bar.close()
 
-    failed = {src: r["error"] for src, r in results.items() if r["error"]}
-    report.failed = [(e.path, failed[e.path]) for e in entries if e.path in failed]
-    report.failed = list(dict.fromkeys(report.failed))
-    good = [e for e in entries if e.path not in failed]
-    if fmt == "ssv2":
-        keep = {e.key for e in good}
-        items = [it for it in json.loads(manifest.read_text()) if str(it["id"]) in keep]
-        atomic_write_text(out / manifest.name, json.dumps(items, indent=1) + "\n")
-        # under the name data.ssv2_labels defaults to, whatever the source's: data.root=DIR then reads it
-        atomic_write_text(out / SSV2_LABELS, labels.read_text())
-        if manifest.name not in SSV2_SPLITS.values():
-            logger.warning("%s is not a split file name data.root=%s looks for (%s): point data.train_manifest "
-                           "(or data.val_manifest / data.test_manifest) at %s", manifest.name, out,
-                           ", ".join(sorted(set(SSV2_SPLITS.values()))), out / manifest.name)
-    elif fmt == "csv":  # quoted where a path holds a comma or a quote, as the reader (csv.reader) expects
-        lines = io.StringIO()
-        csv.writer(lines, lineterminator="\n").writerows((rel_of[e.path], e.label) for e in good)
-        atomic_write_text(out / manifest.name, lines.getvalue())
-    else:
-        atomic_write_text(out / manifest.name, "".join(f"{rel_of[e.path]}{separator}{e.label}\n" for e in good))
-    report.seconds = time.perf_counter() - t0
-    import av
+        failed = {src: r["error"] for src, r in results.items() if r["error"]}
+        report.failed = [(e.path, failed[e.path]) for e in entries if e.path in failed]
+        report.failed = list(dict.fromkeys(report.failed))
+        good = [e for e in entries if e.path not in failed]
+        if fmt == "ssv2":
+            keep = {e.key for e in good}
+            items = [it for it in json.loads(manifest.read_text()) if str(it["id"]) in keep]
+            atomic_write_text(out / manifest.name, json.dumps(items, indent=1) + "\n")
+            # under the name data.ssv2_labels defaults to, whatever the source's: data.root=DIR then reads it
+            atomic_write_text(out / SSV2_LABELS, labels.read_text())
+            if manifest.name not in SSV2_SPLITS.values():
+                logger.warning("%s is not a split file name data.root=%s looks for (%s): point data.train_manifest "
+                               "(or data.val_manifest / data.test_manifest) at %s", manifest.name, out,
+                               ", ".join(sorted(set(SSV2_SPLITS.values()))), out / manifest.name)
+        elif fmt == "csv":  # quoted where a path holds a comma or a quote, as the reader (csv.reader) expects
+            lines = io.StringIO()
+            csv.writer(lines, lineterminator="\n").writerows((rel_of[e.path], e.label) for e in good)
+            atomic_write_text(out / manifest.name, lines.getvalue())
+        else:
+            atomic_write_text(out / manifest.name, "".join(f"{rel_of[e.path]}{separator}{e.label}\n" for e in good))
+        report.seconds = time.perf_counter() - t0
+        import av
 
-    this = {"spec": asdict(spec), "spec_key": spec_key, "source_manifest": str(manifest.resolve()), "format": fmt,
-            "videos": len(good), "failed": [{"path": p, "reason": r} for p, r in report.failed],
-            "last_run": {"transcoded": report.transcoded, "skipped": report.skipped,
-                         "seconds": round(report.seconds, 2)}}
-    record = {**this, "encoder": codec.encoder, "encoder_options": encoder_options(spec), "manifest": manifest.name,
-              "pyav": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
-              "manifests": {**prepared, manifest.name: this}}  # the top level: this (the latest) manifest's
-    atomic_write_text(out / SPEC_FILE, json.dumps(record, indent=1) + "\n")
-    return report
+        this = {"spec": asdict(spec), "spec_key": spec_key, "source_manifest": str(manifest.resolve()), "format": fmt,
+                "videos": len(good), "failed": [{"path": p, "reason": r} for p, r in report.failed],
+                "last_run": {"transcoded": report.transcoded, "skipped": report.skipped,
+                             "seconds": round(report.seconds, 2)}}
+        record = {**this, "encoder": codec.encoder, "encoder_options": encoder_options(spec), "manifest": manifest.name,
+                  "pyav": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
+                  "manifests": {**prepared, manifest.name: this}}  # the top level: this (the latest) manifest's
+        atomic_write_text(out / SPEC_FILE, json.dumps(record, indent=1) + "\n")
+        return report
 
 
 def _prepared_manifests(out: Path) -> dict[str, dict]:

@@ -527,3 +527,19 @@ def test_a_second_prepare_into_a_folder_being_prepared_is_refused(videos, tmp_pa
         assert being_written.read_bytes() == b"partial" and not (out / "good0.webm").exists()
     assert prepare(manifest, out, PrepareSpec("vp9", 32), workers=1, progress=False).transcoded == 1
     assert not being_written.exists()  # the lock free: a killed run's temporary, removed
+
+
+@pytest.mark.parametrize("codec, bad, good", [("vp9", 64, 63), ("h264", 52, 0), ("hevc", -1, 51), ("mjpeg", 1, 2),
+                                              ("mjpeg", 32, 31)])
+def test_an_out_of_range_quality_is_refused_up_front(videos, tmp_path, codec, bad, good):
+    """A crf / qscale the encoder does not take failed every video at encode time and replaced the prepared manifest
+    with an empty one; it is refused before anything is written (exit 2), and the limits themselves are taken."""
+    assert PrepareSpec(codec, quality=good).quality == good
+    with pytest.raises(ValueError, match=f"--quality {bad}: {codec}'s (crf|qscale) goes from"):
+        PrepareSpec(codec, quality=bad)
+    manifest = videos.manifest("prep_quality.csv", videos.good[:1])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / manifest.name).write_text("kept\n")
+    assert main([str(manifest), "--out", str(out), "--codec", codec, "--quality", str(bad), "--no-progress"]) == 2
+    assert (out / manifest.name).read_text() == "kept\n"

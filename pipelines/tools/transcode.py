@@ -36,15 +36,16 @@ class OutputCodec:
     pix_fmt: str
     decoded_name: str  # codec name a decoder reports for the output
     default_quality: int  # crf (vp9/h264/hevc) or qscale (mjpeg, 2 = best .. 31)
+    quality_range: tuple[int, int]  # the values the encoder takes (a crf or qscale outside fails every video)
 
 
 # Encoder settings per output codec (``--codec``). DALI decodes vp9 on CPU and GPU, mjpeg on CPU (on the GPU only as
 # JPEG frames by nvJPEG: NVDEC has no MJPEG), h264/hevc on GPU only.
 OUTPUT_CODECS = {
-    "vp9": OutputCodec("libvpx-vp9", ".webm", "yuv420p", "vp9", 32),
-    "mjpeg": OutputCodec("mjpeg", ".avi", "yuvj420p", "mjpeg", 4),
-    "h264": OutputCodec("libx264", ".mp4", "yuv420p", "h264", 23),
-    "hevc": OutputCodec("libx265", ".mp4", "yuv420p", "hevc", 28),
+    "vp9": OutputCodec("libvpx-vp9", ".webm", "yuv420p", "vp9", 32, (0, 63)),
+    "mjpeg": OutputCodec("mjpeg", ".avi", "yuvj420p", "mjpeg", 4, (2, 31)),
+    "h264": OutputCodec("libx264", ".mp4", "yuv420p", "h264", 23, (0, 51)),
+    "hevc": OutputCodec("libx265", ".mp4", "yuv420p", "hevc", 28, (0, 51)),
 }
 
 
@@ -70,6 +71,11 @@ class PrepareSpec:
             raise ValueError(f"mjpeg is intra-only (every frame a keyframe): drop --gop {self.gop} or use --gop intra")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps={self.fps} must be > 0")
+        low, high = self.output_codec.quality_range
+        if self.quality is not None and not low <= self.quality <= high:
+            what = "qscale" if self.codec == "mjpeg" else "crf"
+            raise ValueError(f"--quality {self.quality}: {self.codec}'s {what} goes from {low} to {high} (lower is "
+                             f"better; default {self.output_codec.default_quality})")
 
     @property
     def output_codec(self) -> OutputCodec:

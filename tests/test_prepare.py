@@ -3,6 +3,7 @@ sources, a killed run resumed, idempotence, frame-rate resampling, SSv2 manifest
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -543,3 +544,41 @@ def test_an_out_of_range_quality_is_refused_up_front(videos, tmp_path, codec, ba
     (out / manifest.name).write_text("kept\n")
     assert main([str(manifest), "--out", str(out), "--codec", codec, "--quality", str(bad), "--no-progress"]) == 2
     assert (out / manifest.name).read_text() == "kept\n"
+
+
+def test_an_error_writing_the_output_stops_the_run_and_keeps_the_manifest(tmp_path):
+    """A destination that cannot take the outputs (here a file size limit, RLIMIT_FSIZE: EFBIG, as a full disk gives
+    ENOSPC) is not a broken source: the run stops at the first such error with one line, exit 1, the videos finished
+    journaled, no other started, and the manifest of the earlier run left as it was (it had been replaced by one
+    without the videos not reached)."""
+    import resource
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        encode_video(src / f"small{i}.webm", textured_frames(8, 32, 48, seed=60 + i))
+    for i in range(3):
+        encode_video(src / f"large{i}.webm", textured_frames(40, 96, 128, seed=70 + i))
+    manifest = src / "list.csv"
+    manifest.write_text("small0.webm 0\nsmall1.webm 1\nlarge0.webm 2\nlarge1.webm 3\nlarge2.webm 0\n")
+    out = tmp_path / "out"
+    assert prepare(manifest, out, PrepareSpec("vp9", 0, 8), workers=1, progress=False).transcoded == 5
+    listed = (out / "list.csv").read_text()
+    sizes = sorted(p.stat().st_size for p in out.glob("*.webm"))
+    limit = (sizes[1] + sizes[2]) // 2  # the small videos' outputs fit, the large ones' do not
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal's kill
+
+    cmd = [sys.executable, "-m", "timesformer_harness.pipelines.tools.prepare", str(manifest), "--out", str(out),
+           "--short-side", "0", "--gop", "4", "--workers", "1", "--no-progress"]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    last = run.stderr.splitlines()[-1]
+    assert last.startswith(f"error: [Errno {errno.EFBIG}] cannot write {out / 'large0.webm'}: File too large; the "
+                           "run stopped there"), last
+    assert "large1" not in run.stderr and "large2" not in run.stderr  # not started
+    assert (out / "list.csv").read_text() == listed and not temporaries(out)
+    journal = [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
+    assert [r["out"] for r in journal[5:]] == ["small0.webm", "small1.webm"]

@@ -50,8 +50,9 @@ from timesformer_harness.common import atomic_write_text, remove_stale_temporari
 from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
 from timesformer_harness.pipelines.manifest import (SSV2_LABELS, SSV2_SPLITS, add_manifest_arguments, manifest_cli_hint,
                                                     read_entries)
-from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, PrepareSpec, display_rotation,
-                                                             encoder_options, source_stat, transcode)
+from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, DestinationError, PrepareSpec,
+                                                             display_rotation, encoder_options, source_stat,
+                                                             transcode)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ def _run_job(args: tuple[Job, str, PrepareSpec]) -> dict:
             raise RuntimeError("empty file (0 bytes)")
         frames = transcode(job.src, Path(out_dir) / job.rel_out, spec)
         rotation = display_rotation(job.src)
+    except DestinationError as e:  # the run stops: every other video would fail the same way
+        return {"src": job.src, "out": job.rel_out, "error": str(e), "destination": True}
     except Exception as e:
         reason = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
         return {"src": job.src, "out": job.rel_out, "error": reason}
@@ -262,12 +265,16 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
         todo = [j for j in jobs if not _is_done(journal.get(j.rel_out), j, out, spec_key)]
         report.skipped = len(jobs) - len(todo)
         results: dict[str, dict] = {}
+        stopped: list[str] = []  # the errors writing to --out: the run stops at the first
         logger.info("%d videos: %d to transcode, %d already done (spec %s)", len(jobs), len(todo), report.skipped,
                     spec_key)
         workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
         bar = tqdm(total=len(todo), unit="video", disable=not progress or not todo, desc="prepare")
         with open(out / JOURNAL, "a") as jf:
             def done(res: dict) -> None:
+                if res.get("destination"):
+                    stopped.append(res["error"])
+                    return
                 results[res["src"]] = res
                 bar.update(1)
                 if res["error"]:
@@ -292,6 +299,8 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
             if workers == 1:
                 for a in jobs_args:
                     done(_run_job(a))
+                    if stopped:
+                        break
             else:  # forkserver: safe whatever threads the caller runs
                 ctx = multiprocessing.get_context("forkserver")
                 with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
@@ -299,14 +308,22 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
                     pending = set(futures)
                     try:
                         for fut in as_completed(futures):
+                            if fut.cancelled():
+                                continue
                             done(fut.result())
                             pending.discard(fut)  # after done(): a Ctrl-C inside it journals the result again
+                            if stopped:  # no other video is started; those being encoded are journaled when done
+                                for f in pending:
+                                    f.cancel()
                     except KeyboardInterrupt:
                         logger.warning("interrupted: finishing the videos being encoded, starting no other")
                         for fut in as_completed([f for f in pending if not f.cancel()]):  # running or finished
                             done(fut.result())
                         raise
         bar.close()
+        if stopped:  # the manifest is left as it was: a shrunken one would drop the videos not reached
+            raise DestinationError(f"{stopped[0]}; the run stopped there: the videos finished are in {out / JOURNAL} "
+                                   "(a re-run skips them) and the manifest was left as it was")
 
         failed = {src: r["error"] for src, r in results.items() if r["error"]}
         report.failed = [(e.path, failed[e.path]) for e in entries if e.path in failed]
@@ -406,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {manifest_cli_hint(str(e))}", file=sys.stderr)
         return 2
+    except OSError as e:  # DestinationError (a full disk, ...), or writing the journal, manifest or prepare.json
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"error: interrupted: the videos finished are in {Path(args.out) / JOURNAL} (a re-run skips them); "
               "the manifest was not written", file=sys.stderr)

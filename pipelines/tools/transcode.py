@@ -11,6 +11,7 @@ output's content; its ``key()`` marks finished outputs in ``timesformer_harness.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -89,6 +90,25 @@ class PrepareSpec:
         d = asdict(self)
         d["gop"] = self.effective_gop
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Errors of writing, whatever the file: the disk or quota is full, the file too large, the filesystem read-only
+DESTINATION_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class DestinationError(OSError):
+    """The output could not be written (a full disk, a read-only or unwritable folder): no other video would fare
+    better, unlike a broken source."""
+
+
+def _about_destination(error: OSError, dst: Path) -> bool:
+    """Whether ``error`` is about writing the output ``dst`` (its errno, or a file in ``dst``'s folder: the
+    temporary), not about reading the source."""
+    if error.errno in DESTINATION_ERRNOS:
+        return True
+    name = error.filename
+    return isinstance(name, (str, os.PathLike)) and Path(os.path.abspath(name)).parent == Path(
+        os.path.abspath(dst)).parent
 
 
 def output_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -338,7 +358,8 @@ def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
     A folder of JPEG frames bound for MJPEG at its own size is copied, not re-encoded (``copied_jpeg_frames``: its
     images become the video's packets, bit for bit; ``spec.quality`` does not apply).
 
-    Raises ``RuntimeError`` (with the reason) when the source cannot be decoded or the output fails its check;
+    Raises ``RuntimeError`` (with the reason) when the source cannot be decoded or the output fails its check, and
+    ``DestinationError`` when the output cannot be written (``DESTINATION_ERRNOS``, or an error about its folder);
     ``dst`` is then left as it was.
     """
     import av
@@ -365,6 +386,10 @@ def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
             problem = check_output(tmp, spec, written)
             if problem:
                 raise RuntimeError(problem)
-    except av.error.FFmpegError as e:
-        raise RuntimeError(f"cannot decode/encode: {type(e).__name__}: {e}") from None
+    except (OSError, av.error.FFmpegError) as e:  # PyAV's errors from the system are OSErrors too
+        if isinstance(e, OSError) and _about_destination(e, Path(dst)):
+            raise DestinationError(e.errno, f"cannot write {dst}: {e.strerror or e}") from None
+        if isinstance(e, av.error.FFmpegError):
+            raise RuntimeError(f"cannot decode/encode: {type(e).__name__}: {e}") from None
+        raise
     return written

@@ -582,3 +582,17 @@ def test_an_error_writing_the_output_stops_the_run_and_keeps_the_manifest(tmp_pa
     assert (out / "list.csv").read_text() == listed and not temporaries(out)
     journal = [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
     assert [r["out"] for r in journal[5:]] == ["small0.webm", "small1.webm"]
+
+
+def test_an_out_that_is_a_file_is_one_error(videos, tmp_path, capsys):
+    """--out naming a file, or a path under one: one error line and exit 2 (it was a FileExistsError or
+    NotADirectoryError traceback); the file is left as it was."""
+    manifest = videos.manifest("prep_outfile.csv", videos.good[:1])
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    for out in (afile, afile / "sub"):
+        assert main([str(manifest), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --out {out} cannot be a folder: it, or a folder above it, is a file; choose another " \
+                      "output folder\n"
+    assert afile.read_text() == "mine\n"

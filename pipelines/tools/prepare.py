@@ -235,7 +235,11 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
     if replaced:
         raise ValueError(f"--out {out} would replace the source manifest {replaced[0]} with the prepared one; "
                          "choose another output folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--out {out} cannot be a folder: it, or a folder above it, is a file; choose another output "
+                         "folder") from None
     with _exclusive(out):
         remove_stale_temporaries(out)  # left by a killed run
 

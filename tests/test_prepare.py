@@ -596,3 +596,20 @@ def test_an_out_that_is_a_file_is_one_error(videos, tmp_path, capsys):
         assert err == f"error: --out {out} cannot be a folder: it, or a folder above it, is a file; choose another " \
                       "output folder\n"
     assert afile.read_text() == "mine\n"
+
+
+def test_outputs_outside_nvdec_limits_are_warned_about_once(videos, tmp_path, caplog):
+    """VP9 outputs below NVDEC's 128x128 minimum (42x32 here): one warning naming a size, the limit and the short side
+    that NVDEC takes; MJPEG (which NVDEC never decodes) and VP9 at 128 px get none."""
+    manifest = videos.manifest("prep_nvdec.csv", videos.good[:3])
+    logger = "timesformer_harness.pipelines.tools.prepare"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        prepare(manifest, tmp_path / "small", PrepareSpec("vp9", 32), workers=1, progress=False)
+    said = [r.getMessage() for r in caplog.records if "NVDEC" in r.getMessage()]
+    assert said == ["3 of 3 outputs are below NVDEC's VP9 minimum of 128x128, e.g. 42x32: DALI's GPU decoder refuses "
+                    "them (DALI decodes them on the CPU then); for the GPU, prepare with --short-side 128 or more"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=logger):
+        prepare(manifest, tmp_path / "mjpeg", PrepareSpec("mjpeg", 32), workers=1, progress=False)
+        prepare(manifest, tmp_path / "large", PrepareSpec("vp9", 128), workers=1, progress=False)
+    assert "NVDEC" not in caplog.text

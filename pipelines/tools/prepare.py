@@ -50,8 +50,9 @@ from timesformer_harness.common import atomic_write_text, remove_stale_temporari
 from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
 from timesformer_harness.pipelines.manifest import (SSV2_LABELS, SSV2_SPLITS, add_manifest_arguments, manifest_cli_hint,
                                                     read_entries)
+from timesformer_harness.pipelines.nvdec import NVDEC_CODECS
 from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, DestinationError, PrepareSpec,
-                                                             display_rotation, encoder_options, source_stat,
+                                                             encoder_options, output_size, probe_source, source_stat,
                                                              transcode)
 
 logger = logging.getLogger(__name__)
@@ -92,13 +93,14 @@ def _run_job(args: tuple[Job, str, PrepareSpec]) -> dict:
         if src_size == 0:
             raise RuntimeError("empty file (0 bytes)")
         frames = transcode(job.src, Path(out_dir) / job.rel_out, spec)
-        rotation = display_rotation(job.src)
+        height, width, rotation = probe_source(job.src)
     except DestinationError as e:  # the run stops: every other video would fail the same way
         return {"src": job.src, "out": job.rel_out, "error": str(e), "destination": True}
     except Exception as e:
         reason = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
         return {"src": job.src, "out": job.rel_out, "error": reason}
     return {"src": job.src, "out": job.rel_out, "error": "", "frames": frames, "rotation": rotation,
+            "size": output_size(height, width, spec.short_side)[::-1],
             "bytes": os.path.getsize(Path(out_dir) / job.rel_out), "src_size": src_size,
             "src_mtime_ns": src_mtime_ns, "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -107,6 +109,27 @@ def _ignore_sigint() -> None:
     """Worker initializer: Ctrl-C (SIGINT to the whole process group) is the main process's to handle: it lets the
     videos being encoded finish and journals them (a worker would die with a traceback, its video lost)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _nvdec_size_warning(codec: str, sizes: list[tuple[int, int]]) -> str:
+    """Why NVDEC (DALI's GPU decoder) would refuse some of the output ``sizes`` (width, height) of ``codec``, naming
+    a size and the limit ("" = none; MJPEG, which NVDEC does not decode at all, neither)."""
+    limits = NVDEC_CODECS.get(codec)
+    if limits is None:
+        return ""
+    (min_w, min_h), (max_w, max_h) = limits.min_size, limits.max_size
+    small = [(w, h) for w, h in sizes if w < min_w or h < min_h]
+    large = [(w, h) for w, h in sizes if w > max_w or h > max_h]
+    if small:
+        return (f"{len(small)} of {len(sizes)} outputs are below NVDEC's {limits.name} minimum of {min_w}x{min_h}, "
+                f"e.g. {small[0][0]}x{small[0][1]}: DALI's GPU decoder refuses them"
+                + (" (DALI decodes them on the CPU then)" if codec == "vp9" else "")
+                + f"; for the GPU, prepare with --short-side {max(min_w, min_h)} or more")
+    if large:
+        return (f"{len(large)} of {len(sizes)} outputs are above NVDEC's {limits.name} maximum of {max_w}x{max_h}, "
+                f"e.g. {large[0][0]}x{large[0][1]}: DALI's GPU decoder refuses them; prepare with a smaller "
+                "--short-side")
+    return ""
 
 
 def _relative_output(src: str, base: Path, ext: str) -> str:
@@ -329,6 +352,8 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
             raise DestinationError(f"{stopped[0]}; the run stopped there: the videos finished are in {out / JOURNAL} "
                                    "(a re-run skips them) and the manifest was left as it was")
 
+        if warning := _nvdec_size_warning(spec.codec, [tuple(r["size"]) for r in results.values() if not r["error"]]):
+            logger.warning("%s", warning)
         failed = {src: r["error"] for src, r in results.items() if r["error"]}
         report.failed = [(e.path, failed[e.path]) for e in entries if e.path in failed]
         report.failed = list(dict.fromkeys(report.failed))

@@ -274,16 +274,13 @@ def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
     return written, rate
 
 
-def display_rotation(src: str | Path) -> int:
-    """The rotation in degrees a player applies to the video file ``src``'s frames (a phone video's display matrix;
-    0 for none, and for a frame folder). ``transcode`` writes the frames as stored, as the loaders read them."""
-    import av
-
-    if Path(src).is_dir():
-        return 0
-    with av.open(str(src)) as container:
+def probe_source(src: str | Path) -> tuple[int, int, int]:
+    """(height, width, rotation) of ``src``'s first frame: the rotation in degrees a player applies (a phone
+    video's display matrix; 0 for none, and for a frame folder). ``transcode`` writes the frames as stored, as the
+    loaders read them."""
+    with open_source(src) as container:
         frame = next(container.decode(video=0), None)
-    return int(frame.rotation) if frame is not None else 0
+    return (frame.height, frame.width, int(frame.rotation)) if frame is not None else (0, 0, 0)
 
 
 def source_stat(src: str | Path) -> tuple[int, int]:

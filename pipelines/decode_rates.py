@@ -277,25 +277,32 @@ def recommend_format(rows: Sequence[RateRow], generation: str, codecs: Collectio
     formats = sorted({(r.codec, 1 if r.codec in JPEG_CODECS else gop if gop is not None else r.gop) for r in rows
                       if r.generation == generation and r.path in DALI_PATHS and r.codec in codecs})
     best: Recommendation | None = None
+    skipped: list[str] = []  # measured formats that cannot be judged at this size, and why: said in ``why``
     for codec, g in formats:
         prepared = VideoInfo(f"a prepared {codec} file", codec=codec, width=side, height=side, bit_depth=8,
                              chroma="420")
         candidates, _ = dali_candidates([prepared], generation)
+        problem = nvdec_problem(prepared, generation).split("; ")[0]  # e.g. below NVDEC's minimum at this size
+        not_nvdec = [f"not NVDEC: {problem}"] if problem else []
         if not candidates:
+            skipped.append(f"{codec} GOP {g} ({'; '.join(not_nvdec + ['no DALI decoder takes it'])})")
             continue
         choice = choose_path(candidates, rows, generation, {codec: 1}, g, short_side or None, table)
         if choice.rate is None:
+            unmeasured = f"no measured figure for {PATH_LABELS[choice.path]}"
+            skipped.append(f"{codec} GOP {g} ({'; '.join(not_nvdec + [unmeasured])})")
             continue
         if best is None or choice.rate.clips_per_s > best.rate.clips_per_s:
             row = choice.rate.rows[0]
             best = Recommendation(codec, g, choice.path, choice.rate,
                                   f"the most clips/s measured for {generation} in {table}: {PATH_LABELS[choice.path]} "
                                   f"{row.describe()}" + (f" ({choice.why})" if choice.why else ""))
+    passed_over = f"; passed over at {side} px: {', '.join(skipped)}" if skipped else ""
     if best is not None:
-        return best
+        return best._replace(why=best.why + passed_over)
     return Recommendation(FALLBACK_CODEC, gop, "", None,
                           f"no measured DALI figure for {generation} in {table}; {FALLBACK_CODEC}, the rule's choice "
-                          f"(DALI's CPU and GPU decoders both take it)")
+                          f"(DALI's CPU and GPU decoders both take it)" + passed_over)
 
 
 def short_side_of(infos: Iterable[Any]) -> int | None:

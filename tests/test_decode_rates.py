@@ -225,8 +225,15 @@ def test_recommend_format_takes_the_most_clips_per_s_for_the_generation() -> Non
     assert recommend_format(rows + [row("nvjpeg", "mjpeg", 1, 400.0)], "hopper", OUTPUT_CODECS, 256).codec == "vp9"
     # 96 px is below NVDEC's VP9 minimum (128): only DALI's CPU decoder would take VP9, and it has no figure; H.264's
     # minimum is 48x16
-    assert recommend_format(rows, "hopper", OUTPUT_CODECS, 96)[:3] == ("h264", 32, "nvdec")
-    assert recommend_format(rows, "hopper", {"vp9"}, 96).path == ""
+    small = recommend_format(rows, "hopper", OUTPUT_CODECS, 96)
+    assert small[:3] == ("h264", 32, "nvdec")
+    # the measured VP9 formats passed over are named in the explanation, with why
+    passed_over = ("; passed over at 96 px: vp9 GOP 32 (not NVDEC: frame 96x96 is below NVDEC's VP9 minimum of "
+                   "128x128; no measured figure for DALI's CPU decoder), vp9 GOP 250 (not NVDEC: frame 96x96 is below "
+                   "NVDEC's VP9 minimum of 128x128; no measured figure for DALI's CPU decoder)")
+    assert small.why.endswith(passed_over), small.why
+    vp9_only = recommend_format(rows, "hopper", {"vp9"}, 96)
+    assert vp9_only.path == "" and vp9_only.why.endswith(passed_over)
     none = recommend_format(rows, "ampere_ga100", OUTPUT_CODECS, 256)
     assert (none.codec, none.gop, none.path, none.rate) == ("vp9", None, "", None)
     assert none.why == ("no measured DALI figure for ampere_ga100 in the decode table; vp9, the rule's choice (DALI's "

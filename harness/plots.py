@@ -26,7 +26,7 @@ def _curves(records: list[BenchRecord], mode: str) -> list[BenchRecord]:
     return [r for r in rs if r.batch == batch]
 
 
-def _series(records: list[BenchRecord], mode: str, img_size: int) -> dict[str, list[BenchRecord]]:
+def series_by_variant(records: list[BenchRecord], mode: str, img_size: int) -> dict[str, list[BenchRecord]]:
     """The curves' records (``_curves``) of one mode and image size, grouped by variant and sorted by frames."""
     by_attn: dict[str, list[BenchRecord]] = {}
     for r in _curves(records, mode):
@@ -59,7 +59,7 @@ def plot_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[Path]:
     written = []
     keys = sorted({(r.mode, r.img_size) for r in records if r.suite in ("model", "scaling") and r.mode})
     for mode, img in keys:
-        series = _series(records, mode, img)
+        series = series_by_variant(records, mode, img)
         if not series:
             continue
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))

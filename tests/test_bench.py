@@ -711,7 +711,7 @@ def test_the_calibration_gemm_is_not_in_a_cases_peak_memory():
 def test_the_scaling_plot_joins_one_batch_and_eager_cases_only(tmp_path):
     """A batch sweep's other batches and compiled cases are not points of the scaling curve (they had been joined
     into it, zigzagging, under a title naming the first record's batch)."""
-    from timesformer_harness.plots import _series
+    from timesformer_harness.plots import series_by_variant
 
     def rec(suite, frames, batch, compile="none"):
         return BenchRecord(suite=suite, case=f"{suite}/space_only/train/{frames}x32/{batch}/{compile}",
@@ -721,10 +721,10 @@ def test_the_scaling_plot_joins_one_batch_and_eager_cases_only(tmp_path):
 
     records = [rec("model", 4, 1), rec("model", 4, 2), rec("model", 4, 4), rec("model", 4, 2, "default"),
                rec("scaling", 8, 2)]
-    assert [(r.frames, r.batch, r.compile) for r in _series(records, "train", 32)["space_only"]] == [
+    assert [(r.frames, r.batch, r.compile) for r in series_by_variant(records, "train", 32)["space_only"]] == [
         (4, 2, "none"), (8, 2, "none")]
     sweep_only = [rec("model", 4, 4), rec("model", 4, 1)]  # no scaling suite: the sweep's smallest batch
-    assert [r.batch for r in _series(sweep_only, "train", 32)["space_only"]] == [1]
+    assert [r.batch for r in series_by_variant(sweep_only, "train", 32)["space_only"]] == [1]
 
 
 def test_the_scaling_suite_keeps_the_models_point_when_the_model_suite_measures_other_batches():

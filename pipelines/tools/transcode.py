@@ -25,7 +25,9 @@ from timesformer_harness.common import atomic_path
 from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS, JPEG_SUFFIXES, frame_images
 from timesformer_harness.pipelines.packets import PacketIndex, index_frame_folder, read_payloads
 
-SPEC_VERSION = 1
+# part of every output's key: a new version redoes outputs made before (2: an odd side cropped, not squeezed; a
+# full-range source converted to limited range, not contrast-stretched)
+SPEC_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -415,43 +415,28 @@ def test_a_val_set_whose_every_view_fails_is_warned_about_and_training_goes_on(c
 
 
 @pytest.mark.parametrize("loader", ["dali", "pyav"])
-def test_a_video_cut_short_after_the_preflight_check_is_quarantined(corpus: Corpus, tmp_path: Path,
-                                                                   loader: str) -> None:
-    """A file replaced by a shorter valid one after the pre-flight check counted its frames: its clips would repeat
-    its new last frame (the loaders clamp indices past a video's end, as padding does); it is quarantined instead,
-    naming both counts, and the epoch goes on."""
+@pytest.mark.parametrize("frames, height, width, reason", [
+    (12, 48, 64, "12 frames now, 24 when the pre-flight check counted them"),
+    (30, 96, 128, "128x96 frames now, 64x48 when the pre-flight check read them"),
+    (30, 32, 32, "32x32 frames now, 64x48 when the pre-flight check read them")])
+def test_a_video_replaced_after_the_preflight_check_is_quarantined(corpus: Corpus, tmp_path: Path, loader: str,
+                                                                   frames: int, height: int, width: int,
+                                                                   reason: str) -> None:
+    """A file replaced after the pre-flight check by a valid one: shorter, its clips would repeat its new last frame
+    (the loaders clamp indices past a video's end, as padding does); of another frame size, its clips were planned
+    on the old size, and PyAV (and DALI for a larger one) had cut the new frames at the old crop window. It is
+    quarantined instead, naming both counts or sizes, and the epoch goes on."""
     copies = [shutil.copy(p, tmp_path / p.name) for p in corpus.good[:4]]
     (tmp_path / "train.csv").write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(copies)))
     cfg = DataConfig(root=str(tmp_path), loader=loader, backend="cpu", num_frames=8, sampling_rate=2,
                      train_crop_size=32, train_jitter_scales=[40, 48], batch_size=2, num_workers=1,
                      on_bad_video="skip", max_bad_fraction=0.5, validate_cache="none")
     built = build_loader(cfg, "train")
-    cut = copies[2]
-    encode_video(Path(cut), textured_frames(12, 48, 64, seed=2), bitexact=True)  # 24 frames when checked
-    batches = list(built)
-    assert len(batches) == 2 and [e.path for e in built.quarantine.entries] == [str(cut)]
-    assert "12 frames now, 24 when the pre-flight check counted them" in built.quarantine.entries[0].reason
-
-
-@pytest.mark.parametrize("loader", ["dali", "pyav"])
-@pytest.mark.parametrize("height, width", [(96, 128), (32, 32)])
-def test_a_video_replaced_by_one_of_another_frame_size_is_quarantined(corpus: Corpus, tmp_path: Path, loader: str,
-                                                                      height: int, width: int) -> None:
-    """A file replaced after the pre-flight check by a valid one of as many frames but another size: its clips were
-    planned on the old size, so PyAV (and DALI for a larger one) had cut the new frames at the old crop window and
-    delivered them; both loaders now quarantine it, naming both sizes, and the epoch goes on."""
-    copies = [shutil.copy(p, tmp_path / p.name) for p in corpus.good[:4]]
-    (tmp_path / "train.csv").write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(copies)))
-    cfg = DataConfig(root=str(tmp_path), loader=loader, backend="cpu", num_frames=8, sampling_rate=2,
-                     train_crop_size=32, train_jitter_scales=[40, 48], batch_size=2, num_workers=1,
-                     on_bad_video="skip", max_bad_fraction=0.5, validate_cache="none")
-    built = build_loader(cfg, "train")
-    replaced = copies[2]
-    encode_video(Path(replaced), textured_frames(30, height, width, seed=2), bitexact=True)  # 24 frames of 64x48
+    replaced = copies[2]  # 24 frames of 64x48 when checked
+    encode_video(Path(replaced), textured_frames(frames, height, width, seed=2), bitexact=True)
     batches = list(built)
     assert len(batches) == 2 and [e.path for e in built.quarantine.entries] == [str(replaced)]
-    assert f"{width}x{height} frames now, 64x48 when the pre-flight check read them" in \
-        built.quarantine.entries[0].reason
+    assert reason in built.quarantine.entries[0].reason
 
 
 def test_training_with_the_pyav_loader_finishes_and_lists_what_it_left_out(corpus: Corpus, tmp_path: Path) -> None:

@@ -106,17 +106,23 @@ def test_rerun_skips_and_spec_change_redoes(prepared, tmp_path):
     assert (redo.transcoded, redo.skipped) == (2, 4)
 
 
-def test_killed_run_resumes(tmp_path):
-    """SIGKILL mid-encode: no half-written output under a final name; the re-run skips what was finished."""
+def _eight_sources(tmp_path: Path, seed: int, workers: int) -> tuple[Path, Path, list[str]]:
+    """8 VP9 sources (40 frames of 128x96) and their manifest under ``tmp_path / "src"``: (manifest, the output
+    folder, the prepare command into it with ``workers``)."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(8):
-        encode_video(src / f"v{i}.webm", textured_frames(40, 96, 128, seed=20 + i))
+        encode_video(src / f"v{i}.webm", textured_frames(40, 96, 128, seed=seed + i))
     manifest = src / "list.csv"
     manifest.write_text("".join(f"v{i}.webm {i % 4}\n" for i in range(8)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "timesformer_harness.pipelines.tools.prepare", str(manifest), "--out", str(out),
-           "--short-side", "96", "--gop", "8", "--workers", "1", "--no-progress"]
+    return manifest, out, [sys.executable, "-m", "timesformer_harness.pipelines.tools.prepare", str(manifest), "--out",
+                           str(out), "--short-side", "96", "--gop", "8", "--workers", str(workers), "--no-progress"]
+
+
+def test_killed_run_resumes(tmp_path):
+    """SIGKILL mid-encode: no half-written output under a final name; the re-run skips what was finished."""
+    manifest, out, cmd = _eight_sources(tmp_path, seed=20, workers=1)
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     try:
@@ -476,15 +482,7 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     """Ctrl-C (SIGINT to the process group) mid-run: the workers do not die with tracebacks; the main process starts
     no other video, journals the ones being encoded when they finish, and exits 130 with one line; a re-run does the
     rest."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(8):
-        encode_video(src / f"v{i}.webm", textured_frames(40, 96, 128, seed=40 + i))
-    manifest = src / "list.csv"
-    manifest.write_text("".join(f"v{i}.webm {i % 4}\n" for i in range(8)))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "timesformer_harness.pipelines.tools.prepare", str(manifest), "--out", str(out),
-           "--short-side", "96", "--gop", "8", "--workers", "2", "--no-progress"]
+    manifest, out, cmd = _eight_sources(tmp_path, seed=40, workers=2)
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches it
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -407,10 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.dump:
+        if args.dump:  # the places are tried, not made: a run that fails before it writes leaves no folder
             check_dump(args.dump)
-            check_output_root(Path(args.dump).parent, "--dump")
-        check_output_root(result_path(cfg).parent, "test.output")
+            check_output_root(Path(args.dump).parent, "--dump FILE", create=False)
+        check_output_root(result_path(cfg).parent, "test.output=FILE" if cfg.test.output else "output.dir",
+                          create=False)
     except (ValueError, OutputFolderError) as e:  # a ConfigError, check_dump's, or a place that cannot be written
         return report_error(e, ExitCode.CONFIG, args.debug)
     setup_logging()  # rank from torchrun's RANK

@@ -120,7 +120,7 @@ def write_baseline(args: argparse.Namespace) -> int:
 
     cfg, preset, device = resolve(preset=args.preset, overrides=args.overrides)
     try:
-        check_output_root(Path(args.write_baseline).parent, "--write-baseline")
+        check_output_root(Path(args.write_baseline).parent, "--write-baseline FILE")
     except OutputFolderError as e:
         print(f"gate: {e}")
         return 2

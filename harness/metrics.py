@@ -66,16 +66,19 @@ class OutputFolderError(OSError):
     """An output root that cannot hold a run folder: a file, a read-only place, a full disk."""
 
 
-def check_output_root(root: str | Path, flag: str = "--out") -> Path:
-    """Create ``root`` (with its parents) and write and remove a file in it, so that a command learns before it
-    measures anything that it could not write its results there. Raises OutputFolderError naming ``root`` and the
-    ``flag`` that names it."""
+def check_output_root(root: str | Path, flag: str = "--out", create: bool = True) -> Path:
+    """Create ``root`` (with its parents; ``create=False``: only its nearest existing folder is tried, nothing is
+    made) and write and remove a file in it, so that a command learns before it measures anything that it could not
+    write its results there. Raises OutputFolderError naming ``root`` and the ``flag`` that names it."""
     root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise OutputFolderError(f"cannot write under {root}: it is a file; name a folder with {flag}")
+    existing = next(p for p in (root, *root.parents) if p.exists() or p == Path(p.anchor or "."))
+    if existing.exists() and not existing.is_dir():
+        what = "it is a file" if existing == root else f"{existing} is a file"
+        raise OutputFolderError(f"cannot write under {root}: {what}; name a folder with {flag}")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root if create else existing):
             pass
     except OSError as e:
         raise OutputFolderError(f"cannot write under {root}: {e.strerror or e}; name a writable "

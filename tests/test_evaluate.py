@@ -265,9 +265,15 @@ def test_dump_of_another_suffix_is_refused_before_anything_runs(toy, tmp_path):
     # after it, the result lost)
     afile = tmp_path / "afile"
     afile.write_text("")
-    for args, flag in ((["--dump", str(afile / "p.csv")], "--dump"),
-                       ([f"test.output={afile / 'r.json'}"], "test.output")):
+    for args, under, what, flag in (
+            (["--dump", str(afile / "p.csv")], afile, "it is a file", "--dump FILE"),
+            ([f"test.output={afile / 'r.json'}"], afile, "it is a file", "test.output=FILE"),
+            ([f"output.dir={afile / 'run'}"], afile / "run", f"{afile} is a file", "output.dir")):
         res = run([PY, "harness/evaluate.py", *toy, f"output.dir={tmp_path / 'run'}", "--checkpoint",
                    str(tmp_path / "none.pyth"), *args])
         assert res.returncode == 5 and res.stderr.strip().splitlines() == [
-            f"error: cannot write under {afile}: it is a file; name a folder with {flag}"], res.stderr[-2000:]
+            f"error: cannot write under {under}: {what}; name a folder with {flag}"], res.stderr[-2000:]
+    # the places are tried, not made: a run that stops before it writes (no checkpoint here) leaves no folder
+    res = run([PY, "harness/evaluate.py", *toy, f"output.dir={tmp_path / 'new' / 'run'}", "--checkpoint",
+               str(tmp_path / "none.pyth"), "--dump", str(tmp_path / "dumps" / "p.csv")])
+    assert res.returncode == 2 and not (tmp_path / "new").exists() and not (tmp_path / "dumps").exists()

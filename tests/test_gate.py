@@ -196,7 +196,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_measuring(tmp
                                                           "file; name a folder with --out")
     out = _gate("--write-baseline", str(afile / "b.json"), "--preset", "tiny")
     assert out.returncode == 2 and f"gate: cannot write under {afile}: it is a file; name a folder " \
-        "with --write-baseline" in out.stdout
+        "with --write-baseline FILE" in out.stdout
 
 
 def test_gate_end_to_end_same_tree_passes_and_a_slowdown_or_3x_depth_fails(tmp_path):

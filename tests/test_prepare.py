@@ -99,7 +99,7 @@ def test_rerun_skips_and_spec_change_redoes(prepared, tmp_path):
     assert (other.transcoded, other.skipped) == (6, 0)
     assert read_gop(tmp_path / f"{vs.good[0].stem}.avi").max_gop == 1
     # a journal line for another spec does not count as done
-    lines = (tmp_path / JOURNAL).read_text().splitlines()
+    lines = [line for line in (tmp_path / JOURNAL).read_text().splitlines() if "claimed" not in line]
     (tmp_path / JOURNAL).write_text("\n".join(line.replace(json.loads(line)["spec"], "0" * 16) for line in lines[:2])
                                     + "\n" + "\n".join(lines[2:]) + "\n")
     redo = prepare(manifest, tmp_path, PrepareSpec("mjpeg", 32, 1), workers=1, progress=False)
@@ -120,6 +120,14 @@ def _eight_sources(tmp_path: Path, seed: int, workers: int) -> tuple[Path, Path,
                            str(out), "--short-side", "96", "--gop", "8", "--workers", str(workers), "--no-progress"]
 
 
+def _finished(out: Path) -> list[str]:
+    """The outputs the journal records as written (not those only claimed before they were sent to a worker)."""
+    if not (out / JOURNAL).is_file():
+        return []
+    lines = [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
+    return [rec["out"] for rec in lines if not rec.get("claimed")]
+
+
 def test_killed_run_resumes(tmp_path):
     """SIGKILL mid-encode: no half-written output under a final name; the re-run skips what was finished."""
     manifest, out, cmd = _eight_sources(tmp_path, seed=20, workers=1)
@@ -127,8 +135,7 @@ def test_killed_run_resumes(tmp_path):
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            done = (out / JOURNAL).is_file() and (out / JOURNAL).read_text().count("\n") >= 2
-            if done and temporaries(out):
+            if len(_finished(out)) >= 2 and temporaries(out):
                 break
             time.sleep(0.005)
         assert proc.poll() is None, "prepare finished before it could be killed"
@@ -141,7 +148,7 @@ def test_killed_run_resumes(tmp_path):
     assert 2 <= len(finals) < 8 and temporaries(out)
     for f in finals:  # whatever carries a final name is complete
         assert read_gop(f).num_frames == 40
-    journaled = [json.loads(line)["out"] for line in (out / JOURNAL).read_text().splitlines()]
+    journaled = _finished(out)
     before = {f.name: f.stat().st_mtime_ns for f in finals}
     report = prepare(manifest, out, PrepareSpec("vp9", 96, 8), workers=2, progress=False)
     assert report.skipped == len(journaled) >= 2 and report.transcoded == 8 - len(journaled) and not report.failed
@@ -478,6 +485,41 @@ def test_a_rotated_source_is_warned_about(videos, tmp_path, caplog):
     assert read_gop(tmp_path / "out" / "phone.webm").num_frames == 24
 
 
+def test_an_output_renamed_into_place_but_not_journaled_is_redone_not_refused(tmp_path):
+    """A worker renames its output into place before the main process journals it: a run stopped in between left
+    a file the journal did not name, and the re-run refused it as another's. Every output is claimed in the journal
+    before it is sent to a worker, so the re-run knows it and redoes it."""
+    manifest, out, cmd = _eight_sources(tmp_path, seed=60, workers=2)
+    prepare(manifest, out, PrepareSpec("vp9", 96, 8), workers=2, progress=False)
+    lines = (out / JOURNAL).read_text().splitlines()
+    last_done = max(i for i, line in enumerate(lines) if "claimed" not in line)
+    (out / JOURNAL).write_text("\n".join(lines[:last_done] + lines[last_done + 1:]) + "\n")  # the gap
+    report = prepare(manifest, out, PrepareSpec("vp9", 96, 8), workers=2, progress=False)
+    assert (report.transcoded, report.skipped, report.failed) == (1, 7, [])
+
+
+def test_sigterm_finishes_the_videos_being_encoded_and_the_rerun_goes_on(tmp_path):
+    """SIGTERM (a job scheduler's stop) to a run of 2 workers: it ends as Ctrl-C does, exit 143 with one line, what
+    finished journaled; the re-run does the rest (it had been refused: outputs renamed into place after the main
+    process was killed were unknown to the journal)."""
+    manifest, out, cmd = _eight_sources(tmp_path, seed=80, workers=2)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and len(_finished(out)) < 2:
+            time.sleep(0.01)
+        assert proc.poll() is None, "prepare finished before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "error: interrupted:" in err and "Traceback" not in err, err[-2000:]
+    assert not (out / "list.csv").exists() and not temporaries(out)
+    report = prepare(manifest, out, PrepareSpec("vp9", 96, 8), workers=2, progress=False)
+    assert report.skipped == len(set(_finished(out))) - report.transcoded >= 2
+    assert report.transcoded + report.skipped == 8 and not report.failed
+
+
 def test_ctrl_c_stops_cleanly(tmp_path):
     """Ctrl-C (SIGINT to the process group) mid-run: the workers do not die with tracebacks; the main process starts
     no other video, journals the ones being encoded when they finish, and exits 130 with one line; a re-run does the
@@ -489,7 +531,7 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if (out / JOURNAL).is_file() and (out / JOURNAL).read_text().count("\n") >= 1 and temporaries(out):
+            if _finished(out) and temporaries(out):
                 break
             time.sleep(0.005)
         assert proc.poll() is None, "prepare finished before it could be interrupted"
@@ -501,7 +543,7 @@ def test_ctrl_c_stops_cleanly(tmp_path):
             proc.wait()
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.splitlines()[-1].startswith("error: interrupted: the videos finished are in"), stderr
-    journaled = {json.loads(line)["out"] for line in (out / JOURNAL).read_text().splitlines()}
+    journaled = set(_finished(out))
     assert {p.name for p in out.glob("v*.webm")} == journaled and 1 <= len(journaled) < 8
     assert not (out / "list.csv").exists()
     report = prepare(manifest, out, PrepareSpec("vp9", 96, 8), workers=1, progress=False)
@@ -578,8 +620,24 @@ def test_an_error_writing_the_output_stops_the_run_and_keeps_the_manifest(tmp_pa
                            "run stopped there"), last
     assert "large1" not in run.stderr and "large2" not in run.stderr  # not started
     assert (out / "list.csv").read_text() == listed and not temporaries(out)
-    journal = [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
-    assert [r["out"] for r in journal[5:]] == ["small0.webm", "small1.webm"]
+    assert _finished(out)[5:] == ["small0.webm", "small1.webm"]
+
+
+def test_only_an_error_about_the_output_stops_the_run():
+    """An error naming the output or its temporary is the destination's (the run stops); one naming a source in the
+    same folder (an --out beside the sources) is that source's failure, and the run goes on."""
+    import errno
+
+    from timesformer_harness.pipelines.tools.transcode import is_destination_error
+
+    dst = Path("/data/vids/a.webm")
+    assert is_destination_error(OSError(errno.ENOSPC, "No space left on device"), dst)  # whatever it names
+    assert is_destination_error(PermissionError(errno.EACCES, "Permission denied", str(dst)), dst)
+    assert is_destination_error(PermissionError(errno.EACCES, "Permission denied", "/data/vids/.a.0123abcd.tmp.webm"),
+                                dst)
+    assert not is_destination_error(PermissionError(errno.EACCES, "Permission denied", "/data/vids/a.mp4"), dst)
+    other = "/data/vids/.b.0123abcd.tmp.webm"  # another output's temporary
+    assert not is_destination_error(PermissionError(errno.EACCES, "Permission denied", other), dst)
 
 
 def test_an_out_that_is_a_file_is_one_error(videos, tmp_path, capsys):
@@ -604,8 +662,8 @@ def test_outputs_outside_nvdec_limits_are_warned_about_once(videos, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger=logger):
         prepare(manifest, tmp_path / "small", PrepareSpec("vp9", 32), workers=1, progress=False)
     said = [r.getMessage() for r in caplog.records if "NVDEC" in r.getMessage()]
-    assert said == ["3 of 3 outputs are below NVDEC's VP9 minimum of 128x128, e.g. 42x32: DALI's GPU decoder refuses "
-                    "them (DALI decodes them on the CPU then); for the GPU, prepare with --short-side 128 or more"]
+    assert len(said) == 1 and said[0].startswith("3 of 3 outputs: NVDEC cannot decode them, e.g. frame 42x32 is below "
+                                                 "NVDEC's VP9 minimum of 128x128; decode it on the CPU")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=logger):
         prepare(manifest, tmp_path / "mjpeg", PrepareSpec("mjpeg", 32), workers=1, progress=False)

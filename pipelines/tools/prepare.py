@@ -41,16 +41,18 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
-from timesformer_harness.common import atomic_write_text, remove_stale_temporaries, setup_logging
+from timesformer_harness.common import (atomic_write_text, exit_on_sigterm, remove_stale_temporaries,
+                                        setup_logging)
 from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
 from timesformer_harness.pipelines.manifest import (SSV2_LABELS, SSV2_SPLITS, add_manifest_arguments, manifest_cli_hint,
                                                     read_entries)
-from timesformer_harness.pipelines.nvdec import NVDEC_CODECS
+from timesformer_harness.pipelines.nvdec import NVDEC_CODECS, nvdec_problem
 from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, DestinationError, PrepareSpec,
                                                              encoder_options, output_size, probe_source, source_stat,
                                                              transcode)
@@ -105,31 +107,21 @@ def _run_job(args: tuple[Job, str, PrepareSpec]) -> dict:
             "src_mtime_ns": src_mtime_ns, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _ignore_sigint() -> None:
-    """Worker initializer: Ctrl-C (SIGINT to the whole process group) is the main process's to handle: it lets the
-    videos being encoded finish and journals them (a worker would die with a traceback, its video lost)."""
+def _ignore_stop_signals() -> None:
+    """Worker initializer: Ctrl-C and SIGTERM (to the whole process group) are the main process's to handle: it lets
+    the videos being encoded finish and journals them (a worker would die with a traceback, its video lost)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _nvdec_size_warning(codec: str, sizes: list[tuple[int, int]]) -> str:
-    """Why NVDEC (DALI's GPU decoder) would refuse some of the output ``sizes`` (width, height) of ``codec``, naming
-    a size and the limit ("" = none; MJPEG, which NVDEC does not decode at all, neither)."""
-    limits = NVDEC_CODECS.get(codec)
-    if limits is None:
+    """Why NVDEC (DALI's GPU decoder, on the default generation) would refuse some of the output ``sizes``
+    (width, height) of ``codec`` (``nvdec.nvdec_problem``: the limit and the fix), with how many ("" = none; MJPEG,
+    which NVDEC does not decode at all, neither)."""
+    if codec not in NVDEC_CODECS:
         return ""
-    (min_w, min_h), (max_w, max_h) = limits.min_size, limits.max_size
-    small = [(w, h) for w, h in sizes if w < min_w or h < min_h]
-    large = [(w, h) for w, h in sizes if w > max_w or h > max_h]
-    if small:
-        return (f"{len(small)} of {len(sizes)} outputs are below NVDEC's {limits.name} minimum of {min_w}x{min_h}, "
-                f"e.g. {small[0][0]}x{small[0][1]}: DALI's GPU decoder refuses them"
-                + (" (DALI decodes them on the CPU then)" if codec == "vp9" else "")
-                + f"; for the GPU, prepare with --short-side {max(min_w, min_h)} or more")
-    if large:
-        return (f"{len(large)} of {len(sizes)} outputs are above NVDEC's {limits.name} maximum of {max_w}x{max_h}, "
-                f"e.g. {large[0][0]}x{large[0][1]}: DALI's GPU decoder refuses them; prepare with a smaller "
-                "--short-side")
-    return ""
+    refused = [why for w, h in sizes if (why := nvdec_problem(SimpleNamespace(codec=codec, width=w, height=h)))]
+    return f"{len(refused)} of {len(sizes)} outputs: NVDEC cannot decode them, e.g. {refused[0]}" if refused else ""
 
 
 def _relative_output(src: str, base: Path, ext: str) -> str:
@@ -154,6 +146,17 @@ def _exclusive(out: Path) -> Iterator[None]:
             raise ValueError(f"--out {out} is being prepared by another process (it holds the lock on "
                              f"{out / JOURNAL}); wait for it to finish, or prepare into another folder") from None
         yield
+
+
+def _claim(out: Path, jobs: list[Job], spec_key: str) -> None:
+    """Journal each of ``jobs`` as claimed before any is sent to a worker: a run stopped after a worker renamed an
+    output into place but before its ``done`` line leaves a file that is still known as prepare's own (a re-run
+    redoes it; an unknown file is refused as another's)."""
+    with open(out / JOURNAL, "a") as jf:
+        jf.writelines(json.dumps({"out": j.rel_out, "src": j.src, "spec": spec_key, "claimed": True}) + "\n"
+                      for j in jobs)
+        jf.flush()
+        os.fsync(jf.fileno())
 
 
 def _load_journal(out: Path) -> dict[str, dict]:
@@ -290,6 +293,7 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
                              "killed prepare left them) or choose another output folder")
         report = PrepareReport(str(out), str(out / manifest.name), total=len(jobs))
         todo = [j for j in jobs if not _is_done(journal.get(j.rel_out), j, out, spec_key)]
+        _claim(out, todo, spec_key)
         report.skipped = len(jobs) - len(todo)
         results: dict[str, dict] = {}
         stopped: list[str] = []  # the errors writing to --out: the run stops at the first
@@ -330,11 +334,12 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
                         break
             else:  # forkserver: safe whatever threads the caller runs
                 ctx = multiprocessing.get_context("forkserver")
-                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
-                    futures = [pool.submit(_run_job, a) for a in jobs_args]
-                    pending = set(futures)
-                    try:
-                        for fut in as_completed(futures):
+                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_stop_signals) as pool:
+                    pending: set[Future] = set()
+                    try:  # a Ctrl-C while they are submitted cancels those submitted too
+                        for a in jobs_args:
+                            pending.add(pool.submit(_run_job, a))
+                        for fut in as_completed(set(pending)):
                             if fut.cancelled():
                                 continue
                             done(fut.result())
@@ -342,7 +347,7 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
                             if stopped:  # no other video is started; those being encoded are journaled when done
                                 for f in pending:
                                     f.cancel()
-                    except KeyboardInterrupt:
+                    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM through common.exit_on_sigterm
                         logger.warning("interrupted: finishing the videos being encoded, starting no other")
                         for fut in as_completed([f for f in pending if not f.cancel()]):  # running or finished
                             done(fut.result())
@@ -438,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     setup_logging()
+    exit_on_sigterm()
     try:
         codec, gop, chose = args.codec, parse_gop(args.gop), ""
         if codec == "auto":
@@ -455,10 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # DestinationError (a full disk, ...), or writing the journal, manifest or prepare.json
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM through exit_on_sigterm
         print(f"error: interrupted: the videos finished are in {Path(args.out) / JOURNAL} (a re-run skips them); "
               "the manifest was not written", file=sys.stderr)
-        return 130
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
     print(report.summary() + (f"\n  {chose}" if chose else ""))
     return 1 if report.failed else 0
 

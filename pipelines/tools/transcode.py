@@ -21,7 +21,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator
 
-from timesformer_harness.common import atomic_path
+from timesformer_harness.common import atomic_path, is_temporary
 from timesformer_harness.pipelines.manifest import FRAME_FOLDER_FPS, JPEG_SUFFIXES, frame_images
 from timesformer_harness.pipelines.packets import PacketIndex, index_frame_folder, read_payloads
 
@@ -103,14 +103,16 @@ class DestinationError(OSError):
     better, unlike a broken source."""
 
 
-def _about_destination(error: OSError, dst: Path) -> bool:
-    """Whether ``error`` is about writing the output ``dst`` (its errno, or a file in ``dst``'s folder: the
-    temporary), not about reading the source."""
+def is_destination_error(error: OSError, dst: Path) -> bool:
+    """Whether ``error`` is about writing the output ``dst`` (its errno, or naming ``dst`` or its temporary), not
+    about reading the source (which may lie in the same folder)."""
     if error.errno in DESTINATION_ERRNOS:
         return True
     name = error.filename
-    return isinstance(name, (str, os.PathLike)) and Path(os.path.abspath(name)).parent == Path(
-        os.path.abspath(dst)).parent
+    if not isinstance(name, (str, os.PathLike)):
+        return False
+    path, dst = Path(os.path.abspath(name)), Path(os.path.abspath(dst))
+    return path == dst or (path.parent == dst.parent and is_temporary(path) and path.name.startswith(f".{dst.stem}."))
 
 
 def output_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -386,7 +388,7 @@ def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
             if problem:
                 raise RuntimeError(problem)
     except (OSError, av.error.FFmpegError) as e:  # PyAV's errors from the system are OSErrors too
-        if isinstance(e, OSError) and _about_destination(e, Path(dst)):
+        if isinstance(e, OSError) and is_destination_error(e, Path(dst)):
             raise DestinationError(e.errno, f"cannot write {dst}: {e.strerror or e}") from None
         if isinstance(e, av.error.FFmpegError):
             raise RuntimeError(f"cannot decode/encode: {type(e).__name__}: {e}") from None

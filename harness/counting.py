@@ -69,7 +69,12 @@ def count_flops(
 NO_KERNEL = frozenset({"empty.memory_format", "empty_strided.default", "empty_like.default", "new_empty.default",
                        "new_empty_strided.default", "_unsafe_view.default", "lift_fresh.default",
                        "resize_.default", "set_.source_Storage_storage_offset"})
-SYNC_OPS = frozenset({"_local_scalar_dense.default", "item.default"})  # the device's result read on the host
+# the device's result read on the host: a scalar, or an output whose size depends on the values (the host waits to
+# allocate it: a boolean mask's nonzero, unique)
+SYNC_OPS = frozenset({"_local_scalar_dense.default", "item.default", "is_nonzero.default", "equal.default",
+                      "nonzero.default", "masked_select.default", "_unique.default", "_unique2.default",
+                      "unique_dim.default", "unique_consecutive.default", "repeat_interleave.Tensor"})
+MASK_INDEXING = frozenset({"index.Tensor", "index_put_.default", "index_put.default", "_index_put_impl_.default"})
 # aten's ops and our own (each of ours is one kernel: kernels/short_attention.py's Triton attention)
 COUNTED_NAMESPACES = frozenset({"aten", "timesformer_harness"})
 
@@ -84,12 +89,13 @@ class OpCount:
     syncs: int = 0
     by_name: Counter = field(default_factory=Counter)
 
-    def add(self, name: str, is_view: bool) -> None:
+    def add(self, name: str, is_view: bool, syncs: bool = False) -> None:
+        """Count the op ``name``; ``syncs``: it reads the device's values on the host whatever its name says."""
         self.ops += 1
         self.by_name[name] += 1
         if not is_view and name not in NO_KERNEL:
             self.launches += 1
-        if name in SYNC_OPS:
+        if name in SYNC_OPS or syncs:
             self.syncs += 1
 
     def __add__(self, other: OpCount) -> OpCount:
@@ -106,7 +112,11 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
         if func.namespace in COUNTED_NAMESPACES:  # not the profiler's record_function markers
-            self.count.add(f"{func._opname}.{func._overloadname}", func.is_view)
+            name = f"{func._opname}.{func._overloadname}"
+            # indexing by a boolean mask runs nonzero inside the op: its output size waits for the mask's values
+            masked = name in MASK_INDEXING and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                   for i in (args[1] if len(args) > 1 else ()) or ())
+            self.count.add(name, func.is_view, syncs=masked)
         return func(*args, **(kwargs or {}))
 
 

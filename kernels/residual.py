@@ -100,7 +100,11 @@ def draw_keep_scales(shapes: list[tuple[int, ...]], drop_probs: list[float], dev
     keep = None if keep_cache is None or torch.compiler.is_compiling() else keep_cache.get(key)
     if keep is None:
         values = [1.0 - p for p, n in zip(drop_probs, sizes) for _ in range(n)]
-        keep = torch.tensor(values, dtype=torch.float32, device=device)
+        if torch.compiler.is_compiling():  # a constant of the compiled graph
+            keep = torch.tensor(values, dtype=torch.float32, device=device)
+        else:  # from page-locked memory without waiting (a copy from pageable memory waits for the device's queue)
+            pinned = torch.tensor(values, dtype=torch.float32, pin_memory=device.type == "cuda")
+            keep = pinned.to(device, non_blocking=True)
         if keep_cache is not None and not torch.compiler.is_compiling():
             keep_cache.clear()  # one batch shape at a time in practice
             keep_cache[key] = keep

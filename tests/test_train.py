@@ -742,6 +742,12 @@ def test_sync_counter_counts_reads_of_device_values_on_cpu() -> None:
             x.sum().item()
         x * 2
     assert syncs.count == 3
+    # an output whose size depends on the values: the host waits for them to allocate it (on a GPU, a sync)
+    with SyncCounter(torch.device("cpu")) as syncs:
+        x[x > 0].sum()
+        torch.unique(x)
+        x.nonzero()
+    assert syncs.count == 3
 
 
 def test_count_syncs_logs_each_micro_batchs_syncs(tmp_path):
@@ -811,6 +817,12 @@ def test_the_step_loop_waits_for_the_device_once_per_micro_batch(tmp_path, monke
                 conversions.append(_name)
             return _real(t, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, counted)
+    for name in ("tensor", "as_tensor"):  # a tensor made on the device from host values: a blocking copy on a GPU
+        def made(*args, _real=getattr(torch, name), _name=name, **kwargs):
+            if kwargs.get("device") is not None and threading.current_thread() is threading.main_thread():
+                conversions.append(f"{_name}(device=)")
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(torch, name, made)
     with OpCounter() as ops:
         stop, _ = trainer.train_epoch(loader, 0, 0)
     monkeypatch.undo()

@@ -153,8 +153,9 @@ def profiled_launches(fn: Callable[[], object]) -> Counter:
     (a dispatch mode cannot see inside compiled code). Counted: each inductor kernel (compile with
     ``torch._inductor.config.cpp.enable_kernel_profile`` on CPU, so that each call is a trace event), each
     ``_foreach`` op once, and each innermost aten op that is neither a view nor an allocation. Innermost ops
-    include the kernels an op runs inside itself (``slice_backward``'s fill and copy), so this counts somewhat
-    more than ``OpCounter`` does for the same eager step."""
+    include the kernels an op runs inside itself (``slice_backward``'s fill and copy), and an op that runs others
+    counts as those only (``addmm`` as its bias copy, not its GEMM): a CPU proxy of the compiled step's launches,
+    whose GPU figure (Triton splits what a C++ kernel fuses) is ``make gpu-perf``'s."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import IO, Iterable, Iterator
 
 # ---------------------------------------------------------------------------------------------- atomic files
 
@@ -89,6 +90,18 @@ def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) ->
 def is_temporary(path: str | os.PathLike) -> bool:
     """Whether ``path`` is named like one of ``atomic_path``'s temporaries."""
     return _TEMPORARY.fullmatch(Path(path).name) is not None
+
+
+def try_lock(path: str | os.PathLike) -> tuple[IO[str], bool]:
+    """Open ``path`` (made when missing) and try an exclusive ``flock`` on it without waiting: the open file and
+    whether this process now holds the lock (a file system that refuses locks counts as held elsewhere). The lock
+    goes when the file is closed or the process dies, however it dies."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return f, False
+    return f, True
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:

@@ -47,7 +47,7 @@ import torch
 import yaml
 
 from timesformer_harness.checkpoint import CheckpointError, load_file, save_pyth
-from timesformer_harness.common import atomic_write_text
+from timesformer_harness.common import atomic_write_text, try_lock
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +67,11 @@ class RunLock:
         self.path = Path(run_dir) / ".lock"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a+")
+            self._file, held = try_lock(self.path)
         except OSError as e:  # read-only, no permission, a file in the way
             raise RunFolderError(f"output.dir {self.path.parent} cannot be written ({e.strerror or e}): give the run a "
                                  "folder it can write, output.dir=...") from None
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not held:
             self._file.seek(0)
             holder = self._file.read().strip() or "another process"
             self._file.close()

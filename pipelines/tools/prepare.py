@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import fcntl
 import io
 import json
 import logging
@@ -48,7 +47,7 @@ from types import SimpleNamespace
 from typing import Iterator
 
 from timesformer_harness.common import (atomic_write_text, exit_on_sigterm, remove_stale_temporaries,
-                                        setup_logging)
+                                        setup_logging, try_lock)
 from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
 from timesformer_harness.pipelines.manifest import (SSV2_LABELS, SSV2_SPLITS, add_manifest_arguments, manifest_cli_hint,
                                                     read_entries)
@@ -139,12 +138,11 @@ def _relative_output(src: str, base: Path, ext: str) -> str:
 def _exclusive(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on the output folder ``out`` (``flock`` on its journal): a second prepare into it
     would remove this one's temporaries and write over its outputs. Raises ValueError when another process holds it."""
-    with open(out / JOURNAL, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    f, held = try_lock(out / JOURNAL)
+    with f:
+        if not held:
             raise ValueError(f"--out {out} is being prepared by another process (it holds the lock on "
-                             f"{out / JOURNAL}); wait for it to finish, or prepare into another folder") from None
+                             f"{out / JOURNAL}); wait for it to finish, or prepare into another folder")
         yield
 
 

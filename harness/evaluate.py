@@ -383,9 +383,12 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -
     return result
 
 
-def fmt_percent(value: float | None) -> str:
-    """``value`` (a percentage) to two decimals with its sign, or ``n/a``."""
-    return "n/a" if value is None else f"{value:.2f}%"
+def fmt_percent(value: float | None, none: str = "n/a") -> str:
+    """``value`` (a percentage) to two decimals and a % sign, or ``none``."""
+    return none if value is None else f"{value:.2f}%"
+
+
+TOP5_NONE = "n/a (5 classes or fewer)"  # how a None top-5 reads in a log line
 
 
 def result_path(cfg: RootConfig) -> Path:
@@ -436,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(out, json.dumps(result, indent=2) + "\n")
             unscored = (f"  ({result['num_unscored_views']} views could not be decoded: unscored_views)"
                         if result["num_unscored_views"] else "")
-            top5 = "n/a (5 classes or fewer)" if result["top5"] is None else fmt_percent(result["top5"])
             print(f"{checkpoint}: {result['num_videos']} videos, {result['views_seen']} views "
-                  f"({result['ensemble']}): top-1 {result['top1']:.2f}%  top-5 {top5}  "
+                  f"({result['ensemble']}): top-1 {result['top1']:.2f}%  "
+                  f"top-5 {fmt_percent(result['top5'], TOP5_NONE)}  "
                   f"mean class {fmt_percent(result['mean_class_accuracy'])}{unscored}  -> {out}")
     except CheckpointError as e:  # missing, refused, unreadable, or not the configured model's
         return report_error(e, ExitCode.CHECKPOINT, args.debug)

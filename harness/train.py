@@ -50,7 +50,7 @@ from timesformer_harness.checkpoint import (CheckpointError, CheckpointWriteErro
 from timesformer_harness.config import ConfigError, RootConfig, load_config, to_yaml
 from timesformer_harness.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup,
                                              init_distributed)
-from timesformer_harness.evaluate import accuracy_report, class_names_for, score_loader
+from timesformer_harness.evaluate import TOP5_NONE, accuracy_report, class_names_for, fmt_percent, score_loader
 from timesformer_harness.metric_writer import MetricWriter
 from timesformer_harness.metrics import PeakMemory, Stopwatch, ThroughputWindow
 from timesformer_harness.mixup import mix_batch
@@ -829,9 +829,8 @@ class Trainer:
                           "val/unscored_views": report["num_unscored_views"], **memory}, self.step)
         if self.info.is_main:
             (self.run_dir / "last_val.json").write_text(json.dumps(report, indent=2) + "\n")
-        top5 = "n/a (5 classes or fewer)" if report["top5"] is None else f"{report['top5']:.2f}%"
-        logger.info("epoch %d val: top-1 %.2f%%, top-5 %s over %d videos (%.1f s)", epoch + 1, report["top1"], top5,
-                    report["num_videos"], report["seconds"])
+        logger.info("epoch %d val: top-1 %.2f%%, top-5 %s over %d videos (%.1f s)", epoch + 1, report["top1"],
+                    fmt_percent(report["top5"], TOP5_NONE), report["num_videos"], report["seconds"])
         return report
 
 

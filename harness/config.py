@@ -400,7 +400,8 @@ def _check_keys(node: Any, schema: DictConfig, source: str, prefix: str = "") ->
         elif (isinstance(schema._get_node(k), BooleanNode) and value is not None and not isinstance(value, bool)
               and not (isinstance(value, str) and "${" in value)):  # omegaconf would read 2 or "1" as True
             raise ConfigError(f"{source}: {full}={value!r}: {full} takes a boolean; give true or false")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_text(schema, k):
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and isinstance(schema._get_node(k), StringNode)):
             raise ConfigError(f"{source}: {full}={value}: YAML reads this unquoted value as a number (007 as 7, 12:30 "
                               f"as 750, .10 as 0.1), and {full} takes text; quote it ({k}: '...')")
 

@@ -591,7 +591,7 @@ def _dali_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     names = [r.name for r in ROWS]
     p = script_parser("timesformer_harness.benchmarks.gpu_input", __doc__, names, budget_s=480.0)
-    p.add_argument("--data", default=str(REPO_ROOT / "runs/gpu_input/data"), help="generated files (kept, re-used)")
+    p.add_argument("--data", default="runs/gpu_input/data", help="generated files (kept, re-used)")
     p.add_argument("--update-table", nargs="?", const=str(TABLE), default=None, metavar="PATH",
                    help="merge every loader row that ran into the decode table at PATH (default: the shipped "
                         "configs/measured/decode_rates.yaml, GPU rows only)")

@@ -469,9 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     cuda = bool(env["gpus"])
     mode = "cpu rehearsal" if args.rehearse_on_cpu else "gpu" if cuda else "no CUDA"
-    out = Path(args.out)
     try:
-        run_dir = new_run_dir(out if out.is_absolute() else REPO_ROOT / out, run_stamp())
+        run_dir = new_run_dir(args.out, run_stamp())
     except OutputFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

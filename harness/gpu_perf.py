@@ -46,9 +46,9 @@ from timesformer_harness.bench.cli import measure_peak, resolve
 from timesformer_harness.bench.record import BenchRecord
 from timesformer_harness.bench.sweep import base_settings, run_case
 from timesformer_harness.common import atomic_write_text, exit_on_sigterm, setup_logging
-from timesformer_harness.config import REPO_ROOT, ModelConfig
+from timesformer_harness.config import ModelConfig
 from timesformer_harness.kernels.attention import triton_build_problem
-from timesformer_harness.metrics import Stopwatch, new_run_dir, run_stamp
+from timesformer_harness.metrics import OutputFolderError, Stopwatch, check_output_root, new_run_dir, run_stamp
 from timesformer_harness.runner import run_command, says_oom
 from timesformer_harness.runtime import (device_name, environment_info, precision_name, resolve_device,
                                          resolve_precision)
@@ -364,7 +364,8 @@ def script_parser(prog: str, doc: str, row_names: list[str], budget_s: float) ->
     ``--rows`` and ``--rehearse-on-cpu``."""
     name = prog.rsplit(".", 1)[-1]
     p = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n\n")[0])
-    p.add_argument("--out", default=None, help=f"output folder (default runs/{name}/<timestamp>)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default runs/{name}/<timestamp> under the current folder)")
     p.add_argument("--budget-s", type=float, default=budget_s,
                    help=f"seconds the run may take (default {budget_s:.0f})")
     p.add_argument("--rows", nargs="*", default=None, help=f"only these rows, from {row_names}")
@@ -373,8 +374,9 @@ def script_parser(prog: str, doc: str, row_names: list[str], budget_s: float) ->
 
 
 def script_start(p: argparse.ArgumentParser, args: argparse.Namespace, row_names: list[str]) -> Path | None:
-    """Check a device script's arguments (``p.error`` on an unknown row) and make its output folder; None when there
-    is no GPU and no ``--rehearse-on-cpu`` (said on stderr)."""
+    """Check a device script's arguments (``p.error`` on an unknown row) and make its output folder (``--out``, or
+    ``runs/<script>/<timestamp>`` under the current folder); None when there is no GPU and no ``--rehearse-on-cpu``,
+    or the folder cannot be written (said on stderr)."""
     setup_logging()
     exit_on_sigterm()  # the running row's process group is killed on the way out, not left on the GPU
     name = p.prog.rsplit(".", 1)[-1]
@@ -385,10 +387,13 @@ def script_start(p: argparse.ArgumentParser, args: argparse.Namespace, row_names
         print(f"{name.replace('_', '-')}: no CUDA device; run it on a GPU, or rehearse with --rehearse-on-cpu",
               file=sys.stderr)
         return None
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        return Path(args.out)
-    return new_run_dir(REPO_ROOT / "runs" / name, run_stamp())
+    try:
+        if args.out:
+            return check_output_root(args.out)
+        return new_run_dir(Path("runs") / name, run_stamp())
+    except OutputFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def script_end(out: Path, rows: list[dict[str, Any]]) -> int:

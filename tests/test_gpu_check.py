@@ -213,3 +213,17 @@ def test_gpu_size_commands_are_the_users_commands(tmp_path: Path) -> None:
                                           "harness/train.py"]
     assert "data.synthetic_videos=512" in steps["torchrun"].argv
     assert steps["evaluate"].needs == "train" and steps["gate"].needs == "gate_baseline"
+
+
+def test_a_relative_out_is_under_the_current_folder_and_a_file_is_refused(tmp_path: Path) -> None:
+    """As every other command's ``--out``: relative to where it runs, not to the clone; a file is one line, exit 2."""
+    out = subprocess.run([sys.executable, "-m", "timesformer_harness.gpu_check", "--out", "reports"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and list((tmp_path / "reports").glob("*/report.json")), out.stdout + out.stderr
+    assert not (REPO_ROOT / "reports").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out = subprocess.run([sys.executable, "-m", "timesformer_harness.gpu_check", "--out", str(afile)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == (f"error: cannot write under {afile}: it is a file; name a "
+                                                          "folder with --out"), out.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -214,3 +215,20 @@ def test_compiled_rows_need_what_triton_builds_its_launchers_with(monkeypatch):
     assert gpu_perf.skip_reason(rows["eager-b8"], ModelConfig(), cuda, torch.bfloat16) is None
     monkeypatch.setattr(gpu_perf, "triton_build_problem", lambda: None)
     assert gpu_perf.skip_reason(rows["compiled-b8"], ModelConfig(), cuda, torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("script", ["gpu_perf", "gpu_input"])
+def test_an_out_that_cannot_hold_the_results_is_one_line_before_anything_runs(script, tmp_path, capsys, monkeypatch):
+    from timesformer_harness.benchmarks import gpu_input
+    main = gpu_perf.main if script == "gpu_perf" else gpu_input.main
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setattr(gpu_perf, "run", lambda *a, **k: pytest.fail("a row ran"))
+    monkeypatch.setattr(gpu_input, "run", lambda *a, **k: pytest.fail("a row ran"))
+    assert main(["--rehearse-on-cpu", "--out", str(afile / "sub")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: cannot write under {afile / 'sub'}: {afile} is a file; name a "
+                                               "folder with --out")
+    monkeypatch.chdir(tmp_path)  # the default folder is under the current one
+    assert gpu_perf.script_start(gpu_perf.script_parser("timesformer_harness.gpu_perf", "d", ["r"], 1.0),
+                                 SimpleNamespace(out=None, rows=None, rehearse_on_cpu=True), ["r"]).parent == \
+        Path("runs/gpu_perf")

@@ -29,7 +29,7 @@ def gop_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name, spec in {"long": PrepareSpec("vp9", 0, None), "gop8": PrepareSpec("vp9", 0, 8),
                        "intra": PrepareSpec("mjpeg", 0, 1)}.items():
         out[name] = root / f"{name}{'.avi' if spec.codec == 'mjpeg' else '.webm'}"
-        assert transcode(src, out[name], spec) == FRAMES
+        assert transcode(src, out[name], spec).frames == FRAMES
     return out
 
 

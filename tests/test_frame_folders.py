@@ -123,7 +123,7 @@ def test_frames_numbered_without_padding_keep_their_order(tmp_path) -> None:
     frames = np.arange(24)
     assert np.array_equal(decode_frames(folder, frames), decode_frames(video, frames))
     prepared = tmp_path / "prepared.webm"  # re-encoded: the images read by FFmpeg's image2 demuxer
-    assert transcode(folder, prepared, PrepareSpec("vp9", 0, quality=10)) == 24
+    assert transcode(folder, prepared, PrepareSpec("vp9", 0, quality=10)).frames == 24
     made, source = decode_frames(str(prepared), frames).astype(int), decode_frames(video, frames).astype(int)
     nearest = [int(np.abs(source - f).mean(axis=(1, 2, 3)).argmin()) for f in made]
     assert nearest == frames.tolist()

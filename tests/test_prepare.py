@@ -22,7 +22,7 @@ from timesformer_harness.common import is_temporary
 from timesformer_harness.pipelines.tools.decode_cost import read_gop
 from timesformer_harness.pipelines.manifest import read_entries, read_kinetics, read_ssv2
 from timesformer_harness.pipelines.tools.prepare import JOURNAL, SPEC_FILE, main, parse_gop, prepare
-from timesformer_harness.pipelines.tools.transcode import PrepareSpec, output_size, transcode
+from timesformer_harness.pipelines.tools.transcode import PrepareSpec, output_size, probe_source, transcode
 from timesformer_harness.pipelines.validate import check_videos
 from tests.conftest import encode_video, textured_frames
 
@@ -161,12 +161,14 @@ def test_killed_run_resumes(tmp_path):
 
 def test_fps_resampling_and_sizes(videos, tmp_path):
     src = videos.good[0]  # 24 frames at 30 fps, 48x64
-    assert transcode(src, tmp_path / "half.webm", PrepareSpec("vp9", 0, fps=15)) == 12
-    assert transcode(src, tmp_path / "double.webm", PrepareSpec("vp9", 0, fps=60)) == 48
-    assert transcode(src, tmp_path / "same.webm", PrepareSpec("vp9", 0)) == 24
+    assert transcode(src, tmp_path / "half.webm", PrepareSpec("vp9", 0, fps=15)).frames == 12
+    assert transcode(src, tmp_path / "double.webm", PrepareSpec("vp9", 0, fps=60)).frames == 48
+    assert transcode(src, tmp_path / "same.webm", PrepareSpec("vp9", 0)).frames == 24
     assert read_gop(tmp_path / "half.webm").fps == 15 and read_gop(tmp_path / "double.webm").num_frames == 48
     portrait = transcode(videos.portrait, tmp_path / "p.webm", PrepareSpec("vp9", 20))
-    assert portrait == 24 and output_size(64, 40, 20) == (32, 20)
+    assert portrait.frames == 24 and output_size(64, 40, 20) == (32, 20)
+    # the source's size and rotation, as a second open of it reads them
+    assert (portrait.height, portrait.width, portrait.rotation) == probe_source(videos.portrait) == (64, 40, 0)
     assert output_size(240, 320, 256) == (256, 342) and output_size(241, 321, 0) == (240, 320)
 
 
@@ -436,7 +438,8 @@ def test_short_side_0_crops_an_odd_size(tmp_path):
     checks = np.where((x // 2 + y // 2) % 2, 220, 30).astype(np.uint8)
     src = _frame_folder(tmp_path / "frames", np.repeat(checks[None, :, :, None], 3, axis=3).repeat(6, axis=0), ".png")
     assert output_size(49, 65, 0) == (48, 64)
-    assert transcode(src, tmp_path / "out.avi", PrepareSpec("mjpeg", 0, quality=2)) == 6
+    done = transcode(src, tmp_path / "out.avi", PrepareSpec("mjpeg", 0, quality=2))
+    assert (done.frames, done.height, done.width) == (6, 49, 65)  # the source's size, not the cropped one
     with av.open(str(tmp_path / "out.avi")) as container:
         out = np.stack([f.to_ndarray(format="gray") for f in container.decode(video=0)])
     assert out.shape == (6, 48, 64)
@@ -457,7 +460,7 @@ def test_a_full_range_source_keeps_its_levels(tmp_path, codec):
     bars = np.repeat(np.repeat(levels.astype(np.uint8), 16)[None, :, None], 3, axis=2).repeat(32, axis=0)
     src = write_video(tmp_path / "bars.avi", [bars] * 6, "mjpeg", pix_fmt="yuvj420p")
     out = tmp_path / f"bars.{'webm' if codec == 'vp9' else 'mp4'}"
-    assert transcode(src, out, PrepareSpec(codec, 0, quality=10)) == 6
+    assert transcode(src, out, PrepareSpec(codec, 0, quality=10)).frames == 6
     with av.open(str(out)) as container:
         rgb = next(container.decode(video=0)).to_ndarray(format="rgb24")
     assert np.abs(rgb[16, 8::16].astype(int) - levels[:, None]).max() <= 3
@@ -481,6 +484,8 @@ def test_a_rotated_source_is_warned_about(videos, tmp_path, caplog):
         report = prepare(src / "list.csv", tmp_path / "out", PrepareSpec("vp9", 32), workers=1, progress=False)
     assert report.transcoded == 2
     assert f"{src / 'phone.mp4'}: its frames carry a display rotation of" in caplog.text
+    rotation = probe_source(src / "phone.mp4")[2]  # transcode reports it as a second open of the source reads it
+    assert rotation and f"rotation of {rotation} degrees" in caplog.text
     assert "written as stored" in caplog.text and "transpose" in caplog.text and "plain.mp4" not in caplog.text
     assert read_gop(tmp_path / "out" / "phone.webm").num_frames == 24
 

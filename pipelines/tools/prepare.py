@@ -53,8 +53,7 @@ from timesformer_harness.pipelines.manifest import (SSV2_LABELS, SSV2_SPLITS, ad
                                                     read_entries)
 from timesformer_harness.pipelines.nvdec import NVDEC_CODECS, nvdec_problem
 from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, DestinationError, PrepareSpec,
-                                                             encoder_options, output_size, probe_source, source_stat,
-                                                             transcode)
+                                                             encoder_options, output_size, source_stat, transcode)
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +92,14 @@ def _run_job(args: tuple[Job, str, PrepareSpec]) -> dict:
         src_size, src_mtime_ns = source_stat(job.src)  # before reading it: a source changed meanwhile is redone
         if src_size == 0:
             raise RuntimeError("empty file (0 bytes)")
-        frames = transcode(job.src, Path(out_dir) / job.rel_out, spec)
-        height, width, rotation = probe_source(job.src)
+        made = transcode(job.src, Path(out_dir) / job.rel_out, spec)
     except DestinationError as e:  # the run stops: every other video would fail the same way
         return {"src": job.src, "out": job.rel_out, "error": str(e), "destination": True}
     except Exception as e:
         reason = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
         return {"src": job.src, "out": job.rel_out, "error": reason}
-    return {"src": job.src, "out": job.rel_out, "error": "", "frames": frames, "rotation": rotation,
-            "size": output_size(height, width, spec.short_side)[::-1],
+    return {"src": job.src, "out": job.rel_out, "error": "", "frames": made.frames, "rotation": made.rotation,
+            "size": output_size(made.height, made.width, spec.short_side)[::-1],
             "bytes": os.path.getsize(Path(out_dir) / job.rel_out), "src_size": src_size,
             "src_mtime_ns": src_mtime_ns, "seconds": round(time.perf_counter() - t0, 3)}
 

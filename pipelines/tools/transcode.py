@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -229,8 +230,9 @@ def _color_range(frame) -> int:
     return ColorRange.JPEG if frame.format.name.startswith("yuvj") else ColorRange.MPEG
 
 
-def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
-    """Decode the open source ``inp``'s first video stream into ``dst``; returns (frames written, output rate)."""
+def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction, tuple[int, int, int]]:
+    """Decode the open source ``inp``'s first video stream into ``dst``; returns (frames written, output rate,
+    ``_first_frame_view`` of the source's first frame)."""
     import av
     from av.video.frame import PictureType
     from av.video.reformatter import ColorRange
@@ -261,6 +263,10 @@ def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
             ost.codec_context.qmin = ost.codec_context.qmax = q
         gop = spec.effective_gop
         decoded = inp.decode(ist)
+        first = next(decoded, None)
+        view = _first_frame_view(first)
+        if first is not None:
+            decoded = itertools.chain([first], decoded)
         if spec.short_side == 0 and (height, width) != (src_height, src_width):  # an odd side: crop, not squeeze
             decoded = _cropped(decoded, ist, height, width)
         frames = _resample(decoded, src_rate, rate, Fraction(ist.time_base) if ist.time_base else None)
@@ -275,15 +281,20 @@ def _encode(inp, dst: Path, spec: PrepareSpec) -> tuple[int, Fraction]:
             written += 1
         for packet in ost.encode():
             out.mux(packet)
-    return written, rate
+    return written, rate, view
 
 
 def probe_source(src: str | Path) -> tuple[int, int, int]:
     """(height, width, rotation) of ``src``'s first frame: the rotation in degrees a player applies (a phone
     video's display matrix; 0 for none, and for a frame folder). ``transcode`` writes the frames as stored, as the
-    loaders read them."""
+    loaders read them, and reports the same figures of the source it decoded (``Transcoded``)."""
     with open_source(src) as container:
         frame = next(container.decode(video=0), None)
+    return _first_frame_view(frame)
+
+
+def _first_frame_view(frame) -> tuple[int, int, int]:
+    """(height, width, rotation in degrees) of a decoded first frame; (0, 0, 0) for None (no frame)."""
     return (frame.height, frame.width, int(frame.rotation)) if frame is not None else (0, 0, 0)
 
 
@@ -354,10 +365,22 @@ def _mux_jpeg_frames(index: PacketIndex, dst: Path, fps: float | None) -> int:
     return index.num_frames
 
 
-def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
-    """Transcode ``src`` into ``dst`` as ``spec`` says, via a checked temporary file; returns the frames written.
+@dataclass(frozen=True)
+class Transcoded:
+    """What ``transcode`` did: the frames written, and the source's first frame as ``probe_source`` gives it."""
+
+    frames: int
+    height: int  # the source's, as stored
+    width: int
+    rotation: int  # degrees a player applies (display matrix); the output is written without it
+
+
+def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> Transcoded:
+    """Transcode ``src`` into ``dst`` as ``spec`` says, via a checked temporary file; returns the frames written
+    and the source's size and rotation (read from the frames it decodes: no second open of the source).
     A folder of JPEG frames bound for MJPEG at its own size is copied, not re-encoded (``copied_jpeg_frames``: its
-    images become the video's packets, bit for bit; ``spec.quality`` does not apply).
+    images become the video's packets, bit for bit; ``spec.quality`` does not apply; its first image is then
+    decoded once by ``probe_source`` for the size and rotation).
 
     Raises ``RuntimeError`` (with the reason) when the source cannot be decoded or the output fails its check, and
     ``DestinationError`` when the output cannot be written (``DESTINATION_ERRNOS``, or an error about its folder);
@@ -372,25 +395,25 @@ def transcode(src: str | Path, dst: str | Path, spec: PrepareSpec) -> int:
     try:
         with atomic_path(dst) as tmp:
             if copied is not None:
-                written = _mux_jpeg_frames(copied, tmp, spec.fps)
+                written, view = _mux_jpeg_frames(copied, tmp, spec.fps), None  # no frame decoded: probed below
                 if problem := check_output(tmp, spec, written):
                     raise RuntimeError(problem)
-                return written
-            with open_source(src, spec.fps) as inp:
-                written, rate = _encode(inp, tmp, spec)
-                declared = _declared_seconds(inp, inp.streams.video[0])
-            if written == 0:
-                raise RuntimeError("no decodable frame in the source")
-            if declared and written / rate < 0.9 * declared - 2 / rate:  # the same rule as pipelines/validate.py
-                raise RuntimeError(f"truncated source: it declares {declared:.2f} s but its frames cover only "
-                                   f"{float(written / rate):.2f} s")
-            problem = check_output(tmp, spec, written)
-            if problem:
-                raise RuntimeError(problem)
+            else:
+                with open_source(src, spec.fps) as inp:
+                    written, rate, view = _encode(inp, tmp, spec)
+                    declared = _declared_seconds(inp, inp.streams.video[0])
+                if written == 0:
+                    raise RuntimeError("no decodable frame in the source")
+                if declared and written / rate < 0.9 * declared - 2 / rate:  # the same rule as pipelines/validate.py
+                    raise RuntimeError(f"truncated source: it declares {declared:.2f} s but its frames cover only "
+                                       f"{float(written / rate):.2f} s")
+                problem = check_output(tmp, spec, written)
+                if problem:
+                    raise RuntimeError(problem)
     except (OSError, av.error.FFmpegError) as e:  # PyAV's errors from the system are OSErrors too
         if isinstance(e, OSError) and is_destination_error(e, Path(dst)):
             raise DestinationError(e.errno, f"cannot write {dst}: {e.strerror or e}") from None
         if isinstance(e, av.error.FFmpegError):
             raise RuntimeError(f"cannot decode/encode: {type(e).__name__}: {e}") from None
         raise
-    return written
+    return Transcoded(written, *(view if view is not None else probe_source(src)))

@@ -44,13 +44,13 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
+from typing import Any, Iterator, TextIO
 
 from timesformer_harness.common import (atomic_write_text, exit_on_sigterm, remove_stale_temporaries,
                                         setup_logging, try_lock)
 from timesformer_harness.pipelines.decode_rates import Recommendation, load_rates, recommend_format, table_name
-from timesformer_harness.pipelines.manifest import (SSV2_LABELS, SSV2_SPLITS, add_manifest_arguments, manifest_cli_hint,
-                                                    read_entries)
+from timesformer_harness.pipelines.manifest import (SSV2_LABELS, SSV2_SPLITS, VideoEntry, add_manifest_arguments,
+                                                    manifest_cli_hint, read_entries)
 from timesformer_harness.pipelines.nvdec import NVDEC_CODECS, nvdec_problem
 from timesformer_harness.pipelines.tools.transcode import (OUTPUT_CODECS, DestinationError, PrepareSpec,
                                                              encoder_options, output_size, source_stat, transcode)
@@ -220,23 +220,15 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: str = "kinetics",
-            separator: str = " ", path_prefix: str = "", ssv2_labels: str = "", ssv2_suffix: str = ".webm",
-            workers: int = 0, progress: bool = True) -> PrepareReport:
-    """Transcode every video of ``manifest`` into ``out`` (see the module docstring); returns the report."""
-    from tqdm import tqdm
+def _output_names(entries: list[VideoEntry], fmt: str, base: Path, ext: str) -> dict[str, str]:
+    """Each source's output path relative to the output folder: SSv2 ``{id}<ext>``, else the source's path relative
+    to ``base`` (``_relative_output``)."""
+    return {e.path: (e.key + ext if fmt == "ssv2" else _relative_output(e.path, base, ext)) for e in entries}
 
-    t0 = time.perf_counter()
-    manifest, out = Path(manifest), Path(out)
-    entries = read_entries(manifest, fmt, separator=separator, path_prefix=path_prefix, ssv2_labels=ssv2_labels,
-                           ssv2_suffix=ssv2_suffix)
-    codec = spec.output_codec
-    if fmt == "ssv2" and codec.ext != ".webm":
-        logger.warning("the SSv2 videos written are {id}%s: read them with data.ssv2_suffix=%s (--ssv2-suffix %s)",
-                       codec.ext, codec.ext, codec.ext)
-    base = Path(path_prefix) if path_prefix else manifest.parent
-    rel_of = {e.path: (e.key + codec.ext if fmt == "ssv2" else _relative_output(e.path, base, codec.ext))
-              for e in entries}
+
+def _refuse_unsafe_outputs(rel_of: dict[str, str], out: Path, manifest: Path, labels: Path, fmt: str) -> None:
+    """Raise ValueError, before anything is written, when two sources would share an output name, an output would
+    overwrite its source, or the new manifest (SSv2: or labels) would replace the source's."""
     sources_of: dict[str, set[str]] = {}
     for src, rel in rel_of.items():
         sources_of.setdefault(rel, set()).add(src)
@@ -250,142 +242,220 @@ def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: st
     if overwrite:
         raise ValueError(f"--out {out} would overwrite {len(overwrite)} source(s) in place, e.g. {overwrite[0]}; "
                          f"choose another output folder")
-    labels = Path(ssv2_labels or manifest.parent / SSV2_LABELS)
     sources = [manifest, labels] if fmt == "ssv2" else [manifest]
     replaced = [p for p in ([out / manifest.name, out / SSV2_LABELS] if fmt == "ssv2" else [out / manifest.name])
                 if any(os.path.realpath(p) == os.path.realpath(s) for s in sources)]
     if replaced:
         raise ValueError(f"--out {out} would replace the source manifest {replaced[0]} with the prepared one; "
                          "choose another output folder")
+
+
+def _make_output_folder(out: Path) -> None:
+    """Create ``out`` (and its parents); ValueError when it, or a folder above it, is a file."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"--out {out} cannot be a folder: it, or a folder above it, is a file; choose another output "
                          "folder") from None
+
+
+def _warn_other_specs(out: Path, manifest_name: str, prepared: dict[str, dict], spec_key: str) -> None:
+    """Warn when ``out`` holds other manifests ``prepared`` with another spec than ``spec_key``."""
+    other_specs = {name: m["spec_key"] for name, m in prepared.items() if name != manifest_name
+                   and m.get("spec_key") != spec_key}
+    if other_specs:
+        logger.warning("%s also holds %s, prepared with another spec (%s), not this one's %s: their videos differ "
+                       "(size, codec or keyframes); prepare every manifest of a dataset with the same options",
+                       out, ", ".join(other_specs), ", ".join(sorted(set(other_specs.values()))), spec_key)
+
+
+def _refuse_outputs_of_others(out: Path, jobs: list[Job], journal: dict[str, dict]) -> None:
+    """Raise ValueError when an output name of ``jobs`` is taken in ``out``: written from another source that still
+    exists (per the journal), or by a file prepare did not write."""
+    taken = [(j, journal[j.rel_out]["src"]) for j in jobs if _written_from_another(journal.get(j.rel_out), j.src)]
+    if taken:  # e.g. train's x.mp4 and val's x.webm, prepared one manifest at a time into one folder
+        job, other = taken[0]
+        raise ValueError(f"--out {out}: {len(taken)} output name(s) were written from other sources that still "
+                         f"exist (another manifest prepared into this folder?), e.g. {job.rel_out} <- {other}, now "
+                         f"asked from {job.src}; rename the sources so that they differ by more than their "
+                         "extension, or prepare this manifest into another folder")
+    foreign = [j.rel_out for j in jobs if j.rel_out not in journal and os.path.lexists(out / j.rel_out)]
+    if foreign:  # e.g. clip.webm of another manifest, beside this one's clip.mp4 in the folder given as --out
+        raise ValueError(f"--out {out}: {len(foreign)} output name(s) are taken by files prepare did not write "
+                         f"(not in its {JOURNAL}), e.g. {out / foreign[0]}; move them away (delete them if a "
+                         "killed prepare left them) or choose another output folder")
+
+
+class _Results:
+    """Takes the jobs' results as they come: journals each finished output at once (to the open journal ``jf``),
+    counts it in ``report``, and notes the errors writing to --out (``stopped``: the run stops at the first)."""
+
+    def __init__(self, jf: TextIO, spec_key: str, report: PrepareReport, bar: Any) -> None:
+        self.jf, self.spec_key, self.report, self.bar = jf, spec_key, report, bar
+        self.by_src: dict[str, dict] = {}
+        self.stopped: list[str] = []
+
+    def take(self, res: dict) -> None:
+        """Take one job's result (``_run_job``'s)."""
+        if res.get("destination"):
+            self.stopped.append(res["error"])
+            return
+        self.by_src[res["src"]] = res
+        self.bar.update(1)
+        if res["error"]:
+            logger.warning("%s: %s", res["src"], res["error"])
+            return
+        if res["rotation"]:
+            logger.warning("%s: its frames carry a display rotation of %d degrees (a phone video?); the output "
+                           "is written as stored, without it, as the harness's loaders read every video: to "
+                           "have it upright, rotate the source first (ffmpeg -i IN OUT applies the "
+                           "rotation, -autorotate being on by default; or -vf transpose=1) and prepare that",
+                           res["src"], res["rotation"])
+        report = self.report
+        report.transcoded += 1
+        report.frames += res["frames"]
+        report.input_bytes += res["src_size"]
+        report.output_bytes += res["bytes"]
+        self.jf.write(json.dumps({**{k: res[k] for k in ("out", "src", "src_size", "src_mtime_ns", "frames",
+                                                         "bytes", "seconds")}, "spec": self.spec_key}) + "\n")
+        self.jf.flush()
+        os.fsync(self.jf.fileno())
+
+
+def _run_serially(jobs_args: list[tuple[Job, str, PrepareSpec]], results: _Results) -> None:
+    """Run the jobs one after the other in this process, stopping at the first error writing to --out."""
+    for a in jobs_args:
+        results.take(_run_job(a))
+        if results.stopped:
+            break
+
+
+def _run_in_pool(jobs_args: list[tuple[Job, str, PrepareSpec]], workers: int, results: _Results) -> None:
+    """Run the jobs in ``workers`` processes. At the first error writing to --out no other job starts (those being
+    encoded are still taken); on Ctrl-C or SIGTERM the running ones are finished and taken, then it re-raises."""
+    ctx = multiprocessing.get_context("forkserver")  # forkserver: safe whatever threads the caller runs
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_stop_signals) as pool:
+        pending: set[Future] = set()
+        try:  # a Ctrl-C while they are submitted cancels those submitted too
+            for a in jobs_args:
+                pending.add(pool.submit(_run_job, a))
+            for fut in as_completed(set(pending)):
+                if fut.cancelled():
+                    continue
+                results.take(fut.result())
+                pending.discard(fut)  # after take(): a Ctrl-C inside it journals the result again
+                if results.stopped:  # no other video is started; those being encoded are journaled when done
+                    for f in pending:
+                        f.cancel()
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM through common.exit_on_sigterm
+            logger.warning("interrupted: finishing the videos being encoded, starting no other")
+            for fut in as_completed([f for f in pending if not f.cancel()]):  # running or finished
+                results.take(fut.result())
+            raise
+
+
+def _run_jobs(out: Path, todo: list[Job], spec: PrepareSpec, spec_key: str, report: PrepareReport, workers: int,
+              progress: bool) -> dict[str, dict]:
+    """Transcode ``todo`` into ``out`` (``workers`` processes, 0 = one per CPU core), journaling each result as it
+    comes; returns the results by source. Raises DestinationError when an output could not be written."""
+    from tqdm import tqdm
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    bar = tqdm(total=len(todo), unit="video", disable=not progress or not todo, desc="prepare")
+    with open(out / JOURNAL, "a") as jf:
+        results = _Results(jf, spec_key, report, bar)
+        jobs_args = [(j, str(out), spec) for j in todo]
+        if workers == 1:
+            _run_serially(jobs_args, results)
+        else:
+            _run_in_pool(jobs_args, workers, results)
+    bar.close()
+    if results.stopped:  # the manifest is left as it was: a shrunken one would drop the videos not reached
+        raise DestinationError(f"{results.stopped[0]}; the run stopped there: the videos finished are in "
+                               f"{out / JOURNAL} (a re-run skips them) and the manifest was left as it was")
+    return results.by_src
+
+
+def _write_manifest(out: Path, manifest: Path, fmt: str, good: list[VideoEntry], rel_of: dict[str, str],
+                    separator: str, labels: Path) -> None:
+    """Write the new manifest ``out/<manifest name>`` of the ``good`` entries, in the source's format (SSv2: also
+    the labels JSON)."""
+    if fmt == "ssv2":
+        keep = {e.key for e in good}
+        items = [it for it in json.loads(manifest.read_text()) if str(it["id"]) in keep]
+        atomic_write_text(out / manifest.name, json.dumps(items, indent=1) + "\n")
+        # under the name data.ssv2_labels defaults to, whatever the source's: data.root=DIR then reads it
+        atomic_write_text(out / SSV2_LABELS, labels.read_text())
+        if manifest.name not in SSV2_SPLITS.values():
+            logger.warning("%s is not a split file name data.root=%s looks for (%s): point data.train_manifest "
+                           "(or data.val_manifest / data.test_manifest) at %s", manifest.name, out,
+                           ", ".join(sorted(set(SSV2_SPLITS.values()))), out / manifest.name)
+    elif fmt == "csv":  # quoted where a path holds a comma or a quote, as the reader (csv.reader) expects
+        lines = io.StringIO()
+        csv.writer(lines, lineterminator="\n").writerows((rel_of[e.path], e.label) for e in good)
+        atomic_write_text(out / manifest.name, lines.getvalue())
+    else:
+        atomic_write_text(out / manifest.name, "".join(f"{rel_of[e.path]}{separator}{e.label}\n" for e in good))
+
+
+def _write_spec_record(out: Path, manifest: Path, fmt: str, spec: PrepareSpec, spec_key: str, videos: int,
+                       report: PrepareReport, prepared: dict[str, dict]) -> None:
+    """Write ``out/prepare.json``: this run's spec, counts and failures, the encoder's versions, and under
+    ``manifests`` the record of every manifest prepared into ``out`` (``prepared``, with this one's)."""
+    import av
+
+    this = {"spec": asdict(spec), "spec_key": spec_key, "source_manifest": str(manifest.resolve()), "format": fmt,
+            "videos": videos, "failed": [{"path": p, "reason": r} for p, r in report.failed],
+            "last_run": {"transcoded": report.transcoded, "skipped": report.skipped,
+                         "seconds": round(report.seconds, 2)}}
+    record = {**this, "encoder": spec.output_codec.encoder, "encoder_options": encoder_options(spec),
+              "manifest": manifest.name, "pyav": av.__version__,
+              "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
+              "manifests": {**prepared, manifest.name: this}}  # the top level: this (the latest) manifest's
+    atomic_write_text(out / SPEC_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def prepare(manifest: str | Path, out: str | Path, spec: PrepareSpec, *, fmt: str = "kinetics",
+            separator: str = " ", path_prefix: str = "", ssv2_labels: str = "", ssv2_suffix: str = ".webm",
+            workers: int = 0, progress: bool = True) -> PrepareReport:
+    """Transcode every video of ``manifest`` into ``out`` (see the module docstring); returns the report."""
+    t0 = time.perf_counter()
+    manifest, out = Path(manifest), Path(out)
+    entries = read_entries(manifest, fmt, separator=separator, path_prefix=path_prefix, ssv2_labels=ssv2_labels,
+                           ssv2_suffix=ssv2_suffix)
+    ext = spec.output_codec.ext
+    if fmt == "ssv2" and ext != ".webm":
+        logger.warning("the SSv2 videos written are {id}%s: read them with data.ssv2_suffix=%s (--ssv2-suffix %s)",
+                       ext, ext, ext)
+    rel_of = _output_names(entries, fmt, Path(path_prefix) if path_prefix else manifest.parent, ext)
+    labels = Path(ssv2_labels or manifest.parent / SSV2_LABELS)
+    _refuse_unsafe_outputs(rel_of, out, manifest, labels, fmt)
+    _make_output_folder(out)
     with _exclusive(out):
         remove_stale_temporaries(out)  # left by a killed run
-
         spec_key = spec.key()
         prepared = _prepared_manifests(out)
-        other_specs = {name: m["spec_key"] for name, m in prepared.items() if name != manifest.name
-                       and m.get("spec_key") != spec_key}
-        if other_specs:
-            logger.warning("%s also holds %s, prepared with another spec (%s), not this one's %s: their videos differ "
-                           "(size, codec or keyframes); prepare every manifest of a dataset with the same options",
-                           out, ", ".join(other_specs), ", ".join(sorted(set(other_specs.values()))), spec_key)
+        _warn_other_specs(out, manifest.name, prepared, spec_key)
         journal = _load_journal(out)
         jobs = [Job(src, rel) for src, rel in rel_of.items()]
-        taken = [(j, journal[j.rel_out]["src"]) for j in jobs if _written_from_another(journal.get(j.rel_out), j.src)]
-        if taken:  # e.g. train's x.mp4 and val's x.webm, prepared one manifest at a time into one folder
-            job, other = taken[0]
-            raise ValueError(f"--out {out}: {len(taken)} output name(s) were written from other sources that still "
-                             f"exist (another manifest prepared into this folder?), e.g. {job.rel_out} <- {other}, now "
-                             f"asked from {job.src}; rename the sources so that they differ by more than their "
-                             "extension, or prepare this manifest into another folder")
-        foreign = [j.rel_out for j in jobs if j.rel_out not in journal and os.path.lexists(out / j.rel_out)]
-        if foreign:  # e.g. clip.webm of another manifest, beside this one's clip.mp4 in the folder given as --out
-            raise ValueError(f"--out {out}: {len(foreign)} output name(s) are taken by files prepare did not write "
-                             f"(not in its {JOURNAL}), e.g. {out / foreign[0]}; move them away (delete them if a "
-                             "killed prepare left them) or choose another output folder")
+        _refuse_outputs_of_others(out, jobs, journal)
+
         report = PrepareReport(str(out), str(out / manifest.name), total=len(jobs))
         todo = [j for j in jobs if not _is_done(journal.get(j.rel_out), j, out, spec_key)]
         _claim(out, todo, spec_key)
         report.skipped = len(jobs) - len(todo)
-        results: dict[str, dict] = {}
-        stopped: list[str] = []  # the errors writing to --out: the run stops at the first
         logger.info("%d videos: %d to transcode, %d already done (spec %s)", len(jobs), len(todo), report.skipped,
                     spec_key)
-        workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-        bar = tqdm(total=len(todo), unit="video", disable=not progress or not todo, desc="prepare")
-        with open(out / JOURNAL, "a") as jf:
-            def done(res: dict) -> None:
-                if res.get("destination"):
-                    stopped.append(res["error"])
-                    return
-                results[res["src"]] = res
-                bar.update(1)
-                if res["error"]:
-                    logger.warning("%s: %s", res["src"], res["error"])
-                    return
-                if res["rotation"]:
-                    logger.warning("%s: its frames carry a display rotation of %d degrees (a phone video?); the output "
-                                   "is written as stored, without it, as the harness's loaders read every video: to "
-                                   "have it upright, rotate the source first (ffmpeg -i IN OUT applies the "
-                                   "rotation, -autorotate being on by default; or -vf transpose=1) and prepare that",
-                                   res["src"], res["rotation"])
-                report.transcoded += 1
-                report.frames += res["frames"]
-                report.input_bytes += res["src_size"]
-                report.output_bytes += res["bytes"]
-                jf.write(json.dumps({**{k: res[k] for k in ("out", "src", "src_size", "src_mtime_ns", "frames",
-                                                            "bytes", "seconds")}, "spec": spec_key}) + "\n")
-                jf.flush()
-                os.fsync(jf.fileno())
-
-            jobs_args = [(j, str(out), spec) for j in todo]
-            if workers == 1:
-                for a in jobs_args:
-                    done(_run_job(a))
-                    if stopped:
-                        break
-            else:  # forkserver: safe whatever threads the caller runs
-                ctx = multiprocessing.get_context("forkserver")
-                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_stop_signals) as pool:
-                    pending: set[Future] = set()
-                    try:  # a Ctrl-C while they are submitted cancels those submitted too
-                        for a in jobs_args:
-                            pending.add(pool.submit(_run_job, a))
-                        for fut in as_completed(set(pending)):
-                            if fut.cancelled():
-                                continue
-                            done(fut.result())
-                            pending.discard(fut)  # after done(): a Ctrl-C inside it journals the result again
-                            if stopped:  # no other video is started; those being encoded are journaled when done
-                                for f in pending:
-                                    f.cancel()
-                    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM through common.exit_on_sigterm
-                        logger.warning("interrupted: finishing the videos being encoded, starting no other")
-                        for fut in as_completed([f for f in pending if not f.cancel()]):  # running or finished
-                            done(fut.result())
-                        raise
-        bar.close()
-        if stopped:  # the manifest is left as it was: a shrunken one would drop the videos not reached
-            raise DestinationError(f"{stopped[0]}; the run stopped there: the videos finished are in {out / JOURNAL} "
-                                   "(a re-run skips them) and the manifest was left as it was")
+        results = _run_jobs(out, todo, spec, spec_key, report, workers, progress)
 
         if warning := _nvdec_size_warning(spec.codec, [tuple(r["size"]) for r in results.values() if not r["error"]]):
             logger.warning("%s", warning)
         failed = {src: r["error"] for src, r in results.items() if r["error"]}
-        report.failed = [(e.path, failed[e.path]) for e in entries if e.path in failed]
-        report.failed = list(dict.fromkeys(report.failed))
+        report.failed = list(dict.fromkeys((e.path, failed[e.path]) for e in entries if e.path in failed))
         good = [e for e in entries if e.path not in failed]
-        if fmt == "ssv2":
-            keep = {e.key for e in good}
-            items = [it for it in json.loads(manifest.read_text()) if str(it["id"]) in keep]
-            atomic_write_text(out / manifest.name, json.dumps(items, indent=1) + "\n")
-            # under the name data.ssv2_labels defaults to, whatever the source's: data.root=DIR then reads it
-            atomic_write_text(out / SSV2_LABELS, labels.read_text())
-            if manifest.name not in SSV2_SPLITS.values():
-                logger.warning("%s is not a split file name data.root=%s looks for (%s): point data.train_manifest "
-                               "(or data.val_manifest / data.test_manifest) at %s", manifest.name, out,
-                               ", ".join(sorted(set(SSV2_SPLITS.values()))), out / manifest.name)
-        elif fmt == "csv":  # quoted where a path holds a comma or a quote, as the reader (csv.reader) expects
-            lines = io.StringIO()
-            csv.writer(lines, lineterminator="\n").writerows((rel_of[e.path], e.label) for e in good)
-            atomic_write_text(out / manifest.name, lines.getvalue())
-        else:
-            atomic_write_text(out / manifest.name, "".join(f"{rel_of[e.path]}{separator}{e.label}\n" for e in good))
+        _write_manifest(out, manifest, fmt, good, rel_of, separator, labels)
         report.seconds = time.perf_counter() - t0
-        import av
-
-        this = {"spec": asdict(spec), "spec_key": spec_key, "source_manifest": str(manifest.resolve()), "format": fmt,
-                "videos": len(good), "failed": [{"path": p, "reason": r} for p, r in report.failed],
-                "last_run": {"transcoded": report.transcoded, "skipped": report.skipped,
-                             "seconds": round(report.seconds, 2)}}
-        record = {**this, "encoder": codec.encoder, "encoder_options": encoder_options(spec), "manifest": manifest.name,
-                  "pyav": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
-                  "manifests": {**prepared, manifest.name: this}}  # the top level: this (the latest) manifest's
-        atomic_write_text(out / SPEC_FILE, json.dumps(record, indent=1) + "\n")
+        _write_spec_record(out, manifest, fmt, spec, spec_key, len(good), report, prepared)
         return report
 
 

@@ -483,6 +483,8 @@ class Trainer:
         if checked:
             loader.start_batch = self.start_batch
         self.epoch_batches(loader)  # an accumulation the epoch cannot hold fails before the start record
+        if self._val_loader is None and any(map(self._validation_due, range(self.start_epoch, cfg.solver.max_epoch))):
+            self._val_loader = self._build_loader("val")  # its pre-flight check now, not epochs into the run
         # after the train loader's pre-flight check: Ctrl-C during that check stops it at once (KeyboardInterrupt, exit
         # 130), and its caches keep what it checked
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -806,6 +808,7 @@ class Trainer:
         """Multi-view accuracy on the val split (a loader built once, reused)."""
         if self._val_loader is None:
             self._val_loader = self._build_loader("val")
+        self._val_loader.set_epoch(epoch)  # what it quarantines is logged as found in this epoch's validation
         clock = Stopwatch()
         self.memory.reset()  # validation's own peak, logged apart from the training windows
         acc = score_loader(self.model, self._val_loader, self.device, self.dtype, self.cfg.test.ensemble,

@@ -399,19 +399,37 @@ def test_a_quarantined_video_whose_file_went_bad_stays_planned_on_resume(corpus:
 
 
 def test_a_val_set_whose_every_view_fails_is_warned_about_and_training_goes_on(corpus: Corpus, tmp_path: Path) -> None:
-    """data.on_bad_video=skip: no view of the val set decodes, so validation has nothing to score; the epoch still
-    ends with its checkpoint and the run finishes, its val records saying so (evaluate exits 3 on such a set)."""
+    """data.on_bad_video=skip: no view of the val set decodes, so validation has nothing to score; each epoch still
+    ends with its checkpoint and the run finishes, its val records saying so (evaluate exits 3 on such a set), and
+    the log names the epoch whose validation left the video out."""
     val = tmp_path / "val.csv"
     val.write_text(f"{corpus.kind('payload/mid')} 0\n")
     res, err = train("data.loader=dali", f"data.train_manifest={corpus.root / 'runtime_only.csv'}",
-                     f"data.val_manifest={val}", "train.eval_period=1", "solver.max_epoch=1",
+                     f"data.val_manifest={val}", "train.eval_period=1", "solver.max_epoch=2",
                      "train.max_steps_per_epoch=1", out=tmp_path / "run")
     assert res.returncode == 0, err[-3000:]
     assert "val: every view failed to decode" in err
+    assert [f"(epoch {e}, batch 0, rank 0)" in err for e in (1, 2)] == [True, True], err[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    (record,) = [r for r in records if r["event"] == "val"]
-    assert record["val/top1"] is None and record["val/unscored_views"] >= 1 and records[-1]["event"] == "end"
+    vals = [r for r in records if r["event"] == "val"]
+    assert len(vals) == 2 and records[-1]["event"] == "end"
+    assert all(r["val/top1"] is None and r["val/unscored_views"] >= 1 for r in vals)
     assert list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_a_bad_val_video_stops_the_run_before_it_trains(corpus: Corpus, tmp_path: Path) -> None:
+    """data.on_bad_video=error: the val manifest's pre-flight check runs at start-up beside the train one's, so a
+    bad val video stops the run before its first step, not at its first validation epochs later."""
+    train_csv, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    train_csv.write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(corpus.good)))
+    val.write_text("".join(f"{p} 0\n" for p in corpus.good[:2]) + f"{corpus.kind('header_only')} 1\n")
+    res, err = train("data.loader=pyav", f"data.train_manifest={train_csv}",
+                     f"data.val_manifest={val}", "data.on_bad_video=error", "train.eval_period=2", out=tmp_path / "run")
+    assert res.returncode == 5, err[-3000:]
+    assert "1 of 3 videos in the val manifest cannot be used" in err and corpus.kind("header_only") in err
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or not [line for line in metrics.read_text().splitlines() if "\"start\"" in line]
 
 
 @pytest.mark.parametrize("loader", ["dali", "pyav"])

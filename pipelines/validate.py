@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -71,10 +72,12 @@ _CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "liba
 DEFAULT_CACHE = ""  # a ``cache`` argument: the probe cache of data.validate_cache unset (found when it is used)
 UNREADABLE = "unreadable: "  # a verdict about the storage (permission, I/O error), not the file: never cached
 READ_AGAIN = "check the file's permissions and storage; it is read again next time"
+CUT_FILE = "the file reads whole, so its content is cut or damaged (an unfinished copy or download?)"
+
 # 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length; 4: the first frame
 # is the first packet's, and late-starting timestamps are not truncation; 5: a named pipe or device is named so (it was
-# an "empty file")
-PROBE_VERSION = 5
+# an "empty file"); 6: a stream with fewer frames than its header counts (a cut AVI) is truncated
+PROBE_VERSION = 6
 PLAUSIBLE_FPS = (1.0, 1000.0)  # a rate outside is broken timestamps (all frames at one time, a negative step)
 MAX_FRAME_PIXELS = DataConfig.max_frame_pixels  # data.max_frame_pixels' default: 3840x2160
 TAIL_BYTES = 1 << 20  # file-size checks: how many unbacked or unread bytes at a file's end are "beyond reason"
@@ -228,13 +231,30 @@ def probe_frame_folder(path: str) -> VideoInfo:
     return info
 
 
+def _storage_failed(path: str, e: OSError) -> bool:
+    """Whether an OSError that PyAV raised on ``path`` is the storage's: FFmpeg reports a Matroska file cut short
+    as an I/O error (EIO) too, so for EIO the file is read through with plain reads, and only a failing read makes
+    it the storage's."""
+    if e.errno != errno.EIO:
+        return True
+    try:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except OSError:
+        return True
+    return False
+
+
 def probe_video(path: str) -> VideoInfo:
     """Open ``path`` with PyAV and measure it; never raises for a bad file (the reason goes to ``error``).
 
     Judged on the first video stream, the one both loaders decode: its packets are counted, and it is truncated when
     they cover less than 90% of its declared length (the stream's own duration, else the container's; the
     container's is its longest stream's, so a first video stream shorter than another stream is truncated only when no
-    stream reaches the declared length). ``size_problem`` refuses a sparse or zero-padded file before it is parsed, and
+    stream reaches the declared length), or when they number fewer than 90% of the frames its header counts (an AVI
+    cut before its index, whose duration FFmpeg estimates from what is left). An I/O error from FFmpeg is the
+    storage's (not cached) unless the file reads whole: FFmpeg reports a cut Matroska file so too. ``size_problem`` refuses a sparse or zero-padded file before it is parsed, and
     a file whose packets end in its first half (more than ``TAIL_BYTES`` of data no stream holds) is refused after.
     The first frame is decoded only when the header's frame size is at most ``PROBE_DECODE_SIZE`` (the judge,
     ``usable``, refuses frames above ``data.max_frame_pixels`` from the header), and FFmpeg refuses a frame much
@@ -281,8 +301,9 @@ def probe_video(path: str) -> VideoInfo:
             own = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
             declared = own or (container.duration / 1e6 if container.duration else None)  # microseconds -> s
             packets: list[tuple[int, int]] = []
-            data_end = 0
+            data_end = demuxed = 0
             for packet in container.demux(stream):
+                demuxed += 1  # an AVI's empty (dropped-frame) chunks count in its header's frame count
                 if packet.size == 0:
                     continue
                 info.frames += 1
@@ -309,6 +330,10 @@ def probe_video(path: str) -> VideoInfo:
                 info.error = (f"truncated: the container declares {declared:.2f} s but frames cover only "
                               f"{present:.2f} s")
                 return info
+            # an AVI without its index: FFmpeg estimates the duration from what is there, the header keeps the count
+            if stream.frames and demuxed < 0.9 * stream.frames - 2:
+                info.error = f"truncated: its header declares {stream.frames} frames, {info.frames} present"
+                return info
             if unread:
                 info.error = (f"its packets end at byte {data_end} of {size}: the other {size - data_end} bytes hold "
                               f"no stream's data (appended or padded past the video); copy or download it again")
@@ -329,8 +354,9 @@ def probe_video(path: str) -> VideoInfo:
                               "timesformer_harness.pipelines.tools.prepare) or cut it at a keyframe")
             else:
                 _frame_format(frame, info)
-    except OSError as e:  # PyAV's errno errors (permission, I/O) are OSErrors: the storage's, not the file's content
-        info.error = f"{UNREADABLE}{type(e).__name__}: {e}; {READ_AGAIN}"
+    except OSError as e:  # PyAV's errno errors (permission, I/O) are OSErrors: the storage's, or a cut file's
+        info.error = f"{UNREADABLE}{type(e).__name__}: {e}; {READ_AGAIN}" if _storage_failed(path, e) else \
+            f"cannot open/decode: {type(e).__name__}: {e}: {CUT_FILE}; copy or download it again"
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
         info.error = (f"cannot open/decode: {type(e).__name__}: {e}; a file that plays elsewhere can be re-encoded "
                       "(python -m timesformer_harness.pipelines.tools.prepare), else leave it out of the manifest")
@@ -591,8 +617,9 @@ def deep_probe(path: str) -> str:
                             if size is not None and (frame.width, frame.height) != size:
                                 size_changes += 1
                             size = (frame.width, frame.height)
-            except OSError as e:  # the storage's error (permission, I/O), not the file's content
-                error = f"{UNREADABLE}{type(e).__name__}: {e}; {READ_AGAIN}"
+            except OSError as e:  # the storage's error (permission, I/O), or a cut file's
+                error = f"{UNREADABLE}{type(e).__name__}: {e}; {READ_AGAIN}" if _storage_failed(path, e) else \
+                    f"decode error after {packets} packets, {frames} frames: {type(e).__name__}: {e}: {CUT_FILE}"
             except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
                 error = f"decode error after {packets} packets, {frames} frames: {type(e).__name__}: {e}"
     finally:

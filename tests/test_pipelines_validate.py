@@ -376,3 +376,29 @@ def test_segment_sampling_is_a_key_of_its_own(videos, tmp_path: Path, capsys: py
     assert plans[0].frames.tolist() != segment_frames(24, 4).tolist()
     with pytest.raises(ValueError, match=r"data.sampling='segments'; choose from \['auto', 'segment', 'window'\]"):
         load_config(config, ["data.sampling=segments"])
+
+
+def test_a_cut_file_is_judged_damaged_not_unreadable_storage(tmp_path) -> None:
+    """An AVI cut before its index (FFmpeg estimates its duration from what is left) is truncated by its header's
+    frame count; a Matroska file cut in its header (FFmpeg says EIO) that reads whole is the file's fault, cached,
+    without the advice to check the storage."""
+    from conftest import encode_video, textured_frames
+    from timesformer_harness.pipelines.tools.encode import write_video
+
+    avi = write_video(tmp_path / "m.avi", textured_frames(24, 32, 32, 0), "mjpeg", 30, {}, pix_fmt="yuvj420p")
+    data = avi.read_bytes()
+    cut_avi = tmp_path / "cut.avi"
+    cut_avi.write_bytes(data[:len(data) * 2 // 3])
+    info = validate.probe_video(str(cut_avi))
+    assert info.error == "truncated: its header declares 24 frames, 14 present", info
+    assert validate.probe_video(str(avi)).error == ""
+    webm = encode_video(tmp_path / "v.webm", textured_frames(8, 32, 32, seed=1))
+    cut_webm = tmp_path / "cut.webm"
+    cut_webm.write_bytes(webm.read_bytes()[:100])
+    cache = tmp_path / "c.sqlite"
+    (info,) = validate.probe_all([str(cut_webm)], cache, workers=1, progress=False)
+    assert info.error.startswith("cannot open/decode: OSError") and "reads whole" in info.error, info
+    assert "storage" not in info.error and "unreadable" not in info.error
+    assert validate.probe_video(str(cut_webm)).error == info.error
+    (deep,) = validate.deep_check([str(cut_webm)], cache, workers=1, progress=False)
+    assert "reads whole" in deep[1] and "unreadable" not in deep[1], deep

@@ -254,8 +254,9 @@ def probe_video(path: str) -> VideoInfo:
     container's is its longest stream's, so a first video stream shorter than another stream is truncated only when no
     stream reaches the declared length), or when they number fewer than 90% of the frames its header counts (an AVI
     cut before its index, whose duration FFmpeg estimates from what is left). An I/O error from FFmpeg is the
-    storage's (not cached) unless the file reads whole: FFmpeg reports a cut Matroska file so too. ``size_problem`` refuses a sparse or zero-padded file before it is parsed, and
-    a file whose packets end in its first half (more than ``TAIL_BYTES`` of data no stream holds) is refused after.
+    storage's (not cached) unless the file reads whole: FFmpeg reports a cut Matroska file so too. ``size_problem``
+    refuses a sparse or zero-padded file before it is parsed, and a file whose packets end in its first half (more
+    than ``TAIL_BYTES`` of data no stream holds) is refused after.
     The first frame is decoded only when the header's frame size is at most ``PROBE_DECODE_SIZE`` (the judge,
     ``usable``, refuses frames above ``data.max_frame_pixels`` from the header), and FFmpeg refuses a frame much
     larger than the header says before allocating it, so the probe's memory is bounded whatever the file holds.

@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
@@ -58,10 +59,11 @@ from timesformer_harness.optim import build_optimizer, lr_at, set_hyperparameter
 from timesformer_harness.runtime import (environment_info, precision_name, release_freed_memory, resolve_precision,
                                          retain_freed_memory, seed_everything, set_determinism)
 from timesformer_harness.train_hooks import DebugHooks
-from timesformer_harness.train_state import (Change, CheckpointManager, RunFolderError, RunLock, config_changes,
-                                             data_fingerprint, epoch_partial, find_resume, format_changes,
-                                             keep_records_up_to, list_checkpoints, logged_end, resume_disagreement,
-                                             resume_position, rng_state, saved_config, set_aside, set_rng_state,
+from timesformer_harness.train_state import (LAUNCH_FILE, Change, CheckpointManager, RunFolderError, RunLock,
+                                             config_changes, data_fingerprint, epoch_partial, find_resume,
+                                             format_changes, keep_records_up_to, launch_identity, list_checkpoints,
+                                             logged_end, resume_disagreement, resume_position, rng_state,
+                                             saved_config, set_aside, set_rng_state, started_by_this_launch,
                                              val_record, video_facts)
 from timesformer_harness.workload import TrainStep, build_model, check_model_fits, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
@@ -73,6 +75,7 @@ from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, 
 from timesformer_harness.pipelines.synthetic import check_synthetic_labels
 
 logger = logging.getLogger(__name__)
+RELAYED_SIGNAL_S = 2.0  # a second signal this soon after the first is the same request relayed (torchrun's, pkill's)
 
 
 def read_back(t: torch.Tensor) -> list[float]:
@@ -189,19 +192,18 @@ class Trainer:
         self.run_dir = Path(cfg.output.dir)
         self.cfg_yaml = to_yaml(cfg)
         self.lock, busy = None, ""
-        if info.is_main:  # before anything is written to the folder
+        if info.is_main:  # the lock before anything is written to the folder; the ranks agree before any goes on
             try:
                 self.lock = RunLock(self.run_dir)
+                launch = self._write_launch_files()
             except RunFolderError as e:
                 busy = str(e)
+            except OSError as e:  # a full disk
+                busy = (f"output.dir {self.run_dir} cannot be written ({e.strerror or e}): give the run a folder it "
+                        "can write, output.dir=...")
         if self._any_rank(bool(busy)):
-            raise RunFolderError(busy or f"output.dir {self.run_dir} is in use by another run (rank 0 says which)")
+            raise RunFolderError(busy or f"output.dir {self.run_dir} cannot be used (rank 0 says why)")
         if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            log_to_file(self.run_dir / "train.log")
-            launch = next_launch(self.run_dir)  # config.yaml is the latest launch's; config.<n>.yaml each one's
-            (self.run_dir / f"config.{launch}.yaml").write_text(self.cfg_yaml)
-            (self.run_dir / "config.yaml").write_text(self.cfg_yaml)
             logger.info("launch %d in %s: config.%d.yaml, log in train.log", launch, self.run_dir, launch)
             if changed:
                 logger.warning("resuming from %s with a changed config (the new values apply from here on): %s",
@@ -266,6 +268,7 @@ class Trainer:
             logger.warning("solver.global_batch_size=%d is not a multiple of %d clips per iteration: effective "
                            "batch %d", cfg.solver.global_batch_size, per_step, per_step * self.accum)
         self.stop_signal: str | None = None
+        self.stop_signal_at = 0.0  # time.monotonic() of the first signal
         self.metrics = MetricWriter(self.run_dir, info.is_main, cfg.output.tensorboard)
         self.memory = PeakMemory(self.device)  # peak per log window and per validation (this process)
         self._val_loader = None
@@ -280,11 +283,14 @@ class Trainer:
                     info.world_size, cfg.data.batch_size, self.accum, per_step * self.accum)
 
     def _resume_policy(self) -> str:
-        """``train.resume``, but ``auto`` in an attempt torchrun restarted (``--max-restarts``) on any rank: its run
-        folder holds this run's own checkpoints and records, which ``never`` would refuse."""
+        """``train.resume``, but ``auto`` in an attempt torchrun restarted (``--max-restarts``) on any rank in a
+        folder an earlier attempt of this launch started (``train_state.started_by_this_launch``): it holds this
+        run's own checkpoints and records, which ``never`` would refuse. A folder of another run stays refused."""
         policy = self.cfg.train.resume
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0  # per node's agent: agreed
-        if policy == "never" and self._any_rank(restarted):
+        if policy != "never" or not self._any_rank(restarted):
+            return policy
+        if self._any_rank(self.info.is_main and started_by_this_launch(self.cfg.output.dir)):
             logger.info("a restarted attempt of this run: train.resume=never continues from its checkpoints (auto)")
             return "auto"
         return policy
@@ -376,13 +382,27 @@ class Trainer:
             self._train_loader = loader
         return loader
 
+    def _write_launch_files(self) -> int:
+        """Rank 0, under the lock: the folder, train.log, this launch's config and identity; returns its number."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_to_file(self.run_dir / "train.log")
+        launch = next_launch(self.run_dir)  # config.yaml is the latest launch's; config.<n>.yaml each one's
+        (self.run_dir / f"config.{launch}.yaml").write_text(self.cfg_yaml)
+        (self.run_dir / "config.yaml").write_text(self.cfg_yaml)
+        (self.run_dir / LAUNCH_FILE).write_text(launch_identity())
+        return launch
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.stop_signal is not None:
+            if time.monotonic() - self.stop_signal_at < RELAYED_SIGNAL_S:  # e.g. pkill, then torchrun relaying it
+                logger.info("%s again within %.0f s: the same stop request, still finishing the step", name,
+                            RELAYED_SIGNAL_S)
+                return
             logger.warning("second %s: exiting without a checkpoint", name)
             self.exit_code = 128 + signum
             raise SystemExit(self.exit_code)
-        self.stop_signal = name
+        self.stop_signal, self.stop_signal_at = name, time.monotonic()
         logger.warning("received %s: finishing the current optimizer step, then saving and exiting", name)
 
     def _extra_state(self, epoch: int, batch: int) -> dict[str, Any]:

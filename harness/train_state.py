@@ -63,31 +63,67 @@ class RunLock:
     at the same folder fails at once naming the holder (pid, host, start time) instead of interleaving its metrics
     and overwriting its checkpoints. The operating system releases it when the holder dies, however it dies."""
 
+    _held: set[str] = set()  # the lock files this process holds: a second Trainer in it shares its lock
+
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / ".lock"
+        self._key = ""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file, held = try_lock(self.path)
-        except OSError as e:  # read-only, no permission, a file in the way
+            if not held:
+                self._file.seek(0)
+                holder = self._file.read().strip() or "another process"
+                self._file.close()
+                if os.path.realpath(self.path) in RunLock._held:
+                    return
+                raise RunFolderError(f"output.dir {self.path.parent} is in use by {holder}: wait for that run to end, "
+                                     "or give this one its own output.dir=...")
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            self._file.flush()
+        except OSError as e:  # read-only, no permission, a file in the way, a full disk
             raise RunFolderError(f"output.dir {self.path.parent} cannot be written ({e.strerror or e}): give the run a "
                                  "folder it can write, output.dir=...") from None
-        if not held:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            if holder.startswith(f"pid {os.getpid()} "):  # a second Trainer in this process: the lock is ours
-                return
-            raise RunFolderError(f"output.dir {self.path.parent} is in use by {holder}: wait for that run to end, or "
-                                 "give this one its own output.dir=...") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        self._file.flush()
+        self._key = os.path.realpath(self.path)
+        RunLock._held.add(self._key)
 
     def release(self) -> None:
         if not self._file.closed:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
+            RunLock._held.discard(self._key)
+
+
+LAUNCH_FILE = ".launch"  # in a run folder: the torchrun launch that last started it (launch_identity)
+
+
+def launch_identity() -> str:
+    """What names this torchrun launch across its restarts ("" outside torchrun): its rendezvous id (``--rdzv-id``;
+    a single-node launch without one draws a fresh one), else, for the default id ``none``, its agent (the workers'
+    parent) by pid, host and start time."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return ""
+    if run_id != "none":
+        return f"torchrun rendezvous {run_id}"
+    agent = os.getppid()
+    try:  # /proc/<pid>/stat: field 22, the start time, 20th after the parenthesised command name
+        started = Path(f"/proc/{agent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    return f"torchrun agent pid {agent} on {socket.gethostname()} started {started}"
+
+
+def started_by_this_launch(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` was last started by this torchrun launch (an earlier attempt of it), by its
+    ``LAUNCH_FILE``."""
+    identity = launch_identity()
+    try:
+        return bool(identity) and (Path(run_dir) / LAUNCH_FILE).read_text() == identity
+    except OSError:
+        return False
 
 
 # What a resume refuses to change (a changed value would make the checkpoint another model's, its clips other clips,

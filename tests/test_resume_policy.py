@@ -19,9 +19,9 @@ from timesformer_harness.common import ExitCode
 from timesformer_harness.config import ConfigError, ModelConfig, RootConfig, load_config, to_yaml
 from timesformer_harness.model import create_model
 from timesformer_harness.pipelines.config import DataConfig
-from timesformer_harness.train_state import (CLIP_KEYS, IGNORED_KEYS, MODEL_KEYS, SOURCE_KEYS, CheckpointManager,
-                                             RunFolderError, RunLock, checkpoint_name, config_changes, find_resume,
-                                             format_changes, list_checkpoints)
+from timesformer_harness.train_state import (CLIP_KEYS, IGNORED_KEYS, LAUNCH_FILE, MODEL_KEYS, SOURCE_KEYS,
+                                             CheckpointManager, RunFolderError, RunLock, checkpoint_name,
+                                             config_changes, find_resume, format_changes, list_checkpoints)
 
 tiny = test_user_errors.tiny  # the fixture: 8 train videos of a toy set, one optimizer step
 
@@ -275,14 +275,21 @@ def test_resume_never_refuses_a_used_folder_and_trains_in_a_new_one(finished, ti
 def test_a_restarted_attempt_continues_its_run_under_resume_never(finished, tiny, tmp_path):
     """torchrun --max-restarts starts the failed run's workers again (TORCHELASTIC_RESTART_COUNT > 0) in the folder
     their first attempt wrote: train.resume=never would refuse it and every restart would fail, so a restarted attempt
-    continues from its checkpoints."""
+    continues from its checkpoints. A folder another launch started (the first attempt refused it) stays refused."""
     out = copy_of(finished, tmp_path / "run")
+    before = snapshot(out)
     res = run(train_cmd(*tiny, f"output.dir={out}", "train.resume=never", "solver.max_epoch=2"),
-              TORCHELASTIC_RESTART_COUNT="1")
+              TORCHELASTIC_RESTART_COUNT="1", TORCHELASTIC_RUN_ID="job-b")
+    assert res.returncode == ExitCode.RUN_FOLDER, res.stderr[-3000:]
+    assert "train.resume=never" in res.stderr and snapshot(out) == before
+    (out / LAUNCH_FILE).write_text("torchrun rendezvous job-a")  # as the first attempt of job-a wrote it
+    res = run(train_cmd(*tiny, f"output.dir={out}", "train.resume=never", "solver.max_epoch=2"),
+              TORCHELASTIC_RESTART_COUNT="1", TORCHELASTIC_RUN_ID="job-a")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "a restarted attempt of this run: train.resume=never continues from its checkpoints (auto)" in res.stderr
     assert f"resumed from {out}/checkpoints/checkpoint_epoch_00001.pyth: 1 epoch(s) and 0 batch(es) done, step 1" \
         in res.stderr
+    assert (out / LAUNCH_FILE).read_text() == "torchrun rendezvous job-a"
 
 
 def test_ranks_that_found_different_checkpoints_are_stopped_before_training():

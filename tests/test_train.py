@@ -23,6 +23,7 @@ from timesformer_harness.checkpoint import load_file
 from timesformer_harness.config import SolverConfig, load_config
 from timesformer_harness.model import create_model
 from timesformer_harness.optim import build_optimizer, lr_at
+from timesformer_harness.train import RELAYED_SIGNAL_S
 from timesformer_harness.train_state import CheckpointManager, list_checkpoints, resume_position
 
 REPO = Path(__file__).resolve().parent.parent
@@ -372,6 +373,7 @@ def test_a_second_signal_in_the_middle_of_a_save_exits_with_its_status(tmp_path,
 
     def interrupted_save(*args, **kwargs):
         try:
+            trainer.stop_signal_at -= RELAYED_SIGNAL_S  # not the first relayed: a second request
             trainer._on_signal(signal.SIGTERM, None)  # the second arrives while the checkpoint is written
         except SystemExit as e:
             raise CheckpointWriteError(f"could not write x.pyth: the write failed ({e!r})") from e
@@ -388,6 +390,30 @@ def test_a_second_signal_in_the_middle_of_a_save_exits_with_its_status(tmp_path,
         monkeypatch.setattr(trainer.ckpt, "save", disk_full)
         with pytest.raises(CheckpointWriteError, match="the disk is full"):
             trainer.save(0, 1)
+    finally:
+        trainer.lock.release()
+
+
+def test_a_signal_relayed_right_after_the_first_is_the_same_stop_request(tmp_path, caplog):
+    """pkill, a cgroup kill or scancel signal torchrun and its workers at once, and torchrun relays its own signal to
+    them: a second signal within RELAYED_SIGNAL_S of the first keeps the graceful stop (finish the step, save); one
+    after that exits at once."""
+    from timesformer_harness.distributed import DistInfo
+    from timesformer_harness.train import Trainer
+
+    cfg = load_config(REPO / "configs/model/tiny.yaml", ["data.loader=synthetic", "train.eval_period=0",
+                                                         "output.tensorboard=false", f"output.dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, DistInfo())
+    try:
+        trainer.metrics.close()
+        trainer._on_signal(signal.SIGTERM, None)
+        with caplog.at_level(logging.INFO, logger="timesformer_harness.train"):
+            trainer._on_signal(signal.SIGTERM, None)  # relayed: no SystemExit
+        assert trainer.stop_signal == "SIGTERM" and "the same stop request" in caplog.text
+        trainer.stop_signal_at -= RELAYED_SIGNAL_S
+        with pytest.raises(SystemExit) as stopped:
+            trainer._on_signal(signal.SIGINT, None)
+        assert stopped.value.code == 128 + signal.SIGINT
     finally:
         trainer.lock.release()
 
@@ -434,6 +460,40 @@ def test_a_second_run_on_a_held_run_folder_is_refused_before_writing(toy, tmp_pa
     assert "Traceback" not in res.stderr and sorted(p.name for p in out.iterdir()) == [".lock"]
     res = run(train_cmd(*toy, f"output.dir={out}", "solver.max_epoch=1"))  # the holder is gone: the lock is free
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_a_holder_with_this_processs_pid_in_another_namespace_is_another_run(tmp_path):
+    """Two containers (PID namespaces) can both run as pid 1: a lock held by another process is refused whatever
+    pid its holder wrote; a second lock in the process that holds it is shared."""
+    from timesformer_harness.train_state import RunFolderError, RunLock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([PY, "-c", "import fcntl, sys, time, pathlib; p = pathlib.Path(sys.argv[1]); "
+                               "p.mkdir(); f = open(p / '.lock', 'a+'); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); "
+                               "f.write(sys.argv[2]); f.flush(); print('held', flush=True); time.sleep(60)",
+                               str(out), f"pid {os.getpid()} on another-host"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderError, match=f"is in use by pid {os.getpid()} on another-host"):
+            RunLock(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    first = RunLock(out)
+    try:
+        RunLock(out)  # a second Trainer in this process
+    finally:
+        first.release()
+
+
+def test_a_run_folder_that_cannot_take_the_launch_files_is_one_line(toy, tmp_path):
+    """A write under the lock that fails (a full disk; here config.yaml is a folder) is exit 4 with the reason."""
+    out = tmp_path / "run"
+    (out / "config.yaml").mkdir(parents=True)
+    res = run(train_cmd(*toy, f"output.dir={out}", "solver.max_epoch=1"))
+    assert res.returncode == 4, res.stderr[-2000:]
+    assert f"error: output.dir {out} cannot be written (Is a directory): give the run a folder it can write" \
+        in res.stderr and "Traceback" not in res.stderr
 
 
 def test_resuming_after_the_manifest_changed_is_refused_or_replanned(toy, tmp_path):

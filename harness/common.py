@@ -336,6 +336,23 @@ def cache_location(setting: str | os.PathLike | None) -> str:
     return f"{where}, node-local because {moved}" if moved else where
 
 
+def not_a_file(path: str | os.PathLike) -> str:
+    """What ``path`` is when it is not a regular file (links followed), to finish "X ...": "does not exist",
+    "is a folder", "is a named pipe", ...; "" for a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"is {kind}"
+    return "" if stat.S_ISREG(mode) else "is not a file"
+
+
 def file_key(path: str | os.PathLike) -> tuple[str, int, int] | None:
     """(absolute path, size, mtime_ns) of a file: what a cached result of it is valid for; None when it is gone."""
     try:

@@ -14,6 +14,8 @@ from timesformer_harness.pipelines.loaders import loader_choices
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMATS = ("kinetics", "csv", "ssv2")  # path<sep>label lines | comma-separated path,label | SSv2 JSON
+# What an empty data.separator (or --separator '') is told: str.split takes no empty separator
+SEPARATOR_FIX = "use ' ' (whitespace, as in Kinetics lists) or ',' (or data.format=csv for comma-separated files)"
 # The keys whose default depends on data.format, unset: ``DataConfig.__post_init__`` resolves them. ``DataConfig()``
 # resolves them for the default format, so a schema built from it must be given these back before a config that
 # names another format is merged in (``timesformer_harness.config.load_config``).
@@ -107,6 +109,8 @@ class DataConfig:
             raise ValueError(f"data.backend={self.backend!r}; choose from ['auto', 'cpu', 'gpu']")
         if self.format not in MANIFEST_FORMATS:
             raise ValueError(f"data.format={self.format!r}; choose from {list(MANIFEST_FORMATS)}")
+        if not self.separator:
+            raise ValueError(f"data.separator is empty; {SEPARATOR_FIX}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"data.sampling={self.sampling!r}; choose from {list(SAMPLINGS)}")
         self.sampling = resolve_sampling(self.sampling, self.format)  # resolved once here, as random_flip

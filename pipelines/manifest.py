@@ -25,7 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from timesformer_harness.pipelines.config import MANIFEST_FORMATS, DataConfig
+from timesformer_harness.common import not_a_file
+from timesformer_harness.pipelines.config import MANIFEST_FORMATS, SEPARATOR_FIX, DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ MANIFEST_CLI_HINTS = ((SSV2_LABELS_FIX, f"pass --ssv2-labels FILE, or put {SSV2_
 FRAME_FOLDER_FPS = 30
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})  # the frames of a frame folder, any case
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})  # the frame folders the loaders read directly (prepare takes PNG too)
+INTEGER = re.compile(r"-?[0-9]+")  # a label as written: ASCII digits (int() would also take "1_0", "+3" and "٣")
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,9 @@ def _resolve(path: str, prefix: str, base: Path) -> str:
 
 
 def _label(text: str, where: str, expected: str, num_classes: int = 0, hint: str = "") -> int:
-    try:
-        label = int(text)
-    except ValueError:
-        raise ValueError(f"{where}: expected {expected} with an integer label, got label {text!r}{hint}") from None
+    if not INTEGER.fullmatch(text.strip()):
+        raise ValueError(f"{where}: expected {expected} with an integer label (digits 0-9), got label {text!r}{hint}")
+    label = int(text)
     if label < 0:
         raise ValueError(f"{where}: label {label} is negative; labels are class ids 0..num_classes-1")
     if num_classes and label >= num_classes:
@@ -96,18 +97,38 @@ def _label(text: str, where: str, expected: str, num_classes: int = 0, hint: str
 
 
 class _Listing:
-    """A manifest's entries as they are read, refusing a video listed again with another label."""
+    """A manifest's entries as they are read, refusing a video listed again with another label. One video under two
+    spellings (``v/x.webm`` and ``/data/v/x.webm``, ``x.webm`` and ``sub/../x.webm``) is the same video: paths are
+    compared absolute and normalised (entries keep the path as written, which quarantine files and prepare's output
+    names hold). Links to one file under two names are not looked for (that would stat every video)."""
 
     def __init__(self) -> None:
         self.entries: list[VideoEntry] = []
-        self.first: dict[str, tuple[int, str]] = {}  # path -> (label, where it was first listed)
+        self.first: dict[str, tuple[int, str, str]] = {}  # normalised path -> (label, where first listed, its path)
+        self.cwd = os.getcwd()  # what a relative path is relative to
 
     def add(self, entry: VideoEntry, where: str) -> None:
-        label, first = self.first.setdefault(entry.path, (entry.label, where))
-        if label != entry.label:
+        label, first, spelled = self.first.setdefault(os.path.normpath(os.path.join(self.cwd, entry.path)),
+                                                      (entry.label, where, entry.path))
+        # normpath reads sub/.. as nothing; a link sub/ makes sub/../x another file: asked only of a clash
+        if label != entry.label and (spelled == entry.path
+                                     or os.path.realpath(spelled) == os.path.realpath(entry.path)):
+            also = f" as {spelled}" if spelled != entry.path else ""
             raise ValueError(f"{where}: {entry.path} is listed with label {entry.label}, and with label {label} at "
-                             f"{first}; a video has one label: remove one of the lines")
+                             f"{first}{also}; a video has one label: remove one of the lines")
         self.entries.append(entry)
+
+
+def _refuse_non_file(path: Path, what: str, fix: str) -> None:
+    """Raise FileNotFoundError when ``path`` (the ``what``) does not exist, ValueError when it is something other
+    than a file: a folder (``fix`` names the file to give instead), a named pipe, ..."""
+    kind = not_a_file(path)
+    if kind == "does not exist":
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if kind == "is a folder":
+        raise ValueError(f"{what} {path} is a folder, not a file; {fix}")
+    if kind:
+        raise ValueError(f"{what} {path} {kind}, not a file; write it to a file and name that")
 
 
 def _text(path: Path) -> str:
@@ -118,8 +139,18 @@ def _text(path: Path) -> str:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
 
 
-def _format_hint(n: int, line: str) -> str:
+JSON_HINT = "; the file looks like JSON (an SSv2 split?): set data.format=ssv2 (--format ssv2)"
+
+
+def _looks_like_json(text: str) -> bool:
+    """Whether a manifest's text starts as a JSON list or object does (SSv2's split files)."""
+    return text.lstrip()[:1] in ("[", "{")
+
+
+def _format_hint(n: int, line: str, json_like: bool = False) -> str:
     """Why a Kinetics line may have failed: a header, or a file in another format."""
+    if json_like:
+        return JSON_HINT
     if n == 1 and line.strip().lower().replace(",", " ").split()[:2] == ["path", "label"]:
         if "," not in line:  # data.format=csv would refuse every line after it as having no comma
             return "; a header line? Kinetics manifests have none: remove it"
@@ -135,19 +166,22 @@ def read_kinetics(path: str | Path, separator: str = " ", path_prefix: str = "",
     """``path<separator>label`` per line (blank lines ignored). With the default separator (whitespace) the label is
     the last field and the path the rest, spaces included; another separator must split a line into exactly 2."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
+    _refuse_non_file(path, "manifest", f"name the manifest file, e.g. {path / 'train.csv'}")
+    if not separator:
+        raise ValueError(f"{path}: the separator is empty (data.separator); {SEPARATOR_FIX}")
     expected = f"'path{separator}label' (separator {separator!r}, data.separator)"
     listing = _Listing()
-    for n, line in enumerate(_text(path).splitlines(), start=1):
+    text = _text(path)
+    json_like = _looks_like_json(text)
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.rstrip("\r\n").split(separator) if separator != " " else line.strip().rsplit(None, 1)
         if len(fields) != 2 or not fields[0]:
             raise ValueError(f"{path}:{n}: expected {expected}, got {len(fields)} field(s): {line!r}"
-                             f"{_format_hint(n, line)}")
+                             f"{_format_hint(n, line, json_like)}")
         where = f"{path}:{n}"
-        label = _label(fields[1], where, expected, num_classes, _format_hint(n, line))
+        label = _label(fields[1], where, expected, num_classes, _format_hint(n, line, json_like))
         listing.add(VideoEntry(_resolve(fields[0], path_prefix, path.parent), label), where)
     return listing.entries
 
@@ -155,10 +189,11 @@ def read_kinetics(path: str | Path, separator: str = " ", path_prefix: str = "",
 def read_csv(path: str | Path, path_prefix: str = "", num_classes: int = 0) -> list[VideoEntry]:
     """Plain comma-separated ``path,label`` (an optional header row ``path,label``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
+    _refuse_non_file(path, "manifest", f"name the manifest file, e.g. {path / 'train.csv'}")
     listing = _Listing()
-    with io.StringIO(_text(path), newline="") as f:
+    text = _text(path)
+    json_like = _looks_like_json(text)
+    with io.StringIO(text, newline="") as f:
         for n, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip():
                 continue
@@ -167,12 +202,29 @@ def read_csv(path: str | Path, path_prefix: str = "", num_classes: int = 0) -> l
             if len(row) != 2 or not row[0].strip():
                 hint = ("; the line has no comma: a Kinetics-style 'path label' list? set data.format=kinetics "
                         "(--format kinetics)") if len(row) == 1 else ""
+                hint = JSON_HINT if json_like else hint
                 raise ValueError(f"{path}:{n}: expected 2 comma-separated fields 'path,label', got {len(row)}: "
                                  f"{row}{hint}")
             where = f"{path}:{n}"
-            listing.add(VideoEntry(_resolve(row[0].strip(), path_prefix, path.parent),
-                                   _label(row[1].strip(), where, "'path,label'", num_classes)), where)
+            label = _label(row[1].strip(), where, "'path,label'", num_classes, JSON_HINT if json_like else "")
+            listing.add(VideoEntry(_resolve(row[0].strip(), path_prefix, path.parent), label), where)
     return listing.entries
+
+
+def _ssv2_labels(labels_json: Path) -> dict[str, str]:
+    """The SSv2 labels file's ``{template: id}``, each id as digits (an int, or a string of ASCII digits: not a
+    bool, a float or null, which ``int()`` would read as 1 or refuse with a traceback)."""
+    try:
+        labels = json.loads(_text(labels_json))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{labels_json}: not JSON ({e}); expected a JSON object {{template: id}}") from None
+    if not isinstance(labels, dict):
+        raise ValueError(f"{labels_json}: expected a JSON object {{template: id}}, got a {type(labels).__name__}")
+    for template, value in labels.items():
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not INTEGER.fullmatch(str(value)):
+            raise ValueError(f"{labels_json}: template {template!r} has id {json.dumps(value)[:80]}; expected a "
+                             f"class id, an integer or a string of digits (e.g. \"12\")")
+    return {template: str(value) for template, value in labels.items()}
 
 
 def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | Path,
@@ -181,15 +233,11 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
     ``{video_dir}/{id}{ext}`` (``ext`` "": folders of frames). The label is the template with '[' and ']' removed,
     looked up in the labels."""
     split_json, labels_json = Path(split_json), Path(labels_json)
-    if not split_json.is_file():
-        raise FileNotFoundError(f"manifest {split_json} does not exist")
-    if not labels_json.is_file():
+    _refuse_non_file(split_json, "manifest", f"name the split JSON, e.g. {split_json / SSV2_SPLITS['train']}")
+    if not_a_file(labels_json) == "does not exist":
         raise FileNotFoundError(f"SSv2 labels file {labels_json} does not exist: {SSV2_LABELS_FIX}")
-    text = _text(labels_json)
-    try:
-        labels = {k: int(v) for k, v in json.loads(text).items()}
-    except (ValueError, AttributeError) as e:
-        raise ValueError(f"{labels_json}: expected a JSON object {{template: id}} ({e})") from None
+    _refuse_non_file(labels_json, "SSv2 labels file", f"name the file, e.g. {labels_json / SSV2_LABELS}")
+    labels = _ssv2_labels(labels_json)
     try:
         items = json.loads(_text(split_json))
     except json.JSONDecodeError as e:
@@ -208,7 +256,7 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
             raise ValueError(f"{split_json}: entry {n} (id {item['id']}) has template {template!r}, which is not in "
                              f"{labels_json}")
         where = f"{split_json}: entry {n} (id {item['id']})"
-        label = _label(str(labels[template]), where, "a template", num_classes)
+        label = _label(labels[template], where, "a template", num_classes)
         listing.add(VideoEntry(str(Path(video_dir) / f"{item['id']}{ext}"), label, str(item["id"])), where)
     return listing.entries
 
@@ -229,8 +277,9 @@ def read_entries(path: str | Path, fmt: str = "kinetics", *, separator: str = " 
 
     Raises:
         FileNotFoundError: the manifest (or the SSv2 labels file) does not exist.
-        ValueError: an unknown format, a malformed line or entry (file:line and what was expected), a label out of
-            range, a video listed twice with different labels, or no videos.
+        ValueError: an unknown format, a manifest that is not a file (a folder: the file to name), a malformed line
+            or entry (file:line and what was expected), a label not in digits or out of range, a video listed twice
+            (under any spelling of its path) with different labels, or no videos.
     """
     path = Path(path)
     if fmt == "kinetics":
@@ -247,11 +296,20 @@ def read_entries(path: str | Path, fmt: str = "kinetics", *, separator: str = " 
     return entries
 
 
+def _separator(text: str) -> str:
+    """``--separator``'s value: refused when empty (``str.split`` takes no empty separator)."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; use ' ' (whitespace, as in Kinetics lists) or ',' (or --format csv "
+                                         "for comma-separated files)")
+    return text
+
+
 def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
     """The manifest argument and options of every CLI that reads one (what ``read_entries`` takes)."""
     parser.add_argument("manifest", help="Kinetics-style 'path label' list, plain CSV, or SSv2 split JSON")
     parser.add_argument("--format", choices=MANIFEST_FORMATS, default="kinetics")
-    parser.add_argument("--separator", default=" ", help="Kinetics manifest separator (data.separator)")
+    parser.add_argument("--separator", default=" ", type=_separator,
+                        help="Kinetics manifest separator (data.separator)")
     parser.add_argument("--path-prefix", default="", help="joined before every manifest path (data.path_prefix); "
                         "SSv2: the folder of the {id}.webm videos (default: the split JSON's folder)")
     parser.add_argument("--ssv2-labels", default="", help="SSv2 labels JSON (default: "
@@ -284,9 +342,12 @@ def read_manifest(cfg: DataConfig, split: str, num_classes: int = 0) -> list[Vid
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r}; choose from ['train', 'val', 'test']")
     path = manifest_path(cfg, split)
-    if not Path(path).is_file():
+    example = path / (SSV2_SPLITS[split] if cfg.format == "ssv2" else f"{split}.csv")
+    try:
+        _refuse_non_file(path, "manifest", f"set data.{split}_manifest to the file, e.g. {example}")
+    except FileNotFoundError:
         raise FileNotFoundError(f"manifest {path} does not exist: set data.root (now {cfg.root!r}; a relative path is "
-                                f"from the current folder, {Path.cwd()}) or data.{split}_manifest")
+                                f"from the current folder, {Path.cwd()}) or data.{split}_manifest") from None
     # An SSv2 dataset's videos and labels file sit under data.root by default, wherever the split file is.
     prefix = cfg.path_prefix or (cfg.root if cfg.format == "ssv2" else "")
     entries = read_entries(path, cfg.format, separator=cfg.separator, path_prefix=prefix,

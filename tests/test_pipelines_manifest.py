@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ def test_kinetics_separator_and_prefix(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("line, match", [("a.mp4 1 extra", r"m.csv:2: expected 'path label'.*label 'extra'"),
                                          ("a.mp4", r"m.csv:2: expected .*got 1 field"),
-                                         ("a.mp4 cat", r"m.csv:2: expected .*integer label, got label 'cat'"),
+                                         ("a.mp4 cat", r"m.csv:2: expected .*integer label \(digits 0-9\), got label 'cat'"),
                                          ("a.mp4 -1", r"m.csv:2: label -1 is negative")])
 def test_kinetics_malformed_line_names_file_line_and_expectation(tmp_path: Path, line: str, match: str) -> None:
     (tmp_path / "m.csv").write_text(f"ok.mp4 0\n{line}\n")
@@ -64,6 +66,104 @@ def test_a_video_listed_with_two_labels_is_refused_naming_both_lines(tmp_path: P
         read_kinetics(tmp_path / "m.csv")
     (tmp_path / "m.csv").write_text("a.mp4 1\na.mp4 1\n")  # the same line twice: an oversampled video, kept
     assert len(read_kinetics(tmp_path / "m.csv")) == 2
+
+
+def test_one_video_under_two_spellings_is_one_video(tmp_path: Path) -> None:
+    """Paths are compared absolute and normalised: a video listed absolute and relative, or through a '..', with two
+    labels fails naming both lines and both spellings; with one label both lines are kept, each path as written."""
+    (tmp_path / "m").mkdir()
+    manifest = tmp_path / "m" / "train.csv"
+    for first, second in ((f"{tmp_path}/v/good0.webm", "../v/good0.webm"), ("x.webm", "sub/../x.webm")):
+        manifest.write_text(f"{first} 0\nother.webm 1\n{second} 3\n")
+        with pytest.raises(ValueError, match=rf"train.csv:3: .*m/{re.escape(second)} is listed with label 3, and "
+                                             rf"with label 0 at .*train.csv:1 as .*{re.escape(first)}; a video has "
+                                             r"one label"):
+            read_kinetics(manifest)
+        manifest.write_text(f"{first},2\n{second},2\n")
+        assert [e.path for e in read_csv(manifest)] == [str(tmp_path / "m" / first), str(tmp_path / "m" / second)]
+    (tmp_path / "elsewhere").mkdir()  # through a link, link/.. is another folder: not the same video
+    (tmp_path / "m" / "link").symlink_to(tmp_path / "elsewhere")
+    manifest.write_text("x.webm 0\nlink/../x.webm 3\n")
+    assert [e.label for e in read_kinetics(manifest)] == [0, 3]
+
+
+@pytest.mark.parametrize("fmt, sep", [("kinetics", " "), ("csv", ",")])
+@pytest.mark.parametrize("label", ["1_0", "\u0663", "+3", "0x1", "3.0"])
+def test_a_label_is_ascii_digits(tmp_path: Path, fmt: str, sep: str, label: str) -> None:
+    """int() reads "1_0" as 10 and the Arabic-Indic digit three as 3: a label is written in digits 0-9."""
+    (tmp_path / "m.csv").write_text(f"a.webm{sep}2\nx.webm{sep}{label}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"m.csv:2: expected .*integer label \(digits 0-9\), got label "
+                                         rf"{re.escape(repr(label))}"):
+        read_entries(tmp_path / "m.csv", fmt)
+    (tmp_path / "m.csv").write_text(f"a.webm{sep}2\nx.webm{sep}-1\n")
+    with pytest.raises(ValueError, match=r"m.csv:2: label -1 is negative"):
+        read_entries(tmp_path / "m.csv", fmt)
+
+
+@pytest.mark.parametrize("value", ["null", "1.9", "true", "false", '"1_0"', '"\\u0663"', "[1]", '" 1"'])
+def test_ssv2_label_ids_are_integers_or_digits(tmp_path: Path, value: str) -> None:
+    """An SSv2 labels file's id is an integer or a string of digits: not null (a TypeError), 1.9 or true (read as
+    1); the error names the labels file, the template and the value."""
+    labels, split = tmp_path / "labels.json", tmp_path / "train.json"
+    split.write_text(json.dumps([{"id": "7", "template": "Pushing [something]"}]))
+    labels.write_text(f'{{"Pushing something": 0, "Putting something": {value}}}')
+    with pytest.raises(ValueError, match=rf"^{labels}: template 'Putting something' has id {re.escape(value)}; "
+                                         r"expected a class id, an integer or a string of digits"):
+        read_ssv2(split, labels, tmp_path)
+    labels.write_text('{"Pushing something": 4, "Putting something": "12"}')
+    assert [e.label for e in read_ssv2(split, labels, tmp_path)] == [4]
+    labels.write_text('["Pushing something"]')
+    with pytest.raises(ValueError, match=rf"^{labels}: expected a JSON object {{template: id}}, got a list"):
+        read_ssv2(split, labels, tmp_path)
+
+
+def test_an_empty_separator_is_refused_naming_the_setting(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """str.split's "empty separator" named neither the setting nor the fix: read_kinetics names data.separator, the
+    manifest CLIs their --separator (refused as the flags are read); the config refuses it as it loads (test_config)."""
+    import timesformer_harness.pipelines.validate as validate
+
+    (tmp_path / "m.csv").write_text("a.webm 1\n")
+    with pytest.raises(ValueError, match=r"m.csv: the separator is empty \(data.separator\); use ' ' \(whitespace"):
+        read_kinetics(tmp_path / "m.csv", separator="")
+    with pytest.raises(SystemExit) as exit_:
+        validate.main([str(tmp_path / "m.csv"), "--separator", "", "--cache", "none"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("error: argument --separator: is empty; use ' ' (whitespace, as in Kinetics lists) or ',' "
+                        "(or --format csv for comma-separated files)"), err
+
+
+@pytest.mark.parametrize("fmt", ["kinetics", "csv", "ssv2"])
+def test_a_manifest_that_is_not_a_file_is_named_for_what_it_is(tmp_path: Path, fmt: str) -> None:
+    """A folder (or a named pipe) given as the manifest was reported as not existing."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    example = "something-something-v2-train.json" if fmt == "ssv2" else "train.csv"
+    with pytest.raises(ValueError, match=rf"^manifest {folder} is a folder, not a file; name the .* e.g. "
+                                         rf"{folder}/{example}$"):
+        read_entries(folder, fmt)
+    with pytest.raises(ValueError, match=rf"^manifest {folder} is a folder, not a file; set data.train_manifest to "
+                                         rf"the file, e.g. {folder}/{example}$"):
+        read_manifest(DataConfig(format=fmt, train_manifest=str(folder)), "train")
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=r"manifest .*pipe is a named pipe, not a file"):
+        read_entries(tmp_path / "pipe", fmt)
+    with pytest.raises(FileNotFoundError, match=r"manifest .*nope.csv does not exist"):
+        read_entries(tmp_path / "nope.csv", fmt)
+
+
+@pytest.mark.parametrize("fmt", ["kinetics", "csv"])
+@pytest.mark.parametrize("text", ['[{"id": "7", "template": "Pushing [something], fast"}]\n',
+                                  '[\n  {"id": "7", "template": "Pushing [something]"}\n]\n',
+                                  '{"Pushing something": "0"}\n'])
+def test_a_json_file_read_as_a_list_hints_at_ssv2(tmp_path: Path, fmt: str, text: str) -> None:
+    """An SSv2 split JSON read as a Kinetics list or a CSV was told to set data.format=csv."""
+    (tmp_path / "train.json").write_text(text)
+    with pytest.raises(ValueError) as error:
+        read_entries(tmp_path / "train.json", fmt)
+    assert str(error.value).endswith("; the file looks like JSON (an SSv2 split?): set data.format=ssv2 "
+                                     "(--format ssv2)"), error.value
+    assert "format=csv" not in str(error.value)
 
 
 @pytest.mark.parametrize("fmt, text", [("kinetics", "a.mp4 1\nb.mp4 7\n"), ("csv", "a.mp4,1\nb.mp4,7\n")])

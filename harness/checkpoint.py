@@ -46,7 +46,7 @@ import torch
 
 from timesformer_harness.config import ModelConfig
 from timesformer_harness.embeddings import resize_pos_embed, resize_time_embed
-from timesformer_harness.common import atomic_path, setup_logging
+from timesformer_harness.common import atomic_path, not_a_file, setup_logging
 from timesformer_harness.variants import infer_variant
 
 logger = logging.getLogger(__name__)
@@ -366,12 +366,15 @@ def load_file(path: str | Path, limits: LoadLimits = DEFAULT_LIMITS) -> dict[str
         FileNotFoundError: no such file or folder.
         CheckpointError: the file is not a torch checkpoint, is truncated, or holds anything but tensors, containers,
             primitives and config nodes (code, say); the message names the file and what it held. A folder without
-            weights.
+            weights; a path that is neither a file nor a folder (a named pipe, a device).
         CheckpointLimitError: the file is beyond a budget of ``limits``.
     """
     path = weights_file(path)
-    if not path.is_file():
+    if (kind := not_a_file(path)) == "does not exist":
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if kind:  # a named pipe, a device: reading one could wait for a writer, or never end
+        raise CheckpointError(f"checkpoint {path} {kind}, not a file; give a checkpoint file (.pyth, .safetensors) "
+                              "or a Hugging Face snapshot folder")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as load_safetensors
 

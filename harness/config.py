@@ -20,6 +20,7 @@ import yaml
 from omegaconf import BooleanNode, DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from timesformer_harness.common import not_a_file
 from timesformer_harness.kernels.backend_names import BACKENDS as ATTN_BACKENDS, SHORT_SEQUENCE_BACKENDS
 from timesformer_harness.pipelines.config import FORMAT_DEPENDENT, DataConfig, check_minimums
 from timesformer_harness.variants import REFERENCE, variant
@@ -430,17 +431,24 @@ def _yaml_sources(path: Path, seen: tuple[Path, ...] = (), read: list[int] | Non
     if read[0] > MAX_CONFIG_FILES:
         raise ConfigError(f"config {path}: its 'defaults' read more than {MAX_CONFIG_FILES} files (a file named "
                           "several times at several levels multiplies); name each file once")
-    if not path.is_file():
+    if (kind := not_a_file(path)) == "does not exist":
         raise ConfigError(f"config file {path} does not exist (relative paths are from the current folder, "
                           f"{Path.cwd()}); the shipped recipes are in {CONFIG_DIR}")
+    if kind == "is a folder":
+        example = next(iter(sorted(path.glob("*.yaml"))), path / "my.yaml")
+        raise ConfigError(f"config {path} is a folder, not a config file; name the YAML file, e.g. {example}")
+    if kind:
+        raise ConfigError(f"config {path} {kind}, not a file; write the config to a YAML file and name that")
     if path.resolve() in seen:
         raise ConfigError(f"config {path} includes itself through 'defaults'")
     try:
         cfg: Any = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException) as e:
         raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
     except OSError:  # omegaconf refuses a document that is a scalar (42): "Invalid loaded object type: int"
-        cfg = yaml.safe_load(path.read_text())
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {path} holds a {type(cfg).__name__}; a config is a mapping of sections "
                           f"(model:, data:, solver:, ...)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections import OrderedDict
@@ -246,6 +247,11 @@ def test_inspect_and_convert_cli(tmp_path: Path) -> None:
     assert "format:      hf" in run("inspect", str(hf), "--no-keys").stdout
     bad = run("inspect", str(tmp_path / "missing.pyth"))
     assert bad.returncode == 2 and "missing.pyth does not exist" in bad.stderr
+    os.mkfifo(tmp_path / "pipe")  # was "does not exist"; never opened (reading it would wait for a writer)
+    fifo = run("inspect", str(tmp_path / "pipe"))
+    assert fifo.returncode == 2 and fifo.stderr == (f"error: checkpoint {tmp_path}/pipe is a named pipe, not a file; "
+                                                    "give a checkpoint file (.pyth, .safetensors) or a Hugging Face "
+                                                    "snapshot folder\n"), fifo.stderr
     many = tmp_path / "many.pyth"  # the top-level list names what it leaves out
     torch.save({"model_state": trained_like().state_dict(), **{f"entry_{i:02d}": i for i in range(30)}}, many)
     top = next(line for line in inspect(many, show_keys=False).splitlines() if line.startswith("top-level:"))

@@ -3,6 +3,7 @@ configs/exp."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -154,6 +155,36 @@ def test_a_config_file_that_is_not_a_mapping_is_refused(tmp_path):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=rf"^config {bad} holds a {kind}; a config is a mapping of sections"):
             load_config(bad)
+
+
+def test_a_config_file_that_is_not_utf8_or_not_a_file_is_named(tmp_path):
+    """Bytes that are not UTF-8 were a UnicodeDecodeError (a traceback, or an error without the file); a folder or a
+    named pipe given as the config was "does not exist"."""
+    bad = tmp_path / "b.yaml"
+    bad.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ConfigError, match=rf"^config {bad} is not UTF-8 text \(byte 0: invalid start byte\); save it "
+                                          r"as UTF-8$"):
+        load_config(bad)
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "mine.yaml").write_text("model:\n  depth: 2\n")
+    with pytest.raises(ConfigError, match=rf"^config {tmp_path}/cfgs is a folder, not a config file; name the YAML "
+                                          rf"file, e.g. {tmp_path}/cfgs/mine.yaml$"):
+        load_config(tmp_path / "cfgs")
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ConfigError, match=rf"^config {tmp_path}/pipe is a named pipe, not a file"):
+        load_config(tmp_path / "pipe")
+
+
+def test_an_empty_separator_is_refused_at_load_naming_the_key(tmp_path):
+    """data.separator= was accepted, then failed reading the manifest as "empty separator"."""
+    fix = r"data.separator is empty; use ' ' \(whitespace, as in Kinetics lists\) or ','"
+    with pytest.raises(ConfigError, match=rf"^command-line overrides: {fix}"):
+        load_config(None, ["data.separator="])
+    my = tmp_path / "my.yaml"
+    my.write_text("data:\n  separator: ''\n")
+    with pytest.raises(ConfigError, match=rf"^{my}: {fix}"):
+        load_config(my)
+    assert load_config(None, ["data.separator=;"]).data.separator == ";"
 
 
 def test_an_empty_section_is_named_as_empty(tmp_path):

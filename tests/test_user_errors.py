@@ -55,6 +55,19 @@ def test_a_config_typo_is_one_line_with_the_config_status(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_that_is_not_utf8_or_is_a_folder_is_one_line_with_the_config_status(tmp_path):
+    """Was a UnicodeDecodeError traceback (exit 1), and "does not exist" for a folder."""
+    (tmp_path / "b.yaml").write_bytes(b"\xff\xfe garbage")
+    res = run(train_cmd("--config", str(tmp_path / "b.yaml")))
+    assert res.returncode == ExitCode.CONFIG, res.stderr[-3000:]
+    assert error_line(res) == (f"error: config {tmp_path}/b.yaml is not UTF-8 text (byte 0: invalid start byte); "
+                               "save it as UTF-8")
+    res = run(train_cmd("--config", str(tmp_path)))
+    assert res.returncode == ExitCode.CONFIG, res.stderr[-3000:]
+    assert error_line(res) == (f"error: config {tmp_path} is a folder, not a config file; name the YAML file, e.g. "
+                               f"{tmp_path}/b.yaml")
+
+
 def test_a_bad_value_in_a_config_file_names_the_file_and_the_choices(tmp_path):
     my = tmp_path / "my.yaml"
     my.write_text("defaults: [configs/model/tiny.yaml]\ndata:\n  loader: dali2\n")

@@ -127,6 +127,8 @@ class Quarantine:
     def add(self, entry: BadVideo) -> None:
         """Record a failure; raises ``BadVideoError`` under ``on_bad_video=error`` and ``TooManyBadVideos`` past the
         budget (the entry is recorded first, so the caller's report lists it)."""
+        # an evaluation's other views of a video that failed in this pass: said once a pass
+        again = any(e.path == entry.path and e.epoch == entry.epoch for e in self.entries)
         self.entries.append(entry)
         where = f"epoch {entry.epoch + 1}, batch {entry.batch}, rank {entry.rank}"
         if self.on_bad_video == "error":
@@ -136,7 +138,7 @@ class Quarantine:
                 f"timesformer_harness.pipelines.validate MANIFEST --deep finds such files before a run), or set "
                 f"data.on_bad_video=skip to leave bad videos out and go on")
         if self.limit is None:
-            logger.warning("left out %s (%s): %s", entry.path, where, entry.reason)
+            (logger.debug if again else logger.warning)("left out %s (%s): %s", entry.path, where, entry.reason)
             return
         logger.warning("left out %s (%s): %s; %d of at most %d bad videos (data.max_bad_fraction=%g)", entry.path,
                        where, entry.reason, len(self), self.limit, self.max_bad_fraction)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -308,6 +309,17 @@ def test_quarantine_rules(tmp_path: Path) -> None:
     assert (tmp_path / "r.csv").read_text().splitlines() == ["path,reason,stage,epoch,batch,rank",
                                                               "p,missing,preflight,,,", "a,x,runtime,1,3,0"]
 
+
+
+def test_an_evaluation_names_a_failed_video_once_a_pass(caplog) -> None:
+    """Every view of a bad video fails in an evaluation (val/test: no budget): one warning a pass, not one a view."""
+    q = Quarantine(10, on_bad_video="skip", max_bad_fraction=None)  # as an evaluation's loader makes it
+    with caplog.at_level(logging.DEBUG, logger="timesformer_harness.pipelines.quarantine"):
+        for epoch, batch in [(0, 0), (0, 0), (0, 1), (1, 0), (1, 2)]:
+            q.add(BadVideo("v.webm", "broken", epoch, batch))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ["left out v.webm (epoch 1, batch 0, rank 0): broken",
+                      "left out v.webm (epoch 2, batch 0, rank 0): broken"] and len(caplog.records) == 5
 
 # ---------------------------------------------------------------------------------------------------------------
 # Real training processes.

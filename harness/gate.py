@@ -18,10 +18,10 @@ when what it measured differs (model, parameters, FLOPs, input size), or when it
 Writes ``<out>/<timestamp>/``: ``candidate.json`` (the records), ``verdicts.json`` (per case), ``verdict.json`` (the
 overall verdict, for CI) and ``junit.xml`` (one test case per gate case), and prints where.
 
-Exit status: 0 every case passes; 1 a case regressed (each one named); 2 the gate could not judge: no or unreadable
-baseline, another preset, device kind or machine class (``--other-machine`` to judge anyway), an unknown case
-pattern, bad arguments. ``make gate`` turns every failure into make's own status 2: CI should call this module
-directly, or read ``verdict.json``.
+Exit status: 0 every case passes; 1 a case regressed (each one named); 2 the gate could not judge: no, unreadable or
+damaged baseline (checked before anything is measured: ``check_baseline``), another preset, device kind or machine class
+(``--other-machine`` to judge anyway), an unknown case pattern, bad arguments. ``make gate`` turns every failure into
+make's own status 2: CI should call this module directly, or read ``verdict.json``.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ import logging
 import math
 import sys
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from timesformer_harness.bench.case import BenchCase, ModelCase
-from timesformer_harness.bench.record import BenchRecord, read_results, run_env, write_results
+from timesformer_harness.bench.record import (BenchRecord, NotResultsFile, finite_positive, read_results, run_env,
+                                              write_results)
 from timesformer_harness.bench.sweep import build_cases, run_case
 from timesformer_harness.bench.verdict import DEFAULT_MEM_TOLERANCE, Verdict, better, judge_all, median_run
 from timesformer_harness.config import ModelConfig, RootConfig, load_config
@@ -168,10 +169,49 @@ def candidate_model(base: ModelConfig, overrides: list[str]) -> ModelConfig:
     return replace(base, **changes)
 
 
+REWRITE = "re-write it with `make gate-baseline`"
+
+
 def baseline_model(rec: BenchRecord, meta: dict[str, Any]) -> ModelConfig:
-    """The model a baseline record measured (a schema-1 baseline kept it once, in its meta)."""
-    model = rec.model or {**meta["model"], "attention_type": rec.attention_type}
-    return ModelConfig(**model)
+    """The model a baseline record measured (a schema-1 baseline kept it once, in its meta); ValueError naming the
+    record for one this tree's ``ModelConfig`` cannot build."""
+    model = rec.model or meta.get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"record {rec.case} holds no model configuration: not a gate baseline; {REWRITE}")
+    if not rec.model:
+        model = {**model, "attention_type": rec.attention_type}
+    unknown = sorted(set(model) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"record {rec.case}: model key(s) {unknown} unknown to this tree's ModelConfig: the baseline "
+                         f"was written by another version of the harness; {REWRITE}")
+    try:
+        return ModelConfig(**model)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"record {rec.case}: its model configuration does not build here ({e}); {REWRITE}") from e
+
+
+def check_baseline(baseline: list[BenchRecord], meta: dict[str, Any]) -> None:
+    """Refuse a damaged or foreign baseline before anything is measured (ValueError naming the record and the fix):
+    every record ok, with a model this tree builds, a finite positive ratio and positive whole block sizes."""
+    for rec in baseline:
+        if rec.status != "ok":
+            raise ValueError(f"record {rec.case} has status {rec.status!r}, not 'ok': a baseline holds measured cases "
+                             f"only; {REWRITE}")
+        baseline_model(rec, meta)
+        for key in ("steps_per_block", "calib_reps", "gemm_n"):
+            value = rec.extra.get(key)
+            if value is None and key == "gemm_n":
+                continue  # older baselines: the gate's default size
+            if value is None:
+                raise ValueError(f"record {rec.case} has no block sizes (extra.steps_per_block, calib_reps): not a "
+                                 f"gate baseline; {REWRITE}")
+            if not (finite_positive(value) and isinstance(value, int)):
+                raise ValueError(f"record {rec.case}: extra.{key} is {value!r}, not a positive whole number: a "
+                                 f"damaged baseline; {REWRITE}")
+        ratio = rec.extra.get("ratio")
+        if not finite_positive(ratio):
+            raise ValueError(f"record {rec.case}: extra.ratio is {ratio!r}, not a finite positive number: a damaged "
+                             f"baseline; {REWRITE}")
 
 
 def candidate_cases(baseline: list[BenchRecord], meta: dict[str, Any], device: torch.device, overrides: list[str],
@@ -181,8 +221,8 @@ def candidate_cases(baseline: list[BenchRecord], meta: dict[str, Any], device: t
     out = []
     for rec in baseline:
         if not {"steps_per_block", "calib_reps"} <= set(rec.extra):
-            raise ValueError(f"baseline record {rec.case} has no block sizes (extra.steps_per_block, calib_reps): not "
-                             "a gate baseline; write one with make gate-baseline")
+            raise ValueError(f"record {rec.case} has no block sizes (extra.steps_per_block, calib_reps): not a gate "
+                             f"baseline; {REWRITE}")
         out.append(ModelCase(
             preset=rec.preset, device=str(device),
             batch=rec.batch, precision=rec.precision, warmup=meta.get("warmup", 2),
@@ -270,6 +310,13 @@ def stack_notes(baseline_env: dict[str, Any], candidate_env: dict[str, Any]) -> 
             if baseline_env.get(k) is not None and baseline_env.get(k) != candidate_env.get(k)]
 
 
+def environment_notes(baseline: list[BenchRecord], meta: dict[str, Any], candidate: list[BenchRecord]) -> list[str]:
+    """``stack_notes`` of the baseline's and the candidate's cases; none where no candidate case recorded its
+    environment (every one failed): the gate's own process is not where the cases ran."""
+    cand_env = run_env(candidate, {})
+    return stack_notes(run_env(baseline, meta), cand_env) if cand_env else []
+
+
 def format_table(verdicts: list[Verdict], baseline: list[BenchRecord], candidate: list[BenchRecord]) -> str:
     base, cand = {r.case: r for r in baseline}, {r.case: r for r in candidate}
     lines = ["| case | base images/s | cand images/s | base ratio | cand ratio | normalised change | tolerance "
@@ -315,12 +362,18 @@ def gate(args: argparse.Namespace) -> int:
         print(f"gate: {e}")
         return 2
     try:
-        baseline, meta = read_results(path)
+        try:
+            baseline, meta = read_results(path)
+        except NotResultsFile as e:
+            raise ValueError(f"{e}; give the baseline `make gate-baseline BASELINE={path}` writes") from e
+        except ValueError as e:
+            raise ValueError(f"{e}; {REWRITE}") from e
         device = resolve_device()
         check_compatible(meta, baseline, device, args.preset, args.other_machine)
         baseline = select(baseline, args)
-        cases = candidate_cases(baseline, meta, device, args.overrides, args.pairs,
-                                parse_delays(args.inject_delay, baseline))
+        delays = parse_delays(args.inject_delay, baseline)
+        check_baseline(baseline, meta)  # the cases this run gates, before any is measured
+        cases = candidate_cases(baseline, meta, device, args.overrides, args.pairs, delays)
     except (ValueError, KeyError) as e:
         print(f"cannot gate against {path}: {str(e).removeprefix(f'{path}: ')}")
         return 2
@@ -337,7 +390,7 @@ def gate(args: argparse.Namespace) -> int:
         candidate = [by_case[r.case] for r in candidate]
         verdicts = judge_all(baseline, candidate, tol, mem_tol)
     out = new_run_dir(args.out, run_stamp())
-    notes = stack_notes(run_env(baseline, meta), run_env(candidate, {}) or environment_info(device))
+    notes = environment_notes(baseline, meta, candidate)
     failed = [v for v in verdicts if v.regressed]
     summary = {"passed": not failed, "exit_status": 1 if failed else 0, "cases": len(verdicts),
                "regressed": [v.case for v in failed], "baseline": str(path), "out": str(out),

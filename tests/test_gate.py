@@ -283,3 +283,69 @@ def test_a_baseline_keeps_the_median_run_and_every_sample():
     best = median_run(runs + [_rec(status="error")])
     assert best.extra["ratio"] == 1.01 and best.peak_mem_bytes == 200 and best.extra["runs"] == [0.99, 1.01, 1.05]
     assert sorted(best.extra["ratios"]) == pytest.approx(sorted(x for r in runs for x in r.extra["ratios"]))
+
+
+def _baseline_rec(**extra) -> BenchRecord:
+    """A record as make gate-baseline writes it, on this machine: a model this tree builds, ratio and block sizes."""
+    from timesformer_harness.model import load_preset
+
+    rec = _rec(attention_type="divided_space_time", preset="tiny", model=asdict(load_preset("tiny")), frames=4,
+               img_size=32, batch=2, env=environment_info(torch.device("cpu")))
+    rec.extra.update({"steps_per_block": 2, "calib_reps": 3, "gemm_n": 384, **extra})
+    return rec
+
+
+def test_a_damaged_or_foreign_baseline_is_refused_naming_the_record_and_the_fix():
+    """Checked before anything is measured: a model key this tree does not know (a baseline from another version),
+    a ratio or a block size that is not a finite positive number, a record that is not ok."""
+    from timesformer_harness.gate import check_baseline
+
+    meta = {"kind": "gate-baseline", "device": "cpu", "preset": "tiny"}
+    check_baseline([_baseline_rec()], meta)
+    newer = _baseline_rec()
+    newer.model["old_knob"] = 1
+    with pytest.raises(ValueError, match=rf"record {CASE}: model key\(s\) \['old_knob'\] unknown to this tree's "
+                                         "ModelConfig: the baseline was written by another version of the harness; "
+                                         "re-write it with `make gate-baseline`"):
+        check_baseline([newer], meta)
+    for ratio in (float("nan"), float("inf"), 0, -1.0, "1.0", True, None):
+        with pytest.raises(ValueError, match=rf"record {CASE}: extra.ratio is .*not a finite positive number.*"
+                                             "make gate-baseline"):
+            check_baseline([_baseline_rec(ratio=ratio)], meta)
+    for key, value in (("steps_per_block", "x"), ("calib_reps", 0), ("steps_per_block", 1.5),
+                       ("gemm_n", float("nan"))):
+        with pytest.raises(ValueError, match=rf"record {CASE}: extra.{key} is .*not a positive whole number"):
+            check_baseline([_baseline_rec(**{key: value})], meta)
+    failed = _baseline_rec()
+    failed.status = "error"
+    with pytest.raises(ValueError, match=rf"record {CASE} has status 'error', not 'ok'.*make gate-baseline"):
+        check_baseline([failed], meta)
+
+
+def test_a_damaged_baseline_is_exit_2_before_anything_is_measured(tmp_path):
+    """One line naming the file, the record and the fix, exit 2 (never 1, which CI reads as a regression)."""
+    meta = {"kind": "gate-baseline", "device": "cpu", "preset": "tiny", "threads": 1}
+    newer, nan, letters = _baseline_rec(), _baseline_rec(ratio=float("nan")), _baseline_rec(steps_per_block="x")
+    newer.model["old_knob"] = 1
+    for name, rec, says in (("newer", newer, "model key(s) ['old_knob'] unknown"),
+                            ("nan", nan, "extra.ratio is nan"), ("letters", letters, "extra.steps_per_block is 'x'")):
+        path = tmp_path / f"{name}.json"
+        write_results(path, [rec], meta)
+        out = _gate("--baseline", str(path), "--out", str(tmp_path / "gate"))
+        assert out.returncode == 2, (name, out.stdout, out.stderr[-1500:])
+        (line,) = out.stdout.splitlines()
+        assert line.startswith(f"cannot gate against {path}: record {CASE}: {says}"), line
+        assert line.endswith("re-write it with `make gate-baseline`") and "Traceback" not in out.stderr
+        assert not list((tmp_path / "gate").glob("*"))  # refused before measuring: no run folder
+
+
+def test_no_environment_note_from_a_candidate_whose_cases_recorded_none():
+    """Every candidate case failed (no environment recorded): no note built from the gate's own process."""
+    from timesformer_harness.gate import environment_notes
+
+    base = [_baseline_rec()]
+    base[0].env["cpu_threads"] = 1
+    failed = _rec(status="error", env={})
+    assert environment_notes(base, {}, [failed]) == []
+    ran = _rec(env={**base[0].env, "cpu_threads": 2})
+    assert environment_notes(base, {}, [failed, ran]) == ["cpu_threads 1 -> 2"]

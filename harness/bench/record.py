@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,6 +22,18 @@ from timesformer_harness.common import atomic_write_text
 
 SCHEMA_VERSION = 2
 STATUSES = ("ok", "oom", "error", "skipped")
+# A record's figures: a number or None; in an ok record a finite one (NaN compares as neither faster nor slower).
+FIGURES = ("frames", "img_size", "batch", "images_per_s", "clips_per_s", "peak_mem_bytes", "params", "flops_per_clip",
+           "achieved_flops", "peak_flops", "utilisation")
+
+
+class NotResultsFile(ValueError):
+    """A JSON file that is no bench results file at all (another tool's output): the caller says what to give."""
+
+
+def finite_positive(x: object) -> bool:
+    """A number that can be a ratio's term: finite and above 0 (not a bool, not NaN)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 @dataclass
@@ -152,15 +165,19 @@ def write_results(path: str | Path, records: list[BenchRecord], meta: dict[str, 
 
 def read_results(path: str | Path) -> tuple[list[BenchRecord], dict[str, Any]]:
     """The records and meta of a results file of this schema or an older one; ValueError naming ``path`` (and the
-    record) for a file that is not one."""
+    record) for a file that is not one or is damaged (a figure that is not a number, or not finite in an ok record),
+    ``NotResultsFile`` for JSON that is no results file at all."""
     try:
         data = json.loads(Path(path).read_text())
     except ValueError as e:  # invalid JSON or not UTF-8
         raise ValueError(f"{path}: not a results file, its JSON does not parse ({e})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a results file (a JSON {type(data).__name__}, not an object with "
-                         "schema_version, meta and records)")
+        raise NotResultsFile(f"{path}: not a results file (a JSON {type(data).__name__}, not an object with "
+                             "schema_version, meta and records)")
     version = data.get("schema_version")
+    if version is None and not {"records", "meta"} & set(data):
+        raise NotResultsFile(f"{path}: not a bench results file (no schema_version, meta or records)"
+                             f"{_looks_like(data)}")
     if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version={version!r}; this harness reads 1 to {SCHEMA_VERSION} (a newer "
                          "file needs a newer harness)")
@@ -173,7 +190,35 @@ def read_results(path: str | Path) -> tuple[list[BenchRecord], dict[str, Any]]:
             out.append(BenchRecord.from_dict(r))
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ValueError(f"{path}: record {i} is not a bench record: {e}") from e
+        bad = _bad_figure(out[-1])
+        if bad:
+            raise ValueError(f"{path}: record {i} ({out[-1].case}): {bad}: a damaged results file")
     return out, meta
+
+
+def _bad_figure(rec: BenchRecord) -> str | None:
+    """What is wrong with ``rec``'s figures (``FIGURES``): one that is not a number, or in an ok record not finite."""
+    for key in FIGURES:
+        value = getattr(rec, key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{key} is {value!r}, not a number"
+        if rec.status == "ok" and not math.isfinite(value):
+            return f"{key} is {value!r}, not a finite number"
+    return None
+
+
+def _looks_like(data: dict[str, Any]) -> str:
+    """What a JSON object that is not a results file looks like, where its keys say so (else empty)."""
+    keys = set(data)
+    if {"passed", "exit_status", "regressed"} <= keys:
+        return ": it looks like a gate's verdict.json (the gate run's candidate.json beside it holds the records)"
+    if {"a", "b", "refused", "cases"} <= keys:
+        return ": it looks like bench compare's compare.json"
+    if {"variants", "shootout"} <= keys:
+        return ": it looks like a loader shoot-out's output (benchmarks' prepare.json)"
+    return ""
 
 
 def run_env(records: list[BenchRecord], meta: dict[str, Any]) -> dict[str, Any]:

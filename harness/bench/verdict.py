@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from timesformer_harness.bench.compare import differences
-from timesformer_harness.bench.record import BenchRecord
+from timesformer_harness.bench.record import BenchRecord, finite_positive
 from timesformer_harness.metrics import relative_spread
 
 TOLERANCE_FLOOR = 0.06
@@ -39,16 +39,11 @@ class Verdict:
     notes: list[str] = field(default_factory=list)
 
 
-def _usable(ratio: object) -> bool:
-    """A normalised throughput that can be compared: a finite positive number."""
-    return isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0
-
-
 def tolerance_for(base: BenchRecord, fixed: float | None = None) -> float:
     """``fixed`` when given, else the case's tolerance from its baseline's pair ratios (see the module docstring)."""
     if fixed is not None:
         return fixed
-    ratios = [r for r in base.extra.get("ratios") or [] if _usable(r)]
+    ratios = [r for r in base.extra.get("ratios") or [] if finite_positive(r)]
     if len(ratios) < 3:
         return TOLERANCE_CEILING
     spread = TOLERANCE_Z * math.sqrt(2) * relative_spread(ratios)
@@ -74,7 +69,7 @@ def judge(base: BenchRecord, cand: BenchRecord | None, tolerance: float | None =
         v.reasons += measured_other
     v.cand_ratio = cand.extra.get("ratio")
     timing = memory = False
-    if not (_usable(v.base_ratio) and _usable(v.cand_ratio)):  # fail closed: a speed that cannot be judged
+    if not (finite_positive(v.base_ratio) and finite_positive(v.cand_ratio)):  # fail closed: cannot be judged
         v.regressed = True
         v.reasons.append(f"no normalised images/s to compare (baseline {v.base_ratio}, candidate {v.cand_ratio})")
     else:

@@ -421,7 +421,8 @@ def test_compare_refuses_what_is_not_like_for_like_and_gates_on_a_ratio(two_runs
 
     stopped = variant("stopped", lambda d: (d["meta"].update(complete=False), d["records"].pop()))
     out = _compare(str(a), str(stopped), "--out", str(tmp_path / "o4"))
-    assert out.returncode == 0 and "stopped is incomplete: 2 of 3 cases (the sweep was stopped)" in out.stdout
+    assert out.returncode == 0 and f"warning: B ({stopped}) is incomplete: 2 of 3 cases (the sweep was stopped)" \
+        in out.stdout
 
     def threads_4(d):  # the cases' own processes ran with another thread count (the parent's is the same)
         for r in d["records"]:
@@ -468,6 +469,145 @@ def test_compare_refuses_what_is_not_like_for_like_and_gates_on_a_ratio(two_runs
     case = json.loads((tmp_path / "o12" / "compare.json").read_text())["cases"][0]
     assert case["util_b"] is None and case["normalised_ratio"] == pytest.approx(case["images_ratio"])
     assert "B's utilisation 218% is above 100%: images/s compared" in odd.stdout
+
+
+def _made_run(path: Path, images: list[float | str | None], statuses: list[str] | None = None,
+              meta: dict | None = None, name: str = "results.json") -> Path:
+    """A run folder holding fabricated model-suite records (one per images/s figure), without measuring."""
+    statuses = statuses or ["ok"] * len(images)
+    records = [BenchRecord(suite="model", case=f"model/space_only/train/4x{32 + 8 * i}", preset="tiny", batch=2,
+                           frames=4, img_size=32 + 8 * i, mode="train", params=10, flops_per_clip=1000,
+                           peak_mem_bytes=2**20, status=status, images_per_s=ips)
+               for i, (ips, status) in enumerate(zip(images, statuses))]
+    path.mkdir(parents=True)
+    write_results(path / name, records, {"preset": "tiny", **(meta or {})})
+    return path
+
+
+def _compare_here(capsys, *args: str) -> tuple[int, str]:
+    """bench compare in this process (no interpreter to start): its exit status and what it printed."""
+    from timesformer_harness.bench.compare import main
+
+    status = main(list(args))
+    return status, capsys.readouterr().out
+
+
+def test_a_figure_that_is_not_a_finite_number_is_refused_naming_the_file_and_case(tmp_path, capsys):
+    """NaN would pass --fail-below (nan < R is false) and "fast" was a traceback (exit 1): both refuse the file,
+    as the gate refuses a baseline whose ratio is not a finite positive number."""
+    from timesformer_harness.bench.compare import CaseComparison
+
+    a = _made_run(tmp_path / "a", [100.0, 100.0])
+    for name, figure, says in (("nan", float("nan"), "images_per_s is nan, not a finite number"),
+                               ("inf", float("inf"), "images_per_s is inf, not a finite number"),
+                               ("fast", "fast", "images_per_s is 'fast', not a number")):
+        b = _made_run(tmp_path / name, [100.0, figure])
+        with pytest.raises(ValueError, match=f"record 1 \\(model/space_only/train/4x40\\): {says}"):
+            read_results(b / "results.json")
+        status, out = _compare_here(capsys, str(a), str(b), "--fail-below", "0.9", "--out", str(tmp_path / "o"))
+        assert status == 2 and out == f"not comparable: {b / 'results.json'}: record 1 " \
+            f"(model/space_only/train/4x40): {says}: a damaged results file\n"
+    # a case that did not run keeps no figure that counts: NaN there is no damage
+    _made_run(tmp_path / "oom", [100.0, float("nan")], ["ok", "oom"])
+    assert read_results(tmp_path / "oom" / "results.json")[0][1].status == "oom"
+    # and a ratio is only ever of two finite positive numbers
+    row = CaseComparison("c", "ok", "ok", images_a=100.0, images_b=float("nan"), util_a=0.1, util_b=float("inf"))
+    assert row.images_ratio is None and row.util_ratio is None and row.normalised_ratio is None
+
+
+def test_compare_png_draws_bars_from_1x_and_marks_lost_cases(tmp_path):
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    from timesformer_harness.bench.compare import CaseComparison, comparison_figure, plot_comparison
+
+    rows = [CaseComparison("faster", "ok", "ok", images_a=10.0, images_b=15.0, util_a=0.1, util_b=0.14),
+            CaseComparison("slower", "ok", "ok", images_a=10.0, images_b=5.0),
+            CaseComparison("oom", "ok", "oom"), CaseComparison("gone", "ok", None, notes=["only in A"])]
+    fig = comparison_figure(rows, "b / a")
+    (ax,) = fig.axes
+    bars = sorted(((p.get_y() + p.get_height() / 2, p.get_x(), p.get_x() + p.get_width())
+                   for p in ax.patches if isinstance(p, Rectangle)), key=lambda b: (b[0], b[2]))
+    # each bar runs from 1x to its ratio: B slower is a bar left of the 1x line, not a shorter bar from the edge
+    assert bars == [pytest.approx((-0.2, 1.0, 1.4)), pytest.approx((0.2, 1.0, 1.5)), pytest.approx((1.2, 1.0, 0.5))]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["faster", "slower", "oom *", "gone *"]
+    (cross,) = [line for line in ax.lines if line.get_marker() == "X"]
+    assert isinstance(cross, Line2D) and list(cross.get_xdata()) == [1.0, 1.0] and list(cross.get_ydata()) == [2, 3]
+    assert [t.get_text() for t in ax.texts] == ["LOST: oom in B", "LOST: missing in B"]
+    assert ax.get_xlim()[0] < 0.5 < 1.5 < ax.get_xlim()[1]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    assert plot_comparison(rows[2:], tmp_path / "compare.png", "only lost").stat().st_size > 1000
+
+
+def test_comparing_with_an_empty_or_stopped_run_says_so(tmp_path, capsys):
+    from timesformer_harness.bench.compare import check_comparable, load_run
+
+    a = _made_run(tmp_path / "a", [100.0, 100.0])
+    empty = _made_run(tmp_path / "empty", [], meta={"complete": False, "cases_planned": 2})
+    status, out = _compare_here(capsys, str(a), str(empty), "--out", str(tmp_path / "o"))
+    assert status == 2 and out == f"not comparable: B ({empty / 'results.json'}) has no measured cases (stopped " \
+        "after 0 of 2 cases)\n"
+    status, out = _compare_here(capsys, str(empty), str(a), "--force", "--out", str(tmp_path / "o"))
+    assert status == 2 and out.startswith(f"not comparable: A ({empty / 'results.json'}) has no measured cases")
+    stopped = _made_run(tmp_path / "stopped", [100.0], meta={"complete": False, "cases_planned": 2})
+    refuse, warn = check_comparable(load_run(a), load_run(stopped))
+    assert refuse == [] and warn == [f"B ({stopped / 'results.json'}) is incomplete: 1 of 2 cases (the sweep was "
+                                     "stopped)"]
+    status, out = _compare_here(capsys, str(a), str(stopped), "--out", str(tmp_path / "o"))
+    assert status == 0 and f"warning: B ({stopped / 'results.json'}) is incomplete" in out
+    assert "the runs differ in B" not in out
+
+
+def test_a_stopped_runs_summary_says_so_at_its_top(tmp_path):
+    from timesformer_harness.bench.report import write_summary
+
+    rec = BenchRecord(suite="model", case="model/space_only/train/4x32", attention_type="space_only", mode="train")
+    write_summary(tmp_path / "summary.md", [rec], {"complete": False, "cases_planned": 3})
+    head = (tmp_path / "summary.md").read_text().splitlines()[:3]
+    assert head[2] == "**Incomplete: the run was stopped after 1 of 3 cases**; the tables hold the cases measured " \
+        "before it stopped."
+    write_summary(tmp_path / "whole.md", [rec], {"complete": True, "cases_planned": 1})
+    assert "Incomplete" not in (tmp_path / "whole.md").read_text()
+
+
+def test_a_json_file_that_is_not_a_results_file_says_what_it_is(tmp_path, capsys):
+    from timesformer_harness.bench.record import NotResultsFile
+
+    a = _made_run(tmp_path / "a", [100.0])
+    verdict = tmp_path / "verdict.json"
+    verdict.write_text(json.dumps({"passed": True, "exit_status": 0, "cases": 1, "regressed": []}))
+    prepare = tmp_path / "prepare.json"
+    prepare.write_text(json.dumps({"videos": 8, "variants": [], "shootout": []}))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"hello": 1}))
+    for path, looks in ((verdict, ": it looks like a gate's verdict.json"), (prepare, ": it looks like a loader "
+                        "shoot-out's output"), (other, "")):
+        with pytest.raises(NotResultsFile) as e:
+            read_results(path)
+        assert str(e.value).startswith(f"{path}: not a bench results file (no schema_version, meta or records)"
+                                       f"{looks}")
+        status, out = _compare_here(capsys, str(a), str(path))
+        assert status == 2 and "schema_version" not in out.replace("no schema_version", "") and out.count("\n") == 1
+        assert out.rstrip().endswith("give a runs/bench/<stamp>-<attn> folder or its results.json, a gate run's "
+                                     "runs/gate/<stamp> folder or its candidate.json, or a gate baseline"), out
+
+
+def test_compare_reads_a_gate_run_folder(tmp_path, capsys):
+    """A gate run writes candidate.json, not results.json: its folder is compared as a bench run's is."""
+    from timesformer_harness.bench.compare import load_run
+
+    base = _made_run(tmp_path / "base", [100.0, 100.0], meta={"kind": "gate-baseline"}, name="baseline.json")
+    gate_run = _made_run(tmp_path / "gate" / "20270101-000000", [100.0, 90.0], meta={"kind": "gate-candidate"},
+                         name="candidate.json")
+    run = load_run(gate_run)
+    assert run.path == gate_run / "candidate.json" and run.name == "20270101-000000" and len(run.records) == 2
+    status, out = _compare_here(capsys, str(base / "baseline.json"), str(gate_run), "--fail-below", "0.95",
+                                "--out", str(tmp_path / "o"))
+    assert status == 1 and "BELOW model/space_only/train/4x40: 0.90x" in out
+    with pytest.raises(FileNotFoundError, match="no results.json or candidate.json \\(give a runs/bench/"):
+        load_run(tmp_path / "gate")
 
 
 def test_a_utilisation_above_100_percent_is_not_reported():

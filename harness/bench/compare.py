@@ -16,7 +16,10 @@ image size, the model's configuration, parameters and FLOPs per clip. The compar
 case's normalised ratio is below R (B slower than R x A), or when a case that ran in A did not run in B (missing,
 out of memory, an error). Other differences (device name, torch version, CPU threads,
 an incomplete run) are printed as warnings. Writes ``compare.md``, ``compare.json`` and ``compare.png`` to ``--out``
-(default ``runs/bench/compare/<A>_vs_<B>/``). Runs of older record schemas are read (migrated), not refused.
+(default ``runs/bench/compare/<A>_vs_<B>/``). Runs of older record schemas are read (migrated), not refused; a gate
+run's folder is read through its ``candidate.json``. Exit 2 whatever ``--force`` says: a file that is no results file,
+a damaged one (a figure that is not a number, or not finite in an ok record: NaN would pass ``--fail-below``), a run
+with no measured case.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from timesformer_harness.bench.record import BenchRecord, read_results, run_env
+from timesformer_harness.bench.record import BenchRecord, NotResultsFile, finite_positive, read_results, run_env
 from timesformer_harness.common import atomic_write_text
 from timesformer_harness.config import ModelConfig
 
@@ -54,14 +57,33 @@ class Run:
         return next(iter(kinds)) if len(kinds) == 1 else ",".join(sorted(kinds))
 
 
+RUN_FILES = ("results.json", "candidate.json")  # a bench run's folder, a gate run's
+WHAT_TO_GIVE = ("give a runs/bench/<stamp>-<attn> folder or its results.json, a gate run's runs/gate/<stamp> folder "
+                "or its candidate.json, or a gate baseline")
+
+
 def load_run(path: str | Path) -> Run:
-    """A run directory (or its ``results.json``, or any results file such as a gate baseline)."""
+    """A bench run's folder or a gate run's (its ``results.json`` or ``candidate.json``), or any results file such
+    as a gate baseline."""
     path = Path(path)
-    results = path / "results.json" if path.is_dir() else path
+    results = next((path / f for f in RUN_FILES if (path / f).is_file()), path / RUN_FILES[0]) if path.is_dir() \
+        else path
     if not results.is_file():
-        raise FileNotFoundError(f"{path}: no results.json (give a runs/bench/<stamp>-<attn> directory or the file)")
-    records, meta = read_results(results)
-    return Run(results.parent.name if results.name == "results.json" else results.stem, results, records, meta)
+        raise FileNotFoundError(f"{path}: no {' or '.join(RUN_FILES)} ({WHAT_TO_GIVE})")
+    try:
+        records, meta = read_results(results)
+    except NotResultsFile as e:
+        raise NotResultsFile(f"{e}; {WHAT_TO_GIVE}") from e
+    return Run(results.parent.name if results.name in RUN_FILES else results.stem, results, records, meta)
+
+
+def nothing_measured(label: str, run: Run) -> str | None:
+    """Why ``run`` (``label`` A or B) cannot be compared at all: it holds no case (an empty or stopped run)."""
+    if run.records:
+        return None
+    how = (f"stopped after 0 of {run.meta.get('cases_planned', '?')} cases" if run.meta.get("complete") is False
+           else "its results hold none")
+    return f"{label} ({run.path}) has no measured cases ({how})"
 
 
 def differences(a: BenchRecord, b: BenchRecord) -> list[str]:
@@ -82,30 +104,31 @@ def differences(a: BenchRecord, b: BenchRecord) -> list[str]:
 
 
 def check_comparable(a: Run, b: Run) -> tuple[list[str], list[str]]:
-    """(reasons to refuse, warnings) at the level of the runs. Refused: another preset or device kind. Warned: batch,
-    precision, device name, torch version, CPU threads and vector ISA, the reference GEMM's size (CPU utilisation),
-    an incomplete (stopped) sweep."""
-    refuse, warn = [], []
+    """(reasons to refuse, warnings: whole sentences) at the level of the runs. Refused: another preset or device
+    kind. Warned: batch, precision, device name, torch version, CPU threads and vector ISA, the reference GEMM's size
+    (CPU utilisation), an incomplete (stopped) sweep."""
+    refuse, differ = [], []
     if a.meta.get("preset") != b.meta.get("preset"):
         refuse.append(f"preset {a.meta.get('preset')!r} vs {b.meta.get('preset')!r}: different models")
     if a.device_kind != b.device_kind:
         refuse.append(f"device kind {a.device_kind!r} vs {b.device_kind!r}")
     for key in ("batch", "precision", "hardware"):
         if a.meta.get(key) != b.meta.get(key):
-            warn.append(f"{key} {a.meta.get(key)!r} vs {b.meta.get(key)!r}")
+            differ.append(f"{key} {a.meta.get(key)!r} vs {b.meta.get(key)!r}")
     env_a, env_b = run_env(a.records, a.meta), run_env(b.records, b.meta)
     for key in ("torch", "cuda", "dali", "cpu_threads", "cpu_capability", "machine_class"):
         if env_a.get(key) != env_b.get(key):
-            warn.append(f"{key} {env_a.get(key)!r} vs {env_b.get(key)!r}")
+            differ.append(f"{key} {env_a.get(key)!r} vs {env_b.get(key)!r}")
     gemms_a, gemms_b = ({r.extra.get("gemm_n") for r in run.records} - {None, 0} for run in (a, b))
     if gemms_a and gemms_b and gemms_a != gemms_b:  # the peak each utilisation divides by: another workload
-        warn.append(f"reference GEMM n={'/'.join(map(str, sorted(gemms_a)))} vs n={'/'.join(map(str, sorted(gemms_b)))}"
-                    ": utilisation and the normalised ratio divide by different GEMMs; compare images/s, or rerun "
-                    "one side with the other's bench.gemm_n")
-    for run in (a, b):
+        differ.append(f"reference GEMM n={'/'.join(map(str, sorted(gemms_a)))} vs "
+                      f"n={'/'.join(map(str, sorted(gemms_b)))}: utilisation and the normalised ratio divide by "
+                      "different GEMMs; compare images/s, or rerun one side with the other's bench.gemm_n")
+    warn = [f"the runs differ in {d}" for d in differ]
+    for label, run in (("A", a), ("B", b)):
         if run.meta.get("complete") is False:
-            warn.append(f"{run.name} is incomplete: {len(run.records)} of {run.meta.get('cases_planned')} cases "
-                        "(the sweep was stopped)")
+            warn.append(f"{label} ({run.path}) is incomplete: {len(run.records)} of {run.meta.get('cases_planned')} "
+                        "cases (the sweep was stopped)")
     return refuse, warn
 
 
@@ -155,7 +178,7 @@ class CaseComparison:
 
 
 def _ratio(b: float | None, a: float | None) -> float | None:
-    return b / a if a and b else None
+    return b / a if finite_positive(a) and finite_positive(b) else None
 
 
 def compare_records(a: list[BenchRecord], b: list[BenchRecord]) -> list[CaseComparison]:
@@ -240,29 +263,57 @@ def lost(rows: list[CaseComparison]) -> list[CaseComparison]:
     return [r for r in rows if r.status_a == "ok" and r.status_b != "ok"]
 
 
-def plot_comparison(rows: list[CaseComparison], path: Path, title: str) -> Path:
-    """Horizontal bars per case: images/s ratio and utilisation ratio (B/A, log scale, 1 = no change)."""
+def comparison_figure(rows: list[CaseComparison], title: str) -> Any:
+    """The figure of ``plot_comparison``: per case, bars of the images/s and utilisation ratios (B/A) drawn from 1x
+    on a log axis (left of the 1x line: B slower), and a red cross at 1x labelled LOST for a case ok in A that B
+    lost (out of memory, an error, missing), which has no ratio and is the worst outcome."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    shown = [r for r in rows if r.images_ratio]
+    gone = {r.case for r in lost(rows)}
+    shown = [r for r in rows if r.images_ratio or r.case in gone]
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.32 * max(len(shown), 1)))
-    y = list(range(len(shown)))
-    ax.barh([i + 0.2 for i in y], [r.images_ratio for r in shown], height=0.4, label="images/s B/A",
-            color="tab:blue")
-    ax.barh([i - 0.2 for i in y], [r.util_ratio or 0 for r in shown], height=0.4,
-            label="utilisation B/A (GEMM-normalised)", color="tab:orange")
+    drawn = [(i, r) for i, r in enumerate(shown) if r.images_ratio]
+    util = [(i, r) for i, r in drawn if r.util_ratio]
+    if drawn:
+        ax.barh([i + 0.2 for i, _ in drawn], [r.images_ratio - 1 for _, r in drawn], left=1, height=0.4,
+                label="images/s B/A", color="tab:blue")
+    if util:
+        ax.barh([i - 0.2 for i, _ in util], [r.util_ratio - 1 for _, r in util], left=1, height=0.4,
+                label="utilisation B/A (GEMM-normalised)", color="tab:orange")
+    lost_at = [(i, r) for i, r in enumerate(shown) if r.case in gone]
+    if lost_at:
+        ax.plot([1.0] * len(lost_at), [i for i, _ in lost_at], "X", color="tab:red", markersize=9, linestyle="none",
+                label="LOST in B (no ratio)")
+        for i, r in lost_at:
+            ax.annotate(f"LOST: {r.status_b or 'missing'} in B", (1.0, i), xytext=(8, 0), textcoords="offset points",
+                        va="center", fontsize=7, color="tab:red")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_yticks(y, [r.case + (" *" if not r.comparable else "") for r in shown], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("B / A (log scale; * = not like for like, see compare.md)")
+    ends = [1.0] + [r.images_ratio for _, r in drawn] + [r.util_ratio for _, r in util]
+    ax.set_xlim(min(ends) / 1.3, max(ends) * 1.3)
+    times = FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.xaxis.set_major_formatter(times)
+    ax.xaxis.set_minor_formatter(times)
+    ax.tick_params(axis="x", which="both", labelsize=7)
+    ax.set_yticks(range(len(shown)), [r.case + (" *" if not r.comparable else "") for r in shown], fontsize=7)
+    ax.set_ylim(len(shown) - 0.4, -0.6)  # the first case on top
+    ax.set_xlabel("B / A from 1x (log scale; * = not like for like, see compare.md)")
     ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot_comparison(rows: list[CaseComparison], path: Path, title: str) -> Path:
+    """``compare.png``: ``comparison_figure`` of ``rows``."""
+    import matplotlib.pyplot as plt
+
+    fig = comparison_figure(rows, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -291,11 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"not comparable: {e}")
         return 2
+    empty = [why for why in (nothing_measured("A", a), nothing_measured("B", b)) if why]
+    if empty:  # nothing to compare, --force or not
+        print(f"not comparable: {'; '.join(empty)}")
+        return 2
     refuse, warn = check_comparable(a, b)
     rows = compare_records(a.records, b.records)
     refuse += refusals(rows)
     for w in warn:
-        print(f"warning: the runs differ in {w}")
+        print(f"warning: {w}")
     for r in refuse:
         print(f"not comparable: {r}")
     if refuse and not args.force:

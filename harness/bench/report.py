@@ -141,9 +141,15 @@ def _row(cells: list[str]) -> str:
 
 
 def write_summary(path: Path, records: list[BenchRecord], meta: dict[str, Any]) -> None:
+    """``summary.md``: the run's facts, then ``summary_table``; a stopped run (``meta["complete"]`` false) says so
+    first, as its ``results.json`` does."""
     env = meta.get("env", {})
+    stopped = []
+    if meta.get("complete") is False:
+        stopped = [f"**Incomplete: the run was stopped after {len(records)} of {meta.get('cases_planned', '?')} "
+                   "cases**; the tables hold the cases measured before it stopped.", ""]
     head = [
-        f"# Benchmark {meta.get('started', '')}", "",
+        f"# Benchmark {meta.get('started', '')}", "", *stopped,
         f"preset `{meta.get('preset')}`, batch {meta.get('batch')} (the pipeline and end-to-end cases: their data "
         f"config's), precision {meta.get('precision')}, "
         f"device {meta.get('hardware')} ({env.get('device')}, {env.get('cpu_threads')} threads), "

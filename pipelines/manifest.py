@@ -24,6 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from timesformer_harness.common import not_a_file
 from timesformer_harness.pipelines.config import MANIFEST_FORMATS, SEPARATOR_FIX, DataConfig
@@ -211,15 +212,21 @@ def read_csv(path: str | Path, path_prefix: str = "", num_classes: int = 0) -> l
     return listing.entries
 
 
+def _json(path: Path, kind: type, expected: str) -> Any:
+    """``path``'s JSON, which must be a ``kind``; ValueError naming the file and what was ``expected`` otherwise."""
+    try:
+        data = json.loads(_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e}); expected {expected}") from None
+    if not isinstance(data, kind):
+        raise ValueError(f"{path}: expected {expected}, got a {type(data).__name__}")
+    return data
+
+
 def _ssv2_labels(labels_json: Path) -> dict[str, str]:
     """The SSv2 labels file's ``{template: id}``, each id as digits (an int, or a string of ASCII digits: not a
     bool, a float or null, which ``int()`` would read as 1 or refuse with a traceback)."""
-    try:
-        labels = json.loads(_text(labels_json))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{labels_json}: not JSON ({e}); expected a JSON object {{template: id}}") from None
-    if not isinstance(labels, dict):
-        raise ValueError(f"{labels_json}: expected a JSON object {{template: id}}, got a {type(labels).__name__}")
+    labels = _json(labels_json, dict, "a JSON object {template: id}")
     for template, value in labels.items():
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not INTEGER.fullmatch(str(value)):
             raise ValueError(f"{labels_json}: template {template!r} has id {json.dumps(value)[:80]}; expected a "
@@ -238,12 +245,7 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
         raise FileNotFoundError(f"SSv2 labels file {labels_json} does not exist: {SSV2_LABELS_FIX}")
     _refuse_non_file(labels_json, "SSv2 labels file", f"name the file, e.g. {labels_json / SSV2_LABELS}")
     labels = _ssv2_labels(labels_json)
-    try:
-        items = json.loads(_text(split_json))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{split_json}: not JSON ({e})") from None
-    if not isinstance(items, list):
-        raise ValueError(f"{split_json}: expected a JSON list of {{'id': ..., 'template': ...}} objects")
+    items = _json(split_json, list, "a JSON list of {'id': ..., 'template': ...} objects")
     listing = _Listing()
     for n, item in enumerate(items):
         if not isinstance(item, dict) or "id" not in item or "template" not in item:

@@ -750,7 +750,8 @@ def load_weights(
             pos_embed resizing, a head of another class count or none (``new_head``), and the keys an ImageNet
             conversion leaves at init.
             Weights that are not real floating point, or hold NaN/inf, count as errors too.
-        pos_resize: ``2d`` or ``1d``; default: ``1d`` for ImageNet ViT weights (what the original did), else ``2d``.
+        pos_resize: ``2d`` or ``1d``; default: ``1d`` for ImageNet ViT weights into a divided or joint model (what
+            the original did), else ``2d``.
         limits: the reading budgets (``LoadLimits``).
         new_head: a head of another class count is dropped, the model's kept, and a file without a head (a backbone)
             leaves the model's at init (fine-tuning); False: either is a mismatch like any other (evaluating or
@@ -775,9 +776,10 @@ def load_weights(
     report = LoadReport(str(path), fmt, saved_config=obj["cfg"] if isinstance(obj.get("cfg"), str) else "")
     target = bare.state_dict()
     allowed_missing: set[str] = set()
-    # the original's 1-D quirk is how it loaded image ViT weights into a TimeSformer with temporal attention; a
-    # space-only model's own weights have the same keys as an image ViT, and into a space-only model both resize 2-D
-    mode = pos_resize or ("1d" if fmt == "vit2d" and any(".temporal_attn." in k for k in target) else "2d")
+    # the original's 1-D quirk is how it loaded image ViT weights into a divided or joint TimeSformer (the models with
+    # a time_embed); a space-only model's own weights have the same keys as an image ViT, and into a space-only model
+    # both resize 2-D
+    mode = pos_resize or ("1d" if fmt == "vit2d" and "time_embed" in target else "2d")
 
     if fmt == "vit2d" and any(".temporal_attn." in k for k in target):
         for key in list(sd):  # temporal branch starts as a copy of the spatial one; temporal_fc stays zero

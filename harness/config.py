@@ -110,7 +110,7 @@ class SolverConfig:
     weight_decay: float = 1e-4  # applied to every parameter, as the original
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw / lamb betas
     warmup_epochs: float = 0.0  # linear warm-up from warmup_start_lr over this many epochs; 0 = none
-    warmup_start_lr: float = 0.0  # the learning rate the warm-up starts from
+    warmup_start_lr: float = 0.0  # the learning rate the warm-up starts from (the original's default: 0.01)
     cosine_end_lr: float = 0.0  # cosine: the learning rate at max_epoch
     global_batch_size: int = 64  # gradient accumulation up to this many clips per optimizer step
     grad_clip: float = 0.0  # max grad norm; 0 = off

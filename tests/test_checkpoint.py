@@ -219,6 +219,9 @@ def test_imagenet_vit_conversion(tmp_path: Path) -> None:
     pos = model.pos_embed[0, 1:, 0]
     assert pos[:8].tolist() == [1, 1, 1, 1, 2, 2, 2, 2]
     assert torch.equal(pos, (torch.arange(64) // 4 + 1).float())
+    joint = TimeSformer(**{**TINY, "img_size": 64, "attention_type": "joint_space_time"})  # the same quirk
+    load_weights(joint, path)
+    assert torch.equal(joint.pos_embed, model.pos_embed)
     # The better option: 2-D resize keeps the grid (row 0 of the 8x8 grid reads old row 0 twice per column).
     model2d = TimeSformer(**{**TINY, "img_size": 64})
     load_weights(model2d, path, pos_resize="2d")

@@ -373,8 +373,9 @@ def load_file(path: str | Path, limits: LoadLimits = DEFAULT_LIMITS) -> dict[str
     if (kind := not_a_file(path)) == "does not exist":
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if kind:  # a named pipe, a device: reading one could wait for a writer, or never end
-        raise CheckpointError(f"checkpoint {path} {kind}, not a file; give a checkpoint file (.pyth, .safetensors) "
-                              "or a Hugging Face snapshot folder")
+        raise CheckpointError(f"checkpoint {path} {kind}" + (", not a file; give a checkpoint file (.pyth, "
+                                                             ".safetensors) or a Hugging Face snapshot folder"
+                                                             if kind.startswith("is ") else ""))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as load_safetensors
 

@@ -338,13 +338,14 @@ def cache_location(setting: str | os.PathLike | None) -> str:
 
 def not_a_file(path: str | os.PathLike) -> str:
     """What ``path`` is when it is not a regular file (links followed), to finish "X ...": "does not exist",
-    "is a folder", "is a named pipe", ...; "" for a regular file."""
+    "is a folder", "is a named pipe", ... ("is ...": something other than a file), "cannot be read (...): ..." (the
+    path itself fails); "" for a regular file."""
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return "does not exist"
-    except OSError as e:
-        return f"cannot be read ({e.strerror})"
+    except OSError as e:  # a loop of links, a folder on the way without permission, a name too long
+        return f"cannot be read ({e.strerror}): check the path and its folders' permissions"
     for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):

@@ -438,7 +438,8 @@ def _yaml_sources(path: Path, seen: tuple[Path, ...] = (), read: list[int] | Non
         example = next(iter(sorted(path.glob("*.yaml"))), path / "my.yaml")
         raise ConfigError(f"config {path} is a folder, not a config file; name the YAML file, e.g. {example}")
     if kind:
-        raise ConfigError(f"config {path} {kind}, not a file; write the config to a YAML file and name that")
+        raise ConfigError(f"config {path} {kind}" + (", not a file; write the config to a YAML file and name that"
+                                                      if kind.startswith("is ") else ""))
     if path.resolve() in seen:
         raise ConfigError(f"config {path} includes itself through 'defaults'")
     try:

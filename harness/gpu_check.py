@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = bool(env["gpus"])
     mode = "cpu rehearsal" if args.rehearse_on_cpu else "gpu" if cuda else "no CUDA"
     try:
-        run_dir = new_run_dir(args.out, run_stamp())
+        run_dir = new_run_dir(Path(args.out).absolute(), run_stamp())  # its steps run in the clone's root
     except OutputFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -388,9 +388,9 @@ def script_start(p: argparse.ArgumentParser, args: argparse.Namespace, row_names
               file=sys.stderr)
         return None
     try:
-        if args.out:
-            return check_output_root(args.out)
-        return new_run_dir(Path("runs") / name, run_stamp())
+        if args.out:  # absolute: the Trainer row runs in the clone's root
+            return check_output_root(Path(args.out).absolute())
+        return new_run_dir(Path("runs", name).absolute(), run_stamp())
     except OutputFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return None

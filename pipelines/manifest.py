@@ -129,7 +129,8 @@ def _refuse_non_file(path: Path, what: str, fix: str) -> None:
     if kind == "is a folder":
         raise ValueError(f"{what} {path} is a folder, not a file; {fix}")
     if kind:
-        raise ValueError(f"{what} {path} {kind}, not a file; write it to a file and name that")
+        raise ValueError(f"{what} {path} {kind}" + (", not a file; write it to a file and name that"
+                                                    if kind.startswith("is ") else ""))
 
 
 def _text(path: Path) -> str:

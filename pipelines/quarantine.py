@@ -111,6 +111,7 @@ class Quarantine:
         self.max_bad_fraction = max_bad_fraction
         self.limit = None if max_bad_fraction is None else math.floor(max_bad_fraction * num_videos + 1e-9)
         self.entries: list[BadVideo] = [e if isinstance(e, BadVideo) else BadVideo(**e) for e in entries]
+        self._named = {(e.path, e.epoch) for e in self.entries}  # (path, epoch) said in the log
 
     def __len__(self) -> int:
         """Distinct videos quarantined."""
@@ -128,7 +129,8 @@ class Quarantine:
         """Record a failure; raises ``BadVideoError`` under ``on_bad_video=error`` and ``TooManyBadVideos`` past the
         budget (the entry is recorded first, so the caller's report lists it)."""
         # an evaluation's other views of a video that failed in this pass: said once a pass
-        again = any(e.path == entry.path and e.epoch == entry.epoch for e in self.entries)
+        again = (entry.path, entry.epoch) in self._named
+        self._named.add((entry.path, entry.epoch))
         self.entries.append(entry)
         where = f"epoch {entry.epoch + 1}, batch {entry.batch}, rank {entry.rank}"
         if self.on_bad_video == "error":

@@ -72,7 +72,9 @@ _CODEC_ALIASES = {"libvpx": "vp8", "libvpx-vp9": "vp9", "libdav1d": "av1", "liba
 DEFAULT_CACHE = ""  # a ``cache`` argument: the probe cache of data.validate_cache unset (found when it is used)
 UNREADABLE = "unreadable: "  # a verdict about the storage (permission, I/O error), not the file: never cached
 READ_AGAIN = "check the file's permissions and storage; it is read again next time"
-CUT_FILE = "the file reads whole, so its content is cut or damaged (an unfinished copy or download?)"
+MIN_DECODER_PIXELS = 1 << 18  # bound_decoder's floor: 512x512 (a 32x32 MPEG-4 Part 2 file needs 53,760)
+CUT_FILE = ("yet the file reads whole, so its content is likely cut or damaged (an unfinished copy or download?); "
+            "it is read again next time")
 
 # 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length; 4: the first frame
 # is the first packet's, and late-starting timestamps are not truncation; 5: a named pipe or device is named so (it was
@@ -177,8 +179,9 @@ def bound_decoder(stream: Any, width: int, height: int) -> None:
     """Make FFmpeg refuse, before allocating it, any frame of the PyAV video ``stream`` above
     ``bitstream.frame_pixel_bound(width, height)`` (a header that lies about the frame size, frames that grow
     mid-stream): the deep check and the PyAV loader call it. The packet index refuses such VP8/VP9/MJPEG files from
-    their payloads' headers before; this bounds every codec's decoder."""
-    bound = frame_pixel_bound(width, height)
+    their payloads' headers before; this bounds every codec's decoder. The bound is at least ``MIN_DECODER_PIXELS``:
+    FFmpeg's MPEG-4 Part 2 decoder checks a buffer of a fixed size against it, whatever the frame size."""
+    bound = max(frame_pixel_bound(width, height), MIN_DECODER_PIXELS)
     stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(bound)}
 
 
@@ -232,9 +235,10 @@ def probe_frame_folder(path: str) -> VideoInfo:
 
 
 def _storage_failed(path: str, e: OSError) -> bool:
-    """Whether an OSError that PyAV raised on ``path`` is the storage's: FFmpeg reports a Matroska file cut short
-    as an I/O error (EIO) too, so for EIO the file is read through with plain reads, and only a failing read makes
-    it the storage's."""
+    """Whether an OSError that PyAV raised on ``path`` looks like the storage's: FFmpeg reports a Matroska file cut
+    short as an I/O error (EIO) too, so for EIO the file is read through with plain reads, and only a failing read
+    blames the storage. Either way the verdict is not cached (an I/O error that passed would leave a good file
+    marked bad): this chooses the advice."""
     if e.errno != errno.EIO:
         return True
     try:
@@ -253,10 +257,10 @@ def probe_video(path: str) -> VideoInfo:
     they cover less than 90% of its declared length (the stream's own duration, else the container's; the
     container's is its longest stream's, so a first video stream shorter than another stream is truncated only when no
     stream reaches the declared length), or when they number fewer than 90% of the frames its header counts (an AVI
-    cut before its index, whose duration FFmpeg estimates from what is left). An I/O error from FFmpeg is the
-    storage's (not cached) unless the file reads whole: FFmpeg reports a cut Matroska file so too. ``size_problem``
-    refuses a sparse or zero-padded file before it is parsed, and a file whose packets end in its first half (more
-    than ``TAIL_BYTES`` of data no stream holds) is refused after.
+    cut before its index, whose duration FFmpeg estimates from what is left). An I/O error from FFmpeg is not cached
+    (the storage's, or, when the file reads whole, likely a cut Matroska file's, as FFmpeg reports those).
+    ``size_problem`` refuses a sparse or zero-padded file before it is parsed, and a file whose packets end in its
+    first half (more than ``TAIL_BYTES`` of data no stream holds) is refused after.
     The first frame is decoded only when the header's frame size is at most ``PROBE_DECODE_SIZE`` (the judge,
     ``usable``, refuses frames above ``data.max_frame_pixels`` from the header), and FFmpeg refuses a frame much
     larger than the header says before allocating it, so the probe's memory is bounded whatever the file holds.
@@ -332,7 +336,9 @@ def probe_video(path: str) -> VideoInfo:
                               f"{present:.2f} s")
                 return info
             # an AVI without its index: FFmpeg estimates the duration from what is there, the header keeps the count
-            if stream.frames and demuxed < 0.9 * stream.frames - 2:
+            # (an MP4's count is its samples', an edit list may show fewer: the duration check judges those)
+            avi = "avi" in container.format.name.split(",")
+            if avi and stream.frames and demuxed < 0.9 * stream.frames - 2:
                 info.error = f"truncated: its header declares {stream.frames} frames, {info.frames} present"
                 return info
             if unread:
@@ -356,8 +362,7 @@ def probe_video(path: str) -> VideoInfo:
             else:
                 _frame_format(frame, info)
     except OSError as e:  # PyAV's errno errors (permission, I/O) are OSErrors: the storage's, or a cut file's
-        info.error = f"{UNREADABLE}{type(e).__name__}: {e}; {READ_AGAIN}" if _storage_failed(path, e) else \
-            f"cannot open/decode: {type(e).__name__}: {e}: {CUT_FILE}; copy or download it again"
+        info.error = f"{UNREADABLE}{type(e).__name__}: {e}; {READ_AGAIN if _storage_failed(path, e) else CUT_FILE}"
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
         info.error = (f"cannot open/decode: {type(e).__name__}: {e}; a file that plays elsewhere can be re-encoded "
                       "(python -m timesformer_harness.pipelines.tools.prepare), else leave it out of the manifest")
@@ -619,8 +624,7 @@ def deep_probe(path: str) -> str:
                                 size_changes += 1
                             size = (frame.width, frame.height)
             except OSError as e:  # the storage's error (permission, I/O), or a cut file's
-                error = f"{UNREADABLE}{type(e).__name__}: {e}; {READ_AGAIN}" if _storage_failed(path, e) else \
-                    f"decode error after {packets} packets, {frames} frames: {type(e).__name__}: {e}: {CUT_FILE}"
+                error = f"{UNREADABLE}{type(e).__name__}: {e}; {READ_AGAIN if _storage_failed(path, e) else CUT_FILE}"
             except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
                 error = f"decode error after {packets} packets, {frames} frames: {type(e).__name__}: {e}"
     finally:

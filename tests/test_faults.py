@@ -310,7 +310,6 @@ def test_quarantine_rules(tmp_path: Path) -> None:
                                                               "p,missing,preflight,,,", "a,x,runtime,1,3,0"]
 
 
-
 def test_an_evaluation_names_a_failed_video_once_a_pass(caplog) -> None:
     """Every view of a bad video fails in an evaluation (val/test: no budget): one warning a pass, not one a view."""
     q = Quarantine(10, on_bad_video="skip", max_bad_fraction=None)  # as an evaluation's loader makes it
@@ -320,6 +319,7 @@ def test_an_evaluation_names_a_failed_video_once_a_pass(caplog) -> None:
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == ["left out v.webm (epoch 1, batch 0, rank 0): broken",
                       "left out v.webm (epoch 2, batch 0, rank 0): broken"] and len(caplog.records) == 5
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Real training processes.

@@ -104,6 +104,20 @@ def test_the_report_is_written_after_every_step(tmp_path: Path, monkeypatch: pyt
     assert [(s["name"], s["status"]) for s in report["steps"]] == [("prepare", "pass")] and not report["complete"]
 
 
+def test_a_relative_out_reaches_the_steps_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steps run in the clone's root: a relative --out, given from another folder, reaches them absolute."""
+    from timesformer_harness import gpu_check
+
+    argvs = []
+    monkeypatch.setattr(gpu_check, "run_step", lambda step, *a, **k: argvs.append(step.argv) or
+                        StepResult(step.name, "pass", "", 1.0, " ".join(step.argv), step.make, {}))
+    monkeypatch.chdir(tmp_path)
+    gpu_check.main(["--rehearse-on-cpu", "--only", "prepare", "--out", "reports"])
+    (run_dir,) = (tmp_path / "reports").iterdir()
+    paths = [a for argv in argvs for a in argv if "reports" in a]
+    assert paths and all(a.startswith(str(run_dir)) for a in paths), paths
+
+
 def test_a_timed_out_step_says_what_it_was_doing(tmp_path: Path) -> None:
     """A step past its time limit is killed and its reason names its last output (pytest -v prints a test's name
     before it runs: the test that hung)."""
@@ -215,6 +229,7 @@ def test_gpu_size_commands_are_the_users_commands(tmp_path: Path) -> None:
     assert steps["evaluate"].needs == "train" and steps["gate"].needs == "gate_baseline"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without CUDA nothing runs: the folder is all that is checked")
 def test_a_relative_out_is_under_the_current_folder_and_a_file_is_refused(tmp_path: Path) -> None:
     """As every other command's ``--out``: relative to where it runs, not to the clone; a file is one line, exit 2."""
     out = subprocess.run([sys.executable, "-m", "timesformer_harness.gpu_check", "--out", "reports"], cwd=tmp_path,

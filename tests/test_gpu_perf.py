@@ -231,4 +231,4 @@ def test_an_out_that_cannot_hold_the_results_is_one_line_before_anything_runs(sc
     monkeypatch.chdir(tmp_path)  # the default folder is under the current one
     assert gpu_perf.script_start(gpu_perf.script_parser("timesformer_harness.gpu_perf", "d", ["r"], 1.0),
                                  SimpleNamespace(out=None, rows=None, rehearse_on_cpu=True), ["r"]).parent == \
-        Path("runs/gpu_perf")
+        tmp_path / "runs" / "gpu_perf"

@@ -28,7 +28,8 @@ def test_kinetics_separator_and_prefix(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("line, match", [("a.mp4 1 extra", r"m.csv:2: expected 'path label'.*label 'extra'"),
                                          ("a.mp4", r"m.csv:2: expected .*got 1 field"),
-                                         ("a.mp4 cat", r"m.csv:2: expected .*integer label \(digits 0-9\), got label 'cat'"),
+                                         ("a.mp4 cat", r"m.csv:2: expected .*integer label \(digits 0-9\), got "
+                                                       r"label 'cat'"),
                                          ("a.mp4 -1", r"m.csv:2: label -1 is negative")])
 def test_kinetics_malformed_line_names_file_line_and_expectation(tmp_path: Path, line: str, match: str) -> None:
     (tmp_path / "m.csv").write_text(f"ok.mp4 0\n{line}\n")
@@ -150,6 +151,10 @@ def test_a_manifest_that_is_not_a_file_is_named_for_what_it_is(tmp_path: Path, f
         read_entries(tmp_path / "pipe", fmt)
     with pytest.raises(FileNotFoundError, match=r"manifest .*nope.csv does not exist"):
         read_entries(tmp_path / "nope.csv", fmt)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ValueError, match=r"manifest .*loop cannot be read \(Too many levels of symbolic links\): "
+                                         r"check the path and its folders' permissions$"):
+        read_entries(tmp_path / "loop", fmt)
 
 
 @pytest.mark.parametrize("fmt", ["kinetics", "csv"])

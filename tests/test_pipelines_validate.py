@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import subprocess
 import sys
 from dataclasses import replace
@@ -378,10 +379,10 @@ def test_segment_sampling_is_a_key_of_its_own(videos, tmp_path: Path, capsys: py
         load_config(config, ["data.sampling=segments"])
 
 
-def test_a_cut_file_is_judged_damaged_not_unreadable_storage(tmp_path) -> None:
+def test_a_cut_file_is_judged_cut_not_blamed_on_the_storage(tmp_path, monkeypatch) -> None:
     """An AVI cut before its index (FFmpeg estimates its duration from what is left) is truncated by its header's
-    frame count; a Matroska file cut in its header (FFmpeg says EIO) that reads whole is the file's fault, cached,
-    without the advice to check the storage."""
+    frame count; a Matroska file cut in its header (FFmpeg says EIO) that reads whole is said to be likely cut, not
+    the storage's fault, and is not cached either (an I/O error that passes must not leave a good file bad)."""
     from conftest import encode_video, textured_frames
     from timesformer_harness.pipelines.tools.encode import write_video
 
@@ -397,8 +398,28 @@ def test_a_cut_file_is_judged_damaged_not_unreadable_storage(tmp_path) -> None:
     cut_webm.write_bytes(webm.read_bytes()[:100])
     cache = tmp_path / "c.sqlite"
     (info,) = validate.probe_all([str(cut_webm)], cache, workers=1, progress=False)
-    assert info.error.startswith("cannot open/decode: OSError") and "reads whole" in info.error, info
-    assert "storage" not in info.error and "unreadable" not in info.error
-    assert validate.probe_video(str(cut_webm)).error == info.error
+    assert info.error.startswith("unreadable: OSError") and "yet the file reads whole" in info.error, info
+    assert "storage" not in info.error and validate.probe_video(str(cut_webm)).error == info.error
     (deep,) = validate.deep_check([str(cut_webm)], cache, workers=1, progress=False)
-    assert "reads whole" in deep[1] and "unreadable" not in deep[1], deep
+    assert "yet the file reads whole" in deep[1] and "storage" not in deep[1], deep
+    probes = []
+    real_probe = validate.probe_video
+    monkeypatch.setattr(validate, "probe_video", lambda p: probes.append(p) or real_probe(p))
+    validate.probe_all([str(cut_webm)], cache, workers=1, progress=False)
+    assert probes == [str(cut_webm)]  # not cached: probed again
+
+
+def test_good_mpeg4_files_are_not_refused(tmp_path) -> None:
+    """An MP4 trimmed by its edit list (its header counts every sample, fewer are shown) is not truncated; a 32x32
+    MPEG-4 Part 2 file decodes under the decoder's pixel bound (that decoder checks a fixed-size buffer against it)."""
+    from conftest import encode_video, textured_frames
+
+    mp4 = encode_video(tmp_path / "e.mp4", textured_frames(60, 48, 48, seed=2), codec="mpeg4")
+    data = bytearray(mp4.read_bytes())
+    at = data.find(b"elst")  # its one segment's duration halved: a tail trim that keeps the samples
+    struct.pack_into(">I", data, at + 12, struct.unpack_from(">I", data, at + 12)[0] // 2)
+    trimmed = tmp_path / "trimmed.mp4"
+    trimmed.write_bytes(bytes(data))
+    assert validate.probe_video(str(trimmed)).error == ""
+    tiny = encode_video(tmp_path / "tiny.mp4", textured_frames(8, 32, 32, seed=3), codec="mpeg4")
+    assert (validate.probe_video(str(tiny)).error, validate.deep_probe(str(tiny))) == ("", "")

@@ -78,7 +78,8 @@ CUT_FILE = ("yet the file reads whole, so its content is likely cut or damaged (
 
 # 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length; 4: the first frame
 # is the first packet's, and late-starting timestamps are not truncation; 5: a named pipe or device is named so (it was
-# an "empty file"); 6: a stream with fewer frames than its header counts (a cut AVI) is truncated
+# an "empty file"); 6: an AVI with fewer frames than its header counts is truncated, and the decoder's pixel bound
+# has a floor (a 32x32 MPEG-4 Part 2 file had been refused)
 PROBE_VERSION = 6
 PLAUSIBLE_FPS = (1.0, 1000.0)  # a rate outside is broken timestamps (all frames at one time, a negative step)
 MAX_FRAME_PIXELS = DataConfig.max_frame_pixels  # data.max_frame_pixels' default: 3840x2160
@@ -568,8 +569,8 @@ def judge(infos: list[VideoInfo], backend: str, num_frames: int, sampling_rate: 
 
 
 # bump when deep_probe's verdicts change (cached verdicts of other versions are ignored); 2: the file-size checks, the
-# decoder bounded by the header's frame size
-DEEP_VERSION = 2
+# decoder bounded by the header's frame size; 3: that bound's floor (a 32x32 MPEG-4 Part 2 file had been refused)
+DEEP_VERSION = 3
 
 
 def deep_probe(path: str) -> str:

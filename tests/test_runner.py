@@ -47,6 +47,10 @@ def kills_itself(payload: dict) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def aborts(payload: dict) -> None:
+    os.abort()
+
+
 def hangs(payload: dict) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     Path(payload["pid_file"]).write_text(str(child.pid))
@@ -102,6 +106,14 @@ def test_a_sigkilled_worker_is_oom_and_named():
     out = run_in_fresh_process(kills_itself, {}, timeout_s=120, env=ENV)
     assert out.status == "oom"
     assert out.returncode == -signal.SIGKILL and "SIGKILL" in out.message
+
+
+def test_a_worker_that_crashes_is_an_error_not_out_of_memory():
+    """SIGABRT or SIGSEGV is native code crashing (a decoder, a kernel launcher): an error, which the device scripts
+    count as a failure; only SIGKILL is what the OOM killer sends."""
+    out = run_in_fresh_process(aborts, {}, timeout_s=120, env=ENV)
+    assert out.status == "error" and out.returncode == -signal.SIGABRT, out
+    assert out.message.startswith("worker died of SIGABRT (exit -6): a crash in native code")
 
 
 def test_a_timeout_is_an_error_and_kills_the_whole_process_group(tmp_path):

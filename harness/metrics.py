@@ -22,6 +22,7 @@ is no trustworthy CPU peak table).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import resource
 import statistics
@@ -164,11 +165,22 @@ def time_steps(fn: Callable[[], object], device: torch.device, warmup: int, step
 
 @dataclass
 class KernelTime:
-    """A step's work on the GPU: device time (kernels, memory copies and fills; one stream runs them one after
-    another, so their sum is the time the GPU was busy) and device operations, per step."""
+    """A step's work on the GPU, per step: the time the GPU was busy (the union of its kernels', copies' and fills'
+    intervals: work on several streams at once counts once), their summed durations, and the device operations."""
 
     ms_per_step: float
     ops_per_step: float
+    summed_ms_per_step: float = 0.0
+
+
+def busy_time(intervals: Iterable[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` intervals."""
+    total, reached = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
 
 
 def kernel_time(fn: Callable[[], object], device: torch.device, steps: int = 3) -> KernelTime | None:
@@ -187,8 +199,8 @@ def kernel_time(fn: Callable[[], object], device: torch.device, steps: int = 3) 
 
 
 def device_totals(events: Iterable[object], steps: int) -> KernelTime:
-    """``KernelTime`` from profiler events: the device-side ones (``device_type`` CUDA, whose ``device_time_total``
-    is their own duration in us), over ``steps``. Not the GPU-side copies of ``record_function`` ranges (device
+    """``KernelTime`` from profiler events: the device-side ones (``device_type`` CUDA, whose ``time_range`` is
+    their span on the device and ``device_time_total`` their own duration in us), over ``steps``. Not the GPU-side copies of ``record_function`` ranges (device
     type CUDA too, ``is_user_annotation``: each spans its kernels, which are counted themselves), as torch's own
     device totals leave them out. Raises ``RuntimeError`` when the trace holds no device work (no CUDA activity
     traced): a step on a GPU runs kernels."""
@@ -198,8 +210,10 @@ def device_totals(events: Iterable[object], steps: int) -> KernelTime:
                  and not getattr(e, "is_user_annotation", False)]
     if not on_device:
         raise RuntimeError("the profiler traced no GPU work (CUDA activity not recorded: is CUPTI available?)")
-    busy_us = sum(float(e.device_time_total) for e in on_device)  # type: ignore[attr-defined]
-    return KernelTime(ms_per_step=busy_us / steps / 1e3, ops_per_step=len(on_device) / steps)
+    summed_us = sum(float(e.device_time_total) for e in on_device)  # type: ignore[attr-defined]
+    busy_us = busy_time((e.time_range.start, e.time_range.end) for e in on_device)  # type: ignore[attr-defined]
+    return KernelTime(ms_per_step=busy_us / steps / 1e3, ops_per_step=len(on_device) / steps,
+                      summed_ms_per_step=summed_us / steps / 1e3)
 
 
 def time_pairs(a: Callable[[], object], b: Callable[[], object], device: torch.device, pairs: int, *,

@@ -5,8 +5,10 @@ Rehearsed here at CPU size on real prepared files; the GPU run is ``make gpu-inp
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from timesformer_harness.benchmarks import gpu_input
 from timesformer_harness.pipelines.decode_rates import TABLE, load_rates
@@ -276,3 +278,17 @@ def test_what_each_row_needs():
         "pynvc-h264-gop32": "PyNvVideoCodec is not installed here (pip install pynvvideocodec)"}
     assert gpu_input.skip_reason(rows["pyav-h264-gop32"], cuda=False, dali=True) is None  # PyAV: any machine
     assert gpu_input.skip_reason(rows["dali-h264-gop32"], cuda=False, dali=True).startswith(H264_SKIP)
+
+
+def test_an_epochs_marks_wait_for_torchs_stream_not_the_device(monkeypatch):
+    """A device-wide synchronise at the marks would also wait for DALI's streams decoding the next batches and move
+    their time out of the steady part: the marks wait for torch's stream only."""
+    from timesformer_harness import metrics
+
+    waits = []
+    monkeypatch.setattr(metrics, "synchronize", lambda device: pytest.fail("a device-wide synchronise"))
+    monkeypatch.setattr(metrics, "synchronize_stream", lambda device: waits.append(device))
+    batches = [SimpleNamespace(video=torch.zeros(2, 3)) for _ in range(3)]
+    loader = type("Loader", (), {"set_epoch": lambda self, epoch: None, "__iter__": lambda self: iter(batches)})()
+    timing = gpu_input.time_epoch(loader, torch.device("cpu"))
+    assert timing.clips == 6 and timing.steady_clips == 4 and len(waits) == 2

@@ -157,14 +157,21 @@ def test_the_summary_names_the_triton_attentions_autotuned_blocks():
         gpu_perf.summary([row, graphs], meta)
 
 
-def test_device_totals_sum_the_device_side_events_only():
-    events = [SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=250.0, is_user_annotation=False),
-              SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=750.0, is_user_annotation=False),
+def test_device_totals_count_the_device_side_events_only_and_overlap_once():
+    def on_gpu(start: float, end: float, **kw) -> SimpleNamespace:
+        return SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=end - start,
+                               time_range=SimpleNamespace(start=start, end=end), **kw)
+
+    events = [on_gpu(0.0, 250.0, is_user_annotation=False), on_gpu(300.0, 1050.0, is_user_annotation=False),
               SimpleNamespace(device_type=DeviceType.CPU, device_time_total=900.0),  # a CPU op: its kernels' sum
               # a record_function range's GPU-side copy ("attn/temporal"): it spans the kernels counted above
-              SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=1000.0, is_user_annotation=True)]
+              on_gpu(0.0, 1050.0, is_user_annotation=True)]
     totals = device_totals(events, steps=2)
     assert totals.ms_per_step == pytest.approx(0.5) and totals.ops_per_step == 1.0
+    assert totals.summed_ms_per_step == pytest.approx(0.5)
+    # a second stream's kernel during the first two (e.g. a decoder thread's): the GPU was busy 1.1 ms, not 1.5
+    totals = device_totals([*events, on_gpu(200.0, 1100.0, is_user_annotation=False)], steps=1)
+    assert totals.ms_per_step == pytest.approx(1.1) and totals.summed_ms_per_step == pytest.approx(1.9)
     with pytest.raises(RuntimeError, match="traced no GPU work"):
         device_totals(events[2:3], steps=2)
 

@@ -12,14 +12,16 @@ DALI on the CPU and the clips copied to the GPU. Each loader module is imported 
 loaded for a PyAV or synthetic loader.
 
 Under torch.distributed every per-file step of the pre-flight check is sharded: each rank probes (and deep-checks)
-every ``world_size``-th video from its rank, and the small results are all-gathered, so every rank judges the same
-infos, makes the same decode plan (checked) and rejects the same files, with one probe per file in the whole job.
+every ``world_size``-th video from its rank (after checking that every rank read the same paths, in the same order),
+and the small results are all-gathered, so every rank judges the same infos, makes the same decode plan (checked) and
+rejects the same files, with one probe per file in the whole job.
 Rank 0 shows the progress of its own share (``timesformer_harness.pipelines.progress``: a bar on a terminal, else a log
 line every 30 s); both caches are written as results come, so an interrupted pre-flight check resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import operator
 from dataclasses import dataclass, fields
@@ -296,6 +298,7 @@ def _share_progress(step: str) -> dict[str, Any]:
 def _probe(paths: list[str], cfg: DataConfig, cache: str | Path | None) -> list[VideoInfo]:
     """``validate.probe_all`` of ``paths`` (cached); under torch.distributed each rank probes its share and all
     ranks get every file's info, in the order of ``paths``."""
+    _check_same_paths(paths)
     progress = _share_progress("probe")
     parts = _shares(paths, lambda share: [_INFO_FIELDS(i) for i in probe_all(share, cache, max(1, cfg.num_workers),
                                                                              **progress)])
@@ -303,6 +306,48 @@ def _probe(paths: list[str], cfg: DataConfig, cache: str | Path | None) -> list[
     for rank, part in enumerate(parts):  # rank r probed paths[r::world]
         infos[rank::len(parts)] = [VideoInfo(*row) for row in part]
     return infos
+
+
+_DIGEST_BLOCK = 4096  # entries per block digest: a disagreement is located to a block, then to an entry
+
+
+def _path_digests(paths: list[str]) -> tuple[int, str, list[str]]:
+    """(count, sha256 of all ``paths`` in order, sha256 of each block of ``_DIGEST_BLOCK`` paths): small to gather,
+    cheap to make (a 240k-entry manifest hashes in tens of milliseconds)."""
+    whole, blocks = hashlib.sha256(), []
+    for start in range(0, len(paths), _DIGEST_BLOCK):
+        data = "".join(p + "\0" for p in paths[start:start + _DIGEST_BLOCK]).encode("utf-8", "surrogateescape")
+        whole.update(data)
+        blocks.append(hashlib.sha256(data).hexdigest()[:32])
+    return len(paths), whole.hexdigest(), blocks
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> int:
+    """The first index where ``a`` and ``b`` differ (the shorter one's length when it is the other's start)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _check_same_paths(paths: list[str]) -> None:
+    """Raise the same ValueError on every rank when the ranks' ``paths`` (each read its manifest itself) differ: a
+    rank's share is placed back by position, so its probes would be matched to other files, or the gather would fail.
+    Locates the first differing entry with one more gather, of one block of paths, only when they differ."""
+    digests = _all_gather(_path_digests(paths))
+    if len({d[:2] for d in digests}) == 1:
+        return
+    # every rank holds the same digests, so every rank takes this branch and the gather below together
+    start = _DIGEST_BLOCK * min(_first_difference(d[2], digests[0][2]) for d in digests[1:] if d[:2] != digests[0][:2])
+    blocks = _all_gather(paths[start:start + _DIGEST_BLOCK])
+    at, rank = min((_first_difference(b, blocks[0]), r) for r, b in enumerate(blocks[1:], 1) if b != blocks[0])
+    said = [f"rank {r} has " + (repr(blocks[r][at]) if at < len(blocks[r]) else "no entry") for r in (0, rank)]
+    groups: dict[tuple[int, str], list[int]] = {}
+    for r, (count, digest, _) in enumerate(digests):
+        groups.setdefault((count, digest), []).append(r)
+    listing = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {count} videos "
+                        f"(sha256 {digest[:16]})" for (count, digest), ranks in groups.items())
+    raise ValueError(f"the ranks read different manifests ({listing}); the first difference is video {start + at + 1}: "
+                     f"{', '.join(said)}. Each rank probes its share of the videos by position, so their results "
+                     f"would be matched to the wrong files: every rank must read the same manifest: a file every node "
+                     f"sees, not rewritten while the job starts")
 
 
 def _check_agreed(plan: DecodePlan) -> None:

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 TOY = REPO / "data" / "toy" / "train"
 
 # One rank of the job: counts the probes and deep probes this process runs (the pools run them in threads of this
-# process with data.num_workers=1), builds the train loader and writes what it saw to {out}/rank{r}.json.
+# process with data.num_workers=1), builds the train loader and writes what it saw (or the error that stopped it) to
+# {out}/rank{r}.json. Rank 1 reads {manifest}.rank1 instead when that exists.
 WORKER = """
 import json, os, sys
 import torch.distributed as dist
@@ -33,6 +34,8 @@ out, manifest, cache, mode = sys.argv[1:5]
 setup_logging()
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+if rank == 1 and os.path.exists(manifest + ".rank1"):  # a manifest of rank 1's own, where the test made one
+    manifest += ".rank1"
 probed, deep = [], []
 probe, deep_probe = validate.probe_video, validate.deep_probe
 validate.probe_video = lambda p: probed.append(p) or probe(p)
@@ -45,7 +48,7 @@ cfg = DataConfig(loader="auto", backend="cpu", train_manifest=manifest, num_fram
 try:
     loader = factory.build_loader(cfg, "train", rank=rank, world_size=dist.get_world_size(), run_dir=out)
     seen = {"kind": loader.kind, "batches": len(loader), "rejected": loader.rejected}
-except RuntimeError as e:
+except (RuntimeError, ValueError) as e:
     seen = {"error": str(e)}
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"probed": probed, "deep": deep, **seen}, f)
@@ -121,6 +124,27 @@ def test_ranks_that_would_plan_different_loaders_stop_with_both_plans(manifest, 
     assert r0["error"] == r1["error"]
     assert "rank 0: dali on cpu" in r0["error"] and "rank 1: pyav on cpu" in r0["error"]
     assert "set data.loader and data.backend explicitly" in r0["error"]
+
+
+@pytest.mark.parametrize("change", ["reversed", "one line more"])
+def test_ranks_that_read_different_manifests_stop_before_probing(change, manifest, tmp_path: Path) -> None:
+    """Rank 1's manifest lists the videos in another order, or one more: each rank's probes would be placed back by
+    position among other files' (or the gather would fail on one rank and reset the other's connection). Both ranks
+    refuse with the same error, naming each rank's count and the first difference, before probing any file."""
+    listing, paths = manifest
+    lines = listing.read_text().splitlines(keepends=True)
+    extra = str(tmp_path / "videos" / "extra.webm")
+    Path(f"{listing}.rank1").write_text("".join(lines[::-1] if change == "reversed" else lines + [f"{extra} 0\n"]))
+    r0, r1, err = torchrun(tmp_path, "differ", listing, "none", "shallow")
+    assert r0["error"] == r1["error"] and r0["probed"] == r1["probed"] == []
+    error = r0["error"]
+    assert error.startswith("the ranks read different manifests (rank 0: 41 videos (sha256 ")
+    if change == "reversed":
+        assert "rank 1: 41 videos" in error and f"video 1: rank 0 has {paths[0]!r}, rank 1 has {paths[-1]!r}" in error
+    else:
+        assert "rank 1: 42 videos" in error and f"video 42: rank 0 has no entry, rank 1 has {extra!r}" in error
+    assert "every rank must read the same manifest: a file every node sees, not rewritten while the job starts" in error
+    assert "Traceback" not in err and "extended slice" not in err and "Connection reset" not in err
 
 
 def test_caches_stay_off_shared_filesystems_and_say_where_they_are(tmp_path: Path, monkeypatch) -> None:

@@ -382,7 +382,8 @@ class FileCache:
     """An SQLite table mapping a file (``file_key``) and a result version to a result: ``meta`` text and an optional
     ``data`` blob. Results of another version, or of the file before it changed, are not returned. The table is
     named ``<table>_<LAYOUT>``: an older harness's table of the same kind in the same file is not touched (both
-    versions can share a cache), and a table of the right name but another layout is dropped and rebuilt.
+    versions can share a cache), and a table of the right name but another layout is dropped and rebuilt (under
+    SQLite's write lock, so ranks opening the store together rebuild it once and keep each other's results).
 
     One connection per process (a cache made before a fork works in the child), shared by threads under a lock.
     ``path`` None: no store, every ``get`` misses and ``put`` keeps nothing. A store on a shared filesystem
@@ -434,13 +435,24 @@ class FileCache:
         # can lose the last results, not the file's consistency)
         set_wal_mode(db)
         db.execute("PRAGMA synchronous=NORMAL")
-        columns = [row[1] for row in db.execute(f"PRAGMA table_info({self.table})")]
-        if columns and columns != list(COLUMNS):  # a table of an older layout: a cache, so rebuilt
-            with db:
-                db.execute(f"DROP TABLE {self.table}")
-        db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (path TEXT, size INTEGER, mtime INTEGER, version, "
-                   f"meta TEXT, data BLOB, PRIMARY KEY (path, size, mtime, version))")
+        try:
+            if self._columns(db) != list(COLUMNS):
+                # made or rebuilt under the write lock, the columns read again inside it: two ranks that both saw
+                # the old layout would otherwise each drop the table, the second one what the first had rebuilt
+                db.execute("BEGIN IMMEDIATE")
+                if (columns := self._columns(db)) and columns != list(COLUMNS):  # an older layout: a cache, rebuilt
+                    db.execute(f"DROP TABLE IF EXISTS {self.table}")
+                db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (path TEXT, size INTEGER, mtime INTEGER, "
+                           f"version, meta TEXT, data BLOB, PRIMARY KEY (path, size, mtime, version))")
+                db.commit()
+        except BaseException:
+            db.close()  # rolls back
+            raise
         self._db, self._db_pid = db, os.getpid()
+
+    def _columns(self, db: sqlite3.Connection) -> list[str]:
+        """The columns of this cache's table in ``db``, in order; [] when there is none."""
+        return [row[1] for row in db.execute(f"PRAGMA table_info({self.table})")]
 
     def get(self, path: str | os.PathLike) -> tuple[str, bytes | None] | None:
         """(meta, data) stored for ``path`` as it is now, or None."""

@@ -94,3 +94,50 @@ def test_a_cache_that_cannot_be_used_is_warned_about_and_done_without(where, tmp
         assert cache.get(video) is None
     (warning,) = [r.getMessage() for r in caplog.records]
     assert f"{store}: the probe cache cannot be used" in warning and "data.validate_cache" in warning
+
+
+def test_two_caches_rebuilding_an_older_layout_table_at_once_keep_each_others_results(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """Two ranks open a store whose table has an older layout. B reads the table's columns (old); A then opens,
+    rebuilds the table and stores a result before B goes on: B must not drop the table A rebuilt (A's result lost).
+    The rebuild reads the columns again inside its write transaction, so B finds A's table and keeps it."""
+    import sqlite3
+    import threading
+
+    from timesformer_harness.common import LAYOUT, FileCache, file_key
+
+    video, other = tmp_path / "a.webm", tmp_path / "b.webm"
+    video.write_bytes(b"x" * 10)
+    other.write_bytes(b"y" * 10)
+    store = tmp_path / "probe.sqlite"
+    with sqlite3.connect(store) as db:
+        db.execute(f"CREATE TABLE probe_{LAYOUT} (path TEXT, info TEXT)")
+    a, b = FileCache(store, "probe", 1), FileCache(store, "probe", 1)
+    a_done, started = threading.Event(), []
+
+    def run_a() -> None:
+        a.put([(file_key(video), "from A", None)])
+        a_done.set()
+
+    class PausedAfterColumns(sqlite3.Connection):  # B's connection: lets A run once B has read the columns
+        def execute(self, sql: str, *args):  # type: ignore[override]
+            cursor = super().execute(sql, *args)
+            if not sql.startswith("PRAGMA table_info") or started:
+                return cursor
+            rows = cursor.fetchall()
+            started.append(threading.Thread(target=run_a, daemon=True))
+            started[0].start()
+            a_done.wait(3)  # A finishes, or waits on B's write lock (B read the columns under it); B goes on then
+            return rows
+
+    connect, opened = sqlite3.connect, []
+
+    def connect_b_first(*args, **kw) -> sqlite3.Connection:
+        opened.append(args[0])
+        return connect(*args, **kw, **({"factory": PausedAfterColumns} if len(opened) == 1 else {}))
+
+    monkeypatch.setattr(sqlite3, "connect", connect_b_first)
+    b.put([(file_key(other), "from B", None)])
+    assert a_done.wait(60) and len(opened) == 2
+    assert a.get(video) == b.get(video) == ("from A", None)
+    assert a.get(other) == b.get(other) == ("from B", None)

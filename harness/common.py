@@ -245,11 +245,12 @@ PROBE_CACHE = "validate.sqlite"
 COLUMNS = ("path", "size", "mtime", "version", "meta", "data")  # a FileCache table's layout
 LAYOUT = "c2"  # its name: bump it with COLUMNS
 # Filesystems shared between nodes (/proc/self/mountinfo's names), where SQLite's file locks are unreliable and a
-# cache that several ranks write can be corrupted: no FileCache store lives on one.
+# cache that several ranks write can be corrupted: no FileCache store lives on one. Every FUSE filesystem ("fuse.NAME",
+# or "fuse" without a name) counts as one too (``on_network_filesystem``): nearly all are network or cloud stores
+# (sshfs, rclone, MooseFS, gcsfuse, JuiceFS, s3fs, ...), and a cache wrongly moved off a local one costs nothing.
 NETWORK_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
-    "ocfs2", "gfs2", "panfs", "wekafs", "orangefs", "pvfs2", "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs",
-    "fuse.gcsfuse", "fuse.cephfs", "fuse.juicefs", "fuse.beegfs"})
+    "ocfs2", "gfs2", "panfs", "wekafs", "orangefs", "pvfs2", "dvs", "virtiofs"})
 NODE_LOCAL_ROOT = Path("/var/tmp")  # node-local and kept across reboots on common Linux set-ups (unlike /tmp)
 
 
@@ -274,9 +275,10 @@ def filesystem_type(path: str | os.PathLike) -> str:
 
 
 def on_network_filesystem(path: str | os.PathLike) -> str:
-    """The type of the shared filesystem ``path`` is on (``NETWORK_FILESYSTEMS``), or "" when it is node-local."""
+    """The type of the shared filesystem ``path`` is on (``NETWORK_FILESYSTEMS``, any FUSE filesystem), or "" when it
+    is node-local."""
     fs = filesystem_type(path)
-    return fs if fs in NETWORK_FILESYSTEMS else ""
+    return fs if fs in NETWORK_FILESYSTEMS or fs == "fuse" or fs.startswith("fuse.") else ""
 
 
 def default_cache_dir() -> tuple[Path, str]:
@@ -311,7 +313,7 @@ def cache_path(setting: str | os.PathLike | None, name: str = PROBE_CACHE) -> Pa
     cache beside it.
 
     Raises:
-        ValueError: the setting is a path on a shared filesystem (NFS, Lustre, ...; ``NETWORK_FILESYSTEMS``).
+        ValueError: the setting is a path on a shared filesystem (NFS, Lustre, FUSE, ...; ``on_network_filesystem``).
     """
     setting = "" if setting is None else str(setting)
     if setting == "none":

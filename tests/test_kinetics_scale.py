@@ -185,6 +185,22 @@ def test_caches_stay_off_shared_filesystems_and_say_where_they_are(tmp_path: Pat
         cache_path("")
 
 
+def test_cray_dvs_virtiofs_and_every_fuse_filesystem_count_as_shared(tmp_path: Path, monkeypatch) -> None:
+    """The filesystem types a cache must stay off: the listed network ones, Cray DVS, virtiofs and any FUSE one
+    (sshfs, rclone, MooseFS, gcsfuse, JuiceFS: nearly all network or cloud stores); local disks, tmpfs, overlay and
+    fuseblk (NTFS or exFAT on a local disk) are node-local."""
+    shared = ["nfs4", "lustre", "dvs", "virtiofs", "fuse", "fuse.sshfs", "fuse.rclone", "fuse.mfs", "fuse.gcsfuse",
+              "fuse.juicefs"]
+    local = ["ext4", "xfs", "btrfs", "tmpfs", "overlay", "fuseblk", ""]
+    for fs in shared + local:
+        monkeypatch.setattr(common, "filesystem_type", lambda path, fs=fs: fs)
+        assert common.on_network_filesystem(tmp_path) == (fs if fs in shared else ""), fs
+    for fs in ("dvs", "virtiofs", "fuse.rclone"):
+        monkeypatch.setattr(common, "filesystem_type", lambda path, fs=fs: fs)
+        with pytest.raises(ValueError, match=rf"data.validate_cache={tmp_path}/v.sqlite is on {fs}, a shared"):
+            cache_path(tmp_path / "v.sqlite")
+
+
 def test_a_folder_given_as_the_cache_holds_every_cache(tmp_path: Path) -> None:
     """data.validate_cache naming an existing folder: the probe cache and the packet indexes both go in it (the
     packet indexes had gone to the folder's parent, while the probe cache failed to open the folder as a file)."""

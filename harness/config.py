@@ -413,9 +413,11 @@ def _find_default(name: str, config: Path) -> Path:
     tried = [config.parent / name, CONFIG_DIR / name.removeprefix("configs/")]
     found = next((p for p in tried if p.is_file()), None)
     if found is None:
-        raise ConfigError(f"defaults entry {name!r} of {config} does not exist: looked for "
-                          f"{' and '.join(str(p) for p in tried)}; give a path relative to that config's folder or "
-                          f"to the shipped configs (e.g. configs/model/toy.yaml)")
+        kinds = [(p, kind) for p in tried if (kind := not_a_file(p)) != "does not exist"]
+        what = f"{kinds[0][0]} {kinds[0][1]}, not a config file" if kinds else "does not exist"
+        raise ConfigError(f"defaults entry {name!r} of {config}: {what}: looked for "
+                          f"{' and '.join(str(p) for p in tried)}; give a YAML file's path relative to that config's "
+                          f"folder or to the shipped configs (e.g. configs/model/toy.yaml)")
     return found
 
 

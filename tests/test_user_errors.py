@@ -196,9 +196,13 @@ def test_defaults_resolve_beside_the_config_then_in_the_shipped_configs(tmp_path
     assert "configs/model/toy.yaml" not in res.stderr and res.returncode == ExitCode.CONFIG  # found from any folder
     assert "nowhere/train.csv does not exist" in error_line(res)
     my.write_text("defaults: [configs/model/nope.yaml]\n")
-    with pytest.raises(ConfigError, match=rf"defaults entry 'configs/model/nope.yaml' of {my} does not exist: "
+    with pytest.raises(ConfigError, match=rf"defaults entry 'configs/model/nope.yaml' of {my}: does not exist: "
                                           rf"looked for {tmp_path}/configs/model/nope.yaml and "
                                           rf"{REPO}/configs/model/nope.yaml"):
+        load_config(my)
+    my.write_text("defaults: [configs/model]\n")  # a folder: named for what it is
+    with pytest.raises(ConfigError, match=rf"defaults entry 'configs/model' of {my}: {REPO}/configs/model is a "
+                                          rf"folder, not a config file: looked for "):
         load_config(my)
 
 

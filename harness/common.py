@@ -245,12 +245,13 @@ PROBE_CACHE = "validate.sqlite"
 COLUMNS = ("path", "size", "mtime", "version", "meta", "data")  # a FileCache table's layout
 LAYOUT = "c2"  # its name: bump it with COLUMNS
 # Filesystems shared between nodes (/proc/self/mountinfo's names), where SQLite's file locks are unreliable and a
-# cache that several ranks write can be corrupted: no FileCache store lives on one. Every FUSE filesystem ("fuse.NAME",
-# or "fuse" without a name) counts as one too (``on_network_filesystem``): nearly all are network or cloud stores
-# (sshfs, rclone, MooseFS, gcsfuse, JuiceFS, s3fs, ...), and a cache wrongly moved off a local one costs nothing.
+# cache that several ranks write can be corrupted: no FileCache store lives on one. FUSE filesystems are named one by
+# one: a container's root can be FUSE too (fuse-overlayfs, rootless Podman), and it is node-local.
 NETWORK_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
-    "ocfs2", "gfs2", "panfs", "wekafs", "orangefs", "pvfs2", "dvs", "virtiofs"})
+    "ocfs2", "gfs2", "panfs", "wekafs", "orangefs", "pvfs2", "dvs", "virtiofs", "fuse.glusterfs", "fuse.sshfs",
+    "fuse.s3fs", "fuse.gcsfuse", "fuse.cephfs", "fuse.juicefs", "fuse.beegfs", "fuse.rclone", "fuse.mfs",
+    "fuse.lizardfs", "fuse.goofys", "fuse.blobfuse", "fuse.blobfuse2", "fuse.geesefs", "fuse.ossfs"})
 NODE_LOCAL_ROOT = Path("/var/tmp")  # node-local and kept across reboots on common Linux set-ups (unlike /tmp)
 
 
@@ -275,10 +276,9 @@ def filesystem_type(path: str | os.PathLike) -> str:
 
 
 def on_network_filesystem(path: str | os.PathLike) -> str:
-    """The type of the shared filesystem ``path`` is on (``NETWORK_FILESYSTEMS``, any FUSE filesystem), or "" when it
-    is node-local."""
+    """The type of the shared filesystem ``path`` is on (``NETWORK_FILESYSTEMS``), or "" when it is node-local."""
     fs = filesystem_type(path)
-    return fs if fs in NETWORK_FILESYSTEMS or fs == "fuse" or fs.startswith("fuse.") else ""
+    return fs if fs in NETWORK_FILESYSTEMS else ""
 
 
 def default_cache_dir() -> tuple[Path, str]:
@@ -313,7 +313,7 @@ def cache_path(setting: str | os.PathLike | None, name: str = PROBE_CACHE) -> Pa
     cache beside it.
 
     Raises:
-        ValueError: the setting is a path on a shared filesystem (NFS, Lustre, FUSE, ...; ``on_network_filesystem``).
+        ValueError: the setting is a path on a shared filesystem (NFS, Lustre, sshfs, ...; ``NETWORK_FILESYSTEMS``).
     """
     setting = "" if setting is None else str(setting)
     if setting == "none":

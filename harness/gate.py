@@ -198,9 +198,9 @@ def check_baseline(baseline: list[BenchRecord], meta: dict[str, Any]) -> None:
             raise ValueError(f"record {rec.case} has status {rec.status!r}, not 'ok': a baseline holds measured cases "
                              f"only; {REWRITE}")
         baseline_model(rec, meta)
-        for key in ("steps_per_block", "calib_reps", "gemm_n"):
+        for key in ("steps_per_block", "calib_reps", "gemm_n", "calib_n"):  # calib_n: gemm_n's older name
             value = rec.extra.get(key)
-            if value is None and key == "gemm_n":
+            if value is None and key in ("gemm_n", "calib_n"):
                 continue  # older baselines: the gate's default size
             if value is None:
                 raise ValueError(f"record {rec.case} has no block sizes (extra.steps_per_block, calib_reps): not a "

@@ -200,10 +200,10 @@ def kernel_time(fn: Callable[[], object], device: torch.device, steps: int = 3) 
 
 def device_totals(events: Iterable[object], steps: int) -> KernelTime:
     """``KernelTime`` from profiler events: the device-side ones (``device_type`` CUDA, whose ``time_range`` is
-    their span on the device and ``device_time_total`` their own duration in us), over ``steps``. Not the GPU-side copies of ``record_function`` ranges (device
-    type CUDA too, ``is_user_annotation``: each spans its kernels, which are counted themselves), as torch's own
-    device totals leave them out. Raises ``RuntimeError`` when the trace holds no device work (no CUDA activity
-    traced): a step on a GPU runs kernels."""
+    their span on the device and ``device_time_total`` their own duration in us), over ``steps``. Not the GPU-side
+    copies of ``record_function`` ranges (device type CUDA too, ``is_user_annotation``: each spans its kernels, which
+    are counted themselves), as torch's own device totals leave them out. Raises ``RuntimeError`` when the trace
+    holds no device work (no CUDA activity traced): a step on a GPU runs kernels."""
     from torch.autograd import DeviceType
 
     on_device = [e for e in events if e.device_type == DeviceType.CUDA  # type: ignore[attr-defined]

@@ -189,10 +189,10 @@ def run_in_fresh_process(fn: Callable[[Any], Any], payload: Any, *, timeout_s: f
     if code is None:
         return Outcome("error", message=f"timed out after {timeout_s:g} s", wall_s=wall)
     tail = (stderr.strip().splitlines() or ["no output"])[-1][:300]
-    if code in (-signal.SIGKILL, 128 + signal.SIGKILL):
+    if code == -signal.SIGKILL:
         return Outcome("oom", message=f"worker killed by SIGKILL (exit {code}; the kernel's OOM killer is the usual "
                                       f"sender): {tail}", returncode=code, wall_s=wall)
-    if code < 0 or code > 128:  # SIGSEGV, SIGABRT, SIGBUS, ...: a crash in native code, not a memory limit
+    if code < 0 and not says_oom(tail):  # SIGSEGV, SIGABRT, SIGBUS, ...: a crash in native code, not a memory limit
         name = _signal_name(code)
         why = "stopped from outside" if name in ("SIGINT", "SIGTERM") else "a crash in native code"
         return Outcome("error", message=f"worker died of {name} (exit {code}): {why}; its last output: {tail}",

@@ -81,6 +81,10 @@ def decode_clip(path: str, indices: Sequence[int] | np.ndarray, index: PacketInd
                     frames = itertools.chain([first], frames)
             for frame in frames:
                 decoded += 1
+                if (frame.width, frame.height) != (index.width, index.height):  # the crop window is the header's
+                    raise RuntimeError(f"{path}: a {frame.width}x{frame.height} frame in a stream whose header says "
+                                       f"{index.width}x{index.height}: re-encode the video at one frame size or leave "
+                                       "it out of the manifest")
                 n = display_of.get(frame.pts, pos) if frame.pts is not None else pos
                 pos, last = n + 1, frame
                 if n in wanted_set:

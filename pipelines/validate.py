@@ -78,9 +78,10 @@ CUT_FILE = ("yet the file reads whole, so its content is likely cut or damaged (
 
 # 2: pixel format, bit depth and chroma; 3: file-size checks, the first video stream's own length; 4: the first frame
 # is the first packet's, and late-starting timestamps are not truncation; 5: a named pipe or device is named so (it was
-# an "empty file"); 6: an AVI with fewer frames than its header counts is truncated, and the decoder's pixel bound
-# has a floor (a 32x32 MPEG-4 Part 2 file had been refused)
-PROBE_VERSION = 6
+# an "empty file"); 6: an AVI with fewer frames than its header counts is truncated; 7: that rule for AVI only (an MP4
+# trimmed by its edit list had been refused), the decoder's pixel bound has a floor (a 32x32 MPEG-4 Part 2 file had
+# been refused), an I/O error on a file that reads whole is not cached
+PROBE_VERSION = 7
 PLAUSIBLE_FPS = (1.0, 1000.0)  # a rate outside is broken timestamps (all frames at one time, a negative step)
 MAX_FRAME_PIXELS = DataConfig.max_frame_pixels  # data.max_frame_pixels' default: 3840x2160
 TAIL_BYTES = 1 << 20  # file-size checks: how many unbacked or unread bytes at a file's end are "beyond reason"

@@ -313,7 +313,7 @@ def test_a_damaged_or_foreign_baseline_is_refused_naming_the_record_and_the_fix(
                                              "make gate-baseline"):
             check_baseline([_baseline_rec(ratio=ratio)], meta)
     for key, value in (("steps_per_block", "x"), ("calib_reps", 0), ("steps_per_block", 1.5),
-                       ("gemm_n", float("nan"))):
+                       ("gemm_n", float("nan")), ("calib_n", -5)):
         with pytest.raises(ValueError, match=rf"record {CASE}: extra.{key} is .*not a positive whole number"):
             check_baseline([_baseline_rec(**{key: value})], meta)
     failed = _baseline_rec()

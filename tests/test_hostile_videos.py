@@ -311,3 +311,17 @@ def test_the_pixel_limit_makes_the_quarantine_independent_of_free_memory(videos,
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
     print(json.dumps(_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+
+
+def test_the_pyav_loader_refuses_a_frame_of_another_size_than_the_header(tmp_path: Path) -> None:
+    """MPEG-4 Part 2 frames carry no size the packet index reads, and its decoder's pixel bound has a floor (512x512,
+    for the decoder's own buffer): a 64x64 stream whose frames become 400x400 is refused by the PyAV loader's decode,
+    whose crop windows are the header's, instead of cropping a corner of the larger frames."""
+    from timesformer_harness.pipelines.pyav import decode_clip
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (s, s, 3), dtype=np.uint8) for s in [64] * 8 + [400] * 8]
+    path = str(encode_resizing(tmp_path / "grows_mpeg4.avi", "mpeg4", frames))
+    assert decode_clip(path, [1, 3]).frames.shape[1:3] == (64, 64)
+    with pytest.raises(RuntimeError, match=r"a 400x400 frame in a stream whose header says 64x64: re-encode"):
+        decode_clip(path, [10, 12])

@@ -185,13 +185,13 @@ def test_caches_stay_off_shared_filesystems_and_say_where_they_are(tmp_path: Pat
         cache_path("")
 
 
-def test_cray_dvs_virtiofs_and_every_fuse_filesystem_count_as_shared(tmp_path: Path, monkeypatch) -> None:
-    """The filesystem types a cache must stay off: the listed network ones, Cray DVS, virtiofs and any FUSE one
-    (sshfs, rclone, MooseFS, gcsfuse, JuiceFS: nearly all network or cloud stores); local disks, tmpfs, overlay and
-    fuseblk (NTFS or exFAT on a local disk) are node-local."""
-    shared = ["nfs4", "lustre", "dvs", "virtiofs", "fuse", "fuse.sshfs", "fuse.rclone", "fuse.mfs", "fuse.gcsfuse",
+def test_cray_dvs_virtiofs_and_network_fuse_filesystems_count_as_shared(tmp_path: Path, monkeypatch) -> None:
+    """The filesystem types a cache must stay off: the listed network ones, Cray DVS, virtiofs and the network FUSE
+    ones (sshfs, rclone, MooseFS, gcsfuse, JuiceFS); local disks, tmpfs, overlay, fuseblk (NTFS or exFAT on a local
+    disk) and fuse-overlayfs (a rootless container's root, where the default cache folders are) are node-local."""
+    shared = ["nfs4", "lustre", "dvs", "virtiofs", "fuse.sshfs", "fuse.rclone", "fuse.mfs", "fuse.gcsfuse",
               "fuse.juicefs"]
-    local = ["ext4", "xfs", "btrfs", "tmpfs", "overlay", "fuseblk", ""]
+    local = ["ext4", "xfs", "btrfs", "tmpfs", "overlay", "fuseblk", "fuse.fuse-overlayfs", ""]
     for fs in shared + local:
         monkeypatch.setattr(common, "filesystem_type", lambda path, fs=fs: fs)
         assert common.on_network_filesystem(tmp_path) == (fs if fs in shared else ""), fs

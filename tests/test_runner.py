@@ -181,3 +181,15 @@ def test_a_signal_while_the_command_starts_still_kills_it(monkeypatch):
     assert stopped.value.code == 143 and started
     time.sleep(0.2)
     assert not _alive(started[0])
+
+
+def exits_255_out_of_memory(payload: dict) -> None:
+    print("terminate called: memory allocation failed", file=sys.stderr, flush=True)
+    os._exit(255)
+
+
+def test_an_exit_code_above_128_is_an_exit_code_not_a_signal():
+    """The worker is started without a shell: 255 is its exit status (here after an allocation failed), not
+    signal 127."""
+    out = run_in_fresh_process(exits_255_out_of_memory, {}, timeout_s=120, env=ENV)
+    assert out.status == "oom" and out.returncode == 255 and "exited with code 255" in out.message, out

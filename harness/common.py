@@ -287,12 +287,17 @@ def default_cache_dir() -> tuple[Path, str]:
     over NFS is common on clusters), made private (mode 700).
 
     Raises:
-        ValueError: that node-local folder is a link, not a folder, or another user's.
+        ValueError: that node-local folder is a link, not a folder, or another user's; or ``/var/tmp`` is on a shared
+            filesystem too.
     """
     usual = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache") / "timesformer-harness"
     fs = on_network_filesystem(usual)
     if not fs:
         return usual, ""
+    if also := on_network_filesystem(NODE_LOCAL_ROOT):
+        raise ValueError(f"{usual} is on {fs} and {NODE_LOCAL_ROOT} on {also}, both shared filesystems, where SQLite's "
+                         f"file locks are unreliable: set data.validate_cache to a folder on a node-local disk (the "
+                         f"node's scratch or /tmp), or none")
     local = NODE_LOCAL_ROOT / f"timesformer-harness-{os.getuid()}"
     local.mkdir(mode=0o700, exist_ok=True)  # in a folder every user may write to: made private, and checked
     st = os.lstat(local)
@@ -321,7 +326,7 @@ def cache_path(setting: str | os.PathLike | None, name: str = PROBE_CACHE) -> Pa
     if setting and (fs := on_network_filesystem(setting)):
         raise ValueError(f"data.validate_cache={setting} is on {fs}, a shared filesystem, where SQLite's file locks "
                          f"are unreliable and every rank writes the cache; give a path on a node-local disk, leave it "
-                         f"unset (the default, {default_cache_dir()[0] / PROBE_CACHE}, is node-local) or set none")
+                         f"unset (the default folder is kept on one) or set none")
     probe = Path(setting) if setting else cache_dir() / PROBE_CACHE
     if probe.is_dir():  # a folder named: the caches go in it, not beside it
         probe = probe / PROBE_CACHE

@@ -183,6 +183,10 @@ def test_caches_stay_off_shared_filesystems_and_say_where_they_are(tmp_path: Pat
     local.symlink_to(tmp_path)  # someone else's link where the private folder goes
     with pytest.raises(ValueError, match=r"is not a folder of this user's: remove it, or set data.validate_cache"):
         cache_path("")
+    monkeypatch.setattr(common, "NODE_LOCAL_ROOT", Path("/dev/shm"))  # the fallback on a shared filesystem too
+    with pytest.raises(ValueError, match=rf"{shared / 'timesformer-harness'} is on tmpfs and /dev/shm on tmpfs, both "
+                                         r"shared filesystems.*set data.validate_cache to a folder on a node-local"):
+        cache_path("")
 
 
 def test_cray_dvs_virtiofs_and_network_fuse_filesystems_count_as_shared(tmp_path: Path, monkeypatch) -> None:

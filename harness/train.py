@@ -64,7 +64,7 @@ from timesformer_harness.train_state import (LAUNCH_FILE, Change, CheckpointMana
                                              format_changes, keep_records_up_to, launch_identity, list_checkpoints,
                                              logged_end, resume_disagreement, resume_position, rng_state,
                                              saved_config, set_aside, set_rng_state, started_by_this_launch,
-                                             val_record, video_facts)
+                                             unwritable, val_record, video_facts)
 from timesformer_harness.workload import TrainStep, build_model, check_model_fits, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
 from timesformer_harness.pipelines.config import DataConfig
@@ -199,8 +199,7 @@ class Trainer:
             except RunFolderError as e:
                 busy = str(e)
             except OSError as e:  # a full disk
-                busy = (f"output.dir {self.run_dir} cannot be written ({e.strerror or e}): give the run a folder it "
-                        "can write, output.dir=...")
+                busy = str(unwritable(self.run_dir, e))
         if self._any_rank(bool(busy)):
             raise RunFolderError(busy or f"output.dir {self.run_dir} cannot be used (rank 0 says why)")
         if info.is_main:

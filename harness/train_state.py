@@ -58,6 +58,12 @@ class RunFolderError(Exception):
     """The run folder cannot be used as asked: another run holds it, or the data changed under a resume."""
 
 
+def unwritable(run_dir: str | Path, e: OSError) -> RunFolderError:
+    """The error for a run folder that cannot be written (read-only, no permission, a file in the way, a full disk)."""
+    return RunFolderError(f"output.dir {run_dir} cannot be written ({e.strerror or e}): give the run a folder it can "
+                          "write, output.dir=...")
+
+
 class RunLock:
     """An exclusive lock on a run folder (``{output.dir}/.lock``), held while the run lives: a second run pointed
     at the same folder fails at once naming the holder (pid, host, start time) instead of interleaving its metrics
@@ -83,9 +89,8 @@ class RunLock:
             self._file.truncate()
             self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
             self._file.flush()
-        except OSError as e:  # read-only, no permission, a file in the way, a full disk
-            raise RunFolderError(f"output.dir {self.path.parent} cannot be written ({e.strerror or e}): give the run a "
-                                 "folder it can write, output.dir=...") from None
+        except OSError as e:
+            raise unwritable(self.path.parent, e) from None
         self._key = os.path.realpath(self.path)
         RunLock._held.add(self._key)
 

@@ -165,6 +165,7 @@ def preflight(cfg: DataConfig, split: str, device: torch.device | str = "cpu", n
         entries = read_manifest(cfg, split, num_classes)
     cache = cache_path(cfg.validate_cache)
     logger.info("pre-flight caches: %s", cache_location(cfg.validate_cache))
+    _check_same_entries(entries)
     infos = _probe([e.path for e in entries], cfg, cache)
     plan = plan_decode(cfg, device, infos, generation_of(device) if device.type == "cuda" else DEFAULT_GENERATION,
                        dali_available() if cfg.loader == AUTO or LOADERS[cfg.loader].needs_decode_device else "")
@@ -297,8 +298,7 @@ def _share_progress(step: str) -> dict[str, Any]:
 
 def _probe(paths: list[str], cfg: DataConfig, cache: str | Path | None) -> list[VideoInfo]:
     """``validate.probe_all`` of ``paths`` (cached); under torch.distributed each rank probes its share and all
-    ranks get every file's info, in the order of ``paths``."""
-    _check_same_paths(paths)
+    ranks get every file's info, in the order of ``paths`` (the same on every rank: ``_check_same_entries``)."""
     progress = _share_progress("probe")
     parts = _shares(paths, lambda share: [_INFO_FIELDS(i) for i in probe_all(share, cache, max(1, cfg.num_workers),
                                                                              **progress)])
@@ -311,34 +311,41 @@ def _probe(paths: list[str], cfg: DataConfig, cache: str | Path | None) -> list[
 _DIGEST_BLOCK = 4096  # entries per block digest: a disagreement is located to a block, then to an entry
 
 
-def _path_digests(paths: list[str]) -> tuple[int, str, list[str]]:
-    """(count, sha256 of all ``paths`` in order, sha256 of each block of ``_DIGEST_BLOCK`` paths): small to gather,
-    cheap to make (a 240k-entry manifest hashes in tens of milliseconds)."""
+def _entry_digests(entries: list[VideoEntry]) -> tuple[int, str, list[str]]:
+    """(count, sha256 of all ``entries`` in order, sha256 of each block of ``_DIGEST_BLOCK`` entries): small to
+    gather, cheap to make (a 240k-entry manifest hashes in tens of milliseconds)."""
     whole, blocks = hashlib.sha256(), []
-    for start in range(0, len(paths), _DIGEST_BLOCK):
-        data = "".join(p + "\0" for p in paths[start:start + _DIGEST_BLOCK]).encode("utf-8", "surrogateescape")
-        whole.update(data)
-        blocks.append(hashlib.sha256(data).hexdigest()[:32])
-    return len(paths), whole.hexdigest(), blocks
+    for start in range(0, len(entries), _DIGEST_BLOCK):
+        data = "".join(f"{e.path}\0{e.label}\0{e.key}\0" for e in entries[start:start + _DIGEST_BLOCK])
+        encoded = data.encode("utf-8", "surrogateescape")
+        whole.update(encoded)
+        blocks.append(hashlib.sha256(encoded).hexdigest()[:32])
+    return len(entries), whole.hexdigest(), blocks
 
 
-def _first_difference(a: Sequence[str], b: Sequence[str]) -> int:
+def _first_difference(a: Sequence[Any], b: Sequence[Any]) -> int:
     """The first index where ``a`` and ``b`` differ (the shorter one's length when it is the other's start)."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _check_same_paths(paths: list[str]) -> None:
-    """Raise the same ValueError on every rank when the ranks' ``paths`` (each read its manifest itself) differ: a
-    rank's share is placed back by position, so its probes would be matched to other files, or the gather would fail.
-    Locates the first differing entry with one more gather, of one block of paths, only when they differ."""
-    digests = _all_gather(_path_digests(paths))
+def _said(entry: VideoEntry) -> str:
+    """A manifest entry as an error message names it."""
+    return f"{entry.path!r} label {entry.label}" + (f" id {entry.key!r}" if entry.key else "")
+
+
+def _check_same_entries(entries: list[VideoEntry]) -> None:
+    """Raise the same ValueError on every rank when the ranks' ``entries`` (each read its manifest itself) differ: a
+    rank's share of the probes is placed back by position, so it would be matched to other files (or the gather would
+    fail), and a rank whose labels differ would train its share on other classes. Locates the first differing entry
+    with one more gather, of one block of entries, only when they differ."""
+    digests = _all_gather(_entry_digests(entries))
     if len({d[:2] for d in digests}) == 1:
         return
     # every rank holds the same digests, so every rank takes this branch and the gather below together
     start = _DIGEST_BLOCK * min(_first_difference(d[2], digests[0][2]) for d in digests[1:] if d[:2] != digests[0][:2])
-    blocks = _all_gather(paths[start:start + _DIGEST_BLOCK])
+    blocks = _all_gather(entries[start:start + _DIGEST_BLOCK])
     at, rank = min((_first_difference(b, blocks[0]), r) for r, b in enumerate(blocks[1:], 1) if b != blocks[0])
-    said = [f"rank {r} has " + (repr(blocks[r][at]) if at < len(blocks[r]) else "no entry") for r in (0, rank)]
+    said = [f"rank {r} has " + (_said(blocks[r][at]) if at < len(blocks[r]) else "no entry") for r in (0, rank)]
     groups: dict[tuple[int, str], list[int]] = {}
     for r, (count, digest, _) in enumerate(digests):
         groups.setdefault((count, digest), []).append(r)
@@ -346,8 +353,8 @@ def _check_same_paths(paths: list[str]) -> None:
                         f"(sha256 {digest[:16]})" for (count, digest), ranks in groups.items())
     raise ValueError(f"the ranks read different manifests ({listing}); the first difference is video {start + at + 1}: "
                      f"{', '.join(said)}. Each rank probes its share of the videos by position, so their results "
-                     f"would be matched to the wrong files: every rank must read the same manifest: a file every node "
-                     f"sees, not rewritten while the job starts")
+                     f"would be matched to the wrong files, and a rank would train on other labels: every rank must "
+                     f"read the same manifest: a file every node sees, not rewritten while the job starts")
 
 
 def _check_agreed(plan: DecodePlan) -> None:

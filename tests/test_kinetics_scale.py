@@ -126,23 +126,30 @@ def test_ranks_that_would_plan_different_loaders_stop_with_both_plans(manifest, 
     assert "set data.loader and data.backend explicitly" in r0["error"]
 
 
-@pytest.mark.parametrize("change", ["reversed", "one line more"])
+@pytest.mark.parametrize("change", ["reversed", "one line more", "one label"])
 def test_ranks_that_read_different_manifests_stop_before_probing(change, manifest, tmp_path: Path) -> None:
-    """Rank 1's manifest lists the videos in another order, or one more: each rank's probes would be placed back by
-    position among other files' (or the gather would fail on one rank and reset the other's connection). Both ranks
-    refuse with the same error, naming each rank's count and the first difference, before probing any file."""
+    """Rank 1's manifest lists the videos in another order, or one more, or gives one video another label: each
+    rank's probes would be placed back by position among other files' (or the gather would fail on one rank and reset
+    the other's connection), or rank 1 would train that video as another class. Both ranks refuse with the same
+    error, naming each rank's count and the first difference, before probing any file."""
     listing, paths = manifest
     lines = listing.read_text().splitlines(keepends=True)
     extra = str(tmp_path / "videos" / "extra.webm")
-    Path(f"{listing}.rank1").write_text("".join(lines[::-1] if change == "reversed" else lines + [f"{extra} 0\n"]))
+    relabelled = lines[:7] + [f"{paths[7]} 2\n"] + lines[8:]  # was label 7 % 3 = 1
+    Path(f"{listing}.rank1").write_text("".join({"reversed": lines[::-1], "one line more": lines + [f"{extra} 0\n"],
+                                                 "one label": relabelled}[change]))
     r0, r1, err = torchrun(tmp_path, "differ", listing, "none", "shallow")
     assert r0["error"] == r1["error"] and r0["probed"] == r1["probed"] == []
     error = r0["error"]
     assert error.startswith("the ranks read different manifests (rank 0: 41 videos (sha256 ")
     if change == "reversed":
-        assert "rank 1: 41 videos" in error and f"video 1: rank 0 has {paths[0]!r}, rank 1 has {paths[-1]!r}" in error
+        assert "rank 1: 41 videos" in error
+        assert f"video 1: rank 0 has {paths[0]!r} label 0, rank 1 has {paths[-1]!r} label {40 % 3}" in error
+    elif change == "one line more":
+        assert "rank 1: 42 videos" in error and f"video 42: rank 0 has no entry, rank 1 has {extra!r} label 0" in error
     else:
-        assert "rank 1: 42 videos" in error and f"video 42: rank 0 has no entry, rank 1 has {extra!r}" in error
+        assert "rank 1: 41 videos" in error
+        assert f"video 8: rank 0 has {paths[7]!r} label 1, rank 1 has {paths[7]!r} label 2" in error
     assert "every rank must read the same manifest: a file every node sees, not rewritten while the job starts" in error
     assert "Traceback" not in err and "extended slice" not in err and "Connection reset" not in err
 

@@ -123,7 +123,7 @@ def write_baseline(args: argparse.Namespace) -> int:
     try:
         check_output_root(Path(args.write_baseline).parent, "--write-baseline FILE")
     except OutputFolderError as e:
-        print(f"gate: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     pairs = args.pairs or DEFAULT_PAIRS
     precision = precision_name(resolve_precision(cfg.bench.precision, device))
@@ -350,13 +350,13 @@ def gate(args: argparse.Namespace) -> int:
     path = Path(args.baseline)
     if not path.is_file():
         what = "is a folder, not a baseline file" if path.is_dir() else "does not exist"
-        print(f"baseline {path} {what}; write one with `make gate-baseline BASELINE={path}`")
+        print(f"error: baseline {path} {what}; write one with `make gate-baseline BASELINE={path}`", file=sys.stderr)
         return 2
     clock = Stopwatch()
     try:
         check_output_root(args.out)
     except OutputFolderError as e:
-        print(f"gate: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         try:
@@ -372,7 +372,7 @@ def gate(args: argparse.Namespace) -> int:
         check_baseline(baseline, meta)  # the cases this run gates, before any is measured
         cases = candidate_cases(baseline, meta, device, args.overrides, args.pairs, delays)
     except (ValueError, KeyError) as e:
-        print(f"cannot gate against {path}: {str(e).removeprefix(f'{path}: ')}")
+        print(f"error: cannot gate against {path}: {str(e).removeprefix(f'{path}: ')}", file=sys.stderr)
         return 2
     tol = args.tolerance if args.tolerance is not None else meta.get("tolerance")
     mem_tol = next(t for t in (args.mem_tolerance, meta.get("mem_tolerance"), DEFAULT_MEM_TOLERANCE) if t is not None)
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return write_baseline(args) if args.write_baseline else gate(args)
     except ValueError as e:  # bad arguments found while building cases (an unknown variant, a bad override)
-        print(f"gate: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -192,11 +192,11 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_measuring(tmp
     afile = tmp_path / "afile"
     afile.write_text("{}")
     out = _gate("--baseline", str(afile), "--out", str(afile))
-    assert out.returncode == 2 and out.stdout.strip() == (f"gate: cannot write under {afile}: it is a "
-                                                          "file; name a folder with --out")
+    assert out.returncode == 2 and out.stderr.strip() == (f"error: cannot write under {afile}: it is a "
+                                                          "file; name a folder with --out") and not out.stdout
     out = _gate("--write-baseline", str(afile / "b.json"), "--preset", "tiny")
-    assert out.returncode == 2 and f"gate: cannot write under {afile}: it is a file; name a folder " \
-        "with --write-baseline FILE" in out.stdout
+    assert out.returncode == 2 and f"error: cannot write under {afile}: it is a file; name a folder " \
+        "with --write-baseline FILE" in out.stderr
 
 
 def test_gate_end_to_end_same_tree_passes_and_a_slowdown_or_3x_depth_fails(tmp_path):
@@ -242,21 +242,21 @@ def test_gate_end_to_end_same_tree_passes_and_a_slowdown_or_3x_depth_fails(tmp_p
 
 def test_gate_exit_2_when_it_cannot_judge(tmp_path):
     missing = _gate("--baseline", str(tmp_path / "none.json"))
-    assert missing.returncode == 2 and "make gate-baseline" in missing.stdout
+    assert missing.returncode == 2 and "make gate-baseline" in missing.stderr and not missing.stdout
     foreign = tmp_path / "gpu.json"
     write_results(foreign, [_rec()], {"kind": "gate-baseline", "device": "cuda", "preset": "vit_base_patch16"})
     out = _gate("--baseline", str(foreign))
-    assert out.returncode == 2 and "measured on 'cuda'" in out.stdout
+    assert out.returncode == 2 and "measured on 'cuda'" in out.stderr and not out.stdout
     here = tmp_path / "cpu.json"
     write_results(here, [_rec()], {"kind": "gate-baseline", "device": "cpu", "preset": "tiny"})
     unknown = _gate("--baseline", str(here), "--cases", "model/nope*")
-    assert unknown.returncode == 2 and "match no baseline case" in unknown.stdout
+    assert unknown.returncode == 2 and "match no baseline case" in unknown.stderr and not unknown.stdout
     # arguments that would make a gate that cannot fail, or report a bad flag as a regression (exit 1)
     for flag, value in (("--tolerance", "nan"), ("--tolerance", "8"), ("--pairs", "-1"), ("--mem-tolerance", "-1")):
         bad = _gate("--baseline", str(here), flag, value)
         assert bad.returncode == 2 and f"{flag} " in bad.stderr and not bad.stdout, (flag, bad.stderr)
     bad = _gate("--baseline", str(here), "--inject-delay", f"{CASE}=0")
-    assert bad.returncode == 2 and "must be a number above 0" in bad.stdout
+    assert bad.returncode == 2 and "must be a number above 0" in bad.stderr and not bad.stdout
     # damaged baselines: one line, exit 2 (never 1, which CI reads as a regression)
     data = json.loads(here.read_text())
     damaged = {"env_null": lambda d: d["meta"].update(env=None),
@@ -269,11 +269,11 @@ def test_gate_exit_2_when_it_cannot_judge(tmp_path):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(d))
         out = _gate("--baseline", str(path))
-        assert out.returncode == 2 and out.stdout.startswith(f"cannot gate against {path}: "), (name, out.stdout,
-                                                                                                 out.stderr[-1500:])
+        assert out.returncode == 2 and f"\nerror: cannot gate against {path}: " in f"\n{out.stderr}", \
+            (name, out.stdout, out.stderr[-1500:])
         assert "Traceback" not in out.stderr
     folder = _gate("--baseline", str(tmp_path))
-    assert folder.returncode == 2 and "is a folder, not a baseline file" in folder.stdout
+    assert folder.returncode == 2 and "is a folder, not a baseline file" in folder.stderr
 
 
 def test_a_baseline_keeps_the_median_run_and_every_sample():
@@ -333,8 +333,8 @@ def test_a_damaged_baseline_is_exit_2_before_anything_is_measured(tmp_path):
         write_results(path, [rec], meta)
         out = _gate("--baseline", str(path), "--out", str(tmp_path / "gate"))
         assert out.returncode == 2, (name, out.stdout, out.stderr[-1500:])
-        (line,) = out.stdout.splitlines()
-        assert line.startswith(f"cannot gate against {path}: record {CASE}: {says}"), line
+        (line,) = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert line.startswith(f"error: cannot gate against {path}: record {CASE}: {says}"), line
         assert line.endswith("re-write it with `make gate-baseline`") and "Traceback" not in out.stderr
         assert not list((tmp_path / "gate").glob("*"))  # refused before measuring: no run folder
 

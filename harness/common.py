@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
+import json
 import logging
 import os
 import re
@@ -191,6 +192,7 @@ class ExitCode(enum.IntEnum):
     BAD_VIDEOS = 3  # bad videos over the budget (data.on_bad_video, data.max_bad_fraction)
     RUN_FOLDER = 4  # output.dir is in use by another run, or the data changed under a resume
     CONFIG = 5  # a mistake in the config or the data it names: key, value, file, manifest, label
+    PEER_STOPPED = 6  # another rank of the job stopped first and this one lost its connection: that rank's error is it
     INTERRUPTED = 130  # Ctrl-C before anything could be saved, or a second signal (128 + its number: 143 for SIGTERM)
 
 
@@ -223,6 +225,18 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def leave_for_torchrun(message: str, effect: bool = False) -> None:
+    """Leave ``message`` in the error file torchrun gives each worker (``TORCHELASTIC_ERROR_FILE``; nothing outside
+    torchrun): its failure summary prints it where it would say "To enable traceback see ...". torchrun names the
+    failure with the earliest timestamp (whole seconds) the root cause, so an ``effect`` of another rank's failure (this
+    rank lost its connection to it) is dated a second later: the rank that failed first is named."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE", "")
+    if path:
+        with contextlib.suppress(OSError):
+            extra = {"py_callstack": message, "timestamp": str(int(time.time()) + int(effect))}  # what it prints
+            Path(path).write_text(json.dumps({"message": {"message": message, "extraInfo": extra}}))
+
+
 def report_error(error: BaseException, code: ExitCode, debug: bool = False, message: str = "") -> int:
     """Print ``error: <message>`` (``error``'s own by default) on stderr, and into the run's log file when there is
     one; return ``code``, for an entry point's ``main`` to return. The traceback comes first when ``debug`` (a
@@ -230,6 +244,7 @@ def report_error(error: BaseException, code: ExitCode, debug: bool = False, mess
     if debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         traceback.print_exception(error)
     message = message or str(error) or type(error).__name__
+    leave_for_torchrun(message, effect=code == ExitCode.PEER_STOPPED)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, _RunLogHandler):
             handler.handle(logging.makeLogRecord({"name": "timesformer_harness", "levelno": logging.ERROR,

@@ -128,6 +128,20 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+# gloo's words when the process at the other end of a connection has ended (a rank that stopped on its own error)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def lost_peer_message(error: BaseException, rank: int) -> str:
+    """The one line that says ``error`` is this rank's collective failing because another rank's process ended (gloo
+    closes its connections; that rank reported the cause), or "" for any other error."""
+    if not (isinstance(error, RuntimeError) and dist.is_available() and dist.is_initialized()
+            and any(words in str(error) for words in _PEER_GONE)):
+        return ""
+    return (f"rank {rank} lost its connection to another rank of the job, which stopped first: that rank's error "
+            f"(above, and torchrun's 'Root Cause') says why")
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -38,11 +38,12 @@ import yaml
 from timesformer_harness.checkpoint import CheckpointError, WeightsMismatchError, load_file
 from timesformer_harness.config import RootConfig, load_config
 from timesformer_harness.metrics import OutputFolderError, Stopwatch, check_output_root
-from timesformer_harness.distributed import DistInfo, all_gather_objects, cleanup, init_distributed
+from timesformer_harness.distributed import (DistInfo, all_gather_objects, cleanup, init_distributed,
+                                             lost_peer_message)
 from timesformer_harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
 from timesformer_harness.pipelines.base import Batch, Loader, loader_facts
 from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
-from timesformer_harness.common import ExitCode, atomic_write_text, report_error, setup_logging
+from timesformer_harness.common import ExitCode, atomic_write_text, leave_for_torchrun, report_error, setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError
 
 logger = logging.getLogger(__name__)
@@ -451,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e, ExitCode.CONFIG, args.debug)
     except KeyboardInterrupt as e:
         return report_error(e, ExitCode.INTERRUPTED, args.debug, message="interrupted: no result written")
+    except Exception as e:
+        if lost := lost_peer_message(e, info.rank):  # an effect: the rank that stopped first reported the cause
+            return report_error(e, ExitCode.PEER_STOPPED, args.debug, message=lost)
+        leave_for_torchrun(f"{type(e).__name__}: {e}")
+        raise
     finally:
         cleanup()
     return ExitCode.OK

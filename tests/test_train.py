@@ -629,6 +629,67 @@ def test_a_2_rank_run_joins_the_default_groups_gloo_threads_before_exit(tmp_path
         assert seen["left"] == (0 if mode == "as-trained" else seen["default_group_threads"]), seen
 
 
+# One rank of a 2-rank run in which rank 0 alone cannot write its checkpoint (a full disk, made by replacing the
+# write), so that rank 1, waiting in the barrier after the save, loses its connection to rank 0.
+RANK0_FAILS_WORKER = """
+import os, sys
+from timesformer_harness import train
+from timesformer_harness.checkpoint import CheckpointWriteError
+
+def no_space(*args, **kwargs):
+    raise CheckpointWriteError("could not write checkpoint_epoch_00001.pyth: no space left on device (made by the test)")
+
+if os.environ["RANK"] == "0":
+    train.CheckpointManager.save = no_space
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_loses_the_rank_that_failed_says_so_in_one_line_and_torchrun_names_the_cause(tmp_path):
+    """Rank 0 stops on its own error (status 2) while rank 1 waits for it in a collective: rank 1 says in one line that
+    it lost its connection (status 6), not with gloo's traceback, and torchrun's summary names rank 0 and its error as
+    the root cause (rank 1 had been named, with 'To enable traceback see ...')."""
+    script = tmp_path / "worker.py"
+    script.write_text(RANK0_FAILS_WORKER)
+    args = ["--config", "configs/model/tiny.yaml", "data.loader=synthetic", "data.num_frames=4",
+            "data.train_crop_size=32", "data.batch_size=2", "data.synthetic_videos=8", "solver.max_epoch=1",
+            "solver.global_batch_size=4", "train.eval_period=0", "output.tensorboard=false",
+            f"output.dir={tmp_path / 'run'}"]
+    res = run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
+              timeout=240)
+    assert res.returncode == 1, res.stderr[-4000:]
+    lines = res.stderr.splitlines()
+    assert "error: could not write checkpoint_epoch_00001.pyth: no space left on device (made by the test)" in lines
+    assert ("error: rank 1 lost its connection to another rank of the job, which stopped first: that rank's error "
+            "(above, and torchrun's 'Root Cause') says why") in lines, res.stderr[-4000:]
+    assert "[rank1]: Traceback" not in res.stderr and "Connection closed by peer" not in res.stderr
+    root = res.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 0 (local_rank: 0)" in root and "no space left on device (made by the test)" in root, root
+
+
+def test_an_error_is_left_where_torchruns_summary_reads_it(tmp_path, monkeypatch):
+    """report_error writes the worker's error file in the format torchrun's own reader takes (its message, and the
+    time it names the first failure by); a lost connection is dated a second later, so it is never the root cause."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from timesformer_harness.common import ExitCode, report_error
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    before = int(time.time())
+    assert report_error(ValueError("model.pretrained=x.pth does not exist"), ExitCode.CHECKPOINT) == 2
+    cause = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    assert cause.message["extraInfo"]["py_callstack"] == "model.pretrained=x.pth does not exist"
+    assert before <= cause.timestamp <= int(time.time())
+    report_error(RuntimeError("gloo"), ExitCode.PEER_STOPPED, message="rank 1 lost its connection")
+    effect = ProcessFailure(local_rank=1, pid=2, exitcode=6, error_file=str(error_file))
+    assert effect.message["message"] == "rank 1 lost its connection" and effect.timestamp > cause.timestamp
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    error_file.unlink()
+    report_error(ValueError("outside torchrun"), ExitCode.CONFIG)
+    assert not error_file.exists()
+
+
 def test_deterministic_mode_repeats_a_run_bit_for_bit(tmp_path):
     """train.deterministic=true: two runs of the same config (synthetic clips; mixup/cutmix, label smoothing,
     clipping and drop-path all drawing random numbers) end with identical weights."""

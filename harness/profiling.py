@@ -26,12 +26,13 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
+from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 from timesformer_harness.config import RootConfig, to_yaml
 from timesformer_harness.metrics import OutputFolderError
@@ -206,8 +207,21 @@ class ProfileStopped(Exception):
 
     def __init__(self, run_dir: Path, done: int, total: int, code: int) -> None:
         signal_name = "SIGTERM" if code == 143 else "Ctrl-C" if code == 130 else f"exit {code}"
-        super().__init__(f"stopped by {signal_name} after {done} of {total} steps; removed the partial run {run_dir}")
+        when = f"after {done} of {total} steps" if done < total else f"after its {total} steps, while writing its files"
+        super().__init__(f"stopped by {signal_name} {when}; removed the unfinished run {run_dir}")
         self.code = code
+
+
+def _stop_request(error: BaseException) -> KeyboardInterrupt | SystemExit | None:
+    """The Ctrl-C or SIGTERM exit (``common.exit_on_sigterm``) behind ``error``: itself, or an exception raised while
+    handling one (the profiler's own clean-up can fail on the way out of an interrupted step)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, warmup: int = 1,
@@ -217,9 +231,12 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
 
     The step's pieces run inside the ranges ``train_step`` > ``forward`` / ``backward`` / ``optimizer``.
 
+    The trace keeps a name TensorBoard does not list (``.partial``) until the run's other files are written: a run
+    folder with a trace is a whole run. Whatever stops the profile before that removes the run folder.
+
     Raises:
-        OutputFolderError: ``out_root`` cannot hold the run folder.
-        ProfileStopped: Ctrl-C, or SIGTERM through ``common.exit_on_sigterm``; the run folder is removed.
+        OutputFolderError: ``out_root`` cannot hold the run folder, or the trace could not be written.
+        ProfileStopped: Ctrl-C, or SIGTERM through ``common.exit_on_sigterm``.
     """
     import torch
 
@@ -232,9 +249,12 @@ def run_profile(cfg: RootConfig, preset: str, steps: int = 3, wait: int = 1, war
     try:
         torch.set_num_threads(cfg.bench.threads or threads)
         return _profile_into(run_dir, cfg, preset, steps, wait, warmup, with_stack, done)
-    except (KeyboardInterrupt, SystemExit) as e:
+    except BaseException as e:
         shutil.rmtree(run_dir, ignore_errors=True)
-        code = 130 if isinstance(e, KeyboardInterrupt) else e.code if isinstance(e.code, int) else 1
+        stop = _stop_request(e)
+        if stop is None:
+            raise
+        code = 130 if isinstance(stop, KeyboardInterrupt) else stop.code if isinstance(stop.code, int) else 1
         raise ProfileStopped(run_dir, done[0], total, code) from None
     finally:
         torch.set_num_threads(threads)
@@ -244,6 +264,8 @@ def _profile_into(run_dir: Path, cfg: RootConfig, preset: str, steps: int, wait:
                   with_stack: bool, done: list[int]) -> ProfileSummary:
     """``run_profile``'s work in ``run_dir``; ``done[0]`` counts the steps run."""
     from dataclasses import replace
+
+    import torch
 
     from timesformer_harness.counting import count_flops
     from timesformer_harness.metrics import PeakMemory, synchronize
@@ -263,12 +285,14 @@ def _profile_into(run_dir: Path, cfg: RootConfig, preset: str, steps: int, wait:
     train = TrainStep.build(model, device, dtype)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    tb_handler = tensorboard_trace_handler(str(run_dir), worker_name=f"{attention_type}", use_gzip=False)
+    # torch-tb-profiler's name for a worker's trace, with ".partial" until the run's files are all written
+    staged = run_dir / f"{attention_type}.{time.time_ns()}.pt.trace.json.partial"
 
     def on_ready(p: profile) -> None:
-        tb_handler(p)  # a trace can be saved only once: copy it under the fixed Perfetto name
-        newest = max(run_dir.glob("*.pt.trace.json"), key=lambda f: f.stat().st_mtime)
-        shutil.copyfile(newest, run_dir / "trace_perfetto.json")
+        p.export_chrome_trace(str(staged))
+        if not staged.is_file():  # the profiler logs a failed write ("Failed to write to log file!") without raising
+            raise OutputFolderError(f"could not write the trace under {run_dir} (a full disk, or a file size limit?); "
+                                    f"the run folder is removed: free space, or give --out elsewhere")
 
     with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=steps, repeat=1),
                  on_trace_ready=on_ready, record_shapes=True, profile_memory=True, with_stack=with_stack,
@@ -282,8 +306,8 @@ def _profile_into(run_dir: Path, cfg: RootConfig, preset: str, steps: int, wait:
                 with record_function("optimizer"):
                     train.optimizer_step()
                 synchronize(device)
-            prof.step()
             done[0] += 1
+            prof.step()
     s = summarise(prof.key_averages(), steps, attention_type, run_dir)
     peak = memory.take()
     if peak is not None:
@@ -298,9 +322,17 @@ def _profile_into(run_dir: Path, cfg: RootConfig, preset: str, steps: int, wait:
     write_summary(s, run_dir / "summary.md", {
         "preset": preset, "batch": B, "frames": T, "img_size": S, "precision": precision_name(dtype),
         "device": device_name(device), "wait": wait, "warmup": warmup})
-    # the config as profiled: the schedule in the bench's terms (untimed steps, recorded steps, where)
-    ran = replace(cfg.bench, steps=steps, warmup=wait + warmup, out_dir=str(run_dir.parent))
+    # the config as profiled: the schedule in the bench's terms (untimed steps, recorded steps, where), the precision
+    # and thread count resolved
+    ran = replace(cfg.bench, steps=steps, warmup=wait + warmup, out_dir=str(run_dir.parent),
+                  precision=precision_name(dtype), threads=torch.get_num_threads())
     atomic_write_text(run_dir / "config.yaml", to_yaml(replace(cfg, bench=ran)))
+    perfetto = run_dir / "trace_perfetto.json"  # the same file under a fixed name
+    try:
+        os.link(staged, perfetto)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(staged, perfetto)
+    os.replace(staged, staged.with_suffix(""))  # last: the run is whole
     return s
 
 

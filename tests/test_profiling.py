@@ -18,6 +18,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
+import torch
 import yaml
 from torch.autograd import DeviceType
 
@@ -28,7 +29,7 @@ from timesformer_harness.gpu_check import collect_profile
 from timesformer_harness.model import load_preset
 from timesformer_harness import metrics
 from timesformer_harness.profiling import main as profiling_main
-from timesformer_harness.profiling import run_profile, summarise, write_summary
+from timesformer_harness.profiling import ProfileStopped, run_profile, summarise, write_summary
 
 
 def _cfg(attention_type: str):
@@ -50,7 +51,8 @@ def test_profile_writes_traces_and_summary(divided_run):
     events = json.loads((run / "trace_perfetto.json").read_text())["traceEvents"]
     names = {e.get("name") for e in events}
     assert {"train_step", "forward", "backward", "optimizer", "attn/temporal", "attn/spatial"} <= names  # our ranges
-    assert tb_trace.stat().st_size == (run / "trace_perfetto.json").stat().st_size
+    assert tb_trace.stat().st_ino == (run / "trace_perfetto.json").stat().st_ino  # one file, two names
+    assert not list(run.glob("*.partial"))
     text = (run / "summary.md").read_text()
     assert "| attn/temporal |" in text and "| attn/spatial |" in text and "attn/joint |" not in text
     assert "aten::" in text and (run / "config.yaml").is_file()
@@ -60,6 +62,7 @@ def test_profile_writes_traces_and_summary(divided_run):
     assert table.count("aten::") >= 60
     bench = yaml.safe_load((run / "config.yaml").read_text())["bench"]  # the schedule that ran, not the bench's
     assert (bench["steps"], bench["warmup"], bench["out_dir"]) == (2, 2, str(root))
+    assert (bench["precision"], bench["threads"]) == ("fp32", torch.get_num_threads())  # resolved, not auto and 0
 
 
 def test_profile_summary_numbers_are_consistent(divided_run):
@@ -287,6 +290,67 @@ def test_a_stopped_profile_leaves_no_partial_run(signum, code, name, tmp_path):
     assert proc.returncode == code, err[-2000:]
     assert f"error: stopped by {name} after " in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_holds_a_trace_tensorboard_lists_only_once_it_is_whole(tmp_path, monkeypatch):
+    """Until the summary and config are written the trace is ``*.pt.trace.json.partial`` (torch-tb-profiler lists a
+    folder as a run once it holds a ``*.pt.trace.json``, and never forgets it); a Ctrl-C then removes the folder and
+    says the steps were all done."""
+    from timesformer_harness import profiling
+
+    seen = {}
+
+    def interrupted(s, path, extra):
+        seen["traces"] = [p.name for p in path.parent.iterdir() if p.name.endswith(".pt.trace.json")]
+        seen["partial"] = [p.name for p in path.parent.glob("*.pt.trace.json.partial")]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(profiling, "write_summary", interrupted)
+    with pytest.raises(ProfileStopped, match=r"stopped by Ctrl-C after its 2 steps, while writing its "
+                                                        r"files; removed the unfinished run "):
+        run_profile(_cfg("space_only"), "tiny", steps=1, wait=0, warmup=1, out_root=tmp_path)
+    assert seen["traces"] == [] and len(seen["partial"]) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_the_profiler_fails_on_is_still_a_stop(tmp_path, monkeypatch):
+    """Ctrl-C inside ``prof.step()`` can make the profiler's own clean-up raise (an AssertionError in the context of
+    the KeyboardInterrupt): still one line, status 130, no folder left (it had been a traceback, status 1, and a
+    folder TensorBoard listed)."""
+    from torch.profiler import profile
+
+    step = profile.step
+    calls = []
+
+    def step_then_fail(self):
+        calls.append(1)
+        if len(calls) == 2:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise AssertionError("Expected record to be set")  # what torch's profiler raised
+        step(self)
+
+    monkeypatch.setattr(profile, "step", step_then_fail)
+    with pytest.raises(ProfileStopped,
+                       match=r"stopped by Ctrl-C after 2 of 3 steps; removed the unfinished run "):
+        run_profile(_cfg("space_only"), "tiny", steps=1, wait=1, warmup=1, out_root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trace_that_cannot_be_written_is_one_line_and_leaves_no_folder(tmp_path):
+    """A full disk or a file size limit: the profiler only logs that its write failed. The profile stops with one line
+    naming the folder and the fix, status 2, and removes its run folder (it had been a ValueError from max() and a
+    folder holding a half-written trace)."""
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY)); "
+            "from timesformer_harness.profiling import main; "
+            f"sys.exit(main(['--preset', 'tiny', '--steps', '1', '--warmup', '0', '--wait', '0', '--out', "
+            f"{str(tmp_path)!r}]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    (line,) = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: could not write the trace under {tmp_path}/") and "free space" in line, line
+    assert "Traceback" not in res.stderr and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("backend", ["math", "naive"])

@@ -580,6 +580,19 @@ def test_torchrun_two_processes_disjoint_shards_identical_weights(toy, tmp_path)
     assert "gloo" in res.stderr
 
 
+def run_two_ranks(worker: str, tmp_path: Path, *worker_args: str) -> subprocess.CompletedProcess:
+    """``worker`` (a script ending in ``train.main``) as a 2-rank torchrun job training the tiny model for one epoch on
+    synthetic clips into ``tmp_path/run``; its own arguments come before the training's."""
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    args = ["--config", "configs/model/tiny.yaml", "data.loader=synthetic", "data.num_frames=4",
+            "data.train_crop_size=32", "data.batch_size=2", "data.synthetic_videos=8", "solver.max_epoch=1",
+            "solver.global_batch_size=4", "train.eval_period=0", "output.tensorboard=false",
+            f"output.dir={tmp_path / 'run'}"]
+    return run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *worker_args,
+                *args], timeout=240)
+
+
 # One rank of a 2-rank run: notes the threads that joining the default group starts (gloo's), trains, and writes
 # which of them still run once train.main has returned (its cleanup done). "late-import": the control, with
 # torch.distributed.nn.functional imported again after the group exists, as DDP would import it.
@@ -614,14 +627,7 @@ def test_a_2_rank_run_joins_the_default_groups_gloo_threads_before_exit(tmp_path
     joined: ``torch.distributed.nn.functional`` (whose defaults capture the default group when it is imported) is
     imported before the group exists, and the signal handlers that held the Trainer are restored. The control
     imports it after: the group and its threads outlive the run."""
-    script = tmp_path / "worker.py"
-    script.write_text(THREADS_WORKER)
-    args = ["--config", "configs/model/tiny.yaml", "data.loader=synthetic", "data.num_frames=4",
-            "data.train_crop_size=32", "data.batch_size=2", "data.synthetic_videos=8", "solver.max_epoch=1",
-            "solver.global_batch_size=4", "train.eval_period=0", "output.tensorboard=false",
-            f"output.dir={tmp_path / 'run'}"]
-    res = run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
-               mode, *args], timeout=240)
+    res = run_two_ranks(THREADS_WORKER, tmp_path, str(tmp_path), mode)
     assert res.returncode == 0, res.stderr[-4000:]
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -649,14 +655,7 @@ def test_a_rank_that_loses_the_rank_that_failed_says_so_in_one_line_and_torchrun
     """Rank 0 stops on its own error (status 2) while rank 1 waits for it in a collective: rank 1 says in one line that
     it lost its connection (status 6), not with gloo's traceback, and torchrun's summary names rank 0 and its error as
     the root cause (rank 1 had been named, with 'To enable traceback see ...')."""
-    script = tmp_path / "worker.py"
-    script.write_text(RANK0_FAILS_WORKER)
-    args = ["--config", "configs/model/tiny.yaml", "data.loader=synthetic", "data.num_frames=4",
-            "data.train_crop_size=32", "data.batch_size=2", "data.synthetic_videos=8", "solver.max_epoch=1",
-            "solver.global_batch_size=4", "train.eval_period=0", "output.tensorboard=false",
-            f"output.dir={tmp_path / 'run'}"]
-    res = run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
-              timeout=240)
+    res = run_two_ranks(RANK0_FAILS_WORKER, tmp_path)
     assert res.returncode == 1, res.stderr[-4000:]
     lines = res.stderr.splitlines()
     assert "error: could not write checkpoint_epoch_00001.pyth: no space left on device (made by the test)" in lines

@@ -99,6 +99,13 @@ class DataConfig:
         if len(self.train_jitter_scales) != 2 or not 0 < self.train_jitter_scales[0] <= self.train_jitter_scales[1]:
             raise ValueError(f"data.train_jitter_scales={list(self.train_jitter_scales)}; give [min, max] short sides "
                              "in pixels, 0 < min <= max (e.g. [256, 320])")
+        if self.train_jitter_scales[0] < self.train_crop_size and self.loader != "synthetic":
+            lo, hi = self.train_jitter_scales
+            raise ValueError(f"data.train_jitter_scales={[lo, hi]} starts below data.train_crop_size="
+                             f"{self.train_crop_size}: a train clip's short side is resized into that range and then "
+                             f"cropped, so the range must start at the crop or above (the recipes: [256, 320] for 224, "
+                             f"[448, 512] for 448); e.g. data.train_jitter_scales=[{self.train_crop_size}, "
+                             f"{max(hi, round(self.train_crop_size * 8 / 7))}]")
         if len(self.mean) != 3:
             raise ValueError(f"data.mean={list(self.mean)}; give 3 values (R, G, B), e.g. [0.45, 0.45, 0.45]")
         if len(self.std) != 3 or min(self.std) <= 0:

@@ -62,6 +62,10 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
         load_config(None, ["data.num_frames="])
 
 
+def test_the_synthetic_loader_takes_any_crop_since_it_resizes_nothing():
+    assert load_config(None, ["data.loader=synthetic", "data.train_crop_size=448"]).data.train_crop_size == 448
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.num_frames=0", "data.num_frames=0; must be >= 1"),
     ("data.sampling_rate=0", "data.sampling_rate=0; must be >= 1"),  # would repeat one frame T times
@@ -69,6 +73,11 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
     ("data.batch_size=0", "data.batch_size=0; must be >= 1"),
     ("test.batch_size=0", "test.batch_size=0; must be >= 1"),
     ("data.train_jitter_scales=[320,256]", r"data.train_jitter_scales=\[320, 256\]; give \[min, max\]"),
+    # every train crop had been the whole frame squeezed square: no random crop, no scale jitter, another aspect
+    ("data.train_jitter_scales=[24,28]", r"data.train_jitter_scales=\[24, 28\] starts below data.train_crop_size=224:"
+                                         r" .* e.g. data.train_jitter_scales=\[224, 256\]"),
+    ("data.train_crop_size=448", r"data.train_jitter_scales=\[256, 320\] starts below data.train_crop_size=448: .*"
+                                 r"\[448, 512\] for 448\); e.g. data.train_jitter_scales=\[448, 512\]"),
     ("data.std=[0.2,0,0.2]", r"data.std=\[0.2, 0.0, 0.2\]; give 3 values \(R, G, B\), every std > 0"),
     ("solver.max_epoch=0", "solver.max_epoch=0; must be >= 1"),
     ("train.keep_last=0", "train.keep_last=0; must be >= 1"),

@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from timesformer_harness.checkpoint import CheckpointError, WeightsMismatchError, load_file
-from timesformer_harness.config import RootConfig, load_config
+from timesformer_harness.config import RootConfig, load_config, to_yaml
 from timesformer_harness.metrics import OutputFolderError, Stopwatch, check_output_root
 from timesformer_harness.distributed import (DistInfo, all_gather_objects, cleanup, init_distributed,
                                              lost_peer_message)
@@ -45,6 +45,7 @@ from timesformer_harness.pipelines.base import Batch, Loader, loader_facts
 from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
 from timesformer_harness.common import ExitCode, atomic_write_text, leave_for_torchrun, report_error, setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError
+from timesformer_harness.train_state import Change, config_changes, format_changes, saved_config
 
 logger = logging.getLogger(__name__)
 
@@ -321,28 +322,44 @@ def write_dump(acc: ViewAccumulator, loader: Loader, cfg: RootConfig, dump: str 
 RESIZED_KEYS = ("model.num_frames", "model.img_size")
 
 
+# The keys that define a test clip: a checkpoint scored on clips made otherwise is scored on another protocol
+TEST_CLIP_KEYS = tuple(f"data.{k}" for k in ("num_frames", "sampling_rate", "target_fps", "test_crop_size", "mean",
+                                              "std", "pad_short", "sampling"))
+
+
+def trained_model_changes(cfg: RootConfig, saved_yaml: str) -> tuple[list[Change], list[Change], list[Change]]:
+    """How ``cfg`` differs from the config a checkpoint of this harness was trained with (``saved_yaml``, its ``cfg``):
+    (model keys that change what its weights compute, or do not fit them; ``RESIZED_KEYS``, which its embeddings are
+    resized for; ``TEST_CLIP_KEYS``). All empty for a checkpoint without a config of ours (the original's ``.pyth``, a
+    state dict)."""
+    saved = saved_config({"cfg": saved_yaml})
+    if saved is None:
+        return [], [], []
+    now = yaml.safe_load(to_yaml(cfg))
+    refused, _ = config_changes({"model": saved["model"]}, {"model": now["model"]})
+    data = [(f"data.{k}", saved["data"][k], v) for k, v in now["data"].items()
+            if isinstance(saved.get("data"), dict) and k in saved["data"] and saved["data"][k] != v]
+    return ([c for c in refused if c[0] not in RESIZED_KEYS], [c for c in refused if c[0] in RESIZED_KEYS],
+            [c for c in data if c[0] in TEST_CLIP_KEYS])
+
+
 def check_trained_model(cfg: RootConfig, checkpoint: str, saved_yaml: str) -> None:
     """Refuse a checkpoint of this harness whose model config differs from ``cfg.model`` in a key that changes what
     its weights compute without changing their shapes (``model.num_heads``, ``model.attention_type`` between joint
     and space-only, ``model.input_channels``): it would load and score wrongly. The frame count and image size
-    (``RESIZED_KEYS``) may differ: warned. Also the clearer error when its weights did not fit the model: the keys
-    that differ (``model.num_classes``, ``model.embed_dim``, ...)."""
-    from timesformer_harness.config import to_yaml
-    from timesformer_harness.train_state import config_changes, format_changes, saved_config
-
-    saved = saved_config({"cfg": saved_yaml})
-    if saved is None:
-        return  # the original's .pyth, a state dict: their shapes were checked
-    refused, _ = config_changes({"model": saved["model"]}, {"model": yaml.safe_load(to_yaml(cfg))["model"]})
-    wrong = [c for c in refused if c[0] not in RESIZED_KEYS]
+    (``RESIZED_KEYS``) may differ, and so may the test clips (``TEST_CLIP_KEYS``): warned. Also the clearer error
+    when its weights did not fit the model: the keys that differ (``model.num_classes``, ``model.embed_dim``, ...)."""
+    wrong, resized, clips = trained_model_changes(cfg, saved_yaml)
     if wrong:
         raise CheckpointError(f"{checkpoint} was trained as another model than the configured one: "
                               f"{format_changes(wrong)}; evaluate it with its own values (the run's config.yaml, or "
                               "those keys set back on the command line)")
-    resized = [c for c in refused if c[0] in RESIZED_KEYS]
     if resized:
         logger.warning("%s was trained with other clips: %s; its embeddings are resized to this config's",
                        checkpoint, format_changes(resized))
+    if clips:
+        logger.warning("%s is evaluated on other clips than it was trained with: %s; its score is of these clips "
+                       "(the run's config.yaml has its own)", checkpoint, format_changes(clips))
 
 
 def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -> dict[str, Any]:

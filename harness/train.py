@@ -52,7 +52,8 @@ from timesformer_harness.config import ConfigError, RootConfig, load_config, to_
 from timesformer_harness.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup,
                                              lost_peer_message,
                                              init_distributed)
-from timesformer_harness.evaluate import TOP5_NONE, accuracy_report, class_names_for, fmt_percent, score_loader
+from timesformer_harness.evaluate import (TOP5_NONE, accuracy_report, class_names_for, fmt_percent, score_loader,
+                                          trained_model_changes)
 from timesformer_harness.metric_writer import MetricWriter
 from timesformer_harness.metrics import PeakMemory, Stopwatch, ThroughputWindow
 from timesformer_harness.mixup import mix_batch
@@ -340,6 +341,12 @@ class Trainer:
         elif self.cfg.model.pretrained:
             report = load_weights(self.model, self.cfg.model.pretrained, strict=True)
             logger.info("initialised from %s (%s)", self.cfg.model.pretrained, report.format)
+            other_model, _, _ = trained_model_changes(self.cfg, report.saved_config)
+            computes_otherwise = [c for c in other_model if c[0] != "model.num_classes"]  # a new head is fine-tuning
+            if computes_otherwise:  # the same tensors, another function: a start, not the model that was trained
+                logger.warning("model.pretrained=%s was trained as another model: %s; its weights load but compute "
+                               "something else in this one (set those keys back to fine-tune the trained model)",
+                               self.cfg.model.pretrained, format_changes(computes_otherwise))
         elif self.cfg.model.init == "original" and self.cfg.model.embed_dim >= 768:
             logger.warning("model.pretrained is empty: a ViT-%s-sized model trains from random init, where the "
                            "original recipes start from ImageNet ViT weights "

@@ -138,9 +138,12 @@ def test_a_checkpoint_trained_as_another_model_of_the_same_shapes_is_refused(toy
     assert res.returncode == 2 and not (tmp_path / "r.json").exists(), res.stderr[-3000:]
     assert "was trained as another model than the configured one: model.num_heads 2 -> 4" in res.stderr
     res = run([PY, "harness/evaluate.py", *toy, "model.num_heads=2", "model.num_frames=8", "data.num_frames=8",
-               f"output.dir={tmp_path}", "--checkpoint", str(ckpt), f"test.output={tmp_path / 'r.json'}"])
+               "data.sampling_rate=2", f"output.dir={tmp_path}", "--checkpoint", str(ckpt),
+               f"test.output={tmp_path / 'r.json'}"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "was trained with other clips: model.num_frames 4 -> 8" in res.stderr
+    assert "is evaluated on other clips than it was trained with: data.num_frames 4 -> 8, data.sampling_rate 3 -> 2; " \
+           "its score is of these clips" in res.stderr
     # weights that do not fit: the keys of its config that differ, not only the shapes
     res = run([PY, "harness/evaluate.py", *toy, "model.num_heads=2", "model.num_classes=8", f"output.dir={tmp_path}",
                "--checkpoint", str(ckpt), f"test.output={tmp_path / 'r8.json'}"])

@@ -433,6 +433,31 @@ def test_a_recipe_without_imagenet_weights_says_it_trains_from_random_init(tmp_p
         "from ImageNet ViT weights (model.pretrained=jx_vit_base_p16_224.pth; docs/checkpoints.md)"]
 
 
+def test_pretrained_weights_of_another_model_of_the_same_shapes_are_named_in_a_warning(tmp_path, caplog):
+    """A checkpoint of ours trained with 2 heads loads into a 4-head model (the same tensors) and computes another
+    function: fine-tuning from it is allowed (it is a start) but warned, naming the key. Another class count is
+    fine-tuning as usual (a new head): no warning."""
+    from timesformer_harness.checkpoint import save_pyth
+    from timesformer_harness.config import to_yaml
+    from timesformer_harness.distributed import DistInfo
+    from timesformer_harness.train import Trainer
+
+    tiny = REPO / "configs/model/tiny.yaml"
+    trained = load_config(tiny, ["model.num_heads=2", "model.num_classes=6"])
+    ckpt = tmp_path / "two_heads.pyth"
+    save_pyth(ckpt, create_model("tiny", num_classes=6, num_heads=2), None, epoch=0, cfg_yaml=to_yaml(trained))
+    caplog.set_level(logging.WARNING, logger="timesformer_harness.train")
+    for name, overrides in (("heads", ["model.num_classes=6"]), ("classes", ["model.num_heads=2"])):
+        cfg = load_config(tiny, [*overrides, "data.loader=synthetic", "data.synthetic_classes=5",
+                                  "train.eval_period=0", f"model.pretrained={ckpt}", f"output.dir={tmp_path / name}"])
+        trainer = Trainer(cfg, DistInfo())  # loads model.pretrained
+        trainer.metrics.close()
+        trainer.lock.release()
+    warned = [r.getMessage() for r in caplog.records if "was trained as another model" in r.getMessage()]
+    assert warned == [f"model.pretrained={ckpt} was trained as another model: model.num_heads 2 -> 4; its weights load "
+                      "but compute something else in this one (set those keys back to fine-tune the trained model)"]
+
+
 def test_a_stale_rejected_list_goes_when_the_run_rejects_nothing(toy, tmp_path):
     """rejected.csv left by an attempt whose work was discarded (it stopped on a video since restored): the run that
     rejects nothing does not keep listing it."""

@@ -70,7 +70,8 @@ class CheckpointLimitError(CheckpointError):
 
 
 class WeightsMismatchError(CheckpointError, KeyError):
-    """``load_weights(strict=True)``: the file's keys, shapes or values do not fit the model (every key listed).
+    """``load_weights(strict=True)``: the file's keys, shapes or values do not fit the model (the first
+    ``MISMATCHES_SHOWN`` keys listed, the rest counted, and the architecture keys that differ).
 
     Also a ``KeyError``, as the strict failure always was."""
 
@@ -707,6 +708,28 @@ class LoadReport:
         return "\n".join(lines)
 
 
+MISMATCHES_SHOWN = 12  # lines of a strict failure's key list; a model of another size would list every key
+_ARCHITECTURE_KEYS = ("embed_dim", "depth", "patch_size", "img_size", "num_frames", "num_classes", "mlp_ratio",
+                      "in_chans", "qkv_bias", "attention_type")
+
+
+def _architectures(sd: dict[str, torch.Tensor], model_cfg: Any) -> str:
+    """A line naming the architecture keys in which the file's model (inferred from its tensors) differs from
+    ``model_cfg``, or "" when it cannot be inferred or none differs (num_heads is not stored: never named)."""
+    if not isinstance(model_cfg, ModelConfig):
+        return ""
+    try:
+        file_cfg = infer_model_config(sd)
+    except CheckpointError:
+        return ""
+    differ = [k for k in _ARCHITECTURE_KEYS if getattr(file_cfg, k) != getattr(model_cfg, k)
+              and not (k == "num_classes" and not file_cfg.num_classes)]  # a backbone has no head
+    if not differ:
+        return ""
+    return (f"The file's model has {', '.join(f'{k}={getattr(file_cfg, k)}' for k in differ)}; this one has "
+            f"{', '.join(f'{k}={getattr(model_cfg, k)}' for k in differ)}.\n")
+
+
 def _mismatch_fix(path: str | Path, errors: list[str], names_differ: bool, file_key: str, model_key: str) -> str:
     """The advice that fits a strict failure's ``errors``: another config for keys missing, unexpected or of another
     shape; another file for weights that are not finite real numbers; for key names of which none is the model's
@@ -761,7 +784,7 @@ def load_weights(
     Raises:
         FileNotFoundError, CheckpointError: as ``load_file``.
         WeightsMismatchError: strict and the keys, shapes or values do not fit (a ``CheckpointError`` and a
-            ``KeyError``); the message lists every key. Strict and a snapshot's config.json names another
+            ``KeyError``); the message lists the first keys and counts the rest. Strict and a snapshot's config.json names another
             architecture than ``model``'s (every field named).
     """
     bare = bare_model(model)  # the wrappers' state dicts prefix every key: load into the module itself
@@ -836,7 +859,11 @@ def load_weights(
     errors += [f"missing key {k} {list(target[k].shape)}" for k in report.missing
                if k not in allowed_missing and k not in report.skipped]
     if strict and errors:
-        raise WeightsMismatchError(f"{path} ({fmt}) does not match the model:\n  " + "\n  ".join(errors) + "\n"
+        shown = errors if len(errors) <= MISMATCHES_SHOWN else [
+            *errors[:MISMATCHES_SHOWN - 1], f"... and {len(errors) - MISMATCHES_SHOWN + 1} more "
+            f"(`python -m timesformer_harness.checkpoint inspect {path}` lists the file's keys)"]
+        raise WeightsMismatchError(f"{path} ({fmt}) does not match the model:\n  " + "\n  ".join(shown) + "\n"
+                                   + _architectures(sd, model_cfg)
                                    + _mismatch_fix(path, errors, names_differ, next(iter(sd), ""),
                                                    next(iter(target), "")))
     bare.load_state_dict(target, strict=True)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from timesformer_harness.checkpoint import (MAX_CFG_CHARS, CheckpointError, WeightsMismatchError, convert, load_file,
-                                           inspect, load_weights, save_pyth)
+from timesformer_harness.checkpoint import (MAX_CFG_CHARS, MISMATCHES_SHOWN, CheckpointError, WeightsMismatchError,
+                                           convert, inspect, load_file, load_weights, save_pyth)
 from timesformer_harness.model import TimeSformer
 
 TINY = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2, num_heads=4, num_classes=7)
@@ -127,15 +127,27 @@ def test_loads_into_a_compiled_or_ddp_wrapped_model(tmp_path: Path) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_strict_mismatch_names_every_key(tmp_path: Path) -> None:
+def test_strict_mismatch_names_the_keys_and_the_architecture(tmp_path: Path) -> None:
+    """The first keys that differ, a count of the rest (a model of another size had listed all of its 200 keys), and
+    the architecture keys in which the file's model (inferred from its tensors) differs from this one."""
     path = tmp_path / "joint.pyth"
     save_pyth(path, trained_like("joint_space_time"))
     with pytest.raises(KeyError) as err:
         load_weights(TimeSformer(**TINY), path)
     msg = str(err.value)
     assert "missing key blocks.0.temporal_fc.weight [32, 32]" in msg
-    assert "missing key blocks.1.temporal_attn.qkv.weight [96, 32]" in msg
-    assert msg.count("missing key") == 2 * 8
+    assert msg.count("missing key") == MISMATCHES_SHOWN - 1
+    assert f"... and {2 * 8 - MISMATCHES_SHOWN + 1} more (`python -m timesformer_harness.checkpoint inspect {path}` " \
+           "lists the file's keys)" in msg
+    assert "The file's model has attention_type=joint_space_time; this one has attention_type=divided_space_time." \
+           in msg
+    big = tmp_path / "big.pyth"
+    save_pyth(big, TimeSformer(**{**TINY, "embed_dim": 64, "depth": 3, "patch_size": 16}))
+    with pytest.raises(KeyError) as err:
+        load_weights(TimeSformer(**TINY), big)
+    assert len(str(err.value).splitlines()) == 1 + MISMATCHES_SHOWN + 2
+    assert "The file's model has embed_dim=64, depth=3, patch_size=16; this one has embed_dim=32, depth=2, " \
+           "patch_size=8." in str(err.value)
     deeper = tmp_path / "deep.pyth"
     save_pyth(deeper, trained_like(depth=3, embed_dim=32))
     with pytest.raises(KeyError, match=r"unexpected key blocks\.2\.attn\.qkv\.weight \[96, 32\]"):
@@ -178,7 +190,10 @@ def test_strict_mismatch_names_every_key(tmp_path: Path) -> None:
     with pytest.raises(KeyError) as err:
         load_weights(TimeSformer(**TINY), broad)
     msg = str(err.value)
-    assert f"shape mismatch head.weight: file [{TINY['num_classes']}, 64], model [{TINY['num_classes']}, 32]" in msg
+    assert "The file's model has embed_dim=64; this one has embed_dim=32." in msg
+    skipped = load_weights(TimeSformer(**TINY), broad, strict=False).skipped  # every key, the head's among them
+    assert skipped["head.weight"] == f"shape mismatch head.weight: file [{TINY['num_classes']}, 64], model " \
+                                     f"[{TINY['num_classes']}, 32]"
     assert msg.endswith(f"Set the model's config to the file's (`python -m timesformer_harness.checkpoint inspect "
                         f"{broad}` infers it), or, from Python, pass strict=False to load the matching keys only.")
 

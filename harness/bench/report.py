@@ -1,5 +1,6 @@
 """The bench's written report: ``summary.md`` (model-suite variants side by side with their ratios against divided
-attention, then every other case) and the same tables printed at the end of a run."""
+attention, the throughput one GEMM-normalised where the records allow it, then every other case) and the same tables
+printed at the end of a run."""
 
 from __future__ import annotations
 
@@ -19,6 +20,33 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}x"
 
 
+def normalised_throughput(r: BenchRecord) -> float | None:
+    """Clips/s over the FLOP/s of the fp32 GEMM timed between the record's own steps (its utilisation over its FLOPs
+    per clip), or None where its peak is no such GEMM (a GPU's table peak) or its utilisation was not reported."""
+    if r.device != "cpu" or "gemm_ms" not in r.extra or not r.utilisation or not r.flops_per_clip:
+        return None
+    return r.utilisation / r.flops_per_clip
+
+
+def throughput_vs(r: BenchRecord, ref: BenchRecord | None) -> str:
+    """``r``'s throughput over ``ref``'s: GEMM-normalised (``normalised_throughput``) where both have it, over the
+    same GEMM, else raw clips/s, marked ``raw`` (cases timed at different moments of a shared machine)."""
+    if ref is None:
+        return "-"
+    a, b = normalised_throughput(r), normalised_throughput(ref)
+    if a and b and r.extra.get("gemm_n") == ref.extra.get("gemm_n"):
+        return _ratio(a, b)
+    raw = _ratio(r.clips_per_s, ref.clips_per_s)
+    return raw if raw == "-" else f"{raw} raw"
+
+
+THROUGHPUT_NOTE = ("Throughput vs divided is GEMM-normalised: each case's clips/s over the rate of the fp32 GEMM timed "
+                   "between its own steps (its utilisation over its FLOPs per clip), so that the machine running "
+                   "faster during one case than during another does not read as a faster variant. `raw` marks a "
+                   "ratio of clips/s as measured (no such GEMM: a GPU's table peak, or a utilisation not reported), "
+                   "which moves with whatever else the machine ran.")
+
+
 def summary_table(records: list[BenchRecord]) -> str:
     """Markdown tables: model-suite variants side by side with ratios vs divided, then every other case."""
     lines = []
@@ -28,7 +56,8 @@ def summary_table(records: list[BenchRecord]) -> str:
                   "Steady state: each case's first steps (warm-up, autotuning, compilation) are not timed; "
                   "`compile_s` in results.json is the first step's extra time.", "",
                   "| variant | mode | batch | compile | clips/s | images/s | step ms median (95% CI) [p10-p90] | "
-                  "peak MiB | params M | GFLOP/clip | GFLOP/s | peak GFLOP/s | util % | throughput vs divided | "
+                  "peak MiB | params M | GFLOP/clip | GFLOP/s | peak GFLOP/s | util % | "
+                  "throughput vs divided (GEMM-normalised, or raw) | "
                   "memory vs divided |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         ref = {(r.mode, r.batch, r.compile): r for r in model if r.attention_type == REFERENCE and r.status == "ok"}
@@ -40,9 +69,8 @@ def summary_table(records: list[BenchRecord]) -> str:
                 _fmt(r.peak_mem_bytes, ".0f", 2**-20), _fmt(r.params, ".2f", 1e-6),
                 _fmt(r.flops_per_clip, ".3g", 1e-9), _fmt(r.achieved_flops, ".1f", 1e-9),
                 _fmt(r.peak_flops, ".0f", 1e-9), _fmt(r.utilisation, ".1f", 100),
-                _ratio(r.clips_per_s, d and d.clips_per_s),
-                _ratio(r.peak_mem_bytes, d and d.peak_mem_bytes)]))
-        lines.append("")
+                throughput_vs(r, d), _ratio(r.peak_mem_bytes, d and d.peak_mem_bytes)]))
+        lines += ["", THROUGHPUT_NOTE, ""]
         failed = [r for r in model if r.status != "ok" and r.message]
         if failed:  # the reasons, below the table (its step column says only the status)
             lines += [f"- {r.case}: {r.status}: {r.message}" for r in failed] + [""]

@@ -674,6 +674,32 @@ def test_a_stopped_sweep_keeps_the_cases_it_measured(tmp_path, monkeypatch):
     assert "| space_only | train |" in (run / "summary.md").read_text()  # the report of what was measured
 
 
+def test_suites_that_measure_one_mode_say_so_and_the_run_claims_only_what_it_measured(tmp_path, monkeypatch,
+                                                                                       caplog):
+    """--mode both with the scaling and attention suites alone measures train only: a log line says so, and
+    results.json's meta.modes and config.yaml's first line do not claim inference cases."""
+    import logging
+
+    from timesformer_harness.bench import cli
+
+    def fake_run_case(case, timeout_s):  # what was planned is the point here, not what it measures
+        rec = case.record(torch.device("cpu"))
+        rec.status, rec.message = "skipped", "not run by this test"
+        return rec
+
+    monkeypatch.setattr(cli, "run_case", fake_run_case)
+    caplog.set_level(logging.INFO)
+    cfg, preset, device = resolve(preset="tiny", suites=["attention", "scaling"], out_dir=str(tmp_path))
+    _, records = cli.run(cfg, preset, device, "space_only", ["space_only"], ["train", "infer"])
+    assert records and {r.mode for r in records} == {"train"}
+    for suite in ("attention", "scaling"):
+        assert f"the {suite} suite measures one mode, train (of train and infer asked for)" in caplog.text
+    (run,) = tmp_path.iterdir()
+    assert read_results(run / "results.json")[1]["modes"] == ["train"]
+    assert (run / "config.yaml").read_text().startswith(
+        "# measured with --attn space_only --mode both (its cases measure train): give them again with --config")
+
+
 def test_bench_cli_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, "-m", "timesformer_harness.bench", "--attn", "diagonal"],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)

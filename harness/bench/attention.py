@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from timesformer_harness.bench.case import ModelCase, measure_step
+from timesformer_harness.bench.case import ModelCase, measure_step, single_mode
 from timesformer_harness.bench.record import BenchRecord
 from timesformer_harness.config import RootConfig
 from timesformer_harness.variants import ATTENTION_CALLS, VARIANTS, attention_flops, attention_shape
@@ -38,7 +38,7 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
 
     T, S = cfg.model.num_frames, cfg.model.img_size
     shapes = [s for s in ATTENTION_CALLS if any(s in VARIANTS[a].attention_calls for a in attns)]
-    mode = "train" if "train" in modes else "infer"
+    mode = single_mode("attention", modes)
     out = []
     for shape in shapes:
         owner = next(a for a in attns if shape in VARIANTS[a].attention_calls)  # the variant it belongs to

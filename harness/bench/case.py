@@ -9,6 +9,7 @@ before anything is measured.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, ClassVar
@@ -21,6 +22,8 @@ from timesformer_harness.kernels.attention import short_sequence_choices
 from timesformer_harness.metrics import (Gemm, PeakMemory, Stopwatch, gemm, iso_now, kernel_time, synchronize,
                                          time_block, time_pairs, time_steps)
 from timesformer_harness.runtime import device_name
+
+logger = logging.getLogger(__name__)
 
 
 class SkipCase(Exception):
@@ -131,6 +134,16 @@ class ModelCase(BenchCase):
         rec.frames, rec.img_size = self.frames or None, self.img_size or None
         rec.peak_flops, rec.peak_flops_source = self.peak_flops, self.peak_flops_source
         return rec
+
+
+def single_mode(suite: str, modes: list[str]) -> str:
+    """The mode a suite that measures one mode (scaling, attention) runs: train when asked for, else infer; a log
+    line says so when both were asked for (the model suite measures both)."""
+    mode = "train" if "train" in modes else "infer"
+    if len(set(modes)) > 1:
+        logger.info("the %s suite measures one mode, %s (of %s asked for): --mode infer gives its inference cases",
+                    suite, mode, " and ".join(modes))
+    return mode
 
 
 def time_model_step(step: Callable[[], object], rec: BenchRecord, case: ModelCase, device: torch.device,

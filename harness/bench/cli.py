@@ -73,6 +73,13 @@ def modes_of(mode: str) -> list[str]:
     return [mode]
 
 
+def modes_measured(cases: Sequence[BenchCase]) -> list[str]:
+    """The modes ``cases`` measure, train first: fewer than ``--mode`` asked for where only the scaling or attention
+    suite runs (each measures one mode), none for the pipeline suite alone."""
+    seen = {getattr(case, "mode", None) for case in cases}
+    return [mode for mode in ("train", "infer") if mode in seen]
+
+
 def resolve(*, preset: str | None = None, config: str | None = None, overrides: Sequence[str] = (),
             frames: list[int] | None = None, img_sizes: list[int] | None = None, suites: list[str] | None = None,
             out_dir: str | None = None) -> tuple[RootConfig, str, torch.device]:
@@ -166,16 +173,18 @@ def run(cfg: RootConfig, preset: str, device: torch.device, attn: str, attns: li
     precision = precision_name(resolve_precision(cfg.bench.precision, device))
     started = run_stamp()
     out = new_run_dir(cfg.bench.out_dir, f"{started}-{attn}")
-    measured = f"--attn {attn} --mode {'both' if len(modes) == 2 else modes[0]}"  # what the flags chose
-    atomic_write_text(out / "config.yaml", f"# measured with {measured}: give them again with --config\n"
-                      + to_yaml(cfg))
     peak = measure_peak(device, precision, cfg.bench.gemm_n)
     cases = build_cases(cfg, preset, attns, modes, device, peak, precision)
+    measured_modes = modes_measured(cases)
+    flags = f"--attn {attn} --mode {'both' if len(modes) == 2 else modes[0]}"  # what the flags chose
+    if measured_modes != modes:  # the scaling and attention suites measure one mode
+        flags += f" (its cases measure {' and '.join(measured_modes) or 'no mode'})"
+    atomic_write_text(out / "config.yaml", f"# measured with {flags}: give them again with --config\n" + to_yaml(cfg))
     logger.info("%d cases -> %s (peak %s)", len(cases), out, peak[1])
     clock = Stopwatch()
     records: list[BenchRecord] = []
     meta = {  # the run's facts, computed once; wall_s and complete are set at each write
-        "started": started, "preset": preset, "attn": attn, "modes": modes, "batch": cfg.bench.batch_size,
+        "started": started, "preset": preset, "attn": attn, "modes": measured_modes, "batch": cfg.bench.batch_size,
         "precision": precision, "peak_flops": peak[0], "peak_flops_source": peak[1],
         "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "peak RSS growth of each case's process",
         "hardware": device_name(device), "env": environment_info(device), "config": to_yaml(cfg),

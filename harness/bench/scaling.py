@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from timesformer_harness.bench import model
-from timesformer_harness.bench.case import ModelCase
+from timesformer_harness.bench.case import ModelCase, single_mode
 from timesformer_harness.config import RootConfig
 
 run = model.run  # the same measurement at other input sizes
@@ -30,10 +30,11 @@ def paper_grid(T: int, S: int, patch: int) -> list[tuple[int, int]]:
 
 def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[str],
           device: torch.device) -> list[Case]:
-    """``--frames`` x ``--img`` when given; otherwise the paper's grid on a GPU (``paper_grid``) and T, 2T frames at
-    the preset's size on CPU (``make bench`` stays within minutes on 2 cores). A case that runs out of memory is
-    recorded as ``oom`` (joint attention's frontier). The point the model suite measures (eager, at
-    ``bench.batch_size``) is left out when that suite runs too."""
+    """In one mode (``single_mode``: train, or infer when only it is asked for), ``--frames`` x ``--img`` when given;
+    otherwise the paper's grid on a GPU (``paper_grid``) and T, 2T frames at the preset's size on CPU (``make bench``
+    stays within minutes on 2 cores). A case that runs out of memory is recorded as ``oom`` (joint attention's
+    frontier). The point the model suite measures (eager, at ``bench.batch_size``) is left out when that suite runs
+    too."""
     b = cfg.bench
     T, S = cfg.model.num_frames, cfg.model.img_size
     if b.frames or b.img_sizes:
@@ -42,7 +43,7 @@ def cases(cfg: RootConfig, base: dict[str, Any], attns: list[str], modes: list[s
         grid = paper_grid(T, S, cfg.model.patch_size)
     else:
         grid = [(T, S), (2 * T, S)]
-    mode = "train" if "train" in modes else "infer"
+    mode = single_mode("scaling", modes)
     return [Case.of(base, model=replace(cfg.model, attention_type=attn), mode=mode, frames=t, img_size=s,
                     warmup=b.sweep_warmup, steps=b.sweep_steps)
             for attn in attns for t, s in grid

@@ -152,11 +152,11 @@ def test_build_cases_selects_suites_and_skips_the_duplicate_sweep_point():
 
 
 def test_resolve_layers_preset_overrides_and_flags_and_checks_them():
-    cfg, preset, device = resolve(preset="tiny", overrides=["model.depth=3"], frames=[4, 8], suites=["model"],
+    cfg, preset, device = resolve(preset="tiny", overrides=["model.depth=3"], frames=[4, 8], suites=["scaling"],
                                   out_dir="/tmp/x")
     assert preset == "tiny" and cfg.bench.preset == "tiny" and device.type == "cpu"
     assert cfg.model.embed_dim == load_preset("tiny").embed_dim and cfg.model.depth == 3  # user over preset
-    assert cfg.bench.frames == [4, 8] and cfg.bench.suites == ["model"] and cfg.bench.out_dir == "/tmp/x"
+    assert cfg.bench.frames == [4, 8] and cfg.bench.suites == ["scaling"] and cfg.bench.out_dir == "/tmp/x"
     with pytest.raises(ValueError, match=r"unknown bench suites \['nope'\]"):
         resolve(preset="tiny", suites=["nope"])
     with pytest.raises(ValueError, match="model.attention_type='diagonal'"):
@@ -168,6 +168,24 @@ def test_resolve_layers_preset_overrides_and_flags_and_checks_them():
     # bench.preset given as an override picks the preset, as in a config file (it had been read from the file only)
     cfg, preset, _ = resolve(overrides=["bench.preset=tiny", "model.depth=3"])
     assert preset == "tiny" and cfg.model.embed_dim == load_preset("tiny").embed_dim and cfg.model.depth == 3
+
+
+def test_frames_and_img_without_the_scaling_suite_are_refused_and_beside_it_noted(caplog):
+    """--frames / --img (make bench FRAMES= IMG=) set the scaling suite's grid only: asked of the model suite alone
+    they are refused (it would measure the model's frames under a request for 16); beside the scaling suite a log
+    line says what the other suites measure."""
+    import logging
+
+    with pytest.raises(ValueError, match=r"^--frames 16 \(bench.frames\): the scaling suite's grid only, and --suites "
+                                         r"model does not run it \(the suites it runs measure the model's 4 frames at "
+                                         r"32 px\); add scaling to --suites"):
+        resolve(preset="tiny", frames=[16], suites=["model"])
+    with pytest.raises(ValueError, match=r"^--img 64 \(bench.img_sizes\): the scaling suite's grid only"):
+        resolve(preset="tiny", overrides=["bench.img_sizes=[64]"], suites=["model", "attention"])
+    caplog.set_level(logging.INFO)
+    resolve(preset="tiny", frames=[16], suites=["model", "scaling"])
+    assert "--frames 16 (bench.frames): the scaling suite's grid; the model suite(s) measure the model's 4 frames " \
+           "at 32 px" in caplog.text
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_error_before_any_case(tmp_path, capsys):

@@ -30,7 +30,8 @@ from timesformer_harness.bench.record import BenchRecord, write_flat, write_resu
 from timesformer_harness.bench.report import summary_table, write_summary
 from timesformer_harness.bench.model import count as count_flops_of
 from timesformer_harness.bench.sweep import build_cases, run_case
-from timesformer_harness.config import BENCH_SUITES, ModelConfig, RootConfig, load_config, to_yaml
+from timesformer_harness.config import (BENCH_SUITES, BenchConfig, ModelConfig, RootConfig, load_config,
+                                        to_yaml)
 from timesformer_harness.metrics import (OutputFolderError, Stopwatch, gpu_peak_flops, measure_gemm_flops,
                                          new_run_dir, run_stamp)
 from timesformer_harness.runtime import device_name, environment_info, precision_name, resolve_device, resolve_precision
@@ -110,6 +111,7 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
     if out_dir:
         changes["out_dir"] = out_dir
     bench = replace(cfg.bench, **changes)
+    check_grid(bench, cfg.model)
     ragged = [s for s in bench.img_sizes if s % cfg.model.patch_size]
     if ragged:
         raise ValueError(f"image sizes {ragged} (--img / bench.img_sizes) are not multiples of model.patch_size="
@@ -122,6 +124,28 @@ def resolve(*, preset: str | None = None, config: str | None = None, overrides: 
 
         data_config_path(cfg)  # the YAML those suites read exists
     return cfg, preset, device
+
+
+def check_grid(bench: BenchConfig, model: ModelConfig) -> None:
+    """``bench.frames`` and ``bench.img_sizes`` (``--frames``, ``--img``) set the scaling suite's grid and nothing
+    else: ValueError when that suite is not selected (the others would measure the model's frames and size under a
+    request for other ones); a log line when the model or attention suite runs beside it at the model's."""
+    if not (bench.frames or bench.img_sizes):
+        return
+    parts = []
+    if bench.frames:
+        parts.append(f"--frames {','.join(map(str, bench.frames))} (bench.frames)")
+    if bench.img_sizes:
+        parts.append(f"--img {','.join(map(str, bench.img_sizes))} (bench.img_sizes)")
+    asked = " and ".join(parts)
+    own = f"the model's {model.num_frames} frames at {model.img_size} px"
+    if "scaling" not in bench.suites:
+        raise ValueError(f"{asked}: the scaling suite's grid only, and --suites {','.join(bench.suites)} does not run "
+                         f"it (the suites it runs measure {own}); add scaling to --suites, or give "
+                         "model.num_frames=N / model.img_size=N to measure another input size")
+    others = [s for s in ("model", "attention") if s in bench.suites]
+    if others:
+        logger.info("%s: the scaling suite's grid; the %s suite(s) measure %s", asked, " and ".join(others), own)
 
 
 def measure_peak(device: torch.device, precision: str, gemm_n: int) -> tuple[float | None, str | None]:
@@ -142,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", default="all", help=" | ".join([*VARIANTS, "all"]))
     p.add_argument("--preset", default=None, help="model preset (configs/model/NAME.yaml); default by device")
     p.add_argument("--mode", default="both", help="train | infer | both")
-    p.add_argument("--frames", default=None, help="scaling sweep frame counts, e.g. 8,16,32")
-    p.add_argument("--img", default=None, help="scaling sweep image sizes, e.g. 224,448")
+    p.add_argument("--frames", default=None, help="the scaling suite's frame counts, e.g. 8,16,32 (that suite only)")
+    p.add_argument("--img", default=None, help="the scaling suite's image sizes, e.g. 224,448 (that suite only)")
     p.add_argument("--suites", default=None, help=f"comma list from {','.join(BENCH_SUITES)}")
     p.add_argument("--out", default=None, help="output root (default bench.out_dir = runs/bench)")
     p.add_argument("--config", default=None, help="YAML config (bench/model/data sections)")

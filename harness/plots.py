@@ -1,6 +1,6 @@
 """PNG plots of bench results: throughput (with the 95% interval of its median as error bars) and peak memory
-against frames, and cost and memory per clip against image size and frames (the paper's Fig. 3), one line per
-attention variant; and an evaluation's confusion matrix."""
+against frames, and counted FLOPs and memory per clip against image size and frames (after the paper's Fig. 3), one
+line per attention variant; and an evaluation's confusion matrix."""
 
 from __future__ import annotations
 
@@ -33,6 +33,24 @@ def series_by_variant(records: list[BenchRecord], mode: str, img_size: int) -> d
         if r.img_size == img_size and r.frames:
             by_attn.setdefault(r.attention_type or "?", []).append(r)
     return {a: sorted(rs, key=lambda r: r.frames or 0) for a, rs in sorted(by_attn.items())}
+
+
+# What a record's peak_mem_bytes measures, per peak_mem_kind (timesformer_harness.metrics.PeakMemory)
+MEMORY_KINDS = {"rss": "process memory growth (peak RSS)", "cuda_allocator": "CUDA allocator peak"}
+
+
+def memory_label(records: list[BenchRecord], unit: str, per_clip: bool = False) -> str:
+    """The memory axis's label: what the records' ``peak_mem_bytes`` measure (one kind, else "peak memory")."""
+    kinds = {r.peak_mem_kind for r in records if r.peak_mem_kind}
+    what = MEMORY_KINDS.get(kinds.pop(), "peak memory") if len(kinds) == 1 else "peak memory"
+    return f"{what}{' per clip' if per_clip else ''}, {unit}"
+
+
+def flops_label(mode: str) -> str:
+    """The cost axis's label: ``flops_per_clip`` counts FLOPs (2 per multiply-add), forward+backward in training."""
+    if mode == "train":
+        return "train TFLOPs per clip (fwd+bwd, 2 per multiply-add)"
+    return "inference TFLOPs per clip (forward, 2 per multiply-add)"
 
 
 def error_bars(records: list[BenchRecord]) -> list[list[float]]:
@@ -73,7 +91,8 @@ def plot_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[Path]:
             oom = [r.frames for r in rs if r.status == "oom"]
             if oom:
                 ax_t.plot(oom, [0] * len(oom), "x", color=line.get_color(), markersize=10, label=f"{attn} oom")
-        for ax, ylabel in ((ax_t, "images/s (clips/s x frames)"), (ax_m, "peak memory (MiB)")):
+        mem_label = memory_label([r for rs in series.values() for r in rs], "MiB")
+        for ax, ylabel in ((ax_t, "images/s (clips/s x frames)"), (ax_m, mem_label)):
             ax.set_xlabel("frames")
             ax.set_ylabel(ylabel)
             ax.set_xscale("log", base=2)
@@ -97,9 +116,11 @@ def _save(fig: plt.Figure, path: Path, title: str) -> Path:
 
 
 def plot_cost_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[Path]:
-    """Write ``scaling_cost_<mode>.png`` like the paper's Fig. 3: cost (TFLOPs per clip, counted) and peak memory
-    per clip (the case's peak over its batch) against image size (at the fewest frames) and against frames (at the
-    smallest image size), one line per variant; a case that ran out of memory is an ``x`` (its cost still counted)."""
+    """Write ``scaling_cost_<mode>.png`` after the paper's Fig. 3 (which counts multiply-adds as FLOPs): counted
+    FLOPs per clip (``flops_label``: 2 per multiply-add, forward+backward in training) and memory per clip (the
+    case's peak memory growth over its batch, ``memory_label``) against image size (at the fewest frames) and against
+    frames (at the smallest image size), one line per variant; a case that ran out of memory is an ``x`` (its cost
+    still counted)."""
     out_dir = Path(out_dir)
     written = []
     for mode in sorted({r.mode for r in records if r.suite in ("model", "scaling") and r.mode}):
@@ -127,7 +148,7 @@ def plot_cost_scaling(records: list[BenchRecord], out_dir: str | Path) -> list[P
                     ax_cost.plot([x(r) for r in oom], [(r.flops_per_clip or 0) / 1e12 for r in oom], "x",
                                  color=line.get_color(), markersize=12, label=f"{attn} out of memory")
                     ax_mem.plot([x(r) for r in oom], [0] * len(oom), "x", color=line.get_color(), markersize=12)
-            for ax, ylabel in ((ax_cost, "TFLOPs per clip"), (ax_mem, "peak memory per clip (GiB)")):
+            for ax, ylabel in ((ax_cost, flops_label(mode)), (ax_mem, memory_label(rs, "GiB", per_clip=True))):
                 ax.set_xlabel(xlabel + (f" at {T0} frames" if col == 0 else f" at {S0} px"))
                 ax.set_ylabel(ylabel)
                 ax.grid(True, alpha=0.3)

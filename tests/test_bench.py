@@ -1087,3 +1087,28 @@ def test_cost_plot_draws_both_axes_and_marks_oom(tmp_path):
     (path,) = plot_cost_scaling(records, tmp_path)
     assert path.name == "scaling_cost_train.png" and path.stat().st_size > 1000
     assert plot_cost_scaling(records[:1], tmp_path) == []  # one point: nothing to draw
+
+
+def test_cost_plot_labels_say_what_is_counted_and_measured(tmp_path, monkeypatch):
+    """flops_per_clip is FLOPs (2 per multiply-add) of forward+backward in training, not the paper's inference
+    multiply-adds; a CPU record's memory is its process's peak RSS growth, drawn over its batch."""
+    import matplotlib.figure
+
+    from timesformer_harness.plots import plot_cost_scaling
+
+    labels: list[str] = []
+
+    def savefig(fig, path, **kwargs):
+        labels.extend(ax.get_ylabel() for ax in fig.axes)
+        Path(path).write_bytes(b"png")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    records = [BenchRecord(suite="scaling", case=f"scaling/space_only/{mode}/{t}x32", attention_type="space_only",
+                           preset="tiny", frames=t, img_size=32, batch=2, mode=mode, flops_per_clip=t * 10**9,
+                           peak_mem_bytes=t * 2**20, peak_mem_kind="rss")
+               for mode in ("train", "infer") for t in (4, 8)]
+    plot_cost_scaling(records, tmp_path)
+    assert labels == ["inference TFLOPs per clip (forward, 2 per multiply-add)"] * 2 \
+        + ["process memory growth (peak RSS) per clip, GiB"] * 2 \
+        + ["train TFLOPs per clip (fwd+bwd, 2 per multiply-add)"] * 2 \
+        + ["process memory growth (peak RSS) per clip, GiB"] * 2

@@ -481,10 +481,16 @@ def _set_in(key: str, sources: list[tuple[str, DictConfig]]) -> str:
 
 def _overrides_node(overrides: list[str], schema: DictConfig) -> DictConfig:
     """``key=value`` overrides as one config, the last of a key winning. A value is YAML, but a string key keeps its
-    text as typed where YAML would read a number (``output.dir=007`` is '007', not 7; ``12:30`` not 750)."""
+    text as typed where YAML would read a number (``output.dir=007`` is '007', not 7; ``12:30`` not 750). A value
+    that is not YAML is a ConfigError naming its override."""
     node = OmegaConf.create()
     for item in overrides:
-        node.merge_with_dotlist([item])
+        try:
+            node.merge_with_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(f"{COMMAND_LINE}: {item!r}: {' '.join(str(e).split())}; a value is YAML: quote it, and "
+                              f"the override for the shell (\"data.separator=','\"), or close its brackets (e.g. "
+                              f"data.train_jitter_scales=[256,320])") from e
         key, _, text = item.partition("=")
         value = _as_written(node, key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_text(schema, key):
@@ -527,11 +533,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.depth=2)")
         # ``key=`` is the empty string (as in Hydra), not omegaconf's None, which no field of the schema takes
         overrides = [item + "''" if item.endswith("=") else item for item in overrides]
-        try:
-            sources.append((COMMAND_LINE, _overrides_node(overrides, schema)))
-        except (yaml.YAMLError, OmegaConfBaseException) as e:
-            raise ConfigError(f"{COMMAND_LINE}: {' '.join(str(e).split())}; a value is YAML: quote it, or close "
-                              f"its brackets (e.g. data.train_jitter_scales=[256,320])") from e
+        sources.append((COMMAND_LINE, _overrides_node(overrides, schema)))
     cfg = schema
     for source, node in sources:  # one at a time, so that an error names the file (or the command line)
         _check_keys(node, schema, source)

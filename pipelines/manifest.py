@@ -37,7 +37,10 @@ SSV2_LABELS = "something-something-v2-labels.json"  # template -> class id, besi
 # The fix a missing SSv2 labels file's error names, in config keys; a CLI that reads manifests through its flags
 # (``add_manifest_arguments``) names its own (``manifest_cli_hint``): its default labels file is beside the split JSON.
 SSV2_LABELS_FIX = f"set data.ssv2_labels, or put {SSV2_LABELS} in data.root"
-MANIFEST_CLI_HINTS = ((SSV2_LABELS_FIX, f"pass --ssv2-labels FILE, or put {SSV2_LABELS} beside the split JSON"),)
+# the comma separator as an override typed in a shell: quoted whole, or the shell drops the YAML quotes around ','
+COMMA_SEPARATOR = "\"data.separator=','\""
+MANIFEST_CLI_HINTS = ((SSV2_LABELS_FIX, f"pass --ssv2-labels FILE, or put {SSV2_LABELS} beside the split JSON"),
+                      (COMMA_SEPARATOR, "--separator ','"))
 # A manifest may name a folder of frames (``frame_images``): its images are its frames, at this many frames per second
 # (the original's SSv2 frames were taken at 30 fps; prepare's --fps reads them at another rate).
 FRAME_FOLDER_FPS = 30
@@ -159,7 +162,7 @@ def _format_hint(n: int, line: str, json_like: bool = False) -> str:
         return ("; a header line? Kinetics manifests have none: remove it, or read the file as data.format=csv "
                 "(--format csv), which allows a 'path,label' header")
     if "," in line and len(line.split(",")) == 2:
-        return "; the line is comma-separated: set data.format=csv (--format csv), or data.separator=','"
+        return f"; the line is comma-separated: set data.format=csv (--format csv), or {COMMA_SEPARATOR}"
     return ""
 
 

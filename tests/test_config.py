@@ -66,6 +66,17 @@ def test_the_synthetic_loader_takes_any_crop_since_it_resizes_nothing():
     assert load_config(None, ["data.loader=synthetic", "data.train_crop_size=448"]).data.train_crop_size == 448
 
 
+def test_an_override_that_is_not_yaml_is_named_with_a_shell_safe_fix():
+    """``data.separator=','`` typed in a shell arrives as ``data.separator=,``: the error names that override among
+    the others (it named none), and a fix the shell keeps as typed."""
+    with pytest.raises(ValueError, match=r"^command-line overrides: 'data.separator=,': while parsing .*; a value is "
+                                         r"YAML: quote it, and the override for the shell \(\"data.separator=','\"\)"):
+        load_config(None, ["model.depth=2", "data.separator=,", "data.num_frames=4"])
+    with pytest.raises(ValueError, match=r"^command-line overrides: 'data.train_jitter_scales=\[256,320': "):
+        load_config(None, ["data.train_jitter_scales=[256,320"])
+    assert load_config(None, ["data.separator=','"]).data.separator == ","
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.num_frames=0", "data.num_frames=0; must be >= 1"),
     ("data.sampling_rate=0", "data.sampling_rate=0; must be >= 1"),  # would repeat one frame T times

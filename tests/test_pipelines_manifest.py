@@ -48,7 +48,8 @@ def test_kinetics_paths_may_hold_spaces_and_a_bom_is_ignored(tmp_path: Path) -> 
 @pytest.mark.parametrize("text, match", [
     ("path label\na.mp4 1\n", r"m.csv:1: .*label 'label'; a header line\? Kinetics manifests have none: remove it$"),
     ("path,label\na.mp4,1\n", r"m.csv:1: .*got 1 field.*a header line\?"),
-    ("a.mp4,1\n", r"m.csv:1: .*the line is comma-separated: set data.format=csv")])
+    ("a.mp4,1\n", r"m.csv:1: .*the line is comma-separated: set data.format=csv \(--format csv\), or "
+                  r"\"data.separator=','\"$")])  # quoted whole: a shell keeps the YAML quotes
 def test_kinetics_errors_hint_at_the_format(tmp_path: Path, text: str, match: str) -> None:
     (tmp_path / "m.csv").write_text(text)
     with pytest.raises(ValueError, match=match):

@@ -10,6 +10,7 @@ in the shipped configs (``configs/model/toy.yaml`` works from a config in any fo
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from timesformer_harness.common import not_a_file
 from timesformer_harness.kernels.backend_names import BACKENDS as ATTN_BACKENDS, SHORT_SEQUENCE_BACKENDS
 from timesformer_harness.pipelines.config import FORMAT_DEPENDENT, DataConfig, check_minimums
 from timesformer_harness.variants import REFERENCE, variant
+
+logger = logging.getLogger(__name__)
 
 # divided attention's temporal pass also takes the short-sequence kernels (kernels/short_attention.py)
 TEMPORAL_ATTN_BACKENDS = ("same", *ATTN_BACKENDS, *SHORT_SEQUENCE_BACKENDS)
@@ -421,6 +424,17 @@ def _find_default(name: str, config: Path) -> Path:
     return found
 
 
+def find_config(path: str | Path) -> Path:
+    """``--config``'s file: ``path`` from the current folder; when nothing is there and ``path`` is relative, the
+    shipped config of that name (a leading ``configs/`` dropped, as for a ``defaults:`` entry), said in a warning."""
+    path = Path(path)
+    shipped = CONFIG_DIR / str(path).removeprefix("configs/")
+    if path.is_absolute() or not_a_file(path) != "does not exist" or not shipped.is_file():
+        return path
+    logger.warning("config %s is not in the current folder (%s): using the shipped %s", path, Path.cwd(), shipped)
+    return shipped
+
+
 MAX_CONFIG_FILES = 256  # files one config may read through its defaults, repeats counted (a tree, not a bomb)
 
 
@@ -434,8 +448,8 @@ def _yaml_sources(path: Path, seen: tuple[Path, ...] = (), read: list[int] | Non
         raise ConfigError(f"config {path}: its 'defaults' read more than {MAX_CONFIG_FILES} files (a file named "
                           "several times at several levels multiplies); name each file once")
     if (kind := not_a_file(path)) == "does not exist":
-        raise ConfigError(f"config file {path} does not exist (relative paths are from the current folder, "
-                          f"{Path.cwd()}); the shipped recipes are in {CONFIG_DIR}")
+        raise ConfigError(f"config file {path} does not exist (a relative path is read from the current folder, "
+                          f"{Path.cwd()}, then from the shipped configs, {CONFIG_DIR}); fix the path")
     if kind == "is a folder":
         example = next(iter(sorted(path.glob("*.yaml"))), path / "my.yaml")
         raise ConfigError(f"config {path} is a folder, not a config file; name the YAML file, e.g. {example}")
@@ -526,7 +540,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     schema = OmegaConf.structured(RootConfig)
     for key, unset in FORMAT_DEPENDENT.items():  # resolved when the config is built, for the format it names
         schema.data[key] = unset
-    sources = _yaml_sources(Path(path)) if path is not None else []
+    sources = _yaml_sources(find_config(path)) if path is not None else []
     if overrides:
         for item in overrides:
             if "=" not in item:

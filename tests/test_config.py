@@ -340,3 +340,20 @@ def test_a_defaults_tree_is_read_in_bounded_work(tmp_path, monkeypatch):
 def test_a_model_size_below_one_is_refused(key):
     with pytest.raises(ValueError, match=rf"model.{key}=-1; must be >= 1"):
         load_config(None, [f"model.{key}=-1"])
+
+
+def test_a_config_path_not_in_the_current_folder_is_read_from_the_shipped_configs(tmp_path, monkeypatch, caplog):
+    """``--config configs/exp/x.yaml`` run from a data folder (docs/your_data.md) was 'does not exist'; it is now
+    read as a ``defaults:`` entry is, from the shipped configs, with a warning. A file in the current folder wins."""
+    monkeypatch.chdir(tmp_path)
+    shipped = load_config(EXP / "k400_divst_8x32_224.yaml")
+    with caplog.at_level("WARNING", logger="timesformer_harness.config"):
+        cfg = load_config("configs/exp/k400_divst_8x32_224.yaml")
+    assert cfg.model == shipped.model and cfg.data == shipped.data
+    assert "config configs/exp/k400_divst_8x32_224.yaml is not in the current folder" in caplog.text
+    (tmp_path / "configs" / "exp").mkdir(parents=True)
+    (tmp_path / "configs" / "exp" / "k400_divst_8x32_224.yaml").write_text("model:\n  depth: 3\n")
+    assert load_config("configs/exp/k400_divst_8x32_224.yaml").model.depth == 3
+    with pytest.raises(ConfigError, match=r"config file configs/exp/nope.yaml does not exist \(a relative path is "
+                                          rf"read from the current folder, {tmp_path}, then from the shipped configs"):
+        load_config("configs/exp/nope.yaml")

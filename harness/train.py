@@ -152,6 +152,24 @@ def check_inputs(cfg: RootConfig, device: torch.device) -> dict[str, list[VideoE
     return manifests
 
 
+def accumulation(cfg: RootConfig, world_size: int) -> int:
+    """Batches per rank in one optimizer step: ``solver.global_batch_size`` over the clips of one batch on every rank
+    (1 when it is 0)."""
+    per_step = cfg.data.batch_size * world_size
+    return max(1, cfg.solver.global_batch_size // per_step) if cfg.solver.global_batch_size else 1
+
+
+def step_batches(cfg: RootConfig, batches: int, accum: int) -> int:
+    """The batches per rank an epoch of ``batches`` runs (``train.max_steps_per_epoch`` caps them); ValueError when
+    they cannot make one optimizer step of ``accum`` batches."""
+    if cfg.train.max_steps_per_epoch:
+        batches = min(batches, cfg.train.max_steps_per_epoch * accum)
+    if batches < accum:
+        raise ValueError(f"an epoch has {batches} batches per rank but one optimizer step needs {accum} "
+                         f"(solver.global_batch_size={cfg.solver.global_batch_size}); lower it")
+    return batches
+
+
 def check_resume_config(cfg: RootConfig, path: Path, obj: dict[str, Any]) -> list[Change]:
     """Compare this launch's config with the one checkpoint ``path`` (loaded: ``obj``) was written with. Returns the
     changes a resume takes on (to warn about); raises ``RunFolderError`` naming every change that would make the
@@ -185,6 +203,11 @@ class Trainer:
         # serve each split's first loader
         self.device = info.device
         self._manifests = check_inputs(cfg, self.device)
+        self.accum = accumulation(cfg, info.world_size)
+        if batches := len(self._manifests.get("train", [])) // info.world_size // cfg.data.batch_size:
+            # every listed video counted (the pre-flight check may reject some: the loader's count is checked again);
+            # no full batch at all is the loader's own error
+            step_batches(cfg, batches, self.accum)
         # train.resume decides, and a resume refuses a changed model or data, also before the folder is touched
         self._resume = find_resume(cfg.output.dir, self._resume_policy())
         found = None if self._resume is None else (self._resume[0].name, *resume_position(self._resume[1],
@@ -265,7 +288,6 @@ class Trainer:
                                     grad_clip=cfg.solver.grad_clip, label_smoothing=cfg.solver.label_smoothing)
 
         per_step = cfg.data.batch_size * info.world_size
-        self.accum = max(1, cfg.solver.global_batch_size // per_step) if cfg.solver.global_batch_size else 1
         if cfg.solver.global_batch_size and cfg.solver.global_batch_size % per_step:
             logger.warning("solver.global_batch_size=%d is not a multiple of %d clips per iteration: effective "
                            "batch %d", cfg.solver.global_batch_size, per_step, per_step * self.accum)
@@ -619,13 +641,7 @@ class Trainer:
     def epoch_batches(self, loader: Any) -> int:
         """The batches per rank an epoch of ``loader`` runs (``train.max_steps_per_epoch`` caps them); ValueError
         when they cannot make one optimizer step of the accumulation."""
-        n = len(loader)
-        if self.cfg.train.max_steps_per_epoch:
-            n = min(n, self.cfg.train.max_steps_per_epoch * self.accum)
-        if n < self.accum:
-            raise ValueError(f"an epoch has {n} batches per rank but one optimizer step needs {self.accum} "
-                             f"(solver.global_batch_size={self.cfg.solver.global_batch_size}); lower it")
-        return n
+        return step_batches(self.cfg, len(loader), self.accum)
 
     def train_epoch(self, loader: Any, epoch: int, start: int) -> tuple[bool, int]:
         """One epoch from batch ``start``. Returns (stop requested, the batch to resume at: after a stop the next

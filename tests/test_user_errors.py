@@ -135,14 +135,15 @@ def test_sizes_larger_than_the_machine_are_refused_before_any_allocation(section
     assert not (tmp_path / "run").exists()
 
 
-def test_an_accumulation_an_epoch_cannot_hold_fails_before_any_record(tiny, tmp_path):
-    """The mistake is refused before the run's first record, so that the corrected command runs under
-    ``train.resume=never`` (which refuses a folder holding records)."""
+def test_an_accumulation_an_epoch_cannot_hold_fails_before_the_run_folder(tiny, tmp_path):
+    """The mistake is refused from the manifest's length, before the run folder is written or the weights are read
+    (it came after both), so that the corrected command runs under ``train.resume=never``."""
     out = tmp_path / "run"
-    res = run(train_cmd(*tiny, "solver.global_batch_size=100000", f"output.dir={out}"))
+    res = run(train_cmd(*tiny, "solver.global_batch_size=64", f"output.dir={out}"))
     assert res.returncode == ExitCode.CONFIG
-    assert "but one optimizer step needs" in error_line(res) and error_line(res).endswith("; lower it")
-    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
+    assert error_line(res) == ("error: an epoch has 2 batches per rank but one optimizer step needs 16 "
+                               "(solver.global_batch_size=64); lower it")
+    assert not out.exists()
     fixed = run(train_cmd(*tiny, "train.resume=never", f"output.dir={out}"))
     assert fixed.returncode == 0, fixed.stderr[-3000:]
 
@@ -172,12 +173,13 @@ def test_each_launch_keeps_its_config_and_the_run_keeps_a_dated_log(tiny, tmp_pa
                        if not line.startswith(" ")), log[:5]
     assert sum("launch 1 in" in line for line in log) == sum("launch 2 in" in line for line in log) == 1
     assert any("resumed from" in line for line in log) and any("training done" in line for line in log)
-    # an error after the run folder is taken goes into its log as well as to stderr
-    res = run(train_cmd(*tiny, "solver.global_batch_size=64", f"output.dir={tmp_path}/big_batch"))
-    assert res.returncode == ExitCode.CONFIG
+    # an error after the run folder is taken goes into its log as well as to stderr: weights that do not load
+    (tmp_path / "junk.pyth").write_bytes(b"not a checkpoint")
+    res = run(train_cmd(*tiny, f"model.pretrained={tmp_path}/junk.pyth", f"output.dir={tmp_path}/bad_weights"))
+    assert res.returncode == ExitCode.CHECKPOINT
     line = error_line(res)
-    assert line.endswith("one optimizer step needs 16 (solver.global_batch_size=64); lower it")
-    last = (tmp_path / "big_batch" / "train.log").read_text().splitlines()[-1]
+    assert "junk.pyth" in line
+    last = (tmp_path / "bad_weights" / "train.log").read_text().splitlines()[-1]
     assert last.endswith(f" ERROR timesformer_harness: {line.removeprefix('error: ')}")
 
 

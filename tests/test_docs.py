@@ -304,3 +304,20 @@ def test_make_tensorboard_serves_training_scalars_and_profiles(tmp_path: Path) -
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_your_data_manifest_script_keeps_every_video_container_in_any_case(tmp_path: Path) -> None:
+    """docs/your_data.md's manifest script kept only lower-case .mp4/.webm: .MP4, .MOV, .mkv were dropped silently.
+    Now every container the loaders read is kept, in any case, and what it skips is printed."""
+    text = (REPO / "docs" / "your_data.md").read_text()
+    script = re.search(r"python - <<'PY'\n(.*?)\nPY\n", text, re.S)
+    assert script, "docs/your_data.md lost its manifest script"
+    for name in ("a.mp4", "b.MP4", "c.MOV", "d.mkv", "e.webm", "notes.txt"):
+        (tmp_path / "mydata" / "videos" / "clap" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mydata" / "videos" / "clap" / name).write_bytes(b"")
+    res = subprocess.run([sys.executable, "-c", script[1]], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    listed = [line.rsplit(" ", 1)[0] for split in ("train", "val", "test")
+              for line in (tmp_path / "mydata" / f"{split}.csv").read_text().splitlines()]
+    assert sorted(listed) == [f"videos/clap/{n}" for n in ("a.mp4", "b.MP4", "c.MOV", "d.mkv", "e.webm")]
+    assert res.stdout.startswith("skipped mydata/videos/clap/notes.txt: not a file ending in .mp4, ")

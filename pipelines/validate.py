@@ -814,6 +814,10 @@ def main(argv: list[str] | None = None) -> int:
                                ssv2_labels=args.ssv2_labels, ssv2_suffix=args.ssv2_suffix,
                                num_classes=args.num_classes)
     except (ValueError, FileNotFoundError) as e:
+        if Path(args.manifest).suffix.lower() in (".yaml", ".yml") and Path(args.manifest).is_file():
+            print(f"error: {args.manifest} is a config, not a manifest: run python -m timesformer_harness.validate "
+                  f"--config {args.manifest} [--split train] to check its videos with its settings", file=sys.stderr)
+            return 1
         print(f"error: {as_cli_hint(str(e))}", file=sys.stderr)
         return 1
     try:

@@ -423,3 +423,18 @@ def test_good_mpeg4_files_are_not_refused(tmp_path) -> None:
     assert validate.probe_video(str(trimmed)).error == ""
     tiny = encode_video(tmp_path / "tiny.mp4", textured_frames(8, 32, 32, seed=3), codec="mpeg4")
     assert (validate.probe_video(str(tiny)).error, validate.deep_probe(str(tiny))) == ("", "")
+
+
+def test_a_config_given_as_the_manifest_points_to_the_config_check(tmp_path: Path, capsys) -> None:
+    """``pipelines.validate mydata/my.yaml`` read the config as a manifest: "my.yaml:1: expected 'path label' ...
+    got label 'minutes.'". It says the file is a config, and the command that checks one."""
+    config = tmp_path / "my.yaml"
+    config.write_text("# the toy-sized model runs the whole path in minutes.\nmodel:\n  num_classes: 3\n")
+    assert validate.main([str(config)]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {config} is a config, not a manifest: run python -m "
+                                               f"timesformer_harness.validate --config {config} [--split train] to "
+                                               f"check its videos with its settings")
+    manifest = tmp_path / "m.csv"  # a manifest's own mistake keeps its message
+    manifest.write_text("a.mp4 cat\n")
+    assert validate.main([str(manifest)]) == 1
+    assert "m.csv:1: expected 'path label'" in capsys.readouterr().err

@@ -9,7 +9,7 @@ as training does (``defaults:``, overrides) and runs the pre-flight check ``buil
 each unusable file with its reason (whose fix names config keys) and a summary; exit status 0 when every video is
 usable, 1 otherwise (and for a mistake in the config or the manifest, as one ``error:`` line), 130 when interrupted
 (Ctrl-C): the probe and deep-check results that came in before it are cached, so a rerun resumes there. Progress: a
-bar on a terminal, else a log line every 30 s.
+bar on a terminal, else a log line every 30 s. ``--debug`` (or ``TIMESFORMER_DEBUG=1``) prints an error's traceback.
 
 ``python -m timesformer_harness.pipelines.validate MANIFEST`` is the same check with command-line flags instead of a
 config (the pipelines cannot read a run's config: it lives a layer above them).
@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deep", action="store_true", help="also decode every packet (data.validate=deep)")
     parser.add_argument("--report", default=None, metavar="FILE",
                         help="also write the verdict as JSON (the config, split, loader, counts and reasons)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error too (as "
+                        "TIMESFORMER_DEBUG=1 does)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, as for training")
     return parser.parse_intermixed_args(argv)
 
@@ -49,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_check(args)
     except KeyboardInterrupt as e:  # the caches keep every result that came in before it
-        return report_error(e, ExitCode.INTERRUPTED, message="interrupted; the videos checked so far are cached "
-                            "(unless data.validate_cache=none): a rerun takes them from there")
+        return report_error(e, ExitCode.INTERRUPTED, args.debug, message="interrupted; the videos checked so far are "
+                            "cached (unless data.validate_cache=none): a rerun takes them from there")
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -58,8 +60,8 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides + (["data.validate=deep"] if args.deep else []))
     except (KeyError, ValueError, FileNotFoundError) as e:  # the message names the key or file, and the fix
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 1
+        return report_error(e, ExitCode.ERROR, args.debug,
+                            message=str(e.args[0] if isinstance(e, KeyError) and e.args else e))
     setup_logging()
     data = cfg.data
     if data.loader in LOADERS and not LOADERS[data.loader].decodes:
@@ -69,8 +71,7 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         check = preflight(data, args.split, device, cfg.model.num_classes)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # manifest, labels, data.loader=dali without DALI
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e, ExitCode.ERROR, args.debug)
     plan = check.plan
     judged = f"{plan.loader} loader" + (f" ({plan.backend} decode)" if LOADERS[plan.loader].needs_decode_device else "")
     print(f"{args.config}, {args.split} split ({manifest_path(data, args.split)}): judged for the {judged} on "

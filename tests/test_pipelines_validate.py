@@ -438,3 +438,21 @@ def test_a_config_given_as_the_manifest_points_to_the_config_check(tmp_path: Pat
     manifest.write_text("a.mp4 cat\n")
     assert validate.main([str(manifest)]) == 1
     assert "m.csv:1: expected 'path label'" in capsys.readouterr().err
+
+
+def test_the_config_check_takes_debug_and_timesformer_debug(tmp_path: Path, capsys, monkeypatch) -> None:
+    """``timesformer_harness.validate`` refused ``--debug`` and ignored TIMESFORMER_DEBUG, as no other entry point
+    does: both now add the error's traceback; without them the error stays one line (exit status 1)."""
+    from timesformer_harness.validate import main as check_config
+
+    (tmp_path / "bad.yaml").write_text("data:\n  num_frame: 8\n")
+    monkeypatch.delenv("TIMESFORMER_DEBUG", raising=False)
+    assert check_config(["--config", str(tmp_path / "bad.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'data.num_frame'") and "Traceback" not in err
+    for argv, env in ((["--debug"], "0"), ([], "1")):
+        monkeypatch.setenv("TIMESFORMER_DEBUG", env)
+        assert check_config(["--config", str(tmp_path / "bad.yaml"), *argv]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err
+        assert err.strip().splitlines()[-1].startswith("error: unknown config key 'data.num_frame'")

@@ -424,7 +424,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error too (as "
                         "TIMESFORMER_DEBUG=1 does)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. test.ensemble=softmax_mean")
-    return parser.parse_intermixed_args(argv)
+    parser.add_argument("--split", default=None, help=argparse.SUPPRESS)  # validate's flag: answered below
+    args = parser.parse_intermixed_args(argv)
+    if args.split is not None:
+        parser.error(f"--split is not a flag of evaluate: the split is a config key, test.split={args.split}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

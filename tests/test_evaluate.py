@@ -280,3 +280,15 @@ def test_dump_of_another_suffix_is_refused_before_anything_runs(toy, tmp_path):
     res = run([PY, "harness/evaluate.py", *toy, f"output.dir={tmp_path / 'new' / 'run'}", "--checkpoint",
                str(tmp_path / "none.pyth"), "--dump", str(tmp_path / "dumps" / "p.csv")])
     assert res.returncode == 2 and not (tmp_path / "new").exists() and not (tmp_path / "dumps").exists()
+
+
+def test_split_as_a_flag_names_the_config_key(capsys) -> None:
+    """``evaluate --split val`` (validate's flag) was argparse's bare 'unrecognized arguments'; the usage error
+    now names test.split=val."""
+    from timesformer_harness.evaluate import main as evaluate_main
+
+    with pytest.raises(SystemExit) as stop:
+        evaluate_main(["--config", "configs/exp/toy_divided_cpu.yaml", "--split", "val"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "harness/evaluate.py: error: --split is not a flag of evaluate: the split is a config key, test.split=val")

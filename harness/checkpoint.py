@@ -1009,7 +1009,10 @@ def inspect(path: str | Path, show_keys: bool = True, limits: LoadLimits = DEFAU
     lines += [f"file:        {file}", f"format:      {fmt}", f"top-level:   {shown or '(tensors only)'}"]
     if "epoch" in obj:  # printed only when a number: a hostile entry's repr could be unbounded
         epoch = obj["epoch"]
-        lines.append(f"epoch:       {epoch if type(epoch) in (int, float) else f'(a {type(epoch).__name__})'}")
+        shown = epoch if type(epoch) in (int, float) else f"(a {type(epoch).__name__})"
+        if type(epoch) is int and epoch >= 0:  # the original's 0-based last finished epoch; our file names count from 1
+            shown = f"{epoch} (0-based, as the original's: {epoch + 1} epoch(s) done; file names count from 1)"
+        lines.append(f"epoch:       {shown}")
     lines += [f"tensors:     {len(sd)}", f"parameters:  {n:,}", f"model:       {model}"]
     lines += _config_lines(config, cfg)
     problems = {k: why for k, v in sd.items() if (why := tensor_problem(v))}

@@ -255,7 +255,8 @@ def test_inspect_and_convert_cli(tmp_path: Path) -> None:
                                     capture_output=True, text=True, timeout=120)
     out = run("inspect", str(path))
     assert out.returncode == 0, out.stderr
-    assert "format:      pyth" in out.stdout and "epoch:       4" in out.stdout
+    assert "format:      pyth" in out.stdout  # the original's 0-based epoch, said so: checkpoint_epoch_00005's
+    assert "epoch:       4 (0-based, as the original's: 5 epoch(s) done; file names count from 1)\n" in out.stdout
     assert "attention_type=divided_space_time frames=4 img_size=32 patch=8 classes=7 embed_dim=32 depth=2" in out.stdout
     assert "blocks.1.temporal_fc.weight" in out.stdout and f"parameters:  {sum(p.numel() for p in trained_like().parameters()):,}" in out.stdout
     hf = tmp_path / "hf.safetensors"

@@ -784,8 +784,8 @@ def load_weights(
     Raises:
         FileNotFoundError, CheckpointError: as ``load_file``.
         WeightsMismatchError: strict and the keys, shapes or values do not fit (a ``CheckpointError`` and a
-            ``KeyError``); the message lists the first keys and counts the rest. Strict and a snapshot's config.json names another
-            architecture than ``model``'s (every field named).
+            ``KeyError``); the message lists the first keys and counts the rest. Strict and a snapshot's
+            config.json names another architecture than ``model``'s (every field named).
     """
     bare = bare_model(model)  # the wrappers' state dicts prefix every key: load into the module itself
     model_cfg = getattr(bare, "config", None)

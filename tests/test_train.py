@@ -668,7 +668,8 @@ from timesformer_harness import train
 from timesformer_harness.checkpoint import CheckpointWriteError
 
 def no_space(*args, **kwargs):
-    raise CheckpointWriteError("could not write checkpoint_epoch_00001.pyth: no space left on device (made by the test)")
+    raise CheckpointWriteError("could not write checkpoint_epoch_00001.pyth: no space left on device "
+                               "(made by the test)")
 
 if os.environ["RANK"] == "0":
     train.CheckpointManager.save = no_space

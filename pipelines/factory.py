@@ -40,7 +40,7 @@ from timesformer_harness.pipelines.decode_rates import (DALI_PATHS, RateRow, cho
 from timesformer_harness.pipelines.nvdec import DALI_CPU_CODECS, DEFAULT_GENERATION, generation_of
 from timesformer_harness.pipelines.quarantine import BadVideo, write_rejected
 from timesformer_harness.pipelines.synthetic import check_synthetic_labels
-from timesformer_harness.pipelines.validate import VideoInfo, deep_check, judge, probe_all
+from timesformer_harness.pipelines.validate import VideoInfo, all_missing_hint, deep_check, judge, probe_all
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,8 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     rejected = [(p, r) for p, r in rejected if p not in known]
     if rejected:
         what = f"{len(rejected)} of {len(entries)} videos in the {split} manifest cannot be used"
+        if hint := all_missing_hint(entries, rejected):
+            what += f" ({hint})"
         listing = "\n".join(f"  {p}: {r}" for p, r in rejected[:10]) + ("\n  ..." if len(rejected) > 10 else "")
         if cfg.on_bad_video == "error":
             deep = " --deep" if cfg.validate == "deep" else ""

@@ -286,7 +286,7 @@ def probe_video(path: str) -> VideoInfo:
             info.error = problem
             return info
     except FileNotFoundError:
-        info.error = "missing: no such file"
+        info.error = MISSING
         return info
     except OSError as e:
         info.error = f"{UNREADABLE}{e}"
@@ -728,6 +728,19 @@ def as_cli_hint(reason: str) -> str:
     return reason
 
 
+MISSING = "missing: no such file"
+
+
+def all_missing_hint(entries: list, rejected: list[tuple[str, str]]) -> str:
+    """When no video of a manifest exists: how its paths are read (a wrong root, or paths written from another
+    folder), else ""."""
+    if not entries or len(rejected) < len(entries) or any(reason != MISSING for _, reason in rejected):
+        return ""
+    return ("none of the manifest's videos exists: a relative path in a manifest is read from the manifest's own "
+            "folder (after data.path_prefix, --path-prefix), not from the current folder; compare the paths listed "
+            "with where the videos are")
+
+
 def print_verdict(entries: list, rejected: list[tuple[str, str]], judged: str, *, report: str | None = None,
                   facts: dict | None = None, clip: tuple[int, int, float] | None = None, workers: int = 0) -> int:
     """Print every rejected file with its reason and the summary (``N/M videos usable by the {judged}``); write the
@@ -736,6 +749,8 @@ def print_verdict(entries: list, rejected: list[tuple[str, str]], judged: str, *
     for path, reason in rejected:
         print(f"{path}: {reason}")
     print(f"{len(entries) - len(rejected)}/{len(entries)} videos usable by the {judged} ({len(rejected)} rejected)")
+    if hint := all_missing_hint(entries, rejected):
+        print(hint)
     if report:
         from timesformer_harness.common import atomic_write_text
 

@@ -144,6 +144,26 @@ def test_build_loader_on_bad_video_error_lists_the_files(videos) -> None:
         build_loader(_cfg(videos, manifest), "train", device="cpu")
 
 
+def test_a_manifest_none_of_whose_videos_exists_says_how_its_paths_are_read(videos, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """Paths written from another folder than the manifest's: every video is missing, and both the validator and the
+    loader say that a relative path is read from the manifest's folder. One video there: no such hint."""
+    listing = tmp_path / "lists" / "train.csv"
+    listing.parent.mkdir()
+    listing.write_text("mydata/a.webm 0\nmydata/b.webm 1\n")  # from the folder above the manifest's
+    hint = "none of the manifest's videos exists: a relative path in a manifest is read from the manifest's own folder"
+    args = ["--cache", "none", "--frames", "4", "--sampling-rate", "2"]
+    assert validate.main(args + [str(listing)]) == 1
+    out = capsys.readouterr().out
+    assert f"{listing.parent / 'mydata' / 'a.webm'}: missing: no such file" in out and hint in out
+    with pytest.raises(ValueError, match=r"2 of 2 videos in the train manifest cannot be used \(none of the "
+                                         r"manifest's videos exists: a relative path"):
+        build_loader(_cfg(videos, listing), "train", device="cpu")
+    listing.write_text(f"mydata/a.webm 0\n{videos.good[0]} 1\n")
+    assert validate.main(args + [str(listing)]) == 1
+    assert "none of the manifest's videos exists" not in capsys.readouterr().out
+
+
 def test_build_loader_skip_writes_rejected_csv(videos, tmp_path: Path) -> None:
     bad = [videos.garbage, videos.missing, videos.empty, videos.truncated, videos.h264]
     manifest = videos.manifest("skip.csv", videos.good[:4] + bad)

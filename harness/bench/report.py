@@ -21,11 +21,15 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def normalised_throughput(r: BenchRecord) -> float | None:
-    """Clips/s over the FLOP/s of the fp32 GEMM timed between the record's own steps (its utilisation over its FLOPs
-    per clip), or None where its peak is no such GEMM (a GPU's table peak) or its utilisation was not reported."""
-    if r.device != "cpu" or "gemm_ms" not in r.extra or not r.utilisation or not r.flops_per_clip:
+    """Clips per reference-GEMM time: the batch over the step's cost in GEMMs, from the step and GEMM blocks timed in
+    pairs within the case (``extra.ratio`` x ``calib_reps`` / ``steps_per_block``: the gate's measure, which a
+    machine that drifts during the case moves least); None without them (a GPU's table peak)."""
+    e = r.extra
+    sizes = [e.get(k) for k in ("ratio", "calib_reps", "steps_per_block")]
+    if r.device != "cpu" or not r.batch or not all(isinstance(v, (int, float)) and v > 0 for v in sizes):
         return None
-    return r.utilisation / r.flops_per_clip
+    ratio, calib_reps, steps_per_block = sizes
+    return r.batch / (ratio * calib_reps / steps_per_block)
 
 
 def throughput_vs(r: BenchRecord, ref: BenchRecord | None) -> str:
@@ -40,11 +44,11 @@ def throughput_vs(r: BenchRecord, ref: BenchRecord | None) -> str:
     return raw if raw == "-" else f"{raw} raw"
 
 
-THROUGHPUT_NOTE = ("Throughput vs divided is GEMM-normalised: each case's clips/s over the rate of the fp32 GEMM timed "
-                   "between its own steps (its utilisation over its FLOPs per clip), so that the machine running "
-                   "faster during one case than during another does not read as a faster variant. `raw` marks a "
-                   "ratio of clips/s as measured (no such GEMM: a GPU's table peak, or a utilisation not reported), "
-                   "which moves with whatever else the machine ran.")
+THROUGHPUT_NOTE = ("Throughput vs divided is GEMM-normalised: each case's step cost in fp32 GEMMs, from step and GEMM "
+                   "blocks timed in pairs within the case (the gate's measure), so that the machine running faster "
+                   "during one case than during another does not read as a faster variant. `raw` marks a ratio of "
+                   "clips/s as measured (no such GEMM: a GPU's table peak), which moves with whatever else the "
+                   "machine ran.")
 
 
 def summary_table(records: list[BenchRecord]) -> str:

@@ -238,6 +238,17 @@ def _ssv2_labels(labels_json: Path) -> dict[str, str]:
     return {template: str(value) for template, value in labels.items()}
 
 
+def _video_id(value: object) -> bool:
+    """Whether an SSv2 split entry's ``id`` names a video: an integer (not a bool), or a name that is one path part
+    with no surrounding space (not null, "", ".", "1003.0" from a float, or " 1004")."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return (isinstance(value, str) and value == value.strip() and value not in ("", ".", "..")
+            and "/" not in value and "\\" not in value)
+
+
 def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | Path,
               ext: str = ".webm", num_classes: int = 0) -> list[VideoEntry]:
     """SSv2: ``labels_json`` maps template -> id; ``split_json`` lists ``{id, template}``; videos are
@@ -253,7 +264,13 @@ def read_ssv2(split_json: str | Path, labels_json: str | Path, video_dir: str | 
     listing = _Listing()
     for n, item in enumerate(items):
         if not isinstance(item, dict) or "id" not in item or "template" not in item:
-            raise ValueError(f"{split_json}: entry {n} has no 'id'/'template': {item!r}")
+            raise ValueError(f"{split_json}: entry {n} has no 'id'/'template': {repr(item)[:200]}"
+                             + ("; SSv2's test JSON lists ids only (its labels are not public): the test split "
+                                "reads the validation JSON, as the original did" if isinstance(item, dict)
+                                and "id" in item and "template" not in item else ""))
+        if not _video_id(item["id"]):
+            raise ValueError(f"{split_json}: entry {n} has id {json.dumps(item['id'])[:80]}; expected the video's "
+                             "id, an integer or a name (e.g. \"78687\"): its video is {id}" + ext)
         if not isinstance(item["template"], str):
             raise ValueError(f"{split_json}: entry {n} (id {item['id']}) has template {item['template']!r}; expected "
                              "the class's text, e.g. \"Pushing [something] from left to right\"")

@@ -119,6 +119,25 @@ def test_ssv2_label_ids_are_integers_or_digits(tmp_path: Path, value: str) -> No
         read_ssv2(split, labels, tmp_path)
 
 
+@pytest.mark.parametrize("value", ["null", '""', "1003.0", "true", '" 1004"', '"."', '"a/b"'])
+def test_ssv2_video_ids_name_a_video(tmp_path: Path, value: str) -> None:
+    """A split entry's id names its video ({id}.webm, or a folder of frames): null, "", a float, a bool, an id with
+    spaces around it, "." or a path are refused naming the entry (they had become None.webm, .webm, True.webm, ...,
+    reported only as missing, and "" and "." both the data root itself as a frame folder)."""
+    labels, split = tmp_path / "labels.json", tmp_path / "train.json"
+    labels.write_text('{"Pushing something": 0}')
+    split.write_text(f'[{{"id": 7, "template": "Pushing [something]"}}, {{"id": {value}, "template": "Pushing '
+                     '[something]"}]')
+    with pytest.raises(ValueError, match=rf"^{split}: entry 1 has id {re.escape(value)}; expected the video's id"):
+        read_ssv2(split, labels, tmp_path)
+    split.write_text('[{"id": 7, "template": "Pushing [something]"}, {"id": "clip_8", "template": "Pushing '
+                     '[something]"}]')
+    assert [Path(e.path).name for e in read_ssv2(split, labels, tmp_path)] == ["7.webm", "clip_8.webm"]
+    split.write_text('[{"id": "9"}]')  # SSv2's own test JSON: ids only
+    with pytest.raises(ValueError, match=r"entry 0 has no 'id'/'template': .*; SSv2's test JSON lists ids only"):
+        read_ssv2(split, labels, tmp_path)
+
+
 def test_an_empty_separator_is_refused_naming_the_setting(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """str.split's "empty separator" named neither the setting nor the fix: read_kinetics names data.separator, the
     manifest CLIs their --separator (refused as the flags are read); the config refuses it as it loads (test_config)."""

@@ -159,6 +159,12 @@ def test_a_manifest_none_of_whose_videos_exists_says_how_its_paths_are_read(vide
     with pytest.raises(ValueError, match=r"2 of 2 videos in the train manifest cannot be used \(none of the "
                                          r"manifest's videos exists: a relative path"):
         build_loader(_cfg(videos, listing), "train", device="cpu")
+    (tmp_path / "labels.json").write_text('{"Pushing something": 0}')  # SSv2 names ids: its own hint
+    (tmp_path / "split.json").write_text('[{"id": 5, "template": "Pushing [something]"}]')
+    assert validate.main(args + ["--format", "ssv2", "--ssv2-labels", str(tmp_path / "labels.json"),
+                                 str(tmp_path / "split.json")]) == 1
+    out = capsys.readouterr().out
+    assert "none of the split's videos exists: SSv2 videos are read as {folder}/{id}{suffix}" in out and hint not in out
     listing.write_text(f"mydata/a.webm 0\n{videos.good[0]} 1\n")
     assert validate.main(args + [str(listing)]) == 1
     assert "none of the manifest's videos exists" not in capsys.readouterr().out

@@ -394,7 +394,8 @@ def usable(info: VideoInfo, backend: str, min_frames: int, gpu_arch: str = DEFAU
                 f"re-encode (e.g. VP9) or use data.loader=pyav / a GPU")
     if info.frames < min_frames:
         return (f"too short: {info.frames} frames < {min_frames} needed by the clip span "
-                f"(set data.pad_short=true to pad with the last frame)")
+                f"(set data.pad_short=true to pad it: window sampling repeats the last frame, segment sampling "
+                f"spreads the repeats over the clip)")
     return ""
 
 

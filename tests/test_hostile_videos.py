@@ -237,7 +237,8 @@ def test_two_video_streams_are_judged_on_the_first(hostile) -> None:
     assert rejected == [] and [i.frames for i in infos] == [6, 24, 12]  # the first video stream's packets
     _, rejected = check_videos([first_short, second_short], "cpu", 8, 2, pad=False, cache=None)
     assert rejected == [(first_short, "too short: 6 frames < 16 needed by the clip span (set data.pad_short=true "
-                                      "to pad with the last frame)")]
+                                      "to pad it: window sampling repeats the last frame, segment sampling spreads "
+                                      "the repeats over the clip)")]
     cut = probe_video(str(hostile["two_cut"]))
     assert cut.error.startswith("truncated: the container declares 0.80 s but frames cover only"), cut.error
 

@@ -235,6 +235,11 @@ def _ssv2_labels(labels_json: Path) -> dict[str, str]:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not INTEGER.fullmatch(str(value)):
             raise ValueError(f"{labels_json}: template {template!r} has id {json.dumps(value)[:80]}; expected a "
                              f"class id, an integer or a string of digits (e.g. \"12\")")
+    first: dict[int, str] = {}
+    for template, value in labels.items():  # two classes under one id would train as one
+        if (other := first.setdefault(int(value), template)) != template:
+            raise ValueError(f"{labels_json}: templates {other!r} and {template!r} have the same id {int(value)}; "
+                             "each class needs its own id")
     return {template: str(value) for template, value in labels.items()}
 
 

@@ -114,6 +114,10 @@ def test_ssv2_label_ids_are_integers_or_digits(tmp_path: Path, value: str) -> No
         read_ssv2(split, labels, tmp_path)
     labels.write_text('{"Pushing something": 4, "Putting something": "12"}')
     assert [e.label for e in read_ssv2(split, labels, tmp_path)] == [4]
+    labels.write_text('{"Pushing something": 4, "Putting something": "04"}')
+    with pytest.raises(ValueError, match=rf"^{labels}: templates 'Pushing something' and 'Putting something' have "
+                                         r"the same id 4; each class needs its own id"):
+        read_ssv2(split, labels, tmp_path)
     labels.write_text('["Pushing something"]')
     with pytest.raises(ValueError, match=rf"^{labels}: expected a JSON object {{template: id}}, got a list"):
         read_ssv2(split, labels, tmp_path)

@@ -6,12 +6,9 @@ It belongs to ``pipelines`` (every loader, the manifest reader and the pre-fligh
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from timesformer_harness.pipelines.loaders import loader_choices
-
-logger = logging.getLogger(__name__)
 
 MANIFEST_FORMATS = ("kinetics", "csv", "ssv2")  # path<sep>label lines | comma-separated path,label | SSv2 JSON
 # What an empty data.separator (or --separator '') is told: str.split takes no empty separator
@@ -123,11 +120,6 @@ class DataConfig:
         self.sampling = resolve_sampling(self.sampling, self.format)  # resolved once here, as random_flip
         if self.random_flip is None:  # resolved once here: every loader, and a resume's check, see the value used
             self.random_flip = self.format != "ssv2"
-        elif self.random_flip and self.format == "ssv2":
-            logger.warning("data.random_flip=true with data.format=ssv2: train clips are flipped left/right, but "
-                           "SSv2's labels tell left from right (\"pushing something from left to right\"), so a "
-                           "flipped clip can contradict its label; leave data.random_flip unset (off for SSv2) unless "
-                           "you mean it")
         if self.on_bad_video not in ("error", "skip"):
             raise ValueError(f"data.on_bad_video={self.on_bad_video!r}; choose 'error' or 'skip'")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

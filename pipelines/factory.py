@@ -210,6 +210,10 @@ def build_loader(cfg: DataConfig, split: str, *, device: torch.device | str = "c
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r}; choose from ['train', 'val', 'test']")
     check_batch_fits(cfg, split, device)
+    if split == "train" and cfg.random_flip and cfg.format == "ssv2":  # said where train clips are made, once
+        logger.warning("data.random_flip=true with data.format=ssv2: train clips are flipped left/right, but SSv2's "
+                       "labels tell left from right (\"pushing something from left to right\"), so a flipped clip "
+                       "can contradict its label; leave data.random_flip unset (off for SSv2) unless you mean it")
     if cfg.loader != AUTO and not LOADERS[cfg.loader].decodes:
         check_synthetic_labels(cfg, num_classes)
         return LOADERS[cfg.loader].loader_class()(cfg, split, device=device, rank=rank, world_size=world_size,

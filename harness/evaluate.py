@@ -203,14 +203,16 @@ def score_loader(model: torch.nn.Module, loader: Loader, device: torch.device, d
 
 def class_names_for(cfg: RootConfig, split: str) -> list[str] | None:
     """The class names of ``classes.txt`` (one name a line, in label order) beside ``split``'s manifest: in
-    ``data.root``, or in the folder of ``data.<split>_manifest`` when that is set. None, with a warning naming the file
-    and the fix, when the file has blank or repeated names or not ``model.num_classes`` of them (labels are then
-    reported by number, not by the wrong names); None without one when there is no file."""
-    from timesformer_harness.pipelines.manifest import manifest_path
+    ``data.root``, or in the folder of ``data.<split>_manifest`` when that is set; without one, an SSv2 labels file's
+    templates when they are ``model.num_classes`` ids from 0. None, with a warning naming the file and the fix, when
+    the file has blank or repeated names or not ``model.num_classes`` of them (labels are then reported by number, not
+    by the wrong names); None without one when there is no file."""
+    from timesformer_harness.pipelines.manifest import manifest_path, ssv2_class_names
 
     path = manifest_path(cfg.data, split).parent / "classes.txt"
     if not path.is_file():
-        return None
+        names = ssv2_class_names(cfg.data)
+        return names if names is not None and len(names) == cfg.model.num_classes else None
     try:
         names = [line.strip() for line in path.read_text(encoding="utf-8").rstrip("\n").split("\n")]
     except (OSError, UnicodeDecodeError) as e:

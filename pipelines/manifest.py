@@ -383,3 +383,16 @@ def read_manifest(cfg: DataConfig, split: str, num_classes: int = 0) -> list[Vid
                            num_classes=num_classes)
     logger.info("%s: %d videos (%s format)", path, len(entries), cfg.format)
     return entries
+
+
+def ssv2_class_names(cfg: DataConfig) -> list[str] | None:
+    """The class names an SSv2 labels file holds (its templates, in id order), when its ids are exactly 0..N-1; None
+    otherwise, or for another format, or when the file cannot be read (the manifest reader names what is wrong)."""
+    if cfg.format != "ssv2":
+        return None
+    try:
+        labels = _ssv2_labels(Path(cfg.ssv2_labels or Path(cfg.root) / SSV2_LABELS))
+    except (OSError, ValueError):
+        return None
+    by_id = {int(value): template for template, value in labels.items()}
+    return [by_id[i] for i in range(len(by_id))] if set(by_id) == set(range(len(by_id))) else None

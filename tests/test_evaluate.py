@@ -234,6 +234,24 @@ def test_class_names_come_from_beside_the_splits_manifest_and_a_bad_list_is_not_
         assert f"{mine / 'classes.txt'}: {problem}; classes are reported by number" in caplog.text
 
 
+def test_an_ssv2_split_names_its_classes_by_the_labels_files_templates(tmp_path):
+    """Without a classes.txt, SSv2's labels file names the classes (its templates in id order), when its ids are the
+    model's 0..N-1; a classes.txt beside the split JSON still wins."""
+    from timesformer_harness.config import load_config
+    from timesformer_harness.evaluate import class_names_for
+
+    (tmp_path / "something-something-v2-labels.json").write_text(
+        json.dumps({"Pushing something from right to left": "1", "Pushing something from left to right": "0"}))
+    (tmp_path / "something-something-v2-validation.json").write_text("[]")
+    cfg = load_config(None, ["data.format=ssv2", f"data.root={tmp_path}", "model.num_classes=2"])
+    assert class_names_for(cfg, "val") == ["Pushing something from left to right",
+                                           "Pushing something from right to left"]
+    assert class_names_for(load_config(None, ["data.format=ssv2", f"data.root={tmp_path}", "model.num_classes=3"]),
+                           "val") is None  # another class count: by number
+    (tmp_path / "classes.txt").write_text("ltr\nrtl\n")
+    assert class_names_for(cfg, "val") == ["ltr", "rtl"]
+
+
 def test_progress_counts_clips_in_log_lines_when_stderr_is_not_a_terminal(caplog):
     class FakeLoader:  # three batches of 4, 4 and 2 clips
         num_clips = 10

@@ -568,9 +568,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e, _set_in(str(getattr(e, "full_key", "")), sources) or "the config", schema) from e
     except ValueError as e:  # a __post_init__ check; its message starts with the key where it is about one
-        # the first key it names that a source set (a check of two keys: the one the user changed)
-        keys = re.findall(r"^[a-z_]+\.[a-z_]+|\b[a-z_]+\.[a-z_]+(?==)", str(e))
-        source = next((found for key in keys if (found := _set_in(key, sources))), "")
+        key = re.match(r"[a-z_]+\.[a-z_]+", str(e))
+        source = _set_in(key[0], sources) if key else ""
         raise ConfigError(f"{source}: {e}" if source else str(e)) from e
 
 

@@ -69,7 +69,7 @@ from timesformer_harness.train_state import (LAUNCH_FILE, Change, CheckpointMana
                                              unwritable, val_record, video_facts)
 from timesformer_harness.workload import TrainStep, build_model, check_model_fits, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
-from timesformer_harness.pipelines.config import DataConfig
+from timesformer_harness.pipelines.config import DataConfig, train_crop_problem
 from timesformer_harness.common import (ExitCode, leave_for_torchrun, log_to_file, remove_stale_temporaries,
                                         report_error, setup_logging)
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
@@ -152,6 +152,16 @@ def check_inputs(cfg: RootConfig, device: torch.device) -> dict[str, list[VideoE
     return manifests
 
 
+def check_train_clips(cfg: RootConfig, resuming: bool) -> None:
+    """Refuse train clips that would not be random crops of a jittered resize (``train_crop_problem``), or warn when
+    resuming a run that started with them (its checkpoints were trained on them; a change would be refused)."""
+    if not (problem := train_crop_problem(cfg.data)):
+        return
+    if not resuming:
+        raise ValueError(problem)
+    logger.warning("%s; this run started with it, so it goes on with it", problem)
+
+
 def accumulation(cfg: RootConfig, world_size: int) -> int:
     """Batches per rank in one optimizer step: ``solver.global_batch_size`` over the clips of one batch on every rank
     (1 when it is 0)."""
@@ -203,11 +213,6 @@ class Trainer:
         # serve each split's first loader
         self.device = info.device
         self._manifests = check_inputs(cfg, self.device)
-        self.accum = accumulation(cfg, info.world_size)
-        if batches := len(self._manifests.get("train", [])) // info.world_size // cfg.data.batch_size:
-            # every listed video counted (the pre-flight check may reject some: the loader's count is checked again);
-            # no full batch at all is the loader's own error
-            step_batches(cfg, batches, self.accum)
         # train.resume decides, and a resume refuses a changed model or data, also before the folder is touched
         self._resume = find_resume(cfg.output.dir, self._resume_policy())
         found = None if self._resume is None else (self._resume[0].name, *resume_position(self._resume[1],
@@ -215,6 +220,13 @@ class Trainer:
         if problem := resume_disagreement(all_gather_objects(found)):
             raise RunFolderError(problem)
         changed = check_resume_config(cfg, *self._resume) if self._resume is not None else []
+        check_train_clips(cfg, resuming=self._resume is not None)
+        self.accum = accumulation(cfg, info.world_size)
+        batches = len(self._manifests.get("train", [])) // info.world_size // cfg.data.batch_size
+        if batches and (found is None or found[1] < cfg.solver.max_epoch):  # epochs left to train
+            # every listed video counted (the pre-flight check may reject some: the loader's count is checked again);
+            # no full batch at all is the loader's own error
+            step_batches(cfg, batches, self.accum)
         self.run_dir = Path(cfg.output.dir)
         self.cfg_yaml = to_yaml(cfg)
         self.lock, busy = None, ""

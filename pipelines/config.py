@@ -20,6 +20,18 @@ FORMAT_DEPENDENT = {"random_flip": None, "sampling": "auto"}
 SAMPLINGS = ("auto", "segment", "window")  # data.sampling
 
 
+def train_crop_problem(cfg: DataConfig) -> str:
+    """Why ``cfg``'s train clips would not be random crops of a jittered resize ("" when they are): a
+    ``train_jitter_scales`` that starts below ``train_crop_size`` makes every crop the whole frame squeezed square."""
+    lo, hi = cfg.train_jitter_scales
+    if lo >= cfg.train_crop_size or cfg.loader == "synthetic":
+        return ""
+    return (f"data.train_jitter_scales={[lo, hi]} starts below data.train_crop_size={cfg.train_crop_size}: a train "
+            f"clip's short side is resized into that range and then cropped, so the range must start at the crop or "
+            f"above (the recipes: [256, 320] for 224, [448, 512] for 448); e.g. data.train_jitter_scales="
+            f"[{cfg.train_crop_size}, {max(hi, round(cfg.train_crop_size * 8 / 7))}]")
+
+
 def resolve_sampling(sampling: str, fmt: str) -> str:
     """The temporal sampling ``sampling`` (``data.sampling``) means for manifests of format ``fmt``: ``auto`` is
     ``segment`` for SSv2 and ``window`` otherwise."""
@@ -59,7 +71,8 @@ class DataConfig:
     sampling: str = "auto"
     sampling_rate: int = 8  # window sampling: a clip takes every sampling_rate-th frame at target_fps
     target_fps: int = 30  # the frame rate sampling_rate counts in; videos at another rate are sampled in time
-    train_jitter_scales: list[int] = field(default_factory=lambda: [256, 320])  # train: short side drawn in [min, max]
+    # train: short side drawn in [min, max], then a train_crop_size crop (a new run refuses a min below the crop)
+    train_jitter_scales: list[int] = field(default_factory=lambda: [256, 320])
     train_crop_size: int = 224  # train: random square crop of the resized frames (model.img_size)
     test_crop_size: int = 224  # val/test: short side resized to this, then num_spatial_crops square crops
     mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])  # per-channel mean subtracted (RGB, 0-1)
@@ -96,13 +109,6 @@ class DataConfig:
         if len(self.train_jitter_scales) != 2 or not 0 < self.train_jitter_scales[0] <= self.train_jitter_scales[1]:
             raise ValueError(f"data.train_jitter_scales={list(self.train_jitter_scales)}; give [min, max] short sides "
                              "in pixels, 0 < min <= max (e.g. [256, 320])")
-        if self.train_jitter_scales[0] < self.train_crop_size and self.loader != "synthetic":
-            lo, hi = self.train_jitter_scales
-            raise ValueError(f"data.train_jitter_scales={[lo, hi]} starts below data.train_crop_size="
-                             f"{self.train_crop_size}: a train clip's short side is resized into that range and then "
-                             f"cropped, so the range must start at the crop or above (the recipes: [256, 320] for 224, "
-                             f"[448, 512] for 448); e.g. data.train_jitter_scales=[{self.train_crop_size}, "
-                             f"{max(hi, round(self.train_crop_size * 8 / 7))}]")
         if len(self.mean) != 3:
             raise ValueError(f"data.mean={list(self.mean)}; give 3 values (R, G, B), e.g. [0.45, 0.45, 0.45]")
         if len(self.std) != 3 or min(self.std) <= 0:

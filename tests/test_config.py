@@ -62,10 +62,6 @@ def test_bad_values_name_the_key_and_the_choices(tmp_path):
         load_config(None, ["data.num_frames="])
 
 
-def test_the_synthetic_loader_takes_any_crop_since_it_resizes_nothing():
-    assert load_config(None, ["data.loader=synthetic", "data.train_crop_size=448"]).data.train_crop_size == 448
-
-
 def test_an_override_that_is_not_yaml_is_named_with_a_shell_safe_fix():
     """``data.separator=','`` typed in a shell arrives as ``data.separator=,``: the error names that override among
     the others (it named none), and a fix the shell keeps as typed."""
@@ -84,11 +80,6 @@ def test_an_override_that_is_not_yaml_is_named_with_a_shell_safe_fix():
     ("data.batch_size=0", "data.batch_size=0; must be >= 1"),
     ("test.batch_size=0", "test.batch_size=0; must be >= 1"),
     ("data.train_jitter_scales=[320,256]", r"data.train_jitter_scales=\[320, 256\]; give \[min, max\]"),
-    # every train crop had been the whole frame squeezed square: no random crop, no scale jitter, another aspect
-    ("data.train_jitter_scales=[24,28]", r"data.train_jitter_scales=\[24, 28\] starts below data.train_crop_size=224:"
-                                         r" .* e.g. data.train_jitter_scales=\[224, 256\]"),
-    ("data.train_crop_size=448", r"data.train_jitter_scales=\[256, 320\] starts below data.train_crop_size=448: .*"
-                                 r"\[448, 512\] for 448\); e.g. data.train_jitter_scales=\[448, 512\]"),
     ("data.std=[0.2,0,0.2]", r"data.std=\[0.2, 0.0, 0.2\]; give 3 values \(R, G, B\), every std > 0"),
     ("solver.max_epoch=0", "solver.max_epoch=0; must be >= 1"),
     ("train.keep_last=0", "train.keep_last=0; must be >= 1"),

@@ -458,6 +458,21 @@ def test_pretrained_weights_of_another_model_of_the_same_shapes_are_named_in_a_w
                       "but compute something else in this one (set those keys back to fine-tune the trained model)"]
 
 
+def test_train_clips_below_the_crop_are_refused_for_a_new_run_and_warned_on_resume(caplog):
+    """A run that started with them (before they were refused) resumes with a warning: a change of the jitter would
+    be refused by the resume, and a refusal here would leave it no way on."""
+    from timesformer_harness.train import check_train_clips
+
+    cfg = load_config(None, ["data.train_crop_size=448"])
+    with pytest.raises(ValueError, match=r"^data.train_jitter_scales=\[256, 320\] starts below "
+                                         r"data.train_crop_size=448: .* e.g. data.train_jitter_scales=\[448, 512\]$"):
+        check_train_clips(cfg, resuming=False)
+    with caplog.at_level(logging.WARNING, logger="timesformer_harness.train"):
+        check_train_clips(cfg, resuming=True)
+    assert "starts below data.train_crop_size=448" in caplog.text and "this run started with it" in caplog.text
+    check_train_clips(load_config(None, ["data.loader=synthetic", "data.train_crop_size=448"]), resuming=False)
+
+
 def test_a_stale_rejected_list_goes_when_the_run_rejects_nothing(toy, tmp_path):
     """rejected.csv left by an attempt whose work was discarded (it stopped on a video since restored): the run that
     rejects nothing does not keep listing it."""

@@ -84,7 +84,8 @@ def test_a_bad_value_in_a_config_file_names_the_file_and_the_choices(tmp_path):
         assert debug.stderr.strip().splitlines()[-1].startswith(f"error: {my}: data.loader='dali2'")
 
 
-@pytest.mark.parametrize("mistake", ["data_root", "empty_manifest", "label_out_of_range", "synthetic_labels"])
+@pytest.mark.parametrize("mistake", ["data_root", "empty_manifest", "label_out_of_range", "synthetic_labels",
+                                     "jitter_below_crop"])
 def test_data_mistakes_fail_before_the_run_folder_is_written(mistake, tiny, tmp_path):
     root = tmp_path / "data"
     root.mkdir()
@@ -95,6 +96,11 @@ def test_data_mistakes_fail_before_the_run_folder_is_written(mistake, tiny, tmp_
     elif mistake == "empty_manifest":
         (root / "train.csv").write_text("\n")
         args, expected = [f"data.root={root}"], f"error: manifest {root}/train.csv lists no videos"
+    elif mistake == "jitter_below_crop":  # every train crop would be the whole frame squeezed square
+        args, expected = ["data.train_jitter_scales=[24,28]"], (
+            "error: data.train_jitter_scales=[24, 28] starts below data.train_crop_size=32: a train clip's short side "
+            "is resized into that range and then cropped, so the range must start at the crop or above (the "
+            "recipes: [256, 320] for 224, [448, 512] for 448); e.g. data.train_jitter_scales=[32, 37]")
     elif mistake == "synthetic_labels":  # the synthetic loader's labels are checked like a manifest's
         args, expected = ["data.loader=synthetic"], ("error: data.synthetic_classes=10 draws labels 0..9, out of range "
                                                      "for model.num_classes=6: set data.synthetic_classes=6 (or fewer)")
@@ -146,6 +152,9 @@ def test_an_accumulation_an_epoch_cannot_hold_fails_before_the_run_folder(tiny, 
     assert not out.exists()
     fixed = run(train_cmd(*tiny, "train.resume=never", f"output.dir={out}"))
     assert fixed.returncode == 0, fixed.stderr[-3000:]
+    # the finished run relaunched with that mistake: nothing left to train, so nothing to refuse
+    again = run(train_cmd(*tiny, "solver.global_batch_size=64", f"output.dir={out}"))
+    assert again.returncode == 0 and "nothing to do: the run in" in again.stderr, again.stderr[-3000:]
 
 
 def test_a_missing_pretrained_file_is_a_checkpoint_error_before_the_run_folder(tiny, tmp_path):

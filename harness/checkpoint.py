@@ -722,8 +722,10 @@ def _architectures(sd: dict[str, torch.Tensor], model_cfg: Any) -> str:
         file_cfg = infer_model_config(sd)
     except CheckpointError:
         return ""
-    differ = [k for k in _ARCHITECTURE_KEYS if getattr(file_cfg, k) != getattr(model_cfg, k)
-              and not (k == "num_classes" and not file_cfg.num_classes)]  # a backbone has no head
+    unknown = {"num_classes"} if not file_cfg.num_classes else set()  # a backbone has no head
+    if "time_embed" not in sd:  # a space-only or image model stores no frame count
+        unknown.add("num_frames")
+    differ = [k for k in _ARCHITECTURE_KEYS if k not in unknown and getattr(file_cfg, k) != getattr(model_cfg, k)]
     if not differ:
         return ""
     return (f"The file's model has {', '.join(f'{k}={getattr(file_cfg, k)}' for k in differ)}; this one has "

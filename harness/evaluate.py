@@ -45,7 +45,7 @@ from timesformer_harness.pipelines.base import Batch, Loader, loader_facts
 from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
 from timesformer_harness.common import ExitCode, atomic_write_text, leave_for_torchrun, report_error, setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError
-from timesformer_harness.train_state import Change, config_changes, format_changes, saved_config
+from timesformer_harness.train_state import CLIP_KEYS, Change, config_changes, format_changes, saved_config
 
 logger = logging.getLogger(__name__)
 
@@ -325,8 +325,8 @@ RESIZED_KEYS = ("model.num_frames", "model.img_size")
 
 
 # The keys that define a test clip: a checkpoint scored on clips made otherwise is scored on another protocol
-TEST_CLIP_KEYS = tuple(f"data.{k}" for k in ("num_frames", "sampling_rate", "target_fps", "test_crop_size", "mean",
-                                              "std", "pad_short", "sampling"))
+TEST_CLIP_KEYS = tuple(k for k in CLIP_KEYS if k not in (
+    "data.train_jitter_scales", "data.train_crop_size", "data.random_flip", "data.inv_uniform_sample"))
 
 
 def trained_model_changes(cfg: RootConfig, saved_yaml: str) -> tuple[list[Change], list[Change], list[Change]]:

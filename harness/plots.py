@@ -36,13 +36,13 @@ def series_by_variant(records: list[BenchRecord], mode: str, img_size: int) -> d
 
 
 # What a record's peak_mem_bytes measures, per peak_mem_kind (timesformer_harness.metrics.PeakMemory)
-MEMORY_KINDS = {"rss": "process memory growth (peak RSS)", "cuda_allocator": "CUDA allocator peak"}
+MEMORY_AXIS_LABELS = {"rss": "process memory growth (peak RSS)", "cuda_allocator": "CUDA allocator peak"}
 
 
 def memory_label(records: list[BenchRecord], unit: str, per_clip: bool = False) -> str:
     """The memory axis's label: what the records' ``peak_mem_bytes`` measure (one kind, else "peak memory")."""
     kinds = {r.peak_mem_kind for r in records if r.peak_mem_kind}
-    what = MEMORY_KINDS.get(kinds.pop(), "peak memory") if len(kinds) == 1 else "peak memory"
+    what = MEMORY_AXIS_LABELS.get(kinds.pop(), "peak memory") if len(kinds) == 1 else "peak memory"
     return f"{what}{' per clip' if per_clip else ''}, {unit}"
 
 

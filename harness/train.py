@@ -50,8 +50,7 @@ from timesformer_harness.checkpoint import (CheckpointError, CheckpointWriteErro
                                             load_weights)
 from timesformer_harness.config import ConfigError, RootConfig, load_config, to_yaml
 from timesformer_harness.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup,
-                                             lost_peer_message,
-                                             init_distributed)
+                                             init_distributed, lost_peer_message)
 from timesformer_harness.evaluate import (TOP5_NONE, accuracy_report, class_names_for, fmt_percent, score_loader,
                                           trained_model_changes)
 from timesformer_harness.metric_writer import MetricWriter

@@ -739,9 +739,9 @@ def all_missing_hint(entries: list, rejected: list[tuple[str, str]]) -> str:
         return ""
     if entries[0].key:  # SSv2: the split JSON names ids, not paths
         return ("none of the split's videos exists: SSv2 videos are read as {folder}/{id}{suffix}, the folder "
-                "data.path_prefix (--path-prefix; default the split JSON's), the suffix data.ssv2_suffix "
-                "(--ssv2-suffix; default .webm, \"\" for folders of frames); compare the paths listed with where "
-                "the videos are")
+                "data.path_prefix, else data.root (pipelines.validate: --path-prefix, else the split JSON's folder), "
+                "the suffix data.ssv2_suffix (--ssv2-suffix; default .webm, \"\" for folders of frames); compare "
+                "the paths listed with where the videos are")
     return ("none of the manifest's videos exists: a relative path in a manifest is read from the manifest's own "
             "folder (after data.path_prefix, --path-prefix), not from the current folder; compare the paths listed "
             "with where the videos are")

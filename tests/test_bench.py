@@ -177,11 +177,14 @@ def test_frames_and_img_without_the_scaling_suite_are_refused_and_beside_it_note
     import logging
 
     with pytest.raises(ValueError, match=r"^--frames 16 \(bench.frames\): the scaling suite's grid only, and --suites "
-                                         r"model does not run it \(the suites it runs measure the model's 4 frames at "
-                                         r"32 px\); add scaling to --suites"):
+                                         r"model does not run it \(the model suite the model's 4 frames at 32 px\); add "
+                                         r"scaling to --suites"):
         resolve(preset="tiny", frames=[16], suites=["model"])
     with pytest.raises(ValueError, match=r"^--img 64 \(bench.img_sizes\): the scaling suite's grid only"):
         resolve(preset="tiny", overrides=["bench.img_sizes=[64]"], suites=["model", "attention"])
+    with pytest.raises(ValueError, match=r"does not run it \(the pipeline suite the data config's frames and crop "
+                                         r"\(data.num_frames, data.train_crop_size\)\)"):  # not the model's
+        resolve(preset="tiny", overrides=["bench.img_sizes=[64]"], suites=["pipeline"])
     caplog.set_level(logging.INFO)
     resolve(preset="tiny", frames=[16], suites=["model", "scaling"])
     assert "--frames 16 (bench.frames): the scaling suite's grid; the model suite(s) measure the model's 4 frames " \

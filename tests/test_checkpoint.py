@@ -141,6 +141,12 @@ def test_strict_mismatch_names_the_keys_and_the_architecture(tmp_path: Path) -> 
            "lists the file's keys)" in msg
     assert "The file's model has attention_type=joint_space_time; this one has attention_type=divided_space_time." \
            in msg
+    space = tmp_path / "space.pyth"  # no time_embed: its frame count is unknown, not the inference's default 8
+    save_pyth(space, trained_like("space_only"))
+    with pytest.raises(KeyError) as err:
+        load_weights(TimeSformer(**TINY), space)
+    assert "The file's model has attention_type=space_only; this one has attention_type=divided_space_time." \
+           in str(err.value)
     big = tmp_path / "big.pyth"
     save_pyth(big, TimeSformer(**{**TINY, "embed_dim": 64, "depth": 3, "patch_size": 16}))
     with pytest.raises(KeyError) as err:

@@ -140,9 +140,12 @@ def check_grid(bench: BenchConfig, model: ModelConfig) -> None:
     asked = " and ".join(parts)
     own = f"the model's {model.num_frames} frames at {model.img_size} px"
     if "scaling" not in bench.suites:
+        sizes = [f"the {s} suite {own}" for s in ("model", "attention") if s in bench.suites]
+        sizes += [f"the {s} suite the data config's frames and crop (data.num_frames, data.train_crop_size)"
+                  for s in ("pipeline", "e2e") if s in bench.suites]
         raise ValueError(f"{asked}: the scaling suite's grid only, and --suites {','.join(bench.suites)} does not run "
-                         f"it (the suites it runs measure {own}); add scaling to --suites, or give "
-                         "model.num_frames=N / model.img_size=N to measure another input size")
+                         f"it ({'; '.join(sizes) or 'none of them measures a grid'}); add scaling to --suites, or set "
+                         "those keys to measure another input size")
     others = [s for s in ("model", "attention") if s in bench.suites]
     if others:
         logger.info("%s: the scaling suite's grid; the %s suite(s) measure %s", asked, " and ".join(others), own)

@@ -42,6 +42,7 @@ from timesformer_harness.distributed import (DistInfo, all_gather_objects, clean
                                              lost_peer_message)
 from timesformer_harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
 from timesformer_harness.pipelines.base import Batch, Loader, loader_facts
+from timesformer_harness.pipelines.manifest import manifest_path, ssv2_class_names
 from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
 from timesformer_harness.common import ExitCode, atomic_write_text, leave_for_torchrun, report_error, setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError
@@ -207,8 +208,6 @@ def class_names_for(cfg: RootConfig, split: str) -> list[str] | None:
     templates when they are ``model.num_classes`` ids from 0. None, with a warning naming the file and the fix, when
     the file has blank or repeated names or not ``model.num_classes`` of them (labels are then reported by number, not
     by the wrong names); None without one when there is no file."""
-    from timesformer_harness.pipelines.manifest import manifest_path, ssv2_class_names
-
     path = manifest_path(cfg.data, split).parent / "classes.txt"
     if not path.is_file():
         names = ssv2_class_names(cfg.data)
@@ -394,7 +393,9 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -
     seconds = clock.elapsed()
     views = cfg.data.num_ensemble_views * cfg.data.num_spatial_crops
     result = accuracy_report(acc, cfg.model.num_classes, views, class_names_for(cfg, cfg.test.split))
+    manifest = "" if data_cfg.loader == "synthetic" else str(manifest_path(data_cfg, cfg.test.split))
     result.update({"checkpoint": str(checkpoint), "checkpoint_format": report.format, "split": cfg.test.split,
+                   "manifest": manifest,  # the file scored (SSv2's test split is its validation JSON)
                    "seconds": round(seconds, 2), "world_size": info.world_size,
                    "loader": loader_facts(loader), "rejected": [list(r) for r in loader.rejected],
                    "environment": environment_info(info.device)})

@@ -112,6 +112,7 @@ def test_evaluate_cli_on_an_original_format_pyth(toy, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["checkpoint_format"] == "pyth" and result["views_per_video"] == 6
+    assert result["split"] == "test" and result["manifest"].endswith("/test.csv")
     assert result["videos_with_wrong_view_count"] == 0 and result["num_videos"] == 8
     assert result["views_seen"] == 8 * 6 and len(result["per_class_top1"]) == 6
     assert {"top1", "top5", "per_class_top1", "mean_class_accuracy", "environment"} <= set(result)

@@ -1012,8 +1012,9 @@ def inspect(path: str | Path, show_keys: bool = True, limits: LoadLimits = DEFAU
     if "epoch" in obj:  # printed only when a number: a hostile entry's repr could be unbounded
         epoch = obj["epoch"]
         shown = epoch if type(epoch) in (int, float) else f"(a {type(epoch).__name__})"
-        if type(epoch) is int and epoch >= 0:  # the original's 0-based last finished epoch; our file names count from 1
-            shown = f"{epoch} (0-based, as the original's: {epoch + 1} epoch(s) done; file names count from 1)"
+        if type(epoch) is int and epoch >= -1:  # the original's 0-based last finished epoch; file names count from 1
+            done = f"{epoch + 1} epoch(s) done" if epoch >= 0 else "no epoch done yet: a mid-epoch or debug checkpoint"
+            shown = f"{epoch} (0-based, as the original's: {done}; file names count from 1)"
         lines.append(f"epoch:       {shown}")
     lines += [f"tensors:     {len(sd)}", f"parameters:  {n:,}", f"model:       {model}"]
     lines += _config_lines(config, cfg)

@@ -265,6 +265,10 @@ def test_inspect_and_convert_cli(tmp_path: Path) -> None:
     assert "epoch:       4 (0-based, as the original's: 5 epoch(s) done; file names count from 1)\n" in out.stdout
     assert "attention_type=divided_space_time frames=4 img_size=32 patch=8 classes=7 embed_dim=32 depth=2" in out.stdout
     assert "blocks.1.temporal_fc.weight" in out.stdout and f"parameters:  {sum(p.numel() for p in trained_like().parameters()):,}" in out.stdout
+    mid = tmp_path / "mid.pyth"  # a step checkpoint of the first epoch
+    save_pyth(mid, trained_like(), epoch=-1)
+    assert "epoch:       -1 (0-based, as the original's: no epoch done yet: a mid-epoch or debug checkpoint; file " \
+           "names count from 1)\n" in run("inspect", str(mid)).stdout
     hf = tmp_path / "hf.safetensors"
     kept = run("convert", str(path), str(hf), "--hf")  # a safetensors file cannot keep the epoch: asked first
     assert kept.returncode == 2 and "holds epoch beside its weights" in kept.stderr and not hf.exists()

@@ -3,6 +3,7 @@ sources, a killed run resumed, idempotence, frame-rate resampling, SSv2 manifest
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -503,22 +504,43 @@ def test_an_output_renamed_into_place_but_not_journaled_is_redone_not_refused(tm
     assert (report.transcoded, report.skipped, report.failed) == (1, 7, [])
 
 
-def test_sigterm_finishes_the_videos_being_encoded_and_the_rerun_goes_on(tmp_path):
-    """SIGTERM (a job scheduler's stop) to a run of 2 workers: it ends as Ctrl-C does, exit 143 with one line, what
-    finished journaled; the re-run does the rest (it had been refused: outputs renamed into place after the main
-    process was killed were unknown to the journal)."""
+def _in_group(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` still alive (zombies aside)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_finishes_the_videos_being_encoded_and_the_rerun_goes_on(tmp_path, to):
+    """SIGTERM (a job scheduler's stop) to a run of 2 workers, to its main process or to its whole process group: it
+    ends as Ctrl-C does, exit 143 with one line, what finished journaled, no process left; the re-run does the rest
+    (it had been refused: outputs renamed into place after the main process was killed were unknown to the journal;
+    and a SIGTERM to the group killed the forkserver: a traceback, and workers left encoding after the lock was
+    released)."""
     manifest, out, cmd = _eight_sources(tmp_path, seed=80, workers=2)
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and len(_finished(out)) < 2:
             time.sleep(0.01)
         assert proc.poll() is None, "prepare finished before it could be stopped"
-        proc.send_signal(signal.SIGTERM)
+        (os.killpg(proc.pid, signal.SIGTERM) if to == "group" else proc.send_signal(signal.SIGTERM))
         _, err = proc.communicate(timeout=120)
+        time.sleep(1)  # the workers and the forkserver see their parent's pipes close
+        left = _in_group(proc.pid)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143 and "error: interrupted:" in err and "Traceback" not in err, err[-2000:]
+    assert left == [], left
     assert not (out / "list.csv").exists() and not temporaries(out)
     report = prepare(manifest, out, PrepareSpec("vp9", 96, 8), workers=2, progress=False)
     assert report.skipped == len(set(_finished(out))) - report.transcoded >= 2

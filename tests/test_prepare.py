@@ -129,6 +129,22 @@ def _finished(out: Path) -> list[str]:
     return [rec["out"] for rec in lines if not rec.get("claimed")]
 
 
+def test_a_rerun_from_another_folder_or_spelling_skips_what_is_done(tmp_path, monkeypatch):
+    """The journal names each source by its absolute path: the same manifest given relative, absolute, or from its own
+    folder is the same run (every video had been encoded again: the journal held the path as spelled from the folder
+    of the first run)."""
+    manifest, out, _ = _eight_sources(tmp_path, seed=90, workers=1)
+    spec = PrepareSpec("vp9", 96, 8)
+    monkeypatch.chdir(tmp_path)
+    first = prepare(Path("src/list.csv"), Path("out"), spec, workers=1, progress=False)
+    assert first.transcoded == 8
+    assert all(Path(json.loads(line)["src"]).is_absolute() for line in (out / JOURNAL).read_text().splitlines())
+    assert prepare(manifest, out, spec, workers=1, progress=False).skipped == 8  # absolute
+    monkeypatch.chdir(tmp_path / "src")
+    again = prepare(Path("list.csv"), Path("../out"), spec, workers=1, progress=False)  # from its own folder
+    assert (again.transcoded, again.skipped) == (0, 8)
+
+
 def test_killed_run_resumes(tmp_path):
     """SIGKILL mid-encode: no half-written output under a final name; the re-run skips what was finished."""
     manifest, out, cmd = _eight_sources(tmp_path, seed=20, workers=1)

@@ -151,8 +151,8 @@ def _claim(out: Path, jobs: list[Job], spec_key: str) -> None:
     output into place but before its ``done`` line leaves a file that is still known as prepare's own (a re-run
     redoes it; an unknown file is refused as another's)."""
     with open(out / JOURNAL, "a") as jf:
-        jf.writelines(json.dumps({"out": j.rel_out, "src": j.src, "spec": spec_key, "claimed": True}) + "\n"
-                      for j in jobs)
+        jf.writelines(json.dumps({"out": j.rel_out, "src": os.path.abspath(j.src), "spec": spec_key,
+                                  "claimed": True}) + "\n" for j in jobs)
         jf.flush()
         os.fsync(jf.fileno())
 
@@ -170,20 +170,30 @@ def _load_journal(out: Path) -> dict[str, dict]:
     return records
 
 
+def _same_source(recorded: object, src: str) -> bool:
+    """Whether the journal's ``recorded`` source is the file ``src`` names, however each is spelled (the journal
+    holds absolute paths; older journals the path as the manifest gave it, from the folder prepare ran in)."""
+    if not isinstance(recorded, str) or not recorded:
+        return False
+    if os.path.abspath(recorded) == os.path.abspath(src):
+        return True
+    try:
+        return os.path.samefile(recorded, src)
+    except OSError:
+        return False
+
+
 def _written_from_another(rec: dict | None, src: str) -> bool:
     """Whether the journal says an output was written from another source file that still exists (writing it again
     would replace a video another manifest lists; a source since moved or deleted is fair to replace)."""
     other = rec.get("src") if rec else None
-    if not other or other == src or not os.path.exists(other):
+    if not other or not os.path.exists(other):
         return False
-    try:
-        return not os.path.samefile(other, src)
-    except OSError:  # ``src`` is missing: it fails as a source, and nothing is overwritten
-        return False
+    return not _same_source(other, src) and os.path.exists(src)  # a missing src fails as a source: nothing written
 
 
 def _is_done(rec: dict | None, job: Job, out: Path, spec_key: str) -> bool:
-    if rec is None or rec.get("spec") != spec_key or rec.get("src") != job.src:
+    if rec is None or rec.get("spec") != spec_key or not _same_source(rec.get("src"), job.src):
         return False
     try:
         src = source_stat(job.src)
@@ -318,8 +328,9 @@ class _Results:
         report.frames += res["frames"]
         report.input_bytes += res["src_size"]
         report.output_bytes += res["bytes"]
-        self.jf.write(json.dumps({**{k: res[k] for k in ("out", "src", "src_size", "src_mtime_ns", "frames",
-                                                         "bytes", "seconds")}, "spec": self.spec_key}) + "\n")
+        self.jf.write(json.dumps({**{k: res[k] for k in ("out", "src_size", "src_mtime_ns", "frames", "bytes",
+                                                         "seconds")}, "src": os.path.abspath(res["src"]),
+                                  "spec": self.spec_key}) + "\n")
         self.jf.flush()
         os.fsync(self.jf.fileno())
 

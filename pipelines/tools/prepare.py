@@ -41,6 +41,7 @@ import multiprocessing.forkserver
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, field
@@ -350,11 +351,12 @@ def _run_in_pool(jobs_args: list[tuple[Job, str, PrepareSpec]], workers: int, re
     # The forkserver forks the workers; started with SIGTERM ignored (an ignored signal stays ignored across its
     # exec), a SIGTERM to the process group does not kill it, which broke the pool: a traceback, and workers left
     # encoding after the lock was gone. (Its resource tracker ignores SIGTERM of itself.)
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_stop_signals) as pool:
         # one job per worker in flight: a job the pool had queued ahead could not be cancelled, and ran after a stop
         queue = iter(jobs_args)

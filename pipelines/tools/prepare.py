@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import csv
 import io
-import itertools
 import json
 import logging
 import multiprocessing
@@ -43,7 +42,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -358,21 +357,22 @@ def _run_in_pool(jobs_args: list[tuple[Job, str, PrepareSpec]], workers: int, re
         finally:
             signal.signal(signal.SIGTERM, previous)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_stop_signals) as pool:
-        # one job per worker in flight: a job the pool had queued ahead could not be cancelled, and ran after a stop
-        queue = iter(jobs_args)
         pending: set[Future] = set()
-        try:
-            pending |= {pool.submit(_run_job, a) for a in itertools.islice(queue, workers)}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    results.take(fut.result())
-                    pending.discard(fut)  # after take(): a Ctrl-C inside it journals the result again
-                if not results.stopped:  # at the first error writing to --out no other video is started
-                    pending |= {pool.submit(_run_job, a) for a in itertools.islice(queue, len(done))}
+        try:  # a Ctrl-C while they are submitted cancels those submitted too
+            for a in jobs_args:
+                pending.add(pool.submit(_run_job, a))
+            for fut in as_completed(set(pending)):
+                if fut.cancelled():
+                    continue
+                results.take(fut.result())
+                pending.discard(fut)  # after take(): a Ctrl-C inside it journals the result again
+                if results.stopped:  # no other video is started; those being encoded are journaled when done
+                    for f in pending:
+                        f.cancel()
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM through common.exit_on_sigterm
+            # the pool hands a worker's next job over ahead of time: that one cannot be cancelled, and is finished too
             logger.warning("interrupted: finishing the videos being encoded, starting no other")
-            for fut in as_completed(pending):  # running or finished
+            for fut in as_completed([f for f in pending if not f.cancel()]):  # running or finished
                 results.take(fut.result())
             raise
 

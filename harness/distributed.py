@@ -30,6 +30,7 @@ import torch.distributed as dist
 # init (DDP imports it), it holds the default group to the end of the process, whose gloo threads are never joined.
 import torch.distributed.nn.functional  # noqa: F401
 
+from timesformer_harness.common import ExitCode, leave_for_torchrun, report_error
 from timesformer_harness.config import DistConfig
 
 logger = logging.getLogger(__name__)
@@ -132,14 +133,18 @@ def cleanup() -> None:
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
-def lost_peer_message(error: BaseException, rank: int) -> str:
-    """The one line that says ``error`` is this rank's collective failing because another rank's process ended (gloo
-    closes its connections; that rank reported the cause), or "" for any other error."""
-    if not (isinstance(error, RuntimeError) and dist.is_available() and dist.is_initialized()
+def report_unexpected(error: Exception, rank: int, debug: bool = False) -> int:
+    """An entry point's last ``except``: when ``error`` is this rank's collective failing because another rank's
+    process ended (gloo closes its connections; that rank reported the cause), one line and
+    ``ExitCode.PEER_STOPPED``; any other error is left for torchrun's failure summary and raised again (its
+    traceback printed)."""
+    if (isinstance(error, RuntimeError) and dist.is_available() and dist.is_initialized()
             and any(words in str(error) for words in _PEER_GONE)):
-        return ""
-    return (f"rank {rank} lost its connection to another rank of the job, which stopped first: that rank's error "
-            f"(above, and torchrun's 'Root Cause') says why")
+        return report_error(error, ExitCode.PEER_STOPPED, debug,
+                            message=f"rank {rank} lost its connection to another rank of the job, which stopped "
+                                    f"first: that rank's error (above, and torchrun's 'Root Cause') says why")
+    leave_for_torchrun(f"{type(error).__name__}: {error}")
+    raise error
 
 
 def barrier() -> None:

@@ -39,12 +39,12 @@ from timesformer_harness.checkpoint import CheckpointError, WeightsMismatchError
 from timesformer_harness.config import RootConfig, load_config, to_yaml
 from timesformer_harness.metrics import OutputFolderError, Stopwatch, check_output_root
 from timesformer_harness.distributed import (DistInfo, all_gather_objects, cleanup, init_distributed,
-                                             lost_peer_message)
+                                             report_unexpected)
 from timesformer_harness.runtime import autocast, environment_info, resolve_precision, retain_freed_memory
 from timesformer_harness.pipelines.base import Batch, Loader, loader_facts
 from timesformer_harness.pipelines.manifest import manifest_path, ssv2_class_names
 from timesformer_harness.pipelines.progress import LOG_EVERY_S, Progress
-from timesformer_harness.common import ExitCode, atomic_write_text, leave_for_torchrun, report_error, setup_logging
+from timesformer_harness.common import ExitCode, atomic_write_text, report_error, setup_logging
 from timesformer_harness.pipelines.quarantine import BadVideoError
 from timesformer_harness.train_state import CLIP_KEYS, Change, config_changes, format_changes, saved_config
 
@@ -337,11 +337,11 @@ def trained_model_changes(cfg: RootConfig, saved_yaml: str) -> tuple[list[Change
     if saved is None:
         return [], [], []
     now = yaml.safe_load(to_yaml(cfg))
-    refused, _ = config_changes({"model": saved["model"]}, {"model": now["model"]})
-    data = [(f"data.{k}", saved["data"][k], v) for k, v in now["data"].items()
-            if isinstance(saved.get("data"), dict) and k in saved["data"] and saved["data"][k] != v]
-    return ([c for c in refused if c[0] not in RESIZED_KEYS], [c for c in refused if c[0] in RESIZED_KEYS],
-            [c for c in data if c[0] in TEST_CLIP_KEYS])
+    refused, _ = config_changes({"model": saved["model"], "data": saved.get("data")},
+                                {"model": now["model"], "data": now["data"]}, data_may_change=True)
+    model = [c for c in refused if c[0].startswith("model.")]
+    return ([c for c in model if c[0] not in RESIZED_KEYS], [c for c in model if c[0] in RESIZED_KEYS],
+            [c for c in refused if c[0] in TEST_CLIP_KEYS])
 
 
 def check_trained_model(cfg: RootConfig, checkpoint: str, saved_yaml: str) -> None:
@@ -476,11 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e, ExitCode.CONFIG, args.debug)
     except KeyboardInterrupt as e:
         return report_error(e, ExitCode.INTERRUPTED, args.debug, message="interrupted: no result written")
-    except Exception as e:
-        if lost := lost_peer_message(e, info.rank):  # an effect: the rank that stopped first reported the cause
-            return report_error(e, ExitCode.PEER_STOPPED, args.debug, message=lost)
-        leave_for_torchrun(f"{type(e).__name__}: {e}")
-        raise
+    except Exception as e:  # a lost peer (the rank that stopped first reported the cause), else raised again
+        return report_unexpected(e, info.rank, args.debug)
     finally:
         cleanup()
     return ExitCode.OK

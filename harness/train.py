@@ -50,7 +50,7 @@ from timesformer_harness.checkpoint import (CheckpointError, CheckpointWriteErro
                                             load_weights)
 from timesformer_harness.config import ConfigError, RootConfig, load_config, to_yaml
 from timesformer_harness.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup,
-                                             init_distributed, lost_peer_message)
+                                             init_distributed, report_unexpected)
 from timesformer_harness.evaluate import (TOP5_NONE, accuracy_report, class_names_for, fmt_percent, score_loader,
                                           trained_model_changes)
 from timesformer_harness.metric_writer import MetricWriter
@@ -69,8 +69,7 @@ from timesformer_harness.train_state import (LAUNCH_FILE, Change, CheckpointMana
 from timesformer_harness.workload import TrainStep, build_model, check_model_fits, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
 from timesformer_harness.pipelines.config import DataConfig, train_crop_problem
-from timesformer_harness.common import (ExitCode, leave_for_torchrun, log_to_file, remove_stale_temporaries,
-                                        report_error, setup_logging)
+from timesformer_harness.common import ExitCode, log_to_file, remove_stale_temporaries, report_error, setup_logging
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
 from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
 from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, write_rejected
@@ -926,11 +925,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e, ExitCode.INTERRUPTED, args.debug,
                             message="interrupted before training started (no checkpoint; the pre-flight check's "
                                     "cache keeps the videos it checked): rerun the command")
-    except Exception as e:
-        if lost := lost_peer_message(e, info.rank):  # an effect: the rank that stopped first reported the cause
-            return report_error(e, ExitCode.PEER_STOPPED, args.debug, message=lost)
-        leave_for_torchrun(f"{type(e).__name__}: {e}")
-        raise
+    except Exception as e:  # a lost peer (the rank that stopped first reported the cause), else raised again
+        return report_unexpected(e, info.rank, args.debug)
     finally:
         cleanup()
 

@@ -335,6 +335,11 @@ def test_throughput_vs_divided_is_gemm_normalised_where_both_records_time_a_gemm
     unpaired = replace(joint, extra={"gemm_n": 1024})  # no paired blocks: raw
     rows = {line.split(" | ")[0]: line for line in summary_table([divided, unpaired]).splitlines()}
     assert rows["| joint_space_time"].endswith("| 1.50x raw | 1.00x |")
+    # a utilisation above 100%: the GEMMs beside the steps were slowed more than the steps, so their pairs are not
+    # read either
+    contended = replace(joint, utilisation=None, extra={**joint.extra, "implausible_utilisation": 1.2})
+    rows = {line.split(" | ")[0]: line for line in summary_table([divided, contended]).splitlines()}
+    assert rows["| joint_space_time"].endswith("| 1.50x raw | 1.00x |")
 
 
 @pytest.fixture(scope="module")
@@ -507,13 +512,70 @@ def test_compare_refuses_what_is_not_like_for_like_and_gates_on_a_ratio(two_runs
     lost = _compare(str(a), str(all_lost), "--fail-below", "0.01", "--out", str(tmp_path / "o13"))
     assert lost.returncode == 1 and lost.stdout.count("LOST ") == 3, lost.stdout
 
-    # a utilisation above 100% (a calibration GEMM slowed more than the steps) is not compared: images/s is
+    # a utilisation above 100% (a calibration GEMM slowed more than the steps) is not compared, nor the pairs it came
+    # from: images/s is (an old record's above-100% figure, and one the bench set aside)
     def inflated(d):
         d["records"][0]["utilisation"] = 2.18
+        d["records"][1]["extra"]["implausible_utilisation"], d["records"][1]["utilisation"] = 1.2, None
     odd = _compare(str(a), str(variant("odd", inflated)), "--out", str(tmp_path / "o12"))
-    case = json.loads((tmp_path / "o12" / "compare.json").read_text())["cases"][0]
-    assert case["util_b"] is None and case["normalised_ratio"] == pytest.approx(case["images_ratio"])
-    assert "B's utilisation 218% is above 100%: images/s compared" in odd.stdout
+    cases = json.loads((tmp_path / "o12" / "compare.json").read_text())["cases"]
+    for case in cases[:2]:
+        assert case["util_b"] is None and case["paired_ratio"] is None
+        assert case["normalised_ratio"] == pytest.approx(case["images_ratio"])
+    assert cases[2]["paired_ratio"] and cases[2]["normalised_ratio"] == cases[2]["paired_ratio"]
+    assert "B's utilisation 218% is above 100% (the GEMM timed beside its steps was slowed more than they were): " \
+        "images/s compared" in odd.stdout and "B's utilisation 120% is above 100%" in odd.stdout
+
+
+def test_compare_reads_the_paired_ratio_which_a_machine_busy_during_a_case_does_not_move(two_runs, tmp_path):
+    """The normalised ratio is the steps' time over the GEMM's, timed in pairs (the gate's and the summary's measure):
+    a B whose machine was busy during part of each case (half the images/s; the median GEMM slowed less than the
+    median step, so utilisation fell too) but whose pairs kept their ratio reads 1.00x and passes --fail-below; a B
+    whose steps took 25% longer than the GEMMs beside them reads 0.80x and fails; against another GEMM there is no
+    paired ratio and utilisation is read."""
+    a, b, _ = two_runs
+    data = json.loads((a / "results.json").read_text())
+    paired = [r["case"] for r in data["records"] if r["extra"].get("ratio")]
+    assert paired, "the bench's CPU cases time their steps and GEMMs in pairs"
+
+    def variant(name: str, change) -> Path:
+        d = json.loads(json.dumps(data))
+        for r in d["records"]:
+            change(r)
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(d))
+        return path
+
+    def busy(r):
+        r["images_per_s"] /= 2
+        r["clips_per_s"] /= 2
+        r["utilisation"] /= 1.6
+
+    out = _compare(str(a), str(variant("busy", busy)), "--fail-below", "0.9", "--out", str(tmp_path / "o1"))
+    cases = {c["case"]: c for c in json.loads((tmp_path / "o1" / "compare.json").read_text())["cases"]}
+    assert out.returncode == 0, out.stdout
+    for name in paired:
+        assert cases[name]["paired_ratio"] == pytest.approx(1.0) and cases[name]["normalised_ratio"] == \
+            pytest.approx(1.0)
+        assert cases[name]["util_ratio"] == pytest.approx(0.625) and cases[name]["images_ratio"] == pytest.approx(0.5)
+    assert "medians B/A: normalised 1.00x, paired 1.00x, utilisation 0.62x, images/s 0.50x" in out.stdout
+
+    def slower(r):
+        r["extra"]["ratio"] *= 1.25
+
+    out = _compare(str(a), str(variant("slower", slower)), "--fail-below", "0.9", "--out", str(tmp_path / "o2"))
+    assert out.returncode == 1 and f"{len(paired)} case(s) below 0.9x" in out.stdout
+    assert f"BELOW {paired[0]}: 0.80x" in out.stdout
+
+    def other_gemm(r):
+        busy(r)
+        r["extra"]["gemm_n"] = 384
+
+    out = _compare(str(a), str(variant("gemm", other_gemm)), "--out", str(tmp_path / "o3"))
+    cases = {c["case"]: c for c in json.loads((tmp_path / "o3" / "compare.json").read_text())["cases"]}
+    assert out.returncode == 0 and all(cases[n]["paired_ratio"] is None for n in paired)
+    assert all(cases[n]["normalised_ratio"] == pytest.approx(0.625) for n in paired)
 
 
 def _made_run(path: Path, images: list[float | str | None], statuses: list[str] | None = None,

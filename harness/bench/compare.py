@@ -1,13 +1,16 @@
 """Two bench runs side by side: ``python -m timesformer_harness.bench compare RUN_A RUN_B [--out DIR] [--force]
 [--fail-below RATIO]``.
 
-For every case in either run: images/s of A and B and their ratio B/A, and the same for utilisation. On CPU a
-case's utilisation is its achieved FLOP/s over an fp32 GEMM timed between its own steps, so a machine that is
-slower for everyone (other jobs, clocks) slows the GEMM too and the utilisation ratio stays put: the normalised
-ratio (utilisation B/A where both have one, else images/s B/A) is the one to read, and to gate on. Raw images/s
-second; their quotient, the peak ratio, says how much the machine itself differed between the runs. A utilisation
-above 100% (a calibration GEMM slowed more than the steps; records from before it was refused at measurement) is not
-used: that case's normalised ratio is its images/s ratio, and the note says so.
+For every case in either run: images/s of A and B and their ratio B/A, the same for utilisation, and the paired
+ratio. On CPU each model, attention and scaling case times blocks of its steps and blocks of an fp32 GEMM in
+alternation; the paired ratio is B/A of its throughput in GEMM time (``report.normalised_throughput``: the median over
+the pairs of step time over GEMM time, the gate's measure and the bench summary's), so a machine that is slower for
+everyone (other jobs, clocks), or slower during part of a case, slows both halves of a pair and the ratio stays put.
+The normalised ratio (the paired ratio where both records have one over the same GEMM, else utilisation B/A, else
+images/s B/A) is the one to read, and to gate on. Utilisation (achieved FLOP/s over the case's median GEMM rate) and
+raw images/s come second; their quotient, the peak ratio, says how much the machine itself differed between the runs.
+A utilisation above 100% (a calibration GEMM slowed more than the steps; records from before it was refused at
+measurement) is not used, and the note says so.
 
 A case is like for like when both records are ``ok`` and agree on what was measured: batch, precision, mode, frames,
 image size, the model's configuration, parameters and FLOPs per clip. The comparison is refused (exit 2, unless
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from timesformer_harness.bench.record import BenchRecord, NotResultsFile, finite_positive, read_results, run_env
+from timesformer_harness.bench.report import normalised_throughput
 from timesformer_harness.common import atomic_write_text
 from timesformer_harness.config import ModelConfig
 
@@ -122,8 +126,9 @@ def check_comparable(a: Run, b: Run) -> tuple[list[str], list[str]]:
     gemms_a, gemms_b = ({r.extra.get("gemm_n") for r in run.records} - {None, 0} for run in (a, b))
     if gemms_a and gemms_b and gemms_a != gemms_b:  # the peak each utilisation divides by: another workload
         differ.append(f"reference GEMM n={'/'.join(map(str, sorted(gemms_a)))} vs "
-                      f"n={'/'.join(map(str, sorted(gemms_b)))}: utilisation and the normalised ratio divide by "
-                      "different GEMMs; compare images/s, or rerun one side with the other's bench.gemm_n")
+                      f"n={'/'.join(map(str, sorted(gemms_b)))}: utilisation divides by different GEMMs and a case "
+                      "timed against another GEMM has no paired ratio; compare images/s, or rerun one side with the "
+                      "other's bench.gemm_n")
     warn = [f"the runs differ in {d}" for d in differ]
     for label, run in (("A", a), ("B", b)):
         if run.meta.get("complete") is False:
@@ -143,6 +148,8 @@ class CaseComparison:
     images_b: float | None = None
     util_a: float | None = None
     util_b: float | None = None
+    paired_a: float | None = None  # clips per GEMM time (report.normalised_throughput); None when the GEMMs differ
+    paired_b: float | None = None
     mem_a: int | None = None
     mem_b: int | None = None
     notes: list[str] = field(default_factory=list)  # what makes the case not like for like
@@ -158,9 +165,14 @@ class CaseComparison:
         return _ratio(self.util_b, self.util_a)
 
     @property
+    def paired_ratio(self) -> float | None:
+        """Throughput in GEMM time B/A: steps and GEMMs timed in pairs within each case (CPU)."""
+        return _ratio(self.paired_b, self.paired_a)
+
+    @property
     def normalised_ratio(self) -> float | None:
-        """Utilisation B/A where both have one (GEMM-normalised on CPU), else images/s B/A."""
-        return self.util_ratio or self.images_ratio
+        """The paired ratio where both records have one, else utilisation B/A, else images/s B/A."""
+        return self.paired_ratio or self.util_ratio or self.images_ratio
 
     @property
     def peak_ratio(self) -> float | None:
@@ -193,7 +205,12 @@ def compare_records(a: list[BenchRecord], b: list[BenchRecord]) -> list[CaseComp
             row.notes.append("only in A" if rb is None else "only in B")
         else:
             row.images_a, row.images_b = ra.images_per_s, rb.images_per_s
-            row.util_a, row.util_b = _plausible(ra, "A", row.cautions), _plausible(rb, "B", row.cautions)
+            odd = {side: _implausible(rec) for side, rec in (("A", ra), ("B", rb))}
+            row.util_a, row.util_b = (None if odd[side] else rec.utilisation for side, rec in (("A", ra), ("B", rb)))
+            row.cautions += [f"{side}'s utilisation {100 * u:.0f}% is above 100% (the GEMM timed beside its steps was "
+                             "slowed more than they were): images/s compared" for side, u in odd.items() if u]
+            if not any(odd.values()) and ra.extra.get("gemm_n") == rb.extra.get("gemm_n"):
+                row.paired_a, row.paired_b = normalised_throughput(ra), normalised_throughput(rb)
             row.mem_a, row.mem_b = ra.peak_mem_bytes, rb.peak_mem_bytes
             row.notes += differences(ra, rb)
             row.other_model = any(n.split(" ", 1)[0] in MODEL_KEYS for n in row.notes)
@@ -203,13 +220,11 @@ def compare_records(a: list[BenchRecord], b: list[BenchRecord]) -> list[CaseComp
     return rows
 
 
-def _plausible(rec: BenchRecord, side: str, cautions: list[str]) -> float | None:
-    """``rec``'s utilisation, None (with a caution) for one above 100%."""
+def _implausible(rec: BenchRecord) -> float | None:
+    """``rec``'s utilisation when it is above 100% (also in records from before the bench set such a figure aside):
+    neither it nor the step/GEMM pairs it came from are compared."""
     u = rec.utilisation if rec.utilisation is not None else rec.extra.get("implausible_utilisation")
-    if u is not None and u > 1.0:
-        cautions.append(f"{side}'s utilisation {100 * u:.0f}% is above 100%: images/s compared")
-        return None
-    return u
+    return u if u is not None and u > 1.0 else None
 
 
 def refusals(rows: list[CaseComparison]) -> list[str]:
@@ -231,17 +246,19 @@ def _num(v: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
 
 
 def format_table(rows: list[CaseComparison]) -> str:
-    lines = ["| case | images/s A | images/s B | B/A | util % A | util % B | util B/A | peak B/A | memory B/A "
-             "| note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | images/s A | images/s B | B/A | util % A | util % B | util B/A | paired B/A | normalised B/A "
+             "| peak B/A | memory B/A | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.case} | {_num(r.images_a)} | {_num(r.images_b)} | {_x(r.images_ratio)} "
                      f"| {_num(r.util_a, '.1f', 100)} | {_num(r.util_b, '.1f', 100)} | {_x(r.util_ratio)} "
-                     f"| {_x(r.peak_ratio)} | {_x(r.mem_ratio)} | {'; '.join(r.notes + r.cautions)} |")
+                     f"| {_x(r.paired_ratio)} | {_x(r.normalised_ratio)} | {_x(r.peak_ratio)} | {_x(r.mem_ratio)} "
+                     f"| {'; '.join(r.notes + r.cautions)} |")
     return "\n".join(lines)
 
 
 def summarise(rows: list[CaseComparison]) -> dict[str, float | int | None]:
-    """Medians over the comparable cases of the images/s, utilisation, normalised, peak and memory ratios."""
+    """Medians over the comparable cases of the images/s, utilisation, paired, normalised, peak and memory
+    ratios."""
     ok = [r for r in rows if r.comparable]
 
     def med(values: list[float | None]) -> float | None:
@@ -249,7 +266,8 @@ def summarise(rows: list[CaseComparison]) -> dict[str, float | int | None]:
         return statistics.median(vs) if vs else None
 
     return {"cases": len(rows), "comparable": len(ok), "images_ratio": med([r.images_ratio for r in ok]),
-            "util_ratio": med([r.util_ratio for r in ok]), "normalised_ratio": med([r.normalised_ratio for r in ok]),
+            "util_ratio": med([r.util_ratio for r in ok]), "paired_ratio": med([r.paired_ratio for r in ok]),
+            "normalised_ratio": med([r.normalised_ratio for r in ok]),
             "peak_ratio": med([r.peak_ratio for r in ok]), "mem_ratio": med([r.mem_ratio for r in ok])}
 
 
@@ -264,7 +282,7 @@ def lost(rows: list[CaseComparison]) -> list[CaseComparison]:
 
 
 def comparison_figure(rows: list[CaseComparison], title: str) -> Any:
-    """The figure of ``plot_comparison``: per case, bars of the images/s and utilisation ratios (B/A) drawn from 1x
+    """The figure of ``plot_comparison``: per case, bars of the images/s and normalised ratios (B/A) drawn from 1x
     on a log axis (left of the 1x line: B slower), and a red cross at 1x labelled LOST for a case ok in A that B
     lost (out of memory, an error, missing), which has no ratio and is the worst outcome."""
     import matplotlib
@@ -277,13 +295,13 @@ def comparison_figure(rows: list[CaseComparison], title: str) -> Any:
     shown = [r for r in rows if r.images_ratio or r.case in gone]
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.32 * max(len(shown), 1)))
     drawn = [(i, r) for i, r in enumerate(shown) if r.images_ratio]
-    util = [(i, r) for i, r in drawn if r.util_ratio]
+    norm = [(i, r) for i, r in drawn if r.normalised_ratio != r.images_ratio]
     if drawn:
         ax.barh([i + 0.2 for i, _ in drawn], [r.images_ratio - 1 for _, r in drawn], left=1, height=0.4,
                 label="images/s B/A", color="tab:blue")
-    if util:
-        ax.barh([i - 0.2 for i, _ in util], [r.util_ratio - 1 for _, r in util], left=1, height=0.4,
-                label="utilisation B/A (GEMM-normalised)", color="tab:orange")
+    if norm:
+        ax.barh([i - 0.2 for i, _ in norm], [r.normalised_ratio - 1 for _, r in norm], left=1, height=0.4,
+                label="normalised B/A (GEMM-paired; what --fail-below reads)", color="tab:orange")
     lost_at = [(i, r) for i, r in enumerate(shown) if r.case in gone]
     if lost_at:
         ax.plot([1.0] * len(lost_at), [i for i, _ in lost_at], "X", color="tab:red", markersize=9, linestyle="none",
@@ -293,7 +311,7 @@ def comparison_figure(rows: list[CaseComparison], title: str) -> Any:
                         va="center", fontsize=7, color="tab:red")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    ends = [1.0] + [r.images_ratio for _, r in drawn] + [r.util_ratio for _, r in util]
+    ends = [1.0] + [r.images_ratio for _, r in drawn] + [r.normalised_ratio for _, r in norm]
     ax.set_xlim(min(ends) / 1.3, max(ends) * 1.3)
     times = FuncFormatter(lambda v, _: f"{v:g}x")
     ax.xaxis.set_major_formatter(times)
@@ -364,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     head = "".join(f"{label} = {run.path} ({run.meta.get('preset')}, {run.meta.get('hardware')}, git "
                    f"{run.meta.get('env', {}).get('git_sha')})\n" for label, run in (("A", a), ("B", b)))
     verdict = (f"{summary['comparable']}/{summary['cases']} cases like for like; medians B/A: normalised "
-               f"{_x(summary['normalised_ratio'])}, utilisation {_x(summary['util_ratio'])}, images/s "
+               f"{_x(summary['normalised_ratio'])}, paired {_x(summary['paired_ratio'])}, utilisation "
+               f"{_x(summary['util_ratio'])}, images/s "
                f"{_x(summary['images_ratio'])}, machine (GEMM peak) {_x(summary['peak_ratio'])}, peak memory "
                f"{_x(summary['mem_ratio'])}")
     if args.fail_below is not None:
@@ -378,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         {"a": str(a.path), "b": str(b.path), "refused": refuse, "warnings": warn, "summary": summary,
          "fail_below": args.fail_below, "below": [r.case for r in failing], "lost": [r.case for r in missing],
          "cases": [{**asdict(r), "images_ratio": r.images_ratio, "util_ratio": r.util_ratio,
-                    "normalised_ratio": r.normalised_ratio, "peak_ratio": r.peak_ratio, "mem_ratio": r.mem_ratio}
+                    "paired_ratio": r.paired_ratio, "normalised_ratio": r.normalised_ratio, "peak_ratio": r.peak_ratio,
+                    "mem_ratio": r.mem_ratio}
                    for r in rows]}, indent=2) + "\n")
     png = plot_comparison(rows, out / "compare.png", f"{b.name} / {a.name}")
     print(head + "\n" + table + "\n\n" + verdict)

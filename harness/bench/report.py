@@ -23,10 +23,12 @@ def _ratio(a: float | None, b: float | None) -> str:
 def normalised_throughput(r: BenchRecord) -> float | None:
     """Clips per reference-GEMM time: the batch over the step's cost in GEMMs, from the step and GEMM blocks timed in
     pairs within the case (``extra.ratio`` x ``calib_reps`` / ``steps_per_block``: the gate's measure, which a
-    machine that drifts during the case moves least); None without them (a GPU's table peak)."""
+    machine that drifts during the case moves least); None without them (a GPU's table peak), and None when the
+    case's utilisation came out above 100% (its GEMMs were slowed more than its steps: the pairs are suspect too)."""
     e = r.extra
     sizes = [e.get(k) for k in ("ratio", "calib_reps", "steps_per_block")]
-    if r.device != "cpu" or not r.batch or not all(isinstance(v, (int, float)) and v > 0 for v in sizes):
+    if r.device != "cpu" or not r.batch or e.get("implausible_utilisation") or \
+            not all(isinstance(v, (int, float)) and v > 0 for v in sizes):
         return None
     ratio, calib_reps, steps_per_block = sizes
     return r.batch / (ratio * calib_reps / steps_per_block)
@@ -47,8 +49,8 @@ def throughput_vs(r: BenchRecord, ref: BenchRecord | None) -> str:
 THROUGHPUT_NOTE = ("Throughput vs divided is GEMM-normalised: each case's step cost in fp32 GEMMs, from step and GEMM "
                    "blocks timed in pairs within the case (the gate's measure), so that the machine running faster "
                    "during one case than during another does not read as a faster variant. `raw` marks a ratio of "
-                   "clips/s as measured (no such GEMM: a GPU's table peak), which moves with whatever else the "
-                   "machine ran.")
+                   "clips/s as measured (no such GEMM: a GPU's table peak; or a case whose GEMMs were slowed more "
+                   "than its steps, utilisation above 100%), which moves with whatever else the machine ran.")
 
 
 def summary_table(records: list[BenchRecord]) -> str:

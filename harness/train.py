@@ -63,7 +63,7 @@ from timesformer_harness.train_hooks import DebugHooks
 from timesformer_harness.train_state import (LAUNCH_FILE, Change, CheckpointManager, RunFolderError, RunLock,
                                              config_changes, data_fingerprint, epoch_partial, find_resume,
                                              format_changes, keep_records_up_to, launch_identity, list_checkpoints,
-                                             logged_end, resume_disagreement, resume_position, rng_state,
+                                             logged_end, misnamed, resume_disagreement, resume_position, rng_state,
                                              saved_config, set_aside, set_rng_state, started_by_this_launch,
                                              unwritable, val_record, video_facts)
 from timesformer_harness.workload import TrainStep, build_model, check_model_fits, compile_model, grad_scaler
@@ -213,6 +213,8 @@ class Trainer:
         self._manifests = check_inputs(cfg, self.device)
         # train.resume decides, and a resume refuses a changed model or data, also before the folder is touched
         self._resume = find_resume(cfg.output.dir, self._resume_policy())
+        if self._resume is not None and (why := misnamed(*self._resume)):
+            raise RunFolderError(why)
         found = None if self._resume is None else (self._resume[0].name, *resume_position(self._resume[1],
                                                                                            self._resume[0]))
         if problem := resume_disagreement(all_gather_objects(found)):

@@ -439,6 +439,31 @@ class CheckpointManager:
         return None
 
 
+def misnamed(path: Path, obj: dict[str, Any]) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from as the run's newest (None when its name fits what it holds):
+    its name says another epoch or step than the state inside (a checkpoint copied or renamed into the folder, whose
+    resume would prune the run's later checkpoints and drop its later metrics). Our names: ``epoch_N`` holds the
+    position "next: epoch N, batch 0", ``epoch_N_step_S`` step S inside epoch N; the original's ``epoch_N`` holds
+    ``epoch`` N - 1. An older harness's ``_iter_`` names are not checked."""
+    m = _NAME.fullmatch(path.name)
+    if m is None or m[2] == "iter":
+        return None
+    epoch, batch, step = resume_position(obj, path)
+    named_epoch, named_step = int(m[1]), None if m[3] is None else int(m[3])
+    if named_step is None:
+        fits = epoch == named_epoch and batch == 0
+    else:
+        fits = epoch == named_epoch - 1 and batch > 0 and step == named_step
+    if fits:
+        return None
+    named = f"the end of epoch {named_epoch}" if named_step is None else f"step {named_step} inside epoch {named_epoch}"
+    held = f"the end of epoch {epoch}" if batch == 0 else f"batch {batch} of epoch {epoch + 1}"
+    return (f"{path}: its name says {named}, but it holds the state after {held} (step {step}): a checkpoint copied "
+            f"or renamed into this run's folder? Resuming from it would prune this run's later checkpoints and drop "
+            f"its later metrics. Move it out of {path.parent} (to train from its weights, start a new run with "
+            f"model.pretrained=<its new path>)")
+
+
 def video_facts(value: Any) -> dict[str, list[float]]:
     """A checkpoint's ``quarantined_videos`` (path -> frames, fps, height, width: what those videos were planned
     with), checked; entries not of that form are left out (an older checkpoint has none)."""

@@ -389,6 +389,39 @@ def test_a_damaged_newer_checkpoint_is_moved_aside_and_prunes_nothing_good(finis
                                                   "last.pyth"}
 
 
+def test_a_checkpoint_whose_name_says_another_position_is_refused_and_nothing_pruned(finished, tiny, tmp_path):
+    """A checkpoint copied into a run's folder under a newer name than the state it holds (another run's epoch 1 as
+    epoch 5) had been resumed from as the newest: the run then pruned its own later checkpoints and dropped its later
+    metrics. The name and the position inside must agree (ours, and the original's ``epoch`` + 1)."""
+    from timesformer_harness.train_state import misnamed
+
+    out = copy_of(finished, tmp_path / "run")
+    folder = out / "checkpoints"
+    epoch_1 = folder / "checkpoint_epoch_00001.pyth"
+    obj = torch.load(epoch_1, weights_only=True)
+    assert misnamed(epoch_1, obj) is None
+    assert misnamed(folder / "checkpoint_epoch_00001_step_00000001.pyth", obj) is not None
+    assert misnamed(folder / "checkpoint_epoch_00001_iter_000045.pyth", obj) is None  # an older harness's: unchecked
+    original = {"epoch": 4, "model_state": {}}  # the original's epoch is 0-based, its file names 1-based
+    assert misnamed(folder / "checkpoint_epoch_00005.pyth", original) is None
+    assert misnamed(folder / "checkpoint_epoch_00006.pyth", original) is not None
+    mid = {**obj, "position": {"epoch": 1, "batch": 2}, "step": 3}
+    assert misnamed(folder / "checkpoint_epoch_00002_step_00000003.pyth", mid) is None
+    assert misnamed(folder / "checkpoint_epoch_00002_step_00000004.pyth", mid) is not None
+    assert misnamed(folder / "checkpoint_epoch_00002.pyth", mid) is not None
+
+    shutil.copy(epoch_1, folder / "checkpoint_epoch_00005.pyth")
+    before = snapshot(out)
+    res = run(train_cmd(*tiny, f"output.dir={out}", "solver.max_epoch=6"))
+    assert res.returncode == ExitCode.RUN_FOLDER, res.stderr[-3000:]
+    assert error_line(res) == (
+        f"error: {folder / 'checkpoint_epoch_00005.pyth'}: its name says the end of epoch 5, but it holds the state "
+        f"after the end of epoch 1 (step 1): a checkpoint copied or renamed into this run's folder? Resuming from it "
+        f"would prune this run's later checkpoints and drop its later metrics. Move it out of {folder} (to train "
+        "from its weights, start a new run with model.pretrained=<its new path>)")
+    assert snapshot(out) == before
+
+
 def test_an_optimizer_state_that_does_not_fit_is_replaced_or_refused(finished, tiny, tmp_path):
     """An optimizer state that does not fit this run's optimizer never reaches ``load_state_dict`` (AdamW's first
     step raised KeyError 'step' on SGD's state; another group count was an error naming no file): from a checkpoint

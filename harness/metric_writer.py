@@ -28,16 +28,18 @@ class MetricWriter:
         run_dir: the run's output directory.
         enabled: False on ranks other than 0 (every call is then a no-op).
         tensorboard: also write TensorBoard event files.
+        purge_step: hide the TensorBoard points an earlier launch logged at this step and after (a resume redoes
+            that work, whose records ``metrics.jsonl`` drops too); None keeps them all.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None = None) -> None:
         self.enabled = enabled
         self.file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step)
 
     def log(self, record: dict[str, Any], step: int) -> None:
         if not self.enabled:

@@ -305,7 +305,10 @@ class Trainer:
                            "batch %d", cfg.solver.global_batch_size, per_step, per_step * self.accum)
         self.stop_signal: str | None = None
         self.stop_signal_at = 0.0  # time.monotonic() of the first signal
-        self.metrics = MetricWriter(self.run_dir, info.is_main, cfg.output.tensorboard)
+        # TensorBoard's points after the resumed step (or all of them, on a fresh start) are hidden, as metrics.jsonl's
+        # records of the work redone are removed above: the event files themselves are append-only
+        purge = self.step + 1 if self.resumed_from is not None else 0
+        self.metrics = MetricWriter(self.run_dir, info.is_main, cfg.output.tensorboard, purge_step=purge)
         self.memory = PeakMemory(self.device)  # peak per log window and per validation (this process)
         self._val_loader = None
         self.hooks = DebugHooks(cfg.train, self.run_dir, info.rank, self.device)

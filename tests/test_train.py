@@ -1097,3 +1097,32 @@ def test_an_epochs_left_over_micro_batches_are_logged_once_with_the_last_steps_l
     assert sorted(loss) == [1, 2, 3, 4] and loss[2] == pytest.approx(train[1]["train/loss"], rel=1e-6)
     assert [e.step for e in events.Scalars("train/epoch_loss")] == [2, 4]
     assert [e.value for e in events.Scalars("time/warmup")] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_a_resume_hides_the_redone_steps_in_tensorboard(tmp_path):
+    """A resume redoes the work after its checkpoint: metrics.jsonl drops the records logged after the checkpoint's
+    step, and TensorBoard hides its points from then on too (the event files are append-only; the new launch's
+    writer purges them), so each step is on the curves once, with the redone run's value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from timesformer_harness.distributed import init_distributed
+    from timesformer_harness.train import Trainer
+
+    overrides = [
+        "data.loader=synthetic", "data.num_frames=4", "data.train_crop_size=32", "data.batch_size=2",
+        "data.synthetic_videos=8", "data.synthetic_classes=4", "model.num_classes=4", "solver.global_batch_size=0",
+        "solver.max_epoch=2", "train.log_period=1", "train.eval_period=0", f"output.dir={tmp_path}"]
+    cfg = load_config("configs/model/tiny.yaml", overrides)
+    assert Trainer(cfg, init_distributed(cfg.dist)).fit() == 0
+    (tmp_path / "checkpoints" / "checkpoint_epoch_00002.pyth").unlink()  # as if killed before epoch 2's save
+    cfg = load_config("configs/model/tiny.yaml", overrides + ["solver.base_lr=0.5"])  # the redone steps differ
+    assert Trainer(cfg, init_distributed(cfg.dist)).fit() == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r["train/loss"] for r in records if r["event"] == "train"}
+    assert sorted(train) == [1, 2, 3, 4, 5, 6, 7, 8]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in loss] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert all(value == pytest.approx(train[step], rel=1e-6) for step, value in loss)
+    assert [e.step for e in events.Scalars("train/epoch_loss")] == [4, 8]

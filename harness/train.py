@@ -484,12 +484,21 @@ class Trainer:
             return loader
         path, before = self.resumed_from
         now = self._data_fingerprint()
-        if now is None or now == before:
+        if now == before:
             return loader
         where = f"batch {self.start_batch} of epoch {self.start_epoch + 1}" if self.start_batch else \
             f"epoch {self.start_epoch + 1}"
-        change = f"{before['videos']} usable videos when {path.name} was written, {now['videos']} now"
-        if before["videos"] == now["videos"]:
+        if now is None:  # a loader that reads no files (data.loader=synthetic) in place of the checkpoint's videos
+            change = f"{before['videos']} usable videos when {path.name} was written, none now: " \
+                     f"data.loader={self.cfg.data.loader} reads no videos"
+            if self.cfg.train.on_data_change == "error":
+                raise RunFolderError(
+                    f"the train data changed since {path} ({change}): resuming at {where} would train this run on "
+                    "other data. Put data.loader back to the checkpoint's loader, or set train.on_data_change=replan "
+                    "to go on with these clips, or train in a new output.dir")
+        else:
+            change = f"{before['videos']} usable videos when {path.name} was written, {now['videos']} now"
+        if now is not None and before["videos"] == now["videos"]:
             change = f"{now['videos']} usable videos, but not the same ones or labels or order as when {path.name} " \
                      "was written"
         if self.cfg.train.on_data_change == "error":

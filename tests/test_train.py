@@ -1126,3 +1126,21 @@ def test_a_resume_hides_the_redone_steps_in_tensorboard(tmp_path):
     assert [step for step, _ in loss] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert all(value == pytest.approx(train[step], rel=1e-6) for step, value in loss)
     assert [e.step for e in events.Scalars("train/epoch_loss")] == [4, 8]
+
+
+def test_resuming_a_run_of_videos_with_the_synthetic_loader_is_refused(toy, tmp_path):
+    """The synthetic loader reads no files, so it has no data fingerprint: a resume that switched a run of videos to
+    it had gone on training that model on random clips, with only the changed-config warning. It is a change of the
+    train data like an edited manifest: refused (exit 4) naming the loader, or gone on with under replan."""
+    out = tmp_path / "run"
+    args = [*toy, f"output.dir={out}"]
+    first = run(train_cmd(*args, "train.debug_signal_at_step=2"))
+    assert first.returncode == 0 and "stopped by SIGTERM" in first.stdout, first.stderr[-3000:]
+    synthetic = ["data.loader=synthetic", "data.synthetic_classes=2"]
+    refused = run(train_cmd(*args, *synthetic))
+    assert refused.returncode == 4, refused.stderr[-3000:]
+    saved = out / "checkpoints" / "checkpoint_epoch_00001_step_00000003.pyth"
+    assert (f"error: the train data changed since {saved} (32 usable videos when {saved.name} was written, none now: "
+            "data.loader=synthetic reads no videos)") in refused.stderr, refused.stderr[-3000:]
+    assert "Put data.loader back" in refused.stderr and "Traceback" not in refused.stderr
+    assert list_checkpoints(out / "checkpoints") == [saved]

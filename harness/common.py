@@ -187,7 +187,7 @@ class ExitCode(enum.IntEnum):
     the other command lines' own)."""
 
     OK = 0  # done; also a training stopped by SIGTERM/SIGINT that saved a checkpoint (rerun to resume)
-    ERROR = 1  # an unexpected failure (a bug, or a failure the harness has no name for): its traceback is printed
+    ERROR = 1  # an unexpected failure (its traceback is printed), or a training loss that became NaN or inf
     CHECKPOINT = 2  # a checkpoint (or model.pretrained) missing, refused, unreadable or not written
     BAD_VIDEOS = 3  # bad videos over the budget (data.on_bad_video, data.max_bad_fraction)
     RUN_FOLDER = 4  # output.dir is in use by another run, or the data changed under a resume

@@ -850,10 +850,12 @@ class Trainer:
                          self.step)
         self.metrics.log({"event": "stop", "reason": "non-finite loss", "epoch": epoch + 1, "batch": batch,
                           "checkpoint": str(path) if path else None}, self.step)
+        saved = list_checkpoints(self.ckpt.dir)
+        rerun = f"resumes from {saved[-1].name}" if saved else "starts again (no checkpoint was saved before)"
         message = (f"loss is {loss_val} at step {self.step} (epoch {epoch + 1}, its batch {batch + 1}); weights "
                    f"before this step saved to {path or 'rank 0 debug checkpoint'}. Lower solver.base_lr, set "
-                   "solver.grad_clip, or use train.precision=fp32 / bf16 instead of fp16.")
-        logger.error("%s", message)  # in train.log too, which the traceback on stderr does not reach
+                   "solver.grad_clip, or use train.precision=fp32 / bf16 instead of fp16: the same command with that "
+                   f"change {rerun}")
         raise NonFiniteLossError(message)
 
     def _validation_due(self, epoch: int) -> bool:
@@ -933,6 +935,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e, ExitCode.BAD_VIDEOS, args.debug)
     except RunFolderError as e:  # output.dir held by another run, or the data changed under a resume
         return report_error(e, ExitCode.RUN_FOLDER, args.debug)
+    except NonFiniteLossError as e:  # every rank sees the same loss (all-reduced) and stops at the same step
+        return report_error(e, ExitCode.ERROR, args.debug)
     except (ValueError, FileNotFoundError) as e:  # raised for what a user sets: the message names the key or file
         return report_error(e, ExitCode.CONFIG, args.debug)
     except KeyboardInterrupt as e:  # before fit() handles SIGINT itself: no checkpoint was saved

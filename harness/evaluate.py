@@ -243,6 +243,18 @@ def find_checkpoint(cfg: RootConfig, explicit: str = "") -> str:
     return str(found[-1])
 
 
+def chosen_newest(checkpoint: Path) -> str:
+    """Why ``checkpoint`` was evaluated (no checkpoint named: the newest of its folder) and the one before it, for an
+    error about it."""
+    from timesformer_harness.train_state import list_checkpoints
+
+    found = list_checkpoints(checkpoint.parent)
+    before = found[found.index(checkpoint) - 1] if checkpoint in found and found.index(checkpoint) else None
+    return (f"the newest checkpoint in {checkpoint.parent}, evaluated as none was given: " +
+            (f"give --checkpoint {before} to evaluate the one before it" if before else
+             "give --checkpoint FILE") + ", or rerun the training, which sets an unreadable newest checkpoint aside")
+
+
 def predictions(acc: ViewAccumulator, paths: dict[int, str],
                 class_names: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per scored video, in manifest order: ``index``, ``path``, ``label``, ``pred``, ``correct``, ``views``,
@@ -363,9 +375,11 @@ def check_trained_model(cfg: RootConfig, checkpoint: str, saved_yaml: str) -> No
                        "(the run's config.yaml has its own)", checkpoint, format_changes(clips))
 
 
-def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -> dict[str, Any]:
+def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "", newest: bool = False
+             ) -> dict[str, Any]:
     """Load ``checkpoint`` into the configured model and run the full multi-view test on ``test.split``; with
-    ``dump``, rank 0 writes the per-video predictions (``write_dump``)."""
+    ``dump``, rank 0 writes the per-video predictions (``write_dump``). ``newest``: ``checkpoint`` was not named but
+    found (``find_checkpoint``), which an error reading it says, with the one to give instead."""
     from timesformer_harness.checkpoint import load_weights
     from timesformer_harness.workload import build_model
     from timesformer_harness.pipelines.factory import build_loader
@@ -383,6 +397,10 @@ def evaluate(cfg: RootConfig, checkpoint: str, info: DistInfo, dump: str = "") -
         saved = load_file(checkpoint).get("cfg")
         check_trained_model(cfg, checkpoint, saved if isinstance(saved, str) else "")
         raise
+    except CheckpointError as e:  # unreadable or refused
+        if not newest:
+            raise
+        raise CheckpointError(f"{e} ({chosen_newest(Path(checkpoint))})") from e
     check_trained_model(cfg, checkpoint, report.saved_config)
     data_cfg = replace(cfg.data, batch_size=cfg.test.batch_size)
     loader = build_loader(data_cfg, cfg.test.split, device=info.device, rank=info.rank,
@@ -458,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(checkpoint).exists():
             raise CheckpointError(f"checkpoint {checkpoint} does not exist (relative paths are from the current "
                                   f"folder, {Path.cwd()}): give --checkpoint FILE or test.checkpoint=FILE")
-        result = evaluate(cfg, checkpoint, info, args.dump)
+        result = evaluate(cfg, checkpoint, info, args.dump, newest=not (args.checkpoint or cfg.test.checkpoint))
         if info.is_main:
             out = result_path(cfg)
             atomic_write_text(out, json.dumps(result, indent=2) + "\n")

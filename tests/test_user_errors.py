@@ -168,6 +168,27 @@ def test_a_missing_pretrained_file_is_a_checkpoint_error_before_the_run_folder(t
                                f"{tmp_path}/run/checkpoints")
 
 
+def test_evaluating_a_damaged_newest_checkpoint_names_the_one_before_it(tiny, tmp_path):
+    """With no checkpoint named, evaluate takes the newest in the run folder: when that one is damaged (a copy cut
+    short) the error says it was chosen, not given, and which one to give instead."""
+    out = tmp_path / "run"
+    res = run(train_cmd(*tiny, "solver.max_epoch=2", f"output.dir={out}"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    folder = out / "checkpoints"
+    newest, before = folder / "checkpoint_epoch_00002.pyth", folder / "checkpoint_epoch_00001.pyth"
+    newest.write_bytes(newest.read_bytes()[:50_000])
+    res = run([*EVALUATE, *tiny, f"output.dir={out}"])
+    assert res.returncode == ExitCode.CHECKPOINT
+    assert error_line(res) == (f"error: {newest} is not a torch checkpoint: a truncated or damaged zip archive (the "
+                               f"newest checkpoint in {folder}, evaluated as none was given: give --checkpoint "
+                               f"{before} to evaluate the one before it, or rerun the training, which sets an "
+                               "unreadable newest checkpoint aside)")
+    res = run([*EVALUATE, *tiny, f"output.dir={out}", "--checkpoint", str(newest)])  # named: no such advice
+    assert error_line(res) == f"error: {newest} is not a torch checkpoint: a truncated or damaged zip archive"
+    res = run([*EVALUATE, *tiny, f"output.dir={out}", "--checkpoint", str(before)])
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_each_launch_keeps_its_config_and_the_run_keeps_a_dated_log(tiny, tmp_path):
     run_dir = tmp_path / "run"
     for epochs in (1, 2):  # the second launch resumes the first's run for one more epoch

@@ -186,14 +186,16 @@ class ExitCode(enum.IntEnum):
     """The exit statuses of training and evaluation (one table: docs/training.md, "Exit statuses", which also lists
     the other command lines' own)."""
 
-    OK = 0  # done; also a training stopped by SIGTERM/SIGINT that saved a checkpoint (rerun to resume)
+    OK = 0  # done
     ERROR = 1  # an unexpected failure (its traceback is printed), or a training loss that became NaN or inf
     CHECKPOINT = 2  # a checkpoint (or model.pretrained) missing, refused, unreadable or not written
     BAD_VIDEOS = 3  # bad videos over the budget (data.on_bad_video, data.max_bad_fraction)
     RUN_FOLDER = 4  # output.dir is in use by another run, or the data changed under a resume
     CONFIG = 5  # a mistake in the config or the data it names: key, value, file, manifest, label
     PEER_STOPPED = 6  # another rank of the job stopped first and this one lost its connection: that rank's error is it
-    INTERRUPTED = 130  # Ctrl-C before anything could be saved, or a second signal (128 + its number: 143 for SIGTERM)
+    # 128 + the signal's number (143 for SIGTERM): a training stopped by Ctrl-C or SIGTERM, which saved a checkpoint
+    # (rerun to resume); Ctrl-C before anything could be saved; a second signal
+    INTERRUPTED = 130
 
 
 DEBUG_ENV = "TIMESFORMER_DEBUG"  # set to 1: an error also prints its traceback

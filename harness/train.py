@@ -69,7 +69,8 @@ from timesformer_harness.train_state import (LAUNCH_FILE, Change, CheckpointMana
 from timesformer_harness.workload import TrainStep, build_model, check_model_fits, compile_model, grad_scaler
 from timesformer_harness.pipelines.base import loader_facts
 from timesformer_harness.pipelines.config import DataConfig, train_crop_problem
-from timesformer_harness.common import ExitCode, log_to_file, remove_stale_temporaries, report_error, setup_logging
+from timesformer_harness.common import (ExitCode, leave_for_torchrun, log_to_file, remove_stale_temporaries,
+                                        report_error, setup_logging)
 from timesformer_harness.pipelines.loaders import AUTO, LOADERS
 from timesformer_harness.pipelines.manifest import VideoEntry, read_manifest
 from timesformer_harness.pipelines.quarantine import BadVideoError, Quarantine, write_rejected
@@ -574,8 +575,7 @@ class Trainer:
                     loader, self.start_batch = self._build_loader("train", 0), 0
                 stop, next_batch = self.train_epoch(loader, epoch, start)
                 if stop and next_batch:  # the epoch's last batch too: its record and validation come on resume
-                    self._report_stop(self.save(epoch, next_batch))
-                    return 0
+                    return self._report_stop(self.save(epoch, next_batch))
                 saving = (epoch + 1) % cfg.train.checkpoint_period == 0 or epoch + 1 == cfg.solver.max_epoch
                 # saved before validation: a stop or a kill during a long validation loses none of the epoch's
                 # training (a resume runs the validation that did not finish)
@@ -588,8 +588,7 @@ class Trainer:
                 if saving or stopping:
                     self._keep_best(epoch, top1, path)
                 if stopping:
-                    self._report_stop(path)
-                    return 0
+                    return self._report_stop(path)
             steady = self.steady.take()
             self._log_end(total_s=round(run_clock.elapsed(), 2),
                           steady_clips_per_s=steady["clips_per_s"] if steady["steps"] else None,
@@ -615,13 +614,25 @@ class Trainer:
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks ended with different weights: {digests}")
 
-    def _report_stop(self, path: Path | None) -> None:
-        by = self.stop_signal or "a signal on another rank"
+    def _report_stop(self, path: Path | None) -> int:
+        """Log and print the stop (all ranks call it together: a collective); returns the exit status, 128 + the
+        signal's number on every rank (130 for SIGINT, 143 for SIGTERM), so that what runs after a stopped run (a
+        shell's ``&&``, a scheduler's dependency) does not take it for a finished one."""
+        gathered = all_gather_objects((self.stop_signal, str(path) if path else None))
+        first = next(((rank, name) for rank, (name, _) in enumerate(gathered) if name), None)
+        path = path or next((Path(p) for _, p in gathered if p), None)  # rank 0 writes it
+        if self.stop_signal:
+            by = self.stop_signal
+        else:
+            by = f"{first[1]} on rank {first[0]}" if first else "a signal on another rank"
         reason = f"signal {self.stop_signal}" if self.stop_signal else by
         self.metrics.log({"event": "stop", "reason": reason, "checkpoint": str(path) if path else None}, self.step)
         logger.warning("stopped by %s after step %d; rerun the same command to resume", by, self.step)
         if self.info.is_main:
             print(f"stopped by {by}: saved {path}; rerun the same command to resume", flush=True)
+        leave_for_torchrun(f"stopped by {by}: saved {path}; rerun the same command to resume")  # its summary's line
+        name = self.stop_signal or (first[1] if first else None)
+        return 128 + signal.Signals[name].value if name else int(ExitCode.INTERRUPTED)
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any rank (a collective)."""
@@ -928,7 +939,11 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()
     info = init_distributed(cfg.dist)
     try:
-        return Trainer(cfg, info).fit()
+        code = Trainer(cfg, info).fit()
+        if code > 128:  # stopped on a signal, saved: torchrun, which signals a job's other ranks once one has exited
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nonzero, finds this one exiting 143 (the Trainer's handler
+            # took that SIGTERM until fit() returned; a Python handler is reset as the interpreter finalizes)
+        return code
     except CheckpointError as e:  # model.pretrained (or a resumed file) missing, refused or unreadable
         return report_error(e, ExitCode.CHECKPOINT, args.debug)
     except BadVideoError as e:  # data.on_bad_video=error, or more bad videos than data.max_bad_fraction

@@ -222,7 +222,7 @@ def _child(kind: str, path: Path, good: Path, work: Path) -> dict[str, Any]:
     run = work / "resume"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(good, run / "checkpoints/checkpoint_epoch_00001.pyth")
-    shutil.copy(path, run / "checkpoints/checkpoint_epoch_00002.pyth")
+    shutil.copy(path, run / "checkpoints/checkpoint_epoch_00004.pyth")  # its name fits its "epoch": 3
     trainer(cfg(work / "warm", f"model.pretrained={good}"))  # warm up: every lazy import and allocator arena
     inspect(good)
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -247,7 +247,7 @@ def _child(kind: str, path: Path, good: Path, work: Path) -> dict[str, Any]:
         attempt("evaluate", lambda: evaluate(cfg(work / "eval"), str(path), DistInfo()))
     attempt("pretrained", lambda: trainer(cfg(work / "ft", f"model.pretrained={path}")))
     attempt("resume", lambda: trainer(cfg(run)))
-    results["resume_file"] = str(run / "checkpoints/checkpoint_epoch_00002.pyth")
+    results["resume_file"] = str(run / "checkpoints/checkpoint_epoch_00004.pyth")
     results["rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss
     results["cap"] = cap
     return results

@@ -684,6 +684,12 @@ def _resize_problem(key: str, value: torch.Tensor, want: torch.Size, mode: str) 
     return None
 
 
+POS_RESIZE_MODES = {  # how LoadReport names the pos_embed resize it did (load_weights' pos_resize)
+    "2d": "2-D nearest over the patch grid",
+    "1d": "1-D nearest over the flattened sequence, the original's quirk; pos_resize='2d' keeps the grid",
+}
+
+
 @dataclass
 class LoadReport:
     """What ``load_weights`` did, key by key."""
@@ -696,10 +702,13 @@ class LoadReport:
     skipped: dict[str, str] = field(default_factory=dict)  # source key -> reason
     missing: list[str] = field(default_factory=list)  # model keys left at their init
     saved_config: str = ""  # the YAML config a checkpoint of this harness was written with ("" for other files)
+    pos_resize: str = ""  # how pos_embed was resized, "2d" or "1d" ("" when it was not)
 
     def __str__(self) -> str:
         lines = [f"{self.path}: format {self.format}, {len(self.loaded)} tensors loaded"]
-        lines += [f"  resized {k}: {list(a)} -> {list(b)}" for k, (a, b) in self.resized.items()]
+        lines += [f"  resized {k}: {list(a)} -> {list(b)}" + (f" ({POS_RESIZE_MODES[self.pos_resize]})"
+                                                              if k == "pos_embed" and self.pos_resize else "")
+                  for k, (a, b) in self.resized.items()]
         if self.converted:
             lines.append(f"  {len(self.converted)} temporal tensors copied from their spatial twins")
         lines += [f"  skipped {k}: {why}" for k, why in self.skipped.items()]
@@ -854,6 +863,7 @@ def load_weights(
                 refuse(key, f"shape mismatch {key}: file {list(value.shape)}, model {list(want)}")
                 continue
             report.resized[key] = (tuple(sd[key].shape), tuple(want))
+            report.pos_resize = mode if key == "pos_embed" else report.pos_resize
         target[key] = value.to(target[key].dtype)
         report.loaded.append(key)
     report.missing = [k for k in target if k not in report.loaded]

@@ -220,6 +220,22 @@ def test_resizes_time_and_pos_embed_and_drops_head(tmp_path: Path) -> None:
     assert torch.equal(new[5, 3], old[2, 1]) and torch.equal(dst.pos_embed[0, 0], src.pos_embed[0, 0])
 
 
+def test_the_report_names_how_pos_embed_was_resized(tmp_path: Path) -> None:
+    """ImageNet ViT weights into a larger divided model take the original's 1-D quirk, which scrambles the patch grid:
+    the report (the line training and evaluation log) says which resize ran, not only the shapes."""
+    path = tmp_path / "vit_base.pth"
+    torch.save({"model": trained_like("space_only").state_dict()}, path)
+    quirk = str(load_weights(TimeSformer(**{**TINY, "img_size": 64}), path))
+    assert "resized pos_embed: [1, 17, 32] -> [1, 65, 32] (1-D nearest over the flattened sequence" in quirk
+    grid = str(load_weights(TimeSformer(**{**TINY, "img_size": 64}), path, pos_resize="2d"))
+    assert "resized pos_embed: [1, 17, 32] -> [1, 65, 32] (2-D nearest over the patch grid)" in grid
+    pyth = tmp_path / "ck.pyth"
+    save_pyth(pyth, trained_like())
+    report = str(load_weights(TimeSformer(**{**TINY, "img_size": 64, "num_frames": 8}), pyth))
+    assert "(2-D nearest over the patch grid)" in report
+    assert "  resized time_embed: [1, 4, 32] -> [1, 8, 32]" in report.splitlines()  # no resize mode: time only
+
+
 def test_imagenet_vit_conversion(tmp_path: Path) -> None:
     vit = trained_like("space_only")  # the timm ViT key set
     sd = {k: v for k, v in vit.state_dict().items()}

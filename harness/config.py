@@ -70,6 +70,10 @@ class ModelConfig:
     # checkpoints and recipe: its JPEG frames decoded by OpenCV reached the ViT as BGR)
     input_channels: str = "rgb"
     pretrained: str = ""  # path to .pyth / state_dict / ImageNet ViT / HF weights; "" = random init
+    # how model.pretrained's pos_embed reaches another image size: "" = as the original (ImageNet ViT weights into a
+    # divided or joint model: 1d, nearest over the flattened sequence, which scrambles the patch grid; else 2d),
+    # 2d (nearest over the patch grid: the better choice for new runs), or 1d
+    pretrained_pos_resize: str = ""
 
     def __post_init__(self) -> None:
         variant(self.attention_type)  # ValueError naming the registered ones
@@ -91,6 +95,9 @@ class ModelConfig:
             raise ValueError(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
         if self.input_channels not in ("rgb", "bgr"):
             raise ValueError(f"model.input_channels={self.input_channels!r}; choose 'rgb' or 'bgr'")
+        if self.pretrained_pos_resize not in ("", "2d", "1d"):
+            raise ValueError(f"model.pretrained_pos_resize={self.pretrained_pos_resize!r}; choose '2d', '1d' or '' "
+                             "(the original's choice)")
         if self.init not in ("original", "scratch"):
             raise ValueError(f"model.init={self.init!r}; choose 'original' or 'scratch'")
         for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):  # 1 drops everything (DropPath: NaN)
@@ -589,4 +596,5 @@ def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
     kw = asdict(cfg)
     kw.pop("pretrained")
+    kw.pop("pretrained_pos_resize")
     return kw

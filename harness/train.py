@@ -377,7 +377,8 @@ class Trainer:
                         self.start_batch, self.step)
             self._resume = None  # the loaded checkpoint (weights, optimizer state) is not kept for the whole run
         elif self.cfg.model.pretrained:
-            report = load_weights(self.model, self.cfg.model.pretrained, strict=True)
+            report = load_weights(self.model, self.cfg.model.pretrained, strict=True,
+                                  pos_resize=self.cfg.model.pretrained_pos_resize or None)
             logger.info("initialised from %s (%s)", self.cfg.model.pretrained, report.format)
             other_model, _, _ = trained_model_changes(self.cfg, report.saved_config)
             computes_otherwise = [c for c in other_model if c[0] != "model.num_classes"]  # a new head is fine-tuning

@@ -236,6 +236,36 @@ def test_the_report_names_how_pos_embed_was_resized(tmp_path: Path) -> None:
     assert "  resized time_embed: [1, 4, 32] -> [1, 8, 32]" in report.splitlines()  # no resize mode: time only
 
 
+def test_training_chooses_how_pretrained_pos_embed_is_resized(tmp_path: Path, caplog) -> None:
+    """model.pretrained_pos_resize: ImageNet ViT weights into a divided model at a larger image size take the
+    original's 1-D resize unless the config asks for the patch grid (2d), which the docs advise for new runs."""
+    from timesformer_harness.config import load_config
+    from timesformer_harness.distributed import DistInfo
+    from timesformer_harness.train import Trainer
+
+    path = tmp_path / "vit_base.pth"
+    torch.save({"model": trained_like("space_only").state_dict()}, path)
+    shape = ["model.img_size=64", "model.patch_size=8", "model.num_frames=4", "model.embed_dim=32", "model.depth=2",
+             "model.num_heads=4", "model.num_classes=7", "data.loader=synthetic", "data.synthetic_classes=7",
+             "data.num_frames=4",
+             "data.train_crop_size=64", "output.tensorboard=false", f"model.pretrained={path}"]
+    for choice in ("", "2d", "1d"):
+        cfg = load_config(REPO / "configs/model/tiny.yaml",
+                          [*shape, f"model.pretrained_pos_resize={choice}", f"output.dir={tmp_path / (choice or 'x')}"])
+        with caplog.at_level(logging.INFO):
+            trainer = Trainer(cfg, DistInfo())
+        trainer.metrics.close()
+        trainer.lock.release()
+        want = TimeSformer(**{**TINY, "img_size": 64})
+        load_weights(want, path, pos_resize=choice or None)
+        assert torch.equal(trainer.model.pos_embed.detach().cpu(), want.pos_embed.detach())
+        mode = "2-D nearest over the patch grid" if choice == "2d" else "1-D nearest over the flattened sequence"
+        assert f"resized pos_embed: [1, 17, 32] -> [1, 65, 32] ({mode}" in caplog.text, caplog.text[-2000:]
+        caplog.clear()
+    with pytest.raises(ValueError, match="model.pretrained_pos_resize='grid'; choose '2d', '1d' or ''"):
+        load_config(REPO / "configs/model/tiny.yaml", ["model.pretrained_pos_resize=grid"])
+
+
 def test_imagenet_vit_conversion(tmp_path: Path) -> None:
     vit = trained_like("space_only")  # the timm ViT key set
     sd = {k: v for k, v in vit.state_dict().items()}

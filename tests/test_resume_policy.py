@@ -28,7 +28,7 @@ tiny = test_user_errors.tiny  # the fixture: 8 train videos of a toy set, one op
 # The keys of each section a resume lets change (with a warning); every other one is refused. A new field of
 # ModelConfig or DataConfig must be put on one side or the other (test_every_model_and_data_key_is_classified).
 MODEL_WARNED = {"drop_rate", "attn_drop_rate", "drop_path_rate", "attn_backend", "temporal_attn_backend",
-                "grad_checkpointing", "init", "time_embed_std", "pretrained"}
+                "grad_checkpointing", "init", "time_embed_std", "pretrained", "pretrained_pos_resize"}
 DATA_WARNED = {"loader", "backend", "val_manifest", "test_manifest", "num_ensemble_views", "num_spatial_crops",
                "batch_size", "num_workers", "on_bad_video", "max_bad_fraction", "validate", "seed", "validate_cache",
                "max_frame_pixels", "synthetic_videos", "synthetic_classes", "decode_rates"}

@@ -863,7 +863,8 @@ def load_weights(
                 refuse(key, f"shape mismatch {key}: file {list(value.shape)}, model {list(want)}")
                 continue
             report.resized[key] = (tuple(sd[key].shape), tuple(want))
-            report.pos_resize = mode if key == "pos_embed" else report.pos_resize
+            if key == "pos_embed":
+                report.pos_resize = mode
         target[key] = value.to(target[key].dtype)
         report.loaded.append(key)
     report.missing = [k for k in target if k not in report.loaded]

@@ -249,7 +249,8 @@ def chosen_newest(checkpoint: Path) -> str:
     from timesformer_harness.train_state import list_checkpoints
 
     found = list_checkpoints(checkpoint.parent)
-    before = found[found.index(checkpoint) - 1] if checkpoint in found and found.index(checkpoint) else None
+    place = found.index(checkpoint) if checkpoint in found else 0
+    before = found[place - 1] if place else None
     return (f"the newest checkpoint in {checkpoint.parent}, evaluated as none was given: " +
             (f"give --checkpoint {before} to evaluate the one before it" if before else
              "give --checkpoint FILE") + ", or rerun the training, which sets an unreadable newest checkpoint aside")

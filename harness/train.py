@@ -493,16 +493,16 @@ class Trainer:
         if now is None:  # a loader that reads no files (data.loader=synthetic) in place of the checkpoint's videos
             change = f"{before['videos']} usable videos when {path.name} was written, none now: " \
                      f"data.loader={self.cfg.data.loader} reads no videos"
-            if self.cfg.train.on_data_change == "error":
-                raise RunFolderError(
-                    f"the train data changed since {path} ({change}): resuming at {where} would train this run on "
-                    "other data. Put data.loader back to the checkpoint's loader, or set train.on_data_change=replan "
-                    "to go on with these clips, or train in a new output.dir")
-        else:
-            change = f"{before['videos']} usable videos when {path.name} was written, {now['videos']} now"
-        if now is not None and before["videos"] == now["videos"]:
+        elif before["videos"] == now["videos"]:
             change = f"{now['videos']} usable videos, but not the same ones or labels or order as when {path.name} " \
                      "was written"
+        else:
+            change = f"{before['videos']} usable videos when {path.name} was written, {now['videos']} now"
+        if self.cfg.train.on_data_change == "error" and now is None:
+            raise RunFolderError(
+                f"the train data changed since {path} ({change}): resuming at {where} would train this run on "
+                "other data. Put data.loader back to the checkpoint's loader, or set train.on_data_change=replan "
+                "to go on with these clips, or train in a new output.dir")
         if self.cfg.train.on_data_change == "error":
             raise RunFolderError(
                 f"the train manifest changed since {path} ({change}): resuming at {where} would not continue the "
@@ -622,10 +622,7 @@ class Trainer:
         gathered = all_gather_objects((self.stop_signal, str(path) if path else None))
         first = next(((rank, name) for rank, (name, _) in enumerate(gathered) if name), None)
         path = path or next((Path(p) for _, p in gathered if p), None)  # rank 0 writes it
-        if self.stop_signal:
-            by = self.stop_signal
-        else:
-            by = f"{first[1]} on rank {first[0]}" if first else "a signal on another rank"
+        by = self.stop_signal or (f"{first[1]} on rank {first[0]}" if first else "a signal on another rank")
         reason = f"signal {self.stop_signal}" if self.stop_signal else by
         self.metrics.log({"event": "stop", "reason": reason, "checkpoint": str(path) if path else None}, self.step)
         logger.warning("stopped by %s after step %d; rerun the same command to resume", by, self.step)

@@ -1179,3 +1179,17 @@ def test_cost_plot_labels_say_what_is_counted_and_measured(tmp_path, monkeypatch
         + ["process memory growth (peak RSS) per clip, GiB"] * 2 \
         + ["train TFLOPs per clip (fwd+bwd, 2 per multiply-add)"] * 2 \
         + ["process memory growth (peak RSS) per clip, GiB"] * 2
+
+
+@pytest.mark.parametrize("bad", ["nan", "0", "-1", "inf"])
+def test_compare_refuses_a_fail_below_that_could_never_fail(tmp_path, capsys, bad):
+    """--fail-below nan (nan < R is never true), 0 or below had passed every case with exit 0 (inf fails every one):
+    each is a bad argument, exit 2, as the gate refuses --tolerance nan."""
+    a = _made_run(tmp_path / "a", [100.0])
+    b = _made_run(tmp_path / "b", [50.0])
+    with pytest.raises(SystemExit) as stop:
+        _compare_here(capsys, str(a), str(b), "--fail-below", bad, "--out", str(tmp_path / "o"))
+    assert stop.value.code == 2 and f"--fail-below {float(bad)}: give a finite ratio B/A above 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    status, out = _compare_here(capsys, str(a), str(b), "--fail-below", "0.9", "--out", str(tmp_path / "o"))
+    assert status == 1 and "BELOW model/space_only/train/4x32: 0.50x" in out

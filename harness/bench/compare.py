@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="exit 1 when a like-for-like case's normalised ratio B/A is below RATIO (e.g. 0.9), or a "
                         "case that ran in A is missing or did not run in B")
     args = p.parse_args(argv)
+    if args.fail_below is not None and not 0 < args.fail_below < float("inf"):  # nan too: it could never fail
+        p.error(f"--fail-below {args.fail_below}: give a finite ratio B/A above 0 (0.9: B at most 10% slower)")
     setup_logging()
     try:
         a, b = load_run(args.run_a), load_run(args.run_b)

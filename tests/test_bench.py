@@ -1193,3 +1193,29 @@ def test_compare_refuses_a_fail_below_that_could_never_fail(tmp_path, capsys, ba
     assert not (tmp_path / "o").exists()
     status, out = _compare_here(capsys, str(a), str(b), "--fail-below", "0.9", "--out", str(tmp_path / "o"))
     assert status == 1 and "BELOW model/space_only/train/4x32: 0.50x" in out
+
+
+def test_compare_judges_a_code_change_that_does_more_work_per_clip_not_refuses_it(tmp_path, capsys):
+    """An extra matmul in the model's code changes its FLOPs per clip but not its configuration or parameters: it was
+    refused as another model (exit 2), so --fail-below could never catch that slowdown. It is compared, by images/s
+    or the paired ratio (utilisation counts the extra work as useful), with the FLOPs' change as its note."""
+    from timesformer_harness.bench.compare import compare_records
+
+    a = _made_run(tmp_path / "a", [100.0, 100.0])
+    data = json.loads((a / "results.json").read_text())
+    data["records"][0].update(flops_per_clip=1200, images_per_s=80.0)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps(data))
+    b = tmp_path / "b"
+    status, out = _compare_here(capsys, str(a), str(b), "--fail-below", "0.9", "--out", str(tmp_path / "o"))
+    assert status == 1 and "another model" not in out and "2/2 cases like for like" in out
+    assert "BELOW model/space_only/train/4x32: 0.80x" in out and "FLOPs per clip +20.0% (0.00 vs 0.00 G)" in out
+    # the same utilisation at 20% more FLOPs is 20% fewer clips/s, not an unchanged case
+    ra = BenchRecord("model", "model/x", batch=2, params=10, flops_per_clip=1000, images_per_s=100.0, utilisation=0.5)
+    rb = BenchRecord("model", "model/x", batch=2, params=10, flops_per_clip=1200, images_per_s=80.0, utilisation=0.5)
+    (row,) = compare_records([ra], [rb])
+    assert row.comparable and row.normalised_ratio == pytest.approx(0.8) and row.peak_ratio is None
+    # another configuration is still another model, whatever its FLOPs
+    deeper = BenchRecord("model", "model/x", batch=2, params=11, flops_per_clip=1200, images_per_s=80.0)
+    (row,) = compare_records([ra], [deeper])
+    assert row.other_model and not row.comparable

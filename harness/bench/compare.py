@@ -15,12 +15,15 @@ measurement) is not used, and the note says so.
 A case is like for like when both records are ``ok`` and agree on what was measured: batch, precision, mode, frames,
 image size, the model's configuration, parameters and FLOPs per clip. The comparison is refused (exit 2, unless
 ``--force``) when the runs differ in preset or device kind, when a case present in both measured a different model
-(configuration, parameters or FLOPs), or when no case is like for like. ``--fail-below R`` exits 1 when a like-for-like
-case's normalised ratio is below R (B slower than R x A), or when a case that ran in A did not run in B (missing,
-out of memory, an error). Other differences (device name, torch version, CPU threads,
-an incomplete run) are printed as warnings. Writes ``compare.md``, ``compare.json`` and ``compare.png`` to ``--out``
-(default ``runs/bench/compare/<A>_vs_<B>/``). Runs of older record schemas are read (migrated), not refused; a gate
-run's folder is read through its ``candidate.json``. Exit 2 whatever ``--force`` says: a file that is no results file,
+(configuration or parameters; FLOPs too when either differs), or when no case is like for like. FLOPs per clip that
+differ at the same configuration and parameters are the code doing other work (an extra matmul, one removed): the
+case is compared (by its paired ratio, else images/s: utilisation counts the other work as useful), its note gives the
+FLOPs' change, and ``--fail-below`` judges it. ``--fail-below R`` exits 1 when a like-for-like case's normalised ratio
+is below R (B slower than R x A), or when a case that ran in A did not run in B (missing, out of memory, an error).
+Other differences (device name, torch version, CPU threads, an incomplete run) are printed as warnings. Writes
+``compare.md``, ``compare.json`` and ``compare.png`` to ``--out`` (default ``runs/bench/compare/<A>_vs_<B>/``). Runs
+of older record schemas are read (migrated), not refused; a gate run's folder is read through its ``candidate.json``.
+Exit 2 whatever ``--force`` says: a file that is no results file,
 a damaged one (a figure that is not a number, or not finite in an ok record: NaN would pass ``--fail-below``), a run
 with no measured case.
 """
@@ -155,6 +158,7 @@ class CaseComparison:
     notes: list[str] = field(default_factory=list)  # what makes the case not like for like
     cautions: list[str] = field(default_factory=list)  # shown beside the notes; the case stays like for like
     other_model: bool = False  # the two records measured different models
+    other_work: bool = False  # the same model, other FLOPs per clip: utilisation B/A is no throughput ratio
 
     @property
     def images_ratio(self) -> float | None:
@@ -171,14 +175,16 @@ class CaseComparison:
 
     @property
     def normalised_ratio(self) -> float | None:
-        """The paired ratio where both records have one, else utilisation B/A, else images/s B/A."""
-        return self.paired_ratio or self.util_ratio or self.images_ratio
+        """The paired ratio where both records have one, else utilisation B/A (not when the FLOPs per clip differ),
+        else images/s B/A."""
+        return self.paired_ratio or (None if self.other_work else self.util_ratio) or self.images_ratio
 
     @property
     def peak_ratio(self) -> float | None:
-        """How much faster B's machine ran the case's reference GEMM (images ratio / utilisation ratio)."""
+        """How much faster B's machine ran the case's reference GEMM (images ratio / utilisation ratio; none when the
+        FLOPs per clip differ, which the utilisation ratio holds too)."""
         i, u = self.images_ratio, self.util_ratio
-        return i / u if i and u else None
+        return i / u if i and u and not self.other_work else None
 
     @property
     def mem_ratio(self) -> float | None:
@@ -212,7 +218,13 @@ def compare_records(a: list[BenchRecord], b: list[BenchRecord]) -> list[CaseComp
             if not any(odd.values()) and ra.extra.get("gemm_n") == rb.extra.get("gemm_n"):
                 row.paired_a, row.paired_b = normalised_throughput(ra), normalised_throughput(rb)
             row.mem_a, row.mem_b = ra.peak_mem_bytes, rb.peak_mem_bytes
-            row.notes += differences(ra, rb)
+            differ = differences(ra, rb)
+            if [n.split(" ", 1)[0] for n in differ] == ["flops_per_clip"] and ra.flops_per_clip > 0:
+                differ, row.other_work = [], True  # the same model, the code doing other work per clip
+                row.cautions.append(f"FLOPs per clip {rb.flops_per_clip / ra.flops_per_clip - 1:+.1%} "
+                                    f"({ra.flops_per_clip / 1e9:.2f} vs {rb.flops_per_clip / 1e9:.2f} G) at the same "
+                                    "model configuration and parameters: the code does other work per clip")
+            row.notes += differ
             row.other_model = any(n.split(" ", 1)[0] in MODEL_KEYS for n in row.notes)
             if ra.status != "ok" or rb.status != "ok":
                 row.notes.append(f"status {ra.status} vs {rb.status}")

@@ -1219,3 +1219,15 @@ def test_compare_judges_a_code_change_that_does_more_work_per_clip_not_refuses_i
     deeper = BenchRecord("model", "model/x", batch=2, params=11, flops_per_clip=1200, images_per_s=80.0)
     (row,) = compare_records([ra], [deeper])
     assert row.other_model and not row.comparable
+
+
+def test_compare_to_an_out_that_is_a_file_is_exit_2_not_a_traceback(tmp_path, capsys):
+    """--out naming a file had raised FileExistsError: a traceback and exit 1, the status of a regression."""
+    from timesformer_harness.bench.compare import main
+
+    a = _made_run(tmp_path / "a", [100.0])
+    (tmp_path / "f").write_text("x")
+    assert main([str(a), str(a), "--out", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err == f"not written: --out {tmp_path / 'f'} is a file, not a folder\n"
+    assert main([str(a), str(a), "--out", str(tmp_path / "f" / "sub")]) == 2
+    assert "Not a directory" in capsys.readouterr().err

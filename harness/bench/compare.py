@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m timesformer_harness.bench compare",
                                 description=__doc__.split("\n\n")[0],
                                 epilog="Exit status: 0 compared, 1 a case below --fail-below (or lost in B), 2 refused "
-                                       "or unreadable.")
+                                       "or unreadable, or --out not written.")
     p.add_argument("run_a", help="runs/bench/<stamp>-<attn> directory (or its results.json): the reference")
     p.add_argument("run_b", help="the run compared with it")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/compare/<A>_vs_<B>)")
@@ -405,16 +405,22 @@ def main(argv: list[str] | None = None) -> int:
                     "".join(f"\n  BELOW {r.case}: {_x(r.normalised_ratio)}" for r in failing) +
                     "".join(f"\n  LOST {r.case}: ok in A, {r.status_b or 'missing'} in B" for r in missing))
     notes = "".join(f"- warning: {w}\n" for w in warn) + "".join(f"- NOT COMPARABLE: {r}\n" for r in refuse)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "compare.md", f"# {a.name} vs {b.name}\n\n{head}\n{notes}\n{verdict}\n\n{table}\n")
-    atomic_write_text(out / "compare.json", json.dumps(
+    report = json.dumps(
         {"a": str(a.path), "b": str(b.path), "refused": refuse, "warnings": warn, "summary": summary,
          "fail_below": args.fail_below, "below": [r.case for r in failing], "lost": [r.case for r in missing],
          "cases": [{**asdict(r), "images_ratio": r.images_ratio, "util_ratio": r.util_ratio,
                     "paired_ratio": r.paired_ratio, "normalised_ratio": r.normalised_ratio, "peak_ratio": r.peak_ratio,
                     "mem_ratio": r.mem_ratio}
-                   for r in rows]}, indent=2) + "\n")
-    png = plot_comparison(rows, out / "compare.png", f"{b.name} / {a.name}")
+                   for r in rows]}, indent=2) + "\n"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "compare.md", f"# {a.name} vs {b.name}\n\n{head}\n{notes}\n{verdict}\n\n{table}\n")
+        atomic_write_text(out / "compare.json", report)
+        png = plot_comparison(rows, out / "compare.png", f"{b.name} / {a.name}")
+    except OSError as e:  # a file in the way, a full disk: exit 2, not a traceback's 1, which reads as a regression
+        why = " is a file, not a folder" if out.is_file() else f": {e.strerror or e} ({e.filename})"
+        print(f"not written: --out {out}{why}", file=sys.stderr)
+        return 2
     print(head + "\n" + table + "\n\n" + verdict)
     print(f"written: {out / 'compare.md'}, {out / 'compare.json'}, {png}")
     return 1 if failing or missing else 0

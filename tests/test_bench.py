@@ -560,12 +560,14 @@ def test_compare_reads_the_paired_ratio_which_a_machine_busy_during_a_case_does_
             pytest.approx(1.0)
         assert cases[name]["util_ratio"] == pytest.approx(0.625) and cases[name]["images_ratio"] == pytest.approx(0.5)
     assert "medians B/A: normalised 1.00x, paired 1.00x, utilisation 0.62x, images/s 0.50x" in out.stdout
+    assert "warning: the machine ran its reference GEMM 0.80x as fast in B as in A (median peak B/A)" in out.stdout
 
     def slower(r):
         r["extra"]["ratio"] *= 1.25
 
     out = _compare(str(a), str(variant("slower", slower)), "--fail-below", "0.9", "--out", str(tmp_path / "o2"))
     assert out.returncode == 1 and f"{len(paired)} case(s) below 0.9x" in out.stdout
+    assert "reference GEMM" not in out.stdout  # the same machine: only the steps took longer
     assert f"BELOW {paired[0]}: 0.80x" in out.stdout
 
     def other_gemm(r):

@@ -283,6 +283,19 @@ def summarise(rows: list[CaseComparison]) -> dict[str, float | int | None]:
             "peak_ratio": med([r.peak_ratio for r in ok]), "mem_ratio": med([r.mem_ratio for r in ok])}
 
 
+MACHINE_MOVED = 1.2  # the machine's GEMM rate B/A beyond which (either way) one run shared a busier machine
+
+
+def machine_moved(peak_ratio: float | None) -> str | None:
+    """A warning when the median peak ratio says the machine ran its reference GEMM at another speed in B than in A
+    (other jobs on a shared machine, clocks): the paired ratio corrects for most of it, not all."""
+    if peak_ratio is None or 1 / MACHINE_MOVED <= peak_ratio <= MACHINE_MOVED:
+        return None
+    return (f"the machine ran its reference GEMM {peak_ratio:.2f}x as fast in B as in A (median peak B/A): one run "
+            "shared a busier machine, which the paired ratio corrects for mostly, not wholly (same-tree runs have "
+            "read 0.89x then); read a ratio near --fail-below against a rerun on a quiet machine")
+
+
 def below(rows: list[CaseComparison], threshold: float) -> list[CaseComparison]:
     """The like-for-like cases whose normalised ratio is under ``threshold``."""
     return [r for r in rows if r.comparable and r.normalised_ratio is not None and r.normalised_ratio < threshold]
@@ -381,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     refuse, warn = check_comparable(a, b)
     rows = compare_records(a.records, b.records)
     refuse += refusals(rows)
+    if busy := machine_moved(summarise(rows)["peak_ratio"]):
+        warn.append(busy)
     for w in warn:
         print(f"warning: {w}")
     for r in refuse:

@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     refuse, warn = check_comparable(a, b)
     rows = compare_records(a.records, b.records)
     refuse += refusals(rows)
-    if busy := machine_moved(summarise(rows)["peak_ratio"]):
+    summary = summarise(rows)
+    if busy := machine_moved(summary["peak_ratio"]):
         warn.append(busy)
     for w in warn:
         print(f"warning: {w}")
@@ -403,7 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     if refuse and not args.force:
         print("refusing to compare (--force to compare anyway)")
         return 2
-    summary = summarise(rows)
     failing = below(rows, args.fail_below) if args.fail_below is not None else []
     missing = lost(rows) if args.fail_below is not None else []
     out = Path(args.out) if args.out else Path("runs/bench/compare") / f"{a.name}_vs_{b.name}"
